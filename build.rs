@@ -1,0 +1,56 @@
+//! Compiles `proto/safemode/v1/*.proto` with `protox`, a pure-Rust protobuf
+//! compiler, so building safemode never needs a `protoc` on the machine. The
+//! encoded descriptor set is kept for the gRPC reflection service.
+//!
+//! It also embeds the standard modes (`runbooks/modes/*.yaml`) so that the
+//! binary serves them wherever it runs.
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protos = [
+        "proto/safemode/v1/policy.proto",
+        "proto/safemode/v1/control.proto",
+        "proto/safemode/v1/subscription.proto",
+    ];
+    for proto in &protos {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+    let descriptors = protox::compile(protos, ["proto"])?;
+
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out_dir.join("safemode_descriptor.bin"),
+        prost::Message::encode_to_vec(&descriptors),
+    )?;
+    tonic_prost_build::configure().compile_fds(descriptors)?;
+
+    embed_standard_modes(&out_dir)?;
+    Ok(())
+}
+
+fn embed_standard_modes(out_dir: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
+    let dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("runbooks/modes");
+    println!("cargo:rerun-if-changed={}", dir.display());
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)?
+        .map(|entry| entry.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    files.retain(|p| p.extension().is_some_and(|e| e == "yaml"));
+    files.sort();
+    let mut code = String::from(
+        "/// The standard modes: (file name, YAML text).\npub const STANDARD_MODES: &[(&str, &str)] = &[\n",
+    );
+    for path in files {
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or("mode file name is not UTF-8")?;
+        code.push_str(&format!(
+            "    ({name:?}, include_str!({:?})),\n",
+            path.display().to_string()
+        ));
+    }
+    code.push_str("];\n");
+    std::fs::write(out_dir.join("standard_modes.rs"), code)?;
+    Ok(())
+}

@@ -1,0 +1,179 @@
+//! `safemode.v1.ControlService`: apply and lift modes, list the catalogue,
+//! read status.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::{invalid, invalid_name, principal, status};
+use crate::controller::{ApplyRequest, Controller, LiftRequest, LiftTarget};
+use crate::policy::{ChannelSet, ModeName, Namespace, Reason};
+use crate::wire::proto::control_service_server::ControlService;
+use crate::wire::{self, proto};
+
+/// The control service.
+pub struct ControlApi {
+    controller: Arc<Controller>,
+}
+
+impl ControlApi {
+    /// The service over `controller`.
+    pub fn new(controller: Arc<Controller>) -> Self {
+        ControlApi { controller }
+    }
+}
+
+fn namespace(text: &str) -> Result<Namespace, Status> {
+    Namespace::parse(text).map_err(invalid_name("namespace"))
+}
+
+fn reason(text: &str) -> Result<Reason, Status> {
+    Reason::parse(text).map_err(invalid_name("reason"))
+}
+
+#[tonic::async_trait]
+impl ControlService for ControlApi {
+    async fn apply_modes(
+        &self,
+        request: Request<proto::ApplyModesRequest>,
+    ) -> Result<Response<proto::ApplyModesResponse>, Status> {
+        let principal = principal(&request);
+        let r = request.into_inner();
+        let namespace = namespace(&r.namespace)?;
+        if r.modes.is_empty() {
+            return Err(invalid(
+                "modes",
+                "name at least one mode (`safemode mode list` shows them)",
+            ));
+        }
+        let mut modes = Vec::with_capacity(r.modes.len());
+        for name in &r.modes {
+            let name = ModeName::parse(name).map_err(invalid_name("modes"))?;
+            if !modes.contains(&name) {
+                modes.push(name);
+            }
+        }
+        let channels = if r.channels.is_empty() {
+            ChannelSet::ALL
+        } else {
+            ChannelSet::parse_selector(&r.channels).map_err(invalid_name("channels"))?
+        };
+        let reason = reason(&r.reason)?;
+        let as_of = match &r.as_of {
+            None => None,
+            Some(t) => {
+                let t = wire::timestamp_from_wire(t).map_err(|e| invalid("as_of", e))?;
+                if t > jiff::Timestamp::now() {
+                    return Err(invalid(
+                        "as_of",
+                        "is in the future; last-known-good data is from the past",
+                    ));
+                }
+                Some(t)
+            }
+        };
+        let outcome = self
+            .controller
+            .apply(ApplyRequest {
+                namespace,
+                modes,
+                channels,
+                as_of,
+                principal,
+                reason,
+            })
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::ApplyModesResponse {
+            revision: outcome.revision,
+            applied: outcome
+                .applied
+                .iter()
+                .map(|a| wire::activation_to_wire(a))
+                .collect(),
+            already_active: outcome
+                .already_active
+                .iter()
+                .map(|a| wire::activation_to_wire(a))
+                .collect(),
+        }))
+    }
+
+    async fn lift_activations(
+        &self,
+        request: Request<proto::LiftActivationsRequest>,
+    ) -> Result<Response<proto::LiftActivationsResponse>, Status> {
+        let principal = principal(&request);
+        let r = request.into_inner();
+        let namespace = namespace(&r.namespace)?;
+        if r.targets.is_empty() {
+            return Err(invalid(
+                "targets",
+                "name at least one activation id or mode (`safemode status` lists them)",
+            ));
+        }
+        let targets = r
+            .targets
+            .iter()
+            .map(|t| LiftTarget::parse(t).map_err(invalid_name("targets")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let reason = reason(&r.reason)?;
+        let outcome = self
+            .controller
+            .lift(LiftRequest {
+                namespace,
+                targets,
+                principal,
+                reason,
+            })
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::LiftActivationsResponse {
+            revision: outcome.revision,
+            lifted: outcome
+                .lifted
+                .iter()
+                .map(|a| wire::activation_to_wire(a))
+                .collect(),
+        }))
+    }
+
+    async fn list_modes(
+        &self,
+        _request: Request<proto::ListModesRequest>,
+    ) -> Result<Response<proto::ListModesResponse>, Status> {
+        Ok(Response::new(proto::ListModesResponse {
+            modes: self
+                .controller
+                .catalog()
+                .iter()
+                .map(|m| wire::mode_to_wire(m))
+                .collect(),
+        }))
+    }
+
+    async fn get_status(
+        &self,
+        request: Request<proto::GetStatusRequest>,
+    ) -> Result<Response<proto::GetStatusResponse>, Status> {
+        let namespace = namespace(&request.get_ref().namespace)?;
+        let status = self.controller.status(&namespace).await.map_err(status)?;
+        Ok(Response::new(proto::GetStatusResponse {
+            namespace: namespace.to_string(),
+            revision: status.view.revision,
+            activations: status
+                .view
+                .activations
+                .iter()
+                .map(|a| wire::activation_to_wire(a))
+                .collect(),
+            subscribers: status
+                .subscribers
+                .iter()
+                .map(wire::subscriber_to_wire)
+                .collect(),
+            server_time: Some(wire::timestamp_to_wire(jiff::Timestamp::now())),
+            problems: status.view.problems.clone(),
+        }))
+    }
+}

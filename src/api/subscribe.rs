@@ -1,0 +1,229 @@
+//! `safemode.v1.SubscriptionService`: one bidirectional stream per subscriber.
+//!
+//! The client says hello; the server sends the current snapshot at once,
+//! every newer one, and heartbeats; the client acks or rejects each snapshot.
+//! The server side of a stream is one future that selects over the namespace
+//! watch, the client's messages, the heartbeat timer and shutdown, so a
+//! stream costs no task of its own.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures_util::Stream;
+use tokio::time::{Instant, Interval, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, warn};
+
+use super::{StreamConfig, invalid, invalid_name, status};
+use crate::controller::{Controller, Subscription};
+use crate::policy::{Channel, Namespace, Revision};
+use crate::wire::proto::subscribe_request::Message as Inbound;
+use crate::wire::proto::subscribe_response::Message as Outbound;
+use crate::wire::proto::subscription_service_server::SubscriptionService;
+use crate::wire::{self, proto};
+
+/// The subscription service.
+pub struct SubscriptionApi {
+    controller: Arc<Controller>,
+    config: StreamConfig,
+}
+
+impl SubscriptionApi {
+    /// The service over `controller`.
+    pub fn new(controller: Arc<Controller>, config: StreamConfig) -> Self {
+        SubscriptionApi { controller, config }
+    }
+}
+
+/// The longest subscriber id and reject reason accepted.
+const MAX_ID_LEN: usize = 128;
+const MAX_REASON_LEN: usize = 1000;
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<proto::SubscribeResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl SubscriptionService for SubscriptionApi {
+    type SubscribeStream = ResponseStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<Streaming<proto::SubscribeRequest>>,
+    ) -> Result<Response<ResponseStream>, Status> {
+        let peer = request
+            .remote_addr()
+            .map_or_else(|| "unknown".to_string(), |a| a.to_string());
+        let mut inbound = request.into_inner();
+        let hello = match tokio::time::timeout(self.config.hello_timeout, inbound.message()).await {
+            Err(_) => {
+                return Err(Status::deadline_exceeded(format!(
+                    "no hello within {:?}; send a Hello first",
+                    self.config.hello_timeout
+                )));
+            }
+            Ok(Err(status)) => return Err(status),
+            Ok(Ok(None)) => return Err(Status::cancelled("stream closed before the hello")),
+            Ok(Ok(Some(proto::SubscribeRequest {
+                message: Some(Inbound::Hello(hello)),
+            }))) => hello,
+            Ok(Ok(Some(_))) => return Err(invalid("message", "the first message must be a Hello")),
+        };
+        let namespace =
+            Namespace::parse(&hello.namespace).map_err(invalid_name("hello.namespace"))?;
+        let channel = Channel::parse(&hello.channel).map_err(invalid_name("hello.channel"))?;
+        let id = hello.subscriber_id.trim();
+        if id.is_empty() || id.len() > MAX_ID_LEN || id.chars().any(char::is_control) {
+            return Err(invalid(
+                "hello.subscriber_id",
+                format!(
+                    "give a stable id of 1 to {MAX_ID_LEN} printable characters, e.g. chatbot-7f9c"
+                ),
+            ));
+        }
+        if hello.last_applied_revision < 0 {
+            return Err(invalid("hello.last_applied_revision", "must be 0 or more"));
+        }
+        let subscription = self
+            .controller
+            .subscribe(
+                &namespace,
+                channel,
+                id.to_string(),
+                peer,
+                hello.last_applied_revision,
+            )
+            .await
+            .map_err(status)?;
+        debug!(%namespace, %channel, subscriber = id, "subscriber connected");
+        let session = Session::new(
+            subscription,
+            inbound,
+            &self.config,
+            self.controller.shutdown_token().clone(),
+        );
+        Ok(Response::new(Box::pin(session.into_stream())))
+    }
+}
+
+/// The server side of one stream.
+struct Session {
+    subscription: Subscription,
+    inbound: Streaming<proto::SubscribeRequest>,
+    heartbeat: Interval,
+    shutdown: CancellationToken,
+    /// Newest revision sent; `None` until the first snapshot.
+    sent: Option<Revision>,
+    /// The stream ends after the next item.
+    ending: bool,
+}
+
+impl Session {
+    fn new(
+        subscription: Subscription,
+        inbound: Streaming<proto::SubscribeRequest>,
+        config: &StreamConfig,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let mut heartbeat =
+            tokio::time::interval_at(Instant::now() + config.heartbeat, config.heartbeat);
+        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        Session {
+            subscription,
+            inbound,
+            heartbeat,
+            shutdown,
+            sent: None,
+            ending: false,
+        }
+    }
+
+    fn into_stream(self) -> impl Stream<Item = Result<proto::SubscribeResponse, Status>> {
+        futures_util::stream::unfold(self, |mut session| async move {
+            if session.ending {
+                return None;
+            }
+            let item = session.next().await?;
+            session.ending = item.is_err();
+            Some((item, session))
+        })
+    }
+
+    /// The next message to send; `None` ends the stream quietly.
+    async fn next(&mut self) -> Option<Result<proto::SubscribeResponse, Status>> {
+        if self.sent.is_none() {
+            return Some(Ok(self.snapshot()));
+        }
+        loop {
+            tokio::select! {
+                biased;
+                () = self.shutdown.cancelled() => {
+                    return Some(Err(Status::unavailable("the controller is shutting down; reconnect")));
+                }
+                changed = self.subscription.views.changed() => {
+                    if changed.is_err() {
+                        return Some(Err(Status::unavailable("namespace follower stopped; reconnect")));
+                    }
+                    let revision = self.subscription.views.borrow().revision;
+                    if Some(revision) > self.sent {
+                        return Some(Ok(self.snapshot()));
+                    }
+                }
+                message = self.inbound.message() => match message {
+                    Ok(Some(message)) => {
+                        if let Err(status) = self.receive(message) {
+                            return Some(Err(status));
+                        }
+                    }
+                    // The client closed its side, or the connection broke.
+                    Ok(None) | Err(_) => return None,
+                },
+                _ = self.heartbeat.tick() => {
+                    let view = self.subscription.views.borrow();
+                    return Some(Ok(proto::SubscribeResponse {
+                        message: Some(Outbound::Heartbeat(proto::Heartbeat {
+                            revision: view.revision,
+                            server_time: Some(wire::timestamp_to_wire(jiff::Timestamp::now())),
+                        })),
+                    }));
+                }
+            }
+        }
+    }
+
+    /// The snapshot of the newest view for this stream's channel.
+    fn snapshot(&mut self) -> proto::SubscribeResponse {
+        let view = self.subscription.views.borrow_and_update().clone();
+        let snapshot = wire::snapshot_to_wire(&view, view.channel(self.subscription.channel));
+        self.sent = Some(view.revision);
+        self.subscription.registration.sent(view.revision);
+        self.heartbeat.reset();
+        proto::SubscribeResponse {
+            message: Some(Outbound::Snapshot(snapshot)),
+        }
+    }
+
+    fn receive(&mut self, message: proto::SubscribeRequest) -> Result<(), Status> {
+        let registration = &self.subscription.registration;
+        match message.message {
+            Some(Inbound::Ack(ack)) => registration
+                .acked(ack.revision)
+                .map_err(|e| invalid("ack.revision", e)),
+            Some(Inbound::Reject(reject)) => {
+                let mut reason: String =
+                    reject.reason.trim().chars().take(MAX_REASON_LEN).collect();
+                if reason.is_empty() {
+                    reason = "no reason given".to_string();
+                }
+                warn!(revision = reject.revision, %reason, "subscriber rejected a snapshot");
+                registration
+                    .rejected(reject.revision, reason)
+                    .map_err(|e| invalid("reject.revision", e))
+            }
+            Some(Inbound::Hello(_)) => Err(invalid(
+                "message",
+                "hello was already received on this stream",
+            )),
+            None => Err(invalid("message", "empty message")),
+        }
+    }
+}

@@ -1,0 +1,355 @@
+//! The subscriber client: what a channel service (chatbot, IVR, agent desk,
+//! web or mobile back end) links to receive its channel's policy and decide
+//! locally.
+//!
+//! [`Subscriber::connect`] opens the subscription stream, waits for the first
+//! snapshot, and keeps the stream up in a background task: it reconnects with
+//! jittered backoff, resumes from the last applied revision (so it never
+//! applies an older one), acks every snapshot it applies and rejects, with a
+//! reason, one it cannot use while keeping the previous.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), safemode::client::ClientError> {
+//! use safemode::client::{Subscriber, SubscriberConfig};
+//! use safemode::policy::{Channel, Context, Namespace};
+//!
+//! let config = SubscriberConfig::new("http://127.0.0.1:7700", Namespace::live(),
+//!     Channel::parse("chatbot").unwrap(), "chatbot-1");
+//! let subscriber = Subscriber::connect(config).await?;
+//! let decision = subscriber.decide("account.password_reset", &Context::default());
+//! println!("{}", decision.outcome.kind().as_str());
+//! # Ok(()) }
+//! ```
+#![warn(missing_docs)]
+
+mod snapshot;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Endpoint;
+use tracing::{Instrument, debug, info_span, warn};
+
+pub use snapshot::{ActivationInfo, DecisionReport, PolicySnapshot};
+
+use crate::backoff::Backoff;
+use crate::policy::{Channel, Context, Namespace, Revision};
+use crate::wire::proto::subscribe_request::Message as Outbound;
+use crate::wire::proto::subscribe_response::Message as Inbound;
+use crate::wire::proto::subscription_service_client::SubscriptionServiceClient;
+use crate::wire::proto::{self, SubscribeRequest};
+
+/// Why the client could not get a policy.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server address is not a usable URL.
+    #[error("bad server address '{server}': {reason}; use a URL such as http://127.0.0.1:7700")]
+    BadServer {
+        /// The address given.
+        server: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The controller could not be reached.
+    #[error(
+        "cannot reach the safemode controller at {server}: {reason}; is `safemode serve` running there? (--server / SAFEMODE_SERVER point elsewhere)"
+    )]
+    Unreachable {
+        /// The address.
+        server: String,
+        /// The cause, from the transport.
+        reason: String,
+    },
+    /// The controller refused or ended the stream.
+    #[error("the controller refused the subscription: {0}")]
+    Refused(String),
+    /// The controller sent a snapshot this client cannot use.
+    #[error("the controller sent a snapshot this client cannot use: {0}")]
+    Rejected(String),
+    /// No snapshot arrived in time.
+    #[error("no snapshot arrived within {0:?}")]
+    Timeout(Duration),
+}
+
+/// Settings of a subscriber.
+#[derive(Clone, Debug)]
+pub struct SubscriberConfig {
+    /// The controller's URL, e.g. `http://127.0.0.1:7700`.
+    pub server: String,
+    /// The namespace to follow (`live` in production).
+    pub namespace: Namespace,
+    /// This service's channel.
+    pub channel: Channel,
+    /// A stable id of this instance, shown in `safemode status`.
+    pub subscriber_id: String,
+    /// Limit on connecting and on waiting for the first snapshot.
+    pub connect_timeout: Duration,
+    /// Decisions say `stale` when neither a snapshot nor a heartbeat arrived
+    /// for this long.
+    pub stale_after: Duration,
+    /// Longest pause between reconnect attempts.
+    pub max_backoff: Duration,
+}
+
+impl SubscriberConfig {
+    /// Defaults for everything but the identity of the subscriber.
+    pub fn new(
+        server: impl Into<String>,
+        namespace: Namespace,
+        channel: Channel,
+        subscriber_id: impl Into<String>,
+    ) -> Self {
+        SubscriberConfig {
+            server: server.into(),
+            namespace,
+            channel,
+            subscriber_id: subscriber_id.into(),
+            connect_timeout: Duration::from_secs(5),
+            stale_after: Duration::from_secs(30),
+            max_backoff: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A live subscription with the newest applied snapshot.
+pub struct Subscriber {
+    snapshots: watch::Receiver<Option<Arc<PolicySnapshot>>>,
+    last_contact: Arc<Mutex<Instant>>,
+    stale_after: Duration,
+    stop: CancellationToken,
+}
+
+impl Subscriber {
+    /// Connects, waits for the first snapshot, and keeps the stream up in the
+    /// background until the subscriber is dropped.
+    pub async fn connect(config: SubscriberConfig) -> Result<Subscriber, ClientError> {
+        let endpoint = Endpoint::from_shared(config.server.clone())
+            .map_err(|e| ClientError::BadServer {
+                server: config.server.clone(),
+                reason: error_chain(&e),
+            })?
+            .connect_timeout(config.connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10));
+        let (tx, snapshots) = watch::channel(None);
+        let last_contact = Arc::new(Mutex::new(Instant::now()));
+        let stop = CancellationToken::new();
+        let (first_tx, first_rx) = oneshot::channel();
+        let task = Task {
+            endpoint,
+            config: config.clone(),
+            snapshots: tx,
+            last_contact: last_contact.clone(),
+            first: Some(first_tx),
+        };
+        let span =
+            info_span!("subscriber", channel = %config.channel, namespace = %config.namespace);
+        tokio::spawn(task.run(stop.clone()).instrument(span));
+        let subscriber = Subscriber {
+            snapshots,
+            last_contact,
+            stale_after: config.stale_after,
+            stop,
+        };
+        match tokio::time::timeout(config.connect_timeout, first_rx).await {
+            Ok(Ok(Ok(()))) => Ok(subscriber),
+            Ok(Ok(Err(e))) => Err(e),
+            Ok(Err(_)) => Err(ClientError::Refused("the stream ended".into())),
+            Err(_) => Err(ClientError::Timeout(config.connect_timeout)),
+        }
+    }
+
+    /// The newest applied snapshot.
+    pub fn current(&self) -> Option<Arc<PolicySnapshot>> {
+        self.snapshots.borrow().clone()
+    }
+
+    /// A receiver that wakes on every newly applied snapshot.
+    pub fn changes(&self) -> watch::Receiver<Option<Arc<PolicySnapshot>>> {
+        self.snapshots.clone()
+    }
+
+    /// Whether nothing (snapshot or heartbeat) arrived for longer than the
+    /// staleness limit.
+    pub fn is_stale(&self) -> bool {
+        self.last_contact.lock().expect("poisoned").elapsed() > self.stale_after
+    }
+
+    /// Decides `action` for `ctx` with the newest snapshot.
+    pub fn decide(&self, action: &str, ctx: &Context) -> DecisionReport {
+        let snapshot = self.current();
+        DecisionReport::new(snapshot.as_deref(), action, ctx, self.is_stale())
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// The background side of a [`Subscriber`].
+struct Task {
+    endpoint: Endpoint,
+    config: SubscriberConfig,
+    snapshots: watch::Sender<Option<Arc<PolicySnapshot>>>,
+    last_contact: Arc<Mutex<Instant>>,
+    /// Told how the first attempt went, then dropped.
+    first: Option<oneshot::Sender<Result<(), ClientError>>>,
+}
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+
+impl Task {
+    async fn run(mut self, stop: CancellationToken) {
+        let mut backoff = Backoff::new(BACKOFF_MIN, self.config.max_backoff);
+        loop {
+            let result = tokio::select! {
+                () = stop.cancelled() => return,
+                result = self.session(&mut backoff) => result,
+            };
+            let error = match result {
+                Ok(()) => ClientError::Refused("the controller ended the stream".into()),
+                Err(e) => e,
+            };
+            if let Some(first) = self.first.take() {
+                let _ = first.send(Err(error));
+                return;
+            }
+            let pause = backoff.next_delay();
+            warn!(error = %error, retry_in = ?pause, "subscription lost; reconnecting");
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+
+    /// One stream, from hello to its end.
+    async fn session(&mut self, backoff: &mut Backoff) -> Result<(), ClientError> {
+        let server = self.config.server.clone();
+        let channel = self
+            .endpoint
+            .connect()
+            .await
+            .map_err(|e| ClientError::Unreachable {
+                server: server.clone(),
+                reason: error_chain(&e),
+            })?;
+        let mut client = SubscriptionServiceClient::new(channel);
+        let (out, out_rx) = mpsc::channel(16);
+        let last_applied = self.applied_revision();
+        let hello = proto::Hello {
+            namespace: self.config.namespace.to_string(),
+            channel: self.config.channel.as_str().to_string(),
+            subscriber_id: self.config.subscriber_id.clone(),
+            last_applied_revision: last_applied.unwrap_or(0),
+        };
+        send(&out, Outbound::Hello(hello)).await;
+        let mut inbound = client
+            .subscribe(ReceiverStream::new(out_rx))
+            .await
+            .map_err(|s| refused(&server, s))?
+            .into_inner();
+        while let Some(message) = inbound.message().await.map_err(|s| refused(&server, s))? {
+            self.touch();
+            match message.message {
+                Some(Inbound::Snapshot(wire)) => {
+                    let revision = wire.revision;
+                    match PolicySnapshot::from_wire(
+                        wire,
+                        &self.config.namespace,
+                        self.config.channel,
+                    ) {
+                        Ok(snapshot) if Some(snapshot.revision) < self.applied_revision() => {
+                            let reason = format!(
+                                "revision {revision} is older than the applied revision {}",
+                                self.applied_revision().unwrap_or(0)
+                            );
+                            warn!(%reason, "refusing to go backwards");
+                            send(&out, Outbound::Reject(proto::Reject { revision, reason })).await;
+                        }
+                        Ok(snapshot) => {
+                            debug!(revision, "snapshot applied");
+                            self.snapshots.send_replace(Some(Arc::new(snapshot)));
+                            send(&out, Outbound::Ack(proto::Ack { revision })).await;
+                            backoff.reset();
+                            if let Some(first) = self.first.take() {
+                                let _ = first.send(Ok(()));
+                            }
+                        }
+                        Err(e) => {
+                            let reason = e.to_string();
+                            warn!(revision, %reason, "snapshot rejected; keeping the previous one");
+                            send(
+                                &out,
+                                Outbound::Reject(proto::Reject {
+                                    revision,
+                                    reason: reason.clone(),
+                                }),
+                            )
+                            .await;
+                            if let Some(first) = self.first.take() {
+                                let _ = first.send(Err(ClientError::Rejected(reason)));
+                            }
+                        }
+                    }
+                }
+                Some(Inbound::Heartbeat(_)) | None => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn applied_revision(&self) -> Option<Revision> {
+        self.snapshots.borrow().as_ref().map(|s| s.revision)
+    }
+
+    fn touch(&self) {
+        *self.last_contact.lock().expect("poisoned") = Instant::now();
+    }
+}
+
+async fn send(out: &mpsc::Sender<SubscribeRequest>, message: Outbound) {
+    // The receiver lives as long as the request stream; if it is gone, the
+    // session is ending and the next read reports why.
+    let _ = out
+        .send(SubscribeRequest {
+            message: Some(message),
+        })
+        .await;
+}
+
+fn refused(server: &str, status: tonic::Status) -> ClientError {
+    match status.code() {
+        tonic::Code::Unavailable
+            if status.message().contains("connect") || status.message().contains("transport") =>
+        {
+            ClientError::Unreachable {
+                server: server.to_string(),
+                reason: status.message().to_string(),
+            }
+        }
+        _ => ClientError::Refused(status.message().to_string()),
+    }
+}
+
+/// An error and its causes, joined: transport errors put the useful part
+/// ("Connection refused") in a source.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let message = cause.to_string();
+        if !text.contains(&message) {
+            text.push_str(": ");
+            text.push_str(&message);
+        }
+        source = cause.source();
+    }
+    text
+}

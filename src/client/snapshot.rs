@@ -1,0 +1,207 @@
+//! A snapshot as the client holds it: checked, converted into the policy core's
+//! compiled rules, ready for lookups; and the owned report of a decision.
+
+use jiff::Timestamp;
+use serde::Serialize;
+
+use crate::policy::{Channel, ChannelPolicy, Context, Decision, Namespace, Outcome, Revision};
+use crate::wire::{self, SCHEMA_VERSION, WireError, proto};
+
+/// An activation as a snapshot describes it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ActivationInfo {
+    /// Activation id.
+    pub id: String,
+    /// Mode name.
+    pub mode: String,
+    /// Mode title.
+    pub title: String,
+    /// Channels covered; `["*"]` means all.
+    pub channels: Vec<String>,
+    /// Why it was applied.
+    pub reason: String,
+    /// Who applied it.
+    pub principal: String,
+    /// When.
+    pub applied_at: Option<Timestamp>,
+    /// Revision of the change that applied it.
+    pub revision: Revision,
+}
+
+/// The policy of one channel at one revision.
+#[derive(Clone, Debug)]
+pub struct PolicySnapshot {
+    /// Namespace.
+    pub namespace: Namespace,
+    /// Channel.
+    pub channel: Channel,
+    /// Namespace revision.
+    pub revision: Revision,
+    /// When the controller issued it.
+    pub issued_at: Timestamp,
+    /// Active activations covering the channel.
+    pub activations: Vec<ActivationInfo>,
+    /// The compiled rules.
+    pub policy: ChannelPolicy,
+}
+
+fn field(name: &str, problem: impl std::fmt::Display) -> WireError {
+    WireError {
+        field: name.to_string(),
+        problem: problem.to_string(),
+    }
+}
+
+impl PolicySnapshot {
+    /// Checks a received snapshot for the subscription of `channel` in
+    /// `namespace` and compiles it for lookups.
+    pub fn from_wire(
+        snapshot: proto::Snapshot,
+        namespace: &Namespace,
+        channel: Channel,
+    ) -> Result<Self, WireError> {
+        if snapshot.schema_version != SCHEMA_VERSION {
+            return Err(field(
+                "schema_version",
+                format!(
+                    "unknown snapshot schema version {} (this client reads {SCHEMA_VERSION}); upgrade the client",
+                    snapshot.schema_version
+                ),
+            ));
+        }
+        if snapshot.namespace != namespace.as_str() {
+            return Err(field(
+                "namespace",
+                format!(
+                    "'{}' is not the subscribed '{namespace}'",
+                    snapshot.namespace
+                ),
+            ));
+        }
+        if snapshot.channel != channel.as_str() {
+            return Err(field(
+                "channel",
+                format!("'{}' is not the subscribed '{channel}'", snapshot.channel),
+            ));
+        }
+        if snapshot.revision < 0 {
+            return Err(field("revision", "is negative"));
+        }
+        let issued_at = snapshot
+            .issued_at
+            .as_ref()
+            .ok_or_else(|| field("issued_at", "is missing"))
+            .and_then(|t| wire::timestamp_from_wire(t).map_err(|e| field("issued_at", e)))?;
+        let rules = snapshot
+            .rules
+            .as_ref()
+            .ok_or_else(|| field("rules", "is missing"))?;
+        let policy = wire::channel_policy_from_wire(rules)?;
+        let activations = snapshot
+            .activations
+            .into_iter()
+            .map(|a| ActivationInfo {
+                applied_at: a
+                    .applied_at
+                    .as_ref()
+                    .and_then(|t| wire::timestamp_from_wire(t).ok()),
+                id: a.id,
+                mode: a.mode,
+                title: a.title,
+                channels: if a.channels.is_empty() {
+                    vec!["*".to_string()]
+                } else {
+                    a.channels
+                },
+                reason: a.reason,
+                principal: a.principal,
+                revision: a.revision,
+            })
+            .collect();
+        Ok(PolicySnapshot {
+            namespace: namespace.clone(),
+            channel,
+            revision: snapshot.revision,
+            issued_at,
+            activations,
+            policy,
+        })
+    }
+
+    /// Decides `action` for `ctx`; borrows from the snapshot, allocates
+    /// nothing.
+    pub fn decide(&self, action: &str, ctx: &Context) -> Decision<'_> {
+        self.policy.decide(action, ctx)
+    }
+}
+
+/// A decision with everything a caller may want to print or log.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DecisionReport {
+    /// The effect and its parameters (`effect`, then e.g. `queue`).
+    #[serde(flatten)]
+    pub outcome: Outcome,
+    /// The action decided.
+    pub action: String,
+    /// The channel's namespace and channel, when there was a policy.
+    pub namespace: Option<String>,
+    /// The channel.
+    pub channel: Option<String>,
+    /// Revision of the policy used; `None` when there is no policy yet.
+    pub revision: Option<Revision>,
+    /// When the controller issued the policy used.
+    pub as_of: Option<Timestamp>,
+    /// Whether the policy may be out of date (no contact within the limit,
+    /// or no policy at all).
+    pub stale: bool,
+    /// Activations behind the decision.
+    pub reasons: Vec<String>,
+    /// Message for the customer.
+    pub customer_message: Option<String>,
+    /// Script for the agent.
+    pub agent_script: Option<String>,
+}
+
+impl DecisionReport {
+    /// Decides `action` with `snapshot` (allow and stale without one).
+    pub fn new(
+        snapshot: Option<&PolicySnapshot>,
+        action: &str,
+        ctx: &Context,
+        stale: bool,
+    ) -> Self {
+        let Some(snapshot) = snapshot else {
+            return DecisionReport {
+                outcome: Outcome::Allow,
+                action: action.to_string(),
+                namespace: None,
+                channel: None,
+                revision: None,
+                as_of: None,
+                stale: true,
+                reasons: Vec::new(),
+                customer_message: None,
+                agent_script: None,
+            };
+        };
+        let decision = snapshot.decide(action, ctx);
+        let mut reasons: Vec<String> = Vec::new();
+        for id in decision.reasons() {
+            if !reasons.iter().any(|r| r == id.as_str()) {
+                reasons.push(id.to_string());
+            }
+        }
+        DecisionReport {
+            action: action.to_string(),
+            namespace: Some(snapshot.namespace.to_string()),
+            channel: Some(snapshot.channel.to_string()),
+            revision: Some(snapshot.revision),
+            as_of: Some(snapshot.issued_at),
+            stale,
+            reasons,
+            customer_message: decision.customer_message().map(str::to_string),
+            agent_script: decision.agent_script().map(str::to_string),
+            outcome: decision.outcome,
+        }
+    }
+}

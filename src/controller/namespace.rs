@@ -1,0 +1,366 @@
+//! One namespace on one replica: a task that follows the namespace in the
+//! store (list, then watch from the next revision) and publishes the compiled
+//! state through a `tokio::sync::watch` channel.
+//!
+//! The algorithm is the one Kubernetes informers use: read the namespace at
+//! revision R, watch from R+1, drop events at or below the last applied store
+//! revision, apply each batch as one unit, and after a compaction re-read the
+//! namespace and replace the state in one step. Fan-out is the latest state,
+//! not a queue: a slow subscriber skips intermediate revisions and converges
+//! on the newest. The published revision never goes backwards.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use jiff::Timestamp;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::keys::{Layout, NamespaceChange, NamespaceKey};
+use crate::backoff::Backoff;
+use crate::policy::{Activation, ActivationId, Channel, ChannelPolicy, Namespace, Revision};
+use crate::store::{self, Event, EventKind, KeyValue, Store};
+
+/// The compiled policy for one channel at one revision: what a subscriber of
+/// that channel receives.
+#[derive(Debug)]
+pub struct ChannelSnapshot {
+    /// The channel.
+    pub channel: Channel,
+    /// Activations that cover the channel, by (revision, id).
+    pub activations: Vec<Arc<Activation>>,
+    /// The merged rules.
+    pub policy: ChannelPolicy,
+}
+
+/// A namespace's state at one revision, compiled for every channel.
+#[derive(Debug)]
+pub struct NamespaceView {
+    /// The namespace.
+    pub namespace: Namespace,
+    /// Whether the state was read from the store at least once.
+    pub loaded: bool,
+    /// Revision of the namespace's last change (0: never changed).
+    pub revision: Revision,
+    /// Mod revision of the namespace's meta key; transactions compare it.
+    pub meta_revision: Revision,
+    /// When this replica compiled the view.
+    pub issued_at: Timestamp,
+    /// Active activations by (revision, id).
+    pub activations: Vec<Arc<Activation>>,
+    /// The last change, if the namespace has one.
+    pub last_change: Option<NamespaceChange>,
+    /// Records that could not be read; shown in status so that a damaged
+    /// activation is never dropped silently.
+    pub problems: Vec<String>,
+    channels: Vec<Arc<ChannelSnapshot>>,
+}
+
+impl NamespaceView {
+    fn unloaded(namespace: Namespace) -> Self {
+        NamespaceView {
+            namespace,
+            loaded: false,
+            revision: 0,
+            meta_revision: 0,
+            issued_at: Timestamp::now(),
+            activations: Vec::new(),
+            last_change: None,
+            problems: Vec::new(),
+            channels: Vec::new(),
+        }
+    }
+
+    /// The snapshot for `channel`.
+    pub fn channel(&self, channel: Channel) -> &Arc<ChannelSnapshot> {
+        &self.channels[channel.index()]
+    }
+}
+
+/// The mutable state the task folds store events into.
+struct State {
+    namespace: Namespace,
+    activations: BTreeMap<ActivationId, Arc<Activation>>,
+    /// Undecodable records, by key.
+    problems: BTreeMap<String, String>,
+    revision: Revision,
+    meta_revision: Revision,
+    last_change: Option<NamespaceChange>,
+    /// Every store change up to here has been applied.
+    store_revision: Revision,
+}
+
+impl State {
+    fn new(namespace: Namespace) -> Self {
+        State {
+            namespace,
+            activations: BTreeMap::new(),
+            problems: BTreeMap::new(),
+            revision: 0,
+            meta_revision: 0,
+            last_change: None,
+            store_revision: 0,
+        }
+    }
+
+    fn put(&mut self, layout: &Layout, kv: &KeyValue) {
+        self.revision = self.revision.max(kv.mod_revision);
+        match layout.classify(&self.namespace, &kv.key) {
+            NamespaceKey::Activation(id) => match serde_json::from_slice::<Activation>(&kv.value) {
+                Ok(mut activation) if activation.id == id => {
+                    activation.revision = kv.create_revision;
+                    self.problems.remove(&kv.key);
+                    self.activations.insert(id, Arc::new(activation));
+                }
+                Ok(_) => self.problem(kv, "its id does not match its key".into()),
+                Err(e) => self.problem(kv, e.to_string()),
+            },
+            NamespaceKey::Meta => {
+                self.meta_revision = kv.mod_revision;
+                match serde_json::from_slice(&kv.value) {
+                    Ok(change) => self.last_change = Some(change),
+                    Err(e) => self.problem(kv, e.to_string()),
+                }
+            }
+            NamespaceKey::Unknown => debug!(key = %kv.key, "ignoring unknown key"),
+        }
+    }
+
+    fn problem(&mut self, kv: &KeyValue, error: String) {
+        warn!(key = %kv.key, %error, "cannot read a stored record; it is left out of the policy");
+        self.problems.insert(
+            kv.key.clone(),
+            format!("{} (revision {}): {error}", kv.key, kv.mod_revision),
+        );
+    }
+
+    fn delete(&mut self, layout: &Layout, kv: &KeyValue) {
+        self.revision = self.revision.max(kv.mod_revision);
+        self.problems.remove(&kv.key);
+        match layout.classify(&self.namespace, &kv.key) {
+            NamespaceKey::Activation(id) => {
+                self.activations.remove(&id);
+            }
+            NamespaceKey::Meta => {
+                self.meta_revision = 0;
+                self.last_change = None;
+            }
+            NamespaceKey::Unknown => {}
+        }
+    }
+
+    /// Replaces the state with a fresh read of the whole namespace.
+    fn replace(&mut self, layout: &Layout, kvs: &[KeyValue], store_revision: Revision) {
+        let previous = self.revision;
+        *self = State::new(self.namespace.clone());
+        for kv in kvs {
+            self.put(layout, kv);
+        }
+        // A re-read after compaction may not see a delete's revision (the
+        // key is gone); the revision still never goes backwards.
+        self.revision = self.revision.max(previous);
+        self.store_revision = store_revision;
+    }
+
+    fn view(&self) -> NamespaceView {
+        let mut activations: Vec<Arc<Activation>> = self.activations.values().cloned().collect();
+        activations.sort_by(|a, b| (a.revision, &a.id).cmp(&(b.revision, &b.id)));
+        let channels = Channel::all()
+            .map(|channel| {
+                let covering: Vec<Arc<Activation>> = activations
+                    .iter()
+                    .filter(|a| a.covers(channel))
+                    .cloned()
+                    .collect();
+                Arc::new(ChannelSnapshot {
+                    channel,
+                    policy: ChannelPolicy::compile(channel, covering.iter().map(|a| &**a)),
+                    activations: covering,
+                })
+            })
+            .collect();
+        NamespaceView {
+            namespace: self.namespace.clone(),
+            loaded: true,
+            revision: self.revision,
+            meta_revision: self.meta_revision,
+            issued_at: Timestamp::now(),
+            activations,
+            last_change: self.last_change.clone(),
+            problems: self.problems.values().cloned().collect(),
+            channels,
+        }
+    }
+}
+
+/// A namespace followed by this replica.
+pub struct NamespaceHandle {
+    view: watch::Receiver<Arc<NamespaceView>>,
+    last_error: Arc<Mutex<Option<String>>>,
+    /// Subscribers connected to this replica for the namespace.
+    pub subscribers: Arc<super::subscribers::Subscribers>,
+}
+
+impl NamespaceHandle {
+    /// Starts following `namespace`; the task stops when `shutdown` fires.
+    pub fn spawn(
+        store: Arc<dyn Store>,
+        layout: Layout,
+        namespace: Namespace,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let (tx, view) = watch::channel(Arc::new(NamespaceView::unloaded(namespace.clone())));
+        let last_error = Arc::new(Mutex::new(None));
+        let follower = Follower {
+            store,
+            layout,
+            tx,
+            last_error: last_error.clone(),
+            state: State::new(namespace.clone()),
+        };
+        let span = tracing::info_span!("namespace", %namespace);
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                tokio::select! {
+                    () = follower.run() => {}
+                    () = shutdown.cancelled() => debug!("namespace follower stopped"),
+                }
+            },
+            span,
+        ));
+        NamespaceHandle {
+            view,
+            last_error,
+            subscribers: Arc::default(),
+        }
+    }
+
+    /// The latest view.
+    pub fn current(&self) -> Arc<NamespaceView> {
+        self.view.borrow().clone()
+    }
+
+    /// A receiver that sees every newer view.
+    pub fn watch(&self) -> watch::Receiver<Arc<NamespaceView>> {
+        self.view.clone()
+    }
+
+    /// Waits until the view satisfies `ready`, for at most `timeout`. On
+    /// timeout returns the last store error, if any.
+    pub async fn wait_for(
+        &self,
+        timeout: Duration,
+        ready: impl FnMut(&Arc<NamespaceView>) -> bool,
+    ) -> Result<Arc<NamespaceView>, Option<String>> {
+        let mut rx = self.view.clone();
+        match tokio::time::timeout(timeout, rx.wait_for(ready)).await {
+            Ok(Ok(view)) => Ok(view.clone()),
+            _ => Err(self.last_error.lock().expect("poisoned").clone()),
+        }
+    }
+}
+
+/// The task's side of a [`NamespaceHandle`].
+struct Follower {
+    store: Arc<dyn Store>,
+    layout: Layout,
+    tx: watch::Sender<Arc<NamespaceView>>,
+    last_error: Arc<Mutex<Option<String>>>,
+    state: State,
+}
+
+/// Retry pacing after a store error.
+fn store_backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(50), Duration::from_secs(5))
+}
+
+impl Follower {
+    async fn run(mut self) {
+        let prefix = self.layout.namespace_prefix(&self.state.namespace);
+        let mut backoff = store_backoff();
+        let mut needs_list = true;
+        loop {
+            if needs_list {
+                match self.store.range(&prefix).await {
+                    Ok(range) => {
+                        self.state.replace(&self.layout, &range.kvs, range.revision);
+                        self.publish();
+                        needs_list = false;
+                        info!(revision = self.state.revision, "namespace loaded");
+                    }
+                    Err(e) => {
+                        self.failed(&e, &mut backoff).await;
+                        continue;
+                    }
+                }
+            }
+            let from = self.state.store_revision + 1;
+            let mut stream = match self.store.watch(&prefix, from).await {
+                Ok(stream) => stream,
+                Err(store::Error::Compacted { .. }) => {
+                    needs_list = true;
+                    continue;
+                }
+                Err(e) => {
+                    self.failed(&e, &mut backoff).await;
+                    continue;
+                }
+            };
+            while let Some(item) = stream.next().await {
+                match item {
+                    Ok(batch) => {
+                        backoff.reset();
+                        self.clear_error();
+                        if self.apply(&batch.events) {
+                            self.publish();
+                        }
+                        self.state.store_revision = self.state.store_revision.max(batch.revision);
+                    }
+                    Err(store::Error::Compacted { .. }) => {
+                        info!("watch history compacted; re-reading the namespace");
+                        needs_list = true;
+                        break;
+                    }
+                    Err(e) => {
+                        self.failed(&e, &mut backoff).await;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies one batch; returns whether anything changed.
+    fn apply(&mut self, events: &[Event]) -> bool {
+        let mut changed = false;
+        for event in events {
+            if event.kv.mod_revision <= self.state.store_revision {
+                continue;
+            }
+            match event.kind {
+                EventKind::Put => self.state.put(&self.layout, &event.kv),
+                EventKind::Delete => self.state.delete(&self.layout, &event.kv),
+            }
+            changed = true;
+        }
+        changed
+    }
+
+    fn publish(&self) {
+        self.tx.send_replace(Arc::new(self.state.view()));
+    }
+
+    async fn failed(&self, error: &store::Error, backoff: &mut Backoff) {
+        let pause = backoff.next_delay();
+        warn!(%error, retry_in = ?pause, "store read failed");
+        *self.last_error.lock().expect("poisoned") = Some(error.to_string());
+        tokio::time::sleep(pause).await;
+    }
+
+    fn clear_error(&self) {
+        self.last_error.lock().expect("poisoned").take();
+    }
+}

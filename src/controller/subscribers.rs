@@ -1,0 +1,169 @@
+//! Subscribers connected to this replica, per namespace, with the revision
+//! each was sent, acknowledged and rejected: what `safemode status` shows a
+//! commander.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use jiff::Timestamp;
+
+use crate::policy::{Channel, Revision};
+
+/// One connected subscriber, as status shows it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SubscriberRecord {
+    /// The id the subscriber gave in its hello.
+    pub subscriber_id: String,
+    /// Its channel.
+    pub channel: Channel,
+    /// Remote address.
+    pub peer: String,
+    /// When the stream opened.
+    pub connected_at: Timestamp,
+    /// Newest revision sent.
+    pub sent_revision: Revision,
+    /// Newest revision acknowledged, and when (0: none yet).
+    pub acked_revision: Revision,
+    /// When the newest acknowledgement arrived.
+    pub acked_at: Option<Timestamp>,
+    /// Newest rejected revision, why, and when.
+    pub rejected: Option<Rejection>,
+}
+
+/// A snapshot a subscriber could not apply.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rejection {
+    /// The rejected revision.
+    pub revision: Revision,
+    /// The subscriber's reason.
+    pub reason: String,
+    /// When the rejection arrived.
+    pub at: Timestamp,
+}
+
+/// A subscriber acknowledged or rejected a revision it was never sent.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "revision {revision} was never sent on this stream (newest sent: {sent}); ack only what you received"
+)]
+pub struct UnknownRevision {
+    /// The revision in the message.
+    pub revision: Revision,
+    /// The newest revision sent.
+    pub sent: Revision,
+}
+
+/// The subscribers of one namespace on this replica.
+#[derive(Debug, Default)]
+pub struct Subscribers {
+    next: AtomicU64,
+    records: Mutex<HashMap<u64, SubscriberRecord>>,
+}
+
+impl Subscribers {
+    /// Records a new stream; dropping the registration removes it.
+    pub fn register(
+        self: &Arc<Self>,
+        subscriber_id: String,
+        channel: Channel,
+        peer: String,
+    ) -> Registration {
+        let connection = self.next.fetch_add(1, Ordering::Relaxed);
+        let record = SubscriberRecord {
+            subscriber_id,
+            channel,
+            peer,
+            connected_at: Timestamp::now(),
+            sent_revision: 0,
+            acked_revision: 0,
+            acked_at: None,
+            rejected: None,
+        };
+        self.lock().insert(connection, record);
+        Registration {
+            connection,
+            subscribers: self.clone(),
+        }
+    }
+
+    /// Every connected subscriber, by subscriber id.
+    pub fn list(&self) -> Vec<SubscriberRecord> {
+        let mut records: Vec<SubscriberRecord> = self.lock().values().cloned().collect();
+        records.sort_by(|a, b| {
+            a.subscriber_id
+                .cmp(&b.subscriber_id)
+                .then(a.connected_at.cmp(&b.connected_at))
+        });
+        records
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, SubscriberRecord>> {
+        // A panic while holding this lock cannot leave a record half-written
+        // (every update is one assignment), so a poisoned map is still good.
+        self.records.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// One stream's entry in [`Subscribers`].
+#[derive(Debug)]
+pub struct Registration {
+    connection: u64,
+    subscribers: Arc<Subscribers>,
+}
+
+impl Registration {
+    fn update<T>(&self, f: impl FnOnce(&mut SubscriberRecord) -> T) -> T {
+        let mut records = self.subscribers.lock();
+        let record = records
+            .get_mut(&self.connection)
+            .expect("a registration's record lives until the registration drops");
+        f(record)
+    }
+
+    /// Notes that `revision` was sent.
+    pub fn sent(&self, revision: Revision) {
+        self.update(|r| r.sent_revision = r.sent_revision.max(revision));
+    }
+
+    /// Notes an acknowledgement.
+    pub fn acked(&self, revision: Revision) -> Result<(), UnknownRevision> {
+        self.update(|r| {
+            if revision > r.sent_revision || revision < 0 {
+                return Err(UnknownRevision {
+                    revision,
+                    sent: r.sent_revision,
+                });
+            }
+            if revision >= r.acked_revision {
+                r.acked_revision = revision;
+                r.acked_at = Some(Timestamp::now());
+            }
+            Ok(())
+        })
+    }
+
+    /// Notes a rejection.
+    pub fn rejected(&self, revision: Revision, reason: String) -> Result<(), UnknownRevision> {
+        self.update(|r| {
+            if revision > r.sent_revision || revision < 0 {
+                return Err(UnknownRevision {
+                    revision,
+                    sent: r.sent_revision,
+                });
+            }
+            r.rejected = Some(Rejection {
+                revision,
+                reason,
+                at: Timestamp::now(),
+            });
+            Ok(())
+        })
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.subscribers.lock().remove(&self.connection);
+    }
+}

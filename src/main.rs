@@ -1,0 +1,5 @@
+//! The `safemode` command: everything lives in the library's `cli` module.
+
+fn main() -> std::process::ExitCode {
+    safemode::cli::main()
+}

@@ -1,0 +1,272 @@
+//! Deciding: "may this channel do this action for this customer now?"
+//!
+//! [`ChannelPolicy::decide`] looks the action up, merges the base entry with
+//! every conditional entry whose condition holds, and resolves the result
+//! against the context (a satisfied step-up, an exhausted one). It takes no
+//! lock and allocates nothing: the decision borrows its messages and reasons
+//! from the policy.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use super::activation::ActivationId;
+use super::compile::{ActionPolicy, ChannelPolicy, EffectivePolicy, StandingThrottle};
+use super::effect::{Deny, Effect, EffectKind, ReadOnly, Route, StepUp, Throttle};
+use super::names::{Channel, MethodSet};
+
+/// What a channel knows about the customer and the request.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Context {
+    /// Identity confidence, 0..=1.
+    pub confidence: f64,
+    /// Verification methods the customer passed in this session.
+    pub methods: MethodSet,
+    /// Failed verification attempts so far.
+    pub failed_attempts: u32,
+    /// Amount of money involved, if any.
+    pub amount: Option<f64>,
+    /// Whether a bot handed the session over to a human.
+    pub handoff_from_bot: bool,
+    /// What the bot flagged the session with.
+    pub bot_flags: Vec<String>,
+}
+
+/// What the channel must do.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "effect", rename_all = "snake_case")]
+pub enum Outcome {
+    /// Go ahead.
+    Allow,
+    /// Go ahead within the throttle.
+    Throttle(Throttle),
+    /// Verify first, as `required` says.
+    StepUp {
+        /// The verification required.
+        #[serde(flatten)]
+        required: StepUp,
+        /// Failed attempts left before the action goes to review.
+        attempts_left: u32,
+    },
+    /// Send to a human review queue.
+    Review {
+        /// The queue.
+        queue: Arc<str>,
+        /// Whether a step-up escalated here (exhausted or unsatisfiable).
+        escalated: bool,
+    },
+    /// Serve data as of a time; refuse writes.
+    ReadOnly(ReadOnly),
+    /// Send the customer to a verified channel.
+    Route(Route),
+    /// Refuse.
+    Deny(Deny),
+}
+
+impl Outcome {
+    /// The effect kind of the outcome.
+    pub fn kind(&self) -> EffectKind {
+        match self {
+            Outcome::Allow => EffectKind::Allow,
+            Outcome::Throttle(_) => EffectKind::Throttle,
+            Outcome::StepUp { .. } => EffectKind::StepUp,
+            Outcome::Review { .. } => EffectKind::Review,
+            Outcome::ReadOnly(_) => EffectKind::ReadOnly,
+            Outcome::Route(_) => EffectKind::Route,
+            Outcome::Deny(_) => EffectKind::Deny,
+        }
+    }
+
+    /// Whether `self` restricts the customer at least as much as `other`.
+    pub fn is_at_least_as_strict_as(&self, other: &Outcome) -> bool {
+        use Outcome::*;
+        match (self, other) {
+            (Throttle(a), Throttle(b)) => a.is_at_least_as_strict_as(b),
+            (
+                StepUp {
+                    required: a,
+                    attempts_left: left_a,
+                },
+                StepUp {
+                    required: b,
+                    attempts_left: left_b,
+                },
+            ) => {
+                Effect::StepUp(a.clone()).is_at_least_as_strict_as(&Effect::StepUp(b.clone()))
+                    && left_a <= left_b
+            }
+            (ReadOnly(a), ReadOnly(b)) => a.is_at_least_as_strict_as(b),
+            (Route(a), Route(b)) => a.to.is_subset(b.to),
+            _ => self.kind() >= other.kind(),
+        }
+    }
+
+    /// Resolves a merged effect against the context.
+    fn resolve(effect: Effect, throttle: Option<Throttle>, ctx: &Context) -> Outcome {
+        match effect {
+            Effect::Allow => Outcome::Allow,
+            Effect::Throttle(t) => Outcome::Throttle(t),
+            Effect::StepUp(s) => {
+                if s.methods.is_empty() || ctx.failed_attempts >= s.max_attempts {
+                    Outcome::Review {
+                        queue: s.escalate_queue,
+                        escalated: true,
+                    }
+                } else if ctx.confidence >= s.min_confidence && ctx.methods.intersects(s.methods) {
+                    throttle.map_or(Outcome::Allow, Outcome::Throttle)
+                } else {
+                    Outcome::StepUp {
+                        attempts_left: s.max_attempts - ctx.failed_attempts,
+                        required: s,
+                    }
+                }
+            }
+            Effect::Review(r) => Outcome::Review {
+                queue: r.queue,
+                escalated: false,
+            },
+            Effect::ReadOnly(r) => Outcome::ReadOnly(r),
+            Effect::Route(r) if r.to.is_empty() => Outcome::Deny(Deny { alternative: None }),
+            Effect::Route(r) => Outcome::Route(r),
+            Effect::Deny(d) => Outcome::Deny(d),
+        }
+    }
+}
+
+/// A decision, borrowing its messages and reasons from the policy.
+#[derive(Clone, Debug)]
+pub struct Decision<'p> {
+    /// What the channel must do.
+    pub outcome: Outcome,
+    policy: Option<&'p ActionPolicy>,
+    /// Bit `i` set: conditional entry `i` held. Entries past the 64th still
+    /// count in the outcome and messages; only `reasons` does not list them.
+    held: u64,
+    customer_message: Option<&'p str>,
+    agent_script: Option<&'p str>,
+}
+
+impl<'p> Decision<'p> {
+    /// Message for the customer, if the policy has one.
+    pub fn customer_message(&self) -> Option<&'p str> {
+        self.customer_message
+    }
+
+    /// Script for the agent, if the policy has one.
+    pub fn agent_script(&self) -> Option<&'p str> {
+        self.agent_script
+    }
+
+    /// The activations whose rules applied to this decision, entry by entry
+    /// (an activation behind two entries appears twice).
+    pub fn reasons(&self) -> impl Iterator<Item = &'p ActivationId> + use<'p> {
+        let held = self.held;
+        self.policy
+            .into_iter()
+            .flat_map(move |p| {
+                p.conditional
+                    .iter()
+                    .enumerate()
+                    .filter(move |(i, _)| *i < 64 && held & (1 << i) != 0)
+                    .map(|(_, e)| e)
+                    .chain(p.base.iter())
+            })
+            .flat_map(|e| e.activation_ids.iter())
+    }
+}
+
+impl ActionPolicy {
+    /// Merges the entries that apply to `ctx` and resolves the result.
+    ///
+    /// Entries are taken in precedence order: the conditional entries that
+    /// hold (their condition is the more specific circumstance), then the
+    /// base. Effects and limits merge the same whatever the order; texts
+    /// (queues, the deny alternative, messages) come from the first entry
+    /// with the winning kind.
+    pub fn decide(&self, ctx: &Context) -> Decision<'_> {
+        let applied = || {
+            self.conditional
+                .iter()
+                .filter(|e| e.when.as_ref().is_none_or(|w| w.holds(ctx)))
+                .chain(self.base.iter())
+        };
+        let mut effect: Option<Effect> = None;
+        let mut throttle: Option<(Throttle, &StandingThrottle)> = None;
+        for entry in applied() {
+            effect = Some(match effect {
+                Some(acc) => acc.merge(&entry.effect),
+                None => entry.effect.clone(),
+            });
+            if let Some(standing) = &entry.throttle {
+                throttle = Some(match throttle {
+                    Some((limit, leader)) => (limit.merge(standing.limit), leader),
+                    None => (standing.limit, standing),
+                });
+            }
+        }
+        let Some(effect) = effect else {
+            return Decision::allow();
+        };
+        let kind = effect.kind();
+        let outcome = Outcome::resolve(effect, throttle.map(|(limit, _)| limit), ctx);
+        let (customer_message, agent_script) = match throttle {
+            // A passed step-up leaves the throttle: its rule speaks.
+            Some((_, standing))
+                if kind != EffectKind::Throttle && outcome.kind() == EffectKind::Throttle =>
+            {
+                (
+                    standing.customer_message.as_deref(),
+                    standing.agent_script.as_deref(),
+                )
+            }
+            _ => applied()
+                .find(|e| e.effect.kind() == kind)
+                .map_or((None, None), |e| {
+                    (e.customer_message.as_deref(), e.agent_script.as_deref())
+                }),
+        };
+        let mut held = 0u64;
+        for (i, entry) in self.conditional.iter().enumerate().take(64) {
+            if entry.when.as_ref().is_none_or(|w| w.holds(ctx)) {
+                held |= 1 << i;
+            }
+        }
+        Decision {
+            outcome,
+            policy: Some(self),
+            held,
+            customer_message,
+            agent_script,
+        }
+    }
+}
+
+impl Decision<'static> {
+    /// Allow, for an action no rule covers.
+    pub fn allow() -> Self {
+        Decision {
+            outcome: Outcome::Allow,
+            policy: None,
+            held: 0,
+            customer_message: None,
+            agent_script: None,
+        }
+    }
+}
+
+impl ChannelPolicy {
+    /// Decides `action` on this channel for `ctx`.
+    pub fn decide(&self, action: &str, ctx: &Context) -> Decision<'_> {
+        match self.lookup(action) {
+            Some(policy) => policy.decide(ctx),
+            None => Decision::allow(),
+        }
+    }
+}
+
+impl EffectivePolicy {
+    /// Decides `action` on `channel` for `ctx`.
+    pub fn decide(&self, channel: Channel, action: &str, ctx: &Context) -> Decision<'_> {
+        self.channel(channel).decide(action, ctx)
+    }
+}

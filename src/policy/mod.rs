@@ -1,0 +1,22 @@
+//! The policy core: actions, effects, modes, activations, the merge into an
+//! effective policy, and decisions. It does no I/O and knows nothing of gRPC,
+//! stores or files, so it can be tested and fuzzed alone; the API edge
+//! converts to and from it.
+
+pub mod activation;
+pub mod compile;
+pub mod decide;
+pub mod effect;
+pub mod mode;
+pub mod mode_file;
+pub mod names;
+
+pub use activation::{Activation, ActivationId, Change, Reason, Revision};
+pub use compile::{ActionPolicy, ChannelPolicy, EffectivePolicy, Entry, StandingThrottle};
+pub use decide::{Context, Decision, Outcome};
+pub use effect::{Deny, Effect, EffectKind, ReadOnly, Review, Route, StepUp, Throttle};
+pub use mode::{Condition, Mode, ModeCatalog, ModeName, Rule};
+pub use mode_file::{ModeFileError, parse_mode};
+pub use names::{
+    ActionSelector, Channel, ChannelSet, MethodSet, NameError, Namespace, validate_action,
+};

@@ -1,0 +1,190 @@
+//! Running a controller replica: check the configuration, open the store and
+//! the mode catalogue, serve the gRPC API (control, subscription, health,
+//! reflection) and shut down gracefully.
+//!
+//! [`start`] returns a [`RunningServer`] with the bound address, so tests run
+//! real servers on `127.0.0.1:0`; `safemode serve` calls it and waits for a
+//! signal.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
+use tracing::{info, warn};
+
+use crate::api::{ControlApi, StreamConfig, SubscriptionApi};
+use crate::catalog;
+use crate::controller::{Controller, ControllerConfig};
+use crate::store::Store;
+use crate::store::embedded::{EmbeddedOptions, EmbeddedStore};
+use crate::wire::proto;
+
+/// Everything `safemode serve` needs.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    /// Address to listen on; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Directory of the embedded store.
+    pub data_dir: PathBuf,
+    /// Directory of mode files; `None` serves the built-in standard modes.
+    pub modes_dir: Option<PathBuf>,
+    /// Heartbeat interval on subscription streams.
+    pub heartbeat: Duration,
+    /// How long shutdown waits for streams and calls to finish.
+    pub shutdown_grace: Duration,
+    /// Tunables of the controller.
+    pub controller: ControllerConfig,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
+            data_dir: PathBuf::from("safemode-data"),
+            modes_dir: None,
+            heartbeat: StreamConfig::default().heartbeat,
+            shutdown_grace: Duration::from_secs(10),
+            controller: ControllerConfig::default(),
+        }
+    }
+}
+
+/// A replica serving in the background.
+pub struct RunningServer {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    shutdown: CancellationToken,
+    join: JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningServer {
+    /// Asks the server to stop: streams end, new connections are refused.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Waits for the server to stop; re-raises a panic of the server task.
+    pub async fn join(self) -> anyhow::Result<()> {
+        match self.join.await {
+            Ok(result) => result,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Stops the server and waits for it.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown();
+        self.join().await
+    }
+}
+
+/// Checks the configuration, opens store and catalogue, binds, and serves in
+/// the background. Nothing is bound when the configuration is bad.
+pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
+    if !config.listen.ip().is_loopback() {
+        bail!(
+            "refusing to listen on {}: safemode has no authentication yet, so it serves loopback only; use --listen 127.0.0.1:{}",
+            config.listen,
+            config.listen.port()
+        );
+    }
+    if config.heartbeat.is_zero() {
+        bail!("the heartbeat interval must be longer than zero");
+    }
+    let catalog = match &config.modes_dir {
+        None => catalog::standard_modes(),
+        Some(dir) => catalog::load_modes_dir(dir)
+            .with_context(|| format!("cannot load modes from {}", dir.display()))?,
+    };
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    let store_path = config.data_dir.join("store.redb");
+    let store: Arc<dyn Store> = Arc::new(
+        EmbeddedStore::open(&store_path, EmbeddedOptions::default())
+            .with_context(|| format!("cannot open the embedded store {}", store_path.display()))?,
+    );
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+
+    let shutdown = CancellationToken::new();
+    let controller = Controller::new(
+        store.clone(),
+        Arc::new(catalog),
+        config.controller.clone(),
+        shutdown.child_token(),
+    );
+    let stream_config = StreamConfig {
+        heartbeat: config.heartbeat,
+        ..StreamConfig::default()
+    };
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<proto::control_service_server::ControlServiceServer<ControlApi>>()
+        .await;
+    health
+        .set_serving::<proto::subscription_service_server::SubscriptionServiceServer<SubscriptionApi>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("cannot build the reflection service")?;
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .context("cannot build the reflection service")?;
+
+    let router = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(reflection_alpha)
+        .add_service(proto::control_service_server::ControlServiceServer::new(
+            ControlApi::new(controller.clone()),
+        ))
+        .add_service(
+            proto::subscription_service_server::SubscriptionServiceServer::new(
+                SubscriptionApi::new(controller.clone(), stream_config),
+            ),
+        );
+
+    info!(%addr, store = %store.describe(), modes = controller.catalog().len(), "safemode controller serving");
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let token = shutdown.clone();
+    let grace = config.shutdown_grace;
+    let join = tokio::spawn(async move {
+        let signal = token.clone();
+        let serve = router.serve_with_incoming_shutdown(incoming, async move {
+            signal.cancelled().await;
+            health
+                .set_not_serving::<proto::control_service_server::ControlServiceServer<ControlApi>>(
+                )
+                .await;
+            info!("shutting down: draining streams and calls");
+        });
+        tokio::pin!(serve);
+        tokio::select! {
+            result = &mut serve => result.context("the gRPC server failed")?,
+            () = async { token.cancelled().await; tokio::time::sleep(grace).await } => {
+                warn!(?grace, "calls still running after the shutdown grace period; stopping anyway");
+            }
+        }
+        info!("stopped");
+        Ok(())
+    });
+    Ok(RunningServer {
+        addr,
+        shutdown,
+        join,
+    })
+}

@@ -1,0 +1,380 @@
+//! The `safemode` command line against a real controller: bad input gets one
+//! clear line, a non-zero exit, and changes nothing; good input prints what a
+//! commander needs.
+
+use crate::support::{TestServer, safemode};
+
+/// Runs a command that must fail: exit 1, nothing on stdout, and exactly one
+/// line on stderr containing `expected`.
+async fn check_refused(args: &[&str], expected: &str) {
+    let output = safemode(args).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "{args:?} should fail with exit 1; stderr: {stderr}"
+    );
+    assert!(
+        output.stdout.is_empty(),
+        "{args:?} printed to stdout: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    assert_eq!(
+        stderr.lines().count(),
+        1,
+        "{args:?} should print one line, printed: {stderr}"
+    );
+    assert!(
+        stderr.starts_with("error: ") && stderr.contains(expected),
+        "{args:?}: expected {expected:?} in {stderr:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_one_clear_line_and_changes_nothing() {
+    let server = TestServer::start().await;
+    server.apply(&["freeze-credential-changes"]).await;
+    let before = server.status("live").await;
+    let url = server.url.as_str();
+
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["mode", "apply", "no-such-mode", "--reason", "x"],
+            "unknown mode 'no-such-mode'",
+        ),
+        (
+            &["mode", "apply", "Bad_Name", "--reason", "x"],
+            "bad mode name 'Bad_Name'",
+        ),
+        (
+            &["mode", "apply", "step-up-account-changes"],
+            "a reason is required",
+        ),
+        (
+            &["mode", "apply", "step-up-account-changes", "--reason", ""],
+            "a reason is required",
+        ),
+        (
+            &[
+                "mode",
+                "apply",
+                "step-up-account-changes",
+                "--reason",
+                "   ",
+            ],
+            "a reason is required",
+        ),
+        (
+            &[
+                "mode",
+                "apply",
+                "step-up-account-changes",
+                "--reason",
+                "x",
+                "--channels",
+                "chat*",
+            ],
+            "unknown channel 'chat*'",
+        ),
+        (
+            &[
+                "mode",
+                "apply",
+                "step-up-account-changes",
+                "--reason",
+                "x",
+                "--channels",
+                "*,ivr",
+            ],
+            "'*' already means every channel",
+        ),
+        (
+            &[
+                "mode",
+                "apply",
+                "step-up-account-changes",
+                "--reason",
+                "x",
+                "--channels",
+                "",
+            ],
+            "--channels is empty",
+        ),
+        (
+            &[
+                "mode",
+                "apply",
+                "step-up-account-changes",
+                "--reason",
+                "x",
+                "--namespace",
+                "Live!",
+            ],
+            "bad namespace 'Live!'",
+        ),
+        (
+            &[
+                "mode",
+                "apply",
+                "read-only-last-known-good",
+                "--reason",
+                "x",
+                "--as-of",
+                "yesterday",
+            ],
+            "--as-of 'yesterday'",
+        ),
+        (
+            &[
+                "mode",
+                "apply",
+                "read-only-last-known-good",
+                "--reason",
+                "x",
+                "--as-of",
+                "2999-01-01T00:00:00Z",
+            ],
+            "is in the future",
+        ),
+        (
+            &["mode", "lift", "act_zzzzzzzzzzzz", "--reason", "x"],
+            "nothing active in namespace live matches 'act_zzzzzzzzzzzz'",
+        ),
+        (
+            &["mode", "lift", "act_short", "--reason", "x"],
+            "bad activation id 'act_short'",
+        ),
+        (
+            &["mode", "lift", "step-up-account-changes", "--reason", "x"],
+            "nothing active in namespace live",
+        ),
+        (
+            &["mode", "lift", "freeze-credential-changes"],
+            "a reason is required",
+        ),
+        (
+            &["decide", "--channel", "chatbot", "--action", "acount.reset"],
+            "unknown action 'acount.reset'",
+        ),
+        (
+            &["decide", "--channel", "fax", "--action", "order.view"],
+            "--channel: unknown channel 'fax'",
+        ),
+        (
+            &[
+                "decide",
+                "--channel",
+                "chatbot",
+                "--action",
+                "order.view",
+                "--confidence",
+                "1.5",
+            ],
+            "--confidence 1.5 is outside 0 to 1",
+        ),
+        (
+            &[
+                "decide",
+                "--channel",
+                "chatbot",
+                "--action",
+                "order.view",
+                "--method",
+                "carrier_pigeon",
+            ],
+            "unknown verification method 'carrier_pigeon'",
+        ),
+        (&["watch", "--channel", "fax"], "unknown channel 'fax'"),
+    ];
+    for (args, expected) in cases {
+        let mut full = vec!["--server", url];
+        full.extend_from_slice(args);
+        check_refused(&full, expected).await;
+    }
+    let after = server.status("live").await;
+    assert_eq!(
+        after.revision, before.revision,
+        "a refused command changed the namespace"
+    );
+    assert_eq!(after.activations, before.activations);
+}
+
+#[tokio::test]
+async fn an_unreachable_or_malformed_server_address_is_one_clear_line() {
+    // Port 1 on loopback: nothing listens there.
+    check_refused(
+        &["--server", "http://127.0.0.1:1", "status"],
+        "cannot reach the safemode controller at http://127.0.0.1:1",
+    )
+    .await;
+    check_refused(
+        &[
+            "--server",
+            "http://127.0.0.1:1",
+            "mode",
+            "apply",
+            "incident-notice",
+            "--reason",
+            "x",
+        ],
+        "cannot reach the safemode controller",
+    )
+    .await;
+    check_refused(
+        &[
+            "--server",
+            "http://127.0.0.1:1",
+            "decide",
+            "--channel",
+            "web",
+            "--action",
+            "order.view",
+        ],
+        "cannot reach the safemode controller",
+    )
+    .await;
+    check_refused(
+        &["--server", "not a url", "status"],
+        "bad server address 'not a url'",
+    )
+    .await;
+}
+
+fn stdout_json(output: &std::process::Output) -> serde_json::Value {
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("one JSON object")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commander_session_from_the_command_line() {
+    let server = TestServer::start().await;
+    let url = server.url.as_str();
+
+    let modes =
+        stdout_json(&safemode(&["--server", url, "--output", "json", "mode", "list"]).await);
+    assert_eq!(modes["modes"].as_array().unwrap().len(), 9);
+
+    let applied = safemode(&[
+        "--server",
+        url,
+        "mode",
+        "apply",
+        "step-up-account-changes",
+        "throttle-high-risk",
+        "--reason",
+        "credential stuffing, INC-7",
+        "--channels",
+        "web,mobile",
+    ])
+    .await;
+    let text = String::from_utf8_lossy(&applied.stdout);
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+    assert!(
+        text.contains("applied step-up-account-changes as act_"),
+        "{text}"
+    );
+    assert!(text.contains("on web,mobile channels"), "{text}");
+    let revision: i64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("revision "))
+        .expect("the new revision is printed")
+        .parse()
+        .unwrap();
+
+    // Applying again changes nothing and says so.
+    let again = stdout_json(
+        &safemode(&[
+            "--server",
+            url,
+            "--output",
+            "json",
+            "mode",
+            "apply",
+            "step-up-account-changes",
+            "--reason",
+            "again",
+            "--channels",
+            "mobile,web",
+        ])
+        .await,
+    );
+    assert_eq!(again["revision"], revision);
+    assert_eq!(again["applied"].as_array().unwrap().len(), 0);
+    assert_eq!(
+        again["already_active"][0]["mode"],
+        "step-up-account-changes"
+    );
+
+    let decision = stdout_json(
+        &safemode(&[
+            "--server",
+            url,
+            "--output",
+            "json",
+            "decide",
+            "--channel",
+            "web",
+            "--action",
+            "account.email_change",
+            "--confidence",
+            "0.95",
+            "--method",
+            "totp",
+        ])
+        .await,
+    );
+    // A satisfied step-up still leaves the throttle in force.
+    assert_eq!(decision["effect"], "throttle");
+    assert_eq!(decision["max"], 3);
+    assert_eq!(decision["revision"], revision);
+    assert_eq!(decision["stale"], false);
+    assert_eq!(decision["reasons"].as_array().unwrap().len(), 2);
+
+    let unscoped = stdout_json(
+        &safemode(&[
+            "--server",
+            url,
+            "--output",
+            "json",
+            "decide",
+            "--channel",
+            "ivr",
+            "--action",
+            "account.email_change",
+        ])
+        .await,
+    );
+    assert_eq!(
+        unscoped["effect"], "allow",
+        "the activations cover web and mobile only"
+    );
+
+    let status = stdout_json(&safemode(&["--server", url, "--output", "json", "status"]).await);
+    assert_eq!(status["revision"], revision);
+    assert_eq!(status["activations"].as_array().unwrap().len(), 2);
+
+    let lifted = stdout_json(
+        &safemode(&[
+            "--server",
+            url,
+            "--output",
+            "json",
+            "mode",
+            "lift",
+            "throttle-high-risk",
+            "--reason",
+            "volume back to normal",
+        ])
+        .await,
+    );
+    assert_eq!(lifted["lifted"][0]["mode"], "throttle-high-risk");
+    assert!(lifted["revision"].as_i64() > Some(revision));
+}

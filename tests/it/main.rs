@@ -1,0 +1,11 @@
+//! Integration tests: one binary so the crate links once.
+
+mod cli;
+mod e2e;
+mod grpc_surface;
+mod mode_files;
+mod policy_decide;
+mod policy_merge;
+mod restart;
+mod store_contract;
+mod support;

@@ -1,0 +1,173 @@
+//! Durability: what was applied is there after a restart, whether the
+//! controller stopped gracefully or was killed with SIGKILL.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+use safemode::client::{Subscriber, SubscriberConfig};
+use safemode::policy::{Channel, Namespace};
+
+use crate::support::{TestServer, safemode};
+
+#[tokio::test]
+async fn a_restarted_controller_serves_the_same_revision_and_activations() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = TestServer::start_in(dir.path()).await;
+    let revision = server
+        .apply(&["step-up-account-changes", "review-refunds-payouts"])
+        .await;
+    let before = server.status("live").await;
+    server.stop().await;
+
+    let server = TestServer::start_in(dir.path()).await;
+    let subscriber = Subscriber::connect(SubscriberConfig::new(
+        server.url.clone(),
+        Namespace::live(),
+        Channel::parse("web").unwrap(),
+        "after-restart",
+    ))
+    .await
+    .unwrap();
+    let snapshot = subscriber.current().unwrap();
+    assert_eq!(snapshot.revision, revision);
+    let mut ids: Vec<&str> = snapshot.activations.iter().map(|a| a.id.as_str()).collect();
+    ids.sort();
+    let mut expected: Vec<&str> = before.activations.iter().map(|a| a.id.as_str()).collect();
+    expected.sort();
+    assert_eq!(ids, expected);
+    assert_eq!(server.status("live").await.revision, revision);
+}
+
+/// A `safemode serve` process; killed (SIGKILL) when dropped.
+struct ServeProcess {
+    child: Child,
+    url: String,
+}
+
+impl ServeProcess {
+    fn start(data_dir: &std::path::Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_safemode"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("safemode serve starts");
+        // The log line announcing the server carries the bound address.
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("safemode serve exited before serving")
+                .unwrap();
+            if let Some(rest) = line.split("addr=").nth(1) {
+                if line.contains("serving") {
+                    break rest.split_whitespace().next().unwrap().to_string();
+                }
+            }
+        };
+        // Keep draining the log so the server never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        ServeProcess {
+            child,
+            url: format!("http://{addr}"),
+        }
+    }
+
+    fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn json(output: &std::process::Output) -> serde_json::Value {
+    assert!(
+        output.status.success(),
+        "command failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("json output")
+}
+
+#[tokio::test]
+async fn state_and_revision_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = tokio::task::spawn_blocking({
+        let dir = dir.path().to_path_buf();
+        move || ServeProcess::start(&dir)
+    })
+    .await
+    .unwrap();
+    let applied = json(
+        &safemode(&[
+            "--server",
+            &first.url,
+            "--output",
+            "json",
+            "mode",
+            "apply",
+            "freeze-credential-changes",
+            "verified-channels-only",
+            "--channels",
+            "ivr,chatbot",
+            "--reason",
+            "SIM-swap wave",
+        ])
+        .await,
+    );
+    let lifted = json(
+        &safemode(&[
+            "--server",
+            &first.url,
+            "--output",
+            "json",
+            "mode",
+            "lift",
+            "verified-channels-only",
+            "--reason",
+            "routing no longer needed",
+        ])
+        .await,
+    );
+    let before = json(&safemode(&["--server", &first.url, "--output", "json", "status"]).await);
+    assert_eq!(before["revision"], lifted["revision"]);
+    assert!(lifted["revision"].as_i64() > applied["revision"].as_i64());
+    first.kill();
+
+    let second = tokio::task::spawn_blocking({
+        let dir = dir.path().to_path_buf();
+        move || ServeProcess::start(&dir)
+    })
+    .await
+    .unwrap();
+    let after = json(&safemode(&["--server", &second.url, "--output", "json", "status"]).await);
+    assert_eq!(after["revision"], before["revision"]);
+    assert_eq!(after["activations"], before["activations"]);
+    assert_eq!(after["activations"].as_array().unwrap().len(), 1);
+    assert_eq!(after["activations"][0]["mode"], "freeze-credential-changes");
+
+    // The next change gets a higher revision than any before the kill.
+    let next = json(
+        &safemode(&[
+            "--server",
+            &second.url,
+            "--output",
+            "json",
+            "mode",
+            "apply",
+            "incident-notice",
+            "--reason",
+            "tell customers",
+        ])
+        .await,
+    );
+    assert!(next["revision"].as_i64() > after["revision"].as_i64());
+}

@@ -1,0 +1,265 @@
+//! Shared test harness: in-process servers on `127.0.0.1:0`, raw gRPC
+//! subscribers that record every message, the `safemode` binary, and waiting
+//! for a condition with a deadline (never a fixed sleep).
+
+use std::future::Future;
+use std::path::Path;
+use std::process::Output;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use safemode::controller::ControllerConfig;
+use safemode::server::{self, RunningServer, ServeConfig};
+use safemode::wire::proto::control_service_client::ControlServiceClient;
+use safemode::wire::proto::subscribe_request::Message as Outbound;
+use safemode::wire::proto::subscribe_response::Message as Inbound;
+use safemode::wire::proto::subscription_service_client::SubscriptionServiceClient;
+use safemode::wire::proto::{self, SubscribeRequest};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+/// How long any condition may take before a test fails.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Polls `condition` until it holds; fails the test with `what` at the deadline.
+pub async fn wait_until<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = tokio::time::Instant::now();
+    while !condition().await {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "timed out after {DEADLINE:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A controller serving on a free loopback port from its own data directory.
+pub struct TestServer {
+    pub url: String,
+    running: Option<RunningServer>,
+    _temp: Option<tempfile::TempDir>,
+}
+
+impl TestServer {
+    /// A server on a fresh data directory.
+    pub async fn start() -> Self {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let mut server = Self::start_in(temp.path()).await;
+        server._temp = Some(temp);
+        server
+    }
+
+    /// A server on `data_dir` (reused across restarts).
+    pub async fn start_in(data_dir: &Path) -> Self {
+        Self::start_with(ServeConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: data_dir.to_path_buf(),
+            controller: ControllerConfig {
+                catch_up_timeout: Duration::from_millis(300),
+                ..ControllerConfig::default()
+            },
+            ..ServeConfig::default()
+        })
+        .await
+    }
+
+    /// A server with a custom configuration.
+    pub async fn start_with(config: ServeConfig) -> Self {
+        let running = server::start(config).await.expect("server starts");
+        TestServer {
+            url: format!("http://{}", running.addr),
+            running: Some(running),
+            _temp: None,
+        }
+    }
+
+    /// Stops the server gracefully and waits for it.
+    pub async fn stop(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.stop().await.expect("server stops cleanly");
+        }
+    }
+
+    /// A connected gRPC channel.
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url.clone())
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    /// A control-service client.
+    pub async fn control(&self) -> ControlServiceClient<Channel> {
+        ControlServiceClient::new(self.channel().await)
+    }
+
+    /// Applies modes in `live` on all channels; returns the revision.
+    pub async fn apply(&self, modes: &[&str]) -> i64 {
+        self.control()
+            .await
+            .apply_modes(proto::ApplyModesRequest {
+                namespace: "live".into(),
+                modes: modes.iter().map(|m| m.to_string()).collect(),
+                reason: "test".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("apply")
+            .into_inner()
+            .revision
+    }
+
+    /// The status of `namespace`.
+    pub async fn status(&self, namespace: &str) -> proto::GetStatusResponse {
+        self.control()
+            .await
+            .get_status(proto::GetStatusRequest {
+                namespace: namespace.into(),
+            })
+            .await
+            .expect("status")
+            .into_inner()
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(running) = &self.running {
+            running.shutdown();
+        }
+    }
+}
+
+/// A subscriber speaking the wire protocol directly: it records every
+/// snapshot it receives, in order, and acks each one.
+pub struct RawSubscriber {
+    pub received: Arc<Mutex<Vec<proto::Snapshot>>>,
+    out: mpsc::Sender<SubscribeRequest>,
+    /// The status the stream ended with, if it ended.
+    pub ended: Arc<Mutex<Option<tonic::Status>>>,
+    task: JoinHandle<()>,
+}
+
+impl RawSubscriber {
+    /// Opens a stream and sends the hello; fails if the server refuses it.
+    pub async fn connect(
+        channel: Channel,
+        namespace: &str,
+        channel_name: &str,
+        id: &str,
+        last_applied: i64,
+    ) -> Result<Self, tonic::Status> {
+        let (out, out_rx) = mpsc::channel(16);
+        out.send(SubscribeRequest {
+            message: Some(Outbound::Hello(proto::Hello {
+                namespace: namespace.into(),
+                channel: channel_name.into(),
+                subscriber_id: id.into(),
+                last_applied_revision: last_applied,
+            })),
+        })
+        .await
+        .unwrap();
+        let mut inbound = SubscriptionServiceClient::new(channel)
+            .subscribe(ReceiverStream::new(out_rx))
+            .await?
+            .into_inner();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let ended = Arc::new(Mutex::new(None));
+        let (r, e, acks) = (received.clone(), ended.clone(), out.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                match inbound.message().await {
+                    Ok(Some(message)) => {
+                        if let Some(Inbound::Snapshot(snapshot)) = message.message {
+                            let revision = snapshot.revision;
+                            r.lock().unwrap().push(snapshot);
+                            let ack = SubscribeRequest {
+                                message: Some(Outbound::Ack(proto::Ack { revision })),
+                            };
+                            if acks.send(ack).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(status) => {
+                        *e.lock().unwrap() = Some(status);
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(RawSubscriber {
+            received,
+            out,
+            ended,
+            task,
+        })
+    }
+
+    /// Tells the server this subscriber could not apply `revision`.
+    pub async fn reject(&self, revision: i64, reason: &str) {
+        let reject = SubscribeRequest {
+            message: Some(Outbound::Reject(proto::Reject {
+                revision,
+                reason: reason.into(),
+            })),
+        };
+        self.out.send(reject).await.expect("stream open");
+    }
+
+    /// Revisions received so far, in order.
+    pub fn revisions(&self) -> Vec<i64> {
+        self.received
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|s| s.revision)
+            .collect()
+    }
+
+    /// The newest snapshot received.
+    pub fn latest(&self) -> Option<proto::Snapshot> {
+        self.received.lock().unwrap().last().cloned()
+    }
+}
+
+impl Drop for RawSubscriber {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The mode names of a snapshot's activations, sorted.
+pub fn modes_of(snapshot: &proto::Snapshot) -> Vec<String> {
+    let mut modes: Vec<String> = snapshot
+        .activations
+        .iter()
+        .map(|a| a.mode.clone())
+        .collect();
+    modes.sort();
+    modes
+}
+
+/// Runs the `safemode` binary with `args` (off the async runtime).
+pub async fn safemode(args: &[&str]) -> Output {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_safemode"))
+            .args(&args)
+            .env_remove("SAFEMODE_SERVER")
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("the safemode binary runs")
+    })
+    .await
+    .unwrap()
+}
