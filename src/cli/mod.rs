@@ -5,6 +5,7 @@
 
 mod output;
 
+use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -179,9 +180,12 @@ pub fn main() -> ExitCode {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log));
+    // Colour only on a terminal: logs redirected to a file stay plain text.
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .init();
 
     let runtime = match tokio::runtime::Runtime::new() {
@@ -193,6 +197,8 @@ pub fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader went away (`safemode status | head -1`): not a failure.
+        Err(e) if e.is::<OutputClosed>() => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -210,7 +216,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .list_modes(proto::ListModesRequest {})
                 .await
                 .map_err(refused)?;
-            output::modes(format, &response.into_inner());
+            emit(output::modes(format, &response.into_inner()))?;
             Ok(())
         }
         Command::Mode(ModeCommand::Apply {
@@ -260,7 +266,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 })
                 .await
                 .map_err(refused)?;
-            output::applied(format, &response.into_inner());
+            emit(output::applied(format, &response.into_inner()))?;
             Ok(())
         }
         Command::Mode(ModeCommand::Lift {
@@ -282,7 +288,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 })
                 .await
                 .map_err(refused)?;
-            output::lifted(format, &response.into_inner());
+            emit(output::lifted(format, &response.into_inner()))?;
             Ok(())
         }
         Command::Status(namespace) => {
@@ -294,7 +300,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 })
                 .await
                 .map_err(refused)?;
-            output::status(format, &response.into_inner());
+            emit(output::status(format, &response.into_inner()))?;
             Ok(())
         }
         Command::Watch(args) => {
@@ -303,7 +309,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut changes = subscriber.changes();
             loop {
                 if let Some(snapshot) = changes.borrow_and_update().clone() {
-                    output::snapshot(format, &snapshot);
+                    emit(output::snapshot(format, &snapshot))?;
                 }
                 tokio::select! {
                     changed = changes.changed() => changed.context("the subscriber stopped")?,
@@ -316,7 +322,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             validate_action(&args.action)?;
             let ctx = decide_context(&args)?;
             let subscriber = Subscriber::connect(config).await?;
-            output::decision(format, &subscriber.decide(&args.action, &ctx));
+            emit(output::decision(
+                format,
+                &subscriber.decide(&args.action, &ctx),
+            ))?;
             Ok(())
         }
     }
@@ -429,6 +438,25 @@ async fn control(server: &str) -> anyhow::Result<ControlServiceClient<GrpcChanne
             reason: error_chain(&e),
         })?;
     Ok(ControlServiceClient::new(channel))
+}
+
+/// Standard output was closed by its reader.
+#[derive(Debug, thiserror::Error)]
+#[error("standard output was closed")]
+struct OutputClosed;
+
+/// Writes a rendered result to standard output. When the reader has gone
+/// away (a broken pipe), the command ends quietly instead of panicking.
+fn emit(text: String) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(OutputClosed.into()),
+        Err(e) => Err(anyhow::Error::new(e).context("cannot write to standard output")),
+    }
 }
 
 /// A refusal from the controller: its message already says what to do.

@@ -1,4 +1,7 @@
-//! Printing results as text for people or as JSON for scripts.
+//! Rendering results as text for people or as JSON for scripts. Renderers
+//! return the text; `cli::emit` writes it.
+
+use std::fmt::Write as _;
 
 use serde_json::{Value, json};
 
@@ -7,8 +10,18 @@ use crate::client::{DecisionReport, PolicySnapshot};
 use crate::policy::{ActionPolicy, Effect, EffectKind};
 use crate::wire::{self, proto};
 
-fn print_json(value: &Value) {
-    println!("{value}");
+/// `writeln!` into a `String`, which cannot fail.
+macro_rules! say {
+    ($out:expr) => {
+        $out.push('\n')
+    };
+    ($out:expr, $($arg:tt)*) => {{
+        let _ = writeln!($out, $($arg)*);
+    }};
+}
+
+fn json_line(value: &Value) -> String {
+    format!("{value}\n")
 }
 
 fn time(t: &Option<prost_types::Timestamp>) -> Value {
@@ -44,9 +57,9 @@ fn activation_json(a: &proto::Activation) -> Value {
 
 // === mode list ===
 
-pub fn modes(format: Format, response: &proto::ListModesResponse) {
+pub fn modes(format: Format, response: &proto::ListModesResponse) -> String {
     match format {
-        Format::Json => print_json(&json!({
+        Format::Json => json_line(&json!({
             "modes": response.modes.iter().map(|m| json!({
                 "name": m.name,
                 "title": m.title,
@@ -55,32 +68,36 @@ pub fn modes(format: Format, response: &proto::ListModesResponse) {
             })).collect::<Vec<_>>()
         })),
         Format::Text => {
+            let mut out = String::new();
             let width = response
                 .modes
                 .iter()
                 .map(|m| m.name.len())
                 .max()
                 .unwrap_or(4);
-            println!("{:width$}  TITLE", "MODE");
+            say!(out, "{:width$}  TITLE", "MODE");
             for m in &response.modes {
-                println!("{:width$}  {}", m.name, m.title);
+                say!(out, "{:width$}  {}", m.name, m.title);
             }
+            out
         }
     }
 }
 
 // === mode apply / lift ===
 
-pub fn applied(format: Format, response: &proto::ApplyModesResponse) {
+pub fn applied(format: Format, response: &proto::ApplyModesResponse) -> String {
     match format {
-        Format::Json => print_json(&json!({
+        Format::Json => json_line(&json!({
             "revision": response.revision,
             "applied": response.applied.iter().map(activation_json).collect::<Vec<_>>(),
             "already_active": response.already_active.iter().map(activation_json).collect::<Vec<_>>(),
         })),
         Format::Text => {
+            let mut out = String::new();
             for a in &response.applied {
-                println!(
+                say!(
+                    out,
                     "applied {} as {} on {} channels",
                     a.mode,
                     a.id,
@@ -88,7 +105,8 @@ pub fn applied(format: Format, response: &proto::ApplyModesResponse) {
                 );
             }
             for a in &response.already_active {
-                println!(
+                say!(
+                    out,
                     "{} was already active as {} on {} channels (applied by {} at {})",
                     a.mode,
                     a.id,
@@ -97,36 +115,40 @@ pub fn applied(format: Format, response: &proto::ApplyModesResponse) {
                     time_text(&a.applied_at)
                 );
             }
-            println!("revision {}", response.revision);
+            say!(out, "revision {}", response.revision);
+            out
         }
     }
 }
 
-pub fn lifted(format: Format, response: &proto::LiftActivationsResponse) {
+pub fn lifted(format: Format, response: &proto::LiftActivationsResponse) -> String {
     match format {
-        Format::Json => print_json(&json!({
+        Format::Json => json_line(&json!({
             "revision": response.revision,
             "lifted": response.lifted.iter().map(activation_json).collect::<Vec<_>>(),
         })),
         Format::Text => {
+            let mut out = String::new();
             for a in &response.lifted {
-                println!(
+                say!(
+                    out,
                     "lifted {} ({}) on {} channels",
                     a.id,
                     a.mode,
                     channels_text(&a.channels)
                 );
             }
-            println!("revision {}", response.revision);
+            say!(out, "revision {}", response.revision);
+            out
         }
     }
 }
 
 // === status ===
 
-pub fn status(format: Format, s: &proto::GetStatusResponse) {
+pub fn status(format: Format, s: &proto::GetStatusResponse) -> String {
     match format {
-        Format::Json => print_json(&json!({
+        Format::Json => json_line(&json!({
             "namespace": s.namespace,
             "revision": s.revision,
             "server_time": time(&s.server_time),
@@ -149,26 +171,28 @@ pub fn status(format: Format, s: &proto::GetStatusResponse) {
     }
 }
 
-fn status_text(s: &proto::GetStatusResponse) {
+fn status_text(s: &proto::GetStatusResponse) -> String {
     let current = s
         .subscribers
         .iter()
         .filter(|x| x.acked_revision >= s.revision)
         .count();
-    println!(
-        "namespace {} at revision {}: {} active, {} subscribers on this replica ({} acked revision {})",
+    let mut out = String::new();
+    say!(
+        out,
+        "namespace {} at revision {}: {} active, {} on this replica ({} acked revision {})",
         s.namespace,
         s.revision,
         s.activations.len(),
-        s.subscribers.len(),
+        count(s.subscribers.len(), "subscriber"),
         current,
         s.revision
     );
     for problem in &s.problems {
-        println!("PROBLEM: {problem}");
+        say!(out, "PROBLEM: {problem}");
     }
     if !s.activations.is_empty() {
-        println!();
+        say!(out);
         let rows: Vec<[String; 6]> = s
             .activations
             .iter()
@@ -184,6 +208,7 @@ fn status_text(s: &proto::GetStatusResponse) {
             })
             .collect();
         table(
+            &mut out,
             [
                 "ACTIVATION",
                 "MODE",
@@ -196,7 +221,7 @@ fn status_text(s: &proto::GetStatusResponse) {
         );
     }
     if !s.subscribers.is_empty() {
-        println!();
+        say!(out);
         let rows: Vec<[String; 6]> = s
             .subscribers
             .iter()
@@ -217,6 +242,7 @@ fn status_text(s: &proto::GetStatusResponse) {
             })
             .collect();
         table(
+            &mut out,
             [
                 "SUBSCRIBER",
                 "CHANNEL",
@@ -228,25 +254,35 @@ fn status_text(s: &proto::GetStatusResponse) {
             &rows,
         );
     }
+    out
 }
 
-fn table<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
+/// "1 subscriber", "2 subscribers".
+fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
+fn table<const N: usize>(out: &mut String, header: [&str; N], rows: &[[String; N]]) {
     let mut widths = header.map(str::len);
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
-    let line = |cells: Vec<&str>| {
-        let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
+        let mut row = String::new();
         for (i, cell) in cells.iter().enumerate() {
             if i + 1 == N {
-                out.push_str(cell);
+                row.push_str(cell);
             } else {
-                out.push_str(&format!("{cell:w$}  ", w = widths[i]));
+                let _ = write!(row, "{cell:w$}  ", w = widths[i]);
             }
         }
-        println!("{}", out.trim_end());
+        say!(out, "{}", row.trim_end());
     };
     line(header.to_vec());
     for row in rows {
@@ -287,10 +323,10 @@ fn action_text(policy: &ActionPolicy) -> String {
     text
 }
 
-pub fn snapshot(format: Format, s: &PolicySnapshot) {
+pub fn snapshot(format: Format, s: &PolicySnapshot) -> String {
     let rules = s.policy.entries();
     match format {
-        Format::Json => print_json(&json!({
+        Format::Json => json_line(&json!({
             "namespace": s.namespace.as_str(),
             "channel": s.channel.as_str(),
             "revision": s.revision,
@@ -307,7 +343,9 @@ pub fn snapshot(format: Format, s: &PolicySnapshot) {
                 .iter()
                 .map(|a| format!("{} ({})", a.mode, a.id))
                 .collect();
-            println!(
+            let mut out = String::new();
+            say!(
+                out,
                 "revision {} for {} in {} (issued {}): {}",
                 s.revision,
                 s.channel,
@@ -320,17 +358,18 @@ pub fn snapshot(format: Format, s: &PolicySnapshot) {
                 }
             );
             for (key, policy) in rules {
-                println!("  {key}: {}", action_text(policy));
+                say!(out, "  {key}: {}", action_text(policy));
             }
+            out
         }
     }
 }
 
 // === decide ===
 
-pub fn decision(format: Format, d: &DecisionReport) {
+pub fn decision(format: Format, d: &DecisionReport) -> String {
     match format {
-        Format::Json => print_json(&serde_json::to_value(d).expect("decisions serialize")),
+        Format::Json => json_line(&serde_json::to_value(d).expect("decisions serialize")),
         Format::Text => {
             let params = serde_json::to_value(&d.outcome).expect("outcomes serialize");
             let detail: Vec<String> = params
@@ -340,8 +379,16 @@ pub fn decision(format: Format, d: &DecisionReport) {
                 .filter(|(k, _)| k.as_str() != "effect")
                 .map(|(k, v)| format!("{k}={v}"))
                 .collect();
-            println!("{} {}", d.outcome.kind().as_str(), detail.join(" "));
-            println!(
+            let mut out = String::new();
+            say!(
+                out,
+                "{}",
+                [d.outcome.kind().as_str().to_string(), detail.join(" ")]
+                    .join(" ")
+                    .trim_end()
+            );
+            say!(
+                out,
                 "  {} {} at revision {}{}",
                 d.channel.as_deref().unwrap_or("-"),
                 d.action,
@@ -349,14 +396,15 @@ pub fn decision(format: Format, d: &DecisionReport) {
                 if d.stale { " (STALE)" } else { "" }
             );
             if !d.reasons.is_empty() {
-                println!("  because: {}", d.reasons.join(", "));
+                say!(out, "  because: {}", d.reasons.join(", "));
             }
             if let Some(m) = &d.customer_message {
-                println!("  customer: {m}");
+                say!(out, "  customer: {m}");
             }
             if let Some(s) = &d.agent_script {
-                println!("  agent: {s}");
+                say!(out, "  agent: {s}");
             }
+            out
         }
     }
 }

@@ -378,3 +378,34 @@ async fn a_commander_session_from_the_command_line() {
     assert_eq!(lifted["lifted"][0]["mode"], "throttle-high-risk");
     assert!(lifted["revision"].as_i64() > Some(revision));
 }
+
+#[tokio::test]
+async fn a_closed_output_pipe_ends_the_command_quietly() {
+    let server = TestServer::start().await;
+    server.apply(&["incident-notice"]).await;
+    let url = server.url.clone();
+    let output = tokio::task::spawn_blocking(move || {
+        // The reading end is gone before the command starts, as with
+        // `safemode status | head -0`: every write fails with EPIPE.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        std::process::Command::new(env!("CARGO_BIN_EXE_safemode"))
+            .args(["--server", &url, "status"])
+            .stdout(writer)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        output.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
