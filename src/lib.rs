@@ -7,6 +7,7 @@ pub mod catalog;
 pub mod cli;
 pub mod client;
 pub mod controller;
+pub mod errors;
 pub mod policy;
 pub mod server;
 pub mod store;

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context as _, bail};
+use anyhow::{Context as _, anyhow, bail};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
@@ -19,18 +19,38 @@ use tracing::{info, warn};
 
 use crate::api::{ControlApi, StreamConfig, SubscriptionApi};
 use crate::catalog;
-use crate::controller::{Controller, ControllerConfig};
+use crate::controller::{Controller, ControllerConfig, Layout};
 use crate::store::Store;
 use crate::store::embedded::{EmbeddedOptions, EmbeddedStore};
+use crate::store::etcd::{EtcdOptions, EtcdStore};
 use crate::wire::proto;
+
+/// Where durable state lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// One local file in `data_dir`: a single replica, nothing to install.
+    Embedded {
+        /// Directory of the store file; created if missing.
+        data_dir: PathBuf,
+    },
+    /// An etcd cluster, shared by every replica.
+    Etcd {
+        /// Client URLs of the members.
+        endpoints: Vec<String>,
+        /// Every key safemode writes starts with this (see ARCHITECTURE.md).
+        prefix: String,
+    },
+}
 
 /// Everything `safemode serve` needs.
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
     /// Address to listen on; port 0 picks a free port.
     pub listen: SocketAddr,
-    /// Directory of the embedded store.
-    pub data_dir: PathBuf,
+    /// The store.
+    pub store: StoreConfig,
+    /// This replica's name in status and logs (the pod name on Kubernetes).
+    pub replica: String,
     /// Directory of mode files; `None` serves the built-in standard modes.
     pub modes_dir: Option<PathBuf>,
     /// Heartbeat interval on subscription streams.
@@ -45,7 +65,10 @@ impl Default for ServeConfig {
     fn default() -> Self {
         ServeConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 7700)),
-            data_dir: PathBuf::from("safemode-data"),
+            store: StoreConfig::Embedded {
+                data_dir: PathBuf::from("safemode-data"),
+            },
+            replica: default_replica_name(),
             modes_dir: None,
             heartbeat: StreamConfig::default().heartbeat,
             shutdown_grace: Duration::from_secs(10),
@@ -102,23 +125,19 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
         Some(dir) => catalog::load_modes_dir(dir)
             .with_context(|| format!("cannot load modes from {}", dir.display()))?,
     };
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
-    let store_path = config.data_dir.join("store.redb");
-    let store: Arc<dyn Store> = Arc::new(
-        EmbeddedStore::open(&store_path, EmbeddedOptions::default())
-            .with_context(|| format!("cannot open the embedded store {}", store_path.display()))?,
-    );
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let (store, layout) = open_store(&config.store).await?;
+    let listener =
+        listen(config.listen).with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
 
     let shutdown = CancellationToken::new();
     let controller = Controller::new(
         store.clone(),
         Arc::new(catalog),
-        config.controller.clone(),
+        ControllerConfig {
+            layout,
+            ..config.controller.clone()
+        },
         shutdown.child_token(),
     );
     let stream_config = StreamConfig {
@@ -150,7 +169,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
         .add_service(reflection)
         .add_service(reflection_alpha)
         .add_service(proto::control_service_server::ControlServiceServer::new(
-            ControlApi::new(controller.clone()),
+            ControlApi::new(controller.clone(), config.replica.clone()),
         ))
         .add_service(
             proto::subscription_service_server::SubscriptionServiceServer::new(
@@ -158,7 +177,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
             ),
         );
 
-    info!(%addr, store = %store.describe(), modes = controller.catalog().len(), "safemode controller serving");
+    info!(%addr, replica = %config.replica, store = %store.describe(), modes = controller.catalog().len(), "safemode controller serving");
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let token = shutdown.clone();
     let grace = config.shutdown_grace;
@@ -187,4 +206,65 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
         shutdown,
         join,
     })
+}
+
+/// Opens the configured store and the key layout under its prefix.
+async fn open_store(config: &StoreConfig) -> anyhow::Result<(Arc<dyn Store>, Layout)> {
+    match config {
+        StoreConfig::Embedded { data_dir } => {
+            std::fs::create_dir_all(data_dir)
+                .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
+            let path = data_dir.join("store.redb");
+            let store = EmbeddedStore::open(&path, EmbeddedOptions::default())
+                .with_context(|| format!("cannot open the embedded store {}", path.display()))?;
+            Ok((Arc::new(store), Layout::default()))
+        }
+        StoreConfig::Etcd { endpoints, prefix } => {
+            let layout = Layout::new(prefix).map_err(|e| anyhow!("--etcd-prefix: {e}"))?;
+            if endpoints.is_empty() {
+                bail!("the etcd store needs --etcd-endpoints, e.g. http://127.0.0.1:2379");
+            }
+            for endpoint in endpoints {
+                if endpoint.starts_with("https://") {
+                    bail!(
+                        "--etcd-endpoints {endpoint}: TLS to etcd is not supported yet; reach etcd over http:// (a loopback or pod-network listener)"
+                    );
+                }
+                if !endpoint.starts_with("http://") {
+                    bail!(
+                        "--etcd-endpoints '{endpoint}' is not a URL; write e.g. http://10.0.0.5:2379"
+                    );
+                }
+            }
+            let store = EtcdStore::connect(EtcdOptions::new(endpoints.clone())).await?;
+            Ok((Arc::new(store), layout))
+        }
+    }
+}
+
+/// The host name (the pod name on Kubernetes), else a name from the pid.
+fn default_replica_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|name| name.trim().to_string())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| format!("safemode-{}", std::process::id()))
+}
+
+/// Connections the kernel may queue before the server accepts them (capped by
+/// `net.core.somaxconn`). The default of 128 resets connections when
+/// thousands of subscribers reconnect at once after a replica restart.
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // A restarted replica binds its address again at once.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }

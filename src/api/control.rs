@@ -14,12 +14,16 @@ use crate::wire::{self, proto};
 /// The control service.
 pub struct ControlApi {
     controller: Arc<Controller>,
+    replica: String,
 }
 
 impl ControlApi {
-    /// The service over `controller`.
-    pub fn new(controller: Arc<Controller>) -> Self {
-        ControlApi { controller }
+    /// The service over `controller`, on the replica called `replica`.
+    pub fn new(controller: Arc<Controller>, replica: String) -> Self {
+        ControlApi {
+            controller,
+            replica,
+        }
     }
 }
 
@@ -174,6 +178,7 @@ impl ControlService for ControlApi {
                 .collect(),
             server_time: Some(wire::timestamp_to_wire(jiff::Timestamp::now())),
             problems: status.view.problems.clone(),
+            replica: self.replica.clone(),
         }))
     }
 }

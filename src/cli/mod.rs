@@ -13,15 +13,15 @@ use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use tonic::transport::{Channel as GrpcChannel, Endpoint};
+use tonic::transport::Channel as GrpcChannel;
 
-use crate::client::{ClientError, Subscriber, SubscriberConfig, error_chain};
-use crate::controller::LiftTarget;
+use crate::client::{self, ClientError, Subscriber, SubscriberConfig, error_chain};
+use crate::controller::{Layout, LiftTarget};
 use crate::policy::names::validate_label;
 use crate::policy::{
     Channel, ChannelSet, Context, MethodSet, ModeName, Namespace, Reason, validate_action,
 };
-use crate::server::{self, ServeConfig};
+use crate::server::{self, ServeConfig, StoreConfig};
 use crate::wire::proto::control_service_client::ControlServiceClient;
 use crate::wire::{self, proto};
 
@@ -29,14 +29,16 @@ use crate::wire::{self, proto};
 #[derive(Parser, Debug)]
 #[command(name = "safemode", version, about, max_term_width = 100)]
 pub struct Cli {
-    /// Controller to talk to.
+    /// Controller replicas to talk to, comma-separated; the first that
+    /// answers serves the command, and `watch`/`decide` fail over between them.
     #[arg(
-        long,
+        long = "server",
         global = true,
         env = "SAFEMODE_SERVER",
+        value_delimiter = ',',
         default_value = "http://127.0.0.1:7700"
     )]
-    server: String,
+    servers: Vec<String>,
     /// Output format.
     #[arg(long, global = true, value_enum, env = "SAFEMODE_OUTPUT", default_value_t = Format::Text)]
     output: Format,
@@ -73,15 +75,37 @@ struct ServeArgs {
     /// Address to listen on (loopback only until authentication exists).
     #[arg(long, env = "SAFEMODE_LISTEN", default_value = "127.0.0.1:7700")]
     listen: SocketAddr,
-    /// Directory of the embedded store; created if missing.
-    #[arg(long, env = "SAFEMODE_DATA_DIR", default_value = "safemode-data")]
-    data_dir: PathBuf,
+    /// Where durable state lives: one local file, or an etcd cluster shared by
+    /// every replica.
+    #[arg(long, value_enum, env = "SAFEMODE_STORE", default_value_t = StoreKind::Embedded)]
+    store: StoreKind,
+    /// Directory of the embedded store; created if missing [default: safemode-data].
+    #[arg(long, env = "SAFEMODE_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// etcd client URLs, comma-separated (with --store etcd).
+    #[arg(long, env = "SAFEMODE_ETCD_ENDPOINTS", value_delimiter = ',')]
+    etcd_endpoints: Vec<String>,
+    /// Prefix of every key safemode writes to etcd.
+    #[arg(long, env = "SAFEMODE_ETCD_PREFIX", default_value = Layout::DEFAULT_PREFIX)]
+    etcd_prefix: String,
+    /// This replica's name in status and logs [default: the host name].
+    #[arg(long, env = "SAFEMODE_REPLICA")]
+    replica: Option<String>,
     /// Directory of mode files (*.yaml); default: the built-in standard modes.
     #[arg(long, env = "SAFEMODE_MODES")]
     modes: Option<PathBuf>,
     /// Heartbeat interval on subscription streams, e.g. 10s.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     heartbeat: Duration,
+}
+
+/// Where `serve` keeps durable state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum StoreKind {
+    /// One local file (--data-dir).
+    Embedded,
+    /// An etcd cluster (--etcd-endpoints).
+    Etcd,
 }
 
 #[derive(Args, Debug)]
@@ -211,7 +235,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Mode(ModeCommand::List) => {
-            let mut client = control(&cli.server).await?;
+            let mut client = control(&cli.servers).await?;
             let response = client
                 .list_modes(proto::ListModesRequest {})
                 .await
@@ -255,7 +279,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     })
                 })
                 .transpose()?;
-            let mut client = control(&cli.server).await?;
+            let mut client = control(&cli.servers).await?;
             let response = client
                 .apply_modes(proto::ApplyModesRequest {
                     namespace: namespace.to_string(),
@@ -279,7 +303,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 LiftTarget::parse(target)?;
             }
             let reason = parse_reason(reason)?;
-            let mut client = control(&cli.server).await?;
+            let mut client = control(&cli.servers).await?;
             let response = client
                 .lift_activations(proto::LiftActivationsRequest {
                     namespace: namespace.to_string(),
@@ -293,7 +317,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Status(namespace) => {
             let namespace = parse_namespace(&namespace)?;
-            let mut client = control(&cli.server).await?;
+            let mut client = control(&cli.servers).await?;
             let response = client
                 .get_status(proto::GetStatusRequest {
                     namespace: namespace.to_string(),
@@ -304,7 +328,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Watch(args) => {
-            let config = subscriber_config(&cli.server, &args.subscriber)?;
+            let config = subscriber_config(&cli.servers, &args.subscriber)?;
             let subscriber = Subscriber::connect(config).await?;
             let mut changes = subscriber.changes();
             loop {
@@ -318,7 +342,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Decide(args) => {
-            let config = subscriber_config(&cli.server, &args.subscriber)?;
+            let config = subscriber_config(&cli.servers, &args.subscriber)?;
             validate_action(&args.action)?;
             let ctx = decide_context(&args)?;
             let subscriber = Subscriber::connect(config).await?;
@@ -332,12 +356,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let store = match args.store {
+        StoreKind::Embedded => {
+            if !args.etcd_endpoints.is_empty() {
+                bail!("--etcd-endpoints needs --store etcd");
+            }
+            StoreConfig::Embedded {
+                data_dir: args
+                    .data_dir
+                    .unwrap_or_else(|| PathBuf::from("safemode-data")),
+            }
+        }
+        StoreKind::Etcd => {
+            if args.data_dir.is_some() {
+                bail!(
+                    "--data-dir is for the embedded store; with --store etcd, state lives in etcd"
+                );
+            }
+            StoreConfig::Etcd {
+                endpoints: args.etcd_endpoints,
+                prefix: args.etcd_prefix,
+            }
+        }
+    };
+    let defaults = ServeConfig::default();
     let running = server::start(ServeConfig {
         listen: args.listen,
-        data_dir: args.data_dir,
+        store,
+        replica: args.replica.unwrap_or(defaults.replica.clone()),
         modes_dir: args.modes,
         heartbeat: args.heartbeat,
-        ..ServeConfig::default()
+        ..defaults
     })
     .await?;
     shutdown_signal().await;
@@ -388,14 +437,22 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
-fn subscriber_config(server: &str, args: &SubscriberArgs) -> anyhow::Result<SubscriberConfig> {
+fn subscriber_config(
+    servers: &[String],
+    args: &SubscriberArgs,
+) -> anyhow::Result<SubscriberConfig> {
     let namespace = parse_namespace(&args.namespace)?;
     let channel = Channel::parse(&args.channel).map_err(|e| anyhow!("--channel: {e}"))?;
     let id = args
         .subscriber_id
         .clone()
         .unwrap_or_else(|| format!("cli-{}", std::process::id()));
-    Ok(SubscriberConfig::new(server, namespace, channel, id))
+    Ok(SubscriberConfig::new(
+        servers.to_vec(),
+        namespace,
+        channel,
+        id,
+    ))
 }
 
 fn decide_context(args: &DecideArgs) -> anyhow::Result<Context> {
@@ -420,24 +477,23 @@ fn decide_context(args: &DecideArgs) -> anyhow::Result<Context> {
     })
 }
 
-/// A control-service client, connected (so an unreachable server fails here,
-/// with the address in the message).
-async fn control(server: &str) -> anyhow::Result<ControlServiceClient<GrpcChannel>> {
-    let endpoint = Endpoint::from_shared(server.to_string())
-        .map_err(|e| ClientError::BadServer {
-            server: server.to_string(),
-            reason: error_chain(&e),
-        })?
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(30));
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| ClientError::Unreachable {
-            server: server.to_string(),
-            reason: error_chain(&e),
-        })?;
-    Ok(ControlServiceClient::new(channel))
+/// A control-service client on the first replica that accepts a connection
+/// (so an unreachable server fails here, with the addresses in the message).
+/// Only connecting fails over: a request that reached a replica is never sent
+/// twice.
+async fn control(servers: &[String]) -> anyhow::Result<ControlServiceClient<GrpcChannel>> {
+    let mut last_error = String::new();
+    for (_, endpoint) in client::endpoints(servers, Duration::from_secs(5))? {
+        match endpoint.timeout(Duration::from_secs(30)).connect().await {
+            Ok(channel) => return Ok(ControlServiceClient::new(channel)),
+            Err(e) => last_error = error_chain(&e),
+        }
+    }
+    Err(ClientError::Unreachable {
+        server: servers.join(", "),
+        reason: last_error,
+    }
+    .into())
 }
 
 /// Standard output was closed by its reader.

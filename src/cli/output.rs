@@ -152,6 +152,7 @@ pub fn status(format: Format, s: &proto::GetStatusResponse) -> String {
             "namespace": s.namespace,
             "revision": s.revision,
             "server_time": time(&s.server_time),
+            "replica": s.replica,
             "activations": s.activations.iter().map(activation_json).collect::<Vec<_>>(),
             "subscribers": s.subscribers.iter().map(|sub| json!({
                 "subscriber_id": sub.subscriber_id,
@@ -180,11 +181,12 @@ fn status_text(s: &proto::GetStatusResponse) -> String {
     let mut out = String::new();
     say!(
         out,
-        "namespace {} at revision {}: {} active, {} on this replica ({} acked revision {})",
+        "namespace {} at revision {}: {} active, {} on replica {} ({} acked revision {})",
         s.namespace,
         s.revision,
         s.activations.len(),
         count(s.subscribers.len(), "subscriber"),
+        s.replica,
         current,
         s.revision
     );

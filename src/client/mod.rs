@@ -13,7 +13,7 @@
 //! use safemode::client::{Subscriber, SubscriberConfig};
 //! use safemode::policy::{Channel, Context, Namespace};
 //!
-//! let config = SubscriberConfig::new("http://127.0.0.1:7700", Namespace::live(),
+//! let config = SubscriberConfig::new(["http://127.0.0.1:7700"], Namespace::live(),
 //!     Channel::parse("chatbot").unwrap(), "chatbot-1");
 //! let subscriber = Subscriber::connect(config).await?;
 //! let decision = subscriber.decide("account.password_reset", &Context::default());
@@ -36,6 +36,7 @@ use tracing::{Instrument, debug, info_span, warn};
 pub use snapshot::{ActivationInfo, DecisionReport, PolicySnapshot};
 
 use crate::backoff::Backoff;
+pub use crate::errors::error_chain;
 use crate::policy::{Channel, Context, Namespace, Revision};
 use crate::wire::proto::subscribe_request::Message as Outbound;
 use crate::wire::proto::subscribe_response::Message as Inbound;
@@ -77,8 +78,10 @@ pub enum ClientError {
 /// Settings of a subscriber.
 #[derive(Clone, Debug)]
 pub struct SubscriberConfig {
-    /// The controller's URL, e.g. `http://127.0.0.1:7700`.
-    pub server: String,
+    /// Controller replicas' URLs, e.g. `http://127.0.0.1:7700`. The
+    /// subscriber starts at a random one and moves to the next when a stream
+    /// fails.
+    pub servers: Vec<String>,
     /// The namespace to follow (`live` in production).
     pub namespace: Namespace,
     /// This service's channel.
@@ -95,15 +98,16 @@ pub struct SubscriberConfig {
 }
 
 impl SubscriberConfig {
-    /// Defaults for everything but the identity of the subscriber.
-    pub fn new(
-        server: impl Into<String>,
+    /// Defaults for everything but the controllers and the identity of the
+    /// subscriber.
+    pub fn new<S: Into<String>>(
+        servers: impl IntoIterator<Item = S>,
         namespace: Namespace,
         channel: Channel,
         subscriber_id: impl Into<String>,
     ) -> Self {
         SubscriberConfig {
-            server: server.into(),
+            servers: servers.into_iter().map(Into::into).collect(),
             namespace,
             channel,
             subscriber_id: subscriber_id.into(),
@@ -126,25 +130,21 @@ impl Subscriber {
     /// Connects, waits for the first snapshot, and keeps the stream up in the
     /// background until the subscriber is dropped.
     pub async fn connect(config: SubscriberConfig) -> Result<Subscriber, ClientError> {
-        let endpoint = Endpoint::from_shared(config.server.clone())
-            .map_err(|e| ClientError::BadServer {
-                server: config.server.clone(),
-                reason: error_chain(&e),
-            })?
-            .connect_timeout(config.connect_timeout)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10));
+        let endpoints = endpoints(&config.servers, config.connect_timeout)?;
         let (tx, snapshots) = watch::channel(None);
         let last_contact = Arc::new(Mutex::new(Instant::now()));
         let stop = CancellationToken::new();
         let (first_tx, first_rx) = oneshot::channel();
+        // Every endpoint gets one try before the first connect gives up.
+        let first_deadline = config.connect_timeout * (endpoints.len() as u32 + 1);
         let task = Task {
-            endpoint,
+            next: rand::random_range(0..endpoints.len()),
+            endpoints,
             config: config.clone(),
             snapshots: tx,
             last_contact: last_contact.clone(),
             first: Some(first_tx),
+            first_errors: Vec::new(),
         };
         let span =
             info_span!("subscriber", channel = %config.channel, namespace = %config.namespace);
@@ -155,11 +155,11 @@ impl Subscriber {
             stale_after: config.stale_after,
             stop,
         };
-        match tokio::time::timeout(config.connect_timeout, first_rx).await {
+        match tokio::time::timeout(first_deadline, first_rx).await {
             Ok(Ok(Ok(()))) => Ok(subscriber),
             Ok(Ok(Err(e))) => Err(e),
             Ok(Err(_)) => Err(ClientError::Refused("the stream ended".into())),
-            Err(_) => Err(ClientError::Timeout(config.connect_timeout)),
+            Err(_) => Err(ClientError::Timeout(first_deadline)),
         }
     }
 
@@ -192,14 +192,47 @@ impl Drop for Subscriber {
     }
 }
 
+/// Checks and prepares the controllers' addresses.
+pub fn endpoints(
+    servers: &[String],
+    connect_timeout: Duration,
+) -> Result<Vec<(String, Endpoint)>, ClientError> {
+    if servers.is_empty() {
+        return Err(ClientError::BadServer {
+            server: String::new(),
+            reason: "no controller address given".into(),
+        });
+    }
+    servers
+        .iter()
+        .map(|server| {
+            let endpoint = Endpoint::from_shared(server.clone())
+                .map_err(|e| ClientError::BadServer {
+                    server: server.clone(),
+                    reason: error_chain(&e),
+                })?
+                .connect_timeout(connect_timeout)
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(30))
+                .keep_alive_timeout(Duration::from_secs(10));
+            Ok((server.clone(), endpoint))
+        })
+        .collect()
+}
+
 /// The background side of a [`Subscriber`].
 struct Task {
-    endpoint: Endpoint,
+    /// Every controller, with its URL for messages.
+    endpoints: Vec<(String, Endpoint)>,
+    /// The endpoint the next stream opens on.
+    next: usize,
     config: SubscriberConfig,
     snapshots: watch::Sender<Option<Arc<PolicySnapshot>>>,
     last_contact: Arc<Mutex<Instant>>,
     /// Told how the first attempt went, then dropped.
     first: Option<oneshot::Sender<Result<(), ClientError>>>,
+    /// Why each endpoint failed before the first snapshot.
+    first_errors: Vec<ClientError>,
 }
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -216,9 +249,18 @@ impl Task {
                 Ok(()) => ClientError::Refused("the controller ended the stream".into()),
                 Err(e) => e,
             };
-            if let Some(first) = self.first.take() {
-                let _ = first.send(Err(error));
-                return;
+            // Whatever went wrong, the next stream goes to the next replica.
+            self.next = (self.next + 1) % self.endpoints.len();
+            if self.first.is_some() {
+                self.first_errors.push(error);
+                if self.first_errors.len() == self.endpoints.len() {
+                    let error = first_failure(std::mem::take(&mut self.first_errors));
+                    if let Some(first) = self.first.take() {
+                        let _ = first.send(Err(error));
+                    }
+                    return;
+                }
+                continue;
             }
             let pause = backoff.next_delay();
             warn!(error = %error, retry_in = ?pause, "subscription lost; reconnecting");
@@ -231,9 +273,8 @@ impl Task {
 
     /// One stream, from hello to its end.
     async fn session(&mut self, backoff: &mut Backoff) -> Result<(), ClientError> {
-        let server = self.config.server.clone();
-        let channel = self
-            .endpoint
+        let (server, endpoint) = self.endpoints[self.next].clone();
+        let channel = endpoint
             .connect()
             .await
             .map_err(|e| ClientError::Unreachable {
@@ -272,6 +313,15 @@ impl Task {
                             );
                             warn!(%reason, "refusing to go backwards");
                             send(&out, Outbound::Reject(proto::Reject { revision, reason })).await;
+                        }
+                        // The revision it already applied (a new stream starts
+                        // with the current snapshot): acknowledge, change nothing.
+                        Ok(snapshot) if Some(snapshot.revision) == self.applied_revision() => {
+                            send(&out, Outbound::Ack(proto::Ack { revision })).await;
+                            backoff.reset();
+                            if let Some(first) = self.first.take() {
+                                let _ = first.send(Ok(()));
+                            }
                         }
                         Ok(snapshot) => {
                             debug!(revision, "snapshot applied");
@@ -314,6 +364,34 @@ impl Task {
     }
 }
 
+/// The error to report when no endpoint gave a first snapshot: a refusal or
+/// rejection says more than "unreachable"; if every endpoint was unreachable,
+/// say so for all of them.
+fn first_failure(errors: Vec<ClientError>) -> ClientError {
+    let unreachable = |e: &ClientError| matches!(e, ClientError::Unreachable { .. });
+    if errors.iter().all(unreachable) {
+        let servers: Vec<String> = errors
+            .iter()
+            .filter_map(|e| match e {
+                ClientError::Unreachable { server, .. } => Some(server.clone()),
+                _ => None,
+            })
+            .collect();
+        let reason = match errors.last() {
+            Some(ClientError::Unreachable { reason, .. }) => reason.clone(),
+            _ => String::new(),
+        };
+        return ClientError::Unreachable {
+            server: servers.join(", "),
+            reason,
+        };
+    }
+    errors
+        .into_iter()
+        .find(|e| !unreachable(e))
+        .expect("some error is not Unreachable")
+}
+
 async fn send(out: &mpsc::Sender<SubscribeRequest>, message: Outbound) {
     // The receiver lives as long as the request stream; if it is gone, the
     // session is ending and the next read reports why.
@@ -325,31 +403,14 @@ async fn send(out: &mpsc::Sender<SubscribeRequest>, message: Outbound) {
 }
 
 fn refused(server: &str, status: tonic::Status) -> ClientError {
-    match status.code() {
-        tonic::Code::Unavailable
-            if status.message().contains("connect") || status.message().contains("transport") =>
-        {
-            ClientError::Unreachable {
-                server: server.to_string(),
-                reason: status.message().to_string(),
-            }
+    // A status with a source was made on this side from a transport failure;
+    // one without came from the controller, whose message says what to do.
+    if std::error::Error::source(&status).is_some() {
+        ClientError::Unreachable {
+            server: server.to_string(),
+            reason: error_chain(&status),
         }
-        _ => ClientError::Refused(status.message().to_string()),
+    } else {
+        ClientError::Refused(status.message().to_string())
     }
-}
-
-/// An error and its causes, joined: transport errors put the useful part
-/// ("Connection refused") in a source.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let message = cause.to_string();
-        if !text.contains(&message) {
-            text.push_str(": ");
-            text.push_str(&message);
-        }
-        source = cause.source();
-    }
-    text
 }

@@ -469,11 +469,13 @@ impl Inner {
                     "cannot compact at revision {revision}: the store is only at revision {current}"
                 )));
             }
-            if revision <= compacted {
+            // History before `revision` goes; `revision` stays watchable.
+            let floor = revision - 1;
+            if floor <= compacted {
                 // Already discarded; the compacted revision never goes down.
                 return Ok(());
             }
-            discard_history(&mut log, &mut meta, revision)?;
+            discard_history(&mut log, &mut meta, floor)?;
         }
         write.commit().map_err(|e| redb_error("commit", e))?;
         tracing::debug!(revision, "compacted");
@@ -1058,7 +1060,7 @@ mod tests {
         }
         // Created before the compaction, first polled after it.
         let mut stream = store.watch("", 1).await.unwrap();
-        store.compact(2).await.unwrap();
+        store.compact(3).await.unwrap();
         let err = next(&mut stream).await.unwrap().unwrap_err();
         assert!(
             matches!(

@@ -1,8 +1,8 @@
 //! The durable store behind the controller: a key-value space with one
 //! monotonically increasing revision, multi-key transactions, and watches that
 //! start from a revision. The semantics are etcd's (it is the production
-//! store); [`embedded::EmbeddedStore`] gives the same semantics in one local
-//! file for a single node and for the quickstart.
+//! store, [`etcd::EtcdStore`]); [`embedded::EmbeddedStore`] gives the same
+//! semantics in one local file for a single node and for the quickstart.
 //!
 //! The controller only talks to [`Store`]; nothing above this module knows
 //! which store is below it. The contract every implementation must meet is
@@ -10,6 +10,7 @@
 //! each implementation.
 
 pub mod embedded;
+pub mod etcd;
 
 use futures_util::stream::BoxStream;
 
@@ -25,6 +26,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum Error {
     /// A watch asked for history that compaction already removed. The caller
     /// must re-read the whole prefix and watch from the revision of that read.
+    /// `compacted` is the newest revision whose history is gone.
     #[error(
         "revision {requested} is compacted (history starts after {compacted}); re-read and watch again"
     )]
@@ -177,8 +179,11 @@ pub trait Store: Send + Sync + 'static {
     /// revision.
     async fn watch(&self, prefix: &str, from: Revision) -> Result<WatchStream>;
 
-    /// Discards the change history at and below `revision`; current values are
-    /// kept. Watches from a compacted revision fail with [`Error::Compacted`].
+    /// Discards the change history before `revision` (etcd's semantics:
+    /// `revision` itself stays watchable); current values are kept. Watches
+    /// from an earlier revision fail with [`Error::Compacted`]. Compacting
+    /// again at or below an earlier compaction changes nothing; compacting
+    /// beyond the current revision is [`Error::InvalidRequest`].
     async fn compact(&self, revision: Revision) -> Result<()>;
 
     /// A short description for logs, e.g. `embedded:/var/lib/safemode/store.redb`.

@@ -100,7 +100,7 @@ async fn a_two_mode_change_reaches_every_subscriber_at_once_and_a_lift_restores_
     // A real client evaluates the policy locally.
     let chatbot = Channel::parse("chatbot").unwrap();
     let client = Subscriber::connect(SubscriberConfig::new(
-        server.url.clone(),
+        [server.url.clone()],
         Namespace::live(),
         chatbot,
         "client-check",

@@ -21,7 +21,7 @@ async fn a_restarted_controller_serves_the_same_revision_and_activations() {
 
     let server = TestServer::start_in(dir.path()).await;
     let subscriber = Subscriber::connect(SubscriberConfig::new(
-        server.url.clone(),
+        [server.url.clone()],
         Namespace::live(),
         Channel::parse("web").unwrap(),
         "after-restart",
@@ -170,4 +170,47 @@ async fn state_and_revision_survive_kill_9() {
         .await,
     );
     assert!(next["revision"].as_i64() > after["revision"].as_i64());
+}
+
+#[tokio::test]
+async fn a_reconnect_to_the_same_revision_is_acked_but_is_no_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = TestServer::start_in(dir.path()).await;
+    let revision = server.apply(&["incident-notice"]).await;
+    let subscriber = Subscriber::connect(SubscriberConfig::new(
+        [server.url.clone()],
+        Namespace::live(),
+        Channel::parse("email").unwrap(),
+        "steady",
+    ))
+    .await
+    .unwrap();
+    let mut changes = subscriber.changes();
+    changes.borrow_and_update();
+
+    // The controller restarts on the same address; the client comes back
+    // and is sent the revision it already has.
+    let addr = server.addr();
+    server.stop().await;
+    let server = TestServer::start_with(safemode::server::ServeConfig {
+        listen: addr,
+        store: safemode::server::StoreConfig::Embedded {
+            data_dir: dir.path().to_path_buf(),
+        },
+        ..Default::default()
+    })
+    .await;
+    crate::support::wait_until("the client is back and acked the same revision", || async {
+        let status = server.status("live").await;
+        status
+            .subscribers
+            .iter()
+            .any(|s| s.subscriber_id == "steady" && s.acked_revision == revision)
+    })
+    .await;
+    assert!(
+        !changes.has_changed().unwrap(),
+        "the same revision was reported as a change"
+    );
+    assert_eq!(subscriber.current().unwrap().revision, revision);
 }

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use safemode::controller::ControllerConfig;
-use safemode::server::{self, RunningServer, ServeConfig};
+use safemode::server::{self, RunningServer, ServeConfig, StoreConfig};
 use safemode::wire::proto::control_service_client::ControlServiceClient;
 use safemode::wire::proto::subscribe_request::Message as Outbound;
 use safemode::wire::proto::subscribe_response::Message as Inbound;
@@ -29,8 +29,25 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
+    wait_for(what, || {
+        let check = condition();
+        async move { check.await.then_some(()) }
+    })
+    .await
+}
+
+/// Polls `probe` until it yields a value; fails the test with `what` at the
+/// deadline.
+pub async fn wait_for<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
     let start = tokio::time::Instant::now();
-    while !condition().await {
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
         assert!(
             start.elapsed() < DEADLINE,
             "timed out after {DEADLINE:?} waiting for: {what}"
@@ -59,7 +76,9 @@ impl TestServer {
     pub async fn start_in(data_dir: &Path) -> Self {
         Self::start_with(ServeConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
-            data_dir: data_dir.to_path_buf(),
+            store: StoreConfig::Embedded {
+                data_dir: data_dir.to_path_buf(),
+            },
             controller: ControllerConfig {
                 catch_up_timeout: Duration::from_millis(300),
                 ..ControllerConfig::default()
@@ -67,6 +86,29 @@ impl TestServer {
             ..ServeConfig::default()
         })
         .await
+    }
+
+    /// A replica on the etcd cluster at `endpoints`, listening on `listen`
+    /// (`127.0.0.1:0` for a free port).
+    pub async fn on_etcd(endpoints: Vec<String>, listen: &str) -> Self {
+        Self::start_with(ServeConfig {
+            listen: listen.parse().unwrap(),
+            store: StoreConfig::Etcd {
+                endpoints,
+                prefix: "/safemode/".into(),
+            },
+            controller: ControllerConfig {
+                catch_up_timeout: Duration::from_millis(300),
+                ..ControllerConfig::default()
+            },
+            ..ServeConfig::default()
+        })
+        .await
+    }
+
+    /// The address the server listens on.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.running.as_ref().expect("server is running").addr
     }
 
     /// A server with a custom configuration.

@@ -1,0 +1,359 @@
+//! `EtcdStore`: the production store, over etcd v3 with the `etcd-client`
+//! crate. Only this module knows etcd's API.
+//!
+//! The store's semantics are etcd's own, so most calls map one to one. Two
+//! things are added for the controller's sake:
+//!
+//! - watches ask for leader-backed streams (`require_leader`), so a member
+//!   cut off from the cluster ends the stream instead of going silent;
+//! - a watch stream asks for a progress notification every
+//!   `progress_interval`, and treats a stream that says nothing for
+//!   `quiet_deadline` as dead (etcd can leave a watch hanging when a member is
+//!   killed), so the caller reconnects.
+//!
+//! Progress notifications are liveness signals only, never batches: etcd 3.4
+//! answers a progress request with its current revision even while the
+//! watcher is still catching up on older events, so treating that revision as
+//! "delivered up to here" would make the caller drop the events still coming.
+
+use std::time::Duration;
+
+use etcd_client::{
+    Client, CompactionOptions, Compare as EtcdCompare, CompareOp, ConnectOptions, EventType,
+    GetOptions, Txn as EtcdTxn, TxnOp, WatchOptions,
+};
+use futures_util::StreamExt;
+use tokio::time::{Instant, MissedTickBehavior};
+
+use super::{
+    Compare, Error, Event, EventKind, KeyValue, Op, RangeResult, Result, Revision, Store, Txn,
+    TxnOutcome, WatchBatch, WatchStream,
+};
+
+/// How to reach etcd.
+#[derive(Clone, Debug)]
+pub struct EtcdOptions {
+    /// Client URLs of the members, e.g. `http://10.0.0.5:2379`.
+    pub endpoints: Vec<String>,
+    /// Limit on connecting to a member.
+    pub connect_timeout: Duration,
+    /// Limit on one request (not on a watch stream).
+    pub request_timeout: Duration,
+    /// How often a watch asks for a progress notification.
+    pub progress_interval: Duration,
+    /// A watch that receives nothing for this long is treated as dead.
+    pub quiet_deadline: Duration,
+}
+
+impl EtcdOptions {
+    /// Defaults for everything but the endpoints.
+    pub fn new(endpoints: Vec<String>) -> Self {
+        EtcdOptions {
+            endpoints,
+            connect_timeout: Duration::from_secs(3),
+            request_timeout: Duration::from_secs(5),
+            progress_interval: Duration::from_secs(2),
+            quiet_deadline: Duration::from_secs(8),
+        }
+    }
+}
+
+/// The store over an etcd cluster.
+pub struct EtcdStore {
+    client: Client,
+    options: EtcdOptions,
+}
+
+impl EtcdStore {
+    /// Connects and checks that the cluster answers, so a wrong endpoint is
+    /// reported at start rather than on the first request.
+    pub async fn connect(options: EtcdOptions) -> Result<Self> {
+        if options.endpoints.is_empty() {
+            return Err(Error::InvalidRequest(
+                "no etcd endpoints given; pass --etcd-endpoints http://HOST:2379[,...]".into(),
+            ));
+        }
+        let connect = ConnectOptions::new()
+            .with_connect_timeout(options.connect_timeout)
+            .with_timeout(options.request_timeout)
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+            .with_require_leader(true);
+        let client = Client::connect(&options.endpoints, Some(connect))
+            .await
+            .map_err(|e| unreachable(&options.endpoints, &e))?;
+        let store = EtcdStore { client, options };
+        store
+            .client
+            .kv_client()
+            .get("/", Some(GetOptions::new().with_count_only()))
+            .await
+            .map_err(|e| unreachable(&store.options.endpoints, &e))?;
+        Ok(store)
+    }
+}
+
+fn unreachable(endpoints: &[String], error: &etcd_client::Error) -> Error {
+    Error::Unavailable(format!(
+        "cannot reach etcd at {}: {}",
+        endpoints.join(","),
+        describe(error)
+    ))
+}
+
+/// An etcd error for people: a gRPC status's message and the causes behind
+/// it, rather than the status's debug form.
+fn describe(error: &etcd_client::Error) -> String {
+    match error {
+        etcd_client::Error::GRpcStatus(status) => crate::errors::join_causes(
+            status.message().to_string(),
+            std::error::Error::source(status),
+        ),
+        other => crate::errors::error_chain(other),
+    }
+}
+
+/// Maps an etcd error: the cluster refusing a malformed request is the
+/// caller's bug; anything else may pass (no leader, member down, timeout).
+fn etcd_error(error: etcd_client::Error) -> Error {
+    match &error {
+        etcd_client::Error::GRpcStatus(status)
+            if status.code() == tonic::Code::InvalidArgument
+                || status.code() == tonic::Code::OutOfRange =>
+        {
+            Error::InvalidRequest(status.message().to_string())
+        }
+        _ => Error::Unavailable(describe(&error)),
+    }
+}
+
+fn key_string(key: &[u8]) -> Result<String> {
+    String::from_utf8(key.to_vec())
+        .map_err(|_| Error::Corrupt(format!("etcd key {key:?} is not UTF-8")))
+}
+
+fn key_value(kv: &etcd_client::KeyValue) -> Result<KeyValue> {
+    Ok(KeyValue {
+        key: key_string(kv.key())?,
+        value: kv.value().to_vec(),
+        create_revision: kv.create_revision(),
+        mod_revision: kv.mod_revision(),
+    })
+}
+
+/// Options for every key under `prefix` (the empty prefix is every key).
+fn prefix_range(prefix: &str) -> (String, GetOptions) {
+    if prefix.is_empty() {
+        ("\0".to_string(), GetOptions::new().with_all_keys())
+    } else {
+        (prefix.to_string(), GetOptions::new().with_prefix())
+    }
+}
+
+fn header_revision(header: Option<&etcd_client::ResponseHeader>) -> Result<Revision> {
+    header
+        .map(|h| h.revision())
+        .ok_or_else(|| Error::Unavailable("etcd answered without a response header".into()))
+}
+
+#[async_trait::async_trait]
+impl Store for EtcdStore {
+    async fn range(&self, prefix: &str) -> Result<RangeResult> {
+        let (key, options) = prefix_range(prefix);
+        let response = self
+            .client
+            .kv_client()
+            .get(key, Some(options))
+            .await
+            .map_err(etcd_error)?;
+        let kvs = response
+            .kvs()
+            .iter()
+            .map(key_value)
+            .collect::<Result<Vec<_>>>()?;
+        Ok(RangeResult {
+            kvs,
+            revision: header_revision(response.header())?,
+        })
+    }
+
+    async fn txn(&self, txn: Txn) -> Result<TxnOutcome> {
+        let compares: Vec<EtcdCompare> = txn
+            .compares
+            .into_iter()
+            .map(|compare| match compare {
+                // etcd's idiom for "the key does not exist".
+                Compare::ModRevision { key, revision: 0 } => {
+                    EtcdCompare::version(key, CompareOp::Equal, 0)
+                }
+                Compare::ModRevision { key, revision } => {
+                    EtcdCompare::mod_revision(key, CompareOp::Equal, revision)
+                }
+            })
+            .collect();
+        let ops: Vec<TxnOp> = txn
+            .ops
+            .into_iter()
+            .map(|op| match op {
+                Op::Put { key, value } => TxnOp::put(key, value, None),
+                Op::Delete { key } => TxnOp::delete(key, None),
+            })
+            .collect();
+        let response = self
+            .client
+            .kv_client()
+            .txn(EtcdTxn::new().when(compares).and_then(ops))
+            .await
+            .map_err(etcd_error)?;
+        let revision = header_revision(response.header())?;
+        Ok(if response.succeeded() {
+            TxnOutcome::Committed { revision }
+        } else {
+            TxnOutcome::CompareFailed { revision }
+        })
+    }
+
+    async fn watch(&self, prefix: &str, from: Revision) -> Result<WatchStream> {
+        if from < 1 {
+            return Err(Error::InvalidRequest(format!(
+                "a watch starts at revision 1 or later, not {from}"
+            )));
+        }
+        let (key, _) = prefix_range(prefix);
+        let mut options = WatchOptions::new()
+            .with_start_revision(from)
+            .with_progress_notify();
+        options = if prefix.is_empty() {
+            options.with_all_keys()
+        } else {
+            options.with_prefix()
+        };
+        let stream = self
+            .client
+            .watch_client()
+            .watch(key, Some(options))
+            .await
+            .map_err(etcd_error)?;
+        let state = WatchState {
+            stream,
+            from,
+            progress_interval: self.options.progress_interval,
+            quiet_deadline: self.options.quiet_deadline,
+            ended: false,
+        };
+        Ok(futures_util::stream::unfold(state, WatchState::next_item).boxed())
+    }
+
+    async fn compact(&self, revision: Revision) -> Result<()> {
+        let result = self
+            .client
+            .kv_client()
+            .compact(revision, Some(CompactionOptions::new().with_physical()))
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            // Compacting at or below an earlier compaction changes nothing.
+            Err(etcd_client::Error::GRpcStatus(status))
+                if status
+                    .message()
+                    .contains("required revision has been compacted") =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(etcd_error(e)),
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!("etcd:{}", self.options.endpoints.join(","))
+    }
+}
+
+/// One etcd watch, turned into [`WatchBatch`]es.
+struct WatchState {
+    stream: etcd_client::WatchStream,
+    from: Revision,
+    progress_interval: Duration,
+    quiet_deadline: Duration,
+    ended: bool,
+}
+
+impl WatchState {
+    async fn next_item(mut self) -> Option<(Result<WatchBatch>, Self)> {
+        if self.ended {
+            return None;
+        }
+        let item = self.next_batch().await;
+        self.ended = item.is_err();
+        Some((item, self))
+    }
+
+    async fn next_batch(&mut self) -> Result<WatchBatch> {
+        let mut heard = Instant::now();
+        let mut ask = tokio::time::interval_at(
+            Instant::now() + self.progress_interval,
+            self.progress_interval,
+        );
+        ask.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                message = self.stream.message() => {
+                    let response = match message {
+                        Ok(Some(response)) => response,
+                        Ok(None) => return Err(Error::Unavailable("the etcd watch stream ended".into())),
+                        Err(e) => return Err(etcd_error(e)),
+                    };
+                    heard = Instant::now();
+                    if response.canceled() {
+                        if response.compact_revision() > 0 {
+                            return Err(Error::Compacted {
+                                requested: self.from,
+                                compacted: response.compact_revision() - 1,
+                            });
+                        }
+                        return Err(Error::Unavailable(format!(
+                            "etcd cancelled the watch: {}",
+                            response.cancel_reason()
+                        )));
+                    }
+                    // The creation answer and progress notifications carry
+                    // etcd's current revision, not a promise that everything
+                    // up to it was delivered (see the module doc): they only
+                    // show the stream is alive.
+                    let Some(last) = response.events().last() else {
+                        continue;
+                    };
+                    let revision = last.kv().map_or(self.from, |kv| kv.mod_revision());
+                    let events = response
+                        .events()
+                        .iter()
+                        .map(event)
+                        .collect::<Result<Vec<_>>>()?;
+                    self.from = revision + 1;
+                    return Ok(WatchBatch { revision, events });
+                }
+                _ = ask.tick() => {
+                    if heard.elapsed() > self.quiet_deadline {
+                        return Err(Error::Unavailable(format!(
+                            "the etcd watch said nothing for {:?}; reconnecting",
+                            self.quiet_deadline
+                        )));
+                    }
+                    self.stream.request_progress().await.map_err(etcd_error)?;
+                }
+            }
+        }
+    }
+}
+
+fn event(event: &etcd_client::Event) -> Result<Event> {
+    let kv = event
+        .kv()
+        .ok_or_else(|| Error::Corrupt("etcd sent a watch event without a key".into()))?;
+    Ok(Event {
+        kind: match event.event_type() {
+            EventType::Put => EventKind::Put,
+            EventType::Delete => EventKind::Delete,
+        },
+        kv: key_value(kv)?,
+    })
+}
