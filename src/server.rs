@@ -42,6 +42,10 @@ pub enum StoreConfig {
     },
 }
 
+type ControlServer = proto::control_service_server::ControlServiceServer<ControlApi>;
+type SubscriptionServer =
+    proto::subscription_service_server::SubscriptionServiceServer<SubscriptionApi>;
+
 /// Everything `safemode serve` needs.
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
@@ -131,7 +135,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
     let addr = listener.local_addr()?;
 
     let shutdown = CancellationToken::new();
-    let controller = Controller::new(
+    let controller = Controller::start(
         store.clone(),
         Arc::new(catalog),
         ControllerConfig {
@@ -139,18 +143,16 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
             ..config.controller.clone()
         },
         shutdown.child_token(),
-    );
+    )
+    .await
+    .context("cannot read the store")?;
     let stream_config = StreamConfig {
         heartbeat: config.heartbeat,
         ..StreamConfig::default()
     };
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<proto::control_service_server::ControlServiceServer<ControlApi>>()
-        .await;
-    health
-        .set_serving::<proto::subscription_service_server::SubscriptionServiceServer<SubscriptionApi>>()
-        .await;
+    health.set_serving::<ControlServer>().await;
+    health.set_serving::<SubscriptionServer>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -168,39 +170,41 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
-        .add_service(proto::control_service_server::ControlServiceServer::new(
-            ControlApi::new(controller.clone(), config.replica.clone()),
-        ))
-        .add_service(
-            proto::subscription_service_server::SubscriptionServiceServer::new(
-                SubscriptionApi::new(controller.clone(), stream_config),
-            ),
-        );
+        .add_service(ControlServer::new(ControlApi::new(
+            controller.clone(),
+            config.replica.clone(),
+        )))
+        .add_service(SubscriptionServer::new(SubscriptionApi::new(
+            controller.clone(),
+            stream_config,
+        )));
 
     info!(%addr, replica = %config.replica, store = %store.describe(), modes = controller.catalog().len(), "safemode controller serving");
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let token = shutdown.clone();
     let grace = config.shutdown_grace;
-    let join = tokio::spawn(async move {
-        let signal = token.clone();
-        let serve = router.serve_with_incoming_shutdown(incoming, async move {
-            signal.cancelled().await;
-            health
-                .set_not_serving::<proto::control_service_server::ControlServiceServer<ControlApi>>(
-                )
-                .await;
-            info!("shutting down: draining streams and calls");
-        });
-        tokio::pin!(serve);
-        tokio::select! {
-            result = &mut serve => result.context("the gRPC server failed")?,
-            () = async { token.cancelled().await; tokio::time::sleep(grace).await } => {
-                warn!(?grace, "calls still running after the shutdown grace period; stopping anyway");
+    let span = tracing::info_span!("server", %addr, replica = %config.replica);
+    let join = tokio::spawn(tracing::Instrument::instrument(
+        async move {
+            let signal = token.clone();
+            let serve = router.serve_with_incoming_shutdown(incoming, async move {
+                signal.cancelled().await;
+                health.set_not_serving::<ControlServer>().await;
+                health.set_not_serving::<SubscriptionServer>().await;
+                info!("shutting down: draining streams and calls");
+            });
+            tokio::pin!(serve);
+            tokio::select! {
+                result = &mut serve => result.context("the gRPC server failed")?,
+                () = async { token.cancelled().await; tokio::time::sleep(grace).await } => {
+                    warn!(?grace, "calls still running after the shutdown grace period; stopping anyway");
+                }
             }
-        }
-        info!("stopped");
-        Ok(())
-    });
+            info!("stopped");
+            Ok(())
+        },
+        span,
+    ));
     Ok(RunningServer {
         addr,
         shutdown,
@@ -215,7 +219,15 @@ async fn open_store(config: &StoreConfig) -> anyhow::Result<(Arc<dyn Store>, Lay
             std::fs::create_dir_all(data_dir)
                 .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
             let path = data_dir.join("store.redb");
-            let store = EmbeddedStore::open(&path, EmbeddedOptions::default())
+            // Opening may recover the file after a crash: blocking work.
+            let opened = {
+                let path = path.clone();
+                tokio::task::spawn_blocking(move || {
+                    EmbeddedStore::open(&path, EmbeddedOptions::default())
+                })
+                .await?
+            };
+            let store = opened
                 .with_context(|| format!("cannot open the embedded store {}", path.display()))?;
             Ok((Arc::new(store), Layout::default()))
         }

@@ -35,6 +35,21 @@ fn reason(text: &str) -> Result<Reason, Status> {
     Reason::parse(text).map_err(invalid_name("reason"))
 }
 
+impl ControlApi {
+    /// Whether the catalogue's `mode` has a read-only rule (so an as-of time
+    /// means something for it). Unknown modes are the controller's to refuse.
+    fn serves_read_only(&self, mode: &ModeName) -> bool {
+        self.controller
+            .catalog()
+            .get(mode.as_str())
+            .is_none_or(|m| {
+                m.rules
+                    .iter()
+                    .any(|r| matches!(r.effect, crate::policy::Effect::ReadOnly(_)))
+            })
+    }
+}
+
 #[tonic::async_trait]
 impl ControlService for ControlApi {
     async fn apply_modes(
@@ -76,10 +91,16 @@ impl ControlService for ControlApi {
                 Some(t)
             }
         };
+        if as_of.is_some() && !modes.iter().any(|m| self.serves_read_only(m)) {
+            return Err(invalid(
+                "as_of",
+                "none of these modes serves read-only data, so an as-of time would do nothing; leave it out",
+            ));
+        }
         let outcome = self
             .controller
             .apply(ApplyRequest {
-                namespace,
+                namespace: namespace.clone(),
                 modes,
                 channels,
                 as_of,
@@ -89,6 +110,7 @@ impl ControlService for ControlApi {
             .await
             .map_err(status)?;
         Ok(Response::new(proto::ApplyModesResponse {
+            namespace: namespace.to_string(),
             revision: outcome.revision,
             applied: outcome
                 .applied
@@ -125,14 +147,16 @@ impl ControlService for ControlApi {
         let outcome = self
             .controller
             .lift(LiftRequest {
-                namespace,
+                namespace: namespace.clone(),
                 targets,
                 principal,
                 reason,
+                all: r.all,
             })
             .await
             .map_err(status)?;
         Ok(Response::new(proto::LiftActivationsResponse {
+            namespace: namespace.to_string(),
             revision: outcome.revision,
             lifted: outcome
                 .lifted
@@ -174,7 +198,7 @@ impl ControlService for ControlApi {
             subscribers: status
                 .subscribers
                 .iter()
-                .map(wire::subscriber_to_wire)
+                .map(super::convert::subscriber_to_wire)
                 .collect(),
             server_time: Some(wire::timestamp_to_wire(jiff::Timestamp::now())),
             problems: status.view.problems.clone(),

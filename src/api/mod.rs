@@ -3,6 +3,7 @@
 //! controller errors become `tonic::Status` here and nowhere else.
 
 mod control;
+mod convert;
 mod subscribe;
 
 use std::time::Duration;
@@ -52,6 +53,7 @@ fn status(error: controller::Error) -> tonic::Status {
     let message = error.to_string();
     match error {
         UnknownMode(_) | NotActive { .. } => tonic::Status::not_found(message),
+        Ambiguous { .. } => tonic::Status::failed_precondition(message),
         NotLoaded { .. } | Behind { .. } | ShuttingDown => tonic::Status::unavailable(message),
         Conflict(_) => tonic::Status::aborted(message),
         Store(crate::store::Error::Unavailable(_)) => tonic::Status::unavailable(message),

@@ -91,6 +91,7 @@ impl SubscriptionService for SubscriptionApi {
                 id.to_string(),
                 peer,
                 hello.last_applied_revision,
+                &hello.epoch,
             )
             .await
             .map_err(status)?;
@@ -100,6 +101,7 @@ impl SubscriptionService for SubscriptionApi {
             inbound,
             &self.config,
             self.controller.shutdown_token().clone(),
+            self.controller.epoch().to_string(),
         );
         Ok(Response::new(Box::pin(session.into_stream())))
     }
@@ -111,6 +113,8 @@ struct Session {
     inbound: Streaming<proto::SubscribeRequest>,
     heartbeat: Interval,
     shutdown: CancellationToken,
+    /// The store epoch snapshots are sent in.
+    epoch: String,
     /// Newest revision sent; `None` until the first snapshot.
     sent: Option<Revision>,
     /// The stream ends after the next item.
@@ -123,6 +127,7 @@ impl Session {
         inbound: Streaming<proto::SubscribeRequest>,
         config: &StreamConfig,
         shutdown: CancellationToken,
+        epoch: String,
     ) -> Self {
         let mut heartbeat =
             tokio::time::interval_at(Instant::now() + config.heartbeat, config.heartbeat);
@@ -132,6 +137,7 @@ impl Session {
             inbound,
             heartbeat,
             shutdown,
+            epoch,
             sent: None,
             ending: false,
         }
@@ -178,6 +184,11 @@ impl Session {
                     Ok(None) | Err(_) => return None,
                 },
                 _ = self.heartbeat.tick() => {
+                    // A heartbeat says "your policy is current": only while
+                    // the follower keeps up with the store.
+                    if !self.subscription.health.is_healthy() {
+                        continue;
+                    }
                     let view = self.subscription.views.borrow();
                     return Some(Ok(proto::SubscribeResponse {
                         message: Some(Outbound::Heartbeat(proto::Heartbeat {
@@ -193,7 +204,11 @@ impl Session {
     /// The snapshot of the newest view for this stream's channel.
     fn snapshot(&mut self) -> proto::SubscribeResponse {
         let view = self.subscription.views.borrow_and_update().clone();
-        let snapshot = wire::snapshot_to_wire(&view, view.channel(self.subscription.channel));
+        let snapshot = super::convert::snapshot_to_wire(
+            &view,
+            view.channel(self.subscription.channel),
+            &self.epoch,
+        );
         self.sent = Some(view.revision);
         self.subscription.registration.sent(view.revision);
         self.heartbeat.reset();
@@ -209,8 +224,14 @@ impl Session {
                 .acked(ack.revision)
                 .map_err(|e| invalid("ack.revision", e)),
             Some(Inbound::Reject(reject)) => {
-                let mut reason: String =
-                    reject.reason.trim().chars().take(MAX_REASON_LEN).collect();
+                // Shown in status on a terminal: no control characters.
+                let mut reason: String = reject
+                    .reason
+                    .trim()
+                    .chars()
+                    .map(|c| if c.is_control() { ' ' } else { c })
+                    .take(MAX_REASON_LEN)
+                    .collect();
                 if reason.is_empty() {
                     reason = "no reason given".to_string();
                 }

@@ -18,9 +18,7 @@ use tonic::transport::Channel as GrpcChannel;
 use crate::client::{self, ClientError, Subscriber, SubscriberConfig, error_chain};
 use crate::controller::{Layout, LiftTarget};
 use crate::policy::names::validate_label;
-use crate::policy::{
-    Channel, ChannelSet, Context, MethodSet, ModeName, Namespace, Reason, validate_action,
-};
+use crate::policy::{Action, Channel, ChannelSet, Context, MethodSet, ModeName, Namespace, Reason};
 use crate::server::{self, ServeConfig, StoreConfig};
 use crate::wire::proto::control_service_client::ControlServiceClient;
 use crate::wire::{self, proto};
@@ -94,8 +92,9 @@ struct ServeArgs {
     /// Directory of mode files (*.yaml); default: the built-in standard modes.
     #[arg(long, env = "SAFEMODE_MODES")]
     modes: Option<PathBuf>,
-    /// Heartbeat interval on subscription streams, e.g. 10s.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    /// Heartbeat interval on subscription streams, e.g. 10s. Keep it well
+    /// under the clients' staleness limit (30s by default).
+    #[arg(long, env = "SAFEMODE_HEARTBEAT", default_value = "10s", value_parser = parse_duration)]
     heartbeat: Duration,
 }
 
@@ -141,6 +140,9 @@ enum ModeCommand {
         /// Activation ids (act_...) or mode names.
         #[arg(required = true)]
         targets: Vec<String>,
+        /// Lift every activation of a named mode, when it has several.
+        #[arg(long)]
+        all: bool,
         /// Why (mandatory; audited).
         #[arg(long)]
         reason: Option<String>,
@@ -295,6 +297,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Mode(ModeCommand::Lift {
             targets,
+            all,
             reason,
             namespace,
         }) => {
@@ -309,6 +312,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     namespace: namespace.to_string(),
                     targets,
                     reason: reason.as_str().to_string(),
+                    all,
                 })
                 .await
                 .map_err(refused)?;
@@ -343,13 +347,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Decide(args) => {
             let config = subscriber_config(&cli.servers, &args.subscriber)?;
-            validate_action(&args.action)?;
+            let action = Action::parse(&args.action)?;
             let ctx = decide_context(&args)?;
             let subscriber = Subscriber::connect(config).await?;
-            emit(output::decision(
-                format,
-                &subscriber.decide(&args.action, &ctx),
-            ))?;
+            emit(output::decision(format, &subscriber.decide(&action, &ctx)))?;
             Ok(())
         }
     }
@@ -430,10 +431,15 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     let span: jiff::Span = text
         .parse()
         .map_err(|_| format!("'{text}' is not a duration; write e.g. 500ms, 10s or 1m"))?;
+    // Days and longer have no fixed length; nobody wants a heartbeat that
+    // long anyway.
     let duration = jiff::SignedDuration::try_from(span)
         .ok()
         .and_then(|d| Duration::try_from(d).ok())
-        .ok_or_else(|| format!("'{text}' is not a positive duration"))?;
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| {
+            format!("'{text}' is not a usable duration; write hours or less, e.g. 500ms, 10s or 1m")
+        })?;
     Ok(duration)
 }
 

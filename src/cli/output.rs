@@ -89,6 +89,7 @@ pub fn modes(format: Format, response: &proto::ListModesResponse) -> String {
 pub fn applied(format: Format, response: &proto::ApplyModesResponse) -> String {
     match format {
         Format::Json => json_line(&json!({
+            "namespace": response.namespace,
             "revision": response.revision,
             "applied": response.applied.iter().map(activation_json).collect::<Vec<_>>(),
             "already_active": response.already_active.iter().map(activation_json).collect::<Vec<_>>(),
@@ -115,7 +116,12 @@ pub fn applied(format: Format, response: &proto::ApplyModesResponse) -> String {
                     time_text(&a.applied_at)
                 );
             }
-            say!(out, "revision {}", response.revision);
+            say!(
+                out,
+                "namespace {} at revision {}",
+                response.namespace,
+                response.revision
+            );
             out
         }
     }
@@ -124,6 +130,7 @@ pub fn applied(format: Format, response: &proto::ApplyModesResponse) -> String {
 pub fn lifted(format: Format, response: &proto::LiftActivationsResponse) -> String {
     match format {
         Format::Json => json_line(&json!({
+            "namespace": response.namespace,
             "revision": response.revision,
             "lifted": response.lifted.iter().map(activation_json).collect::<Vec<_>>(),
         })),
@@ -138,7 +145,12 @@ pub fn lifted(format: Format, response: &proto::LiftActivationsResponse) -> Stri
                     channels_text(&a.channels)
                 );
             }
-            say!(out, "revision {}", response.revision);
+            say!(
+                out,
+                "namespace {} at revision {}",
+                response.namespace,
+                response.revision
+            );
             out
         }
     }

@@ -11,12 +11,13 @@
 //! ```no_run
 //! # async fn example() -> Result<(), safemode::client::ClientError> {
 //! use safemode::client::{Subscriber, SubscriberConfig};
-//! use safemode::policy::{Channel, Context, Namespace};
+//! use safemode::policy::{Action, Channel, Context, Namespace};
 //!
 //! let config = SubscriberConfig::new(["http://127.0.0.1:7700"], Namespace::live(),
 //!     Channel::parse("chatbot").unwrap(), "chatbot-1");
 //! let subscriber = Subscriber::connect(config).await?;
-//! let decision = subscriber.decide("account.password_reset", &Context::default());
+//! let reset = Action::parse("account.password_reset").unwrap();
+//! let decision = subscriber.decide(&reset, &Context::default());
 //! println!("{}", decision.outcome.kind().as_str());
 //! # Ok(()) }
 //! ```
@@ -24,20 +25,21 @@
 
 mod snapshot;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 pub use snapshot::{ActivationInfo, DecisionReport, PolicySnapshot};
 
 use crate::backoff::Backoff;
 pub use crate::errors::error_chain;
-use crate::policy::{Channel, Context, Namespace, Revision};
+use crate::policy::{Action, Channel, Context, Namespace, Revision};
 use crate::wire::proto::subscribe_request::Message as Outbound;
 use crate::wire::proto::subscribe_response::Message as Inbound;
 use crate::wire::proto::subscription_service_client::SubscriptionServiceClient;
@@ -121,7 +123,7 @@ impl SubscriberConfig {
 /// A live subscription with the newest applied snapshot.
 pub struct Subscriber {
     snapshots: watch::Receiver<Option<Arc<PolicySnapshot>>>,
-    last_contact: Arc<Mutex<Instant>>,
+    freshness: Arc<Freshness>,
     stale_after: Duration,
     stop: CancellationToken,
 }
@@ -132,7 +134,7 @@ impl Subscriber {
     pub async fn connect(config: SubscriberConfig) -> Result<Subscriber, ClientError> {
         let endpoints = endpoints(&config.servers, config.connect_timeout)?;
         let (tx, snapshots) = watch::channel(None);
-        let last_contact = Arc::new(Mutex::new(Instant::now()));
+        let freshness = Arc::new(Freshness::new());
         let stop = CancellationToken::new();
         let (first_tx, first_rx) = oneshot::channel();
         // Every endpoint gets one try before the first connect gives up.
@@ -142,7 +144,7 @@ impl Subscriber {
             endpoints,
             config: config.clone(),
             snapshots: tx,
-            last_contact: last_contact.clone(),
+            freshness: freshness.clone(),
             first: Some(first_tx),
             first_errors: Vec::new(),
         };
@@ -151,7 +153,7 @@ impl Subscriber {
         tokio::spawn(task.run(stop.clone()).instrument(span));
         let subscriber = Subscriber {
             snapshots,
-            last_contact,
+            freshness,
             stale_after: config.stale_after,
             stop,
         };
@@ -173,14 +175,17 @@ impl Subscriber {
         self.snapshots.clone()
     }
 
-    /// Whether nothing (snapshot or heartbeat) arrived for longer than the
-    /// staleness limit.
+    /// Whether the policy may be out of date: nothing (snapshot or
+    /// heartbeat) arrived for longer than the staleness limit, or the
+    /// controller holds a newer revision than the one applied (for example
+    /// one this client rejected).
     pub fn is_stale(&self) -> bool {
-        self.last_contact.lock().expect("poisoned").elapsed() > self.stale_after
+        let applied = self.snapshots.borrow().as_ref().map(|s| s.revision);
+        self.freshness.is_stale(applied, self.stale_after)
     }
 
     /// Decides `action` for `ctx` with the newest snapshot.
-    pub fn decide(&self, action: &str, ctx: &Context) -> DecisionReport {
+    pub fn decide(&self, action: &Action, ctx: &Context) -> DecisionReport {
         let snapshot = self.current();
         DecisionReport::new(snapshot.as_deref(), action, ctx, self.is_stale())
     }
@@ -228,7 +233,7 @@ struct Task {
     next: usize,
     config: SubscriberConfig,
     snapshots: watch::Sender<Option<Arc<PolicySnapshot>>>,
-    last_contact: Arc<Mutex<Instant>>,
+    freshness: Arc<Freshness>,
     /// Told how the first attempt went, then dropped.
     first: Option<oneshot::Sender<Result<(), ClientError>>>,
     /// Why each endpoint failed before the first snapshot.
@@ -283,12 +288,16 @@ impl Task {
             })?;
         let mut client = SubscriptionServiceClient::new(channel);
         let (out, out_rx) = mpsc::channel(16);
-        let last_applied = self.applied_revision();
+        let applied = self.snapshots.borrow().clone();
         let hello = proto::Hello {
             namespace: self.config.namespace.to_string(),
             channel: self.config.channel.as_str().to_string(),
             subscriber_id: self.config.subscriber_id.clone(),
-            last_applied_revision: last_applied.unwrap_or(0),
+            last_applied_revision: applied.as_ref().map_or(0, |s| s.revision),
+            epoch: applied
+                .as_ref()
+                .map(|s| s.epoch.clone())
+                .unwrap_or_default(),
         };
         send(&out, Outbound::Hello(hello)).await;
         let mut inbound = client
@@ -297,70 +306,112 @@ impl Task {
             .map_err(|s| refused(&server, s))?
             .into_inner();
         while let Some(message) = inbound.message().await.map_err(|s| refused(&server, s))? {
-            self.touch();
-            match message.message {
-                Some(Inbound::Snapshot(wire)) => {
-                    let revision = wire.revision;
-                    match PolicySnapshot::from_wire(
-                        wire,
-                        &self.config.namespace,
-                        self.config.channel,
-                    ) {
-                        Ok(snapshot) if Some(snapshot.revision) < self.applied_revision() => {
-                            let reason = format!(
-                                "revision {revision} is older than the applied revision {}",
-                                self.applied_revision().unwrap_or(0)
-                            );
-                            warn!(%reason, "refusing to go backwards");
-                            send(&out, Outbound::Reject(proto::Reject { revision, reason })).await;
-                        }
-                        // The revision it already applied (a new stream starts
-                        // with the current snapshot): acknowledge, change nothing.
-                        Ok(snapshot) if Some(snapshot.revision) == self.applied_revision() => {
-                            send(&out, Outbound::Ack(proto::Ack { revision })).await;
-                            backoff.reset();
-                            if let Some(first) = self.first.take() {
-                                let _ = first.send(Ok(()));
-                            }
-                        }
-                        Ok(snapshot) => {
-                            debug!(revision, "snapshot applied");
-                            self.snapshots.send_replace(Some(Arc::new(snapshot)));
-                            send(&out, Outbound::Ack(proto::Ack { revision })).await;
-                            backoff.reset();
-                            if let Some(first) = self.first.take() {
-                                let _ = first.send(Ok(()));
-                            }
-                        }
-                        Err(e) => {
-                            let reason = e.to_string();
-                            warn!(revision, %reason, "snapshot rejected; keeping the previous one");
-                            send(
-                                &out,
-                                Outbound::Reject(proto::Reject {
-                                    revision,
-                                    reason: reason.clone(),
-                                }),
-                            )
-                            .await;
-                            if let Some(first) = self.first.take() {
-                                let _ = first.send(Err(ClientError::Rejected(reason)));
-                            }
-                        }
-                    }
+            self.freshness.heard();
+            let wire = match message.message {
+                Some(Inbound::Snapshot(wire)) => wire,
+                Some(Inbound::Heartbeat(heartbeat)) => {
+                    self.freshness.announced(heartbeat.revision);
+                    continue;
                 }
-                Some(Inbound::Heartbeat(_)) | None => {}
+                None => continue,
+            };
+            let revision = wire.revision;
+            // Even a snapshot this client cannot use says how far the
+            // controller is: until it catches up, decisions say stale.
+            self.freshness.announced(revision);
+            let snapshot = match PolicySnapshot::from_wire(
+                wire,
+                &self.config.namespace,
+                self.config.channel,
+            ) {
+                Ok(snapshot) => snapshot,
+                Err(e) => {
+                    let reason = e.to_string();
+                    warn!(revision, %reason, "snapshot rejected; keeping the previous one");
+                    send(&out, reject(revision, reason.clone())).await;
+                    if let Some(first) = self.first.take() {
+                        let _ = first.send(Err(ClientError::Rejected(reason)));
+                    }
+                    continue;
+                }
+            };
+            let current = self.snapshots.borrow().clone();
+            match current {
+                // The store was replaced: a new history, whatever its revision.
+                Some(current) if current.epoch != snapshot.epoch => {
+                    info!(
+                        revision,
+                        "the controller's store has a new history; starting over"
+                    );
+                    self.snapshots.send_replace(Some(Arc::new(snapshot)));
+                }
+                Some(current) if revision < current.revision => {
+                    let reason = format!(
+                        "revision {revision} is older than the applied revision {}",
+                        current.revision
+                    );
+                    warn!(%reason, "refusing to go backwards");
+                    send(&out, reject(revision, reason)).await;
+                    continue;
+                }
+                // The revision it already has (a new stream starts with the
+                // current snapshot): acknowledge, change nothing.
+                Some(current) if revision == current.revision => {}
+                _ => {
+                    debug!(revision, "snapshot applied");
+                    self.snapshots.send_replace(Some(Arc::new(snapshot)));
+                }
+            }
+            send(&out, Outbound::Ack(proto::Ack { revision })).await;
+            backoff.reset();
+            if let Some(first) = self.first.take() {
+                let _ = first.send(Ok(()));
             }
         }
         Ok(())
     }
+}
 
-    fn applied_revision(&self) -> Option<Revision> {
-        self.snapshots.borrow().as_ref().map(|s| s.revision)
+fn reject(revision: Revision, reason: String) -> Outbound {
+    Outbound::Reject(proto::Reject { revision, reason })
+}
+
+/// When the client last heard from a controller, and how far that controller
+/// said it was. Lock-free: decisions read it on every call.
+#[derive(Debug)]
+struct Freshness {
+    start: Instant,
+    /// Milliseconds after `start` of the last message.
+    heard_ms: AtomicU64,
+    /// The revision the controller last announced (snapshot or heartbeat).
+    announced: AtomicI64,
+}
+
+impl Freshness {
+    fn new() -> Self {
+        Freshness {
+            start: Instant::now(),
+            heard_ms: AtomicU64::new(0),
+            announced: AtomicI64::new(0),
+        }
     }
 
-    fn touch(&self) {
-        *self.last_contact.lock().expect("poisoned") = Instant::now();
+    fn heard(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.heard_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn announced(&self, revision: Revision) {
+        self.announced.store(revision, Ordering::Relaxed);
+    }
+
+    /// Stale: nothing heard for `limit`, or the controller holds a revision
+    /// newer than `applied` (one this client rejected, or has yet to get).
+    fn is_stale(&self, applied: Option<Revision>, limit: Duration) -> bool {
+        let now_ms = self.start.elapsed().as_millis() as u64;
+        let silent_ms = now_ms.saturating_sub(self.heard_ms.load(Ordering::Relaxed));
+        let behind = applied.is_none_or(|a| self.announced.load(Ordering::Relaxed) > a);
+        silent_ms > limit.as_millis() as u64 || behind
     }
 }
 
@@ -412,5 +463,25 @@ fn refused(server: &str, status: tonic::Status) -> ClientError {
         }
     } else {
         ClientError::Refused(status.message().to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_behind_the_controller_is_stale_even_when_it_hears_from_it() {
+        let limit = Duration::from_secs(3600);
+        let freshness = Freshness::new();
+        freshness.heard();
+        assert!(freshness.is_stale(None, limit), "no policy yet");
+        freshness.announced(5);
+        assert!(!freshness.is_stale(Some(5), limit));
+        // A newer revision was announced (and, say, rejected): still at 5.
+        freshness.announced(6);
+        freshness.heard();
+        assert!(freshness.is_stale(Some(5), limit));
+        assert!(!freshness.is_stale(Some(6), limit));
     }
 }

@@ -4,7 +4,9 @@
 use jiff::Timestamp;
 use serde::Serialize;
 
-use crate::policy::{Channel, ChannelPolicy, Context, Decision, Namespace, Outcome, Revision};
+use crate::policy::{
+    Action, Channel, ChannelPolicy, Context, Decision, Namespace, Outcome, Revision,
+};
 use crate::wire::{self, SCHEMA_VERSION, WireError, proto};
 
 /// An activation as a snapshot describes it.
@@ -43,13 +45,8 @@ pub struct PolicySnapshot {
     pub activations: Vec<ActivationInfo>,
     /// The compiled rules.
     pub policy: ChannelPolicy,
-}
-
-fn field(name: &str, problem: impl std::fmt::Display) -> WireError {
-    WireError {
-        field: name.to_string(),
-        problem: problem.to_string(),
-    }
+    /// The store history the revision counts in.
+    pub epoch: String,
 }
 
 impl PolicySnapshot {
@@ -61,7 +58,7 @@ impl PolicySnapshot {
         channel: Channel,
     ) -> Result<Self, WireError> {
         if snapshot.schema_version != SCHEMA_VERSION {
-            return Err(field(
+            return Err(WireError::new(
                 "schema_version",
                 format!(
                     "unknown snapshot schema version {} (this client reads {SCHEMA_VERSION}); upgrade the client",
@@ -70,7 +67,7 @@ impl PolicySnapshot {
             ));
         }
         if snapshot.namespace != namespace.as_str() {
-            return Err(field(
+            return Err(WireError::new(
                 "namespace",
                 format!(
                     "'{}' is not the subscribed '{namespace}'",
@@ -79,23 +76,25 @@ impl PolicySnapshot {
             ));
         }
         if snapshot.channel != channel.as_str() {
-            return Err(field(
+            return Err(WireError::new(
                 "channel",
                 format!("'{}' is not the subscribed '{channel}'", snapshot.channel),
             ));
         }
         if snapshot.revision < 0 {
-            return Err(field("revision", "is negative"));
+            return Err(WireError::new("revision", "is negative"));
         }
         let issued_at = snapshot
             .issued_at
             .as_ref()
-            .ok_or_else(|| field("issued_at", "is missing"))
-            .and_then(|t| wire::timestamp_from_wire(t).map_err(|e| field("issued_at", e)))?;
+            .ok_or_else(|| WireError::new("issued_at", "is missing"))
+            .and_then(|t| {
+                wire::timestamp_from_wire(t).map_err(|e| WireError::new("issued_at", e))
+            })?;
         let rules = snapshot
             .rules
             .as_ref()
-            .ok_or_else(|| field("rules", "is missing"))?;
+            .ok_or_else(|| WireError::new("rules", "is missing"))?;
         let policy = wire::channel_policy_from_wire(rules)?;
         let activations = snapshot
             .activations
@@ -125,13 +124,14 @@ impl PolicySnapshot {
             issued_at,
             activations,
             policy,
+            epoch: snapshot.epoch,
         })
     }
 
     /// Decides `action` for `ctx`; borrows from the snapshot, allocates
     /// nothing.
-    pub fn decide(&self, action: &str, ctx: &Context) -> Decision<'_> {
-        self.policy.decide(action, ctx)
+    pub fn decide(&self, action: &Action, ctx: &Context) -> Decision<'_> {
+        self.policy.decide(action.as_str(), ctx)
     }
 }
 
@@ -166,7 +166,7 @@ impl DecisionReport {
     /// Decides `action` with `snapshot` (allow and stale without one).
     pub fn new(
         snapshot: Option<&PolicySnapshot>,
-        action: &str,
+        action: &Action,
         ctx: &Context,
         stale: bool,
     ) -> Self {

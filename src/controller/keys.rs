@@ -5,7 +5,13 @@
 //! ```text
 //! {prefix}ns/{namespace}/activations/{activation id}   Activation (JSON)
 //! {prefix}ns/{namespace}/meta                          NamespaceChange (JSON): the last change
+//! {prefix}epoch                                        random id of this store's history
 //! ```
+//!
+//! The epoch is written once, by the first replica to start on an empty
+//! store. Revisions count within an epoch: a store that is wiped or replaced
+//! gets a new one, and subscribers that remember revisions of the old history
+//! start over instead of waiting for revisions that will never come.
 //!
 //! Every change to a namespace rewrites its `meta` key in the same
 //! transaction, so the meta key's mod revision is the namespace revision, and
@@ -57,6 +63,11 @@ impl Layout {
     /// The key of an activation.
     pub fn activation_key(&self, namespace: &Namespace, id: &ActivationId) -> String {
         format!("{}activations/{}", self.namespace_prefix(namespace), id)
+    }
+
+    /// The key of the store's epoch.
+    pub fn epoch_key(&self) -> String {
+        format!("{}epoch", self.prefix)
     }
 
     /// The key of the namespace's last-change record.

@@ -10,6 +10,7 @@
 //! on the newest. The published revision never goes backwards.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -109,28 +110,47 @@ impl State {
     fn put(&mut self, layout: &Layout, kv: &KeyValue) {
         self.revision = self.revision.max(kv.mod_revision);
         match layout.classify(&self.namespace, &kv.key) {
-            NamespaceKey::Activation(id) => match serde_json::from_slice::<Activation>(&kv.value) {
-                Ok(mut activation) if activation.id == id => {
-                    activation.revision = kv.create_revision;
-                    self.problems.remove(&kv.key);
-                    self.activations.insert(id, Arc::new(activation));
-                }
-                Ok(_) => self.problem(kv, "its id does not match its key".into()),
-                Err(e) => self.problem(kv, e.to_string()),
-            },
+            NamespaceKey::Activation(id) => {
+                let activation = match serde_json::from_slice::<Activation>(&kv.value) {
+                    Ok(activation) if activation.id == id => {
+                        self.problems.remove(&kv.key);
+                        activation
+                    }
+                    read => {
+                        let error = match read {
+                            Ok(_) => "its id does not match its key".to_string(),
+                            Err(e) => e.to_string(),
+                        };
+                        self.problem(kv, &error);
+                        Activation::unreadable(
+                            id.clone(),
+                            kv.create_revision,
+                            &error,
+                            Timestamp::now(),
+                        )
+                    }
+                };
+                self.activations.insert(
+                    id,
+                    Arc::new(Activation {
+                        revision: kv.create_revision,
+                        ..activation
+                    }),
+                );
+            }
             NamespaceKey::Meta => {
                 self.meta_revision = kv.mod_revision;
                 match serde_json::from_slice(&kv.value) {
                     Ok(change) => self.last_change = Some(change),
-                    Err(e) => self.problem(kv, e.to_string()),
+                    Err(e) => self.problem(kv, &e.to_string()),
                 }
             }
             NamespaceKey::Unknown => debug!(key = %kv.key, "ignoring unknown key"),
         }
     }
 
-    fn problem(&mut self, kv: &KeyValue, error: String) {
-        warn!(key = %kv.key, %error, "cannot read a stored record; it is left out of the policy");
+    fn problem(&mut self, kv: &KeyValue, error: &str) {
+        warn!(key = %kv.key, %error, "cannot read a stored record; failing closed for it");
         self.problems.insert(
             kv.key.clone(),
             format!("{} (revision {}): {error}", kv.key, kv.mod_revision),
@@ -196,12 +216,50 @@ impl State {
     }
 }
 
+/// Whether a namespace follower is keeping up with the store.
+#[derive(Debug, Default)]
+pub struct FollowerHealth {
+    last_error: Mutex<Option<String>>,
+}
+
+impl FollowerHealth {
+    /// Whether the follower has a working read of the store. Heartbeats are
+    /// only sent while it does: a heartbeat promises subscribers that their
+    /// policy is current.
+    pub fn is_healthy(&self) -> bool {
+        self.lock().is_none()
+    }
+
+    /// The last store error, while unhealthy.
+    pub fn last_error(&self) -> Option<String> {
+        self.lock().clone()
+    }
+
+    fn failed(&self, error: String) {
+        *self.lock() = Some(error);
+    }
+
+    fn recovered(&self) {
+        self.lock().take();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        // Each update is one assignment; a poisoned value is still whole.
+        self.last_error.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// A namespace followed by this replica.
 pub struct NamespaceHandle {
     view: watch::Receiver<Arc<NamespaceView>>,
-    last_error: Arc<Mutex<Option<String>>>,
+    /// Whether the follower keeps up with the store.
+    pub health: Arc<FollowerHealth>,
     /// Subscribers connected to this replica for the namespace.
     pub subscribers: Arc<super::subscribers::Subscribers>,
+    /// Stops the follower.
+    stop: CancellationToken,
+    /// When a request last used the namespace (seconds since the Unix epoch).
+    last_used: AtomicI64,
 }
 
 impl NamespaceHandle {
@@ -213,14 +271,15 @@ impl NamespaceHandle {
         shutdown: CancellationToken,
     ) -> Self {
         let (tx, view) = watch::channel(Arc::new(NamespaceView::unloaded(namespace.clone())));
-        let last_error = Arc::new(Mutex::new(None));
+        let health = Arc::new(FollowerHealth::default());
         let follower = Follower {
             store,
             layout,
             tx,
-            last_error: last_error.clone(),
+            health: health.clone(),
             state: State::new(namespace.clone()),
         };
+        let stop = shutdown.clone();
         let span = tracing::info_span!("namespace", %namespace);
         tokio::spawn(tracing::Instrument::instrument(
             async move {
@@ -233,9 +292,28 @@ impl NamespaceHandle {
         ));
         NamespaceHandle {
             view,
-            last_error,
+            health,
             subscribers: Arc::default(),
+            stop,
+            last_used: AtomicI64::new(Timestamp::now().as_second()),
         }
+    }
+
+    /// Notes that a request used the namespace now.
+    pub fn touch(&self) {
+        self.last_used
+            .store(Timestamp::now().as_second(), Ordering::Relaxed);
+    }
+
+    /// Whether nobody used the namespace for `idle` and nobody subscribes.
+    pub fn is_idle(&self, idle: Duration) -> bool {
+        let unused = Timestamp::now().as_second() - self.last_used.load(Ordering::Relaxed);
+        self.subscribers.is_empty() && unused >= idle.as_secs() as i64
+    }
+
+    /// Stops the follower.
+    pub fn stop(&self) {
+        self.stop.cancel();
     }
 
     /// The latest view.
@@ -258,7 +336,7 @@ impl NamespaceHandle {
         let mut rx = self.view.clone();
         match tokio::time::timeout(timeout, rx.wait_for(ready)).await {
             Ok(Ok(view)) => Ok(view.clone()),
-            _ => Err(self.last_error.lock().expect("poisoned").clone()),
+            _ => Err(self.health.last_error()),
         }
     }
 }
@@ -268,7 +346,7 @@ struct Follower {
     store: Arc<dyn Store>,
     layout: Layout,
     tx: watch::Sender<Arc<NamespaceView>>,
-    last_error: Arc<Mutex<Option<String>>>,
+    health: Arc<FollowerHealth>,
     state: State,
 }
 
@@ -287,6 +365,7 @@ impl Follower {
                 match self.store.range(&prefix).await {
                     Ok(range) => {
                         self.state.replace(&self.layout, &range.kvs, range.revision);
+                        self.health.recovered();
                         self.publish();
                         needs_list = false;
                         info!(revision = self.state.revision, "namespace loaded");
@@ -299,7 +378,10 @@ impl Follower {
             }
             let from = self.state.store_revision + 1;
             let mut stream = match self.store.watch(&prefix, from).await {
-                Ok(stream) => stream,
+                Ok(stream) => {
+                    self.health.recovered();
+                    stream
+                }
                 Err(store::Error::Compacted { .. }) => {
                     needs_list = true;
                     continue;
@@ -313,7 +395,7 @@ impl Follower {
                 match item {
                     Ok(batch) => {
                         backoff.reset();
-                        self.clear_error();
+                        self.health.recovered();
                         if self.apply(&batch.events) {
                             self.publish();
                         }
@@ -356,11 +438,7 @@ impl Follower {
     async fn failed(&self, error: &store::Error, backoff: &mut Backoff) {
         let pause = backoff.next_delay();
         warn!(%error, retry_in = ?pause, "store read failed");
-        *self.last_error.lock().expect("poisoned") = Some(error.to_string());
+        self.health.failed(error.to_string());
         tokio::time::sleep(pause).await;
-    }
-
-    fn clear_error(&self) {
-        self.last_error.lock().expect("poisoned").take();
     }
 }

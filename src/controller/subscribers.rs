@@ -31,6 +31,19 @@ pub struct SubscriberRecord {
     pub rejected: Option<Rejection>,
 }
 
+impl SubscriberRecord {
+    /// A subscriber may only answer for a revision it was sent.
+    fn check_sent(&self, revision: Revision) -> Result<(), UnknownRevision> {
+        if revision < 0 || revision > self.sent_revision {
+            return Err(UnknownRevision {
+                revision,
+                sent: self.sent_revision,
+            });
+        }
+        Ok(())
+    }
+}
+
 /// A snapshot a subscriber could not apply.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Rejection {
@@ -98,6 +111,11 @@ impl Subscribers {
         records
     }
 
+    /// Whether no subscriber is connected.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, SubscriberRecord>> {
         // A panic while holding this lock cannot leave a record half-written
         // (every update is one assignment), so a poisoned map is still good.
@@ -129,12 +147,7 @@ impl Registration {
     /// Notes an acknowledgement.
     pub fn acked(&self, revision: Revision) -> Result<(), UnknownRevision> {
         self.update(|r| {
-            if revision > r.sent_revision || revision < 0 {
-                return Err(UnknownRevision {
-                    revision,
-                    sent: r.sent_revision,
-                });
-            }
+            r.check_sent(revision)?;
             if revision >= r.acked_revision {
                 r.acked_revision = revision;
                 r.acked_at = Some(Timestamp::now());
@@ -146,12 +159,7 @@ impl Registration {
     /// Notes a rejection.
     pub fn rejected(&self, revision: Revision, reason: String) -> Result<(), UnknownRevision> {
         self.update(|r| {
-            if revision > r.sent_revision || revision < 0 {
-                return Err(UnknownRevision {
-                    revision,
-                    sent: r.sent_revision,
-                });
-            }
+            r.check_sent(revision)?;
             r.rejected = Some(Rejection {
                 revision,
                 reason,

@@ -7,9 +7,14 @@ use std::fmt;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use super::effect::{Effect, ReadOnly};
-use super::mode::Mode;
-use super::names::{Channel, ChannelSet, NameError};
+use std::sync::Arc;
+
+use super::effect::{Deny, Effect, ReadOnly};
+use super::mode::{Mode, ModeName, Rule};
+use super::names::{ActionSelector, Channel, ChannelSet, NameError};
+
+/// The mode name of [`Activation::unreadable`] stand-ins.
+pub const UNREADABLE_MODE: &str = "unreadable-activation";
 
 /// A store revision, as carried by activations and snapshots.
 pub type Revision = i64;
@@ -191,6 +196,49 @@ impl Activation {
             applied_at: change.at,
             incident_id: change.incident_id.clone(),
             revision: 0,
+        }
+    }
+
+    /// Stands in for an activation whose stored record cannot be read (it
+    /// is damaged, or a newer version wrote something this one does not
+    /// know): it denies every action on every channel. A protective mode must
+    /// never silently turn into `allow`; this fails closed, loudly, until the
+    /// record is fixed or lifted.
+    pub fn unreadable(id: ActivationId, revision: Revision, error: &str, at: Timestamp) -> Self {
+        let name = ModeName::parse(UNREADABLE_MODE).expect("a valid mode name");
+        let error: String = error
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(500)
+            .collect();
+        Activation {
+            id,
+            mode: Mode {
+                name,
+                title: "Unreadable activation (failing closed)".into(),
+                summary: format!("This replica cannot read the stored activation: {error}"),
+                customer_notice: Some(Arc::from(
+                    "This service is temporarily limited. Please try again later.",
+                )),
+                agent_script: Some(Arc::from(
+                    "safemode cannot read an active protective mode (see `safemode status`). Do not carry out sensitive actions until it is fixed.",
+                )),
+                rules: vec![Rule {
+                    channels: ChannelSet::ALL,
+                    actions: vec![ActionSelector::Prefix(String::new())],
+                    except: Vec::new(),
+                    when: None,
+                    effect: Effect::Deny(Deny { alternative: None }),
+                    customer_message: None,
+                    agent_script: None,
+                }],
+            },
+            channels: ChannelSet::ALL,
+            reason: Reason(format!("unreadable record: {error}")),
+            principal: "safemode".into(),
+            applied_at: at,
+            incident_id: None,
+            revision,
         }
     }
 

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use super::activation::ActivationId;
-use super::compile::{ActionPolicy, ChannelPolicy, EffectivePolicy, StandingThrottle};
+use super::compile::{ActionPolicy, ChannelPolicy, EffectivePolicy, Entry, StandingThrottle};
 use super::effect::{Deny, Effect, EffectKind, ReadOnly, Route, StepUp, Throttle};
 use super::names::{Channel, MethodSet};
 
@@ -184,10 +184,27 @@ impl ActionPolicy {
     /// (queues, the deny alternative, messages) come from the first entry
     /// with the winning kind.
     pub fn decide(&self, ctx: &Context) -> Decision<'_> {
+        // Each condition is evaluated once; past 64 entries (no real policy
+        // has that many distinct conditions for one action) they are
+        // evaluated again where needed rather than remembered.
+        let mut held = 0u64;
+        for (i, entry) in self.conditional.iter().enumerate().take(64) {
+            if holds(entry, ctx) {
+                held |= 1 << i;
+            }
+        }
         let applied = || {
             self.conditional
                 .iter()
-                .filter(|e| e.when.as_ref().is_none_or(|w| w.holds(ctx)))
+                .enumerate()
+                .filter(move |(i, e)| {
+                    if *i < 64 {
+                        held & (1 << i) != 0
+                    } else {
+                        holds(e, ctx)
+                    }
+                })
+                .map(|(_, e)| e)
                 .chain(self.base.iter())
         };
         let mut effect: Option<Effect> = None;
@@ -225,12 +242,6 @@ impl ActionPolicy {
                     (e.customer_message.as_deref(), e.agent_script.as_deref())
                 }),
         };
-        let mut held = 0u64;
-        for (i, entry) in self.conditional.iter().enumerate().take(64) {
-            if entry.when.as_ref().is_none_or(|w| w.holds(ctx)) {
-                held |= 1 << i;
-            }
-        }
         Decision {
             outcome,
             policy: Some(self),
@@ -239,6 +250,10 @@ impl ActionPolicy {
             agent_script,
         }
     }
+}
+
+fn holds(entry: &Entry, ctx: &Context) -> bool {
+    entry.when.as_ref().is_none_or(|w| w.holds(ctx))
 }
 
 impl Decision<'static> {

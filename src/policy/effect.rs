@@ -192,9 +192,6 @@ impl Effect {
             (Route(a), Route(b)) => Route(self::Route {
                 to: a.to.intersection(b.to),
             }),
-            (Deny(a), Deny(b)) => Deny(self::Deny {
-                alternative: a.alternative.clone().or_else(|| b.alternative.clone()),
-            }),
             _ if other.kind() > self.kind() => other.clone(),
             _ => self.clone(),
         }

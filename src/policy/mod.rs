@@ -18,5 +18,5 @@ pub use effect::{Deny, Effect, EffectKind, ReadOnly, Review, Route, StepUp, Thro
 pub use mode::{Condition, Mode, ModeCatalog, ModeName, Rule};
 pub use mode_file::{ModeFileError, parse_mode};
 pub use names::{
-    ActionSelector, Channel, ChannelSet, MethodSet, NameError, Namespace, validate_action,
+    Action, ActionSelector, Channel, ChannelSet, MethodSet, NameError, Namespace, validate_action,
 };

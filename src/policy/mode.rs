@@ -59,13 +59,18 @@ impl fmt::Display for ModeName {
 
 /// When a rule applies, beyond its channels and actions. Every part that is
 /// set must hold.
+///
+/// Stored conditions accept fields this version does not know (mode files do
+/// not): a part written by a newer version is ignored, which only makes the
+/// rule apply more widely.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Condition {
     /// Holds when the session's hand-off-from-bot flag equals this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handoff_from_bot: Option<bool>,
-    /// Holds when the amount is strictly greater than this.
+    /// Holds when the amount is strictly greater than this, or unknown: a
+    /// channel that does not say how much money is involved gets the
+    /// stricter rule.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub amount_over: Option<f64>,
     /// Holds when the bot flagged the session with any of these (sorted,
@@ -81,7 +86,7 @@ impl Condition {
             .is_none_or(|want| want == ctx.handoff_from_bot)
             && self
                 .amount_over
-                .is_none_or(|limit| ctx.amount.is_some_and(|amount| amount > limit))
+                .is_none_or(|limit| ctx.amount.is_none_or(|amount| amount > limit))
             && (self.bot_flags_any.is_empty()
                 || self
                     .bot_flags_any
@@ -150,29 +155,24 @@ impl Rule {
     /// prefix, and a longer prefix beats a shorter one. Among rules with the
     /// same effect, the most specific one speaks (messages, queue).
     pub fn specificity_for_action(&self, action: &str) -> usize {
-        self.actions
-            .iter()
-            .filter(|s| s.matches(action))
-            .map(|s| match s {
-                ActionSelector::Exact(_) => usize::MAX,
-                ActionSelector::Prefix(p) => p.len(),
-            })
-            .max()
-            .unwrap_or(0)
+        most_specific(self.actions.iter().filter(|s| s.matches(action)))
     }
 
     /// [`Rule::specificity_for_action`] for the actions under `prefix.*`.
     pub fn specificity_under(&self, prefix: &str) -> usize {
-        self.actions
-            .iter()
-            .filter(|s| s.covers_all_under(prefix))
-            .map(|s| match s {
-                ActionSelector::Exact(_) => usize::MAX,
-                ActionSelector::Prefix(p) => p.len(),
-            })
-            .max()
-            .unwrap_or(0)
+        most_specific(self.actions.iter().filter(|s| s.covers_all_under(prefix)))
     }
+}
+
+/// The specificity of the most specific of `selectors` (0 for none).
+fn most_specific<'a>(selectors: impl Iterator<Item = &'a ActionSelector>) -> usize {
+    selectors
+        .map(|s| match s {
+            ActionSelector::Exact(_) => usize::MAX,
+            ActionSelector::Prefix(p) => p.len(),
+        })
+        .max()
+        .unwrap_or(0)
 }
 
 /// A named bundle of rules with customer and agent messaging.

@@ -208,6 +208,31 @@ pub fn validate_action(name: &str) -> Result<(), NameError> {
     )))
 }
 
+/// An action name checked against the catalogue. A channel service parses
+/// the actions it asks about once, at start, so a misspelt action is an error
+/// there rather than a silent `allow` on every request.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Action(Box<str>);
+
+impl Action {
+    /// Parses an action: one from [`ACTIONS`] or `bot.intent.<name>`.
+    pub fn parse(name: &str) -> Result<Self, NameError> {
+        validate_action(name)?;
+        Ok(Action(name.into()))
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// Which actions a rule covers: one action, or every action under a dotted
 /// prefix (`account.*`), or every action (`*`).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -422,13 +447,21 @@ impl Namespace {
     /// The production namespace.
     pub const LIVE: &'static str = "live";
 
-    /// Parses a namespace name; empty means `live`.
+    /// Parses a namespace: `live`, or `drill-<id>`; empty means `live`.
+    /// Nothing else is accepted, so a typo (`liev`) cannot send a protective
+    /// mode to a namespace nobody subscribes to.
     pub fn parse(name: &str) -> Result<Self, NameError> {
-        if name.is_empty() {
+        if name.is_empty() || name == Self::LIVE {
             return Ok(Namespace(Self::LIVE.to_string()));
         }
-        validate_slug("namespace", name, 63)?;
-        Ok(Namespace(name.to_string()))
+        match name.strip_prefix("drill-") {
+            Some(id) if validate_slug("drill id", id, 56).is_ok() => {
+                Ok(Namespace(name.to_string()))
+            }
+            _ => Err(NameError(format!(
+                "unknown namespace '{name}': use live (production) or drill-<id> for rehearsals, e.g. drill-2026-11-21"
+            ))),
+        }
     }
 
     /// The production namespace, `live`.

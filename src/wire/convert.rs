@@ -7,9 +7,7 @@ use std::sync::Arc;
 
 use jiff::Timestamp;
 
-use super::SCHEMA_VERSION;
 use super::proto;
-use crate::controller::{ChannelSnapshot, NamespaceView, SubscriberRecord};
 use crate::policy::{
     ActionPolicy, Activation, ActivationId, ChannelPolicy, ChannelSet, Condition, Deny, Effect,
     Entry, MethodSet, Mode, ReadOnly, Review, Route, StandingThrottle, StepUp, Throttle,
@@ -25,10 +23,13 @@ pub struct WireError {
     pub problem: String,
 }
 
-fn wire_err(field: impl Into<String>, problem: impl std::fmt::Display) -> WireError {
-    WireError {
-        field: field.into(),
-        problem: problem.to_string(),
+impl WireError {
+    /// A problem with `field`.
+    pub fn new(field: impl Into<String>, problem: impl std::fmt::Display) -> Self {
+        WireError {
+            field: field.into(),
+            problem: problem.to_string(),
+        }
     }
 }
 
@@ -49,11 +50,12 @@ pub fn timestamp_from_wire(t: &prost_types::Timestamp) -> Result<Timestamp, Stri
 
 // === Outbound ===
 
-fn opt_text(s: &Option<Arc<str>>) -> String {
+/// An optional text as protobuf has it: empty for none.
+pub fn opt_text(s: &Option<Arc<str>>) -> String {
     s.as_deref().unwrap_or_default().to_string()
 }
 
-/// An activation, without its rules (the snapshot carries them compiled).
+/// An activation, without its rules (a snapshot carries them compiled).
 pub fn activation_to_wire(a: &Activation) -> proto::Activation {
     proto::Activation {
         id: a.id.to_string(),
@@ -148,23 +150,6 @@ pub fn channel_policy_to_wire(policy: &ChannelPolicy) -> proto::ChannelRules {
     }
 }
 
-/// The snapshot a subscriber of `snapshot.channel` receives for `view`.
-pub fn snapshot_to_wire(view: &NamespaceView, snapshot: &ChannelSnapshot) -> proto::Snapshot {
-    proto::Snapshot {
-        schema_version: SCHEMA_VERSION,
-        namespace: view.namespace.to_string(),
-        channel: snapshot.channel.as_str().to_string(),
-        revision: view.revision,
-        issued_at: Some(timestamp_to_wire(view.issued_at)),
-        activations: snapshot
-            .activations
-            .iter()
-            .map(|a| activation_to_wire(a))
-            .collect(),
-        rules: Some(channel_policy_to_wire(&snapshot.policy)),
-    }
-}
-
 /// A mode of the catalogue, with its rules.
 pub fn mode_to_wire(m: &Mode) -> proto::Mode {
     proto::Mode {
@@ -189,23 +174,6 @@ pub fn mode_to_wire(m: &Mode) -> proto::Mode {
     }
 }
 
-/// A connected subscriber.
-pub fn subscriber_to_wire(s: &SubscriberRecord) -> proto::SubscriberStatus {
-    let rejected = s.rejected.as_ref();
-    proto::SubscriberStatus {
-        subscriber_id: s.subscriber_id.clone(),
-        channel: s.channel.as_str().to_string(),
-        peer: s.peer.clone(),
-        connected_at: Some(timestamp_to_wire(s.connected_at)),
-        sent_revision: s.sent_revision,
-        acked_revision: s.acked_revision,
-        acked_at: s.acked_at.map(timestamp_to_wire),
-        rejected_revision: rejected.map_or(0, |r| r.revision),
-        reject_reason: rejected.map(|r| r.reason.clone()).unwrap_or_default(),
-        rejected_at: rejected.map(|r| timestamp_to_wire(r.at)),
-    }
-}
-
 // === Inbound ===
 
 fn non_empty(s: &str) -> Option<Arc<str>> {
@@ -216,23 +184,23 @@ fn effect_from_wire(field: &str, e: Option<&proto::Effect>) -> Result<Effect, Wi
     use proto::effect::Kind;
     let kind = e
         .and_then(|e| e.kind.as_ref())
-        .ok_or_else(|| wire_err(field, "effect is missing"))?;
+        .ok_or_else(|| WireError::new(field, "effect is missing"))?;
     Ok(match kind {
         Kind::Allow(_) => Effect::Allow,
         Kind::Throttle(t) => Effect::Throttle(throttle_from_wire(field, t)?),
         Kind::StepUp(s) => {
             if !(0.0..=1.0).contains(&s.min_confidence) {
-                return Err(wire_err(
+                return Err(WireError::new(
                     field,
                     format!("min_confidence {} outside 0..1", s.min_confidence),
                 ));
             }
             if s.max_attempts == 0 {
-                return Err(wire_err(field, "max_attempts is 0"));
+                return Err(WireError::new(field, "max_attempts is 0"));
             }
             Effect::StepUp(StepUp {
                 min_confidence: s.min_confidence,
-                methods: MethodSet::parse(&s.methods).map_err(|e| wire_err(field, e))?,
+                methods: MethodSet::parse(&s.methods).map_err(|e| WireError::new(field, e))?,
                 max_attempts: s.max_attempts,
                 escalate_queue: Arc::from(s.escalate_queue.as_str()),
             })
@@ -246,14 +214,14 @@ fn effect_from_wire(field: &str, e: Option<&proto::Effect>) -> Result<Effect, Wi
                 .as_ref()
                 .map(timestamp_from_wire)
                 .transpose()
-                .map_err(|e| wire_err(field, e))?,
+                .map_err(|e| WireError::new(field, e))?,
         }),
         Kind::Route(r) => {
             // A merged route may have no channel left (decides as deny).
             let mut to = ChannelSet::NONE;
             for name in &r.to_channels {
                 let channel =
-                    crate::policy::Channel::parse(name).map_err(|e| wire_err(field, e))?;
+                    crate::policy::Channel::parse(name).map_err(|e| WireError::new(field, e))?;
                 to = to.with(channel);
             }
             Effect::Route(Route { to })
@@ -266,7 +234,7 @@ fn effect_from_wire(field: &str, e: Option<&proto::Effect>) -> Result<Effect, Wi
 
 fn throttle_from_wire(field: &str, t: &proto::Throttle) -> Result<Throttle, WireError> {
     if t.max == 0 || t.window_seconds == 0 {
-        return Err(wire_err(
+        return Err(WireError::new(
             field,
             "throttle max and window_seconds must be at least 1",
         ));
@@ -298,8 +266,13 @@ fn entry_from_wire(
             })
         }
         (None, false) => None,
-        (None, true) => return Err(wire_err(field, "conditional entry without a condition")),
-        (Some(_), false) => return Err(wire_err(field, "base entry with a condition")),
+        (None, true) => {
+            return Err(WireError::new(
+                field,
+                "conditional entry without a condition",
+            ));
+        }
+        (Some(_), false) => return Err(WireError::new(field, "base entry with a condition")),
     };
     Ok(Entry {
         when,
@@ -311,7 +284,7 @@ fn entry_from_wire(
                 let limit = t
                     .limit
                     .as_ref()
-                    .ok_or_else(|| wire_err(field, "standing throttle without a limit"))?;
+                    .ok_or_else(|| WireError::new(field, "standing throttle without a limit"))?;
                 Ok::<_, WireError>(StandingThrottle {
                     limit: throttle_from_wire(field, limit)?,
                     customer_message: non_empty(&t.customer_message),
@@ -322,7 +295,7 @@ fn entry_from_wire(
         activation_ids: e
             .activation_ids
             .iter()
-            .map(|id| ActivationId::parse(id).map_err(|err| wire_err(field, err)))
+            .map(|id| ActivationId::parse(id).map_err(|err| WireError::new(field, err)))
             .collect::<Result<_, _>>()?,
         customer_message: non_empty(&e.customer_message),
         agent_script: non_empty(&e.agent_script),
@@ -347,7 +320,7 @@ pub fn channel_policy_from_wire(rules: &proto::ChannelRules) -> Result<ChannelPo
             .collect::<Result<Vec<_>, _>>()?;
         policy
             .insert(key, ActionPolicy { base, conditional })
-            .map_err(|e| wire_err(&field, e))?;
+            .map_err(|e| WireError::new(&field, e))?;
     }
     Ok(policy)
 }

@@ -1,13 +1,13 @@
 //! The wire format: the `safemode.v1` protobuf types generated from `proto/`,
-//! and the conversions between them and the policy core. Only this module,
-//! `api` (the server edge) and `client` know prost types; conversions into
-//! the core validate everything and say what was wrong.
+//! and the conversions between them and the policy core (nothing here knows
+//! the controller). Conversions into the core validate everything and say
+//! what was wrong.
 
 mod convert;
 
 pub use convert::{
     WireError, activation_to_wire, channel_policy_from_wire, channel_policy_to_wire, mode_to_wire,
-    snapshot_to_wire, subscriber_to_wire, timestamp_from_wire, timestamp_to_wire,
+    opt_text, timestamp_from_wire, timestamp_to_wire,
 };
 
 /// Generated code for `proto/safemode/v1/*.proto`.

@@ -110,7 +110,19 @@ async fn bad_input_gets_one_clear_line_and_changes_nothing() {
                 "--namespace",
                 "Live!",
             ],
-            "bad namespace 'Live!'",
+            "unknown namespace 'Live!'",
+        ),
+        (
+            &[
+                "mode",
+                "apply",
+                "step-up-account-changes",
+                "--reason",
+                "x",
+                "--namespace",
+                "liev",
+            ],
+            "unknown namespace 'liev': use live (production) or drill-<id>",
         ),
         (
             &[
@@ -284,7 +296,7 @@ async fn a_commander_session_from_the_command_line() {
     assert!(text.contains("on web,mobile channels"), "{text}");
     let revision: i64 = text
         .lines()
-        .find_map(|l| l.strip_prefix("revision "))
+        .find_map(|l| l.strip_prefix("namespace live at revision "))
         .expect("the new revision is printed")
         .parse()
         .unwrap();

@@ -2,8 +2,7 @@
 //! lifts, every subscriber receives the change atomically, acks it, and
 //! status shows where each subscriber is.
 
-use safemode::client::{Subscriber, SubscriberConfig};
-use safemode::policy::{Channel, Context, EffectKind, Namespace};
+use safemode::policy::{Action, Channel, Context, EffectKind};
 use safemode::wire::proto;
 
 use crate::support::{RawSubscriber, TestServer, modes_of, wait_until};
@@ -98,20 +97,14 @@ async fn a_two_mode_change_reaches_every_subscriber_at_once_and_a_lift_restores_
     assert_eq!(status.activations.len(), 2);
 
     // A real client evaluates the policy locally.
-    let chatbot = Channel::parse("chatbot").unwrap();
-    let client = Subscriber::connect(SubscriberConfig::new(
-        [server.url.clone()],
-        Namespace::live(),
-        chatbot,
-        "client-check",
-    ))
-    .await
-    .unwrap();
+    let _chatbot = Channel::parse("chatbot").unwrap();
+    let client = server.subscriber("chatbot", "client-check").await;
     let ctx = Context {
         confidence: 1.0,
         ..Context::default()
     };
-    let decision = client.decide("account.password_reset", &ctx);
+    let reset = Action::parse("account.password_reset").unwrap();
+    let decision = client.decide(&reset, &ctx);
     assert_eq!(decision.outcome.kind(), EffectKind::Deny);
     assert_eq!(decision.revision, Some(revision));
     assert_eq!(
@@ -128,6 +121,7 @@ async fn a_two_mode_change_reaches_every_subscriber_at_once_and_a_lift_restores_
             namespace: "live".into(),
             targets: TWO_MODES.iter().map(|m| m.to_string()).collect(),
             reason: "incident over".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -164,7 +158,7 @@ async fn a_two_mode_change_reaches_every_subscriber_at_once_and_a_lift_restores_
     })
     .await;
     assert_eq!(
-        client.decide("account.password_reset", &ctx).outcome.kind(),
+        client.decide(&reset, &ctx).outcome.kind(),
         EffectKind::Allow
     );
     // The 200, and the client that checked decisions.
@@ -233,12 +227,13 @@ async fn acks_rejects_and_disconnects_show_in_status() {
             && status.subscribers[0].acked_at.is_some()
     })
     .await;
+    // The reason is shown on a terminal: control characters are blanked.
     subscriber
-        .reject(0, "rules failed validation: unknown effect")
+        .reject(0, "rules failed validation:\x1b[31m unknown effect")
         .await;
     wait_until("the reject and its reason are listed", || async {
         let status = server.status("live").await;
-        status.subscribers[0].reject_reason == "rules failed validation: unknown effect"
+        status.subscribers[0].reject_reason == "rules failed validation: [31m unknown effect"
             && status.subscribers[0].rejected_at.is_some()
     })
     .await;

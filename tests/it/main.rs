@@ -1,5 +1,6 @@
 //! Integration tests: one binary so the crate links once.
 
+mod changes;
 mod cli;
 mod e2e;
 mod etcd;

@@ -663,13 +663,15 @@ fn throttle_high_risk() {
     }
     cases.extend([
         case(
-            "refund without an amount: 5 a day",
+            // A channel that does not say how much is involved gets the
+            // stricter rule: an unknown amount may be over 500.
+            "refund without an amount: reviewed",
             &[THROTTLE],
             "agent-desk",
             "payment.refund",
         )
-        .gives("throttle 5/86400s", &[THROTTLE])
-        .says(THROTTLE),
+        .gives("review payments-review", &[THROTTLE, THROTTLE])
+        .says_exactly(LARGE_REFUND_MESSAGE, LARGE_REFUND_SCRIPT),
         case(
             "refund of 499.99: 5 a day",
             &[THROTTLE],
@@ -993,11 +995,12 @@ fn combinations() {
         .gives("review account-review (escalated)", &[STEP_UP, THROTTLE])
         .says(STEP_UP),
         case(
-            "step-up+throttle: refund only throttled",
+            "step-up+throttle: small refund only throttled",
             &[STEP_UP, THROTTLE],
             "mobile",
             "payment.refund",
         )
+        .amount(20.0)
         .gives("throttle 5/86400s", &[THROTTLE])
         .says(THROTTLE),
         // Hand-off guard on top of step-up: the stricter limits of both
@@ -1124,11 +1127,12 @@ fn combinations() {
         // from the winning rule (review-refunds), not from the first rule in
         // canonical order (the throttle's).
         case(
-            "throttle+review: refund reviewed, review's message",
+            "throttle+review: small refund reviewed, review's message",
             &[THROTTLE, REVIEW_PAY],
             "web",
             "payment.refund",
         )
+        .amount(20.0)
         .gives("review payments-review", &[THROTTLE, REVIEW_PAY])
         .says(REVIEW_PAY),
         case(
@@ -1212,7 +1216,10 @@ fn combinations() {
         )
         .gives(
             BOTS_DENY,
-            &[VERIFIED, THROTTLE, REVIEW_PAY, BOTS, READ_ONLY, NOTICE],
+            // No amount given: the large-refund rule holds too.
+            &[
+                THROTTLE, VERIFIED, THROTTLE, REVIEW_PAY, BOTS, READ_ONLY, NOTICE,
+            ],
         )
         .says(BOTS),
         case(
@@ -1223,7 +1230,7 @@ fn combinations() {
         )
         .gives(
             "route to mobile",
-            &[VERIFIED, THROTTLE, REVIEW_PAY, READ_ONLY, NOTICE],
+            &[THROTTLE, VERIFIED, THROTTLE, REVIEW_PAY, READ_ONLY, NOTICE],
         )
         .says(VERIFIED),
         case(
@@ -1249,8 +1256,13 @@ fn reasons_are_activation_ids() {
     ];
     let policy = EffectivePolicy::compile(&activations);
     let web = Channel::parse("web").unwrap();
+    // A small known amount, so only the unconditional refund rules apply.
+    let ctx = Context {
+        amount: Some(20.0),
+        ..Context::default()
+    };
     let ids = |action: &str| -> Vec<String> {
-        let d = policy.decide(web, action, &Context::default());
+        let d = policy.decide(web, action, &ctx);
         d.reasons().map(|id| id.as_str().to_string()).collect()
     };
     assert_eq!(
@@ -1262,4 +1274,29 @@ fn reasons_are_activation_ids() {
         ["act_000000000002", "act_000000000003"]
     );
     assert_eq!(ids("order.view"), Vec::<String>::new());
+}
+
+/// A channel service parses its actions once; a misspelt one is an error
+/// there, not a silent `allow` on every request.
+#[test]
+fn actions_are_checked_when_parsed() {
+    use safemode::policy::Action;
+    for good in [
+        "account.password_reset",
+        "bot.intent.faq",
+        "handoff.ai_to_human",
+    ] {
+        assert_eq!(Action::parse(good).unwrap().as_str(), good);
+    }
+    for bad in [
+        "account.password-reset",
+        "Account.Password_Reset",
+        "account.pasword_reset",
+        "account",
+        "bot.intent.",
+        "",
+    ] {
+        let error = Action::parse(bad).unwrap_err();
+        assert!(error.0.contains(&format!("'{bad}'")), "{bad}: {error}");
+    }
 }

@@ -7,10 +7,15 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use futures_util::StreamExt;
 use safemode::client::{Subscriber, SubscriberConfig};
-use safemode::policy::{Channel, Namespace};
+use safemode::controller::{ApplyRequest, Controller, ControllerConfig, LiftRequest, LiftTarget};
+use safemode::policy::{Channel, ModeName, Namespace, Reason};
+use safemode::store::embedded::EmbeddedStore;
+use safemode::store::{self, Store};
 use safemode::wire::proto;
 use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
 
 use crate::etcd::EtcdCluster;
 use crate::support::{RawSubscriber, TestServer, safemode, wait_for, wait_until};
@@ -78,6 +83,7 @@ async fn a_change_through_one_replica_reaches_subscribers_of_another() {
                     namespace: "live".into(),
                     targets: vec!["incident-notice".into()],
                     reason: format!("round {round}"),
+                    ..Default::default()
                 })
                 .await
                 .unwrap()
@@ -343,6 +349,7 @@ async fn a_subscriber_that_missed_compacted_history_gets_the_full_current_state(
                     namespace: "live".into(),
                     targets: vec![mode.into()],
                     reason: format!("change {i}"),
+                    ..Default::default()
                 })
                 .await
                 .unwrap();
@@ -454,5 +461,206 @@ async fn a_restarted_replica_gets_all_1000_subscribers_back() {
                 && status.subscribers.iter().all(|s| s.acked_revision == after)
         },
     )
+    .await;
+}
+
+/// A real store whose watch events reach the caller late: a replica whose
+/// view lags the store (fault injection over the real store, not a mock).
+struct LaggingWatch {
+    inner: Arc<dyn Store>,
+    lag: std::time::Duration,
+}
+
+#[async_trait::async_trait]
+impl Store for LaggingWatch {
+    async fn range(&self, prefix: &str) -> store::Result<store::RangeResult> {
+        self.inner.range(prefix).await
+    }
+    async fn txn(&self, txn: store::Txn) -> store::Result<store::TxnOutcome> {
+        self.inner.txn(txn).await
+    }
+    async fn watch(&self, prefix: &str, from: i64) -> store::Result<store::WatchStream> {
+        let lag = self.lag;
+        let stream = self.inner.watch(prefix, from).await?;
+        Ok(stream
+            .then(move |item| async move {
+                tokio::time::sleep(lag).await;
+                item
+            })
+            .boxed())
+    }
+    async fn compact(&self, revision: i64) -> store::Result<()> {
+        self.inner.compact(revision).await
+    }
+    fn describe(&self) -> String {
+        format!("lagging {}", self.inner.describe())
+    }
+}
+
+#[tokio::test]
+async fn already_active_is_never_answered_from_a_lagging_view() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> =
+        Arc::new(EmbeddedStore::open(&dir.path().join("store.redb"), Default::default()).unwrap());
+    let start = |store: Arc<dyn Store>| {
+        Controller::start(
+            store,
+            Arc::new(safemode::catalog::standard_modes()),
+            ControllerConfig::default(),
+            CancellationToken::new(),
+        )
+    };
+    let prompt = start(store.clone()).await.unwrap();
+    let lagging = start(Arc::new(LaggingWatch {
+        inner: store.clone(),
+        lag: std::time::Duration::from_millis(500),
+    }))
+    .await
+    .unwrap();
+    let live = Namespace::live();
+    let apply = || ApplyRequest {
+        namespace: live.clone(),
+        modes: vec![ModeName::parse("freeze-credential-changes").unwrap()],
+        channels: safemode::policy::ChannelSet::ALL,
+        as_of: None,
+        principal: "bob".into(),
+        reason: Reason::parse("contain the wave").unwrap(),
+    };
+    // Both replicas know the mode is active.
+    lagging.apply(apply()).await.unwrap();
+    wait_until("the prompt replica sees it", || async {
+        prompt.status(&live).await.unwrap().view.activations.len() == 1
+    })
+    .await;
+    // Carol lifts it through the prompt replica; at once Bob applies it
+    // through the lagging one, whose view still shows it active.
+    prompt
+        .lift(LiftRequest {
+            namespace: live.clone(),
+            targets: vec![LiftTarget::parse("freeze-credential-changes").unwrap()],
+            principal: "carol".into(),
+            reason: Reason::parse("contained").unwrap(),
+            all: false,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        lagging.status(&live).await.unwrap().view.activations.len(),
+        1,
+        "the view lags"
+    );
+    let answer = lagging.apply(apply()).await.unwrap();
+    assert_eq!(
+        answer.applied.len(),
+        1,
+        "the mode was lifted, so it is applied again"
+    );
+    wait_until("the prompt replica sees it active again", || async {
+        prompt.status(&live).await.unwrap().view.activations.len() == 1
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_activation_fails_closed() {
+    let etcd = EtcdCluster::start(1).await;
+    let server = TestServer::on_etcd(etcd.endpoints(), "127.0.0.1:0").await;
+    let subscriber = RawSubscriber::connect(server.channel().await, "live", "web", "web-1", 0)
+        .await
+        .unwrap();
+    first_revision(&subscriber).await;
+
+    // A record this version cannot read: an effect kind it does not know, as
+    // a newer controller might write.
+    let id = "act_0000000000zz";
+    let record = serde_json::json!({
+        "id": id,
+        "mode": {"name": "future-mode", "title": "Future", "summary": "From a newer version",
+                 "rules": [{"channels": ["*"], "actions": ["*"], "effect": {"quarantine": {}}}]},
+        "channels": ["*"], "reason": "newer controller", "principal": "someone",
+        "applied_at": "2026-11-21T00:00:00Z"
+    });
+    let mut etcd_client = etcd_client::Client::connect(etcd.endpoints(), None)
+        .await
+        .unwrap();
+    etcd_client
+        .put(
+            format!("/safemode/ns/live/activations/{id}"),
+            record.to_string(),
+            None,
+        )
+        .await
+        .unwrap();
+
+    wait_until("the subscriber got the fail-closed policy", || async {
+        subscriber
+            .latest()
+            .is_some_and(|s| s.activations.iter().any(|a| a.id == id))
+    })
+    .await;
+    let client = server.subscriber("web", "checker").await;
+    let decision = client.decide(
+        &safemode::policy::Action::parse("order.view").unwrap(),
+        &safemode::policy::Context::default(),
+    );
+    assert_eq!(decision.outcome.kind(), safemode::policy::EffectKind::Deny);
+    assert_eq!(decision.reasons, [id]);
+    let status = server.status("live").await;
+    assert_eq!(status.problems.len(), 1, "{:?}", status.problems);
+    assert!(status.problems[0].contains(id), "{:?}", status.problems);
+    assert_eq!(status.activations[0].mode, "unreadable-activation");
+
+    // Lifting it by id removes it, like any activation.
+    server
+        .control()
+        .await
+        .lift_activations(proto::LiftActivationsRequest {
+            namespace: "live".into(),
+            targets: vec![id.into()],
+            reason: "written by a newer version by mistake".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let status = server.status("live").await;
+    assert!(status.activations.is_empty() && status.problems.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_stop_while_the_store_is_unreachable_so_clients_go_stale() {
+    let mut etcd = EtcdCluster::start(1).await;
+    let server = TestServer::start_with(safemode::server::ServeConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        store: safemode::server::StoreConfig::Etcd {
+            endpoints: etcd.endpoints(),
+            prefix: "/safemode/".into(),
+        },
+        heartbeat: std::time::Duration::from_millis(50),
+        ..Default::default()
+    })
+    .await;
+    let mut config = SubscriberConfig::new(
+        [server.url.clone()],
+        Namespace::live(),
+        Channel::parse("ivr").unwrap(),
+        "ivr-1",
+    );
+    config.stale_after = std::time::Duration::from_millis(500);
+    let client = Subscriber::connect(config).await.unwrap();
+    wait_until("fresh while heartbeats arrive", || async {
+        !client.is_stale()
+    })
+    .await;
+
+    etcd.kill(0);
+    wait_until(
+        "stale once the controller cannot read its store",
+        || async { client.is_stale() },
+    )
+    .await;
+    etcd.restart(0).await;
+    wait_until("fresh again once the store is back", || async {
+        !client.is_stale()
+    })
     .await;
 }

@@ -4,9 +4,6 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
-use safemode::client::{Subscriber, SubscriberConfig};
-use safemode::policy::{Channel, Namespace};
-
 use crate::support::{TestServer, safemode};
 
 #[tokio::test]
@@ -20,14 +17,7 @@ async fn a_restarted_controller_serves_the_same_revision_and_activations() {
     server.stop().await;
 
     let server = TestServer::start_in(dir.path()).await;
-    let subscriber = Subscriber::connect(SubscriberConfig::new(
-        [server.url.clone()],
-        Namespace::live(),
-        Channel::parse("web").unwrap(),
-        "after-restart",
-    ))
-    .await
-    .unwrap();
+    let subscriber = server.subscriber("web", "after-restart").await;
     let snapshot = subscriber.current().unwrap();
     assert_eq!(snapshot.revision, revision);
     let mut ids: Vec<&str> = snapshot.activations.iter().map(|a| a.id.as_str()).collect();
@@ -177,14 +167,7 @@ async fn a_reconnect_to_the_same_revision_is_acked_but_is_no_change() {
     let dir = tempfile::tempdir().unwrap();
     let mut server = TestServer::start_in(dir.path()).await;
     let revision = server.apply(&["incident-notice"]).await;
-    let subscriber = Subscriber::connect(SubscriberConfig::new(
-        [server.url.clone()],
-        Namespace::live(),
-        Channel::parse("email").unwrap(),
-        "steady",
-    ))
-    .await
-    .unwrap();
+    let subscriber = server.subscriber("email", "steady").await;
     let mut changes = subscriber.changes();
     changes.borrow_and_update();
 
@@ -213,4 +196,50 @@ async fn a_reconnect_to_the_same_revision_is_acked_but_is_no_change() {
         "the same revision was reported as a change"
     );
     assert_eq!(subscriber.current().unwrap().revision, revision);
+}
+
+#[tokio::test]
+async fn a_client_follows_a_replaced_store_into_its_new_history() {
+    let old = tempfile::tempdir().unwrap();
+    let mut server = TestServer::start_in(old.path()).await;
+    for mode in [
+        "incident-notice",
+        "review-refunds-payouts",
+        "throttle-high-risk",
+    ] {
+        server.apply(&[mode]).await;
+    }
+    let subscriber = server.subscriber("web", "survivor").await;
+    let before = subscriber.current().unwrap();
+    assert_eq!(before.activations.len(), 3);
+
+    // The controller comes back on the same address over a new, empty store:
+    // its revisions start again below the client's.
+    let addr = server.addr();
+    server.stop().await;
+    let fresh = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(safemode::server::ServeConfig {
+        listen: addr,
+        store: safemode::server::StoreConfig::Embedded {
+            data_dir: fresh.path().to_path_buf(),
+        },
+        ..Default::default()
+    })
+    .await;
+    let revision = server.apply(&["freeze-credential-changes"]).await;
+    assert!(revision < before.revision);
+    crate::support::wait_until("the client took the new history", || async {
+        subscriber
+            .current()
+            .is_some_and(|s| s.revision == revision && s.epoch != before.epoch)
+    })
+    .await;
+    let modes: Vec<String> = subscriber
+        .current()
+        .unwrap()
+        .activations
+        .iter()
+        .map(|a| a.mode.clone())
+        .collect();
+    assert_eq!(modes, ["freeze-credential-changes"]);
 }

@@ -8,7 +8,9 @@ use std::process::Output;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use safemode::client::{Subscriber, SubscriberConfig};
 use safemode::controller::ControllerConfig;
+use safemode::policy::Namespace;
 use safemode::server::{self, RunningServer, ServeConfig, StoreConfig};
 use safemode::wire::proto::control_service_client::ControlServiceClient;
 use safemode::wire::proto::subscribe_request::Message as Outbound;
@@ -158,6 +160,18 @@ impl TestServer {
             .revision
     }
 
+    /// A client subscriber of `channel` in `live`, with its first snapshot.
+    pub async fn subscriber(&self, channel: &str, id: &str) -> Subscriber {
+        Subscriber::connect(SubscriberConfig::new(
+            [self.url.clone()],
+            Namespace::live(),
+            safemode::policy::Channel::parse(channel).unwrap(),
+            id,
+        ))
+        .await
+        .expect("the subscriber connects")
+    }
+
     /// The status of `namespace`.
     pub async fn status(&self, namespace: &str) -> proto::GetStatusResponse {
         self.control()
@@ -198,14 +212,24 @@ impl RawSubscriber {
         id: &str,
         last_applied: i64,
     ) -> Result<Self, tonic::Status> {
+        let hello = proto::Hello {
+            namespace: namespace.into(),
+            channel: channel_name.into(),
+            subscriber_id: id.into(),
+            last_applied_revision: last_applied,
+            epoch: String::new(),
+        };
+        Self::connect_with(channel, hello).await
+    }
+
+    /// Opens a stream with `hello`.
+    pub async fn connect_with(
+        channel: Channel,
+        hello: proto::Hello,
+    ) -> Result<Self, tonic::Status> {
         let (out, out_rx) = mpsc::channel(16);
         out.send(SubscribeRequest {
-            message: Some(Outbound::Hello(proto::Hello {
-                namespace: namespace.into(),
-                channel: channel_name.into(),
-                subscriber_id: id.into(),
-                last_applied_revision: last_applied,
-            })),
+            message: Some(Outbound::Hello(hello)),
         })
         .await
         .unwrap();

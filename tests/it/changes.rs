@@ -1,0 +1,161 @@
+//! How changes behave at the edges a commander meets: a mode name that
+//! matches several activations, applying a mode again, an as-of time that
+//! would do nothing, and a subscriber that remembers another store's history.
+
+use safemode::policy::{Action, Context, Outcome};
+use safemode::wire::proto;
+
+use crate::support::{RawSubscriber, TestServer, wait_until};
+
+async fn apply(
+    server: &TestServer,
+    modes: &[&str],
+    channels: &[&str],
+    as_of: Option<&str>,
+) -> Result<proto::ApplyModesResponse, tonic::Status> {
+    server
+        .control()
+        .await
+        .apply_modes(proto::ApplyModesRequest {
+            namespace: "live".into(),
+            modes: modes.iter().map(|m| m.to_string()).collect(),
+            channels: channels.iter().map(|c| c.to_string()).collect(),
+            reason: "test".into(),
+            as_of: as_of.map(|t| safemode::wire::timestamp_to_wire(t.parse().unwrap())),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+async fn lift(
+    server: &TestServer,
+    targets: &[&str],
+    all: bool,
+) -> Result<proto::LiftActivationsResponse, tonic::Status> {
+    server
+        .control()
+        .await
+        .lift_activations(proto::LiftActivationsRequest {
+            namespace: "live".into(),
+            targets: targets.iter().map(|t| t.to_string()).collect(),
+            reason: "test".into(),
+            all,
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+#[tokio::test]
+async fn lifting_a_mode_with_several_activations_needs_all() {
+    let server = TestServer::start().await;
+    let on_chatbot = apply(&server, &["freeze-credential-changes"], &["chatbot"], None)
+        .await
+        .unwrap();
+    let on_ivr = apply(&server, &["freeze-credential-changes"], &["ivr"], None)
+        .await
+        .unwrap();
+    let refused = lift(&server, &["freeze-credential-changes"], false)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    for id in [&on_chatbot.applied[0].id, &on_ivr.applied[0].id] {
+        assert!(
+            refused.message().contains(id.as_str()),
+            "{}",
+            refused.message()
+        );
+    }
+    assert!(refused.message().contains("--all"), "{}", refused.message());
+    assert_eq!(
+        server.status("live").await.activations.len(),
+        2,
+        "a refusal changes nothing"
+    );
+
+    // By id; a name with one activation left needs no --all; --all lifts
+    // every one.
+    lift(&server, &[&on_chatbot.applied[0].id], false)
+        .await
+        .unwrap();
+    lift(&server, &["freeze-credential-changes"], false)
+        .await
+        .unwrap();
+    apply(&server, &["freeze-credential-changes"], &["web"], None)
+        .await
+        .unwrap();
+    apply(&server, &["freeze-credential-changes"], &["email"], None)
+        .await
+        .unwrap();
+    let both = lift(&server, &["freeze-credential-changes"], true)
+        .await
+        .unwrap();
+    assert_eq!(both.lifted.len(), 2);
+    assert!(server.status("live").await.activations.is_empty());
+}
+
+#[tokio::test]
+async fn reapplying_read_only_with_an_earlier_as_of_adds_an_activation_and_the_earliest_wins() {
+    let server = TestServer::start().await;
+    let mode = ["read-only-last-known-good"];
+    let first = apply(&server, &mode, &[], Some("2026-11-20T08:00:00Z"))
+        .await
+        .unwrap();
+    assert_eq!(first.applied.len(), 1);
+    // Again without an as-of, or with the same one: already active.
+    for as_of in [None, Some("2026-11-20T08:00:00Z")] {
+        let again = apply(&server, &mode, &[], as_of).await.unwrap();
+        assert!(again.applied.is_empty(), "{as_of:?}");
+        assert_eq!(again.already_active[0].id, first.applied[0].id);
+    }
+    // An earlier last-known-good time is a new activation, not swallowed.
+    let earlier = apply(&server, &mode, &[], Some("2026-11-19T08:00:00Z"))
+        .await
+        .unwrap();
+    assert_eq!(earlier.applied.len(), 1);
+    let client = server.subscriber("web", "reader").await;
+    let view = client.decide(&Action::parse("balance.view").unwrap(), &Context::default());
+    match view.outcome {
+        Outcome::ReadOnly(r) => assert_eq!(r.as_of, Some("2026-11-19T08:00:00Z".parse().unwrap())),
+        other => panic!("expected read_only, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_as_of_for_modes_that_serve_nothing_read_only_is_refused() {
+    let server = TestServer::start().await;
+    let refused = apply(
+        &server,
+        &["freeze-credential-changes"],
+        &[],
+        Some("2026-11-19T08:00:00Z"),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(refused.message().contains("as_of"), "{}", refused.message());
+    assert!(server.status("live").await.activations.is_empty());
+}
+
+#[tokio::test]
+async fn a_subscriber_from_another_store_history_starts_over() {
+    let server = TestServer::start().await;
+    let revision = server.apply(&["incident-notice"]).await;
+    // It remembers a revision far ahead, from a store that no longer exists.
+    let gone = "0123456789abcdef0123456789abcdef";
+    let hello = proto::Hello {
+        namespace: "live".into(),
+        channel: "web".into(),
+        subscriber_id: "from-before-the-wipe".into(),
+        last_applied_revision: revision + 1000,
+        epoch: gone.into(),
+    };
+    let subscriber = RawSubscriber::connect_with(server.channel().await, hello)
+        .await
+        .expect("admitted despite the higher revision");
+    wait_until("the current snapshot arrived", || async {
+        subscriber.revisions() == [revision]
+    })
+    .await;
+    let epoch = subscriber.latest().unwrap().epoch;
+    assert!(!epoch.is_empty() && epoch != gone);
+}
