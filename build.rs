@@ -2,8 +2,8 @@
 //! compiler, so building safemode never needs a `protoc` on the machine. The
 //! encoded descriptor set is kept for the gRPC reflection service.
 //!
-//! It also embeds the standard modes (`runbooks/modes/*.yaml`) so that the
-//! binary serves them wherever it runs.
+//! It also embeds the standard modes (`runbooks/modes/*.yaml`) and runbooks
+//! (`runbooks/*.yaml`) so that the binary serves them wherever it runs.
 
 use std::path::PathBuf;
 
@@ -25,32 +25,51 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     tonic_prost_build::configure().compile_fds(descriptors)?;
 
-    embed_standard_modes(&out_dir)?;
+    let runbooks = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("runbooks");
+    embed_yaml_files(
+        &runbooks.join("modes"),
+        &out_dir.join("standard_modes.rs"),
+        "STANDARD_MODES",
+        "The standard modes",
+    )?;
+    // Only the files directly in runbooks/: the modes below it are embedded
+    // above.
+    embed_yaml_files(
+        &runbooks,
+        &out_dir.join("standard_runbooks.rs"),
+        "STANDARD_RUNBOOKS",
+        "The standard runbooks",
+    )?;
     Ok(())
 }
 
-fn embed_standard_modes(out_dir: &std::path::Path) -> Result<(), Box<dyn std::error::Error>> {
-    let dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("runbooks/modes");
+/// Writes to `out` a constant `name` listing every `*.yaml` file directly in
+/// `dir` as (file name, YAML text), in file-name order.
+fn embed_yaml_files(
+    dir: &std::path::Path,
+    out: &std::path::Path,
+    name: &str,
+    doc: &str,
+) -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed={}", dir.display());
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)?
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
         .map(|entry| entry.map(|e| e.path()))
         .collect::<Result<_, _>>()?;
-    files.retain(|p| p.extension().is_some_and(|e| e == "yaml"));
+    files.retain(|p| p.is_file() && p.extension().is_some_and(|e| e == "yaml"));
     files.sort();
-    let mut code = String::from(
-        "/// The standard modes: (file name, YAML text).\npub const STANDARD_MODES: &[(&str, &str)] = &[\n",
-    );
+    let mut code =
+        format!("/// {doc}: (file name, YAML text).\npub const {name}: &[(&str, &str)] = &[\n");
     for path in files {
-        let name = path
+        let file = path
             .file_name()
             .and_then(|n| n.to_str())
-            .ok_or("mode file name is not UTF-8")?;
+            .ok_or("YAML file name is not UTF-8")?;
         code.push_str(&format!(
-            "    ({name:?}, include_str!({:?})),\n",
+            "    ({file:?}, include_str!({:?})),\n",
             path.display().to_string()
         ));
     }
     code.push_str("];\n");
-    std::fs::write(out_dir.join("standard_modes.rs"), code)?;
+    std::fs::write(out, code)?;
     Ok(())
 }

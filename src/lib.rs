@@ -18,6 +18,8 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod audit;
+pub mod auth;
 pub mod backoff;
 pub mod catalog;
 pub mod cli;

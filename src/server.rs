@@ -14,11 +14,13 @@ use std::time::Duration;
 use anyhow::{Context as _, anyhow, bail};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tracing::{info, warn};
 
-use crate::api::{ControlApi, StreamConfig, SubscriptionApi};
-use crate::catalog;
+use crate::api::{Authenticator, ControlApi, StreamConfig, SubscriptionApi};
+use crate::auth::Tokens;
+use crate::catalog::Catalog;
 use crate::controller::{Controller, ControllerConfig, Layout};
 use crate::store::Store;
 use crate::store::embedded::{EmbeddedOptions, EmbeddedStore};
@@ -57,6 +59,11 @@ pub struct ServeConfig {
     pub replica: String,
     /// Directory of mode files; `None` serves the built-in standard modes.
     pub modes_dir: Option<PathBuf>,
+    /// Directory of runbooks; `None` serves the built-in standard runbooks.
+    pub runbooks_dir: Option<PathBuf>,
+    /// The tokens file; without one, the server listens on loopback only and
+    /// every caller may do everything.
+    pub tokens: Option<PathBuf>,
     /// Heartbeat interval on subscription streams.
     pub heartbeat: Duration,
     /// How long shutdown waits for streams and calls to finish.
@@ -74,6 +81,8 @@ impl Default for ServeConfig {
             },
             replica: default_replica_name(),
             modes_dir: None,
+            runbooks_dir: None,
+            tokens: None,
             heartbeat: StreamConfig::default().heartbeat,
             shutdown_grace: Duration::from_secs(10),
             controller: ControllerConfig::default(),
@@ -114,32 +123,43 @@ impl RunningServer {
 /// Checks the configuration, opens store and catalogue, binds, and serves in
 /// the background. Nothing is bound when the configuration is bad.
 pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
-    if !config.listen.ip().is_loopback() {
-        bail!(
-            "refusing to listen on {}: safemode has no authentication yet, so it serves loopback only; use --listen 127.0.0.1:{}",
+    let tokens = match &config.tokens {
+        Some(path) => {
+            let tokens = Tokens::load(path)?;
+            if tokens.is_empty() {
+                bail!(
+                    "the tokens file {} lists no token; add one with `safemode token create`",
+                    path.display()
+                );
+            }
+            Some(Arc::new(tokens))
+        }
+        None if !config.listen.ip().is_loopback() => bail!(
+            "refusing to listen on {} without a tokens file: anyone who reaches it could switch protections off; give --tokens FILE (see `safemode token create`), or listen on loopback (--listen 127.0.0.1:{})",
             config.listen,
             config.listen.port()
-        );
-    }
+        ),
+        None => None,
+    };
     if config.heartbeat.is_zero() {
         bail!("the heartbeat interval must be longer than zero");
     }
-    let catalog = match &config.modes_dir {
-        None => catalog::standard_modes(),
-        Some(dir) => catalog::load_modes_dir(dir)
-            .with_context(|| format!("cannot load modes from {}", dir.display()))?,
-    };
+    let catalog = Catalog::load(config.modes_dir.as_deref(), config.runbooks_dir.as_deref())
+        .context("cannot load the modes and runbooks")?;
     let (store, layout) = open_store(&config.store).await?;
     let listener =
         listen(config.listen).with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
 
     let shutdown = CancellationToken::new();
+    let modes = catalog.modes.len();
+    let runbooks = catalog.runbooks.len();
     let controller = Controller::start(
         store.clone(),
         Arc::new(catalog),
         ControllerConfig {
             layout,
+            replica: config.replica.clone(),
             ..config.controller.clone()
         },
         shutdown.child_token(),
@@ -150,6 +170,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
         heartbeat: config.heartbeat,
         ..StreamConfig::default()
     };
+    let authenticator = Authenticator::new(tokens.clone());
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<ControlServer>().await;
     health.set_serving::<SubscriptionServer>().await;
@@ -167,19 +188,25 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
     let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        // Health needs no token (probes and load balancers call it); every
+        // other service does.
         .add_service(health_service)
-        .add_service(reflection)
-        .add_service(reflection_alpha)
-        .add_service(ControlServer::new(ControlApi::new(
-            controller.clone(),
-            config.replica.clone(),
-        )))
-        .add_service(SubscriptionServer::new(SubscriptionApi::new(
-            controller.clone(),
-            stream_config,
-        )));
+        .add_service(InterceptedService::new(reflection, authenticator.clone()))
+        .add_service(InterceptedService::new(
+            reflection_alpha,
+            authenticator.clone(),
+        ))
+        .add_service(ControlServer::with_interceptor(
+            ControlApi::new(controller.clone(), config.replica.clone()),
+            authenticator.clone(),
+        ))
+        .add_service(SubscriptionServer::with_interceptor(
+            SubscriptionApi::new(controller.clone(), stream_config),
+            authenticator,
+        ));
 
-    info!(%addr, replica = %config.replica, store = %store.describe(), modes = controller.catalog().len(), "safemode controller serving");
+    info!(%addr, replica = %config.replica, store = %store.describe(), modes, runbooks,
+        authentication = tokens.is_some(), "safemode controller serving");
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let token = shutdown.clone();
     let grace = config.shutdown_grace;

@@ -1,13 +1,20 @@
-//! `safemode.v1.ControlService`: apply and lift modes, list the catalogue,
-//! read status.
+//! `safemode.v1.ControlService`: modes, incidents, approvals, status and the
+//! audit log. Every handler validates its request, checks the caller's role
+//! (refusals are audited), and converts the result.
 
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::{invalid, invalid_name, principal, status};
-use crate::controller::{ApplyRequest, Controller, LiftRequest, LiftTarget};
-use crate::policy::{ChannelSet, ModeName, Namespace, Reason};
+use super::convert::{audit_entry_to_wire, incident_to_wire, request_to_wire, runbook_to_wire};
+use super::{authorize, invalid, invalid_name, principal, status};
+use crate::auth::Operation;
+use crate::controller::{
+    ApplyRequest, Controller, DeclareRequest, EscalateRequest, IncidentId, IncidentOutcome,
+    LiftRequest, LiftTarget, RequestId, ResolveRequest,
+};
+use crate::policy::runbook::{RunbookName, Severity};
+use crate::policy::{ChannelSet, Effect, ModeName, Namespace, Reason};
 use crate::wire::proto::control_service_server::ControlService;
 use crate::wire::{self, proto};
 
@@ -25,6 +32,27 @@ impl ControlApi {
             replica,
         }
     }
+
+    /// Whether the catalogue's `mode` has a read-only rule (so an as-of time
+    /// means something for it). Unknown modes are the controller's to refuse.
+    fn serves_read_only(&self, mode: &ModeName) -> bool {
+        self.controller
+            .catalog()
+            .get(mode.as_str())
+            .is_none_or(|m| {
+                m.rules
+                    .iter()
+                    .any(|r| matches!(r.effect, Effect::ReadOnly(_)))
+            })
+    }
+
+    fn incident_change(&self, outcome: IncidentOutcome) -> proto::IncidentChange {
+        proto::IncidentChange {
+            incident: Some(incident_to_wire(&outcome.incident)),
+            revision: outcome.revision,
+            pending: outcome.pending.as_ref().map(request_to_wire),
+        }
+    }
 }
 
 fn namespace(text: &str) -> Result<Namespace, Status> {
@@ -35,19 +63,20 @@ fn reason(text: &str) -> Result<Reason, Status> {
     Reason::parse(text).map_err(invalid_name("reason"))
 }
 
-impl ControlApi {
-    /// Whether the catalogue's `mode` has a read-only rule (so an as-of time
-    /// means something for it). Unknown modes are the controller's to refuse.
-    fn serves_read_only(&self, mode: &ModeName) -> bool {
-        self.controller
-            .catalog()
-            .get(mode.as_str())
-            .is_none_or(|m| {
-                m.rules
-                    .iter()
-                    .any(|r| matches!(r.effect, crate::policy::Effect::ReadOnly(_)))
-            })
+fn channels(names: &[String]) -> Result<ChannelSet, Status> {
+    if names.is_empty() {
+        Ok(ChannelSet::ALL)
+    } else {
+        ChannelSet::parse_selector(names).map_err(invalid_name("channels"))
     }
+}
+
+fn severity(text: &str) -> Result<Severity, Status> {
+    Severity::parse(text).map_err(invalid_name("severity"))
+}
+
+fn incident_id(text: &str) -> Result<IncidentId, Status> {
+    IncidentId::parse(text).map_err(invalid_name("incident_id"))
 }
 
 #[tonic::async_trait]
@@ -56,7 +85,7 @@ impl ControlService for ControlApi {
         &self,
         request: Request<proto::ApplyModesRequest>,
     ) -> Result<Response<proto::ApplyModesResponse>, Status> {
-        let principal = principal(&request);
+        let actor = principal(&request)?;
         let r = request.into_inner();
         let namespace = namespace(&r.namespace)?;
         if r.modes.is_empty() {
@@ -72,11 +101,7 @@ impl ControlService for ControlApi {
                 modes.push(name);
             }
         }
-        let channels = if r.channels.is_empty() {
-            ChannelSet::ALL
-        } else {
-            ChannelSet::parse_selector(&r.channels).map_err(invalid_name("channels"))?
-        };
+        let channels = channels(&r.channels)?;
         let reason = reason(&r.reason)?;
         let as_of = match &r.as_of {
             None => None,
@@ -97,6 +122,22 @@ impl ControlService for ControlApi {
                 "none of these modes serves read-only data, so an as-of time would do nothing; leave it out",
             ));
         }
+        let what = format!(
+            "apply {}",
+            modes
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        authorize(
+            &self.controller,
+            &actor,
+            Operation::Change,
+            Some(&namespace),
+            &what,
+        )
+        .await?;
         let outcome = self
             .controller
             .apply(ApplyRequest {
@@ -104,7 +145,7 @@ impl ControlService for ControlApi {
                 modes,
                 channels,
                 as_of,
-                principal,
+                actor: (*actor).clone(),
                 reason,
             })
             .await
@@ -129,7 +170,7 @@ impl ControlService for ControlApi {
         &self,
         request: Request<proto::LiftActivationsRequest>,
     ) -> Result<Response<proto::LiftActivationsResponse>, Status> {
-        let principal = principal(&request);
+        let actor = principal(&request)?;
         let r = request.into_inner();
         let namespace = namespace(&r.namespace)?;
         if r.targets.is_empty() {
@@ -144,12 +185,21 @@ impl ControlService for ControlApi {
             .map(|t| LiftTarget::parse(t).map_err(invalid_name("targets")))
             .collect::<Result<Vec<_>, _>>()?;
         let reason = reason(&r.reason)?;
+        let what = format!("lift {}", r.targets.join(", "));
+        authorize(
+            &self.controller,
+            &actor,
+            Operation::Change,
+            Some(&namespace),
+            &what,
+        )
+        .await?;
         let outcome = self
             .controller
             .lift(LiftRequest {
                 namespace: namespace.clone(),
                 targets,
-                principal,
+                actor: (*actor).clone(),
                 reason,
                 all: r.all,
             })
@@ -163,13 +213,23 @@ impl ControlService for ControlApi {
                 .iter()
                 .map(|a| wire::activation_to_wire(a))
                 .collect(),
+            pending: outcome.pending.as_ref().map(request_to_wire),
         }))
     }
 
     async fn list_modes(
         &self,
-        _request: Request<proto::ListModesRequest>,
+        request: Request<proto::ListModesRequest>,
     ) -> Result<Response<proto::ListModesResponse>, Status> {
+        let actor = principal(&request)?;
+        authorize(
+            &self.controller,
+            &actor,
+            Operation::Read,
+            None,
+            "list modes",
+        )
+        .await?;
         Ok(Response::new(proto::ListModesResponse {
             modes: self
                 .controller
@@ -184,7 +244,16 @@ impl ControlService for ControlApi {
         &self,
         request: Request<proto::GetStatusRequest>,
     ) -> Result<Response<proto::GetStatusResponse>, Status> {
+        let actor = principal(&request)?;
         let namespace = namespace(&request.get_ref().namespace)?;
+        authorize(
+            &self.controller,
+            &actor,
+            Operation::Read,
+            Some(&namespace),
+            "read status",
+        )
+        .await?;
         let status = self.controller.status(&namespace).await.map_err(status)?;
         Ok(Response::new(proto::GetStatusResponse {
             namespace: namespace.to_string(),
@@ -203,6 +272,278 @@ impl ControlService for ControlApi {
             server_time: Some(wire::timestamp_to_wire(jiff::Timestamp::now())),
             problems: status.view.problems.clone(),
             replica: self.replica.clone(),
+        }))
+    }
+
+    async fn list_runbooks(
+        &self,
+        request: Request<proto::ListRunbooksRequest>,
+    ) -> Result<Response<proto::ListRunbooksResponse>, Status> {
+        let actor = principal(&request)?;
+        authorize(
+            &self.controller,
+            &actor,
+            Operation::Read,
+            None,
+            "list runbooks",
+        )
+        .await?;
+        Ok(Response::new(proto::ListRunbooksResponse {
+            runbooks: self
+                .controller
+                .runbooks()
+                .iter()
+                .map(|r| runbook_to_wire(r))
+                .collect(),
+        }))
+    }
+
+    async fn declare_incident(
+        &self,
+        request: Request<proto::DeclareIncidentRequest>,
+    ) -> Result<Response<proto::IncidentChange>, Status> {
+        let actor = principal(&request)?;
+        let r = request.into_inner();
+        let namespace = namespace(&r.namespace)?;
+        let runbook = RunbookName::parse(&r.r#type).map_err(invalid_name("type"))?;
+        let severity = severity(&r.severity)?;
+        let reason = reason(&r.reason)?;
+        let channels = channels(&r.channels)?;
+        let what = format!("declare {runbook} at {severity}");
+        authorize(
+            &self.controller,
+            &actor,
+            Operation::Change,
+            Some(&namespace),
+            &what,
+        )
+        .await?;
+        let outcome = self
+            .controller
+            .declare(DeclareRequest {
+                namespace,
+                runbook,
+                severity,
+                reason,
+                channels,
+                actor: (*actor).clone(),
+            })
+            .await
+            .map_err(status)?;
+        Ok(Response::new(self.incident_change(outcome)))
+    }
+
+    async fn escalate_incident(
+        &self,
+        request: Request<proto::EscalateIncidentRequest>,
+    ) -> Result<Response<proto::IncidentChange>, Status> {
+        let actor = principal(&request)?;
+        let r = request.into_inner();
+        let id = incident_id(&r.incident_id)?;
+        let severity = severity(&r.severity)?;
+        let reason = if r.reason.trim().is_empty() {
+            Reason::parse(&format!("moved to {severity}")).expect("a valid reason")
+        } else {
+            reason(&r.reason)?
+        };
+        let incident = self.controller.incident(&id).await.map_err(status)?;
+        let what = format!("move incident {id} to {severity}");
+        authorize(
+            &self.controller,
+            &actor,
+            Operation::Change,
+            Some(&incident.namespace),
+            &what,
+        )
+        .await?;
+        let outcome = self
+            .controller
+            .escalate(EscalateRequest {
+                incident: id,
+                severity,
+                reason,
+                actor: (*actor).clone(),
+            })
+            .await
+            .map_err(status)?;
+        Ok(Response::new(self.incident_change(outcome)))
+    }
+
+    async fn resolve_incident(
+        &self,
+        request: Request<proto::ResolveIncidentRequest>,
+    ) -> Result<Response<proto::IncidentChange>, Status> {
+        let actor = principal(&request)?;
+        let r = request.into_inner();
+        let id = incident_id(&r.incident_id)?;
+        let reason = reason(&r.reason)?;
+        let incident = self.controller.incident(&id).await.map_err(status)?;
+        let what = format!("resolve incident {id}");
+        authorize(
+            &self.controller,
+            &actor,
+            Operation::Change,
+            Some(&incident.namespace),
+            &what,
+        )
+        .await?;
+        let outcome = self
+            .controller
+            .resolve(ResolveRequest {
+                incident: id,
+                reason,
+                actor: (*actor).clone(),
+            })
+            .await
+            .map_err(status)?;
+        Ok(Response::new(self.incident_change(outcome)))
+    }
+
+    async fn list_incidents(
+        &self,
+        request: Request<proto::ListIncidentsRequest>,
+    ) -> Result<Response<proto::ListIncidentsResponse>, Status> {
+        let actor = principal(&request)?;
+        let r = request.into_inner();
+        let namespace = namespace(&r.namespace)?;
+        authorize(
+            &self.controller,
+            &actor,
+            Operation::Read,
+            Some(&namespace),
+            "list incidents",
+        )
+        .await?;
+        let incidents = self
+            .controller
+            .list_incidents(&namespace, r.include_resolved)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::ListIncidentsResponse {
+            incidents: incidents.iter().map(incident_to_wire).collect(),
+        }))
+    }
+
+    async fn get_incident(
+        &self,
+        request: Request<proto::GetIncidentRequest>,
+    ) -> Result<Response<proto::Incident>, Status> {
+        let actor = principal(&request)?;
+        let id = incident_id(&request.get_ref().incident_id)?;
+        let incident = self.controller.incident(&id).await.map_err(status)?;
+        let what = format!("read incident {id}");
+        authorize(
+            &self.controller,
+            &actor,
+            Operation::Read,
+            Some(&incident.namespace),
+            &what,
+        )
+        .await?;
+        Ok(Response::new(incident_to_wire(&incident)))
+    }
+
+    async fn list_requests(
+        &self,
+        request: Request<proto::ListRequestsRequest>,
+    ) -> Result<Response<proto::ListRequestsResponse>, Status> {
+        let actor = principal(&request)?;
+        let r = request.into_inner();
+        let namespace = namespace(&r.namespace)?;
+        authorize(
+            &self.controller,
+            &actor,
+            Operation::Read,
+            Some(&namespace),
+            "list requests",
+        )
+        .await?;
+        let requests = self
+            .controller
+            .list_requests(&namespace, r.include_decided)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::ListRequestsResponse {
+            requests: requests.iter().map(request_to_wire).collect(),
+        }))
+    }
+
+    async fn approve(
+        &self,
+        request: Request<proto::ApproveRequest>,
+    ) -> Result<Response<proto::ApproveResponse>, Status> {
+        let actor = principal(&request)?;
+        let r = request.into_inner();
+        let id = RequestId::parse(&r.request_id).map_err(invalid_name("request_id"))?;
+        let reason = if r.reason.trim().is_empty() {
+            None
+        } else {
+            Some(reason(&r.reason)?)
+        };
+        let (pending, _) = self.controller.read_request(&id).await.map_err(status)?;
+        let what = format!("approve {id}");
+        authorize(
+            &self.controller,
+            &actor,
+            Operation::Approve,
+            Some(&pending.namespace),
+            &what,
+        )
+        .await?;
+        let outcome = match self.controller.approve(&id, reason, &actor).await {
+            Err(own @ crate::controller::Error::OwnRequest { .. }) => {
+                // Four-eyes: refused like a missing role, and audited.
+                self.controller
+                    .record_refusal(
+                        &actor,
+                        Some(&pending.namespace),
+                        format!("refused {what}: {own}"),
+                    )
+                    .await
+                    .map_err(status)?;
+                return Err(status(own));
+            }
+            other => other.map_err(status)?,
+        };
+        Ok(Response::new(proto::ApproveResponse {
+            request: Some(request_to_wire(&outcome.request)),
+            revision: outcome.revision,
+        }))
+    }
+
+    async fn get_audit(
+        &self,
+        request: Request<proto::GetAuditRequest>,
+    ) -> Result<Response<proto::GetAuditResponse>, Status> {
+        let actor = principal(&request)?;
+        let r = request.into_inner();
+        let incident = if r.incident_id.is_empty() {
+            None
+        } else {
+            Some(incident_id(&r.incident_id)?)
+        };
+        authorize(
+            &self.controller,
+            &actor,
+            Operation::ReadAudit,
+            None,
+            "read the audit log",
+        )
+        .await?;
+        let report = self
+            .controller
+            .audit(incident.as_ref(), r.verify)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::GetAuditResponse {
+            entries: report.entries.iter().map(audit_entry_to_wire).collect(),
+            verified: report.problems.is_some(),
+            problems: report
+                .problems
+                .unwrap_or_default()
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
         }))
     }
 }

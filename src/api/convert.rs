@@ -1,8 +1,14 @@
-//! Converting the controller's state into `safemode.v1` messages: the
-//! snapshot a subscriber receives and a subscriber's status line. (The
-//! policy core's own conversions are in `wire`, which the client shares.)
+//! Converting the controller's state into `safemode.v1` messages: snapshots,
+//! subscribers, incidents, requests, runbooks and audit entries. (The policy
+//! core's own conversions are in `wire`, which the client shares.)
 
-use crate::controller::{ChannelSnapshot, NamespaceView, SubscriberRecord};
+use crate::audit::AuditEntry;
+use crate::controller::{
+    ChangeRequest, ChannelSnapshot, Incident, IncidentStatus, NamespaceView, RequestKind,
+    RequestStatus, SubscriberRecord,
+};
+use crate::policy::ChannelSet;
+use crate::policy::runbook::Runbook;
 use crate::wire::{
     SCHEMA_VERSION, activation_to_wire, channel_policy_to_wire, proto, timestamp_to_wire,
 };
@@ -44,5 +50,132 @@ pub fn subscriber_to_wire(s: &SubscriberRecord) -> proto::SubscriberStatus {
         rejected_revision: rejected.map_or(0, |r| r.revision),
         reject_reason: rejected.map(|r| r.reason.clone()).unwrap_or_default(),
         rejected_at: rejected.map(|r| timestamp_to_wire(r.at)),
+    }
+}
+
+/// An incident with its timeline.
+pub fn incident_to_wire(i: &Incident) -> proto::Incident {
+    proto::Incident {
+        id: i.id.to_string(),
+        r#type: i.runbook.to_string(),
+        title: i.title.clone(),
+        namespace: i.namespace.to_string(),
+        severity: i.severity.to_string(),
+        status: match i.status {
+            IncidentStatus::Active => "active",
+            IncidentStatus::Resolved => "resolved",
+        }
+        .to_string(),
+        channels: if i.channels == ChannelSet::ALL {
+            Vec::new()
+        } else {
+            i.channels.iter().map(|c| c.as_str().to_string()).collect()
+        },
+        activation_ids: i.activation_ids.iter().map(ToString::to_string).collect(),
+        lift_requires_approval: i.lift_requires_approval,
+        declared_by: i.declared_by.clone(),
+        declared_at: Some(timestamp_to_wire(i.declared_at)),
+        review_due: (i.status == IncidentStatus::Active).then(|| timestamp_to_wire(i.review_due())),
+        exit_criteria: i.exit_criteria.clone(),
+        timeline: i
+            .timeline
+            .iter()
+            .map(|e| proto::TimelineEvent {
+                at: Some(timestamp_to_wire(e.at)),
+                event: e.event.clone(),
+                principal: e.principal.clone(),
+                severity: e.severity.to_string(),
+                reason: e.reason.clone().unwrap_or_default(),
+                request_id: e
+                    .request_id
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default(),
+                revision: e.revision,
+            })
+            .collect(),
+    }
+}
+
+/// A change request, with its status as of now.
+pub fn request_to_wire(r: &ChangeRequest) -> proto::ChangeRequest {
+    let now = jiff::Timestamp::now();
+    proto::ChangeRequest {
+        id: r.id.to_string(),
+        namespace: r.namespace.to_string(),
+        kind: r.kind.as_str().to_string(),
+        incident_id: r
+            .incident_id
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        severity: match &r.kind {
+            RequestKind::Deescalate { severity } => severity.to_string(),
+            _ => String::new(),
+        },
+        activation_ids: r.activation_ids.iter().map(ToString::to_string).collect(),
+        requested_by: r.requested_by.clone(),
+        reason: r.reason.clone(),
+        requested_at: Some(timestamp_to_wire(r.requested_at)),
+        expires_at: Some(timestamp_to_wire(r.expires_at)),
+        status: r.status_name(now).to_string(),
+        approved_by: match &r.status {
+            RequestStatus::Approved { by, .. } => by.clone(),
+            RequestStatus::Pending => String::new(),
+        },
+        summary: r.summary.clone(),
+    }
+}
+
+/// A runbook, summarised.
+pub fn runbook_to_wire(r: &Runbook) -> proto::Runbook {
+    proto::Runbook {
+        name: r.name.to_string(),
+        title: r.title.clone(),
+        summary: r.summary.clone(),
+        owners: r.owners.clone(),
+        lift_requires_approval: r.lift_requires_approval,
+        review_interval_seconds: r.review_interval.as_secs(),
+        exit_criteria: r.exit_criteria.clone(),
+        stages: r
+            .stages
+            .iter()
+            .map(|s| proto::RunbookStage {
+                severity: s.severity.to_string(),
+                modes: s
+                    .modes
+                    .iter()
+                    .map(|m| {
+                        if m.channels == ChannelSet::ALL {
+                            m.mode.to_string()
+                        } else {
+                            format!("{} on {}", m.mode, m.channels)
+                        }
+                    })
+                    .collect(),
+                expectations: s.expectations.len() as u32,
+                apply_within_ms: s.apply_within.as_millis() as u64,
+            })
+            .collect(),
+    }
+}
+
+/// An audit entry.
+pub fn audit_entry_to_wire(e: &AuditEntry) -> proto::AuditEntry {
+    proto::AuditEntry {
+        seq: e.seq,
+        at: Some(timestamp_to_wire(e.at)),
+        action: e.action.as_str().to_string(),
+        principal: e.principal.clone(),
+        roles: e.roles.clone(),
+        namespace: e.namespace.clone().unwrap_or_default(),
+        reason: e.reason.clone().unwrap_or_default(),
+        incident_id: e.incident_id.clone().unwrap_or_default(),
+        request_id: e.request_id.clone().unwrap_or_default(),
+        activation_ids: e.activation_ids.clone(),
+        detail: e.detail.clone(),
+        revision: e.revision,
+        prev_hash: e.prev_hash.clone(),
+        hash: e.hash.clone(),
     }
 }

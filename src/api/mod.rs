@@ -6,13 +6,16 @@ mod control;
 mod convert;
 mod subscribe;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use control::ControlApi;
 pub use subscribe::SubscriptionApi;
+use tracing::warn;
 
-use crate::controller;
-use crate::policy::NameError;
+use crate::auth::{Operation, Principal, Tokens};
+use crate::controller::{self, Controller};
+use crate::policy::{NameError, Namespace};
 
 /// Tunables of the subscription stream.
 #[derive(Clone, Debug)]
@@ -32,10 +35,107 @@ impl Default for StreamConfig {
     }
 }
 
-/// The principal of a request. Every caller is `local` until token
-/// authentication exists; the server only binds loopback meanwhile.
-fn principal<T>(_request: &tonic::Request<T>) -> String {
-    "local".to_string()
+/// Authenticates every request of a service: with a tokens file, the
+/// bearer token must belong to a principal, who is attached to the request;
+/// without one (the server then listens on loopback only), every caller may
+/// do everything, under the name it gives in `x-safemode-principal` (so that
+/// two people on one machine can still be two principals for four-eyes), or
+/// as [`Principal::local`].
+#[derive(Clone)]
+pub struct Authenticator {
+    tokens: Option<Arc<Tokens>>,
+}
+
+impl Authenticator {
+    /// Checks tokens against `tokens` (`None`: no authentication).
+    pub fn new(tokens: Option<Arc<Tokens>>) -> Self {
+        Authenticator { tokens }
+    }
+}
+
+impl tonic::service::Interceptor for Authenticator {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        let principal = match &self.tokens {
+            None => {
+                let mut principal = Principal::local();
+                if let Some(name) = request.metadata().get(PRINCIPAL_HEADER) {
+                    principal.name = name
+                        .to_str()
+                        .ok()
+                        .map(str::trim)
+                        .filter(|n| {
+                            !n.is_empty()
+                                && n.len() <= 64
+                                && n.chars()
+                                    .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
+                        })
+                        .ok_or_else(|| {
+                            tonic::Status::invalid_argument(
+                                "--principal: use 1 to 64 letters, digits and - _ . @",
+                            )
+                        })?
+                        .to_string();
+                }
+                Arc::new(principal)
+            }
+            Some(tokens) => {
+                let token = request
+                    .metadata()
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .ok_or_else(|| {
+                        tonic::Status::unauthenticated(
+                            "a bearer token is required: pass --token or set SAFEMODE_TOKEN (an admin makes one with `safemode token create`)",
+                        )
+                    })?;
+                tokens.authenticate(token.trim()).ok_or_else(|| {
+                    warn!("request with an unknown token");
+                    tonic::Status::unauthenticated(
+                        "unknown token: it is not in this server's tokens file",
+                    )
+                })?
+            }
+        };
+        request.extensions_mut().insert(principal);
+        Ok(request)
+    }
+}
+
+/// The header a client names itself in, on a server without tokens.
+pub const PRINCIPAL_HEADER: &str = "x-safemode-principal";
+
+/// The principal the [`Authenticator`] attached to a request.
+fn principal<T>(request: &tonic::Request<T>) -> Result<Arc<Principal>, tonic::Status> {
+    request
+        .extensions()
+        .get::<Arc<Principal>>()
+        .cloned()
+        .ok_or_else(|| tonic::Status::internal("the request was not authenticated"))
+}
+
+/// Checks that `actor` may do `operation` in `namespace`. A refusal changes
+/// nothing, is audited (`what` says what was attempted), and says which role
+/// is needed.
+async fn authorize(
+    controller: &Controller,
+    actor: &Principal,
+    operation: Operation,
+    namespace: Option<&Namespace>,
+    what: &str,
+) -> Result<(), tonic::Status> {
+    let Err(denied) = actor.may(operation, namespace) else {
+        return Ok(());
+    };
+    warn!(principal = %actor.name, %what, "refused: {denied}");
+    controller
+        .record_refusal(actor, namespace, format!("refused {what}: {denied}"))
+        .await
+        .map_err(status)?;
+    Err(tonic::Status::permission_denied(denied.to_string()))
 }
 
 /// An invalid field of a request.
@@ -52,9 +152,23 @@ fn status(error: controller::Error) -> tonic::Status {
     use controller::Error::*;
     let message = error.to_string();
     match error {
-        UnknownMode(_) | NotActive { .. } => tonic::Status::not_found(message),
-        Ambiguous { .. } => tonic::Status::failed_precondition(message),
-        NotLoaded { .. } | Behind { .. } | ShuttingDown => tonic::Status::unavailable(message),
+        UnknownMode(_)
+        | NotActive { .. }
+        | UnknownRunbook(_)
+        | UnknownIncident(_)
+        | UnknownRequest(_) => tonic::Status::not_found(message),
+        Ambiguous { .. }
+        | NoStage { .. }
+        | SameSeverity { .. }
+        | Resolved(_)
+        | AlreadyDeclared { .. }
+        | NotPending { .. }
+        | NothingToApply(_)
+        | CatalogMismatch { .. } => tonic::Status::failed_precondition(message),
+        OwnRequest { .. } => tonic::Status::permission_denied(message),
+        NotLoaded { .. } | Behind { .. } | ShuttingDown | CatalogChanged { .. } => {
+            tonic::Status::unavailable(message)
+        }
         Conflict(_) => tonic::Status::aborted(message),
         Store(crate::store::Error::Unavailable(_)) => tonic::Status::unavailable(message),
         Store(_) => tonic::Status::internal(message),

@@ -15,7 +15,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
-use super::{StreamConfig, invalid, invalid_name, status};
+use super::{StreamConfig, authorize, invalid, invalid_name, principal, status};
+use crate::auth::Operation;
 use crate::controller::{Controller, Subscription};
 use crate::policy::{Channel, Namespace, Revision};
 use crate::wire::proto::subscribe_request::Message as Inbound;
@@ -50,6 +51,7 @@ impl SubscriptionService for SubscriptionApi {
         &self,
         request: Request<Streaming<proto::SubscribeRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
+        let actor = principal(&request)?;
         let peer = request
             .remote_addr()
             .map_or_else(|| "unknown".to_string(), |a| a.to_string());
@@ -83,6 +85,15 @@ impl SubscriptionService for SubscriptionApi {
         if hello.last_applied_revision < 0 {
             return Err(invalid("hello.last_applied_revision", "must be 0 or more"));
         }
+        let what = format!("subscribe to {channel}");
+        authorize(
+            &self.controller,
+            &actor,
+            Operation::Subscribe,
+            Some(&namespace),
+            &what,
+        )
+        .await?;
         let subscription = self
             .controller
             .subscribe(

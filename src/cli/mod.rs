@@ -3,6 +3,7 @@
 //! connection, so bad input fails fast with one clear line and changes
 //! nothing. Exit codes: 0 success, 1 refused or failed, 2 bad usage.
 
+mod governance;
 mod output;
 
 use std::io::{IsTerminal, Write};
@@ -13,10 +14,11 @@ use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel as GrpcChannel;
 
-use crate::client::{self, ClientError, Subscriber, SubscriberConfig, error_chain};
-use crate::controller::{Layout, LiftTarget};
+use crate::client::{self, Bearer, ClientError, Subscriber, SubscriberConfig, error_chain};
+use crate::controller::{ControllerConfig, Layout, LiftTarget};
 use crate::policy::names::validate_label;
 use crate::policy::{Action, Channel, ChannelSet, Context, MethodSet, ModeName, Namespace, Reason};
 use crate::server::{self, ServeConfig, StoreConfig};
@@ -40,6 +42,22 @@ pub struct Cli {
     /// Output format.
     #[arg(long, global = true, value_enum, env = "SAFEMODE_OUTPUT", default_value_t = Format::Text)]
     output: Format,
+    /// Bearer token, when the controller has a tokens file.
+    #[arg(long, global = true, env = "SAFEMODE_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Read the bearer token from this file instead.
+    #[arg(
+        long,
+        global = true,
+        env = "SAFEMODE_TOKEN_FILE",
+        conflicts_with = "token"
+    )]
+    token_file: Option<PathBuf>,
+    /// Who you are, to a local server without a tokens file (so that two
+    /// people can still be two principals for four-eyes); ignored by a server
+    /// with tokens [default: $USER].
+    #[arg(long, global = true, env = "SAFEMODE_PRINCIPAL")]
+    principal: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -66,11 +84,127 @@ enum Command {
     Watch(WatchArgs),
     /// Subscribe as a channel, evaluate one action locally, print the decision.
     Decide(DecideArgs),
+    /// Declare, escalate, resolve and look at incidents.
+    #[command(subcommand)]
+    Incident(IncidentCommand),
+    /// Approve another principal's pending request (four-eyes).
+    Approve {
+        /// The request (req_...), from `safemode requests`.
+        request_id: String,
+        /// Why (default: the requester's reason).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// List requests waiting for a second approver.
+    Requests {
+        /// Also the approved and expired ones.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        namespace: NamespaceArg,
+    },
+    /// Show the audit log; --verify checks its hash chain.
+    Audit {
+        /// Only this incident's entries.
+        #[arg(long)]
+        incident: Option<String>,
+        /// Check every entry's hash and its chain; exit 1 on any problem.
+        #[arg(long)]
+        verify: bool,
+    },
+    /// List the server's runbooks, or lint runbook files.
+    #[command(subcommand)]
+    Runbook(RunbookCommand),
+    /// Create tokens for the tokens file.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum IncidentCommand {
+    /// Apply a runbook's stage for a severity and record the incident.
+    Declare {
+        /// The incident type: a runbook name (`safemode runbook list`).
+        #[arg(value_name = "TYPE")]
+        runbook: String,
+        /// sev4 (least severe) to sev1 (most severe).
+        #[arg(long)]
+        severity: String,
+        /// Why (mandatory; audited).
+        #[arg(long)]
+        reason: Option<String>,
+        /// Limit every mode to these channels, comma-separated.
+        #[arg(long)]
+        channels: Option<String>,
+        #[command(flatten)]
+        namespace: NamespaceArg,
+    },
+    /// Move an incident to another severity's stage.
+    Escalate {
+        /// The incident (inc_...).
+        id: String,
+        /// The severity to move to.
+        #[arg(long)]
+        severity: String,
+        /// Why (default: "moved to SEVERITY").
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Lift an incident's modes and close it (may need a second approver).
+    Resolve {
+        /// The incident (inc_...).
+        id: String,
+        /// Why (mandatory; audited).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// List incidents.
+    List {
+        /// Also the resolved ones.
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        namespace: NamespaceArg,
+    },
+    /// Show one incident with its timeline.
+    Show {
+        /// The incident (inc_...).
+        id: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RunbookCommand {
+    /// List the runbooks the controller serves.
+    List,
+    /// Check runbook files (and a modes/ directory beside them); every error
+    /// with file, line and column. Needs no server.
+    Lint {
+        /// Runbook files or directories [default: runbooks].
+        paths: Vec<PathBuf>,
+        /// Mode files to check the runbooks against [default: a modes/
+        /// directory beside them, else the built-in modes].
+        #[arg(long)]
+        modes: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Print a new token once, and the line to add to the tokens file.
+    Create {
+        /// Who the token belongs to.
+        #[arg(long)]
+        principal: String,
+        /// A role (repeatable): viewer, subscriber, commander, approver, drill, admin.
+        #[arg(long = "role", required = true)]
+        roles: Vec<String>,
+    },
 }
 
 #[derive(Args, Debug)]
 struct ServeArgs {
-    /// Address to listen on (loopback only until authentication exists).
+    /// Address to listen on (loopback only without --tokens).
     #[arg(long, env = "SAFEMODE_LISTEN", default_value = "127.0.0.1:7700")]
     listen: SocketAddr,
     /// Where durable state lives: one local file, or an etcd cluster shared by
@@ -92,6 +226,17 @@ struct ServeArgs {
     /// Directory of mode files (*.yaml); default: the built-in standard modes.
     #[arg(long, env = "SAFEMODE_MODES")]
     modes: Option<PathBuf>,
+    /// Directory of runbooks (*.yaml); default: the built-in standard runbooks.
+    #[arg(long, env = "SAFEMODE_RUNBOOKS")]
+    runbooks: Option<PathBuf>,
+    /// Tokens file (hashed tokens, principals and roles). Without one the
+    /// server listens on loopback only and every caller may do everything.
+    #[arg(long, env = "SAFEMODE_TOKENS")]
+    tokens: Option<PathBuf>,
+    /// Make this replica's modes and runbooks the ones every replica must
+    /// serve (replicas with others refuse changes until restarted with them).
+    #[arg(long)]
+    adopt_catalog: bool,
     /// Heartbeat interval on subscription streams, e.g. 10s. Keep it well
     /// under the clients' staleness limit (30s by default).
     #[arg(long, env = "SAFEMODE_HEARTBEAT", default_value = "10s", value_parser = parse_duration)]
@@ -234,10 +379,15 @@ pub fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let format = cli.output;
+    let token = read_token(cli.token, cli.token_file.as_deref())?;
+    let caller = Caller {
+        token: token.clone(),
+        principal: cli.principal.or_else(|| std::env::var("USER").ok()),
+    };
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Mode(ModeCommand::List) => {
-            let mut client = control(&cli.servers).await?;
+            let mut client = control(&cli.servers, &caller).await?;
             let response = client
                 .list_modes(proto::ListModesRequest {})
                 .await
@@ -281,7 +431,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     })
                 })
                 .transpose()?;
-            let mut client = control(&cli.servers).await?;
+            let mut client = control(&cli.servers, &caller).await?;
             let response = client
                 .apply_modes(proto::ApplyModesRequest {
                     namespace: namespace.to_string(),
@@ -306,7 +456,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 LiftTarget::parse(target)?;
             }
             let reason = parse_reason(reason)?;
-            let mut client = control(&cli.servers).await?;
+            let mut client = control(&cli.servers, &caller).await?;
             let response = client
                 .lift_activations(proto::LiftActivationsRequest {
                     namespace: namespace.to_string(),
@@ -321,7 +471,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Status(namespace) => {
             let namespace = parse_namespace(&namespace)?;
-            let mut client = control(&cli.servers).await?;
+            let mut client = control(&cli.servers, &caller).await?;
             let response = client
                 .get_status(proto::GetStatusRequest {
                     namespace: namespace.to_string(),
@@ -332,7 +482,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Watch(args) => {
-            let config = subscriber_config(&cli.servers, &args.subscriber)?;
+            let config = subscriber_config(&cli.servers, token.clone(), &args.subscriber)?;
             let subscriber = Subscriber::connect(config).await?;
             let mut changes = subscriber.changes();
             loop {
@@ -346,12 +496,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Decide(args) => {
-            let config = subscriber_config(&cli.servers, &args.subscriber)?;
+            let config = subscriber_config(&cli.servers, token.clone(), &args.subscriber)?;
             let action = Action::parse(&args.action)?;
             let ctx = decide_context(&args)?;
             let subscriber = Subscriber::connect(config).await?;
             emit(output::decision(format, &subscriber.decide(&action, &ctx)))?;
             Ok(())
+        }
+        Command::Incident(command) => {
+            governance::incident(&cli.servers, &caller, format, command).await
+        }
+        Command::Approve { request_id, reason } => {
+            governance::approve(&cli.servers, &caller, format, &request_id, reason).await
+        }
+        Command::Requests { all, namespace } => {
+            let namespace = parse_namespace(&namespace)?;
+            governance::requests(&cli.servers, &caller, format, &namespace, all).await
+        }
+        Command::Audit { incident, verify } => {
+            governance::audit(&cli.servers, &caller, format, incident, verify).await
+        }
+        Command::Runbook(RunbookCommand::List) => {
+            governance::runbooks(&cli.servers, &caller, format).await
+        }
+        Command::Runbook(RunbookCommand::Lint { paths, modes }) => {
+            governance::lint(format, paths, modes.as_deref())
+        }
+        Command::Token(TokenCommand::Create { principal, roles }) => {
+            governance::create_token(format, &principal, &roles)
         }
     }
 }
@@ -386,7 +558,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         store,
         replica: args.replica.unwrap_or(defaults.replica.clone()),
         modes_dir: args.modes,
+        runbooks_dir: args.runbooks,
+        tokens: args.tokens,
         heartbeat: args.heartbeat,
+        controller: ControllerConfig {
+            adopt_catalog: args.adopt_catalog,
+            ..ControllerConfig::default()
+        },
         ..defaults
     })
     .await?;
@@ -445,6 +623,7 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 
 fn subscriber_config(
     servers: &[String],
+    token: Option<String>,
     args: &SubscriberArgs,
 ) -> anyhow::Result<SubscriberConfig> {
     let namespace = parse_namespace(&args.namespace)?;
@@ -453,12 +632,9 @@ fn subscriber_config(
         .subscriber_id
         .clone()
         .unwrap_or_else(|| format!("cli-{}", std::process::id()));
-    Ok(SubscriberConfig::new(
-        servers.to_vec(),
-        namespace,
-        channel,
-        id,
-    ))
+    let mut config = SubscriberConfig::new(servers.to_vec(), namespace, channel, id);
+    config.token = token;
+    Ok(config)
 }
 
 fn decide_context(args: &DecideArgs) -> anyhow::Result<Context> {
@@ -483,15 +659,26 @@ fn decide_context(args: &DecideArgs) -> anyhow::Result<Context> {
     })
 }
 
+/// The control client the CLI uses: it sends the bearer token.
+type Control = ControlServiceClient<InterceptedService<GrpcChannel, Bearer>>;
+
+/// Who the CLI calls as: a token, and the name to go by on a server without
+/// tokens.
+pub(crate) struct Caller {
+    token: Option<String>,
+    principal: Option<String>,
+}
+
 /// A control-service client on the first replica that accepts a connection
 /// (so an unreachable server fails here, with the addresses in the message).
 /// Only connecting fails over: a request that reached a replica is never sent
 /// twice.
-async fn control(servers: &[String]) -> anyhow::Result<ControlServiceClient<GrpcChannel>> {
+async fn control(servers: &[String], caller: &Caller) -> anyhow::Result<Control> {
+    let bearer = Bearer::new(caller.token.as_deref())?.as_principal(caller.principal.as_deref())?;
     let mut last_error = String::new();
     for (_, endpoint) in client::endpoints(servers, Duration::from_secs(5))? {
         match endpoint.timeout(Duration::from_secs(30)).connect().await {
-            Ok(channel) => return Ok(ControlServiceClient::new(channel)),
+            Ok(channel) => return Ok(ControlServiceClient::with_interceptor(channel, bearer)),
             Err(e) => last_error = error_chain(&e),
         }
     }
@@ -500,6 +687,27 @@ async fn control(servers: &[String]) -> anyhow::Result<ControlServiceClient<Grpc
         reason: last_error,
     }
     .into())
+}
+
+/// The token from --token, or read from --token-file (secrets stay out of
+/// shell history and process lists).
+fn read_token(
+    token: Option<String>,
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<Option<String>> {
+    match (token, file) {
+        (Some(token), _) => Ok(Some(token.trim().to_string())),
+        (None, Some(path)) => {
+            let token = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the token file {}", path.display()))?;
+            let token = token.trim();
+            if token.is_empty() {
+                bail!("the token file {} is empty", path.display());
+            }
+            Ok(Some(token.to_string()))
+        }
+        (None, None) => Ok(None),
+    }
 }
 
 /// Standard output was closed by its reader.

@@ -30,8 +30,12 @@ fn time(t: &Option<prost_types::Timestamp>) -> Value {
         .map_or(Value::Null, |t| json!(t.to_string()))
 }
 
+/// A time for people: to the second (JSON keeps full precision).
 fn time_text(t: &Option<prost_types::Timestamp>) -> String {
-    time(t).as_str().unwrap_or("-").to_string()
+    t.as_ref()
+        .and_then(|t| wire::timestamp_from_wire(t).ok())
+        .and_then(|t| t.round(jiff::Unit::Second).ok())
+        .map_or_else(|| "-".to_string(), |t| t.to_string())
 }
 
 fn channels_text(channels: &[String]) -> String {
@@ -65,6 +69,7 @@ pub fn modes(format: Format, response: &proto::ListModesResponse) -> String {
                 "title": m.title,
                 "summary": m.summary,
                 "rules": m.rules.len(),
+                "lift_requires_approval": m.lift_requires_approval,
             })).collect::<Vec<_>>()
         })),
         Format::Text => {
@@ -133,9 +138,14 @@ pub fn lifted(format: Format, response: &proto::LiftActivationsResponse) -> Stri
             "namespace": response.namespace,
             "revision": response.revision,
             "lifted": response.lifted.iter().map(activation_json).collect::<Vec<_>>(),
+            "pending": response.pending.as_ref().map(request_json),
         })),
         Format::Text => {
             let mut out = String::new();
+            if let Some(pending) = &response.pending {
+                pending_text(&mut out, pending);
+                return out;
+            }
             for a in &response.lifted {
                 say!(
                     out,
@@ -418,6 +428,427 @@ pub fn decision(format: Format, d: &DecisionReport) -> String {
             if let Some(s) = &d.agent_script {
                 say!(out, "  agent: {s}");
             }
+            out
+        }
+    }
+}
+
+// === incidents, requests, audit, runbooks, tokens ===
+
+fn request_json(r: &proto::ChangeRequest) -> Value {
+    json!({
+        "id": r.id,
+        "namespace": r.namespace,
+        "kind": r.kind,
+        "incident_id": (!r.incident_id.is_empty()).then_some(&r.incident_id),
+        "severity": (!r.severity.is_empty()).then_some(&r.severity),
+        "activation_ids": r.activation_ids,
+        "requested_by": r.requested_by,
+        "reason": r.reason,
+        "requested_at": time(&r.requested_at),
+        "expires_at": time(&r.expires_at),
+        "status": r.status,
+        "approved_by": (!r.approved_by.is_empty()).then_some(&r.approved_by),
+        "summary": r.summary,
+    })
+}
+
+/// What a commander sees when a change waits for a second approver.
+fn pending_text(out: &mut String, r: &proto::ChangeRequest) {
+    say!(out, "needs a second approver: request {} is pending", r.id);
+    say!(out, "  it will {}", r.summary);
+    say!(
+        out,
+        "  another principal with the approver role runs: safemode approve {}",
+        r.id
+    );
+    say!(out, "  it expires at {}", time_text(&r.expires_at));
+}
+
+fn incident_json(i: &proto::Incident) -> Value {
+    json!({
+        "id": i.id,
+        "type": i.r#type,
+        "title": i.title,
+        "namespace": i.namespace,
+        "severity": i.severity,
+        "status": i.status,
+        "channels": if i.channels.is_empty() { json!(["*"]) } else { json!(i.channels) },
+        "activation_ids": i.activation_ids,
+        "lift_requires_approval": i.lift_requires_approval,
+        "declared_by": i.declared_by,
+        "declared_at": time(&i.declared_at),
+        "review_due": time(&i.review_due),
+        "exit_criteria": i.exit_criteria,
+        "timeline": i.timeline.iter().map(|e| json!({
+            "at": time(&e.at),
+            "event": e.event,
+            "principal": e.principal,
+            "severity": e.severity,
+            "reason": e.reason,
+            "request_id": (!e.request_id.is_empty()).then_some(&e.request_id),
+            "revision": e.revision,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+pub fn incident_change(format: Format, what: &str, change: &proto::IncidentChange) -> String {
+    let incident = change.incident.clone().unwrap_or_default();
+    match format {
+        Format::Json => json_line(&json!({
+            "incident": incident_json(&incident),
+            "revision": change.revision,
+            "pending": change.pending.as_ref().map(request_json),
+        })),
+        Format::Text => {
+            let mut out = String::new();
+            if let Some(pending) = &change.pending {
+                pending_text(&mut out, pending);
+                return out;
+            }
+            say!(
+                out,
+                "{what} {} {} ({}) at {} in {}",
+                incident.r#type,
+                incident.id,
+                incident.status,
+                incident.severity,
+                incident.namespace
+            );
+            say!(
+                out,
+                "  activations: {}",
+                if incident.activation_ids.is_empty() {
+                    "none".to_string()
+                } else {
+                    incident.activation_ids.join(", ")
+                }
+            );
+            say!(
+                out,
+                "namespace {} at revision {}",
+                incident.namespace,
+                change.revision
+            );
+            out
+        }
+    }
+}
+
+pub fn incidents(format: Format, response: &proto::ListIncidentsResponse) -> String {
+    match format {
+        Format::Json => json_line(&json!({
+            "incidents": response.incidents.iter().map(incident_json).collect::<Vec<_>>(),
+        })),
+        Format::Text => {
+            let mut out = String::new();
+            if response.incidents.is_empty() {
+                say!(out, "no incidents");
+                return out;
+            }
+            let rows: Vec<[String; 6]> = response
+                .incidents
+                .iter()
+                .map(|i| {
+                    [
+                        i.id.clone(),
+                        i.r#type.clone(),
+                        i.severity.clone(),
+                        i.status.clone(),
+                        format!("{} at {}", i.declared_by, time_text(&i.declared_at)),
+                        time_text(&i.review_due),
+                    ]
+                })
+                .collect();
+            table(
+                &mut out,
+                [
+                    "INCIDENT",
+                    "TYPE",
+                    "SEVERITY",
+                    "STATUS",
+                    "DECLARED",
+                    "REVIEW DUE",
+                ],
+                &rows,
+            );
+            out
+        }
+    }
+}
+
+pub fn incident(format: Format, i: &proto::Incident) -> String {
+    match format {
+        Format::Json => json_line(&incident_json(i)),
+        Format::Text => {
+            let mut out = String::new();
+            say!(out, "{} {}: {} ({})", i.id, i.title, i.severity, i.status);
+            say!(
+                out,
+                "  type {} in {}, on {} channels; declared by {} at {}",
+                i.r#type,
+                i.namespace,
+                channels_text(&i.channels),
+                i.declared_by,
+                time_text(&i.declared_at)
+            );
+            if i.status == "active" {
+                say!(out, "  review due {}", time_text(&i.review_due));
+            }
+            say!(
+                out,
+                "  lifting needs a second approver: {}",
+                if i.lift_requires_approval {
+                    "yes"
+                } else {
+                    "no"
+                }
+            );
+            say!(
+                out,
+                "  activations: {}",
+                if i.activation_ids.is_empty() {
+                    "none".to_string()
+                } else {
+                    i.activation_ids.join(", ")
+                }
+            );
+            if !i.exit_criteria.is_empty() {
+                say!(out, "  exit criteria:");
+                for c in &i.exit_criteria {
+                    say!(out, "    - {c}");
+                }
+            }
+            say!(out);
+            let rows: Vec<[String; 6]> = i
+                .timeline
+                .iter()
+                .map(|e| {
+                    [
+                        time_text(&e.at),
+                        e.event.clone(),
+                        e.severity.clone(),
+                        e.principal.clone(),
+                        if e.revision > 0 {
+                            e.revision.to_string()
+                        } else {
+                            "-".into()
+                        },
+                        [e.reason.as_str(), e.request_id.as_str()]
+                            .iter()
+                            .filter(|t| !t.is_empty())
+                            .copied()
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                    ]
+                })
+                .collect();
+            table(
+                &mut out,
+                ["AT", "EVENT", "SEVERITY", "BY", "REVISION", "REASON"],
+                &rows,
+            );
+            out
+        }
+    }
+}
+
+pub fn requests(format: Format, response: &proto::ListRequestsResponse) -> String {
+    match format {
+        Format::Json => json_line(&json!({
+            "requests": response.requests.iter().map(request_json).collect::<Vec<_>>(),
+        })),
+        Format::Text => {
+            let mut out = String::new();
+            if response.requests.is_empty() {
+                say!(out, "no requests waiting for an approver");
+                return out;
+            }
+            let rows: Vec<[String; 5]> = response
+                .requests
+                .iter()
+                .map(|r| {
+                    [
+                        r.id.clone(),
+                        r.status.clone(),
+                        r.requested_by.clone(),
+                        time_text(&r.expires_at),
+                        r.summary.clone(),
+                    ]
+                })
+                .collect();
+            table(
+                &mut out,
+                ["REQUEST", "STATUS", "REQUESTED BY", "EXPIRES", "WILL"],
+                &rows,
+            );
+            out
+        }
+    }
+}
+
+pub fn approved(format: Format, response: &proto::ApproveResponse) -> String {
+    let request = response.request.clone().unwrap_or_default();
+    match format {
+        Format::Json => json_line(&json!({
+            "request": request_json(&request),
+            "revision": response.revision,
+        })),
+        Format::Text => {
+            let mut out = String::new();
+            say!(
+                out,
+                "approved {} (requested by {}): {}",
+                request.id,
+                request.requested_by,
+                request.summary
+            );
+            say!(
+                out,
+                "namespace {} at revision {}",
+                request.namespace,
+                response.revision
+            );
+            out
+        }
+    }
+}
+
+pub fn audit(format: Format, response: &proto::GetAuditResponse) -> String {
+    match format {
+        Format::Json => json_line(&json!({
+            "entries": response.entries.iter().map(|e| json!({
+                "seq": e.seq,
+                "at": time(&e.at),
+                "action": e.action,
+                "principal": e.principal,
+                "roles": e.roles,
+                "namespace": (!e.namespace.is_empty()).then_some(&e.namespace),
+                "reason": (!e.reason.is_empty()).then_some(&e.reason),
+                "incident_id": (!e.incident_id.is_empty()).then_some(&e.incident_id),
+                "request_id": (!e.request_id.is_empty()).then_some(&e.request_id),
+                "activation_ids": e.activation_ids,
+                "detail": e.detail,
+                "revision": e.revision,
+                "prev_hash": e.prev_hash,
+                "hash": e.hash,
+            })).collect::<Vec<_>>(),
+            "verified": response.verified,
+            "problems": response.problems,
+        })),
+        Format::Text => {
+            let mut out = String::new();
+            let rows: Vec<[String; 6]> = response
+                .entries
+                .iter()
+                .map(|e| {
+                    [
+                        e.seq.to_string(),
+                        time_text(&e.at),
+                        e.action.clone(),
+                        if e.roles.is_empty() {
+                            e.principal.clone()
+                        } else {
+                            format!("{} ({})", e.principal, e.roles.join(","))
+                        },
+                        e.revision.to_string(),
+                        [e.detail.as_str(), e.reason.as_str()]
+                            .iter()
+                            .filter(|t| !t.is_empty())
+                            .map(|t| t.to_string())
+                            .collect::<Vec<_>>()
+                            .join(" / reason: "),
+                    ]
+                })
+                .collect();
+            table(
+                &mut out,
+                ["SEQ", "AT", "ACTION", "BY", "REVISION", "DETAIL"],
+                &rows,
+            );
+            if response.verified {
+                say!(out);
+                if response.problems.is_empty() {
+                    say!(out, "verified: the hash chain is intact");
+                } else {
+                    for problem in &response.problems {
+                        say!(out, "TAMPERED: {problem}");
+                    }
+                }
+            }
+            out
+        }
+    }
+}
+
+pub fn runbooks(format: Format, response: &proto::ListRunbooksResponse) -> String {
+    match format {
+        Format::Json => json_line(&json!({
+            "runbooks": response.runbooks.iter().map(|r| json!({
+                "name": r.name,
+                "title": r.title,
+                "summary": r.summary,
+                "owners": r.owners,
+                "lift_requires_approval": r.lift_requires_approval,
+                "review_interval_seconds": r.review_interval_seconds,
+                "exit_criteria": r.exit_criteria,
+                "stages": r.stages.iter().map(|s| json!({
+                    "severity": s.severity,
+                    "modes": s.modes,
+                    "expectations": s.expectations,
+                    "apply_within_ms": s.apply_within_ms,
+                })).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+        })),
+        Format::Text => {
+            let mut out = String::new();
+            for r in &response.runbooks {
+                say!(out, "{}: {}", r.name, r.title);
+                for s in &r.stages {
+                    say!(out, "  {}: {}", s.severity, s.modes.join(", "));
+                }
+            }
+            out
+        }
+    }
+}
+
+pub fn lint(format: Format, result: &Result<usize, Vec<String>>) -> String {
+    match (format, result) {
+        (Format::Json, Ok(files)) => json_line(&json!({"files": files, "errors": []})),
+        (Format::Json, Err(errors)) => json_line(&json!({"errors": errors})),
+        (Format::Text, Ok(files)) => format!("{} ok\n", count(*files, "file")),
+        (Format::Text, Err(errors)) => errors.iter().map(|e| format!("{e}\n")).collect(),
+    }
+}
+
+pub fn token(
+    format: Format,
+    principal: &str,
+    roles: &[crate::auth::Role],
+    new: &crate::auth::NewToken,
+) -> String {
+    let roles: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
+    match format {
+        Format::Json => json_line(&json!({
+            "principal": principal,
+            "roles": roles,
+            "token": new.token,
+            "line": new.line,
+        })),
+        Format::Text => {
+            let mut out = String::new();
+            say!(
+                out,
+                "token for {principal} ({}), shown only now:",
+                roles.join(", ")
+            );
+            say!(out, "  {}", new.token);
+            say!(
+                out,
+                "add this line to the server's tokens file (it holds only the hash):"
+            );
+            say!(out, "{}", new.line);
             out
         }
     }

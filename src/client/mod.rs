@@ -90,6 +90,9 @@ pub struct SubscriberConfig {
     pub channel: Channel,
     /// A stable id of this instance, shown in `safemode status`.
     pub subscriber_id: String,
+    /// Bearer token (a subscriber token is enough), when the controller
+    /// requires one.
+    pub token: Option<String>,
     /// Limit on connecting and on waiting for the first snapshot.
     pub connect_timeout: Duration,
     /// Decisions say `stale` when neither a snapshot nor a heartbeat arrived
@@ -113,6 +116,7 @@ impl SubscriberConfig {
             namespace,
             channel,
             subscriber_id: subscriber_id.into(),
+            token: None,
             connect_timeout: Duration::from_secs(5),
             stale_after: Duration::from_secs(30),
             max_backoff: Duration::from_secs(10),
@@ -286,7 +290,10 @@ impl Task {
                 server: server.clone(),
                 reason: error_chain(&e),
             })?;
-        let mut client = SubscriptionServiceClient::new(channel);
+        let mut client = SubscriptionServiceClient::with_interceptor(
+            channel,
+            Bearer::new(self.config.token.as_deref())?,
+        );
         let (out, out_rx) = mpsc::channel(16);
         let applied = self.snapshots.borrow().clone();
         let hello = proto::Hello {
@@ -412,6 +419,65 @@ impl Freshness {
         let silent_ms = now_ms.saturating_sub(self.heard_ms.load(Ordering::Relaxed));
         let behind = applied.is_none_or(|a| self.announced.load(Ordering::Relaxed) > a);
         silent_ms > limit.as_millis() as u64 || behind
+    }
+}
+
+/// Adds `authorization: Bearer <token>` to every request, when there is a
+/// token; and, for a server without tokens, the name the caller goes by.
+#[derive(Clone)]
+pub struct Bearer {
+    header: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+    principal: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+}
+
+impl Bearer {
+    /// The interceptor for `token` (`None`: send no header).
+    pub fn new(token: Option<&str>) -> Result<Self, ClientError> {
+        let header = token
+            .map(|t| {
+                format!("Bearer {}", t.trim()).parse().map_err(|_| {
+                    ClientError::Refused("the token has characters a header cannot carry".into())
+                })
+            })
+            .transpose()?;
+        Ok(Bearer {
+            header,
+            principal: None,
+        })
+    }
+
+    /// Also names the caller `principal`: a server without a tokens file
+    /// acts under that name (a server with one ignores it).
+    pub fn as_principal(mut self, principal: Option<&str>) -> Result<Self, ClientError> {
+        self.principal = principal
+            .map(|p| {
+                p.trim().parse().map_err(|_| {
+                    ClientError::Refused(
+                        "the principal has characters a header cannot carry".into(),
+                    )
+                })
+            })
+            .transpose()?;
+        Ok(self)
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(header) = &self.header {
+            request
+                .metadata_mut()
+                .insert("authorization", header.clone());
+        }
+        if let Some(principal) = &self.principal {
+            request
+                .metadata_mut()
+                .insert(crate::api::PRINCIPAL_HEADER, principal.clone());
+        }
+        Ok(request)
     }
 }
 

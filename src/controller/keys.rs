@@ -6,6 +6,12 @@
 //! {prefix}ns/{namespace}/activations/{activation id}   Activation (JSON)
 //! {prefix}ns/{namespace}/meta                          NamespaceChange (JSON): the last change
 //! {prefix}epoch                                        random id of this store's history
+//! {prefix}catalog                                      CatalogRecord (JSON): the modes and runbooks every replica serves
+//! {prefix}incidents/{incident id}                      Incident (JSON)
+//! {prefix}active/{namespace}/{incident type}           the id of the type's active incident there
+//! {prefix}requests/{request id}                        ChangeRequest (JSON)
+//! {prefix}audit/head                                   AuditHead (JSON): the last entry's position and hash
+//! {prefix}audit/log/{position, 20 digits}              AuditEntry (JSON)
 //! ```
 //!
 //! The epoch is written once, by the first replica to start on an empty
@@ -20,6 +26,9 @@
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
+use super::records::{IncidentId, RequestId};
+use crate::audit::AuditAction;
+use crate::policy::runbook::RunbookName;
 use crate::policy::{ActivationId, Namespace};
 
 /// The key layout under a prefix.
@@ -70,6 +79,58 @@ impl Layout {
         format!("{}epoch", self.prefix)
     }
 
+    /// The key of the catalogue record.
+    pub fn catalog_key(&self) -> String {
+        format!("{}catalog", self.prefix)
+    }
+
+    /// Every incident key starts with this.
+    pub fn incidents_prefix(&self) -> String {
+        format!("{}incidents/", self.prefix)
+    }
+
+    /// The key of an incident.
+    pub fn incident_key(&self, id: &IncidentId) -> String {
+        format!("{}{id}", self.incidents_prefix())
+    }
+
+    /// The key naming the active incident of `runbook` in `namespace` (at
+    /// most one at a time).
+    pub fn active_incident_key(&self, namespace: &Namespace, runbook: &RunbookName) -> String {
+        format!("{}active/{namespace}/{runbook}", self.prefix)
+    }
+
+    /// Every change request key starts with this.
+    pub fn requests_prefix(&self) -> String {
+        format!("{}requests/", self.prefix)
+    }
+
+    /// The key of a change request.
+    pub fn request_key(&self, id: &RequestId) -> String {
+        format!("{}{id}", self.requests_prefix())
+    }
+
+    /// The key of the audit log's head.
+    pub fn audit_head_key(&self) -> String {
+        format!("{}audit/head", self.prefix)
+    }
+
+    /// Every audit entry key starts with this.
+    pub fn audit_log_prefix(&self) -> String {
+        format!("{}audit/log/", self.prefix)
+    }
+
+    /// The key of the audit entry at `position`; zero-padded so that key
+    /// order is log order.
+    pub fn audit_entry_key(&self, position: u64) -> String {
+        format!("{}{position:020}", self.audit_log_prefix())
+    }
+
+    /// The position an audit entry key names.
+    pub fn audit_position(&self, key: &str) -> Option<u64> {
+        key.strip_prefix(&self.audit_log_prefix())?.parse().ok()
+    }
+
     /// The key of the namespace's last-change record.
     pub fn meta_key(&self, namespace: &Namespace) -> String {
         format!("{}meta", self.namespace_prefix(namespace))
@@ -100,8 +161,8 @@ impl Default for Layout {
 /// What the last change to a namespace was.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NamespaceChange {
-    /// `apply` or `lift`.
-    pub kind: ChangeKind,
+    /// What was done.
+    pub action: AuditAction,
     /// Who made it.
     pub principal: String,
     /// Why.
@@ -112,12 +173,13 @@ pub struct NamespaceChange {
     pub activation_ids: Vec<ActivationId>,
 }
 
-/// The kinds of namespace change.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ChangeKind {
-    /// Modes applied.
-    Apply,
-    /// Activations lifted.
-    Lift,
+/// The modes and runbooks every replica serves, by fingerprint.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogRecord {
+    /// SHA-256 of the mode and runbook files.
+    pub fingerprint: String,
+    /// The replica that adopted it.
+    pub replica: String,
+    /// When.
+    pub at: Timestamp,
 }

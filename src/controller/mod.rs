@@ -1,12 +1,21 @@
 //! The controller: the state machine behind the gRPC API. It applies and
-//! lifts modes as store transactions, follows each namespace with one store
-//! watch, compiles per-channel snapshots, and keeps track of subscribers.
+//! lifts modes, runs incidents and four-eyes approvals as store
+//! transactions that also append to the audit log, follows each namespace
+//! with one store watch, compiles per-channel snapshots, and keeps track of
+//! subscribers.
 //!
 //! It knows nothing of gRPC (the `api` module converts at the edge) and
-//! nothing of which store is below it.
+//! nothing of which store is below it. Every write goes through
+//! [`change`](self::change)'s commit loop.
 
+mod approvals;
+mod audit_log;
+mod change;
+mod incidents;
 mod keys;
+mod modes;
 mod namespace;
+mod records;
 mod subscribers;
 
 use std::collections::HashMap;
@@ -17,14 +26,24 @@ use jiff::Timestamp;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-pub use keys::{ChangeKind, Layout, NamespaceChange};
+pub use approvals::ApproveOutcome;
+pub use audit_log::AuditReport;
+pub use incidents::{DeclareRequest, EscalateRequest, IncidentOutcome, ResolveRequest};
+pub use keys::{CatalogRecord, Layout, NamespaceChange};
+pub use modes::{ApplyOutcome, ApplyRequest, LiftOutcome, LiftRequest, LiftTarget};
 pub use namespace::{ChannelSnapshot, FollowerHealth, NamespaceHandle, NamespaceView};
+pub use records::{
+    ChangeRequest, Incident, IncidentId, IncidentStatus, RequestId, RequestKind, RequestStatus,
+    TimelineEvent,
+};
 pub use subscribers::{Registration, Rejection, SubscriberRecord, Subscribers, UnknownRevision};
 
-use crate::policy::{
-    Activation, ActivationId, Change, Channel, ChannelSet, Effect, Mode, ModeCatalog, ModeName,
-    Namespace, Reason, Revision,
-};
+use self::change::Plan;
+use crate::audit::{AuditAction, AuditDraft};
+use crate::auth::Principal;
+use crate::catalog::Catalog;
+use crate::policy::runbook::RunbookCatalog;
+use crate::policy::{Channel, ModeCatalog, Namespace, Revision};
 use crate::store::{self, Compare, Op, Store, Txn, TxnOutcome};
 
 /// Result of controller operations.
@@ -81,6 +100,93 @@ pub enum Error {
         "namespace {0} kept changing while this change was prepared; nothing was written, retry"
     )]
     Conflict(Namespace),
+    /// The change would apply nothing.
+    #[error("{0}; nothing was declared")]
+    NothingToApply(String),
+    /// No runbook for this incident type.
+    #[error("unknown incident type '{0}'; `safemode runbook list` shows the runbooks")]
+    UnknownRunbook(String),
+    /// The runbook has no stage for the severity.
+    #[error("runbook {runbook} has no {severity} stage; its stages are {stages}")]
+    NoStage {
+        /// The runbook.
+        runbook: String,
+        /// The severity asked for.
+        severity: String,
+        /// The severities it has.
+        stages: String,
+    },
+    /// No incident with this id.
+    #[error("no incident {0}; `safemode incident list` shows them")]
+    UnknownIncident(String),
+    /// The incident is already resolved.
+    #[error("incident {0} is resolved; declare a new one")]
+    Resolved(String),
+    /// An incident of this type is already active in the namespace.
+    #[error(
+        "incident {id} ({runbook}) is already active in namespace {namespace}; escalate it instead of declaring another"
+    )]
+    AlreadyDeclared {
+        /// The active incident.
+        id: String,
+        /// Its type.
+        runbook: String,
+        /// Where.
+        namespace: Namespace,
+    },
+    /// The incident is already at that severity.
+    #[error("incident {id} is already at {severity}")]
+    SameSeverity {
+        /// The incident.
+        id: String,
+        /// Its severity.
+        severity: String,
+    },
+    /// No change request with this id.
+    #[error("no request {0}; `safemode requests` lists the pending ones")]
+    UnknownRequest(String),
+    /// The request was already decided or has expired.
+    #[error("request {id} is {status}; only a pending request can be approved")]
+    NotPending {
+        /// The request.
+        id: String,
+        /// approved or expired.
+        status: String,
+    },
+    /// The requester tried to approve their own request.
+    #[error("{principal} requested {id} and cannot approve it too; another approver must")]
+    OwnRequest {
+        /// The request.
+        id: String,
+        /// Who.
+        principal: String,
+    },
+    /// This replica's catalogue differs from the one every replica serves.
+    #[error(
+        "this replica's modes and runbooks (fingerprint {ours}) differ from the ones every replica serves (fingerprint {theirs}, adopted by replica {replica} at {at}); deploy the same files, or start this replica with --adopt-catalog to make its files the ones every replica must serve"
+    )]
+    CatalogMismatch {
+        /// This replica's fingerprint (short).
+        ours: String,
+        /// The adopted fingerprint (short).
+        theirs: String,
+        /// Who adopted it.
+        replica: String,
+        /// When.
+        at: String,
+    },
+    /// Another replica adopted a different catalogue since this one started.
+    #[error(
+        "the modes and runbooks changed since this replica started (replica {replica} adopted fingerprint {theirs} at {at}); restart this replica with those files; nothing was written"
+    )]
+    CatalogChanged {
+        /// The adopted fingerprint (short).
+        theirs: String,
+        /// Who adopted it.
+        replica: String,
+        /// When.
+        at: String,
+    },
     /// The controller is shutting down.
     #[error("the controller is shutting down; retry against another replica")]
     ShuttingDown,
@@ -94,6 +200,11 @@ pub enum Error {
 pub struct ControllerConfig {
     /// Where keys live in the store.
     pub layout: Layout,
+    /// This replica's name (in the catalogue record and logs).
+    pub replica: String,
+    /// Make this replica's catalogue the one every replica must serve, when
+    /// the store holds another.
+    pub adopt_catalog: bool,
     /// How long a request waits for a namespace's first read from the store.
     pub load_timeout: Duration,
     /// How long a subscriber that is ahead of this replica waits for it to
@@ -105,101 +216,23 @@ pub struct ControllerConfig {
     /// A drill namespace nobody used or subscribed to for this long stops
     /// being followed (it is followed again on its next use).
     pub idle_namespace: Duration,
+    /// How long a change request waits for its approver before it expires.
+    pub request_ttl: Duration,
 }
 
 impl Default for ControllerConfig {
     fn default() -> Self {
         ControllerConfig {
             layout: Layout::default(),
+            replica: format!("safemode-{}", std::process::id()),
+            adopt_catalog: false,
             load_timeout: Duration::from_secs(10),
             catch_up_timeout: Duration::from_secs(5),
             visibility_timeout: Duration::from_secs(5),
             idle_namespace: Duration::from_secs(300),
+            request_ttl: Duration::from_secs(3600),
         }
     }
-}
-
-/// Apply modes to a namespace.
-#[derive(Clone, Debug)]
-pub struct ApplyRequest {
-    /// The namespace.
-    pub namespace: Namespace,
-    /// Modes to apply, at least one.
-    pub modes: Vec<ModeName>,
-    /// Channels the activations cover.
-    pub channels: ChannelSet,
-    /// Read-only effects serve data as of this time; default: now.
-    pub as_of: Option<Timestamp>,
-    /// Who.
-    pub principal: String,
-    /// Why.
-    pub reason: Reason,
-}
-
-/// What an apply did.
-#[derive(Clone, Debug)]
-pub struct ApplyOutcome {
-    /// Revision of the change (the namespace revision if nothing was new).
-    pub revision: Revision,
-    /// Activations created.
-    pub applied: Vec<Arc<Activation>>,
-    /// Requested modes already active with the same channels.
-    pub already_active: Vec<Arc<Activation>>,
-}
-
-/// What to lift: one activation, or every activation of a mode.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum LiftTarget {
-    /// One activation.
-    Activation(ActivationId),
-    /// Every activation of this mode.
-    Mode(ModeName),
-}
-
-impl LiftTarget {
-    /// Parses an activation id (`act_...`) or a mode name.
-    pub fn parse(text: &str) -> Result<Self, crate::policy::NameError> {
-        if ActivationId::looks_like(text) {
-            ActivationId::parse(text).map(LiftTarget::Activation)
-        } else {
-            ModeName::parse(text).map(LiftTarget::Mode)
-        }
-    }
-}
-
-impl std::fmt::Display for LiftTarget {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            LiftTarget::Activation(id) => id.fmt(f),
-            LiftTarget::Mode(name) => name.fmt(f),
-        }
-    }
-}
-
-/// Lift activations in a namespace.
-#[derive(Clone, Debug)]
-pub struct LiftRequest {
-    /// The namespace.
-    pub namespace: Namespace,
-    /// What to lift, at least one.
-    pub targets: Vec<LiftTarget>,
-    /// Who.
-    pub principal: String,
-    /// Why.
-    pub reason: Reason,
-    /// Lift every activation of a mode named in `targets`, when it has
-    /// several (otherwise that is refused, so one commander does not lift
-    /// another's scope by accident).
-    pub all: bool,
-}
-
-/// What a lift did.
-#[derive(Clone, Debug)]
-pub struct LiftOutcome {
-    /// Revision of the change.
-    pub revision: Revision,
-    /// Activations removed.
-    pub lifted: Vec<Arc<Activation>>,
 }
 
 /// A namespace's status on this replica.
@@ -223,96 +256,45 @@ pub struct Subscription {
     pub registration: Registration,
 }
 
-/// Whether an active activation's rules are those the catalogue's `mode`
-/// would give now: the same mode, unchanged since, and (when the request names
-/// one) the same read-only as-of time. Otherwise a new activation is applied
-/// beside it, and the merge keeps the safer of the two.
-fn same_rules(active: &Mode, mode: &Mode, as_of: Option<Timestamp>) -> bool {
-    let with_as_of = |m: &Mode, at: Option<Timestamp>| {
-        let mut m = m.clone();
-        for rule in &mut m.rules {
-            if let Effect::ReadOnly(r) = &mut rule.effect {
-                r.as_of = at;
-            }
-        }
-        m
-    };
-    match as_of {
-        // No as-of asked for: any as-of time counts as the same.
-        None => with_as_of(active, None) == with_as_of(mode, None),
-        Some(at) => *active == with_as_of(mode, Some(at)),
-    }
-}
-
-/// The activations a lift names, or why it cannot go ahead.
-fn resolve_lift(view: &NamespaceView, request: &LiftRequest) -> Result<Vec<Arc<Activation>>> {
-    let mut lifted: Vec<Arc<Activation>> = Vec::new();
-    for target in &request.targets {
-        let matching: Vec<&Arc<Activation>> = view
-            .activations
-            .iter()
-            .filter(|a| match target {
-                LiftTarget::Activation(id) => a.id == *id,
-                LiftTarget::Mode(name) => a.mode.name == *name,
-            })
-            .collect();
-        if matching.is_empty() {
-            return Err(Error::NotActive {
-                namespace: request.namespace.clone(),
-                target: target.to_string(),
-            });
-        }
-        if matching.len() > 1 && !request.all && matches!(target, LiftTarget::Mode(_)) {
-            return Err(Error::Ambiguous {
-                namespace: request.namespace.clone(),
-                target: target.to_string(),
-                matches: matching
-                    .iter()
-                    .map(|a| format!("{} on {}", a.id, a.channels))
-                    .collect(),
-            });
-        }
-        for a in matching {
-            if !lifted.iter().any(|l| l.id == a.id) {
-                lifted.push(a.clone());
-            }
-        }
-    }
-    Ok(lifted)
-}
-
 /// How often a change retries after losing a race with a concurrent one.
 const CHANGE_ATTEMPTS: usize = 5;
 
 /// The controller of one replica.
 pub struct Controller {
     store: Arc<dyn Store>,
-    catalog: Arc<ModeCatalog>,
+    catalog: Arc<Catalog>,
     config: ControllerConfig,
     epoch: String,
+    /// Revision of the catalogue record this replica joined or adopted;
+    /// catalogue-dependent changes compare it.
+    catalog_revision: Revision,
     namespaces: Mutex<HashMap<Namespace, Arc<NamespaceHandle>>>,
     shutdown: CancellationToken,
 }
 
 impl Controller {
     /// A controller over `store` serving `catalog`: reads (or, on an empty
-    /// store, creates) the store's epoch. Background tasks stop when
-    /// `shutdown` is cancelled.
+    /// store, creates) the store's epoch, and joins the catalogue every
+    /// replica serves (or adopts this one's, with `config.adopt_catalog`).
+    /// Background tasks stop when `shutdown` is cancelled.
     pub async fn start(
         store: Arc<dyn Store>,
-        catalog: Arc<ModeCatalog>,
+        catalog: Arc<Catalog>,
         config: ControllerConfig,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>> {
         let epoch = ensure_epoch(&*store, &config.layout).await?;
-        let controller = Arc::new(Controller {
+        let mut controller = Controller {
             store,
             catalog,
             config,
             epoch,
+            catalog_revision: 0,
             namespaces: Mutex::new(HashMap::new()),
             shutdown,
-        });
+        };
+        controller.catalog_revision = controller.join_catalog().await?;
+        let controller = Arc::new(controller);
         let sweeper = Arc::downgrade(&controller);
         let stop = controller.shutdown.clone();
         let idle = controller.config.idle_namespace;
@@ -355,7 +337,12 @@ impl Controller {
 
     /// The mode catalogue.
     pub fn catalog(&self) -> &ModeCatalog {
-        &self.catalog
+        &self.catalog.modes
+    }
+
+    /// The runbooks.
+    pub fn runbooks(&self) -> &RunbookCatalog {
+        &self.catalog.runbooks
     }
 
     /// The store below.
@@ -396,141 +383,6 @@ impl Controller {
                 cause,
             })?;
         Ok(handle)
-    }
-
-    /// Applies modes in one atomic change. A mode already active with the
-    /// same channels is reported, not applied twice.
-    pub async fn apply(&self, request: ApplyRequest) -> Result<ApplyOutcome> {
-        let modes = request
-            .modes
-            .iter()
-            .map(|name| {
-                self.catalog
-                    .get(name.as_str())
-                    .cloned()
-                    .ok_or_else(|| Error::UnknownMode(name.to_string()))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let handle = self.namespace(&request.namespace).await?;
-        let layout = &self.config.layout;
-        for _ in 0..CHANGE_ATTEMPTS {
-            let view = handle.current();
-            let change = Change {
-                principal: request.principal.clone(),
-                reason: request.reason.clone(),
-                at: Timestamp::now(),
-                incident_id: None,
-            };
-            let as_of = request.as_of.unwrap_or(change.at);
-            let mut already_active = Vec::new();
-            let mut applied = Vec::new();
-            for mode in &modes {
-                let active = view.activations.iter().find(|a| {
-                    a.channels == request.channels && same_rules(&a.mode, mode, request.as_of)
-                });
-                match active {
-                    Some(a) => already_active.push(a.clone()),
-                    None => applied.push(Activation::new(
-                        ActivationId::from_random(rand::random()),
-                        mode,
-                        request.channels,
-                        as_of,
-                        &change,
-                    )),
-                }
-            }
-            if applied.is_empty() {
-                // "Already active" must not come from a view that lags a
-                // change just committed through another replica (a lift).
-                if self.confirm_current(&handle, &view).await? {
-                    return Ok(ApplyOutcome {
-                        revision: view.revision,
-                        applied: Vec::new(),
-                        already_active,
-                    });
-                }
-                continue;
-            }
-            let mut txn = self.change_txn(&view, ChangeKind::Apply, &change, &applied);
-            for activation in &applied {
-                let key = layout.activation_key(&request.namespace, &activation.id);
-                txn.compares.push(Compare::ModRevision {
-                    key: key.clone(),
-                    revision: 0,
-                });
-                txn.ops.push(Op::Put {
-                    key,
-                    value: serde_json::to_vec(activation).expect("activations serialize"),
-                });
-            }
-            match self.store.txn(txn).await? {
-                TxnOutcome::Committed { revision } => {
-                    info!(namespace = %request.namespace, revision, principal = %change.principal,
-                        modes = ?applied.iter().map(|a| a.mode.name.as_str()).collect::<Vec<_>>(),
-                        reason = %change.reason.as_str(), "modes applied");
-                    self.await_visible(&handle, revision).await;
-                    let applied = applied
-                        .into_iter()
-                        .map(|mut a| {
-                            a.revision = revision;
-                            Arc::new(a)
-                        })
-                        .collect();
-                    return Ok(ApplyOutcome {
-                        revision,
-                        applied,
-                        already_active,
-                    });
-                }
-                TxnOutcome::CompareFailed { .. } => self.await_change(&handle, &view).await,
-            }
-        }
-        Err(Error::Conflict(request.namespace))
-    }
-
-    /// Lifts activations in one atomic change.
-    pub async fn lift(&self, request: LiftRequest) -> Result<LiftOutcome> {
-        let handle = self.namespace(&request.namespace).await?;
-        let layout = &self.config.layout;
-        for _ in 0..CHANGE_ATTEMPTS {
-            let view = handle.current();
-            let lifted = match resolve_lift(&view, &request) {
-                Ok(lifted) => lifted,
-                // Refuse only on a view the store confirms is current.
-                Err(refusal) => {
-                    if self.confirm_current(&handle, &view).await? {
-                        return Err(refusal);
-                    }
-                    continue;
-                }
-            };
-            let change = Change {
-                principal: request.principal.clone(),
-                reason: request.reason.clone(),
-                at: Timestamp::now(),
-                incident_id: None,
-            };
-            let mut txn = self.change_txn(&view, ChangeKind::Lift, &change, &lifted);
-            for activation in &lifted {
-                let key = layout.activation_key(&request.namespace, &activation.id);
-                txn.compares.push(Compare::ModRevision {
-                    key: key.clone(),
-                    revision: activation.revision,
-                });
-                txn.ops.push(Op::Delete { key });
-            }
-            match self.store.txn(txn).await? {
-                TxnOutcome::Committed { revision } => {
-                    info!(namespace = %request.namespace, revision, principal = %change.principal,
-                        lifted = ?lifted.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(),
-                        reason = %change.reason.as_str(), "activations lifted");
-                    self.await_visible(&handle, revision).await;
-                    return Ok(LiftOutcome { revision, lifted });
-                }
-                TxnOutcome::CompareFailed { .. } => self.await_change(&handle, &view).await,
-            }
-        }
-        Err(Error::Conflict(request.namespace))
     }
 
     /// The namespace's state and this replica's subscribers.
@@ -584,56 +436,138 @@ impl Controller {
         })
     }
 
-    /// A transaction that records `change` as the namespace's last change,
-    /// provided nothing changed the namespace since `view`.
-    fn change_txn(
+    /// Records that `actor` was refused `what` for lack of permission: the
+    /// refusal changes nothing but is audited.
+    pub async fn record_refusal(
         &self,
-        view: &NamespaceView,
-        kind: ChangeKind,
-        change: &Change,
-        activations: &[impl std::borrow::Borrow<Activation>],
-    ) -> Txn {
-        let meta_key = self.config.layout.meta_key(&view.namespace);
-        let record = NamespaceChange {
-            kind,
-            principal: change.principal.clone(),
-            reason: change.reason.as_str().to_string(),
-            at: change.at,
-            activation_ids: activations.iter().map(|a| a.borrow().id.clone()).collect(),
-        };
-        Txn {
-            compares: vec![Compare::ModRevision {
-                key: meta_key.clone(),
-                revision: view.meta_revision,
-            }],
-            ops: vec![Op::Put {
-                key: meta_key,
-                value: serde_json::to_vec(&record).expect("changes serialize"),
-            }],
-        }
+        actor: &Principal,
+        namespace: Option<&Namespace>,
+        what: String,
+    ) -> Result<()> {
+        let what = &what;
+        self.commit(None, |_| {
+            Box::pin(async move {
+                let mut plan = Plan::answer(());
+                plan.audit = Some(AuditDraft {
+                    action: AuditAction::Refused,
+                    principal: actor.name.clone(),
+                    roles: actor.role_names(),
+                    namespace: namespace.map(ToString::to_string),
+                    reason: None,
+                    incident_id: None,
+                    request_id: None,
+                    activation_ids: Vec::new(),
+                    detail: what.clone(),
+                });
+                Ok(plan)
+            })
+        })
+        .await?;
+        Ok(())
     }
 
-    /// Whether `view` is still the namespace's state in the store (a
-    /// compare-only transaction on the meta key). If not, waits (bounded) for
-    /// the newer state to arrive before the caller retries.
-    async fn confirm_current(
-        &self,
-        handle: &NamespaceHandle,
-        view: &NamespaceView,
-    ) -> Result<bool> {
-        let check = Txn {
-            compares: vec![Compare::ModRevision {
-                key: self.config.layout.meta_key(&view.namespace),
-                revision: view.meta_revision,
-            }],
-            ops: Vec::new(),
+    /// The record of the catalogue every replica serves, and its revision.
+    async fn catalog_record(&self) -> Result<Option<(CatalogRecord, Revision)>> {
+        let key = self.config.layout.catalog_key();
+        let range = self.store.range(&key).await?;
+        let Some(kv) = range.kvs.into_iter().find(|kv| kv.key == key) else {
+            return Ok(None);
         };
-        match self.store.txn(check).await? {
-            TxnOutcome::Committed { .. } => Ok(true),
-            TxnOutcome::CompareFailed { .. } => {
-                self.await_change(handle, view).await;
-                Ok(false)
+        let record = serde_json::from_slice(&kv.value).map_err(|e| {
+            Error::Store(store::Error::Corrupt(format!("{key} cannot be read: {e}")))
+        })?;
+        Ok(Some((record, kv.mod_revision)))
+    }
+
+    /// Joins the catalogue the store records, records this replica's on an
+    /// empty store, or adopts this one's when configured to. Returns the
+    /// record's revision.
+    async fn join_catalog(&self) -> Result<Revision> {
+        let ours = &self.catalog.fingerprint;
+        for _ in 0..CHANGE_ATTEMPTS {
+            let existing = self.catalog_record().await?;
+            let detail = match &existing {
+                Some((record, revision)) if record.fingerprint == *ours => return Ok(*revision),
+                Some((record, _)) if !self.config.adopt_catalog => {
+                    return Err(Error::CatalogMismatch {
+                        ours: short(ours),
+                        theirs: short(&record.fingerprint),
+                        replica: record.replica.clone(),
+                        at: record.at.to_string(),
+                    });
+                }
+                Some((record, _)) => format!(
+                    "replica {} adopted modes and runbooks {} in place of {}",
+                    self.config.replica,
+                    short(ours),
+                    short(&record.fingerprint)
+                ),
+                None => format!(
+                    "replica {} recorded the modes and runbooks {} on an empty store",
+                    self.config.replica,
+                    short(ours)
+                ),
+            };
+            let key = self.config.layout.catalog_key();
+            let record = CatalogRecord {
+                fingerprint: ours.clone(),
+                replica: self.config.replica.clone(),
+                at: Timestamp::now(),
+            };
+            let seen = existing.as_ref().map_or(0, |(_, revision)| *revision);
+            let (key, record, detail) = (&key, &record, &detail);
+            let adopted = self
+                .commit(None, |_| {
+                    Box::pin(async move {
+                        let mut plan = Plan::answer(());
+                        plan.compares.push(Compare::ModRevision {
+                            key: key.clone(),
+                            revision: seen,
+                        });
+                        plan.ops.push(Op::Put {
+                            key: key.clone(),
+                            value: serde_json::to_vec(&record).expect("records serialize"),
+                        });
+                        plan.audit = Some(AuditDraft {
+                            action: AuditAction::AdoptCatalog,
+                            principal: self.config.replica.clone(),
+                            roles: Vec::new(),
+                            namespace: None,
+                            reason: None,
+                            incident_id: None,
+                            request_id: None,
+                            activation_ids: Vec::new(),
+                            detail: detail.clone(),
+                        });
+                        Ok(plan)
+                    })
+                })
+                .await;
+            match adopted {
+                Ok(((), revision)) => {
+                    info!(fingerprint = %short(ours), "{detail}");
+                    return Ok(revision);
+                }
+                // Another replica wrote the record first: look again.
+                Err(Error::Conflict(_)) => continue,
+                Err(e) => return Err(e),
             }
+        }
+        Err(Error::Conflict(Namespace::live()))
+    }
+
+    /// Fails with [`Error::CatalogChanged`] when another replica adopted a
+    /// different catalogue since this one joined.
+    async fn check_catalog(&self) -> Result<()> {
+        match self.catalog_record().await? {
+            Some((record, revision)) if revision != self.catalog_revision => {
+                Err(Error::CatalogChanged {
+                    theirs: short(&record.fingerprint),
+                    replica: record.replica,
+                    at: record.at.to_string(),
+                })
+            }
+            _ => Ok(()),
         }
     }
 
@@ -648,15 +582,11 @@ impl Controller {
             warn!(revision, "committed change not yet visible on this replica");
         }
     }
+}
 
-    /// Waits (bounded) until the namespace moves past `view`, after a change
-    /// lost a race with a concurrent one.
-    async fn await_change(&self, handle: &NamespaceHandle, view: &NamespaceView) {
-        let seen = view.meta_revision;
-        let _ = handle
-            .wait_for(self.config.visibility_timeout, |v| v.meta_revision != seen)
-            .await;
-    }
+/// The first 12 characters of a fingerprint, enough for people.
+fn short(fingerprint: &str) -> String {
+    fingerprint.chars().take(12).collect()
 }
 
 /// Reads the store's epoch, creating it on an empty store (a concurrent
@@ -700,7 +630,7 @@ mod tests {
             .unwrap();
         Controller::start(
             Arc::new(store),
-            Arc::new(crate::catalog::standard_modes()),
+            Arc::new(Catalog::standard()),
             ControllerConfig::default(),
             CancellationToken::new(),
         )

@@ -27,22 +27,32 @@ pub struct ActivationId(String);
 const ID_ALPHABET: &[u8; 32] = b"0123456789abcdefghjkmnpqrstvwxyz";
 const ID_PREFIX: &str = "act_";
 
+/// `prefix` and 12 characters of lowercase base32 from the low 60 bits of
+/// `random`: the shape of every safemode id (`act_`, `inc_`, `req_`).
+pub fn random_id(prefix: &str, random: u64) -> String {
+    let mut id = String::with_capacity(prefix.len() + 12);
+    id.push_str(prefix);
+    for i in (0..12).rev() {
+        id.push(ID_ALPHABET[((random >> (i * 5)) & 31) as usize] as char);
+    }
+    id
+}
+
+/// Whether `text` is `prefix` followed by an id made by [`random_id`].
+pub fn is_id(prefix: &str, text: &str) -> bool {
+    text.strip_prefix(prefix)
+        .is_some_and(|rest| rest.len() == 12 && rest.bytes().all(|b| ID_ALPHABET.contains(&b)))
+}
+
 impl ActivationId {
     /// The id whose 60 random bits are the low bits of `random`.
     pub fn from_random(random: u64) -> Self {
-        let mut id = String::with_capacity(ID_PREFIX.len() + 12);
-        id.push_str(ID_PREFIX);
-        for i in (0..12).rev() {
-            id.push(ID_ALPHABET[((random >> (i * 5)) & 31) as usize] as char);
-        }
-        ActivationId(id)
+        ActivationId(random_id(ID_PREFIX, random))
     }
 
     /// Parses an id.
     pub fn parse(text: &str) -> Result<Self, NameError> {
-        let ok = text
-            .strip_prefix(ID_PREFIX)
-            .is_some_and(|rest| rest.len() == 12 && rest.bytes().all(|b| ID_ALPHABET.contains(&b)));
+        let ok = is_id(ID_PREFIX, text);
         if ok {
             Ok(ActivationId(text.to_string()))
         } else {
@@ -232,6 +242,9 @@ impl Activation {
                     customer_message: None,
                     agent_script: None,
                 }],
+                // The record may have been a mode whose lifting needs a second
+                // person; not knowing, ask for one.
+                lift_requires_approval: true,
             },
             channels: ChannelSet::ALL,
             reason: Reason(format!("unreadable record: {error}")),

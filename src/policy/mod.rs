@@ -10,6 +10,8 @@ pub mod effect;
 pub mod mode;
 pub mod mode_file;
 pub mod names;
+pub mod runbook;
+pub mod runbook_file;
 
 pub use activation::{Activation, ActivationId, Change, Reason, Revision};
 pub use compile::{ActionPolicy, ChannelPolicy, EffectivePolicy, Entry, StandingThrottle};
@@ -20,3 +22,8 @@ pub use mode_file::{ModeFileError, parse_mode};
 pub use names::{
     Action, ActionSelector, Channel, ChannelSet, MethodSet, NameError, Namespace, validate_action,
 };
+pub use runbook::{
+    DuplicateRunbook, Expectation, ExpectationResult, Runbook, RunbookCatalog, RunbookName,
+    Severity, Stage, StageMode, Transition,
+};
+pub use runbook_file::{RunbookFileError, parse_runbook};

@@ -192,6 +192,11 @@ pub struct Mode {
     pub agent_script: Option<Arc<str>>,
     /// The rules, at least one.
     pub rules: Vec<Rule>,
+    /// Whether lifting the mode needs a second, different approver: set on
+    /// the modes whose lifting would reopen the door an attacker is pushing
+    /// on (credential changes, verified channels, money, bot hand-offs).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lift_requires_approval: bool,
 }
 
 /// Why a catalogue could not be built.

@@ -75,7 +75,7 @@ pub fn parse_mode(file: &str, name: &str, text: &str) -> Result<Mode, ModeFileEr
 /// The YAML library's message, reworded for a person editing a mode file:
 /// without the position (we print our own) or the source excerpt, and without
 /// advice about the library's options.
-fn library_message(raw: &str) -> String {
+pub(super) fn library_message(raw: &str) -> String {
     let first = raw
         .lines()
         .next()
@@ -120,6 +120,8 @@ struct ModeSpec {
     #[serde(default)]
     agent_script: Option<String>,
     rules: Spanned<Vec<RuleSpec>>,
+    #[serde(default)]
+    lift_requires_approval: bool,
 }
 
 #[derive(Deserialize)]
@@ -309,6 +311,7 @@ impl ModeSpec {
             customer_notice: text(self.customer_notice),
             agent_script: text(self.agent_script),
             rules,
+            lift_requires_approval: self.lift_requires_approval,
         })
     }
 }

@@ -158,6 +158,7 @@ pub fn mode_to_wire(m: &Mode) -> proto::Mode {
         summary: m.summary.clone(),
         customer_notice: opt_text(&m.customer_notice),
         agent_script: opt_text(&m.agent_script),
+        lift_requires_approval: m.lift_requires_approval,
         rules: m
             .rules
             .iter()

@@ -48,13 +48,13 @@ async fn lift(
 #[tokio::test]
 async fn lifting_a_mode_with_several_activations_needs_all() {
     let server = TestServer::start().await;
-    let on_chatbot = apply(&server, &["freeze-credential-changes"], &["chatbot"], None)
+    let on_chatbot = apply(&server, &["step-up-account-changes"], &["chatbot"], None)
         .await
         .unwrap();
-    let on_ivr = apply(&server, &["freeze-credential-changes"], &["ivr"], None)
+    let on_ivr = apply(&server, &["step-up-account-changes"], &["ivr"], None)
         .await
         .unwrap();
-    let refused = lift(&server, &["freeze-credential-changes"], false)
+    let refused = lift(&server, &["step-up-account-changes"], false)
         .await
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
@@ -77,16 +77,16 @@ async fn lifting_a_mode_with_several_activations_needs_all() {
     lift(&server, &[&on_chatbot.applied[0].id], false)
         .await
         .unwrap();
-    lift(&server, &["freeze-credential-changes"], false)
+    lift(&server, &["step-up-account-changes"], false)
         .await
         .unwrap();
-    apply(&server, &["freeze-credential-changes"], &["web"], None)
+    apply(&server, &["step-up-account-changes"], &["web"], None)
         .await
         .unwrap();
-    apply(&server, &["freeze-credential-changes"], &["email"], None)
+    apply(&server, &["step-up-account-changes"], &["email"], None)
         .await
         .unwrap();
-    let both = lift(&server, &["freeze-credential-changes"], true)
+    let both = lift(&server, &["step-up-account-changes"], true)
         .await
         .unwrap();
     assert_eq!(both.lifted.len(), 2);

@@ -268,7 +268,7 @@ async fn a_commander_session_from_the_command_line() {
 
     let modes =
         stdout_json(&safemode(&["--server", url, "--output", "json", "mode", "list"]).await);
-    assert_eq!(modes["modes"].as_array().unwrap().len(), 9);
+    assert_eq!(modes["modes"].as_array().unwrap().len(), 12);
 
     let applied = safemode(&[
         "--server",
@@ -389,6 +389,79 @@ async fn a_commander_session_from_the_command_line() {
     );
     assert_eq!(lifted["lifted"][0]["mode"], "throttle-high-risk");
     assert!(lifted["revision"].as_i64() > Some(revision));
+}
+
+/// The quickstart server has no tokens file; two people are still two
+/// principals, named by `--principal`, and lifting a freeze takes both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lifting_a_freeze_without_tokens_takes_a_second_named_principal() {
+    let server = TestServer::start().await;
+    let url = server.url.as_str();
+    let as_ = |who: &'static str, args: &[&str]| {
+        let mut all = vec!["--server", url, "--output", "json", "--principal", who];
+        all.extend_from_slice(args);
+        all.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let run = |args: Vec<String>| async move {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        safemode(&args).await
+    };
+
+    let applied = stdout_json(
+        &run(as_(
+            "alice",
+            &[
+                "mode",
+                "apply",
+                "freeze-credential-changes",
+                "--reason",
+                "ATO wave",
+            ],
+        ))
+        .await,
+    );
+    let frozen_at = applied["revision"].as_i64().unwrap();
+
+    let lift = stdout_json(
+        &run(as_(
+            "alice",
+            &[
+                "mode",
+                "lift",
+                "freeze-credential-changes",
+                "--reason",
+                "contained",
+            ],
+        ))
+        .await,
+    );
+    assert_eq!(lift["lifted"].as_array().unwrap().len(), 0, "{lift}");
+    let request = lift["pending"]["id"]
+        .as_str()
+        .expect("a pending request")
+        .to_owned();
+    assert_eq!(lift["pending"]["requested_by"], "alice");
+
+    // The requester cannot approve their own request, and nothing moves.
+    let own = run(as_("alice", &["approve", &request])).await;
+    assert_eq!(own.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&own.stderr);
+    assert!(stderr.contains("cannot approve it too"), "{stderr}");
+    let status = stdout_json(&run(as_("alice", &["status"])).await);
+    assert_eq!(status["revision"], frozen_at);
+    assert_eq!(status["activations"].as_array().unwrap().len(), 1);
+
+    let approved = stdout_json(&run(as_("bob", &["approve", &request])).await);
+    assert_eq!(approved["request"]["approved_by"], "bob");
+    let status = stdout_json(&run(as_("bob", &["status"])).await);
+    assert_eq!(status["activations"].as_array().unwrap().len(), 0);
+    assert!(status["revision"].as_i64().unwrap() > frozen_at);
+
+    // A name that could not be one is refused at the edge.
+    let bad = run(as_("bob smith", &["status"])).await;
+    assert_eq!(bad.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains("principal"), "{stderr}");
 }
 
 #[tokio::test]

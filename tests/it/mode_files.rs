@@ -28,11 +28,14 @@ fn standard_mode_files_parse_to_the_built_in_modes() {
         [
             "bots-faq-only",
             "freeze-credential-changes",
+            "freeze-phone-changes",
             "handoff-guard",
             "incident-notice",
             "read-only-last-known-good",
+            "recovery-verified-paths",
             "review-refunds-payouts",
             "step-up-account-changes",
+            "step-up-no-sms",
             "throttle-high-risk",
             "verified-channels-only",
         ]

@@ -207,6 +207,7 @@ fn mode() -> impl Strategy<Value = Mode> {
             customer_notice,
             agent_script,
             rules,
+            lift_requires_approval: false,
         })
 }
 

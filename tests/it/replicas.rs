@@ -120,6 +120,8 @@ struct Outcomes {
     lifted: Vec<String>,
     /// Activation ids whose lift failed (it may have committed).
     lift_failed: Vec<String>,
+    /// Activation ids whose lift waits for a second approver.
+    pending: Vec<String>,
 }
 
 /// A failed command must say so on one line, not crash.
@@ -209,10 +211,11 @@ async fn every_reported_change_survives_killing_the_etcd_leader() {
                 if step % 3 == 2 {
                     let target = {
                         let o = outcomes.lock().await;
-                        o.applied
-                            .iter()
-                            .map(|(id, ..)| id.clone())
-                            .find(|id| !o.lifted.contains(id) && !o.lift_failed.contains(id))
+                        o.applied.iter().map(|(id, ..)| id.clone()).find(|id| {
+                            !o.lifted.contains(id)
+                                && !o.lift_failed.contains(id)
+                                && !o.pending.contains(id)
+                        })
                     };
                     if let Some(id) = target {
                         let output = safemode(&[
@@ -222,7 +225,16 @@ async fn every_reported_change_survives_killing_the_etcd_leader() {
                         .await;
                         let mut o = outcomes.lock().await;
                         if output.status.success() {
-                            o.lifted.push(id);
+                            let json: serde_json::Value =
+                                serde_json::from_slice(&output.stdout).unwrap();
+                            // A mode that needs a second approver is not
+                            // lifted yet: its activation stays, and the
+                            // commander does not try it again.
+                            if json["pending"].is_null() {
+                                o.lifted.push(id);
+                            } else {
+                                o.pending.push(id);
+                            }
                         } else {
                             assert_clear_failure(&output, &format!("lift at step {step}"));
                             o.lift_failed.push(id);
@@ -330,15 +342,16 @@ async fn a_subscriber_that_missed_compacted_history_gets_the_full_current_state(
 
     // 500 changes while it is away: apply or lift, cycling through the modes.
     let mut control = server.control().await;
-    // Seven modes, so 500 toggles leave some on (500 = 7 * 71 + 3).
+    // Seven modes that lift without a second approver, so 500 toggles leave
+    // some on (500 = 7 * 71 + 3).
     let modes = [
-        "freeze-credential-changes",
+        "bots-faq-only",
         "step-up-account-changes",
-        "review-refunds-payouts",
+        "step-up-no-sms",
         "throttle-high-risk",
         "incident-notice",
-        "handoff-guard",
-        "verified-channels-only",
+        "read-only-last-known-good",
+        "recovery-verified-paths",
     ];
     let mut active = BTreeSet::new();
     for i in 0..500 {
@@ -505,7 +518,7 @@ async fn already_active_is_never_answered_from_a_lagging_view() {
     let start = |store: Arc<dyn Store>| {
         Controller::start(
             store,
-            Arc::new(safemode::catalog::standard_modes()),
+            Arc::new(safemode::catalog::Catalog::standard()),
             ControllerConfig::default(),
             CancellationToken::new(),
         )
@@ -520,10 +533,13 @@ async fn already_active_is_never_answered_from_a_lagging_view() {
     let live = Namespace::live();
     let apply = || ApplyRequest {
         namespace: live.clone(),
-        modes: vec![ModeName::parse("freeze-credential-changes").unwrap()],
+        modes: vec![ModeName::parse("throttle-high-risk").unwrap()],
         channels: safemode::policy::ChannelSet::ALL,
         as_of: None,
-        principal: "bob".into(),
+        actor: safemode::auth::Principal {
+            name: "bob".into(),
+            roles: vec![safemode::auth::Role::Commander],
+        },
         reason: Reason::parse("contain the wave").unwrap(),
     };
     // Both replicas know the mode is active.
@@ -537,8 +553,11 @@ async fn already_active_is_never_answered_from_a_lagging_view() {
     prompt
         .lift(LiftRequest {
             namespace: live.clone(),
-            targets: vec![LiftTarget::parse("freeze-credential-changes").unwrap()],
-            principal: "carol".into(),
+            targets: vec![LiftTarget::parse("throttle-high-risk").unwrap()],
+            actor: safemode::auth::Principal {
+                name: "carol".into(),
+                roles: vec![safemode::auth::Role::Commander],
+            },
             reason: Reason::parse("contained").unwrap(),
             all: false,
         })
@@ -610,10 +629,14 @@ async fn an_unreadable_activation_fails_closed() {
     assert!(status.problems[0].contains(id), "{:?}", status.problems);
     assert_eq!(status.activations[0].mode, "unreadable-activation");
 
-    // Lifting it by id removes it, like any activation.
-    server
-        .control()
-        .await
+    // Lifting a protective record nobody can read takes two people: through
+    // a guarded replica on the same store, a commander's lift waits for a
+    // different approver.
+    let principals = crate::support::Principals::new();
+    let guarded = TestServer::on_etcd_guarded(etcd.endpoints(), &principals).await;
+    let mut commander =
+        crate::support::control_as(&guarded, Some(principals.token("commander"))).await;
+    let lift = commander
         .lift_activations(proto::LiftActivationsRequest {
             namespace: "live".into(),
             targets: vec![id.into()],
@@ -621,9 +644,24 @@ async fn an_unreadable_activation_fails_closed() {
             ..Default::default()
         })
         .await
+        .unwrap()
+        .into_inner();
+    let request = lift.pending.expect("a second approver is needed");
+    assert!(lift.lifted.is_empty());
+    assert_eq!(server.status("live").await.activations.len(), 1);
+    crate::support::control_as(&guarded, Some(principals.token("approver")))
+        .await
+        .approve(proto::ApproveRequest {
+            request_id: request.id,
+            reason: "confirmed with the team that wrote it".into(),
+        })
+        .await
         .unwrap();
-    let status = server.status("live").await;
-    assert!(status.activations.is_empty() && status.problems.is_empty());
+    wait_until("the stand-in is gone", || async {
+        let status = server.status("live").await;
+        status.activations.is_empty() && status.problems.is_empty()
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

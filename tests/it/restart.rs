@@ -105,7 +105,7 @@ async fn state_and_revision_survive_kill_9() {
             "mode",
             "apply",
             "freeze-credential-changes",
-            "verified-channels-only",
+            "bots-faq-only",
             "--channels",
             "ivr,chatbot",
             "--reason",
@@ -121,9 +121,9 @@ async fn state_and_revision_survive_kill_9() {
             "json",
             "mode",
             "lift",
-            "verified-channels-only",
+            "bots-faq-only",
             "--reason",
-            "routing no longer needed",
+            "bots back to normal",
         ])
         .await,
     );

@@ -108,6 +108,37 @@ impl TestServer {
         .await
     }
 
+    /// A server on a fresh data directory that requires the tokens of
+    /// `principals`.
+    pub async fn with_tokens(principals: &Principals) -> Self {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let mut server = Self::start_with(ServeConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            store: StoreConfig::Embedded {
+                data_dir: temp.path().to_path_buf(),
+            },
+            tokens: Some(principals.file.path().to_path_buf()),
+            ..ServeConfig::default()
+        })
+        .await;
+        server._temp = Some(temp);
+        server
+    }
+
+    /// A replica on etcd that requires the tokens of `principals`.
+    pub async fn on_etcd_guarded(endpoints: Vec<String>, principals: &Principals) -> Self {
+        Self::start_with(ServeConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            store: StoreConfig::Etcd {
+                endpoints,
+                prefix: "/safemode/".into(),
+            },
+            tokens: Some(principals.file.path().to_path_buf()),
+            ..ServeConfig::default()
+        })
+        .await
+    }
+
     /// The address the server listens on.
     pub fn addr(&self) -> std::net::SocketAddr {
         self.running.as_ref().expect("server is running").addr
@@ -191,6 +222,61 @@ impl Drop for TestServer {
             running.shutdown();
         }
     }
+}
+
+/// One principal per role, with their tokens, and the tokens file a server
+/// reads them from.
+pub struct Principals {
+    pub file: tempfile::NamedTempFile,
+    tokens: std::collections::HashMap<String, String>,
+}
+
+impl Principals {
+    /// A principal named after each role (admin, approver, commander, drill,
+    /// subscriber, viewer), a second approver `approver2`, and a second
+    /// commander `commander2`.
+    pub fn new() -> Self {
+        use safemode::auth::{Role, create_token};
+        let people: &[(&str, Role)] = &[
+            ("viewer", Role::Viewer),
+            ("subscriber", Role::Subscriber),
+            ("commander", Role::Commander),
+            ("commander2", Role::Commander),
+            ("approver", Role::Approver),
+            ("approver2", Role::Approver),
+            ("drill", Role::Drill),
+            ("admin", Role::Admin),
+        ];
+        let mut lines = String::from("# tokens for the tests\n");
+        let mut tokens = std::collections::HashMap::new();
+        for (name, role) in people {
+            let new = create_token(name, &[*role]).unwrap();
+            lines.push_str(&new.line);
+            lines.push('\n');
+            tokens.insert(name.to_string(), new.token);
+        }
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), lines).unwrap();
+        Principals { file, tokens }
+    }
+
+    /// The token of `name`.
+    pub fn token(&self, name: &str) -> &str {
+        &self.tokens[name]
+    }
+}
+
+/// A control client that presents a token.
+pub type Control = ControlServiceClient<
+    tonic::service::interceptor::InterceptedService<Channel, safemode::client::Bearer>,
+>;
+
+/// A control client presenting `token` (none: no header).
+pub async fn control_as(server: &TestServer, token: Option<&str>) -> Control {
+    ControlServiceClient::with_interceptor(
+        server.channel().await,
+        safemode::client::Bearer::new(token).unwrap(),
+    )
 }
 
 /// A subscriber speaking the wire protocol directly: it records every

@@ -1,0 +1,468 @@
+//! Who may do what: bearer tokens, principals, roles, and the one table
+//! that says which role may do which operation in which namespace.
+//!
+//! Tokens are stored hashed (SHA-256) in a tokens file given to
+//! `safemode serve --tokens FILE`, one YAML entry per token:
+//!
+//! ```yaml
+//! - {principal: alice, roles: [commander], sha256: 9f86d081884c7d65...}
+//! ```
+//!
+//! `safemode token create` prints a new token once, with the line to add.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+use sha2::{Digest, Sha256};
+
+use crate::policy::Namespace;
+
+/// A role a principal holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    /// Reads status, incidents, requests and the audit log.
+    Viewer,
+    /// Subscribes to a channel's policy, and nothing else.
+    Subscriber,
+    /// Applies and lifts modes, declares, escalates and resolves incidents.
+    Commander,
+    /// Approves a change another principal requested.
+    Approver,
+    /// Does everything a commander and an approver do, in drill namespaces
+    /// only.
+    Drill,
+    /// Everything.
+    Admin,
+}
+
+/// Every role, in order.
+pub const ROLES: [Role; 6] = [
+    Role::Viewer,
+    Role::Subscriber,
+    Role::Commander,
+    Role::Approver,
+    Role::Drill,
+    Role::Admin,
+];
+
+impl Role {
+    /// The role's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Subscriber => "subscriber",
+            Role::Commander => "commander",
+            Role::Approver => "approver",
+            Role::Drill => "drill",
+            Role::Admin => "admin",
+        }
+    }
+
+    /// Parses a role name.
+    pub fn parse(name: &str) -> Result<Role, String> {
+        ROLES
+            .into_iter()
+            .find(|r| r.as_str() == name)
+            .ok_or_else(|| {
+                format!(
+                    "unknown role '{name}'; roles are {}",
+                    ROLES.map(Role::as_str).join(", ")
+                )
+            })
+    }
+
+    /// Whether this role allows `operation` in `namespace` (`None`: an
+    /// operation on no namespace, such as reading the mode catalogue).
+    fn allows(self, operation: Operation, namespace: Option<&Namespace>) -> bool {
+        use Operation::*;
+        match self {
+            Role::Admin => true,
+            Role::Viewer => matches!(operation, Subscribe | Read | ReadAudit),
+            Role::Subscriber => matches!(operation, Subscribe),
+            Role::Commander => matches!(operation, Subscribe | Read | ReadAudit | Change),
+            Role::Approver => matches!(operation, Subscribe | Read | ReadAudit | Approve),
+            Role::Drill => {
+                matches!(operation, Subscribe | Read | Change | Approve)
+                    && namespace.is_none_or(Namespace::is_drill)
+            }
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a request does, for permission checks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Operation {
+    /// Subscribe to a channel's policy.
+    Subscribe,
+    /// Read status, modes, runbooks, incidents, requests.
+    Read,
+    /// Read or verify the audit log.
+    ReadAudit,
+    /// Apply or lift modes; declare, escalate or resolve incidents.
+    Change,
+    /// Approve another principal's request.
+    Approve,
+}
+
+impl Operation {
+    fn describe(self) -> &'static str {
+        match self {
+            Operation::Subscribe => "subscribe",
+            Operation::Read => "read status",
+            Operation::ReadAudit => "read the audit log",
+            Operation::Change => "change modes or incidents",
+            Operation::Approve => "approve requests",
+        }
+    }
+}
+
+/// An authenticated caller.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Principal {
+    /// Who.
+    pub name: String,
+    /// What they may do.
+    pub roles: Vec<Role>,
+}
+
+/// A principal lacks the role for an operation.
+#[derive(Debug, thiserror::Error)]
+#[error("{principal} (roles: {roles}) may not {what}{scope}; that needs {needs}")]
+pub struct Denied {
+    /// Who.
+    pub principal: String,
+    /// Their roles, joined.
+    pub roles: String,
+    what: &'static str,
+    scope: String,
+    needs: String,
+}
+
+impl Principal {
+    /// The caller of a server without a tokens file: it serves loopback only,
+    /// and whoever reaches it may do everything.
+    pub fn local() -> Self {
+        Principal {
+            name: "local".into(),
+            roles: vec![Role::Admin],
+        }
+    }
+
+    /// The role names, for audit entries.
+    pub fn role_names(&self) -> Vec<String> {
+        self.roles.iter().map(|r| r.as_str().to_string()).collect()
+    }
+
+    /// Whether the principal may do `operation` in `namespace`.
+    pub fn may(&self, operation: Operation, namespace: Option<&Namespace>) -> Result<(), Denied> {
+        if self.roles.iter().any(|r| r.allows(operation, namespace)) {
+            return Ok(());
+        }
+        let needs: Vec<&str> = ROLES
+            .into_iter()
+            .filter(|r| *r != Role::Admin && r.allows(operation, namespace))
+            .map(Role::as_str)
+            .collect();
+        Err(Denied {
+            principal: self.name.clone(),
+            roles: self.role_names().join(","),
+            what: operation.describe(),
+            scope: namespace
+                .map(|n| format!(" in namespace {n}"))
+                .unwrap_or_default(),
+            needs: if needs.is_empty() {
+                "the admin role".to_string()
+            } else {
+                format!("the {} role", needs.join(" or "))
+            },
+        })
+    }
+}
+
+/// A tokens file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TokensError {
+    /// The file cannot be read.
+    #[error("cannot read tokens file {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// An entry is wrong.
+    #[error("{file}:{line}:{column}: {message}")]
+    Invalid {
+        /// The file.
+        file: String,
+        /// 1-based line.
+        line: u64,
+        /// 1-based column.
+        column: u64,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenSpec {
+    principal: Spanned<String>,
+    roles: Spanned<Vec<Spanned<String>>>,
+    sha256: Spanned<String>,
+}
+
+/// The tokens a server accepts, by hash.
+#[derive(Debug, Default)]
+pub struct Tokens {
+    by_hash: HashMap<String, Arc<Principal>>,
+}
+
+impl Tokens {
+    /// Reads and checks a tokens file.
+    pub fn load(path: &Path) -> Result<Tokens, TokensError> {
+        let text = std::fs::read_to_string(path).map_err(|source| TokensError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Tokens::parse(&path.display().to_string(), &text)
+    }
+
+    /// Parses tokens file text; `file` names it in errors.
+    pub fn parse(file: &str, text: &str) -> Result<Tokens, TokensError> {
+        let invalid = |line: u64, column: u64, message: String| TokensError::Invalid {
+            file: file.to_string(),
+            line,
+            column,
+            message,
+        };
+        if text
+            .lines()
+            .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
+        {
+            return Ok(Tokens::default());
+        }
+        let specs: Vec<TokenSpec> = serde_saphyr::from_str(text).map_err(|e| {
+            let (line, column) = e.location().map_or((1, 1), |l| (l.line(), l.column()));
+            let first = e.to_string();
+            let message = first
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .split_once(": ")
+                .map_or(first.as_str(), |(_, m)| m)
+                .to_string();
+            invalid(line, column, message)
+        })?;
+        let mut by_hash = HashMap::new();
+        for spec in specs {
+            let name = spec.principal.value.trim();
+            let name_ok = !name.is_empty()
+                && name.len() <= 64
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c));
+            if !name_ok {
+                let l = spec.principal.referenced;
+                return Err(invalid(
+                    l.line(),
+                    l.column(),
+                    format!("bad principal '{name}': use 1 to 64 letters, digits and - _ . @"),
+                ));
+            }
+            if spec.roles.value.is_empty() {
+                let l = spec.roles.referenced;
+                return Err(invalid(
+                    l.line(),
+                    l.column(),
+                    "a token needs at least one role".into(),
+                ));
+            }
+            let mut roles = Vec::new();
+            for role in &spec.roles.value {
+                let parsed = Role::parse(&role.value)
+                    .map_err(|m| invalid(role.referenced.line(), role.referenced.column(), m))?;
+                if !roles.contains(&parsed) {
+                    roles.push(parsed);
+                }
+            }
+            roles.sort();
+            let hash = spec.sha256.value.to_ascii_lowercase();
+            let l = spec.sha256.referenced;
+            if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(invalid(
+                    l.line(),
+                    l.column(),
+                    "sha256 must be 64 hex digits, as `safemode token create` prints".into(),
+                ));
+            }
+            let principal = Arc::new(Principal {
+                name: name.to_string(),
+                roles,
+            });
+            if by_hash.insert(hash, principal).is_some() {
+                return Err(invalid(
+                    l.line(),
+                    l.column(),
+                    "this token is listed twice".into(),
+                ));
+            }
+        }
+        Ok(Tokens { by_hash })
+    }
+
+    /// The principal a bearer token belongs to.
+    pub fn authenticate(&self, token: &str) -> Option<Arc<Principal>> {
+        self.by_hash.get(&hash_token(token)).cloned()
+    }
+
+    /// How many tokens the file lists.
+    pub fn len(&self) -> usize {
+        self.by_hash.len()
+    }
+
+    /// Whether the file lists no token.
+    pub fn is_empty(&self) -> bool {
+        self.by_hash.is_empty()
+    }
+}
+
+/// The hash a tokens file stores for `token`.
+pub fn hash_token(token: &str) -> String {
+    format!("{:x}", Sha256::digest(token.as_bytes()))
+}
+
+/// A token made by [`create_token`]: shown once, stored only hashed.
+#[derive(Clone, Debug)]
+pub struct NewToken {
+    /// The bearer token to hand to the principal.
+    pub token: String,
+    /// The line to add to the tokens file.
+    pub line: String,
+}
+
+/// Makes a new random token for `principal` with `roles`.
+pub fn create_token(principal: &str, roles: &[Role]) -> Result<NewToken, TokensError> {
+    let mut roles = roles.to_vec();
+    roles.sort();
+    roles.dedup();
+    let role_names: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
+    let bytes: [u8; 32] = rand::random();
+    let token = format!(
+        "smt_{}",
+        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    );
+    let line = format!(
+        "- {{principal: {principal}, roles: [{}], sha256: {}}}",
+        role_names.join(", "),
+        hash_token(&token)
+    );
+    // The line must be one the server accepts.
+    Tokens::parse("token create", &line)?;
+    Ok(NewToken { token, line })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn principal(roles: &[Role]) -> Principal {
+        Principal {
+            name: "p".into(),
+            roles: roles.to_vec(),
+        }
+    }
+
+    #[test]
+    fn a_created_token_authenticates_as_its_principal_and_only_as_that() {
+        let new = create_token("alice", &[Role::Commander, Role::Viewer]).unwrap();
+        let tokens = Tokens::parse("tokens.yaml", &new.line).unwrap();
+        let alice = tokens.authenticate(&new.token).unwrap();
+        assert_eq!(alice.name, "alice");
+        assert_eq!(alice.roles, [Role::Viewer, Role::Commander]);
+        assert!(tokens.authenticate("smt_wrong").is_none());
+        assert!(
+            !new.line.contains(&new.token),
+            "the file never holds the token"
+        );
+    }
+
+    #[test]
+    fn bad_tokens_files_are_refused_where_they_go_wrong() {
+        let check = |text: &str, expected: &str| {
+            let error = Tokens::parse("t.yaml", text).unwrap_err().to_string();
+            assert!(error.starts_with(expected), "{text:?}: {error}");
+        };
+        let hash = "a".repeat(64);
+        check(
+            &format!("- {{principal: bob, roles: [wizard], sha256: {hash}}}"),
+            "t.yaml:1:28: unknown role 'wizard'",
+        );
+        check(
+            &format!("- {{principal: bob, roles: [viewer], sha256: {hash}, extra: 1}}"),
+            "t.yaml:1:",
+        );
+        check(
+            "- {principal: bob, roles: [viewer], sha256: abc}",
+            "t.yaml:1:45: sha256 must be 64 hex digits",
+        );
+        check(
+            &format!("- {{principal: '', roles: [viewer], sha256: {hash}}}"),
+            "t.yaml:1:15: bad principal ''",
+        );
+        check(
+            &format!(
+                "- {{principal: a, roles: [viewer], sha256: {hash}}}\n- {{principal: b, roles: [viewer], sha256: {hash}}}"
+            ),
+            "t.yaml:2:43: this token is listed twice",
+        );
+    }
+
+    #[test]
+    fn the_permission_table() {
+        use Operation::*;
+        let live = Namespace::live();
+        let drill = Namespace::parse("drill-7").unwrap();
+        let cases: &[(&[Role], Operation, Option<&Namespace>, bool)] = &[
+            (&[Role::Subscriber], Subscribe, Some(&live), true),
+            (&[Role::Subscriber], Read, Some(&live), false),
+            (&[Role::Subscriber], Change, Some(&live), false),
+            (&[Role::Viewer], Read, Some(&live), true),
+            (&[Role::Viewer], ReadAudit, None, true),
+            (&[Role::Viewer], Change, Some(&live), false),
+            (&[Role::Commander], Change, Some(&live), true),
+            (&[Role::Commander], Approve, Some(&live), false),
+            (&[Role::Approver], Approve, Some(&live), true),
+            (&[Role::Approver], Change, Some(&live), false),
+            (&[Role::Drill], Change, Some(&drill), true),
+            (&[Role::Drill], Approve, Some(&drill), true),
+            (&[Role::Drill], Change, Some(&live), false),
+            (&[Role::Drill], Subscribe, Some(&live), false),
+            (&[Role::Drill], Read, None, true),
+            (&[Role::Drill], ReadAudit, None, false),
+            (&[Role::Admin], Approve, Some(&live), true),
+            (&[Role::Viewer, Role::Commander], Change, Some(&live), true),
+        ];
+        for (roles, operation, namespace, allowed) in cases {
+            let got = principal(roles).may(*operation, *namespace).is_ok();
+            assert_eq!(got, *allowed, "{roles:?} {operation:?} {namespace:?}");
+        }
+        let denied = principal(&[Role::Viewer])
+            .may(Change, Some(&live))
+            .unwrap_err();
+        assert_eq!(
+            denied.to_string(),
+            "p (roles: viewer) may not change modes or incidents in namespace live; that needs the commander role"
+        );
+    }
+}

@@ -1,0 +1,258 @@
+//! The commands that govern incidents and the control plane itself:
+//! incidents, approvals, the audit log, runbooks and tokens.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail};
+
+use super::Format;
+use super::output;
+use super::{Caller, control, emit, parse_namespace, parse_reason, refused};
+use crate::auth::{self, Role};
+use crate::controller::{IncidentId, RequestId};
+use crate::policy::runbook::{RunbookName, Severity};
+use crate::policy::{ChannelSet, Namespace};
+use crate::wire::proto;
+
+pub(super) async fn incident(
+    servers: &[String],
+    caller: &Caller,
+    format: Format,
+    command: super::IncidentCommand,
+) -> anyhow::Result<()> {
+    use super::IncidentCommand::*;
+    match command {
+        Declare {
+            runbook,
+            severity,
+            reason,
+            channels,
+            namespace,
+        } => {
+            let namespace = parse_namespace(&namespace)?;
+            RunbookName::parse(&runbook)?;
+            Severity::parse(&severity).map_err(|e| anyhow!("--severity: {e}"))?;
+            let reason = parse_reason(reason)?;
+            let channels = parse_channels(channels.as_deref())?;
+            let mut client = control(servers, caller).await?;
+            let response = client
+                .declare_incident(proto::DeclareIncidentRequest {
+                    namespace: namespace.to_string(),
+                    r#type: runbook,
+                    severity,
+                    reason: reason.as_str().to_string(),
+                    channels,
+                })
+                .await
+                .map_err(refused)?;
+            emit(output::incident_change(
+                format,
+                "declared",
+                &response.into_inner(),
+            ))
+        }
+        Escalate {
+            id,
+            severity,
+            reason,
+        } => {
+            IncidentId::parse(&id)?;
+            Severity::parse(&severity).map_err(|e| anyhow!("--severity: {e}"))?;
+            let reason = match reason {
+                Some(reason) => parse_reason(Some(reason))?.as_str().to_string(),
+                None => String::new(),
+            };
+            let mut client = control(servers, caller).await?;
+            let response = client
+                .escalate_incident(proto::EscalateIncidentRequest {
+                    incident_id: id,
+                    severity,
+                    reason,
+                })
+                .await
+                .map_err(refused)?;
+            emit(output::incident_change(
+                format,
+                "moved",
+                &response.into_inner(),
+            ))
+        }
+        Resolve { id, reason } => {
+            IncidentId::parse(&id)?;
+            let reason = parse_reason(reason)?;
+            let mut client = control(servers, caller).await?;
+            let response = client
+                .resolve_incident(proto::ResolveIncidentRequest {
+                    incident_id: id,
+                    reason: reason.as_str().to_string(),
+                })
+                .await
+                .map_err(refused)?;
+            emit(output::incident_change(
+                format,
+                "resolved",
+                &response.into_inner(),
+            ))
+        }
+        List { all, namespace } => {
+            let namespace = parse_namespace(&namespace)?;
+            let mut client = control(servers, caller).await?;
+            let response = client
+                .list_incidents(proto::ListIncidentsRequest {
+                    namespace: namespace.to_string(),
+                    include_resolved: all,
+                })
+                .await
+                .map_err(refused)?;
+            emit(output::incidents(format, &response.into_inner()))
+        }
+        Show { id } => {
+            IncidentId::parse(&id)?;
+            let mut client = control(servers, caller).await?;
+            let response = client
+                .get_incident(proto::GetIncidentRequest { incident_id: id })
+                .await
+                .map_err(refused)?;
+            emit(output::incident(format, &response.into_inner()))
+        }
+    }
+}
+
+fn parse_channels(list: Option<&str>) -> anyhow::Result<Vec<String>> {
+    match list {
+        None => Ok(Vec::new()),
+        Some(list) if list.trim().is_empty() => {
+            bail!("--channels is empty; name channels (e.g. chatbot,ivr) or leave it out for all")
+        }
+        Some(list) => {
+            let names: Vec<&str> = list.split(',').map(str::trim).collect();
+            Ok(ChannelSet::parse_selector(&names)
+                .map_err(|e| anyhow!("--channels: {e}"))?
+                .to_names()
+                .into_iter()
+                .filter(|n| n != "*")
+                .collect())
+        }
+    }
+}
+
+pub(super) async fn approve(
+    servers: &[String],
+    caller: &Caller,
+    format: Format,
+    request_id: &str,
+    reason: Option<String>,
+) -> anyhow::Result<()> {
+    RequestId::parse(request_id)?;
+    let reason = match reason {
+        Some(reason) => parse_reason(Some(reason))?.as_str().to_string(),
+        None => String::new(),
+    };
+    let mut client = control(servers, caller).await?;
+    let response = client
+        .approve(proto::ApproveRequest {
+            request_id: request_id.to_string(),
+            reason,
+        })
+        .await
+        .map_err(refused)?;
+    emit(output::approved(format, &response.into_inner()))
+}
+
+pub(super) async fn requests(
+    servers: &[String],
+    caller: &Caller,
+    format: Format,
+    namespace: &Namespace,
+    all: bool,
+) -> anyhow::Result<()> {
+    let mut client = control(servers, caller).await?;
+    let response = client
+        .list_requests(proto::ListRequestsRequest {
+            namespace: namespace.to_string(),
+            include_decided: all,
+        })
+        .await
+        .map_err(refused)?;
+    emit(output::requests(format, &response.into_inner()))
+}
+
+/// The log; with --verify, any problem makes the command fail (after
+/// printing every problem).
+pub(super) async fn audit(
+    servers: &[String],
+    caller: &Caller,
+    format: Format,
+    incident: Option<String>,
+    verify: bool,
+) -> anyhow::Result<()> {
+    if let Some(id) = &incident {
+        IncidentId::parse(id)?;
+    }
+    let mut client = control(servers, caller).await?;
+    let response = client
+        .get_audit(proto::GetAuditRequest {
+            incident_id: incident.unwrap_or_default(),
+            verify,
+        })
+        .await
+        .map_err(refused)?
+        .into_inner();
+    emit(output::audit(format, &response))?;
+    if verify && !response.problems.is_empty() {
+        bail!(
+            "the audit log has been tampered with: {} problem(s), listed above",
+            response.problems.len()
+        );
+    }
+    Ok(())
+}
+
+pub(super) async fn runbooks(
+    servers: &[String],
+    caller: &Caller,
+    format: Format,
+) -> anyhow::Result<()> {
+    let mut client = control(servers, caller).await?;
+    let response = client
+        .list_runbooks(proto::ListRunbooksRequest {})
+        .await
+        .map_err(refused)?;
+    emit(output::runbooks(format, &response.into_inner()))
+}
+
+/// Lints runbook files locally: every error on its own line, exit 1 if any.
+pub(super) fn lint(
+    format: Format,
+    paths: Vec<PathBuf>,
+    modes: Option<&Path>,
+) -> anyhow::Result<()> {
+    let paths = if paths.is_empty() {
+        vec![PathBuf::from("runbooks")]
+    } else {
+        paths
+    };
+    let catalog = match modes {
+        Some(dir) => crate::catalog::load_modes_dir(dir)?,
+        None => crate::catalog::standard_modes(),
+    };
+    let result = crate::catalog::lint(&paths, &catalog);
+    emit(output::lint(format, &result))?;
+    match result {
+        Ok(_) => Ok(()),
+        Err(errors) => bail!("{} error(s) in the runbooks, listed above", errors.len()),
+    }
+}
+
+pub(super) fn create_token(
+    format: Format,
+    principal: &str,
+    roles: &[String],
+) -> anyhow::Result<()> {
+    let roles = roles
+        .iter()
+        .map(|r| Role::parse(r).map_err(|e| anyhow!("--role: {e}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let new = auth::create_token(principal, &roles)?;
+    emit(output::token(format, principal, &roles, &new))
+}

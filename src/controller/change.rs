@@ -1,0 +1,187 @@
+//! The one way the controller writes. An operation prepares a [`Plan`] from
+//! the current state; [`Controller::commit`] turns it into one store
+//! transaction that also
+//!
+//! - checks the namespace has not moved since the plan was prepared (its meta
+//!   key) and records the change as the namespace's last change;
+//! - appends the audit entry, chained to the log's head;
+//! - for changes that read the mode or runbook catalogue, checks that the
+//!   catalogue is still the one this replica serves.
+//!
+//! A transaction that loses a race is prepared again from fresh state. A plan
+//! that writes nothing (a refusal such as "nothing active matches", or "already
+//! active") is still committed as a compare-only transaction, so no answer is
+//! ever given from a view the store has moved past.
+
+use std::sync::Arc;
+
+use futures_util::future::BoxFuture;
+use jiff::Timestamp;
+use tracing::debug;
+
+use super::keys::NamespaceChange;
+use super::{CHANGE_ATTEMPTS, Controller, Error, NamespaceView, Result};
+use crate::audit::{AuditDraft, AuditEntry, AuditHead};
+use crate::policy::{Namespace, Revision};
+use crate::store::{Compare, Op, Txn, TxnOutcome};
+
+/// What one change writes, prepared against one view of the state.
+pub(crate) struct Plan<T> {
+    /// When the change happens (the audit entry's and records' time).
+    pub at: Timestamp,
+    /// Conditions beyond the namespace, audit and catalogue ones: records the
+    /// plan read (incidents, requests, activations) are unchanged.
+    pub compares: Vec<Compare>,
+    /// The writes.
+    pub ops: Vec<Op>,
+    /// Recorded as the namespace's last change; `None` leaves the namespace
+    /// as it is (a pending request, a refusal).
+    pub record: Option<NamespaceChange>,
+    /// Whether the change read the mode or runbook catalogue.
+    pub uses_catalog: bool,
+    /// The audit entry; `None` only when nothing is written.
+    pub audit: Option<AuditDraft>,
+    /// What the caller gets back.
+    pub outcome: T,
+}
+
+impl<T> Plan<T> {
+    /// A plan that writes nothing and answers `outcome` once the store
+    /// confirms the view it was prepared from is current.
+    pub fn answer(outcome: T) -> Self {
+        Plan {
+            at: Timestamp::now(),
+            compares: Vec::new(),
+            ops: Vec::new(),
+            record: None,
+            uses_catalog: false,
+            audit: None,
+            outcome,
+        }
+    }
+}
+
+impl Controller {
+    /// Prepares and commits a change, retrying from fresh state when a
+    /// concurrent change wins. `namespace` is the namespace the change reads
+    /// or writes (`None`: none, as for an audited refusal with no namespace).
+    /// Returns the outcome and the revision committed at (the namespace's
+    /// current revision when nothing was written).
+    pub(crate) async fn commit<'a, T: Send + 'a>(
+        &'a self,
+        namespace: Option<&Namespace>,
+        mut prepare: impl FnMut(Option<Arc<NamespaceView>>) -> BoxFuture<'a, Result<Plan<T>>> + Send,
+    ) -> Result<(T, Revision)> {
+        let handle = match namespace {
+            Some(namespace) => Some(self.namespace(namespace).await?),
+            None => None,
+        };
+        let layout = &self.config.layout;
+        for attempt in 0..CHANGE_ATTEMPTS {
+            let view = handle.as_ref().map(|h| h.current());
+            let plan = prepare(view.clone()).await?;
+            let mut txn = Txn {
+                compares: plan.compares,
+                ops: plan.ops,
+            };
+            if let Some(view) = &view {
+                let meta_key = layout.meta_key(&view.namespace);
+                txn.compares.push(Compare::ModRevision {
+                    key: meta_key.clone(),
+                    revision: view.meta_revision,
+                });
+                if let Some(record) = &plan.record {
+                    txn.ops.push(Op::Put {
+                        key: meta_key,
+                        value: serde_json::to_vec(record).expect("changes serialize"),
+                    });
+                }
+            }
+            if plan.uses_catalog {
+                txn.compares.push(Compare::ModRevision {
+                    key: layout.catalog_key(),
+                    revision: self.catalog_revision,
+                });
+            }
+            if let Some(draft) = plan.audit {
+                let (head, head_revision) = self.audit_head().await?;
+                let entry = AuditEntry::seal(draft, &head, plan.at);
+                txn.compares.push(Compare::ModRevision {
+                    key: layout.audit_head_key(),
+                    revision: head_revision,
+                });
+                txn.ops.push(Op::Put {
+                    key: layout.audit_entry_key(entry.seq),
+                    value: serde_json::to_vec(&entry).expect("audit entries serialize"),
+                });
+                txn.ops.push(Op::Put {
+                    key: layout.audit_head_key(),
+                    value: serde_json::to_vec(&entry.head()).expect("audit heads serialize"),
+                });
+            }
+            let wrote = plan.record.is_some();
+            match self.store.txn(txn).await? {
+                TxnOutcome::Committed { revision } => {
+                    if let (Some(handle), true) = (&handle, wrote) {
+                        self.await_visible(handle, revision).await;
+                    }
+                    let revision = match (&view, wrote) {
+                        (Some(view), false) => view.revision,
+                        _ => revision,
+                    };
+                    return Ok((plan.outcome, revision));
+                }
+                TxnOutcome::CompareFailed { .. } => {
+                    debug!(attempt, "a concurrent change won; preparing again");
+                    if plan.uses_catalog {
+                        self.check_catalog().await?;
+                    }
+                    if let (Some(handle), Some(view)) = (&handle, &view) {
+                        self.catch_up(handle, view).await?;
+                    }
+                }
+            }
+        }
+        Err(Error::Conflict(
+            namespace.cloned().unwrap_or_else(Namespace::live),
+        ))
+    }
+
+    /// The audit log's head and the revision of its key (0: empty log).
+    pub(crate) async fn audit_head(&self) -> Result<(AuditHead, Revision)> {
+        let key = self.config.layout.audit_head_key();
+        let range = self.store.range(&key).await?;
+        match range.kvs.into_iter().find(|kv| kv.key == key) {
+            None => Ok((AuditHead::default(), 0)),
+            Some(kv) => {
+                let head = serde_json::from_slice(&kv.value).map_err(|e| {
+                    Error::Store(crate::store::Error::Corrupt(format!(
+                        "{key} cannot be read: {e}; `safemode audit --verify` shows the log"
+                    )))
+                })?;
+                Ok((head, kv.mod_revision))
+            }
+        }
+    }
+
+    /// After a lost race: waits (bounded) until this replica's view of the
+    /// namespace has the meta revision the store has now, so the next plan is
+    /// prepared from it.
+    async fn catch_up(&self, handle: &super::NamespaceHandle, view: &NamespaceView) -> Result<()> {
+        let key = self.config.layout.meta_key(&view.namespace);
+        let range = self.store.range(&key).await?;
+        let current = range
+            .kvs
+            .iter()
+            .find(|kv| kv.key == key)
+            .map_or(0, |kv| kv.mod_revision);
+        if current != view.meta_revision {
+            let _ = handle
+                .wait_for(self.config.visibility_timeout, |v| {
+                    v.meta_revision >= current
+                })
+                .await;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,747 @@
+//! Who may do what, over real gRPC with a tokens file: every RPC against
+//! every role, incidents with four-eyes approval by two principals, and a
+//! server that refuses to run unguarded.
+
+use safemode::wire::proto;
+use safemode::wire::proto::subscribe_request::Message as Outbound;
+use safemode::wire::proto::subscription_service_client::SubscriptionServiceClient;
+use tokio_stream::StreamExt;
+use tonic::Code;
+
+use crate::support::{Control, Principals, TestServer, control_as, safemode};
+
+const RUNBOOK: &str = "credential-stuffing";
+
+/// Opens a subscription as `token` and returns how the server answered.
+async fn subscribe_code(server: &TestServer, token: &str, namespace: &str) -> Code {
+    let mut client = SubscriptionServiceClient::with_interceptor(
+        server.channel().await,
+        safemode::client::Bearer::new(Some(token)).unwrap(),
+    );
+    let hello = proto::SubscribeRequest {
+        message: Some(Outbound::Hello(proto::Hello {
+            namespace: namespace.into(),
+            channel: "web".into(),
+            subscriber_id: "table".into(),
+            ..Default::default()
+        })),
+    };
+    match client.subscribe(tokio_stream::iter(vec![hello])).await {
+        Err(status) => status.code(),
+        Ok(response) => match response.into_inner().next().await {
+            Some(Err(status)) => status.code(),
+            _ => Code::Ok,
+        },
+    }
+}
+
+/// Fixtures made by `commander2` (who is not in the table, so that nobody in
+/// it approves their own request): an active incident and a pending request.
+struct Fixtures {
+    runbook: String,
+    incident: String,
+    request: String,
+}
+
+async fn fixtures(
+    server: &TestServer,
+    principals: &Principals,
+    namespace: &str,
+    runbook: &str,
+) -> Fixtures {
+    let mut c = control_as(server, Some(principals.token("commander2"))).await;
+    let declared = c
+        .declare_incident(proto::DeclareIncidentRequest {
+            namespace: namespace.into(),
+            r#type: runbook.into(),
+            severity: "sev3".into(),
+            reason: "fixture".into(),
+            channels: Vec::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    c.apply_modes(proto::ApplyModesRequest {
+        namespace: namespace.into(),
+        modes: vec!["freeze-credential-changes".into()],
+        channels: vec!["email".into()],
+        reason: "fixture".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let lift = c
+        .lift_activations(proto::LiftActivationsRequest {
+            namespace: namespace.into(),
+            targets: vec!["freeze-credential-changes".into()],
+            reason: "fixture".into(),
+            all: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    Fixtures {
+        runbook: runbook.to_string(),
+        incident: declared.incident.unwrap().id,
+        request: lift
+            .pending
+            .expect("freeze needs a second approver to lift")
+            .id,
+    }
+}
+
+async fn live_status(admin: &mut Control) -> proto::GetStatusResponse {
+    admin
+        .get_status(proto::GetStatusRequest {
+            namespace: "live".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// The code an RPC answered with.
+fn code<T>(result: Result<tonic::Response<T>, tonic::Status>) -> Code {
+    result.map_or_else(|s| s.code(), |_| Code::Ok)
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Rpc {
+    ListModes,
+    ListRunbooks,
+    GetAudit,
+    GetStatus,
+    ListIncidents,
+    GetIncident,
+    ListRequests,
+    ApplyModes,
+    LiftActivations,
+    DeclareIncident,
+    EscalateIncident,
+    ResolveIncident,
+    Approve,
+    Subscribe,
+}
+
+const RPCS: [Rpc; 14] = [
+    Rpc::ListModes,
+    Rpc::ListRunbooks,
+    Rpc::GetAudit,
+    Rpc::GetStatus,
+    Rpc::ListIncidents,
+    Rpc::GetIncident,
+    Rpc::ListRequests,
+    Rpc::ApplyModes,
+    Rpc::LiftActivations,
+    Rpc::DeclareIncident,
+    Rpc::EscalateIncident,
+    Rpc::ResolveIncident,
+    Rpc::Approve,
+    Rpc::Subscribe,
+];
+
+/// The table the issue states: which role may make which call, in `live`
+/// and in a drill namespace.
+fn allowed(role: &str, rpc: Rpc, drill: bool) -> bool {
+    use Rpc::*;
+    let read_catalog = matches!(rpc, ListModes | ListRunbooks);
+    let read = matches!(rpc, GetStatus | ListIncidents | GetIncident | ListRequests);
+    let change = matches!(
+        rpc,
+        ApplyModes | LiftActivations | DeclareIncident | EscalateIncident | ResolveIncident
+    );
+    match role {
+        "admin" => true,
+        "viewer" => read_catalog || read || matches!(rpc, GetAudit | Subscribe),
+        "subscriber" => matches!(rpc, Subscribe),
+        "commander" => read_catalog || read || change || matches!(rpc, GetAudit | Subscribe),
+        "approver" => read_catalog || read || matches!(rpc, GetAudit | Approve | Subscribe),
+        "drill" => {
+            read_catalog || (drill && (read || change || matches!(rpc, Approve | Subscribe)))
+        }
+        other => panic!("no such role {other}"),
+    }
+}
+
+async fn call(
+    server: &TestServer,
+    principals: &Principals,
+    role: &str,
+    rpc: Rpc,
+    namespace: &str,
+    fixtures: &Fixtures,
+) -> Code {
+    let token = principals.token(role);
+    let mut c = control_as(server, Some(token)).await;
+    let ns = namespace.to_string();
+    match rpc {
+        Rpc::ListModes => code(c.list_modes(proto::ListModesRequest {}).await),
+        Rpc::ListRunbooks => code(c.list_runbooks(proto::ListRunbooksRequest {}).await),
+        Rpc::GetAudit => code(c.get_audit(proto::GetAuditRequest::default()).await),
+        Rpc::GetStatus => code(
+            c.get_status(proto::GetStatusRequest { namespace: ns })
+                .await,
+        ),
+        Rpc::ListIncidents => code(
+            c.list_incidents(proto::ListIncidentsRequest {
+                namespace: ns,
+                include_resolved: true,
+            })
+            .await,
+        ),
+        Rpc::GetIncident => code(
+            c.get_incident(proto::GetIncidentRequest {
+                incident_id: fixtures.incident.clone(),
+            })
+            .await,
+        ),
+        Rpc::ListRequests => code(
+            c.list_requests(proto::ListRequestsRequest {
+                namespace: ns,
+                include_decided: true,
+            })
+            .await,
+        ),
+        Rpc::ApplyModes => code(
+            c.apply_modes(proto::ApplyModesRequest {
+                namespace: ns,
+                modes: vec!["incident-notice".into()],
+                reason: format!("{role} applies"),
+                ..Default::default()
+            })
+            .await,
+        ),
+        Rpc::LiftActivations => code(
+            c.lift_activations(proto::LiftActivationsRequest {
+                namespace: ns,
+                targets: vec!["incident-notice".into()],
+                reason: format!("{role} lifts"),
+                all: true,
+            })
+            .await,
+        ),
+        Rpc::DeclareIncident => code(
+            c.declare_incident(proto::DeclareIncidentRequest {
+                // Already active, so an allowed call is answered "already
+                // active" (after the permission check), and nothing changes.
+                namespace: ns,
+                r#type: fixtures.runbook.clone(),
+                severity: "sev3".into(),
+                reason: format!("{role} declares"),
+                channels: Vec::new(),
+            })
+            .await,
+        ),
+        Rpc::EscalateIncident => code(
+            c.escalate_incident(proto::EscalateIncidentRequest {
+                incident_id: fixtures.incident.clone(),
+                severity: "sev2".into(),
+                reason: format!("{role} escalates"),
+            })
+            .await,
+        ),
+        Rpc::ResolveIncident => code(
+            c.resolve_incident(proto::ResolveIncidentRequest {
+                incident_id: fixtures.incident.clone(),
+                reason: format!("{role} resolves"),
+            })
+            .await,
+        ),
+        Rpc::Approve => code(
+            c.approve(proto::ApproveRequest {
+                request_id: fixtures.request.clone(),
+                reason: format!("{role} approves"),
+            })
+            .await,
+        ),
+        Rpc::Subscribe => subscribe_code(server, token, namespace).await,
+    }
+}
+
+/// What a refusal must leave unchanged, read by the admin.
+async fn observed(server: &TestServer, principals: &Principals) -> (i64, i64, usize) {
+    let mut admin = control_as(server, Some(principals.token("admin"))).await;
+    let revision = |namespace: &str| proto::GetStatusRequest {
+        namespace: namespace.into(),
+    };
+    let live = admin
+        .get_status(revision("live"))
+        .await
+        .unwrap()
+        .into_inner()
+        .revision;
+    let drill = admin
+        .get_status(revision("drill-table"))
+        .await
+        .unwrap()
+        .into_inner()
+        .revision;
+    let audit = admin
+        .get_audit(proto::GetAuditRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+        .len();
+    (live, drill, audit)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rpc_and_every_role() {
+    let principals = Principals::new();
+    let server = TestServer::with_tokens(&principals).await;
+    let roles = [
+        "viewer",
+        "subscriber",
+        "commander",
+        "approver",
+        "drill",
+        "admin",
+    ];
+    // One incident type per role: each role meets its own active incident.
+    let runbooks = [
+        "ai-handoff-abuse",
+        "breach-containment",
+        "credential-stuffing",
+        "sim-swap-wave",
+        "helpdesk-recovery-social-engineering",
+        "fraud-spike",
+    ];
+    let mut failures = Vec::new();
+    for namespace in ["live", "drill-table"] {
+        let drill = namespace != "live";
+        for (role, runbook) in roles.into_iter().zip(runbooks) {
+            // Fresh fixtures for every role, so an allowed call by one role
+            // (resolving, approving) does not change what the next one meets.
+            let fixtures = fixtures(&server, &principals, namespace, runbook).await;
+            for rpc in RPCS {
+                let before = observed(&server, &principals).await;
+                let got = call(&server, &principals, role, rpc, namespace, &fixtures).await;
+                let expected = allowed(role, rpc, drill);
+                let refused = got == Code::PermissionDenied;
+                if refused == expected {
+                    failures.push(format!(
+                        "{role} {rpc:?} in {namespace}: expected {}, got {got:?}",
+                        if expected { "allowed" } else { "refused" }
+                    ));
+                    continue;
+                }
+                if refused {
+                    // A refusal changes nothing but is audited.
+                    let after = observed(&server, &principals).await;
+                    let (live, drill_ns, audit) = after;
+                    if (live, drill_ns) != (before.0, before.1) || audit != before.2 + 1 {
+                        failures.push(format!(
+                            "{role} {rpc:?} in {namespace}: a refusal changed {before:?} to {after:?}"
+                        ));
+                    }
+                    let mut admin = control_as(&server, Some(principals.token("admin"))).await;
+                    let entries = admin
+                        .get_audit(proto::GetAuditRequest::default())
+                        .await
+                        .unwrap()
+                        .into_inner()
+                        .entries;
+                    let last = entries.last().unwrap();
+                    if last.action != "refused" || last.principal != role {
+                        failures.push(format!(
+                            "{role} {rpc:?} in {namespace}: the refusal was not audited: {last:?}"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[tokio::test]
+async fn without_a_valid_token_only_health_answers() {
+    let principals = Principals::new();
+    let server = TestServer::with_tokens(&principals).await;
+    for token in [None, Some("smt_not_a_real_token")] {
+        let mut c = control_as(&server, token).await;
+        let status = c
+            .get_status(proto::GetStatusRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{token:?}");
+        let status = c
+            .apply_modes(proto::ApplyModesRequest {
+                modes: vec!["incident-notice".into()],
+                reason: "x".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{token:?}");
+    }
+    let mut health = tonic_health::pb::health_client::HealthClient::new(server.channel().await);
+    let serving = health
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        serving.status(),
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declare_escalate_and_resolve_with_a_second_approver() {
+    let principals = Principals::new();
+    let server = TestServer::with_tokens(&principals).await;
+    let mut alice = control_as(&server, Some(principals.token("commander"))).await;
+    let mut bob = control_as(&server, Some(principals.token("approver"))).await;
+
+    let declared = alice
+        .declare_incident(proto::DeclareIncidentRequest {
+            namespace: "live".into(),
+            r#type: RUNBOOK.into(),
+            severity: "sev3".into(),
+            reason: "login failures up 40x from residential proxies".into(),
+            channels: Vec::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let incident = declared.incident.unwrap();
+    assert_eq!(incident.severity, "sev3");
+    assert!(!incident.activation_ids.is_empty());
+    let mut admin = control_as(&server, Some(principals.token("admin"))).await;
+    let after_declare = live_status(&mut admin).await;
+    assert_eq!(after_declare.revision, declared.revision);
+    assert!(
+        after_declare
+            .activations
+            .iter()
+            .all(|a| a.incident_id == incident.id)
+    );
+
+    let escalated = alice
+        .escalate_incident(proto::EscalateIncidentRequest {
+            incident_id: incident.id.clone(),
+            severity: "sev1".into(),
+            reason: "takeovers confirmed".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(escalated.pending.is_none(), "escalation needs no approval");
+    assert_eq!(escalated.incident.as_ref().unwrap().severity, "sev1");
+
+    // Resolving lifts protections: the runbook asks for a second approver.
+    let resolving = alice
+        .resolve_incident(proto::ResolveIncidentRequest {
+            incident_id: incident.id.clone(),
+            reason: "attack over for 2h".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let request = resolving.pending.expect("resolution waits for an approver");
+    assert_eq!(request.kind, "resolve");
+    assert_eq!(request.requested_by, "commander");
+    let still = live_status(&mut admin).await;
+    assert_eq!(still.revision, escalated.revision, "nothing lifted yet");
+
+    // The requester cannot approve their own request, even holding the role.
+    let mut admin_requester = control_as(&server, Some(principals.token("admin"))).await;
+    let own = admin_requester
+        .resolve_incident(proto::ResolveIncidentRequest {
+            incident_id: incident.id.clone(),
+            reason: "admin tries to resolve alone".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .pending
+        .unwrap();
+    let refused = admin_requester
+        .approve(proto::ApproveRequest {
+            request_id: own.id.clone(),
+            reason: "I am sure".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    assert!(
+        refused.message().contains("cannot approve it too"),
+        "{}",
+        refused.message()
+    );
+    let audit = bob
+        .get_audit(proto::GetAuditRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    let last = audit.last().unwrap();
+    assert_eq!(
+        (last.action.as_str(), last.principal.as_str()),
+        ("refused", "admin")
+    );
+
+    // A different approver carries out alice's request.
+    let approved = bob
+        .approve(proto::ApproveRequest {
+            request_id: request.id.clone(),
+            reason: "confirmed with fraud ops".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(approved.request.unwrap().approved_by, "approver");
+    let lifted = live_status(&mut admin).await;
+    assert!(
+        lifted.activations.is_empty(),
+        "the incident's modes are lifted"
+    );
+    let shown = bob
+        .get_incident(proto::GetIncidentRequest {
+            incident_id: incident.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(shown.status, "resolved");
+    let timeline: Vec<(&str, &str)> = shown
+        .timeline
+        .iter()
+        .map(|e| (e.event.as_str(), e.principal.as_str()))
+        .collect();
+    assert_eq!(
+        timeline,
+        [
+            ("declared", "commander"),
+            ("escalated", "commander"),
+            ("requested", "commander"),
+            ("requested", "admin"),
+            ("approved", "approver"),
+            ("resolved", "commander"),
+        ]
+    );
+    assert!(
+        shown
+            .timeline
+            .iter()
+            .filter(|e| e.event != "requested")
+            .all(|e| e.revision > 0)
+    );
+    // The other pending request cannot be approved once the incident is
+    // resolved.
+    let stale = bob
+        .approve(proto::ApproveRequest {
+            request_id: own.id,
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        stale.code(),
+        Code::FailedPrecondition,
+        "{}",
+        stale.message()
+    );
+
+    let verified = bob
+        .get_audit(proto::GetAuditRequest {
+            incident_id: incident.id.clone(),
+            verify: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        verified.verified && verified.problems.is_empty(),
+        "{:?}",
+        verified.problems
+    );
+    let actions: Vec<&str> = verified.entries.iter().map(|e| e.action.as_str()).collect();
+    assert_eq!(
+        actions,
+        ["declare", "escalate", "request", "request", "approve"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn going_down_a_severity_waits_for_an_approver() {
+    let principals = Principals::new();
+    let server = TestServer::with_tokens(&principals).await;
+    let mut alice = control_as(&server, Some(principals.token("commander"))).await;
+    let mut bob = control_as(&server, Some(principals.token("approver"))).await;
+    let declared = alice
+        .declare_incident(proto::DeclareIncidentRequest {
+            namespace: "live".into(),
+            r#type: RUNBOOK.into(),
+            severity: "sev1".into(),
+            reason: "takeover wave".into(),
+            channels: Vec::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let id = declared.incident.unwrap().id;
+    let down = alice
+        .escalate_incident(proto::EscalateIncidentRequest {
+            incident_id: id.clone(),
+            severity: "sev3".into(),
+            reason: "volume falling".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let request = down.pending.expect("de-escalation lifts protections");
+    assert_eq!(
+        (request.kind.as_str(), request.severity.as_str()),
+        ("deescalate", "sev3")
+    );
+    assert_eq!(down.incident.unwrap().severity, "sev1", "not moved yet");
+    bob.approve(proto::ApproveRequest {
+        request_id: request.id,
+        reason: String::new(),
+    })
+    .await
+    .unwrap();
+    let shown = bob
+        .get_incident(proto::GetIncidentRequest { incident_id: id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(shown.severity, "sev3");
+    assert_eq!(shown.timeline.last().unwrap().event, "deescalated");
+}
+
+#[tokio::test]
+async fn without_a_tokens_file_the_server_listens_on_loopback_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let refused = safemode::server::start(safemode::server::ServeConfig {
+        listen: "0.0.0.0:0".parse().unwrap(),
+        store: safemode::server::StoreConfig::Embedded {
+            data_dir: dir.path().to_path_buf(),
+        },
+        ..Default::default()
+    })
+    .await
+    .err()
+    .expect("refused");
+    assert!(
+        refused.to_string().contains("without a tokens file"),
+        "{refused}"
+    );
+    assert!(refused.to_string().contains("--tokens"), "{refused}");
+
+    let principals = Principals::new();
+    let guarded = safemode::server::start(safemode::server::ServeConfig {
+        listen: "0.0.0.0:0".parse().unwrap(),
+        store: safemode::server::StoreConfig::Embedded {
+            data_dir: dir.path().to_path_buf(),
+        },
+        tokens: Some(principals.file.path().to_path_buf()),
+        ..Default::default()
+    })
+    .await
+    .expect("with tokens it may listen anywhere");
+    guarded.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_line_with_tokens() {
+    // An admin makes a token for a new commander and adds the line.
+    let made = safemode(&[
+        "--output",
+        "json",
+        "token",
+        "create",
+        "--principal",
+        "carol",
+        "--role",
+        "commander",
+    ])
+    .await;
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let made: serde_json::Value = serde_json::from_slice(&made.stdout).unwrap();
+    let principals = Principals::new();
+    let mut file = std::fs::read_to_string(principals.file.path()).unwrap();
+    file.push_str(made["line"].as_str().unwrap());
+    file.push('\n');
+    std::fs::write(principals.file.path(), file).unwrap();
+    let server = TestServer::with_tokens(&principals).await;
+    let url = server.url.as_str();
+    let carol = made["token"].as_str().unwrap();
+
+    let missing = safemode(&["--server", url, "status"]).await;
+    assert_eq!(missing.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("a bearer token is required"), "{stderr}");
+
+    let declared = safemode(&[
+        "--server",
+        url,
+        "--token",
+        carol,
+        "--principal",
+        "mallory",
+        "--output",
+        "json",
+        "incident",
+        "declare",
+        "fraud-spike",
+        "--severity",
+        "sev3",
+        "--reason",
+        "refund abuse from new accounts",
+    ])
+    .await;
+    assert!(
+        declared.status.success(),
+        "{}",
+        String::from_utf8_lossy(&declared.stderr)
+    );
+    let declared: serde_json::Value = serde_json::from_slice(&declared.stdout).unwrap();
+    // The token says who is calling; a claimed name is ignored.
+    assert_eq!(declared["incident"]["declared_by"], "carol");
+
+    // A token from a file works too, and a viewer may not declare.
+    let token_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        token_file.path(),
+        format!("{}\n", principals.token("viewer")),
+    )
+    .unwrap();
+    let path = token_file.path().to_str().unwrap();
+    let listed = safemode(&["--server", url, "--token-file", path, "incident", "list"]).await;
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("fraud-spike"));
+    let refused = safemode(&[
+        "--server",
+        url,
+        "--token-file",
+        path,
+        "incident",
+        "declare",
+        "sim-swap-wave",
+        "--severity",
+        "sev3",
+        "--reason",
+        "x",
+    ])
+    .await;
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr
+            .contains("viewer (roles: viewer) may not change modes or incidents in namespace live"),
+        "{stderr}"
+    );
+}
