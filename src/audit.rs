@@ -4,6 +4,15 @@
 //! the entry before it, so an edited, removed, reordered or truncated entry
 //! breaks the chain and [`verify`] says which.
 //!
+//! The store's revisions are a second witness: an entry is created once, in
+//! the transaction of the change it records, so every record safemode writes
+//! was last written at the revision of some entry, and entries were created
+//! in log order. A log whose tail was cut, or rewritten from some entry on,
+//! leaves records whose revision has no entry. What the chain cannot show on
+//! its own is a rewrite of the whole store by someone with write access to
+//! it; comparing the head with one recorded elsewhere (the replica logs each
+//! entry's hash; `safemode audit --verify` prints the head) closes that.
+//!
 //! This module is pure: the controller stores entries under
 //! `{prefix}audit/log/{seq}` and the head (`{seq, hash}` of the last entry)
 //! under `{prefix}audit/head`, compared in every appending transaction.
@@ -41,6 +50,9 @@ pub enum AuditAction {
     Refused,
     /// A replica adopted a new catalogue of modes and runbooks.
     AdoptCatalog,
+    /// The log's head was found missing and the log continued after its
+    /// last entry.
+    HeadRestored,
 }
 
 impl AuditAction {
@@ -56,6 +68,7 @@ impl AuditAction {
             AuditAction::Approve => "approve",
             AuditAction::Refused => "refused",
             AuditAction::AdoptCatalog => "adopt_catalog",
+            AuditAction::HeadRestored => "head_restored",
         }
     }
 }
@@ -223,6 +236,25 @@ pub struct StoredEntry {
     pub mod_revision: Revision,
 }
 
+/// The stored head as the verifier sees it.
+#[derive(Clone, Debug)]
+pub struct StoredHead {
+    /// The head.
+    pub head: AuditHead,
+    /// Revision it was last written at: the last entry's.
+    pub mod_revision: Revision,
+}
+
+/// A record safemode wrote (activation, namespace meta, incident, request,
+/// catalogue), which must have been written together with an entry.
+#[derive(Clone, Debug)]
+pub struct StoredRecord {
+    /// Its key.
+    pub key: String,
+    /// Revision it was last written at.
+    pub mod_revision: Revision,
+}
+
 /// Something wrong with the log.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Problem {
@@ -273,10 +305,40 @@ pub enum Problem {
         /// The last entry the head names.
         head: u64,
     },
-    /// The head's hash is not the last entry's.
+    /// The head's hash (or revision) is not the last entry's.
     HeadMismatch {
         /// The last entry.
         last: u64,
+    },
+    /// Entries exist but the head does not.
+    HeadMissing {
+        /// The last entry present.
+        last: u64,
+    },
+    /// Entries after the one the head names.
+    BeyondHead {
+        /// The entry the head names.
+        head: u64,
+        /// The last entry present.
+        last: u64,
+    },
+    /// The entry was created before the one ahead of it in the log.
+    OutOfOrder {
+        /// Its position.
+        position: u64,
+    },
+    /// A replica found the head missing and continued the log (the entry
+    /// that says so).
+    HeadWasMissing {
+        /// The entry recording it.
+        position: u64,
+    },
+    /// A record was last written at a revision with no entry.
+    Unaudited {
+        /// The record's key.
+        key: String,
+        /// Its revision.
+        revision: Revision,
     },
 }
 
@@ -320,14 +382,45 @@ impl fmt::Display for Problem {
                 f,
                 "the head does not name entry {last}, the last entry: the log's end was replaced"
             ),
+            Problem::HeadMissing { last } => write!(
+                f,
+                "the log has entries up to {last} but no head: the head was deleted"
+            ),
+            Problem::BeyondHead { head, last } if *last == head + 1 => write!(
+                f,
+                "entry {last} follows entry {head}, the last one the head names: it was added outside safemode"
+            ),
+            Problem::BeyondHead { head, last } => write!(
+                f,
+                "entries {} to {last} follow entry {head}, the last one the head names: they were added outside safemode",
+                head + 1
+            ),
+            Problem::OutOfOrder { position } => write!(
+                f,
+                "entry {position} was stored before the entry ahead of it: entries were re-created"
+            ),
+            Problem::HeadWasMissing { position } => write!(
+                f,
+                "entry {position} records that the log's head had been deleted"
+            ),
+            Problem::Unaudited { key, revision } => write!(
+                f,
+                "{key} was last written at revision {revision}, which has no audit entry: the log was cut or rewritten, or the store was written outside safemode"
+            ),
         }
     }
 }
 
-/// Checks the whole log: `entries` in key order, and the stored head.
-/// Returns every problem found; none means the chain is intact.
-pub fn verify(entries: &[StoredEntry], head: Option<&AuditHead>) -> Vec<Problem> {
+/// Checks the whole log: `entries` in key order, the stored head, and the
+/// records that must each have been written with an entry, all read at one
+/// revision. Returns every problem found; none means the log is intact.
+pub fn verify(
+    entries: &[StoredEntry],
+    head: Option<&StoredHead>,
+    records: &[StoredRecord],
+) -> Vec<Problem> {
     let mut problems = Vec::new();
+    let mut previous_created: Revision = 0;
     let mut expected = 1u64;
     // `None` after an unreadable entry: what follows it cannot be checked.
     let mut previous_hash = Some(GENESIS.to_string());
@@ -362,6 +455,13 @@ pub fn verify(entries: &[StoredEntry], head: Option<&AuditHead>) -> Vec<Problem>
         if entry.hash != entry.computed_hash() {
             problems.push(Problem::Edited { position });
         }
+        if entry.action == AuditAction::HeadRestored {
+            problems.push(Problem::HeadWasMissing { position });
+        }
+        if stored.create_revision <= previous_created {
+            problems.push(Problem::OutOfOrder { position });
+        }
+        previous_created = stored.create_revision;
         if stored.mod_revision != stored.create_revision {
             problems.push(Problem::Rewritten {
                 position,
@@ -381,17 +481,48 @@ pub fn verify(entries: &[StoredEntry], head: Option<&AuditHead>) -> Vec<Problem>
         last = Some(entry);
     }
     let last_position = expected - 1;
+    let last_created = entries.last().map(|e| e.create_revision);
     match head {
-        Some(head) if head.seq > last_position => problems.push(Problem::Truncated {
+        None if last_position > 0 => problems.push(Problem::HeadMissing {
             last: last_position,
-            head: head.seq,
         }),
-        Some(head) if head.seq == last_position && last.is_some_and(|e| e.hash != head.hash) => {
-            problems.push(Problem::HeadMismatch {
-                last: last_position,
+        None => {}
+        Some(stored) => {
+            let head = &stored.head;
+            if head.seq > last_position {
+                problems.push(Problem::Truncated {
+                    last: last_position,
+                    head: head.seq,
+                });
+            } else if head.seq < last_position {
+                problems.push(Problem::BeyondHead {
+                    head: head.seq,
+                    last: last_position,
+                });
+            } else if last.is_some_and(|e| e.hash != head.hash)
+                || last_created.is_some_and(|r| r != stored.mod_revision)
+            {
+                problems.push(Problem::HeadMismatch {
+                    last: last_position,
+                });
+            }
+        }
+    }
+    let audited: std::collections::HashSet<Revision> =
+        entries.iter().map(|e| e.create_revision).collect();
+    // Records older than entry 1 were written before the log began (by a
+    // version without one). Without entry 1, every record must be audited.
+    let log_began = entries
+        .first()
+        .filter(|e| e.position == 1)
+        .map_or(0, |e| e.create_revision);
+    for record in records {
+        if record.mod_revision >= log_began && !audited.contains(&record.mod_revision) {
+            problems.push(Problem::Unaudited {
+                key: record.key.clone(),
+                revision: record.mod_revision,
             });
         }
-        _ => {}
     }
     problems
 }
@@ -414,31 +545,47 @@ mod tests {
         }
     }
 
-    /// A chain of `n` entries as the store would hold them.
-    fn chain(n: u32) -> (Vec<StoredEntry>, AuditHead) {
+    /// What the verifier reads from a store holding a chain of entries.
+    struct World {
+        entries: Vec<StoredEntry>,
+        head: Option<StoredHead>,
+        records: Vec<StoredRecord>,
+    }
+
+    /// A chain of `n` entries as the store would hold them: entry `i`
+    /// appended at revision `i` together with the activation it created.
+    fn chain(n: u32) -> World {
         let mut head = AuditHead::default();
-        let mut stored = Vec::new();
+        let mut entries = Vec::new();
+        let mut records = Vec::new();
         for i in 1..=n {
             let entry = AuditEntry::seal(draft(i), &head, Timestamp::UNIX_EPOCH);
             head = entry.head();
-            stored.push(StoredEntry {
+            entries.push(StoredEntry {
                 position: entry.seq,
                 entry: Ok(entry),
                 create_revision: i64::from(i),
                 mod_revision: i64::from(i),
             });
+            records.push(StoredRecord {
+                key: format!("/safemode/ns/live/activations/act_{i}"),
+                mod_revision: i64::from(i),
+            });
         }
-        (stored, head)
+        World {
+            entries,
+            head: Some(StoredHead {
+                head,
+                mod_revision: i64::from(n),
+            }),
+            records,
+        }
     }
 
-    fn check(
-        name: &str,
-        tamper: impl FnOnce(&mut Vec<StoredEntry>, &mut AuditHead),
-        expected: &[&str],
-    ) {
-        let (mut entries, mut head) = chain(6);
-        tamper(&mut entries, &mut head);
-        let got: Vec<String> = verify(&entries, Some(&head))
+    fn check(name: &str, tamper: impl FnOnce(&mut World), expected: &[&str]) {
+        let mut world = chain(6);
+        tamper(&mut world);
+        let got: Vec<String> = verify(&world.entries, world.head.as_ref(), &world.records)
             .iter()
             .map(ToString::to_string)
             .collect();
@@ -447,19 +594,19 @@ mod tests {
 
     #[test]
     fn verify_names_each_kind_of_tampering() {
-        check("intact", |_, _| {}, &[]);
+        check("intact", |_| {}, &[]);
         check(
             "one field edited",
-            |e, _| e[2].entry.as_mut().unwrap().principal = "mallory".into(),
+            |w| w.entries[2].entry.as_mut().unwrap().principal = "mallory".into(),
             &["entry 3 was edited: its contents no longer match its hash"],
         );
         check(
             "edited and the hash recomputed",
-            |e, _| {
-                let entry = e[2].entry.as_mut().unwrap();
+            |w| {
+                let entry = w.entries[2].entry.as_mut().unwrap();
                 entry.reason = Some("nothing to see".into());
                 entry.hash = entry.computed_hash();
-                e[2].mod_revision = 9;
+                w.entries[2].mod_revision = 9;
             },
             &[
                 "entry 3 was rewritten at revision 9 after it was appended at revision 3",
@@ -468,17 +615,19 @@ mod tests {
         );
         check(
             "one entry removed",
-            |e, _| {
-                e.remove(3);
+            |w| {
+                w.entries.remove(3);
             },
             &[
                 "entry 4 is missing: it was removed",
                 "entry 5 does not follow the entry before it (one before it was removed, replaced or reordered)",
+                "/safemode/ns/live/activations/act_4 was last written at revision 4, which has no audit entry: the log was cut or rewritten, or the store was written outside safemode",
             ],
         );
         check(
             "two entries swapped",
-            |e, _| {
+            |w| {
+                let e = &mut w.entries;
                 let (a, b) = (e[1].entry.clone(), e[2].entry.clone());
                 e[1].entry = b;
                 e[2].entry = a;
@@ -492,23 +641,108 @@ mod tests {
             ],
         );
         check(
+            "two entries deleted and re-created swapped",
+            |w| {
+                let e = &mut w.entries;
+                let (a, b) = (e[1].entry.clone(), e[2].entry.clone());
+                e[1].entry = b;
+                e[2].entry = a;
+                (e[1].create_revision, e[1].mod_revision) = (12, 12);
+                (e[2].create_revision, e[2].mod_revision) = (11, 11);
+            },
+            &[
+                "the entry at position 2 is entry 3: entries were reordered",
+                "entry 2 does not follow the entry before it (one before it was removed, replaced or reordered)",
+                "the entry at position 3 is entry 2: entries were reordered",
+                "entry 3 was stored before the entry ahead of it: entries were re-created",
+                "entry 3 does not follow the entry before it (one before it was removed, replaced or reordered)",
+                "entry 4 was stored before the entry ahead of it: entries were re-created",
+                "entry 4 does not follow the entry before it (one before it was removed, replaced or reordered)",
+                "/safemode/ns/live/activations/act_2 was last written at revision 2, which has no audit entry: the log was cut or rewritten, or the store was written outside safemode",
+                "/safemode/ns/live/activations/act_3 was last written at revision 3, which has no audit entry: the log was cut or rewritten, or the store was written outside safemode",
+            ],
+        );
+        check(
             "the last entries removed",
-            |e, _| e.truncate(4),
+            |w| w.entries.truncate(4),
             &[
                 "the log ends at entry 4 but its head names entry 6: the entries after 4 were removed",
+                "/safemode/ns/live/activations/act_5 was last written at revision 5, which has no audit entry: the log was cut or rewritten, or the store was written outside safemode",
+                "/safemode/ns/live/activations/act_6 was last written at revision 6, which has no audit entry: the log was cut or rewritten, or the store was written outside safemode",
+            ],
+        );
+        check(
+            "the last entries and the head removed",
+            |w| {
+                w.entries.truncate(4);
+                w.head = None;
+            },
+            &[
+                "the log has entries up to 4 but no head: the head was deleted",
+                "/safemode/ns/live/activations/act_5 was last written at revision 5, which has no audit entry: the log was cut or rewritten, or the store was written outside safemode",
+                "/safemode/ns/live/activations/act_6 was last written at revision 6, which has no audit entry: the log was cut or rewritten, or the store was written outside safemode",
+            ],
+        );
+        check(
+            "the tail rewritten with a consistent chain and head",
+            |w| {
+                w.entries.truncate(3);
+                let mut head = w.entries[2].entry.as_ref().unwrap().head();
+                for (i, revision) in [(4, 20), (5, 21), (6, 22)] {
+                    let mut d = draft(i);
+                    d.reason = Some("nothing happened".into());
+                    let entry = AuditEntry::seal(d, &head, Timestamp::UNIX_EPOCH);
+                    head = entry.head();
+                    w.entries.push(StoredEntry {
+                        position: entry.seq,
+                        entry: Ok(entry),
+                        create_revision: revision,
+                        mod_revision: revision,
+                    });
+                }
+                w.head = Some(StoredHead {
+                    head,
+                    mod_revision: 22,
+                });
+            },
+            &[
+                "/safemode/ns/live/activations/act_4 was last written at revision 4, which has no audit entry: the log was cut or rewritten, or the store was written outside safemode",
+                "/safemode/ns/live/activations/act_5 was last written at revision 5, which has no audit entry: the log was cut or rewritten, or the store was written outside safemode",
+                "/safemode/ns/live/activations/act_6 was last written at revision 6, which has no audit entry: the log was cut or rewritten, or the store was written outside safemode",
+            ],
+        );
+        check(
+            "an entry added after the head",
+            |w| {
+                let last = w.entries[5].entry.as_ref().unwrap().head();
+                let entry = AuditEntry::seal(draft(7), &last, Timestamp::UNIX_EPOCH);
+                w.entries.push(StoredEntry {
+                    position: 7,
+                    entry: Ok(entry),
+                    create_revision: 30,
+                    mod_revision: 30,
+                });
+            },
+            &[
+                "entry 7 follows entry 6, the last one the head names: it was added outside safemode",
             ],
         );
         check(
             "unreadable entry",
-            |e, _| e[0].entry = Err("expected value at line 1 column 1".into()),
+            |w| w.entries[0].entry = Err("expected value at line 1 column 1".into()),
             &["entry 1 cannot be read: expected value at line 1 column 1"],
         );
     }
 
     #[test]
     fn sealing_chains_entries() {
-        let (entries, head) = chain(3);
-        let e: Vec<&AuditEntry> = entries.iter().map(|s| s.entry.as_ref().unwrap()).collect();
+        let world = chain(3);
+        let head = world.head.unwrap().head;
+        let e: Vec<&AuditEntry> = world
+            .entries
+            .iter()
+            .map(|s| s.entry.as_ref().unwrap())
+            .collect();
         assert_eq!(e[0].prev_hash, GENESIS);
         assert_eq!(e[1].prev_hash, e[0].hash);
         assert_eq!(e[2].prev_hash, e[1].hash);

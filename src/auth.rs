@@ -85,10 +85,13 @@ impl Role {
             Role::Subscriber => matches!(operation, Subscribe),
             Role::Commander => matches!(operation, Subscribe | Read | ReadAudit | Change),
             Role::Approver => matches!(operation, Subscribe | Read | ReadAudit | Approve),
-            Role::Drill => {
-                matches!(operation, Subscribe | Read | Change | Approve)
-                    && namespace.is_none_or(Namespace::is_drill)
-            }
+            // Reads of no namespace (the catalogue) are harmless; a write
+            // always names its namespace, and it must be a drill's.
+            Role::Drill => match operation {
+                Subscribe | Read => namespace.is_none_or(Namespace::is_drill),
+                Change | Approve => namespace.is_some_and(Namespace::is_drill),
+                ReadAudit => false,
+            },
         }
     }
 }
@@ -115,6 +118,11 @@ pub enum Operation {
 }
 
 impl Operation {
+    /// Whether the operation changes state (its refusals are audited).
+    pub fn writes(self) -> bool {
+        matches!(self, Operation::Change | Operation::Approve)
+    }
+
     fn describe(self) -> &'static str {
         match self {
             Operation::Subscribe => "subscribe",

@@ -4,18 +4,22 @@
 //!
 //! [`start`] returns a [`RunningServer`] with the bound address, so tests run
 //! real servers on `127.0.0.1:0`; `safemode serve` calls it and waits for a
-//! signal.
+//! signal. With a certificate and key it serves gRPC over TLS (rustls), so
+//! tokens need not cross the network in plain text.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Identity, ServerTlsConfig};
 use tracing::{info, warn};
 
 use crate::api::{Authenticator, ControlApi, StreamConfig, SubscriptionApi};
@@ -64,6 +68,11 @@ pub struct ServeConfig {
     /// The tokens file; without one, the server listens on loopback only and
     /// every caller may do everything.
     pub tokens: Option<PathBuf>,
+    /// PEM certificate chain (the server's certificate first) to serve TLS
+    /// with; needs `tls_key`. Without both, the server speaks plain HTTP/2.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
     /// Heartbeat interval on subscription streams.
     pub heartbeat: Duration,
     /// How long shutdown waits for streams and calls to finish.
@@ -83,6 +92,8 @@ impl Default for ServeConfig {
             modes_dir: None,
             runbooks_dir: None,
             tokens: None,
+            tls_cert: None,
+            tls_key: None,
             heartbeat: StreamConfig::default().heartbeat,
             shutdown_grace: Duration::from_secs(10),
             controller: ControllerConfig::default(),
@@ -144,6 +155,10 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
     if config.heartbeat.is_zero() {
         bail!("the heartbeat interval must be longer than zero");
     }
+    let tls = server_tls(config.tls_cert.as_deref(), config.tls_key.as_deref())?;
+    if tokens.is_some() && tls.is_none() && !config.listen.ip().is_loopback() {
+        warn!(listen = %config.listen, "tokens will cross the network in plain text; serve TLS (--tls-cert/--tls-key) unless a service mesh encrypts this hop");
+    }
     let catalog = Catalog::load(config.modes_dir.as_deref(), config.runbooks_dir.as_deref())
         .context("cannot load the modes and runbooks")?;
     let (store, layout) = open_store(&config.store).await?;
@@ -185,7 +200,13 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
         .build_v1alpha()
         .context("cannot build the reflection service")?;
 
-    let router = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    let serves_tls = tls.is_some();
+    if let Some(tls) = tls {
+        // Checked by `server_tls` already.
+        builder = builder.tls_config(tls).context("cannot serve TLS")?;
+    }
+    let router = builder
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         // Health needs no token (probes and load balancers call it); every
@@ -206,7 +227,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
         ));
 
     info!(%addr, replica = %config.replica, store = %store.describe(), modes, runbooks,
-        authentication = tokens.is_some(), "safemode controller serving");
+        authentication = tokens.is_some(), tls = serves_tls, "safemode controller serving");
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let token = shutdown.clone();
     let grace = config.shutdown_grace;
@@ -237,6 +258,67 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
         shutdown,
         join,
     })
+}
+
+/// Reads and checks the TLS certificate and key (both or neither), so that
+/// a wrong file stops `serve` at once with its name, before anything is
+/// bound. `None`: serve without TLS.
+fn server_tls(cert: Option<&Path>, key: Option<&Path>) -> anyhow::Result<Option<ServerTlsConfig>> {
+    let (cert_path, key_path) = match (cert, key) {
+        (None, None) => return Ok(None),
+        (Some(cert), Some(key)) => (cert, key),
+        (Some(_), None) => bail!(
+            "--tls-cert needs --tls-key: give the certificate's private key too (or neither, to serve without TLS)"
+        ),
+        (None, Some(_)) => bail!(
+            "--tls-key needs --tls-cert: give the certificate chain too (or neither, to serve without TLS)"
+        ),
+    };
+    let cert_pem = std::fs::read(cert_path)
+        .with_context(|| format!("cannot read the TLS certificate {}", cert_path.display()))?;
+    let certs = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            anyhow!(
+                "the TLS certificate {} is not valid PEM ({e}); give the certificate chain in PEM",
+                cert_path.display()
+            )
+        })?;
+    if certs.is_empty() {
+        bail!(
+            "the TLS certificate {} holds no certificate (no -----BEGIN CERTIFICATE----- block); give the certificate chain in PEM",
+            cert_path.display()
+        );
+    }
+    let key_pem = std::fs::read(key_path)
+        .with_context(|| format!("cannot read the TLS key {}", key_path.display()))?;
+    PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+        anyhow!(
+            "the TLS key {} holds no usable private key ({e}); give the certificate's key in PEM (PKCS#8, PKCS#1 or SEC1)",
+            key_path.display()
+        )
+    })?;
+    // tonic's TLS acceptor takes rustls' process-wide crypto provider. ring
+    // is the one tonic is built with; installing it keeps the choice
+    // unambiguous should another dependency enable a second provider (a
+    // provider installed earlier by the embedding program is kept).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(cert_pem, key_pem))
+        // A client that stalls the handshake does not hold a connection.
+        .timeout(Duration::from_secs(10));
+    // Building the acceptor checks that the key is the certificate's.
+    tonic::transport::Server::builder()
+        .tls_config(tls.clone())
+        .map_err(|e| {
+            anyhow!(
+                "cannot serve TLS with the certificate {} and the key {}: {}; is the key the certificate's?",
+                cert_path.display(),
+                key_path.display(),
+                crate::errors::error_chain(&e)
+            )
+        })?;
+    Ok(Some(tls))
 }
 
 /// Opens the configured store and the key layout under its prefix.

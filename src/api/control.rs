@@ -7,11 +7,11 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::convert::{audit_entry_to_wire, incident_to_wire, request_to_wire, runbook_to_wire};
-use super::{authorize, invalid, invalid_name, principal, status};
+use super::{authorize, authorize_anywhere, invalid, invalid_name, principal, status};
 use crate::auth::Operation;
 use crate::controller::{
-    ApplyRequest, Controller, DeclareRequest, EscalateRequest, IncidentId, IncidentOutcome,
-    LiftRequest, LiftTarget, RequestId, ResolveRequest,
+    ApplyRequest, AuditPage, Controller, DeclareRequest, EscalateRequest, IncidentId,
+    IncidentOutcome, LiftRequest, LiftTarget, RequestId, ResolveRequest,
 };
 use crate::policy::runbook::{RunbookName, Severity};
 use crate::policy::{ChannelSet, Effect, ModeName, Namespace, Reason};
@@ -346,8 +346,9 @@ impl ControlService for ControlApi {
         } else {
             reason(&r.reason)?
         };
-        let incident = self.controller.incident(&id).await.map_err(status)?;
         let what = format!("move incident {id} to {severity}");
+        authorize_anywhere(&self.controller, &actor, Operation::Change, &what).await?;
+        let (incident, _) = self.controller.read_incident(&id).await.map_err(status)?;
         authorize(
             &self.controller,
             &actor,
@@ -377,8 +378,9 @@ impl ControlService for ControlApi {
         let r = request.into_inner();
         let id = incident_id(&r.incident_id)?;
         let reason = reason(&r.reason)?;
-        let incident = self.controller.incident(&id).await.map_err(status)?;
         let what = format!("resolve incident {id}");
+        authorize_anywhere(&self.controller, &actor, Operation::Change, &what).await?;
+        let (incident, _) = self.controller.read_incident(&id).await.map_err(status)?;
         authorize(
             &self.controller,
             &actor,
@@ -430,8 +432,9 @@ impl ControlService for ControlApi {
     ) -> Result<Response<proto::Incident>, Status> {
         let actor = principal(&request)?;
         let id = incident_id(&request.get_ref().incident_id)?;
-        let incident = self.controller.incident(&id).await.map_err(status)?;
         let what = format!("read incident {id}");
+        authorize_anywhere(&self.controller, &actor, Operation::Read, &what).await?;
+        let incident = self.controller.incident(&id).await.map_err(status)?;
         authorize(
             &self.controller,
             &actor,
@@ -480,8 +483,9 @@ impl ControlService for ControlApi {
         } else {
             Some(reason(&r.reason)?)
         };
-        let (pending, _) = self.controller.read_request(&id).await.map_err(status)?;
         let what = format!("approve {id}");
+        authorize_anywhere(&self.controller, &actor, Operation::Approve, &what).await?;
+        let (pending, _) = self.controller.read_request(&id).await.map_err(status)?;
         authorize(
             &self.controller,
             &actor,
@@ -530,13 +534,35 @@ impl ControlService for ControlApi {
             "read the audit log",
         )
         .await?;
+        let limit = match r.limit as usize {
+            0 => AuditPage::DEFAULT_LIMIT,
+            n if n > AuditPage::MAX_LIMIT => {
+                return Err(invalid(
+                    "limit",
+                    format!("{n} is more than {}; ask for fewer", AuditPage::MAX_LIMIT),
+                ));
+            }
+            n => n,
+        };
+        let page = AuditPage {
+            after: r.after_seq,
+            limit,
+        };
         let report = self
             .controller
-            .audit(incident.as_ref(), r.verify)
+            .audit(incident.as_ref(), r.verify, page)
             .await
             .map_err(status)?;
+        let head = report.head.unwrap_or_default();
         Ok(Response::new(proto::GetAuditResponse {
             entries: report.entries.iter().map(audit_entry_to_wire).collect(),
+            next_after_seq: report.next_after.unwrap_or(0),
+            head_seq: head.seq,
+            head_hash: if head.seq == 0 {
+                String::new()
+            } else {
+                head.hash
+            },
             verified: report.problems.is_some(),
             problems: report
                 .problems

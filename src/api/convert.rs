@@ -110,7 +110,7 @@ pub fn request_to_wire(r: &ChangeRequest) -> proto::ChangeRequest {
             .map(ToString::to_string)
             .unwrap_or_default(),
         severity: match &r.kind {
-            RequestKind::Deescalate { severity } => severity.to_string(),
+            RequestKind::Move { severity } => severity.to_string(),
             _ => String::new(),
         },
         activation_ids: r.activation_ids.iter().map(ToString::to_string).collect(),

@@ -118,8 +118,8 @@ fn principal<T>(request: &tonic::Request<T>) -> Result<Arc<Principal>, tonic::St
 }
 
 /// Checks that `actor` may do `operation` in `namespace`. A refusal changes
-/// nothing, is audited (`what` says what was attempted), and says which role
-/// is needed.
+/// nothing, says which role is needed, and is logged; a refused write is
+/// also audited (`what` says what was attempted).
 async fn authorize(
     controller: &Controller,
     actor: &Principal,
@@ -131,11 +131,31 @@ async fn authorize(
         return Ok(());
     };
     warn!(principal = %actor.name, %what, "refused: {denied}");
-    controller
-        .record_refusal(actor, namespace, format!("refused {what}: {denied}"))
-        .await
-        .map_err(status)?;
+    if operation.writes() {
+        controller
+            .record_refusal(actor, namespace, format!("refused {what}: {denied}"))
+            .await
+            .map_err(status)?;
+    }
     Err(tonic::Status::permission_denied(denied.to_string()))
+}
+
+/// For a call that names a record by id, before the record is read: refuses
+/// a caller who may not do `operation` in any namespace, so that ids cannot
+/// be probed by someone who could never act on them. The record's own
+/// namespace is checked with [`authorize`] once it is read.
+async fn authorize_anywhere(
+    controller: &Controller,
+    actor: &Principal,
+    operation: Operation,
+    what: &str,
+) -> Result<(), tonic::Status> {
+    let live = Namespace::live();
+    let drill = Namespace::parse("drill-any").expect("a valid drill namespace");
+    if actor.may(operation, Some(&live)).is_ok() || actor.may(operation, Some(&drill)).is_ok() {
+        return Ok(());
+    }
+    authorize(controller, actor, operation, None, what).await
 }
 
 /// An invalid field of a request.
@@ -163,6 +183,7 @@ fn status(error: controller::Error) -> tonic::Status {
         | Resolved(_)
         | AlreadyDeclared { .. }
         | NotPending { .. }
+        | OutdatedRequest { .. }
         | NothingToApply(_)
         | CatalogMismatch { .. } => tonic::Status::failed_precondition(message),
         OwnRequest { .. } => tonic::Status::permission_denied(message),

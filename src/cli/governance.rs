@@ -190,14 +190,32 @@ pub(super) async fn audit(
         IncidentId::parse(id)?;
     }
     let mut client = control(servers, caller).await?;
-    let response = client
+    // The first page carries the verification and the head; the rest are
+    // appended to it.
+    let mut response = client
         .get_audit(proto::GetAuditRequest {
-            incident_id: incident.unwrap_or_default(),
+            incident_id: incident.clone().unwrap_or_default(),
             verify,
+            after_seq: 0,
+            limit: 0,
         })
         .await
         .map_err(refused)?
         .into_inner();
+    while response.next_after_seq != 0 {
+        let page = client
+            .get_audit(proto::GetAuditRequest {
+                incident_id: incident.clone().unwrap_or_default(),
+                verify: false,
+                after_seq: response.next_after_seq,
+                limit: 0,
+            })
+            .await
+            .map_err(refused)?
+            .into_inner();
+        response.entries.extend(page.entries);
+        response.next_after_seq = page.next_after_seq;
+    }
     emit(output::audit(format, &response))?;
     if verify && !response.problems.is_empty() {
         bail!(

@@ -17,7 +17,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel as GrpcChannel;
 
-use crate::client::{self, Bearer, ClientError, Subscriber, SubscriberConfig, error_chain};
+use crate::client::{self, Bearer, Subscriber, SubscriberConfig};
 use crate::controller::{ControllerConfig, Layout, LiftTarget};
 use crate::policy::names::validate_label;
 use crate::policy::{Action, Channel, ChannelSet, Context, MethodSet, ModeName, Namespace, Reason};
@@ -58,6 +58,20 @@ pub struct Cli {
     /// with tokens [default: $USER].
     #[arg(long, global = true, env = "SAFEMODE_PRINCIPAL")]
     principal: Option<String>,
+    /// A PEM file of CA certificates to trust for https:// controllers,
+    /// besides the platform's (a private CA).
+    #[arg(long, global = true, env = "SAFEMODE_CA_CERT", value_name = "FILE")]
+    ca_cert: Option<PathBuf>,
+    /// Send the token over plain http:// to a controller that is not on
+    /// loopback: only when a service mesh already encrypts this hop.
+    /// Certificates are still checked for https://.
+    #[arg(
+        long,
+        global = true,
+        env = "SAFEMODE_INSECURE",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    insecure: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -233,6 +247,13 @@ struct ServeArgs {
     /// server listens on loopback only and every caller may do everything.
     #[arg(long, env = "SAFEMODE_TOKENS")]
     tokens: Option<PathBuf>,
+    /// PEM certificate chain to serve gRPC over TLS with (needs --tls-key);
+    /// without it the server speaks plain HTTP/2.
+    #[arg(long, env = "SAFEMODE_TLS_CERT", value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "SAFEMODE_TLS_KEY", value_name = "FILE")]
+    tls_key: Option<PathBuf>,
     /// Make this replica's modes and runbooks the ones every replica must
     /// serve (replicas with others refuse changes until restarted with them).
     #[arg(long)]
@@ -381,8 +402,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let format = cli.output;
     let token = read_token(cli.token, cli.token_file.as_deref())?;
     let caller = Caller {
-        token: token.clone(),
+        token,
         principal: cli.principal.or_else(|| std::env::var("USER").ok()),
+        ca_cert: cli.ca_cert,
+        insecure: cli.insecure,
     };
     match cli.command {
         Command::Serve(args) => serve(args).await,
@@ -482,7 +505,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Watch(args) => {
-            let config = subscriber_config(&cli.servers, token.clone(), &args.subscriber)?;
+            let config = subscriber_config(&cli.servers, &caller, &args.subscriber)?;
             let subscriber = Subscriber::connect(config).await?;
             let mut changes = subscriber.changes();
             loop {
@@ -496,7 +519,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Decide(args) => {
-            let config = subscriber_config(&cli.servers, token.clone(), &args.subscriber)?;
+            let config = subscriber_config(&cli.servers, &caller, &args.subscriber)?;
             let action = Action::parse(&args.action)?;
             let ctx = decide_context(&args)?;
             let subscriber = Subscriber::connect(config).await?;
@@ -560,6 +583,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         modes_dir: args.modes,
         runbooks_dir: args.runbooks,
         tokens: args.tokens,
+        tls_cert: args.tls_cert,
+        tls_key: args.tls_key,
         heartbeat: args.heartbeat,
         controller: ControllerConfig {
             adopt_catalog: args.adopt_catalog,
@@ -623,7 +648,7 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 
 fn subscriber_config(
     servers: &[String],
-    token: Option<String>,
+    caller: &Caller,
     args: &SubscriberArgs,
 ) -> anyhow::Result<SubscriberConfig> {
     let namespace = parse_namespace(&args.namespace)?;
@@ -633,7 +658,9 @@ fn subscriber_config(
         .clone()
         .unwrap_or_else(|| format!("cli-{}", std::process::id()));
     let mut config = SubscriberConfig::new(servers.to_vec(), namespace, channel, id);
-    config.token = token;
+    config.token = caller.token.clone();
+    config.ca_cert = caller.ca_cert.clone();
+    config.allow_plaintext_token = caller.insecure;
     Ok(config)
 }
 
@@ -663,11 +690,19 @@ fn decide_context(args: &DecideArgs) -> anyhow::Result<Context> {
 type Control = ControlServiceClient<InterceptedService<GrpcChannel, Bearer>>;
 
 /// Who the CLI calls as: a token, and the name to go by on a server without
-/// tokens.
+/// tokens; and how the token is kept safe on the way.
 pub(crate) struct Caller {
     token: Option<String>,
     principal: Option<String>,
+    /// Extra CA certificates for https:// controllers (--ca-cert).
+    ca_cert: Option<PathBuf>,
+    /// A token may go in plain text to a controller not on loopback
+    /// (--insecure).
+    insecure: bool,
 }
+
+/// How long connecting to a controller may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A control-service client on the first replica that accepts a connection
 /// (so an unreachable server fails here, with the addresses in the message).
@@ -675,18 +710,24 @@ pub(crate) struct Caller {
 /// twice.
 async fn control(servers: &[String], caller: &Caller) -> anyhow::Result<Control> {
     let bearer = Bearer::new(caller.token.as_deref())?.as_principal(caller.principal.as_deref())?;
-    let mut last_error = String::new();
-    for (_, endpoint) in client::endpoints(servers, Duration::from_secs(5))? {
+    // The same checks as a subscriber's: https:// gets TLS, and no token
+    // goes in plain text off this machine unless --insecure says so.
+    let options = client::EndpointOptions {
+        sends_token: caller.token.is_some(),
+        ca_cert: caller.ca_cert.as_deref(),
+        allow_plaintext_token: caller.insecure,
+        connect_timeout: CONNECT_TIMEOUT,
+    };
+    let mut errors = Vec::new();
+    for (server, endpoint) in client::endpoints(servers, &options)? {
         match endpoint.timeout(Duration::from_secs(30)).connect().await {
             Ok(channel) => return Ok(ControlServiceClient::with_interceptor(channel, bearer)),
-            Err(e) => last_error = error_chain(&e),
+            Err(e) => errors.push(client::connect_failed(&server, &e)),
         }
     }
-    Err(ClientError::Unreachable {
-        server: servers.join(", "),
-        reason: last_error,
-    }
-    .into())
+    // An untrusted certificate says more than "unreachable"; if every
+    // replica was unreachable, the message names them all.
+    Err(client::first_failure(errors).into())
 }
 
 /// The token from --token, or read from --token-file (secrets stay out of

@@ -735,6 +735,10 @@ pub fn audit(format: Format, response: &proto::GetAuditResponse) -> String {
             })).collect::<Vec<_>>(),
             "verified": response.verified,
             "problems": response.problems,
+            "head": (response.head_seq > 0).then(|| json!({
+                "seq": response.head_seq,
+                "hash": response.head_hash,
+            })),
         })),
         Format::Text => {
             let mut out = String::new();
@@ -768,6 +772,16 @@ pub fn audit(format: Format, response: &proto::GetAuditResponse) -> String {
             );
             if response.verified {
                 say!(out);
+                if response.head_seq > 0 {
+                    // Kept somewhere else, it shows later whether the whole
+                    // store was rewritten.
+                    say!(
+                        out,
+                        "head: entry {} with hash {}",
+                        response.head_seq,
+                        response.head_hash
+                    );
+                }
                 if response.problems.is_empty() {
                     say!(out, "verified: the hash chain is intact");
                 } else {

@@ -8,6 +8,13 @@
 //! applies an older one), acks every snapshot it applies and rejects, with a
 //! reason, one it cannot use while keeping the previous.
 //!
+//! A bearer token never crosses the network in plain text by accident:
+//! `https://` controllers are reached over TLS (the platform's CA
+//! certificates, plus [`SubscriberConfig::ca_cert`] for a private CA), and a
+//! token for a plain `http://` controller that is not on loopback is refused
+//! before any connection unless [`SubscriberConfig::allow_plaintext_token`]
+//! says a service mesh already encrypts that hop.
+//!
 //! ```no_run
 //! # async fn example() -> Result<(), safemode::client::ClientError> {
 //! use safemode::client::{Subscriber, SubscriberConfig};
@@ -25,14 +32,18 @@
 
 mod snapshot;
 
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject as _;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Uri};
 use tracing::{Instrument, debug, info, info_span, warn};
 
 pub use snapshot::{ActivationInfo, DecisionReport, PolicySnapshot};
@@ -49,11 +60,66 @@ use crate::wire::proto::{self, SubscribeRequest};
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The server address is not a usable URL.
-    #[error("bad server address '{server}': {reason}; use a URL such as http://127.0.0.1:7700")]
+    #[error(
+        "bad server address '{server}': {reason}; use a URL such as http://127.0.0.1:7700 (https://HOST:PORT for TLS)"
+    )]
     BadServer {
         /// The address given.
         server: String,
         /// What is wrong with it.
+        reason: String,
+    },
+    /// The token would cross the network in plain text: the controller is
+    /// reached over `http://` on a host that is not loopback, and plain text
+    /// was not allowed.
+    #[error(
+        "refusing to send the token in plain text to {server}, which is not a loopback address: use https:// (with --ca-cert FILE for a private CA), or --insecure (SAFEMODE_INSECURE) if a service mesh already encrypts this hop"
+    )]
+    PlaintextToken {
+        /// The address.
+        server: String,
+    },
+    /// The file of extra CA certificates cannot be used.
+    #[error(
+        "cannot use the CA certificate file {}: {reason}; give a PEM file of the CA certificates that signed the controller's certificate (--ca-cert / SAFEMODE_CA_CERT)",
+        path.display()
+    )]
+    CaCert {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// TLS could not be prepared for an `https://` controller (typically:
+    /// this machine has no CA certificates and no extra CA was given).
+    #[error(
+        "cannot set up TLS for {server}: {reason}; install the platform's CA certificates (e.g. the ca-certificates package) or give --ca-cert FILE"
+    )]
+    TlsSetup {
+        /// The address.
+        server: String,
+        /// The cause.
+        reason: String,
+    },
+    /// The controller's certificate is not trusted (unknown CA, expired, or
+    /// issued for another name).
+    #[error(
+        "the controller at {server} presented a certificate this client does not trust ({reason}); give the CA that signed it with --ca-cert FILE (SAFEMODE_CA_CERT), and check that --server names a host the certificate is for"
+    )]
+    Untrusted {
+        /// The address.
+        server: String,
+        /// What rustls found wrong with the certificate.
+        reason: String,
+    },
+    /// The TLS handshake failed for a reason other than the certificate.
+    #[error(
+        "TLS with the controller at {server} failed: {reason}; does it serve TLS (safemode serve --tls-cert/--tls-key)? a controller without TLS takes http://"
+    )]
+    Tls {
+        /// The address.
+        server: String,
+        /// The cause.
         reason: String,
     },
     /// The controller could not be reached.
@@ -78,7 +144,7 @@ pub enum ClientError {
 }
 
 /// Settings of a subscriber.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct SubscriberConfig {
     /// Controller replicas' URLs, e.g. `http://127.0.0.1:7700`. The
     /// subscriber starts at a random one and moves to the next when a stream
@@ -93,6 +159,13 @@ pub struct SubscriberConfig {
     /// Bearer token (a subscriber token is enough), when the controller
     /// requires one.
     pub token: Option<String>,
+    /// A PEM file of CA certificates to trust for `https://` controllers,
+    /// besides the platform's (a private CA). Default: none.
+    pub ca_cert: Option<PathBuf>,
+    /// Send the token over plain `http://` to a controller that is not on
+    /// loopback. Only for a hop a service mesh already encrypts; otherwise
+    /// such a connection is refused before it is made. Default: false.
+    pub allow_plaintext_token: bool,
     /// Limit on connecting and on waiting for the first snapshot.
     pub connect_timeout: Duration,
     /// Decisions say `stale` when neither a snapshot nor a heartbeat arrived
@@ -100,6 +173,24 @@ pub struct SubscriberConfig {
     pub stale_after: Duration,
     /// Longest pause between reconnect attempts.
     pub max_backoff: Duration,
+}
+
+/// Everything but the token, which must never reach a log.
+impl std::fmt::Debug for SubscriberConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SubscriberConfig")
+            .field("servers", &self.servers)
+            .field("namespace", &self.namespace)
+            .field("channel", &self.channel)
+            .field("subscriber_id", &self.subscriber_id)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("ca_cert", &self.ca_cert)
+            .field("allow_plaintext_token", &self.allow_plaintext_token)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("stale_after", &self.stale_after)
+            .field("max_backoff", &self.max_backoff)
+            .finish()
+    }
 }
 
 impl SubscriberConfig {
@@ -117,9 +208,21 @@ impl SubscriberConfig {
             channel,
             subscriber_id: subscriber_id.into(),
             token: None,
+            ca_cert: None,
+            allow_plaintext_token: false,
             connect_timeout: Duration::from_secs(5),
             stale_after: Duration::from_secs(30),
             max_backoff: Duration::from_secs(10),
+        }
+    }
+
+    /// How [`endpoints`] prepares this subscriber's connections.
+    pub fn endpoint_options(&self) -> EndpointOptions<'_> {
+        EndpointOptions {
+            sends_token: self.token.is_some(),
+            ca_cert: self.ca_cert.as_deref(),
+            allow_plaintext_token: self.allow_plaintext_token,
+            connect_timeout: self.connect_timeout,
         }
     }
 }
@@ -136,7 +239,7 @@ impl Subscriber {
     /// Connects, waits for the first snapshot, and keeps the stream up in the
     /// background until the subscriber is dropped.
     pub async fn connect(config: SubscriberConfig) -> Result<Subscriber, ClientError> {
-        let endpoints = endpoints(&config.servers, config.connect_timeout)?;
+        let endpoints = endpoints(&config.servers, &config.endpoint_options())?;
         let (tx, snapshots) = watch::channel(None);
         let freshness = Arc::new(Freshness::new());
         let stop = CancellationToken::new();
@@ -201,10 +304,31 @@ impl Drop for Subscriber {
     }
 }
 
-/// Checks and prepares the controllers' addresses.
+// === endpoints ===
+
+/// How [`endpoints`] prepares the connections to the controllers.
+#[derive(Clone, Copy, Debug)]
+pub struct EndpointOptions<'a> {
+    /// Requests will carry a bearer token, which must not cross the network
+    /// in plain text.
+    pub sends_token: bool,
+    /// A PEM file of CA certificates to trust for `https://`, besides the
+    /// platform's.
+    pub ca_cert: Option<&'a Path>,
+    /// A token may go over plain `http://` to a host that is not loopback (a
+    /// service mesh encrypts the hop).
+    pub allow_plaintext_token: bool,
+    /// Limit on connecting, and on the TLS handshake.
+    pub connect_timeout: Duration,
+}
+
+/// Checks and prepares the controllers' addresses: `http://` or `https://`
+/// only; TLS for `https://`; and no token in plain text to a host that is
+/// not loopback unless `options` allow it. Connects to nothing, so a
+/// refusal here comes before any byte is sent.
 pub fn endpoints(
     servers: &[String],
-    connect_timeout: Duration,
+    options: &EndpointOptions<'_>,
 ) -> Result<Vec<(String, Endpoint)>, ClientError> {
     if servers.is_empty() {
         return Err(ClientError::BadServer {
@@ -212,21 +336,190 @@ pub fn endpoints(
             reason: "no controller address given".into(),
         });
     }
-    servers
+    let targets = servers
         .iter()
-        .map(|server| {
-            let endpoint = Endpoint::from_shared(server.clone())
-                .map_err(|e| ClientError::BadServer {
-                    server: server.clone(),
-                    reason: error_chain(&e),
-                })?
-                .connect_timeout(connect_timeout)
+        .map(|server| Target::parse(server, options))
+        .collect::<Result<Vec<_>, _>>()?;
+    // The CA file is read once, and only when some controller needs TLS.
+    let tls = if targets.iter().any(|t| t.tls) {
+        Some(tls_config(options)?)
+    } else {
+        None
+    };
+    targets
+        .into_iter()
+        .map(|target| {
+            let mut endpoint = Endpoint::from(target.uri)
+                .connect_timeout(options.connect_timeout)
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(Duration::from_secs(30))
                 .keep_alive_timeout(Duration::from_secs(10));
-            Ok((server.clone(), endpoint))
+            if let (true, Some(tls)) = (target.tls, &tls) {
+                endpoint = with_tls(endpoint, tls, &target.host, options.ca_cert.is_some())
+                    .map_err(|e| ClientError::TlsSetup {
+                        server: target.server.clone(),
+                        reason: error_chain(&e),
+                    })?;
+            }
+            Ok((target.server, endpoint))
         })
         .collect()
+}
+
+/// One checked controller address.
+struct Target {
+    server: String,
+    uri: Uri,
+    /// `https://`.
+    tls: bool,
+    /// The host, without the brackets of an IPv6 address.
+    host: String,
+}
+
+impl Target {
+    fn parse(server: &str, options: &EndpointOptions<'_>) -> Result<Target, ClientError> {
+        let bad = |reason: String| ClientError::BadServer {
+            server: server.to_string(),
+            reason,
+        };
+        let uri: Uri = server.parse().map_err(|e| bad(error_chain(&e)))?;
+        let tls = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            Some(other) => {
+                return Err(bad(format!(
+                    "the scheme {other}: is not supported, only http:// and https://"
+                )));
+            }
+            None => {
+                return Err(bad("it has no scheme (http:// or https://)".into()));
+            }
+        };
+        let host = match uri.host() {
+            Some(host) if !host.is_empty() => host,
+            _ => return Err(bad("it names no host".into())),
+        };
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host)
+            .to_string();
+        if !tls && options.sends_token && !options.allow_plaintext_token && !is_loopback(&host) {
+            return Err(ClientError::PlaintextToken {
+                server: server.to_string(),
+            });
+        }
+        Ok(Target {
+            server: server.to_string(),
+            uri,
+            tls,
+            host,
+        })
+    }
+}
+
+/// Whether `host` (without IPv6 brackets) is this machine: `localhost`,
+/// 127.0.0.0/8, `::1` (also written as an IPv4-mapped address).
+fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback())
+}
+
+/// TLS settings shared by every `https://` controller: the handshake limit
+/// and the extra CA certificates, checked here so that a wrong file is
+/// named instead of every certificate seeming untrusted.
+fn tls_config(options: &EndpointOptions<'_>) -> Result<ClientTlsConfig, ClientError> {
+    let config = ClientTlsConfig::new().timeout(options.connect_timeout);
+    let Some(path) = options.ca_cert else {
+        return Ok(config);
+    };
+    let bad = |reason: String| ClientError::CaCert {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(format!("it is not valid PEM ({e})")))?;
+    if certs.is_empty() {
+        return Err(bad(
+            "it holds no certificate (no -----BEGIN CERTIFICATE----- block)".into(),
+        ));
+    }
+    // rustls skips certificates it cannot parse; a file of only such
+    // certificates would otherwise fail later as "untrusted".
+    let (usable, _) = rustls::RootCertStore::empty().add_parsable_certificates(certs);
+    if usable == 0 {
+        return Err(bad("none of its certificates can be parsed".into()));
+    }
+    Ok(config.ca_certificate(Certificate::from_pem(pem)))
+}
+
+/// `endpoint` over TLS to `host`, trusting the platform's CA certificates
+/// and those of `tls`. A machine without CA certificates (a slim container)
+/// still works when an extra CA was given.
+fn with_tls(
+    endpoint: Endpoint,
+    tls: &ClientTlsConfig,
+    host: &str,
+    has_extra_ca: bool,
+) -> Result<Endpoint, tonic::transport::Error> {
+    // tonic would take the host from the URI, brackets of IPv6 included,
+    // which is not a valid server name.
+    let tls = tls.clone().domain_name(host);
+    match endpoint.clone().tls_config(tls.clone().with_native_roots()) {
+        Ok(endpoint) => Ok(endpoint),
+        Err(e) if has_extra_ca => {
+            debug!(error = %error_chain(&e), "no platform CA certificates; trusting --ca-cert only");
+            endpoint.tls_config(tls)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// What a failed connection to `server` means for a person: a certificate
+/// this client does not trust, a TLS handshake that failed otherwise, or a
+/// controller that cannot be reached.
+pub fn connect_failed(server: &str, error: &tonic::transport::Error) -> ClientError {
+    let server = server.to_string();
+    match tls_error(error) {
+        // rustls says it best ("invalid peer certificate: UnknownIssuer");
+        // the transport's wrapping adds nothing.
+        Some(tls @ rustls::Error::InvalidCertificate(_)) => ClientError::Untrusted {
+            server,
+            reason: tls.to_string(),
+        },
+        Some(_) => ClientError::Tls {
+            server,
+            reason: error_chain(error),
+        },
+        None => ClientError::Unreachable {
+            server,
+            reason: error_chain(error),
+        },
+    }
+}
+
+/// The rustls error in `error`'s chain, if TLS failed. tokio-rustls wraps it
+/// in an `io::Error`, whose `source()` skips it, so look inside those too.
+fn tls_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        if let Some(inner) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            return Some(inner);
+        }
+        next = e.source();
+    }
+    None
 }
 
 /// The background side of a [`Subscriber`].
@@ -286,10 +579,7 @@ impl Task {
         let channel = endpoint
             .connect()
             .await
-            .map_err(|e| ClientError::Unreachable {
-                server: server.clone(),
-                reason: error_chain(&e),
-            })?;
+            .map_err(|e| connect_failed(&server, &e))?;
         let mut client = SubscriptionServiceClient::with_interceptor(
             channel,
             Bearer::new(self.config.token.as_deref())?,
@@ -435,9 +725,16 @@ impl Bearer {
     pub fn new(token: Option<&str>) -> Result<Self, ClientError> {
         let header = token
             .map(|t| {
-                format!("Bearer {}", t.trim()).parse().map_err(|_| {
-                    ClientError::Refused("the token has characters a header cannot carry".into())
-                })
+                let mut value: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
+                    format!("Bearer {}", t.trim()).parse().map_err(|_| {
+                        ClientError::Refused(
+                            "the token has characters a header cannot carry".into(),
+                        )
+                    })?;
+                // Kept out of debug output, and out of HTTP/2 header
+                // compression tables (HPACK never indexes it).
+                value.set_sensitive(true);
+                Ok(value)
             })
             .transpose()?;
         Ok(Bearer {
@@ -484,7 +781,7 @@ impl tonic::service::Interceptor for Bearer {
 /// The error to report when no endpoint gave a first snapshot: a refusal or
 /// rejection says more than "unreachable"; if every endpoint was unreachable,
 /// say so for all of them.
-fn first_failure(errors: Vec<ClientError>) -> ClientError {
+pub(crate) fn first_failure(errors: Vec<ClientError>) -> ClientError {
     let unreachable = |e: &ClientError| matches!(e, ClientError::Unreachable { .. });
     if errors.iter().all(unreachable) {
         let servers: Vec<String> = errors
@@ -535,6 +832,100 @@ fn refused(server: &str, status: tonic::Status) -> ClientError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What `endpoints` says about `server`: `Ok` or the error message.
+    fn check(server: &str, sends_token: bool, insecure: bool, expected: Result<(), &str>) {
+        let options = EndpointOptions {
+            sends_token,
+            ca_cert: None,
+            allow_plaintext_token: insecure,
+            connect_timeout: Duration::from_secs(1),
+        };
+        let actual = endpoints(&[server.to_string()], &options)
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+        match (&actual, expected) {
+            (Ok(()), Ok(())) => {}
+            (Err(message), Err(part)) if message.contains(part) => {}
+            _ => panic!(
+                "{server} (token: {sends_token}, insecure: {insecure}): expected {expected:?}, got {actual:?}"
+            ),
+        }
+    }
+
+    #[test]
+    fn a_token_goes_in_plain_text_only_to_loopback_unless_allowed() {
+        const REFUSED: &str = "refusing to send the token in plain text";
+        let cases: &[(&str, bool, bool, Result<(), &str>)] = &[
+            ("http://127.0.0.1:7700", true, false, Ok(())),
+            ("http://127.1.2.3:7700", true, false, Ok(())),
+            ("http://localhost:7700", true, false, Ok(())),
+            ("http://LocalHost:7700", true, false, Ok(())),
+            ("http://[::1]:7700", true, false, Ok(())),
+            ("http://[::ffff:127.0.0.1]:7700", true, false, Ok(())),
+            ("http://10.255.255.1:7700", true, false, Err(REFUSED)),
+            ("http://[2001:db8::1]:7700", true, false, Err(REFUSED)),
+            ("http://controller.example:7700", true, false, Err(REFUSED)),
+            ("http://localhost.example:7700", true, false, Err(REFUSED)),
+            ("http://0.0.0.0:7700", true, false, Err(REFUSED)),
+            // Nothing secret to protect without a token.
+            ("http://10.255.255.1:7700", false, false, Ok(())),
+            // A service mesh encrypts the hop.
+            ("http://10.255.255.1:7700", true, true, Ok(())),
+        ];
+        for (server, token, insecure, expected) in cases {
+            check(server, *token, *insecure, *expected);
+        }
+    }
+
+    #[test]
+    fn only_http_and_https_are_spoken() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "ftp://127.0.0.1:7700",
+                "the scheme ftp: is not supported, only http:// and https://",
+            ),
+            (
+                "unix:/tmp/safemode.sock",
+                "bad server address 'unix:/tmp/safemode.sock'",
+            ),
+            ("127.0.0.1:7700", "it has no scheme"),
+            ("http://", "bad server address"),
+            ("", "bad server address"),
+        ];
+        for (server, expected) in cases {
+            check(server, false, false, Err(expected));
+            check(server, true, true, Err(expected));
+        }
+    }
+
+    #[test]
+    fn the_extra_ca_file_is_checked_before_connecting() {
+        let dir = tempfile::tempdir().unwrap();
+        let not_pem = dir.path().join("not.pem");
+        std::fs::write(&not_pem, "hello").unwrap();
+        let missing = dir.path().join("missing.pem");
+        for (path, expected) in [
+            (&not_pem, "holds no certificate"),
+            (&missing, "cannot use the CA certificate file"),
+        ] {
+            let options = EndpointOptions {
+                sends_token: true,
+                ca_cert: Some(path),
+                allow_plaintext_token: false,
+                connect_timeout: Duration::from_secs(1),
+            };
+            let error = endpoints(&["https://127.0.0.1:7700".into()], &options)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                error.contains(expected) && error.contains(&path.display().to_string()),
+                "{}: {error}",
+                path.display()
+            );
+        }
+    }
 
     #[test]
     fn a_client_behind_the_controller_is_stale_even_when_it_hears_from_it() {

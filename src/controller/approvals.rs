@@ -7,7 +7,7 @@ use tracing::info;
 
 use super::change::Plan;
 use super::incidents::{StagePlan, corrupt, event, incident_activations, stage};
-use super::modes::{delete_activations, describe, draft, put_activations, record};
+use super::modes::{delete_activations, describe, draft, put_activations, record, shared_incident};
 use super::records::{
     ChangeRequest, Incident, IncidentStatus, RequestId, RequestKind, RequestStatus,
 };
@@ -95,7 +95,7 @@ impl Controller {
                         .map_or_else(|| request.reason.clone(), |r| r.as_str().to_string());
                     let mut plan = Plan::answer(Ok(request.clone()));
                     plan.at = at;
-                    let mut audit_incident = None;
+                    let audit_incident;
                     let done = match request.kind {
                         RequestKind::Lift => {
                             let lift: Vec<_> = view
@@ -105,6 +105,7 @@ impl Controller {
                                 .cloned()
                                 .collect();
                             delete_activations(&mut plan, self, namespace, &lift);
+                            audit_incident = shared_incident(&lift);
                             plan.record = Some(record(
                                 AuditAction::Approve,
                                 actor,
@@ -118,11 +119,13 @@ impl Controller {
                                 format!("lifted {}", describe(&lift))
                             }
                         }
-                        RequestKind::Resolve | RequestKind::Deescalate { .. } => {
-                            let incident_id = request
-                                .incident_id
-                                .clone()
-                                .expect("incident requests name their incident");
+                        RequestKind::Resolve | RequestKind::Move { .. } => {
+                            let Some(incident_id) = request.incident_id.clone() else {
+                                return Err(corrupt(
+                                    &self.config.layout.request_key(&request.id),
+                                    "an incident request names no incident",
+                                ));
+                            };
                             let (mut incident, incident_revision) =
                                 self.read_incident(&incident_id).await?;
                             audit_incident = Some(incident_id.to_string());
@@ -130,6 +133,16 @@ impl Controller {
                                 return Ok(Plan::answer(Err(Error::Resolved(
                                     incident_id.to_string(),
                                 ))));
+                            }
+                            // The request was written with the incident's
+                            // timeline entry in one change: if the incident
+                            // moved since, approving would carry out a change
+                            // nobody was shown.
+                            if incident_revision != request_revision {
+                                return Ok(Plan::answer(Err(Error::OutdatedRequest {
+                                    id: id.to_string(),
+                                    incident: incident_id.to_string(),
+                                })));
                             }
                             incident.timeline.push(event(
                                 at,
@@ -161,7 +174,8 @@ impl Controller {
                                     );
                                     format!("resolved {}: {}", incident.id, staged.describe())
                                 }
-                                RequestKind::Deescalate { severity } => {
+                                RequestKind::Move { severity } => {
+                                    let from = incident.severity;
                                     let Some(runbook) =
                                         self.runbooks().get(incident.runbook.as_str()).cloned()
                                     else {
@@ -173,10 +187,12 @@ impl Controller {
                                         Ok(stage) => stage,
                                         Err(e) => return Ok(Plan::answer(Err(e))),
                                     };
+                                    let reason = Reason::parse(&request.reason).map_err(|e| {
+                                        corrupt(&self.config.layout.request_key(&request.id), e)
+                                    })?;
                                     let change = Change {
                                         principal: request.requested_by.clone(),
-                                        reason: Reason::parse(&request.reason)
-                                            .expect("a stored reason was valid when requested"),
+                                        reason,
                                         at,
                                         incident_id: Some(incident.id.to_string()),
                                     };
@@ -190,12 +206,16 @@ impl Controller {
                                     );
                                     put_activations(&mut plan, self, namespace, &staged.apply);
                                     delete_activations(&mut plan, self, namespace, &staged.lift);
-                                    let from = incident.severity;
                                     incident.severity = severity;
                                     incident.activation_ids = staged.activation_ids();
+                                    let moved = if severity < from {
+                                        "deescalated"
+                                    } else {
+                                        "escalated"
+                                    };
                                     incident.timeline.push(event(
                                         at,
-                                        "deescalated",
+                                        moved,
                                         actor,
                                         severity,
                                         Some(&why),

@@ -14,16 +14,20 @@
 //! ever given from a view the store has moved past.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use jiff::Timestamp;
-use tracing::debug;
+use tracing::{debug, info, warn};
 
 use super::keys::NamespaceChange;
-use super::{CHANGE_ATTEMPTS, Controller, Error, NamespaceView, Result};
-use crate::audit::{AuditDraft, AuditEntry, AuditHead};
+use super::{Controller, Error, NamespaceView, Result};
+use crate::audit::{AuditAction, AuditDraft, AuditEntry, AuditHead};
 use crate::policy::{Namespace, Revision};
 use crate::store::{Compare, Op, Txn, TxnOutcome};
+
+/// How many times a change is prepared and tried before it gives up.
+pub(crate) const COMMIT_ATTEMPTS: u32 = 12;
 
 /// What one change writes, prepared against one view of the state.
 pub(crate) struct Plan<T> {
@@ -77,9 +81,13 @@ impl Controller {
             None => None,
         };
         let layout = &self.config.layout;
-        for attempt in 0..CHANGE_ATTEMPTS {
+        for attempt in 0..COMMIT_ATTEMPTS {
             let view = handle.as_ref().map(|h| h.current());
             let plan = prepare(view.clone()).await?;
+            debug_assert!(
+                plan.ops.is_empty() || plan.audit.is_some(),
+                "a change that writes is audited"
+            );
             let mut txn = Txn {
                 compares: plan.compares,
                 ops: plan.ops,
@@ -103,12 +111,19 @@ impl Controller {
                     revision: self.catalog_revision,
                 });
             }
+            let mut appended = None;
             if let Some(draft) = plan.audit {
                 let (head, head_revision) = self.audit_head().await?;
                 let entry = AuditEntry::seal(draft, &head, plan.at);
+                appended = Some((entry.seq, entry.action, entry.hash.clone()));
                 txn.compares.push(Compare::ModRevision {
                     key: layout.audit_head_key(),
                     revision: head_revision,
+                });
+                // Never over an existing entry, whatever the head says.
+                txn.compares.push(Compare::ModRevision {
+                    key: layout.audit_entry_key(entry.seq),
+                    revision: 0,
                 });
                 txn.ops.push(Op::Put {
                     key: layout.audit_entry_key(entry.seq),
@@ -122,6 +137,10 @@ impl Controller {
             let wrote = plan.record.is_some();
             match self.store.txn(txn).await? {
                 TxnOutcome::Committed { revision } => {
+                    // Logs shipped elsewhere keep a copy of the chain's hashes.
+                    if let Some((seq, action, hash)) = appended {
+                        info!(seq, action = action.as_str(), %hash, revision, "audit entry appended");
+                    }
                     if let (Some(handle), true) = (&handle, wrote) {
                         self.await_visible(handle, revision).await;
                     }
@@ -133,6 +152,11 @@ impl Controller {
                 }
                 TxnOutcome::CompareFailed { .. } => {
                     debug!(attempt, "a concurrent change won; preparing again");
+                    // Every change appends to the one audit chain, so
+                    // changes in other namespaces compete too: spread the
+                    // retries out.
+                    let most = 1u64 << attempt.min(6);
+                    tokio::time::sleep(Duration::from_millis(rand::random_range(0..=most))).await;
                     if plan.uses_catalog {
                         self.check_catalog().await?;
                     }
@@ -152,8 +176,89 @@ impl Controller {
         let key = self.config.layout.audit_head_key();
         let range = self.store.range(&key).await?;
         match range.kvs.into_iter().find(|kv| kv.key == key) {
-            None => Ok((AuditHead::default(), 0)),
+            None => self.restore_audit_head().await,
             Some(kv) => {
+                let head = serde_json::from_slice(&kv.value).map_err(|e| {
+                    Error::Store(crate::store::Error::Corrupt(format!(
+                        "{key} cannot be read: {e}; `safemode audit --verify` shows the log"
+                    )))
+                })?;
+                Ok((head, kv.mod_revision))
+            }
+        }
+    }
+
+    /// With no head: an empty log, or one whose head was deleted. Changes go
+    /// on either way (an incident cannot wait for a repair), but a deleted
+    /// head is never silently recreated: an entry saying so continues the
+    /// log from its last entry.
+    async fn restore_audit_head(&self) -> Result<(AuditHead, Revision)> {
+        let layout = &self.config.layout;
+        let log = self.store.range(&layout.audit_log_prefix()).await?;
+        let Some(kv) = log.kvs.last() else {
+            return Ok((AuditHead::default(), 0));
+        };
+        let last: AuditEntry = serde_json::from_slice(&kv.value).map_err(|e| {
+            Error::Store(crate::store::Error::Corrupt(format!(
+                "the audit log has no head and its last entry {} cannot be read: {e}; `safemode audit --verify` shows the log",
+                kv.key
+            )))
+        })?;
+        let draft = AuditDraft {
+            action: AuditAction::HeadRestored,
+            principal: self.config.replica.clone(),
+            roles: Vec::new(),
+            namespace: None,
+            reason: None,
+            incident_id: None,
+            request_id: None,
+            activation_ids: Vec::new(),
+            detail: format!(
+                "the log's head was missing; replica {} continued the log after entry {} (hash {})",
+                self.config.replica, last.seq, last.hash
+            ),
+        };
+        let entry = AuditEntry::seal(draft, &last.head(), Timestamp::now());
+        let txn = Txn {
+            compares: vec![
+                Compare::ModRevision {
+                    key: layout.audit_head_key(),
+                    revision: 0,
+                },
+                Compare::ModRevision {
+                    key: layout.audit_entry_key(entry.seq),
+                    revision: 0,
+                },
+            ],
+            ops: vec![
+                Op::Put {
+                    key: layout.audit_entry_key(entry.seq),
+                    value: serde_json::to_vec(&entry).expect("audit entries serialize"),
+                },
+                Op::Put {
+                    key: layout.audit_head_key(),
+                    value: serde_json::to_vec(&entry.head()).expect("audit heads serialize"),
+                },
+            ],
+        };
+        match self.store.txn(txn).await? {
+            TxnOutcome::Committed { revision } => {
+                warn!(
+                    after = last.seq,
+                    entry = entry.seq,
+                    "the audit log's head was missing; recorded that and continued the log"
+                );
+                Ok((entry.head(), revision))
+            }
+            // Another replica restored it, or the log moved: read again.
+            TxnOutcome::CompareFailed { .. } => {
+                let key = layout.audit_head_key();
+                let range = self.store.range(&key).await?;
+                let kv = range
+                    .kvs
+                    .into_iter()
+                    .find(|kv| kv.key == key)
+                    .ok_or_else(|| Error::Conflict(Namespace::live()))?;
                 let head = serde_json::from_slice(&kv.value).map_err(|e| {
                     Error::Store(crate::store::Error::Corrupt(format!(
                         "{key} cannot be read: {e}; `safemode audit --verify` shows the log"

@@ -21,7 +21,9 @@ use super::{Controller, Error, NamespaceView, Result};
 use crate::audit::AuditAction;
 use crate::auth::Principal;
 use crate::policy::runbook::{Runbook, RunbookName, Severity, Stage};
-use crate::policy::{Activation, ActivationId, Change, ChannelSet, Namespace, Reason, Revision};
+use crate::policy::{
+    Activation, ActivationId, Change, ChannelSet, ModeCatalog, Namespace, Reason, Revision,
+};
 use crate::store::{Compare, Op};
 
 /// Declare an incident.
@@ -91,11 +93,43 @@ pub(crate) struct StagePlan {
 }
 
 impl StagePlan {
-    /// Whether lifting `lift` needs a second approver.
-    pub fn lift_needs_approval(&self, incident: &Incident) -> bool {
-        !self.lift.is_empty()
-            && (incident.lift_requires_approval
-                || self.lift.iter().any(|a| a.mode.lift_requires_approval))
+    /// Whether the change needs a second approver: it lifts, without putting
+    /// it back, a protection whose lifting needs one.
+    ///
+    /// Going down a severity or resolving, that is any activation of a
+    /// runbook or mode that says so. Going up, the runbook's more severe
+    /// stage replaces the milder one's modes by design, so only a mode that
+    /// itself says so counts (as the catalogue has it; an unknown mode
+    /// counts): a more severe stage that drops a freeze still lifts the
+    /// freeze.
+    pub fn lift_needs_approval(&self, going_down: bool, modes: &ModeCatalog) -> bool {
+        self.weakening_lifts().any(|a| {
+            if going_down {
+                a.mode.lift_requires_approval
+            } else {
+                modes
+                    .get(a.mode.name.as_str())
+                    .is_none_or(|m| m.lift_requires_approval)
+            }
+        })
+    }
+
+    /// The lifted activations whose protection the change does not put back:
+    /// no kept or applied activation has the same mode, the same rules and at
+    /// least the same channels.
+    fn weakening_lifts(&self) -> impl Iterator<Item = &Arc<Activation>> {
+        self.lift.iter().filter(|lifted| {
+            !self
+                .keep
+                .iter()
+                .map(|a| &**a)
+                .chain(self.apply.iter())
+                .any(|after| {
+                    after.mode.name == lifted.mode.name
+                        && lifted.channels.is_subset(after.channels)
+                        && same_rules(&after.mode, &lifted.mode, None)
+                })
+        })
     }
 
     /// The incident's activations after the change.
@@ -356,7 +390,7 @@ impl Controller {
                     let mut plan =
                         Plan::answer(Ok((incident.clone(), Vec::new(), Vec::new(), None)));
                     plan.at = at;
-                    if down && staged.lift_needs_approval(&incident) {
+                    if staged.lift_needs_approval(down, self.catalog()) {
                         let summary = format!(
                             "move incident {} from {} to {}: {}",
                             incident.id,
@@ -367,7 +401,7 @@ impl Controller {
                         let pending = self.request_approval(
                             &mut plan,
                             ApprovalNeeded {
-                                kind: RequestKind::Deescalate {
+                                kind: RequestKind::Move {
                                     severity: request.severity,
                                 },
                                 namespace,
@@ -465,7 +499,7 @@ impl Controller {
                     };
                     let mut plan = Plan::answer(Ok((incident.clone(), Vec::new(), None)));
                     plan.at = at;
-                    if staged.lift_needs_approval(&incident) {
+                    if staged.lift_needs_approval(true, self.catalog()) {
                         let summary = format!(
                             "resolve incident {}: {}",
                             incident.id,
@@ -570,9 +604,10 @@ impl Controller {
             .kvs
             .into_iter()
             .map(|kv| {
-                let incident =
-                    serde_json::from_slice(&kv.value).map_err(|e| corrupt(&kv.key, e))?;
-                Ok((incident, kv.mod_revision))
+                Ok((
+                    parse_incident(&kv.key, &kv.value, kv.mod_revision)?,
+                    kv.mod_revision,
+                ))
             })
             .collect()
     }
@@ -597,17 +632,9 @@ impl Controller {
         Ok(incidents)
     }
 
-    /// One incident, with the revision of each timeline event (from the
-    /// audit log).
+    /// One incident, with the revision of each timeline event.
     pub async fn incident(&self, id: &IncidentId) -> Result<Incident> {
-        let (mut incident, _) = self.read_incident(id).await?;
-        let report = self.audit(Some(id), false).await?;
-        for event in &mut incident.timeline {
-            if let Some(entry) = report.entries.iter().find(|e| e.at == event.at) {
-                event.revision = entry.revision;
-            }
-        }
-        Ok(incident)
+        Ok(self.read_incident(id).await?.0)
     }
 
     /// An incident and the revision of its record.
@@ -619,8 +646,10 @@ impl Controller {
             .into_iter()
             .find(|kv| kv.key == key)
             .ok_or_else(|| Error::UnknownIncident(id.to_string()))?;
-        let incident = serde_json::from_slice(&kv.value).map_err(|e| corrupt(&key, e))?;
-        Ok((incident, kv.mod_revision))
+        Ok((
+            parse_incident(&key, &kv.value, kv.mod_revision)?,
+            kv.mod_revision,
+        ))
     }
 
     /// Writes `incident`, provided its record is still at `revision` (0: new).
@@ -660,6 +689,20 @@ fn stored(activations: Vec<Activation>, revision: Revision) -> Vec<Arc<Activatio
         .into_iter()
         .map(|a| Arc::new(Activation { revision, ..a }))
         .collect()
+}
+
+/// Reads an incident record last written at `revision`. Timeline events are
+/// stored with revision 0, because a change's revision is known only once it
+/// commits; every change to an incident reads it first, so the events still
+/// at 0 are exactly those of the change that wrote the record, at `revision`.
+fn parse_incident(key: &str, value: &[u8], revision: Revision) -> Result<Incident> {
+    let mut incident: Incident = serde_json::from_slice(value).map_err(|e| corrupt(key, e))?;
+    for event in &mut incident.timeline {
+        if event.revision == 0 {
+            event.revision = revision;
+        }
+    }
+    Ok(incident)
 }
 
 pub(crate) fn corrupt(key: &str, error: impl std::fmt::Display) -> Error {

@@ -131,6 +131,19 @@ impl Layout {
         key.strip_prefix(&self.audit_log_prefix())?.parse().ok()
     }
 
+    /// Every key of this layout starts with this.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// Whether `key` holds a record that is only ever written together with
+    /// an audit entry (everything but the epoch and the audit log itself).
+    pub fn is_audited_record(&self, key: &str) -> bool {
+        key.starts_with(&self.prefix)
+            && key != self.epoch_key()
+            && !key.starts_with(&format!("{}audit/", self.prefix))
+    }
+
     /// The key of the namespace's last-change record.
     pub fn meta_key(&self, namespace: &Namespace) -> String {
         format!("{}meta", self.namespace_prefix(namespace))
@@ -162,6 +175,7 @@ impl Default for Layout {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NamespaceChange {
     /// What was done.
+    #[serde(alias = "kind")]
     pub action: AuditAction,
     /// Who made it.
     pub principal: String,

@@ -16,6 +16,7 @@ mod keys;
 mod modes;
 mod namespace;
 mod records;
+mod refusals;
 mod subscribers;
 
 use std::collections::HashMap;
@@ -27,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 pub use approvals::ApproveOutcome;
-pub use audit_log::AuditReport;
+pub use audit_log::{AuditPage, AuditReport};
 pub use incidents::{DeclareRequest, EscalateRequest, IncidentOutcome, ResolveRequest};
 pub use keys::{CatalogRecord, Layout, NamespaceChange};
 pub use modes::{ApplyOutcome, ApplyRequest, LiftOutcome, LiftRequest, LiftTarget};
@@ -97,7 +98,8 @@ pub enum Error {
     },
     /// Concurrent changes kept winning; nothing was written.
     #[error(
-        "namespace {0} kept changing while this change was prepared; nothing was written, retry"
+        "other changes (in namespace {0} or to the audit log) kept committing first, {attempts} times; nothing was written, retry",
+        attempts = change::COMMIT_ATTEMPTS
     )]
     Conflict(Namespace),
     /// The change would apply nothing.
@@ -160,6 +162,17 @@ pub enum Error {
         id: String,
         /// Who.
         principal: String,
+    },
+    /// The incident changed after the request was made, so approving it
+    /// would carry out a change nobody was shown.
+    #[error(
+        "{id} is out of date: incident {incident} changed after it was requested; the requester must ask again"
+    )]
+    OutdatedRequest {
+        /// The request.
+        id: String,
+        /// The incident.
+        incident: String,
     },
     /// This replica's catalogue differs from the one every replica serves.
     #[error(
@@ -269,6 +282,7 @@ pub struct Controller {
     /// catalogue-dependent changes compare it.
     catalog_revision: Revision,
     namespaces: Mutex<HashMap<Namespace, Arc<NamespaceHandle>>>,
+    refusals: refusals::RefusalBudget,
     shutdown: CancellationToken,
 }
 
@@ -291,6 +305,7 @@ impl Controller {
             epoch,
             catalog_revision: 0,
             namespaces: Mutex::new(HashMap::new()),
+            refusals: refusals::RefusalBudget::default(),
             shutdown,
         };
         controller.catalog_revision = controller.join_catalog().await?;
@@ -436,14 +451,29 @@ impl Controller {
         })
     }
 
-    /// Records that `actor` was refused `what` for lack of permission: the
-    /// refusal changes nothing but is audited.
+    /// Records that `actor` was refused the write `what` for lack of
+    /// permission: the refusal changes nothing but is audited (past a burst,
+    /// once a second per principal; the refusals in between are counted in
+    /// the next entry).
     pub async fn record_refusal(
         &self,
         actor: &Principal,
         namespace: Option<&Namespace>,
         what: String,
     ) -> Result<()> {
+        let what = match self.refusals.take(&actor.name, std::time::Instant::now()) {
+            refusals::Verdict::Count => {
+                warn!(principal = %actor.name, %what, "refusal counted, not audited one by one: too many");
+                return Ok(());
+            }
+            refusals::Verdict::Audit {
+                unaudited_before: 0,
+            } => what,
+            refusals::Verdict::Audit { unaudited_before } => format!(
+                "{what} (after {unaudited_before} more refusals of {} that were counted, not audited one by one)",
+                actor.name
+            ),
+        };
         let what = &what;
         self.commit(None, |_| {
             Box::pin(async move {

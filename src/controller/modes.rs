@@ -217,6 +217,16 @@ pub(crate) fn delete_activations<T>(
     }
 }
 
+/// The incident every one of `activations` belongs to, if they share one
+/// (so that `safemode audit --incident` finds a lift of its modes).
+pub(crate) fn shared_incident(activations: &[Arc<Activation>]) -> Option<String> {
+    let first = activations.first()?.incident_id.as_ref()?;
+    activations
+        .iter()
+        .all(|a| a.incident_id.as_ref() == Some(first))
+        .then(|| first.clone())
+}
+
 /// An audit draft for `actor` in `namespace`.
 pub(crate) fn draft(
     action: AuditAction,
@@ -378,6 +388,9 @@ impl Controller {
                                 summary: format!("lift {}", describe(&lifted)),
                             },
                         );
+                        if let Some(audit) = plan.audit.as_mut() {
+                            audit.incident_id = shared_incident(&lifted);
+                        }
                         plan.outcome = Ok((Vec::new(), Some(pending)));
                         return Ok(plan);
                     }
@@ -397,6 +410,7 @@ impl Controller {
                         format!("lifted {}", describe(&lifted)),
                     );
                     audit.activation_ids = lifted.iter().map(|a| a.id.to_string()).collect();
+                    audit.incident_id = shared_incident(&lifted);
                     plan.audit = Some(audit);
                     plan.outcome = Ok((lifted, None));
                     Ok(plan)

@@ -167,8 +167,10 @@ impl Incident {
 pub enum RequestKind {
     /// Lift these activations.
     Lift,
-    /// Move the incident down to this severity.
-    Deescalate {
+    /// Move the incident to this severity (a move that lifts protections
+    /// without putting them back: usually down, rarely up).
+    #[serde(alias = "deescalate")]
+    Move {
         /// The severity to go to.
         severity: Severity,
     },
@@ -181,7 +183,7 @@ impl RequestKind {
     pub fn as_str(&self) -> &'static str {
         match self {
             RequestKind::Lift => "lift",
-            RequestKind::Deescalate { .. } => "deescalate",
+            RequestKind::Move { .. } => "move",
             RequestKind::Resolve => "resolve",
         }
     }

@@ -195,8 +195,14 @@ pub struct Mode {
     /// Whether lifting the mode needs a second, different approver: set on
     /// the modes whose lifting would reopen the door an attacker is pushing
     /// on (credential changes, verified channels, money, bot hand-offs).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    /// Always stored; an activation stored before the flag existed reads as
+    /// needing one, so an upgrade never makes a freeze easier to lift.
+    #[serde(default = "needs_approval_when_unknown")]
     pub lift_requires_approval: bool,
+}
+
+fn needs_approval_when_unknown() -> bool {
+    true
 }
 
 /// Why a catalogue could not be built.

@@ -211,3 +211,135 @@ async fn replicas_must_serve_the_same_runbooks() {
         "nothing was written by the old replica"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_or_rewritten_tail_is_found_and_never_written_over() {
+    // The newest entry and the head removed: the chain alone looks whole,
+    // but the change entry 4 recorded is still in the store.
+    let (etcd, server) = logged().await;
+    let mut client = etcd_client::Client::connect(etcd.endpoints(), None)
+        .await
+        .unwrap();
+    let first = client.get(entry_key(1), None).await.unwrap().kvs()[0]
+        .value()
+        .to_vec();
+    client.delete(entry_key(4), None).await.unwrap();
+    client.delete("/safemode/audit/head", None).await.unwrap();
+    check(
+        "head and tail removed",
+        verify(&server).await,
+        &[
+            "the log has entries up to 3 but no head: the head was deleted",
+            "which has no audit entry",
+        ],
+    );
+
+    // The next change goes on (an incident cannot wait for a repair), after
+    // an entry that says the head was missing; nothing is written over.
+    server.apply(&["bots-faq-only"]).await;
+    let kept = client.get(entry_key(1), None).await.unwrap().kvs()[0]
+        .value()
+        .to_vec();
+    assert_eq!(kept, first, "entry 1 is never written over");
+    check(
+        "after the head was restored",
+        verify(&server).await,
+        &[
+            "entry 4 records that the log's head had been deleted",
+            "which has no audit entry",
+        ],
+    );
+    drop((server, etcd));
+
+    // The tail rewritten with a consistent chain and head: the records of
+    // the change the original entry described still give it away.
+    let (etcd, server) = logged().await;
+    let mut client = etcd_client::Client::connect(etcd.endpoints(), None)
+        .await
+        .unwrap();
+    let third: safemode::audit::AuditEntry =
+        serde_json::from_slice(client.get(entry_key(3), None).await.unwrap().kvs()[0].value())
+            .unwrap();
+    let forged = safemode::audit::AuditEntry::seal(
+        safemode::audit::AuditDraft {
+            action: safemode::audit::AuditAction::Apply,
+            principal: "nobody".into(),
+            roles: Vec::new(),
+            namespace: Some("live".into()),
+            reason: Some("nothing happened".into()),
+            incident_id: None,
+            request_id: None,
+            activation_ids: Vec::new(),
+            detail: "nothing happened".into(),
+        },
+        &third.head(),
+        third.at,
+    );
+    client.delete(entry_key(4), None).await.unwrap();
+    client
+        .put(entry_key(4), serde_json::to_vec(&forged).unwrap(), None)
+        .await
+        .unwrap();
+    client
+        .put(
+            "/safemode/audit/head",
+            serde_json::to_vec(&forged.head()).unwrap(),
+            None,
+        )
+        .await
+        .unwrap();
+    let (code, problems) = verify(&server).await;
+    assert_eq!(code, Some(1), "{problems:?}");
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("/safemode/ns/live/") && p.contains("which has no audit entry")),
+        "{problems:?}"
+    );
+}
+
+/// Verification reads the log, its head and the records at one revision,
+/// so a log that grows while it is verified is never reported as tampered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_log_is_never_mistaken_for_a_tampered_one() {
+    let (_etcd, server) = logged().await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let writer = {
+        let stop = stop.clone();
+        let mut control = server.control().await;
+        tokio::spawn(async move {
+            let mut changes = 0u32;
+            // At least one change, however quickly the verifications end.
+            while changes == 0 || !stop.is_cancelled() {
+                control
+                    .apply_modes(safemode::wire::proto::ApplyModesRequest {
+                        namespace: "live".into(),
+                        modes: vec!["bots-faq-only".into()],
+                        reason: format!("change {changes}"),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap();
+                control
+                    .lift_activations(safemode::wire::proto::LiftActivationsRequest {
+                        namespace: "live".into(),
+                        targets: vec!["bots-faq-only".into()],
+                        reason: format!("change {changes}"),
+                        all: true,
+                    })
+                    .await
+                    .unwrap();
+                changes += 1;
+            }
+            changes
+        })
+    };
+    for _ in 0..10 {
+        let (code, problems) = verify(&server).await;
+        assert_eq!((code, problems), (Some(0), Vec::new()));
+    }
+    stop.cancel();
+    writer.await.unwrap();
+    let (code, problems) = verify(&server).await;
+    assert_eq!((code, problems), (Some(0), Vec::new()));
+}

@@ -140,6 +140,16 @@ const RPCS: [Rpc; 14] = [
     Rpc::Subscribe,
 ];
 
+/// What an allowed call answers with the fixtures: declaring the incident
+/// type that is already active is refused after the permission check;
+/// everything else succeeds.
+fn answer_when_allowed(rpc: Rpc) -> Code {
+    match rpc {
+        Rpc::DeclareIncident => Code::FailedPrecondition,
+        _ => Code::Ok,
+    }
+}
+
 /// The table the issue states: which role may make which call, in `live`
 /// and in a drill namespace.
 fn allowed(role: &str, rpc: Rpc, drill: bool) -> bool {
@@ -258,32 +268,62 @@ async fn call(
     }
 }
 
-/// What a refusal must leave unchanged, read by the admin.
-async fn observed(server: &TestServer, principals: &Principals) -> (i64, i64, usize) {
+/// What a refusal must leave unchanged, read by the admin: both namespaces'
+/// revisions, incidents and requests, and the audit log.
+#[derive(Debug, PartialEq)]
+struct Observed {
+    revisions: Vec<i64>,
+    incidents: Vec<proto::Incident>,
+    requests: Vec<proto::ChangeRequest>,
+    audit: Vec<proto::AuditEntry>,
+}
+
+async fn observed(server: &TestServer, principals: &Principals) -> Observed {
     let mut admin = control_as(server, Some(principals.token("admin"))).await;
-    let revision = |namespace: &str| proto::GetStatusRequest {
-        namespace: namespace.into(),
+    let mut seen = Observed {
+        revisions: Vec::new(),
+        incidents: Vec::new(),
+        requests: Vec::new(),
+        audit: Vec::new(),
     };
-    let live = admin
-        .get_status(revision("live"))
+    for namespace in ["live", "drill-table"] {
+        let status = admin
+            .get_status(proto::GetStatusRequest {
+                namespace: namespace.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        seen.revisions.push(status.revision);
+        let incidents = admin
+            .list_incidents(proto::ListIncidentsRequest {
+                namespace: namespace.into(),
+                include_resolved: true,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        seen.incidents.extend(incidents.incidents);
+        let requests = admin
+            .list_requests(proto::ListRequestsRequest {
+                namespace: namespace.into(),
+                include_decided: true,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        seen.requests.extend(requests.requests);
+    }
+    seen.audit = admin
+        .get_audit(proto::GetAuditRequest {
+            limit: 5000,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
-        .revision;
-    let drill = admin
-        .get_status(revision("drill-table"))
-        .await
-        .unwrap()
-        .into_inner()
-        .revision;
-    let audit = admin
-        .get_audit(proto::GetAuditRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .entries
-        .len();
-    (live, drill, audit)
+        .entries;
+    seen
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -317,35 +357,41 @@ async fn every_rpc_and_every_role() {
             for rpc in RPCS {
                 let before = observed(&server, &principals).await;
                 let got = call(&server, &principals, role, rpc, namespace, &fixtures).await;
-                let expected = allowed(role, rpc, drill);
-                let refused = got == Code::PermissionDenied;
-                if refused == expected {
+                let allowed = allowed(role, rpc, drill);
+                let expected = if allowed {
+                    answer_when_allowed(rpc)
+                } else {
+                    Code::PermissionDenied
+                };
+                if got != expected {
                     failures.push(format!(
-                        "{role} {rpc:?} in {namespace}: expected {}, got {got:?}",
-                        if expected { "allowed" } else { "refused" }
+                        "{role} {rpc:?} in {namespace}: expected {expected:?}, got {got:?}"
                     ));
                     continue;
                 }
-                if refused {
-                    // A refusal changes nothing but is audited.
-                    let after = observed(&server, &principals).await;
-                    let (live, drill_ns, audit) = after;
-                    if (live, drill_ns) != (before.0, before.1) || audit != before.2 + 1 {
+                if !allowed {
+                    // A refusal changes nothing; a refused write is audited.
+                    let mut after = observed(&server, &principals).await;
+                    let writes = matches!(
+                        rpc,
+                        Rpc::ApplyModes
+                            | Rpc::LiftActivations
+                            | Rpc::DeclareIncident
+                            | Rpc::EscalateIncident
+                            | Rpc::ResolveIncident
+                            | Rpc::Approve
+                    );
+                    if writes {
+                        match after.audit.pop() {
+                            Some(last) if last.action == "refused" && last.principal == role => {}
+                            last => failures.push(format!(
+                                "{role} {rpc:?} in {namespace}: the refusal was not audited: {last:?}"
+                            )),
+                        }
+                    }
+                    if after != before {
                         failures.push(format!(
                             "{role} {rpc:?} in {namespace}: a refusal changed {before:?} to {after:?}"
-                        ));
-                    }
-                    let mut admin = control_as(&server, Some(principals.token("admin"))).await;
-                    let entries = admin
-                        .get_audit(proto::GetAuditRequest::default())
-                        .await
-                        .unwrap()
-                        .into_inner()
-                        .entries;
-                    let last = entries.last().unwrap();
-                    if last.action != "refused" || last.principal != role {
-                        failures.push(format!(
-                            "{role} {rpc:?} in {namespace}: the refusal was not audited: {last:?}"
                         ));
                     }
                 }
@@ -483,7 +529,33 @@ async fn declare_escalate_and_resolve_with_a_second_approver() {
         ("refused", "admin")
     );
 
-    // A different approver carries out alice's request.
+    // Alice's request came before the admin's, which wrote the incident's
+    // timeline: approving it now would carry out a change nobody was shown.
+    let outdated = bob
+        .approve(proto::ApproveRequest {
+            request_id: request.id.clone(),
+            reason: "confirmed with fraud ops".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(outdated.code(), Code::FailedPrecondition);
+    assert!(
+        outdated.message().contains("out of date"),
+        "{}",
+        outdated.message()
+    );
+
+    // Alice asks again, and a different approver carries it out.
+    let request = alice
+        .resolve_incident(proto::ResolveIncidentRequest {
+            incident_id: incident.id.clone(),
+            reason: "attack over for 2h".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .pending
+        .expect("resolution waits for an approver");
     let approved = bob
         .approve(proto::ApproveRequest {
             request_id: request.id.clone(),
@@ -492,7 +564,9 @@ async fn declare_escalate_and_resolve_with_a_second_approver() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(approved.request.unwrap().approved_by, "approver");
+    let approved_request = approved.request.unwrap();
+    assert_eq!(approved_request.approved_by, "approver");
+    assert_eq!(approved_request.requested_by, "commander");
     let lifted = live_status(&mut admin).await;
     assert!(
         lifted.activations.is_empty(),
@@ -518,16 +592,19 @@ async fn declare_escalate_and_resolve_with_a_second_approver() {
             ("escalated", "commander"),
             ("requested", "commander"),
             ("requested", "admin"),
+            ("requested", "commander"),
             ("approved", "approver"),
             ("resolved", "commander"),
         ]
     );
+    // Every event says the revision of the change that made it.
+    assert!(shown.timeline.iter().all(|e| e.revision > 0), "{shown:?}");
     assert!(
         shown
             .timeline
-            .iter()
-            .filter(|e| e.event != "requested")
-            .all(|e| e.revision > 0)
+            .windows(2)
+            .all(|w| w[0].revision < w[1].revision || w[1].event == "resolved"),
+        "{shown:?}"
     );
     // The other pending request cannot be approved once the incident is
     // resolved.
@@ -549,6 +626,7 @@ async fn declare_escalate_and_resolve_with_a_second_approver() {
         .get_audit(proto::GetAuditRequest {
             incident_id: incident.id.clone(),
             verify: true,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -561,7 +639,9 @@ async fn declare_escalate_and_resolve_with_a_second_approver() {
     let actions: Vec<&str> = verified.entries.iter().map(|e| e.action.as_str()).collect();
     assert_eq!(
         actions,
-        ["declare", "escalate", "request", "request", "approve"]
+        [
+            "declare", "escalate", "request", "request", "request", "approve"
+        ]
     );
 }
 
@@ -595,7 +675,7 @@ async fn going_down_a_severity_waits_for_an_approver() {
     let request = down.pending.expect("de-escalation lifts protections");
     assert_eq!(
         (request.kind.as_str(), request.severity.as_str()),
-        ("deescalate", "sev3")
+        ("move", "sev3")
     );
     assert_eq!(down.incident.unwrap().severity, "sev1", "not moved yet");
     bob.approve(proto::ApproveRequest {
@@ -744,4 +824,281 @@ async fn the_command_line_with_tokens() {
             .contains("viewer (roles: viewer) may not change modes or incidents in namespace live"),
         "{stderr}"
     );
+}
+
+/// The scenario a reviewer found: a resolution requested at sev3, then an
+/// escalation to sev1 (no approval needed), then the old request approved.
+/// Approving must not lift the sev1 modes nobody asked to lift.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_never_carries_out_more_than_was_requested() {
+    let principals = Principals::new();
+    let server = TestServer::with_tokens(&principals).await;
+    let mut alice = control_as(&server, Some(principals.token("commander"))).await;
+    let mut bob = control_as(&server, Some(principals.token("approver"))).await;
+    let mut admin = control_as(&server, Some(principals.token("admin"))).await;
+
+    let declared = alice
+        .declare_incident(proto::DeclareIncidentRequest {
+            namespace: "live".into(),
+            r#type: RUNBOOK.into(),
+            severity: "sev3".into(),
+            reason: "login failures up 40x".into(),
+            channels: Vec::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let incident = declared.incident.unwrap();
+    let resolving = alice
+        .resolve_incident(proto::ResolveIncidentRequest {
+            incident_id: incident.id.clone(),
+            reason: "looks quiet".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .pending
+        .expect("resolution waits for an approver");
+    let mut shown = resolving.activation_ids.clone();
+    let mut sev3 = incident.activation_ids.clone();
+    shown.sort();
+    sev3.sort();
+    assert_eq!(shown, sev3, "the request shows what it lifts");
+
+    let escalated = alice
+        .escalate_incident(proto::EscalateIncidentRequest {
+            incident_id: incident.id.clone(),
+            severity: "sev1".into(),
+            reason: "takeovers confirmed".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(escalated.pending.is_none());
+    let before = live_status(&mut admin).await;
+    assert!(before.activations.len() > sev3.len());
+
+    let refused = bob
+        .approve(proto::ApproveRequest {
+            request_id: resolving.id.clone(),
+            reason: "ok".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("out of date") && refused.message().contains("ask again"),
+        "{}",
+        refused.message()
+    );
+    let after = live_status(&mut admin).await;
+    assert_eq!(after.revision, before.revision, "nothing was lifted");
+    assert_eq!(after.activations, before.activations);
+}
+
+/// A runbook whose more severe stage drops a mode that needs a second
+/// approver to lift: escalating would lift it, so it waits for one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_more_severe_stage_that_drops_a_guarded_mode_waits_for_an_approver() {
+    let runbooks = tempfile::tempdir().unwrap();
+    std::fs::write(
+        runbooks.path().join("guarded-drop.yaml"),
+        "\
+title: Guarded drop
+summary: A more severe stage that drops the phone freeze of the milder one.
+owners: [security@example.com]
+review_interval: 30m
+exit_criteria: [The test is over.]
+stages:
+  - severity: sev3
+    modes: [freeze-phone-changes]
+    expect:
+      - {channel: web, action: account.phone_change, effect: deny}
+  - severity: sev1
+    modes: [bots-faq-only]
+    expect:
+      - {channel: chatbot, action: bot.intent.faq, effect: allow}
+",
+    )
+    .unwrap();
+    let principals = Principals::new();
+    let dir = runbooks.path().to_path_buf();
+    let server =
+        TestServer::with_tokens_and(&principals, |c| c.runbooks_dir = Some(dir.clone())).await;
+    let mut alice = control_as(&server, Some(principals.token("commander"))).await;
+    let mut bob = control_as(&server, Some(principals.token("approver"))).await;
+    let mut admin = control_as(&server, Some(principals.token("admin"))).await;
+
+    let incident = alice
+        .declare_incident(proto::DeclareIncidentRequest {
+            namespace: "live".into(),
+            r#type: "guarded-drop".into(),
+            severity: "sev3".into(),
+            reason: "SIM swaps".into(),
+            channels: Vec::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .incident
+        .unwrap();
+    let escalating = alice
+        .escalate_incident(proto::EscalateIncidentRequest {
+            incident_id: incident.id.clone(),
+            severity: "sev1".into(),
+            reason: "worse".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let request = escalating
+        .pending
+        .expect("dropping the phone freeze waits for an approver");
+    assert_eq!(
+        (request.kind.as_str(), request.severity.as_str()),
+        ("move", "sev1")
+    );
+    let frozen = live_status(&mut admin).await;
+    assert_eq!(
+        frozen
+            .activations
+            .iter()
+            .map(|a| a.mode.as_str())
+            .collect::<Vec<_>>(),
+        ["freeze-phone-changes"],
+        "the freeze holds until approved"
+    );
+
+    bob.approve(proto::ApproveRequest {
+        request_id: request.id.clone(),
+        reason: "phones are safe now".into(),
+    })
+    .await
+    .unwrap();
+    let moved = live_status(&mut admin).await;
+    assert_eq!(
+        moved
+            .activations
+            .iter()
+            .map(|a| a.mode.as_str())
+            .collect::<Vec<_>>(),
+        ["bots-faq-only"]
+    );
+    let shown = bob
+        .get_incident(proto::GetIncidentRequest {
+            incident_id: incident.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(shown.severity, "sev1");
+    assert_eq!(shown.timeline.last().unwrap().event, "escalated");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_request_cannot_be_approved() {
+    let principals = Principals::new();
+    // Requests expire the moment they are made.
+    let server = TestServer::with_tokens_and(&principals, |c| {
+        c.controller.request_ttl = std::time::Duration::ZERO;
+    })
+    .await;
+    let mut alice = control_as(&server, Some(principals.token("commander"))).await;
+    let mut bob = control_as(&server, Some(principals.token("approver"))).await;
+    alice
+        .apply_modes(proto::ApplyModesRequest {
+            namespace: "live".into(),
+            modes: vec!["freeze-credential-changes".into()],
+            reason: "ATO wave".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let request = alice
+        .lift_activations(proto::LiftActivationsRequest {
+            namespace: "live".into(),
+            targets: vec!["freeze-credential-changes".into()],
+            reason: "contained".into(),
+            all: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .pending
+        .unwrap();
+    let refused = bob
+        .approve(proto::ApproveRequest {
+            request_id: request.id,
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("expired"),
+        "{}",
+        refused.message()
+    );
+    let mut admin = control_as(&server, Some(principals.token("admin"))).await;
+    let status = live_status(&mut admin).await;
+    assert_eq!(status.activations.len(), 1, "the freeze holds");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_approvers_at_once_carry_a_request_out_once() {
+    let principals = Principals::new();
+    let server = TestServer::with_tokens(&principals).await;
+    let mut alice = control_as(&server, Some(principals.token("commander"))).await;
+    alice
+        .apply_modes(proto::ApplyModesRequest {
+            namespace: "live".into(),
+            modes: vec!["freeze-credential-changes".into()],
+            reason: "ATO wave".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let request = alice
+        .lift_activations(proto::LiftActivationsRequest {
+            namespace: "live".into(),
+            targets: vec!["freeze-credential-changes".into()],
+            reason: "contained".into(),
+            all: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .pending
+        .unwrap();
+    let approve = |who: &'static str| {
+        let server = &server;
+        let principals = &principals;
+        let id = request.id.clone();
+        async move {
+            let mut c = control_as(server, Some(principals.token(who))).await;
+            c.approve(proto::ApproveRequest {
+                request_id: id,
+                reason: format!("{who} approves"),
+            })
+            .await
+        }
+    };
+    let (first, second) = tokio::join!(approve("approver"), approve("approver2"));
+    let codes = [code(first), code(second)];
+    assert!(
+        codes.contains(&Code::Ok) && codes.contains(&Code::FailedPrecondition),
+        "{codes:?}"
+    );
+    let mut admin = control_as(&server, Some(principals.token("admin"))).await;
+    let approvals = admin
+        .get_audit(proto::GetAuditRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+        .into_iter()
+        .filter(|e| e.action == "approve")
+        .count();
+    assert_eq!(approvals, 1);
+    assert!(live_status(&mut admin).await.activations.is_empty());
 }

@@ -15,3 +15,4 @@ mod restart;
 mod runbooks;
 mod store_contract;
 mod support;
+mod tls;

@@ -177,7 +177,7 @@ fn shipped_runbooks_apply_what_their_comments_promise() {
             vec![
                 "sev3: step-up-no-sms freeze-phone-changes".into(),
                 "sev2: step-up-no-sms freeze-phone-changes verified-channels-only".into(),
-                "sev1: step-up-no-sms freeze-credential-changes verified-channels-only".into(),
+                "sev1: step-up-no-sms freeze-phone-changes freeze-credential-changes verified-channels-only".into(),
             ]
         )
     );
@@ -259,19 +259,19 @@ fn a_stage_is_the_whole_posture_and_moving_between_stages_lifts_the_rest() {
     );
     assert!(first.keep.is_empty() && first.lift.is_empty());
 
-    // Escalating straight to sev1 swaps the narrow freeze for the wide one.
+    // Escalating straight to sev1 adds the wide freeze and keeps the rest.
     let sev1 = sim.stage(Severity::Sev1).unwrap();
     let up = sev1.transition_from(Some(sev3));
     assert_eq!(
         names(&up.apply),
         ["freeze-credential-changes", "verified-channels-only"]
     );
-    assert_eq!(names(&up.keep), ["step-up-no-sms"]);
-    assert_eq!(names(&up.lift), ["freeze-phone-changes"]);
+    assert_eq!(names(&up.keep), ["step-up-no-sms", "freeze-phone-changes"]);
+    assert!(up.lift.is_empty());
 
     // De-escalating lifts what the lower stage does not list.
     let down = sev3.transition_from(Some(sev1));
-    assert_eq!(names(&down.apply), ["freeze-phone-changes"]);
+    assert!(down.apply.is_empty());
     assert_eq!(
         names(&down.lift),
         ["freeze-credential-changes", "verified-channels-only"]
@@ -1149,4 +1149,36 @@ fn the_readme_examples_parse() {
     let mode =
         parse_mode("README.md", "handoff-guard", blocks[1]).unwrap_or_else(|e| panic!("{e}"));
     assert!(mode.lift_requires_approval);
+}
+
+/// Escalating is one commander's call, so a more severe stage must keep, on
+/// at least the same channels, every mode of a milder stage whose lifting
+/// needs a second approver: dropping it would lift it, and the escalation
+/// would wait for an approver.
+#[test]
+fn no_shipped_runbook_escalates_by_dropping_a_guarded_mode() {
+    let modes = standard_modes();
+    let runbooks = standard_runbooks(&modes);
+    let mut drops = Vec::new();
+    for runbook in runbooks.iter() {
+        for pair in runbook.stages.windows(2) {
+            let (milder, severe) = (&pair[0], &pair[1]);
+            for staged in &milder.modes {
+                let guarded = modes
+                    .get(staged.mode.as_str())
+                    .is_some_and(|m| m.lift_requires_approval);
+                let kept = severe
+                    .modes
+                    .iter()
+                    .any(|s| s.mode == staged.mode && staged.channels.is_subset(s.channels));
+                if guarded && !kept {
+                    drops.push(format!(
+                        "{}: {} drops {} of {}",
+                        runbook.name, severe.severity, staged.mode, milder.severity
+                    ));
+                }
+            }
+        }
+    }
+    assert!(drops.is_empty(), "{drops:#?}");
 }

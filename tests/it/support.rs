@@ -111,16 +111,26 @@ impl TestServer {
     /// A server on a fresh data directory that requires the tokens of
     /// `principals`.
     pub async fn with_tokens(principals: &Principals) -> Self {
+        Self::with_tokens_and(principals, |_| {}).await
+    }
+
+    /// Like [`TestServer::with_tokens`], with `adjust` applied to the
+    /// configuration first.
+    pub async fn with_tokens_and(
+        principals: &Principals,
+        adjust: impl FnOnce(&mut ServeConfig),
+    ) -> Self {
         let temp = tempfile::tempdir().expect("temp dir");
-        let mut server = Self::start_with(ServeConfig {
+        let mut config = ServeConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             store: StoreConfig::Embedded {
                 data_dir: temp.path().to_path_buf(),
             },
             tokens: Some(principals.file.path().to_path_buf()),
             ..ServeConfig::default()
-        })
-        .await;
+        };
+        adjust(&mut config);
+        let mut server = Self::start_with(config).await;
         server._temp = Some(temp);
         server
     }
