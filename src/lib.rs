@@ -28,5 +28,6 @@ pub mod controller;
 pub mod errors;
 pub mod policy;
 pub mod server;
+pub mod sim;
 pub mod store;
 pub mod wire;

@@ -5,6 +5,7 @@
 
 mod governance;
 mod output;
+mod sim;
 
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
@@ -98,6 +99,9 @@ enum Command {
     Watch(WatchArgs),
     /// Subscribe as a channel, evaluate one action locally, print the decision.
     Decide(DecideArgs),
+    /// Simulate channel services: many subscribers per channel that report
+    /// how long each took to apply each revision, and answer decisions.
+    Sim(SimArgs),
     /// Declare, escalate, resolve and look at incidents.
     #[command(subcommand)]
     Incident(IncidentCommand),
@@ -271,6 +275,25 @@ enum StoreKind {
     Embedded,
     /// An etcd cluster (--etcd-endpoints).
     Etcd,
+}
+
+#[derive(Args, Debug)]
+struct SimArgs {
+    /// Subscribers per channel.
+    #[arg(long, default_value = "chatbot=50,ivr=20,agent-desk=10,web=20")]
+    channels: String,
+    #[command(flatten)]
+    namespace: NamespaceArg,
+    /// Actions each channel decides after every revision, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "account.password_reset,payment.refund"
+    )]
+    decide: Vec<String>,
+    /// Stop after this many revisions [default: run until Ctrl-C].
+    #[arg(long)]
+    revisions: Option<usize>,
 }
 
 #[derive(Args, Debug)]
@@ -523,9 +546,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let action = Action::parse(&args.action)?;
             let ctx = decide_context(&args)?;
             let subscriber = Subscriber::connect(config).await?;
-            emit(output::decision(format, &subscriber.decide(&action, &ctx)))?;
+            emit(output::decision(
+                format,
+                &subscriber.decide(&action, &ctx).report(),
+            ))?;
             Ok(())
         }
+        Command::Sim(args) => sim::run(&cli.servers, &caller, format, args).await,
         Command::Incident(command) => {
             governance::incident(&cli.servers, &caller, format, command).await
         }
@@ -657,6 +684,17 @@ fn subscriber_config(
         .subscriber_id
         .clone()
         .unwrap_or_else(|| format!("cli-{}", std::process::id()));
+    subscriber_base(servers, caller, namespace, channel, &id)
+}
+
+/// A subscriber's settings from the global flags.
+fn subscriber_base(
+    servers: &[String],
+    caller: &Caller,
+    namespace: Namespace,
+    channel: Channel,
+    id: &str,
+) -> anyhow::Result<SubscriberConfig> {
     let mut config = SubscriberConfig::new(servers.to_vec(), namespace, channel, id);
     config.token = caller.token.clone();
     config.ca_cert = caller.ca_cert.clone();

@@ -417,7 +417,11 @@ pub fn decision(format: Format, d: &DecisionReport) -> String {
                 d.channel.as_deref().unwrap_or("-"),
                 d.action,
                 d.revision.map_or("-".to_string(), |r| r.to_string()),
-                if d.stale { " (STALE)" } else { "" }
+                match (d.stale, d.fail_closed) {
+                    (_, true) => " (STALE too long: failed closed)",
+                    (true, false) => " (STALE)",
+                    (false, false) => "",
+                }
             );
             if !d.reasons.is_empty() {
                 say!(out, "  because: {}", d.reasons.join(", "));
@@ -427,6 +431,84 @@ pub fn decision(format: Format, d: &DecisionReport) -> String {
             }
             if let Some(s) = &d.agent_script {
                 say!(out, "  agent: {s}");
+            }
+            out
+        }
+    }
+}
+
+// === sim ===
+
+pub fn sim_started(
+    format: Format,
+    namespace: &crate::policy::Namespace,
+    channels: &[(crate::policy::Channel, usize)],
+    subscribers: usize,
+) -> String {
+    let spread: Vec<String> = channels.iter().map(|(c, n)| format!("{c}={n}")).collect();
+    match format {
+        Format::Json => json_line(&json!({
+            "started": true,
+            "namespace": namespace.as_str(),
+            "subscribers": subscribers,
+            "channels": channels.iter().map(|(c, n)| json!({"channel": c.as_str(), "subscribers": n})).collect::<Vec<_>>(),
+        })),
+        Format::Text => format!(
+            "simulating {subscribers} subscribers ({}) in namespace {namespace}; each revision is reported once all applied it (Ctrl-C stops)\n",
+            spread.join(", ")
+        ),
+    }
+}
+
+pub fn sim_revision(
+    format: Format,
+    report: &crate::sim::RevisionReport,
+    decisions: &[DecisionReport],
+) -> String {
+    match format {
+        Format::Json => json_line(&json!({
+            "revision": report.revision,
+            "issued_at": report.issued_at.to_string(),
+            "complete": report.complete,
+            "channels": report.channels,
+            "decisions": decisions,
+        })),
+        Format::Text => {
+            let mut out = String::new();
+            let applied: usize = report.channels.iter().map(|c| c.applied).sum();
+            let total: usize = report.channels.iter().map(|c| c.subscribers).sum();
+            say!(
+                out,
+                "revision {}: applied by {applied}/{total}{}",
+                report.revision,
+                if report.complete { "" } else { " (INCOMPLETE)" }
+            );
+            let rows: Vec<[String; 5]> = report
+                .channels
+                .iter()
+                .map(|c| {
+                    [
+                        format!("  {}", c.channel),
+                        format!("{}/{}", c.applied, c.subscribers),
+                        format!("{:.1}ms", c.p50_ms),
+                        format!("{:.1}ms", c.p99_ms),
+                        format!("{:.1}ms", c.max_ms),
+                    ]
+                })
+                .collect();
+            table(
+                &mut out,
+                ["  CHANNEL", "APPLIED", "P50", "P99", "MAX"],
+                &rows,
+            );
+            for d in decisions {
+                say!(
+                    out,
+                    "  {} {}: {}",
+                    d.channel.as_deref().unwrap_or("-"),
+                    d.action,
+                    d.outcome.kind().as_str()
+                );
             }
             out
         }

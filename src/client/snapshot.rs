@@ -149,59 +149,19 @@ pub struct DecisionReport {
     pub channel: Option<String>,
     /// Revision of the policy used; `None` when there is no policy yet.
     pub revision: Option<Revision>,
-    /// When the controller issued the policy used.
+    /// When the controller issued the policy used (`issued_at` in JSON, so
+    /// that it never collides with a read-only effect's own `as_of`).
+    #[serde(rename = "issued_at")]
     pub as_of: Option<Timestamp>,
     /// Whether the policy may be out of date (no contact within the limit,
     /// or no policy at all).
     pub stale: bool,
+    /// Whether the decision failed closed (stale for too long).
+    pub fail_closed: bool,
     /// Activations behind the decision.
     pub reasons: Vec<String>,
     /// Message for the customer.
     pub customer_message: Option<String>,
     /// Script for the agent.
     pub agent_script: Option<String>,
-}
-
-impl DecisionReport {
-    /// Decides `action` with `snapshot` (allow and stale without one).
-    pub fn new(
-        snapshot: Option<&PolicySnapshot>,
-        action: &Action,
-        ctx: &Context,
-        stale: bool,
-    ) -> Self {
-        let Some(snapshot) = snapshot else {
-            return DecisionReport {
-                outcome: Outcome::Allow,
-                action: action.to_string(),
-                namespace: None,
-                channel: None,
-                revision: None,
-                as_of: None,
-                stale: true,
-                reasons: Vec::new(),
-                customer_message: None,
-                agent_script: None,
-            };
-        };
-        let decision = snapshot.decide(action, ctx);
-        let mut reasons: Vec<String> = Vec::new();
-        for id in decision.reasons() {
-            if !reasons.iter().any(|r| r == id.as_str()) {
-                reasons.push(id.to_string());
-            }
-        }
-        DecisionReport {
-            action: action.to_string(),
-            namespace: Some(snapshot.namespace.to_string()),
-            channel: Some(snapshot.channel.to_string()),
-            revision: Some(snapshot.revision),
-            as_of: Some(snapshot.issued_at),
-            stale,
-            reasons,
-            customer_message: decision.customer_message().map(str::to_string),
-            agent_script: decision.agent_script().map(str::to_string),
-            outcome: decision.outcome,
-        }
-    }
 }

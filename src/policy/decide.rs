@@ -11,7 +11,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use super::activation::ActivationId;
-use super::compile::{ActionPolicy, ChannelPolicy, EffectivePolicy, Entry, StandingThrottle};
+use super::compile::{ActionPolicy, ChannelPolicy, EffectivePolicy, Entry};
 use super::effect::{Deny, Effect, EffectKind, ReadOnly, Route, StepUp, Throttle};
 use super::names::{Channel, MethodSet};
 
@@ -139,29 +139,81 @@ pub struct Decision<'p> {
     /// What the channel must do.
     pub outcome: Outcome,
     policy: Option<&'p ActionPolicy>,
+    trail: Trail,
+}
+
+/// A decision that borrows nothing: what the channel must do, and which
+/// entries of the action's policy it came from, so that its reasons and
+/// texts can be read back from that policy ([`Verdict::attach`]) without
+/// copying them. This is what lets a client hold a decision without holding
+/// a lock or allocating.
+#[derive(Clone, Debug)]
+pub struct Verdict {
+    /// What the channel must do.
+    pub outcome: Outcome,
+    trail: Trail,
+}
+
+/// Which entries a decision came from.
+#[derive(Clone, Copy, Debug, Default)]
+struct Trail {
     /// Bit `i` set: conditional entry `i` held. Entries past the 64th still
     /// count in the outcome and messages; only `reasons` does not list them.
     held: u64,
-    customer_message: Option<&'p str>,
-    agent_script: Option<&'p str>,
+    /// Where the customer message and agent script come from.
+    texts: Texts,
 }
 
-impl<'p> Decision<'p> {
-    /// Message for the customer, if the policy has one.
-    pub fn customer_message(&self) -> Option<&'p str> {
-        self.customer_message
+#[derive(Clone, Copy, Debug, Default)]
+enum Texts {
+    #[default]
+    None,
+    /// The entry whose effect won.
+    Entry(EntryAt),
+    /// The standing throttle of an entry (a step-up was satisfied).
+    Standing(EntryAt),
+}
+
+#[derive(Clone, Copy, Debug)]
+enum EntryAt {
+    Base,
+    Conditional(usize),
+}
+
+impl EntryAt {
+    fn of(self, policy: &ActionPolicy) -> Option<&Entry> {
+        match self {
+            EntryAt::Base => policy.base.as_ref(),
+            EntryAt::Conditional(i) => policy.conditional.get(i),
+        }
+    }
+}
+
+impl Trail {
+    fn customer_message(self, policy: Option<&ActionPolicy>) -> Option<&str> {
+        match self.texts {
+            Texts::None => None,
+            Texts::Entry(at) => at.of(policy?)?.customer_message.as_deref(),
+            Texts::Standing(at) => at
+                .of(policy?)?
+                .throttle
+                .as_ref()?
+                .customer_message
+                .as_deref(),
+        }
     }
 
-    /// Script for the agent, if the policy has one.
-    pub fn agent_script(&self) -> Option<&'p str> {
-        self.agent_script
+    fn agent_script(self, policy: Option<&ActionPolicy>) -> Option<&str> {
+        match self.texts {
+            Texts::None => None,
+            Texts::Entry(at) => at.of(policy?)?.agent_script.as_deref(),
+            Texts::Standing(at) => at.of(policy?)?.throttle.as_ref()?.agent_script.as_deref(),
+        }
     }
 
-    /// The activations whose rules applied to this decision, entry by entry
-    /// (an activation behind two entries appears twice).
-    pub fn reasons(&self) -> impl Iterator<Item = &'p ActivationId> + use<'p> {
+    fn reasons(self, policy: Option<&ActionPolicy>) -> impl Iterator<Item = &ActivationId> + Clone {
         let held = self.held;
-        self.policy
+        policy
             .into_iter()
             .flat_map(move |p| {
                 p.conditional
@@ -172,6 +224,64 @@ impl<'p> Decision<'p> {
                     .chain(p.base.iter())
             })
             .flat_map(|e| e.activation_ids.iter())
+    }
+}
+
+impl<'p> Decision<'p> {
+    /// Message for the customer, if the policy has one.
+    pub fn customer_message(&self) -> Option<&'p str> {
+        self.trail.customer_message(self.policy)
+    }
+
+    /// Script for the agent, if the policy has one.
+    pub fn agent_script(&self) -> Option<&'p str> {
+        self.trail.agent_script(self.policy)
+    }
+
+    /// The activations whose rules applied to this decision, entry by entry
+    /// (an activation behind two entries appears twice).
+    pub fn reasons(&self) -> impl Iterator<Item = &'p ActivationId> + Clone + use<'p> {
+        self.trail.reasons(self.policy)
+    }
+
+    /// The decision without its borrow of the policy.
+    pub fn detach(self) -> Verdict {
+        Verdict {
+            outcome: self.outcome,
+            trail: self.trail,
+        }
+    }
+}
+
+impl Verdict {
+    /// The decision again, reading its reasons and texts from `policy`,
+    /// which must be the action policy it was made from (the one
+    /// [`ChannelPolicy::lookup`] gives for the action; `None` if none).
+    pub fn attach(self, policy: Option<&ActionPolicy>) -> Decision<'_> {
+        Decision {
+            outcome: self.outcome,
+            policy,
+            trail: self.trail,
+        }
+    }
+
+    /// Message for the customer; `policy` as for [`Verdict::attach`].
+    pub fn customer_message<'p>(&self, policy: Option<&'p ActionPolicy>) -> Option<&'p str> {
+        self.trail.customer_message(policy)
+    }
+
+    /// Script for the agent; `policy` as for [`Verdict::attach`].
+    pub fn agent_script<'p>(&self, policy: Option<&'p ActionPolicy>) -> Option<&'p str> {
+        self.trail.agent_script(policy)
+    }
+
+    /// The activations behind the decision; `policy` as for
+    /// [`Verdict::attach`].
+    pub fn reasons<'p>(
+        &self,
+        policy: Option<&'p ActionPolicy>,
+    ) -> impl Iterator<Item = &'p ActivationId> + Clone + use<'p> {
+        self.trail.reasons(policy)
     }
 }
 
@@ -204,12 +314,13 @@ impl ActionPolicy {
                         holds(e, ctx)
                     }
                 })
-                .map(|(_, e)| e)
-                .chain(self.base.iter())
+                .map(|(i, e)| (EntryAt::Conditional(i), e))
+                .chain(self.base.iter().map(|e| (EntryAt::Base, e)))
         };
         let mut effect: Option<Effect> = None;
-        let mut throttle: Option<(Throttle, &StandingThrottle)> = None;
-        for entry in applied() {
+        // The merged standing throttle, and the entry whose throttle leads.
+        let mut throttle: Option<(Throttle, EntryAt)> = None;
+        for (at, entry) in applied() {
             effect = Some(match effect {
                 Some(acc) => acc.merge(&entry.effect),
                 None => entry.effect.clone(),
@@ -217,7 +328,7 @@ impl ActionPolicy {
             if let Some(standing) = &entry.throttle {
                 throttle = Some(match throttle {
                     Some((limit, leader)) => (limit.merge(standing.limit), leader),
-                    None => (standing.limit, standing),
+                    None => (standing.limit, at),
                 });
             }
         }
@@ -226,28 +337,21 @@ impl ActionPolicy {
         };
         let kind = effect.kind();
         let outcome = Outcome::resolve(effect, throttle.map(|(limit, _)| limit), ctx);
-        let (customer_message, agent_script) = match throttle {
+        let texts = match throttle {
             // A passed step-up leaves the throttle: its rule speaks.
-            Some((_, standing))
+            Some((_, leader))
                 if kind != EffectKind::Throttle && outcome.kind() == EffectKind::Throttle =>
             {
-                (
-                    standing.customer_message.as_deref(),
-                    standing.agent_script.as_deref(),
-                )
+                Texts::Standing(leader)
             }
             _ => applied()
-                .find(|e| e.effect.kind() == kind)
-                .map_or((None, None), |e| {
-                    (e.customer_message.as_deref(), e.agent_script.as_deref())
-                }),
+                .find(|(_, e)| e.effect.kind() == kind)
+                .map_or(Texts::None, |(at, _)| Texts::Entry(at)),
         };
         Decision {
             outcome,
             policy: Some(self),
-            held,
-            customer_message,
-            agent_script,
+            trail: Trail { held, texts },
         }
     }
 }
@@ -262,9 +366,7 @@ impl Decision<'static> {
         Decision {
             outcome: Outcome::Allow,
             policy: None,
-            held: 0,
-            customer_message: None,
-            agent_script: None,
+            trail: Trail::default(),
         }
     }
 }

@@ -113,8 +113,9 @@ async fn reapplying_read_only_with_an_earlier_as_of_adds_an_activation_and_the_e
         .unwrap();
     assert_eq!(earlier.applied.len(), 1);
     let client = server.subscriber("web", "reader").await;
-    let view = client.decide(&Action::parse("balance.view").unwrap(), &Context::default());
-    match view.outcome {
+    let balance = Action::parse("balance.view").unwrap();
+    let view = client.decide(&balance, &Context::default());
+    match view.outcome() {
         Outcome::ReadOnly(r) => assert_eq!(r.as_of, Some("2026-11-19T08:00:00Z".parse().unwrap())),
         other => panic!("expected read_only, got {other:?}"),
     }

@@ -122,10 +122,10 @@ async fn a_two_mode_change_reaches_every_subscriber_at_once_and_a_lift_restores_
     };
     let reset = Action::parse("account.password_reset").unwrap();
     let decision = client.decide(&reset, &ctx);
-    assert_eq!(decision.outcome.kind(), EffectKind::Deny);
-    assert_eq!(decision.revision, Some(revision));
+    assert_eq!(decision.effect(), EffectKind::Deny);
+    assert_eq!(decision.revision(), Some(revision));
     assert_eq!(
-        decision.reasons.len(),
+        decision.reasons().count(),
         2,
         "both activations cover it on the chatbot"
     );
@@ -174,10 +174,7 @@ async fn a_two_mode_change_reaches_every_subscriber_at_once_and_a_lift_restores_
             .is_some_and(|s| s.revision == lifted.revision)
     })
     .await;
-    assert_eq!(
-        client.decide(&reset, &ctx).outcome.kind(),
-        EffectKind::Allow
-    );
+    assert_eq!(client.decide(&reset, &ctx).effect(), EffectKind::Allow);
     // The 200, and the client that checked decisions.
     wait_until("status shows all 201 at the lift revision", || {
         all_acked(&server, SUBSCRIBERS + 1, lifted.revision)

@@ -642,3 +642,71 @@ proptest! {
         );
     }
 }
+
+// === The client decides as the core does ===
+
+/// What the client's lock-free decision says, reasons once each.
+fn client_said(subscriber: &safemode::client::Subscriber, action: &str, ctx: &Context) -> Said {
+    let action = safemode::policy::Action::parse(action).unwrap();
+    let d = subscriber.decide(&action, ctx);
+    assert!(!d.is_stale() && !d.is_fail_closed());
+    Said {
+        outcome: d.outcome().clone(),
+        reasons: d.reasons().cloned().collect(),
+        customer_message: d.customer_message().map(str::to_string),
+        agent_script: d.agent_script().map(str::to_string),
+    }
+}
+
+/// A channel's snapshot as the controller sends it, received by a client.
+fn received(
+    policy: &EffectivePolicy,
+    activations: &[Activation],
+    channel: Channel,
+) -> safemode::client::PolicySnapshot {
+    use safemode::wire::{self, proto};
+    let namespace = safemode::policy::Namespace::live();
+    let wire = proto::Snapshot {
+        schema_version: wire::SCHEMA_VERSION,
+        namespace: namespace.to_string(),
+        channel: channel.as_str().to_string(),
+        revision: 42,
+        issued_at: Some(wire::timestamp_to_wire(Timestamp::UNIX_EPOCH)),
+        activations: activations
+            .iter()
+            .filter(|a| a.channels.contains(channel))
+            .map(wire::activation_to_wire)
+            .collect(),
+        rules: Some(wire::channel_policy_to_wire(policy.channel(channel))),
+        epoch: "e".into(),
+    };
+    safemode::client::PolicySnapshot::from_wire(wire, &namespace, channel).unwrap()
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// For any policy and context, the client's decision (from the snapshot
+    /// as sent over the wire, without a lock) is the core evaluator's:
+    /// outcome, texts, and reasons (each once).
+    #[test]
+    fn the_client_decides_as_the_core_does(activations in activations(), ctxs in contexts()) {
+        let policy = EffectivePolicy::compile(&activations);
+        for channel in Channel::all() {
+            let subscriber = safemode::client::Subscriber::fixed(received(&policy, &activations, channel));
+            for action in actions() {
+                for ctx in &ctxs {
+                    let mut core = said(&policy, channel, action, ctx);
+                    let mut seen = Vec::new();
+                    core.reasons.retain(|id| {
+                        let first = !seen.contains(id);
+                        seen.push(id.clone());
+                        first
+                    });
+                    let client = client_said(&subscriber, action, ctx);
+                    prop_assert_eq!(client, core, "{} {} {:?}", channel, action, ctx);
+                }
+            }
+        }
+    }
+}

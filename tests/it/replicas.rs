@@ -618,12 +618,13 @@ async fn an_unreadable_activation_fails_closed() {
     })
     .await;
     let client = server.subscriber("web", "checker").await;
-    let decision = client.decide(
-        &safemode::policy::Action::parse("order.view").unwrap(),
-        &safemode::policy::Context::default(),
+    let order = safemode::policy::Action::parse("order.view").unwrap();
+    let decision = client.decide(&order, &safemode::policy::Context::default());
+    assert_eq!(decision.effect(), safemode::policy::EffectKind::Deny);
+    assert_eq!(
+        decision.reasons().map(|r| r.as_str()).collect::<Vec<_>>(),
+        [id]
     );
-    assert_eq!(decision.outcome.kind(), safemode::policy::EffectKind::Deny);
-    assert_eq!(decision.reasons, [id]);
     let status = server.status("live").await;
     assert_eq!(status.problems.len(), 1, "{:?}", status.problems);
     assert!(status.problems[0].contains(id), "{:?}", status.problems);

@@ -309,7 +309,7 @@ async fn commands_and_subscribers_reach_a_tls_controller() {
     .await;
     let reset = Action::parse("account.password_reset").unwrap();
     let decision = subscriber.decide(&reset, &Context::default());
-    assert_eq!(decision.outcome.kind().as_str(), "deny");
+    assert_eq!(decision.effect().as_str(), "deny");
 
     // The TLS port speaks nothing but TLS.
     let plain = format!("http://{}", tls.server.addr());

@@ -1,0 +1,672 @@
+#!/usr/bin/env python3
+"""A safemode subscriber in Python, built from proto/ alone.
+
+It proves the wire API stands alone: nothing here comes from the Rust crate.
+The gRPC code is generated from ``proto/safemode/v1/*.proto`` with grpcio-tools
+when the client starts (``generate()``), so it can never drift from the protos.
+
+- ``Subscriber`` opens the one bidirectional ``Subscribe`` stream, says hello,
+  keeps the newest snapshot for its channel, acks every snapshot it applies and
+  rejects (with a reason) one it cannot use while keeping the previous one, and
+  counts heartbeats as contact with the controller.
+- ``decide(rules, action, context)`` evaluates a snapshot's compiled
+  ``ChannelRules`` by lookup, exactly as ``policy.proto`` describes.
+- Run as a script, it subscribes, waits for a revision, evaluates a file of
+  cases and prints one JSON object (see README.md).
+
+Dependencies: ``python3 -m pip install grpcio grpcio-tools``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import importlib
+import ipaddress
+import json
+import os
+import queue
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Iterator, Optional
+
+HERE = Path(__file__).resolve().parent
+# clients/python/ sits two levels below the repository root.
+DEFAULT_PROTO_DIR = HERE.parent.parent / "proto"
+PROTO_FILES = (
+    "safemode/v1/policy.proto",
+    "safemode/v1/subscription.proto",
+    "safemode/v1/control.proto",
+)
+# The snapshot format this client reads (Snapshot.schema_version).
+SCHEMA_VERSION = 1
+INSTALL_HINT = "install them with: python3 -m pip install grpcio grpcio-tools"
+
+
+class SafemodeError(Exception):
+    """Something a person must act on; the message says what."""
+
+
+# === Generated code ===
+
+
+def generate(out_dir: os.PathLike | str, proto_dir: os.PathLike | str = DEFAULT_PROTO_DIR) -> Path:
+    """Generates the Python gRPC code for proto/ into ``out_dir``.
+
+    The same as ``generate.sh``: grpcio-tools' bundled protoc, with its copy of
+    the well-known types (google/protobuf/timestamp.proto) on the include path.
+    """
+    try:
+        from grpc_tools import protoc
+    except ImportError as e:
+        raise SafemodeError(f"grpcio-tools is missing ({e}); {INSTALL_HINT}") from e
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    proto_dir = Path(proto_dir)
+    well_known = Path(protoc.__file__).resolve().parent / "_proto"
+    args = [
+        "grpc_tools.protoc",
+        f"-I{proto_dir}",
+        f"-I{well_known}",
+        f"--python_out={out}",
+        f"--grpc_python_out={out}",
+        *(str(proto_dir / f) for f in PROTO_FILES),
+    ]
+    if protoc.main(args) != 0:
+        raise SafemodeError(f"protoc failed on {proto_dir}; see the messages above")
+    return out
+
+
+class Wire:
+    """The generated modules: ``policy``, ``subscription`` and its ``grpc`` stubs."""
+
+    def __init__(self, gen_dir: Path):
+        sys.path.insert(0, str(gen_dir))
+        self.policy = importlib.import_module("safemode.v1.policy_pb2")
+        self.subscription = importlib.import_module("safemode.v1.subscription_pb2")
+        self.grpc = importlib.import_module("safemode.v1.subscription_pb2_grpc")
+
+
+_wire: Optional[Wire] = None
+_wire_lock = threading.Lock()
+
+
+def load_wire(gen_dir: os.PathLike | str | None = None,
+              proto_dir: os.PathLike | str = DEFAULT_PROTO_DIR) -> Wire:
+    """Generates (into ``gen_dir``, else a fresh temporary directory) and imports
+    the gRPC code, once per process."""
+    global _wire
+    with _wire_lock:
+        if _wire is None:
+            if gen_dir is None:
+                gen_dir = tempfile.mkdtemp(prefix="safemode-py-")
+                # The modules stay loaded; the files are not needed after import.
+                atexit.register(shutil.rmtree, gen_dir, True)
+            _wire = Wire(generate(gen_dir, proto_dir))
+        return _wire
+
+
+# === Deciding ===
+
+# Least to most restrictive, as policy.proto orders them.
+KINDS = ("allow", "throttle", "step_up", "review", "read_only", "route", "deny")
+RANK = {kind: i for i, kind in enumerate(KINDS)}
+
+
+def _effect(message) -> dict:
+    """A wire Effect as a plain dict with its parameters (``kind`` first)."""
+    kind = message.WhichOneof("kind")
+    if kind is None:
+        raise ValueError("effect is missing")
+    p = getattr(message, kind)
+    if kind == "throttle":
+        return {"kind": kind, "max": p.max, "window_seconds": p.window_seconds}
+    if kind == "step_up":
+        return {
+            "kind": kind,
+            "min_confidence": p.min_confidence,
+            "methods": list(p.methods),
+            "max_attempts": p.max_attempts,
+            "escalate_queue": p.escalate_queue,
+        }
+    if kind == "review":
+        return {"kind": kind, "queue": p.queue}
+    if kind == "read_only":
+        as_of = (p.as_of.seconds, p.as_of.nanos) if p.HasField("as_of") else None
+        return {"kind": kind, "as_of": as_of}
+    if kind == "route":
+        return {"kind": kind, "to": list(p.to_channels)}
+    if kind == "deny":
+        return {"kind": kind, "alternative": p.alternative}
+    return {"kind": "allow"}
+
+
+def _merge_throttle(a: dict, b: dict) -> dict:
+    return {"max": min(a["max"], b["max"]),
+            "window_seconds": max(a["window_seconds"], b["window_seconds"])}
+
+
+def _merge(a: dict, b: dict) -> dict:
+    """Combines two effects toward safety; ``a`` leads (its texts win).
+
+    The more restrictive kind wins; the same kind merges its limits: highest
+    confidence, common methods, fewest attempts, lowest throttle over the
+    longest window, earliest as-of, common route targets.
+    """
+    kind = a["kind"]
+    if kind == b["kind"]:
+        if kind == "throttle":
+            return {"kind": kind, **_merge_throttle(a, b)}
+        if kind == "step_up":
+            return {
+                "kind": kind,
+                "min_confidence": max(a["min_confidence"], b["min_confidence"]),
+                "methods": [m for m in a["methods"] if m in b["methods"]],
+                "max_attempts": min(a["max_attempts"], b["max_attempts"]),
+                "escalate_queue": a["escalate_queue"],
+            }
+        if kind == "read_only":
+            times = [t for t in (a["as_of"], b["as_of"]) if t is not None]
+            return {"kind": kind, "as_of": min(times) if times else None}
+        if kind == "route":
+            return {"kind": kind, "to": [c for c in a["to"] if c in b["to"]]}
+        return a
+    return b if RANK[b["kind"]] > RANK[kind] else a
+
+
+def _holds(when, ctx: dict) -> bool:
+    """Whether a wire Condition holds; every part that is set must hold."""
+    if when.HasField("handoff_from_bot") and when.handoff_from_bot != ctx["handoff_from_bot"]:
+        return False
+    # An unknown amount gets the stricter rule: the condition holds.
+    if when.HasField("amount_over") and ctx["amount"] is not None \
+            and not ctx["amount"] > when.amount_over:
+        return False
+    if when.bot_flags_any and not any(f in ctx["bot_flags"] for f in when.bot_flags_any):
+        return False
+    return True
+
+
+def lookup(rules, action: str):
+    """The ActionPolicy for ``action``: its own key, else its dotted prefixes
+    from the longest (``account.*``), else ``*``; ``None``: no rule (allow)."""
+    actions = rules.actions
+    if action in actions:
+        return actions[action]
+    end = len(action)
+    while (dot := action.rfind(".", 0, end)) >= 0:
+        key = action[:dot] + ".*"
+        if key in actions:
+            return actions[key]
+        end = dot
+    return actions["*"] if "*" in actions else None
+
+
+def context(raw: Optional[dict] = None) -> dict:
+    """A decision context with every field, from a partial dict."""
+    raw = raw or {}
+    unknown = set(raw) - {"confidence", "methods", "failed_attempts", "amount",
+                          "handoff_from_bot", "bot_flags"}
+    if unknown:
+        raise ValueError(f"unknown context fields: {', '.join(sorted(unknown))}")
+    amount = raw.get("amount")
+    return {
+        "confidence": float(raw.get("confidence", 0.0)),
+        "methods": list(raw.get("methods", [])),
+        "failed_attempts": int(raw.get("failed_attempts", 0)),
+        "amount": None if amount is None else float(amount),
+        "handoff_from_bot": bool(raw.get("handoff_from_bot", False)),
+        "bot_flags": list(raw.get("bot_flags", [])),
+    }
+
+
+def format_timestamp(t: Optional[tuple]) -> Optional[str]:
+    """RFC 3339 in UTC, with as many fractional digits as the time needs."""
+    if t is None:
+        return None
+    seconds, nanos = t
+    text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+    if nanos:
+        text += "." + f"{nanos:09d}".rstrip("0")
+    return text + "Z"
+
+
+def _text(s: str) -> Optional[str]:
+    return s or None
+
+
+def decide(rules, action: str, ctx: Optional[dict] = None) -> dict:
+    """Decides ``action`` with a snapshot's compiled ``ChannelRules``.
+
+    Returns ``{"effect": kind, ...parameters, "reasons": [activation ids],
+    "customer_message": str|None, "agent_script": str|None}``. Parameters by
+    effect: throttle ``max, window_seconds``; step_up ``min_confidence,
+    methods, max_attempts, escalate_queue, attempts_left``; review ``queue,
+    escalated``; read_only ``as_of``; route ``to``; deny ``alternative``.
+    """
+    ctx = context(ctx)
+    decision = {"effect": "allow", "reasons": [], "customer_message": None, "agent_script": None}
+    policy = lookup(rules, action)
+    if policy is None:
+        return decision
+    # Precedence order: the conditional entries that hold, in their listed
+    # order, then the base.
+    applied = [e for e in policy.conditional if _holds(e.when, ctx)]
+    if policy.HasField("base"):
+        applied.append(policy.base)
+    if not applied:
+        return decision
+
+    effect = None
+    standing = None  # (merged limit, the leading entry's StandingThrottle)
+    for entry in applied:
+        e = _effect(entry.effect)
+        effect = e if effect is None else _merge(effect, e)
+        if entry.HasField("throttle"):
+            limit = {"max": entry.throttle.limit.max,
+                     "window_seconds": entry.throttle.limit.window_seconds}
+            standing = (limit, entry.throttle) if standing is None \
+                else (_merge_throttle(standing[0], limit), standing[1])
+
+    kind = effect["kind"]
+    outcome = _resolve(effect, standing[0] if standing else None, ctx)
+    if standing is not None and kind != "throttle" and outcome["effect"] == "throttle":
+        # A passed step-up leaves the standing throttle: its rule speaks.
+        message, script = standing[1].customer_message, standing[1].agent_script
+    else:
+        leader = next((e for e in applied if e.effect.WhichOneof("kind") == kind), None)
+        message, script = (leader.customer_message, leader.agent_script) if leader else ("", "")
+
+    reasons: list = []
+    for entry in applied:
+        for activation_id in entry.activation_ids:
+            if activation_id not in reasons:
+                reasons.append(activation_id)
+    return {**outcome, "reasons": reasons,
+            "customer_message": _text(message), "agent_script": _text(script)}
+
+
+def _resolve(effect: dict, throttle: Optional[dict], ctx: dict) -> dict:
+    """A merged effect resolved against the context, as the decision's effect
+    and parameters."""
+    kind = effect["kind"]
+    params = {k: v for k, v in effect.items() if k != "kind"}
+    if kind == "step_up":
+        if not effect["methods"] or ctx["failed_attempts"] >= effect["max_attempts"]:
+            return {"effect": "review", "queue": effect["escalate_queue"], "escalated": True}
+        if ctx["confidence"] >= effect["min_confidence"] \
+                and any(m in effect["methods"] for m in ctx["methods"]):
+            return {"effect": "throttle", **throttle} if throttle else {"effect": "allow"}
+        return {"effect": kind, **params,
+                "attempts_left": effect["max_attempts"] - ctx["failed_attempts"]}
+    if kind == "review":
+        return {"effect": kind, **params, "escalated": False}
+    if kind == "read_only":
+        return {"effect": kind, "as_of": format_timestamp(effect["as_of"])}
+    if kind == "route" and not effect["to"]:
+        # No acceptable channel is left: nowhere to send the customer.
+        return {"effect": "deny", "alternative": None}
+    if kind == "deny":
+        return {"effect": kind, "alternative": _text(effect["alternative"])}
+    return {"effect": kind, **params}
+
+
+def check_rules(rules) -> None:
+    """Raises ValueError naming the first part of ``rules`` this client cannot
+    evaluate safely."""
+    for key, policy in rules.actions.items():
+        entries = [("base", policy.base, False)] if policy.HasField("base") else []
+        entries += [(f"conditional[{i}]", e, True) for i, e in enumerate(policy.conditional)]
+        for name, entry, conditional in entries:
+            where = f"rules[{key}].{name}"
+            if entry.HasField("when") != conditional:
+                raise ValueError(f"{where}: " + ("conditional entry without a condition"
+                                                 if conditional else "base entry with a condition"))
+            try:
+                e = _effect(entry.effect)
+            except ValueError as err:
+                raise ValueError(f"{where}: {err}") from None
+            if e["kind"] == "step_up" and (not 0.0 <= e["min_confidence"] <= 1.0
+                                           or e["max_attempts"] == 0):
+                raise ValueError(f"{where}: step_up needs min_confidence in 0..1 and max_attempts >= 1")
+            limits = [e] if e["kind"] == "throttle" else []
+            if entry.HasField("throttle"):
+                limits.append({"max": entry.throttle.limit.max,
+                               "window_seconds": entry.throttle.limit.window_seconds})
+            if any(t["max"] == 0 or t["window_seconds"] == 0 for t in limits):
+                raise ValueError(f"{where}: throttle max and window_seconds must be at least 1")
+
+
+# === Subscribing ===
+
+
+class Snapshot:
+    """An applied snapshot: the wire message and when it was applied."""
+
+    def __init__(self, message, applied_at: float):
+        self.message = message
+        self.applied_at = applied_at
+
+    @property
+    def revision(self) -> int:
+        return self.message.revision
+
+    @property
+    def epoch(self) -> str:
+        return self.message.epoch
+
+    @property
+    def rules(self):
+        return self.message.rules
+
+
+def _target(server: str) -> tuple[str, bool]:
+    """``host:port`` and whether to use TLS, from ``host:port``,
+    ``http://host:port`` or ``https://host:port``."""
+    if server.startswith("https://"):
+        return server[len("https://"):].rstrip("/"), True
+    if server.startswith("http://"):
+        return server[len("http://"):].rstrip("/"), False
+    return server.rstrip("/"), False
+
+
+def _is_loopback(target: str) -> bool:
+    host = target.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Subscriber:
+    """One subscription of a channel: the stream, the newest snapshot, acks.
+
+    ``start()`` opens the stream in a background thread; ``wait_for(revision)``
+    blocks until a snapshot at least that new is applied; ``decide()`` uses the
+    newest snapshot; ``close()`` ends the stream. The stream is not reopened
+    when it breaks (``error`` says why); a channel service would reconnect with
+    ``last_applied_revision`` and ``epoch`` from ``snapshot``.
+    """
+
+    def __init__(self, server: str, channel: str, namespace: str = "live",
+                 subscriber_id: Optional[str] = None, token: Optional[str] = None,
+                 last_applied_revision: int = 0, epoch: str = "",
+                 stale_after: float = 30.0, ca_cert: Optional[str] = None,
+                 insecure: bool = False, wire: Optional[Wire] = None):
+        self.target, self.tls = _target(server)
+        if token and not self.tls and not _is_loopback(self.target) and not insecure:
+            raise SafemodeError(
+                f"refusing to send the token in plain text to {self.target}; "
+                "use https:// (or insecure=True / --insecure if you really mean it)")
+        self.channel = channel
+        self.namespace = namespace or "live"
+        self.subscriber_id = subscriber_id or f"python-{uuid.uuid4().hex[:12]}"
+        self.token = token
+        self.last_applied_revision = last_applied_revision
+        self.epoch = epoch
+        self.stale_after = stale_after
+        self.ca_cert = ca_cert
+        self.wire = wire or load_wire()
+        self.snapshot: Optional[Snapshot] = None
+        # Revisions acked and (revision, reason) rejected, in order.
+        self.acked: list[int] = []
+        self.rejected: list[tuple[int, str]] = []
+        self.server_revision = 0
+        self.last_contact: Optional[float] = None
+        self.error: Optional[str] = None
+        self.closed = False
+        self._outbox: queue.Queue = queue.Queue()
+        self._changed = threading.Condition()
+        self._channel = None
+        self._call = None
+        self._reader: Optional[threading.Thread] = None
+
+    # --- the stream ---
+
+    def start(self) -> "Subscriber":
+        import grpc
+
+        if self.tls:
+            roots = Path(self.ca_cert).read_bytes() if self.ca_cert else None
+            self._channel = grpc.secure_channel(
+                self.target, grpc.ssl_channel_credentials(root_certificates=roots))
+        else:
+            self._channel = grpc.insecure_channel(self.target)
+        stub = self.wire.grpc.SubscriptionServiceStub(self._channel)
+        metadata = [("authorization", f"Bearer {self.token}")] if self.token else None
+        sub = self.wire.subscription
+        self._send(sub.SubscribeRequest(hello=sub.Hello(
+            namespace=self.namespace,
+            channel=self.channel,
+            subscriber_id=self.subscriber_id,
+            last_applied_revision=self.last_applied_revision,
+            epoch=self.epoch,
+        )))
+        self._call = stub.Subscribe(self._requests(), metadata=metadata)
+        self._reader = threading.Thread(target=self._read, name=f"safemode-{self.channel}",
+                                        daemon=True)
+        self._reader.start()
+        return self
+
+    def _send(self, request) -> None:
+        self._outbox.put(request)
+
+    def _requests(self) -> Iterator:
+        while True:
+            request = self._outbox.get()
+            if request is None:
+                return
+            yield request
+
+    def _read(self) -> None:
+        import grpc
+
+        try:
+            for response in self._call:
+                which = response.WhichOneof("message")
+                if which == "snapshot":
+                    self._on_snapshot(response.snapshot)
+                elif which == "heartbeat":
+                    with self._changed:
+                        self.last_contact = time.monotonic()
+                        self.server_revision = max(self.server_revision,
+                                                   response.heartbeat.revision)
+                        self._changed.notify_all()
+            error = "the controller ended the stream"
+        except grpc.RpcError as e:
+            error = f"{e.code().name}: {e.details()}"
+        with self._changed:
+            if not self.closed:
+                self.error = error
+            self._changed.notify_all()
+
+    def _problem(self, snapshot) -> Optional[str]:
+        """Why ``snapshot`` cannot be used, or None."""
+        if snapshot.schema_version != SCHEMA_VERSION:
+            return (f"schema_version: unknown snapshot schema version {snapshot.schema_version} "
+                    f"(this client reads {SCHEMA_VERSION}); upgrade the client")
+        if snapshot.namespace != self.namespace:
+            return f"namespace: '{snapshot.namespace}' is not the subscribed '{self.namespace}'"
+        if snapshot.channel != self.channel:
+            return f"channel: '{snapshot.channel}' is not the subscribed '{self.channel}'"
+        if snapshot.revision < 0:
+            return "revision: is negative"
+        if not snapshot.HasField("rules"):
+            return "rules: is missing"
+        try:
+            check_rules(snapshot.rules)
+        except ValueError as e:
+            return str(e)
+        return None
+
+    def _on_snapshot(self, snapshot) -> None:
+        sub = self.wire.subscription
+        problem = self._problem(snapshot)
+        with self._changed:
+            self.last_contact = time.monotonic()
+            self.server_revision = max(self.server_revision, snapshot.revision)
+            if problem is not None:
+                # Keep the previous snapshot: a policy we cannot read must not
+                # replace one we can.
+                self.rejected.append((snapshot.revision, problem))
+                self._send(sub.SubscribeRequest(reject=sub.Reject(
+                    revision=snapshot.revision, reason=problem)))
+            else:
+                current = self.snapshot
+                same_history = current is not None and current.epoch == snapshot.epoch
+                if same_history and snapshot.revision < current.revision:
+                    # Never go backwards within one store history.
+                    self._changed.notify_all()
+                    return
+                self.snapshot = Snapshot(snapshot, time.monotonic())
+                self.last_applied_revision = snapshot.revision
+                self.epoch = snapshot.epoch
+                self.acked.append(snapshot.revision)
+                self._send(sub.SubscribeRequest(ack=sub.Ack(revision=snapshot.revision)))
+            self._changed.notify_all()
+
+    def close(self) -> None:
+        with self._changed:
+            self.closed = True
+            self._changed.notify_all()
+        self._outbox.put(None)
+        if self._call is not None:
+            self._call.cancel()
+        if self._channel is not None:
+            self._channel.close()
+
+    def __enter__(self) -> "Subscriber":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- reading ---
+
+    def wait_for(self, min_revision: int = 0, timeout: float = 30.0) -> Snapshot:
+        """Blocks until a snapshot at ``min_revision`` or newer is applied."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                s = self.snapshot
+                if s is not None and s.revision >= min_revision:
+                    return s
+                if self.error is not None:
+                    raise SafemodeError(f"subscription of {self.channel} ended: {self.error}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    have = "no snapshot" if s is None else f"revision {s.revision}"
+                    raise SafemodeError(
+                        f"no snapshot at revision {min_revision} or newer for {self.channel} "
+                        f"within {timeout}s (have {have}; rejected: {self.rejected or 'none'})")
+                self._changed.wait(left)
+
+    def stale(self) -> bool:
+        """Whether the policy may be out of date: none yet, no contact within
+        ``stale_after``, or the controller holds a newer revision."""
+        with self._changed:
+            return (self.snapshot is None or self.last_contact is None
+                    or time.monotonic() - self.last_contact > self.stale_after
+                    or self.server_revision > self.snapshot.revision)
+
+    def decide(self, action: str, ctx: Optional[dict] = None) -> dict:
+        """Decides with the newest snapshot (allow and stale without one), with
+        the snapshot's ``revision`` and ``stale``."""
+        s = self.snapshot
+        if s is None:
+            return {"effect": "allow", "reasons": [], "customer_message": None,
+                    "agent_script": None, "revision": None, "stale": True}
+        return {**decide(s.rules, action, context(ctx)), "revision": s.revision,
+                "stale": self.stale()}
+
+
+# === Command line ===
+
+
+def _answer(subscriber: Subscriber, cases: list, min_revision: int, timeout: float) -> dict:
+    snapshot = subscriber.wait_for(min_revision, timeout)
+    decisions = [decide(snapshot.rules, c["action"], context(c.get("context"))) for c in cases]
+    return {
+        "namespace": subscriber.namespace,
+        "channel": subscriber.channel,
+        "subscriber_id": subscriber.subscriber_id,
+        "revision": snapshot.revision,
+        "epoch": snapshot.epoch,
+        "decisions": decisions,
+    }
+
+
+def _load_cases(path: str) -> list:
+    with open(path, encoding="utf-8") as f:
+        cases = json.load(f)
+    if not isinstance(cases, list) or not all(isinstance(c, dict) and "action" in c for c in cases):
+        raise SafemodeError(f"{path}: expected a JSON list of {{\"action\": ..., \"context\": {{...}}}}")
+    return cases
+
+
+def main(argv: Optional[list] = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Subscribe to a safemode controller for one channel, wait for a policy "
+                    "revision, decide a file of cases with it and print one JSON object.")
+    parser.add_argument("--server", default=os.environ.get("SAFEMODE_SERVER", "127.0.0.1:7700"),
+                        help="controller: host:port, http://host:port or https://host:port")
+    parser.add_argument("--channel", required=True, help="the channel to subscribe as, e.g. web")
+    parser.add_argument("--namespace", default="live", help="live (default) or drill-<id>")
+    parser.add_argument("--subscriber-id", help="id shown in `safemode status` (default: python-<random>)")
+    parser.add_argument("--token", default=os.environ.get("SAFEMODE_TOKEN"),
+                        help="bearer token (default: $SAFEMODE_TOKEN)")
+    parser.add_argument("--ca-cert", help="PEM CA certificate for an https:// controller")
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow sending the token in plain text to a non-loopback address")
+    parser.add_argument("--cases", help="JSON list of {\"action\": ..., \"context\": {...}}")
+    parser.add_argument("--min-revision", type=int, default=0,
+                        help="wait for a snapshot at this revision or newer")
+    parser.add_argument("--timeout", type=float, default=30.0,
+                        help="seconds to wait for that snapshot (default 30)")
+    parser.add_argument("--stay", action="store_true",
+                        help="after answering, stay subscribed (acking new snapshots) and answer "
+                             "each stdin line {\"min_revision\": N, \"cases\": [...]} the same way; "
+                             "exit at end of input")
+    parser.add_argument("--gen-dir", help="generate the gRPC code here (default: a temporary directory)")
+    parser.add_argument("--proto-dir", default=str(DEFAULT_PROTO_DIR), help="the proto/ directory")
+    args = parser.parse_args(argv)
+    if args.cases is None and not args.stay:
+        parser.error("give --cases, --stay, or both")
+
+    try:
+        import grpc  # noqa: F401
+    except ImportError as e:
+        print(f"safemode_client: grpcio is missing ({e}); {INSTALL_HINT}", file=sys.stderr)
+        return 1
+    try:
+        wire = load_wire(args.gen_dir, args.proto_dir)
+        subscriber = Subscriber(args.server, args.channel, args.namespace, args.subscriber_id,
+                                args.token, ca_cert=args.ca_cert, insecure=args.insecure,
+                                wire=wire)
+        with subscriber:
+            if args.cases is not None:
+                result = _answer(subscriber, _load_cases(args.cases), args.min_revision, args.timeout)
+                print(json.dumps(result), flush=True)
+            if args.stay:
+                for line in sys.stdin:
+                    if not line.strip():
+                        continue
+                    request = json.loads(line)
+                    result = _answer(subscriber, request["cases"],
+                                     int(request.get("min_revision", 0)), args.timeout)
+                    print(json.dumps(result), flush=True)
+    except SafemodeError as e:
+        print(f"safemode_client: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

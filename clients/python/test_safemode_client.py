@@ -1,0 +1,225 @@
+"""Tests of the protocol edges of the Python subscriber, against a scripted
+SubscriptionService in this process: the hello, the bearer token, acks,
+rejects that keep the previous snapshot, and heartbeats as freshness.
+
+Decisions are checked against the Rust client with a real server in
+tests/it/python_client.rs. Run: python3 -m unittest -v test_safemode_client
+"""
+
+import os
+import queue
+import threading
+import unittest
+from concurrent import futures
+
+# Quiet grpc core's notes about streams cancelled at the end of each test.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+import grpc  # noqa: E402
+
+import safemode_client as sc  # noqa: E402
+
+WIRE = sc.load_wire()
+SUB = WIRE.subscription
+POLICY = WIRE.policy
+
+
+def snapshot(revision, schema_version=1, namespace="live", channel="web", epoch="e1"):
+    s = SUB.Snapshot(schema_version=schema_version, namespace=namespace, channel=channel,
+                     revision=revision, epoch=epoch)
+    s.issued_at.seconds = 1_700_000_000
+    entry = s.rules.actions["account.*"].base
+    entry.effect.deny.alternative = "use the app"
+    entry.activation_ids.append(f"act_rev{revision}")
+    return s
+
+
+class ScriptedService(WIRE.grpc.SubscriptionServiceServicer):
+    """Sends what a test puts in ``outbox`` and records what the client sends."""
+
+    def __init__(self):
+        self.outbox = queue.Queue()
+        self.inbox = queue.Queue()
+        self.metadata = None
+
+    def Subscribe(self, request_iterator, context):
+        self.metadata = dict(context.invocation_metadata())
+
+        def read():
+            try:
+                for request in request_iterator:
+                    self.inbox.put(request)
+            except grpc.RpcError:
+                pass  # the client went away
+
+        threading.Thread(target=read, daemon=True).start()
+        while context.is_active():
+            try:
+                message = self.outbox.get(timeout=0.05)
+            except queue.Empty:
+                continue
+            if message is None:
+                return
+            yield message
+
+    def received(self):
+        """The next message from the client (fails after 10 s)."""
+        return self.inbox.get(timeout=10)
+
+
+class SubscriberProtocolTest(unittest.TestCase):
+    def setUp(self):
+        self.service = ScriptedService()
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        WIRE.grpc.add_SubscriptionServiceServicer_to_server(self.service, self.server)
+        port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+        self.address = f"127.0.0.1:{port}"
+
+    def tearDown(self):
+        self.service.outbox.put(None)
+        self.server.stop(grace=None)
+
+    def subscriber(self, **kwargs):
+        s = sc.Subscriber(self.address, "web", subscriber_id="py-test", wire=WIRE, **kwargs)
+        s.start()
+        self.addCleanup(s.close)
+        return s
+
+    def send(self, message):
+        if message.DESCRIPTOR.name == "Snapshot":
+            self.service.outbox.put(SUB.SubscribeResponse(snapshot=message))
+        else:
+            self.service.outbox.put(SUB.SubscribeResponse(heartbeat=message))
+
+    def test_hello_carries_the_subscription_and_the_token(self):
+        self.subscriber(token="s3cret", last_applied_revision=7, epoch="e1")
+        hello = self.service.received().hello
+        self.assertEqual(
+            (hello.namespace, hello.channel, hello.subscriber_id, hello.last_applied_revision,
+             hello.epoch),
+            ("live", "web", "py-test", 7, "e1"))
+        self.assertEqual(self.service.metadata.get("authorization"), "Bearer s3cret")
+
+    def test_acks_each_applied_snapshot_and_rejects_what_it_cannot_use(self):
+        s = self.subscriber()
+        self.service.received()  # hello
+        self.send(snapshot(1))
+        self.assertEqual(self.service.received().ack.revision, 1)
+        for bad, why in [(snapshot(2, schema_version=2), "schema_version"),
+                         (snapshot(3, namespace="drill-x"), "namespace"),
+                         (snapshot(4, channel="ivr"), "channel")]:
+            self.send(bad)
+            reject = self.service.received().reject
+            self.assertEqual(reject.revision, bad.revision)
+            self.assertTrue(reject.reason.startswith(why), reject.reason)
+            # The previous snapshot stays in force.
+            self.assertEqual(s.wait_for(1, timeout=1).revision, 1)
+            self.assertEqual(s.decide("account.password_reset")["reasons"], ["act_rev1"])
+        self.send(snapshot(5))
+        self.assertEqual(self.service.received().ack.revision, 5)
+        self.assertEqual(s.wait_for(5, timeout=10).revision, 5)
+        self.assertEqual(s.acked, [1, 5])
+        self.assertEqual([r for r, _ in s.rejected], [2, 3, 4])
+
+    def test_rules_it_cannot_evaluate_are_rejected(self):
+        s = self.subscriber()
+        self.service.received()
+        broken = snapshot(1)
+        broken.rules.actions["payment.*"].conditional.add().effect.allow.SetInParent()
+        self.send(broken)
+        reject = self.service.received().reject
+        self.assertIn("conditional entry without a condition", reject.reason)
+        self.assertIsNone(s.snapshot)
+        self.assertTrue(s.decide("payment.refund")["stale"])
+
+    def test_never_goes_back_within_one_history_but_follows_a_new_one(self):
+        s = self.subscriber()
+        self.service.received()
+        self.send(snapshot(5))
+        self.service.received()
+        self.send(snapshot(4))
+        self.send(snapshot(2, epoch="e2"))  # the store was replaced
+        self.assertEqual(self.service.received().ack.revision, 2)
+        self.assertEqual((s.snapshot.revision, s.snapshot.epoch), (2, "e2"))
+        self.assertEqual(s.acked, [5, 2])
+
+    def test_heartbeats_count_as_contact_and_a_newer_revision_makes_it_stale(self):
+        s = self.subscriber(stale_after=60)
+        self.service.received()
+        self.send(snapshot(3))
+        self.service.received()
+        self.assertFalse(s.stale())
+        self.send(SUB.Heartbeat(revision=3))
+        self.send(SUB.Heartbeat(revision=4))
+        deadline = threading.Event()
+        for _ in range(200):
+            if s.server_revision == 4:
+                break
+            deadline.wait(0.05)
+        self.assertEqual(s.server_revision, 4)
+        self.assertTrue(s.stale())
+        self.assertTrue(s.decide("order.view")["stale"])
+
+    def test_a_token_never_goes_in_plain_text_off_the_machine(self):
+        with self.assertRaises(sc.SafemodeError):
+            sc.Subscriber("10.1.2.3:7700", "web", token="t", wire=WIRE)
+        sc.Subscriber("http://localhost:7700", "web", token="t", wire=WIRE)
+        sc.Subscriber("10.1.2.3:7700", "web", token="t", insecure=True, wire=WIRE)
+
+
+class DecideTest(unittest.TestCase):
+    """Corners the real modes do not reach; the rest is compared with Rust."""
+
+    def rules(self, *entries):
+        rules = POLICY.ChannelRules()
+        for key, build in entries:
+            build(rules.actions[key])
+        return rules
+
+    def test_lookup_order(self):
+        def deny(text):
+            def build(policy):
+                policy.base.effect.deny.alternative = text
+            return build
+
+        rules = self.rules(("*", deny("any")), ("account.*", deny("account")),
+                           ("account.recovery", deny("exact")), ("bot.intent.*", deny("intent")))
+        self.assertEqual(sc.decide(rules, "account.recovery")["alternative"], "exact")
+        self.assertEqual(sc.decide(rules, "account.mfa_reset")["alternative"], "account")
+        self.assertEqual(sc.decide(rules, "bot.intent.x")["alternative"], "intent")
+        self.assertEqual(sc.decide(rules, "order.view")["alternative"], "any")
+        self.assertEqual(sc.decide(POLICY.ChannelRules(), "order.view"),
+                         {"effect": "allow", "reasons": [], "customer_message": None,
+                          "agent_script": None})
+
+    def test_read_only_keeps_the_earliest_time_and_route_with_no_channel_denies(self):
+        def build(policy):
+            policy.base.effect.read_only.as_of.seconds = 200
+            later = policy.conditional.add()
+            later.when.amount_over = 10
+            later.effect.read_only.as_of.seconds = 100
+            later.effect.read_only.as_of.nanos = 500_000_000
+
+        rules = self.rules(("order.view", build))
+        self.assertEqual(sc.decide(rules, "order.view", {"amount": 5})["as_of"],
+                         "1970-01-01T00:03:20Z")
+        # No amount: the amount condition holds (the stricter rule applies).
+        self.assertEqual(sc.decide(rules, "order.view")["as_of"], "1970-01-01T00:01:40.5Z")
+
+        def route(policy):
+            policy.base.effect.route.to_channels.extend(["web"])
+            other = policy.conditional.add()
+            other.when.handoff_from_bot = True
+            other.effect.route.to_channels.extend(["mobile"])
+
+        rules = self.rules(("payment.payout", route))
+        self.assertEqual(sc.decide(rules, "payment.payout")["to"], ["web"])
+        self.assertEqual(
+            {k: v for k, v in sc.decide(rules, "payment.payout",
+                                        {"handoff_from_bot": True}).items() if k != "reasons"},
+            {"effect": "deny", "alternative": None, "customer_message": None,
+             "agent_script": None})
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,278 @@
+//! The background side of a [`Subscriber`](super::Subscriber): one stream
+//! at a time to one controller replica, moving to the next replica when a
+//! stream fails, with jittered backoff; every snapshot checked, applied or
+//! rejected, and acknowledged.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Endpoint;
+use tracing::{debug, info, warn};
+
+use super::connection::{Bearer, connect_failed};
+use super::state::Shared;
+use super::{ClientError, PolicySnapshot, SubscriberConfig, lkg};
+use crate::backoff::Backoff;
+use crate::errors::error_chain;
+use crate::policy::Revision;
+use crate::wire::proto::subscribe_request::Message as Outbound;
+use crate::wire::proto::subscribe_response::Message as Inbound;
+use crate::wire::proto::subscription_service_client::SubscriptionServiceClient;
+use crate::wire::proto::{self, SubscribeRequest};
+
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+
+pub(super) struct Task {
+    /// Every controller, with its URL for messages.
+    pub endpoints: Vec<(String, Endpoint)>,
+    /// The endpoint the next stream opens on.
+    pub next: usize,
+    pub config: SubscriberConfig,
+    pub shared: Arc<Shared>,
+    /// Wakes whoever waits for a change.
+    pub changes: watch::Sender<Option<Arc<PolicySnapshot>>>,
+    /// The newest snapshot to keep as last-known-good, encoded.
+    pub keep: Option<watch::Sender<Option<Arc<Vec<u8>>>>>,
+    /// Told how the first round of attempts went, then dropped.
+    pub first: Option<oneshot::Sender<Result<(), ClientError>>>,
+    /// Why each endpoint failed before the first snapshot.
+    pub first_errors: Vec<ClientError>,
+}
+
+impl Task {
+    pub async fn run(mut self, stop: CancellationToken) {
+        let mut backoff = Backoff::new(BACKOFF_MIN, self.config.max_backoff);
+        loop {
+            let result = tokio::select! {
+                () = stop.cancelled() => return,
+                result = self.session(&mut backoff) => result,
+            };
+            let error = match result {
+                Ok(()) => ClientError::Refused("the controller ended the stream".into()),
+                Err(e) => e,
+            };
+            // Whatever went wrong, the next stream goes to the next replica.
+            self.next = (self.next + 1) % self.endpoints.len();
+            if self.first.is_some() {
+                self.first_errors.push(error);
+                if self.first_errors.len() < self.endpoints.len() {
+                    continue;
+                }
+                // Every replica had its try: say why (to `connect`, or else
+                // to the log), and keep trying.
+                let error = first_failure(std::mem::take(&mut self.first_errors));
+                if let Some(first) = self.first.take()
+                    && let Err(Err(error)) = first.send(Err(error))
+                {
+                    warn!(%error, "no controller answered; retrying in the background");
+                }
+            } else {
+                warn!(%error, "subscription lost; reconnecting");
+            }
+            let pause = backoff.next_delay();
+            debug!(retry_in = ?pause, "waiting before the next attempt");
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+
+    /// One stream, from hello to its end.
+    async fn session(&mut self, backoff: &mut Backoff) -> Result<(), ClientError> {
+        let (server, endpoint) = self.endpoints[self.next].clone();
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| connect_failed(&server, &e))?;
+        let mut client = SubscriptionServiceClient::with_interceptor(
+            channel,
+            Bearer::new(self.config.token.as_deref())?,
+        );
+        let (out, out_rx) = mpsc::channel(16);
+        let applied = self.shared.current.load_full();
+        let hello = proto::Hello {
+            namespace: self.config.namespace.to_string(),
+            channel: self.config.channel.as_str().to_string(),
+            subscriber_id: self.config.subscriber_id.clone(),
+            last_applied_revision: applied.as_ref().map_or(0, |s| s.revision),
+            epoch: applied
+                .as_ref()
+                .map(|s| s.epoch.clone())
+                .unwrap_or_default(),
+        };
+        send(&out, Outbound::Hello(hello)).await;
+        let mut inbound = client
+            .subscribe(ReceiverStream::new(out_rx))
+            .await
+            .map_err(|s| refused(&server, s))?
+            .into_inner();
+        while let Some(message) = inbound.message().await.map_err(|s| refused(&server, s))? {
+            let wire = match message.message {
+                Some(Inbound::Snapshot(wire)) => wire,
+                Some(Inbound::Heartbeat(heartbeat)) => {
+                    self.shared.freshness.heard(heartbeat.revision);
+                    continue;
+                }
+                None => continue,
+            };
+            let revision = wire.revision;
+            match self.receive(wire) {
+                Ok(()) => {
+                    send(&out, Outbound::Ack(proto::Ack { revision })).await;
+                    backoff.reset();
+                    if let Some(first) = self.first.take() {
+                        let _ = first.send(Ok(()));
+                    }
+                }
+                Err(Refusal::Unusable(reason)) => {
+                    warn!(revision, %reason, "snapshot rejected; keeping the previous one");
+                    send(&out, reject(revision, reason.clone())).await;
+                    if let Some(first) = self.first.take() {
+                        let _ = first.send(Err(ClientError::Rejected(reason)));
+                    }
+                }
+                Err(Refusal::Older(reason)) => {
+                    warn!(%reason, "refusing to go backwards");
+                    send(&out, reject(revision, reason)).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks and applies one snapshot.
+    fn receive(&mut self, wire: proto::Snapshot) -> Result<(), Refusal> {
+        let revision = wire.revision;
+        // Even a snapshot this client cannot use says how far the controller
+        // is: until it catches up, decisions say stale.
+        self.shared.freshness.heard(revision);
+        let encoded = self.keep.as_ref().map(|_| lkg::encode(&wire));
+        let snapshot = PolicySnapshot::from_wire(wire, &self.config.namespace, self.config.channel)
+            .map_err(|e| Refusal::Unusable(e.to_string()))?;
+        if let Some(check) = &self.config.check {
+            check(&snapshot).map_err(|reason| {
+                Refusal::Unusable(format!("this channel cannot enforce it: {reason}"))
+            })?;
+        }
+        let current = self.shared.current.load_full();
+        match current {
+            // The store was replaced: a new history, whatever its revision.
+            Some(current) if current.epoch != snapshot.epoch => {
+                info!(
+                    revision,
+                    "the controller's store has a new history; starting over"
+                );
+            }
+            Some(current) if revision < current.revision => {
+                return Err(Refusal::Older(format!(
+                    "revision {revision} is older than the applied revision {}",
+                    current.revision
+                )));
+            }
+            // The revision it already has (a new stream starts with the
+            // current snapshot): acknowledge, change nothing.
+            Some(current) if revision == current.revision => {
+                self.shared.freshness.applied(revision);
+                return Ok(());
+            }
+            _ => {}
+        }
+        debug!(revision, "snapshot applied");
+        let snapshot = Arc::new(snapshot);
+        self.shared.current.store(Some(snapshot.clone()));
+        self.shared.freshness.applied(revision);
+        self.changes.send_replace(Some(snapshot));
+        if let (Some(keep), Some(encoded)) = (&self.keep, encoded) {
+            keep.send_replace(Some(Arc::new(encoded)));
+        }
+        Ok(())
+    }
+}
+
+enum Refusal {
+    /// The snapshot cannot be used (schema, rules, or the channel's own
+    /// check).
+    Unusable(String),
+    /// Older than the one applied.
+    Older(String),
+}
+
+/// Writes each newest encoded snapshot to the last-known-good file, one
+/// write at a time, so an older snapshot never overwrites a newer one.
+pub(super) async fn keep_last_known_good(
+    path: std::path::PathBuf,
+    mut newest: watch::Receiver<Option<Arc<Vec<u8>>>>,
+) {
+    while newest.changed().await.is_ok() {
+        let Some(bytes) = newest.borrow_and_update().clone() else {
+            continue;
+        };
+        let target = path.clone();
+        let written = tokio::task::spawn_blocking(move || lkg::save(&target, &bytes)).await;
+        match written {
+            Ok(Ok(())) => debug!(path = %path.display(), "last-known-good policy saved"),
+            Ok(Err(e)) => warn!(path = %path.display(), error = %error_chain(&e),
+                "cannot save the last-known-good policy; a restart without the controller would start with none"),
+            Err(e) => warn!(error = %e, "the last-known-good writer failed"),
+        }
+    }
+}
+
+fn reject(revision: Revision, reason: String) -> Outbound {
+    Outbound::Reject(proto::Reject { revision, reason })
+}
+
+/// The error to report when no endpoint gave a first snapshot: a refusal or
+/// rejection says more than "unreachable"; if every endpoint was unreachable,
+/// say so for all of them.
+pub(crate) fn first_failure(errors: Vec<ClientError>) -> ClientError {
+    let unreachable = |e: &ClientError| matches!(e, ClientError::Unreachable { .. });
+    if errors.iter().all(unreachable) {
+        let servers: Vec<String> = errors
+            .iter()
+            .filter_map(|e| match e {
+                ClientError::Unreachable { server, .. } => Some(server.clone()),
+                _ => None,
+            })
+            .collect();
+        let reason = match errors.last() {
+            Some(ClientError::Unreachable { reason, .. }) => reason.clone(),
+            _ => String::new(),
+        };
+        return ClientError::Unreachable {
+            server: servers.join(", "),
+            reason,
+        };
+    }
+    errors
+        .into_iter()
+        .find(|e| !unreachable(e))
+        .expect("some error is not Unreachable")
+}
+
+async fn send(out: &mpsc::Sender<SubscribeRequest>, message: Outbound) {
+    // The receiver lives as long as the request stream; if it is gone, the
+    // session is ending and the next read reports why.
+    let _ = out
+        .send(SubscribeRequest {
+            message: Some(message),
+        })
+        .await;
+}
+
+fn refused(server: &str, status: tonic::Status) -> ClientError {
+    // A status with a source was made on this side from a transport failure;
+    // one without came from the controller, whose message says what to do.
+    if std::error::Error::source(&status).is_some() {
+        ClientError::Unreachable {
+            server: server.to_string(),
+            reason: error_chain(&status),
+        }
+    } else {
+        ClientError::Refused(status.message().to_string())
+    }
+}

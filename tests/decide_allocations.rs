@@ -1,0 +1,199 @@
+//! `Subscriber::decide` allocates nothing: counted with a counting global
+//! allocator, per thread, around decisions on a real subscription (ten
+//! active modes, every channel action, contexts of every kind), on a
+//! subscriber that has failed closed, and on one with no policy yet.
+//!
+//! Its own test binary, because the global allocator is per binary.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::time::Duration;
+
+use safemode::client::{FailClosed, FailClosedEffect, Subscriber, SubscriberConfig};
+use safemode::policy::names::ACTIONS;
+use safemode::policy::{Action, ActionSelector, Channel, Context, MethodSet, Namespace};
+use safemode::server::{ServeConfig, StoreConfig};
+use safemode::wire::proto;
+
+struct Counting;
+
+thread_local! {
+    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+}
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        ALLOCATIONS.with(|n| n.set(n.get() + 1));
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.with(|n| n.set(n.get() + 1));
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+fn allocations() -> u64 {
+    ALLOCATIONS.with(Cell::get)
+}
+
+/// Contexts of every kind a channel sends.
+fn contexts() -> Vec<Context> {
+    vec![
+        Context::default(),
+        Context {
+            confidence: 0.95,
+            methods: MethodSet::parse(&["webauthn", "push"]).unwrap(),
+            ..Context::default()
+        },
+        Context {
+            confidence: 0.5,
+            methods: MethodSet::parse(&["sms_otp"]).unwrap(),
+            failed_attempts: 2,
+            amount: Some(5000.0),
+            ..Context::default()
+        },
+        Context {
+            handoff_from_bot: true,
+            bot_flags: vec!["account_takeover_suspected".into()],
+            amount: Some(10.0),
+            ..Context::default()
+        },
+    ]
+}
+
+/// Decides every action in every context `rounds` times and returns how many
+/// allocations that took on this thread, after a first round to warm up
+/// (the lock-free pointer swap claims a per-thread slot once per thread).
+fn count(subscriber: &Subscriber, actions: &[Action], contexts: &[Context], rounds: usize) -> u64 {
+    let decide_all = |check: &mut dyn FnMut(&safemode::client::Decision<'_>)| {
+        for action in actions {
+            for ctx in contexts {
+                let decision = subscriber.decide(action, ctx);
+                check(&decision);
+                std::hint::black_box(decision.customer_message());
+                std::hint::black_box(decision.reasons().count());
+            }
+        }
+    };
+    decide_all(&mut |_| {});
+    let before = allocations();
+    for _ in 0..rounds {
+        decide_all(&mut |d| {
+            std::hint::black_box(d.outcome());
+        });
+    }
+    allocations() - before
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn deciding_allocates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = safemode::server::start(ServeConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        store: StoreConfig::Embedded {
+            data_dir: dir.path().to_path_buf(),
+        },
+        ..ServeConfig::default()
+    })
+    .await
+    .unwrap();
+    let url = format!("http://{}", server.addr);
+    let modes = [
+        "freeze-credential-changes",
+        "step-up-account-changes",
+        "bots-faq-only",
+        "read-only-last-known-good",
+        "verified-channels-only",
+        "review-refunds-payouts",
+        "throttle-high-risk",
+        "handoff-guard",
+        "incident-notice",
+        "step-up-no-sms",
+    ];
+    let mut control = proto::control_service_client::ControlServiceClient::connect(url.clone())
+        .await
+        .unwrap();
+    let applied = control
+        .apply_modes(proto::ApplyModesRequest {
+            namespace: "live".into(),
+            modes: modes.iter().map(|m| m.to_string()).collect(),
+            reason: "ten active modes".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let actions: Vec<Action> = ACTIONS.iter().map(|a| Action::parse(a).unwrap()).collect();
+    let contexts = contexts();
+    for channel in ["chatbot", "agent-desk", "web"] {
+        let config = SubscriberConfig::new(
+            [url.as_str()],
+            Namespace::live(),
+            Channel::parse(channel).unwrap(),
+            format!("alloc-{channel}"),
+        );
+        let subscriber = Subscriber::connect(config).await.unwrap();
+        // Wait (bounded) until the ten modes are applied.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while subscriber.current().map(|s| s.revision) != Some(applied.revision) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the modes never arrived"
+            );
+            let mut changes = subscriber.changes();
+            let _ = tokio::time::timeout(Duration::from_millis(100), changes.changed()).await;
+        }
+        assert_eq!(subscriber.current().unwrap().activations.len(), 10);
+        let reset = Action::parse("account.password_reset").unwrap();
+        assert_eq!(
+            subscriber
+                .decide(&reset, &Context::default())
+                .effect()
+                .as_str(),
+            "deny"
+        );
+        let n = count(&subscriber, &actions, &contexts, 100);
+        assert_eq!(
+            n,
+            0,
+            "{channel}: {n} allocations in {} decisions",
+            100 * actions.len() * contexts.len()
+        );
+    }
+
+    // Failed closed, with no policy at all: the controller never answers.
+    let mut config = SubscriberConfig::new(
+        ["http://127.0.0.1:1"],
+        Namespace::live(),
+        Channel::parse("web").unwrap(),
+        "alloc-cut-off",
+    );
+    config.fail_closed = Some(FailClosed::new(
+        Duration::ZERO,
+        vec![ActionSelector::parse("account.*").unwrap()],
+        FailClosedEffect::Review {
+            queue: "account-security".into(),
+        },
+    ));
+    let cut_off = Subscriber::start(config).unwrap();
+    let reset = Action::parse("account.password_reset").unwrap();
+    assert!(cut_off.decide(&reset, &Context::default()).is_stale());
+    // The limit is zero: as soon as any time has passed, it fails closed.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !cut_off.decide(&reset, &Context::default()).is_fail_closed() {
+        assert!(std::time::Instant::now() < deadline, "never failed closed");
+        tokio::task::yield_now().await;
+    }
+    let n = count(&cut_off, &actions, &contexts, 100);
+    assert_eq!(n, 0, "failed closed: {n} allocations");
+    server.stop().await.unwrap();
+}

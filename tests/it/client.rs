@@ -1,0 +1,310 @@
+//! The subscriber client as a channel service uses it, against a real
+//! controller: the last-known-good policy survives the controller and the
+//! service restarting, a damaged file is refused, staleness turns into
+//! failing closed for the chosen actions and back, and a snapshot the
+//! channel cannot use is rejected, visibly, while the old policy holds.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use safemode::client::{FailClosed, FailClosedEffect, Subscriber, SubscriberConfig};
+use safemode::policy::{Action, ActionSelector, Channel, Context, EffectKind, Namespace};
+use safemode::server::{ServeConfig, StoreConfig};
+
+use crate::support::{TestServer, safemode, wait_until};
+
+fn config(url: &str, id: &str) -> SubscriberConfig {
+    SubscriberConfig::new([url], Namespace::live(), Channel::parse("web").unwrap(), id)
+}
+
+fn action(name: &str) -> Action {
+    Action::parse(name).unwrap()
+}
+
+/// Restarts a stopped controller on its old address and data directory.
+async fn restart(addr: std::net::SocketAddr, data_dir: &Path) -> TestServer {
+    TestServer::start_with(ServeConfig {
+        listen: addr,
+        store: StoreConfig::Embedded {
+            data_dir: data_dir.to_path_buf(),
+        },
+        ..Default::default()
+    })
+    .await
+}
+
+/// Waits until `subscriber` has applied `revision` and is not stale.
+async fn until_current(subscriber: &Subscriber, revision: i64) {
+    wait_until(
+        &format!("the subscriber is current at {revision}"),
+        || async {
+            subscriber.current().map(|s| s.revision) == Some(revision) && !subscriber.is_stale()
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_channel_keeps_its_policy_then_fails_closed_then_recovers() {
+    let data = tempfile::tempdir().unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let mut server = TestServer::start_in(data.path()).await;
+    let frozen = server.apply(&["freeze-credential-changes"]).await;
+
+    let mut config = config(&server.url, "web-1");
+    config.last_known_good = Some(files.path().join("web.lkg"));
+    config.stale_after = Duration::from_millis(300);
+    config.max_backoff = Duration::from_millis(200);
+    config.fail_closed = Some(FailClosed::new(
+        Duration::from_secs(1),
+        vec![
+            ActionSelector::parse("account.*").unwrap(),
+            ActionSelector::parse("payment.payout").unwrap(),
+        ],
+        FailClosedEffect::Review {
+            queue: "held-while-cut-off".into(),
+        },
+    ));
+    let subscriber = Subscriber::start(config).unwrap();
+    until_current(&subscriber, frozen).await;
+    let (reset, payout) = (action("account.password_reset"), action("payment.payout"));
+    let ctx = Context::default();
+    assert_eq!(subscriber.decide(&reset, &ctx).effect(), EffectKind::Deny);
+    assert_eq!(subscriber.decide(&payout, &ctx).effect(), EffectKind::Allow);
+
+    // The controller goes away: the policy holds, then says stale.
+    let addr = server.addr();
+    server.stop().await;
+    wait_until("decisions say stale", || async { subscriber.is_stale() }).await;
+    let held = subscriber.decide(&reset, &ctx);
+    assert_eq!(held.effect(), EffectKind::Deny, "the freeze still holds");
+    assert_eq!(held.revision(), Some(frozen));
+    assert!(held.is_stale() && !held.is_fail_closed());
+    drop(held);
+
+    // Stale beyond the second limit: the listed actions go to review; the
+    // freeze stays a deny (failing closed never softens), and an action not
+    // listed keeps the old policy.
+    wait_until("the payout fails closed", || async {
+        subscriber.decide(&payout, &ctx).is_fail_closed()
+    })
+    .await;
+    let closed = subscriber.decide(&payout, &ctx);
+    assert_eq!(closed.effect(), EffectKind::Review);
+    assert!(closed.customer_message().is_some());
+    drop(closed);
+    let reset_decision = subscriber.decide(&reset, &ctx);
+    assert_eq!(reset_decision.effect(), EffectKind::Deny);
+    assert!(!reset_decision.is_fail_closed());
+    drop(reset_decision);
+    let view = action("order.view");
+    assert_eq!(subscriber.decide(&view, &ctx).effect(), EffectKind::Allow);
+
+    // The controller is back: fresh policy, not stale, no longer closed.
+    let server = restart(addr, data.path()).await;
+    until_current(&subscriber, frozen).await;
+    let back = subscriber.decide(&payout, &ctx);
+    assert_eq!(back.effect(), EffectKind::Allow);
+    assert!(!back.is_stale() && !back.is_fail_closed());
+    drop(back);
+    // And it follows new changes again.
+    let noticed = server.apply(&["incident-notice"]).await;
+    until_current(&subscriber, noticed).await;
+    assert_eq!(subscriber.current().unwrap().activations.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_restarted_while_the_controller_is_down_enforces_the_saved_policy() {
+    let files = tempfile::tempdir().unwrap();
+    let lkg = files.path().join("web.lkg");
+    let mut server = TestServer::start().await;
+    let frozen = server
+        .apply(&["freeze-credential-changes", "bots-faq-only"])
+        .await;
+    let mut first = config(&server.url, "web-1");
+    first.last_known_good = Some(lkg.clone());
+    let url = server.url.clone();
+    let subscriber = Subscriber::start(first.clone()).unwrap();
+    until_current(&subscriber, frozen).await;
+    wait_until("the policy is saved", || async { lkg.exists() }).await;
+
+    // The service and the controller both go down; the service comes back
+    // alone.
+    drop(subscriber);
+    server.stop().await;
+    let restarted = Subscriber::start(first).unwrap();
+    let reset = action("account.password_reset");
+    let decision = restarted.decide(&reset, &Context::default());
+    assert_eq!(decision.effect(), EffectKind::Deny);
+    assert_eq!(decision.revision(), Some(frozen));
+    assert!(decision.is_stale(), "nobody confirmed it yet");
+    assert_eq!(
+        decision.reasons().count(),
+        1,
+        "the freeze, the only mode covering a password reset on the web"
+    );
+    drop(decision);
+    assert_eq!(restarted.current().unwrap().activations.len(), 2);
+
+    // `safemode decide` is a tool: with the controller down it says so.
+    let refused = safemode(&[
+        "--server",
+        &url,
+        "decide",
+        "--channel",
+        "web",
+        "--action",
+        "account.password_reset",
+    ])
+    .await;
+    assert_eq!(refused.status.code(), Some(1));
+}
+
+/// Log lines written while `f` runs on this thread.
+fn logged<T>(f: impl FnOnce() -> T) -> (T, String) {
+    #[derive(Clone)]
+    struct Buffer(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Buffer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buffer = Buffer(Arc::new(Mutex::new(Vec::new())));
+    let writer = buffer.clone();
+    let collector = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let result = tracing::subscriber::with_default(collector, f);
+    let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+    (result, text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_saved_policy_is_refused_and_the_service_starts_with_none() {
+    let files = tempfile::tempdir().unwrap();
+    let lkg = files.path().join("web.lkg");
+    let mut server = TestServer::start().await;
+    let frozen = server.apply(&["freeze-credential-changes"]).await;
+    let mut saving = config(&server.url, "web-1");
+    saving.last_known_good = Some(lkg.clone());
+    let subscriber = Subscriber::start(saving.clone()).unwrap();
+    until_current(&subscriber, frozen).await;
+    wait_until("the policy is saved", || async { lkg.exists() }).await;
+    drop(subscriber);
+    server.stop().await;
+    let good = std::fs::read(&lkg).unwrap();
+
+    let mut flipped = good.clone();
+    let last = flipped.len() - 1;
+    flipped[last] ^= 0x55;
+    let mut other_channel = config(&server.url, "ivr-1");
+    other_channel.channel = Channel::parse("ivr").unwrap();
+    other_channel.last_known_good = Some(lkg.clone());
+    let cases: [(&str, Vec<u8>, &SubscriberConfig, &str); 5] = [
+        (
+            "truncated",
+            good[..good.len() - 10].to_vec(),
+            &saving,
+            "cut short",
+        ),
+        (
+            "one byte flipped",
+            flipped,
+            &saving,
+            "does not match its checksum",
+        ),
+        ("empty", Vec::new(), &saving, "empty or cut short"),
+        (
+            "not ours",
+            b"hello\nworld\n".to_vec(),
+            &saving,
+            "does not start with",
+        ),
+        (
+            "another channel's",
+            good.clone(),
+            &other_channel,
+            "is not the subscribed 'ivr'",
+        ),
+    ];
+    let reset = action("account.password_reset");
+    for (case, bytes, config, expected) in cases {
+        std::fs::write(&lkg, &bytes).unwrap();
+        let (started, log) = logged(|| Subscriber::start(config.clone()));
+        let started = started.unwrap_or_else(|e| panic!("{case}: it must start: {e}"));
+        let line = log
+            .lines()
+            .find(|l| l.contains("ERROR"))
+            .unwrap_or_else(|| panic!("{case}: no error logged: {log}"));
+        assert!(
+            line.contains(&lkg.display().to_string()) && line.contains(expected),
+            "{case}: {line}"
+        );
+        assert!(line.contains("starting with no policy"), "{case}: {line}");
+        assert!(started.current().is_none(), "{case}: garbage was trusted");
+        let decision = started.decide(&reset, &Context::default());
+        assert!(decision.is_stale(), "{case}");
+        assert_eq!(decision.revision(), None, "{case}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_the_channel_cannot_use_is_rejected_and_the_old_policy_holds() {
+    let server = TestServer::start().await;
+    let frozen = server.apply(&["freeze-credential-changes"]).await;
+    let mut config = config(&server.url, "web-no-routing");
+    // This web back end cannot send customers elsewhere.
+    config.check = Some(Arc::new(
+        |snapshot: &safemode::client::PolicySnapshot| match snapshot
+            .activations
+            .iter()
+            .find(|a| a.mode == "verified-channels-only")
+        {
+            Some(a) => Err(format!(
+                "cannot route customers to other channels ({})",
+                a.id
+            )),
+            None => Ok(()),
+        },
+    ));
+    let subscriber = Subscriber::start(config).unwrap();
+    until_current(&subscriber, frozen).await;
+
+    let routed = server.apply(&["verified-channels-only"]).await;
+    let status = crate::support::wait_for("the reject reaches the controller", || async {
+        let status = server.status("live").await;
+        status
+            .subscribers
+            .into_iter()
+            .find(|s| s.subscriber_id == "web-no-routing" && s.rejected_revision == routed)
+    })
+    .await;
+    assert_eq!(status.acked_revision, frozen);
+    assert!(
+        status.reject_reason.contains("cannot route customers"),
+        "{}",
+        status.reject_reason
+    );
+    assert_eq!(
+        subscriber.current().unwrap().revision,
+        frozen,
+        "the old policy holds"
+    );
+    assert!(subscriber.is_stale(), "behind the controller");
+    let reset = action("account.password_reset");
+    assert_eq!(
+        subscriber.decide(&reset, &Context::default()).effect(),
+        EffectKind::Deny
+    );
+
+    // The operator sees it in `safemode status`.
+    let shown = safemode(&["--server", &server.url, "status"]).await;
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(text.contains("cannot route customers"), "{text}");
+}
