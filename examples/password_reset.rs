@@ -6,7 +6,8 @@
 //! channel).
 //!
 //! ```sh
-//! cargo run --example password_reset -- --server http://127.0.0.1:7700 --listen 127.0.0.1:8080
+//! cargo run --example password_reset -- --server http://127.0.0.1:7700 --listen 127.0.0.1:8080 \
+//!     [--last-known-good FILE]   # default: ./password-reset.safemode.lkg
 //! curl -s -X POST localhost:8080/password-reset -H 'content-type: application/json' \
 //!     -d '{"account": "a-1001", "confidence": 0.9, "methods": ["push"]}'
 //! ```
@@ -56,6 +57,12 @@ async fn password_reset(
             Json(json!({"error": "unknown verification method"})),
         );
     };
+    if !(0.0..=1.0).contains(&request.confidence) {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "confidence must be from 0 to 1"})),
+        );
+    }
     let ctx = Context {
         confidence: request.confidence,
         methods,
@@ -63,13 +70,31 @@ async fn password_reset(
         ..Context::default()
     };
     let decision = service.safemode.decide(&service.reset, &ctx);
+    if decision.snapshot().is_none() && !decision.is_fail_closed() {
+        // No policy at all yet (never reached the controller, nothing
+        // saved): do nothing rather than guess.
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "not_ready", "message": "Please try again in a moment."})),
+        );
+    }
     let message = decision
         .customer_message()
         .unwrap_or("We can't reset your password right now. Please try again later.");
     let (status, body) = match decision.outcome() {
-        Outcome::Allow | Outcome::Throttle(_) => (
+        Outcome::Allow => (
             StatusCode::OK,
             json!({"status": "reset_link_sent", "account": request.account}),
+        ),
+        // A real service counts resets per account and refuses past the
+        // limit; this example only passes the limit on.
+        Outcome::Throttle(limit) => (
+            StatusCode::OK,
+            json!({
+                "status": "reset_link_sent",
+                "account": request.account,
+                "limit": {"max": limit.max, "window_seconds": limit.window_seconds},
+            }),
         ),
         Outcome::StepUp {
             required,
@@ -121,7 +146,7 @@ fn args() -> Result<Args, String> {
     let mut args = Args {
         server: "http://127.0.0.1:7700".into(),
         listen: "127.0.0.1:8080".parse().unwrap(),
-        last_known_good: std::env::temp_dir().join("password-reset.safemode.lkg"),
+        last_known_good: "password-reset.safemode.lkg".into(),
         token: std::env::var("SAFEMODE_TOKEN").ok(),
     };
     let mut given = std::env::args().skip(1);
@@ -163,7 +188,11 @@ async fn main() {
         [args.server],
         Namespace::live(),
         Channel::parse("web").expect("web is a channel"),
-        format!("password-reset-{}", std::process::id()),
+        format!(
+            "password-reset-{}-{}",
+            std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into()),
+            std::process::id()
+        ),
     );
     config.token = args.token;
     config.last_known_good = Some(args.last_known_good);
@@ -182,6 +211,11 @@ async fn main() {
             std::process::exit(1);
         }
     };
+    // Listen once there is a policy (or after a few seconds without the
+    // controller, with the saved one or none).
+    let mut changes = safemode.changes();
+    let _ = tokio::time::timeout(Duration::from_secs(5), changes.wait_for(|p| p.is_some())).await;
+    drop(changes);
     let service = Arc::new(Service {
         safemode,
         reset: Action::parse("account.password_reset").expect("a known action"),

@@ -11,8 +11,8 @@
 use std::path::{Path, PathBuf};
 
 use crate::policy::{
-    Mode, ModeCatalog, ModeFileError, Runbook, RunbookCatalog, RunbookFileError, parse_mode,
-    parse_runbook,
+    Expectations, Mode, ModeCatalog, ModeFileError, Runbook, RunbookCatalog, RunbookFileError,
+    parse_mode, parse_runbook, parse_runbook_checking,
 };
 
 include!(concat!(env!("OUT_DIR"), "/standard_modes.rs"));
@@ -159,13 +159,26 @@ impl Catalog {
         modes_dir: Option<&Path>,
         runbooks_dir: Option<&Path>,
     ) -> Result<Catalog, CatalogError> {
+        Catalog::load_checking(modes_dir, runbooks_dir, Expectations::MustHold)
+    }
+
+    /// [`Catalog::load`], with the runbooks in `runbooks_dir` checked as
+    /// `expectations` says (the built-in ones always hold).
+    pub fn load_checking(
+        modes_dir: Option<&Path>,
+        runbooks_dir: Option<&Path>,
+        expectations: Expectations,
+    ) -> Result<Catalog, CatalogError> {
         let (modes, mode_files) = match modes_dir {
             None => (standard_modes(), embedded(STANDARD_MODES)),
             Some(dir) => (load_modes_dir(dir)?, dir_files(dir)?),
         };
         let (runbooks, runbook_files) = match runbooks_dir {
             None => (try_standard_runbooks(&modes)?, embedded(STANDARD_RUNBOOKS)),
-            Some(dir) => (load_runbooks_dir(dir, &modes)?, dir_files(dir)?),
+            Some(dir) => (
+                load_runbooks_dir_checking(dir, &modes, expectations)?,
+                dir_files(dir)?,
+            ),
         };
         Ok(Catalog {
             fingerprint: fingerprint(&mode_files, &runbook_files),
@@ -252,6 +265,16 @@ pub fn try_standard_runbooks(modes: &ModeCatalog) -> Result<RunbookCatalog, Cata
 /// incident type named after the file, checked against `modes`. Every error
 /// of every file is reported.
 pub fn load_runbooks_dir(dir: &Path, modes: &ModeCatalog) -> Result<RunbookCatalog, CatalogError> {
+    load_runbooks_dir_checking(dir, modes, Expectations::MustHold)
+}
+
+/// [`load_runbooks_dir`], with the expectations checked as `expectations`
+/// says.
+pub fn load_runbooks_dir_checking(
+    dir: &Path,
+    modes: &ModeCatalog,
+    expectations: Expectations,
+) -> Result<RunbookCatalog, CatalogError> {
     let files = yaml_files(dir)?;
     if files.is_empty() {
         return Err(CatalogError::NoRunbooks(dir.display().to_string()));
@@ -260,7 +283,8 @@ pub fn load_runbooks_dir(dir: &Path, modes: &ModeCatalog) -> Result<RunbookCatal
     let mut errors = Vec::new();
     for path in files {
         let text = std::fs::read_to_string(&path).map_err(|e| read_err(&path, e))?;
-        match parse_runbook(&path.display().to_string(), stem(&path), &text, modes) {
+        let file = path.display().to_string();
+        match parse_runbook_checking(&file, stem(&path), &text, modes, expectations) {
             Ok(runbook) => runbooks.push(runbook),
             Err(e) => errors.extend(e),
         }

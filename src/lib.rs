@@ -25,6 +25,7 @@ pub mod catalog;
 pub mod cli;
 pub mod client;
 pub mod controller;
+pub mod drill;
 pub mod errors;
 pub mod policy;
 pub mod server;

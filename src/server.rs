@@ -73,6 +73,10 @@ pub struct ServeConfig {
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of `tls_cert`.
     pub tls_key: Option<PathBuf>,
+    /// Whether runbooks whose drill expectations their own stages
+    /// contradict are refused (always, but for the controller a drill runs
+    /// itself: there the drill shows and fails the expectation).
+    pub runbook_expectations: crate::policy::Expectations,
     /// Heartbeat interval on subscription streams.
     pub heartbeat: Duration,
     /// How long shutdown waits for streams and calls to finish.
@@ -94,6 +98,7 @@ impl Default for ServeConfig {
             tokens: None,
             tls_cert: None,
             tls_key: None,
+            runbook_expectations: crate::policy::Expectations::MustHold,
             heartbeat: StreamConfig::default().heartbeat,
             shutdown_grace: Duration::from_secs(10),
             controller: ControllerConfig::default(),
@@ -159,8 +164,12 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
     if tokens.is_some() && tls.is_none() && !config.listen.ip().is_loopback() {
         warn!(listen = %config.listen, "tokens will cross the network in plain text; serve TLS (--tls-cert/--tls-key) unless a service mesh encrypts this hop");
     }
-    let catalog = Catalog::load(config.modes_dir.as_deref(), config.runbooks_dir.as_deref())
-        .context("cannot load the modes and runbooks")?;
+    let catalog = Catalog::load_checking(
+        config.modes_dir.as_deref(),
+        config.runbooks_dir.as_deref(),
+        config.runbook_expectations,
+    )
+    .context("cannot load the modes and runbooks")?;
     let (store, layout) = open_store(&config.store).await?;
     let listener =
         listen(config.listen).with_context(|| format!("cannot listen on {}", config.listen))?;

@@ -12,11 +12,14 @@
 //! machines.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use jiff::Timestamp;
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info_span};
 
 use crate::client::{ClientError, DecisionReport, Subscriber, SubscriberConfig};
 use crate::policy::{Action, Channel, Context, Revision};
@@ -87,14 +90,6 @@ pub struct RevisionReport {
     pub channels: Vec<ChannelTimes>,
 }
 
-/// Simulated channel services.
-pub struct Sim {
-    subscribers: Vec<(Channel, Subscriber)>,
-    reports: Option<mpsc::Receiver<RevisionReport>>,
-    applied: watch::Receiver<Vec<Revision>>,
-    stop: CancellationToken,
-}
-
 /// What the sim needs to start.
 #[derive(Clone, Debug)]
 pub struct SimConfig {
@@ -110,90 +105,138 @@ pub struct SimConfig {
     pub complete_within: Duration,
 }
 
+/// One simulated subscriber: its settings, and while it runs, its
+/// subscription and the task that reports what it applies.
+struct Slot {
+    channel: Channel,
+    config: SubscriberConfig,
+    running: Option<(Subscriber, JoinHandle<()>)>,
+}
+
+/// Every revision each subscriber applied, and when: what waits and timings
+/// are read from.
+struct Progress {
+    history: Mutex<Vec<Vec<(Revision, Timestamp)>>>,
+    /// Bumped after every record, to wake whoever waits.
+    generation: watch::Sender<u64>,
+}
+
+/// Simulated channel services.
+pub struct Sim {
+    slots: Vec<Slot>,
+    progress: Arc<Progress>,
+    events: mpsc::UnboundedSender<Applied>,
+    reports: Option<mpsc::Receiver<RevisionReport>>,
+    stop: CancellationToken,
+}
+
 impl Sim {
     /// Connects every subscriber (each waits for its first snapshot).
     pub async fn start(config: SimConfig) -> Result<Sim, ClientError> {
         let stop = CancellationToken::new();
-        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let (events, events_rx) = mpsc::unbounded_channel();
         let total: usize = config.channels.iter().map(|(_, n)| n).sum();
-        let (applied_tx, applied) = watch::channel(vec![0; total]);
-        let mut connecting = Vec::with_capacity(total);
+        let progress = Arc::new(Progress {
+            history: Mutex::new(vec![Vec::new(); total]),
+            generation: watch::channel(0).0,
+        });
+        let mut slots = Vec::with_capacity(total);
         for (channel, count) in &config.channels {
             for n in 0..*count {
                 let mut subscriber = config.base.clone();
                 subscriber.channel = *channel;
                 subscriber.subscriber_id = format!("{}-{channel}-{n}", config.id_prefix);
-                connecting.push((*channel, subscriber));
+                slots.push(Slot {
+                    channel: *channel,
+                    config: subscriber,
+                    running: None,
+                });
             }
         }
-        let mut subscribers = Vec::with_capacity(total);
-        // Connect in waves, so a thousand subscribers do not all dial at once.
-        for wave in connecting.chunks(64) {
-            let connected =
-                futures_util::future::join_all(wave.iter().map(|(channel, config)| async move {
-                    (*channel, Subscriber::connect(config.clone()).await)
-                }))
-                .await;
-            for (channel, subscriber) in connected {
-                subscribers.push((channel, subscriber?));
-            }
-        }
-        let started = Timestamp::now();
-        for (index, (_, subscriber)) in subscribers.iter().enumerate() {
-            let mut changes = subscriber.changes();
-            let events = events_tx.clone();
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                loop {
-                    let applied = changes.borrow_and_update().clone();
-                    if let Some(snapshot) = applied {
-                        let _ = events.send(Applied {
-                            index,
-                            revision: snapshot.revision,
-                            issued_at: snapshot.issued_at,
-                            applied_at: Timestamp::now(),
-                        });
-                    }
-                    tokio::select! {
-                        () = stop.cancelled() => return,
-                        changed = changes.changed() => if changed.is_err() { return },
-                    }
-                }
-            });
-        }
-        let layout: Vec<Channel> = subscribers.iter().map(|(c, _)| *c).collect();
-        let order: Vec<Channel> = config.channels.iter().map(|(c, _)| *c).collect();
-        let (reports_tx, reports) = mpsc::channel(1024);
-        tokio::spawn(collect(
-            events_rx,
-            Tally {
-                layout,
-                order,
-                started,
-                complete_within: config.complete_within,
-                pending: BTreeMap::new(),
-                reached: vec![0; total],
-            },
-            reports_tx,
-            applied_tx,
-            stop.clone(),
-        ));
-        Ok(Sim {
-            subscribers,
-            reports: Some(reports),
-            applied,
+        let mut sim = Sim {
+            slots,
+            progress,
+            events,
+            reports: None,
             stop,
-        })
+        };
+        let everyone: Vec<usize> = (0..total).collect();
+        sim.connect(&everyone).await?;
+        let (reports_tx, reports) = mpsc::channel(1024);
+        sim.reports = Some(reports);
+        tokio::spawn(Instrument::instrument(
+            collect(
+                events_rx,
+                Tally {
+                    layout: sim.slots.iter().map(|s| s.channel).collect(),
+                    order: config.channels.iter().map(|(c, _)| *c).collect(),
+                    baseline: sim.newest_applied(),
+                    complete_within: config.complete_within,
+                    pending: BTreeMap::new(),
+                    reported: Default::default(),
+                    reached: vec![Vec::new(); total],
+                },
+                reports_tx,
+                sim.stop.clone(),
+            ),
+            info_span!("sim reports"),
+        ));
+        Ok(sim)
     }
 
-    /// How many subscribers the sim runs.
+    /// Connects the subscribers at `indices`, in waves so that a thousand do
+    /// not all dial at once, and starts reporting what they apply.
+    async fn connect(&mut self, indices: &[usize]) -> Result<(), ClientError> {
+        for wave in indices.chunks(64) {
+            let connected = futures_util::future::join_all(wave.iter().map(|&i| {
+                let config = self.slots[i].config.clone();
+                async move { (i, Subscriber::connect(config).await) }
+            }))
+            .await;
+            for (index, subscriber) in connected {
+                let subscriber = subscriber?;
+                let watcher = tokio::spawn(
+                    report_applies(
+                        index,
+                        subscriber.changes(),
+                        self.progress.clone(),
+                        self.events.clone(),
+                        self.stop.clone(),
+                    )
+                    .instrument(info_span!("sim subscriber", index)),
+                );
+                self.slots[index].running = Some((subscriber, watcher));
+            }
+        }
+        Ok(())
+    }
+
+    /// The newest revision any subscriber applied so far.
+    fn newest_applied(&self) -> Revision {
+        let history = self.progress.history.lock().expect("sim progress lock");
+        history
+            .iter()
+            .filter_map(|h| h.last().map(|(r, _)| *r))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// How many subscribers the sim runs (killed ones included).
     pub fn len(&self) -> usize {
-        self.subscribers.len()
+        self.slots.len()
     }
 
     /// Whether the sim runs no subscriber.
     pub fn is_empty(&self) -> bool {
-        self.subscribers.is_empty()
+        self.slots.is_empty()
+    }
+
+    /// Each subscriber's id, in order.
+    pub fn subscriber_ids(&self) -> Vec<String> {
+        self.slots
+            .iter()
+            .map(|s| s.config.subscriber_id.clone())
+            .collect()
     }
 
     /// Reports of revisions issued after the sim started, as each completes
@@ -202,34 +245,111 @@ impl Sim {
         self.reports.take()
     }
 
-    /// Waits until every subscriber applied `revision` or a newer one.
+    /// Waits until every running subscriber applied `revision` or a newer
+    /// one; `false` if that takes longer than `within`.
     pub async fn wait_applied(&self, revision: Revision, within: Duration) -> bool {
-        let mut applied = self.applied.clone();
-        tokio::time::timeout(
-            within,
-            applied.wait_for(|a| a.iter().all(|r| *r >= revision)),
-        )
-        .await
-        .is_ok_and(|r| r.is_ok())
+        let mut generation = self.progress.generation.subscribe();
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            generation.borrow_and_update();
+            if self.all_applied(revision) {
+                return true;
+            }
+            match tokio::time::timeout_at(deadline, generation.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return self.all_applied(revision),
+            }
+        }
     }
 
-    /// `action` decided in `ctx` by the first subscriber of `channel`.
+    fn all_applied(&self, revision: Revision) -> bool {
+        let history = self.progress.history.lock().expect("sim progress lock");
+        self.slots
+            .iter()
+            .zip(history.iter())
+            .filter(|(slot, _)| slot.running.is_some())
+            .all(|(_, applied)| applied.last().is_some_and(|(r, _)| *r >= revision))
+    }
+
+    /// For each subscriber, its channel and when it first applied `revision`
+    /// or a newer one (`None`: not yet).
+    pub fn applied_at(&self, revision: Revision) -> Vec<(Channel, Option<Timestamp>)> {
+        let history = self.progress.history.lock().expect("sim progress lock");
+        self.slots
+            .iter()
+            .zip(history.iter())
+            .map(|(slot, applied)| {
+                let at = applied
+                    .iter()
+                    .find(|(r, _)| *r >= revision)
+                    .map(|(_, at)| *at);
+                (slot.channel, at)
+            })
+            .collect()
+    }
+
+    /// Disconnects `count` running subscribers chosen at random; returns
+    /// their indices.
+    pub fn kill(&mut self, count: usize) -> Vec<usize> {
+        let mut running: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| self.slots[i].running.is_some())
+            .collect();
+        let mut killed = Vec::with_capacity(count.min(running.len()));
+        while killed.len() < count && !running.is_empty() {
+            let index = running.swap_remove(rand::random_range(0..running.len()));
+            if let Some((subscriber, watcher)) = self.slots[index].running.take() {
+                watcher.abort();
+                drop(subscriber);
+            }
+            // A revived subscriber starts with no memory of what it applied.
+            self.progress.history.lock().expect("sim progress lock")[index].clear();
+            killed.push(index);
+        }
+        killed
+    }
+
+    /// Connects the subscribers at `indices` again (fresh clients, as after
+    /// a crash: no memory of what they applied).
+    pub async fn revive(&mut self, indices: &[usize]) -> Result<(), ClientError> {
+        self.connect(indices).await
+    }
+
+    /// `action` decided in `ctx` by the first running subscriber of
+    /// `channel`.
     pub fn decide(
         &self,
         channel: Channel,
         action: &Action,
         ctx: &Context,
     ) -> Option<DecisionReport> {
-        let (_, subscriber) = self.subscribers.iter().find(|(c, _)| *c == channel)?;
+        let (subscriber, _) = self
+            .slots
+            .iter()
+            .filter(|s| s.channel == channel)
+            .find_map(|s| s.running.as_ref())?;
         Some(subscriber.decide(action, ctx).report())
+    }
+
+    /// How many activations each running subscriber's applied policy holds.
+    pub fn active_counts(&self) -> Vec<(Channel, usize)> {
+        self.slots
+            .iter()
+            .filter_map(|s| {
+                let (subscriber, _) = s.running.as_ref()?;
+                Some((
+                    s.channel,
+                    subscriber.current().map_or(0, |p| p.activations.len()),
+                ))
+            })
+            .collect()
     }
 
     /// The channels the sim runs, in order, each once.
     pub fn channels(&self) -> Vec<Channel> {
         let mut channels: Vec<Channel> = Vec::new();
-        for (channel, _) in &self.subscribers {
-            if !channels.contains(channel) {
-                channels.push(*channel);
+        for slot in &self.slots {
+            if !channels.contains(&slot.channel) {
+                channels.push(slot.channel);
             }
         }
         channels
@@ -242,38 +362,87 @@ impl Drop for Sim {
     }
 }
 
+/// Reports every snapshot one subscriber applies.
+async fn report_applies(
+    index: usize,
+    mut changes: watch::Receiver<Option<Arc<crate::client::PolicySnapshot>>>,
+    progress: Arc<Progress>,
+    events: mpsc::UnboundedSender<Applied>,
+    stop: CancellationToken,
+) {
+    loop {
+        let applied = changes.borrow_and_update().clone();
+        if let Some(snapshot) = applied {
+            let applied_at = Timestamp::now();
+            progress.history.lock().expect("sim progress lock")[index]
+                .push((snapshot.revision, applied_at));
+            progress.generation.send_modify(|g| *g += 1);
+            let _ = events.send(Applied {
+                index,
+                revision: snapshot.revision,
+                issued_at: snapshot.issued_at,
+                applied_at,
+            });
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            changed = changes.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
 /// Revisions waiting for every subscriber.
 struct Tally {
     /// The channel of each subscriber, by index.
     layout: Vec<Channel>,
     /// Channels in report order.
     order: Vec<Channel>,
-    started: Timestamp,
+    /// The newest revision any subscriber had when the sim started: where
+    /// it began, not a change it watched.
+    baseline: Revision,
     complete_within: Duration,
     pending: BTreeMap<Revision, Pending>,
-    /// The newest revision each subscriber applied.
-    reached: Vec<Revision>,
+    /// Revisions already reported.
+    reported: std::collections::HashSet<Revision>,
+    /// Every revision each subscriber applied, and when (to fill in a
+    /// revision first seen after some subscribers had moved past it).
+    reached: Vec<Vec<(Revision, Timestamp)>>,
 }
 
 struct Pending {
     issued_at: Timestamp,
+    /// When the sim first saw it (the deadline counts from here, on this
+    /// machine's clock).
+    first_seen: Timestamp,
     /// When each subscriber applied it (or a newer one).
     applied: HashMap<usize, Timestamp>,
 }
 
 impl Tally {
     fn record(&mut self, event: &Applied) {
-        let reached = &mut self.reached[event.index];
-        *reached = (*reached).max(event.revision);
-        // Snapshots issued before the sim started are where it began, not
-        // changes it watched.
-        if event.issued_at >= self.started {
-            self.pending
-                .entry(event.revision)
-                .or_insert_with(|| Pending {
+        self.reached[event.index].push((event.revision, event.applied_at));
+        if event.revision > self.baseline
+            && !self.reported.contains(&event.revision)
+            && !self.pending.contains_key(&event.revision)
+        {
+            // Subscribers that already moved past it applied it then.
+            let applied = self
+                .reached
+                .iter()
+                .enumerate()
+                .filter_map(|(i, history)| {
+                    let at = history.iter().find(|(r, _)| *r >= event.revision)?.1;
+                    Some((i, at))
+                })
+                .collect();
+            self.pending.insert(
+                event.revision,
+                Pending {
                     issued_at: event.issued_at,
-                    applied: HashMap::new(),
-                });
+                    first_seen: Timestamp::now(),
+                    applied,
+                },
+            );
         }
         for (_, pending) in self.pending.range_mut(..=event.revision) {
             pending
@@ -292,12 +461,13 @@ impl Tally {
         let done: Vec<Revision> = self
             .pending
             .iter()
-            .filter(|(_, p)| p.applied.len() == total || now.duration_since(p.issued_at) > limit)
+            .filter(|(_, p)| p.applied.len() == total || now.duration_since(p.first_seen) > limit)
             .map(|(r, _)| *r)
             .collect();
         done.into_iter()
             .filter_map(|revision| {
                 let pending = self.pending.remove(&revision)?;
+                self.reported.insert(revision);
                 Some(self.report(revision, &pending))
             })
             .collect()
@@ -349,7 +519,6 @@ async fn collect(
     mut events: mpsc::UnboundedReceiver<Applied>,
     mut tally: Tally,
     reports: mpsc::Sender<RevisionReport>,
-    applied: watch::Sender<Vec<Revision>>,
     stop: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -359,7 +528,6 @@ async fn collect(
             event = events.recv() => {
                 let Some(event) = event else { return };
                 tally.record(&event);
-                applied.send_replace(tally.reached.clone());
             }
             _ = tick.tick() => {}
         }

@@ -418,7 +418,11 @@ class Subscriber:
         # Revisions acked and (revision, reason) rejected, in order.
         self.acked: list[int] = []
         self.rejected: list[tuple[int, str]] = []
+        # What the controller of the stream holds: its store history (from
+        # its snapshots) and newest revision. Revisions count within one
+        # history only.
         self.server_revision = 0
+        self.server_epoch: Optional[str] = None
         self.last_contact: Optional[float] = None
         self.error: Optional[str] = None
         self.closed = False
@@ -476,8 +480,7 @@ class Subscriber:
                 elif which == "heartbeat":
                     with self._changed:
                         self.last_contact = time.monotonic()
-                        self.server_revision = max(self.server_revision,
-                                                   response.heartbeat.revision)
+                        self.server_revision = response.heartbeat.revision
                         self._changed.notify_all()
             error = "the controller ended the stream"
         except grpc.RpcError as e:
@@ -511,7 +514,8 @@ class Subscriber:
         problem = self._problem(snapshot)
         with self._changed:
             self.last_contact = time.monotonic()
-            self.server_revision = max(self.server_revision, snapshot.revision)
+            self.server_revision = snapshot.revision
+            self.server_epoch = snapshot.epoch
             if problem is not None:
                 # Keep the previous snapshot: a policy we cannot read must not
                 # replace one we can.
@@ -522,7 +526,12 @@ class Subscriber:
                 current = self.snapshot
                 same_history = current is not None and current.epoch == snapshot.epoch
                 if same_history and snapshot.revision < current.revision:
-                    # Never go backwards within one store history.
+                    # Never go backwards within one store history; say why.
+                    reason = (f"revision {snapshot.revision} is older than the applied "
+                              f"revision {current.revision}")
+                    self.rejected.append((snapshot.revision, reason))
+                    self._send(sub.SubscribeRequest(reject=sub.Reject(
+                        revision=snapshot.revision, reason=reason)))
                     self._changed.notify_all()
                     return
                 self.snapshot = Snapshot(snapshot, time.monotonic())
@@ -570,10 +579,13 @@ class Subscriber:
 
     def stale(self) -> bool:
         """Whether the policy may be out of date: none yet, no contact within
-        ``stale_after``, or the controller holds a newer revision."""
+        ``stale_after``, or the controller holds something newer: a newer
+        revision, or another store history."""
         with self._changed:
             return (self.snapshot is None or self.last_contact is None
                     or time.monotonic() - self.last_contact > self.stale_after
+                    or (self.server_epoch is not None
+                        and self.server_epoch != self.snapshot.epoch)
                     or self.server_revision > self.snapshot.revision)
 
     def decide(self, action: str, ctx: Optional[dict] = None) -> dict:

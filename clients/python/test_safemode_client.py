@@ -138,10 +138,27 @@ class SubscriberProtocolTest(unittest.TestCase):
         self.send(snapshot(5))
         self.service.received()
         self.send(snapshot(4))
+        older = self.service.received().reject
+        self.assertEqual(older.revision, 4)
+        self.assertIn("older than the applied revision 5", older.reason)
         self.send(snapshot(2, epoch="e2"))  # the store was replaced
         self.assertEqual(self.service.received().ack.revision, 2)
         self.assertEqual((s.snapshot.revision, s.snapshot.epoch), (2, "e2"))
         self.assertEqual(s.acked, [5, 2])
+
+    def test_a_rejected_snapshot_of_a_new_history_makes_it_stale(self):
+        s = self.subscriber(stale_after=60)
+        self.service.received()
+        self.send(snapshot(5))
+        self.service.received()
+        self.assertFalse(s.stale())
+        replaced = snapshot(1, epoch="e2")
+        replaced.schema_version = 99
+        self.send(replaced)
+        self.assertEqual(self.service.received().reject.revision, 1)
+        # Revision 1 is below 5, but of another history: the policy held
+        # is not the controller's.
+        self.assertTrue(s.stale())
 
     def test_heartbeats_count_as_contact_and_a_newer_revision_makes_it_stale(self):
         s = self.subscriber(stale_after=60)

@@ -3,7 +3,7 @@
 //! controller errors become `tonic::Status` here and nowhere else.
 
 mod control;
-mod convert;
+pub(crate) mod convert;
 mod subscribe;
 
 use std::sync::Arc;

@@ -37,8 +37,7 @@ impl SubscriptionApi {
     }
 }
 
-/// The longest subscriber id and reject reason accepted.
-const MAX_ID_LEN: usize = 128;
+/// The longest reject reason accepted.
 const MAX_REASON_LEN: usize = 1000;
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<proto::SubscribeResponse, Status>> + Send>>;
@@ -74,14 +73,7 @@ impl SubscriptionService for SubscriptionApi {
             Namespace::parse(&hello.namespace).map_err(invalid_name("hello.namespace"))?;
         let channel = Channel::parse(&hello.channel).map_err(invalid_name("hello.channel"))?;
         let id = hello.subscriber_id.trim();
-        if id.is_empty() || id.len() > MAX_ID_LEN || id.chars().any(char::is_control) {
-            return Err(invalid(
-                "hello.subscriber_id",
-                format!(
-                    "give a stable id of 1 to {MAX_ID_LEN} printable characters, e.g. chatbot-7f9c"
-                ),
-            ));
-        }
+        wire::check_subscriber_id(id).map_err(|e| invalid("hello.subscriber_id", e))?;
         if hello.last_applied_revision < 0 {
             return Err(invalid("hello.last_applied_revision", "must be 0 or more"));
         }

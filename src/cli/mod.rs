@@ -3,6 +3,7 @@
 //! connection, so bad input fails fast with one clear line and changes
 //! nothing. Exit codes: 0 success, 1 refused or failed, 2 bad usage.
 
+mod drill;
 mod governance;
 mod output;
 mod sim;
@@ -102,6 +103,9 @@ enum Command {
     /// Simulate channel services: many subscribers per channel that report
     /// how long each took to apply each revision, and answer decisions.
     Sim(SimArgs),
+    /// Rehearse runbooks end to end in drill namespaces and get a verdict.
+    #[command(subcommand)]
+    Drill(DrillCommand),
     /// Declare, escalate, resolve and look at incidents.
     #[command(subcommand)]
     Incident(IncidentCommand),
@@ -275,6 +279,53 @@ enum StoreKind {
     Embedded,
     /// An etcd cluster (--etcd-endpoints).
     Etcd,
+}
+
+#[derive(Subcommand, Debug)]
+enum DrillCommand {
+    /// Drill runbooks: declare, walk the severity path, check every stage's
+    /// expectations and apply limits, resolve, check restoration. Exit 0
+    /// only if every drill passed.
+    Run(DrillRunArgs),
+}
+
+#[derive(Args, Debug)]
+struct DrillRunArgs {
+    /// Runbooks to drill: built-in runbook names, or runbook files (a
+    /// modes/ directory beside them is used if there is one).
+    runbooks: Vec<String>,
+    /// Drill every runbook in DIR (and its modes/ directory).
+    #[arg(long, value_name = "DIR")]
+    all: Option<PathBuf>,
+    /// Run the controller in process, on the embedded store in a temporary
+    /// directory (nothing else needed); otherwise drill --server.
+    #[arg(long)]
+    local: bool,
+    /// Simulated subscribers per channel.
+    #[arg(
+        long,
+        default_value = "chatbot=5,ivr=5,agent-desk=5,web=5,mobile=5,email=5"
+    )]
+    channels: String,
+    /// Write report.md, journal.json and junit.xml here.
+    #[arg(long, value_name = "DIR")]
+    report: Option<PathBuf>,
+    /// The severities to walk, e.g. sev3,sev2,sev1 [default: every stage,
+    /// least severe first].
+    #[arg(long, value_delimiter = ',')]
+    severity_path: Vec<String>,
+    /// A fault while the middle stage is active: kill-subscribers=N% or
+    /// restart-controller (with --local).
+    #[arg(long)]
+    fault: Option<String>,
+    /// A fixed drill namespace (drill-NAME): real subscribers attached to it
+    /// take part [default: a new drill-<id> per runbook].
+    #[arg(long)]
+    namespace: Option<String>,
+    /// Another principal's token (drill or approver role), for the changes
+    /// that need a second approver (not needed with --local).
+    #[arg(long, env = "SAFEMODE_APPROVER_TOKEN", hide_env_values = true)]
+    approver_token: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -553,6 +604,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Sim(args) => sim::run(&cli.servers, &caller, format, args).await,
+        Command::Drill(DrillCommand::Run(args)) => {
+            drill::run(&cli.servers, &caller, format, args).await
+        }
         Command::Incident(command) => {
             governance::incident(&cli.servers, &caller, format, command).await
         }
@@ -756,16 +810,8 @@ async fn control(servers: &[String], caller: &Caller) -> anyhow::Result<Control>
         allow_plaintext_token: caller.insecure,
         connect_timeout: CONNECT_TIMEOUT,
     };
-    let mut errors = Vec::new();
-    for (server, endpoint) in client::endpoints(servers, &options)? {
-        match endpoint.timeout(Duration::from_secs(30)).connect().await {
-            Ok(channel) => return Ok(ControlServiceClient::with_interceptor(channel, bearer)),
-            Err(e) => errors.push(client::connect_failed(&server, &e)),
-        }
-    }
-    // An untrusted certificate says more than "unreachable"; if every
-    // replica was unreachable, the message names them all.
-    Err(client::first_failure(errors).into())
+    let channel = client::connect_any(servers, &options, Duration::from_secs(30)).await?;
+    Ok(ControlServiceClient::with_interceptor(channel, bearer))
 }
 
 /// The token from --token, or read from --token-file (secrets stay out of

@@ -515,6 +515,92 @@ pub fn sim_revision(
     }
 }
 
+// === drills ===
+
+pub fn drills(
+    format: Format,
+    reports: &[crate::drill::DrillReport],
+    written: &[std::path::PathBuf],
+) -> String {
+    match format {
+        Format::Json => json_line(&json!({
+            "passed": reports.iter().all(|r| r.passed),
+            "drills": reports.iter().map(|r| json!({
+                "runbook": r.runbook,
+                "namespace": r.namespace,
+                "passed": r.passed,
+                "incident_id": r.incident_id,
+                "stages": r.stages,
+                "fault": r.fault,
+                "restoration": r.restoration,
+                "failures": r.failures,
+            })).collect::<Vec<_>>(),
+            "reports": written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+        })),
+        Format::Text => {
+            let mut out = String::new();
+            for r in reports {
+                let expectations: usize = r.stages.iter().map(|s| s.expectations.len()).sum();
+                let subscribers: usize =
+                    r.subscribers.iter().map(|s| s.simulated + s.attached).sum();
+                say!(
+                    out,
+                    "{} {} in {} ({} stages, {expectations} expectations, {subscribers} subscribers)",
+                    if r.passed { "PASS" } else { "FAIL" },
+                    r.runbook,
+                    r.namespace,
+                    r.stages.len()
+                );
+                for stage in &r.stages {
+                    let slowest = stage
+                        .channels
+                        .iter()
+                        .max_by(|a, b| a.max_ms.total_cmp(&b.max_ms));
+                    say!(
+                        out,
+                        "  {} ({}) at revision {}: {}/{} expectations hold; slowest channel {} ({:.1} ms, limit {} ms){}",
+                        stage.severity,
+                        stage.step,
+                        stage.revision,
+                        stage.expectations.iter().filter(|e| e.passed).count(),
+                        stage.expectations.len(),
+                        slowest.map_or("-", |c| c.channel.as_str()),
+                        slowest.map_or(0.0, |c| c.max_ms),
+                        stage.apply_within_ms,
+                        stage
+                            .approval
+                            .as_ref()
+                            .map(|a| format!("; approved by {}", a.approved_by))
+                            .unwrap_or_default()
+                    );
+                }
+                if let Some(fault) = &r.fault {
+                    say!(
+                        out,
+                        "  fault {} at {}: {} affected, {} in {:.1} ms",
+                        fault.kind,
+                        fault.severity,
+                        fault.affected,
+                        if fault.recovered {
+                            "recovered"
+                        } else {
+                            "NOT recovered"
+                        },
+                        fault.recovery_ms
+                    );
+                }
+                for failure in &r.failures {
+                    say!(out, "  FAILED: {failure}");
+                }
+            }
+            for path in written {
+                say!(out, "wrote {}", path.display());
+            }
+            out
+        }
+    }
+}
+
 // === incidents, requests, audit, runbooks, tokens ===
 
 fn request_json(r: &proto::ChangeRequest) -> Value {

@@ -295,6 +295,24 @@ impl tonic::service::Interceptor for Bearer {
     }
 }
 
+/// Connects to the first of `servers` that answers (each checked by
+/// [`endpoints`] first); the error names them all if none does, and says
+/// more than "unreachable" when a certificate was not trusted.
+pub async fn connect_any(
+    servers: &[String],
+    options: &EndpointOptions<'_>,
+    request_timeout: Duration,
+) -> Result<tonic::transport::Channel, ClientError> {
+    let mut errors = Vec::new();
+    for (server, endpoint) in endpoints(servers, options)? {
+        match endpoint.timeout(request_timeout).connect().await {
+            Ok(channel) => return Ok(channel),
+            Err(e) => errors.push(connect_failed(&server, &e)),
+        }
+    }
+    Err(super::first_failure(errors))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,15 +2,21 @@
 //! a channel service that restarts while the controller is unreachable still
 //! enforces the modes that were active.
 //!
-//! The file is written atomically (a temporary file in the same directory,
-//! synced, renamed over the old one, the directory synced) and checked when
-//! read: a first line naming the format, a second line (JSON) with the
-//! payload's length and SHA-256, then the snapshot exactly as the controller
-//! sent it (protobuf). A file that fails any check is refused whole, never
-//! half-trusted.
+//! The file is written atomically (a fresh temporary file in the same
+//! directory, readable only by its owner, synced, renamed over the old one,
+//! the directory synced) and checked when read: a first line naming the
+//! format, a second line (JSON) with the payload's length and SHA-256 and
+//! when the policy was last known current, then the snapshot exactly as the
+//! controller sent it (protobuf). A file that fails any check is refused
+//! whole, never half-trusted. The "last known current" time is rewritten as
+//! heartbeats confirm the policy, so a service that restarts cut off from
+//! the controller counts its staleness from then, not from its restart.
 
 use std::io::{self, Write as _};
 use std::path::Path;
+use std::time::Duration;
+
+use jiff::Timestamp;
 
 use prost::Message as _;
 use serde::{Deserialize, Serialize};
@@ -30,52 +36,82 @@ struct Header {
     revision: i64,
     length: usize,
     sha256: String,
+    /// When the policy was last known current (absent: unknown, which
+    /// counts as long ago).
+    #[serde(default)]
+    confirmed_at: Option<Timestamp>,
 }
 
-/// The file's contents for `snapshot`.
-pub(super) fn encode(snapshot: &proto::Snapshot) -> Vec<u8> {
-    let payload = snapshot.encode_to_vec();
-    let header = Header {
-        namespace: snapshot.namespace.clone(),
-        channel: snapshot.channel.clone(),
-        revision: snapshot.revision,
-        length: payload.len(),
-        sha256: format!("{:x}", Sha256::digest(&payload)),
-    };
-    let mut bytes = Vec::with_capacity(payload.len() + 256);
-    bytes.extend_from_slice(FORMAT.as_bytes());
-    bytes.push(b'\n');
-    serde_json::to_writer(&mut bytes, &header).expect("headers serialize");
-    bytes.push(b'\n');
-    bytes.extend_from_slice(&payload);
-    bytes
+/// A snapshot to keep: encoded once, written with each new confirmation.
+pub(super) struct Kept {
+    namespace: String,
+    channel: String,
+    revision: i64,
+    payload: Vec<u8>,
+}
+
+impl Kept {
+    pub fn of(snapshot: &proto::Snapshot) -> Kept {
+        Kept {
+            namespace: snapshot.namespace.clone(),
+            channel: snapshot.channel.clone(),
+            revision: snapshot.revision,
+            payload: snapshot.encode_to_vec(),
+        }
+    }
+
+    /// The file's contents, saying the policy was current at `confirmed_at`.
+    pub fn file(&self, confirmed_at: Timestamp) -> Vec<u8> {
+        let header = Header {
+            namespace: self.namespace.clone(),
+            channel: self.channel.clone(),
+            revision: self.revision,
+            length: self.payload.len(),
+            sha256: format!("{:x}", Sha256::digest(&self.payload)),
+            confirmed_at: Some(confirmed_at),
+        };
+        let mut bytes = Vec::with_capacity(self.payload.len() + 256);
+        bytes.extend_from_slice(FORMAT.as_bytes());
+        bytes.push(b'\n');
+        serde_json::to_writer(&mut bytes, &header).expect("headers serialize");
+        bytes.push(b'\n');
+        bytes.extend_from_slice(&self.payload);
+        bytes
+    }
+}
+
+/// The directory the file at `path` lives in.
+fn directory(path: &Path) -> &Path {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    }
+}
+
+/// Checks, at start, that the file at `path` can be written: its directory
+/// exists and takes new files.
+pub(super) fn check_writable(path: &Path) -> Result<(), String> {
+    if path.file_name().is_none() || path.is_dir() {
+        return Err(format!("{} is not a file path", path.display()));
+    }
+    let dir = directory(path);
+    tempfile::NamedTempFile::new_in(dir)
+        .map(drop)
+        .map_err(|e| format!("cannot write in {}: {e}", dir.display()))
 }
 
 /// Replaces the file at `path` with `bytes`, atomically: readers see the
-/// old file or the new one, even across a crash.
+/// old file or the new one, even across a crash. The temporary file has a
+/// fresh name (created exclusively, never through a symlink) and is
+/// readable only by its owner.
 pub(super) fn save(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the path names no file"))?;
-    let mut temporary = name.to_os_string();
-    temporary.push(format!(".{}.tmp", std::process::id()));
-    let temporary = dir.join(temporary);
-    let written = (|| {
-        let mut file = std::fs::File::create(&temporary)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&temporary, path)?;
-        // The rename itself is durable once the directory is.
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_file(&temporary);
-    }
-    written
+    let dir = directory(path);
+    let mut file = tempfile::NamedTempFile::new_in(dir)?;
+    file.write_all(bytes)?;
+    file.as_file().sync_all()?;
+    file.persist(path).map_err(|e| e.error)?;
+    // The rename itself is durable once the directory is.
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Why a last-known-good file cannot be used.
@@ -89,12 +125,13 @@ pub struct LastKnownGoodError {
 }
 
 /// Reads the file at `path` for the subscription of `channel` in
-/// `namespace`: `Ok(None)` if there is none.
+/// `namespace`: `Ok(None)` if there is none; else the snapshot, and how long
+/// ago it was last known current (`None`: unknown).
 pub(super) fn load(
     path: &Path,
     namespace: &Namespace,
     channel: Channel,
-) -> Result<Option<PolicySnapshot>, LastKnownGoodError> {
+) -> Result<Option<(PolicySnapshot, Option<Duration>)>, LastKnownGoodError> {
     let refuse = |reason: String| LastKnownGoodError {
         path: path.display().to_string(),
         reason,
@@ -129,9 +166,13 @@ pub(super) fn load(
     }
     let wire = proto::Snapshot::decode(payload)
         .map_err(|e| refuse(format!("its policy cannot be decoded: {e}")))?;
-    PolicySnapshot::from_wire(wire, namespace, channel)
-        .map(Some)
-        .map_err(|e| refuse(e.to_string()))
+    let snapshot =
+        PolicySnapshot::from_wire(wire, namespace, channel).map_err(|e| refuse(e.to_string()))?;
+    // A time in the future (a clock set back) counts as now.
+    let ago = header.confirmed_at.map(|at| {
+        Duration::try_from(Timestamp::now().duration_since(at)).unwrap_or(Duration::ZERO)
+    });
+    Ok(Some((snapshot, ago)))
 }
 
 fn split_line(bytes: &[u8]) -> Option<(&[u8], &[u8])> {

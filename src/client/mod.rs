@@ -57,7 +57,7 @@ use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span};
 
-pub use connection::{Bearer, EndpointOptions, connect_failed, endpoints};
+pub use connection::{Bearer, EndpointOptions, connect_any, connect_failed, endpoints};
 pub use decision::{Decision, FailClosed, FailClosedEffect};
 pub use lkg::LastKnownGoodError;
 pub use snapshot::{ActivationInfo, DecisionReport, PolicySnapshot};
@@ -151,6 +151,9 @@ pub enum ClientError {
     /// No snapshot arrived in time.
     #[error("no snapshot arrived within {0:?}")]
     Timeout(Duration),
+    /// The subscriber's settings cannot work.
+    #[error("bad subscriber settings: {0}")]
+    BadConfig(String),
 }
 
 /// Settings of a subscriber.
@@ -267,6 +270,9 @@ type FirstReport = oneshot::Receiver<Result<(), ClientError>>;
 pub struct Subscriber {
     shared: Arc<state::Shared>,
     changes: watch::Receiver<Option<Arc<PolicySnapshot>>>,
+    /// A fixed subscriber's sender, kept so that `changes()` waits rather
+    /// than ending.
+    _fixed: Option<watch::Sender<Option<Arc<PolicySnapshot>>>>,
     stop: CancellationToken,
 }
 
@@ -300,13 +306,27 @@ impl Subscriber {
     /// will be reported, and how long that round may take.
     fn begin(config: SubscriberConfig) -> Result<(Subscriber, FirstReport, Duration), ClientError> {
         let endpoints = endpoints(&config.servers, &config.endpoint_options())?;
+        // Everything that would make every attempt fail is refused now, not
+        // retried forever.
+        Bearer::new(config.token.as_deref())?;
+        crate::wire::check_subscriber_id(&config.subscriber_id)
+            .map_err(|e| ClientError::BadConfig(format!("subscriber id: {e}")))?;
+        if config.stale_after.is_zero() {
+            return Err(ClientError::BadConfig(
+                "stale_after must be longer than zero".into(),
+            ));
+        }
+        if let Some(path) = &config.last_known_good {
+            lkg::check_writable(path)
+                .map_err(|e| ClientError::BadConfig(format!("last-known-good file: {e}")))?;
+        }
         let loaded = match &config.last_known_good {
             None => None,
             Some(path) => match lkg::load(path, &config.namespace, config.channel) {
-                Ok(Some(snapshot)) => {
-                    info!(path = %path.display(), revision = snapshot.revision,
+                Ok(Some((snapshot, ago))) => {
+                    info!(path = %path.display(), revision = snapshot.revision, confirmed_ago = ?ago,
                         "enforcing the last-known-good policy until a controller answers");
-                    Some(Arc::new(snapshot))
+                    Some((Arc::new(snapshot), ago))
                 }
                 Ok(None) => None,
                 Err(e) => {
@@ -320,12 +340,9 @@ impl Subscriber {
             .fail_closed
             .as_ref()
             .map(decision::FailClosedRule::new);
-        let shared = Arc::new(state::Shared::new(
-            loaded.clone(),
-            config.stale_after,
-            fail_closed,
-        ));
-        let (changes_tx, changes) = watch::channel(loaded);
+        let first_policy = loaded.as_ref().map(|(snapshot, _)| snapshot.clone());
+        let shared = Arc::new(state::Shared::new(loaded, config.stale_after, fail_closed));
+        let (changes_tx, changes) = watch::channel(first_policy);
         let stop = CancellationToken::new();
         let span =
             info_span!("subscriber", channel = %config.channel, namespace = %config.namespace);
@@ -354,6 +371,7 @@ impl Subscriber {
             shared: shared.clone(),
             changes: changes_tx,
             keep,
+            kept: None,
             first: Some(first_tx),
             first_errors: Vec::new(),
         };
@@ -361,6 +379,7 @@ impl Subscriber {
         let subscriber = Subscriber {
             shared,
             changes,
+            _fixed: None,
             stop,
         };
         Ok((subscriber, first_rx, first_deadline))
@@ -371,15 +390,16 @@ impl Subscriber {
     pub fn fixed(snapshot: PolicySnapshot) -> Subscriber {
         let snapshot = Arc::new(snapshot);
         let shared = Arc::new(state::Shared::new(
-            Some(snapshot.clone()),
+            Some((snapshot.clone(), Some(Duration::ZERO))),
             Duration::MAX,
             None,
         ));
-        shared.freshness.heard(snapshot.revision);
-        let (_, changes) = watch::channel(Some(snapshot));
+        shared.freshness.observe(false);
+        let (fixed, changes) = watch::channel(Some(snapshot));
         Subscriber {
             shared,
             changes,
+            _fixed: Some(fixed),
             stop: CancellationToken::new(),
         }
     }

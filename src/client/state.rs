@@ -3,14 +3,13 @@
 //! lock or allocates when read.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 
 use super::PolicySnapshot;
 use super::decision::FailClosedRule;
-use crate::policy::Revision;
 
 pub(super) struct Shared {
     /// The applied snapshot (from a controller, or the last-known-good file).
@@ -22,18 +21,21 @@ pub(super) struct Shared {
     pub fail_closed: Option<FailClosedRule>,
 }
 
-/// How long ago the client last knew its policy was current: it heard from a
-/// controller, and had applied the revision that controller announced.
+/// When the client last knew its policy was current: it heard from a
+/// controller, in the same store history, at the revision it had applied.
 #[derive(Debug)]
 pub(super) struct Freshness {
     start: Instant,
     /// Milliseconds after `start` of the last moment the client knew it was
     /// current; [`NEVER`] until it first does.
     current_ms: AtomicU64,
-    /// The revision the controller last announced (snapshot or heartbeat).
-    announced: AtomicI64,
-    /// The revision applied; -1: none.
-    applied: AtomicI64,
+    /// Until then: how long before `start` the policy was last known
+    /// current (a policy loaded from disk), or [`NEVER`] (no policy at all:
+    /// as stale as can be).
+    before_start_ms: u64,
+    /// The controller holds something this client has not applied: a newer
+    /// revision, or another store history.
+    behind: AtomicBool,
 }
 
 const NEVER: u64 = u64::MAX;
@@ -43,18 +45,25 @@ const NEVER: u64 = u64::MAX;
 pub(super) struct Staleness {
     /// Decisions must say stale.
     pub stale: bool,
-    /// How long since the client last knew it was current (since it started,
-    /// if it never did).
+    /// How long since the policy was last known current: since this process
+    /// confirmed it, or since it was saved if never confirmed since start;
+    /// the longest duration with no policy at all.
     pub for_: Duration,
 }
 
 impl Freshness {
-    pub fn new(applied: Option<Revision>) -> Self {
+    /// Freshness at start: with no policy, or with one loaded from disk that
+    /// was last known current `confirmed_ago` ago (`None`: unknown).
+    pub fn new(loaded: bool, confirmed_ago: Option<Duration>) -> Self {
+        let before_start_ms = match (loaded, confirmed_ago) {
+            (true, Some(ago)) => u64::try_from(ago.as_millis()).unwrap_or(NEVER - 1),
+            _ => NEVER,
+        };
         Freshness {
             start: Instant::now(),
             current_ms: AtomicU64::new(NEVER),
-            announced: AtomicI64::new(applied.unwrap_or(0)),
-            applied: AtomicI64::new(applied.unwrap_or(-1)),
+            before_start_ms,
+            behind: AtomicBool::new(true),
         }
     }
 
@@ -62,36 +71,28 @@ impl Freshness {
         self.start.elapsed().as_millis() as u64
     }
 
-    /// A controller said it is at `revision`.
-    pub fn heard(&self, revision: Revision) {
-        self.announced.store(revision, Ordering::Release);
-        self.mark_if_current();
-    }
-
-    /// The client applied (or confirmed it has) `revision`.
-    pub fn applied(&self, revision: Revision) {
-        self.applied.store(revision, Ordering::Release);
-        self.mark_if_current();
-    }
-
-    fn mark_if_current(&self) {
-        if self.applied.load(Ordering::Acquire) >= self.announced.load(Ordering::Acquire) {
+    /// A controller was heard: is the client behind it? If not, it is
+    /// current now.
+    pub fn observe(&self, behind: bool) {
+        self.behind.store(behind, Ordering::Release);
+        if !behind {
             self.current_ms.store(self.now_ms(), Ordering::Release);
         }
     }
 
     /// Stale: the client has not known it was current for longer than
-    /// `limit`, never has since it started, or knows the controller is at a
-    /// revision it has not applied (one it rejected, or has yet to receive).
+    /// `limit`, never has since it started, or is behind the controller.
     pub fn staleness(&self, limit: Duration) -> Staleness {
         let now = self.now_ms();
         let current = self.current_ms.load(Ordering::Acquire);
-        let applied = self.applied.load(Ordering::Acquire);
-        let behind = applied < 0 || self.announced.load(Ordering::Acquire) > applied;
-        let (never, for_) = if current == NEVER {
-            (true, Duration::from_millis(now))
-        } else {
-            (false, Duration::from_millis(now.saturating_sub(current)))
+        let behind = self.behind.load(Ordering::Acquire);
+        let (never, for_) = match current {
+            NEVER if self.before_start_ms == NEVER => (true, Duration::MAX),
+            NEVER => (
+                true,
+                Duration::from_millis(self.before_start_ms.saturating_add(now)),
+            ),
+            current => (false, Duration::from_millis(now.saturating_sub(current))),
         };
         Staleness {
             stale: never || behind || for_ > limit,
@@ -102,13 +103,14 @@ impl Freshness {
 
 impl Shared {
     pub fn new(
-        loaded: Option<Arc<PolicySnapshot>>,
+        loaded: Option<(Arc<PolicySnapshot>, Option<Duration>)>,
         stale_after: Duration,
         fail_closed: Option<FailClosedRule>,
     ) -> Self {
+        let freshness = Freshness::new(loaded.is_some(), loaded.as_ref().and_then(|(_, ago)| *ago));
         Shared {
-            freshness: Freshness::new(loaded.as_ref().map(|s| s.revision)),
-            current: ArcSwapOption::new(loaded),
+            freshness,
+            current: ArcSwapOption::new(loaded.map(|(snapshot, _)| snapshot)),
             stale_after,
             fail_closed,
         }
@@ -119,31 +121,41 @@ impl Shared {
 mod tests {
     use super::*;
 
+    const HOUR: Duration = Duration::from_secs(3600);
+
     #[test]
     fn stale_until_current_and_again_once_behind() {
-        let limit = Duration::from_secs(3600);
-        let freshness = Freshness::new(None);
-        assert!(freshness.staleness(limit).stale, "no policy yet");
-        freshness.heard(5);
-        assert!(
-            freshness.staleness(limit).stale,
-            "heard, but nothing applied"
+        let freshness = Freshness::new(false, None);
+        let at_start = freshness.staleness(HOUR);
+        assert!(at_start.stale, "no policy yet");
+        assert_eq!(
+            at_start.for_,
+            Duration::MAX,
+            "no policy is as stale as can be"
         );
-        freshness.applied(5);
-        assert!(!freshness.staleness(limit).stale);
-        // A newer revision was announced (and, say, rejected): still at 5.
-        freshness.heard(6);
-        assert!(freshness.staleness(limit).stale);
-        freshness.applied(6);
-        assert!(!freshness.staleness(limit).stale);
+        freshness.observe(true);
+        assert!(freshness.staleness(HOUR).stale, "heard, but behind");
+        freshness.observe(false);
+        assert!(!freshness.staleness(HOUR).stale);
+        // A newer revision or another history was announced (and, say,
+        // rejected): stale at once, whatever the limit.
+        freshness.observe(true);
+        assert!(freshness.staleness(HOUR).stale);
+        freshness.observe(false);
+        assert!(!freshness.staleness(HOUR).stale);
     }
 
     #[test]
-    fn a_policy_loaded_from_disk_is_stale_until_a_controller_confirms_it() {
-        let limit = Duration::from_secs(3600);
-        let freshness = Freshness::new(Some(7));
-        assert!(freshness.staleness(limit).stale);
-        freshness.heard(7);
-        assert!(!freshness.staleness(limit).stale);
+    fn a_policy_from_disk_is_as_stale_as_when_it_was_saved() {
+        let freshness = Freshness::new(true, Some(Duration::from_secs(600)));
+        let loaded = freshness.staleness(HOUR);
+        assert!(loaded.stale, "nobody confirmed it since the start");
+        assert!(loaded.for_ >= Duration::from_secs(600), "{loaded:?}");
+        freshness.observe(false);
+        assert!(!freshness.staleness(HOUR).stale);
+        assert!(freshness.staleness(HOUR).for_ < Duration::from_secs(600));
+
+        let unknown = Freshness::new(true, None);
+        assert_eq!(unknown.staleness(HOUR).for_, Duration::MAX);
     }
 }

@@ -4,7 +4,9 @@
 //! rejected, and acknowledged.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use jiff::Timestamp;
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -36,6 +38,9 @@ pub(super) struct Task {
     pub changes: watch::Sender<Option<Arc<PolicySnapshot>>>,
     /// The newest snapshot to keep as last-known-good, encoded.
     pub keep: Option<watch::Sender<Option<Arc<Vec<u8>>>>>,
+    /// The applied snapshot as kept, and when a confirmation of it was last
+    /// saved.
+    pub kept: Option<(lkg::Kept, Option<Instant>)>,
     /// Told how the first round of attempts went, then dropped.
     pub first: Option<oneshot::Sender<Result<(), ClientError>>>,
     /// Why each endpoint failed before the first snapshot.
@@ -110,20 +115,47 @@ impl Task {
             .await
             .map_err(|s| refused(&server, s))?
             .into_inner();
-        while let Some(message) = inbound.message().await.map_err(|s| refused(&server, s))? {
+        // What this controller holds: its store history (from its first
+        // snapshot) and its newest revision.
+        let mut heard = Heard::default();
+        // A replica that stops talking (its follower is unhealthy, it hangs)
+        // is left for another before decisions go stale.
+        let silence = self.config.stale_after;
+        loop {
+            let message = match tokio::time::timeout(silence, inbound.message()).await {
+                Err(_) => {
+                    return Err(ClientError::Unreachable {
+                        server,
+                        reason: format!("no message for {silence:?}"),
+                    });
+                }
+                Ok(message) => match message.map_err(|s| refused(&server, s))? {
+                    Some(message) => message,
+                    None => return Ok(()),
+                },
+            };
             let wire = match message.message {
                 Some(Inbound::Snapshot(wire)) => wire,
                 Some(Inbound::Heartbeat(heartbeat)) => {
-                    self.shared.freshness.heard(heartbeat.revision);
+                    heard.revision = heartbeat.revision;
+                    self.observe(&heard);
+                    // The stream stays up: a later failure starts over
+                    // from the shortest pause.
+                    backoff.reset();
                     continue;
                 }
                 None => continue,
             };
             let revision = wire.revision;
-            match self.receive(wire) {
+            heard = Heard {
+                epoch: Some(wire.epoch.clone()),
+                revision,
+            };
+            let received = self.receive(wire);
+            self.observe(&heard);
+            match received {
                 Ok(()) => {
                     send(&out, Outbound::Ack(proto::Ack { revision })).await;
-                    backoff.reset();
                     if let Some(first) = self.first.take() {
                         let _ = first.send(Ok(()));
                     }
@@ -141,16 +173,36 @@ impl Task {
                 }
             }
         }
-        Ok(())
+    }
+
+    /// Records whether the client is behind what the controller holds (a
+    /// newer revision, or another store history) and, when it is not, saves
+    /// the confirmation now and then.
+    fn observe(&mut self, heard: &Heard) {
+        let applied = self.shared.current.load();
+        let behind = match applied.as_deref() {
+            None => true,
+            Some(applied) => {
+                heard.epoch.as_ref().is_some_and(|e| *e != applied.epoch)
+                    || heard.revision > applied.revision
+            }
+        };
+        self.shared.freshness.observe(behind);
+        if behind {
+            return;
+        }
+        if let (Some(keep), Some((kept, saved))) = (&self.keep, &mut self.kept)
+            && saved.is_none_or(|at| at.elapsed() >= CONFIRM_EVERY)
+        {
+            keep.send_replace(Some(Arc::new(kept.file(Timestamp::now()))));
+            *saved = Some(Instant::now());
+        }
     }
 
     /// Checks and applies one snapshot.
     fn receive(&mut self, wire: proto::Snapshot) -> Result<(), Refusal> {
         let revision = wire.revision;
-        // Even a snapshot this client cannot use says how far the controller
-        // is: until it catches up, decisions say stale.
-        self.shared.freshness.heard(revision);
-        let encoded = self.keep.as_ref().map(|_| lkg::encode(&wire));
+        let kept = self.keep.as_ref().map(|_| lkg::Kept::of(&wire));
         let snapshot = PolicySnapshot::from_wire(wire, &self.config.namespace, self.config.channel)
             .map_err(|e| Refusal::Unusable(e.to_string()))?;
         if let Some(check) = &self.config.check {
@@ -175,23 +227,32 @@ impl Task {
             }
             // The revision it already has (a new stream starts with the
             // current snapshot): acknowledge, change nothing.
-            Some(current) if revision == current.revision => {
-                self.shared.freshness.applied(revision);
-                return Ok(());
-            }
+            Some(current) if revision == current.revision => return Ok(()),
             _ => {}
         }
         debug!(revision, "snapshot applied");
         let snapshot = Arc::new(snapshot);
         self.shared.current.store(Some(snapshot.clone()));
-        self.shared.freshness.applied(revision);
         self.changes.send_replace(Some(snapshot));
-        if let (Some(keep), Some(encoded)) = (&self.keep, encoded) {
-            keep.send_replace(Some(Arc::new(encoded)));
+        if let (Some(keep), Some(kept)) = (&self.keep, kept) {
+            keep.send_replace(Some(Arc::new(kept.file(Timestamp::now()))));
+            self.kept = Some((kept, Some(Instant::now())));
         }
         Ok(())
     }
 }
+
+/// What the controller of the current stream said it holds.
+#[derive(Default)]
+struct Heard {
+    /// Its store history, once its first snapshot arrived.
+    epoch: Option<String>,
+    /// Its newest revision.
+    revision: Revision,
+}
+
+/// How often a confirmation that the kept policy is still current is saved.
+const CONFIRM_EVERY: Duration = Duration::from_secs(5);
 
 enum Refusal {
     /// The snapshot cannot be used (schema, rules, or the channel's own

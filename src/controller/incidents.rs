@@ -22,7 +22,8 @@ use crate::audit::AuditAction;
 use crate::auth::Principal;
 use crate::policy::runbook::{Runbook, RunbookName, Severity, Stage};
 use crate::policy::{
-    Activation, ActivationId, Change, ChannelSet, ModeCatalog, Namespace, Reason, Revision,
+    Activation, ActivationId, Change, ChannelSet, Effect, Mode, ModeCatalog, Namespace, Reason,
+    Revision,
 };
 use crate::store::{Compare, Op};
 
@@ -92,6 +93,31 @@ pub(crate) struct StagePlan {
     pub apply: Vec<Activation>,
 }
 
+/// Whether `after` protects exactly as `before` does: the same rules, read
+/// as effects on channels and actions under conditions. Texts (a stage's own
+/// customer message and agent script) and a read-only as-of time may differ.
+fn same_protection(after: &Mode, before: &Mode) -> bool {
+    let protection = |m: &Mode| -> Vec<_> {
+        m.rules
+            .iter()
+            .map(|r| {
+                let mut effect = r.effect.clone();
+                if let Effect::ReadOnly(read_only) = &mut effect {
+                    read_only.as_of = None;
+                }
+                (
+                    r.channels,
+                    r.actions.clone(),
+                    r.except.clone(),
+                    r.when.clone(),
+                    effect,
+                )
+            })
+            .collect()
+    };
+    protection(after) == protection(before)
+}
+
 impl StagePlan {
     /// Whether the change needs a second approver: it lifts, without putting
     /// it back, a protection whose lifting needs one.
@@ -127,7 +153,7 @@ impl StagePlan {
                 .any(|after| {
                     after.mode.name == lifted.mode.name
                         && lifted.channels.is_subset(after.channels)
-                        && same_rules(&after.mode, &lifted.mode, None)
+                        && same_protection(&after.mode, &lifted.mode)
                 })
         })
     }

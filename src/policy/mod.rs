@@ -26,4 +26,4 @@ pub use runbook::{
     DuplicateRunbook, Expectation, ExpectationResult, Runbook, RunbookCatalog, RunbookName,
     Severity, Stage, StageMode, Transition,
 };
-pub use runbook_file::{RunbookFileError, parse_runbook};
+pub use runbook_file::{Expectations, RunbookFileError, parse_runbook, parse_runbook_checking};

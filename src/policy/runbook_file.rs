@@ -55,6 +55,29 @@ pub fn parse_runbook(
     text: &str,
     modes: &ModeCatalog,
 ) -> Result<Runbook, Vec<RunbookFileError>> {
+    parse_runbook_checking(file, name, text, modes, Expectations::MustHold)
+}
+
+/// Whether a runbook's drill expectations must hold against its own stages
+/// for the runbook to load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expectations {
+    /// Lint and serving: an expectation the stage's modes contradict is an
+    /// error.
+    MustHold,
+    /// A drill: load the runbook anyway, so that the drill shows what each
+    /// channel actually decides and fails on the expectation there.
+    CheckedByDrill,
+}
+
+/// [`parse_runbook`], with the expectations checked as `expectations` says.
+pub fn parse_runbook_checking(
+    file: &str,
+    name: &str,
+    text: &str,
+    modes: &ModeCatalog,
+    expectations: Expectations,
+) -> Result<Runbook, Vec<RunbookFileError>> {
     let error = |line: u32, column: u32, message: String| RunbookFileError {
         file: file.to_string(),
         line,
@@ -86,6 +109,7 @@ pub fn parse_runbook(
     let mut checker = Checker {
         errors: Vec::new(),
         modes,
+        expectations,
     };
     let name = match RunbookName::parse(name) {
         Ok(name) => Some(name),
@@ -273,6 +297,7 @@ struct Checker<'a> {
     /// Errors with their position (`None`: the start of the file).
     errors: Vec<(Option<Location>, String)>,
     modes: &'a ModeCatalog,
+    expectations: Expectations,
 }
 
 /// The fields of a YAML map, after unknown fields were reported.
@@ -545,7 +570,9 @@ impl Checker<'_> {
             .map(|n| self.stages(n, &defaults));
         // Expectations are checked whatever else is wrong, so one run shows
         // every mistake.
-        if let Some((stages, _)) = &stages {
+        if let Some((stages, _)) = &stages
+            && self.expectations == Expectations::MustHold
+        {
             let check_name = name
                 .clone()
                 .unwrap_or_else(|| RunbookName::parse("unnamed").expect("a valid name"));

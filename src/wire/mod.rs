@@ -22,3 +22,18 @@ pub mod proto {
 
 /// The snapshot format version this build writes and reads.
 pub const SCHEMA_VERSION: u32 = 1;
+
+/// The longest subscriber id a controller accepts.
+pub const MAX_SUBSCRIBER_ID_LEN: usize = 128;
+
+/// Checks a subscriber id as the controller does (so a client refuses a bad
+/// one at start rather than retrying forever).
+pub fn check_subscriber_id(id: &str) -> Result<(), String> {
+    let id = id.trim();
+    if id.is_empty() || id.len() > MAX_SUBSCRIBER_ID_LEN || id.chars().any(char::is_control) {
+        return Err(format!(
+            "give a stable id of 1 to {MAX_SUBSCRIBER_ID_LEN} printable characters, e.g. chatbot-7f9c"
+        ));
+    }
+    Ok(())
+}

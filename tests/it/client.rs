@@ -22,13 +22,15 @@ fn action(name: &str) -> Action {
     Action::parse(name).unwrap()
 }
 
-/// Restarts a stopped controller on its old address and data directory.
-async fn restart(addr: std::net::SocketAddr, data_dir: &Path) -> TestServer {
+/// A controller on `addr` and `data_dir` that sends heartbeats every 100 ms,
+/// so that a client's staleness limits can be short.
+async fn chatty(addr: std::net::SocketAddr, data_dir: &Path) -> TestServer {
     TestServer::start_with(ServeConfig {
         listen: addr,
         store: StoreConfig::Embedded {
             data_dir: data_dir.to_path_buf(),
         },
+        heartbeat: Duration::from_millis(100),
         ..Default::default()
     })
     .await
@@ -49,15 +51,15 @@ async fn until_current(subscriber: &Subscriber, revision: i64) {
 async fn a_cut_off_channel_keeps_its_policy_then_fails_closed_then_recovers() {
     let data = tempfile::tempdir().unwrap();
     let files = tempfile::tempdir().unwrap();
-    let mut server = TestServer::start_in(data.path()).await;
+    let mut server = chatty("127.0.0.1:0".parse().unwrap(), data.path()).await;
     let frozen = server.apply(&["freeze-credential-changes"]).await;
 
     let mut config = config(&server.url, "web-1");
     config.last_known_good = Some(files.path().join("web.lkg"));
-    config.stale_after = Duration::from_millis(300);
+    config.stale_after = Duration::from_secs(1);
     config.max_backoff = Duration::from_millis(200);
     config.fail_closed = Some(FailClosed::new(
-        Duration::from_secs(1),
+        Duration::from_secs(3),
         vec![
             ActionSelector::parse("account.*").unwrap(),
             ActionSelector::parse("payment.payout").unwrap(),
@@ -66,12 +68,17 @@ async fn a_cut_off_channel_keeps_its_policy_then_fails_closed_then_recovers() {
             queue: "held-while-cut-off".into(),
         },
     ));
-    let subscriber = Subscriber::start(config).unwrap();
+    let subscriber = Subscriber::start(config.clone()).unwrap();
     until_current(&subscriber, frozen).await;
     let (reset, payout) = (action("account.password_reset"), action("payment.payout"));
     let ctx = Context::default();
     assert_eq!(subscriber.decide(&reset, &ctx).effect(), EffectKind::Deny);
     assert_eq!(subscriber.decide(&payout, &ctx).effect(), EffectKind::Allow);
+    // Heartbeats keep it current while the controller is there.
+    wait_until("a heartbeat confirmed the policy", || async {
+        !subscriber.is_stale() && files.path().join("web.lkg").exists()
+    })
+    .await;
 
     // The controller goes away: the policy holds, then says stale.
     let addr = server.addr();
@@ -101,13 +108,35 @@ async fn a_cut_off_channel_keeps_its_policy_then_fails_closed_then_recovers() {
     let view = action("order.view");
     assert_eq!(subscriber.decide(&view, &ctx).effect(), EffectKind::Allow);
 
+    // The service restarts, still cut off: it does not get a fresh grace
+    // period. Its saved policy was last known current as long ago as
+    // before, so it fails closed at once.
+    let mut again = config.clone();
+    again.subscriber_id = "web-1-restarted".into();
+    let restarted = Subscriber::start(again).unwrap();
+    let after_restart = restarted.decide(&payout, &ctx);
+    assert_eq!(after_restart.revision(), Some(frozen));
+    assert!(after_restart.is_fail_closed(), "{after_restart:?}");
+    drop(after_restart);
+
+    // A new service with no saved policy at all fails closed at once too.
+    let mut fresh = config.clone();
+    fresh.subscriber_id = "web-new".into();
+    fresh.last_known_good = Some(files.path().join("new.lkg"));
+    let new = Subscriber::start(fresh).unwrap();
+    let nothing = new.decide(&payout, &ctx);
+    assert!(nothing.revision().is_none() && nothing.is_fail_closed());
+    drop(nothing);
+
     // The controller is back: fresh policy, not stale, no longer closed.
-    let server = restart(addr, data.path()).await;
+    let server = chatty(addr, data.path()).await;
     until_current(&subscriber, frozen).await;
-    let back = subscriber.decide(&payout, &ctx);
-    assert_eq!(back.effect(), EffectKind::Allow);
-    assert!(!back.is_stale() && !back.is_fail_closed());
-    drop(back);
+    until_current(&restarted, frozen).await;
+    wait_until("it no longer fails closed", || async {
+        let back = subscriber.decide(&payout, &ctx);
+        back.effect() == EffectKind::Allow && !back.is_stale() && !back.is_fail_closed()
+    })
+    .await;
     // And it follows new changes again.
     let noticed = server.apply(&["incident-notice"]).await;
     until_current(&subscriber, noticed).await;
@@ -307,4 +336,61 @@ async fn a_snapshot_the_channel_cannot_use_is_rejected_and_the_old_policy_holds(
     let shown = safemode(&["--server", &server.url, "status"]).await;
     let text = String::from_utf8_lossy(&shown.stdout);
     assert!(text.contains("cannot route customers"), "{text}");
+}
+
+/// A policy from another store history (the controller's store was
+/// replaced) is never taken for current, even while that controller talks,
+/// if the channel cannot use the new history's snapshots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_from_a_replaced_store_is_stale() {
+    let files = tempfile::tempdir().unwrap();
+    let lkg = files.path().join("web.lkg");
+    let old_data = tempfile::tempdir().unwrap();
+    let mut old = chatty("127.0.0.1:0".parse().unwrap(), old_data.path()).await;
+    for mode in [
+        "incident-notice",
+        "throttle-high-risk",
+        "freeze-credential-changes",
+    ] {
+        old.apply(&[mode]).await;
+    }
+    let mut saving = config(&old.url, "web-1");
+    saving.last_known_good = Some(lkg.clone());
+    let subscriber = Subscriber::start(saving.clone()).unwrap();
+    wait_until("the policy is saved", || async {
+        lkg.exists() && !subscriber.is_stale()
+    })
+    .await;
+    drop(subscriber);
+    let addr = old.addr();
+    old.stop().await;
+
+    // The same address, a new, empty store: a new history at a lower
+    // revision. This channel refuses its snapshots.
+    let new_data = tempfile::tempdir().unwrap();
+    let new = chatty(addr, new_data.path()).await;
+    let replaced_at = new.apply(&["incident-notice"]).await;
+    let mut refusing = saving.clone();
+    refusing.stale_after = Duration::from_secs(1);
+    refusing.check = Some(Arc::new(|_: &safemode::client::PolicySnapshot| {
+        Err("this channel is being migrated".to_string())
+    }));
+    let subscriber = Subscriber::start(refusing).unwrap();
+    let held = subscriber.current().expect("the saved policy").revision;
+    assert!(replaced_at < held, "the new history is at a lower revision");
+    // Heartbeats keep arriving (every 100 ms), and they say a revision
+    // below the saved one; it is still behind: another history.
+    wait_until("the new store's snapshot is rejected", || async {
+        new.status("live")
+            .await
+            .subscribers
+            .iter()
+            .any(|s| s.subscriber_id == "web-1" && s.rejected_revision == replaced_at)
+    })
+    .await;
+    for _ in 0..3 {
+        assert!(subscriber.is_stale());
+        assert_eq!(subscriber.current().unwrap().revision, held);
+        tokio::task::yield_now().await;
+    }
 }

@@ -5,7 +5,7 @@
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
-use crate::support::{TestServer, wait_for};
+use crate::support::{DEADLINE, TestServer, wait_for};
 
 /// Posts `body` to the example's reset endpoint; returns the status code and
 /// the JSON body.
@@ -17,7 +17,10 @@ async fn reset(addr: &str, body: &str) -> (u16, serde_json::Value) {
     );
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
+    tokio::time::timeout(DEADLINE, stream.read_to_string(&mut response))
+        .await
+        .expect("the service answers")
+        .unwrap();
     let status: u16 = response
         .split_whitespace()
         .nth(1)
@@ -63,11 +66,11 @@ async fn the_example_password_reset_service_follows_the_policy() {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(service.stdout.take().unwrap()).lines();
-    let line = lines
-        .next_line()
+    let line = tokio::time::timeout(DEADLINE, lines.next_line())
         .await
+        .expect("it says where it listens")
         .unwrap()
-        .expect("it says where it listens");
+        .expect("a line");
     let addr = line.strip_prefix("listening on ").expect(&line).to_string();
 
     let body = r#"{"account": "a-1001", "confidence": 0.9, "methods": ["push"]}"#;

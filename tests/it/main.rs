@@ -4,6 +4,7 @@ mod audit;
 mod changes;
 mod cli;
 mod client;
+mod drill;
 mod e2e;
 mod etcd;
 mod example;

@@ -3,7 +3,7 @@
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::support::{TestServer, safemode};
+use crate::support::{DEADLINE, TestServer, safemode};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sim_reports_every_subscribers_apply_and_answers_decisions() {
@@ -28,18 +28,22 @@ async fn the_sim_reports_every_subscribers_apply_and_answers_decisions() {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(sim.stdout.take().unwrap()).lines();
-    let next = |line: Option<String>| -> serde_json::Value {
-        serde_json::from_str(&line.expect("a line")).expect("one JSON object per line")
+    let next = |line: Result<std::io::Result<Option<String>>, _>| -> serde_json::Value {
+        let line = line
+            .unwrap_or_else(|_| panic!("no line from the sim within {DEADLINE:?}"))
+            .unwrap()
+            .expect("a line");
+        serde_json::from_str(&line).expect("one JSON object per line")
     };
 
     // Every subscriber is connected once the sim says it started.
-    let started = next(lines.next_line().await.unwrap());
+    let started = next(tokio::time::timeout(DEADLINE, lines.next_line()).await);
     assert_eq!(started["subscribers"], 5);
     let status = server.status("live").await;
     assert_eq!(status.subscribers.len(), 5);
 
     let revision = server.apply(&["freeze-credential-changes"]).await;
-    let report = next(lines.next_line().await.unwrap());
+    let report = next(tokio::time::timeout(DEADLINE, lines.next_line()).await);
     assert_eq!(report["revision"], revision);
     assert_eq!(report["complete"], true);
     let channels = report["channels"].as_array().unwrap();
@@ -68,9 +72,12 @@ async fn the_sim_reports_every_subscribers_apply_and_answers_decisions() {
         assert_eq!(d["effect"], expected, "{d}");
         assert_eq!(d["revision"], revision);
     }
+    let exited = tokio::time::timeout(DEADLINE, sim.wait()).await;
     assert!(
-        sim.wait().await.unwrap().success(),
-        "it stops after --revisions"
+        exited
+            .expect("it stops after --revisions")
+            .unwrap()
+            .success()
     );
 }
 

@@ -1,0 +1,451 @@
+//! Runbook drills: rehearse an incident end to end in a namespace of its
+//! own and get a verdict.
+//!
+//! A drill starts simulated channel services ([`crate::sim`]) in a fresh
+//! `drill-<id>` namespace (real subscribers already attached to a fixed
+//! drill namespace take part too), declares the runbook's incident, walks
+//! the severity path, and at each stage waits for every subscriber, times
+//! each channel, and checks the runbook's drill expectations with the
+//! client's own evaluator. Then it resolves the incident (with a second
+//! principal approving, when the runbook asks for one), checks that every
+//! channel is back to allow, and lifts anything left. Nothing outside the
+//! drill namespace is touched.
+//!
+//! `--local` runs the controller in process, on the embedded store in a
+//! temporary directory, with a tokens file of two drill principals, so a
+//! runbook repository can drill in CI with nothing else installed.
+
+pub mod render;
+pub mod report;
+mod run;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::auth::{Role, create_token};
+use crate::catalog::Catalog;
+use crate::client::{Bearer, EndpointOptions, SubscriberConfig, connect_any};
+use crate::policy::runbook::Severity;
+use crate::policy::{Channel, Expectations, Namespace};
+use crate::server::{RunningServer, ServeConfig, StoreConfig};
+use crate::wire::proto::control_service_client::ControlServiceClient;
+
+pub use report::DrillReport;
+
+/// A fault injected while a stage is active.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Kill this percentage of the simulated subscribers (at least one);
+    /// they come back and must converge.
+    KillSubscribers {
+        /// 1 to 100.
+        percent: u8,
+    },
+    /// Restart the in-process controller (`--local` only).
+    RestartController,
+}
+
+impl Fault {
+    /// Parses `kill-subscribers=10%` or `restart-controller`.
+    pub fn parse(text: &str) -> Result<Fault, String> {
+        if text == "restart-controller" {
+            return Ok(Fault::RestartController);
+        }
+        if let Some(share) = text.strip_prefix("kill-subscribers=") {
+            return share
+                .strip_suffix('%')
+                .and_then(|p| p.parse::<u8>().ok())
+                .filter(|p| (1..=100).contains(p))
+                .map(|percent| Fault::KillSubscribers { percent })
+                .ok_or_else(|| {
+                    format!("'{text}': give a share from 1% to 100%, e.g. kill-subscribers=10%")
+                });
+        }
+        Err(format!(
+            "unknown fault '{text}'; faults: kill-subscribers=N% (1 to 100), restart-controller (with --local)"
+        ))
+    }
+
+    /// How the report names it.
+    pub fn describe(self) -> String {
+        match self {
+            Fault::KillSubscribers { percent } => format!("kill-subscribers={percent}%"),
+            Fault::RestartController => "restart-controller".into(),
+        }
+    }
+}
+
+/// The controller to drill against.
+#[derive(Clone, Debug)]
+pub enum Target {
+    /// An in-process controller serving the drilled runbooks.
+    Local,
+    /// A running controller (its replicas' URLs).
+    Remote {
+        /// Controller URLs.
+        servers: Vec<String>,
+        /// The commander's token (a drill token is enough).
+        token: Option<String>,
+        /// A second principal's token, to approve what needs approval.
+        approver_token: Option<String>,
+        /// Extra CA certificates for `https://`.
+        ca_cert: Option<PathBuf>,
+        /// Allow a token over plain `http://` off loopback.
+        insecure: bool,
+    },
+}
+
+/// Where the drilled runbooks come from: built in, a directory, or files.
+pub struct RunbookSource {
+    /// The modes and runbooks, as loaded here.
+    pub catalog: Arc<Catalog>,
+    /// The directories a local controller serves (`None`: built in).
+    pub modes_dir: Option<PathBuf>,
+    /// See `modes_dir`.
+    pub runbooks_dir: Option<PathBuf>,
+    /// The runbooks to drill, in order.
+    pub names: Vec<String>,
+    /// Holds copied runbook files while the drill runs.
+    _copies: Option<tempfile::TempDir>,
+}
+
+impl RunbookSource {
+    /// Every runbook in `dir` (with the modes in `dir/modes/`, if there is
+    /// one, else the built-in modes).
+    pub fn directory(dir: &Path) -> Result<RunbookSource, String> {
+        let modes_dir = Some(dir.join("modes")).filter(|m| m.is_dir());
+        let catalog = Catalog::load_checking(
+            modes_dir.as_deref(),
+            Some(dir),
+            Expectations::CheckedByDrill,
+        )
+        .map_err(|e| e.lines().join("\n"))?;
+        let names = catalog
+            .runbooks
+            .iter()
+            .map(|r| r.name.to_string())
+            .collect::<Vec<_>>();
+        if names.is_empty() {
+            return Err(format!("{} holds no runbooks (*.yaml)", dir.display()));
+        }
+        Ok(RunbookSource {
+            catalog: Arc::new(catalog),
+            modes_dir,
+            runbooks_dir: Some(dir.to_path_buf()),
+            names,
+            _copies: None,
+        })
+    }
+
+    /// Runbooks named (built in) or given as files (with the modes in a
+    /// `modes/` directory beside the first, if there is one).
+    pub fn given(runbooks: &[String]) -> Result<RunbookSource, String> {
+        if runbooks.is_empty() {
+            return Err("no runbook given; name runbooks (safemode runbook list), give runbook files, or --all DIR".into());
+        }
+        let files: Vec<&String> = runbooks.iter().filter(|r| is_file(r)).collect();
+        if files.is_empty() {
+            let catalog = Catalog::standard();
+            for name in runbooks {
+                if catalog.runbooks.get(name).is_none() {
+                    let known: Vec<String> = catalog
+                        .runbooks
+                        .iter()
+                        .map(|r| r.name.to_string())
+                        .collect();
+                    return Err(format!(
+                        "no built-in runbook '{name}' and no such file; runbooks: {}",
+                        known.join(", ")
+                    ));
+                }
+            }
+            return Ok(RunbookSource {
+                catalog: Arc::new(catalog),
+                modes_dir: None,
+                runbooks_dir: None,
+                names: runbooks.to_vec(),
+                _copies: None,
+            });
+        }
+        if files.len() != runbooks.len() {
+            return Err("give runbook names or runbook files, not both".into());
+        }
+        let copies =
+            tempfile::tempdir().map_err(|e| format!("cannot make a temporary directory: {e}"))?;
+        for file in &files {
+            let path = Path::new(file.as_str());
+            let name = path
+                .file_name()
+                .ok_or_else(|| format!("{file} names no file"))?;
+            std::fs::copy(path, copies.path().join(name))
+                .map_err(|e| format!("cannot read {file}: {e}"))?;
+        }
+        let beside = Path::new(files[0].as_str())
+            .parent()
+            .map(|p| p.join("modes"))
+            .filter(|m| m.is_dir());
+        let catalog = Catalog::load_checking(
+            beside.as_deref(),
+            Some(copies.path()),
+            Expectations::CheckedByDrill,
+        )
+        .map_err(|e| e.lines().join("\n"))?;
+        let names = files
+            .iter()
+            .filter_map(|f| {
+                Path::new(f.as_str())
+                    .file_stem()?
+                    .to_str()
+                    .map(str::to_string)
+            })
+            .collect();
+        Ok(RunbookSource {
+            catalog: Arc::new(catalog),
+            modes_dir: beside,
+            runbooks_dir: Some(copies.path().to_path_buf()),
+            names,
+            _copies: Some(copies),
+        })
+    }
+}
+
+fn is_file(arg: &str) -> bool {
+    arg.ends_with(".yaml") || arg.contains('/') || Path::new(arg).is_file()
+}
+
+/// Everything a drill run needs.
+pub struct DrillOptions {
+    /// The controller.
+    pub target: Target,
+    /// The runbooks.
+    pub source: RunbookSource,
+    /// Simulated subscribers per channel (channels a runbook's expectations
+    /// ask about are added, one subscriber each, if missing).
+    pub channels: Vec<(Channel, usize)>,
+    /// The severities to walk; default: every stage, least severe first.
+    pub severity_path: Option<Vec<Severity>>,
+    /// A fault to inject while the middle stage of the path is active.
+    pub fault: Option<Fault>,
+    /// A fixed drill namespace (real subscribers attached to it take part);
+    /// default: a new `drill-<id>` per runbook.
+    pub namespace: Option<Namespace>,
+    /// How long every subscriber may take to converge before the drill says
+    /// it did not (apply limits are checked separately).
+    pub converge_within: Duration,
+}
+
+/// Why a drill could not run at all (a drill that runs and fails is a
+/// report with `passed: false`).
+#[derive(Debug, thiserror::Error)]
+pub enum DrillError {
+    /// Bad options.
+    #[error("{0}")]
+    Options(String),
+    /// The local controller would not start.
+    #[error("cannot start the local controller: {0}")]
+    Local(String),
+    /// The controller cannot be reached.
+    #[error(transparent)]
+    Client(#[from] crate::client::ClientError),
+}
+
+type Control = ControlServiceClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>,
+>;
+
+/// The controller as the drill reaches it: as the commander and as the
+/// approver, and, when local, the server itself (for a restart).
+pub(crate) struct Harness {
+    pub servers: Vec<String>,
+    pub label: String,
+    commander: (Option<String>, String),
+    approver: (Option<String>, String),
+    ca_cert: Option<PathBuf>,
+    insecure: bool,
+    pub local: Option<LocalController>,
+}
+
+/// The in-process controller of a `--local` drill.
+pub(crate) struct LocalController {
+    pub server: Option<RunningServer>,
+    pub config: ServeConfig,
+    _data: tempfile::TempDir,
+    _tokens: tempfile::NamedTempFile,
+}
+
+impl LocalController {
+    /// Stops the controller and starts it again on the same address and
+    /// data, as after a crash and restart.
+    pub async fn restart(&mut self) -> Result<(), String> {
+        if let Some(server) = self.server.take() {
+            server.stop().await.map_err(|e| format!("{e:#}"))?;
+        }
+        let server = crate::server::start(self.config.clone())
+            .await
+            .map_err(|e| format!("{e:#}"))?;
+        self.server = Some(server);
+        Ok(())
+    }
+}
+
+impl Harness {
+    async fn new(target: &Target, source: &RunbookSource) -> Result<Harness, DrillError> {
+        match target {
+            Target::Remote {
+                servers,
+                token,
+                approver_token,
+                ca_cert,
+                insecure,
+            } => Ok(Harness {
+                label: servers.join(","),
+                servers: servers.clone(),
+                commander: (token.clone(), "drill-commander".into()),
+                approver: (approver_token.clone(), "drill-approver".into()),
+                ca_cert: ca_cert.clone(),
+                insecure: *insecure,
+                local: None,
+            }),
+            Target::Local => {
+                let data = tempfile::tempdir().map_err(|e| DrillError::Local(e.to_string()))?;
+                let commander = create_token("drill-commander", &[Role::Drill])
+                    .map_err(|e| DrillError::Local(e.to_string()))?;
+                let approver = create_token("drill-approver", &[Role::Drill])
+                    .map_err(|e| DrillError::Local(e.to_string()))?;
+                let tokens =
+                    tempfile::NamedTempFile::new().map_err(|e| DrillError::Local(e.to_string()))?;
+                std::fs::write(
+                    tokens.path(),
+                    format!("{}\n{}\n", commander.line, approver.line),
+                )
+                .map_err(|e| DrillError::Local(e.to_string()))?;
+                let config = ServeConfig {
+                    listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+                    store: StoreConfig::Embedded {
+                        data_dir: data.path().to_path_buf(),
+                    },
+                    replica: "drill".into(),
+                    modes_dir: source.modes_dir.clone(),
+                    runbooks_dir: source.runbooks_dir.clone(),
+                    tokens: Some(tokens.path().to_path_buf()),
+                    runbook_expectations: Expectations::CheckedByDrill,
+                    ..ServeConfig::default()
+                };
+                let server = crate::server::start(config.clone())
+                    .await
+                    .map_err(|e| DrillError::Local(format!("{e:#}")))?;
+                // A restart must come back on the same address.
+                let config = ServeConfig {
+                    listen: server.addr,
+                    ..config
+                };
+                Ok(Harness {
+                    servers: vec![format!("http://{}", server.addr)],
+                    label: "local".into(),
+                    commander: (Some(commander.token), "drill-commander".into()),
+                    approver: (Some(approver.token), "drill-approver".into()),
+                    ca_cert: None,
+                    insecure: false,
+                    local: Some(LocalController {
+                        server: Some(server),
+                        config,
+                        _data: data,
+                        _tokens: tokens,
+                    }),
+                })
+            }
+        }
+    }
+
+    async fn client(
+        &self,
+        (token, name): &(Option<String>, String),
+    ) -> Result<Control, DrillError> {
+        let bearer = Bearer::new(token.as_deref())?.as_principal(Some(name))?;
+        let options = EndpointOptions {
+            sends_token: token.is_some(),
+            ca_cert: self.ca_cert.as_deref(),
+            allow_plaintext_token: self.insecure,
+            connect_timeout: Duration::from_secs(5),
+        };
+        let channel = connect_any(&self.servers, &options, Duration::from_secs(30)).await?;
+        Ok(ControlServiceClient::with_interceptor(channel, bearer))
+    }
+
+    /// The commander's control client.
+    pub async fn commander(&self) -> Result<Control, DrillError> {
+        self.client(&self.commander).await
+    }
+
+    /// The approver's control client.
+    pub async fn approver(&self) -> Result<Control, DrillError> {
+        self.client(&self.approver).await
+    }
+
+    /// Settings for the drill's simulated subscribers (the commander's token
+    /// may subscribe).
+    pub fn subscriber_base(&self, namespace: Namespace, channel: Channel) -> SubscriberConfig {
+        let mut config = SubscriberConfig::new(self.servers.clone(), namespace, channel, "drill");
+        config.token = self.commander.0.clone();
+        config.ca_cert = self.ca_cert.clone();
+        config.allow_plaintext_token = self.insecure;
+        config.max_backoff = Duration::from_millis(500);
+        config
+    }
+}
+
+/// Drills every runbook of `options`, one after another, each in its own
+/// namespace; returns a report per runbook.
+pub async fn run(options: DrillOptions) -> Result<Vec<DrillReport>, DrillError> {
+    if options.fault == Some(Fault::RestartController) && !matches!(options.target, Target::Local) {
+        return Err(DrillError::Options(
+            "--fault restart-controller needs --local: a drill restarts only a controller it runs itself".into(),
+        ));
+    }
+    if let Some(namespace) = &options.namespace
+        && !namespace.is_drill()
+    {
+        return Err(DrillError::Options(format!(
+            "--namespace {namespace}: a drill runs only in a drill-* namespace, never in {namespace}"
+        )));
+    }
+    for name in &options.source.names {
+        let Some(runbook) = options.source.catalog.runbooks.get(name) else {
+            return Err(DrillError::Options(format!("no runbook '{name}'")));
+        };
+        if let Some(path) = &options.severity_path {
+            for severity in path {
+                if runbook.stage(*severity).is_none() {
+                    return Err(DrillError::Options(format!(
+                        "--severity-path: runbook {name} has no stage for {severity}; it has {}",
+                        runbook
+                            .severities()
+                            .map(|s| s.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )));
+                }
+            }
+        }
+    }
+    let mut harness = Harness::new(&options.target, &options.source).await?;
+    let mut reports = Vec::new();
+    for name in &options.source.names {
+        let runbook = options
+            .source
+            .catalog
+            .runbooks
+            .get(name)
+            .expect("checked above")
+            .clone();
+        reports.push(run::drill(&mut harness, &runbook, &options).await);
+    }
+    if let Some(local) = harness.local.as_mut()
+        && let Some(server) = local.server.take()
+    {
+        let _ = server.stop().await;
+    }
+    Ok(reports)
+}

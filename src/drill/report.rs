@@ -1,0 +1,177 @@
+//! What a drill found: the data behind `report.md`, `journal.json` and
+//! `junit.xml`. Plain data, filled in by the drill as it goes.
+
+use jiff::Timestamp;
+use serde::Serialize;
+
+/// One drilled runbook.
+#[derive(Clone, Debug, Serialize)]
+pub struct DrillReport {
+    /// The incident type (runbook name).
+    pub runbook: String,
+    /// The runbook's title.
+    pub title: String,
+    /// The drill's own namespace, `drill-<id>`.
+    pub namespace: String,
+    /// The controller drilled against (`local` for `--local`).
+    pub controller: String,
+    /// The incident the drill declared.
+    pub incident_id: Option<String>,
+    /// When the drill started and ended.
+    pub started_at: Timestamp,
+    /// When it ended.
+    pub finished_at: Timestamp,
+    /// Whether every check passed.
+    pub passed: bool,
+    /// Subscribers that took part, per channel.
+    pub subscribers: Vec<ChannelSubscribers>,
+    /// Each stage of the severity path, in order.
+    pub stages: Vec<StageReport>,
+    /// The fault injected, if any.
+    pub fault: Option<FaultReport>,
+    /// After resolving: is every channel back to allow?
+    pub restoration: Option<RestorationReport>,
+    /// Why the drill failed, one line each (empty when it passed).
+    pub failures: Vec<String>,
+    /// Everything that happened, in order.
+    pub journal: Vec<JournalEvent>,
+}
+
+/// How many subscribers of one channel took part.
+#[derive(Clone, Debug, Serialize)]
+pub struct ChannelSubscribers {
+    /// The channel.
+    pub channel: String,
+    /// Simulated by the drill.
+    pub simulated: usize,
+    /// Real subscribers already attached to the drill namespace.
+    pub attached: usize,
+}
+
+/// One stage of the severity path.
+#[derive(Clone, Debug, Serialize)]
+pub struct StageReport {
+    /// The severity (`sev3`).
+    pub severity: String,
+    /// How the drill got there: `declare`, `escalate` or `deescalate`.
+    pub step: String,
+    /// The namespace revision that applied the stage.
+    pub revision: i64,
+    /// The approval request, when moving there needed a second approver.
+    pub approval: Option<Approval>,
+    /// The runbook's limit on how long every channel may take to apply the
+    /// stage, in milliseconds.
+    pub apply_within_ms: u64,
+    /// Per channel: how long its subscribers took to apply the stage.
+    pub channels: Vec<ChannelTiming>,
+    /// Each drill expectation of the stage, checked with the client's
+    /// evaluator.
+    pub expectations: Vec<ExpectationCheck>,
+    /// Snapshots subscribers rejected while the stage was applied.
+    pub rejects: Vec<Reject>,
+}
+
+/// A change that waited for a second approver during the drill.
+#[derive(Clone, Debug, Serialize)]
+pub struct Approval {
+    /// The request id.
+    pub request_id: String,
+    /// Who asked.
+    pub requested_by: String,
+    /// Who approved.
+    pub approved_by: String,
+}
+
+/// How long one channel's subscribers took to apply a stage.
+#[derive(Clone, Debug, Serialize)]
+pub struct ChannelTiming {
+    /// The channel.
+    pub channel: String,
+    /// Subscribers of the channel.
+    pub subscribers: usize,
+    /// How many of them applied the stage.
+    pub applied: usize,
+    /// Milliseconds from the change to the apply: median.
+    pub p50_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// Slowest.
+    pub max_ms: f64,
+    /// Every subscriber applied it within the stage's limit.
+    pub within_limit: bool,
+}
+
+/// One drill expectation and what the channel decided.
+#[derive(Clone, Debug, Serialize)]
+pub struct ExpectationCheck {
+    /// The channel asking.
+    pub channel: String,
+    /// The action.
+    pub action: String,
+    /// The context, as the runbook wrote it (`confidence 0.9, methods
+    /// push`), or `default`.
+    pub context: String,
+    /// The effect the runbook expects.
+    pub expected: String,
+    /// The effect decided.
+    pub actual: String,
+    /// The decision in full (parameters, reasons), for the report.
+    pub decision: String,
+    /// Whether it held.
+    pub passed: bool,
+}
+
+/// A snapshot a subscriber rejected.
+#[derive(Clone, Debug, Serialize)]
+pub struct Reject {
+    /// The subscriber.
+    pub subscriber: String,
+    /// The revision it rejected.
+    pub revision: i64,
+    /// Why.
+    pub reason: String,
+}
+
+/// The fault injected while a stage was active.
+#[derive(Clone, Debug, Serialize)]
+pub struct FaultReport {
+    /// `kill-subscribers=10%` or `restart-controller`.
+    pub kind: String,
+    /// The stage it was injected in.
+    pub severity: String,
+    /// Subscribers killed (or, for a controller restart, subscribers that had
+    /// to reconnect).
+    pub affected: usize,
+    /// Whether every subscriber converged on the latest revision again.
+    pub recovered: bool,
+    /// Milliseconds from the fault to full convergence (to giving up, if it
+    /// did not recover).
+    pub recovery_ms: f64,
+}
+
+/// After the incident was resolved.
+#[derive(Clone, Debug, Serialize)]
+pub struct RestorationReport {
+    /// The revision that resolved the incident.
+    pub revision: i64,
+    /// The approval request, when resolving needed a second approver.
+    pub approval: Option<Approval>,
+    /// Decisions checked (every expectation's channel and action).
+    pub checked: usize,
+    /// Those that were not back to allow, one line each.
+    pub not_restored: Vec<String>,
+    /// Activations left in the drill namespace after cleanup.
+    pub left_active: usize,
+}
+
+/// One thing that happened.
+#[derive(Clone, Debug, Serialize)]
+pub struct JournalEvent {
+    /// When.
+    pub at: Timestamp,
+    /// What, as a short name (`declared`, `stage_applied`, `expectation`,
+    /// `fault`, `recovered`, `resolved`, ...).
+    pub event: String,
+    /// The details.
+    pub detail: serde_json::Value,
+}

@@ -1,0 +1,796 @@
+//! The drill of one runbook, step by step; every step is journaled, and
+//! whatever goes wrong is a failure in the report, never a panic.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use serde_json::json;
+
+use super::report::{
+    Approval, ChannelSubscribers, ChannelTiming, DrillReport, ExpectationCheck, FaultReport,
+    JournalEvent, Reject, RestorationReport, StageReport,
+};
+use super::{Control, DrillOptions, Fault, Harness};
+use crate::policy::runbook::{Expectation, Runbook, Severity, Stage};
+use crate::policy::{Channel, Context, EffectKind, Namespace};
+use crate::sim::{Sim, SimConfig, percentile};
+use crate::wire::proto;
+
+/// The drill of `runbook`: always a report, passed or not.
+pub(super) async fn drill(
+    harness: &mut Harness,
+    runbook: &Runbook,
+    options: &DrillOptions,
+) -> DrillReport {
+    let id = crate::controller::IncidentId::random().to_string();
+    let suffix = id.trim_start_matches("inc_");
+    let namespace = options.namespace.clone().unwrap_or_else(|| {
+        Namespace::parse(&format!("drill-{suffix}")).expect("a valid drill namespace")
+    });
+    let mut drill = Drill {
+        report: DrillReport {
+            runbook: runbook.name.to_string(),
+            title: runbook.title.clone(),
+            namespace: namespace.to_string(),
+            controller: harness.label.clone(),
+            incident_id: None,
+            started_at: Timestamp::now(),
+            finished_at: Timestamp::now(),
+            passed: false,
+            subscribers: Vec::new(),
+            stages: Vec::new(),
+            fault: None,
+            restoration: None,
+            failures: Vec::new(),
+            journal: Vec::new(),
+        },
+        namespace,
+        id_prefix: format!("drill-{suffix}"),
+    };
+    drill.note(
+        "drill_started",
+        json!({"runbook": runbook.name.as_str(), "namespace": drill.namespace.as_str(), "controller": harness.label}),
+    );
+    let outcome = drill.walk(harness, runbook, options).await;
+    if let Err(failure) = outcome {
+        drill.fail(failure);
+    }
+    drill.clean_up(harness).await;
+    drill.report.finished_at = Timestamp::now();
+    drill.report.passed = drill.report.failures.is_empty();
+    let passed = drill.report.passed;
+    drill.note(
+        "drill_finished",
+        json!({"passed": passed, "failures": drill.report.failures}),
+    );
+    drill.report
+}
+
+struct Drill {
+    report: DrillReport,
+    namespace: Namespace,
+    /// Simulated subscribers' ids start with this.
+    id_prefix: String,
+}
+
+/// Where a drill stops early, and why.
+type Step<T> = Result<T, String>;
+
+impl Drill {
+    fn note(&mut self, event: &str, detail: serde_json::Value) {
+        self.report.journal.push(JournalEvent {
+            at: Timestamp::now(),
+            event: event.into(),
+            detail,
+        });
+    }
+
+    fn fail(&mut self, failure: String) {
+        self.note("failure", json!({"failure": failure}));
+        self.report.failures.push(failure);
+    }
+
+    async fn walk(
+        &mut self,
+        harness: &mut Harness,
+        runbook: &Runbook,
+        options: &DrillOptions,
+    ) -> Step<()> {
+        let path: Vec<Severity> = options
+            .severity_path
+            .clone()
+            .unwrap_or_else(|| runbook.severities().collect());
+        let stages: Vec<&Stage> = path
+            .iter()
+            .map(|s| {
+                runbook
+                    .stage(*s)
+                    .ok_or_else(|| format!("{} has no stage for {s}", runbook.name))
+            })
+            .collect::<Step<_>>()?;
+        let mut commander = harness.commander().await.map_err(|e| e.to_string())?;
+        if harness.local.is_none() {
+            self.check_served(&mut commander, runbook).await?;
+        }
+
+        // The simulated channel services: every channel asked about in an
+        // expectation has at least one.
+        let mut channels = options.channels.clone();
+        for stage in runbook.stages.iter() {
+            for e in &stage.expectations {
+                if !channels.iter().any(|(c, _)| *c == e.channel) {
+                    channels.push((e.channel, 1));
+                }
+            }
+        }
+        let started = Timestamp::now();
+        let mut sim = Sim::start(SimConfig {
+            base: harness.subscriber_base(self.namespace.clone(), channels[0].0),
+            channels: channels.clone(),
+            id_prefix: self.id_prefix.clone(),
+            complete_within: options.converge_within,
+        })
+        .await
+        .map_err(|e| format!("the simulated subscribers cannot connect: {e}"))?;
+        let attached = self.attached(&mut commander).await?;
+        for (channel, simulated) in &channels {
+            self.report.subscribers.push(ChannelSubscribers {
+                channel: channel.to_string(),
+                simulated: *simulated,
+                attached: attached
+                    .iter()
+                    .filter(|s| s.channel == channel.as_str())
+                    .count(),
+            });
+        }
+        self.note(
+            "subscribers_connected",
+            json!({
+                "simulated": sim.len(),
+                "attached": attached.iter().map(|s| &s.subscriber_id).collect::<Vec<_>>(),
+                "ms": ms_since(started),
+            }),
+        );
+
+        let fault_at = path.len() / 2;
+        let mut incident: Option<String> = None;
+        let mut previous: Option<Severity> = None;
+        for (i, (severity, stage)) in path.iter().zip(&stages).enumerate() {
+            let began = Timestamp::now();
+            let (step, revision, approval) = match (&incident, previous) {
+                (None, _) => {
+                    let declared = commander
+                        .declare_incident(proto::DeclareIncidentRequest {
+                            namespace: self.namespace.to_string(),
+                            r#type: runbook.name.to_string(),
+                            severity: severity.to_string(),
+                            reason: format!("drill of {}", runbook.name),
+                            channels: Vec::new(),
+                        })
+                        .await
+                        .map_err(|s| {
+                            format!(
+                                "declaring {} at {severity} failed: {}",
+                                runbook.name,
+                                s.message()
+                            )
+                        })?
+                        .into_inner();
+                    let id = declared.incident.map(|i| i.id).unwrap_or_default();
+                    self.report.incident_id = Some(id.clone());
+                    self.note("declared", json!({"incident": id, "severity": severity.to_string(), "revision": declared.revision}));
+                    incident = Some(id);
+                    ("declare", declared.revision, None)
+                }
+                (Some(id), Some(from)) => {
+                    let step = if *severity > from {
+                        "escalate"
+                    } else {
+                        "deescalate"
+                    };
+                    let moved = commander
+                        .escalate_incident(proto::EscalateIncidentRequest {
+                            incident_id: id.clone(),
+                            severity: severity.to_string(),
+                            reason: format!("drill: {step} to {severity}"),
+                        })
+                        .await
+                        .map_err(|s| format!("moving to {severity} failed: {}", s.message()))?
+                        .into_inner();
+                    let (revision, approval) = match moved.pending {
+                        None => (moved.revision, None),
+                        Some(request) => {
+                            self.approve(harness, request, &format!("moving to {severity}"))
+                                .await?
+                        }
+                    };
+                    self.note(step, json!({"incident": id, "severity": severity.to_string(), "revision": revision}));
+                    (step, revision, approval)
+                }
+                (Some(_), None) => unreachable!("an incident is declared before it moves"),
+            };
+            previous = Some(*severity);
+            let report = self
+                .stage(
+                    harness, &sim, &attached, stage, step, revision, approval, began, options,
+                )
+                .await?;
+            self.report.stages.push(report);
+            if i == fault_at
+                && let Some(fault) = options.fault
+            {
+                self.inject(harness, &mut sim, fault, *severity, revision, options)
+                    .await?;
+            }
+        }
+
+        // Resolve, then every channel must be back to allow.
+        let id = incident.expect("the path has a stage");
+        let began = Timestamp::now();
+        let resolved = commander
+            .resolve_incident(proto::ResolveIncidentRequest {
+                incident_id: id.clone(),
+                reason: format!("drill of {} over", runbook.name),
+            })
+            .await
+            .map_err(|s| format!("resolving failed: {}", s.message()))?
+            .into_inner();
+        let (revision, approval) = match resolved.pending {
+            None => (resolved.revision, None),
+            Some(request) => self.approve(harness, request, "resolving").await?,
+        };
+        self.note(
+            "resolved",
+            json!({"incident": id, "revision": revision, "ms": ms_since(began)}),
+        );
+        if !sim.wait_applied(revision, options.converge_within).await {
+            self.fail(format!(
+                "not every subscriber applied the resolution (revision {revision}) within {:?}",
+                options.converge_within
+            ));
+        }
+        let mut not_restored = Vec::new();
+        let mut checked = 0;
+        let mut seen = HashSet::new();
+        for stage in &runbook.stages {
+            for e in &stage.expectations {
+                let key = (
+                    e.channel,
+                    e.action.as_str().to_string(),
+                    context_text(&e.context),
+                );
+                if !seen.insert(key) {
+                    continue;
+                }
+                checked += 1;
+                match sim.decide(e.channel, &e.action, &e.context) {
+                    Some(d) if d.outcome.kind() == EffectKind::Allow => {}
+                    Some(d) => not_restored.push(format!(
+                        "{} {} ({}) is still {}",
+                        e.channel,
+                        e.action,
+                        context_text(&e.context),
+                        d.outcome.kind().as_str()
+                    )),
+                    None => not_restored.push(format!("no subscriber of {} to ask", e.channel)),
+                }
+            }
+        }
+        for (channel, active) in sim.active_counts() {
+            if active > 0 {
+                not_restored.push(format!(
+                    "a {channel} subscriber still holds {active} activations"
+                ));
+            }
+        }
+        for line in &not_restored {
+            self.report.failures.push(format!("restoration: {line}"));
+        }
+        self.note(
+            "restoration_checked",
+            json!({"checked": checked, "not_restored": not_restored}),
+        );
+        self.report.restoration = Some(RestorationReport {
+            revision,
+            approval,
+            checked,
+            not_restored,
+            left_active: 0,
+        });
+        Ok(())
+    }
+
+    /// Against a running controller: it must serve this runbook as drilled
+    /// here (same stages and modes), or the drill would test something else.
+    async fn check_served(&mut self, commander: &mut Control, runbook: &Runbook) -> Step<()> {
+        let served = commander
+            .list_runbooks(proto::ListRunbooksRequest {})
+            .await
+            .map_err(|s| format!("cannot list the controller's runbooks: {}", s.message()))?
+            .into_inner();
+        let Some(theirs) = served
+            .runbooks
+            .iter()
+            .find(|r| r.name == runbook.name.as_str())
+        else {
+            return Err(format!(
+                "the controller does not serve runbook {}; deploy it there (serve --runbooks DIR), or drill with --local",
+                runbook.name
+            ));
+        };
+        let ours: Vec<(String, Vec<String>)> = crate::api::convert::runbook_to_wire(runbook)
+            .stages
+            .into_iter()
+            .map(|s| (s.severity, s.modes))
+            .collect();
+        let served: Vec<(String, Vec<String>)> = theirs
+            .stages
+            .iter()
+            .map(|s| (s.severity.clone(), s.modes.clone()))
+            .collect();
+        if ours != served {
+            return Err(format!(
+                "the controller serves another version of runbook {} (stages {served:?}, here {ours:?}); deploy this one, or drill with --local",
+                runbook.name
+            ));
+        }
+        Ok(())
+    }
+
+    /// Subscribers in the drill namespace that are not the drill's own.
+    async fn attached(&mut self, commander: &mut Control) -> Step<Vec<proto::SubscriberStatus>> {
+        let status = self.status(commander).await?;
+        Ok(status
+            .subscribers
+            .into_iter()
+            .filter(|s| !s.subscriber_id.starts_with(&self.id_prefix))
+            .collect())
+    }
+
+    async fn status(&self, commander: &mut Control) -> Step<proto::GetStatusResponse> {
+        Ok(commander
+            .get_status(proto::GetStatusRequest {
+                namespace: self.namespace.to_string(),
+            })
+            .await
+            .map_err(|s| format!("cannot read the drill namespace's status: {}", s.message()))?
+            .into_inner())
+    }
+
+    /// Has the second principal approve `request`.
+    async fn approve(
+        &mut self,
+        harness: &Harness,
+        request: proto::ChangeRequest,
+        what: &str,
+    ) -> Step<(i64, Option<Approval>)> {
+        self.note(
+            "approval_requested",
+            json!({"request": request.id, "requested_by": request.requested_by, "what": what}),
+        );
+        let mut approver = harness.approver().await.map_err(|e| e.to_string())?;
+        let approved = approver
+            .approve(proto::ApproveRequest {
+                request_id: request.id.clone(),
+                reason: "drill".into(),
+            })
+            .await
+            .map_err(|s| {
+                format!(
+                    "{what} needs a second approver and approving {} failed: {} (against a running controller, give --approver-token: another principal's drill or approver token)",
+                    request.id,
+                    s.message()
+                )
+            })?
+            .into_inner();
+        let by = approved.request.map(|r| r.approved_by).unwrap_or_default();
+        self.note(
+            "approved",
+            json!({"request": request.id, "by": by, "revision": approved.revision}),
+        );
+        Ok((
+            approved.revision,
+            Some(Approval {
+                request_id: request.id,
+                requested_by: request.requested_by,
+                approved_by: by,
+            }),
+        ))
+    }
+
+    /// Waits for every subscriber, times each channel, checks the
+    /// expectations and looks for rejects.
+    #[allow(clippy::too_many_arguments)]
+    async fn stage(
+        &mut self,
+        harness: &Harness,
+        sim: &Sim,
+        attached: &[proto::SubscriberStatus],
+        stage: &Stage,
+        step: &str,
+        revision: i64,
+        approval: Option<Approval>,
+        began: Timestamp,
+        options: &DrillOptions,
+    ) -> Step<StageReport> {
+        let severity = stage.severity.to_string();
+        let limit_ms = stage.apply_within.as_millis() as u64;
+        if !sim.wait_applied(revision, options.converge_within).await {
+            self.fail(format!(
+                "{severity}: not every simulated subscriber applied revision {revision} within {:?}",
+                options.converge_within
+            ));
+        }
+        let mut commander = harness.commander().await.map_err(|e| e.to_string())?;
+        let attached_ids: HashSet<&str> =
+            attached.iter().map(|s| s.subscriber_id.as_str()).collect();
+        let status = self
+            .wait_attached(
+                &mut commander,
+                &attached_ids,
+                revision,
+                options.converge_within,
+            )
+            .await?;
+
+        // Per channel: from the change to each subscriber's apply.
+        let mut times: Vec<(Channel, Option<f64>)> = sim
+            .applied_at(revision)
+            .into_iter()
+            .map(|(channel, at)| (channel, at.map(|at| ms_between(began, at))))
+            .collect();
+        for s in status
+            .subscribers
+            .iter()
+            .filter(|s| attached_ids.contains(s.subscriber_id.as_str()))
+        {
+            let Ok(channel) = Channel::parse(&s.channel) else {
+                continue;
+            };
+            let at = (s.acked_revision >= revision)
+                .then(|| {
+                    s.acked_at
+                        .as_ref()
+                        .and_then(|t| crate::wire::timestamp_from_wire(t).ok())
+                })
+                .flatten();
+            times.push((channel, at.map(|at| ms_between(began, at))));
+        }
+        let mut channels = Vec::new();
+        for channel in unique_channels(&times) {
+            let mut applied: Vec<f64> = times
+                .iter()
+                .filter(|(c, _)| *c == channel)
+                .filter_map(|(_, ms)| *ms)
+                .collect();
+            applied.sort_by(f64::total_cmp);
+            let subscribers = times.iter().filter(|(c, _)| *c == channel).count();
+            let max = applied.last().copied().unwrap_or(0.0);
+            let within = applied.len() == subscribers && max <= limit_ms as f64;
+            if !within {
+                self.report.failures.push(if applied.len() < subscribers {
+                    format!("{severity}: {} of {subscribers} {channel} subscribers never applied it", subscribers - applied.len())
+                } else {
+                    format!("{severity}: {channel} took {max:.1} ms to apply, over the runbook's {limit_ms} ms")
+                });
+            }
+            channels.push(ChannelTiming {
+                channel: channel.to_string(),
+                subscribers,
+                applied: applied.len(),
+                p50_ms: percentile(&applied, 0.50),
+                p99_ms: percentile(&applied, 0.99),
+                max_ms: max,
+                within_limit: within,
+            });
+        }
+        self.note(
+            "stage_applied",
+            json!({"severity": severity, "revision": revision, "channels": channels}),
+        );
+
+        // The runbook's expectations, decided by the channels themselves.
+        let mut expectations = Vec::new();
+        for e in &stage.expectations {
+            let check = expectation_check(sim, e);
+            if !check.passed {
+                self.report.failures.push(format!(
+                    "{severity}: {} {} ({}) should be {} but is {}",
+                    check.channel, check.action, check.context, check.expected, check.actual
+                ));
+            }
+            self.note(
+                "expectation",
+                serde_json::to_value(&check).expect("checks serialize"),
+            );
+            expectations.push(check);
+        }
+
+        // Snapshots anyone rejected at this revision or later.
+        let rejects: Vec<Reject> = status
+            .subscribers
+            .iter()
+            .filter(|s| s.rejected_revision >= revision && s.rejected_revision > 0)
+            .map(|s| Reject {
+                subscriber: s.subscriber_id.clone(),
+                revision: s.rejected_revision,
+                reason: s.reject_reason.clone(),
+            })
+            .collect();
+        for r in &rejects {
+            self.report.failures.push(format!(
+                "{severity}: subscriber {} rejected revision {}: {}",
+                r.subscriber, r.revision, r.reason
+            ));
+            self.note(
+                "rejected",
+                json!({"subscriber": r.subscriber, "revision": r.revision, "reason": r.reason}),
+            );
+        }
+        Ok(StageReport {
+            severity,
+            step: step.into(),
+            revision,
+            approval,
+            apply_within_ms: limit_ms,
+            channels,
+            expectations,
+            rejects,
+        })
+    }
+
+    /// Waits (bounded) until every attached subscriber acked `revision`;
+    /// returns the last status read.
+    async fn wait_attached(
+        &self,
+        commander: &mut Control,
+        ids: &HashSet<&str>,
+        revision: i64,
+        within: Duration,
+    ) -> Step<proto::GetStatusResponse> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let status = self.status(commander).await?;
+            let acked = status
+                .subscribers
+                .iter()
+                .filter(|s| ids.contains(s.subscriber_id.as_str()) && s.acked_revision >= revision)
+                .count();
+            if acked >= ids.len() || tokio::time::Instant::now() >= deadline {
+                return Ok(status);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Injects `fault` and measures how long every subscriber takes to
+    /// converge on `revision` again.
+    async fn inject(
+        &mut self,
+        harness: &mut Harness,
+        sim: &mut Sim,
+        fault: Fault,
+        severity: Severity,
+        revision: i64,
+        options: &DrillOptions,
+    ) -> Step<()> {
+        let began = Timestamp::now();
+        let affected = match fault {
+            Fault::KillSubscribers { percent } => {
+                let count = (sim.len() * usize::from(percent)).div_ceil(100).max(1);
+                let killed = sim.kill(count);
+                self.note(
+                    "fault",
+                    json!({"fault": fault.describe(), "killed": killed.len()}),
+                );
+                sim.revive(&killed)
+                    .await
+                    .map_err(|e| format!("killed subscribers could not come back: {e}"))?;
+                killed.len()
+            }
+            Fault::RestartController => {
+                let local = harness
+                    .local
+                    .as_mut()
+                    .ok_or("restart-controller needs --local")?;
+                self.note(
+                    "fault",
+                    json!({"fault": fault.describe(), "subscribers": sim.len()}),
+                );
+                local
+                    .restart()
+                    .await
+                    .map_err(|e| format!("the controller did not come back: {e}"))?;
+                sim.len()
+            }
+        };
+        // Converged: the controller sees every simulated subscriber acking
+        // the stage's revision again.
+        let ids: Vec<String> = sim.subscriber_ids();
+        let ids: HashSet<&str> = ids.iter().map(String::as_str).collect();
+        let mut commander = harness.commander().await.map_err(|e| e.to_string())?;
+        let deadline = tokio::time::Instant::now() + options.converge_within;
+        let recovered = loop {
+            let status = self.status(&mut commander).await;
+            let acked: HashSet<&str> = match &status {
+                Ok(status) => status
+                    .subscribers
+                    .iter()
+                    .filter(|s| s.acked_revision >= revision)
+                    .filter_map(|s| ids.get(s.subscriber_id.as_str()).copied())
+                    .collect(),
+                Err(_) => HashSet::new(),
+            };
+            if acked.len() == ids.len() && sim.wait_applied(revision, Duration::ZERO).await {
+                break true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let recovery_ms = ms_since(began);
+        if !recovered {
+            self.report.failures.push(format!(
+                "{}: after {}, not every subscriber converged within {:?}",
+                severity,
+                fault.describe(),
+                options.converge_within
+            ));
+        }
+        self.note(
+            "recovered",
+            json!({"recovered": recovered, "ms": recovery_ms}),
+        );
+        self.report.fault = Some(FaultReport {
+            kind: fault.describe(),
+            severity: severity.to_string(),
+            affected,
+            recovered,
+            recovery_ms,
+        });
+        Ok(())
+    }
+
+    /// Lifts whatever the drill left active in its namespace (after a
+    /// failure), with the second principal approving where needed.
+    async fn clean_up(&mut self, harness: &Harness) {
+        let Ok(mut commander) = harness.commander().await else {
+            self.fail("cannot reach the controller to clean up the drill namespace".into());
+            return;
+        };
+        let left = match self.status(&mut commander).await {
+            Ok(status) => status.activations,
+            Err(e) => {
+                self.fail(e);
+                return;
+            }
+        };
+        if !left.is_empty() {
+            let lifted = commander
+                .lift_activations(proto::LiftActivationsRequest {
+                    namespace: self.namespace.to_string(),
+                    targets: left.iter().map(|a| a.id.clone()).collect(),
+                    reason: "drill cleanup".into(),
+                    all: true,
+                })
+                .await;
+            match lifted {
+                Ok(response) => {
+                    if let Some(request) = response.into_inner().pending
+                        && let Err(e) = self.approve(harness, request, "cleaning up").await
+                    {
+                        self.fail(e);
+                    }
+                }
+                Err(s) => self.fail(format!(
+                    "cleaning up the drill namespace failed: {}",
+                    s.message()
+                )),
+            }
+        }
+        let left_active = self
+            .status(&mut commander)
+            .await
+            .map_or(left.len(), |s| s.activations.len());
+        if left_active > 0 {
+            self.fail(format!(
+                "{left_active} activations are still active in {} after cleanup",
+                self.namespace
+            ));
+        }
+        self.note(
+            "cleaned_up",
+            json!({"lifted": left.len(), "left_active": left_active}),
+        );
+        if let Some(restoration) = self.report.restoration.as_mut() {
+            restoration.left_active = left_active;
+        }
+    }
+}
+
+fn expectation_check(sim: &Sim, e: &Expectation) -> ExpectationCheck {
+    let decided = sim.decide(e.channel, &e.action, &e.context);
+    let (actual, decision) = match &decided {
+        Some(d) => (d.outcome.kind().as_str().to_string(), decision_text(d)),
+        None => (
+            "none".to_string(),
+            format!("no {} subscriber to ask", e.channel),
+        ),
+    };
+    ExpectationCheck {
+        channel: e.channel.to_string(),
+        action: e.action.to_string(),
+        context: context_text(&e.context),
+        expected: e.effect.as_str().to_string(),
+        passed: decided.is_some_and(|d| d.outcome.kind() == e.effect),
+        actual,
+        decision,
+    }
+}
+
+/// A decision in one line: the effect, its parameters, and the activations
+/// behind it (`step_up min_confidence=0.8 ... because act_1, act_2`).
+fn decision_text(d: &crate::client::DecisionReport) -> String {
+    let parameters = serde_json::to_value(&d.outcome).expect("outcomes serialize");
+    let mut text = d.outcome.kind().as_str().to_string();
+    for (key, value) in parameters.as_object().into_iter().flatten() {
+        if key != "effect" {
+            text.push_str(&format!(" {key}={value}"));
+        }
+    }
+    if !d.reasons.is_empty() {
+        text.push_str(&format!(" because {}", d.reasons.join(", ")));
+    }
+    text
+}
+
+/// A context as a runbook would write it, or `default`.
+pub(crate) fn context_text(ctx: &Context) -> String {
+    let mut parts = Vec::new();
+    if ctx.confidence != 0.0 {
+        parts.push(format!("confidence {}", ctx.confidence));
+    }
+    if !ctx.methods.is_empty() {
+        parts.push(format!(
+            "methods {}",
+            ctx.methods.names().collect::<Vec<_>>().join(",")
+        ));
+    }
+    if ctx.failed_attempts > 0 {
+        parts.push(format!("attempts {}", ctx.failed_attempts));
+    }
+    if let Some(amount) = ctx.amount {
+        parts.push(format!("amount {amount}"));
+    }
+    if ctx.handoff_from_bot {
+        parts.push("handoff".into());
+    }
+    if !ctx.bot_flags.is_empty() {
+        parts.push(format!("bot flags {}", ctx.bot_flags.join(",")));
+    }
+    if parts.is_empty() {
+        "default".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+fn unique_channels(times: &[(Channel, Option<f64>)]) -> Vec<Channel> {
+    let mut channels: Vec<Channel> = Vec::new();
+    for (channel, _) in times {
+        if !channels.contains(channel) {
+            channels.push(*channel);
+        }
+    }
+    channels
+}
+
+fn ms_between(from: Timestamp, to: Timestamp) -> f64 {
+    (to.duration_since(from).as_secs_f64() * 1000.0).max(0.0)
+}
+
+fn ms_since(from: Timestamp) -> f64 {
+    ms_between(from, Timestamp::now())
+}
