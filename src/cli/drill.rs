@@ -1,7 +1,6 @@
 //! `safemode drill run`: rehearse runbooks and get a verdict.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{anyhow, bail};
 
@@ -60,13 +59,25 @@ pub(super) async fn run(
     {
         bail!("--report {}: not a directory", dir.display());
     }
+    let approver_token = match &args.approver_token_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| anyhow!("--approver-token-file {}: {e}", path.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => args.approver_token.clone(),
+    };
+    if args.converge_within.is_zero() {
+        bail!("--converge-within must be longer than zero");
+    }
     let target = if args.local {
         Target::Local
     } else {
         Target::Remote {
             servers: servers.to_vec(),
             token: caller.token.clone(),
-            approver_token: args.approver_token.clone(),
+            approver_token,
             ca_cert: caller.ca_cert.clone(),
             insecure: caller.insecure,
         }
@@ -78,7 +89,7 @@ pub(super) async fn run(
         severity_path,
         fault,
         namespace,
-        converge_within: Duration::from_secs(30),
+        converge_within: args.converge_within,
     })
     .await?;
     let written: Vec<PathBuf> = match &args.report {

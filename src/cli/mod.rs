@@ -326,6 +326,13 @@ struct DrillRunArgs {
     /// that need a second approver (not needed with --local).
     #[arg(long, env = "SAFEMODE_APPROVER_TOKEN", hide_env_values = true)]
     approver_token: Option<String>,
+    /// Read the approver's token from this file.
+    #[arg(long, value_name = "FILE", conflicts_with = "approver_token")]
+    approver_token_file: Option<PathBuf>,
+    /// How long every subscriber may take to converge on a change (after
+    /// that it counts as never applied).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    converge_within: Duration,
 }
 
 #[derive(Args, Debug)]

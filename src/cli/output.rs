@@ -530,6 +530,7 @@ pub fn drills(
                 "namespace": r.namespace,
                 "passed": r.passed,
                 "incident_id": r.incident_id,
+                "subscribers": r.subscribers,
                 "stages": r.stages,
                 "fault": r.fault,
                 "restoration": r.restoration,
@@ -543,13 +544,18 @@ pub fn drills(
                 let expectations: usize = r.stages.iter().map(|s| s.expectations.len()).sum();
                 let subscribers: usize =
                     r.subscribers.iter().map(|s| s.simulated + s.attached).sum();
+                let plural = |n: usize, one: &str, many: &str| {
+                    format!("{n} {}", if n == 1 { one } else { many })
+                };
                 say!(
                     out,
-                    "{} {} in {} ({} stages, {expectations} expectations, {subscribers} subscribers)",
+                    "{} {} in {} ({}, {}, {})",
                     if r.passed { "PASS" } else { "FAIL" },
                     r.runbook,
                     r.namespace,
-                    r.stages.len()
+                    plural(r.stages.len(), "stage", "stages"),
+                    plural(expectations, "expectation", "expectations"),
+                    plural(subscribers, "subscriber", "subscribers")
                 );
                 for stage in &r.stages {
                     let slowest = stage

@@ -211,6 +211,15 @@ impl RunbookSource {
     }
 }
 
+/// Whether lifting any of `runbook`'s modes needs a second approver.
+fn needs_approver(runbook: &crate::policy::Runbook, modes: &crate::policy::ModeCatalog) -> bool {
+    runbook.stages.iter().flat_map(|s| &s.modes).any(|staged| {
+        modes
+            .get(staged.mode.as_str())
+            .is_none_or(|m| runbook.lift_needs_approval(m))
+    })
+}
+
 fn is_file(arg: &str) -> bool {
     arg.ends_with(".yaml") || arg.contains('/') || Path::new(arg).is_file()
 }
@@ -276,8 +285,8 @@ pub(crate) struct LocalController {
 }
 
 impl LocalController {
-    /// Stops the controller and starts it again on the same address and
-    /// data, as after a crash and restart.
+    /// Stops the controller (gracefully: streams end) and starts it again on
+    /// the same address and data.
     pub async fn restart(&mut self) -> Result<(), String> {
         if let Some(server) = self.server.take() {
             server.stop().await.map_err(|e| format!("{e:#}"))?;
@@ -411,10 +420,31 @@ pub async fn run(options: DrillOptions) -> Result<Vec<DrillReport>, DrillError> 
             "--namespace {namespace}: a drill runs only in a drill-* namespace, never in {namespace}"
         )));
     }
+    if let Some(path) = &options.severity_path
+        && let Some(pair) = path.windows(2).find(|p| p[0] == p[1])
+    {
+        return Err(DrillError::Options(format!(
+            "--severity-path: {} follows itself; each step must move to another severity",
+            pair[0]
+        )));
+    }
     for name in &options.source.names {
         let Some(runbook) = options.source.catalog.runbooks.get(name) else {
             return Err(DrillError::Options(format!("no runbook '{name}'")));
         };
+        // Resolving lifts everything: against a controller with tokens, a
+        // second principal must be at hand before anything is declared.
+        if let Target::Remote {
+            token: Some(_),
+            approver_token: None,
+            ..
+        } = &options.target
+            && needs_approver(runbook, &options.source.catalog.modes)
+        {
+            return Err(DrillError::Options(format!(
+                "runbook {name} needs a second approver to resolve (or to go down a severity): give --approver-token, another principal's drill or approver token"
+            )));
+        }
         if let Some(path) = &options.severity_path {
             for severity in path {
                 if runbook.stage(*severity).is_none() {

@@ -1,7 +1,12 @@
 //! The drill of one runbook, step by step; every step is journaled, and
 //! whatever goes wrong is a failure in the report, never a panic.
+//!
+//! Times to apply are taken on this machine's clock: from just before the
+//! call that commits a change (the approval, when the change waited for
+//! one) to when a simulated subscriber applied it, or to when a poll of the
+//! controller first saw a real subscriber's ack.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use jiff::Timestamp;
@@ -24,7 +29,7 @@ pub(super) async fn drill(
     options: &DrillOptions,
 ) -> DrillReport {
     let id = crate::controller::IncidentId::random().to_string();
-    let suffix = id.trim_start_matches("inc_");
+    let suffix = id.trim_start_matches("inc_").to_string();
     let namespace = options.namespace.clone().unwrap_or_else(|| {
         Namespace::parse(&format!("drill-{suffix}")).expect("a valid drill namespace")
     });
@@ -47,6 +52,8 @@ pub(super) async fn drill(
         },
         namespace,
         id_prefix: format!("drill-{suffix}"),
+        incident: None,
+        attached: Vec::new(),
     };
     drill.note(
         "drill_started",
@@ -72,10 +79,23 @@ struct Drill {
     namespace: Namespace,
     /// Simulated subscribers' ids start with this.
     id_prefix: String,
+    /// The incident the drill declared, while it may still be active.
+    incident: Option<String>,
+    /// Real subscribers attached to the namespace when the drill began: id
+    /// and channel.
+    attached: Vec<(String, Channel)>,
 }
 
 /// Where a drill stops early, and why.
 type Step<T> = Result<T, String>;
+
+/// A committed change: its revision, its approval, and when the call that
+/// committed it began.
+struct Committed {
+    revision: i64,
+    approval: Option<Approval>,
+    began: Timestamp,
+}
 
 impl Drill {
     fn note(&mut self, event: &str, detail: serde_json::Value) {
@@ -111,7 +131,15 @@ impl Drill {
             .collect::<Step<_>>()?;
         let mut commander = harness.commander().await.map_err(|e| e.to_string())?;
         if harness.local.is_none() {
-            self.check_served(&mut commander, runbook).await?;
+            self.check_served(&mut commander, runbook, options).await?;
+        }
+        let before = self.status(&mut commander).await?;
+        if !before.activations.is_empty() {
+            return Err(format!(
+                "{} already has {} active modes; a drill needs an empty drill namespace (it lifts everything it applied, and must not touch what others did)",
+                self.namespace,
+                before.activations.len()
+            ));
         }
 
         // The simulated channel services: every channel asked about in an
@@ -133,126 +161,90 @@ impl Drill {
         })
         .await
         .map_err(|e| format!("the simulated subscribers cannot connect: {e}"))?;
-        let attached = self.attached(&mut commander).await?;
+        // Real subscribers: anyone there before the drill's own (and not
+        // left over from an earlier drill's simulation).
+        self.attached = before
+            .subscribers
+            .iter()
+            .filter(|s| !s.subscriber_id.starts_with("drill-"))
+            .filter_map(|s| Some((s.subscriber_id.clone(), Channel::parse(&s.channel).ok()?)))
+            .collect::<HashMap<_, _>>()
+            .into_iter()
+            .collect();
+        self.attached.sort();
         for (channel, simulated) in &channels {
+            let attached = self.attached.iter().filter(|(_, c)| c == channel).count();
             self.report.subscribers.push(ChannelSubscribers {
                 channel: channel.to_string(),
                 simulated: *simulated,
-                attached: attached
-                    .iter()
-                    .filter(|s| s.channel == channel.as_str())
-                    .count(),
+                attached,
             });
         }
         self.note(
             "subscribers_connected",
             json!({
                 "simulated": sim.len(),
-                "attached": attached.iter().map(|s| &s.subscriber_id).collect::<Vec<_>>(),
+                "attached": self.attached.iter().map(|(id, _)| id).collect::<Vec<_>>(),
                 "ms": ms_since(started),
             }),
         );
 
         let fault_at = path.len() / 2;
-        let mut incident: Option<String> = None;
         let mut previous: Option<Severity> = None;
         for (i, (severity, stage)) in path.iter().zip(&stages).enumerate() {
-            let began = Timestamp::now();
-            let (step, revision, approval) = match (&incident, previous) {
-                (None, _) => {
-                    let declared = commander
-                        .declare_incident(proto::DeclareIncidentRequest {
-                            namespace: self.namespace.to_string(),
-                            r#type: runbook.name.to_string(),
-                            severity: severity.to_string(),
-                            reason: format!("drill of {}", runbook.name),
-                            channels: Vec::new(),
-                        })
-                        .await
-                        .map_err(|s| {
-                            format!(
-                                "declaring {} at {severity} failed: {}",
-                                runbook.name,
-                                s.message()
-                            )
-                        })?
-                        .into_inner();
-                    let id = declared.incident.map(|i| i.id).unwrap_or_default();
-                    self.report.incident_id = Some(id.clone());
-                    self.note("declared", json!({"incident": id, "severity": severity.to_string(), "revision": declared.revision}));
-                    incident = Some(id);
-                    ("declare", declared.revision, None)
-                }
+            let (step, committed) = match (&self.incident, previous) {
+                (None, _) => (
+                    "declare",
+                    self.declare(&mut commander, runbook, *severity).await?,
+                ),
                 (Some(id), Some(from)) => {
                     let step = if *severity > from {
                         "escalate"
                     } else {
                         "deescalate"
                     };
-                    let moved = commander
-                        .escalate_incident(proto::EscalateIncidentRequest {
-                            incident_id: id.clone(),
-                            severity: severity.to_string(),
-                            reason: format!("drill: {step} to {severity}"),
-                        })
-                        .await
-                        .map_err(|s| format!("moving to {severity} failed: {}", s.message()))?
-                        .into_inner();
-                    let (revision, approval) = match moved.pending {
-                        None => (moved.revision, None),
-                        Some(request) => {
-                            self.approve(harness, request, &format!("moving to {severity}"))
-                                .await?
-                        }
-                    };
-                    self.note(step, json!({"incident": id, "severity": severity.to_string(), "revision": revision}));
-                    (step, revision, approval)
+                    let id = id.clone();
+                    let committed = self
+                        .escalate(harness, &mut commander, &id, *severity, step)
+                        .await?;
+                    (step, committed)
                 }
                 (Some(_), None) => unreachable!("an incident is declared before it moves"),
             };
             previous = Some(*severity);
             let report = self
-                .stage(
-                    harness, &sim, &attached, stage, step, revision, approval, began, options,
-                )
+                .stage(harness, &sim, stage, step, committed, options)
                 .await?;
             self.report.stages.push(report);
             if i == fault_at
                 && let Some(fault) = options.fault
             {
+                let revision = self.report.stages.last().map_or(0, |s| s.revision);
                 self.inject(harness, &mut sim, fault, *severity, revision, options)
                     .await?;
             }
         }
 
         // Resolve, then every channel must be back to allow.
-        let id = incident.expect("the path has a stage");
-        let began = Timestamp::now();
-        let resolved = commander
-            .resolve_incident(proto::ResolveIncidentRequest {
-                incident_id: id.clone(),
-                reason: format!("drill of {} over", runbook.name),
-            })
-            .await
-            .map_err(|s| format!("resolving failed: {}", s.message()))?
-            .into_inner();
-        let (revision, approval) = match resolved.pending {
-            None => (resolved.revision, None),
-            Some(request) => self.approve(harness, request, "resolving").await?,
-        };
-        self.note(
-            "resolved",
-            json!({"incident": id, "revision": revision, "ms": ms_since(began)}),
-        );
+        let resolved = self.resolve(harness, &mut commander).await?;
+        let revision = resolved.revision;
         if !sim.wait_applied(revision, options.converge_within).await {
             self.fail(format!(
-                "not every subscriber applied the resolution (revision {revision}) within {:?}",
+                "not every simulated subscriber applied the resolution (revision {revision}) within {:?}",
                 options.converge_within
             ));
         }
+        let (status, seen) = self
+            .wait_attached(&mut commander, revision, options.converge_within)
+            .await?;
         let mut not_restored = Vec::new();
+        for (id, _) in &self.attached {
+            if !seen.contains_key(id) {
+                not_restored.push(format!("subscriber {id} never acked the resolution"));
+            }
+        }
         let mut checked = 0;
-        let mut seen = HashSet::new();
+        let mut seen_checks = HashSet::new();
         for stage in &runbook.stages {
             for e in &stage.expectations {
                 let key = (
@@ -260,7 +252,7 @@ impl Drill {
                     e.action.as_str().to_string(),
                     context_text(&e.context),
                 );
-                if !seen.insert(key) {
+                if !seen_checks.insert(key) {
                     continue;
                 }
                 checked += 1;
@@ -277,23 +269,28 @@ impl Drill {
                 }
             }
         }
+        let mut holding: HashMap<Channel, usize> = HashMap::new();
         for (channel, active) in sim.active_counts() {
             if active > 0 {
-                not_restored.push(format!(
-                    "a {channel} subscriber still holds {active} activations"
-                ));
+                *holding.entry(channel).or_default() += 1;
             }
+        }
+        for (channel, count) in holding {
+            not_restored.push(format!(
+                "{count} {channel} subscribers still hold activations"
+            ));
         }
         for line in &not_restored {
             self.report.failures.push(format!("restoration: {line}"));
         }
+        self.rejects_since(&status, revision, "resolution");
         self.note(
             "restoration_checked",
             json!({"checked": checked, "not_restored": not_restored}),
         );
         self.report.restoration = Some(RestorationReport {
             revision,
-            approval,
+            approval: resolved.approval,
             checked,
             not_restored,
             left_active: 0,
@@ -301,9 +298,118 @@ impl Drill {
         Ok(())
     }
 
-    /// Against a running controller: it must serve this runbook as drilled
-    /// here (same stages and modes), or the drill would test something else.
-    async fn check_served(&mut self, commander: &mut Control, runbook: &Runbook) -> Step<()> {
+    async fn declare(
+        &mut self,
+        commander: &mut Control,
+        runbook: &Runbook,
+        severity: Severity,
+    ) -> Step<Committed> {
+        let began = Timestamp::now();
+        let declared = commander
+            .declare_incident(proto::DeclareIncidentRequest {
+                namespace: self.namespace.to_string(),
+                r#type: runbook.name.to_string(),
+                severity: severity.to_string(),
+                reason: format!("drill of {}", runbook.name),
+                channels: Vec::new(),
+            })
+            .await
+            .map_err(|s| {
+                format!(
+                    "declaring {} at {severity} failed: {}",
+                    runbook.name,
+                    s.message()
+                )
+            })?
+            .into_inner();
+        let id = declared.incident.map(|i| i.id).unwrap_or_default();
+        self.report.incident_id = Some(id.clone());
+        self.note(
+            "declared",
+            json!({"incident": id, "severity": severity.to_string(), "revision": declared.revision}),
+        );
+        self.incident = Some(id);
+        Ok(Committed {
+            revision: declared.revision,
+            approval: None,
+            began,
+        })
+    }
+
+    async fn escalate(
+        &mut self,
+        harness: &Harness,
+        commander: &mut Control,
+        id: &str,
+        severity: Severity,
+        step: &str,
+    ) -> Step<Committed> {
+        let began = Timestamp::now();
+        let moved = commander
+            .escalate_incident(proto::EscalateIncidentRequest {
+                incident_id: id.to_string(),
+                severity: severity.to_string(),
+                reason: format!("drill: {step} to {severity}"),
+            })
+            .await
+            .map_err(|s| format!("moving to {severity} failed: {}", s.message()))?
+            .into_inner();
+        let committed = match moved.pending {
+            None => Committed {
+                revision: moved.revision,
+                approval: None,
+                began,
+            },
+            Some(request) => {
+                self.approve(harness, request, &format!("moving to {severity}"))
+                    .await?
+            }
+        };
+        self.note(
+            step,
+            json!({"incident": id, "severity": severity.to_string(), "revision": committed.revision}),
+        );
+        Ok(committed)
+    }
+
+    /// Resolves the drill's incident (with the second principal approving
+    /// where needed); it is no longer the drill's to clean up.
+    async fn resolve(&mut self, harness: &Harness, commander: &mut Control) -> Step<Committed> {
+        let id = self.incident.clone().ok_or("no incident to resolve")?;
+        let began = Timestamp::now();
+        let resolved = commander
+            .resolve_incident(proto::ResolveIncidentRequest {
+                incident_id: id.clone(),
+                reason: format!("drill of {} over", self.report.runbook),
+            })
+            .await
+            .map_err(|s| format!("resolving failed: {}", s.message()))?
+            .into_inner();
+        let committed = match resolved.pending {
+            None => Committed {
+                revision: resolved.revision,
+                approval: None,
+                began,
+            },
+            Some(request) => self.approve(harness, request, "resolving").await?,
+        };
+        self.incident = None;
+        self.note(
+            "resolved",
+            json!({"incident": id, "revision": committed.revision}),
+        );
+        Ok(committed)
+    }
+
+    /// Against a running controller: it must serve this runbook, and the
+    /// modes it applies, as drilled here; otherwise the drill would test
+    /// something else than it checks.
+    async fn check_served(
+        &mut self,
+        commander: &mut Control,
+        runbook: &Runbook,
+        options: &DrillOptions,
+    ) -> Step<()> {
         let served = commander
             .list_runbooks(proto::ListRunbooksRequest {})
             .await
@@ -319,33 +425,42 @@ impl Drill {
                 runbook.name
             ));
         };
-        let ours: Vec<(String, Vec<String>)> = crate::api::convert::runbook_to_wire(runbook)
-            .stages
-            .into_iter()
-            .map(|s| (s.severity, s.modes))
-            .collect();
-        let served: Vec<(String, Vec<String>)> = theirs
-            .stages
-            .iter()
-            .map(|s| (s.severity.clone(), s.modes.clone()))
-            .collect();
-        if ours != served {
+        let ours = crate::api::convert::runbook_to_wire(runbook);
+        let same_stages = ours.stages.len() == theirs.stages.len()
+            && ours.stages.iter().zip(&theirs.stages).all(|(a, b)| {
+                a.severity == b.severity
+                    && a.modes == b.modes
+                    && a.apply_within_ms == b.apply_within_ms
+            });
+        if !same_stages || ours.lift_requires_approval != theirs.lift_requires_approval {
             return Err(format!(
-                "the controller serves another version of runbook {} (stages {served:?}, here {ours:?}); deploy this one, or drill with --local",
+                "the controller serves another version of runbook {}; deploy this one, or drill with --local",
                 runbook.name
             ));
         }
+        let modes = commander
+            .list_modes(proto::ListModesRequest {})
+            .await
+            .map_err(|s| format!("cannot list the controller's modes: {}", s.message()))?
+            .into_inner();
+        for stage in &runbook.stages {
+            for staged in &stage.modes {
+                let ours = options
+                    .source
+                    .catalog
+                    .modes
+                    .get(staged.mode.as_str())
+                    .map(|m| crate::wire::mode_to_wire(m));
+                let theirs = modes.modes.iter().find(|m| m.name == staged.mode.as_str());
+                if ours.as_ref() != theirs {
+                    return Err(format!(
+                        "the controller serves another version of mode {} than the one runbook {} is drilled with here; deploy the same modes, or drill with --local",
+                        staged.mode, runbook.name
+                    ));
+                }
+            }
+        }
         Ok(())
-    }
-
-    /// Subscribers in the drill namespace that are not the drill's own.
-    async fn attached(&mut self, commander: &mut Control) -> Step<Vec<proto::SubscriberStatus>> {
-        let status = self.status(commander).await?;
-        Ok(status
-            .subscribers
-            .into_iter()
-            .filter(|s| !s.subscriber_id.starts_with(&self.id_prefix))
-            .collect())
     }
 
     async fn status(&self, commander: &mut Control) -> Step<proto::GetStatusResponse> {
@@ -358,18 +473,20 @@ impl Drill {
             .into_inner())
     }
 
-    /// Has the second principal approve `request`.
+    /// Has the second principal approve `request`; the change commits with
+    /// the approval, so its clock starts there.
     async fn approve(
         &mut self,
         harness: &Harness,
         request: proto::ChangeRequest,
         what: &str,
-    ) -> Step<(i64, Option<Approval>)> {
+    ) -> Step<Committed> {
         self.note(
             "approval_requested",
             json!({"request": request.id, "requested_by": request.requested_by, "what": what}),
         );
         let mut approver = harness.approver().await.map_err(|e| e.to_string())?;
+        let began = Timestamp::now();
         let approved = approver
             .approve(proto::ApproveRequest {
                 request_id: request.id.clone(),
@@ -389,49 +506,39 @@ impl Drill {
             "approved",
             json!({"request": request.id, "by": by, "revision": approved.revision}),
         );
-        Ok((
-            approved.revision,
-            Some(Approval {
+        Ok(Committed {
+            revision: approved.revision,
+            approval: Some(Approval {
                 request_id: request.id,
                 requested_by: request.requested_by,
                 approved_by: by,
             }),
-        ))
+            began,
+        })
     }
 
     /// Waits for every subscriber, times each channel, checks the
     /// expectations and looks for rejects.
-    #[allow(clippy::too_many_arguments)]
     async fn stage(
         &mut self,
         harness: &Harness,
         sim: &Sim,
-        attached: &[proto::SubscriberStatus],
         stage: &Stage,
         step: &str,
-        revision: i64,
-        approval: Option<Approval>,
-        began: Timestamp,
+        committed: Committed,
         options: &DrillOptions,
     ) -> Step<StageReport> {
+        let Committed {
+            revision,
+            approval,
+            began,
+        } = committed;
         let severity = stage.severity.to_string();
         let limit_ms = stage.apply_within.as_millis() as u64;
-        if !sim.wait_applied(revision, options.converge_within).await {
-            self.fail(format!(
-                "{severity}: not every simulated subscriber applied revision {revision} within {:?}",
-                options.converge_within
-            ));
-        }
+        sim.wait_applied(revision, options.converge_within).await;
         let mut commander = harness.commander().await.map_err(|e| e.to_string())?;
-        let attached_ids: HashSet<&str> =
-            attached.iter().map(|s| s.subscriber_id.as_str()).collect();
-        let status = self
-            .wait_attached(
-                &mut commander,
-                &attached_ids,
-                revision,
-                options.converge_within,
-            )
+        let (status, seen) = self
+            .wait_attached(&mut commander, revision, options.converge_within)
             .await?;
 
         // Per channel: from the change to each subscriber's apply.
@@ -440,22 +547,8 @@ impl Drill {
             .into_iter()
             .map(|(channel, at)| (channel, at.map(|at| ms_between(began, at))))
             .collect();
-        for s in status
-            .subscribers
-            .iter()
-            .filter(|s| attached_ids.contains(s.subscriber_id.as_str()))
-        {
-            let Ok(channel) = Channel::parse(&s.channel) else {
-                continue;
-            };
-            let at = (s.acked_revision >= revision)
-                .then(|| {
-                    s.acked_at
-                        .as_ref()
-                        .and_then(|t| crate::wire::timestamp_from_wire(t).ok())
-                })
-                .flatten();
-            times.push((channel, at.map(|at| ms_between(began, at))));
+        for (id, channel) in &self.attached {
+            times.push((*channel, seen.get(id).map(|at| ms_between(began, *at))));
         }
         let mut channels = Vec::new();
         for channel in unique_channels(&times) {
@@ -470,9 +563,14 @@ impl Drill {
             let within = applied.len() == subscribers && max <= limit_ms as f64;
             if !within {
                 self.report.failures.push(if applied.len() < subscribers {
-                    format!("{severity}: {} of {subscribers} {channel} subscribers never applied it", subscribers - applied.len())
+                    format!(
+                        "{severity}: {} of {subscribers} {channel} subscribers never applied it",
+                        subscribers - applied.len()
+                    )
                 } else {
-                    format!("{severity}: {channel} took {max:.1} ms to apply, over the runbook's {limit_ms} ms")
+                    format!(
+                        "{severity}: {channel} took {max:.1} ms to apply, over the runbook's {limit_ms} ms"
+                    )
                 });
             }
             channels.push(ChannelTiming {
@@ -506,28 +604,7 @@ impl Drill {
             );
             expectations.push(check);
         }
-
-        // Snapshots anyone rejected at this revision or later.
-        let rejects: Vec<Reject> = status
-            .subscribers
-            .iter()
-            .filter(|s| s.rejected_revision >= revision && s.rejected_revision > 0)
-            .map(|s| Reject {
-                subscriber: s.subscriber_id.clone(),
-                revision: s.rejected_revision,
-                reason: s.reject_reason.clone(),
-            })
-            .collect();
-        for r in &rejects {
-            self.report.failures.push(format!(
-                "{severity}: subscriber {} rejected revision {}: {}",
-                r.subscriber, r.revision, r.reason
-            ));
-            self.note(
-                "rejected",
-                json!({"subscriber": r.subscriber, "revision": r.revision, "reason": r.reason}),
-            );
-        }
+        let rejects = self.rejects_since(&status, revision, &severity);
         Ok(StageReport {
             severity,
             step: step.into(),
@@ -540,32 +617,68 @@ impl Drill {
         })
     }
 
+    /// Snapshots anyone rejected at `revision` or later: failures.
+    fn rejects_since(
+        &mut self,
+        status: &proto::GetStatusResponse,
+        revision: i64,
+        what: &str,
+    ) -> Vec<Reject> {
+        let rejects: Vec<Reject> = status
+            .subscribers
+            .iter()
+            .filter(|s| s.rejected_revision > 0 && s.rejected_revision >= revision)
+            .map(|s| Reject {
+                subscriber: s.subscriber_id.clone(),
+                revision: s.rejected_revision,
+                reason: s.reject_reason.clone(),
+            })
+            .collect();
+        for r in &rejects {
+            self.report.failures.push(format!(
+                "{what}: subscriber {} rejected revision {}: {}",
+                r.subscriber, r.revision, r.reason
+            ));
+            self.note(
+                "rejected",
+                json!({"subscriber": r.subscriber, "revision": r.revision, "reason": r.reason}),
+            );
+        }
+        rejects
+    }
+
     /// Waits (bounded) until every attached subscriber acked `revision`;
-    /// returns the last status read.
+    /// returns the last status read, and when (on this machine's clock) a
+    /// poll first saw each attached subscriber's ack. A subscriber that left
+    /// never acks.
     async fn wait_attached(
         &self,
         commander: &mut Control,
-        ids: &HashSet<&str>,
         revision: i64,
         within: Duration,
-    ) -> Step<proto::GetStatusResponse> {
+    ) -> Step<(proto::GetStatusResponse, HashMap<String, Timestamp>)> {
         let deadline = tokio::time::Instant::now() + within;
+        let mut seen: HashMap<String, Timestamp> = HashMap::new();
         loop {
             let status = self.status(commander).await?;
-            let acked = status
-                .subscribers
-                .iter()
-                .filter(|s| ids.contains(s.subscriber_id.as_str()) && s.acked_revision >= revision)
-                .count();
-            if acked >= ids.len() || tokio::time::Instant::now() >= deadline {
-                return Ok(status);
+            let now = Timestamp::now();
+            for s in &status.subscribers {
+                if s.acked_revision >= revision
+                    && self.attached.iter().any(|(id, _)| *id == s.subscriber_id)
+                {
+                    seen.entry(s.subscriber_id.clone()).or_insert(now);
+                }
+            }
+            if seen.len() >= self.attached.len() || tokio::time::Instant::now() >= deadline {
+                return Ok((status, seen));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
     /// Injects `fault` and measures how long every subscriber takes to
-    /// converge on `revision` again.
+    /// converge on `revision` again: the controller sees each of them on a
+    /// new stream (connected after the fault) that acked it.
     async fn inject(
         &mut self,
         harness: &mut Harness,
@@ -575,8 +688,12 @@ impl Drill {
         revision: i64,
         options: &DrillOptions,
     ) -> Step<()> {
+        let mut commander = harness.commander().await.map_err(|e| e.to_string())?;
+        // The fault's moment on the controller's clock, to compare with its
+        // connected_at times.
+        let before = self.status(&mut commander).await?.server_time;
         let began = Timestamp::now();
-        let affected = match fault {
+        let affected: Vec<String> = match fault {
             Fault::KillSubscribers { percent } => {
                 let count = (sim.len() * usize::from(percent)).div_ceil(100).max(1);
                 let killed = sim.kill(count);
@@ -587,7 +704,8 @@ impl Drill {
                 sim.revive(&killed)
                     .await
                     .map_err(|e| format!("killed subscribers could not come back: {e}"))?;
-                killed.len()
+                let ids = sim.subscriber_ids();
+                killed.iter().map(|&i| ids[i].clone()).collect()
             }
             Fault::RestartController => {
                 let local = harness
@@ -602,27 +720,26 @@ impl Drill {
                     .restart()
                     .await
                     .map_err(|e| format!("the controller did not come back: {e}"))?;
-                sim.len()
+                sim.subscriber_ids()
             }
         };
-        // Converged: the controller sees every simulated subscriber acking
-        // the stage's revision again.
-        let ids: Vec<String> = sim.subscriber_ids();
-        let ids: HashSet<&str> = ids.iter().map(String::as_str).collect();
+        let after = |s: &proto::SubscriberStatus| match (&s.connected_at, &before) {
+            (Some(c), Some(b)) => (c.seconds, c.nanos) > (b.seconds, b.nanos),
+            _ => false,
+        };
         let mut commander = harness.commander().await.map_err(|e| e.to_string())?;
         let deadline = tokio::time::Instant::now() + options.converge_within;
         let recovered = loop {
-            let status = self.status(&mut commander).await;
-            let acked: HashSet<&str> = match &status {
-                Ok(status) => status
-                    .subscribers
-                    .iter()
-                    .filter(|s| s.acked_revision >= revision)
-                    .filter_map(|s| ids.get(s.subscriber_id.as_str()).copied())
-                    .collect(),
-                Err(_) => HashSet::new(),
+            let converged = match self.status(&mut commander).await {
+                Ok(status) => affected.iter().all(|id| {
+                    status
+                        .subscribers
+                        .iter()
+                        .any(|s| s.subscriber_id == *id && after(s) && s.acked_revision >= revision)
+                }),
+                Err(_) => false,
             };
-            if acked.len() == ids.len() && sim.wait_applied(revision, Duration::ZERO).await {
+            if converged && sim.wait_applied(revision, Duration::ZERO).await {
                 break true;
             }
             if tokio::time::Instant::now() >= deadline {
@@ -646,20 +763,26 @@ impl Drill {
         self.report.fault = Some(FaultReport {
             kind: fault.describe(),
             severity: severity.to_string(),
-            affected,
+            affected: affected.len(),
             recovered,
             recovery_ms,
         });
         Ok(())
     }
 
-    /// Lifts whatever the drill left active in its namespace (after a
-    /// failure), with the second principal approving where needed.
+    /// After a failure: resolves the incident if it is still active (with
+    /// the second principal approving where needed), so that the namespace
+    /// is left as the drill found it.
     async fn clean_up(&mut self, harness: &Harness) {
         let Ok(mut commander) = harness.commander().await else {
             self.fail("cannot reach the controller to clean up the drill namespace".into());
             return;
         };
+        if self.incident.is_some()
+            && let Err(e) = self.resolve(harness, &mut commander).await
+        {
+            self.fail(format!("cleanup: {e}"));
+        }
         let left = match self.status(&mut commander).await {
             Ok(status) => status.activations,
             Err(e) => {
@@ -667,43 +790,19 @@ impl Drill {
                 return;
             }
         };
-        if !left.is_empty() {
-            let lifted = commander
-                .lift_activations(proto::LiftActivationsRequest {
-                    namespace: self.namespace.to_string(),
-                    targets: left.iter().map(|a| a.id.clone()).collect(),
-                    reason: "drill cleanup".into(),
-                    all: true,
-                })
-                .await;
-            match lifted {
-                Ok(response) => {
-                    if let Some(request) = response.into_inner().pending
-                        && let Err(e) = self.approve(harness, request, "cleaning up").await
-                    {
-                        self.fail(e);
-                    }
-                }
-                Err(s) => self.fail(format!(
-                    "cleaning up the drill namespace failed: {}",
-                    s.message()
-                )),
-            }
-        }
-        let left_active = self
-            .status(&mut commander)
-            .await
-            .map_or(left.len(), |s| s.activations.len());
-        if left_active > 0 {
+        let ours: Vec<&proto::Activation> = left
+            .iter()
+            .filter(|a| Some(&a.incident_id) == self.report.incident_id.as_ref())
+            .collect();
+        if !ours.is_empty() {
             self.fail(format!(
-                "{left_active} activations are still active in {} after cleanup",
+                "{} activations of the drill's incident are still active in {} after cleanup",
+                ours.len(),
                 self.namespace
             ));
         }
-        self.note(
-            "cleaned_up",
-            json!({"lifted": left.len(), "left_active": left_active}),
-        );
+        let left_active = ours.len();
+        self.note("cleaned_up", json!({"left_active": left_active}));
         if let Some(restoration) = self.report.restoration.as_mut() {
             restoration.left_active = left_active;
         }
