@@ -23,7 +23,28 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out_dir.join("safemode_descriptor.bin"),
         prost::Message::encode_to_vec(&descriptors),
     )?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
+    tonic_prost_build::configure().compile_fds(descriptors.clone())?;
+
+    // The subscription service's server once more, sending `Outbound`
+    // (a response encoded once per revision and channel, then shared by
+    // every subscriber of the channel) instead of `SubscribeResponse`; every
+    // other type is the one generated above.
+    let fanout = out_dir.join("fanout");
+    std::fs::create_dir_all(&fanout)?;
+    let mut subscription = descriptors.clone();
+    subscription
+        .file
+        .retain(|f| f.name() == "safemode/v1/subscription.proto");
+    tonic_prost_build::configure()
+        .build_client(false)
+        .build_server(true)
+        .out_dir(&fanout)
+        .extern_path(".safemode.v1", "crate::wire::proto")
+        .extern_path(
+            ".safemode.v1.SubscribeResponse",
+            "crate::api::outbound::Outbound",
+        )
+        .compile_fds(subscription)?;
 
     let runbooks = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("runbooks");
     embed_yaml_files(

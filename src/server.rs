@@ -50,7 +50,7 @@ pub enum StoreConfig {
 
 type ControlServer = proto::control_service_server::ControlServiceServer<ControlApi>;
 type SubscriptionServer =
-    proto::subscription_service_server::SubscriptionServiceServer<SubscriptionApi>;
+    crate::api::fanout::subscription_service_server::SubscriptionServiceServer<SubscriptionApi>;
 
 /// Everything `safemode serve` needs.
 #[derive(Clone, Debug)]

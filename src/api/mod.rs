@@ -4,7 +4,15 @@
 
 mod control;
 pub(crate) mod convert;
+pub(crate) mod outbound;
 mod subscribe;
+
+/// The subscription server again, sending [`outbound::Outbound`] (see
+/// `build.rs`).
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub(crate) mod fanout {
+    include!(concat!(env!("OUT_DIR"), "/fanout/safemode.v1.rs"));
+}
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -15,32 +15,39 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
+use super::fanout::subscription_service_server::SubscriptionService;
+use super::outbound::{Outbound, SnapshotCache};
 use super::{StreamConfig, authorize, invalid, invalid_name, principal, status};
 use crate::auth::Operation;
 use crate::controller::{Controller, Subscription};
 use crate::policy::{Channel, Namespace, Revision};
 use crate::wire::proto::subscribe_request::Message as Inbound;
-use crate::wire::proto::subscribe_response::Message as Outbound;
-use crate::wire::proto::subscription_service_server::SubscriptionService;
+use crate::wire::proto::subscribe_response::Message as Response_;
 use crate::wire::{self, proto};
 
 /// The subscription service.
 pub struct SubscriptionApi {
     controller: Arc<Controller>,
     config: StreamConfig,
+    /// Snapshots encoded once per revision and channel, for every stream.
+    snapshots: Arc<SnapshotCache>,
 }
 
 impl SubscriptionApi {
     /// The service over `controller`.
     pub fn new(controller: Arc<Controller>, config: StreamConfig) -> Self {
-        SubscriptionApi { controller, config }
+        SubscriptionApi {
+            controller,
+            config,
+            snapshots: Arc::default(),
+        }
     }
 }
 
 /// The longest reject reason accepted.
 const MAX_REASON_LEN: usize = 1000;
 
-type ResponseStream = Pin<Box<dyn Stream<Item = Result<proto::SubscribeResponse, Status>> + Send>>;
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<Outbound, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl SubscriptionService for SubscriptionApi {
@@ -105,6 +112,7 @@ impl SubscriptionService for SubscriptionApi {
             &self.config,
             self.controller.shutdown_token().clone(),
             self.controller.epoch().to_string(),
+            self.snapshots.clone(),
         );
         Ok(Response::new(Box::pin(session.into_stream())))
     }
@@ -118,6 +126,7 @@ struct Session {
     shutdown: CancellationToken,
     /// The store epoch snapshots are sent in.
     epoch: String,
+    snapshots: Arc<SnapshotCache>,
     /// Newest revision sent; `None` until the first snapshot.
     sent: Option<Revision>,
     /// The stream ends after the next item.
@@ -131,6 +140,7 @@ impl Session {
         config: &StreamConfig,
         shutdown: CancellationToken,
         epoch: String,
+        snapshots: Arc<SnapshotCache>,
     ) -> Self {
         let mut heartbeat =
             tokio::time::interval_at(Instant::now() + config.heartbeat, config.heartbeat);
@@ -141,12 +151,13 @@ impl Session {
             heartbeat,
             shutdown,
             epoch,
+            snapshots,
             sent: None,
             ending: false,
         }
     }
 
-    fn into_stream(self) -> impl Stream<Item = Result<proto::SubscribeResponse, Status>> {
+    fn into_stream(self) -> impl Stream<Item = Result<Outbound, Status>> {
         futures_util::stream::unfold(self, |mut session| async move {
             if session.ending {
                 return None;
@@ -158,7 +169,7 @@ impl Session {
     }
 
     /// The next message to send; `None` ends the stream quietly.
-    async fn next(&mut self) -> Option<Result<proto::SubscribeResponse, Status>> {
+    async fn next(&mut self) -> Option<Result<Outbound, Status>> {
         if self.sent.is_none() {
             return Some(Ok(self.snapshot()));
         }
@@ -193,31 +204,36 @@ impl Session {
                         continue;
                     }
                     let view = self.subscription.views.borrow();
-                    return Some(Ok(proto::SubscribeResponse {
-                        message: Some(Outbound::Heartbeat(proto::Heartbeat {
+                    return Some(Ok(Outbound::Message(proto::SubscribeResponse {
+                        message: Some(Response_::Heartbeat(proto::Heartbeat {
                             revision: view.revision,
                             server_time: Some(wire::timestamp_to_wire(jiff::Timestamp::now())),
                         })),
-                    }));
+                    })));
                 }
             }
         }
     }
 
     /// The snapshot of the newest view for this stream's channel.
-    fn snapshot(&mut self) -> proto::SubscribeResponse {
+    fn snapshot(&mut self) -> Outbound {
         let view = self.subscription.views.borrow_and_update().clone();
-        let snapshot = super::convert::snapshot_to_wire(
-            &view,
-            view.channel(self.subscription.channel),
-            &self.epoch,
-        );
+        let channel = self.subscription.channel;
+        // Converted and encoded by the first stream of the channel to send
+        // this revision; the others share the bytes.
+        let encoded = self
+            .snapshots
+            .get(&view, channel, || proto::SubscribeResponse {
+                message: Some(Response_::Snapshot(super::convert::snapshot_to_wire(
+                    &view,
+                    view.channel(channel),
+                    &self.epoch,
+                ))),
+            });
         self.sent = Some(view.revision);
         self.subscription.registration.sent(view.revision);
         self.heartbeat.reset();
-        proto::SubscribeResponse {
-            message: Some(Outbound::Snapshot(snapshot)),
-        }
+        Outbound::Encoded(encoded)
     }
 
     fn receive(&mut self, message: proto::SubscribeRequest) -> Result<(), Status> {

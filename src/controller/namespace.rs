@@ -75,6 +75,17 @@ impl NamespaceView {
         }
     }
 
+    /// An empty view of `namespace` at `revision`, for tests elsewhere in
+    /// the crate.
+    #[cfg(test)]
+    pub(crate) fn empty_at(namespace: Namespace, revision: Revision) -> Self {
+        NamespaceView {
+            revision,
+            loaded: true,
+            ..NamespaceView::unloaded(namespace)
+        }
+    }
+
     /// The snapshot for `channel`.
     pub fn channel(&self, channel: Channel) -> &Arc<ChannelSnapshot> {
         &self.channels[channel.index()]

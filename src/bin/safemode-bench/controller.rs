@@ -1,0 +1,133 @@
+//! The controller under test, in a child process of its own (so that its
+//! memory is its own): this same binary, started with `--controller`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// Where the controller keeps its state.
+#[derive(Clone, Debug)]
+pub enum Store {
+    /// The embedded store, in this directory.
+    Embedded(PathBuf),
+    /// An etcd cluster.
+    Etcd(Vec<String>),
+}
+
+impl Store {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Store::Embedded(_) => "embedded",
+            Store::Etcd(_) => "etcd",
+        }
+    }
+}
+
+/// A running controller process.
+pub struct Controller {
+    child: Child,
+    pub addr: SocketAddr,
+    store: Store,
+}
+
+impl Controller {
+    /// Starts a controller on `listen` (port 0: any) and waits until it
+    /// serves.
+    pub async fn start(store: &Store, listen: SocketAddr) -> anyhow::Result<Controller> {
+        let mut command = Command::new(std::env::current_exe().context("where am I")?);
+        command.arg("--controller").arg(listen.to_string());
+        match store {
+            Store::Embedded(dir) => command.arg("--data-dir").arg(dir),
+            Store::Etcd(endpoints) => command.arg("--etcd").arg(endpoints.join(",")),
+        };
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start the controller process")?;
+        let stdout = child.stdout.take().expect("piped");
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+            .await
+            .context("the controller did not start within 60 s")??
+            .context("the controller exited before it served")?;
+        let addr = line
+            .strip_prefix("serving ")
+            .with_context(|| format!("the controller said {line:?}"))?
+            .parse()?;
+        Ok(Controller {
+            child,
+            addr,
+            store: store.clone(),
+        })
+    }
+
+    /// The URL subscribers and commanders use.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Resident memory of the controller process, in bytes.
+    pub fn rss(&self) -> anyhow::Result<u64> {
+        let pid = self.child.id().context("the controller has exited")?;
+        rss_of(pid)
+    }
+
+    /// Kills the controller (SIGKILL: a crash, not a goodbye) and starts it
+    /// again on the same address and store; returns when it serves, and when
+    /// the kill happened.
+    pub async fn crash_and_restart(&mut self) -> anyhow::Result<Instant> {
+        let killed = Instant::now();
+        self.child.kill().await?;
+        let again = Controller::start(&self.store, self.addr).await?;
+        *self = again;
+        Ok(killed)
+    }
+}
+
+/// VmRSS of process `pid`, from /proc.
+pub fn rss_of(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .context("cannot read /proc (memory is measured on Linux only)")?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no VmRSS in /proc/PID/status")?;
+    Ok(kb * 1024)
+}
+
+/// The child's side: serve until killed, saying where on stdout.
+pub async fn serve(
+    listen: SocketAddr,
+    data_dir: Option<&Path>,
+    etcd: Option<&str>,
+) -> anyhow::Result<()> {
+    use safemode::server::{ServeConfig, StoreConfig};
+    let store = match (data_dir, etcd) {
+        (Some(dir), None) => StoreConfig::Embedded {
+            data_dir: dir.to_path_buf(),
+        },
+        (None, Some(endpoints)) => StoreConfig::Etcd {
+            endpoints: endpoints.split(',').map(str::to_string).collect(),
+            prefix: "/safemode/".into(),
+        },
+        _ => bail!("give --data-dir or --etcd"),
+    };
+    let running = safemode::server::start(ServeConfig {
+        listen,
+        store,
+        replica: "bench".into(),
+        ..ServeConfig::default()
+    })
+    .await?;
+    println!("serving {}", running.addr);
+    running.join().await
+}

@@ -1,0 +1,141 @@
+//! A single-node etcd for the benchmarks, on free loopback ports in a
+//! temporary directory, and the baseline: N plain etcd watchers on one
+//! prefix, timed from a put to the last watcher's event.
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use etcd_client::{Client, WatchOptions};
+use tokio::process::{Child, Command};
+
+pub struct Etcd {
+    _child: Child,
+    pub endpoint: String,
+    _dir: tempfile::TempDir,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl Etcd {
+    /// Starts etcd (`binary`, e.g. `etcd` on PATH) and waits until it
+    /// answers.
+    pub async fn start(binary: &str) -> anyhow::Result<Etcd> {
+        let dir = tempfile::tempdir()?;
+        let client = format!("http://127.0.0.1:{}", free_port()?);
+        let peer = format!("http://127.0.0.1:{}", free_port()?);
+        let child = Command::new(binary)
+            .args(["--name", "bench", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("bench={peer}")])
+            .args(["--log-level", "error"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| {
+                format!("cannot run {binary}: install etcd (Debian: apt-get install etcd-server) or pass --etcd-binary PATH")
+            })?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(mut c) = Client::connect([client.as_str()], None).await
+                && c.status().await.is_ok()
+            {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("etcd did not answer on {client} within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(Etcd {
+            _child: child,
+            endpoint: client,
+            _dir: dir,
+        })
+    }
+}
+
+/// How many watchers saw each revision, and when the last one did.
+type Seen = Arc<Mutex<HashMap<i64, (usize, Instant)>>>;
+
+/// `watchers` watchers over `connections` connections on one prefix; then
+/// `puts` puts, each timed from the call to the last watcher's event.
+/// Returns the latencies in milliseconds.
+pub async fn baseline(
+    endpoint: &str,
+    watchers: usize,
+    connections: usize,
+    puts: usize,
+) -> anyhow::Result<Vec<f64>> {
+    let mut clients = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        clients.push(Client::connect([endpoint], None).await?);
+    }
+    let seen: Seen = Arc::new(Mutex::new(HashMap::new()));
+    let ready = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::with_capacity(watchers);
+    for i in 0..watchers {
+        let mut stream = clients[i % connections]
+            .watch("/bench/", Some(WatchOptions::new().with_prefix()))
+            .await?;
+        let seen = seen.clone();
+        let ready = ready.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut created = false;
+            while let Ok(Some(response)) = stream.message().await {
+                if !created {
+                    created = true;
+                    ready.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                let now = Instant::now();
+                for event in response.events() {
+                    if let Some(kv) = event.kv() {
+                        let mut seen = seen.lock().unwrap();
+                        let entry = seen.entry(kv.mod_revision()).or_insert((0, now));
+                        entry.0 += 1;
+                        entry.1 = entry.1.max(now);
+                    }
+                }
+            }
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ready.load(std::sync::atomic::Ordering::Relaxed) < watchers {
+        if Instant::now() > deadline {
+            bail!("the etcd watchers were not all created within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut writer = clients[0].clone();
+    let mut latencies = Vec::with_capacity(puts);
+    for n in 0..puts {
+        let started = Instant::now();
+        let put = writer.put("/bench/flip", format!("{n}"), None).await?;
+        let revision = put.header().context("a put has a header")?.revision();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let last = loop {
+            if let Some((count, last)) = seen.lock().unwrap().get(&revision)
+                && *count == watchers
+            {
+                break *last;
+            }
+            if Instant::now() > deadline {
+                bail!("not every etcd watcher saw revision {revision} within 30 s");
+            }
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        };
+        latencies.push(last.duration_since(started).as_secs_f64() * 1000.0);
+    }
+    for task in tasks {
+        task.abort();
+    }
+    Ok(latencies)
+}

@@ -1,0 +1,219 @@
+//! Subscribers for the benchmarks: raw subscription streams over a pool of
+//! HTTP/2 connections (many streams share one, as channel services behind a
+//! few client pods would), each acking every snapshot and reconnecting with
+//! jitter when its stream ends. They record when each revision arrived and
+//! when it was acked.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use safemode::backoff::Backoff;
+use safemode::policy::{Channel, Revision};
+use safemode::wire::proto::subscribe_request::Message as Outbound;
+use safemode::wire::proto::subscribe_response::Message as Inbound;
+use safemode::wire::proto::subscription_service_client::SubscriptionServiceClient;
+use safemode::wire::proto::{self, SubscribeRequest};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel as Connection, Endpoint};
+
+/// When the fleet received and acked one revision.
+#[derive(Clone, Copy, Debug)]
+pub struct Arrival {
+    pub received: usize,
+    pub last_received: Instant,
+    pub acked: usize,
+    pub last_acked: Instant,
+}
+
+/// What every subscriber holds now.
+#[derive(Default)]
+struct Ledger {
+    by_revision: HashMap<Revision, Arrival>,
+    /// Each subscriber's newest acked revision.
+    acked: Vec<Revision>,
+}
+
+pub struct Fleet {
+    ledger: Arc<Mutex<Ledger>>,
+    stop: CancellationToken,
+    pub size: usize,
+}
+
+impl Fleet {
+    /// `size` subscribers of the live namespace, spread over the channels
+    /// and over `connections` connections to `url`; returns once every one
+    /// has acked its first snapshot.
+    pub async fn connect(url: &str, size: usize, connections: usize) -> anyhow::Result<Fleet> {
+        let endpoint = Endpoint::from_shared(url.to_string())?
+            .tcp_nodelay(true)
+            .http2_adaptive_window(true);
+        let mut pool = Vec::with_capacity(connections);
+        for _ in 0..connections {
+            // Each connect() is its own HTTP/2 connection.
+            pool.push(endpoint.connect().await?);
+        }
+        let ledger = Arc::new(Mutex::new(Ledger {
+            by_revision: HashMap::new(),
+            acked: vec![0; size],
+        }));
+        let fleet = Fleet {
+            ledger,
+            stop: CancellationToken::new(),
+            size,
+        };
+        let channels: Vec<Channel> = Channel::all().collect();
+        for index in 0..size {
+            let subscriber = Raw {
+                index,
+                channel: channels[index % channels.len()],
+                connection: pool[index % pool.len()].clone(),
+                ledger: fleet.ledger.clone(),
+            };
+            tokio::spawn(subscriber.run(fleet.stop.clone()));
+        }
+        fleet
+            .wait(
+                |ledger| ledger.acked.iter().all(|r| *r > 0),
+                Duration::from_secs(120),
+            )
+            .await
+            .then_some(())
+            .ok_or_else(|| anyhow::anyhow!("not every subscriber connected within 120 s"))?;
+        Ok(fleet)
+    }
+
+    /// Polls `done` every millisecond (the arrival times themselves are
+    /// taken by the subscribers, so polling adds nothing to them).
+    async fn wait(&self, done: impl Fn(&Ledger) -> bool, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if done(&self.ledger.lock().unwrap()) {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// Waits until every subscriber acked `revision`; then how it arrived.
+    pub async fn arrival(&self, revision: Revision, within: Duration) -> Option<Arrival> {
+        let size = self.size;
+        self.wait(
+            |l| {
+                l.by_revision
+                    .get(&revision)
+                    .is_some_and(|a| a.acked == size)
+            },
+            within,
+        )
+        .await
+        .then(|| self.ledger.lock().unwrap().by_revision[&revision])
+    }
+
+    /// Waits until every subscriber's newest ack is at least `revision`.
+    pub async fn all_acked(&self, revision: Revision, within: Duration) -> bool {
+        self.wait(|l| l.acked.iter().all(|r| *r >= revision), within)
+            .await
+    }
+
+    /// Forgets every subscriber's acks (after a controller crash: each must
+    /// ack again once it is back).
+    pub fn reset_acks(&self) {
+        self.ledger.lock().unwrap().acked.fill(0);
+    }
+
+    /// Forgets what arrived (before a run whose arrivals are counted).
+    pub fn forget(&self) {
+        self.ledger.lock().unwrap().by_revision.clear();
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+struct Raw {
+    index: usize,
+    channel: Channel,
+    connection: Connection,
+    ledger: Arc<Mutex<Ledger>>,
+}
+
+impl Raw {
+    async fn run(self, stop: CancellationToken) {
+        let mut applied: Revision = 0;
+        let mut epoch = String::new();
+        // The client module's reconnect pacing: jittered, from 100 ms.
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = self.stream(&mut applied, &mut epoch) => {}
+            }
+            // The stream ended (the controller went away): come back after
+            // a jittered pause, as real clients do.
+            let pause = backoff.next_delay();
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+
+    async fn stream(&self, applied: &mut Revision, epoch: &mut String) {
+        let (out, rx) = mpsc::channel(8);
+        let hello = proto::Hello {
+            namespace: "live".into(),
+            channel: self.channel.as_str().into(),
+            subscriber_id: format!("bench-{}", self.index),
+            last_applied_revision: *applied,
+            epoch: epoch.clone(),
+        };
+        let _ = out
+            .send(SubscribeRequest {
+                message: Some(Outbound::Hello(hello)),
+            })
+            .await;
+        let mut client = SubscriptionServiceClient::new(self.connection.clone());
+        let Ok(response) = client.subscribe(ReceiverStream::new(rx)).await else {
+            return;
+        };
+        let mut inbound = response.into_inner();
+        while let Ok(Some(message)) = inbound.message().await {
+            let Some(Inbound::Snapshot(snapshot)) = message.message else {
+                continue;
+            };
+            let received = Instant::now();
+            let revision = snapshot.revision;
+            let _ = out
+                .send(SubscribeRequest {
+                    message: Some(Outbound::Ack(proto::Ack { revision })),
+                })
+                .await;
+            let acked = Instant::now();
+            *applied = revision;
+            *epoch = snapshot.epoch;
+            {
+                let mut ledger = self.ledger.lock().unwrap();
+                let arrival = ledger.by_revision.entry(revision).or_insert(Arrival {
+                    received: 0,
+                    last_received: received,
+                    acked: 0,
+                    last_acked: acked,
+                });
+                arrival.received += 1;
+                arrival.last_received = arrival.last_received.max(received);
+                arrival.acked += 1;
+                arrival.last_acked = arrival.last_acked.max(acked);
+                ledger.acked[self.index] = revision;
+            }
+        }
+    }
+}

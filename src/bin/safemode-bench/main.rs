@@ -1,0 +1,329 @@
+//! `safemode-bench`: how fast a flip reaches every channel, against plain
+//! etcd watchers on the same machine; how fast `decide` answers and what it
+//! allocates; the controller's memory per subscriber; and how long a
+//! controller crash takes to heal. See BENCHMARKS.md.
+//!
+//! ```sh
+//! cargo run --release --bin safemode-bench -- --quick            # under a minute
+//! cargo run --release --bin safemode-bench -- --out bench.json    # the full run
+//! ```
+
+mod controller;
+mod decide;
+mod etcd;
+mod fleet;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+use safemode::sim::percentile;
+use safemode::wire::proto;
+use safemode::wire::proto::control_service_client::ControlServiceClient;
+use serde::Serialize;
+
+use controller::{Controller, Store};
+use fleet::Fleet;
+
+#[global_allocator]
+static ALLOCATOR: decide::Counting = decide::Counting;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "safemode-bench",
+    about = "Benchmarks of safemode (see BENCHMARKS.md)"
+)]
+struct Args {
+    /// A smoke run: 100 and 1,000 subscribers, 20 flips, one second of
+    /// decisions (under a minute on 2 cores).
+    #[arg(long)]
+    quick: bool,
+    /// Write the results here (JSON).
+    #[arg(long, default_value = "bench.json")]
+    out: PathBuf,
+    /// Subscriber counts [default: 100,1000,10000; --quick: 100,1000].
+    #[arg(long, value_delimiter = ',')]
+    sizes: Vec<usize>,
+    /// Flips per size [default: 200; --quick: 20].
+    #[arg(long)]
+    flips: Option<usize>,
+    /// Stores to run the controller on.
+    #[arg(long, value_delimiter = ',', default_value = "etcd,embedded")]
+    stores: Vec<String>,
+    /// Subscription streams per HTTP/2 connection.
+    #[arg(long, default_value_t = 100)]
+    streams_per_connection: usize,
+    /// The etcd binary.
+    #[arg(long, default_value = "etcd")]
+    etcd_binary: String,
+    /// Seconds of decisions per decide run [default: 3; --quick: 1].
+    #[arg(long)]
+    decide_seconds: Option<u64>,
+    // The controller under test runs as a child process of this binary.
+    #[arg(long, hide = true)]
+    controller: Option<SocketAddr>,
+    #[arg(long, hide = true)]
+    data_dir: Option<PathBuf>,
+    #[arg(long, hide = true)]
+    etcd: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    machine: Machine,
+    quick: bool,
+    decide: decide::DecideResult,
+    runs: Vec<Run>,
+}
+
+#[derive(Debug, Serialize)]
+struct Machine {
+    cores: usize,
+    memory_gib: f64,
+    cpu: String,
+    os: String,
+}
+
+/// One store, one subscriber count.
+#[derive(Debug, Serialize)]
+struct Run {
+    store: String,
+    subscribers: usize,
+    connections: usize,
+    flips: usize,
+    /// From the commander's call to the last subscriber's receipt.
+    received_ms: Summary,
+    /// From the commander's call to the last subscriber's ack.
+    acked_ms: Summary,
+    /// Plain etcd: from a put to the last of as many watchers' events.
+    etcd_baseline_ms: Summary,
+    /// Our p50 to last receipt over the baseline's p50.
+    ratio_p50: f64,
+    /// Controller memory, idle and with every subscriber connected.
+    rss_idle_bytes: u64,
+    rss_connected_bytes: u64,
+    rss_per_subscriber_bytes: f64,
+    /// Controller killed and restarted: until every subscriber had
+    /// reconnected and acked the latest revision again.
+    reconnect_storm_ms: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Summary {
+    p50: f64,
+    p99: f64,
+    max: f64,
+}
+
+impl Summary {
+    fn of(mut values: Vec<f64>) -> Summary {
+        values.sort_by(f64::total_cmp);
+        Summary {
+            p50: percentile(&values, 0.50),
+            p99: percentile(&values, 0.99),
+            max: values.last().copied().unwrap_or(0.0),
+        }
+    }
+}
+
+fn machine() -> Machine {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let memory_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
+    Machine {
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        memory_gib: (memory_gib * 10.0).round() / 10.0,
+        cpu,
+        os: std::env::consts::OS.into(),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Runtime::new()?;
+    if let Some(listen) = args.controller {
+        return runtime.block_on(controller::serve(
+            listen,
+            args.data_dir.as_deref(),
+            args.etcd.as_deref(),
+        ));
+    }
+    let sizes = if args.sizes.is_empty() {
+        if args.quick {
+            vec![100, 1000]
+        } else {
+            vec![100, 1000, 10_000]
+        }
+    } else {
+        args.sizes.clone()
+    };
+    let flips = args.flips.unwrap_or(if args.quick { 20 } else { 200 });
+    let decide_for =
+        Duration::from_secs(
+            args.decide_seconds
+                .unwrap_or(if args.quick { 1 } else { 3 }),
+        );
+    for store in &args.stores {
+        if store != "etcd" && store != "embedded" {
+            bail!("--stores: '{store}' is not a store; use etcd, embedded or both");
+        }
+    }
+    if args.streams_per_connection == 0 {
+        bail!("--streams-per-connection must be at least 1");
+    }
+    let started = Instant::now();
+
+    eprintln!("decide: {decide_for:?} single-threaded, then on every core");
+    let decide = decide::run(decide_for);
+    eprintln!(
+        "  {:.0} ns per decision (p50, one thread), {:.0} ns on {} threads, {} allocations per decision",
+        decide.single_thread.ns_p50,
+        decide.all_cores.ns_p50,
+        decide.all_cores.threads,
+        decide.allocations_per_decision
+    );
+    let mut runs = Vec::new();
+    for store in &args.stores {
+        for &size in &sizes {
+            let run = runtime.block_on(propagation(&args, store, size, flips))?;
+            eprintln!(
+                "{store} {size} subscribers over {} connections: received p50 {:.1} ms p99 {:.1} ms max {:.1} ms; acked p50 {:.1} ms; etcd watchers p50 {:.1} ms (x{:.1}); {:.0} bytes per subscriber; storm {:.0} ms",
+                run.connections,
+                run.received_ms.p50,
+                run.received_ms.p99,
+                run.received_ms.max,
+                run.acked_ms.p50,
+                run.etcd_baseline_ms.p50,
+                run.ratio_p50,
+                run.rss_per_subscriber_bytes,
+                run.reconnect_storm_ms
+            );
+            runs.push(run);
+        }
+    }
+    let report = Report {
+        machine: machine(),
+        quick: args.quick,
+        decide,
+        runs,
+    };
+    std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("cannot write {}", args.out.display()))?;
+    eprintln!(
+        "wrote {} in {:.0} s",
+        args.out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// One store and subscriber count: memory, flips, the etcd baseline, the
+/// reconnect storm.
+async fn propagation(args: &Args, store: &str, size: usize, flips: usize) -> anyhow::Result<Run> {
+    let connections = size.div_ceil(args.streams_per_connection);
+    let etcd = etcd::Etcd::start(&args.etcd_binary).await?;
+    let data = tempfile::tempdir()?;
+    let store = match store {
+        "etcd" => Store::Etcd(vec![etcd.endpoint.clone()]),
+        _ => Store::Embedded(data.path().to_path_buf()),
+    };
+    let mut controller = Controller::start(&store, "127.0.0.1:0".parse()?).await?;
+    let mut commander = ControlServiceClient::connect(controller.url()).await?;
+    // Something to serve before anyone subscribes.
+    let mut revision = flip(&mut commander, true).await?;
+    let rss_idle = controller.rss()?;
+
+    let fleet = Fleet::connect(&controller.url(), size, connections).await?;
+    if !fleet.all_acked(revision, Duration::from_secs(60)).await {
+        bail!("{size} subscribers did not all ack the first revision");
+    }
+    let rss_connected = controller.rss()?;
+
+    fleet.forget();
+    let mut received = Vec::with_capacity(flips);
+    let mut acked = Vec::with_capacity(flips);
+    for n in 0..flips {
+        let started = Instant::now();
+        revision = flip(&mut commander, n % 2 == 1).await?;
+        let arrival = fleet
+            .arrival(revision, Duration::from_secs(60))
+            .await
+            .with_context(|| {
+                format!("flip {n}: not every subscriber acked revision {revision} within 60 s")
+            })?;
+        received.push(arrival.last_received.duration_since(started).as_secs_f64() * 1000.0);
+        acked.push(arrival.last_acked.duration_since(started).as_secs_f64() * 1000.0);
+    }
+
+    let killed = controller.crash_and_restart().await?;
+    fleet.reset_acks();
+    if !fleet.all_acked(revision, Duration::from_secs(120)).await {
+        bail!("after the controller restart, not every subscriber acked again within 120 s");
+    }
+    let storm = killed.elapsed().as_secs_f64() * 1000.0;
+    drop(fleet);
+
+    let baseline = etcd::baseline(&etcd.endpoint, size, connections, flips).await?;
+    let received = Summary::of(received);
+    let baseline = Summary::of(baseline);
+    Ok(Run {
+        store: store.name().into(),
+        subscribers: size,
+        connections,
+        flips,
+        ratio_p50: received.p50 / baseline.p50.max(f64::MIN_POSITIVE),
+        received_ms: received,
+        acked_ms: Summary::of(acked),
+        etcd_baseline_ms: baseline,
+        rss_idle_bytes: rss_idle,
+        rss_connected_bytes: rss_connected,
+        rss_per_subscriber_bytes: rss_connected.saturating_sub(rss_idle) as f64 / size as f64,
+        reconnect_storm_ms: storm,
+    })
+}
+
+/// One change: the incident notice on (`apply`) or off; its revision.
+async fn flip(
+    commander: &mut ControlServiceClient<tonic::transport::Channel>,
+    apply: bool,
+) -> anyhow::Result<i64> {
+    let revision = if apply {
+        commander
+            .apply_modes(proto::ApplyModesRequest {
+                namespace: "live".into(),
+                modes: vec!["incident-notice".into()],
+                reason: "benchmark flip".into(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .revision
+    } else {
+        commander
+            .lift_activations(proto::LiftActivationsRequest {
+                namespace: "live".into(),
+                targets: vec!["incident-notice".into()],
+                reason: "benchmark flip".into(),
+                all: true,
+            })
+            .await?
+            .into_inner()
+            .revision
+    };
+    Ok(revision)
+}
