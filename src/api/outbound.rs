@@ -96,8 +96,11 @@ impl SnapshotCache {
         make: impl FnOnce() -> proto::SubscribeResponse,
     ) -> Bytes {
         let key = (view.namespace.clone(), channel);
+        // The very view, not only its revision: a re-read after compaction
+        // can publish new contents under the same revision.
         if let Some(cached) = self.encoded.lock().expect("snapshot cache lock").get(&key)
             && cached.revision == view.revision
+            && std::ptr::eq(cached.view.as_ptr(), Arc::as_ptr(view))
         {
             return cached.bytes.clone();
         }

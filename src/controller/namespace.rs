@@ -186,14 +186,38 @@ impl State {
     /// Replaces the state with a fresh read of the whole namespace.
     fn replace(&mut self, layout: &Layout, kvs: &[KeyValue], store_revision: Revision) {
         let previous = self.revision;
+        let before = self.contents();
         *self = State::new(self.namespace.clone());
         for kv in kvs {
             self.put(layout, kv);
         }
-        // A re-read after compaction may not see a delete's revision (the
-        // key is gone); the revision still never goes backwards.
-        self.revision = self.revision.max(previous);
+        if self.revision <= previous {
+            // A re-read after compaction does not see a delete's revision
+            // (the key is gone). The revision never goes backwards, and
+            // when something did go, it moves to the read's revision:
+            // otherwise subscribers, which only take newer revisions, would
+            // keep the old contents.
+            self.revision = if self.contents() == before {
+                previous
+            } else {
+                store_revision.max(previous)
+            };
+        }
         self.store_revision = store_revision;
+    }
+
+    /// What a subscriber's snapshot is made of, by identity: the
+    /// activations (with their revisions), the unreadable records and the
+    /// meta record.
+    fn contents(&self) -> (Vec<(ActivationId, Revision)>, Vec<String>, Revision) {
+        (
+            self.activations
+                .iter()
+                .map(|(id, a)| (id.clone(), a.revision))
+                .collect(),
+            self.problems.keys().cloned().collect(),
+            self.meta_revision,
+        )
     }
 
     fn view(&self) -> NamespaceView {
@@ -451,5 +475,51 @@ impl Follower {
         warn!(%error, retry_in = ?pause, "store read failed");
         self.health.failed(error.to_string());
         tokio::time::sleep(pause).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(layout: &Layout, namespace: &Namespace, revision: Revision) -> KeyValue {
+        let id = ActivationId::from_random(rand::random());
+        KeyValue {
+            key: layout.activation_key(namespace, &id),
+            // Unreadable records count too (they fail closed).
+            value: b"not json".to_vec(),
+            create_revision: revision,
+            mod_revision: revision,
+        }
+    }
+
+    #[test]
+    fn a_reread_that_lost_a_record_moves_the_revision_forward() {
+        let layout = Layout::new("/safemode/").unwrap();
+        let namespace = Namespace::live();
+        let kept = put(&layout, &namespace, 5);
+        let gone = put(&layout, &namespace, 7);
+        let mut state = State::new(namespace.clone());
+        state.replace(&layout, &[kept.clone(), gone], 7);
+        assert_eq!(state.revision, 7);
+
+        // The newer record was deleted while the watch was away, and the
+        // delete compacted: the re-read sees only the older one.
+        state.replace(&layout, std::slice::from_ref(&kept), 20);
+        assert_eq!(state.activations.len(), 1);
+        assert_eq!(state.revision, 20, "new contents need a newer revision");
+
+        // Nothing changed: the revision stays.
+        state.replace(&layout, std::slice::from_ref(&kept), 30);
+        assert_eq!(state.revision, 20);
+        assert_eq!(state.store_revision, 30);
+    }
+
+    #[test]
+    fn a_first_read_of_an_empty_namespace_is_revision_zero() {
+        let layout = Layout::new("/safemode/").unwrap();
+        let mut state = State::new(Namespace::live());
+        state.replace(&layout, &[], 42);
+        assert_eq!(state.revision, 0);
     }
 }

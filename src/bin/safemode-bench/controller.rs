@@ -1,5 +1,7 @@
 //! The controller under test, in a child process of its own (so that its
-//! memory is its own): this same binary, started with `--controller`.
+//! memory is its own): this same binary, started with `--controller`. It
+//! exits when its stdin closes, so it never outlives the benchmark, however
+//! that ends.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -46,6 +48,7 @@ impl Controller {
             Store::Etcd(endpoints) => command.arg("--etcd").arg(endpoints.join(",")),
         };
         let mut child = command
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
@@ -129,5 +132,10 @@ pub async fn serve(
     })
     .await?;
     println!("serving {}", running.addr);
+    // The benchmark holds our stdin open for as long as it wants us.
+    std::thread::spawn(|| {
+        let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+        std::process::exit(0);
+    });
     running.join().await
 }

@@ -3,6 +3,7 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
+use std::sync::Barrier;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -18,7 +19,7 @@ use safemode::sim::percentile;
 use safemode::wire::{self, proto};
 use serde::Serialize;
 
-/// Counts the allocations of a thread while it is deciding (other threads,
+/// Counts the allocations of the threads that are deciding (other threads,
 /// such as the runtime's, are not counted; the rest of the benchmark pays
 /// one thread-local read per allocation).
 pub struct Counting;
@@ -50,7 +51,7 @@ unsafe impl GlobalAlloc for Counting {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct DecideResult {
     /// Active modes in the policy.
     pub active_modes: usize,
@@ -58,11 +59,9 @@ pub struct DecideResult {
     pub inputs: usize,
     pub single_thread: Timing,
     pub all_cores: Timing,
-    /// Allocations per decision (counted over the single-threaded run).
-    pub allocations_per_decision: f64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 pub struct Timing {
     pub threads: usize,
     pub decisions: u64,
@@ -70,8 +69,12 @@ pub struct Timing {
     /// percentile.
     pub ns_p50: f64,
     pub ns_p99: f64,
-    /// Every thread together.
+    /// Every thread together, from the first thread's start to the last
+    /// one's end (thread start and warm-up excluded).
     pub decisions_per_second: f64,
+    /// Allocations made while deciding, per decision (counted by the global
+    /// allocator on the deciding threads, inside the timed batches).
+    pub allocations_per_decision: f64,
 }
 
 const BATCH: usize = 1000;
@@ -140,6 +143,7 @@ fn inputs() -> Vec<(Action, Context)> {
 }
 
 /// Decides in batches for `duration`; returns ns per decision of each batch.
+/// With `count`, allocations inside the batches go to [`ALLOCATIONS`].
 fn run_batches(
     subscriber: &Subscriber,
     inputs: &[(Action, Context)],
@@ -155,9 +159,9 @@ fn run_batches(
         COUNTING.with(|c| c.set(count));
         let batch = Instant::now();
         for _ in 0..BATCH {
-            let (action, ctx) = &inputs[i % inputs.len()];
+            let (action, ctx) = std::hint::black_box(&inputs[i % inputs.len()]);
             let decision = subscriber.decide(action, ctx);
-            std::hint::black_box(decision.effect());
+            std::hint::black_box(&decision);
             i += 1;
         }
         let elapsed = batch.elapsed();
@@ -167,7 +171,7 @@ fn run_batches(
     samples
 }
 
-fn timing(threads: usize, mut samples: Vec<f64>, wall: Duration) -> Timing {
+fn timing(threads: usize, mut samples: Vec<f64>, wall: Duration, allocations: u64) -> Timing {
     samples.sort_by(f64::total_cmp);
     let decisions = (samples.len() * BATCH) as u64;
     Timing {
@@ -176,6 +180,7 @@ fn timing(threads: usize, mut samples: Vec<f64>, wall: Duration) -> Timing {
         ns_p50: percentile(&samples, 0.50),
         ns_p99: percentile(&samples, 0.99),
         decisions_per_second: decisions as f64 / wall.as_secs_f64(),
+        allocations_per_decision: allocations as f64 / decisions.max(1) as f64,
     }
 }
 
@@ -189,31 +194,42 @@ pub fn run(duration: Duration) -> DecideResult {
     let wall = Instant::now();
     let single = run_batches(&subscriber, &inputs, duration, true);
     let wall = wall.elapsed();
-    let single_allocations = ALLOCATIONS.load(Ordering::Relaxed);
-    let single = timing(1, single, wall);
+    let single = timing(1, single, wall, ALLOCATIONS.swap(0, Ordering::Relaxed));
 
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let wall = Instant::now();
-    let all: Vec<f64> = std::thread::scope(|scope| {
+    // Every thread warms up (claiming its slot in the pointer swap), then
+    // all start together; the wall time runs from the first start to the
+    // last end.
+    let ready = Barrier::new(threads);
+    let runs: Vec<(Vec<f64>, Instant, Instant)> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..threads)
             .map(|_| {
                 scope.spawn(|| {
-                    // Each thread claims its slot before counting starts.
                     run_batches(&subscriber, &inputs, Duration::from_millis(10), false);
-                    run_batches(&subscriber, &inputs, duration, false)
+                    ready.wait();
+                    let start = Instant::now();
+                    let samples = run_batches(&subscriber, &inputs, duration, true);
+                    (samples, start, Instant::now())
                 })
             })
             .collect();
         workers
             .into_iter()
-            .flat_map(|w| w.join().expect("a decider"))
+            .map(|w| w.join().expect("a decider"))
             .collect()
     });
-    let all = timing(threads, all, wall.elapsed());
+    let first = runs.iter().map(|r| r.1).min().expect("one thread at least");
+    let last = runs.iter().map(|r| r.2).max().expect("one thread at least");
+    let samples = runs.into_iter().flat_map(|r| r.0).collect();
+    let all = timing(
+        threads,
+        samples,
+        last - first,
+        ALLOCATIONS.swap(0, Ordering::Relaxed),
+    );
     DecideResult {
         active_modes,
         inputs: inputs.len(),
-        allocations_per_decision: single_allocations as f64 / single.decisions as f64,
         single_thread: single,
         all_cores: all,
     }

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use etcd_client::{Client, WatchOptions};
+use etcd_client::{Client, ConnectOptions, WatchOptions};
 use tokio::process::{Child, Command};
 
 pub struct Etcd {
@@ -45,7 +45,7 @@ impl Etcd {
             })?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(mut c) = Client::connect([client.as_str()], None).await
+            if let Ok(mut c) = Client::connect([client.as_str()], Some(options())).await
                 && c.status().await.is_ok()
             {
                 break;
@@ -63,6 +63,13 @@ impl Etcd {
     }
 }
 
+/// Calls that fail rather than hang when etcd does not answer.
+fn options() -> ConnectOptions {
+    ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(5))
+        .with_timeout(Duration::from_secs(30))
+}
+
 /// How many watchers saw each revision, and when the last one did.
 type Seen = Arc<Mutex<HashMap<i64, (usize, Instant)>>>;
 
@@ -77,7 +84,7 @@ pub async fn baseline(
 ) -> anyhow::Result<Vec<f64>> {
     let mut clients = Vec::with_capacity(connections);
     for _ in 0..connections {
-        clients.push(Client::connect([endpoint], None).await?);
+        clients.push(Client::connect([endpoint], Some(options())).await?);
     }
     let seen: Seen = Arc::new(Mutex::new(HashMap::new()));
     let ready = Arc::new(std::sync::atomic::AtomicUsize::new(0));

@@ -1,15 +1,18 @@
 //! Subscribers for the benchmarks: raw subscription streams over a pool of
 //! HTTP/2 connections (many streams share one, as channel services behind a
-//! few client pods would), each acking every snapshot and reconnecting with
-//! jitter when its stream ends. They record when each revision arrived and
-//! when it was acked.
+//! few client pods would). Each checks and compiles every snapshot as the
+//! client module does (`PolicySnapshot::from_wire`), acks it, and reconnects
+//! with jitter when its stream ends. They record when each revision arrived;
+//! when the controller recorded the acks is read from its status.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use safemode::backoff::Backoff;
-use safemode::policy::{Channel, Revision};
+use safemode::client::PolicySnapshot;
+use safemode::policy::{Channel, Namespace, Revision};
 use safemode::wire::proto::subscribe_request::Message as Outbound;
 use safemode::wire::proto::subscribe_response::Message as Inbound;
 use safemode::wire::proto::subscription_service_client::SubscriptionServiceClient;
@@ -19,13 +22,14 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel as Connection, Endpoint};
 
-/// When the fleet received and acked one revision.
+/// How one revision reached the fleet.
 #[derive(Clone, Copy, Debug)]
 pub struct Arrival {
+    /// Subscribers that received it, and when the last one did.
     pub received: usize,
     pub last_received: Instant,
-    pub acked: usize,
-    pub last_acked: Instant,
+    /// Subscribers that compiled it and sent their ack.
+    pub acks_sent: usize,
 }
 
 /// What every subscriber holds now.
@@ -49,11 +53,17 @@ impl Fleet {
     pub async fn connect(url: &str, size: usize, connections: usize) -> anyhow::Result<Fleet> {
         let endpoint = Endpoint::from_shared(url.to_string())?
             .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(10))
             .http2_adaptive_window(true);
         let mut pool = Vec::with_capacity(connections);
         for _ in 0..connections {
             // Each connect() is its own HTTP/2 connection.
-            pool.push(endpoint.connect().await?);
+            pool.push(
+                endpoint
+                    .connect()
+                    .await
+                    .with_context(|| format!("cannot connect to the controller at {url}"))?,
+            );
         }
         let ledger = Arc::new(Mutex::new(Ledger {
             by_revision: HashMap::new(),
@@ -100,14 +110,15 @@ impl Fleet {
         }
     }
 
-    /// Waits until every subscriber acked `revision`; then how it arrived.
+    /// Waits until every subscriber has sent its ack of `revision`; then how
+    /// it arrived.
     pub async fn arrival(&self, revision: Revision, within: Duration) -> Option<Arrival> {
         let size = self.size;
         self.wait(
             |l| {
                 l.by_revision
                     .get(&revision)
-                    .is_some_and(|a| a.acked == size)
+                    .is_some_and(|a| a.acks_sent == size)
             },
             within,
         )
@@ -115,13 +126,13 @@ impl Fleet {
         .then(|| self.ledger.lock().unwrap().by_revision[&revision])
     }
 
-    /// Waits until every subscriber's newest ack is at least `revision`.
+    /// Waits until every subscriber has sent an ack of `revision` or newer.
     pub async fn all_acked(&self, revision: Revision, within: Duration) -> bool {
         self.wait(|l| l.acked.iter().all(|r| *r >= revision), within)
             .await
     }
 
-    /// Forgets every subscriber's acks (after a controller crash: each must
+    /// Forgets every subscriber's acks (before a controller crash: each must
     /// ack again once it is back).
     pub fn reset_acks(&self) {
         self.ledger.lock().unwrap().acked.fill(0);
@@ -150,12 +161,15 @@ impl Raw {
     async fn run(self, stop: CancellationToken) {
         let mut applied: Revision = 0;
         let mut epoch = String::new();
-        // The client module's reconnect pacing: jittered, from 100 ms.
+        // The client module's reconnect pacing: jittered, from 100 ms, and
+        // back to 100 ms once a stream has delivered a snapshot.
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
-                () = self.stream(&mut applied, &mut epoch) => {}
+                delivered = self.stream(&mut applied, &mut epoch) => if delivered {
+                    backoff.reset();
+                }
             }
             // The stream ended (the controller went away): come back after
             // a jittered pause, as real clients do.
@@ -167,7 +181,8 @@ impl Raw {
         }
     }
 
-    async fn stream(&self, applied: &mut Revision, epoch: &mut String) {
+    /// One stream, until it ends; whether it delivered a snapshot.
+    async fn stream(&self, applied: &mut Revision, epoch: &mut String) -> bool {
         let (out, rx) = mpsc::channel(8);
         let hello = proto::Hello {
             namespace: "live".into(),
@@ -183,37 +198,55 @@ impl Raw {
             .await;
         let mut client = SubscriptionServiceClient::new(self.connection.clone());
         let Ok(response) = client.subscribe(ReceiverStream::new(rx)).await else {
-            return;
+            return false;
         };
         let mut inbound = response.into_inner();
+        let mut delivered = false;
+        let namespace = Namespace::live();
         while let Ok(Some(message)) = inbound.message().await {
             let Some(Inbound::Snapshot(snapshot)) = message.message else {
                 continue;
             };
             let received = Instant::now();
+            delivered = true;
             let revision = snapshot.revision;
+            let snapshot_epoch = snapshot.epoch.clone();
+            // What a channel service does before it acks: check and compile.
+            let reply = match PolicySnapshot::from_wire(snapshot, &namespace, self.channel) {
+                Ok(_) => Outbound::Ack(proto::Ack { revision }),
+                Err(e) => {
+                    eprintln!(
+                        "bench subscriber {}: rejecting revision {revision}: {e}",
+                        self.index
+                    );
+                    Outbound::Reject(proto::Reject {
+                        revision,
+                        reason: e.to_string(),
+                    })
+                }
+            };
+            let acked = matches!(reply, Outbound::Ack(_));
             let _ = out
                 .send(SubscribeRequest {
-                    message: Some(Outbound::Ack(proto::Ack { revision })),
+                    message: Some(reply),
                 })
                 .await;
-            let acked = Instant::now();
-            *applied = revision;
-            *epoch = snapshot.epoch;
-            {
-                let mut ledger = self.ledger.lock().unwrap();
-                let arrival = ledger.by_revision.entry(revision).or_insert(Arrival {
-                    received: 0,
-                    last_received: received,
-                    acked: 0,
-                    last_acked: acked,
-                });
-                arrival.received += 1;
-                arrival.last_received = arrival.last_received.max(received);
-                arrival.acked += 1;
-                arrival.last_acked = arrival.last_acked.max(acked);
-                ledger.acked[self.index] = revision;
+            if !acked {
+                continue;
             }
+            *applied = revision;
+            *epoch = snapshot_epoch;
+            let mut ledger = self.ledger.lock().unwrap();
+            let arrival = ledger.by_revision.entry(revision).or_insert(Arrival {
+                received: 0,
+                last_received: received,
+                acks_sent: 0,
+            });
+            arrival.received += 1;
+            arrival.last_received = arrival.last_received.max(received);
+            arrival.acks_sent += 1;
+            ledger.acked[self.index] = revision;
         }
+        delivered
     }
 }

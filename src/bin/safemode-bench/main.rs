@@ -19,10 +19,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
+use jiff::Timestamp;
 use safemode::sim::percentile;
-use safemode::wire::proto;
 use safemode::wire::proto::control_service_client::ControlServiceClient;
+use safemode::wire::{self, proto};
 use serde::Serialize;
+use tonic::transport::{Channel as Connection, Endpoint};
 
 use controller::{Controller, Store};
 use fleet::Fleet;
@@ -74,8 +76,14 @@ struct Args {
 struct Report {
     machine: Machine,
     quick: bool,
+    /// When the run started, and the commit it ran (`git describe`).
+    started_at: Timestamp,
+    commit: String,
     decide: decide::DecideResult,
     runs: Vec<Run>,
+    /// Why the run stopped early (the runs before it are complete).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    failed: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -84,6 +92,7 @@ struct Machine {
     memory_gib: f64,
     cpu: String,
     os: String,
+    etcd: String,
 }
 
 /// One store, one subscriber count.
@@ -95,12 +104,15 @@ struct Run {
     flips: usize,
     /// From the commander's call to the last subscriber's receipt.
     received_ms: Summary,
-    /// From the commander's call to the last subscriber's ack.
+    /// From the commander's call to the controller recording the last ack
+    /// (the `acked_at` that `safemode status` shows; same machine, same
+    /// clock).
     acked_ms: Summary,
     /// Plain etcd: from a put to the last of as many watchers' events.
     etcd_baseline_ms: Summary,
-    /// Our p50 to last receipt over the baseline's p50.
+    /// Our time to the last receipt over the baseline's, at p50 and p99.
     ratio_p50: f64,
+    ratio_p99: f64,
     /// Controller memory, idle and with every subscriber connected.
     rss_idle_bytes: u64,
     rss_connected_bytes: u64,
@@ -128,7 +140,23 @@ impl Summary {
     }
 }
 
-fn machine() -> Machine {
+/// The first line `program args` prints, or "unknown".
+fn first_line_of(program: &str, args: &[&str]) -> String {
+    std::process::Command::new(program)
+        .args(args)
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn machine(etcd_binary: &str) -> Machine {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|t| {
@@ -150,6 +178,7 @@ fn machine() -> Machine {
         memory_gib: (memory_gib * 10.0).round() / 10.0,
         cpu,
         os: std::env::consts::OS.into(),
+        etcd: first_line_of(etcd_binary, &["--version"]),
     }
 }
 
@@ -183,24 +212,83 @@ fn main() -> anyhow::Result<()> {
             bail!("--stores: '{store}' is not a store; use etcd, embedded or both");
         }
     }
+    if sizes.contains(&0) {
+        bail!("--sizes: every subscriber count must be at least 1");
+    }
+    if flips == 0 {
+        bail!("--flips must be at least 1");
+    }
+    if decide_for.is_zero() {
+        bail!("--decide-seconds must be at least 1");
+    }
     if args.streams_per_connection == 0 {
         bail!("--streams-per-connection must be at least 1");
     }
     let started = Instant::now();
+    let mut report = Report {
+        machine: machine(&args.etcd_binary),
+        quick: args.quick,
+        started_at: Timestamp::now(),
+        commit: first_line_of(
+            "git",
+            &[
+                "-C",
+                env!("CARGO_MANIFEST_DIR"),
+                "describe",
+                "--always",
+                "--dirty",
+            ],
+        ),
+        decide: decide::DecideResult::default(),
+        runs: Vec::new(),
+        failed: None,
+    };
 
     eprintln!("decide: {decide_for:?} single-threaded, then on every core");
-    let decide = decide::run(decide_for);
+    report.decide = decide::run(decide_for);
+    let decide = &report.decide;
     eprintln!(
-        "  {:.0} ns per decision (p50, one thread), {:.0} ns on {} threads, {} allocations per decision",
+        "  {:.0} ns per decision (p50, one thread), {:.0} ns on {} threads; allocations per decision {} and {}",
         decide.single_thread.ns_p50,
         decide.all_cores.ns_p50,
         decide.all_cores.threads,
-        decide.allocations_per_decision
+        decide.single_thread.allocations_per_decision,
+        decide.all_cores.allocations_per_decision
     );
-    let mut runs = Vec::new();
+    let outcome = runtime.block_on(async {
+        tokio::select! {
+            outcome = propagation_runs(&args, &sizes, flips, &mut report.runs) => outcome,
+            // Dropping the runs kills the controller and etcd processes and
+            // removes their directories.
+            _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+        }
+    });
+    if let Err(e) = &outcome {
+        report.failed = Some(format!("{e:#}"));
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("cannot write {}", args.out.display()))?;
+    eprintln!(
+        "wrote {} in {:.0} s",
+        args.out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    outcome
+}
+
+/// Every store and subscriber count, in turn, appended to `runs` as each
+/// one completes.
+async fn propagation_runs(
+    args: &Args,
+    sizes: &[usize],
+    flips: usize,
+    runs: &mut Vec<Run>,
+) -> anyhow::Result<()> {
     for store in &args.stores {
-        for &size in &sizes {
-            let run = runtime.block_on(propagation(&args, store, size, flips))?;
+        for &size in sizes {
+            let run = propagation(args, store, size, flips)
+                .await
+                .with_context(|| format!("{store} with {size} subscribers"))?;
             eprintln!(
                 "{store} {size} subscribers over {} connections: received p50 {:.1} ms p99 {:.1} ms max {:.1} ms; acked p50 {:.1} ms; etcd watchers p50 {:.1} ms (x{:.1}); {:.0} bytes per subscriber; storm {:.0} ms",
                 run.connections,
@@ -216,19 +304,6 @@ fn main() -> anyhow::Result<()> {
             runs.push(run);
         }
     }
-    let report = Report {
-        machine: machine(),
-        quick: args.quick,
-        decide,
-        runs,
-    };
-    std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)
-        .with_context(|| format!("cannot write {}", args.out.display()))?;
-    eprintln!(
-        "wrote {} in {:.0} s",
-        args.out.display(),
-        started.elapsed().as_secs_f64()
-    );
     Ok(())
 }
 
@@ -243,7 +318,7 @@ async fn propagation(args: &Args, store: &str, size: usize, flips: usize) -> any
         _ => Store::Embedded(data.path().to_path_buf()),
     };
     let mut controller = Controller::start(&store, "127.0.0.1:0".parse()?).await?;
-    let mut commander = ControlServiceClient::connect(controller.url()).await?;
+    let mut commander = commander(&controller.url()).await?;
     // Something to serve before anyone subscribes.
     let mut revision = flip(&mut commander, true).await?;
     let rss_idle = controller.rss()?;
@@ -259,6 +334,7 @@ async fn propagation(args: &Args, store: &str, size: usize, flips: usize) -> any
     let mut acked = Vec::with_capacity(flips);
     for n in 0..flips {
         let started = Instant::now();
+        let started_wall = Timestamp::now();
         revision = flip(&mut commander, n % 2 == 1).await?;
         let arrival = fleet
             .arrival(revision, Duration::from_secs(60))
@@ -267,11 +343,16 @@ async fn propagation(args: &Args, store: &str, size: usize, flips: usize) -> any
                 format!("flip {n}: not every subscriber acked revision {revision} within 60 s")
             })?;
         received.push(arrival.last_received.duration_since(started).as_secs_f64() * 1000.0);
-        acked.push(arrival.last_acked.duration_since(started).as_secs_f64() * 1000.0);
+        let last_ack = last_ack_recorded(&mut commander, revision, size)
+            .await
+            .with_context(|| format!("flip {n}"))?;
+        acked.push(last_ack.duration_since(started_wall).as_secs_f64() * 1000.0);
     }
 
-    let killed = controller.crash_and_restart().await?;
+    // Acks are forgotten first: a subscriber back before the restart is
+    // noticed must still count.
     fleet.reset_acks();
+    let killed = controller.crash_and_restart().await?;
     if !fleet.all_acked(revision, Duration::from_secs(120)).await {
         bail!("after the controller restart, not every subscriber acked again within 120 s");
     }
@@ -287,6 +368,7 @@ async fn propagation(args: &Args, store: &str, size: usize, flips: usize) -> any
         connections,
         flips,
         ratio_p50: received.p50 / baseline.p50.max(f64::MIN_POSITIVE),
+        ratio_p99: received.p99 / baseline.p99.max(f64::MIN_POSITIVE),
         received_ms: received,
         acked_ms: Summary::of(acked),
         etcd_baseline_ms: baseline,
@@ -297,9 +379,62 @@ async fn propagation(args: &Args, store: &str, size: usize, flips: usize) -> any
     })
 }
 
+/// A control client whose calls fail after 30 s rather than hang.
+async fn commander(url: &str) -> anyhow::Result<ControlServiceClient<Connection>> {
+    let connection = Endpoint::from_shared(url.to_string())?
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(Duration::from_secs(30))
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to the controller at {url}"))?;
+    Ok(ControlServiceClient::new(connection))
+}
+
+/// When the controller recorded the last of `size` acks of `revision` (or
+/// newer), read from its status; polled every millisecond until all are
+/// there, for at most 60 s.
+async fn last_ack_recorded(
+    commander: &mut ControlServiceClient<Connection>,
+    revision: i64,
+    size: usize,
+) -> anyhow::Result<Timestamp> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = commander
+            .get_status(proto::GetStatusRequest {
+                namespace: "live".into(),
+            })
+            .await?
+            .into_inner();
+        let acks: Vec<&proto::SubscriberStatus> = status
+            .subscribers
+            .iter()
+            .filter(|s| s.acked_revision >= revision)
+            .collect();
+        if acks.len() >= size {
+            return acks
+                .iter()
+                .map(|s| {
+                    let at = s.acked_at.as_ref().context("an ack without acked_at")?;
+                    wire::timestamp_from_wire(at).map_err(anyhow::Error::msg)
+                })
+                .try_fold(Timestamp::UNIX_EPOCH, |latest, at| {
+                    anyhow::Ok(latest.max(at?))
+                });
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!(
+                "the controller recorded {} of {size} acks of revision {revision} within 60 s",
+                acks.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 /// One change: the incident notice on (`apply`) or off; its revision.
 async fn flip(
-    commander: &mut ControlServiceClient<tonic::transport::Channel>,
+    commander: &mut ControlServiceClient<Connection>,
     apply: bool,
 ) -> anyhow::Result<i64> {
     let revision = if apply {
