@@ -9,10 +9,12 @@
 //! ```
 //!
 //! `safemode token create` prints a new token once, with the line to add.
+//! A running server re-reads the file when it changes ([`TokensFile`]), so a
+//! token is revoked by removing its line.
 
 use std::collections::HashMap;
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::Deserialize;
@@ -220,6 +222,12 @@ pub enum TokensError {
         /// What is wrong.
         message: String,
     },
+    /// The file lists no token: nobody could call the server.
+    #[error("the tokens file {path} lists no token; add one with `safemode token create`")]
+    Empty {
+        /// The file.
+        path: String,
+    },
 }
 
 #[derive(Deserialize)]
@@ -237,15 +245,6 @@ pub struct Tokens {
 }
 
 impl Tokens {
-    /// Reads and checks a tokens file.
-    pub fn load(path: &Path) -> Result<Tokens, TokensError> {
-        let text = std::fs::read_to_string(path).map_err(|source| TokensError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Tokens::parse(&path.display().to_string(), &text)
-    }
-
     /// Parses tokens file text; `file` names it in errors.
     pub fn parse(file: &str, text: &str) -> Result<Tokens, TokensError> {
         let invalid = |line: u64, column: u64, message: String| TokensError::Invalid {
@@ -331,7 +330,50 @@ impl Tokens {
 
     /// The principal a bearer token belongs to.
     pub fn authenticate(&self, token: &str) -> Option<Arc<Principal>> {
-        self.by_hash.get(&hash_token(token)).cloned()
+        self.principal_of(&hash_token(token))
+    }
+
+    /// The principal the token with hash `sha256` belongs to.
+    pub fn principal_of(&self, sha256: &str) -> Option<Arc<Principal>> {
+        self.by_hash.get(sha256).cloned()
+    }
+
+    /// The principals, by name, with the number of tokens each holds.
+    fn principals(&self) -> std::collections::BTreeMap<&str, usize> {
+        let mut names = std::collections::BTreeMap::new();
+        for principal in self.by_hash.values() {
+            *names.entry(principal.name.as_str()).or_default() += 1;
+        }
+        names
+    }
+
+    /// What changed from `before` to `self`, for the log: e.g. "3 tokens;
+    /// principals added: bob; removed: alice".
+    pub fn describe_change(&self, before: &Tokens) -> String {
+        let (old, new) = (before.principals(), self.principals());
+        let added: Vec<&str> = new
+            .keys()
+            .filter(|n| !old.contains_key(*n))
+            .copied()
+            .collect();
+        let removed: Vec<&str> = old
+            .keys()
+            .filter(|n| !new.contains_key(*n))
+            .copied()
+            .collect();
+        let revoked = before
+            .by_hash
+            .keys()
+            .filter(|h| !self.by_hash.contains_key(*h))
+            .count();
+        let mut text = format!("{} tokens, {revoked} revoked", self.len());
+        if !added.is_empty() {
+            text.push_str(&format!("; principals added: {}", added.join(", ")));
+        }
+        if !removed.is_empty() {
+            text.push_str(&format!("; principals removed: {}", removed.join(", ")));
+        }
+        text
     }
 
     /// How many tokens the file lists.
@@ -342,6 +384,72 @@ impl Tokens {
     /// Whether the file lists no token.
     pub fn is_empty(&self) -> bool {
         self.by_hash.is_empty()
+    }
+}
+
+/// The tokens file a server was given, re-read when its contents change.
+/// A file that became unusable (unreadable, invalid, empty) changes
+/// nothing: the server keeps the tokens it has and says why.
+#[derive(Debug)]
+pub struct TokensFile {
+    path: PathBuf,
+    /// The contents last read, valid or not.
+    seen: Vec<u8>,
+}
+
+impl TokensFile {
+    /// Reads `path`, which must list at least one token.
+    pub fn open(path: &Path) -> Result<(TokensFile, Tokens), TokensError> {
+        let mut file = TokensFile {
+            path: path.to_path_buf(),
+            seen: Vec::new(),
+        };
+        let tokens = file.read()?;
+        Ok((file, tokens))
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Re-reads the file: `Ok(None)` when it has not changed since the last
+    /// read, new tokens when it has, an error (once per change) when it
+    /// cannot be used.
+    pub fn reload(&mut self) -> Result<Option<Tokens>, TokensError> {
+        let bytes = std::fs::read(&self.path).map_err(|source| self.read_error(source))?;
+        if bytes == self.seen {
+            return Ok(None);
+        }
+        self.seen = bytes;
+        self.parse().map(Some)
+    }
+
+    fn read(&mut self) -> Result<Tokens, TokensError> {
+        self.seen = std::fs::read(&self.path).map_err(|source| self.read_error(source))?;
+        self.parse()
+    }
+
+    fn parse(&self) -> Result<Tokens, TokensError> {
+        let name = self.path.display().to_string();
+        let text = std::str::from_utf8(&self.seen).map_err(|e| TokensError::Invalid {
+            file: name.clone(),
+            line: 1,
+            column: 1,
+            message: format!("not UTF-8 text: {e}"),
+        })?;
+        let tokens = Tokens::parse(&name, text)?;
+        if tokens.is_empty() {
+            return Err(TokensError::Empty { path: name });
+        }
+        Ok(tokens)
+    }
+
+    fn read_error(&self, source: std::io::Error) -> TokensError {
+        TokensError::Read {
+            path: self.path.display().to_string(),
+            source,
+        }
     }
 }
 
@@ -472,5 +580,51 @@ mod tests {
             denied.to_string(),
             "p (roles: viewer) may not change modes or incidents in namespace live; that needs the commander role"
         );
+    }
+
+    #[test]
+    fn a_tokens_file_is_read_again_only_when_it_changed_and_only_if_usable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.yaml");
+        let alice = create_token("alice", &[Role::Commander]).unwrap();
+        let bob = create_token("bob", &[Role::Viewer]).unwrap();
+
+        std::fs::write(&path, "# nobody yet\n").unwrap();
+        let empty = TokensFile::open(&path).unwrap_err();
+        assert!(matches!(empty, TokensError::Empty { .. }), "{empty}");
+
+        std::fs::write(&path, &alice.line).unwrap();
+        let (mut file, tokens) = TokensFile::open(&path).unwrap();
+        assert!(tokens.authenticate(&alice.token).is_some());
+        assert!(file.reload().unwrap().is_none(), "unchanged");
+
+        std::fs::write(&path, format!("{}\n{}", alice.line, bob.line)).unwrap();
+        let both = file.reload().unwrap().expect("changed");
+        assert!(both.authenticate(&bob.token).is_some());
+        assert_eq!(
+            both.describe_change(&tokens),
+            "2 tokens, 0 revoked; principals added: bob"
+        );
+
+        std::fs::write(&path, &bob.line).unwrap();
+        let only_bob = file.reload().unwrap().expect("changed");
+        assert!(only_bob.authenticate(&alice.token).is_none());
+        assert_eq!(
+            only_bob.describe_change(&both),
+            "1 tokens, 1 revoked; principals removed: alice"
+        );
+
+        // Broken, empty or gone: an error, and no tokens to replace the
+        // ones the server has.
+        std::fs::write(&path, "- {principal: [unclosed").unwrap();
+        assert!(matches!(
+            file.reload(),
+            Err(TokensError::Invalid { line: 1, .. })
+        ));
+        assert!(file.reload().unwrap().is_none(), "said once");
+        std::fs::write(&path, "").unwrap();
+        assert!(matches!(file.reload(), Err(TokensError::Empty { .. })));
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(file.reload(), Err(TokensError::Read { .. })));
     }
 }

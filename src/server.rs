@@ -23,7 +23,7 @@ use tonic::transport::{Identity, ServerTlsConfig};
 use tracing::{info, warn};
 
 use crate::api::{Authenticator, ControlApi, StreamConfig, SubscriptionApi};
-use crate::auth::Tokens;
+use crate::auth::{Tokens, TokensFile};
 use crate::catalog::Catalog;
 use crate::controller::{Controller, ControllerConfig, Layout};
 use crate::store::Store;
@@ -68,6 +68,9 @@ pub struct ServeConfig {
     /// The tokens file; without one, the server listens on loopback only and
     /// every caller may do everything.
     pub tokens: Option<PathBuf>,
+    /// How often the tokens file is checked for changes (it is also re-read
+    /// on SIGHUP).
+    pub tokens_reload: Duration,
     /// PEM certificate chain (the server's certificate first) to serve TLS
     /// with; needs `tls_key`. Without both, the server speaks plain HTTP/2.
     pub tls_cert: Option<PathBuf>,
@@ -96,6 +99,7 @@ impl Default for ServeConfig {
             modes_dir: None,
             runbooks_dir: None,
             tokens: None,
+            tokens_reload: Duration::from_secs(5),
             tls_cert: None,
             tls_key: None,
             runbook_expectations: crate::policy::Expectations::MustHold,
@@ -140,16 +144,7 @@ impl RunningServer {
 /// the background. Nothing is bound when the configuration is bad.
 pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
     let tokens = match &config.tokens {
-        Some(path) => {
-            let tokens = Tokens::load(path)?;
-            if tokens.is_empty() {
-                bail!(
-                    "the tokens file {} lists no token; add one with `safemode token create`",
-                    path.display()
-                );
-            }
-            Some(Arc::new(tokens))
-        }
+        Some(path) => Some(TokensFile::open(path)?),
         None if !config.listen.ip().is_loopback() => bail!(
             "refusing to listen on {} without a tokens file: anyone who reaches it could switch protections off; give --tokens FILE (see `safemode token create`), or listen on loopback (--listen 127.0.0.1:{})",
             config.listen,
@@ -159,6 +154,9 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
     };
     if config.heartbeat.is_zero() {
         bail!("the heartbeat interval must be longer than zero");
+    }
+    if config.tokens_reload.is_zero() {
+        bail!("the tokens file check interval must be longer than zero");
     }
     let tls = server_tls(config.tls_cert.as_deref(), config.tls_key.as_deref())?;
     if tokens.is_some() && tls.is_none() && !config.listen.ip().is_loopback() {
@@ -176,6 +174,17 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
     let addr = listener.local_addr()?;
 
     let shutdown = CancellationToken::new();
+    let authentication = tokens.is_some();
+    let tokens = tokens.map(|(file, tokens)| {
+        let (tx, rx) = tokio::sync::watch::channel(Arc::new(tokens));
+        tokio::spawn(reload_tokens(
+            file,
+            tx,
+            config.tokens_reload,
+            shutdown.clone(),
+        ));
+        rx
+    });
     let modes = catalog.modes.len();
     let runbooks = catalog.runbooks.len();
     let controller = Controller::start(
@@ -194,7 +203,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
         heartbeat: config.heartbeat,
         ..StreamConfig::default()
     };
-    let authenticator = Authenticator::new(tokens.clone());
+    let authenticator = Authenticator::new(tokens);
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<ControlServer>().await;
     health.set_serving::<SubscriptionServer>().await;
@@ -236,7 +245,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
         ));
 
     info!(%addr, replica = %config.replica, store = %store.describe(), modes, runbooks,
-        authentication = tokens.is_some(), tls = serves_tls, "safemode controller serving");
+        authentication, tls = serves_tls, "safemode controller serving");
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let token = shutdown.clone();
     let grace = config.shutdown_grace;
@@ -397,4 +406,58 @@ fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
+}
+
+/// Re-reads the tokens file every `every` and on SIGHUP, until `shutdown`:
+/// a changed file replaces the tokens (a removed token is refused from the
+/// next call on, and its streams end); a file that cannot be used changes
+/// nothing and is logged as an error.
+async fn reload_tokens(
+    mut file: TokensFile,
+    tokens: tokio::sync::watch::Sender<Arc<Tokens>>,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    #[cfg(unix)]
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|e| warn!(error = %e, "cannot listen for SIGHUP; the tokens file is still checked every {every:?}"))
+        .ok();
+    // Said once per distinct problem, not on every check.
+    let mut problem: Option<String> = None;
+    loop {
+        #[cfg(unix)]
+        let hangup_received = async {
+            match &mut hangup {
+                Some(signal) => {
+                    signal.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hangup_received = std::future::pending::<()>();
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+            () = hangup_received => info!(path = %file.path().display(), "SIGHUP: re-reading the tokens file"),
+        }
+        match file.reload() {
+            Ok(None) => problem = None,
+            Ok(Some(new)) => {
+                problem = None;
+                let change = new.describe_change(&tokens.borrow());
+                tokens.send_replace(Arc::new(new));
+                info!(path = %file.path().display(), %change, "tokens file changed; the new tokens apply from now on");
+            }
+            Err(e) => {
+                let text = e.to_string();
+                if problem.as_ref() != Some(&text) {
+                    tracing::error!(error = %text, "the tokens file cannot be used; still accepting the tokens read before");
+                    problem = Some(text);
+                }
+            }
+        }
+    }
 }

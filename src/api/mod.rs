@@ -19,9 +19,10 @@ use std::time::Duration;
 
 pub use control::ControlApi;
 pub use subscribe::SubscriptionApi;
+use tokio::sync::watch;
 use tracing::warn;
 
-use crate::auth::{Operation, Principal, Tokens};
+use crate::auth::{Operation, Principal, Tokens, hash_token};
 use crate::controller::{self, Controller};
 use crate::policy::{NameError, Namespace};
 
@@ -51,13 +52,51 @@ impl Default for StreamConfig {
 /// as [`Principal::local`].
 #[derive(Clone)]
 pub struct Authenticator {
-    tokens: Option<Arc<Tokens>>,
+    tokens: Option<watch::Receiver<Arc<Tokens>>>,
 }
 
 impl Authenticator {
-    /// Checks tokens against `tokens` (`None`: no authentication).
-    pub fn new(tokens: Option<Arc<Tokens>>) -> Self {
+    /// Checks tokens against the newest of `tokens` (`None`: no
+    /// authentication).
+    pub fn new(tokens: Option<watch::Receiver<Arc<Tokens>>>) -> Self {
         Authenticator { tokens }
+    }
+}
+
+/// The token a request came with (its hash), and the server's tokens as
+/// they change: a stream checks that its token was not revoked since.
+#[derive(Clone)]
+pub struct Credential {
+    sha256: String,
+    tokens: watch::Receiver<Arc<Tokens>>,
+}
+
+impl Credential {
+    /// Waits until the token is revoked, or its principal may no longer do
+    /// `operation` in `namespace`, and says which as a status to end with;
+    /// never returns if neither happens.
+    pub async fn revoked(&mut self, operation: Operation, namespace: &Namespace) -> tonic::Status {
+        loop {
+            if self.tokens.changed().await.is_err() {
+                // The tokens never change again.
+                return std::future::pending().await;
+            }
+            let principal = self.tokens.borrow_and_update().principal_of(&self.sha256);
+            match principal {
+                None => {
+                    return tonic::Status::unauthenticated(
+                        "this token was revoked: it is no longer in the server's tokens file",
+                    );
+                }
+                Some(principal) => {
+                    if let Err(denied) = principal.may(operation, Some(namespace)) {
+                        return tonic::Status::permission_denied(format!(
+                            "the tokens file changed and {denied}"
+                        ));
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -100,12 +139,18 @@ impl tonic::service::Interceptor for Authenticator {
                             "a bearer token is required: pass --token or set SAFEMODE_TOKEN (an admin makes one with `safemode token create`)",
                         )
                     })?;
-                tokens.authenticate(token.trim()).ok_or_else(|| {
+                let sha256 = hash_token(token.trim());
+                let principal = tokens.borrow().principal_of(&sha256).ok_or_else(|| {
                     warn!("request with an unknown token");
                     tonic::Status::unauthenticated(
                         "unknown token: it is not in this server's tokens file",
                     )
-                })?
+                })?;
+                request.extensions_mut().insert(Credential {
+                    sha256,
+                    tokens: tokens.clone(),
+                });
+                principal
             }
         };
         request.extensions_mut().insert(principal);

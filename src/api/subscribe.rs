@@ -17,7 +17,7 @@ use tracing::{debug, warn};
 
 use super::fanout::subscription_service_server::SubscriptionService;
 use super::outbound::{Outbound, SnapshotCache};
-use super::{StreamConfig, authorize, invalid, invalid_name, principal, status};
+use super::{Credential, StreamConfig, authorize, invalid, invalid_name, principal, status};
 use crate::auth::Operation;
 use crate::controller::{Controller, Subscription};
 use crate::policy::{Channel, Namespace, Revision};
@@ -58,6 +58,7 @@ impl SubscriptionService for SubscriptionApi {
         request: Request<Streaming<proto::SubscribeRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
         let actor = principal(&request)?;
+        let credential = request.extensions().get::<Credential>().cloned();
         let peer = request
             .remote_addr()
             .map_or_else(|| "unknown".to_string(), |a| a.to_string());
@@ -113,7 +114,8 @@ impl SubscriptionService for SubscriptionApi {
             self.controller.shutdown_token().clone(),
             self.controller.epoch().to_string(),
             self.snapshots.clone(),
-        );
+        )
+        .revoked_with(credential, namespace);
         Ok(Response::new(Box::pin(session.into_stream())))
     }
 }
@@ -131,6 +133,9 @@ struct Session {
     sent: Option<Revision>,
     /// The stream ends after the next item.
     ending: bool,
+    /// The caller's token and namespace: the stream ends when the token is
+    /// revoked (`None`: a server without tokens).
+    credential: Option<(Credential, Namespace)>,
 }
 
 impl Session {
@@ -154,7 +159,15 @@ impl Session {
             snapshots,
             sent: None,
             ending: false,
+            credential: None,
         }
+    }
+
+    /// Ends the stream once `credential`'s token is revoked or may no
+    /// longer subscribe to `namespace`.
+    fn revoked_with(mut self, credential: Option<Credential>, namespace: Namespace) -> Self {
+        self.credential = credential.map(|c| (c, namespace));
+        self
     }
 
     fn into_stream(self) -> impl Stream<Item = Result<Outbound, Status>> {
@@ -188,6 +201,7 @@ impl Session {
                         return Some(Ok(self.snapshot()));
                     }
                 }
+                status = revoked(&mut self.credential) => return Some(Err(status)),
                 message = self.inbound.message() => match message {
                     Ok(Some(message)) => {
                         if let Err(status) = self.receive(message) {
@@ -265,5 +279,14 @@ impl Session {
             )),
             None => Err(invalid("message", "empty message")),
         }
+    }
+}
+
+/// Resolves, with the status to end the stream with, when the stream's
+/// token is revoked or may no longer subscribe; never without tokens.
+async fn revoked(credential: &mut Option<(Credential, Namespace)>) -> Status {
+    match credential {
+        Some((credential, namespace)) => credential.revoked(Operation::Subscribe, namespace).await,
+        None => std::future::pending().await,
     }
 }

@@ -251,8 +251,9 @@ struct ServeArgs {
     /// Directory of runbooks (*.yaml); default: the built-in standard runbooks.
     #[arg(long, env = "SAFEMODE_RUNBOOKS")]
     runbooks: Option<PathBuf>,
-    /// Tokens file (hashed tokens, principals and roles). Without one the
-    /// server listens on loopback only and every caller may do everything.
+    /// Tokens file (hashed tokens, principals and roles), re-read when it
+    /// changes (checked every 5 s, and on SIGHUP). Without one the server
+    /// listens on loopback only and every caller may do everything.
     #[arg(long, env = "SAFEMODE_TOKENS")]
     tokens: Option<PathBuf>,
     /// PEM certificate chain to serve gRPC over TLS with (needs --tls-key);

@@ -21,3 +21,4 @@ mod sim;
 mod store_contract;
 mod support;
 mod tls;
+mod tokens;

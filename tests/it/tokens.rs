@@ -1,0 +1,206 @@
+//! Revoking a token while the server runs: the tokens file is re-read when
+//! it changes; a removed token is refused from then on and the streams it
+//! opened end; a new one works; a broken file changes nothing.
+
+use std::time::Duration;
+
+use safemode::auth::{Role, create_token, hash_token};
+use safemode::wire::proto;
+use safemode::wire::proto::subscribe_request::Message as Outbound;
+use safemode::wire::proto::subscribe_response::Message as Inbound;
+use safemode::wire::proto::subscription_service_client::SubscriptionServiceClient;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+
+use crate::support::{DEADLINE, Principals, TestServer, control_as, wait_until};
+
+/// The tokens-file line of `principal` holding `token` with `role`.
+fn line(principal: &str, role: &str, token: &str) -> String {
+    format!(
+        "- {{principal: {principal}, roles: [{role}], sha256: {}}}\n",
+        hash_token(token)
+    )
+}
+
+/// How the server answers `token` asking for status.
+async fn status_code(server: &TestServer, token: &str) -> Code {
+    match control_as(server, Some(token))
+        .await
+        .get_status(proto::GetStatusRequest::default())
+        .await
+    {
+        Ok(_) => Code::Ok,
+        Err(status) => status.code(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_removed_from_the_file_is_refused_and_its_streams_end() {
+    let principals = Principals::new();
+    let server = TestServer::with_tokens_and(&principals, |config| {
+        config.tokens_reload = Duration::from_millis(50);
+    })
+    .await;
+    let (commander, subscriber, viewer) = (
+        principals.token("commander"),
+        principals.token("subscriber"),
+        principals.token("viewer"),
+    );
+    assert_eq!(status_code(&server, commander).await, Code::Ok);
+
+    // A subscriber stream, kept open.
+    let (out, rx) = mpsc::channel(4);
+    out.send(proto::SubscribeRequest {
+        message: Some(Outbound::Hello(proto::Hello {
+            namespace: "live".into(),
+            channel: "web".into(),
+            subscriber_id: "web-1".into(),
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let mut stream = SubscriptionServiceClient::with_interceptor(
+        server.channel().await,
+        safemode::client::Bearer::new(Some(subscriber)).unwrap(),
+    )
+    .subscribe(ReceiverStream::new(rx))
+    .await
+    .expect("the subscriber token subscribes")
+    .into_inner();
+    let first = tokio::time::timeout(DEADLINE, stream.next())
+        .await
+        .expect("a first snapshot")
+        .expect("the stream is open")
+        .expect("a snapshot, not an error");
+    assert!(matches!(first.message, Some(Inbound::Snapshot(_))));
+
+    // A broken file changes nothing: the tokens read before still work,
+    // and a later good file is still picked up.
+    std::fs::write(principals.file.path(), "- {principal: [unclosed\n").unwrap();
+    assert_eq!(status_code(&server, commander).await, Code::Ok);
+
+    // The commander and the subscriber are revoked; carol is new.
+    let carol = create_token("carol", &[Role::Commander]).unwrap();
+    std::fs::write(
+        principals.file.path(),
+        format!(
+            "{}{}",
+            line("viewer", "viewer", viewer),
+            line("carol", "commander", &carol.token)
+        ),
+    )
+    .unwrap();
+    wait_until("the commander's token is refused", || async {
+        status_code(&server, commander).await == Code::Unauthenticated
+    })
+    .await;
+    assert_eq!(status_code(&server, &carol.token).await, Code::Ok);
+    assert_eq!(status_code(&server, viewer).await, Code::Ok);
+
+    // The revoked subscriber's open stream ends, saying why (heartbeats,
+    // if any arrive first, are skipped).
+    let ended = tokio::time::timeout(DEADLINE, async {
+        loop {
+            match stream.next().await {
+                Some(Ok(_)) => continue,
+                Some(Err(status)) => return Some(status),
+                None => return None,
+            }
+        }
+    })
+    .await
+    .expect("the revoked stream ends before the deadline")
+    .expect("it ends with a status");
+    assert_eq!(ended.code(), Code::Unauthenticated);
+    assert!(ended.message().contains("revoked"), "{}", ended.message());
+    drop(out);
+
+    // And it cannot subscribe again.
+    let (out, rx) = mpsc::channel(1);
+    out.send(proto::SubscribeRequest {
+        message: Some(Outbound::Hello(proto::Hello {
+            namespace: "live".into(),
+            channel: "web".into(),
+            subscriber_id: "web-1".into(),
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let again = SubscriptionServiceClient::with_interceptor(
+        server.channel().await,
+        safemode::client::Bearer::new(Some(subscriber)).unwrap(),
+    )
+    .subscribe(ReceiverStream::new(rx))
+    .await
+    .expect_err("a revoked token cannot subscribe");
+    assert_eq!(again.code(), Code::Unauthenticated);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_that_may_no_longer_subscribe_is_cut_off_too() {
+    let principals = Principals::new();
+    let server = TestServer::with_tokens_and(&principals, |config| {
+        config.tokens_reload = Duration::from_millis(50);
+    })
+    .await;
+    let subscriber = principals.token("subscriber");
+    let (out, rx) = mpsc::channel(4);
+    out.send(proto::SubscribeRequest {
+        message: Some(Outbound::Hello(proto::Hello {
+            namespace: "live".into(),
+            channel: "ivr".into(),
+            subscriber_id: "ivr-1".into(),
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let mut stream = SubscriptionServiceClient::with_interceptor(
+        server.channel().await,
+        safemode::client::Bearer::new(Some(subscriber)).unwrap(),
+    )
+    .subscribe(ReceiverStream::new(rx))
+    .await
+    .unwrap()
+    .into_inner();
+    tokio::time::timeout(DEADLINE, stream.next())
+        .await
+        .expect("a first snapshot")
+        .expect("open")
+        .expect("a snapshot");
+
+    // Same token, now for drills only: it may not follow `live`.
+    std::fs::write(
+        principals.file.path(),
+        line("subscriber", "drill", subscriber),
+    )
+    .unwrap();
+    let ended = tokio::time::timeout(DEADLINE, async {
+        loop {
+            match stream.next().await {
+                Some(Ok(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the stream ends before the deadline");
+    let status = ended.expect("with a status").unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert!(
+        status.message().contains("roles: drill") && status.message().contains("live"),
+        "{}",
+        status.message()
+    );
+    // The token itself still works, for what a drill token may do.
+    control_as(&server, Some(subscriber))
+        .await
+        .list_modes(proto::ListModesRequest::default())
+        .await
+        .expect("a drill token lists the modes");
+    drop(out);
+}
