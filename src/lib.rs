@@ -27,6 +27,7 @@ pub mod client;
 pub mod controller;
 pub mod drill;
 pub mod errors;
+pub mod pem;
 pub mod policy;
 pub mod server;
 pub mod sim;

@@ -13,8 +13,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow, bail};
-use rustls::pki_types::pem::PemObject as _;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
@@ -26,8 +24,10 @@ use crate::api::{Authenticator, ControlApi, StreamConfig, SubscriptionApi};
 use crate::auth::{Tokens, TokensFile};
 use crate::catalog::Catalog;
 use crate::controller::{Controller, ControllerConfig, Layout};
+use crate::pem;
 use crate::store::Store;
 use crate::store::embedded::{EmbeddedOptions, EmbeddedStore};
+pub use crate::store::etcd::EtcdTls;
 use crate::store::etcd::{EtcdOptions, EtcdStore};
 use crate::wire::proto;
 
@@ -45,6 +45,8 @@ pub enum StoreConfig {
         endpoints: Vec<String>,
         /// Every key safemode writes starts with this (see ARCHITECTURE.md).
         prefix: String,
+        /// TLS files, for `https://` endpoints.
+        tls: EtcdTls,
     },
 }
 
@@ -292,30 +294,13 @@ fn server_tls(cert: Option<&Path>, key: Option<&Path>) -> anyhow::Result<Option<
             "--tls-key needs --tls-cert: give the certificate chain too (or neither, to serve without TLS)"
         ),
     };
-    let cert_pem = std::fs::read(cert_path)
-        .with_context(|| format!("cannot read the TLS certificate {}", cert_path.display()))?;
-    let certs = CertificateDer::pem_slice_iter(&cert_pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| {
-            anyhow!(
-                "the TLS certificate {} is not valid PEM ({e}); give the certificate chain in PEM",
-                cert_path.display()
-            )
-        })?;
-    if certs.is_empty() {
-        bail!(
-            "the TLS certificate {} holds no certificate (no -----BEGIN CERTIFICATE----- block); give the certificate chain in PEM",
-            cert_path.display()
-        );
-    }
-    let key_pem = std::fs::read(key_path)
-        .with_context(|| format!("cannot read the TLS key {}", key_path.display()))?;
-    PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
-        anyhow!(
-            "the TLS key {} holds no usable private key ({e}); give the certificate's key in PEM (PKCS#8, PKCS#1 or SEC1)",
-            key_path.display()
-        )
-    })?;
+    let in_pem = |what: &str, path: &Path, error: pem::PemError| match error {
+        pem::PemError::Read(_) => anyhow!(pem::describe(what, path, &error)),
+        _ => anyhow!("{}; give {what} in PEM", pem::describe(what, path, &error)),
+    };
+    let cert_pem =
+        pem::certificates(cert_path).map_err(|e| in_pem("the TLS certificate", cert_path, e))?;
+    let key_pem = pem::private_key(key_path).map_err(|e| in_pem("the TLS key", key_path, e))?;
     // tonic's TLS acceptor takes rustls' process-wide crypto provider. ring
     // is the one tonic is built with; installing it keeps the choice
     // unambiguous should another dependency enable a second provider (a
@@ -358,24 +343,14 @@ async fn open_store(config: &StoreConfig) -> anyhow::Result<(Arc<dyn Store>, Lay
                 .with_context(|| format!("cannot open the embedded store {}", path.display()))?;
             Ok((Arc::new(store), Layout::default()))
         }
-        StoreConfig::Etcd { endpoints, prefix } => {
+        StoreConfig::Etcd {
+            endpoints,
+            prefix,
+            tls,
+        } => {
             let layout = Layout::new(prefix).map_err(|e| anyhow!("--etcd-prefix: {e}"))?;
-            if endpoints.is_empty() {
-                bail!("the etcd store needs --etcd-endpoints, e.g. http://127.0.0.1:2379");
-            }
-            for endpoint in endpoints {
-                if endpoint.starts_with("https://") {
-                    bail!(
-                        "--etcd-endpoints {endpoint}: TLS to etcd is not supported yet; reach etcd over http:// (a loopback or pod-network listener)"
-                    );
-                }
-                if !endpoint.starts_with("http://") {
-                    bail!(
-                        "--etcd-endpoints '{endpoint}' is not a URL; write e.g. http://10.0.0.5:2379"
-                    );
-                }
-            }
-            let store = EtcdStore::connect(EtcdOptions::new(endpoints.clone())).await?;
+            let options = EtcdOptions::checked(endpoints.clone(), tls).map_err(|e| anyhow!(e))?;
+            let store = EtcdStore::connect(options).await?;
             Ok((Arc::new(store), layout))
         }
     }

@@ -23,7 +23,7 @@ use crate::client::{self, Bearer, Subscriber, SubscriberConfig};
 use crate::controller::{ControllerConfig, Layout, LiftTarget};
 use crate::policy::names::validate_label;
 use crate::policy::{Action, Channel, ChannelSet, Context, MethodSet, ModeName, Namespace, Reason};
-use crate::server::{self, ServeConfig, StoreConfig};
+use crate::server::{self, EtcdTls, ServeConfig, StoreConfig};
 use crate::wire::proto::control_service_client::ControlServiceClient;
 use crate::wire::{self, proto};
 
@@ -242,6 +242,17 @@ struct ServeArgs {
     /// Prefix of every key safemode writes to etcd.
     #[arg(long, env = "SAFEMODE_ETCD_PREFIX", default_value = Layout::DEFAULT_PREFIX)]
     etcd_prefix: String,
+    /// CA certificates (PEM) that vouch for the etcd members, with https://
+    /// endpoints [default: the platform's].
+    #[arg(long, env = "SAFEMODE_ETCD_CA_CERT", value_name = "FILE")]
+    etcd_ca_cert: Option<PathBuf>,
+    /// Client certificate (PEM) for an etcd that asks for one
+    /// (--client-cert-auth); needs --etcd-key.
+    #[arg(long, env = "SAFEMODE_ETCD_CERT", value_name = "FILE")]
+    etcd_cert: Option<PathBuf>,
+    /// The key (PEM) of --etcd-cert.
+    #[arg(long, env = "SAFEMODE_ETCD_KEY", value_name = "FILE")]
+    etcd_key: Option<PathBuf>,
     /// This replica's name in status and logs [default: the host name].
     #[arg(long, env = "SAFEMODE_REPLICA")]
     replica: Option<String>,
@@ -646,6 +657,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             if !args.etcd_endpoints.is_empty() {
                 bail!("--etcd-endpoints needs --store etcd");
             }
+            if args.etcd_ca_cert.is_some() || args.etcd_cert.is_some() || args.etcd_key.is_some() {
+                bail!("--etcd-ca-cert, --etcd-cert and --etcd-key need --store etcd");
+            }
             StoreConfig::Embedded {
                 data_dir: args
                     .data_dir
@@ -661,6 +675,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             StoreConfig::Etcd {
                 endpoints: args.etcd_endpoints,
                 prefix: args.etcd_prefix,
+                tls: EtcdTls {
+                    ca_cert: args.etcd_ca_cert,
+                    cert: args.etcd_cert,
+                    key: args.etcd_key,
+                },
             }
         }
     };

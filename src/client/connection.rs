@@ -5,8 +5,6 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use rustls::pki_types::CertificateDer;
-use rustls::pki_types::pem::PemObject as _;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Uri};
 
 use super::ClientError;
@@ -146,21 +144,7 @@ fn tls_config(options: &EndpointOptions<'_>) -> Result<ClientTlsConfig, ClientEr
         path: path.to_path_buf(),
         reason,
     };
-    let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
-    let certs = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad(format!("it is not valid PEM ({e})")))?;
-    if certs.is_empty() {
-        return Err(bad(
-            "it holds no certificate (no -----BEGIN CERTIFICATE----- block)".into(),
-        ));
-    }
-    // rustls skips certificates it cannot parse; a file of only such
-    // certificates would otherwise fail later as "untrusted".
-    let (usable, _) = rustls::RootCertStore::empty().add_parsable_certificates(certs);
-    if usable == 0 {
-        return Err(bad("none of its certificates can be parsed".into()));
-    }
+    let pem = crate::pem::certificates(path).map_err(|e| bad(format!("it {e}")))?;
     Ok(config.ca_certificate(Certificate::from_pem(pem)))
 }
 

@@ -16,25 +16,82 @@
 //! watcher is still catching up on older events, so treating that revision as
 //! "delivered up to here" would make the caller drop the events still coming.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use etcd_client::{
-    Client, CompactionOptions, Compare as EtcdCompare, CompareOp, ConnectOptions, EventType,
-    GetOptions, Txn as EtcdTxn, TxnOp, WatchOptions,
+    Certificate, Client, CompactionOptions, Compare as EtcdCompare, CompareOp, ConnectOptions,
+    EventType, GetOptions, Identity, TlsOptions, Txn as EtcdTxn, TxnOp, WatchOptions,
 };
 use futures_util::StreamExt;
 use tokio::time::{Instant, MissedTickBehavior};
+
+use crate::pem;
 
 use super::{
     Compare, Error, Event, EventKind, KeyValue, Op, RangeResult, Result, Revision, Store, Txn,
     TxnOutcome, WatchBatch, WatchStream,
 };
 
+/// TLS to etcd, for `https://` endpoints: PEM files.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EtcdTls {
+    /// CA certificates that vouch for the members; without it, the
+    /// platform's.
+    pub ca_cert: Option<PathBuf>,
+    /// A client certificate and its key, for a cluster that asks for one
+    /// (`--client-cert-auth`).
+    pub cert: Option<PathBuf>,
+    /// The client certificate's key.
+    pub key: Option<PathBuf>,
+}
+
+impl EtcdTls {
+    /// Whether no file is given.
+    pub fn is_empty(&self) -> bool {
+        *self == EtcdTls::default()
+    }
+
+    /// The TLS settings for the client, with every file read and checked.
+    pub fn client_config(&self) -> std::result::Result<TlsOptions, String> {
+        let mut config = TlsOptions::new();
+        config = match &self.ca_cert {
+            Some(path) => {
+                let pem = pem::certificates(path)
+                    .map_err(|e| pem::describe("the etcd CA certificate", path, &e))?;
+                config.ca_certificate(Certificate::from_pem(pem))
+            }
+            None => config.with_native_roots(),
+        };
+        match (&self.cert, &self.key) {
+            (None, None) => {}
+            (Some(cert), Some(key)) => {
+                let cert = pem::certificates(cert)
+                    .map_err(|e| pem::describe("the etcd client certificate", cert, &e))?;
+                let key = pem::private_key(key)
+                    .map_err(|e| pem::describe("the etcd client key", key, &e))?;
+                config = config.identity(Identity::from_pem(cert, key));
+            }
+            (Some(_), None) => {
+                return Err(
+                    "--etcd-cert needs --etcd-key: give the client certificate's key too".into(),
+                );
+            }
+            (None, Some(_)) => {
+                return Err("--etcd-key needs --etcd-cert: give the client certificate too".into());
+            }
+        }
+        Ok(config)
+    }
+}
+
 /// How to reach etcd.
 #[derive(Clone, Debug)]
 pub struct EtcdOptions {
     /// Client URLs of the members, e.g. `http://10.0.0.5:2379`.
     pub endpoints: Vec<String>,
+    /// TLS for `https://` endpoints (see [`EtcdTls::client_config`]).
+    pub tls: Option<TlsOptions>,
     /// Limit on connecting to a member.
     pub connect_timeout: Duration,
     /// Limit on one request (not on a watch stream).
@@ -46,15 +103,54 @@ pub struct EtcdOptions {
 }
 
 impl EtcdOptions {
-    /// Defaults for everything but the endpoints.
+    /// Defaults for everything but the endpoints, reached without TLS.
     pub fn new(endpoints: Vec<String>) -> Self {
         EtcdOptions {
             endpoints,
+            tls: None,
             connect_timeout: Duration::from_secs(3),
             request_timeout: Duration::from_secs(5),
             progress_interval: Duration::from_secs(2),
             quiet_deadline: Duration::from_secs(8),
         }
+    }
+
+    /// Defaults for everything but `endpoints` and `tls`, checked: URLs,
+    /// all `http://` or all `https://`, TLS files only with `https://`
+    /// (read and checked now). The error says what to change.
+    pub fn checked(endpoints: Vec<String>, tls: &EtcdTls) -> std::result::Result<Self, String> {
+        if endpoints.is_empty() {
+            return Err("the etcd store needs --etcd-endpoints, e.g. http://127.0.0.1:2379".into());
+        }
+        if let Some(endpoint) = endpoints
+            .iter()
+            .find(|e| !e.starts_with("http://") && !e.starts_with("https://"))
+        {
+            return Err(format!(
+                "--etcd-endpoints '{endpoint}' is not a URL; write e.g. http://10.0.0.5:2379 (or https:// for TLS)"
+            ));
+        }
+        let https = endpoints
+            .iter()
+            .filter(|e| e.starts_with("https://"))
+            .count();
+        let tls = if https == 0 {
+            if !tls.is_empty() {
+                return Err("--etcd-ca-cert, --etcd-cert and --etcd-key are for TLS to etcd: write the endpoints as https://HOST:2379".into());
+            }
+            None
+        } else if https < endpoints.len() {
+            return Err(
+                "--etcd-endpoints mixes http:// and https://; reach every member the same way"
+                    .into(),
+            );
+        } else {
+            Some(tls.client_config()?)
+        };
+        Ok(EtcdOptions {
+            tls,
+            ..EtcdOptions::new(endpoints)
+        })
     }
 }
 
@@ -73,11 +169,14 @@ impl EtcdStore {
                 "no etcd endpoints given; pass --etcd-endpoints http://HOST:2379[,...]".into(),
             ));
         }
-        let connect = ConnectOptions::new()
+        let mut connect = ConnectOptions::new()
             .with_connect_timeout(options.connect_timeout)
             .with_timeout(options.request_timeout)
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
             .with_require_leader(true);
+        if let Some(tls) = &options.tls {
+            connect = connect.with_tls(tls.clone());
+        }
         let client = Client::connect(&options.endpoints, Some(connect))
             .await
             .map_err(|e| unreachable(&options.endpoints, &e))?;
@@ -93,10 +192,18 @@ impl EtcdStore {
 }
 
 fn unreachable(endpoints: &[String], error: &etcd_client::Error) -> Error {
+    let described = describe(error);
+    // TLS failures say what is wrong in rustls' words; say what to check.
+    let hint = if described.contains("UnknownIssuer") {
+        "; give --etcd-ca-cert the CA that signed the etcd members' certificates"
+    } else if described.contains("BadCertificate") || described.contains("CertificateRequired") {
+        "; etcd refused this client's certificate (or its lack of one): give --etcd-cert and --etcd-key, signed by a CA in etcd's --trusted-ca-file"
+    } else {
+        ""
+    };
     Error::Unavailable(format!(
-        "cannot reach etcd at {}: {}",
+        "cannot reach etcd at {}: {described}{hint}",
         endpoints.join(","),
-        describe(error)
     ))
 }
 

@@ -164,6 +164,7 @@ async fn replicas_must_serve_the_same_runbooks() {
         store: safemode::server::StoreConfig::Etcd {
             endpoints: etcd.endpoints(),
             prefix: "/safemode/".into(),
+            tls: Default::default(),
         },
         runbooks_dir: Some(changed.path().to_path_buf()),
         controller: safemode::controller::ControllerConfig {

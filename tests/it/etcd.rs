@@ -47,22 +47,44 @@ struct Member {
     child: Option<Child>,
 }
 
+/// Client TLS for a cluster: the members serve `cert` (signed by `ca`) and
+/// ask every client for a certificate `ca` signed.
+pub struct ClientTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// What the harness itself connects with.
+    pub client: etcd_client::TlsOptions,
+}
+
 /// An etcd cluster of one or more members on loopback.
 pub struct EtcdCluster {
     members: Vec<Member>,
     initial_cluster: String,
     token: String,
+    tls: Option<ClientTls>,
     _dir: tempfile::TempDir,
 }
 
 impl EtcdCluster {
     /// Starts `size` members and waits until the cluster answers.
     pub async fn start(size: usize) -> Self {
+        Self::start_with(size, None).await
+    }
+
+    /// Starts `size` members serving clients over TLS only, with client
+    /// certificates required (`--client-cert-auth`).
+    pub async fn start_tls(size: usize, tls: ClientTls) -> Self {
+        Self::start_with(size, Some(tls)).await
+    }
+
+    async fn start_with(size: usize, tls: Option<ClientTls>) -> Self {
         let dir = tempfile::tempdir().unwrap();
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let members: Vec<Member> = (0..size)
             .map(|i| Member {
                 name: format!("m{i}"),
-                client_url: format!("http://127.0.0.1:{}", free_port()),
+                client_url: format!("{scheme}://127.0.0.1:{}", free_port()),
                 peer_url: format!("http://127.0.0.1:{}", free_port()),
                 data_dir: dir.path().join(format!("m{i}")),
                 child: None,
@@ -77,6 +99,7 @@ impl EtcdCluster {
             members,
             initial_cluster,
             token: format!("safemode-test-{}", rand::random::<u32>()),
+            tls,
             _dir: dir,
         };
         for i in 0..size {
@@ -89,7 +112,18 @@ impl EtcdCluster {
     fn spawn(&mut self, i: usize, state: &str) {
         let binary = etcd_binary();
         let m = &mut self.members[i];
-        let child = Command::new(binary)
+        let mut command = Command::new(binary);
+        if let Some(tls) = &self.tls {
+            command
+                .arg("--cert-file")
+                .arg(&tls.cert)
+                .arg("--key-file")
+                .arg(&tls.key)
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca)
+                .arg("--client-cert-auth");
+        }
+        let child = command
             .args(["--name", &m.name])
             .arg("--data-dir")
             .arg(&m.data_dir)
@@ -122,12 +156,20 @@ impl EtcdCluster {
         )
     }
 
+    /// How the harness connects (with TLS when the cluster wants it).
+    fn connect_options(&self) -> Option<etcd_client::ConnectOptions> {
+        self.tls
+            .as_ref()
+            .map(|tls| etcd_client::ConnectOptions::new().with_tls(tls.client.clone()))
+    }
+
     async fn wait_healthy(&self) {
         let endpoints = self.endpoints();
         wait_until("the etcd cluster answers", || {
             let endpoints = endpoints.clone();
+            let options = self.connect_options();
             async move {
-                let Ok(mut client) = etcd_client::Client::connect(&endpoints, None).await else {
+                let Ok(mut client) = etcd_client::Client::connect(&endpoints, options).await else {
                     return false;
                 };
                 // A linearizable read needs a leader and a quorum, and
@@ -148,7 +190,9 @@ impl EtcdCluster {
             if m.child.is_none() {
                 continue;
             }
-            let Ok(mut client) = etcd_client::Client::connect([&m.client_url], None).await else {
+            let Ok(mut client) =
+                etcd_client::Client::connect([&m.client_url], self.connect_options()).await
+            else {
                 continue;
             };
             let Ok(status) = client.status().await else {

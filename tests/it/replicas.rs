@@ -673,6 +673,7 @@ async fn heartbeats_stop_while_the_store_is_unreachable_so_clients_go_stale() {
         store: safemode::server::StoreConfig::Etcd {
             endpoints: etcd.endpoints(),
             prefix: "/safemode/".into(),
+            tls: Default::default(),
         },
         heartbeat: std::time::Duration::from_millis(50),
         ..Default::default()

@@ -98,6 +98,7 @@ impl TestServer {
             store: StoreConfig::Etcd {
                 endpoints,
                 prefix: "/safemode/".into(),
+                tls: Default::default(),
             },
             controller: ControllerConfig {
                 catch_up_timeout: Duration::from_millis(300),
@@ -142,6 +143,7 @@ impl TestServer {
             store: StoreConfig::Etcd {
                 endpoints,
                 prefix: "/safemode/".into(),
+                tls: Default::default(),
             },
             tokens: Some(principals.file.path().to_path_buf()),
             ..ServeConfig::default()

@@ -121,6 +121,7 @@ pub async fn serve(
         (None, Some(endpoints)) => StoreConfig::Etcd {
             endpoints: endpoints.split(',').map(str::to_string).collect(),
             prefix: "/safemode/".into(),
+            tls: Default::default(),
         },
         _ => bail!("give --data-dir or --etcd"),
     };
