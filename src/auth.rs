@@ -251,7 +251,9 @@ impl Tokens {
             file: file.to_string(),
             line,
             column,
-            message,
+            // Errors quote the text they trip on, which may be a token
+            // pasted where its hash belongs; the error goes to logs.
+            message: redact_tokens(&message),
         };
         if text
             .lines()
@@ -388,23 +390,49 @@ impl Tokens {
 }
 
 /// The tokens file a server was given, re-read when its contents change.
-/// A file that became unusable (unreadable, invalid, empty) changes
-/// nothing: the server keeps the tokens it has and says why.
+/// A change is applied once two reads in a row agree (a file rewritten in
+/// place can be read half-written, and its first half may parse). A file
+/// that became unusable (unreadable, invalid, empty) changes nothing: the
+/// server keeps the tokens it has and says why.
 #[derive(Debug)]
 pub struct TokensFile {
     path: PathBuf,
-    /// The contents last read, valid or not.
+    /// The contents last taken, valid or not.
     seen: Vec<u8>,
+    /// Why `seen` cannot be used, if it cannot.
+    seen_problem: Option<String>,
+    /// New contents read once, to be taken if the next read agrees.
+    pending: Option<Vec<u8>>,
+}
+
+/// What a re-read of the tokens file found.
+#[derive(Debug)]
+pub enum Reload {
+    /// The contents taken last time, which were usable.
+    Unchanged,
+    /// New contents, read once: read again shortly to take them.
+    Settling,
+    /// New contents, read twice alike: the tokens to accept from now on.
+    Changed(Tokens),
+    /// The file cannot be used (it is unreadable, or its contents are
+    /// invalid or list no token): keep the tokens in force.
+    Unusable(String),
 }
 
 impl TokensFile {
     /// Reads `path`, which must list at least one token.
     pub fn open(path: &Path) -> Result<(TokensFile, Tokens), TokensError> {
-        let mut file = TokensFile {
+        let seen = std::fs::read(path).map_err(|source| TokensError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let tokens = parse_file(path, &seen)?;
+        let file = TokensFile {
             path: path.to_path_buf(),
-            seen: Vec::new(),
+            seen,
+            seen_problem: None,
+            pending: None,
         };
-        let tokens = file.read()?;
         Ok((file, tokens))
     }
 
@@ -413,45 +441,82 @@ impl TokensFile {
         &self.path
     }
 
-    /// Re-reads the file: `Ok(None)` when it has not changed since the last
-    /// read, new tokens when it has, an error (once per change) when it
-    /// cannot be used.
-    pub fn reload(&mut self) -> Result<Option<Tokens>, TokensError> {
-        let bytes = std::fs::read(&self.path).map_err(|source| self.read_error(source))?;
+    /// Reads the file again.
+    pub fn reload(&mut self) -> Reload {
+        let bytes = match std::fs::read(&self.path) {
+            Ok(bytes) => bytes,
+            Err(source) => {
+                let path = self.path.display().to_string();
+                return Reload::Unusable(TokensError::Read { path, source }.to_string());
+            }
+        };
         if bytes == self.seen {
-            return Ok(None);
+            self.pending = None;
+            return match &self.seen_problem {
+                None => Reload::Unchanged,
+                Some(problem) => Reload::Unusable(problem.clone()),
+            };
         }
+        if self.pending.as_ref() != Some(&bytes) {
+            self.pending = Some(bytes);
+            return Reload::Settling;
+        }
+        self.pending = None;
+        let parsed = parse_file(&self.path, &bytes);
         self.seen = bytes;
-        self.parse().map(Some)
-    }
-
-    fn read(&mut self) -> Result<Tokens, TokensError> {
-        self.seen = std::fs::read(&self.path).map_err(|source| self.read_error(source))?;
-        self.parse()
-    }
-
-    fn parse(&self) -> Result<Tokens, TokensError> {
-        let name = self.path.display().to_string();
-        let text = std::str::from_utf8(&self.seen).map_err(|e| TokensError::Invalid {
-            file: name.clone(),
-            line: 1,
-            column: 1,
-            message: format!("not UTF-8 text: {e}"),
-        })?;
-        let tokens = Tokens::parse(&name, text)?;
-        if tokens.is_empty() {
-            return Err(TokensError::Empty { path: name });
-        }
-        Ok(tokens)
-    }
-
-    fn read_error(&self, source: std::io::Error) -> TokensError {
-        TokensError::Read {
-            path: self.path.display().to_string(),
-            source,
+        match parsed {
+            Ok(tokens) => {
+                self.seen_problem = None;
+                Reload::Changed(tokens)
+            }
+            Err(e) => {
+                let problem = e.to_string();
+                self.seen_problem = Some(problem.clone());
+                Reload::Unusable(problem)
+            }
         }
     }
 }
+
+/// The tokens in `bytes`, read from `path`: at least one.
+fn parse_file(path: &Path, bytes: &[u8]) -> Result<Tokens, TokensError> {
+    let name = path.display().to_string();
+    let text = std::str::from_utf8(bytes).map_err(|e| TokensError::Invalid {
+        file: name.clone(),
+        line: 1,
+        column: 1,
+        message: format!("not UTF-8 text: {e}"),
+    })?;
+    let tokens = Tokens::parse(&name, text)?;
+    if tokens.is_empty() {
+        return Err(TokensError::Empty { path: name });
+    }
+    Ok(tokens)
+}
+
+/// `text` with every bearer token in it (`smt_` and hex digits) cut to its
+/// prefix.
+fn redact_tokens(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find(TOKEN_PREFIX) {
+        let after = &rest[at + TOKEN_PREFIX.len()..];
+        let secret = after.len()
+            - after
+                .trim_start_matches(|c: char| c.is_ascii_hexdigit())
+                .len();
+        out.push_str(&rest[..at + TOKEN_PREFIX.len()]);
+        if secret > 0 {
+            out.push_str("(redacted)");
+        }
+        rest = &after[secret..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// How every token starts.
+const TOKEN_PREFIX: &str = "smt_";
 
 /// The hash a tokens file stores for `token`.
 pub fn hash_token(token: &str) -> String {
@@ -475,7 +540,7 @@ pub fn create_token(principal: &str, roles: &[Role]) -> Result<NewToken, TokensE
     let role_names: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
     let bytes: [u8; 32] = rand::random();
     let token = format!(
-        "smt_{}",
+        "{TOKEN_PREFIX}{}",
         bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
     );
     let line = format!(
@@ -583,11 +648,16 @@ mod tests {
     }
 
     #[test]
-    fn a_tokens_file_is_read_again_only_when_it_changed_and_only_if_usable() {
+    fn a_tokens_file_is_taken_again_once_a_change_settles_and_only_if_usable() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tokens.yaml");
         let alice = create_token("alice", &[Role::Commander]).unwrap();
         let bob = create_token("bob", &[Role::Viewer]).unwrap();
+        // Reads until the file's current contents are taken.
+        let settle = |file: &mut TokensFile| {
+            assert!(matches!(file.reload(), Reload::Settling));
+            file.reload()
+        };
 
         std::fs::write(&path, "# nobody yet\n").unwrap();
         let empty = TokensFile::open(&path).unwrap_err();
@@ -596,10 +666,16 @@ mod tests {
         std::fs::write(&path, &alice.line).unwrap();
         let (mut file, tokens) = TokensFile::open(&path).unwrap();
         assert!(tokens.authenticate(&alice.token).is_some());
-        assert!(file.reload().unwrap().is_none(), "unchanged");
+        assert!(matches!(file.reload(), Reload::Unchanged));
 
-        std::fs::write(&path, format!("{}\n{}", alice.line, bob.line)).unwrap();
-        let both = file.reload().unwrap().expect("changed");
+        // Half a file, then the whole: only the whole is taken.
+        let whole = format!("{}\n{}\n", alice.line, bob.line);
+        std::fs::write(&path, &whole[..whole.len() / 2]).unwrap();
+        assert!(matches!(file.reload(), Reload::Settling));
+        std::fs::write(&path, &whole).unwrap();
+        let Reload::Changed(both) = settle(&mut file) else {
+            panic!("the whole file is taken once two reads agree");
+        };
         assert!(both.authenticate(&bob.token).is_some());
         assert_eq!(
             both.describe_change(&tokens),
@@ -607,24 +683,35 @@ mod tests {
         );
 
         std::fs::write(&path, &bob.line).unwrap();
-        let only_bob = file.reload().unwrap().expect("changed");
+        let Reload::Changed(only_bob) = settle(&mut file) else {
+            panic!("changed");
+        };
         assert!(only_bob.authenticate(&alice.token).is_none());
         assert_eq!(
             only_bob.describe_change(&both),
             "1 tokens, 1 revoked; principals removed: alice"
         );
 
-        // Broken, empty or gone: an error, and no tokens to replace the
-        // ones the server has.
+        // Broken, empty or gone: unusable, with no tokens to replace the
+        // ones in force, for as long as the file stays so.
         std::fs::write(&path, "- {principal: [unclosed").unwrap();
-        assert!(matches!(
-            file.reload(),
-            Err(TokensError::Invalid { line: 1, .. })
-        ));
-        assert!(file.reload().unwrap().is_none(), "said once");
+        let Reload::Unusable(broken) = settle(&mut file) else {
+            panic!("a broken file is unusable");
+        };
+        assert!(broken.contains("tokens.yaml:1:"), "{broken}");
+        assert!(matches!(file.reload(), Reload::Unusable(again) if again == broken));
         std::fs::write(&path, "").unwrap();
-        assert!(matches!(file.reload(), Err(TokensError::Empty { .. })));
+        assert!(matches!(settle(&mut file), Reload::Unusable(e) if e.contains("lists no token")));
         std::fs::remove_file(&path).unwrap();
-        assert!(matches!(file.reload(), Err(TokensError::Read { .. })));
+        assert!(matches!(file.reload(), Reload::Unusable(e) if e.contains("cannot read")));
+    }
+
+    #[test]
+    fn a_token_pasted_into_the_tokens_file_is_not_repeated_in_the_error() {
+        let new = create_token("alice", &[Role::Commander]).unwrap();
+        let error = Tokens::parse("t.yaml", &format!("{}\n", new.token))
+            .unwrap_err()
+            .to_string();
+        assert!(!error.contains(&new.token[4..]), "{error}");
     }
 }

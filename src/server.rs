@@ -21,7 +21,7 @@ use tonic::transport::{Identity, ServerTlsConfig};
 use tracing::{info, warn};
 
 use crate::api::{Authenticator, ControlApi, StreamConfig, SubscriptionApi};
-use crate::auth::{Tokens, TokensFile};
+use crate::auth::{Reload, Tokens, TokensFile};
 use crate::catalog::Catalog;
 use crate::controller::{Controller, ControllerConfig, Layout};
 use crate::pem;
@@ -177,16 +177,16 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
 
     let shutdown = CancellationToken::new();
     let authentication = tokens.is_some();
-    let tokens = tokens.map(|(file, tokens)| {
-        let (tx, rx) = tokio::sync::watch::channel(Arc::new(tokens));
-        tokio::spawn(reload_tokens(
-            file,
-            tx,
-            config.tokens_reload,
-            shutdown.clone(),
-        ));
-        rx
-    });
+    // The tokens in force, replaced when the file changes. SIGHUP is
+    // listened for from here on; the task that re-reads the file starts
+    // once nothing else can fail.
+    let (tokens, reloader) = match tokens {
+        Some((file, tokens)) => {
+            let (tx, rx) = tokio::sync::watch::channel(Arc::new(tokens));
+            (Some(rx), Some((file, tx, Hangups::listen())))
+        }
+        None => (None, None),
+    };
     let modes = catalog.modes.len();
     let runbooks = catalog.runbooks.len();
     let controller = Controller::start(
@@ -248,6 +248,12 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
 
     info!(%addr, replica = %config.replica, store = %store.describe(), modes, runbooks,
         authentication, tls = serves_tls, "safemode controller serving");
+    if let Some((file, tx, hangups)) = reloader {
+        tokio::spawn(tracing::Instrument::instrument(
+            reload_tokens(file, tx, hangups, config.tokens_reload, shutdown.clone()),
+            tracing::info_span!("tokens", replica = %config.replica),
+        ));
+    }
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let token = shutdown.clone();
     let grace = config.shutdown_grace;
@@ -383,51 +389,74 @@ fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
+/// SIGHUP, on Unix; nothing elsewhere.
+struct Hangups {
+    #[cfg(unix)]
+    signal: Option<tokio::signal::unix::Signal>,
+}
+
+impl Hangups {
+    /// Starts listening: from now on SIGHUP no longer ends the process.
+    fn listen() -> Self {
+        #[cfg(unix)]
+        {
+            let signal = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                .map_err(|e| warn!(error = %e, "cannot listen for SIGHUP; the tokens file is still checked periodically"))
+                .ok();
+            Hangups { signal }
+        }
+        #[cfg(not(unix))]
+        Hangups {}
+    }
+
+    /// The next SIGHUP.
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        if let Some(signal) = &mut self.signal {
+            signal.recv().await;
+            return;
+        }
+        std::future::pending().await
+    }
+}
+
 /// Re-reads the tokens file every `every` and on SIGHUP, until `shutdown`:
-/// a changed file replaces the tokens (a removed token is refused from the
-/// next call on, and its streams end); a file that cannot be used changes
-/// nothing and is logged as an error.
+/// a change, once two reads agree, replaces the tokens (a removed token is
+/// refused from the next call on, and its subscription streams end); a file
+/// that cannot be used changes nothing and is logged as an error, once per
+/// problem.
 async fn reload_tokens(
     mut file: TokensFile,
     tokens: tokio::sync::watch::Sender<Arc<Tokens>>,
+    mut hangups: Hangups,
     every: Duration,
     shutdown: CancellationToken,
 ) {
+    /// How soon a file read once, changed, is read again to take it.
+    const SETTLE: Duration = Duration::from_millis(200);
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    #[cfg(unix)]
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .map_err(|e| warn!(error = %e, "cannot listen for SIGHUP; the tokens file is still checked every {every:?}"))
-        .ok();
-    // Said once per distinct problem, not on every check.
     let mut problem: Option<String> = None;
+    let mut settling = false;
     loop {
-        #[cfg(unix)]
-        let hangup_received = async {
-            match &mut hangup {
-                Some(signal) => {
-                    signal.recv().await;
-                }
-                None => std::future::pending().await,
-            }
-        };
-        #[cfg(not(unix))]
-        let hangup_received = std::future::pending::<()>();
+        let settle = tokio::time::sleep(SETTLE);
         tokio::select! {
             () = shutdown.cancelled() => return,
             _ = tick.tick() => {}
-            () = hangup_received => info!(path = %file.path().display(), "SIGHUP: re-reading the tokens file"),
+            () = settle, if settling => {}
+            () = hangups.recv() => info!(path = %file.path().display(), "SIGHUP: re-reading the tokens file"),
         }
+        settling = false;
         match file.reload() {
-            Ok(None) => problem = None,
-            Ok(Some(new)) => {
+            Reload::Unchanged => problem = None,
+            Reload::Settling => settling = true,
+            Reload::Changed(new) => {
                 problem = None;
                 let change = new.describe_change(&tokens.borrow());
                 tokens.send_replace(Arc::new(new));
                 info!(path = %file.path().display(), %change, "tokens file changed; the new tokens apply from now on");
             }
-            Err(e) => {
-                let text = e.to_string();
+            Reload::Unusable(text) => {
                 if problem.as_ref() != Some(&text) {
                     tracing::error!(error = %text, "the tokens file cannot be used; still accepting the tokens read before");
                     problem = Some(text);

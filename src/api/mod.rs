@@ -63,8 +63,20 @@ impl Authenticator {
     }
 }
 
+fn revoked_token() -> tonic::Status {
+    tonic::Status::unauthenticated(
+        "this token was revoked: it is no longer in the server's tokens file",
+    )
+}
+
 /// The token a request came with (its hash), and the server's tokens as
 /// they change: a stream checks that its token was not revoked since.
+///
+/// Its receiver is a clone of the [`Authenticator`]'s, which never marks a
+/// version seen (it only `borrow`s): every credential therefore wakes once
+/// after any reload since the server started and checks again. That is
+/// deliberate: it also covers a reload between authentication and the
+/// credential's first wait.
 #[derive(Clone)]
 pub struct Credential {
     sha256: String,
@@ -72,6 +84,15 @@ pub struct Credential {
 }
 
 impl Credential {
+    /// The token's principal in the tokens in force now; UNAUTHENTICATED if
+    /// it was revoked since the request was authenticated.
+    pub fn current(&self) -> Result<Arc<Principal>, tonic::Status> {
+        self.tokens
+            .borrow()
+            .principal_of(&self.sha256)
+            .ok_or_else(revoked_token)
+    }
+
     /// Waits until the token is revoked, or its principal may no longer do
     /// `operation` in `namespace`, and says which as a status to end with;
     /// never returns if neither happens.
@@ -83,11 +104,7 @@ impl Credential {
             }
             let principal = self.tokens.borrow_and_update().principal_of(&self.sha256);
             match principal {
-                None => {
-                    return tonic::Status::unauthenticated(
-                        "this token was revoked: it is no longer in the server's tokens file",
-                    );
-                }
+                None => return revoked_token(),
                 Some(principal) => {
                     if let Err(denied) = principal.may(operation, Some(namespace)) {
                         return tonic::Status::permission_denied(format!(

@@ -57,8 +57,8 @@ impl SubscriptionService for SubscriptionApi {
         &self,
         request: Request<Streaming<proto::SubscribeRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
-        let actor = principal(&request)?;
         let credential = request.extensions().get::<Credential>().cloned();
+        let mut actor = principal(&request)?;
         let peer = request
             .remote_addr()
             .map_or_else(|| "unknown".to_string(), |a| a.to_string());
@@ -84,6 +84,10 @@ impl SubscriptionService for SubscriptionApi {
         wire::check_subscriber_id(id).map_err(|e| invalid("hello.subscriber_id", e))?;
         if hello.last_applied_revision < 0 {
             return Err(invalid("hello.last_applied_revision", "must be 0 or more"));
+        }
+        // The token may have been revoked while the hello was awaited.
+        if let Some(credential) = &credential {
+            actor = credential.current()?;
         }
         let what = format!("subscribe to {channel}");
         authorize(
@@ -192,6 +196,8 @@ impl Session {
                 () = self.shutdown.cancelled() => {
                     return Some(Err(Status::unavailable("the controller is shutting down; reconnect")));
                 }
+                // Before anything else is sent: a revoked token gets nothing.
+                status = revoked(&mut self.credential) => return Some(Err(status)),
                 changed = self.subscription.views.changed() => {
                     if changed.is_err() {
                         return Some(Err(Status::unavailable("namespace follower stopped; reconnect")));
@@ -201,7 +207,6 @@ impl Session {
                         return Some(Ok(self.snapshot()));
                     }
                 }
-                status = revoked(&mut self.credential) => return Some(Err(status)),
                 message = self.inbound.message() => match message {
                     Ok(Some(message)) => {
                         if let Err(status) = self.receive(message) {

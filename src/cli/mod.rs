@@ -263,10 +263,13 @@ struct ServeArgs {
     #[arg(long, env = "SAFEMODE_RUNBOOKS")]
     runbooks: Option<PathBuf>,
     /// Tokens file (hashed tokens, principals and roles), re-read when it
-    /// changes (checked every 5 s, and on SIGHUP). Without one the server
-    /// listens on loopback only and every caller may do everything.
+    /// changes (see --tokens-check-interval, and on SIGHUP). Without one the
+    /// server listens on loopback only and every caller may do everything.
     #[arg(long, env = "SAFEMODE_TOKENS")]
     tokens: Option<PathBuf>,
+    /// How often the tokens file is checked for changes, e.g. 5s.
+    #[arg(long, env = "SAFEMODE_TOKENS_CHECK_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    tokens_check_interval: Duration,
     /// PEM certificate chain to serve gRPC over TLS with (needs --tls-key);
     /// without it the server speaks plain HTTP/2.
     #[arg(long, env = "SAFEMODE_TLS_CERT", value_name = "FILE")]
@@ -691,6 +694,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         modes_dir: args.modes,
         runbooks_dir: args.runbooks,
         tokens: args.tokens,
+        tokens_reload: args.tokens_check_interval,
         tls_cert: args.tls_cert,
         tls_key: args.tls_key,
         heartbeat: args.heartbeat,

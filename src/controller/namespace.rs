@@ -200,6 +200,15 @@ impl State {
             self.revision = if self.contents() == before {
                 previous
             } else {
+                // Every change safemode makes rewrites the meta record, so
+                // this is a record deleted behind safemode's back (say with
+                // etcdctl). Replicas that saw the delete itself count it at
+                // its own, lower revision.
+                warn!(
+                    namespace = %self.namespace,
+                    revision = store_revision,
+                    "records went missing without a change through safemode; publishing what is stored now"
+                );
                 store_revision.max(previous)
             };
         }

@@ -86,7 +86,7 @@ impl EtcdTls {
 }
 
 /// How to reach etcd.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct EtcdOptions {
     /// Client URLs of the members, e.g. `http://10.0.0.5:2379`.
     pub endpoints: Vec<String>,
@@ -100,6 +100,20 @@ pub struct EtcdOptions {
     pub progress_interval: Duration,
     /// A watch that receives nothing for this long is treated as dead.
     pub quiet_deadline: Duration,
+}
+
+/// Not derived: the TLS settings hold the client's private key.
+impl std::fmt::Debug for EtcdOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdOptions")
+            .field("endpoints", &self.endpoints)
+            .field("tls", &self.tls.as_ref().map(|_| "(configured)"))
+            .field("connect_timeout", &self.connect_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("progress_interval", &self.progress_interval)
+            .field("quiet_deadline", &self.quiet_deadline)
+            .finish()
+    }
 }
 
 impl EtcdOptions {
@@ -196,6 +210,8 @@ fn unreachable(endpoints: &[String], error: &etcd_client::Error) -> Error {
     // TLS failures say what is wrong in rustls' words; say what to check.
     let hint = if described.contains("UnknownIssuer") {
         "; give --etcd-ca-cert the CA that signed the etcd members' certificates"
+    } else if described.contains("NotValidForName") {
+        "; the member's certificate does not name the host in --etcd-endpoints: use a name it lists"
     } else if described.contains("BadCertificate") || described.contains("CertificateRequired") {
         "; etcd refused this client's certificate (or its lack of one): give --etcd-cert and --etcd-key, signed by a CA in etcd's --trusted-ca-file"
     } else {

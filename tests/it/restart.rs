@@ -1,10 +1,7 @@
 //! Durability: what was applied is there after a restart, whether the
 //! controller stopped gracefully or was killed with SIGKILL.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-
-use crate::support::{TestServer, safemode};
+use crate::support::{ServeProcess, TestServer, safemode};
 
 #[tokio::test]
 async fn a_restarted_controller_serves_the_same_revision_and_activations() {
@@ -28,56 +25,6 @@ async fn a_restarted_controller_serves_the_same_revision_and_activations() {
     assert_eq!(server.status("live").await.revision, revision);
 }
 
-/// A `safemode serve` process; killed (SIGKILL) when dropped.
-struct ServeProcess {
-    child: Child,
-    url: String,
-}
-
-impl ServeProcess {
-    fn start(data_dir: &std::path::Path) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_safemode"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("safemode serve starts");
-        // The log line announcing the server carries the bound address.
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let addr = loop {
-            let line = lines
-                .next()
-                .expect("safemode serve exited before serving")
-                .unwrap();
-            if let Some(rest) = line.split("addr=").nth(1) {
-                if line.contains("serving") {
-                    break rest.split_whitespace().next().unwrap().to_string();
-                }
-            }
-        };
-        // Keep draining the log so the server never blocks on a full pipe.
-        std::thread::spawn(move || lines.for_each(drop));
-        ServeProcess {
-            child,
-            url: format!("http://{addr}"),
-        }
-    }
-
-    fn kill(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for ServeProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn json(output: &std::process::Output) -> serde_json::Value {
     assert!(
         output.status.success(),
@@ -92,7 +39,7 @@ async fn state_and_revision_survive_kill_9() {
     let dir = tempfile::tempdir().unwrap();
     let first = tokio::task::spawn_blocking({
         let dir = dir.path().to_path_buf();
-        move || ServeProcess::start(&dir)
+        move || ServeProcess::start_in(&dir)
     })
     .await
     .unwrap();
@@ -134,7 +81,7 @@ async fn state_and_revision_survive_kill_9() {
 
     let second = tokio::task::spawn_blocking({
         let dir = dir.path().to_path_buf();
-        move || ServeProcess::start(&dir)
+        move || ServeProcess::start_in(&dir)
     })
     .await
     .unwrap();

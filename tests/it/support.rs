@@ -427,3 +427,74 @@ pub async fn safemode(args: &[&str]) -> Output {
     .await
     .unwrap()
 }
+
+/// A `safemode serve` process; killed (SIGKILL) when dropped.
+pub struct ServeProcess {
+    child: std::process::Child,
+    pub url: String,
+}
+
+impl ServeProcess {
+    /// `safemode serve --listen 127.0.0.1:0 --data-dir DIR`.
+    pub fn start_in(data_dir: &std::path::Path) -> Self {
+        let dir = data_dir.display().to_string();
+        Self::start(&["--data-dir", &dir], &[])
+    }
+
+    /// `safemode serve --listen 127.0.0.1:0 ARGS...` with `env` added;
+    /// returns once it serves (its log says where).
+    pub fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
+        use std::io::{BufRead, BufReader};
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_safemode"))
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("safemode serve starts");
+        // The log line announcing the server carries the bound address.
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut log = Vec::new();
+        let addr = loop {
+            let Some(line) = lines.next() else {
+                panic!(
+                    "safemode serve {args:?} exited before serving:\n{}",
+                    log.join("\n")
+                );
+            };
+            let line = line.unwrap();
+            if let Some(rest) = line.split("addr=").nth(1)
+                && line.contains("serving")
+            {
+                break rest.split_whitespace().next().unwrap().to_string();
+            }
+            log.push(line);
+        };
+        // Keep draining the log so the server never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        ServeProcess {
+            child,
+            url: format!("http://{addr}"),
+        }
+    }
+
+    /// The process id (to send it signals).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, and wait for it to end.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

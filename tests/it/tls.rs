@@ -14,7 +14,7 @@ use safemode::server::{EtcdTls, ServeConfig, StoreConfig};
 use safemode::wire::proto;
 
 use crate::etcd::{ClientTls, EtcdCluster};
-use crate::support::{Principals, TestServer, wait_until};
+use crate::support::{Principals, ServeProcess, TestServer, safemode, wait_until};
 
 // === certificates ===
 
@@ -738,6 +738,47 @@ async fn a_replica_keeps_its_state_in_an_etcd_that_speaks_only_tls() {
             .unwrap_or_default()
             .contains("freeze-credential-changes")),
         "the activation is stored in etcd"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_etcd_ca_the_platforms_certificates_vouch_for_etcd() {
+    let pki = Pki::new();
+    let etcd = pki.etcd().await;
+    let endpoint = etcd.endpoints()[0].clone();
+    let (cert, key, ca) = (
+        pki.arg("client.pem"),
+        pki.arg("client.key"),
+        pki.arg("ca.pem"),
+    );
+    // The platform's CA file is the one that signed etcd's certificate.
+    let server = ServeProcess::start(
+        &[
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            &endpoint,
+            "--etcd-cert",
+            &cert,
+            "--etcd-key",
+            &key,
+        ],
+        &[("SSL_CERT_FILE", &ca), ("SSL_CERT_DIR", "/nonexistent")],
+    );
+    let applied = safemode(&[
+        "--server",
+        &server.url,
+        "mode",
+        "apply",
+        "incident-notice",
+        "--reason",
+        "etcd trusted through the platform's CAs",
+    ])
+    .await;
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
     );
 }
 

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use futures_util::FutureExt as _;
 use safemode::auth::{Role, create_token, hash_token};
 use safemode::wire::proto;
 use safemode::wire::proto::subscribe_request::Message as Outbound;
@@ -14,7 +15,9 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
-use crate::support::{DEADLINE, Principals, TestServer, control_as, wait_until};
+use crate::support::{
+    DEADLINE, Principals, ServeProcess, TestServer, control_as, safemode, wait_until,
+};
 
 /// The tokens-file line of `principal` holding `token` with `role`.
 fn line(principal: &str, role: &str, token: &str) -> String {
@@ -77,8 +80,9 @@ async fn a_token_removed_from_the_file_is_refused_and_its_streams_end() {
         .expect("a snapshot, not an error");
     assert!(matches!(first.message, Some(Inbound::Snapshot(_))));
 
-    // A broken file changes nothing: the tokens read before still work,
-    // and a later good file is still picked up.
+    // A broken file changes nothing (the unit test of TokensFile shows it
+    // is never taken): the server keeps answering with the tokens it has,
+    // and picks up the next good file.
     std::fs::write(principals.file.path(), "- {principal: [unclosed\n").unwrap();
     assert_eq!(status_code(&server, commander).await, Code::Ok);
 
@@ -203,4 +207,50 @@ async fn a_token_that_may_no_longer_subscribe_is_cut_off_too() {
         .await
         .expect("a drill token lists the modes");
     drop(out);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_makes_serve_read_the_tokens_file_at_once() {
+    let principals = Principals::new();
+    let data = tempfile::tempdir().unwrap();
+    let (tokens, dir) = (
+        principals.file.path().display().to_string(),
+        data.path().display().to_string(),
+    );
+    // Checked once an hour: only SIGHUP can make it notice in time.
+    let server = ServeProcess::start(
+        &[
+            "--tokens",
+            &tokens,
+            "--data-dir",
+            &dir,
+            "--tokens-check-interval",
+            "1h",
+        ],
+        &[],
+    );
+    let status_as = |token: String| {
+        let url = server.url.clone();
+        async move {
+            safemode(&["--server", &url, "--token", &token, "status"])
+                .await
+                .status
+                .code()
+        }
+    };
+    let commander = principals.token("commander").to_string();
+    assert_eq!(status_as(commander.clone()).await, Some(0));
+
+    let viewer = principals.token("viewer");
+    std::fs::write(principals.file.path(), line("viewer", "viewer", viewer)).unwrap();
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &server.pid().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(hup.success());
+    wait_until("the commander's token is refused after SIGHUP", || {
+        status_as(commander.clone()).map(|code| code == Some(1))
+    })
+    .await;
+    assert_eq!(status_as(viewer.to_string()).await, Some(0));
 }
