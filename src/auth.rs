@@ -422,10 +422,7 @@ pub enum Reload {
 impl TokensFile {
     /// Reads `path`, which must list at least one token.
     pub fn open(path: &Path) -> Result<(TokensFile, Tokens), TokensError> {
-        let seen = std::fs::read(path).map_err(|source| TokensError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let seen = read_file(path)?;
         let tokens = parse_file(path, &seen)?;
         let file = TokensFile {
             path: path.to_path_buf(),
@@ -443,12 +440,9 @@ impl TokensFile {
 
     /// Reads the file again.
     pub fn reload(&mut self) -> Reload {
-        let bytes = match std::fs::read(&self.path) {
+        let bytes = match read_file(&self.path) {
             Ok(bytes) => bytes,
-            Err(source) => {
-                let path = self.path.display().to_string();
-                return Reload::Unusable(TokensError::Read { path, source }.to_string());
-            }
+            Err(e) => return Reload::Unusable(e.to_string()),
         };
         if bytes == self.seen {
             self.pending = None;
@@ -476,6 +470,13 @@ impl TokensFile {
             }
         }
     }
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>, TokensError> {
+    std::fs::read(path).map_err(|source| TokensError::Read {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 /// The tokens in `bytes`, read from `path`: at least one.

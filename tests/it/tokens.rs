@@ -39,6 +39,67 @@ async fn status_code(server: &TestServer, token: &str) -> Code {
     }
 }
 
+/// A subscription of `channel` in `live` as `token`, kept open for as long
+/// as the returned sender lives; how the server answered otherwise.
+async fn subscribe_as(
+    server: &TestServer,
+    token: &str,
+    channel: &str,
+) -> Result<
+    (
+        mpsc::Sender<proto::SubscribeRequest>,
+        tonic::Streaming<proto::SubscribeResponse>,
+    ),
+    tonic::Status,
+> {
+    let (out, rx) = mpsc::channel(4);
+    out.send(proto::SubscribeRequest {
+        message: Some(Outbound::Hello(proto::Hello {
+            namespace: "live".into(),
+            channel: channel.into(),
+            subscriber_id: format!("{channel}-1"),
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let stream = SubscriptionServiceClient::with_interceptor(
+        server.channel().await,
+        safemode::client::Bearer::new(Some(token)).unwrap(),
+    )
+    .subscribe(ReceiverStream::new(rx))
+    .await?
+    .into_inner();
+    Ok((out, stream))
+}
+
+/// Waits for the first snapshot on `stream`.
+async fn first_snapshot(stream: &mut tonic::Streaming<proto::SubscribeResponse>) {
+    let first = tokio::time::timeout(DEADLINE, stream.next())
+        .await
+        .expect("a first snapshot")
+        .expect("the stream is open")
+        .expect("a snapshot, not an error");
+    assert!(matches!(first.message, Some(Inbound::Snapshot(_))));
+}
+
+/// The status `stream` ends with, skipping what arrives before (such as
+/// heartbeats); fails the test if it does not end by the deadline or ends
+/// without one.
+async fn end_of(mut stream: tonic::Streaming<proto::SubscribeResponse>) -> tonic::Status {
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            match stream.next().await {
+                Some(Ok(_)) => continue,
+                Some(Err(status)) => return status,
+                None => panic!("the stream ended without a status"),
+            }
+        }
+    })
+    .await
+    .expect("the stream ends before the deadline")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_removed_from_the_file_is_refused_and_its_streams_end() {
     let principals = Principals::new();
@@ -54,31 +115,10 @@ async fn a_token_removed_from_the_file_is_refused_and_its_streams_end() {
     assert_eq!(status_code(&server, commander).await, Code::Ok);
 
     // A subscriber stream, kept open.
-    let (out, rx) = mpsc::channel(4);
-    out.send(proto::SubscribeRequest {
-        message: Some(Outbound::Hello(proto::Hello {
-            namespace: "live".into(),
-            channel: "web".into(),
-            subscriber_id: "web-1".into(),
-            ..Default::default()
-        })),
-    })
-    .await
-    .unwrap();
-    let mut stream = SubscriptionServiceClient::with_interceptor(
-        server.channel().await,
-        safemode::client::Bearer::new(Some(subscriber)).unwrap(),
-    )
-    .subscribe(ReceiverStream::new(rx))
-    .await
-    .expect("the subscriber token subscribes")
-    .into_inner();
-    let first = tokio::time::timeout(DEADLINE, stream.next())
+    let (out, mut stream) = subscribe_as(&server, subscriber, "web")
         .await
-        .expect("a first snapshot")
-        .expect("the stream is open")
-        .expect("a snapshot, not an error");
-    assert!(matches!(first.message, Some(Inbound::Snapshot(_))));
+        .expect("the subscriber token subscribes");
+    first_snapshot(&mut stream).await;
 
     // A broken file changes nothing (the unit test of TokensFile shows it
     // is never taken): the server keeps answering with the tokens it has,
@@ -104,43 +144,16 @@ async fn a_token_removed_from_the_file_is_refused_and_its_streams_end() {
     assert_eq!(status_code(&server, &carol.token).await, Code::Ok);
     assert_eq!(status_code(&server, viewer).await, Code::Ok);
 
-    // The revoked subscriber's open stream ends, saying why (heartbeats,
-    // if any arrive first, are skipped).
-    let ended = tokio::time::timeout(DEADLINE, async {
-        loop {
-            match stream.next().await {
-                Some(Ok(_)) => continue,
-                Some(Err(status)) => return Some(status),
-                None => return None,
-            }
-        }
-    })
-    .await
-    .expect("the revoked stream ends before the deadline")
-    .expect("it ends with a status");
+    // The revoked subscriber's open stream ends, saying why.
+    let ended = end_of(stream).await;
     assert_eq!(ended.code(), Code::Unauthenticated);
     assert!(ended.message().contains("revoked"), "{}", ended.message());
     drop(out);
 
     // And it cannot subscribe again.
-    let (out, rx) = mpsc::channel(1);
-    out.send(proto::SubscribeRequest {
-        message: Some(Outbound::Hello(proto::Hello {
-            namespace: "live".into(),
-            channel: "web".into(),
-            subscriber_id: "web-1".into(),
-            ..Default::default()
-        })),
-    })
-    .await
-    .unwrap();
-    let again = SubscriptionServiceClient::with_interceptor(
-        server.channel().await,
-        safemode::client::Bearer::new(Some(subscriber)).unwrap(),
-    )
-    .subscribe(ReceiverStream::new(rx))
-    .await
-    .expect_err("a revoked token cannot subscribe");
+    let again = subscribe_as(&server, subscriber, "web")
+        .await
+        .expect_err("a revoked token cannot subscribe");
     assert_eq!(again.code(), Code::Unauthenticated);
 }
 
@@ -152,30 +165,8 @@ async fn a_token_that_may_no_longer_subscribe_is_cut_off_too() {
     })
     .await;
     let subscriber = principals.token("subscriber");
-    let (out, rx) = mpsc::channel(4);
-    out.send(proto::SubscribeRequest {
-        message: Some(Outbound::Hello(proto::Hello {
-            namespace: "live".into(),
-            channel: "ivr".into(),
-            subscriber_id: "ivr-1".into(),
-            ..Default::default()
-        })),
-    })
-    .await
-    .unwrap();
-    let mut stream = SubscriptionServiceClient::with_interceptor(
-        server.channel().await,
-        safemode::client::Bearer::new(Some(subscriber)).unwrap(),
-    )
-    .subscribe(ReceiverStream::new(rx))
-    .await
-    .unwrap()
-    .into_inner();
-    tokio::time::timeout(DEADLINE, stream.next())
-        .await
-        .expect("a first snapshot")
-        .expect("open")
-        .expect("a snapshot");
+    let (out, mut stream) = subscribe_as(&server, subscriber, "ivr").await.unwrap();
+    first_snapshot(&mut stream).await;
 
     // Same token, now for drills only: it may not follow `live`.
     std::fs::write(
@@ -183,17 +174,7 @@ async fn a_token_that_may_no_longer_subscribe_is_cut_off_too() {
         line("subscriber", "drill", subscriber),
     )
     .unwrap();
-    let ended = tokio::time::timeout(DEADLINE, async {
-        loop {
-            match stream.next().await {
-                Some(Ok(_)) => continue,
-                other => return other,
-            }
-        }
-    })
-    .await
-    .expect("the stream ends before the deadline");
-    let status = ended.expect("with a status").unwrap_err();
+    let status = end_of(stream).await;
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
     assert!(
         status.message().contains("roles: drill") && status.message().contains("live"),

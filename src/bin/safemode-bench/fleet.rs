@@ -25,11 +25,10 @@ use tonic::transport::{Channel as Connection, Endpoint};
 /// How one revision reached the fleet.
 #[derive(Clone, Copy, Debug)]
 pub struct Arrival {
-    /// Subscribers that received it, and when the last one did.
-    pub received: usize,
+    /// Subscribers that received it, compiled it and sent their ack.
+    pub acked: usize,
+    /// When the last of them received it.
     pub last_received: Instant,
-    /// Subscribers that compiled it and sent their ack.
-    pub acks_sent: usize,
 }
 
 /// What every subscriber holds now.
@@ -118,7 +117,7 @@ impl Fleet {
             |l| {
                 l.by_revision
                     .get(&revision)
-                    .is_some_and(|a| a.acks_sent == size)
+                    .is_some_and(|a| a.acked == size)
             },
             within,
         )
@@ -238,13 +237,11 @@ impl Raw {
             *epoch = snapshot_epoch;
             let mut ledger = self.ledger.lock().unwrap();
             let arrival = ledger.by_revision.entry(revision).or_insert(Arrival {
-                received: 0,
+                acked: 0,
                 last_received: received,
-                acks_sent: 0,
             });
-            arrival.received += 1;
+            arrival.acked += 1;
             arrival.last_received = arrival.last_received.max(received);
-            arrival.acks_sent += 1;
             ledger.acked[self.index] = revision;
         }
         delivered
