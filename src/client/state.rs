@@ -56,7 +56,12 @@ impl Freshness {
     /// was last known current `confirmed_ago` ago (`None`: unknown).
     pub fn new(loaded: bool, confirmed_ago: Option<Duration>) -> Self {
         let before_start_ms = match (loaded, confirmed_ago) {
-            (true, Some(ago)) => u64::try_from(ago.as_millis()).unwrap_or(NEVER - 1),
+            // Rounded up: in doubt, the policy is older (a limit it has
+            // just passed counts as passed, as it does for a running
+            // client, whose whole milliseconds can only overstate).
+            (true, Some(ago)) => {
+                u64::try_from(ago.as_nanos().div_ceil(1_000_000)).unwrap_or(NEVER - 1)
+            }
             _ => NEVER,
         };
         Freshness {
@@ -122,6 +127,14 @@ mod tests {
     use super::*;
 
     const HOUR: Duration = Duration::from_secs(3600);
+
+    #[test]
+    fn a_loaded_policy_just_past_a_limit_counts_as_past_it() {
+        let limit = Duration::from_secs(3);
+        let loaded = Freshness::new(true, Some(limit + Duration::from_micros(100)));
+        let staleness = loaded.staleness(HOUR);
+        assert!(staleness.for_ > limit, "{:?}", staleness.for_);
+    }
 
     #[test]
     fn stale_until_current_and_again_once_behind() {

@@ -179,6 +179,9 @@ impl Task {
     /// newer revision, or another store history) and, when it is not, saves
     /// the confirmation now and then.
     fn observe(&mut self, heard: &Heard) {
+        // Taken before the moment is recorded, so the saved confirmation is
+        // never newer than the one this process goes by.
+        let now = Timestamp::now();
         let applied = self.shared.current.load();
         let behind = match applied.as_deref() {
             None => true,
@@ -194,7 +197,7 @@ impl Task {
         if let (Some(keep), Some((kept, saved))) = (&self.keep, &mut self.kept)
             && saved.is_none_or(|at| at.elapsed() >= CONFIRM_EVERY)
         {
-            keep.send_replace(Some(Arc::new(kept.file(Timestamp::now()))));
+            keep.send_replace(Some(Arc::new(kept.file(now))));
             *saved = Some(Instant::now());
         }
     }
