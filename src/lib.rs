@@ -14,6 +14,7 @@
 //! - [`api`]: the gRPC services; [`server`] runs a replica.
 //! - [`client`]: what a channel service links to subscribe and decide.
 //! - [`cli`]: the `safemode` command.
+//! - [`signing`]: Ed25519 keys and signatures on snapshots, heartbeats, audit.
 //! - [`backoff`], [`errors`]: small shared helpers.
 #![forbid(unsafe_code)]
 
@@ -30,6 +31,7 @@ pub mod errors;
 pub mod pem;
 pub mod policy;
 pub mod server;
+pub mod signing;
 pub mod sim;
 pub mod store;
 pub mod wire;

@@ -25,6 +25,7 @@ use crate::auth::{Reload, Tokens, TokensFile};
 use crate::catalog::Catalog;
 use crate::controller::{Controller, ControllerConfig, Layout};
 use crate::pem;
+use crate::signing::{SigningKey, TrustedKeys};
 use crate::store::Store;
 use crate::store::embedded::{EmbeddedOptions, EmbeddedStore};
 pub use crate::store::etcd::EtcdTls;
@@ -53,6 +54,21 @@ pub enum StoreConfig {
 type ControlServer = proto::control_service_server::ControlServiceServer<ControlApi>;
 type SubscriptionServer =
     crate::api::fanout::subscription_service_server::SubscriptionServiceServer<SubscriptionApi>;
+
+/// Where the key a replica signs with comes from.
+#[derive(Clone, Debug, Default)]
+pub enum SigningKeySource {
+    /// `signing.key` in the embedded store's data directory, made on first
+    /// start (its public half is written beside it as `signing.pub`). With
+    /// etcd there is no such directory: every replica must be given the same
+    /// key, so this is refused.
+    #[default]
+    InDataDir,
+    /// A PEM file (PKCS#8 Ed25519), e.g. a mounted Kubernetes Secret.
+    File(PathBuf),
+    /// A key already in memory (tests, a local drill, the bench).
+    Key(SigningKey),
+}
 
 /// Everything `safemode serve` needs.
 #[derive(Clone, Debug)]
@@ -86,6 +102,11 @@ pub struct ServeConfig {
     pub heartbeat: Duration,
     /// How long shutdown waits for streams and calls to finish.
     pub shutdown_grace: Duration,
+    /// The key snapshots, heartbeats and audit entries are signed with.
+    pub signing_key: SigningKeySource,
+    /// A PEM file of further public keys whose audit entries verify (keys
+    /// used before a rotation); this replica's own key is always trusted.
+    pub trusted_keys: Option<PathBuf>,
     /// Tunables of the controller.
     pub controller: ControllerConfig,
 }
@@ -107,6 +128,8 @@ impl Default for ServeConfig {
             runbook_expectations: crate::policy::Expectations::MustHold,
             heartbeat: StreamConfig::default().heartbeat,
             shutdown_grace: Duration::from_secs(10),
+            signing_key: SigningKeySource::default(),
+            trusted_keys: None,
             controller: ControllerConfig::default(),
         }
     }
@@ -164,6 +187,11 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
     if tokens.is_some() && tls.is_none() && !config.listen.ip().is_loopback() {
         warn!(listen = %config.listen, "tokens will cross the network in plain text; serve TLS (--tls-cert/--tls-key) unless a service mesh encrypts this hop");
     }
+    let (signing_key, trusted_keys) = signing_keys(
+        &config.signing_key,
+        &config.store,
+        config.trusted_keys.as_deref(),
+    )?;
     let catalog = Catalog::load_checking(
         config.modes_dir.as_deref(),
         config.runbooks_dir.as_deref(),
@@ -195,6 +223,8 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
         ControllerConfig {
             layout,
             replica: config.replica.clone(),
+            signing_key,
+            trusted_keys,
             ..config.controller.clone()
         },
         shutdown.child_token(),
@@ -329,6 +359,52 @@ fn server_tls(cert: Option<&Path>, key: Option<&Path>) -> anyhow::Result<Option<
         })?;
     Ok(Some(tls))
 }
+
+/// The key this replica signs with, and the keys whose signatures it
+/// accepts (its own and those of `trusted`).
+fn signing_keys(
+    source: &SigningKeySource,
+    store: &StoreConfig,
+    trusted: Option<&Path>,
+) -> anyhow::Result<(SigningKey, TrustedKeys)> {
+    let key = match (source, store) {
+        (SigningKeySource::Key(key), _) => key.clone(),
+        (SigningKeySource::File(path), _) => SigningKey::load(path)
+            .map_err(|e| anyhow!("cannot use the signing key (--signing-key): {e}"))?,
+        (SigningKeySource::InDataDir, StoreConfig::Embedded { data_dir }) => {
+            std::fs::create_dir_all(data_dir)
+                .with_context(|| format!("cannot create data directory {}", data_dir.display()))?;
+            let path = data_dir.join(SIGNING_KEY_FILE);
+            let (key, created) = SigningKey::load_or_create(&path)
+                .map_err(|e| anyhow!("cannot use the signing key {}: {e}", path.display()))?;
+            let public = data_dir.join(PUBLIC_KEY_FILE);
+            std::fs::write(&public, key.public_key().to_pem())
+                .with_context(|| format!("cannot write {}", public.display()))?;
+            if created {
+                info!(key = %key.key_id(), path = %path.display(), public = %public.display(),
+                    "made a new signing key; channel services must trust its public half");
+            }
+            key
+        }
+        (SigningKeySource::InDataDir, StoreConfig::Etcd { .. }) => bail!(
+            "with --store etcd, give --signing-key FILE: every replica must sign with the same key (make one with `openssl genpkey -algorithm ed25519 -out signing.key`)"
+        ),
+    };
+    let mut keys = vec![key.public_key().clone()];
+    if let Some(path) = trusted {
+        let more = TrustedKeys::load(path)
+            .map_err(|e| anyhow!("cannot use the trusted keys (--trusted-keys): {e}"))?;
+        keys.extend(more.keys().iter().cloned());
+    }
+    let trusted = TrustedKeys::new(keys).map_err(|e| anyhow!("--trusted-keys: {e}"))?;
+    info!(key = %key.key_id(), trusted = trusted.keys().len(), "signing snapshots, heartbeats and audit entries");
+    Ok((key, trusted))
+}
+
+/// The signing key's file name in the embedded store's data directory.
+pub const SIGNING_KEY_FILE: &str = "signing.key";
+/// Its public half, written beside it for channel services to trust.
+pub const PUBLIC_KEY_FILE: &str = "signing.pub";
 
 /// Opens the configured store and the key layout under its prefix.
 async fn open_store(config: &StoreConfig) -> anyhow::Result<(Arc<dyn Store>, Layout)> {

@@ -23,7 +23,7 @@ use crate::client::{self, Bearer, Subscriber, SubscriberConfig};
 use crate::controller::{ControllerConfig, Layout, LiftTarget};
 use crate::policy::names::validate_label;
 use crate::policy::{Action, Channel, ChannelSet, Context, MethodSet, ModeName, Namespace, Reason};
-use crate::server::{self, EtcdTls, ServeConfig, StoreConfig};
+use crate::server::{self, EtcdTls, ServeConfig, SigningKeySource, StoreConfig};
 use crate::wire::proto::control_service_client::ControlServiceClient;
 use crate::wire::{self, proto};
 
@@ -277,6 +277,16 @@ struct ServeArgs {
     /// PEM private key of --tls-cert.
     #[arg(long, env = "SAFEMODE_TLS_KEY", value_name = "FILE")]
     tls_key: Option<PathBuf>,
+    /// The Ed25519 signing key (PKCS#8 PEM) that snapshots, heartbeats and
+    /// audit entries are signed with; the same file for every replica
+    /// [default: signing.key in --data-dir, made on first start; required
+    /// with --store etcd].
+    #[arg(long, env = "SAFEMODE_SIGNING_KEY", value_name = "FILE")]
+    signing_key: Option<PathBuf>,
+    /// PEM file of further public keys whose audit entries verify (keys
+    /// signed with before a rotation).
+    #[arg(long, env = "SAFEMODE_TRUSTED_KEYS", value_name = "FILE")]
+    trusted_keys: Option<PathBuf>,
     /// Make this replica's modes and runbooks the ones every replica must
     /// serve (replicas with others refuse changes until restarted with them).
     #[arg(long)]
@@ -698,6 +708,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tls_cert: args.tls_cert,
         tls_key: args.tls_key,
         heartbeat: args.heartbeat,
+        signing_key: args
+            .signing_key
+            .map_or(SigningKeySource::InDataDir, SigningKeySource::File),
+        trusted_keys: args.trusted_keys,
         controller: ControllerConfig {
             adopt_catalog: args.adopt_catalog,
             ..ControllerConfig::default()

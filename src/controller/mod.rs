@@ -45,6 +45,7 @@ use crate::auth::Principal;
 use crate::catalog::Catalog;
 use crate::policy::runbook::RunbookCatalog;
 use crate::policy::{Channel, ModeCatalog, Namespace, Revision};
+use crate::signing::{SigningKey, TrustedKeys};
 use crate::store::{self, Compare, Op, Store, Txn, TxnOutcome};
 
 /// Result of controller operations.
@@ -231,10 +232,17 @@ pub struct ControllerConfig {
     pub idle_namespace: Duration,
     /// How long a change request waits for its approver before it expires.
     pub request_ttl: Duration,
+    /// The key this replica signs snapshots, heartbeats and audit entries
+    /// with (the default, a fresh key, suits one replica in a test).
+    pub signing_key: SigningKey,
+    /// Whose signatures verify: this replica's key and any kept from before
+    /// a rotation.
+    pub trusted_keys: TrustedKeys,
 }
 
 impl Default for ControllerConfig {
     fn default() -> Self {
+        let (signing_key, _) = SigningKey::generate();
         ControllerConfig {
             layout: Layout::default(),
             replica: format!("safemode-{}", std::process::id()),
@@ -244,6 +252,9 @@ impl Default for ControllerConfig {
             visibility_timeout: Duration::from_secs(5),
             idle_namespace: Duration::from_secs(300),
             request_ttl: Duration::from_secs(3600),
+            trusted_keys: TrustedKeys::new([signing_key.public_key().clone()])
+                .expect("one key is a valid set"),
+            signing_key,
         }
     }
 }
@@ -353,6 +364,16 @@ impl Controller {
     /// The mode catalogue.
     pub fn catalog(&self) -> &ModeCatalog {
         &self.catalog.modes
+    }
+
+    /// The key this replica signs with.
+    pub fn signing_key(&self) -> &SigningKey {
+        &self.config.signing_key
+    }
+
+    /// The keys whose signatures this replica accepts.
+    pub fn trusted_keys(&self) -> &TrustedKeys {
+        &self.config.trusted_keys
     }
 
     /// The runbooks.

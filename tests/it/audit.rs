@@ -161,6 +161,7 @@ async fn replicas_must_serve_the_same_runbooks() {
     .unwrap();
     let config = |adopt: bool| safemode::server::ServeConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
+        signing_key: safemode::server::SigningKeySource::Key(crate::support::test_signing_key()),
         store: safemode::server::StoreConfig::Etcd {
             endpoints: etcd.endpoints(),
             prefix: "/safemode/".into(),

@@ -670,6 +670,7 @@ async fn heartbeats_stop_while_the_store_is_unreachable_so_clients_go_stale() {
     let mut etcd = EtcdCluster::start(1).await;
     let server = TestServer::start_with(safemode::server::ServeConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
+        signing_key: safemode::server::SigningKeySource::Key(crate::support::test_signing_key()),
         store: safemode::server::StoreConfig::Etcd {
             endpoints: etcd.endpoints(),
             prefix: "/safemode/".into(),

@@ -95,6 +95,7 @@ impl TestServer {
     pub async fn on_etcd(endpoints: Vec<String>, listen: &str) -> Self {
         Self::start_with(ServeConfig {
             listen: listen.parse().unwrap(),
+            signing_key: safemode::server::SigningKeySource::Key(crate::support::test_signing_key()),
             store: StoreConfig::Etcd {
                 endpoints,
                 prefix: "/safemode/".into(),
@@ -140,6 +141,7 @@ impl TestServer {
     pub async fn on_etcd_guarded(endpoints: Vec<String>, principals: &Principals) -> Self {
         Self::start_with(ServeConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
+            signing_key: safemode::server::SigningKeySource::Key(crate::support::test_signing_key()),
             store: StoreConfig::Etcd {
                 endpoints,
                 prefix: "/safemode/".into(),
@@ -497,4 +499,12 @@ impl Drop for ServeProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The signing key every replica of a test on etcd shares, as replicas of
+/// one deployment share theirs (`serve --signing-key`).
+pub fn test_signing_key() -> safemode::signing::SigningKey {
+    static KEY: std::sync::OnceLock<safemode::signing::SigningKey> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| safemode::signing::SigningKey::generate().0)
+        .clone()
 }

@@ -671,6 +671,7 @@ async fn a_replica_keeps_its_state_in_an_etcd_that_speaks_only_tls() {
     let etcd = pki.etcd().await;
     let server = TestServer::start_with(ServeConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
+        signing_key: safemode::server::SigningKeySource::Key(crate::support::test_signing_key()),
         store: StoreConfig::Etcd {
             endpoints: etcd.endpoints(),
             prefix: "/safemode/".into(),

@@ -129,6 +129,10 @@ pub async fn serve(
         listen,
         store,
         replica: "bench".into(),
+        // One replica: a key of its own (with etcd there is no data dir).
+        signing_key: safemode::server::SigningKeySource::Key(
+            safemode::signing::SigningKey::generate().0,
+        ),
         ..ServeConfig::default()
     })
     .await?;
