@@ -222,6 +222,9 @@ pub enum TokensError {
         /// What is wrong.
         message: String,
     },
+    /// A principal's name breaks the naming rule.
+    #[error("{0}")]
+    Principal(String),
     /// The file lists no token: nobody could call the server.
     #[error("the tokens file {path} lists no token; add one with `safemode token create`")]
     Empty {
@@ -275,20 +278,15 @@ impl Tokens {
         })?;
         let mut by_hash = HashMap::new();
         for spec in specs {
-            let name = spec.principal.value.trim();
-            let name_ok = !name.is_empty()
-                && name.len() <= 64
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c));
-            if !name_ok {
+            let name = principal_name(&spec.principal.value).map_err(|rule| {
                 let l = spec.principal.referenced;
-                return Err(invalid(
+                let shown: String = spec.principal.value.trim().chars().take(64).collect();
+                invalid(
                     l.line(),
                     l.column(),
-                    format!("bad principal '{name}': use 1 to 64 letters, digits and - _ . @"),
-                ));
-            }
+                    format!("bad principal '{}': {rule}", shown.escape_debug()),
+                )
+            })?;
             if spec.roles.value.is_empty() {
                 let l = spec.roles.referenced;
                 return Err(invalid(
@@ -315,10 +313,7 @@ impl Tokens {
                     "sha256 must be 64 hex digits, as `safemode token create` prints".into(),
                 ));
             }
-            let principal = Arc::new(Principal {
-                name: name.to_string(),
-                roles,
-            });
+            let principal = Arc::new(Principal { name, roles });
             if by_hash.insert(hash, principal).is_some() {
                 return Err(invalid(
                     l.line(),
@@ -524,9 +519,31 @@ pub fn hash_token(token: &str) -> String {
     format!("{:x}", Sha256::digest(token.as_bytes()))
 }
 
+/// The rule for a principal's name, said to whoever gave a bad one.
+pub const PRINCIPAL_NAME_RULE: &str = "use 1 to 64 letters, digits and - _ . @";
+
+/// A principal's name as safemode keeps it: trimmed and lower-cased, so
+/// that "Cmd1" and "cmd1" are one person everywhere (four-eyes included).
+/// Names are 1 to 64 ASCII letters, digits and `- _ . @`.
+pub fn principal_name(raw: &str) -> Result<String, &'static str> {
+    let name = raw.trim();
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c));
+    if ok {
+        Ok(name.to_ascii_lowercase())
+    } else {
+        Err(PRINCIPAL_NAME_RULE)
+    }
+}
+
 /// A token made by [`create_token`]: shown once, stored only hashed.
 #[derive(Clone, Debug)]
 pub struct NewToken {
+    /// The principal, as it is kept (lower-cased).
+    pub principal: String,
     /// The bearer token to hand to the principal.
     pub token: String,
     /// The line to add to the tokens file.
@@ -535,6 +552,8 @@ pub struct NewToken {
 
 /// Makes a new random token for `principal` with `roles`.
 pub fn create_token(principal: &str, roles: &[Role]) -> Result<NewToken, TokensError> {
+    let principal = principal_name(principal)
+        .map_err(|rule| TokensError::Principal(format!("--principal: {rule}")))?;
     let mut roles = roles.to_vec();
     roles.sort();
     roles.dedup();
@@ -551,7 +570,11 @@ pub fn create_token(principal: &str, roles: &[Role]) -> Result<NewToken, TokensE
     );
     // The line must be one the server accepts.
     Tokens::parse("token create", &line)?;
-    Ok(NewToken { token, line })
+    Ok(NewToken {
+        principal,
+        token,
+        line,
+    })
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Identity, ServerTlsConfig};
 use tracing::{info, warn};
 
+use crate::api::limits::{self, StreamLimits};
 use crate::api::{Authenticator, ControlApi, StreamConfig, SubscriptionApi};
 use crate::auth::{Reload, Tokens, TokensFile};
 use crate::catalog::Catalog;
@@ -102,6 +103,9 @@ pub struct ServeConfig {
     pub heartbeat: Duration,
     /// How long shutdown waits for streams and calls to finish.
     pub shutdown_grace: Duration,
+    /// How many subscription streams one token, one connection and the
+    /// whole replica may hold.
+    pub stream_limits: StreamLimits,
     /// The key snapshots, heartbeats and audit entries are signed with.
     pub signing_key: SigningKeySource,
     /// A PEM file of further public keys whose audit entries verify (keys
@@ -128,6 +132,7 @@ impl Default for ServeConfig {
             runbook_expectations: crate::policy::Expectations::MustHold,
             heartbeat: StreamConfig::default().heartbeat,
             shutdown_grace: Duration::from_secs(10),
+            stream_limits: StreamLimits::default(),
             signing_key: SigningKeySource::default(),
             trusted_keys: None,
             controller: ControllerConfig::default(),
@@ -179,6 +184,15 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
     };
     if config.heartbeat.is_zero() {
         bail!("the heartbeat interval must be longer than zero");
+    }
+    let streams = config.stream_limits;
+    if streams.per_token == 0 || streams.per_connection == 0 || streams.per_replica == 0 {
+        bail!(
+            "the stream limits (--max-streams, --max-streams-per-token, --max-streams-per-connection) must be at least 1"
+        );
+    }
+    if config.controller.max_namespaces == 0 {
+        bail!("--max-namespaces must be at least 1");
     }
     if config.tokens_reload.is_zero() {
         bail!("the tokens file check interval must be longer than zero");
@@ -233,6 +247,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
     .context("cannot read the store")?;
     let stream_config = StreamConfig {
         heartbeat: config.heartbeat,
+        limits: config.stream_limits,
         ..StreamConfig::default()
     };
     let authenticator = Authenticator::new(tokens);
@@ -267,17 +282,21 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
             reflection_alpha,
             authenticator.clone(),
         ))
-        .add_service(ControlServer::with_interceptor(
-            ControlApi::new(controller.clone(), config.replica.clone()),
+        // Oversized requests are refused before they are decoded.
+        .add_service(InterceptedService::new(
+            ControlServer::new(ControlApi::new(controller.clone(), config.replica.clone()))
+                .max_decoding_message_size(limits::MAX_CONTROL_REQUEST_BYTES),
             authenticator.clone(),
         ))
-        .add_service(SubscriptionServer::with_interceptor(
-            SubscriptionApi::new(controller.clone(), stream_config),
+        .add_service(InterceptedService::new(
+            SubscriptionServer::new(SubscriptionApi::new(controller.clone(), stream_config))
+                .max_decoding_message_size(limits::MAX_SUBSCRIBER_MESSAGE_BYTES),
             authenticator,
         ));
 
     info!(%addr, replica = %config.replica, store = %store.describe(), modes, runbooks,
-        authentication, tls = serves_tls, "safemode controller serving");
+        authentication, tls = serves_tls, signing_key = %controller.signing_key().key_id(),
+        "safemode controller serving");
     if let Some((file, tx, hangups)) = reloader {
         tokio::spawn(tracing::Instrument::instrument(
             reload_tokens(file, tx, hangups, config.tokens_reload, shutdown.clone()),
@@ -397,7 +416,6 @@ fn signing_keys(
         keys.extend(more.keys().iter().cloned());
     }
     let trusted = TrustedKeys::new(keys).map_err(|e| anyhow!("--trusted-keys: {e}"))?;
-    info!(key = %key.key_id(), trusted = trusted.keys().len(), "signing snapshots, heartbeats and audit entries");
     Ok((key, trusted))
 }
 

@@ -573,6 +573,23 @@ mod tests {
     }
 
     #[test]
+    fn keys_made_by_openssl_are_read() {
+        // `openssl genpkey -algorithm ed25519` and `openssl pkey -pubout`
+        // (a key made for this test and nothing else).
+        let private = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIPvSzRMX8menO9rwp0htQGQroUNAcBiWdipw7zdx8I+N\n-----END PRIVATE KEY-----\n";
+        let public = "-----BEGIN PUBLIC KEY-----\nMCowBQYDK2VwAyEA+RpVR7KqRmnUfAUdKfY7w+v99NxRASZK7s1sgfOH7YM=\n-----END PUBLIC KEY-----\n";
+        let key = SigningKey::from_pem(private).unwrap();
+        let trusted = TrustedKeys::from_pem(public).unwrap();
+        assert_eq!(trusted.keys()[0].id(), key.key_id());
+        assert_eq!(key.public_key().to_pem(), public);
+        let s = key.sign(Purpose::Heartbeat, b"beat");
+        assert_eq!(
+            trusted.verify(Purpose::Heartbeat, b"beat", s.key_id.as_str(), &s.bytes),
+            Ok(())
+        );
+    }
+
+    #[test]
     fn a_key_is_made_once_and_kept() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("signing.key");

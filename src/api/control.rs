@@ -2,16 +2,17 @@
 //! audit log. Every handler validates its request, checks the caller's role
 //! (refusals are audited), and converts the result.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
 use super::convert::{audit_entry_to_wire, incident_to_wire, request_to_wire, runbook_to_wire};
-use super::{authorize, authorize_anywhere, invalid, invalid_name, principal, status};
+use super::{authorize, authorize_anywhere, invalid, invalid_name, limits, principal, status};
 use crate::auth::Operation;
 use crate::controller::{
     ApplyRequest, AuditPage, Controller, DeclareRequest, EscalateRequest, IncidentId,
-    IncidentOutcome, LiftRequest, LiftTarget, RequestId, ResolveRequest,
+    IncidentOutcome, LiftRequest, LiftTarget, RequestId, ResolveRequest, SubscriberCursor,
 };
 use crate::policy::runbook::{RunbookName, Severity};
 use crate::policy::{ChannelSet, Effect, ModeName, Namespace, Reason};
@@ -55,6 +56,12 @@ impl ControlApi {
     }
 }
 
+/// Subscribers in one status page unless asked otherwise, and at most.
+/// A subscriber's entry is at most about half a kilobyte (its id, peer and
+/// reject reason are bounded), so a page stays far below gRPC's 4 MiB.
+const STATUS_PAGE_DEFAULT: usize = 1000;
+const STATUS_PAGE_MAX: usize = 5000;
+
 fn namespace(text: &str) -> Result<Namespace, Status> {
     Namespace::parse(text).map_err(invalid_name("namespace"))
 }
@@ -64,6 +71,16 @@ fn reason(text: &str) -> Result<Reason, Status> {
 }
 
 fn channels(names: &[String]) -> Result<ChannelSet, Status> {
+    if names.len() > limits::MAX_CHANNELS_PER_REQUEST {
+        return Err(invalid(
+            "channels",
+            format!(
+                "{} channels named; there are only {} (leave the list empty for all)",
+                names.len(),
+                crate::policy::names::CHANNELS.len()
+            ),
+        ));
+    }
     if names.is_empty() {
         Ok(ChannelSet::ALL)
     } else {
@@ -88,16 +105,37 @@ impl ControlService for ControlApi {
         let actor = principal(&request)?;
         let r = request.into_inner();
         let namespace = namespace(&r.namespace)?;
+        // Authorised before anything that grows with the request; a refusal
+        // records a bounded summary, never the caller's list.
+        authorize(
+            &self.controller,
+            &actor,
+            Operation::Change,
+            Some(&namespace),
+            &format!("apply {}", limits::summary(&r.modes)),
+        )
+        .await?;
         if r.modes.is_empty() {
             return Err(invalid(
                 "modes",
                 "name at least one mode (`safemode mode list` shows them)",
             ));
         }
+        if r.modes.len() > limits::MAX_MODES_PER_REQUEST {
+            return Err(invalid(
+                "modes",
+                format!(
+                    "{} modes named; one request applies at most {} (declare an incident to apply a runbook's stage)",
+                    r.modes.len(),
+                    limits::MAX_MODES_PER_REQUEST
+                ),
+            ));
+        }
         let mut modes = Vec::with_capacity(r.modes.len());
+        let mut seen = HashSet::with_capacity(r.modes.len());
         for name in &r.modes {
             let name = ModeName::parse(name).map_err(invalid_name("modes"))?;
-            if !modes.contains(&name) {
+            if seen.insert(name.clone()) {
                 modes.push(name);
             }
         }
@@ -122,22 +160,6 @@ impl ControlService for ControlApi {
                 "none of these modes serves read-only data, so an as-of time would do nothing; leave it out",
             ));
         }
-        let what = format!(
-            "apply {}",
-            modes
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        authorize(
-            &self.controller,
-            &actor,
-            Operation::Change,
-            Some(&namespace),
-            &what,
-        )
-        .await?;
         let outcome = self
             .controller
             .apply(ApplyRequest {
@@ -173,10 +195,28 @@ impl ControlService for ControlApi {
         let actor = principal(&request)?;
         let r = request.into_inner();
         let namespace = namespace(&r.namespace)?;
+        authorize(
+            &self.controller,
+            &actor,
+            Operation::Change,
+            Some(&namespace),
+            &format!("lift {}", limits::summary(&r.targets)),
+        )
+        .await?;
         if r.targets.is_empty() {
             return Err(invalid(
                 "targets",
                 "name at least one activation id or mode (`safemode status` lists them)",
+            ));
+        }
+        if r.targets.len() > limits::MAX_TARGETS_PER_REQUEST {
+            return Err(invalid(
+                "targets",
+                format!(
+                    "{} targets named; one request lifts at most {} (use --all to lift everything)",
+                    r.targets.len(),
+                    limits::MAX_TARGETS_PER_REQUEST
+                ),
             ));
         }
         let targets = r
@@ -185,15 +225,6 @@ impl ControlService for ControlApi {
             .map(|t| LiftTarget::parse(t).map_err(invalid_name("targets")))
             .collect::<Result<Vec<_>, _>>()?;
         let reason = reason(&r.reason)?;
-        let what = format!("lift {}", r.targets.join(", "));
-        authorize(
-            &self.controller,
-            &actor,
-            Operation::Change,
-            Some(&namespace),
-            &what,
-        )
-        .await?;
         let outcome = self
             .controller
             .lift(LiftRequest {
@@ -254,7 +285,31 @@ impl ControlService for ControlApi {
             "read status",
         )
         .await?;
-        let status = self.controller.status(&namespace).await.map_err(status)?;
+        let r = request.get_ref();
+        let limit = match r.page_size as usize {
+            0 => STATUS_PAGE_DEFAULT,
+            n if n > STATUS_PAGE_MAX => {
+                return Err(invalid(
+                    "page_size",
+                    format!("{n} is more than {STATUS_PAGE_MAX}; ask for fewer"),
+                ));
+            }
+            n => n,
+        };
+        let after = match r.page_token.as_str() {
+            "" => None,
+            token => Some(SubscriberCursor::parse(token).ok_or_else(|| {
+                invalid(
+                    "page_token",
+                    "is not a token this server gave; pass the previous page's next_page_token, or none for the first page",
+                )
+            })?),
+        };
+        let status = self
+            .controller
+            .status(&namespace, after.as_ref(), limit)
+            .await
+            .map_err(status)?;
         Ok(Response::new(proto::GetStatusResponse {
             namespace: namespace.to_string(),
             revision: status.view.revision,
@@ -266,12 +321,20 @@ impl ControlService for ControlApi {
                 .collect(),
             subscribers: status
                 .subscribers
+                .records
                 .iter()
                 .map(super::convert::subscriber_to_wire)
                 .collect(),
             server_time: Some(wire::timestamp_to_wire(jiff::Timestamp::now())),
             problems: status.view.problems.clone(),
             replica: self.replica.clone(),
+            next_page_token: status
+                .subscribers
+                .next
+                .as_ref()
+                .map(SubscriberCursor::token)
+                .unwrap_or_default(),
+            subscriber_count: u32::try_from(status.subscribers.total).unwrap_or(u32::MAX),
         }))
     }
 
@@ -307,8 +370,6 @@ impl ControlService for ControlApi {
         let namespace = namespace(&r.namespace)?;
         let runbook = RunbookName::parse(&r.r#type).map_err(invalid_name("type"))?;
         let severity = severity(&r.severity)?;
-        let reason = reason(&r.reason)?;
-        let channels = channels(&r.channels)?;
         let what = format!("declare {runbook} at {severity}");
         authorize(
             &self.controller,
@@ -318,6 +379,8 @@ impl ControlService for ControlApi {
             &what,
         )
         .await?;
+        let reason = reason(&r.reason)?;
+        let channels = channels(&r.channels)?;
         let outcome = self
             .controller
             .declare(DeclareRequest {

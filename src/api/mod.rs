@@ -4,6 +4,7 @@
 
 mod control;
 pub(crate) mod convert;
+pub mod limits;
 pub(crate) mod outbound;
 mod subscribe;
 
@@ -33,6 +34,9 @@ pub struct StreamConfig {
     pub heartbeat: Duration,
     /// How long a new stream may take to send its hello.
     pub hello_timeout: Duration,
+    /// How many streams the replica admits, per token, per connection and
+    /// in all.
+    pub limits: limits::StreamLimits,
 }
 
 impl Default for StreamConfig {
@@ -40,6 +44,7 @@ impl Default for StreamConfig {
         StreamConfig {
             heartbeat: Duration::from_secs(10),
             hello_timeout: Duration::from_secs(10),
+            limits: limits::StreamLimits::default(),
         }
     }
 }
@@ -129,19 +134,13 @@ impl tonic::service::Interceptor for Authenticator {
                     principal.name = name
                         .to_str()
                         .ok()
-                        .map(str::trim)
-                        .filter(|n| {
-                            !n.is_empty()
-                                && n.len() <= 64
-                                && n.chars()
-                                    .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
-                        })
+                        .and_then(|n| crate::auth::principal_name(n).ok())
                         .ok_or_else(|| {
-                            tonic::Status::invalid_argument(
-                                "--principal: use 1 to 64 letters, digits and - _ . @",
-                            )
-                        })?
-                        .to_string();
+                            tonic::Status::invalid_argument(format!(
+                                "--principal: {}",
+                                crate::auth::PRINCIPAL_NAME_RULE
+                            ))
+                        })?;
                 }
                 Arc::new(principal)
             }
@@ -260,6 +259,7 @@ fn status(error: controller::Error) -> tonic::Status {
         NotLoaded { .. } | Behind { .. } | ShuttingDown | CatalogChanged { .. } => {
             tonic::Status::unavailable(message)
         }
+        TooManyNamespaces { .. } => tonic::Status::resource_exhausted(message),
         Conflict(_) => tonic::Status::aborted(message),
         Store(crate::store::Error::Unavailable(_)) => tonic::Status::unavailable(message),
         Store(_) => tonic::Status::internal(message),

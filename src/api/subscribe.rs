@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
 use super::fanout::subscription_service_server::SubscriptionService;
+use super::limits::{StreamCounter, StreamSlot};
 use super::outbound::{Outbound, SnapshotCache};
 use super::{Credential, StreamConfig, authorize, invalid, invalid_name, principal, status};
 use crate::auth::Operation;
@@ -31,6 +32,8 @@ pub struct SubscriptionApi {
     config: StreamConfig,
     /// Snapshots encoded once per revision and channel, for every stream.
     snapshots: Arc<SnapshotCache>,
+    /// Open streams, against the configured limits.
+    streams: Arc<StreamCounter>,
 }
 
 impl SubscriptionApi {
@@ -38,14 +41,16 @@ impl SubscriptionApi {
     pub fn new(controller: Arc<Controller>, config: StreamConfig) -> Self {
         SubscriptionApi {
             controller,
+            streams: StreamCounter::new(config.limits),
             config,
             snapshots: Arc::default(),
         }
     }
 }
 
-/// The longest reject reason accepted.
-const MAX_REASON_LEN: usize = 1000;
+/// The longest reject reason kept (longer ones are cut): status pages hold
+/// up to thousands of subscribers, each with its reason.
+const MAX_REASON_LEN: usize = 256;
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<Outbound, Status>> + Send>>;
 
@@ -62,6 +67,15 @@ impl SubscriptionService for SubscriptionApi {
         let peer = request
             .remote_addr()
             .map_or_else(|| "unknown".to_string(), |a| a.to_string());
+        // A stream holds a place from the start (its hello may take a
+        // while): one token, one connection, or everyone together can hold
+        // only so many.
+        let slot = self.streams.admit(
+            credential
+                .as_ref()
+                .map_or(actor.name.as_str(), |c| c.sha256.as_str()),
+            &peer,
+        )?;
         let mut inbound = request.into_inner();
         let hello = match tokio::time::timeout(self.config.hello_timeout, inbound.message()).await {
             Err(_) => {
@@ -119,7 +133,8 @@ impl SubscriptionService for SubscriptionApi {
             self.controller.epoch().to_string(),
             self.snapshots.clone(),
         )
-        .revoked_with(credential, namespace);
+        .revoked_with(credential, namespace)
+        .holding(slot);
         Ok(Response::new(Box::pin(session.into_stream())))
     }
 }
@@ -140,6 +155,8 @@ struct Session {
     /// The caller's token and namespace: the stream ends when the token is
     /// revoked (`None`: a server without tokens).
     credential: Option<(Credential, Namespace)>,
+    /// The stream's place under the stream limits, freed when it ends.
+    slot: Option<StreamSlot>,
 }
 
 impl Session {
@@ -164,6 +181,7 @@ impl Session {
             sent: None,
             ending: false,
             credential: None,
+            slot: None,
         }
     }
 
@@ -171,6 +189,12 @@ impl Session {
     /// longer subscribe to `namespace`.
     fn revoked_with(mut self, credential: Option<Credential>, namespace: Namespace) -> Self {
         self.credential = credential.map(|c| (c, namespace));
+        self
+    }
+
+    /// Keeps `slot` for as long as the stream lives.
+    fn holding(mut self, slot: StreamSlot) -> Self {
+        self.slot = Some(slot);
         self
     }
 

@@ -272,5 +272,5 @@ pub(super) fn create_token(
         .map(|r| Role::parse(r).map_err(|e| anyhow!("--role: {e}")))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let new = auth::create_token(principal, &roles)?;
-    emit(output::token(format, principal, &roles, &new))
+    emit(output::token(format, &new.principal, &roles, &new))
 }

@@ -19,6 +19,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel as GrpcChannel;
 
+use crate::api::limits::StreamLimits;
 use crate::client::{self, Bearer, Subscriber, SubscriberConfig};
 use crate::controller::{ControllerConfig, Layout, LiftTarget};
 use crate::policy::names::validate_label;
@@ -287,6 +288,19 @@ struct ServeArgs {
     /// signed with before a rotation).
     #[arg(long, env = "SAFEMODE_TRUSTED_KEYS", value_name = "FILE")]
     trusted_keys: Option<PathBuf>,
+    /// The most subscription streams this replica holds.
+    #[arg(long, env = "SAFEMODE_MAX_STREAMS", default_value_t = StreamLimits::default().per_replica)]
+    max_streams: usize,
+    /// The most subscription streams one token holds on this replica.
+    #[arg(long, env = "SAFEMODE_MAX_STREAMS_PER_TOKEN", default_value_t = StreamLimits::default().per_token)]
+    max_streams_per_token: usize,
+    /// The most subscription streams one connection carries.
+    #[arg(long, env = "SAFEMODE_MAX_STREAMS_PER_CONNECTION", default_value_t = StreamLimits::default().per_connection)]
+    max_streams_per_connection: usize,
+    /// The most namespaces (live and drills) this replica follows at once,
+    /// each with one store watch.
+    #[arg(long, env = "SAFEMODE_MAX_NAMESPACES", default_value_t = crate::controller::DEFAULT_MAX_NAMESPACES)]
+    max_namespaces: usize,
     /// Make this replica's modes and runbooks the ones every replica must
     /// serve (replicas with others refuse changes until restarted with them).
     #[arg(long)]
@@ -601,13 +615,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(namespace) => {
             let namespace = parse_namespace(&namespace)?;
             let mut client = control(&cli.servers, &caller).await?;
-            let response = client
-                .get_status(proto::GetStatusRequest {
-                    namespace: namespace.to_string(),
-                })
+            let response = crate::wire::full_status(&mut client, namespace.as_str())
                 .await
                 .map_err(refused)?;
-            emit(output::status(format, &response.into_inner()))?;
+            emit(output::status(format, &response))?;
             Ok(())
         }
         Command::Watch(args) => {
@@ -712,8 +723,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .signing_key
             .map_or(SigningKeySource::InDataDir, SigningKeySource::File),
         trusted_keys: args.trusted_keys,
+        stream_limits: StreamLimits {
+            per_token: args.max_streams_per_token,
+            per_connection: args.max_streams_per_connection,
+            per_replica: args.max_streams,
+        },
         controller: ControllerConfig {
             adopt_catalog: args.adopt_catalog,
+            max_namespaces: args.max_namespaces,
             ..ControllerConfig::default()
         },
         ..defaults

@@ -84,7 +84,8 @@ impl Controller {
                             status: request.status_name(at).to_string(),
                         })));
                     }
-                    if request.requested_by == actor.name {
+                    // Records from before names were lower-cased may differ in case.
+                    if request.requested_by.eq_ignore_ascii_case(&actor.name) {
                         return Ok(Plan::answer(Err(Error::OwnRequest {
                             id: id.to_string(),
                             principal: actor.name.clone(),

@@ -37,7 +37,10 @@ pub use records::{
     ChangeRequest, Incident, IncidentId, IncidentStatus, RequestId, RequestKind, RequestStatus,
     TimelineEvent,
 };
-pub use subscribers::{Registration, Rejection, SubscriberRecord, Subscribers, UnknownRevision};
+pub use subscribers::{
+    Registration, Rejection, SubscriberCursor, SubscriberPage, SubscriberRecord, Subscribers,
+    UnknownRevision,
+};
 
 use self::change::Plan;
 use crate::audit::{AuditAction, AuditDraft};
@@ -204,6 +207,14 @@ pub enum Error {
     /// The controller is shutting down.
     #[error("the controller is shutting down; retry against another replica")]
     ShuttingDown,
+    /// Following one more namespace would pass the replica's bound.
+    #[error(
+        "this replica already follows {limit} namespaces, its limit; finish or lift old drills (an idle drill namespace is dropped after a while), use another replica, or raise --max-namespaces"
+    )]
+    TooManyNamespaces {
+        /// The bound.
+        limit: usize,
+    },
     /// The store failed.
     #[error(transparent)]
     Store(#[from] store::Error),
@@ -232,6 +243,9 @@ pub struct ControllerConfig {
     pub idle_namespace: Duration,
     /// How long a change request waits for its approver before it expires.
     pub request_ttl: Duration,
+    /// The most namespaces (`live` included) this replica follows at once,
+    /// each with a store watch; reads never start following one.
+    pub max_namespaces: usize,
     /// The key this replica signs snapshots, heartbeats and audit entries
     /// with (the default, a fresh key, suits one replica in a test).
     pub signing_key: SigningKey,
@@ -239,6 +253,10 @@ pub struct ControllerConfig {
     /// a rotation.
     pub trusted_keys: TrustedKeys,
 }
+
+/// How many namespaces a replica follows at most unless told otherwise:
+/// `live` and a few dozen drills at once.
+pub const DEFAULT_MAX_NAMESPACES: usize = 64;
 
 impl Default for ControllerConfig {
     fn default() -> Self {
@@ -252,6 +270,7 @@ impl Default for ControllerConfig {
             visibility_timeout: Duration::from_secs(5),
             idle_namespace: Duration::from_secs(300),
             request_ttl: Duration::from_secs(3600),
+            max_namespaces: DEFAULT_MAX_NAMESPACES,
             trusted_keys: TrustedKeys::new([signing_key.public_key().clone()])
                 .expect("one key is a valid set"),
             signing_key,
@@ -264,8 +283,8 @@ impl Default for ControllerConfig {
 pub struct Status {
     /// The namespace state.
     pub view: Arc<NamespaceView>,
-    /// Subscribers connected to this replica.
-    pub subscribers: Vec<SubscriberRecord>,
+    /// A page of the subscribers connected to this replica.
+    pub subscribers: SubscriberPage,
 }
 
 /// A subscriber's stream, once admitted.
@@ -398,6 +417,16 @@ impl Controller {
         }
         let handle = {
             let mut namespaces = self.namespaces.lock().expect("poisoned");
+            // `live` is always served; drills share the rest.
+            let drills = namespaces.keys().filter(|n| n.is_drill()).count();
+            if namespace.is_drill()
+                && !namespaces.contains_key(namespace)
+                && drills + 1 >= self.config.max_namespaces
+            {
+                return Err(Error::TooManyNamespaces {
+                    limit: self.config.max_namespaces,
+                });
+            }
             namespaces
                 .entry(namespace.clone())
                 .or_insert_with(|| {
@@ -421,12 +450,46 @@ impl Controller {
         Ok(handle)
     }
 
-    /// The namespace's state and this replica's subscribers.
-    pub async fn status(&self, namespace: &Namespace) -> Result<Status> {
-        let handle = self.namespace(namespace).await?;
-        Ok(Status {
-            view: handle.current(),
-            subscribers: handle.subscribers.list(),
+    /// The namespace's state and a page of this replica's subscribers. A
+    /// namespace this replica does not follow is read once, not followed
+    /// (it then has no subscribers here): a reader can never make a replica
+    /// take on a watch.
+    pub async fn status(
+        &self,
+        namespace: &Namespace,
+        after: Option<&SubscriberCursor>,
+        limit: usize,
+    ) -> Result<Status> {
+        if self.shutdown.is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
+        let followed = self
+            .namespaces
+            .lock()
+            .expect("poisoned")
+            .get(namespace)
+            .cloned();
+        let handle = match followed {
+            Some(_) => Some(self.namespace(namespace).await?),
+            // `live` is always followed once the replica serves it.
+            None if namespace.as_str() == Namespace::LIVE => Some(self.namespace(namespace).await?),
+            None => None,
+        };
+        Ok(match handle {
+            Some(handle) => Status {
+                view: handle.current(),
+                subscribers: handle.subscribers.page(after, limit),
+            },
+            None => Status {
+                view: Arc::new(
+                    namespace::read_once(&*self.store, &self.config.layout, namespace).await?,
+                ),
+                subscribers: SubscriberPage {
+                    records: Vec::new(),
+                    total: 0,
+                    next: None,
+                },
+            },
         })
     }
 

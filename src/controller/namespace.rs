@@ -306,6 +306,20 @@ pub struct NamespaceHandle {
     last_used: AtomicI64,
 }
 
+/// The namespace as stored now, read once without following it: how a
+/// replica answers a read of a namespace it does not follow, so that reads
+/// never make it start a watch.
+pub(crate) async fn read_once(
+    store: &dyn Store,
+    layout: &Layout,
+    namespace: &Namespace,
+) -> store::Result<NamespaceView> {
+    let range = store.range(&layout.namespace_prefix(namespace)).await?;
+    let mut state = State::new(namespace.clone());
+    state.replace(layout, &range.kvs, range.revision);
+    Ok(state.view())
+}
+
 impl NamespaceHandle {
     /// Starts following `namespace`; the task stops when `shutdown` fires.
     pub fn spawn(

@@ -55,6 +55,40 @@ pub struct Rejection {
     pub at: Timestamp,
 }
 
+/// Where a page of subscribers ends: the last one's id and stream.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SubscriberCursor {
+    subscriber_id: String,
+    stream: u64,
+}
+
+impl SubscriberCursor {
+    /// The cursor of a page token; `None` if it is not one.
+    pub fn parse(token: &str) -> Option<SubscriberCursor> {
+        let (stream, id) = token.split_once(':')?;
+        Some(SubscriberCursor {
+            stream: stream.parse().ok()?,
+            subscriber_id: id.to_string(),
+        })
+    }
+
+    /// The page token that continues after this cursor.
+    pub fn token(&self) -> String {
+        format!("{}:{}", self.stream, self.subscriber_id)
+    }
+}
+
+/// One page of [`Subscribers::page`].
+#[derive(Clone, Debug)]
+pub struct SubscriberPage {
+    /// The page's subscribers.
+    pub records: Vec<SubscriberRecord>,
+    /// Subscribers connected in all.
+    pub total: usize,
+    /// Where the next page starts; `None`: this page is the last.
+    pub next: Option<SubscriberCursor>,
+}
+
 /// A subscriber acknowledged or rejected a revision it was never sent.
 #[derive(Debug, thiserror::Error)]
 #[error(
@@ -109,6 +143,40 @@ impl Subscribers {
                 .then(a.connected_at.cmp(&b.connected_at))
         });
         records
+    }
+
+    /// At most `limit` connected subscribers after `after`, in
+    /// (subscriber id, stream) order, so that pages neither repeat nor skip
+    /// a subscriber that stays connected.
+    pub fn page(&self, after: Option<&SubscriberCursor>, limit: usize) -> SubscriberPage {
+        let mut records: Vec<(SubscriberCursor, SubscriberRecord)> = self
+            .lock()
+            .iter()
+            .map(|(stream, record)| {
+                let cursor = SubscriberCursor {
+                    subscriber_id: record.subscriber_id.clone(),
+                    stream: *stream,
+                };
+                (cursor, record.clone())
+            })
+            .collect();
+        let total = records.len();
+        records.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut rest = records
+            .into_iter()
+            .filter(|(cursor, _)| after.is_none_or(|after| cursor > after))
+            .peekable();
+        let mut page = Vec::new();
+        let mut last = None;
+        for (cursor, record) in rest.by_ref().take(limit) {
+            page.push(record);
+            last = Some(cursor);
+        }
+        SubscriberPage {
+            records: page,
+            total,
+            next: last.filter(|_| rest.peek().is_some()),
+        }
     }
 
     /// Whether no subscriber is connected.

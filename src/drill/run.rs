@@ -464,13 +464,9 @@ impl Drill {
     }
 
     async fn status(&self, commander: &mut Control) -> Step<proto::GetStatusResponse> {
-        Ok(commander
-            .get_status(proto::GetStatusRequest {
-                namespace: self.namespace.to_string(),
-            })
+        crate::wire::full_status(commander, self.namespace.as_str())
             .await
-            .map_err(|s| format!("cannot read the drill namespace's status: {}", s.message()))?
-            .into_inner())
+            .map_err(|s| format!("cannot read the drill namespace's status: {}", s.message()))
     }
 
     /// Has the second principal approve `request`; the change commits with

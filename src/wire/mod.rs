@@ -37,3 +37,48 @@ pub fn check_subscriber_id(id: &str) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// The most status pages [`full_status`] reads (5,000 subscribers each at
+/// most): far beyond any replica's stream limit.
+const MAX_STATUS_PAGES: usize = 100;
+
+/// A namespace's whole status on one replica: every page of its
+/// subscribers, read in turn and merged (activations and problems come with
+/// every page; the first page's are kept).
+pub async fn full_status<T>(
+    client: &mut proto::control_service_client::ControlServiceClient<T>,
+    namespace: &str,
+) -> Result<proto::GetStatusResponse, tonic::Status>
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<tonic::codegen::StdError>,
+    T::ResponseBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
+    let request = |page_token: String| proto::GetStatusRequest {
+        namespace: namespace.to_string(),
+        page_size: 0,
+        page_token,
+    };
+    let mut status = client
+        .get_status(request(String::new()))
+        .await?
+        .into_inner();
+    let mut token = std::mem::take(&mut status.next_page_token);
+    for _ in 1..MAX_STATUS_PAGES {
+        if token.is_empty() {
+            return Ok(status);
+        }
+        let page = client.get_status(request(token)).await?.into_inner();
+        status.subscribers.extend(page.subscribers);
+        status.subscriber_count = page.subscriber_count;
+        token = page.next_page_token;
+    }
+    if token.is_empty() {
+        Ok(status)
+    } else {
+        Err(tonic::Status::resource_exhausted(format!(
+            "the status has more than {MAX_STATUS_PAGES} pages of subscribers; read it page by page"
+        )))
+    }
+}

@@ -415,6 +415,7 @@ async fn a_drill_never_touches_live() {
     let drilled = admin
         .get_status(proto::GetStatusRequest {
             namespace: namespace.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -436,6 +437,7 @@ async fn live_status(admin: &mut Control) -> proto::GetStatusResponse {
     admin
         .get_status(proto::GetStatusRequest {
             namespace: "live".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -94,6 +94,7 @@ async fn live_status(admin: &mut Control) -> proto::GetStatusResponse {
     admin
         .get_status(proto::GetStatusRequest {
             namespace: "live".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -189,8 +190,11 @@ async fn call(
         Rpc::ListRunbooks => code(c.list_runbooks(proto::ListRunbooksRequest {}).await),
         Rpc::GetAudit => code(c.get_audit(proto::GetAuditRequest::default()).await),
         Rpc::GetStatus => code(
-            c.get_status(proto::GetStatusRequest { namespace: ns })
-                .await,
+            c.get_status(proto::GetStatusRequest {
+                namespace: ns,
+                ..Default::default()
+            })
+            .await,
         ),
         Rpc::ListIncidents => code(
             c.list_incidents(proto::ListIncidentsRequest {
@@ -290,6 +294,7 @@ async fn observed(server: &TestServer, principals: &Principals) -> Observed {
         let status = admin
             .get_status(proto::GetStatusRequest {
                 namespace: namespace.into(),
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -10,6 +10,7 @@ mod etcd;
 mod example;
 mod governance;
 mod grpc_surface;
+mod limits;
 mod mode_files;
 mod policy_decide;
 mod policy_merge;

@@ -545,7 +545,14 @@ async fn already_active_is_never_answered_from_a_lagging_view() {
     // Both replicas know the mode is active.
     lagging.apply(apply()).await.unwrap();
     wait_until("the prompt replica sees it", || async {
-        prompt.status(&live).await.unwrap().view.activations.len() == 1
+        prompt
+            .status(&live, None, 1)
+            .await
+            .unwrap()
+            .view
+            .activations
+            .len()
+            == 1
     })
     .await;
     // Carol lifts it through the prompt replica; at once Bob applies it
@@ -564,7 +571,13 @@ async fn already_active_is_never_answered_from_a_lagging_view() {
         .await
         .unwrap();
     assert_eq!(
-        lagging.status(&live).await.unwrap().view.activations.len(),
+        lagging
+            .status(&live, None, 1)
+            .await
+            .unwrap()
+            .view
+            .activations
+            .len(),
         1,
         "the view lags"
     );
@@ -575,7 +588,14 @@ async fn already_active_is_never_answered_from_a_lagging_view() {
         "the mode was lifted, so it is applied again"
     );
     wait_until("the prompt replica sees it active again", || async {
-        prompt.status(&live).await.unwrap().view.activations.len() == 1
+        prompt
+            .status(&live, None, 1)
+            .await
+            .unwrap()
+            .view
+            .activations
+            .len()
+            == 1
     })
     .await;
 }

@@ -219,14 +219,9 @@ impl TestServer {
 
     /// The status of `namespace`.
     pub async fn status(&self, namespace: &str) -> proto::GetStatusResponse {
-        self.control()
-            .await
-            .get_status(proto::GetStatusRequest {
-                namespace: namespace.into(),
-            })
+        safemode::wire::full_status(&mut self.control().await, namespace)
             .await
             .expect("status")
-            .into_inner()
     }
 }
 
@@ -507,4 +502,19 @@ pub fn test_signing_key() -> safemode::signing::SigningKey {
     static KEY: std::sync::OnceLock<safemode::signing::SigningKey> = std::sync::OnceLock::new();
     KEY.get_or_init(|| safemode::signing::SigningKey::generate().0)
         .clone()
+}
+
+/// [`test_signing_key`] in a PEM file, for `serve --signing-key` in a
+/// process.
+pub fn test_signing_key_file() -> String {
+    static FILE: std::sync::OnceLock<tempfile::TempPath> = std::sync::OnceLock::new();
+    let path = FILE.get_or_init(|| {
+        let file = tempfile::NamedTempFile::new().expect("temp file");
+        // The key's PKCS#8 form is not kept, so a fresh key is written and
+        // loaded; every caller shares the file.
+        let (_, pem) = safemode::signing::SigningKey::generate();
+        std::fs::write(file.path(), pem).expect("write the key");
+        file.into_temp_path()
+    });
+    path.to_str().expect("a UTF-8 temp path").to_string()
 }

@@ -757,6 +757,8 @@ async fn without_an_etcd_ca_the_platforms_certificates_vouch_for_etcd() {
         &[
             "--store",
             "etcd",
+            "--signing-key",
+            &crate::support::test_signing_key_file(),
             "--etcd-endpoints",
             &endpoint,
             "--etcd-cert",
@@ -796,7 +798,16 @@ async fn serve_says_why_it_cannot_use_etcd_over_tls() {
         pki.arg("client.key"),
     );
     let mixed = format!("{endpoint},{plain}");
-    let serve = ["serve", "--listen", "127.0.0.1:0", "--store", "etcd"];
+    let signing_key = crate::support::test_signing_key_file();
+    let serve = [
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--store",
+        "etcd",
+        "--signing-key",
+        &signing_key,
+    ];
     let cases: Vec<(Vec<&str>, Vec<String>)> = vec![
         // Settings that cannot work, refused before anything connects.
         (

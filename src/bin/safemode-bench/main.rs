@@ -400,12 +400,7 @@ async fn last_ack_recorded(
 ) -> anyhow::Result<Timestamp> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let status = commander
-            .get_status(proto::GetStatusRequest {
-                namespace: "live".into(),
-            })
-            .await?
-            .into_inner();
+        let status = safemode::wire::full_status(commander, "live").await?;
         let acks: Vec<&proto::SubscriberStatus> = status
             .subscribers
             .iter()
