@@ -313,6 +313,11 @@ impl State {
         }
         for id in self.hashes.keys() {
             if !listed.contains_key(id.as_str()) {
+                let suffix = format!("/activations/{id}");
+                // One line per record: an unreadable one says both.
+                if self.problems.keys().any(|key| key.ends_with(&suffix)) {
+                    continue;
+                }
                 problems.push(format!(
                     "{}: activation {id} was added outside safemode (the last change did not leave it)",
                     self.namespace
@@ -320,6 +325,20 @@ impl State {
             }
         }
         (activations, problems)
+    }
+
+    /// A read problem of `key`, saying also when the record is not one the
+    /// last change left.
+    fn with_origin(&self, key: &str, problem: &str) -> String {
+        let added = self.listed().is_some_and(|listed| {
+            key.rsplit_once("/activations/")
+                .is_some_and(|(_, id)| !listed.contains_key(id))
+        });
+        if added {
+            format!("{problem}; it was added outside safemode (the last change did not leave it)")
+        } else {
+            problem.to_string()
+        }
     }
 
     fn view(&self) -> NamespaceView {
@@ -348,7 +367,12 @@ impl State {
             issued_at: Timestamp::now(),
             activations,
             last_change: self.last_change.clone(),
-            problems: self.problems.values().cloned().chain(integrity).collect(),
+            problems: self
+                .problems
+                .iter()
+                .map(|(key, problem)| self.with_origin(key, problem))
+                .chain(integrity)
+                .collect(),
             listed: self.listed().cloned(),
             stored_hashes: self
                 .hashes
