@@ -110,6 +110,10 @@ impl NamespaceView {
     }
 }
 
+/// What checking a meta record's list against its audit entry found: the
+/// list (`Ok(None)`: the record has none) or why it is not trusted.
+type SealCheck = Result<Option<BTreeMap<String, String>>, String>;
+
 /// The mutable state the task folds store events into.
 struct State {
     namespace: Namespace,
@@ -121,9 +125,8 @@ struct State {
     last_change: Option<NamespaceChange>,
     /// The record hash of each stored activation.
     hashes: BTreeMap<ActivationId, String>,
-    /// The meta revision whose list was checked, and the result: the list
-    /// (`Ok(None)`: the record has none) or why it is not trusted.
-    seal: Option<(Revision, Result<Option<BTreeMap<String, String>>, String>)>,
+    /// The meta revision whose list was checked, and the result.
+    seal: Option<(Revision, SealCheck)>,
     /// Every store change up to here has been applied.
     store_revision: Revision,
 }
