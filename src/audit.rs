@@ -461,6 +461,15 @@ pub enum Problem {
         /// What is wrong with it.
         error: SignatureError,
     },
+    /// Entries `from..=to` are not signed and no signed entry follows them
+    /// (entries written before signing are vouched for by the chain of the
+    /// first signed entry after them).
+    UnsignedTail {
+        /// The first of them.
+        from: u64,
+        /// The last of them.
+        to: u64,
+    },
     /// An activation the namespace's last change committed to is not in
     /// the store.
     ActivationDeleted {
@@ -580,6 +589,14 @@ impl fmt::Display for Problem {
                     "entry {position} has a signature by key {key_id} that does not match it: it was forged or altered"
                 ),
             },
+            Problem::UnsignedTail { from, to } if from == to => write!(
+                f,
+                "entry {from} is not signed: it was written outside safemode (or by a version that did not sign, and no change has been made since)"
+            ),
+            Problem::UnsignedTail { from, to } => write!(
+                f,
+                "entries {from} to {to} are not signed and no signed entry follows them: they were written outside safemode (or by a version that did not sign, and no change has been made since)"
+            ),
             Problem::ActivationDeleted {
                 namespace,
                 id,
@@ -692,6 +709,12 @@ pub struct Verifier<'a> {
     log_began: Option<Revision>,
     /// Per namespace, the newest entry with a state digest.
     digests: BTreeMap<String, (u64, String)>,
+    /// Whether a correctly signed entry was fed.
+    signed_seen: bool,
+    /// Unsigned entries before the first signed one: written by a version
+    /// that did not sign, vouched for by the signed entry whose chain
+    /// covers them, if one follows.
+    unsigned_run: Option<(u64, u64)>,
 }
 
 impl<'a> Verifier<'a> {
@@ -712,6 +735,8 @@ impl<'a> Verifier<'a> {
             last: None,
             log_began: None,
             digests: BTreeMap::new(),
+            signed_seen: false,
+            unsigned_run: None,
         }
     }
 
@@ -755,9 +780,18 @@ impl<'a> Verifier<'a> {
         if entry.hash != entry.computed_hash() {
             self.findings.push(Problem::Edited { position });
         }
-        if let Err(error) = entry.check_signature(self.trusted) {
-            self.findings
-                .push(Problem::BadSignature { position, error });
+        match entry.check_signature(self.trusted) {
+            Ok(()) => {
+                self.signed_seen = true;
+                self.unsigned_run = None;
+            }
+            Err(SignatureError::Unsigned) if !self.signed_seen => {
+                let from = self.unsigned_run.map_or(position, |(from, _)| from);
+                self.unsigned_run = Some((from, position));
+            }
+            Err(error) => self
+                .findings
+                .push(Problem::BadSignature { position, error }),
         }
         if entry.action == AuditAction::HeadRestored {
             self.findings.push(Problem::HeadWasMissing { position });
@@ -796,6 +830,9 @@ impl<'a> Verifier<'a> {
         head: Option<&StoredHead>,
         namespaces: &BTreeMap<String, StoredNamespace>,
     ) -> Findings {
+        if let Some((from, to)) = self.unsigned_run {
+            self.findings.push(Problem::UnsignedTail { from, to });
+        }
         let last_position = self.expected - 1;
         match head {
             None if last_position > 0 => self.findings.push(Problem::HeadMissing {
@@ -1186,6 +1223,45 @@ mod tests {
                 ours.key_id()
             )],
         );
+        check(
+            "unsigned at the end, as a forgery appended after signed entries",
+            |w| {
+                for stored in &mut w.entries[3..] {
+                    let entry = stored.entry.as_mut().unwrap();
+                    entry.key_id.clear();
+                    entry.signature.clear();
+                }
+            },
+            &[
+                "entry 4 is not signed: it was written outside safemode (or by a version that did not sign)",
+                "entry 5 is not signed: it was written outside safemode (or by a version that did not sign)",
+                "entry 6 is not signed: it was written outside safemode (or by a version that did not sign)",
+            ],
+        );
+        check::<&str>(
+            "unsigned entries of an older version, followed by signed ones",
+            |w| {
+                for stored in &mut w.entries[..3] {
+                    let entry = stored.entry.as_mut().unwrap();
+                    entry.key_id.clear();
+                    entry.signature.clear();
+                }
+            },
+            &[],
+        );
+        check(
+            "no entry signed",
+            |w| {
+                for stored in &mut w.entries {
+                    let entry = stored.entry.as_mut().unwrap();
+                    entry.key_id.clear();
+                    entry.signature.clear();
+                }
+            },
+            &[
+                "entries 1 to 6 are not signed and no signed entry follows them: they were written outside safemode (or by a version that did not sign, and no change has been made since)",
+            ],
+        );
         // The signature is the controller's over the hash.
         let entry = seal(draft(1), &AuditHead::default());
         assert_eq!(entry.check_signature(trusted), Ok(()));
@@ -1261,10 +1337,9 @@ mod tests {
         let mut verifier = Verifier::new(trusted, Vec::new());
         let mut head = AuditHead::default();
         for i in 1..=(MAX_PROBLEMS as u32 + 50) {
-            let mut entry = seal(draft(i), &head);
+            // Signed by a key that is not trusted: one problem each.
+            let entry = rogue_seal(draft(i), &head);
             head = entry.head();
-            entry.signature.clear();
-            entry.key_id.clear();
             verifier.feed(StoredEntry {
                 position: u64::from(i),
                 entry: Ok(entry),
