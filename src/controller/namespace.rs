@@ -741,6 +741,77 @@ mod tests {
     }
 
     #[test]
+    fn activations_changed_behind_safemodes_back_fail_closed_and_are_named() {
+        let layout = Layout::new("/safemode/").unwrap();
+        let namespace = Namespace::live();
+        let kept = put(&layout, &namespace, 5);
+        let edited = put(&layout, &namespace, 6);
+        let added = put(&layout, &namespace, 7);
+        let id = |kv: &KeyValue| kv.key.rsplit_once('/').unwrap().1.to_string();
+        let gone = ActivationId::from_random(rand::random());
+        let mut state = State::new(namespace.clone());
+        state.replace(&layout, &[kept.clone(), edited.clone(), added.clone()], 8);
+        state.meta_revision = 4;
+        let listed: BTreeMap<String, String> = [
+            (id(&kept), audit::record_hash(&kept.value)),
+            (id(&edited), audit::record_hash(b"what the change wrote")),
+            (
+                gone.to_string(),
+                audit::record_hash(b"a record deleted since"),
+            ),
+        ]
+        .into_iter()
+        .collect();
+        state.seal = Some((4, Ok(Some(listed))));
+
+        let view = state.view();
+        let ids: Vec<String> = view.activations.iter().map(|a| a.id.to_string()).collect();
+        assert!(
+            ids.contains(&gone.to_string()),
+            "a stand-in for the deleted one: {ids:?}"
+        );
+        assert_eq!(view.activations.len(), 4);
+        let problem = |what: &str, of: &str| {
+            view.problems
+                .iter()
+                .any(|p| p.contains(of) && p.contains(what))
+        };
+        assert!(
+            problem("was deleted outside safemode", &gone.to_string()),
+            "{:?}",
+            view.problems
+        );
+        assert!(
+            problem("was edited outside safemode", &id(&edited)),
+            "{:?}",
+            view.problems
+        );
+        assert!(
+            problem("added outside safemode", &id(&added)),
+            "{:?}",
+            view.problems
+        );
+        assert!(
+            !problem("outside safemode", &id(&kept)),
+            "{:?}",
+            view.problems
+        );
+
+        // A list that did not check out is named, and trusted for nothing.
+        state.seal = Some((4, Err("audit entry 3 was edited".into())));
+        let view = state.view();
+        assert_eq!(view.activations.len(), 3);
+        assert!(view.listed.is_none());
+        assert!(
+            view.problems
+                .iter()
+                .any(|p| p.contains("not the one safemode signed: audit entry 3 was edited")),
+            "{:?}",
+            view.problems
+        );
+    }
+
+    #[test]
     fn a_first_read_of_an_empty_namespace_is_revision_zero() {
         let layout = Layout::new("/safemode/").unwrap();
         let mut state = State::new(Namespace::live());
