@@ -13,17 +13,60 @@
 //! it; comparing the head with one recorded elsewhere (the replica logs each
 //! entry's hash; `safemode audit --verify` prints the head) closes that.
 //!
+//! Hashes only show that the log is consistent, and anyone who can write to
+//! the store can compute them. So every entry is also signed by the
+//! controller (its hash, with [`Purpose::AuditEntry`]) with a key kept outside
+//! the store, and [`Verifier`] names every entry that is unsigned, signed by
+//! an unknown key or whose signature does not match: writing to etcd is not
+//! enough to forge an entry or re-chain the log.
+//!
+//! Records can also be changed without touching the log (an activation
+//! deleted or rewritten with `etcdctl`). Each entry that changes a namespace
+//! therefore commits to a digest of that namespace's activations after the
+//! change ([`state_digest`]: sorted ids and the SHA-256 of each stored
+//! record). The namespace's meta record lists the same ids and hashes; when
+//! that list gives the signed digest it is authentic, and comparing it with
+//! the store names each activation deleted, added or edited behind
+//! safemode's back. The list lives in the meta record rather than in the
+//! entry so that entries stay small whatever a namespace holds, and the
+//! follower of a namespace can check it without reading the log.
+//!
+//! Verification is incremental: [`Verifier`] is fed one entry at a time, in
+//! log order, and keeps per entry only the chain position, the previous hash
+//! and the newest digest per namespace, so the log can be verified at any
+//! size in pages. It reports the first [`MAX_PROBLEMS`] problems and counts
+//! the rest.
+//!
+//! An entry's own size is bounded ([`MAX_REASON_BYTES`], [`MAX_DETAIL_BYTES`],
+//! [`MAX_ACTIVATION_IDS`]); longer texts are cut with a visible marker, so a
+//! caller can never make one entry large, whatever the edge let through.
+//!
 //! This module is pure: the controller stores entries under
 //! `{prefix}audit/log/{seq}` and the head (`{seq, hash}` of the last entry)
 //! under `{prefix}audit/head`, compared in every appending transaction.
 
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+
+use base64::Engine as _;
 
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::policy::Revision;
+use crate::signing::{Purpose, SignatureError, SigningKey, TrustedKeys};
+
+/// The longest reason an entry keeps, in bytes; the rest is cut with a
+/// marker.
+pub const MAX_REASON_BYTES: usize = 4096;
+/// The longest detail an entry keeps, in bytes.
+pub const MAX_DETAIL_BYTES: usize = 4096;
+/// The most activation ids an entry lists; the detail says how many more.
+pub const MAX_ACTIVATION_IDS: usize = 256;
+/// The most problems a verification reports one by one; the rest are
+/// counted.
+pub const MAX_PROBLEMS: usize = 100;
 
 /// The hash "before" the first entry.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -127,10 +170,20 @@ pub struct AuditEntry {
     pub activation_ids: Vec<String>,
     /// What exactly was done or refused.
     pub detail: String,
+    /// For a change to a namespace: the digest of its activations after
+    /// the change ([`state_digest`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_digest: Option<String>,
     /// The previous entry's hash ([`GENESIS`] for the first).
     pub prev_hash: String,
     /// SHA-256 (hex) of every field above.
     pub hash: String,
+    /// The id of the key that signed `hash` (empty: unsigned).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub key_id: String,
+    /// The Ed25519 signature of `hash` for [`Purpose::AuditEntry`], base64.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub signature: String,
     /// Store revision the entry was appended at (from the store, not hashed).
     #[serde(skip)]
     pub revision: Revision,
@@ -168,12 +221,46 @@ struct Hashed<'a> {
     request_id: &'a Option<String>,
     activation_ids: &'a [String],
     detail: &'a str,
+    // Skipped when absent, so entries written before digests keep their
+    // hashes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state_digest: &'a Option<String>,
     prev_hash: &'a str,
 }
 
+/// `text` cut to at most `max` bytes (at a character boundary) with a marker
+/// that says how much was cut.
+fn bounded(text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max.saturating_sub(40);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… [cut: {} more bytes]", &text[..end], text.len() - end)
+}
+
 impl AuditEntry {
-    /// Seals `draft` as the entry after `head`, at `at`.
-    pub fn seal(draft: AuditDraft, head: &AuditHead, at: Timestamp) -> AuditEntry {
+    /// Seals `draft` as the entry after `head`, at `at`, committing to
+    /// `state_digest` (the namespace's activations after a change to it),
+    /// and signs it with `key`. Texts and lists beyond an entry's bounds are
+    /// cut, with a marker.
+    pub fn seal(
+        draft: AuditDraft,
+        state_digest: Option<String>,
+        head: &AuditHead,
+        at: Timestamp,
+        key: &SigningKey,
+    ) -> AuditEntry {
+        let mut draft = draft;
+        draft.reason = draft.reason.map(|r| bounded(r, MAX_REASON_BYTES));
+        if draft.activation_ids.len() > MAX_ACTIVATION_IDS {
+            let more = draft.activation_ids.len() - MAX_ACTIVATION_IDS;
+            draft.activation_ids.truncate(MAX_ACTIVATION_IDS);
+            draft.detail = format!("{} ({more} more activation ids not listed)", draft.detail);
+        }
+        draft.detail = bounded(draft.detail, MAX_DETAIL_BYTES);
         let mut entry = AuditEntry {
             seq: head.seq + 1,
             at,
@@ -186,12 +273,37 @@ impl AuditEntry {
             request_id: draft.request_id,
             activation_ids: draft.activation_ids,
             detail: draft.detail,
+            state_digest,
             prev_hash: head.hash.clone(),
             hash: String::new(),
+            key_id: String::new(),
+            signature: String::new(),
             revision: 0,
         };
         entry.hash = entry.computed_hash();
+        let signature = key.sign(Purpose::AuditEntry, entry.hash.as_bytes());
+        entry.key_id = signature.key_id.to_string();
+        entry.signature = base64::engine::general_purpose::STANDARD.encode(&signature.bytes);
         entry
+    }
+
+    /// Checks the entry's signature of its hash with `trusted`.
+    pub fn check_signature(&self, trusted: &TrustedKeys) -> Result<(), SignatureError> {
+        let bytes = if self.signature.is_empty() {
+            Vec::new()
+        } else {
+            // Something that is not base64 cannot be a signature: check it as
+            // one byte, which fails as a mismatch.
+            base64::engine::general_purpose::STANDARD
+                .decode(&self.signature)
+                .unwrap_or_else(|_| vec![0])
+        };
+        trusted.verify(
+            Purpose::AuditEntry,
+            self.hash.as_bytes(),
+            &self.key_id,
+            &bytes,
+        )
     }
 
     /// The hash the entry's contents give now.
@@ -208,6 +320,7 @@ impl AuditEntry {
             request_id: &self.request_id,
             activation_ids: &self.activation_ids,
             detail: &self.detail,
+            state_digest: &self.state_digest,
             prev_hash: &self.prev_hash,
         };
         let bytes = serde_json::to_vec(&hashed).expect("audit fields serialize");
@@ -340,6 +453,61 @@ pub enum Problem {
         /// Its revision.
         revision: Revision,
     },
+    /// The entry is not signed, or its signature is not one of a trusted
+    /// key's over its hash.
+    BadSignature {
+        /// Its position.
+        position: u64,
+        /// What is wrong with it.
+        error: SignatureError,
+    },
+    /// Entries `from..=to` are not signed and no signed entry follows them
+    /// (entries written before signing are vouched for by the chain of the
+    /// first signed entry after them).
+    UnsignedTail {
+        /// The first of them.
+        from: u64,
+        /// The last of them.
+        to: u64,
+    },
+    /// An activation the namespace's last change committed to is not in
+    /// the store.
+    ActivationDeleted {
+        /// The namespace.
+        namespace: String,
+        /// The activation.
+        id: String,
+        /// The entry that committed to it.
+        position: u64,
+    },
+    /// An activation is in the store that the namespace's last change did
+    /// not commit to.
+    ActivationAdded {
+        /// The namespace.
+        namespace: String,
+        /// The activation.
+        id: String,
+        /// The entry of the namespace's last change.
+        position: u64,
+    },
+    /// An activation's stored record is not the one the namespace's last
+    /// change committed to.
+    ActivationEdited {
+        /// The namespace.
+        namespace: String,
+        /// The activation.
+        id: String,
+        /// The entry that committed to it.
+        position: u64,
+    },
+    /// The namespace's activations do not give the digest its last change
+    /// committed to, and its meta record no longer lists what they were.
+    StateMismatch {
+        /// The namespace.
+        namespace: String,
+        /// The entry of the namespace's last change.
+        position: u64,
+    },
 }
 
 impl fmt::Display for Problem {
@@ -407,129 +575,404 @@ impl fmt::Display for Problem {
                 f,
                 "{key} was last written at revision {revision}, which has no audit entry: the log was cut or rewritten, or the store was written outside safemode"
             ),
+            Problem::BadSignature { position, error } => match error {
+                SignatureError::Unsigned => write!(
+                    f,
+                    "entry {position} is not signed: it was written outside safemode (or by a version that did not sign)"
+                ),
+                SignatureError::UnknownKey { key_id, .. } => write!(
+                    f,
+                    "entry {position} is signed by key {key_id}, which is not trusted: it was written outside safemode, or add that key with --trusted-keys if it is your controller's"
+                ),
+                SignatureError::Invalid { key_id } => write!(
+                    f,
+                    "entry {position} has a signature by key {key_id} that does not match it: it was forged or altered"
+                ),
+            },
+            Problem::UnsignedTail { from, to } if from == to => write!(
+                f,
+                "entry {from} is not signed: it was written outside safemode (or by a version that did not sign, and no change has been made since)"
+            ),
+            Problem::UnsignedTail { from, to } => write!(
+                f,
+                "entries {from} to {to} are not signed and no signed entry follows them: they were written outside safemode (or by a version that did not sign, and no change has been made since)"
+            ),
+            Problem::ActivationDeleted {
+                namespace,
+                id,
+                position,
+            } => write!(
+                f,
+                "activation {id} of namespace {namespace} was deleted outside safemode: entry {position} committed to it and it is not in the store"
+            ),
+            Problem::ActivationAdded {
+                namespace,
+                id,
+                position,
+            } => write!(
+                f,
+                "activation {id} of namespace {namespace} was added outside safemode: entry {position}, the namespace's last change, does not include it"
+            ),
+            Problem::ActivationEdited {
+                namespace,
+                id,
+                position,
+            } => write!(
+                f,
+                "activation {id} of namespace {namespace} was edited outside safemode: it is not the record entry {position} committed to"
+            ),
+            Problem::StateMismatch {
+                namespace,
+                position,
+            } => write!(
+                f,
+                "the activations of namespace {namespace} are not those entry {position} committed to, and its meta record was altered too: compare `safemode status` with the log"
+            ),
         }
     }
 }
 
-/// Checks the whole log: `entries` in key order, the stored head, and the
-/// records that must each have been written with an entry, all read at one
-/// revision. Returns every problem found; none means the log is intact.
-pub fn verify(
-    entries: &[StoredEntry],
-    head: Option<&StoredHead>,
-    records: &[StoredRecord],
-) -> Vec<Problem> {
-    let mut problems = Vec::new();
-    let mut previous_created: Revision = 0;
-    let mut expected = 1u64;
-    // `None` after an unreadable entry: what follows it cannot be checked.
-    let mut previous_hash = Some(GENESIS.to_string());
-    let mut last: Option<&AuditEntry> = None;
-    for stored in entries {
+/// SHA-256 (hex) of a stored record's bytes: what a state digest lists for
+/// an activation.
+pub fn record_hash(value: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(value))
+}
+
+/// The digest of a namespace's activations: SHA-256 over one line
+/// `{id} {record hash}` per activation, in id order. It changes when an
+/// activation is added, removed or its stored record changes in any byte.
+pub fn state_digest<'a>(activations: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
+    let mut hasher = Sha256::new();
+    for (id, hash) in activations {
+        hasher.update(id.as_bytes());
+        hasher.update(b" ");
+        hasher.update(hash.as_bytes());
+        hasher.update(b"\n");
+    }
+    format!("{:x}", hasher.finalize())
+}
+
+/// A namespace as stored when the log is verified: its activations (id to
+/// [`record_hash`]) and the list its meta record keeps (`None`: no meta
+/// record, or one without a list).
+#[derive(Clone, Debug, Default)]
+pub struct StoredNamespace {
+    /// The activations in the store.
+    pub activations: BTreeMap<String, String>,
+    /// The activations the meta record says the last change left.
+    pub listed: Option<BTreeMap<String, String>>,
+}
+
+/// What a verification found: the first [`MAX_PROBLEMS`] problems and how
+/// many there are in all.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Findings {
+    /// The first problems, in log order (records and namespaces last).
+    pub problems: Vec<Problem>,
+    /// How many problems there are in all.
+    pub total: u64,
+}
+
+impl Findings {
+    fn push(&mut self, problem: Problem) {
+        self.total += 1;
+        if self.problems.len() < MAX_PROBLEMS {
+            self.problems.push(problem);
+        }
+    }
+
+    /// Whether nothing is wrong.
+    pub fn is_intact(&self) -> bool {
+        self.total == 0
+    }
+}
+
+/// Checks the log one entry at a time, in key order, everything read at one
+/// revision: first the records that must each have been written with an
+/// entry ([`Verifier::new`]), then every entry ([`Verifier::feed`]), then
+/// the head and the namespaces ([`Verifier::finish`]). Memory grows with the
+/// records and namespaces (the current state), never with the log.
+pub struct Verifier<'a> {
+    trusted: &'a TrustedKeys,
+    findings: Findings,
+    /// Records by the revision they were last written at, until an entry
+    /// of that revision is fed; `None` once accounted for.
+    records: Vec<Option<StoredRecord>>,
+    by_revision: HashMap<Revision, Vec<usize>>,
+    previous_created: Revision,
+    expected: u64,
+    /// `None` after an unreadable entry: what follows it cannot be checked.
+    previous_hash: Option<String>,
+    /// The last entry fed: its hash (when readable) and create revision.
+    last: Option<(Option<String>, Revision)>,
+    /// Create revision of entry 1, when the log starts there.
+    log_began: Option<Revision>,
+    /// Per namespace, the newest entry with a state digest.
+    digests: BTreeMap<String, (u64, String)>,
+    /// Whether a correctly signed entry was fed.
+    signed_seen: bool,
+    /// Unsigned entries before the first signed one: written by a version
+    /// that did not sign, vouched for by the signed entry whose chain
+    /// covers them, if one follows.
+    unsigned_run: Option<(u64, u64)>,
+}
+
+impl<'a> Verifier<'a> {
+    /// A verifier trusting `trusted`, with the records to account for.
+    pub fn new(trusted: &'a TrustedKeys, records: Vec<StoredRecord>) -> Self {
+        let mut by_revision: HashMap<Revision, Vec<usize>> = HashMap::new();
+        for (i, record) in records.iter().enumerate() {
+            by_revision.entry(record.mod_revision).or_default().push(i);
+        }
+        Verifier {
+            trusted,
+            findings: Findings::default(),
+            records: records.into_iter().map(Some).collect(),
+            by_revision,
+            previous_created: 0,
+            expected: 1,
+            previous_hash: Some(GENESIS.to_string()),
+            last: None,
+            log_began: None,
+            digests: BTreeMap::new(),
+            signed_seen: false,
+            unsigned_run: None,
+        }
+    }
+
+    /// Checks the next entry of the log.
+    pub fn feed(&mut self, stored: StoredEntry) {
         let position = stored.position;
-        if position > expected {
-            problems.push(Problem::Missing {
-                from: expected,
+        if self.last.is_none() {
+            self.log_began = Some(if position == 1 {
+                stored.create_revision
+            } else {
+                0
+            });
+        }
+        if position > self.expected {
+            self.findings.push(Problem::Missing {
+                from: self.expected,
                 to: position - 1,
             });
         }
-        expected = position + 1;
-        let entry = match &stored.entry {
+        self.expected = position + 1;
+        if let Some(indices) = self.by_revision.remove(&stored.create_revision) {
+            for i in indices {
+                self.records[i] = None;
+            }
+        }
+        let entry = match stored.entry {
             Ok(entry) => entry,
             Err(error) => {
-                problems.push(Problem::Unreadable {
-                    position,
-                    error: error.clone(),
-                });
-                previous_hash = None;
-                last = None;
-                continue;
+                self.findings.push(Problem::Unreadable { position, error });
+                self.previous_hash = None;
+                self.last = Some((None, stored.create_revision));
+                return;
             }
         };
         if entry.seq != position {
-            problems.push(Problem::Moved {
+            self.findings.push(Problem::Moved {
                 position,
                 claims: entry.seq,
             });
         }
         if entry.hash != entry.computed_hash() {
-            problems.push(Problem::Edited { position });
+            self.findings.push(Problem::Edited { position });
+        }
+        match entry.check_signature(self.trusted) {
+            Ok(()) => {
+                self.signed_seen = true;
+                self.unsigned_run = None;
+            }
+            Err(SignatureError::Unsigned) if !self.signed_seen => {
+                let from = self.unsigned_run.map_or(position, |(from, _)| from);
+                self.unsigned_run = Some((from, position));
+            }
+            Err(error) => self
+                .findings
+                .push(Problem::BadSignature { position, error }),
         }
         if entry.action == AuditAction::HeadRestored {
-            problems.push(Problem::HeadWasMissing { position });
+            self.findings.push(Problem::HeadWasMissing { position });
         }
-        if stored.create_revision <= previous_created {
-            problems.push(Problem::OutOfOrder { position });
+        if stored.create_revision <= self.previous_created {
+            self.findings.push(Problem::OutOfOrder { position });
         }
-        previous_created = stored.create_revision;
+        self.previous_created = stored.create_revision;
         if stored.mod_revision != stored.create_revision {
-            problems.push(Problem::Rewritten {
+            self.findings.push(Problem::Rewritten {
                 position,
                 created: stored.create_revision,
                 modified: stored.mod_revision,
             });
         }
-        if previous_hash
+        if self
+            .previous_hash
             .as_ref()
             .is_some_and(|p| *p != entry.prev_hash)
         {
-            problems.push(Problem::Unchained { position });
+            self.findings.push(Problem::Unchained { position });
+        }
+        if let (Some(namespace), Some(digest)) = (entry.namespace, entry.state_digest) {
+            self.digests.insert(namespace, (position, digest));
         }
         // Follow the stored hash, so one bad entry is reported once rather
         // than breaking every entry after it.
-        previous_hash = Some(entry.hash.clone());
-        last = Some(entry);
+        self.previous_hash = Some(entry.hash.clone());
+        self.last = Some((Some(entry.hash), stored.create_revision));
     }
-    let last_position = expected - 1;
-    let last_created = entries.last().map(|e| e.create_revision);
-    match head {
-        None if last_position > 0 => problems.push(Problem::HeadMissing {
-            last: last_position,
-        }),
-        None => {}
-        Some(stored) => {
-            let head = &stored.head;
-            if head.seq > last_position {
-                problems.push(Problem::Truncated {
-                    last: last_position,
-                    head: head.seq,
-                });
-            } else if head.seq < last_position {
-                problems.push(Problem::BeyondHead {
-                    head: head.seq,
-                    last: last_position,
-                });
-            } else if last.is_some_and(|e| e.hash != head.hash)
-                || last_created.is_some_and(|r| r != stored.mod_revision)
-            {
-                problems.push(Problem::HeadMismatch {
-                    last: last_position,
+
+    /// Checks the head, the records no entry accounted for, and each
+    /// namespace against the digest of its last change.
+    pub fn finish(
+        mut self,
+        head: Option<&StoredHead>,
+        namespaces: &BTreeMap<String, StoredNamespace>,
+    ) -> Findings {
+        if let Some((from, to)) = self.unsigned_run {
+            self.findings.push(Problem::UnsignedTail { from, to });
+        }
+        let last_position = self.expected - 1;
+        match head {
+            None if last_position > 0 => self.findings.push(Problem::HeadMissing {
+                last: last_position,
+            }),
+            None => {}
+            Some(stored) => {
+                let head = &stored.head;
+                if head.seq > last_position {
+                    self.findings.push(Problem::Truncated {
+                        last: last_position,
+                        head: head.seq,
+                    });
+                } else if head.seq < last_position {
+                    self.findings.push(Problem::BeyondHead {
+                        head: head.seq,
+                        last: last_position,
+                    });
+                } else if let Some((hash, created)) = &self.last {
+                    if hash.as_ref().is_some_and(|h| *h != head.hash)
+                        || *created != stored.mod_revision
+                    {
+                        self.findings.push(Problem::HeadMismatch {
+                            last: last_position,
+                        });
+                    }
+                }
+            }
+        }
+        // Records older than entry 1 were written before the log began (by
+        // a version without one). Without entry 1, every record must be
+        // audited.
+        let log_began = self.log_began.unwrap_or(0);
+        for record in self.records.iter().flatten() {
+            if record.mod_revision >= log_began {
+                self.findings.push(Problem::Unaudited {
+                    key: record.key.clone(),
+                    revision: record.mod_revision,
                 });
             }
         }
+        let empty = StoredNamespace::default();
+        for (namespace, (position, digest)) in &self.digests {
+            let stored = namespaces.get(namespace).unwrap_or(&empty);
+            for problem in compare_namespace(namespace, *position, digest, stored) {
+                self.findings.push(problem);
+            }
+        }
+        self.findings
     }
-    let audited: std::collections::HashSet<Revision> =
-        entries.iter().map(|e| e.create_revision).collect();
-    // Records older than entry 1 were written before the log began (by a
-    // version without one). Without entry 1, every record must be audited.
-    let log_began = entries
-        .first()
-        .filter(|e| e.position == 1)
-        .map_or(0, |e| e.create_revision);
-    for record in records {
-        if record.mod_revision >= log_began && !audited.contains(&record.mod_revision) {
-            problems.push(Problem::Unaudited {
-                key: record.key.clone(),
-                revision: record.mod_revision,
+}
+
+/// What differs between a namespace in the store and the digest its last
+/// change (entry `position`) committed to. When the meta record's list gives
+/// that digest, it says which activations differ; otherwise only that they
+/// do.
+pub fn compare_namespace(
+    namespace: &str,
+    position: u64,
+    digest: &str,
+    stored: &StoredNamespace,
+) -> Vec<Problem> {
+    let digest_of = |list: &BTreeMap<String, String>| {
+        state_digest(list.iter().map(|(i, h)| (i.as_str(), h.as_str())))
+    };
+    if digest_of(&stored.activations) == digest {
+        return Vec::new();
+    }
+    let Some(listed) = stored.listed.as_ref().filter(|l| digest_of(l) == digest) else {
+        return vec![Problem::StateMismatch {
+            namespace: namespace.to_string(),
+            position,
+        }];
+    };
+    let mut problems = Vec::new();
+    for (id, hash) in listed {
+        match stored.activations.get(id) {
+            None => problems.push(Problem::ActivationDeleted {
+                namespace: namespace.to_string(),
+                id: id.clone(),
+                position,
+            }),
+            Some(actual) if actual != hash => problems.push(Problem::ActivationEdited {
+                namespace: namespace.to_string(),
+                id: id.clone(),
+                position,
+            }),
+            Some(_) => {}
+        }
+    }
+    for id in stored.activations.keys() {
+        if !listed.contains_key(id) {
+            problems.push(Problem::ActivationAdded {
+                namespace: namespace.to_string(),
+                id: id.clone(),
+                position,
             });
         }
     }
     problems
 }
 
+/// Checks a whole log held in memory (for tests and small logs): the same
+/// checks as [`Verifier`], without namespaces.
+pub fn verify(
+    trusted: &TrustedKeys,
+    entries: &[StoredEntry],
+    head: Option<&StoredHead>,
+    records: &[StoredRecord],
+) -> Vec<Problem> {
+    let mut verifier = Verifier::new(trusted, records.to_vec());
+    for entry in entries {
+        verifier.feed(entry.clone());
+    }
+    verifier.finish(head, &BTreeMap::new()).problems
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The controller's key in these tests, and one an attacker made.
+    fn keys() -> &'static (SigningKey, SigningKey, TrustedKeys) {
+        static KEYS: std::sync::OnceLock<(SigningKey, SigningKey, TrustedKeys)> =
+            std::sync::OnceLock::new();
+        KEYS.get_or_init(|| {
+            let (ours, _) = SigningKey::generate();
+            let (rogue, _) = SigningKey::generate();
+            let trusted = TrustedKeys::new([ours.public_key().clone()]).unwrap();
+            (ours, rogue, trusted)
+        })
+    }
+
+    fn seal(draft: AuditDraft, head: &AuditHead) -> AuditEntry {
+        AuditEntry::seal(draft, None, head, Timestamp::UNIX_EPOCH, &keys().0)
+    }
+
+    fn rogue_seal(draft: AuditDraft, head: &AuditHead) -> AuditEntry {
+        AuditEntry::seal(draft, None, head, Timestamp::UNIX_EPOCH, &keys().1)
+    }
 
     fn draft(n: u32) -> AuditDraft {
         AuditDraft {
@@ -559,7 +1002,7 @@ mod tests {
         let mut entries = Vec::new();
         let mut records = Vec::new();
         for i in 1..=n {
-            let entry = AuditEntry::seal(draft(i), &head, Timestamp::UNIX_EPOCH);
+            let entry = seal(draft(i), &head);
             head = entry.head();
             entries.push(StoredEntry {
                 position: entry.seq,
@@ -582,19 +1025,26 @@ mod tests {
         }
     }
 
-    fn check(name: &str, tamper: impl FnOnce(&mut World), expected: &[&str]) {
+    fn check<S: AsRef<str>>(name: &str, tamper: impl FnOnce(&mut World), expected: &[S]) {
         let mut world = chain(6);
         tamper(&mut world);
-        let got: Vec<String> = verify(&world.entries, world.head.as_ref(), &world.records)
-            .iter()
-            .map(ToString::to_string)
-            .collect();
+        let got: Vec<String> = verify(
+            &keys().2,
+            &world.entries,
+            world.head.as_ref(),
+            &world.records,
+        )
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+        let expected: Vec<&str> = expected.iter().map(AsRef::as_ref).collect();
         assert_eq!(got, expected, "{name}");
     }
 
     #[test]
     fn verify_names_each_kind_of_tampering() {
-        check("intact", |_| {}, &[]);
+        let rogue = keys().1.key_id().to_string();
+        check::<&str>("intact", |_| {}, &[]);
         check(
             "one field edited",
             |w| w.entries[2].entry.as_mut().unwrap().principal = "mallory".into(),
@@ -609,6 +1059,7 @@ mod tests {
                 w.entries[2].mod_revision = 9;
             },
             &[
+                "entry 3 has a signature by key KEY that does not match it: it was forged or altered".replace("KEY", keys().0.key_id().as_str()).as_str(),
                 "entry 3 was rewritten at revision 9 after it was appended at revision 3",
                 "entry 4 does not follow the entry before it (one before it was removed, replaced or reordered)",
             ],
@@ -691,7 +1142,7 @@ mod tests {
                 for (i, revision) in [(4, 20), (5, 21), (6, 22)] {
                     let mut d = draft(i);
                     d.reason = Some("nothing happened".into());
-                    let entry = AuditEntry::seal(d, &head, Timestamp::UNIX_EPOCH);
+                    let entry = rogue_seal(d, &head);
                     head = entry.head();
                     w.entries.push(StoredEntry {
                         position: entry.seq,
@@ -706,16 +1157,19 @@ mod tests {
                 });
             },
             &[
-                "/safemode/ns/live/activations/act_4 was last written at revision 4, which has no audit entry: the log was cut or rewritten, or the store was written outside safemode",
-                "/safemode/ns/live/activations/act_5 was last written at revision 5, which has no audit entry: the log was cut or rewritten, or the store was written outside safemode",
-                "/safemode/ns/live/activations/act_6 was last written at revision 6, which has no audit entry: the log was cut or rewritten, or the store was written outside safemode",
+                format!("entry 4 is signed by key {rogue}, which is not trusted: it was written outside safemode, or add that key with --trusted-keys if it is your controller's"),
+                format!("entry 5 is signed by key {rogue}, which is not trusted: it was written outside safemode, or add that key with --trusted-keys if it is your controller's"),
+                format!("entry 6 is signed by key {rogue}, which is not trusted: it was written outside safemode, or add that key with --trusted-keys if it is your controller's"),
+                "/safemode/ns/live/activations/act_4 was last written at revision 4, which has no audit entry: the log was cut or rewritten, or the store was written outside safemode".to_string(),
+                "/safemode/ns/live/activations/act_5 was last written at revision 5, which has no audit entry: the log was cut or rewritten, or the store was written outside safemode".to_string(),
+                "/safemode/ns/live/activations/act_6 was last written at revision 6, which has no audit entry: the log was cut or rewritten, or the store was written outside safemode".to_string(),
             ],
         );
         check(
             "an entry added after the head",
             |w| {
                 let last = w.entries[5].entry.as_ref().unwrap().head();
-                let entry = AuditEntry::seal(draft(7), &last, Timestamp::UNIX_EPOCH);
+                let entry = rogue_seal(draft(7), &last);
                 w.entries.push(StoredEntry {
                     position: 7,
                     entry: Ok(entry),
@@ -724,7 +1178,8 @@ mod tests {
                 });
             },
             &[
-                "entry 7 follows entry 6, the last one the head names: it was added outside safemode",
+                format!("entry 7 is signed by key {rogue}, which is not trusted: it was written outside safemode, or add that key with --trusted-keys if it is your controller's"),
+                "entry 7 follows entry 6, the last one the head names: it was added outside safemode".to_string(),
             ],
         );
         check(
@@ -732,6 +1187,169 @@ mod tests {
             |w| w.entries[0].entry = Err("expected value at line 1 column 1".into()),
             &["entry 1 cannot be read: expected value at line 1 column 1"],
         );
+    }
+
+    #[test]
+    fn unsigned_and_forged_entries_are_named() {
+        let (ours, _, trusted) = keys();
+        check(
+            "unsigned, correctly chained and hashed",
+            |w| {
+                let entry = w.entries[3].entry.as_mut().unwrap();
+                entry.key_id.clear();
+                entry.signature.clear();
+            },
+            &[
+                "entry 4 is not signed: it was written outside safemode (or by a version that did not sign)",
+            ],
+        );
+        check(
+            "a signature copied from another entry",
+            |w| {
+                let other = w.entries[0].entry.clone().unwrap();
+                let entry = w.entries[3].entry.as_mut().unwrap();
+                entry.signature = other.signature;
+            },
+            &[format!(
+                "entry 4 has a signature by key {} that does not match it: it was forged or altered",
+                ours.key_id()
+            )],
+        );
+        check(
+            "a signature that is not base64",
+            |w| w.entries[3].entry.as_mut().unwrap().signature = "!!".into(),
+            &[format!(
+                "entry 4 has a signature by key {} that does not match it: it was forged or altered",
+                ours.key_id()
+            )],
+        );
+        check(
+            "unsigned at the end, as a forgery appended after signed entries",
+            |w| {
+                for stored in &mut w.entries[3..] {
+                    let entry = stored.entry.as_mut().unwrap();
+                    entry.key_id.clear();
+                    entry.signature.clear();
+                }
+            },
+            &[
+                "entry 4 is not signed: it was written outside safemode (or by a version that did not sign)",
+                "entry 5 is not signed: it was written outside safemode (or by a version that did not sign)",
+                "entry 6 is not signed: it was written outside safemode (or by a version that did not sign)",
+            ],
+        );
+        check::<&str>(
+            "unsigned entries of an older version, followed by signed ones",
+            |w| {
+                for stored in &mut w.entries[..3] {
+                    let entry = stored.entry.as_mut().unwrap();
+                    entry.key_id.clear();
+                    entry.signature.clear();
+                }
+            },
+            &[],
+        );
+        check(
+            "no entry signed",
+            |w| {
+                for stored in &mut w.entries {
+                    let entry = stored.entry.as_mut().unwrap();
+                    entry.key_id.clear();
+                    entry.signature.clear();
+                }
+            },
+            &[
+                "entries 1 to 6 are not signed and no signed entry follows them: they were written outside safemode (or by a version that did not sign, and no change has been made since)",
+            ],
+        );
+        // The signature is the controller's over the hash.
+        let entry = seal(draft(1), &AuditHead::default());
+        assert_eq!(entry.check_signature(trusted), Ok(()));
+    }
+
+    #[test]
+    fn long_texts_are_cut_with_a_marker() {
+        let mut d = draft(1);
+        d.reason = Some("r".repeat(100_000));
+        d.detail = "d".repeat(100_000);
+        d.activation_ids = (0..1000).map(|i| format!("act_{i}")).collect();
+        let entry = seal(d, &AuditHead::default());
+        let reason = entry.reason.as_deref().unwrap();
+        assert!(reason.len() <= MAX_REASON_BYTES, "{}", reason.len());
+        assert!(reason.ends_with("more bytes]"), "{reason:.60}");
+        assert!(entry.detail.len() <= MAX_DETAIL_BYTES);
+        assert!(entry.detail.contains("[cut: "));
+        assert_eq!(entry.activation_ids.len(), MAX_ACTIVATION_IDS);
+        assert_eq!(entry.check_signature(&keys().2), Ok(()));
+        assert!(serde_json::to_vec(&entry).unwrap().len() < 32 * 1024);
+        // A cut never splits a character.
+        assert!(bounded("é".repeat(5000), 101).len() <= 101);
+    }
+
+    #[test]
+    fn namespaces_are_compared_with_the_digest_of_their_last_change() {
+        let list = |items: &[(&str, &str)]| -> BTreeMap<String, String> {
+            items
+                .iter()
+                .map(|(i, h)| (i.to_string(), h.to_string()))
+                .collect()
+        };
+        let committed = list(&[("act_a", "h1"), ("act_b", "h2")]);
+        let digest = state_digest(committed.iter().map(|(i, h)| (i.as_str(), h.as_str())));
+        let names = |stored: StoredNamespace| -> Vec<String> {
+            compare_namespace("live", 7, &digest, &stored)
+                .iter()
+                .map(ToString::to_string)
+                .collect()
+        };
+        assert!(
+            names(StoredNamespace {
+                activations: committed.clone(),
+                listed: Some(committed.clone()),
+            })
+            .is_empty()
+        );
+        assert_eq!(
+            names(StoredNamespace {
+                activations: list(&[("act_b", "h2x"), ("act_c", "h3")]),
+                listed: Some(committed.clone()),
+            }),
+            [
+                "activation act_a of namespace live was deleted outside safemode: entry 7 committed to it and it is not in the store",
+                "activation act_b of namespace live was edited outside safemode: it is not the record entry 7 committed to",
+                "activation act_c of namespace live was added outside safemode: entry 7, the namespace's last change, does not include it",
+            ]
+        );
+        assert_eq!(
+            names(StoredNamespace {
+                activations: list(&[("act_a", "h1")]),
+                listed: Some(list(&[("act_a", "h1")])),
+            }),
+            [
+                "the activations of namespace live are not those entry 7 committed to, and its meta record was altered too: compare `safemode status` with the log"
+            ]
+        );
+    }
+
+    #[test]
+    fn problems_beyond_the_bound_are_counted() {
+        let (_, _, trusted) = keys();
+        let mut verifier = Verifier::new(trusted, Vec::new());
+        let mut head = AuditHead::default();
+        for i in 1..=(MAX_PROBLEMS as u32 + 50) {
+            // Signed by a key that is not trusted: one problem each.
+            let entry = rogue_seal(draft(i), &head);
+            head = entry.head();
+            verifier.feed(StoredEntry {
+                position: u64::from(i),
+                entry: Ok(entry),
+                create_revision: i64::from(i),
+                mod_revision: i64::from(i),
+            });
+        }
+        let findings = verifier.finish(None, &BTreeMap::new());
+        assert_eq!(findings.problems.len(), MAX_PROBLEMS);
+        assert_eq!(findings.total, MAX_PROBLEMS as u64 + 51);
     }
 
     #[test]

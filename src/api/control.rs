@@ -626,10 +626,12 @@ impl ControlService for ControlApi {
             } else {
                 head.hash
             },
-            verified: report.problems.is_some(),
+            verified: report.findings.is_some(),
+            problems_total: report.findings.as_ref().map_or(0, |f| f.total),
             problems: report
-                .problems
+                .findings
                 .unwrap_or_default()
+                .problems
                 .iter()
                 .map(ToString::to_string)
                 .collect(),

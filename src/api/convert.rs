@@ -177,5 +177,8 @@ pub fn audit_entry_to_wire(e: &AuditEntry) -> proto::AuditEntry {
         revision: e.revision,
         prev_hash: e.prev_hash.clone(),
         hash: e.hash.clone(),
+        state_digest: e.state_digest.clone().unwrap_or_default(),
+        key_id: e.key_id.clone(),
+        signature: e.signature.clone(),
     }
 }

@@ -190,37 +190,51 @@ pub(super) async fn audit(
         IncidentId::parse(id)?;
     }
     let mut client = control(servers, caller).await?;
-    // The first page carries the verification and the head; the rest are
-    // appended to it.
+    let request = |verify: bool, after_seq: u64| proto::GetAuditRequest {
+        incident_id: incident.clone().unwrap_or_default(),
+        verify,
+        after_seq,
+        limit: 0,
+    };
+    // The first page carries the verification and the head. Text is
+    // printed page by page, so the log is never held whole; JSON is one
+    // document, so its pages are gathered.
     let mut response = client
-        .get_audit(proto::GetAuditRequest {
-            incident_id: incident.clone().unwrap_or_default(),
-            verify,
-            after_seq: 0,
-            limit: 0,
-        })
+        .get_audit(request(verify, 0))
         .await
         .map_err(refused)?
         .into_inner();
-    while response.next_after_seq != 0 {
+    if format == Format::Text {
+        emit(output::audit_rows(&response, true))?;
+    }
+    let mut next = response.next_after_seq;
+    while next != 0 {
         let page = client
-            .get_audit(proto::GetAuditRequest {
-                incident_id: incident.clone().unwrap_or_default(),
-                verify: false,
-                after_seq: response.next_after_seq,
-                limit: 0,
-            })
+            .get_audit(request(false, next))
             .await
             .map_err(refused)?
             .into_inner();
-        response.entries.extend(page.entries);
-        response.next_after_seq = page.next_after_seq;
+        // Pages only move forward; a server that says otherwise would
+        // keep this loop going forever.
+        if page.next_after_seq != 0 && page.next_after_seq <= next {
+            bail!(
+                "the server answered the page after entry {next} with an earlier page; try again"
+            );
+        }
+        next = page.next_after_seq;
+        match format {
+            Format::Text => emit(output::audit_rows(&page, false))?,
+            Format::Json => response.entries.extend(page.entries),
+        }
     }
-    emit(output::audit(format, &response))?;
-    if verify && !response.problems.is_empty() {
+    match format {
+        Format::Text => emit(output::audit_summary(&response))?,
+        Format::Json => emit(output::audit(format, &response))?,
+    }
+    if verify && response.problems_total > 0 {
         bail!(
             "the audit log has been tampered with: {} problem(s), listed above",
-            response.problems.len()
+            response.problems_total
         );
     }
     Ok(())

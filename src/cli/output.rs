@@ -888,6 +888,9 @@ pub fn approved(format: Format, response: &proto::ApproveResponse) -> String {
     }
 }
 
+/// The whole audit report as one document (JSON), or as one table with the
+/// verification's summary (text). `safemode audit` prints text page by page
+/// with [`audit_rows`] and [`audit_summary`] instead.
 pub fn audit(format: Format, response: &proto::GetAuditResponse) -> String {
     match format {
         Format::Json => json_line(&json!({
@@ -904,69 +907,101 @@ pub fn audit(format: Format, response: &proto::GetAuditResponse) -> String {
                 "activation_ids": e.activation_ids,
                 "detail": e.detail,
                 "revision": e.revision,
+                "state_digest": (!e.state_digest.is_empty()).then_some(&e.state_digest),
                 "prev_hash": e.prev_hash,
                 "hash": e.hash,
+                "key_id": (!e.key_id.is_empty()).then_some(&e.key_id),
+                "signature": (!e.signature.is_empty()).then_some(&e.signature),
             })).collect::<Vec<_>>(),
             "verified": response.verified,
             "problems": response.problems,
+            "problems_total": response.problems_total,
             "head": (response.head_seq > 0).then(|| json!({
                 "seq": response.head_seq,
                 "hash": response.head_hash,
             })),
         })),
         Format::Text => {
-            let mut out = String::new();
-            let rows: Vec<[String; 6]> = response
-                .entries
-                .iter()
-                .map(|e| {
-                    [
-                        e.seq.to_string(),
-                        time_text(&e.at),
-                        e.action.clone(),
-                        if e.roles.is_empty() {
-                            e.principal.clone()
-                        } else {
-                            format!("{} ({})", e.principal, e.roles.join(","))
-                        },
-                        e.revision.to_string(),
-                        [e.detail.as_str(), e.reason.as_str()]
-                            .iter()
-                            .filter(|t| !t.is_empty())
-                            .map(|t| t.to_string())
-                            .collect::<Vec<_>>()
-                            .join(" / reason: "),
-                    ]
-                })
-                .collect();
-            table(
-                &mut out,
-                ["SEQ", "AT", "ACTION", "BY", "REVISION", "DETAIL"],
-                &rows,
-            );
-            if response.verified {
-                say!(out);
-                if response.head_seq > 0 {
-                    // Kept somewhere else, it shows later whether the whole
-                    // store was rewritten.
-                    say!(
-                        out,
-                        "head: entry {} with hash {}",
-                        response.head_seq,
-                        response.head_hash
-                    );
-                }
-                if response.problems.is_empty() {
-                    say!(out, "verified: the hash chain is intact");
-                } else {
-                    for problem in &response.problems {
-                        say!(out, "TAMPERED: {problem}");
-                    }
-                }
-            }
+            let mut out = audit_rows(response, true);
+            out.push_str(&audit_summary(response));
             out
         }
     }
+}
+
+/// One page of the log as table rows (text), with the header on the first.
+pub fn audit_rows(response: &proto::GetAuditResponse, header: bool) -> String {
+    let mut out = String::new();
+    let rows: Vec<[String; 6]> = response
+        .entries
+        .iter()
+        .map(|e| {
+            [
+                e.seq.to_string(),
+                time_text(&e.at),
+                e.action.clone(),
+                if e.roles.is_empty() {
+                    e.principal.clone()
+                } else {
+                    format!("{} ({})", e.principal, e.roles.join(","))
+                },
+                e.revision.to_string(),
+                [e.detail.as_str(), e.reason.as_str()]
+                    .iter()
+                    .filter(|t| !t.is_empty())
+                    .map(|t| t.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" / reason: "),
+            ]
+        })
+        .collect();
+    let titles = ["SEQ", "AT", "ACTION", "BY", "REVISION", "DETAIL"];
+    if header {
+        table(&mut out, titles, &rows);
+    } else {
+        // Later pages: the rows only, so the listing reads as one table.
+        let mut page = String::new();
+        table(&mut page, titles, &rows);
+        out.extend(page.lines().skip(1).map(|l| format!("{l}\n")));
+    }
+    out
+}
+
+/// What verification found (text): the head to keep, and each problem.
+pub fn audit_summary(response: &proto::GetAuditResponse) -> String {
+    let mut out = String::new();
+    if response.verified {
+        say!(out);
+        if response.head_seq > 0 {
+            // Kept somewhere else, it shows later whether the whole
+            // store was rewritten.
+            say!(
+                out,
+                "head: entry {} with hash {}",
+                response.head_seq,
+                response.head_hash
+            );
+        }
+        if response.problems.is_empty() {
+            say!(
+                out,
+                "verified: the hash chain is intact, every entry is signed by a trusted key, and the activations are those the log committed to"
+            );
+        } else {
+            for problem in &response.problems {
+                say!(out, "TAMPERED: {problem}");
+            }
+            let listed = response.problems.len() as u64;
+            if response.problems_total > listed {
+                say!(
+                    out,
+                    "TAMPERED: and {} more problem(s) not listed",
+                    response.problems_total - listed
+                );
+            }
+        }
+    }
+    out
 }
 
 pub fn runbooks(format: Format, response: &proto::ListRunbooksResponse) -> String {

@@ -36,7 +36,9 @@ impl Controller {
     ) -> Result<Vec<ChangeRequest>> {
         let now = Timestamp::now();
         let prefix = self.config.layout.requests_prefix();
-        let range = self.store.range(&prefix).await?;
+        // In pages: the requests of every namespace, decided ones included,
+        // may be more than one store message holds.
+        let range = crate::store::read_all(&*self.store, &prefix).await?;
         let mut requests = Vec::new();
         for kv in range.kvs {
             let request: ChangeRequest =

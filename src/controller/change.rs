@@ -20,9 +20,9 @@ use futures_util::future::BoxFuture;
 use jiff::Timestamp;
 use tracing::{debug, info, warn};
 
-use super::keys::NamespaceChange;
+use super::keys::{Layout, NamespaceChange, NamespaceKey, NamespaceState};
 use super::{Controller, Error, NamespaceView, Result};
-use crate::audit::{AuditAction, AuditDraft, AuditEntry, AuditHead};
+use crate::audit::{self, AuditAction, AuditDraft, AuditEntry, AuditHead};
 use crate::policy::{Namespace, Revision};
 use crate::store::{Compare, Op, Txn, TxnOutcome};
 
@@ -65,6 +65,46 @@ impl<T> Plan<T> {
     }
 }
 
+/// The namespace's activations after `ops`, for its meta record and the
+/// digest its audit entry (at `audit_seq`) signs. It starts from what the
+/// last change left as the view trusts it (its signed list), not from what
+/// the store holds now: an activation deleted or edited behind safemode's
+/// back stays named, and failing closed, until it is lifted, instead of
+/// being blessed by the next change. Without a trusted list (a namespace
+/// written by a version before digests, or whose list did not check out) it
+/// starts from the stored records.
+fn namespace_state(
+    layout: &Layout,
+    view: &NamespaceView,
+    ops: &[Op],
+    audit_seq: u64,
+) -> NamespaceState {
+    let mut activations = view
+        .listed
+        .clone()
+        .unwrap_or_else(|| view.stored_hashes.clone());
+    for op in ops {
+        let (Op::Put { key, .. } | Op::Delete { key }) = op;
+        let NamespaceKey::Activation(id) = layout.classify(&view.namespace, key) else {
+            continue;
+        };
+        match op {
+            Op::Put { value, .. } => {
+                activations.insert(id.to_string(), audit::record_hash(value));
+            }
+            Op::Delete { .. } => {
+                activations.remove(id.as_str());
+            }
+        }
+    }
+    let digest = audit::state_digest(activations.iter().map(|(i, h)| (i.as_str(), h.as_str())));
+    NamespaceState {
+        audit_seq,
+        digest,
+        activations,
+    }
+}
+
 impl Controller {
     /// Prepares and commits a change, retrying from fresh state when a
     /// concurrent change wins. `namespace` is the namespace the change reads
@@ -92,16 +132,26 @@ impl Controller {
                 compares: plan.compares,
                 ops: plan.ops,
             };
+            // The audit head first: the namespace's record names the entry.
+            let head = match plan.audit {
+                Some(_) => Some(self.audit_head().await?),
+                None => None,
+            };
+            let next_seq = head.as_ref().map_or(0, |(h, _)| h.seq + 1);
+            let mut state_digest = None;
             if let Some(view) = &view {
                 let meta_key = layout.meta_key(&view.namespace);
                 txn.compares.push(Compare::ModRevision {
                     key: meta_key.clone(),
                     revision: view.meta_revision,
                 });
-                if let Some(record) = &plan.record {
+                if let Some(mut record) = plan.record.clone() {
+                    let state = namespace_state(layout, view, &txn.ops, next_seq);
+                    state_digest = Some(state.digest.clone());
+                    record.state = Some(state);
                     txn.ops.push(Op::Put {
                         key: meta_key,
-                        value: serde_json::to_vec(record).expect("changes serialize"),
+                        value: serde_json::to_vec(&record).expect("changes serialize"),
                     });
                 }
             }
@@ -112,9 +162,9 @@ impl Controller {
                 });
             }
             let mut appended = None;
-            if let Some(draft) = plan.audit {
-                let (head, head_revision) = self.audit_head().await?;
-                let entry = AuditEntry::seal(draft, &head, plan.at);
+            if let (Some(draft), Some((head, head_revision))) = (plan.audit, head) {
+                let entry =
+                    AuditEntry::seal(draft, state_digest, &head, plan.at, self.signing_key());
                 appended = Some((entry.seq, entry.action, entry.hash.clone()));
                 txn.compares.push(Compare::ModRevision {
                     key: layout.audit_head_key(),
@@ -194,8 +244,7 @@ impl Controller {
     /// log from its last entry.
     async fn restore_audit_head(&self) -> Result<(AuditHead, Revision)> {
         let layout = &self.config.layout;
-        let log = self.store.range(&layout.audit_log_prefix()).await?;
-        let Some(kv) = log.kvs.last() else {
+        let Some(kv) = self.last_audit_entry().await? else {
             return Ok((AuditHead::default(), 0));
         };
         let last: AuditEntry = serde_json::from_slice(&kv.value).map_err(|e| {
@@ -218,7 +267,13 @@ impl Controller {
                 self.config.replica, last.seq, last.hash
             ),
         };
-        let entry = AuditEntry::seal(draft, &last.head(), Timestamp::now());
+        let entry = AuditEntry::seal(
+            draft,
+            None,
+            &last.head(),
+            Timestamp::now(),
+            self.signing_key(),
+        );
         let txn = Txn {
             compares: vec![
                 Compare::ModRevision {
@@ -265,6 +320,34 @@ impl Controller {
                     )))
                 })?;
                 Ok((head, kv.mod_revision))
+            }
+        }
+    }
+
+    /// The log's last stored entry, read page by page at one revision (the
+    /// log can be larger than one store message). Only a missing head needs
+    /// it.
+    async fn last_audit_entry(&self) -> Result<Option<crate::store::KeyValue>> {
+        let prefix = self.config.layout.audit_log_prefix();
+        let mut revision = 0;
+        let mut last = None;
+        loop {
+            let start_after = last
+                .as_ref()
+                .map(|kv: &crate::store::KeyValue| kv.key.clone());
+            let page = self
+                .store
+                .range_page(&prefix, start_after.as_deref(), 100, revision)
+                .await?;
+            revision = page.revision;
+            let more = page.more;
+            if let Some(kv) = page.kvs.into_iter().last() {
+                last = Some(kv);
+            } else {
+                return Ok(last);
+            }
+            if !more {
+                return Ok(last);
             }
         }
     }

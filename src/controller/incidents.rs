@@ -625,7 +625,8 @@ impl Controller {
     /// Every incident, with the revision of its record.
     pub(crate) async fn incidents(&self) -> Result<Vec<(Incident, Revision)>> {
         let prefix = self.config.layout.incidents_prefix();
-        let range = self.store.range(&prefix).await?;
+        // In pages: resolved incidents stay, so the list only grows.
+        let range = crate::store::read_all(&*self.store, &prefix).await?;
         range
             .kvs
             .into_iter()

@@ -21,7 +21,12 @@
 //!
 //! Every change to a namespace rewrites its `meta` key in the same
 //! transaction, so the meta key's mod revision is the namespace revision, and
-//! a transaction that compares it detects any concurrent change.
+//! a transaction that compares it detects any concurrent change. The meta
+//! record also lists the namespace's activations after the change (id and
+//! record hash) with the position of the change's audit entry, which signs
+//! their digest ([`NamespaceState`]).
+
+use std::collections::BTreeMap;
 
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
@@ -185,6 +190,24 @@ pub struct NamespaceChange {
     pub at: Timestamp,
     /// Activations it created or removed.
     pub activation_ids: Vec<ActivationId>,
+    /// The activations the change left, committed to by its signed audit
+    /// entry (absent in records of versions before digests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<NamespaceState>,
+}
+
+/// What a change left in its namespace: written by `Controller::commit`
+/// into the meta record, and trusted only
+/// when the audit entry at `audit_seq`, created in the same transaction and
+/// signed by the controller, commits to the same digest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamespaceState {
+    /// Position of the change's audit entry.
+    pub audit_seq: u64,
+    /// `audit::state_digest` of `activations`, as in the entry.
+    pub digest: String,
+    /// Activation id to `audit::record_hash` of its stored record.
+    pub activations: BTreeMap<String, String>,
 }
 
 /// The modes and runbooks every replica serves, by fingerprint.

@@ -433,6 +433,7 @@ impl Controller {
                     Arc::new(NamespaceHandle::spawn(
                         self.store.clone(),
                         self.config.layout.clone(),
+                        self.trusted_keys().clone(),
                         namespace.clone(),
                         self.shutdown.child_token(),
                     ))

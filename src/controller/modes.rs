@@ -262,6 +262,8 @@ pub(crate) fn record(
         reason: reason.to_string(),
         at,
         activation_ids: activations.into_iter().collect(),
+        // Filled in by `Controller::commit`, which knows the whole change.
+        state: None,
     }
 }
 

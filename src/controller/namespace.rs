@@ -8,6 +8,14 @@
 //! namespace and replace the state in one step. Fan-out is the latest state,
 //! not a queue: a slow subscriber skips intermediate revisions and converges
 //! on the newest. The published revision never goes backwards.
+//!
+//! The follower also holds the namespace to what its last change left: the
+//! meta record lists the activations (id and record hash), and the list is
+//! trusted once the audit entry created with the meta record, signed by a
+//! trusted key, commits to its digest. An activation deleted or edited
+//! behind safemode's back is then replaced by a stand-in that denies
+//! everything, and named under `problems`, until it is lifted; one added
+//! behind safemode's back is named.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -20,9 +28,11 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::keys::{Layout, NamespaceChange, NamespaceKey};
+use super::keys::{Layout, NamespaceChange, NamespaceKey, NamespaceState};
+use crate::audit::{self, AuditEntry};
 use crate::backoff::Backoff;
 use crate::policy::{Activation, ActivationId, Channel, ChannelPolicy, Namespace, Revision};
+use crate::signing::TrustedKeys;
 use crate::store::{self, Event, EventKind, KeyValue, Store};
 
 /// The compiled policy for one channel at one revision: what a subscriber of
@@ -54,9 +64,15 @@ pub struct NamespaceView {
     pub activations: Vec<Arc<Activation>>,
     /// The last change, if the namespace has one.
     pub last_change: Option<NamespaceChange>,
-    /// Records that could not be read; shown in status so that a damaged
-    /// activation is never dropped silently.
+    /// Records that could not be read, and activations changed behind
+    /// safemode's back; shown in status so that neither is dropped
+    /// silently.
     pub problems: Vec<String>,
+    /// The activations the last change left (id to record hash), when its
+    /// signed audit entry vouches for the list.
+    pub listed: Option<BTreeMap<String, String>>,
+    /// The record hash of every activation as stored now.
+    pub stored_hashes: BTreeMap<String, String>,
     channels: Vec<Arc<ChannelSnapshot>>,
 }
 
@@ -71,6 +87,8 @@ impl NamespaceView {
             activations: Vec::new(),
             last_change: None,
             problems: Vec::new(),
+            listed: None,
+            stored_hashes: BTreeMap::new(),
             channels: Vec::new(),
         }
     }
@@ -92,6 +110,10 @@ impl NamespaceView {
     }
 }
 
+/// What checking a meta record's list against its audit entry found: the
+/// list (`Ok(None)`: the record has none) or why it is not trusted.
+type SealCheck = Result<Option<BTreeMap<String, String>>, String>;
+
 /// The mutable state the task folds store events into.
 struct State {
     namespace: Namespace,
@@ -101,6 +123,10 @@ struct State {
     revision: Revision,
     meta_revision: Revision,
     last_change: Option<NamespaceChange>,
+    /// The record hash of each stored activation.
+    hashes: BTreeMap<ActivationId, String>,
+    /// The meta revision whose list was checked, and the result.
+    seal: Option<(Revision, SealCheck)>,
     /// Every store change up to here has been applied.
     store_revision: Revision,
 }
@@ -114,6 +140,8 @@ impl State {
             revision: 0,
             meta_revision: 0,
             last_change: None,
+            hashes: BTreeMap::new(),
+            seal: None,
             store_revision: 0,
         }
     }
@@ -141,6 +169,8 @@ impl State {
                         )
                     }
                 };
+                self.hashes
+                    .insert(id.clone(), audit::record_hash(&kv.value));
                 self.activations.insert(
                     id,
                     Arc::new(Activation {
@@ -174,6 +204,7 @@ impl State {
         match layout.classify(&self.namespace, &kv.key) {
             NamespaceKey::Activation(id) => {
                 self.activations.remove(&id);
+                self.hashes.remove(&id);
             }
             NamespaceKey::Meta => {
                 self.meta_revision = 0;
@@ -187,7 +218,9 @@ impl State {
     fn replace(&mut self, layout: &Layout, kvs: &[KeyValue], store_revision: Revision) {
         let previous = self.revision;
         let before = self.contents();
+        let seal = self.seal.take();
         *self = State::new(self.namespace.clone());
+        self.seal = seal;
         for kv in kvs {
             self.put(layout, kv);
         }
@@ -229,8 +262,91 @@ impl State {
         )
     }
 
+    /// The trusted list of what the last change left, if it checked out
+    /// for the current meta record.
+    fn listed(&self) -> Option<&BTreeMap<String, String>> {
+        match &self.seal {
+            Some((revision, Ok(Some(listed)))) if *revision == self.meta_revision => Some(listed),
+            _ => None,
+        }
+    }
+
+    /// The activations as they should be enforced, and what differs from
+    /// the signed list of the last change: a listed activation that is gone
+    /// or whose record changed is replaced by a stand-in that denies
+    /// everything (a protection removed behind safemode's back stays on).
+    fn enforced(&self) -> (BTreeMap<ActivationId, Arc<Activation>>, Vec<String>) {
+        let mut activations = self.activations.clone();
+        let mut problems = Vec::new();
+        if let Some((revision, Err(why))) = &self.seal {
+            if *revision == self.meta_revision {
+                problems.push(format!(
+                    "{}: the namespace's last-change record is not the one safemode signed: {why}",
+                    self.namespace
+                ));
+            }
+        }
+        let Some(listed) = self.listed() else {
+            return (activations, problems);
+        };
+        for (id, hash) in listed {
+            let Ok(parsed) = ActivationId::parse(id) else {
+                continue;
+            };
+            let what = match self.hashes.get(&parsed) {
+                None => "was deleted outside safemode",
+                Some(stored) if stored != hash => "was edited outside safemode",
+                Some(_) => continue,
+            };
+            let error = format!("activation {id} {what}; it fails closed until it is lifted");
+            warn!(namespace = %self.namespace, activation = %id, "{what}; failing closed for it");
+            problems.push(format!("{}: {error}", self.namespace));
+            let revision = activations
+                .get(&parsed)
+                .map_or(self.meta_revision, |a| a.revision);
+            activations.insert(
+                parsed.clone(),
+                Arc::new(Activation::unreadable(
+                    parsed,
+                    revision,
+                    &error,
+                    Timestamp::now(),
+                )),
+            );
+        }
+        for id in self.hashes.keys() {
+            if !listed.contains_key(id.as_str()) {
+                let suffix = format!("/activations/{id}");
+                // One line per record: an unreadable one says both.
+                if self.problems.keys().any(|key| key.ends_with(&suffix)) {
+                    continue;
+                }
+                problems.push(format!(
+                    "{}: activation {id} was added outside safemode (the last change did not leave it)",
+                    self.namespace
+                ));
+            }
+        }
+        (activations, problems)
+    }
+
+    /// A read problem of `key`, saying also when the record is not one the
+    /// last change left.
+    fn with_origin(&self, key: &str, problem: &str) -> String {
+        let added = self.listed().is_some_and(|listed| {
+            key.rsplit_once("/activations/")
+                .is_some_and(|(_, id)| !listed.contains_key(id))
+        });
+        if added {
+            format!("{problem}; it was added outside safemode (the last change did not leave it)")
+        } else {
+            problem.to_string()
+        }
+    }
+
     fn view(&self) -> NamespaceView {
-        let mut activations: Vec<Arc<Activation>> = self.activations.values().cloned().collect();
+        let (enforced, integrity) = self.enforced();
+        let mut activations: Vec<Arc<Activation>> = enforced.values().cloned().collect();
         activations.sort_by(|a, b| (a.revision, &a.id).cmp(&(b.revision, &b.id)));
         let channels = Channel::all()
             .map(|channel| {
@@ -254,7 +370,18 @@ impl State {
             issued_at: Timestamp::now(),
             activations,
             last_change: self.last_change.clone(),
-            problems: self.problems.values().cloned().collect(),
+            problems: self
+                .problems
+                .iter()
+                .map(|(key, problem)| self.with_origin(key, problem))
+                .chain(integrity)
+                .collect(),
+            listed: self.listed().cloned(),
+            stored_hashes: self
+                .hashes
+                .iter()
+                .map(|(id, hash)| (id.to_string(), hash.clone()))
+                .collect(),
             channels,
         }
     }
@@ -325,6 +452,7 @@ impl NamespaceHandle {
     pub fn spawn(
         store: Arc<dyn Store>,
         layout: Layout,
+        trusted: TrustedKeys,
         namespace: Namespace,
         shutdown: CancellationToken,
     ) -> Self {
@@ -333,6 +461,7 @@ impl NamespaceHandle {
         let follower = Follower {
             store,
             layout,
+            trusted,
             tx,
             health: health.clone(),
             state: State::new(namespace.clone()),
@@ -403,6 +532,8 @@ impl NamespaceHandle {
 struct Follower {
     store: Arc<dyn Store>,
     layout: Layout,
+    /// The keys whose audit entries vouch for a meta record's list.
+    trusted: TrustedKeys,
     tx: watch::Sender<Arc<NamespaceView>>,
     health: Arc<FollowerHealth>,
     state: State,
@@ -420,10 +551,11 @@ impl Follower {
         let mut needs_list = true;
         loop {
             if needs_list {
-                match self.store.range(&prefix).await {
+                match store::read_all(&*self.store, &prefix).await {
                     Ok(range) => {
                         self.state.replace(&self.layout, &range.kvs, range.revision);
                         self.health.recovered();
+                        self.check_seal().await;
                         self.publish();
                         needs_list = false;
                         info!(revision = self.state.revision, "namespace loaded");
@@ -455,6 +587,7 @@ impl Follower {
                         backoff.reset();
                         self.health.recovered();
                         if self.apply(&batch.events) {
+                            self.check_seal().await;
                             self.publish();
                         }
                         self.state.store_revision = self.state.store_revision.max(batch.revision);
@@ -491,6 +624,89 @@ impl Follower {
 
     fn publish(&self) {
         self.tx.send_replace(Arc::new(self.state.view()));
+    }
+
+    /// Checks the meta record's list against the audit entry it names, once
+    /// per meta revision. A store error leaves it unchecked (and the list
+    /// untrusted) until the next change.
+    async fn check_seal(&mut self) {
+        let revision = self.state.meta_revision;
+        if self
+            .state
+            .seal
+            .as_ref()
+            .is_some_and(|(r, _)| *r == revision)
+        {
+            return;
+        }
+        let state = self
+            .state
+            .last_change
+            .as_ref()
+            .and_then(|c| c.state.clone());
+        let verdict = match state {
+            None => Ok(None),
+            Some(state) => match self.check_state(&state, revision).await {
+                Ok(()) => Ok(Some(state.activations)),
+                Err(Some(why)) => Err(why),
+                Err(None) => return,
+            },
+        };
+        self.state.seal = Some((revision, verdict));
+    }
+
+    /// Whether the audit entry at `state.audit_seq` was created with the
+    /// meta record (at `meta_revision`), is signed by a trusted key and
+    /// commits to the list's digest. `Err(None)`: the store could not say.
+    async fn check_state(
+        &self,
+        state: &NamespaceState,
+        meta_revision: Revision,
+    ) -> Result<(), Option<String>> {
+        let digest = audit::state_digest(
+            state
+                .activations
+                .iter()
+                .map(|(i, h)| (i.as_str(), h.as_str())),
+        );
+        if digest != state.digest {
+            return Err(Some(
+                "its list of activations does not give its digest".into(),
+            ));
+        }
+        let key = self.layout.audit_entry_key(state.audit_seq);
+        let range = self.store.range(&key).await.map_err(|e| {
+            warn!(error = %e, "cannot read the audit entry of the namespace's last change");
+            None
+        })?;
+        let seq = state.audit_seq;
+        let Some(kv) = range.kvs.into_iter().find(|kv| kv.key == key) else {
+            return Err(Some(format!(
+                "audit entry {seq}, which it names, is missing"
+            )));
+        };
+        if kv.create_revision != meta_revision {
+            return Err(Some(format!(
+                "it was written at revision {meta_revision}, not with audit entry {seq} (revision {}): it was rewritten outside safemode",
+                kv.create_revision
+            )));
+        }
+        let entry: AuditEntry = serde_json::from_slice(&kv.value)
+            .map_err(|e| Some(format!("audit entry {seq} cannot be read: {e}")))?;
+        if entry.hash != entry.computed_hash() {
+            return Err(Some(format!("audit entry {seq} was edited")));
+        }
+        entry
+            .check_signature(&self.trusted)
+            .map_err(|e| Some(format!("audit entry {seq}: {e}")))?;
+        if entry.namespace.as_deref() != Some(self.state.namespace.as_str())
+            || entry.state_digest.as_deref() != Some(state.digest.as_str())
+        {
+            return Err(Some(format!(
+                "audit entry {seq} does not commit to its list of activations"
+            )));
+        }
+        Ok(())
     }
 
     async fn failed(&self, error: &store::Error, backoff: &mut Backoff) {
@@ -536,6 +752,77 @@ mod tests {
         state.replace(&layout, std::slice::from_ref(&kept), 30);
         assert_eq!(state.revision, 20);
         assert_eq!(state.store_revision, 30);
+    }
+
+    #[test]
+    fn activations_changed_behind_safemodes_back_fail_closed_and_are_named() {
+        let layout = Layout::new("/safemode/").unwrap();
+        let namespace = Namespace::live();
+        let kept = put(&layout, &namespace, 5);
+        let edited = put(&layout, &namespace, 6);
+        let added = put(&layout, &namespace, 7);
+        let id = |kv: &KeyValue| kv.key.rsplit_once('/').unwrap().1.to_string();
+        let gone = ActivationId::from_random(rand::random());
+        let mut state = State::new(namespace.clone());
+        state.replace(&layout, &[kept.clone(), edited.clone(), added.clone()], 8);
+        state.meta_revision = 4;
+        let listed: BTreeMap<String, String> = [
+            (id(&kept), audit::record_hash(&kept.value)),
+            (id(&edited), audit::record_hash(b"what the change wrote")),
+            (
+                gone.to_string(),
+                audit::record_hash(b"a record deleted since"),
+            ),
+        ]
+        .into_iter()
+        .collect();
+        state.seal = Some((4, Ok(Some(listed))));
+
+        let view = state.view();
+        let ids: Vec<String> = view.activations.iter().map(|a| a.id.to_string()).collect();
+        assert!(
+            ids.contains(&gone.to_string()),
+            "a stand-in for the deleted one: {ids:?}"
+        );
+        assert_eq!(view.activations.len(), 4);
+        let problem = |what: &str, of: &str| {
+            view.problems
+                .iter()
+                .any(|p| p.contains(of) && p.contains(what))
+        };
+        assert!(
+            problem("was deleted outside safemode", &gone.to_string()),
+            "{:?}",
+            view.problems
+        );
+        assert!(
+            problem("was edited outside safemode", &id(&edited)),
+            "{:?}",
+            view.problems
+        );
+        assert!(
+            problem("added outside safemode", &id(&added)),
+            "{:?}",
+            view.problems
+        );
+        assert!(
+            !problem("outside safemode", &id(&kept)),
+            "{:?}",
+            view.problems
+        );
+
+        // A list that did not check out is named, and trusted for nothing.
+        state.seal = Some((4, Err("audit entry 3 was edited".into())));
+        let view = state.view();
+        assert_eq!(view.activations.len(), 3);
+        assert!(view.listed.is_none());
+        assert!(
+            view.problems
+                .iter()
+                .any(|p| p.contains("not the one safemode signed: audit entry 3 was edited")),
+            "{:?}",
+            view.problems
+        );
     }
 
     #[test]

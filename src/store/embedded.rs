@@ -20,7 +20,7 @@
 //! event and never lags out; it only fails (with [`Error::Compacted`]) when
 //! the history it still needs has been compacted away.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
@@ -32,8 +32,8 @@ use redb::{
 use tokio::sync::watch;
 
 use super::{
-    Compare, Error, Event, EventKind, KeyValue, Op, RangeResult, Result, Revision, Store, Txn,
-    TxnOutcome, WatchBatch, WatchStream,
+    Compare, Error, Event, EventKind, KeyValue, Op, RangePage, RangeResult, Result, Revision,
+    Store, Txn, TxnOutcome, WatchBatch, WatchStream,
 };
 
 // === Tables and byte layouts ===
@@ -184,6 +184,22 @@ impl Store for EmbeddedStore {
         blocking(self.inner.clone(), move |inner| inner.range(&prefix)).await
     }
 
+    async fn range_page(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+        revision: Revision,
+    ) -> Result<RangePage> {
+        super::check_page_limit(limit)?;
+        let prefix = prefix.to_owned();
+        let start_after = start_after.map(str::to_owned);
+        blocking(self.inner.clone(), move |inner| {
+            inner.range_page(&prefix, start_after.as_deref(), limit, revision)
+        })
+        .await
+    }
+
     async fn txn(&self, txn: Txn) -> Result<TxnOutcome> {
         validate(&txn)?;
         blocking(self.inner.clone(), move |inner| inner.txn(&txn)).await
@@ -332,6 +348,136 @@ impl Inner {
             });
         }
         Ok(RangeResult { kvs, revision })
+    }
+
+    /// A page as of revision `at`. The `kv` table holds only current values,
+    /// so the keys changed after `at` are taken back to `at` from the change
+    /// log: a key first written after `at` did not exist then, and any other
+    /// had the value of its last event at or before `at`. When that event was
+    /// compacted away, the page cannot be read at `at` any more.
+    fn range_page(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+        at: Revision,
+    ) -> Result<RangePage> {
+        let read = self
+            .db
+            .begin_read()
+            .map_err(|e| redb_error("begin read", e))?;
+        let meta = read
+            .open_table(META)
+            .map_err(|e| redb_error("open meta table", e))?;
+        let kv = read
+            .open_table(KV)
+            .map_err(|e| redb_error("open kv table", e))?;
+        let log = read
+            .open_table(LOG)
+            .map_err(|e| redb_error("open log table", e))?;
+        let current = get_meta(&meta, META_REVISION)?;
+        let compacted = get_meta(&meta, META_COMPACTED)?;
+        let at = if at == 0 { current } else { at };
+        if at < 0 || at > current {
+            return Err(Error::InvalidRequest(format!(
+                "cannot read at revision {at}: the store is at revision {current}"
+            )));
+        }
+        if at < current && at <= compacted {
+            return Err(Error::Compacted {
+                requested: at,
+                compacted,
+            });
+        }
+        let wanted = |key: &str| key.starts_with(prefix) && start_after.is_none_or(|a| key > a);
+
+        // Keys changed after `at`, with their state at `at` (`None`: absent)
+        // once known.
+        let mut changed: BTreeMap<String, Option<KeyValue>> = BTreeMap::new();
+        let mut unknown: HashSet<String> = HashSet::new();
+        if at < current {
+            for entry in log
+                .range(at + 1..=current)
+                .map_err(|e| redb_error("range log table", e))?
+            {
+                let (revision, record) = entry.map_err(|e| redb_error("range log table", e))?;
+                for event in decode_events(revision.value(), record.value())? {
+                    let key = event.kv.key;
+                    if !wanted(&key) || changed.contains_key(&key) || unknown.contains(&key) {
+                        continue;
+                    }
+                    let created_after =
+                        event.kind == EventKind::Put && event.kv.create_revision > at;
+                    if created_after {
+                        changed.insert(key, None);
+                    } else {
+                        unknown.insert(key);
+                    }
+                }
+            }
+            if !unknown.is_empty() {
+                for entry in log
+                    .range(compacted + 1..=at)
+                    .map_err(|e| redb_error("range log table", e))?
+                    .rev()
+                {
+                    let (revision, record) = entry.map_err(|e| redb_error("range log table", e))?;
+                    for event in decode_events(revision.value(), record.value())? {
+                        if unknown.remove(&event.kv.key) {
+                            let state = (event.kind == EventKind::Put).then(|| event.kv.clone());
+                            changed.insert(event.kv.key, state);
+                        }
+                    }
+                    if unknown.is_empty() {
+                        break;
+                    }
+                }
+            }
+            if !unknown.is_empty() {
+                // Their value at `at` was written before the history kept.
+                return Err(Error::Compacted {
+                    requested: at,
+                    compacted,
+                });
+            }
+        }
+
+        // The first `limit + 1` unchanged keys, merged with the changed ones
+        // that existed at `at`, hold the page and tell whether more follow.
+        let mut kvs: Vec<KeyValue> = Vec::new();
+        let start = start_after.filter(|a| *a >= prefix).unwrap_or(prefix);
+        for entry in kv
+            .range::<&str>(start..)
+            .map_err(|e| redb_error("range kv table", e))?
+        {
+            let (key, record) = entry.map_err(|e| redb_error("range kv table", e))?;
+            let key = key.value();
+            if !key.starts_with(prefix) {
+                break;
+            }
+            if !wanted(key) || changed.contains_key(key) {
+                continue;
+            }
+            let record = KvRecord::decode(key, record.value())?;
+            kvs.push(KeyValue {
+                key: key.to_owned(),
+                value: record.value.to_vec(),
+                create_revision: record.create_revision,
+                mod_revision: record.mod_revision,
+            });
+            if kvs.len() > limit {
+                break;
+            }
+        }
+        kvs.extend(changed.into_values().flatten());
+        kvs.sort_by(|a, b| a.key.cmp(&b.key));
+        let more = kvs.len() > limit;
+        kvs.truncate(limit);
+        Ok(RangePage {
+            kvs,
+            revision: at,
+            more,
+        })
     }
 
     fn txn(&self, txn: &Txn) -> Result<TxnOutcome> {

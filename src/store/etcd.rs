@@ -29,8 +29,8 @@ use tokio::time::{Instant, MissedTickBehavior};
 use crate::pem;
 
 use super::{
-    Compare, Error, Event, EventKind, KeyValue, Op, RangeResult, Result, Revision, Store, Txn,
-    TxnOutcome, WatchBatch, WatchStream,
+    Compare, Error, Event, EventKind, KeyValue, Op, RangePage, RangeResult, Result, Revision,
+    Store, Txn, TxnOutcome, WatchBatch, WatchStream,
 };
 
 /// TLS to etcd, for `https://` endpoints: PEM files.
@@ -272,6 +272,35 @@ fn prefix_range(prefix: &str) -> (String, GetOptions) {
     }
 }
 
+/// The first key after every key that starts with `prefix` (etcd's range
+/// end for a prefix); `None` when there is none (no end: to the last key).
+fn prefix_end(prefix: &str) -> Option<Vec<u8>> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+/// A range read at a revision etcd no longer has is answered with
+/// OUT_OF_RANGE and "required revision has been compacted".
+fn range_error(error: etcd_client::Error, revision: Revision) -> Error {
+    if let etcd_client::Error::GRpcStatus(status) = &error {
+        if status.message().contains("compacted") {
+            // etcd does not say up to where; the requested revision is the
+            // newest one known to be gone.
+            return Error::Compacted {
+                requested: revision,
+                compacted: revision,
+            };
+        }
+    }
+    etcd_error(error)
+}
+
 fn header_revision(header: Option<&etcd_client::ResponseHeader>) -> Result<Revision> {
     header
         .map(|h| h.revision())
@@ -296,6 +325,59 @@ impl Store for EtcdStore {
         Ok(RangeResult {
             kvs,
             revision: header_revision(response.header())?,
+        })
+    }
+
+    async fn range_page(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+        revision: Revision,
+    ) -> Result<RangePage> {
+        super::check_page_limit(limit)?;
+        if revision < 0 {
+            return Err(Error::InvalidRequest(format!(
+                "a page is read at revision 0 (now) or later, not {revision}"
+            )));
+        }
+        // Keys sort as bytes, so the first key after `start_after` is
+        // `start_after` followed by a zero byte.
+        let start = match start_after {
+            Some(after) if after.as_bytes() >= prefix.as_bytes() => {
+                let mut key = after.as_bytes().to_vec();
+                key.push(0);
+                key
+            }
+            _ if prefix.is_empty() => vec![0],
+            _ => prefix.as_bytes().to_vec(),
+        };
+        let mut options = GetOptions::new()
+            .with_limit(limit as i64)
+            .with_revision(revision);
+        options = match prefix_end(prefix) {
+            Some(end) => options.with_range(end),
+            None => options.with_from_key(),
+        };
+        let response = self
+            .client
+            .kv_client()
+            .get(start, Some(options))
+            .await
+            .map_err(|e| range_error(e, revision))?;
+        let kvs = response
+            .kvs()
+            .iter()
+            .map(key_value)
+            .collect::<Result<Vec<_>>>()?;
+        Ok(RangePage {
+            kvs,
+            revision: if revision == 0 {
+                header_revision(response.header())?
+            } else {
+                revision
+            },
+            more: response.more(),
         })
     }
 

@@ -72,6 +72,29 @@ pub struct RangeResult {
     pub revision: Revision,
 }
 
+/// One page of a range read at a fixed revision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RangePage {
+    /// At most `limit` keys, in ascending key order.
+    pub kvs: Vec<KeyValue>,
+    /// The revision the page was read at: pass it to the next page's read so
+    /// that every page shows the same moment.
+    pub revision: Revision,
+    /// Whether keys follow the last one of this page.
+    pub more: bool,
+}
+
+/// The most keys one page may ask for.
+pub const MAX_PAGE_LIMIT: usize = 10_000;
+
+/// Keys per page when [`read_all`] reads a prefix: small enough that a page
+/// of records of a few KiB each stays far below gRPC's 4 MiB message limit.
+pub const READ_ALL_PAGE: usize = 200;
+
+/// How often [`read_all`] starts over after a compaction overtook it before
+/// it gives up.
+const READ_ALL_ATTEMPTS: u32 = 5;
+
 /// A condition a transaction checks before it writes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Compare {
@@ -170,6 +193,23 @@ pub trait Store: Send + Sync + 'static {
     /// Reads every key under `prefix` at one revision.
     async fn range(&self, prefix: &str) -> Result<RangeResult>;
 
+    /// Reads at most `limit` keys under `prefix` that sort after
+    /// `start_after` (all of them when `None`), as they were at `revision`
+    /// (0: the current revision; the page says which it read). Reading a
+    /// prefix page by page at the revision of the first page gives one
+    /// consistent read without ever holding the whole prefix in one message.
+    /// Fails with [`Error::Compacted`] when `revision` is compacted (the
+    /// reader starts over at the current revision), and with
+    /// [`Error::InvalidRequest`] for a revision in the future or a `limit`
+    /// of 0 or above [`MAX_PAGE_LIMIT`].
+    async fn range_page(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+        revision: Revision,
+    ) -> Result<RangePage>;
+
     /// Applies `txn` atomically.
     async fn txn(&self, txn: Txn) -> Result<TxnOutcome>;
 
@@ -188,4 +228,48 @@ pub trait Store: Send + Sync + 'static {
 
     /// A short description for logs, e.g. `embedded:/var/lib/safemode/store.redb`.
     fn describe(&self) -> String;
+}
+
+/// Checks a page request the same way for every store.
+pub(crate) fn check_page_limit(limit: usize) -> Result<()> {
+    if limit == 0 || limit > MAX_PAGE_LIMIT {
+        return Err(Error::InvalidRequest(format!(
+            "a page holds 1 to {MAX_PAGE_LIMIT} keys, not {limit}"
+        )));
+    }
+    Ok(())
+}
+
+/// Reads every key under `prefix` at one revision, in pages of
+/// [`READ_ALL_PAGE`] keys, so that no single store response grows with the
+/// prefix. For prefixes whose contents are bounded (a namespace, the open
+/// incidents); a reader of something unbounded (the audit log) pages itself
+/// with [`Store::range_page`]. When a compaction overtakes the read, it
+/// starts over at the current revision.
+pub async fn read_all(store: &dyn Store, prefix: &str) -> Result<RangeResult> {
+    let mut attempt = 0;
+    'read: loop {
+        let mut kvs = Vec::new();
+        let mut revision = 0;
+        let mut start_after: Option<String> = None;
+        loop {
+            let page = match store
+                .range_page(prefix, start_after.as_deref(), READ_ALL_PAGE, revision)
+                .await
+            {
+                Ok(page) => page,
+                Err(Error::Compacted { .. }) if attempt + 1 < READ_ALL_ATTEMPTS => {
+                    attempt += 1;
+                    continue 'read;
+                }
+                Err(e) => return Err(e),
+            };
+            revision = page.revision;
+            start_after = page.kvs.last().map(|kv| kv.key.clone());
+            kvs.extend(page.kvs);
+            if !page.more || start_after.is_none() {
+                return Ok(RangeResult { kvs, revision });
+            }
+        }
+    }
 }

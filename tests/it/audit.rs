@@ -274,8 +274,11 @@ async fn a_cut_or_rewritten_tail_is_found_and_never_written_over() {
             activation_ids: Vec::new(),
             detail: "nothing happened".into(),
         },
+        None,
         &third.head(),
         third.at,
+        // Whoever rewrites the store does not have the controller's key.
+        &safemode::signing::SigningKey::generate().0,
     );
     client.delete(entry_key(4), None).await.unwrap();
     client
@@ -296,6 +299,12 @@ async fn a_cut_or_rewritten_tail_is_found_and_never_written_over() {
         problems
             .iter()
             .any(|p| p.contains("/safemode/ns/live/") && p.contains("which has no audit entry")),
+        "{problems:?}"
+    );
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.starts_with("entry 4 is signed by key") && p.contains("not trusted")),
         "{problems:?}"
     );
 }

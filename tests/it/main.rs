@@ -1,6 +1,7 @@
 //! Integration tests: one binary so the crate links once.
 
 mod audit;
+mod audit_scale;
 mod changes;
 mod cli;
 mod client;

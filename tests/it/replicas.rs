@@ -489,6 +489,17 @@ impl Store for LaggingWatch {
     async fn range(&self, prefix: &str) -> store::Result<store::RangeResult> {
         self.inner.range(prefix).await
     }
+    async fn range_page(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+        revision: i64,
+    ) -> store::Result<store::RangePage> {
+        self.inner
+            .range_page(prefix, start_after, limit, revision)
+            .await
+    }
     async fn txn(&self, txn: store::Txn) -> store::Result<store::TxnOutcome> {
         self.inner.txn(txn).await
     }

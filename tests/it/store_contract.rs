@@ -51,6 +51,8 @@ macro_rules! store_contract_tests {
                 multi_key_txn_is_atomic,
                 compare_on_absent_key,
                 range_returns_only_the_prefix_in_key_order,
+                pages_read_one_revision_in_key_order,
+                a_page_at_a_compacted_revision_is_compacted,
                 delete_removes_a_key_and_absent_deletes_change_nothing,
                 watch_replays_history_then_continues_live,
                 watch_on_one_prefix_sees_nothing_of_another,
@@ -295,6 +297,123 @@ pub async fn range_returns_only_the_prefix_in_key_order<H: StoreHarness>() {
         keys(store.range("zzz").await.unwrap().kvs),
         Vec::<String>::new()
     );
+}
+
+/// Paged reads: each page holds at most `limit` keys after `start_after`,
+/// says whether more follow, and at a fixed revision shows the keys as they
+/// were then, whatever was created, changed or deleted since.
+pub async fn pages_read_one_revision_in_key_order<H: StoreHarness>() {
+    let harness = H::start().await;
+    let store = harness.store();
+    let keys = |kvs: &[KeyValue]| kvs.iter().map(|kv| kv.key.clone()).collect::<Vec<_>>();
+
+    let first = commit(
+        &*store,
+        vec![
+            put("log/1", "one"),
+            put("log/2", "two"),
+            put("log/3", "three"),
+            put("logbook", "not under log/"),
+        ],
+    )
+    .await;
+    let at = commit(&*store, vec![put("log/4", "four"), put("log/2", "two b")]).await;
+
+    let page = store.range_page("log/", None, 2, 0).await.unwrap();
+    assert_eq!(page.revision, at, "revision 0 reads now and says which");
+    assert_eq!(keys(&page.kvs), ["log/1", "log/2"]);
+    assert!(page.more);
+
+    // The store moves on: a key created, one changed, one deleted.
+    let later = commit(
+        &*store,
+        vec![
+            put("log/0", "zero"),
+            put("log/3", "three b"),
+            delete("log/4"),
+        ],
+    )
+    .await;
+    assert!(later > at);
+
+    let second = store
+        .range_page("log/", Some("log/2"), 2, page.revision)
+        .await
+        .unwrap();
+    assert_eq!(second.revision, at);
+    assert_eq!(
+        second.kvs,
+        [
+            kv("log/3", "three", first, first),
+            kv("log/4", "four", at, at)
+        ],
+        "the page shows the keys as they were at {at}"
+    );
+    assert!(!second.more);
+
+    // At the earlier revision, log/2 had its first value and log/4 and
+    // log/0 did not exist; one page of everything.
+    let whole = store.range_page("log/", None, 10, first).await.unwrap();
+    assert_eq!(
+        whole.kvs,
+        [
+            kv("log/1", "one", first, first),
+            kv("log/2", "two", first, first),
+            kv("log/3", "three", first, first),
+        ]
+    );
+    assert!(!whole.more);
+
+    // Now: the new key, the new values, without the deleted one.
+    let now = store.range_page("log/", None, 10, 0).await.unwrap();
+    assert_eq!(now.revision, later);
+    assert_eq!(keys(&now.kvs), ["log/0", "log/1", "log/2", "log/3"]);
+    assert_eq!(now.kvs, store.range("log/").await.unwrap().kvs);
+
+    // One key per page walks every key exactly once.
+    let mut walked = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = store
+            .range_page("log/", after.as_deref(), 1, at)
+            .await
+            .unwrap();
+        assert!(page.kvs.len() <= 1);
+        walked.extend(keys(&page.kvs));
+        after = page.kvs.last().map(|kv| kv.key.clone());
+        if !page.more {
+            break;
+        }
+    }
+    assert_eq!(walked, ["log/1", "log/2", "log/3", "log/4"]);
+
+    // Bad requests are refused.
+    for (limit, revision) in [(0, 0), (1, later + 1000)] {
+        let err = store
+            .range_page("log/", None, limit, revision)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::InvalidRequest(_)), "{err:?}");
+    }
+}
+
+/// A page at a revision compaction discarded fails with `Error::Compacted`,
+/// so the reader starts over at the current revision.
+pub async fn a_page_at_a_compacted_revision_is_compacted<H: StoreHarness>() {
+    let harness = H::start().await;
+    let store = harness.store();
+    let r1 = commit(&*store, vec![put("c/1", "1")]).await;
+    let r2 = commit(&*store, vec![put("c/1", "1b")]).await;
+    let r3 = commit(&*store, vec![put("c/2", "2")]).await;
+    store.compact(r3).await.unwrap();
+    for old in [r1, r2] {
+        match store.range_page("c/", None, 10, old).await {
+            Err(Error::Compacted { requested, .. }) => assert_eq!(requested, old),
+            other => panic!("a page at compacted revision {old} gave {other:?}"),
+        }
+    }
+    let page = store.range_page("c/", None, 10, r3).await.unwrap();
+    assert_eq!(page.kvs, [kv("c/1", "1b", r1, r2), kv("c/2", "2", r3, r3)]);
 }
 
 /// A delete removes the key and is watched as a delete event; deleting an
