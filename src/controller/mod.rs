@@ -483,7 +483,13 @@ impl Controller {
             },
             None => Status {
                 view: Arc::new(
-                    namespace::read_once(&*self.store, &self.config.layout, namespace).await?,
+                    namespace::read_once(
+                        self.store.clone(),
+                        self.config.layout.clone(),
+                        self.config.trusted_keys.clone(),
+                        namespace.clone(),
+                    )
+                    .await?,
                 ),
                 subscribers: SubscriberPage {
                     records: Vec::new(),

@@ -437,14 +437,29 @@ pub struct NamespaceHandle {
 /// replica answers a read of a namespace it does not follow, so that reads
 /// never make it start a watch.
 pub(crate) async fn read_once(
-    store: &dyn Store,
-    layout: &Layout,
-    namespace: &Namespace,
+    store: Arc<dyn Store>,
+    layout: Layout,
+    trusted: TrustedKeys,
+    namespace: Namespace,
 ) -> store::Result<NamespaceView> {
-    let range = store.range(&layout.namespace_prefix(namespace)).await?;
-    let mut state = State::new(namespace.clone());
-    state.replace(layout, &range.kvs, range.revision);
-    Ok(state.view())
+    let prefix = layout.namespace_prefix(&namespace);
+    let (tx, _) = watch::channel(Arc::new(NamespaceView::unloaded(namespace.clone())));
+    // The follower's own load, once: the same checks of what it reads
+    // (unreadable records, the signed list of the last change).
+    let mut follower = Follower {
+        store,
+        layout,
+        trusted,
+        tx,
+        health: Arc::default(),
+        state: State::new(namespace),
+    };
+    let range = store::read_all(&*follower.store, &prefix).await?;
+    follower
+        .state
+        .replace(&follower.layout, &range.kvs, range.revision);
+    follower.check_seal().await;
+    Ok(follower.state.view())
 }
 
 impl NamespaceHandle {
