@@ -95,6 +95,9 @@ pub struct AuditDraft {
     pub activation_ids: Vec<String>,
     /// One line for people: what exactly was done or refused.
     pub detail: String,
+    /// The change's id (`Controller::commit` sets it): a retried change is
+    /// recognised by it and never applied twice.
+    pub change_id: Option<String>,
 }
 
 /// One entry of the log.
@@ -127,6 +130,9 @@ pub struct AuditEntry {
     pub activation_ids: Vec<String>,
     /// What exactly was done or refused.
     pub detail: String,
+    /// The change's id; absent in entries written before change ids.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change_id: Option<String>,
     /// The previous entry's hash ([`GENESIS`] for the first).
     pub prev_hash: String,
     /// SHA-256 (hex) of every field above.
@@ -168,6 +174,10 @@ struct Hashed<'a> {
     request_id: &'a Option<String>,
     activation_ids: &'a [String],
     detail: &'a str,
+    // Hashed only when present, so entries written before change ids keep
+    // their hashes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    change_id: Option<&'a str>,
     prev_hash: &'a str,
 }
 
@@ -186,6 +196,7 @@ impl AuditEntry {
             request_id: draft.request_id,
             activation_ids: draft.activation_ids,
             detail: draft.detail,
+            change_id: draft.change_id,
             prev_hash: head.hash.clone(),
             hash: String::new(),
             revision: 0,
@@ -208,6 +219,7 @@ impl AuditEntry {
             request_id: &self.request_id,
             activation_ids: &self.activation_ids,
             detail: &self.detail,
+            change_id: self.change_id.as_deref(),
             prev_hash: &self.prev_hash,
         };
         let bytes = serde_json::to_vec(&hashed).expect("audit fields serialize");
@@ -542,6 +554,7 @@ mod tests {
             request_id: None,
             activation_ids: vec![],
             detail: format!("applied mode {n}"),
+            change_id: None,
         }
     }
 

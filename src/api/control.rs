@@ -10,7 +10,7 @@ use super::convert::{audit_entry_to_wire, incident_to_wire, request_to_wire, run
 use super::{authorize, authorize_anywhere, invalid, invalid_name, principal, status};
 use crate::auth::Operation;
 use crate::controller::{
-    ApplyRequest, AuditPage, Controller, DeclareRequest, EscalateRequest, IncidentId,
+    ApplyRequest, AuditPage, ChangeId, Controller, DeclareRequest, EscalateRequest, IncidentId,
     IncidentOutcome, LiftRequest, LiftTarget, RequestId, ResolveRequest,
 };
 use crate::policy::runbook::{RunbookName, Severity};
@@ -46,13 +46,23 @@ impl ControlApi {
             })
     }
 
-    fn incident_change(&self, outcome: IncidentOutcome) -> proto::IncidentChange {
+    fn incident_change(
+        &self,
+        outcome: IncidentOutcome,
+        change_id: &ChangeId,
+    ) -> proto::IncidentChange {
         proto::IncidentChange {
             incident: Some(incident_to_wire(&outcome.incident)),
             revision: outcome.revision,
             pending: outcome.pending.as_ref().map(request_to_wire),
+            change_id: change_id.to_string(),
         }
     }
+}
+
+/// The caller's change id, or a new one when it gave none.
+fn change_id(text: &str) -> Result<ChangeId, Status> {
+    ChangeId::parse_or_random(text).map_err(|e| invalid("change_id", e))
 }
 
 fn namespace(text: &str) -> Result<Namespace, Status> {
@@ -87,6 +97,7 @@ impl ControlService for ControlApi {
     ) -> Result<Response<proto::ApplyModesResponse>, Status> {
         let actor = principal(&request)?;
         let r = request.into_inner();
+        let change = change_id(&r.change_id)?;
         let namespace = namespace(&r.namespace)?;
         if r.modes.is_empty() {
             return Err(invalid(
@@ -147,10 +158,12 @@ impl ControlService for ControlApi {
                 as_of,
                 actor: (*actor).clone(),
                 reason,
+                change_id: Some(change.clone()),
             })
             .await
             .map_err(status)?;
         Ok(Response::new(proto::ApplyModesResponse {
+            change_id: change.to_string(),
             namespace: namespace.to_string(),
             revision: outcome.revision,
             applied: outcome
@@ -172,6 +185,7 @@ impl ControlService for ControlApi {
     ) -> Result<Response<proto::LiftActivationsResponse>, Status> {
         let actor = principal(&request)?;
         let r = request.into_inner();
+        let change = change_id(&r.change_id)?;
         let namespace = namespace(&r.namespace)?;
         if r.targets.is_empty() {
             return Err(invalid(
@@ -202,10 +216,12 @@ impl ControlService for ControlApi {
                 actor: (*actor).clone(),
                 reason,
                 all: r.all,
+                change_id: Some(change.clone()),
             })
             .await
             .map_err(status)?;
         Ok(Response::new(proto::LiftActivationsResponse {
+            change_id: change.to_string(),
             namespace: namespace.to_string(),
             revision: outcome.revision,
             lifted: outcome
@@ -304,6 +320,7 @@ impl ControlService for ControlApi {
     ) -> Result<Response<proto::IncidentChange>, Status> {
         let actor = principal(&request)?;
         let r = request.into_inner();
+        let change = change_id(&r.change_id)?;
         let namespace = namespace(&r.namespace)?;
         let runbook = RunbookName::parse(&r.r#type).map_err(invalid_name("type"))?;
         let severity = severity(&r.severity)?;
@@ -327,10 +344,11 @@ impl ControlService for ControlApi {
                 reason,
                 channels,
                 actor: (*actor).clone(),
+                change_id: Some(change.clone()),
             })
             .await
             .map_err(status)?;
-        Ok(Response::new(self.incident_change(outcome)))
+        Ok(Response::new(self.incident_change(outcome, &change)))
     }
 
     async fn escalate_incident(
@@ -339,6 +357,7 @@ impl ControlService for ControlApi {
     ) -> Result<Response<proto::IncidentChange>, Status> {
         let actor = principal(&request)?;
         let r = request.into_inner();
+        let change = change_id(&r.change_id)?;
         let id = incident_id(&r.incident_id)?;
         let severity = severity(&r.severity)?;
         let reason = if r.reason.trim().is_empty() {
@@ -364,10 +383,11 @@ impl ControlService for ControlApi {
                 severity,
                 reason,
                 actor: (*actor).clone(),
+                change_id: Some(change.clone()),
             })
             .await
             .map_err(status)?;
-        Ok(Response::new(self.incident_change(outcome)))
+        Ok(Response::new(self.incident_change(outcome, &change)))
     }
 
     async fn resolve_incident(
@@ -376,6 +396,7 @@ impl ControlService for ControlApi {
     ) -> Result<Response<proto::IncidentChange>, Status> {
         let actor = principal(&request)?;
         let r = request.into_inner();
+        let change = change_id(&r.change_id)?;
         let id = incident_id(&r.incident_id)?;
         let reason = reason(&r.reason)?;
         let what = format!("resolve incident {id}");
@@ -395,10 +416,11 @@ impl ControlService for ControlApi {
                 incident: id,
                 reason,
                 actor: (*actor).clone(),
+                change_id: Some(change.clone()),
             })
             .await
             .map_err(status)?;
-        Ok(Response::new(self.incident_change(outcome)))
+        Ok(Response::new(self.incident_change(outcome, &change)))
     }
 
     async fn list_incidents(
@@ -477,6 +499,7 @@ impl ControlService for ControlApi {
     ) -> Result<Response<proto::ApproveResponse>, Status> {
         let actor = principal(&request)?;
         let r = request.into_inner();
+        let change = change_id(&r.change_id)?;
         let id = RequestId::parse(&r.request_id).map_err(invalid_name("request_id"))?;
         let reason = if r.reason.trim().is_empty() {
             None
@@ -494,7 +517,11 @@ impl ControlService for ControlApi {
             &what,
         )
         .await?;
-        let outcome = match self.controller.approve(&id, reason, &actor).await {
+        let outcome = match self
+            .controller
+            .approve(&id, reason, &actor, Some(change.clone()))
+            .await
+        {
             Err(own @ crate::controller::Error::OwnRequest { .. }) => {
                 // Four-eyes: refused like a missing role, and audited.
                 self.controller
@@ -512,6 +539,7 @@ impl ControlService for ControlApi {
         Ok(Response::new(proto::ApproveResponse {
             request: Some(request_to_wire(&outcome.request)),
             revision: outcome.revision,
+            change_id: change.to_string(),
         }))
     }
 

@@ -12,18 +12,37 @@
 //! that writes nothing (a refusal such as "nothing active matches", or "already
 //! active") is still committed as a compare-only transaction, so no answer is
 //! ever given from a view the store has moved past.
+//!
+//! ## Change ids: a retry never applies a change twice
+//!
+//! Every change that writes carries a [`ChangeId`] (the caller's, or one made
+//! here). Its transaction records it in the audit entry and writes
+//! `{prefix}changes/{id}` (a [`ChangeRecord`]: the operation and what it
+//! answered), comparing first that the key is absent. So a change id commits
+//! at most once, whatever is retried: etcd checks it, atomically with the
+//! change.
+//!
+//! A store failure can leave the outcome unknown ("leader changed", a timeout,
+//! a connection cut after the request was sent). Then, and whenever a
+//! transaction of a change id that was retried loses a race, the change key is
+//! read: present, the change committed and its recorded answer is returned;
+//! absent, the change is prepared and tried again. A request whose change id
+//! is already recorded (a client retrying through another replica) is answered
+//! the same way, without being applied again.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use jiff::Timestamp;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
 use super::keys::NamespaceChange;
 use super::{Controller, Error, NamespaceView, Result};
 use crate::audit::{AuditAction, AuditDraft, AuditEntry, AuditHead};
-use crate::policy::{Namespace, Revision};
+use crate::policy::{Activation, Namespace, Revision};
 use crate::store::{Compare, Op, Txn, TxnOutcome};
 
 /// How many times a change is prepared and tried before it gives up.
@@ -49,6 +68,168 @@ pub(crate) struct Plan<T> {
     pub outcome: T,
 }
 
+/// The most characters of a change id.
+pub const CHANGE_ID_MAX: usize = 64;
+
+/// The id of one change, the same across every retry of it (by the
+/// controller, or by a client through another replica): 1 to
+/// [`CHANGE_ID_MAX`] of `A-Z a-z 0-9 . _ -`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ChangeId {
+    id: String,
+    /// Made by [`ChangeId::random`] in this process, so it cannot have
+    /// committed before: no need to look it up first.
+    fresh: bool,
+}
+
+impl PartialEq for ChangeId {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id
+    }
+}
+
+impl Eq for ChangeId {}
+
+impl ChangeId {
+    /// A new random id, `chg_` and 26 characters of base32 (130 bits).
+    pub fn random() -> Self {
+        const ALPHABET: &[u8] = b"0123456789abcdefghjkmnpqrstvwxyz";
+        let bits: u128 = rand::random();
+        let extra: u8 = rand::random();
+        let mut id = String::from("chg_");
+        for i in 0..26 {
+            let index = if i < 25 {
+                (bits >> (i * 5)) & 31
+            } else {
+                u128::from(extra & 31)
+            };
+            id.push(char::from(ALPHABET[index as usize]));
+        }
+        ChangeId { id, fresh: true }
+    }
+
+    /// Checks a change id given by a caller. The error says what is allowed.
+    pub fn parse(text: &str) -> std::result::Result<Self, String> {
+        if text.is_empty() || text.len() > CHANGE_ID_MAX {
+            return Err(format!(
+                "a change id has 1 to {CHANGE_ID_MAX} characters, not {}; leave it empty and the server makes one",
+                text.chars().count()
+            ));
+        }
+        if let Some(bad) = text
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+        {
+            return Err(format!(
+                "a change id may hold only A-Z, a-z, 0-9, '.', '_' and '-', not {bad:?}"
+            ));
+        }
+        Ok(ChangeId {
+            id: text.to_string(),
+            fresh: false,
+        })
+    }
+
+    /// The id.
+    pub fn as_str(&self) -> &str {
+        &self.id
+    }
+
+    /// The caller's id, or a new one when it gave none (empty).
+    pub fn parse_or_random(text: &str) -> std::result::Result<Self, String> {
+        if text.is_empty() {
+            Ok(ChangeId::random())
+        } else {
+            ChangeId::parse(text)
+        }
+    }
+}
+
+impl TryFrom<String> for ChangeId {
+    type Error = String;
+    fn try_from(text: String) -> std::result::Result<Self, String> {
+        ChangeId::parse(&text)
+    }
+}
+
+impl From<ChangeId> for String {
+    fn from(id: ChangeId) -> String {
+        id.id
+    }
+}
+
+impl std::fmt::Display for ChangeId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.id)
+    }
+}
+
+/// `{prefix}changes/{change id}`: that a change committed, and what it
+/// answered, written in the change's own transaction.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct ChangeRecord {
+    /// The operation (`apply`, `lift`, `declare`, ...): a change id used
+    /// again for another operation is refused, not answered.
+    pub operation: String,
+    /// The change's audit entry.
+    pub seq: u64,
+    /// What the change answered ([`Replay::kept`]).
+    pub outcome: serde_json::Value,
+}
+
+/// An outcome that can be kept with its change id and given again to a
+/// retry of the same change.
+pub(crate) trait Replay: Sized {
+    /// What to keep: only outcomes of changes that write are ever kept.
+    fn kept(&self) -> serde_json::Value;
+    /// The outcome again; `None` when `kept` is not one of this type's.
+    fn replayed(kept: serde_json::Value) -> Option<Self>;
+}
+
+impl Replay for () {
+    fn kept(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+    fn replayed(_: serde_json::Value) -> Option<Self> {
+        Some(())
+    }
+}
+
+/// A change that writes never answers with an error (a refusal writes
+/// nothing), so only `Ok` is kept.
+impl<A: Serialize + DeserializeOwned> Replay for Result<A> {
+    fn kept(&self) -> serde_json::Value {
+        match self {
+            Ok(answer) => serde_json::to_value(answer).expect("outcomes serialize"),
+            Err(_) => serde_json::Value::Null,
+        }
+    }
+    fn replayed(kept: serde_json::Value) -> Option<Self> {
+        serde_json::from_value(kept).ok().map(Ok)
+    }
+}
+
+/// Applying modes: what was applied, and what was already active.
+impl Replay for (Vec<Activation>, Vec<Arc<Activation>>) {
+    fn kept(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("outcomes serialize")
+    }
+    fn replayed(kept: serde_json::Value) -> Option<Self> {
+        serde_json::from_value(kept).ok()
+    }
+}
+
+/// Whose change id: a caller's (maybe retried already, so looked up first),
+/// or one made for this call.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ChangeOf<'a> {
+    /// The operation's name, kept with the change.
+    pub operation: &'static str,
+    /// The caller's change id, if it gave one.
+    pub id: Option<&'a ChangeId>,
+}
+
 impl<T> Plan<T> {
     /// A plan that writes nothing and answers `outcome` once the store
     /// confirms the view it was prepared from is current.
@@ -66,13 +247,29 @@ impl<T> Plan<T> {
 }
 
 impl Controller {
+    /// [`Controller::commit_change`] with a change id made for this call.
+    pub(crate) async fn commit<'a, T: Replay + Send + 'a>(
+        &'a self,
+        namespace: Option<&Namespace>,
+        prepare: impl FnMut(Option<Arc<NamespaceView>>) -> BoxFuture<'a, Result<Plan<T>>> + Send,
+    ) -> Result<(T, Revision)> {
+        let change = ChangeOf {
+            operation: "internal",
+            id: None,
+        };
+        self.commit_change(change, namespace, prepare).await
+    }
+
     /// Prepares and commits a change, retrying from fresh state when a
     /// concurrent change wins. `namespace` is the namespace the change reads
     /// or writes (`None`: none, as for an audited refusal with no namespace).
     /// Returns the outcome and the revision committed at (the namespace's
-    /// current revision when nothing was written).
-    pub(crate) async fn commit<'a, T: Send + 'a>(
+    /// current revision when nothing was written). A change id that already
+    /// committed is answered with what it answered then (see the module
+    /// doc).
+    pub(crate) async fn commit_change<'a, T: Replay + Send + 'a>(
         &'a self,
+        change: ChangeOf<'_>,
         namespace: Option<&Namespace>,
         mut prepare: impl FnMut(Option<Arc<NamespaceView>>) -> BoxFuture<'a, Result<Plan<T>>> + Send,
     ) -> Result<(T, Revision)> {
@@ -80,6 +277,14 @@ impl Controller {
             Some(namespace) => Some(self.namespace(namespace).await?),
             None => None,
         };
+        let id = change.id.cloned().unwrap_or_else(ChangeId::random);
+        // A caller's id may have committed through another replica already.
+        let mut maybe_committed = !id.fresh;
+        if maybe_committed
+            && let Some(done) = self.committed(change, &id, handle.as_deref()).await?
+        {
+            return Ok(done);
+        }
         let layout = &self.config.layout;
         for attempt in 0..COMMIT_ATTEMPTS {
             let view = handle.as_ref().map(|h| h.current());
@@ -112,7 +317,8 @@ impl Controller {
                 });
             }
             let mut appended = None;
-            if let Some(draft) = plan.audit {
+            if let Some(mut draft) = plan.audit {
+                draft.change_id = Some(id.to_string());
                 let (head, head_revision) = self.audit_head().await?;
                 let entry = AuditEntry::seal(draft, &head, plan.at);
                 appended = Some((entry.seq, entry.action, entry.hash.clone()));
@@ -125,6 +331,20 @@ impl Controller {
                     key: layout.audit_entry_key(entry.seq),
                     revision: 0,
                 });
+                // A change id commits once.
+                txn.compares.push(Compare::ModRevision {
+                    key: layout.change_key(&id),
+                    revision: 0,
+                });
+                let record = ChangeRecord {
+                    operation: change.operation.to_string(),
+                    seq: entry.seq,
+                    outcome: plan.outcome.kept(),
+                };
+                txn.ops.push(Op::Put {
+                    key: layout.change_key(&id),
+                    value: serde_json::to_vec(&record).expect("change records serialize"),
+                });
                 txn.ops.push(Op::Put {
                     key: layout.audit_entry_key(entry.seq),
                     value: serde_json::to_vec(&entry).expect("audit entries serialize"),
@@ -135,11 +355,26 @@ impl Controller {
                 });
             }
             let wrote = plan.record.is_some();
-            match self.store.txn(txn).await? {
+            let outcome = match self.store.txn(txn).await {
+                Ok(outcome) => outcome,
+                Err(crate::store::Error::Unavailable(why)) => {
+                    // Perhaps applied: the change key says whether. Reading
+                    // it fails over like every store call.
+                    warn!(attempt, change_id = %id, %why, "a change's outcome is unknown; checking whether it committed");
+                    maybe_committed = true;
+                    if let Some(done) = self.committed(change, &id, handle.as_deref()).await? {
+                        return Ok(done);
+                    }
+                    pause(attempt).await;
+                    continue;
+                }
+                Err(other) => return Err(other.into()),
+            };
+            match outcome {
                 TxnOutcome::Committed { revision } => {
                     // Logs shipped elsewhere keep a copy of the chain's hashes.
                     if let Some((seq, action, hash)) = appended {
-                        info!(seq, action = action.as_str(), %hash, revision, "audit entry appended");
+                        info!(seq, action = action.as_str(), %hash, revision, change_id = %id, "audit entry appended");
                     }
                     if let (Some(handle), true) = (&handle, wrote) {
                         self.await_visible(handle, revision).await;
@@ -151,12 +386,15 @@ impl Controller {
                     return Ok((plan.outcome, revision));
                 }
                 TxnOutcome::CompareFailed { .. } => {
+                    // An earlier attempt, or a client's earlier call, may
+                    // be what moved the store.
+                    if maybe_committed
+                        && let Some(done) = self.committed(change, &id, handle.as_deref()).await?
+                    {
+                        return Ok(done);
+                    }
                     debug!(attempt, "a concurrent change won; preparing again");
-                    // Every change appends to the one audit chain, so
-                    // changes in other namespaces compete too: spread the
-                    // retries out.
-                    let most = 1u64 << attempt.min(6);
-                    tokio::time::sleep(Duration::from_millis(rand::random_range(0..=most))).await;
+                    pause(attempt).await;
                     if plan.uses_catalog {
                         self.check_catalog().await?;
                     }
@@ -169,6 +407,41 @@ impl Controller {
         Err(Error::Conflict(
             namespace.cloned().unwrap_or_else(Namespace::live),
         ))
+    }
+
+    /// Whether change `id` committed: its recorded answer and revision, or
+    /// `None`. The answer waits (bounded) until this replica's view shows the
+    /// change, as a fresh commit's does.
+    async fn committed<T: Replay>(
+        &self,
+        change: ChangeOf<'_>,
+        id: &ChangeId,
+        handle: Option<&super::NamespaceHandle>,
+    ) -> Result<Option<(T, Revision)>> {
+        let key = self.config.layout.change_key(id);
+        let range = self.store.range(&key).await?;
+        let Some(kv) = range.kvs.into_iter().find(|kv| kv.key == key) else {
+            return Ok(None);
+        };
+        let record: ChangeRecord = serde_json::from_slice(&kv.value).map_err(|e| {
+            Error::Store(crate::store::Error::Corrupt(format!(
+                "{key} cannot be read: {e}; `safemode audit --verify` shows the log"
+            )))
+        })?;
+        let reused = || Error::ChangeIdReused {
+            id: id.to_string(),
+            was: record.operation.clone(),
+            now: change.operation.to_string(),
+        };
+        if record.operation != change.operation {
+            return Err(reused());
+        }
+        let outcome = T::replayed(record.outcome.clone()).ok_or_else(reused)?;
+        info!(change_id = %id, seq = record.seq, revision = kv.mod_revision, "change already committed; answering as it did");
+        if let Some(handle) = handle {
+            self.await_visible(handle, kv.mod_revision).await;
+        }
+        Ok(Some((outcome, kv.mod_revision)))
     }
 
     /// The audit log's head and the revision of its key (0: empty log).
@@ -217,6 +490,7 @@ impl Controller {
                 "the log's head was missing; replica {} continued the log after entry {} (hash {})",
                 self.config.replica, last.seq, last.hash
             ),
+            change_id: None,
         };
         let entry = AuditEntry::seal(draft, &last.head(), Timestamp::now());
         let txn = Txn {
@@ -289,4 +563,12 @@ impl Controller {
         }
         Ok(())
     }
+}
+
+/// Before another attempt: every change appends to the one audit chain, so
+/// changes in other namespaces compete too, and a store that just failed may
+/// be electing a leader: spread the retries out.
+async fn pause(attempt: u32) {
+    let most = 1u64 << attempt.min(6);
+    tokio::time::sleep(Duration::from_millis(rand::random_range(0..=most))).await;
 }

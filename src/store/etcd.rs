@@ -198,8 +198,9 @@ impl EtcdOptions {
     }
 }
 
-/// How many passes over the members one call makes at most.
-pub const ROUNDS: usize = 4;
+/// How many passes over the members one call makes at most (an election
+/// takes a second or two; the pauses between passes grow to a second).
+pub const ROUNDS: usize = 16;
 
 /// The store over an etcd cluster.
 pub struct EtcdStore {
@@ -290,7 +291,7 @@ impl EtcdStore {
     {
         let deadline = Instant::now() + self.options.call_deadline;
         let count = self.members.len();
-        let mut pause = Backoff::new(Duration::from_millis(50), Duration::from_millis(500));
+        let mut pause = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
         let mut last = None;
         for round in 0..ROUNDS {
             if round > 0 {

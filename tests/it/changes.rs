@@ -22,6 +22,7 @@ async fn apply(
             channels: channels.iter().map(|c| c.to_string()).collect(),
             reason: "test".into(),
             as_of: as_of.map(|t| safemode::wire::timestamp_to_wire(t.parse().unwrap())),
+            change_id: String::new(),
         })
         .await
         .map(tonic::Response::into_inner)
@@ -40,6 +41,7 @@ async fn lift(
             targets: targets.iter().map(|t| t.to_string()).collect(),
             reason: "test".into(),
             all,
+            change_id: String::new(),
         })
         .await
         .map(tonic::Response::into_inner)

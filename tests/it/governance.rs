@@ -57,6 +57,7 @@ async fn fixtures(
             severity: "sev3".into(),
             reason: "fixture".into(),
             channels: Vec::new(),
+            change_id: String::new(),
         })
         .await
         .unwrap()
@@ -76,6 +77,7 @@ async fn fixtures(
             targets: vec!["freeze-credential-changes".into()],
             reason: "fixture".into(),
             all: true,
+            change_id: String::new(),
         })
         .await
         .unwrap()
@@ -227,6 +229,7 @@ async fn call(
                 targets: vec!["incident-notice".into()],
                 reason: format!("{role} lifts"),
                 all: true,
+                change_id: String::new(),
             })
             .await,
         ),
@@ -239,6 +242,7 @@ async fn call(
                 severity: "sev3".into(),
                 reason: format!("{role} declares"),
                 channels: Vec::new(),
+                change_id: String::new(),
             })
             .await,
         ),
@@ -247,6 +251,7 @@ async fn call(
                 incident_id: fixtures.incident.clone(),
                 severity: "sev2".into(),
                 reason: format!("{role} escalates"),
+                change_id: String::new(),
             })
             .await,
         ),
@@ -254,6 +259,7 @@ async fn call(
             c.resolve_incident(proto::ResolveIncidentRequest {
                 incident_id: fixtures.incident.clone(),
                 reason: format!("{role} resolves"),
+                change_id: String::new(),
             })
             .await,
         ),
@@ -261,6 +267,7 @@ async fn call(
             c.approve(proto::ApproveRequest {
                 request_id: fixtures.request.clone(),
                 reason: format!("{role} approves"),
+                change_id: String::new(),
             })
             .await,
         ),
@@ -448,6 +455,7 @@ async fn declare_escalate_and_resolve_with_a_second_approver() {
             severity: "sev3".into(),
             reason: "login failures up 40x from residential proxies".into(),
             channels: Vec::new(),
+            change_id: String::new(),
         })
         .await
         .unwrap()
@@ -470,6 +478,7 @@ async fn declare_escalate_and_resolve_with_a_second_approver() {
             incident_id: incident.id.clone(),
             severity: "sev1".into(),
             reason: "takeovers confirmed".into(),
+            change_id: String::new(),
         })
         .await
         .unwrap()
@@ -482,6 +491,7 @@ async fn declare_escalate_and_resolve_with_a_second_approver() {
         .resolve_incident(proto::ResolveIncidentRequest {
             incident_id: incident.id.clone(),
             reason: "attack over for 2h".into(),
+            change_id: String::new(),
         })
         .await
         .unwrap()
@@ -498,6 +508,7 @@ async fn declare_escalate_and_resolve_with_a_second_approver() {
         .resolve_incident(proto::ResolveIncidentRequest {
             incident_id: incident.id.clone(),
             reason: "admin tries to resolve alone".into(),
+            change_id: String::new(),
         })
         .await
         .unwrap()
@@ -508,6 +519,7 @@ async fn declare_escalate_and_resolve_with_a_second_approver() {
         .approve(proto::ApproveRequest {
             request_id: own.id.clone(),
             reason: "I am sure".into(),
+            change_id: String::new(),
         })
         .await
         .unwrap_err();
@@ -535,6 +547,7 @@ async fn declare_escalate_and_resolve_with_a_second_approver() {
         .approve(proto::ApproveRequest {
             request_id: request.id.clone(),
             reason: "confirmed with fraud ops".into(),
+            change_id: String::new(),
         })
         .await
         .unwrap_err();
@@ -550,6 +563,7 @@ async fn declare_escalate_and_resolve_with_a_second_approver() {
         .resolve_incident(proto::ResolveIncidentRequest {
             incident_id: incident.id.clone(),
             reason: "attack over for 2h".into(),
+            change_id: String::new(),
         })
         .await
         .unwrap()
@@ -560,6 +574,7 @@ async fn declare_escalate_and_resolve_with_a_second_approver() {
         .approve(proto::ApproveRequest {
             request_id: request.id.clone(),
             reason: "confirmed with fraud ops".into(),
+            change_id: String::new(),
         })
         .await
         .unwrap()
@@ -612,6 +627,7 @@ async fn declare_escalate_and_resolve_with_a_second_approver() {
         .approve(proto::ApproveRequest {
             request_id: own.id,
             reason: String::new(),
+            change_id: String::new(),
         })
         .await
         .unwrap_err();
@@ -658,6 +674,7 @@ async fn going_down_a_severity_waits_for_an_approver() {
             severity: "sev1".into(),
             reason: "takeover wave".into(),
             channels: Vec::new(),
+            change_id: String::new(),
         })
         .await
         .unwrap()
@@ -668,6 +685,7 @@ async fn going_down_a_severity_waits_for_an_approver() {
             incident_id: id.clone(),
             severity: "sev3".into(),
             reason: "volume falling".into(),
+            change_id: String::new(),
         })
         .await
         .unwrap()
@@ -681,6 +699,7 @@ async fn going_down_a_severity_waits_for_an_approver() {
     bob.approve(proto::ApproveRequest {
         request_id: request.id,
         reason: String::new(),
+        change_id: String::new(),
     })
     .await
     .unwrap();
@@ -844,6 +863,7 @@ async fn an_approval_never_carries_out_more_than_was_requested() {
             severity: "sev3".into(),
             reason: "login failures up 40x".into(),
             channels: Vec::new(),
+            change_id: String::new(),
         })
         .await
         .unwrap()
@@ -853,6 +873,7 @@ async fn an_approval_never_carries_out_more_than_was_requested() {
         .resolve_incident(proto::ResolveIncidentRequest {
             incident_id: incident.id.clone(),
             reason: "looks quiet".into(),
+            change_id: String::new(),
         })
         .await
         .unwrap()
@@ -870,6 +891,7 @@ async fn an_approval_never_carries_out_more_than_was_requested() {
             incident_id: incident.id.clone(),
             severity: "sev1".into(),
             reason: "takeovers confirmed".into(),
+            change_id: String::new(),
         })
         .await
         .unwrap()
@@ -882,6 +904,7 @@ async fn an_approval_never_carries_out_more_than_was_requested() {
         .approve(proto::ApproveRequest {
             request_id: resolving.id.clone(),
             reason: "ok".into(),
+            change_id: String::new(),
         })
         .await
         .unwrap_err();
@@ -936,6 +959,7 @@ stages:
             severity: "sev3".into(),
             reason: "SIM swaps".into(),
             channels: Vec::new(),
+            change_id: String::new(),
         })
         .await
         .unwrap()
@@ -947,6 +971,7 @@ stages:
             incident_id: incident.id.clone(),
             severity: "sev1".into(),
             reason: "worse".into(),
+            change_id: String::new(),
         })
         .await
         .unwrap()
@@ -972,6 +997,7 @@ stages:
     bob.approve(proto::ApproveRequest {
         request_id: request.id.clone(),
         reason: "phones are safe now".into(),
+        change_id: String::new(),
     })
     .await
     .unwrap();
@@ -1020,6 +1046,7 @@ async fn an_expired_request_cannot_be_approved() {
             targets: vec!["freeze-credential-changes".into()],
             reason: "contained".into(),
             all: false,
+            change_id: String::new(),
         })
         .await
         .unwrap()
@@ -1030,6 +1057,7 @@ async fn an_expired_request_cannot_be_approved() {
         .approve(proto::ApproveRequest {
             request_id: request.id,
             reason: String::new(),
+            change_id: String::new(),
         })
         .await
         .unwrap_err();
@@ -1064,6 +1092,7 @@ async fn two_approvers_at_once_carry_a_request_out_once() {
             targets: vec!["freeze-credential-changes".into()],
             reason: "contained".into(),
             all: false,
+            change_id: String::new(),
         })
         .await
         .unwrap()
@@ -1079,6 +1108,7 @@ async fn two_approvers_at_once_carry_a_request_out_once() {
             c.approve(proto::ApproveRequest {
                 request_id: id,
                 reason: format!("{who} approves"),
+                change_id: String::new(),
             })
             .await
         }
