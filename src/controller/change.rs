@@ -572,3 +572,231 @@ async fn pause(attempt: u32) {
     let most = 1u64 << attempt.min(6);
     tokio::time::sleep(Duration::from_millis(rand::random_range(0..=most))).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::auth::Principal;
+    use crate::catalog::Catalog;
+    use crate::controller::{ApplyRequest, ControllerConfig};
+    use crate::policy::{ChannelSet, ModeName, Reason};
+    use crate::store::embedded::{EmbeddedOptions, EmbeddedStore};
+    use crate::store::{self, RangeResult, Store, WatchStream};
+
+    /// The real embedded store, whose next `lose` writing transactions are
+    /// applied but answered with an error, as when etcd's answer is lost
+    /// ("leader changed" after the proposal committed, a connection cut
+    /// after sending).
+    struct LostAnswers {
+        inner: EmbeddedStore,
+        lose: AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl Store for LostAnswers {
+        async fn range(&self, prefix: &str) -> store::Result<RangeResult> {
+            self.inner.range(prefix).await
+        }
+        async fn txn(&self, txn: Txn) -> store::Result<TxnOutcome> {
+            let writes = !txn.ops.is_empty();
+            let outcome = self.inner.txn(txn).await?;
+            if writes
+                && self
+                    .lose
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok()
+            {
+                return Err(store::Error::Unavailable(
+                    "etcdserver: leader changed; the transaction may or may not have been applied"
+                        .into(),
+                ));
+            }
+            Ok(outcome)
+        }
+        async fn watch(&self, prefix: &str, from: Revision) -> store::Result<WatchStream> {
+            self.inner.watch(prefix, from).await
+        }
+        async fn compact(&self, revision: Revision) -> store::Result<()> {
+            self.inner.compact(revision).await
+        }
+        fn describe(&self) -> String {
+            "lost-answers".into()
+        }
+    }
+
+    async fn controller(dir: &tempfile::TempDir) -> (Arc<Controller>, Arc<LostAnswers>) {
+        let inner = EmbeddedStore::open(&dir.path().join("store.redb"), EmbeddedOptions::default())
+            .unwrap();
+        let store = Arc::new(LostAnswers {
+            inner,
+            lose: AtomicUsize::new(0),
+        });
+        let controller = Controller::start(
+            store.clone(),
+            Arc::new(Catalog::standard()),
+            ControllerConfig::default(),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        (controller, store)
+    }
+
+    fn apply(change_id: &str) -> ApplyRequest {
+        ApplyRequest {
+            namespace: Namespace::live(),
+            modes: vec![ModeName::parse("throttle-high-risk").unwrap()],
+            channels: ChannelSet::ALL,
+            as_of: None,
+            actor: Principal::local(),
+            reason: Reason::parse("test").unwrap(),
+            change_id: Some(ChangeId::parse(change_id).unwrap()),
+        }
+    }
+
+    /// The audit entries that carry `change_id`.
+    async fn entries_of(controller: &Controller, change_id: &str) -> usize {
+        let log = controller
+            .store
+            .range(&controller.config.layout.audit_log_prefix())
+            .await
+            .unwrap();
+        log.kvs
+            .iter()
+            .map(|kv| serde_json::from_slice::<AuditEntry>(&kv.value).unwrap())
+            .filter(|e| e.change_id.as_deref() == Some(change_id))
+            .count()
+    }
+
+    #[tokio::test]
+    async fn a_change_whose_answer_was_lost_is_applied_once_and_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        let (controller, store) = controller(&dir).await;
+        store.lose.store(1, Ordering::SeqCst);
+        let outcome = controller.apply(apply("lost-1")).await.unwrap();
+        assert_eq!(store.lose.load(Ordering::SeqCst), 0, "the answer was lost");
+        assert_eq!(
+            outcome.applied.len(),
+            1,
+            "the change is reported as applied"
+        );
+        let view = controller.namespace(&Namespace::live()).await.unwrap();
+        assert_eq!(view.current().activations.len(), 1, "applied exactly once");
+        assert_eq!(entries_of(&controller, "lost-1").await, 1);
+    }
+
+    #[tokio::test]
+    async fn a_change_id_that_committed_is_answered_as_then_and_not_applied_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (controller, _) = controller(&dir).await;
+        let first = controller.apply(apply("once")).await.unwrap();
+        let again = controller.apply(apply("once")).await.unwrap();
+        assert_eq!(again.revision, first.revision);
+        assert_eq!(
+            again
+                .applied
+                .iter()
+                .map(|a| a.id.clone())
+                .collect::<Vec<_>>(),
+            first
+                .applied
+                .iter()
+                .map(|a| a.id.clone())
+                .collect::<Vec<_>>(),
+        );
+        assert_eq!(entries_of(&controller, "once").await, 1);
+        // The same id for another kind of change is refused.
+        let lift = crate::controller::LiftRequest {
+            namespace: Namespace::live(),
+            targets: vec![crate::controller::LiftTarget::parse("throttle-high-risk").unwrap()],
+            actor: Principal::local(),
+            reason: Reason::parse("test").unwrap(),
+            all: false,
+            change_id: Some(ChangeId::parse("once").unwrap()),
+        };
+        let refused = controller.lift(lift).await.unwrap_err();
+        assert!(matches!(refused, Error::ChangeIdReused { .. }), "{refused}");
+        let view = controller.namespace(&Namespace::live()).await.unwrap();
+        assert_eq!(view.current().activations.len(), 1, "nothing was lifted");
+    }
+
+    #[test]
+    fn change_ids_are_checked() {
+        for good in ["a", "chg_0123", "deploy-42.retry_1", &"x".repeat(64)] {
+            assert!(ChangeId::parse(good).is_ok(), "{good}");
+        }
+        for bad in ["", "has space", "semi;colon", "ümlaut", &"x".repeat(65)] {
+            assert!(ChangeId::parse(bad).is_err(), "{bad:?}");
+        }
+        let made = ChangeId::random();
+        assert!(ChangeId::parse(made.as_str()).is_ok(), "{made}");
+        assert_ne!(made, ChangeId::random());
+    }
+
+    #[test]
+    fn an_entry_without_a_change_id_keeps_its_hash() {
+        let draft = |change_id: Option<&str>| AuditDraft {
+            action: AuditAction::Apply,
+            principal: "alice".into(),
+            roles: vec!["commander".into()],
+            namespace: Some("live".into()),
+            reason: Some("r".into()),
+            incident_id: None,
+            request_id: None,
+            activation_ids: Vec::new(),
+            detail: "applied".into(),
+            change_id: change_id.map(String::from),
+        };
+        let at: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let without = AuditEntry::seal(draft(None), &AuditHead::default(), at);
+        // The fields hashed before change ids existed, in their order.
+        #[derive(Serialize)]
+        struct Before<'a> {
+            seq: u64,
+            at: &'a Timestamp,
+            action: AuditAction,
+            principal: &'a str,
+            roles: &'a [String],
+            namespace: &'a Option<String>,
+            reason: &'a Option<String>,
+            incident_id: &'a Option<String>,
+            request_id: &'a Option<String>,
+            activation_ids: &'a [String],
+            detail: &'a str,
+            prev_hash: &'a str,
+        }
+        let before = serde_json::to_vec(&Before {
+            seq: without.seq,
+            at: &without.at,
+            action: without.action,
+            principal: &without.principal,
+            roles: &without.roles,
+            namespace: &without.namespace,
+            reason: &without.reason,
+            incident_id: &without.incident_id,
+            request_id: &without.request_id,
+            activation_ids: &without.activation_ids,
+            detail: &without.detail,
+            prev_hash: &without.prev_hash,
+        })
+        .unwrap();
+        use sha2::Digest;
+        assert_eq!(
+            without.hash,
+            format!("{:x}", sha2::Sha256::digest(before)),
+            "an entry without a change id hashes as before"
+        );
+        assert!(
+            !serde_json::to_string(&without)
+                .unwrap()
+                .contains("change_id")
+        );
+        let with = AuditEntry::seal(draft(Some("c1")), &AuditHead::default(), at);
+        assert_ne!(with.hash, without.hash, "the change id is hashed");
+        assert_eq!(with.computed_hash(), with.hash);
+    }
+}
