@@ -48,6 +48,11 @@ use crate::store::{Compare, Op, Txn, TxnOutcome};
 /// How many times a change is prepared and tried before it gives up.
 pub(crate) const COMMIT_ATTEMPTS: u32 = 12;
 
+/// How many of those attempts may end with an unknown outcome before the
+/// store's error is returned (each store call already waited through its own
+/// failover and deadline).
+pub(crate) const UNKNOWN_OUTCOMES: u32 = 3;
+
 /// What one change writes, prepared against one view of the state.
 pub(crate) struct Plan<T> {
     /// When the change happens (the audit entry's and records' time).
@@ -286,6 +291,7 @@ impl Controller {
             return Ok(done);
         }
         let layout = &self.config.layout;
+        let mut unknown = 0;
         for attempt in 0..COMMIT_ATTEMPTS {
             let view = handle.as_ref().map(|h| h.current());
             let plan = prepare(view.clone()).await?;
@@ -364,6 +370,13 @@ impl Controller {
                     maybe_committed = true;
                     if let Some(done) = self.committed(change, &id, handle.as_deref()).await? {
                         return Ok(done);
+                    }
+                    unknown += 1;
+                    if unknown >= UNKNOWN_OUTCOMES {
+                        return Err(crate::store::Error::Unavailable(format!(
+                            "{why} ({unknown} times; change {id} has not committed: retry with the same change id)"
+                        ))
+                        .into());
                     }
                     pause(attempt).await;
                     continue;
