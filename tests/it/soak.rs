@@ -1,8 +1,9 @@
 //! Writes that survive faults (issue 10, finding 8): three real etcd
-//! members, controller replicas on them, subscribers, and a commander whose
-//! every command must succeed while members (the leader included) are killed
-//! and restarted one at a time, a replica is killed and restarted, and etcd
-//! is compacted.
+//! members, two `safemode serve` replicas on them (processes sharing one
+//! signing key), subscribers, and a commander whose every command must
+//! succeed while members (the leader included) are killed and restarted one
+//! at a time, a replica is killed (SIGKILL, perhaps mid-command) and
+//! restarted on its address, and etcd is compacted.
 //!
 //! The soak runs a few cycles by default, so it fits in every CI run;
 //! `SAFEMODE_SOAK_ITERATIONS=N` runs N apply-and-lift cycles instead.
@@ -15,9 +16,10 @@ use std::time::Duration;
 use safemode::client::{Subscriber, SubscriberConfig};
 use safemode::policy::{Channel, Namespace};
 use safemode::wire::proto;
+use safemode::wire::proto::control_service_client::ControlServiceClient;
 
 use crate::etcd::EtcdCluster;
-use crate::support::{TestServer, safemode, wait_until};
+use crate::support::{ServeProcess, TestServer, safemode, wait_until};
 
 /// Apply-and-lift cycles of the default (short) run.
 const DEFAULT_CYCLES: usize = 8;
@@ -58,11 +60,11 @@ async fn change_ids_in_audit(endpoints: &[String]) -> BTreeMap<String, usize> {
     counts
 }
 
-/// The whole log verified by a replica: no problem found.
-async fn assert_audit_verifies(replica: &TestServer) {
-    let audit = replica
-        .control()
+/// The whole log verified by the replica at `url`: no problem found.
+async fn assert_audit_verifies(url: &str) {
+    let audit = ControlServiceClient::connect(url.to_string())
         .await
+        .expect("connect to a replica")
         .get_audit(proto::GetAuditRequest {
             verify: true,
             limit: 1,
@@ -167,7 +169,8 @@ enum Fault {
     KillFollower,
     /// Kill the etcd leader; restart it.
     KillLeader,
-    /// Stop replica 0; start it again on the same address.
+    /// Kill a replica (SIGKILL), the two in turn; start it again on the
+    /// same address.
     KillReplica,
     /// Compact etcd at its current revision.
     Compact,
@@ -177,17 +180,40 @@ enum Fault {
 async fn every_command_succeeds_while_members_and_replicas_fail() {
     let mut cluster = EtcdCluster::start(3).await;
     let endpoints = cluster.endpoints();
-    let mut replicas = [
-        Some(TestServer::on_etcd(endpoints.clone(), "127.0.0.1:0").await),
-        Some(TestServer::on_etcd(endpoints.clone(), "127.0.0.1:0").await),
+    // Replicas of one deployment share their signing key.
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("signing.key");
+    std::fs::write(&key_file, safemode::signing::SigningKey::generate().1).unwrap();
+    let serve_args = [
+        "--store".to_string(),
+        "etcd".to_string(),
+        "--etcd-endpoints".to_string(),
+        endpoints.join(","),
+        "--signing-key".to_string(),
+        key_file.display().to_string(),
     ];
-    let addrs: Vec<String> = replicas
-        .iter()
-        .map(|r| r.as_ref().unwrap().addr().to_string())
-        .collect();
+    let serve = move |listen: String| {
+        let args = serve_args.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                ServeProcess::start_on(&listen, &args, &[])
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let mut replicas = [
+        Some(serve("127.0.0.1:0".into()).await),
+        Some(serve("127.0.0.1:0".into()).await),
+    ];
     let urls: Vec<String> = replicas
         .iter()
         .map(|r| r.as_ref().unwrap().url.clone())
+        .collect();
+    let addrs: Vec<String> = urls
+        .iter()
+        .map(|u| u.trim_start_matches("http://").to_string())
         .collect();
     let subscribers = [
         watched(&urls, "chatbot", "soak-chatbot").await,
@@ -256,8 +282,8 @@ async fn every_command_succeeds_while_members_and_replicas_fail() {
                 cluster.restart(victim).await;
             }
             Fault::KillReplica => {
-                let mut replica = replicas[0].take().unwrap();
-                replica.stop().await;
+                let victim = (round / faults.len()) % 2;
+                replicas[victim].take().unwrap().kill();
                 progress(
                     &done,
                     before + 2,
@@ -265,7 +291,7 @@ async fn every_command_succeeds_while_members_and_replicas_fail() {
                     "two commands succeed with a replica down",
                 )
                 .await;
-                replicas[0] = Some(TestServer::on_etcd(endpoints.clone(), &addrs[0]).await);
+                replicas[victim] = Some(serve(addrs[victim].clone()).await);
             }
             Fault::Compact => {
                 let store = cluster.store().await;
@@ -308,7 +334,7 @@ async fn every_command_succeeds_while_members_and_replicas_fail() {
         );
     }
 
-    assert_audit_verifies(replicas[1].as_ref().unwrap()).await;
+    assert_audit_verifies(&urls[0]).await;
     let counts = change_ids_in_audit(&endpoints).await;
     for id in &ids {
         assert_eq!(
