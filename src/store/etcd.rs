@@ -701,3 +701,73 @@ fn event(event: &etcd_client::Event) -> Result<Event> {
         kv: key_value(kv)?,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(code: tonic::Code, message: &str) -> etcd_client::Error {
+        etcd_client::Error::GRpcStatus(tonic::Status::new(code, message))
+    }
+
+    #[test]
+    fn only_failures_before_consensus_count_as_not_sent() {
+        use tonic::Code::*;
+        let cases = [
+            (
+                Unavailable,
+                "tcp connect error: Connection refused (os error 111)",
+                Failure::NotSent,
+            ),
+            (Unavailable, "etcdserver: no leader", Failure::NotSent),
+            (
+                Unavailable,
+                "etcdserver: too many requests",
+                Failure::NotSent,
+            ),
+            (
+                Unavailable,
+                "etcdserver: leader changed",
+                Failure::Ambiguous,
+            ),
+            (
+                Unavailable,
+                "etcdserver: request timed out",
+                Failure::Ambiguous,
+            ),
+            (
+                Unavailable,
+                "error reading a body from connection: connection reset",
+                Failure::Ambiguous,
+            ),
+            (
+                DeadlineExceeded,
+                "context deadline exceeded",
+                Failure::Ambiguous,
+            ),
+            (Unknown, "h2 protocol error", Failure::Ambiguous),
+            (
+                InvalidArgument,
+                "etcdserver: duplicate key given in txn request",
+                Failure::Final,
+            ),
+            (
+                OutOfRange,
+                "etcdserver: mvcc: required revision has been compacted",
+                Failure::Final,
+            ),
+            (
+                ResourceExhausted,
+                "etcdserver: mvcc: database space exceeded",
+                Failure::Final,
+            ),
+        ];
+        for (code, message, expected) in cases {
+            assert_eq!(
+                classify(&status(code, message)),
+                expected,
+                "{code:?} {message}"
+            );
+        }
+    }
+}
