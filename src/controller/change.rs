@@ -29,6 +29,11 @@
 //! absent, the change is prepared and tried again. A request whose change id
 //! is already recorded (a client retrying through another replica) is answered
 //! the same way, without being applied again.
+//!
+//! Change records are kept for the latest [`CHANGE_WINDOW`] changes: each
+//! change deletes the record of the one that many entries before it (the
+//! audit entries keep every id), so a retry is recognised for as long as
+//! any client retries, and the records do not grow without bound.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,6 +52,16 @@ use crate::store::{Compare, Op, Txn, TxnOutcome};
 
 /// How many times a change is prepared and tried before it gives up.
 pub(crate) const COMMIT_ATTEMPTS: u32 = 12;
+
+/// How many of the latest changes are remembered by change id: a change id
+/// is answered from its record for this many changes after it, and each
+/// change removes the record of the one this many entries before it, so the
+/// records stay bounded.
+#[cfg(not(test))]
+pub(crate) const CHANGE_WINDOW: u64 = 1000;
+/// A short window, so a unit test can go past it.
+#[cfg(test)]
+pub(crate) const CHANGE_WINDOW: u64 = 4;
 
 /// How many of those attempts may end with an unknown outcome before the
 /// store's error is returned (each store call already waited through its own
@@ -328,6 +343,11 @@ impl Controller {
                 let (head, head_revision) = self.audit_head().await?;
                 let entry = AuditEntry::seal(draft, &head, plan.at);
                 appended = Some((entry.seq, entry.action, entry.hash.clone()));
+                if let Some(old) = self.expiring_change(entry.seq).await? {
+                    txn.ops.push(Op::Delete {
+                        key: layout.change_key(&old),
+                    });
+                }
                 txn.compares.push(Compare::ModRevision {
                     key: layout.audit_head_key(),
                     revision: head_revision,
@@ -420,6 +440,24 @@ impl Controller {
         Err(Error::Conflict(
             namespace.cloned().unwrap_or_else(Namespace::live),
         ))
+    }
+
+    /// The change id of the audit entry [`CHANGE_WINDOW`] before position
+    /// `seq`, whose record the change at `seq` removes. An entry that is
+    /// gone, unreadable or without a change id has nothing to remove.
+    async fn expiring_change(&self, seq: u64) -> Result<Option<ChangeId>> {
+        let Some(old) = seq.checked_sub(CHANGE_WINDOW).filter(|&old| old > 0) else {
+            return Ok(None);
+        };
+        let key = self.config.layout.audit_entry_key(old);
+        let range = self.store.range(&key).await?;
+        Ok(range
+            .kvs
+            .iter()
+            .find(|kv| kv.key == key)
+            .and_then(|kv| serde_json::from_slice::<AuditEntry>(&kv.value).ok())
+            .and_then(|entry| entry.change_id)
+            .and_then(|id| ChangeId::parse(&id).ok()))
     }
 
     /// Whether change `id` committed: its recorded answer and revision, or
@@ -735,6 +773,40 @@ mod tests {
         assert!(matches!(refused, Error::ChangeIdReused { .. }), "{refused}");
         let view = controller.namespace(&Namespace::live()).await.unwrap();
         assert_eq!(view.current().activations.len(), 1, "nothing was lifted");
+    }
+
+    #[tokio::test]
+    async fn change_records_are_kept_for_the_latest_changes_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (controller, _) = controller(&dir).await;
+        let records = || async {
+            let prefix = format!("{}changes/", controller.config.layout.prefix());
+            controller.store.range(&prefix).await.unwrap().kvs.len()
+        };
+        let lift = |id: String| crate::controller::LiftRequest {
+            namespace: Namespace::live(),
+            targets: vec![crate::controller::LiftTarget::parse("throttle-high-risk").unwrap()],
+            actor: Principal::local(),
+            reason: Reason::parse("test").unwrap(),
+            all: false,
+            change_id: Some(ChangeId::parse(&id).unwrap()),
+        };
+        for i in 0..CHANGE_WINDOW {
+            controller.apply(apply(&format!("a{i}"))).await.unwrap();
+            controller.lift(lift(format!("l{i}"))).await.unwrap();
+        }
+        // The catalogue's entry and eight changes: the last four remembered.
+        assert_eq!(records().await as u64, CHANGE_WINDOW);
+        // The oldest ids are forgotten (applied again), the latest answered.
+        let latest = controller
+            .lift(lift(format!("l{}", CHANGE_WINDOW - 1)))
+            .await
+            .unwrap();
+        assert_eq!(latest.lifted.len(), 1, "answered as then");
+        assert_eq!(entries_of(&controller, "a0").await, 1);
+        let forgotten = controller.apply(apply("a0")).await.unwrap();
+        assert_eq!(forgotten.applied.len(), 1, "past the window: applied again");
+        assert_eq!(entries_of(&controller, "a0").await, 2);
     }
 
     #[test]
