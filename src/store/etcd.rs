@@ -389,6 +389,19 @@ fn classify(error: &etcd_client::Error) -> Failure {
         | tonic::Code::AlreadyExists
         | tonic::Code::NotFound
         | tonic::Code::Unimplemented => Failure::Final,
+        // TLS refused either way: a configuration to fix (the message says
+        // what), not a member to wait for.
+        _ if [
+            "certificate",
+            "Certificate",
+            "UnknownIssuer",
+            "NotValidForName",
+        ]
+        .iter()
+        .any(|sign| described.contains(sign)) =>
+        {
+            Failure::Final
+        }
         // No connection could be made, or the member answered before
         // proposing anything: `require_leader` makes a member without a
         // leader refuse at once, and an overloaded one refuses up front.
@@ -720,6 +733,11 @@ mod tests {
                 Failure::NotSent,
             ),
             (Unavailable, "etcdserver: no leader", Failure::NotSent),
+            (
+                Unavailable,
+                "error trying to connect: invalid peer certificate: UnknownIssuer",
+                Failure::Final,
+            ),
             (
                 Unavailable,
                 "etcdserver: too many requests",
