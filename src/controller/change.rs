@@ -196,6 +196,11 @@ pub(crate) struct ChangeRecord {
     pub seq: u64,
     /// What the change answered ([`Replay::kept`]).
     pub outcome: serde_json::Value,
+    /// The revision it answered with, when that is not the revision it was
+    /// written at: a change that leaves its namespace as it was (a pending
+    /// request) answers with the namespace's revision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<Revision>,
 }
 
 /// An outcome that can be kept with its change id and given again to a
@@ -366,6 +371,10 @@ impl Controller {
                     operation: change.operation.to_string(),
                     seq: entry.seq,
                     outcome: plan.outcome.kept(),
+                    revision: match (&view, plan.record.is_some()) {
+                        (Some(view), false) => Some(view.revision),
+                        _ => None,
+                    },
                 };
                 txn.ops.push(Op::Put {
                     key: layout.change_key(&id),
@@ -492,7 +501,7 @@ impl Controller {
         if let Some(handle) = handle {
             self.await_visible(handle, kv.mod_revision).await;
         }
-        Ok(Some((outcome, kv.mod_revision)))
+        Ok(Some((outcome, record.revision.unwrap_or(kv.mod_revision))))
     }
 
     /// The audit log's head and the revision of its key (0: empty log).

@@ -303,3 +303,41 @@ async fn the_cli_sends_a_write_to_the_next_server_with_the_same_change_id() {
     assert!(message.contains(&dead), "{message}");
     assert!(message.contains("--change-id cli-retry-2"), "{message}");
 }
+
+#[tokio::test]
+async fn a_retried_lift_that_waits_for_approval_is_one_request_with_the_same_answer() {
+    let server = TestServer::start().await;
+    apply(&server, &["freeze-credential-changes"], &[], None)
+        .await
+        .unwrap();
+    let lift = || async {
+        server
+            .control()
+            .await
+            .lift_activations(proto::LiftActivationsRequest {
+                namespace: "live".into(),
+                targets: vec!["freeze-credential-changes".into()],
+                reason: "test".into(),
+                change_id: "lift-needs-approval".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    let first = lift().await;
+    assert!(first.pending.is_some(), "{first:?}");
+    let again = lift().await;
+    assert_eq!(again, first, "the same request, the same revision");
+    let requests = server
+        .control()
+        .await
+        .list_requests(proto::ListRequestsRequest {
+            namespace: "live".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(requests.requests.len(), 1, "{requests:?}");
+}
