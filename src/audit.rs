@@ -138,6 +138,9 @@ pub struct AuditDraft {
     pub activation_ids: Vec<String>,
     /// One line for people: what exactly was done or refused.
     pub detail: String,
+    /// The change's id (`Controller::commit` sets it): a retried change is
+    /// recognised by it and never applied twice.
+    pub change_id: Option<String>,
 }
 
 /// One entry of the log.
@@ -174,6 +177,9 @@ pub struct AuditEntry {
     /// the change ([`state_digest`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_digest: Option<String>,
+    /// The change's id; absent in entries written before change ids.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change_id: Option<String>,
     /// The previous entry's hash ([`GENESIS`] for the first).
     pub prev_hash: String,
     /// SHA-256 (hex) of every field above.
@@ -225,6 +231,10 @@ struct Hashed<'a> {
     // hashes.
     #[serde(skip_serializing_if = "Option::is_none")]
     state_digest: &'a Option<String>,
+    // Hashed only when present, so entries written before change ids keep
+    // their hashes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    change_id: Option<&'a str>,
     prev_hash: &'a str,
 }
 
@@ -274,6 +284,7 @@ impl AuditEntry {
             activation_ids: draft.activation_ids,
             detail: draft.detail,
             state_digest,
+            change_id: draft.change_id,
             prev_hash: head.hash.clone(),
             hash: String::new(),
             key_id: String::new(),
@@ -321,6 +332,7 @@ impl AuditEntry {
             activation_ids: &self.activation_ids,
             detail: &self.detail,
             state_digest: &self.state_digest,
+            change_id: self.change_id.as_deref(),
             prev_hash: &self.prev_hash,
         };
         let bytes = serde_json::to_vec(&hashed).expect("audit fields serialize");
@@ -985,6 +997,7 @@ mod tests {
             request_id: None,
             activation_ids: vec![],
             detail: format!("applied mode {n}"),
+            change_id: None,
         }
     }
 

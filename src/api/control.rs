@@ -11,7 +11,7 @@ use super::convert::{audit_entry_to_wire, incident_to_wire, request_to_wire, run
 use super::{authorize, authorize_anywhere, invalid, invalid_name, limits, principal, status};
 use crate::auth::Operation;
 use crate::controller::{
-    ApplyRequest, AuditPage, Controller, DeclareRequest, EscalateRequest, IncidentId,
+    ApplyRequest, AuditPage, ChangeId, Controller, DeclareRequest, EscalateRequest, IncidentId,
     IncidentOutcome, LiftRequest, LiftTarget, RequestId, ResolveRequest, SubscriberCursor,
 };
 use crate::policy::runbook::{RunbookName, Severity};
@@ -47,11 +47,16 @@ impl ControlApi {
             })
     }
 
-    fn incident_change(&self, outcome: IncidentOutcome) -> proto::IncidentChange {
+    fn incident_change(
+        &self,
+        outcome: IncidentOutcome,
+        change_id: &ChangeId,
+    ) -> proto::IncidentChange {
         proto::IncidentChange {
             incident: Some(incident_to_wire(&outcome.incident)),
             revision: outcome.revision,
             pending: outcome.pending.as_ref().map(request_to_wire),
+            change_id: change_id.to_string(),
         }
     }
 }
@@ -61,6 +66,11 @@ impl ControlApi {
 /// reject reason are bounded), so a page stays far below gRPC's 4 MiB.
 const STATUS_PAGE_DEFAULT: usize = 1000;
 const STATUS_PAGE_MAX: usize = 5000;
+
+/// The caller's change id, or a new one when it gave none.
+fn change_id(text: &str) -> Result<ChangeId, Status> {
+    ChangeId::parse_or_random(text).map_err(|e| invalid("change_id", e))
+}
 
 fn namespace(text: &str) -> Result<Namespace, Status> {
     Namespace::parse(text).map_err(invalid_name("namespace"))
@@ -104,6 +114,7 @@ impl ControlService for ControlApi {
     ) -> Result<Response<proto::ApplyModesResponse>, Status> {
         let actor = principal(&request)?;
         let r = request.into_inner();
+        let change = change_id(&r.change_id)?;
         let namespace = namespace(&r.namespace)?;
         // Authorised before anything that grows with the request; a refusal
         // records a bounded summary, never the caller's list.
@@ -169,10 +180,12 @@ impl ControlService for ControlApi {
                 as_of,
                 actor: (*actor).clone(),
                 reason,
+                change_id: Some(change.clone()),
             })
             .await
             .map_err(status)?;
         Ok(Response::new(proto::ApplyModesResponse {
+            change_id: change.to_string(),
             namespace: namespace.to_string(),
             revision: outcome.revision,
             applied: outcome
@@ -194,6 +207,7 @@ impl ControlService for ControlApi {
     ) -> Result<Response<proto::LiftActivationsResponse>, Status> {
         let actor = principal(&request)?;
         let r = request.into_inner();
+        let change = change_id(&r.change_id)?;
         let namespace = namespace(&r.namespace)?;
         authorize(
             &self.controller,
@@ -233,10 +247,12 @@ impl ControlService for ControlApi {
                 actor: (*actor).clone(),
                 reason,
                 all: r.all,
+                change_id: Some(change.clone()),
             })
             .await
             .map_err(status)?;
         Ok(Response::new(proto::LiftActivationsResponse {
+            change_id: change.to_string(),
             namespace: namespace.to_string(),
             revision: outcome.revision,
             lifted: outcome
@@ -367,6 +383,7 @@ impl ControlService for ControlApi {
     ) -> Result<Response<proto::IncidentChange>, Status> {
         let actor = principal(&request)?;
         let r = request.into_inner();
+        let change = change_id(&r.change_id)?;
         let namespace = namespace(&r.namespace)?;
         let runbook = RunbookName::parse(&r.r#type).map_err(invalid_name("type"))?;
         let severity = severity(&r.severity)?;
@@ -390,10 +407,11 @@ impl ControlService for ControlApi {
                 reason,
                 channels,
                 actor: (*actor).clone(),
+                change_id: Some(change.clone()),
             })
             .await
             .map_err(status)?;
-        Ok(Response::new(self.incident_change(outcome)))
+        Ok(Response::new(self.incident_change(outcome, &change)))
     }
 
     async fn escalate_incident(
@@ -402,6 +420,7 @@ impl ControlService for ControlApi {
     ) -> Result<Response<proto::IncidentChange>, Status> {
         let actor = principal(&request)?;
         let r = request.into_inner();
+        let change = change_id(&r.change_id)?;
         let id = incident_id(&r.incident_id)?;
         let severity = severity(&r.severity)?;
         let reason = if r.reason.trim().is_empty() {
@@ -427,10 +446,11 @@ impl ControlService for ControlApi {
                 severity,
                 reason,
                 actor: (*actor).clone(),
+                change_id: Some(change.clone()),
             })
             .await
             .map_err(status)?;
-        Ok(Response::new(self.incident_change(outcome)))
+        Ok(Response::new(self.incident_change(outcome, &change)))
     }
 
     async fn resolve_incident(
@@ -439,6 +459,7 @@ impl ControlService for ControlApi {
     ) -> Result<Response<proto::IncidentChange>, Status> {
         let actor = principal(&request)?;
         let r = request.into_inner();
+        let change = change_id(&r.change_id)?;
         let id = incident_id(&r.incident_id)?;
         let reason = reason(&r.reason)?;
         let what = format!("resolve incident {id}");
@@ -458,10 +479,11 @@ impl ControlService for ControlApi {
                 incident: id,
                 reason,
                 actor: (*actor).clone(),
+                change_id: Some(change.clone()),
             })
             .await
             .map_err(status)?;
-        Ok(Response::new(self.incident_change(outcome)))
+        Ok(Response::new(self.incident_change(outcome, &change)))
     }
 
     async fn list_incidents(
@@ -540,6 +562,7 @@ impl ControlService for ControlApi {
     ) -> Result<Response<proto::ApproveResponse>, Status> {
         let actor = principal(&request)?;
         let r = request.into_inner();
+        let change = change_id(&r.change_id)?;
         let id = RequestId::parse(&r.request_id).map_err(invalid_name("request_id"))?;
         let reason = if r.reason.trim().is_empty() {
             None
@@ -557,7 +580,11 @@ impl ControlService for ControlApi {
             &what,
         )
         .await?;
-        let outcome = match self.controller.approve(&id, reason, &actor).await {
+        let outcome = match self
+            .controller
+            .approve(&id, reason, &actor, Some(change.clone()))
+            .await
+        {
             Err(own @ crate::controller::Error::OwnRequest { .. }) => {
                 // Four-eyes: refused like a missing role, and audited.
                 self.controller
@@ -575,6 +602,7 @@ impl ControlService for ControlApi {
         Ok(Response::new(proto::ApproveResponse {
             request: Some(request_to_wire(&outcome.request)),
             revision: outcome.revision,
+            change_id: change.to_string(),
         }))
     }
 

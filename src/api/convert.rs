@@ -180,5 +180,6 @@ pub fn audit_entry_to_wire(e: &AuditEntry) -> proto::AuditEntry {
         state_digest: e.state_digest.clone().unwrap_or_default(),
         key_id: e.key_id.clone(),
         signature: e.signature.clone(),
+        change_id: e.change_id.clone().unwrap_or_default(),
     }
 }

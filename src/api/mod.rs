@@ -254,7 +254,8 @@ fn status(error: controller::Error) -> tonic::Status {
         | NotPending { .. }
         | OutdatedRequest { .. }
         | NothingToApply(_)
-        | CatalogMismatch { .. } => tonic::Status::failed_precondition(message),
+        | CatalogMismatch { .. }
+        | ChangeIdReused { .. } => tonic::Status::failed_precondition(message),
         OwnRequest { .. } => tonic::Status::permission_denied(message),
         NotLoaded { .. } | Behind { .. } | ShuttingDown | CatalogChanged { .. } => {
             tonic::Status::unavailable(message)

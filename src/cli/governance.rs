@@ -7,7 +7,7 @@ use anyhow::{anyhow, bail};
 
 use super::Format;
 use super::output;
-use super::{Caller, control, emit, parse_namespace, parse_reason, refused};
+use super::{Caller, control, emit, parse_namespace, parse_reason, refused, retry};
 use crate::auth::{self, Role};
 use crate::controller::{IncidentId, RequestId};
 use crate::policy::runbook::{RunbookName, Severity};
@@ -34,22 +34,28 @@ pub(super) async fn incident(
             Severity::parse(&severity).map_err(|e| anyhow!("--severity: {e}"))?;
             let reason = parse_reason(reason)?;
             let channels = parse_channels(channels.as_deref())?;
-            let mut client = control(servers, caller).await?;
-            let response = client
-                .declare_incident(proto::DeclareIncidentRequest {
-                    namespace: namespace.to_string(),
-                    r#type: runbook,
-                    severity,
-                    reason: reason.as_str().to_string(),
-                    channels,
-                })
-                .await
-                .map_err(refused)?;
-            emit(output::incident_change(
-                format,
-                "declared",
-                &response.into_inner(),
-            ))
+            let request = proto::DeclareIncidentRequest {
+                namespace: namespace.to_string(),
+                r#type: runbook,
+                severity,
+                reason: reason.as_str().to_string(),
+                channels,
+                change_id: String::new(),
+            };
+            let response = retry::write(
+                servers,
+                caller,
+                "incident declare",
+                |mut client, change_id| {
+                    let request = proto::DeclareIncidentRequest {
+                        change_id,
+                        ..request.clone()
+                    };
+                    Box::pin(async move { client.declare_incident(request).await })
+                },
+            )
+            .await?;
+            emit(output::incident_change(format, "declared", &response))
         }
         Escalate {
             id,
@@ -62,37 +68,49 @@ pub(super) async fn incident(
                 Some(reason) => parse_reason(Some(reason))?.as_str().to_string(),
                 None => String::new(),
             };
-            let mut client = control(servers, caller).await?;
-            let response = client
-                .escalate_incident(proto::EscalateIncidentRequest {
-                    incident_id: id,
-                    severity,
-                    reason,
-                })
-                .await
-                .map_err(refused)?;
-            emit(output::incident_change(
-                format,
-                "moved",
-                &response.into_inner(),
-            ))
+            let request = proto::EscalateIncidentRequest {
+                incident_id: id,
+                severity,
+                reason,
+                change_id: String::new(),
+            };
+            let response = retry::write(
+                servers,
+                caller,
+                "incident escalate",
+                |mut client, change_id| {
+                    let request = proto::EscalateIncidentRequest {
+                        change_id,
+                        ..request.clone()
+                    };
+                    Box::pin(async move { client.escalate_incident(request).await })
+                },
+            )
+            .await?;
+            emit(output::incident_change(format, "moved", &response))
         }
         Resolve { id, reason } => {
             IncidentId::parse(&id)?;
             let reason = parse_reason(reason)?;
-            let mut client = control(servers, caller).await?;
-            let response = client
-                .resolve_incident(proto::ResolveIncidentRequest {
-                    incident_id: id,
-                    reason: reason.as_str().to_string(),
-                })
-                .await
-                .map_err(refused)?;
-            emit(output::incident_change(
-                format,
-                "resolved",
-                &response.into_inner(),
-            ))
+            let request = proto::ResolveIncidentRequest {
+                incident_id: id,
+                reason: reason.as_str().to_string(),
+                change_id: String::new(),
+            };
+            let response = retry::write(
+                servers,
+                caller,
+                "incident resolve",
+                |mut client, change_id| {
+                    let request = proto::ResolveIncidentRequest {
+                        change_id,
+                        ..request.clone()
+                    };
+                    Box::pin(async move { client.resolve_incident(request).await })
+                },
+            )
+            .await?;
+            emit(output::incident_change(format, "resolved", &response))
         }
         List { all, namespace } => {
             let namespace = parse_namespace(&namespace)?;
@@ -148,15 +166,20 @@ pub(super) async fn approve(
         Some(reason) => parse_reason(Some(reason))?.as_str().to_string(),
         None => String::new(),
     };
-    let mut client = control(servers, caller).await?;
-    let response = client
-        .approve(proto::ApproveRequest {
-            request_id: request_id.to_string(),
-            reason,
-        })
-        .await
-        .map_err(refused)?;
-    emit(output::approved(format, &response.into_inner()))
+    let request = proto::ApproveRequest {
+        request_id: request_id.to_string(),
+        reason,
+        change_id: String::new(),
+    };
+    let response = retry::write(servers, caller, "approve", |mut client, change_id| {
+        let request = proto::ApproveRequest {
+            change_id,
+            ..request.clone()
+        };
+        Box::pin(async move { client.approve(request).await })
+    })
+    .await?;
+    emit(output::approved(format, &response))
 }
 
 pub(super) async fn requests(

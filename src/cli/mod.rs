@@ -6,6 +6,7 @@
 mod drill;
 mod governance;
 mod output;
+mod retry;
 mod sim;
 
 use std::io::{IsTerminal, Write};
@@ -75,6 +76,12 @@ pub struct Cli {
         value_parser = clap::builder::BoolishValueParser::new()
     )]
     insecure: bool,
+    /// Name this command's change (1 to 64 of A-Z a-z 0-9 . _ -), so that
+    /// running it again, e.g. after a timeout, is applied at most once
+    /// [default: a new id per command]. A command is retried against the
+    /// next --server with the same id by itself.
+    #[arg(long, global = true, env = "SAFEMODE_CHANGE_ID", value_name = "ID")]
+    change_id: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -526,6 +533,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         principal: cli.principal.or_else(|| std::env::var("USER").ok()),
         ca_cert: cli.ca_cert,
         insecure: cli.insecure,
+        change_id: retry::change_id(cli.change_id.as_deref())?,
     };
     match cli.command {
         Command::Serve(args) => serve(args).await,
@@ -574,18 +582,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     })
                 })
                 .transpose()?;
-            let mut client = control(&cli.servers, &caller).await?;
-            let response = client
-                .apply_modes(proto::ApplyModesRequest {
-                    namespace: namespace.to_string(),
-                    modes,
-                    channels,
-                    reason: reason.as_str().to_string(),
-                    as_of: as_of.map(wire::timestamp_to_wire),
-                })
-                .await
-                .map_err(refused)?;
-            emit(output::applied(format, &response.into_inner()))?;
+            let request = proto::ApplyModesRequest {
+                namespace: namespace.to_string(),
+                modes,
+                channels,
+                reason: reason.as_str().to_string(),
+                as_of: as_of.map(wire::timestamp_to_wire),
+                change_id: String::new(),
+            };
+            let response = retry::write(
+                &cli.servers,
+                &caller,
+                "mode apply",
+                |mut client, change_id| {
+                    let request = proto::ApplyModesRequest {
+                        change_id,
+                        ..request.clone()
+                    };
+                    Box::pin(async move { client.apply_modes(request).await })
+                },
+            )
+            .await?;
+            emit(output::applied(format, &response))?;
             Ok(())
         }
         Command::Mode(ModeCommand::Lift {
@@ -599,17 +617,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 LiftTarget::parse(target)?;
             }
             let reason = parse_reason(reason)?;
-            let mut client = control(&cli.servers, &caller).await?;
-            let response = client
-                .lift_activations(proto::LiftActivationsRequest {
-                    namespace: namespace.to_string(),
-                    targets,
-                    reason: reason.as_str().to_string(),
-                    all,
-                })
-                .await
-                .map_err(refused)?;
-            emit(output::lifted(format, &response.into_inner()))?;
+            let request = proto::LiftActivationsRequest {
+                namespace: namespace.to_string(),
+                targets,
+                reason: reason.as_str().to_string(),
+                all,
+                change_id: String::new(),
+            };
+            let response = retry::write(
+                &cli.servers,
+                &caller,
+                "mode lift",
+                |mut client, change_id| {
+                    let request = proto::LiftActivationsRequest {
+                        change_id,
+                        ..request.clone()
+                    };
+                    Box::pin(async move { client.lift_activations(request).await })
+                },
+            )
+            .await?;
+            emit(output::lifted(format, &response))?;
             Ok(())
         }
         Command::Status(namespace) => {
@@ -853,6 +881,8 @@ pub(crate) struct Caller {
     /// A token may go in plain text to a controller not on loopback
     /// (--insecure).
     insecure: bool,
+    /// The change id every write of this command carries (--change-id).
+    change_id: crate::controller::ChangeId,
 }
 
 /// How long connecting to a controller may take.
@@ -860,8 +890,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A control-service client on the first replica that accepts a connection
 /// (so an unreachable server fails here, with the addresses in the message).
-/// Only connecting fails over: a request that reached a replica is never sent
-/// twice.
+/// Reads fail over only while connecting; writes go through
+/// [`retry::write`], which sends them again elsewhere under their change id.
 async fn control(servers: &[String], caller: &Caller) -> anyhow::Result<Control> {
     let bearer = Bearer::new(caller.token.as_deref())?.as_principal(caller.principal.as_deref())?;
     // The same checks as a subscriber's: https:// gets TLS, and no token

@@ -5,9 +5,12 @@
 use jiff::Timestamp;
 use tracing::info;
 
+use super::change::ChangeId;
 use super::change::Plan;
 use super::incidents::{StagePlan, corrupt, event, incident_activations, stage};
-use super::modes::{delete_activations, describe, draft, put_activations, record, shared_incident};
+use super::modes::{
+    change, delete_activations, describe, draft, put_activations, record, shared_incident,
+};
 use super::records::{
     ChangeRequest, Incident, IncidentStatus, RequestId, RequestKind, RequestStatus,
 };
@@ -70,12 +73,13 @@ impl Controller {
         id: &RequestId,
         reason: Option<Reason>,
         actor: &Principal,
+        change_id: Option<ChangeId>,
     ) -> Result<ApproveOutcome> {
         let (found, _) = self.read_request(id).await?;
         let namespace = &found.namespace;
         let reason = &reason;
         let (outcome, revision) = self
-            .commit(Some(namespace), |view| {
+            .commit_change(change("approve", &change_id), Some(namespace), |view| {
                 Box::pin(async move {
                     let view = view.expect("a namespace change has a view");
                     let at = Timestamp::now();

@@ -12,8 +12,10 @@ use jiff::Timestamp;
 use tracing::info;
 
 use super::approvals::ApprovalNeeded;
-use super::change::Plan;
-use super::modes::{delete_activations, describe, draft, put_activations, record, same_rules};
+use super::change::{ChangeId, Plan};
+use super::modes::{
+    change, delete_activations, describe, draft, put_activations, record, same_rules,
+};
 use super::records::{
     ChangeRequest, Incident, IncidentId, IncidentStatus, RequestId, RequestKind, TimelineEvent,
 };
@@ -42,6 +44,9 @@ pub struct DeclareRequest {
     pub channels: ChannelSet,
     /// Who.
     pub actor: Principal,
+    /// The change's id, if the caller gave one (a retry gives the same):
+    /// a change id that already committed is answered, not applied again.
+    pub change_id: Option<ChangeId>,
 }
 
 /// Move an incident to another severity.
@@ -55,6 +60,9 @@ pub struct EscalateRequest {
     pub reason: Reason,
     /// Who.
     pub actor: Principal,
+    /// The change's id, if the caller gave one (a retry gives the same):
+    /// a change id that already committed is answered, not applied again.
+    pub change_id: Option<ChangeId>,
 }
 
 /// Resolve an incident.
@@ -66,6 +74,9 @@ pub struct ResolveRequest {
     pub reason: Reason,
     /// Who.
     pub actor: Principal,
+    /// The change's id, if the caller gave one (a retry gives the same):
+    /// a change id that already committed is answered, not applied again.
+    pub change_id: Option<ChangeId>,
 }
 
 /// What an incident change did.
@@ -257,103 +268,107 @@ impl Controller {
         let namespace = &request.namespace;
         let reason = request.reason.as_str();
         let (outcome, revision) = self
-            .commit(Some(namespace), |_view| {
-                Box::pin(async move {
-                    let pointer = self
-                        .config
-                        .layout
-                        .active_incident_key(namespace, &request.runbook);
-                    let range = self.store.range(&pointer).await?;
-                    if let Some(kv) = range.kvs.iter().find(|kv| kv.key == pointer) {
-                        return Ok(Plan::answer(Err(Error::AlreadyDeclared {
-                            id: String::from_utf8_lossy(&kv.value).into_owned(),
-                            runbook: request.runbook.to_string(),
-                            namespace: namespace.clone(),
-                        })));
-                    }
-                    let at = Timestamp::now();
-                    let id = IncidentId::random();
-                    let change = Change {
-                        principal: request.actor.name.clone(),
-                        reason: request.reason.clone(),
-                        at,
-                        incident_id: Some(id.to_string()),
-                    };
-                    let staged =
-                        self.stage_plan(runbook, stage, request.channels, Vec::new(), &change);
-                    if staged.apply.is_empty() {
-                        return Ok(Plan::answer(Err(Error::NothingToApply(format!(
-                            "runbook {} applies nothing at {} on {}",
-                            runbook.name, request.severity, request.channels
-                        )))));
-                    }
-                    let incident = Incident {
-                        id: id.clone(),
-                        runbook: runbook.name.clone(),
-                        title: runbook.title.clone(),
-                        namespace: namespace.clone(),
-                        severity: request.severity,
-                        channels: request.channels,
-                        status: IncidentStatus::Active,
-                        activation_ids: staged.activation_ids(),
-                        lift_requires_approval: runbook.lift_requires_approval,
-                        review_interval_seconds: runbook.review_interval.as_secs(),
-                        exit_criteria: runbook.exit_criteria.clone(),
-                        declared_by: request.actor.name.clone(),
-                        declared_at: at,
-                        timeline: vec![event(
+            .commit_change(
+                change("declare", &request.change_id),
+                Some(namespace),
+                |_view| {
+                    Box::pin(async move {
+                        let pointer = self
+                            .config
+                            .layout
+                            .active_incident_key(namespace, &request.runbook);
+                        let range = self.store.range(&pointer).await?;
+                        if let Some(kv) = range.kvs.iter().find(|kv| kv.key == pointer) {
+                            return Ok(Plan::answer(Err(Error::AlreadyDeclared {
+                                id: String::from_utf8_lossy(&kv.value).into_owned(),
+                                runbook: request.runbook.to_string(),
+                                namespace: namespace.clone(),
+                            })));
+                        }
+                        let at = Timestamp::now();
+                        let id = IncidentId::random();
+                        let change = Change {
+                            principal: request.actor.name.clone(),
+                            reason: request.reason.clone(),
                             at,
-                            "declared",
+                            incident_id: Some(id.to_string()),
+                        };
+                        let staged =
+                            self.stage_plan(runbook, stage, request.channels, Vec::new(), &change);
+                        if staged.apply.is_empty() {
+                            return Ok(Plan::answer(Err(Error::NothingToApply(format!(
+                                "runbook {} applies nothing at {} on {}",
+                                runbook.name, request.severity, request.channels
+                            )))));
+                        }
+                        let incident = Incident {
+                            id: id.clone(),
+                            runbook: runbook.name.clone(),
+                            title: runbook.title.clone(),
+                            namespace: namespace.clone(),
+                            severity: request.severity,
+                            channels: request.channels,
+                            status: IncidentStatus::Active,
+                            activation_ids: staged.activation_ids(),
+                            lift_requires_approval: runbook.lift_requires_approval,
+                            review_interval_seconds: runbook.review_interval.as_secs(),
+                            exit_criteria: runbook.exit_criteria.clone(),
+                            declared_by: request.actor.name.clone(),
+                            declared_at: at,
+                            timeline: vec![event(
+                                at,
+                                "declared",
+                                &request.actor,
+                                request.severity,
+                                Some(reason),
+                                None,
+                            )],
+                        };
+                        let mut plan = Plan::answer(Ok((incident.clone(), Vec::new())));
+                        plan.at = at;
+                        put_activations(&mut plan, self, namespace, &staged.apply);
+                        self.put_incident(&mut plan, &incident, 0);
+                        // One active incident per type and namespace.
+                        plan.compares.push(Compare::ModRevision {
+                            key: pointer.clone(),
+                            revision: 0,
+                        });
+                        plan.ops.push(Op::Put {
+                            key: pointer.clone(),
+                            value: id.to_string().into_bytes(),
+                        });
+                        plan.uses_catalog = true;
+                        plan.record = Some(record(
+                            AuditAction::Declare,
                             &request.actor,
-                            request.severity,
-                            Some(reason),
-                            None,
-                        )],
-                    };
-                    let mut plan = Plan::answer(Ok((incident.clone(), Vec::new())));
-                    plan.at = at;
-                    put_activations(&mut plan, self, namespace, &staged.apply);
-                    self.put_incident(&mut plan, &incident, 0);
-                    // One active incident per type and namespace.
-                    plan.compares.push(Compare::ModRevision {
-                        key: pointer.clone(),
-                        revision: 0,
-                    });
-                    plan.ops.push(Op::Put {
-                        key: pointer.clone(),
-                        value: id.to_string().into_bytes(),
-                    });
-                    plan.uses_catalog = true;
-                    plan.record = Some(record(
-                        AuditAction::Declare,
-                        &request.actor,
-                        reason,
-                        at,
-                        incident.activation_ids.iter().cloned(),
-                    ));
-                    let mut audit = draft(
-                        AuditAction::Declare,
-                        &request.actor,
-                        namespace,
-                        reason,
-                        format!(
-                            "declared {} ({id}) at {}: {}",
-                            runbook.name,
-                            request.severity,
-                            staged.describe()
-                        ),
-                    );
-                    audit.incident_id = Some(id.to_string());
-                    audit.activation_ids = incident
-                        .activation_ids
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect();
-                    plan.audit = Some(audit);
-                    plan.outcome = Ok((incident, staged.apply));
-                    Ok(plan)
-                })
-            })
+                            reason,
+                            at,
+                            incident.activation_ids.iter().cloned(),
+                        ));
+                        let mut audit = draft(
+                            AuditAction::Declare,
+                            &request.actor,
+                            namespace,
+                            reason,
+                            format!(
+                                "declared {} ({id}) at {}: {}",
+                                runbook.name,
+                                request.severity,
+                                staged.describe()
+                            ),
+                        );
+                        audit.incident_id = Some(id.to_string());
+                        audit.activation_ids = incident
+                            .activation_ids
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect();
+                        plan.audit = Some(audit);
+                        plan.outcome = Ok((incident, staged.apply));
+                        Ok(plan)
+                    })
+                },
+            )
             .await?;
         let (incident, applied) = outcome?;
         info!(incident = %incident.id, runbook = %incident.runbook, severity = %incident.severity,
@@ -376,117 +391,125 @@ impl Controller {
         let namespace = &found.namespace;
         let reason = request.reason.as_str();
         let (outcome, revision) = self
-            .commit(Some(namespace), |view| {
-                Box::pin(async move {
-                    let view = view.expect("a namespace change has a view");
-                    let (mut incident, incident_revision) =
-                        self.read_incident(&request.incident).await?;
-                    if incident.status != IncidentStatus::Active {
-                        return Ok(Plan::answer(Err(Error::Resolved(incident.id.to_string()))));
-                    }
-                    if incident.severity == request.severity {
-                        return Ok(Plan::answer(Err(Error::SameSeverity {
-                            id: incident.id.to_string(),
-                            severity: incident.severity.to_string(),
-                        })));
-                    }
-                    let runbook = match self.runbooks().get(incident.runbook.as_str()) {
-                        Some(runbook) => runbook.clone(),
-                        None => {
-                            return Ok(Plan::answer(Err(Error::UnknownRunbook(
-                                incident.runbook.to_string(),
-                            ))));
+            .commit_change(
+                change("escalate", &request.change_id),
+                Some(namespace),
+                |view| {
+                    Box::pin(async move {
+                        let view = view.expect("a namespace change has a view");
+                        let (mut incident, incident_revision) =
+                            self.read_incident(&request.incident).await?;
+                        if incident.status != IncidentStatus::Active {
+                            return Ok(Plan::answer(Err(Error::Resolved(incident.id.to_string()))));
                         }
-                    };
-                    let stage = match stage(&runbook, request.severity) {
-                        Ok(stage) => stage,
-                        Err(e) => return Ok(Plan::answer(Err(e))),
-                    };
-                    let at = Timestamp::now();
-                    let change = Change {
-                        principal: request.actor.name.clone(),
-                        reason: request.reason.clone(),
-                        at,
-                        incident_id: Some(incident.id.to_string()),
-                    };
-                    let existing = incident_activations(&view, &incident);
-                    let staged =
-                        self.stage_plan(&runbook, stage, incident.channels, existing, &change);
-                    let down = request.severity < incident.severity;
-                    let mut plan =
-                        Plan::answer(Ok((incident.clone(), Vec::new(), Vec::new(), None)));
-                    plan.at = at;
-                    if staged.lift_needs_approval(down, self.catalog()) {
-                        let summary = format!(
-                            "move incident {} from {} to {}: {}",
-                            incident.id,
-                            incident.severity,
-                            request.severity,
-                            staged.describe_pending()
-                        );
-                        let pending = self.request_approval(
-                            &mut plan,
-                            ApprovalNeeded {
-                                kind: RequestKind::Move {
-                                    severity: request.severity,
+                        if incident.severity == request.severity {
+                            return Ok(Plan::answer(Err(Error::SameSeverity {
+                                id: incident.id.to_string(),
+                                severity: incident.severity.to_string(),
+                            })));
+                        }
+                        let runbook = match self.runbooks().get(incident.runbook.as_str()) {
+                            Some(runbook) => runbook.clone(),
+                            None => {
+                                return Ok(Plan::answer(Err(Error::UnknownRunbook(
+                                    incident.runbook.to_string(),
+                                ))));
+                            }
+                        };
+                        let stage = match stage(&runbook, request.severity) {
+                            Ok(stage) => stage,
+                            Err(e) => return Ok(Plan::answer(Err(e))),
+                        };
+                        let at = Timestamp::now();
+                        let change = Change {
+                            principal: request.actor.name.clone(),
+                            reason: request.reason.clone(),
+                            at,
+                            incident_id: Some(incident.id.to_string()),
+                        };
+                        let existing = incident_activations(&view, &incident);
+                        let staged =
+                            self.stage_plan(&runbook, stage, incident.channels, existing, &change);
+                        let down = request.severity < incident.severity;
+                        let mut plan =
+                            Plan::answer(Ok((incident.clone(), Vec::new(), Vec::new(), None)));
+                        plan.at = at;
+                        if staged.lift_needs_approval(down, self.catalog()) {
+                            let summary = format!(
+                                "move incident {} from {} to {}: {}",
+                                incident.id,
+                                incident.severity,
+                                request.severity,
+                                staged.describe_pending()
+                            );
+                            let pending = self.request_approval(
+                                &mut plan,
+                                ApprovalNeeded {
+                                    kind: RequestKind::Move {
+                                        severity: request.severity,
+                                    },
+                                    namespace,
+                                    actor: &request.actor,
+                                    reason,
+                                    activation_ids: staged
+                                        .lift
+                                        .iter()
+                                        .map(|a| a.id.clone())
+                                        .collect(),
+                                    incident: Some((&mut incident, incident_revision)),
+                                    summary,
                                 },
-                                namespace,
-                                actor: &request.actor,
-                                reason,
-                                activation_ids: staged.lift.iter().map(|a| a.id.clone()).collect(),
-                                incident: Some((&mut incident, incident_revision)),
-                                summary,
-                            },
-                        );
-                        plan.outcome = Ok((incident, Vec::new(), Vec::new(), Some(pending)));
-                        return Ok(plan);
-                    }
-                    let what = if down { "deescalated" } else { "escalated" };
-                    let from = incident.severity;
-                    incident.severity = request.severity;
-                    incident.activation_ids = staged.activation_ids();
-                    incident.timeline.push(event(
-                        at,
-                        what,
-                        &request.actor,
-                        request.severity,
-                        Some(reason),
-                        None,
-                    ));
-                    put_activations(&mut plan, self, namespace, &staged.apply);
-                    delete_activations(&mut plan, self, namespace, &staged.lift);
-                    self.put_incident(&mut plan, &incident, incident_revision);
-                    plan.uses_catalog = true;
-                    plan.record = Some(record(
-                        AuditAction::Escalate,
-                        &request.actor,
-                        reason,
-                        at,
-                        incident.activation_ids.iter().cloned(),
-                    ));
-                    let mut audit = draft(
-                        AuditAction::Escalate,
-                        &request.actor,
-                        namespace,
-                        reason,
-                        format!(
-                            "{what} {} from {from} to {}: {}",
-                            incident.id,
+                            );
+                            plan.outcome = Ok((incident, Vec::new(), Vec::new(), Some(pending)));
+                            return Ok(plan);
+                        }
+                        let what = if down { "deescalated" } else { "escalated" };
+                        let from = incident.severity;
+                        incident.severity = request.severity;
+                        incident.activation_ids = staged.activation_ids();
+                        incident.timeline.push(event(
+                            at,
+                            what,
+                            &request.actor,
                             request.severity,
-                            staged.describe()
-                        ),
-                    );
-                    audit.incident_id = Some(incident.id.to_string());
-                    audit.activation_ids = incident
-                        .activation_ids
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect();
-                    plan.audit = Some(audit);
-                    plan.outcome = Ok((incident, staged.apply, staged.lift, None));
-                    Ok(plan)
-                })
-            })
+                            Some(reason),
+                            None,
+                        ));
+                        put_activations(&mut plan, self, namespace, &staged.apply);
+                        delete_activations(&mut plan, self, namespace, &staged.lift);
+                        self.put_incident(&mut plan, &incident, incident_revision);
+                        plan.uses_catalog = true;
+                        plan.record = Some(record(
+                            AuditAction::Escalate,
+                            &request.actor,
+                            reason,
+                            at,
+                            incident.activation_ids.iter().cloned(),
+                        ));
+                        let mut audit = draft(
+                            AuditAction::Escalate,
+                            &request.actor,
+                            namespace,
+                            reason,
+                            format!(
+                                "{what} {} from {from} to {}: {}",
+                                incident.id,
+                                request.severity,
+                                staged.describe()
+                            ),
+                        );
+                        audit.incident_id = Some(incident.id.to_string());
+                        audit.activation_ids = incident
+                            .activation_ids
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect();
+                        plan.audit = Some(audit);
+                        plan.outcome = Ok((incident, staged.apply, staged.lift, None));
+                        Ok(plan)
+                    })
+                },
+            )
             .await?;
         let (incident, applied, lifted, pending) = outcome?;
         info!(incident = %incident.id, severity = %incident.severity, pending = pending.is_some(),
@@ -509,66 +532,75 @@ impl Controller {
         let namespace = &found.namespace;
         let reason = request.reason.as_str();
         let (outcome, revision) = self
-            .commit(Some(namespace), |view| {
-                Box::pin(async move {
-                    let view = view.expect("a namespace change has a view");
-                    let (mut incident, incident_revision) =
-                        self.read_incident(&request.incident).await?;
-                    if incident.status != IncidentStatus::Active {
-                        return Ok(Plan::answer(Err(Error::Resolved(incident.id.to_string()))));
-                    }
-                    let at = Timestamp::now();
-                    let staged = StagePlan {
-                        keep: Vec::new(),
-                        lift: incident_activations(&view, &incident),
-                        apply: Vec::new(),
-                    };
-                    let mut plan = Plan::answer(Ok((incident.clone(), Vec::new(), None)));
-                    plan.at = at;
-                    if staged.lift_needs_approval(true, self.catalog()) {
-                        let summary = format!(
-                            "resolve incident {}: {}",
-                            incident.id,
-                            staged.describe_pending()
-                        );
-                        let pending = self.request_approval(
+            .commit_change(
+                change("resolve", &request.change_id),
+                Some(namespace),
+                |view| {
+                    Box::pin(async move {
+                        let view = view.expect("a namespace change has a view");
+                        let (mut incident, incident_revision) =
+                            self.read_incident(&request.incident).await?;
+                        if incident.status != IncidentStatus::Active {
+                            return Ok(Plan::answer(Err(Error::Resolved(incident.id.to_string()))));
+                        }
+                        let at = Timestamp::now();
+                        let staged = StagePlan {
+                            keep: Vec::new(),
+                            lift: incident_activations(&view, &incident),
+                            apply: Vec::new(),
+                        };
+                        let mut plan = Plan::answer(Ok((incident.clone(), Vec::new(), None)));
+                        plan.at = at;
+                        if staged.lift_needs_approval(true, self.catalog()) {
+                            let summary = format!(
+                                "resolve incident {}: {}",
+                                incident.id,
+                                staged.describe_pending()
+                            );
+                            let pending = self.request_approval(
+                                &mut plan,
+                                ApprovalNeeded {
+                                    kind: RequestKind::Resolve,
+                                    namespace,
+                                    actor: &request.actor,
+                                    reason,
+                                    activation_ids: staged
+                                        .lift
+                                        .iter()
+                                        .map(|a| a.id.clone())
+                                        .collect(),
+                                    incident: Some((&mut incident, incident_revision)),
+                                    summary,
+                                },
+                            );
+                            plan.outcome = Ok((incident, Vec::new(), Some(pending)));
+                            return Ok(plan);
+                        }
+                        self.close(
                             &mut plan,
-                            ApprovalNeeded {
-                                kind: RequestKind::Resolve,
-                                namespace,
-                                actor: &request.actor,
-                                reason,
-                                activation_ids: staged.lift.iter().map(|a| a.id.clone()).collect(),
-                                incident: Some((&mut incident, incident_revision)),
-                                summary,
-                            },
+                            &mut incident,
+                            incident_revision,
+                            &staged,
+                            &request.actor,
+                            reason,
+                            at,
                         );
-                        plan.outcome = Ok((incident, Vec::new(), Some(pending)));
-                        return Ok(plan);
-                    }
-                    self.close(
-                        &mut plan,
-                        &mut incident,
-                        incident_revision,
-                        &staged,
-                        &request.actor,
-                        reason,
-                        at,
-                    );
-                    let mut audit = draft(
-                        AuditAction::Resolve,
-                        &request.actor,
-                        namespace,
-                        reason,
-                        format!("resolved {}: {}", incident.id, staged.describe()),
-                    );
-                    audit.incident_id = Some(incident.id.to_string());
-                    audit.activation_ids = staged.lift.iter().map(|a| a.id.to_string()).collect();
-                    plan.audit = Some(audit);
-                    plan.outcome = Ok((incident, staged.lift, None));
-                    Ok(plan)
-                })
-            })
+                        let mut audit = draft(
+                            AuditAction::Resolve,
+                            &request.actor,
+                            namespace,
+                            reason,
+                            format!("resolved {}: {}", incident.id, staged.describe()),
+                        );
+                        audit.incident_id = Some(incident.id.to_string());
+                        audit.activation_ids =
+                            staged.lift.iter().map(|a| a.id.to_string()).collect();
+                        plan.audit = Some(audit);
+                        plan.outcome = Ok((incident, staged.lift, None));
+                        Ok(plan)
+                    })
+                },
+            )
             .await?;
         let (incident, lifted, pending) = outcome?;
         info!(incident = %incident.id, pending = pending.is_some(), revision,

@@ -10,6 +10,7 @@
 //! {prefix}incidents/{incident id}                      Incident (JSON)
 //! {prefix}active/{namespace}/{incident type}           the id of the type's active incident there
 //! {prefix}requests/{request id}                        ChangeRequest (JSON)
+//! {prefix}changes/{change id}                          ChangeRecord (JSON): that the change committed, and its answer
 //! {prefix}audit/head                                   AuditHead (JSON): the last entry's position and hash
 //! {prefix}audit/log/{position, 20 digits}              AuditEntry (JSON)
 //! ```
@@ -113,6 +114,11 @@ impl Layout {
     /// The key of a change request.
     pub fn request_key(&self, id: &RequestId) -> String {
         format!("{}{id}", self.requests_prefix())
+    }
+
+    /// The key recording that a change id committed (a `ChangeRecord`).
+    pub fn change_key(&self, id: &super::change::ChangeId) -> String {
+        format!("{}changes/{id}", self.prefix)
     }
 
     /// The key of the audit log's head.

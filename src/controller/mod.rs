@@ -29,6 +29,7 @@ use tracing::{info, warn};
 
 pub use approvals::ApproveOutcome;
 pub use audit_log::{AuditPage, AuditReport};
+pub use change::{CHANGE_ID_MAX, ChangeId};
 pub use incidents::{DeclareRequest, EscalateRequest, IncidentOutcome, ResolveRequest};
 pub use keys::{CatalogRecord, Layout, NamespaceChange};
 pub use modes::{ApplyOutcome, ApplyRequest, LiftOutcome, LiftRequest, LiftTarget};
@@ -203,6 +204,19 @@ pub enum Error {
         replica: String,
         /// When.
         at: String,
+    },
+    /// A change id that already committed was given for another kind of
+    /// change.
+    #[error(
+        "change id '{id}' was already used for a {was} change, so it cannot name this {now}; use a new change id (or none: the server makes one)"
+    )]
+    ChangeIdReused {
+        /// The change id.
+        id: String,
+        /// The operation it committed.
+        was: String,
+        /// The operation asked for now.
+        now: String,
     },
     /// The controller is shutting down.
     #[error("the controller is shutting down; retry against another replica")]
@@ -579,6 +593,7 @@ impl Controller {
                     request_id: None,
                     activation_ids: Vec::new(),
                     detail: what.clone(),
+                    change_id: None,
                 });
                 Ok(plan)
             })
@@ -659,6 +674,7 @@ impl Controller {
                             request_id: None,
                             activation_ids: Vec::new(),
                             detail: detail.clone(),
+                            change_id: None,
                         });
                         Ok(plan)
                     })

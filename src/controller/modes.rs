@@ -7,7 +7,7 @@ use jiff::Timestamp;
 use tracing::info;
 
 use super::approvals::ApprovalNeeded;
-use super::change::Plan;
+use super::change::{ChangeId, ChangeOf, Plan};
 use super::keys::NamespaceChange;
 use super::records::{ChangeRequest, RequestKind};
 use super::{Controller, Error, NamespaceView, Result};
@@ -34,6 +34,9 @@ pub struct ApplyRequest {
     pub actor: Principal,
     /// Why.
     pub reason: Reason,
+    /// The change's id, if the caller gave one (a retry gives the same):
+    /// a change id that already committed is answered, not applied again.
+    pub change_id: Option<ChangeId>,
 }
 
 /// What an apply did.
@@ -91,6 +94,9 @@ pub struct LiftRequest {
     /// several (otherwise that is refused, so one commander does not lift
     /// another's scope by accident).
     pub all: bool,
+    /// The change's id, if the caller gave one (a retry gives the same):
+    /// a change id that already committed is answered, not applied again.
+    pub change_id: Option<ChangeId>,
 }
 
 /// What a lift did.
@@ -245,6 +251,15 @@ pub(crate) fn draft(
         request_id: None,
         activation_ids: Vec::new(),
         detail,
+        change_id: None,
+    }
+}
+
+/// A change of `operation`, with the caller's change id if given.
+pub(crate) fn change<'a>(operation: &'static str, id: &'a Option<ChangeId>) -> ChangeOf<'a> {
+    ChangeOf {
+        operation,
+        id: id.as_ref(),
     }
 }
 
@@ -284,63 +299,67 @@ impl Controller {
         let (request, modes) = (&request, &modes);
         let namespace = &request.namespace;
         let (outcome, revision) = self
-            .commit(Some(namespace), |view| {
-                Box::pin(async move {
-                    let view = view.expect("a namespace change has a view");
-                    let at = Timestamp::now();
-                    let change = Change {
-                        principal: request.actor.name.clone(),
-                        reason: request.reason.clone(),
-                        at,
-                        incident_id: None,
-                    };
-                    let as_of = request.as_of.unwrap_or(at);
-                    let mut already_active = Vec::new();
-                    let mut applied = Vec::new();
-                    for mode in modes {
-                        let active = view.activations.iter().find(|a| {
-                            a.channels == request.channels
-                                && same_rules(&a.mode, mode, request.as_of)
-                        });
-                        match active {
-                            Some(a) => already_active.push(a.clone()),
-                            None => applied.push(Activation::new(
-                                ActivationId::from_random(rand::random()),
-                                mode,
-                                request.channels,
-                                as_of,
-                                &change,
-                            )),
+            .commit_change(
+                change("apply", &request.change_id),
+                Some(namespace),
+                |view| {
+                    Box::pin(async move {
+                        let view = view.expect("a namespace change has a view");
+                        let at = Timestamp::now();
+                        let change = Change {
+                            principal: request.actor.name.clone(),
+                            reason: request.reason.clone(),
+                            at,
+                            incident_id: None,
+                        };
+                        let as_of = request.as_of.unwrap_or(at);
+                        let mut already_active = Vec::new();
+                        let mut applied = Vec::new();
+                        for mode in modes {
+                            let active = view.activations.iter().find(|a| {
+                                a.channels == request.channels
+                                    && same_rules(&a.mode, mode, request.as_of)
+                            });
+                            match active {
+                                Some(a) => already_active.push(a.clone()),
+                                None => applied.push(Activation::new(
+                                    ActivationId::from_random(rand::random()),
+                                    mode,
+                                    request.channels,
+                                    as_of,
+                                    &change,
+                                )),
+                            }
                         }
-                    }
-                    if applied.is_empty() {
-                        return Ok(Plan::answer((Vec::new(), already_active)));
-                    }
-                    let reason = request.reason.as_str();
-                    let mut plan = Plan::answer((Vec::new(), already_active));
-                    plan.at = at;
-                    put_activations(&mut plan, self, namespace, &applied);
-                    plan.uses_catalog = true;
-                    plan.record = Some(record(
-                        AuditAction::Apply,
-                        &request.actor,
-                        reason,
-                        at,
-                        applied.iter().map(|a| a.id.clone()),
-                    ));
-                    let mut audit = draft(
-                        AuditAction::Apply,
-                        &request.actor,
-                        namespace,
-                        reason,
-                        format!("applied {}", describe(&applied)),
-                    );
-                    audit.activation_ids = applied.iter().map(|a| a.id.to_string()).collect();
-                    plan.audit = Some(audit);
-                    plan.outcome.0 = applied;
-                    Ok(plan)
-                })
-            })
+                        if applied.is_empty() {
+                            return Ok(Plan::answer((Vec::new(), already_active)));
+                        }
+                        let reason = request.reason.as_str();
+                        let mut plan = Plan::answer((Vec::new(), already_active));
+                        plan.at = at;
+                        put_activations(&mut plan, self, namespace, &applied);
+                        plan.uses_catalog = true;
+                        plan.record = Some(record(
+                            AuditAction::Apply,
+                            &request.actor,
+                            reason,
+                            at,
+                            applied.iter().map(|a| a.id.clone()),
+                        ));
+                        let mut audit = draft(
+                            AuditAction::Apply,
+                            &request.actor,
+                            namespace,
+                            reason,
+                            format!("applied {}", describe(&applied)),
+                        );
+                        audit.activation_ids = applied.iter().map(|a| a.id.to_string()).collect();
+                        plan.audit = Some(audit);
+                        plan.outcome.0 = applied;
+                        Ok(plan)
+                    })
+                },
+            )
             .await?;
         let (applied, already_active) = outcome;
         if !applied.is_empty() {
@@ -364,60 +383,64 @@ impl Controller {
         let request = &request;
         let namespace = &request.namespace;
         let (outcome, revision) = self
-            .commit(Some(namespace), |view| {
-                Box::pin(async move {
-                    let view = view.expect("a namespace change has a view");
-                    let lifted = match resolve_lift(&view, request) {
-                        Ok(lifted) => lifted,
-                        // Answered once the store confirms the view is current.
-                        Err(refusal) => return Ok(Plan::answer(Err(refusal))),
-                    };
-                    let at = Timestamp::now();
-                    let reason = request.reason.as_str();
-                    let needs_approval = lifted.iter().any(|a| a.mode.lift_requires_approval);
-                    let mut plan = Plan::answer(Ok((Vec::new(), None)));
-                    plan.at = at;
-                    if needs_approval {
-                        let pending = self.request_approval(
-                            &mut plan,
-                            ApprovalNeeded {
-                                kind: RequestKind::Lift,
-                                namespace,
-                                actor: &request.actor,
-                                reason,
-                                activation_ids: lifted.iter().map(|a| a.id.clone()).collect(),
-                                incident: None,
-                                summary: format!("lift {}", describe(&lifted)),
-                            },
-                        );
-                        if let Some(audit) = plan.audit.as_mut() {
-                            audit.incident_id = shared_incident(&lifted);
+            .commit_change(
+                change("lift", &request.change_id),
+                Some(namespace),
+                |view| {
+                    Box::pin(async move {
+                        let view = view.expect("a namespace change has a view");
+                        let lifted = match resolve_lift(&view, request) {
+                            Ok(lifted) => lifted,
+                            // Answered once the store confirms the view is current.
+                            Err(refusal) => return Ok(Plan::answer(Err(refusal))),
+                        };
+                        let at = Timestamp::now();
+                        let reason = request.reason.as_str();
+                        let needs_approval = lifted.iter().any(|a| a.mode.lift_requires_approval);
+                        let mut plan = Plan::answer(Ok((Vec::new(), None)));
+                        plan.at = at;
+                        if needs_approval {
+                            let pending = self.request_approval(
+                                &mut plan,
+                                ApprovalNeeded {
+                                    kind: RequestKind::Lift,
+                                    namespace,
+                                    actor: &request.actor,
+                                    reason,
+                                    activation_ids: lifted.iter().map(|a| a.id.clone()).collect(),
+                                    incident: None,
+                                    summary: format!("lift {}", describe(&lifted)),
+                                },
+                            );
+                            if let Some(audit) = plan.audit.as_mut() {
+                                audit.incident_id = shared_incident(&lifted);
+                            }
+                            plan.outcome = Ok((Vec::new(), Some(pending)));
+                            return Ok(plan);
                         }
-                        plan.outcome = Ok((Vec::new(), Some(pending)));
-                        return Ok(plan);
-                    }
-                    delete_activations(&mut plan, self, namespace, &lifted);
-                    plan.record = Some(record(
-                        AuditAction::Lift,
-                        &request.actor,
-                        reason,
-                        at,
-                        lifted.iter().map(|a| a.id.clone()),
-                    ));
-                    let mut audit = draft(
-                        AuditAction::Lift,
-                        &request.actor,
-                        namespace,
-                        reason,
-                        format!("lifted {}", describe(&lifted)),
-                    );
-                    audit.activation_ids = lifted.iter().map(|a| a.id.to_string()).collect();
-                    audit.incident_id = shared_incident(&lifted);
-                    plan.audit = Some(audit);
-                    plan.outcome = Ok((lifted, None));
-                    Ok(plan)
-                })
-            })
+                        delete_activations(&mut plan, self, namespace, &lifted);
+                        plan.record = Some(record(
+                            AuditAction::Lift,
+                            &request.actor,
+                            reason,
+                            at,
+                            lifted.iter().map(|a| a.id.clone()),
+                        ));
+                        let mut audit = draft(
+                            AuditAction::Lift,
+                            &request.actor,
+                            namespace,
+                            reason,
+                            format!("lifted {}", describe(&lifted)),
+                        );
+                        audit.activation_ids = lifted.iter().map(|a| a.id.to_string()).collect();
+                        audit.incident_id = shared_incident(&lifted);
+                        plan.audit = Some(audit);
+                        plan.outcome = Ok((lifted, None));
+                        Ok(plan)
+                    })
+                },
+            )
             .await?;
         let (lifted, pending) = outcome?;
         if !lifted.is_empty() {

@@ -312,6 +312,7 @@ impl Drill {
                 severity: severity.to_string(),
                 reason: format!("drill of {}", runbook.name),
                 channels: Vec::new(),
+                change_id: String::new(),
             })
             .await
             .map_err(|s| {
@@ -350,6 +351,7 @@ impl Drill {
                 incident_id: id.to_string(),
                 severity: severity.to_string(),
                 reason: format!("drill: {step} to {severity}"),
+                change_id: String::new(),
             })
             .await
             .map_err(|s| format!("moving to {severity} failed: {}", s.message()))?
@@ -381,6 +383,7 @@ impl Drill {
             .resolve_incident(proto::ResolveIncidentRequest {
                 incident_id: id.clone(),
                 reason: format!("drill of {} over", self.report.runbook),
+                change_id: String::new(),
             })
             .await
             .map_err(|s| format!("resolving failed: {}", s.message()))?
@@ -487,6 +490,7 @@ impl Drill {
             .approve(proto::ApproveRequest {
                 request_id: request.id.clone(),
                 reason: "drill".into(),
+                change_id: String::new(),
             })
             .await
             .map_err(|s| {

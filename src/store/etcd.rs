@@ -15,8 +15,33 @@
 //! answers a progress request with its current revision even while the
 //! watcher is still catching up on older events, so treating that revision as
 //! "delivered up to here" would make the caller drop the events still coming.
+//!
+//! ## One client per member, explicit failover
+//!
+//! `etcd_client::Client::connect` with several endpoints puts them all behind
+//! one tonic balanced channel (tower's power-of-two-choices balancer over
+//! lazily reconnecting connections). A member that was killed stays in that
+//! rotation: tonic's reconnecting service reports itself ready and fails the
+//! call itself ("tcp connect error: Connection refused"), so the balancer
+//! keeps picking it and nothing retries. That was issue 10's finding 8.
+//!
+//! So the store holds one client per member and chooses itself: every call
+//! goes to the member that answered last, and a failure that proves the
+//! request never reached etcd's consensus (the connection was refused, the
+//! member has no leader) moves on to the next member at once. Reads,
+//! watches and compaction are idempotent, so they also move on after an
+//! ambiguous failure (leader changed, a timeout, a connection cut mid-call).
+//! A transaction after an ambiguous failure may have been applied: it is
+//! not sent again here but returned as [`Error::Unavailable`] saying so,
+//! and the controller resolves it by the change id it carries
+//! (`controller/change.rs`). Every call is bounded: at most
+//! [`EtcdOptions::call_deadline`] in all, and [`ROUNDS`] passes over the
+//! members, with a short jittered pause between passes while the cluster
+//! elects a leader.
 
+use std::future::Future;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use etcd_client::{
@@ -26,6 +51,7 @@ use etcd_client::{
 use futures_util::StreamExt;
 use tokio::time::{Instant, MissedTickBehavior};
 
+use crate::backoff::Backoff;
 use crate::pem;
 
 use super::{
@@ -94,8 +120,10 @@ pub struct EtcdOptions {
     pub tls: Option<TlsOptions>,
     /// Limit on connecting to a member.
     pub connect_timeout: Duration,
-    /// Limit on one request (not on a watch stream).
+    /// Limit on one request to one member (not on a watch stream).
     pub request_timeout: Duration,
+    /// Limit on one call in all, across every member it tries.
+    pub call_deadline: Duration,
     /// How often a watch asks for a progress notification.
     pub progress_interval: Duration,
     /// A watch that receives nothing for this long is treated as dead.
@@ -110,6 +138,7 @@ impl std::fmt::Debug for EtcdOptions {
             .field("tls", &self.tls.as_ref().map(|_| "(configured)"))
             .field("connect_timeout", &self.connect_timeout)
             .field("request_timeout", &self.request_timeout)
+            .field("call_deadline", &self.call_deadline)
             .field("progress_interval", &self.progress_interval)
             .field("quiet_deadline", &self.quiet_deadline)
             .finish()
@@ -124,6 +153,7 @@ impl EtcdOptions {
             tls: None,
             connect_timeout: Duration::from_secs(3),
             request_timeout: Duration::from_secs(5),
+            call_deadline: Duration::from_secs(12),
             progress_interval: Duration::from_secs(2),
             quiet_deadline: Duration::from_secs(8),
         }
@@ -168,15 +198,44 @@ impl EtcdOptions {
     }
 }
 
+/// How many passes over the members one call makes at most (an election
+/// takes a second or two; the pauses between passes grow to a second).
+pub const ROUNDS: usize = 16;
+
 /// The store over an etcd cluster.
 pub struct EtcdStore {
-    client: Client,
+    /// One client per member, in the order of `options.endpoints`.
+    members: Vec<Client>,
+    /// The member that answered last: where the next call starts.
+    preferred: AtomicUsize,
     options: EtcdOptions,
+}
+
+/// Whether a failed call may have reached etcd's consensus.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Failure {
+    /// It never did (no connection, no leader on that member): any call may
+    /// go to another member at once.
+    NotSent,
+    /// It may have: a transaction may have been applied.
+    Ambiguous,
+    /// etcd refused the request itself; another member would too.
+    Final,
+}
+
+/// Whether a call may be sent again after an ambiguous failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Repeat {
+    /// Reads, watches, compaction: sending twice changes nothing.
+    Idempotent,
+    /// A transaction: sent again only when it never arrived.
+    OnlyUnsent,
 }
 
 impl EtcdStore {
     /// Connects and checks that the cluster answers, so a wrong endpoint is
-    /// reported at start rather than on the first request.
+    /// reported at start rather than on the first request. One member down
+    /// is not an error: the check fails over like every call.
     pub async fn connect(options: EtcdOptions) -> Result<Self> {
         if options.endpoints.is_empty() {
             return Err(Error::InvalidRequest(
@@ -191,17 +250,178 @@ impl EtcdStore {
         if let Some(tls) = &options.tls {
             connect = connect.with_tls(tls.clone());
         }
-        let client = Client::connect(&options.endpoints, Some(connect))
-            .await
-            .map_err(|e| unreachable(&options.endpoints, &e))?;
-        let store = EtcdStore { client, options };
+        let mut members = Vec::with_capacity(options.endpoints.len());
+        for endpoint in &options.endpoints {
+            // Connecting is lazy: this checks the URL and TLS settings, and
+            // dials on the first call.
+            let client = Client::connect([endpoint], Some(connect.clone()))
+                .await
+                .map_err(|e| unreachable(&options.endpoints, &e))?;
+            members.push(client);
+        }
+        let store = EtcdStore {
+            members,
+            preferred: AtomicUsize::new(0),
+            options,
+        };
         store
-            .client
-            .kv_client()
-            .get("/", Some(GetOptions::new().with_count_only()))
+            .call(Repeat::Idempotent, |client| async move {
+                client
+                    .kv_client()
+                    .get("/", Some(GetOptions::new().with_count_only()))
+                    .await
+            })
             .await
-            .map_err(|e| unreachable(&store.options.endpoints, &e))?;
+            .map_err(|(e, _)| unreachable(&store.options.endpoints, &e))?;
         Ok(store)
+    }
+
+    /// Runs `request` on one member after another, starting with the one
+    /// that answered last, until one answers, the failure is final, or the
+    /// bounds (deadline, [`ROUNDS`]) are spent. Returns the last error and
+    /// whether a transaction may have been applied.
+    async fn call<T, F, Fut>(
+        &self,
+        repeat: Repeat,
+        mut request: F,
+    ) -> std::result::Result<T, (etcd_client::Error, Failure)>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
+        let deadline = Instant::now() + self.options.call_deadline;
+        let count = self.members.len();
+        let mut pause = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+        let mut last = None;
+        for round in 0..ROUNDS {
+            if round > 0 {
+                // Every member failed: most likely an election is under way.
+                let wait = pause.next_delay();
+                if Instant::now() + wait >= deadline {
+                    break;
+                }
+                tokio::time::sleep(wait).await;
+            }
+            let start = self.preferred.load(Ordering::Relaxed);
+            for step in 0..count {
+                let index = (start + step) % count;
+                let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                    break;
+                };
+                let attempt = tokio::time::timeout(left, request(self.members[index].clone()));
+                let error = match attempt.await {
+                    Ok(Ok(answer)) => {
+                        self.preferred.store(index, Ordering::Relaxed);
+                        return Ok(answer);
+                    }
+                    Ok(Err(error)) => error,
+                    Err(_) => {
+                        etcd_client::Error::GRpcStatus(tonic::Status::deadline_exceeded(format!(
+                            "no answer from etcd within {:?}",
+                            self.options.call_deadline
+                        )))
+                    }
+                };
+                let failure = classify(&error);
+                tracing::debug!(
+                    member = %self.options.endpoints[index],
+                    ?failure,
+                    error = %describe(&error),
+                    "etcd call failed"
+                );
+                match failure {
+                    Failure::Final => return Err((error, failure)),
+                    Failure::Ambiguous if repeat == Repeat::OnlyUnsent => {
+                        self.move_on(index);
+                        return Err((error, failure));
+                    }
+                    Failure::NotSent | Failure::Ambiguous => {
+                        self.move_on(index);
+                        last = Some((error, failure));
+                    }
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            (
+                etcd_client::Error::GRpcStatus(tonic::Status::deadline_exceeded(format!(
+                    "no answer from etcd within {:?}",
+                    self.options.call_deadline
+                ))),
+                Failure::NotSent,
+            )
+        }))
+    }
+
+    /// After member `failed` failed: the next call starts with the member
+    /// after it, unless another call already moved on.
+    fn move_on(&self, failed: usize) {
+        let next = (failed + 1) % self.members.len();
+        let _ = self
+            .preferred
+            .compare_exchange(failed, next, Ordering::Relaxed, Ordering::Relaxed);
+    }
+}
+
+/// Sorts an etcd failure by whether the request may have reached consensus.
+/// Only failures known to happen before that are [`Failure::NotSent`]; when
+/// in doubt, a failure is ambiguous.
+fn classify(error: &etcd_client::Error) -> Failure {
+    let status = match error {
+        etcd_client::Error::GRpcStatus(status) => status,
+        // Building a channel or an endpoint: nothing was sent.
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => {
+            return Failure::NotSent;
+        }
+        _ => return Failure::Ambiguous,
+    };
+    let described = crate::errors::join_causes(
+        status.message().to_string(),
+        std::error::Error::source(status),
+    );
+    match status.code() {
+        tonic::Code::InvalidArgument
+        | tonic::Code::OutOfRange
+        | tonic::Code::FailedPrecondition
+        | tonic::Code::PermissionDenied
+        | tonic::Code::Unauthenticated
+        | tonic::Code::ResourceExhausted
+        | tonic::Code::AlreadyExists
+        | tonic::Code::NotFound
+        | tonic::Code::Unimplemented => Failure::Final,
+        // TLS refused either way: a configuration to fix (the message says
+        // what), not a member to wait for.
+        _ if [
+            "certificate",
+            "Certificate",
+            "UnknownIssuer",
+            "NotValidForName",
+        ]
+        .iter()
+        .any(|sign| described.contains(sign)) =>
+        {
+            Failure::Final
+        }
+        // No connection could be made, or the member answered before
+        // proposing anything: `require_leader` makes a member without a
+        // leader refuse at once, and an overloaded one refuses up front.
+        _ if [
+            "tcp connect error",
+            "error trying to connect",
+            "Connection refused",
+            "dns error",
+            "etcdserver: no leader",
+            "etcdserver: not capable",
+            "etcdserver: too many requests",
+        ]
+        .iter()
+        .any(|sign| described.contains(sign)) =>
+        {
+            Failure::NotSent
+        }
+        // "leader changed", "request timed out", a cut connection, a
+        // deadline: the request may have been proposed.
+        _ => Failure::Ambiguous,
     }
 }
 
@@ -312,11 +532,12 @@ impl Store for EtcdStore {
     async fn range(&self, prefix: &str) -> Result<RangeResult> {
         let (key, options) = prefix_range(prefix);
         let response = self
-            .client
-            .kv_client()
-            .get(key, Some(options))
+            .call(Repeat::Idempotent, |client| {
+                let (key, options) = (key.clone(), options.clone());
+                async move { client.kv_client().get(key, Some(options)).await }
+            })
             .await
-            .map_err(etcd_error)?;
+            .map_err(|(e, _)| etcd_error(e))?;
         let kvs = response
             .kvs()
             .iter()
@@ -360,11 +581,12 @@ impl Store for EtcdStore {
             None => options.with_from_key(),
         };
         let response = self
-            .client
-            .kv_client()
-            .get(start, Some(options))
+            .call(Repeat::Idempotent, |client| {
+                let (start, options) = (start.clone(), options.clone());
+                async move { client.kv_client().get(start, Some(options)).await }
+            })
             .await
-            .map_err(|e| range_error(e, revision))?;
+            .map_err(|(e, _)| range_error(e, revision))?;
         let kvs = response
             .kvs()
             .iter()
@@ -403,12 +625,20 @@ impl Store for EtcdStore {
                 Op::Delete { key } => TxnOp::delete(key, None),
             })
             .collect();
+        let txn = EtcdTxn::new().when(compares).and_then(ops);
         let response = self
-            .client
-            .kv_client()
-            .txn(EtcdTxn::new().when(compares).and_then(ops))
+            .call(Repeat::OnlyUnsent, |client| {
+                let txn = txn.clone();
+                async move { client.kv_client().txn(txn).await }
+            })
             .await
-            .map_err(etcd_error)?;
+            .map_err(|(e, failure)| match failure {
+                Failure::Ambiguous => Error::Unavailable(format!(
+                    "{}; the transaction may or may not have been applied",
+                    describe(&e)
+                )),
+                _ => etcd_error(e),
+            })?;
         let revision = header_revision(response.header())?;
         Ok(if response.succeeded() {
             TxnOutcome::Committed { revision }
@@ -433,11 +663,12 @@ impl Store for EtcdStore {
             options.with_prefix()
         };
         let stream = self
-            .client
-            .watch_client()
-            .watch(key, Some(options))
+            .call(Repeat::Idempotent, |client| {
+                let (key, options) = (key.clone(), options.clone());
+                async move { client.watch_client().watch(key, Some(options)).await }
+            })
             .await
-            .map_err(etcd_error)?;
+            .map_err(|(e, _)| etcd_error(e))?;
         let state = WatchState {
             stream,
             from,
@@ -450,10 +681,14 @@ impl Store for EtcdStore {
 
     async fn compact(&self, revision: Revision) -> Result<()> {
         let result = self
-            .client
-            .kv_client()
-            .compact(revision, Some(CompactionOptions::new().with_physical()))
-            .await;
+            .call(Repeat::Idempotent, |client| async move {
+                client
+                    .kv_client()
+                    .compact(revision, Some(CompactionOptions::new().with_physical()))
+                    .await
+            })
+            .await
+            .map_err(|(e, _)| e);
         match result {
             Ok(_) => Ok(()),
             // Compacting at or below an earlier compaction changes nothing.
@@ -561,4 +796,79 @@ fn event(event: &etcd_client::Event) -> Result<Event> {
         },
         kv: key_value(kv)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(code: tonic::Code, message: &str) -> etcd_client::Error {
+        etcd_client::Error::GRpcStatus(tonic::Status::new(code, message))
+    }
+
+    #[test]
+    fn only_failures_before_consensus_count_as_not_sent() {
+        use tonic::Code::*;
+        let cases = [
+            (
+                Unavailable,
+                "tcp connect error: Connection refused (os error 111)",
+                Failure::NotSent,
+            ),
+            (Unavailable, "etcdserver: no leader", Failure::NotSent),
+            (
+                Unavailable,
+                "error trying to connect: invalid peer certificate: UnknownIssuer",
+                Failure::Final,
+            ),
+            (
+                Unavailable,
+                "etcdserver: too many requests",
+                Failure::NotSent,
+            ),
+            (
+                Unavailable,
+                "etcdserver: leader changed",
+                Failure::Ambiguous,
+            ),
+            (
+                Unavailable,
+                "etcdserver: request timed out",
+                Failure::Ambiguous,
+            ),
+            (
+                Unavailable,
+                "error reading a body from connection: connection reset",
+                Failure::Ambiguous,
+            ),
+            (
+                DeadlineExceeded,
+                "context deadline exceeded",
+                Failure::Ambiguous,
+            ),
+            (Unknown, "h2 protocol error", Failure::Ambiguous),
+            (
+                InvalidArgument,
+                "etcdserver: duplicate key given in txn request",
+                Failure::Final,
+            ),
+            (
+                OutOfRange,
+                "etcdserver: mvcc: required revision has been compacted",
+                Failure::Final,
+            ),
+            (
+                ResourceExhausted,
+                "etcdserver: mvcc: database space exceeded",
+                Failure::Final,
+            ),
+        ];
+        for (code, message, expected) in cases {
+            assert_eq!(
+                classify(&status(code, message)),
+                expected,
+                "{code:?} {message}"
+            );
+        }
+    }
 }

@@ -37,7 +37,10 @@ pub enum Error {
         compacted: Revision,
     },
     /// The store cannot be reached or cannot serve the request now; retrying
-    /// later may succeed.
+    /// later may succeed. For a transaction it may also mean the outcome is
+    /// unknown (the answer was lost after the request was sent): it may have
+    /// been applied, and only reading back can tell (`Controller::commit`
+    /// does, by change id).
     #[error("store unavailable: {0}")]
     Unavailable(String),
     /// The store's data could not be read back (damaged file, bad record).

@@ -273,6 +273,7 @@ async fn a_cut_or_rewritten_tail_is_found_and_never_written_over() {
             request_id: None,
             activation_ids: Vec::new(),
             detail: "nothing happened".into(),
+            change_id: None,
         },
         None,
         &third.head(),
@@ -337,6 +338,7 @@ async fn a_busy_log_is_never_mistaken_for_a_tampered_one() {
                         targets: vec!["bots-faq-only".into()],
                         reason: format!("change {changes}"),
                         all: true,
+                        change_id: String::new(),
                     })
                     .await
                     .unwrap();

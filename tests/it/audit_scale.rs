@@ -85,6 +85,7 @@ async fn a_log_past_five_mib_is_listed_and_verified_page_by_page() {
                     targets: vec!["incident-notice".into()],
                     reason: reason.clone(),
                     all: true,
+                    change_id: String::new(),
                 })
                 .await
                 .unwrap();
@@ -255,6 +256,7 @@ async fn a_change_forged_in_one_etcd_transaction_is_named() {
         activation_ids: vec![id.clone()],
         detail: "applied freeze-credential-changes".into(),
         state_digest: None,
+        change_id: None,
         prev_hash: head.hash.clone(),
         hash: String::new(),
         key_id: String::new(),

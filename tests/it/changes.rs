@@ -1,11 +1,13 @@
 //! How changes behave at the edges a commander meets: a mode name that
 //! matches several activations, applying a mode again, an as-of time that
-//! would do nothing, and a subscriber that remembers another store's history.
+//! would do nothing, a subscriber that remembers another store's history,
+//! and a change sent again under its change id (by the CLI, to the next
+//! server).
 
 use safemode::policy::{Action, Context, Outcome};
 use safemode::wire::proto;
 
-use crate::support::{RawSubscriber, TestServer, wait_until};
+use crate::support::{RawSubscriber, TestServer, safemode, wait_until};
 
 async fn apply(
     server: &TestServer,
@@ -22,6 +24,7 @@ async fn apply(
             channels: channels.iter().map(|c| c.to_string()).collect(),
             reason: "test".into(),
             as_of: as_of.map(|t| safemode::wire::timestamp_to_wire(t.parse().unwrap())),
+            change_id: String::new(),
         })
         .await
         .map(tonic::Response::into_inner)
@@ -40,6 +43,7 @@ async fn lift(
             targets: targets.iter().map(|t| t.to_string()).collect(),
             reason: "test".into(),
             all,
+            change_id: String::new(),
         })
         .await
         .map(tonic::Response::into_inner)
@@ -159,4 +163,181 @@ async fn a_subscriber_from_another_store_history_starts_over() {
     .await;
     let epoch = subscriber.latest().unwrap().epoch;
     assert!(!epoch.is_empty() && epoch != gone);
+}
+
+async fn apply_as(
+    server: &TestServer,
+    change_id: &str,
+) -> Result<proto::ApplyModesResponse, tonic::Status> {
+    server
+        .control()
+        .await
+        .apply_modes(proto::ApplyModesRequest {
+            namespace: "live".into(),
+            modes: vec!["throttle-high-risk".into()],
+            reason: "test".into(),
+            change_id: change_id.into(),
+            ..Default::default()
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+#[tokio::test]
+async fn a_change_id_that_committed_is_answered_with_its_result_not_applied_again() {
+    let server = TestServer::start().await;
+    let first = apply_as(&server, "deploy-42.apply").await.unwrap();
+    assert_eq!(first.change_id, "deploy-42.apply");
+    assert_eq!(first.applied.len(), 1);
+    // A retry (say, after a timeout) gets the same answer.
+    let again = apply_as(&server, "deploy-42.apply").await.unwrap();
+    assert_eq!(
+        again, first,
+        "the retry is answered with the original result"
+    );
+    assert_eq!(server.status("live").await.activations.len(), 1);
+
+    // Without a change id the server makes one, different each time.
+    let made = apply_as(&server, "").await.unwrap();
+    assert!(!made.change_id.is_empty());
+    assert!(made.applied.is_empty(), "already active: {made:?}");
+
+    // The same id for another kind of change is refused, and lifts nothing.
+    let reused = server
+        .control()
+        .await
+        .lift_activations(proto::LiftActivationsRequest {
+            namespace: "live".into(),
+            targets: vec!["throttle-high-risk".into()],
+            reason: "test".into(),
+            change_id: "deploy-42.apply".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(reused.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        reused.message().contains("new change id"),
+        "{}",
+        reused.message()
+    );
+    assert_eq!(server.status("live").await.activations.len(), 1);
+}
+
+#[tokio::test]
+async fn a_malformed_change_id_is_refused_and_changes_nothing() {
+    let server = TestServer::start().await;
+    for bad in ["has space", "semi;colon", &"x".repeat(65)] {
+        let refused = apply_as(&server, bad).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{bad:?}");
+        assert!(
+            refused.message().starts_with("change_id:"),
+            "{}",
+            refused.message()
+        );
+    }
+    assert!(server.status("live").await.activations.is_empty());
+}
+
+#[tokio::test]
+async fn the_cli_sends_a_write_to_the_next_server_with_the_same_change_id() {
+    let server = TestServer::start().await;
+    // Nothing listens here.
+    let dead = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    };
+    let servers = format!("{dead},{}", server.url);
+    let args = [
+        "--server",
+        &servers,
+        "--principal",
+        "alice",
+        "--output",
+        "json",
+        "--change-id",
+        "cli-retry-1",
+        "mode",
+        "apply",
+        "throttle-high-risk",
+        "--reason",
+        "test",
+    ];
+    let first = safemode(&args).await;
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    // Run again (a commander unsure whether it worked): the same answer,
+    // nothing applied twice.
+    let second = safemode(&args).await;
+    assert!(
+        second.status.success(),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    let parse = |out: &[u8]| serde_json::from_slice::<serde_json::Value>(out).unwrap();
+    assert_eq!(parse(&first.stdout), parse(&second.stdout));
+    assert_eq!(parse(&first.stdout)["applied"].as_array().unwrap().len(), 1);
+    assert_eq!(server.status("live").await.activations.len(), 1);
+
+    // Every server unreachable: the error names them and the change id to
+    // retry with.
+    let failed = safemode(&[
+        "--server",
+        &dead,
+        "--principal",
+        "alice",
+        "--change-id",
+        "cli-retry-2",
+        "mode",
+        "apply",
+        "throttle-high-risk",
+        "--reason",
+        "test",
+    ])
+    .await;
+    assert!(!failed.status.success());
+    let message = String::from_utf8_lossy(&failed.stderr);
+    assert!(message.contains(&dead), "{message}");
+    assert!(message.contains("--change-id cli-retry-2"), "{message}");
+}
+
+#[tokio::test]
+async fn a_retried_lift_that_waits_for_approval_is_one_request_with_the_same_answer() {
+    let server = TestServer::start().await;
+    apply(&server, &["freeze-credential-changes"], &[], None)
+        .await
+        .unwrap();
+    let lift = || async {
+        server
+            .control()
+            .await
+            .lift_activations(proto::LiftActivationsRequest {
+                namespace: "live".into(),
+                targets: vec!["freeze-credential-changes".into()],
+                reason: "test".into(),
+                change_id: "lift-needs-approval".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    };
+    let first = lift().await;
+    assert!(first.pending.is_some(), "{first:?}");
+    let again = lift().await;
+    assert_eq!(again, first, "the same request, the same revision");
+    let requests = server
+        .control()
+        .await
+        .list_requests(proto::ListRequestsRequest {
+            namespace: "live".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(requests.requests.len(), 1, "{requests:?}");
 }

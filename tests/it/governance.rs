@@ -57,6 +57,7 @@ async fn fixtures(
             severity: "sev3".into(),
             reason: "fixture".into(),
             channels: Vec::new(),
+            change_id: String::new(),
         })
         .await
         .unwrap()
@@ -76,6 +77,7 @@ async fn fixtures(
             targets: vec!["freeze-credential-changes".into()],
             reason: "fixture".into(),
             all: true,
+            change_id: String::new(),
         })
         .await
         .unwrap()
@@ -231,6 +233,7 @@ async fn call(
                 targets: vec!["incident-notice".into()],
                 reason: format!("{role} lifts"),
                 all: true,
+                change_id: String::new(),
             })
             .await,
         ),
@@ -243,6 +246,7 @@ async fn call(
                 severity: "sev3".into(),
                 reason: format!("{role} declares"),
                 channels: Vec::new(),
+                change_id: String::new(),
             })
             .await,
         ),
@@ -251,6 +255,7 @@ async fn call(
                 incident_id: fixtures.incident.clone(),
                 severity: "sev2".into(),
                 reason: format!("{role} escalates"),
+                change_id: String::new(),
             })
             .await,
         ),
@@ -258,6 +263,7 @@ async fn call(
             c.resolve_incident(proto::ResolveIncidentRequest {
                 incident_id: fixtures.incident.clone(),
                 reason: format!("{role} resolves"),
+                change_id: String::new(),
             })
             .await,
         ),
@@ -265,6 +271,7 @@ async fn call(
             c.approve(proto::ApproveRequest {
                 request_id: fixtures.request.clone(),
                 reason: format!("{role} approves"),
+                change_id: String::new(),
             })
             .await,
         ),
@@ -453,6 +460,7 @@ async fn declare_escalate_and_resolve_with_a_second_approver() {
             severity: "sev3".into(),
             reason: "login failures up 40x from residential proxies".into(),
             channels: Vec::new(),
+            change_id: String::new(),
         })
         .await
         .unwrap()
@@ -475,6 +483,7 @@ async fn declare_escalate_and_resolve_with_a_second_approver() {
             incident_id: incident.id.clone(),
             severity: "sev1".into(),
             reason: "takeovers confirmed".into(),
+            change_id: String::new(),
         })
         .await
         .unwrap()
@@ -487,6 +496,7 @@ async fn declare_escalate_and_resolve_with_a_second_approver() {
         .resolve_incident(proto::ResolveIncidentRequest {
             incident_id: incident.id.clone(),
             reason: "attack over for 2h".into(),
+            change_id: String::new(),
         })
         .await
         .unwrap()
@@ -503,6 +513,7 @@ async fn declare_escalate_and_resolve_with_a_second_approver() {
         .resolve_incident(proto::ResolveIncidentRequest {
             incident_id: incident.id.clone(),
             reason: "admin tries to resolve alone".into(),
+            change_id: String::new(),
         })
         .await
         .unwrap()
@@ -513,6 +524,7 @@ async fn declare_escalate_and_resolve_with_a_second_approver() {
         .approve(proto::ApproveRequest {
             request_id: own.id.clone(),
             reason: "I am sure".into(),
+            change_id: String::new(),
         })
         .await
         .unwrap_err();
@@ -540,6 +552,7 @@ async fn declare_escalate_and_resolve_with_a_second_approver() {
         .approve(proto::ApproveRequest {
             request_id: request.id.clone(),
             reason: "confirmed with fraud ops".into(),
+            change_id: String::new(),
         })
         .await
         .unwrap_err();
@@ -555,6 +568,7 @@ async fn declare_escalate_and_resolve_with_a_second_approver() {
         .resolve_incident(proto::ResolveIncidentRequest {
             incident_id: incident.id.clone(),
             reason: "attack over for 2h".into(),
+            change_id: String::new(),
         })
         .await
         .unwrap()
@@ -565,6 +579,7 @@ async fn declare_escalate_and_resolve_with_a_second_approver() {
         .approve(proto::ApproveRequest {
             request_id: request.id.clone(),
             reason: "confirmed with fraud ops".into(),
+            change_id: String::new(),
         })
         .await
         .unwrap()
@@ -617,6 +632,7 @@ async fn declare_escalate_and_resolve_with_a_second_approver() {
         .approve(proto::ApproveRequest {
             request_id: own.id,
             reason: String::new(),
+            change_id: String::new(),
         })
         .await
         .unwrap_err();
@@ -663,6 +679,7 @@ async fn going_down_a_severity_waits_for_an_approver() {
             severity: "sev1".into(),
             reason: "takeover wave".into(),
             channels: Vec::new(),
+            change_id: String::new(),
         })
         .await
         .unwrap()
@@ -673,6 +690,7 @@ async fn going_down_a_severity_waits_for_an_approver() {
             incident_id: id.clone(),
             severity: "sev3".into(),
             reason: "volume falling".into(),
+            change_id: String::new(),
         })
         .await
         .unwrap()
@@ -686,6 +704,7 @@ async fn going_down_a_severity_waits_for_an_approver() {
     bob.approve(proto::ApproveRequest {
         request_id: request.id,
         reason: String::new(),
+        change_id: String::new(),
     })
     .await
     .unwrap();
@@ -849,6 +868,7 @@ async fn an_approval_never_carries_out_more_than_was_requested() {
             severity: "sev3".into(),
             reason: "login failures up 40x".into(),
             channels: Vec::new(),
+            change_id: String::new(),
         })
         .await
         .unwrap()
@@ -858,6 +878,7 @@ async fn an_approval_never_carries_out_more_than_was_requested() {
         .resolve_incident(proto::ResolveIncidentRequest {
             incident_id: incident.id.clone(),
             reason: "looks quiet".into(),
+            change_id: String::new(),
         })
         .await
         .unwrap()
@@ -875,6 +896,7 @@ async fn an_approval_never_carries_out_more_than_was_requested() {
             incident_id: incident.id.clone(),
             severity: "sev1".into(),
             reason: "takeovers confirmed".into(),
+            change_id: String::new(),
         })
         .await
         .unwrap()
@@ -887,6 +909,7 @@ async fn an_approval_never_carries_out_more_than_was_requested() {
         .approve(proto::ApproveRequest {
             request_id: resolving.id.clone(),
             reason: "ok".into(),
+            change_id: String::new(),
         })
         .await
         .unwrap_err();
@@ -941,6 +964,7 @@ stages:
             severity: "sev3".into(),
             reason: "SIM swaps".into(),
             channels: Vec::new(),
+            change_id: String::new(),
         })
         .await
         .unwrap()
@@ -952,6 +976,7 @@ stages:
             incident_id: incident.id.clone(),
             severity: "sev1".into(),
             reason: "worse".into(),
+            change_id: String::new(),
         })
         .await
         .unwrap()
@@ -977,6 +1002,7 @@ stages:
     bob.approve(proto::ApproveRequest {
         request_id: request.id.clone(),
         reason: "phones are safe now".into(),
+        change_id: String::new(),
     })
     .await
     .unwrap();
@@ -1025,6 +1051,7 @@ async fn an_expired_request_cannot_be_approved() {
             targets: vec!["freeze-credential-changes".into()],
             reason: "contained".into(),
             all: false,
+            change_id: String::new(),
         })
         .await
         .unwrap()
@@ -1035,6 +1062,7 @@ async fn an_expired_request_cannot_be_approved() {
         .approve(proto::ApproveRequest {
             request_id: request.id,
             reason: String::new(),
+            change_id: String::new(),
         })
         .await
         .unwrap_err();
@@ -1069,6 +1097,7 @@ async fn two_approvers_at_once_carry_a_request_out_once() {
             targets: vec!["freeze-credential-changes".into()],
             reason: "contained".into(),
             all: false,
+            change_id: String::new(),
         })
         .await
         .unwrap()
@@ -1084,6 +1113,7 @@ async fn two_approvers_at_once_carry_a_request_out_once() {
             c.approve(proto::ApproveRequest {
                 request_id: id,
                 reason: format!("{who} approves"),
+                change_id: String::new(),
             })
             .await
         }

@@ -28,6 +28,7 @@ fn apply(namespace: &str, modes: Vec<String>) -> proto::ApplyModesRequest {
         channels: Vec::new(),
         reason: "limits test".into(),
         as_of: None,
+        change_id: String::new(),
     }
 }
 
@@ -130,6 +131,7 @@ async fn a_flood_of_names_is_refused_by_role_first_and_stalls_nobody() {
             targets: names.clone(),
             reason: "limits test".into(),
             all: false,
+            change_id: String::new(),
         })
         .await
         .expect_err("too many targets");
@@ -506,6 +508,7 @@ async fn a_principal_is_one_person_whatever_the_case() {
             targets: vec!["freeze-credential-changes".into()],
             reason: "over".into(),
             all: false,
+            change_id: String::new(),
         })
         .await
         .unwrap()
@@ -519,6 +522,7 @@ async fn a_principal_is_one_person_whatever_the_case() {
         .approve(proto::ApproveRequest {
             request_id: request.id.clone(),
             reason: "looks fine".into(),
+            change_id: String::new(),
         })
         .await
         .expect_err("Cmd1 is cmd1: nobody approves their own request");

@@ -20,6 +20,7 @@ mod replicas;
 mod restart;
 mod runbooks;
 mod sim;
+mod soak;
 mod store_contract;
 mod support;
 mod tls;

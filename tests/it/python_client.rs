@@ -333,6 +333,7 @@ async fn change(server: &TestServer, change: &Change) -> i64 {
                     channels: channels.iter().map(|c| c.to_string()).collect(),
                     reason: "python client test".into(),
                     as_of,
+                    change_id: String::new(),
                 })
                 .await
                 .expect("apply")
@@ -353,6 +354,7 @@ async fn change(server: &TestServer, change: &Change) -> i64 {
                     targets: vec![mode.to_string()],
                     reason: "python client test".into(),
                     all: false,
+                    change_id: String::new(),
                 })
                 .await
                 .expect("lift")

@@ -552,6 +552,7 @@ async fn already_active_is_never_answered_from_a_lagging_view() {
             roles: vec![safemode::auth::Role::Commander],
         },
         reason: Reason::parse("contain the wave").unwrap(),
+        change_id: None,
     };
     // Both replicas know the mode is active.
     lagging.apply(apply()).await.unwrap();
@@ -578,6 +579,7 @@ async fn already_active_is_never_answered_from_a_lagging_view() {
             },
             reason: Reason::parse("contained").unwrap(),
             all: false,
+            change_id: None,
         })
         .await
         .unwrap();
@@ -686,6 +688,7 @@ async fn an_unreadable_activation_fails_closed() {
         .approve(proto::ApproveRequest {
             request_id: request.id,
             reason: "confirmed with the team that wrote it".into(),
+            change_id: String::new(),
         })
         .await
         .unwrap();

@@ -441,9 +441,15 @@ impl ServeProcess {
     /// `safemode serve --listen 127.0.0.1:0 ARGS...` with `env` added;
     /// returns once it serves (its log says where).
     pub fn start(args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_on("127.0.0.1:0", args, env)
+    }
+
+    /// Like [`ServeProcess::start`], listening on `listen` (a replica
+    /// restarted on the address its clients know).
+    pub fn start_on(listen: &str, args: &[&str], env: &[(&str, &str)]) -> Self {
         use std::io::{BufRead, BufReader};
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_safemode"))
-            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(["serve", "--listen", listen])
             .args(args)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")

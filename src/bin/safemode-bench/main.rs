@@ -450,6 +450,7 @@ async fn flip(
                 targets: vec!["incident-notice".into()],
                 reason: "benchmark flip".into(),
                 all: true,
+                change_id: String::new(),
             })
             .await?
             .into_inner()

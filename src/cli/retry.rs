@@ -1,0 +1,135 @@
+//! Sending a write to the controller replicas until one carries it out.
+//!
+//! A command that changes something (apply, lift, declare, escalate,
+//! resolve, approve) carries one change id, made once per command (or given
+//! with `--change-id`). When a replica cannot be reached, or answers
+//! UNAVAILABLE (its store failed, it is shutting down) or with an outcome it
+//! could not learn, the same request, with the same change id, goes to the
+//! next `--server`. The controller records every change id with its change,
+//! so a request that reached the store through a replica that then died is
+//! answered with that change's result by the next one, never applied twice.
+//!
+//! Bounded: at most [`PASSES`] passes over the servers, with a short
+//! jittered pause between passes (an etcd election takes about a second).
+
+use std::time::Duration;
+
+use anyhow::anyhow;
+use futures_util::future::BoxFuture;
+use tonic::Code;
+
+use super::{Caller, Control, control};
+use crate::backoff::Backoff;
+use crate::controller::ChangeId;
+
+/// How many times a write goes over the whole server list at most.
+pub(crate) const PASSES: usize = 3;
+
+/// Sends `call` (given a client and the change id) to each server in turn
+/// until one answers with something other than "try elsewhere". `what`
+/// names the command in the final error.
+pub(crate) async fn write<T>(
+    servers: &[String],
+    caller: &Caller,
+    what: &str,
+    mut call: impl FnMut(
+        Control,
+        String,
+    ) -> BoxFuture<'static, Result<tonic::Response<T>, tonic::Status>>,
+) -> anyhow::Result<T> {
+    let change_id = caller.change_id.to_string();
+    let mut pause = Backoff::new(Duration::from_millis(250), Duration::from_secs(1));
+    let mut failures: Vec<String> = Vec::new();
+    for pass in 0..PASSES {
+        if pass > 0 {
+            tokio::time::sleep(pause.next_delay()).await;
+        }
+        for server in servers {
+            let client = match control(std::slice::from_ref(server), caller).await {
+                Ok(client) => client,
+                Err(e) => {
+                    failures.push(format!("{server}: {e:#}"));
+                    continue;
+                }
+            };
+            match call(client, change_id.clone()).await {
+                Ok(response) => return Ok(response.into_inner()),
+                Err(status) if elsewhere(&status) => {
+                    tracing::debug!(%server, code = ?status.code(), message = status.message(), "trying the next server");
+                    failures.push(format!("{server}: {}", status.message()));
+                }
+                // The controller's message says what to do.
+                Err(status) => return Err(anyhow!("{}", status.message())),
+            }
+        }
+    }
+    let last = failures.last().cloned().unwrap_or_default();
+    Err(anyhow!(
+        "{what} failed on every server ({}), {PASSES} times over; last: {last}. Nothing was applied twice: run the command again with --change-id {change_id} and it is applied at most once",
+        servers.join(", ")
+    ))
+}
+
+/// Whether another replica may succeed where this answer came from: the
+/// replica or its store was unreachable, or the call was cut off. The
+/// change id makes sending it again safe even when it did arrive.
+fn elsewhere(status: &tonic::Status) -> bool {
+    match status.code() {
+        Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded | Code::Aborted => true,
+        // A connection cut mid-call, in hyper's and h2's words.
+        Code::Unknown | Code::Internal => {
+            let message = status.message();
+            [
+                "transport error",
+                "h2 protocol error",
+                "connection",
+                "broken pipe",
+            ]
+            .iter()
+            .any(|sign| message.contains(sign))
+        }
+        _ => false,
+    }
+}
+
+/// The change id of one command: `--change-id`, or a new one.
+pub(crate) fn change_id(given: Option<&str>) -> anyhow::Result<ChangeId> {
+    match given {
+        Some(text) => ChangeId::parse(text).map_err(|e| anyhow!("--change-id: {e}")),
+        None => Ok(ChangeId::random()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_answers_another_replica_could_better_are_retried() {
+        let check = |code: Code, message: &str, expected: bool| {
+            assert_eq!(
+                elsewhere(&tonic::Status::new(code, message)),
+                expected,
+                "{code:?} {message}"
+            );
+        };
+        check(Code::Unavailable, "store unavailable: leader changed", true);
+        check(Code::Aborted, "too many concurrent changes", true);
+        check(Code::Unknown, "transport error", true);
+        check(Code::Internal, "h2 protocol error: stream reset", true);
+        check(Code::NotFound, "unknown mode 'x'", false);
+        check(Code::FailedPrecondition, "already declared", false);
+        check(Code::PermissionDenied, "not a commander", false);
+        check(Code::Internal, "store data is damaged", false);
+    }
+
+    #[test]
+    fn a_given_change_id_is_checked() {
+        assert!(change_id(Some("deploy-42.retry_1")).is_ok());
+        let error = change_id(Some("has space")).unwrap_err().to_string();
+        assert!(error.contains("--change-id"), "{error}");
+        let error = change_id(Some(&"x".repeat(65))).unwrap_err().to_string();
+        assert!(error.contains("1 to 64"), "{error}");
+        assert_ne!(change_id(None).unwrap(), change_id(None).unwrap());
+    }
+}
