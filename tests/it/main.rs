@@ -20,5 +20,6 @@ mod runbooks;
 mod sim;
 mod store_contract;
 mod support;
+mod text_output;
 mod tls;
 mod tokens;
