@@ -8,6 +8,7 @@ mod drill;
 mod e2e;
 mod etcd;
 mod example;
+mod fuzz;
 mod governance;
 mod grpc_surface;
 mod mode_files;
