@@ -92,7 +92,7 @@ pub fn yaml_options() -> serde_saphyr::Options {
 /// The YAML library's message, reworded for a person editing a mode file:
 /// without the position (we print our own) or the source excerpt, and without
 /// advice about the library's options.
-pub(super) fn library_message(raw: &str) -> String {
+pub(crate) fn library_message(raw: &str) -> String {
     let first = raw
         .lines()
         .next()

@@ -78,10 +78,17 @@ fn check_position(text: &str, line: u64, column: u64) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether a message leaves its position to the error's own file:line:column
+/// (a second one, in the YAML library's words, only confuses).
+fn once_placed(message: &str) -> bool {
+    !message.starts_with("line ") && !message.contains(" column ") && !message.contains('\n')
+}
+
 fn check_mode_file(text: &str) -> Result<(), TestCaseError> {
     if let Err(e) = parse_mode("fuzz/m.yaml", "m", text) {
         prop_assert_eq!(&e.file, "fuzz/m.yaml");
         prop_assert!(!e.message.trim().is_empty(), "empty message: {}", e);
+        prop_assert!(once_placed(&e.message), "{}", e);
         check_position(text, e.line.into(), e.column.into())
             .map_err(|why| TestCaseError::fail(format!("{why}: {e}")))?;
         prop_assert!(e.to_string().starts_with("fuzz/m.yaml:"));
@@ -102,6 +109,7 @@ fn check_runbook_file(text: &str) -> Result<(), TestCaseError> {
             for e in errors {
                 prop_assert_eq!(&e.file, "fuzz/r.yaml");
                 prop_assert!(!e.message.trim().is_empty(), "empty message: {}", e);
+                prop_assert!(once_placed(&e.message), "{}", e);
                 check_position(text, e.line.into(), e.column.into())
                     .map_err(|why| TestCaseError::fail(format!("{why}: {e}")))?;
             }
@@ -121,6 +129,7 @@ fn check_tokens_file(text: &str) -> Result<(), TestCaseError> {
         }) => {
             prop_assert_eq!(file, "fuzz/tokens.yaml");
             prop_assert!(!message.trim().is_empty());
+            prop_assert!(once_placed(&message), "{}", message);
             check_position(text, line, column)
                 .map_err(|why| TestCaseError::fail(format!("{why}: {message}")))?;
         }
@@ -839,11 +848,20 @@ fn a_file_nested_too_deep_is_refused_not_a_stack_overflow() {
             }
             let text = deep(3635, 2);
             let e = parse_runbook("deep.yaml", "r", &text, catalog()).unwrap_err();
+            assert_eq!(e[0].line, 17, "{}", e[0]);
             assert!(
                 e[0].message.contains("nested deeper than 16 levels"),
                 "{}",
                 e[0]
             );
+            // A mode file reads untyped only where parameters are ignored.
+            let text = format!(
+                "title: t\nsummary: s\nrules:\n  - channels: ['*']\n    actions: ['*']\n    effect: {{allow: {}1{}}}\n",
+                "{a: ".repeat(100),
+                "}".repeat(100)
+            );
+            let e = parse_mode("deep.yaml", "m", &text).unwrap_err();
+            assert!(e.message.contains("nested deeper than 16 levels"), "{e}");
         })
         .unwrap()
         .join()
