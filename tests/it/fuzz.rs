@@ -30,7 +30,7 @@ use proptest::prelude::*;
 use proptest::sample::Index;
 use prost::Message as _;
 use safemode::auth::{ROLES, Role, Tokens, TokensError, TokensFile, create_token};
-use safemode::catalog::{CatalogError, load_modes_dir, standard_modes};
+use safemode::catalog::{CatalogError, load_modes_dir, load_runbooks_dir, standard_modes};
 use safemode::client::{PolicySnapshot, Subscriber, SubscriberConfig, read_last_known_good};
 use safemode::policy::names::{ACTIONS, CHANNELS, METHODS};
 use safemode::policy::{
@@ -813,6 +813,33 @@ proptest! {
             prop_assert_eq!(read, written);
             prop_assert!(stage.modes.iter().all(|m| m.channels == ChannelSet::ALL));
             prop_assert_eq!(stage.expectations.len(), *expectations);
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(file_config())]
+
+    /// A runbooks directory with a file of any bytes, or a shipped runbook
+    /// edited: every error names the file.
+    #[test]
+    fn a_runbooks_directory_names_the_file_it_cannot_use(
+        bytes in prop_oneof![
+            prop::collection::vec(any::<u8>(), 0..200),
+            (any::<Index>(), mutations())
+                .prop_map(|(seed, edits)| mutate(&seed.get(runbook_seeds()).1, &edits).into_bytes()),
+        ]
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fuzzed.yaml");
+        std::fs::write(&path, &bytes).unwrap();
+        if let Err(e) = load_runbooks_dir(dir.path(), catalog()) {
+            let shown = path.display().to_string();
+            let lines = e.lines();
+            prop_assert!(!lines.is_empty());
+            for line in lines {
+                prop_assert!(line.contains(&shown), "{line:?} does not name {shown}");
+            }
         }
     }
 }
