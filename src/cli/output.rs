@@ -1145,7 +1145,7 @@ mod tests {
     fn check(input: &str, expected: &str) {
         let shown = single_line(input).to_string();
         assert_eq!(shown, expected, "single_line({input:?})");
-        assert_eq!(shown.lines().count(), 1.min(shown.len()), "{shown:?}");
+        // Nothing that breaks, reorders or hides text is left.
         assert!(!shown.chars().any(must_escape_but_backslash), "{shown:?}");
     }
 
