@@ -264,18 +264,14 @@ impl Tokens {
         {
             return Ok(Tokens::default());
         }
-        let specs: Vec<TokenSpec> = serde_saphyr::from_str(text).map_err(|e| {
-            let (line, column) = e.location().map_or((1, 1), |l| (l.line(), l.column()));
-            let first = e.to_string();
-            let message = first
-                .lines()
-                .next()
-                .unwrap_or_default()
-                .split_once(": ")
-                .map_or(first.as_str(), |(_, m)| m)
-                .to_string();
-            invalid(line, column, message)
-        })?;
+        let options = crate::policy::mode_file::yaml_options();
+        let specs: Vec<TokenSpec> =
+            serde_saphyr::from_str_with_options(text, options).map_err(|e| {
+                let (line, column) = e.location().map_or((1, 1), |l| (l.line(), l.column()));
+                // Reworded as for mode files: without a second position.
+                let message = crate::policy::mode_file::library_message(&e.to_string());
+                invalid(line, column, message)
+            })?;
         let mut by_hash = HashMap::new();
         for spec in specs {
             let name = principal_name(&spec.principal.value).map_err(|rule| {

@@ -519,7 +519,8 @@ pub fn main() -> ExitCode {
         // The reader went away (`safemode status | head -1`): not a failure.
         Err(e) if e.is::<OutputClosed>() => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Refusals quote what the caller sent; one line, like stdout.
+            eprintln!("error: {}", output::single_line(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }

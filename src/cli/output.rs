@@ -1,7 +1,13 @@
 //! Rendering results as text for people or as JSON for scripts. Renderers
 //! return the text; `cli::emit` writes it.
+//!
+//! Text output cannot be made to lie by what it prints: every line goes
+//! through [`single_line`] (the `say!` macro and `table` do it), so a reason,
+//! id or message with a newline, a carriage return or a bidi override shows
+//! as visible escapes on its own line instead of forging a row or a
+//! "verified" verdict. JSON output is exact: serde escapes it.
 
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 
 use serde_json::{Value, json};
 
@@ -10,14 +16,88 @@ use crate::client::{DecisionReport, PolicySnapshot};
 use crate::policy::{ActionPolicy, Effect, EffectKind};
 use crate::wire::{self, proto};
 
-/// `writeln!` into a `String`, which cannot fail.
+/// One line of text into a `String` (which cannot fail), with everything
+/// in it that could break or reorder the line escaped (see [`single_line`]).
 macro_rules! say {
     ($out:expr) => {
         $out.push('\n')
     };
     ($out:expr, $($arg:tt)*) => {{
-        let _ = writeln!($out, $($arg)*);
+        let line = format!($($arg)*);
+        let _ = writeln!($out, "{}", single_line(&line));
     }};
+}
+
+// === one line per line ===
+
+/// `text` for a terminal, on one line and shown as it is stored: control
+/// characters (`\n`, `\r`, `\t`, and every other one as `\u{..}`), line and
+/// paragraph separators, and invisible format characters (bidi embeddings,
+/// overrides, isolates and marks such as U+202E, zero-width spaces and
+/// joiners, tag characters) are written as visible escapes, and a backslash
+/// as `\\`, so that no escape can be faked either.
+pub fn single_line(text: &str) -> SingleLine<'_> {
+    SingleLine(text)
+}
+
+/// A string displayed by [`single_line`]: escapes are written as it is
+/// formatted, without a copy of the text.
+pub struct SingleLine<'a>(&'a str);
+
+impl fmt::Display for SingleLine<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut rest = self.0;
+        while let Some(at) = rest.find(must_escape) {
+            f.write_str(&rest[..at])?;
+            let c = rest[at..].chars().next().expect("found a char there");
+            match c {
+                '\\' => f.write_str("\\\\")?,
+                '\n' => f.write_str("\\n")?,
+                '\r' => f.write_str("\\r")?,
+                '\t' => f.write_str("\\t")?,
+                other => write!(f, "\\u{{{:x}}}", u32::from(other))?,
+            }
+            rest = &rest[at + c.len_utf8()..];
+        }
+        f.write_str(rest)
+    }
+}
+
+/// Whether `c` must be escaped to keep a line honest: the backslash, and
+/// every character of Unicode's general categories Cc (controls), Zl and Zp
+/// (line and paragraph separators) and Cf (format characters: invisible, and
+/// among them everything that reorders text). Written out by hand because
+/// the standard library knows only `is_control` and a crate of Unicode
+/// tables for one short list is not worth its weight; the list is Cf as of
+/// Unicode 15.
+fn must_escape(c: char) -> bool {
+    matches!(
+        c,
+        '\\'
+            | '\u{2028}'
+            | '\u{2029}'
+            | '\u{ad}'
+            | '\u{600}'..='\u{605}'
+            | '\u{61c}'
+            | '\u{6dd}'
+            | '\u{70f}'
+            | '\u{890}'..='\u{891}'
+            | '\u{8e2}'
+            | '\u{180e}'
+            | '\u{200b}'..='\u{200f}'
+            | '\u{202a}'..='\u{202e}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{206f}'
+            | '\u{feff}'
+            | '\u{fff9}'..='\u{fffb}'
+            | '\u{110bd}'
+            | '\u{110cd}'
+            | '\u{13430}'..='\u{1343f}'
+            | '\u{1bca0}'..='\u{1bca3}'
+            | '\u{1d173}'..='\u{1d17a}'
+            | '\u{e0001}'
+            | '\u{e0020}'..='\u{e007f}'
+    ) || c.is_control()
 }
 
 fn json_line(value: &Value) -> String {
@@ -290,13 +370,20 @@ fn count(n: usize, noun: &str) -> String {
     }
 }
 
+/// Rows under a header, in columns. Cells are escaped by [`single_line`]
+/// before they are measured, so the columns stay aligned and no cell can
+/// start a line of its own.
 fn table<const N: usize>(out: &mut String, header: [&str; N], rows: &[[String; N]]) {
+    let escape = |row: &[String; N]| row.each_ref().map(|cell| single_line(cell).to_string());
+    let rows: Vec<[String; N]> = rows.iter().map(escape).collect();
     let mut widths = header.map(str::len);
-    for row in rows {
+    for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
+    // Already escaped: written as is, not through `say!`, which would
+    // escape the escapes.
     let mut line = |cells: Vec<&str>| {
         let mut row = String::new();
         for (i, cell) in cells.iter().enumerate() {
@@ -306,10 +393,11 @@ fn table<const N: usize>(out: &mut String, header: [&str; N], rows: &[[String; N
                 let _ = write!(row, "{cell:w$}  ", w = widths[i]);
             }
         }
-        say!(out, "{}", row.trim_end());
+        out.push_str(row.trim_end());
+        out.push('\n');
     };
     line(header.to_vec());
-    for row in rows {
+    for row in &rows {
         line(row.iter().map(String::as_str).collect());
     }
 }
@@ -453,10 +541,15 @@ pub fn sim_started(
             "subscribers": subscribers,
             "channels": channels.iter().map(|(c, n)| json!({"channel": c.as_str(), "subscribers": n})).collect::<Vec<_>>(),
         })),
-        Format::Text => format!(
-            "simulating {subscribers} subscribers ({}) in namespace {namespace}; each revision is reported once all applied it (Ctrl-C stops)\n",
-            spread.join(", ")
-        ),
+        Format::Text => {
+            let mut out = String::new();
+            say!(
+                out,
+                "simulating {subscribers} subscribers ({}) in namespace {namespace}; each revision is reported once all applied it (Ctrl-C stops)",
+                spread.join(", ")
+            );
+            out
+        }
     }
 }
 
@@ -1041,7 +1134,10 @@ pub fn lint(format: Format, result: &Result<usize, Vec<String>>) -> String {
         (Format::Json, Ok(files)) => json_line(&json!({"files": files, "errors": []})),
         (Format::Json, Err(errors)) => json_line(&json!({"errors": errors})),
         (Format::Text, Ok(files)) => format!("{} ok\n", count(*files, "file")),
-        (Format::Text, Err(errors)) => errors.iter().map(|e| format!("{e}\n")).collect(),
+        (Format::Text, Err(errors)) => errors
+            .iter()
+            .map(|e| format!("{}\n", single_line(e)))
+            .collect(),
     }
 }
 
@@ -1074,5 +1170,95 @@ pub fn token(
             say!(out, "{}", new.line);
             out
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(input: &str, expected: &str) {
+        let shown = single_line(input).to_string();
+        assert_eq!(shown, expected, "single_line({input:?})");
+        // Nothing that breaks, reorders or hides text is left.
+        assert!(!shown.chars().any(must_escape_but_backslash), "{shown:?}");
+    }
+
+    fn must_escape_but_backslash(c: char) -> bool {
+        c != '\\' && must_escape(c)
+    }
+
+    #[test]
+    fn text_is_shown_on_one_line_with_hidden_characters_visible() {
+        let cases = [
+            ("", ""),
+            ("plain reason, INC-4211", "plain reason, INC-4211"),
+            ("ünïcödé stays: 日本語 ✓", "ünïcödé stays: 日本語 ✓"),
+            ("two\nlines", "two\\nlines"),
+            (
+                "x\nverified: the hash chain is intact",
+                "x\\nverified: the hash chain is intact",
+            ),
+            ("cr\roverwrite", "cr\\roverwrite"),
+            ("crlf\r\n", "crlf\\r\\n"),
+            ("tab\there", "tab\\there"),
+            ("nul\0", "nul\\u{0}"),
+            ("escape \u{1b}[2J clears", "escape \\u{1b}[2J clears"),
+            ("del\u{7f}", "del\\u{7f}"),
+            ("c1 \u{85} next line", "c1 \\u{85} next line"),
+            ("\u{9b}31m", "\\u{9b}31m"),
+            ("rtl \u{202e}txt.exe", "rtl \\u{202e}txt.exe"),
+            (
+                "\u{202a}\u{202b}\u{202c}\u{202d}",
+                "\\u{202a}\\u{202b}\\u{202c}\\u{202d}",
+            ),
+            (
+                "\u{2066}\u{2067}\u{2068}\u{2069}",
+                "\\u{2066}\\u{2067}\\u{2068}\\u{2069}",
+            ),
+            ("\u{200e}\u{200f}\u{61c}", "\\u{200e}\\u{200f}\\u{61c}"),
+            ("line\u{2028}para\u{2029}", "line\\u{2028}para\\u{2029}"),
+            (
+                "zero\u{200b}width\u{200c}\u{200d}\u{2060}\u{feff}",
+                "zero\\u{200b}width\\u{200c}\\u{200d}\\u{2060}\\u{feff}",
+            ),
+            ("soft\u{ad}hyphen", "soft\\u{ad}hyphen"),
+            ("tag\u{e0041}\u{e007f}", "tag\\u{e0041}\\u{e007f}"),
+            // A backslash is escaped too, so text cannot pretend to be an
+            // escape: "\n" typed as two characters is not a newline shown.
+            ("a\\nb", "a\\\\nb"),
+            ("\\u{202e}", "\\\\u{202e}"),
+            ("\\", "\\\\"),
+        ];
+        for (input, expected) in cases {
+            check(input, expected);
+        }
+    }
+
+    #[test]
+    fn a_table_keeps_one_row_per_line_and_its_columns_aligned() {
+        let mut out = String::new();
+        table(
+            &mut out,
+            ["ID", "REASON"],
+            &[
+                ["a\u{202e}b".to_string(), "x\nverified: forged".to_string()],
+                ["c".to_string(), "fine".to_string()],
+            ],
+        );
+        assert_eq!(
+            out,
+            "ID          REASON\n\
+             a\\u{202e}b  x\\nverified: forged\n\
+             c           fine\n"
+        );
+    }
+
+    #[test]
+    fn say_writes_one_line_whatever_it_is_given() {
+        let mut out = String::new();
+        let reason = "ok\nTAMPERED: nothing\u{2028}";
+        say!(out, "reason: {reason}");
+        assert_eq!(out, "reason: ok\\nTAMPERED: nothing\\u{2028}\n");
     }
 }

@@ -276,6 +276,21 @@ pub struct Subscriber {
     stop: CancellationToken,
 }
 
+/// Reads the last-known-good file that `config` names, checked exactly as
+/// [`Subscriber::start`] checks it before a controller answers: `Ok(None)`
+/// when `config` names no file or the file does not exist, and an error
+/// that names the file and what is wrong with it otherwise. For tools that
+/// inspect a saved policy, and for testing the reader with hostile files.
+pub fn read_last_known_good(
+    config: &SubscriberConfig,
+) -> Result<Option<PolicySnapshot>, LastKnownGoodError> {
+    let Some(path) = &config.last_known_good else {
+        return Ok(None);
+    };
+    let loaded = lkg::load(path, &config.namespace, config.channel)?;
+    Ok(loaded.map(|(snapshot, _confirmed_ago)| snapshot))
+}
+
 impl Subscriber {
     /// Starts following the channel's policy and returns at once: with the
     /// last-known-good policy if one is configured and usable (stale until a

@@ -57,25 +57,42 @@ pub fn parse_mode(file: &str, name: &str, text: &str) -> Result<Mode, ModeFileEr
             message: "the file is empty; a mode needs a title, a summary and rules".into(),
         });
     }
-    let spec: ModeSpec = serde_saphyr::from_str(text).map_err(|e| {
-        let (line, column) = e
-            .location()
-            .map(|l| (l.line() as u32, l.column() as u32))
-            .unwrap_or((1, 1));
-        ModeFileError {
-            file: file.to_string(),
-            line,
-            column,
-            message: library_message(&e.to_string()),
-        }
-    })?;
+    let spec: ModeSpec =
+        serde_saphyr::from_str_with_options(text, yaml_options()).map_err(|e| {
+            let (line, column) = e
+                .location()
+                .map(|l| (l.line() as u32, l.column() as u32))
+                .unwrap_or((1, 1));
+            ModeFileError {
+                file: file.to_string(),
+                line,
+                column,
+                message: library_message(&e.to_string()),
+            }
+        })?;
     spec.into_mode(name).map_err(|(loc, msg)| at(loc, msg))
+}
+
+/// How deep a safemode YAML file may nest (maps and lists). The deepest
+/// valid file nests 6 levels (a runbook's stage modes with their channels,
+/// a mode's step-up methods). The YAML library's own limit (64) lets the
+/// deserializer recurse deep enough to overflow a 2 MiB thread stack in a
+/// debug build, found by fuzzing (tests/it/fuzz.rs); a file nested deeper
+/// than this is refused at the line and column where it goes too deep.
+pub const MAX_YAML_DEPTH: usize = 16;
+
+/// The YAML options every safemode file is read with (mode, runbook and
+/// tokens files): the library's defaults with [`MAX_YAML_DEPTH`].
+pub fn yaml_options() -> serde_saphyr::Options {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_depth = MAX_YAML_DEPTH;
+    serde_saphyr::options! { budget: Some(budget) }
 }
 
 /// The YAML library's message, reworded for a person editing a mode file:
 /// without the position (we print our own) or the source excerpt, and without
 /// advice about the library's options.
-pub(super) fn library_message(raw: &str) -> String {
+pub(crate) fn library_message(raw: &str) -> String {
     let first = raw
         .lines()
         .next()
@@ -87,6 +104,11 @@ pub(super) fn library_message(raw: &str) -> String {
     };
     if let Some(at) = message.find(" at line ") {
         message = &message[..at];
+    }
+    if message.starts_with("budget breached: Depth") {
+        return format!(
+            "nested deeper than {MAX_YAML_DEPTH} levels of maps and lists, which no valid file needs; check the indentation and brackets here"
+        );
     }
     let message = message.replace(
         ", set DuplicateKeyPolicy in Options if acceptable",

@@ -97,7 +97,8 @@ pub fn parse_runbook_checking(
     }
     // `yes`, `no`, `on` and `off` stay text: only `true` and `false` are
     // booleans, so `owners: [no-reply]`-like slips cannot turn into `false`.
-    let options = serde_saphyr::options! { strict_booleans: true };
+    let mut options = super::mode_file::yaml_options();
+    options.strict_booleans = true;
     let root: Node = serde_saphyr::from_str_with_options(text, options).map_err(|e| {
         let (line, column) = e
             .location()
