@@ -117,7 +117,14 @@ mod tests {
             channel: "web".into(),
             revision: 7,
             epoch: "e1".into(),
-            rules: Some(proto::ChannelRules::default()),
+            // Maps encode in key order, so the bytes survive a decode and
+            // an encode (with a HashMap they would not).
+            rules: Some(proto::ChannelRules {
+                actions: (0..20)
+                    .map(|i| (format!("account.action_{i}"), Default::default()))
+                    .collect(),
+                ..Default::default()
+            }),
             ..Default::default()
         }
     }

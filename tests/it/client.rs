@@ -10,12 +10,20 @@ use std::time::Duration;
 
 use safemode::client::{FailClosed, FailClosedEffect, Subscriber, SubscriberConfig};
 use safemode::policy::{Action, ActionSelector, Channel, Context, EffectKind, Namespace};
-use safemode::server::{ServeConfig, StoreConfig};
+use safemode::server::{ServeConfig, SigningKeySource, StoreConfig};
 
-use crate::support::{TestServer, safemode, wait_until};
+use crate::support::{TestServer, safemode, test_signing_key, wait_until};
 
-fn config(url: &str, id: &str) -> SubscriberConfig {
-    SubscriberConfig::new([url], Namespace::live(), Channel::parse("web").unwrap(), id)
+/// A `web` subscriber of `server` that trusts its key.
+fn config(server: &TestServer, id: &str) -> SubscriberConfig {
+    let mut config = SubscriberConfig::new(
+        [server.url.clone()],
+        Namespace::live(),
+        Channel::parse("web").unwrap(),
+        id,
+    );
+    config.trusted_keys = Some(server.trusted_keys());
+    config
 }
 
 fn action(name: &str) -> Action {
@@ -23,10 +31,13 @@ fn action(name: &str) -> Action {
 }
 
 /// A controller on `addr` and `data_dir` that sends heartbeats every 100 ms,
-/// so that a client's staleness limits can be short.
+/// so that a client's staleness limits can be short. Every one signs with
+/// the same key, as a deployment's controller keeps its key when its store
+/// is replaced.
 async fn chatty(addr: std::net::SocketAddr, data_dir: &Path) -> TestServer {
     TestServer::start_with(ServeConfig {
         listen: addr,
+        signing_key: SigningKeySource::Key(test_signing_key()),
         store: StoreConfig::Embedded {
             data_dir: data_dir.to_path_buf(),
         },
@@ -54,7 +65,7 @@ async fn a_cut_off_channel_keeps_its_policy_then_fails_closed_then_recovers() {
     let mut server = chatty("127.0.0.1:0".parse().unwrap(), data.path()).await;
     let frozen = server.apply(&["freeze-credential-changes"]).await;
 
-    let mut config = config(&server.url, "web-1");
+    let mut config = config(&server, "web-1");
     config.last_known_good = Some(files.path().join("web.lkg"));
     config.stale_after = Duration::from_secs(1);
     config.max_backoff = Duration::from_millis(200);
@@ -151,7 +162,7 @@ async fn a_service_restarted_while_the_controller_is_down_enforces_the_saved_pol
     let frozen = server
         .apply(&["freeze-credential-changes", "bots-faq-only"])
         .await;
-    let mut first = config(&server.url, "web-1");
+    let mut first = config(&server, "web-1");
     first.last_known_good = Some(lkg.clone());
     let url = server.url.clone();
     let subscriber = Subscriber::start(first.clone()).unwrap();
@@ -220,7 +231,7 @@ async fn a_damaged_saved_policy_is_refused_and_the_service_starts_with_none() {
     let lkg = files.path().join("web.lkg");
     let mut server = TestServer::start().await;
     let frozen = server.apply(&["freeze-credential-changes"]).await;
-    let mut saving = config(&server.url, "web-1");
+    let mut saving = config(&server, "web-1");
     saving.last_known_good = Some(lkg.clone());
     let subscriber = Subscriber::start(saving.clone()).unwrap();
     until_current(&subscriber, frozen).await;
@@ -232,7 +243,7 @@ async fn a_damaged_saved_policy_is_refused_and_the_service_starts_with_none() {
     let mut flipped = good.clone();
     let last = flipped.len() - 1;
     flipped[last] ^= 0x55;
-    let mut other_channel = config(&server.url, "ivr-1");
+    let mut other_channel = config(&server, "ivr-1");
     other_channel.channel = Channel::parse("ivr").unwrap();
     other_channel.last_known_good = Some(lkg.clone());
     let cases: [(&str, Vec<u8>, &SubscriberConfig, &str); 5] = [
@@ -287,7 +298,7 @@ async fn a_damaged_saved_policy_is_refused_and_the_service_starts_with_none() {
 async fn a_snapshot_the_channel_cannot_use_is_rejected_and_the_old_policy_holds() {
     let server = TestServer::start().await;
     let frozen = server.apply(&["freeze-credential-changes"]).await;
-    let mut config = config(&server.url, "web-no-routing");
+    let mut config = config(&server, "web-no-routing");
     // This web back end cannot send customers elsewhere.
     config.check = Some(Arc::new(
         |snapshot: &safemode::client::PolicySnapshot| match snapshot
@@ -354,7 +365,7 @@ async fn a_policy_from_a_replaced_store_is_stale() {
     ] {
         old.apply(&[mode]).await;
     }
-    let mut saving = config(&old.url, "web-1");
+    let mut saving = config(&old, "web-1");
     saving.last_known_good = Some(lkg.clone());
     let subscriber = Subscriber::start(saving.clone()).unwrap();
     wait_until("the policy is saved", || async {

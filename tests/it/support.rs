@@ -460,23 +460,39 @@ pub fn modes_of(snapshot: &proto::Snapshot) -> Vec<String> {
 /// `SAFEMODE_TRUSTED_KEYS` for the controller they use.
 static KEY_FILES: Mutex<Vec<(String, tempfile::TempPath)>> = Mutex::new(Vec::new());
 
-/// Keeps `pem` in a file as the key of the server at `url`.
+/// Keeps `pem` in a file as the key of the server at `url` (by its
+/// address: `http://` and `https://` alike).
 pub fn register_key(url: &str, pem: &str) {
     let file = tempfile::NamedTempFile::new().expect("temp file");
     std::fs::write(file.path(), pem).expect("write the public key");
+    let addr = address_of(url).to_string();
     let mut files = KEY_FILES.lock().unwrap_or_else(|e| e.into_inner());
     // A port is reused only after its server stopped.
-    files.retain(|(u, _)| u != url);
-    files.push((url.to_string(), file.into_temp_path()));
+    files.retain(|(a, _)| *a != addr);
+    files.push((addr, file.into_temp_path()));
+}
+
+fn address_of(url: &str) -> &str {
+    url.split_once("://").map_or(url, |(_, rest)| rest)
 }
 
 /// The public-key file of the server at `url`, if a test started it.
 pub fn key_file_of(url: &str) -> Option<std::path::PathBuf> {
+    let addr = address_of(url);
     let files = KEY_FILES.lock().unwrap_or_else(|e| e.into_inner());
     files
         .iter()
-        .find(|(u, _)| u == url)
+        .find(|(a, _)| a == addr)
         .map(|(_, path)| path.to_path_buf())
+}
+
+/// The public-key file of the first `--server` of a command line, if a
+/// test started that server.
+pub fn key_file_for(args: &[&str]) -> Option<std::path::PathBuf> {
+    args.iter()
+        .position(|a| *a == "--server")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|servers| key_file_of(servers.split(',').next().unwrap_or_default()))
 }
 
 /// Runs the `safemode` binary with `args` (off the async runtime). It
@@ -484,11 +500,7 @@ pub fn key_file_of(url: &str) -> Option<std::path::PathBuf> {
 /// `safemode-data/signing.pub` that happens to lie in the working
 /// directory).
 pub async fn safemode(args: &[&str]) -> Output {
-    let keys = args
-        .iter()
-        .position(|a| *a == "--server")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|servers| key_file_of(servers.split(',').next().unwrap_or_default()));
+    let keys = key_file_for(args);
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     tokio::task::spawn_blocking(move || {
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_safemode"));
