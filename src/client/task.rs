@@ -206,6 +206,14 @@ impl Task {
                 };
                 warn!(revision, %error, "snapshot refused; keeping the previous policy and trying another replica");
                 send(&out, reject(revision, error.to_string())).await;
+                // Leaving at once would cancel the stream before the reject
+                // is sent: close this side and give the controller a moment
+                // to end its own (a real one does at once).
+                drop(out);
+                let _ = tokio::time::timeout(REJECT_GRACE, async {
+                    while let Ok(Some(_)) = inbound.message().await {}
+                })
+                .await;
                 return Err(error);
             }
             heard = Heard {
@@ -328,6 +336,10 @@ struct Heard {
     /// Its newest revision.
     revision: Revision,
 }
+
+/// How long a client that refuses a replica's snapshot waits for its reject
+/// to be delivered before it moves on.
+const REJECT_GRACE: Duration = Duration::from_secs(1);
 
 /// How often a confirmation that the kept policy is still current is saved.
 const CONFIRM_EVERY: Duration = Duration::from_secs(5);
