@@ -1,6 +1,7 @@
 //! The subscriber client as a channel service uses it, against a real
 //! controller: the last-known-good policy survives the controller and the
-//! service restarting, a damaged file is refused, staleness turns into
+//! service restarting, a damaged, edited or future-dated file is refused
+//! (its policy must carry a trusted controller's signature), staleness turns into
 //! failing closed for the chosen actions and back, and a snapshot the
 //! channel cannot use is rejected, visibly, while the old policy holds.
 
@@ -11,6 +12,8 @@ use std::time::Duration;
 use safemode::client::{FailClosed, FailClosedEffect, Subscriber, SubscriberConfig};
 use safemode::policy::{Action, ActionSelector, Channel, Context, EffectKind, Namespace};
 use safemode::server::{ServeConfig, SigningKeySource, StoreConfig};
+use safemode::signing::SigningKey;
+use safemode::wire::proto;
 
 use crate::support::{TestServer, safemode, test_signing_key, wait_until};
 
@@ -225,6 +228,32 @@ fn logged<T>(f: impl FnOnce() -> T) -> (T, String) {
     (result, text)
 }
 
+/// A last-known-good file `good` edited by `edit` (its header as JSON, its
+/// snapshot decoded), with its length and checksum recomputed, as whoever
+/// can write the file could.
+fn tamper(
+    good: &[u8],
+    edit: impl FnOnce(serde_json::Value, &mut proto::Snapshot) -> serde_json::Value,
+) -> Vec<u8> {
+    use prost::Message as _;
+    use sha2::Digest as _;
+    let mut parts = good.splitn(3, |b| *b == b'\n');
+    let format = parts.next().unwrap().to_vec();
+    let header: serde_json::Value = serde_json::from_slice(parts.next().unwrap()).unwrap();
+    let mut snapshot = proto::Snapshot::decode(parts.next().unwrap()).unwrap();
+    assert!(!snapshot.signature.is_empty(), "the file keeps the signature");
+    let mut header = edit(header, &mut snapshot);
+    let payload = snapshot.encode_to_vec();
+    header["length"] = payload.len().into();
+    header["sha256"] = format!("{:x}", sha2::Sha256::digest(&payload)).into();
+    let mut file = format;
+    file.push(b'\n');
+    file.extend_from_slice(serde_json::to_string(&header).unwrap().as_bytes());
+    file.push(b'\n');
+    file.extend_from_slice(&payload);
+    file
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_saved_policy_is_refused_and_the_service_starts_with_none() {
     let files = tempfile::tempdir().unwrap();
@@ -246,7 +275,38 @@ async fn a_damaged_saved_policy_is_refused_and_the_service_starts_with_none() {
     let mut other_channel = config(&server, "ivr-1");
     other_channel.channel = Channel::parse("ivr").unwrap();
     other_channel.last_known_good = Some(lkg.clone());
-    let cases: [(&str, Vec<u8>, &SubscriberConfig, &str); 5] = [
+    // Finding 4: every rule removed, the checksum (which is the file's own)
+    // recomputed; re-signed by another key; and a policy made to look
+    // current until 2099.
+    let no_rules = tamper(&good, |header, snapshot| {
+        snapshot.activations.clear();
+        snapshot.rules = Some(proto::ChannelRules::default());
+        header
+    });
+    let resigned = tamper(&good, |header, snapshot| {
+        snapshot.activations.clear();
+        snapshot.rules = Some(proto::ChannelRules::default());
+        safemode::wire::signed::sign_snapshot(snapshot, &SigningKey::generate().0);
+        header
+    });
+    let future = tamper(&good, |mut header, _| {
+        header["confirmed_at"] = "2099-01-01T00:00:00Z".into();
+        header
+    });
+    let cases: [(&str, Vec<u8>, &SubscriberConfig, &str); 8] = [
+        (
+            "every rule removed, checksum recomputed",
+            no_rules,
+            &saving,
+            "does not match its contents",
+        ),
+        (
+            "re-signed by another key",
+            resigned,
+            &saving,
+            "not among the trusted keys",
+        ),
+        ("confirmed in 2099", future, &saving, "in the future"),
         (
             "truncated",
             good[..good.len() - 10].to_vec(),
@@ -278,10 +338,13 @@ async fn a_damaged_saved_policy_is_refused_and_the_service_starts_with_none() {
         std::fs::write(&lkg, &bytes).unwrap();
         let (started, log) = logged(|| Subscriber::start(config.clone()));
         let started = started.unwrap_or_else(|e| panic!("{case}: it must start: {e}"));
-        let line = log
+        let said: Vec<&str> = log
             .lines()
-            .find(|l| l.contains("ERROR"))
-            .unwrap_or_else(|| panic!("{case}: no error logged: {log}"));
+            .filter(|l| l.contains("ERROR") || l.contains("WARN"))
+            .collect();
+        assert_eq!(said.len(), 1, "{case}: one log line, not: {log}");
+        let line = said[0];
+        assert!(line.contains("ERROR"), "{case}: {line}");
         assert!(
             line.contains(&lkg.display().to_string()) && line.contains(expected),
             "{case}: {line}"

@@ -471,3 +471,81 @@ fn copy_dir(from: &Path, to: &Path) {
         std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_needs_the_controllers_key_and_safemode_key_public_prints_it() {
+    let data = tempfile::tempdir().unwrap();
+    let server = TestServer::start_in(data.path()).await;
+
+    // The library refuses to start without keys, and says where they are.
+    let keyless = SubscriberConfig::new(
+        [server.url.as_str()],
+        Namespace::live(),
+        Channel::parse("web").unwrap(),
+        "web-keyless",
+    );
+    let error = Subscriber::start(keyless).err().expect("refused").to_string();
+    for part in [
+        "SubscriberConfig::trusted_keys",
+        "signing.pub",
+        "safemode key public",
+    ] {
+        assert!(error.contains(part), "{part:?} missing from: {error}");
+    }
+
+    // `safemode key public` prints what the controller wrote to signing.pub.
+    let dir = data.path().display().to_string();
+    let printed = crate::support::safemode(&["key", "public", "--data-dir", &dir]).await;
+    assert_eq!(printed.status.code(), Some(0), "{printed:?}");
+    let pem = String::from_utf8(printed.stdout).unwrap();
+    assert_eq!(
+        pem,
+        std::fs::read_to_string(data.path().join("signing.pub")).unwrap()
+    );
+    let key = data.path().join("signing.key").display().to_string();
+    let by_file = crate::support::safemode(&["key", "public", "--signing-key", &key]).await;
+    assert_eq!(String::from_utf8(by_file.stdout).unwrap(), pem);
+
+    // A command that subscribes, with no key given and no
+    // safemode-data/signing.pub where it runs, says what to pass.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let url = server.url.clone();
+    let refused = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_safemode"))
+            .args(["--server", &url, "watch", "--channel", "web"])
+            .current_dir(elsewhere.path())
+            .env_remove("SAFEMODE_TRUSTED_KEYS")
+            .env_remove("SAFEMODE_SERVER")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("--trusted-keys FILE") && stderr.contains("safemode key public"),
+        "{stderr}"
+    );
+
+    // Given the key, it decides by the controller's policy.
+    let keys = data.path().join("signing.pub").display().to_string();
+    let decided = crate::support::safemode(&[
+        "--server",
+        &server.url,
+        "decide",
+        "--channel",
+        "web",
+        "--action",
+        "account.password_reset",
+        "--trusted-keys",
+        &keys,
+    ])
+    .await;
+    assert_eq!(
+        decided.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&decided.stderr)
+    );
+}
