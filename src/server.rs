@@ -199,6 +199,8 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
     )
     .context("cannot load the modes and runbooks")?;
     let (store, layout) = open_store(&config.store).await?;
+    // Said once the settings are all checked: a refused start says one line.
+    info!(key = %signing_key.key_id(), trusted = trusted_keys.keys().len(), "signing snapshots, heartbeats and audit entries");
     let listener =
         listen(config.listen).with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
@@ -397,7 +399,6 @@ fn signing_keys(
         keys.extend(more.keys().iter().cloned());
     }
     let trusted = TrustedKeys::new(keys).map_err(|e| anyhow!("--trusted-keys: {e}"))?;
-    info!(key = %key.key_id(), trusted = trusted.keys().len(), "signing snapshots, heartbeats and audit entries");
     Ok((key, trusted))
 }
 

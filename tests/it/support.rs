@@ -486,17 +486,30 @@ pub fn key_file_of(url: &str) -> Option<std::path::PathBuf> {
         .map(|(_, path)| path.to_path_buf())
 }
 
-/// The public-key file of the first `--server` of a command line, if a
-/// test started that server.
-pub fn key_file_for(args: &[&str]) -> Option<std::path::PathBuf> {
+/// The public-key file for a command line: that of its first `--server`
+/// if a test started it, else a key no server signs with (a command against
+/// an address nobody serves is configured like any other, so that what it
+/// says is about the address).
+pub fn key_file_for(args: &[&str]) -> std::path::PathBuf {
+    static UNRELATED: std::sync::OnceLock<tempfile::TempPath> = std::sync::OnceLock::new();
     args.iter()
         .position(|a| *a == "--server")
         .and_then(|i| args.get(i + 1))
         .and_then(|servers| key_file_of(servers.split(',').next().unwrap_or_default()))
+        .unwrap_or_else(|| {
+            UNRELATED
+                .get_or_init(|| {
+                    let file = tempfile::NamedTempFile::new().expect("temp file");
+                    std::fs::write(file.path(), SigningKey::generate().0.public_key().to_pem())
+                        .expect("write a public key");
+                    file.into_temp_path()
+                })
+                .to_path_buf()
+        })
 }
 
 /// Runs the `safemode` binary with `args` (off the async runtime). It
-/// trusts the key of the first `--server` a test started (never a
+/// trusts the key of the first `--server` ([`key_file_for`]; never a
 /// `safemode-data/signing.pub` that happens to lie in the working
 /// directory).
 pub async fn safemode(args: &[&str]) -> Output {
@@ -508,10 +521,7 @@ pub async fn safemode(args: &[&str]) -> Output {
             .args(&args)
             .env_remove("SAFEMODE_SERVER")
             .env_remove("RUST_LOG");
-        match keys {
-            Some(path) => command.env("SAFEMODE_TRUSTED_KEYS", path),
-            None => command.env_remove("SAFEMODE_TRUSTED_KEYS"),
-        };
+        command.env("SAFEMODE_TRUSTED_KEYS", keys);
         command.output().expect("the safemode binary runs")
     })
     .await
@@ -599,7 +609,20 @@ impl Drop for ServeProcess {
 /// The signing key every replica of a test on etcd shares, as replicas of
 /// one deployment share theirs (`serve --signing-key`).
 pub fn test_signing_key() -> safemode::signing::SigningKey {
-    static KEY: std::sync::OnceLock<safemode::signing::SigningKey> = std::sync::OnceLock::new();
-    KEY.get_or_init(|| safemode::signing::SigningKey::generate().0)
-        .clone()
+    test_key().0.clone()
+}
+
+/// A file holding [`test_signing_key`], for `serve --signing-key`.
+pub fn test_signing_key_file() -> std::path::PathBuf {
+    test_key().1.to_path_buf()
+}
+
+fn test_key() -> &'static (SigningKey, tempfile::TempPath) {
+    static KEY: std::sync::OnceLock<(SigningKey, tempfile::TempPath)> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| {
+        let (key, pem) = SigningKey::generate();
+        let file = tempfile::NamedTempFile::new().expect("temp file");
+        std::fs::write(file.path(), pem).expect("write the signing key");
+        (key, file.into_temp_path())
+    })
 }

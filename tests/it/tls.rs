@@ -183,11 +183,14 @@ async fn run(platform_ca: &Path, env: &[(&str, &str)], args: &[&str]) -> Output 
             "SSL_CERT_DIR",
             "RUST_LOG",
             "SAFEMODE_TRUSTED_KEYS",
+            "SAFEMODE_SIGNING_KEY",
         ] {
             command.env_remove(name);
         }
-        if let Some(keys) = keys {
-            command.env("SAFEMODE_TRUSTED_KEYS", keys);
+        command.env("SAFEMODE_TRUSTED_KEYS", keys);
+        // Replicas on etcd share a signing key (`serve --signing-key`).
+        if args.iter().any(|a| a == "etcd") {
+            command.env("SAFEMODE_SIGNING_KEY", crate::support::test_signing_key_file());
         }
         command
             .env("SSL_CERT_FILE", &platform_ca)
@@ -765,6 +768,9 @@ async fn without_an_etcd_ca_the_platforms_certificates_vouch_for_etcd() {
         pki.arg("client.key"),
         pki.arg("ca.pem"),
     );
+    let signing_key = crate::support::test_signing_key_file()
+        .display()
+        .to_string();
     // The platform's CA file is the one that signed etcd's certificate.
     let server = ServeProcess::start(
         &[
@@ -777,7 +783,11 @@ async fn without_an_etcd_ca_the_platforms_certificates_vouch_for_etcd() {
             "--etcd-key",
             &key,
         ],
-        &[("SSL_CERT_FILE", &ca), ("SSL_CERT_DIR", "/nonexistent")],
+        &[
+            ("SSL_CERT_FILE", &ca),
+            ("SSL_CERT_DIR", "/nonexistent"),
+            ("SAFEMODE_SIGNING_KEY", &signing_key),
+        ],
     );
     let applied = safemode(&[
         "--server",
