@@ -109,8 +109,7 @@ async fn deciding_allocates_nothing() {
     .unwrap();
     let url = format!("http://{}", server.addr);
     // Its channel services trust the public key it keeps beside its data.
-    let trusted =
-        TrustedKeys::load(&dir.path().join(safemode::server::PUBLIC_KEY_FILE)).unwrap();
+    let trusted = TrustedKeys::load(&dir.path().join(safemode::server::PUBLIC_KEY_FILE)).unwrap();
     let modes = [
         "freeze-credential-changes",
         "step-up-account-changes",

@@ -167,7 +167,11 @@ struct TrustedKeysArg {
     /// PEM file of the controller's public key(s): snapshots and heartbeats
     /// signed by any other key are refused [default: safemode-data/signing.pub,
     /// when it exists; otherwise required]. `safemode key public` prints it.
-    #[arg(long = "trusted-keys", env = "SAFEMODE_TRUSTED_KEYS", value_name = "FILE")]
+    #[arg(
+        long = "trusted-keys",
+        env = "SAFEMODE_TRUSTED_KEYS",
+        value_name = "FILE"
+    )]
     trusted_keys: Option<PathBuf>,
 }
 

@@ -181,8 +181,11 @@ pub(super) fn load(
     }
     let mut wire = proto::Snapshot::decode(payload)
         .map_err(|e| refuse(format!("its policy cannot be decoded: {e}")))?;
-    wire::signed::verify_snapshot(&mut wire, trusted)
-        .map_err(|e| refuse(format!("its policy is not one a trusted controller signed: {e}")))?;
+    wire::signed::verify_snapshot(&mut wire, trusted).map_err(|e| {
+        refuse(format!(
+            "its policy is not one a trusted controller signed: {e}"
+        ))
+    })?;
     let now = Timestamp::now();
     if let Some(at) = header.confirmed_at
         && at.duration_since(now) > jiff::SignedDuration::try_from(CLOCK_STEP).expect("a minute")

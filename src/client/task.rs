@@ -171,6 +171,21 @@ impl Task {
                     let Some(time) = heartbeat.server_time.map(|t| (t.seconds, t.nanos)) else {
                         continue;
                     };
+                    // A heartbeat older than the staleness limit says
+                    // nothing about now: a replay (by whoever captured it),
+                    // or a controller whose clock is far behind this one.
+                    let age = heartbeat
+                        .server_time
+                        .and_then(|t| wire::timestamp_from_wire(&t).ok())
+                        .and_then(|at| Duration::try_from(Timestamp::now().duration_since(at)).ok())
+                        .unwrap_or(Duration::ZERO);
+                    if age > self.config.stale_after {
+                        warn!(
+                            ?age,
+                            "a heartbeat this old confirms nothing (a replay, or the controller's clock is behind this machine's)"
+                        );
+                        continue;
+                    }
                     if self.last_beat.is_some_and(|last| time <= last) {
                         debug!(
                             ?time,

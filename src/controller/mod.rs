@@ -273,7 +273,11 @@ impl Status {
     /// subscriber that came holding a revision this controller never issued.
     pub fn problems(&self) -> Vec<String> {
         let mut problems = self.view.problems.clone();
-        problems.extend(self.subscribers.iter().filter_map(SubscriberRecord::problem));
+        problems.extend(
+            self.subscribers
+                .iter()
+                .filter_map(SubscriberRecord::problem),
+        );
         problems
     }
 }

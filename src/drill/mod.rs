@@ -341,8 +341,8 @@ impl Harness {
                 // The drill knows the key of the controller it runs, and
                 // keeps it across a restart.
                 let (key, _) = SigningKey::generate();
-                let trusted_keys = TrustedKeys::new([key.public_key().clone()])
-                    .expect("one key is a valid set");
+                let trusted_keys =
+                    TrustedKeys::new([key.public_key().clone()]).expect("one key is a valid set");
                 let config = ServeConfig {
                     listen: SocketAddr::from(([127, 0, 0, 1], 0)),
                     signing_key: crate::server::SigningKeySource::Key(key),

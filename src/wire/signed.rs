@@ -123,7 +123,6 @@ mod tests {
                 actions: (0..20)
                     .map(|i| (format!("account.action_{i}"), Default::default()))
                     .collect(),
-                ..Default::default()
             }),
             ..Default::default()
         }

@@ -241,7 +241,10 @@ fn tamper(
     let format = parts.next().unwrap().to_vec();
     let header: serde_json::Value = serde_json::from_slice(parts.next().unwrap()).unwrap();
     let mut snapshot = proto::Snapshot::decode(parts.next().unwrap()).unwrap();
-    assert!(!snapshot.signature.is_empty(), "the file keeps the signature");
+    assert!(
+        !snapshot.signature.is_empty(),
+        "the file keeps the signature"
+    );
     let mut header = edit(header, &mut snapshot);
     let payload = snapshot.encode_to_vec();
     header["length"] = payload.len().into();

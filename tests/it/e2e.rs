@@ -255,8 +255,8 @@ async fn a_subscriber_ahead_of_the_controller_is_told_to_retry() {
     )
     .await
     .expect("admitted, to start over");
-    let first = crate::support::wait_for("its first snapshot", || async { restarted.latest() })
-        .await;
+    let first =
+        crate::support::wait_for("its first snapshot", || async { restarted.latest() }).await;
     assert_eq!(first.revision, revision);
     assert_eq!(first.start_over_from, never);
     let status = server.status("live").await;

@@ -292,11 +292,19 @@ async fn a_rogue_controller_cannot_make_a_client_apply_anything() {
         assert_eq!(policy.epoch, real.epoch, "{case}");
         let reset = reset();
         let decision = subscriber.decide(&reset, &Context::default());
-        assert_eq!(decision.effect(), EffectKind::Deny, "{case}: the freeze holds");
+        assert_eq!(
+            decision.effect(),
+            EffectKind::Deny,
+            "{case}: the freeze holds"
+        );
         assert_eq!(decision.revision(), Some(frozen), "{case}");
         drop(decision);
         drop(subscriber);
-        assert_eq!(saved_policy(&lkg), saved, "{case}: the saved policy changed");
+        assert_eq!(
+            saved_policy(&lkg),
+            saved,
+            "{case}: the saved policy changed"
+        );
     }
 
     // Restarted with the rogue among its controllers, the service ends on
@@ -311,9 +319,7 @@ async fn a_rogue_controller_cannot_make_a_client_apply_anything() {
     let restarted = Subscriber::start(web(&[&rogue.url, &server.url], &server, &lkg)).unwrap();
     until_current(&restarted, frozen).await;
     assert_eq!(
-        restarted
-            .decide(&reset(), &Context::default())
-            .effect(),
+        restarted.decide(&reset(), &Context::default()).effect(),
         EffectKind::Deny
     );
     let lifted = server.apply(&["incident-notice"]).await;
@@ -376,7 +382,10 @@ async fn a_forged_heartbeat_does_not_make_a_stale_policy_current() {
             rogue.hellos() >= 3
         })
         .await;
-        assert!(subscriber.is_stale(), "{case}: a forged heartbeat made it current");
+        assert!(
+            subscriber.is_stale(),
+            "{case}: a forged heartbeat made it current"
+        );
         let reset = reset();
         let decision = subscriber.decide(&reset, &Context::default());
         assert!(decision.is_stale(), "{case}");
@@ -437,12 +446,14 @@ async fn a_subscriber_holding_a_revision_never_issued_starts_over_and_shows_in_s
     // Told to start over, the subscriber ends on the real revision.
     until_current(&subscriber, current).await;
     let policy = subscriber.current().unwrap();
-    assert_eq!(policy.activations.len(), 1, "only the backup's incident notice");
+    assert_eq!(
+        policy.activations.len(),
+        1,
+        "only the backup's incident notice"
+    );
     assert_eq!(policy.activations[0].mode, "incident-notice");
     assert_eq!(
-        subscriber
-            .decide(&reset(), &Context::default())
-            .effect(),
+        subscriber.decide(&reset(), &Context::default()).effect(),
         EffectKind::Allow,
         "the freeze it held was never issued by this store"
     );
@@ -456,7 +467,10 @@ async fn a_subscriber_holding_a_revision_never_issued_starts_over_and_shows_in_s
     assert!(problem.contains("never issued"), "{problem}");
     let shown = crate::support::safemode(&["--server", &restored.url, "status"]).await;
     let text = String::from_utf8_lossy(&shown.stdout);
-    assert!(text.contains("web-1") && text.contains("never issued"), "{text}");
+    assert!(
+        text.contains("web-1") && text.contains("never issued"),
+        "{text}"
+    );
 
     // And it follows the restored controller from there.
     let frozen = restored.apply(&["freeze-credential-changes"]).await;
@@ -484,7 +498,10 @@ async fn a_subscriber_needs_the_controllers_key_and_safemode_key_public_prints_i
         Channel::parse("web").unwrap(),
         "web-keyless",
     );
-    let error = Subscriber::start(keyless).err().expect("refused").to_string();
+    let error = Subscriber::start(keyless)
+        .err()
+        .expect("refused")
+        .to_string();
     for part in [
         "SubscriberConfig::trusted_keys",
         "signing.pub",

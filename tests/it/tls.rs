@@ -190,7 +190,10 @@ async fn run(platform_ca: &Path, env: &[(&str, &str)], args: &[&str]) -> Output 
         command.env("SAFEMODE_TRUSTED_KEYS", keys);
         // Replicas on etcd share a signing key (`serve --signing-key`).
         if args.iter().any(|a| a == "etcd") {
-            command.env("SAFEMODE_SIGNING_KEY", crate::support::test_signing_key_file());
+            command.env(
+                "SAFEMODE_SIGNING_KEY",
+                crate::support::test_signing_key_file(),
+            );
         }
         command
             .env("SSL_CERT_FILE", &platform_ca)
