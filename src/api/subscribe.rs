@@ -254,14 +254,16 @@ impl Session {
         }
     }
 
-    /// A signed heartbeat at the revision of the newest view sent. A
-    /// heartbeat says "your policy is current": only while the follower
-    /// keeps up with the store (`None` otherwise).
+    /// A signed heartbeat at the revision this replica holds (a client
+    /// behind it knows it is stale). A heartbeat says "your policy is
+    /// current": only while the follower keeps up with the store (`None`
+    /// otherwise), and never before the first snapshot.
     fn beat(&self) -> Option<Outbound> {
         if !self.subscription.health.is_healthy() {
             return None;
         }
-        let revision = self.sent?;
+        self.sent?;
+        let revision = self.subscription.views.borrow().revision;
         let signer = &self.signer;
         Some(Outbound::Encoded(signer.heartbeats.get(
             &signer.namespace,
