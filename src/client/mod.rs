@@ -323,9 +323,12 @@ impl Subscriber {
         Ok(Subscriber::begin(config)?.0)
     }
 
-    /// Starts, and waits for a first snapshot from a controller: fails if
-    /// none answers (every replica tried once) or if the first snapshot
-    /// cannot be used. For tools; a channel service wants [`Subscriber::start`],
+    /// Starts, and waits for a first snapshot from a controller, confirmed
+    /// current by its signed heartbeat (which a replica sends right after
+    /// the snapshot while it keeps up with its store): fails if none
+    /// answers (every replica tried once), if the first snapshot cannot be
+    /// used or is not signed by a trusted key, or if no confirmation comes
+    /// in time. For tools; a channel service wants [`Subscriber::start`],
     /// which enforces the last-known-good policy while the controller is
     /// away.
     pub async fn connect(config: SubscriberConfig) -> Result<Subscriber, ClientError> {
