@@ -343,6 +343,7 @@ async fn a_forged_heartbeat_does_not_make_a_stale_policy_current() {
     drop(subscriber);
     let real = real_snapshot(&server, "web").await;
     let ivr_beat = real_heartbeat(&server, "ivr").await;
+    let web_beat = real_heartbeat(&server, "web").await;
     let trusted = server.trusted_keys();
     server.stop().await;
 
@@ -392,6 +393,26 @@ async fn a_forged_heartbeat_does_not_make_a_stale_policy_current() {
         assert_eq!(decision.revision(), Some(frozen), "{case}");
         assert_eq!(decision.effect(), EffectKind::Deny, "{case}");
     }
+
+    // The real heartbeat of this very channel, replayed once it is older
+    // than the client's staleness limit, says nothing about now.
+    let limit = Duration::from_millis(200);
+    let sent_at =
+        safemode::wire::timestamp_from_wire(web_beat.server_time.as_ref().unwrap()).unwrap();
+    wait_until("the captured heartbeat is older than the limit", || async {
+        jiff::Timestamp::now().duration_since(sent_at) > jiff::SignedDuration::from_millis(300)
+    })
+    .await;
+    let rogue = RogueServer::start(vec![snapshot(real.clone()), heartbeat(web_beat)]).await;
+    let mut config = web(&[&rogue.url], &server, &lkg);
+    config.stale_after = limit;
+    // `connect` returns once a heartbeat confirmed the policy; none does.
+    let refused = Subscriber::connect(config).await.err();
+    assert!(
+        refused.is_some(),
+        "an old heartbeat confirmed the policy as current"
+    );
+    assert!(rogue.hellos() >= 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
