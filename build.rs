@@ -23,7 +23,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out_dir.join("safemode_descriptor.bin"),
         prost::Message::encode_to_vec(&descriptors),
     )?;
-    tonic_prost_build::configure().compile_fds(descriptors.clone())?;
+    // Maps as BTreeMaps: encoded in key order, so a snapshot encodes to the
+    // same bytes every time, and the bytes a client re-encodes are the ones
+    // the controller signed (a HashMap's order changes per instance).
+    tonic_prost_build::configure()
+        .btree_map(".")
+        .compile_fds(descriptors.clone())?;
 
     // The subscription service's server once more, sending `Outbound`
     // (a response encoded once per revision and channel, then shared by

@@ -8,6 +8,8 @@
 //! ```sh
 //! cargo run --example password_reset -- --server http://127.0.0.1:7700 --listen 127.0.0.1:8080 \
 //!     [--last-known-good FILE]   # default: ./password-reset.safemode.lkg
+//!     [--trusted-keys FILE]      # the controller's public key; default:
+//!                                # $SAFEMODE_TRUSTED_KEYS, else ./safemode-data/signing.pub
 //! curl -s -X POST localhost:8080/password-reset -H 'content-type: application/json' \
 //!     -d '{"account": "a-1001", "confidence": 0.9, "methods": ["push"]}'
 //! ```
@@ -22,6 +24,7 @@ use axum::routing::post;
 use axum::{Json, Router};
 use safemode::client::{FailClosed, FailClosedEffect, Subscriber, SubscriberConfig};
 use safemode::policy::{Action, ActionSelector, Channel, Context, MethodSet, Namespace, Outcome};
+use safemode::signing::TrustedKeys;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -139,6 +142,9 @@ struct Args {
     server: String,
     listen: SocketAddr,
     last_known_good: std::path::PathBuf,
+    /// The controller's public key (`signing.pub` in its data directory, or
+    /// `safemode key public`): what it signs is all this service enforces.
+    trusted_keys: std::path::PathBuf,
     token: Option<String>,
 }
 
@@ -147,6 +153,8 @@ fn args() -> Result<Args, String> {
         server: "http://127.0.0.1:7700".into(),
         listen: "127.0.0.1:8080".parse().unwrap(),
         last_known_good: "password-reset.safemode.lkg".into(),
+        trusted_keys: std::env::var_os("SAFEMODE_TRUSTED_KEYS")
+            .map_or_else(|| "safemode-data/signing.pub".into(), Into::into),
         token: std::env::var("SAFEMODE_TOKEN").ok(),
     };
     let mut given = std::env::args().skip(1);
@@ -160,9 +168,10 @@ fn args() -> Result<Args, String> {
                     .map_err(|e| format!("--listen: {e}; e.g. 127.0.0.1:8080"))?
             }
             "--last-known-good" => args.last_known_good = value()?.into(),
+            "--trusted-keys" => args.trusted_keys = value()?.into(),
             other => {
                 return Err(format!(
-                    "unknown flag {other}; flags: --server URL, --listen ADDR, --last-known-good FILE"
+                    "unknown flag {other}; flags: --server URL, --listen ADDR, --last-known-good FILE, --trusted-keys FILE"
                 ));
             }
         }
@@ -195,6 +204,15 @@ async fn main() {
         ),
     );
     config.token = args.token;
+    config.trusted_keys = match TrustedKeys::load(&args.trusted_keys) {
+        Ok(keys) => Some(keys),
+        Err(e) => {
+            eprintln!(
+                "error: the controller's public key: {e}; give --trusted-keys FILE (SAFEMODE_TRUSTED_KEYS): signing.pub in the controller's data directory, or the output of `safemode key public`"
+            );
+            std::process::exit(2);
+        }
+    };
     config.last_known_good = Some(args.last_known_good);
     // Cut off from safemode for five minutes: resets wait for a human.
     config.fail_closed = Some(FailClosed::new(

@@ -213,6 +213,8 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
     )
     .context("cannot load the modes and runbooks")?;
     let (store, layout) = open_store(&config.store).await?;
+    // Said once the settings are all checked: a refused start says one line.
+    info!(key = %signing_key.key_id(), trusted = trusted_keys.keys().len(), "signing snapshots, heartbeats and audit entries");
     let listener =
         listen(config.listen).with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;

@@ -94,7 +94,7 @@ pub struct RevisionReport {
 #[derive(Clone, Debug)]
 pub struct SimConfig {
     /// Every subscriber's settings but its channel and id (taken from here
-    /// for the controllers, namespace, token and TLS).
+    /// for the controllers, namespace, token, TLS and the trusted keys).
     pub base: SubscriberConfig,
     /// How many subscribers of which channel.
     pub channels: Vec<(Channel, usize)>,

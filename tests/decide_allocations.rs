@@ -13,6 +13,7 @@ use safemode::client::{FailClosed, FailClosedEffect, Subscriber, SubscriberConfi
 use safemode::policy::names::ACTIONS;
 use safemode::policy::{Action, ActionSelector, Channel, Context, MethodSet, Namespace};
 use safemode::server::{ServeConfig, StoreConfig};
+use safemode::signing::TrustedKeys;
 use safemode::wire::proto;
 
 struct Counting;
@@ -107,6 +108,8 @@ async fn deciding_allocates_nothing() {
     .await
     .unwrap();
     let url = format!("http://{}", server.addr);
+    // Its channel services trust the public key it keeps beside its data.
+    let trusted = TrustedKeys::load(&dir.path().join(safemode::server::PUBLIC_KEY_FILE)).unwrap();
     let modes = [
         "freeze-credential-changes",
         "step-up-account-changes",
@@ -136,12 +139,13 @@ async fn deciding_allocates_nothing() {
     let actions: Vec<Action> = ACTIONS.iter().map(|a| Action::parse(a).unwrap()).collect();
     let contexts = contexts();
     for channel in ["chatbot", "agent-desk", "web"] {
-        let config = SubscriberConfig::new(
+        let mut config = SubscriberConfig::new(
             [url.as_str()],
             Namespace::live(),
             Channel::parse(channel).unwrap(),
             format!("alloc-{channel}"),
         );
+        config.trusted_keys = Some(trusted.clone());
         let subscriber = Subscriber::connect(config).await.unwrap();
         // Wait (bounded) until the ten modes are applied.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -178,6 +182,7 @@ async fn deciding_allocates_nothing() {
         Channel::parse("web").unwrap(),
         "alloc-cut-off",
     );
+    config.trusted_keys = Some(trusted);
     config.fail_closed = Some(FailClosed::new(
         Duration::ZERO,
         vec![ActionSelector::parse("account.*").unwrap()],

@@ -342,7 +342,7 @@ impl ControlService for ControlApi {
                 .map(super::convert::subscriber_to_wire)
                 .collect(),
             server_time: Some(wire::timestamp_to_wire(jiff::Timestamp::now())),
-            problems: status.view.problems.clone(),
+            problems: status.problems(),
             replica: self.replica.clone(),
             next_page_token: status
                 .subscribers

@@ -33,6 +33,10 @@ pub fn snapshot_to_wire(
             .collect(),
         rules: Some(channel_policy_to_wire(&snapshot.policy)),
         epoch: epoch.to_string(),
+        // Set by the stream that sends it (a start-over), and when signed.
+        start_over_from: 0,
+        key_id: String::new(),
+        signature: Vec::new(),
     }
 }
 

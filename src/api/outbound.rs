@@ -4,12 +4,18 @@
 //! subscribers a change is converted and encoded a handful of times, not ten
 //! thousand.
 //!
+//! Signing follows the same rule: a snapshot is signed when it is encoded,
+//! once per revision and channel, and a heartbeat is signed once per
+//! namespace, channel and revision for every stream that beats within half
+//! a heartbeat interval ([`HeartbeatCache`]), never once per stream.
+//!
 //! `Outbound` stands in for `safemode.v1.SubscribeResponse` in the
 //! subscription server that `build.rs` generates a second time (the
 //! `fanout` module); on the wire it is exactly that message.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes};
 use prost::Message;
@@ -17,7 +23,8 @@ use prost::encoding::{DecodeContext, WireType};
 
 use crate::controller::NamespaceView;
 use crate::policy::{Channel, Namespace, Revision};
-use crate::wire::proto;
+use crate::signing::SigningKey;
+use crate::wire::{self, proto};
 
 /// A `SubscribeResponse`, already encoded or not.
 #[derive(Clone, Debug, PartialEq)]
@@ -87,18 +94,20 @@ struct Cached {
 }
 
 impl SnapshotCache {
-    /// The encoded snapshot of `channel` in `view`, made with `make` only by
-    /// the first subscriber to ask.
+    /// The encoded `SubscribeResponse` carrying the snapshot of `channel`
+    /// in `view`, made with `make` and signed with `key` only by the first
+    /// subscriber to ask.
     pub fn get(
         &self,
         view: &Arc<NamespaceView>,
         channel: Channel,
-        make: impl FnOnce() -> proto::SubscribeResponse,
+        key: &SigningKey,
+        make: impl FnOnce() -> proto::Snapshot,
     ) -> Bytes {
-        let key = (view.namespace.clone(), channel);
+        let slot = (view.namespace.clone(), channel);
         // The very view, not only its revision: a re-read after compaction
         // can publish new contents under the same revision.
-        if let Some(cached) = self.encoded.lock().expect("snapshot cache lock").get(&key)
+        if let Some(cached) = self.encoded.lock().expect("snapshot cache lock").get(&slot)
             && cached.revision == view.revision
             && std::ptr::eq(cached.view.as_ptr(), Arc::as_ptr(view))
         {
@@ -106,16 +115,16 @@ impl SnapshotCache {
         }
         // Encoded outside the lock; two subscribers racing both encode,
         // and the newer revision stays.
-        let bytes = Bytes::from(make().encode_to_vec());
+        let bytes = encode_signed(make(), key);
         let mut encoded = self.encoded.lock().expect("snapshot cache lock");
         // Entries of views nobody holds any more go (views are replaced on
         // every change, so this also drops what a new revision replaced).
         encoded.retain(|_, cached| cached.view.strong_count() > 0);
-        match encoded.get(&key) {
+        match encoded.get(&slot) {
             Some(cached) if cached.revision > view.revision => {}
             _ => {
                 encoded.insert(
-                    key,
+                    slot,
                     Cached {
                         revision: view.revision,
                         view: Arc::downgrade(view),
@@ -124,6 +133,96 @@ impl SnapshotCache {
                 );
             }
         }
+        bytes
+    }
+}
+
+/// `snapshot`, signed with `key`, as an encoded `SubscribeResponse`.
+pub fn encode_signed(mut snapshot: proto::Snapshot, key: &SigningKey) -> Bytes {
+    wire::signed::sign_snapshot(&mut snapshot, key);
+    Bytes::from(
+        proto::SubscribeResponse {
+            message: Some(proto::subscribe_response::Message::Snapshot(snapshot)),
+        }
+        .encode_to_vec(),
+    )
+}
+
+/// The newest signed heartbeat of each channel of each namespace, shared by
+/// every stream that beats while it is young: with ten thousand streams a
+/// heartbeat tick costs a signature per channel, not per stream.
+#[derive(Debug)]
+pub struct HeartbeatCache {
+    /// A heartbeat is shared for this long: half the heartbeat interval, so
+    /// that one stream, which beats at most once an interval, never gets
+    /// the same heartbeat twice (its client takes only newer ones).
+    share_for: Duration,
+    signed: Mutex<HashMap<(Namespace, Channel), Beat>>,
+}
+
+#[derive(Debug)]
+struct Beat {
+    revision: Revision,
+    made: Instant,
+    bytes: Bytes,
+}
+
+impl HeartbeatCache {
+    /// A cache for streams that beat every `interval`.
+    pub fn new(interval: Duration) -> Self {
+        HeartbeatCache {
+            share_for: interval / 2,
+            signed: Mutex::default(),
+        }
+    }
+
+    /// The encoded `SubscribeResponse` with a heartbeat for `channel` of
+    /// `namespace` at `revision` in `epoch`, signed with `key`: a recent one
+    /// if there is one at that revision, else a new one.
+    pub fn get(
+        &self,
+        namespace: &Namespace,
+        channel: Channel,
+        revision: Revision,
+        epoch: &str,
+        key: &SigningKey,
+    ) -> Bytes {
+        let key_of = (namespace.clone(), channel);
+        let mut signed = self.signed.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(beat) = signed.get(&key_of)
+            && beat.revision == revision
+            && beat.made.elapsed() < self.share_for
+        {
+            return beat.bytes.clone();
+        }
+        // Signed under the lock: one signature per channel and tick, and
+        // a signature takes microseconds.
+        let made = Instant::now();
+        let heartbeat = wire::signed::signed_heartbeat(
+            namespace.as_str(),
+            channel.as_str(),
+            epoch,
+            revision,
+            wire::timestamp_to_wire(jiff::Timestamp::now()),
+            key,
+        );
+        let bytes = Bytes::from(
+            proto::SubscribeResponse {
+                message: Some(proto::subscribe_response::Message::Heartbeat(heartbeat)),
+            }
+            .encode_to_vec(),
+        );
+        // Channels of namespaces nobody beats for any more go.
+        let keep = self.share_for * 4;
+        signed.retain(|_, beat| beat.made.elapsed() < keep);
+        signed.insert(
+            key_of,
+            Beat {
+                revision,
+                made,
+                bytes: bytes.clone(),
+            },
+        );
         bytes
     }
 }
@@ -138,7 +237,7 @@ mod tests {
             message: Some(proto::subscribe_response::Message::Heartbeat(
                 proto::Heartbeat {
                     revision: 7,
-                    server_time: None,
+                    ..Default::default()
                 },
             )),
         };
@@ -149,55 +248,86 @@ mod tests {
         assert_eq!(decoded, Outbound::Message(message));
     }
 
-    fn heartbeat(revision: Revision) -> proto::SubscribeResponse {
-        proto::SubscribeResponse {
-            message: Some(proto::subscribe_response::Message::Heartbeat(
-                proto::Heartbeat {
-                    revision,
-                    server_time: None,
-                },
-            )),
+    fn snapshot(revision: Revision) -> proto::Snapshot {
+        proto::Snapshot {
+            revision,
+            ..Default::default()
         }
     }
 
     #[test]
     fn the_cache_encodes_once_per_revision_and_forgets_dropped_views() {
         let cache = SnapshotCache::default();
+        let key = SigningKey::generate().0;
+        let trusted = crate::signing::TrustedKeys::new([key.public_key().clone()]).unwrap();
         let web = Channel::parse("web").unwrap();
         let five = Arc::new(NamespaceView::empty_at(Namespace::live(), 5));
         let mut made = 0;
         for _ in 0..3 {
-            let bytes = cache.get(&five, web, || {
+            let bytes = cache.get(&five, web, &key, || {
                 made += 1;
-                heartbeat(5)
+                snapshot(5)
             });
-            assert_eq!(bytes, heartbeat(5).encode_to_vec());
+            let Some(proto::subscribe_response::Message::Snapshot(mut sent)) =
+                proto::SubscribeResponse::decode(bytes).unwrap().message
+            else {
+                panic!("not a snapshot");
+            };
+            assert_eq!(sent.revision, 5);
+            assert_eq!(wire::signed::verify_snapshot(&mut sent, &trusted), Ok(()));
         }
         assert_eq!(made, 1, "encoded once, shared after");
         let six = Arc::new(NamespaceView::empty_at(Namespace::live(), 6));
-        cache.get(&six, web, || {
+        cache.get(&six, web, &key, || {
             made += 1;
-            heartbeat(6)
+            snapshot(6)
         });
         assert_eq!(made, 2);
         // An older revision asked late does not replace the newer one.
-        cache.get(&five, web, || heartbeat(5));
-        cache.get(&six, web, || panic!("6 is cached"));
+        cache.get(&five, web, &key, || snapshot(5));
+        cache.get(&six, web, &key, || panic!("6 is cached"));
 
         // A namespace nobody follows any more leaves nothing behind.
         let drill = Arc::new(NamespaceView::empty_at(
             Namespace::parse("drill-x").unwrap(),
             3,
         ));
-        cache.get(&drill, web, || heartbeat(3));
+        cache.get(&drill, web, &key, || snapshot(3));
         assert_eq!(cache.encoded.lock().unwrap().len(), 2);
         drop(drill);
         drop(five);
-        cache.get(&six, Channel::parse("ivr").unwrap(), || heartbeat(6));
+        cache.get(&six, Channel::parse("ivr").unwrap(), &key, || snapshot(6));
         let left: Vec<_> = cache.encoded.lock().unwrap().keys().cloned().collect();
         assert!(
             left.iter().all(|(n, _)| *n == Namespace::live()),
             "{left:?}"
         );
+    }
+
+    #[test]
+    fn a_heartbeat_is_signed_once_per_channel_and_revision_while_young() {
+        let cache = HeartbeatCache::new(Duration::from_secs(3600));
+        let key = SigningKey::generate().0;
+        let web = Channel::parse("web").unwrap();
+        let live = Namespace::live();
+        let first = cache.get(&live, web, 5, "e", &key);
+        assert_eq!(cache.get(&live, web, 5, "e", &key), first, "shared");
+        assert_ne!(cache.get(&live, web, 6, "e", &key), first, "a new revision");
+        let ivr = Channel::parse("ivr").unwrap();
+        let other = cache.get(&live, ivr, 6, "e", &key);
+        let Some(proto::subscribe_response::Message::Heartbeat(beat)) =
+            proto::SubscribeResponse::decode(other).unwrap().message
+        else {
+            panic!("not a heartbeat");
+        };
+        let trusted = crate::signing::TrustedKeys::new([key.public_key().clone()]).unwrap();
+        assert_eq!(
+            wire::signed::verify_heartbeat(&beat, "live", "ivr", "e", &trusted),
+            Ok(())
+        );
+        // Past its sharing time a stream gets a newer one.
+        let young = HeartbeatCache::new(Duration::ZERO);
+        let a = young.get(&live, web, 5, "e", &key);
+        assert_ne!(young.get(&live, web, 5, "e", &key), a);
     }
 }

@@ -5,6 +5,13 @@
 //! The server side of a stream is one future that selects over the namespace
 //! watch, the client's messages, the heartbeat timer and shutdown, so a
 //! stream costs no task of its own.
+//!
+//! Everything sent is signed with the replica's key: snapshots once per
+//! revision and channel ([`SnapshotCache`]), heartbeats once per channel and
+//! revision per tick ([`HeartbeatCache`]). A signed heartbeat follows every
+//! snapshot at once (while the follower keeps up), because clients count
+//! only a signed, newer heartbeat as proof that their policy is current: a
+//! snapshot can be replayed, a heartbeat's time cannot be moved.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -17,13 +24,13 @@ use tracing::{debug, warn};
 
 use super::fanout::subscription_service_server::SubscriptionService;
 use super::limits::{StreamCounter, StreamSlot};
-use super::outbound::{Outbound, SnapshotCache};
+use super::outbound::{HeartbeatCache, Outbound, SnapshotCache};
 use super::{Credential, StreamConfig, authorize, invalid, invalid_name, principal, status};
 use crate::auth::Operation;
 use crate::controller::{Controller, Subscription};
 use crate::policy::{Channel, Namespace, Revision};
+use crate::signing::SigningKey;
 use crate::wire::proto::subscribe_request::Message as Inbound;
-use crate::wire::proto::subscribe_response::Message as Response_;
 use crate::wire::{self, proto};
 
 /// The subscription service.
@@ -34,12 +41,15 @@ pub struct SubscriptionApi {
     snapshots: Arc<SnapshotCache>,
     /// Open streams, against the configured limits.
     streams: Arc<StreamCounter>,
+    /// Heartbeats signed once per channel and revision per tick.
+    heartbeats: Arc<HeartbeatCache>,
 }
 
 impl SubscriptionApi {
     /// The service over `controller`.
     pub fn new(controller: Arc<Controller>, config: StreamConfig) -> Self {
         SubscriptionApi {
+            heartbeats: Arc::new(HeartbeatCache::new(config.heartbeat)),
             controller,
             streams: StreamCounter::new(config.limits),
             config,
@@ -130,13 +140,28 @@ impl SubscriptionService for SubscriptionApi {
             inbound,
             &self.config,
             self.controller.shutdown_token().clone(),
-            self.controller.epoch().to_string(),
-            self.snapshots.clone(),
+            Signer {
+                namespace: namespace.clone(),
+                epoch: self.controller.epoch().to_string(),
+                key: self.controller.signing_key().clone(),
+                snapshots: self.snapshots.clone(),
+                heartbeats: self.heartbeats.clone(),
+            },
         )
         .revoked_with(credential, namespace)
         .holding(slot);
         Ok(Response::new(Box::pin(session.into_stream())))
     }
+}
+
+/// What a stream signs with, and the caches that share the signatures.
+struct Signer {
+    namespace: Namespace,
+    /// The store epoch snapshots are sent in.
+    epoch: String,
+    key: SigningKey,
+    snapshots: Arc<SnapshotCache>,
+    heartbeats: Arc<HeartbeatCache>,
 }
 
 /// The server side of one stream.
@@ -145,11 +170,11 @@ struct Session {
     inbound: Streaming<proto::SubscribeRequest>,
     heartbeat: Interval,
     shutdown: CancellationToken,
-    /// The store epoch snapshots are sent in.
-    epoch: String,
-    snapshots: Arc<SnapshotCache>,
+    signer: Signer,
     /// Newest revision sent; `None` until the first snapshot.
     sent: Option<Revision>,
+    /// A heartbeat is due at once (a snapshot was just sent).
+    beat_now: bool,
     /// The stream ends after the next item.
     ending: bool,
     /// The caller's token and namespace: the stream ends when the token is
@@ -165,8 +190,7 @@ impl Session {
         inbound: Streaming<proto::SubscribeRequest>,
         config: &StreamConfig,
         shutdown: CancellationToken,
-        epoch: String,
-        snapshots: Arc<SnapshotCache>,
+        signer: Signer,
     ) -> Self {
         let mut heartbeat =
             tokio::time::interval_at(Instant::now() + config.heartbeat, config.heartbeat);
@@ -176,9 +200,9 @@ impl Session {
             inbound,
             heartbeat,
             shutdown,
-            epoch,
-            snapshots,
+            signer,
             sent: None,
+            beat_now: false,
             ending: false,
             credential: None,
             slot: None,
@@ -214,6 +238,11 @@ impl Session {
         if self.sent.is_none() {
             return Some(Ok(self.snapshot()));
         }
+        if std::mem::take(&mut self.beat_now)
+            && let Some(beat) = self.beat()
+        {
+            return Some(Ok(beat));
+        }
         loop {
             tokio::select! {
                 biased;
@@ -241,41 +270,56 @@ impl Session {
                     Ok(None) | Err(_) => return None,
                 },
                 _ = self.heartbeat.tick() => {
-                    // A heartbeat says "your policy is current": only while
-                    // the follower keeps up with the store.
-                    if !self.subscription.health.is_healthy() {
-                        continue;
+                    if let Some(beat) = self.beat() {
+                        return Some(Ok(beat));
                     }
-                    let view = self.subscription.views.borrow();
-                    return Some(Ok(Outbound::Message(proto::SubscribeResponse {
-                        message: Some(Response_::Heartbeat(proto::Heartbeat {
-                            revision: view.revision,
-                            server_time: Some(wire::timestamp_to_wire(jiff::Timestamp::now())),
-                        })),
-                    })));
                 }
             }
         }
+    }
+
+    /// A signed heartbeat at the revision this replica holds (a client
+    /// behind it knows it is stale). A heartbeat says "your policy is
+    /// current": only while the follower keeps up with the store (`None`
+    /// otherwise), and never before the first snapshot.
+    fn beat(&self) -> Option<Outbound> {
+        if !self.subscription.health.is_healthy() {
+            return None;
+        }
+        self.sent?;
+        let revision = self.subscription.views.borrow().revision;
+        let signer = &self.signer;
+        Some(Outbound::Encoded(signer.heartbeats.get(
+            &signer.namespace,
+            self.subscription.channel,
+            revision,
+            &signer.epoch,
+            &signer.key,
+        )))
     }
 
     /// The snapshot of the newest view for this stream's channel.
     fn snapshot(&mut self) -> Outbound {
         let view = self.subscription.views.borrow_and_update().clone();
         let channel = self.subscription.channel;
-        // Converted and encoded by the first stream of the channel to send
-        // this revision; the others share the bytes.
-        let encoded = self
-            .snapshots
-            .get(&view, channel, || proto::SubscribeResponse {
-                message: Some(Response_::Snapshot(super::convert::snapshot_to_wire(
-                    &view,
-                    view.channel(channel),
-                    &self.epoch,
-                ))),
-            });
+        let signer = &self.signer;
+        let make = || super::convert::snapshot_to_wire(&view, view.channel(channel), &signer.epoch);
+        let encoded = match self.subscription.start_over_from.take() {
+            // Signed for this stream alone: it names the revision this
+            // subscriber claimed, so it replaces only that.
+            Some(claimed) => {
+                let mut snapshot = make();
+                snapshot.start_over_from = claimed;
+                super::outbound::encode_signed(snapshot, &signer.key)
+            }
+            // Converted, encoded and signed by the first stream of the
+            // channel to send this revision; the others share the bytes.
+            None => signer.snapshots.get(&view, channel, &signer.key, make),
+        };
         self.sent = Some(view.revision);
         self.subscription.registration.sent(view.revision);
         self.heartbeat.reset();
+        self.beat_now = true;
         Outbound::Encoded(encoded)
     }
 

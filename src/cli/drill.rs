@@ -80,6 +80,7 @@ pub(super) async fn run(
             approver_token,
             ca_cert: caller.ca_cert.clone(),
             insecure: caller.insecure,
+            trusted_keys: super::trusted_keys(&args.trusted)?,
         }
     };
     let reports = drill::run(DrillOptions {

@@ -148,6 +148,39 @@ enum Command {
     /// Create tokens for the tokens file.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// The controller's signing key: print its public half for channel
+    /// services to trust.
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum KeyCommand {
+    /// Print the public key (PEM) of a signing key, for channel services'
+    /// trusted keys (`--trusted-keys`, `SubscriberConfig::trusted_keys`).
+    Public {
+        /// The signing key file (PKCS#8 PEM), as given to `serve --signing-key`.
+        #[arg(long, value_name = "FILE", conflicts_with = "data_dir")]
+        signing_key: Option<PathBuf>,
+        /// The embedded store's data directory: its signing.key
+        /// [default: safemode-data].
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+/// The public keys a subscribing command trusts.
+#[derive(Args, Debug)]
+struct TrustedKeysArg {
+    /// PEM file of the controller's public key(s): snapshots and heartbeats
+    /// signed by any other key are refused [default: safemode-data/signing.pub,
+    /// when it exists; otherwise required]. `safemode key public` prints it.
+    #[arg(
+        long = "trusted-keys",
+        env = "SAFEMODE_TRUSTED_KEYS",
+        value_name = "FILE"
+    )]
+    trusted_keys: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -379,6 +412,9 @@ struct DrillRunArgs {
     /// that it counts as never applied).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     converge_within: Duration,
+    /// Not needed with --local, which knows its controller's key.
+    #[command(flatten)]
+    trusted: TrustedKeysArg,
 }
 
 #[derive(Args, Debug)]
@@ -398,6 +434,8 @@ struct SimArgs {
     /// Stop after this many revisions [default: run until Ctrl-C].
     #[arg(long)]
     revisions: Option<usize>,
+    #[command(flatten)]
+    trusted: TrustedKeysArg,
 }
 
 #[derive(Args, Debug)]
@@ -454,6 +492,8 @@ struct SubscriberArgs {
     subscriber_id: Option<String>,
     #[command(flatten)]
     namespace: NamespaceArg,
+    #[command(flatten)]
+    trusted: TrustedKeysArg,
 }
 
 #[derive(Args, Debug)]
@@ -701,7 +741,39 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Token(TokenCommand::Create { principal, roles }) => {
             governance::create_token(format, &principal, &roles)
         }
+        Command::Key(KeyCommand::Public {
+            signing_key,
+            data_dir,
+        }) => {
+            let path = signing_key.unwrap_or_else(|| {
+                data_dir
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR))
+                    .join(server::SIGNING_KEY_FILE)
+            });
+            let key = crate::signing::SigningKey::load(&path).map_err(|e| {
+                anyhow!("{e}; give the key `serve` signs with: --signing-key FILE, or --data-dir DIR of an embedded store that has started once")
+            })?;
+            emit(key.public_key().to_pem())
+        }
     }
+}
+
+/// The data directory `serve` uses by default.
+const DEFAULT_DATA_DIR: &str = "safemode-data";
+
+/// The trusted keys of a subscribing command: `--trusted-keys FILE`, or the
+/// default controller's `safemode-data/signing.pub` when it exists.
+fn trusted_keys(arg: &TrustedKeysArg) -> anyhow::Result<crate::signing::TrustedKeys> {
+    let default = PathBuf::from(DEFAULT_DATA_DIR).join(server::PUBLIC_KEY_FILE);
+    let path = match &arg.trusted_keys {
+        Some(path) => path.clone(),
+        None if default.exists() => default,
+        None => bail!(
+            "give --trusted-keys FILE (SAFEMODE_TRUSTED_KEYS): the controller's public key, which it writes to signing.pub in its data directory and `safemode key public` prints; {} does not exist here",
+            default.display()
+        ),
+    };
+    crate::signing::TrustedKeys::load(&path).map_err(|e| anyhow!("--trusted-keys: {e}"))
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -716,7 +788,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             StoreConfig::Embedded {
                 data_dir: args
                     .data_dir
-                    .unwrap_or_else(|| PathBuf::from("safemode-data")),
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
             }
         }
         StoreKind::Etcd => {
@@ -829,7 +901,8 @@ fn subscriber_config(
         .subscriber_id
         .clone()
         .unwrap_or_else(|| format!("cli-{}", std::process::id()));
-    subscriber_base(servers, caller, namespace, channel, &id)
+    let trusted = trusted_keys(&args.trusted)?;
+    subscriber_base(servers, caller, namespace, channel, &id, trusted)
 }
 
 /// A subscriber's settings from the global flags.
@@ -839,8 +912,10 @@ fn subscriber_base(
     namespace: Namespace,
     channel: Channel,
     id: &str,
+    trusted: crate::signing::TrustedKeys,
 ) -> anyhow::Result<SubscriberConfig> {
     let mut config = SubscriberConfig::new(servers.to_vec(), namespace, channel, id);
+    config.trusted_keys = Some(trusted);
     config.token = caller.token.clone();
     config.ca_cert = caller.ca_cert.clone();
     config.allow_plaintext_token = caller.insecure;

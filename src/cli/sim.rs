@@ -23,7 +23,15 @@ pub(super) async fn run(
         .iter()
         .map(|a| Action::parse(a).map_err(|e| anyhow!("--decide: {e}")))
         .collect::<anyhow::Result<Vec<Action>>>()?;
-    let base = subscriber_base(servers, caller, namespace.clone(), channels[0].0, "sim")?;
+    let trusted = super::trusted_keys(&args.trusted)?;
+    let base = subscriber_base(
+        servers,
+        caller,
+        namespace.clone(),
+        channels[0].0,
+        "sim",
+        trusted,
+    )?;
     let mut sim = Sim::start(SimConfig {
         base,
         channels: channels.clone(),

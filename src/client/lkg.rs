@@ -7,8 +7,14 @@
 //! the directory synced) and checked when read: a first line naming the
 //! format, a second line (JSON) with the payload's length and SHA-256 and
 //! when the policy was last known current, then the snapshot exactly as the
-//! controller sent it (protobuf). A file that fails any check is refused
-//! whole, never half-trusted. The "last known current" time is rewritten as
+//! controller sent it (protobuf), with the controller's signature. The
+//! checksum only finds damage (whoever edits the file can recompute it); the
+//! signature is what makes the file trusted: it is verified against the
+//! subscriber's trusted keys on every load, so an edited policy, or one no
+//! controller of this service signed, is refused. A "last known current"
+//! time in the future (beyond a minute of clock adjustment) is refused too:
+//! it would make an old policy look current for as long as it likes. A file
+//! that fails any check is refused whole, never half-trusted. The "last known current" time is rewritten as
 //! heartbeats confirm the policy, so a service that restarts cut off from
 //! the controller counts its staleness from then, not from its restart.
 
@@ -24,9 +30,15 @@ use sha2::{Digest, Sha256};
 
 use super::PolicySnapshot;
 use crate::policy::{Channel, Namespace};
-use crate::wire::proto;
+use crate::signing::TrustedKeys;
+use crate::wire::{self, proto};
 
-const FORMAT: &str = "safemode-last-known-good 1";
+/// Version 2 keeps the signature; a version 1 file (unsigned) is refused.
+const FORMAT: &str = "safemode-last-known-good 2";
+
+/// How far in the future a "last known current" time may be and still be
+/// taken (as now): a clock stepped back a little by NTP.
+const CLOCK_STEP: Duration = Duration::from_secs(60);
 
 /// The second line of the file.
 #[derive(Debug, Serialize, Deserialize)]
@@ -51,6 +63,7 @@ pub(super) struct Kept {
 }
 
 impl Kept {
+    /// `snapshot` (verified, with its signature) to keep.
     pub fn of(snapshot: &proto::Snapshot) -> Kept {
         Kept {
             namespace: snapshot.namespace.clone(),
@@ -125,12 +138,14 @@ pub struct LastKnownGoodError {
 }
 
 /// Reads the file at `path` for the subscription of `channel` in
-/// `namespace`: `Ok(None)` if there is none; else the snapshot, and how long
-/// ago it was last known current (`None`: unknown).
+/// `namespace`, signed by one of `trusted`: `Ok(None)` if there is none;
+/// else the snapshot, and how long ago it was last known current (`None`:
+/// unknown).
 pub(super) fn load(
     path: &Path,
     namespace: &Namespace,
     channel: Channel,
+    trusted: &TrustedKeys,
 ) -> Result<Option<(PolicySnapshot, Option<Duration>)>, LastKnownGoodError> {
     let refuse = |reason: String| LastKnownGoodError {
         path: path.display().to_string(),
@@ -164,14 +179,27 @@ pub(super) fn load(
             "its policy does not match its checksum: it was damaged".into(),
         ));
     }
-    let wire = proto::Snapshot::decode(payload)
+    let mut wire = proto::Snapshot::decode(payload)
         .map_err(|e| refuse(format!("its policy cannot be decoded: {e}")))?;
+    wire::signed::verify_snapshot(&mut wire, trusted).map_err(|e| {
+        refuse(format!(
+            "its policy is not one a trusted controller signed: {e}"
+        ))
+    })?;
+    let now = Timestamp::now();
+    if let Some(at) = header.confirmed_at
+        && at.duration_since(now) > jiff::SignedDuration::try_from(CLOCK_STEP).expect("a minute")
+    {
+        return Err(refuse(format!(
+            "it says its policy was last known current at {at}, in the future: it was edited (or this machine's clock is far behind); delete it if the clock is right"
+        )));
+    }
     let snapshot =
         PolicySnapshot::from_wire(wire, namespace, channel).map_err(|e| refuse(e.to_string()))?;
-    // A time in the future (a clock set back) counts as now.
-    let ago = header.confirmed_at.map(|at| {
-        Duration::try_from(Timestamp::now().duration_since(at)).unwrap_or(Duration::ZERO)
-    });
+    // A time a little in the future (a clock stepped back) counts as now.
+    let ago = header
+        .confirmed_at
+        .map(|at| Duration::try_from(now.duration_since(at)).unwrap_or(Duration::ZERO));
     Ok(Some((snapshot, ago)))
 }
 

@@ -10,6 +10,14 @@
 //! cannot use while keeping the previous. [`Subscriber::connect`] does the
 //! same and waits for a first snapshot from a controller.
 //!
+//! Everything a controller sends is signed with its key; the subscriber is
+//! configured with the controllers' public keys
+//! ([`SubscriberConfig::trusted_keys`]) and refuses anything unsigned, signed
+//! by another key or altered, whatever its revision or epoch: a rogue
+//! process that speaks the protocol, or whoever can edit the last-known-good
+//! file, cannot make it enforce a policy its controller never issued. Only
+//! a signed heartbeat newer than the last one makes the policy current.
+//!
 //! [`Subscriber::decide`] takes no lock and allocates nothing: the applied
 //! snapshot is swapped atomically, and the [`Decision`] borrows its messages
 //! and reasons from it. Decisions say whether the policy may be stale, and a
@@ -17,13 +25,17 @@
 //! been stale for too long.
 //!
 //! ```no_run
-//! # async fn example() -> Result<(), safemode::client::ClientError> {
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
 //! use std::time::Duration;
 //! use safemode::client::{FailClosed, FailClosedEffect, Subscriber, SubscriberConfig};
 //! use safemode::policy::{Action, ActionSelector, Channel, Context, EffectKind, Namespace};
+//! use safemode::signing::TrustedKeys;
 //!
 //! let mut config = SubscriberConfig::new(["http://127.0.0.1:7700"], Namespace::live(),
 //!     Channel::parse("chatbot").unwrap(), "chatbot-1");
+//! // The controller's public key: signing.pub in its data directory, or
+//! // the output of `safemode key public`.
+//! config.trusted_keys = Some(TrustedKeys::load("/etc/chatbot/safemode.pub".as_ref())?);
 //! config.last_known_good = Some("/var/lib/chatbot/safemode.lkg".into());
 //! config.fail_closed = Some(FailClosed::new(
 //!     Duration::from_secs(300),
@@ -65,6 +77,7 @@ pub(crate) use task::first_failure;
 
 pub use crate::errors::error_chain;
 use crate::policy::{Action, Channel, Context, Namespace};
+use crate::signing::TrustedKeys;
 
 /// Why the client could not get a policy.
 #[derive(Debug, thiserror::Error)]
@@ -148,6 +161,21 @@ pub enum ClientError {
     /// The controller sent a snapshot this client cannot use.
     #[error("the controller sent a snapshot this client cannot use: {0}")]
     Rejected(String),
+    /// The controller sent a snapshot or heartbeat that is not signed by a
+    /// trusted key: a rogue, or a controller whose key this client was not
+    /// given. Nothing of it was used.
+    #[error(
+        "the controller at {server} sent {what} this client does not trust: {reason}; nothing of it was used. If {server} is your controller, give its public key in SubscriberConfig::trusted_keys (--trusted-keys FILE): signing.pub in its data directory, or `safemode key public`"
+    )]
+    NotTrusted {
+        /// The address.
+        server: String,
+        /// "a snapshot" or "a heartbeat".
+        what: &'static str,
+        /// Why the signature was refused.
+        #[source]
+        reason: crate::signing::SignatureError,
+    },
     /// No snapshot arrived in time.
     #[error("no snapshot arrived within {0:?}")]
     Timeout(Duration),
@@ -196,6 +224,12 @@ pub struct SubscriberConfig {
     /// The channel's own check of each snapshot before applying it.
     /// Default: none.
     pub check: Option<SnapshotCheck>,
+    /// The public keys the controllers sign with: snapshots, heartbeats and
+    /// the last-known-good file signed by anything else are refused.
+    /// Required (the default, none, fails at start): the controller writes
+    /// its key's public half to `signing.pub` in its data directory, and
+    /// `safemode key public` prints it. Several keys during a rotation.
+    pub trusted_keys: Option<TrustedKeys>,
 }
 
 /// Everything but the token, which must never reach a log.
@@ -215,6 +249,7 @@ impl std::fmt::Debug for SubscriberConfig {
             .field("last_known_good", &self.last_known_good)
             .field("fail_closed", &self.fail_closed)
             .field("check", &self.check.as_ref().map(|_| "<fn>"))
+            .field("trusted_keys", &self.trusted_keys)
             .finish()
     }
 }
@@ -242,6 +277,7 @@ impl SubscriberConfig {
             last_known_good: None,
             fail_closed: None,
             check: None,
+            trusted_keys: None,
         }
     }
 
@@ -287,7 +323,14 @@ pub fn read_last_known_good(
     let Some(path) = &config.last_known_good else {
         return Ok(None);
     };
-    let loaded = lkg::load(path, &config.namespace, config.channel)?;
+    let trusted = config
+        .trusted_keys
+        .as_ref()
+        .ok_or_else(|| LastKnownGoodError {
+            path: path.display().to_string(),
+            reason: "it cannot be checked without SubscriberConfig::trusted_keys, the controller's public key".into(),
+        })?;
+    let loaded = lkg::load(path, &config.namespace, config.channel, trusted)?;
     Ok(loaded.map(|(snapshot, _confirmed_ago)| snapshot))
 }
 
@@ -302,9 +345,12 @@ impl Subscriber {
         Ok(Subscriber::begin(config)?.0)
     }
 
-    /// Starts, and waits for a first snapshot from a controller: fails if
-    /// none answers (every replica tried once) or if the first snapshot
-    /// cannot be used. For tools; a channel service wants [`Subscriber::start`],
+    /// Starts, and waits for a first snapshot from a controller, confirmed
+    /// current by its signed heartbeat (which a replica sends right after
+    /// the snapshot while it keeps up with its store): fails if none
+    /// answers (every replica tried once), if the first snapshot cannot be
+    /// used or is not signed by a trusted key, or if no confirmation comes
+    /// in time. For tools; a channel service wants [`Subscriber::start`],
     /// which enforces the last-known-good policy while the controller is
     /// away.
     pub async fn connect(config: SubscriberConfig) -> Result<Subscriber, ClientError> {
@@ -321,6 +367,11 @@ impl Subscriber {
     /// will be reported, and how long that round may take.
     fn begin(config: SubscriberConfig) -> Result<(Subscriber, FirstReport, Duration), ClientError> {
         let endpoints = endpoints(&config.servers, &config.endpoint_options())?;
+        let trusted = config.trusted_keys.clone().ok_or_else(|| {
+            ClientError::BadConfig(
+                "no trusted keys: set SubscriberConfig::trusted_keys (--trusted-keys FILE) to the controller's public key, which it writes to signing.pub in its data directory and `safemode key public` prints; without it nothing the controller sends can be checked".into(),
+            )
+        })?;
         // Everything that would make every attempt fail is refused now, not
         // retried forever.
         Bearer::new(config.token.as_deref())?;
@@ -337,7 +388,7 @@ impl Subscriber {
         }
         let loaded = match &config.last_known_good {
             None => None,
-            Some(path) => match lkg::load(path, &config.namespace, config.channel) {
+            Some(path) => match lkg::load(path, &config.namespace, config.channel, &trusted) {
                 Ok(Some((snapshot, ago))) => {
                     info!(path = %path.display(), revision = snapshot.revision, confirmed_ago = ?ago,
                         "enforcing the last-known-good policy until a controller answers");
@@ -380,6 +431,8 @@ impl Subscriber {
         // Every endpoint gets one try before the first connect gives up.
         let first_deadline = config.connect_timeout * (endpoints.len() as u32 + 1);
         let task = task::Task {
+            trusted,
+            last_beat: None,
             next: rand::random_range(0..endpoints.len()),
             endpoints,
             config,

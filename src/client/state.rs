@@ -76,13 +76,20 @@ impl Freshness {
         self.start.elapsed().as_millis() as u64
     }
 
-    /// A controller was heard: is the client behind it? If not, it is
-    /// current now.
+    /// A controller confirmed (with a signed, newer heartbeat) what it
+    /// holds: is the client behind it? If not, it is current now.
     pub fn observe(&self, behind: bool) {
         self.behind.store(behind, Ordering::Release);
         if !behind {
             self.current_ms.store(self.now_ms(), Ordering::Release);
         }
+    }
+
+    /// A controller's signed snapshot said what it holds: is the client
+    /// behind it? A snapshot can be replayed, so it never makes the client
+    /// current; only a heartbeat does ([`Freshness::observe`]).
+    pub fn note_behind(&self, behind: bool) {
+        self.behind.store(behind, Ordering::Release);
     }
 
     /// Stale: the client has not known it was current for longer than

@@ -2,6 +2,13 @@
 //! at a time to one controller replica, moving to the next replica when a
 //! stream fails, with jittered backoff; every snapshot checked, applied or
 //! rejected, and acknowledged.
+//!
+//! Nothing unsigned is used: a snapshot that is not signed by a trusted key
+//! is rejected (nothing applied, nothing saved) and the client moves to
+//! another replica, whatever revision or epoch it claims; so is a replica
+//! whose heartbeat does not verify. Only a verified heartbeat newer than
+//! the last one taken makes the policy current, because a signed snapshot
+//! can be replayed by whoever captured it, a heartbeat's time cannot.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,6 +27,8 @@ use super::{ClientError, PolicySnapshot, SubscriberConfig, lkg};
 use crate::backoff::Backoff;
 use crate::errors::error_chain;
 use crate::policy::Revision;
+use crate::signing::TrustedKeys;
+use crate::wire;
 use crate::wire::proto::subscribe_request::Message as Outbound;
 use crate::wire::proto::subscribe_response::Message as Inbound;
 use crate::wire::proto::subscription_service_client::SubscriptionServiceClient;
@@ -28,6 +37,11 @@ use crate::wire::proto::{self, SubscribeRequest};
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 
 pub(super) struct Task {
+    /// The keys the controllers sign with.
+    pub trusted: TrustedKeys,
+    /// The time of the newest heartbeat taken (from any replica): older
+    /// ones are replays and confirm nothing.
+    pub last_beat: Option<(i64, i32)>,
     /// Every controller, with its URL for messages.
     pub endpoints: Vec<(String, Endpoint)>,
     /// The endpoint the next stream opens on.
@@ -134,11 +148,60 @@ impl Task {
                     None => return Ok(()),
                 },
             };
-            let wire = match message.message {
+            let mut wire = match message.message {
                 Some(Inbound::Snapshot(wire)) => wire,
                 Some(Inbound::Heartbeat(heartbeat)) => {
+                    // A stream's heartbeats are checked against the epoch
+                    // of its first (verified) snapshot; none comes first.
+                    let Some(epoch) = heard.epoch.clone() else {
+                        continue;
+                    };
+                    wire::signed::verify_heartbeat(
+                        &heartbeat,
+                        self.config.namespace.as_str(),
+                        self.config.channel.as_str(),
+                        &epoch,
+                        &self.trusted,
+                    )
+                    .map_err(|reason| ClientError::NotTrusted {
+                        server: server.clone(),
+                        what: "a heartbeat",
+                        reason,
+                    })?;
+                    let Some(time) = heartbeat.server_time.map(|t| (t.seconds, t.nanos)) else {
+                        continue;
+                    };
+                    // A heartbeat older than the staleness limit says
+                    // nothing about now: a replay (by whoever captured it),
+                    // or a controller whose clock is far behind this one.
+                    let age = heartbeat
+                        .server_time
+                        .and_then(|t| wire::timestamp_from_wire(&t).ok())
+                        .and_then(|at| Duration::try_from(Timestamp::now().duration_since(at)).ok())
+                        .unwrap_or(Duration::ZERO);
+                    if age > self.config.stale_after {
+                        warn!(
+                            ?age,
+                            "a heartbeat this old confirms nothing (a replay, or the controller's clock is behind this machine's)"
+                        );
+                        continue;
+                    }
+                    if self.last_beat.is_some_and(|last| time <= last) {
+                        debug!(
+                            ?time,
+                            "a heartbeat no newer than the last one taken confirms nothing"
+                        );
+                        continue;
+                    }
+                    self.last_beat = Some(time);
                     heard.revision = heartbeat.revision;
-                    self.observe(&heard);
+                    let behind = self.observe(&heard, true);
+                    if !behind
+                        && self.shared.current.load().is_some()
+                        && let Some(first) = self.first.take()
+                    {
+                        let _ = first.send(Ok(()));
+                    }
                     // The stream stays up: a later failure starts over
                     // from the shortest pause.
                     backoff.reset();
@@ -147,18 +210,36 @@ impl Task {
                 None => continue,
             };
             let revision = wire.revision;
+            // Checked before anything else is looked at: a snapshot that is
+            // not signed by a trusted key tells nothing, not even that the
+            // controller holds a newer revision.
+            if let Err(reason) = wire::signed::verify_snapshot(&mut wire, &self.trusted) {
+                let error = ClientError::NotTrusted {
+                    server: server.clone(),
+                    what: "a snapshot",
+                    reason,
+                };
+                warn!(revision, %error, "snapshot refused; keeping the previous policy and trying another replica");
+                send(&out, reject(revision, error.to_string())).await;
+                // Leaving at once would cancel the stream before the reject
+                // is sent: close this side and give the controller a moment
+                // to end its own (a real one does at once).
+                drop(out);
+                let _ = tokio::time::timeout(REJECT_GRACE, async {
+                    while let Ok(Some(_)) = inbound.message().await {}
+                })
+                .await;
+                return Err(error);
+            }
             heard = Heard {
                 epoch: Some(wire.epoch.clone()),
                 revision,
             };
             let received = self.receive(wire);
-            self.observe(&heard);
+            self.observe(&heard, false);
             match received {
                 Ok(()) => {
                     send(&out, Outbound::Ack(proto::Ack { revision })).await;
-                    if let Some(first) = self.first.take() {
-                        let _ = first.send(Ok(()));
-                    }
                 }
                 Err(Refusal::Unusable(reason)) => {
                     warn!(revision, %reason, "snapshot rejected; keeping the previous one");
@@ -176,9 +257,10 @@ impl Task {
     }
 
     /// Records whether the client is behind what the controller holds (a
-    /// newer revision, or another store history) and, when it is not, saves
-    /// the confirmation now and then.
-    fn observe(&mut self, heard: &Heard) {
+    /// newer revision, or another store history); returns it. A `confirmed`
+    /// observation (a verified, newer heartbeat) when it is not behind makes
+    /// the policy current, and saves the confirmation now and then.
+    fn observe(&mut self, heard: &Heard, confirmed: bool) -> bool {
         // Taken before the moment is recorded, so the saved confirmation is
         // never newer than the one this process goes by.
         let now = Timestamp::now();
@@ -190,9 +272,13 @@ impl Task {
                     || heard.revision > applied.revision
             }
         };
+        if !confirmed {
+            self.shared.freshness.note_behind(behind);
+            return behind;
+        }
         self.shared.freshness.observe(behind);
         if behind {
-            return;
+            return behind;
         }
         if let (Some(keep), Some((kept, saved))) = (&self.keep, &mut self.kept)
             && saved.is_none_or(|at| at.elapsed() >= CONFIRM_EVERY)
@@ -200,11 +286,13 @@ impl Task {
             keep.send_replace(Some(Arc::new(kept.file(now))));
             *saved = Some(Instant::now());
         }
+        behind
     }
 
-    /// Checks and applies one snapshot.
+    /// Checks and applies one snapshot, whose signature was verified.
     fn receive(&mut self, wire: proto::Snapshot) -> Result<(), Refusal> {
         let revision = wire.revision;
+        let start_over_from = wire.start_over_from;
         let kept = self.keep.as_ref().map(|_| lkg::Kept::of(&wire));
         let snapshot = PolicySnapshot::from_wire(wire, &self.config.namespace, self.config.channel)
             .map_err(|e| Refusal::Unusable(e.to_string()))?;
@@ -220,6 +308,16 @@ impl Task {
                 info!(
                     revision,
                     "the controller's store has a new history; starting over"
+                );
+            }
+            // The controller never issued the revision this client holds
+            // (it came from a rogue, or the store was restored from an
+            // older backup) and says so, for exactly that revision.
+            Some(current) if start_over_from != 0 && start_over_from == current.revision => {
+                warn!(
+                    revision,
+                    held = current.revision,
+                    "the controller never issued the revision held; starting over from its current one"
                 );
             }
             Some(current) if revision < current.revision => {
@@ -253,6 +351,10 @@ struct Heard {
     /// Its newest revision.
     revision: Revision,
 }
+
+/// How long a client that refuses a replica's snapshot waits for its reject
+/// to be delivered before it moves on.
+const REJECT_GRACE: Duration = Duration::from_secs(1);
 
 /// How often a confirmation that the kept policy is still current is saved.
 const CONFIRM_EVERY: Duration = Duration::from_secs(5);

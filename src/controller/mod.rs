@@ -301,6 +301,16 @@ pub struct Status {
     pub subscribers: SubscriberPage,
 }
 
+impl Status {
+    /// What a commander must look at: the namespace's problems, then each
+    /// subscriber that came holding a revision this controller never issued.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = self.view.problems.clone();
+        problems.extend(self.subscribers.problems.iter().cloned());
+        problems
+    }
+}
+
 /// A subscriber's stream, once admitted.
 pub struct Subscription {
     /// Every newer namespace view.
@@ -309,6 +319,9 @@ pub struct Subscription {
     pub health: Arc<FollowerHealth>,
     /// The subscriber's channel.
     pub channel: Channel,
+    /// The revision the subscriber claimed in its hello when the store never
+    /// reached it: its first snapshot must tell it to start over.
+    pub start_over_from: Option<Revision>,
     /// Its entry in status; dropping it removes the entry.
     pub registration: Registration,
 }
@@ -505,11 +518,7 @@ impl Controller {
                     )
                     .await?,
                 ),
-                subscribers: SubscriberPage {
-                    records: Vec::new(),
-                    total: 0,
-                    next: None,
-                },
+                subscribers: SubscriberPage::default(),
             },
         })
     }
@@ -535,6 +544,31 @@ impl Controller {
             0
         };
         let handle = self.namespace(namespace).await?;
+        // A revision the store itself never reached was never issued (by
+        // this controller, in this epoch): the subscriber holds a rogue's
+        // policy, or the store was restored from an older backup. Waiting
+        // would not help; it starts over from what is current, and status
+        // shows it. A replica that is merely behind still waits, then
+        // answers UNAVAILABLE.
+        if last_applied > handle.current().revision
+            && let Some(reached) = self.store_revision().await
+            && last_applied > reached
+        {
+            warn!(%namespace, subscriber = %subscriber_id, claimed = last_applied, store = reached,
+                "subscriber holds a revision this controller never issued; it starts over");
+            return Ok(Subscription {
+                views: handle.watch(),
+                health: handle.health.clone(),
+                channel,
+                start_over_from: Some(last_applied),
+                registration: handle.subscribers.register_claiming(
+                    subscriber_id,
+                    channel,
+                    peer,
+                    last_applied,
+                ),
+            });
+        }
         if let Err(cause) = handle
             .wait_for(self.config.catch_up_timeout, |v| v.revision >= last_applied)
             .await
@@ -552,8 +586,20 @@ impl Controller {
             views: handle.watch(),
             health: handle.health.clone(),
             channel,
+            start_over_from: None,
             registration: handle.subscribers.register(subscriber_id, channel, peer),
         })
+    }
+
+    /// The store's current revision (`None`: the store cannot be read now).
+    async fn store_revision(&self) -> Option<Revision> {
+        match self.store.range(&self.config.layout.epoch_key()).await {
+            Ok(range) => Some(range.revision),
+            Err(e) => {
+                warn!(error = %e, "cannot read the store's revision");
+                None
+            }
+        }
     }
 
     /// Records that `actor` was refused the write `what` for lack of

@@ -29,9 +29,25 @@ pub struct SubscriberRecord {
     pub acked_at: Option<Timestamp>,
     /// Newest rejected revision, why, and when.
     pub rejected: Option<Rejection>,
+    /// The revision it claimed to hold when it connected, if the store never
+    /// reached it: it held a policy this controller never issued (from a
+    /// rogue, or before the store was restored from an older backup) and
+    /// was told to start over.
+    pub claimed_unissued: Option<Revision>,
 }
 
 impl SubscriberRecord {
+    /// The status problem line of a subscriber that came holding a revision
+    /// never issued.
+    pub fn problem(&self) -> Option<String> {
+        self.claimed_unissued.map(|claimed| {
+            format!(
+                "subscriber {} ({}, {}) held revision {claimed}, which this controller never issued (a rogue controller's policy, or a store restored from an older backup); it was told to start over: check that service's controller addresses and trusted keys",
+                self.subscriber_id, self.channel, self.peer
+            )
+        })
+    }
+
     /// A subscriber may only answer for a revision it was sent.
     fn check_sent(&self, revision: Revision) -> Result<(), UnknownRevision> {
         if revision < 0 || revision > self.sent_revision {
@@ -79,7 +95,7 @@ impl SubscriberCursor {
 }
 
 /// One page of [`Subscribers::page`].
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct SubscriberPage {
     /// The page's subscribers.
     pub records: Vec<SubscriberRecord>,
@@ -87,7 +103,13 @@ pub struct SubscriberPage {
     pub total: usize,
     /// Where the next page starts; `None`: this page is the last.
     pub next: Option<SubscriberCursor>,
+    /// Problems of any subscriber, on every page (the first
+    /// [`MAX_SUBSCRIBER_PROBLEMS`], then a count).
+    pub problems: Vec<String>,
 }
+
+/// How many subscribers' problems a status page lists by name.
+pub const MAX_SUBSCRIBER_PROBLEMS: usize = 20;
 
 /// A subscriber acknowledged or rejected a revision it was never sent.
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +138,28 @@ impl Subscribers {
         channel: Channel,
         peer: String,
     ) -> Registration {
+        self.register_record(subscriber_id, channel, peer, None)
+    }
+
+    /// Records a new stream whose subscriber claimed `claimed`, a revision
+    /// never issued; status shows it as a problem while it is connected.
+    pub fn register_claiming(
+        self: &Arc<Self>,
+        subscriber_id: String,
+        channel: Channel,
+        peer: String,
+        claimed: Revision,
+    ) -> Registration {
+        self.register_record(subscriber_id, channel, peer, Some(claimed))
+    }
+
+    fn register_record(
+        self: &Arc<Self>,
+        subscriber_id: String,
+        channel: Channel,
+        peer: String,
+        claimed_unissued: Option<Revision>,
+    ) -> Registration {
         let connection = self.next.fetch_add(1, Ordering::Relaxed);
         let record = SubscriberRecord {
             subscriber_id,
@@ -126,6 +170,7 @@ impl Subscribers {
             acked_revision: 0,
             acked_at: None,
             rejected: None,
+            claimed_unissued,
         };
         self.lock().insert(connection, record);
         Registration {
@@ -162,6 +207,15 @@ impl Subscribers {
             .collect();
         let total = records.len();
         records.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut problems: Vec<String> = records
+            .iter()
+            .filter_map(|(_, record)| record.problem())
+            .collect();
+        if problems.len() > MAX_SUBSCRIBER_PROBLEMS {
+            let more = problems.len() - MAX_SUBSCRIBER_PROBLEMS;
+            problems.truncate(MAX_SUBSCRIBER_PROBLEMS);
+            problems.push(format!("and {more} more subscribers with problems"));
+        }
         let mut rest = records
             .into_iter()
             .filter(|(cursor, _)| after.is_none_or(|after| cursor > after))
@@ -176,6 +230,7 @@ impl Subscribers {
             records: page,
             total,
             next: last.filter(|_| rest.peek().is_some()),
+            problems,
         }
     }
 

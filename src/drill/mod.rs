@@ -30,6 +30,7 @@ use crate::client::{Bearer, EndpointOptions, SubscriberConfig, connect_any};
 use crate::policy::runbook::Severity;
 use crate::policy::{Channel, Expectations, Namespace};
 use crate::server::{RunningServer, ServeConfig, StoreConfig};
+use crate::signing::{SigningKey, TrustedKeys};
 use crate::wire::proto::control_service_client::ControlServiceClient;
 
 pub use report::DrillReport;
@@ -94,6 +95,9 @@ pub enum Target {
         ca_cert: Option<PathBuf>,
         /// Allow a token over plain `http://` off loopback.
         insecure: bool,
+        /// The public keys the controller signs with (`--trusted-keys`):
+        /// the drill's subscribers refuse anything else.
+        trusted_keys: TrustedKeys,
     },
 }
 
@@ -273,6 +277,8 @@ pub(crate) struct Harness {
     approver: (Option<String>, String),
     ca_cert: Option<PathBuf>,
     insecure: bool,
+    /// The keys the controller signs with.
+    trusted_keys: TrustedKeys,
     pub local: Option<LocalController>,
 }
 
@@ -308,7 +314,9 @@ impl Harness {
                 approver_token,
                 ca_cert,
                 insecure,
+                trusted_keys,
             } => Ok(Harness {
+                trusted_keys: trusted_keys.clone(),
                 label: servers.join(","),
                 servers: servers.clone(),
                 commander: (token.clone(), "drill-commander".into()),
@@ -330,8 +338,14 @@ impl Harness {
                     format!("{}\n{}\n", commander.line, approver.line),
                 )
                 .map_err(|e| DrillError::Local(e.to_string()))?;
+                // The drill knows the key of the controller it runs, and
+                // keeps it across a restart.
+                let (key, _) = SigningKey::generate();
+                let trusted_keys =
+                    TrustedKeys::new([key.public_key().clone()]).expect("one key is a valid set");
                 let config = ServeConfig {
                     listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+                    signing_key: crate::server::SigningKeySource::Key(key),
                     store: StoreConfig::Embedded {
                         data_dir: data.path().to_path_buf(),
                     },
@@ -357,6 +371,7 @@ impl Harness {
                     approver: (Some(approver.token), "drill-approver".into()),
                     ca_cert: None,
                     insecure: false,
+                    trusted_keys,
                     local: Some(LocalController {
                         server: Some(server),
                         config,
@@ -400,6 +415,7 @@ impl Harness {
         config.token = self.commander.0.clone();
         config.ca_cert = self.ca_cert.clone();
         config.allow_plaintext_token = self.insecure;
+        config.trusted_keys = Some(self.trusted_keys.clone());
         config.max_backoff = Duration::from_millis(500);
         config
     }

@@ -4,6 +4,7 @@
 //! what was wrong.
 
 mod convert;
+pub mod signed;
 
 pub use convert::{
     WireError, activation_to_wire, channel_policy_from_wire, channel_policy_to_wire, mode_to_wire,

@@ -1,6 +1,7 @@
 //! The subscriber client as a channel service uses it, against a real
 //! controller: the last-known-good policy survives the controller and the
-//! service restarting, a damaged file is refused, staleness turns into
+//! service restarting, a damaged, edited or future-dated file is refused
+//! (its policy must carry a trusted controller's signature), staleness turns into
 //! failing closed for the chosen actions and back, and a snapshot the
 //! channel cannot use is rejected, visibly, while the old policy holds.
 
@@ -10,12 +11,22 @@ use std::time::Duration;
 
 use safemode::client::{FailClosed, FailClosedEffect, Subscriber, SubscriberConfig};
 use safemode::policy::{Action, ActionSelector, Channel, Context, EffectKind, Namespace};
-use safemode::server::{ServeConfig, StoreConfig};
+use safemode::server::{ServeConfig, SigningKeySource, StoreConfig};
+use safemode::signing::SigningKey;
+use safemode::wire::proto;
 
-use crate::support::{TestServer, safemode, wait_until};
+use crate::support::{TestServer, safemode, test_signing_key, wait_until};
 
-fn config(url: &str, id: &str) -> SubscriberConfig {
-    SubscriberConfig::new([url], Namespace::live(), Channel::parse("web").unwrap(), id)
+/// A `web` subscriber of `server` that trusts its key.
+fn config(server: &TestServer, id: &str) -> SubscriberConfig {
+    let mut config = SubscriberConfig::new(
+        [server.url.clone()],
+        Namespace::live(),
+        Channel::parse("web").unwrap(),
+        id,
+    );
+    config.trusted_keys = Some(server.trusted_keys());
+    config
 }
 
 fn action(name: &str) -> Action {
@@ -23,10 +34,13 @@ fn action(name: &str) -> Action {
 }
 
 /// A controller on `addr` and `data_dir` that sends heartbeats every 100 ms,
-/// so that a client's staleness limits can be short.
+/// so that a client's staleness limits can be short. Every one signs with
+/// the same key, as a deployment's controller keeps its key when its store
+/// is replaced.
 async fn chatty(addr: std::net::SocketAddr, data_dir: &Path) -> TestServer {
     TestServer::start_with(ServeConfig {
         listen: addr,
+        signing_key: SigningKeySource::Key(test_signing_key()),
         store: StoreConfig::Embedded {
             data_dir: data_dir.to_path_buf(),
         },
@@ -54,7 +68,7 @@ async fn a_cut_off_channel_keeps_its_policy_then_fails_closed_then_recovers() {
     let mut server = chatty("127.0.0.1:0".parse().unwrap(), data.path()).await;
     let frozen = server.apply(&["freeze-credential-changes"]).await;
 
-    let mut config = config(&server.url, "web-1");
+    let mut config = config(&server, "web-1");
     config.last_known_good = Some(files.path().join("web.lkg"));
     config.stale_after = Duration::from_secs(1);
     config.max_backoff = Duration::from_millis(200);
@@ -151,7 +165,7 @@ async fn a_service_restarted_while_the_controller_is_down_enforces_the_saved_pol
     let frozen = server
         .apply(&["freeze-credential-changes", "bots-faq-only"])
         .await;
-    let mut first = config(&server.url, "web-1");
+    let mut first = config(&server, "web-1");
     first.last_known_good = Some(lkg.clone());
     let url = server.url.clone();
     let subscriber = Subscriber::start(first.clone()).unwrap();
@@ -214,13 +228,42 @@ fn logged<T>(f: impl FnOnce() -> T) -> (T, String) {
     (result, text)
 }
 
+/// A last-known-good file `good` edited by `edit` (its header as JSON, its
+/// snapshot decoded), with its length and checksum recomputed, as whoever
+/// can write the file could.
+fn tamper(
+    good: &[u8],
+    edit: impl FnOnce(serde_json::Value, &mut proto::Snapshot) -> serde_json::Value,
+) -> Vec<u8> {
+    use prost::Message as _;
+    use sha2::Digest as _;
+    let mut parts = good.splitn(3, |b| *b == b'\n');
+    let format = parts.next().unwrap().to_vec();
+    let header: serde_json::Value = serde_json::from_slice(parts.next().unwrap()).unwrap();
+    let mut snapshot = proto::Snapshot::decode(parts.next().unwrap()).unwrap();
+    assert!(
+        !snapshot.signature.is_empty(),
+        "the file keeps the signature"
+    );
+    let mut header = edit(header, &mut snapshot);
+    let payload = snapshot.encode_to_vec();
+    header["length"] = payload.len().into();
+    header["sha256"] = format!("{:x}", sha2::Sha256::digest(&payload)).into();
+    let mut file = format;
+    file.push(b'\n');
+    file.extend_from_slice(serde_json::to_string(&header).unwrap().as_bytes());
+    file.push(b'\n');
+    file.extend_from_slice(&payload);
+    file
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_saved_policy_is_refused_and_the_service_starts_with_none() {
     let files = tempfile::tempdir().unwrap();
     let lkg = files.path().join("web.lkg");
     let mut server = TestServer::start().await;
     let frozen = server.apply(&["freeze-credential-changes"]).await;
-    let mut saving = config(&server.url, "web-1");
+    let mut saving = config(&server, "web-1");
     saving.last_known_good = Some(lkg.clone());
     let subscriber = Subscriber::start(saving.clone()).unwrap();
     until_current(&subscriber, frozen).await;
@@ -232,10 +275,41 @@ async fn a_damaged_saved_policy_is_refused_and_the_service_starts_with_none() {
     let mut flipped = good.clone();
     let last = flipped.len() - 1;
     flipped[last] ^= 0x55;
-    let mut other_channel = config(&server.url, "ivr-1");
+    let mut other_channel = config(&server, "ivr-1");
     other_channel.channel = Channel::parse("ivr").unwrap();
     other_channel.last_known_good = Some(lkg.clone());
-    let cases: [(&str, Vec<u8>, &SubscriberConfig, &str); 5] = [
+    // Finding 4: every rule removed, the checksum (which is the file's own)
+    // recomputed; re-signed by another key; and a policy made to look
+    // current until 2099.
+    let no_rules = tamper(&good, |header, snapshot| {
+        snapshot.activations.clear();
+        snapshot.rules = Some(proto::ChannelRules::default());
+        header
+    });
+    let resigned = tamper(&good, |header, snapshot| {
+        snapshot.activations.clear();
+        snapshot.rules = Some(proto::ChannelRules::default());
+        safemode::wire::signed::sign_snapshot(snapshot, &SigningKey::generate().0);
+        header
+    });
+    let future = tamper(&good, |mut header, _| {
+        header["confirmed_at"] = "2099-01-01T00:00:00Z".into();
+        header
+    });
+    let cases: [(&str, Vec<u8>, &SubscriberConfig, &str); 8] = [
+        (
+            "every rule removed, checksum recomputed",
+            no_rules,
+            &saving,
+            "does not match its contents",
+        ),
+        (
+            "re-signed by another key",
+            resigned,
+            &saving,
+            "not among the trusted keys",
+        ),
+        ("confirmed in 2099", future, &saving, "in the future"),
         (
             "truncated",
             good[..good.len() - 10].to_vec(),
@@ -267,10 +341,13 @@ async fn a_damaged_saved_policy_is_refused_and_the_service_starts_with_none() {
         std::fs::write(&lkg, &bytes).unwrap();
         let (started, log) = logged(|| Subscriber::start(config.clone()));
         let started = started.unwrap_or_else(|e| panic!("{case}: it must start: {e}"));
-        let line = log
+        let said: Vec<&str> = log
             .lines()
-            .find(|l| l.contains("ERROR"))
-            .unwrap_or_else(|| panic!("{case}: no error logged: {log}"));
+            .filter(|l| l.contains("ERROR") || l.contains("WARN"))
+            .collect();
+        assert_eq!(said.len(), 1, "{case}: one log line, not: {log}");
+        let line = said[0];
+        assert!(line.contains("ERROR"), "{case}: {line}");
         assert!(
             line.contains(&lkg.display().to_string()) && line.contains(expected),
             "{case}: {line}"
@@ -287,7 +364,7 @@ async fn a_damaged_saved_policy_is_refused_and_the_service_starts_with_none() {
 async fn a_snapshot_the_channel_cannot_use_is_rejected_and_the_old_policy_holds() {
     let server = TestServer::start().await;
     let frozen = server.apply(&["freeze-credential-changes"]).await;
-    let mut config = config(&server.url, "web-no-routing");
+    let mut config = config(&server, "web-no-routing");
     // This web back end cannot send customers elsewhere.
     config.check = Some(Arc::new(
         |snapshot: &safemode::client::PolicySnapshot| match snapshot
@@ -354,7 +431,7 @@ async fn a_policy_from_a_replaced_store_is_stale() {
     ] {
         old.apply(&[mode]).await;
     }
-    let mut saving = config(&old.url, "web-1");
+    let mut saving = config(&old, "web-1");
     saving.last_known_good = Some(lkg.clone());
     let subscriber = Subscriber::start(saving.clone()).unwrap();
     wait_until("the policy is saved", || async {

@@ -318,6 +318,7 @@ async fn a_drill_never_touches_live() {
         Channel::parse("web").unwrap(),
         "live-web",
     );
+    config.trusted_keys = Some(server.trusted_keys());
     config.token = Some(principals.token("subscriber").to_string());
     let live = Subscriber::connect(config).await.unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));

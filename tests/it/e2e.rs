@@ -208,12 +208,29 @@ async fn a_two_mode_change_reaches_every_subscriber_at_once_and_a_lift_restores_
 async fn a_subscriber_ahead_of_the_controller_is_told_to_retry() {
     let server = TestServer::start().await;
     let revision = server.apply(&["incident-notice"]).await;
+    // The store moves on in another namespace: a revision the store has
+    // reached, which this replica's `live` has not (as a replica that is
+    // behind its peers): the subscriber is told to try another replica.
+    let elsewhere = server
+        .control()
+        .await
+        .apply_modes(proto::ApplyModesRequest {
+            namespace: "drill-ahead".into(),
+            modes: vec!["incident-notice".into()],
+            reason: "move the store on".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .revision;
+    assert!(elsewhere > revision);
     let refused = RawSubscriber::connect(
         server.channel().await,
         "live",
         "web",
         "from-the-future",
-        revision + 10,
+        elsewhere,
     )
     .await
     .err()
@@ -225,6 +242,32 @@ async fn a_subscriber_ahead_of_the_controller_is_told_to_retry() {
         refused.message()
     );
     assert!(server.status("live").await.subscribers.is_empty());
+
+    // A revision the store never reached was never issued: no replica will
+    // ever catch up to it, so the subscriber is told to start over.
+    let never = elsewhere + 1_000;
+    let restarted = RawSubscriber::connect(
+        server.channel().await,
+        "live",
+        "web",
+        "from-the-future",
+        never,
+    )
+    .await
+    .expect("admitted, to start over");
+    let first =
+        crate::support::wait_for("its first snapshot", || async { restarted.latest() }).await;
+    assert_eq!(first.revision, revision);
+    assert_eq!(first.start_over_from, never);
+    let status = server.status("live").await;
+    assert!(
+        status
+            .problems
+            .iter()
+            .any(|p| p.contains("from-the-future") && p.contains(&never.to_string())),
+        "{:?}",
+        status.problems
+    );
 }
 
 #[tokio::test]

@@ -60,6 +60,8 @@ async fn the_example_password_reset_service_follows_the_policy() {
             "--last-known-good",
         ])
         .arg(files.path().join("web.lkg"))
+        .arg("--trusted-keys")
+        .arg(server.trusted_keys_file())
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)

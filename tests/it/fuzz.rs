@@ -1078,6 +1078,9 @@ fn web() -> Channel {
     Channel::parse("web").unwrap()
 }
 
+/// The key of the controller that saved the policy: the reader trusts it.
+static SAVED_BY: std::sync::OnceLock<safemode::signing::TrustedKeys> = std::sync::OnceLock::new();
+
 fn lkg_config(path: &Path) -> SubscriberConfig {
     let mut config = SubscriberConfig::new(
         ["http://127.0.0.1:1".to_string()],
@@ -1086,11 +1089,15 @@ fn lkg_config(path: &Path) -> SubscriberConfig {
         "fuzz-1",
     );
     config.last_known_good = Some(path.to_path_buf());
+    config.trusted_keys = SAVED_BY.get().cloned();
     config
 }
 
 async fn save_a_policy() -> Saved {
     let server = TestServer::start().await;
+    SAVED_BY
+        .set(server.trusted_keys())
+        .expect("one policy is saved per run");
     let revision = server.apply(SAVED_MODES).await;
     let files = tempfile::tempdir().unwrap();
     let path = files.path().join("web.lkg");

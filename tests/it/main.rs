@@ -19,6 +19,7 @@ mod policy_merge;
 mod python_client;
 mod replicas;
 mod restart;
+mod rogue;
 mod runbooks;
 mod sim;
 mod soak;

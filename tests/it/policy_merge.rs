@@ -679,6 +679,7 @@ fn received(
             .collect(),
         rules: Some(wire::channel_policy_to_wire(policy.channel(channel))),
         epoch: "e".into(),
+        ..Default::default()
     };
     safemode::client::PolicySnapshot::from_wire(wire, &namespace, channel).unwrap()
 }

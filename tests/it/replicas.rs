@@ -429,12 +429,13 @@ async fn a_restarted_replica_gets_all_1000_subscribers_back() {
     let url = replica.url.clone();
 
     let connects = (0..1000).map(|i| {
-        let config = SubscriberConfig::new(
+        let mut config = SubscriberConfig::new(
             [url.clone()],
             Namespace::live(),
             Channel::parse(CHANNELS[i % CHANNELS.len()]).unwrap(),
             format!("sub-{i:04}"),
         );
+        config.trusted_keys = Some(replica.trusted_keys());
         Subscriber::connect(config)
     });
     let subscribers: Vec<Subscriber> = futures_util::future::join_all(connects)
@@ -720,6 +721,7 @@ async fn heartbeats_stop_while_the_store_is_unreachable_so_clients_go_stale() {
         Channel::parse("ivr").unwrap(),
         "ivr-1",
     );
+    config.trusted_keys = Some(server.trusted_keys());
     config.stale_after = std::time::Duration::from_millis(500);
     let client = Subscriber::connect(config).await.unwrap();
     wait_until("fresh while heartbeats arrive", || async {

@@ -148,7 +148,17 @@ async fn a_reconnect_to_the_same_revision_is_acked_but_is_no_change() {
 #[tokio::test]
 async fn a_client_follows_a_replaced_store_into_its_new_history() {
     let old = tempfile::tempdir().unwrap();
-    let mut server = TestServer::start_in(old.path()).await;
+    // The deployment keeps its signing key when its store is replaced.
+    let key = safemode::server::SigningKeySource::Key(crate::support::test_signing_key());
+    let mut server = TestServer::start_with(safemode::server::ServeConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        signing_key: key.clone(),
+        store: safemode::server::StoreConfig::Embedded {
+            data_dir: old.path().to_path_buf(),
+        },
+        ..Default::default()
+    })
+    .await;
     for mode in [
         "incident-notice",
         "review-refunds-payouts",
@@ -167,6 +177,7 @@ async fn a_client_follows_a_replaced_store_into_its_new_history() {
     let fresh = tempfile::tempdir().unwrap();
     let server = TestServer::start_with(safemode::server::ServeConfig {
         listen: addr,
+        signing_key: key,
         store: safemode::server::StoreConfig::Embedded {
             data_dir: fresh.path().to_path_buf(),
         },

@@ -23,6 +23,8 @@ async fn the_sim_reports_every_subscribers_apply_and_answers_decisions() {
             "1",
         ])
         .env_remove("RUST_LOG")
+        .arg("--trusted-keys")
+        .arg(server.trusted_keys_file())
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use safemode::client::{Subscriber, SubscriberConfig};
 use safemode::policy::{Channel, Namespace};
+use safemode::signing::TrustedKeys;
 use safemode::wire::proto;
 use safemode::wire::proto::control_service_client::ControlServiceClient;
 
@@ -88,13 +89,14 @@ struct Watched {
     applied: Arc<Mutex<Vec<i64>>>,
 }
 
-async fn watched(urls: &[String], channel: &str, id: &str) -> Watched {
+async fn watched(urls: &[String], trusted: &TrustedKeys, channel: &str, id: &str) -> Watched {
     let mut config = SubscriberConfig::new(
         urls.to_vec(),
         Namespace::live(),
         Channel::parse(channel).unwrap(),
         id,
     );
+    config.trusted_keys = Some(trusted.clone());
     // A replica that is killed comes back within the soak: reconnect soon.
     config.max_backoff = Duration::from_millis(500);
     let subscriber = Subscriber::connect(config)
@@ -183,7 +185,9 @@ async fn every_command_succeeds_while_members_and_replicas_fail() {
     // Replicas of one deployment share their signing key.
     let dir = tempfile::tempdir().unwrap();
     let key_file = dir.path().join("signing.key");
-    std::fs::write(&key_file, safemode::signing::SigningKey::generate().1).unwrap();
+    let (key, pem) = safemode::signing::SigningKey::generate();
+    std::fs::write(&key_file, pem).unwrap();
+    let trusted = TrustedKeys::new([key.public_key().clone()]).unwrap();
     let serve_args = [
         "--store".to_string(),
         "etcd".to_string(),
@@ -216,9 +220,15 @@ async fn every_command_succeeds_while_members_and_replicas_fail() {
         .map(|u| u.trim_start_matches("http://").to_string())
         .collect();
     let subscribers = [
-        watched(&urls, "chatbot", "soak-chatbot").await,
-        watched(&[urls[1].clone(), urls[0].clone()], "ivr", "soak-ivr").await,
-        watched(&urls, "web", "soak-web").await,
+        watched(&urls, &trusted, "chatbot", "soak-chatbot").await,
+        watched(
+            &[urls[1].clone(), urls[0].clone()],
+            &trusted,
+            "ivr",
+            "soak-ivr",
+        )
+        .await,
+        watched(&urls, &trusted, "web", "soak-web").await,
     ];
 
     // The commander: apply and lift in a loop until told to stop, every

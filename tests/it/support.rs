@@ -11,7 +11,8 @@ use std::time::Duration;
 use safemode::client::{Subscriber, SubscriberConfig};
 use safemode::controller::ControllerConfig;
 use safemode::policy::Namespace;
-use safemode::server::{self, RunningServer, ServeConfig, StoreConfig};
+use safemode::server::{self, RunningServer, ServeConfig, SigningKeySource, StoreConfig};
+use safemode::signing::{SigningKey, TrustedKeys};
 use safemode::wire::proto::control_service_client::ControlServiceClient;
 use safemode::wire::proto::subscribe_request::Message as Outbound;
 use safemode::wire::proto::subscribe_response::Message as Inbound;
@@ -62,6 +63,8 @@ where
 pub struct TestServer {
     pub url: String,
     running: Option<RunningServer>,
+    /// The public key it signs with, as its channel services trust it.
+    trusted: TrustedKeys,
     _temp: Option<tempfile::TempDir>,
 }
 
@@ -160,12 +163,54 @@ impl TestServer {
 
     /// A server with a custom configuration.
     pub async fn start_with(config: ServeConfig) -> Self {
-        let running = server::start(config).await.expect("server starts");
+        let running = server::start(config.clone()).await.expect("server starts");
+        // Where a channel service gets the key: signing.pub in the data
+        // directory, or the key the deployment gave every replica.
+        let pem = match (&config.signing_key, &config.store) {
+            (SigningKeySource::Key(key), _) => key.public_key().to_pem(),
+            (SigningKeySource::File(path), _) => SigningKey::load(path)
+                .expect("the signing key file")
+                .public_key()
+                .to_pem(),
+            (SigningKeySource::InDataDir, StoreConfig::Embedded { data_dir }) => {
+                std::fs::read_to_string(data_dir.join(server::PUBLIC_KEY_FILE))
+                    .expect("the server wrote signing.pub")
+            }
+            (SigningKeySource::InDataDir, StoreConfig::Etcd { .. }) => {
+                unreachable!("refused by server::start")
+            }
+        };
+        let url = format!("http://{}", running.addr);
+        register_key(&url, &pem);
         TestServer {
-            url: format!("http://{}", running.addr),
+            url,
             running: Some(running),
+            trusted: TrustedKeys::from_pem(&pem).expect("a public key"),
             _temp: None,
         }
+    }
+
+    /// The keys its subscribers must trust.
+    pub fn trusted_keys(&self) -> TrustedKeys {
+        self.trusted.clone()
+    }
+
+    /// A file of the keys its subscribers must trust (`--trusted-keys`).
+    pub fn trusted_keys_file(&self) -> std::path::PathBuf {
+        key_file_of(&self.url).expect("registered at start")
+    }
+
+    /// Settings of a subscriber of `channel` in `live` that trusts this
+    /// server's key.
+    pub fn subscriber_config(&self, channel: &str, id: &str) -> SubscriberConfig {
+        let mut config = SubscriberConfig::new(
+            [self.url.clone()],
+            Namespace::live(),
+            safemode::policy::Channel::parse(channel).unwrap(),
+            id,
+        );
+        config.trusted_keys = Some(self.trusted_keys());
+        config
     }
 
     /// Stops the server gracefully and waits for it.
@@ -207,14 +252,9 @@ impl TestServer {
 
     /// A client subscriber of `channel` in `live`, with its first snapshot.
     pub async fn subscriber(&self, channel: &str, id: &str) -> Subscriber {
-        Subscriber::connect(SubscriberConfig::new(
-            [self.url.clone()],
-            Namespace::live(),
-            safemode::policy::Channel::parse(channel).unwrap(),
-            id,
-        ))
-        .await
-        .expect("the subscriber connects")
+        Subscriber::connect(self.subscriber_config(channel, id))
+            .await
+            .expect("the subscriber connects")
     }
 
     /// The status of `namespace`.
@@ -410,16 +450,74 @@ pub fn modes_of(snapshot: &proto::Snapshot) -> Vec<String> {
     modes
 }
 
-/// Runs the `safemode` binary with `args` (off the async runtime).
+/// The public-key files of the servers tests started, by URL: a command
+/// run against one trusts its key, as an operator sets
+/// `SAFEMODE_TRUSTED_KEYS` for the controller they use.
+static KEY_FILES: Mutex<Vec<(String, tempfile::TempPath)>> = Mutex::new(Vec::new());
+
+/// Keeps `pem` in a file as the key of the server at `url` (by its
+/// address: `http://` and `https://` alike).
+pub fn register_key(url: &str, pem: &str) {
+    let file = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(file.path(), pem).expect("write the public key");
+    let addr = address_of(url).to_string();
+    let mut files = KEY_FILES.lock().unwrap_or_else(|e| e.into_inner());
+    // A port is reused only after its server stopped.
+    files.retain(|(a, _)| *a != addr);
+    files.push((addr, file.into_temp_path()));
+}
+
+fn address_of(url: &str) -> &str {
+    url.split_once("://").map_or(url, |(_, rest)| rest)
+}
+
+/// The public-key file of the server at `url`, if a test started it.
+pub fn key_file_of(url: &str) -> Option<std::path::PathBuf> {
+    let addr = address_of(url);
+    let files = KEY_FILES.lock().unwrap_or_else(|e| e.into_inner());
+    files
+        .iter()
+        .find(|(a, _)| a == addr)
+        .map(|(_, path)| path.to_path_buf())
+}
+
+/// The public-key file for a command line: that of its first `--server`
+/// if a test started it, else a key no server signs with (a command against
+/// an address nobody serves is configured like any other, so that what it
+/// says is about the address).
+pub fn key_file_for(args: &[&str]) -> std::path::PathBuf {
+    static UNRELATED: std::sync::OnceLock<tempfile::TempPath> = std::sync::OnceLock::new();
+    args.iter()
+        .position(|a| *a == "--server")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|servers| key_file_of(servers.split(',').next().unwrap_or_default()))
+        .unwrap_or_else(|| {
+            UNRELATED
+                .get_or_init(|| {
+                    let file = tempfile::NamedTempFile::new().expect("temp file");
+                    std::fs::write(file.path(), SigningKey::generate().0.public_key().to_pem())
+                        .expect("write a public key");
+                    file.into_temp_path()
+                })
+                .to_path_buf()
+        })
+}
+
+/// Runs the `safemode` binary with `args` (off the async runtime). It
+/// trusts the key of the first `--server` ([`key_file_for`]; never a
+/// `safemode-data/signing.pub` that happens to lie in the working
+/// directory).
 pub async fn safemode(args: &[&str]) -> Output {
+    let keys = key_file_for(args);
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     tokio::task::spawn_blocking(move || {
-        std::process::Command::new(env!("CARGO_BIN_EXE_safemode"))
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_safemode"));
+        command
             .args(&args)
             .env_remove("SAFEMODE_SERVER")
-            .env_remove("RUST_LOG")
-            .output()
-            .expect("the safemode binary runs")
+            .env_remove("RUST_LOG");
+        command.env("SAFEMODE_TRUSTED_KEYS", keys);
+        command.output().expect("the safemode binary runs")
     })
     .await
     .unwrap()
@@ -477,10 +575,17 @@ impl ServeProcess {
         };
         // Keep draining the log so the server never blocks on a full pipe.
         std::thread::spawn(move || lines.for_each(drop));
-        ServeProcess {
-            child,
-            url: format!("http://{addr}"),
+        let url = format!("http://{addr}");
+        if let Some(dir) = args
+            .iter()
+            .position(|a| *a == "--data-dir")
+            .and_then(|i| args.get(i + 1))
+            && let Ok(pem) = std::fs::read_to_string(Path::new(dir).join(server::PUBLIC_KEY_FILE))
+            && args.iter().all(|a| *a != "--signing-key")
+        {
+            register_key(&url, &pem);
         }
+        ServeProcess { child, url }
     }
 
     /// The process id (to send it signals).
@@ -505,22 +610,20 @@ impl Drop for ServeProcess {
 /// The signing key every replica of a test on etcd shares, as replicas of
 /// one deployment share theirs (`serve --signing-key`).
 pub fn test_signing_key() -> safemode::signing::SigningKey {
-    static KEY: std::sync::OnceLock<safemode::signing::SigningKey> = std::sync::OnceLock::new();
-    KEY.get_or_init(|| safemode::signing::SigningKey::generate().0)
-        .clone()
+    test_key().0.clone()
 }
 
-/// [`test_signing_key`] in a PEM file, for `serve --signing-key` in a
-/// process.
-pub fn test_signing_key_file() -> String {
-    static FILE: std::sync::OnceLock<tempfile::TempPath> = std::sync::OnceLock::new();
-    let path = FILE.get_or_init(|| {
+/// A file holding [`test_signing_key`], for `serve --signing-key`.
+pub fn test_signing_key_file() -> std::path::PathBuf {
+    test_key().1.to_path_buf()
+}
+
+fn test_key() -> &'static (SigningKey, tempfile::TempPath) {
+    static KEY: std::sync::OnceLock<(SigningKey, tempfile::TempPath)> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| {
+        let (key, pem) = SigningKey::generate();
         let file = tempfile::NamedTempFile::new().expect("temp file");
-        // The key's PKCS#8 form is not kept, so a fresh key is written and
-        // loaded; every caller shares the file.
-        let (_, pem) = safemode::signing::SigningKey::generate();
-        std::fs::write(file.path(), pem).expect("write the key");
-        file.into_temp_path()
-    });
-    path.to_str().expect("a UTF-8 temp path").to_string()
+        std::fs::write(file.path(), pem).expect("write the signing key");
+        (key, file.into_temp_path())
+    })
 }

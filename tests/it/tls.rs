@@ -143,6 +143,10 @@ impl TlsServer {
     fn token(&self, name: &str) -> &str {
         self.principals.token(name)
     }
+
+    fn trusted_keys(&self) -> safemode::signing::TrustedKeys {
+        self.server.trusted_keys()
+    }
 }
 
 // === the binary ===
@@ -150,8 +154,10 @@ impl TlsServer {
 /// Runs the `safemode` binary with `args`, with `platform_ca` standing in
 /// for the platform's CA certificates (`SSL_CERT_FILE`), so that no test
 /// depends on the certificates of the machine it runs on, and with no other
-/// safemode setting from the environment but `env`.
+/// safemode setting from the environment but `env` (and the public key of
+/// the controller named by `--server`, as its operator would set it).
 async fn run(platform_ca: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
+    let keys = crate::support::key_file_for(args);
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     let env: Vec<(String, String)> = env
         .iter()
@@ -176,8 +182,18 @@ async fn run(platform_ca: &Path, env: &[(&str, &str)], args: &[&str]) -> Output 
             "SAFEMODE_ETCD_KEY",
             "SSL_CERT_DIR",
             "RUST_LOG",
+            "SAFEMODE_TRUSTED_KEYS",
+            "SAFEMODE_SIGNING_KEY",
         ] {
             command.env_remove(name);
+        }
+        command.env("SAFEMODE_TRUSTED_KEYS", keys);
+        // Replicas on etcd share a signing key (`serve --signing-key`).
+        if args.iter().any(|a| a == "etcd") {
+            command.env(
+                "SAFEMODE_SIGNING_KEY",
+                crate::support::test_signing_key_file(),
+            );
         }
         command
             .env("SSL_CERT_FILE", &platform_ca)
@@ -294,6 +310,7 @@ async fn commands_and_subscribers_reach_a_tls_controller() {
         Channel::parse("chatbot").unwrap(),
         "tls-chatbot",
     );
+    config.trusted_keys = Some(tls.trusted_keys());
     config.token = Some(tls.token("subscriber").to_string());
     config.ca_cert = Some(ca.clone());
     let subscriber = Subscriber::connect(config)
@@ -383,6 +400,7 @@ async fn a_certificate_nobody_trusted_vouched_for_is_refused() {
         Channel::parse("chatbot").unwrap(),
         "tls-untrusting",
     );
+    config.trusted_keys = Some(tls.trusted_keys());
     config.token = Some(tls.token("subscriber").to_string());
     config.ca_cert = Some(other_ca.clone());
     let error = Subscriber::connect(config)
@@ -574,6 +592,7 @@ async fn a_token_still_goes_in_plain_text_to_loopback() {
         Channel::parse("ivr").unwrap(),
         "loopback-ivr",
     );
+    config.trusted_keys = Some(server.trusted_keys());
     config.token = Some(principals.token("subscriber").to_string());
     let subscriber = Subscriber::connect(config)
         .await
@@ -752,13 +771,14 @@ async fn without_an_etcd_ca_the_platforms_certificates_vouch_for_etcd() {
         pki.arg("client.key"),
         pki.arg("ca.pem"),
     );
+    let signing_key = crate::support::test_signing_key_file()
+        .display()
+        .to_string();
     // The platform's CA file is the one that signed etcd's certificate.
     let server = ServeProcess::start(
         &[
             "--store",
             "etcd",
-            "--signing-key",
-            &crate::support::test_signing_key_file(),
             "--etcd-endpoints",
             &endpoint,
             "--etcd-cert",
@@ -766,7 +786,11 @@ async fn without_an_etcd_ca_the_platforms_certificates_vouch_for_etcd() {
             "--etcd-key",
             &key,
         ],
-        &[("SSL_CERT_FILE", &ca), ("SSL_CERT_DIR", "/nonexistent")],
+        &[
+            ("SSL_CERT_FILE", &ca),
+            ("SSL_CERT_DIR", "/nonexistent"),
+            ("SAFEMODE_SIGNING_KEY", &signing_key),
+        ],
     );
     let applied = safemode(&[
         "--server",
@@ -798,16 +822,7 @@ async fn serve_says_why_it_cannot_use_etcd_over_tls() {
         pki.arg("client.key"),
     );
     let mixed = format!("{endpoint},{plain}");
-    let signing_key = crate::support::test_signing_key_file();
-    let serve = [
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--store",
-        "etcd",
-        "--signing-key",
-        &signing_key,
-    ];
+    let serve = ["serve", "--listen", "127.0.0.1:0", "--store", "etcd"];
     let cases: Vec<(Vec<&str>, Vec<String>)> = vec![
         // Settings that cannot work, refused before anything connects.
         (

@@ -1,14 +1,18 @@
 //! The controller under test, in a child process of its own (so that its
 //! memory is its own): this same binary, started with `--controller`. It
 //! exits when its stdin closes, so it never outlives the benchmark, however
-//! that ends.
+//! that ends. The benchmark makes the controller's signing key and hands it
+//! to the child (`--signing-key`), so the subscribers know which key to
+//! trust, across a crash and restart too.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use safemode::signing::{SigningKey, TrustedKeys};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -35,14 +39,37 @@ pub struct Controller {
     child: Child,
     pub addr: SocketAddr,
     store: Store,
+    /// The file of its signing key, kept for a restart.
+    key_file: Arc<tempfile::TempDir>,
+    /// The public half of its key, for subscribers to trust.
+    pub trusted: TrustedKeys,
 }
 
+/// The signing key's file name in the key directory.
+const KEY_FILE: &str = "signing.key";
+
 impl Controller {
-    /// Starts a controller on `listen` (port 0: any) and waits until it
-    /// serves.
+    /// Starts a controller with a new signing key on `listen` (port 0: any)
+    /// and waits until it serves.
     pub async fn start(store: &Store, listen: SocketAddr) -> anyhow::Result<Controller> {
+        let dir = tempfile::tempdir().context("cannot make a directory for the signing key")?;
+        let (key, pem) = SigningKey::generate();
+        std::fs::write(dir.path().join(KEY_FILE), pem).context("cannot write the signing key")?;
+        let trusted = TrustedKeys::new([key.public_key().clone()])?;
+        Controller::spawn(store, listen, Arc::new(dir), trusted).await
+    }
+
+    async fn spawn(
+        store: &Store,
+        listen: SocketAddr,
+        key_file: Arc<tempfile::TempDir>,
+        trusted: TrustedKeys,
+    ) -> anyhow::Result<Controller> {
         let mut command = Command::new(std::env::current_exe().context("where am I")?);
         command.arg("--controller").arg(listen.to_string());
+        command
+            .arg("--signing-key")
+            .arg(key_file.path().join(KEY_FILE));
         match store {
             Store::Embedded(dir) => command.arg("--data-dir").arg(dir),
             Store::Etcd(endpoints) => command.arg("--etcd").arg(endpoints.join(",")),
@@ -68,6 +95,8 @@ impl Controller {
             child,
             addr,
             store: store.clone(),
+            key_file,
+            trusted,
         })
     }
 
@@ -88,7 +117,13 @@ impl Controller {
     pub async fn crash_and_restart(&mut self) -> anyhow::Result<Instant> {
         let killed = Instant::now();
         self.child.kill().await?;
-        let again = Controller::start(&self.store, self.addr).await?;
+        let again = Controller::spawn(
+            &self.store,
+            self.addr,
+            self.key_file.clone(),
+            self.trusted.clone(),
+        )
+        .await?;
         *self = again;
         Ok(killed)
     }
@@ -112,6 +147,7 @@ pub async fn serve(
     listen: SocketAddr,
     data_dir: Option<&Path>,
     etcd: Option<&str>,
+    signing_key: &Path,
 ) -> anyhow::Result<()> {
     use safemode::server::{ServeConfig, StoreConfig};
     let store = match (data_dir, etcd) {
@@ -129,10 +165,8 @@ pub async fn serve(
         listen,
         store,
         replica: "bench".into(),
-        // One replica: a key of its own (with etcd there is no data dir).
-        signing_key: safemode::server::SigningKeySource::Key(
-            safemode::signing::SigningKey::generate().0,
-        ),
+        // The benchmark's key, which its subscribers trust.
+        signing_key: safemode::server::SigningKeySource::File(signing_key.to_path_buf()),
         ..ServeConfig::default()
     })
     .await?;

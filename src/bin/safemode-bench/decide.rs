@@ -110,6 +110,8 @@ fn subscriber() -> (Subscriber, usize) {
         activations: activations.iter().map(wire::activation_to_wire).collect(),
         rules: Some(wire::channel_policy_to_wire(policy.channel(channel))),
         epoch: "bench".into(),
+        // A fixed subscriber takes its snapshot as given: nothing to verify.
+        ..Default::default()
     };
     let snapshot =
         PolicySnapshot::from_wire(snapshot, &namespace, channel).expect("a valid snapshot");

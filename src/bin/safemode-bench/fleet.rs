@@ -1,7 +1,8 @@
 //! Subscribers for the benchmarks: raw subscription streams over a pool of
 //! HTTP/2 connections (many streams share one, as channel services behind a
-//! few client pods would). Each checks and compiles every snapshot as the
-//! client module does (`PolicySnapshot::from_wire`), acks it, and reconnects
+//! few client pods would). Each checks every snapshot's signature and
+//! compiles it as the client module does (`verify_snapshot`,
+//! `PolicySnapshot::from_wire`), acks it, and reconnects
 //! with jitter when its stream ends. They record when each revision arrived;
 //! when the controller recorded the acks is read from its status.
 
@@ -13,10 +14,12 @@ use anyhow::Context as _;
 use safemode::backoff::Backoff;
 use safemode::client::PolicySnapshot;
 use safemode::policy::{Channel, Namespace, Revision};
+use safemode::signing::TrustedKeys;
 use safemode::wire::proto::subscribe_request::Message as Outbound;
 use safemode::wire::proto::subscribe_response::Message as Inbound;
 use safemode::wire::proto::subscription_service_client::SubscriptionServiceClient;
 use safemode::wire::proto::{self, SubscribeRequest};
+use safemode::wire::signed::verify_snapshot;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -49,7 +52,12 @@ impl Fleet {
     /// `size` subscribers of the live namespace, spread over the channels
     /// and over `connections` connections to `url`; returns once every one
     /// has acked its first snapshot.
-    pub async fn connect(url: &str, size: usize, connections: usize) -> anyhow::Result<Fleet> {
+    pub async fn connect(
+        url: &str,
+        size: usize,
+        connections: usize,
+        trusted: TrustedKeys,
+    ) -> anyhow::Result<Fleet> {
         let endpoint = Endpoint::from_shared(url.to_string())?
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(10))
@@ -80,6 +88,7 @@ impl Fleet {
                 channel: channels[index % channels.len()],
                 connection: pool[index % pool.len()].clone(),
                 ledger: fleet.ledger.clone(),
+                trusted: trusted.clone(),
             };
             tokio::spawn(subscriber.run(fleet.stop.clone()));
         }
@@ -154,6 +163,7 @@ struct Raw {
     channel: Channel,
     connection: Connection,
     ledger: Arc<Mutex<Ledger>>,
+    trusted: TrustedKeys,
 }
 
 impl Raw {
@@ -203,15 +213,22 @@ impl Raw {
         let mut delivered = false;
         let namespace = Namespace::live();
         while let Ok(Some(message)) = inbound.message().await {
-            let Some(Inbound::Snapshot(snapshot)) = message.message else {
+            let Some(Inbound::Snapshot(mut snapshot)) = message.message else {
                 continue;
             };
             let received = Instant::now();
             delivered = true;
             let revision = snapshot.revision;
             let snapshot_epoch = snapshot.epoch.clone();
-            // What a channel service does before it acks: check and compile.
-            let reply = match PolicySnapshot::from_wire(snapshot, &namespace, self.channel) {
+            // What a channel service does before it acks: verify, check
+            // and compile.
+            let checked = verify_snapshot(&mut snapshot, &self.trusted)
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    PolicySnapshot::from_wire(snapshot, &namespace, self.channel)
+                        .map_err(|e| e.to_string())
+                });
+            let reply = match checked {
                 Ok(_) => Outbound::Ack(proto::Ack { revision }),
                 Err(e) => {
                     eprintln!(
@@ -220,7 +237,7 @@ impl Raw {
                     );
                     Outbound::Reject(proto::Reject {
                         revision,
-                        reason: e.to_string(),
+                        reason: e,
                     })
                 }
             };

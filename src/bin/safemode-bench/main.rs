@@ -70,6 +70,8 @@ struct Args {
     data_dir: Option<PathBuf>,
     #[arg(long, hide = true)]
     etcd: Option<String>,
+    #[arg(long, hide = true)]
+    signing_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Serialize)]
@@ -186,10 +188,15 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let runtime = tokio::runtime::Runtime::new()?;
     if let Some(listen) = args.controller {
+        let signing_key = args
+            .signing_key
+            .as_deref()
+            .context("the controller child needs --signing-key")?;
         return runtime.block_on(controller::serve(
             listen,
             args.data_dir.as_deref(),
             args.etcd.as_deref(),
+            signing_key,
         ));
     }
     let sizes = if args.sizes.is_empty() {
@@ -323,7 +330,13 @@ async fn propagation(args: &Args, store: &str, size: usize, flips: usize) -> any
     let mut revision = flip(&mut commander, true).await?;
     let rss_idle = controller.rss()?;
 
-    let fleet = Fleet::connect(&controller.url(), size, connections).await?;
+    let fleet = Fleet::connect(
+        &controller.url(),
+        size,
+        connections,
+        controller.trusted.clone(),
+    )
+    .await?;
     if !fleet.all_acked(revision, Duration::from_secs(60)).await {
         bail!("{size} subscribers did not all ack the first revision");
     }
