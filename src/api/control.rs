@@ -507,7 +507,12 @@ impl ControlService for ControlApi {
             .await
             .map_err(status)?;
         Ok(Response::new(proto::ListIncidentsResponse {
-            incidents: incidents.iter().map(incident_to_wire).collect(),
+            total: u32::try_from(incidents.len()).unwrap_or(u32::MAX),
+            incidents: incidents
+                .iter()
+                .take(limits::MAX_LISTED)
+                .map(incident_to_wire)
+                .collect(),
         }))
     }
 
@@ -552,7 +557,12 @@ impl ControlService for ControlApi {
             .await
             .map_err(status)?;
         Ok(Response::new(proto::ListRequestsResponse {
-            requests: requests.iter().map(request_to_wire).collect(),
+            total: u32::try_from(requests.len()).unwrap_or(u32::MAX),
+            requests: requests
+                .iter()
+                .take(limits::MAX_LISTED)
+                .map(request_to_wire)
+                .collect(),
         }))
     }
 

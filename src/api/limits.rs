@@ -24,6 +24,10 @@ pub const MAX_TARGETS_PER_REQUEST: usize = 256;
 /// The most channel names one request may give (there are six channels).
 pub const MAX_CHANNELS_PER_REQUEST: usize = 16;
 
+/// The most incidents or change requests one list answer holds, newest
+/// first (the answer says how many matched).
+pub const MAX_LISTED: usize = 200;
+
 /// How many of a refused request's names its audit entry and log line
 /// show, each cut to [`SHOWN_NAME_CHARS`].
 const SHOWN_NAMES: usize = 3;

@@ -806,6 +806,7 @@ pub fn incidents(format: Format, response: &proto::ListIncidentsResponse) -> Str
     match format {
         Format::Json => json_line(&json!({
             "incidents": response.incidents.iter().map(incident_json).collect::<Vec<_>>(),
+            "total": response.total,
         })),
         Format::Text => {
             let mut out = String::new();
@@ -838,6 +839,12 @@ pub fn incidents(format: Format, response: &proto::ListIncidentsResponse) -> Str
                     "REVIEW DUE",
                 ],
                 &rows,
+            );
+            cut_note(
+                &mut out,
+                response.incidents.len(),
+                response.total,
+                "incidents",
             );
             out
         }
@@ -920,10 +927,18 @@ pub fn incident(format: Format, i: &proto::Incident) -> String {
     }
 }
 
+/// Says so when a list answer was cut to its bound.
+fn cut_note(out: &mut String, shown: usize, total: u32, what: &str) {
+    if (total as usize) > shown {
+        say!(out, "(the newest {shown} of {total} {what})");
+    }
+}
+
 pub fn requests(format: Format, response: &proto::ListRequestsResponse) -> String {
     match format {
         Format::Json => json_line(&json!({
             "requests": response.requests.iter().map(request_json).collect::<Vec<_>>(),
+            "total": response.total,
         })),
         Format::Text => {
             let mut out = String::new();
@@ -948,6 +963,12 @@ pub fn requests(format: Format, response: &proto::ListRequestsResponse) -> Strin
                 &mut out,
                 ["REQUEST", "STATUS", "REQUESTED BY", "EXPIRES", "WILL"],
                 &rows,
+            );
+            cut_note(
+                &mut out,
+                response.requests.len(),
+                response.total,
+                "requests",
             );
             out
         }

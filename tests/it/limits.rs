@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use safemode::api::limits::StreamLimits;
 use safemode::wire::proto;
+use safemode::wire::proto::control_service_client::ControlServiceClient;
 use safemode::wire::proto::subscribe_request::Message as Outbound;
 use safemode::wire::proto::subscription_service_client::SubscriptionServiceClient;
 use tokio::sync::mpsc;
@@ -533,4 +534,74 @@ async fn a_principal_is_one_person_whatever_the_case() {
         .unwrap()
         .into_inner();
     assert_eq!(status.activations.len(), 1, "the freeze is still on");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incident_lists_are_cut_to_the_newest_and_say_how_many_matched() {
+    let server = TestServer::start().await;
+    let mut control = server.control().await;
+    let mut approver = ControlServiceClient::with_interceptor(
+        server.channel().await,
+        |mut request: tonic::Request<()>| {
+            request
+                .metadata_mut()
+                .insert("x-safemode-principal", "bob".parse().unwrap());
+            Ok(request)
+        },
+    );
+    let count = safemode::api::limits::MAX_LISTED + 5;
+    let mut last = String::new();
+    for i in 0..count {
+        let declared = control
+            .declare_incident(proto::DeclareIncidentRequest {
+                namespace: "live".into(),
+                r#type: "ai-handoff-abuse".into(),
+                severity: "sev3".into(),
+                reason: format!("wave {i}"),
+                ..Default::default()
+            })
+            .await
+            .expect("declare")
+            .into_inner();
+        let id = declared.incident.expect("an incident").id;
+        let resolved = control
+            .resolve_incident(proto::ResolveIncidentRequest {
+                incident_id: id.clone(),
+                reason: "contained".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("resolve")
+            .into_inner();
+        // Resolving lifts protections: a second person approves.
+        if let Some(request) = resolved.pending {
+            approver
+                .approve(proto::ApproveRequest {
+                    request_id: request.id,
+                    reason: "contained".into(),
+                    ..Default::default()
+                })
+                .await
+                .expect("bob approves");
+        }
+        last = id;
+    }
+    let listed = control
+        .list_incidents(proto::ListIncidentsRequest {
+            namespace: "live".into(),
+            include_resolved: true,
+        })
+        .await
+        .expect("the list is answered")
+        .into_inner();
+    assert_eq!(listed.total as usize, count);
+    assert_eq!(listed.incidents.len(), safemode::api::limits::MAX_LISTED);
+    assert_eq!(listed.incidents[0].id, last, "newest first");
+    let text =
+        crate::support::safemode(&["--server", &server.url, "incident", "list", "--all"]).await;
+    let text = String::from_utf8_lossy(&text.stdout).to_string();
+    assert!(
+        text.contains(&format!("(the newest 200 of {count} incidents)")),
+        "{text}"
+    );
 }
