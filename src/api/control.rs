@@ -62,14 +62,27 @@ impl ControlApi {
 }
 
 /// Subscribers in one status page unless asked otherwise, and at most.
-/// A subscriber's entry is at most about half a kilobyte (its id, peer and
-/// reject reason are bounded), so a page stays far below gRPC's 4 MiB.
+/// A subscriber's entry is at most about half a kilobyte (its id is at most
+/// 128 bytes and its reject reason 256; the peer is an address), so a page
+/// stays far below gRPC's 4 MiB.
 const STATUS_PAGE_DEFAULT: usize = 1000;
 const STATUS_PAGE_MAX: usize = 5000;
 
-/// The caller's change id, or a new one when it gave none.
-fn change_id(text: &str) -> Result<ChangeId, Status> {
-    ChangeId::parse_or_random(text).map_err(|e| invalid("change_id", e))
+/// The caller's change id, or a new one when it gave none, bound to who
+/// asked for exactly what: a retry sends the same bytes, anything else under
+/// the same id is refused.
+fn change_id(
+    text: &str,
+    actor: &crate::auth::Principal,
+    request: &impl prost::Message,
+) -> Result<ChangeId, Status> {
+    use sha2::{Digest as _, Sha256};
+    let id = ChangeId::parse_or_random(text).map_err(|e| invalid("change_id", e))?;
+    let mut digest = Sha256::new();
+    digest.update(actor.name.as_bytes());
+    digest.update([0]);
+    digest.update(request.encode_to_vec());
+    Ok(id.for_request(format!("{:x}", digest.finalize())))
 }
 
 fn namespace(text: &str) -> Result<Namespace, Status> {
@@ -114,7 +127,7 @@ impl ControlService for ControlApi {
     ) -> Result<Response<proto::ApplyModesResponse>, Status> {
         let actor = principal(&request)?;
         let r = request.into_inner();
-        let change = change_id(&r.change_id)?;
+        let change = change_id(&r.change_id, &actor, &r)?;
         let namespace = namespace(&r.namespace)?;
         // Authorised before anything that grows with the request; a refusal
         // records a bounded summary, never the caller's list.
@@ -207,7 +220,7 @@ impl ControlService for ControlApi {
     ) -> Result<Response<proto::LiftActivationsResponse>, Status> {
         let actor = principal(&request)?;
         let r = request.into_inner();
-        let change = change_id(&r.change_id)?;
+        let change = change_id(&r.change_id, &actor, &r)?;
         let namespace = namespace(&r.namespace)?;
         authorize(
             &self.controller,
@@ -383,7 +396,7 @@ impl ControlService for ControlApi {
     ) -> Result<Response<proto::IncidentChange>, Status> {
         let actor = principal(&request)?;
         let r = request.into_inner();
-        let change = change_id(&r.change_id)?;
+        let change = change_id(&r.change_id, &actor, &r)?;
         let namespace = namespace(&r.namespace)?;
         let runbook = RunbookName::parse(&r.r#type).map_err(invalid_name("type"))?;
         let severity = severity(&r.severity)?;
@@ -420,7 +433,7 @@ impl ControlService for ControlApi {
     ) -> Result<Response<proto::IncidentChange>, Status> {
         let actor = principal(&request)?;
         let r = request.into_inner();
-        let change = change_id(&r.change_id)?;
+        let change = change_id(&r.change_id, &actor, &r)?;
         let id = incident_id(&r.incident_id)?;
         let severity = severity(&r.severity)?;
         let reason = if r.reason.trim().is_empty() {
@@ -459,7 +472,7 @@ impl ControlService for ControlApi {
     ) -> Result<Response<proto::IncidentChange>, Status> {
         let actor = principal(&request)?;
         let r = request.into_inner();
-        let change = change_id(&r.change_id)?;
+        let change = change_id(&r.change_id, &actor, &r)?;
         let id = incident_id(&r.incident_id)?;
         let reason = reason(&r.reason)?;
         let what = format!("resolve incident {id}");
@@ -572,7 +585,7 @@ impl ControlService for ControlApi {
     ) -> Result<Response<proto::ApproveResponse>, Status> {
         let actor = principal(&request)?;
         let r = request.into_inner();
-        let change = change_id(&r.change_id)?;
+        let change = change_id(&r.change_id, &actor, &r)?;
         let id = RequestId::parse(&r.request_id).map_err(invalid_name("request_id"))?;
         let reason = if r.reason.trim().is_empty() {
             None

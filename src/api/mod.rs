@@ -227,9 +227,26 @@ async fn authorize_anywhere(
     authorize(controller, actor, operation, None, what).await
 }
 
+/// The most bytes of an error message: messages quote what the caller
+/// sent, and a status travels in a header that HTTP/2 peers bound.
+const MAX_MESSAGE_BYTES: usize = 1024;
+
+/// `message`, cut to [`MAX_MESSAGE_BYTES`] at a character boundary.
+fn bounded(mut message: String) -> String {
+    if message.len() > MAX_MESSAGE_BYTES {
+        let mut end = MAX_MESSAGE_BYTES;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push_str("… (cut)");
+    }
+    message
+}
+
 /// An invalid field of a request.
 fn invalid(field: &str, error: impl std::fmt::Display) -> tonic::Status {
-    tonic::Status::invalid_argument(format!("{field}: {error}"))
+    tonic::Status::invalid_argument(bounded(format!("{field}: {error}")))
 }
 
 fn invalid_name(field: &'static str) -> impl Fn(NameError) -> tonic::Status {
@@ -239,7 +256,7 @@ fn invalid_name(field: &'static str) -> impl Fn(NameError) -> tonic::Status {
 /// The one place controller errors become gRPC statuses.
 fn status(error: controller::Error) -> tonic::Status {
     use controller::Error::*;
-    let message = error.to_string();
+    let message = bounded(error.to_string());
     match error {
         UnknownMode(_)
         | NotActive { .. }
@@ -261,6 +278,7 @@ fn status(error: controller::Error) -> tonic::Status {
             tonic::Status::unavailable(message)
         }
         TooManyNamespaces { .. } => tonic::Status::resource_exhausted(message),
+        NotInUse { .. } => tonic::Status::failed_precondition(message),
         Conflict(_) => tonic::Status::aborted(message),
         Store(crate::store::Error::Unavailable(_)) => tonic::Status::unavailable(message),
         Store(_) => tonic::Status::internal(message),

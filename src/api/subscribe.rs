@@ -58,9 +58,10 @@ impl SubscriptionApi {
     }
 }
 
-/// The longest reject reason kept (longer ones are cut): status pages hold
-/// up to thousands of subscribers, each with its reason.
-const MAX_REASON_LEN: usize = 256;
+/// The longest reject reason kept, in bytes (longer ones are cut at a
+/// character boundary): status pages hold up to thousands of subscribers,
+/// each with its reason, and must stay far below 4 MiB.
+const MAX_REASON_BYTES: usize = 256;
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<Outbound, Status>> + Send>>;
 
@@ -122,6 +123,13 @@ impl SubscriptionService for SubscriptionApi {
             &what,
         )
         .await?;
+        // Only whoever may change a namespace makes this replica follow
+        // it at will; a subscriber-only token can never squat the bound.
+        let may_change = actor.may(Operation::Change, Some(&namespace)).is_ok();
+        self.controller
+            .check_follow(&namespace, may_change)
+            .await
+            .map_err(status)?;
         let subscription = self
             .controller
             .subscribe(
@@ -336,7 +344,10 @@ impl Session {
                     .trim()
                     .chars()
                     .map(|c| if c.is_control() { ' ' } else { c })
-                    .take(MAX_REASON_LEN)
+                    .scan(0, |bytes, c| {
+                        *bytes += c.len_utf8();
+                        (*bytes <= MAX_REASON_BYTES).then_some(c)
+                    })
                     .collect();
                 if reason.is_empty() {
                     reason = "no reason given".to_string();

@@ -101,6 +101,10 @@ pub struct ChangeId {
     /// Made by [`ChangeId::random`] in this process, so it cannot have
     /// committed before: no need to look it up first.
     fresh: bool,
+    /// A digest of the request that carried it (who, and exactly what):
+    /// the id used again for anything else is refused, not answered with
+    /// the first change's outcome.
+    request: Option<String>,
 }
 
 impl PartialEq for ChangeId {
@@ -126,7 +130,11 @@ impl ChangeId {
             };
             id.push(char::from(ALPHABET[index as usize]));
         }
-        ChangeId { id, fresh: true }
+        ChangeId {
+            id,
+            fresh: true,
+            request: None,
+        }
     }
 
     /// Checks a change id given by a caller. The error says what is allowed.
@@ -148,12 +156,19 @@ impl ChangeId {
         Ok(ChangeId {
             id: text.to_string(),
             fresh: false,
+            request: None,
         })
     }
 
     /// The id.
     pub fn as_str(&self) -> &str {
         &self.id
+    }
+
+    /// The id, bound to `request`: a digest of who asked for exactly what.
+    pub fn for_request(mut self, request: String) -> Self {
+        self.request = Some(request);
+        self
     }
 
     /// The caller's id, or a new one when it gave none (empty).
@@ -201,6 +216,9 @@ pub(crate) struct ChangeRecord {
     /// request) answers with the namespace's revision.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<Revision>,
+    /// The digest of the request ([`ChangeId::for_request`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
 }
 
 /// An outcome that can be kept with its change id and given again to a
@@ -394,7 +412,11 @@ impl Controller {
             }
             let mut appended = None;
             if let (Some(mut draft), Some((head, head_revision))) = (plan.audit, head) {
-                draft.change_id = Some(id.to_string());
+                // A refusal is recorded in the log, never as a change that
+                // committed: it changes nothing and no caller retries it, and
+                // so it takes no place among the kept change records.
+                let keeps_record = draft.action != AuditAction::Refused;
+                draft.change_id = keeps_record.then(|| id.to_string());
                 let entry =
                     AuditEntry::seal(draft, state_digest, &head, plan.at, self.signing_key());
                 appended = Some((entry.seq, entry.action, entry.hash.clone()));
@@ -413,10 +435,12 @@ impl Controller {
                     revision: 0,
                 });
                 // A change id commits once.
-                txn.compares.push(Compare::ModRevision {
-                    key: layout.change_key(&id),
-                    revision: 0,
-                });
+                if keeps_record {
+                    txn.compares.push(Compare::ModRevision {
+                        key: layout.change_key(&id),
+                        revision: 0,
+                    });
+                }
                 let record = ChangeRecord {
                     operation: change.operation.to_string(),
                     seq: entry.seq,
@@ -425,11 +449,14 @@ impl Controller {
                         (Some(view), false) => Some(view.revision),
                         _ => None,
                     },
+                    request: change.id.and_then(|id| id.request.clone()),
                 };
-                txn.ops.push(Op::Put {
-                    key: layout.change_key(&id),
-                    value: serde_json::to_vec(&record).expect("change records serialize"),
-                });
+                if keeps_record {
+                    txn.ops.push(Op::Put {
+                        key: layout.change_key(&id),
+                        value: serde_json::to_vec(&record).expect("change records serialize"),
+                    });
+                }
                 txn.ops.push(Op::Put {
                     key: layout.audit_entry_key(entry.seq),
                     value: serde_json::to_vec(&entry).expect("audit entries serialize"),
@@ -543,7 +570,10 @@ impl Controller {
             was: record.operation.clone(),
             now: change.operation.to_string(),
         };
-        if record.operation != change.operation {
+        let asked = change.id.and_then(|id| id.request.as_deref());
+        if record.operation != change.operation
+            || record.request.is_some() && asked.is_some() && record.request.as_deref() != asked
+        {
             return Err(reused());
         }
         let outcome = T::replayed(record.outcome.clone()).ok_or_else(reused)?;

@@ -75,6 +75,11 @@ impl Layout {
         format!("{}ns/{}/", self.prefix, namespace)
     }
 
+    /// Where the namespace's activations live.
+    pub fn activations_prefix(&self, namespace: &Namespace) -> String {
+        format!("{}activations/", self.namespace_prefix(namespace))
+    }
+
     /// The key of an activation.
     pub fn activation_key(&self, namespace: &Namespace, id: &ActivationId) -> String {
         format!("{}activations/{}", self.namespace_prefix(namespace), id)

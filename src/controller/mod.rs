@@ -205,10 +205,10 @@ pub enum Error {
         /// When.
         at: String,
     },
-    /// A change id that already committed was given for another kind of
-    /// change.
+    /// A change id that already committed was given for another change
+    /// (another kind, another caller, or other contents).
     #[error(
-        "change id '{id}' was already used for a {was} change, so it cannot name this {now}; use a new change id (or none: the server makes one)"
+        "change id '{id}' was already used for another change (a {was} with other contents or by another caller), so it cannot name this {now}; nothing was changed: use a new change id (or none: the server makes one)"
     )]
     ChangeIdReused {
         /// The change id.
@@ -221,6 +221,15 @@ pub enum Error {
     /// The controller is shutting down.
     #[error("the controller is shutting down; retry against another replica")]
     ShuttingDown,
+    /// A subscriber-only caller asked for a drill namespace nothing is
+    /// active in, which this replica does not follow.
+    #[error(
+        "nothing is active in {namespace}, so this replica does not follow it for a subscriber; subscribe once the drill has applied its modes, or with the drill's own token"
+    )]
+    NotInUse {
+        /// The namespace.
+        namespace: Namespace,
+    },
     /// Following one more namespace would pass the replica's bound.
     #[error(
         "this replica already follows {limit} namespaces, its limit; finish or lift old drills (an idle drill namespace is dropped after a while), use another replica, or raise --max-namespaces"
@@ -476,6 +485,45 @@ impl Controller {
                 cause,
             })?;
         Ok(handle)
+    }
+
+    /// Whether a caller may make this replica follow `namespace` by
+    /// subscribing to it. Whoever may change a namespace may (up to
+    /// `max_namespaces`); a caller who may only subscribe there makes a
+    /// replica follow a drill namespace only while it is in use (it holds an
+    /// activation), and only within half the bound, so subscriber and
+    /// viewer tokens can never lock the drills out.
+    pub async fn check_follow(&self, namespace: &Namespace, may_change: bool) -> Result<()> {
+        if !namespace.is_drill() || may_change {
+            return Ok(());
+        }
+        {
+            let namespaces = self.namespaces.lock().expect("poisoned");
+            if namespaces.contains_key(namespace) {
+                return Ok(());
+            }
+            let drills = namespaces.keys().filter(|n| n.is_drill()).count();
+            if drills + 1 >= self.config.max_namespaces / 2 {
+                return Err(Error::TooManyNamespaces {
+                    limit: self.config.max_namespaces,
+                });
+            }
+        }
+        let activations = self
+            .store
+            .range_page(
+                &self.config.layout.activations_prefix(namespace),
+                None,
+                1,
+                0,
+            )
+            .await?;
+        if activations.kvs.is_empty() {
+            return Err(Error::NotInUse {
+                namespace: namespace.clone(),
+            });
+        }
+        Ok(())
     }
 
     /// The namespace's state and a page of this replica's subscribers. A

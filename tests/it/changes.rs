@@ -341,3 +341,50 @@ async fn a_retried_lift_that_waits_for_approval_is_one_request_with_the_same_ans
         .into_inner();
     assert_eq!(requests.requests.len(), 1, "{requests:?}");
 }
+
+#[tokio::test]
+async fn a_change_id_sent_again_with_other_contents_is_refused_and_changes_nothing() {
+    let server = TestServer::start().await;
+    let request = |modes: &[&str]| proto::ApplyModesRequest {
+        namespace: "live".into(),
+        modes: modes.iter().map(|m| m.to_string()).collect(),
+        channels: Vec::new(),
+        reason: "INC-4211".into(),
+        as_of: None,
+        change_id: "inc-4211-freeze".into(),
+    };
+    let mut control = server.control().await;
+    let first = control
+        .apply_modes(request(&["freeze-phone-changes"]))
+        .await
+        .unwrap()
+        .into_inner();
+    // The same request again (a retry) is answered as the first was.
+    let again = control
+        .apply_modes(request(&["freeze-phone-changes"]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.revision, first.revision);
+    assert_eq!(again.applied[0].id, first.applied[0].id);
+    // Another request under the same id (say, a change id left exported in
+    // the shell) is refused, never answered "applied".
+    let other = control
+        .apply_modes(request(&["bots-faq-only"]))
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), tonic::Code::FailedPrecondition, "{other:?}");
+    assert!(
+        other.message().contains("inc-4211-freeze")
+            && other.message().contains("nothing was changed"),
+        "{}",
+        other.message()
+    );
+    let status = server.status("live").await;
+    let modes: Vec<&str> = status.activations.iter().map(|a| a.mode.as_str()).collect();
+    assert_eq!(
+        modes,
+        ["freeze-phone-changes"],
+        "bots-faq-only was not applied"
+    );
+}

@@ -110,6 +110,9 @@ async fn a_flood_of_names_is_refused_by_role_first_and_stalls_nobody() {
             entry.detail
         );
         assert!(!entry.detail.contains("made-up-15999"), "{}", entry.detail);
+        // A refusal takes no place among the kept change records, so
+        // refusals cannot push a commander's change ids out.
+        assert!(entry.change_id.is_empty(), "{entry:?}");
     }
     assert_eq!(revision(&mut admin).await, before, "nothing changed");
 
@@ -165,6 +168,28 @@ async fn an_oversized_request_is_refused_before_it_is_decoded() {
     );
     // Refused before authorisation could even read it: nothing recorded.
     assert_eq!(audit_entries(&mut admin).await.len(), audited);
+
+    // A name as long as a request may be is refused with a message of
+    // bounded size (it travels in a header).
+    let long = format!("drill-{}", "x".repeat(200_000));
+    let refused = admin
+        .get_status(proto::GetStatusRequest {
+            namespace: long,
+            ..Default::default()
+        })
+        .await
+        .expect_err("no such namespace");
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused.message().len() < 1100,
+        "{}",
+        refused.message().len()
+    );
+    assert!(
+        refused.message().starts_with("namespace: "),
+        "{}",
+        refused.message()
+    );
 }
 
 /// Opens a subscription as `token` with `id`; the stream stays open while
@@ -174,6 +199,16 @@ async fn open_stream(
     token: &str,
     id: &str,
 ) -> Result<mpsc::Sender<proto::SubscribeRequest>, tonic::Status> {
+    open_stream_in(server, token, id, "live").await
+}
+
+/// [`open_stream`] in `namespace`.
+async fn open_stream_in(
+    server: &TestServer,
+    token: &str,
+    id: &str,
+    namespace: &str,
+) -> Result<mpsc::Sender<proto::SubscribeRequest>, tonic::Status> {
     let mut client = SubscriptionServiceClient::with_interceptor(
         server.channel().await,
         safemode::client::Bearer::new(Some(token)).unwrap(),
@@ -181,7 +216,7 @@ async fn open_stream(
     let (tx, rx) = mpsc::channel(4);
     tx.send(proto::SubscribeRequest {
         message: Some(Outbound::Hello(proto::Hello {
-            namespace: "live".into(),
+            namespace: namespace.into(),
             channel: "web".into(),
             subscriber_id: id.into(),
             ..Default::default()
@@ -319,7 +354,8 @@ async fn streams_are_limited_per_connection() {
 async fn status_stays_readable_with_two_thousand_rejecting_streams() {
     let server = TestServer::start().await;
     let revision = server.apply(&["freeze-credential-changes"]).await;
-    let long_reason = "x".repeat(1000);
+    // Four bytes a character: the bound is on bytes, not characters.
+    let long_reason = "😀".repeat(1000);
     // Fifty streams per connection, as a pooled fleet would.
     let mut connections = Vec::new();
     for _ in 0..40 {
@@ -364,7 +400,7 @@ async fn status_stays_readable_with_two_thousand_rejecting_streams() {
         everyone
             .subscribers
             .iter()
-            .all(|s| s.reject_reason.chars().count() <= 256),
+            .all(|s| s.reject_reason.len() <= 256),
         "reject reasons are kept short"
     );
     // A page asked for beyond the bound, and a forged token, are refused.
@@ -603,5 +639,58 @@ async fn incident_lists_are_cut_to_the_newest_and_say_how_many_matched() {
     assert!(
         text.contains(&format!("(the newest 200 of {count} incidents)")),
         "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriber_tokens_cannot_lock_the_drills_out() {
+    let principals = Principals::new();
+    let server = TestServer::with_tokens_and(&principals, |config| {
+        config.controller.max_namespaces = 6;
+    })
+    .await;
+    let subscriber = principals.token("subscriber");
+    // Drill namespaces nothing is active in are not followed for a
+    // subscriber-only token, however many it asks for.
+    for i in 0..20 {
+        let refused = open_stream_in(&server, subscriber, "squatter", &format!("drill-squat-{i}"))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+        assert!(
+            refused.message().contains("nothing is active"),
+            "{}",
+            refused.message()
+        );
+    }
+    // A drill in use may be followed for subscribers, within half the bound.
+    let mut drill = control_as(&server, Some(principals.token("drill"))).await;
+    for namespace in ["drill-a", "drill-b", "drill-c"] {
+        drill
+            .apply_modes(apply(namespace, vec!["incident-notice".into()]))
+            .await
+            .expect("the drill applies");
+    }
+    let _a = open_stream_in(&server, subscriber, "s-a", "drill-a")
+        .await
+        .unwrap();
+    let _b = open_stream_in(&server, subscriber, "s-b", "drill-b")
+        .await
+        .unwrap();
+    // drill-a, drill-b and drill-c are followed (the drill's own changes);
+    // the drill can still start another, a subscriber cannot.
+    drill
+        .apply_modes(apply("drill-d", vec!["incident-notice".into()]))
+        .await
+        .expect("the drill still has room");
+    let full = open_stream_in(&server, principals.token("viewer"), "v", "drill-e")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            full.code(),
+            Code::FailedPrecondition | Code::ResourceExhausted
+        ),
+        "{full:?}"
     );
 }
