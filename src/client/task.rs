@@ -303,6 +303,17 @@ impl Task {
         }
         let current = self.shared.current.load_full();
         match current {
+            // Another history issued no later than the policy held: a
+            // replayed capture, or a store older than the one it replaces.
+            // Never a way back to a softer policy.
+            Some(current)
+                if current.epoch != snapshot.epoch && snapshot.issued_at <= current.issued_at =>
+            {
+                return Err(Refusal::Older(format!(
+                    "it is from another store history (epoch {}) and was issued at {}, not after the applied policy ({}); a replaced store's controller issues newer ones",
+                    snapshot.epoch, snapshot.issued_at, current.issued_at
+                )));
+            }
             // The store was replaced: a new history, whatever its revision.
             Some(current) if current.epoch != snapshot.epoch => {
                 info!(

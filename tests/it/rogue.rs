@@ -587,3 +587,47 @@ async fn a_subscriber_needs_the_controllers_key_and_safemode_key_public_prints_i
         String::from_utf8_lossy(&decided.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_snapshot_of_an_older_history_is_never_a_way_back() {
+    // Two stores whose controllers sign with the same key (a rebuilt store,
+    // a staging copy): a snapshot captured from the older one is genuine.
+    let (older_dir, newer_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let with_key = |dir: &Path| ServeConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        store: StoreConfig::Embedded {
+            data_dir: dir.to_path_buf(),
+        },
+        signing_key: SigningKeySource::Key(test_signing_key()),
+        ..ServeConfig::default()
+    };
+    let older = TestServer::start_with(with_key(older_dir.path())).await;
+    older.apply(&["incident-notice"]).await;
+    let captured = real_snapshot(&older, "web").await;
+    drop(older);
+    // The policy in force now, from the newer history, freezes resets.
+    let mut newer = TestServer::start_with(with_key(newer_dir.path())).await;
+    let frozen = newer.apply(&["freeze-credential-changes"]).await;
+    let rogue = RogueServer::start(vec![snapshot(captured)]).await;
+    let files = tempfile::tempdir().unwrap();
+    let lkg = files.path().join("web.lkg");
+    let current = Subscriber::start(web(&[&newer.url], &newer, &lkg)).unwrap();
+    until_current(&current, frozen).await;
+    drop(current);
+    // The service restarts while the real controller is away; the replay
+    // is all that answers.
+    newer.stop().await;
+    let subscriber = Subscriber::start(web(&[&rogue.url], &newer, &lkg)).unwrap();
+    wait_until("the replay is refused", || async {
+        rogue
+            .rejects()
+            .iter()
+            .any(|r| r.reason.contains("another store history"))
+    })
+    .await;
+    let reset = reset();
+    let decision = subscriber.decide(&reset, &Context::default());
+    assert_eq!(decision.effect(), EffectKind::Deny, "the freeze holds");
+    assert_eq!(subscriber.current().unwrap().revision, frozen);
+    assert_eq!(saved_policy(&lkg).0, frozen, "nothing older was saved");
+}
