@@ -127,6 +127,11 @@ struct State {
     hashes: BTreeMap<ActivationId, String>,
     /// The meta revision whose list was checked, and the result.
     seal: Option<(Revision, SealCheck)>,
+    /// The meta record was deleted (or went missing on a re-read) while a
+    /// signed list was trusted: every change safemode makes rewrites it and
+    /// none deletes it, so this was done behind safemode's back, and the
+    /// last trusted list stays what is enforced until the next change.
+    meta_deleted: bool,
     /// Every store change up to here has been applied.
     store_revision: Revision,
 }
@@ -142,6 +147,7 @@ impl State {
             last_change: None,
             hashes: BTreeMap::new(),
             seal: None,
+            meta_deleted: false,
             store_revision: 0,
         }
     }
@@ -181,6 +187,7 @@ impl State {
             }
             NamespaceKey::Meta => {
                 self.meta_revision = kv.mod_revision;
+                self.meta_deleted = false;
                 match serde_json::from_slice(&kv.value) {
                     Ok(change) => self.last_change = Some(change),
                     Err(e) => self.problem(kv, &e.to_string()),
@@ -207,6 +214,10 @@ impl State {
                 self.hashes.remove(&id);
             }
             NamespaceKey::Meta => {
+                self.meta_deleted = self.trusted_list().is_some();
+                if self.meta_deleted {
+                    warn!(namespace = %self.namespace, "the namespace's last-change record was deleted outside safemode; enforcing what it listed");
+                }
                 self.meta_revision = 0;
                 self.last_change = None;
             }
@@ -219,10 +230,16 @@ impl State {
         let previous = self.revision;
         let before = self.contents();
         let seal = self.seal.take();
+        let had_list = self.trusted_list().is_some();
         *self = State::new(self.namespace.clone());
         self.seal = seal;
         for kv in kvs {
             self.put(layout, kv);
+        }
+        // A re-read that finds no meta record where a signed one was.
+        if had_list && self.meta_revision == 0 {
+            warn!(namespace = %self.namespace, "the namespace's last-change record is gone; enforcing what it listed");
+            self.meta_deleted = true;
         }
         if self.revision <= previous {
             // A re-read after compaction does not see a delete's revision
@@ -266,6 +283,18 @@ impl State {
     /// for the current meta record.
     fn listed(&self) -> Option<&BTreeMap<String, String>> {
         match &self.seal {
+            Some((revision, Ok(Some(listed))))
+                if *revision == self.meta_revision || self.meta_deleted =>
+            {
+                Some(listed)
+            }
+            _ => None,
+        }
+    }
+
+    /// The list of the meta record checked last, if it checked out.
+    fn trusted_list(&self) -> Option<&BTreeMap<String, String>> {
+        match &self.seal {
             Some((revision, Ok(Some(listed)))) if *revision == self.meta_revision => Some(listed),
             _ => None,
         }
@@ -278,6 +307,12 @@ impl State {
     fn enforced(&self) -> (BTreeMap<ActivationId, Arc<Activation>>, Vec<String>) {
         let mut activations = self.activations.clone();
         let mut problems = Vec::new();
+        if self.meta_deleted {
+            problems.push(format!(
+                "{}: the namespace's last-change record was deleted outside safemode; what the last signed change left is enforced",
+                self.namespace
+            ));
+        }
         if let Some((revision, Err(why))) = &self.seal {
             if *revision == self.meta_revision {
                 problems.push(format!(
@@ -645,6 +680,10 @@ impl Follower {
     /// per meta revision. A store error leaves it unchecked (and the list
     /// untrusted) until the next change.
     async fn check_seal(&mut self) {
+        // Deleted: the last trusted list stays, until a change writes anew.
+        if self.state.meta_deleted {
+            return;
+        }
         let revision = self.state.meta_revision;
         if self
             .state

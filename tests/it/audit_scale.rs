@@ -322,3 +322,44 @@ async fn an_activation_deleted_in_etcd_is_named_and_still_enforced() {
         "status still names it"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_activation_deleted_with_the_namespace_meta_record_is_named_and_still_enforced() {
+    let (etcd, server, id) = frozen().await;
+    let mut client = etcd_client::Client::connect(etcd.endpoints(), None)
+        .await
+        .unwrap();
+    // One etcd transaction removes the freeze and the record that says
+    // what the last change left.
+    let txn = etcd_client::Txn::new().and_then(vec![
+        etcd_client::TxnOp::delete(activation_key(&id), None),
+        etcd_client::TxnOp::delete("/safemode/ns/live/meta", None),
+    ]);
+    assert!(client.txn(txn).await.unwrap().succeeded());
+
+    fails_closed_and_shows(&server, &id, "deleted outside safemode").await;
+    let status = server.status("live").await;
+    assert!(
+        status
+            .problems
+            .iter()
+            .any(|p| p.contains("last-change record was deleted outside safemode")),
+        "{:?}",
+        status.problems
+    );
+    let (code, problems) = verify(&server).await;
+    assert_eq!(code, Some(1), "{problems:?}");
+
+    // A later change through safemode keeps the deleted freeze named and
+    // enforced, in status and in the log.
+    server.apply(&["throttle-high-risk"]).await;
+    fails_closed_and_shows(&server, &id, "deleted outside safemode").await;
+    let (code, problems) = verify(&server).await;
+    assert_eq!(code, Some(1), "{problems:?}");
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains(&id) && p.contains("deleted outside safemode")),
+        "{problems:?}"
+    );
+}
