@@ -493,6 +493,7 @@ impl Controller {
                 TxnOutcome::Committed { revision } => {
                     // Logs shipped elsewhere keep a copy of the chain's hashes.
                     if let Some((seq, action, hash)) = appended {
+                        self.saw_audit_head(seq);
                         info!(seq, action = action.as_str(), %hash, revision, change_id = %id, "audit entry appended");
                     }
                     if let (Some(handle), true) = (&handle, wrote) {
@@ -591,11 +592,12 @@ impl Controller {
         match range.kvs.into_iter().find(|kv| kv.key == key) {
             None => self.restore_audit_head().await,
             Some(kv) => {
-                let head = serde_json::from_slice(&kv.value).map_err(|e| {
+                let head: AuditHead = serde_json::from_slice(&kv.value).map_err(|e| {
                     Error::Store(crate::store::Error::Corrupt(format!(
                         "{key} cannot be read: {e}; `safemode audit --verify` shows the log"
                     )))
                 })?;
+                self.saw_audit_head(head.seq);
                 Ok((head, kv.mod_revision))
             }
         }

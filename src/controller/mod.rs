@@ -308,13 +308,16 @@ pub struct Status {
     pub view: Arc<NamespaceView>,
     /// A page of the subscribers connected to this replica.
     pub subscribers: SubscriberPage,
+    /// Problems of the replica itself (an audit log that went back).
+    pub replica: Vec<String>,
 }
 
 impl Status {
     /// What a commander must look at: the namespace's problems, then each
     /// subscriber that came holding a revision this controller never issued.
     pub fn problems(&self) -> Vec<String> {
-        let mut problems = self.view.problems.clone();
+        let mut problems = self.replica.clone();
+        problems.extend(self.view.problems.iter().cloned());
         problems.extend(self.subscribers.problems.iter().cloned());
         problems
     }
@@ -349,6 +352,12 @@ pub struct Controller {
     catalog_revision: Revision,
     namespaces: Mutex<HashMap<Namespace, Arc<NamespaceHandle>>>,
     refusals: refusals::RefusalBudget,
+    /// The highest audit position this replica appended or saw at the
+    /// head; the log's head never goes back through safemode.
+    audit_seen: std::sync::atomic::AtomicU64,
+    /// What this replica saw go wrong with the audit log itself (its head
+    /// went back), shown in every status.
+    audit_problem: Mutex<Option<String>>,
     shutdown: CancellationToken,
 }
 
@@ -372,6 +381,8 @@ impl Controller {
             catalog_revision: 0,
             namespaces: Mutex::new(HashMap::new()),
             refusals: refusals::RefusalBudget::default(),
+            audit_seen: std::sync::atomic::AtomicU64::new(0),
+            audit_problem: Mutex::new(None),
             shutdown,
         };
         controller.catalog_revision = controller.join_catalog().await?;
@@ -487,6 +498,34 @@ impl Controller {
         Ok(handle)
     }
 
+    /// Notes the audit log's head at `seq`: a head behind one this replica
+    /// already appended or saw means entries were removed behind
+    /// safemode's back (the log's end cut, the head set back). The change
+    /// still goes on (an incident cannot wait for a repair), and every
+    /// status says so from then on.
+    pub(crate) fn saw_audit_head(&self, seq: u64) {
+        let seen = self
+            .audit_seen
+            .fetch_max(seq, std::sync::atomic::Ordering::SeqCst);
+        if seq < seen {
+            let problem = format!(
+                "the audit log went back from entry {seen} to entry {seq}: entries were removed outside safemode (compare the head `safemode audit --verify` printed before); changes continue after entry {seq}"
+            );
+            tracing::error!(%problem, "audit log rolled back");
+            *self.audit_problem.lock().expect("poisoned") = Some(problem);
+        }
+    }
+
+    /// Problems of this replica itself, for status.
+    fn replica_problems(&self) -> Vec<String> {
+        self.audit_problem
+            .lock()
+            .expect("poisoned")
+            .iter()
+            .cloned()
+            .collect()
+    }
+
     /// Whether a caller may make this replica follow `namespace` by
     /// subscribing to it. Whoever may change a namespace may (up to
     /// `max_namespaces`); a caller who may only subscribe there makes a
@@ -555,6 +594,7 @@ impl Controller {
             Some(handle) => Status {
                 view: handle.current(),
                 subscribers: handle.subscribers.page(after, limit),
+                replica: self.replica_problems(),
             },
             None => Status {
                 view: Arc::new(
@@ -567,6 +607,7 @@ impl Controller {
                     .await?,
                 ),
                 subscribers: SubscriberPage::default(),
+                replica: self.replica_problems(),
             },
         })
     }

@@ -363,3 +363,42 @@ async fn an_activation_deleted_with_the_namespace_meta_record_is_named_and_still
         "{problems:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_says_when_the_audit_log_went_back() {
+    let (etcd, server, _) = frozen().await;
+    server.apply(&["throttle-high-risk"]).await;
+    let mut client = etcd_client::Client::connect(etcd.endpoints(), None)
+        .await
+        .unwrap();
+    let head: AuditHead =
+        serde_json::from_slice(client.get(HEAD, None).await.unwrap().kvs()[0].value()).unwrap();
+    let before: AuditEntry = serde_json::from_slice(
+        client
+            .get(entry_key(head.seq - 1), None)
+            .await
+            .unwrap()
+            .kvs()[0]
+            .value(),
+    )
+    .unwrap();
+    // The log's last entry removed and its head set back, in one
+    // transaction: a chain that is whole again, but shorter.
+    let txn = etcd_client::Txn::new().and_then(vec![
+        etcd_client::TxnOp::delete(entry_key(head.seq), None),
+        etcd_client::TxnOp::put(HEAD, serde_json::to_vec(&before.head()).unwrap(), None),
+    ]);
+    assert!(client.txn(txn).await.unwrap().succeeded());
+    // The next change finds the head behind what this replica appended.
+    server.apply(&["bots-faq-only"]).await;
+    let problems = server.status("live").await.problems;
+    let want = format!(
+        "the audit log went back from entry {} to entry {}",
+        head.seq,
+        head.seq - 1
+    );
+    assert!(
+        problems.iter().any(|p| p.contains(&want)),
+        "expected {want:?} in {problems:?}"
+    );
+}
