@@ -1,9 +1,10 @@
 //! Bounds on what one caller can make a replica hold or do: request sizes,
 //! names per request, subscription streams per token, per connection and per
 //! replica. A subscriber token can never slow or fill the control plane: past
-//! a bound the call is refused with RESOURCE_EXHAUSTED (or INVALID_ARGUMENT
-//! for an oversized request) that says which bound and what to do, and
-//! nothing else changes.
+//! a bound the call is refused, and nothing else changes: RESOURCE_EXHAUSTED
+//! or INVALID_ARGUMENT saying which bound and what to do, or, for a request
+//! over [`MAX_CONTROL_REQUEST_BYTES`], gRPC's own OUT_OF_RANGE "decoded
+//! message length too large", given before the request is decoded.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

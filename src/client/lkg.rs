@@ -22,6 +22,7 @@ use std::io::{self, Write as _};
 use std::path::Path;
 use std::time::Duration;
 
+use base64::Engine as _;
 use jiff::Timestamp;
 
 use prost::Message as _;
@@ -48,10 +49,17 @@ struct Header {
     revision: i64,
     length: usize,
     sha256: String,
-    /// When the policy was last known current (absent: unknown, which
-    /// counts as long ago).
+    /// When this process last knew the policy current (absent: unknown).
+    /// Not trusted for the policy's age, since anyone who can edit the file
+    /// could move it; only checked not to be in the future.
     #[serde(default)]
     confirmed_at: Option<Timestamp>,
+    /// The last signed heartbeat that confirmed this policy (its protobuf
+    /// encoding, base64): its server time, which the controller signed for
+    /// this namespace, channel, epoch and revision, is when the policy was
+    /// last known current. Absent: unknown, which counts as long ago.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    heartbeat: Option<String>,
 }
 
 /// A snapshot to keep: encoded once, written with each new confirmation.
@@ -60,6 +68,8 @@ pub(super) struct Kept {
     channel: String,
     revision: i64,
     payload: Vec<u8>,
+    /// The newest verified heartbeat confirming it, encoded.
+    heartbeat: Option<Vec<u8>>,
 }
 
 impl Kept {
@@ -70,6 +80,15 @@ impl Kept {
             channel: snapshot.channel.clone(),
             revision: snapshot.revision,
             payload: snapshot.encode_to_vec(),
+            heartbeat: None,
+        }
+    }
+
+    /// Keeps `heartbeat` (verified by the caller) as the policy's newest
+    /// confirmation, if it is for the kept revision.
+    pub fn confirmed_by(&mut self, heartbeat: &proto::Heartbeat) {
+        if heartbeat.revision == self.revision {
+            self.heartbeat = Some(heartbeat.encode_to_vec());
         }
     }
 
@@ -82,6 +101,10 @@ impl Kept {
             length: self.payload.len(),
             sha256: format!("{:x}", Sha256::digest(&self.payload)),
             confirmed_at: Some(confirmed_at),
+            heartbeat: self
+                .heartbeat
+                .as_ref()
+                .map(|h| base64::engine::general_purpose::STANDARD.encode(h)),
         };
         let mut bytes = Vec::with_capacity(self.payload.len() + 256);
         bytes.extend_from_slice(FORMAT.as_bytes());
@@ -194,12 +217,50 @@ pub(super) fn load(
             "it says its policy was last known current at {at}, in the future: it was edited (or this machine's clock is far behind); delete it if the clock is right"
         )));
     }
+    // The policy's age comes from what the controller signed, never from
+    // what the file says: a heartbeat for this very snapshot.
+    let confirmed = match &header.heartbeat {
+        None => None,
+        Some(encoded) => {
+            let beat = base64::engine::general_purpose::STANDARD
+                .decode(encoded)
+                .ok()
+                .and_then(|bytes| proto::Heartbeat::decode(bytes.as_slice()).ok())
+                .ok_or_else(|| refuse("its heartbeat cannot be decoded".into()))?;
+            wire::signed::verify_heartbeat(
+                &beat,
+                &wire.namespace,
+                &wire.channel,
+                &wire.epoch,
+                trusted,
+            )
+            .map_err(|e| {
+                refuse(format!(
+                    "its heartbeat is not one a trusted controller signed: {e}"
+                ))
+            })?;
+            if beat.revision != wire.revision {
+                return Err(refuse(format!(
+                    "its heartbeat confirms revision {}, not its policy's {}",
+                    beat.revision, wire.revision
+                )));
+            }
+            beat.server_time
+                .and_then(|t| wire::timestamp_from_wire(&t).ok())
+        }
+    };
+    if let Some(at) = confirmed
+        && at.duration_since(now) > jiff::SignedDuration::try_from(CLOCK_STEP).expect("a minute")
+    {
+        return Err(refuse(format!(
+            "its heartbeat was signed at {at}, in the future: this machine's clock is far behind the controller's"
+        )));
+    }
     let snapshot =
         PolicySnapshot::from_wire(wire, namespace, channel).map_err(|e| refuse(e.to_string()))?;
     // A time a little in the future (a clock stepped back) counts as now.
-    let ago = header
-        .confirmed_at
-        .map(|at| Duration::try_from(now.duration_since(at)).unwrap_or(Duration::ZERO));
+    let ago =
+        confirmed.map(|at| Duration::try_from(now.duration_since(at)).unwrap_or(Duration::ZERO));
     Ok(Some((snapshot, ago)))
 }
 

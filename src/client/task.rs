@@ -194,6 +194,9 @@ impl Task {
                         continue;
                     }
                     self.last_beat = Some(time);
+                    if let Some((kept, _)) = &mut self.kept {
+                        kept.confirmed_by(&heartbeat);
+                    }
                     heard.revision = heartbeat.revision;
                     let behind = self.observe(&heard, true);
                     if !behind
@@ -339,7 +342,14 @@ impl Task {
             }
             // The revision it already has (a new stream starts with the
             // current snapshot): acknowledge, change nothing.
-            Some(current) if revision == current.revision => return Ok(()),
+            Some(current) if revision == current.revision => {
+                // Kept from here on (a restart began from the file), so
+                // that its confirmations are saved as they come.
+                if self.kept.is_none() {
+                    self.kept = kept.map(|kept| (kept, None));
+                }
+                return Ok(());
+            }
             _ => {}
         }
         debug!(revision, "snapshot applied");
@@ -348,7 +358,9 @@ impl Task {
         self.changes.send_replace(Some(snapshot));
         if let (Some(keep), Some(kept)) = (&self.keep, kept) {
             keep.send_replace(Some(Arc::new(kept.file(Timestamp::now()))));
-            self.kept = Some((kept, Some(Instant::now())));
+            // Not yet confirmed: the first signed heartbeat for it is saved
+            // at once.
+            self.kept = Some((kept, None));
         }
         Ok(())
     }

@@ -471,3 +471,66 @@ async fn a_policy_from_a_replaced_store_is_stale() {
         tokio::task::yield_now().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saved_policys_age_is_what_the_controller_signed_not_what_the_file_says() {
+    let data = tempfile::tempdir().unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let lkg = files.path().join("web.lkg");
+    let mut server = chatty("127.0.0.1:0".parse().unwrap(), data.path()).await;
+    let revision = server.apply(&["incident-notice"]).await;
+    let mut config = config(&server, "web-1");
+    config.last_known_good = Some(lkg.clone());
+    config.fail_closed = Some(FailClosed::new(
+        Duration::from_secs(3600),
+        vec![ActionSelector::parse("account.*").unwrap()],
+        FailClosedEffect::Deny,
+    ));
+    let subscriber = Subscriber::start(config.clone()).unwrap();
+    until_current(&subscriber, revision).await;
+    wait_until("a signed heartbeat is saved with the policy", || async {
+        std::fs::read(&lkg)
+            .is_ok_and(|bytes| String::from_utf8_lossy(&bytes).contains("\"heartbeat\":"))
+    })
+    .await;
+    drop(subscriber);
+    server.stop().await;
+    let reset = action("account.password_reset");
+
+    // Confirmed an instant ago, by the controller: the saved policy decides.
+    let restarted = Subscriber::start(config.clone()).unwrap();
+    assert_eq!(
+        restarted.decide(&reset, &Context::default()).effect(),
+        EffectKind::Allow,
+        "a policy the controller confirmed moments ago is within the hour"
+    );
+    drop(restarted);
+
+    // Whoever can write the file moves its confirmation to now and drops the
+    // signed heartbeat: its age is then unknown, which is long ago.
+    let good = std::fs::read(&lkg).unwrap();
+    let edited = tamper(&good, |mut header, _| {
+        header["confirmed_at"] = jiff::Timestamp::now().to_string().into();
+        header.as_object_mut().unwrap().remove("heartbeat");
+        header
+    });
+    std::fs::write(&lkg, edited).unwrap();
+    let restarted = Subscriber::start(config.clone()).unwrap();
+    assert_eq!(
+        restarted.decide(&reset, &Context::default()).effect(),
+        EffectKind::Deny,
+        "no signed confirmation: the listed actions fail closed at once"
+    );
+    drop(restarted);
+
+    // A heartbeat that is not the controller's is refused with the file.
+    let forged = tamper(&good, |mut header, _| {
+        header["heartbeat"] = "AAAA".into();
+        header
+    });
+    std::fs::write(&lkg, forged).unwrap();
+    let (started, log) = logged(|| Subscriber::start(config.clone()));
+    let restarted = started.unwrap();
+    assert!(restarted.current().is_none(), "the file was refused whole");
+    assert!(log.contains("heartbeat"), "{log}");
+}
