@@ -277,6 +277,11 @@ pub struct ControllerConfig {
     pub trusted_keys: TrustedKeys,
 }
 
+/// How many drill namespaces `namespaces` follows (`live` is always served).
+fn followed_drills(namespaces: &HashMap<Namespace, Arc<NamespaceHandle>>) -> usize {
+    namespaces.keys().filter(|n| n.is_drill()).count()
+}
+
 /// How many namespaces a replica follows at most unless told otherwise:
 /// `live` and a few dozen drills at once.
 pub const DEFAULT_MAX_NAMESPACES: usize = 64;
@@ -465,7 +470,7 @@ impl Controller {
         let handle = {
             let mut namespaces = self.namespaces.lock().expect("poisoned");
             // `live` is always served; drills share the rest.
-            let drills = namespaces.keys().filter(|n| n.is_drill()).count();
+            let drills = followed_drills(&namespaces);
             if namespace.is_drill()
                 && !namespaces.contains_key(namespace)
                 && drills + 1 >= self.config.max_namespaces
@@ -541,7 +546,7 @@ impl Controller {
             if namespaces.contains_key(namespace) {
                 return Ok(());
             }
-            let drills = namespaces.keys().filter(|n| n.is_drill()).count();
+            let drills = followed_drills(&namespaces);
             if drills + 1 >= self.config.max_namespaces / 2 {
                 return Err(Error::TooManyNamespaces {
                     limit: self.config.max_namespaces,

@@ -24,7 +24,7 @@ fn entry_key(position: u64) -> String {
 }
 
 /// Runs `safemode audit --verify` and returns (exit code, problems).
-async fn verify(server: &TestServer) -> (Option<i32>, Vec<String>) {
+pub(crate) async fn verify(server: &TestServer) -> (Option<i32>, Vec<String>) {
     let output = safemode(&[
         "--server",
         &server.url,

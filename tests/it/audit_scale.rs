@@ -10,6 +10,7 @@ use safemode::audit::{AuditAction, AuditEntry, AuditHead};
 use safemode::policy::{Action, Context, EffectKind, Reason};
 use safemode::wire::proto;
 
+use crate::audit::verify;
 use crate::etcd::EtcdCluster;
 use crate::support::{TestServer, safemode, wait_until};
 
@@ -149,29 +150,6 @@ async fn a_log_past_five_mib_is_listed_and_verified_page_by_page() {
         stdout.lines().rev().take(5).collect::<Vec<_>>().join("\n")
     );
     assert!(stdout.contains(&format!("head: entry {entries} with hash")));
-}
-
-/// Runs `safemode audit --verify` (JSON) and returns (exit code, problems).
-async fn verify(server: &TestServer) -> (Option<i32>, Vec<String>) {
-    let output = safemode(&[
-        "--server",
-        &server.url,
-        "--output",
-        "json",
-        "audit",
-        "--verify",
-    ])
-    .await;
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout)
-        .unwrap_or_else(|_| panic!("json: {}", String::from_utf8_lossy(&output.stderr)));
-    assert_eq!(report["verified"], true);
-    let problems = report["problems"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p.as_str().unwrap().to_string())
-        .collect();
-    (output.status.code(), problems)
 }
 
 /// A replica on a fresh etcd with the credential freeze active, and its
