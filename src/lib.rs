@@ -4,34 +4,28 @@
 //! every subscribed channel service receives the same compiled policy at once
 //! and decides locally. See `ARCHITECTURE.md` for the whole picture.
 //!
+//! This package is the `safemode` command and what only it needs; the rest
+//! of the system is in the workspace's crates (`crates/`):
+//!
+//! - `safemode-policy`: the domain (effects, modes, activations, merge,
+//!   decide, runbooks) and its YAML loaders; no I/O beyond reading files.
+//! - `safemode-signing`: Ed25519 keys and signatures.
+//! - `safemode-support`: backoff, error chains, PEM files.
+//! - `safemode-wire`: the `safemode.v1` protobuf types and their conversions.
+//! - `safemode-client`: what a channel service links to subscribe and decide.
+//! - `safemode-store`: the revisioned store trait, the embedded store and etcd.
+//! - `safemode-controller`: changes as audited transactions, namespace
+//!   followers, subscribers, roles and tokens.
+//! - `safemode-grpc`: the gRPC services and a running replica.
+//!
 //! # Layout
 //!
-//! - [`policy`]: the domain (effects, modes, activations, merge, decide), no I/O.
-//! - [`catalog`]: the standard modes and loading a modes directory.
-//! - [`store`]: the revisioned store trait, the embedded store and etcd.
-//! - [`controller`]: changes as transactions, namespace followers, subscribers.
-//! - [`wire`]: the `safemode.v1` protobuf types and their conversions.
-//! - [`api`]: the gRPC services; [`server`] runs a replica.
-//! - [`client`]: what a channel service links to subscribe and decide.
 //! - [`cli`]: the `safemode` command.
-//! - [`signing`]: Ed25519 keys and signatures on snapshots, heartbeats, audit.
-//! - [`backoff`], [`errors`]: small shared helpers.
+//! - [`drill`]: runbook drills and their reports.
+//! - [`sim`]: simulated channel services, for `safemode sim`, drills and the
+//!   benchmarks.
 #![forbid(unsafe_code)]
 
-pub mod api;
-pub mod audit;
-pub mod auth;
-pub mod backoff;
-pub mod catalog;
 pub mod cli;
-pub mod client;
-pub mod controller;
 pub mod drill;
-pub mod errors;
-pub mod pem;
-pub mod policy;
-pub mod server;
-pub mod signing;
 pub mod sim;
-pub mod store;
-pub mod wire;

@@ -21,8 +21,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info_span};
 
-use crate::client::{ClientError, DecisionReport, Subscriber, SubscriberConfig};
-use crate::policy::{Action, Channel, Context, Revision};
+use safemode_client::{ClientError, DecisionReport, Subscriber, SubscriberConfig};
+use safemode_policy::{Action, Channel, Context, Revision};
 
 /// How many subscribers of which channel.
 pub fn parse_channels(text: &str) -> Result<Vec<(Channel, usize)>, String> {
@@ -365,7 +365,7 @@ impl Drop for Sim {
 /// Reports every snapshot one subscriber applies.
 async fn report_applies(
     index: usize,
-    mut changes: watch::Receiver<Option<Arc<crate::client::PolicySnapshot>>>,
+    mut changes: watch::Receiver<Option<Arc<safemode_client::PolicySnapshot>>>,
     progress: Arc<Progress>,
     events: mpsc::UnboundedSender<Applied>,
     stop: CancellationToken,

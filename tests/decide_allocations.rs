@@ -9,12 +9,12 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::time::Duration;
 
-use safemode::client::{FailClosed, FailClosedEffect, Subscriber, SubscriberConfig};
-use safemode::policy::names::ACTIONS;
-use safemode::policy::{Action, ActionSelector, Channel, Context, MethodSet, Namespace};
-use safemode::server::{ServeConfig, StoreConfig};
-use safemode::signing::TrustedKeys;
-use safemode::wire::proto;
+use safemode_client::{FailClosed, FailClosedEffect, Subscriber, SubscriberConfig};
+use safemode_grpc::server::{ServeConfig, StoreConfig};
+use safemode_policy::names::ACTIONS;
+use safemode_policy::{Action, ActionSelector, Channel, Context, MethodSet, Namespace};
+use safemode_signing::TrustedKeys;
+use safemode_wire::proto;
 
 struct Counting;
 
@@ -75,7 +75,7 @@ fn contexts() -> Vec<Context> {
 /// lock-free pointer swap claims a slot once per thread (the only allocation
 /// allowed, and not per input: every input is counted from its first time).
 fn count(subscriber: &Subscriber, actions: &[Action], contexts: &[Context], rounds: usize) -> u64 {
-    let decide_all = |check: &mut dyn FnMut(&safemode::client::Decision<'_>)| {
+    let decide_all = |check: &mut dyn FnMut(&safemode_client::Decision<'_>)| {
         for action in actions {
             for ctx in contexts {
                 let decision = subscriber.decide(action, ctx);
@@ -98,7 +98,7 @@ fn count(subscriber: &Subscriber, actions: &[Action], contexts: &[Context], roun
 #[tokio::test(flavor = "current_thread")]
 async fn deciding_allocates_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let server = safemode::server::start(ServeConfig {
+    let server = safemode_grpc::server::start(ServeConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         store: StoreConfig::Embedded {
             data_dir: dir.path().to_path_buf(),
@@ -109,7 +109,8 @@ async fn deciding_allocates_nothing() {
     .unwrap();
     let url = format!("http://{}", server.addr);
     // Its channel services trust the public key it keeps beside its data.
-    let trusted = TrustedKeys::load(&dir.path().join(safemode::server::PUBLIC_KEY_FILE)).unwrap();
+    let trusted =
+        TrustedKeys::load(&dir.path().join(safemode_grpc::server::PUBLIC_KEY_FILE)).unwrap();
     let modes = [
         "freeze-credential-changes",
         "step-up-account-changes",

@@ -6,8 +6,8 @@ use anyhow::{anyhow, bail};
 
 use super::{Caller, Format, emit, output, parse_namespace};
 use crate::drill::{self, DrillOptions, Fault, RunbookSource, Target};
-use crate::policy::runbook::Severity;
 use crate::sim::parse_channels;
+use safemode_policy::runbook::Severity;
 
 /// Runs the drills, prints a summary of each, writes the reports, and fails
 /// (exit 1) unless every drill passed.

@@ -8,11 +8,11 @@ use anyhow::{anyhow, bail};
 use super::Format;
 use super::output;
 use super::{Caller, control, emit, parse_namespace, parse_reason, refused, retry};
-use crate::auth::{self, Role};
-use crate::controller::{IncidentId, RequestId};
-use crate::policy::runbook::{RunbookName, Severity};
-use crate::policy::{ChannelSet, Namespace};
-use crate::wire::proto;
+use safemode_controller::auth::{self, Role};
+use safemode_controller::{IncidentId, RequestId};
+use safemode_policy::runbook::{RunbookName, Severity};
+use safemode_policy::{ChannelSet, Namespace};
+use safemode_wire::proto;
 
 pub(super) async fn incident(
     servers: &[String],
@@ -288,10 +288,10 @@ pub(super) fn lint(
         paths
     };
     let catalog = match modes {
-        Some(dir) => crate::catalog::load_modes_dir(dir)?,
-        None => crate::catalog::standard_modes(),
+        Some(dir) => safemode_policy::catalog::load_modes_dir(dir)?,
+        None => safemode_policy::catalog::standard_modes(),
     };
-    let result = crate::catalog::lint(&paths, &catalog);
+    let result = safemode_policy::catalog::lint(&paths, &catalog);
     emit(output::lint(format, &result))?;
     match result {
         Ok(_) => Ok(()),

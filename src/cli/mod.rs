@@ -3,6 +3,7 @@
 //! connection, so bad input fails fast with one clear line and changes
 //! nothing. Exit codes: 0 success, 1 refused or failed, 2 bad usage.
 
+mod client_errors;
 mod drill;
 mod governance;
 mod output;
@@ -20,14 +21,16 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel as GrpcChannel;
 
-use crate::api::limits::StreamLimits;
-use crate::client::{self, Bearer, Subscriber, SubscriberConfig};
-use crate::controller::{ControllerConfig, Layout, LiftTarget};
-use crate::policy::names::validate_label;
-use crate::policy::{Action, Channel, ChannelSet, Context, MethodSet, ModeName, Namespace, Reason};
-use crate::server::{self, EtcdTls, ServeConfig, SigningKeySource, StoreConfig};
-use crate::wire::proto::control_service_client::ControlServiceClient;
-use crate::wire::{self, proto};
+use safemode_client::{self as client, Bearer, Subscriber, SubscriberConfig};
+use safemode_controller::{ControllerConfig, Layout, LiftTarget};
+use safemode_grpc::limits::StreamLimits;
+use safemode_grpc::server::{self, EtcdTls, ServeConfig, SigningKeySource, StoreConfig};
+use safemode_policy::names::validate_label;
+use safemode_policy::{
+    Action, Channel, ChannelSet, Context, MethodSet, ModeName, Namespace, Reason,
+};
+use safemode_wire::proto::control_service_client::ControlServiceClient;
+use safemode_wire::{self as wire, proto};
 
 /// Incident degradation-mode controller for customer-support flows.
 #[derive(Parser, Debug)]
@@ -339,7 +342,7 @@ struct ServeArgs {
     max_streams_per_connection: usize,
     /// The most namespaces (live and drills) this replica follows at once,
     /// each with one store watch.
-    #[arg(long, env = "SAFEMODE_MAX_NAMESPACES", default_value_t = crate::controller::DEFAULT_MAX_NAMESPACES)]
+    #[arg(long, env = "SAFEMODE_MAX_NAMESPACES", default_value_t = safemode_controller::DEFAULT_MAX_NAMESPACES)]
     max_namespaces: usize,
     /// Make this replica's modes and runbooks the ones every replica must
     /// serve (replicas with others refuse changes until restarted with them).
@@ -560,7 +563,7 @@ pub fn main() -> ExitCode {
         Err(e) if e.is::<OutputClosed>() => ExitCode::SUCCESS,
         Err(e) => {
             // Refusals quote what the caller sent; one line, like stdout.
-            eprintln!("error: {}", output::single_line(&format!("{e:#}")));
+            eprintln!("error: {}", output::single_line(&client_errors::render(&e)));
             ExitCode::FAILURE
         }
     }
@@ -684,7 +687,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(namespace) => {
             let namespace = parse_namespace(&namespace)?;
             let mut client = control(&cli.servers, &caller).await?;
-            let response = crate::wire::full_status(&mut client, namespace.as_str())
+            let response = safemode_wire::full_status(&mut client, namespace.as_str())
                 .await
                 .map_err(refused)?;
             emit(output::status(format, &response))?;
@@ -750,7 +753,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR))
                     .join(server::SIGNING_KEY_FILE)
             });
-            let key = crate::signing::SigningKey::load(&path).map_err(|e| {
+            let key = safemode_signing::SigningKey::load(&path).map_err(|e| {
                 anyhow!("{e}; give the key `serve` signs with: --signing-key FILE, or --data-dir DIR of an embedded store that has started once")
             })?;
             emit(key.public_key().to_pem())
@@ -763,7 +766,7 @@ const DEFAULT_DATA_DIR: &str = "safemode-data";
 
 /// The trusted keys of a subscribing command: `--trusted-keys FILE`, or the
 /// default controller's `safemode-data/signing.pub` when it exists.
-fn trusted_keys(arg: &TrustedKeysArg) -> anyhow::Result<crate::signing::TrustedKeys> {
+fn trusted_keys(arg: &TrustedKeysArg) -> anyhow::Result<safemode_signing::TrustedKeys> {
     let default = PathBuf::from(DEFAULT_DATA_DIR).join(server::PUBLIC_KEY_FILE);
     let path = match &arg.trusted_keys {
         Some(path) => path.clone(),
@@ -773,7 +776,7 @@ fn trusted_keys(arg: &TrustedKeysArg) -> anyhow::Result<crate::signing::TrustedK
             default.display()
         ),
     };
-    crate::signing::TrustedKeys::load(&path).map_err(|e| anyhow!("--trusted-keys: {e}"))
+    safemode_signing::TrustedKeys::load(&path).map_err(|e| anyhow!("--trusted-keys: {e}"))
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -912,7 +915,7 @@ fn subscriber_base(
     namespace: Namespace,
     channel: Channel,
     id: &str,
-    trusted: crate::signing::TrustedKeys,
+    trusted: safemode_signing::TrustedKeys,
 ) -> anyhow::Result<SubscriberConfig> {
     let mut config = SubscriberConfig::new(servers.to_vec(), namespace, channel, id);
     config.trusted_keys = Some(trusted);
@@ -958,7 +961,7 @@ pub(crate) struct Caller {
     /// (--insecure).
     insecure: bool,
     /// The change id every write of this command carries (--change-id).
-    change_id: crate::controller::ChangeId,
+    change_id: safemode_controller::ChangeId,
 }
 
 /// How long connecting to a controller may take.

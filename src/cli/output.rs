@@ -12,9 +12,9 @@ use std::fmt::{self, Write as _};
 use serde_json::{Value, json};
 
 use super::Format;
-use crate::client::{DecisionReport, PolicySnapshot};
-use crate::policy::{ActionPolicy, Effect, EffectKind};
-use crate::wire::{self, proto};
+use safemode_client::{DecisionReport, PolicySnapshot};
+use safemode_policy::{ActionPolicy, Effect, EffectKind};
+use safemode_wire::{self as wire, proto};
 
 /// One line of text into a `String` (which cannot fail), with everything
 /// in it that could break or reorder the line escaped (see [`single_line`]).
@@ -529,8 +529,8 @@ pub fn decision(format: Format, d: &DecisionReport) -> String {
 
 pub fn sim_started(
     format: Format,
-    namespace: &crate::policy::Namespace,
-    channels: &[(crate::policy::Channel, usize)],
+    namespace: &safemode_policy::Namespace,
+    channels: &[(safemode_policy::Channel, usize)],
     subscribers: usize,
 ) -> String {
     let spread: Vec<String> = channels.iter().map(|(c, n)| format!("{c}={n}")).collect();
@@ -1165,8 +1165,8 @@ pub fn lint(format: Format, result: &Result<usize, Vec<String>>) -> String {
 pub fn token(
     format: Format,
     principal: &str,
-    roles: &[crate::auth::Role],
-    new: &crate::auth::NewToken,
+    roles: &[safemode_controller::auth::Role],
+    new: &safemode_controller::auth::NewToken,
 ) -> String {
     let roles: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
     match format {

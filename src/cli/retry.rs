@@ -19,8 +19,8 @@ use futures_util::future::BoxFuture;
 use tonic::Code;
 
 use super::{Caller, Control, control};
-use crate::backoff::Backoff;
-use crate::controller::ChangeId;
+use safemode_controller::ChangeId;
+use safemode_support::backoff::Backoff;
 
 /// How many times a write goes over the whole server list at most.
 pub(crate) const PASSES: usize = 3;

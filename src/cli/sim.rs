@@ -5,8 +5,8 @@ use std::time::Duration;
 use anyhow::{Context as _, anyhow};
 
 use super::{Caller, Format, emit, output, parse_namespace, subscriber_base};
-use crate::policy::{Action, Context};
 use crate::sim::{Sim, SimConfig, parse_channels};
+use safemode_policy::{Action, Context};
 
 /// Starts the sim, prints where it starts, then one report per revision
 /// until Ctrl-C (or `revisions` reports).

@@ -24,14 +24,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::auth::{Role, create_token};
-use crate::catalog::Catalog;
-use crate::client::{Bearer, EndpointOptions, SubscriberConfig, connect_any};
-use crate::policy::runbook::Severity;
-use crate::policy::{Channel, Expectations, Namespace};
-use crate::server::{RunningServer, ServeConfig, StoreConfig};
-use crate::signing::{SigningKey, TrustedKeys};
-use crate::wire::proto::control_service_client::ControlServiceClient;
+use safemode_client::{Bearer, EndpointOptions, SubscriberConfig, connect_any};
+use safemode_controller::auth::{Role, create_token};
+use safemode_grpc::server::{RunningServer, ServeConfig, StoreConfig};
+use safemode_policy::catalog::Catalog;
+use safemode_policy::runbook::Severity;
+use safemode_policy::{Channel, Expectations, Namespace};
+use safemode_signing::{SigningKey, TrustedKeys};
+use safemode_wire::proto::control_service_client::ControlServiceClient;
 
 pub use report::DrillReport;
 
@@ -216,7 +216,10 @@ impl RunbookSource {
 }
 
 /// Whether lifting any of `runbook`'s modes needs a second approver.
-fn needs_approver(runbook: &crate::policy::Runbook, modes: &crate::policy::ModeCatalog) -> bool {
+fn needs_approver(
+    runbook: &safemode_policy::Runbook,
+    modes: &safemode_policy::ModeCatalog,
+) -> bool {
     runbook.stages.iter().flat_map(|s| &s.modes).any(|staged| {
         modes
             .get(staged.mode.as_str())
@@ -261,7 +264,7 @@ pub enum DrillError {
     Local(String),
     /// The controller cannot be reached.
     #[error(transparent)]
-    Client(#[from] crate::client::ClientError),
+    Client(#[from] safemode_client::ClientError),
 }
 
 type Control = ControlServiceClient<
@@ -297,7 +300,7 @@ impl LocalController {
         if let Some(server) = self.server.take() {
             server.stop().await.map_err(|e| format!("{e:#}"))?;
         }
-        let server = crate::server::start(self.config.clone())
+        let server = safemode_grpc::server::start(self.config.clone())
             .await
             .map_err(|e| format!("{e:#}"))?;
         self.server = Some(server);
@@ -345,7 +348,7 @@ impl Harness {
                     TrustedKeys::new([key.public_key().clone()]).expect("one key is a valid set");
                 let config = ServeConfig {
                     listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-                    signing_key: crate::server::SigningKeySource::Key(key),
+                    signing_key: safemode_grpc::server::SigningKeySource::Key(key),
                     store: StoreConfig::Embedded {
                         data_dir: data.path().to_path_buf(),
                     },
@@ -356,7 +359,7 @@ impl Harness {
                     runbook_expectations: Expectations::CheckedByDrill,
                     ..ServeConfig::default()
                 };
-                let server = crate::server::start(config.clone())
+                let server = safemode_grpc::server::start(config.clone())
                     .await
                     .map_err(|e| DrillError::Local(format!("{e:#}")))?;
                 // A restart must come back on the same address.

@@ -17,10 +17,10 @@ use super::report::{
     JournalEvent, Reject, RestorationReport, StageReport,
 };
 use super::{Control, DrillOptions, Fault, Harness};
-use crate::policy::runbook::{Expectation, Runbook, Severity, Stage};
-use crate::policy::{Channel, Context, EffectKind, Namespace};
 use crate::sim::{Sim, SimConfig, percentile};
-use crate::wire::proto;
+use safemode_policy::runbook::{Expectation, Runbook, Severity, Stage};
+use safemode_policy::{Channel, Context, EffectKind, Namespace};
+use safemode_wire::proto;
 
 /// The drill of `runbook`: always a report, passed or not.
 pub(super) async fn drill(
@@ -28,7 +28,7 @@ pub(super) async fn drill(
     runbook: &Runbook,
     options: &DrillOptions,
 ) -> DrillReport {
-    let id = crate::controller::IncidentId::random().to_string();
+    let id = safemode_controller::IncidentId::random().to_string();
     let suffix = id.trim_start_matches("inc_").to_string();
     let namespace = options.namespace.clone().unwrap_or_else(|| {
         Namespace::parse(&format!("drill-{suffix}")).expect("a valid drill namespace")
@@ -428,7 +428,7 @@ impl Drill {
                 runbook.name
             ));
         };
-        let ours = crate::api::convert::runbook_to_wire(runbook);
+        let ours = safemode_wire::runbook_to_wire(runbook);
         let same_stages = ours.stages.len() == theirs.stages.len()
             && ours.stages.iter().zip(&theirs.stages).all(|(a, b)| {
                 a.severity == b.severity
@@ -453,7 +453,7 @@ impl Drill {
                     .catalog
                     .modes
                     .get(staged.mode.as_str())
-                    .map(|m| crate::wire::mode_to_wire(m));
+                    .map(|m| safemode_wire::mode_to_wire(m));
                 let theirs = modes.modes.iter().find(|m| m.name == staged.mode.as_str());
                 if ours.as_ref() != theirs {
                     return Err(format!(
@@ -467,7 +467,7 @@ impl Drill {
     }
 
     async fn status(&self, commander: &mut Control) -> Step<proto::GetStatusResponse> {
-        crate::wire::full_status(commander, self.namespace.as_str())
+        safemode_wire::full_status(commander, self.namespace.as_str())
             .await
             .map_err(|s| format!("cannot read the drill namespace's status: {}", s.message()))
     }
@@ -831,7 +831,7 @@ fn expectation_check(sim: &Sim, e: &Expectation) -> ExpectationCheck {
 
 /// A decision in one line: the effect, its parameters, and the activations
 /// behind it (`step_up min_confidence=0.8 ... because act_1, act_2`).
-fn decision_text(d: &crate::client::DecisionReport) -> String {
+fn decision_text(d: &safemode_client::DecisionReport) -> String {
     let parameters = serde_json::to_value(&d.outcome).expect("outcomes serialize");
     let mut text = d.outcome.kind().as_str().to_string();
     for (key, value) in parameters.as_object().into_iter().flatten() {

@@ -159,22 +159,24 @@ async fn replicas_must_serve_the_same_runbooks() {
         text.replacen("review_interval: ", "review_interval: 1", 1),
     )
     .unwrap();
-    let config = |adopt: bool| safemode::server::ServeConfig {
+    let config = |adopt: bool| safemode_grpc::server::ServeConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
-        signing_key: safemode::server::SigningKeySource::Key(crate::support::test_signing_key()),
-        store: safemode::server::StoreConfig::Etcd {
+        signing_key: safemode_grpc::server::SigningKeySource::Key(
+            crate::support::test_signing_key(),
+        ),
+        store: safemode_grpc::server::StoreConfig::Etcd {
             endpoints: etcd.endpoints(),
             prefix: "/safemode/".into(),
             tls: Default::default(),
         },
         runbooks_dir: Some(changed.path().to_path_buf()),
-        controller: safemode::controller::ControllerConfig {
+        controller: safemode_controller::ControllerConfig {
             adopt_catalog: adopt,
             ..Default::default()
         },
         ..Default::default()
     };
-    let refused = safemode::server::start(config(false))
+    let refused = safemode_grpc::server::start(config(false))
         .await
         .err()
         .expect("refused");
@@ -192,7 +194,7 @@ async fn replicas_must_serve_the_same_runbooks() {
     let stale = first
         .control()
         .await
-        .apply_modes(safemode::wire::proto::ApplyModesRequest {
+        .apply_modes(safemode_wire::proto::ApplyModesRequest {
             namespace: "live".into(),
             modes: vec!["throttle-high-risk".into()],
             reason: "from the old replica".into(),
@@ -259,12 +261,12 @@ async fn a_cut_or_rewritten_tail_is_found_and_never_written_over() {
     let mut client = etcd_client::Client::connect(etcd.endpoints(), None)
         .await
         .unwrap();
-    let third: safemode::audit::AuditEntry =
+    let third: safemode_controller::audit::AuditEntry =
         serde_json::from_slice(client.get(entry_key(3), None).await.unwrap().kvs()[0].value())
             .unwrap();
-    let forged = safemode::audit::AuditEntry::seal(
-        safemode::audit::AuditDraft {
-            action: safemode::audit::AuditAction::Apply,
+    let forged = safemode_controller::audit::AuditEntry::seal(
+        safemode_controller::audit::AuditDraft {
+            action: safemode_controller::audit::AuditAction::Apply,
             principal: "nobody".into(),
             roles: Vec::new(),
             namespace: Some("live".into()),
@@ -279,7 +281,7 @@ async fn a_cut_or_rewritten_tail_is_found_and_never_written_over() {
         &third.head(),
         third.at,
         // Whoever rewrites the store does not have the controller's key.
-        &safemode::signing::SigningKey::generate().0,
+        &safemode_signing::SigningKey::generate().0,
     );
     client.delete(entry_key(4), None).await.unwrap();
     client
@@ -324,7 +326,7 @@ async fn a_busy_log_is_never_mistaken_for_a_tampered_one() {
             // At least one change, however quickly the verifications end.
             while changes == 0 || !stop.is_cancelled() {
                 control
-                    .apply_modes(safemode::wire::proto::ApplyModesRequest {
+                    .apply_modes(safemode_wire::proto::ApplyModesRequest {
                         namespace: "live".into(),
                         modes: vec!["bots-faq-only".into()],
                         reason: format!("change {changes}"),
@@ -333,7 +335,7 @@ async fn a_busy_log_is_never_mistaken_for_a_tampered_one() {
                     .await
                     .unwrap();
                 control
-                    .lift_activations(safemode::wire::proto::LiftActivationsRequest {
+                    .lift_activations(safemode_wire::proto::LiftActivationsRequest {
                         namespace: "live".into(),
                         targets: vec!["bots-faq-only".into()],
                         reason: format!("change {changes}"),

@@ -6,9 +6,9 @@
 //! --verify`, shown in status, and keep failing closed.
 
 use prost::Message as _;
-use safemode::audit::{AuditAction, AuditEntry, AuditHead};
-use safemode::policy::{Action, Context, EffectKind, Reason};
-use safemode::wire::proto;
+use safemode_controller::audit::{AuditAction, AuditEntry, AuditHead};
+use safemode_policy::{Action, Context, EffectKind, Reason};
+use safemode_wire::proto;
 
 use crate::audit::verify;
 use crate::etcd::EtcdCluster;

@@ -4,8 +4,8 @@
 //! and a change sent again under its change id (by the CLI, to the next
 //! server).
 
-use safemode::policy::{Action, Context, Outcome};
-use safemode::wire::proto;
+use safemode_policy::{Action, Context, Outcome};
+use safemode_wire::proto;
 
 use crate::support::{RawSubscriber, TestServer, safemode, wait_until};
 
@@ -23,7 +23,7 @@ async fn apply(
             modes: modes.iter().map(|m| m.to_string()).collect(),
             channels: channels.iter().map(|c| c.to_string()).collect(),
             reason: "test".into(),
-            as_of: as_of.map(|t| safemode::wire::timestamp_to_wire(t.parse().unwrap())),
+            as_of: as_of.map(|t| safemode_wire::timestamp_to_wire(t.parse().unwrap())),
             change_id: String::new(),
         })
         .await

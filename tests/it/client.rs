@@ -9,11 +9,11 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use safemode::client::{FailClosed, FailClosedEffect, Subscriber, SubscriberConfig};
-use safemode::policy::{Action, ActionSelector, Channel, Context, EffectKind, Namespace};
-use safemode::server::{ServeConfig, SigningKeySource, StoreConfig};
-use safemode::signing::SigningKey;
-use safemode::wire::proto;
+use safemode_client::{FailClosed, FailClosedEffect, Subscriber, SubscriberConfig};
+use safemode_grpc::server::{ServeConfig, SigningKeySource, StoreConfig};
+use safemode_policy::{Action, ActionSelector, Channel, Context, EffectKind, Namespace};
+use safemode_signing::SigningKey;
+use safemode_wire::proto;
 
 use crate::support::{TestServer, safemode, test_signing_key, wait_until};
 
@@ -289,7 +289,7 @@ async fn a_damaged_saved_policy_is_refused_and_the_service_starts_with_none() {
     let resigned = tamper(&good, |header, snapshot| {
         snapshot.activations.clear();
         snapshot.rules = Some(proto::ChannelRules::default());
-        safemode::wire::signed::sign_snapshot(snapshot, &SigningKey::generate().0);
+        safemode_wire::signed::sign_snapshot(snapshot, &SigningKey::generate().0);
         header
     });
     let future = tamper(&good, |mut header, _| {
@@ -367,7 +367,7 @@ async fn a_snapshot_the_channel_cannot_use_is_rejected_and_the_old_policy_holds(
     let mut config = config(&server, "web-no-routing");
     // This web back end cannot send customers elsewhere.
     config.check = Some(Arc::new(
-        |snapshot: &safemode::client::PolicySnapshot| match snapshot
+        |snapshot: &safemode_client::PolicySnapshot| match snapshot
             .activations
             .iter()
             .find(|a| a.mode == "verified-channels-only")
@@ -449,7 +449,7 @@ async fn a_policy_from_a_replaced_store_is_stale() {
     let replaced_at = new.apply(&["incident-notice"]).await;
     let mut refusing = saving.clone();
     refusing.stale_after = Duration::from_secs(1);
-    refusing.check = Some(Arc::new(|_: &safemode::client::PolicySnapshot| {
+    refusing.check = Some(Arc::new(|_: &safemode_client::PolicySnapshot| {
         Err("this channel is being migrated".to_string())
     }));
     let subscriber = Subscriber::start(refusing).unwrap();

@@ -7,9 +7,9 @@ use std::path::Path;
 
 use std::sync::{Arc, Mutex};
 
-use safemode::client::{Subscriber, SubscriberConfig};
-use safemode::policy::{Channel, Namespace};
-use safemode::wire::proto;
+use safemode_client::{Subscriber, SubscriberConfig};
+use safemode_policy::{Channel, Namespace};
+use safemode_wire::proto;
 
 use crate::support::{Control, Principals, TestServer, control_as, safemode, wait_until};
 
@@ -461,8 +461,8 @@ async fn attach(
     id: &str,
     answer: Answer,
 ) -> tokio::task::JoinHandle<()> {
-    use safemode::wire::proto::subscribe_request::Message as Out;
-    use safemode::wire::proto::subscribe_response::Message as In;
+    use safemode_wire::proto::subscribe_request::Message as Out;
+    use safemode_wire::proto::subscribe_response::Message as In;
     let (out, rx) = tokio::sync::mpsc::channel(16);
     out.send(proto::SubscribeRequest {
         message: Some(Out::Hello(proto::Hello {

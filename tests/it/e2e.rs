@@ -2,8 +2,8 @@
 //! lifts, every subscriber receives the change atomically, acks it, and
 //! status shows where each subscriber is.
 
-use safemode::policy::{Action, Channel, Context, EffectKind};
-use safemode::wire::proto;
+use safemode_policy::{Action, Channel, Context, EffectKind};
+use safemode_wire::proto;
 
 use crate::support::{RawSubscriber, TestServer, modes_of, wait_until};
 
@@ -77,7 +77,7 @@ async fn a_two_mode_change_reaches_every_subscriber_at_once_and_a_lift_restores_
         // there is never a snapshot with one mode and not the other.
         assert_eq!(received.len(), 2, "revisions {:?}", s.revisions());
         assert_eq!(modes_of(&received[1]), TWO_MODES);
-        assert_eq!(received[1].schema_version, safemode::wire::SCHEMA_VERSION);
+        assert_eq!(received[1].schema_version, safemode_wire::SCHEMA_VERSION);
         // Both modes are merged: the bots refuse account changes outright;
         // elsewhere they need a step-up.
         let rules = received[1].rules.as_ref().unwrap();

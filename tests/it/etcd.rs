@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 
-use safemode::store::Store;
-use safemode::store::etcd::{EtcdOptions, EtcdStore};
+use safemode_store::Store;
+use safemode_store::etcd::{EtcdOptions, EtcdStore};
 
 use crate::store_contract::StoreHarness;
 use crate::support::{wait_for, wait_until};

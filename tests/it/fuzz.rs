@@ -29,15 +29,15 @@ use std::sync::OnceLock;
 use proptest::prelude::*;
 use proptest::sample::Index;
 use prost::Message as _;
-use safemode::auth::{ROLES, Role, Tokens, TokensError, TokensFile, create_token};
-use safemode::catalog::{CatalogError, load_modes_dir, load_runbooks_dir, standard_modes};
-use safemode::client::{PolicySnapshot, Subscriber, SubscriberConfig, read_last_known_good};
-use safemode::policy::names::{ACTIONS, CHANNELS, METHODS};
-use safemode::policy::{
+use safemode_client::{PolicySnapshot, Subscriber, SubscriberConfig, read_last_known_good};
+use safemode_controller::auth::{ROLES, Role, Tokens, TokensError, TokensFile, create_token};
+use safemode_policy::catalog::{CatalogError, load_modes_dir, load_runbooks_dir, standard_modes};
+use safemode_policy::names::{ACTIONS, CHANNELS, METHODS};
+use safemode_policy::{
     Action, Channel, ChannelSet, Context, EffectKind, Expectations, ModeCatalog, Namespace,
     parse_mode, parse_runbook, parse_runbook_checking,
 };
-use safemode::wire::{self, proto};
+use safemode_wire::{self as wire, proto};
 
 use crate::support::{RawSubscriber, TestServer, wait_for};
 
@@ -1079,7 +1079,7 @@ fn web() -> Channel {
 }
 
 /// The key of the controller that saved the policy: the reader trusts it.
-static SAVED_BY: std::sync::OnceLock<safemode::signing::TrustedKeys> = std::sync::OnceLock::new();
+static SAVED_BY: std::sync::OnceLock<safemode_signing::TrustedKeys> = std::sync::OnceLock::new();
 
 fn lkg_config(path: &Path) -> SubscriberConfig {
     let mut config = SubscriberConfig::new(

@@ -2,9 +2,9 @@
 //! every role, incidents with four-eyes approval by two principals, and a
 //! server that refuses to run unguarded.
 
-use safemode::wire::proto;
-use safemode::wire::proto::subscribe_request::Message as Outbound;
-use safemode::wire::proto::subscription_service_client::SubscriptionServiceClient;
+use safemode_wire::proto;
+use safemode_wire::proto::subscribe_request::Message as Outbound;
+use safemode_wire::proto::subscription_service_client::SubscriptionServiceClient;
 use tokio_stream::StreamExt;
 use tonic::Code;
 
@@ -16,7 +16,7 @@ const RUNBOOK: &str = "credential-stuffing";
 async fn subscribe_code(server: &TestServer, token: &str, namespace: &str) -> Code {
     let mut client = SubscriptionServiceClient::with_interceptor(
         server.channel().await,
-        safemode::client::Bearer::new(Some(token)).unwrap(),
+        safemode_client::Bearer::new(Some(token)).unwrap(),
     );
     let hello = proto::SubscribeRequest {
         message: Some(Outbound::Hello(proto::Hello {
@@ -720,9 +720,9 @@ async fn going_down_a_severity_waits_for_an_approver() {
 #[tokio::test]
 async fn without_a_tokens_file_the_server_listens_on_loopback_only() {
     let dir = tempfile::tempdir().unwrap();
-    let refused = safemode::server::start(safemode::server::ServeConfig {
+    let refused = safemode_grpc::server::start(safemode_grpc::server::ServeConfig {
         listen: "0.0.0.0:0".parse().unwrap(),
-        store: safemode::server::StoreConfig::Embedded {
+        store: safemode_grpc::server::StoreConfig::Embedded {
             data_dir: dir.path().to_path_buf(),
         },
         ..Default::default()
@@ -737,9 +737,9 @@ async fn without_a_tokens_file_the_server_listens_on_loopback_only() {
     assert!(refused.to_string().contains("--tokens"), "{refused}");
 
     let principals = Principals::new();
-    let guarded = safemode::server::start(safemode::server::ServeConfig {
+    let guarded = safemode_grpc::server::start(safemode_grpc::server::ServeConfig {
         listen: "0.0.0.0:0".parse().unwrap(),
-        store: safemode::server::StoreConfig::Embedded {
+        store: safemode_grpc::server::StoreConfig::Embedded {
             data_dir: dir.path().to_path_buf(),
         },
         tokens: Some(principals.file.path().to_path_buf()),

@@ -7,11 +7,11 @@
 
 use std::time::Duration;
 
-use safemode::api::limits::StreamLimits;
-use safemode::wire::proto;
-use safemode::wire::proto::control_service_client::ControlServiceClient;
-use safemode::wire::proto::subscribe_request::Message as Outbound;
-use safemode::wire::proto::subscription_service_client::SubscriptionServiceClient;
+use safemode_grpc::limits::StreamLimits;
+use safemode_wire::proto;
+use safemode_wire::proto::control_service_client::ControlServiceClient;
+use safemode_wire::proto::subscribe_request::Message as Outbound;
+use safemode_wire::proto::subscription_service_client::SubscriptionServiceClient;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
@@ -211,7 +211,7 @@ async fn open_stream_in(
 ) -> Result<mpsc::Sender<proto::SubscribeRequest>, tonic::Status> {
     let mut client = SubscriptionServiceClient::with_interceptor(
         server.channel().await,
-        safemode::client::Bearer::new(Some(token)).unwrap(),
+        safemode_client::Bearer::new(Some(token)).unwrap(),
     );
     let (tx, rx) = mpsc::channel(4);
     tx.send(proto::SubscribeRequest {
@@ -312,14 +312,14 @@ async fn streams_are_limited_per_token_connection_and_replica() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_are_limited_per_connection() {
     let data = tempfile::tempdir().unwrap();
-    let server = TestServer::start_with(safemode::server::ServeConfig {
+    let server = TestServer::start_with(safemode_grpc::server::ServeConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         stream_limits: StreamLimits {
             per_token: 100,
             per_connection: 3,
             per_replica: 100,
         },
-        store: safemode::server::StoreConfig::Embedded {
+        store: safemode_grpc::server::StoreConfig::Embedded {
             data_dir: data.path().to_path_buf(),
         },
         ..Default::default()
@@ -384,7 +384,7 @@ async fn status_stays_readable_with_two_thousand_rejecting_streams() {
         !status.next_page_token.is_empty(),
         "2,000 subscribers come in more than one page"
     );
-    let everyone = safemode::wire::full_status(&mut control, "live")
+    let everyone = safemode_wire::full_status(&mut control, "live")
         .await
         .expect("every page is readable");
     assert_eq!(everyone.subscribers.len(), 2000);
@@ -423,14 +423,14 @@ async fn status_stays_readable_with_two_thousand_rejecting_streams() {
 }
 
 async fn wait_for_rejections(
-    control: &mut safemode::wire::proto::control_service_client::ControlServiceClient<
+    control: &mut safemode_wire::proto::control_service_client::ControlServiceClient<
         tonic::transport::Channel,
     >,
     count: usize,
 ) -> proto::GetStatusResponse {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let all = safemode::wire::full_status(control, "live").await.unwrap();
+        let all = safemode_wire::full_status(control, "live").await.unwrap();
         if all
             .subscribers
             .iter()
@@ -517,7 +517,7 @@ async fn readers_cannot_make_a_replica_follow_namespaces() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_principal_is_one_person_whatever_the_case() {
-    use safemode::auth::{Role, create_token};
+    use safemode_controller::auth::{Role, create_token};
     let lower = create_token("cmd1", &[Role::Commander, Role::Approver]).unwrap();
     let upper = create_token("Cmd1", &[Role::Approver]).unwrap();
     assert_eq!(upper.principal, "cmd1", "names are kept lower-cased");
@@ -526,10 +526,10 @@ async fn a_principal_is_one_person_whatever_the_case() {
     let by_hand = upper.line.replace("principal: cmd1", "principal: Cmd1");
     std::fs::write(file.path(), format!("{}\n{by_hand}\n", lower.line)).unwrap();
     let data = tempfile::tempdir().unwrap();
-    let server = TestServer::start_with(safemode::server::ServeConfig {
+    let server = TestServer::start_with(safemode_grpc::server::ServeConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         tokens: Some(file.path().to_path_buf()),
-        store: safemode::server::StoreConfig::Embedded {
+        store: safemode_grpc::server::StoreConfig::Embedded {
             data_dir: data.path().to_path_buf(),
         },
         ..Default::default()
@@ -585,7 +585,7 @@ async fn incident_lists_are_cut_to_the_newest_and_say_how_many_matched() {
             Ok(request)
         },
     );
-    let count = safemode::api::limits::MAX_LISTED + 5;
+    let count = safemode_grpc::limits::MAX_LISTED + 5;
     let mut last = String::new();
     for i in 0..count {
         let declared = control
@@ -631,7 +631,7 @@ async fn incident_lists_are_cut_to_the_newest_and_say_how_many_matched() {
         .expect("the list is answered")
         .into_inner();
     assert_eq!(listed.total as usize, count);
-    assert_eq!(listed.incidents.len(), safemode::api::limits::MAX_LISTED);
+    assert_eq!(listed.incidents.len(), safemode_grpc::limits::MAX_LISTED);
     assert_eq!(listed.incidents[0].id, last, "newest first");
     let text =
         crate::support::safemode(&["--server", &server.url, "incident", "list", "--all"]).await;

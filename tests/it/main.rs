@@ -2,6 +2,7 @@
 
 mod audit;
 mod audit_scale;
+mod boundaries;
 mod changes;
 mod cli;
 mod client;

@@ -9,8 +9,8 @@
 
 use std::path::Path;
 
-use safemode::catalog::{CatalogError, load_modes_dir, standard_modes};
-use safemode::policy::{ChannelSet, Effect, Mode, ModeFileError, parse_mode};
+use safemode_policy::catalog::{CatalogError, load_modes_dir, standard_modes};
+use safemode_policy::{ChannelSet, Effect, Mode, ModeFileError, parse_mode};
 
 fn standard_dir() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("runbooks/modes")
@@ -836,7 +836,7 @@ fn a_good_file_is_not_refused() {
     let rule = &mode.rules[0];
     assert_eq!(
         rule.effect,
-        Effect::Throttle(safemode::policy::Throttle {
+        Effect::Throttle(safemode_policy::Throttle {
             max: 3,
             window_seconds: 7 * 86_400
         })

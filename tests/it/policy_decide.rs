@@ -11,9 +11,9 @@
 use std::fmt::Write as _;
 
 use jiff::Timestamp;
-use safemode::catalog::standard_modes;
-use safemode::policy::names::ACTIONS;
-use safemode::policy::{
+use safemode_policy::catalog::standard_modes;
+use safemode_policy::names::ACTIONS;
+use safemode_policy::{
     Activation, ActivationId, Change, Channel, ChannelSet, Context, EffectivePolicy, MethodSet,
     ModeCatalog, Outcome, Reason,
 };
@@ -214,7 +214,7 @@ fn check_one(modes: &ModeCatalog, case: &Case) -> Result<(), String> {
     let (customer, agent) = case
         .messages
         .unwrap_or_else(|| panic!("case '{}' says nothing about messages", case.name));
-    let text = |t: Text, pick: fn(&safemode::policy::Mode) -> Option<&str>| match t {
+    let text = |t: Text, pick: fn(&safemode_policy::Mode) -> Option<&str>| match t {
         Text::Nothing => None,
         Text::OfMode(m) => pick(modes.get(m).unwrap()).map(str::to_string),
         Text::Exactly(s) => Some(s.to_string()),
@@ -1280,7 +1280,7 @@ fn reasons_are_activation_ids() {
 /// there, not a silent `allow` on every request.
 #[test]
 fn actions_are_checked_when_parsed() {
-    use safemode::policy::Action;
+    use safemode_policy::Action;
     for good in [
         "account.password_reset",
         "bot.intent.faq",

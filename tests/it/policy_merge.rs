@@ -20,8 +20,8 @@ use std::sync::Arc;
 
 use jiff::Timestamp;
 use proptest::prelude::*;
-use safemode::policy::names::{ACTIONS, METHODS};
-use safemode::policy::{
+use safemode_policy::names::{ACTIONS, METHODS};
+use safemode_policy::{
     ActionSelector, Activation, ActivationId, Change, Channel, ChannelPolicy, ChannelSet,
     Condition, Context, Deny, Effect, EffectKind, EffectivePolicy, MethodSet, Mode, ModeName,
     Outcome, ReadOnly, Reason, Review, Route, Rule, StepUp, Throttle,
@@ -646,8 +646,8 @@ proptest! {
 // === The client decides as the core does ===
 
 /// What the client's lock-free decision says, reasons once each.
-fn client_said(subscriber: &safemode::client::Subscriber, action: &str, ctx: &Context) -> Said {
-    let action = safemode::policy::Action::parse(action).unwrap();
+fn client_said(subscriber: &safemode_client::Subscriber, action: &str, ctx: &Context) -> Said {
+    let action = safemode_policy::Action::parse(action).unwrap();
     let d = subscriber.decide(&action, ctx);
     assert!(!d.is_stale() && !d.is_fail_closed());
     Said {
@@ -663,9 +663,9 @@ fn received(
     policy: &EffectivePolicy,
     activations: &[Activation],
     channel: Channel,
-) -> safemode::client::PolicySnapshot {
-    use safemode::wire::{self, proto};
-    let namespace = safemode::policy::Namespace::live();
+) -> safemode_client::PolicySnapshot {
+    use safemode_wire::{self as wire, proto};
+    let namespace = safemode_policy::Namespace::live();
     let wire = proto::Snapshot {
         schema_version: wire::SCHEMA_VERSION,
         namespace: namespace.to_string(),
@@ -681,7 +681,7 @@ fn received(
         epoch: "e".into(),
         ..Default::default()
     };
-    safemode::client::PolicySnapshot::from_wire(wire, &namespace, channel).unwrap()
+    safemode_client::PolicySnapshot::from_wire(wire, &namespace, channel).unwrap()
 }
 
 proptest! {
@@ -694,7 +694,7 @@ proptest! {
     fn the_client_decides_as_the_core_does(activations in activations(), ctxs in contexts()) {
         let policy = EffectivePolicy::compile(&activations);
         for channel in Channel::all() {
-            let subscriber = safemode::client::Subscriber::fixed(received(&policy, &activations, channel));
+            let subscriber = safemode_client::Subscriber::fixed(received(&policy, &activations, channel));
             for action in actions() {
                 for ctx in &ctxs {
                     let mut core = said(&policy, channel, action, ctx);

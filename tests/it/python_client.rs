@@ -15,9 +15,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use safemode::controller::ControllerConfig;
-use safemode::server::{ServeConfig, StoreConfig};
-use safemode::wire::proto;
+use safemode_controller::ControllerConfig;
+use safemode_grpc::server::{ServeConfig, StoreConfig};
+use safemode_wire::proto;
 use serde_json::{Value, json};
 
 use crate::support::{DEADLINE, TestServer, safemode, wait_for};
@@ -323,7 +323,7 @@ async fn change(server: &TestServer, change: &Change) -> i64 {
             as_of,
         } => {
             let as_of = as_of
-                .map(|t| safemode::wire::timestamp_to_wire(t.parse::<jiff::Timestamp>().unwrap()));
+                .map(|t| safemode_wire::timestamp_to_wire(t.parse::<jiff::Timestamp>().unwrap()));
             let response = server
                 .control()
                 .await

@@ -8,12 +8,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use futures_util::StreamExt;
-use safemode::client::{Subscriber, SubscriberConfig};
-use safemode::controller::{ApplyRequest, Controller, ControllerConfig, LiftRequest, LiftTarget};
-use safemode::policy::{Channel, ModeName, Namespace, Reason};
-use safemode::store::embedded::EmbeddedStore;
-use safemode::store::{self, Store};
-use safemode::wire::proto;
+use safemode_client::{Subscriber, SubscriberConfig};
+use safemode_controller::{ApplyRequest, Controller, ControllerConfig, LiftRequest, LiftTarget};
+use safemode_policy::{Channel, ModeName, Namespace, Reason};
+use safemode_store::embedded::EmbeddedStore;
+use safemode_store::{self as store, Store};
+use safemode_wire::proto;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
@@ -394,7 +394,7 @@ async fn a_subscriber_that_missed_compacted_history_gets_the_full_current_state(
             .and_then(Result::err),
     };
     assert!(
-        matches!(compacted, Some(safemode::store::Error::Compacted { .. })),
+        matches!(compacted, Some(safemode_store::Error::Compacted { .. })),
         "history after {last_applied} should be compacted: {compacted:?}"
     );
 
@@ -530,7 +530,7 @@ async fn already_active_is_never_answered_from_a_lagging_view() {
     let start = |store: Arc<dyn Store>| {
         Controller::start(
             store,
-            Arc::new(safemode::catalog::Catalog::standard()),
+            Arc::new(safemode_policy::catalog::Catalog::standard()),
             ControllerConfig::default(),
             CancellationToken::new(),
         )
@@ -546,11 +546,11 @@ async fn already_active_is_never_answered_from_a_lagging_view() {
     let apply = || ApplyRequest {
         namespace: live.clone(),
         modes: vec![ModeName::parse("throttle-high-risk").unwrap()],
-        channels: safemode::policy::ChannelSet::ALL,
+        channels: safemode_policy::ChannelSet::ALL,
         as_of: None,
-        actor: safemode::auth::Principal {
+        actor: safemode_controller::auth::Principal {
             name: "bob".into(),
-            roles: vec![safemode::auth::Role::Commander],
+            roles: vec![safemode_controller::auth::Role::Commander],
         },
         reason: Reason::parse("contain the wave").unwrap(),
         change_id: None,
@@ -574,9 +574,9 @@ async fn already_active_is_never_answered_from_a_lagging_view() {
         .lift(LiftRequest {
             namespace: live.clone(),
             targets: vec![LiftTarget::parse("throttle-high-risk").unwrap()],
-            actor: safemode::auth::Principal {
+            actor: safemode_controller::auth::Principal {
                 name: "carol".into(),
-                roles: vec![safemode::auth::Role::Commander],
+                roles: vec![safemode_controller::auth::Role::Commander],
             },
             reason: Reason::parse("contained").unwrap(),
             all: false,
@@ -652,9 +652,9 @@ async fn an_unreadable_activation_fails_closed() {
     })
     .await;
     let client = server.subscriber("web", "checker").await;
-    let order = safemode::policy::Action::parse("order.view").unwrap();
-    let decision = client.decide(&order, &safemode::policy::Context::default());
-    assert_eq!(decision.effect(), safemode::policy::EffectKind::Deny);
+    let order = safemode_policy::Action::parse("order.view").unwrap();
+    let decision = client.decide(&order, &safemode_policy::Context::default());
+    assert_eq!(decision.effect(), safemode_policy::EffectKind::Deny);
     assert_eq!(
         decision.reasons().map(|r| r.as_str()).collect::<Vec<_>>(),
         [id]
@@ -703,10 +703,12 @@ async fn an_unreadable_activation_fails_closed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeats_stop_while_the_store_is_unreachable_so_clients_go_stale() {
     let mut etcd = EtcdCluster::start(1).await;
-    let server = TestServer::start_with(safemode::server::ServeConfig {
+    let server = TestServer::start_with(safemode_grpc::server::ServeConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
-        signing_key: safemode::server::SigningKeySource::Key(crate::support::test_signing_key()),
-        store: safemode::server::StoreConfig::Etcd {
+        signing_key: safemode_grpc::server::SigningKeySource::Key(
+            crate::support::test_signing_key(),
+        ),
+        store: safemode_grpc::server::StoreConfig::Etcd {
             endpoints: etcd.endpoints(),
             prefix: "/safemode/".into(),
             tls: Default::default(),

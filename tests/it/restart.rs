@@ -122,9 +122,9 @@ async fn a_reconnect_to_the_same_revision_is_acked_but_is_no_change() {
     // and is sent the revision it already has.
     let addr = server.addr();
     server.stop().await;
-    let server = TestServer::start_with(safemode::server::ServeConfig {
+    let server = TestServer::start_with(safemode_grpc::server::ServeConfig {
         listen: addr,
-        store: safemode::server::StoreConfig::Embedded {
+        store: safemode_grpc::server::StoreConfig::Embedded {
             data_dir: dir.path().to_path_buf(),
         },
         ..Default::default()
@@ -149,11 +149,11 @@ async fn a_reconnect_to_the_same_revision_is_acked_but_is_no_change() {
 async fn a_client_follows_a_replaced_store_into_its_new_history() {
     let old = tempfile::tempdir().unwrap();
     // The deployment keeps its signing key when its store is replaced.
-    let key = safemode::server::SigningKeySource::Key(crate::support::test_signing_key());
-    let mut server = TestServer::start_with(safemode::server::ServeConfig {
+    let key = safemode_grpc::server::SigningKeySource::Key(crate::support::test_signing_key());
+    let mut server = TestServer::start_with(safemode_grpc::server::ServeConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         signing_key: key.clone(),
-        store: safemode::server::StoreConfig::Embedded {
+        store: safemode_grpc::server::StoreConfig::Embedded {
             data_dir: old.path().to_path_buf(),
         },
         ..Default::default()
@@ -175,10 +175,10 @@ async fn a_client_follows_a_replaced_store_into_its_new_history() {
     let addr = server.addr();
     server.stop().await;
     let fresh = tempfile::tempdir().unwrap();
-    let server = TestServer::start_with(safemode::server::ServeConfig {
+    let server = TestServer::start_with(safemode_grpc::server::ServeConfig {
         listen: addr,
         signing_key: key,
-        store: safemode::server::StoreConfig::Embedded {
+        store: safemode_grpc::server::StoreConfig::Embedded {
             data_dir: fresh.path().to_path_buf(),
         },
         ..Default::default()

@@ -14,18 +14,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::{Stream, StreamExt as _};
-use safemode::client::{Subscriber, SubscriberConfig};
-use safemode::policy::{Action, Channel, Context, EffectKind, Namespace};
-use safemode::server::{ServeConfig, SigningKeySource, StoreConfig};
-use safemode::signing::SigningKey;
-use safemode::wire::proto::subscribe_request::Message as FromClient;
-use safemode::wire::proto::subscribe_response::Message as ToClient;
-use safemode::wire::proto::subscription_service_client::SubscriptionServiceClient;
-use safemode::wire::proto::subscription_service_server::{
+use safemode_client::{Subscriber, SubscriberConfig};
+use safemode_grpc::server::{ServeConfig, SigningKeySource, StoreConfig};
+use safemode_policy::{Action, Channel, Context, EffectKind, Namespace};
+use safemode_signing::SigningKey;
+use safemode_wire::proto::subscribe_request::Message as FromClient;
+use safemode_wire::proto::subscribe_response::Message as ToClient;
+use safemode_wire::proto::subscription_service_client::SubscriptionServiceClient;
+use safemode_wire::proto::subscription_service_server::{
     SubscriptionService, SubscriptionServiceServer,
 };
-use safemode::wire::proto::{self, SubscribeRequest, SubscribeResponse};
-use safemode::wire::signed;
+use safemode_wire::proto::{self, SubscribeRequest, SubscribeResponse};
+use safemode_wire::signed;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status, Streaming};
@@ -347,7 +347,7 @@ async fn a_forged_heartbeat_does_not_make_a_stale_policy_current() {
     let trusted = server.trusted_keys();
     server.stop().await;
 
-    let now = safemode::wire::timestamp_to_wire(jiff::Timestamp::now());
+    let now = safemode_wire::timestamp_to_wire(jiff::Timestamp::now());
     let unsigned = proto::Heartbeat {
         revision: frozen,
         server_time: Some(now),
@@ -398,7 +398,7 @@ async fn a_forged_heartbeat_does_not_make_a_stale_policy_current() {
     // than the client's staleness limit, says nothing about now.
     let limit = Duration::from_millis(200);
     let sent_at =
-        safemode::wire::timestamp_from_wire(web_beat.server_time.as_ref().unwrap()).unwrap();
+        safemode_wire::timestamp_from_wire(web_beat.server_time.as_ref().unwrap()).unwrap();
     wait_until("the captured heartbeat is older than the limit", || async {
         jiff::Timestamp::now().duration_since(sent_at) > jiff::SignedDuration::from_millis(300)
     })

@@ -13,8 +13,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use jiff::Timestamp;
-use safemode::catalog::{CatalogError, lint, load_runbooks_dir, standard_modes, standard_runbooks};
-use safemode::policy::{
+use safemode_policy::catalog::{
+    CatalogError, lint, load_runbooks_dir, standard_modes, standard_runbooks,
+};
+use safemode_policy::{
     ChannelSet, EffectKind, ModeCatalog, ModeName, Outcome, RunbookFileError, Severity, StageMode,
     parse_mode, parse_runbook,
 };
@@ -334,12 +336,12 @@ fn stage_activations_carry_the_stage_texts_scope_and_time() {
         assert_eq!((a.applied_at, a.revision), (at, 0));
     }
     // Read-only serves data as of the time the stage is applied.
-    let policy = safemode::policy::EffectivePolicy::compile(&activations);
-    let web = safemode::policy::Channel::parse("web").unwrap();
+    let policy = safemode_policy::EffectivePolicy::compile(&activations);
+    let web = safemode_policy::Channel::parse("web").unwrap();
     let decision = policy.decide(web, "balance.view", &Default::default());
     assert_eq!(
         decision.outcome,
-        Outcome::ReadOnly(safemode::policy::ReadOnly { as_of: Some(at) })
+        Outcome::ReadOnly(safemode_policy::ReadOnly { as_of: Some(at) })
     );
     assert_eq!(
         decision.customer_message(),

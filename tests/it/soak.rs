@@ -13,11 +13,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use safemode::client::{Subscriber, SubscriberConfig};
-use safemode::policy::{Channel, Namespace};
-use safemode::signing::TrustedKeys;
-use safemode::wire::proto;
-use safemode::wire::proto::control_service_client::ControlServiceClient;
+use safemode_client::{Subscriber, SubscriberConfig};
+use safemode_policy::{Channel, Namespace};
+use safemode_signing::TrustedKeys;
+use safemode_wire::proto;
+use safemode_wire::proto::control_service_client::ControlServiceClient;
 
 use crate::etcd::EtcdCluster;
 use crate::support::{ServeProcess, TestServer, safemode, wait_until};
@@ -185,7 +185,7 @@ async fn every_command_succeeds_while_members_and_replicas_fail() {
     // Replicas of one deployment share their signing key.
     let dir = tempfile::tempdir().unwrap();
     let key_file = dir.path().join("signing.key");
-    let (key, pem) = safemode::signing::SigningKey::generate();
+    let (key, pem) = safemode_signing::SigningKey::generate();
     std::fs::write(&key_file, pem).unwrap();
     let trusted = TrustedKeys::new([key.public_key().clone()]).unwrap();
     let serve_args = [

@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use safemode::store::embedded::{EmbeddedOptions, EmbeddedStore};
-use safemode::store::{
+use safemode_store::embedded::{EmbeddedOptions, EmbeddedStore};
+use safemode_store::{
     Compare, Error, Event, EventKind, KeyValue, Op, Revision, Store, Txn, TxnOutcome, WatchStream,
 };
 

@@ -8,16 +8,16 @@ use std::process::Output;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use safemode::client::{Subscriber, SubscriberConfig};
-use safemode::controller::ControllerConfig;
-use safemode::policy::Namespace;
-use safemode::server::{self, RunningServer, ServeConfig, SigningKeySource, StoreConfig};
-use safemode::signing::{SigningKey, TrustedKeys};
-use safemode::wire::proto::control_service_client::ControlServiceClient;
-use safemode::wire::proto::subscribe_request::Message as Outbound;
-use safemode::wire::proto::subscribe_response::Message as Inbound;
-use safemode::wire::proto::subscription_service_client::SubscriptionServiceClient;
-use safemode::wire::proto::{self, SubscribeRequest};
+use safemode_client::{Subscriber, SubscriberConfig};
+use safemode_controller::ControllerConfig;
+use safemode_grpc::server::{self, RunningServer, ServeConfig, SigningKeySource, StoreConfig};
+use safemode_policy::Namespace;
+use safemode_signing::{SigningKey, TrustedKeys};
+use safemode_wire::proto::control_service_client::ControlServiceClient;
+use safemode_wire::proto::subscribe_request::Message as Outbound;
+use safemode_wire::proto::subscribe_response::Message as Inbound;
+use safemode_wire::proto::subscription_service_client::SubscriptionServiceClient;
+use safemode_wire::proto::{self, SubscribeRequest};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
@@ -98,7 +98,9 @@ impl TestServer {
     pub async fn on_etcd(endpoints: Vec<String>, listen: &str) -> Self {
         Self::start_with(ServeConfig {
             listen: listen.parse().unwrap(),
-            signing_key: safemode::server::SigningKeySource::Key(crate::support::test_signing_key()),
+            signing_key: safemode_grpc::server::SigningKeySource::Key(
+                crate::support::test_signing_key(),
+            ),
             store: StoreConfig::Etcd {
                 endpoints,
                 prefix: "/safemode/".into(),
@@ -144,7 +146,9 @@ impl TestServer {
     pub async fn on_etcd_guarded(endpoints: Vec<String>, principals: &Principals) -> Self {
         Self::start_with(ServeConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
-            signing_key: safemode::server::SigningKeySource::Key(crate::support::test_signing_key()),
+            signing_key: safemode_grpc::server::SigningKeySource::Key(
+                crate::support::test_signing_key(),
+            ),
             store: StoreConfig::Etcd {
                 endpoints,
                 prefix: "/safemode/".into(),
@@ -206,7 +210,7 @@ impl TestServer {
         let mut config = SubscriberConfig::new(
             [self.url.clone()],
             Namespace::live(),
-            safemode::policy::Channel::parse(channel).unwrap(),
+            safemode_policy::Channel::parse(channel).unwrap(),
             id,
         );
         config.trusted_keys = Some(self.trusted_keys());
@@ -259,7 +263,7 @@ impl TestServer {
 
     /// The status of `namespace`.
     pub async fn status(&self, namespace: &str) -> proto::GetStatusResponse {
-        safemode::wire::full_status(&mut self.control().await, namespace)
+        safemode_wire::full_status(&mut self.control().await, namespace)
             .await
             .expect("status")
     }
@@ -285,7 +289,7 @@ impl Principals {
     /// subscriber, viewer), a second approver `approver2`, and a second
     /// commander `commander2`.
     pub fn new() -> Self {
-        use safemode::auth::{Role, create_token};
+        use safemode_controller::auth::{Role, create_token};
         let people: &[(&str, Role)] = &[
             ("viewer", Role::Viewer),
             ("subscriber", Role::Subscriber),
@@ -317,14 +321,14 @@ impl Principals {
 
 /// A control client that presents a token.
 pub type Control = ControlServiceClient<
-    tonic::service::interceptor::InterceptedService<Channel, safemode::client::Bearer>,
+    tonic::service::interceptor::InterceptedService<Channel, safemode_client::Bearer>,
 >;
 
 /// A control client presenting `token` (none: no header).
 pub async fn control_as(server: &TestServer, token: Option<&str>) -> Control {
     ControlServiceClient::with_interceptor(
         server.channel().await,
-        safemode::client::Bearer::new(token).unwrap(),
+        safemode_client::Bearer::new(token).unwrap(),
     )
 }
 
@@ -609,7 +613,7 @@ impl Drop for ServeProcess {
 
 /// The signing key every replica of a test on etcd shares, as replicas of
 /// one deployment share theirs (`serve --signing-key`).
-pub fn test_signing_key() -> safemode::signing::SigningKey {
+pub fn test_signing_key() -> safemode_signing::SigningKey {
     test_key().0.clone()
 }
 

@@ -8,10 +8,10 @@
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use safemode::client::{Subscriber, SubscriberConfig};
-use safemode::policy::{Action, Channel, Context, EffectKind, Namespace};
-use safemode::server::{EtcdTls, ServeConfig, StoreConfig};
-use safemode::wire::proto;
+use safemode_client::{Subscriber, SubscriberConfig};
+use safemode_grpc::server::{EtcdTls, ServeConfig, StoreConfig};
+use safemode_policy::{Action, Channel, Context, EffectKind, Namespace};
+use safemode_wire::proto;
 
 use crate::etcd::{ClientTls, EtcdCluster};
 use crate::support::{Principals, ServeProcess, TestServer, safemode, wait_until};
@@ -144,7 +144,7 @@ impl TlsServer {
         self.principals.token(name)
     }
 
-    fn trusted_keys(&self) -> safemode::signing::TrustedKeys {
+    fn trusted_keys(&self) -> safemode_signing::TrustedKeys {
         self.server.trusted_keys()
     }
 }
@@ -690,7 +690,9 @@ async fn a_replica_keeps_its_state_in_an_etcd_that_speaks_only_tls() {
     let etcd = pki.etcd().await;
     let server = TestServer::start_with(ServeConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
-        signing_key: safemode::server::SigningKeySource::Key(crate::support::test_signing_key()),
+        signing_key: safemode_grpc::server::SigningKeySource::Key(
+            crate::support::test_signing_key(),
+        ),
         store: StoreConfig::Etcd {
             endpoints: etcd.endpoints(),
             prefix: "/safemode/".into(),

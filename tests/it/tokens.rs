@@ -5,11 +5,11 @@
 use std::time::Duration;
 
 use futures_util::FutureExt as _;
-use safemode::auth::{Role, create_token, hash_token};
-use safemode::wire::proto;
-use safemode::wire::proto::subscribe_request::Message as Outbound;
-use safemode::wire::proto::subscribe_response::Message as Inbound;
-use safemode::wire::proto::subscription_service_client::SubscriptionServiceClient;
+use safemode_controller::auth::{Role, create_token, hash_token};
+use safemode_wire::proto;
+use safemode_wire::proto::subscribe_request::Message as Outbound;
+use safemode_wire::proto::subscribe_response::Message as Inbound;
+use safemode_wire::proto::subscription_service_client::SubscriptionServiceClient;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
@@ -65,7 +65,7 @@ async fn subscribe_as(
     .unwrap();
     let stream = SubscriptionServiceClient::with_interceptor(
         server.channel().await,
-        safemode::client::Bearer::new(Some(token)).unwrap(),
+        safemode_client::Bearer::new(Some(token)).unwrap(),
     )
     .subscribe(ReceiverStream::new(rx))
     .await?

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use safemode::signing::{SigningKey, TrustedKeys};
+use safemode_signing::{SigningKey, TrustedKeys};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -149,7 +149,7 @@ pub async fn serve(
     etcd: Option<&str>,
     signing_key: &Path,
 ) -> anyhow::Result<()> {
-    use safemode::server::{ServeConfig, StoreConfig};
+    use safemode_grpc::server::{ServeConfig, StoreConfig};
     let store = match (data_dir, etcd) {
         (Some(dir), None) => StoreConfig::Embedded {
             data_dir: dir.to_path_buf(),
@@ -161,12 +161,12 @@ pub async fn serve(
         },
         _ => bail!("give --data-dir or --etcd"),
     };
-    let running = safemode::server::start(ServeConfig {
+    let running = safemode_grpc::server::start(ServeConfig {
         listen,
         store,
         replica: "bench".into(),
         // The benchmark's key, which its subscribers trust.
-        signing_key: safemode::server::SigningKeySource::File(signing_key.to_path_buf()),
+        signing_key: safemode_grpc::server::SigningKeySource::File(signing_key.to_path_buf()),
         ..ServeConfig::default()
     })
     .await?;

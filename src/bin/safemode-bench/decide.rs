@@ -8,15 +8,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
-use safemode::catalog::Catalog;
-use safemode::client::{PolicySnapshot, Subscriber};
-use safemode::policy::names::ACTIONS;
-use safemode::policy::{
+use safemode::sim::percentile;
+use safemode_client::{PolicySnapshot, Subscriber};
+use safemode_policy::catalog::Catalog;
+use safemode_policy::names::ACTIONS;
+use safemode_policy::{
     Action, Activation, ActivationId, Change, Channel, ChannelSet, Context, EffectivePolicy,
     MethodSet, Namespace, Reason,
 };
-use safemode::sim::percentile;
-use safemode::wire::{self, proto};
+use safemode_wire::{self as wire, proto};
 use serde::Serialize;
 
 /// Counts the allocations of the threads that are deciding (other threads,

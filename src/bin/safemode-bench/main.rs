@@ -21,8 +21,8 @@ use anyhow::{Context as _, bail};
 use clap::Parser;
 use jiff::Timestamp;
 use safemode::sim::percentile;
-use safemode::wire::proto::control_service_client::ControlServiceClient;
-use safemode::wire::{self, proto};
+use safemode_wire::proto::control_service_client::ControlServiceClient;
+use safemode_wire::{self as wire, proto};
 use serde::Serialize;
 use tonic::transport::{Channel as Connection, Endpoint};
 
@@ -413,7 +413,7 @@ async fn last_ack_recorded(
 ) -> anyhow::Result<Timestamp> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let status = safemode::wire::full_status(commander, "live").await?;
+        let status = safemode_wire::full_status(commander, "live").await?;
         let acks: Vec<&proto::SubscriberStatus> = status
             .subscribers
             .iter()

@@ -1,0 +1,397 @@
+//! Reaching the controllers: checked addresses, TLS, the bearer token, and
+//! the rule that a token never crosses the network in plain text.
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Uri};
+
+use super::ClientError;
+use safemode_support::errors::error_chain;
+use tracing::debug;
+
+/// How [`endpoints`] prepares the connections to the controllers.
+#[derive(Clone, Copy, Debug)]
+pub struct EndpointOptions<'a> {
+    /// Requests will carry a bearer token, which must not cross the network
+    /// in plain text.
+    pub sends_token: bool,
+    /// A PEM file of CA certificates to trust for `https://`, besides the
+    /// platform's.
+    pub ca_cert: Option<&'a Path>,
+    /// A token may go over plain `http://` to a host that is not loopback (a
+    /// service mesh encrypts the hop).
+    pub allow_plaintext_token: bool,
+    /// Limit on connecting, and on the TLS handshake.
+    pub connect_timeout: Duration,
+}
+
+/// Checks and prepares the controllers' addresses: `http://` or `https://`
+/// only; TLS for `https://`; and no token in plain text to a host that is
+/// not loopback unless `options` allow it. Connects to nothing, so a
+/// refusal here comes before any byte is sent.
+pub fn endpoints(
+    servers: &[String],
+    options: &EndpointOptions<'_>,
+) -> Result<Vec<(String, Endpoint)>, ClientError> {
+    if servers.is_empty() {
+        return Err(ClientError::BadServer {
+            server: String::new(),
+            reason: "no controller address given".into(),
+        });
+    }
+    let targets = servers
+        .iter()
+        .map(|server| Target::parse(server, options))
+        .collect::<Result<Vec<_>, _>>()?;
+    // The CA file is read once, and only when some controller needs TLS.
+    let tls = if targets.iter().any(|t| t.tls) {
+        Some(tls_config(options)?)
+    } else {
+        None
+    };
+    targets
+        .into_iter()
+        .map(|target| {
+            let mut endpoint = Endpoint::from(target.uri)
+                .connect_timeout(options.connect_timeout)
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(30))
+                .keep_alive_timeout(Duration::from_secs(10));
+            if let (true, Some(tls)) = (target.tls, &tls) {
+                endpoint = with_tls(endpoint, tls, &target.host, options.ca_cert.is_some())
+                    .map_err(|e| ClientError::TlsSetup {
+                        server: target.server.clone(),
+                        reason: error_chain(&e),
+                    })?;
+            }
+            Ok((target.server, endpoint))
+        })
+        .collect()
+}
+
+/// One checked controller address.
+struct Target {
+    server: String,
+    uri: Uri,
+    /// `https://`.
+    tls: bool,
+    /// The host, without the brackets of an IPv6 address.
+    host: String,
+}
+
+impl Target {
+    fn parse(server: &str, options: &EndpointOptions<'_>) -> Result<Target, ClientError> {
+        let bad = |reason: String| ClientError::BadServer {
+            server: server.to_string(),
+            reason,
+        };
+        let uri: Uri = server.parse().map_err(|e| bad(error_chain(&e)))?;
+        let tls = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            Some(other) => {
+                return Err(bad(format!(
+                    "the scheme {other}: is not supported, only http:// and https://"
+                )));
+            }
+            None => {
+                return Err(bad("it has no scheme (http:// or https://)".into()));
+            }
+        };
+        let host = match uri.host() {
+            Some(host) if !host.is_empty() => host,
+            _ => return Err(bad("it names no host".into())),
+        };
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host)
+            .to_string();
+        if !tls && options.sends_token && !options.allow_plaintext_token && !is_loopback(&host) {
+            return Err(ClientError::PlaintextToken {
+                server: server.to_string(),
+            });
+        }
+        Ok(Target {
+            server: server.to_string(),
+            uri,
+            tls,
+            host,
+        })
+    }
+}
+
+/// Whether `host` (without IPv6 brackets) is this machine: `localhost`,
+/// 127.0.0.0/8, `::1` (also written as an IPv4-mapped address).
+fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback())
+}
+
+/// TLS settings shared by every `https://` controller: the handshake limit
+/// and the extra CA certificates, checked here so that a wrong file is
+/// named instead of every certificate seeming untrusted.
+fn tls_config(options: &EndpointOptions<'_>) -> Result<ClientTlsConfig, ClientError> {
+    let config = ClientTlsConfig::new().timeout(options.connect_timeout);
+    let Some(path) = options.ca_cert else {
+        return Ok(config);
+    };
+    let bad = |reason: String| ClientError::CaCert {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let pem = safemode_support::pem::certificates(path).map_err(|e| bad(format!("it {e}")))?;
+    Ok(config.ca_certificate(Certificate::from_pem(pem)))
+}
+
+/// `endpoint` over TLS to `host`, trusting the platform's CA certificates
+/// and those of `tls`. A machine without CA certificates (a slim container)
+/// still works when an extra CA was given.
+fn with_tls(
+    endpoint: Endpoint,
+    tls: &ClientTlsConfig,
+    host: &str,
+    has_extra_ca: bool,
+) -> Result<Endpoint, tonic::transport::Error> {
+    // tonic would take the host from the URI, brackets of IPv6 included,
+    // which is not a valid server name.
+    let tls = tls.clone().domain_name(host);
+    match endpoint.clone().tls_config(tls.clone().with_native_roots()) {
+        Ok(endpoint) => Ok(endpoint),
+        Err(e) if has_extra_ca => {
+            debug!(error = %error_chain(&e), "no platform CA certificates; trusting ca_cert only");
+            endpoint.tls_config(tls)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// What a failed connection to `server` means for a person: a certificate
+/// this client does not trust, a TLS handshake that failed otherwise, or a
+/// controller that cannot be reached.
+pub fn connect_failed(server: &str, error: &tonic::transport::Error) -> ClientError {
+    let server = server.to_string();
+    match tls_error(error) {
+        // rustls says it best ("invalid peer certificate: UnknownIssuer");
+        // the transport's wrapping adds nothing.
+        Some(tls @ rustls::Error::InvalidCertificate(_)) => ClientError::Untrusted {
+            server,
+            reason: tls.to_string(),
+        },
+        Some(_) => ClientError::Tls {
+            server,
+            reason: error_chain(error),
+        },
+        None => ClientError::Unreachable {
+            server,
+            reason: error_chain(error),
+        },
+    }
+}
+
+/// The rustls error in `error`'s chain, if TLS failed. tokio-rustls wraps it
+/// in an `io::Error`, whose `source()` skips it, so look inside those too.
+fn tls_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        if let Some(inner) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            return Some(inner);
+        }
+        next = e.source();
+    }
+    None
+}
+
+/// Adds `authorization: Bearer <token>` to every request, when there is a
+/// token; and, for a server without tokens, the name the caller goes by.
+#[derive(Clone)]
+pub struct Bearer {
+    header: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+    principal: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+}
+
+impl Bearer {
+    /// The interceptor for `token` (`None`: send no header).
+    pub fn new(token: Option<&str>) -> Result<Self, ClientError> {
+        let header = token
+            .map(|t| {
+                let mut value: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
+                    format!("Bearer {}", t.trim()).parse().map_err(|_| {
+                        ClientError::Refused(
+                            "the token has characters a header cannot carry".into(),
+                        )
+                    })?;
+                // Kept out of debug output, and out of HTTP/2 header
+                // compression tables (HPACK never indexes it).
+                value.set_sensitive(true);
+                Ok(value)
+            })
+            .transpose()?;
+        Ok(Bearer {
+            header,
+            principal: None,
+        })
+    }
+
+    /// Also names the caller `principal`: a server without a tokens file
+    /// acts under that name (a server with one ignores it).
+    pub fn as_principal(mut self, principal: Option<&str>) -> Result<Self, ClientError> {
+        self.principal = principal
+            .map(|p| {
+                p.trim().parse().map_err(|_| {
+                    ClientError::Refused(
+                        "the principal has characters a header cannot carry".into(),
+                    )
+                })
+            })
+            .transpose()?;
+        Ok(self)
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(header) = &self.header {
+            request
+                .metadata_mut()
+                .insert("authorization", header.clone());
+        }
+        if let Some(principal) = &self.principal {
+            request
+                .metadata_mut()
+                .insert(safemode_wire::PRINCIPAL_HEADER, principal.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// Connects to the first of `servers` that answers (each checked by
+/// [`endpoints`] first); the error names them all if none does, and says
+/// more than "unreachable" when a certificate was not trusted.
+pub async fn connect_any(
+    servers: &[String],
+    options: &EndpointOptions<'_>,
+    request_timeout: Duration,
+) -> Result<tonic::transport::Channel, ClientError> {
+    let mut errors = Vec::new();
+    for (server, endpoint) in endpoints(servers, options)? {
+        match endpoint.timeout(request_timeout).connect().await {
+            Ok(channel) => return Ok(channel),
+            Err(e) => errors.push(connect_failed(&server, &e)),
+        }
+    }
+    Err(super::first_failure(errors))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `endpoints` says about `server`: `Ok` or the error message.
+    fn check(server: &str, sends_token: bool, insecure: bool, expected: Result<(), &str>) {
+        let options = EndpointOptions {
+            sends_token,
+            ca_cert: None,
+            allow_plaintext_token: insecure,
+            connect_timeout: Duration::from_secs(1),
+        };
+        let actual = endpoints(&[server.to_string()], &options)
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+        match (&actual, expected) {
+            (Ok(()), Ok(())) => {}
+            (Err(message), Err(part)) if message.contains(part) => {}
+            _ => panic!(
+                "{server} (token: {sends_token}, insecure: {insecure}): expected {expected:?}, got {actual:?}"
+            ),
+        }
+    }
+
+    #[test]
+    fn a_token_goes_in_plain_text_only_to_loopback_unless_allowed() {
+        const REFUSED: &str = "refusing to send the token in plain text";
+        let cases: &[(&str, bool, bool, Result<(), &str>)] = &[
+            ("http://127.0.0.1:7700", true, false, Ok(())),
+            ("http://127.1.2.3:7700", true, false, Ok(())),
+            ("http://localhost:7700", true, false, Ok(())),
+            ("http://LocalHost:7700", true, false, Ok(())),
+            ("http://[::1]:7700", true, false, Ok(())),
+            ("http://[::ffff:127.0.0.1]:7700", true, false, Ok(())),
+            ("http://10.255.255.1:7700", true, false, Err(REFUSED)),
+            ("http://[2001:db8::1]:7700", true, false, Err(REFUSED)),
+            ("http://controller.example:7700", true, false, Err(REFUSED)),
+            ("http://localhost.example:7700", true, false, Err(REFUSED)),
+            ("http://0.0.0.0:7700", true, false, Err(REFUSED)),
+            // Nothing secret to protect without a token.
+            ("http://10.255.255.1:7700", false, false, Ok(())),
+            // A service mesh encrypts the hop.
+            ("http://10.255.255.1:7700", true, true, Ok(())),
+        ];
+        for (server, token, insecure, expected) in cases {
+            check(server, *token, *insecure, *expected);
+        }
+    }
+
+    #[test]
+    fn only_http_and_https_are_spoken() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "ftp://127.0.0.1:7700",
+                "the scheme ftp: is not supported, only http:// and https://",
+            ),
+            (
+                "unix:/tmp/safemode.sock",
+                "bad server address 'unix:/tmp/safemode.sock'",
+            ),
+            ("127.0.0.1:7700", "it has no scheme"),
+            ("http://", "bad server address"),
+            ("", "bad server address"),
+        ];
+        for (server, expected) in cases {
+            check(server, false, false, Err(expected));
+            check(server, true, true, Err(expected));
+        }
+    }
+
+    #[test]
+    fn the_extra_ca_file_is_checked_before_connecting() {
+        let dir = tempfile::tempdir().unwrap();
+        let not_pem = dir.path().join("not.pem");
+        std::fs::write(&not_pem, "hello").unwrap();
+        let missing = dir.path().join("missing.pem");
+        for (path, expected) in [
+            (&not_pem, "holds no certificate"),
+            (&missing, "cannot use the CA certificate file"),
+        ] {
+            let options = EndpointOptions {
+                sends_token: true,
+                ca_cert: Some(path),
+                allow_plaintext_token: false,
+                connect_timeout: Duration::from_secs(1),
+            };
+            let error = endpoints(&["https://127.0.0.1:7700".into()], &options)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                error.contains(expected) && error.contains(&path.display().to_string()),
+                "{}: {error}",
+                path.display()
+            );
+        }
+    }
+}

@@ -1,0 +1,1023 @@
+//! The one way the controller writes. An operation prepares a [`Plan`] from
+//! the current state; [`Controller::commit`] turns it into one store
+//! transaction that also
+//!
+//! - checks the namespace has not moved since the plan was prepared (its meta
+//!   key) and records the change as the namespace's last change;
+//! - appends the audit entry, chained to the log's head;
+//! - for changes that read the mode or runbook catalogue, checks that the
+//!   catalogue is still the one this replica serves.
+//!
+//! A transaction that loses a race is prepared again from fresh state. A plan
+//! that writes nothing (a refusal such as "nothing active matches", or "already
+//! active") is still committed as a compare-only transaction, so no answer is
+//! ever given from a view the store has moved past.
+//!
+//! ## Change ids: a retry never applies a change twice
+//!
+//! Every change that writes carries a [`ChangeId`] (the caller's, or one made
+//! here). Its transaction records it in the audit entry and writes
+//! `{prefix}changes/{id}` (a [`ChangeRecord`]: the operation and what it
+//! answered), comparing first that the key is absent. So a change id commits
+//! at most once, whatever is retried: etcd checks it, atomically with the
+//! change.
+//!
+//! A store failure can leave the outcome unknown ("leader changed", a timeout,
+//! a connection cut after the request was sent). Then, and whenever a
+//! transaction of a change id that was retried loses a race, the change key is
+//! read: present, the change committed and its recorded answer is returned;
+//! absent, the change is prepared and tried again. A request whose change id
+//! is already recorded (a client retrying through another replica) is answered
+//! the same way, without being applied again.
+//!
+//! Change records are kept for the latest [`CHANGE_WINDOW`] changes: each
+//! change deletes the record of the one that many entries before it (the
+//! audit entries keep every id), so a retry is recognised for as long as
+//! any client retries, and the records do not grow without bound.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use jiff::Timestamp;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info, warn};
+
+use super::keys::{Layout, NamespaceChange, NamespaceKey, NamespaceState};
+use super::{Controller, Error, NamespaceView, Result};
+use crate::audit::{self, AuditAction, AuditDraft, AuditEntry, AuditHead};
+use safemode_policy::{Activation, Namespace, Revision};
+use safemode_store::{Compare, Op, Txn, TxnOutcome};
+
+/// How many times a change is prepared and tried before it gives up.
+pub(crate) const COMMIT_ATTEMPTS: u32 = 12;
+
+/// How many of the latest changes are remembered by change id: a change id
+/// is answered from its record for this many changes after it, and each
+/// change removes the record of the one this many entries before it, so the
+/// records stay bounded.
+#[cfg(not(test))]
+pub(crate) const CHANGE_WINDOW: u64 = 1000;
+/// A short window, so a unit test can go past it.
+#[cfg(test)]
+pub(crate) const CHANGE_WINDOW: u64 = 4;
+
+/// How many of those attempts may end with an unknown outcome before the
+/// store's error is returned (each store call already waited through its own
+/// failover and deadline).
+pub(crate) const UNKNOWN_OUTCOMES: u32 = 3;
+
+/// What one change writes, prepared against one view of the state.
+pub(crate) struct Plan<T> {
+    /// When the change happens (the audit entry's and records' time).
+    pub at: Timestamp,
+    /// Conditions beyond the namespace, audit and catalogue ones: records the
+    /// plan read (incidents, requests, activations) are unchanged.
+    pub compares: Vec<Compare>,
+    /// The writes.
+    pub ops: Vec<Op>,
+    /// Recorded as the namespace's last change; `None` leaves the namespace
+    /// as it is (a pending request, a refusal).
+    pub record: Option<NamespaceChange>,
+    /// Whether the change read the mode or runbook catalogue.
+    pub uses_catalog: bool,
+    /// The audit entry; `None` only when nothing is written.
+    pub audit: Option<AuditDraft>,
+    /// What the caller gets back.
+    pub outcome: T,
+}
+
+/// The most characters of a change id.
+pub const CHANGE_ID_MAX: usize = 64;
+
+/// The id of one change, the same across every retry of it (by the
+/// controller, or by a client through another replica): 1 to
+/// [`CHANGE_ID_MAX`] of `A-Z a-z 0-9 . _ -`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct ChangeId {
+    id: String,
+    /// Made by [`ChangeId::random`] in this process, so it cannot have
+    /// committed before: no need to look it up first.
+    fresh: bool,
+    /// A digest of the request that carried it (who, and exactly what):
+    /// the id used again for anything else is refused, not answered with
+    /// the first change's outcome.
+    request: Option<String>,
+}
+
+impl PartialEq for ChangeId {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id
+    }
+}
+
+impl Eq for ChangeId {}
+
+impl ChangeId {
+    /// A new random id, `chg_` and 26 characters of base32 (130 bits).
+    pub fn random() -> Self {
+        const ALPHABET: &[u8] = b"0123456789abcdefghjkmnpqrstvwxyz";
+        let bits: u128 = rand::random();
+        let extra: u8 = rand::random();
+        let mut id = String::from("chg_");
+        for i in 0..26 {
+            let index = if i < 25 {
+                (bits >> (i * 5)) & 31
+            } else {
+                u128::from(extra & 31)
+            };
+            id.push(char::from(ALPHABET[index as usize]));
+        }
+        ChangeId {
+            id,
+            fresh: true,
+            request: None,
+        }
+    }
+
+    /// Checks a change id given by a caller. The error says what is allowed.
+    pub fn parse(text: &str) -> std::result::Result<Self, String> {
+        if text.is_empty() || text.len() > CHANGE_ID_MAX {
+            return Err(format!(
+                "a change id has 1 to {CHANGE_ID_MAX} characters, not {}; leave it empty and the server makes one",
+                text.chars().count()
+            ));
+        }
+        if let Some(bad) = text
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+        {
+            return Err(format!(
+                "a change id may hold only A-Z, a-z, 0-9, '.', '_' and '-', not {bad:?}"
+            ));
+        }
+        Ok(ChangeId {
+            id: text.to_string(),
+            fresh: false,
+            request: None,
+        })
+    }
+
+    /// The id.
+    pub fn as_str(&self) -> &str {
+        &self.id
+    }
+
+    /// The id, bound to `request`: a digest of who asked for exactly what.
+    pub fn for_request(mut self, request: String) -> Self {
+        self.request = Some(request);
+        self
+    }
+
+    /// The caller's id, or a new one when it gave none (empty).
+    pub fn parse_or_random(text: &str) -> std::result::Result<Self, String> {
+        if text.is_empty() {
+            Ok(ChangeId::random())
+        } else {
+            ChangeId::parse(text)
+        }
+    }
+}
+
+impl TryFrom<String> for ChangeId {
+    type Error = String;
+    fn try_from(text: String) -> std::result::Result<Self, String> {
+        ChangeId::parse(&text)
+    }
+}
+
+impl From<ChangeId> for String {
+    fn from(id: ChangeId) -> String {
+        id.id
+    }
+}
+
+impl std::fmt::Display for ChangeId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.id)
+    }
+}
+
+/// `{prefix}changes/{change id}`: that a change committed, and what it
+/// answered, written in the change's own transaction.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct ChangeRecord {
+    /// The operation (`apply`, `lift`, `declare`, ...): a change id used
+    /// again for another operation is refused, not answered.
+    pub operation: String,
+    /// The change's audit entry.
+    pub seq: u64,
+    /// What the change answered ([`Replay::kept`]).
+    pub outcome: serde_json::Value,
+    /// The revision it answered with, when that is not the revision it was
+    /// written at: a change that leaves its namespace as it was (a pending
+    /// request) answers with the namespace's revision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<Revision>,
+    /// The digest of the request ([`ChangeId::for_request`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
+}
+
+/// An outcome that can be kept with its change id and given again to a
+/// retry of the same change.
+pub(crate) trait Replay: Sized {
+    /// What to keep: only outcomes of changes that write are ever kept.
+    fn kept(&self) -> serde_json::Value;
+    /// The outcome again; `None` when `kept` is not one of this type's.
+    fn replayed(kept: serde_json::Value) -> Option<Self>;
+}
+
+impl Replay for () {
+    fn kept(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+    fn replayed(_: serde_json::Value) -> Option<Self> {
+        Some(())
+    }
+}
+
+/// A change that writes never answers with an error (a refusal writes
+/// nothing), so only `Ok` is kept.
+impl<A: Serialize + DeserializeOwned> Replay for Result<A> {
+    fn kept(&self) -> serde_json::Value {
+        match self {
+            Ok(answer) => serde_json::to_value(answer).expect("outcomes serialize"),
+            Err(_) => serde_json::Value::Null,
+        }
+    }
+    fn replayed(kept: serde_json::Value) -> Option<Self> {
+        serde_json::from_value(kept).ok().map(Ok)
+    }
+}
+
+/// Applying modes: what was applied, and what was already active.
+impl Replay for (Vec<Activation>, Vec<Arc<Activation>>) {
+    fn kept(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("outcomes serialize")
+    }
+    fn replayed(kept: serde_json::Value) -> Option<Self> {
+        serde_json::from_value(kept).ok()
+    }
+}
+
+/// Whose change id: a caller's (maybe retried already, so looked up first),
+/// or one made for this call.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ChangeOf<'a> {
+    /// The operation's name, kept with the change.
+    pub operation: &'static str,
+    /// The caller's change id, if it gave one.
+    pub id: Option<&'a ChangeId>,
+}
+
+impl<T> Plan<T> {
+    /// A plan that writes nothing and answers `outcome` once the store
+    /// confirms the view it was prepared from is current.
+    pub fn answer(outcome: T) -> Self {
+        Plan {
+            at: Timestamp::now(),
+            compares: Vec::new(),
+            ops: Vec::new(),
+            record: None,
+            uses_catalog: false,
+            audit: None,
+            outcome,
+        }
+    }
+}
+
+/// The namespace's activations after `ops`, for its meta record and the
+/// digest its audit entry (at `audit_seq`) signs. It starts from what the
+/// last change left as the view trusts it (its signed list), not from what
+/// the store holds now: an activation deleted or edited behind safemode's
+/// back stays named, and failing closed, until it is lifted, instead of
+/// being blessed by the next change. Without a trusted list (a namespace
+/// written by a version before digests, or whose list did not check out) it
+/// starts from the stored records.
+fn namespace_state(
+    layout: &Layout,
+    view: &NamespaceView,
+    ops: &[Op],
+    audit_seq: u64,
+) -> NamespaceState {
+    let mut activations = view
+        .listed
+        .clone()
+        .unwrap_or_else(|| view.stored_hashes.clone());
+    for op in ops {
+        let (Op::Put { key, .. } | Op::Delete { key }) = op;
+        let NamespaceKey::Activation(id) = layout.classify(&view.namespace, key) else {
+            continue;
+        };
+        match op {
+            Op::Put { value, .. } => {
+                activations.insert(id.to_string(), audit::record_hash(value));
+            }
+            Op::Delete { .. } => {
+                activations.remove(id.as_str());
+            }
+        }
+    }
+    let digest = audit::state_digest(activations.iter().map(|(i, h)| (i.as_str(), h.as_str())));
+    NamespaceState {
+        audit_seq,
+        digest,
+        activations,
+    }
+}
+
+impl Controller {
+    /// [`Controller::commit_change`] with a change id made for this call.
+    pub(crate) async fn commit<'a, T: Replay + Send + 'a>(
+        &'a self,
+        namespace: Option<&Namespace>,
+        prepare: impl FnMut(Option<Arc<NamespaceView>>) -> BoxFuture<'a, Result<Plan<T>>> + Send,
+    ) -> Result<(T, Revision)> {
+        let change = ChangeOf {
+            operation: "internal",
+            id: None,
+        };
+        self.commit_change(change, namespace, prepare).await
+    }
+
+    /// Prepares and commits a change, retrying from fresh state when a
+    /// concurrent change wins. `namespace` is the namespace the change reads
+    /// or writes (`None`: none, as for an audited refusal with no namespace).
+    /// Returns the outcome and the revision committed at (the namespace's
+    /// current revision when nothing was written). A change id that already
+    /// committed is answered with what it answered then (see the module
+    /// doc).
+    pub(crate) async fn commit_change<'a, T: Replay + Send + 'a>(
+        &'a self,
+        change: ChangeOf<'_>,
+        namespace: Option<&Namespace>,
+        mut prepare: impl FnMut(Option<Arc<NamespaceView>>) -> BoxFuture<'a, Result<Plan<T>>> + Send,
+    ) -> Result<(T, Revision)> {
+        let handle = match namespace {
+            Some(namespace) => Some(self.namespace(namespace).await?),
+            None => None,
+        };
+        let id = change.id.cloned().unwrap_or_else(ChangeId::random);
+        // A caller's id may have committed through another replica already.
+        let mut maybe_committed = !id.fresh;
+        if maybe_committed
+            && let Some(done) = self.committed(change, &id, handle.as_deref()).await?
+        {
+            return Ok(done);
+        }
+        let layout = &self.config.layout;
+        let mut unknown = 0;
+        for attempt in 0..COMMIT_ATTEMPTS {
+            let view = handle.as_ref().map(|h| h.current());
+            let plan = prepare(view.clone()).await?;
+            debug_assert!(
+                plan.ops.is_empty() || plan.audit.is_some(),
+                "a change that writes is audited"
+            );
+            let mut txn = Txn {
+                compares: plan.compares,
+                ops: plan.ops,
+            };
+            // The audit head first: the namespace's record names the entry.
+            let head = match plan.audit {
+                Some(_) => Some(self.audit_head().await?),
+                None => None,
+            };
+            let next_seq = head.as_ref().map_or(0, |(h, _)| h.seq + 1);
+            let mut state_digest = None;
+            if let Some(view) = &view {
+                let meta_key = layout.meta_key(&view.namespace);
+                txn.compares.push(Compare::ModRevision {
+                    key: meta_key.clone(),
+                    revision: view.meta_revision,
+                });
+                if let Some(mut record) = plan.record.clone() {
+                    let state = namespace_state(layout, view, &txn.ops, next_seq);
+                    state_digest = Some(state.digest.clone());
+                    record.state = Some(state);
+                    txn.ops.push(Op::Put {
+                        key: meta_key,
+                        value: serde_json::to_vec(&record).expect("changes serialize"),
+                    });
+                }
+            }
+            if plan.uses_catalog {
+                txn.compares.push(Compare::ModRevision {
+                    key: layout.catalog_key(),
+                    revision: self.catalog_revision,
+                });
+            }
+            let mut appended = None;
+            if let (Some(mut draft), Some((head, head_revision))) = (plan.audit, head) {
+                // A refusal is recorded in the log, never as a change that
+                // committed: it changes nothing and no caller retries it, and
+                // so it takes no place among the kept change records.
+                let keeps_record = draft.action != AuditAction::Refused;
+                draft.change_id = keeps_record.then(|| id.to_string());
+                let entry =
+                    AuditEntry::seal(draft, state_digest, &head, plan.at, self.signing_key());
+                appended = Some((entry.seq, entry.action, entry.hash.clone()));
+                if let Some(old) = self.expiring_change(entry.seq).await? {
+                    txn.ops.push(Op::Delete {
+                        key: layout.change_key(&old),
+                    });
+                }
+                txn.compares.push(Compare::ModRevision {
+                    key: layout.audit_head_key(),
+                    revision: head_revision,
+                });
+                // Never over an existing entry, whatever the head says.
+                txn.compares.push(Compare::ModRevision {
+                    key: layout.audit_entry_key(entry.seq),
+                    revision: 0,
+                });
+                // A change id commits once.
+                if keeps_record {
+                    txn.compares.push(Compare::ModRevision {
+                        key: layout.change_key(&id),
+                        revision: 0,
+                    });
+                }
+                let record = ChangeRecord {
+                    operation: change.operation.to_string(),
+                    seq: entry.seq,
+                    outcome: plan.outcome.kept(),
+                    revision: match (&view, plan.record.is_some()) {
+                        (Some(view), false) => Some(view.revision),
+                        _ => None,
+                    },
+                    request: change.id.and_then(|id| id.request.clone()),
+                };
+                if keeps_record {
+                    txn.ops.push(Op::Put {
+                        key: layout.change_key(&id),
+                        value: serde_json::to_vec(&record).expect("change records serialize"),
+                    });
+                }
+                txn.ops.push(Op::Put {
+                    key: layout.audit_entry_key(entry.seq),
+                    value: serde_json::to_vec(&entry).expect("audit entries serialize"),
+                });
+                txn.ops.push(Op::Put {
+                    key: layout.audit_head_key(),
+                    value: serde_json::to_vec(&entry.head()).expect("audit heads serialize"),
+                });
+            }
+            let wrote = plan.record.is_some();
+            let outcome = match self.store.txn(txn).await {
+                Ok(outcome) => outcome,
+                Err(safemode_store::Error::Unavailable(why)) => {
+                    // Perhaps applied: the change key says whether. Reading
+                    // it fails over like every store call.
+                    warn!(attempt, change_id = %id, %why, "a change's outcome is unknown; checking whether it committed");
+                    maybe_committed = true;
+                    if let Some(done) = self.committed(change, &id, handle.as_deref()).await? {
+                        return Ok(done);
+                    }
+                    unknown += 1;
+                    if unknown >= UNKNOWN_OUTCOMES {
+                        return Err(safemode_store::Error::Unavailable(format!(
+                            "{why} ({unknown} times; change {id} has not committed: retry with the same change id)"
+                        ))
+                        .into());
+                    }
+                    pause(attempt).await;
+                    continue;
+                }
+                Err(other) => return Err(other.into()),
+            };
+            match outcome {
+                TxnOutcome::Committed { revision } => {
+                    // Logs shipped elsewhere keep a copy of the chain's hashes.
+                    if let Some((seq, action, hash)) = appended {
+                        self.saw_audit_head(seq);
+                        info!(seq, action = action.as_str(), %hash, revision, change_id = %id, "audit entry appended");
+                    }
+                    if let (Some(handle), true) = (&handle, wrote) {
+                        self.await_visible(handle, revision).await;
+                    }
+                    let revision = match (&view, wrote) {
+                        (Some(view), false) => view.revision,
+                        _ => revision,
+                    };
+                    return Ok((plan.outcome, revision));
+                }
+                TxnOutcome::CompareFailed { .. } => {
+                    // An earlier attempt, or a client's earlier call, may
+                    // be what moved the store.
+                    if maybe_committed
+                        && let Some(done) = self.committed(change, &id, handle.as_deref()).await?
+                    {
+                        return Ok(done);
+                    }
+                    debug!(attempt, "a concurrent change won; preparing again");
+                    pause(attempt).await;
+                    if plan.uses_catalog {
+                        self.check_catalog().await?;
+                    }
+                    if let (Some(handle), Some(view)) = (&handle, &view) {
+                        self.catch_up(handle, view).await?;
+                    }
+                }
+            }
+        }
+        Err(Error::Conflict(
+            namespace.cloned().unwrap_or_else(Namespace::live),
+        ))
+    }
+
+    /// The change id of the audit entry [`CHANGE_WINDOW`] before position
+    /// `seq`, whose record the change at `seq` removes. An entry that is
+    /// gone, unreadable or without a change id has nothing to remove.
+    async fn expiring_change(&self, seq: u64) -> Result<Option<ChangeId>> {
+        let Some(old) = seq.checked_sub(CHANGE_WINDOW).filter(|&old| old > 0) else {
+            return Ok(None);
+        };
+        let key = self.config.layout.audit_entry_key(old);
+        let range = self.store.range(&key).await?;
+        Ok(range
+            .kvs
+            .iter()
+            .find(|kv| kv.key == key)
+            .and_then(|kv| serde_json::from_slice::<AuditEntry>(&kv.value).ok())
+            .and_then(|entry| entry.change_id)
+            .and_then(|id| ChangeId::parse(&id).ok()))
+    }
+
+    /// Whether change `id` committed: its recorded answer and revision, or
+    /// `None`. The answer waits (bounded) until this replica's view shows the
+    /// change, as a fresh commit's does.
+    async fn committed<T: Replay>(
+        &self,
+        change: ChangeOf<'_>,
+        id: &ChangeId,
+        handle: Option<&super::NamespaceHandle>,
+    ) -> Result<Option<(T, Revision)>> {
+        let key = self.config.layout.change_key(id);
+        let range = self.store.range(&key).await?;
+        let Some(kv) = range.kvs.into_iter().find(|kv| kv.key == key) else {
+            return Ok(None);
+        };
+        let record: ChangeRecord = serde_json::from_slice(&kv.value).map_err(|e| {
+            Error::Store(safemode_store::Error::Corrupt(format!(
+                "{key} cannot be read: {e}; `safemode audit --verify` shows the log"
+            )))
+        })?;
+        let reused = || Error::ChangeIdReused {
+            id: id.to_string(),
+            was: record.operation.clone(),
+            now: change.operation.to_string(),
+        };
+        let asked = change.id.and_then(|id| id.request.as_deref());
+        if record.operation != change.operation
+            || record.request.is_some() && asked.is_some() && record.request.as_deref() != asked
+        {
+            return Err(reused());
+        }
+        let outcome = T::replayed(record.outcome.clone()).ok_or_else(reused)?;
+        info!(change_id = %id, seq = record.seq, revision = kv.mod_revision, "change already committed; answering as it did");
+        if let Some(handle) = handle {
+            self.await_visible(handle, kv.mod_revision).await;
+        }
+        Ok(Some((outcome, record.revision.unwrap_or(kv.mod_revision))))
+    }
+
+    /// The audit log's head and the revision of its key (0: empty log).
+    pub(crate) async fn audit_head(&self) -> Result<(AuditHead, Revision)> {
+        let key = self.config.layout.audit_head_key();
+        let range = self.store.range(&key).await?;
+        match range.kvs.into_iter().find(|kv| kv.key == key) {
+            None => self.restore_audit_head().await,
+            Some(kv) => {
+                let head: AuditHead = serde_json::from_slice(&kv.value).map_err(|e| {
+                    Error::Store(safemode_store::Error::Corrupt(format!(
+                        "{key} cannot be read: {e}; `safemode audit --verify` shows the log"
+                    )))
+                })?;
+                self.saw_audit_head(head.seq);
+                Ok((head, kv.mod_revision))
+            }
+        }
+    }
+
+    /// With no head: an empty log, or one whose head was deleted. Changes go
+    /// on either way (an incident cannot wait for a repair), but a deleted
+    /// head is never silently recreated: an entry saying so continues the
+    /// log from its last entry.
+    async fn restore_audit_head(&self) -> Result<(AuditHead, Revision)> {
+        let layout = &self.config.layout;
+        let Some(kv) = self.last_audit_entry().await? else {
+            return Ok((AuditHead::default(), 0));
+        };
+        let last: AuditEntry = serde_json::from_slice(&kv.value).map_err(|e| {
+            Error::Store(safemode_store::Error::Corrupt(format!(
+                "the audit log has no head and its last entry {} cannot be read: {e}; `safemode audit --verify` shows the log",
+                kv.key
+            )))
+        })?;
+        let draft = AuditDraft {
+            action: AuditAction::HeadRestored,
+            principal: self.config.replica.clone(),
+            roles: Vec::new(),
+            namespace: None,
+            reason: None,
+            incident_id: None,
+            request_id: None,
+            activation_ids: Vec::new(),
+            detail: format!(
+                "the log's head was missing; replica {} continued the log after entry {} (hash {})",
+                self.config.replica, last.seq, last.hash
+            ),
+            change_id: None,
+        };
+        let entry = AuditEntry::seal(
+            draft,
+            None,
+            &last.head(),
+            Timestamp::now(),
+            self.signing_key(),
+        );
+        let txn = Txn {
+            compares: vec![
+                Compare::ModRevision {
+                    key: layout.audit_head_key(),
+                    revision: 0,
+                },
+                Compare::ModRevision {
+                    key: layout.audit_entry_key(entry.seq),
+                    revision: 0,
+                },
+            ],
+            ops: vec![
+                Op::Put {
+                    key: layout.audit_entry_key(entry.seq),
+                    value: serde_json::to_vec(&entry).expect("audit entries serialize"),
+                },
+                Op::Put {
+                    key: layout.audit_head_key(),
+                    value: serde_json::to_vec(&entry.head()).expect("audit heads serialize"),
+                },
+            ],
+        };
+        match self.store.txn(txn).await? {
+            TxnOutcome::Committed { revision } => {
+                warn!(
+                    after = last.seq,
+                    entry = entry.seq,
+                    "the audit log's head was missing; recorded that and continued the log"
+                );
+                Ok((entry.head(), revision))
+            }
+            // Another replica restored it, or the log moved: read again.
+            TxnOutcome::CompareFailed { .. } => {
+                let key = layout.audit_head_key();
+                let range = self.store.range(&key).await?;
+                let kv = range
+                    .kvs
+                    .into_iter()
+                    .find(|kv| kv.key == key)
+                    .ok_or_else(|| Error::Conflict(Namespace::live()))?;
+                let head = serde_json::from_slice(&kv.value).map_err(|e| {
+                    Error::Store(safemode_store::Error::Corrupt(format!(
+                        "{key} cannot be read: {e}; `safemode audit --verify` shows the log"
+                    )))
+                })?;
+                Ok((head, kv.mod_revision))
+            }
+        }
+    }
+
+    /// The log's last stored entry, read page by page at one revision (the
+    /// log can be larger than one store message). Only a missing head needs
+    /// it.
+    async fn last_audit_entry(&self) -> Result<Option<safemode_store::KeyValue>> {
+        let prefix = self.config.layout.audit_log_prefix();
+        let mut revision = 0;
+        let mut last = None;
+        loop {
+            let start_after = last
+                .as_ref()
+                .map(|kv: &safemode_store::KeyValue| kv.key.clone());
+            let page = self
+                .store
+                .range_page(&prefix, start_after.as_deref(), 100, revision)
+                .await?;
+            revision = page.revision;
+            let more = page.more;
+            if let Some(kv) = page.kvs.into_iter().last() {
+                last = Some(kv);
+            } else {
+                return Ok(last);
+            }
+            if !more {
+                return Ok(last);
+            }
+        }
+    }
+
+    /// After a lost race: waits (bounded) until this replica's view of the
+    /// namespace has the meta revision the store has now, so the next plan is
+    /// prepared from it.
+    async fn catch_up(&self, handle: &super::NamespaceHandle, view: &NamespaceView) -> Result<()> {
+        let key = self.config.layout.meta_key(&view.namespace);
+        let range = self.store.range(&key).await?;
+        let current = range
+            .kvs
+            .iter()
+            .find(|kv| kv.key == key)
+            .map_or(0, |kv| kv.mod_revision);
+        if current != view.meta_revision {
+            let _ = handle
+                .wait_for(self.config.visibility_timeout, |v| {
+                    v.meta_revision >= current
+                })
+                .await;
+        }
+        Ok(())
+    }
+}
+
+/// Before another attempt: every change appends to the one audit chain, so
+/// changes in other namespaces compete too, and a store that just failed may
+/// be electing a leader: spread the retries out.
+async fn pause(attempt: u32) {
+    let most = 1u64 << attempt.min(6);
+    tokio::time::sleep(Duration::from_millis(rand::random_range(0..=most))).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::auth::Principal;
+    use crate::{ApplyRequest, ControllerConfig};
+    use safemode_policy::catalog::Catalog;
+    use safemode_policy::{ChannelSet, ModeName, Reason};
+    use safemode_store::embedded::{EmbeddedOptions, EmbeddedStore};
+    use safemode_store::{self as store, RangeResult, Store, WatchStream};
+
+    /// The real embedded store, whose next `lose` writing transactions are
+    /// applied but answered with an error, as when etcd's answer is lost
+    /// ("leader changed" after the proposal committed, a connection cut
+    /// after sending).
+    struct LostAnswers {
+        inner: EmbeddedStore,
+        lose: AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl Store for LostAnswers {
+        async fn range(&self, prefix: &str) -> store::Result<RangeResult> {
+            self.inner.range(prefix).await
+        }
+        async fn range_page(
+            &self,
+            prefix: &str,
+            start_after: Option<&str>,
+            limit: usize,
+            revision: Revision,
+        ) -> store::Result<store::RangePage> {
+            self.inner
+                .range_page(prefix, start_after, limit, revision)
+                .await
+        }
+        async fn txn(&self, txn: Txn) -> store::Result<TxnOutcome> {
+            let writes = !txn.ops.is_empty();
+            let outcome = self.inner.txn(txn).await?;
+            if writes
+                && self
+                    .lose
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok()
+            {
+                return Err(store::Error::Unavailable(
+                    "etcdserver: leader changed; the transaction may or may not have been applied"
+                        .into(),
+                ));
+            }
+            Ok(outcome)
+        }
+        async fn watch(&self, prefix: &str, from: Revision) -> store::Result<WatchStream> {
+            self.inner.watch(prefix, from).await
+        }
+        async fn compact(&self, revision: Revision) -> store::Result<()> {
+            self.inner.compact(revision).await
+        }
+        fn describe(&self) -> String {
+            "lost-answers".into()
+        }
+    }
+
+    async fn controller(dir: &tempfile::TempDir) -> (Arc<Controller>, Arc<LostAnswers>) {
+        let inner = EmbeddedStore::open(&dir.path().join("store.redb"), EmbeddedOptions::default())
+            .unwrap();
+        let store = Arc::new(LostAnswers {
+            inner,
+            lose: AtomicUsize::new(0),
+        });
+        let controller = Controller::start(
+            store.clone(),
+            Arc::new(Catalog::standard()),
+            ControllerConfig::default(),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        (controller, store)
+    }
+
+    fn apply(change_id: &str) -> ApplyRequest {
+        ApplyRequest {
+            namespace: Namespace::live(),
+            modes: vec![ModeName::parse("throttle-high-risk").unwrap()],
+            channels: ChannelSet::ALL,
+            as_of: None,
+            actor: Principal::local(),
+            reason: Reason::parse("test").unwrap(),
+            change_id: Some(ChangeId::parse(change_id).unwrap()),
+        }
+    }
+
+    /// The audit entries that carry `change_id`.
+    async fn entries_of(controller: &Controller, change_id: &str) -> usize {
+        let log = controller
+            .store
+            .range(&controller.config.layout.audit_log_prefix())
+            .await
+            .unwrap();
+        log.kvs
+            .iter()
+            .map(|kv| serde_json::from_slice::<AuditEntry>(&kv.value).unwrap())
+            .filter(|e| e.change_id.as_deref() == Some(change_id))
+            .count()
+    }
+
+    #[tokio::test]
+    async fn a_change_whose_answer_was_lost_is_applied_once_and_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        let (controller, store) = controller(&dir).await;
+        store.lose.store(1, Ordering::SeqCst);
+        let outcome = controller.apply(apply("lost-1")).await.unwrap();
+        assert_eq!(store.lose.load(Ordering::SeqCst), 0, "the answer was lost");
+        assert_eq!(
+            outcome.applied.len(),
+            1,
+            "the change is reported as applied"
+        );
+        let view = controller.namespace(&Namespace::live()).await.unwrap();
+        assert_eq!(view.current().activations.len(), 1, "applied exactly once");
+        assert_eq!(entries_of(&controller, "lost-1").await, 1);
+    }
+
+    #[tokio::test]
+    async fn a_change_id_that_committed_is_answered_as_then_and_not_applied_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (controller, _) = controller(&dir).await;
+        let first = controller.apply(apply("once")).await.unwrap();
+        let again = controller.apply(apply("once")).await.unwrap();
+        assert_eq!(again.revision, first.revision);
+        assert_eq!(
+            again
+                .applied
+                .iter()
+                .map(|a| a.id.clone())
+                .collect::<Vec<_>>(),
+            first
+                .applied
+                .iter()
+                .map(|a| a.id.clone())
+                .collect::<Vec<_>>(),
+        );
+        assert_eq!(entries_of(&controller, "once").await, 1);
+        // The same id for another kind of change is refused.
+        let lift = crate::LiftRequest {
+            namespace: Namespace::live(),
+            targets: vec![crate::LiftTarget::parse("throttle-high-risk").unwrap()],
+            actor: Principal::local(),
+            reason: Reason::parse("test").unwrap(),
+            all: false,
+            change_id: Some(ChangeId::parse("once").unwrap()),
+        };
+        let refused = controller.lift(lift).await.unwrap_err();
+        assert!(matches!(refused, Error::ChangeIdReused { .. }), "{refused}");
+        let view = controller.namespace(&Namespace::live()).await.unwrap();
+        assert_eq!(view.current().activations.len(), 1, "nothing was lifted");
+    }
+
+    #[tokio::test]
+    async fn change_records_are_kept_for_the_latest_changes_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (controller, _) = controller(&dir).await;
+        let records = || async {
+            let prefix = format!("{}changes/", controller.config.layout.prefix());
+            controller.store.range(&prefix).await.unwrap().kvs.len()
+        };
+        let lift = |id: String| crate::LiftRequest {
+            namespace: Namespace::live(),
+            targets: vec![crate::LiftTarget::parse("throttle-high-risk").unwrap()],
+            actor: Principal::local(),
+            reason: Reason::parse("test").unwrap(),
+            all: false,
+            change_id: Some(ChangeId::parse(&id).unwrap()),
+        };
+        for i in 0..CHANGE_WINDOW {
+            controller.apply(apply(&format!("a{i}"))).await.unwrap();
+            controller.lift(lift(format!("l{i}"))).await.unwrap();
+        }
+        // The catalogue's entry and eight changes: the last four remembered.
+        assert_eq!(records().await as u64, CHANGE_WINDOW);
+        // The oldest ids are forgotten (applied again), the latest answered.
+        let latest = controller
+            .lift(lift(format!("l{}", CHANGE_WINDOW - 1)))
+            .await
+            .unwrap();
+        assert_eq!(latest.lifted.len(), 1, "answered as then");
+        assert_eq!(entries_of(&controller, "a0").await, 1);
+        let forgotten = controller.apply(apply("a0")).await.unwrap();
+        assert_eq!(forgotten.applied.len(), 1, "past the window: applied again");
+        assert_eq!(entries_of(&controller, "a0").await, 2);
+    }
+
+    #[test]
+    fn change_ids_are_checked() {
+        for good in ["a", "chg_0123", "deploy-42.retry_1", &"x".repeat(64)] {
+            assert!(ChangeId::parse(good).is_ok(), "{good}");
+        }
+        for bad in ["", "has space", "semi;colon", "ümlaut", &"x".repeat(65)] {
+            assert!(ChangeId::parse(bad).is_err(), "{bad:?}");
+        }
+        let made = ChangeId::random();
+        assert!(ChangeId::parse(made.as_str()).is_ok(), "{made}");
+        assert_ne!(made, ChangeId::random());
+    }
+
+    #[test]
+    fn an_entry_without_a_change_id_keeps_its_hash() {
+        let draft = |change_id: Option<&str>| AuditDraft {
+            action: AuditAction::Apply,
+            principal: "alice".into(),
+            roles: vec!["commander".into()],
+            namespace: Some("live".into()),
+            reason: Some("r".into()),
+            incident_id: None,
+            request_id: None,
+            activation_ids: Vec::new(),
+            detail: "applied".into(),
+            change_id: change_id.map(String::from),
+        };
+        let at: Timestamp = "2026-01-01T00:00:00Z".parse().unwrap();
+        let (key, _) = safemode_signing::SigningKey::generate();
+        let without = AuditEntry::seal(draft(None), None, &AuditHead::default(), at, &key);
+        // The fields hashed before change ids existed, in their order.
+        #[derive(Serialize)]
+        struct Before<'a> {
+            seq: u64,
+            at: &'a Timestamp,
+            action: AuditAction,
+            principal: &'a str,
+            roles: &'a [String],
+            namespace: &'a Option<String>,
+            reason: &'a Option<String>,
+            incident_id: &'a Option<String>,
+            request_id: &'a Option<String>,
+            activation_ids: &'a [String],
+            detail: &'a str,
+            prev_hash: &'a str,
+        }
+        let before = serde_json::to_vec(&Before {
+            seq: without.seq,
+            at: &without.at,
+            action: without.action,
+            principal: &without.principal,
+            roles: &without.roles,
+            namespace: &without.namespace,
+            reason: &without.reason,
+            incident_id: &without.incident_id,
+            request_id: &without.request_id,
+            activation_ids: &without.activation_ids,
+            detail: &without.detail,
+            prev_hash: &without.prev_hash,
+        })
+        .unwrap();
+        use sha2::Digest;
+        assert_eq!(
+            without.hash,
+            format!("{:x}", sha2::Sha256::digest(before)),
+            "an entry without a change id hashes as before"
+        );
+        assert!(
+            !serde_json::to_string(&without)
+                .unwrap()
+                .contains("change_id")
+        );
+        let with = AuditEntry::seal(draft(Some("c1")), None, &AuditHead::default(), at, &key);
+        assert_ne!(with.hash, without.hash, "the change id is hashed");
+        assert_eq!(with.computed_hash(), with.hash);
+    }
+}

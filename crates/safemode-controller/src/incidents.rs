@@ -1,0 +1,802 @@
+//! Incidents: a runbook applied in a namespace at a severity. Declaring
+//! applies the severity's stage atomically and records the incident;
+//! escalating moves to another stage (a stage is the whole posture: its modes
+//! are applied, the previous stage's other modes lifted); resolving lifts the
+//! incident's modes. De-escalating and resolving remove protections, so when
+//! the runbook or a mode says so they become pending requests for a second
+//! approver.
+
+use std::sync::Arc;
+
+use jiff::Timestamp;
+use tracing::info;
+
+use super::approvals::ApprovalNeeded;
+use super::change::{ChangeId, Plan};
+use super::modes::{
+    change, delete_activations, describe, draft, put_activations, record, same_rules,
+};
+use super::records::{
+    ChangeRequest, Incident, IncidentId, IncidentStatus, RequestId, RequestKind, TimelineEvent,
+};
+use super::{Controller, Error, NamespaceView, Result};
+use crate::audit::AuditAction;
+use crate::auth::Principal;
+use safemode_policy::runbook::{Runbook, RunbookName, Severity, Stage};
+use safemode_policy::{
+    Activation, ActivationId, Change, ChannelSet, Effect, Mode, ModeCatalog, Namespace, Reason,
+    Revision,
+};
+use safemode_store::{Compare, Op};
+
+/// Declare an incident.
+#[derive(Clone, Debug)]
+pub struct DeclareRequest {
+    /// Where.
+    pub namespace: Namespace,
+    /// The incident type.
+    pub runbook: RunbookName,
+    /// Which stage.
+    pub severity: Severity,
+    /// Why.
+    pub reason: Reason,
+    /// Limit every mode to these channels (all: as the runbook says).
+    pub channels: ChannelSet,
+    /// Who.
+    pub actor: Principal,
+    /// The change's id, if the caller gave one (a retry gives the same):
+    /// a change id that already committed is answered, not applied again.
+    pub change_id: Option<ChangeId>,
+}
+
+/// Move an incident to another severity.
+#[derive(Clone, Debug)]
+pub struct EscalateRequest {
+    /// The incident.
+    pub incident: IncidentId,
+    /// The severity to move to.
+    pub severity: Severity,
+    /// Why.
+    pub reason: Reason,
+    /// Who.
+    pub actor: Principal,
+    /// The change's id, if the caller gave one (a retry gives the same):
+    /// a change id that already committed is answered, not applied again.
+    pub change_id: Option<ChangeId>,
+}
+
+/// Resolve an incident.
+#[derive(Clone, Debug)]
+pub struct ResolveRequest {
+    /// The incident.
+    pub incident: IncidentId,
+    /// Why.
+    pub reason: Reason,
+    /// Who.
+    pub actor: Principal,
+    /// The change's id, if the caller gave one (a retry gives the same):
+    /// a change id that already committed is answered, not applied again.
+    pub change_id: Option<ChangeId>,
+}
+
+/// What an incident change did.
+#[derive(Clone, Debug)]
+pub struct IncidentOutcome {
+    /// The incident after the change.
+    pub incident: Incident,
+    /// Revision of the change.
+    pub revision: Revision,
+    /// Activations created.
+    pub applied: Vec<Arc<Activation>>,
+    /// Activations lifted.
+    pub lifted: Vec<Arc<Activation>>,
+    /// Set when the change needs a second approver: nothing changed yet.
+    pub pending: Option<ChangeRequest>,
+}
+
+/// How an incident's activations change to reach a stage.
+pub(crate) struct StagePlan {
+    /// Activations that stay (same mode, channels and rules).
+    pub keep: Vec<Arc<Activation>>,
+    /// Activations to lift.
+    pub lift: Vec<Arc<Activation>>,
+    /// Activations to create.
+    pub apply: Vec<Activation>,
+}
+
+/// Whether `after` protects exactly as `before` does: the same rules, read
+/// as effects on channels and actions under conditions. Texts (a stage's own
+/// customer message and agent script) and a read-only as-of time may differ.
+fn same_protection(after: &Mode, before: &Mode) -> bool {
+    let protection = |m: &Mode| -> Vec<_> {
+        m.rules
+            .iter()
+            .map(|r| {
+                let mut effect = r.effect.clone();
+                if let Effect::ReadOnly(read_only) = &mut effect {
+                    read_only.as_of = None;
+                }
+                (
+                    r.channels,
+                    r.actions.clone(),
+                    r.except.clone(),
+                    r.when.clone(),
+                    effect,
+                )
+            })
+            .collect()
+    };
+    protection(after) == protection(before)
+}
+
+impl StagePlan {
+    /// Whether the change needs a second approver: it lifts, without putting
+    /// it back, a protection whose lifting needs one.
+    ///
+    /// Going down a severity or resolving, that is any activation of a
+    /// runbook or mode that says so. Going up, the runbook's more severe
+    /// stage replaces the milder one's modes by design, so only a mode that
+    /// itself says so counts (as the catalogue has it; an unknown mode
+    /// counts): a more severe stage that drops a freeze still lifts the
+    /// freeze.
+    pub fn lift_needs_approval(&self, going_down: bool, modes: &ModeCatalog) -> bool {
+        self.weakening_lifts().any(|a| {
+            if going_down {
+                a.mode.lift_requires_approval
+            } else {
+                modes
+                    .get(a.mode.name.as_str())
+                    .is_none_or(|m| m.lift_requires_approval)
+            }
+        })
+    }
+
+    /// The lifted activations whose protection the change does not put back:
+    /// no kept or applied activation has the same mode, the same rules and at
+    /// least the same channels.
+    fn weakening_lifts(&self) -> impl Iterator<Item = &Arc<Activation>> {
+        self.lift.iter().filter(|lifted| {
+            !self
+                .keep
+                .iter()
+                .map(|a| &**a)
+                .chain(self.apply.iter())
+                .any(|after| {
+                    after.mode.name == lifted.mode.name
+                        && lifted.channels.is_subset(after.channels)
+                        && same_protection(&after.mode, &lifted.mode)
+                })
+        })
+    }
+
+    /// The incident's activations after the change.
+    pub fn activation_ids(&self) -> Vec<ActivationId> {
+        self.keep
+            .iter()
+            .map(|a| a.id.clone())
+            .chain(self.apply.iter().map(|a| a.id.clone()))
+            .collect()
+    }
+
+    /// One line for the audit log ("applied ...; lifted ...").
+    pub fn describe(&self) -> String {
+        self.describe_as(["applied", "lifted", "kept"])
+    }
+
+    /// One line for a request, of what approval will do ("apply ...; lift
+    /// ...").
+    pub fn describe_pending(&self) -> String {
+        self.describe_as(["apply", "lift", "keep"])
+    }
+
+    fn describe_as(&self, [apply, lift, keep]: [&str; 3]) -> String {
+        let mut parts = Vec::new();
+        if !self.apply.is_empty() {
+            parts.push(format!("{apply} {}", describe(&self.apply)));
+        }
+        if !self.lift.is_empty() {
+            parts.push(format!("{lift} {}", describe(&self.lift)));
+        }
+        if !self.keep.is_empty() {
+            parts.push(format!("{keep} {}", describe(&self.keep)));
+        }
+        parts.join("; ")
+    }
+}
+
+impl Controller {
+    /// The activations `stage` calls for, as `existing` activations of the
+    /// incident become: those that already match are kept, the others
+    /// lifted, the missing ones created (for `change`).
+    pub(crate) fn stage_plan(
+        &self,
+        runbook: &Runbook,
+        stage: &Stage,
+        scope: ChannelSet,
+        existing: Vec<Arc<Activation>>,
+        change: &Change,
+    ) -> StagePlan {
+        let mut plan = StagePlan {
+            keep: Vec::new(),
+            lift: Vec::new(),
+            apply: Vec::new(),
+        };
+        let mut wanted = Vec::new();
+        for staged in &stage.modes {
+            let channels = staged.channels.intersection(scope);
+            let Some(mode) = self.catalog().get(staged.mode.as_str()) else {
+                continue;
+            };
+            if channels.is_empty() {
+                continue;
+            }
+            let mut copy = stage.staged_mode(mode);
+            copy.lift_requires_approval = runbook.lift_needs_approval(mode);
+            wanted.push((copy, channels));
+        }
+        let mut existing = existing;
+        for (mode, channels) in wanted {
+            let found = existing
+                .iter()
+                .position(|a| a.channels == channels && same_rules(&a.mode, &mode, None));
+            match found {
+                Some(i) => plan.keep.push(existing.remove(i)),
+                None => plan.apply.push(Activation::new(
+                    ActivationId::from_random(rand::random()),
+                    &mode,
+                    channels,
+                    change.at,
+                    change,
+                )),
+            }
+        }
+        plan.lift = existing;
+        plan
+    }
+
+    /// Declares an incident: applies the runbook's stage for the severity and
+    /// records the incident, in one change. One incident of a type may be
+    /// active in a namespace at a time.
+    pub async fn declare(&self, request: DeclareRequest) -> Result<IncidentOutcome> {
+        let runbook = self
+            .runbooks()
+            .get(request.runbook.as_str())
+            .cloned()
+            .ok_or_else(|| Error::UnknownRunbook(request.runbook.to_string()))?;
+        let stage = stage(&runbook, request.severity)?;
+        let (request, runbook) = (&request, &runbook);
+        let namespace = &request.namespace;
+        let reason = request.reason.as_str();
+        let (outcome, revision) = self
+            .commit_change(
+                change("declare", &request.change_id),
+                Some(namespace),
+                |_view| {
+                    Box::pin(async move {
+                        let pointer = self
+                            .config
+                            .layout
+                            .active_incident_key(namespace, &request.runbook);
+                        let range = self.store.range(&pointer).await?;
+                        if let Some(kv) = range.kvs.iter().find(|kv| kv.key == pointer) {
+                            return Ok(Plan::answer(Err(Error::AlreadyDeclared {
+                                id: String::from_utf8_lossy(&kv.value).into_owned(),
+                                runbook: request.runbook.to_string(),
+                                namespace: namespace.clone(),
+                            })));
+                        }
+                        let at = Timestamp::now();
+                        let id = IncidentId::random();
+                        let change = Change {
+                            principal: request.actor.name.clone(),
+                            reason: request.reason.clone(),
+                            at,
+                            incident_id: Some(id.to_string()),
+                        };
+                        let staged =
+                            self.stage_plan(runbook, stage, request.channels, Vec::new(), &change);
+                        if staged.apply.is_empty() {
+                            return Ok(Plan::answer(Err(Error::NothingToApply(format!(
+                                "runbook {} applies nothing at {} on {}",
+                                runbook.name, request.severity, request.channels
+                            )))));
+                        }
+                        let incident = Incident {
+                            id: id.clone(),
+                            runbook: runbook.name.clone(),
+                            title: runbook.title.clone(),
+                            namespace: namespace.clone(),
+                            severity: request.severity,
+                            channels: request.channels,
+                            status: IncidentStatus::Active,
+                            activation_ids: staged.activation_ids(),
+                            lift_requires_approval: runbook.lift_requires_approval,
+                            review_interval_seconds: runbook.review_interval.as_secs(),
+                            exit_criteria: runbook.exit_criteria.clone(),
+                            declared_by: request.actor.name.clone(),
+                            declared_at: at,
+                            timeline: vec![event(
+                                at,
+                                "declared",
+                                &request.actor,
+                                request.severity,
+                                Some(reason),
+                                None,
+                            )],
+                        };
+                        let mut plan = Plan::answer(Ok((incident.clone(), Vec::new())));
+                        plan.at = at;
+                        put_activations(&mut plan, self, namespace, &staged.apply);
+                        self.put_incident(&mut plan, &incident, 0);
+                        // One active incident per type and namespace.
+                        plan.compares.push(Compare::ModRevision {
+                            key: pointer.clone(),
+                            revision: 0,
+                        });
+                        plan.ops.push(Op::Put {
+                            key: pointer.clone(),
+                            value: id.to_string().into_bytes(),
+                        });
+                        plan.uses_catalog = true;
+                        plan.record = Some(record(
+                            AuditAction::Declare,
+                            &request.actor,
+                            reason,
+                            at,
+                            incident.activation_ids.iter().cloned(),
+                        ));
+                        let mut audit = draft(
+                            AuditAction::Declare,
+                            &request.actor,
+                            namespace,
+                            reason,
+                            format!(
+                                "declared {} ({id}) at {}: {}",
+                                runbook.name,
+                                request.severity,
+                                staged.describe()
+                            ),
+                        );
+                        audit.incident_id = Some(id.to_string());
+                        audit.activation_ids = incident
+                            .activation_ids
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect();
+                        plan.audit = Some(audit);
+                        plan.outcome = Ok((incident, staged.apply));
+                        Ok(plan)
+                    })
+                },
+            )
+            .await?;
+        let (incident, applied) = outcome?;
+        info!(incident = %incident.id, runbook = %incident.runbook, severity = %incident.severity,
+            namespace = %namespace, revision, principal = %request.actor.name, "incident declared");
+        Ok(IncidentOutcome {
+            incident,
+            revision,
+            applied: stored(applied, revision),
+            lifted: Vec::new(),
+            pending: None,
+        })
+    }
+
+    /// Moves an incident to another severity's stage. Moving down removes
+    /// protections: when the runbook or a lifted mode says so, that becomes a
+    /// pending request for a second approver.
+    pub async fn escalate(&self, request: EscalateRequest) -> Result<IncidentOutcome> {
+        let (found, _) = self.read_incident(&request.incident).await?;
+        let request = &request;
+        let namespace = &found.namespace;
+        let reason = request.reason.as_str();
+        let (outcome, revision) = self
+            .commit_change(
+                change("escalate", &request.change_id),
+                Some(namespace),
+                |view| {
+                    Box::pin(async move {
+                        let view = view.expect("a namespace change has a view");
+                        let (mut incident, incident_revision) =
+                            self.read_incident(&request.incident).await?;
+                        if incident.status != IncidentStatus::Active {
+                            return Ok(Plan::answer(Err(Error::Resolved(incident.id.to_string()))));
+                        }
+                        if incident.severity == request.severity {
+                            return Ok(Plan::answer(Err(Error::SameSeverity {
+                                id: incident.id.to_string(),
+                                severity: incident.severity.to_string(),
+                            })));
+                        }
+                        let runbook = match self.runbooks().get(incident.runbook.as_str()) {
+                            Some(runbook) => runbook.clone(),
+                            None => {
+                                return Ok(Plan::answer(Err(Error::UnknownRunbook(
+                                    incident.runbook.to_string(),
+                                ))));
+                            }
+                        };
+                        let stage = match stage(&runbook, request.severity) {
+                            Ok(stage) => stage,
+                            Err(e) => return Ok(Plan::answer(Err(e))),
+                        };
+                        let at = Timestamp::now();
+                        let change = Change {
+                            principal: request.actor.name.clone(),
+                            reason: request.reason.clone(),
+                            at,
+                            incident_id: Some(incident.id.to_string()),
+                        };
+                        let existing = incident_activations(&view, &incident);
+                        let staged =
+                            self.stage_plan(&runbook, stage, incident.channels, existing, &change);
+                        let down = request.severity < incident.severity;
+                        let mut plan =
+                            Plan::answer(Ok((incident.clone(), Vec::new(), Vec::new(), None)));
+                        plan.at = at;
+                        if staged.lift_needs_approval(down, self.catalog()) {
+                            let summary = format!(
+                                "move incident {} from {} to {}: {}",
+                                incident.id,
+                                incident.severity,
+                                request.severity,
+                                staged.describe_pending()
+                            );
+                            let pending = self.request_approval(
+                                &mut plan,
+                                ApprovalNeeded {
+                                    kind: RequestKind::Move {
+                                        severity: request.severity,
+                                    },
+                                    namespace,
+                                    actor: &request.actor,
+                                    reason,
+                                    activation_ids: staged
+                                        .lift
+                                        .iter()
+                                        .map(|a| a.id.clone())
+                                        .collect(),
+                                    incident: Some((&mut incident, incident_revision)),
+                                    summary,
+                                },
+                            );
+                            plan.outcome = Ok((incident, Vec::new(), Vec::new(), Some(pending)));
+                            return Ok(plan);
+                        }
+                        let what = if down { "deescalated" } else { "escalated" };
+                        let from = incident.severity;
+                        incident.severity = request.severity;
+                        incident.activation_ids = staged.activation_ids();
+                        incident.timeline.push(event(
+                            at,
+                            what,
+                            &request.actor,
+                            request.severity,
+                            Some(reason),
+                            None,
+                        ));
+                        put_activations(&mut plan, self, namespace, &staged.apply);
+                        delete_activations(&mut plan, self, namespace, &staged.lift);
+                        self.put_incident(&mut plan, &incident, incident_revision);
+                        plan.uses_catalog = true;
+                        plan.record = Some(record(
+                            AuditAction::Escalate,
+                            &request.actor,
+                            reason,
+                            at,
+                            incident.activation_ids.iter().cloned(),
+                        ));
+                        let mut audit = draft(
+                            AuditAction::Escalate,
+                            &request.actor,
+                            namespace,
+                            reason,
+                            format!(
+                                "{what} {} from {from} to {}: {}",
+                                incident.id,
+                                request.severity,
+                                staged.describe()
+                            ),
+                        );
+                        audit.incident_id = Some(incident.id.to_string());
+                        audit.activation_ids = incident
+                            .activation_ids
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect();
+                        plan.audit = Some(audit);
+                        plan.outcome = Ok((incident, staged.apply, staged.lift, None));
+                        Ok(plan)
+                    })
+                },
+            )
+            .await?;
+        let (incident, applied, lifted, pending) = outcome?;
+        info!(incident = %incident.id, severity = %incident.severity, pending = pending.is_some(),
+            revision, principal = %request.actor.name, "incident severity changed");
+        Ok(IncidentOutcome {
+            incident,
+            revision,
+            applied: stored(applied, revision),
+            lifted,
+            pending,
+        })
+    }
+
+    /// Resolves an incident: lifts its modes and closes it, or, when the
+    /// runbook or a mode says so, records a pending request for a second
+    /// approver.
+    pub async fn resolve(&self, request: ResolveRequest) -> Result<IncidentOutcome> {
+        let (found, _) = self.read_incident(&request.incident).await?;
+        let request = &request;
+        let namespace = &found.namespace;
+        let reason = request.reason.as_str();
+        let (outcome, revision) = self
+            .commit_change(
+                change("resolve", &request.change_id),
+                Some(namespace),
+                |view| {
+                    Box::pin(async move {
+                        let view = view.expect("a namespace change has a view");
+                        let (mut incident, incident_revision) =
+                            self.read_incident(&request.incident).await?;
+                        if incident.status != IncidentStatus::Active {
+                            return Ok(Plan::answer(Err(Error::Resolved(incident.id.to_string()))));
+                        }
+                        let at = Timestamp::now();
+                        let staged = StagePlan {
+                            keep: Vec::new(),
+                            lift: incident_activations(&view, &incident),
+                            apply: Vec::new(),
+                        };
+                        let mut plan = Plan::answer(Ok((incident.clone(), Vec::new(), None)));
+                        plan.at = at;
+                        if staged.lift_needs_approval(true, self.catalog()) {
+                            let summary = format!(
+                                "resolve incident {}: {}",
+                                incident.id,
+                                staged.describe_pending()
+                            );
+                            let pending = self.request_approval(
+                                &mut plan,
+                                ApprovalNeeded {
+                                    kind: RequestKind::Resolve,
+                                    namespace,
+                                    actor: &request.actor,
+                                    reason,
+                                    activation_ids: staged
+                                        .lift
+                                        .iter()
+                                        .map(|a| a.id.clone())
+                                        .collect(),
+                                    incident: Some((&mut incident, incident_revision)),
+                                    summary,
+                                },
+                            );
+                            plan.outcome = Ok((incident, Vec::new(), Some(pending)));
+                            return Ok(plan);
+                        }
+                        self.close(
+                            &mut plan,
+                            &mut incident,
+                            incident_revision,
+                            &staged,
+                            &request.actor,
+                            reason,
+                            at,
+                        );
+                        let mut audit = draft(
+                            AuditAction::Resolve,
+                            &request.actor,
+                            namespace,
+                            reason,
+                            format!("resolved {}: {}", incident.id, staged.describe()),
+                        );
+                        audit.incident_id = Some(incident.id.to_string());
+                        audit.activation_ids =
+                            staged.lift.iter().map(|a| a.id.to_string()).collect();
+                        plan.audit = Some(audit);
+                        plan.outcome = Ok((incident, staged.lift, None));
+                        Ok(plan)
+                    })
+                },
+            )
+            .await?;
+        let (incident, lifted, pending) = outcome?;
+        info!(incident = %incident.id, pending = pending.is_some(), revision,
+            principal = %request.actor.name, "incident resolution");
+        Ok(IncidentOutcome {
+            incident,
+            revision,
+            applied: Vec::new(),
+            lifted,
+            pending,
+        })
+    }
+
+    /// Adds to `plan` what resolving `incident` writes: its activations
+    /// lifted, the incident closed.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn close<T>(
+        &self,
+        plan: &mut Plan<T>,
+        incident: &mut Incident,
+        incident_revision: Revision,
+        staged: &StagePlan,
+        actor: &Principal,
+        reason: &str,
+        at: Timestamp,
+    ) {
+        delete_activations(plan, self, &incident.namespace, &staged.lift);
+        plan.ops.push(Op::Delete {
+            key: self
+                .config
+                .layout
+                .active_incident_key(&incident.namespace, &incident.runbook),
+        });
+        incident.status = IncidentStatus::Resolved;
+        incident.activation_ids.clear();
+        incident.timeline.push(event(
+            at,
+            "resolved",
+            actor,
+            incident.severity,
+            Some(reason),
+            None,
+        ));
+        self.put_incident(plan, incident, incident_revision);
+        plan.record = Some(record(
+            AuditAction::Resolve,
+            actor,
+            reason,
+            at,
+            staged.lift.iter().map(|a| a.id.clone()),
+        ));
+    }
+
+    /// Every incident, with the revision of its record.
+    pub(crate) async fn incidents(&self) -> Result<Vec<(Incident, Revision)>> {
+        let prefix = self.config.layout.incidents_prefix();
+        // In pages: resolved incidents stay, so the list only grows.
+        let range = safemode_store::read_all(&*self.store, &prefix).await?;
+        range
+            .kvs
+            .into_iter()
+            .map(|kv| {
+                Ok((
+                    parse_incident(&kv.key, &kv.value, kv.mod_revision)?,
+                    kv.mod_revision,
+                ))
+            })
+            .collect()
+    }
+
+    /// Incidents in `namespace`, newest first; resolved ones only if asked.
+    pub async fn list_incidents(
+        &self,
+        namespace: &Namespace,
+        include_resolved: bool,
+    ) -> Result<Vec<Incident>> {
+        let mut incidents: Vec<Incident> = self
+            .incidents()
+            .await?
+            .into_iter()
+            .map(|(i, _)| i)
+            .filter(|i| {
+                i.namespace == *namespace
+                    && (include_resolved || i.status == IncidentStatus::Active)
+            })
+            .collect();
+        incidents.sort_by_key(|i| std::cmp::Reverse(i.declared_at));
+        Ok(incidents)
+    }
+
+    /// One incident, with the revision of each timeline event.
+    pub async fn incident(&self, id: &IncidentId) -> Result<Incident> {
+        Ok(self.read_incident(id).await?.0)
+    }
+
+    /// An incident and the revision of its record.
+    pub async fn read_incident(&self, id: &IncidentId) -> Result<(Incident, Revision)> {
+        let key = self.config.layout.incident_key(id);
+        let range = self.store.range(&key).await?;
+        let kv = range
+            .kvs
+            .into_iter()
+            .find(|kv| kv.key == key)
+            .ok_or_else(|| Error::UnknownIncident(id.to_string()))?;
+        Ok((
+            parse_incident(&key, &kv.value, kv.mod_revision)?,
+            kv.mod_revision,
+        ))
+    }
+
+    /// Writes `incident`, provided its record is still at `revision` (0: new).
+    pub(crate) fn put_incident<T>(
+        &self,
+        plan: &mut Plan<T>,
+        incident: &Incident,
+        revision: Revision,
+    ) {
+        let key = self.config.layout.incident_key(&incident.id);
+        plan.compares.push(Compare::ModRevision {
+            key: key.clone(),
+            revision,
+        });
+        plan.ops.push(Op::Put {
+            key,
+            value: serde_json::to_vec(incident).expect("incidents serialize"),
+        });
+    }
+}
+
+/// The incident's activations still present in `view`.
+pub(crate) fn incident_activations(
+    view: &NamespaceView,
+    incident: &Incident,
+) -> Vec<Arc<Activation>> {
+    view.activations
+        .iter()
+        .filter(|a| incident.activation_ids.contains(&a.id))
+        .cloned()
+        .collect()
+}
+
+/// New activations as stored at `revision`.
+fn stored(activations: Vec<Activation>, revision: Revision) -> Vec<Arc<Activation>> {
+    activations
+        .into_iter()
+        .map(|a| Arc::new(Activation { revision, ..a }))
+        .collect()
+}
+
+/// Reads an incident record last written at `revision`. Timeline events are
+/// stored with revision 0, because a change's revision is known only once it
+/// commits; every change to an incident reads it first, so the events still
+/// at 0 are exactly those of the change that wrote the record, at `revision`.
+fn parse_incident(key: &str, value: &[u8], revision: Revision) -> Result<Incident> {
+    let mut incident: Incident = serde_json::from_slice(value).map_err(|e| corrupt(key, e))?;
+    for event in &mut incident.timeline {
+        if event.revision == 0 {
+            event.revision = revision;
+        }
+    }
+    Ok(incident)
+}
+
+pub(crate) fn corrupt(key: &str, error: impl std::fmt::Display) -> Error {
+    Error::Store(safemode_store::Error::Corrupt(format!(
+        "{key} cannot be read: {error}"
+    )))
+}
+
+pub(crate) fn stage(runbook: &Runbook, severity: Severity) -> Result<&Stage> {
+    runbook.stage(severity).ok_or_else(|| Error::NoStage {
+        runbook: runbook.name.to_string(),
+        severity: severity.to_string(),
+        stages: runbook
+            .severities()
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
+}
+
+pub(crate) fn event(
+    at: Timestamp,
+    what: &str,
+    actor: &Principal,
+    severity: Severity,
+    reason: Option<&str>,
+    request: Option<&RequestId>,
+) -> TimelineEvent {
+    TimelineEvent {
+        at,
+        event: what.to_string(),
+        principal: actor.name.clone(),
+        severity,
+        reason: reason.map(str::to_string),
+        request_id: request.cloned(),
+        revision: 0,
+    }
+}

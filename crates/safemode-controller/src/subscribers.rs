@@ -1,0 +1,300 @@
+//! Subscribers connected to this replica, per namespace, with the revision
+//! each was sent, acknowledged and rejected: what `safemode status` shows a
+//! commander.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use jiff::Timestamp;
+
+use safemode_policy::{Channel, Revision};
+
+/// One connected subscriber, as status shows it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SubscriberRecord {
+    /// The id the subscriber gave in its hello.
+    pub subscriber_id: String,
+    /// Its channel.
+    pub channel: Channel,
+    /// Remote address.
+    pub peer: String,
+    /// When the stream opened.
+    pub connected_at: Timestamp,
+    /// Newest revision sent.
+    pub sent_revision: Revision,
+    /// Newest revision acknowledged, and when (0: none yet).
+    pub acked_revision: Revision,
+    /// When the newest acknowledgement arrived.
+    pub acked_at: Option<Timestamp>,
+    /// Newest rejected revision, why, and when.
+    pub rejected: Option<Rejection>,
+    /// The revision it claimed to hold when it connected, if the store never
+    /// reached it: it held a policy this controller never issued (from a
+    /// rogue, or before the store was restored from an older backup) and
+    /// was told to start over.
+    pub claimed_unissued: Option<Revision>,
+}
+
+impl SubscriberRecord {
+    /// The status problem line of a subscriber that came holding a revision
+    /// never issued.
+    pub fn problem(&self) -> Option<String> {
+        self.claimed_unissued.map(|claimed| {
+            format!(
+                "subscriber {} ({}, {}) held revision {claimed}, which this controller never issued (a rogue controller's policy, or a store restored from an older backup); it was told to start over: check that service's controller addresses and trusted keys",
+                self.subscriber_id, self.channel, self.peer
+            )
+        })
+    }
+
+    /// A subscriber may only answer for a revision it was sent.
+    fn check_sent(&self, revision: Revision) -> Result<(), UnknownRevision> {
+        if revision < 0 || revision > self.sent_revision {
+            return Err(UnknownRevision {
+                revision,
+                sent: self.sent_revision,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A snapshot a subscriber could not apply.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rejection {
+    /// The rejected revision.
+    pub revision: Revision,
+    /// The subscriber's reason.
+    pub reason: String,
+    /// When the rejection arrived.
+    pub at: Timestamp,
+}
+
+/// Where a page of subscribers ends: the last one's id and stream.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SubscriberCursor {
+    subscriber_id: String,
+    stream: u64,
+}
+
+impl SubscriberCursor {
+    /// The cursor of a page token; `None` if it is not one.
+    pub fn parse(token: &str) -> Option<SubscriberCursor> {
+        let (stream, id) = token.split_once(':')?;
+        Some(SubscriberCursor {
+            stream: stream.parse().ok()?,
+            subscriber_id: id.to_string(),
+        })
+    }
+
+    /// The page token that continues after this cursor.
+    pub fn token(&self) -> String {
+        format!("{}:{}", self.stream, self.subscriber_id)
+    }
+}
+
+/// One page of [`Subscribers::page`].
+#[derive(Clone, Debug, Default)]
+pub struct SubscriberPage {
+    /// The page's subscribers.
+    pub records: Vec<SubscriberRecord>,
+    /// Subscribers connected in all.
+    pub total: usize,
+    /// Where the next page starts; `None`: this page is the last.
+    pub next: Option<SubscriberCursor>,
+    /// Problems of any subscriber, on every page (the first
+    /// [`MAX_SUBSCRIBER_PROBLEMS`], then a count).
+    pub problems: Vec<String>,
+}
+
+/// How many subscribers' problems a status page lists by name.
+pub const MAX_SUBSCRIBER_PROBLEMS: usize = 20;
+
+/// A subscriber acknowledged or rejected a revision it was never sent.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "revision {revision} was never sent on this stream (newest sent: {sent}); ack only what you received"
+)]
+pub struct UnknownRevision {
+    /// The revision in the message.
+    pub revision: Revision,
+    /// The newest revision sent.
+    pub sent: Revision,
+}
+
+/// The subscribers of one namespace on this replica.
+#[derive(Debug, Default)]
+pub struct Subscribers {
+    next: AtomicU64,
+    records: Mutex<HashMap<u64, SubscriberRecord>>,
+}
+
+impl Subscribers {
+    /// Records a new stream; dropping the registration removes it.
+    pub fn register(
+        self: &Arc<Self>,
+        subscriber_id: String,
+        channel: Channel,
+        peer: String,
+    ) -> Registration {
+        self.register_record(subscriber_id, channel, peer, None)
+    }
+
+    /// Records a new stream whose subscriber claimed `claimed`, a revision
+    /// never issued; status shows it as a problem while it is connected.
+    pub fn register_claiming(
+        self: &Arc<Self>,
+        subscriber_id: String,
+        channel: Channel,
+        peer: String,
+        claimed: Revision,
+    ) -> Registration {
+        self.register_record(subscriber_id, channel, peer, Some(claimed))
+    }
+
+    fn register_record(
+        self: &Arc<Self>,
+        subscriber_id: String,
+        channel: Channel,
+        peer: String,
+        claimed_unissued: Option<Revision>,
+    ) -> Registration {
+        let connection = self.next.fetch_add(1, Ordering::Relaxed);
+        let record = SubscriberRecord {
+            subscriber_id,
+            channel,
+            peer,
+            connected_at: Timestamp::now(),
+            sent_revision: 0,
+            acked_revision: 0,
+            acked_at: None,
+            rejected: None,
+            claimed_unissued,
+        };
+        self.lock().insert(connection, record);
+        Registration {
+            connection,
+            subscribers: self.clone(),
+        }
+    }
+
+    /// Every connected subscriber, by subscriber id.
+    pub fn list(&self) -> Vec<SubscriberRecord> {
+        let mut records: Vec<SubscriberRecord> = self.lock().values().cloned().collect();
+        records.sort_by(|a, b| {
+            a.subscriber_id
+                .cmp(&b.subscriber_id)
+                .then(a.connected_at.cmp(&b.connected_at))
+        });
+        records
+    }
+
+    /// At most `limit` connected subscribers after `after`, in
+    /// (subscriber id, stream) order, so that pages neither repeat nor skip
+    /// a subscriber that stays connected.
+    pub fn page(&self, after: Option<&SubscriberCursor>, limit: usize) -> SubscriberPage {
+        let mut records: Vec<(SubscriberCursor, SubscriberRecord)> = self
+            .lock()
+            .iter()
+            .map(|(stream, record)| {
+                let cursor = SubscriberCursor {
+                    subscriber_id: record.subscriber_id.clone(),
+                    stream: *stream,
+                };
+                (cursor, record.clone())
+            })
+            .collect();
+        let total = records.len();
+        records.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut problems: Vec<String> = records
+            .iter()
+            .filter_map(|(_, record)| record.problem())
+            .collect();
+        if problems.len() > MAX_SUBSCRIBER_PROBLEMS {
+            let more = problems.len() - MAX_SUBSCRIBER_PROBLEMS;
+            problems.truncate(MAX_SUBSCRIBER_PROBLEMS);
+            problems.push(format!("and {more} more subscribers with problems"));
+        }
+        let mut rest = records
+            .into_iter()
+            .filter(|(cursor, _)| after.is_none_or(|after| cursor > after))
+            .peekable();
+        let mut page = Vec::new();
+        let mut last = None;
+        for (cursor, record) in rest.by_ref().take(limit) {
+            page.push(record);
+            last = Some(cursor);
+        }
+        SubscriberPage {
+            records: page,
+            total,
+            next: last.filter(|_| rest.peek().is_some()),
+            problems,
+        }
+    }
+
+    /// Whether no subscriber is connected.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, SubscriberRecord>> {
+        // A panic while holding this lock cannot leave a record half-written
+        // (every update is one assignment), so a poisoned map is still good.
+        self.records.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// One stream's entry in [`Subscribers`].
+#[derive(Debug)]
+pub struct Registration {
+    connection: u64,
+    subscribers: Arc<Subscribers>,
+}
+
+impl Registration {
+    fn update<T>(&self, f: impl FnOnce(&mut SubscriberRecord) -> T) -> T {
+        let mut records = self.subscribers.lock();
+        let record = records
+            .get_mut(&self.connection)
+            .expect("a registration's record lives until the registration drops");
+        f(record)
+    }
+
+    /// Notes that `revision` was sent.
+    pub fn sent(&self, revision: Revision) {
+        self.update(|r| r.sent_revision = r.sent_revision.max(revision));
+    }
+
+    /// Notes an acknowledgement.
+    pub fn acked(&self, revision: Revision) -> Result<(), UnknownRevision> {
+        self.update(|r| {
+            r.check_sent(revision)?;
+            if revision >= r.acked_revision {
+                r.acked_revision = revision;
+                r.acked_at = Some(Timestamp::now());
+            }
+            Ok(())
+        })
+    }
+
+    /// Notes a rejection.
+    pub fn rejected(&self, revision: Revision, reason: String) -> Result<(), UnknownRevision> {
+        self.update(|r| {
+            r.check_sent(revision)?;
+            r.rejected = Some(Rejection {
+                revision,
+                reason,
+                at: Timestamp::now(),
+            });
+            Ok(())
+        })
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.subscribers.lock().remove(&self.connection);
+    }
+}

@@ -1,0 +1,692 @@
+//! `safemode.v1.ControlService`: modes, incidents, approvals, status and the
+//! audit log. Every handler validates its request, checks the caller's role
+//! (refusals are audited), and converts the result.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::convert::{audit_entry_to_wire, incident_to_wire, request_to_wire};
+use super::{authorize, authorize_anywhere, invalid, invalid_name, limits, principal, status};
+use safemode_controller::auth::Operation;
+use safemode_controller::{
+    ApplyRequest, AuditPage, ChangeId, Controller, DeclareRequest, EscalateRequest, IncidentId,
+    IncidentOutcome, LiftRequest, LiftTarget, RequestId, ResolveRequest, SubscriberCursor,
+};
+use safemode_policy::runbook::{RunbookName, Severity};
+use safemode_policy::{ChannelSet, Effect, ModeName, Namespace, Reason};
+use safemode_wire::proto::control_service_server::ControlService;
+use safemode_wire::runbook_to_wire;
+use safemode_wire::{self as wire, proto};
+
+/// The control service.
+pub struct ControlApi {
+    controller: Arc<Controller>,
+    replica: String,
+}
+
+impl ControlApi {
+    /// The service over `controller`, on the replica called `replica`.
+    pub fn new(controller: Arc<Controller>, replica: String) -> Self {
+        ControlApi {
+            controller,
+            replica,
+        }
+    }
+
+    /// Whether the catalogue's `mode` has a read-only rule (so an as-of time
+    /// means something for it). Unknown modes are the controller's to refuse.
+    fn serves_read_only(&self, mode: &ModeName) -> bool {
+        self.controller
+            .catalog()
+            .get(mode.as_str())
+            .is_none_or(|m| {
+                m.rules
+                    .iter()
+                    .any(|r| matches!(r.effect, Effect::ReadOnly(_)))
+            })
+    }
+
+    fn incident_change(
+        &self,
+        outcome: IncidentOutcome,
+        change_id: &ChangeId,
+    ) -> proto::IncidentChange {
+        proto::IncidentChange {
+            incident: Some(incident_to_wire(&outcome.incident)),
+            revision: outcome.revision,
+            pending: outcome.pending.as_ref().map(request_to_wire),
+            change_id: change_id.to_string(),
+        }
+    }
+}
+
+/// Subscribers in one status page unless asked otherwise, and at most.
+/// A subscriber's entry is at most about half a kilobyte (its id is at most
+/// 128 bytes and its reject reason 256; the peer is an address), so a page
+/// stays far below gRPC's 4 MiB.
+const STATUS_PAGE_DEFAULT: usize = 1000;
+const STATUS_PAGE_MAX: usize = 5000;
+
+/// The caller's change id, or a new one when it gave none, bound to who
+/// asked for exactly what: a retry sends the same bytes, anything else under
+/// the same id is refused.
+fn change_id(
+    text: &str,
+    actor: &safemode_controller::auth::Principal,
+    request: &impl prost::Message,
+) -> Result<ChangeId, Status> {
+    use sha2::{Digest as _, Sha256};
+    let id = ChangeId::parse_or_random(text).map_err(|e| invalid("change_id", e))?;
+    let mut digest = Sha256::new();
+    digest.update(actor.name.as_bytes());
+    digest.update([0]);
+    digest.update(request.encode_to_vec());
+    Ok(id.for_request(format!("{:x}", digest.finalize())))
+}
+
+fn namespace(text: &str) -> Result<Namespace, Status> {
+    Namespace::parse(text).map_err(invalid_name("namespace"))
+}
+
+fn reason(text: &str) -> Result<Reason, Status> {
+    Reason::parse(text).map_err(invalid_name("reason"))
+}
+
+fn channels(names: &[String]) -> Result<ChannelSet, Status> {
+    if names.len() > limits::MAX_CHANNELS_PER_REQUEST {
+        return Err(invalid(
+            "channels",
+            format!(
+                "{} channels named; there are only {} (leave the list empty for all)",
+                names.len(),
+                safemode_policy::names::CHANNELS.len()
+            ),
+        ));
+    }
+    if names.is_empty() {
+        Ok(ChannelSet::ALL)
+    } else {
+        ChannelSet::parse_selector(names).map_err(invalid_name("channels"))
+    }
+}
+
+fn severity(text: &str) -> Result<Severity, Status> {
+    Severity::parse(text).map_err(invalid_name("severity"))
+}
+
+fn incident_id(text: &str) -> Result<IncidentId, Status> {
+    IncidentId::parse(text).map_err(invalid_name("incident_id"))
+}
+
+#[tonic::async_trait]
+impl ControlService for ControlApi {
+    async fn apply_modes(
+        &self,
+        request: Request<proto::ApplyModesRequest>,
+    ) -> Result<Response<proto::ApplyModesResponse>, Status> {
+        let actor = principal(&request)?;
+        let r = request.into_inner();
+        let change = change_id(&r.change_id, &actor, &r)?;
+        let namespace = namespace(&r.namespace)?;
+        // Authorised before anything that grows with the request; a refusal
+        // records a bounded summary, never the caller's list.
+        authorize(
+            &self.controller,
+            &actor,
+            Operation::Change,
+            Some(&namespace),
+            &format!("apply {}", limits::summary(&r.modes)),
+        )
+        .await?;
+        if r.modes.is_empty() {
+            return Err(invalid(
+                "modes",
+                "name at least one mode (`safemode mode list` shows them)",
+            ));
+        }
+        if r.modes.len() > limits::MAX_MODES_PER_REQUEST {
+            return Err(invalid(
+                "modes",
+                format!(
+                    "{} modes named; one request applies at most {} (declare an incident to apply a runbook's stage)",
+                    r.modes.len(),
+                    limits::MAX_MODES_PER_REQUEST
+                ),
+            ));
+        }
+        let mut modes = Vec::with_capacity(r.modes.len());
+        let mut seen = HashSet::with_capacity(r.modes.len());
+        for name in &r.modes {
+            let name = ModeName::parse(name).map_err(invalid_name("modes"))?;
+            if seen.insert(name.clone()) {
+                modes.push(name);
+            }
+        }
+        let channels = channels(&r.channels)?;
+        let reason = reason(&r.reason)?;
+        let as_of = match &r.as_of {
+            None => None,
+            Some(t) => {
+                let t = wire::timestamp_from_wire(t).map_err(|e| invalid("as_of", e))?;
+                if t > jiff::Timestamp::now() {
+                    return Err(invalid(
+                        "as_of",
+                        "is in the future; last-known-good data is from the past",
+                    ));
+                }
+                Some(t)
+            }
+        };
+        if as_of.is_some() && !modes.iter().any(|m| self.serves_read_only(m)) {
+            return Err(invalid(
+                "as_of",
+                "none of these modes serves read-only data, so an as-of time would do nothing; leave it out",
+            ));
+        }
+        let outcome = self
+            .controller
+            .apply(ApplyRequest {
+                namespace: namespace.clone(),
+                modes,
+                channels,
+                as_of,
+                actor: (*actor).clone(),
+                reason,
+                change_id: Some(change.clone()),
+            })
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::ApplyModesResponse {
+            change_id: change.to_string(),
+            namespace: namespace.to_string(),
+            revision: outcome.revision,
+            applied: outcome
+                .applied
+                .iter()
+                .map(|a| wire::activation_to_wire(a))
+                .collect(),
+            already_active: outcome
+                .already_active
+                .iter()
+                .map(|a| wire::activation_to_wire(a))
+                .collect(),
+        }))
+    }
+
+    async fn lift_activations(
+        &self,
+        request: Request<proto::LiftActivationsRequest>,
+    ) -> Result<Response<proto::LiftActivationsResponse>, Status> {
+        let actor = principal(&request)?;
+        let r = request.into_inner();
+        let change = change_id(&r.change_id, &actor, &r)?;
+        let namespace = namespace(&r.namespace)?;
+        authorize(
+            &self.controller,
+            &actor,
+            Operation::Change,
+            Some(&namespace),
+            &format!("lift {}", limits::summary(&r.targets)),
+        )
+        .await?;
+        if r.targets.is_empty() {
+            return Err(invalid(
+                "targets",
+                "name at least one activation id or mode (`safemode status` lists them)",
+            ));
+        }
+        if r.targets.len() > limits::MAX_TARGETS_PER_REQUEST {
+            return Err(invalid(
+                "targets",
+                format!(
+                    "{} targets named; one request lifts at most {} (use --all to lift everything)",
+                    r.targets.len(),
+                    limits::MAX_TARGETS_PER_REQUEST
+                ),
+            ));
+        }
+        let targets = r
+            .targets
+            .iter()
+            .map(|t| LiftTarget::parse(t).map_err(invalid_name("targets")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let reason = reason(&r.reason)?;
+        let outcome = self
+            .controller
+            .lift(LiftRequest {
+                namespace: namespace.clone(),
+                targets,
+                actor: (*actor).clone(),
+                reason,
+                all: r.all,
+                change_id: Some(change.clone()),
+            })
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::LiftActivationsResponse {
+            change_id: change.to_string(),
+            namespace: namespace.to_string(),
+            revision: outcome.revision,
+            lifted: outcome
+                .lifted
+                .iter()
+                .map(|a| wire::activation_to_wire(a))
+                .collect(),
+            pending: outcome.pending.as_ref().map(request_to_wire),
+        }))
+    }
+
+    async fn list_modes(
+        &self,
+        request: Request<proto::ListModesRequest>,
+    ) -> Result<Response<proto::ListModesResponse>, Status> {
+        let actor = principal(&request)?;
+        authorize(
+            &self.controller,
+            &actor,
+            Operation::Read,
+            None,
+            "list modes",
+        )
+        .await?;
+        Ok(Response::new(proto::ListModesResponse {
+            modes: self
+                .controller
+                .catalog()
+                .iter()
+                .map(|m| wire::mode_to_wire(m))
+                .collect(),
+        }))
+    }
+
+    async fn get_status(
+        &self,
+        request: Request<proto::GetStatusRequest>,
+    ) -> Result<Response<proto::GetStatusResponse>, Status> {
+        let actor = principal(&request)?;
+        let namespace = namespace(&request.get_ref().namespace)?;
+        authorize(
+            &self.controller,
+            &actor,
+            Operation::Read,
+            Some(&namespace),
+            "read status",
+        )
+        .await?;
+        let r = request.get_ref();
+        let limit = match r.page_size as usize {
+            0 => STATUS_PAGE_DEFAULT,
+            n if n > STATUS_PAGE_MAX => {
+                return Err(invalid(
+                    "page_size",
+                    format!("{n} is more than {STATUS_PAGE_MAX}; ask for fewer"),
+                ));
+            }
+            n => n,
+        };
+        let after = match r.page_token.as_str() {
+            "" => None,
+            token => Some(SubscriberCursor::parse(token).ok_or_else(|| {
+                invalid(
+                    "page_token",
+                    "is not a token this server gave; pass the previous page's next_page_token, or none for the first page",
+                )
+            })?),
+        };
+        let status = self
+            .controller
+            .status(&namespace, after.as_ref(), limit)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::GetStatusResponse {
+            namespace: namespace.to_string(),
+            revision: status.view.revision,
+            activations: status
+                .view
+                .activations
+                .iter()
+                .map(|a| wire::activation_to_wire(a))
+                .collect(),
+            subscribers: status
+                .subscribers
+                .records
+                .iter()
+                .map(super::convert::subscriber_to_wire)
+                .collect(),
+            server_time: Some(wire::timestamp_to_wire(jiff::Timestamp::now())),
+            problems: status.problems(),
+            replica: self.replica.clone(),
+            next_page_token: status
+                .subscribers
+                .next
+                .as_ref()
+                .map(SubscriberCursor::token)
+                .unwrap_or_default(),
+            subscriber_count: u32::try_from(status.subscribers.total).unwrap_or(u32::MAX),
+        }))
+    }
+
+    async fn list_runbooks(
+        &self,
+        request: Request<proto::ListRunbooksRequest>,
+    ) -> Result<Response<proto::ListRunbooksResponse>, Status> {
+        let actor = principal(&request)?;
+        authorize(
+            &self.controller,
+            &actor,
+            Operation::Read,
+            None,
+            "list runbooks",
+        )
+        .await?;
+        Ok(Response::new(proto::ListRunbooksResponse {
+            runbooks: self
+                .controller
+                .runbooks()
+                .iter()
+                .map(|r| runbook_to_wire(r))
+                .collect(),
+        }))
+    }
+
+    async fn declare_incident(
+        &self,
+        request: Request<proto::DeclareIncidentRequest>,
+    ) -> Result<Response<proto::IncidentChange>, Status> {
+        let actor = principal(&request)?;
+        let r = request.into_inner();
+        let change = change_id(&r.change_id, &actor, &r)?;
+        let namespace = namespace(&r.namespace)?;
+        let runbook = RunbookName::parse(&r.r#type).map_err(invalid_name("type"))?;
+        let severity = severity(&r.severity)?;
+        let what = format!("declare {runbook} at {severity}");
+        authorize(
+            &self.controller,
+            &actor,
+            Operation::Change,
+            Some(&namespace),
+            &what,
+        )
+        .await?;
+        let reason = reason(&r.reason)?;
+        let channels = channels(&r.channels)?;
+        let outcome = self
+            .controller
+            .declare(DeclareRequest {
+                namespace,
+                runbook,
+                severity,
+                reason,
+                channels,
+                actor: (*actor).clone(),
+                change_id: Some(change.clone()),
+            })
+            .await
+            .map_err(status)?;
+        Ok(Response::new(self.incident_change(outcome, &change)))
+    }
+
+    async fn escalate_incident(
+        &self,
+        request: Request<proto::EscalateIncidentRequest>,
+    ) -> Result<Response<proto::IncidentChange>, Status> {
+        let actor = principal(&request)?;
+        let r = request.into_inner();
+        let change = change_id(&r.change_id, &actor, &r)?;
+        let id = incident_id(&r.incident_id)?;
+        let severity = severity(&r.severity)?;
+        let reason = if r.reason.trim().is_empty() {
+            Reason::parse(&format!("moved to {severity}")).expect("a valid reason")
+        } else {
+            reason(&r.reason)?
+        };
+        let what = format!("move incident {id} to {severity}");
+        authorize_anywhere(&self.controller, &actor, Operation::Change, &what).await?;
+        let (incident, _) = self.controller.read_incident(&id).await.map_err(status)?;
+        authorize(
+            &self.controller,
+            &actor,
+            Operation::Change,
+            Some(&incident.namespace),
+            &what,
+        )
+        .await?;
+        let outcome = self
+            .controller
+            .escalate(EscalateRequest {
+                incident: id,
+                severity,
+                reason,
+                actor: (*actor).clone(),
+                change_id: Some(change.clone()),
+            })
+            .await
+            .map_err(status)?;
+        Ok(Response::new(self.incident_change(outcome, &change)))
+    }
+
+    async fn resolve_incident(
+        &self,
+        request: Request<proto::ResolveIncidentRequest>,
+    ) -> Result<Response<proto::IncidentChange>, Status> {
+        let actor = principal(&request)?;
+        let r = request.into_inner();
+        let change = change_id(&r.change_id, &actor, &r)?;
+        let id = incident_id(&r.incident_id)?;
+        let reason = reason(&r.reason)?;
+        let what = format!("resolve incident {id}");
+        authorize_anywhere(&self.controller, &actor, Operation::Change, &what).await?;
+        let (incident, _) = self.controller.read_incident(&id).await.map_err(status)?;
+        authorize(
+            &self.controller,
+            &actor,
+            Operation::Change,
+            Some(&incident.namespace),
+            &what,
+        )
+        .await?;
+        let outcome = self
+            .controller
+            .resolve(ResolveRequest {
+                incident: id,
+                reason,
+                actor: (*actor).clone(),
+                change_id: Some(change.clone()),
+            })
+            .await
+            .map_err(status)?;
+        Ok(Response::new(self.incident_change(outcome, &change)))
+    }
+
+    async fn list_incidents(
+        &self,
+        request: Request<proto::ListIncidentsRequest>,
+    ) -> Result<Response<proto::ListIncidentsResponse>, Status> {
+        let actor = principal(&request)?;
+        let r = request.into_inner();
+        let namespace = namespace(&r.namespace)?;
+        authorize(
+            &self.controller,
+            &actor,
+            Operation::Read,
+            Some(&namespace),
+            "list incidents",
+        )
+        .await?;
+        let incidents = self
+            .controller
+            .list_incidents(&namespace, r.include_resolved)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::ListIncidentsResponse {
+            total: u32::try_from(incidents.len()).unwrap_or(u32::MAX),
+            incidents: incidents
+                .iter()
+                .take(limits::MAX_LISTED)
+                .map(incident_to_wire)
+                .collect(),
+        }))
+    }
+
+    async fn get_incident(
+        &self,
+        request: Request<proto::GetIncidentRequest>,
+    ) -> Result<Response<proto::Incident>, Status> {
+        let actor = principal(&request)?;
+        let id = incident_id(&request.get_ref().incident_id)?;
+        let what = format!("read incident {id}");
+        authorize_anywhere(&self.controller, &actor, Operation::Read, &what).await?;
+        let incident = self.controller.incident(&id).await.map_err(status)?;
+        authorize(
+            &self.controller,
+            &actor,
+            Operation::Read,
+            Some(&incident.namespace),
+            &what,
+        )
+        .await?;
+        Ok(Response::new(incident_to_wire(&incident)))
+    }
+
+    async fn list_requests(
+        &self,
+        request: Request<proto::ListRequestsRequest>,
+    ) -> Result<Response<proto::ListRequestsResponse>, Status> {
+        let actor = principal(&request)?;
+        let r = request.into_inner();
+        let namespace = namespace(&r.namespace)?;
+        authorize(
+            &self.controller,
+            &actor,
+            Operation::Read,
+            Some(&namespace),
+            "list requests",
+        )
+        .await?;
+        let requests = self
+            .controller
+            .list_requests(&namespace, r.include_decided)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::ListRequestsResponse {
+            total: u32::try_from(requests.len()).unwrap_or(u32::MAX),
+            requests: requests
+                .iter()
+                .take(limits::MAX_LISTED)
+                .map(request_to_wire)
+                .collect(),
+        }))
+    }
+
+    async fn approve(
+        &self,
+        request: Request<proto::ApproveRequest>,
+    ) -> Result<Response<proto::ApproveResponse>, Status> {
+        let actor = principal(&request)?;
+        let r = request.into_inner();
+        let change = change_id(&r.change_id, &actor, &r)?;
+        let id = RequestId::parse(&r.request_id).map_err(invalid_name("request_id"))?;
+        let reason = if r.reason.trim().is_empty() {
+            None
+        } else {
+            Some(reason(&r.reason)?)
+        };
+        let what = format!("approve {id}");
+        authorize_anywhere(&self.controller, &actor, Operation::Approve, &what).await?;
+        let (pending, _) = self.controller.read_request(&id).await.map_err(status)?;
+        authorize(
+            &self.controller,
+            &actor,
+            Operation::Approve,
+            Some(&pending.namespace),
+            &what,
+        )
+        .await?;
+        let outcome = match self
+            .controller
+            .approve(&id, reason, &actor, Some(change.clone()))
+            .await
+        {
+            Err(own @ safemode_controller::Error::OwnRequest { .. }) => {
+                // Four-eyes: refused like a missing role, and audited.
+                self.controller
+                    .record_refusal(
+                        &actor,
+                        Some(&pending.namespace),
+                        format!("refused {what}: {own}"),
+                    )
+                    .await
+                    .map_err(status)?;
+                return Err(status(own));
+            }
+            other => other.map_err(status)?,
+        };
+        Ok(Response::new(proto::ApproveResponse {
+            request: Some(request_to_wire(&outcome.request)),
+            revision: outcome.revision,
+            change_id: change.to_string(),
+        }))
+    }
+
+    async fn get_audit(
+        &self,
+        request: Request<proto::GetAuditRequest>,
+    ) -> Result<Response<proto::GetAuditResponse>, Status> {
+        let actor = principal(&request)?;
+        let r = request.into_inner();
+        let incident = if r.incident_id.is_empty() {
+            None
+        } else {
+            Some(incident_id(&r.incident_id)?)
+        };
+        authorize(
+            &self.controller,
+            &actor,
+            Operation::ReadAudit,
+            None,
+            "read the audit log",
+        )
+        .await?;
+        let limit = match r.limit as usize {
+            0 => AuditPage::DEFAULT_LIMIT,
+            n if n > AuditPage::MAX_LIMIT => {
+                return Err(invalid(
+                    "limit",
+                    format!("{n} is more than {}; ask for fewer", AuditPage::MAX_LIMIT),
+                ));
+            }
+            n => n,
+        };
+        let page = AuditPage {
+            after: r.after_seq,
+            limit,
+        };
+        let report = self
+            .controller
+            .audit(incident.as_ref(), r.verify, page)
+            .await
+            .map_err(status)?;
+        let head = report.head.unwrap_or_default();
+        Ok(Response::new(proto::GetAuditResponse {
+            entries: report.entries.iter().map(audit_entry_to_wire).collect(),
+            next_after_seq: report.next_after.unwrap_or(0),
+            head_seq: head.seq,
+            head_hash: if head.seq == 0 {
+                String::new()
+            } else {
+                head.hash
+            },
+            verified: report.findings.is_some(),
+            problems_total: report.findings.as_ref().map_or(0, |f| f.total),
+            problems: report
+                .findings
+                .unwrap_or_default()
+                .problems
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+        }))
+    }
+}

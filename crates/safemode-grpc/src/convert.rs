@@ -1,0 +1,155 @@
+//! Converting the controller's state into `safemode.v1` messages: snapshots,
+//! subscribers, incidents, requests, runbooks and audit entries. (The policy
+//! core's own conversions are in `wire`, which the client shares.)
+
+use safemode_controller::audit::AuditEntry;
+use safemode_controller::{
+    ChangeRequest, ChannelSnapshot, Incident, IncidentStatus, NamespaceView, RequestKind,
+    RequestStatus, SubscriberRecord,
+};
+use safemode_policy::ChannelSet;
+use safemode_wire::{
+    SCHEMA_VERSION, activation_to_wire, channel_policy_to_wire, proto, timestamp_to_wire,
+};
+
+/// The snapshot a subscriber of `snapshot.channel` receives for `view`, in
+/// the store history `epoch`.
+pub fn snapshot_to_wire(
+    view: &NamespaceView,
+    snapshot: &ChannelSnapshot,
+    epoch: &str,
+) -> proto::Snapshot {
+    proto::Snapshot {
+        schema_version: SCHEMA_VERSION,
+        namespace: view.namespace.to_string(),
+        channel: snapshot.channel.as_str().to_string(),
+        revision: view.revision,
+        issued_at: Some(timestamp_to_wire(view.issued_at)),
+        activations: snapshot
+            .activations
+            .iter()
+            .map(|a| activation_to_wire(a))
+            .collect(),
+        rules: Some(channel_policy_to_wire(&snapshot.policy)),
+        epoch: epoch.to_string(),
+        // Set by the stream that sends it (a start-over), and when signed.
+        start_over_from: 0,
+        key_id: String::new(),
+        signature: Vec::new(),
+    }
+}
+
+/// A connected subscriber.
+pub fn subscriber_to_wire(s: &SubscriberRecord) -> proto::SubscriberStatus {
+    let rejected = s.rejected.as_ref();
+    proto::SubscriberStatus {
+        subscriber_id: s.subscriber_id.clone(),
+        channel: s.channel.as_str().to_string(),
+        peer: s.peer.clone(),
+        connected_at: Some(timestamp_to_wire(s.connected_at)),
+        sent_revision: s.sent_revision,
+        acked_revision: s.acked_revision,
+        acked_at: s.acked_at.map(timestamp_to_wire),
+        rejected_revision: rejected.map_or(0, |r| r.revision),
+        reject_reason: rejected.map(|r| r.reason.clone()).unwrap_or_default(),
+        rejected_at: rejected.map(|r| timestamp_to_wire(r.at)),
+    }
+}
+
+/// An incident with its timeline.
+pub fn incident_to_wire(i: &Incident) -> proto::Incident {
+    proto::Incident {
+        id: i.id.to_string(),
+        r#type: i.runbook.to_string(),
+        title: i.title.clone(),
+        namespace: i.namespace.to_string(),
+        severity: i.severity.to_string(),
+        status: match i.status {
+            IncidentStatus::Active => "active",
+            IncidentStatus::Resolved => "resolved",
+        }
+        .to_string(),
+        channels: if i.channels == ChannelSet::ALL {
+            Vec::new()
+        } else {
+            i.channels.iter().map(|c| c.as_str().to_string()).collect()
+        },
+        activation_ids: i.activation_ids.iter().map(ToString::to_string).collect(),
+        lift_requires_approval: i.lift_requires_approval,
+        declared_by: i.declared_by.clone(),
+        declared_at: Some(timestamp_to_wire(i.declared_at)),
+        review_due: (i.status == IncidentStatus::Active).then(|| timestamp_to_wire(i.review_due())),
+        exit_criteria: i.exit_criteria.clone(),
+        timeline: i
+            .timeline
+            .iter()
+            .map(|e| proto::TimelineEvent {
+                at: Some(timestamp_to_wire(e.at)),
+                event: e.event.clone(),
+                principal: e.principal.clone(),
+                severity: e.severity.to_string(),
+                reason: e.reason.clone().unwrap_or_default(),
+                request_id: e
+                    .request_id
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default(),
+                revision: e.revision,
+            })
+            .collect(),
+    }
+}
+
+/// A change request, with its status as of now.
+pub fn request_to_wire(r: &ChangeRequest) -> proto::ChangeRequest {
+    let now = jiff::Timestamp::now();
+    proto::ChangeRequest {
+        id: r.id.to_string(),
+        namespace: r.namespace.to_string(),
+        kind: r.kind.as_str().to_string(),
+        incident_id: r
+            .incident_id
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        severity: match &r.kind {
+            RequestKind::Move { severity } => severity.to_string(),
+            _ => String::new(),
+        },
+        activation_ids: r.activation_ids.iter().map(ToString::to_string).collect(),
+        requested_by: r.requested_by.clone(),
+        reason: r.reason.clone(),
+        requested_at: Some(timestamp_to_wire(r.requested_at)),
+        expires_at: Some(timestamp_to_wire(r.expires_at)),
+        status: r.status_name(now).to_string(),
+        approved_by: match &r.status {
+            RequestStatus::Approved { by, .. } => by.clone(),
+            RequestStatus::Pending => String::new(),
+        },
+        summary: r.summary.clone(),
+    }
+}
+
+/// An audit entry.
+pub fn audit_entry_to_wire(e: &AuditEntry) -> proto::AuditEntry {
+    proto::AuditEntry {
+        seq: e.seq,
+        at: Some(timestamp_to_wire(e.at)),
+        action: e.action.as_str().to_string(),
+        principal: e.principal.clone(),
+        roles: e.roles.clone(),
+        namespace: e.namespace.clone().unwrap_or_default(),
+        reason: e.reason.clone().unwrap_or_default(),
+        incident_id: e.incident_id.clone().unwrap_or_default(),
+        request_id: e.request_id.clone().unwrap_or_default(),
+        activation_ids: e.activation_ids.clone(),
+        detail: e.detail.clone(),
+        revision: e.revision,
+        prev_hash: e.prev_hash.clone(),
+        hash: e.hash.clone(),
+        state_digest: e.state_digest.clone().unwrap_or_default(),
+        key_id: e.key_id.clone(),
+        signature: e.signature.clone(),
+        change_id: e.change_id.clone().unwrap_or_default(),
+    }
+}

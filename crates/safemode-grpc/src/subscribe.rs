@@ -1,0 +1,376 @@
+//! `safemode.v1.SubscriptionService`: one bidirectional stream per subscriber.
+//!
+//! The client says hello; the server sends the current snapshot at once,
+//! every newer one, and heartbeats; the client acks or rejects each snapshot.
+//! The server side of a stream is one future that selects over the namespace
+//! watch, the client's messages, the heartbeat timer and shutdown, so a
+//! stream costs no task of its own.
+//!
+//! Everything sent is signed with the replica's key: snapshots once per
+//! revision and channel ([`SnapshotCache`]), heartbeats once per channel and
+//! revision per tick ([`HeartbeatCache`]). A signed heartbeat follows every
+//! snapshot at once (while the follower keeps up), because clients count
+//! only a signed, newer heartbeat as proof that their policy is current: a
+//! snapshot can be replayed, a heartbeat's time cannot be moved.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures_util::Stream;
+use tokio::time::{Instant, Interval, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, warn};
+
+use super::fanout::subscription_service_server::SubscriptionService;
+use super::limits::{StreamCounter, StreamSlot};
+use super::outbound::{HeartbeatCache, Outbound, SnapshotCache};
+use super::{Credential, StreamConfig, authorize, invalid, invalid_name, principal, status};
+use safemode_controller::auth::Operation;
+use safemode_controller::{Controller, Subscription};
+use safemode_policy::{Channel, Namespace, Revision};
+use safemode_signing::SigningKey;
+use safemode_wire::proto::subscribe_request::Message as Inbound;
+use safemode_wire::{self as wire, proto};
+
+/// The subscription service.
+pub struct SubscriptionApi {
+    controller: Arc<Controller>,
+    config: StreamConfig,
+    /// Snapshots encoded once per revision and channel, for every stream.
+    snapshots: Arc<SnapshotCache>,
+    /// Open streams, against the configured limits.
+    streams: Arc<StreamCounter>,
+    /// Heartbeats signed once per channel and revision per tick.
+    heartbeats: Arc<HeartbeatCache>,
+}
+
+impl SubscriptionApi {
+    /// The service over `controller`.
+    pub fn new(controller: Arc<Controller>, config: StreamConfig) -> Self {
+        SubscriptionApi {
+            heartbeats: Arc::new(HeartbeatCache::new(config.heartbeat)),
+            controller,
+            streams: StreamCounter::new(config.limits),
+            config,
+            snapshots: Arc::default(),
+        }
+    }
+}
+
+/// The longest reject reason kept, in bytes (longer ones are cut at a
+/// character boundary): status pages hold up to thousands of subscribers,
+/// each with its reason, and must stay far below 4 MiB.
+const MAX_REASON_BYTES: usize = 256;
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<Outbound, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl SubscriptionService for SubscriptionApi {
+    type SubscribeStream = ResponseStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<Streaming<proto::SubscribeRequest>>,
+    ) -> Result<Response<ResponseStream>, Status> {
+        let credential = request.extensions().get::<Credential>().cloned();
+        let mut actor = principal(&request)?;
+        let peer = request
+            .remote_addr()
+            .map_or_else(|| "unknown".to_string(), |a| a.to_string());
+        // A stream holds a place from the start (its hello may take a
+        // while): one token, one connection, or everyone together can hold
+        // only so many.
+        let slot = self.streams.admit(
+            credential
+                .as_ref()
+                .map_or(actor.name.as_str(), |c| c.sha256.as_str()),
+            &peer,
+        )?;
+        let mut inbound = request.into_inner();
+        let hello = match tokio::time::timeout(self.config.hello_timeout, inbound.message()).await {
+            Err(_) => {
+                return Err(Status::deadline_exceeded(format!(
+                    "no hello within {:?}; send a Hello first",
+                    self.config.hello_timeout
+                )));
+            }
+            Ok(Err(status)) => return Err(status),
+            Ok(Ok(None)) => return Err(Status::cancelled("stream closed before the hello")),
+            Ok(Ok(Some(proto::SubscribeRequest {
+                message: Some(Inbound::Hello(hello)),
+            }))) => hello,
+            Ok(Ok(Some(_))) => return Err(invalid("message", "the first message must be a Hello")),
+        };
+        let namespace =
+            Namespace::parse(&hello.namespace).map_err(invalid_name("hello.namespace"))?;
+        let channel = Channel::parse(&hello.channel).map_err(invalid_name("hello.channel"))?;
+        let id = hello.subscriber_id.trim();
+        wire::check_subscriber_id(id).map_err(|e| invalid("hello.subscriber_id", e))?;
+        if hello.last_applied_revision < 0 {
+            return Err(invalid("hello.last_applied_revision", "must be 0 or more"));
+        }
+        // The token may have been revoked while the hello was awaited.
+        if let Some(credential) = &credential {
+            actor = credential.current()?;
+        }
+        let what = format!("subscribe to {channel}");
+        authorize(
+            &self.controller,
+            &actor,
+            Operation::Subscribe,
+            Some(&namespace),
+            &what,
+        )
+        .await?;
+        // Only whoever may change a namespace makes this replica follow
+        // it at will; a subscriber-only token can never squat the bound.
+        let may_change = actor.may(Operation::Change, Some(&namespace)).is_ok();
+        self.controller
+            .check_follow(&namespace, may_change)
+            .await
+            .map_err(status)?;
+        let subscription = self
+            .controller
+            .subscribe(
+                &namespace,
+                channel,
+                id.to_string(),
+                peer,
+                hello.last_applied_revision,
+                &hello.epoch,
+            )
+            .await
+            .map_err(status)?;
+        debug!(%namespace, %channel, subscriber = id, "subscriber connected");
+        let session = Session::new(
+            subscription,
+            inbound,
+            &self.config,
+            self.controller.shutdown_token().clone(),
+            Signer {
+                namespace: namespace.clone(),
+                epoch: self.controller.epoch().to_string(),
+                key: self.controller.signing_key().clone(),
+                snapshots: self.snapshots.clone(),
+                heartbeats: self.heartbeats.clone(),
+            },
+        )
+        .revoked_with(credential, namespace)
+        .holding(slot);
+        Ok(Response::new(Box::pin(session.into_stream())))
+    }
+}
+
+/// What a stream signs with, and the caches that share the signatures.
+struct Signer {
+    namespace: Namespace,
+    /// The store epoch snapshots are sent in.
+    epoch: String,
+    key: SigningKey,
+    snapshots: Arc<SnapshotCache>,
+    heartbeats: Arc<HeartbeatCache>,
+}
+
+/// The server side of one stream.
+struct Session {
+    subscription: Subscription,
+    inbound: Streaming<proto::SubscribeRequest>,
+    heartbeat: Interval,
+    shutdown: CancellationToken,
+    signer: Signer,
+    /// Newest revision sent; `None` until the first snapshot.
+    sent: Option<Revision>,
+    /// A heartbeat is due at once (a snapshot was just sent).
+    beat_now: bool,
+    /// The stream ends after the next item.
+    ending: bool,
+    /// The caller's token and namespace: the stream ends when the token is
+    /// revoked (`None`: a server without tokens).
+    credential: Option<(Credential, Namespace)>,
+    /// The stream's place under the stream limits, freed when it ends.
+    slot: Option<StreamSlot>,
+}
+
+impl Session {
+    fn new(
+        subscription: Subscription,
+        inbound: Streaming<proto::SubscribeRequest>,
+        config: &StreamConfig,
+        shutdown: CancellationToken,
+        signer: Signer,
+    ) -> Self {
+        let mut heartbeat =
+            tokio::time::interval_at(Instant::now() + config.heartbeat, config.heartbeat);
+        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        Session {
+            subscription,
+            inbound,
+            heartbeat,
+            shutdown,
+            signer,
+            sent: None,
+            beat_now: false,
+            ending: false,
+            credential: None,
+            slot: None,
+        }
+    }
+
+    /// Ends the stream once `credential`'s token is revoked or may no
+    /// longer subscribe to `namespace`.
+    fn revoked_with(mut self, credential: Option<Credential>, namespace: Namespace) -> Self {
+        self.credential = credential.map(|c| (c, namespace));
+        self
+    }
+
+    /// Keeps `slot` for as long as the stream lives.
+    fn holding(mut self, slot: StreamSlot) -> Self {
+        self.slot = Some(slot);
+        self
+    }
+
+    fn into_stream(self) -> impl Stream<Item = Result<Outbound, Status>> {
+        futures_util::stream::unfold(self, |mut session| async move {
+            if session.ending {
+                return None;
+            }
+            let item = session.next().await?;
+            session.ending = item.is_err();
+            Some((item, session))
+        })
+    }
+
+    /// The next message to send; `None` ends the stream quietly.
+    async fn next(&mut self) -> Option<Result<Outbound, Status>> {
+        if self.sent.is_none() {
+            return Some(Ok(self.snapshot()));
+        }
+        if std::mem::take(&mut self.beat_now)
+            && let Some(beat) = self.beat()
+        {
+            return Some(Ok(beat));
+        }
+        loop {
+            tokio::select! {
+                biased;
+                () = self.shutdown.cancelled() => {
+                    return Some(Err(Status::unavailable("the controller is shutting down; reconnect")));
+                }
+                // Before anything else is sent: a revoked token gets nothing.
+                status = revoked(&mut self.credential) => return Some(Err(status)),
+                changed = self.subscription.views.changed() => {
+                    if changed.is_err() {
+                        return Some(Err(Status::unavailable("namespace follower stopped; reconnect")));
+                    }
+                    let revision = self.subscription.views.borrow().revision;
+                    if Some(revision) > self.sent {
+                        return Some(Ok(self.snapshot()));
+                    }
+                }
+                message = self.inbound.message() => match message {
+                    Ok(Some(message)) => {
+                        if let Err(status) = self.receive(message) {
+                            return Some(Err(status));
+                        }
+                    }
+                    // The client closed its side, or the connection broke.
+                    Ok(None) | Err(_) => return None,
+                },
+                _ = self.heartbeat.tick() => {
+                    if let Some(beat) = self.beat() {
+                        return Some(Ok(beat));
+                    }
+                }
+            }
+        }
+    }
+
+    /// A signed heartbeat at the revision this replica holds (a client
+    /// behind it knows it is stale). A heartbeat says "your policy is
+    /// current": only while the follower keeps up with the store (`None`
+    /// otherwise), and never before the first snapshot.
+    fn beat(&self) -> Option<Outbound> {
+        if !self.subscription.health.is_healthy() {
+            return None;
+        }
+        self.sent?;
+        let revision = self.subscription.views.borrow().revision;
+        let signer = &self.signer;
+        Some(Outbound::Encoded(signer.heartbeats.get(
+            &signer.namespace,
+            self.subscription.channel,
+            revision,
+            &signer.epoch,
+            &signer.key,
+        )))
+    }
+
+    /// The snapshot of the newest view for this stream's channel.
+    fn snapshot(&mut self) -> Outbound {
+        let view = self.subscription.views.borrow_and_update().clone();
+        let channel = self.subscription.channel;
+        let signer = &self.signer;
+        let make = || super::convert::snapshot_to_wire(&view, view.channel(channel), &signer.epoch);
+        let encoded = match self.subscription.start_over_from.take() {
+            // Signed for this stream alone: it names the revision this
+            // subscriber claimed, so it replaces only that.
+            Some(claimed) => {
+                let mut snapshot = make();
+                snapshot.start_over_from = claimed;
+                super::outbound::encode_signed(snapshot, &signer.key)
+            }
+            // Converted, encoded and signed by the first stream of the
+            // channel to send this revision; the others share the bytes.
+            None => signer.snapshots.get(&view, channel, &signer.key, make),
+        };
+        self.sent = Some(view.revision);
+        self.subscription.registration.sent(view.revision);
+        self.heartbeat.reset();
+        self.beat_now = true;
+        Outbound::Encoded(encoded)
+    }
+
+    fn receive(&mut self, message: proto::SubscribeRequest) -> Result<(), Status> {
+        let registration = &self.subscription.registration;
+        match message.message {
+            Some(Inbound::Ack(ack)) => registration
+                .acked(ack.revision)
+                .map_err(|e| invalid("ack.revision", e)),
+            Some(Inbound::Reject(reject)) => {
+                // Shown in status on a terminal: no control characters.
+                let mut reason: String = reject
+                    .reason
+                    .trim()
+                    .chars()
+                    .map(|c| if c.is_control() { ' ' } else { c })
+                    .scan(0, |bytes, c| {
+                        *bytes += c.len_utf8();
+                        (*bytes <= MAX_REASON_BYTES).then_some(c)
+                    })
+                    .collect();
+                if reason.is_empty() {
+                    reason = "no reason given".to_string();
+                }
+                warn!(revision = reject.revision, %reason, "subscriber rejected a snapshot");
+                registration
+                    .rejected(reject.revision, reason)
+                    .map_err(|e| invalid("reject.revision", e))
+            }
+            Some(Inbound::Hello(_)) => Err(invalid(
+                "message",
+                "hello was already received on this stream",
+            )),
+            None => Err(invalid("message", "empty message")),
+        }
+    }
+}
+
+/// Resolves, with the status to end the stream with, when the stream's
+/// token is revoked or may no longer subscribe; never without tokens.
+async fn revoked(credential: &mut Option<(Credential, Namespace)>) -> Status {
+    match credential {
+        Some((credential, namespace)) => credential.revoked(Operation::Subscribe, namespace).await,
+        None => std::future::pending().await,
+    }
+}
