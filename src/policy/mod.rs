@@ -7,6 +7,7 @@ pub mod activation;
 pub mod compile;
 pub mod decide;
 pub mod effect;
+pub mod located;
 pub mod mode;
 pub mod mode_file;
 pub mod names;
