@@ -18,10 +18,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::Deserialize;
-use serde_saphyr::Spanned;
+use serde_saphyr::{Location, Spanned};
 use sha2::{Digest, Sha256};
 
 use safemode_policy::Namespace;
+use safemode_policy::located::LocatedError;
 
 /// A role a principal holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -210,7 +211,8 @@ pub enum TokensError {
         /// Why.
         source: std::io::Error,
     },
-    /// An entry is wrong.
+    /// An entry is wrong: a [`LocatedError`], as mode and runbook files
+    /// report theirs.
     #[error("{file}:{line}:{column}: {message}")]
     Invalid {
         /// The file.
@@ -233,6 +235,28 @@ pub enum TokensError {
     },
 }
 
+impl From<LocatedError> for TokensError {
+    fn from(e: LocatedError) -> Self {
+        TokensError::Invalid {
+            file: e.file,
+            line: e.line.into(),
+            column: e.column.into(),
+            message: e.message,
+        }
+    }
+}
+
+/// An entry that is wrong, its message without the bearer tokens it quotes:
+/// errors quote the text they trip on, which may be a token pasted where its
+/// hash belongs, and the error goes to logs.
+fn invalid_entry(e: LocatedError) -> TokensError {
+    LocatedError {
+        message: redact_tokens(&e.message),
+        ..e
+    }
+    .into()
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TokenSpec {
@@ -250,14 +274,8 @@ pub struct Tokens {
 impl Tokens {
     /// Parses tokens file text; `file` names it in errors.
     pub fn parse(file: &str, text: &str) -> Result<Tokens, TokensError> {
-        let invalid = |line: u64, column: u64, message: String| TokensError::Invalid {
-            file: file.to_string(),
-            line,
-            column,
-            // Errors quote the text they trip on, which may be a token
-            // pasted where its hash belongs; the error goes to logs.
-            message: redact_tokens(&message),
-        };
+        let invalid =
+            |at: Location, message: String| invalid_entry(LocatedError::new(file, at, message));
         if text
             .lines()
             .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
@@ -265,36 +283,26 @@ impl Tokens {
             return Ok(Tokens::default());
         }
         let options = safemode_policy::mode_file::yaml_options();
-        let specs: Vec<TokenSpec> =
-            serde_saphyr::from_str_with_options(text, options).map_err(|e| {
-                let (line, column) = e.location().map_or((1, 1), |l| (l.line(), l.column()));
-                // Reworded as for mode files: without a second position.
-                let message = safemode_policy::mode_file::library_message(&e.to_string());
-                invalid(line, column, message)
-            })?;
+        let specs: Vec<TokenSpec> = serde_saphyr::from_str_with_options(text, options)
+            .map_err(|e| invalid_entry(LocatedError::from_yaml(file, &e)))?;
         let mut by_hash = HashMap::new();
         for spec in specs {
             let name = principal_name(&spec.principal.value).map_err(|rule| {
-                let l = spec.principal.referenced;
                 let shown: String = spec.principal.value.trim().chars().take(64).collect();
                 invalid(
-                    l.line(),
-                    l.column(),
+                    spec.principal.referenced,
                     format!("bad principal '{}': {rule}", shown.escape_debug()),
                 )
             })?;
             if spec.roles.value.is_empty() {
-                let l = spec.roles.referenced;
                 return Err(invalid(
-                    l.line(),
-                    l.column(),
+                    spec.roles.referenced,
                     "a token needs at least one role".into(),
                 ));
             }
             let mut roles = Vec::new();
             for role in &spec.roles.value {
-                let parsed = Role::parse(&role.value)
-                    .map_err(|m| invalid(role.referenced.line(), role.referenced.column(), m))?;
+                let parsed = Role::parse(&role.value).map_err(|m| invalid(role.referenced, m))?;
                 if !roles.contains(&parsed) {
                     roles.push(parsed);
                 }
@@ -304,18 +312,13 @@ impl Tokens {
             let l = spec.sha256.referenced;
             if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(invalid(
-                    l.line(),
-                    l.column(),
+                    l,
                     "sha256 must be 64 hex digits, as `safemode token create` prints".into(),
                 ));
             }
             let principal = Arc::new(Principal { name, roles });
             if by_hash.insert(hash, principal).is_some() {
-                return Err(invalid(
-                    l.line(),
-                    l.column(),
-                    "this token is listed twice".into(),
-                ));
+                return Err(invalid(l, "this token is listed twice".into()));
             }
         }
         Ok(Tokens { by_hash })
@@ -473,12 +476,8 @@ fn read_file(path: &Path) -> Result<Vec<u8>, TokensError> {
 /// The tokens in `bytes`, read from `path`: at least one.
 fn parse_file(path: &Path, bytes: &[u8]) -> Result<Tokens, TokensError> {
     let name = path.display().to_string();
-    let text = std::str::from_utf8(bytes).map_err(|e| TokensError::Invalid {
-        file: name.clone(),
-        line: 1,
-        column: 1,
-        message: format!("not UTF-8 text: {e}"),
-    })?;
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| LocatedError::at_start(name.as_str(), format!("not UTF-8 text: {e}")))?;
     let tokens = Tokens::parse(&name, text)?;
     if tokens.is_empty() {
         return Err(TokensError::Empty { path: name });

@@ -10,9 +10,10 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::located::LocatedError;
 use crate::{
-    Expectations, Mode, ModeCatalog, ModeFileError, Runbook, RunbookCatalog, RunbookFileError,
-    parse_mode, parse_runbook, parse_runbook_checking,
+    Expectations, Mode, ModeCatalog, Runbook, RunbookCatalog, parse_mode, parse_runbook,
+    parse_runbook_checking,
 };
 
 include!(concat!(env!("OUT_DIR"), "/standard_modes.rs"));
@@ -31,14 +32,14 @@ pub enum CatalogError {
     },
     /// One or more files are invalid; each error has file, line and column.
     #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
-    Invalid(Vec<ModeFileError>),
+    Invalid(Vec<LocatedError>),
     /// The directory holds no mode files.
     #[error("{0} holds no *.yaml mode files")]
     Empty(String),
     /// One or more runbook files are invalid; each error has file, line and
     /// column.
     #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
-    InvalidRunbooks(Vec<RunbookFileError>),
+    InvalidRunbooks(Vec<LocatedError>),
     /// The directory holds no runbook files.
     #[error("{0} holds no *.yaml runbook files")]
     NoRunbooks(String),
@@ -117,12 +118,10 @@ pub fn load_modes_dir(dir: &Path) -> Result<ModeCatalog, CatalogError> {
     // File stems in one directory are unique, so names are too, except for
     // `x.yaml` beside `x.yml`.
     ModeCatalog::new(modes).map_err(|dup| {
-        CatalogError::Invalid(vec![ModeFileError {
-            file: dir.display().to_string(),
-            line: 1,
-            column: 1,
-            message: dup.to_string(),
-        }])
+        CatalogError::Invalid(vec![LocatedError::at_start(
+            dir.display().to_string(),
+            dup.to_string(),
+        )])
     })
 }
 
@@ -294,12 +293,10 @@ pub fn load_runbooks_dir_checking(
     }
     // Only `x.yaml` beside `x.yml` can share a name.
     RunbookCatalog::new(runbooks).map_err(|dup| {
-        CatalogError::InvalidRunbooks(vec![RunbookFileError {
-            file: dir.display().to_string(),
-            line: 1,
-            column: 1,
-            message: dup.to_string(),
-        }])
+        CatalogError::InvalidRunbooks(vec![LocatedError::at_start(
+            dir.display().to_string(),
+            dup.to_string(),
+        )])
     })
 }
 
@@ -373,11 +370,14 @@ impl Lint {
         for path in files {
             if let Some(mode) = self.mode_file(&path) {
                 if modes.iter().any(|m| m.name == mode.name) {
-                    self.errors.push(format!(
-                        "{}:1:1: mode '{}' is defined twice; every mode needs its own name",
-                        path.display(),
-                        mode.name
-                    ));
+                    let twice = LocatedError::at_start(
+                        path.display().to_string(),
+                        format!(
+                            "mode '{}' is defined twice; every mode needs its own name",
+                            mode.name
+                        ),
+                    );
+                    self.errors.push(twice.to_string());
                     continue;
                 }
                 modes.push(mode);
@@ -411,11 +411,14 @@ impl Lint {
         for path in files {
             if let Some(runbook) = self.runbook_file(&path, modes) {
                 if names.contains(&runbook.name.to_string()) {
-                    self.errors.push(format!(
-                        "{}:1:1: runbook '{}' is defined twice; every incident type needs its own runbook",
-                        path.display(),
-                        runbook.name
-                    ));
+                    let twice = LocatedError::at_start(
+                        path.display().to_string(),
+                        format!(
+                            "runbook '{}' is defined twice; every incident type needs its own runbook",
+                            runbook.name
+                        ),
+                    );
+                    self.errors.push(twice.to_string());
                 }
                 names.push(runbook.name.to_string());
             }

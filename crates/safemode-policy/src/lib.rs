@@ -11,6 +11,7 @@ pub mod catalog;
 pub mod compile;
 pub mod decide;
 pub mod effect;
+pub mod located;
 pub mod mode;
 pub mod mode_file;
 pub mod names;

@@ -1,9 +1,10 @@
 //! Reading mode definitions from YAML text (`runbooks/modes/<name>.yaml`).
 //!
-//! Parsing is pure: callers hand in the file's name and text. Every error
-//! carries the file, line and column of the offending value, whether the YAML
-//! is malformed, a field is unknown, or a value makes no sense (an unknown
-//! action, a confidence above 1, a route back to its own channel).
+//! Parsing is pure: callers hand in the file's name and text. Every error is
+//! a [`LocatedError`] at the file, line and column of the offending value,
+//! whether the YAML is malformed, a field is unknown, or a value makes no
+//! sense (an unknown action, a confidence above 1, a route back to its own
+//! channel).
 
 use std::fmt;
 use std::sync::Arc;
@@ -13,64 +14,33 @@ use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_saphyr::{Location, Spanned};
 
 use super::effect::{Deny, Effect, ReadOnly, Review, Route, StepUp, Throttle};
+use super::located::LocatedError;
 use super::mode::{Condition, Mode, ModeName, Rule};
 use super::names::{ActionSelector, ChannelSet, MethodSet, NameError, validate_label};
 
 /// A mode file that could not be read, with where and why.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{file}:{line}:{column}: {message}")]
-pub struct ModeFileError {
-    /// The file as the caller named it.
-    pub file: String,
-    /// 1-based line.
-    pub line: u32,
-    /// 1-based column.
-    pub column: u32,
-    /// What is wrong and what to do.
-    pub message: String,
-}
+pub type ModeFileError = LocatedError;
 
 /// Parses the mode called `name` (the file's stem) from `text`; `file` names
 /// the file in errors.
 pub fn parse_mode(file: &str, name: &str, text: &str) -> Result<Mode, ModeFileError> {
-    let at = |loc: Location, message: String| ModeFileError {
-        file: file.to_string(),
-        line: loc.line() as u32,
-        column: loc.column() as u32,
-        message,
-    };
-    let name = ModeName::parse(name).map_err(|e| ModeFileError {
-        file: file.to_string(),
-        line: 1,
-        column: 1,
-        message: format!("the file name must be the mode's name: {e}"),
+    let name = ModeName::parse(name).map_err(|e| {
+        LocatedError::at_start(file, format!("the file name must be the mode's name: {e}"))
     })?;
     let blank = |line: &str| {
         let line = line.trim();
         line.is_empty() || line.starts_with('#')
     };
     if text.lines().all(blank) {
-        return Err(ModeFileError {
-            file: file.to_string(),
-            line: 1,
-            column: 1,
-            message: "the file is empty; a mode needs a title, a summary and rules".into(),
-        });
+        return Err(LocatedError::at_start(
+            file,
+            "the file is empty; a mode needs a title, a summary and rules",
+        ));
     }
-    let spec: ModeSpec =
-        serde_saphyr::from_str_with_options(text, yaml_options()).map_err(|e| {
-            let (line, column) = e
-                .location()
-                .map(|l| (l.line() as u32, l.column() as u32))
-                .unwrap_or((1, 1));
-            ModeFileError {
-                file: file.to_string(),
-                line,
-                column,
-                message: library_message(&e.to_string()),
-            }
-        })?;
-    spec.into_mode(name).map_err(|(loc, msg)| at(loc, msg))
+    let spec: ModeSpec = serde_saphyr::from_str_with_options(text, yaml_options())
+        .map_err(|e| LocatedError::from_yaml(file, &e))?;
+    spec.into_mode(name)
+        .map_err(|(at, message)| LocatedError::new(file, at, message))
 }
 
 /// How deep a safemode YAML file may nest (maps and lists). The deepest
@@ -87,37 +57,6 @@ pub fn yaml_options() -> serde_saphyr::Options {
     let mut budget = serde_saphyr::Budget::default();
     budget.max_depth = MAX_YAML_DEPTH;
     serde_saphyr::options! { budget: Some(budget) }
-}
-
-/// The YAML library's message, reworded for a person editing a mode file:
-/// without the position (we print our own) or the source excerpt, and without
-/// advice about the library's options.
-pub fn library_message(raw: &str) -> String {
-    let first = raw
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .trim_start_matches("error: ");
-    let mut message = match first.strip_prefix("line ") {
-        Some(rest) => rest.split_once(": ").map_or(first, |(_, m)| m),
-        None => first,
-    };
-    if let Some(at) = message.find(" at line ") {
-        message = &message[..at];
-    }
-    if message.starts_with("budget breached: Depth") {
-        return format!(
-            "nested deeper than {MAX_YAML_DEPTH} levels of maps and lists, which no valid file needs; check the indentation and brackets here"
-        );
-    }
-    let message = message.replace(
-        ", set DuplicateKeyPolicy in Options if acceptable",
-        "; each key may appear once",
-    );
-    match message.strip_suffix(", expected one of ") {
-        Some(field) => format!("{field}; this takes no fields"),
-        None => message,
-    }
 }
 
 type Invalid = (Location, String);

@@ -2,10 +2,10 @@
 //!
 //! Parsing is pure: callers hand in the file's name, its text and the mode
 //! catalogue its stages draw on. Unlike a mode file, a runbook reports every
-//! error it has, each at the line and column of the offending value: an SRE
-//! linting a runbook before a drill should see the whole list at once. Only
-//! malformed YAML stops at its first error, because nothing after it can be
-//! read.
+//! error it has, each a [`LocatedError`] (as a mode file's is) at the line
+//! and column of the offending value: an SRE linting a runbook before a drill
+//! should see the whole list at once. Only malformed YAML stops at its first
+//! error, because nothing after it can be read.
 //!
 //! serde's derived `Deserialize` stops at the first unknown field or bad
 //! value, so the file is first read into a tree of [`Spanned`] YAML nodes (the
@@ -23,8 +23,8 @@ use serde_saphyr::{Location, Spanned};
 
 use super::decide::Context;
 use super::effect::EffectKind;
+use super::located::LocatedError;
 use super::mode::{ModeCatalog, ModeName};
-use super::mode_file::library_message;
 use super::names::{Action, Channel, ChannelSet, MethodSet, validate_label};
 use super::runbook::{Expectation, Runbook, RunbookName, Severity, Stage, StageMode};
 
@@ -33,18 +33,7 @@ use super::runbook::{Expectation, Runbook, RunbookName, Severity, Stage, StageMo
 pub const DEFAULT_APPLY_WITHIN: Duration = Duration::from_secs(5);
 
 /// A runbook file that could not be read, with where and why.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{file}:{line}:{column}: {message}")]
-pub struct RunbookFileError {
-    /// The file as the caller named it.
-    pub file: String,
-    /// 1-based line.
-    pub line: u32,
-    /// 1-based column.
-    pub column: u32,
-    /// What is wrong and what to do.
-    pub message: String,
-}
+pub type RunbookFileError = LocatedError;
 
 /// Parses the runbook for incident type `name` (the file's stem) from
 /// `text`, checking its stages against `modes`; `file` names the file in
@@ -78,34 +67,22 @@ pub fn parse_runbook_checking(
     modes: &ModeCatalog,
     expectations: Expectations,
 ) -> Result<Runbook, Vec<RunbookFileError>> {
-    let error = |line: u32, column: u32, message: String| RunbookFileError {
-        file: file.to_string(),
-        line,
-        column,
-        message,
-    };
     let blank = |line: &str| {
         let line = line.trim();
         line.is_empty() || line.starts_with('#')
     };
     if text.lines().all(blank) {
-        return Err(vec![error(
-            1,
-            1,
-            "the file is empty; a runbook needs a title, a summary, owners, a review interval, exit criteria and stages".into(),
+        return Err(vec![LocatedError::at_start(
+            file,
+            "the file is empty; a runbook needs a title, a summary, owners, a review interval, exit criteria and stages",
         )]);
     }
     // `yes`, `no`, `on` and `off` stay text: only `true` and `false` are
     // booleans, so `owners: [no-reply]`-like slips cannot turn into `false`.
     let mut options = super::mode_file::yaml_options();
     options.strict_booleans = true;
-    let root: Node = serde_saphyr::from_str_with_options(text, options).map_err(|e| {
-        let (line, column) = e
-            .location()
-            .map(|l| (l.line() as u32, l.column() as u32))
-            .unwrap_or((1, 1));
-        vec![error(line, column, library_message(&e.to_string()))]
-    })?;
+    let root: Node = serde_saphyr::from_str_with_options(text, options)
+        .map_err(|e| vec![LocatedError::from_yaml(file, &e)])?;
 
     let mut checker = Checker {
         errors: Vec::new(),
@@ -126,9 +103,9 @@ pub fn parse_runbook_checking(
     let mut errors: Vec<RunbookFileError> = checker
         .errors
         .into_iter()
-        .map(|(at, message)| {
-            let (line, column) = at.map_or((1, 1), |l| (l.line() as u32, l.column() as u32));
-            error(line, column, message)
+        .map(|(at, message)| match at {
+            Some(at) => LocatedError::new(file, at, message),
+            None => LocatedError::at_start(file, message),
         })
         .collect();
     match runbook {
