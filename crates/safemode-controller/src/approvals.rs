@@ -5,20 +5,17 @@
 use jiff::Timestamp;
 use tracing::info;
 
-use super::change::ChangeId;
-use super::change::Plan;
-use super::incidents::{StagePlan, corrupt, event, incident_activations, stage};
-use super::modes::{
-    change, delete_activations, describe, draft, put_activations, record, shared_incident,
-};
+use super::change::{Act, ChangeId, Plan, Writes};
+use super::incidents::{StagePlan, incident_activations};
+use super::keys::NamespaceChange;
+use super::modes::{describe, shared_incident};
 use super::records::{
-    ChangeRequest, Incident, IncidentStatus, RequestId, RequestKind, RequestStatus,
+    ChangeRequest, IncidentStatus, RequestId, RequestKind, RequestStatus, TimelineEvent,
 };
-use super::{Controller, Error, Result};
+use super::{Controller, Error, Result, corrupt};
 use crate::audit::AuditAction;
 use crate::auth::Principal;
-use safemode_policy::{ActivationId, Change, Namespace, Reason, Revision};
-use safemode_store::{Compare, Op};
+use safemode_policy::{Change, Namespace, Reason, Revision};
 
 /// What an approval did.
 #[derive(Clone, Debug)]
@@ -78,10 +75,15 @@ impl Controller {
         let (found, _) = self.read_request(id).await?;
         let namespace = &found.namespace;
         let reason = &reason;
+        let act = &Act {
+            action: AuditAction::Approve,
+            actor,
+            namespace,
+            change_id: change_id.as_ref(),
+        };
         let (outcome, revision) = self
-            .commit_change(change("approve", &change_id), Some(namespace), |view| {
+            .commit_change(act, |view| {
                 Box::pin(async move {
-                    let view = view.expect("a namespace change has a view");
                     let at = Timestamp::now();
                     let (mut request, request_revision) = self.read_request(id).await?;
                     if !request.is_open(at) {
@@ -100,8 +102,7 @@ impl Controller {
                     let why = reason
                         .as_ref()
                         .map_or_else(|| request.reason.clone(), |r| r.as_str().to_string());
-                    let mut plan = Plan::answer(Ok(request.clone()));
-                    plan.at = at;
+                    let mut writes = Writes::new(at);
                     let audit_incident;
                     let done = match request.kind {
                         RequestKind::Lift => {
@@ -111,15 +112,9 @@ impl Controller {
                                 .filter(|a| request.activation_ids.contains(&a.id))
                                 .cloned()
                                 .collect();
-                            delete_activations(&mut plan, self, namespace, &lift);
+                            self.delete_activations(&mut writes, namespace, &lift);
                             audit_incident = shared_incident(&lift);
-                            plan.record = Some(record(
-                                AuditAction::Approve,
-                                actor,
-                                &why,
-                                at,
-                                lift.iter().map(|a| a.id.clone()),
-                            ));
+                            writes.record_namespace(lift.iter().map(|a| a.id.clone()));
                             if lift.is_empty() {
                                 "nothing was left to lift".to_string()
                             } else {
@@ -151,7 +146,7 @@ impl Controller {
                                     incident: incident_id.to_string(),
                                 })));
                             }
-                            incident.timeline.push(event(
+                            incident.timeline.push(TimelineEvent::new(
                                 at,
                                 "approved",
                                 actor,
@@ -171,75 +166,67 @@ impl Controller {
                                         roles: Vec::new(),
                                     };
                                     self.close(
-                                        &mut plan,
+                                        &mut writes,
                                         &mut incident,
                                         incident_revision,
                                         &staged,
                                         &requester,
                                         &request.reason,
-                                        at,
                                     );
+                                    // The namespace records the resolution
+                                    // as requested; the log, the approval.
+                                    writes.record_namespace_as(NamespaceChange {
+                                        action: AuditAction::Resolve,
+                                        principal: requester.name.clone(),
+                                        reason: request.reason.clone(),
+                                        at,
+                                        activation_ids: staged
+                                            .lift
+                                            .iter()
+                                            .map(|a| a.id.clone())
+                                            .collect(),
+                                        state: None,
+                                    });
                                     format!("resolved {}: {}", incident.id, staged.describe())
                                 }
                                 RequestKind::Move { severity } => {
-                                    let from = incident.severity;
-                                    let Some(runbook) =
-                                        self.runbooks().get(incident.runbook.as_str()).cloned()
-                                    else {
-                                        return Ok(Plan::answer(Err(Error::UnknownRunbook(
-                                            incident.runbook.to_string(),
-                                        ))));
+                                    // Staged as escalating stages it, for
+                                    // the requester's change.
+                                    let change = || {
+                                        let reason =
+                                            Reason::parse(&request.reason).map_err(|e| {
+                                                corrupt(
+                                                    &self.config.layout.request_key(&request.id),
+                                                    e,
+                                                )
+                                            })?;
+                                        Ok(Change {
+                                            principal: request.requested_by.clone(),
+                                            reason,
+                                            at,
+                                            incident_id: Some(incident.id.to_string()),
+                                        })
                                     };
-                                    let stage = match stage(&runbook, severity) {
-                                        Ok(stage) => stage,
-                                        Err(e) => return Ok(Plan::answer(Err(e))),
+                                    let staged = match self
+                                        .stage_move(&view, &incident, severity, change)?
+                                    {
+                                        Ok(staged) => staged,
+                                        Err(refusal) => return Ok(Plan::answer(Err(refusal))),
                                     };
-                                    let reason = Reason::parse(&request.reason).map_err(|e| {
-                                        corrupt(&self.config.layout.request_key(&request.id), e)
-                                    })?;
-                                    let change = Change {
-                                        principal: request.requested_by.clone(),
-                                        reason,
-                                        at,
-                                        incident_id: Some(incident.id.to_string()),
-                                    };
-                                    let existing = incident_activations(&view, &incident);
-                                    let staged = self.stage_plan(
-                                        &runbook,
-                                        stage,
-                                        incident.channels,
-                                        existing,
-                                        &change,
-                                    );
-                                    put_activations(&mut plan, self, namespace, &staged.apply);
-                                    delete_activations(&mut plan, self, namespace, &staged.lift);
-                                    incident.severity = severity;
-                                    incident.activation_ids = staged.activation_ids();
-                                    let moved = if severity < from {
-                                        "deescalated"
-                                    } else {
-                                        "escalated"
-                                    };
-                                    incident.timeline.push(event(
-                                        at,
-                                        moved,
-                                        actor,
+                                    let moved = self.move_incident(
+                                        &mut writes,
+                                        &mut incident,
+                                        incident_revision,
+                                        &staged,
                                         severity,
-                                        Some(&why),
-                                        Some(&request.id),
-                                    ));
-                                    self.put_incident(&mut plan, &incident, incident_revision);
-                                    plan.uses_catalog = true;
-                                    plan.record = Some(record(
-                                        AuditAction::Approve,
-                                        actor,
-                                        &why,
-                                        at,
-                                        incident.activation_ids.iter().cloned(),
-                                    ));
+                                        (actor, &why, Some(&request.id)),
+                                    );
+                                    writes
+                                        .record_namespace(incident.activation_ids.iter().cloned());
                                     format!(
-                                        "moved {} from {from} to {severity}: {}",
+                                        "moved {} from {} to {severity}: {}",
                                         incident.id,
+                                        moved.from,
                                         staged.describe()
                                     )
                                 }
@@ -252,18 +239,12 @@ impl Controller {
                         at,
                     };
                     let key = self.config.layout.request_key(&request.id);
-                    plan.compares.push(Compare::ModRevision {
-                        key: key.clone(),
-                        revision: request_revision,
-                    });
-                    plan.ops.push(Op::Put {
+                    writes.unchanged(key.clone(), request_revision);
+                    writes.put(
                         key,
-                        value: serde_json::to_vec(&request).expect("requests serialize"),
-                    });
-                    let mut audit = draft(
-                        AuditAction::Approve,
-                        actor,
-                        namespace,
+                        serde_json::to_vec(&request).expect("requests serialize"),
+                    );
+                    let mut audit = act.entry(
                         &why,
                         format!(
                             "approved {} requested by {}: {done}",
@@ -277,9 +258,7 @@ impl Controller {
                         .iter()
                         .map(ToString::to_string)
                         .collect();
-                    plan.audit = Some(audit);
-                    plan.outcome = Ok(request);
-                    Ok(plan)
+                    Ok(writes.audited(audit, Ok(request)))
                 })
             })
             .await?;
@@ -287,90 +266,4 @@ impl Controller {
         info!(request = %request.id, principal = %actor.name, revision, "request approved");
         Ok(ApproveOutcome { request, revision })
     }
-}
-
-/// A change that waits for a second approver instead of being carried out.
-pub(crate) struct ApprovalNeeded<'a> {
-    /// What approving it will do.
-    pub kind: RequestKind,
-    /// Where.
-    pub namespace: &'a Namespace,
-    /// Who asked.
-    pub actor: &'a Principal,
-    /// Why.
-    pub reason: &'a str,
-    /// The activations it will lift.
-    pub activation_ids: Vec<ActivationId>,
-    /// The incident it belongs to, and the revision its record was read at;
-    /// its timeline records the request.
-    pub incident: Option<(&'a mut Incident, Revision)>,
-    /// What it will do, for people ("lift freeze-... on all channels").
-    pub summary: String,
-}
-
-impl Controller {
-    /// Adds to `plan` a pending request for `needed` (and its audit entry,
-    /// and the incident's timeline event) in place of the change itself.
-    pub(crate) fn request_approval<T>(
-        &self,
-        plan: &mut Plan<T>,
-        needed: ApprovalNeeded<'_>,
-    ) -> ChangeRequest {
-        let at = plan.at;
-        let pending = ChangeRequest {
-            id: RequestId::random(),
-            namespace: needed.namespace.clone(),
-            kind: needed.kind,
-            incident_id: needed.incident.as_ref().map(|(i, _)| i.id.clone()),
-            activation_ids: needed.activation_ids,
-            requested_by: needed.actor.name.clone(),
-            reason: needed.reason.to_string(),
-            requested_at: at,
-            expires_at: expiry(at, self.config.request_ttl),
-            status: RequestStatus::Pending,
-            summary: needed.summary,
-        };
-        let key = self.config.layout.request_key(&pending.id);
-        plan.compares.push(Compare::ModRevision {
-            key: key.clone(),
-            revision: 0,
-        });
-        plan.ops.push(Op::Put {
-            key,
-            value: serde_json::to_vec(&pending).expect("requests serialize"),
-        });
-        let mut audit = draft(
-            AuditAction::Request,
-            needed.actor,
-            needed.namespace,
-            needed.reason,
-            format!("requested approval to {}", pending.summary),
-        );
-        audit.request_id = Some(pending.id.to_string());
-        audit.activation_ids = pending
-            .activation_ids
-            .iter()
-            .map(ToString::to_string)
-            .collect();
-        if let Some((incident, revision)) = needed.incident {
-            incident.timeline.push(event(
-                at,
-                "requested",
-                needed.actor,
-                incident.severity,
-                Some(needed.reason),
-                Some(&pending.id),
-            ));
-            self.put_incident(plan, incident, revision);
-            audit.incident_id = Some(incident.id.to_string());
-        }
-        plan.audit = Some(audit);
-        pending
-    }
-}
-
-/// When a request made at `at` expires.
-fn expiry(at: Timestamp, ttl: std::time::Duration) -> Timestamp {
-    at.saturating_add(jiff::SignedDuration::try_from(ttl).unwrap_or(jiff::SignedDuration::MAX))
-        .unwrap_or(Timestamp::MAX)
 }

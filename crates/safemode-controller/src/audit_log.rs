@@ -4,10 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use super::incidents::corrupt;
 use super::keys::NamespaceChange;
 use super::records::IncidentId;
-use super::{Controller, Error, Result};
+use super::{Controller, Error, Result, corrupt};
 use crate::audit::{
     self, AuditEntry, AuditHead, Findings, StoredEntry, StoredHead, StoredNamespace, StoredRecord,
 };

@@ -1,5 +1,8 @@
 //! The one way the controller writes. An operation prepares a [`Plan`] from
-//! the current state; [`Controller::commit`] turns it into one store
+//! the current state: its writes gathered in [`Writes`], which becomes a
+//! plan only with the audit entry that records them, or an answer that
+//! writes nothing. [`Controller::commit_change`] (an [`Act`] in a namespace)
+//! and [`Controller::commit`] (no namespace) turn it into one store
 //! transaction that also
 //!
 //! - checks the namespace has not moved since the plan was prepared (its meta
@@ -45,9 +48,13 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
 use super::keys::{Layout, NamespaceChange, NamespaceKey, NamespaceState};
-use super::{Controller, Error, NamespaceView, Result};
+use super::records::{
+    ChangeRequest, Incident, RequestId, RequestKind, RequestStatus, TimelineEvent,
+};
+use super::{Controller, Error, NamespaceHandle, NamespaceView, Result};
 use crate::audit::{self, AuditAction, AuditDraft, AuditEntry, AuditHead};
-use safemode_policy::{Activation, Namespace, Revision};
+use crate::auth::Principal;
+use safemode_policy::{Activation, ActivationId, Namespace, Revision};
 use safemode_store::{Compare, Op, Txn, TxnOutcome};
 
 /// How many times a change is prepared and tried before it gives up.
@@ -68,24 +75,180 @@ pub(crate) const CHANGE_WINDOW: u64 = 4;
 /// failover and deadline).
 pub(crate) const UNKNOWN_OUTCOMES: u32 = 3;
 
-/// What one change writes, prepared against one view of the state.
+/// What one change answers, and what it writes, prepared against one view of
+/// the state. A plan that writes is made only by [`Writes::audited`], which
+/// takes the audit entry: no plan carries writes without its entry.
 pub(crate) struct Plan<T> {
+    /// The writes and their audit entry; `None` when nothing is written.
+    write: Option<Audited>,
+    /// What the caller gets back.
+    outcome: T,
+}
+
+/// Writes together with the audit entry that records them.
+struct Audited {
     /// When the change happens (the audit entry's and records' time).
-    pub at: Timestamp,
-    /// Conditions beyond the namespace, audit and catalogue ones: records the
-    /// plan read (incidents, requests, activations) are unchanged.
-    pub compares: Vec<Compare>,
+    at: Timestamp,
+    /// Conditions beyond the namespace, audit and catalogue ones.
+    compares: Vec<Compare>,
     /// The writes.
-    pub ops: Vec<Op>,
+    ops: Vec<Op>,
     /// Recorded as the namespace's last change; `None` leaves the namespace
     /// as it is (a pending request, a refusal).
-    pub record: Option<NamespaceChange>,
+    record: Option<NamespaceChange>,
     /// Whether the change read the mode or runbook catalogue.
-    pub uses_catalog: bool,
-    /// The audit entry; `None` only when nothing is written.
-    pub audit: Option<AuditDraft>,
-    /// What the caller gets back.
-    pub outcome: T,
+    uses_catalog: bool,
+    /// The audit entry.
+    audit: AuditDraft,
+}
+
+/// What a change writes, gathered while it is prepared. It is not a plan:
+/// only [`Writes::audited`] turns it into one, with the audit entry that
+/// records it.
+pub(crate) struct Writes {
+    /// When the change happens (the audit entry's and records' time).
+    at: Timestamp,
+    /// Records the change read (incidents, requests, activations) are
+    /// unchanged, or absent.
+    compares: Vec<Compare>,
+    /// The writes.
+    ops: Vec<Op>,
+    /// How the namespace's last-change record is made, if the change makes
+    /// one.
+    record: Option<Recorded>,
+    /// Whether the change read the mode or runbook catalogue.
+    uses_catalog: bool,
+}
+
+/// How a namespace's last-change record is made.
+enum Recorded {
+    /// From the audit entry (its action, principal and reason), naming these
+    /// activations.
+    Audited(Vec<ActivationId>),
+    /// As given, when it is not the audit entry's (see
+    /// [`Writes::record_namespace_as`]).
+    As(NamespaceChange),
+}
+
+impl Writes {
+    /// Nothing yet, for a change at `at`.
+    pub fn new(at: Timestamp) -> Self {
+        Writes {
+            at,
+            compares: Vec::new(),
+            ops: Vec::new(),
+            record: None,
+            uses_catalog: false,
+        }
+    }
+
+    /// When the change happens.
+    pub fn at(&self) -> Timestamp {
+        self.at
+    }
+
+    /// The change commits only if `key` is still at `revision` (0: absent).
+    pub fn unchanged(&mut self, key: String, revision: Revision) {
+        self.compares.push(Compare::ModRevision { key, revision });
+    }
+
+    /// Writes `value` at `key`.
+    pub fn put(&mut self, key: String, value: Vec<u8>) {
+        self.ops.push(Op::Put { key, value });
+    }
+
+    /// Deletes `key`.
+    pub fn delete(&mut self, key: String) {
+        self.ops.push(Op::Delete { key });
+    }
+
+    /// The change read the mode or runbook catalogue: it commits only while
+    /// the catalogue is the one this replica serves.
+    pub fn uses_catalog(&mut self) {
+        self.uses_catalog = true;
+    }
+
+    /// Records the change as the namespace's last, by its audit entry's
+    /// action, principal and reason, naming `activations`.
+    pub fn record_namespace(&mut self, activations: impl IntoIterator<Item = ActivationId>) {
+        self.record = Some(Recorded::Audited(activations.into_iter().collect()));
+    }
+
+    /// Records the change as the namespace's last as `change` says, not as
+    /// its audit entry does. Only an approved resolution does this: the
+    /// namespace records the resolution that was requested (its action,
+    /// requester and reason), the log the approval.
+    pub fn record_namespace_as(&mut self, change: NamespaceChange) {
+        self.record = Some(Recorded::As(change));
+    }
+
+    /// The plan that writes all this, recorded by `audit`, and answers
+    /// `outcome`.
+    pub fn audited<T>(self, audit: AuditDraft, outcome: T) -> Plan<T> {
+        let record = self.record.map(|record| match record {
+            Recorded::As(change) => change,
+            Recorded::Audited(activation_ids) => NamespaceChange {
+                action: audit.action,
+                principal: audit.principal.clone(),
+                reason: audit.reason.clone().unwrap_or_default(),
+                at: self.at,
+                activation_ids,
+                // Filled in by `Controller::commit`, which knows the whole
+                // change.
+                state: None,
+            },
+        });
+        Plan {
+            write: Some(Audited {
+                at: self.at,
+                compares: self.compares,
+                ops: self.ops,
+                record,
+                uses_catalog: self.uses_catalog,
+                audit,
+            }),
+            outcome,
+        }
+    }
+}
+
+/// One change a principal makes in a namespace. Its audited action is named
+/// here once: it is the operation its change id is kept with, its audit
+/// entry's action ([`Act::entry`]) and, through that, the namespace's
+/// last-change record's.
+#[derive(Clone, Copy)]
+pub(crate) struct Act<'a> {
+    /// What the change is.
+    pub action: AuditAction,
+    /// Who makes it.
+    pub actor: &'a Principal,
+    /// Where.
+    pub namespace: &'a Namespace,
+    /// The caller's change id, if it gave one (a retry gives the same).
+    pub change_id: Option<&'a ChangeId>,
+}
+
+impl Act<'_> {
+    /// The change's audit entry: `detail` says what it did, for `reason`.
+    pub fn entry(&self, reason: &str, detail: String) -> AuditDraft {
+        self.entry_as(self.action, reason, detail)
+    }
+
+    /// An audit entry by this change's actor in its namespace, of `action`.
+    fn entry_as(&self, action: AuditAction, reason: &str, detail: String) -> AuditDraft {
+        AuditDraft {
+            action,
+            principal: self.actor.name.clone(),
+            roles: self.actor.role_names(),
+            namespace: Some(self.namespace.to_string()),
+            reason: Some(reason.to_string()),
+            incident_id: None,
+            request_id: None,
+            activation_ids: Vec::new(),
+            detail,
+            change_id: None,
+        }
+    }
 }
 
 /// The most characters of a change id.
@@ -278,14 +441,44 @@ impl<T> Plan<T> {
     /// confirms the view it was prepared from is current.
     pub fn answer(outcome: T) -> Self {
         Plan {
-            at: Timestamp::now(),
-            compares: Vec::new(),
-            ops: Vec::new(),
-            record: None,
-            uses_catalog: false,
-            audit: None,
+            write: None,
             outcome,
         }
+    }
+}
+
+/// What a change reads: one namespace, or none.
+trait Scope: Send + Sync {
+    /// What the change is prepared from.
+    type View: Send;
+    /// The namespace's handle, if the change is in one.
+    fn handle(&self) -> Option<&NamespaceHandle>;
+    /// The view to prepare from, and the namespace's view that the commit
+    /// checks is still current.
+    fn views(&self) -> (Self::View, Option<Arc<NamespaceView>>);
+}
+
+/// A change in no namespace (an audited refusal, a catalogue adopted).
+struct NoNamespace;
+
+impl Scope for NoNamespace {
+    type View = ();
+    fn handle(&self) -> Option<&NamespaceHandle> {
+        None
+    }
+    fn views(&self) -> ((), Option<Arc<NamespaceView>>) {
+        ((), None)
+    }
+}
+
+impl Scope for Arc<NamespaceHandle> {
+    type View = Arc<NamespaceView>;
+    fn handle(&self) -> Option<&NamespaceHandle> {
+        Some(self)
+    }
+    fn views(&self) -> (Arc<NamespaceView>, Option<Arc<NamespaceView>>) {
+        let view = NamespaceHandle::current(self);
+        (view.clone(), Some(view))
     }
 }
 
@@ -330,71 +523,87 @@ fn namespace_state(
 }
 
 impl Controller {
-    /// [`Controller::commit_change`] with a change id made for this call.
+    /// Prepares and commits a change in no namespace (an audited refusal, a
+    /// catalogue adopted), with a change id made for this call, retrying
+    /// from fresh state when a concurrent change wins.
     pub(crate) async fn commit<'a, T: Replay + Send + 'a>(
         &'a self,
-        namespace: Option<&Namespace>,
-        prepare: impl FnMut(Option<Arc<NamespaceView>>) -> BoxFuture<'a, Result<Plan<T>>> + Send,
+        mut prepare: impl FnMut() -> BoxFuture<'a, Result<Plan<T>>> + Send,
     ) -> Result<(T, Revision)> {
         let change = ChangeOf {
             operation: "internal",
             id: None,
         };
-        self.commit_change(change, namespace, prepare).await
+        self.commit_in(change, NoNamespace, move |()| prepare())
+            .await
     }
 
-    /// Prepares and commits a change, retrying from fresh state when a
-    /// concurrent change wins. `namespace` is the namespace the change reads
-    /// or writes (`None`: none, as for an audited refusal with no namespace).
-    /// Returns the outcome and the revision committed at (the namespace's
-    /// current revision when nothing was written). A change id that already
+    /// Prepares and commits `act`'s change in its namespace, retrying from
+    /// the namespace's fresh view when a concurrent change wins. Returns the
+    /// outcome and the revision committed at (the namespace's current
+    /// revision when nothing was written). A change id that already
     /// committed is answered with what it answered then (see the module
     /// doc).
     pub(crate) async fn commit_change<'a, T: Replay + Send + 'a>(
         &'a self,
-        change: ChangeOf<'_>,
-        namespace: Option<&Namespace>,
-        mut prepare: impl FnMut(Option<Arc<NamespaceView>>) -> BoxFuture<'a, Result<Plan<T>>> + Send,
+        act: &Act<'_>,
+        prepare: impl FnMut(Arc<NamespaceView>) -> BoxFuture<'a, Result<Plan<T>>> + Send,
     ) -> Result<(T, Revision)> {
-        let handle = match namespace {
-            Some(namespace) => Some(self.namespace(namespace).await?),
-            None => None,
+        let change = ChangeOf {
+            operation: act.action.as_str(),
+            id: act.change_id,
         };
+        let handle = self.namespace(act.namespace).await?;
+        self.commit_in(change, handle, prepare).await
+    }
+
+    /// The loop behind [`Controller::commit`] and
+    /// [`Controller::commit_change`], for a change that reads `scope`.
+    async fn commit_in<'a, S: Scope, T: Replay + Send + 'a>(
+        &'a self,
+        change: ChangeOf<'_>,
+        scope: S,
+        mut prepare: impl FnMut(S::View) -> BoxFuture<'a, Result<Plan<T>>> + Send,
+    ) -> Result<(T, Revision)> {
         let id = change.id.cloned().unwrap_or_else(ChangeId::random);
         // A caller's id may have committed through another replica already.
         let mut maybe_committed = !id.fresh;
-        if maybe_committed
-            && let Some(done) = self.committed(change, &id, handle.as_deref()).await?
-        {
+        if maybe_committed && let Some(done) = self.committed(change, &id, scope.handle()).await? {
             return Ok(done);
         }
         let layout = &self.config.layout;
         let mut unknown = 0;
+        let mut last_namespace = None;
         for attempt in 0..COMMIT_ATTEMPTS {
-            let view = handle.as_ref().map(|h| h.current());
-            let plan = prepare(view.clone()).await?;
-            debug_assert!(
-                plan.ops.is_empty() || plan.audit.is_some(),
-                "a change that writes is audited"
-            );
-            let mut txn = Txn {
-                compares: plan.compares,
-                ops: plan.ops,
+            let (prepared_from, view) = scope.views();
+            let Plan { write, outcome } = prepare(prepared_from).await?;
+            let (at, compares, ops, record, uses_catalog, audit) = match write {
+                Some(w) => (
+                    w.at,
+                    w.compares,
+                    w.ops,
+                    w.record,
+                    w.uses_catalog,
+                    Some(w.audit),
+                ),
+                None => (Timestamp::now(), Vec::new(), Vec::new(), None, false, None),
             };
+            let mut txn = Txn { compares, ops };
             // The audit head first: the namespace's record names the entry.
-            let head = match plan.audit {
+            let head = match audit {
                 Some(_) => Some(self.audit_head().await?),
                 None => None,
             };
             let next_seq = head.as_ref().map_or(0, |(h, _)| h.seq + 1);
             let mut state_digest = None;
             if let Some(view) = &view {
+                last_namespace = Some(view.namespace.clone());
                 let meta_key = layout.meta_key(&view.namespace);
                 txn.compares.push(Compare::ModRevision {
                     key: meta_key.clone(),
                     revision: view.meta_revision,
                 });
-                if let Some(mut record) = plan.record.clone() {
+                if let Some(mut record) = record.clone() {
                     let state = namespace_state(layout, view, &txn.ops, next_seq);
                     state_digest = Some(state.digest.clone());
                     record.state = Some(state);
@@ -404,21 +613,20 @@ impl Controller {
                     });
                 }
             }
-            if plan.uses_catalog {
+            if uses_catalog {
                 txn.compares.push(Compare::ModRevision {
                     key: layout.catalog_key(),
                     revision: self.catalog_revision,
                 });
             }
             let mut appended = None;
-            if let (Some(mut draft), Some((head, head_revision))) = (plan.audit, head) {
+            if let (Some(mut draft), Some((head, head_revision))) = (audit, head) {
                 // A refusal is recorded in the log, never as a change that
                 // committed: it changes nothing and no caller retries it, and
                 // so it takes no place among the kept change records.
                 let keeps_record = draft.action != AuditAction::Refused;
                 draft.change_id = keeps_record.then(|| id.to_string());
-                let entry =
-                    AuditEntry::seal(draft, state_digest, &head, plan.at, self.signing_key());
+                let entry = AuditEntry::seal(draft, state_digest, &head, at, self.signing_key());
                 appended = Some((entry.seq, entry.action, entry.hash.clone()));
                 if let Some(old) = self.expiring_change(entry.seq).await? {
                     txn.ops.push(Op::Delete {
@@ -444,8 +652,8 @@ impl Controller {
                 let record = ChangeRecord {
                     operation: change.operation.to_string(),
                     seq: entry.seq,
-                    outcome: plan.outcome.kept(),
-                    revision: match (&view, plan.record.is_some()) {
+                    outcome: outcome.kept(),
+                    revision: match (&view, record.is_some()) {
                         (Some(view), false) => Some(view.revision),
                         _ => None,
                     },
@@ -466,15 +674,15 @@ impl Controller {
                     value: serde_json::to_vec(&entry.head()).expect("audit heads serialize"),
                 });
             }
-            let wrote = plan.record.is_some();
-            let outcome = match self.store.txn(txn).await {
+            let wrote = record.is_some();
+            let committed = match self.store.txn(txn).await {
                 Ok(outcome) => outcome,
                 Err(safemode_store::Error::Unavailable(why)) => {
                     // Perhaps applied: the change key says whether. Reading
                     // it fails over like every store call.
                     warn!(attempt, change_id = %id, %why, "a change's outcome is unknown; checking whether it committed");
                     maybe_committed = true;
-                    if let Some(done) = self.committed(change, &id, handle.as_deref()).await? {
+                    if let Some(done) = self.committed(change, &id, scope.handle()).await? {
                         return Ok(done);
                     }
                     unknown += 1;
@@ -489,43 +697,43 @@ impl Controller {
                 }
                 Err(other) => return Err(other.into()),
             };
-            match outcome {
+            match committed {
                 TxnOutcome::Committed { revision } => {
                     // Logs shipped elsewhere keep a copy of the chain's hashes.
                     if let Some((seq, action, hash)) = appended {
                         self.saw_audit_head(seq);
                         info!(seq, action = action.as_str(), %hash, revision, change_id = %id, "audit entry appended");
                     }
-                    if let (Some(handle), true) = (&handle, wrote) {
+                    if let (Some(handle), true) = (scope.handle(), wrote) {
                         self.await_visible(handle, revision).await;
                     }
                     let revision = match (&view, wrote) {
                         (Some(view), false) => view.revision,
                         _ => revision,
                     };
-                    return Ok((plan.outcome, revision));
+                    return Ok((outcome, revision));
                 }
                 TxnOutcome::CompareFailed { .. } => {
                     // An earlier attempt, or a client's earlier call, may
                     // be what moved the store.
                     if maybe_committed
-                        && let Some(done) = self.committed(change, &id, handle.as_deref()).await?
+                        && let Some(done) = self.committed(change, &id, scope.handle()).await?
                     {
                         return Ok(done);
                     }
                     debug!(attempt, "a concurrent change won; preparing again");
                     pause(attempt).await;
-                    if plan.uses_catalog {
+                    if uses_catalog {
                         self.check_catalog().await?;
                     }
-                    if let (Some(handle), Some(view)) = (&handle, &view) {
+                    if let (Some(handle), Some(view)) = (scope.handle(), &view) {
                         self.catch_up(handle, view).await?;
                     }
                 }
             }
         }
         Err(Error::Conflict(
-            namespace.cloned().unwrap_or_else(Namespace::live),
+            last_namespace.unwrap_or_else(Namespace::live),
         ))
     }
 
@@ -554,7 +762,7 @@ impl Controller {
         &self,
         change: ChangeOf<'_>,
         id: &ChangeId,
-        handle: Option<&super::NamespaceHandle>,
+        handle: Option<&NamespaceHandle>,
     ) -> Result<Option<(T, Revision)>> {
         let key = self.config.layout.change_key(id);
         let range = self.store.range(&key).await?;
@@ -721,7 +929,7 @@ impl Controller {
     /// After a lost race: waits (bounded) until this replica's view of the
     /// namespace has the meta revision the store has now, so the next plan is
     /// prepared from it.
-    async fn catch_up(&self, handle: &super::NamespaceHandle, view: &NamespaceView) -> Result<()> {
+    async fn catch_up(&self, handle: &NamespaceHandle, view: &NamespaceView) -> Result<()> {
         let key = self.config.layout.meta_key(&view.namespace);
         let range = self.store.range(&key).await?;
         let current = range
@@ -738,6 +946,132 @@ impl Controller {
         }
         Ok(())
     }
+}
+
+/// A change that waits for a second approver instead of being carried out.
+pub(crate) struct ApprovalNeeded<'a> {
+    /// What approving it will do.
+    pub kind: RequestKind,
+    /// Why.
+    pub reason: &'a str,
+    /// The activations it will lift.
+    pub activation_ids: Vec<ActivationId>,
+    /// The incident it belongs to, and the revision its record was read at;
+    /// its timeline records the request.
+    pub incident: Option<(&'a mut Incident, Revision)>,
+    /// What it will do, for people ("lift freeze-... on all channels").
+    pub summary: String,
+}
+
+/// The writes that operations share, on [`Writes`] (they need the key
+/// layout).
+impl Controller {
+    /// Puts new activations (each key must be absent).
+    pub(crate) fn put_activations(
+        &self,
+        writes: &mut Writes,
+        namespace: &Namespace,
+        activations: &[Activation],
+    ) {
+        for activation in activations {
+            let key = self.config.layout.activation_key(namespace, &activation.id);
+            writes.unchanged(key.clone(), 0);
+            writes.put(
+                key,
+                serde_json::to_vec(activation).expect("activations serialize"),
+            );
+        }
+    }
+
+    /// Deletes activations (each must be unchanged since it was read).
+    pub(crate) fn delete_activations(
+        &self,
+        writes: &mut Writes,
+        namespace: &Namespace,
+        activations: &[Arc<Activation>],
+    ) {
+        for activation in activations {
+            let key = self.config.layout.activation_key(namespace, &activation.id);
+            writes.unchanged(key.clone(), activation.revision);
+            writes.delete(key);
+        }
+    }
+
+    /// Writes `incident`, provided its record is still at `revision` (0: new).
+    pub(crate) fn put_incident(
+        &self,
+        writes: &mut Writes,
+        incident: &Incident,
+        revision: Revision,
+    ) {
+        let key = self.config.layout.incident_key(&incident.id);
+        writes.unchanged(key.clone(), revision);
+        writes.put(
+            key,
+            serde_json::to_vec(incident).expect("incidents serialize"),
+        );
+    }
+
+    /// Adds to `writes` a pending request for `needed` (and the incident's
+    /// timeline event) in place of `act`'s change itself. Returns the
+    /// request and the audit entry that records it.
+    pub(crate) fn request_approval(
+        &self,
+        act: &Act<'_>,
+        writes: &mut Writes,
+        needed: ApprovalNeeded<'_>,
+    ) -> (ChangeRequest, AuditDraft) {
+        let at = writes.at();
+        let pending = ChangeRequest {
+            id: RequestId::random(),
+            namespace: act.namespace.clone(),
+            kind: needed.kind,
+            incident_id: needed.incident.as_ref().map(|(i, _)| i.id.clone()),
+            activation_ids: needed.activation_ids,
+            requested_by: act.actor.name.clone(),
+            reason: needed.reason.to_string(),
+            requested_at: at,
+            expires_at: expiry(at, self.config.request_ttl),
+            status: RequestStatus::Pending,
+            summary: needed.summary,
+        };
+        let key = self.config.layout.request_key(&pending.id);
+        writes.unchanged(key.clone(), 0);
+        writes.put(
+            key,
+            serde_json::to_vec(&pending).expect("requests serialize"),
+        );
+        let mut audit = act.entry_as(
+            AuditAction::Request,
+            needed.reason,
+            format!("requested approval to {}", pending.summary),
+        );
+        audit.request_id = Some(pending.id.to_string());
+        audit.activation_ids = pending
+            .activation_ids
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        if let Some((incident, revision)) = needed.incident {
+            incident.timeline.push(TimelineEvent::new(
+                at,
+                "requested",
+                act.actor,
+                incident.severity,
+                Some(needed.reason),
+                Some(&pending.id),
+            ));
+            self.put_incident(writes, incident, revision);
+            audit.incident_id = Some(incident.id.to_string());
+        }
+        (pending, audit)
+    }
+}
+
+/// When a request made at `at` expires.
+fn expiry(at: Timestamp, ttl: Duration) -> Timestamp {
+    at.saturating_add(jiff::SignedDuration::try_from(ttl).unwrap_or(jiff::SignedDuration::MAX))
+        .unwrap_or(Timestamp::MAX)
 }
 
 /// Before another attempt: every change appends to the one audit chain, so

@@ -11,15 +11,12 @@ use std::sync::Arc;
 use jiff::Timestamp;
 use tracing::info;
 
-use super::approvals::ApprovalNeeded;
-use super::change::{ChangeId, Plan};
-use super::modes::{
-    change, delete_activations, describe, draft, put_activations, record, same_rules,
-};
+use super::change::{Act, ApprovalNeeded, ChangeId, Plan, Writes};
+use super::modes::{describe, same_rules};
 use super::records::{
     ChangeRequest, Incident, IncidentId, IncidentStatus, RequestId, RequestKind, TimelineEvent,
 };
-use super::{Controller, Error, NamespaceView, Result};
+use super::{Controller, Error, NamespaceView, Result, corrupt};
 use crate::audit::AuditAction;
 use crate::auth::Principal;
 use safemode_policy::runbook::{Runbook, RunbookName, Severity, Stage};
@@ -27,7 +24,6 @@ use safemode_policy::{
     Activation, ActivationId, Change, ChannelSet, Effect, Mode, ModeCatalog, Namespace, Reason,
     Revision,
 };
-use safemode_store::{Compare, Op};
 
 /// Declare an incident.
 #[derive(Clone, Debug)]
@@ -102,6 +98,14 @@ pub(crate) struct StagePlan {
     pub lift: Vec<Arc<Activation>>,
     /// Activations to create.
     pub apply: Vec<Activation>,
+}
+
+/// What moving an incident did, for its audit entry.
+pub(crate) struct Moved {
+    /// The severity it moved from.
+    pub from: Severity,
+    /// "escalated" or "deescalated", as its timeline says.
+    pub what: &'static str,
 }
 
 /// Whether `after` protects exactly as `before` does: the same rules, read
@@ -267,108 +271,92 @@ impl Controller {
         let (request, runbook) = (&request, &runbook);
         let namespace = &request.namespace;
         let reason = request.reason.as_str();
+        let act = &Act {
+            action: AuditAction::Declare,
+            actor: &request.actor,
+            namespace,
+            change_id: request.change_id.as_ref(),
+        };
         let (outcome, revision) = self
-            .commit_change(
-                change("declare", &request.change_id),
-                Some(namespace),
-                |_view| {
-                    Box::pin(async move {
-                        let pointer = self
-                            .config
-                            .layout
-                            .active_incident_key(namespace, &request.runbook);
-                        let range = self.store.range(&pointer).await?;
-                        if let Some(kv) = range.kvs.iter().find(|kv| kv.key == pointer) {
-                            return Ok(Plan::answer(Err(Error::AlreadyDeclared {
-                                id: String::from_utf8_lossy(&kv.value).into_owned(),
-                                runbook: request.runbook.to_string(),
-                                namespace: namespace.clone(),
-                            })));
-                        }
-                        let at = Timestamp::now();
-                        let id = IncidentId::random();
-                        let change = Change {
-                            principal: request.actor.name.clone(),
-                            reason: request.reason.clone(),
-                            at,
-                            incident_id: Some(id.to_string()),
-                        };
-                        let staged =
-                            self.stage_plan(runbook, stage, request.channels, Vec::new(), &change);
-                        if staged.apply.is_empty() {
-                            return Ok(Plan::answer(Err(Error::NothingToApply(format!(
-                                "runbook {} applies nothing at {} on {}",
-                                runbook.name, request.severity, request.channels
-                            )))));
-                        }
-                        let incident = Incident {
-                            id: id.clone(),
-                            runbook: runbook.name.clone(),
-                            title: runbook.title.clone(),
+            .commit_change(act, |_view| {
+                Box::pin(async move {
+                    let pointer = self
+                        .config
+                        .layout
+                        .active_incident_key(namespace, &request.runbook);
+                    let range = self.store.range(&pointer).await?;
+                    if let Some(kv) = range.kvs.iter().find(|kv| kv.key == pointer) {
+                        return Ok(Plan::answer(Err(Error::AlreadyDeclared {
+                            id: String::from_utf8_lossy(&kv.value).into_owned(),
+                            runbook: request.runbook.to_string(),
                             namespace: namespace.clone(),
-                            severity: request.severity,
-                            channels: request.channels,
-                            status: IncidentStatus::Active,
-                            activation_ids: staged.activation_ids(),
-                            lift_requires_approval: runbook.lift_requires_approval,
-                            review_interval_seconds: runbook.review_interval.as_secs(),
-                            exit_criteria: runbook.exit_criteria.clone(),
-                            declared_by: request.actor.name.clone(),
-                            declared_at: at,
-                            timeline: vec![event(
-                                at,
-                                "declared",
-                                &request.actor,
-                                request.severity,
-                                Some(reason),
-                                None,
-                            )],
-                        };
-                        let mut plan = Plan::answer(Ok((incident.clone(), Vec::new())));
-                        plan.at = at;
-                        put_activations(&mut plan, self, namespace, &staged.apply);
-                        self.put_incident(&mut plan, &incident, 0);
-                        // One active incident per type and namespace.
-                        plan.compares.push(Compare::ModRevision {
-                            key: pointer.clone(),
-                            revision: 0,
-                        });
-                        plan.ops.push(Op::Put {
-                            key: pointer.clone(),
-                            value: id.to_string().into_bytes(),
-                        });
-                        plan.uses_catalog = true;
-                        plan.record = Some(record(
-                            AuditAction::Declare,
-                            &request.actor,
-                            reason,
+                        })));
+                    }
+                    let at = Timestamp::now();
+                    let id = IncidentId::random();
+                    let change = Change {
+                        principal: request.actor.name.clone(),
+                        reason: request.reason.clone(),
+                        at,
+                        incident_id: Some(id.to_string()),
+                    };
+                    let staged =
+                        self.stage_plan(runbook, stage, request.channels, Vec::new(), &change);
+                    if staged.apply.is_empty() {
+                        return Ok(Plan::answer(Err(Error::NothingToApply(format!(
+                            "runbook {} applies nothing at {} on {}",
+                            runbook.name, request.severity, request.channels
+                        )))));
+                    }
+                    let incident = Incident {
+                        id: id.clone(),
+                        runbook: runbook.name.clone(),
+                        title: runbook.title.clone(),
+                        namespace: namespace.clone(),
+                        severity: request.severity,
+                        channels: request.channels,
+                        status: IncidentStatus::Active,
+                        activation_ids: staged.activation_ids(),
+                        lift_requires_approval: runbook.lift_requires_approval,
+                        review_interval_seconds: runbook.review_interval.as_secs(),
+                        exit_criteria: runbook.exit_criteria.clone(),
+                        declared_by: request.actor.name.clone(),
+                        declared_at: at,
+                        timeline: vec![TimelineEvent::new(
                             at,
-                            incident.activation_ids.iter().cloned(),
-                        ));
-                        let mut audit = draft(
-                            AuditAction::Declare,
+                            "declared",
                             &request.actor,
-                            namespace,
-                            reason,
-                            format!(
-                                "declared {} ({id}) at {}: {}",
-                                runbook.name,
-                                request.severity,
-                                staged.describe()
-                            ),
-                        );
-                        audit.incident_id = Some(id.to_string());
-                        audit.activation_ids = incident
-                            .activation_ids
-                            .iter()
-                            .map(ToString::to_string)
-                            .collect();
-                        plan.audit = Some(audit);
-                        plan.outcome = Ok((incident, staged.apply));
-                        Ok(plan)
-                    })
-                },
-            )
+                            request.severity,
+                            Some(reason),
+                            None,
+                        )],
+                    };
+                    let mut writes = Writes::new(at);
+                    self.put_activations(&mut writes, namespace, &staged.apply);
+                    self.put_incident(&mut writes, &incident, 0);
+                    // One active incident per type and namespace.
+                    writes.unchanged(pointer.clone(), 0);
+                    writes.put(pointer.clone(), id.to_string().into_bytes());
+                    writes.uses_catalog();
+                    writes.record_namespace(incident.activation_ids.iter().cloned());
+                    let mut audit = act.entry(
+                        reason,
+                        format!(
+                            "declared {} ({id}) at {}: {}",
+                            runbook.name,
+                            request.severity,
+                            staged.describe()
+                        ),
+                    );
+                    audit.incident_id = Some(id.to_string());
+                    audit.activation_ids = incident
+                        .activation_ids
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect();
+                    Ok(writes.audited(audit, Ok((incident, staged.apply))))
+                })
+            })
             .await?;
         let (incident, applied) = outcome?;
         info!(incident = %incident.id, runbook = %incident.runbook, severity = %incident.severity,
@@ -390,126 +378,97 @@ impl Controller {
         let request = &request;
         let namespace = &found.namespace;
         let reason = request.reason.as_str();
+        let act = &Act {
+            action: AuditAction::Escalate,
+            actor: &request.actor,
+            namespace,
+            change_id: request.change_id.as_ref(),
+        };
         let (outcome, revision) = self
-            .commit_change(
-                change("escalate", &request.change_id),
-                Some(namespace),
-                |view| {
-                    Box::pin(async move {
-                        let view = view.expect("a namespace change has a view");
-                        let (mut incident, incident_revision) =
-                            self.read_incident(&request.incident).await?;
-                        if incident.status != IncidentStatus::Active {
-                            return Ok(Plan::answer(Err(Error::Resolved(incident.id.to_string()))));
-                        }
-                        if incident.severity == request.severity {
-                            return Ok(Plan::answer(Err(Error::SameSeverity {
-                                id: incident.id.to_string(),
-                                severity: incident.severity.to_string(),
-                            })));
-                        }
-                        let runbook = match self.runbooks().get(incident.runbook.as_str()) {
-                            Some(runbook) => runbook.clone(),
-                            None => {
-                                return Ok(Plan::answer(Err(Error::UnknownRunbook(
-                                    incident.runbook.to_string(),
-                                ))));
-                            }
-                        };
-                        let stage = match stage(&runbook, request.severity) {
-                            Ok(stage) => stage,
-                            Err(e) => return Ok(Plan::answer(Err(e))),
-                        };
-                        let at = Timestamp::now();
-                        let change = Change {
+            .commit_change(act, |view| {
+                Box::pin(async move {
+                    let (mut incident, incident_revision) =
+                        self.read_incident(&request.incident).await?;
+                    if incident.status != IncidentStatus::Active {
+                        return Ok(Plan::answer(Err(Error::Resolved(incident.id.to_string()))));
+                    }
+                    if incident.severity == request.severity {
+                        return Ok(Plan::answer(Err(Error::SameSeverity {
+                            id: incident.id.to_string(),
+                            severity: incident.severity.to_string(),
+                        })));
+                    }
+                    let at = Timestamp::now();
+                    let change = || {
+                        Ok(Change {
                             principal: request.actor.name.clone(),
                             reason: request.reason.clone(),
                             at,
                             incident_id: Some(incident.id.to_string()),
+                        })
+                    };
+                    let staged =
+                        match self.stage_move(&view, &incident, request.severity, change)? {
+                            Ok(staged) => staged,
+                            Err(refusal) => return Ok(Plan::answer(Err(refusal))),
                         };
-                        let existing = incident_activations(&view, &incident);
-                        let staged =
-                            self.stage_plan(&runbook, stage, incident.channels, existing, &change);
-                        let down = request.severity < incident.severity;
-                        let mut plan =
-                            Plan::answer(Ok((incident.clone(), Vec::new(), Vec::new(), None)));
-                        plan.at = at;
-                        if staged.lift_needs_approval(down, self.catalog()) {
-                            let summary = format!(
-                                "move incident {} from {} to {}: {}",
-                                incident.id,
-                                incident.severity,
-                                request.severity,
-                                staged.describe_pending()
-                            );
-                            let pending = self.request_approval(
-                                &mut plan,
-                                ApprovalNeeded {
-                                    kind: RequestKind::Move {
-                                        severity: request.severity,
-                                    },
-                                    namespace,
-                                    actor: &request.actor,
-                                    reason,
-                                    activation_ids: staged
-                                        .lift
-                                        .iter()
-                                        .map(|a| a.id.clone())
-                                        .collect(),
-                                    incident: Some((&mut incident, incident_revision)),
-                                    summary,
-                                },
-                            );
-                            plan.outcome = Ok((incident, Vec::new(), Vec::new(), Some(pending)));
-                            return Ok(plan);
-                        }
-                        let what = if down { "deescalated" } else { "escalated" };
-                        let from = incident.severity;
-                        incident.severity = request.severity;
-                        incident.activation_ids = staged.activation_ids();
-                        incident.timeline.push(event(
-                            at,
-                            what,
-                            &request.actor,
+                    let down = request.severity < incident.severity;
+                    let mut writes = Writes::new(at);
+                    if staged.lift_needs_approval(down, self.catalog()) {
+                        let summary = format!(
+                            "move incident {} from {} to {}: {}",
+                            incident.id,
+                            incident.severity,
                             request.severity,
-                            Some(reason),
-                            None,
-                        ));
-                        put_activations(&mut plan, self, namespace, &staged.apply);
-                        delete_activations(&mut plan, self, namespace, &staged.lift);
-                        self.put_incident(&mut plan, &incident, incident_revision);
-                        plan.uses_catalog = true;
-                        plan.record = Some(record(
-                            AuditAction::Escalate,
-                            &request.actor,
-                            reason,
-                            at,
-                            incident.activation_ids.iter().cloned(),
-                        ));
-                        let mut audit = draft(
-                            AuditAction::Escalate,
-                            &request.actor,
-                            namespace,
-                            reason,
-                            format!(
-                                "{what} {} from {from} to {}: {}",
-                                incident.id,
-                                request.severity,
-                                staged.describe()
-                            ),
+                            staged.describe_pending()
                         );
-                        audit.incident_id = Some(incident.id.to_string());
-                        audit.activation_ids = incident
-                            .activation_ids
-                            .iter()
-                            .map(ToString::to_string)
-                            .collect();
-                        plan.audit = Some(audit);
-                        plan.outcome = Ok((incident, staged.apply, staged.lift, None));
-                        Ok(plan)
-                    })
-                },
-            )
+                        let (pending, audit) = self.request_approval(
+                            act,
+                            &mut writes,
+                            ApprovalNeeded {
+                                kind: RequestKind::Move {
+                                    severity: request.severity,
+                                },
+                                reason,
+                                activation_ids: staged.lift.iter().map(|a| a.id.clone()).collect(),
+                                incident: Some((&mut incident, incident_revision)),
+                                summary,
+                            },
+                        );
+                        return Ok(writes.audited(
+                            audit,
+                            Ok((incident, Vec::new(), Vec::new(), Some(pending))),
+                        ));
+                    }
+                    let moved = self.move_incident(
+                        &mut writes,
+                        &mut incident,
+                        incident_revision,
+                        &staged,
+                        request.severity,
+                        (&request.actor, reason, None),
+                    );
+                    writes.record_namespace(incident.activation_ids.iter().cloned());
+                    let mut audit = act.entry(
+                        reason,
+                        format!(
+                            "{} {} from {} to {}: {}",
+                            moved.what,
+                            incident.id,
+                            moved.from,
+                            request.severity,
+                            staged.describe()
+                        ),
+                    );
+                    audit.incident_id = Some(incident.id.to_string());
+                    audit.activation_ids = incident
+                        .activation_ids
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect();
+                    Ok(writes.audited(audit, Ok((incident, staged.apply, staged.lift, None))))
+                })
+            })
             .await?;
         let (incident, applied, lifted, pending) = outcome?;
         info!(incident = %incident.id, severity = %incident.severity, pending = pending.is_some(),
@@ -531,76 +490,64 @@ impl Controller {
         let request = &request;
         let namespace = &found.namespace;
         let reason = request.reason.as_str();
+        let act = &Act {
+            action: AuditAction::Resolve,
+            actor: &request.actor,
+            namespace,
+            change_id: request.change_id.as_ref(),
+        };
         let (outcome, revision) = self
-            .commit_change(
-                change("resolve", &request.change_id),
-                Some(namespace),
-                |view| {
-                    Box::pin(async move {
-                        let view = view.expect("a namespace change has a view");
-                        let (mut incident, incident_revision) =
-                            self.read_incident(&request.incident).await?;
-                        if incident.status != IncidentStatus::Active {
-                            return Ok(Plan::answer(Err(Error::Resolved(incident.id.to_string()))));
-                        }
-                        let at = Timestamp::now();
-                        let staged = StagePlan {
-                            keep: Vec::new(),
-                            lift: incident_activations(&view, &incident),
-                            apply: Vec::new(),
-                        };
-                        let mut plan = Plan::answer(Ok((incident.clone(), Vec::new(), None)));
-                        plan.at = at;
-                        if staged.lift_needs_approval(true, self.catalog()) {
-                            let summary = format!(
-                                "resolve incident {}: {}",
-                                incident.id,
-                                staged.describe_pending()
-                            );
-                            let pending = self.request_approval(
-                                &mut plan,
-                                ApprovalNeeded {
-                                    kind: RequestKind::Resolve,
-                                    namespace,
-                                    actor: &request.actor,
-                                    reason,
-                                    activation_ids: staged
-                                        .lift
-                                        .iter()
-                                        .map(|a| a.id.clone())
-                                        .collect(),
-                                    incident: Some((&mut incident, incident_revision)),
-                                    summary,
-                                },
-                            );
-                            plan.outcome = Ok((incident, Vec::new(), Some(pending)));
-                            return Ok(plan);
-                        }
-                        self.close(
-                            &mut plan,
-                            &mut incident,
-                            incident_revision,
-                            &staged,
-                            &request.actor,
-                            reason,
-                            at,
+            .commit_change(act, |view| {
+                Box::pin(async move {
+                    let (mut incident, incident_revision) =
+                        self.read_incident(&request.incident).await?;
+                    if incident.status != IncidentStatus::Active {
+                        return Ok(Plan::answer(Err(Error::Resolved(incident.id.to_string()))));
+                    }
+                    let at = Timestamp::now();
+                    let staged = StagePlan {
+                        keep: Vec::new(),
+                        lift: incident_activations(&view, &incident),
+                        apply: Vec::new(),
+                    };
+                    let mut writes = Writes::new(at);
+                    if staged.lift_needs_approval(true, self.catalog()) {
+                        let summary = format!(
+                            "resolve incident {}: {}",
+                            incident.id,
+                            staged.describe_pending()
                         );
-                        let mut audit = draft(
-                            AuditAction::Resolve,
-                            &request.actor,
-                            namespace,
-                            reason,
-                            format!("resolved {}: {}", incident.id, staged.describe()),
+                        let (pending, audit) = self.request_approval(
+                            act,
+                            &mut writes,
+                            ApprovalNeeded {
+                                kind: RequestKind::Resolve,
+                                reason,
+                                activation_ids: staged.lift.iter().map(|a| a.id.clone()).collect(),
+                                incident: Some((&mut incident, incident_revision)),
+                                summary,
+                            },
                         );
-                        audit.incident_id = Some(incident.id.to_string());
-                        audit.activation_ids =
-                            staged.lift.iter().map(|a| a.id.to_string()).collect();
-                        plan.audit = Some(audit);
-                        plan.outcome = Ok((incident, staged.lift, None));
-                        Ok(plan)
-                    })
-                },
-            )
+                        return Ok(writes.audited(audit, Ok((incident, Vec::new(), Some(pending)))));
+                    }
+                    self.close(
+                        &mut writes,
+                        &mut incident,
+                        incident_revision,
+                        &staged,
+                        &request.actor,
+                        reason,
+                    );
+                    writes.record_namespace(staged.lift.iter().map(|a| a.id.clone()));
+                    let mut audit = act.entry(
+                        reason,
+                        format!("resolved {}: {}", incident.id, staged.describe()),
+                    );
+                    audit.incident_id = Some(incident.id.to_string());
+                    audit.activation_ids = staged.lift.iter().map(|a| a.id.to_string()).collect();
+                    Ok(writes.audited(audit, Ok((incident, staged.lift, None))))
+                })
+            })
             .await?;
         let (incident, lifted, pending) = outcome?;
         info!(incident = %incident.id, pending = pending.is_some(), revision,
@@ -614,44 +561,100 @@ impl Controller {
         })
     }
 
-    /// Adds to `plan` what resolving `incident` writes: its activations
-    /// lifted, the incident closed.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn close<T>(
+    /// Stages moving `incident` to `severity` (escalating, or approving a
+    /// requested move): its runbook's stage for `severity`, as the
+    /// incident's activations in `view` become, for the change `change`
+    /// makes (read only once the stage is known). The inner error is a
+    /// refusal to answer with, the outer one a failure.
+    pub(crate) fn stage_move(
         &self,
-        plan: &mut Plan<T>,
+        view: &NamespaceView,
+        incident: &Incident,
+        severity: Severity,
+        change: impl FnOnce() -> Result<Change>,
+    ) -> Result<Result<StagePlan>> {
+        let Some(runbook) = self.runbooks().get(incident.runbook.as_str()).cloned() else {
+            return Ok(Err(Error::UnknownRunbook(incident.runbook.to_string())));
+        };
+        let stage = match stage(&runbook, severity) {
+            Ok(stage) => stage,
+            Err(refusal) => return Ok(Err(refusal)),
+        };
+        let change = change()?;
+        let existing = incident_activations(view, incident);
+        Ok(Ok(self.stage_plan(
+            &runbook,
+            stage,
+            incident.channels,
+            existing,
+            &change,
+        )))
+    }
+
+    /// Adds to `writes` what moving `incident` to `severity` as `staged`
+    /// writes: the stage's activations applied and lifted, the incident at
+    /// its new severity with the move on its timeline, by `by` (who, why,
+    /// and the request approved, if any).
+    pub(crate) fn move_incident(
+        &self,
+        writes: &mut Writes,
+        incident: &mut Incident,
+        incident_revision: Revision,
+        staged: &StagePlan,
+        severity: Severity,
+        (actor, reason, request): (&Principal, &str, Option<&RequestId>),
+    ) -> Moved {
+        let from = incident.severity;
+        let what = if severity < from {
+            "deescalated"
+        } else {
+            "escalated"
+        };
+        self.put_activations(writes, &incident.namespace, &staged.apply);
+        self.delete_activations(writes, &incident.namespace, &staged.lift);
+        incident.severity = severity;
+        incident.activation_ids = staged.activation_ids();
+        incident.timeline.push(TimelineEvent::new(
+            writes.at(),
+            what,
+            actor,
+            severity,
+            Some(reason),
+            request,
+        ));
+        self.put_incident(writes, incident, incident_revision);
+        writes.uses_catalog();
+        Moved { from, what }
+    }
+
+    /// Adds to `writes` what resolving `incident` writes: its activations
+    /// lifted, the incident closed, by `actor` for `reason`.
+    pub(crate) fn close(
+        &self,
+        writes: &mut Writes,
         incident: &mut Incident,
         incident_revision: Revision,
         staged: &StagePlan,
         actor: &Principal,
         reason: &str,
-        at: Timestamp,
     ) {
-        delete_activations(plan, self, &incident.namespace, &staged.lift);
-        plan.ops.push(Op::Delete {
-            key: self
-                .config
+        self.delete_activations(writes, &incident.namespace, &staged.lift);
+        writes.delete(
+            self.config
                 .layout
                 .active_incident_key(&incident.namespace, &incident.runbook),
-        });
+        );
         incident.status = IncidentStatus::Resolved;
         incident.activation_ids.clear();
-        incident.timeline.push(event(
-            at,
+        incident.timeline.push(TimelineEvent::new(
+            writes.at(),
             "resolved",
             actor,
             incident.severity,
             Some(reason),
             None,
         ));
-        self.put_incident(plan, incident, incident_revision);
-        plan.record = Some(record(
-            AuditAction::Resolve,
-            actor,
-            reason,
-            at,
-            staged.lift.iter().map(|a| a.id.clone()),
-        ));
+        self.put_incident(writes, incident, incident_revision);
     }
 
     /// Every incident, with the revision of its record.
@@ -710,24 +713,6 @@ impl Controller {
             kv.mod_revision,
         ))
     }
-
-    /// Writes `incident`, provided its record is still at `revision` (0: new).
-    pub(crate) fn put_incident<T>(
-        &self,
-        plan: &mut Plan<T>,
-        incident: &Incident,
-        revision: Revision,
-    ) {
-        let key = self.config.layout.incident_key(&incident.id);
-        plan.compares.push(Compare::ModRevision {
-            key: key.clone(),
-            revision,
-        });
-        plan.ops.push(Op::Put {
-            key,
-            value: serde_json::to_vec(incident).expect("incidents serialize"),
-        });
-    }
 }
 
 /// The incident's activations still present in `view`.
@@ -764,12 +749,8 @@ fn parse_incident(key: &str, value: &[u8], revision: Revision) -> Result<Inciden
     Ok(incident)
 }
 
-pub(crate) fn corrupt(key: &str, error: impl std::fmt::Display) -> Error {
-    Error::Store(safemode_store::Error::Corrupt(format!(
-        "{key} cannot be read: {error}"
-    )))
-}
-
+/// The runbook's stage for `severity`, or a refusal naming the stages it
+/// has.
 pub(crate) fn stage(runbook: &Runbook, severity: Severity) -> Result<&Stage> {
     runbook.stage(severity).ok_or_else(|| Error::NoStage {
         runbook: runbook.name.to_string(),
@@ -780,23 +761,4 @@ pub(crate) fn stage(runbook: &Runbook, severity: Severity) -> Result<&Stage> {
             .collect::<Vec<_>>()
             .join(", "),
     })
-}
-
-pub(crate) fn event(
-    at: Timestamp,
-    what: &str,
-    actor: &Principal,
-    severity: Severity,
-    reason: Option<&str>,
-    request: Option<&RequestId>,
-) -> TimelineEvent {
-    TimelineEvent {
-        at,
-        event: what.to_string(),
-        principal: actor.name.clone(),
-        severity,
-        reason: reason.map(str::to_string),
-        request_id: request.cloned(),
-        revision: 0,
-    }
 }

@@ -47,7 +47,7 @@ pub use subscribers::{
     UnknownRevision,
 };
 
-use self::change::Plan;
+use self::change::Writes;
 use crate::audit::{AuditAction, AuditDraft};
 use crate::auth::Principal;
 use safemode_policy::catalog::Catalog;
@@ -724,10 +724,9 @@ impl Controller {
             ),
         };
         let what = &what;
-        self.commit(None, |_| {
+        self.commit(|| {
             Box::pin(async move {
-                let mut plan = Plan::answer(());
-                plan.audit = Some(AuditDraft {
+                let audit = AuditDraft {
                     action: AuditAction::Refused,
                     principal: actor.name.clone(),
                     roles: actor.role_names(),
@@ -738,8 +737,9 @@ impl Controller {
                     activation_ids: Vec::new(),
                     detail: what.clone(),
                     change_id: None,
-                });
-                Ok(plan)
+                };
+                // Writes nothing but its entry.
+                Ok(Writes::new(Timestamp::now()).audited(audit, ()))
             })
         })
         .await?;
@@ -797,18 +797,15 @@ impl Controller {
             let seen = existing.as_ref().map_or(0, |(_, revision)| *revision);
             let (key, record, detail) = (&key, &record, &detail);
             let adopted = self
-                .commit(None, |_| {
+                .commit(|| {
                     Box::pin(async move {
-                        let mut plan = Plan::answer(());
-                        plan.compares.push(Compare::ModRevision {
-                            key: key.clone(),
-                            revision: seen,
-                        });
-                        plan.ops.push(Op::Put {
-                            key: key.clone(),
-                            value: serde_json::to_vec(&record).expect("records serialize"),
-                        });
-                        plan.audit = Some(AuditDraft {
+                        let mut writes = Writes::new(Timestamp::now());
+                        writes.unchanged(key.clone(), seen);
+                        writes.put(
+                            key.clone(),
+                            serde_json::to_vec(&record).expect("records serialize"),
+                        );
+                        let audit = AuditDraft {
                             action: AuditAction::AdoptCatalog,
                             principal: self.config.replica.clone(),
                             roles: Vec::new(),
@@ -819,8 +816,8 @@ impl Controller {
                             activation_ids: Vec::new(),
                             detail: detail.clone(),
                             change_id: None,
-                        });
-                        Ok(plan)
+                        };
+                        Ok(writes.audited(audit, ()))
                     })
                 })
                 .await;
@@ -863,6 +860,13 @@ impl Controller {
             warn!(revision, "committed change not yet visible on this replica");
         }
     }
+}
+
+/// A record in the store that cannot be read.
+pub(crate) fn corrupt(key: &str, error: impl std::fmt::Display) -> Error {
+    Error::Store(store::Error::Corrupt(format!(
+        "{key} cannot be read: {error}"
+    )))
 }
 
 /// The first 12 characters of a fingerprint, enough for people.

@@ -6,18 +6,15 @@ use std::sync::Arc;
 use jiff::Timestamp;
 use tracing::info;
 
-use super::approvals::ApprovalNeeded;
-use super::change::{ChangeId, ChangeOf, Plan};
-use super::keys::NamespaceChange;
+use super::change::{Act, ApprovalNeeded, ChangeId, Plan, Writes};
 use super::records::{ChangeRequest, RequestKind};
 use super::{Controller, Error, NamespaceView, Result};
-use crate::audit::{AuditAction, AuditDraft};
+use crate::audit::AuditAction;
 use crate::auth::Principal;
 use safemode_policy::{
     Activation, ActivationId, Change, ChannelSet, Effect, Mode, ModeName, Namespace, Reason,
     Revision,
 };
-use safemode_store::{Compare, Op};
 
 /// Apply modes to a namespace.
 #[derive(Clone, Debug)]
@@ -180,49 +177,6 @@ pub(crate) fn describe(activations: &[impl std::borrow::Borrow<Activation>]) -> 
         .join("; ")
 }
 
-/// Puts new activations (each key must be absent).
-pub(crate) fn put_activations<T>(
-    plan: &mut Plan<T>,
-    controller: &Controller,
-    namespace: &Namespace,
-    activations: &[Activation],
-) {
-    for activation in activations {
-        let key = controller
-            .config
-            .layout
-            .activation_key(namespace, &activation.id);
-        plan.compares.push(Compare::ModRevision {
-            key: key.clone(),
-            revision: 0,
-        });
-        plan.ops.push(Op::Put {
-            key,
-            value: serde_json::to_vec(activation).expect("activations serialize"),
-        });
-    }
-}
-
-/// Deletes activations (each must be unchanged since it was read).
-pub(crate) fn delete_activations<T>(
-    plan: &mut Plan<T>,
-    controller: &Controller,
-    namespace: &Namespace,
-    activations: &[Arc<Activation>],
-) {
-    for activation in activations {
-        let key = controller
-            .config
-            .layout
-            .activation_key(namespace, &activation.id);
-        plan.compares.push(Compare::ModRevision {
-            key: key.clone(),
-            revision: activation.revision,
-        });
-        plan.ops.push(Op::Delete { key });
-    }
-}
-
 /// The incident every one of `activations` belongs to, if they share one
 /// (so that `safemode audit --incident` finds a lift of its modes).
 pub(crate) fn shared_incident(activations: &[Arc<Activation>]) -> Option<String> {
@@ -231,55 +185,6 @@ pub(crate) fn shared_incident(activations: &[Arc<Activation>]) -> Option<String>
         .iter()
         .all(|a| a.incident_id.as_ref() == Some(first))
         .then(|| first.clone())
-}
-
-/// An audit draft for `actor` in `namespace`.
-pub(crate) fn draft(
-    action: AuditAction,
-    actor: &Principal,
-    namespace: &Namespace,
-    reason: &str,
-    detail: String,
-) -> AuditDraft {
-    AuditDraft {
-        action,
-        principal: actor.name.clone(),
-        roles: actor.role_names(),
-        namespace: Some(namespace.to_string()),
-        reason: Some(reason.to_string()),
-        incident_id: None,
-        request_id: None,
-        activation_ids: Vec::new(),
-        detail,
-        change_id: None,
-    }
-}
-
-/// A change of `operation`, with the caller's change id if given.
-pub(crate) fn change<'a>(operation: &'static str, id: &'a Option<ChangeId>) -> ChangeOf<'a> {
-    ChangeOf {
-        operation,
-        id: id.as_ref(),
-    }
-}
-
-/// The namespace's last-change record.
-pub(crate) fn record(
-    action: AuditAction,
-    actor: &Principal,
-    reason: &str,
-    at: Timestamp,
-    activations: impl IntoIterator<Item = ActivationId>,
-) -> NamespaceChange {
-    NamespaceChange {
-        action,
-        principal: actor.name.clone(),
-        reason: reason.to_string(),
-        at,
-        activation_ids: activations.into_iter().collect(),
-        // Filled in by `Controller::commit`, which knows the whole change.
-        state: None,
-    }
 }
 
 impl Controller {
@@ -298,68 +203,54 @@ impl Controller {
             .collect::<Result<Vec<_>>>()?;
         let (request, modes) = (&request, &modes);
         let namespace = &request.namespace;
+        let act = &Act {
+            action: AuditAction::Apply,
+            actor: &request.actor,
+            namespace,
+            change_id: request.change_id.as_ref(),
+        };
         let (outcome, revision) = self
-            .commit_change(
-                change("apply", &request.change_id),
-                Some(namespace),
-                |view| {
-                    Box::pin(async move {
-                        let view = view.expect("a namespace change has a view");
-                        let at = Timestamp::now();
-                        let change = Change {
-                            principal: request.actor.name.clone(),
-                            reason: request.reason.clone(),
-                            at,
-                            incident_id: None,
-                        };
-                        let as_of = request.as_of.unwrap_or(at);
-                        let mut already_active = Vec::new();
-                        let mut applied = Vec::new();
-                        for mode in modes {
-                            let active = view.activations.iter().find(|a| {
-                                a.channels == request.channels
-                                    && same_rules(&a.mode, mode, request.as_of)
-                            });
-                            match active {
-                                Some(a) => already_active.push(a.clone()),
-                                None => applied.push(Activation::new(
-                                    ActivationId::from_random(rand::random()),
-                                    mode,
-                                    request.channels,
-                                    as_of,
-                                    &change,
-                                )),
-                            }
+            .commit_change(act, |view| {
+                Box::pin(async move {
+                    let at = Timestamp::now();
+                    let change = Change {
+                        principal: request.actor.name.clone(),
+                        reason: request.reason.clone(),
+                        at,
+                        incident_id: None,
+                    };
+                    let as_of = request.as_of.unwrap_or(at);
+                    let mut already_active = Vec::new();
+                    let mut applied = Vec::new();
+                    for mode in modes {
+                        let active = view.activations.iter().find(|a| {
+                            a.channels == request.channels
+                                && same_rules(&a.mode, mode, request.as_of)
+                        });
+                        match active {
+                            Some(a) => already_active.push(a.clone()),
+                            None => applied.push(Activation::new(
+                                ActivationId::from_random(rand::random()),
+                                mode,
+                                request.channels,
+                                as_of,
+                                &change,
+                            )),
                         }
-                        if applied.is_empty() {
-                            return Ok(Plan::answer((Vec::new(), already_active)));
-                        }
-                        let reason = request.reason.as_str();
-                        let mut plan = Plan::answer((Vec::new(), already_active));
-                        plan.at = at;
-                        put_activations(&mut plan, self, namespace, &applied);
-                        plan.uses_catalog = true;
-                        plan.record = Some(record(
-                            AuditAction::Apply,
-                            &request.actor,
-                            reason,
-                            at,
-                            applied.iter().map(|a| a.id.clone()),
-                        ));
-                        let mut audit = draft(
-                            AuditAction::Apply,
-                            &request.actor,
-                            namespace,
-                            reason,
-                            format!("applied {}", describe(&applied)),
-                        );
-                        audit.activation_ids = applied.iter().map(|a| a.id.to_string()).collect();
-                        plan.audit = Some(audit);
-                        plan.outcome.0 = applied;
-                        Ok(plan)
-                    })
-                },
-            )
+                    }
+                    if applied.is_empty() {
+                        return Ok(Plan::answer((Vec::new(), already_active)));
+                    }
+                    let reason = request.reason.as_str();
+                    let mut writes = Writes::new(at);
+                    self.put_activations(&mut writes, namespace, &applied);
+                    writes.uses_catalog();
+                    writes.record_namespace(applied.iter().map(|a| a.id.clone()));
+                    let mut audit = act.entry(reason, format!("applied {}", describe(&applied)));
+                    audit.activation_ids = applied.iter().map(|a| a.id.to_string()).collect();
+                    Ok(writes.audited(audit, (applied, already_active)))
+                })
+            })
             .await?;
         let (applied, already_active) = outcome;
         if !applied.is_empty() {
@@ -382,65 +273,47 @@ impl Controller {
     pub async fn lift(&self, request: LiftRequest) -> Result<LiftOutcome> {
         let request = &request;
         let namespace = &request.namespace;
+        let act = &Act {
+            action: AuditAction::Lift,
+            actor: &request.actor,
+            namespace,
+            change_id: request.change_id.as_ref(),
+        };
         let (outcome, revision) = self
-            .commit_change(
-                change("lift", &request.change_id),
-                Some(namespace),
-                |view| {
-                    Box::pin(async move {
-                        let view = view.expect("a namespace change has a view");
-                        let lifted = match resolve_lift(&view, request) {
-                            Ok(lifted) => lifted,
-                            // Answered once the store confirms the view is current.
-                            Err(refusal) => return Ok(Plan::answer(Err(refusal))),
-                        };
-                        let at = Timestamp::now();
-                        let reason = request.reason.as_str();
-                        let needs_approval = lifted.iter().any(|a| a.mode.lift_requires_approval);
-                        let mut plan = Plan::answer(Ok((Vec::new(), None)));
-                        plan.at = at;
-                        if needs_approval {
-                            let pending = self.request_approval(
-                                &mut plan,
-                                ApprovalNeeded {
-                                    kind: RequestKind::Lift,
-                                    namespace,
-                                    actor: &request.actor,
-                                    reason,
-                                    activation_ids: lifted.iter().map(|a| a.id.clone()).collect(),
-                                    incident: None,
-                                    summary: format!("lift {}", describe(&lifted)),
-                                },
-                            );
-                            if let Some(audit) = plan.audit.as_mut() {
-                                audit.incident_id = shared_incident(&lifted);
-                            }
-                            plan.outcome = Ok((Vec::new(), Some(pending)));
-                            return Ok(plan);
-                        }
-                        delete_activations(&mut plan, self, namespace, &lifted);
-                        plan.record = Some(record(
-                            AuditAction::Lift,
-                            &request.actor,
-                            reason,
-                            at,
-                            lifted.iter().map(|a| a.id.clone()),
-                        ));
-                        let mut audit = draft(
-                            AuditAction::Lift,
-                            &request.actor,
-                            namespace,
-                            reason,
-                            format!("lifted {}", describe(&lifted)),
+            .commit_change(act, |view| {
+                Box::pin(async move {
+                    let lifted = match resolve_lift(&view, request) {
+                        Ok(lifted) => lifted,
+                        // Answered once the store confirms the view is current.
+                        Err(refusal) => return Ok(Plan::answer(Err(refusal))),
+                    };
+                    let at = Timestamp::now();
+                    let reason = request.reason.as_str();
+                    let needs_approval = lifted.iter().any(|a| a.mode.lift_requires_approval);
+                    let mut writes = Writes::new(at);
+                    if needs_approval {
+                        let (pending, mut audit) = self.request_approval(
+                            act,
+                            &mut writes,
+                            ApprovalNeeded {
+                                kind: RequestKind::Lift,
+                                reason,
+                                activation_ids: lifted.iter().map(|a| a.id.clone()).collect(),
+                                incident: None,
+                                summary: format!("lift {}", describe(&lifted)),
+                            },
                         );
-                        audit.activation_ids = lifted.iter().map(|a| a.id.to_string()).collect();
                         audit.incident_id = shared_incident(&lifted);
-                        plan.audit = Some(audit);
-                        plan.outcome = Ok((lifted, None));
-                        Ok(plan)
-                    })
-                },
-            )
+                        return Ok(writes.audited(audit, Ok((Vec::new(), Some(pending)))));
+                    }
+                    self.delete_activations(&mut writes, namespace, &lifted);
+                    writes.record_namespace(lifted.iter().map(|a| a.id.clone()));
+                    let mut audit = act.entry(reason, format!("lifted {}", describe(&lifted)));
+                    audit.activation_ids = lifted.iter().map(|a| a.id.to_string()).collect();
+                    audit.incident_id = shared_incident(&lifted);
+                    Ok(writes.audited(audit, Ok((lifted, None))))
+                })
+            })
             .await?;
         let (lifted, pending) = outcome?;
         if !lifted.is_empty() {

@@ -12,6 +12,7 @@ use std::fmt;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
+use crate::auth::Principal;
 use safemode_policy::activation::{is_id, random_id};
 use safemode_policy::runbook::{RunbookName, Severity};
 use safemode_policy::{ActivationId, ChannelSet, NameError, Namespace, Revision};
@@ -113,6 +114,29 @@ pub struct TimelineEvent {
     /// revision is not known while the change is being written).
     #[serde(default)]
     pub revision: Revision,
+}
+
+impl TimelineEvent {
+    /// `what` happened at `at`, by `actor`, at `severity`; its revision is
+    /// filled in when the incident is read back.
+    pub(crate) fn new(
+        at: Timestamp,
+        what: &str,
+        actor: &Principal,
+        severity: Severity,
+        reason: Option<&str>,
+        request: Option<&RequestId>,
+    ) -> Self {
+        TimelineEvent {
+            at,
+            event: what.to_string(),
+            principal: actor.name.clone(),
+            severity,
+            reason: reason.map(str::to_string),
+            request_id: request.cloned(),
+            revision: 0,
+        }
+    }
 }
 
 /// A runbook applied in a namespace at a severity.

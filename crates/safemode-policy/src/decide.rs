@@ -13,24 +13,9 @@ use serde::Serialize;
 use super::activation::ActivationId;
 use super::compile::{ActionPolicy, ChannelPolicy, EffectivePolicy, Entry};
 use super::effect::{Deny, Effect, EffectKind, ReadOnly, Route, StepUp, Throttle};
-use super::names::{Channel, MethodSet};
+use super::names::Channel;
 
-/// What a channel knows about the customer and the request.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Context {
-    /// Identity confidence, 0..=1.
-    pub confidence: f64,
-    /// Verification methods the customer passed in this session.
-    pub methods: MethodSet,
-    /// Failed verification attempts so far.
-    pub failed_attempts: u32,
-    /// Amount of money involved, if any.
-    pub amount: Option<f64>,
-    /// Whether a bot handed the session over to a human.
-    pub handoff_from_bot: bool,
-    /// What the bot flagged the session with.
-    pub bot_flags: Vec<String>,
-}
+use super::mode::Context;
 
 /// What the channel must do.
 #[derive(Clone, Debug, PartialEq, Serialize)]

@@ -20,9 +20,9 @@ pub mod runbook_file;
 
 pub use activation::{Activation, ActivationId, Change, Reason, Revision};
 pub use compile::{ActionPolicy, ChannelPolicy, EffectivePolicy, Entry, StandingThrottle};
-pub use decide::{Context, Decision, Outcome, Verdict};
+pub use decide::{Decision, Outcome, Verdict};
 pub use effect::{Deny, Effect, EffectKind, ReadOnly, Review, Route, StepUp, Throttle};
-pub use mode::{Condition, Mode, ModeCatalog, ModeName, Rule};
+pub use mode::{Condition, Context, Mode, ModeCatalog, ModeName, Rule};
 pub use mode_file::{ModeFileError, parse_mode};
 pub use names::{
     Action, ActionSelector, Channel, ChannelSet, MethodSet, NameError, Namespace, validate_action,

@@ -9,9 +9,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::decide::Context;
 use super::effect::Effect;
-use super::names::{ActionSelector, ChannelSet, NameError, validate_slug};
+use super::names::{ActionSelector, ChannelSet, MethodSet, NameError, validate_slug};
 
 /// A mode's name: lowercase letters, digits and inner dashes, such as
 /// `freeze-credential-changes`.
@@ -55,6 +54,23 @@ impl fmt::Display for ModeName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
+}
+
+/// What a channel knows about the customer and the request.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Context {
+    /// Identity confidence, 0..=1.
+    pub confidence: f64,
+    /// Verification methods the customer passed in this session.
+    pub methods: MethodSet,
+    /// Failed verification attempts so far.
+    pub failed_attempts: u32,
+    /// Amount of money involved, if any.
+    pub amount: Option<f64>,
+    /// Whether a bot handed the session over to a human.
+    pub handoff_from_bot: bool,
+    /// What the bot flagged the session with.
+    pub bot_flags: Vec<String>,
 }
 
 /// When a rule applies, beyond its channels and actions. Every part that is

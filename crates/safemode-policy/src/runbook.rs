@@ -18,8 +18,9 @@ use serde::{Deserialize, Serialize};
 
 use super::activation::{Activation, ActivationId, Change, Reason};
 use super::compile::EffectivePolicy;
-use super::decide::{Context, Outcome};
+use super::decide::Outcome;
 use super::effect::EffectKind;
+use super::mode::Context;
 use super::mode::{Mode, ModeCatalog, ModeName};
 use super::names::{Action, Channel, ChannelSet, NameError, validate_slug};
 

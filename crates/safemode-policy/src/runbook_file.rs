@@ -21,9 +21,9 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_saphyr::{Location, Spanned};
 
-use super::decide::Context;
 use super::effect::EffectKind;
 use super::located::LocatedError;
+use super::mode::Context;
 use super::mode::{ModeCatalog, ModeName};
 use super::names::{Action, Channel, ChannelSet, MethodSet, validate_label};
 use super::runbook::{Expectation, Runbook, RunbookName, Severity, Stage, StageMode};
