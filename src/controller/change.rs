@@ -479,9 +479,12 @@ impl Controller {
                     }
                     unknown += 1;
                     if unknown >= UNKNOWN_OUTCOMES {
-                        return Err(crate::store::Error::Unavailable(format!(
-                            "{why} ({unknown} times; change {id} has not committed: retry with the same change id)"
-                        ))
+                        return Err(crate::store::Error::Unavailable(
+                            format!(
+                                "{why} ({unknown} times; change {id} has not committed: retry with the same change id)"
+                            )
+                            .into(),
+                        )
                         .into());
                     }
                     pause(attempt).await;
