@@ -19,6 +19,7 @@ pub mod render;
 pub mod report;
 mod run;
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -75,6 +76,12 @@ impl Fault {
             Fault::KillSubscribers { percent } => format!("kill-subscribers={percent}%"),
             Fault::RestartController => "restart-controller".into(),
         }
+    }
+}
+
+impl std::fmt::Display for Fault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
     }
 }
 
@@ -334,13 +341,11 @@ impl Harness {
                     .map_err(|e| DrillError::Local(e.to_string()))?;
                 let approver = create_token("drill-approver", &[Role::Drill])
                     .map_err(|e| DrillError::Local(e.to_string()))?;
-                let tokens =
+                let mut tokens =
                     tempfile::NamedTempFile::new().map_err(|e| DrillError::Local(e.to_string()))?;
-                std::fs::write(
-                    tokens.path(),
-                    format!("{}\n{}\n", commander.line, approver.line),
-                )
-                .map_err(|e| DrillError::Local(e.to_string()))?;
+                tokens
+                    .write_all(format!("{}\n{}\n", commander.line, approver.line).as_bytes())
+                    .map_err(|e| DrillError::Local(e.to_string()))?;
                 // The drill knows the key of the controller it runs, and
                 // keeps it across a restart.
                 let (key, _) = SigningKey::generate();

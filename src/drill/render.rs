@@ -6,17 +6,21 @@
 //! system. One run may drill several runbooks, so every file covers all of
 //! them.
 
+use std::borrow::Cow;
 use std::fmt::{self, Write as _};
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
+use quick_xml::Writer;
+use quick_xml::events::{BytesDecl, BytesEnd, BytesStart, BytesText, Event};
 use serde::Serialize;
 
 use super::report::{
     Approval, ChannelTiming, DrillReport, ExpectationCheck, FaultReport, JournalEvent,
     RestorationReport, StageReport,
 };
+use safemode_policy::Namespace;
+use safemode_policy::runbook::Severity;
 
 /// The summary a person reads.
 pub const MARKDOWN_FILE: &str = "report.md";
@@ -58,33 +62,20 @@ fn cannot_write(path: &Path, error: io::Error) -> io::Error {
     )
 }
 
-/// Writes `bytes` to a new file next to `path`, then renames it over `path`.
+/// Writes `bytes` to a fresh temporary file in `dir` (made by `tempfile`,
+/// so never through a symlink and never shared), syncs it, then renames it
+/// over `path`; on failure the temporary file is removed.
 fn replace(dir: &Path, path: &Path, bytes: &[u8]) -> io::Result<()> {
-    // Unique per process and call, so two drills writing into one directory
-    // never share a temporary file.
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy())
-        .unwrap_or_default();
-    let temporary = dir.join(format!(
-        ".{name}.{}.{}.tmp",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ));
-    let written = (|| {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&temporary)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&temporary, path)
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_file(&temporary);
-    }
-    written
+    let mut builder = tempfile::Builder::new();
+    // A report is for whoever reads the directory: the permissions of any
+    // new file (0666 less the umask), not a temporary file's owner-only.
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
+    let mut file = builder.tempfile_in(dir)?;
+    file.write_all(bytes)?;
+    file.as_file().sync_all()?;
+    file.persist(path).map_err(|e| e.error)?;
+    Ok(())
 }
 
 // === report.md ===
@@ -169,7 +160,7 @@ fn runbook_md(out: &mut String, report: &DrillReport) -> fmt::Result {
             .map(|s| {
                 format!(
                     "{}: {} ({} simulated, {} attached)",
-                    md(&s.channel),
+                    md(s.channel),
                     s.simulated + s.attached,
                     s.simulated,
                     s.attached
@@ -208,8 +199,8 @@ fn stage_md(out: &mut String, number: usize, stage: &StageReport) -> fmt::Result
     writeln!(
         out,
         "### Stage {number}: {} ({})",
-        md(&stage.severity),
-        md(&stage.step)
+        md(stage.severity),
+        md(stage.step)
     )?;
     writeln!(out)?;
     writeln!(out, "- Revision: {}", stage.revision)?;
@@ -231,7 +222,7 @@ fn stage_md(out: &mut String, number: usize, stage: &StageReport) -> fmt::Result
             writeln!(
                 out,
                 "| {} | {} | {} | {} | {} | {} | {} | {} |",
-                md(&timing.channel),
+                md(timing.channel),
                 timing.subscribers,
                 timing.applied,
                 ms(timing.p50_ms),
@@ -261,7 +252,7 @@ fn stage_md(out: &mut String, number: usize, stage: &StageReport) -> fmt::Result
                 out,
                 "| {} | {} | {} | {} | {} | {} | {} |",
                 verdict_md(check.passed),
-                md(&check.channel),
+                md(check.channel),
                 md(&check.action),
                 md(&check.context),
                 md(&check.expected),
@@ -296,8 +287,8 @@ fn fault_md(out: &mut String, fault: &FaultReport) -> fmt::Result {
     writeln!(
         out,
         "- Injected: {} during {}",
-        md(&fault.kind),
-        md(&fault.severity)
+        md(fault.kind),
+        md(fault.severity)
     )?;
     writeln!(out, "- Subscribers affected: {}", fault.affected)?;
     if fault.recovered {
@@ -376,7 +367,8 @@ fn ms(value: f64) -> String {
 /// and with every character Markdown would read as markup escaped (`|` too,
 /// so a cell cannot split). Written by hand: no maintained crate escapes
 /// for GitHub-flavoured tables.
-fn md(text: &str) -> String {
+fn md(text: impl fmt::Display) -> String {
+    let text = text.to_string();
     let chars: Vec<char> = text.chars().collect();
     // "1. x" or "3) x" at the start of a list item would open a nested list.
     let digits = chars.iter().take_while(|c| c.is_ascii_digit()).count();
@@ -429,6 +421,15 @@ fn md(text: &str) -> String {
 /// the fault (if any), one for restoration and one for the runbook's
 /// verdict.
 pub fn junit(reports: &[DrillReport]) -> String {
+    let mut writer = Writer::new_with_indent(Vec::new(), b' ', 2);
+    junit_into(&mut writer, reports).expect("writing to a Vec cannot fail");
+    let mut out =
+        String::from_utf8(writer.into_inner()).expect("XML written from strings is UTF-8");
+    out.push('\n');
+    out
+}
+
+fn junit_into(writer: &mut Writer<Vec<u8>>, reports: &[DrillReport]) -> io::Result<()> {
     let suites: Vec<(&DrillReport, Vec<Case>)> = reports.iter().map(|r| (r, cases(r))).collect();
     let count = |cases: &[Case]| {
         (
@@ -442,58 +443,92 @@ pub fn junit(reports: &[DrillReport]) -> String {
     });
     let total_seconds: f64 = reports.iter().map(seconds_drilled).sum();
 
-    let mut out = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
-    out.push_str(&format!(
-        "<testsuites name=\"safemode drill\" tests=\"{tests}\" failures=\"{failures}\" errors=\"0\" time=\"{}\">\n",
-        seconds(total_seconds)
-    ));
+    writer.write_event(Event::Decl(BytesDecl::new("1.0", Some("UTF-8"), None)))?;
+    let root = element(
+        "testsuites",
+        [
+            ("name", "safemode drill".to_owned()),
+            ("tests", tests.to_string()),
+            ("failures", failures.to_string()),
+            ("errors", "0".to_owned()),
+            ("time", seconds(total_seconds)),
+        ],
+    );
+    writer.write_event(Event::Start(root.borrow()))?;
     for (report, cases) in &suites {
         let (tests, failures) = count(cases);
-        out.push_str(&format!(
-            "  <testsuite name=\"{}\" tests=\"{tests}\" failures=\"{failures}\" errors=\"0\" skipped=\"0\" time=\"{}\" timestamp=\"{}\">\n",
-            xml(&format!("drill: {}", report.runbook)),
-            seconds(seconds_drilled(report)),
-            // JUnit's schema wants a timestamp without a zone; it is UTC.
-            report.started_at.strftime("%Y-%m-%dT%H:%M:%S"),
-        ));
-        out.push_str("    <properties>\n");
+        let suite = element(
+            "testsuite",
+            [
+                ("name", format!("drill: {}", report.runbook)),
+                ("tests", tests.to_string()),
+                ("failures", failures.to_string()),
+                ("errors", "0".to_owned()),
+                ("skipped", "0".to_owned()),
+                ("time", seconds(seconds_drilled(report))),
+                // JUnit's schema wants a timestamp without a zone; it is UTC.
+                (
+                    "timestamp",
+                    report.started_at.strftime("%Y-%m-%dT%H:%M:%S").to_string(),
+                ),
+            ],
+        );
+        writer.write_event(Event::Start(suite.borrow()))?;
+        writer.write_event(Event::Start(BytesStart::new("properties")))?;
         let mut properties = vec![
-            ("title", report.title.as_str()),
-            ("namespace", report.namespace.as_str()),
-            ("controller", report.controller.as_str()),
+            ("title", report.title.clone()),
+            ("namespace", report.namespace.to_string()),
+            ("controller", report.controller.clone()),
         ];
         if let Some(id) = &report.incident_id {
-            properties.push(("incident_id", id));
+            properties.push(("incident_id", id.clone()));
         }
         for (name, value) in properties {
-            out.push_str(&format!(
-                "      <property name=\"{name}\" value=\"{}\"/>\n",
-                xml(value)
-            ));
+            let property = element("property", [("name", name.to_owned()), ("value", value)]);
+            writer.write_event(Event::Empty(property))?;
         }
-        out.push_str("    </properties>\n");
+        writer.write_event(Event::End(BytesEnd::new("properties")))?;
         for case in cases {
-            out.push_str(&format!(
-                "    <testcase name=\"{}\" classname=\"{}\"",
-                xml(&case.name),
-                xml(&case.classname)
-            ));
+            let mut attributes = vec![
+                ("name", case.name.clone()),
+                ("classname", case.classname.clone()),
+            ];
             if let Some(time) = case.seconds {
-                out.push_str(&format!(" time=\"{}\"", seconds(time)));
+                attributes.push(("time", seconds(time)));
             }
+            let testcase = element("testcase", attributes);
             match &case.failure {
-                None => out.push_str("/>\n"),
-                Some(failure) => out.push_str(&format!(
-                    ">\n      <failure message=\"{}\">{}</failure>\n    </testcase>\n",
-                    xml(&failure.message),
-                    xml_text(&failure.details)
-                )),
+                None => writer.write_event(Event::Empty(testcase))?,
+                Some(failure) => {
+                    writer.write_event(Event::Start(testcase.borrow()))?;
+                    let tag = element("failure", [("message", failure.message.clone())]);
+                    writer.write_event(Event::Start(tag.borrow()))?;
+                    writer.write_event(Event::Text(BytesText::new(&allowed_in_xml(
+                        &failure.details,
+                    ))))?;
+                    writer.write_event(Event::End(tag.to_end()))?;
+                    writer.write_event(Event::End(testcase.to_end()))?;
+                }
             }
         }
-        out.push_str("  </testsuite>\n");
+        writer.write_event(Event::End(suite.to_end()))?;
     }
-    out.push_str("</testsuites>\n");
-    out
+    writer.write_event(Event::End(root.to_end()))
+}
+
+/// A start tag with `attributes`, in order. The writer escapes the values
+/// (line breaks and tabs as character references, so they survive
+/// attribute-value normalisation); what XML 1.0 does not allow at all is
+/// dropped first.
+fn element<'a>(
+    name: &'a str,
+    attributes: impl IntoIterator<Item = (&'a str, String)>,
+) -> BytesStart<'a> {
+    let mut start = BytesStart::new(name);
+    for (key, value) in attributes {
+        start.push_attribute((key, allowed_in_xml(&value).as_ref()));
+    }
+    start
 }
 
 /// One JUnit test case.
@@ -523,10 +558,10 @@ impl Failure {
 /// The checks of one drilled runbook, in the order they happened.
 fn cases(report: &DrillReport) -> Vec<Case> {
     let runbook_class = format!("drill.{}", report.runbook);
-    let stage_class = |severity: &str| format!("{runbook_class}.{severity}");
+    let stage_class = |severity: Severity| format!("{runbook_class}.{severity}");
     let mut cases = Vec::new();
     for stage in &report.stages {
-        let sev = &stage.severity;
+        let sev = stage.severity;
         for check in &stage.expectations {
             cases.push(Case {
                 name: format!("{sev}: {}", expectation_name(check)),
@@ -598,7 +633,7 @@ fn cases(report: &DrillReport) -> Vec<Case> {
     if let Some(fault) = &report.fault {
         cases.push(Case {
             name: format!("{}: fault {} recovers", fault.severity, fault.kind),
-            classname: stage_class(&fault.severity),
+            classname: stage_class(fault.severity),
             seconds: fault
                 .recovery_ms
                 .is_finite()
@@ -674,40 +709,16 @@ fn seconds(value: f64) -> String {
     format!("{value:.3}")
 }
 
-/// `text` escaped for an XML 1.0 attribute value; characters XML 1.0 does
-/// not allow at all (most control characters) are dropped. Line breaks and
-/// tabs are character references, so they survive attribute-value
-/// normalisation. Written by hand: only five characters need escaping, and
-/// no XML crate is a dependency of the library.
-fn xml(text: &str) -> String {
-    escape_xml(text, true)
-}
-
-/// `text` escaped for XML 1.0 element content: as [`xml`], but line breaks
-/// and tabs stay as they are, so multi-line details read well.
-fn xml_text(text: &str) -> String {
-    escape_xml(text, false)
-}
-
-fn escape_xml(text: &str, attribute: bool) -> String {
-    let mut out = String::with_capacity(text.len() + 8);
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&apos;"),
-            // A parser reads a raw CR (or CRLF) as LF, even in content.
-            '\r' => out.push_str("&#13;"),
-            '\n' if attribute => out.push_str("&#10;"),
-            '\t' if attribute => out.push_str("&#9;"),
-            '\n' | '\t' => out.push(c),
-            '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'.. => out.push(c),
-            _ => {}
-        }
+/// `text` without the characters XML 1.0 does not allow at all (most
+/// control characters): no writer may put them in a file a parser must
+/// accept, and escaping cannot help (`&#27;` is not allowed either).
+fn allowed_in_xml(text: &str) -> Cow<'_, str> {
+    let allowed = |c: char| matches!(c, '\t' | '\n' | '\r' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'..);
+    if text.chars().all(allowed) {
+        Cow::Borrowed(text)
+    } else {
+        Cow::Owned(text.chars().filter(|c| allowed(*c)).collect())
     }
-    out
 }
 
 // === journal.json ===
@@ -721,7 +732,7 @@ pub fn journal(reports: &[DrillReport]) -> String {
     #[derive(Serialize)]
     struct Runbook<'a> {
         runbook: &'a str,
-        namespace: &'a str,
+        namespace: &'a Namespace,
         passed: bool,
         events: &'a [JournalEvent],
     }
@@ -760,7 +771,9 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::drill::report::{ChannelSubscribers, Reject};
+    use crate::drill::Fault;
+    use crate::drill::report::{ChannelSubscribers, Reject, Step};
+    use safemode_policy::Channel;
 
     /// Everything a renderer must keep as written: markup, quotes, a table
     /// separator, a line break and a control character (ESC).
@@ -782,7 +795,7 @@ mod tests {
         ok: bool,
     ) -> ChannelTiming {
         ChannelTiming {
-            channel: channel.to_owned(),
+            channel: Channel::parse(channel).unwrap(),
             subscribers,
             applied,
             p50_ms: 12.34,
@@ -801,7 +814,7 @@ mod tests {
         decision: &str,
     ) -> ExpectationCheck {
         ExpectationCheck {
-            channel: channel.to_owned(),
+            channel: Channel::parse(channel).unwrap(),
             action: action.to_owned(),
             context: context.to_owned(),
             expected: expected.to_owned(),
@@ -825,7 +838,7 @@ mod tests {
         let passing = DrillReport {
             runbook: "login_storm".to_owned(),
             title: "Login storm".to_owned(),
-            namespace: "drill-0001".to_owned(),
+            namespace: Namespace::parse("drill-0001").unwrap(),
             controller: "local".to_owned(),
             incident_id: Some("inc-1".to_owned()),
             started_at: at(0),
@@ -833,20 +846,20 @@ mod tests {
             passed: true,
             subscribers: vec![
                 ChannelSubscribers {
-                    channel: "web".to_owned(),
+                    channel: Channel::parse("web").unwrap(),
                     simulated: 3,
                     attached: 0,
                 },
                 ChannelSubscribers {
-                    channel: "chatbot".to_owned(),
+                    channel: Channel::parse("chatbot").unwrap(),
                     simulated: 2,
                     attached: 1,
                 },
             ],
             stages: vec![
                 StageReport {
-                    severity: "sev3".to_owned(),
-                    step: "declare".to_owned(),
+                    severity: Severity::Sev3,
+                    step: Step::Declare,
                     revision: 5,
                     approval: None,
                     apply_within_ms: 5000,
@@ -865,8 +878,8 @@ mod tests {
                     rejects: vec![],
                 },
                 StageReport {
-                    severity: "sev2".to_owned(),
-                    step: "escalate".to_owned(),
+                    severity: Severity::Sev2,
+                    step: Step::Escalate,
                     revision: 6,
                     approval: Some(Approval {
                         request_id: "req-7".to_owned(),
@@ -890,8 +903,8 @@ mod tests {
                 },
             ],
             fault: Some(FaultReport {
-                kind: "kill-subscribers=10%".to_owned(),
-                severity: "sev3".to_owned(),
+                kind: Fault::KillSubscribers { percent: 10 },
+                severity: Severity::Sev3,
                 affected: 1,
                 recovered: true,
                 recovery_ms: 850.0,
@@ -921,25 +934,25 @@ mod tests {
         let failing = DrillReport {
             runbook: "fraud_wave".to_owned(),
             title: NASTY.to_owned(),
-            namespace: "drill-0002".to_owned(),
+            namespace: Namespace::parse("drill-0002").unwrap(),
             controller: "https://staging:7443".to_owned(),
             incident_id: Some("inc-2".to_owned()),
             started_at: at(0),
             finished_at: at(45_000),
             passed: false,
             subscribers: vec![ChannelSubscribers {
-                channel: "ivr".to_owned(),
+                channel: Channel::parse("ivr").unwrap(),
                 simulated: 2,
                 attached: 0,
             }],
             stages: vec![StageReport {
-                severity: "sev3".to_owned(),
-                step: "declare".to_owned(),
+                severity: Severity::Sev3,
+                step: Step::Declare,
                 revision: 3,
                 approval: None,
                 apply_within_ms: 2000,
                 channels: vec![ChannelTiming {
-                    channel: "ivr".to_owned(),
+                    channel: Channel::parse("ivr").unwrap(),
                     subscribers: 2,
                     applied: 1,
                     p50_ms: 150.0,
@@ -965,8 +978,8 @@ mod tests {
                 }],
             }],
             fault: Some(FaultReport {
-                kind: "restart-controller".to_owned(),
-                severity: "sev3".to_owned(),
+                kind: Fault::RestartController,
+                severity: Severity::Sev3,
                 affected: 2,
                 recovered: false,
                 recovery_ms: 30_000.0,
@@ -1021,11 +1034,30 @@ mod tests {
         check(NASTY, NASTY_MD);
     }
 
+    /// What the junit writer makes of `text` in an attribute value and in
+    /// element content.
+    fn xml(text: &str) -> (String, String) {
+        let mut writer = Writer::new(Vec::new());
+        let start = element("a", [("v", text.to_owned())]);
+        writer.write_event(Event::Start(start.borrow())).unwrap();
+        writer
+            .write_event(Event::Text(BytesText::new(&allowed_in_xml(text))))
+            .unwrap();
+        writer.write_event(Event::End(start.to_end())).unwrap();
+        let written = String::from_utf8(writer.into_inner()).unwrap();
+        let (attribute, content) = written
+            .strip_prefix("<a v=\"")
+            .and_then(|w| w.strip_suffix("</a>"))
+            .and_then(|w| w.split_once("\">"))
+            .unwrap_or_else(|| panic!("{written}"));
+        (attribute.to_owned(), content.to_owned())
+    }
+
     #[test]
     fn xml_escapes_text() {
         #[track_caller]
         fn check(text: &str, expected: &str) {
-            assert_eq!(xml(text), expected, "xml({text:?})");
+            assert_eq!(xml(text).0, expected, "xml({text:?})");
         }
         check(
             r#"a<b>&"c"'d'"#,
@@ -1033,7 +1065,8 @@ mod tests {
         );
         check("x\u{0}y\u{1b}z\u{fffe}\u{ffff}!", "xyz!");
         check("line\nnext\r\tend", "line&#10;next&#13;&#9;end");
-        assert_eq!(xml_text("line\nnext\r\tend<"), "line\nnext&#13;\tend&lt;");
+        assert_eq!(xml("line\nnext\r\tend<").1, "line\nnext&#13;\tend&lt;");
+        assert_eq!(xml("x\u{0}y\u{1b}z\u{fffe}\u{ffff}!").1, "xyz!");
         check(
             "é \u{d7ff} \u{e000} \u{10ffff}",
             "é \u{d7ff} \u{e000} \u{10ffff}",

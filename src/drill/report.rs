@@ -1,8 +1,17 @@
 //! What a drill found: the data behind `report.md`, `journal.json` and
-//! `junit.xml`. Plain data, filled in by the drill as it goes.
+//! `junit.xml`. Plain data, filled in by the drill as it goes, in the
+//! domain's types (namespace, channel, severity, step, fault); each
+//! serializes as the name people know it by (`drill-0001`, `web`, `sev3`,
+//! `declare`, `kill-subscribers=10%`).
+
+use std::fmt;
 
 use jiff::Timestamp;
-use serde::Serialize;
+use serde::{Serialize, Serializer};
+
+use super::Fault;
+use safemode_policy::runbook::Severity;
+use safemode_policy::{Channel, Namespace};
 
 /// One drilled runbook.
 #[derive(Clone, Debug, Serialize)]
@@ -12,7 +21,7 @@ pub struct DrillReport {
     /// The runbook's title.
     pub title: String,
     /// The drill's own namespace, `drill-<id>`.
-    pub namespace: String,
+    pub namespace: Namespace,
     /// The controller drilled against (`local` for `--local`).
     pub controller: String,
     /// The incident the drill declared.
@@ -41,7 +50,8 @@ pub struct DrillReport {
 #[derive(Clone, Debug, Serialize)]
 pub struct ChannelSubscribers {
     /// The channel.
-    pub channel: String,
+    #[serde(serialize_with = "by_name")]
+    pub channel: Channel,
     /// Simulated by the drill.
     pub simulated: usize,
     /// Real subscribers already attached to the drill namespace.
@@ -52,9 +62,9 @@ pub struct ChannelSubscribers {
 #[derive(Clone, Debug, Serialize)]
 pub struct StageReport {
     /// The severity (`sev3`).
-    pub severity: String,
-    /// How the drill got there: `declare`, `escalate` or `deescalate`.
-    pub step: String,
+    pub severity: Severity,
+    /// How the drill got there.
+    pub step: Step,
     /// The namespace revision that applied the stage.
     pub revision: i64,
     /// The approval request, when moving there needed a second approver.
@@ -86,7 +96,8 @@ pub struct Approval {
 #[derive(Clone, Debug, Serialize)]
 pub struct ChannelTiming {
     /// The channel.
-    pub channel: String,
+    #[serde(serialize_with = "by_name")]
+    pub channel: Channel,
     /// Subscribers of the channel.
     pub subscribers: usize,
     /// How many of them applied the stage.
@@ -105,7 +116,8 @@ pub struct ChannelTiming {
 #[derive(Clone, Debug, Serialize)]
 pub struct ExpectationCheck {
     /// The channel asking.
-    pub channel: String,
+    #[serde(serialize_with = "by_name")]
+    pub channel: Channel,
     /// The action.
     pub action: String,
     /// The context, as the runbook wrote it (`confidence 0.9, methods
@@ -136,9 +148,10 @@ pub struct Reject {
 #[derive(Clone, Debug, Serialize)]
 pub struct FaultReport {
     /// `kill-subscribers=10%` or `restart-controller`.
-    pub kind: String,
+    #[serde(serialize_with = "by_name")]
+    pub kind: Fault,
     /// The stage it was injected in.
-    pub severity: String,
+    pub severity: Severity,
     /// Subscribers killed (or, for a controller restart, subscribers that had
     /// to reconnect).
     pub affected: usize,
@@ -174,4 +187,39 @@ pub struct JournalEvent {
     pub event: String,
     /// The details.
     pub detail: serde_json::Value,
+}
+
+/// How a drill moved to a stage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Step {
+    /// Declared the incident at the stage's severity.
+    Declare,
+    /// Moved up to a more severe stage.
+    Escalate,
+    /// Moved down to a less severe stage.
+    Deescalate,
+}
+
+impl Step {
+    /// The name: `declare`, `escalate` or `deescalate`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Declare => "declare",
+            Step::Escalate => "escalate",
+            Step::Deescalate => "deescalate",
+        }
+    }
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Serializes a name type as its name, for the types that do not serialize
+/// themselves (a channel, a fault).
+fn by_name<T: fmt::Display, S: Serializer>(value: &T, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(value)
 }

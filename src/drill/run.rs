@@ -14,10 +14,11 @@ use serde_json::json;
 
 use super::report::{
     Approval, ChannelSubscribers, ChannelTiming, DrillReport, ExpectationCheck, FaultReport,
-    JournalEvent, Reject, RestorationReport, StageReport,
+    JournalEvent, Reject, RestorationReport, StageReport, Step,
 };
-use super::{Control, DrillOptions, Fault, Harness};
+use super::{Control, DrillError, DrillOptions, Fault, Harness};
 use crate::sim::{Sim, SimConfig, percentile};
+use safemode_client::ClientError;
 use safemode_policy::runbook::{Expectation, Runbook, Severity, Stage};
 use safemode_policy::{Channel, Context, EffectKind, Namespace};
 use safemode_wire::proto;
@@ -37,7 +38,7 @@ pub(super) async fn drill(
         report: DrillReport {
             runbook: runbook.name.to_string(),
             title: runbook.title.clone(),
-            namespace: namespace.to_string(),
+            namespace: namespace.clone(),
             controller: harness.label.clone(),
             incident_id: None,
             started_at: Timestamp::now(),
@@ -61,7 +62,7 @@ pub(super) async fn drill(
     );
     let outcome = drill.walk(harness, runbook, options).await;
     if let Err(failure) = outcome {
-        drill.fail(failure);
+        drill.fail(failure.to_string());
     }
     drill.clean_up(harness).await;
     drill.report.finished_at = Timestamp::now();
@@ -87,7 +88,59 @@ struct Drill {
 }
 
 /// Where a drill stops early, and why.
-type Step<T> = Result<T, String>;
+type StepResult<T> = Result<T, StepError>;
+
+/// Why a drill step failed. Its message is the failure line of the report;
+/// the error behind it stays its source.
+#[derive(Debug, thiserror::Error)]
+enum StepError {
+    /// The controller answered a call with an error.
+    #[error("{message}")]
+    Call {
+        /// What failed, with the controller's message.
+        message: String,
+        /// The controller's answer (boxed: a `Status` is large, and every
+        /// step returns this error).
+        #[source]
+        status: Box<tonic::Status>,
+    },
+    /// The controller cannot be reached.
+    #[error(transparent)]
+    Controller(#[from] DrillError),
+    /// The drill's simulated subscribers cannot connect.
+    #[error("{what}: {source}")]
+    Subscribers {
+        /// What they were doing.
+        what: &'static str,
+        /// Why they cannot.
+        #[source]
+        source: ClientError,
+    },
+    /// Anything else; the message says what.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl StepError {
+    fn call(message: String, status: tonic::Status) -> Self {
+        StepError::Call {
+            message,
+            status: Box::new(status),
+        }
+    }
+}
+
+impl From<String> for StepError {
+    fn from(message: String) -> Self {
+        StepError::Failed(message)
+    }
+}
+
+impl From<&str> for StepError {
+    fn from(message: &str) -> Self {
+        StepError::Failed(message.to_owned())
+    }
+}
 
 /// A committed change: its revision, its approval, and when the call that
 /// committed it began.
@@ -116,7 +169,7 @@ impl Drill {
         harness: &mut Harness,
         runbook: &Runbook,
         options: &DrillOptions,
-    ) -> Step<()> {
+    ) -> StepResult<()> {
         let path: Vec<Severity> = options
             .severity_path
             .clone()
@@ -124,22 +177,22 @@ impl Drill {
         let stages: Vec<&Stage> = path
             .iter()
             .map(|s| {
-                runbook
-                    .stage(*s)
-                    .ok_or_else(|| format!("{} has no stage for {s}", runbook.name))
+                runbook.stage(*s).ok_or_else(|| {
+                    StepError::from(format!("{} has no stage for {s}", runbook.name))
+                })
             })
-            .collect::<Step<_>>()?;
-        let mut commander = harness.commander().await.map_err(|e| e.to_string())?;
+            .collect::<StepResult<_>>()?;
+        let mut commander = harness.commander().await?;
         if harness.local.is_none() {
             self.check_served(&mut commander, runbook, options).await?;
         }
         let before = self.status(&mut commander).await?;
         if !before.activations.is_empty() {
-            return Err(format!(
+            return Err(StepError::Failed(format!(
                 "{} already has {} active modes; a drill needs an empty drill namespace (it lifts everything it applied, and must not touch what others did)",
                 self.namespace,
                 before.activations.len()
-            ));
+            )));
         }
 
         // The simulated channel services: every channel asked about in an
@@ -160,7 +213,10 @@ impl Drill {
             complete_within: options.converge_within,
         })
         .await
-        .map_err(|e| format!("the simulated subscribers cannot connect: {e}"))?;
+        .map_err(|source| StepError::Subscribers {
+            what: "the simulated subscribers cannot connect",
+            source,
+        })?;
         // Real subscribers: anyone there before the drill's own (and not
         // left over from an earlier drill's simulation).
         self.attached = before
@@ -175,7 +231,7 @@ impl Drill {
         for (channel, simulated) in &channels {
             let attached = self.attached.iter().filter(|(_, c)| c == channel).count();
             self.report.subscribers.push(ChannelSubscribers {
-                channel: channel.to_string(),
+                channel: *channel,
                 simulated: *simulated,
                 attached,
             });
@@ -194,14 +250,14 @@ impl Drill {
         for (i, (severity, stage)) in path.iter().zip(&stages).enumerate() {
             let (step, committed) = match (&self.incident, previous) {
                 (None, _) => (
-                    "declare",
+                    Step::Declare,
                     self.declare(&mut commander, runbook, *severity).await?,
                 ),
                 (Some(id), Some(from)) => {
                     let step = if *severity > from {
-                        "escalate"
+                        Step::Escalate
                     } else {
-                        "deescalate"
+                        Step::Deescalate
                     };
                     let id = id.clone();
                     let committed = self
@@ -303,7 +359,7 @@ impl Drill {
         commander: &mut Control,
         runbook: &Runbook,
         severity: Severity,
-    ) -> Step<Committed> {
+    ) -> StepResult<Committed> {
         let began = Timestamp::now();
         let declared = commander
             .declare_incident(proto::DeclareIncidentRequest {
@@ -316,10 +372,13 @@ impl Drill {
             })
             .await
             .map_err(|s| {
-                format!(
-                    "declaring {} at {severity} failed: {}",
-                    runbook.name,
-                    s.message()
+                StepError::call(
+                    format!(
+                        "declaring {} at {severity} failed: {}",
+                        runbook.name,
+                        s.message()
+                    ),
+                    s,
                 )
             })?
             .into_inner();
@@ -343,8 +402,8 @@ impl Drill {
         commander: &mut Control,
         id: &str,
         severity: Severity,
-        step: &str,
-    ) -> Step<Committed> {
+        step: Step,
+    ) -> StepResult<Committed> {
         let began = Timestamp::now();
         let moved = commander
             .escalate_incident(proto::EscalateIncidentRequest {
@@ -354,7 +413,9 @@ impl Drill {
                 change_id: String::new(),
             })
             .await
-            .map_err(|s| format!("moving to {severity} failed: {}", s.message()))?
+            .map_err(|s| {
+                StepError::call(format!("moving to {severity} failed: {}", s.message()), s)
+            })?
             .into_inner();
         let committed = match moved.pending {
             None => Committed {
@@ -368,7 +429,7 @@ impl Drill {
             }
         };
         self.note(
-            step,
+            step.as_str(),
             json!({"incident": id, "severity": severity.to_string(), "revision": committed.revision}),
         );
         Ok(committed)
@@ -376,7 +437,11 @@ impl Drill {
 
     /// Resolves the drill's incident (with the second principal approving
     /// where needed); it is no longer the drill's to clean up.
-    async fn resolve(&mut self, harness: &Harness, commander: &mut Control) -> Step<Committed> {
+    async fn resolve(
+        &mut self,
+        harness: &Harness,
+        commander: &mut Control,
+    ) -> StepResult<Committed> {
         let id = self.incident.clone().ok_or("no incident to resolve")?;
         let began = Timestamp::now();
         let resolved = commander
@@ -386,7 +451,7 @@ impl Drill {
                 change_id: String::new(),
             })
             .await
-            .map_err(|s| format!("resolving failed: {}", s.message()))?
+            .map_err(|s| StepError::call(format!("resolving failed: {}", s.message()), s))?
             .into_inner();
         let committed = match resolved.pending {
             None => Committed {
@@ -412,21 +477,26 @@ impl Drill {
         commander: &mut Control,
         runbook: &Runbook,
         options: &DrillOptions,
-    ) -> Step<()> {
+    ) -> StepResult<()> {
         let served = commander
             .list_runbooks(proto::ListRunbooksRequest {})
             .await
-            .map_err(|s| format!("cannot list the controller's runbooks: {}", s.message()))?
+            .map_err(|s| {
+                StepError::call(
+                    format!("cannot list the controller's runbooks: {}", s.message()),
+                    s,
+                )
+            })?
             .into_inner();
         let Some(theirs) = served
             .runbooks
             .iter()
             .find(|r| r.name == runbook.name.as_str())
         else {
-            return Err(format!(
+            return Err(StepError::Failed(format!(
                 "the controller does not serve runbook {}; deploy it there (serve --runbooks DIR), or drill with --local",
                 runbook.name
-            ));
+            )));
         };
         let ours = safemode_wire::runbook_to_wire(runbook);
         let same_stages = ours.stages.len() == theirs.stages.len()
@@ -436,15 +506,20 @@ impl Drill {
                     && a.apply_within_ms == b.apply_within_ms
             });
         if !same_stages || ours.lift_requires_approval != theirs.lift_requires_approval {
-            return Err(format!(
+            return Err(StepError::Failed(format!(
                 "the controller serves another version of runbook {}; deploy this one, or drill with --local",
                 runbook.name
-            ));
+            )));
         }
         let modes = commander
             .list_modes(proto::ListModesRequest {})
             .await
-            .map_err(|s| format!("cannot list the controller's modes: {}", s.message()))?
+            .map_err(|s| {
+                StepError::call(
+                    format!("cannot list the controller's modes: {}", s.message()),
+                    s,
+                )
+            })?
             .into_inner();
         for stage in &runbook.stages {
             for staged in &stage.modes {
@@ -456,20 +531,25 @@ impl Drill {
                     .map(|m| safemode_wire::mode_to_wire(m));
                 let theirs = modes.modes.iter().find(|m| m.name == staged.mode.as_str());
                 if ours.as_ref() != theirs {
-                    return Err(format!(
+                    return Err(StepError::Failed(format!(
                         "the controller serves another version of mode {} than the one runbook {} is drilled with here; deploy the same modes, or drill with --local",
                         staged.mode, runbook.name
-                    ));
+                    )));
                 }
             }
         }
         Ok(())
     }
 
-    async fn status(&self, commander: &mut Control) -> Step<proto::GetStatusResponse> {
+    async fn status(&self, commander: &mut Control) -> StepResult<proto::GetStatusResponse> {
         safemode_wire::full_status(commander, self.namespace.as_str())
             .await
-            .map_err(|s| format!("cannot read the drill namespace's status: {}", s.message()))
+            .map_err(|s| {
+                StepError::call(
+                    format!("cannot read the drill namespace's status: {}", s.message()),
+                    s,
+                )
+            })
     }
 
     /// Has the second principal approve `request`; the change commits with
@@ -479,12 +559,12 @@ impl Drill {
         harness: &Harness,
         request: proto::ChangeRequest,
         what: &str,
-    ) -> Step<Committed> {
+    ) -> StepResult<Committed> {
         self.note(
             "approval_requested",
             json!({"request": request.id, "requested_by": request.requested_by, "what": what}),
         );
-        let mut approver = harness.approver().await.map_err(|e| e.to_string())?;
+        let mut approver = harness.approver().await?;
         let began = Timestamp::now();
         let approved = approver
             .approve(proto::ApproveRequest {
@@ -494,10 +574,13 @@ impl Drill {
             })
             .await
             .map_err(|s| {
-                format!(
+                StepError::call(
+                    format!(
                     "{what} needs a second approver and approving {} failed: {} (against a running controller, give --approver-token: another principal's drill or approver token)",
                     request.id,
-                    s.message()
+                        s.message()
+                    ),
+                    s,
                 )
             })?
             .into_inner();
@@ -524,19 +607,19 @@ impl Drill {
         harness: &Harness,
         sim: &Sim,
         stage: &Stage,
-        step: &str,
+        step: Step,
         committed: Committed,
         options: &DrillOptions,
-    ) -> Step<StageReport> {
+    ) -> StepResult<StageReport> {
         let Committed {
             revision,
             approval,
             began,
         } = committed;
-        let severity = stage.severity.to_string();
+        let severity = stage.severity;
         let limit_ms = stage.apply_within.as_millis() as u64;
         sim.wait_applied(revision, options.converge_within).await;
-        let mut commander = harness.commander().await.map_err(|e| e.to_string())?;
+        let mut commander = harness.commander().await?;
         let (status, seen) = self
             .wait_attached(&mut commander, revision, options.converge_within)
             .await?;
@@ -574,7 +657,7 @@ impl Drill {
                 });
             }
             channels.push(ChannelTiming {
-                channel: channel.to_string(),
+                channel,
                 subscribers,
                 applied: applied.len(),
                 p50_ms: percentile(&applied, 0.50),
@@ -604,10 +687,10 @@ impl Drill {
             );
             expectations.push(check);
         }
-        let rejects = self.rejects_since(&status, revision, &severity);
+        let rejects = self.rejects_since(&status, revision, severity.as_str());
         Ok(StageReport {
             severity,
-            step: step.into(),
+            step,
             revision,
             approval,
             apply_within_ms: limit_ms,
@@ -656,7 +739,7 @@ impl Drill {
         commander: &mut Control,
         revision: i64,
         within: Duration,
-    ) -> Step<(proto::GetStatusResponse, HashMap<String, Timestamp>)> {
+    ) -> StepResult<(proto::GetStatusResponse, HashMap<String, Timestamp>)> {
         let deadline = tokio::time::Instant::now() + within;
         let mut seen: HashMap<String, Timestamp> = HashMap::new();
         loop {
@@ -687,8 +770,8 @@ impl Drill {
         severity: Severity,
         revision: i64,
         options: &DrillOptions,
-    ) -> Step<()> {
-        let mut commander = harness.commander().await.map_err(|e| e.to_string())?;
+    ) -> StepResult<()> {
+        let mut commander = harness.commander().await?;
         // The fault's moment on the controller's clock, to compare with its
         // connected_at times.
         let before = self.status(&mut commander).await?.server_time;
@@ -703,7 +786,10 @@ impl Drill {
                 );
                 sim.revive(&killed)
                     .await
-                    .map_err(|e| format!("killed subscribers could not come back: {e}"))?;
+                    .map_err(|source| StepError::Subscribers {
+                        what: "killed subscribers could not come back",
+                        source,
+                    })?;
                 let ids = sim.subscriber_ids();
                 killed.iter().map(|&i| ids[i].clone()).collect()
             }
@@ -727,7 +813,7 @@ impl Drill {
             (Some(c), Some(b)) => (c.seconds, c.nanos) > (b.seconds, b.nanos),
             _ => false,
         };
-        let mut commander = harness.commander().await.map_err(|e| e.to_string())?;
+        let mut commander = harness.commander().await?;
         let deadline = tokio::time::Instant::now() + options.converge_within;
         let recovered = loop {
             let converged = match self.status(&mut commander).await {
@@ -761,8 +847,8 @@ impl Drill {
             json!({"recovered": recovered, "ms": recovery_ms}),
         );
         self.report.fault = Some(FaultReport {
-            kind: fault.describe(),
-            severity: severity.to_string(),
+            kind: fault,
+            severity,
             affected: affected.len(),
             recovered,
             recovery_ms,
@@ -786,7 +872,7 @@ impl Drill {
         let left = match self.status(&mut commander).await {
             Ok(status) => status.activations,
             Err(e) => {
-                self.fail(e);
+                self.fail(e.to_string());
                 return;
             }
         };
@@ -819,7 +905,7 @@ fn expectation_check(sim: &Sim, e: &Expectation) -> ExpectationCheck {
         ),
     };
     ExpectationCheck {
-        channel: e.channel.to_string(),
+        channel: e.channel,
         action: e.action.to_string(),
         context: context_text(&e.context),
         expected: e.effect.as_str().to_string(),

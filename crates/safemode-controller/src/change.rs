@@ -687,9 +687,12 @@ impl Controller {
                     }
                     unknown += 1;
                     if unknown >= UNKNOWN_OUTCOMES {
-                        return Err(safemode_store::Error::Unavailable(format!(
-                            "{why} ({unknown} times; change {id} has not committed: retry with the same change id)"
-                        ))
+                        return Err(safemode_store::Error::Unavailable(
+                            format!(
+                                "{why} ({unknown} times; change {id} has not committed: retry with the same change id)"
+                            )
+                            .into(),
+                        )
                         .into());
                     }
                     pause(attempt).await;

@@ -430,18 +430,20 @@ fn tagged(purpose: Purpose, message: &[u8]) -> Vec<u8> {
 }
 
 /// Writes a private key file that only its owner can read, without ever
-/// replacing an existing one.
+/// replacing an existing one: the key goes into a temporary file beside it
+/// (`tempfile` makes it readable by its owner only), synced, and is linked
+/// into place only if nothing is there yet, so a crash never leaves a
+/// half-written key.
 fn write_private(path: &Path, pem: &str) -> std::io::Result<()> {
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        options.mode(0o600);
-    }
-    let mut file = options.open(path)?;
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    let mut file = tempfile::NamedTempFile::new_in(dir)?;
     file.write_all(pem.as_bytes())?;
-    file.sync_all()
+    file.as_file().sync_all()?;
+    file.persist_noclobber(path).map_err(|e| e.error)?;
+    Ok(())
 }
 
 fn pem_block(label: &str, der: &[u8]) -> String {

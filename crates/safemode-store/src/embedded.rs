@@ -32,8 +32,8 @@ use redb::{
 use tokio::sync::watch;
 
 use super::{
-    Compare, Error, Event, EventKind, KeyValue, Op, RangePage, RangeResult, Result, Revision,
-    Store, Txn, TxnOutcome, WatchBatch, WatchStream,
+    Cause, Compare, Error, Event, EventKind, KeyValue, Op, RangePage, RangeResult, Result,
+    Revision, Store, Txn, TxnOutcome, WatchBatch, WatchStream,
 };
 
 // === Tables and byte layouts ===
@@ -134,18 +134,22 @@ impl EmbeddedStore {
             .ok()
             .filter(|history| *history >= 1)
             .ok_or_else(|| {
-                Error::InvalidRequest(format!(
-                    "embedded store history must be between 1 and {} revisions, got {}",
-                    Revision::MAX,
-                    options.history
-                ))
+                Error::InvalidRequest(
+                    format!(
+                        "embedded store history must be between 1 and {} revisions, got {}",
+                        Revision::MAX,
+                        options.history
+                    )
+                    .into(),
+                )
             })?;
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|err| {
-                Error::Unavailable(format!(
+                let message = format!(
                     "cannot create the data directory {}: {err}",
                     parent.display()
-                ))
+                );
+                Error::Unavailable(Cause::new(message, err))
             })?;
         }
         let db = Database::create(path).map_err(|err| open_error(path, err))?;
@@ -207,10 +211,13 @@ impl Store for EmbeddedStore {
 
     async fn watch(&self, prefix: &str, from: Revision) -> Result<WatchStream> {
         if from < 1 {
-            return Err(Error::InvalidRequest(format!(
-                "a watch starts at revision 1 or later, got {from}; to watch from now, \
+            return Err(Error::InvalidRequest(
+                format!(
+                    "a watch starts at revision 1 or later, got {from}; to watch from now, \
                  watch from the revision of a range plus one"
-            )));
+                )
+                .into(),
+            ));
         }
         // Subscribe before reading anything: every commit from here on marks
         // the receiver changed, so none can fall between the history read and
@@ -253,9 +260,10 @@ where
     match tokio::task::spawn_blocking(move || span.in_scope(|| work(&inner))).await {
         Ok(result) => result,
         Err(err) if err.is_panic() => std::panic::resume_unwind(err.into_panic()),
-        Err(err) => Err(Error::Unavailable(format!(
-            "embedded store work was cancelled (is the runtime shutting down?): {err}"
-        ))),
+        Err(err) => Err(Error::Unavailable(
+            format!("embedded store work was cancelled (is the runtime shutting down?): {err}")
+                .into(),
+        )),
     }
 }
 
@@ -266,29 +274,34 @@ fn validate(txn: &Txn) -> Result<()> {
         let (Op::Put { key, .. } | Op::Delete { key }) = op;
         if key.is_empty() {
             return Err(Error::InvalidRequest(
-                "a transaction op has an empty key".to_owned(),
+                "a transaction op has an empty key".to_owned().into(),
             ));
         }
         if !keys.insert(key.as_str()) {
-            return Err(Error::InvalidRequest(format!(
-                "key {key:?} appears in more than one op of one transaction; \
+            return Err(Error::InvalidRequest(
+                format!(
+                    "key {key:?} appears in more than one op of one transaction; \
                  merge them into one op"
-            )));
+                )
+                .into(),
+            ));
         }
         if let Op::Put { value, .. } = op {
             if u32::try_from(value.len()).is_err() {
-                return Err(Error::InvalidRequest(format!(
-                    "the value of key {key:?} is {} bytes; values must be under 4 GiB",
-                    value.len()
-                )));
+                return Err(Error::InvalidRequest(
+                    format!(
+                        "the value of key {key:?} is {} bytes; values must be under 4 GiB",
+                        value.len()
+                    )
+                    .into(),
+                ));
             }
         }
     }
     if u32::try_from(txn.ops.len()).is_err() {
-        return Err(Error::InvalidRequest(format!(
-            "a transaction has {} ops; split it",
-            txn.ops.len()
-        )));
+        return Err(Error::InvalidRequest(
+            format!("a transaction has {} ops; split it", txn.ops.len()).into(),
+        ));
     }
     Ok(())
 }
@@ -379,9 +392,9 @@ impl Inner {
         let compacted = get_meta(&meta, META_COMPACTED)?;
         let at = if at == 0 { current } else { at };
         if at < 0 || at > current {
-            return Err(Error::InvalidRequest(format!(
-                "cannot read at revision {at}: the store is at revision {current}"
-            )));
+            return Err(Error::InvalidRequest(
+                format!("cannot read at revision {at}: the store is at revision {current}").into(),
+            ));
         }
         if at < current && at <= compacted {
             return Err(Error::Compacted {
@@ -613,7 +626,7 @@ impl Inner {
             if revision > current {
                 return Err(Error::InvalidRequest(format!(
                     "cannot compact at revision {revision}: the store is only at revision {current}"
-                )));
+                ).into()));
             }
             // History before `revision` goes; `revision` stays watchable.
             let floor = revision - 1;
@@ -796,11 +809,14 @@ fn get_meta(table: &impl ReadableTable<&'static str, i64>, name: &str) -> Result
 
 fn open_error(path: &Path, err: redb::DatabaseError) -> Error {
     match err {
-        redb::DatabaseError::DatabaseAlreadyOpen => Error::Unavailable(format!(
-            "the data directory is in use by another safemode process ({} is locked); \
+        redb::DatabaseError::DatabaseAlreadyOpen => Error::Unavailable(
+            format!(
+                "the data directory is in use by another safemode process ({} is locked); \
              stop that process, or give this one its own data directory",
-            path.display()
-        )),
+                path.display()
+            )
+            .into(),
+        ),
         err => redb_error(&format!("open {}", path.display()), err),
     }
 }
@@ -822,10 +838,13 @@ fn redb_error(what: &str, err: impl Into<redb::Error>) -> Error {
         redb::Error::Io(err) if err.kind() == std::io::ErrorKind::InvalidData => Error::Corrupt(
             format!("embedded store: {what}: {err}; is this a safemode store file?"),
         ),
-        redb::Error::ValueTooLarge(len) => Error::InvalidRequest(format!(
-            "embedded store: {what}: a record of {len} bytes is larger than the store allows"
-        )),
-        err => Error::Unavailable(format!("embedded store: {what}: {err}")),
+        redb::Error::ValueTooLarge(len) => Error::InvalidRequest(
+            format!(
+                "embedded store: {what}: a record of {len} bytes is larger than the store allows"
+            )
+            .into(),
+        ),
+        err => Error::Unavailable(Cause::new(format!("embedded store: {what}: {err}"), err)),
     }
 }
 
@@ -1040,7 +1059,9 @@ impl WatchState {
     fn closed(mut self) -> (Result<WatchBatch>, WatchState) {
         self.done = true;
         let err = Error::Unavailable(
-            "the embedded store was closed; reopen it and watch again".to_owned(),
+            "the embedded store was closed; reopen it and watch again"
+                .to_owned()
+                .into(),
         );
         (Err(err), self)
     }

@@ -55,8 +55,8 @@ use safemode_support::backoff::Backoff;
 use safemode_support::pem;
 
 use super::{
-    Compare, Error, Event, EventKind, KeyValue, Op, RangePage, RangeResult, Result, Revision,
-    Store, Txn, TxnOutcome, WatchBatch, WatchStream,
+    Cause, Compare, Error, Event, EventKind, KeyValue, Op, RangePage, RangeResult, Result,
+    Revision, Store, Txn, TxnOutcome, WatchBatch, WatchStream,
 };
 
 /// TLS to etcd, for `https://` endpoints: PEM files.
@@ -256,7 +256,7 @@ impl EtcdStore {
             // dials on the first call.
             let client = Client::connect([endpoint], Some(connect.clone()))
                 .await
-                .map_err(|e| unreachable(&options.endpoints, &e))?;
+                .map_err(|e| unreachable(&options.endpoints, e))?;
             members.push(client);
         }
         let store = EtcdStore {
@@ -272,7 +272,7 @@ impl EtcdStore {
                     .await
             })
             .await
-            .map_err(|(e, _)| unreachable(&store.options.endpoints, &e))?;
+            .map_err(|(e, _)| unreachable(&store.options.endpoints, e))?;
         Ok(store)
     }
 
@@ -425,8 +425,8 @@ fn classify(error: &etcd_client::Error) -> Failure {
     }
 }
 
-fn unreachable(endpoints: &[String], error: &etcd_client::Error) -> Error {
-    let described = describe(error);
+fn unreachable(endpoints: &[String], error: etcd_client::Error) -> Error {
+    let described = describe(&error);
     // TLS failures say what is wrong in rustls' words; say what to check.
     let hint = if described.contains("UnknownIssuer") {
         "; give --etcd-ca-cert the CA that signed the etcd members' certificates"
@@ -437,10 +437,11 @@ fn unreachable(endpoints: &[String], error: &etcd_client::Error) -> Error {
     } else {
         ""
     };
-    Error::Unavailable(format!(
+    let message = format!(
         "cannot reach etcd at {}: {described}{hint}",
         endpoints.join(","),
-    ))
+    );
+    Error::Unavailable(Cause::new(message, error))
 }
 
 /// An etcd error for people: a gRPC status's message and the causes behind
@@ -463,9 +464,10 @@ fn etcd_error(error: etcd_client::Error) -> Error {
             if status.code() == tonic::Code::InvalidArgument
                 || status.code() == tonic::Code::OutOfRange =>
         {
-            Error::InvalidRequest(status.message().to_string())
+            let message = status.message().to_owned();
+            Error::InvalidRequest(Cause::new(message, error))
         }
-        _ => Error::Unavailable(describe(&error)),
+        _ => Error::Unavailable(Cause::new(describe(&error), error)),
     }
 }
 
@@ -558,9 +560,9 @@ impl Store for EtcdStore {
     ) -> Result<RangePage> {
         super::check_page_limit(limit)?;
         if revision < 0 {
-            return Err(Error::InvalidRequest(format!(
-                "a page is read at revision 0 (now) or later, not {revision}"
-            )));
+            return Err(Error::InvalidRequest(
+                format!("a page is read at revision 0 (now) or later, not {revision}").into(),
+            ));
         }
         // Keys sort as bytes, so the first key after `start_after` is
         // `start_after` followed by a zero byte.
@@ -633,9 +635,12 @@ impl Store for EtcdStore {
             })
             .await
             .map_err(|(e, failure)| match failure {
-                Failure::Ambiguous => Error::Unavailable(format!(
-                    "{}; the transaction may or may not have been applied",
-                    describe(&e)
+                Failure::Ambiguous => Error::Unavailable(Cause::new(
+                    format!(
+                        "{}; the transaction may or may not have been applied",
+                        describe(&e)
+                    ),
+                    e,
                 )),
                 _ => etcd_error(e),
             })?;
@@ -649,9 +654,9 @@ impl Store for EtcdStore {
 
     async fn watch(&self, prefix: &str, from: Revision) -> Result<WatchStream> {
         if from < 1 {
-            return Err(Error::InvalidRequest(format!(
-                "a watch starts at revision 1 or later, not {from}"
-            )));
+            return Err(Error::InvalidRequest(
+                format!("a watch starts at revision 1 or later, not {from}").into(),
+            ));
         }
         let (key, _) = prefix_range(prefix);
         let mut options = WatchOptions::new()
@@ -753,7 +758,7 @@ impl WatchState {
                         return Err(Error::Unavailable(format!(
                             "etcd cancelled the watch: {}",
                             response.cancel_reason()
-                        )));
+                        ).into()));
                     }
                     // The creation answer and progress notifications carry
                     // etcd's current revision, not a promise that everything
@@ -776,7 +781,7 @@ impl WatchState {
                         return Err(Error::Unavailable(format!(
                             "the etcd watch said nothing for {:?}; reconnecting",
                             self.quiet_deadline
-                        )));
+                        ).into()));
                     }
                     self.stream.request_progress().await.map_err(etcd_error)?;
                 }

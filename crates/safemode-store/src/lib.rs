@@ -43,13 +43,64 @@ pub enum Error {
     /// been applied, and only reading back can tell (`Controller::commit`
     /// does, by change id).
     #[error("store unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(Cause),
     /// The store's data could not be read back (damaged file, bad record).
     #[error("store data is damaged: {0}")]
     Corrupt(String),
     /// The store refused the request as malformed (a bug in the caller).
     #[error("invalid store request: {0}")]
-    InvalidRequest(String),
+    InvalidRequest(Cause),
+}
+
+/// Why a store operation failed, in words, with the error behind it when
+/// there is one (etcd's, for [`etcd::EtcdStore`]; redb's or the file
+/// system's for [`embedded::EmbeddedStore`]). The error stays an error, not
+/// a string: a caller that must tell failures apart matches the variant and
+/// looks at its cause (`cause.source()`, downcast to `etcd_client::Error`).
+///
+/// The message already says what the cause says, in words for people (a
+/// gRPC status's message, not its debug form), so [`Error`] does not chain
+/// to it: `{:#}` and [`crate::errors::error_chain`] print the store's error
+/// once, as they did when the cause was only text.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Cause {
+    message: String,
+    #[source]
+    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+impl Cause {
+    /// `message`, caused by `source`.
+    pub fn new(
+        message: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    ) -> Self {
+        Cause {
+            message: message.into(),
+            source: Some(source.into()),
+        }
+    }
+
+    /// What went wrong, in words.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl From<String> for Cause {
+    fn from(message: String) -> Self {
+        Cause {
+            message,
+            source: None,
+        }
+    }
+}
+
+impl From<&str> for Cause {
+    fn from(message: &str) -> Self {
+        message.to_owned().into()
+    }
 }
 
 /// A key with its value and the revisions that created and last changed it.
@@ -237,9 +288,9 @@ pub trait Store: Send + Sync + 'static {
 /// Checks a page request the same way for every store.
 pub(crate) fn check_page_limit(limit: usize) -> Result<()> {
     if limit == 0 || limit > MAX_PAGE_LIMIT {
-        return Err(Error::InvalidRequest(format!(
-            "a page holds 1 to {MAX_PAGE_LIMIT} keys, not {limit}"
-        )));
+        return Err(Error::InvalidRequest(
+            format!("a page holds 1 to {MAX_PAGE_LIMIT} keys, not {limit}").into(),
+        ));
     }
     Ok(())
 }
