@@ -584,7 +584,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .list_modes(proto::ListModesRequest {})
                 .await
                 .map_err(refused)?;
-            emit(output::modes(format, &response.into_inner()))?;
+            emit(output::show(
+                format,
+                &output::Modes::from(response.into_inner()),
+            ))?;
             Ok(())
         }
         Command::Mode(ModeCommand::Apply {
@@ -644,7 +647,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 },
             )
             .await?;
-            emit(output::applied(format, &response))?;
+            emit(output::show(format, &output::Applied::from(response)))?;
             Ok(())
         }
         Command::Mode(ModeCommand::Lift {
@@ -678,7 +681,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 },
             )
             .await?;
-            emit(output::lifted(format, &response))?;
+            emit(output::show(format, &output::Lifted::from(response)))?;
             Ok(())
         }
         Command::Status(namespace) => {
@@ -687,7 +690,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let response = crate::wire::full_status(&mut client, namespace.as_str())
                 .await
                 .map_err(refused)?;
-            emit(output::status(format, &response))?;
+            emit(output::show(format, &output::Status::from(response)))?;
             Ok(())
         }
         Command::Watch(args) => {
@@ -696,7 +699,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut changes = subscriber.changes();
             loop {
                 if let Some(snapshot) = changes.borrow_and_update().clone() {
-                    emit(output::snapshot(format, &snapshot))?;
+                    emit(output::show(format, &output::Snapshot::from(&*snapshot)))?;
                 }
                 tokio::select! {
                     changed = changes.changed() => changed.context("the subscriber stopped")?,
@@ -709,10 +712,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let action = Action::parse(&args.action)?;
             let ctx = decide_context(&args)?;
             let subscriber = Subscriber::connect(config).await?;
-            emit(output::decision(
-                format,
-                &subscriber.decide(&action, &ctx).report(),
-            ))?;
+            let report = subscriber.decide(&action, &ctx).report();
+            emit(output::show(format, &output::Decision(&report)))?;
             Ok(())
         }
         Command::Sim(args) => sim::run(&cli.servers, &caller, format, args).await,
