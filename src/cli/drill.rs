@@ -98,7 +98,10 @@ pub(super) async fn run(
         Some(dir) => drill::render::write(dir, &reports)?,
         None => Vec::new(),
     };
-    emit(output::drills(format, &reports, &written))?;
+    emit(output::show(
+        format,
+        &output::Drills::new(&reports, &written),
+    ))?;
     let failed: Vec<&str> = reports
         .iter()
         .filter(|r| !r.passed)

@@ -55,7 +55,10 @@ pub(super) async fn incident(
                 },
             )
             .await?;
-            emit(output::incident_change(format, "declared", &response))
+            emit(output::show(
+                format,
+                &output::IncidentChanged::new("declared", response),
+            ))
         }
         Escalate {
             id,
@@ -87,7 +90,10 @@ pub(super) async fn incident(
                 },
             )
             .await?;
-            emit(output::incident_change(format, "moved", &response))
+            emit(output::show(
+                format,
+                &output::IncidentChanged::new("moved", response),
+            ))
         }
         Resolve { id, reason } => {
             IncidentId::parse(&id)?;
@@ -110,7 +116,10 @@ pub(super) async fn incident(
                 },
             )
             .await?;
-            emit(output::incident_change(format, "resolved", &response))
+            emit(output::show(
+                format,
+                &output::IncidentChanged::new("resolved", response),
+            ))
         }
         List { all, namespace } => {
             let namespace = parse_namespace(&namespace)?;
@@ -122,7 +131,10 @@ pub(super) async fn incident(
                 })
                 .await
                 .map_err(refused)?;
-            emit(output::incidents(format, &response.into_inner()))
+            emit(output::show(
+                format,
+                &output::Incidents::from(response.into_inner()),
+            ))
         }
         Show { id } => {
             IncidentId::parse(&id)?;
@@ -131,7 +143,10 @@ pub(super) async fn incident(
                 .get_incident(proto::GetIncidentRequest { incident_id: id })
                 .await
                 .map_err(refused)?;
-            emit(output::incident(format, &response.into_inner()))
+            emit(output::show(
+                format,
+                &output::Incident::from(response.into_inner()),
+            ))
         }
     }
 }
@@ -179,7 +194,7 @@ pub(super) async fn approve(
         Box::pin(async move { client.approve(request).await })
     })
     .await?;
-    emit(output::approved(format, &response))
+    emit(output::show(format, &output::Approved::from(response)))
 }
 
 pub(super) async fn requests(
@@ -197,7 +212,10 @@ pub(super) async fn requests(
         })
         .await
         .map_err(refused)?;
-    emit(output::requests(format, &response.into_inner()))
+    emit(output::show(
+        format,
+        &output::Requests::from(response.into_inner()),
+    ))
 }
 
 /// The log; with --verify, any problem makes the command fail (after
@@ -222,15 +240,16 @@ pub(super) async fn audit(
     // The first page carries the verification and the head. Text is
     // printed page by page, so the log is never held whole; JSON is one
     // document, so its pages are gathered.
-    let mut response = client
+    let first = client
         .get_audit(request(verify, 0))
         .await
         .map_err(refused)?
         .into_inner();
+    let mut next = first.next_after_seq;
+    let mut audit = output::Audit::from(first);
     if format == Format::Text {
-        emit(output::audit_rows(&response, true))?;
+        emit(audit.rows(true))?;
     }
-    let mut next = response.next_after_seq;
     while next != 0 {
         let page = client
             .get_audit(request(false, next))
@@ -245,19 +264,20 @@ pub(super) async fn audit(
             );
         }
         next = page.next_after_seq;
+        let page = output::Audit::from(page);
         match format {
-            Format::Text => emit(output::audit_rows(&page, false))?,
-            Format::Json => response.entries.extend(page.entries),
+            Format::Text => emit(page.rows(false))?,
+            Format::Json => audit.extend(page),
         }
     }
     match format {
-        Format::Text => emit(output::audit_summary(&response))?,
-        Format::Json => emit(output::audit(format, &response))?,
+        Format::Text => emit(audit.summary())?,
+        Format::Json => emit(output::show(format, &audit))?,
     }
-    if verify && response.problems_total > 0 {
+    if verify && audit.problems_total() > 0 {
         bail!(
             "the audit log has been tampered with: {} problem(s), listed above",
-            response.problems_total
+            audit.problems_total()
         );
     }
     Ok(())
@@ -273,7 +293,10 @@ pub(super) async fn runbooks(
         .list_runbooks(proto::ListRunbooksRequest {})
         .await
         .map_err(refused)?;
-    emit(output::runbooks(format, &response.into_inner()))
+    emit(output::show(
+        format,
+        &output::Runbooks::from(response.into_inner()),
+    ))
 }
 
 /// Lints runbook files locally: every error on its own line, exit 1 if any.
@@ -292,7 +315,7 @@ pub(super) fn lint(
         None => safemode_policy::catalog::standard_modes(),
     };
     let result = safemode_policy::catalog::lint(&paths, &catalog);
-    emit(output::lint(format, &result))?;
+    emit(output::show(format, &output::Lint::from(&result)))?;
     match result {
         Ok(_) => Ok(()),
         Err(errors) => bail!("{} error(s) in the runbooks, listed above", errors.len()),
@@ -309,5 +332,5 @@ pub(super) fn create_token(
         .map(|r| Role::parse(r).map_err(|e| anyhow!("--role: {e}")))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let new = auth::create_token(principal, &roles)?;
-    emit(output::token(format, &new.principal, &roles, &new))
+    emit(output::show(format, &output::Token::new(&roles, &new)))
 }

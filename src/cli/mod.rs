@@ -587,7 +587,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .list_modes(proto::ListModesRequest {})
                 .await
                 .map_err(refused)?;
-            emit(output::modes(format, &response.into_inner()))?;
+            emit(output::show(
+                format,
+                &output::Modes::from(response.into_inner()),
+            ))?;
             Ok(())
         }
         Command::Mode(ModeCommand::Apply {
@@ -647,7 +650,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 },
             )
             .await?;
-            emit(output::applied(format, &response))?;
+            emit(output::show(format, &output::Applied::from(response)))?;
             Ok(())
         }
         Command::Mode(ModeCommand::Lift {
@@ -681,7 +684,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 },
             )
             .await?;
-            emit(output::lifted(format, &response))?;
+            emit(output::show(format, &output::Lifted::from(response)))?;
             Ok(())
         }
         Command::Status(namespace) => {
@@ -690,7 +693,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let response = safemode_wire::full_status(&mut client, namespace.as_str())
                 .await
                 .map_err(refused)?;
-            emit(output::status(format, &response))?;
+            emit(output::show(format, &output::Status::from(response)))?;
             Ok(())
         }
         Command::Watch(args) => {
@@ -699,7 +702,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut changes = subscriber.changes();
             loop {
                 if let Some(snapshot) = changes.borrow_and_update().clone() {
-                    emit(output::snapshot(format, &snapshot))?;
+                    emit(output::show(format, &output::Snapshot::from(&*snapshot)))?;
                 }
                 tokio::select! {
                     changed = changes.changed() => changed.context("the subscriber stopped")?,
@@ -712,10 +715,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let action = Action::parse(&args.action)?;
             let ctx = decide_context(&args)?;
             let subscriber = Subscriber::connect(config).await?;
-            emit(output::decision(
-                format,
-                &subscriber.decide(&action, &ctx).report(),
-            ))?;
+            let report = subscriber.decide(&action, &ctx).report();
+            emit(output::show(format, &output::Decision(&report)))?;
             Ok(())
         }
         Command::Sim(args) => sim::run(&cli.servers, &caller, format, args).await,

@@ -1,31 +1,41 @@
-//! Rendering results as text for people or as JSON for scripts. Renderers
-//! return the text; `cli::emit` writes it.
+//! Rendering answers as text for people or as JSON for scripts. Each
+//! answer has one view: a serde struct built once from the proto message
+//! (or the domain value) that implements [`View`]; [`show`] serializes it
+//! for JSON or renders it for text, and `cli::emit` writes the result.
 //!
 //! Text output cannot be made to lie by what it prints: every line goes
-//! through [`single_line`] (the `say!` macro and `table` do it), so a reason,
-//! id or message with a newline, a carriage return or a bidi override shows
-//! as visible escapes on its own line instead of forging a row or a
+//! through [`single_line`] (a view renders into [`Text`], whose only ways
+//! in, the `say!` macro and `Text::table`, escape), so a reason, id or
+//! message with a newline, a carriage return or a bidi override shows as
+//! visible escapes on its own line instead of forging a row or a
 //! "verified" verdict. JSON output is exact: serde escapes it.
 
 use std::fmt::{self, Write as _};
 
-use serde_json::{Value, json};
+use serde::{Serialize, Serializer};
 
 use super::Format;
-use safemode_client::{DecisionReport, PolicySnapshot};
-use safemode_policy::{ActionPolicy, Effect, EffectKind};
+use crate::drill::DrillReport;
+use crate::drill::report::{ChannelSubscribers, FaultReport, RestorationReport, StageReport};
+use crate::sim::{ChannelTimes, RevisionReport};
+use safemode_client::{ActivationInfo, DecisionReport, PolicySnapshot};
+use safemode_controller::auth::{NewToken, Role};
+use safemode_policy::{
+    ActionPolicy, ActivationId, Channel, Condition, Effect, EffectKind, Entry, Namespace, Revision,
+    Throttle,
+};
 use safemode_wire::{self as wire, proto};
 
-/// One line of text into a `String` (which cannot fail), with everything
-/// in it that could break or reorder the line escaped (see [`single_line`]).
+/// One line into a [`Text`], with everything in it that could break or
+/// reorder the line escaped (see [`single_line`]); `say!(out)` is an empty
+/// line.
 macro_rules! say {
     ($out:expr) => {
-        $out.push('\n')
+        $out.blank()
     };
-    ($out:expr, $($arg:tt)*) => {{
-        let line = format!($($arg)*);
-        let _ = writeln!($out, "{}", single_line(&line));
-    }};
+    ($out:expr, $($arg:tt)*) => {
+        $out.line(format_args!($($arg)*))
+    };
 }
 
 // === one line per line ===
@@ -100,265 +110,168 @@ fn must_escape(c: char) -> bool {
     ) || c.is_control()
 }
 
-fn json_line(value: &Value) -> String {
-    format!("{value}\n")
+// === views ===
+
+/// An answer as the CLI shows it: one serde struct per response, built
+/// once from the proto message (or the domain value), from which both
+/// renderings come, so JSON and text cannot drift apart.
+pub trait View: Serialize {
+    /// The answer for people, line by line into `out`.
+    fn render(&self, out: &mut Text);
 }
 
-fn time(t: &Option<prost_types::Timestamp>) -> Value {
-    t.as_ref()
-        .and_then(|t| wire::timestamp_from_wire(t).ok())
-        .map_or(Value::Null, |t| json!(t.to_string()))
-}
-
-/// A time for people: to the second (JSON keeps full precision).
-fn time_text(t: &Option<prost_types::Timestamp>) -> String {
-    t.as_ref()
-        .and_then(|t| wire::timestamp_from_wire(t).ok())
-        .and_then(|t| t.round(jiff::Unit::Second).ok())
-        .map_or_else(|| "-".to_string(), |t| t.to_string())
-}
-
-fn channels_text(channels: &[String]) -> String {
-    if channels.is_empty() {
-        "all".to_string()
-    } else {
-        channels.join(",")
-    }
-}
-
-fn activation_json(a: &proto::Activation) -> Value {
-    json!({
-        "id": a.id,
-        "mode": a.mode,
-        "title": a.title,
-        "channels": if a.channels.is_empty() { json!(["*"]) } else { json!(a.channels) },
-        "reason": a.reason,
-        "principal": a.principal,
-        "applied_at": time(&a.applied_at),
-        "revision": a.revision,
-    })
-}
-
-// === mode list ===
-
-pub fn modes(format: Format, response: &proto::ListModesResponse) -> String {
+/// `view` rendered as `format` asks, ready for `cli::emit`.
+pub fn show(format: Format, view: &impl View) -> String {
     match format {
-        Format::Json => json_line(&json!({
-            "modes": response.modes.iter().map(|m| json!({
-                "name": m.name,
-                "title": m.title,
-                "summary": m.summary,
-                "rules": m.rules.len(),
-                "lift_requires_approval": m.lift_requires_approval,
-            })).collect::<Vec<_>>()
-        })),
+        Format::Json => {
+            // Through a `Value`, whose maps keep their keys sorted (serde_json
+            // without `preserve_order`): the key order this output has always
+            // had, whatever order a view declares its fields in.
+            let value = serde_json::to_value(view).expect("views serialize to JSON");
+            format!("{value}\n")
+        }
         Format::Text => {
-            let mut out = String::new();
-            let width = response
-                .modes
-                .iter()
-                .map(|m| m.name.len())
-                .max()
-                .unwrap_or(4);
-            say!(out, "{:width$}  TITLE", "MODE");
-            for m in &response.modes {
-                say!(out, "{:width$}  {}", m.name, m.title);
-            }
-            out
+            let mut out = Text::default();
+            view.render(&mut out);
+            out.0
         }
     }
 }
 
-// === mode apply / lift ===
+/// Text for a terminal, being rendered. The only ways in are
+/// [`Text::line`] (the `say!` macro) and [`Text::table`], both through
+/// [`single_line`], so no render function can print a caller's control
+/// characters raw.
+#[derive(Debug, Default)]
+pub struct Text(String);
 
-pub fn applied(format: Format, response: &proto::ApplyModesResponse) -> String {
-    match format {
-        Format::Json => json_line(&json!({
-            "namespace": response.namespace,
-            "revision": response.revision,
-            "applied": response.applied.iter().map(activation_json).collect::<Vec<_>>(),
-            "already_active": response.already_active.iter().map(activation_json).collect::<Vec<_>>(),
-        })),
-        Format::Text => {
-            let mut out = String::new();
-            for a in &response.applied {
-                say!(
-                    out,
-                    "applied {} as {} on {} channels",
-                    a.mode,
-                    a.id,
-                    channels_text(&a.channels)
-                );
+impl Text {
+    /// One line, escaped by [`single_line`].
+    fn line(&mut self, line: fmt::Arguments<'_>) {
+        let line = line.to_string();
+        let _ = writeln!(self.0, "{}", single_line(&line));
+    }
+
+    /// An empty line.
+    fn blank(&mut self) {
+        self.0.push('\n');
+    }
+
+    /// Rows under a header, in columns. Cells are escaped by
+    /// [`single_line`] before they are measured, so the columns stay
+    /// aligned and no cell can start a line of its own.
+    fn table<const N: usize>(&mut self, header: [&str; N], rows: &[[String; N]]) {
+        self.columns(header, rows, true);
+    }
+
+    /// [`Text::table`], with the header line left out when `show_header`
+    /// is false (the columns are as wide as they would be with it), so
+    /// that pages printed one after another read as one table.
+    fn columns<const N: usize>(
+        &mut self,
+        header: [&str; N],
+        rows: &[[String; N]],
+        show_header: bool,
+    ) {
+        let escape = |row: &[String; N]| row.each_ref().map(|cell| single_line(cell).to_string());
+        let rows: Vec<[String; N]> = rows.iter().map(escape).collect();
+        let mut widths = header.map(str::len);
+        for row in &rows {
+            for (w, cell) in widths.iter_mut().zip(row) {
+                *w = (*w).max(cell.chars().count());
             }
-            for a in &response.already_active {
-                say!(
-                    out,
-                    "{} was already active as {} on {} channels (applied by {} at {})",
-                    a.mode,
-                    a.id,
-                    channels_text(&a.channels),
-                    a.principal,
-                    time_text(&a.applied_at)
-                );
-            }
-            say!(
-                out,
-                "namespace {} at revision {}",
-                response.namespace,
-                response.revision
-            );
-            out
         }
-    }
-}
-
-pub fn lifted(format: Format, response: &proto::LiftActivationsResponse) -> String {
-    match format {
-        Format::Json => json_line(&json!({
-            "namespace": response.namespace,
-            "revision": response.revision,
-            "lifted": response.lifted.iter().map(activation_json).collect::<Vec<_>>(),
-            "pending": response.pending.as_ref().map(request_json),
-        })),
-        Format::Text => {
-            let mut out = String::new();
-            if let Some(pending) = &response.pending {
-                pending_text(&mut out, pending);
-                return out;
-            }
-            for a in &response.lifted {
-                say!(
-                    out,
-                    "lifted {} ({}) on {} channels",
-                    a.id,
-                    a.mode,
-                    channels_text(&a.channels)
-                );
-            }
-            say!(
-                out,
-                "namespace {} at revision {}",
-                response.namespace,
-                response.revision
-            );
-            out
-        }
-    }
-}
-
-// === status ===
-
-pub fn status(format: Format, s: &proto::GetStatusResponse) -> String {
-    match format {
-        Format::Json => json_line(&json!({
-            "namespace": s.namespace,
-            "revision": s.revision,
-            "server_time": time(&s.server_time),
-            "replica": s.replica,
-            "activations": s.activations.iter().map(activation_json).collect::<Vec<_>>(),
-            "subscribers": s.subscribers.iter().map(|sub| json!({
-                "subscriber_id": sub.subscriber_id,
-                "channel": sub.channel,
-                "peer": sub.peer,
-                "connected_at": time(&sub.connected_at),
-                "sent_revision": sub.sent_revision,
-                "acked_revision": sub.acked_revision,
-                "acked_at": time(&sub.acked_at),
-                "rejected_revision": (sub.rejected_revision > 0 || !sub.reject_reason.is_empty()).then_some(sub.rejected_revision),
-                "reject_reason": (!sub.reject_reason.is_empty()).then_some(&sub.reject_reason),
-                "rejected_at": time(&sub.rejected_at),
-            })).collect::<Vec<_>>(),
-            "problems": s.problems,
-        })),
-        Format::Text => status_text(s),
-    }
-}
-
-fn status_text(s: &proto::GetStatusResponse) -> String {
-    let current = s
-        .subscribers
-        .iter()
-        .filter(|x| x.acked_revision >= s.revision)
-        .count();
-    let mut out = String::new();
-    say!(
-        out,
-        "namespace {} at revision {}: {} active, {} on replica {} ({} acked revision {})",
-        s.namespace,
-        s.revision,
-        s.activations.len(),
-        count(s.subscribers.len(), "subscriber"),
-        s.replica,
-        current,
-        s.revision
-    );
-    for problem in &s.problems {
-        say!(out, "PROBLEM: {problem}");
-    }
-    if !s.activations.is_empty() {
-        say!(out);
-        let rows: Vec<[String; 6]> = s
-            .activations
-            .iter()
-            .map(|a| {
-                [
-                    a.id.clone(),
-                    a.mode.clone(),
-                    channels_text(&a.channels),
-                    a.revision.to_string(),
-                    format!("{} at {}", a.principal, time_text(&a.applied_at)),
-                    a.reason.clone(),
-                ]
-            })
-            .collect();
-        table(
-            &mut out,
-            [
-                "ACTIVATION",
-                "MODE",
-                "CHANNELS",
-                "REVISION",
-                "APPLIED",
-                "REASON",
-            ],
-            &rows,
-        );
-    }
-    if !s.subscribers.is_empty() {
-        say!(out);
-        let rows: Vec<[String; 6]> = s
-            .subscribers
-            .iter()
-            .map(|x| {
-                let rejected = if x.reject_reason.is_empty() {
-                    "-".to_string()
+        // Already escaped: written as is, not through `line`, which would
+        // escape the escapes.
+        let mut line = |cells: Vec<&str>| {
+            let mut row = String::new();
+            for (i, cell) in cells.iter().enumerate() {
+                if i + 1 == N {
+                    row.push_str(cell);
                 } else {
-                    format!("{}: {}", x.rejected_revision, x.reject_reason)
-                };
-                [
-                    x.subscriber_id.clone(),
-                    x.channel.clone(),
-                    x.acked_revision.to_string(),
-                    time_text(&x.acked_at),
-                    x.peer.clone(),
-                    rejected,
-                ]
-            })
-            .collect();
-        table(
-            &mut out,
-            [
-                "SUBSCRIBER",
-                "CHANNEL",
-                "ACKED",
-                "ACKED AT",
-                "PEER",
-                "REJECTED",
-            ],
-            &rows,
-        );
+                    let _ = write!(row, "{cell:w$}  ", w = widths[i]);
+                }
+            }
+            self.0.push_str(row.trim_end());
+            self.0.push('\n');
+        };
+        if show_header {
+            line(header.to_vec());
+        }
+        for row in &rows {
+            line(row.iter().map(String::as_str).collect());
+        }
     }
-    out
+
+    /// The rendered text.
+    fn into_string(self) -> String {
+        self.0
+    }
+}
+
+/// A time from the wire: in JSON at full precision, or `null` when absent
+/// or unreadable; for people to the second, or `-`.
+struct Time(Option<jiff::Timestamp>);
+
+impl From<Option<prost_types::Timestamp>> for Time {
+    fn from(t: Option<prost_types::Timestamp>) -> Self {
+        Time(t.as_ref().and_then(|t| wire::timestamp_from_wire(t).ok()))
+    }
+}
+
+impl Serialize for Time {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match &self.0 {
+            Some(t) => serializer.collect_str(t),
+            None => serializer.serialize_none(),
+        }
+    }
+}
+
+impl fmt::Display for Time {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0.and_then(|t| t.round(jiff::Unit::Second).ok()) {
+            Some(t) => write!(f, "{t}"),
+            None => f.write_str("-"),
+        }
+    }
+}
+
+/// The channels an activation or incident covers, where none named means
+/// every one: `["*"]` in JSON, `all` for people.
+struct Channels(Vec<String>);
+
+impl Serialize for Channels {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if self.0.is_empty() {
+            ["*"].serialize(serializer)
+        } else {
+            self.0.serialize(serializer)
+        }
+    }
+}
+
+impl fmt::Display for Channels {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            f.write_str("all")
+        } else {
+            f.write_str(&self.0.join(","))
+        }
+    }
+}
+
+/// A proto string field that is empty when unset: absent (`null`) instead.
+fn given(text: String) -> Option<String> {
+    (!text.is_empty()).then_some(text)
+}
+
+/// Ordered pairs as one JSON object, keyed by the first of each.
+fn as_map<S: Serializer, K: Serialize, V: Serialize>(
+    pairs: &[(K, V)],
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_map(pairs.iter().map(|(k, v)| (k, v)))
 }
 
 /// "1 subscriber", "2 subscribers".
@@ -370,35 +283,328 @@ fn count(n: usize, noun: &str) -> String {
     }
 }
 
-/// Rows under a header, in columns. Cells are escaped by [`single_line`]
-/// before they are measured, so the columns stay aligned and no cell can
-/// start a line of its own.
-fn table<const N: usize>(out: &mut String, header: [&str; N], rows: &[[String; N]]) {
-    let escape = |row: &[String; N]| row.each_ref().map(|cell| single_line(cell).to_string());
-    let rows: Vec<[String; N]> = rows.iter().map(escape).collect();
-    let mut widths = header.map(str::len);
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
+/// A list of ids for people, or `none`.
+fn ids_text(ids: &[String]) -> String {
+    if ids.is_empty() {
+        "none".to_string()
+    } else {
+        ids.join(", ")
+    }
+}
+
+/// An activation, as every answer that lists activations shows it.
+#[derive(Serialize)]
+struct Activation {
+    id: String,
+    mode: String,
+    title: String,
+    channels: Channels,
+    reason: String,
+    principal: String,
+    applied_at: Time,
+    revision: i64,
+}
+
+impl From<proto::Activation> for Activation {
+    fn from(a: proto::Activation) -> Self {
+        Activation {
+            id: a.id,
+            mode: a.mode,
+            title: a.title,
+            channels: Channels(a.channels),
+            reason: a.reason,
+            principal: a.principal,
+            applied_at: a.applied_at.into(),
+            revision: a.revision,
         }
     }
-    // Already escaped: written as is, not through `say!`, which would
-    // escape the escapes.
-    let mut line = |cells: Vec<&str>| {
-        let mut row = String::new();
-        for (i, cell) in cells.iter().enumerate() {
-            if i + 1 == N {
-                row.push_str(cell);
-            } else {
-                let _ = write!(row, "{cell:w$}  ", w = widths[i]);
-            }
+}
+
+fn activations(list: Vec<proto::Activation>) -> Vec<Activation> {
+    list.into_iter().map(Activation::from).collect()
+}
+
+/// "namespace X at revision N", the last line of every write.
+fn at_revision(out: &mut Text, namespace: &str, revision: i64) {
+    say!(out, "namespace {namespace} at revision {revision}");
+}
+
+// === mode list ===
+
+/// `safemode mode list`.
+#[derive(Serialize)]
+pub struct Modes {
+    modes: Vec<ModeSummary>,
+}
+
+#[derive(Serialize)]
+struct ModeSummary {
+    name: String,
+    title: String,
+    summary: String,
+    rules: usize,
+    lift_requires_approval: bool,
+}
+
+impl From<proto::ListModesResponse> for Modes {
+    fn from(response: proto::ListModesResponse) -> Self {
+        Modes {
+            modes: response
+                .modes
+                .into_iter()
+                .map(|m| ModeSummary {
+                    rules: m.rules.len(),
+                    name: m.name,
+                    title: m.title,
+                    summary: m.summary,
+                    lift_requires_approval: m.lift_requires_approval,
+                })
+                .collect(),
         }
-        out.push_str(row.trim_end());
-        out.push('\n');
-    };
-    line(header.to_vec());
-    for row in &rows {
-        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+impl View for Modes {
+    fn render(&self, out: &mut Text) {
+        let width = self.modes.iter().map(|m| m.name.len()).max().unwrap_or(4);
+        say!(out, "{:width$}  TITLE", "MODE");
+        for m in &self.modes {
+            say!(out, "{:width$}  {}", m.name, m.title);
+        }
+    }
+}
+
+// === mode apply / lift ===
+
+/// `safemode mode apply`.
+#[derive(Serialize)]
+pub struct Applied {
+    namespace: String,
+    revision: i64,
+    applied: Vec<Activation>,
+    already_active: Vec<Activation>,
+}
+
+impl From<proto::ApplyModesResponse> for Applied {
+    fn from(response: proto::ApplyModesResponse) -> Self {
+        Applied {
+            namespace: response.namespace,
+            revision: response.revision,
+            applied: activations(response.applied),
+            already_active: activations(response.already_active),
+        }
+    }
+}
+
+impl View for Applied {
+    fn render(&self, out: &mut Text) {
+        for a in &self.applied {
+            say!(
+                out,
+                "applied {} as {} on {} channels",
+                a.mode,
+                a.id,
+                a.channels
+            );
+        }
+        for a in &self.already_active {
+            say!(
+                out,
+                "{} was already active as {} on {} channels (applied by {} at {})",
+                a.mode,
+                a.id,
+                a.channels,
+                a.principal,
+                a.applied_at
+            );
+        }
+        at_revision(out, &self.namespace, self.revision);
+    }
+}
+
+/// `safemode mode lift`: what was lifted, or the request that waits for a
+/// second approver.
+#[derive(Serialize)]
+pub struct Lifted {
+    namespace: String,
+    revision: i64,
+    lifted: Vec<Activation>,
+    pending: Option<Request>,
+}
+
+impl From<proto::LiftActivationsResponse> for Lifted {
+    fn from(response: proto::LiftActivationsResponse) -> Self {
+        Lifted {
+            namespace: response.namespace,
+            revision: response.revision,
+            lifted: activations(response.lifted),
+            pending: response.pending.map(Request::from),
+        }
+    }
+}
+
+impl View for Lifted {
+    fn render(&self, out: &mut Text) {
+        if let Some(pending) = &self.pending {
+            pending.render_pending(out);
+            return;
+        }
+        for a in &self.lifted {
+            say!(
+                out,
+                "lifted {} ({}) on {} channels",
+                a.id,
+                a.mode,
+                a.channels
+            );
+        }
+        at_revision(out, &self.namespace, self.revision);
+    }
+}
+
+// === status ===
+
+/// `safemode status`.
+#[derive(Serialize)]
+pub struct Status {
+    namespace: String,
+    revision: i64,
+    server_time: Time,
+    replica: String,
+    activations: Vec<Activation>,
+    subscribers: Vec<Subscriber>,
+    problems: Vec<String>,
+}
+
+/// One subscriber as the controller sees it.
+#[derive(Serialize)]
+struct Subscriber {
+    subscriber_id: String,
+    channel: String,
+    peer: String,
+    connected_at: Time,
+    sent_revision: i64,
+    acked_revision: i64,
+    acked_at: Time,
+    /// Present when the subscriber rejected a revision.
+    rejected_revision: Option<i64>,
+    reject_reason: Option<String>,
+    rejected_at: Time,
+}
+
+impl From<proto::GetStatusResponse> for Status {
+    fn from(s: proto::GetStatusResponse) -> Self {
+        Status {
+            namespace: s.namespace,
+            revision: s.revision,
+            server_time: s.server_time.into(),
+            replica: s.replica,
+            activations: activations(s.activations),
+            subscribers: s
+                .subscribers
+                .into_iter()
+                .map(|sub| Subscriber {
+                    rejected_revision: (sub.rejected_revision > 0 || !sub.reject_reason.is_empty())
+                        .then_some(sub.rejected_revision),
+                    subscriber_id: sub.subscriber_id,
+                    channel: sub.channel,
+                    peer: sub.peer,
+                    connected_at: sub.connected_at.into(),
+                    sent_revision: sub.sent_revision,
+                    acked_revision: sub.acked_revision,
+                    acked_at: sub.acked_at.into(),
+                    reject_reason: given(sub.reject_reason),
+                    rejected_at: sub.rejected_at.into(),
+                })
+                .collect(),
+            problems: s.problems,
+        }
+    }
+}
+
+impl View for Status {
+    fn render(&self, out: &mut Text) {
+        let current = self
+            .subscribers
+            .iter()
+            .filter(|x| x.acked_revision >= self.revision)
+            .count();
+        say!(
+            out,
+            "namespace {} at revision {}: {} active, {} on replica {} ({} acked revision {})",
+            self.namespace,
+            self.revision,
+            self.activations.len(),
+            count(self.subscribers.len(), "subscriber"),
+            self.replica,
+            current,
+            self.revision
+        );
+        for problem in &self.problems {
+            say!(out, "PROBLEM: {problem}");
+        }
+        if !self.activations.is_empty() {
+            say!(out);
+            let rows: Vec<[String; 6]> = self
+                .activations
+                .iter()
+                .map(|a| {
+                    [
+                        a.id.clone(),
+                        a.mode.clone(),
+                        a.channels.to_string(),
+                        a.revision.to_string(),
+                        format!("{} at {}", a.principal, a.applied_at),
+                        a.reason.clone(),
+                    ]
+                })
+                .collect();
+            out.table(
+                [
+                    "ACTIVATION",
+                    "MODE",
+                    "CHANNELS",
+                    "REVISION",
+                    "APPLIED",
+                    "REASON",
+                ],
+                &rows,
+            );
+        }
+        if !self.subscribers.is_empty() {
+            say!(out);
+            let rows: Vec<[String; 6]> = self
+                .subscribers
+                .iter()
+                .map(|x| {
+                    let rejected = match &x.reject_reason {
+                        None => "-".to_string(),
+                        Some(reason) => {
+                            format!("{}: {reason}", x.rejected_revision.unwrap_or_default())
+                        }
+                    };
+                    [
+                        x.subscriber_id.clone(),
+                        x.channel.clone(),
+                        x.acked_revision.to_string(),
+                        x.acked_at.to_string(),
+                        x.peer.clone(),
+                        rejected,
+                    ]
+                })
+                .collect();
+            out.table(
+                [
+                    "SUBSCRIBER",
+                    "CHANNEL",
+                    "ACKED",
+                    "ACKED AT",
+                    "PEER",
+                    "REJECTED",
+                ],
+                &rows,
+            );
+        }
     }
 }
 
@@ -420,777 +626,1080 @@ fn effect_text(effect: &Effect) -> String {
     }
 }
 
-fn action_text(policy: &ActionPolicy) -> String {
-    let mut text = policy.base.as_ref().map_or_else(
-        || EffectKind::Allow.as_str().to_string(),
-        |e| effect_text(&e.effect),
-    );
-    for entry in &policy.conditional {
-        text.push_str(&format!(
-            "; if {}: {}",
-            serde_json::to_string(&entry.when).unwrap_or_default(),
-            effect_text(&entry.effect)
-        ));
-    }
-    text
+/// `safemode watch`: one snapshot a subscriber applied.
+#[derive(Serialize)]
+pub struct Snapshot<'a> {
+    namespace: &'a str,
+    channel: &'a str,
+    revision: Revision,
+    issued_at: String,
+    activations: &'a [ActivationInfo],
+    /// In the channel policy's order for people; JSON keys them.
+    #[serde(serialize_with = "as_map")]
+    rules: Vec<(String, Rule<'a>)>,
 }
 
-pub fn snapshot(format: Format, s: &PolicySnapshot) -> String {
-    let rules = s.policy.entries();
-    match format {
-        Format::Json => json_line(&json!({
-            "namespace": s.namespace.as_str(),
-            "channel": s.channel.as_str(),
-            "revision": s.revision,
-            "issued_at": s.issued_at.to_string(),
-            "activations": s.activations,
-            "rules": rules.iter().map(|(key, p)| (key.clone(), json!({
-                "base": p.base.as_ref().map(|e| json!({"effect": e.effect, "throttle": e.throttle.as_ref().map(|t| t.limit), "activation_ids": e.activation_ids})),
-                "conditional": p.conditional.iter().map(|e| json!({"when": e.when, "effect": e.effect, "throttle": e.throttle.as_ref().map(|t| t.limit), "activation_ids": e.activation_ids})).collect::<Vec<_>>(),
-            }))).collect::<serde_json::Map<_, _>>(),
-        })),
-        Format::Text => {
-            let active: Vec<String> = s
-                .activations
+/// What one action (or action prefix) gets.
+#[derive(Serialize)]
+struct Rule<'a> {
+    base: Option<RuleEntry<'a>>,
+    conditional: Vec<RuleEntry<'a>>,
+}
+
+/// One effect of a rule. `when` is there for conditional entries only
+/// (and is `null` there when the condition is empty).
+#[derive(Serialize)]
+struct RuleEntry<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    when: Option<&'a Option<Condition>>,
+    effect: &'a Effect,
+    throttle: Option<&'a Throttle>,
+    activation_ids: &'a [ActivationId],
+}
+
+impl<'a> RuleEntry<'a> {
+    fn new(entry: &'a Entry, conditional: bool) -> Self {
+        RuleEntry {
+            when: conditional.then_some(&entry.when),
+            effect: &entry.effect,
+            throttle: entry.throttle.as_ref().map(|t| &t.limit),
+            activation_ids: &entry.activation_ids,
+        }
+    }
+}
+
+impl<'a> From<&'a ActionPolicy> for Rule<'a> {
+    fn from(policy: &'a ActionPolicy) -> Self {
+        Rule {
+            base: policy.base.as_ref().map(|e| RuleEntry::new(e, false)),
+            conditional: policy
+                .conditional
                 .iter()
-                .map(|a| format!("{} ({})", a.mode, a.id))
-                .collect();
-            let mut out = String::new();
-            say!(
-                out,
-                "revision {} for {} in {} (issued {}): {}",
-                s.revision,
-                s.channel,
-                s.namespace,
-                s.issued_at,
-                if active.is_empty() {
-                    "no active modes".to_string()
-                } else {
-                    active.join(", ")
-                }
-            );
-            for (key, policy) in rules {
-                say!(out, "  {key}: {}", action_text(policy));
+                .map(|e| RuleEntry::new(e, true))
+                .collect(),
+        }
+    }
+}
+
+impl<'a> From<&'a PolicySnapshot> for Snapshot<'a> {
+    fn from(s: &'a PolicySnapshot) -> Self {
+        Snapshot {
+            namespace: s.namespace.as_str(),
+            channel: s.channel.as_str(),
+            revision: s.revision,
+            issued_at: s.issued_at.to_string(),
+            activations: &s.activations,
+            rules: s
+                .policy
+                .entries()
+                .into_iter()
+                .map(|(key, policy)| (key, Rule::from(policy)))
+                .collect(),
+        }
+    }
+}
+
+impl Rule<'_> {
+    fn text(&self) -> String {
+        let mut text = self.base.as_ref().map_or_else(
+            || EffectKind::Allow.as_str().to_string(),
+            |e| effect_text(e.effect),
+        );
+        for entry in &self.conditional {
+            text.push_str(&format!(
+                "; if {}: {}",
+                serde_json::to_string(&entry.when).unwrap_or_default(),
+                effect_text(entry.effect)
+            ));
+        }
+        text
+    }
+}
+
+impl View for Snapshot<'_> {
+    fn render(&self, out: &mut Text) {
+        let active: Vec<String> = self
+            .activations
+            .iter()
+            .map(|a| format!("{} ({})", a.mode, a.id))
+            .collect();
+        say!(
+            out,
+            "revision {} for {} in {} (issued {}): {}",
+            self.revision,
+            self.channel,
+            self.namespace,
+            self.issued_at,
+            if active.is_empty() {
+                "no active modes".to_string()
+            } else {
+                active.join(", ")
             }
-            out
+        );
+        for (key, rule) in &self.rules {
+            say!(out, "  {key}: {}", rule.text());
         }
     }
 }
 
 // === decide ===
 
-pub fn decision(format: Format, d: &DecisionReport) -> String {
-    match format {
-        Format::Json => json_line(&serde_json::to_value(d).expect("decisions serialize")),
-        Format::Text => {
-            let params = serde_json::to_value(&d.outcome).expect("outcomes serialize");
-            let detail: Vec<String> = params
-                .as_object()
-                .into_iter()
-                .flatten()
-                .filter(|(k, _)| k.as_str() != "effect")
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect();
-            let mut out = String::new();
-            say!(
-                out,
-                "{}",
-                [d.outcome.kind().as_str().to_string(), detail.join(" ")]
-                    .join(" ")
-                    .trim_end()
-            );
-            say!(
-                out,
-                "  {} {} at revision {}{}",
-                d.channel.as_deref().unwrap_or("-"),
-                d.action,
-                d.revision.map_or("-".to_string(), |r| r.to_string()),
-                match (d.stale, d.fail_closed) {
-                    (_, true) => " (STALE too long: failed closed)",
-                    (true, false) => " (STALE)",
-                    (false, false) => "",
-                }
-            );
-            if !d.reasons.is_empty() {
-                say!(out, "  because: {}", d.reasons.join(", "));
+/// `safemode decide`: the client's own report, as it serializes.
+#[derive(Serialize)]
+#[serde(transparent)]
+pub struct Decision<'a>(pub &'a DecisionReport);
+
+impl View for Decision<'_> {
+    fn render(&self, out: &mut Text) {
+        let d = self.0;
+        let params = serde_json::to_value(&d.outcome).expect("outcomes serialize");
+        let detail: Vec<String> = params
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(k, _)| k.as_str() != "effect")
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        say!(
+            out,
+            "{}",
+            [d.outcome.kind().as_str().to_string(), detail.join(" ")]
+                .join(" ")
+                .trim_end()
+        );
+        say!(
+            out,
+            "  {} {} at revision {}{}",
+            d.channel.as_deref().unwrap_or("-"),
+            d.action,
+            d.revision.map_or("-".to_string(), |r| r.to_string()),
+            match (d.stale, d.fail_closed) {
+                (_, true) => " (STALE too long: failed closed)",
+                (true, false) => " (STALE)",
+                (false, false) => "",
             }
-            if let Some(m) = &d.customer_message {
-                say!(out, "  customer: {m}");
-            }
-            if let Some(s) = &d.agent_script {
-                say!(out, "  agent: {s}");
-            }
-            out
+        );
+        if !d.reasons.is_empty() {
+            say!(out, "  because: {}", d.reasons.join(", "));
+        }
+        if let Some(m) = &d.customer_message {
+            say!(out, "  customer: {m}");
+        }
+        if let Some(s) = &d.agent_script {
+            say!(out, "  agent: {s}");
         }
     }
 }
 
 // === sim ===
 
-pub fn sim_started(
-    format: Format,
-    namespace: &safemode_policy::Namespace,
-    channels: &[(safemode_policy::Channel, usize)],
+/// `safemode sim`, once its subscribers are connected.
+#[derive(Serialize)]
+pub struct SimStarted<'a> {
+    /// Always true: tells this line from the revision reports after it.
+    started: bool,
+    namespace: &'a str,
     subscribers: usize,
-) -> String {
-    let spread: Vec<String> = channels.iter().map(|(c, n)| format!("{c}={n}")).collect();
-    match format {
-        Format::Json => json_line(&json!({
-            "started": true,
-            "namespace": namespace.as_str(),
-            "subscribers": subscribers,
-            "channels": channels.iter().map(|(c, n)| json!({"channel": c.as_str(), "subscribers": n})).collect::<Vec<_>>(),
-        })),
-        Format::Text => {
-            let mut out = String::new();
-            say!(
-                out,
-                "simulating {subscribers} subscribers ({}) in namespace {namespace}; each revision is reported once all applied it (Ctrl-C stops)",
-                spread.join(", ")
-            );
-            out
+    channels: Vec<SimChannel<'a>>,
+}
+
+#[derive(Serialize)]
+struct SimChannel<'a> {
+    channel: &'a str,
+    subscribers: usize,
+}
+
+impl<'a> SimStarted<'a> {
+    pub fn new(
+        namespace: &'a Namespace,
+        channels: &'a [(Channel, usize)],
+        subscribers: usize,
+    ) -> Self {
+        SimStarted {
+            started: true,
+            namespace: namespace.as_str(),
+            subscribers,
+            channels: channels
+                .iter()
+                .map(|(c, n)| SimChannel {
+                    channel: c.as_str(),
+                    subscribers: *n,
+                })
+                .collect(),
         }
     }
 }
 
-pub fn sim_revision(
-    format: Format,
-    report: &crate::sim::RevisionReport,
-    decisions: &[DecisionReport],
-) -> String {
-    match format {
-        Format::Json => json_line(&json!({
-            "revision": report.revision,
-            "issued_at": report.issued_at.to_string(),
-            "complete": report.complete,
-            "channels": report.channels,
-            "decisions": decisions,
-        })),
-        Format::Text => {
-            let mut out = String::new();
-            let applied: usize = report.channels.iter().map(|c| c.applied).sum();
-            let total: usize = report.channels.iter().map(|c| c.subscribers).sum();
+impl View for SimStarted<'_> {
+    fn render(&self, out: &mut Text) {
+        let spread: Vec<String> = self
+            .channels
+            .iter()
+            .map(|c| format!("{}={}", c.channel, c.subscribers))
+            .collect();
+        say!(
+            out,
+            "simulating {} subscribers ({}) in namespace {}; each revision is reported once all applied it (Ctrl-C stops)",
+            self.subscribers,
+            spread.join(", "),
+            self.namespace
+        );
+    }
+}
+
+/// `safemode sim`: one revision, once every subscriber applied it (or the
+/// wait ran out).
+#[derive(Serialize)]
+pub struct SimRevision<'a> {
+    revision: Revision,
+    issued_at: String,
+    complete: bool,
+    channels: &'a [ChannelTimes],
+    decisions: &'a [DecisionReport],
+}
+
+impl<'a> SimRevision<'a> {
+    pub fn new(report: &'a RevisionReport, decisions: &'a [DecisionReport]) -> Self {
+        SimRevision {
+            revision: report.revision,
+            issued_at: report.issued_at.to_string(),
+            complete: report.complete,
+            channels: &report.channels,
+            decisions,
+        }
+    }
+}
+
+impl View for SimRevision<'_> {
+    fn render(&self, out: &mut Text) {
+        let applied: usize = self.channels.iter().map(|c| c.applied).sum();
+        let total: usize = self.channels.iter().map(|c| c.subscribers).sum();
+        say!(
+            out,
+            "revision {}: applied by {applied}/{total}{}",
+            self.revision,
+            if self.complete { "" } else { " (INCOMPLETE)" }
+        );
+        let rows: Vec<[String; 5]> = self
+            .channels
+            .iter()
+            .map(|c| {
+                [
+                    format!("  {}", c.channel),
+                    format!("{}/{}", c.applied, c.subscribers),
+                    format!("{:.1}ms", c.p50_ms),
+                    format!("{:.1}ms", c.p99_ms),
+                    format!("{:.1}ms", c.max_ms),
+                ]
+            })
+            .collect();
+        out.table(["  CHANNEL", "APPLIED", "P50", "P99", "MAX"], &rows);
+        for d in self.decisions {
             say!(
                 out,
-                "revision {}: applied by {applied}/{total}{}",
-                report.revision,
-                if report.complete { "" } else { " (INCOMPLETE)" }
+                "  {} {}: {}",
+                d.channel.as_deref().unwrap_or("-"),
+                d.action,
+                d.outcome.kind().as_str()
             );
-            let rows: Vec<[String; 5]> = report
-                .channels
-                .iter()
-                .map(|c| {
-                    [
-                        format!("  {}", c.channel),
-                        format!("{}/{}", c.applied, c.subscribers),
-                        format!("{:.1}ms", c.p50_ms),
-                        format!("{:.1}ms", c.p99_ms),
-                        format!("{:.1}ms", c.max_ms),
-                    ]
-                })
-                .collect();
-            table(
-                &mut out,
-                ["  CHANNEL", "APPLIED", "P50", "P99", "MAX"],
-                &rows,
-            );
-            for d in decisions {
-                say!(
-                    out,
-                    "  {} {}: {}",
-                    d.channel.as_deref().unwrap_or("-"),
-                    d.action,
-                    d.outcome.kind().as_str()
-                );
-            }
-            out
         }
     }
 }
 
 // === drills ===
 
-pub fn drills(
-    format: Format,
-    reports: &[crate::drill::DrillReport],
-    written: &[std::path::PathBuf],
-) -> String {
-    match format {
-        Format::Json => json_line(&json!({
-            "passed": reports.iter().all(|r| r.passed),
-            "drills": reports.iter().map(|r| json!({
-                "runbook": r.runbook,
-                "namespace": r.namespace,
-                "passed": r.passed,
-                "incident_id": r.incident_id,
-                "subscribers": r.subscribers,
-                "stages": r.stages,
-                "fault": r.fault,
-                "restoration": r.restoration,
-                "failures": r.failures,
-            })).collect::<Vec<_>>(),
-            "reports": written.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
-        })),
-        Format::Text => {
-            let mut out = String::new();
-            for r in reports {
-                let expectations: usize = r.stages.iter().map(|s| s.expectations.len()).sum();
-                let subscribers: usize =
-                    r.subscribers.iter().map(|s| s.simulated + s.attached).sum();
-                let plural = |n: usize, one: &str, many: &str| {
-                    format!("{n} {}", if n == 1 { one } else { many })
-                };
+/// `safemode drill run`: every drilled runbook, and the report files
+/// written.
+#[derive(Serialize)]
+pub struct Drills<'a> {
+    passed: bool,
+    drills: Vec<Drill<'a>>,
+    reports: Vec<String>,
+}
+
+/// One drilled runbook, without its journal (that goes to the files).
+#[derive(Serialize)]
+struct Drill<'a> {
+    runbook: &'a str,
+    namespace: &'a str,
+    passed: bool,
+    incident_id: &'a Option<String>,
+    subscribers: &'a [ChannelSubscribers],
+    stages: &'a [StageReport],
+    fault: &'a Option<FaultReport>,
+    restoration: &'a Option<RestorationReport>,
+    failures: &'a [String],
+}
+
+impl<'a> Drills<'a> {
+    pub fn new(reports: &'a [DrillReport], written: &[std::path::PathBuf]) -> Self {
+        Drills {
+            passed: reports.iter().all(|r| r.passed),
+            drills: reports
+                .iter()
+                .map(|r| Drill {
+                    runbook: &r.runbook,
+                    namespace: r.namespace.as_str(),
+                    passed: r.passed,
+                    incident_id: &r.incident_id,
+                    subscribers: &r.subscribers,
+                    stages: &r.stages,
+                    fault: &r.fault,
+                    restoration: &r.restoration,
+                    failures: &r.failures,
+                })
+                .collect(),
+            reports: written.iter().map(|p| p.display().to_string()).collect(),
+        }
+    }
+}
+
+impl View for Drills<'_> {
+    fn render(&self, out: &mut Text) {
+        for r in &self.drills {
+            let expectations: usize = r.stages.iter().map(|s| s.expectations.len()).sum();
+            let subscribers: usize = r.subscribers.iter().map(|s| s.simulated + s.attached).sum();
+            let plural = |n: usize, one: &str, many: &str| {
+                format!("{n} {}", if n == 1 { one } else { many })
+            };
+            say!(
+                out,
+                "{} {} in {} ({}, {}, {})",
+                if r.passed { "PASS" } else { "FAIL" },
+                r.runbook,
+                r.namespace,
+                plural(r.stages.len(), "stage", "stages"),
+                plural(expectations, "expectation", "expectations"),
+                plural(subscribers, "subscriber", "subscribers")
+            );
+            for stage in r.stages {
+                let slowest = stage
+                    .channels
+                    .iter()
+                    .max_by(|a, b| a.max_ms.total_cmp(&b.max_ms));
                 say!(
                     out,
-                    "{} {} in {} ({}, {}, {})",
-                    if r.passed { "PASS" } else { "FAIL" },
-                    r.runbook,
-                    r.namespace,
-                    plural(r.stages.len(), "stage", "stages"),
-                    plural(expectations, "expectation", "expectations"),
-                    plural(subscribers, "subscriber", "subscribers")
+                    "  {} ({}) at revision {}: {}/{} expectations hold; slowest channel {} ({:.1} ms, limit {} ms){}",
+                    stage.severity,
+                    stage.step,
+                    stage.revision,
+                    stage.expectations.iter().filter(|e| e.passed).count(),
+                    stage.expectations.len(),
+                    slowest.map_or("-", |c| c.channel.as_str()),
+                    slowest.map_or(0.0, |c| c.max_ms),
+                    stage.apply_within_ms,
+                    stage
+                        .approval
+                        .as_ref()
+                        .map(|a| format!("; approved by {}", a.approved_by))
+                        .unwrap_or_default()
                 );
-                for stage in &r.stages {
-                    let slowest = stage
-                        .channels
-                        .iter()
-                        .max_by(|a, b| a.max_ms.total_cmp(&b.max_ms));
-                    say!(
-                        out,
-                        "  {} ({}) at revision {}: {}/{} expectations hold; slowest channel {} ({:.1} ms, limit {} ms){}",
-                        stage.severity,
-                        stage.step,
-                        stage.revision,
-                        stage.expectations.iter().filter(|e| e.passed).count(),
-                        stage.expectations.len(),
-                        slowest.map_or("-", |c| c.channel.as_str()),
-                        slowest.map_or(0.0, |c| c.max_ms),
-                        stage.apply_within_ms,
-                        stage
-                            .approval
-                            .as_ref()
-                            .map(|a| format!("; approved by {}", a.approved_by))
-                            .unwrap_or_default()
-                    );
-                }
-                if let Some(fault) = &r.fault {
-                    say!(
-                        out,
-                        "  fault {} at {}: {} affected, {} in {:.1} ms",
-                        fault.kind,
-                        fault.severity,
-                        fault.affected,
-                        if fault.recovered {
-                            "recovered"
-                        } else {
-                            "NOT recovered"
-                        },
-                        fault.recovery_ms
-                    );
-                }
-                for failure in &r.failures {
-                    say!(out, "  FAILED: {failure}");
-                }
             }
-            for path in written {
-                say!(out, "wrote {}", path.display());
+            if let Some(fault) = r.fault {
+                say!(
+                    out,
+                    "  fault {} at {}: {} affected, {} in {:.1} ms",
+                    fault.kind,
+                    fault.severity,
+                    fault.affected,
+                    if fault.recovered {
+                        "recovered"
+                    } else {
+                        "NOT recovered"
+                    },
+                    fault.recovery_ms
+                );
             }
-            out
+            for failure in r.failures {
+                say!(out, "  FAILED: {failure}");
+            }
+        }
+        for path in &self.reports {
+            say!(out, "wrote {path}");
         }
     }
 }
 
 // === incidents, requests, audit, runbooks, tokens ===
 
-fn request_json(r: &proto::ChangeRequest) -> Value {
-    json!({
-        "id": r.id,
-        "namespace": r.namespace,
-        "kind": r.kind,
-        "incident_id": (!r.incident_id.is_empty()).then_some(&r.incident_id),
-        "severity": (!r.severity.is_empty()).then_some(&r.severity),
-        "activation_ids": r.activation_ids,
-        "requested_by": r.requested_by,
-        "reason": r.reason,
-        "requested_at": time(&r.requested_at),
-        "expires_at": time(&r.expires_at),
-        "status": r.status,
-        "approved_by": (!r.approved_by.is_empty()).then_some(&r.approved_by),
-        "summary": r.summary,
-    })
+/// A change request, waiting for a second approver or decided.
+#[derive(Serialize)]
+struct Request {
+    id: String,
+    namespace: String,
+    kind: String,
+    incident_id: Option<String>,
+    severity: Option<String>,
+    activation_ids: Vec<String>,
+    requested_by: String,
+    reason: String,
+    requested_at: Time,
+    expires_at: Time,
+    status: String,
+    approved_by: Option<String>,
+    summary: String,
 }
 
-/// What a commander sees when a change waits for a second approver.
-fn pending_text(out: &mut String, r: &proto::ChangeRequest) {
-    say!(out, "needs a second approver: request {} is pending", r.id);
-    say!(out, "  it will {}", r.summary);
-    say!(
-        out,
-        "  another principal with the approver role runs: safemode approve {}",
-        r.id
-    );
-    say!(out, "  it expires at {}", time_text(&r.expires_at));
-}
-
-fn incident_json(i: &proto::Incident) -> Value {
-    json!({
-        "id": i.id,
-        "type": i.r#type,
-        "title": i.title,
-        "namespace": i.namespace,
-        "severity": i.severity,
-        "status": i.status,
-        "channels": if i.channels.is_empty() { json!(["*"]) } else { json!(i.channels) },
-        "activation_ids": i.activation_ids,
-        "lift_requires_approval": i.lift_requires_approval,
-        "declared_by": i.declared_by,
-        "declared_at": time(&i.declared_at),
-        "review_due": time(&i.review_due),
-        "exit_criteria": i.exit_criteria,
-        "timeline": i.timeline.iter().map(|e| json!({
-            "at": time(&e.at),
-            "event": e.event,
-            "principal": e.principal,
-            "severity": e.severity,
-            "reason": e.reason,
-            "request_id": (!e.request_id.is_empty()).then_some(&e.request_id),
-            "revision": e.revision,
-        })).collect::<Vec<_>>(),
-    })
-}
-
-pub fn incident_change(format: Format, what: &str, change: &proto::IncidentChange) -> String {
-    let incident = change.incident.clone().unwrap_or_default();
-    match format {
-        Format::Json => json_line(&json!({
-            "incident": incident_json(&incident),
-            "revision": change.revision,
-            "pending": change.pending.as_ref().map(request_json),
-        })),
-        Format::Text => {
-            let mut out = String::new();
-            if let Some(pending) = &change.pending {
-                pending_text(&mut out, pending);
-                return out;
-            }
-            say!(
-                out,
-                "{what} {} {} ({}) at {} in {}",
-                incident.r#type,
-                incident.id,
-                incident.status,
-                incident.severity,
-                incident.namespace
-            );
-            say!(
-                out,
-                "  activations: {}",
-                if incident.activation_ids.is_empty() {
-                    "none".to_string()
-                } else {
-                    incident.activation_ids.join(", ")
-                }
-            );
-            say!(
-                out,
-                "namespace {} at revision {}",
-                incident.namespace,
-                change.revision
-            );
-            out
+impl From<proto::ChangeRequest> for Request {
+    fn from(r: proto::ChangeRequest) -> Self {
+        Request {
+            id: r.id,
+            namespace: r.namespace,
+            kind: r.kind,
+            incident_id: given(r.incident_id),
+            severity: given(r.severity),
+            activation_ids: r.activation_ids,
+            requested_by: r.requested_by,
+            reason: r.reason,
+            requested_at: r.requested_at.into(),
+            expires_at: r.expires_at.into(),
+            status: r.status,
+            approved_by: given(r.approved_by),
+            summary: r.summary,
         }
     }
 }
 
-pub fn incidents(format: Format, response: &proto::ListIncidentsResponse) -> String {
-    match format {
-        Format::Json => json_line(&json!({
-            "incidents": response.incidents.iter().map(incident_json).collect::<Vec<_>>(),
-            "total": response.total,
-        })),
-        Format::Text => {
-            let mut out = String::new();
-            if response.incidents.is_empty() {
-                say!(out, "no incidents");
-                return out;
-            }
-            let rows: Vec<[String; 6]> = response
-                .incidents
-                .iter()
-                .map(|i| {
-                    [
-                        i.id.clone(),
-                        i.r#type.clone(),
-                        i.severity.clone(),
-                        i.status.clone(),
-                        format!("{} at {}", i.declared_by, time_text(&i.declared_at)),
-                        time_text(&i.review_due),
-                    ]
-                })
-                .collect();
-            table(
-                &mut out,
-                [
-                    "INCIDENT",
-                    "TYPE",
-                    "SEVERITY",
-                    "STATUS",
-                    "DECLARED",
-                    "REVIEW DUE",
-                ],
-                &rows,
-            );
-            cut_note(
-                &mut out,
-                response.incidents.len(),
-                response.total,
-                "incidents",
-            );
-            out
-        }
+impl Request {
+    /// What a commander sees when a change waits for a second approver.
+    fn render_pending(&self, out: &mut Text) {
+        say!(
+            out,
+            "needs a second approver: request {} is pending",
+            self.id
+        );
+        say!(out, "  it will {}", self.summary);
+        say!(
+            out,
+            "  another principal with the approver role runs: safemode approve {}",
+            self.id
+        );
+        say!(out, "  it expires at {}", self.expires_at);
     }
 }
 
-pub fn incident(format: Format, i: &proto::Incident) -> String {
-    match format {
-        Format::Json => json_line(&incident_json(i)),
-        Format::Text => {
-            let mut out = String::new();
-            say!(out, "{} {}: {} ({})", i.id, i.title, i.severity, i.status);
-            say!(
-                out,
-                "  type {} in {}, on {} channels; declared by {} at {}",
-                i.r#type,
-                i.namespace,
-                channels_text(&i.channels),
-                i.declared_by,
-                time_text(&i.declared_at)
-            );
-            if i.status == "active" {
-                say!(out, "  review due {}", time_text(&i.review_due));
-            }
-            say!(
-                out,
-                "  lifting needs a second approver: {}",
-                if i.lift_requires_approval {
-                    "yes"
-                } else {
-                    "no"
-                }
-            );
-            say!(
-                out,
-                "  activations: {}",
-                if i.activation_ids.is_empty() {
-                    "none".to_string()
-                } else {
-                    i.activation_ids.join(", ")
-                }
-            );
-            if !i.exit_criteria.is_empty() {
-                say!(out, "  exit criteria:");
-                for c in &i.exit_criteria {
-                    say!(out, "    - {c}");
-                }
-            }
-            say!(out);
-            let rows: Vec<[String; 6]> = i
+/// An incident with its timeline (`safemode incident show`), and as
+/// listed or changed.
+#[derive(Serialize)]
+pub struct Incident {
+    id: String,
+    #[serde(rename = "type")]
+    kind: String,
+    title: String,
+    namespace: String,
+    severity: String,
+    status: String,
+    channels: Channels,
+    activation_ids: Vec<String>,
+    lift_requires_approval: bool,
+    declared_by: String,
+    declared_at: Time,
+    review_due: Time,
+    exit_criteria: Vec<String>,
+    timeline: Vec<TimelineEvent>,
+}
+
+#[derive(Serialize)]
+struct TimelineEvent {
+    at: Time,
+    event: String,
+    principal: String,
+    severity: String,
+    reason: String,
+    request_id: Option<String>,
+    revision: i64,
+}
+
+impl From<proto::Incident> for Incident {
+    fn from(i: proto::Incident) -> Self {
+        Incident {
+            id: i.id,
+            kind: i.r#type,
+            title: i.title,
+            namespace: i.namespace,
+            severity: i.severity,
+            status: i.status,
+            channels: Channels(i.channels),
+            activation_ids: i.activation_ids,
+            lift_requires_approval: i.lift_requires_approval,
+            declared_by: i.declared_by,
+            declared_at: i.declared_at.into(),
+            review_due: i.review_due.into(),
+            exit_criteria: i.exit_criteria,
+            timeline: i
                 .timeline
-                .iter()
-                .map(|e| {
-                    [
-                        time_text(&e.at),
-                        e.event.clone(),
-                        e.severity.clone(),
-                        e.principal.clone(),
-                        if e.revision > 0 {
-                            e.revision.to_string()
-                        } else {
-                            "-".into()
-                        },
-                        [e.reason.as_str(), e.request_id.as_str()]
-                            .iter()
-                            .filter(|t| !t.is_empty())
-                            .copied()
-                            .collect::<Vec<_>>()
-                            .join(" "),
-                    ]
+                .into_iter()
+                .map(|e| TimelineEvent {
+                    at: e.at.into(),
+                    event: e.event,
+                    principal: e.principal,
+                    severity: e.severity,
+                    reason: e.reason,
+                    request_id: given(e.request_id),
+                    revision: e.revision,
                 })
-                .collect();
-            table(
-                &mut out,
-                ["AT", "EVENT", "SEVERITY", "BY", "REVISION", "REASON"],
-                &rows,
-            );
-            out
+                .collect(),
         }
+    }
+}
+
+impl View for Incident {
+    fn render(&self, out: &mut Text) {
+        say!(
+            out,
+            "{} {}: {} ({})",
+            self.id,
+            self.title,
+            self.severity,
+            self.status
+        );
+        say!(
+            out,
+            "  type {} in {}, on {} channels; declared by {} at {}",
+            self.kind,
+            self.namespace,
+            self.channels,
+            self.declared_by,
+            self.declared_at
+        );
+        if self.status == "active" {
+            say!(out, "  review due {}", self.review_due);
+        }
+        say!(
+            out,
+            "  lifting needs a second approver: {}",
+            if self.lift_requires_approval {
+                "yes"
+            } else {
+                "no"
+            }
+        );
+        say!(out, "  activations: {}", ids_text(&self.activation_ids));
+        if !self.exit_criteria.is_empty() {
+            say!(out, "  exit criteria:");
+            for c in &self.exit_criteria {
+                say!(out, "    - {c}");
+            }
+        }
+        say!(out);
+        let rows: Vec<[String; 6]> = self
+            .timeline
+            .iter()
+            .map(|e| {
+                [
+                    e.at.to_string(),
+                    e.event.clone(),
+                    e.severity.clone(),
+                    e.principal.clone(),
+                    if e.revision > 0 {
+                        e.revision.to_string()
+                    } else {
+                        "-".into()
+                    },
+                    [Some(e.reason.as_str()), e.request_id.as_deref()]
+                        .into_iter()
+                        .flatten()
+                        .filter(|t| !t.is_empty())
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                ]
+            })
+            .collect();
+        out.table(
+            ["AT", "EVENT", "SEVERITY", "BY", "REVISION", "REASON"],
+            &rows,
+        );
+    }
+}
+
+/// `safemode incident declare|escalate|resolve`: the incident after the
+/// change, or the request that waits for a second approver.
+#[derive(Serialize)]
+pub struct IncidentChanged {
+    /// What happened, for people ("declared", "moved", "resolved").
+    #[serde(skip)]
+    what: &'static str,
+    incident: Incident,
+    revision: i64,
+    pending: Option<Request>,
+}
+
+impl IncidentChanged {
+    pub fn new(what: &'static str, change: proto::IncidentChange) -> Self {
+        IncidentChanged {
+            what,
+            incident: change.incident.unwrap_or_default().into(),
+            revision: change.revision,
+            pending: change.pending.map(Request::from),
+        }
+    }
+}
+
+impl View for IncidentChanged {
+    fn render(&self, out: &mut Text) {
+        if let Some(pending) = &self.pending {
+            pending.render_pending(out);
+            return;
+        }
+        let incident = &self.incident;
+        say!(
+            out,
+            "{} {} {} ({}) at {} in {}",
+            self.what,
+            incident.kind,
+            incident.id,
+            incident.status,
+            incident.severity,
+            incident.namespace
+        );
+        say!(out, "  activations: {}", ids_text(&incident.activation_ids));
+        at_revision(out, &incident.namespace, self.revision);
     }
 }
 
 /// Says so when a list answer was cut to its bound.
-fn cut_note(out: &mut String, shown: usize, total: u32, what: &str) {
+fn cut_note(out: &mut Text, shown: usize, total: u32, what: &str) {
     if (total as usize) > shown {
         say!(out, "(the newest {shown} of {total} {what})");
     }
 }
 
-pub fn requests(format: Format, response: &proto::ListRequestsResponse) -> String {
-    match format {
-        Format::Json => json_line(&json!({
-            "requests": response.requests.iter().map(request_json).collect::<Vec<_>>(),
-            "total": response.total,
-        })),
-        Format::Text => {
-            let mut out = String::new();
-            if response.requests.is_empty() {
-                say!(out, "no requests waiting for an approver");
-                return out;
-            }
-            let rows: Vec<[String; 5]> = response
-                .requests
-                .iter()
-                .map(|r| {
-                    [
-                        r.id.clone(),
-                        r.status.clone(),
-                        r.requested_by.clone(),
-                        time_text(&r.expires_at),
-                        r.summary.clone(),
-                    ]
-                })
-                .collect();
-            table(
-                &mut out,
-                ["REQUEST", "STATUS", "REQUESTED BY", "EXPIRES", "WILL"],
-                &rows,
-            );
-            cut_note(
-                &mut out,
-                response.requests.len(),
-                response.total,
-                "requests",
-            );
-            out
+/// `safemode incident list`.
+#[derive(Serialize)]
+pub struct Incidents {
+    incidents: Vec<Incident>,
+    total: u32,
+}
+
+impl From<proto::ListIncidentsResponse> for Incidents {
+    fn from(response: proto::ListIncidentsResponse) -> Self {
+        Incidents {
+            incidents: response.incidents.into_iter().map(Incident::from).collect(),
+            total: response.total,
         }
     }
 }
 
-pub fn approved(format: Format, response: &proto::ApproveResponse) -> String {
-    let request = response.request.clone().unwrap_or_default();
-    match format {
-        Format::Json => json_line(&json!({
-            "request": request_json(&request),
-            "revision": response.revision,
-        })),
-        Format::Text => {
-            let mut out = String::new();
-            say!(
-                out,
-                "approved {} (requested by {}): {}",
-                request.id,
-                request.requested_by,
-                request.summary
-            );
-            say!(
-                out,
-                "namespace {} at revision {}",
-                request.namespace,
-                response.revision
-            );
-            out
+impl View for Incidents {
+    fn render(&self, out: &mut Text) {
+        if self.incidents.is_empty() {
+            say!(out, "no incidents");
+            return;
         }
-    }
-}
-
-/// The whole audit report as one document (JSON), or as one table with the
-/// verification's summary (text). `safemode audit` prints text page by page
-/// with [`audit_rows`] and [`audit_summary`] instead.
-pub fn audit(format: Format, response: &proto::GetAuditResponse) -> String {
-    match format {
-        Format::Json => json_line(&json!({
-            "entries": response.entries.iter().map(|e| json!({
-                "seq": e.seq,
-                "at": time(&e.at),
-                "action": e.action,
-                "principal": e.principal,
-                "roles": e.roles,
-                "namespace": (!e.namespace.is_empty()).then_some(&e.namespace),
-                "reason": (!e.reason.is_empty()).then_some(&e.reason),
-                "incident_id": (!e.incident_id.is_empty()).then_some(&e.incident_id),
-                "request_id": (!e.request_id.is_empty()).then_some(&e.request_id),
-                "activation_ids": e.activation_ids,
-                "detail": e.detail,
-                "revision": e.revision,
-                "state_digest": (!e.state_digest.is_empty()).then_some(&e.state_digest),
-                "prev_hash": e.prev_hash,
-                "hash": e.hash,
-                "key_id": (!e.key_id.is_empty()).then_some(&e.key_id),
-                "signature": (!e.signature.is_empty()).then_some(&e.signature),
-            })).collect::<Vec<_>>(),
-            "verified": response.verified,
-            "problems": response.problems,
-            "problems_total": response.problems_total,
-            "head": (response.head_seq > 0).then(|| json!({
-                "seq": response.head_seq,
-                "hash": response.head_hash,
-            })),
-        })),
-        Format::Text => {
-            let mut out = audit_rows(response, true);
-            out.push_str(&audit_summary(response));
-            out
-        }
-    }
-}
-
-/// One page of the log as table rows (text), with the header on the first.
-pub fn audit_rows(response: &proto::GetAuditResponse, header: bool) -> String {
-    let mut out = String::new();
-    let rows: Vec<[String; 6]> = response
-        .entries
-        .iter()
-        .map(|e| {
+        let rows: Vec<[String; 6]> = self
+            .incidents
+            .iter()
+            .map(|i| {
+                [
+                    i.id.clone(),
+                    i.kind.clone(),
+                    i.severity.clone(),
+                    i.status.clone(),
+                    format!("{} at {}", i.declared_by, i.declared_at),
+                    i.review_due.to_string(),
+                ]
+            })
+            .collect();
+        out.table(
             [
-                e.seq.to_string(),
-                time_text(&e.at),
-                e.action.clone(),
-                if e.roles.is_empty() {
-                    e.principal.clone()
-                } else {
-                    format!("{} ({})", e.principal, e.roles.join(","))
-                },
-                e.revision.to_string(),
-                [e.detail.as_str(), e.reason.as_str()]
-                    .iter()
-                    .filter(|t| !t.is_empty())
-                    .map(|t| t.to_string())
-                    .collect::<Vec<_>>()
-                    .join(" / reason: "),
-            ]
-        })
-        .collect();
-    let titles = ["SEQ", "AT", "ACTION", "BY", "REVISION", "DETAIL"];
-    if header {
-        table(&mut out, titles, &rows);
-    } else {
-        // Later pages: the rows only, so the listing reads as one table.
-        let mut page = String::new();
-        table(&mut page, titles, &rows);
-        out.extend(page.lines().skip(1).map(|l| format!("{l}\n")));
+                "INCIDENT",
+                "TYPE",
+                "SEVERITY",
+                "STATUS",
+                "DECLARED",
+                "REVIEW DUE",
+            ],
+            &rows,
+        );
+        cut_note(out, self.incidents.len(), self.total, "incidents");
     }
-    out
 }
 
-/// What verification found (text): the head to keep, and each problem.
-pub fn audit_summary(response: &proto::GetAuditResponse) -> String {
-    let mut out = String::new();
-    if response.verified {
+/// `safemode requests`.
+#[derive(Serialize)]
+pub struct Requests {
+    requests: Vec<Request>,
+    total: u32,
+}
+
+impl From<proto::ListRequestsResponse> for Requests {
+    fn from(response: proto::ListRequestsResponse) -> Self {
+        Requests {
+            requests: response.requests.into_iter().map(Request::from).collect(),
+            total: response.total,
+        }
+    }
+}
+
+impl View for Requests {
+    fn render(&self, out: &mut Text) {
+        if self.requests.is_empty() {
+            say!(out, "no requests waiting for an approver");
+            return;
+        }
+        let rows: Vec<[String; 5]> = self
+            .requests
+            .iter()
+            .map(|r| {
+                [
+                    r.id.clone(),
+                    r.status.clone(),
+                    r.requested_by.clone(),
+                    r.expires_at.to_string(),
+                    r.summary.clone(),
+                ]
+            })
+            .collect();
+        out.table(
+            ["REQUEST", "STATUS", "REQUESTED BY", "EXPIRES", "WILL"],
+            &rows,
+        );
+        cut_note(out, self.requests.len(), self.total, "requests");
+    }
+}
+
+/// `safemode approve`.
+#[derive(Serialize)]
+pub struct Approved {
+    request: Request,
+    revision: i64,
+}
+
+impl From<proto::ApproveResponse> for Approved {
+    fn from(response: proto::ApproveResponse) -> Self {
+        Approved {
+            request: response.request.unwrap_or_default().into(),
+            revision: response.revision,
+        }
+    }
+}
+
+impl View for Approved {
+    fn render(&self, out: &mut Text) {
+        let request = &self.request;
+        say!(
+            out,
+            "approved {} (requested by {}): {}",
+            request.id,
+            request.requested_by,
+            request.summary
+        );
+        at_revision(out, &request.namespace, self.revision);
+    }
+}
+
+/// `safemode audit`: the log, and what verification found. JSON is the
+/// whole report as one document; text is printed page by page with
+/// [`Audit::rows`] and ends with [`Audit::summary`], so the log is never
+/// held whole.
+#[derive(Serialize)]
+pub struct Audit {
+    entries: Vec<AuditEntry>,
+    verified: bool,
+    problems: Vec<String>,
+    problems_total: u64,
+    /// The newest entry, to keep somewhere else; absent for an empty log.
+    head: Option<AuditHead>,
+}
+
+#[derive(Serialize)]
+struct AuditEntry {
+    seq: u64,
+    at: Time,
+    action: String,
+    principal: String,
+    roles: Vec<String>,
+    namespace: Option<String>,
+    reason: Option<String>,
+    incident_id: Option<String>,
+    request_id: Option<String>,
+    activation_ids: Vec<String>,
+    detail: String,
+    revision: i64,
+    state_digest: Option<String>,
+    prev_hash: String,
+    hash: String,
+    key_id: Option<String>,
+    signature: Option<String>,
+}
+
+#[derive(Serialize)]
+struct AuditHead {
+    seq: u64,
+    hash: String,
+}
+
+impl From<proto::GetAuditResponse> for Audit {
+    fn from(response: proto::GetAuditResponse) -> Self {
+        Audit {
+            entries: response
+                .entries
+                .into_iter()
+                .map(|e| AuditEntry {
+                    seq: e.seq,
+                    at: e.at.into(),
+                    action: e.action,
+                    principal: e.principal,
+                    roles: e.roles,
+                    namespace: given(e.namespace),
+                    reason: given(e.reason),
+                    incident_id: given(e.incident_id),
+                    request_id: given(e.request_id),
+                    activation_ids: e.activation_ids,
+                    detail: e.detail,
+                    revision: e.revision,
+                    state_digest: given(e.state_digest),
+                    prev_hash: e.prev_hash,
+                    hash: e.hash,
+                    key_id: given(e.key_id),
+                    signature: given(e.signature),
+                })
+                .collect(),
+            verified: response.verified,
+            problems: response.problems,
+            problems_total: response.problems_total,
+            head: (response.head_seq > 0).then_some(AuditHead {
+                seq: response.head_seq,
+                hash: response.head_hash,
+            }),
+        }
+    }
+}
+
+impl Audit {
+    /// The entries of a later page, after this one's.
+    pub fn extend(&mut self, page: Audit) {
+        self.entries.extend(page.entries);
+    }
+
+    /// How many problems verification found, listed or not.
+    pub fn problems_total(&self) -> u64 {
+        self.problems_total
+    }
+
+    /// This page of the log as table rows (text), with the header when it
+    /// is the first.
+    pub fn rows(&self, header: bool) -> String {
+        let mut out = Text::default();
+        self.render_rows(&mut out, header);
+        out.into_string()
+    }
+
+    /// What verification found (text): the head to keep, and each problem.
+    pub fn summary(&self) -> String {
+        let mut out = Text::default();
+        self.render_summary(&mut out);
+        out.into_string()
+    }
+
+    fn render_rows(&self, out: &mut Text, header: bool) {
+        let rows: Vec<[String; 6]> = self
+            .entries
+            .iter()
+            .map(|e| {
+                [
+                    e.seq.to_string(),
+                    e.at.to_string(),
+                    e.action.clone(),
+                    if e.roles.is_empty() {
+                        e.principal.clone()
+                    } else {
+                        format!("{} ({})", e.principal, e.roles.join(","))
+                    },
+                    e.revision.to_string(),
+                    [Some(e.detail.as_str()), e.reason.as_deref()]
+                        .into_iter()
+                        .flatten()
+                        .filter(|t| !t.is_empty())
+                        .collect::<Vec<_>>()
+                        .join(" / reason: "),
+                ]
+            })
+            .collect();
+        out.columns(
+            ["SEQ", "AT", "ACTION", "BY", "REVISION", "DETAIL"],
+            &rows,
+            header,
+        );
+    }
+
+    fn render_summary(&self, out: &mut Text) {
+        if !self.verified {
+            return;
+        }
         say!(out);
-        if response.head_seq > 0 {
+        if let Some(head) = &self.head {
             // Kept somewhere else, it shows later whether the whole
             // store was rewritten.
-            say!(
-                out,
-                "head: entry {} with hash {}",
-                response.head_seq,
-                response.head_hash
-            );
+            say!(out, "head: entry {} with hash {}", head.seq, head.hash);
         }
-        if response.problems.is_empty() {
+        if self.problems.is_empty() {
             say!(
                 out,
                 "verified: the hash chain is intact, every entry is signed by a trusted key, and the activations are those the log committed to"
             );
         } else {
-            for problem in &response.problems {
+            for problem in &self.problems {
                 say!(out, "TAMPERED: {problem}");
             }
-            let listed = response.problems.len() as u64;
-            if response.problems_total > listed {
+            let listed = self.problems.len() as u64;
+            if self.problems_total > listed {
                 say!(
                     out,
                     "TAMPERED: and {} more problem(s) not listed",
-                    response.problems_total - listed
+                    self.problems_total - listed
                 );
             }
         }
     }
-    out
 }
 
-pub fn runbooks(format: Format, response: &proto::ListRunbooksResponse) -> String {
-    match format {
-        Format::Json => json_line(&json!({
-            "runbooks": response.runbooks.iter().map(|r| json!({
-                "name": r.name,
-                "title": r.title,
-                "summary": r.summary,
-                "owners": r.owners,
-                "lift_requires_approval": r.lift_requires_approval,
-                "review_interval_seconds": r.review_interval_seconds,
-                "exit_criteria": r.exit_criteria,
-                "stages": r.stages.iter().map(|s| json!({
-                    "severity": s.severity,
-                    "modes": s.modes,
-                    "expectations": s.expectations,
-                    "apply_within_ms": s.apply_within_ms,
-                })).collect::<Vec<_>>(),
-            })).collect::<Vec<_>>(),
-        })),
-        Format::Text => {
-            let mut out = String::new();
-            for r in &response.runbooks {
-                say!(out, "{}: {}", r.name, r.title);
-                for s in &r.stages {
-                    say!(out, "  {}: {}", s.severity, s.modes.join(", "));
+impl View for Audit {
+    fn render(&self, out: &mut Text) {
+        self.render_rows(out, true);
+        self.render_summary(out);
+    }
+}
+
+/// `safemode runbook list`.
+#[derive(Serialize)]
+pub struct Runbooks {
+    runbooks: Vec<Runbook>,
+}
+
+#[derive(Serialize)]
+struct Runbook {
+    name: String,
+    title: String,
+    summary: String,
+    owners: Vec<String>,
+    lift_requires_approval: bool,
+    review_interval_seconds: u64,
+    exit_criteria: Vec<String>,
+    stages: Vec<RunbookStage>,
+}
+
+#[derive(Serialize)]
+struct RunbookStage {
+    severity: String,
+    modes: Vec<String>,
+    expectations: u32,
+    apply_within_ms: u64,
+}
+
+impl From<proto::ListRunbooksResponse> for Runbooks {
+    fn from(response: proto::ListRunbooksResponse) -> Self {
+        Runbooks {
+            runbooks: response
+                .runbooks
+                .into_iter()
+                .map(|r| Runbook {
+                    name: r.name,
+                    title: r.title,
+                    summary: r.summary,
+                    owners: r.owners,
+                    lift_requires_approval: r.lift_requires_approval,
+                    review_interval_seconds: r.review_interval_seconds,
+                    exit_criteria: r.exit_criteria,
+                    stages: r
+                        .stages
+                        .into_iter()
+                        .map(|s| RunbookStage {
+                            severity: s.severity,
+                            modes: s.modes,
+                            expectations: s.expectations,
+                            apply_within_ms: s.apply_within_ms,
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl View for Runbooks {
+    fn render(&self, out: &mut Text) {
+        for r in &self.runbooks {
+            say!(out, "{}: {}", r.name, r.title);
+            for s in &r.stages {
+                say!(out, "  {}: {}", s.severity, s.modes.join(", "));
+            }
+        }
+    }
+}
+
+/// `safemode runbook lint`: how many files are clean, or every error.
+#[derive(Serialize)]
+pub struct Lint {
+    /// Present when every file is clean.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    files: Option<usize>,
+    errors: Vec<String>,
+}
+
+impl From<&Result<usize, Vec<String>>> for Lint {
+    fn from(result: &Result<usize, Vec<String>>) -> Self {
+        match result {
+            Ok(files) => Lint {
+                files: Some(*files),
+                errors: Vec::new(),
+            },
+            Err(errors) => Lint {
+                files: None,
+                errors: errors.clone(),
+            },
+        }
+    }
+}
+
+impl View for Lint {
+    fn render(&self, out: &mut Text) {
+        match self.files {
+            Some(files) => say!(out, "{} ok", count(files, "file")),
+            None => {
+                for error in &self.errors {
+                    say!(out, "{error}");
                 }
             }
-            out
         }
     }
 }
 
-pub fn lint(format: Format, result: &Result<usize, Vec<String>>) -> String {
-    match (format, result) {
-        (Format::Json, Ok(files)) => json_line(&json!({"files": files, "errors": []})),
-        (Format::Json, Err(errors)) => json_line(&json!({"errors": errors})),
-        (Format::Text, Ok(files)) => format!("{} ok\n", count(*files, "file")),
-        (Format::Text, Err(errors)) => errors
-            .iter()
-            .map(|e| format!("{}\n", single_line(e)))
-            .collect(),
+/// `safemode token create`: the token, shown only now, and the line for
+/// the server's tokens file.
+#[derive(Serialize)]
+pub struct Token<'a> {
+    principal: &'a str,
+    roles: Vec<&'a str>,
+    token: &'a str,
+    line: &'a str,
+}
+
+impl<'a> Token<'a> {
+    pub fn new(roles: &'a [Role], new: &'a NewToken) -> Self {
+        Token {
+            principal: &new.principal,
+            roles: roles.iter().map(|r| r.as_str()).collect(),
+            token: &new.token,
+            line: &new.line,
+        }
     }
 }
 
-pub fn token(
-    format: Format,
-    principal: &str,
-    roles: &[safemode_controller::auth::Role],
-    new: &safemode_controller::auth::NewToken,
-) -> String {
-    let roles: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
-    match format {
-        Format::Json => json_line(&json!({
-            "principal": principal,
-            "roles": roles,
-            "token": new.token,
-            "line": new.line,
-        })),
-        Format::Text => {
-            let mut out = String::new();
-            say!(
-                out,
-                "token for {principal} ({}), shown only now:",
-                roles.join(", ")
-            );
-            say!(out, "  {}", new.token);
-            say!(
-                out,
-                "add this line to the server's tokens file (it holds only the hash):"
-            );
-            say!(out, "{}", new.line);
-            out
-        }
+impl View for Token<'_> {
+    fn render(&self, out: &mut Text) {
+        say!(
+            out,
+            "token for {} ({}), shown only now:",
+            self.principal,
+            self.roles.join(", ")
+        );
+        say!(out, "  {}", self.token);
+        say!(
+            out,
+            "add this line to the server's tokens file (it holds only the hash):"
+        );
+        say!(out, "{}", self.line);
     }
 }
 
@@ -1258,9 +1767,8 @@ mod tests {
 
     #[test]
     fn a_table_keeps_one_row_per_line_and_its_columns_aligned() {
-        let mut out = String::new();
-        table(
-            &mut out,
+        let mut out = Text::default();
+        out.table(
             ["ID", "REASON"],
             &[
                 ["a\u{202e}b".to_string(), "x\nverified: forged".to_string()],
@@ -1268,7 +1776,7 @@ mod tests {
             ],
         );
         assert_eq!(
-            out,
+            out.into_string(),
             "ID          REASON\n\
              a\\u{202e}b  x\\nverified: forged\n\
              c           fine\n"
@@ -1277,9 +1785,12 @@ mod tests {
 
     #[test]
     fn say_writes_one_line_whatever_it_is_given() {
-        let mut out = String::new();
+        let mut out = Text::default();
         let reason = "ok\nTAMPERED: nothing\u{2028}";
         say!(out, "reason: {reason}");
-        assert_eq!(out, "reason: ok\\nTAMPERED: nothing\\u{2028}\n");
+        assert_eq!(
+            out.into_string(),
+            "reason: ok\\nTAMPERED: nothing\\u{2028}\n"
+        );
     }
 }

@@ -40,11 +40,9 @@ pub(super) async fn run(
     })
     .await?;
     let mut reports = sim.reports().context("the sim's reports were taken")?;
-    emit(output::sim_started(
+    emit(output::show(
         format,
-        &namespace,
-        &channels,
-        sim.len(),
+        &output::SimStarted::new(&namespace, &channels, sim.len()),
     ))?;
     let ctx = Context::default();
     let mut printed = 0usize;
@@ -63,7 +61,10 @@ pub(super) async fn run(
                     .collect::<Vec<_>>()
             })
             .collect();
-        emit(output::sim_revision(format, &report, &decisions))?;
+        emit(output::show(
+            format,
+            &output::SimRevision::new(&report, &decisions),
+        ))?;
         printed += 1;
         if args.revisions.is_some_and(|n| printed >= n) {
             return Ok(());
