@@ -36,13 +36,16 @@ impl LocatedError {
         Self::at(file, line, column, message)
     }
 
-    /// A problem in `file` at `line` and `column` (1-based).
+    /// A problem in `file` at `line` and `column` (1-based). The message is
+    /// made one line: a value it quotes from the file may hold line breaks
+    /// or other control characters, shown escaped (`\n`), so that one
+    /// problem is always one line of output.
     pub fn at(file: impl Into<String>, line: u32, column: u32, message: impl Into<String>) -> Self {
         LocatedError {
             file: file.into(),
             line,
             column,
-            message: message.into(),
+            message: one_line(message.into()),
         }
     }
 
@@ -91,5 +94,42 @@ pub(crate) fn library_message(raw: &str) -> String {
     match message.strip_suffix(", expected one of ") {
         Some(field) => format!("{field}; this takes no fields"),
         None => message,
+    }
+}
+
+/// `message` with its control characters and line or paragraph separators
+/// escaped as Rust writes them (`\n`, `\u{2028}`); unchanged, without a
+/// copy, when it has none.
+fn one_line(message: String) -> String {
+    let breaks = |c: char| c.is_control() || c == '\u{2028}' || c == '\u{2029}';
+    if !message.contains(breaks) {
+        return message;
+    }
+    message
+        .chars()
+        .map(|c| {
+            if breaks(c) {
+                c.escape_debug().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_value_quoted_with_line_breaks_stays_one_line() {
+        let e = LocatedError::at(
+            "r.yaml",
+            23,
+            18,
+            "bad duration '15m\n- more\r\u{2028}' here",
+        );
+        assert_eq!(e.message, "bad duration '15m\\n- more\\r\\u{2028}' here");
+        assert_eq!(e.to_string().lines().count(), 1);
     }
 }
