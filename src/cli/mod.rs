@@ -34,7 +34,7 @@ use safemode_wire::{self as wire, proto};
 
 /// Incident degradation-mode controller for customer-support flows.
 #[derive(Parser, Debug)]
-#[command(name = "safemode", version, about, max_term_width = 100)]
+#[command(name = "safemode", version, max_term_width = 100)]
 pub struct Cli {
     /// Controller replicas to talk to, comma-separated; the first that
     /// answers serves the command, and `watch`/`decide` fail over between them.

@@ -18,7 +18,7 @@ use anyhow::anyhow;
 use futures_util::future::BoxFuture;
 use tonic::Code;
 
-use super::{Caller, Control, control};
+use super::{Caller, Control, client_errors, control};
 use safemode_controller::ChangeId;
 use safemode_support::backoff::Backoff;
 
@@ -48,7 +48,9 @@ pub(crate) async fn write<T>(
             let client = match control(std::slice::from_ref(server), caller).await {
                 Ok(client) => client,
                 Err(e) => {
-                    failures.push(format!("{server}: {e:#}"));
+                    // In the command line's flags, as `main` prints a
+                    // client error, not in `SubscriberConfig`'s fields.
+                    failures.push(format!("{server}: {}", client_errors::render(&e)));
                     continue;
                 }
             };
@@ -121,6 +123,29 @@ mod tests {
         check(Code::FailedPrecondition, "already declared", false);
         check(Code::PermissionDenied, "not a commander", false);
         check(Code::Internal, "store data is damaged", false);
+    }
+
+    #[tokio::test]
+    async fn a_write_to_no_server_says_what_to_do_in_flags() {
+        let caller = Caller {
+            token: None,
+            principal: Some("alice".into()),
+            ca_cert: None,
+            insecure: false,
+            change_id: ChangeId::random(),
+        };
+        let servers = ["http://127.0.0.1:1".to_string()];
+        let error = write(&servers, &caller, "mode apply", |_client, _id| {
+            Box::pin(async { Ok(tonic::Response::new(())) })
+        })
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.contains("(--server / SAFEMODE_SERVER point elsewhere)"),
+            "{error}"
+        );
+        assert!(!error.contains("SubscriberConfig"), "{error}");
     }
 
     #[test]

@@ -51,8 +51,13 @@ impl Controller {
         Ok(requests)
     }
 
+    /// One change request, as it is recorded.
+    pub async fn request(&self, id: &RequestId) -> Result<ChangeRequest> {
+        Ok(self.read_request(id).await?.0)
+    }
+
     /// A request and the revision of its record.
-    pub async fn read_request(&self, id: &RequestId) -> Result<(ChangeRequest, Revision)> {
+    pub(crate) async fn read_request(&self, id: &RequestId) -> Result<(ChangeRequest, Revision)> {
         let key = self.config.layout.request_key(id);
         let range = self.store.range(&key).await?;
         let kv = range

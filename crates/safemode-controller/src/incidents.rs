@@ -700,7 +700,7 @@ impl Controller {
     }
 
     /// An incident and the revision of its record.
-    pub async fn read_incident(&self, id: &IncidentId) -> Result<(Incident, Revision)> {
+    pub(crate) async fn read_incident(&self, id: &IncidentId) -> Result<(Incident, Revision)> {
         let key = self.config.layout.incident_key(id);
         let range = self.store.range(&key).await?;
         let kv = range

@@ -444,7 +444,7 @@ impl ControlService for ControlApi {
         };
         let what = format!("move incident {id} to {severity}");
         authorize_anywhere(&self.controller, &actor, Operation::Change, &what).await?;
-        let (incident, _) = self.controller.read_incident(&id).await.map_err(status)?;
+        let incident = self.controller.incident(&id).await.map_err(status)?;
         authorize(
             &self.controller,
             &actor,
@@ -478,7 +478,7 @@ impl ControlService for ControlApi {
         let reason = reason(&r.reason)?;
         let what = format!("resolve incident {id}");
         authorize_anywhere(&self.controller, &actor, Operation::Change, &what).await?;
-        let (incident, _) = self.controller.read_incident(&id).await.map_err(status)?;
+        let incident = self.controller.incident(&id).await.map_err(status)?;
         authorize(
             &self.controller,
             &actor,
@@ -595,7 +595,7 @@ impl ControlService for ControlApi {
         };
         let what = format!("approve {id}");
         authorize_anywhere(&self.controller, &actor, Operation::Approve, &what).await?;
-        let (pending, _) = self.controller.read_request(&id).await.map_err(status)?;
+        let pending = self.controller.request(&id).await.map_err(status)?;
         authorize(
             &self.controller,
             &actor,
