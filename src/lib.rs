@@ -27,5 +27,6 @@
 #![forbid(unsafe_code)]
 
 pub mod cli;
+mod client_errors;
 pub mod drill;
 pub mod sim;

@@ -3,7 +3,6 @@
 //! connection, so bad input fails fast with one clear line and changes
 //! nothing. Exit codes: 0 success, 1 refused or failed, 2 bad usage.
 
-mod client_errors;
 mod drill;
 mod governance;
 mod output;
@@ -31,6 +30,8 @@ use safemode_policy::{
 };
 use safemode_wire::proto::control_service_client::ControlServiceClient;
 use safemode_wire::{self as wire, proto};
+
+use crate::client_errors;
 
 /// Incident degradation-mode controller for customer-support flows.
 #[derive(Parser, Debug)]

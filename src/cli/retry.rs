@@ -18,7 +18,8 @@ use anyhow::anyhow;
 use futures_util::future::BoxFuture;
 use tonic::Code;
 
-use super::{Caller, Control, client_errors, control};
+use super::{Caller, Control, control};
+use crate::client_errors;
 use safemode_controller::ChangeId;
 use safemode_support::backoff::Backoff;
 

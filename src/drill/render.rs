@@ -8,8 +8,10 @@
 
 use std::borrow::Cow;
 use std::fmt::{self, Write as _};
-use std::io::{self, Write as _};
+use std::io;
 use std::path::{Path, PathBuf};
+
+use safemode_support::files::{self, Existing, Readers};
 
 use quick_xml::Writer;
 use quick_xml::events::{BytesDecl, BytesEnd, BytesStart, BytesText, Event};
@@ -42,13 +44,11 @@ pub fn write(dir: &Path, reports: &[DrillReport]) -> io::Result<Vec<PathBuf>> {
     let mut paths = Vec::with_capacity(files.len());
     for (name, text) in files {
         let path = dir.join(name);
-        replace(dir, &path, text.as_bytes()).map_err(|e| cannot_write(&path, e))?;
+        // A report is for whoever reads the directory.
+        files::write_atomically(&path, text.as_bytes(), Readers::Anyone, Existing::Replace)
+            .map_err(|e| cannot_write(&path, e))?;
         paths.push(path);
     }
-    // The renames are durable once the directory is.
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| cannot_write(dir, e))?;
     Ok(paths)
 }
 
@@ -60,22 +60,6 @@ fn cannot_write(path: &Path, error: io::Error) -> io::Error {
             path.display()
         ),
     )
-}
-
-/// Writes `bytes` to a fresh temporary file in `dir` (made by `tempfile`,
-/// so never through a symlink and never shared), syncs it, then renames it
-/// over `path`; on failure the temporary file is removed.
-fn replace(dir: &Path, path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut builder = tempfile::Builder::new();
-    // A report is for whoever reads the directory: the permissions of any
-    // new file (0666 less the umask), not a temporary file's owner-only.
-    #[cfg(unix)]
-    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
-    let mut file = builder.tempfile_in(dir)?;
-    file.write_all(bytes)?;
-    file.as_file().sync_all()?;
-    file.persist(path).map_err(|e| e.error)?;
-    Ok(())
 }
 
 // === report.md ===

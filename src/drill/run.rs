@@ -17,6 +17,7 @@ use super::report::{
     JournalEvent, Reject, RestorationReport, StageReport, Step,
 };
 use super::{Control, DrillError, DrillOptions, Fault, Harness};
+use crate::client_errors;
 use crate::sim::{Sim, SimConfig, percentile};
 use safemode_client::ClientError;
 use safemode_policy::runbook::{Expectation, Runbook, Severity, Stage};
@@ -62,7 +63,7 @@ pub(super) async fn drill(
     );
     let outcome = drill.walk(harness, runbook, options).await;
     if let Err(failure) = outcome {
-        drill.fail(failure.to_string());
+        drill.fail(failure.line());
     }
     drill.clean_up(harness).await;
     drill.report.finished_at = Timestamp::now();
@@ -122,6 +123,18 @@ enum StepError {
 }
 
 impl StepError {
+    /// The failure as the report says it: one line, with a client error
+    /// said in the flags of the `safemode` command that ran the drill.
+    fn line(&self) -> String {
+        match self {
+            StepError::Subscribers { what, source } => {
+                format!("{what}: {}", client_errors::in_flags(source))
+            }
+            StepError::Controller(DrillError::Client(client)) => client_errors::in_flags(client),
+            other => other.to_string(),
+        }
+    }
+
     fn call(message: String, status: tonic::Status) -> Self {
         StepError::Call {
             message,
@@ -867,12 +880,12 @@ impl Drill {
         if self.incident.is_some()
             && let Err(e) = self.resolve(harness, &mut commander).await
         {
-            self.fail(format!("cleanup: {e}"));
+            self.fail(format!("cleanup: {}", e.line()));
         }
         let left = match self.status(&mut commander).await {
             Ok(status) => status.activations,
             Err(e) => {
-                self.fail(e.to_string());
+                self.fail(e.line());
                 return;
             }
         };

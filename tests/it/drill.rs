@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use safemode_client::{Subscriber, SubscriberConfig};
 use safemode_policy::{Channel, Namespace};
+use safemode_signing::SigningKey;
 use safemode_wire::proto;
 
 use crate::support::{Control, Principals, TestServer, control_as, safemode, wait_until};
@@ -678,4 +679,35 @@ async fn bad_drill_input_is_one_clear_line() {
         assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
+}
+
+/// A drill's failure is read by the person who ran `safemode drill run`:
+/// when its subscribers cannot trust the controller, the report says which
+/// flag fixes it, not which field of the client crate's configuration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drill_whose_subscribers_cannot_trust_the_controller_names_the_flag() {
+    let server = TestServer::start().await;
+    let other = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(other.path(), SigningKey::generate().0.public_key().to_pem()).unwrap();
+    let output = safemode(&[
+        "--server",
+        &server.url,
+        "--output",
+        "json",
+        "drill",
+        "run",
+        "fraud-spike",
+        "--namespace",
+        "drill-untrusted",
+        "--channels",
+        "web=1",
+        "--trusted-keys",
+        other.path().to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let report = json(&output);
+    let failures = report["drills"][0]["failures"].to_string();
+    assert!(failures.contains("--trusted-keys FILE"), "{failures}");
+    assert!(!failures.contains("SubscriberConfig"), "{failures}");
 }

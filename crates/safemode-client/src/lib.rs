@@ -143,7 +143,7 @@ pub enum ClientError {
     },
     /// The TLS handshake failed for a reason other than the certificate.
     #[error(
-        "TLS with the controller at {server} failed: {reason}; does it serve TLS (safemode serve --tls-cert/--tls-key)? a controller without TLS takes http://"
+        "TLS with the controller at {server} failed: {reason}; does the controller serve TLS (with a certificate and key)? a controller without TLS takes http://"
     )]
     Tls {
         /// The address.

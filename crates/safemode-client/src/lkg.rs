@@ -18,7 +18,7 @@
 //! heartbeats confirm the policy, so a service that restarts cut off from
 //! the controller counts its staleness from then, not from its restart.
 
-use std::io::{self, Write as _};
+use std::io;
 use std::path::Path;
 use std::time::Duration;
 
@@ -32,6 +32,7 @@ use sha2::{Digest, Sha256};
 use super::PolicySnapshot;
 use safemode_policy::{Channel, Namespace};
 use safemode_signing::TrustedKeys;
+use safemode_support::files::{self, Existing, Readers, directory};
 use safemode_wire::{self as wire, proto};
 
 /// Version 2 keeps the signature; a version 1 file (unsigned) is refused.
@@ -116,14 +117,6 @@ impl Kept {
     }
 }
 
-/// The directory the file at `path` lives in.
-fn directory(path: &Path) -> &Path {
-    match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    }
-}
-
 /// Checks, at start, that the file at `path` can be written: its directory
 /// exists and takes new files.
 pub(super) fn check_writable(path: &Path) -> Result<(), String> {
@@ -136,18 +129,10 @@ pub(super) fn check_writable(path: &Path) -> Result<(), String> {
         .map_err(|e| format!("cannot write in {}: {e}", dir.display()))
 }
 
-/// Replaces the file at `path` with `bytes`, atomically: readers see the
-/// old file or the new one, even across a crash. The temporary file has a
-/// fresh name (created exclusively, never through a symlink) and is
+/// Replaces the file at `path` with `bytes`, atomically and durably,
 /// readable only by its owner.
 pub(super) fn save(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = directory(path);
-    let mut file = tempfile::NamedTempFile::new_in(dir)?;
-    file.write_all(bytes)?;
-    file.as_file().sync_all()?;
-    file.persist(path).map_err(|e| e.error)?;
-    // The rename itself is durable once the directory is.
-    std::fs::File::open(dir)?.sync_all()
+    files::write_atomically(path, bytes, Readers::Owner, Existing::Replace)
 }
 
 /// Why a last-known-good file cannot be used.

@@ -30,6 +30,7 @@ use safemode_store::Store;
 use safemode_store::embedded::{EmbeddedOptions, EmbeddedStore};
 pub use safemode_store::etcd::EtcdTls;
 use safemode_store::etcd::{EtcdOptions, EtcdStore};
+use safemode_support::files::{self, Existing, Readers};
 use safemode_support::pem;
 use safemode_wire::proto;
 
@@ -399,8 +400,13 @@ fn signing_keys(
             let (key, created) = SigningKey::load_or_create(&path)
                 .map_err(|e| anyhow!("cannot use the signing key {}: {e}", path.display()))?;
             let public = data_dir.join(PUBLIC_KEY_FILE);
-            std::fs::write(&public, key.public_key().to_pem())
-                .with_context(|| format!("cannot write {}", public.display()))?;
+            files::write_atomically(
+                &public,
+                key.public_key().to_pem().as_bytes(),
+                Readers::Anyone,
+                Existing::Replace,
+            )
+            .with_context(|| format!("cannot write {}", public.display()))?;
             if created {
                 info!(key = %key.key_id(), path = %path.display(), public = %public.display(),
                     "made a new signing key; channel services must trust its public half");

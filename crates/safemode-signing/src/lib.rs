@@ -18,9 +18,10 @@
 #![forbid(unsafe_code)]
 
 use std::fmt;
-use std::io::Write as _;
 use std::path::Path;
 use std::sync::Arc;
+
+use safemode_support::files::{self, Existing, Readers};
 
 use base64::Engine as _;
 use ring::rand::SystemRandom;
@@ -429,21 +430,11 @@ fn tagged(purpose: Purpose, message: &[u8]) -> Vec<u8> {
     bytes
 }
 
-/// Writes a private key file that only its owner can read, without ever
-/// replacing an existing one: the key goes into a temporary file beside it
-/// (`tempfile` makes it readable by its owner only), synced, and is linked
-/// into place only if nothing is there yet, so a crash never leaves a
-/// half-written key.
+/// Writes a private key file that only its owner can read, whole, and
+/// never over an existing one (a crash never leaves half a key, and two
+/// starts at once never replace each other's key).
 fn write_private(path: &Path, pem: &str) -> std::io::Result<()> {
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    let mut file = tempfile::NamedTempFile::new_in(dir)?;
-    file.write_all(pem.as_bytes())?;
-    file.as_file().sync_all()?;
-    file.persist_noclobber(path).map_err(|e| e.error)?;
-    Ok(())
+    files::write_atomically(path, pem.as_bytes(), Readers::Owner, Existing::Keep)
 }
 
 fn pem_block(label: &str, der: &[u8]) -> String {

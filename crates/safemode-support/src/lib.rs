@@ -4,9 +4,11 @@
 //!
 //! - [`backoff`]: jittered exponential backoff for every reconnect loop.
 //! - [`errors`]: error chains rendered for people.
+//! - [`files`]: files written whole, atomically and durably.
 //! - [`pem`]: certificate and key files read and checked up front.
 #![forbid(unsafe_code)]
 
 pub mod backoff;
 pub mod errors;
+pub mod files;
 pub mod pem;

@@ -1,9 +1,10 @@
 //! The client crate's errors, said in the command line's terms.
 //!
 //! `safemode-client` speaks to a service author: what to do is a field of
-//! `SubscriberConfig`. A person at the command line sets flags instead, so
-//! before an error is printed every `ClientError` in its chain is said again
-//! with the flag (and the environment variable) that does the same.
+//! `SubscriberConfig`. A person running `safemode` (a command, or a drill
+//! whose report they read) sets flags instead, so before an error is printed
+//! or reported every `ClientError` in it is said again with the flag (and
+//! the environment variable) that does the same.
 
 use safemode_client::ClientError;
 
@@ -32,7 +33,7 @@ fn client_error<'a>(cause: &'a (dyn std::error::Error + 'static)) -> Option<&'a 
 
 /// What `error` says, with the command line's flags where the client names
 /// a `SubscriberConfig` field.
-fn in_flags(error: &ClientError) -> String {
+pub(crate) fn in_flags(error: &ClientError) -> String {
     match error {
         ClientError::PlaintextToken { server } => format!(
             "refusing to send the token in plain text to {server}, which is not a loopback address: use https:// (with --ca-cert FILE for a private CA), or --insecure (SAFEMODE_INSECURE) if a service mesh already encrypts this hop"
@@ -56,6 +57,9 @@ fn in_flags(error: &ClientError) -> String {
             reason,
         } => format!(
             "the controller at {server} sent {what} this client does not trust: {reason}; nothing of it was used. If {server} is your controller, give its public key with --trusted-keys FILE (SAFEMODE_TRUSTED_KEYS): signing.pub in its data directory, or `safemode key public`"
+        ),
+        ClientError::Tls { server, reason } => format!(
+            "TLS with the controller at {server} failed: {reason}; does it serve TLS (safemode serve --tls-cert/--tls-key)? a controller without TLS takes http://"
         ),
         other => other.to_string(),
     }
