@@ -298,7 +298,8 @@ struct ServeArgs {
     /// The key (PEM) of --etcd-cert.
     #[arg(long, env = "SAFEMODE_ETCD_KEY", value_name = "FILE")]
     etcd_key: Option<PathBuf>,
-    /// This replica's name in status and logs [default: the host name].
+    /// This replica's name in status, audit and logs [default: the host
+    /// name and the listen port, e.g. vm:7700].
     #[arg(long, env = "SAFEMODE_REPLICA")]
     replica: Option<String>,
     /// Directory of mode files (*.yaml); default: the built-in standard modes.
@@ -813,11 +814,21 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             }
         }
     };
+    if let Some(name) = &args.replica {
+        let printable = !name.is_empty()
+            && name.len() <= 128
+            && !name.chars().any(|c| c.is_control() || c.is_whitespace());
+        if !printable {
+            bail!(
+                "bad --replica {name:?}: give 1 to 128 characters without spaces, e.g. the pod name; by default a replica is named after its host and port"
+            );
+        }
+    }
     let defaults = ServeConfig::default();
     let running = server::start(ServeConfig {
         listen: args.listen,
         store,
-        replica: args.replica.unwrap_or(defaults.replica.clone()),
+        replica: args.replica,
         modes_dir: args.modes,
         runbooks_dir: args.runbooks,
         tokens: args.tokens,

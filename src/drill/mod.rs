@@ -357,7 +357,7 @@ impl Harness {
                     store: StoreConfig::Embedded {
                         data_dir: data.path().to_path_buf(),
                     },
-                    replica: "drill".into(),
+                    replica: Some("drill".into()),
                     modes_dir: source.modes_dir.clone(),
                     runbooks_dir: source.runbooks_dir.clone(),
                     tokens: Some(tokens.path().to_path_buf()),

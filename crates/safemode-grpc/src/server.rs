@@ -79,8 +79,10 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     /// The store.
     pub store: StoreConfig,
-    /// This replica's name in status and logs (the pod name on Kubernetes).
-    pub replica: String,
+    /// This replica's name in status, audit and logs; `None` names it
+    /// after its host and the port it listens on (`vm:7700`), so that two
+    /// replicas on one host are told apart.
+    pub replica: Option<String>,
     /// Directory of mode files; `None` serves the built-in standard modes.
     pub modes_dir: Option<PathBuf>,
     /// Directory of runbooks; `None` serves the built-in standard runbooks.
@@ -123,7 +125,7 @@ impl Default for ServeConfig {
             store: StoreConfig::Embedded {
                 data_dir: PathBuf::from("safemode-data"),
             },
-            replica: default_replica_name(),
+            replica: None,
             modes_dir: None,
             runbooks_dir: None,
             tokens: None,
@@ -219,6 +221,10 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
     let listener =
         listen(config.listen).with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
+    let replica = config
+        .replica
+        .clone()
+        .unwrap_or_else(|| default_replica_name(addr.port()));
 
     let shutdown = CancellationToken::new();
     let authentication = tokens.is_some();
@@ -239,7 +245,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
         Arc::new(catalog),
         ControllerConfig {
             layout,
-            replica: config.replica.clone(),
+            replica: replica.clone(),
             signing_key,
             trusted_keys,
             ..config.controller.clone()
@@ -287,7 +293,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
         ))
         // Oversized requests are refused before they are decoded.
         .add_service(InterceptedService::new(
-            ControlServer::new(ControlApi::new(controller.clone(), config.replica.clone()))
+            ControlServer::new(ControlApi::new(controller.clone(), replica.clone()))
                 .max_decoding_message_size(limits::MAX_CONTROL_REQUEST_BYTES),
             authenticator.clone(),
         ))
@@ -297,19 +303,19 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
             authenticator,
         ));
 
-    info!(%addr, replica = %config.replica, store = %store.describe(), modes, runbooks,
+    info!(%addr, %replica, store = %store.describe(), modes, runbooks,
         authentication, tls = serves_tls, signing_key = %controller.signing_key().key_id(),
         "safemode controller serving");
     if let Some((file, tx, hangups)) = reloader {
         tokio::spawn(tracing::Instrument::instrument(
             reload_tokens(file, tx, hangups, config.tokens_reload, shutdown.clone()),
-            tracing::info_span!("tokens", replica = %config.replica),
+            tracing::info_span!("tokens", %replica),
         ));
     }
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let token = shutdown.clone();
     let grace = config.shutdown_grace;
-    let span = tracing::info_span!("server", %addr, replica = %config.replica);
+    let span = tracing::info_span!("server", %addr, %replica);
     let join = tokio::spawn(tracing::Instrument::instrument(
         async move {
             let signal = token.clone();
@@ -464,14 +470,17 @@ async fn open_store(config: &StoreConfig) -> anyhow::Result<(Arc<dyn Store>, Lay
     }
 }
 
-/// The host name (the pod name on Kubernetes), else a name from the pid.
-fn default_replica_name() -> String {
-    std::env::var("HOSTNAME")
+/// The host name (the pod name on Kubernetes), else a name from the pid,
+/// with the port the replica listens on: unique among the replicas of one
+/// host, and the address to look for.
+fn default_replica_name(port: u16) -> String {
+    let host = std::env::var("HOSTNAME")
         .ok()
         .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
         .map(|name| name.trim().to_string())
         .filter(|name| !name.is_empty())
-        .unwrap_or_else(|| format!("safemode-{}", std::process::id()))
+        .unwrap_or_else(|| format!("safemode-{}", std::process::id()));
+    format!("{host}:{port}")
 }
 
 /// Connections the kernel may queue before the server accepts them (capped by

@@ -164,7 +164,7 @@ pub async fn serve(
     let running = safemode_grpc::server::start(ServeConfig {
         listen,
         store,
-        replica: "bench".into(),
+        replica: Some("bench".into()),
         // The benchmark's key, which its subscribers trust.
         signing_key: safemode_grpc::server::SigningKeySource::File(signing_key.to_path_buf()),
         ..ServeConfig::default()
