@@ -26,7 +26,7 @@ use safemode_grpc::limits::StreamLimits;
 use safemode_grpc::server::{self, EtcdTls, ServeConfig, SigningKeySource, StoreConfig};
 use safemode_policy::names::validate_label;
 use safemode_policy::{
-    Action, Channel, ChannelSet, Context, MethodSet, ModeName, Namespace, Reason,
+    Action, Channel, ChannelSet, Context, EffectKind, MethodSet, ModeName, Namespace, Reason,
 };
 use safemode_wire::proto::control_service_client::ControlServiceClient;
 use safemode_wire::{self as wire, proto};
@@ -48,7 +48,7 @@ pub struct Cli {
     )]
     servers: Vec<String>,
     /// Output format.
-    #[arg(long, global = true, value_enum, env = "SAFEMODE_OUTPUT", default_value_t = Format::Text)]
+    #[arg(short = 'o', long, global = true, value_enum, env = "SAFEMODE_OUTPUT", default_value_t = Format::Text)]
     output: Format,
     /// Bearer token, when the controller has a tokens file.
     #[arg(long, global = true, env = "SAFEMODE_TOKEN", hide_env_values = true)]
@@ -156,6 +156,13 @@ enum Command {
     /// services to trust.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Print a completion script for a shell, e.g.
+    /// `safemode completions bash > /etc/bash_completion.d/safemode`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -532,6 +539,10 @@ struct DecideArgs {
     /// What the bot flagged the session with (repeatable).
     #[arg(long = "bot-flag")]
     bot_flags: Vec<String>,
+    /// Exit with the effect: 0 allow, 11 throttle, 12 step_up, 13 review,
+    /// 14 read_only, 15 route, 16 deny (1 stays an error).
+    #[arg(long)]
+    exit_code: bool,
 }
 
 /// Runs the command line and returns the process exit code.
@@ -563,6 +574,10 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         // The reader went away (`safemode status | head -1`): not a failure.
         Err(e) if e.is::<OutputClosed>() => ExitCode::SUCCESS,
+        Err(e) if e.is::<ExitWith>() => match e.downcast_ref::<ExitWith>() {
+            Some(ExitWith(code)) => ExitCode::from(*code),
+            None => ExitCode::FAILURE,
+        },
         Err(e) => {
             // Refusals quote what the caller sent; one line, like stdout.
             eprintln!("error: {}", output::single_line(&client_errors::render(&e)));
@@ -582,6 +597,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         change_id: retry::change_id(cli.change_id.as_deref())?,
     };
     match cli.command {
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut command, "safemode", &mut script);
+            emit(String::from_utf8(script).context("the completion script is not UTF-8")?)
+        }
         Command::Serve(args) => serve(args).await,
         Command::Mode(ModeCommand::List) => {
             let mut client = control(&cli.servers, &caller).await?;
@@ -719,7 +740,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let subscriber = Subscriber::connect(config).await?;
             let report = subscriber.decide(&action, &ctx).report();
             emit(output::show(format, &output::Decision(&report)))?;
-            Ok(())
+            match decide_exit_code(args.exit_code, report.outcome.kind()) {
+                0 => Ok(()),
+                code => Err(ExitWith(code).into()),
+            }
         }
         Command::Sim(args) => sim::run(&cli.servers, &caller, format, args).await,
         Command::Drill(DrillCommand::Run(args)) => {
@@ -1018,6 +1042,30 @@ fn read_token(
         (None, None) => Ok(None),
     }
 }
+
+/// The exit code of `decide`: 0 unless `--exit-code` asks for the effect
+/// in it, 0 for allow and 10 plus the effect's place in the restrictiveness
+/// order for the others (throttle 11, step_up 12, review 13, read_only 14,
+/// route 15, deny 16), so a script can branch without parsing output.
+fn decide_exit_code(asked: bool, effect: EffectKind) -> u8 {
+    if !asked {
+        return 0;
+    }
+    match effect {
+        EffectKind::Allow => 0,
+        EffectKind::Throttle => 11,
+        EffectKind::StepUp => 12,
+        EffectKind::Review => 13,
+        EffectKind::ReadOnly => 14,
+        EffectKind::Route => 15,
+        EffectKind::Deny => 16,
+    }
+}
+
+/// The command has said all it has to say and exits with this code.
+#[derive(Debug, thiserror::Error)]
+#[error("exit code {0}")]
+struct ExitWith(u8);
 
 /// Standard output was closed by its reader.
 #[derive(Debug, thiserror::Error)]

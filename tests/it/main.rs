@@ -29,4 +29,5 @@ mod support;
 mod text_output;
 mod tls;
 mod tokens;
+mod ux_conventions;
 mod ux_replicas;
