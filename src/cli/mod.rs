@@ -270,8 +270,9 @@ enum TokenCommand {
         /// Who the token belongs to.
         #[arg(long)]
         principal: String,
-        /// A role (repeatable): viewer, subscriber, commander, approver, drill, admin.
-        #[arg(long = "role", required = true)]
+        /// A role (comma-separated, or repeated): viewer, subscriber, commander,
+        /// approver, drill, admin.
+        #[arg(long = "role", required = true, value_delimiter = ',')]
         roles: Vec<String>,
     },
 }
@@ -524,8 +525,9 @@ struct DecideArgs {
     /// Identity confidence of the customer, 0 to 1.
     #[arg(long, default_value_t = 0.0)]
     confidence: f64,
-    /// Verification method the customer passed (repeatable), e.g. push.
-    #[arg(long = "method")]
+    /// Verification methods the customer passed (comma-separated, or
+    /// repeated), e.g. push.
+    #[arg(long = "method", value_delimiter = ',')]
     methods: Vec<String>,
     /// Failed verification attempts so far.
     #[arg(long, default_value_t = 0)]
@@ -536,8 +538,8 @@ struct DecideArgs {
     /// The session was handed over from a bot.
     #[arg(long)]
     handoff: bool,
-    /// What the bot flagged the session with (repeatable).
-    #[arg(long = "bot-flag")]
+    /// What the bot flagged the session with (comma-separated, or repeated).
+    #[arg(long = "bot-flag", value_delimiter = ',')]
     bot_flags: Vec<String>,
     /// Exit with the effect: 0 allow, 11 throttle, 12 step_up, 13 review,
     /// 14 read_only, 15 route, 16 deny (1 stays an error).

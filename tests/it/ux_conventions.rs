@@ -107,3 +107,19 @@ async fn short_output_flag_exit_codes_and_completions() {
 
     assert_eq!(state(&server).await, before, "something changed");
 }
+
+#[tokio::test]
+async fn every_list_flag_takes_commas_and_repeats() {
+    let roles = |args: &'static [&'static str]| async move {
+        let mut full = vec!["-o", "json", "token", "create", "--principal", "ann"];
+        full.extend_from_slice(args);
+        let output = safemode(&full).await;
+        assert_eq!(output.status.code(), Some(0), "{args:?}: {output:?}");
+        let token: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        token["roles"].clone()
+    };
+    let commas = roles(&["--role", "commander,approver"]).await;
+    let repeated = roles(&["--role", "commander", "--role", "approver"]).await;
+    assert_eq!(commas, serde_json::json!(["commander", "approver"]));
+    assert_eq!(commas, repeated);
+}
