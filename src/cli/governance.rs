@@ -225,10 +225,14 @@ pub(super) async fn audit(
     caller: &Caller,
     format: Format,
     incident: Option<String>,
+    namespace: Option<String>,
     verify: bool,
 ) -> anyhow::Result<()> {
     if let Some(id) = &incident {
         IncidentId::parse(id)?;
+    }
+    if let Some(namespace) = &namespace {
+        Namespace::parse(namespace)?;
     }
     let mut client = control(servers, caller).await?;
     let request = |verify: bool, after_seq: u64| proto::GetAuditRequest {
@@ -236,6 +240,7 @@ pub(super) async fn audit(
         verify,
         after_seq,
         limit: 0,
+        namespace: namespace.clone().unwrap_or_default(),
     };
     // The first page carries the verification and the head. Text is
     // printed page by page, so the log is never held whole; JSON is one

@@ -142,6 +142,9 @@ enum Command {
         /// Only this incident's entries.
         #[arg(long)]
         incident: Option<String>,
+        /// Only this namespace's entries (live, or drill-...).
+        #[arg(long)]
+        namespace: Option<String>,
         /// Check every entry's hash and its chain; exit 1 on any problem.
         #[arg(long)]
         verify: bool,
@@ -761,9 +764,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let namespace = parse_namespace(&namespace)?;
             governance::requests(&cli.servers, &caller, format, &namespace, all).await
         }
-        Command::Audit { incident, verify } => {
-            governance::audit(&cli.servers, &caller, format, incident, verify).await
-        }
+        Command::Audit {
+            incident,
+            namespace,
+            verify,
+        } => governance::audit(&cli.servers, &caller, format, incident, namespace, verify).await,
         Command::Runbook(RunbookCommand::List) => {
             governance::runbooks(&cli.servers, &caller, format).await
         }

@@ -1493,7 +1493,7 @@ impl Audit {
     }
 
     fn render_rows(&self, out: &mut Text, header: bool) {
-        let rows: Vec<[String; 6]> = self
+        let rows: Vec<[String; 7]> = self
             .entries
             .iter()
             .map(|e| {
@@ -1501,6 +1501,7 @@ impl Audit {
                     e.seq.to_string(),
                     e.at.to_string(),
                     e.action.clone(),
+                    e.namespace.clone().unwrap_or_else(|| "-".into()),
                     if e.roles.is_empty() {
                         e.principal.clone()
                     } else {
@@ -1517,7 +1518,15 @@ impl Audit {
             })
             .collect();
         out.columns(
-            ["SEQ", "AT", "ACTION", "BY", "REVISION", "DETAIL"],
+            [
+                "SEQ",
+                "AT",
+                "ACTION",
+                "NAMESPACE",
+                "BY",
+                "REVISION",
+                "DETAIL",
+            ],
             &rows,
             header,
         );

@@ -29,5 +29,6 @@ mod support;
 mod text_output;
 mod tls;
 mod tokens;
+mod ux_audit;
 mod ux_conventions;
 mod ux_replicas;

@@ -10,7 +10,7 @@ use super::{Controller, Error, Result, corrupt};
 use crate::audit::{
     self, AuditEntry, AuditHead, Findings, StoredEntry, StoredHead, StoredNamespace, StoredRecord,
 };
-use safemode_policy::Revision;
+use safemode_policy::{Namespace, Revision};
 use safemode_store::{self as store, KeyValue, RangePage};
 
 /// Which part of the log to return.
@@ -56,15 +56,39 @@ pub struct AuditReport {
     pub findings: Option<Findings>,
 }
 
+/// Which entries of the audit log a page holds: all, or those of one
+/// incident, of one namespace, or both.
+#[derive(Clone, Debug, Default)]
+pub struct AuditFilter {
+    /// Only this incident's entries.
+    pub incident: Option<IncidentId>,
+    /// Only this namespace's entries.
+    pub namespace: Option<Namespace>,
+}
+
+impl AuditFilter {
+    fn keeps(&self, entry: &AuditEntry) -> bool {
+        let incident = self
+            .incident
+            .as_ref()
+            .is_none_or(|id| entry.incident_id.as_deref() == Some(id.as_str()));
+        let namespace = self
+            .namespace
+            .as_ref()
+            .is_none_or(|ns| entry.namespace.as_deref() == Some(ns.as_str()));
+        incident && namespace
+    }
+}
+
 impl Controller {
-    /// One page of the audit log, optionally only one incident's entries,
-    /// optionally with the whole log verified. Verification reads the whole
+    /// One page of the audit log, optionally only the entries `filter`
+    /// keeps, optionally with the whole log verified. Verification reads the whole
     /// store at one revision, page by page, so a log that grows while it is
     /// read is never mistaken for a tampered one, and its memory does not
     /// grow with the log.
     pub async fn audit(
         &self,
-        incident: Option<&IncidentId>,
+        filter: &AuditFilter,
         verify: bool,
         page: AuditPage,
     ) -> Result<AuditReport> {
@@ -74,7 +98,7 @@ impl Controller {
         } else {
             (None, None)
         };
-        let (entries, next_after) = self.audit_entries(incident, page).await?;
+        let (entries, next_after) = self.audit_entries(filter, page).await?;
         let head = match verified_head {
             Some(head) => head,
             None => self.read_head(0).await?.map(|h| h.head),
@@ -92,12 +116,11 @@ impl Controller {
     /// [`AuditPage::MAX_SCANNED`] positions.
     async fn audit_entries(
         &self,
-        incident: Option<&IncidentId>,
+        filter: &AuditFilter,
         page: AuditPage,
     ) -> Result<(Vec<AuditEntry>, Option<u64>)> {
         let layout = &self.config.layout;
         let prefix = layout.audit_log_prefix();
-        let wanted = incident.map(ToString::to_string);
         let mut entries = Vec::new();
         let mut bytes = 0usize;
         // Positions, not the entries' own (perhaps tampered) sequence
@@ -140,7 +163,7 @@ impl Controller {
                 let Ok(entry) = parse_entry(&kv) else {
                     continue;
                 };
-                if wanted.is_some() && entry.incident_id != wanted {
+                if !filter.keeps(&entry) {
                     continue;
                 }
                 bytes += kv.value.len();

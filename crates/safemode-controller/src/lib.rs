@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 pub use approvals::ApproveOutcome;
-pub use audit_log::{AuditPage, AuditReport};
+pub use audit_log::{AuditFilter, AuditPage, AuditReport};
 pub use change::{CHANGE_ID_MAX, ChangeId};
 pub use incidents::{DeclareRequest, EscalateRequest, IncidentOutcome, ResolveRequest};
 pub use keys::{CatalogRecord, Layout, NamespaceChange};

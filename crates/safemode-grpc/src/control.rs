@@ -11,8 +11,9 @@ use super::convert::{audit_entry_to_wire, incident_to_wire, request_to_wire};
 use super::{authorize, authorize_anywhere, invalid, invalid_name, limits, principal, status};
 use safemode_controller::auth::Operation;
 use safemode_controller::{
-    ApplyRequest, AuditPage, ChangeId, Controller, DeclareRequest, EscalateRequest, IncidentId,
-    IncidentOutcome, LiftRequest, LiftTarget, RequestId, ResolveRequest, SubscriberCursor,
+    ApplyRequest, AuditFilter, AuditPage, ChangeId, Controller, DeclareRequest, EscalateRequest,
+    IncidentId, IncidentOutcome, LiftRequest, LiftTarget, RequestId, ResolveRequest,
+    SubscriberCursor,
 };
 use safemode_policy::runbook::{RunbookName, Severity};
 use safemode_policy::{ChannelSet, Effect, ModeName, Namespace, Reason};
@@ -636,10 +637,17 @@ impl ControlService for ControlApi {
     ) -> Result<Response<proto::GetAuditResponse>, Status> {
         let actor = principal(&request)?;
         let r = request.into_inner();
-        let incident = if r.incident_id.is_empty() {
-            None
-        } else {
-            Some(incident_id(&r.incident_id)?)
+        let filter = AuditFilter {
+            incident: if r.incident_id.is_empty() {
+                None
+            } else {
+                Some(incident_id(&r.incident_id)?)
+            },
+            namespace: if r.namespace.is_empty() {
+                None
+            } else {
+                Some(Namespace::parse(&r.namespace).map_err(invalid_name("namespace"))?)
+            },
         };
         authorize(
             &self.controller,
@@ -665,7 +673,7 @@ impl ControlService for ControlApi {
         };
         let report = self
             .controller
-            .audit(incident.as_ref(), r.verify, page)
+            .audit(&filter, r.verify, page)
             .await
             .map_err(status)?;
         let head = report.head.unwrap_or_default();
