@@ -303,6 +303,8 @@ struct Activation {
     principal: String,
     applied_at: Time,
     revision: i64,
+    /// The incident that applied it; `None` for a mode applied by hand.
+    incident_id: Option<String>,
 }
 
 impl From<proto::Activation> for Activation {
@@ -316,6 +318,7 @@ impl From<proto::Activation> for Activation {
             principal: a.principal,
             applied_at: a.applied_at.into(),
             revision: a.revision,
+            incident_id: given(a.incident_id),
         }
     }
 }
@@ -545,7 +548,7 @@ impl View for Status {
         }
         if !self.activations.is_empty() {
             say!(out);
-            let rows: Vec<[String; 6]> = self
+            let rows: Vec<[String; 7]> = self
                 .activations
                 .iter()
                 .map(|a| {
@@ -553,6 +556,7 @@ impl View for Status {
                         a.id.clone(),
                         a.mode.clone(),
                         a.channels.to_string(),
+                        a.incident_id.clone().unwrap_or_else(|| "-".into()),
                         a.revision.to_string(),
                         format!("{} at {}", a.principal, a.applied_at),
                         a.reason.clone(),
@@ -564,6 +568,7 @@ impl View for Status {
                     "ACTIVATION",
                     "MODE",
                     "CHANNELS",
+                    "INCIDENT",
                     "REVISION",
                     "APPLIED",
                     "REASON",

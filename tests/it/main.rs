@@ -31,4 +31,5 @@ mod tls;
 mod tokens;
 mod ux_audit;
 mod ux_conventions;
+mod ux_names;
 mod ux_replicas;

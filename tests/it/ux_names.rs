@@ -1,0 +1,69 @@
+//! Issue 13, item 8 (part): `status` says which incident each activation
+//! belongs to, in its text (an INCIDENT column) and its JSON.
+
+use crate::support::{TestServer, safemode};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_names_the_incident_of_each_activation() {
+    let server = TestServer::start().await;
+    let url = server.url.as_str();
+    let declared = safemode(&[
+        "--server",
+        url,
+        "-o",
+        "json",
+        "incident",
+        "declare",
+        "credential-stuffing",
+        "--severity",
+        "sev3",
+        "--reason",
+        "login failures x40",
+    ])
+    .await;
+    assert_eq!(declared.status.code(), Some(0), "{declared:?}");
+    let declared: serde_json::Value = serde_json::from_slice(&declared.stdout).unwrap();
+    let incident = declared["incident"]["id"]
+        .as_str()
+        .or_else(|| declared["id"].as_str())
+        .unwrap_or_else(|| panic!("no incident id in {declared}"))
+        .to_string();
+    let by_hand = safemode(&[
+        "--server",
+        url,
+        "mode",
+        "apply",
+        "incident-notice",
+        "--reason",
+        "by hand",
+    ])
+    .await;
+    assert_eq!(by_hand.status.code(), Some(0), "{by_hand:?}");
+
+    let json = safemode(&["--server", url, "-o", "json", "status"]).await;
+    let json: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let activations = json["activations"].as_array().expect("activations");
+    let of_incident = activations
+        .iter()
+        .filter(|a| a["incident_id"].as_str() == Some(incident.as_str()))
+        .count();
+    let manual = activations
+        .iter()
+        .filter(|a| a["mode"] == "incident-notice" && a["incident_id"].is_null())
+        .count();
+    assert!(of_incident >= 1, "no activation of {incident}: {json}");
+    assert_eq!(manual, 1, "{json}");
+
+    let text = safemode(&["--server", url, "status"]).await;
+    let text = String::from_utf8_lossy(&text.stdout);
+    let header = text
+        .lines()
+        .find(|l| l.starts_with("ACTIVATION"))
+        .unwrap_or_else(|| panic!("no table in {text}"));
+    assert!(header.contains("INCIDENT"), "{header}");
+    assert_eq!(
+        text.lines().filter(|l| l.contains(&incident)).count(),
+        of_incident,
+        "{text}"
+    );
+}
