@@ -744,7 +744,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let ctx = decide_context(&args)?;
             let subscriber = Subscriber::connect(config).await?;
             let report = subscriber.decide(&action, &ctx).report();
-            emit(output::show(format, &output::Decision(&report)))?;
+            let policy = subscriber.current();
+            let activations = policy.as_deref().map_or(&[][..], |p| &p.activations[..]);
+            emit(output::show(
+                format,
+                &output::Decision::new(&report, activations),
+            ))?;
             match decide_exit_code(args.exit_code, report.outcome.kind()) {
                 0 => Ok(()),
                 code => Err(ExitWith(code).into()),

@@ -749,14 +749,38 @@ impl View for Snapshot<'_> {
 
 // === decide ===
 
-/// `safemode decide`: the client's own report, as it serializes.
+/// `safemode decide`: the client's own report, as it serializes; the text
+/// names the modes behind it, from the activations of the policy decided
+/// with.
 #[derive(Serialize)]
-#[serde(transparent)]
-pub struct Decision<'a>(pub &'a DecisionReport);
+pub struct Decision<'a> {
+    #[serde(flatten)]
+    report: &'a DecisionReport,
+    #[serde(skip)]
+    activations: &'a [ActivationInfo],
+}
+
+impl<'a> Decision<'a> {
+    /// `report`, decided with a policy holding `activations`.
+    pub fn new(report: &'a DecisionReport, activations: &'a [ActivationInfo]) -> Self {
+        Decision {
+            report,
+            activations,
+        }
+    }
+
+    /// An activation as a person knows it: its mode, then its id.
+    fn named(&self, id: &str) -> String {
+        match self.activations.iter().find(|a| a.id == id) {
+            Some(a) => format!("{} ({id})", a.mode),
+            None => id.to_string(),
+        }
+    }
+}
 
 impl View for Decision<'_> {
     fn render(&self, out: &mut Text) {
-        let d = self.0;
+        let d = self.report;
         let params = serde_json::to_value(&d.outcome).expect("outcomes serialize");
         let detail: Vec<String> = params
             .as_object()
@@ -785,7 +809,8 @@ impl View for Decision<'_> {
             }
         );
         if !d.reasons.is_empty() {
-            say!(out, "  because: {}", d.reasons.join(", "));
+            let named: Vec<String> = d.reasons.iter().map(|id| self.named(id)).collect();
+            say!(out, "  because: {}", named.join(", "));
         }
         if let Some(m) = &d.customer_message {
             say!(out, "  customer: {m}");

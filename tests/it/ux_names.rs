@@ -67,3 +67,52 @@ async fn status_names_the_incident_of_each_activation() {
         "{text}"
     );
 }
+
+/// A decision names the modes behind it (with their ids), in people's words.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_names_the_modes_behind_it() {
+    let server = TestServer::start().await;
+    let url = server.url.as_str();
+    let applied = safemode(&[
+        "--server",
+        url,
+        "-o",
+        "json",
+        "mode",
+        "apply",
+        "freeze-credential-changes",
+        "--reason",
+        "ATO wave",
+    ])
+    .await;
+    assert_eq!(applied.status.code(), Some(0), "{applied:?}");
+    let args = [
+        "--server",
+        url,
+        "decide",
+        "--channel",
+        "chatbot",
+        "--action",
+        "account.password_reset",
+    ];
+    let text = safemode(&args).await;
+    assert_eq!(text.status.code(), Some(0), "{text:?}");
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("  because: freeze-credential-changes (act_")),
+        "{text}"
+    );
+    // The JSON is the client's report as it was: reasons are ids.
+    let mut json_args = vec!["-o", "json"];
+    json_args.extend_from_slice(&args);
+    let json = safemode(&json_args).await;
+    let json: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    let reasons = json["reasons"].as_array().expect("reasons");
+    assert!(
+        reasons
+            .iter()
+            .all(|r| r.as_str().is_some_and(|r| r.starts_with("act_"))),
+        "{json}"
+    );
+}
