@@ -208,8 +208,11 @@ enum IncidentCommand {
     },
     /// Move an incident to another severity's stage.
     Escalate {
-        /// The incident (inc_...).
+        /// The incident: its id (inc_...), or its type (runbook name) when
+        /// exactly one incident of that type is active in the namespace.
         id: String,
+        #[command(flatten)]
+        namespace: NamespaceArg,
         /// The severity to move to.
         #[arg(long)]
         severity: String,
@@ -219,11 +222,14 @@ enum IncidentCommand {
     },
     /// Lift an incident's modes and close it (may need a second approver).
     Resolve {
-        /// The incident (inc_...).
+        /// The incident: its id (inc_...), or its type (runbook name) when
+        /// exactly one incident of that type is active in the namespace.
         id: String,
         /// Why (mandatory; audited).
         #[arg(long)]
         reason: Option<String>,
+        #[command(flatten)]
+        namespace: NamespaceArg,
     },
     /// List incidents.
     List {
@@ -235,8 +241,11 @@ enum IncidentCommand {
     },
     /// Show one incident with its timeline.
     Show {
-        /// The incident (inc_...).
+        /// The incident: its id (inc_...), or its type (runbook name) when
+        /// exactly one incident of that type is active in the namespace.
         id: String,
+        #[command(flatten)]
+        namespace: NamespaceArg,
     },
 }
 
