@@ -284,11 +284,13 @@ pub(super) async fn audit(
     caller: &Caller,
     format: Format,
     incident: Option<String>,
+    namespace: &super::NamespaceArg,
     verify: bool,
 ) -> anyhow::Result<()> {
-    if let Some(id) = &incident {
-        IncidentId::parse(id)?;
-    }
+    let incident = match incident {
+        Some(given) => Some(incident_id(servers, caller, namespace, &given).await?),
+        None => None,
+    };
     let mut client = control(servers, caller).await?;
     let request = |verify: bool, after_seq: u64| proto::GetAuditRequest {
         incident_id: incident.clone().unwrap_or_default(),

@@ -139,9 +139,12 @@ enum Command {
     },
     /// Show the audit log; --verify checks its hash chain.
     Audit {
-        /// Only this incident's entries.
+        /// Only this incident's entries: its id (inc_...), or its type when
+        /// exactly one incident of that type is active in --namespace.
         #[arg(long)]
         incident: Option<String>,
+        #[command(flatten)]
+        namespace: NamespaceArg,
         /// Check every entry's hash and its chain; exit 1 on any problem.
         #[arg(long)]
         verify: bool,
@@ -743,9 +746,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let namespace = parse_namespace(&namespace)?;
             governance::requests(&cli.servers, &caller, format, &namespace, all).await
         }
-        Command::Audit { incident, verify } => {
-            governance::audit(&cli.servers, &caller, format, incident, verify).await
-        }
+        Command::Audit {
+            incident,
+            namespace,
+            verify,
+        } => governance::audit(&cli.servers, &caller, format, incident, &namespace, verify).await,
         Command::Runbook(RunbookCommand::List) => {
             governance::runbooks(&cli.servers, &caller, format).await
         }

@@ -156,6 +156,25 @@ async fn an_active_incident_can_be_named_by_its_type() {
     );
     assert!(stdout.contains(&declared.id), "{stdout}");
 
+    // The audit log of the incident, by type, is the one by id.
+    let by_type = safemode(&[
+        "--server",
+        url,
+        "audit",
+        "--incident",
+        "credential-stuffing",
+    ])
+    .await;
+    let by_id = safemode(&["--server", url, "audit", "--incident", &declared.id]).await;
+    assert_eq!(
+        by_type.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&by_type.stderr)
+    );
+    assert!(!by_id.stdout.is_empty());
+    assert_eq!(by_type.stdout, by_id.stdout);
+
     // Absent: no active incident of that type, and the near one is offered.
     check_refused(
         &server,
@@ -169,6 +188,19 @@ async fn an_active_incident_can_be_named_by_its_type() {
         &server,
         &["incident", "resolve", "fraud-spike", "--reason", "x"],
         &["no active incident of type 'fraud-spike' in namespace live"],
+    )
+    .await;
+    check_refused(
+        &server,
+        &["audit", "--incident", "fraud-spike"],
+        &["no active incident of type 'fraud-spike' in namespace live"],
+    )
+    .await;
+    // Neither an id nor a type.
+    check_refused(
+        &server,
+        &["incident", "show", "Credential_Stuffing"],
+        &["or name an active incident by its type"],
     )
     .await;
     // The type is looked up in the namespace asked for.
