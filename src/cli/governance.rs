@@ -62,10 +62,11 @@ pub(super) async fn incident(
         }
         Escalate {
             id,
+            namespace,
             severity,
             reason,
         } => {
-            IncidentId::parse(&id)?;
+            let id = incident_id(servers, caller, &namespace, &id).await?;
             Severity::parse(&severity).map_err(|e| anyhow!("--severity: {e}"))?;
             let reason = match reason {
                 Some(reason) => parse_reason(Some(reason))?.as_str().to_string(),
@@ -95,9 +96,13 @@ pub(super) async fn incident(
                 &output::IncidentChanged::new("moved", response),
             ))
         }
-        Resolve { id, reason } => {
-            IncidentId::parse(&id)?;
+        Resolve {
+            id,
+            reason,
+            namespace,
+        } => {
             let reason = parse_reason(reason)?;
+            let id = incident_id(servers, caller, &namespace, &id).await?;
             let request = proto::ResolveIncidentRequest {
                 incident_id: id,
                 reason: reason.as_str().to_string(),
@@ -136,8 +141,8 @@ pub(super) async fn incident(
                 &output::Incidents::from(response.into_inner()),
             ))
         }
-        Show { id } => {
-            IncidentId::parse(&id)?;
+        Show { id, namespace } => {
+            let id = incident_id(servers, caller, &namespace, &id).await?;
             let mut client = control(servers, caller).await?;
             let response = client
                 .get_incident(proto::GetIncidentRequest { incident_id: id })
@@ -147,6 +152,60 @@ pub(super) async fn incident(
                 format,
                 &output::Incident::from(response.into_inner()),
             ))
+        }
+    }
+}
+
+/// The incident id `given` names: an id (`inc_...`) as it is, or an
+/// incident type (runbook name) when exactly one incident of that type is
+/// active in the namespace, found by listing the active incidents.
+async fn incident_id(
+    servers: &[String],
+    caller: &Caller,
+    namespace: &super::NamespaceArg,
+    given: &str,
+) -> anyhow::Result<String> {
+    let not_an_id = match IncidentId::parse(given) {
+        Ok(_) => return Ok(given.to_string()),
+        Err(e) => e,
+    };
+    // An id has an underscore, a type never does: a bad `inc_...` is a bad id.
+    if given.starts_with("inc_") || RunbookName::parse(given).is_err() {
+        bail!("{not_an_id}; or name an active incident by its type (runbook name)");
+    }
+    let namespace = parse_namespace(namespace)?;
+    let mut client = control(servers, caller).await?;
+    let response = client
+        .list_incidents(proto::ListIncidentsRequest {
+            namespace: namespace.to_string(),
+            include_resolved: false,
+        })
+        .await
+        .map_err(refused)?
+        .into_inner();
+    let of_type: Vec<&proto::Incident> = response
+        .incidents
+        .iter()
+        .filter(|i| i.r#type == given)
+        .collect();
+    match of_type.as_slice() {
+        [one] => Ok(one.id.clone()),
+        [] => {
+            let hint = safemode_policy::names::did_you_mean(
+                given,
+                response.incidents.iter().map(|i| i.r#type.as_str()),
+            );
+            bail!(
+                "no active incident of type '{given}' in namespace {namespace}; {hint}`safemode incident list --namespace {namespace}` shows them"
+            )
+        }
+        several => {
+            let ids: Vec<&str> = several.iter().map(|i| i.id.as_str()).collect();
+            bail!(
+                "{} active incidents of type '{given}' in namespace {namespace} ({}); name one by its id",
+                ids.len(),
+                ids.join(", ")
+            )
         }
     }
 }
@@ -228,12 +287,20 @@ pub(super) async fn audit(
     namespace: Option<String>,
     verify: bool,
 ) -> anyhow::Result<()> {
-    if let Some(id) = &incident {
-        IncidentId::parse(id)?;
-    }
     if let Some(namespace) = &namespace {
         Namespace::parse(namespace)?;
     }
+    // An incident named by its type is looked up in the namespace asked
+    // for, `live` if none was.
+    let incident = match incident {
+        Some(given) => {
+            let lookup = super::NamespaceArg {
+                namespace: namespace.clone().unwrap_or_else(|| Namespace::LIVE.into()),
+            };
+            Some(incident_id(servers, caller, &lookup, &given).await?)
+        }
+        None => None,
+    };
     let mut client = control(servers, caller).await?;
     let request = |verify: bool, after_seq: u64| proto::GetAuditRequest {
         incident_id: incident.clone().unwrap_or_default(),

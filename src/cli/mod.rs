@@ -139,7 +139,8 @@ enum Command {
     },
     /// Show the audit log; --verify checks its hash chain.
     Audit {
-        /// Only this incident's entries.
+        /// Only this incident's entries: its id (inc_...), or its type when
+        /// exactly one incident of that type is active in --namespace.
         #[arg(long)]
         incident: Option<String>,
         /// Only this namespace's entries (live, or drill-...).
@@ -218,8 +219,11 @@ enum IncidentCommand {
     },
     /// Move an incident to another severity's stage.
     Escalate {
-        /// The incident (inc_...).
+        /// The incident: its id (inc_...), or its type (runbook name) when
+        /// exactly one incident of that type is active in the namespace.
         id: String,
+        #[command(flatten)]
+        namespace: NamespaceArg,
         /// The severity to move to.
         #[arg(long)]
         severity: String,
@@ -229,11 +233,14 @@ enum IncidentCommand {
     },
     /// Lift an incident's modes and close it (may need a second approver).
     Resolve {
-        /// The incident (inc_...).
+        /// The incident: its id (inc_...), or its type (runbook name) when
+        /// exactly one incident of that type is active in the namespace.
         id: String,
         /// Why (mandatory; audited).
         #[arg(long)]
         reason: Option<String>,
+        #[command(flatten)]
+        namespace: NamespaceArg,
     },
     /// List incidents.
     List {
@@ -245,8 +252,11 @@ enum IncidentCommand {
     },
     /// Show one incident with its timeline.
     Show {
-        /// The incident (inc_...).
+        /// The incident: its id (inc_...), or its type (runbook name) when
+        /// exactly one incident of that type is active in the namespace.
         id: String,
+        #[command(flatten)]
+        namespace: NamespaceArg,
     },
 }
 

@@ -167,7 +167,11 @@ impl RunbookSource {
                         .map(|r| r.name.to_string())
                         .collect();
                     return Err(format!(
-                        "no built-in runbook '{name}' and no such file; runbooks: {}",
+                        "no built-in runbook '{name}' and no such file; {}runbooks: {}",
+                        safemode_policy::names::did_you_mean(
+                            name,
+                            known.iter().map(String::as_str)
+                        ),
                         known.join(", ")
                     ));
                 }

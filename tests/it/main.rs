@@ -31,5 +31,6 @@ mod tls;
 mod tokens;
 mod ux_audit;
 mod ux_conventions;
+mod ux_hints;
 mod ux_names;
 mod ux_replicas;

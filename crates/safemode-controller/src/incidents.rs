@@ -266,7 +266,7 @@ impl Controller {
             .runbooks()
             .get(request.runbook.as_str())
             .cloned()
-            .ok_or_else(|| Error::UnknownRunbook(request.runbook.to_string()))?;
+            .ok_or_else(|| self.unknown_runbook(request.runbook.as_str()))?;
         let stage = stage(&runbook, request.severity)?;
         let (request, runbook) = (&request, &runbook);
         let namespace = &request.namespace;
@@ -574,7 +574,7 @@ impl Controller {
         change: impl FnOnce() -> Result<Change>,
     ) -> Result<Result<StagePlan>> {
         let Some(runbook) = self.runbooks().get(incident.runbook.as_str()).cloned() else {
-            return Ok(Err(Error::UnknownRunbook(incident.runbook.to_string())));
+            return Ok(Err(self.unknown_runbook(incident.runbook.as_str())));
         };
         let stage = match stage(&runbook, severity) {
             Ok(stage) => stage,

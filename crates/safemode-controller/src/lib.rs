@@ -51,6 +51,7 @@ use self::change::Writes;
 use crate::audit::{AuditAction, AuditDraft};
 use crate::auth::Principal;
 use safemode_policy::catalog::Catalog;
+use safemode_policy::names::did_you_mean;
 use safemode_policy::runbook::RunbookCatalog;
 use safemode_policy::{Channel, ModeCatalog, Namespace, Revision};
 use safemode_signing::{SigningKey, TrustedKeys};
@@ -62,9 +63,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Why a controller operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A requested mode is not in the catalogue.
-    #[error("unknown mode '{0}'; `safemode mode list` shows the catalogue")]
-    UnknownMode(String),
+    /// A requested mode is not in the catalogue. The second field is a
+    /// "did you mean" hint, or empty.
+    #[error("unknown mode '{0}'; {1}`safemode mode list` shows the catalogue")]
+    UnknownMode(String, String),
     /// A lift target names nothing active in the namespace.
     #[error(
         "nothing active in namespace {namespace} matches '{target}'; `safemode status --namespace {namespace}` lists activations"
@@ -114,9 +116,10 @@ pub enum Error {
     /// The change would apply nothing.
     #[error("{0}; nothing was declared")]
     NothingToApply(String),
-    /// No runbook for this incident type.
-    #[error("unknown incident type '{0}'; `safemode runbook list` shows the runbooks")]
-    UnknownRunbook(String),
+    /// No runbook for this incident type. The second field is a "did you
+    /// mean" hint, or empty.
+    #[error("unknown incident type '{0}'; {1}`safemode runbook list` shows the runbooks")]
+    UnknownRunbook(String, String),
     /// The runbook has no stage for the severity.
     #[error("runbook {runbook} has no {severity} stage; its stages are {stages}")]
     NoStage {
@@ -454,6 +457,20 @@ impl Controller {
     /// The runbooks.
     pub fn runbooks(&self) -> &RunbookCatalog {
         &self.catalog.runbooks
+    }
+
+    /// The refusal for a mode name not in the catalogue, with the nearest
+    /// name when one is close.
+    pub(crate) fn unknown_mode(&self, name: &str) -> Error {
+        let hint = did_you_mean(name, self.catalog().iter().map(|m| m.name.as_str()));
+        Error::UnknownMode(name.to_string(), hint)
+    }
+
+    /// The refusal for an incident type with no runbook, with the nearest
+    /// runbook name when one is close.
+    pub(crate) fn unknown_runbook(&self, name: &str) -> Error {
+        let hint = did_you_mean(name, self.runbooks().iter().map(|r| r.name.as_str()));
+        Error::UnknownRunbook(name.to_string(), hint)
     }
 
     /// The store below.

@@ -129,7 +129,14 @@ pub(crate) fn same_rules(active: &Mode, mode: &Mode, as_of: Option<Timestamp>) -
 }
 
 /// The activations a lift names, or why it cannot go ahead.
-fn resolve_lift(view: &NamespaceView, request: &LiftRequest) -> Result<Vec<Arc<Activation>>> {
+/// A mode target that matches nothing and is not in the catalogue (`known`
+/// says) is refused as an unknown mode, so a typo gets a suggestion rather
+/// than "nothing active".
+fn resolve_lift(
+    view: &NamespaceView,
+    request: &LiftRequest,
+    known: impl Fn(&str) -> Option<Error>,
+) -> Result<Vec<Arc<Activation>>> {
     let mut lifted: Vec<Arc<Activation>> = Vec::new();
     for target in &request.targets {
         let matching: Vec<&Arc<Activation>> = view
@@ -141,6 +148,11 @@ fn resolve_lift(view: &NamespaceView, request: &LiftRequest) -> Result<Vec<Arc<A
             })
             .collect();
         if matching.is_empty() {
+            if let LiftTarget::Mode(name) = target
+                && let Some(unknown) = known(name.as_str())
+            {
+                return Err(unknown);
+            }
             return Err(Error::NotActive {
                 namespace: request.namespace.clone(),
                 target: target.to_string(),
@@ -198,7 +210,7 @@ impl Controller {
                 self.catalog()
                     .get(name.as_str())
                     .cloned()
-                    .ok_or_else(|| Error::UnknownMode(name.to_string()))
+                    .ok_or_else(|| self.unknown_mode(name.as_str()))
             })
             .collect::<Result<Vec<_>>>()?;
         let (request, modes) = (&request, &modes);
@@ -282,7 +294,13 @@ impl Controller {
         let (outcome, revision) = self
             .commit_change(act, |view| {
                 Box::pin(async move {
-                    let lifted = match resolve_lift(&view, request) {
+                    let unknown = |name: &str| {
+                        self.catalog()
+                            .get(name)
+                            .is_none()
+                            .then(|| self.unknown_mode(name))
+                    };
+                    let lifted = match resolve_lift(&view, request, unknown) {
                         Ok(lifted) => lifted,
                         // Answered once the store confirms the view is current.
                         Err(refusal) => return Ok(Plan::answer(Err(refusal))),

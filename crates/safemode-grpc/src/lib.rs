@@ -260,9 +260,9 @@ fn status(error: controller::Error) -> tonic::Status {
     use controller::Error::*;
     let message = bounded(error.to_string());
     match error {
-        UnknownMode(_)
+        UnknownMode(..)
         | NotActive { .. }
-        | UnknownRunbook(_)
+        | UnknownRunbook(..)
         | UnknownIncident(_)
         | UnknownRequest(_) => tonic::Status::not_found(message),
         Ambiguous { .. }

@@ -32,7 +32,8 @@ impl Channel {
             .map(|i| Channel(i as u8))
             .ok_or_else(|| {
                 NameError(format!(
-                    "unknown channel '{name}'; known channels: {}",
+                    "unknown channel '{name}'; {}known channels: {}",
+                    did_you_mean(name, CHANNELS),
                     CHANNELS.join(", ")
                 ))
             })
@@ -203,7 +204,8 @@ pub fn validate_action(name: &str) -> Result<(), NameError> {
         )));
     }
     Err(NameError(format!(
-        "unknown action '{name}'; known actions: {}, and bot.intent.<name>",
+        "unknown action '{name}'; {}known actions: {}, and bot.intent.<name>",
+        did_you_mean(name, ACTIONS),
         ACTIONS.join(", ")
     )))
 }
@@ -513,5 +515,119 @@ pub fn validate_label(what: &str, name: &str) -> Result<(), NameError> {
         Err(NameError(format!(
             "bad {what} '{name}': use 1 to 64 lowercase letters, digits, '_' and '-'"
         )))
+    }
+}
+
+// === Suggestions ===
+
+/// Inputs longer than this get no suggestion: a name is never this long, and
+/// the edit distance costs the product of the two lengths.
+pub const SUGGEST_MAX_LEN: usize = 64;
+
+/// The candidate nearest to `input`, if one is near enough to be what the
+/// person meant and no other is as near. Near enough is at most one edit per
+/// three characters of input (at least one edit); letters differing only in
+/// case cost nothing, and swapping two neighbours is one edit.
+pub fn closest<'a, I>(input: &str, candidates: I) -> Option<&'a str>
+where
+    I: IntoIterator<Item = &'a str>,
+{
+    let input: Vec<char> = input.chars().collect();
+    if input.is_empty() || input.len() > SUGGEST_MAX_LEN {
+        return None;
+    }
+    let limit = (input.len() / 3).max(1);
+    let mut best: Option<(usize, &'a str)> = None;
+    let mut tied = false;
+    for candidate in candidates {
+        let Some(d) = distance(&input, candidate, limit) else {
+            continue;
+        };
+        match best {
+            Some((b, _)) if d > b => {}
+            Some((b, _)) if d == b => tied = true,
+            _ => {
+                best = Some((d, candidate));
+                tied = false;
+            }
+        }
+    }
+    if tied { None } else { best.map(|(_, c)| c) }
+}
+
+/// `did you mean 'y'? ` for the [`closest`] candidate, or the empty string: a
+/// message puts it right after the part that names the unknown input.
+pub fn did_you_mean<'a, I>(input: &str, candidates: I) -> String
+where
+    I: IntoIterator<Item = &'a str>,
+{
+    closest(input, candidates)
+        .map(|c| format!("did you mean '{c}'? "))
+        .unwrap_or_default()
+}
+
+/// Edit distance (insert, delete, substitute, swap neighbours) between `a`
+/// and `b`, or `None` when it is over `limit`; the work stays bounded by
+/// [`SUGGEST_MAX_LEN`] because longer candidates are skipped.
+fn distance(a: &[char], b: &str, limit: usize) -> Option<usize> {
+    let b: Vec<char> = b.chars().collect();
+    if b.len() > SUGGEST_MAX_LEN || a.len().abs_diff(b.len()) > limit {
+        return None;
+    }
+    let same = |x: char, y: char| x.to_lowercase().eq(y.to_lowercase());
+    // Three rows of the table: two back (for swaps), one back, and this one.
+    let mut older: Vec<usize> = vec![0; b.len() + 1];
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    let mut row: Vec<usize> = vec![0; b.len() + 1];
+    for i in 1..=a.len() {
+        row[0] = i;
+        let mut row_min = row[0];
+        for j in 1..=b.len() {
+            let cost = usize::from(!same(a[i - 1], b[j - 1]));
+            let mut d = (prev[j] + 1).min(row[j - 1] + 1).min(prev[j - 1] + cost);
+            if i > 1 && j > 1 && same(a[i - 1], b[j - 2]) && same(a[i - 2], b[j - 1]) {
+                d = d.min(older[j - 2] + 1);
+            }
+            row[j] = d;
+            row_min = row_min.min(d);
+        }
+        if row_min > limit {
+            return None;
+        }
+        std::mem::swap(&mut older, &mut prev);
+        std::mem::swap(&mut prev, &mut row);
+    }
+    Some(prev[b.len()]).filter(|d| *d <= limit)
+}
+
+#[cfg(test)]
+mod suggestion_tests {
+    use super::*;
+
+    #[test]
+    fn suggests_the_one_near_name() {
+        let modes = ["freeze-credential-changes", "pause-payouts"];
+        assert_eq!(
+            closest("freez-credential-changes", modes),
+            Some("freeze-credential-changes")
+        );
+        assert_eq!(closest("chatbto", CHANNELS), Some("chatbot"));
+        assert_eq!(
+            closest("SEV2", ["sev4", "sev3", "sev2", "sev1"]),
+            Some("sev2")
+        );
+        assert_eq!(closest("mobil", CHANNELS), Some("mobile"));
+    }
+
+    #[test]
+    fn says_nothing_when_far_tied_or_too_long() {
+        assert_eq!(closest("fax", CHANNELS), None);
+        // sev0 is one edit from every severity: no one of them is meant.
+        assert_eq!(closest("sev0", ["sev4", "sev3", "sev2", "sev1"]), None);
+        assert_eq!(closest("", CHANNELS), None);
+        let long = "w".repeat(SUGGEST_MAX_LEN + 1);
+        assert_eq!(closest(&long, [long.as_str()]), None);
+        assert_eq!(did_you_mean("fax", CHANNELS), "");
+        assert_eq!(did_you_mean("emial", CHANNELS), "did you mean 'email'? ");
     }
 }

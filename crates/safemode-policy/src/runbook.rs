@@ -22,7 +22,7 @@ use super::decide::Outcome;
 use super::effect::EffectKind;
 use super::mode::Context;
 use super::mode::{Mode, ModeCatalog, ModeName};
-use super::names::{Action, Channel, ChannelSet, NameError, validate_slug};
+use super::names::{Action, Channel, ChannelSet, NameError, did_you_mean, validate_slug};
 
 // === Severity ===
 
@@ -57,7 +57,8 @@ impl Severity {
             .find(|s| s.as_str() == text)
             .ok_or_else(|| {
                 NameError(format!(
-                    "unknown severity '{text}'; severities are sev4, sev3, sev2, sev1 (sev1 is the most severe)"
+                    "unknown severity '{text}'; {}severities are sev4, sev3, sev2, sev1 (sev1 is the most severe)",
+                    did_you_mean(text, Self::ALL.map(Severity::as_str))
                 ))
             })
     }
