@@ -29,3 +29,4 @@ mod support;
 mod text_output;
 mod tls;
 mod tokens;
+mod ux_errors;
