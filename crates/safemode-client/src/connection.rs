@@ -421,6 +421,44 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn a_status_from_the_peer_is_explained_when_it_says_more_than_its_message() {
+        use tonic::{Code, Status};
+        let server = "http://127.0.0.1:7700";
+        let cases: &[(Status, Option<&str>)] = &[
+            (
+                Status::unauthenticated("unknown token"),
+                Some("refused the token: unknown token"),
+            ),
+            (
+                Status::permission_denied("may not subscribe"),
+                Some("refused the token: may not subscribe"),
+            ),
+            (
+                Status::unimplemented(""),
+                Some("is not a safemode controller"),
+            ),
+            (
+                Status::new(
+                    Code::Unimplemented,
+                    "grpc-status header missing, mapped from HTTP status code 404",
+                ),
+                Some("it answered in HTTP, not gRPC"),
+            ),
+            // The controller's own refusals say what to do themselves.
+            (Status::failed_precondition("no such incident"), None),
+            (Status::unavailable("store unavailable"), None),
+        ];
+        for (status, expected) in cases {
+            let explained = explain(server, status).await.map(|e| e.to_string());
+            match (&explained, expected) {
+                (None, None) => {}
+                (Some(said), Some(part)) if said.contains(part) && said.contains(server) => {}
+                _ => panic!("{status:?}: expected {expected:?}, got {explained:?}"),
+            }
+        }
+    }
+
     #[test]
     fn a_token_goes_in_plain_text_only_to_loopback_unless_allowed() {
         const REFUSED: &str = "refusing to send the token in plain text";

@@ -376,8 +376,9 @@ impl Subscriber {
     /// Starts following the channel's policy and returns at once: with the
     /// last-known-good policy if one is configured and usable (stale until a
     /// controller confirms it), else with none (stale). The stream is kept
-    /// up in the background until the subscriber is dropped. Must be called
-    /// inside a Tokio runtime. Fails only on a bad configuration.
+    /// up in the background until the subscriber is dropped, or until every
+    /// replica in turn refuses the token ([`Subscriber::stopped`]). Must be
+    /// called inside a Tokio runtime. Fails only on a bad configuration.
     pub fn start(config: SubscriberConfig) -> Result<Subscriber, ClientError> {
         // Nobody waits for the first snapshot: the task logs why none came.
         Ok(Subscriber::begin(config)?.0)

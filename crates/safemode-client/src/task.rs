@@ -234,8 +234,10 @@ impl Task {
                         let _ = first.send(Ok(()));
                     }
                     // The stream stays up: a later failure starts over
-                    // from the shortest pause.
+                    // from the shortest pause, and a replica's refusal of
+                    // the token long ago no longer counts.
                     backoff.reset();
+                    self.refusals = 0;
                     continue;
                 }
                 None => continue,
