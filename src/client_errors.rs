@@ -61,6 +61,15 @@ pub(crate) fn in_flags(error: &ClientError) -> String {
         ClientError::Tls { server, reason } => format!(
             "TLS with the controller at {server} failed: {reason}; does it serve TLS (safemode serve --tls-cert/--tls-key)? a controller without TLS takes http://"
         ),
+        ClientError::NotSafemode { server, reason } => format!(
+            "{server} is not a safemode controller: check --server (SAFEMODE_SERVER) ({reason})"
+        ),
+        ClientError::PlaintextToTls { server } => format!(
+            "{server} serves TLS, and this command spoke plain text to it: use https:// in --server (with --ca-cert FILE for a private CA)"
+        ),
+        ClientError::TokenRefused { server, reason } => format!(
+            "the controller at {server} refused the token: {reason}; give a token it accepts with --token-file FILE (SAFEMODE_TOKEN_FILE) or --token (SAFEMODE_TOKEN)"
+        ),
         other => other.to_string(),
     }
 }

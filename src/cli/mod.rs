@@ -610,8 +610,36 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         ca_cert: cli.ca_cert,
         insecure: cli.insecure,
         change_id: retry::change_id(cli.change_id.as_deref())?,
+        connected: std::sync::Mutex::new(None),
     };
-    match cli.command {
+    let result = dispatch(cli.command, cli.servers, format, &caller).await;
+    // A call the server answered with a refusal: say what is wrong in the
+    // terms of the address it went to, when the status says more than its
+    // message (not a safemode controller, plain text to TLS).
+    let Err(error) = result else {
+        return Ok(());
+    };
+    let connected = caller
+        .connected
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    if let (Some(Refusal(status)), Some(server)) = (error.downcast_ref::<Refusal>(), connected)
+        && let Some(explained) = explain_control(&server, status).await
+    {
+        return Err(explained.into());
+    }
+    Err(error)
+}
+
+/// Runs `command`.
+async fn dispatch(
+    command: Command,
+    servers: Vec<String>,
+    format: Format,
+    caller: &Caller,
+) -> anyhow::Result<()> {
+    match command {
         Command::Completions { shell } => {
             let mut command = <Cli as clap::CommandFactory>::command();
             let mut script = Vec::new();
@@ -620,7 +648,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Serve(args) => serve(args).await,
         Command::Mode(ModeCommand::List) => {
-            let mut client = control(&cli.servers, &caller).await?;
+            let mut client = control(&servers, caller).await?;
             let response = client
                 .list_modes(proto::ListModesRequest {})
                 .await
@@ -675,18 +703,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 as_of: as_of.map(wire::timestamp_to_wire),
                 change_id: String::new(),
             };
-            let response = retry::write(
-                &cli.servers,
-                &caller,
-                "mode apply",
-                |mut client, change_id| {
-                    let request = proto::ApplyModesRequest {
-                        change_id,
-                        ..request.clone()
-                    };
-                    Box::pin(async move { client.apply_modes(request).await })
-                },
-            )
+            let response = retry::write(&servers, caller, "mode apply", |mut client, change_id| {
+                let request = proto::ApplyModesRequest {
+                    change_id,
+                    ..request.clone()
+                };
+                Box::pin(async move { client.apply_modes(request).await })
+            })
             .await?;
             emit(output::show(format, &output::Applied::from(response)))?;
             Ok(())
@@ -709,25 +732,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 all,
                 change_id: String::new(),
             };
-            let response = retry::write(
-                &cli.servers,
-                &caller,
-                "mode lift",
-                |mut client, change_id| {
-                    let request = proto::LiftActivationsRequest {
-                        change_id,
-                        ..request.clone()
-                    };
-                    Box::pin(async move { client.lift_activations(request).await })
-                },
-            )
+            let response = retry::write(&servers, caller, "mode lift", |mut client, change_id| {
+                let request = proto::LiftActivationsRequest {
+                    change_id,
+                    ..request.clone()
+                };
+                Box::pin(async move { client.lift_activations(request).await })
+            })
             .await?;
             emit(output::show(format, &output::Lifted::from(response)))?;
             Ok(())
         }
         Command::Status(namespace) => {
             let namespace = parse_namespace(&namespace)?;
-            let mut client = control(&cli.servers, &caller).await?;
+            let mut client = control(&servers, caller).await?;
             let response = safemode_wire::full_status(&mut client, namespace.as_str())
                 .await
                 .map_err(refused)?;
@@ -735,7 +753,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Watch(args) => {
-            let config = subscriber_config(&cli.servers, &caller, &args.subscriber)?;
+            let config = subscriber_config(&servers, caller, &args.subscriber)?;
             let subscriber = Subscriber::connect(config).await?;
             let mut changes = subscriber.changes();
             loop {
@@ -743,13 +761,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     emit(output::show(format, &output::Snapshot::from(&*snapshot)))?;
                 }
                 tokio::select! {
+                    // First: when the token is refused the subscription
+                    // ends, and so do its changes.
+                    biased;
+                    why = subscriber.stopped() => {
+                        return Err(anyhow!("{}", client_errors::in_flags(&why)));
+                    }
                     changed = changes.changed() => changed.context("the subscriber stopped")?,
                     _ = tokio::signal::ctrl_c() => return Ok(()),
                 }
             }
         }
         Command::Decide(args) => {
-            let config = subscriber_config(&cli.servers, &caller, &args.subscriber)?;
+            let config = subscriber_config(&servers, caller, &args.subscriber)?;
             let action = Action::parse(&args.action)?;
             let ctx = decide_context(&args)?;
             let subscriber = Subscriber::connect(config).await?;
@@ -765,27 +789,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 code => Err(ExitWith(code).into()),
             }
         }
-        Command::Sim(args) => sim::run(&cli.servers, &caller, format, args).await,
-        Command::Drill(DrillCommand::Run(args)) => {
-            drill::run(&cli.servers, &caller, format, args).await
-        }
-        Command::Incident(command) => {
-            governance::incident(&cli.servers, &caller, format, command).await
-        }
+        Command::Sim(args) => sim::run(&servers, caller, format, args).await,
+        Command::Drill(DrillCommand::Run(args)) => drill::run(&servers, caller, format, args).await,
+        Command::Incident(command) => governance::incident(&servers, caller, format, command).await,
         Command::Approve { request_id, reason } => {
-            governance::approve(&cli.servers, &caller, format, &request_id, reason).await
+            governance::approve(&servers, caller, format, &request_id, reason).await
         }
         Command::Requests { all, namespace } => {
             let namespace = parse_namespace(&namespace)?;
-            governance::requests(&cli.servers, &caller, format, &namespace, all).await
+            governance::requests(&servers, caller, format, &namespace, all).await
         }
         Command::Audit {
             incident,
             namespace,
             verify,
-        } => governance::audit(&cli.servers, &caller, format, incident, namespace, verify).await,
+        } => governance::audit(&servers, caller, format, incident, namespace, verify).await,
         Command::Runbook(RunbookCommand::List) => {
-            governance::runbooks(&cli.servers, &caller, format).await
+            governance::runbooks(&servers, caller, format).await
         }
         Command::Runbook(RunbookCommand::Lint { paths, modes }) => {
             governance::lint(format, paths, modes.as_deref())
@@ -1021,6 +1041,9 @@ pub(crate) struct Caller {
     insecure: bool,
     /// The change id every write of this command carries (--change-id).
     change_id: safemode_controller::ChangeId,
+    /// The server the last control client connected to: a refusal is
+    /// explained for it.
+    connected: std::sync::Mutex<Option<String>>,
 }
 
 /// How long connecting to a controller may take.
@@ -1040,7 +1063,9 @@ async fn control(servers: &[String], caller: &Caller) -> anyhow::Result<Control>
         allow_plaintext_token: caller.insecure,
         connect_timeout: CONNECT_TIMEOUT,
     };
-    let channel = client::connect_any(servers, &options, Duration::from_secs(30)).await?;
+    let (server, channel) =
+        client::connect_first(servers, &options, Duration::from_secs(30)).await?;
+    *caller.connected.lock().unwrap_or_else(|e| e.into_inner()) = Some(server);
     Ok(ControlServiceClient::with_interceptor(channel, bearer))
 }
 
@@ -1108,7 +1133,25 @@ fn emit(text: String) -> anyhow::Result<()> {
     }
 }
 
-/// A refusal from the controller: its message already says what to do.
+/// A refusal from the controller: its message already says what to do,
+/// unless the status says more ([`client::explain`], in `run`).
 fn refused(status: tonic::Status) -> anyhow::Error {
-    anyhow!("{}", status.message())
+    Refusal(status).into()
 }
+
+/// What [`client::explain`] says of a control call's failure, but for a
+/// refused token: the controller's own message says which token or role is
+/// missing for this call (a subscription needs no more than a subscriber).
+pub(crate) async fn explain_control(
+    server: &str,
+    status: &tonic::Status,
+) -> Option<client::ClientError> {
+    client::explain(server, status)
+        .await
+        .filter(|e| !matches!(e, client::ClientError::TokenRefused { .. }))
+}
+
+/// A control call's failure, as the server (or the transport) said it.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.message())]
+struct Refusal(tonic::Status);

@@ -18,7 +18,7 @@ use anyhow::anyhow;
 use futures_util::future::BoxFuture;
 use tonic::Code;
 
-use super::{Caller, Control, control};
+use super::{Caller, Control, control, explain_control};
 use crate::client_errors;
 use safemode_controller::ChangeId;
 use safemode_support::backoff::Backoff;
@@ -57,6 +57,10 @@ pub(crate) async fn write<T>(
             };
             match call(client, change_id.clone()).await {
                 Ok(response) => return Ok(response.into_inner()),
+                // A wrong address stays wrong.
+                Err(status) if let Some(explained) = explain_control(server, &status).await => {
+                    return Err(explained.into());
+                }
                 Err(status) if elsewhere(&status) => {
                     tracing::debug!(%server, code = ?status.code(), message = status.message(), "trying the next server");
                     failures.push(format!("{server}: {}", status.message()));
@@ -134,6 +138,7 @@ mod tests {
             ca_cert: None,
             insecure: false,
             change_id: ChangeId::random(),
+            connected: std::sync::Mutex::new(None),
         };
         let servers = ["http://127.0.0.1:1".to_string()];
         let error = write(&servers, &caller, "mode apply", |_client, _id| {

@@ -287,14 +287,114 @@ pub async fn connect_any(
     options: &EndpointOptions<'_>,
     request_timeout: Duration,
 ) -> Result<tonic::transport::Channel, ClientError> {
+    Ok(connect_first(servers, options, request_timeout).await?.1)
+}
+
+/// As [`connect_any`], with the address of the server it connected to, so
+/// that a later failed call can be explained ([`explain`]) for it.
+pub async fn connect_first(
+    servers: &[String],
+    options: &EndpointOptions<'_>,
+    request_timeout: Duration,
+) -> Result<(String, tonic::transport::Channel), ClientError> {
     let mut errors = Vec::new();
     for (server, endpoint) in endpoints(servers, options)? {
         match endpoint.timeout(request_timeout).connect().await {
-            Ok(channel) => return Ok(channel),
-            Err(e) => errors.push(connect_failed(&server, &e)),
+            Ok(channel) => return Ok((server, channel)),
+            Err(e) => errors.push(match probe(&server).await {
+                Some(error) => error,
+                None => connect_failed(&server, &e),
+            }),
         }
     }
     Err(super::first_failure(errors))
+}
+
+/// What a failed call to `server` means when it is not the controller's own
+/// refusal of the request: the token refused (UNAUTHENTICATED or
+/// PERMISSION_DENIED), something that is not a safemode controller at the
+/// address, or plain text sent to a TLS port. `None`: the status says it
+/// best (the controller's message, or a transport failure).
+pub async fn explain(server: &str, status: &tonic::Status) -> Option<ClientError> {
+    use tonic::Code;
+    let server = server.to_string();
+    // A status with a source was made on this side from a transport
+    // failure: what is at the address is found out by asking it.
+    if std::error::Error::source(status).is_some() {
+        return probe(&server).await;
+    }
+    match status.code() {
+        Code::Unauthenticated | Code::PermissionDenied => Some(ClientError::TokenRefused {
+            server,
+            reason: status.message().to_string(),
+        }),
+        // tonic makes this status when an HTTP response carries no gRPC
+        // status: a web server, a proxy's error page.
+        _ if status.message().starts_with("grpc-status header missing") => {
+            Some(ClientError::NotSafemode {
+                server,
+                reason: format!("it answered in HTTP, not gRPC: {}", status.message()),
+            })
+        }
+        // A gRPC server without the safemode services. A safemode
+        // controller never answers UNIMPLEMENTED itself.
+        Code::Unimplemented => Some(ClientError::NotSafemode {
+            server,
+            reason: if status.message().is_empty() {
+                "it is a gRPC server without the safemode services".into()
+            } else {
+                format!(
+                    "it is a gRPC server without the safemode services: {}",
+                    status.message()
+                )
+            },
+        }),
+        _ => None,
+    }
+}
+
+/// How long [`probe`] waits for a connection and for the first bytes.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What listens at the `http://` address `server`, when HTTP/2 with it
+/// failed: a TLS server (it answers plain text with a TLS alert), or an
+/// HTTP/1 server (it answers with a status line). `None` when it is
+/// neither, cannot be reached, or `server` is not `http://`.
+pub(crate) async fn probe(server: &str) -> Option<ClientError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let uri: Uri = server.parse().ok()?;
+    if uri.scheme_str() != Some("http") {
+        return None;
+    }
+    let host = uri.host()?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let port = uri.port_u16().unwrap_or(80);
+    let first = tokio::time::timeout(PROBE_TIMEOUT, async {
+        let mut stream = tokio::net::TcpStream::connect((host, port)).await.ok()?;
+        // The HTTP/2 preface: what this client sends first anyway.
+        stream
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .ok()?;
+        let mut first = [0u8; 5];
+        stream.read_exact(&mut first).await.ok()?;
+        Some(first)
+    })
+    .await
+    .ok()??;
+    let server = server.to_string();
+    match first {
+        // A TLS record (an alert, or a handshake) of TLS 1.x.
+        [0x15 | 0x16, 0x03, ..] => Some(ClientError::PlaintextToTls { server }),
+        _ if first.starts_with(b"HTTP/") => Some(ClientError::NotSafemode {
+            server,
+            reason: "it answered in HTTP/1, not gRPC".into(),
+        }),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -318,6 +418,44 @@ mod tests {
             _ => panic!(
                 "{server} (token: {sends_token}, insecure: {insecure}): expected {expected:?}, got {actual:?}"
             ),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_status_from_the_peer_is_explained_when_it_says_more_than_its_message() {
+        use tonic::{Code, Status};
+        let server = "http://127.0.0.1:7700";
+        let cases: &[(Status, Option<&str>)] = &[
+            (
+                Status::unauthenticated("unknown token"),
+                Some("refused the token: unknown token"),
+            ),
+            (
+                Status::permission_denied("may not subscribe"),
+                Some("refused the token: may not subscribe"),
+            ),
+            (
+                Status::unimplemented(""),
+                Some("is not a safemode controller"),
+            ),
+            (
+                Status::new(
+                    Code::Unimplemented,
+                    "grpc-status header missing, mapped from HTTP status code 404",
+                ),
+                Some("it answered in HTTP, not gRPC"),
+            ),
+            // The controller's own refusals say what to do themselves.
+            (Status::failed_precondition("no such incident"), None),
+            (Status::unavailable("store unavailable"), None),
+        ];
+        for (status, expected) in cases {
+            let explained = explain(server, status).await.map(|e| e.to_string());
+            match (&explained, expected) {
+                (None, None) => {}
+                (Some(said), Some(part)) if said.contains(part) && said.contains(server) => {}
+                _ => panic!("{status:?}: expected {expected:?}, got {explained:?}"),
+            }
         }
     }
 

@@ -71,7 +71,9 @@ use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span};
 
-pub use connection::{Bearer, EndpointOptions, connect_any, connect_failed, endpoints};
+pub use connection::{
+    Bearer, EndpointOptions, connect_any, connect_failed, connect_first, endpoints, explain,
+};
 pub use decision::{Decision, FailClosed, FailClosedEffect};
 pub use lkg::LastKnownGoodError;
 pub use snapshot::{ActivationInfo, DecisionReport, PolicySnapshot};
@@ -159,6 +161,34 @@ pub enum ClientError {
         /// The address.
         server: String,
         /// The cause, from the transport.
+        reason: String,
+    },
+    /// What answers at the address is not a safemode controller: a web
+    /// server, or a gRPC server without the safemode services.
+    #[error("{server} is not a safemode controller: check SubscriberConfig::servers ({reason})")]
+    NotSafemode {
+        /// The address.
+        server: String,
+        /// What answered instead.
+        reason: String,
+    },
+    /// The address is `http://` but the controller there serves TLS.
+    #[error(
+        "{server} serves TLS, and this client spoke plain text to it: use https:// in SubscriberConfig::servers"
+    )]
+    PlaintextToTls {
+        /// The address.
+        server: String,
+    },
+    /// The controller refused the token (UNAUTHENTICATED or
+    /// PERMISSION_DENIED): trying again with it cannot succeed.
+    #[error(
+        "the controller at {server} refused the token: {reason}; give a token it accepts (SubscriberConfig::token)"
+    )]
+    TokenRefused {
+        /// The address.
+        server: String,
+        /// The controller's message.
         reason: String,
     },
     /// The controller refused or ended the stream.
@@ -315,6 +345,8 @@ pub struct Subscriber {
     /// A fixed subscriber's sender, kept so that `changes()` waits rather
     /// than ending.
     _fixed: Option<watch::Sender<Option<Arc<PolicySnapshot>>>>,
+    /// Why the subscription stopped for good, once it has.
+    ended: watch::Receiver<Option<Arc<ClientError>>>,
     stop: CancellationToken,
 }
 
@@ -344,8 +376,9 @@ impl Subscriber {
     /// Starts following the channel's policy and returns at once: with the
     /// last-known-good policy if one is configured and usable (stale until a
     /// controller confirms it), else with none (stale). The stream is kept
-    /// up in the background until the subscriber is dropped. Must be called
-    /// inside a Tokio runtime. Fails only on a bad configuration.
+    /// up in the background until the subscriber is dropped, or until every
+    /// replica in turn refuses the token ([`Subscriber::stopped`]). Must be
+    /// called inside a Tokio runtime. Fails only on a bad configuration.
     pub fn start(config: SubscriberConfig) -> Result<Subscriber, ClientError> {
         // Nobody waits for the first snapshot: the task logs why none came.
         Ok(Subscriber::begin(config)?.0)
@@ -434,6 +467,7 @@ impl Subscriber {
             tx
         });
         let (first_tx, first_rx) = oneshot::channel();
+        let (ended_tx, ended) = watch::channel(None);
         // Every endpoint gets one try before the first connect gives up.
         let first_deadline = config.connect_timeout * (endpoints.len() as u32 + 1);
         let task = task::Task {
@@ -448,12 +482,15 @@ impl Subscriber {
             kept: None,
             first: Some(first_tx),
             first_errors: Vec::new(),
+            refusals: 0,
+            ended: ended_tx,
         };
         tokio::spawn(task.run(stop.clone()).instrument(span));
         let subscriber = Subscriber {
             shared,
             changes,
             _fixed: None,
+            ended,
             stop,
         };
         Ok((subscriber, first_rx, first_deadline))
@@ -474,6 +511,7 @@ impl Subscriber {
             shared,
             changes,
             _fixed: Some(fixed),
+            ended: watch::channel(None).1,
             stop: CancellationToken::new(),
         }
     }
@@ -487,6 +525,23 @@ impl Subscriber {
     /// that must react (a bot that narrows its intents).
     pub fn changes(&self) -> watch::Receiver<Option<Arc<PolicySnapshot>>> {
         self.changes.clone()
+    }
+
+    /// Waits until the subscription stops for good and says why: every
+    /// controller replica in turn refused the token (UNAUTHENTICATED or
+    /// PERMISSION_DENIED), so trying again cannot help. Any other failure
+    /// is retried in the background, and this never returns.
+    pub async fn stopped(&self) -> Arc<ClientError> {
+        let mut ended = self.ended.clone();
+        let why = match ended.wait_for(Option::is_some).await {
+            Ok(why) => why.clone(),
+            // The task ended without a reason: it was cancelled.
+            Err(_) => None,
+        };
+        match why {
+            Some(why) => why,
+            None => std::future::pending().await,
+        }
     }
 
     /// Whether the policy may be out of date: the client has not known it

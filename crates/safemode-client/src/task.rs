@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;
 use tracing::{debug, info, warn};
 
-use super::connection::{Bearer, connect_failed};
+use super::connection::{Bearer, connect_failed, explain, probe};
 use super::state::Shared;
 use super::{ClientError, PolicySnapshot, SubscriberConfig, lkg};
 use safemode_policy::Revision;
@@ -59,6 +59,10 @@ pub(super) struct Task {
     pub first: Option<oneshot::Sender<Result<(), ClientError>>>,
     /// Why each endpoint failed before the first snapshot.
     pub first_errors: Vec<ClientError>,
+    /// How many replicas in a row refused the token.
+    pub refusals: usize,
+    /// Told why the task stopped for good (the token was refused).
+    pub ended: watch::Sender<Option<Arc<ClientError>>>,
 }
 
 impl Task {
@@ -75,6 +79,27 @@ impl Task {
             };
             // Whatever went wrong, the next stream goes to the next replica.
             self.next = (self.next + 1) % self.endpoints.len();
+            // A token refused is final once every replica has refused it in
+            // turn: one replica may not have read a new tokens file yet.
+            if matches!(error, ClientError::TokenRefused { .. }) {
+                self.refusals += 1;
+            } else {
+                self.refusals = 0;
+            }
+            if self.refusals >= self.endpoints.len() {
+                let mut error = error;
+                if let Some(first) = self.first.take() {
+                    match first.send(Err(error)) {
+                        // `connect` says it.
+                        Ok(()) => return,
+                        Err(Err(unsent)) => error = unsent,
+                        Err(Ok(())) => return,
+                    }
+                }
+                info!(%error, "the controllers refused the token; the subscription stops");
+                self.ended.send_replace(Some(Arc::new(error)));
+                return;
+            }
             if self.first.is_some() {
                 self.first_errors.push(error);
                 if self.first_errors.len() < self.endpoints.len() {
@@ -103,10 +128,15 @@ impl Task {
     /// One stream, from hello to its end.
     async fn session(&mut self, backoff: &mut Backoff) -> Result<(), ClientError> {
         let (server, endpoint) = self.endpoints[self.next].clone();
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| connect_failed(&server, &e))?;
+        let channel = match endpoint.connect().await {
+            Ok(channel) => channel,
+            Err(e) => {
+                return Err(match probe(&server).await {
+                    Some(error) => error,
+                    None => connect_failed(&server, &e),
+                });
+            }
+        };
         let mut client = SubscriptionServiceClient::with_interceptor(
             channel,
             Bearer::new(self.config.token.as_deref())?,
@@ -124,11 +154,10 @@ impl Task {
                 .unwrap_or_default(),
         };
         send(&out, Outbound::Hello(hello)).await;
-        let mut inbound = client
-            .subscribe(ReceiverStream::new(out_rx))
-            .await
-            .map_err(|s| refused(&server, s))?
-            .into_inner();
+        let mut inbound = match client.subscribe(ReceiverStream::new(out_rx)).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => return Err(refused(&server, status).await),
+        };
         // What this controller holds: its store history (from its first
         // snapshot) and its newest revision.
         let mut heard = Heard::default();
@@ -143,10 +172,9 @@ impl Task {
                         reason: format!("no message for {silence:?}"),
                     });
                 }
-                Ok(message) => match message.map_err(|s| refused(&server, s))? {
-                    Some(message) => message,
-                    None => return Ok(()),
-                },
+                Ok(Ok(Some(message))) => message,
+                Ok(Ok(None)) => return Ok(()),
+                Ok(Err(status)) => return Err(refused(&server, status).await),
             };
             let mut wire = match message.message {
                 Some(Inbound::Snapshot(wire)) => wire,
@@ -206,8 +234,10 @@ impl Task {
                         let _ = first.send(Ok(()));
                     }
                     // The stream stays up: a later failure starts over
-                    // from the shortest pause.
+                    // from the shortest pause, and a replica's refusal of
+                    // the token long ago no longer counts.
                     backoff.reset();
+                    self.refusals = 0;
                     continue;
                 }
                 None => continue,
@@ -453,7 +483,11 @@ async fn send(out: &mpsc::Sender<SubscribeRequest>, message: Outbound) {
         .await;
 }
 
-fn refused(server: &str, status: tonic::Status) -> ClientError {
+async fn refused(server: &str, status: tonic::Status) -> ClientError {
+    // A refused token, something else at the address, plain text to TLS.
+    if let Some(error) = explain(server, &status).await {
+        return error;
+    }
     // A status with a source was made on this side from a transport failure;
     // one without came from the controller, whose message says what to do.
     if std::error::Error::source(&status).is_some() {
