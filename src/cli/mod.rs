@@ -500,6 +500,10 @@ enum ModeCommand {
         /// Lift every activation of a named mode, when it has several.
         #[arg(long)]
         all: bool,
+        /// Lift modes of an active incident outside the incident (otherwise
+        /// refused, naming it); the incident's timeline records the lift.
+        #[arg(long)]
+        incident_ok: bool,
         /// Why (mandatory; audited).
         #[arg(long)]
         reason: Option<String>,
@@ -717,6 +721,7 @@ async fn dispatch(
         Command::Mode(ModeCommand::Lift {
             targets,
             all,
+            incident_ok,
             reason,
             namespace,
         }) => {
@@ -730,6 +735,7 @@ async fn dispatch(
                 targets,
                 reason: reason.as_str().to_string(),
                 all,
+                incident_ok,
                 change_id: String::new(),
             };
             let response = retry::write(&servers, caller, "mode lift", |mut client, change_id| {

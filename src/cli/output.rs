@@ -283,15 +283,6 @@ fn count(n: usize, noun: &str) -> String {
     }
 }
 
-/// A list of ids for people, or `none`.
-fn ids_text(ids: &[String]) -> String {
-    if ids.is_empty() {
-        "none".to_string()
-    } else {
-        ids.join(", ")
-    }
-}
-
 /// An activation, as every answer that lists activations shows it.
 #[derive(Serialize)]
 struct Activation {
@@ -325,6 +316,18 @@ impl From<proto::Activation> for Activation {
 
 fn activations(list: Vec<proto::Activation>) -> Vec<Activation> {
     list.into_iter().map(Activation::from).collect()
+}
+
+/// "bots-faq-only on chatbot (act_x), ...", or "none": modes by name first,
+/// their ids for whoever needs one.
+fn modes_text(list: &[Activation]) -> String {
+    if list.is_empty() {
+        return "none".to_string();
+    }
+    list.iter()
+        .map(|a| format!("{} on {} ({})", a.mode, a.channels, a.id))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// "namespace X at revision N", the last line of every write.
@@ -1120,7 +1123,9 @@ pub struct Incident {
     severity: String,
     status: String,
     channels: Channels,
+    /// The activations in force now, as `activations` lists them.
     activation_ids: Vec<String>,
+    activations: Vec<Activation>,
     lift_requires_approval: bool,
     declared_by: String,
     declared_at: Time,
@@ -1137,6 +1142,8 @@ struct TimelineEvent {
     severity: String,
     reason: String,
     request_id: Option<String>,
+    /// What changed in force, by mode name.
+    detail: Option<String>,
     revision: i64,
 }
 
@@ -1151,6 +1158,7 @@ impl From<proto::Incident> for Incident {
             status: i.status,
             channels: Channels(i.channels),
             activation_ids: i.activation_ids,
+            activations: activations(i.activations),
             lift_requires_approval: i.lift_requires_approval,
             declared_by: i.declared_by,
             declared_at: i.declared_at.into(),
@@ -1166,6 +1174,7 @@ impl From<proto::Incident> for Incident {
                     severity: e.severity,
                     reason: e.reason,
                     request_id: given(e.request_id),
+                    detail: given(e.detail),
                     revision: e.revision,
                 })
                 .collect(),
@@ -1204,7 +1213,7 @@ impl View for Incident {
                 "no"
             }
         );
-        say!(out, "  activations: {}", ids_text(&self.activation_ids));
+        say!(out, "  modes in force: {}", modes_text(&self.activations));
         if !self.exit_criteria.is_empty() {
             say!(out, "  exit criteria:");
             for c in &self.exit_criteria {
@@ -1212,7 +1221,7 @@ impl View for Incident {
             }
         }
         say!(out);
-        let rows: Vec<[String; 6]> = self
+        let rows: Vec<[String; 7]> = self
             .timeline
             .iter()
             .map(|e| {
@@ -1226,6 +1235,7 @@ impl View for Incident {
                     } else {
                         "-".into()
                     },
+                    e.detail.clone().unwrap_or_else(|| "-".into()),
                     [Some(e.reason.as_str()), e.request_id.as_deref()]
                         .into_iter()
                         .flatten()
@@ -1236,7 +1246,9 @@ impl View for Incident {
             })
             .collect();
         out.table(
-            ["AT", "EVENT", "SEVERITY", "BY", "REVISION", "REASON"],
+            [
+                "AT", "EVENT", "SEVERITY", "BY", "REVISION", "CHANGE", "REASON",
+            ],
             &rows,
         );
     }
@@ -1282,7 +1294,11 @@ impl View for IncidentChanged {
             incident.severity,
             incident.namespace
         );
-        say!(out, "  activations: {}", ids_text(&incident.activation_ids));
+        say!(
+            out,
+            "  modes in force: {}",
+            modes_text(&incident.activations)
+        );
         at_revision(out, &incident.namespace, self.revision);
     }
 }

@@ -340,6 +340,7 @@ async fn a_busy_log_is_never_mistaken_for_a_tampered_one() {
                         targets: vec!["bots-faq-only".into()],
                         reason: format!("change {changes}"),
                         all: true,
+                        incident_ok: false,
                         change_id: String::new(),
                     })
                     .await

@@ -86,6 +86,7 @@ async fn a_log_past_five_mib_is_listed_and_verified_page_by_page() {
                     targets: vec!["incident-notice".into()],
                     reason: reason.clone(),
                     all: true,
+                    incident_ok: false,
                     change_id: String::new(),
                 })
                 .await

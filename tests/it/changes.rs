@@ -43,6 +43,7 @@ async fn lift(
             targets: targets.iter().map(|t| t.to_string()).collect(),
             reason: "test".into(),
             all,
+            incident_ok: false,
             change_id: String::new(),
         })
         .await

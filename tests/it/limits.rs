@@ -135,6 +135,7 @@ async fn a_flood_of_names_is_refused_by_role_first_and_stalls_nobody() {
             targets: names.clone(),
             reason: "limits test".into(),
             all: false,
+            incident_ok: false,
             change_id: String::new(),
         })
         .await
@@ -545,6 +546,7 @@ async fn a_principal_is_one_person_whatever_the_case() {
             targets: vec!["freeze-credential-changes".into()],
             reason: "over".into(),
             all: false,
+            incident_ok: false,
             change_id: String::new(),
         })
         .await

@@ -33,5 +33,6 @@ mod ux_audit;
 mod ux_conventions;
 mod ux_errors;
 mod ux_hints;
+mod ux_incident_record;
 mod ux_names;
 mod ux_replicas;

@@ -354,6 +354,7 @@ async fn change(server: &TestServer, change: &Change) -> i64 {
                     targets: vec![mode.to_string()],
                     reason: "python client test".into(),
                     all: false,
+                    incident_ok: false,
                     change_id: String::new(),
                 })
                 .await

@@ -580,6 +580,7 @@ async fn already_active_is_never_answered_from_a_lagging_view() {
             },
             reason: Reason::parse("contained").unwrap(),
             all: false,
+            incident_ok: false,
             change_id: None,
         })
         .await

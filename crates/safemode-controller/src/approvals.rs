@@ -118,6 +118,15 @@ impl Controller {
                                 .cloned()
                                 .collect();
                             self.delete_activations(&mut writes, namespace, &lift);
+                            // The requester was told the lift is outside
+                            // its incident; the incident's timeline says so.
+                            let owners = self.owning_incidents(&lift).await?;
+                            self.record_lifts(
+                                &mut writes,
+                                owners,
+                                &lift,
+                                (actor, &why, Some(&request.id)),
+                            );
                             audit_incident = shared_incident(&lift);
                             writes.record_namespace(lift.iter().map(|a| a.id.clone()));
                             if lift.is_empty() {
@@ -163,6 +172,7 @@ impl Controller {
                                 RequestKind::Resolve => {
                                     let staged = StagePlan {
                                         keep: Vec::new(),
+                                        retext: Vec::new(),
                                         lift: incident_activations(&view, &incident),
                                         apply: Vec::new(),
                                     };

@@ -986,6 +986,25 @@ impl Controller {
         }
     }
 
+    /// Rewrites activations in place, each `(before, after)` with the same
+    /// id (each must be unchanged since it was read).
+    pub(crate) fn rewrite_activations(
+        &self,
+        writes: &mut Writes,
+        namespace: &Namespace,
+        activations: &[(Arc<Activation>, Activation)],
+    ) {
+        for (before, after) in activations {
+            debug_assert_eq!(before.id, after.id);
+            let key = self.config.layout.activation_key(namespace, &after.id);
+            writes.unchanged(key.clone(), before.revision);
+            writes.put(
+                key,
+                serde_json::to_vec(after).expect("activations serialize"),
+            );
+        }
+    }
+
     /// Deletes activations (each must be unchanged since it was read).
     pub(crate) fn delete_activations(
         &self,
@@ -1239,6 +1258,7 @@ mod tests {
             actor: Principal::local(),
             reason: Reason::parse("test").unwrap(),
             all: false,
+            incident_ok: false,
             change_id: Some(ChangeId::parse("once").unwrap()),
         };
         let refused = controller.lift(lift).await.unwrap_err();
@@ -1261,6 +1281,7 @@ mod tests {
             actor: Principal::local(),
             reason: Reason::parse("test").unwrap(),
             all: false,
+            incident_ok: false,
             change_id: Some(ChangeId::parse(&id).unwrap()),
         };
         for i in 0..CHANGE_WINDOW {

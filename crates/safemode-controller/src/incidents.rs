@@ -12,7 +12,7 @@ use jiff::Timestamp;
 use tracing::info;
 
 use super::change::{Act, ApprovalNeeded, ChangeId, Plan, Writes};
-use super::modes::{describe, same_rules};
+use super::modes::{describe, describe_modes, same_rules};
 use super::records::{
     ChangeRequest, Incident, IncidentId, IncidentStatus, RequestId, RequestKind, TimelineEvent,
 };
@@ -86,6 +86,9 @@ pub struct IncidentOutcome {
     pub applied: Vec<Arc<Activation>>,
     /// Activations lifted.
     pub lifted: Vec<Arc<Activation>>,
+    /// The incident's activations in force after the change (as they were,
+    /// when it only created a request).
+    pub in_force: Vec<Arc<Activation>>,
     /// Set when the change needs a second approver: nothing changed yet.
     pub pending: Option<ChangeRequest>,
 }
@@ -94,6 +97,10 @@ pub struct IncidentOutcome {
 pub(crate) struct StagePlan {
     /// Activations that stay (same mode, channels and rules).
     pub keep: Vec<Arc<Activation>>,
+    /// Activations that stay with the new stage's texts (customer message,
+    /// agent script): the same mode, channels and protection, so the same
+    /// id, rewritten.
+    pub retext: Vec<(Arc<Activation>, Activation)>,
     /// Activations to lift.
     pub lift: Vec<Arc<Activation>>,
     /// Activations to create.
@@ -164,6 +171,7 @@ impl StagePlan {
                 .keep
                 .iter()
                 .map(|a| &**a)
+                .chain(self.retext.iter().map(|(_, after)| after))
                 .chain(self.apply.iter())
                 .any(|after| {
                     after.mode.name == lifted.mode.name
@@ -178,31 +186,68 @@ impl StagePlan {
         self.keep
             .iter()
             .map(|a| a.id.clone())
+            .chain(self.retext.iter().map(|(_, after)| after.id.clone()))
             .chain(self.apply.iter().map(|a| a.id.clone()))
+            .collect()
+    }
+
+    /// The incident's activations in force after the change, as stored at
+    /// `revision` (the change's).
+    pub fn in_force(&self, revision: Revision) -> Vec<Arc<Activation>> {
+        let written = self
+            .retext
+            .iter()
+            .map(|(_, after)| after)
+            .chain(&self.apply);
+        self.keep
+            .iter()
+            .cloned()
+            .chain(stored(written.cloned().collect(), revision))
             .collect()
     }
 
     /// One line for the audit log ("applied ...; lifted ...").
     pub fn describe(&self) -> String {
-        self.describe_as(["applied", "lifted", "kept"])
+        self.describe_as(
+            ["applied", "lifted", "kept", "kept with new texts"],
+            describe,
+        )
     }
 
     /// One line for a request, of what approval will do ("apply ...; lift
     /// ...").
     pub fn describe_pending(&self) -> String {
-        self.describe_as(["apply", "lift", "keep"])
+        self.describe_as(["apply", "lift", "keep", "keep with new texts"], describe)
     }
 
-    fn describe_as(&self, [apply, lift, keep]: [&str; 3]) -> String {
+    /// One line for the incident's timeline, by mode name ("applied
+    /// bots-faq-only on chatbot; lifted ...").
+    pub fn describe_modes(&self) -> String {
+        self.describe_as(
+            ["applied", "lifted", "kept", "kept with new texts"],
+            describe_modes,
+        )
+    }
+
+    fn describe_as(
+        &self,
+        [apply, lift, keep, retext]: [&str; 4],
+        named: fn(&[Activation]) -> String,
+    ) -> String {
+        let owned = |list: &[Arc<Activation>]| -> Vec<Activation> {
+            list.iter().map(|a| (**a).clone()).collect()
+        };
+        let retexted: Vec<Activation> = self.retext.iter().map(|(_, a)| a.clone()).collect();
         let mut parts = Vec::new();
-        if !self.apply.is_empty() {
-            parts.push(format!("{apply} {}", describe(&self.apply)));
-        }
-        if !self.lift.is_empty() {
-            parts.push(format!("{lift} {}", describe(&self.lift)));
-        }
-        if !self.keep.is_empty() {
-            parts.push(format!("{keep} {}", describe(&self.keep)));
+        for (word, list) in [
+            (apply, self.apply.clone()),
+            (lift, owned(&self.lift)),
+            (keep, owned(&self.keep)),
+            (retext, retexted),
+        ] {
+            if !list.is_empty() {
+                parts.push(format!("{word} {}", named(&list)));
+            }
         }
         parts.join("; ")
     }
@@ -222,6 +267,7 @@ impl Controller {
     ) -> StagePlan {
         let mut plan = StagePlan {
             keep: Vec::new(),
+            retext: Vec::new(),
             lift: Vec::new(),
             apply: Vec::new(),
         };
@@ -243,8 +289,28 @@ impl Controller {
             let found = existing
                 .iter()
                 .position(|a| a.channels == channels && same_rules(&a.mode, &mode, None));
+            // The same protection with another stage's texts stays the same
+            // activation: a mode that stays on keeps its id.
+            let retexted = || {
+                existing.iter().position(|a| {
+                    a.channels == channels
+                        && a.mode.name == mode.name
+                        && same_protection(&mode, &a.mode)
+                })
+            };
             match found {
                 Some(i) => plan.keep.push(existing.remove(i)),
+                None if let Some(i) = retexted() => {
+                    // What a stage changes in a mode: its texts and
+                    // whether lifting needs approval; the rules, with their
+                    // read-only as-of time, stay as they were applied.
+                    let before = existing.remove(i);
+                    let mut after = (*before).clone();
+                    after.mode.customer_notice = mode.customer_notice;
+                    after.mode.agent_script = mode.agent_script;
+                    after.mode.lift_requires_approval = mode.lift_requires_approval;
+                    plan.retext.push((before, after));
+                }
                 None => plan.apply.push(Activation::new(
                     ActivationId::from_random(rand::random()),
                     &mode,
@@ -322,14 +388,17 @@ impl Controller {
                         exit_criteria: runbook.exit_criteria.clone(),
                         declared_by: request.actor.name.clone(),
                         declared_at: at,
-                        timeline: vec![TimelineEvent::new(
-                            at,
-                            "declared",
-                            &request.actor,
-                            request.severity,
-                            Some(reason),
-                            None,
-                        )],
+                        timeline: vec![
+                            TimelineEvent::new(
+                                at,
+                                "declared",
+                                &request.actor,
+                                request.severity,
+                                Some(reason),
+                                None,
+                            )
+                            .with_detail(staged.describe_modes()),
+                        ],
                     };
                     let mut writes = Writes::new(at);
                     self.put_activations(&mut writes, namespace, &staged.apply);
@@ -361,10 +430,12 @@ impl Controller {
         let (incident, applied) = outcome?;
         info!(incident = %incident.id, runbook = %incident.runbook, severity = %incident.severity,
             namespace = %namespace, revision, principal = %request.actor.name, "incident declared");
+        let applied = stored(applied, revision);
         Ok(IncidentOutcome {
             incident,
             revision,
-            applied: stored(applied, revision),
+            in_force: applied.clone(),
+            applied,
             lifted: Vec::new(),
             pending: None,
         })
@@ -435,9 +506,10 @@ impl Controller {
                                 summary,
                             },
                         );
+                        let in_force = incident_activations(&view, &incident);
                         return Ok(writes.audited(
                             audit,
-                            Ok((incident, Vec::new(), Vec::new(), Some(pending))),
+                            Ok((incident, Vec::new(), Vec::new(), in_force, Some(pending))),
                         ));
                     }
                     let moved = self.move_incident(
@@ -466,18 +538,35 @@ impl Controller {
                         .iter()
                         .map(ToString::to_string)
                         .collect();
-                    Ok(writes.audited(audit, Ok((incident, staged.apply, staged.lift, None))))
+                    let in_force = staged.in_force(0);
+                    Ok(writes.audited(
+                        audit,
+                        Ok((incident, staged.apply, staged.lift, in_force, None)),
+                    ))
                 })
             })
             .await?;
-        let (incident, applied, lifted, pending) = outcome?;
+        let (incident, applied, lifted, in_force, pending) = outcome?;
+        // What the change wrote is stored at its revision.
+        let in_force = in_force
+            .into_iter()
+            .map(|a| match a.revision {
+                0 => Arc::new(Activation {
+                    revision,
+                    ..(*a).clone()
+                }),
+                _ => a,
+            })
+            .collect();
+        let applied = stored(applied, revision);
         info!(incident = %incident.id, severity = %incident.severity, pending = pending.is_some(),
             revision, principal = %request.actor.name, "incident severity changed");
         Ok(IncidentOutcome {
             incident,
             revision,
-            applied: stored(applied, revision),
+            applied,
             lifted,
+            in_force,
             pending,
         })
     }
@@ -507,6 +596,7 @@ impl Controller {
                     let at = Timestamp::now();
                     let staged = StagePlan {
                         keep: Vec::new(),
+                        retext: Vec::new(),
                         lift: incident_activations(&view, &incident),
                         apply: Vec::new(),
                     };
@@ -528,7 +618,9 @@ impl Controller {
                                 summary,
                             },
                         );
-                        return Ok(writes.audited(audit, Ok((incident, Vec::new(), Some(pending)))));
+                        let in_force = staged.lift.clone();
+                        return Ok(writes
+                            .audited(audit, Ok((incident, Vec::new(), in_force, Some(pending)))));
                     }
                     self.close(
                         &mut writes,
@@ -545,11 +637,11 @@ impl Controller {
                     );
                     audit.incident_id = Some(incident.id.to_string());
                     audit.activation_ids = staged.lift.iter().map(|a| a.id.to_string()).collect();
-                    Ok(writes.audited(audit, Ok((incident, staged.lift, None))))
+                    Ok(writes.audited(audit, Ok((incident, staged.lift, Vec::new(), None))))
                 })
             })
             .await?;
-        let (incident, lifted, pending) = outcome?;
+        let (incident, lifted, in_force, pending) = outcome?;
         info!(incident = %incident.id, pending = pending.is_some(), revision,
             principal = %request.actor.name, "incident resolution");
         Ok(IncidentOutcome {
@@ -557,6 +649,7 @@ impl Controller {
             revision,
             applied: Vec::new(),
             lifted,
+            in_force,
             pending,
         })
     }
@@ -611,17 +704,14 @@ impl Controller {
             "escalated"
         };
         self.put_activations(writes, &incident.namespace, &staged.apply);
+        self.rewrite_activations(writes, &incident.namespace, &staged.retext);
         self.delete_activations(writes, &incident.namespace, &staged.lift);
         incident.severity = severity;
         incident.activation_ids = staged.activation_ids();
-        incident.timeline.push(TimelineEvent::new(
-            writes.at(),
-            what,
-            actor,
-            severity,
-            Some(reason),
-            request,
-        ));
+        incident.timeline.push(
+            TimelineEvent::new(writes.at(), what, actor, severity, Some(reason), request)
+                .with_detail(staged.describe_modes()),
+        );
         self.put_incident(writes, incident, incident_revision);
         writes.uses_catalog();
         Moved { from, what }
@@ -646,15 +736,93 @@ impl Controller {
         );
         incident.status = IncidentStatus::Resolved;
         incident.activation_ids.clear();
-        incident.timeline.push(TimelineEvent::new(
-            writes.at(),
-            "resolved",
-            actor,
-            incident.severity,
-            Some(reason),
-            None,
-        ));
+        incident.timeline.push(
+            TimelineEvent::new(
+                writes.at(),
+                "resolved",
+                actor,
+                incident.severity,
+                Some(reason),
+                None,
+            )
+            .with_detail(staged.describe_modes()),
+        );
         self.put_incident(writes, incident, incident_revision);
+    }
+
+    /// The active incidents that `lifted` activations belong to, with the
+    /// revisions of their records. An incident that is resolved or gone no
+    /// longer owns anything.
+    pub(crate) async fn owning_incidents(
+        &self,
+        lifted: &[Arc<Activation>],
+    ) -> Result<Vec<(Incident, Revision)>> {
+        let mut owners: Vec<(Incident, Revision)> = Vec::new();
+        for activation in lifted {
+            let Some(id) = activation.incident_id.as_deref() else {
+                continue;
+            };
+            if owners.iter().any(|(i, _)| i.id.as_str() == id) {
+                continue;
+            }
+            let Ok(id) = IncidentId::parse(id) else {
+                continue;
+            };
+            match self.read_incident(&id).await {
+                Ok((incident, revision)) if incident.status == IncidentStatus::Active => {
+                    owners.push((incident, revision));
+                }
+                Ok(_) | Err(Error::UnknownIncident(_)) => {}
+                Err(other) => return Err(other),
+            }
+        }
+        Ok(owners)
+    }
+
+    /// Adds to `writes` each owning incident's record without the `lifted`
+    /// activations and with a "lifted" event naming them, by `by` (who, why,
+    /// and the request approved, if any): the record keeps saying what is
+    /// in force.
+    pub(crate) fn record_lifts(
+        &self,
+        writes: &mut Writes,
+        owners: Vec<(Incident, Revision)>,
+        lifted: &[Arc<Activation>],
+        (actor, reason, request): (&Principal, &str, Option<&RequestId>),
+    ) {
+        for (mut incident, revision) in owners {
+            let theirs: Vec<Arc<Activation>> = lifted
+                .iter()
+                .filter(|a| incident.activation_ids.contains(&a.id))
+                .cloned()
+                .collect();
+            incident
+                .activation_ids
+                .retain(|id| !theirs.iter().any(|a| a.id == *id));
+            incident.timeline.push(
+                TimelineEvent::new(
+                    writes.at(),
+                    "lifted",
+                    actor,
+                    incident.severity,
+                    Some(reason),
+                    request,
+                )
+                .with_detail(format!("lifted {}", describe_modes(&theirs))),
+            );
+            self.put_incident(writes, &incident, revision);
+        }
+    }
+
+    /// The incident's activations in force now, as this replica's view of
+    /// its namespace has them (none once it is resolved): what an answer
+    /// about the incident lists, whatever its record says.
+    pub async fn in_force(&self, incident: &Incident) -> Result<Vec<Arc<Activation>>> {
+        if incident.status != IncidentStatus::Active {
+            return Ok(Vec::new());
+        }
+        let view = self.view(&incident.namespace).await?;
+        Ok(in_force_in(&view, incident))
     }
 
     /// Every incident, with the revision of its record.
@@ -713,6 +881,15 @@ impl Controller {
             kv.mod_revision,
         ))
     }
+}
+
+/// The incident's activations in force in `view`, its namespace's (none
+/// once it is resolved).
+pub fn in_force_in(view: &NamespaceView, incident: &Incident) -> Vec<Arc<Activation>> {
+    if incident.status != IncidentStatus::Active {
+        return Vec::new();
+    }
+    incident_activations(view, incident)
 }
 
 /// The incident's activations still present in `view`.

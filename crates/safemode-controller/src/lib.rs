@@ -34,7 +34,9 @@ use tracing::{info, warn};
 pub use approvals::ApproveOutcome;
 pub use audit_log::{AuditFilter, AuditPage, AuditReport};
 pub use change::{CHANGE_ID_MAX, ChangeId};
-pub use incidents::{DeclareRequest, EscalateRequest, IncidentOutcome, ResolveRequest};
+pub use incidents::{
+    DeclareRequest, EscalateRequest, IncidentOutcome, ResolveRequest, in_force_in,
+};
 pub use keys::{CatalogRecord, Layout, NamespaceChange};
 pub use modes::{ApplyOutcome, ApplyRequest, LiftOutcome, LiftRequest, LiftTarget};
 pub use namespace::{ChannelSnapshot, FollowerHealth, NamespaceHandle, NamespaceView};
@@ -143,6 +145,21 @@ pub enum Error {
     AlreadyDeclared {
         /// The active incident.
         id: String,
+        /// Its type.
+        runbook: String,
+        /// Where.
+        namespace: Namespace,
+    },
+    /// A lift names activations of an active incident without saying that
+    /// is meant: the incident's record would no longer say what is in force.
+    #[error(
+        "{activations} belong to incident {incident} ({runbook}, active in {namespace}); change them through the incident (`safemode incident escalate|resolve {runbook}`), or lift them anyway with --incident-ok, which records the lift on the incident's timeline"
+    )]
+    IncidentModes {
+        /// The activations, by mode name ("bots-faq-only (act_x) on chatbot").
+        activations: String,
+        /// The incident's id.
+        incident: String,
         /// Its type.
         runbook: String,
         /// Where.
@@ -589,6 +606,13 @@ impl Controller {
             });
         }
         Ok(())
+    }
+
+    /// The namespace's state as this replica has it: followed, or read once
+    /// when this replica does not follow the namespace (a reader can never
+    /// make a replica take on a watch).
+    pub async fn view(&self, namespace: &Namespace) -> Result<Arc<NamespaceView>> {
+        Ok(self.status(namespace, None, 0).await?.view)
     }
 
     /// The namespace's state and a page of this replica's subscribers. A

@@ -91,6 +91,10 @@ pub struct LiftRequest {
     /// several (otherwise that is refused, so one commander does not lift
     /// another's scope by accident).
     pub all: bool,
+    /// Lift activations of an active incident outside the incident
+    /// (otherwise that is refused, naming the incident); each lift goes on
+    /// the incident's timeline.
+    pub incident_ok: bool,
     /// The change's id, if the caller gave one (a retry gives the same):
     /// a change id that already committed is answered, not applied again.
     pub change_id: Option<ChangeId>,
@@ -187,6 +191,19 @@ pub(crate) fn describe(activations: &[impl std::borrow::Borrow<Activation>]) -> 
         })
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// "freeze-credential-changes on all channels, bots-faq-only on chatbot":
+/// what a person reads on an incident's timeline.
+pub(crate) fn describe_modes(activations: &[impl std::borrow::Borrow<Activation>]) -> String {
+    activations
+        .iter()
+        .map(|a| {
+            let a = a.borrow();
+            format!("{} on {}", a.mode.name, a.channels)
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The incident every one of `activations` belongs to, if they share one
@@ -305,6 +322,25 @@ impl Controller {
                         // Answered once the store confirms the view is current.
                         Err(refusal) => return Ok(Plan::answer(Err(refusal))),
                     };
+                    let owners = self.owning_incidents(&lifted).await?;
+                    if let Some((incident, _)) = owners.first()
+                        && !request.incident_ok
+                    {
+                        return Ok(Plan::answer(Err(Error::IncidentModes {
+                            activations: describe(
+                                &lifted
+                                    .iter()
+                                    .filter(|a| {
+                                        a.incident_id.as_deref() == Some(incident.id.as_str())
+                                    })
+                                    .cloned()
+                                    .collect::<Vec<_>>(),
+                            ),
+                            incident: incident.id.to_string(),
+                            runbook: incident.runbook.to_string(),
+                            namespace: namespace.clone(),
+                        })));
+                    }
                     let at = Timestamp::now();
                     let reason = request.reason.as_str();
                     let needs_approval = lifted.iter().any(|a| a.mode.lift_requires_approval);
@@ -325,6 +361,7 @@ impl Controller {
                         return Ok(writes.audited(audit, Ok((Vec::new(), Some(pending)))));
                     }
                     self.delete_activations(&mut writes, namespace, &lifted);
+                    self.record_lifts(&mut writes, owners, &lifted, (&request.actor, reason, None));
                     writes.record_namespace(lifted.iter().map(|a| a.id.clone()));
                     let mut audit = act.entry(reason, format!("lifted {}", describe(&lifted)));
                     audit.activation_ids = lifted.iter().map(|a| a.id.to_string()).collect();

@@ -168,7 +168,7 @@ impl State {
                         self.problem(kv, &error);
                         Activation::unreadable(
                             id.clone(),
-                            kv.create_revision,
+                            kv.mod_revision,
                             &error,
                             Timestamp::now(),
                         )
@@ -178,8 +178,11 @@ impl State {
                     .insert(id.clone(), audit::record_hash(&kv.value));
                 self.activations.insert(
                     id,
+                    // The change that last wrote it: the one that applied it,
+                    // or an escalation that gave it a new stage's texts.
+                    // A lift compares it, so it must be the mod revision.
                     Arc::new(Activation {
-                        revision: kv.create_revision,
+                        revision: kv.mod_revision,
                         ..activation
                     }),
                 );

@@ -98,7 +98,8 @@ pub enum IncidentStatus {
 pub struct TimelineEvent {
     /// When.
     pub at: Timestamp,
-    /// declared, escalated, deescalated, resolved, requested, approved.
+    /// declared, escalated, deescalated, resolved, requested, approved,
+    /// lifted.
     pub event: String,
     /// Who.
     pub principal: String,
@@ -110,6 +111,10 @@ pub struct TimelineEvent {
     /// The request involved, for requested and approved events.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<RequestId>,
+    /// What changed in force, by mode name ("lifted bots-faq-only on
+    /// chatbot").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
     /// Store revision of the change; filled when the record is read back (the
     /// revision is not known while the change is being written).
     #[serde(default)]
@@ -134,8 +139,15 @@ impl TimelineEvent {
             severity,
             reason: reason.map(str::to_string),
             request_id: request.cloned(),
+            detail: None,
             revision: 0,
         }
+    }
+
+    /// The event, saying what changed in force.
+    pub(crate) fn with_detail(mut self, detail: String) -> Self {
+        self.detail = (!detail.is_empty()).then_some(detail);
+        self
     }
 }
 

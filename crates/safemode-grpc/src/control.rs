@@ -13,7 +13,7 @@ use safemode_controller::auth::Operation;
 use safemode_controller::{
     ApplyRequest, AuditFilter, AuditPage, ChangeId, Controller, DeclareRequest, EscalateRequest,
     IncidentId, IncidentOutcome, LiftRequest, LiftTarget, RequestId, ResolveRequest,
-    SubscriberCursor,
+    SubscriberCursor, in_force_in,
 };
 use safemode_policy::runbook::{RunbookName, Severity};
 use safemode_policy::{ChannelSet, Effect, ModeName, Namespace, Reason};
@@ -55,7 +55,7 @@ impl ControlApi {
         change_id: &ChangeId,
     ) -> proto::IncidentChange {
         proto::IncidentChange {
-            incident: Some(incident_to_wire(&outcome.incident)),
+            incident: Some(incident_to_wire(&outcome.incident, &outcome.in_force)),
             revision: outcome.revision,
             pending: outcome.pending.as_ref().map(request_to_wire),
             change_id: change_id.to_string(),
@@ -262,6 +262,7 @@ impl ControlService for ControlApi {
                 actor: (*actor).clone(),
                 reason,
                 all: r.all,
+                incident_ok: r.incident_ok,
                 change_id: Some(change.clone()),
             })
             .await
@@ -521,12 +522,13 @@ impl ControlService for ControlApi {
             .list_incidents(&namespace, r.include_resolved)
             .await
             .map_err(status)?;
+        let view = self.controller.view(&namespace).await.map_err(status)?;
         Ok(Response::new(proto::ListIncidentsResponse {
             total: u32::try_from(incidents.len()).unwrap_or(u32::MAX),
             incidents: incidents
                 .iter()
                 .take(limits::MAX_LISTED)
-                .map(incident_to_wire)
+                .map(|i| incident_to_wire(i, &in_force_in(&view, i)))
                 .collect(),
         }))
     }
@@ -548,7 +550,8 @@ impl ControlService for ControlApi {
             &what,
         )
         .await?;
-        Ok(Response::new(incident_to_wire(&incident)))
+        let in_force = self.controller.in_force(&incident).await.map_err(status)?;
+        Ok(Response::new(incident_to_wire(&incident, &in_force)))
     }
 
     async fn list_requests(

@@ -7,7 +7,9 @@ use safemode_controller::{
     ChangeRequest, ChannelSnapshot, Incident, IncidentStatus, NamespaceView, RequestKind,
     RequestStatus, SubscriberRecord,
 };
-use safemode_policy::ChannelSet;
+use std::sync::Arc;
+
+use safemode_policy::{Activation, ChannelSet};
 use safemode_wire::{
     SCHEMA_VERSION, activation_to_wire, channel_policy_to_wire, proto, timestamp_to_wire,
 };
@@ -56,8 +58,8 @@ pub fn subscriber_to_wire(s: &SubscriberRecord) -> proto::SubscriberStatus {
     }
 }
 
-/// An incident with its timeline.
-pub fn incident_to_wire(i: &Incident) -> proto::Incident {
+/// An incident with its timeline and the activations of it `in_force`.
+pub fn incident_to_wire(i: &Incident, in_force: &[Arc<Activation>]) -> proto::Incident {
     proto::Incident {
         id: i.id.to_string(),
         r#type: i.runbook.to_string(),
@@ -74,7 +76,8 @@ pub fn incident_to_wire(i: &Incident) -> proto::Incident {
         } else {
             i.channels.iter().map(|c| c.as_str().to_string()).collect()
         },
-        activation_ids: i.activation_ids.iter().map(ToString::to_string).collect(),
+        activation_ids: in_force.iter().map(|a| a.id.to_string()).collect(),
+        activations: in_force.iter().map(|a| activation_to_wire(a)).collect(),
         lift_requires_approval: i.lift_requires_approval,
         declared_by: i.declared_by.clone(),
         declared_at: Some(timestamp_to_wire(i.declared_at)),
@@ -94,6 +97,7 @@ pub fn incident_to_wire(i: &Incident) -> proto::Incident {
                     .as_ref()
                     .map(ToString::to_string)
                     .unwrap_or_default(),
+                detail: e.detail.clone().unwrap_or_default(),
                 revision: e.revision,
             })
             .collect(),

@@ -271,6 +271,7 @@ fn status(error: controller::Error) -> tonic::Status {
         | Resolved(_)
         | AlreadyDeclared { .. }
         | NotPending { .. }
+        | IncidentModes { .. }
         | OutdatedRequest { .. }
         | NothingToApply(_)
         | CatalogMismatch { .. }

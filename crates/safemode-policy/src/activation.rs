@@ -162,8 +162,9 @@ pub struct Activation {
     /// The incident it belongs to, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub incident_id: Option<String>,
-    /// Revision of the change that applied it; known once stored, and taken
-    /// from the store rather than from the stored value.
+    /// Revision of the change that last wrote it (applied it, or gave it a
+    /// new stage's texts); known once stored, and taken from the store
+    /// rather than from the stored value.
     #[serde(skip)]
     pub revision: Revision,
 }

@@ -463,6 +463,7 @@ async fn flip(
                 targets: vec!["incident-notice".into()],
                 reason: "benchmark flip".into(),
                 all: true,
+                incident_ok: false,
                 change_id: String::new(),
             })
             .await?
