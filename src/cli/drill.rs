@@ -91,7 +91,7 @@ pub(super) async fn run(
         fault,
         namespace,
         converge_within: args.converge_within,
-        principal: caller.principal.clone(),
+        principal: caller.principal.clone().filter(|p| !p.trim().is_empty()),
         command_line: command_line(std::env::args()),
     })
     .await?;

@@ -125,7 +125,11 @@ fn runbook_md(out: &mut String, report: &DrillReport) -> fmt::Result {
         Some(id) => writeln!(out, "- Incident: {}", md(id))?,
         None => writeln!(out, "- Incident: none declared")?,
     }
-    writeln!(out, "- safemode: {}", md(&report.safemode_version))?;
+    writeln!(
+        out,
+        "- Version: {}",
+        md(format!("safemode {}", report.safemode_version))
+    )?;
     writeln!(
         out,
         "- Catalogue fingerprint: {}",
@@ -1683,7 +1687,7 @@ mod tests {
             "#### Fault: **FAIL**\n",
             "  - ivr: ivr-0, ivr-1\n",
             // What ran the drill, and on what.
-            "- safemode: 1\\.2.3\n- Catalogue fingerprint: f1e2d3\n\
+            "- Version: safemode 1.2.3\n- Catalogue fingerprint: f1e2d3\n\
              - Runbook file: runbooks/login_storm.yaml\n\
              - Command line: safemode drill run --local runbooks/login_storm.yaml\n\
              - Run by: alice (from --principal or $USER)\n\

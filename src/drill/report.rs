@@ -79,6 +79,9 @@ pub enum PrincipalSource {
     /// `--principal`, else `$USER`: the drill ran its own controller
     /// (`--local`), or never got to declare.
     Caller,
+    /// Nobody said: no `--principal`, no `$USER`, and no controller named
+    /// one (the principal is `unknown`).
+    Unknown,
 }
 
 impl PrincipalSource {
@@ -87,6 +90,7 @@ impl PrincipalSource {
         match self {
             PrincipalSource::Controller => "as the controller saw it",
             PrincipalSource::Caller => "from --principal or $USER",
+            PrincipalSource::Unknown => "give --principal to name who ran it",
         }
     }
 }

@@ -49,8 +49,12 @@ pub(super) async fn drill(
             principal: options
                 .principal
                 .clone()
-                .unwrap_or_else(|| "unknown (give --principal)".to_string()),
-            principal_from: PrincipalSource::Caller,
+                .unwrap_or_else(|| "unknown".to_string()),
+            principal_from: if options.principal.is_some() {
+                PrincipalSource::Caller
+            } else {
+                PrincipalSource::Unknown
+            },
             started_at: Timestamp::now(),
             finished_at: Timestamp::now(),
             passed: false,
