@@ -137,10 +137,10 @@ fn command_line(args: impl IntoIterator<Item = String>) -> String {
         if SECRET_FLAGS.contains(&arg.as_str()) {
             secret_next = true;
             words.push(arg);
-        } else if let Some(flag) = SECRET_FLAGS
-            .iter()
-            .find(|flag| arg.strip_prefix(**flag).is_some_and(|rest| rest.starts_with('=')))
-        {
+        } else if let Some(flag) = SECRET_FLAGS.iter().find(|flag| {
+            arg.strip_prefix(**flag)
+                .is_some_and(|rest| rest.starts_with('='))
+        }) {
             words.push(format!("{flag}=***"));
         } else {
             words.push(shell_word(&arg));
@@ -173,15 +173,36 @@ mod tests {
             assert_eq!(command_line(args), expected);
         }
         check(
-            &["safemode", "--token", "s3cret", "drill", "run", "fraud-spike"],
+            &[
+                "safemode",
+                "--token",
+                "s3cret",
+                "drill",
+                "run",
+                "fraud-spike",
+            ],
             "safemode --token *** drill run fraud-spike",
         );
         check(
-            &["safemode", "--token=s3cret", "drill", "run", "--approver-token", "t2"],
+            &[
+                "safemode",
+                "--token=s3cret",
+                "drill",
+                "run",
+                "--approver-token",
+                "t2",
+            ],
             "safemode --token=*** drill run --approver-token ***",
         );
         check(
-            &["safemode", "drill", "run", "--approver-token=t2", "--approver-token-file", "f"],
+            &[
+                "safemode",
+                "drill",
+                "run",
+                "--approver-token=t2",
+                "--approver-token-file",
+                "f",
+            ],
             "safemode drill run --approver-token=*** --approver-token-file f",
         );
         check(
@@ -189,7 +210,14 @@ mod tests {
             r"safemode drill run 'my runbooks/x.yaml' 'it'\''s' ''",
         );
         check(
-            &["safemode", "drill", "run", "--fault", "kill-subscribers=10%", "a\nb"],
+            &[
+                "safemode",
+                "drill",
+                "run",
+                "--fault",
+                "kill-subscribers=10%",
+                "a\nb",
+            ],
             "safemode drill run --fault kill-subscribers=10% 'a\nb'",
         );
     }

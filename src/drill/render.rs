@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 
 use safemode_support::files::{self, Existing, Readers};
 
+use jiff::Timestamp;
 use quick_xml::Writer;
 use quick_xml::events::{BytesDecl, BytesEnd, BytesStart, BytesText, Event};
-use jiff::Timestamp;
 use serde::Serialize;
 
 use super::report::{
@@ -546,7 +546,10 @@ fn junit_into(writer: &mut Writer<Vec<u8>>, reports: &[DrillReport]) -> io::Resu
             ),
             ("command_line", report.command_line.clone()),
             ("principal", report.principal.clone()),
-            ("principal_from", report.principal_from.describe().to_owned()),
+            (
+                "principal_from",
+                report.principal_from.describe().to_owned(),
+            ),
             ("started_at", report.started_at.to_string()),
         ]);
         for (name, value) in properties {
@@ -1064,7 +1067,14 @@ mod tests {
                         "allow",
                         "allow",
                     ),
-                    expectation("chatbot", "refund.issue", "default", "allow", "allow", "allow"),
+                    expectation(
+                        "chatbot",
+                        "refund.issue",
+                        "default",
+                        "allow",
+                        "allow",
+                        "allow",
+                    ),
                 ],
                 not_restored: vec![],
                 left_active: 0,
@@ -1157,7 +1167,14 @@ mod tests {
                         "deny",
                         &format!("deny because {NASTY}"),
                     ),
-                    expectation("ivr", "account.lookup", "default", "allow", "allow", "allow"),
+                    expectation(
+                        "ivr",
+                        "account.lookup",
+                        "default",
+                        "allow",
+                        "allow",
+                        "allow",
+                    ),
                 ],
                 not_restored: vec!["ivr payment.refund: deny".to_owned()],
                 left_active: 1,
@@ -1397,13 +1414,10 @@ mod tests {
             .map(|p| {
                 p.children()
                     .filter(|n| n.has_tag_name("property"))
-                    .map(|n| {
-                        (
-                            n.attribute("name").unwrap(),
-                            n.attribute("value").unwrap(),
-                        )
+                    .map(|n| (n.attribute("name").unwrap(), n.attribute("value").unwrap()))
+                    .filter(|(name, _)| {
+                        !matches!(*name, "title" | "namespace" | "controller" | "incident_id")
                     })
-                    .filter(|(name, _)| !matches!(*name, "title" | "namespace" | "controller" | "incident_id"))
                     .collect()
             })
             .collect();
@@ -1430,7 +1444,10 @@ mod tests {
                 format!("safemode --token *** drill run fraud_wave '{NASTY_XML}'").as_str()
             )
         );
-        assert_eq!(properties[1][5], ("principal_from", "as the controller saw it"));
+        assert_eq!(
+            properties[1][5],
+            ("principal_from", "as the controller saw it")
+        );
 
         // What the fault hit and the decisions restored, as the cases'
         // output.
@@ -1456,7 +1473,10 @@ mod tests {
                     "restored: web account.password_reset (confidence 0.9, methods push) -> allow\n\
                      restored: chatbot refund.issue (default) -> allow"
                 ),
-                ("sev3: fault restart-controller recovers", "hit ivr: ivr-0, ivr-1"),
+                (
+                    "sev3: fault restart-controller recovers",
+                    "hit ivr: ivr-0, ivr-1"
+                ),
                 (
                     "restoration: every channel back to allow",
                     &format!(
@@ -1741,7 +1761,14 @@ mod tests {
                     "allow",
                     "allow"
                 ]),
-                row(&["yes", "chatbot", "refund.issue", "default", "allow", "allow"]),
+                row(&[
+                    "yes",
+                    "chatbot",
+                    "refund.issue",
+                    "default",
+                    "allow",
+                    "allow"
+                ]),
                 row(&[
                     "**no**",
                     "ivr",

@@ -44,7 +44,10 @@ pub(super) async fn drill(
             incident_id: None,
             safemode_version: super::VERSION.to_string(),
             catalog_fingerprint: options.source.catalog.fingerprint.clone(),
-            runbook_file: options.source.file_of(runbook.name.as_str()).map(str::to_string),
+            runbook_file: options
+                .source
+                .file_of(runbook.name.as_str())
+                .map(str::to_string),
             command_line: options.command_line.clone(),
             principal: options
                 .principal
@@ -436,7 +439,12 @@ impl Drill {
         self.report.incident_id = Some(id.clone());
         self.note(
             "declared",
-            json!({"incident": id, "severity": severity.to_string(), "revision": declared.revision}),
+            json!({
+                "incident": id,
+                "severity": severity.to_string(),
+                "revision": declared.revision,
+                "declared_by": incident.declared_by,
+            }),
         );
         self.incident = Some(id);
         Ok(Committed {

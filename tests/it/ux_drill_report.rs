@@ -164,7 +164,13 @@ async fn the_drill_report_names_what_ran_and_where_the_fault_struck() {
     let text = setup.drill(false, &setup.dir.path().join("text")).await;
     let json_run = setup.drill(true, &setup.dir.path().join("json")).await;
     assert_eq!(text.code, Some(0), "{}{}", text.stdout, text.stderr);
-    assert_eq!(json_run.code, Some(0), "{}{}", json_run.stdout, json_run.stderr);
+    assert_eq!(
+        json_run.code,
+        Some(0),
+        "{}{}",
+        json_run.stdout,
+        json_run.stderr
+    );
     assert!(text.stderr.is_empty(), "{}", text.stderr);
     let json = json_run.json();
     let drill = &json["drills"][0];
@@ -294,7 +300,10 @@ async fn the_drill_report_names_what_ran_and_where_the_fault_struck() {
             "the runbook file",
             Box::new(|| {
                 let file = setup.runbook();
-                expect(drill["runbook_file"] == file, format!("json: {}", drill["runbook_file"]))?;
+                expect(
+                    drill["runbook_file"] == file,
+                    format!("json: {}", drill["runbook_file"]),
+                )?;
                 expect(
                     text.stdout.contains(&format!("runbook file {file}")),
                     "text".into(),
@@ -344,7 +353,8 @@ async fn the_drill_report_names_what_ran_and_where_the_fault_struck() {
                     format!("json: {} {}", drill["principal"], drill["principal_from"]),
                 )?;
                 expect(
-                    text.stdout.contains("run by drill (as the controller saw it)"),
+                    text.stdout
+                        .contains("run by drill (as the controller saw it)"),
                     "text".into(),
                 )?;
                 expect(
@@ -407,11 +417,16 @@ async fn the_drill_report_names_what_ran_and_where_the_fault_struck() {
                 expect(at < hit_line && hit_line < restored, text.stdout.clone())?;
                 // report.md: under stage 2, before restoration.
                 let md = &text.markdown;
-                let stage = md.find("### Stage 2: sev1 (escalate)").ok_or("no stage 2")?;
+                let stage = md
+                    .find("### Stage 2: sev1 (escalate)")
+                    .ok_or("no stage 2")?;
                 let at = md.find("#### Fault: PASS").ok_or("no fault in report.md")?;
                 let restored = md.find("### Restoration").ok_or("no restoration")?;
                 expect(stage < at && at < restored, md.clone())?;
-                expect(md[at..restored].contains("- Subscribers hit:\n  - "), md.clone())?;
+                expect(
+                    md[at..restored].contains("- Subscribers hit:\n  - "),
+                    md.clone(),
+                )?;
                 // junit.xml: the fault case lists the subscribers it hit.
                 let out = xml
                     .descendants()
@@ -445,10 +460,8 @@ async fn the_drill_report_names_what_ran_and_where_the_fault_struck() {
                     .count();
                 expect(shown == decisions.len(), text.stdout.clone())?;
                 expect(
-                    text.stdout.contains(&format!(
-                        "{0}/{0} decisions back to allow",
-                        decisions.len()
-                    )),
+                    text.stdout
+                        .contains(&format!("{0}/{0} decisions back to allow", decisions.len())),
                     text.stdout.clone(),
                 )?;
                 let rows = text
@@ -529,16 +542,16 @@ async fn a_refused_drill_is_one_line_and_changes_nothing() {
         assert_eq!(output.status.code(), Some(*code), "{args:?}: {stderr}");
         assert!(output.stdout.is_empty(), "{args:?} printed to stdout");
         assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
-        assert!(stderr.contains(expected), "{args:?}: {expected:?} not in {stderr:?}");
+        assert!(
+            stderr.contains(expected),
+            "{args:?}: {expected:?} not in {stderr:?}"
+        );
         assert!(!stderr.contains(token), "{args:?} shows the token");
         assert_eq!(
             setup.snapshot().await,
             before,
             "{args:?} changed a namespace or the audit log"
         );
-        assert!(
-            !Path::new(reports).exists(),
-            "{args:?} wrote a report"
-        );
+        assert!(!Path::new(reports).exists(), "{args:?} wrote a report");
     }
 }
