@@ -555,3 +555,84 @@ async fn a_refused_drill_is_one_line_and_changes_nothing() {
         assert!(!Path::new(reports).exists(), "{args:?} wrote a report");
     }
 }
+
+/// A local drill of a built-in runbook: the principal is the one given
+/// (the in-process controller knows only the drill's own), the runbook is
+/// built in, and the fingerprint is the built-in catalogue's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_drill_names_the_caller_and_the_built_in_runbook() {
+    let output = safemode(&[
+        "--principal",
+        "alice",
+        "-o",
+        "json",
+        "drill",
+        "run",
+        "--local",
+        "fraud-spike",
+        "--channels",
+        "web=2",
+        "--severity-path",
+        "sev3,sev2",
+        "--fault",
+        "kill-subscribers=50%",
+    ])
+    .await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let drill = &json["drills"][0];
+    let fault = &drill["stages"][1]["fault"];
+    let cases: &[(&str, serde_json::Value, serde_json::Value)] = &[
+        ("principal", drill["principal"].clone(), "alice".into()),
+        (
+            "principal_from",
+            drill["principal_from"].clone(),
+            "caller".into(),
+        ),
+        (
+            "runbook_file",
+            drill["runbook_file"].clone(),
+            serde_json::Value::Null,
+        ),
+        (
+            "catalog_fingerprint",
+            drill["catalog_fingerprint"].clone(),
+            Catalog::standard().fingerprint.into(),
+        ),
+        (
+            "safemode_version",
+            drill["safemode_version"].clone(),
+            env!("CARGO_PKG_VERSION").into(),
+        ),
+        (
+            "the first stage's fault",
+            drill["stages"][0]["fault"].clone(),
+            serde_json::Value::Null,
+        ),
+        (
+            "the fault's stage",
+            fault["severity"].clone(),
+            "sev2".into(),
+        ),
+        (
+            "subscribers hit",
+            fault["hit"]
+                .as_array()
+                .map_or(0, |h| {
+                    h.iter()
+                        .map(|c| c["subscribers"].as_array().unwrap().len())
+                        .sum::<usize>()
+                })
+                .into(),
+            fault["affected"].clone(),
+        ),
+    ];
+    for (what, got, expected) in cases {
+        assert_eq!(got, expected, "{what}: {drill:#}");
+    }
+    assert!(
+        !String::from_utf8_lossy(&output.stdout).contains("act_"),
+        "{drill:#}"
+    );
+}
