@@ -91,6 +91,8 @@ pub(super) async fn run(
         fault,
         namespace,
         converge_within: args.converge_within,
+        principal: caller.principal.clone().filter(|p| !p.trim().is_empty()),
+        command_line: command_line(std::env::args()),
     })
     .await?;
     let written: Vec<PathBuf> = match &args.report {
@@ -116,4 +118,107 @@ pub(super) async fn run(
         );
     }
     Ok(())
+}
+
+/// The flags whose values are secrets: a report shows them as `***`.
+const SECRET_FLAGS: [&str; 2] = ["--token", "--approver-token"];
+
+/// The command line as a report shows it: each argument as a shell would
+/// read it back (quoted where needed), and the value of every secret flag
+/// (`--token T`, `--token=T`, `--approver-token T`) replaced by `***`.
+fn command_line(args: impl IntoIterator<Item = String>) -> String {
+    let mut words = Vec::new();
+    let mut secret_next = false;
+    for arg in args {
+        if std::mem::take(&mut secret_next) {
+            words.push("***".to_string());
+            continue;
+        }
+        if SECRET_FLAGS.contains(&arg.as_str()) {
+            secret_next = true;
+            words.push(arg);
+        } else if let Some(flag) = SECRET_FLAGS.iter().find(|flag| {
+            arg.strip_prefix(**flag)
+                .is_some_and(|rest| rest.starts_with('='))
+        }) {
+            words.push(format!("{flag}=***"));
+        } else {
+            words.push(shell_word(&arg));
+        }
+    }
+    words.join(" ")
+}
+
+/// `word` as a POSIX shell reads it back: as it is when it holds nothing
+/// the shell would split or expand, else in single quotes. Written by hand:
+/// a dozen lines do not warrant a dependency.
+fn shell_word(word: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "-_./:=,%@+".contains(c);
+    if !word.is_empty() && word.chars().all(plain) {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::command_line;
+
+    #[test]
+    fn the_command_line_hides_tokens_and_quotes_what_a_shell_would_split() {
+        #[track_caller]
+        fn check(args: &[&str], expected: &str) {
+            let args = args.iter().map(|a| a.to_string());
+            assert_eq!(command_line(args), expected);
+        }
+        check(
+            &[
+                "safemode",
+                "--token",
+                "s3cret",
+                "drill",
+                "run",
+                "fraud-spike",
+            ],
+            "safemode --token *** drill run fraud-spike",
+        );
+        check(
+            &[
+                "safemode",
+                "--token=s3cret",
+                "drill",
+                "run",
+                "--approver-token",
+                "t2",
+            ],
+            "safemode --token=*** drill run --approver-token ***",
+        );
+        check(
+            &[
+                "safemode",
+                "drill",
+                "run",
+                "--approver-token=t2",
+                "--approver-token-file",
+                "f",
+            ],
+            "safemode drill run --approver-token=*** --approver-token-file f",
+        );
+        check(
+            &["safemode", "drill", "run", "my runbooks/x.yaml", "it's", ""],
+            r"safemode drill run 'my runbooks/x.yaml' 'it'\''s' ''",
+        );
+        check(
+            &[
+                "safemode",
+                "drill",
+                "run",
+                "--fault",
+                "kill-subscribers=10%",
+                "a\nb",
+            ],
+            "safemode drill run --fault kill-subscribers=10% 'a\nb'",
+        );
+    }
 }

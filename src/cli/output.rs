@@ -16,7 +16,9 @@ use serde::{Serialize, Serializer};
 
 use super::Format;
 use crate::drill::DrillReport;
-use crate::drill::report::{ChannelSubscribers, FaultReport, RestorationReport, StageReport};
+use crate::drill::report::{
+    ChannelSubscribers, FaultReport, PrincipalSource, RestorationReport, StageReport,
+};
 use crate::sim::{ChannelTimes, RevisionReport};
 use safemode_client::{ActivationInfo, DecisionReport, PolicySnapshot};
 use safemode_controller::auth::{NewToken, Role};
@@ -957,9 +959,20 @@ struct Drill<'a> {
     namespace: &'a str,
     passed: bool,
     incident_id: &'a Option<String>,
+    safemode_version: &'a str,
+    catalog_fingerprint: &'a str,
+    runbook_file: &'a Option<String>,
+    command_line: &'a str,
+    principal: &'a str,
+    principal_from: PrincipalSource,
+    started_at: Time,
+    finished_at: Time,
     subscribers: &'a [ChannelSubscribers],
+    /// Each with the fault that struck it, if any.
     stages: &'a [StageReport],
-    fault: &'a Option<FaultReport>,
+    /// The fault again, as before it moved under its stage, for scripts
+    /// that read it here.
+    fault: Option<&'a FaultReport>,
     restoration: &'a Option<RestorationReport>,
     failures: &'a [String],
 }
@@ -975,9 +988,17 @@ impl<'a> Drills<'a> {
                     namespace: r.namespace.as_str(),
                     passed: r.passed,
                     incident_id: &r.incident_id,
+                    safemode_version: &r.safemode_version,
+                    catalog_fingerprint: &r.catalog_fingerprint,
+                    runbook_file: &r.runbook_file,
+                    command_line: &r.command_line,
+                    principal: &r.principal,
+                    principal_from: r.principal_from,
+                    started_at: Time(Some(r.started_at)),
+                    finished_at: Time(Some(r.finished_at)),
                     subscribers: &r.subscribers,
                     stages: &r.stages,
-                    fault: &r.fault,
+                    fault: r.fault().map(|(_, f)| f),
                     restoration: &r.restoration,
                     failures: &r.failures,
                 })
@@ -1005,6 +1026,21 @@ impl View for Drills<'_> {
                 plural(expectations, "expectation", "expectations"),
                 plural(subscribers, "subscriber", "subscribers")
             );
+            say!(
+                out,
+                "  safemode {}, catalogue {}, runbook file {}",
+                r.safemode_version,
+                r.catalog_fingerprint,
+                r.runbook_file.as_deref().unwrap_or("built in")
+            );
+            say!(
+                out,
+                "  run by {} ({}), started {}",
+                r.principal,
+                r.principal_from.describe(),
+                r.started_at
+            );
+            say!(out, "  command: {}", r.command_line);
             for stage in r.stages {
                 let slowest = stage
                     .channels
@@ -1012,10 +1048,15 @@ impl View for Drills<'_> {
                     .max_by(|a, b| a.max_ms.total_cmp(&b.max_ms));
                 say!(
                     out,
-                    "  {} ({}) at revision {}: {}/{} expectations hold; slowest channel {} ({:.1} ms, limit {} ms){}",
+                    "  {} ({}) at revision {}, modes {}: {}/{} expectations hold; slowest channel {} ({:.1} ms, limit {} ms){}",
                     stage.severity,
                     stage.step,
                     stage.revision,
+                    if stage.modes.is_empty() {
+                        "none".to_string()
+                    } else {
+                        stage.modes.join(", ")
+                    },
                     stage.expectations.iter().filter(|e| e.passed).count(),
                     stage.expectations.len(),
                     slowest.map_or("-", |c| c.channel.as_str()),
@@ -1027,21 +1068,55 @@ impl View for Drills<'_> {
                         .map(|a| format!("; approved by {}", a.approved_by))
                         .unwrap_or_default()
                 );
+                if let Some(fault) = &stage.fault {
+                    say!(
+                        out,
+                        "    fault {}: {} affected, {} in {:.1} ms",
+                        fault.kind,
+                        fault.affected,
+                        if fault.recovered {
+                            "recovered"
+                        } else {
+                            "NOT recovered"
+                        },
+                        fault.recovery_ms
+                    );
+                    for hit in &fault.hit {
+                        say!(
+                            out,
+                            "      hit {}: {}",
+                            hit.channel,
+                            bounded(&hit.subscribers, DRILL_LIST_LIMIT)
+                        );
+                    }
+                }
             }
-            if let Some(fault) = r.fault {
+            if let Some(restoration) = r.restoration {
                 say!(
                     out,
-                    "  fault {} at {}: {} affected, {} in {:.1} ms",
-                    fault.kind,
-                    fault.severity,
-                    fault.affected,
-                    if fault.recovered {
-                        "recovered"
-                    } else {
-                        "NOT recovered"
-                    },
-                    fault.recovery_ms
+                    "  restoration at revision {}: {}/{} decisions back to allow",
+                    restoration.revision,
+                    restoration.decisions.iter().filter(|d| d.passed).count(),
+                    restoration.decisions.len()
                 );
+                for d in restoration.decisions.iter().take(DRILL_LIST_LIMIT) {
+                    say!(
+                        out,
+                        "    {} {} {} ({}): {}",
+                        if d.passed { "ok" } else { "NOT RESTORED" },
+                        d.channel,
+                        d.action,
+                        d.context,
+                        d.decision
+                    );
+                }
+                if restoration.decisions.len() > DRILL_LIST_LIMIT {
+                    say!(
+                        out,
+                        "    ... and {} more (all in the report: --report DIR)",
+                        restoration.decisions.len() - DRILL_LIST_LIMIT
+                    );
+                }
             }
             for failure in r.failures {
                 say!(out, "  FAILED: {failure}");
@@ -1051,6 +1126,24 @@ impl View for Drills<'_> {
             say!(out, "wrote {path}");
         }
     }
+}
+
+/// How many subscribers or decisions one drill line lists on a terminal;
+/// the report files list them all.
+const DRILL_LIST_LIMIT: usize = 20;
+
+/// Up to `limit` of `items`, comma-separated, then how many more.
+fn bounded(items: &[String], limit: usize) -> String {
+    let mut text = items
+        .iter()
+        .take(limit)
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if items.len() > limit {
+        text.push_str(&format!(" and {} more", items.len() - limit));
+    }
+    text
 }
 
 // === incidents, requests, audit, runbooks, tokens ===

@@ -118,6 +118,9 @@ pub struct RunbookSource {
     pub runbooks_dir: Option<PathBuf>,
     /// The runbooks to drill, in order.
     pub names: Vec<String>,
+    /// Each drilled runbook's file as given, by runbook name (none for a
+    /// built-in runbook).
+    files: std::collections::HashMap<String, String>,
     /// Holds copied runbook files while the drill runs.
     _copies: Option<tempfile::TempDir>,
 }
@@ -141,11 +144,23 @@ impl RunbookSource {
         if names.is_empty() {
             return Err(format!("{} holds no runbooks (*.yaml)", dir.display()));
         }
+        // A runbook is named after its file's stem.
+        let files = names
+            .iter()
+            .filter_map(|name| {
+                ["yaml", "yml"]
+                    .iter()
+                    .map(|ext| dir.join(format!("{name}.{ext}")))
+                    .find(|path| path.is_file())
+                    .map(|path| (name.clone(), path.display().to_string()))
+            })
+            .collect();
         Ok(RunbookSource {
             catalog: Arc::new(catalog),
             modes_dir,
             runbooks_dir: Some(dir.to_path_buf()),
             names,
+            files,
             _copies: None,
         })
     }
@@ -181,6 +196,7 @@ impl RunbookSource {
                 modes_dir: None,
                 runbooks_dir: None,
                 names: runbooks.to_vec(),
+                files: Default::default(),
                 _copies: None,
             });
         }
@@ -207,22 +223,28 @@ impl RunbookSource {
             Expectations::CheckedByDrill,
         )
         .map_err(|e| e.lines().join("\n"))?;
-        let names = files
+        let named: Vec<(String, String)> = files
             .iter()
             .filter_map(|f| {
-                Path::new(f.as_str())
-                    .file_stem()?
-                    .to_str()
-                    .map(str::to_string)
+                let stem = Path::new(f.as_str()).file_stem()?.to_str()?;
+                Some((stem.to_string(), f.to_string()))
             })
             .collect();
         Ok(RunbookSource {
             catalog: Arc::new(catalog),
             modes_dir: beside,
             runbooks_dir: Some(copies.path().to_path_buf()),
-            names,
+            names: named.iter().map(|(name, _)| name.clone()).collect(),
+            files: named.into_iter().collect(),
             _copies: Some(copies),
         })
+    }
+}
+
+impl RunbookSource {
+    /// The file runbook `name` was read from, as given (`None`: built in).
+    pub fn file_of(&self, name: &str) -> Option<&str> {
+        self.files.get(name).map(String::as_str)
     }
 }
 
@@ -261,7 +283,17 @@ pub struct DrillOptions {
     /// How long every subscriber may take to converge before the drill says
     /// it did not (apply limits are checked separately).
     pub converge_within: Duration,
+    /// Who runs the drill, as the command knows it (`--principal`, else
+    /// `$USER`); the report names the principal the controller saw instead
+    /// when a running controller declared the drill's incident.
+    pub principal: Option<String>,
+    /// The command that runs the drill, for the report, with token values
+    /// already redacted.
+    pub command_line: String,
 }
+
+/// The version of `safemode` a report names.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Why a drill could not run at all (a drill that runs and fails is a
 /// report with `passed: false`).

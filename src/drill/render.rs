@@ -13,13 +13,14 @@ use std::path::{Path, PathBuf};
 
 use safemode_support::files::{self, Existing, Readers};
 
+use jiff::Timestamp;
 use quick_xml::Writer;
 use quick_xml::events::{BytesDecl, BytesEnd, BytesStart, BytesText, Event};
 use serde::Serialize;
 
 use super::report::{
     Approval, ChannelTiming, DrillReport, ExpectationCheck, FaultReport, JournalEvent,
-    RestorationReport, StageReport,
+    PrincipalSource, RestorationReport, StageReport,
 };
 use safemode_policy::Namespace;
 use safemode_policy::runbook::Severity;
@@ -126,6 +127,28 @@ fn runbook_md(out: &mut String, report: &DrillReport) -> fmt::Result {
     }
     writeln!(
         out,
+        "- Version: {}",
+        md(format!("safemode {}", report.safemode_version))
+    )?;
+    writeln!(
+        out,
+        "- Catalogue fingerprint: {}",
+        md(&report.catalog_fingerprint)
+    )?;
+    match &report.runbook_file {
+        Some(file) => writeln!(out, "- Runbook file: {}", md(file))?,
+        None => writeln!(out, "- Runbook file: built into safemode")?,
+    }
+    writeln!(out, "- Command line: {}", md(&report.command_line))?;
+    writeln!(
+        out,
+        "- Run by: {} ({})",
+        md(&report.principal),
+        md(report.principal_from.describe())
+    )?;
+    writeln!(out, "- Started: {:.3}", report.started_at)?;
+    writeln!(
+        out,
         "- Time: {:.3} to {:.3} ({})",
         report.started_at,
         report.finished_at,
@@ -171,10 +194,6 @@ fn runbook_md(out: &mut String, report: &DrillReport) -> fmt::Result {
         writeln!(out)?;
         stage_md(out, number + 1, stage)?;
     }
-    if let Some(fault) = &report.fault {
-        writeln!(out)?;
-        fault_md(out, fault)?;
-    }
     writeln!(out)?;
     restoration_md(out, report.restoration.as_ref())
 }
@@ -188,6 +207,7 @@ fn stage_md(out: &mut String, number: usize, stage: &StageReport) -> fmt::Result
     )?;
     writeln!(out)?;
     writeln!(out, "- Revision: {}", stage.revision)?;
+    writeln!(out, "- Modes: {}", names_md(&stage.modes))?;
     if let Some(approval) = &stage.approval {
         writeln!(out, "- Approval: {}", approval_md(approval))?;
     }
@@ -262,11 +282,16 @@ fn stage_md(out: &mut String, number: usize, stage: &StageReport) -> fmt::Result
             )?;
         }
     }
+    if let Some(fault) = &stage.fault {
+        writeln!(out)?;
+        fault_md(out, fault)?;
+    }
     Ok(())
 }
 
+/// The fault, under the stage it struck.
 fn fault_md(out: &mut String, fault: &FaultReport) -> fmt::Result {
-    writeln!(out, "### Fault: {}", verdict_md(fault.recovered))?;
+    writeln!(out, "#### Fault: {}", verdict_md(fault.recovered))?;
     writeln!(out)?;
     writeln!(
         out,
@@ -275,6 +300,19 @@ fn fault_md(out: &mut String, fault: &FaultReport) -> fmt::Result {
         md(fault.severity)
     )?;
     writeln!(out, "- Subscribers affected: {}", fault.affected)?;
+    if fault.hit.is_empty() {
+        writeln!(out, "- Subscribers hit: none of the drill's")?;
+    } else {
+        writeln!(out, "- Subscribers hit:")?;
+        for hit in &fault.hit {
+            writeln!(
+                out,
+                "  - {}: {}",
+                md(hit.channel),
+                names_md(&hit.subscribers)
+            )?;
+        }
+    }
     if fault.recovered {
         writeln!(out, "- Recovered: yes, in {}", ms(fault.recovery_ms))?;
     } else {
@@ -321,7 +359,36 @@ fn restoration_md(out: &mut String, restoration: Option<&RestorationReport>) -> 
             restoration.left_active
         )?;
     }
+    if !restoration.decisions.is_empty() {
+        writeln!(out)?;
+        writeln!(
+            out,
+            "| restored | channel | action | context | effect | decision |"
+        )?;
+        writeln!(out, "|---|---|---|---|---|---|")?;
+        for check in &restoration.decisions {
+            writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} |",
+                if check.passed { "yes" } else { "**no**" },
+                md(check.channel),
+                md(&check.action),
+                md(&check.context),
+                md(&check.actual),
+                md(&check.decision)
+            )?;
+        }
+    }
     Ok(())
+}
+
+/// Names, comma-separated, or `none`.
+fn names_md(names: &[String]) -> String {
+    if names.is_empty() {
+        "none".to_owned()
+    } else {
+        names.iter().map(md).collect::<Vec<_>>().join(", ")
+    }
 }
 
 fn approval_md(approval: &Approval) -> String {
@@ -467,6 +534,24 @@ fn junit_into(writer: &mut Writer<Vec<u8>>, reports: &[DrillReport]) -> io::Resu
         if let Some(id) = &report.incident_id {
             properties.push(("incident_id", id.clone()));
         }
+        properties.extend([
+            ("safemode_version", report.safemode_version.clone()),
+            ("catalog_fingerprint", report.catalog_fingerprint.clone()),
+            (
+                "runbook_file",
+                report
+                    .runbook_file
+                    .clone()
+                    .unwrap_or_else(|| "built into safemode".to_owned()),
+            ),
+            ("command_line", report.command_line.clone()),
+            ("principal", report.principal.clone()),
+            (
+                "principal_from",
+                report.principal_from.describe().to_owned(),
+            ),
+            ("started_at", report.started_at.to_string()),
+        ]);
         for (name, value) in properties {
             let property = element("property", [("name", name.to_owned()), ("value", value)]);
             writer.write_event(Event::Empty(property))?;
@@ -481,19 +566,26 @@ fn junit_into(writer: &mut Writer<Vec<u8>>, reports: &[DrillReport]) -> io::Resu
                 attributes.push(("time", seconds(time)));
             }
             let testcase = element("testcase", attributes);
-            match &case.failure {
-                None => writer.write_event(Event::Empty(testcase))?,
-                Some(failure) => {
-                    writer.write_event(Event::Start(testcase.borrow()))?;
-                    let tag = element("failure", [("message", failure.message.clone())]);
-                    writer.write_event(Event::Start(tag.borrow()))?;
-                    writer.write_event(Event::Text(BytesText::new(&allowed_in_xml(
-                        &failure.details,
-                    ))))?;
-                    writer.write_event(Event::End(tag.to_end()))?;
-                    writer.write_event(Event::End(testcase.to_end()))?;
-                }
+            if case.failure.is_none() && case.output.is_none() {
+                writer.write_event(Event::Empty(testcase))?;
+                continue;
             }
+            writer.write_event(Event::Start(testcase.borrow()))?;
+            // The schema's order: the failure, then what the case printed.
+            if let Some(failure) = &case.failure {
+                let tag = element("failure", [("message", failure.message.clone())]);
+                writer.write_event(Event::Start(tag.borrow()))?;
+                writer.write_event(Event::Text(BytesText::new(&allowed_in_xml(
+                    &failure.details,
+                ))))?;
+                writer.write_event(Event::End(tag.to_end()))?;
+            }
+            if let Some(output) = &case.output {
+                writer.write_event(Event::Start(BytesStart::new("system-out")))?;
+                writer.write_event(Event::Text(BytesText::new(&allowed_in_xml(output))))?;
+                writer.write_event(Event::End(BytesEnd::new("system-out")))?;
+            }
+            writer.write_event(Event::End(testcase.to_end()))?;
         }
         writer.write_event(Event::End(suite.to_end()))?;
     }
@@ -521,6 +613,9 @@ struct Case {
     classname: String,
     seconds: Option<f64>,
     failure: Option<Failure>,
+    /// What the case found, one line each (`<system-out>`): the subscribers
+    /// a fault hit, the decisions checked at restoration.
+    output: Option<String>,
 }
 
 struct Failure {
@@ -551,6 +646,7 @@ fn cases(report: &DrillReport) -> Vec<Case> {
                 name: format!("{sev}: {}", expectation_name(check)),
                 classname: stage_class(sev),
                 seconds: None,
+                output: None,
                 failure: if check.passed {
                     None
                 } else {
@@ -569,6 +665,7 @@ fn cases(report: &DrillReport) -> Vec<Case> {
                 ),
                 classname: stage_class(sev),
                 seconds: timing.max_ms.is_finite().then_some(timing.max_ms / 1000.0),
+                output: None,
                 failure: if applied_in_time(timing) {
                     None
                 } else {
@@ -594,6 +691,7 @@ fn cases(report: &DrillReport) -> Vec<Case> {
             name: format!("{sev}: no snapshot rejected"),
             classname: stage_class(sev),
             seconds: None,
+            output: None,
             failure: if stage.rejects.is_empty() {
                 None
             } else {
@@ -613,29 +711,59 @@ fn cases(report: &DrillReport) -> Vec<Case> {
                 )
             },
         });
-    }
-    if let Some(fault) = &report.fault {
-        cases.push(Case {
-            name: format!("{}: fault {} recovers", fault.severity, fault.kind),
-            classname: stage_class(fault.severity),
-            seconds: fault
-                .recovery_ms
-                .is_finite()
-                .then_some(fault.recovery_ms / 1000.0),
-            failure: if fault.recovered {
-                None
-            } else {
-                Failure::new(
-                    format!("not recovered after {}", ms(fault.recovery_ms)),
-                    format!("subscribers affected: {}", fault.affected),
+        // The fault, with the stage it struck.
+        if let Some(fault) = &stage.fault {
+            cases.push(Case {
+                name: format!("{}: fault {} recovers", fault.severity, fault.kind),
+                classname: stage_class(fault.severity),
+                seconds: fault
+                    .recovery_ms
+                    .is_finite()
+                    .then_some(fault.recovery_ms / 1000.0),
+                output: Some(
+                    fault
+                        .hit
+                        .iter()
+                        .map(|h| format!("hit {}: {}", h.channel, h.subscribers.join(", ")))
+                        .collect::<Vec<_>>()
+                        .join("\n"),
                 )
-            },
-        });
+                .filter(|o| !o.is_empty()),
+                failure: if fault.recovered {
+                    None
+                } else {
+                    Failure::new(
+                        format!("not recovered after {}", ms(fault.recovery_ms)),
+                        format!("subscribers affected: {}", fault.affected),
+                    )
+                },
+            });
+        }
     }
     cases.push(Case {
         name: "restoration: every channel back to allow".to_owned(),
         classname: runbook_class.clone(),
         seconds: None,
+        output: report
+            .restoration
+            .as_ref()
+            .map(|r| {
+                r.decisions
+                    .iter()
+                    .map(|d| {
+                        format!(
+                            "{}: {} {} ({}) -> {}",
+                            if d.passed { "restored" } else { "NOT restored" },
+                            d.channel,
+                            d.action,
+                            d.context,
+                            d.decision
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+            .filter(|o| !o.is_empty()),
         failure: match &report.restoration {
             None => Failure::new("the drill did not get to resolve the incident", ""),
             Some(r) if restored(r) => None,
@@ -657,6 +785,7 @@ fn cases(report: &DrillReport) -> Vec<Case> {
         name: "verdict".to_owned(),
         classname: runbook_class,
         seconds: None,
+        output: None,
         failure: if report.passed {
             None
         } else if report.failures.is_empty() {
@@ -718,6 +847,13 @@ pub fn journal(reports: &[DrillReport]) -> String {
         runbook: &'a str,
         namespace: &'a Namespace,
         passed: bool,
+        safemode_version: &'a str,
+        catalog_fingerprint: &'a str,
+        runbook_file: &'a Option<String>,
+        command_line: &'a str,
+        principal: &'a str,
+        principal_from: PrincipalSource,
+        started_at: Timestamp,
         events: &'a [JournalEvent],
     }
     let journal = Journal {
@@ -727,6 +863,13 @@ pub fn journal(reports: &[DrillReport]) -> String {
                 runbook: &r.runbook,
                 namespace: &r.namespace,
                 passed: r.passed,
+                safemode_version: &r.safemode_version,
+                catalog_fingerprint: &r.catalog_fingerprint,
+                runbook_file: &r.runbook_file,
+                command_line: &r.command_line,
+                principal: &r.principal,
+                principal_from: r.principal_from,
+                started_at: r.started_at,
                 events: &r.journal,
             })
             .collect(),
@@ -756,7 +899,7 @@ mod tests {
 
     use super::*;
     use crate::drill::Fault;
-    use crate::drill::report::{ChannelSubscribers, Reject, Step};
+    use crate::drill::report::{ChannelSubscribers, FaultHit, Reject, Step};
     use safemode_policy::Channel;
 
     /// Everything a renderer must keep as written: markup, quotes, a table
@@ -804,6 +947,7 @@ mod tests {
             expected: expected.to_owned(),
             actual: actual.to_owned(),
             decision: decision.to_owned(),
+            modes: Vec::new(),
             passed: expected == actual,
         }
     }
@@ -825,6 +969,12 @@ mod tests {
             namespace: Namespace::parse("drill-0001").unwrap(),
             controller: "local".to_owned(),
             incident_id: Some("inc-1".to_owned()),
+            safemode_version: "1.2.3".to_owned(),
+            catalog_fingerprint: "f1e2d3".to_owned(),
+            runbook_file: Some("runbooks/login_storm.yaml".to_owned()),
+            command_line: "safemode drill run --local runbooks/login_storm.yaml".to_owned(),
+            principal: "alice".to_owned(),
+            principal_from: PrincipalSource::Caller,
             started_at: at(0),
             finished_at: at(12_500),
             passed: true,
@@ -845,6 +995,7 @@ mod tests {
                     severity: Severity::Sev3,
                     step: Step::Declare,
                     revision: 5,
+                    modes: vec!["lockdown".to_owned()],
                     approval: None,
                     apply_within_ms: 5000,
                     channels: vec![
@@ -857,14 +1008,26 @@ mod tests {
                         "confidence 0.9, methods push",
                         "deny",
                         "deny",
-                        "deny (mode lockdown)",
+                        "deny because lockdown",
                     )],
                     rejects: vec![],
+                    fault: Some(FaultReport {
+                        kind: Fault::KillSubscribers { percent: 10 },
+                        severity: Severity::Sev3,
+                        affected: 1,
+                        hit: vec![FaultHit {
+                            channel: Channel::parse("chatbot").unwrap(),
+                            subscribers: vec!["drill-0001-chatbot-1".to_owned()],
+                        }],
+                        recovered: true,
+                        recovery_ms: 850.0,
+                    }),
                 },
                 StageReport {
                     severity: Severity::Sev2,
                     step: Step::Escalate,
                     revision: 6,
+                    modes: vec!["lockdown".to_owned(), "refund-freeze".to_owned()],
                     approval: Some(Approval {
                         request_id: "req-7".to_owned(),
                         requested_by: "alice".to_owned(),
@@ -881,18 +1044,12 @@ mod tests {
                         "default",
                         "deny",
                         "deny",
-                        "deny",
+                        "deny because refund-freeze",
                     )],
                     rejects: vec![],
+                    fault: None,
                 },
             ],
-            fault: Some(FaultReport {
-                kind: Fault::KillSubscribers { percent: 10 },
-                severity: Severity::Sev3,
-                affected: 1,
-                recovered: true,
-                recovery_ms: 850.0,
-            }),
             restoration: Some(RestorationReport {
                 revision: 7,
                 approval: Some(Approval {
@@ -901,6 +1058,24 @@ mod tests {
                     approved_by: "carol".to_owned(),
                 }),
                 checked: 2,
+                decisions: vec![
+                    expectation(
+                        "web",
+                        "account.password_reset",
+                        "confidence 0.9, methods push",
+                        "allow",
+                        "allow",
+                        "allow",
+                    ),
+                    expectation(
+                        "chatbot",
+                        "refund.issue",
+                        "default",
+                        "allow",
+                        "allow",
+                        "allow",
+                    ),
+                ],
                 not_restored: vec![],
                 left_active: 0,
             }),
@@ -921,6 +1096,12 @@ mod tests {
             namespace: Namespace::parse("drill-0002").unwrap(),
             controller: "https://staging:7443".to_owned(),
             incident_id: Some("inc-2".to_owned()),
+            safemode_version: "1.2.3".to_owned(),
+            catalog_fingerprint: "a0b1c2".to_owned(),
+            runbook_file: None,
+            command_line: format!("safemode --token *** drill run fraud_wave '{NASTY}'"),
+            principal: "drill-bot".to_owned(),
+            principal_from: PrincipalSource::Controller,
             started_at: at(0),
             finished_at: at(45_000),
             passed: false,
@@ -933,6 +1114,7 @@ mod tests {
                 severity: Severity::Sev3,
                 step: Step::Declare,
                 revision: 3,
+                modes: vec![NASTY.to_owned()],
                 approval: None,
                 apply_within_ms: 2000,
                 channels: vec![ChannelTiming {
@@ -960,18 +1142,40 @@ mod tests {
                     revision: 3,
                     reason: NASTY.to_owned(),
                 }],
+                fault: Some(FaultReport {
+                    kind: Fault::RestartController,
+                    severity: Severity::Sev3,
+                    affected: 2,
+                    hit: vec![FaultHit {
+                        channel: Channel::parse("ivr").unwrap(),
+                        subscribers: vec!["ivr-0".to_owned(), "ivr-1".to_owned()],
+                    }],
+                    recovered: false,
+                    recovery_ms: 30_000.0,
+                }),
             }],
-            fault: Some(FaultReport {
-                kind: Fault::RestartController,
-                severity: Severity::Sev3,
-                affected: 2,
-                recovered: false,
-                recovery_ms: 30_000.0,
-            }),
             restoration: Some(RestorationReport {
                 revision: 4,
                 approval: None,
                 checked: 2,
+                decisions: vec![
+                    expectation(
+                        "ivr",
+                        "payment.refund",
+                        NASTY,
+                        "allow",
+                        "deny",
+                        &format!("deny because {NASTY}"),
+                    ),
+                    expectation(
+                        "ivr",
+                        "account.lookup",
+                        "default",
+                        "allow",
+                        "allow",
+                        "allow",
+                    ),
+                ],
                 not_restored: vec!["ivr payment.refund: deny".to_owned()],
                 left_active: 1,
             }),
@@ -1126,6 +1330,11 @@ mod tests {
                 "sev3: chatbot applies within 5000 ms",
             ),
             pass("drill.login_storm.sev3", "sev3: no snapshot rejected"),
+            // The fault, with the stage it struck.
+            pass(
+                "drill.login_storm.sev3",
+                "sev3: fault kill-subscribers=10% recovers",
+            ),
             pass(
                 "drill.login_storm.sev2",
                 "sev2: chatbot refund.issue (default) -> deny",
@@ -1136,10 +1345,6 @@ mod tests {
                 "sev2: chatbot applies within 5000 ms",
             ),
             pass("drill.login_storm.sev2", "sev2: no snapshot rejected"),
-            pass(
-                "drill.login_storm.sev3",
-                "sev3: fault kill-subscribers=10% recovers",
-            ),
             pass(
                 "drill.login_storm",
                 "restoration: every channel back to allow",
@@ -1201,6 +1406,97 @@ mod tests {
             .find(|n| n.has_tag_name("property") && n.attribute("name") == Some("title"))
             .and_then(|n| n.attribute("value"));
         assert_eq!(title, Some("Login storm"));
+
+        // Each suite says what ran it, and on what.
+        let properties: Vec<Vec<(&str, &str)>> = doc
+            .descendants()
+            .filter(|n| n.has_tag_name("properties"))
+            .map(|p| {
+                p.children()
+                    .filter(|n| n.has_tag_name("property"))
+                    .map(|n| (n.attribute("name").unwrap(), n.attribute("value").unwrap()))
+                    .filter(|(name, _)| {
+                        !matches!(*name, "title" | "namespace" | "controller" | "incident_id")
+                    })
+                    .collect()
+            })
+            .collect();
+        assert_eq!(
+            properties[0],
+            [
+                ("safemode_version", "1.2.3"),
+                ("catalog_fingerprint", "f1e2d3"),
+                ("runbook_file", "runbooks/login_storm.yaml"),
+                (
+                    "command_line",
+                    "safemode drill run --local runbooks/login_storm.yaml"
+                ),
+                ("principal", "alice"),
+                ("principal_from", "from --principal or $USER"),
+                ("started_at", "2024-05-01T10:00:00Z"),
+            ]
+        );
+        assert_eq!(properties[1][2], ("runbook_file", "built into safemode"));
+        assert_eq!(
+            properties[1][3],
+            (
+                "command_line",
+                format!("safemode --token *** drill run fraud_wave '{NASTY_XML}'").as_str()
+            )
+        );
+        assert_eq!(
+            properties[1][5],
+            ("principal_from", "as the controller saw it")
+        );
+
+        // What the fault hit and the decisions restored, as the cases'
+        // output.
+        let outputs: Vec<(&str, &str)> = doc
+            .descendants()
+            .filter(|n| n.has_tag_name("system-out"))
+            .map(|o| {
+                (
+                    o.parent().unwrap().attribute("name").unwrap_or_default(),
+                    o.text().unwrap_or_default(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            outputs,
+            [
+                (
+                    "sev3: fault kill-subscribers=10% recovers",
+                    "hit chatbot: drill-0001-chatbot-1"
+                ),
+                (
+                    "restoration: every channel back to allow",
+                    "restored: web account.password_reset (confidence 0.9, methods push) -> allow\n\
+                     restored: chatbot refund.issue (default) -> allow"
+                ),
+                (
+                    "sev3: fault restart-controller recovers",
+                    "hit ivr: ivr-0, ivr-1"
+                ),
+                (
+                    "restoration: every channel back to allow",
+                    &format!(
+                        "NOT restored: ivr payment.refund ({NASTY_XML}) -> deny because {NASTY_XML}\n\
+                         restored: ivr account.lookup (default) -> allow"
+                    )
+                ),
+            ]
+        );
+        // A failure comes before the output, as the schema orders them.
+        let failed_fault = doc
+            .descendants()
+            .find(|n| n.attribute("name") == Some("sev3: fault restart-controller recovers"))
+            .unwrap();
+        let children: Vec<&str> = failed_fault
+            .children()
+            .filter(|n| n.is_element())
+            .map(|n| n.tag_name().name())
+            .collect();
+        assert_eq!(children, ["failure", "system-out"]);
     }
 
     /// The engine says "within limit" but not every subscriber applied the
@@ -1406,9 +1702,21 @@ mod tests {
             "- Approval: request req-8 by alice, approved by carol\n",
             "- Subscribers: web: 3 (3 simulated, 0 attached); chatbot: 3 (2 simulated, 1 attached)\n",
             "- Time: 2024-05-01T10:00:00.000Z to 2024-05-01T10:00:12.500Z (12500.0 ms)\n",
-            "### Fault: PASS\n\n- Injected: kill-subscribers=10% during sev3\n",
-            "- Recovered: yes, in 850.0 ms\n",
-            "### Fault: **FAIL**\n",
+            "#### Fault: PASS\n\n- Injected: kill-subscribers=10% during sev3\n",
+            "- Subscribers hit:\n  - chatbot: drill-0001-chatbot-1\n- Recovered: yes, in 850.0 ms\n",
+            "#### Fault: **FAIL**\n",
+            "  - ivr: ivr-0, ivr-1\n",
+            // What ran the drill, and on what.
+            "- Version: safemode 1.2.3\n- Catalogue fingerprint: f1e2d3\n\
+             - Runbook file: runbooks/login_storm.yaml\n\
+             - Command line: safemode drill run --local runbooks/login_storm.yaml\n\
+             - Run by: alice (from --principal or $USER)\n\
+             - Started: 2024-05-01T10:00:00.000Z\n",
+            "- Runbook file: built into safemode\n",
+            "- Run by: drill-bot (as the controller saw it)\n",
+            // The modes, by name.
+            "- Revision: 5\n- Modes: lockdown\n",
+            "- Revision: 6\n- Modes: lockdown, refund-freeze\n",
             "- Recovered: **no**, gave up after 30000.0 ms\n",
             "Rejected snapshots: **1**\n\n- ivr-1 rejected revision 3: amount \\<100>",
             "### Restoration: **FAIL**\n",
@@ -1431,6 +1739,46 @@ mod tests {
             report.matches("### Failures").count(),
             1,
             "only the failed drill lists failures"
+        );
+        // The fault sits under the stage it struck, before the next one.
+        let stage_1 = report.find("### Stage 1: sev3 (declare)").unwrap();
+        let fault = report.find("#### Fault: PASS").unwrap();
+        let stage_2 = report.find("### Stage 2: sev2 (escalate)").unwrap();
+        assert!(stage_1 < fault && fault < stage_2, "{report}");
+
+        // Every decision checked at restoration, with the modes behind it.
+        assert_eq!(
+            table_rows(
+                &report,
+                "| restored | channel | action | context | effect | decision |"
+            ),
+            [
+                row(&[
+                    "yes",
+                    "web",
+                    "account.password_reset",
+                    "confidence 0.9, methods push",
+                    "allow",
+                    "allow"
+                ]),
+                row(&[
+                    "yes",
+                    "chatbot",
+                    "refund.issue",
+                    "default",
+                    "allow",
+                    "allow"
+                ]),
+                row(&[
+                    "**no**",
+                    "ivr",
+                    "payment.refund",
+                    NASTY_MD,
+                    "deny",
+                    &format!("deny because {NASTY_MD}")
+                ]),
+                row(&["yes", "ivr", "account.lookup", "default", "allow", "allow"]),
+            ]
         );
     }
 
@@ -1479,6 +1827,33 @@ mod tests {
             .unwrap();
         assert_eq!(parsed, at(40));
         assert_eq!(runbooks[1]["events"][1]["detail"]["reason"], json!(NASTY));
+        // Each runbook says what ran it, and on what.
+        let header: Vec<_> = [
+            "safemode_version",
+            "catalog_fingerprint",
+            "runbook_file",
+            "command_line",
+            "principal",
+            "principal_from",
+            "started_at",
+        ]
+        .iter()
+        .map(|field| runbooks[0][field].clone())
+        .collect();
+        assert_eq!(
+            header,
+            [
+                json!("1.2.3"),
+                json!("f1e2d3"),
+                json!("runbooks/login_storm.yaml"),
+                json!("safemode drill run --local runbooks/login_storm.yaml"),
+                json!("alice"),
+                json!("caller"),
+                json!("2024-05-01T10:00:00Z"),
+            ]
+        );
+        assert_eq!(runbooks[1]["runbook_file"], json!(null));
+        assert_eq!(runbooks[1]["principal_from"], json!("controller"));
         assert!(
             text.contains("\n  \"runbooks\": ["),
             "pretty-printed: {text}"

@@ -26,7 +26,20 @@ pub struct DrillReport {
     pub controller: String,
     /// The incident the drill declared.
     pub incident_id: Option<String>,
-    /// When the drill started and ended.
+    /// The version of the `safemode` that ran the drill.
+    pub safemode_version: String,
+    /// SHA-256 (hex) of the mode and runbook files the drill read, as a
+    /// controller serving the same files computes it.
+    pub catalog_fingerprint: String,
+    /// The runbook's file as given (`None`: built into `safemode`).
+    pub runbook_file: Option<String>,
+    /// The command that ran the drill, with token values redacted.
+    pub command_line: String,
+    /// Who ran the drill.
+    pub principal: String,
+    /// Where [`DrillReport::principal`] comes from.
+    pub principal_from: PrincipalSource,
+    /// When the drill started.
     pub started_at: Timestamp,
     /// When it ended.
     pub finished_at: Timestamp,
@@ -34,16 +47,52 @@ pub struct DrillReport {
     pub passed: bool,
     /// Subscribers that took part, per channel.
     pub subscribers: Vec<ChannelSubscribers>,
-    /// Each stage of the severity path, in order.
+    /// Each stage of the severity path, in order (a fault is reported
+    /// under the stage it struck).
     pub stages: Vec<StageReport>,
-    /// The fault injected, if any.
-    pub fault: Option<FaultReport>,
     /// After resolving: is every channel back to allow?
     pub restoration: Option<RestorationReport>,
     /// Why the drill failed, one line each (empty when it passed).
     pub failures: Vec<String>,
     /// Everything that happened, in order.
     pub journal: Vec<JournalEvent>,
+}
+
+impl DrillReport {
+    /// The fault injected, if any, and the number (from 1) of the stage it
+    /// struck.
+    pub fn fault(&self) -> Option<(usize, &FaultReport)> {
+        self.stages
+            .iter()
+            .enumerate()
+            .find_map(|(i, s)| s.fault.as_ref().map(|f| (i + 1, f)))
+    }
+}
+
+/// Where the principal of a report comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PrincipalSource {
+    /// The controller named it: who declared the drill's incident, as the
+    /// controller authenticated them.
+    Controller,
+    /// `--principal`, else `$USER`: the drill ran its own controller
+    /// (`--local`), or never got to declare.
+    Caller,
+    /// Nobody said: no `--principal`, no `$USER`, and no controller named
+    /// one (the principal is `unknown`).
+    Unknown,
+}
+
+impl PrincipalSource {
+    /// How a report says it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            PrincipalSource::Controller => "as the controller saw it",
+            PrincipalSource::Caller => "from --principal or $USER",
+            PrincipalSource::Unknown => "give --principal to name who ran it",
+        }
+    }
 }
 
 /// How many subscribers of one channel took part.
@@ -67,6 +116,9 @@ pub struct StageReport {
     pub step: Step,
     /// The namespace revision that applied the stage.
     pub revision: i64,
+    /// The modes in force at the stage, by name, as the controller listed
+    /// them.
+    pub modes: Vec<String>,
     /// The approval request, when moving there needed a second approver.
     pub approval: Option<Approval>,
     /// The runbook's limit on how long every channel may take to apply the
@@ -79,6 +131,8 @@ pub struct StageReport {
     pub expectations: Vec<ExpectationCheck>,
     /// Snapshots subscribers rejected while the stage was applied.
     pub rejects: Vec<Reject>,
+    /// The fault injected while this stage was active, if any.
+    pub fault: Option<FaultReport>,
 }
 
 /// A change that waited for a second approver during the drill.
@@ -127,8 +181,11 @@ pub struct ExpectationCheck {
     pub expected: String,
     /// The effect decided.
     pub actual: String,
-    /// The decision in full (parameters, reasons), for the report.
+    /// The decision in full (parameters, and the modes behind it by name),
+    /// for the report.
     pub decision: String,
+    /// The modes behind the decision, by name.
+    pub modes: Vec<String>,
     /// Whether it held.
     pub passed: bool,
 }
@@ -155,11 +212,23 @@ pub struct FaultReport {
     /// Subscribers killed (or, for a controller restart, subscribers that had
     /// to reconnect).
     pub affected: usize,
+    /// Which subscribers it hit, per channel.
+    pub hit: Vec<FaultHit>,
     /// Whether every subscriber converged on the latest revision again.
     pub recovered: bool,
     /// Milliseconds from the fault to full convergence (to giving up, if it
     /// did not recover).
     pub recovery_ms: f64,
+}
+
+/// The subscribers of one channel a fault hit.
+#[derive(Clone, Debug, Serialize)]
+pub struct FaultHit {
+    /// The channel.
+    #[serde(serialize_with = "by_name")]
+    pub channel: Channel,
+    /// Their ids.
+    pub subscribers: Vec<String>,
 }
 
 /// After the incident was resolved.
@@ -171,6 +240,8 @@ pub struct RestorationReport {
     pub approval: Option<Approval>,
     /// Decisions checked (every expectation's channel and action).
     pub checked: usize,
+    /// Each decision checked, expected back to allow.
+    pub decisions: Vec<ExpectationCheck>,
     /// Those that were not back to allow, one line each.
     pub not_restored: Vec<String>,
     /// Activations left in the drill namespace after cleanup.

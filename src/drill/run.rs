@@ -13,8 +13,8 @@ use jiff::Timestamp;
 use serde_json::json;
 
 use super::report::{
-    Approval, ChannelSubscribers, ChannelTiming, DrillReport, ExpectationCheck, FaultReport,
-    JournalEvent, Reject, RestorationReport, StageReport, Step,
+    Approval, ChannelSubscribers, ChannelTiming, DrillReport, ExpectationCheck, FaultHit,
+    FaultReport, JournalEvent, PrincipalSource, Reject, RestorationReport, StageReport, Step,
 };
 use super::{Control, DrillError, DrillOptions, Fault, Harness};
 use crate::client_errors;
@@ -42,12 +42,27 @@ pub(super) async fn drill(
             namespace: namespace.clone(),
             controller: harness.label.clone(),
             incident_id: None,
+            safemode_version: super::VERSION.to_string(),
+            catalog_fingerprint: options.source.catalog.fingerprint.clone(),
+            runbook_file: options
+                .source
+                .file_of(runbook.name.as_str())
+                .map(str::to_string),
+            command_line: options.command_line.clone(),
+            principal: options
+                .principal
+                .clone()
+                .unwrap_or_else(|| "unknown".to_string()),
+            principal_from: if options.principal.is_some() {
+                PrincipalSource::Caller
+            } else {
+                PrincipalSource::Unknown
+            },
             started_at: Timestamp::now(),
             finished_at: Timestamp::now(),
             passed: false,
             subscribers: Vec::new(),
             stages: Vec::new(),
-            fault: None,
             restoration: None,
             failures: Vec::new(),
             journal: Vec::new(),
@@ -56,10 +71,20 @@ pub(super) async fn drill(
         id_prefix: format!("drill-{suffix}"),
         incident: None,
         attached: Vec::new(),
+        mode_of: HashMap::new(),
     };
     drill.note(
         "drill_started",
-        json!({"runbook": runbook.name.as_str(), "namespace": drill.namespace.as_str(), "controller": harness.label}),
+        json!({
+            "runbook": runbook.name.as_str(),
+            "namespace": drill.namespace.as_str(),
+            "controller": harness.label,
+            "safemode_version": drill.report.safemode_version,
+            "catalog_fingerprint": drill.report.catalog_fingerprint,
+            "runbook_file": drill.report.runbook_file,
+            "command_line": drill.report.command_line,
+            "principal": drill.report.principal,
+        }),
     );
     let outcome = drill.walk(harness, runbook, options).await;
     if let Err(failure) = outcome {
@@ -86,6 +111,9 @@ struct Drill {
     /// Real subscribers attached to the namespace when the drill began: id
     /// and channel.
     attached: Vec<(String, Channel)>,
+    /// The mode of every activation the drill saw in its namespace, by
+    /// activation id: a report names modes, not ids.
+    mode_of: HashMap<String, String>,
 }
 
 /// Where a drill stops early, and why.
@@ -264,7 +292,8 @@ impl Drill {
             let (step, committed) = match (&self.incident, previous) {
                 (None, _) => (
                     Step::Declare,
-                    self.declare(&mut commander, runbook, *severity).await?,
+                    self.declare(&mut commander, runbook, *severity, harness.local.is_none())
+                        .await?,
                 ),
                 (Some(id), Some(from)) => {
                     let step = if *severity > from {
@@ -312,7 +341,7 @@ impl Drill {
                 not_restored.push(format!("subscriber {id} never acked the resolution"));
             }
         }
-        let mut checked = 0;
+        let mut decisions = Vec::new();
         let mut seen_checks = HashSet::new();
         for stage in &runbook.stages {
             for e in &stage.expectations {
@@ -324,20 +353,21 @@ impl Drill {
                 if !seen_checks.insert(key) {
                     continue;
                 }
-                checked += 1;
-                match sim.decide(e.channel, &e.action, &e.context) {
-                    Some(d) if d.outcome.kind() == EffectKind::Allow => {}
-                    Some(d) => not_restored.push(format!(
-                        "{} {} ({}) is still {}",
-                        e.channel,
-                        e.action,
-                        context_text(&e.context),
-                        d.outcome.kind().as_str()
-                    )),
-                    None => not_restored.push(format!("no subscriber of {} to ask", e.channel)),
+                let check = expectation_check(&sim, e, EffectKind::Allow, &self.mode_of);
+                if !check.passed {
+                    not_restored.push(if check.actual == "none" {
+                        format!("no subscriber of {} to ask", e.channel)
+                    } else {
+                        format!(
+                            "{} {} ({}) is still {}",
+                            check.channel, check.action, check.context, check.actual
+                        )
+                    });
                 }
+                decisions.push(check);
             }
         }
+        let checked = decisions.len();
         let mut holding: HashMap<Channel, usize> = HashMap::new();
         for (channel, active) in sim.active_counts() {
             if active > 0 {
@@ -361,6 +391,7 @@ impl Drill {
             revision,
             approval: resolved.approval,
             checked,
+            decisions,
             not_restored,
             left_active: 0,
         });
@@ -372,6 +403,7 @@ impl Drill {
         commander: &mut Control,
         runbook: &Runbook,
         severity: Severity,
+        remote: bool,
     ) -> StepResult<Committed> {
         let began = Timestamp::now();
         let declared = commander
@@ -395,11 +427,24 @@ impl Drill {
                 )
             })?
             .into_inner();
-        let id = declared.incident.map(|i| i.id).unwrap_or_default();
+        let incident = declared.incident.unwrap_or_default();
+        // Against a running controller, who ran the drill is whom it
+        // authenticated; a local controller knows only the drill's own
+        // principals.
+        if remote && !incident.declared_by.is_empty() {
+            self.report.principal = incident.declared_by.clone();
+            self.report.principal_from = PrincipalSource::Controller;
+        }
+        let id = incident.id;
         self.report.incident_id = Some(id.clone());
         self.note(
             "declared",
-            json!({"incident": id, "severity": severity.to_string(), "revision": declared.revision}),
+            json!({
+                "incident": id,
+                "severity": severity.to_string(),
+                "revision": declared.revision,
+                "declared_by": incident.declared_by,
+            }),
         );
         self.incident = Some(id);
         Ok(Committed {
@@ -554,15 +599,23 @@ impl Drill {
         Ok(())
     }
 
-    async fn status(&self, commander: &mut Control) -> StepResult<proto::GetStatusResponse> {
-        safemode_wire::full_status(commander, self.namespace.as_str())
+    /// The drill namespace's status; remembers the mode of every activation
+    /// in it.
+    async fn status(&mut self, commander: &mut Control) -> StepResult<proto::GetStatusResponse> {
+        let status = safemode_wire::full_status(commander, self.namespace.as_str())
             .await
             .map_err(|s| {
                 StepError::call(
                     format!("cannot read the drill namespace's status: {}", s.message()),
                     s,
                 )
-            })
+            })?;
+        for a in &status.activations {
+            self.mode_of
+                .entry(a.id.clone())
+                .or_insert_with(|| a.mode.clone());
+        }
+        Ok(status)
     }
 
     /// Has the second principal approve `request`; the change commits with
@@ -684,10 +737,18 @@ impl Drill {
             json!({"severity": severity, "revision": revision, "channels": channels}),
         );
 
+        // The modes in force, by name, once each.
+        let mut modes: Vec<String> = Vec::new();
+        for a in &status.activations {
+            if !modes.contains(&a.mode) {
+                modes.push(a.mode.clone());
+            }
+        }
+
         // The runbook's expectations, decided by the channels themselves.
         let mut expectations = Vec::new();
         for e in &stage.expectations {
-            let check = expectation_check(sim, e);
+            let check = expectation_check(sim, e, e.effect, &self.mode_of);
             if !check.passed {
                 self.report.failures.push(format!(
                     "{severity}: {} {} ({}) should be {} but is {}",
@@ -705,11 +766,13 @@ impl Drill {
             severity,
             step,
             revision,
+            modes,
             approval,
             apply_within_ms: limit_ms,
             channels,
             expectations,
             rejects,
+            fault: None,
         })
     }
 
@@ -748,7 +811,7 @@ impl Drill {
     /// poll first saw each attached subscriber's ack. A subscriber that left
     /// never acks.
     async fn wait_attached(
-        &self,
+        &mut self,
         commander: &mut Control,
         revision: i64,
         within: Duration,
@@ -795,7 +858,7 @@ impl Drill {
                 let killed = sim.kill(count);
                 self.note(
                     "fault",
-                    json!({"fault": fault.describe(), "killed": killed.len()}),
+                    json!({"fault": fault.describe(), "severity": severity, "killed": killed.len()}),
                 );
                 sim.revive(&killed)
                     .await
@@ -813,7 +876,7 @@ impl Drill {
                     .ok_or("restart-controller needs --local")?;
                 self.note(
                     "fault",
-                    json!({"fault": fault.describe(), "subscribers": sim.len()}),
+                    json!({"fault": fault.describe(), "severity": severity, "subscribers": sim.len()}),
                 );
                 local
                     .restart()
@@ -855,17 +918,45 @@ impl Drill {
                 options.converge_within
             ));
         }
+        // Which subscribers it hit, per channel (the sim lists its
+        // subscribers' channels in the order of their ids).
+        let channel_of: HashMap<String, Channel> = sim
+            .subscriber_ids()
+            .into_iter()
+            .zip(sim.applied_at(0).into_iter().map(|(channel, _)| channel))
+            .collect();
+        let mut hit: Vec<FaultHit> = Vec::new();
+        for id in &affected {
+            let Some(channel) = channel_of.get(id) else {
+                continue;
+            };
+            match hit.iter_mut().find(|h| h.channel == *channel) {
+                Some(h) => h.subscribers.push(id.clone()),
+                None => hit.push(FaultHit {
+                    channel: *channel,
+                    subscribers: vec![id.clone()],
+                }),
+            }
+        }
+        for h in &mut hit {
+            h.subscribers.sort();
+        }
         self.note(
             "recovered",
-            json!({"recovered": recovered, "ms": recovery_ms}),
+            json!({"recovered": recovered, "ms": recovery_ms, "hit": hit}),
         );
-        self.report.fault = Some(FaultReport {
+        let report = FaultReport {
             kind: fault,
             severity,
             affected: affected.len(),
+            hit,
             recovered,
             recovery_ms,
-        });
+        };
+        match self.report.stages.last_mut() {
+            Some(stage) => stage.fault = Some(report),
+            None => return Err("a fault struck before any stage was applied".into()),
+        }
         Ok(())
     }
 
@@ -908,29 +999,63 @@ impl Drill {
     }
 }
 
-fn expectation_check(sim: &Sim, e: &Expectation) -> ExpectationCheck {
+/// `e`'s channel, action and context decided by the channel itself, and
+/// whether the effect is `expected` (the runbook's, or allow once
+/// restored).
+fn expectation_check(
+    sim: &Sim,
+    e: &Expectation,
+    expected: EffectKind,
+    mode_of: &HashMap<String, String>,
+) -> ExpectationCheck {
     let decided = sim.decide(e.channel, &e.action, &e.context);
-    let (actual, decision) = match &decided {
-        Some(d) => (d.outcome.kind().as_str().to_string(), decision_text(d)),
+    let (actual, decision, modes) = match &decided {
+        Some(d) => {
+            let modes = modes_behind(d, mode_of);
+            (
+                d.outcome.kind().as_str().to_string(),
+                decision_text(d, &modes),
+                modes,
+            )
+        }
         None => (
             "none".to_string(),
             format!("no {} subscriber to ask", e.channel),
+            Vec::new(),
         ),
     };
     ExpectationCheck {
         channel: e.channel,
         action: e.action.to_string(),
         context: context_text(&e.context),
-        expected: e.effect.as_str().to_string(),
-        passed: decided.is_some_and(|d| d.outcome.kind() == e.effect),
+        expected: expected.as_str().to_string(),
+        passed: decided.is_some_and(|d| d.outcome.kind() == expected),
         actual,
         decision,
+        modes,
     }
 }
 
-/// A decision in one line: the effect, its parameters, and the activations
-/// behind it (`step_up min_confidence=0.8 ... because act_1, act_2`).
-fn decision_text(d: &safemode_client::DecisionReport) -> String {
+/// The modes behind a decision, by name, once each; an activation the
+/// drill never saw in its namespace's status keeps its id (the drill
+/// cannot name it).
+fn modes_behind(
+    d: &safemode_client::DecisionReport,
+    mode_of: &HashMap<String, String>,
+) -> Vec<String> {
+    let mut modes: Vec<String> = Vec::new();
+    for id in &d.reasons {
+        let mode = mode_of.get(id).unwrap_or(id);
+        if !modes.contains(mode) {
+            modes.push(mode.clone());
+        }
+    }
+    modes
+}
+
+/// A decision in one line: the effect, its parameters, and the modes behind
+/// it (`step_up min_confidence=0.8 ... because freeze-credential-changes`).
+fn decision_text(d: &safemode_client::DecisionReport, modes: &[String]) -> String {
     let parameters = serde_json::to_value(&d.outcome).expect("outcomes serialize");
     let mut text = d.outcome.kind().as_str().to_string();
     for (key, value) in parameters.as_object().into_iter().flatten() {
@@ -938,8 +1063,8 @@ fn decision_text(d: &safemode_client::DecisionReport) -> String {
             text.push_str(&format!(" {key}={value}"));
         }
     }
-    if !d.reasons.is_empty() {
-        text.push_str(&format!(" because {}", d.reasons.join(", ")));
+    if !modes.is_empty() {
+        text.push_str(&format!(" because {}", modes.join(", ")));
     }
     text
 }

@@ -31,6 +31,7 @@ mod tls;
 mod tokens;
 mod ux_audit;
 mod ux_conventions;
+mod ux_drill_report;
 mod ux_errors;
 mod ux_hints;
 mod ux_incident_record;
