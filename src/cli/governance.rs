@@ -55,10 +55,12 @@ pub(super) async fn incident(
                 },
             )
             .await?;
+            let pending = response.pending.is_some();
             emit(output::show(
                 format,
                 &output::IncidentChanged::new("declared", response),
-            ))
+            ))?;
+            super::requested_only(pending)
         }
         Escalate {
             id,
@@ -91,10 +93,12 @@ pub(super) async fn incident(
                 },
             )
             .await?;
+            let pending = response.pending.is_some();
             emit(output::show(
                 format,
                 &output::IncidentChanged::new("moved", response),
-            ))
+            ))?;
+            super::requested_only(pending)
         }
         Resolve {
             id,
@@ -121,10 +125,12 @@ pub(super) async fn incident(
                 },
             )
             .await?;
+            let pending = response.pending.is_some();
             emit(output::show(
                 format,
                 &output::IncidentChanged::new("resolved", response),
-            ))
+            ))?;
+            super::requested_only(pending)
         }
         List { all, namespace } => {
             let namespace = parse_namespace(&namespace)?;
@@ -254,6 +260,34 @@ pub(super) async fn approve(
     })
     .await?;
     emit(output::show(format, &output::Approved::from(response)))
+}
+
+pub(super) async fn withdraw(
+    servers: &[String],
+    caller: &Caller,
+    format: Format,
+    request_id: &str,
+    reason: Option<String>,
+) -> anyhow::Result<()> {
+    RequestId::parse(request_id)?;
+    let reason = match reason {
+        Some(reason) => parse_reason(Some(reason))?.as_str().to_string(),
+        None => String::new(),
+    };
+    let request = proto::WithdrawRequest {
+        request_id: request_id.to_string(),
+        reason,
+        change_id: String::new(),
+    };
+    let response = retry::write(servers, caller, "withdraw", |mut client, change_id| {
+        let request = proto::WithdrawRequest {
+            change_id,
+            ..request.clone()
+        };
+        Box::pin(async move { client.withdraw(request).await })
+    })
+    .await?;
+    emit(output::show(format, &output::Withdrawn::from(response)))
 }
 
 pub(super) async fn requests(

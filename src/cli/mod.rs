@@ -1,7 +1,9 @@
 //! The `safemode` command line: `serve` runs a controller; every other command
 //! is a client of one (`--server`). Arguments are checked here, before any
 //! connection, so bad input fails fast with one clear line and changes
-//! nothing. Exit codes: 0 success, 1 refused or failed, 2 bad usage.
+//! nothing. Exit codes: 0 success, 1 refused or failed, 2 bad usage, 3 the
+//! change waits for a second approver (only a request was made), 10 and up
+//! `decide --exit-code`'s effects.
 
 mod drill;
 mod governance;
@@ -129,9 +131,17 @@ enum Command {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// Take back a pending request, so that nobody can approve it.
+    Withdraw {
+        /// The request (req_...), from `safemode requests`.
+        request_id: String,
+        /// Why (default: "withdrawn").
+        #[arg(long)]
+        reason: Option<String>,
+    },
     /// List requests waiting for a second approver.
     Requests {
-        /// Also the approved and expired ones.
+        /// Also the approved, superseded, expired and withdrawn ones.
         #[arg(long)]
         all: bool,
         #[command(flatten)]
@@ -746,8 +756,9 @@ async fn dispatch(
                 Box::pin(async move { client.lift_activations(request).await })
             })
             .await?;
+            let pending = response.pending.is_some();
             emit(output::show(format, &output::Lifted::from(response)))?;
-            Ok(())
+            requested_only(pending)
         }
         Command::Status(namespace) => {
             let namespace = parse_namespace(&namespace)?;
@@ -800,6 +811,9 @@ async fn dispatch(
         Command::Incident(command) => governance::incident(&servers, caller, format, command).await,
         Command::Approve { request_id, reason } => {
             governance::approve(&servers, caller, format, &request_id, reason).await
+        }
+        Command::Withdraw { request_id, reason } => {
+            governance::withdraw(&servers, caller, format, &request_id, reason).await
         }
         Command::Requests { all, namespace } => {
             let namespace = parse_namespace(&namespace)?;
@@ -1112,6 +1126,20 @@ fn decide_exit_code(asked: bool, effect: EffectKind) -> u8 {
         EffectKind::ReadOnly => 14,
         EffectKind::Route => 15,
         EffectKind::Deny => 16,
+    }
+}
+
+/// The exit code of a change that only made a request for a second
+/// approver: nothing changed yet.
+const REQUESTED_ONLY: u8 = 3;
+
+/// Ends a change command: with [`REQUESTED_ONLY`] when `pending` (its
+/// output said who must approve), else successfully.
+fn requested_only(pending: bool) -> anyhow::Result<()> {
+    if pending {
+        Err(ExitWith(REQUESTED_ONLY).into())
+    } else {
+        Ok(())
     }
 }
 

@@ -458,13 +458,7 @@ impl View for Lifted {
             return;
         }
         for a in &self.lifted {
-            say!(
-                out,
-                "lifted {} ({}) on {} channels",
-                a.id,
-                a.mode,
-                a.channels
-            );
+            say!(out, "lifted {} on {} ({})", a.mode, a.channels, a.id);
         }
         at_revision(out, &self.namespace, self.revision);
     }
@@ -1164,6 +1158,10 @@ struct Request {
     status: String,
     approved_by: Option<String>,
     summary: String,
+    /// For a superseded request: what overtook it.
+    superseded_by: Option<String>,
+    /// For a withdrawn request: who withdrew it.
+    withdrawn_by: Option<String>,
 }
 
 impl From<proto::ChangeRequest> for Request {
@@ -1182,6 +1180,8 @@ impl From<proto::ChangeRequest> for Request {
             status: r.status,
             approved_by: given(r.approved_by),
             summary: r.summary,
+            superseded_by: given(r.superseded_by),
+            withdrawn_by: given(r.withdrawn_by),
         }
     }
 }
@@ -1191,8 +1191,10 @@ impl Request {
     fn render_pending(&self, out: &mut Text) {
         say!(
             out,
-            "needs a second approver: request {} is pending",
-            self.id
+            "needs a second approver: request {}, asked by {} at {}, is pending; nothing changed yet",
+            self.id,
+            self.requested_by,
+            self.requested_at
         );
         say!(out, "  it will {}", self.summary);
         say!(
@@ -1201,6 +1203,16 @@ impl Request {
             self.id
         );
         say!(out, "  it expires at {}", self.expires_at);
+    }
+
+    /// Its status, with who decided or what overtook it.
+    fn status_text(&self) -> String {
+        match (&self.approved_by, &self.superseded_by, &self.withdrawn_by) {
+            (Some(by), _, _) => format!("{} by {by}", self.status),
+            (_, Some(what), _) => format!("{}: {what}", self.status),
+            (_, _, Some(by)) => format!("{} by {by}", self.status),
+            _ => self.status.clone(),
+        }
     }
 }
 
@@ -1482,7 +1494,7 @@ impl View for Requests {
             .map(|r| {
                 [
                     r.id.clone(),
-                    r.status.clone(),
+                    r.status_text(),
                     r.requested_by.clone(),
                     r.expires_at.to_string(),
                     r.summary.clone(),
@@ -1519,6 +1531,36 @@ impl View for Approved {
         say!(
             out,
             "approved {} (requested by {}): {}",
+            request.id,
+            request.requested_by,
+            request.summary
+        );
+        at_revision(out, &request.namespace, self.revision);
+    }
+}
+
+/// `safemode withdraw`.
+#[derive(Serialize)]
+pub struct Withdrawn {
+    request: Request,
+    revision: i64,
+}
+
+impl From<proto::WithdrawResponse> for Withdrawn {
+    fn from(response: proto::WithdrawResponse) -> Self {
+        Withdrawn {
+            request: response.request.unwrap_or_default().into(),
+            revision: response.revision,
+        }
+    }
+}
+
+impl View for Withdrawn {
+    fn render(&self, out: &mut Text) {
+        let request = &self.request;
+        say!(
+            out,
+            "withdrew {} (requested by {}); nothing of it was done: {}",
             request.id,
             request.requested_by,
             request.summary

@@ -422,19 +422,20 @@ async fn lifting_a_freeze_without_tokens_takes_a_second_named_principal() {
     );
     let frozen_at = applied["revision"].as_i64().unwrap();
 
-    let lift = stdout_json(
-        &run(as_(
-            "alice",
-            &[
-                "mode",
-                "lift",
-                "freeze-credential-changes",
-                "--reason",
-                "contained",
-            ],
-        ))
-        .await,
-    );
+    // Only a request was made: exit 3, and the output says who approves.
+    let requested = run(as_(
+        "alice",
+        &[
+            "mode",
+            "lift",
+            "freeze-credential-changes",
+            "--reason",
+            "contained",
+        ],
+    ))
+    .await;
+    assert_eq!(requested.status.code(), Some(3), "{requested:?}");
+    let lift: serde_json::Value = serde_json::from_slice(&requested.stdout).unwrap();
     assert_eq!(lift["lifted"].as_array().unwrap().len(), 0, "{lift}");
     let request = lift["pending"]["id"]
         .as_str()

@@ -41,6 +41,8 @@ struct Fixtures {
     runbook: String,
     incident: String,
     request: String,
+    /// Another pending request, for withdrawing.
+    withdrawable: String,
 }
 
 async fn fixtures(
@@ -83,10 +85,45 @@ async fn fixtures(
         .await
         .unwrap()
         .into_inner();
+    let on_web = c
+        .apply_modes(proto::ApplyModesRequest {
+            namespace: namespace.into(),
+            modes: vec!["freeze-credential-changes".into()],
+            channels: vec!["web".into()],
+            reason: "fixture".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // An earlier role's fixture may have applied it already.
+    let on_web = on_web
+        .applied
+        .into_iter()
+        .chain(on_web.already_active)
+        .next()
+        .expect("the freeze on web is active")
+        .id;
+    let second = c
+        .lift_activations(proto::LiftActivationsRequest {
+            namespace: namespace.into(),
+            targets: vec![on_web],
+            reason: "fixture".into(),
+            all: false,
+            incident_ok: false,
+            change_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     Fixtures {
         runbook: runbook.to_string(),
         incident: declared.incident.unwrap().id,
         request: lift
+            .pending
+            .expect("freeze needs a second approver to lift")
+            .id,
+        withdrawable: second
             .pending
             .expect("freeze needs a second approver to lift")
             .id,
@@ -124,10 +161,11 @@ enum Rpc {
     EscalateIncident,
     ResolveIncident,
     Approve,
+    Withdraw,
     Subscribe,
 }
 
-const RPCS: [Rpc; 14] = [
+const RPCS: [Rpc; 15] = [
     Rpc::ListModes,
     Rpc::ListRunbooks,
     Rpc::GetAudit,
@@ -141,6 +179,7 @@ const RPCS: [Rpc; 14] = [
     Rpc::EscalateIncident,
     Rpc::ResolveIncident,
     Rpc::Approve,
+    Rpc::Withdraw,
     Rpc::Subscribe,
 ];
 
@@ -162,7 +201,12 @@ fn allowed(role: &str, rpc: Rpc, drill: bool) -> bool {
     let read = matches!(rpc, GetStatus | ListIncidents | GetIncident | ListRequests);
     let change = matches!(
         rpc,
-        ApplyModes | LiftActivations | DeclareIncident | EscalateIncident | ResolveIncident
+        ApplyModes
+            | LiftActivations
+            | DeclareIncident
+            | EscalateIncident
+            | ResolveIncident
+            | Withdraw
     );
     match role {
         "admin" => true,
@@ -275,6 +319,14 @@ async fn call(
             c.approve(proto::ApproveRequest {
                 request_id: fixtures.request.clone(),
                 reason: format!("{role} approves"),
+                change_id: String::new(),
+            })
+            .await,
+        ),
+        Rpc::Withdraw => code(
+            c.withdraw(proto::WithdrawRequest {
+                request_id: fixtures.withdrawable.clone(),
+                reason: format!("{role} withdraws"),
                 change_id: String::new(),
             })
             .await,
@@ -396,6 +448,7 @@ async fn every_rpc_and_every_role() {
                             | Rpc::EscalateIncident
                             | Rpc::ResolveIncident
                             | Rpc::Approve
+                            | Rpc::Withdraw
                     );
                     if writes {
                         match after.audit.pop() {
@@ -511,19 +564,56 @@ async fn declare_escalate_and_resolve_with_a_second_approver() {
     let still = live_status(&mut admin).await;
     assert_eq!(still.revision, escalated.revision, "nothing lifted yet");
 
-    // The requester cannot approve their own request, even holding the role.
+    // Asking the same again, whoever asks, returns the first request.
     let mut admin_requester = control_as(&server, Some(principals.token("admin"))).await;
-    let own = admin_requester
-        .resolve_incident(proto::ResolveIncidentRequest {
-            incident_id: incident.id.clone(),
-            reason: "admin tries to resolve alone".into(),
-            change_id: String::new(),
-        })
+    let resolve = |reason: &str| proto::ResolveIncidentRequest {
+        incident_id: incident.id.clone(),
+        reason: reason.into(),
+        change_id: String::new(),
+    };
+    let same = admin_requester
+        .resolve_incident(resolve("admin resolves too"))
         .await
         .unwrap()
         .into_inner()
         .pending
         .unwrap();
+    assert_eq!(same.id, request.id, "a second identical request");
+    assert_eq!(same.requested_by, "commander");
+
+    // Alice takes hers back; nobody can approve it any more.
+    alice
+        .withdraw(proto::WithdrawRequest {
+            request_id: request.id.clone(),
+            reason: "the admin will handle it".into(),
+            change_id: String::new(),
+        })
+        .await
+        .unwrap();
+    let withdrawn = bob
+        .approve(proto::ApproveRequest {
+            request_id: request.id.clone(),
+            reason: "ok".into(),
+            change_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(withdrawn.code(), Code::FailedPrecondition);
+    assert!(
+        withdrawn.message().contains("is withdrawn by commander"),
+        "{}",
+        withdrawn.message()
+    );
+
+    // The requester cannot approve their own request, even holding the role.
+    let own = admin_requester
+        .resolve_incident(resolve("admin tries to resolve alone"))
+        .await
+        .unwrap()
+        .into_inner()
+        .pending
+        .unwrap();
+    assert_ne!(own.id, request.id);
     let refused = admin_requester
         .approve(proto::ApproveRequest {
             request_id: own.id.clone(),
@@ -550,30 +640,64 @@ async fn declare_escalate_and_resolve_with_a_second_approver() {
         ("refused", "admin")
     );
 
-    // Alice's request came before the admin's, which wrote the incident's
-    // timeline: approving it now would carry out a change nobody was shown.
+    // A newer request on the incident supersedes the admin's: approving it
+    // now would carry out a change nobody was shown, and the approver is
+    // told what overtook it.
+    let moving = alice
+        .escalate_incident(proto::EscalateIncidentRequest {
+            incident_id: incident.id.clone(),
+            severity: "sev2".into(),
+            reason: "calmer now".into(),
+            change_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .pending
+        .expect("going down waits for an approver");
     let outdated = bob
         .approve(proto::ApproveRequest {
-            request_id: request.id.clone(),
+            request_id: own.id.clone(),
             reason: "confirmed with fraud ops".into(),
             change_id: String::new(),
         })
         .await
         .unwrap_err();
     assert_eq!(outdated.code(), Code::FailedPrecondition);
+    let message = outdated.message();
+    for part in ["superseded", &moving.id, "by commander", "asks again"] {
+        assert!(message.contains(part), "{part:?} not in {message}");
+    }
+    let listed = bob
+        .list_requests(proto::ListRequestsRequest {
+            namespace: "live".into(),
+            include_decided: true,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .requests;
+    let state = |id: &str| {
+        let r = listed.iter().find(|r| r.id == id).unwrap();
+        (
+            r.status.clone(),
+            r.superseded_by.clone(),
+            r.withdrawn_by.clone(),
+        )
+    };
+    assert_eq!(state(&request.id).0, "withdrawn");
+    assert_eq!(state(&request.id).2, "commander");
+    assert_eq!(state(&own.id).0, "superseded");
     assert!(
-        outdated.message().contains("out of date"),
-        "{}",
-        outdated.message()
+        state(&own.id).1.contains(&moving.id),
+        "{:?}",
+        state(&own.id)
     );
+    assert_eq!(state(&moving.id).0, "pending");
 
     // Alice asks again, and a different approver carries it out.
     let request = alice
-        .resolve_incident(proto::ResolveIncidentRequest {
-            incident_id: incident.id.clone(),
-            reason: "attack over for 2h".into(),
-            change_id: String::new(),
-        })
+        .resolve_incident(resolve("attack over for 2h"))
         .await
         .unwrap()
         .into_inner()
@@ -616,6 +740,7 @@ async fn declare_escalate_and_resolve_with_a_second_approver() {
             ("escalated", "commander"),
             ("requested", "commander"),
             ("requested", "admin"),
+            ("requested", "commander"),
             ("requested", "commander"),
             ("approved", "approver"),
             ("resolved", "commander"),
@@ -665,7 +790,8 @@ async fn declare_escalate_and_resolve_with_a_second_approver() {
     assert_eq!(
         actions,
         [
-            "declare", "escalate", "request", "request", "request", "approve"
+            "declare", "escalate", "request", "withdraw", "request", "request", "request",
+            "approve"
         ]
     );
 }
@@ -918,11 +1044,18 @@ async fn an_approval_never_carries_out_more_than_was_requested() {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition);
-    assert!(
-        refused.message().contains("out of date") && refused.message().contains("ask again"),
-        "{}",
-        refused.message()
-    );
+    // The approver is told what overtook it: the escalation, by whom.
+    for part in [
+        "is superseded",
+        "was escalated (now sev1) by commander",
+        "asks again",
+    ] {
+        assert!(
+            refused.message().contains(part),
+            "{part:?} not in {}",
+            refused.message()
+        );
+    }
     let after = live_status(&mut admin).await;
     assert_eq!(after.revision, before.revision, "nothing was lifted");
     assert_eq!(after.activations, before.activations);

@@ -37,3 +37,4 @@ mod ux_hints;
 mod ux_incident_record;
 mod ux_names;
 mod ux_replicas;
+mod ux_requests;

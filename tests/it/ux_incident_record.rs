@@ -51,10 +51,15 @@ async fn run(server: &TestServer, args: &[&str]) -> (Option<i32>, String, String
 
 /// Runs `args` with `-o json`; it must succeed.
 async fn json(server: &TestServer, args: &[&str]) -> Value {
+    json_exiting(server, args, 0).await
+}
+
+/// Runs `args` with `-o json`; it must exit with `expected`.
+async fn json_exiting(server: &TestServer, args: &[&str], expected: i32) -> Value {
     let mut full = vec!["-o", "json"];
     full.extend_from_slice(args);
     let (code, stdout, stderr) = run(server, &full).await;
-    assert_eq!(code, Some(0), "{args:?}: {stderr}");
+    assert_eq!(code, Some(expected), "{args:?}: {stderr}");
     serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{args:?}: {e}: {stdout}"))
 }
 
@@ -198,7 +203,7 @@ async fn a_lift_of_an_incidents_mode_is_refused_or_goes_on_its_timeline() {
 
     // A lift that needs a second approver: the approval goes on the
     // timeline, by the approver, with the request.
-    let requested = json(
+    let requested = json_exiting(
         &server,
         &[
             "--principal",
@@ -210,6 +215,7 @@ async fn a_lift_of_an_incidents_mode_is_refused_or_goes_on_its_timeline() {
             "--reason",
             "hand-offs verified again",
         ],
+        3,
     )
     .await;
     let request = requested["pending"]["id"]
@@ -363,7 +369,7 @@ async fn a_resolved_incident_lists_nothing_in_force() {
         modes_in_force(&listed["incidents"][0]),
         ["bots-faq-only", "handoff-guard"]
     );
-    let resolved = json(
+    let resolved = json_exiting(
         &server,
         &[
             "--principal",
@@ -374,6 +380,7 @@ async fn a_resolved_incident_lists_nothing_in_force() {
             "--reason",
             "contained",
         ],
+        3,
     )
     .await;
     // handoff-guard needs a second approver to lift.

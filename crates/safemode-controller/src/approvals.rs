@@ -2,6 +2,8 @@
 //! waits as a [`ChangeRequest`]; a different principal with the approver role
 //! carries it out. The requester can never approve their own request.
 
+use std::collections::BTreeMap;
+
 use jiff::Timestamp;
 use tracing::info;
 
@@ -10,12 +12,13 @@ use super::incidents::{StagePlan, incident_activations};
 use super::keys::NamespaceChange;
 use super::modes::{describe, shared_incident};
 use super::records::{
-    ChangeRequest, IncidentStatus, RequestId, RequestKind, RequestStatus, TimelineEvent,
+    ChangeRequest, Incident, IncidentId, IncidentStatus, RequestId, RequestKind, RequestState,
+    RequestStatus, TimelineEvent,
 };
-use super::{Controller, Error, Result, corrupt};
+use super::{Controller, Error, NamespaceView, Result, corrupt};
 use crate::audit::AuditAction;
 use crate::auth::Principal;
-use safemode_policy::{Change, Namespace, Reason, Revision};
+use safemode_policy::{ActivationId, Change, Namespace, Reason, Revision};
 
 /// What an approval did.
 #[derive(Clone, Debug)]
@@ -26,34 +29,239 @@ pub struct ApproveOutcome {
     pub revision: Revision,
 }
 
+/// What a withdrawal did.
+#[derive(Clone, Debug)]
+pub struct WithdrawOutcome {
+    /// The request, now withdrawn.
+    pub request: ChangeRequest,
+    /// Revision of the change.
+    pub revision: Revision,
+}
+
+/// A request with where it stands now.
+#[derive(Clone, Debug)]
+pub struct RequestView {
+    /// The request as recorded.
+    pub request: ChangeRequest,
+    /// Where it stands.
+    pub state: RequestState,
+}
+
+/// What overtook a pending request, if anything: for an incident's request,
+/// any change to the incident after it (the request and the incident's
+/// timeline entry were written together, at `request_revision`); for a
+/// lift, every activation it names being gone from `view`.
+fn overtaken(
+    request: &ChangeRequest,
+    request_revision: Revision,
+    incident: Option<&(Incident, Revision)>,
+    view: &NamespaceView,
+) -> Option<String> {
+    match &request.incident_id {
+        Some(id) => {
+            let Some((incident, revision)) = incident else {
+                return Some(format!("incident {id} no longer exists"));
+            };
+            if *revision == request_revision {
+                return None;
+            }
+            let event = incident
+                .timeline
+                .iter()
+                .find(|e| e.revision > request_revision)
+                .or(incident.timeline.last());
+            Some(match event {
+                Some(e) if e.event == "requested" => format!(
+                    "incident {id} has a newer request{} by {} at {}",
+                    e.request_id
+                        .as_ref()
+                        .map(|r| format!(" {r}"))
+                        .unwrap_or_default(),
+                    e.principal,
+                    e.at
+                ),
+                Some(e) => format!(
+                    "incident {id} was {} (now {}) by {} at {}",
+                    e.event, e.severity, e.principal, e.at
+                ),
+                None => format!("incident {id} changed"),
+            })
+        }
+        None => {
+            let in_force = |id: &ActivationId| view.activations.iter().any(|a| a.id == *id);
+            (!request.activation_ids.iter().any(in_force))
+                .then(|| "everything it would lift was lifted since".to_string())
+        }
+    }
+}
+
 impl Controller {
-    /// Change requests in `namespace`, newest first; decided and expired ones
-    /// only if asked.
+    /// Change requests in `namespace`, newest first, each with where it
+    /// stands; only the pending ones unless `include_decided`.
     pub async fn list_requests(
         &self,
         namespace: &Namespace,
         include_decided: bool,
-    ) -> Result<Vec<ChangeRequest>> {
+    ) -> Result<Vec<RequestView>> {
         let now = Timestamp::now();
         let prefix = self.config.layout.requests_prefix();
         // In pages: the requests of every namespace, decided ones included,
         // may be more than one store message holds.
         let range = safemode_store::read_all(&*self.store, &prefix).await?;
+        let view = self.view(namespace).await?;
+        let incidents: BTreeMap<IncidentId, (Incident, Revision)> = self
+            .incidents()
+            .await?
+            .into_iter()
+            .filter(|(i, _)| i.namespace == *namespace)
+            .map(|(i, r)| (i.id.clone(), (i, r)))
+            .collect();
         let mut requests = Vec::new();
         for kv in range.kvs {
             let request: ChangeRequest =
                 serde_json::from_slice(&kv.value).map_err(|e| corrupt(&kv.key, e))?;
-            if request.namespace == *namespace && (include_decided || request.is_open(now)) {
-                requests.push(request);
+            if request.namespace != *namespace {
+                continue;
+            }
+            let incident = request.incident_id.as_ref().and_then(|i| incidents.get(i));
+            let state = request.state(now, overtaken(&request, kv.mod_revision, incident, &view));
+            if include_decided || state == RequestState::Pending {
+                requests.push(RequestView { request, state });
             }
         }
-        requests.sort_by_key(|r| std::cmp::Reverse(r.requested_at));
+        requests.sort_by_key(|r| std::cmp::Reverse(r.request.requested_at));
         Ok(requests)
     }
 
     /// One change request, as it is recorded.
     pub async fn request(&self, id: &RequestId) -> Result<ChangeRequest> {
         Ok(self.read_request(id).await?.0)
+    }
+
+    /// Where `request`, recorded at `request_revision`, stands at `now`
+    /// against `view`, its namespace's.
+    async fn state_of(
+        &self,
+        request: &ChangeRequest,
+        request_revision: Revision,
+        view: &NamespaceView,
+        now: Timestamp,
+    ) -> Result<RequestState> {
+        let incident = match &request.incident_id {
+            Some(id) => match self.read_incident(id).await {
+                Ok(found) => Some(found),
+                Err(Error::UnknownIncident(_)) => None,
+                Err(other) => return Err(other),
+            },
+            None => None,
+        };
+        Ok(request.state(
+            now,
+            overtaken(request, request_revision, incident.as_ref(), view),
+        ))
+    }
+
+    /// A pending request that asks exactly what a new one would (the same
+    /// kind, incident and activations, still current), so that asking twice
+    /// returns the first rather than making a second.
+    pub(crate) async fn same_request(
+        &self,
+        namespace: &Namespace,
+        kind: &RequestKind,
+        incident: Option<(&IncidentId, Revision)>,
+        activation_ids: &[ActivationId],
+    ) -> Result<Option<ChangeRequest>> {
+        let now = Timestamp::now();
+        let prefix = self.config.layout.requests_prefix();
+        let range = safemode_store::read_all(&*self.store, &prefix).await?;
+        let mut wanted = activation_ids.to_vec();
+        wanted.sort();
+        for kv in range.kvs {
+            let request: ChangeRequest =
+                serde_json::from_slice(&kv.value).map_err(|e| corrupt(&kv.key, e))?;
+            let mut ids = request.activation_ids.clone();
+            ids.sort();
+            let current = match incident {
+                Some((id, revision)) => {
+                    request.incident_id.as_ref() == Some(id) && kv.mod_revision == revision
+                }
+                None => request.incident_id.is_none(),
+            };
+            if request.namespace == *namespace
+                && request.kind == *kind
+                && current
+                && ids == wanted
+                && request.status == RequestStatus::Pending
+                && now < request.expires_at
+            {
+                return Ok(Some(request));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Withdraws a pending request, as `actor`: nothing it asked for is
+    /// done, and nobody can approve it any more.
+    pub async fn withdraw(
+        &self,
+        id: &RequestId,
+        reason: Option<Reason>,
+        actor: &Principal,
+        change_id: Option<ChangeId>,
+    ) -> Result<WithdrawOutcome> {
+        let (found, _) = self.read_request(id).await?;
+        let namespace = &found.namespace;
+        let reason = &reason;
+        let act = &Act {
+            action: AuditAction::Withdraw,
+            actor,
+            namespace,
+            change_id: change_id.as_ref(),
+        };
+        let (outcome, revision) = self
+            .commit_change(act, |view| {
+                Box::pin(async move {
+                    let at = Timestamp::now();
+                    let (mut request, request_revision) = self.read_request(id).await?;
+                    match self.state_of(&request, request_revision, &view, at).await? {
+                        RequestState::Pending | RequestState::Superseded { .. } => {}
+                        other => {
+                            return Ok(Plan::answer(Err(Error::NotPending {
+                                id: id.to_string(),
+                                status: other.describe(),
+                            })));
+                        }
+                    }
+                    let why = reason
+                        .as_ref()
+                        .map_or_else(|| "withdrawn".to_string(), |r| r.as_str().to_string());
+                    request.status = RequestStatus::Withdrawn {
+                        by: actor.name.clone(),
+                        at,
+                    };
+                    let mut writes = Writes::new(at);
+                    let key = self.config.layout.request_key(&request.id);
+                    writes.unchanged(key.clone(), request_revision);
+                    writes.put(
+                        key,
+                        serde_json::to_vec(&request).expect("requests serialize"),
+                    );
+                    let mut audit = act.entry(
+                        &why,
+                        format!(
+                            "withdrew {} requested by {}: {}",
+                            request.id, request.requested_by, request.summary
+                        ),
+                    );
+                    audit.request_id = Some(request.id.to_string());
+                    audit.incident_id = request.incident_id.as_ref().map(ToString::to_string);
+                    Ok(writes.audited(audit, Ok(request)))
+                })
+            })
+            .await?;
+        let request = outcome?;
+        info!(request = %request.id, principal = %actor.name, revision, "request withdrawn");
+        Ok(WithdrawOutcome { request, revision })
     }
 
     /// A request and the revision of its record.
@@ -91,11 +299,20 @@ impl Controller {
                 Box::pin(async move {
                     let at = Timestamp::now();
                     let (mut request, request_revision) = self.read_request(id).await?;
-                    if !request.is_open(at) {
-                        return Ok(Plan::answer(Err(Error::NotPending {
-                            id: id.to_string(),
-                            status: request.status_name(at).to_string(),
-                        })));
+                    match self.state_of(&request, request_revision, &view, at).await? {
+                        RequestState::Pending => {}
+                        RequestState::Superseded { by } => {
+                            return Ok(Plan::answer(Err(Error::Superseded {
+                                id: id.to_string(),
+                                by,
+                            })));
+                        }
+                        other => {
+                            return Ok(Plan::answer(Err(Error::NotPending {
+                                id: id.to_string(),
+                                status: other.describe(),
+                            })));
+                        }
                     }
                     // Records from before names were lower-cased may differ in case.
                     if request.requested_by.eq_ignore_ascii_case(&actor.name) {
@@ -142,23 +359,17 @@ impl Controller {
                                     "an incident request names no incident",
                                 ));
                             };
+                            // Current: not superseded (checked above), so
+                            // the incident is as the request showed it.
                             let (mut incident, incident_revision) =
                                 self.read_incident(&incident_id).await?;
                             audit_incident = Some(incident_id.to_string());
-                            if incident.status != IncidentStatus::Active {
-                                return Ok(Plan::answer(Err(Error::Resolved(
-                                    incident_id.to_string(),
-                                ))));
-                            }
-                            // The request was written with the incident's
-                            // timeline entry in one change: if the incident
-                            // moved since, approving would carry out a change
-                            // nobody was shown.
-                            if incident_revision != request_revision {
-                                return Ok(Plan::answer(Err(Error::OutdatedRequest {
-                                    id: id.to_string(),
-                                    incident: incident_id.to_string(),
-                                })));
+                            if incident.status != IncidentStatus::Active
+                                || incident_revision != request_revision
+                            {
+                                // It changed since `state_of` read it: plan
+                                // again.
+                                return Err(Error::Conflict(namespace.clone()));
                             }
                             incident.timeline.push(TimelineEvent::new(
                                 at,

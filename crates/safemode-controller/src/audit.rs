@@ -89,6 +89,8 @@ pub enum AuditAction {
     Request,
     /// A pending request was approved and carried out.
     Approve,
+    /// A pending request was withdrawn: nothing it asked for was done.
+    Withdraw,
     /// A request was refused for lack of permission.
     Refused,
     /// A replica adopted a new catalogue of modes and runbooks.
@@ -109,6 +111,7 @@ impl AuditAction {
             AuditAction::Resolve => "resolve",
             AuditAction::Request => "request",
             AuditAction::Approve => "approve",
+            AuditAction::Withdraw => "withdraw",
             AuditAction::Refused => "refused",
             AuditAction::AdoptCatalog => "adopt_catalog",
             AuditAction::HeadRestored => "head_restored",

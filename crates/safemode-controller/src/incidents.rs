@@ -486,6 +486,30 @@ impl Controller {
                     let down = request.severity < incident.severity;
                     let mut writes = Writes::new(at);
                     if staged.lift_needs_approval(down, self.catalog()) {
+                        let kind = RequestKind::Move {
+                            severity: request.severity,
+                        };
+                        let ids: Vec<ActivationId> =
+                            staged.lift.iter().map(|a| a.id.clone()).collect();
+                        // Asking again returns the first request.
+                        if let Some(first) = self
+                            .same_request(
+                                namespace,
+                                &kind,
+                                Some((&incident.id, incident_revision)),
+                                &ids,
+                            )
+                            .await?
+                        {
+                            let in_force = incident_activations(&view, &incident);
+                            return Ok(Plan::answer(Ok((
+                                incident,
+                                Vec::new(),
+                                Vec::new(),
+                                in_force,
+                                Some(first),
+                            ))));
+                        }
                         let summary = format!(
                             "move incident {} from {} to {}: {}",
                             incident.id,
@@ -602,6 +626,26 @@ impl Controller {
                     };
                     let mut writes = Writes::new(at);
                     if staged.lift_needs_approval(true, self.catalog()) {
+                        let ids: Vec<ActivationId> =
+                            staged.lift.iter().map(|a| a.id.clone()).collect();
+                        // Asking again returns the first request.
+                        if let Some(first) = self
+                            .same_request(
+                                namespace,
+                                &RequestKind::Resolve,
+                                Some((&incident.id, incident_revision)),
+                                &ids,
+                            )
+                            .await?
+                        {
+                            let in_force = staged.lift.clone();
+                            return Ok(Plan::answer(Ok((
+                                incident,
+                                Vec::new(),
+                                in_force,
+                                Some(first),
+                            ))));
+                        }
                         let summary = format!(
                             "resolve incident {}: {}",
                             incident.id,

@@ -31,7 +31,7 @@ use jiff::Timestamp;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-pub use approvals::ApproveOutcome;
+pub use approvals::{ApproveOutcome, RequestView, WithdrawOutcome};
 pub use audit_log::{AuditFilter, AuditPage, AuditReport};
 pub use change::{CHANGE_ID_MAX, ChangeId};
 pub use incidents::{
@@ -41,8 +41,8 @@ pub use keys::{CatalogRecord, Layout, NamespaceChange};
 pub use modes::{ApplyOutcome, ApplyRequest, LiftOutcome, LiftRequest, LiftTarget};
 pub use namespace::{ChannelSnapshot, FollowerHealth, NamespaceHandle, NamespaceView};
 pub use records::{
-    ChangeRequest, Incident, IncidentId, IncidentStatus, RequestId, RequestKind, RequestStatus,
-    TimelineEvent,
+    ChangeRequest, Incident, IncidentId, IncidentStatus, RequestId, RequestKind, RequestState,
+    RequestStatus, TimelineEvent,
 };
 pub use subscribers::{
     Registration, Rejection, SubscriberCursor, SubscriberPage, SubscriberRecord, Subscribers,
@@ -177,7 +177,7 @@ pub enum Error {
     #[error("no request {0}; `safemode requests` lists the pending ones")]
     UnknownRequest(String),
     /// The request was already decided or has expired.
-    #[error("request {id} is {status}; only a pending request can be approved")]
+    #[error("request {id} is {status}; only a pending request can be approved or withdrawn")]
     NotPending {
         /// The request.
         id: String,
@@ -192,16 +192,17 @@ pub enum Error {
         /// Who.
         principal: String,
     },
-    /// The incident changed after the request was made, so approving it
-    /// would carry out a change nobody was shown.
+    /// What the request would do changed after it was made (the incident
+    /// moved or was resolved, its activations were lifted), so approving
+    /// it would carry out a change nobody was shown.
     #[error(
-        "{id} is out of date: incident {incident} changed after it was requested; the requester must ask again"
+        "{id} is superseded: {by}, after it was requested; nothing was approved. If the change is still wanted, its requester asks again (`safemode requests` lists what is pending)"
     )]
-    OutdatedRequest {
+    Superseded {
         /// The request.
         id: String,
-        /// The incident.
-        incident: String,
+        /// What overtook it, in words.
+        by: String,
     },
     /// This replica's catalogue differs from the one every replica serves.
     #[error(

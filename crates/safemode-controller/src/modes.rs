@@ -346,6 +346,14 @@ impl Controller {
                     let needs_approval = lifted.iter().any(|a| a.mode.lift_requires_approval);
                     let mut writes = Writes::new(at);
                     if needs_approval {
+                        let ids: Vec<ActivationId> = lifted.iter().map(|a| a.id.clone()).collect();
+                        // Asking again returns the first request.
+                        if let Some(first) = self
+                            .same_request(namespace, &RequestKind::Lift, None, &ids)
+                            .await?
+                        {
+                            return Ok(Plan::answer(Ok((Vec::new(), Some(first)))));
+                        }
                         let (pending, mut audit) = self.request_approval(
                             act,
                             &mut writes,

@@ -225,7 +225,7 @@ impl RequestKind {
     }
 }
 
-/// Whether a request is still waiting.
+/// What was decided about a request, as its record keeps it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum RequestStatus {
@@ -238,6 +238,69 @@ pub enum RequestStatus {
         /// When.
         at: Timestamp,
     },
+    /// Taken back before anyone approved it: nothing was done.
+    Withdrawn {
+        /// Who withdrew it.
+        by: String,
+        /// When.
+        at: Timestamp,
+    },
+}
+
+/// Where a request stands now: its record's decision, or, while it is
+/// pending, whether time or the incident overtook it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RequestState {
+    /// It can be approved.
+    Pending,
+    /// Approved and carried out.
+    Approved {
+        /// Who approved it.
+        by: String,
+        /// When.
+        at: Timestamp,
+    },
+    /// What it would do changed after it was requested (the incident moved
+    /// or was resolved, its activations were lifted): approving it would
+    /// carry out a change nobody was shown.
+    Superseded {
+        /// What overtook it, in words ("incident inc_x was escalated to
+        /// sev1 by carol at ...").
+        by: String,
+    },
+    /// Nobody approved it in time.
+    Expired,
+    /// Its requester (or a commander) took it back.
+    Withdrawn {
+        /// Who withdrew it.
+        by: String,
+        /// When.
+        at: Timestamp,
+    },
+}
+
+impl RequestState {
+    /// `pending`, `approved`, `superseded`, `expired` or `withdrawn`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            RequestState::Pending => "pending",
+            RequestState::Approved { .. } => "approved",
+            RequestState::Superseded { .. } => "superseded",
+            RequestState::Expired => "expired",
+            RequestState::Withdrawn { .. } => "withdrawn",
+        }
+    }
+
+    /// The decision or the reason, in words ("approved by bob at ...").
+    pub fn describe(&self) -> String {
+        match self {
+            RequestState::Pending => "pending".to_string(),
+            RequestState::Approved { by, at } => format!("approved by {by} at {at}"),
+            RequestState::Superseded { by } => format!("superseded: {by}"),
+            RequestState::Expired => "expired".to_string(),
+            RequestState::Withdrawn { by, at } => format!("withdrawn by {by} at {at}"),
+        }
+    }
 }
 
 /// A change that removes protections and needs a second, different
@@ -264,7 +327,7 @@ pub struct ChangeRequest {
     pub requested_at: Timestamp,
     /// After this, it can no longer be approved.
     pub expires_at: Timestamp,
-    /// Pending or approved.
+    /// Pending, approved or withdrawn.
     #[serde(flatten)]
     pub status: RequestStatus,
     /// What approving it will do, in words.
@@ -277,12 +340,23 @@ impl ChangeRequest {
         self.status == RequestStatus::Pending && now < self.expires_at
     }
 
-    /// `pending`, `approved` or `expired` at `now`.
-    pub fn status_name(&self, now: Timestamp) -> &'static str {
-        match self.status {
-            RequestStatus::Approved { .. } => "approved",
-            RequestStatus::Pending if now >= self.expires_at => "expired",
-            RequestStatus::Pending => "pending",
+    /// Where the request stands at `now`, given what overtook it, if
+    /// anything (see `Controller::superseded`).
+    pub fn state(&self, now: Timestamp, overtaken: Option<String>) -> RequestState {
+        match &self.status {
+            RequestStatus::Approved { by, at } => RequestState::Approved {
+                by: by.clone(),
+                at: *at,
+            },
+            RequestStatus::Withdrawn { by, at } => RequestState::Withdrawn {
+                by: by.clone(),
+                at: *at,
+            },
+            RequestStatus::Pending => match overtaken {
+                Some(by) => RequestState::Superseded { by },
+                None if now >= self.expires_at => RequestState::Expired,
+                None => RequestState::Pending,
+            },
         }
     }
 }

@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::convert::{audit_entry_to_wire, incident_to_wire, request_to_wire};
+use super::convert::{
+    audit_entry_to_wire, incident_to_wire, recorded_request_to_wire, request_to_wire,
+};
 use super::{authorize, authorize_anywhere, invalid, invalid_name, limits, principal, status};
 use safemode_controller::auth::Operation;
 use safemode_controller::{
@@ -57,7 +59,7 @@ impl ControlApi {
         proto::IncidentChange {
             incident: Some(incident_to_wire(&outcome.incident, &outcome.in_force)),
             revision: outcome.revision,
-            pending: outcome.pending.as_ref().map(request_to_wire),
+            pending: outcome.pending.as_ref().map(recorded_request_to_wire),
             change_id: change_id.to_string(),
         }
     }
@@ -276,7 +278,7 @@ impl ControlService for ControlApi {
                 .iter()
                 .map(|a| wire::activation_to_wire(a))
                 .collect(),
-            pending: outcome.pending.as_ref().map(request_to_wire),
+            pending: outcome.pending.as_ref().map(recorded_request_to_wire),
         }))
     }
 
@@ -579,7 +581,7 @@ impl ControlService for ControlApi {
             requests: requests
                 .iter()
                 .take(limits::MAX_LISTED)
-                .map(request_to_wire)
+                .map(|r| request_to_wire(&r.request, &r.state))
                 .collect(),
         }))
     }
@@ -628,7 +630,43 @@ impl ControlService for ControlApi {
             other => other.map_err(status)?,
         };
         Ok(Response::new(proto::ApproveResponse {
-            request: Some(request_to_wire(&outcome.request)),
+            request: Some(recorded_request_to_wire(&outcome.request)),
+            revision: outcome.revision,
+            change_id: change.to_string(),
+        }))
+    }
+
+    async fn withdraw(
+        &self,
+        request: Request<proto::WithdrawRequest>,
+    ) -> Result<Response<proto::WithdrawResponse>, Status> {
+        let actor = principal(&request)?;
+        let r = request.into_inner();
+        let change = change_id(&r.change_id, &actor, &r)?;
+        let id = RequestId::parse(&r.request_id).map_err(invalid_name("request_id"))?;
+        let reason = if r.reason.trim().is_empty() {
+            None
+        } else {
+            Some(reason(&r.reason)?)
+        };
+        let what = format!("withdraw {id}");
+        authorize_anywhere(&self.controller, &actor, Operation::Change, &what).await?;
+        let pending = self.controller.request(&id).await.map_err(status)?;
+        authorize(
+            &self.controller,
+            &actor,
+            Operation::Change,
+            Some(&pending.namespace),
+            &what,
+        )
+        .await?;
+        let outcome = self
+            .controller
+            .withdraw(&id, reason, &actor, Some(change.clone()))
+            .await
+            .map_err(status)?;
+        Ok(Response::new(proto::WithdrawResponse {
+            request: Some(recorded_request_to_wire(&outcome.request)),
             revision: outcome.revision,
             change_id: change.to_string(),
         }))

@@ -5,7 +5,7 @@
 use safemode_controller::audit::AuditEntry;
 use safemode_controller::{
     ChangeRequest, ChannelSnapshot, Incident, IncidentStatus, NamespaceView, RequestKind,
-    RequestStatus, SubscriberRecord,
+    RequestState, SubscriberRecord,
 };
 use std::sync::Arc;
 
@@ -104,9 +104,14 @@ pub fn incident_to_wire(i: &Incident, in_force: &[Arc<Activation>]) -> proto::In
     }
 }
 
-/// A change request, with its status as of now.
-pub fn request_to_wire(r: &ChangeRequest) -> proto::ChangeRequest {
-    let now = jiff::Timestamp::now();
+/// A change request whose state its record tells (a new, approved or
+/// withdrawn one, as a change answers it).
+pub fn recorded_request_to_wire(r: &ChangeRequest) -> proto::ChangeRequest {
+    request_to_wire(r, &r.state(jiff::Timestamp::now(), None))
+}
+
+/// A change request, with where it stands.
+pub fn request_to_wire(r: &ChangeRequest, state: &RequestState) -> proto::ChangeRequest {
     proto::ChangeRequest {
         id: r.id.to_string(),
         namespace: r.namespace.to_string(),
@@ -125,12 +130,20 @@ pub fn request_to_wire(r: &ChangeRequest) -> proto::ChangeRequest {
         reason: r.reason.clone(),
         requested_at: Some(timestamp_to_wire(r.requested_at)),
         expires_at: Some(timestamp_to_wire(r.expires_at)),
-        status: r.status_name(now).to_string(),
-        approved_by: match &r.status {
-            RequestStatus::Approved { by, .. } => by.clone(),
-            RequestStatus::Pending => String::new(),
+        status: state.as_str().to_string(),
+        approved_by: match state {
+            RequestState::Approved { by, .. } => by.clone(),
+            _ => String::new(),
         },
         summary: r.summary.clone(),
+        superseded_by: match state {
+            RequestState::Superseded { by } => by.clone(),
+            _ => String::new(),
+        },
+        withdrawn_by: match state {
+            RequestState::Withdrawn { by, .. } => by.clone(),
+            _ => String::new(),
+        },
     }
 }
 

@@ -272,7 +272,7 @@ fn status(error: controller::Error) -> tonic::Status {
         | AlreadyDeclared { .. }
         | NotPending { .. }
         | IncidentModes { .. }
-        | OutdatedRequest { .. }
+        | Superseded { .. }
         | NothingToApply(_)
         | CatalogMismatch { .. }
         | ChangeIdReused { .. } => tonic::Status::failed_precondition(message),
