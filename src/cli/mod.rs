@@ -216,6 +216,10 @@ enum IncidentCommand {
         channels: Option<String>,
         #[command(flatten)]
         namespace: NamespaceArg,
+        /// Only show what the change would do, per channel, and whether it
+        /// needs a second approver: nothing is changed, audited or requested.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Move an incident to another severity's stage.
     Escalate {
@@ -230,6 +234,10 @@ enum IncidentCommand {
         /// Why (default: "moved to SEVERITY").
         #[arg(long)]
         reason: Option<String>,
+        /// Only show what the change would do, per channel, and whether it
+        /// needs a second approver: nothing is changed, audited or requested.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Lift an incident's modes and close it (may need a second approver).
     Resolve {
@@ -241,6 +249,10 @@ enum IncidentCommand {
         reason: Option<String>,
         #[command(flatten)]
         namespace: NamespaceArg,
+        /// Only show what the change would do, per channel, and whether it
+        /// needs a second approver: nothing is changed, audited or requested.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// List incidents.
     List {
@@ -491,6 +503,10 @@ enum ModeCommand {
         as_of: Option<String>,
         #[command(flatten)]
         namespace: NamespaceArg,
+        /// Only show what the change would do, per channel, and whether it
+        /// needs a second approver: nothing is changed, audited or requested.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Lift activations (by id) or every activation of a mode (by name).
     Lift {
@@ -505,6 +521,10 @@ enum ModeCommand {
         reason: Option<String>,
         #[command(flatten)]
         namespace: NamespaceArg,
+        /// Only show what the change would do, per channel, and whether it
+        /// needs a second approver: nothing is changed, audited or requested.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -637,6 +657,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             channels,
             as_of,
             namespace,
+            dry_run,
         }) => {
             let namespace = parse_namespace(&namespace)?;
             for mode in &modes {
@@ -674,6 +695,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 reason: reason.as_str().to_string(),
                 as_of: as_of.map(wire::timestamp_to_wire),
                 change_id: String::new(),
+                dry_run,
             };
             let response = retry::write(
                 &cli.servers,
@@ -688,6 +710,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 },
             )
             .await?;
+            if dry_run {
+                let preview = output::Previewed::new(response.namespace, response.preview)?;
+                return emit(output::show(format, &preview));
+            }
             emit(output::show(format, &output::Applied::from(response)))?;
             Ok(())
         }
@@ -696,6 +722,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             all,
             reason,
             namespace,
+            dry_run,
         }) => {
             let namespace = parse_namespace(&namespace)?;
             for target in &targets {
@@ -708,6 +735,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 reason: reason.as_str().to_string(),
                 all,
                 change_id: String::new(),
+                dry_run,
             };
             let response = retry::write(
                 &cli.servers,
@@ -722,6 +750,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 },
             )
             .await?;
+            if dry_run {
+                let preview = output::Previewed::new(response.namespace, response.preview)?;
+                return emit(output::show(format, &preview));
+            }
             emit(output::show(format, &output::Lifted::from(response)))?;
             Ok(())
         }

@@ -341,6 +341,7 @@ async fn a_busy_log_is_never_mistaken_for_a_tampered_one() {
                         reason: format!("change {changes}"),
                         all: true,
                         change_id: String::new(),
+                        dry_run: false,
                     })
                     .await
                     .unwrap();

@@ -87,6 +87,7 @@ async fn a_log_past_five_mib_is_listed_and_verified_page_by_page() {
                     reason: reason.clone(),
                     all: true,
                     change_id: String::new(),
+                    dry_run: false,
                 })
                 .await
                 .unwrap();

@@ -58,6 +58,7 @@ async fn fixtures(
             reason: "fixture".into(),
             channels: Vec::new(),
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .unwrap()
@@ -78,6 +79,7 @@ async fn fixtures(
             reason: "fixture".into(),
             all: true,
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .unwrap()
@@ -234,6 +236,7 @@ async fn call(
                 reason: format!("{role} lifts"),
                 all: true,
                 change_id: String::new(),
+                dry_run: false,
             })
             .await,
         ),
@@ -247,6 +250,7 @@ async fn call(
                 reason: format!("{role} declares"),
                 channels: Vec::new(),
                 change_id: String::new(),
+                dry_run: false,
             })
             .await,
         ),
@@ -256,6 +260,7 @@ async fn call(
                 severity: "sev2".into(),
                 reason: format!("{role} escalates"),
                 change_id: String::new(),
+                dry_run: false,
             })
             .await,
         ),
@@ -264,6 +269,7 @@ async fn call(
                 incident_id: fixtures.incident.clone(),
                 reason: format!("{role} resolves"),
                 change_id: String::new(),
+                dry_run: false,
             })
             .await,
         ),
@@ -461,6 +467,7 @@ async fn declare_escalate_and_resolve_with_a_second_approver() {
             reason: "login failures up 40x from residential proxies".into(),
             channels: Vec::new(),
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .unwrap()
@@ -484,6 +491,7 @@ async fn declare_escalate_and_resolve_with_a_second_approver() {
             severity: "sev1".into(),
             reason: "takeovers confirmed".into(),
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .unwrap()
@@ -497,6 +505,7 @@ async fn declare_escalate_and_resolve_with_a_second_approver() {
             incident_id: incident.id.clone(),
             reason: "attack over for 2h".into(),
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .unwrap()
@@ -514,6 +523,7 @@ async fn declare_escalate_and_resolve_with_a_second_approver() {
             incident_id: incident.id.clone(),
             reason: "admin tries to resolve alone".into(),
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .unwrap()
@@ -569,6 +579,7 @@ async fn declare_escalate_and_resolve_with_a_second_approver() {
             incident_id: incident.id.clone(),
             reason: "attack over for 2h".into(),
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .unwrap()
@@ -680,6 +691,7 @@ async fn going_down_a_severity_waits_for_an_approver() {
             reason: "takeover wave".into(),
             channels: Vec::new(),
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .unwrap()
@@ -691,6 +703,7 @@ async fn going_down_a_severity_waits_for_an_approver() {
             severity: "sev3".into(),
             reason: "volume falling".into(),
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .unwrap()
@@ -869,6 +882,7 @@ async fn an_approval_never_carries_out_more_than_was_requested() {
             reason: "login failures up 40x".into(),
             channels: Vec::new(),
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .unwrap()
@@ -879,6 +893,7 @@ async fn an_approval_never_carries_out_more_than_was_requested() {
             incident_id: incident.id.clone(),
             reason: "looks quiet".into(),
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .unwrap()
@@ -897,6 +912,7 @@ async fn an_approval_never_carries_out_more_than_was_requested() {
             severity: "sev1".into(),
             reason: "takeovers confirmed".into(),
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .unwrap()
@@ -965,6 +981,7 @@ stages:
             reason: "SIM swaps".into(),
             channels: Vec::new(),
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .unwrap()
@@ -977,6 +994,7 @@ stages:
             severity: "sev1".into(),
             reason: "worse".into(),
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .unwrap()
@@ -1052,6 +1070,7 @@ async fn an_expired_request_cannot_be_approved() {
             reason: "contained".into(),
             all: false,
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .unwrap()
@@ -1098,6 +1117,7 @@ async fn two_approvers_at_once_carry_a_request_out_once() {
             reason: "contained".into(),
             all: false,
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .unwrap()

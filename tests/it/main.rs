@@ -31,6 +31,7 @@ mod tls;
 mod tokens;
 mod ux_audit;
 mod ux_conventions;
+mod ux_dry_run;
 mod ux_hints;
 mod ux_names;
 mod ux_replicas;

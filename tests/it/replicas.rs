@@ -554,6 +554,7 @@ async fn already_active_is_never_answered_from_a_lagging_view() {
         },
         reason: Reason::parse("contain the wave").unwrap(),
         change_id: None,
+        dry_run: false,
     };
     // Both replicas know the mode is active.
     lagging.apply(apply()).await.unwrap();
@@ -581,6 +582,7 @@ async fn already_active_is_never_answered_from_a_lagging_view() {
             reason: Reason::parse("contained").unwrap(),
             all: false,
             change_id: None,
+            dry_run: false,
         })
         .await
         .unwrap();

@@ -85,6 +85,7 @@ impl Controller {
             actor,
             namespace,
             change_id: change_id.as_ref(),
+            dry_run: None,
         };
         let (outcome, revision) = self
             .commit_change(act, |view| {

@@ -54,6 +54,7 @@ use super::records::{
 use super::{Controller, Error, NamespaceHandle, NamespaceView, Result};
 use crate::audit::{self, AuditAction, AuditDraft, AuditEntry, AuditHead};
 use crate::auth::Principal;
+use crate::preview::DryRun;
 use safemode_policy::{Activation, ActivationId, Namespace, Revision};
 use safemode_store::{Compare, Op, Txn, TxnOutcome};
 
@@ -226,6 +227,9 @@ pub(crate) struct Act<'a> {
     pub namespace: &'a Namespace,
     /// The caller's change id, if it gave one (a retry gives the same).
     pub change_id: Option<&'a ChangeId>,
+    /// Set for a dry run: the change is prepared as usual, never committed,
+    /// and what it would do is left here (see [`crate::preview`]).
+    pub dry_run: Option<&'a DryRun>,
 }
 
 impl Act<'_> {
@@ -437,6 +441,12 @@ pub(crate) struct ChangeOf<'a> {
 }
 
 impl<T> Plan<T> {
+    /// What the plan answers, and its writes with their audit entry (none
+    /// when it writes nothing): what a dry run reads instead of committing.
+    pub(crate) fn into_parts(self) -> (T, Option<(Vec<Op>, AuditDraft)>) {
+        (self.outcome, self.write.map(|w| (w.ops, w.audit)))
+    }
+
     /// A plan that writes nothing and answers `outcome` once the store
     /// confirms the view it was prepared from is current.
     pub fn answer(outcome: T) -> Self {
@@ -554,6 +564,12 @@ impl Controller {
             id: act.change_id,
         };
         let handle = self.namespace(act.namespace).await?;
+        if let Some(dry_run) = act.dry_run {
+            // No change id is looked up or kept: nothing commits.
+            let (outcome, revision, preview) = self.preview_change(act, handle, prepare).await?;
+            dry_run.set(preview);
+            return Ok((outcome, revision));
+        }
         self.commit_in(change, handle, prepare).await
     }
 
@@ -932,7 +948,11 @@ impl Controller {
     /// After a lost race: waits (bounded) until this replica's view of the
     /// namespace has the meta revision the store has now, so the next plan is
     /// prepared from it.
-    async fn catch_up(&self, handle: &NamespaceHandle, view: &NamespaceView) -> Result<()> {
+    pub(crate) async fn catch_up(
+        &self,
+        handle: &NamespaceHandle,
+        view: &NamespaceView,
+    ) -> Result<()> {
         let key = self.config.layout.meta_key(&view.namespace);
         let range = self.store.range(&key).await?;
         let current = range
@@ -1080,7 +1100,7 @@ fn expiry(at: Timestamp, ttl: Duration) -> Timestamp {
 /// Before another attempt: every change appends to the one audit chain, so
 /// changes in other namespaces compete too, and a store that just failed may
 /// be electing a leader: spread the retries out.
-async fn pause(attempt: u32) {
+pub(crate) async fn pause(attempt: u32) {
     let most = 1u64 << attempt.min(6);
     tokio::time::sleep(Duration::from_millis(rand::random_range(0..=most))).await;
 }
@@ -1178,6 +1198,7 @@ mod tests {
             actor: Principal::local(),
             reason: Reason::parse("test").unwrap(),
             change_id: Some(ChangeId::parse(change_id).unwrap()),
+            dry_run: false,
         }
     }
 
@@ -1240,6 +1261,7 @@ mod tests {
             reason: Reason::parse("test").unwrap(),
             all: false,
             change_id: Some(ChangeId::parse("once").unwrap()),
+            dry_run: false,
         };
         let refused = controller.lift(lift).await.unwrap_err();
         assert!(matches!(refused, Error::ChangeIdReused { .. }), "{refused}");
@@ -1262,6 +1284,7 @@ mod tests {
             reason: Reason::parse("test").unwrap(),
             all: false,
             change_id: Some(ChangeId::parse(&id).unwrap()),
+            dry_run: false,
         };
         for i in 0..CHANGE_WINDOW {
             controller.apply(apply(&format!("a{i}"))).await.unwrap();

@@ -13,6 +13,7 @@ use tracing::info;
 
 use super::change::{Act, ApprovalNeeded, ChangeId, Plan, Writes};
 use super::modes::{describe, same_rules};
+use super::preview::{DryRun, Preview};
 use super::records::{
     ChangeRequest, Incident, IncidentId, IncidentStatus, RequestId, RequestKind, TimelineEvent,
 };
@@ -43,6 +44,8 @@ pub struct DeclareRequest {
     /// The change's id, if the caller gave one (a retry gives the same):
     /// a change id that already committed is answered, not applied again.
     pub change_id: Option<ChangeId>,
+    /// Only say what the change would do: nothing is written or audited.
+    pub dry_run: bool,
 }
 
 /// Move an incident to another severity.
@@ -59,6 +62,8 @@ pub struct EscalateRequest {
     /// The change's id, if the caller gave one (a retry gives the same):
     /// a change id that already committed is answered, not applied again.
     pub change_id: Option<ChangeId>,
+    /// Only say what the change would do: nothing is written or audited.
+    pub dry_run: bool,
 }
 
 /// Resolve an incident.
@@ -73,6 +78,8 @@ pub struct ResolveRequest {
     /// The change's id, if the caller gave one (a retry gives the same):
     /// a change id that already committed is answered, not applied again.
     pub change_id: Option<ChangeId>,
+    /// Only say what the change would do: nothing is written or audited.
+    pub dry_run: bool,
 }
 
 /// What an incident change did.
@@ -88,6 +95,9 @@ pub struct IncidentOutcome {
     pub lifted: Vec<Arc<Activation>>,
     /// Set when the change needs a second approver: nothing changed yet.
     pub pending: Option<ChangeRequest>,
+    /// Set for a dry run: what the change would do (then nothing changed,
+    /// and the rest of the outcome is what would be).
+    pub preview: Option<Preview>,
 }
 
 /// How an incident's activations change to reach a stage.
@@ -271,11 +281,13 @@ impl Controller {
         let (request, runbook) = (&request, &runbook);
         let namespace = &request.namespace;
         let reason = request.reason.as_str();
+        let dry_run = DryRun::when(request.dry_run);
         let act = &Act {
             action: AuditAction::Declare,
             actor: &request.actor,
             namespace,
             change_id: request.change_id.as_ref(),
+            dry_run: dry_run.as_ref(),
         };
         let (outcome, revision) = self
             .commit_change(act, |_view| {
@@ -359,14 +371,18 @@ impl Controller {
             })
             .await?;
         let (incident, applied) = outcome?;
-        info!(incident = %incident.id, runbook = %incident.runbook, severity = %incident.severity,
+        let preview = DryRun::take(dry_run);
+        if preview.is_none() {
+            info!(incident = %incident.id, runbook = %incident.runbook, severity = %incident.severity,
             namespace = %namespace, revision, principal = %request.actor.name, "incident declared");
+        }
         Ok(IncidentOutcome {
             incident,
             revision,
             applied: stored(applied, revision),
             lifted: Vec::new(),
             pending: None,
+            preview,
         })
     }
 
@@ -378,11 +394,13 @@ impl Controller {
         let request = &request;
         let namespace = &found.namespace;
         let reason = request.reason.as_str();
+        let dry_run = DryRun::when(request.dry_run);
         let act = &Act {
             action: AuditAction::Escalate,
             actor: &request.actor,
             namespace,
             change_id: request.change_id.as_ref(),
+            dry_run: dry_run.as_ref(),
         };
         let (outcome, revision) = self
             .commit_change(act, |view| {
@@ -471,14 +489,18 @@ impl Controller {
             })
             .await?;
         let (incident, applied, lifted, pending) = outcome?;
-        info!(incident = %incident.id, severity = %incident.severity, pending = pending.is_some(),
+        let preview = DryRun::take(dry_run);
+        if preview.is_none() {
+            info!(incident = %incident.id, severity = %incident.severity, pending = pending.is_some(),
             revision, principal = %request.actor.name, "incident severity changed");
+        }
         Ok(IncidentOutcome {
             incident,
             revision,
             applied: stored(applied, revision),
             lifted,
             pending,
+            preview,
         })
     }
 
@@ -490,11 +512,13 @@ impl Controller {
         let request = &request;
         let namespace = &found.namespace;
         let reason = request.reason.as_str();
+        let dry_run = DryRun::when(request.dry_run);
         let act = &Act {
             action: AuditAction::Resolve,
             actor: &request.actor,
             namespace,
             change_id: request.change_id.as_ref(),
+            dry_run: dry_run.as_ref(),
         };
         let (outcome, revision) = self
             .commit_change(act, |view| {
@@ -550,14 +574,18 @@ impl Controller {
             })
             .await?;
         let (incident, lifted, pending) = outcome?;
-        info!(incident = %incident.id, pending = pending.is_some(), revision,
+        let preview = DryRun::take(dry_run);
+        if preview.is_none() {
+            info!(incident = %incident.id, pending = pending.is_some(), revision,
             principal = %request.actor.name, "incident resolution");
+        }
         Ok(IncidentOutcome {
             incident,
             revision,
             applied: Vec::new(),
             lifted,
             pending,
+            preview,
         })
     }
 

@@ -7,6 +7,7 @@ use jiff::Timestamp;
 use tracing::info;
 
 use super::change::{Act, ApprovalNeeded, ChangeId, Plan, Writes};
+use super::preview::{DryRun, Preview};
 use super::records::{ChangeRequest, RequestKind};
 use super::{Controller, Error, NamespaceView, Result};
 use crate::audit::AuditAction;
@@ -34,6 +35,8 @@ pub struct ApplyRequest {
     /// The change's id, if the caller gave one (a retry gives the same):
     /// a change id that already committed is answered, not applied again.
     pub change_id: Option<ChangeId>,
+    /// Only say what the change would do: nothing is written or audited.
+    pub dry_run: bool,
 }
 
 /// What an apply did.
@@ -45,6 +48,9 @@ pub struct ApplyOutcome {
     pub applied: Vec<Arc<Activation>>,
     /// Requested modes already active with the same channels and rules.
     pub already_active: Vec<Arc<Activation>>,
+    /// Set for a dry run: what the apply would do (then nothing was
+    /// applied, and `applied` is what would be).
+    pub preview: Option<Preview>,
 }
 
 /// What to lift: one activation, or every activation of a mode.
@@ -94,6 +100,8 @@ pub struct LiftRequest {
     /// The change's id, if the caller gave one (a retry gives the same):
     /// a change id that already committed is answered, not applied again.
     pub change_id: Option<ChangeId>,
+    /// Only say what the change would do: nothing is written or audited.
+    pub dry_run: bool,
 }
 
 /// What a lift did.
@@ -105,6 +113,9 @@ pub struct LiftOutcome {
     pub lifted: Vec<Arc<Activation>>,
     /// Set instead when the lift needs a second approver.
     pub pending: Option<ChangeRequest>,
+    /// Set for a dry run: what the lift would do (then nothing was lifted
+    /// and no request made; `lifted` and `pending` are what would be).
+    pub preview: Option<Preview>,
 }
 
 /// Whether an active activation's rules are those the catalogue's `mode`
@@ -215,11 +226,13 @@ impl Controller {
             .collect::<Result<Vec<_>>>()?;
         let (request, modes) = (&request, &modes);
         let namespace = &request.namespace;
+        let dry_run = DryRun::when(request.dry_run);
         let act = &Act {
             action: AuditAction::Apply,
             actor: &request.actor,
             namespace,
             change_id: request.change_id.as_ref(),
+            dry_run: dry_run.as_ref(),
         };
         let (outcome, revision) = self
             .commit_change(act, |view| {
@@ -265,7 +278,8 @@ impl Controller {
             })
             .await?;
         let (applied, already_active) = outcome;
-        if !applied.is_empty() {
+        let preview = DryRun::take(dry_run);
+        if !applied.is_empty() && preview.is_none() {
             info!(%namespace, revision, principal = %request.actor.name,
                 modes = ?applied.iter().map(|a| a.mode.name.as_str()).collect::<Vec<_>>(),
                 reason = %request.reason.as_str(), "modes applied");
@@ -277,6 +291,7 @@ impl Controller {
                 .map(|a| Arc::new(Activation { revision, ..a }))
                 .collect(),
             already_active,
+            preview,
         })
     }
 
@@ -285,11 +300,13 @@ impl Controller {
     pub async fn lift(&self, request: LiftRequest) -> Result<LiftOutcome> {
         let request = &request;
         let namespace = &request.namespace;
+        let dry_run = DryRun::when(request.dry_run);
         let act = &Act {
             action: AuditAction::Lift,
             actor: &request.actor,
             namespace,
             change_id: request.change_id.as_ref(),
+            dry_run: dry_run.as_ref(),
         };
         let (outcome, revision) = self
             .commit_change(act, |view| {
@@ -334,7 +351,8 @@ impl Controller {
             })
             .await?;
         let (lifted, pending) = outcome?;
-        if !lifted.is_empty() {
+        let preview = DryRun::take(dry_run);
+        if !lifted.is_empty() && preview.is_none() {
             info!(%namespace, revision, principal = %request.actor.name,
                 lifted = ?lifted.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(),
                 reason = %request.reason.as_str(), "activations lifted");
@@ -343,6 +361,7 @@ impl Controller {
             revision,
             lifted,
             pending,
+            preview,
         })
     }
 }

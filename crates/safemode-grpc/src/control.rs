@@ -7,8 +7,11 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::convert::{audit_entry_to_wire, incident_to_wire, request_to_wire};
-use super::{authorize, authorize_anywhere, invalid, invalid_name, limits, principal, status};
+use super::convert::{audit_entry_to_wire, incident_to_wire, preview_to_wire, request_to_wire};
+use super::{
+    authorize, authorize_anywhere, authorize_change, authorize_change_anywhere, invalid,
+    invalid_name, limits, principal, status,
+};
 use safemode_controller::auth::Operation;
 use safemode_controller::{
     ApplyRequest, AuditFilter, AuditPage, ChangeId, Controller, DeclareRequest, EscalateRequest,
@@ -59,6 +62,7 @@ impl ControlApi {
             revision: outcome.revision,
             pending: outcome.pending.as_ref().map(request_to_wire),
             change_id: change_id.to_string(),
+            preview: outcome.preview.as_ref().map(preview_to_wire),
         }
     }
 }
@@ -133,12 +137,13 @@ impl ControlService for ControlApi {
         let namespace = namespace(&r.namespace)?;
         // Authorised before anything that grows with the request; a refusal
         // records a bounded summary, never the caller's list.
-        authorize(
+        authorize_change(
             &self.controller,
             &actor,
             Operation::Change,
             Some(&namespace),
             &format!("apply {}", limits::summary(&r.modes)),
+            r.dry_run,
         )
         .await?;
         if r.modes.is_empty() {
@@ -196,6 +201,7 @@ impl ControlService for ControlApi {
                 actor: (*actor).clone(),
                 reason,
                 change_id: Some(change.clone()),
+                dry_run: r.dry_run,
             })
             .await
             .map_err(status)?;
@@ -213,6 +219,7 @@ impl ControlService for ControlApi {
                 .iter()
                 .map(|a| wire::activation_to_wire(a))
                 .collect(),
+            preview: outcome.preview.as_ref().map(preview_to_wire),
         }))
     }
 
@@ -224,12 +231,13 @@ impl ControlService for ControlApi {
         let r = request.into_inner();
         let change = change_id(&r.change_id, &actor, &r)?;
         let namespace = namespace(&r.namespace)?;
-        authorize(
+        authorize_change(
             &self.controller,
             &actor,
             Operation::Change,
             Some(&namespace),
             &format!("lift {}", limits::summary(&r.targets)),
+            r.dry_run,
         )
         .await?;
         if r.targets.is_empty() {
@@ -263,6 +271,7 @@ impl ControlService for ControlApi {
                 reason,
                 all: r.all,
                 change_id: Some(change.clone()),
+                dry_run: r.dry_run,
             })
             .await
             .map_err(status)?;
@@ -276,6 +285,7 @@ impl ControlService for ControlApi {
                 .map(|a| wire::activation_to_wire(a))
                 .collect(),
             pending: outcome.pending.as_ref().map(request_to_wire),
+            preview: outcome.preview.as_ref().map(preview_to_wire),
         }))
     }
 
@@ -403,12 +413,13 @@ impl ControlService for ControlApi {
         let runbook = RunbookName::parse(&r.r#type).map_err(invalid_name("type"))?;
         let severity = severity(&r.severity)?;
         let what = format!("declare {runbook} at {severity}");
-        authorize(
+        authorize_change(
             &self.controller,
             &actor,
             Operation::Change,
             Some(&namespace),
             &what,
+            r.dry_run,
         )
         .await?;
         let reason = reason(&r.reason)?;
@@ -423,6 +434,7 @@ impl ControlService for ControlApi {
                 channels,
                 actor: (*actor).clone(),
                 change_id: Some(change.clone()),
+                dry_run: r.dry_run,
             })
             .await
             .map_err(status)?;
@@ -444,14 +456,22 @@ impl ControlService for ControlApi {
             reason(&r.reason)?
         };
         let what = format!("move incident {id} to {severity}");
-        authorize_anywhere(&self.controller, &actor, Operation::Change, &what).await?;
+        authorize_change_anywhere(
+            &self.controller,
+            &actor,
+            Operation::Change,
+            &what,
+            r.dry_run,
+        )
+        .await?;
         let incident = self.controller.incident(&id).await.map_err(status)?;
-        authorize(
+        authorize_change(
             &self.controller,
             &actor,
             Operation::Change,
             Some(&incident.namespace),
             &what,
+            r.dry_run,
         )
         .await?;
         let outcome = self
@@ -462,6 +482,7 @@ impl ControlService for ControlApi {
                 reason,
                 actor: (*actor).clone(),
                 change_id: Some(change.clone()),
+                dry_run: r.dry_run,
             })
             .await
             .map_err(status)?;
@@ -478,14 +499,22 @@ impl ControlService for ControlApi {
         let id = incident_id(&r.incident_id)?;
         let reason = reason(&r.reason)?;
         let what = format!("resolve incident {id}");
-        authorize_anywhere(&self.controller, &actor, Operation::Change, &what).await?;
+        authorize_change_anywhere(
+            &self.controller,
+            &actor,
+            Operation::Change,
+            &what,
+            r.dry_run,
+        )
+        .await?;
         let incident = self.controller.incident(&id).await.map_err(status)?;
-        authorize(
+        authorize_change(
             &self.controller,
             &actor,
             Operation::Change,
             Some(&incident.namespace),
             &what,
+            r.dry_run,
         )
         .await?;
         let outcome = self
@@ -495,6 +524,7 @@ impl ControlService for ControlApi {
                 reason,
                 actor: (*actor).clone(),
                 change_id: Some(change.clone()),
+                dry_run: r.dry_run,
             })
             .await
             .map_err(status)?;

@@ -464,6 +464,7 @@ async fn flip(
                 reason: "benchmark flip".into(),
                 all: true,
                 change_id: String::new(),
+                dry_run: false,
             })
             .await?
             .into_inner()
