@@ -6,7 +6,7 @@
 
 use serde_json::Value;
 
-use crate::support::{TestServer, safemode};
+use crate::support::{Principals, TestServer, safemode};
 
 /// The namespaces the cases use, each set up differently.
 const NAMESPACES: [&str; 4] = ["live", "drill-frozen", "drill-throttled", "drill-incident"];
@@ -16,7 +16,17 @@ const PRINCIPAL: &str = "alice";
 
 /// Runs `safemode` as [`PRINCIPAL`] against `server`.
 async fn run(server: &TestServer, args: &[&str]) -> std::process::Output {
-    let mut full = vec!["--server", server.url.as_str(), "--principal", PRINCIPAL];
+    run_as(server, None, args).await
+}
+
+/// Runs `safemode` against `server` with `token`, or as [`PRINCIPAL`] on a
+/// server without tokens.
+async fn run_as(server: &TestServer, token: Option<&str>, args: &[&str]) -> std::process::Output {
+    let mut full = vec!["--server", server.url.as_str()];
+    match token {
+        Some(token) => full.extend(["--token", token]),
+        None => full.extend(["--principal", PRINCIPAL]),
+    }
     full.extend_from_slice(args);
     safemode(&full).await
 }
@@ -36,26 +46,26 @@ async fn must(server: &TestServer, args: &[&str]) {
 /// `audit` log and every request of every namespace, as the CLI prints them
 /// in JSON.
 async fn state(server: &TestServer) -> Vec<Value> {
+    state_as(server, None).await
+}
+
+/// [`state`], read with `token`.
+async fn state_as(server: &TestServer, token: Option<&str>) -> Vec<Value> {
     let json = |output: std::process::Output| -> Value {
         assert_eq!(output.status.code(), Some(0), "{output:?}");
         serde_json::from_slice(&output.stdout).expect("JSON output")
     };
-    let mut state = vec![json(run(server, &["-o", "json", "audit"]).await)];
+    let mut state = vec![json(run_as(server, token, &["-o", "json", "audit"]).await)];
     for namespace in NAMESPACES {
-        let mut status =
-            json(run(server, &["-o", "json", "status", "--namespace", namespace]).await);
+        let args = ["-o", "json", "status", "--namespace", namespace];
+        let mut status = json(run_as(server, token, &args).await);
         status
             .as_object_mut()
             .expect("status is an object")
             .remove("server_time");
         state.push(status);
-        state.push(json(
-            run(
-                server,
-                &["-o", "json", "requests", "--all", "--namespace", namespace],
-            )
-            .await,
-        ));
+        let args = ["-o", "json", "requests", "--all", "--namespace", namespace];
+        state.push(json(run_as(server, token, &args).await));
     }
     state
 }
@@ -67,8 +77,8 @@ fn collapsed(line: &str) -> String {
 
 /// One dry run: its arguments, the exit code, and either lines its text
 /// output must contain (columns collapsed to one space) or the one line it
-/// must print on stderr, where `*` stands for an id (the change without `--dry-run` is then refused in
-/// the same words).
+/// must print on stderr, where `*` stands for an id (the change without
+/// `--dry-run` is then refused in the same words).
 struct Case {
     args: &'static [&'static str],
     code: i32,
@@ -474,4 +484,109 @@ async fn a_dry_run_in_json_gives_a_structured_preview() {
         "{apply}"
     );
     assert_eq!(state(&server).await, before, "a dry run changed something");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_is_allowed_and_refused_by_the_same_roles_and_audits_neither() {
+    let principals = Principals::new();
+    let server = TestServer::with_tokens(&principals).await;
+    let admin = Some(principals.token("admin"));
+    let commander = Some(principals.token("commander"));
+    let output = run_as(
+        &server,
+        commander,
+        &[
+            "mode",
+            "apply",
+            "freeze-credential-changes",
+            "--reason",
+            "set-up",
+        ],
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    let before = state_as(&server, admin).await;
+
+    // A viewer may not change anything, so may not try it either.
+    let refused = run_as(
+        &server,
+        Some(principals.token("viewer")),
+        &[
+            "mode",
+            "lift",
+            "freeze-credential-changes",
+            "--reason",
+            "over",
+            "--dry-run",
+        ],
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert!(refused.stdout.is_empty());
+    assert_eq!(
+        stderr.lines().collect::<Vec<_>>(),
+        [
+            "error: viewer (roles: viewer) may not change modes or incidents in namespace live; that needs the commander role"
+        ]
+    );
+    assert_eq!(
+        state_as(&server, admin).await,
+        before,
+        "a refused dry run was audited"
+    );
+    // The change itself is refused in the same words (and, being a change,
+    // audited, so the state is read again).
+    let real = run_as(
+        &server,
+        Some(principals.token("viewer")),
+        &[
+            "mode",
+            "lift",
+            "freeze-credential-changes",
+            "--reason",
+            "over",
+        ],
+    )
+    .await;
+    assert_eq!(real.status.code(), Some(1));
+    assert_eq!(real.stderr, refused.stderr);
+    let before = state_as(&server, admin).await;
+
+    // A commander's lift of the freeze waits for an approver, named by role.
+    let lift = run_as(
+        &server,
+        commander,
+        &[
+            "mode",
+            "lift",
+            "freeze-credential-changes",
+            "--reason",
+            "over",
+            "--dry-run",
+        ],
+    )
+    .await;
+    let stdout = String::from_utf8_lossy(&lift.stdout);
+    assert_eq!(lift.status.code(), Some(0), "{lift:?}");
+    let lines: Vec<String> = stdout.lines().map(collapsed).collect();
+    assert!(
+        lines.contains(&"web account.password_reset deny -> allow".to_string()),
+        "{stdout}"
+    );
+    assert!(
+        lines.iter().any(|l| l.starts_with(
+            "needs a second approver: someone with role approver or admin other than commander; the request would lift freeze-credential-changes (act_"
+        )),
+        "{stdout}"
+    );
+    assert_eq!(
+        lines.last().map(String::as_str),
+        Some("dry run: nothing changed")
+    );
+    assert_eq!(
+        state_as(&server, admin).await,
+        before,
+        "a dry run changed something"
+    );
 }
