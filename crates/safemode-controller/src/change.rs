@@ -1380,4 +1380,46 @@ mod tests {
         assert_ne!(with.hash, without.hash, "the change id is hashed");
         assert_eq!(with.computed_hash(), with.hash);
     }
+
+    #[tokio::test]
+    async fn a_dry_run_prepares_the_change_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (controller, _) = controller(&dir).await;
+        let everything = || async {
+            let prefix = controller.config.layout.prefix().to_string();
+            controller.store.range(&prefix).await.unwrap().kvs
+        };
+        let before = everything().await;
+        let outcome = controller
+            .apply(ApplyRequest {
+                dry_run: true,
+                ..apply("dry")
+            })
+            .await
+            .unwrap();
+        assert_eq!(everything().await, before, "a dry run wrote");
+        assert_eq!(entries_of(&controller, "dry").await, 0);
+        let preview = outcome.preview.expect("a dry run answers a preview");
+        assert_eq!(preview.summary, "apply throttle-high-risk on all channels");
+        assert!(preview.approval.is_none());
+        assert_eq!(
+            preview.channels.len(),
+            safemode_policy::names::CHANNELS.len()
+        );
+        for channel in &preview.channels {
+            let account = channel
+                .effects
+                .iter()
+                .find(|e| e.action == "account.*")
+                .expect("account changes are throttled");
+            assert_eq!(
+                (account.before.as_str(), account.after.as_str()),
+                ("allow", "throttle 3 per 3600s")
+            );
+        }
+        // The change itself still applies: its id was not taken.
+        let applied = controller.apply(apply("dry")).await.unwrap();
+        assert_eq!(applied.applied.len(), 1);
+        assert!(applied.preview.is_none());
+    }
 }

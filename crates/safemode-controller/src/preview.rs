@@ -24,6 +24,7 @@ use std::sync::{Arc, OnceLock};
 
 use futures_util::future::BoxFuture;
 use jiff::Timestamp;
+use tracing::info;
 
 use super::change::{Act, COMMIT_ATTEMPTS, Plan, pause};
 use super::keys::NamespaceKey;
@@ -145,6 +146,10 @@ impl Controller {
                 TxnOutcome::Committed { .. } => {
                     let (outcome, written) = plan.into_parts();
                     let preview = self.preview(act, &view, written).await?;
+                    info!(namespace = %act.namespace, action = act.action.as_str(),
+                        principal = %act.actor.name, revision = view.revision,
+                        needs_approval = preview.approval.is_some(),
+                        "dry run: previewed, nothing written");
                     return Ok((outcome, view.revision, preview));
                 }
                 TxnOutcome::CompareFailed { .. } => {
