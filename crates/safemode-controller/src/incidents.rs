@@ -374,7 +374,7 @@ impl Controller {
         let preview = DryRun::take(dry_run);
         if preview.is_none() {
             info!(incident = %incident.id, runbook = %incident.runbook, severity = %incident.severity,
-            namespace = %namespace, revision, principal = %request.actor.name, "incident declared");
+                namespace = %namespace, revision, principal = %request.actor.name, "incident declared");
         }
         Ok(IncidentOutcome {
             incident,
@@ -492,7 +492,7 @@ impl Controller {
         let preview = DryRun::take(dry_run);
         if preview.is_none() {
             info!(incident = %incident.id, severity = %incident.severity, pending = pending.is_some(),
-            revision, principal = %request.actor.name, "incident severity changed");
+                revision, principal = %request.actor.name, "incident severity changed");
         }
         Ok(IncidentOutcome {
             incident,
@@ -577,7 +577,7 @@ impl Controller {
         let preview = DryRun::take(dry_run);
         if preview.is_none() {
             info!(incident = %incident.id, pending = pending.is_some(), revision,
-            principal = %request.actor.name, "incident resolution");
+                principal = %request.actor.name, "incident resolution");
         }
         Ok(IncidentOutcome {
             incident,

@@ -181,8 +181,8 @@ impl Controller {
             });
         };
         let (after, approval) = match (audit.action, &audit.request_id) {
-            (AuditAction::Request, Some(_)) => {
-                let request = self.written_request(&ops)?;
+            (AuditAction::Request, Some(id)) => {
+                let request = self.written_request(&ops, id)?;
                 let after = self.approved(view, &ops, &request).await?;
                 let approval = ApprovalPreview {
                     summary: request.summary.clone(),
@@ -223,16 +223,24 @@ impl Controller {
         Ok(after)
     }
 
-    /// The request a plan would create.
-    fn written_request(&self, ops: &[Op]) -> Result<ChangeRequest> {
+    /// The request `id` that a plan's `ops` would create (a plan may write
+    /// other requests too, such as those the new one replaces).
+    fn written_request(&self, ops: &[Op], id: &str) -> Result<ChangeRequest> {
         let prefix = self.config.layout.requests_prefix();
         ops.iter()
             .find_map(|op| match op {
-                Op::Put { key, value } if key.starts_with(&prefix) => Some((key, value)),
+                Op::Put { key, value } if key.strip_prefix(&prefix) == Some(id) => {
+                    Some((key, value))
+                }
                 _ => None,
             })
             .map(|(key, value)| serde_json::from_slice(value).map_err(|e| corrupt(key, e)))
-            .unwrap_or_else(|| Err(corrupt(&prefix, "a request's plan writes no request")))
+            .unwrap_or_else(|| {
+                Err(corrupt(
+                    &format!("{prefix}{id}"),
+                    "the plan that requests it does not write it",
+                ))
+            })
     }
 
     /// The namespace's activations once `request` (written by `ops`, from
