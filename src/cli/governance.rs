@@ -28,6 +28,7 @@ pub(super) async fn incident(
             reason,
             channels,
             namespace,
+            dry_run,
         } => {
             let namespace = parse_namespace(&namespace)?;
             RunbookName::parse(&runbook)?;
@@ -41,6 +42,7 @@ pub(super) async fn incident(
                 reason: reason.as_str().to_string(),
                 channels,
                 change_id: String::new(),
+                dry_run,
             };
             let response = retry::write(
                 servers,
@@ -55,6 +57,12 @@ pub(super) async fn incident(
                 },
             )
             .await?;
+            if dry_run {
+                return emit(output::show(
+                    format,
+                    &output::Previewed::of_incident(response)?,
+                ));
+            }
             let pending = response.pending.is_some();
             emit(output::show(
                 format,
@@ -67,6 +75,7 @@ pub(super) async fn incident(
             namespace,
             severity,
             reason,
+            dry_run,
         } => {
             let id = incident_id(servers, caller, &namespace, &id).await?;
             Severity::parse(&severity).map_err(|e| anyhow!("--severity: {e}"))?;
@@ -79,6 +88,7 @@ pub(super) async fn incident(
                 severity,
                 reason,
                 change_id: String::new(),
+                dry_run,
             };
             let response = retry::write(
                 servers,
@@ -93,6 +103,12 @@ pub(super) async fn incident(
                 },
             )
             .await?;
+            if dry_run {
+                return emit(output::show(
+                    format,
+                    &output::Previewed::of_incident(response)?,
+                ));
+            }
             let pending = response.pending.is_some();
             emit(output::show(
                 format,
@@ -104,6 +120,7 @@ pub(super) async fn incident(
             id,
             reason,
             namespace,
+            dry_run,
         } => {
             let reason = parse_reason(reason)?;
             let id = incident_id(servers, caller, &namespace, &id).await?;
@@ -111,6 +128,7 @@ pub(super) async fn incident(
                 incident_id: id,
                 reason: reason.as_str().to_string(),
                 change_id: String::new(),
+                dry_run,
             };
             let response = retry::write(
                 servers,
@@ -125,6 +143,12 @@ pub(super) async fn incident(
                 },
             )
             .await?;
+            if dry_run {
+                return emit(output::show(
+                    format,
+                    &output::Previewed::of_incident(response)?,
+                ));
+            }
             let pending = response.pending.is_some();
             emit(output::show(
                 format,

@@ -226,6 +226,10 @@ enum IncidentCommand {
         channels: Option<String>,
         #[command(flatten)]
         namespace: NamespaceArg,
+        /// Only show what the change would do, per channel, and whether it
+        /// needs a second approver: nothing is changed, audited or requested.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Move an incident to another severity's stage.
     Escalate {
@@ -240,6 +244,10 @@ enum IncidentCommand {
         /// Why (default: "moved to SEVERITY").
         #[arg(long)]
         reason: Option<String>,
+        /// Only show what the change would do, per channel, and whether it
+        /// needs a second approver: nothing is changed, audited or requested.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Lift an incident's modes and close it (may need a second approver).
     Resolve {
@@ -251,6 +259,10 @@ enum IncidentCommand {
         reason: Option<String>,
         #[command(flatten)]
         namespace: NamespaceArg,
+        /// Only show what the change would do, per channel, and whether it
+        /// needs a second approver: nothing is changed, audited or requested.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// List incidents.
     List {
@@ -501,6 +513,10 @@ enum ModeCommand {
         as_of: Option<String>,
         #[command(flatten)]
         namespace: NamespaceArg,
+        /// Only show what the change would do, per channel, and whether it
+        /// needs a second approver: nothing is changed, audited or requested.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Lift activations (by id) or every activation of a mode (by name).
     Lift {
@@ -519,6 +535,10 @@ enum ModeCommand {
         reason: Option<String>,
         #[command(flatten)]
         namespace: NamespaceArg,
+        /// Only show what the change would do, per channel, and whether it
+        /// needs a second approver: nothing is changed, audited or requested.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -679,6 +699,7 @@ async fn dispatch(
             channels,
             as_of,
             namespace,
+            dry_run,
         }) => {
             let namespace = parse_namespace(&namespace)?;
             for mode in &modes {
@@ -716,6 +737,7 @@ async fn dispatch(
                 reason: reason.as_str().to_string(),
                 as_of: as_of.map(wire::timestamp_to_wire),
                 change_id: String::new(),
+                dry_run,
             };
             let response = retry::write(&servers, caller, "mode apply", |mut client, change_id| {
                 let request = proto::ApplyModesRequest {
@@ -725,6 +747,10 @@ async fn dispatch(
                 Box::pin(async move { client.apply_modes(request).await })
             })
             .await?;
+            if dry_run {
+                let preview = output::Previewed::new(response.namespace, response.preview)?;
+                return emit(output::show(format, &preview));
+            }
             emit(output::show(format, &output::Applied::from(response)))?;
             Ok(())
         }
@@ -734,6 +760,7 @@ async fn dispatch(
             incident_ok,
             reason,
             namespace,
+            dry_run,
         }) => {
             let namespace = parse_namespace(&namespace)?;
             for target in &targets {
@@ -747,6 +774,7 @@ async fn dispatch(
                 all,
                 incident_ok,
                 change_id: String::new(),
+                dry_run,
             };
             let response = retry::write(&servers, caller, "mode lift", |mut client, change_id| {
                 let request = proto::LiftActivationsRequest {
@@ -756,6 +784,10 @@ async fn dispatch(
                 Box::pin(async move { client.lift_activations(request).await })
             })
             .await?;
+            if dry_run {
+                let preview = output::Previewed::new(response.namespace, response.preview)?;
+                return emit(output::show(format, &preview));
+            }
             let pending = response.pending.is_some();
             emit(output::show(format, &output::Lifted::from(response)))?;
             requested_only(pending)

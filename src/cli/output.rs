@@ -464,6 +464,226 @@ impl View for Lifted {
     }
 }
 
+// === --dry-run ===
+
+/// `--dry-run` of `mode apply|lift` and `incident declare|escalate|resolve`:
+/// what the change would do, per channel, and whether it needs a second
+/// approver. Nothing changed.
+#[derive(Serialize)]
+pub struct Previewed {
+    namespace: String,
+    dry_run: bool,
+    preview: Preview,
+}
+
+/// What a change would do ([`proto::ChangePreview`]).
+#[derive(Serialize)]
+struct Preview {
+    revision: i64,
+    /// The modes it would apply and lift; `null` when none.
+    summary: Option<String>,
+    needs_approval: bool,
+    /// Who may approve, when it needs a second approver.
+    approval: Option<ApprovalPreview>,
+    channels: Vec<ChannelPreview>,
+}
+
+#[derive(Serialize)]
+struct ApprovalPreview {
+    roles: Vec<String>,
+    not_by: String,
+    summary: String,
+}
+
+#[derive(Serialize)]
+struct ChannelPreview {
+    channel: String,
+    effects: Vec<EffectPreview>,
+}
+
+#[derive(Serialize)]
+struct EffectPreview {
+    action: String,
+    before: String,
+    after: String,
+    customer_message_before: Option<String>,
+    customer_message_after: Option<String>,
+    agent_script_before: Option<String>,
+    agent_script_after: Option<String>,
+}
+
+/// A customer message or agent script that a change alters the same way
+/// for these actions on these channels.
+struct TextChange<'a> {
+    what: &'static str,
+    before: &'a Option<String>,
+    after: &'a Option<String>,
+    actions: Vec<&'a str>,
+    channels: Vec<&'a str>,
+}
+
+impl Previewed {
+    /// The preview of a change in `namespace`. A server that answers
+    /// without one does not know `--dry-run`, and may have made the change.
+    pub fn new(namespace: String, preview: Option<proto::ChangePreview>) -> anyhow::Result<Self> {
+        let Some(p) = preview else {
+            anyhow::bail!(
+                "the server answered without a preview: it is older than --dry-run and may have made the change; check `safemode status` and `safemode audit`"
+            );
+        };
+        let needs_approval = p.needs_approval;
+        Ok(Previewed {
+            namespace,
+            dry_run: true,
+            preview: Preview {
+                revision: p.revision,
+                summary: given(p.summary),
+                needs_approval,
+                approval: needs_approval.then_some(ApprovalPreview {
+                    roles: p.approver_roles,
+                    not_by: p.not_approver,
+                    summary: p.approval_summary,
+                }),
+                channels: p
+                    .channels
+                    .into_iter()
+                    .map(|c| ChannelPreview {
+                        channel: c.channel,
+                        effects: c
+                            .effects
+                            .into_iter()
+                            .map(|e| EffectPreview {
+                                action: e.action,
+                                before: e.before,
+                                after: e.after,
+                                customer_message_before: given(e.customer_message_before),
+                                customer_message_after: given(e.customer_message_after),
+                                agent_script_before: given(e.agent_script_before),
+                                agent_script_after: given(e.agent_script_after),
+                            })
+                            .collect(),
+                    })
+                    .collect(),
+            },
+        })
+    }
+
+    /// The preview of an incident change, in the incident's namespace.
+    pub fn of_incident(change: proto::IncidentChange) -> anyhow::Result<Self> {
+        let namespace = change.incident.map(|i| i.namespace).unwrap_or_default();
+        Previewed::new(namespace, change.preview)
+    }
+}
+
+impl View for Previewed {
+    fn render(&self, out: &mut Text) {
+        let p = &self.preview;
+        say!(
+            out,
+            "dry run in {}: {} (at revision {})",
+            self.namespace,
+            p.summary
+                .as_deref()
+                .unwrap_or("no mode would be applied or lifted"),
+            p.revision
+        );
+        let rows: Vec<[String; 4]> = p
+            .channels
+            .iter()
+            .flat_map(|c| {
+                c.effects.iter().map(|e| {
+                    [
+                        c.channel.clone(),
+                        e.action.clone(),
+                        e.before.clone(),
+                        format!("-> {}", e.after),
+                    ]
+                })
+            })
+            .collect();
+        if rows.is_empty() {
+            say!(out, "no effect would change on any channel");
+        } else {
+            out.table(["CHANNEL", "ACTION", "BEFORE", "AFTER"], &rows);
+        }
+        // A message that changes the same way for many actions and
+        // channels is said once.
+        let mut texts: Vec<TextChange<'_>> = Vec::new();
+        for c in &p.channels {
+            for e in &c.effects {
+                for (what, before, after) in [
+                    (
+                        "customer message",
+                        &e.customer_message_before,
+                        &e.customer_message_after,
+                    ),
+                    (
+                        "agent script",
+                        &e.agent_script_before,
+                        &e.agent_script_after,
+                    ),
+                ] {
+                    if before == after {
+                        continue;
+                    }
+                    let at = match texts
+                        .iter()
+                        .position(|t| (t.what, t.before, t.after) == (what, before, after))
+                    {
+                        Some(at) => at,
+                        None => {
+                            texts.push(TextChange {
+                                what,
+                                before,
+                                after,
+                                actions: Vec::new(),
+                                channels: Vec::new(),
+                            });
+                            texts.len() - 1
+                        }
+                    };
+                    let text = &mut texts[at];
+                    if !text.actions.contains(&e.action.as_str()) {
+                        text.actions.push(&e.action);
+                    }
+                    if !text.channels.contains(&c.channel.as_str()) {
+                        text.channels.push(&c.channel);
+                    }
+                }
+            }
+        }
+        let quoted = |t: &Option<String>| {
+            t.as_ref()
+                .map_or_else(|| "(none)".to_string(), |t| format!("{t:?}"))
+        };
+        for text in &texts {
+            let channels = if text.channels.len() == safemode_policy::names::CHANNELS.len() {
+                "every channel".to_string()
+            } else {
+                text.channels.join(", ")
+            };
+            say!(
+                out,
+                "{} for {} on {channels}: {} -> {}",
+                text.what,
+                text.actions.join(", "),
+                quoted(text.before),
+                quoted(text.after)
+            );
+        }
+        if let Some(approval) = &p.approval {
+            say!(
+                out,
+                "needs a second approver: someone with role {} other than {}; the request would {}",
+                approval.roles.join(" or "),
+                approval.not_by,
+                approval.summary
+            );
+        }
+        say!(out, "dry run: nothing changed");
+    }
+}
+
 // === status ===
 
 /// `safemode status`.

@@ -414,6 +414,7 @@ impl Drill {
                 reason: format!("drill of {}", runbook.name),
                 channels: Vec::new(),
                 change_id: String::new(),
+                dry_run: false,
             })
             .await
             .map_err(|s| {
@@ -469,6 +470,7 @@ impl Drill {
                 severity: severity.to_string(),
                 reason: format!("drill: {step} to {severity}"),
                 change_id: String::new(),
+                dry_run: false,
             })
             .await
             .map_err(|s| {
@@ -507,6 +509,7 @@ impl Drill {
                 incident_id: id.clone(),
                 reason: format!("drill of {} over", self.report.runbook),
                 change_id: String::new(),
+                dry_run: false,
             })
             .await
             .map_err(|s| StepError::call(format!("resolving failed: {}", s.message()), s))?

@@ -342,6 +342,7 @@ async fn a_busy_log_is_never_mistaken_for_a_tampered_one() {
                         all: true,
                         incident_ok: false,
                         change_id: String::new(),
+                        dry_run: false,
                     })
                     .await
                     .unwrap();

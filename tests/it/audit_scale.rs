@@ -88,6 +88,7 @@ async fn a_log_past_five_mib_is_listed_and_verified_page_by_page() {
                     all: true,
                     incident_ok: false,
                     change_id: String::new(),
+                    dry_run: false,
                 })
                 .await
                 .unwrap();

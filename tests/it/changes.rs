@@ -25,6 +25,7 @@ async fn apply(
             reason: "test".into(),
             as_of: as_of.map(|t| safemode_wire::timestamp_to_wire(t.parse().unwrap())),
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .map(tonic::Response::into_inner)
@@ -45,6 +46,7 @@ async fn lift(
             all,
             incident_ok: false,
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .map(tonic::Response::into_inner)
@@ -353,6 +355,7 @@ async fn a_change_id_sent_again_with_other_contents_is_refused_and_changes_nothi
         reason: "INC-4211".into(),
         as_of: None,
         change_id: "inc-4211-freeze".into(),
+        dry_run: false,
     };
     let mut control = server.control().await;
     let first = control

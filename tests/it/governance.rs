@@ -60,6 +60,7 @@ async fn fixtures(
             reason: "fixture".into(),
             channels: Vec::new(),
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .unwrap()
@@ -81,6 +82,7 @@ async fn fixtures(
             all: true,
             incident_ok: false,
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .unwrap()
@@ -112,6 +114,7 @@ async fn fixtures(
             all: false,
             incident_ok: false,
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .unwrap()
@@ -282,6 +285,7 @@ async fn call(
                 // table is about who may lift, not about the incident.
                 incident_ok: true,
                 change_id: String::new(),
+                dry_run: false,
             })
             .await,
         ),
@@ -295,6 +299,7 @@ async fn call(
                 reason: format!("{role} declares"),
                 channels: Vec::new(),
                 change_id: String::new(),
+                dry_run: false,
             })
             .await,
         ),
@@ -304,6 +309,7 @@ async fn call(
                 severity: "sev2".into(),
                 reason: format!("{role} escalates"),
                 change_id: String::new(),
+                dry_run: false,
             })
             .await,
         ),
@@ -312,6 +318,7 @@ async fn call(
                 incident_id: fixtures.incident.clone(),
                 reason: format!("{role} resolves"),
                 change_id: String::new(),
+                dry_run: false,
             })
             .await,
         ),
@@ -518,6 +525,7 @@ async fn declare_escalate_and_resolve_with_a_second_approver() {
             reason: "login failures up 40x from residential proxies".into(),
             channels: Vec::new(),
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .unwrap()
@@ -541,6 +549,7 @@ async fn declare_escalate_and_resolve_with_a_second_approver() {
             severity: "sev1".into(),
             reason: "takeovers confirmed".into(),
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .unwrap()
@@ -554,6 +563,7 @@ async fn declare_escalate_and_resolve_with_a_second_approver() {
             incident_id: incident.id.clone(),
             reason: "attack over for 2h".into(),
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .unwrap()
@@ -570,6 +580,7 @@ async fn declare_escalate_and_resolve_with_a_second_approver() {
         incident_id: incident.id.clone(),
         reason: reason.into(),
         change_id: String::new(),
+        dry_run: false,
     };
     let same = admin_requester
         .resolve_incident(resolve("admin resolves too"))
@@ -649,6 +660,7 @@ async fn declare_escalate_and_resolve_with_a_second_approver() {
             severity: "sev2".into(),
             reason: "calmer now".into(),
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .unwrap()
@@ -810,6 +822,7 @@ async fn going_down_a_severity_waits_for_an_approver() {
             reason: "takeover wave".into(),
             channels: Vec::new(),
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .unwrap()
@@ -821,6 +834,7 @@ async fn going_down_a_severity_waits_for_an_approver() {
             severity: "sev3".into(),
             reason: "volume falling".into(),
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .unwrap()
@@ -999,6 +1013,7 @@ async fn an_approval_never_carries_out_more_than_was_requested() {
             reason: "login failures up 40x".into(),
             channels: Vec::new(),
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .unwrap()
@@ -1009,6 +1024,7 @@ async fn an_approval_never_carries_out_more_than_was_requested() {
             incident_id: incident.id.clone(),
             reason: "looks quiet".into(),
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .unwrap()
@@ -1027,6 +1043,7 @@ async fn an_approval_never_carries_out_more_than_was_requested() {
             severity: "sev1".into(),
             reason: "takeovers confirmed".into(),
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .unwrap()
@@ -1102,6 +1119,7 @@ stages:
             reason: "SIM swaps".into(),
             channels: Vec::new(),
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .unwrap()
@@ -1114,6 +1132,7 @@ stages:
             severity: "sev1".into(),
             reason: "worse".into(),
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .unwrap()
@@ -1190,6 +1209,7 @@ async fn an_expired_request_cannot_be_approved() {
             all: false,
             incident_ok: false,
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .unwrap()
@@ -1237,6 +1257,7 @@ async fn two_approvers_at_once_carry_a_request_out_once() {
             all: false,
             incident_ok: false,
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .unwrap()

@@ -30,6 +30,7 @@ fn apply(namespace: &str, modes: Vec<String>) -> proto::ApplyModesRequest {
         reason: "limits test".into(),
         as_of: None,
         change_id: String::new(),
+        dry_run: false,
     }
 }
 
@@ -137,6 +138,7 @@ async fn a_flood_of_names_is_refused_by_role_first_and_stalls_nobody() {
             all: false,
             incident_ok: false,
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .expect_err("too many targets");
@@ -548,6 +550,7 @@ async fn a_principal_is_one_person_whatever_the_case() {
             all: false,
             incident_ok: false,
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .unwrap()

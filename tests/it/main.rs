@@ -32,6 +32,7 @@ mod tokens;
 mod ux_audit;
 mod ux_conventions;
 mod ux_drill_report;
+mod ux_dry_run;
 mod ux_errors;
 mod ux_hints;
 mod ux_incident_record;

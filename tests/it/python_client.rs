@@ -334,6 +334,7 @@ async fn change(server: &TestServer, change: &Change) -> i64 {
                     reason: "python client test".into(),
                     as_of,
                     change_id: String::new(),
+                    dry_run: false,
                 })
                 .await
                 .expect("apply")
@@ -356,6 +357,7 @@ async fn change(server: &TestServer, change: &Change) -> i64 {
                     all: false,
                     incident_ok: false,
                     change_id: String::new(),
+                    dry_run: false,
                 })
                 .await
                 .expect("lift")

@@ -554,6 +554,7 @@ async fn already_active_is_never_answered_from_a_lagging_view() {
         },
         reason: Reason::parse("contain the wave").unwrap(),
         change_id: None,
+        dry_run: false,
     };
     // Both replicas know the mode is active.
     lagging.apply(apply()).await.unwrap();
@@ -582,6 +583,7 @@ async fn already_active_is_never_answered_from_a_lagging_view() {
             all: false,
             incident_ok: false,
             change_id: None,
+            dry_run: false,
         })
         .await
         .unwrap();

@@ -217,6 +217,7 @@ impl Controller {
             actor,
             namespace,
             change_id: change_id.as_ref(),
+            dry_run: None,
         };
         let (outcome, revision) = self
             .commit_change(act, |view| {
@@ -293,6 +294,7 @@ impl Controller {
             actor,
             namespace,
             change_id: change_id.as_ref(),
+            dry_run: None,
         };
         let (outcome, revision) = self
             .commit_change(act, |view| {

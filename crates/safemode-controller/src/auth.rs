@@ -99,6 +99,15 @@ impl Role {
     }
 }
 
+/// The roles that allow `operation` in `namespace`, in [`ROLES`] order:
+/// who may approve a request there, for instance.
+pub fn roles_allowed(operation: Operation, namespace: Option<&Namespace>) -> Vec<Role> {
+    ROLES
+        .into_iter()
+        .filter(|role| role.allows(operation, namespace))
+        .collect()
+}
+
 impl fmt::Display for Role {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())

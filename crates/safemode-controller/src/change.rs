@@ -54,6 +54,7 @@ use super::records::{
 use super::{Controller, Error, NamespaceHandle, NamespaceView, Result};
 use crate::audit::{self, AuditAction, AuditDraft, AuditEntry, AuditHead};
 use crate::auth::Principal;
+use crate::preview::DryRun;
 use safemode_policy::{Activation, ActivationId, Namespace, Revision};
 use safemode_store::{Compare, Op, Txn, TxnOutcome};
 
@@ -226,6 +227,9 @@ pub(crate) struct Act<'a> {
     pub namespace: &'a Namespace,
     /// The caller's change id, if it gave one (a retry gives the same).
     pub change_id: Option<&'a ChangeId>,
+    /// Set for a dry run: the change is prepared as usual, never committed,
+    /// and what it would do is left here (see [`crate::preview`]).
+    pub dry_run: Option<&'a DryRun>,
 }
 
 impl Act<'_> {
@@ -437,6 +441,12 @@ pub(crate) struct ChangeOf<'a> {
 }
 
 impl<T> Plan<T> {
+    /// What the plan answers, and its writes with their audit entry (none
+    /// when it writes nothing): what a dry run reads instead of committing.
+    pub(crate) fn into_parts(self) -> (T, Option<(Vec<Op>, AuditDraft)>) {
+        (self.outcome, self.write.map(|w| (w.ops, w.audit)))
+    }
+
     /// A plan that writes nothing and answers `outcome` once the store
     /// confirms the view it was prepared from is current.
     pub fn answer(outcome: T) -> Self {
@@ -554,6 +564,12 @@ impl Controller {
             id: act.change_id,
         };
         let handle = self.namespace(act.namespace).await?;
+        if let Some(dry_run) = act.dry_run {
+            // No change id is looked up or kept: nothing commits.
+            let (outcome, revision, preview) = self.preview_change(act, handle, prepare).await?;
+            dry_run.set(preview);
+            return Ok((outcome, revision));
+        }
         self.commit_in(change, handle, prepare).await
     }
 
@@ -932,7 +948,11 @@ impl Controller {
     /// After a lost race: waits (bounded) until this replica's view of the
     /// namespace has the meta revision the store has now, so the next plan is
     /// prepared from it.
-    async fn catch_up(&self, handle: &NamespaceHandle, view: &NamespaceView) -> Result<()> {
+    pub(crate) async fn catch_up(
+        &self,
+        handle: &NamespaceHandle,
+        view: &NamespaceView,
+    ) -> Result<()> {
         let key = self.config.layout.meta_key(&view.namespace);
         let range = self.store.range(&key).await?;
         let current = range
@@ -1099,7 +1119,7 @@ fn expiry(at: Timestamp, ttl: Duration) -> Timestamp {
 /// Before another attempt: every change appends to the one audit chain, so
 /// changes in other namespaces compete too, and a store that just failed may
 /// be electing a leader: spread the retries out.
-async fn pause(attempt: u32) {
+pub(crate) async fn pause(attempt: u32) {
     let most = 1u64 << attempt.min(6);
     tokio::time::sleep(Duration::from_millis(rand::random_range(0..=most))).await;
 }
@@ -1197,6 +1217,7 @@ mod tests {
             actor: Principal::local(),
             reason: Reason::parse("test").unwrap(),
             change_id: Some(ChangeId::parse(change_id).unwrap()),
+            dry_run: false,
         }
     }
 
@@ -1260,6 +1281,7 @@ mod tests {
             all: false,
             incident_ok: false,
             change_id: Some(ChangeId::parse("once").unwrap()),
+            dry_run: false,
         };
         let refused = controller.lift(lift).await.unwrap_err();
         assert!(matches!(refused, Error::ChangeIdReused { .. }), "{refused}");
@@ -1283,6 +1305,7 @@ mod tests {
             all: false,
             incident_ok: false,
             change_id: Some(ChangeId::parse(&id).unwrap()),
+            dry_run: false,
         };
         for i in 0..CHANGE_WINDOW {
             controller.apply(apply(&format!("a{i}"))).await.unwrap();
@@ -1377,5 +1400,47 @@ mod tests {
         let with = AuditEntry::seal(draft(Some("c1")), None, &AuditHead::default(), at, &key);
         assert_ne!(with.hash, without.hash, "the change id is hashed");
         assert_eq!(with.computed_hash(), with.hash);
+    }
+
+    #[tokio::test]
+    async fn a_dry_run_prepares_the_change_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (controller, _) = controller(&dir).await;
+        let everything = || async {
+            let prefix = controller.config.layout.prefix().to_string();
+            controller.store.range(&prefix).await.unwrap().kvs
+        };
+        let before = everything().await;
+        let outcome = controller
+            .apply(ApplyRequest {
+                dry_run: true,
+                ..apply("dry")
+            })
+            .await
+            .unwrap();
+        assert_eq!(everything().await, before, "a dry run wrote");
+        assert_eq!(entries_of(&controller, "dry").await, 0);
+        let preview = outcome.preview.expect("a dry run answers a preview");
+        assert_eq!(preview.summary, "apply throttle-high-risk on all channels");
+        assert!(preview.approval.is_none());
+        assert_eq!(
+            preview.channels.len(),
+            safemode_policy::names::CHANNELS.len()
+        );
+        for channel in &preview.channels {
+            let account = channel
+                .effects
+                .iter()
+                .find(|e| e.action == "account.*")
+                .expect("account changes are throttled");
+            assert_eq!(
+                (account.before.as_str(), account.after.as_str()),
+                ("allow", "throttle 3 per 3600s")
+            );
+        }
+        // The change itself still applies: its id was not taken.
+        let applied = controller.apply(apply("dry")).await.unwrap();
+        assert_eq!(applied.applied.len(), 1);
+        assert!(applied.preview.is_none());
     }
 }

@@ -13,6 +13,7 @@ use tracing::info;
 
 use super::change::{Act, ApprovalNeeded, ChangeId, Plan, Writes};
 use super::modes::{describe, describe_modes, same_rules};
+use super::preview::{DryRun, Preview};
 use super::records::{
     ChangeRequest, Incident, IncidentId, IncidentStatus, RequestId, RequestKind, TimelineEvent,
 };
@@ -43,6 +44,8 @@ pub struct DeclareRequest {
     /// The change's id, if the caller gave one (a retry gives the same):
     /// a change id that already committed is answered, not applied again.
     pub change_id: Option<ChangeId>,
+    /// Only say what the change would do: nothing is written or audited.
+    pub dry_run: bool,
 }
 
 /// Move an incident to another severity.
@@ -59,6 +62,8 @@ pub struct EscalateRequest {
     /// The change's id, if the caller gave one (a retry gives the same):
     /// a change id that already committed is answered, not applied again.
     pub change_id: Option<ChangeId>,
+    /// Only say what the change would do: nothing is written or audited.
+    pub dry_run: bool,
 }
 
 /// Resolve an incident.
@@ -73,6 +78,8 @@ pub struct ResolveRequest {
     /// The change's id, if the caller gave one (a retry gives the same):
     /// a change id that already committed is answered, not applied again.
     pub change_id: Option<ChangeId>,
+    /// Only say what the change would do: nothing is written or audited.
+    pub dry_run: bool,
 }
 
 /// What an incident change did.
@@ -91,6 +98,9 @@ pub struct IncidentOutcome {
     pub in_force: Vec<Arc<Activation>>,
     /// Set when the change needs a second approver: nothing changed yet.
     pub pending: Option<ChangeRequest>,
+    /// Set for a dry run: what the change would do (then nothing changed,
+    /// and the rest of the outcome is what would be).
+    pub preview: Option<Preview>,
 }
 
 /// How an incident's activations change to reach a stage.
@@ -337,11 +347,13 @@ impl Controller {
         let (request, runbook) = (&request, &runbook);
         let namespace = &request.namespace;
         let reason = request.reason.as_str();
+        let dry_run = DryRun::when(request.dry_run);
         let act = &Act {
             action: AuditAction::Declare,
             actor: &request.actor,
             namespace,
             change_id: request.change_id.as_ref(),
+            dry_run: dry_run.as_ref(),
         };
         let (outcome, revision) = self
             .commit_change(act, |_view| {
@@ -428,8 +440,11 @@ impl Controller {
             })
             .await?;
         let (incident, applied) = outcome?;
-        info!(incident = %incident.id, runbook = %incident.runbook, severity = %incident.severity,
-            namespace = %namespace, revision, principal = %request.actor.name, "incident declared");
+        let preview = DryRun::take(dry_run);
+        if preview.is_none() {
+            info!(incident = %incident.id, runbook = %incident.runbook, severity = %incident.severity,
+                namespace = %namespace, revision, principal = %request.actor.name, "incident declared");
+        }
         let applied = stored(applied, revision);
         Ok(IncidentOutcome {
             incident,
@@ -438,6 +453,7 @@ impl Controller {
             applied,
             lifted: Vec::new(),
             pending: None,
+            preview,
         })
     }
 
@@ -449,11 +465,13 @@ impl Controller {
         let request = &request;
         let namespace = &found.namespace;
         let reason = request.reason.as_str();
+        let dry_run = DryRun::when(request.dry_run);
         let act = &Act {
             action: AuditAction::Escalate,
             actor: &request.actor,
             namespace,
             change_id: request.change_id.as_ref(),
+            dry_run: dry_run.as_ref(),
         };
         let (outcome, revision) = self
             .commit_change(act, |view| {
@@ -491,15 +509,17 @@ impl Controller {
                         };
                         let ids: Vec<ActivationId> =
                             staged.lift.iter().map(|a| a.id.clone()).collect();
-                        // Asking again returns the first request.
-                        if let Some(first) = self
-                            .same_request(
-                                namespace,
-                                &kind,
-                                Some((&incident.id, incident_revision)),
-                                &ids,
-                            )
-                            .await?
+                        // Asking again returns the first request (a dry
+                        // run shows what the request does instead).
+                        if act.dry_run.is_none()
+                            && let Some(first) = self
+                                .same_request(
+                                    namespace,
+                                    &kind,
+                                    Some((&incident.id, incident_revision)),
+                                    &ids,
+                                )
+                                .await?
                         {
                             let in_force = incident_activations(&view, &incident);
                             return Ok(Plan::answer(Ok((
@@ -583,8 +603,11 @@ impl Controller {
             })
             .collect();
         let applied = stored(applied, revision);
-        info!(incident = %incident.id, severity = %incident.severity, pending = pending.is_some(),
-            revision, principal = %request.actor.name, "incident severity changed");
+        let preview = DryRun::take(dry_run);
+        if preview.is_none() {
+            info!(incident = %incident.id, severity = %incident.severity, pending = pending.is_some(),
+                revision, principal = %request.actor.name, "incident severity changed");
+        }
         Ok(IncidentOutcome {
             incident,
             revision,
@@ -592,6 +615,7 @@ impl Controller {
             lifted,
             in_force,
             pending,
+            preview,
         })
     }
 
@@ -603,11 +627,13 @@ impl Controller {
         let request = &request;
         let namespace = &found.namespace;
         let reason = request.reason.as_str();
+        let dry_run = DryRun::when(request.dry_run);
         let act = &Act {
             action: AuditAction::Resolve,
             actor: &request.actor,
             namespace,
             change_id: request.change_id.as_ref(),
+            dry_run: dry_run.as_ref(),
         };
         let (outcome, revision) = self
             .commit_change(act, |view| {
@@ -628,15 +654,17 @@ impl Controller {
                     if staged.lift_needs_approval(true, self.catalog()) {
                         let ids: Vec<ActivationId> =
                             staged.lift.iter().map(|a| a.id.clone()).collect();
-                        // Asking again returns the first request.
-                        if let Some(first) = self
-                            .same_request(
-                                namespace,
-                                &RequestKind::Resolve,
-                                Some((&incident.id, incident_revision)),
-                                &ids,
-                            )
-                            .await?
+                        // Asking again returns the first request (a dry
+                        // run shows what the request does instead).
+                        if act.dry_run.is_none()
+                            && let Some(first) = self
+                                .same_request(
+                                    namespace,
+                                    &RequestKind::Resolve,
+                                    Some((&incident.id, incident_revision)),
+                                    &ids,
+                                )
+                                .await?
                         {
                             let in_force = staged.lift.clone();
                             return Ok(Plan::answer(Ok((
@@ -686,8 +714,11 @@ impl Controller {
             })
             .await?;
         let (incident, lifted, in_force, pending) = outcome?;
-        info!(incident = %incident.id, pending = pending.is_some(), revision,
-            principal = %request.actor.name, "incident resolution");
+        let preview = DryRun::take(dry_run);
+        if preview.is_none() {
+            info!(incident = %incident.id, pending = pending.is_some(), revision,
+                principal = %request.actor.name, "incident resolution");
+        }
         Ok(IncidentOutcome {
             incident,
             revision,
@@ -695,6 +726,7 @@ impl Controller {
             lifted,
             in_force,
             pending,
+            preview,
         })
     }
 

@@ -6,7 +6,8 @@
 //!
 //! It knows nothing of gRPC (safemode-grpc converts at the edge) and
 //! nothing of which store is below it. Every write goes through
-//! [`change`](self::change)'s commit loop.
+//! [`change`](self::change)'s commit loop; a dry run prepares the same plan
+//! and stops before it ([`preview`](self::preview)).
 
 #![forbid(unsafe_code)]
 
@@ -19,6 +20,7 @@ mod incidents;
 mod keys;
 mod modes;
 mod namespace;
+mod preview;
 mod records;
 mod refusals;
 mod subscribers;
@@ -40,6 +42,7 @@ pub use incidents::{
 pub use keys::{CatalogRecord, Layout, NamespaceChange};
 pub use modes::{ApplyOutcome, ApplyRequest, LiftOutcome, LiftRequest, LiftTarget};
 pub use namespace::{ChannelSnapshot, FollowerHealth, NamespaceHandle, NamespaceView};
+pub use preview::{ApprovalPreview, ChannelChange, EffectChange, Preview};
 pub use records::{
     ChangeRequest, Incident, IncidentId, IncidentStatus, RequestId, RequestKind, RequestState,
     RequestStatus, TimelineEvent,

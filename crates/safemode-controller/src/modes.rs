@@ -7,6 +7,7 @@ use jiff::Timestamp;
 use tracing::info;
 
 use super::change::{Act, ApprovalNeeded, ChangeId, Plan, Writes};
+use super::preview::{DryRun, Preview};
 use super::records::{ChangeRequest, RequestKind};
 use super::{Controller, Error, NamespaceView, Result};
 use crate::audit::AuditAction;
@@ -34,6 +35,8 @@ pub struct ApplyRequest {
     /// The change's id, if the caller gave one (a retry gives the same):
     /// a change id that already committed is answered, not applied again.
     pub change_id: Option<ChangeId>,
+    /// Only say what the change would do: nothing is written or audited.
+    pub dry_run: bool,
 }
 
 /// What an apply did.
@@ -45,6 +48,9 @@ pub struct ApplyOutcome {
     pub applied: Vec<Arc<Activation>>,
     /// Requested modes already active with the same channels and rules.
     pub already_active: Vec<Arc<Activation>>,
+    /// Set for a dry run: what the apply would do (then nothing was
+    /// applied, and `applied` is what would be).
+    pub preview: Option<Preview>,
 }
 
 /// What to lift: one activation, or every activation of a mode.
@@ -98,6 +104,8 @@ pub struct LiftRequest {
     /// The change's id, if the caller gave one (a retry gives the same):
     /// a change id that already committed is answered, not applied again.
     pub change_id: Option<ChangeId>,
+    /// Only say what the change would do: nothing is written or audited.
+    pub dry_run: bool,
 }
 
 /// What a lift did.
@@ -109,6 +117,9 @@ pub struct LiftOutcome {
     pub lifted: Vec<Arc<Activation>>,
     /// Set instead when the lift needs a second approver.
     pub pending: Option<ChangeRequest>,
+    /// Set for a dry run: what the lift would do (then nothing was lifted
+    /// and no request made; `lifted` and `pending` are what would be).
+    pub preview: Option<Preview>,
 }
 
 /// Whether an active activation's rules are those the catalogue's `mode`
@@ -232,11 +243,13 @@ impl Controller {
             .collect::<Result<Vec<_>>>()?;
         let (request, modes) = (&request, &modes);
         let namespace = &request.namespace;
+        let dry_run = DryRun::when(request.dry_run);
         let act = &Act {
             action: AuditAction::Apply,
             actor: &request.actor,
             namespace,
             change_id: request.change_id.as_ref(),
+            dry_run: dry_run.as_ref(),
         };
         let (outcome, revision) = self
             .commit_change(act, |view| {
@@ -282,7 +295,8 @@ impl Controller {
             })
             .await?;
         let (applied, already_active) = outcome;
-        if !applied.is_empty() {
+        let preview = DryRun::take(dry_run);
+        if !applied.is_empty() && preview.is_none() {
             info!(%namespace, revision, principal = %request.actor.name,
                 modes = ?applied.iter().map(|a| a.mode.name.as_str()).collect::<Vec<_>>(),
                 reason = %request.reason.as_str(), "modes applied");
@@ -294,6 +308,7 @@ impl Controller {
                 .map(|a| Arc::new(Activation { revision, ..a }))
                 .collect(),
             already_active,
+            preview,
         })
     }
 
@@ -302,11 +317,13 @@ impl Controller {
     pub async fn lift(&self, request: LiftRequest) -> Result<LiftOutcome> {
         let request = &request;
         let namespace = &request.namespace;
+        let dry_run = DryRun::when(request.dry_run);
         let act = &Act {
             action: AuditAction::Lift,
             actor: &request.actor,
             namespace,
             change_id: request.change_id.as_ref(),
+            dry_run: dry_run.as_ref(),
         };
         let (outcome, revision) = self
             .commit_change(act, |view| {
@@ -347,10 +364,12 @@ impl Controller {
                     let mut writes = Writes::new(at);
                     if needs_approval {
                         let ids: Vec<ActivationId> = lifted.iter().map(|a| a.id.clone()).collect();
-                        // Asking again returns the first request.
-                        if let Some(first) = self
-                            .same_request(namespace, &RequestKind::Lift, None, &ids)
-                            .await?
+                        // Asking again returns the first request (a dry
+                        // run shows what the request does instead).
+                        if act.dry_run.is_none()
+                            && let Some(first) = self
+                                .same_request(namespace, &RequestKind::Lift, None, &ids)
+                                .await?
                         {
                             return Ok(Plan::answer(Ok((Vec::new(), Some(first)))));
                         }
@@ -379,7 +398,8 @@ impl Controller {
             })
             .await?;
         let (lifted, pending) = outcome?;
-        if !lifted.is_empty() {
+        let preview = DryRun::take(dry_run);
+        if !lifted.is_empty() && preview.is_none() {
             info!(%namespace, revision, principal = %request.actor.name,
                 lifted = ?lifted.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(),
                 reason = %request.reason.as_str(), "activations lifted");
@@ -388,6 +408,7 @@ impl Controller {
             revision,
             lifted,
             pending,
+            preview,
         })
     }
 }

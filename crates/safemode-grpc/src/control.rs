@@ -8,9 +8,13 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::convert::{
-    audit_entry_to_wire, incident_to_wire, recorded_request_to_wire, request_to_wire,
+    audit_entry_to_wire, incident_to_wire, preview_to_wire, recorded_request_to_wire,
+    request_to_wire,
 };
-use super::{authorize, authorize_anywhere, invalid, invalid_name, limits, principal, status};
+use super::{
+    authorize, authorize_anywhere, authorize_change, authorize_change_anywhere, invalid,
+    invalid_name, limits, principal, status,
+};
 use safemode_controller::auth::Operation;
 use safemode_controller::{
     ApplyRequest, AuditFilter, AuditPage, ChangeId, Controller, DeclareRequest, EscalateRequest,
@@ -61,6 +65,7 @@ impl ControlApi {
             revision: outcome.revision,
             pending: outcome.pending.as_ref().map(recorded_request_to_wire),
             change_id: change_id.to_string(),
+            preview: outcome.preview.as_ref().map(preview_to_wire),
         }
     }
 }
@@ -135,12 +140,13 @@ impl ControlService for ControlApi {
         let namespace = namespace(&r.namespace)?;
         // Authorised before anything that grows with the request; a refusal
         // records a bounded summary, never the caller's list.
-        authorize(
+        authorize_change(
             &self.controller,
             &actor,
             Operation::Change,
             Some(&namespace),
             &format!("apply {}", limits::summary(&r.modes)),
+            r.dry_run,
         )
         .await?;
         if r.modes.is_empty() {
@@ -198,6 +204,7 @@ impl ControlService for ControlApi {
                 actor: (*actor).clone(),
                 reason,
                 change_id: Some(change.clone()),
+                dry_run: r.dry_run,
             })
             .await
             .map_err(status)?;
@@ -215,6 +222,7 @@ impl ControlService for ControlApi {
                 .iter()
                 .map(|a| wire::activation_to_wire(a))
                 .collect(),
+            preview: outcome.preview.as_ref().map(preview_to_wire),
         }))
     }
 
@@ -226,12 +234,13 @@ impl ControlService for ControlApi {
         let r = request.into_inner();
         let change = change_id(&r.change_id, &actor, &r)?;
         let namespace = namespace(&r.namespace)?;
-        authorize(
+        authorize_change(
             &self.controller,
             &actor,
             Operation::Change,
             Some(&namespace),
             &format!("lift {}", limits::summary(&r.targets)),
+            r.dry_run,
         )
         .await?;
         if r.targets.is_empty() {
@@ -266,6 +275,7 @@ impl ControlService for ControlApi {
                 all: r.all,
                 incident_ok: r.incident_ok,
                 change_id: Some(change.clone()),
+                dry_run: r.dry_run,
             })
             .await
             .map_err(status)?;
@@ -279,6 +289,7 @@ impl ControlService for ControlApi {
                 .map(|a| wire::activation_to_wire(a))
                 .collect(),
             pending: outcome.pending.as_ref().map(recorded_request_to_wire),
+            preview: outcome.preview.as_ref().map(preview_to_wire),
         }))
     }
 
@@ -406,12 +417,13 @@ impl ControlService for ControlApi {
         let runbook = RunbookName::parse(&r.r#type).map_err(invalid_name("type"))?;
         let severity = severity(&r.severity)?;
         let what = format!("declare {runbook} at {severity}");
-        authorize(
+        authorize_change(
             &self.controller,
             &actor,
             Operation::Change,
             Some(&namespace),
             &what,
+            r.dry_run,
         )
         .await?;
         let reason = reason(&r.reason)?;
@@ -426,6 +438,7 @@ impl ControlService for ControlApi {
                 channels,
                 actor: (*actor).clone(),
                 change_id: Some(change.clone()),
+                dry_run: r.dry_run,
             })
             .await
             .map_err(status)?;
@@ -447,14 +460,22 @@ impl ControlService for ControlApi {
             reason(&r.reason)?
         };
         let what = format!("move incident {id} to {severity}");
-        authorize_anywhere(&self.controller, &actor, Operation::Change, &what).await?;
+        authorize_change_anywhere(
+            &self.controller,
+            &actor,
+            Operation::Change,
+            &what,
+            r.dry_run,
+        )
+        .await?;
         let incident = self.controller.incident(&id).await.map_err(status)?;
-        authorize(
+        authorize_change(
             &self.controller,
             &actor,
             Operation::Change,
             Some(&incident.namespace),
             &what,
+            r.dry_run,
         )
         .await?;
         let outcome = self
@@ -465,6 +486,7 @@ impl ControlService for ControlApi {
                 reason,
                 actor: (*actor).clone(),
                 change_id: Some(change.clone()),
+                dry_run: r.dry_run,
             })
             .await
             .map_err(status)?;
@@ -481,14 +503,22 @@ impl ControlService for ControlApi {
         let id = incident_id(&r.incident_id)?;
         let reason = reason(&r.reason)?;
         let what = format!("resolve incident {id}");
-        authorize_anywhere(&self.controller, &actor, Operation::Change, &what).await?;
+        authorize_change_anywhere(
+            &self.controller,
+            &actor,
+            Operation::Change,
+            &what,
+            r.dry_run,
+        )
+        .await?;
         let incident = self.controller.incident(&id).await.map_err(status)?;
-        authorize(
+        authorize_change(
             &self.controller,
             &actor,
             Operation::Change,
             Some(&incident.namespace),
             &what,
+            r.dry_run,
         )
         .await?;
         let outcome = self
@@ -498,6 +528,7 @@ impl ControlService for ControlApi {
                 reason,
                 actor: (*actor).clone(),
                 change_id: Some(change.clone()),
+                dry_run: r.dry_run,
             })
             .await
             .map_err(status)?;

@@ -4,7 +4,7 @@
 
 use safemode_controller::audit::AuditEntry;
 use safemode_controller::{
-    ChangeRequest, ChannelSnapshot, Incident, IncidentStatus, NamespaceView, RequestKind,
+    ChangeRequest, ChannelSnapshot, Incident, IncidentStatus, NamespaceView, Preview, RequestKind,
     RequestState, SubscriberRecord,
 };
 use std::sync::Arc;
@@ -99,6 +99,39 @@ pub fn incident_to_wire(i: &Incident, in_force: &[Arc<Activation>]) -> proto::In
                     .unwrap_or_default(),
                 detail: e.detail.clone().unwrap_or_default(),
                 revision: e.revision,
+            })
+            .collect(),
+    }
+}
+
+/// What a dry run found a change would do.
+pub fn preview_to_wire(p: &Preview) -> proto::ChangePreview {
+    let approval = p.approval.as_ref();
+    proto::ChangePreview {
+        revision: p.revision,
+        summary: p.summary.clone(),
+        needs_approval: approval.is_some(),
+        approver_roles: approval.map(|a| a.roles.clone()).unwrap_or_default(),
+        not_approver: approval.map(|a| a.not_by.clone()).unwrap_or_default(),
+        approval_summary: approval.map(|a| a.summary.clone()).unwrap_or_default(),
+        channels: p
+            .channels
+            .iter()
+            .map(|c| proto::ChannelPreview {
+                channel: c.channel.to_string(),
+                effects: c
+                    .effects
+                    .iter()
+                    .map(|e| proto::EffectChange {
+                        action: e.action.clone(),
+                        before: e.before.clone(),
+                        after: e.after.clone(),
+                        customer_message_before: e.customer_message_before.clone(),
+                        customer_message_after: e.customer_message_after.clone(),
+                        agent_script_before: e.agent_script_before.clone(),
+                        agent_script_after: e.agent_script_after.clone(),
+                    })
+                    .collect(),
             })
             .collect(),
     }

@@ -198,11 +198,25 @@ async fn authorize(
     namespace: Option<&Namespace>,
     what: &str,
 ) -> Result<(), tonic::Status> {
+    authorize_change(controller, actor, operation, namespace, what, false).await
+}
+
+/// [`authorize`] for a change that may be a dry run: the same check against
+/// the same table, but a refused dry run is only logged, since a dry run
+/// audits nothing.
+async fn authorize_change(
+    controller: &Controller,
+    actor: &Principal,
+    operation: Operation,
+    namespace: Option<&Namespace>,
+    what: &str,
+    dry_run: bool,
+) -> Result<(), tonic::Status> {
     let Err(denied) = actor.may(operation, namespace) else {
         return Ok(());
     };
-    warn!(principal = %actor.name, %what, "refused: {denied}");
-    if operation.writes() {
+    warn!(principal = %actor.name, %what, dry_run, "refused: {denied}");
+    if operation.writes() && !dry_run {
         controller
             .record_refusal(actor, namespace, format!("refused {what}: {denied}"))
             .await
@@ -221,12 +235,24 @@ async fn authorize_anywhere(
     operation: Operation,
     what: &str,
 ) -> Result<(), tonic::Status> {
+    authorize_change_anywhere(controller, actor, operation, what, false).await
+}
+
+/// [`authorize_anywhere`] for a change that may be a dry run (see
+/// [`authorize_change`]).
+async fn authorize_change_anywhere(
+    controller: &Controller,
+    actor: &Principal,
+    operation: Operation,
+    what: &str,
+    dry_run: bool,
+) -> Result<(), tonic::Status> {
     let live = Namespace::live();
     let drill = Namespace::parse("drill-any").expect("a valid drill namespace");
     if actor.may(operation, Some(&live)).is_ok() || actor.may(operation, Some(&drill)).is_ok() {
         return Ok(());
     }
-    authorize(controller, actor, operation, None, what).await
+    authorize_change(controller, actor, operation, None, what, dry_run).await
 }
 
 /// The most bytes of an error message: messages quote what the caller

@@ -465,6 +465,7 @@ async fn flip(
                 all: true,
                 incident_ok: false,
                 change_id: String::new(),
+                dry_run: false,
             })
             .await?
             .into_inner()
