@@ -128,7 +128,7 @@ enum Command {
         /// The request (req_...), from `safemode requests`.
         request_id: String,
         /// Why (default: the requester's reason).
-        #[arg(long)]
+        #[arg(long, value_parser = reason_arg)]
         reason: Option<String>,
     },
     /// Take back a pending request, so that nobody can approve it.
@@ -136,7 +136,7 @@ enum Command {
         /// The request (req_...), from `safemode requests`.
         request_id: String,
         /// Why (default: "withdrawn").
-        #[arg(long)]
+        #[arg(long, value_parser = reason_arg)]
         reason: Option<String>,
     },
     /// List requests waiting for a second approver.
@@ -219,7 +219,7 @@ enum IncidentCommand {
         #[arg(long)]
         severity: String,
         /// Why (mandatory; audited).
-        #[arg(long)]
+        #[arg(long, required = true, value_parser = reason_arg)]
         reason: Option<String>,
         /// Limit every mode to these channels, comma-separated.
         #[arg(long)]
@@ -242,7 +242,7 @@ enum IncidentCommand {
         #[arg(long)]
         severity: String,
         /// Why (default: "moved to SEVERITY").
-        #[arg(long)]
+        #[arg(long, value_parser = reason_arg)]
         reason: Option<String>,
         /// Only show what the change would do, per channel, and whether it
         /// needs a second approver: nothing is changed, audited or requested.
@@ -255,7 +255,7 @@ enum IncidentCommand {
         /// exactly one incident of that type is active in the namespace.
         id: String,
         /// Why (mandatory; audited).
-        #[arg(long)]
+        #[arg(long, required = true, value_parser = reason_arg)]
         reason: Option<String>,
         #[command(flatten)]
         namespace: NamespaceArg,
@@ -503,7 +503,7 @@ enum ModeCommand {
         #[arg(required = true)]
         modes: Vec<String>,
         /// Why (mandatory; audited).
-        #[arg(long)]
+        #[arg(long, required = true, value_parser = reason_arg)]
         reason: Option<String>,
         /// Channels to cover, comma-separated, or `*` (default: all).
         #[arg(long)]
@@ -531,7 +531,7 @@ enum ModeCommand {
         #[arg(long)]
         incident_ok: bool,
         /// Why (mandatory; audited).
-        #[arg(long)]
+        #[arg(long, required = true, value_parser = reason_arg)]
         reason: Option<String>,
         #[command(flatten)]
         namespace: NamespaceArg,
@@ -594,9 +594,180 @@ struct DecideArgs {
     exit_code: bool,
 }
 
+/// The global flags of the commands that talk to a controller, by clap id.
+const CLIENT_FLAGS: [&str; 8] = [
+    "servers",
+    "output",
+    "token",
+    "token_file",
+    "principal",
+    "ca_cert",
+    "insecure",
+    "change_id",
+];
+
+/// Which of [`CLIENT_FLAGS`] the command at `path` ("mode apply") uses; its
+/// help hides the others and its command line refuses them.
+fn client_flags_used(path: &str) -> &'static [&'static str] {
+    const READ: &[&str] = &[
+        "servers",
+        "output",
+        "token",
+        "token_file",
+        "principal",
+        "ca_cert",
+        "insecure",
+    ];
+    match path {
+        // Changes: a change id names them across retries.
+        "mode apply" | "mode lift" | "incident declare" | "incident escalate"
+        | "incident resolve" | "approve" | "withdraw" => &CLIENT_FLAGS,
+        // No controller involved.
+        "serve" | "completions" | "key public" => &[],
+        "runbook lint" | "token create" => &["output"],
+        _ => READ,
+    }
+}
+
+/// The command-line grammar: [`Cli`], with each command's help listing only
+/// the global flags it uses.
+fn grammar() -> clap::Command {
+    let command = <Cli as clap::CommandFactory>::command();
+    let globals: Vec<clap::Arg> = command
+        .get_arguments()
+        .filter(|a| a.is_global_set())
+        .cloned()
+        .collect();
+    hide_unused_flags(command, "", &globals)
+}
+
+/// Gives each command under `command` (at `path`) a hidden, local copy of
+/// each global flag it does not use: clap then copies the global one into
+/// it no more, so its help leaves the flag out, and [`unused_flag_given`]
+/// finds it given there.
+fn hide_unused_flags(
+    mut command: clap::Command,
+    path: &str,
+    globals: &[clap::Arg],
+) -> clap::Command {
+    let names: Vec<String> = command
+        .get_subcommands()
+        .map(|c| c.get_name().to_string())
+        .collect();
+    if names.is_empty() {
+        let used = client_flags_used(path);
+        for global in globals {
+            let id = global.get_id().as_str();
+            let own = command.get_arguments().any(|a| a.get_id() == id);
+            if !own && !used.contains(&id) {
+                command = command.arg(global.clone().global(false).hide(true));
+            }
+        }
+        return command;
+    }
+    for name in names {
+        let sub = if path.is_empty() {
+            name.clone()
+        } else {
+            format!("{path} {name}")
+        };
+        command = command.mut_subcommand(&name, |c| hide_unused_flags(c, &sub, globals));
+    }
+    command
+}
+
+/// A global flag given on the command line to a command that does not use
+/// it ("--change-id is not used by `safemode status`"), before or after the
+/// command's name.
+fn unused_flag_given(grammar: &clap::Command, matches: &clap::ArgMatches) -> Option<String> {
+    let mut levels = vec![matches];
+    let mut path = Vec::new();
+    let mut command = grammar;
+    while let Some((name, sub)) = levels.last().and_then(|m| m.subcommand()) {
+        command = command.find_subcommand(name)?;
+        path.push(name);
+        levels.push(sub);
+    }
+    let path = path.join(" ");
+    let used = client_flags_used(&path);
+    let leaf = levels.last()?;
+    grammar
+        .get_arguments()
+        .filter(|a| a.is_global_set() && !used.contains(&a.get_id().as_str()))
+        // A command's own flag of the same name (`token create
+        // --principal`) is its own.
+        .filter(|a| {
+            command
+                .get_arguments()
+                .any(|own| own.get_id() == a.get_id() && own.is_hide_set())
+        })
+        .find(|a| {
+            let id = a.get_id().as_str();
+            [matches, leaf]
+                .iter()
+                .any(|m| m.value_source(id) == Some(clap::parser::ValueSource::CommandLine))
+        })
+        .map(|a| {
+            format!(
+                "--{} is not used by `safemode {path}`: leave it out (`safemode {path} --help` lists what it takes)",
+                a.get_long().unwrap_or(a.get_id().as_str())
+            )
+        })
+}
+
+/// A usage error on one line: clap's message and tips, without the usage
+/// block (`--help` shows that).
+fn usage_line(error: &clap::Error) -> String {
+    let rendered = error.render().to_string();
+    let parts: Vec<String> = rendered
+        .lines()
+        .take_while(|line| !line.starts_with("Usage:") && !line.starts_with("For more information"))
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .map(|line| line.strip_prefix("error: ").unwrap_or(line).to_string())
+        .collect();
+    format!("error: {} (see --help)", parts.join(" "))
+}
+
+/// Exit code of bad usage: a flag or argument missing, unknown, or not of
+/// the accepted form.
+const USAGE: u8 = 2;
+
 /// Runs the command line and returns the process exit code.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut grammar = grammar();
+    let parsed = grammar
+        .try_get_matches_from_mut(std::env::args_os())
+        .and_then(|matches| {
+            Ok((
+                <Cli as clap::FromArgMatches>::from_arg_matches(&matches)?,
+                matches,
+            ))
+        });
+    let cli = match parsed {
+        Ok((cli, matches)) => match unused_flag_given(&grammar, &matches) {
+            None => cli,
+            Some(message) => {
+                eprintln!("error: {message}");
+                return ExitCode::from(USAGE);
+            }
+        },
+        Err(error) => {
+            use clap::error::ErrorKind;
+            return match error.kind() {
+                ErrorKind::DisplayHelp
+                | ErrorKind::DisplayVersion
+                | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                    let _ = error.print();
+                    ExitCode::from(u8::try_from(error.exit_code()).unwrap_or(USAGE))
+                }
+                _ => {
+                    eprintln!("{}", usage_line(&error));
+                    ExitCode::from(USAGE)
+                }
+            };
+        }
+    };
     let default_log = if matches!(cli.command, Command::Serve(_)) {
         "info"
     } else {
@@ -675,7 +846,7 @@ async fn dispatch(
 ) -> anyhow::Result<()> {
     match command {
         Command::Completions { shell } => {
-            let mut command = <Cli as clap::CommandFactory>::command();
+            let mut command = grammar();
             let mut script = Vec::new();
             clap_complete::generate(shell, &mut command, "safemode", &mut script);
             emit(String::from_utf8(script).context("the completion script is not UTF-8")?)
@@ -998,8 +1169,15 @@ async fn shutdown_signal() {
     }
 }
 
-/// A missing `--reason` is the same mistake as an empty one, and gets the
-/// same one-line answer.
+/// A `--reason` as clap checks it: a blank or overlong one is a usage
+/// error (exit 2), like a missing one.
+fn reason_arg(text: &str) -> Result<String, String> {
+    Reason::parse(text)
+        .map(|r| r.as_str().to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// The reason of a command whose `--reason` clap already checked.
 fn parse_reason(reason: Option<String>) -> anyhow::Result<Reason> {
     Ok(Reason::parse(reason.as_deref().unwrap_or_default())?)
 }

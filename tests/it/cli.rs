@@ -4,15 +4,21 @@
 
 use crate::support::{TestServer, safemode};
 
-/// Runs a command that must fail: exit 1, nothing on stdout, and exactly one
-/// line on stderr containing `expected`.
+/// Runs a command that must be refused: exit 1, nothing on stdout, and
+/// exactly one line on stderr containing `expected`.
 async fn check_refused(args: &[&str], expected: &str) {
+    check_fails(args, 1, expected).await;
+}
+
+/// Runs a command that must fail with `code` (1 refused, 2 bad usage),
+/// nothing on stdout, and exactly one line on stderr containing `expected`.
+async fn check_fails(args: &[&str], code: i32, expected: &str) {
     let output = safemode(args).await;
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(
         output.status.code(),
-        Some(1),
-        "{args:?} should fail with exit 1; stderr: {stderr}"
+        Some(code),
+        "{args:?} should fail with exit {code}; stderr: {stderr}"
     );
     assert!(
         output.stdout.is_empty(),
@@ -45,24 +51,6 @@ async fn bad_input_gets_one_clear_line_and_changes_nothing() {
         (
             &["mode", "apply", "Bad_Name", "--reason", "x"],
             "bad mode name 'Bad_Name'",
-        ),
-        (
-            &["mode", "apply", "step-up-account-changes"],
-            "a reason is required",
-        ),
-        (
-            &["mode", "apply", "step-up-account-changes", "--reason", ""],
-            "a reason is required",
-        ),
-        (
-            &[
-                "mode",
-                "apply",
-                "step-up-account-changes",
-                "--reason",
-                "   ",
-            ],
-            "a reason is required",
         ),
         (
             &[
@@ -161,10 +149,6 @@ async fn bad_input_gets_one_clear_line_and_changes_nothing() {
             "nothing active in namespace live",
         ),
         (
-            &["mode", "lift", "freeze-credential-changes"],
-            "a reason is required",
-        ),
-        (
             &["decide", "--channel", "chatbot", "--action", "acount.reset"],
             "unknown action 'acount.reset'",
         ),
@@ -202,6 +186,57 @@ async fn bad_input_gets_one_clear_line_and_changes_nothing() {
         let mut full = vec!["--server", url];
         full.extend_from_slice(args);
         check_refused(&full, expected).await;
+    }
+    // Bad usage, as clap finds it: a missing or malformed argument exits 2,
+    // also on one line.
+    let usage: &[(&[&str], &str)] = &[
+        (
+            &["mode", "apply", "step-up-account-changes"],
+            "required arguments were not provided: --reason <REASON>",
+        ),
+        (
+            &["mode", "apply", "step-up-account-changes", "--reason", ""],
+            "a reason is required",
+        ),
+        (
+            &[
+                "mode",
+                "apply",
+                "step-up-account-changes",
+                "--reason",
+                "   ",
+            ],
+            "a reason is required",
+        ),
+        (
+            &[
+                "incident",
+                "declare",
+                "credential-stuffing",
+                "--reason",
+                "x",
+            ],
+            "required arguments were not provided: --severity <SEVERITY>",
+        ),
+        (&["mode", "lift"], "required arguments were not provided"),
+        (
+            &["mode", "lift", "freeze-credential-changes"],
+            "required arguments were not provided: --reason <REASON>",
+        ),
+        (
+            &["status", "--change-id", "c1"],
+            "--change-id is not used by `safemode status`",
+        ),
+        (&["serve"], "--server is not used by `safemode serve`"),
+        (
+            &["mode", "apply", "x", "--reasn", "y"],
+            "unexpected argument '--reasn'",
+        ),
+    ];
+    for (args, expected) in usage {
+        let mut full = vec!["--server", url];
+        full.extend_from_slice(args);
+        check_fails(&full, 2, expected).await;
     }
     let after = server.status("live").await;
     assert_eq!(

@@ -84,7 +84,12 @@ async fn short_output_flag_exit_codes_and_completions() {
         (&["completions", "fish"], 0, "complete -c safemode"),
     ];
     for (args, code, holds) in cases {
-        let mut full = vec!["--server", url];
+        // Only the commands that talk to a controller take --server.
+        let mut full = if args[0] == "completions" {
+            vec![]
+        } else {
+            vec!["--server", url]
+        };
         full.extend_from_slice(args);
         let output = safemode(&full).await;
         assert_eq!(output.status.code(), Some(*code), "{args:?}: {output:?}");
@@ -128,4 +133,93 @@ async fn every_list_flag_takes_commas_and_repeats() {
     let repeated = roles(&["--role", "commander", "--role", "approver"]).await;
     assert_eq!(commas, serde_json::json!(["commander", "approver"]));
     assert_eq!(commas, repeated);
+}
+
+/// Each command's help lists only the global flags it uses, and a global
+/// flag it does not use is bad usage (exit 2, one line), before or after
+/// the command's name; set in the environment, it is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_commands_help_lists_only_the_flags_it_uses() {
+    // (command, flags its help must list, flags it must not)
+    let cases: &[(&[&str], &[&str], &[&str])] = &[
+        (
+            &["serve"],
+            &["--listen", "--tokens"],
+            &[
+                "--server",
+                "--token ",
+                "--change-id",
+                "--ca-cert",
+                "--output",
+            ],
+        ),
+        (
+            &["token", "create"],
+            &["--principal", "--role", "--output"],
+            &["--server", "--token ", "--change-id", "--insecure"],
+        ),
+        (
+            &["drill", "run"],
+            &["--server", "--token ", "--output"],
+            &["--change-id"],
+        ),
+        (&["status"], &["--server", "--output"], &["--change-id"]),
+        (
+            &["mode", "apply"],
+            &["--server", "--change-id", "--reason"],
+            &[],
+        ),
+        (
+            &["completions"],
+            &[],
+            &["--server", "--output", "--principal"],
+        ),
+    ];
+    for (command, listed, not_listed) in cases {
+        let mut args = command.to_vec();
+        args.push("--help");
+        let output = safemode(&args).await;
+        assert_eq!(output.status.code(), Some(0), "{args:?}: {output:?}");
+        let help = String::from_utf8_lossy(&output.stdout);
+        for flag in *listed {
+            assert!(help.contains(flag), "{args:?}: {flag} not in {help}");
+        }
+        for flag in *not_listed {
+            assert!(!help.contains(flag), "{args:?}: {flag} in {help}");
+        }
+    }
+
+    for args in [
+        &["serve", "--token", "t"][..],
+        &["--token", "t", "serve"][..],
+        &[
+            "token",
+            "create",
+            "--principal",
+            "a",
+            "--role",
+            "viewer",
+            "--server",
+            "http://x",
+        ][..],
+    ] {
+        let output = safemode(args).await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("is not used by `safemode "),
+            "{args:?}: {stderr}"
+        );
+        assert!(output.stdout.is_empty(), "{args:?}");
+    }
+    // The environment is not the command line: SAFEMODE_SERVER set for
+    // every command does not break one that ignores it.
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_safemode"))
+        .args(["token", "create", "--principal", "a", "--role", "viewer"])
+        .env("SAFEMODE_SERVER", "http://127.0.0.1:1")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
 }
