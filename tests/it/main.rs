@@ -34,3 +34,4 @@ mod ux_conventions;
 mod ux_hints;
 mod ux_names;
 mod ux_replicas;
+mod ux_store;

@@ -558,14 +558,49 @@ impl Controller {
     }
 
     /// The loop behind [`Controller::commit`] and
-    /// [`Controller::commit_change`], for a change that reads `scope`.
+    /// [`Controller::commit_change`], for a change that reads `scope`. When
+    /// the store cannot be reached, the error says so and exactly what
+    /// became of the change: nothing changed, or (its transaction was sent
+    /// and the answer lost, and reading back could not tell) that it may
+    /// have been applied, to be retried with its change id.
     async fn commit_in<'a, S: Scope, T: Replay + Send + 'a>(
         &'a self,
         change: ChangeOf<'_>,
         scope: S,
-        mut prepare: impl FnMut(S::View) -> BoxFuture<'a, Result<Plan<T>>> + Send,
+        prepare: impl FnMut(S::View) -> BoxFuture<'a, Result<Plan<T>>> + Send,
     ) -> Result<(T, Revision)> {
         let id = change.id.cloned().unwrap_or_else(ChangeId::random);
+        let mut unresolved = false;
+        match self
+            .commit_attempts(change, &id, &mut unresolved, scope, prepare)
+            .await
+        {
+            Err(Error::Store(safemode_store::Error::Unavailable(cause))) if unresolved => {
+                Err(Error::StoreUnreachable {
+                    store: self.store.place(),
+                    cause: cause.message().to_string(),
+                    outcome: super::StoreOutcome::Unknown {
+                        change_id: Some(id.to_string()),
+                    },
+                })
+            }
+            Err(e) => Err(self.in_words(e, super::StoreOutcome::Unchanged)),
+            Ok(done) => Ok(done),
+        }
+    }
+
+    /// [`Controller::commit_in`]'s attempts. `unresolved` is set while a
+    /// transaction of this change may have been applied and no read of its
+    /// change id has said whether.
+    async fn commit_attempts<'a, S: Scope, T: Replay + Send + 'a>(
+        &'a self,
+        change: ChangeOf<'_>,
+        id: &ChangeId,
+        unresolved: &mut bool,
+        scope: S,
+        mut prepare: impl FnMut(S::View) -> BoxFuture<'a, Result<Plan<T>>> + Send,
+    ) -> Result<(T, Revision)> {
+        let id = id.clone();
         // A caller's id may have committed through another replica already.
         let mut maybe_committed = !id.fresh;
         if maybe_committed && let Some(done) = self.committed(change, &id, scope.handle()).await? {
@@ -682,18 +717,15 @@ impl Controller {
                     // it fails over like every store call.
                     warn!(attempt, change_id = %id, %why, "a change's outcome is unknown; checking whether it committed");
                     maybe_committed = true;
+                    *unresolved |= why.may_have_applied();
                     if let Some(done) = self.committed(change, &id, scope.handle()).await? {
                         return Ok(done);
                     }
+                    // Read back: it did not commit.
+                    *unresolved = false;
                     unknown += 1;
                     if unknown >= UNKNOWN_OUTCOMES {
-                        return Err(safemode_store::Error::Unavailable(
-                            format!(
-                                "{why} ({unknown} times; change {id} has not committed: retry with the same change id)"
-                            )
-                            .into(),
-                        )
-                        .into());
+                        return Err(safemode_store::Error::Unavailable(why).into());
                     }
                     pause(attempt).await;
                     continue;

@@ -12,7 +12,7 @@ use super::{authorize, authorize_anywhere, invalid, invalid_name, limits, princi
 use safemode_controller::auth::Operation;
 use safemode_controller::{
     ApplyRequest, AuditFilter, AuditPage, ChangeId, Controller, DeclareRequest, EscalateRequest,
-    IncidentId, IncidentOutcome, LiftRequest, LiftTarget, RequestId, ResolveRequest,
+    IncidentId, IncidentOutcome, LiftRequest, LiftTarget, RequestId, ResolveRequest, StoreOutcome,
     SubscriberCursor,
 };
 use safemode_policy::runbook::{RunbookName, Severity};
@@ -47,6 +47,19 @@ impl ControlApi {
                     .iter()
                     .any(|r| matches!(r.effect, Effect::ReadOnly(_)))
             })
+    }
+
+    /// A change's failure as a status: when the store was unreachable,
+    /// which store, why, and that nothing changed (or, when its
+    /// transaction's answer was lost, that it may have been applied).
+    fn write_failed(&self, error: safemode_controller::Error) -> Status {
+        status(self.controller.in_words(error, StoreOutcome::Unchanged))
+    }
+
+    /// A read's failure as a status: when the store was unreachable, which
+    /// store and why.
+    fn read_failed(&self, error: safemode_controller::Error) -> Status {
+        status(self.controller.in_words(error, StoreOutcome::Read))
     }
 
     fn incident_change(
@@ -198,7 +211,7 @@ impl ControlService for ControlApi {
                 change_id: Some(change.clone()),
             })
             .await
-            .map_err(status)?;
+            .map_err(|e| self.write_failed(e))?;
         Ok(Response::new(proto::ApplyModesResponse {
             change_id: change.to_string(),
             namespace: namespace.to_string(),
@@ -265,7 +278,7 @@ impl ControlService for ControlApi {
                 change_id: Some(change.clone()),
             })
             .await
-            .map_err(status)?;
+            .map_err(|e| self.write_failed(e))?;
         Ok(Response::new(proto::LiftActivationsResponse {
             change_id: change.to_string(),
             namespace: namespace.to_string(),
@@ -340,7 +353,7 @@ impl ControlService for ControlApi {
             .controller
             .status(&namespace, after.as_ref(), limit)
             .await
-            .map_err(status)?;
+            .map_err(|e| self.read_failed(e))?;
         Ok(Response::new(proto::GetStatusResponse {
             namespace: namespace.to_string(),
             revision: status.view.revision,
@@ -366,6 +379,7 @@ impl ControlService for ControlApi {
                 .map(SubscriberCursor::token)
                 .unwrap_or_default(),
             subscriber_count: u32::try_from(status.subscribers.total).unwrap_or(u32::MAX),
+            store: Some(super::convert::store_health_to_wire(&status.store)),
         }))
     }
 
@@ -425,7 +439,7 @@ impl ControlService for ControlApi {
                 change_id: Some(change.clone()),
             })
             .await
-            .map_err(status)?;
+            .map_err(|e| self.write_failed(e))?;
         Ok(Response::new(self.incident_change(outcome, &change)))
     }
 
@@ -445,7 +459,11 @@ impl ControlService for ControlApi {
         };
         let what = format!("move incident {id} to {severity}");
         authorize_anywhere(&self.controller, &actor, Operation::Change, &what).await?;
-        let incident = self.controller.incident(&id).await.map_err(status)?;
+        let incident = self
+            .controller
+            .incident(&id)
+            .await
+            .map_err(|e| self.write_failed(e))?;
         authorize(
             &self.controller,
             &actor,
@@ -464,7 +482,7 @@ impl ControlService for ControlApi {
                 change_id: Some(change.clone()),
             })
             .await
-            .map_err(status)?;
+            .map_err(|e| self.write_failed(e))?;
         Ok(Response::new(self.incident_change(outcome, &change)))
     }
 
@@ -479,7 +497,11 @@ impl ControlService for ControlApi {
         let reason = reason(&r.reason)?;
         let what = format!("resolve incident {id}");
         authorize_anywhere(&self.controller, &actor, Operation::Change, &what).await?;
-        let incident = self.controller.incident(&id).await.map_err(status)?;
+        let incident = self
+            .controller
+            .incident(&id)
+            .await
+            .map_err(|e| self.write_failed(e))?;
         authorize(
             &self.controller,
             &actor,
@@ -497,7 +519,7 @@ impl ControlService for ControlApi {
                 change_id: Some(change.clone()),
             })
             .await
-            .map_err(status)?;
+            .map_err(|e| self.write_failed(e))?;
         Ok(Response::new(self.incident_change(outcome, &change)))
     }
 
@@ -520,7 +542,7 @@ impl ControlService for ControlApi {
             .controller
             .list_incidents(&namespace, r.include_resolved)
             .await
-            .map_err(status)?;
+            .map_err(|e| self.read_failed(e))?;
         Ok(Response::new(proto::ListIncidentsResponse {
             total: u32::try_from(incidents.len()).unwrap_or(u32::MAX),
             incidents: incidents
@@ -539,7 +561,11 @@ impl ControlService for ControlApi {
         let id = incident_id(&request.get_ref().incident_id)?;
         let what = format!("read incident {id}");
         authorize_anywhere(&self.controller, &actor, Operation::Read, &what).await?;
-        let incident = self.controller.incident(&id).await.map_err(status)?;
+        let incident = self
+            .controller
+            .incident(&id)
+            .await
+            .map_err(|e| self.read_failed(e))?;
         authorize(
             &self.controller,
             &actor,
@@ -570,7 +596,7 @@ impl ControlService for ControlApi {
             .controller
             .list_requests(&namespace, r.include_decided)
             .await
-            .map_err(status)?;
+            .map_err(|e| self.read_failed(e))?;
         Ok(Response::new(proto::ListRequestsResponse {
             total: u32::try_from(requests.len()).unwrap_or(u32::MAX),
             requests: requests
@@ -596,7 +622,11 @@ impl ControlService for ControlApi {
         };
         let what = format!("approve {id}");
         authorize_anywhere(&self.controller, &actor, Operation::Approve, &what).await?;
-        let pending = self.controller.request(&id).await.map_err(status)?;
+        let pending = self
+            .controller
+            .request(&id)
+            .await
+            .map_err(|e| self.write_failed(e))?;
         authorize(
             &self.controller,
             &actor,
@@ -619,10 +649,10 @@ impl ControlService for ControlApi {
                         format!("refused {what}: {own}"),
                     )
                     .await
-                    .map_err(status)?;
+                    .map_err(|e| self.write_failed(e))?;
                 return Err(status(own));
             }
-            other => other.map_err(status)?,
+            other => other.map_err(|e| self.write_failed(e))?,
         };
         Ok(Response::new(proto::ApproveResponse {
             request: Some(request_to_wire(&outcome.request)),
@@ -675,7 +705,7 @@ impl ControlService for ControlApi {
             .controller
             .audit(&filter, r.verify, page)
             .await
-            .map_err(status)?;
+            .map_err(|e| self.read_failed(e))?;
         let head = report.head.unwrap_or_default();
         Ok(Response::new(proto::GetAuditResponse {
             entries: report.entries.iter().map(audit_entry_to_wire).collect(),
