@@ -1119,7 +1119,7 @@ async fn pause(attempt: u32) {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
     use tokio_util::sync::CancellationToken;
 
@@ -1135,14 +1135,30 @@ mod tests {
     /// applied but answered with an error, as when etcd's answer is lost
     /// ("leader changed" after the proposal committed, a connection cut
     /// after sending).
+    ///
+    /// Once `down`, every call fails as on an etcd that refuses
+    /// connections (nothing sent); `down_after_loss` takes it down right
+    /// after it loses an answer, so nothing can read the change back.
     struct LostAnswers {
         inner: EmbeddedStore,
         lose: AtomicUsize,
+        down: AtomicBool,
+        down_after_loss: AtomicBool,
+    }
+
+    impl LostAnswers {
+        fn refused(&self) -> store::Result<()> {
+            if self.down.load(Ordering::SeqCst) {
+                return Err(store::Error::Unavailable("connection refused".into()));
+            }
+            Ok(())
+        }
     }
 
     #[async_trait::async_trait]
     impl Store for LostAnswers {
         async fn range(&self, prefix: &str) -> store::Result<RangeResult> {
+            self.refused()?;
             self.inner.range(prefix).await
         }
         async fn range_page(
@@ -1152,11 +1168,13 @@ mod tests {
             limit: usize,
             revision: Revision,
         ) -> store::Result<store::RangePage> {
+            self.refused()?;
             self.inner
                 .range_page(prefix, start_after, limit, revision)
                 .await
         }
         async fn txn(&self, txn: Txn) -> store::Result<TxnOutcome> {
+            self.refused()?;
             let writes = !txn.ops.is_empty();
             let outcome = self.inner.txn(txn).await?;
             if writes
@@ -1165,9 +1183,11 @@ mod tests {
                     .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
                     .is_ok()
             {
+                if self.down_after_loss.load(Ordering::SeqCst) {
+                    self.down.store(true, Ordering::SeqCst);
+                }
                 return Err(store::Error::Unavailable(
-                    "etcdserver: leader changed; the transaction may or may not have been applied"
-                        .into(),
+                    store::Cause::from("etcdserver: leader changed").maybe_applied(),
                 ));
             }
             Ok(outcome)
@@ -1189,6 +1209,8 @@ mod tests {
         let store = Arc::new(LostAnswers {
             inner,
             lose: AtomicUsize::new(0),
+            down: AtomicBool::new(false),
+            down_after_loss: AtomicBool::new(false),
         });
         let controller = Controller::start(
             store.clone(),
@@ -1242,6 +1264,44 @@ mod tests {
         let view = controller.namespace(&Namespace::live()).await.unwrap();
         assert_eq!(view.current().activations.len(), 1, "applied exactly once");
         assert_eq!(entries_of(&controller, "lost-1").await, 1);
+    }
+
+    /// With the store unreachable, a change says which store, why, and
+    /// exactly what became of it: nothing, when nothing was sent; "may have
+    /// been applied" with its change id, when its answer was lost and
+    /// nothing could read it back.
+    #[tokio::test]
+    async fn a_change_on_an_unreachable_store_says_whether_anything_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (controller, store) = controller(&dir).await;
+        controller.namespace(&Namespace::live()).await.unwrap();
+        let place = "lost-answers";
+
+        store.down.store(true, Ordering::SeqCst);
+        let refused = controller.apply(apply("refused-1")).await.unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            format!(
+                "the store ({place}) is unreachable: connection refused; nothing changed, retry when it is back"
+            )
+        );
+
+        store.down.store(false, Ordering::SeqCst);
+        store.down_after_loss.store(true, Ordering::SeqCst);
+        store.lose.store(1, Ordering::SeqCst);
+        let lost = controller.apply(apply("lost-2")).await.unwrap_err();
+        assert_eq!(
+            lost.to_string(),
+            format!(
+                "the store ({place}) is unreachable: connection refused; the change was sent but its answer was lost, so it may or may not have been applied: when the store is back, run the command again with --change-id lost-2 (it is applied at most once)"
+            )
+        );
+        // It was applied: the retry the message asks for says so, once.
+        store.down.store(false, Ordering::SeqCst);
+        let again = controller.apply(apply("lost-2")).await.unwrap();
+        assert_eq!(again.applied.len(), 1);
+        assert_eq!(entries_of(&controller, "lost-2").await, 1);
+        assert_eq!(entries_of(&controller, "refused-1").await, 0);
     }
 
     #[tokio::test]

@@ -10,20 +10,16 @@
 //! other namespaces), so comparing it with a quiet namespace's revision
 //! would show a lag that is not there.
 //!
-//! Every check is bounded: one probe of the store within
-//! [`ControllerConfig::store_probe_timeout`](crate::ControllerConfig), and a
-//! replica found behind is given [`LAG_GRACE`] to catch up before it is
-//! reported (a change committed through another replica a moment ago is
-//! not lag).
+//! The check is bounded by one probe of the store within
+//! [`ControllerConfig::store_probe_timeout`](crate::ControllerConfig), and
+//! never waits for the replica to catch up: the lag describes exactly the
+//! view the same answer shows (a change committed through another replica
+//! a moment ago can show as a lag of a revision, which is true).
 
 use std::time::Duration;
 
 use safemode_policy::{Namespace, Revision};
 use safemode_store::Place;
-
-/// How long a replica found behind the store may take to catch up before
-/// status reports it lagging.
-pub const LAG_GRACE: Duration = Duration::from_secs(1);
 
 /// The store's health, and this replica's lag behind it in one namespace.
 #[derive(Clone, Debug)]
@@ -41,7 +37,7 @@ pub struct StoreHealth {
     /// The namespace's last change as this replica applied it.
     pub applied_revision: Revision,
     /// The store's revision of the namespace's last change minus this
-    /// replica's, after [`LAG_GRACE`]; 0 when caught up or unknown.
+    /// replica's; 0 when caught up or unknown.
     pub lag_revisions: i64,
     /// This replica's watch of the namespace: its last error and how long
     /// it has been failing, while it fails.

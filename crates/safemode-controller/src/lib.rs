@@ -747,20 +747,9 @@ impl Controller {
                     .map_or(0, |kv| kv.mod_revision);
                 health.store_revision = range.revision;
                 health.namespace_revision = Some(stored);
-                // Behind: give it a moment (a change through another
-                // replica may have committed just now), then measure.
-                let view = match &handle {
-                    Some(handle) if stored > view.meta_revision => handle
-                        .wait_for(health::LAG_GRACE, |v| v.meta_revision >= stored)
-                        .await
-                        .unwrap_or_else(|_| handle.current()),
-                    _ => view,
-                };
-                health.applied_revision = view.meta_revision;
+                // The view shown, against the store now: no waiting, so
+                // the numbers describe exactly what this answer shows.
                 health.lag_revisions = (stored - view.meta_revision).max(0);
-                if let Some(handle) = &handle {
-                    health.follower = handle.health.failing();
-                }
                 view
             }
         };
