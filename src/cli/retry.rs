@@ -215,6 +215,43 @@ mod tests {
     }
 
     #[test]
+    fn the_last_word_is_the_stores_only_when_every_failure_said_it() {
+        let store = |outcome: &'static str, message: &str| {
+            let mut status = tonic::Status::unavailable(message);
+            status.metadata_mut().insert(
+                safemode_wire::STORE_UNREACHABLE_HEADER,
+                tonic::metadata::MetadataValue::from_static(outcome),
+            );
+            status
+        };
+        let unchanged = "the store (etcd at http://e:2379) is unreachable: connection refused; nothing changed, retry when it is back";
+        let unknown = "the store (etcd at http://e:2379) is unreachable: connection refused; the change was sent but its answer was lost, ...";
+        let cut = tonic::Status::unknown("transport error");
+        let cases: Vec<(Vec<tonic::Status>, Option<&str>)> = vec![
+            (vec![store("unchanged", unchanged)], Some(unchanged)),
+            (
+                vec![store("unchanged", unchanged), store("unchanged", unchanged)],
+                Some(unchanged),
+            ),
+            // One attempt may have applied it: that is the last word.
+            (
+                vec![store("unknown", unknown), store("unchanged", unchanged)],
+                Some(unknown),
+            ),
+            // A replica cut off mid-call: nobody knows; the general message.
+            (vec![store("unchanged", unchanged), cut.clone()], None),
+            (vec![tonic::Status::unavailable("shutting down")], None),
+        ];
+        for (answers, expected) in cases {
+            let mut down = StoreDown::default();
+            for answer in &answers {
+                down.heard(answer);
+            }
+            assert_eq!(down.last_word(), expected, "{answers:?}");
+        }
+    }
+
+    #[test]
     fn a_given_change_id_is_checked() {
         assert!(change_id(Some("deploy-42.retry_1")).is_ok());
         let error = change_id(Some("has space")).unwrap_err().to_string();

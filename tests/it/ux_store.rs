@@ -6,7 +6,7 @@
 //! With etcd stopped (SIGKILL, by pid), every command, through both
 //! replicas, exits 1 with one line on stderr naming etcd and its endpoint,
 //! the cause in plain words and "nothing changed"; status exits 1 too and
-//! shows the store's problem. Restarted on the same data, nothing changed:
+//! shows the store's problem, and reads say the store is unreachable. Restarted on the same data, nothing changed:
 //! status and the audit log are what they were before.
 
 use crate::etcd::EtcdCluster;
@@ -239,6 +239,22 @@ async fn with_etcd_down_status_says_so_and_every_write_changes_nothing() {
             "{what}"
         );
         assert!(output.stdout.is_empty(), "{what}: {output:?}");
+    }
+
+    // Reads say the same, without "nothing changed": there was nothing to
+    // change.
+    let retry = format!("error: {unreachable}; retry when it is back\n");
+    let reads: Vec<(&str, Vec<String>)> = vec![
+        ("audit", run(&["audit"])),
+        ("incident show", run(&["incident", "show", &incident])),
+        ("requests", run(&["requests"])),
+    ];
+    for (what, args) in &reads {
+        let mut full = vec!["--server", a.url.as_str()];
+        full.extend(args.iter().map(String::as_str));
+        let output = safemode(&full).await;
+        assert_eq!(output.status.code(), Some(1), "{what}: {output:?}");
+        assert_eq!(String::from_utf8_lossy(&output.stderr), retry, "{what}");
     }
 
     // Back on the same data: nothing changed, and both replicas catch up.

@@ -695,7 +695,10 @@ impl Controller {
             .await;
         let unreachable = |e: store::Error| self.in_words(e.into(), StoreOutcome::Read);
         let handle = match (followed, &probe) {
-            (Some(handle), Err(_)) if handle.current().loaded => Some(handle),
+            (Some(handle), Err(_)) if handle.current().loaded => {
+                handle.touch();
+                Some(handle)
+            }
             // Nothing read yet, nothing to show: say why.
             (Some(_), Err(_)) => return Err(unreachable(probe.unwrap_err())),
             (Some(_), Ok(_)) => Some(self.namespace(namespace).await?),
