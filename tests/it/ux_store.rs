@@ -303,3 +303,45 @@ async fn the_embedded_store_is_named_and_always_caught_up() {
         "{text}"
     );
 }
+
+/// Below the controller: a stopped etcd is named, and every call says
+/// "connection refused" rather than tonic's chain of transport errors; a
+/// transaction refused that way was never sent, so it changed nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_etcd_is_refusal_in_plain_words_for_every_call() {
+    use safemode_store::{Error, Op, Txn};
+    let mut etcd = EtcdCluster::start(1).await;
+    let endpoint = etcd.endpoints()[0].clone();
+    let store = etcd.store().await;
+    assert_eq!(store.place().to_string(), format!("etcd at {endpoint}"));
+    let within = std::time::Duration::from_secs(2);
+    store.probe("/ux-store/key", within).await.unwrap();
+
+    etcd.kill(0);
+    wait_until("the probe finds etcd refusing connections", || async {
+        matches!(
+            store.probe("/ux-store/key", within).await,
+            Err(Error::Unavailable(cause)) if cause.message() == "connection refused"
+        )
+    })
+    .await;
+    let read = store.range("/ux-store/").await.unwrap_err();
+    let write = store
+        .txn(Txn {
+            compares: Vec::new(),
+            ops: vec![Op::Put {
+                key: "/ux-store/key".into(),
+                value: b"v".to_vec(),
+            }],
+        })
+        .await
+        .unwrap_err();
+    for error in [read, write] {
+        assert_eq!(error.to_string(), "store unavailable: connection refused");
+        assert!(!error.may_have_applied(), "{error:?}");
+    }
+
+    etcd.restart(0).await;
+    let after = store.range("/ux-store/").await.unwrap();
+    assert!(after.kvs.is_empty(), "the refused write changed something");
+}

@@ -902,6 +902,46 @@ mod tests {
     }
 
     #[test]
+    fn failures_are_said_in_plain_words() {
+        use tonic::Code::*;
+        let cases = [
+            (
+                Unavailable,
+                "tcp connect error: Connection refused (os error 111)",
+                "connection refused",
+            ),
+            (
+                Unavailable,
+                "etcdserver: no leader",
+                "etcd has no leader (too few members are up to elect one)",
+            ),
+            (
+                Unavailable,
+                "dns error: failed to lookup address information",
+                "its host name does not resolve",
+            ),
+            (
+                Unavailable,
+                "error reading a body from connection: Connection reset by peer",
+                "the connection was reset",
+            ),
+            (
+                DeadlineExceeded,
+                "no answer from etcd within 12s",
+                "no answer from etcd within 12s",
+            ),
+        ];
+        for (code, message, expected) in cases {
+            assert_eq!(plain_words(&status(code, message)), expected, "{message}");
+        }
+        assert!(refused(&status(
+            Unavailable,
+            "tcp connect error: Connection refused (os error 111)"
+        )));
+        assert!(!refused(&status(Unavailable, "etcdserver: no leader")));
+    }
+
+    #[test]
     fn only_failures_before_consensus_count_as_not_sent() {
         use tonic::Code::*;
         let cases = [
