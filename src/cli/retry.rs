@@ -10,7 +10,11 @@
 //! answered with that change's result by the next one, never applied twice.
 //!
 //! Bounded: at most [`PASSES`] passes over the servers, with a short
-//! jittered pause between passes (an etcd election takes about a second).
+//! jittered pause between passes (an etcd election takes about a second),
+//! and one pass when every replica answered that the store is unreachable
+//! (each already tried every etcd member). Then the last word is the
+//! store's own line ("... is unreachable: ...; nothing changed, retry when
+//! it is back"), as exact as the replicas' about what became of the change.
 
 use std::time::Duration;
 

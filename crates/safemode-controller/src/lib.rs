@@ -734,14 +734,11 @@ impl Controller {
             lag_revisions: 0,
             follower: handle.as_ref().and_then(|h| h.health.failing()),
         };
-        let view = match probe {
-            Err(e) => {
-                health.error = Some(match &e {
-                    store::Error::Unavailable(cause) => cause.message().to_string(),
-                    other => other.to_string(),
-                });
-                view
+        match probe {
+            Err(store::Error::Unavailable(cause)) => {
+                health.error = Some(cause.message().to_string());
             }
+            Err(other) => health.error = Some(other.to_string()),
             Ok(range) => {
                 let stored = range
                     .kvs
@@ -753,9 +750,8 @@ impl Controller {
                 // The view shown, against the store now: no waiting, so
                 // the numbers describe exactly what this answer shows.
                 health.lag_revisions = (stored - view.meta_revision).max(0);
-                view
             }
-        };
+        }
         Ok(Status {
             view,
             subscribers,
