@@ -969,8 +969,14 @@ async fn dispatch(
             let response = safemode_wire::full_status(&mut client, namespace.as_str())
                 .await
                 .map_err(refused)?;
-            emit(output::show(format, &output::Status::from(response)))?;
-            Ok(())
+            let status = output::Status::from(response);
+            emit(output::show(format, &status))?;
+            // Shown, and still a failure: nothing can be changed now, and
+            // what is shown may be out of date.
+            match status.store_unreachable() {
+                Some(why) => Err(anyhow!("{why}")),
+                None => Ok(()),
+            }
         }
         Command::Watch(args) => {
             let config = subscriber_config(&servers, caller, &args.subscriber)?;

@@ -696,6 +696,101 @@ pub struct Status {
     activations: Vec<Activation>,
     subscribers: Vec<Subscriber>,
     problems: Vec<String>,
+    /// Absent from a server that does not say.
+    store: Option<StoreHealth>,
+}
+
+/// The store behind the replica that answered, and its lag behind it.
+#[derive(Serialize)]
+pub struct StoreHealth {
+    kind: String,
+    endpoints: Vec<String>,
+    reachable: bool,
+    error: Option<String>,
+    store_revision: i64,
+    namespace_revision: i64,
+    applied_revision: i64,
+    lag_revisions: i64,
+    follower_failing_ms: u64,
+    follower_error: Option<String>,
+}
+
+impl From<proto::StoreHealth> for StoreHealth {
+    fn from(h: proto::StoreHealth) -> Self {
+        StoreHealth {
+            kind: h.kind,
+            endpoints: h.endpoints,
+            reachable: h.reachable,
+            error: given(h.error),
+            store_revision: h.store_revision,
+            namespace_revision: h.namespace_revision,
+            applied_revision: h.applied_revision,
+            lag_revisions: h.lag_revisions,
+            follower_failing_ms: h.follower_failing_ms,
+            follower_error: given(h.follower_error),
+        }
+    }
+}
+
+impl StoreHealth {
+    /// `etcd at URL,URL`, `embedded store at FILE`.
+    pub fn place(&self) -> String {
+        match self.kind.as_str() {
+            "etcd" => format!("etcd at {}", self.endpoints.join(",")),
+            "embedded" => format!("embedded store at {}", self.endpoints.join(",")),
+            _ => self.endpoints.join(","),
+        }
+    }
+
+    /// The STORE line of `status`.
+    fn render(&self, out: &mut Text, namespace: &str) {
+        if !self.reachable {
+            say!(
+                out,
+                "STORE {}: UNREACHABLE ({}); showing what this replica last read (revision {})",
+                self.place(),
+                self.error.as_deref().unwrap_or("no answer"),
+                self.applied_revision
+            );
+            return;
+        }
+        let lag = match self.lag_revisions {
+            0 => format!(
+                "this replica is up to date in namespace {namespace} (revision {})",
+                self.applied_revision
+            ),
+            n => format!(
+                "this replica is behind in namespace {namespace}: revision {} here, {} in the store ({n} behind)",
+                self.applied_revision, self.namespace_revision
+            ),
+        };
+        let watch = match (&self.follower_error, self.follower_failing_ms) {
+            (Some(error), ms) => {
+                format!("; its watch has been failing for {}s ({error})", ms / 1000)
+            }
+            (None, _) => String::new(),
+        };
+        say!(
+            out,
+            "STORE {}: reachable, at revision {}; {lag}{watch}",
+            self.place(),
+            self.store_revision
+        );
+    }
+}
+
+impl Status {
+    /// Why `status` must exit 1: the store is unreachable (what it shows is
+    /// what the replica last read, and no change can be made).
+    pub fn store_unreachable(&self) -> Option<String> {
+        let store = self.store.as_ref().filter(|s| !s.reachable)?;
+        Some(format!(
+            "the store ({}) is unreachable: {}; status shows what replica {} last read, and no change can be made until the store is back",
+            store.place(),
+            store.error.as_deref().unwrap_or("no answer"),
+            self.replica
+        ))
+    }
 }
 
 /// One subscriber as the controller sees it.
@@ -740,6 +835,7 @@ impl From<proto::GetStatusResponse> for Status {
                 })
                 .collect(),
             problems: s.problems,
+            store: s.store.map(StoreHealth::from),
         }
     }
 }
@@ -762,6 +858,9 @@ impl View for Status {
             current,
             self.revision
         );
+        if let Some(store) = &self.store {
+            store.render(out, &self.namespace);
+        }
         for problem in &self.problems {
             say!(out, "PROBLEM: {problem}");
         }

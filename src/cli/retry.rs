@@ -10,7 +10,11 @@
 //! answered with that change's result by the next one, never applied twice.
 //!
 //! Bounded: at most [`PASSES`] passes over the servers, with a short
-//! jittered pause between passes (an etcd election takes about a second).
+//! jittered pause between passes (an etcd election takes about a second),
+//! and one pass when every replica answered that the store is unreachable
+//! (each already tried every etcd member). Then the last word is the
+//! store's own line ("... is unreachable: ...; nothing changed, retry when
+//! it is back"), as exact as the replicas' about what became of the change.
 
 use std::time::Duration;
 
@@ -41,10 +45,19 @@ pub(crate) async fn write<T>(
     let change_id = caller.change_id.to_string();
     let mut pause = Backoff::new(Duration::from_millis(250), Duration::from_secs(1));
     let mut failures: Vec<String> = Vec::new();
+    let mut store = StoreDown::default();
     for pass in 0..PASSES {
         if pass > 0 {
+            // Every replica answered that the store is unreachable: the
+            // next pass would hear the same, and each replica already
+            // tried every etcd member.
+            if store.everywhere && store.this_pass > 0 {
+                break;
+            }
             tokio::time::sleep(pause.next_delay()).await;
         }
+        store.everywhere = true;
+        store.this_pass = 0;
         for server in servers {
             let client = match control(std::slice::from_ref(server), caller).await {
                 Ok(client) => client,
@@ -63,6 +76,7 @@ pub(crate) async fn write<T>(
                 }
                 Err(status) if elsewhere(&status) => {
                     tracing::debug!(%server, code = ?status.code(), message = status.message(), "trying the next server");
+                    store.heard(&status);
                     failures.push(format!("{server}: {}", status.message()));
                 }
                 // The controller's message says what to do.
@@ -70,11 +84,66 @@ pub(crate) async fn write<T>(
             }
         }
     }
+    if let Some(line) = store.last_word() {
+        return Err(anyhow!("{line}"));
+    }
     let last = failures.last().cloned().unwrap_or_default();
     Err(anyhow!(
         "{what} failed on every server ({}), {PASSES} times over; last: {last}. Nothing was applied twice: run the command again with --change-id {change_id} and it is applied at most once",
         servers.join(", ")
     ))
+}
+
+/// What the replicas said about the store over a write's attempts, so the
+/// last word is the store's when that is what failed: "the store (etcd at
+/// ...) is unreachable: ...; nothing changed, retry when it is back". It
+/// says "nothing changed" only when no attempt may have changed anything:
+/// every replica that answered said so (a replica that could not be
+/// reached was never sent the change).
+#[derive(Default)]
+struct StoreDown {
+    /// A replica's answer that the store is unreachable and nothing changed.
+    unchanged: Option<String>,
+    /// A replica's answer that the change may have been applied.
+    unknown: Option<String>,
+    /// An attempt failed some other way after it was sent (a replica cut
+    /// off mid-call): its outcome is not known here.
+    other: bool,
+    /// In this pass, every replica that answered said the store is down.
+    everywhere: bool,
+    /// How many replicas said so in this pass.
+    this_pass: usize,
+}
+
+impl StoreDown {
+    fn heard(&mut self, status: &tonic::Status) {
+        let outcome = status
+            .metadata()
+            .get(safemode_wire::STORE_UNREACHABLE_HEADER)
+            .and_then(|v| v.to_str().ok());
+        match outcome {
+            Some("unchanged") => {
+                self.this_pass += 1;
+                self.unchanged = Some(status.message().to_string());
+            }
+            Some("unknown") => {
+                self.this_pass += 1;
+                self.unknown = Some(status.message().to_string());
+            }
+            _ => {
+                self.other = true;
+                self.everywhere = false;
+            }
+        }
+    }
+
+    /// The line to end with, when the store is what failed.
+    fn last_word(&self) -> Option<&str> {
+        if self.other {
+            return None;
+        }
+        self.unknown.as_deref().or(self.unchanged.as_deref())
+    }
 }
 
 /// Whether another replica may succeed where this answer came from: the
@@ -152,6 +221,43 @@ mod tests {
             "{error}"
         );
         assert!(!error.contains("SubscriberConfig"), "{error}");
+    }
+
+    #[test]
+    fn the_last_word_is_the_stores_only_when_every_failure_said_it() {
+        let store = |outcome: &'static str, message: &str| {
+            let mut status = tonic::Status::unavailable(message);
+            status.metadata_mut().insert(
+                safemode_wire::STORE_UNREACHABLE_HEADER,
+                tonic::metadata::MetadataValue::from_static(outcome),
+            );
+            status
+        };
+        let unchanged = "the store (etcd at http://e:2379) is unreachable: connection refused; nothing changed, retry when it is back";
+        let unknown = "the store (etcd at http://e:2379) is unreachable: connection refused; the change was sent but its answer was lost, ...";
+        let cut = tonic::Status::unknown("transport error");
+        let cases: Vec<(Vec<tonic::Status>, Option<&str>)> = vec![
+            (vec![store("unchanged", unchanged)], Some(unchanged)),
+            (
+                vec![store("unchanged", unchanged), store("unchanged", unchanged)],
+                Some(unchanged),
+            ),
+            // One attempt may have applied it: that is the last word.
+            (
+                vec![store("unknown", unknown), store("unchanged", unchanged)],
+                Some(unknown),
+            ),
+            // A replica cut off mid-call: nobody knows; the general message.
+            (vec![store("unchanged", unchanged), cut.clone()], None),
+            (vec![tonic::Status::unavailable("shutting down")], None),
+        ];
+        for (answers, expected) in cases {
+            let mut down = StoreDown::default();
+            for answer in &answers {
+                down.heard(answer);
+            }
+            assert_eq!(down.last_word(), expected, "{answers:?}");
+        }
     }
 
     #[test]

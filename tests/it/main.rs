@@ -39,3 +39,4 @@ mod ux_incident_record;
 mod ux_names;
 mod ux_replicas;
 mod ux_requests;
+mod ux_store;

@@ -587,17 +587,26 @@ async fn already_active_is_never_answered_from_a_lagging_view() {
         })
         .await
         .unwrap();
-    assert_eq!(
-        lagging
-            .status(&live, None, 1)
-            .await
-            .unwrap()
-            .view
-            .activations
-            .len(),
-        1,
-        "the view lags"
+    let seen = lagging.status(&live, None, 1).await.unwrap();
+    assert_eq!(seen.view.activations.len(), 1, "the view lags");
+    // And status says so: the store has the lift, this replica does not.
+    let store = &seen.store;
+    assert!(store.reachable(), "{store:?}");
+    assert_eq!(store.applied_revision, seen.view.meta_revision);
+    assert!(
+        store.namespace_revision > Some(store.applied_revision) && store.lag_revisions > 0,
+        "{store:?}"
     );
+    assert_eq!(
+        store.lag_revisions,
+        store.namespace_revision.unwrap() - store.applied_revision
+    );
+    let behind = format!(
+        "this replica is behind the store in namespace live: it applied revision {}, the store has revision {}; what it shows is out of date",
+        store.applied_revision,
+        store.namespace_revision.unwrap()
+    );
+    assert!(seen.problems().contains(&behind), "{:?}", seen.problems());
     let answer = lagging.apply(apply()).await.unwrap();
     assert_eq!(
         answer.applied.len(),

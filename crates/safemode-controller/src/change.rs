@@ -574,14 +574,49 @@ impl Controller {
     }
 
     /// The loop behind [`Controller::commit`] and
-    /// [`Controller::commit_change`], for a change that reads `scope`.
+    /// [`Controller::commit_change`], for a change that reads `scope`. When
+    /// the store cannot be reached, the error says so and exactly what
+    /// became of the change: nothing changed, or (its transaction was sent
+    /// and the answer lost, and reading back could not tell) that it may
+    /// have been applied, to be retried with its change id.
     async fn commit_in<'a, S: Scope, T: Replay + Send + 'a>(
         &'a self,
         change: ChangeOf<'_>,
         scope: S,
-        mut prepare: impl FnMut(S::View) -> BoxFuture<'a, Result<Plan<T>>> + Send,
+        prepare: impl FnMut(S::View) -> BoxFuture<'a, Result<Plan<T>>> + Send,
     ) -> Result<(T, Revision)> {
         let id = change.id.cloned().unwrap_or_else(ChangeId::random);
+        let mut unresolved = false;
+        match self
+            .commit_attempts(change, &id, &mut unresolved, scope, prepare)
+            .await
+        {
+            Err(Error::Store(safemode_store::Error::Unavailable(cause))) if unresolved => {
+                Err(Error::StoreUnreachable {
+                    store: self.store.place(),
+                    cause: cause.message().to_string(),
+                    outcome: super::StoreOutcome::Unknown {
+                        change_id: Some(id.to_string()),
+                    },
+                })
+            }
+            Err(e) => Err(self.in_words(e, super::StoreOutcome::Unchanged)),
+            Ok(done) => Ok(done),
+        }
+    }
+
+    /// [`Controller::commit_in`]'s attempts. `unresolved` is set while a
+    /// transaction of this change may have been applied and no read of its
+    /// change id has said whether.
+    async fn commit_attempts<'a, S: Scope, T: Replay + Send + 'a>(
+        &'a self,
+        change: ChangeOf<'_>,
+        id: &ChangeId,
+        unresolved: &mut bool,
+        scope: S,
+        mut prepare: impl FnMut(S::View) -> BoxFuture<'a, Result<Plan<T>>> + Send,
+    ) -> Result<(T, Revision)> {
+        let id = id.clone();
         // A caller's id may have committed through another replica already.
         let mut maybe_committed = !id.fresh;
         if maybe_committed && let Some(done) = self.committed(change, &id, scope.handle()).await? {
@@ -698,18 +733,15 @@ impl Controller {
                     // it fails over like every store call.
                     warn!(attempt, change_id = %id, %why, "a change's outcome is unknown; checking whether it committed");
                     maybe_committed = true;
+                    *unresolved |= why.may_have_applied();
                     if let Some(done) = self.committed(change, &id, scope.handle()).await? {
                         return Ok(done);
                     }
+                    // Read back: it did not commit.
+                    *unresolved = false;
                     unknown += 1;
                     if unknown >= UNKNOWN_OUTCOMES {
-                        return Err(safemode_store::Error::Unavailable(
-                            format!(
-                                "{why} ({unknown} times; change {id} has not committed: retry with the same change id)"
-                            )
-                            .into(),
-                        )
-                        .into());
+                        return Err(safemode_store::Error::Unavailable(why).into());
                     }
                     pause(attempt).await;
                     continue;
@@ -1126,7 +1158,7 @@ pub(crate) async fn pause(attempt: u32) {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
     use tokio_util::sync::CancellationToken;
 
@@ -1142,14 +1174,30 @@ mod tests {
     /// applied but answered with an error, as when etcd's answer is lost
     /// ("leader changed" after the proposal committed, a connection cut
     /// after sending).
+    ///
+    /// Once `down`, every call fails as on an etcd that refuses
+    /// connections (nothing sent); `down_after_loss` takes it down right
+    /// after it loses an answer, so nothing can read the change back.
     struct LostAnswers {
         inner: EmbeddedStore,
         lose: AtomicUsize,
+        down: AtomicBool,
+        down_after_loss: AtomicBool,
+    }
+
+    impl LostAnswers {
+        fn refused(&self) -> store::Result<()> {
+            if self.down.load(Ordering::SeqCst) {
+                return Err(store::Error::Unavailable("connection refused".into()));
+            }
+            Ok(())
+        }
     }
 
     #[async_trait::async_trait]
     impl Store for LostAnswers {
         async fn range(&self, prefix: &str) -> store::Result<RangeResult> {
+            self.refused()?;
             self.inner.range(prefix).await
         }
         async fn range_page(
@@ -1159,11 +1207,13 @@ mod tests {
             limit: usize,
             revision: Revision,
         ) -> store::Result<store::RangePage> {
+            self.refused()?;
             self.inner
                 .range_page(prefix, start_after, limit, revision)
                 .await
         }
         async fn txn(&self, txn: Txn) -> store::Result<TxnOutcome> {
+            self.refused()?;
             let writes = !txn.ops.is_empty();
             let outcome = self.inner.txn(txn).await?;
             if writes
@@ -1172,9 +1222,11 @@ mod tests {
                     .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
                     .is_ok()
             {
+                if self.down_after_loss.load(Ordering::SeqCst) {
+                    self.down.store(true, Ordering::SeqCst);
+                }
                 return Err(store::Error::Unavailable(
-                    "etcdserver: leader changed; the transaction may or may not have been applied"
-                        .into(),
+                    store::Cause::from("etcdserver: leader changed").maybe_applied(),
                 ));
             }
             Ok(outcome)
@@ -1196,6 +1248,8 @@ mod tests {
         let store = Arc::new(LostAnswers {
             inner,
             lose: AtomicUsize::new(0),
+            down: AtomicBool::new(false),
+            down_after_loss: AtomicBool::new(false),
         });
         let controller = Controller::start(
             store.clone(),
@@ -1250,6 +1304,44 @@ mod tests {
         let view = controller.namespace(&Namespace::live()).await.unwrap();
         assert_eq!(view.current().activations.len(), 1, "applied exactly once");
         assert_eq!(entries_of(&controller, "lost-1").await, 1);
+    }
+
+    /// With the store unreachable, a change says which store, why, and
+    /// exactly what became of it: nothing, when nothing was sent; "may have
+    /// been applied" with its change id, when its answer was lost and
+    /// nothing could read it back.
+    #[tokio::test]
+    async fn a_change_on_an_unreachable_store_says_whether_anything_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (controller, store) = controller(&dir).await;
+        controller.namespace(&Namespace::live()).await.unwrap();
+        let place = "lost-answers";
+
+        store.down.store(true, Ordering::SeqCst);
+        let refused = controller.apply(apply("refused-1")).await.unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            format!(
+                "the store ({place}) is unreachable: connection refused; nothing changed, retry when it is back"
+            )
+        );
+
+        store.down.store(false, Ordering::SeqCst);
+        store.down_after_loss.store(true, Ordering::SeqCst);
+        store.lose.store(1, Ordering::SeqCst);
+        let lost = controller.apply(apply("lost-2")).await.unwrap_err();
+        assert_eq!(
+            lost.to_string(),
+            format!(
+                "the store ({place}) is unreachable: connection refused; the change was sent but its answer was lost, so it may or may not have been applied: when the store is back, run the command again with --change-id lost-2 (it is applied at most once)"
+            )
+        );
+        // It was applied: the retry the message asks for says so, once.
+        store.down.store(false, Ordering::SeqCst);
+        let again = controller.apply(apply("lost-2")).await.unwrap();
+        assert_eq!(again.applied.len(), 1);
+        assert_eq!(entries_of(&controller, "lost-2").await, 1);
+        assert_eq!(entries_of(&controller, "refused-1").await, 0);
     }
 
     #[tokio::test]

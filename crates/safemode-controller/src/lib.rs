@@ -16,6 +16,7 @@ pub mod audit;
 mod audit_log;
 pub mod auth;
 mod change;
+pub mod health;
 mod incidents;
 mod keys;
 mod modes;
@@ -36,6 +37,7 @@ use tracing::{info, warn};
 pub use approvals::{ApproveOutcome, RequestView, WithdrawOutcome};
 pub use audit_log::{AuditFilter, AuditPage, AuditReport};
 pub use change::{CHANGE_ID_MAX, ChangeId};
+pub use health::StoreHealth;
 pub use incidents::{
     DeclareRequest, EscalateRequest, IncidentOutcome, ResolveRequest, in_force_in,
 };
@@ -266,9 +268,53 @@ pub enum Error {
         /// The bound.
         limit: usize,
     },
+    /// The store could not be reached (or could not serve the request).
+    #[error("the store ({store}) is unreachable: {cause}; {outcome}")]
+    StoreUnreachable {
+        /// What the store is and where, e.g. `etcd at http://10.0.0.5:2379`.
+        store: store::Place,
+        /// Why, in plain words (`connection refused`).
+        cause: String,
+        /// What became of the request.
+        outcome: StoreOutcome,
+    },
     /// The store failed.
     #[error(transparent)]
     Store(#[from] store::Error),
+}
+
+/// What became of a request that failed because the store was
+/// unreachable: exactly what a commander may assume.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreOutcome {
+    /// A read: there was nothing to change.
+    Read,
+    /// A change that certainly was not applied.
+    Unchanged,
+    /// A change whose transaction was sent and whose answer was lost: it
+    /// may have been applied. Its change id tells, once the store is back.
+    Unknown {
+        /// The change's id, when it has one.
+        change_id: Option<String>,
+    },
+}
+
+impl std::fmt::Display for StoreOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreOutcome::Read => f.write_str("retry when it is back"),
+            StoreOutcome::Unchanged => f.write_str("nothing changed, retry when it is back"),
+            StoreOutcome::Unknown {
+                change_id: Some(change_id),
+            } => write!(
+                f,
+                "the change was sent but its answer was lost, so it may or may not have been applied: when the store is back, run the command again with --change-id {change_id} (it is applied at most once)"
+            ),
+            StoreOutcome::Unknown { change_id: None } => f.write_str(
+                "the change was sent but its answer was lost, so it may or may not have been applied: when the store is back, `safemode audit` shows whether it was",
+            ),
+        }
+    }
 }
 
 /// Tunables of the controller.
@@ -297,6 +343,8 @@ pub struct ControllerConfig {
     /// The most namespaces (`live` included) this replica follows at once,
     /// each with a store watch; reads never start following one.
     pub max_namespaces: usize,
+    /// How long status waits for the store to answer its health probe.
+    pub store_probe_timeout: Duration,
     /// The key this replica signs snapshots, heartbeats and audit entries
     /// with (the default, a fresh key, suits one replica in a test).
     pub signing_key: SigningKey,
@@ -327,6 +375,7 @@ impl Default for ControllerConfig {
             idle_namespace: Duration::from_secs(300),
             request_ttl: Duration::from_secs(3600),
             max_namespaces: DEFAULT_MAX_NAMESPACES,
+            store_probe_timeout: Duration::from_secs(2),
             trusted_keys: TrustedKeys::new([signing_key.public_key().clone()])
                 .expect("one key is a valid set"),
             signing_key,
@@ -343,13 +392,17 @@ pub struct Status {
     pub subscribers: SubscriberPage,
     /// Problems of the replica itself (an audit log that went back).
     pub replica: Vec<String>,
+    /// The store's health, and this replica's lag behind it.
+    pub store: StoreHealth,
 }
 
 impl Status {
-    /// What a commander must look at: the namespace's problems, then each
-    /// subscriber that came holding a revision this controller never issued.
+    /// What a commander must look at: the store's health, the replica's
+    /// own problems, the namespace's, then each subscriber that came
+    /// holding a revision this controller never issued.
     pub fn problems(&self) -> Vec<String> {
-        let mut problems = self.replica.clone();
+        let mut problems = self.store.problems(&self.view.namespace);
+        problems.extend(self.replica.iter().cloned());
         problems.extend(self.view.problems.iter().cloned());
         problems.extend(self.subscribers.problems.iter().cloned());
         problems
@@ -499,6 +552,29 @@ impl Controller {
         &self.store
     }
 
+    /// `error`, said for people when it is the store being unreachable:
+    /// which store, why in plain words, and `outcome` (for a change that
+    /// failed before its transaction was sent: [`StoreOutcome::Unchanged`]).
+    /// A change whose transaction may have been applied already says so
+    /// ([`Controller::commit`] tells them apart); other errors pass as
+    /// they are.
+    pub fn in_words(&self, error: Error, outcome: StoreOutcome) -> Error {
+        match error {
+            Error::Store(store::Error::Unavailable(cause)) => Error::StoreUnreachable {
+                store: self.store.place(),
+                cause: cause.message().to_string(),
+                outcome: if cause.may_have_applied() {
+                    // The commit loop names the change itself; this is a
+                    // transaction sent without a change id.
+                    StoreOutcome::Unknown { change_id: None }
+                } else {
+                    outcome
+                },
+            },
+            other => other,
+        }
+    }
+
     /// A cancellation token that fires when the controller shuts down.
     pub fn shutdown_token(&self) -> &CancellationToken {
         &self.shutdown
@@ -638,31 +714,77 @@ impl Controller {
             .expect("poisoned")
             .get(namespace)
             .cloned();
-        let handle = match followed {
-            Some(_) => Some(self.namespace(namespace).await?),
+        // The store first, within a short bound: on a dead store, status
+        // answers at once with what this replica last read, and says so.
+        let meta_key = self.config.layout.meta_key(namespace);
+        let probe = self
+            .store
+            .probe(&meta_key, self.config.store_probe_timeout)
+            .await;
+        let unreachable = |e: store::Error| self.in_words(e.into(), StoreOutcome::Read);
+        let handle = match (followed, &probe) {
+            (Some(handle), Err(_)) if handle.current().loaded => {
+                handle.touch();
+                Some(handle)
+            }
+            // Nothing read yet, nothing to show: say why.
+            (Some(_), Err(_)) => return Err(unreachable(probe.unwrap_err())),
+            (Some(_), Ok(_)) => Some(self.namespace(namespace).await?),
             // `live` is always followed once the replica serves it.
-            None if namespace.as_str() == Namespace::LIVE => Some(self.namespace(namespace).await?),
-            None => None,
+            (None, Ok(_)) if namespace.as_str() == Namespace::LIVE => {
+                Some(self.namespace(namespace).await?)
+            }
+            (None, Ok(_)) => None,
+            (None, Err(_)) => return Err(unreachable(probe.unwrap_err())),
         };
-        Ok(match handle {
-            Some(handle) => Status {
-                view: handle.current(),
-                subscribers: handle.subscribers.page(after, limit),
-                replica: self.replica_problems(),
-            },
-            None => Status {
-                view: Arc::new(
+        let (view, subscribers) = match &handle {
+            Some(handle) => (handle.current(), handle.subscribers.page(after, limit)),
+            None => (
+                Arc::new(
                     namespace::read_once(
                         self.store.clone(),
                         self.config.layout.clone(),
                         self.config.trusted_keys.clone(),
                         namespace.clone(),
                     )
-                    .await?,
+                    .await
+                    .map_err(unreachable)?,
                 ),
-                subscribers: SubscriberPage::default(),
-                replica: self.replica_problems(),
-            },
+                SubscriberPage::default(),
+            ),
+        };
+        let mut health = StoreHealth {
+            place: self.store.place(),
+            error: None,
+            store_revision: 0,
+            namespace_revision: None,
+            applied_revision: view.meta_revision,
+            lag_revisions: 0,
+            follower: handle.as_ref().and_then(|h| h.health.failing()),
+        };
+        match probe {
+            Err(store::Error::Unavailable(cause)) => {
+                health.error = Some(cause.message().to_string());
+            }
+            Err(other) => health.error = Some(other.to_string()),
+            Ok(range) => {
+                let stored = range
+                    .kvs
+                    .iter()
+                    .find(|kv| kv.key == meta_key)
+                    .map_or(0, |kv| kv.mod_revision);
+                health.store_revision = range.revision;
+                health.namespace_revision = Some(stored);
+                // The view shown, against the store now: no waiting, so
+                // the numbers describe exactly what this answer shows.
+                health.lag_revisions = (stored - view.meta_revision).max(0);
+            }
+        }
+        Ok(Status {
+            view,
+            subscribers,
+            replica: self.replica_problems(),
+            store: health,
         })
     }
 

@@ -427,7 +427,16 @@ impl State {
 /// Whether a namespace follower is keeping up with the store.
 #[derive(Debug, Default)]
 pub struct FollowerHealth {
-    last_error: Mutex<Option<String>>,
+    failing: Mutex<Option<Failing>>,
+}
+
+/// A follower's store errors since its last success.
+#[derive(Debug)]
+struct Failing {
+    /// The last one.
+    error: String,
+    /// When the first one came.
+    since: std::time::Instant,
 }
 
 impl FollowerHealth {
@@ -440,20 +449,32 @@ impl FollowerHealth {
 
     /// The last store error, while unhealthy.
     pub fn last_error(&self) -> Option<String> {
-        self.lock().clone()
+        self.lock().as_ref().map(|f| f.error.clone())
+    }
+
+    /// The last store error and how long the follower has been failing
+    /// (since its last success), while unhealthy.
+    pub fn failing(&self) -> Option<(String, Duration)> {
+        self.lock()
+            .as_ref()
+            .map(|f| (f.error.clone(), f.since.elapsed()))
     }
 
     fn failed(&self, error: String) {
-        *self.lock() = Some(error);
+        let mut failing = self.lock();
+        let since = failing
+            .as_ref()
+            .map_or_else(std::time::Instant::now, |f| f.since);
+        *failing = Some(Failing { error, since });
     }
 
     fn recovered(&self) {
         self.lock().take();
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Failing>> {
         // Each update is one assignment; a poisoned value is still whole.
-        self.last_error.lock().unwrap_or_else(|e| e.into_inner())
+        self.failing.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 

@@ -18,7 +18,7 @@ use super::{
 use safemode_controller::auth::Operation;
 use safemode_controller::{
     ApplyRequest, AuditFilter, AuditPage, ChangeId, Controller, DeclareRequest, EscalateRequest,
-    IncidentId, IncidentOutcome, LiftRequest, LiftTarget, RequestId, ResolveRequest,
+    IncidentId, IncidentOutcome, LiftRequest, LiftTarget, RequestId, ResolveRequest, StoreOutcome,
     SubscriberCursor, in_force_in,
 };
 use safemode_policy::runbook::{RunbookName, Severity};
@@ -53,6 +53,19 @@ impl ControlApi {
                     .iter()
                     .any(|r| matches!(r.effect, Effect::ReadOnly(_)))
             })
+    }
+
+    /// A change's failure as a status: when the store was unreachable,
+    /// which store, why, and that nothing changed (or, when its
+    /// transaction's answer was lost, that it may have been applied).
+    fn write_failed(&self, error: safemode_controller::Error) -> Status {
+        status(self.controller.in_words(error, StoreOutcome::Unchanged))
+    }
+
+    /// A read's failure as a status: when the store was unreachable, which
+    /// store and why.
+    fn read_failed(&self, error: safemode_controller::Error) -> Status {
+        status(self.controller.in_words(error, StoreOutcome::Read))
     }
 
     fn incident_change(
@@ -207,7 +220,7 @@ impl ControlService for ControlApi {
                 dry_run: r.dry_run,
             })
             .await
-            .map_err(status)?;
+            .map_err(|e| self.write_failed(e))?;
         Ok(Response::new(proto::ApplyModesResponse {
             change_id: change.to_string(),
             namespace: namespace.to_string(),
@@ -278,7 +291,7 @@ impl ControlService for ControlApi {
                 dry_run: r.dry_run,
             })
             .await
-            .map_err(status)?;
+            .map_err(|e| self.write_failed(e))?;
         Ok(Response::new(proto::LiftActivationsResponse {
             change_id: change.to_string(),
             namespace: namespace.to_string(),
@@ -354,7 +367,7 @@ impl ControlService for ControlApi {
             .controller
             .status(&namespace, after.as_ref(), limit)
             .await
-            .map_err(status)?;
+            .map_err(|e| self.read_failed(e))?;
         Ok(Response::new(proto::GetStatusResponse {
             namespace: namespace.to_string(),
             revision: status.view.revision,
@@ -380,6 +393,7 @@ impl ControlService for ControlApi {
                 .map(SubscriberCursor::token)
                 .unwrap_or_default(),
             subscriber_count: u32::try_from(status.subscribers.total).unwrap_or(u32::MAX),
+            store: Some(super::convert::store_health_to_wire(&status.store)),
         }))
     }
 
@@ -441,7 +455,7 @@ impl ControlService for ControlApi {
                 dry_run: r.dry_run,
             })
             .await
-            .map_err(status)?;
+            .map_err(|e| self.write_failed(e))?;
         Ok(Response::new(self.incident_change(outcome, &change)))
     }
 
@@ -468,7 +482,11 @@ impl ControlService for ControlApi {
             r.dry_run,
         )
         .await?;
-        let incident = self.controller.incident(&id).await.map_err(status)?;
+        let incident = self
+            .controller
+            .incident(&id)
+            .await
+            .map_err(|e| self.write_failed(e))?;
         authorize_change(
             &self.controller,
             &actor,
@@ -489,7 +507,7 @@ impl ControlService for ControlApi {
                 dry_run: r.dry_run,
             })
             .await
-            .map_err(status)?;
+            .map_err(|e| self.write_failed(e))?;
         Ok(Response::new(self.incident_change(outcome, &change)))
     }
 
@@ -511,7 +529,11 @@ impl ControlService for ControlApi {
             r.dry_run,
         )
         .await?;
-        let incident = self.controller.incident(&id).await.map_err(status)?;
+        let incident = self
+            .controller
+            .incident(&id)
+            .await
+            .map_err(|e| self.write_failed(e))?;
         authorize_change(
             &self.controller,
             &actor,
@@ -531,7 +553,7 @@ impl ControlService for ControlApi {
                 dry_run: r.dry_run,
             })
             .await
-            .map_err(status)?;
+            .map_err(|e| self.write_failed(e))?;
         Ok(Response::new(self.incident_change(outcome, &change)))
     }
 
@@ -554,8 +576,12 @@ impl ControlService for ControlApi {
             .controller
             .list_incidents(&namespace, r.include_resolved)
             .await
-            .map_err(status)?;
-        let view = self.controller.view(&namespace).await.map_err(status)?;
+            .map_err(|e| self.read_failed(e))?;
+        let view = self
+            .controller
+            .view(&namespace)
+            .await
+            .map_err(|e| self.read_failed(e))?;
         Ok(Response::new(proto::ListIncidentsResponse {
             total: u32::try_from(incidents.len()).unwrap_or(u32::MAX),
             incidents: incidents
@@ -574,7 +600,11 @@ impl ControlService for ControlApi {
         let id = incident_id(&request.get_ref().incident_id)?;
         let what = format!("read incident {id}");
         authorize_anywhere(&self.controller, &actor, Operation::Read, &what).await?;
-        let incident = self.controller.incident(&id).await.map_err(status)?;
+        let incident = self
+            .controller
+            .incident(&id)
+            .await
+            .map_err(|e| self.read_failed(e))?;
         authorize(
             &self.controller,
             &actor,
@@ -583,7 +613,11 @@ impl ControlService for ControlApi {
             &what,
         )
         .await?;
-        let in_force = self.controller.in_force(&incident).await.map_err(status)?;
+        let in_force = self
+            .controller
+            .in_force(&incident)
+            .await
+            .map_err(|e| self.read_failed(e))?;
         Ok(Response::new(incident_to_wire(&incident, &in_force)))
     }
 
@@ -606,7 +640,7 @@ impl ControlService for ControlApi {
             .controller
             .list_requests(&namespace, r.include_decided)
             .await
-            .map_err(status)?;
+            .map_err(|e| self.read_failed(e))?;
         Ok(Response::new(proto::ListRequestsResponse {
             total: u32::try_from(requests.len()).unwrap_or(u32::MAX),
             requests: requests
@@ -632,7 +666,11 @@ impl ControlService for ControlApi {
         };
         let what = format!("approve {id}");
         authorize_anywhere(&self.controller, &actor, Operation::Approve, &what).await?;
-        let pending = self.controller.request(&id).await.map_err(status)?;
+        let pending = self
+            .controller
+            .request(&id)
+            .await
+            .map_err(|e| self.write_failed(e))?;
         authorize(
             &self.controller,
             &actor,
@@ -655,10 +693,10 @@ impl ControlService for ControlApi {
                         format!("refused {what}: {own}"),
                     )
                     .await
-                    .map_err(status)?;
+                    .map_err(|e| self.write_failed(e))?;
                 return Err(status(own));
             }
-            other => other.map_err(status)?,
+            other => other.map_err(|e| self.write_failed(e))?,
         };
         Ok(Response::new(proto::ApproveResponse {
             request: Some(recorded_request_to_wire(&outcome.request)),
@@ -682,7 +720,11 @@ impl ControlService for ControlApi {
         };
         let what = format!("withdraw {id}");
         authorize_anywhere(&self.controller, &actor, Operation::Change, &what).await?;
-        let pending = self.controller.request(&id).await.map_err(status)?;
+        let pending = self
+            .controller
+            .request(&id)
+            .await
+            .map_err(|e| self.write_failed(e))?;
         authorize(
             &self.controller,
             &actor,
@@ -695,7 +737,7 @@ impl ControlService for ControlApi {
             .controller
             .withdraw(&id, reason, &actor, Some(change.clone()))
             .await
-            .map_err(status)?;
+            .map_err(|e| self.write_failed(e))?;
         Ok(Response::new(proto::WithdrawResponse {
             request: Some(recorded_request_to_wire(&outcome.request)),
             revision: outcome.revision,
@@ -747,7 +789,7 @@ impl ControlService for ControlApi {
             .controller
             .audit(&filter, r.verify, page)
             .await
-            .map_err(status)?;
+            .map_err(|e| self.read_failed(e))?;
         let head = report.head.unwrap_or_default();
         Ok(Response::new(proto::GetAuditResponse {
             entries: report.entries.iter().map(audit_entry_to_wire).collect(),

@@ -5,7 +5,7 @@
 use safemode_controller::audit::AuditEntry;
 use safemode_controller::{
     ChangeRequest, ChannelSnapshot, Incident, IncidentStatus, NamespaceView, Preview, RequestKind,
-    RequestState, SubscriberRecord,
+    RequestState, StoreHealth, SubscriberRecord,
 };
 use std::sync::Arc;
 
@@ -55,6 +55,23 @@ pub fn subscriber_to_wire(s: &SubscriberRecord) -> proto::SubscriberStatus {
         rejected_revision: rejected.map_or(0, |r| r.revision),
         reject_reason: rejected.map(|r| r.reason.clone()).unwrap_or_default(),
         rejected_at: rejected.map(|r| timestamp_to_wire(r.at)),
+    }
+}
+
+/// The store's health and the replica's lag behind it.
+pub fn store_health_to_wire(h: &StoreHealth) -> proto::StoreHealth {
+    let (follower_error, failing_for) = h.follower.clone().unwrap_or_default();
+    proto::StoreHealth {
+        kind: h.place.kind().to_string(),
+        endpoints: h.place.endpoints(),
+        reachable: h.reachable(),
+        error: h.error.clone().unwrap_or_default(),
+        store_revision: h.store_revision,
+        namespace_revision: h.namespace_revision.unwrap_or_default(),
+        applied_revision: h.applied_revision,
+        lag_revisions: h.lag_revisions,
+        follower_failing_ms: u64::try_from(failing_for.as_millis()).unwrap_or(u64::MAX),
+        follower_error,
     }
 }
 

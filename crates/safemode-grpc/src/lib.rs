@@ -309,6 +309,19 @@ fn status(error: controller::Error) -> tonic::Status {
         TooManyNamespaces { .. } => tonic::Status::resource_exhausted(message),
         NotInUse { .. } => tonic::Status::failed_precondition(message),
         Conflict(_) => tonic::Status::aborted(message),
+        StoreUnreachable { outcome, .. } => {
+            let mut status = tonic::Status::unavailable(message);
+            let outcome = match outcome {
+                controller::StoreOutcome::Read => "read",
+                controller::StoreOutcome::Unchanged => "unchanged",
+                controller::StoreOutcome::Unknown { .. } => "unknown",
+            };
+            status.metadata_mut().insert(
+                safemode_wire::STORE_UNREACHABLE_HEADER,
+                tonic::metadata::MetadataValue::from_static(outcome),
+            );
+            status
+        }
         Store(safemode_store::Error::Unavailable(_)) => tonic::Status::unavailable(message),
         Store(_) => tonic::Status::internal(message),
     }

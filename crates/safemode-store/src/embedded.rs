@@ -248,6 +248,12 @@ impl Store for EmbeddedStore {
     fn describe(&self) -> String {
         format!("embedded:{}", self.inner.path.display())
     }
+
+    fn place(&self) -> super::Place {
+        super::Place::Embedded {
+            path: self.inner.path.display().to_string(),
+        }
+    }
 }
 
 /// Runs blocking redb work on tokio's blocking pool, inside the caller's span.

@@ -37,7 +37,12 @@
 //! (`controller/change.rs`). Every call is bounded: at most
 //! [`EtcdOptions::call_deadline`] in all, and [`ROUNDS`] passes over the
 //! members, with a short jittered pause between passes while the cluster
-//! elects a leader.
+//! elects a leader; when every member refuses the connection for
+//! [`REFUSED_FOR`], etcd is down rather than electing, and the call gives
+//! up then. [`Store::probe`] (status's health check) makes one pass only.
+//!
+//! Errors say why in plain words ("connection refused", "etcd has no
+//! leader"), with etcd's own error kept as the cause.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -198,6 +203,12 @@ impl EtcdOptions {
     }
 }
 
+/// How long a call keeps trying while every member refuses the connection
+/// (nothing listens: etcd is down, not electing) before it gives up: long
+/// enough for a member's restart, short enough that a commander hears at
+/// once that etcd is down.
+pub const REFUSED_FOR: Duration = Duration::from_secs(2);
+
 /// How many passes over the members one call makes at most (an election
 /// takes a second or two; the pauses between passes grow to a second).
 pub const ROUNDS: usize = 16;
@@ -293,8 +304,15 @@ impl EtcdStore {
         let count = self.members.len();
         let mut pause = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
         let mut last = None;
+        // Since when every member has refused the connection, pass after
+        // pass: nothing listens where etcd should be, which no election
+        // explains.
+        let mut all_refused_since: Option<Instant> = None;
         for round in 0..ROUNDS {
             if round > 0 {
+                if all_refused_since.is_some_and(|since| since.elapsed() >= REFUSED_FOR) {
+                    break;
+                }
                 // Every member failed: most likely an election is under way.
                 let wait = pause.next_delay();
                 if Instant::now() + wait >= deadline {
@@ -303,6 +321,7 @@ impl EtcdStore {
                 tokio::time::sleep(wait).await;
             }
             let start = self.preferred.load(Ordering::Relaxed);
+            let mut refusals = 0;
             for step in 0..count {
                 let index = (start + step) % count;
                 let Some(left) = deadline.checked_duration_since(Instant::now()) else {
@@ -323,6 +342,9 @@ impl EtcdStore {
                     }
                 };
                 let failure = classify(&error);
+                if refused(&error) {
+                    refusals += 1;
+                }
                 tracing::debug!(
                     member = %self.options.endpoints[index],
                     ?failure,
@@ -340,6 +362,11 @@ impl EtcdStore {
                         last = Some((error, failure));
                     }
                 }
+            }
+            if refusals == count {
+                all_refused_since.get_or_insert_with(Instant::now);
+            } else {
+                all_refused_since = None;
             }
         }
         Err(last.unwrap_or_else(|| {
@@ -467,8 +494,33 @@ fn etcd_error(error: etcd_client::Error) -> Error {
             let message = status.message().to_owned();
             Error::InvalidRequest(Cause::new(message, error))
         }
-        _ => Error::Unavailable(Cause::new(describe(&error), error)),
+        _ => Error::Unavailable(Cause::new(plain_words(&error), error)),
     }
+}
+
+/// Why etcd could not be used, in the words a person at 3 a.m. needs
+/// ("connection refused"), not tonic's chain of transport errors; the error
+/// itself stays the cause's source.
+fn plain_words(error: &etcd_client::Error) -> String {
+    let described = describe(error);
+    let has = |sign: &str| described.contains(sign);
+    if has("Connection refused") || has("connection refused") {
+        "connection refused".into()
+    } else if has("no leader") {
+        "etcd has no leader (too few members are up to elect one)".into()
+    } else if has("dns error") || has("failed to lookup address") {
+        "its host name does not resolve".into()
+    } else if has("Connection reset") || has("connection reset") {
+        "the connection was reset".into()
+    } else {
+        described
+    }
+}
+
+/// Whether etcd refused the connection itself: nothing listens there.
+fn refused(error: &etcd_client::Error) -> bool {
+    let described = describe(error);
+    described.contains("Connection refused") || described.contains("connection refused")
 }
 
 fn key_string(key: &[u8]) -> Result<String> {
@@ -635,13 +687,9 @@ impl Store for EtcdStore {
             })
             .await
             .map_err(|(e, failure)| match failure {
-                Failure::Ambiguous => Error::Unavailable(Cause::new(
-                    format!(
-                        "{}; the transaction may or may not have been applied",
-                        describe(&e)
-                    ),
-                    e,
-                )),
+                Failure::Ambiguous => {
+                    Error::Unavailable(Cause::new(plain_words(&e), e).maybe_applied())
+                }
                 _ => etcd_error(e),
             })?;
         let revision = header_revision(response.header())?;
@@ -710,6 +758,48 @@ impl Store for EtcdStore {
 
     fn describe(&self) -> String {
         format!("etcd:{}", self.options.endpoints.join(","))
+    }
+
+    fn place(&self) -> super::Place {
+        super::Place::Etcd {
+            endpoints: self.options.endpoints.clone(),
+        }
+    }
+
+    /// One pass over the members, starting with the one that answered
+    /// last, within `within` in all: no waiting for an election, so a
+    /// status call on a dead etcd answers at once with etcd's reason.
+    async fn probe(&self, key: &str, within: Duration) -> Result<RangeResult> {
+        let deadline = Instant::now() + within;
+        let count = self.members.len();
+        let start = self.preferred.load(Ordering::Relaxed);
+        let mut last = None;
+        for step in 0..count {
+            let index = (start + step) % count;
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                break;
+            };
+            let mut kv = self.members[index].kv_client();
+            match tokio::time::timeout(left, kv.get(key.to_string(), None)).await {
+                Ok(Ok(response)) => {
+                    self.preferred.store(index, Ordering::Relaxed);
+                    let kvs = response
+                        .kvs()
+                        .iter()
+                        .map(key_value)
+                        .collect::<Result<Vec<_>>>()?;
+                    return Ok(RangeResult {
+                        kvs,
+                        revision: header_revision(response.header())?,
+                    });
+                }
+                Ok(Err(error)) => last = Some(etcd_error(error)),
+                Err(_) => break,
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            Error::Unavailable(format!("no answer within {}", super::seconds(within)).into())
+        }))
     }
 }
 
@@ -809,6 +899,46 @@ mod tests {
 
     fn status(code: tonic::Code, message: &str) -> etcd_client::Error {
         etcd_client::Error::GRpcStatus(tonic::Status::new(code, message))
+    }
+
+    #[test]
+    fn failures_are_said_in_plain_words() {
+        use tonic::Code::*;
+        let cases = [
+            (
+                Unavailable,
+                "tcp connect error: Connection refused (os error 111)",
+                "connection refused",
+            ),
+            (
+                Unavailable,
+                "etcdserver: no leader",
+                "etcd has no leader (too few members are up to elect one)",
+            ),
+            (
+                Unavailable,
+                "dns error: failed to lookup address information",
+                "its host name does not resolve",
+            ),
+            (
+                Unavailable,
+                "error reading a body from connection: Connection reset by peer",
+                "the connection was reset",
+            ),
+            (
+                DeadlineExceeded,
+                "no answer from etcd within 12s",
+                "no answer from etcd within 12s",
+            ),
+        ];
+        for (code, message, expected) in cases {
+            assert_eq!(plain_words(&status(code, message)), expected, "{message}");
+        }
+        assert!(refused(&status(
+            Unavailable,
+            "tcp connect error: Connection refused (os error 111)"
+        )));
+        assert!(!refused(&status(Unavailable, "etcdserver: no leader")));
     }
 
     #[test]

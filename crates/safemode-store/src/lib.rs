@@ -13,6 +13,8 @@
 pub mod embedded;
 pub mod etcd;
 
+use std::time::Duration;
+
 use futures_util::stream::BoxStream;
 
 /// A store revision. Every committed change that writes something gets the
@@ -63,11 +65,14 @@ pub enum Error {
 /// to it: `{:#}` and [`crate::errors::error_chain`] print the store's error
 /// once, as they did when the cause was only text.
 #[derive(Debug, thiserror::Error)]
-#[error("{message}")]
+#[error("{message}{}", if *.maybe_applied { "; the transaction may or may not have been applied" } else { "" })]
 pub struct Cause {
     message: String,
     #[source]
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    /// A transaction that failed this way may have been applied all the
+    /// same (the answer was lost after the request was sent).
+    maybe_applied: bool,
 }
 
 impl Cause {
@@ -79,12 +84,35 @@ impl Cause {
         Cause {
             message: message.into(),
             source: Some(source.into()),
+            maybe_applied: false,
         }
     }
 
-    /// What went wrong, in words.
+    /// The same cause, for a transaction that may have been applied all
+    /// the same: its outcome is unknown until the store is read back.
+    pub fn maybe_applied(mut self) -> Self {
+        self.maybe_applied = true;
+        self
+    }
+
+    /// What went wrong, in words (without the note that a transaction may
+    /// have been applied: [`Cause::may_have_applied`] says that).
     pub fn message(&self) -> &str {
         &self.message
+    }
+
+    /// Whether a transaction that failed this way may have been applied.
+    pub fn may_have_applied(&self) -> bool {
+        self.maybe_applied
+    }
+}
+
+impl Error {
+    /// Whether this is a failed transaction that may have been applied all
+    /// the same (its outcome is unknown); every other failure changed
+    /// nothing.
+    pub fn may_have_applied(&self) -> bool {
+        matches!(self, Error::Unavailable(cause) if cause.may_have_applied())
     }
 }
 
@@ -93,6 +121,7 @@ impl From<String> for Cause {
         Cause {
             message,
             source: None,
+            maybe_applied: false,
         }
     }
 }
@@ -283,6 +312,95 @@ pub trait Store: Send + Sync + 'static {
 
     /// A short description for logs, e.g. `embedded:/var/lib/safemode/store.redb`.
     fn describe(&self) -> String;
+
+    /// What the store is and where, for people (status, errors).
+    fn place(&self) -> Place {
+        Place::Other {
+            description: self.describe(),
+        }
+    }
+
+    /// Reads `key` (exactly that key) once, for a health check: unlike every
+    /// other call it does not wait through an election or a member's
+    /// restart, and it fails with [`Error::Unavailable`] when the store has
+    /// not answered within `within`. The result's revision is the store's
+    /// current revision.
+    async fn probe(&self, key: &str, within: Duration) -> Result<RangeResult> {
+        match tokio::time::timeout(within, self.range_page(key, None, 1, 0)).await {
+            Ok(page) => {
+                let page = page?;
+                Ok(RangeResult {
+                    kvs: page.kvs.into_iter().filter(|kv| kv.key == key).collect(),
+                    revision: page.revision,
+                })
+            }
+            Err(_) => Err(Error::Unavailable(
+                format!("no answer within {}", seconds(within)).into(),
+            )),
+        }
+    }
+}
+
+/// What a store is and where, as [`Store::place`] says it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Place {
+    /// The embedded store, in one local file.
+    Embedded {
+        /// The file.
+        path: String,
+    },
+    /// An etcd cluster.
+    Etcd {
+        /// The members' client URLs.
+        endpoints: Vec<String>,
+    },
+    /// Another store (a test's wrapper).
+    Other {
+        /// Its [`Store::describe`].
+        description: String,
+    },
+}
+
+impl Place {
+    /// `embedded`, `etcd` or `other`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Place::Embedded { .. } => "embedded",
+            Place::Etcd { .. } => "etcd",
+            Place::Other { .. } => "other",
+        }
+    }
+
+    /// Where: the file, the endpoints, or the description.
+    pub fn endpoints(&self) -> Vec<String> {
+        match self {
+            Place::Embedded { path } => vec![path.clone()],
+            Place::Etcd { endpoints } => endpoints.clone(),
+            Place::Other { description } => vec![description.clone()],
+        }
+    }
+}
+
+/// `etcd at http://10.0.0.5:2379,http://10.0.0.6:2379`, `the embedded
+/// store at /var/lib/safemode/store.redb`.
+impl std::fmt::Display for Place {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Place::Embedded { path } => write!(f, "embedded store at {path}"),
+            Place::Etcd { endpoints } => write!(f, "etcd at {}", endpoints.join(",")),
+            Place::Other { description } => f.write_str(description),
+        }
+    }
+}
+
+/// A duration in seconds for people: `2s`, `0.5s`.
+pub(crate) fn seconds(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s.fract() == 0.0 {
+        format!("{s:.0}s")
+    } else {
+        format!("{s:.1}s")
+    }
 }
 
 /// Checks a page request the same way for every store.

@@ -26,6 +26,13 @@ pub mod proto {
 /// (the CLI's `--principal`).
 pub const PRINCIPAL_HEADER: &str = "x-safemode-principal";
 
+/// The trailer an UNAVAILABLE answer carries when the store was unreachable:
+/// what became of the request. `unchanged`: a change that certainly was not
+/// applied; `unknown`: one that may have been; `read`: a read. A client that
+/// tries another replica keeps count, so its last word is as exact as the
+/// server's.
+pub const STORE_UNREACHABLE_HEADER: &str = "x-safemode-store-unreachable";
+
 /// The snapshot format version this build writes and reads.
 pub const SCHEMA_VERSION: u32 = 1;
 
