@@ -1263,7 +1263,26 @@ fn decide_context(args: &DecideArgs) -> anyhow::Result<Context> {
 }
 
 /// The control client the CLI uses: it sends the bearer token.
-type Control = ControlServiceClient<InterceptedService<GrpcChannel, Bearer>>;
+/// An answer from a controller.
+type Answer = tonic::codegen::http::Response<tonic::body::Body>;
+
+/// A channel that notes which replica gave each answer.
+type Answered = tower::util::MapResponse<GrpcChannel, fn(Answer) -> Answer>;
+
+type Control = ControlServiceClient<InterceptedService<Answered, Bearer>>;
+
+/// Notes the replica an answer names ([`wire::REPLICA_HEADER`]), for the
+/// output to say who answered.
+fn note_replica(answer: Answer) -> Answer {
+    if let Some(name) = answer
+        .headers()
+        .get(wire::REPLICA_HEADER)
+        .and_then(|v| v.to_str().ok())
+    {
+        output::answered_by(name);
+    }
+    answer
+}
 
 /// Who the CLI calls as: a token, and the name to go by on a server without
 /// tokens; and how the token is kept safe on the way.
@@ -1302,7 +1321,8 @@ async fn control(servers: &[String], caller: &Caller) -> anyhow::Result<Control>
     let (server, channel) =
         client::connect_first(servers, &options, Duration::from_secs(30)).await?;
     *caller.connected.lock().unwrap_or_else(|e| e.into_inner()) = Some(server);
-    Ok(ControlServiceClient::with_interceptor(channel, bearer))
+    let answered = tower::ServiceExt::map_response(channel, note_replica as fn(Answer) -> Answer);
+    Ok(ControlServiceClient::with_interceptor(answered, bearer))
 }
 
 /// The token from --token, or read from --token-file (secrets stay out of

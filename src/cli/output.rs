@@ -129,7 +129,13 @@ pub fn show(format: Format, view: &impl View) -> String {
             // Through a `Value`, whose maps keep their keys sorted (serde_json
             // without `preserve_order`): the key order this output has always
             // had, whatever order a view declares its fields in.
-            let value = serde_json::to_value(view).expect("views serialize to JSON");
+            let mut value = serde_json::to_value(view).expect("views serialize to JSON");
+            // Every answer says which replica gave it.
+            if let (serde_json::Value::Object(object), Some(replica)) = (&mut value, answering()) {
+                object
+                    .entry("replica")
+                    .or_insert(serde_json::Value::String(replica));
+            }
             format!("{value}\n")
         }
         Format::Text => {
@@ -332,9 +338,31 @@ fn modes_text(list: &[Activation]) -> String {
         .join(", ")
 }
 
-/// "namespace X at revision N", the last line of every write.
+/// The replica that gave this command's last answer, as its answers name it.
+static ANSWERED_BY: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+
+/// Notes that `replica` gave the command's latest answer.
+pub fn answered_by(replica: &str) {
+    *ANSWERED_BY.lock().unwrap_or_else(|e| e.into_inner()) = Some(replica.to_string());
+}
+
+/// The replica that gave the command's latest answer, if one named itself.
+fn answering() -> Option<String> {
+    ANSWERED_BY
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+}
+
+/// "namespace X at revision N (replica R)", the last line of every write.
 fn at_revision(out: &mut Text, namespace: &str, revision: i64) {
-    say!(out, "namespace {namespace} at revision {revision}");
+    match answering() {
+        Some(replica) => say!(
+            out,
+            "namespace {namespace} at revision {revision} (replica {replica})"
+        ),
+        None => say!(out, "namespace {namespace} at revision {revision}"),
+    }
 }
 
 // === mode list ===

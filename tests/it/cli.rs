@@ -332,6 +332,7 @@ async fn a_commander_session_from_the_command_line() {
     let revision: i64 = text
         .lines()
         .find_map(|l| l.strip_prefix("namespace live at revision "))
+        .and_then(|rest| rest.split(' ').next())
         .expect("the new revision is printed")
         .parse()
         .unwrap();

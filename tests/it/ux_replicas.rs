@@ -55,6 +55,46 @@ async fn two_replicas_on_one_host_have_names_of_their_own() {
             "{name} is not named after its port {port}"
         );
     }
+
+    // Every answer names the replica that gave it: a change's last line,
+    // and every JSON answer, reads or writes.
+    for (name, url) in [(&name_a, &a.url), (&name_b, &b.url)] {
+        let reason = format!("through {name}");
+        let applied = safemode(&[
+            "--server",
+            url,
+            "mode",
+            "apply",
+            "incident-notice",
+            "--channels",
+            if *name == name_a { "web" } else { "ivr" },
+            "--reason",
+            &reason,
+        ])
+        .await;
+        assert_eq!(applied.status.code(), Some(0), "{applied:?}");
+        let text = String::from_utf8_lossy(&applied.stdout);
+        let last = text.lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with("namespace live at revision ")
+                && last.ends_with(&format!("(replica {name})")),
+            "{text}"
+        );
+        for args in [
+            &["mode", "list"][..],
+            &["requests"][..],
+            &["incident", "list"][..],
+            &["runbook", "list"][..],
+            &["audit", "--namespace", "live"][..],
+        ] {
+            let mut full = vec!["--server", url.as_str(), "-o", "json"];
+            full.extend_from_slice(args);
+            let output = safemode(&full).await;
+            assert_eq!(output.status.code(), Some(0), "{args:?}: {output:?}");
+            let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+            assert_eq!(json["replica"], name.as_str(), "{args:?}: {json}");
+        }
+    }
 }
 
 #[tokio::test]

@@ -15,6 +15,7 @@ use std::time::Duration;
 use anyhow::{Context as _, anyhow, bail};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tonic::codegen::http;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Identity, ServerTlsConfig};
@@ -283,6 +284,8 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
     let router = builder
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        // Every answer names the replica that gave it.
+        .layer(tower::util::MapResponseLayer::new(answered_by(&replica)))
         // Health needs no token (probes and load balancers call it); every
         // other service does.
         .add_service(health_service)
@@ -574,5 +577,22 @@ async fn reload_tokens(
                 }
             }
         }
+    }
+}
+
+/// Marks each answer with the replica's name ([`safemode_wire::REPLICA_HEADER`]).
+fn answered_by(
+    replica: &str,
+) -> impl Fn(http::Response<tonic::body::Body>) -> http::Response<tonic::body::Body> + Clone + use<>
+{
+    // Replica names are checked to be header-safe (no spaces or controls).
+    let name = http::HeaderValue::from_str(replica).ok();
+    move |mut response| {
+        if let Some(name) = &name {
+            response
+                .headers_mut()
+                .insert(safemode_wire::REPLICA_HEADER, name.clone());
+        }
+        response
     }
 }

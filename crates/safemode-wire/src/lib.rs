@@ -33,6 +33,10 @@ pub const PRINCIPAL_HEADER: &str = "x-safemode-principal";
 /// server's.
 pub const STORE_UNREACHABLE_HEADER: &str = "x-safemode-store-unreachable";
 
+/// Response header naming the replica that answered, on every control-plane
+/// answer (refusals included), so that a command can say who answered.
+pub const REPLICA_HEADER: &str = "x-safemode-replica";
+
 /// The snapshot format version this build writes and reads.
 pub const SCHEMA_VERSION: u32 = 1;
 
