@@ -382,7 +382,8 @@ fn step_up_account_changes() {
             .confidence(0.9)
             .methods(&["push"])
             .gives("allow", &[STEP_UP])
-            .says(STEP_UP),
+            // A passed step-up: nothing to tell the customer.
+            .says_nothing(),
         );
     }
     cases.extend([
@@ -405,12 +406,14 @@ fn step_up_account_changes() {
             .confidence(0.8)
             .methods(&["totp"])
             .gives("allow", &[STEP_UP])
-            .says(STEP_UP),
+            // A passed step-up: nothing to tell the customer.
+            .says_nothing(),
         case("one listed method among others passes", &[STEP_UP], "mobile", "account.mfa_reset")
             .confidence(0.85)
             .methods(&["sms_otp", "kba", "webauthn"])
             .gives("allow", &[STEP_UP])
-            .says(STEP_UP),
+            // A passed step-up: nothing to tell the customer.
+            .says_nothing(),
         case("one failed attempt leaves two", &[STEP_UP], "chatbot", "account.password_reset")
             .confidence(0.5)
             .failed(1)
@@ -751,7 +754,8 @@ fn handoff_guard() {
             .confidence(0.95)
             .methods(&["push"])
             .gives("allow", &[HANDOFF])
-            .says(HANDOFF),
+            // A passed step-up: nothing to tell the customer.
+            .says_nothing(),
             case(
                 format!("{action}: no hand-off"),
                 &[HANDOFF],
@@ -1040,7 +1044,8 @@ fn combinations() {
         .confidence(0.85)
         .methods(&["totp"])
         .gives("allow", &[STEP_UP])
-        .says(STEP_UP),
+        // A passed step-up: nothing to tell the customer.
+        .says_nothing(),
         // Channel scope of an activation.
         case(
             "freeze on chatbot only: chatbot denied",

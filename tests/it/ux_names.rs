@@ -116,3 +116,53 @@ async fn a_decision_names_the_modes_behind_it() {
         "{json}"
     );
 }
+
+/// A step-up the customer passed is an allow with nothing to tell them: the
+/// step-up's customer message and agent script are for those who did not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allowed_decision_carries_no_step_up_texts() {
+    let server = TestServer::start().await;
+    let url = server.url.as_str();
+    let applied = safemode(&[
+        "--server",
+        url,
+        "mode",
+        "apply",
+        "handoff-guard",
+        "--channels",
+        "agent-desk",
+        "--reason",
+        "hand-offs laundered",
+    ])
+    .await;
+    assert_eq!(applied.status.code(), Some(0), "{applied:?}");
+    let base = [
+        "--server",
+        url,
+        "decide",
+        "--channel",
+        "agent-desk",
+        "--action",
+        "payment.refund",
+        "--handoff",
+        "--confidence",
+        "0.95",
+    ];
+    // (extra arguments, first line, whether the texts are shown)
+    let cases: &[(&[&str], &str, bool)] = &[
+        (&[], "step_up", true),
+        (&["--method", "push"], "allow", false),
+    ];
+    for (extra, first, texts) in cases {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        let output = safemode(&args).await;
+        assert_eq!(output.status.code(), Some(0), "{output:?}");
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(text.starts_with(first), "{extra:?}: {text}");
+        assert_eq!(text.contains("  customer: "), *texts, "{extra:?}: {text}");
+        assert_eq!(text.contains("  agent: "), *texts, "{extra:?}: {text}");
+        // The mode behind the decision is still named.
+        assert!(text.contains("because: handoff-guard"), "{extra:?}: {text}");
+    }
+}

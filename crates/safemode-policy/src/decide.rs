@@ -323,6 +323,12 @@ impl ActionPolicy {
         let kind = effect.kind();
         let outcome = Outcome::resolve(effect, throttle.map(|(limit, _)| limit), ctx);
         let texts = match throttle {
+            // A step-up the customer passed: its texts ("confirm your
+            // identity") are not for them; an entry that allows (a notice)
+            // still speaks.
+            _ if kind != EffectKind::Allow && outcome.kind() == EffectKind::Allow => applied()
+                .find(|(_, e)| e.effect.kind() == EffectKind::Allow)
+                .map_or(Texts::None, |(at, _)| Texts::Entry(at)),
             // A passed step-up leaves the throttle: its rule speaks.
             Some((_, leader))
                 if kind != EffectKind::Throttle && outcome.kind() == EffectKind::Throttle =>
