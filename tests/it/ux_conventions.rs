@@ -223,3 +223,50 @@ async fn each_commands_help_lists_only_the_flags_it_uses() {
         .unwrap();
     assert_eq!(output.status.code(), Some(0), "{output:?}");
 }
+
+/// `--channels` is a list flag too: `--channels chatbot --channels ivr` is
+/// `--channels chatbot,ivr`, on `mode apply` and `incident declare` alike
+/// (previewed with --dry-run, so nothing changes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_take_commas_and_repeats() {
+    let server = TestServer::start().await;
+    let url = server.url.as_str();
+    let before = state(&server).await;
+    let preview = |args: Vec<&'static str>| {
+        let url = url.to_string();
+        async move {
+            let mut full = vec!["--server", url.as_str(), "-o", "json"];
+            full.extend(args);
+            full.extend(["--reason", "list flags", "--dry-run"]);
+            let output = safemode(&full).await;
+            assert_eq!(output.status.code(), Some(0), "{full:?}: {output:?}");
+            let preview: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+            preview["preview"].clone()
+        }
+    };
+    for command in [
+        vec!["mode", "apply", "bots-faq-only"],
+        vec![
+            "incident",
+            "declare",
+            "ai-handoff-abuse",
+            "--severity",
+            "sev2",
+        ],
+    ] {
+        let mut commas = command.clone();
+        commas.extend(["--channels", "chatbot,ivr"]);
+        let mut repeated = command.clone();
+        repeated.extend(["--channels", "chatbot", "--channels", "ivr"]);
+        let commas = preview(commas).await;
+        assert!(
+            commas["summary"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("chatbot"),
+            "{commas}"
+        );
+        assert_eq!(commas, preview(repeated).await, "{command:?}");
+    }
+    assert_eq!(state(&server).await, before, "something changed");
+}
