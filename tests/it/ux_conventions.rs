@@ -270,3 +270,23 @@ async fn channels_take_commas_and_repeats() {
     }
     assert_eq!(state(&server).await, before, "something changed");
 }
+
+/// Too many lift targets is refused on one line that says what to do
+/// instead; `--all` does not lift "everything" (it widens a mode name to
+/// every activation of that mode), so the advice must not say it does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_lift_targets_gives_advice_that_works() {
+    let server = TestServer::start().await;
+    let before = state(&server).await;
+    let mut args = vec!["--server", server.url.as_str(), "mode", "lift"];
+    args.extend(std::iter::repeat_n("act_5mj2k0q8c1xv", 257));
+    args.extend(["--reason", "too many"]);
+    let output = safemode(&args).await;
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("at most 256"), "{stderr}");
+    assert!(stderr.contains("name modes instead"), "{stderr}");
+    assert!(!stderr.contains("lift everything"), "{stderr}");
+    assert_eq!(state(&server).await, before, "something changed");
+}
