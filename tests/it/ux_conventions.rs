@@ -290,3 +290,60 @@ async fn too_many_lift_targets_gives_advice_that_works() {
     assert!(!stderr.contains("lift everything"), "{stderr}");
     assert_eq!(state(&server).await, before, "something changed");
 }
+
+/// `incident show` says whether lifting needs a second approver as
+/// `resolve` will have it: a mode in force whose lifting needs one
+/// (handoff-guard) makes it "yes" even when the runbook itself says no, and
+/// resolving then indeed only makes a request (exit 3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incident_show_says_a_guarded_mode_needs_a_second_approver() {
+    let server = TestServer::start().await;
+    let url = server.url.as_str();
+    let declared = safemode(&[
+        "--server",
+        url,
+        "incident",
+        "declare",
+        "ai-handoff-abuse",
+        "--severity",
+        "sev3",
+        "--reason",
+        "hand-offs abused",
+    ])
+    .await;
+    assert_eq!(declared.status.code(), Some(0), "{declared:?}");
+    let shown = safemode(&[
+        "--server",
+        url,
+        "-o",
+        "json",
+        "incident",
+        "show",
+        "ai-handoff-abuse",
+    ])
+    .await;
+    assert_eq!(shown.status.code(), Some(0), "{shown:?}");
+    let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(
+        shown["lift_requires_approval"],
+        serde_json::json!(true),
+        "{shown}"
+    );
+    let text = safemode(&["--server", url, "incident", "show", "ai-handoff-abuse"]).await;
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("lifting needs a second approver: yes"),
+        "{text}"
+    );
+    let resolved = safemode(&[
+        "--server",
+        url,
+        "incident",
+        "resolve",
+        "ai-handoff-abuse",
+        "--reason",
+        "over",
+    ])
+    .await;
+    assert_eq!(resolved.status.code(), Some(3), "{resolved:?}");
+}
