@@ -23,7 +23,8 @@ pub(super) async fn run(
         (None, _) => RunbookSource::given(&args.runbooks),
     }
     .map_err(|e| anyhow!("{e}"))?;
-    let channels = parse_channels(&args.channels).map_err(|e| anyhow!("--channels: {e}"))?;
+    let channels =
+        parse_channels(&args.channels.join(",")).map_err(|e| anyhow!("--channels: {e}"))?;
     let severity_path = if args.severity_path.is_empty() {
         None
     } else {

@@ -34,6 +34,7 @@ pub(super) async fn incident(
             RunbookName::parse(&runbook)?;
             Severity::parse(&severity).map_err(|e| anyhow!("--severity: {e}"))?;
             let reason = parse_reason(reason)?;
+            let channels = (!channels.is_empty()).then(|| channels.join(","));
             let channels = parse_channels(channels.as_deref())?;
             let request = proto::DeclareIncidentRequest {
                 namespace: namespace.to_string(),

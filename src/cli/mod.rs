@@ -221,9 +221,9 @@ enum IncidentCommand {
         /// Why (mandatory; audited).
         #[arg(long, required = true, value_parser = reason_arg)]
         reason: Option<String>,
-        /// Limit every mode to these channels, comma-separated.
-        #[arg(long)]
-        channels: Option<String>,
+        /// Limit every mode to these channels, comma-separated or repeated.
+        #[arg(long, value_delimiter = ',')]
+        channels: Vec<String>,
         #[command(flatten)]
         namespace: NamespaceArg,
         /// Only show what the change would do, per channel, and whether it
@@ -431,9 +431,10 @@ struct DrillRunArgs {
     /// Simulated subscribers per channel.
     #[arg(
         long,
+        value_delimiter = ',',
         default_value = "chatbot=5,ivr=5,agent-desk=5,web=5,mobile=5,email=5"
     )]
-    channels: String,
+    channels: Vec<String>,
     /// Write report.md, journal.json and junit.xml here.
     #[arg(long, value_name = "DIR")]
     report: Option<PathBuf>,
@@ -468,8 +469,12 @@ struct DrillRunArgs {
 #[derive(Args, Debug)]
 struct SimArgs {
     /// Subscribers per channel.
-    #[arg(long, default_value = "chatbot=50,ivr=20,agent-desk=10,web=20")]
-    channels: String,
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "chatbot=50,ivr=20,agent-desk=10,web=20"
+    )]
+    channels: Vec<String>,
     #[command(flatten)]
     namespace: NamespaceArg,
     /// Actions each channel decides after every revision, comma-separated.
@@ -505,9 +510,9 @@ enum ModeCommand {
         /// Why (mandatory; audited).
         #[arg(long, required = true, value_parser = reason_arg)]
         reason: Option<String>,
-        /// Channels to cover, comma-separated, or `*` (default: all).
-        #[arg(long)]
-        channels: Option<String>,
+        /// Channels to cover, comma-separated or repeated, or `*` (default: all).
+        #[arg(long, value_delimiter = ',')]
+        channels: Vec<String>,
         /// For read-only modes: serve data as of this time (RFC 3339; default now).
         #[arg(long)]
         as_of: Option<String>,
@@ -877,6 +882,7 @@ async fn dispatch(
                 ModeName::parse(mode)?;
             }
             let reason = parse_reason(reason)?;
+            let channels = (!channels.is_empty()).then(|| channels.join(","));
             let channels = match channels.as_deref() {
                 None => Vec::new(),
                 Some(list) if list.trim().is_empty() => {

@@ -16,7 +16,8 @@ pub(super) async fn run(
     format: Format,
     args: super::SimArgs,
 ) -> anyhow::Result<()> {
-    let channels = parse_channels(&args.channels).map_err(|e| anyhow!("--channels: {e}"))?;
+    let channels =
+        parse_channels(&args.channels.join(",")).map_err(|e| anyhow!("--channels: {e}"))?;
     let namespace = parse_namespace(&args.namespace)?;
     let actions = args
         .decide

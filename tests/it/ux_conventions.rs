@@ -223,3 +223,127 @@ async fn each_commands_help_lists_only_the_flags_it_uses() {
         .unwrap();
     assert_eq!(output.status.code(), Some(0), "{output:?}");
 }
+
+/// `--channels` is a list flag too: `--channels chatbot --channels ivr` is
+/// `--channels chatbot,ivr`, on `mode apply` and `incident declare` alike
+/// (previewed with --dry-run, so nothing changes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_take_commas_and_repeats() {
+    let server = TestServer::start().await;
+    let url = server.url.as_str();
+    let before = state(&server).await;
+    let preview = |args: Vec<&'static str>| {
+        let url = url.to_string();
+        async move {
+            let mut full = vec!["--server", url.as_str(), "-o", "json"];
+            full.extend(args);
+            full.extend(["--reason", "list flags", "--dry-run"]);
+            let output = safemode(&full).await;
+            assert_eq!(output.status.code(), Some(0), "{full:?}: {output:?}");
+            let preview: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+            preview["preview"].clone()
+        }
+    };
+    for command in [
+        vec!["mode", "apply", "bots-faq-only"],
+        vec![
+            "incident",
+            "declare",
+            "ai-handoff-abuse",
+            "--severity",
+            "sev2",
+        ],
+    ] {
+        let mut commas = command.clone();
+        commas.extend(["--channels", "chatbot,ivr"]);
+        let mut repeated = command.clone();
+        repeated.extend(["--channels", "chatbot", "--channels", "ivr"]);
+        let commas = preview(commas).await;
+        assert!(
+            commas["summary"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("chatbot"),
+            "{commas}"
+        );
+        assert_eq!(commas, preview(repeated).await, "{command:?}");
+    }
+    assert_eq!(state(&server).await, before, "something changed");
+}
+
+/// Too many lift targets is refused on one line that says what to do
+/// instead; `--all` does not lift "everything" (it widens a mode name to
+/// every activation of that mode), so the advice must not say it does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_lift_targets_gives_advice_that_works() {
+    let server = TestServer::start().await;
+    let before = state(&server).await;
+    let mut args = vec!["--server", server.url.as_str(), "mode", "lift"];
+    args.extend(std::iter::repeat_n("act_5mj2k0q8c1xv", 257));
+    args.extend(["--reason", "too many"]);
+    let output = safemode(&args).await;
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("at most 256"), "{stderr}");
+    assert!(stderr.contains("name modes instead"), "{stderr}");
+    assert!(!stderr.contains("lift everything"), "{stderr}");
+    assert_eq!(state(&server).await, before, "something changed");
+}
+
+/// `incident show` says whether lifting needs a second approver as
+/// `resolve` will have it: a mode in force whose lifting needs one
+/// (handoff-guard) makes it "yes" even when the runbook itself says no, and
+/// resolving then indeed only makes a request (exit 3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incident_show_says_a_guarded_mode_needs_a_second_approver() {
+    let server = TestServer::start().await;
+    let url = server.url.as_str();
+    let declared = safemode(&[
+        "--server",
+        url,
+        "incident",
+        "declare",
+        "ai-handoff-abuse",
+        "--severity",
+        "sev3",
+        "--reason",
+        "hand-offs abused",
+    ])
+    .await;
+    assert_eq!(declared.status.code(), Some(0), "{declared:?}");
+    let shown = safemode(&[
+        "--server",
+        url,
+        "-o",
+        "json",
+        "incident",
+        "show",
+        "ai-handoff-abuse",
+    ])
+    .await;
+    assert_eq!(shown.status.code(), Some(0), "{shown:?}");
+    let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(
+        shown["lift_requires_approval"],
+        serde_json::json!(true),
+        "{shown}"
+    );
+    let text = safemode(&["--server", url, "incident", "show", "ai-handoff-abuse"]).await;
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("lifting needs a second approver: yes"),
+        "{text}"
+    );
+    let resolved = safemode(&[
+        "--server",
+        url,
+        "incident",
+        "resolve",
+        "ai-handoff-abuse",
+        "--reason",
+        "over",
+    ])
+    .await;
+    assert_eq!(resolved.status.code(), Some(3), "{resolved:?}");
+}

@@ -266,7 +266,7 @@ impl ControlService for ControlApi {
             return Err(invalid(
                 "targets",
                 format!(
-                    "{} targets named; one request lifts at most {} (use --all to lift everything)",
+                    "{} targets named; one request lifts at most {}: name modes instead of activation ids (with --all, a name lifts every activation of its mode), or lift them in several commands",
                     r.targets.len(),
                     limits::MAX_TARGETS_PER_REQUEST
                 ),

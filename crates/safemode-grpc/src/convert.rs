@@ -95,7 +95,11 @@ pub fn incident_to_wire(i: &Incident, in_force: &[Arc<Activation>]) -> proto::In
         },
         activation_ids: in_force.iter().map(|a| a.id.to_string()).collect(),
         activations: in_force.iter().map(|a| activation_to_wire(a)).collect(),
-        lift_requires_approval: i.lift_requires_approval,
+        // Whether resolving (or lifting what is in force) needs a second
+        // approver: the runbook's word, or a mode in force that says so,
+        // as `resolve` decides it.
+        lift_requires_approval: i.lift_requires_approval
+            || in_force.iter().any(|a| a.mode.lift_requires_approval),
         declared_by: i.declared_by.clone(),
         declared_at: Some(timestamp_to_wire(i.declared_at)),
         review_due: (i.status == IncidentStatus::Active).then(|| timestamp_to_wire(i.review_due())),
