@@ -302,3 +302,144 @@ async fn a_lift_that_only_made_a_request_exits_3() {
     )
     .await;
 }
+
+/// A lift request is superseded once what it showed changed: its incident
+/// moved (the lift of an incident's mode is the incident's request), or one
+/// of the activations it would lift is gone. Approving it then does nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lift_request_is_superseded_when_what_it_showed_changed() {
+    let server = TestServer::start().await;
+    let declared = json(
+        &server,
+        "alice",
+        &[
+            "incident",
+            "declare",
+            "ai-handoff-abuse",
+            "--severity",
+            "sev3",
+            "--reason",
+            "hand-off abuse",
+        ],
+        0,
+    )
+    .await;
+    let incident = declared["incident"]["id"].as_str().unwrap().to_string();
+    let lift = json(
+        &server,
+        "alice",
+        &[
+            "mode",
+            "lift",
+            "handoff-guard",
+            "--incident-ok",
+            "--reason",
+            "guard no longer needed",
+        ],
+        3,
+    )
+    .await;
+    let guarded = pending_id(&lift);
+    assert_eq!(lift["pending"]["incident_id"], incident.as_str(), "{lift}");
+    let shown = json(&server, "bob", &["incident", "show", &incident], 0).await;
+    let last = shown["timeline"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (last["event"].as_str(), last["request_id"].as_str()),
+        (Some("requested"), Some(guarded.as_str())),
+        "{shown}"
+    );
+    json(
+        &server,
+        "alice",
+        &[
+            "incident",
+            "escalate",
+            "ai-handoff-abuse",
+            "--severity",
+            "sev1",
+            "--reason",
+            "worse",
+        ],
+        0,
+    )
+    .await;
+
+    // Two lifts of freezes by hand; the narrower one is approved first.
+    let mut ids = Vec::new();
+    for channel in ["web", "ivr"] {
+        let applied = json(
+            &server,
+            "alice",
+            &[
+                "mode",
+                "apply",
+                "freeze-credential-changes",
+                "--channels",
+                channel,
+                "--reason",
+                "ATO wave",
+            ],
+            0,
+        )
+        .await;
+        ids.push(applied["applied"][0]["id"].as_str().unwrap().to_string());
+    }
+    let both = json(
+        &server,
+        "alice",
+        &["mode", "lift", &ids[0], &ids[1], "--reason", "contained"],
+        3,
+    )
+    .await;
+    let both = pending_id(&both);
+    let web = json(
+        &server,
+        "alice",
+        &["mode", "lift", &ids[0], "--reason", "web contained"],
+        3,
+    )
+    .await;
+    let web = pending_id(&web);
+    let (code, _, stderr) = run(&server, "bob", &["approve", &web]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+
+    check_refused(
+        &server,
+        &[
+            (
+                "bob",
+                vec!["approve", &guarded],
+                vec![
+                    guarded.as_str(),
+                    "is superseded",
+                    "was escalated (now sev1)",
+                ],
+            ),
+            (
+                "bob",
+                vec!["approve", &both],
+                vec![
+                    both.as_str(),
+                    "is superseded",
+                    &format!("{} was lifted since", ids[0]),
+                ],
+            ),
+        ],
+    )
+    .await;
+    // The guard of the sev1 stage is still in force.
+    let shown = json(&server, "bob", &["incident", "show", &incident], 0).await;
+    assert!(
+        shown["activations"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["mode"] == "handoff-guard"),
+        "{shown}"
+    );
+}

@@ -88,9 +88,14 @@ fn overtaken(
             })
         }
         None => {
-            let in_force = |id: &ActivationId| view.activations.iter().any(|a| a.id == *id);
-            (!request.activation_ids.iter().any(in_force))
-                .then(|| "everything it would lift was lifted since".to_string())
+            // Approving would do less than it showed.
+            let gone: Vec<&str> = request
+                .activation_ids
+                .iter()
+                .filter(|id| !view.activations.iter().any(|a| a.id == **id))
+                .map(ActivationId::as_str)
+                .collect();
+            (!gone.is_empty()).then(|| format!("{} was lifted since", gone.join(", ")))
         }
     }
 }

@@ -158,7 +158,7 @@ pub enum Error {
     /// A lift names activations of an active incident without saying that
     /// is meant: the incident's record would no longer say what is in force.
     #[error(
-        "{activations} belong to incident {incident} ({runbook}, active in {namespace}); change them through the incident (`safemode incident escalate|resolve {runbook}`), or lift them anyway with --incident-ok, which records the lift on the incident's timeline"
+        "incident {incident} ({runbook}, active in {namespace}) applied {activations}; change its modes through the incident (`safemode incident escalate|resolve {runbook}`), or lift them anyway with --incident-ok, which records the lift on the incident's timeline"
     )]
     IncidentModes {
         /// The activations, by mode name ("bots-faq-only (act_x) on chatbot").

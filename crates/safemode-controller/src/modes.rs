@@ -364,11 +364,23 @@ impl Controller {
                     let mut writes = Writes::new(at);
                     if needs_approval {
                         let ids: Vec<ActivationId> = lifted.iter().map(|a| a.id.clone()).collect();
+                        // A lift of one active incident's modes is that
+                        // incident's request: on its timeline, and
+                        // superseded once the incident changes.
+                        let mut owner = match owners.len() {
+                            1 => owners.into_iter().next(),
+                            _ => None,
+                        };
                         // Asking again returns the first request (a dry
                         // run shows what the request does instead).
                         if act.dry_run.is_none()
                             && let Some(first) = self
-                                .same_request(namespace, &RequestKind::Lift, None, &ids)
+                                .same_request(
+                                    namespace,
+                                    &RequestKind::Lift,
+                                    owner.as_ref().map(|(i, r)| (&i.id, *r)),
+                                    &ids,
+                                )
                                 .await?
                         {
                             return Ok(Plan::answer(Ok((Vec::new(), Some(first)))));
@@ -379,8 +391,8 @@ impl Controller {
                             ApprovalNeeded {
                                 kind: RequestKind::Lift,
                                 reason,
-                                activation_ids: lifted.iter().map(|a| a.id.clone()).collect(),
-                                incident: None,
+                                activation_ids: ids,
+                                incident: owner.as_mut().map(|(i, r)| (i, *r)),
                                 summary: format!("lift {}", describe(&lifted)),
                             },
                         );
