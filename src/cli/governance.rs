@@ -332,7 +332,7 @@ pub(super) async fn requests(
         .map_err(refused)?;
     emit(output::show(
         format,
-        &output::Requests::from(response.into_inner()),
+        &output::Requests::new(response.into_inner(), all),
     ))
 }
 

@@ -1818,13 +1818,18 @@ impl View for Incidents {
 pub struct Requests {
     requests: Vec<Request>,
     total: u32,
+    /// Whether decided ones were asked for too (`--all`).
+    #[serde(skip)]
+    all: bool,
 }
 
-impl From<proto::ListRequestsResponse> for Requests {
-    fn from(response: proto::ListRequestsResponse) -> Self {
+impl Requests {
+    /// The answer to `safemode requests`, `all` when `--all` was given.
+    pub fn new(response: proto::ListRequestsResponse, all: bool) -> Self {
         Requests {
             requests: response.requests.into_iter().map(Request::from).collect(),
             total: response.total,
+            all,
         }
     }
 }
@@ -1832,7 +1837,11 @@ impl From<proto::ListRequestsResponse> for Requests {
 impl View for Requests {
     fn render(&self, out: &mut Text) {
         if self.requests.is_empty() {
-            say!(out, "no requests waiting for an approver");
+            if self.all {
+                say!(out, "no requests in this namespace");
+            } else {
+                say!(out, "no requests waiting for an approver");
+            }
             return;
         }
         let rows: Vec<[String; 5]> = self

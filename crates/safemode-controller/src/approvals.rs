@@ -70,6 +70,8 @@ fn overtaken(
                 .iter()
                 .find(|e| e.revision > request_revision)
                 .or(incident.timeline.last());
+            // To the second: a person reads it.
+            let at = |e: &TimelineEvent| e.at.round(jiff::Unit::Second).unwrap_or(e.at);
             Some(match event {
                 Some(e) if e.event == "requested" => format!(
                     "incident {id} has a newer request{} by {} at {}",
@@ -78,11 +80,20 @@ fn overtaken(
                         .map(|r| format!(" {r}"))
                         .unwrap_or_default(),
                     e.principal,
-                    e.at
+                    at(e)
+                ),
+                Some(e) if e.event == "lifted" => format!(
+                    "incident {id} had {} by {} at {}",
+                    e.detail.as_deref().unwrap_or("modes lifted"),
+                    e.principal,
+                    at(e)
                 ),
                 Some(e) => format!(
                     "incident {id} was {} (now {}) by {} at {}",
-                    e.event, e.severity, e.principal, e.at
+                    e.event,
+                    e.severity,
+                    e.principal,
+                    at(e)
                 ),
                 None => format!("incident {id} changed"),
             })
