@@ -35,6 +35,25 @@ async fn http_404() -> String {
     format!("http://{addr}")
 }
 
+/// An old web server that answers with an error page and no status line
+/// (as Python's `http.server` answers the HTTP/2 preface).
+async fn web_page_without_status_line() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = [0u8; 1024];
+                let _ = stream.read(&mut request).await;
+                let _ = stream
+                    .write_all(b"<!DOCTYPE HTML>\n<html><body>Error code: 505</body></html>\n")
+                    .await;
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
 /// A gRPC server that offers only the standard health service.
 async fn grpc_without_safemode() -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -113,6 +132,11 @@ async fn a_server_that_is_not_safemode_is_named_as_such() {
         (
             "an HTTP/1.1 server",
             http_404().await,
+            vec!["is not a safemode controller: check --server"],
+        ),
+        (
+            "a web server answering without a status line",
+            web_page_without_status_line().await,
             vec!["is not a safemode controller: check --server"],
         ),
         (

@@ -393,6 +393,20 @@ pub(crate) async fn probe(server: &str) -> Option<ClientError> {
             server,
             reason: "it answered in HTTP/1, not gRPC".into(),
         }),
+        // Text without a status line: an old web server's error page
+        // (HTTP/0.9 style). HTTP/2 answers with binary frames.
+        _ if first
+            .iter()
+            .all(|b| b.is_ascii_graphic() || b.is_ascii_whitespace()) =>
+        {
+            Some(ClientError::NotSafemode {
+                server,
+                reason: format!(
+                    "it answered with text, not gRPC (\"{}...\")",
+                    String::from_utf8_lossy(&first)
+                ),
+            })
+        }
         _ => None,
     }
 }
