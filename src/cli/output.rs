@@ -141,6 +141,10 @@ pub fn show(format: Format, view: &impl View) -> String {
         Format::Text => {
             let mut out = Text::default();
             view.render(&mut out);
+            // Every answer says which replica gave it.
+            if let Some(replica) = answering() {
+                say!(out, "answered by replica {replica}");
+            }
             out.0
         }
     }
@@ -354,15 +358,10 @@ fn answering() -> Option<String> {
         .clone()
 }
 
-/// "namespace X at revision N (replica R)", the last line of every write.
+/// "namespace X at revision N", the last line of every write (before the
+/// replica that answered).
 fn at_revision(out: &mut Text, namespace: &str, revision: i64) {
-    match answering() {
-        Some(replica) => say!(
-            out,
-            "namespace {namespace} at revision {revision} (replica {replica})"
-        ),
-        None => say!(out, "namespace {namespace} at revision {revision}"),
-    }
+    say!(out, "namespace {namespace} at revision {revision}");
 }
 
 // === mode list ===

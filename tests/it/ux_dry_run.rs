@@ -141,9 +141,16 @@ async fn check(server: &TestServer, case: &Case, extra: &[String]) {
                 };
                 assert!(found, "{args:?}: no line {expected:?} in\n{stdout}");
             }
+            // The closing words, then the replica that answered.
+            let n = lines.len();
+            assert!(n >= 2, "{args:?}: {stdout}");
             assert_eq!(
-                lines.last().map(String::as_str),
-                Some("dry run: nothing changed"),
+                lines[n - 2],
+                "dry run: nothing changed",
+                "{args:?}: {stdout}"
+            );
+            assert!(
+                lines[n - 1].starts_with("answered by replica "),
                 "{args:?}: {stdout}"
             );
         }
@@ -580,10 +587,9 @@ async fn a_dry_run_is_allowed_and_refused_by_the_same_roles_and_audits_neither()
         )),
         "{stdout}"
     );
-    assert_eq!(
-        lines.last().map(String::as_str),
-        Some("dry run: nothing changed")
-    );
+    let n = lines.len();
+    assert_eq!(lines[n - 2], "dry run: nothing changed", "{stdout}");
+    assert!(lines[n - 1].starts_with("answered by replica "), "{stdout}");
     assert_eq!(
         state_as(&server, admin).await,
         before,

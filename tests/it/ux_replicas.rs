@@ -56,8 +56,8 @@ async fn two_replicas_on_one_host_have_names_of_their_own() {
         );
     }
 
-    // Every answer names the replica that gave it: a change's last line,
-    // and every JSON answer, reads or writes.
+    // Every answer names the replica that gave it: its last line in text,
+    // a `replica` field in JSON, reads or writes.
     for (name, url) in [(&name_a, &a.url), (&name_b, &b.url)] {
         let reason = format!("through {name}");
         let applied = safemode(&[
@@ -74,10 +74,14 @@ async fn two_replicas_on_one_host_have_names_of_their_own() {
         .await;
         assert_eq!(applied.status.code(), Some(0), "{applied:?}");
         let text = String::from_utf8_lossy(&applied.stdout);
-        let last = text.lines().last().unwrap_or_default();
+        assert_eq!(
+            text.lines().last(),
+            Some(format!("answered by replica {name}").as_str()),
+            "{text}"
+        );
         assert!(
-            last.starts_with("namespace live at revision ")
-                && last.ends_with(&format!("(replica {name})")),
+            text.lines()
+                .any(|l| l.starts_with("namespace live at revision ")),
             "{text}"
         );
         for args in [
@@ -93,6 +97,17 @@ async fn two_replicas_on_one_host_have_names_of_their_own() {
             assert_eq!(output.status.code(), Some(0), "{args:?}: {output:?}");
             let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
             assert_eq!(json["replica"], name.as_str(), "{args:?}: {json}");
+            if args[0] != "audit" {
+                let mut text_args = vec!["--server", url.as_str()];
+                text_args.extend_from_slice(args);
+                let text = safemode(&text_args).await;
+                let text = String::from_utf8_lossy(&text.stdout);
+                assert_eq!(
+                    text.lines().last(),
+                    Some(format!("answered by replica {name}").as_str()),
+                    "{args:?}: {text}"
+                );
+            }
         }
     }
 }
