@@ -452,6 +452,20 @@ impl Harness {
         self.client(&self.approver).await
     }
 
+    /// What to do when the approver's approval failed: give an approver
+    /// token, or give another one.
+    pub fn approver_hint(&self) -> &'static str {
+        match (&self.local, &self.approver.0) {
+            (Some(_), _) => "",
+            (None, Some(_)) => {
+                " (the --approver-token was refused: it must be another principal's drill or approver token)"
+            }
+            (None, None) => {
+                " (against a running controller, give --approver-token: another principal's drill or approver token)"
+            }
+        }
+    }
+
     /// Settings for the drill's simulated subscribers (the commander's token
     /// may subscribe).
     pub fn subscriber_base(&self, namespace: Namespace, channel: Channel) -> SubscriberConfig {

@@ -645,9 +645,10 @@ impl Drill {
             .map_err(|s| {
                 StepError::call(
                     format!(
-                    "{what} needs a second approver and approving {} failed: {} (against a running controller, give --approver-token: another principal's drill or approver token)",
-                    request.id,
-                        s.message()
+                        "{what} needs a second approver and approving {} failed: {}{}",
+                        request.id,
+                        s.message(),
+                        harness.approver_hint()
                     ),
                     s,
                 )

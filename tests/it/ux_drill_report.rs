@@ -636,3 +636,36 @@ async fn a_local_drill_names_the_caller_and_the_built_in_runbook() {
         "{drill:#}"
     );
 }
+
+/// An approver token the controller refuses (here the drill's own: nobody
+/// approves their own request) is named as refused, not as missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_approver_token_is_named_as_refused() {
+    let setup = Setup::start().await;
+    let token = setup.principals.token("drill");
+    let output = safemode(&[
+        "--server",
+        setup.server.url.as_str(),
+        "--token",
+        token,
+        "drill",
+        "run",
+        setup.runbook(),
+        "--channels",
+        "web=1",
+        "--severity-path",
+        "sev3,sev1",
+        "--approver-token",
+        token,
+    ])
+    .await;
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(output.status.code(), Some(1), "{said}");
+    assert!(said.contains("the --approver-token was refused"), "{said}");
+    assert!(!said.contains("give --approver-token"), "{said}");
+    assert!(!said.contains(token), "the token is shown: {said}");
+}
