@@ -317,6 +317,11 @@ struct ServeArgs {
     /// Address to listen on (loopback only without --tokens).
     #[arg(long, env = "SAFEMODE_LISTEN", default_value = "127.0.0.1:7700")]
     listen: SocketAddr,
+    /// Check every flag and read every file (tokens, certificates, keys,
+    /// modes, runbooks), print what would be served, and exit without
+    /// binding, opening the store or writing anything.
+    #[arg(long)]
+    check: bool,
     /// Where durable state lives: one local file, or an etcd cluster shared by
     /// every replica.
     #[arg(long, value_enum, env = "SAFEMODE_STORE", default_value_t = StoreKind::Embedded)]
@@ -1126,7 +1131,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     }
     let defaults = ServeConfig::default();
-    let running = server::start(ServeConfig {
+    let config = ServeConfig {
         listen: args.listen,
         store,
         replica: args.replica,
@@ -1152,8 +1157,16 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             ..ControllerConfig::default()
         },
         ..defaults
-    })
-    .await?;
+    };
+    if args.check {
+        return emit(
+            server::check(&config)?
+                .into_iter()
+                .map(|line| format!("{}\n", output::single_line(&line)))
+                .collect(),
+        );
+    }
+    let running = server::start(config).await?;
     shutdown_signal().await;
     running.stop().await
 }

@@ -39,4 +39,5 @@ mod ux_incident_record;
 mod ux_names;
 mod ux_replicas;
 mod ux_requests;
+mod ux_serve_check;
 mod ux_store;

@@ -174,9 +174,17 @@ impl RunningServer {
     }
 }
 
-/// Checks the configuration, opens store and catalogue, binds, and serves in
-/// the background. Nothing is bound when the configuration is bad.
-pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
+/// The settings a replica serves with, checked and read from their files:
+/// what [`start`] and [`check`] share.
+struct Settings {
+    tokens: Option<(TokensFile, Tokens)>,
+    tls: Option<ServerTlsConfig>,
+    catalog: Catalog,
+}
+
+/// Checks `config`'s values and reads its files (tokens, TLS certificate and
+/// key, modes and runbooks), binding and opening nothing.
+fn settings(config: &ServeConfig) -> anyhow::Result<Settings> {
     let tokens = match &config.tokens {
         Some(path) => Some(TokensFile::open(path)?),
         None if !config.listen.ip().is_loopback() => bail!(
@@ -202,6 +210,111 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
         bail!("the tokens file check interval must be longer than zero");
     }
     let tls = server_tls(config.tls_cert.as_deref(), config.tls_key.as_deref())?;
+    let catalog = Catalog::load_checking(
+        config.modes_dir.as_deref(),
+        config.runbooks_dir.as_deref(),
+        config.runbook_expectations,
+    )
+    .context("cannot load the modes and runbooks")?;
+    Ok(Settings {
+        tokens,
+        tls,
+        catalog,
+    })
+}
+
+/// What `serve --check` finds: every setting checked and every file read
+/// (tokens, certificates, keys, modes, runbooks), and what the replica
+/// would serve, in lines for people. Nothing is bound, no store is opened,
+/// and nothing is written (a signing key the embedded store would make is
+/// said, not made).
+pub fn check(config: &ServeConfig) -> anyhow::Result<Vec<String>> {
+    let Settings {
+        tokens,
+        tls,
+        catalog,
+    } = settings(config)?;
+    let key = match (&config.signing_key, &config.store) {
+        (SigningKeySource::Key(key), _) => format!("signing key {}", key.key_id()),
+        (SigningKeySource::File(path), _) => {
+            let key = SigningKey::load(path)
+                .map_err(|e| anyhow!("cannot use the signing key (--signing-key): {e}"))?;
+            format!("signing key {} from {}", key.key_id(), path.display())
+        }
+        (SigningKeySource::InDataDir, StoreConfig::Embedded { data_dir }) => {
+            let path = data_dir.join(SIGNING_KEY_FILE);
+            if path.exists() {
+                let key = SigningKey::load(&path)
+                    .map_err(|e| anyhow!("cannot use the signing key {}: {e}", path.display()))?;
+                format!("signing key {} from {}", key.key_id(), path.display())
+            } else {
+                format!(
+                    "a new signing key, made at {} on first start",
+                    path.display()
+                )
+            }
+        }
+        (SigningKeySource::InDataDir, StoreConfig::Etcd { .. }) => bail!(
+            "with --store etcd, give --signing-key FILE: every replica must sign with the same key (make one with `openssl genpkey -algorithm ed25519 -out signing.key`)"
+        ),
+    };
+    let trusted = match config.trusted_keys.as_deref() {
+        Some(path) => TrustedKeys::load(path)
+            .map_err(|e| anyhow!("cannot use the trusted keys (--trusted-keys): {e}"))?
+            .keys()
+            .len(),
+        None => 0,
+    };
+    let store = match &config.store {
+        StoreConfig::Embedded { data_dir } => {
+            format!("embedded store in {}", data_dir.display())
+        }
+        StoreConfig::Etcd {
+            endpoints,
+            prefix,
+            tls,
+        } => {
+            Layout::new(prefix).map_err(|e| anyhow!("--etcd-prefix: {e}"))?;
+            let options = EtcdOptions::checked(endpoints.clone(), tls).map_err(|e| anyhow!(e))?;
+            format!(
+                "etcd at {} (prefix {prefix}{}); not contacted",
+                endpoints.join(","),
+                if options.tls.is_some() { ", TLS" } else { "" }
+            )
+        }
+    };
+    let replica = config
+        .replica
+        .clone()
+        .unwrap_or_else(|| default_replica_name(config.listen.port()));
+    Ok(vec![
+        format!("would serve on {} as replica {replica}", config.listen),
+        format!("store: {store}"),
+        format!(
+            "modes: {}, runbooks: {} (catalogue fingerprint {})",
+            catalog.modes.len(),
+            catalog.runbooks.len(),
+            &catalog.fingerprint[..12.min(catalog.fingerprint.len())]
+        ),
+        match &tokens {
+            Some((_, tokens)) => format!("tokens: {} from the tokens file", tokens.len()),
+            None => "tokens: none (no tokens file: loopback only, every caller may do everything)"
+                .to_string(),
+        },
+        format!("gRPC: {}", if tls.is_some() { "TLS" } else { "plain text" }),
+        format!("{key}; {} more trusted key(s)", trusted),
+        "check passed: nothing was bound, opened or written".to_string(),
+    ])
+}
+
+/// Checks the configuration, opens store and catalogue, binds, and serves in
+/// the background. Nothing is bound when the configuration is bad.
+pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
+    let Settings {
+        tokens,
+        tls,
+        catalog,
+    } = settings(&config)?;
     if tokens.is_some() && tls.is_none() && !config.listen.ip().is_loopback() {
         warn!(listen = %config.listen, "tokens will cross the network in plain text; serve TLS (--tls-cert/--tls-key) unless a service mesh encrypts this hop");
     }
@@ -210,12 +323,6 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
         &config.store,
         config.trusted_keys.as_deref(),
     )?;
-    let catalog = Catalog::load_checking(
-        config.modes_dir.as_deref(),
-        config.runbooks_dir.as_deref(),
-        config.runbook_expectations,
-    )
-    .context("cannot load the modes and runbooks")?;
     let (store, layout) = open_store(&config.store).await?;
     // Said once the settings are all checked: a refused start says one line.
     info!(key = %signing_key.key_id(), trusted = trusted_keys.keys().len(), "signing snapshots, heartbeats and audit entries");

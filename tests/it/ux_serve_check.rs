@@ -1,0 +1,143 @@
+//! Issue 12, item 4: `serve --check` parses every flag and reads every file,
+//! prints what it would serve, and exits without binding, opening the store
+//! or writing anything; a bad flag or file is one line and exit 1 or 2.
+
+use std::process::Output;
+
+use crate::support::{safemode, test_signing_key_file};
+
+/// Runs `safemode serve --check args` in `dir`.
+async fn check(dir: &std::path::Path, args: &[&str]) -> Output {
+    let mut full = vec!["serve", "--check"];
+    full.extend_from_slice(args);
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_safemode"))
+        .args(&full)
+        .current_dir(dir)
+        .env_remove("SAFEMODE_SERVER")
+        .output()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_check_reads_everything_and_binds_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    // A port in use: a check that bound it would fail.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = taken.local_addr().unwrap().to_string();
+    let created = safemode(&[
+        "-o",
+        "json",
+        "token",
+        "create",
+        "--principal",
+        "alice",
+        "--role",
+        "commander",
+    ])
+    .await;
+    let line: serde_json::Value = serde_json::from_slice(&created.stdout).unwrap();
+    let tokens = dir.path().join("tokens.yaml");
+    std::fs::write(&tokens, format!("{}\n", line["line"].as_str().unwrap())).unwrap();
+    let tokens = tokens.to_str().unwrap().to_string();
+    let key = test_signing_key_file().display().to_string();
+    let serves = format!("would serve on {listen} as replica ");
+
+    // (arguments, exit code, what stdout or stderr must hold)
+    let cases: Vec<(Vec<&str>, i32, Vec<&str>)> = vec![
+        (
+            vec!["--listen", &listen],
+            0,
+            vec![
+                &serves,
+                "store: embedded store in safemode-data",
+                "modes: 12, runbooks: 6 (catalogue fingerprint ",
+                "tokens: none",
+                "a new signing key, made at safemode-data/signing.key on first start",
+                "check passed: nothing was bound, opened or written",
+            ],
+        ),
+        (
+            vec![
+                "--listen",
+                "0.0.0.0:7700",
+                "--tokens",
+                &tokens,
+                "--store",
+                "etcd",
+                // Nothing listens there: a check does not connect.
+                "--etcd-endpoints",
+                "http://127.0.0.1:1",
+                "--signing-key",
+                &key,
+                "--replica",
+                "pod-0",
+            ],
+            0,
+            vec![
+                "would serve on 0.0.0.0:7700 as replica pod-0",
+                "store: etcd at http://127.0.0.1:1 (prefix /safemode/); not contacted",
+                "tokens: 1 from the tokens file",
+                "signing key ed25519:",
+            ],
+        ),
+        (vec!["--tokens", "missing.yaml"], 1, vec!["missing.yaml"]),
+        (
+            vec!["--listen", "0.0.0.0:7700"],
+            1,
+            vec!["without a tokens file"],
+        ),
+        (
+            vec!["--store", "etcd", "--etcd-endpoints", "http://127.0.0.1:1"],
+            1,
+            vec!["give --signing-key FILE"],
+        ),
+        (
+            vec![
+                "--store",
+                "etcd",
+                "--etcd-endpoints",
+                "127.0.0.1:2379",
+                "--signing-key",
+                &key,
+            ],
+            1,
+            vec!["is not a URL"],
+        ),
+        (vec!["--modes", "no-such-dir"], 1, vec!["no-such-dir"]),
+        (vec!["--tls-cert", "cert.pem"], 1, vec!["--tls-key"]),
+        (vec!["--listen", "not-an-address"], 2, vec!["--listen"]),
+    ];
+    for (args, code, holds) in &cases {
+        let output = check(dir.path(), args).await;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(
+            output.status.code(),
+            Some(*code),
+            "{args:?}: {stdout}{stderr}"
+        );
+        if *code == 0 {
+            assert!(stderr.is_empty(), "{args:?}: {stderr}");
+            for part in holds {
+                assert!(
+                    stdout.lines().any(|l| l.starts_with(part)),
+                    "{args:?}: {part:?} not in {stdout}"
+                );
+            }
+        } else {
+            assert!(stdout.is_empty(), "{args:?}: {stdout}");
+            assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+            for part in holds {
+                assert!(stderr.contains(part), "{args:?}: {part:?} not in {stderr}");
+            }
+        }
+        // Nothing written: the directory holds only the tokens file.
+        let entries: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(entries, ["tokens.yaml"], "{args:?} wrote something");
+    }
+    drop(taken);
+}
