@@ -104,7 +104,7 @@ pub enum Format {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run a controller (embedded store by default).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// List, apply and lift modes.
     #[command(subcommand)]
     Mode(ModeCommand),
@@ -317,6 +317,11 @@ struct ServeArgs {
     /// Address to listen on (loopback only without --tokens).
     #[arg(long, env = "SAFEMODE_LISTEN", default_value = "127.0.0.1:7700")]
     listen: SocketAddr,
+    /// Also serve plain HTTP here: `/healthz` (the process lives) and
+    /// `/readyz` (namespace live is read and the store and its watch are
+    /// healthy; 503 with the reason when not).
+    #[arg(long, env = "SAFEMODE_HTTP_LISTEN", value_name = "ADDR")]
+    http_listen: Option<SocketAddr>,
     /// Check every flag and read every file (tokens, certificates, keys,
     /// modes, runbooks), print what would be served, and exit without
     /// binding, opening the store or writing anything.
@@ -861,7 +866,7 @@ async fn dispatch(
             clap_complete::generate(shell, &mut command, "safemode", &mut script);
             emit(String::from_utf8(script).context("the completion script is not UTF-8")?)
         }
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::Mode(ModeCommand::List) => {
             let mut client = control(&servers, caller).await?;
             let response = client
@@ -1133,6 +1138,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let defaults = ServeConfig::default();
     let config = ServeConfig {
         listen: args.listen,
+        http_listen: args.http_listen,
         store,
         replica: args.replica,
         modes_dir: args.modes,

@@ -35,6 +35,7 @@ mod ux_drill_report;
 mod ux_dry_run;
 mod ux_errors;
 mod ux_hints;
+mod ux_http;
 mod ux_incident_record;
 mod ux_names;
 mod ux_replicas;

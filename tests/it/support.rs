@@ -165,6 +165,11 @@ impl TestServer {
         self.running.as_ref().expect("server is running").addr
     }
 
+    /// The address of its plain-HTTP listener, when it has one.
+    pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
+        self.running.as_ref().expect("server is running").http_addr
+    }
+
     /// A server with a custom configuration.
     pub async fn start_with(config: ServeConfig) -> Self {
         let running = server::start(config.clone()).await.expect("server starts");

@@ -688,6 +688,34 @@ impl Controller {
         Ok(())
     }
 
+    /// Whether this replica is ready to serve: it has read namespace
+    /// `live`, the store answers, and its watch of `live` is not failing.
+    /// The reason, in one line, when it is not. (Lag is not unreadiness: a
+    /// replica is a moment behind after every change made elsewhere.)
+    pub async fn readiness(&self) -> std::result::Result<(), String> {
+        let live = Namespace::live();
+        let status = self
+            .status(&live, None, 0)
+            .await
+            .map_err(|e| e.to_string())?;
+        if !status.view.loaded {
+            return Err("namespace live is not read yet".into());
+        }
+        if let Some(error) = &status.store.error {
+            return Err(format!(
+                "the store ({}) is unreachable: {error}",
+                status.store.place
+            ));
+        }
+        if let Some((error, since)) = &status.store.follower {
+            return Err(format!(
+                "the watch of namespace live has been failing for {}s: {error}",
+                since.as_secs()
+            ));
+        }
+        Ok(())
+    }
+
     /// The namespace's state as this replica has it: followed, or read once
     /// when this replica does not follow the namespace (a reader can never
     /// make a replica take on a watch).

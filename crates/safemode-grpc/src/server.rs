@@ -78,6 +78,11 @@ pub enum SigningKeySource {
 pub struct ServeConfig {
     /// Address to listen on; port 0 picks a free port.
     pub listen: SocketAddr,
+    /// Address of the plain-HTTP listener (`/healthz`, `/readyz`); `None`:
+    /// no HTTP listener.
+    pub http_listen: Option<SocketAddr>,
+    /// How often readiness is checked for the gRPC health service.
+    pub readiness_interval: Duration,
     /// The store.
     pub store: StoreConfig,
     /// This replica's name in status, audit and logs; `None` names it
@@ -127,6 +132,8 @@ impl Default for ServeConfig {
                 data_dir: PathBuf::from("safemode-data"),
             },
             replica: None,
+            http_listen: None,
+            readiness_interval: Duration::from_secs(2),
             modes_dir: None,
             runbooks_dir: None,
             tokens: None,
@@ -148,6 +155,8 @@ impl Default for ServeConfig {
 pub struct RunningServer {
     /// The address it listens on.
     pub addr: SocketAddr,
+    /// The address of its plain-HTTP listener, when it has one.
+    pub http_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     join: JoinHandle<anyhow::Result<()>>,
 }
@@ -289,6 +298,10 @@ pub fn check(config: &ServeConfig) -> anyhow::Result<Vec<String>> {
         .unwrap_or_else(|| default_replica_name(config.listen.port()));
     Ok(vec![
         format!("would serve on {} as replica {replica}", config.listen),
+        match config.http_listen {
+            Some(http) => format!("HTTP: /healthz and /readyz on {http}"),
+            None => "HTTP: none (no --http-listen)".to_string(),
+        },
         format!("store: {store}"),
         format!(
             "modes: {}, runbooks: {} (catalogue fingerprint {})",
@@ -329,6 +342,16 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
     let listener =
         listen(config.listen).with_context(|| format!("cannot listen on {}", config.listen))?;
     let addr = listener.local_addr()?;
+    let http_listener = match config.http_listen {
+        Some(http) => {
+            Some(listen(http).with_context(|| format!("cannot listen on {http} (--http-listen)"))?)
+        }
+        None => None,
+    };
+    let http_addr = match &http_listener {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
     let replica = config
         .replica
         .clone()
@@ -416,6 +439,32 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
     info!(%addr, %replica, store = %store.describe(), modes, runbooks,
         authentication, tls = serves_tls, signing_key = %controller.signing_key().key_id(),
         "safemode controller serving");
+    // The gRPC health service says what /readyz says.
+    tokio::spawn(tracing::Instrument::instrument(
+        follow_readiness(
+            controller.clone(),
+            health.clone(),
+            config.readiness_interval,
+            shutdown.clone(),
+        ),
+        tracing::info_span!("readiness", %replica),
+    ));
+    if let Some(listener) = http_listener {
+        let app = http_surfaces(controller.clone());
+        let stop = shutdown.clone();
+        info!(addr = ?http_addr, "serving /healthz and /readyz over HTTP");
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let served = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await;
+                if let Err(e) = served {
+                    warn!(error = %e, "the HTTP listener failed");
+                }
+            },
+            tracing::info_span!("http", %replica),
+        ));
+    }
     if let Some((file, tx, hangups)) = reloader {
         tokio::spawn(tracing::Instrument::instrument(
             reload_tokens(file, tx, hangups, config.tokens_reload, shutdown.clone()),
@@ -449,9 +498,76 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
     ));
     Ok(RunningServer {
         addr,
+        http_addr,
         shutdown,
         join,
     })
+}
+
+/// The plain-HTTP surfaces: `/healthz` (the process lives) and `/readyz`
+/// (the replica has read `live`, and the store and its watch are healthy;
+/// 503 with the reason when not). Nothing there changes state.
+fn http_surfaces(controller: Arc<Controller>) -> axum::Router {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    axum::Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let controller = controller.clone();
+                async move {
+                    match controller.readiness().await {
+                        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+                        Err(why) => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("not ready: {why}\n"),
+                        ),
+                    }
+                }
+            }),
+        )
+}
+
+/// Keeps the gRPC health service saying what `/readyz` says, checking every
+/// `interval` until `shutdown` (which then says NOT_SERVING itself).
+async fn follow_readiness(
+    controller: Arc<Controller>,
+    health: tonic_health::server::HealthReporter,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut ready = true;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        let now = controller.readiness().await;
+        if shutdown.is_cancelled() {
+            return;
+        }
+        match (&now, ready) {
+            (Ok(()), false) => {
+                info!("ready again");
+                health.set_serving::<ControlServer>().await;
+                health.set_serving::<SubscriptionServer>().await;
+                health
+                    .set_service_status("", tonic_health::ServingStatus::Serving)
+                    .await;
+            }
+            (Err(why), true) => {
+                warn!(%why, "not ready: health says NOT_SERVING");
+                health.set_not_serving::<ControlServer>().await;
+                health.set_not_serving::<SubscriptionServer>().await;
+                health
+                    .set_service_status("", tonic_health::ServingStatus::NotServing)
+                    .await;
+            }
+            _ => {}
+        }
+        ready = now.is_ok();
+    }
 }
 
 /// Reads and checks the TLS certificate and key (both or neither), so that
