@@ -259,6 +259,13 @@ fn parse_channels(list: Option<&str>) -> anyhow::Result<Vec<String>> {
     }
 }
 
+/// A request id and the optional `--reason` (clap checked it) of `approve`
+/// and `withdraw`, as their messages carry them (no reason: empty).
+fn named_request(request_id: &str, reason: Option<String>) -> anyhow::Result<(String, String)> {
+    RequestId::parse(request_id)?;
+    Ok((request_id.to_string(), reason.unwrap_or_default()))
+}
+
 pub(super) async fn approve(
     servers: &[String],
     caller: &Caller,
@@ -266,13 +273,9 @@ pub(super) async fn approve(
     request_id: &str,
     reason: Option<String>,
 ) -> anyhow::Result<()> {
-    RequestId::parse(request_id)?;
-    let reason = match reason {
-        Some(reason) => parse_reason(Some(reason))?.as_str().to_string(),
-        None => String::new(),
-    };
+    let (request_id, reason) = named_request(request_id, reason)?;
     let request = proto::ApproveRequest {
-        request_id: request_id.to_string(),
+        request_id,
         reason,
         change_id: String::new(),
     };
@@ -294,13 +297,9 @@ pub(super) async fn withdraw(
     request_id: &str,
     reason: Option<String>,
 ) -> anyhow::Result<()> {
-    RequestId::parse(request_id)?;
-    let reason = match reason {
-        Some(reason) => parse_reason(Some(reason))?.as_str().to_string(),
-        None => String::new(),
-    };
+    let (request_id, reason) = named_request(request_id, reason)?;
     let request = proto::WithdrawRequest {
-        request_id: request_id.to_string(),
+        request_id,
         reason,
         change_id: String::new(),
     };

@@ -636,3 +636,30 @@ fn test_key() -> &'static (SigningKey, tempfile::TempPath) {
         (key, file.into_temp_path())
     })
 }
+
+/// What a refused command must leave as it was: namespace live's revision,
+/// the audit log's length, and every request of live with its state.
+pub async fn observed_state(server: &TestServer) -> (i64, usize, Vec<(String, String)>) {
+    let mut control = server.control().await;
+    let revision = server.status("live").await.revision;
+    let entries = control
+        .get_audit(proto::GetAuditRequest::default())
+        .await
+        .expect("the audit log reads")
+        .into_inner()
+        .entries
+        .len();
+    let requests = control
+        .list_requests(proto::ListRequestsRequest {
+            namespace: "live".into(),
+            include_decided: true,
+        })
+        .await
+        .expect("the requests read")
+        .into_inner()
+        .requests
+        .into_iter()
+        .map(|r| (r.id, r.status))
+        .collect();
+    (revision, entries, requests)
+}

@@ -3,22 +3,7 @@
 //! `safemode completions` prints a shell's completion script. None of them
 //! changes anything in the namespace or the audit log.
 
-use crate::support::{TestServer, safemode};
-
-/// The namespace's revision and the audit log's length, as the CLI reads
-/// them: what "nothing changed" is checked against.
-async fn state(server: &TestServer) -> (i64, usize) {
-    let status = safemode(&["--server", &server.url, "-o", "json", "status"]).await;
-    assert_eq!(status.status.code(), Some(0), "{status:?}");
-    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
-    let audit = safemode(&["--server", &server.url, "--output", "json", "audit"]).await;
-    assert_eq!(audit.status.code(), Some(0), "{audit:?}");
-    let audit: serde_json::Value = serde_json::from_slice(&audit.stdout).unwrap();
-    (
-        status["revision"].as_i64().expect("revision"),
-        audit["entries"].as_array().expect("entries").len(),
-    )
-}
+use crate::support::{TestServer, observed_state, safemode};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn short_output_flag_exit_codes_and_completions() {
@@ -35,7 +20,7 @@ async fn short_output_flag_exit_codes_and_completions() {
     ])
     .await;
     assert_eq!(applied.status.code(), Some(0), "{applied:?}");
-    let before = state(&server).await;
+    let before = observed_state(&server).await;
 
     // (arguments, exit code, what stdout holds)
     let cases: &[(&[&str], i32, &str)] = &[
@@ -116,7 +101,7 @@ async fn short_output_flag_exit_codes_and_completions() {
         "{stderr}"
     );
 
-    assert_eq!(state(&server).await, before, "something changed");
+    assert_eq!(observed_state(&server).await, before, "something changed");
 }
 
 #[tokio::test]
@@ -231,7 +216,7 @@ async fn each_commands_help_lists_only_the_flags_it_uses() {
 async fn channels_take_commas_and_repeats() {
     let server = TestServer::start().await;
     let url = server.url.as_str();
-    let before = state(&server).await;
+    let before = observed_state(&server).await;
     let preview = |args: Vec<&'static str>| {
         let url = url.to_string();
         async move {
@@ -268,7 +253,7 @@ async fn channels_take_commas_and_repeats() {
         );
         assert_eq!(commas, preview(repeated).await, "{command:?}");
     }
-    assert_eq!(state(&server).await, before, "something changed");
+    assert_eq!(observed_state(&server).await, before, "something changed");
 }
 
 /// Too many lift targets is refused on one line that says what to do
@@ -277,7 +262,7 @@ async fn channels_take_commas_and_repeats() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn too_many_lift_targets_gives_advice_that_works() {
     let server = TestServer::start().await;
-    let before = state(&server).await;
+    let before = observed_state(&server).await;
     let mut args = vec!["--server", server.url.as_str(), "mode", "lift"];
     args.extend(std::iter::repeat_n("act_5mj2k0q8c1xv", 257));
     args.extend(["--reason", "too many"]);
@@ -288,7 +273,7 @@ async fn too_many_lift_targets_gives_advice_that_works() {
     assert!(stderr.contains("at most 256"), "{stderr}");
     assert!(stderr.contains("name modes instead"), "{stderr}");
     assert!(!stderr.contains("lift everything"), "{stderr}");
-    assert_eq!(state(&server).await, before, "something changed");
+    assert_eq!(observed_state(&server).await, before, "something changed");
 }
 
 /// `incident show` says whether lifting needs a second approver as

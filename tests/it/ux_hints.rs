@@ -4,29 +4,13 @@
 
 use safemode_wire::proto;
 
-use crate::support::{TestServer, safemode};
-
-/// What a refused command must leave as it was: the namespace's revision and
-/// the audit log's length.
-async fn snapshot(server: &TestServer) -> (i64, usize) {
-    let revision = server.status("live").await.revision;
-    let entries = server
-        .control()
-        .await
-        .get_audit(proto::GetAuditRequest::default())
-        .await
-        .expect("the audit log reads")
-        .into_inner()
-        .entries
-        .len();
-    (revision, entries)
-}
+use crate::support::{TestServer, observed_state, safemode};
 
 /// Runs `args` against `server`: it must exit 1, print nothing on stdout,
 /// one line on stderr starting with "error: " and containing every one of
 /// `expected`, and change nothing.
 async fn check_refused(server: &TestServer, args: &[&str], expected: &[&str]) {
-    let before = snapshot(server).await;
+    let before = observed_state(server).await;
     let mut full = vec!["--server", server.url.as_str()];
     full.extend_from_slice(args);
     let output = safemode(&full).await;
@@ -42,7 +26,7 @@ async fn check_refused(server: &TestServer, args: &[&str], expected: &[&str]) {
         );
     }
     assert_eq!(
-        snapshot(server).await,
+        observed_state(server).await,
         before,
         "{args:?} changed the namespace or the audit log"
     );

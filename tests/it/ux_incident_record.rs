@@ -6,35 +6,9 @@
 //! activation of a mode that stays on. Every case runs the real `safemode`
 //! binary against a real in-process controller.
 
-use safemode_wire::proto;
 use serde_json::Value;
 
-use crate::support::{TestServer, safemode};
-
-/// What a refused command must leave as it was: the namespace's revision,
-/// the audit log's length and the requests waiting.
-async fn snapshot(server: &TestServer) -> (i64, usize, usize) {
-    let mut control = server.control().await;
-    let revision = server.status("live").await.revision;
-    let entries = control
-        .get_audit(proto::GetAuditRequest::default())
-        .await
-        .expect("the audit log reads")
-        .into_inner()
-        .entries
-        .len();
-    let requests = control
-        .list_requests(proto::ListRequestsRequest {
-            namespace: "live".into(),
-            include_decided: true,
-        })
-        .await
-        .expect("the requests read")
-        .into_inner()
-        .requests
-        .len();
-    (revision, entries, requests)
-}
+use crate::support::{TestServer, observed_state, safemode};
 
 /// Runs `safemode --server URL args` and returns its exit code, stdout and
 /// stderr.
@@ -135,7 +109,7 @@ async fn a_lift_of_an_incidents_mode_is_refused_or_goes_on_its_timeline() {
         ],
     ];
     for args in refusals {
-        let before = snapshot(&server).await;
+        let before = observed_state(&server).await;
         let (code, stdout, stderr) = run(&server, args).await;
         assert_eq!(code, Some(1), "{args:?}: {stderr}");
         assert!(stdout.is_empty(), "{args:?} printed {stdout}");
@@ -150,7 +124,7 @@ async fn a_lift_of_an_incidents_mode_is_refused_or_goes_on_its_timeline() {
             assert!(stderr.contains(part), "{args:?}: {part:?} not in {stderr}");
         }
         assert_eq!(
-            snapshot(&server).await,
+            observed_state(&server).await,
             before,
             "{args:?} changed something"
         );

@@ -6,37 +6,9 @@
 //! a real in-process controller (no tokens file: `--principal` names who
 //! asks).
 
-use safemode_wire::proto;
 use serde_json::Value;
 
-use crate::support::{TestServer, safemode};
-
-/// What a refused command must leave as it was: the namespace's revision,
-/// the audit log's length, and every request with its state.
-async fn snapshot(server: &TestServer) -> (i64, usize, Vec<(String, String)>) {
-    let mut control = server.control().await;
-    let revision = server.status("live").await.revision;
-    let entries = control
-        .get_audit(proto::GetAuditRequest::default())
-        .await
-        .expect("the audit log reads")
-        .into_inner()
-        .entries
-        .len();
-    let requests = control
-        .list_requests(proto::ListRequestsRequest {
-            namespace: "live".into(),
-            include_decided: true,
-        })
-        .await
-        .expect("the requests read")
-        .into_inner()
-        .requests
-        .into_iter()
-        .map(|r| (r.id, r.status))
-        .collect();
-    (revision, entries, requests)
-}
+use crate::support::{TestServer, observed_state, safemode};
 
 /// Runs `safemode --server URL --principal WHO args`: exit code, stdout,
 /// stderr.
@@ -72,7 +44,7 @@ fn pending_id(answer: &Value) -> String {
 /// every one of `words`, print nothing on stdout, and change nothing.
 async fn check_refused(server: &TestServer, cases: &[(&str, Vec<&str>, Vec<&str>)]) {
     for (who, args, words) in cases {
-        let before = snapshot(server).await;
+        let before = observed_state(server).await;
         let (code, stdout, stderr) = run(server, who, args).await;
         assert_eq!(code, Some(1), "{args:?}: {stderr}");
         assert!(stdout.is_empty(), "{args:?} printed {stdout}");
@@ -85,7 +57,11 @@ async fn check_refused(server: &TestServer, cases: &[(&str, Vec<&str>, Vec<&str>
             !stderr.contains("declare a new one"),
             "{args:?}: advice for a commander given to an approver: {stderr}"
         );
-        assert_eq!(snapshot(server).await, before, "{args:?} changed something");
+        assert_eq!(
+            observed_state(server).await,
+            before,
+            "{args:?} changed something"
+        );
     }
 }
 
@@ -264,7 +240,7 @@ async fn a_lift_that_only_made_a_request_exits_3() {
         0,
     )
     .await;
-    let before = snapshot(&server).await;
+    let before = observed_state(&server).await;
     let (code, text, stderr) = run(
         &server,
         "alice",
@@ -283,7 +259,7 @@ async fn a_lift_that_only_made_a_request_exits_3() {
         text.contains("another principal with the approver role runs"),
         "{text}"
     );
-    let after = snapshot(&server).await;
+    let after = observed_state(&server).await;
     assert_eq!(after.0, before.0, "nothing was lifted");
     assert_eq!(after.2.len(), 1, "one request");
     // A lift that takes effect exits 0.

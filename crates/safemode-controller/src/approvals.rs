@@ -12,8 +12,8 @@ use super::incidents::{StagePlan, incident_activations};
 use super::keys::NamespaceChange;
 use super::modes::{describe, shared_incident};
 use super::records::{
-    ChangeRequest, Incident, IncidentId, IncidentStatus, RequestId, RequestKind, RequestState,
-    RequestStatus, TimelineEvent,
+    ChangeRequest, Incident, IncidentId, RequestId, RequestKind, RequestState, RequestStatus,
+    TimelineEvent,
 };
 use super::{Controller, Error, NamespaceView, Result, corrupt};
 use crate::audit::AuditAction;
@@ -155,14 +155,15 @@ impl Controller {
     }
 
     /// Where `request`, recorded at `request_revision`, stands at `now`
-    /// against `view`, its namespace's.
+    /// against `view`, its namespace's; with its incident as read, for an
+    /// incident's request (while it is pending, as the request showed it).
     async fn state_of(
         &self,
         request: &ChangeRequest,
         request_revision: Revision,
         view: &NamespaceView,
         now: Timestamp,
-    ) -> Result<RequestState> {
+    ) -> Result<(RequestState, Option<(Incident, Revision)>)> {
         let incident = match &request.incident_id {
             Some(id) => match self.read_incident(id).await {
                 Ok(found) => Some(found),
@@ -171,10 +172,11 @@ impl Controller {
             },
             None => None,
         };
-        Ok(request.state(
+        let state = request.state(
             now,
             overtaken(request, request_revision, incident.as_ref(), view),
-        ))
+        );
+        Ok((state, incident))
     }
 
     /// A pending request that asks exactly what a new one would (the same
@@ -240,7 +242,11 @@ impl Controller {
                 Box::pin(async move {
                     let at = Timestamp::now();
                     let (mut request, request_revision) = self.read_request(id).await?;
-                    match self.state_of(&request, request_revision, &view, at).await? {
+                    match self
+                        .state_of(&request, request_revision, &view, at)
+                        .await?
+                        .0
+                    {
                         RequestState::Pending | RequestState::Superseded { .. } => {}
                         other => {
                             return Ok(Plan::answer(Err(Error::NotPending {
@@ -317,7 +323,9 @@ impl Controller {
                 Box::pin(async move {
                     let at = Timestamp::now();
                     let (mut request, request_revision) = self.read_request(id).await?;
-                    match self.state_of(&request, request_revision, &view, at).await? {
+                    let (state, incident) =
+                        self.state_of(&request, request_revision, &view, at).await?;
+                    match state {
                         RequestState::Pending => {}
                         RequestState::Superseded { by } => {
                             return Ok(Plan::answer(Err(Error::Superseded {
@@ -371,24 +379,16 @@ impl Controller {
                             }
                         }
                         RequestKind::Resolve | RequestKind::Move { .. } => {
-                            let Some(incident_id) = request.incident_id.clone() else {
+                            // Pending, so `state_of` read the incident as
+                            // the request showed it (active, unchanged
+                            // since); the commit compares its revision.
+                            let Some((mut incident, incident_revision)) = incident else {
                                 return Err(corrupt(
                                     &self.config.layout.request_key(&request.id),
                                     "an incident request names no incident",
                                 ));
                             };
-                            // Current: not superseded (checked above), so
-                            // the incident is as the request showed it.
-                            let (mut incident, incident_revision) =
-                                self.read_incident(&incident_id).await?;
-                            audit_incident = Some(incident_id.to_string());
-                            if incident.status != IncidentStatus::Active
-                                || incident_revision != request_revision
-                            {
-                                // It changed since `state_of` read it: plan
-                                // again.
-                                return Err(Error::Conflict(namespace.clone()));
-                            }
+                            audit_incident = Some(incident.id.to_string());
                             incident.timeline.push(TimelineEvent::new(
                                 at,
                                 "approved",

@@ -201,9 +201,9 @@ impl StagePlan {
             .collect()
     }
 
-    /// The incident's activations in force after the change, as stored at
-    /// `revision` (the change's).
-    pub fn in_force(&self, revision: Revision) -> Vec<Arc<Activation>> {
+    /// The incident's activations in force after the change; those it
+    /// writes have revision 0 until it commits (see [`stored`]).
+    pub fn in_force(&self) -> Vec<Arc<Activation>> {
         let written = self
             .retext
             .iter()
@@ -212,7 +212,7 @@ impl StagePlan {
         self.keep
             .iter()
             .cloned()
-            .chain(stored(written.cloned().collect(), revision))
+            .chain(written.cloned().map(Arc::new))
             .collect()
     }
 
@@ -220,14 +220,16 @@ impl StagePlan {
     pub fn describe(&self) -> String {
         self.describe_as(
             ["applied", "lifted", "kept", "kept with new texts"],
-            describe,
+            |list| describe(list),
         )
     }
 
     /// One line for a request, of what approval will do ("apply ...; lift
     /// ...").
     pub fn describe_pending(&self) -> String {
-        self.describe_as(["apply", "lift", "keep", "keep with new texts"], describe)
+        self.describe_as(["apply", "lift", "keep", "keep with new texts"], |list| {
+            describe(list)
+        })
     }
 
     /// One line for the incident's timeline, by mode name ("applied
@@ -235,26 +237,23 @@ impl StagePlan {
     pub fn describe_modes(&self) -> String {
         self.describe_as(
             ["applied", "lifted", "kept", "kept with new texts"],
-            describe_modes,
+            |list| describe_modes(list),
         )
     }
 
     fn describe_as(
         &self,
         [apply, lift, keep, retext]: [&str; 4],
-        named: fn(&[Activation]) -> String,
+        named: fn(&[&Activation]) -> String,
     ) -> String {
-        let owned = |list: &[Arc<Activation>]| -> Vec<Activation> {
-            list.iter().map(|a| (**a).clone()).collect()
-        };
-        let retexted: Vec<Activation> = self.retext.iter().map(|(_, a)| a.clone()).collect();
         let mut parts = Vec::new();
-        for (word, list) in [
-            (apply, self.apply.clone()),
-            (lift, owned(&self.lift)),
-            (keep, owned(&self.keep)),
-            (retext, retexted),
-        ] {
+        let lists: [(&str, Vec<&Activation>); 4] = [
+            (apply, self.apply.iter().collect()),
+            (lift, self.lift.iter().map(|a| &**a).collect()),
+            (keep, self.keep.iter().map(|a| &**a).collect()),
+            (retext, self.retext.iter().map(|(_, after)| after).collect()),
+        ];
+        for (word, list) in lists {
             if !list.is_empty() {
                 parts.push(format!("{word} {}", named(&list)));
             }
@@ -582,7 +581,7 @@ impl Controller {
                         .iter()
                         .map(ToString::to_string)
                         .collect();
-                    let in_force = staged.in_force(0);
+                    let in_force = staged.in_force();
                     Ok(writes.audited(
                         audit,
                         Ok((incident, staged.apply, staged.lift, in_force, None)),
@@ -591,7 +590,7 @@ impl Controller {
             })
             .await?;
         let (incident, applied, lifted, in_force, pending) = outcome?;
-        // What the change wrote is stored at its revision.
+        // What the change wrote (revision 0) is stored at its revision.
         let in_force = in_force
             .into_iter()
             .map(|a| match a.revision {

@@ -719,8 +719,30 @@ impl Controller {
     /// The namespace's state as this replica has it: followed, or read once
     /// when this replica does not follow the namespace (a reader can never
     /// make a replica take on a watch).
+    /// Unlike [`Controller::status`], it does not probe the store for its
+    /// health: a followed namespace answers from memory.
     pub async fn view(&self, namespace: &Namespace) -> Result<Arc<NamespaceView>> {
-        Ok(self.status(namespace, None, 0).await?.view)
+        if self.shutdown.is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
+        let followed = self
+            .namespaces
+            .lock()
+            .expect("poisoned")
+            .contains_key(namespace);
+        // `live` is always followed once the replica serves it.
+        if followed || namespace.as_str() == Namespace::LIVE {
+            return Ok(self.namespace(namespace).await?.current());
+        }
+        namespace::read_once(
+            self.store.clone(),
+            self.config.layout.clone(),
+            self.config.trusted_keys.clone(),
+            namespace.clone(),
+        )
+        .await
+        .map(Arc::new)
+        .map_err(|e| self.in_words(e.into(), StoreOutcome::Read))
     }
 
     /// The namespace's state and a page of this replica's subscribers. A

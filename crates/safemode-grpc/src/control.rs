@@ -15,11 +15,11 @@ use super::{
     authorize, authorize_anywhere, authorize_change, authorize_change_anywhere, invalid,
     invalid_name, limits, principal, status,
 };
-use safemode_controller::auth::Operation;
+use safemode_controller::auth::{Operation, Principal};
 use safemode_controller::{
-    ApplyRequest, AuditFilter, AuditPage, ChangeId, Controller, DeclareRequest, EscalateRequest,
-    IncidentId, IncidentOutcome, LiftRequest, LiftTarget, RequestId, ResolveRequest, StoreOutcome,
-    SubscriberCursor, in_force_in,
+    ApplyRequest, AuditFilter, AuditPage, ChangeId, ChangeRequest, Controller, DeclareRequest,
+    EscalateRequest, IncidentId, IncidentOutcome, LiftRequest, LiftTarget, RequestId,
+    ResolveRequest, StoreOutcome, SubscriberCursor, in_force_in,
 };
 use safemode_policy::runbook::{RunbookName, Severity};
 use safemode_policy::{ChannelSet, Effect, ModeName, Namespace, Reason};
@@ -40,6 +40,41 @@ impl ControlApi {
             controller,
             replica,
         }
+    }
+
+    /// The request an approve or withdraw call names (`verb`), with the
+    /// call's reason if it gave one, once `actor` may do `operation` in the
+    /// request's namespace; and the words its refusal is audited with.
+    async fn named_request(
+        &self,
+        actor: &Principal,
+        request_id: &str,
+        given_reason: &str,
+        operation: Operation,
+        verb: &str,
+    ) -> Result<(RequestId, Option<Reason>, ChangeRequest, String), Status> {
+        let id = RequestId::parse(request_id).map_err(invalid_name("request_id"))?;
+        let reason = if given_reason.trim().is_empty() {
+            None
+        } else {
+            Some(reason(given_reason)?)
+        };
+        let what = format!("{verb} {id}");
+        authorize_anywhere(&self.controller, actor, operation, &what).await?;
+        let found = self
+            .controller
+            .request(&id)
+            .await
+            .map_err(|e| self.write_failed(e))?;
+        authorize(
+            &self.controller,
+            actor,
+            operation,
+            Some(&found.namespace),
+            &what,
+        )
+        .await?;
+        Ok((id, reason, found, what))
     }
 
     /// Whether the catalogue's `mode` has a read-only rule (so an as-of time
@@ -658,27 +693,15 @@ impl ControlService for ControlApi {
         let actor = principal(&request)?;
         let r = request.into_inner();
         let change = change_id(&r.change_id, &actor, &r)?;
-        let id = RequestId::parse(&r.request_id).map_err(invalid_name("request_id"))?;
-        let reason = if r.reason.trim().is_empty() {
-            None
-        } else {
-            Some(reason(&r.reason)?)
-        };
-        let what = format!("approve {id}");
-        authorize_anywhere(&self.controller, &actor, Operation::Approve, &what).await?;
-        let pending = self
-            .controller
-            .request(&id)
-            .await
-            .map_err(|e| self.write_failed(e))?;
-        authorize(
-            &self.controller,
-            &actor,
-            Operation::Approve,
-            Some(&pending.namespace),
-            &what,
-        )
-        .await?;
+        let (id, reason, pending, what) = self
+            .named_request(
+                &actor,
+                &r.request_id,
+                &r.reason,
+                Operation::Approve,
+                "approve",
+            )
+            .await?;
         let outcome = match self
             .controller
             .approve(&id, reason, &actor, Some(change.clone()))
@@ -712,27 +735,15 @@ impl ControlService for ControlApi {
         let actor = principal(&request)?;
         let r = request.into_inner();
         let change = change_id(&r.change_id, &actor, &r)?;
-        let id = RequestId::parse(&r.request_id).map_err(invalid_name("request_id"))?;
-        let reason = if r.reason.trim().is_empty() {
-            None
-        } else {
-            Some(reason(&r.reason)?)
-        };
-        let what = format!("withdraw {id}");
-        authorize_anywhere(&self.controller, &actor, Operation::Change, &what).await?;
-        let pending = self
-            .controller
-            .request(&id)
-            .await
-            .map_err(|e| self.write_failed(e))?;
-        authorize(
-            &self.controller,
-            &actor,
-            Operation::Change,
-            Some(&pending.namespace),
-            &what,
-        )
-        .await?;
+        let (id, reason, _, _) = self
+            .named_request(
+                &actor,
+                &r.request_id,
+                &r.reason,
+                Operation::Change,
+                "withdraw",
+            )
+            .await?;
         let outcome = self
             .controller
             .withdraw(&id, reason, &actor, Some(change.clone()))
