@@ -355,6 +355,23 @@ struct ServeArgs {
     /// name and the listen port, e.g. vm:7700].
     #[arg(long, env = "SAFEMODE_REPLICA")]
     replica: Option<String>,
+    /// Where the other replicas reach this one (HOST:PORT) to gather the
+    /// fleet's status, e.g. $(POD_IP):7700 [default: --listen, when it
+    /// names one host].
+    #[arg(long, env = "SAFEMODE_ADVERTISE", value_name = "HOST:PORT")]
+    advertise: Option<String>,
+    /// CA certificates (PEM) that verify the other replicas' TLS
+    /// certificates [default: the --tls-cert chain].
+    #[arg(long, env = "SAFEMODE_PEER_CA", value_name = "FILE")]
+    peer_ca: Option<PathBuf>,
+    /// The name the other replicas' certificates must carry, e.g. the
+    /// Service's DNS name [default: the host of each one's address].
+    #[arg(long, env = "SAFEMODE_PEER_TLS_NAME", value_name = "NAME")]
+    peer_tls_name: Option<String>,
+    /// How long this replica's record in the store outlives it when it
+    /// dies without saying goodbye, e.g. 15s (2s to 5m).
+    #[arg(long, env = "SAFEMODE_REPLICA_TTL", default_value = "15s", value_parser = parse_duration)]
+    replica_ttl: Duration,
     /// Directory of mode files (*.yaml); default: the built-in standard modes.
     #[arg(long, env = "SAFEMODE_MODES")]
     modes: Option<PathBuf>,
@@ -1141,6 +1158,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         http_listen: args.http_listen,
         store,
         replica: args.replica,
+        advertise: args.advertise,
+        peer_ca: args.peer_ca,
+        peer_tls_name: args.peer_tls_name,
+        replica_ttl: args.replica_ttl,
         modes_dir: args.modes,
         runbooks_dir: args.runbooks,
         tokens: args.tokens,

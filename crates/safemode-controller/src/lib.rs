@@ -50,8 +50,8 @@ pub use records::{
     RequestStatus, TimelineEvent,
 };
 pub use subscribers::{
-    Registration, Rejection, SubscriberCursor, SubscriberPage, SubscriberRecord, Subscribers,
-    UnknownRevision,
+    Registration, Rejection, SubscriberCursor, SubscriberPage, SubscriberRecord, SubscriberState,
+    Subscribers, UnknownRevision,
 };
 
 use self::change::Writes;

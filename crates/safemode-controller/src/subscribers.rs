@@ -48,6 +48,26 @@ impl SubscriberRecord {
         })
     }
 
+    /// Where it stands when `current` is the namespace's revision: a
+    /// rejection newer than its acknowledgement is `REJECTED`; an
+    /// acknowledgement of `current` (or newer) is `SYNCED`; a revision sent
+    /// and not answered (or nothing answered at all) is `NOT_ACKED`; an
+    /// older acknowledgement with nothing newer sent is `STALE`.
+    pub fn state(&self, current: Revision) -> SubscriberState {
+        let acked = self.acked_at.map(|_| self.acked_revision);
+        if let Some(rejected) = &self.rejected
+            && acked.is_none_or(|acked| rejected.revision > acked)
+        {
+            return SubscriberState::Rejected;
+        }
+        match acked {
+            Some(acked) if acked >= current => SubscriberState::Synced,
+            Some(acked) if self.sent_revision > acked => SubscriberState::NotAcked,
+            Some(_) => SubscriberState::Stale,
+            None => SubscriberState::NotAcked,
+        }
+    }
+
     /// A subscriber may only answer for a revision it was sent.
     fn check_sent(&self, revision: Revision) -> Result<(), UnknownRevision> {
         if revision < 0 || revision > self.sent_revision {
@@ -57,6 +77,55 @@ impl SubscriberRecord {
             });
         }
         Ok(())
+    }
+}
+
+/// Where a subscriber stands against the namespace's current revision, in
+/// the terms SREs know from `istioctl proxy-status`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SubscriberState {
+    /// It acknowledged the current revision.
+    Synced,
+    /// It was sent a revision it has not answered yet.
+    NotAcked,
+    /// It acknowledged an older revision and the current one has not
+    /// reached it (its replica is behind, or it was never sent it).
+    Stale,
+    /// Its newest answer rejects a snapshot.
+    Rejected,
+}
+
+impl SubscriberState {
+    /// Every state, in the order a summary shows them.
+    pub const ALL: [SubscriberState; 4] = [
+        SubscriberState::Synced,
+        SubscriberState::NotAcked,
+        SubscriberState::Stale,
+        SubscriberState::Rejected,
+    ];
+
+    /// The state's name in status and metrics: `SYNCED`, `NOT_ACKED`,
+    /// `STALE`, `REJECTED`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SubscriberState::Synced => "SYNCED",
+            SubscriberState::NotAcked => "NOT_ACKED",
+            SubscriberState::Stale => "STALE",
+            SubscriberState::Rejected => "REJECTED",
+        }
+    }
+
+    /// The state a name gives, in any case, with `-` or `_` (`stale`,
+    /// `not-acked`, `NOT_ACKED`).
+    pub fn parse(name: &str) -> Option<SubscriberState> {
+        let name = name.trim().to_ascii_uppercase().replace('-', "_");
+        Self::ALL.into_iter().find(|s| s.as_str() == name)
+    }
+}
+
+impl std::fmt::Display for SubscriberState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -296,5 +365,74 @@ impl Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         self.subscribers.lock().remove(&self.connection);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(
+        sent: Revision,
+        acked: Option<Revision>,
+        rejected: Option<Revision>,
+    ) -> SubscriberRecord {
+        SubscriberRecord {
+            subscriber_id: "s".into(),
+            channel: Channel::parse("web").unwrap(),
+            peer: "127.0.0.1:1".into(),
+            connected_at: Timestamp::UNIX_EPOCH,
+            sent_revision: sent,
+            acked_revision: acked.unwrap_or(0),
+            acked_at: acked.map(|_| Timestamp::UNIX_EPOCH),
+            rejected: rejected.map(|revision| Rejection {
+                revision,
+                reason: "bad".into(),
+                at: Timestamp::UNIX_EPOCH,
+            }),
+            claimed_unissued: None,
+        }
+    }
+
+    #[test]
+    fn a_subscriber_state_follows_its_newest_answer_against_the_current_revision() {
+        use SubscriberState::*;
+        let cases = [
+            // (sent, acked, rejected, current, state)
+            (5, Some(5), None, 5, Synced),
+            (0, Some(0), None, 0, Synced),
+            (6, Some(6), None, 5, Synced),
+            (5, Some(4), None, 5, NotAcked),
+            (5, None, None, 5, NotAcked),
+            (0, None, None, 0, NotAcked),
+            (4, Some(4), None, 5, Stale),
+            (5, Some(4), Some(5), 5, Rejected),
+            (5, None, Some(5), 5, Rejected),
+            // An older rejection, then an acknowledgement of the current.
+            (5, Some(5), Some(4), 5, Synced),
+        ];
+        for (sent, acked, rejected, current, want) in cases {
+            assert_eq!(
+                record(sent, acked, rejected).state(current),
+                want,
+                "sent {sent}, acked {acked:?}, rejected {rejected:?}, current {current}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_state_is_named_as_status_prints_it() {
+        for state in SubscriberState::ALL {
+            assert_eq!(SubscriberState::parse(state.as_str()), Some(state));
+        }
+        assert_eq!(
+            SubscriberState::parse("not-acked"),
+            Some(SubscriberState::NotAcked)
+        );
+        assert_eq!(
+            SubscriberState::parse("stale"),
+            Some(SubscriberState::Stale)
+        );
+        assert_eq!(SubscriberState::parse("gone"), None);
     }
 }

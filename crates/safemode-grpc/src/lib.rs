@@ -6,6 +6,7 @@
 
 mod control;
 pub(crate) mod convert;
+pub mod fleet;
 pub mod limits;
 pub(crate) mod outbound;
 pub mod server;

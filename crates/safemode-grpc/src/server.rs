@@ -21,6 +21,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Identity, ServerTlsConfig};
 use tracing::{info, warn};
 
+use crate::fleet::{PeerSettings, peer_settings};
 use crate::limits::{self, StreamLimits};
 use crate::{Authenticator, ControlApi, StreamConfig, SubscriptionApi};
 use safemode_controller::auth::{Reload, Tokens, TokensFile};
@@ -89,6 +90,20 @@ pub struct ServeConfig {
     /// after its host and the port it listens on (`vm:7700`), so that two
     /// replicas on one host are told apart.
     pub replica: Option<String>,
+    /// Where the other replicas reach this one (`host:port`) to gather the
+    /// fleet's status; `None`: the listen address, which must then name one
+    /// host (not `0.0.0.0`) when the store is etcd.
+    pub advertise: Option<String>,
+    /// CA certificates (PEM) that verify other replicas' TLS certificates
+    /// when they are asked for the fleet's status; `None`: the `tls_cert`
+    /// chain itself (replicas that share one certificate).
+    pub peer_ca: Option<PathBuf>,
+    /// The name other replicas' certificates are checked against; `None`:
+    /// the host of each one's advertised address.
+    pub peer_tls_name: Option<String>,
+    /// How long this replica's record in the store outlives it when it
+    /// stops without saying goodbye (the record's lease).
+    pub replica_ttl: Duration,
     /// Directory of mode files; `None` serves the built-in standard modes.
     pub modes_dir: Option<PathBuf>,
     /// Directory of runbooks; `None` serves the built-in standard runbooks.
@@ -132,6 +147,10 @@ impl Default for ServeConfig {
                 data_dir: PathBuf::from("safemode-data"),
             },
             replica: None,
+            advertise: None,
+            peer_ca: None,
+            peer_tls_name: None,
+            replica_ttl: Duration::from_secs(15),
             http_listen: None,
             readiness_interval: Duration::from_secs(2),
             modes_dir: None,
@@ -189,6 +208,7 @@ struct Settings {
     tokens: Option<(TokensFile, Tokens)>,
     tls: Option<ServerTlsConfig>,
     catalog: Catalog,
+    peers: PeerSettings,
 }
 
 /// Checks `config`'s values and reads its files (tokens, TLS certificate and
@@ -219,6 +239,7 @@ fn settings(config: &ServeConfig) -> anyhow::Result<Settings> {
         bail!("the tokens file check interval must be longer than zero");
     }
     let tls = server_tls(config.tls_cert.as_deref(), config.tls_key.as_deref())?;
+    let peers = peer_settings(config)?;
     let catalog = Catalog::load_checking(
         config.modes_dir.as_deref(),
         config.runbooks_dir.as_deref(),
@@ -229,6 +250,7 @@ fn settings(config: &ServeConfig) -> anyhow::Result<Settings> {
         tokens,
         tls,
         catalog,
+        peers,
     })
 }
 
@@ -242,6 +264,7 @@ pub fn check(config: &ServeConfig) -> anyhow::Result<Vec<String>> {
         tokens,
         tls,
         catalog,
+        peers,
     } = settings(config)?;
     let key = match (&config.signing_key, &config.store) {
         (SigningKeySource::Key(key), _) => format!("signing key {}", key.key_id()),
@@ -298,6 +321,20 @@ pub fn check(config: &ServeConfig) -> anyhow::Result<Vec<String>> {
         .unwrap_or_else(|| default_replica_name(config.listen.port()));
     Ok(vec![
         format!("would serve on {} as replica {replica}", config.listen),
+        format!(
+            "the other replicas reach it at {} (record renewed every {}s of a {}s lease){}",
+            peers
+                .advertise
+                .clone()
+                .unwrap_or_else(|| config.listen.to_string()),
+            (peers.ttl / 3).as_secs_f64(),
+            peers.ttl.as_secs_f64(),
+            match (&peers.ca, &peers.tls_name) {
+                (None, _) => String::new(),
+                (Some(_), Some(name)) => format!(", checking their certificates for {name}"),
+                (Some(_), None) => ", checking their certificates for each one's host".to_string(),
+            }
+        ),
         match config.http_listen {
             Some(http) => format!("HTTP: /healthz and /readyz on {http}"),
             None => "HTTP: none (no --http-listen)".to_string(),
@@ -327,6 +364,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
         tokens,
         tls,
         catalog,
+        peers: _peers,
     } = settings(&config)?;
     if tokens.is_some() && tls.is_none() && !config.listen.ip().is_loopback() {
         warn!(listen = %config.listen, "tokens will cross the network in plain text; serve TLS (--tls-cert/--tls-key) unless a service mesh encrypts this hop");
