@@ -23,7 +23,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel as GrpcChannel;
 
 use safemode_client::{self as client, Bearer, Subscriber, SubscriberConfig};
-use safemode_controller::{ControllerConfig, Layout, LiftTarget};
+use safemode_controller::{ControllerConfig, Layout, LiftTarget, SubscriberState};
 use safemode_grpc::limits::StreamLimits;
 use safemode_grpc::server::{self, EtcdTls, ServeConfig, SigningKeySource, StoreConfig};
 use safemode_policy::names::validate_label;
@@ -108,8 +108,9 @@ enum Command {
     /// List, apply and lift modes.
     #[command(subcommand)]
     Mode(ModeCommand),
-    /// Show active activations and every connected subscriber's revision.
-    Status(NamespaceArg),
+    /// Show active activations, and every subscriber on every replica with
+    /// its state (SYNCED, NOT_ACKED, STALE, REJECTED), per channel first.
+    Status(StatusArgs),
     /// Subscribe as a channel and print every snapshot applied (and acked).
     Watch(WatchArgs),
     /// Subscribe as a channel, evaluate one action locally, print the decision.
@@ -523,6 +524,38 @@ struct NamespaceArg {
     /// Namespace (`live` is production).
     #[arg(long, env = "SAFEMODE_NAMESPACE", default_value = Namespace::LIVE)]
     namespace: String,
+}
+
+#[derive(Args, Debug)]
+struct StatusArgs {
+    #[command(flatten)]
+    namespace: NamespaceArg,
+    /// Only this channel's subscribers (and summary).
+    #[arg(long, value_name = "CHANNEL", value_parser = channel_arg)]
+    channel: Option<Channel>,
+    /// Only subscribers in this state: synced, not-acked, stale or rejected.
+    #[arg(long, value_name = "STATE", value_parser = state_arg, conflicts_with = "wait_synced")]
+    state: Option<SubscriberState>,
+    /// Wait until every subscriber (of --channel, if given) on every replica
+    /// has acknowledged the namespace's current revision; exit 1 naming who
+    /// has not when --timeout passes.
+    #[arg(long)]
+    wait_synced: bool,
+    /// How long --wait-synced waits, e.g. 30s or 2m.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration, requires = "wait_synced")]
+    timeout: Duration,
+}
+
+/// A `--channel` value.
+fn channel_arg(text: &str) -> Result<Channel, String> {
+    Channel::parse(text).map_err(|e| e.to_string())
+}
+
+/// A `--state` value.
+fn state_arg(text: &str) -> Result<SubscriberState, String> {
+    SubscriberState::parse(text).ok_or_else(|| {
+        format!("'{text}' is not a subscriber state; give synced, not-acked, stale or rejected")
+    })
 }
 
 #[derive(Subcommand, Debug)]
@@ -996,10 +1029,19 @@ async fn dispatch(
             emit(output::show(format, &output::Lifted::from(response)))?;
             requested_only(pending)
         }
-        Command::Status(namespace) => {
-            let namespace = parse_namespace(&namespace)?;
+        Command::Status(args) => {
+            let namespace = parse_namespace(&args.namespace)?;
             let mut client = control(&servers, caller).await?;
-            let response = safemode_wire::full_status(&mut client, namespace.as_str())
+            let request = proto::GetStatusRequest {
+                namespace: namespace.to_string(),
+                channel: args.channel.map(|c| c.to_string()).unwrap_or_default(),
+                state: args.state.map(|s| s.to_string()).unwrap_or_default(),
+                ..proto::GetStatusRequest::default()
+            };
+            if args.wait_synced {
+                return wait_synced(&mut client, request, args.timeout, format).await;
+            }
+            let response = safemode_wire::full_status_of(&mut client, request)
                 .await
                 .map_err(refused)?;
             let status = output::Status::from(response);
@@ -1434,6 +1476,54 @@ struct ExitWith(u8);
 #[derive(Debug, thiserror::Error)]
 #[error("standard output was closed")]
 struct OutputClosed;
+
+/// How often `status --wait-synced` asks again.
+const WAIT_SYNCED_EVERY: Duration = Duration::from_millis(500);
+
+/// `status --wait-synced`: asks for the fleet's status until every
+/// subscriber `request` covers is SYNCED on a whole (not partial) answer,
+/// showing progress on a terminal; then shows the status. When `timeout`
+/// passes first, it fails naming who is not synced.
+async fn wait_synced(
+    client: &mut Control,
+    request: proto::GetStatusRequest,
+    timeout: Duration,
+    format: Format,
+) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let progress = std::io::stderr().is_terminal();
+    loop {
+        let response = safemode_wire::full_status_of(client, request.clone())
+            .await
+            .map_err(refused)?;
+        let status = output::Status::from(response);
+        let waiting = status.not_synced();
+        if waiting.is_none() {
+            if progress {
+                eprint!("\r\x1b[K");
+            }
+            return emit(output::show(format, &status));
+        }
+        if progress {
+            eprint!("\r\x1b[K{}", output::single_line(&status.progress()));
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            if progress {
+                eprintln!();
+            }
+            emit(output::show(format, &status))?;
+            bail!(
+                "not synced after {}: {}",
+                jiff::SignedDuration::try_from(timeout)
+                    .map(|d| format!("{d:#}"))
+                    .unwrap_or_else(|_| format!("{timeout:?}")),
+                waiting.unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(WAIT_SYNCED_EVERY.min(deadline - now)).await;
+    }
+}
 
 /// Writes a rendered result to standard output. When the reader has gone
 /// away (a broken pipe), the command ends quietly instead of panicking.

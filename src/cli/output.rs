@@ -721,10 +721,47 @@ pub struct Status {
     server_time: Time,
     replica: String,
     activations: Vec<Activation>,
+    /// Subscribers the filters admit, on every replica that answered.
+    subscriber_count: u32,
+    /// Per channel, how many subscribers are in each state.
+    channels: Vec<ChannelSummary>,
+    /// Every replica of the fleet, and whether it answered.
+    replicas: Vec<ReplicaAnswer>,
+    /// Some replica did not answer: its subscribers are missing.
+    partial: bool,
     subscribers: Vec<Subscriber>,
     problems: Vec<String>,
     /// Absent from a server that does not say.
     store: Option<StoreHealth>,
+}
+
+/// How many subscribers of one channel are in each state.
+#[derive(Serialize)]
+struct ChannelSummary {
+    channel: String,
+    synced: u32,
+    not_acked: u32,
+    stale: u32,
+    rejected: u32,
+}
+
+impl ChannelSummary {
+    fn not_synced(&self) -> u32 {
+        self.not_acked
+            .saturating_add(self.stale)
+            .saturating_add(self.rejected)
+    }
+}
+
+/// One replica of the fleet, as the replica asked heard from it.
+#[derive(Serialize)]
+struct ReplicaAnswer {
+    replica: String,
+    address: String,
+    answered: bool,
+    error: Option<String>,
+    subscriber_count: u32,
+    applied_revision: i64,
 }
 
 /// The store behind the replica that answered, and its lag behind it.
@@ -806,7 +843,86 @@ impl StoreHealth {
     }
 }
 
+/// How many subscribers `--wait-synced` names before a count.
+const NAMED_NOT_SYNCED: usize = 10;
+
 impl Status {
+    /// Subscribers that are not SYNCED, and replicas that did not answer,
+    /// in one line; `None` when every subscriber of a whole answer is
+    /// SYNCED.
+    pub fn not_synced(&self) -> Option<String> {
+        let silent: Vec<String> = self
+            .replicas
+            .iter()
+            .filter(|r| !r.answered)
+            .map(|r| {
+                format!(
+                    "replica {} ({}) did not answer ({})",
+                    r.replica,
+                    r.address,
+                    r.error.as_deref().unwrap_or("no answer")
+                )
+            })
+            .collect();
+        let behind: Vec<&Subscriber> = self
+            .subscribers
+            .iter()
+            .filter(|x| x.state != "SYNCED")
+            .collect();
+        let counted: u32 = self.channels.iter().map(ChannelSummary::not_synced).sum();
+        if silent.is_empty() && behind.is_empty() && counted == 0 && !self.partial {
+            return None;
+        }
+        let mut named: Vec<String> = behind
+            .iter()
+            .take(NAMED_NOT_SYNCED)
+            .map(|x| {
+                let why = match (&x.reject_reason, x.state.as_str()) {
+                    (Some(reason), "REJECTED") => format!(": {reason}"),
+                    _ => format!(", acked {}", x.acked_revision),
+                };
+                format!(
+                    "{} ({} on {}) {}{why}",
+                    x.subscriber_id, x.channel, x.replica, x.state
+                )
+            })
+            .collect();
+        if behind.len() > NAMED_NOT_SYNCED {
+            named.push(format!("and {} more", behind.len() - NAMED_NOT_SYNCED));
+        }
+        named.extend(silent);
+        let head = match counted {
+            1 => "1 subscriber is".to_string(),
+            n => format!("{n} subscribers are"),
+        };
+        Some(format!(
+            "{head} not SYNCED at revision {} in namespace {} ({} in all): {}",
+            self.revision,
+            self.namespace,
+            self.subscriber_count,
+            named.join("; ")
+        ))
+    }
+
+    /// `--wait-synced`'s progress line: how many are SYNCED, and the rest.
+    pub fn progress(&self) -> String {
+        let sum = |f: fn(&ChannelSummary) -> u32| self.channels.iter().map(f).sum::<u32>();
+        let silent = self.replicas.iter().filter(|r| !r.answered).count();
+        format!(
+            "{}/{} SYNCED at revision {} ({} NOT_ACKED, {} STALE, {} REJECTED{})",
+            sum(|c| c.synced),
+            self.subscriber_count,
+            self.revision,
+            sum(|c| c.not_acked),
+            sum(|c| c.stale),
+            sum(|c| c.rejected),
+            match silent {
+                0 => String::new(),
+                n => format!("; {} not answering", count(n, "replica")),
+            }
+        )
+    }
+
     /// Why `status` must exit 1: the store is unreachable (what it shows is
     /// what the replica last read, and no change can be made).
     pub fn store_unreachable(&self) -> Option<String> {
@@ -825,6 +941,10 @@ impl Status {
 struct Subscriber {
     subscriber_id: String,
     channel: String,
+    /// The replica it is connected to.
+    replica: String,
+    /// SYNCED, NOT_ACKED, STALE or REJECTED.
+    state: String,
     peer: String,
     connected_at: Time,
     sent_revision: i64,
@@ -844,6 +964,31 @@ impl From<proto::GetStatusResponse> for Status {
             server_time: s.server_time.into(),
             replica: s.replica,
             activations: activations(s.activations),
+            subscriber_count: s.subscriber_count,
+            channels: s
+                .channels
+                .into_iter()
+                .map(|c| ChannelSummary {
+                    channel: c.channel,
+                    synced: c.synced,
+                    not_acked: c.not_acked,
+                    stale: c.stale,
+                    rejected: c.rejected,
+                })
+                .collect(),
+            replicas: s
+                .replicas
+                .into_iter()
+                .map(|r| ReplicaAnswer {
+                    replica: r.replica,
+                    address: r.address,
+                    answered: r.answered,
+                    error: given(r.error),
+                    subscriber_count: r.subscriber_count,
+                    applied_revision: r.applied_revision,
+                })
+                .collect(),
+            partial: s.partial,
             subscribers: s
                 .subscribers
                 .into_iter()
@@ -852,6 +997,8 @@ impl From<proto::GetStatusResponse> for Status {
                         .then_some(sub.rejected_revision),
                     subscriber_id: sub.subscriber_id,
                     channel: sub.channel,
+                    replica: sub.replica,
+                    state: sub.state,
                     peer: sub.peer,
                     connected_at: sub.connected_at.into(),
                     sent_revision: sub.sent_revision,
@@ -869,27 +1016,48 @@ impl From<proto::GetStatusResponse> for Status {
 
 impl View for Status {
     fn render(&self, out: &mut Text) {
-        let current = self
-            .subscribers
-            .iter()
-            .filter(|x| x.acked_revision >= self.revision)
-            .count();
+        let synced: u32 = self.channels.iter().map(|c| c.synced).sum();
+        let answered = self.replicas.iter().filter(|r| r.answered).count().max(1);
+        let silent = self.replicas.iter().filter(|r| !r.answered).count();
         say!(
             out,
-            "namespace {} at revision {}: {} active, {} on replica {} ({} acked revision {})",
+            "namespace {} at revision {}: {} active, {} on {}, {} SYNCED{}",
             self.namespace,
             self.revision,
             self.activations.len(),
-            count(self.subscribers.len(), "subscriber"),
-            self.replica,
-            current,
-            self.revision
+            count(self.subscriber_count as usize, "subscriber"),
+            count(answered, "replica"),
+            synced,
+            match silent {
+                0 => String::new(),
+                n => format!("; PARTIAL: {} did not answer", count(n, "replica")),
+            }
         );
         if let Some(store) = &self.store {
             store.render(out, &self.namespace);
         }
         for problem in &self.problems {
             say!(out, "PROBLEM: {problem}");
+        }
+        if !self.channels.is_empty() {
+            say!(out);
+            let rows: Vec<[String; 5]> = self
+                .channels
+                .iter()
+                .map(|c| {
+                    [
+                        c.channel.clone(),
+                        c.synced.to_string(),
+                        c.not_acked.to_string(),
+                        c.stale.to_string(),
+                        c.rejected.to_string(),
+                    ]
+                })
+                .collect();
+            out.table(
+                ["CHANNEL", "SYNCED", "NOT_ACKED", "STALE", "REJECTED"],
+                &rows,
+            );
         }
         if !self.activations.is_empty() {
             say!(out);
@@ -923,7 +1091,7 @@ impl View for Status {
         }
         if !self.subscribers.is_empty() {
             say!(out);
-            let rows: Vec<[String; 6]> = self
+            let rows: Vec<[String; 8]> = self
                 .subscribers
                 .iter()
                 .map(|x| {
@@ -936,6 +1104,8 @@ impl View for Status {
                     [
                         x.subscriber_id.clone(),
                         x.channel.clone(),
+                        x.state.clone(),
+                        x.replica.clone(),
                         x.acked_revision.to_string(),
                         x.acked_at.to_string(),
                         x.peer.clone(),
@@ -947,6 +1117,8 @@ impl View for Status {
                 [
                     "SUBSCRIBER",
                     "CHANNEL",
+                    "STATE",
+                    "REPLICA",
                     "ACKED",
                     "ACKED AT",
                     "PEER",

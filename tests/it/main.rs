@@ -10,6 +10,7 @@ mod drill;
 mod e2e;
 mod etcd;
 mod example;
+mod fleet;
 mod fuzz;
 mod governance;
 mod grpc_surface;

@@ -559,14 +559,7 @@ async fn already_active_is_never_answered_from_a_lagging_view() {
     // Both replicas know the mode is active.
     lagging.apply(apply()).await.unwrap();
     wait_until("the prompt replica sees it", || async {
-        prompt
-            .status(&live, None, 1)
-            .await
-            .unwrap()
-            .view
-            .activations
-            .len()
-            == 1
+        prompt.status(&live).await.unwrap().view.activations.len() == 1
     })
     .await;
     // Carol lifts it through the prompt replica; at once Bob applies it
@@ -587,7 +580,7 @@ async fn already_active_is_never_answered_from_a_lagging_view() {
         })
         .await
         .unwrap();
-    let seen = lagging.status(&live, None, 1).await.unwrap();
+    let seen = lagging.status(&live).await.unwrap();
     assert_eq!(seen.view.activations.len(), 1, "the view lags");
     // And status says so: the store has the lift, this replica does not.
     let store = &seen.store;
@@ -614,14 +607,7 @@ async fn already_active_is_never_answered_from_a_lagging_view() {
         "the mode was lifted, so it is applied again"
     );
     wait_until("the prompt replica sees it active again", || async {
-        prompt
-            .status(&live, None, 1)
-            .await
-            .unwrap()
-            .view
-            .activations
-            .len()
-            == 1
+        prompt.status(&live).await.unwrap().view.activations.len() == 1
     })
     .await;
 }

@@ -371,6 +371,32 @@ impl RawSubscriber {
         channel: Channel,
         hello: proto::Hello,
     ) -> Result<Self, tonic::Status> {
+        Self::open(channel, hello, true).await
+    }
+
+    /// Opens a stream that records snapshots and never acks one (a
+    /// subscriber that hangs, or rejects: see [`RawSubscriber::reject`]).
+    pub async fn connect_silent(
+        channel: Channel,
+        namespace: &str,
+        channel_name: &str,
+        id: &str,
+    ) -> Result<Self, tonic::Status> {
+        let hello = proto::Hello {
+            namespace: namespace.into(),
+            channel: channel_name.into(),
+            subscriber_id: id.into(),
+            last_applied_revision: 0,
+            epoch: String::new(),
+        };
+        Self::open(channel, hello, false).await
+    }
+
+    async fn open(
+        channel: Channel,
+        hello: proto::Hello,
+        acking: bool,
+    ) -> Result<Self, tonic::Status> {
         let (out, out_rx) = mpsc::channel(16);
         out.send(SubscribeRequest {
             message: Some(Outbound::Hello(hello)),
@@ -391,6 +417,9 @@ impl RawSubscriber {
                         if let Some(Inbound::Snapshot(snapshot)) = message.message {
                             let revision = snapshot.revision;
                             r.lock().unwrap().push(snapshot);
+                            if !acking {
+                                continue;
+                            }
                             let ack = SubscribeRequest {
                                 message: Some(Outbound::Ack(proto::Ack { revision })),
                             };
@@ -600,6 +629,11 @@ impl ServeProcess {
     /// The process id (to send it signals).
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Waits for the process to end (after a signal sent to [`Self::pid`]).
+    pub fn wait(&mut self) {
+        self.child.wait().unwrap();
     }
 
     /// SIGKILL, and wait for it to end.

@@ -13,6 +13,7 @@
 //! {prefix}changes/{change id}                          ChangeRecord (JSON): that the change committed, and its answer
 //! {prefix}audit/head                                   AuditHead (JSON): the last entry's position and hash
 //! {prefix}audit/log/{position, 20 digits}              AuditEntry (JSON)
+//! {prefix}replicas/{replica}                           ReplicaRecord (JSON), under the replica's lease
 //! ```
 //!
 //! The epoch is written once, by the first replica to start on an empty
@@ -126,6 +127,21 @@ impl Layout {
         format!("{}changes/{id}", self.prefix)
     }
 
+    /// Every replica's fleet record starts with this.
+    pub fn replicas_prefix(&self) -> String {
+        format!("{}replicas/", self.prefix)
+    }
+
+    /// The fleet record of `replica` (its name escaped, so that no name
+    /// reaches another key).
+    pub fn replica_key(&self, replica: &str) -> String {
+        format!(
+            "{}{}",
+            self.replicas_prefix(),
+            crate::fleet::replica_key_segment(replica)
+        )
+    }
+
     /// The key of the audit log's head.
     pub fn audit_head_key(&self) -> String {
         format!("{}audit/head", self.prefix)
@@ -153,11 +169,15 @@ impl Layout {
     }
 
     /// Whether `key` holds a record that is only ever written together with
-    /// an audit entry (everything but the epoch and the audit log itself).
+    /// an audit entry (everything but the epoch, the audit log itself and
+    /// the fleet's replica records).
     pub fn is_audited_record(&self, key: &str) -> bool {
         key.starts_with(&self.prefix)
             && key != self.epoch_key()
             && !key.starts_with(&format!("{}audit/", self.prefix))
+            // The fleet's records say which replicas live, not what is in
+            // force: leased, rewritten when a lease lapses, never audited.
+            && !key.starts_with(&self.replicas_prefix())
     }
 
     /// The key of the namespace's last-change record.

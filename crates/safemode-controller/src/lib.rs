@@ -16,6 +16,7 @@ pub mod audit;
 mod audit_log;
 pub mod auth;
 mod change;
+pub mod fleet;
 pub mod health;
 mod incidents;
 mod keys;
@@ -50,8 +51,8 @@ pub use records::{
     RequestStatus, TimelineEvent,
 };
 pub use subscribers::{
-    Registration, Rejection, SubscriberCursor, SubscriberPage, SubscriberRecord, SubscriberState,
-    Subscribers, UnknownRevision,
+    Registration, Rejection, SubscriberCursor, SubscriberRecord, SubscriberState, Subscribers,
+    UnknownRevision,
 };
 
 use self::change::Writes;
@@ -388,8 +389,6 @@ impl Default for ControllerConfig {
 pub struct Status {
     /// The namespace state.
     pub view: Arc<NamespaceView>,
-    /// A page of the subscribers connected to this replica.
-    pub subscribers: SubscriberPage,
     /// Problems of the replica itself (an audit log that went back).
     pub replica: Vec<String>,
     /// The store's health, and this replica's lag behind it.
@@ -398,13 +397,12 @@ pub struct Status {
 
 impl Status {
     /// What a commander must look at: the store's health, the replica's
-    /// own problems, the namespace's, then each subscriber that came
-    /// holding a revision this controller never issued.
+    /// own problems, then the namespace's. (Subscribers' problems come
+    /// with each replica's part of a fleet status: [`fleet::ReplicaPart`].)
     pub fn problems(&self) -> Vec<String> {
         let mut problems = self.store.problems(&self.view.namespace);
         problems.extend(self.replica.iter().cloned());
         problems.extend(self.view.problems.iter().cloned());
-        problems.extend(self.subscribers.problems.iter().cloned());
         problems
     }
 }
@@ -694,10 +692,7 @@ impl Controller {
     /// replica is a moment behind after every change made elsewhere.)
     pub async fn readiness(&self) -> std::result::Result<(), String> {
         let live = Namespace::live();
-        let status = self
-            .status(&live, None, 0)
-            .await
-            .map_err(|e| e.to_string())?;
+        let status = self.status(&live).await.map_err(|e| e.to_string())?;
         if !status.view.loaded {
             return Err("namespace live is not read yet".into());
         }
@@ -749,21 +744,11 @@ impl Controller {
     /// namespace this replica does not follow is read once, not followed
     /// (it then has no subscribers here): a reader can never make a replica
     /// take on a watch.
-    pub async fn status(
-        &self,
-        namespace: &Namespace,
-        after: Option<&SubscriberCursor>,
-        limit: usize,
-    ) -> Result<Status> {
+    pub async fn status(&self, namespace: &Namespace) -> Result<Status> {
         if self.shutdown.is_cancelled() {
             return Err(Error::ShuttingDown);
         }
-        let followed = self
-            .namespaces
-            .lock()
-            .expect("poisoned")
-            .get(namespace)
-            .cloned();
+        let followed = self.followed(namespace);
         // The store first, within a short bound: on a dead store, status
         // answers at once with what this replica last read, and says so.
         let meta_key = self.config.layout.meta_key(namespace);
@@ -787,20 +772,17 @@ impl Controller {
             (None, Ok(_)) => None,
             (None, Err(_)) => return Err(unreachable(probe.unwrap_err())),
         };
-        let (view, subscribers) = match &handle {
-            Some(handle) => (handle.current(), handle.subscribers.page(after, limit)),
-            None => (
-                Arc::new(
-                    namespace::read_once(
-                        self.store.clone(),
-                        self.config.layout.clone(),
-                        self.config.trusted_keys.clone(),
-                        namespace.clone(),
-                    )
-                    .await
-                    .map_err(unreachable)?,
-                ),
-                SubscriberPage::default(),
+        let view = match &handle {
+            Some(handle) => handle.current(),
+            None => Arc::new(
+                namespace::read_once(
+                    self.store.clone(),
+                    self.config.layout.clone(),
+                    self.config.trusted_keys.clone(),
+                    namespace.clone(),
+                )
+                .await
+                .map_err(unreachable)?,
             ),
         };
         let mut health = StoreHealth {
@@ -832,10 +814,19 @@ impl Controller {
         }
         Ok(Status {
             view,
-            subscribers,
             replica: self.replica_problems(),
             store: health,
         })
+    }
+
+    /// The handle of `namespace` if this replica follows it; asking does not
+    /// make it follow one.
+    fn followed(&self, namespace: &Namespace) -> Option<Arc<NamespaceHandle>> {
+        self.namespaces
+            .lock()
+            .expect("poisoned")
+            .get(namespace)
+            .cloned()
     }
 
     /// Admits a subscriber that already applied `last_applied` in `epoch`.

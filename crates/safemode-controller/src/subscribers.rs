@@ -163,21 +163,7 @@ impl SubscriberCursor {
     }
 }
 
-/// One page of [`Subscribers::page`].
-#[derive(Clone, Debug, Default)]
-pub struct SubscriberPage {
-    /// The page's subscribers.
-    pub records: Vec<SubscriberRecord>,
-    /// Subscribers connected in all.
-    pub total: usize,
-    /// Where the next page starts; `None`: this page is the last.
-    pub next: Option<SubscriberCursor>,
-    /// Problems of any subscriber, on every page (the first
-    /// [`MAX_SUBSCRIBER_PROBLEMS`], then a count).
-    pub problems: Vec<String>,
-}
-
-/// How many subscribers' problems a status page lists by name.
+/// How many subscribers' problems one replica's part of a status names.
 pub const MAX_SUBSCRIBER_PROBLEMS: usize = 20;
 
 /// A subscriber acknowledged or rejected a revision it was never sent.
@@ -259,10 +245,8 @@ impl Subscribers {
         records
     }
 
-    /// At most `limit` connected subscribers after `after`, in
-    /// (subscriber id, stream) order, so that pages neither repeat nor skip
-    /// a subscriber that stays connected.
-    pub fn page(&self, after: Option<&SubscriberCursor>, limit: usize) -> SubscriberPage {
+    /// Every connected subscriber with its cursor, in page order.
+    pub(crate) fn cursors(&self) -> Vec<(SubscriberCursor, SubscriberRecord)> {
         let mut records: Vec<(SubscriberCursor, SubscriberRecord)> = self
             .lock()
             .iter()
@@ -274,33 +258,8 @@ impl Subscribers {
                 (cursor, record.clone())
             })
             .collect();
-        let total = records.len();
         records.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut problems: Vec<String> = records
-            .iter()
-            .filter_map(|(_, record)| record.problem())
-            .collect();
-        if problems.len() > MAX_SUBSCRIBER_PROBLEMS {
-            let more = problems.len() - MAX_SUBSCRIBER_PROBLEMS;
-            problems.truncate(MAX_SUBSCRIBER_PROBLEMS);
-            problems.push(format!("and {more} more subscribers with problems"));
-        }
-        let mut rest = records
-            .into_iter()
-            .filter(|(cursor, _)| after.is_none_or(|after| cursor > after))
-            .peekable();
-        let mut page = Vec::new();
-        let mut last = None;
-        for (cursor, record) in rest.by_ref().take(limit) {
-            page.push(record);
-            last = Some(cursor);
-        }
-        SubscriberPage {
-            records: page,
-            total,
-            next: last.filter(|_| rest.peek().is_some()),
-            problems,
-        }
+        records
     }
 
     /// Whether no subscriber is connected.

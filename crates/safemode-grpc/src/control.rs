@@ -15,11 +15,12 @@ use super::{
     authorize, authorize_anywhere, authorize_change, authorize_change_anywhere, invalid,
     invalid_name, limits, principal, status,
 };
+use crate::fleet::{self, Fleet, FleetCursor, FleetQuery};
 use safemode_controller::auth::{Operation, Principal};
 use safemode_controller::{
     ApplyRequest, AuditFilter, AuditPage, ChangeId, ChangeRequest, Controller, DeclareRequest,
     EscalateRequest, IncidentId, IncidentOutcome, LiftRequest, LiftTarget, RequestId,
-    ResolveRequest, StoreOutcome, SubscriberCursor, in_force_in,
+    ResolveRequest, StoreOutcome, in_force_in,
 };
 use safemode_policy::runbook::{RunbookName, Severity};
 use safemode_policy::{ChannelSet, Effect, ModeName, Namespace, Reason};
@@ -31,14 +32,16 @@ use safemode_wire::{self as wire, proto};
 pub struct ControlApi {
     controller: Arc<Controller>,
     replica: String,
+    fleet: Arc<Fleet>,
 }
 
 impl ControlApi {
     /// The service over `controller`, on the replica called `replica`.
-    pub fn new(controller: Arc<Controller>, replica: String) -> Self {
+    pub(crate) fn new(controller: Arc<Controller>, replica: String, fleet: Arc<Fleet>) -> Self {
         ControlApi {
             controller,
             replica,
+            fleet,
         }
     }
 
@@ -117,13 +120,6 @@ impl ControlApi {
         }
     }
 }
-
-/// Subscribers in one status page unless asked otherwise, and at most.
-/// A subscriber's entry is at most about half a kilobyte (its id is at most
-/// 128 bytes and its reject reason 256; the peer is an address), so a page
-/// stays far below gRPC's 4 MiB.
-const STATUS_PAGE_DEFAULT: usize = 1000;
-const STATUS_PAGE_MAX: usize = 5000;
 
 /// The caller's change id, or a new one when it gave none, bound to who
 /// asked for exactly what: a retry sends the same bytes, anything else under
@@ -380,55 +376,79 @@ impl ControlService for ControlApi {
         .await?;
         let r = request.get_ref();
         let limit = match r.page_size as usize {
-            0 => STATUS_PAGE_DEFAULT,
-            n if n > STATUS_PAGE_MAX => {
+            0 => limits::STATUS_PAGE_DEFAULT,
+            n if n > limits::STATUS_PAGE_MAX => {
                 return Err(invalid(
                     "page_size",
-                    format!("{n} is more than {STATUS_PAGE_MAX}; ask for fewer"),
+                    format!(
+                        "{n} is more than {}; ask for fewer",
+                        limits::STATUS_PAGE_MAX
+                    ),
                 ));
             }
             n => n,
         };
         let after = match r.page_token.as_str() {
             "" => None,
-            token => Some(SubscriberCursor::parse(token).ok_or_else(|| {
+            token => Some(FleetCursor::parse(token).ok_or_else(|| {
                 invalid(
                     "page_token",
                     "is not a token this server gave; pass the previous page's next_page_token, or none for the first page",
                 )
             })?),
         };
+        let filter = fleet::filter(&r.channel, &r.state)?;
         let status = self
             .controller
-            .status(&namespace, after.as_ref(), limit)
+            .status(&namespace)
             .await
             .map_err(|e| self.read_failed(e))?;
+        // The namespace's current revision: the store's when it answered
+        // (a change no replica applied yet leaves every subscriber behind).
+        let current = status
+            .view
+            .revision
+            .max(status.store.namespace_revision.unwrap_or_default());
+        let gathered = self
+            .fleet
+            .gather(&FleetQuery {
+                namespace: namespace.clone(),
+                current,
+                filter,
+                limit,
+                after,
+            })
+            .await;
+        let mut problems = status.problems();
+        problems.extend(
+            gathered
+                .problems
+                .into_iter()
+                .filter(|p| !status.replica.contains(p)),
+        );
         Ok(Response::new(proto::GetStatusResponse {
             namespace: namespace.to_string(),
-            revision: status.view.revision,
+            revision: current,
             activations: status
                 .view
                 .activations
                 .iter()
                 .map(|a| wire::activation_to_wire(a))
                 .collect(),
-            subscribers: status
-                .subscribers
-                .records
-                .iter()
-                .map(super::convert::subscriber_to_wire)
-                .collect(),
+            subscribers: gathered.subscribers,
             server_time: Some(wire::timestamp_to_wire(jiff::Timestamp::now())),
-            problems: status.problems(),
+            problems,
             replica: self.replica.clone(),
-            next_page_token: status
-                .subscribers
+            next_page_token: gathered
                 .next
                 .as_ref()
-                .map(SubscriberCursor::token)
+                .map(FleetCursor::token)
                 .unwrap_or_default(),
-            subscriber_count: u32::try_from(status.subscribers.total).unwrap_or(u32::MAX),
+            subscriber_count: u32::try_from(gathered.total).unwrap_or(u32::MAX),
             store: Some(super::convert::store_health_to_wire(&status.store)),
+            channels: gathered.channels,
+            replicas: gathered.replicas,
+            partial: gathered.partial,
         }))
     }
 

@@ -5,7 +5,7 @@
 use safemode_controller::audit::AuditEntry;
 use safemode_controller::{
     ChangeRequest, ChannelSnapshot, Incident, IncidentStatus, NamespaceView, Preview, RequestKind,
-    RequestState, StoreHealth, SubscriberRecord,
+    RequestState, StoreHealth, SubscriberRecord, SubscriberState,
 };
 use std::sync::Arc;
 
@@ -42,9 +42,15 @@ pub fn snapshot_to_wire(
 }
 
 /// A connected subscriber.
-pub fn subscriber_to_wire(s: &SubscriberRecord) -> proto::SubscriberStatus {
+pub fn subscriber_to_wire(
+    s: &SubscriberRecord,
+    replica: &str,
+    state: SubscriberState,
+) -> proto::SubscriberStatus {
     let rejected = s.rejected.as_ref();
     proto::SubscriberStatus {
+        replica: replica.to_string(),
+        state: state.as_str().to_string(),
         subscriber_id: s.subscriber_id.clone(),
         channel: s.channel.as_str().to_string(),
         peer: s.peer.clone(),

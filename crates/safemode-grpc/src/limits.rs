@@ -9,6 +9,22 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+/// Subscribers in one status page unless asked otherwise, and at most.
+/// A subscriber's entry is at most about half a kilobyte (its id is at most
+/// 128 bytes and its reject reason 256; the peer is an address), so a page
+/// stays far below gRPC's 4 MiB.
+pub const STATUS_PAGE_DEFAULT: usize = 1000;
+/// See [`STATUS_PAGE_DEFAULT`].
+pub const STATUS_PAGE_MAX: usize = 5000;
+
+/// The largest answer one replica takes from another for a fleet status: a
+/// page of [`STATUS_PAGE_MAX`] subscribers with room to spare.
+pub const MAX_STATUS_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
+
+/// The largest fleet request a replica decodes (a signed query: a few
+/// hundred bytes).
+pub const MAX_FLEET_REQUEST_BYTES: usize = 4 * 1024;
+
 /// The largest encoded control request accepted (tonic refuses bigger ones
 /// before they are decoded). A real request is a few kilobytes.
 pub const MAX_CONTROL_REQUEST_BYTES: usize = 256 * 1024;

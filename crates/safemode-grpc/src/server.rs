@@ -21,10 +21,11 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Identity, ServerTlsConfig};
 use tracing::{info, warn};
 
-use crate::fleet::{PeerSettings, peer_settings};
+use crate::fleet::{Fleet, FleetApi, PeerSettings, peer_settings};
 use crate::limits::{self, StreamLimits};
 use crate::{Authenticator, ControlApi, StreamConfig, SubscriptionApi};
 use safemode_controller::auth::{Reload, Tokens, TokensFile};
+use safemode_controller::fleet::ReplicaRecord;
 use safemode_controller::{Controller, ControllerConfig, Layout};
 use safemode_policy::catalog::Catalog;
 use safemode_signing::{SigningKey, TrustedKeys};
@@ -56,6 +57,7 @@ pub enum StoreConfig {
 }
 
 type ControlServer = proto::control_service_server::ControlServiceServer<ControlApi>;
+type FleetServer = proto::fleet_service_server::FleetServiceServer<FleetApi>;
 type SubscriptionServer =
     crate::fanout::subscription_service_server::SubscriptionServiceServer<SubscriptionApi>;
 
@@ -322,13 +324,13 @@ pub fn check(config: &ServeConfig) -> anyhow::Result<Vec<String>> {
     Ok(vec![
         format!("would serve on {} as replica {replica}", config.listen),
         format!(
-            "the other replicas reach it at {} (record renewed every {}s of a {}s lease){}",
+            "the other replicas reach it at {} (record renewed every {} of a {} lease){}",
             peers
                 .advertise
                 .clone()
                 .unwrap_or_else(|| config.listen.to_string()),
-            (peers.ttl / 3).as_secs_f64(),
-            peers.ttl.as_secs_f64(),
+            seconds(peers.ttl / 3),
+            seconds(peers.ttl),
             match (&peers.ca, &peers.tls_name) {
                 (None, _) => String::new(),
                 (Some(_), Some(name)) => format!(", checking their certificates for {name}"),
@@ -357,6 +359,16 @@ pub fn check(config: &ServeConfig) -> anyhow::Result<Vec<String>> {
     ])
 }
 
+/// A duration for people: `5s`, `6.7s`.
+fn seconds(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s.fract() == 0.0 {
+        format!("{s:.0}s")
+    } else {
+        format!("{s:.1}s")
+    }
+}
+
 /// Checks the configuration, opens store and catalogue, binds, and serves in
 /// the background. Nothing is bound when the configuration is bad.
 pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
@@ -364,7 +376,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
         tokens,
         tls,
         catalog,
-        peers: _peers,
+        peers,
     } = settings(&config)?;
     if tokens.is_some() && tls.is_none() && !config.listen.ip().is_loopback() {
         warn!(listen = %config.listen, "tokens will cross the network in plain text; serve TLS (--tls-cert/--tls-key) unless a service mesh encrypts this hop");
@@ -443,8 +455,27 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
         .build_v1alpha()
         .context("cannot build the reflection service")?;
 
-    let mut builder = tonic::transport::Server::builder();
+    // The others reach this replica at the advertised address, or where it
+    // listens (a single host: checked with the settings).
+    let advertised = peers.advertise.clone().unwrap_or_else(|| addr.to_string());
     let serves_tls = tls.is_some();
+    controller.join_fleet(
+        ReplicaRecord {
+            replica: replica.clone(),
+            address: advertised.clone(),
+            tls: serves_tls,
+            started_at: jiff::Timestamp::now(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        },
+        peers.ttl,
+    );
+    let fleet = Arc::new(Fleet::new(
+        controller.clone(),
+        replica.clone(),
+        advertised.clone(),
+        peers,
+    ));
+    let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls {
         // Checked by `server_tls` already.
         builder = builder.tls_config(tls).context("cannot serve TLS")?;
@@ -457,6 +488,12 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
         // Health needs no token (probes and load balancers call it); every
         // other service does.
         .add_service(health_service)
+        // No token: replicas sign these requests with the fleet's key, and
+        // the service checks that before anything else.
+        .add_service(
+            FleetServer::new(FleetApi::new(controller.clone(), replica.clone()))
+                .max_decoding_message_size(limits::MAX_FLEET_REQUEST_BYTES),
+        )
         .add_service(InterceptedService::new(reflection, authenticator.clone()))
         .add_service(InterceptedService::new(
             reflection_alpha,
@@ -464,8 +501,12 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
         ))
         // Oversized requests are refused before they are decoded.
         .add_service(InterceptedService::new(
-            ControlServer::new(ControlApi::new(controller.clone(), replica.clone()))
-                .max_decoding_message_size(limits::MAX_CONTROL_REQUEST_BYTES),
+            ControlServer::new(ControlApi::new(
+                controller.clone(),
+                replica.clone(),
+                fleet.clone(),
+            ))
+            .max_decoding_message_size(limits::MAX_CONTROL_REQUEST_BYTES),
             authenticator.clone(),
         ))
         .add_service(InterceptedService::new(

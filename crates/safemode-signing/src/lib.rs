@@ -49,6 +49,10 @@ pub enum Purpose {
     Heartbeat,
     /// An audit log entry.
     AuditEntry,
+    /// One replica asking another for its part of a fleet status.
+    ReplicaStatusRequest,
+    /// A replica's answer to [`Purpose::ReplicaStatusRequest`].
+    ReplicaStatusResponse,
 }
 
 impl Purpose {
@@ -57,6 +61,8 @@ impl Purpose {
             Purpose::Snapshot => b"safemode.v1 snapshot\0",
             Purpose::Heartbeat => b"safemode.v1 heartbeat\0",
             Purpose::AuditEntry => b"safemode.v1 audit entry\0",
+            Purpose::ReplicaStatusRequest => b"safemode.v1 replica status request\0",
+            Purpose::ReplicaStatusResponse => b"safemode.v1 replica status response\0",
         }
     }
 }

@@ -51,7 +51,7 @@ use std::time::Duration;
 
 use etcd_client::{
     Certificate, Client, CompactionOptions, Compare as EtcdCompare, CompareOp, ConnectOptions,
-    EventType, GetOptions, Identity, TlsOptions, Txn as EtcdTxn, TxnOp, WatchOptions,
+    EventType, GetOptions, Identity, PutOptions, TlsOptions, Txn as EtcdTxn, TxnOp, WatchOptions,
 };
 use futures_util::StreamExt;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -60,7 +60,7 @@ use safemode_support::backoff::Backoff;
 use safemode_support::pem;
 
 use super::{
-    Cause, Compare, Error, Event, EventKind, KeyValue, Op, RangePage, RangeResult, Result,
+    Cause, Compare, Error, Event, EventKind, KeyValue, Lease, Op, RangePage, RangeResult, Result,
     Revision, Store, Txn, TxnOutcome, WatchBatch, WatchStream,
 };
 
@@ -698,6 +698,66 @@ impl Store for EtcdStore {
         } else {
             TxnOutcome::CompareFailed { revision }
         })
+    }
+
+    async fn put_leased(&self, key: &str, value: Vec<u8>, ttl: Duration) -> Result<Lease> {
+        let seconds = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
+        // Granted again on a retry, an unused lease lapses by itself.
+        let lease = self
+            .call(Repeat::Idempotent, |client| async move {
+                client.lease_client().grant(seconds, None).await
+            })
+            .await
+            .map_err(|(e, _)| etcd_error(e))?
+            .id();
+        let put = self
+            .call(Repeat::Idempotent, |client| {
+                let (key, value) = (key.to_string(), value.clone());
+                async move {
+                    client
+                        .kv_client()
+                        .put(key, value, Some(PutOptions::new().with_lease(lease)))
+                        .await
+                }
+            })
+            .await;
+        if let Err((e, _)) = put {
+            let _ = self.revoke_lease(Lease::Etcd(lease)).await;
+            return Err(etcd_error(e));
+        }
+        Ok(Lease::Etcd(lease))
+    }
+
+    async fn renew_lease(&self, lease: Lease) -> Result<bool> {
+        let Lease::Etcd(id) = lease else {
+            return Ok(true);
+        };
+        let answer = self
+            .call(Repeat::Idempotent, |client| async move {
+                // Opening the keep-alive stream sends the first renewal.
+                let (_keeper, mut answers) = client.lease_client().keep_alive(id).await?;
+                answers.message().await
+            })
+            .await
+            .map_err(|(e, _)| etcd_error(e))?;
+        Ok(answer.is_some_and(|answer| answer.ttl() > 0))
+    }
+
+    async fn revoke_lease(&self, lease: Lease) -> Result<()> {
+        let Lease::Etcd(id) = lease else {
+            return Ok(());
+        };
+        match self
+            .call(Repeat::Idempotent, |client| async move {
+                client.lease_client().revoke(id).await
+            })
+            .await
+        {
+            Ok(_) => Ok(()),
+            // Lapsed already: its key is gone, which is what was asked.
+            Err((e, _)) if e.to_string().contains("lease not found") => Ok(()),
+            Err((e, _)) => Err(etcd_error(e)),
+        }
     }
 
     async fn watch(&self, prefix: &str, from: Revision) -> Result<WatchStream> {

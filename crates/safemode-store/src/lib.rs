@@ -310,6 +310,31 @@ pub trait Store: Send + Sync + 'static {
     /// beyond the current revision is [`Error::InvalidRequest`].
     async fn compact(&self, revision: Revision) -> Result<()>;
 
+    /// Puts `value` at `key` for as long as the returned lease is renewed:
+    /// `ttl` after the last renewal the store deletes the key (etcd's
+    /// leases). A replica keeps its fleet record this way, so a replica that
+    /// dies without saying goodbye drops out of the fleet by itself.
+    ///
+    /// A store that only one process opens has no fleet: by default nothing
+    /// is written, and the lease never lapses.
+    async fn put_leased(&self, key: &str, value: Vec<u8>, ttl: Duration) -> Result<Lease> {
+        let _ = (key, value, ttl);
+        Ok(Lease::Local)
+    }
+
+    /// Renews `lease`; `Ok(false)` when it had lapsed and its key is gone
+    /// (the holder puts it again).
+    async fn renew_lease(&self, lease: Lease) -> Result<bool> {
+        let _ = lease;
+        Ok(true)
+    }
+
+    /// Ends `lease` and deletes its key at once.
+    async fn revoke_lease(&self, lease: Lease) -> Result<()> {
+        let _ = lease;
+        Ok(())
+    }
+
     /// A short description for logs, e.g. `embedded:/var/lib/safemode/store.redb`.
     fn describe(&self) -> String;
 
@@ -339,6 +364,15 @@ pub trait Store: Send + Sync + 'static {
             )),
         }
     }
+}
+
+/// A lease of [`Store::put_leased`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lease {
+    /// An etcd lease.
+    Etcd(i64),
+    /// No lease: the store serves one process, which has no fleet.
+    Local,
 }
 
 /// What a store is and where, as [`Store::place`] says it.

@@ -59,9 +59,10 @@ pub fn check_subscriber_id(id: &str) -> Result<(), String> {
 /// most): far beyond any replica's stream limit.
 const MAX_STATUS_PAGES: usize = 100;
 
-/// A namespace's whole status on one replica: every page of its
-/// subscribers, read in turn and merged (activations and problems come with
-/// every page; the first page's are kept).
+/// A namespace's whole status across the fleet: every page of its
+/// subscribers, read in turn and merged (activations, problems, the channel
+/// summary and the replicas come with every page; the first page's are
+/// kept).
 pub async fn full_status<T>(
     client: &mut proto::control_service_client::ControlServiceClient<T>,
     namespace: &str,
@@ -72,10 +73,29 @@ where
     T::ResponseBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
     <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
 {
-    let request = |page_token: String| proto::GetStatusRequest {
+    let first = proto::GetStatusRequest {
         namespace: namespace.to_string(),
-        page_size: 0,
+        ..proto::GetStatusRequest::default()
+    };
+    full_status_of(client, first).await
+}
+
+/// Every page of the status `first` asks for (its filters), as one answer:
+/// the first page's summary, replicas and problems, every page's
+/// subscribers.
+pub async fn full_status_of<T>(
+    client: &mut proto::control_service_client::ControlServiceClient<T>,
+    first: proto::GetStatusRequest,
+) -> Result<proto::GetStatusResponse, tonic::Status>
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<tonic::codegen::StdError>,
+    T::ResponseBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
+    let request = |page_token: String| proto::GetStatusRequest {
         page_token,
+        ..first.clone()
     };
     let mut status = client
         .get_status(request(String::new()))

@@ -45,6 +45,62 @@ pub fn verify_snapshot(
     result
 }
 
+/// Signs a replica's request for another's part of a fleet status: fills
+/// its `key_id` and `signature`.
+pub fn sign_replica_status_request(request: &mut proto::ReplicaStatusRequest, key: &SigningKey) {
+    request.key_id.clear();
+    request.signature.clear();
+    let signature = key.sign(Purpose::ReplicaStatusRequest, &request.encode_to_vec());
+    request.key_id = signature.key_id.as_str().to_string();
+    request.signature = signature.bytes;
+}
+
+/// Checks that a replica status request is signed by one of `trusted`, as
+/// it is.
+pub fn verify_replica_status_request(
+    request: &mut proto::ReplicaStatusRequest,
+    trusted: &TrustedKeys,
+) -> Result<(), SignatureError> {
+    let key_id = std::mem::take(&mut request.key_id);
+    let signature = std::mem::take(&mut request.signature);
+    let result = trusted.verify(
+        Purpose::ReplicaStatusRequest,
+        &request.encode_to_vec(),
+        &key_id,
+        &signature,
+    );
+    request.key_id = key_id;
+    request.signature = signature;
+    result
+}
+
+/// Signs a replica's answer to another's status request.
+pub fn sign_replica_status_response(response: &mut proto::ReplicaStatusResponse, key: &SigningKey) {
+    response.key_id.clear();
+    response.signature.clear();
+    let signature = key.sign(Purpose::ReplicaStatusResponse, &response.encode_to_vec());
+    response.key_id = signature.key_id.as_str().to_string();
+    response.signature = signature.bytes;
+}
+
+/// Checks that a replica's answer is signed by one of `trusted`, as it is.
+pub fn verify_replica_status_response(
+    response: &mut proto::ReplicaStatusResponse,
+    trusted: &TrustedKeys,
+) -> Result<(), SignatureError> {
+    let key_id = std::mem::take(&mut response.key_id);
+    let signature = std::mem::take(&mut response.signature);
+    let result = trusted.verify(
+        Purpose::ReplicaStatusResponse,
+        &response.encode_to_vec(),
+        &key_id,
+        &signature,
+    );
+    response.key_id = key_id;
+    response.signature = signature;
+    result
+}
+
 /// What a heartbeat for `namespace`/`channel` in `epoch` says, as signed.
 pub fn heartbeat_claim(
     namespace: &str,
