@@ -1204,3 +1204,45 @@ fn chart_arguments_pass_serve_check() {
         );
     }
 }
+
+// === The image ===
+
+#[test]
+fn dockerfile_builds_the_binary_the_chart_runs_as_the_chart_s_user() {
+    // Docker is not needed to read what the image will be: the binary the
+    // build names is this package's, the entrypoint runs it, and the user
+    // is the chart's runAsUser, so the restricted securityContext holds.
+    let dockerfile = std::fs::read_to_string(repo().join("Dockerfile")).unwrap();
+    let lines: Vec<&str> = dockerfile
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect();
+    let froms: Vec<&&str> = lines.iter().filter(|l| l.starts_with("FROM ")).collect();
+    assert_eq!(froms.len(), 2, "a multi-stage build: {froms:?}");
+    let holds = [
+        format!(
+            "RUN cargo build --release --locked -p {} --bin safemode",
+            env!("CARGO_PKG_NAME")
+        ),
+        "USER 65532:65532".to_string(),
+        "ENTRYPOINT [\"/usr/local/bin/safemode\"]".to_string(),
+    ];
+    for part in holds {
+        assert!(
+            lines.iter().any(|l| l.starts_with(&part)),
+            "Dockerfile: no line starts with {part:?}"
+        );
+    }
+    assert!(
+        froms[1].ends_with(":nonroot"),
+        "the runtime image runs as non-root: {}",
+        froms[1]
+    );
+    let ignored = std::fs::read_to_string(repo().join(".dockerignore")).unwrap();
+    for path in ["target/", ".git/"] {
+        assert!(
+            ignored.lines().any(|l| l == path),
+            ".dockerignore lacks {path}"
+        );
+    }
+}
