@@ -29,8 +29,10 @@ const INSTALL: &str = "python3 -m pip install helm-python-sdk kubernetes-validat
 const KUBE_VERSIONS: [&str; 2] = ["1.29", "1.33"];
 const RELEASE: &str = "safemode";
 const NAMESPACE: &str = "incident";
-/// Stand-ins for what the downward API gives each pod.
+/// Stand-ins for what the downward API gives each pod: its IPv4 address,
+/// or its IPv6 one where the values say `podIPFamily: IPv6` (all-on).
 const POD_IP: &str = "10.4.2.17";
+const POD_IPV6: &str = "fd00:10:4::17";
 const POD_NAME: &str = "safemode-7d9f6c5b8-x2kqp";
 
 fn repo() -> &'static Path {
@@ -1027,6 +1029,7 @@ impl Pod {
         for var in container["env"].as_array().unwrap() {
             let name = var["name"].as_str().unwrap().to_string();
             let value = match var["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+                Some("status.podIP") if render.case == "all-on" => POD_IPV6.to_string(),
                 Some("status.podIP") => POD_IP.to_string(),
                 Some("metadata.name") => POD_NAME.to_string(),
                 Some(other) => panic!("{}: env {name} from {other}", render.case),
@@ -1133,7 +1136,7 @@ fn chart_arguments_pass_serve_check() {
             "all-on",
             vec![
                 format!("would serve on 0.0.0.0:7443 as replica {POD_NAME}"),
-                format!("the other replicas reach it at {POD_IP}:7443 ("),
+                format!("the other replicas reach it at [{POD_IPV6}]:7443 ("),
                 "HTTP: /healthz and /readyz on 0.0.0.0:9090".into(),
                 "store: etcd at https://etcd-0.etcd-headless.etcd.svc:2379,https://etcd-1.etcd-headless.etcd.svc:2379,https://etcd-2.etcd-headless.etcd.svc:2379 (prefix /safemode-prod/, TLS); not contacted".into(),
                 "modes: 2, runbooks: 1 ".into(),
