@@ -396,6 +396,9 @@ fn chart_refuses_bad_values_with_the_reason() {
             error.contains(says),
             "{case}: {error:?} does not say {says:?}"
         );
+        if !lint_finds {
+            continue;
+        }
         for kube in KUBE_VERSIONS {
             let errors: Vec<&str> = a["lint"][kube]
                 .as_array()
@@ -404,12 +407,10 @@ fn chart_refuses_bad_values_with_the_reason() {
                 .map(|m| m.as_str().unwrap())
                 .filter(|m| m.starts_with("error"))
                 .collect();
-            if lint_finds {
-                assert!(
-                    errors.iter().any(|e| e.contains(says)),
-                    "{case}: lint (Kubernetes {kube}) did not say {says:?}: {errors:#?}"
-                );
-            }
+            assert!(
+                errors.iter().any(|e| e.contains(says)),
+                "{case}: lint (Kubernetes {kube}) did not say {says:?}: {errors:#?}"
+            );
         }
     }
 }
@@ -769,15 +770,18 @@ fn chart_objects_have_what_the_issue_asks() {
             .as_array()
             .unwrap()
             .iter()
-            .map(|p| format!("{}/{}", p["port"], p["protocol"].as_str().unwrap()))
+            .map(|p| {
+                let port = match &p["port"] {
+                    Value::String(name) => name.clone(),
+                    number => number.to_string(),
+                };
+                format!("{port}/{}", p["protocol"].as_str().unwrap())
+            })
             .collect()
     };
     assert_eq!(
         ingress.iter().map(ports).collect::<Vec<_>>(),
-        [
-            vec!["\"grpc\"/TCP".to_string()],
-            vec!["\"http\"/TCP".to_string()]
-        ]
+        [["grpc/TCP"], ["http/TCP"]]
     );
     assert_eq!(
         ingress[0]["from"][0]["podSelector"]["matchLabels"], *selector,
@@ -792,10 +796,10 @@ fn chart_objects_have_what_the_issue_asks() {
     assert_eq!(
         egress.iter().map(ports).collect::<Vec<_>>(),
         [
-            vec!["2379/TCP".to_string()],
-            vec!["53/UDP".to_string(), "53/TCP".to_string()],
-            vec!["7443/TCP".to_string()],
-            vec!["4317/TCP".to_string()]
+            vec!["2379/TCP"],
+            vec!["53/UDP", "53/TCP"],
+            vec!["7443/TCP"],
+            vec!["4317/TCP"]
         ]
     );
     assert_eq!(
