@@ -4,6 +4,7 @@ mod audit;
 mod audit_scale;
 mod boundaries;
 mod changes;
+mod chart;
 mod cli;
 mod client;
 mod drill;
