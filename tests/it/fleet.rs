@@ -387,7 +387,7 @@ async fn only_the_fleet_can_ask_a_replica_for_its_part() {
             ..Default::default()
         };
         mutate(&mut request);
-        safemode_wire::signed::sign_replica_status_request(&mut request, key);
+        safemode_wire::signed::sign(&mut request, key);
         request
     };
     let fleet_key = test_signing_key();
@@ -498,7 +498,7 @@ impl proto::fleet_service_server::FleetService for RogueReplica {
             ..Default::default()
         };
         if let Some(key) = &self.key {
-            safemode_wire::signed::sign_replica_status_response(&mut answer, key);
+            safemode_wire::signed::sign(&mut answer, key);
         }
         Ok(tonic::Response::new(answer))
     }

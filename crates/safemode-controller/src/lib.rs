@@ -729,15 +729,9 @@ impl Controller {
         if followed || namespace.as_str() == Namespace::LIVE {
             return Ok(self.namespace(namespace).await?.current());
         }
-        namespace::read_once(
-            self.store.clone(),
-            self.config.layout.clone(),
-            self.config.trusted_keys.clone(),
-            namespace.clone(),
-        )
-        .await
-        .map(Arc::new)
-        .map_err(|e| self.in_words(e.into(), StoreOutcome::Read))
+        self.read_once(namespace)
+            .await
+            .map_err(|e| self.in_words(e.into(), StoreOutcome::Read))
     }
 
     /// The namespace's state and a page of this replica's subscribers. A
@@ -774,16 +768,7 @@ impl Controller {
         };
         let view = match &handle {
             Some(handle) => handle.current(),
-            None => Arc::new(
-                namespace::read_once(
-                    self.store.clone(),
-                    self.config.layout.clone(),
-                    self.config.trusted_keys.clone(),
-                    namespace.clone(),
-                )
-                .await
-                .map_err(unreachable)?,
-            ),
+            None => self.read_once(namespace).await.map_err(unreachable)?,
         };
         let mut health = StoreHealth {
             place: self.store.place(),
@@ -817,6 +802,19 @@ impl Controller {
             replica: self.replica_problems(),
             store: health,
         })
+    }
+
+    /// `namespace` read from the store once, for a replica that does not
+    /// follow it.
+    async fn read_once(&self, namespace: &Namespace) -> store::Result<Arc<NamespaceView>> {
+        namespace::read_once(
+            self.store.clone(),
+            self.config.layout.clone(),
+            self.config.trusted_keys.clone(),
+            namespace.clone(),
+        )
+        .await
+        .map(Arc::new)
     }
 
     /// The handle of `namespace` if this replica follows it; asking does not

@@ -402,10 +402,7 @@ impl Fleet {
             key_id: String::new(),
             signature: Vec::new(),
         };
-        safemode_wire::signed::sign_replica_status_request(
-            &mut request,
-            self.controller.signing_key(),
-        );
+        safemode_wire::signed::sign(&mut request, self.controller.signing_key());
         let request_signature = request.signature.clone();
         let mut client = proto::fleet_service_client::FleetServiceClient::new(channel)
             .max_decoding_message_size(limits::MAX_STATUS_RESPONSE_BYTES);
@@ -420,11 +417,8 @@ impl Fleet {
         // Only a replica holding the fleet's key answers, and only this
         // request: an address in the store that leads elsewhere shows
         // nothing.
-        safemode_wire::signed::verify_replica_status_response(
-            &mut answer,
-            self.controller.trusted_keys(),
-        )
-        .map_err(|e| format!("its answer is not signed by this fleet's key ({e})"))?;
+        safemode_wire::signed::verify(&mut answer, self.controller.trusted_keys())
+            .map_err(|e| format!("its answer is not signed by this fleet's key ({e})"))?;
         if answer.request_signature != request_signature || answer.replica != member.replica {
             return Err(format!(
                 "it answered another request, as replica {:?}",
@@ -645,7 +639,7 @@ impl proto::fleet_service_server::FleetService for FleetApi {
         request: Request<proto::ReplicaStatusRequest>,
     ) -> Result<Response<proto::ReplicaStatusResponse>, Status> {
         let mut request = request.into_inner();
-        safemode_wire::signed::verify_replica_status_request(
+        safemode_wire::signed::verify(
             &mut request,
             self.controller.trusted_keys(),
         )
@@ -698,10 +692,7 @@ impl proto::fleet_service_server::FleetService for FleetApi {
         );
         let mut answer = part_to_wire(&self.replica, part);
         answer.request_signature = request.signature;
-        safemode_wire::signed::sign_replica_status_response(
-            &mut answer,
-            self.controller.signing_key(),
-        );
+        safemode_wire::signed::sign(&mut answer, self.controller.signing_key());
         Ok(Response::new(answer))
     }
 }

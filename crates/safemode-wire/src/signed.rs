@@ -1,6 +1,7 @@
-//! Which bytes of a snapshot and of a heartbeat are signed, written once for
-//! the controller that signs them and the client that checks them (the
-//! proto says the same in words, for clients in other languages).
+//! Which bytes of a snapshot, of a heartbeat and of the fleet's status
+//! calls are signed, written once for the side that signs them and the side
+//! that checks them (the proto says the same in words, for clients in other
+//! languages).
 //!
 //! A snapshot's signature covers its own protobuf encoding with `key_id` and
 //! `signature` empty, so every field a client acts on is covered, and a
@@ -16,89 +17,71 @@ use prost::Message as _;
 use super::proto;
 use safemode_signing::{Purpose, SignatureError, SigningKey, TrustedKeys};
 
-/// Signs `snapshot` with `key`: fills its `key_id` and `signature`.
-pub fn sign_snapshot(snapshot: &mut proto::Snapshot, key: &SigningKey) {
-    snapshot.key_id.clear();
-    snapshot.signature.clear();
-    let signature = key.sign(Purpose::Snapshot, &snapshot.encode_to_vec());
-    snapshot.key_id = signature.key_id.as_str().to_string();
-    snapshot.signature = signature.bytes;
+/// A message whose signature covers its own protobuf encoding with its
+/// `key_id` and `signature` fields empty: a snapshot, and the fleet's
+/// status request and answer.
+pub trait SelfSigned: prost::Message + Sized {
+    /// What the signature is for: a signature for one purpose never
+    /// verifies for another.
+    const PURPOSE: Purpose;
+
+    /// The message's `key_id` and `signature` fields.
+    fn seal(&mut self) -> (&mut String, &mut Vec<u8>);
 }
 
-/// Checks that `snapshot` is signed by one of `trusted`, as it is: a single
+macro_rules! self_signed {
+    ($($message:ty => $purpose:expr),* $(,)?) => {$(
+        impl SelfSigned for $message {
+            const PURPOSE: Purpose = $purpose;
+
+            fn seal(&mut self) -> (&mut String, &mut Vec<u8>) {
+                (&mut self.key_id, &mut self.signature)
+            }
+        }
+    )*};
+}
+
+self_signed! {
+    proto::Snapshot => Purpose::Snapshot,
+    proto::ReplicaStatusRequest => Purpose::ReplicaStatusRequest,
+    proto::ReplicaStatusResponse => Purpose::ReplicaStatusResponse,
+}
+
+/// Signs `message` with `key`: fills its `key_id` and `signature`.
+pub fn sign<M: SelfSigned>(message: &mut M, key: &SigningKey) {
+    let (key_id, signature) = message.seal();
+    key_id.clear();
+    signature.clear();
+    let sealed = key.sign(M::PURPOSE, &message.encode_to_vec());
+    let (key_id, signature) = message.seal();
+    *key_id = sealed.key_id.as_str().to_string();
+    *signature = sealed.bytes;
+}
+
+/// Checks that `message` is signed by one of `trusted`, as it is: a single
 /// changed field, or a signature by any other key, fails.
+pub fn verify<M: SelfSigned>(message: &mut M, trusted: &TrustedKeys) -> Result<(), SignatureError> {
+    // Taken out for the encoding, and put back whatever the outcome.
+    let (key_id, signature) = message.seal();
+    let (key_id, signature) = (std::mem::take(key_id), std::mem::take(signature));
+    let result = trusted.verify(M::PURPOSE, &message.encode_to_vec(), &key_id, &signature);
+    let (own_key_id, own_signature) = message.seal();
+    *own_key_id = key_id;
+    *own_signature = signature;
+    result
+}
+
+/// Signs `snapshot` with `key` ([`sign`]).
+pub fn sign_snapshot(snapshot: &mut proto::Snapshot, key: &SigningKey) {
+    sign(snapshot, key);
+}
+
+/// Checks that `snapshot` is signed by one of `trusted` ([`verify`]).
 pub fn verify_snapshot(
     snapshot: &mut proto::Snapshot,
     trusted: &TrustedKeys,
 ) -> Result<(), SignatureError> {
-    // Taken out for the encoding, and put back whatever the outcome.
-    let key_id = std::mem::take(&mut snapshot.key_id);
-    let signature = std::mem::take(&mut snapshot.signature);
-    let result = trusted.verify(
-        Purpose::Snapshot,
-        &snapshot.encode_to_vec(),
-        &key_id,
-        &signature,
-    );
-    snapshot.key_id = key_id;
-    snapshot.signature = signature;
-    result
-}
-
-/// Signs a replica's request for another's part of a fleet status: fills
-/// its `key_id` and `signature`.
-pub fn sign_replica_status_request(request: &mut proto::ReplicaStatusRequest, key: &SigningKey) {
-    request.key_id.clear();
-    request.signature.clear();
-    let signature = key.sign(Purpose::ReplicaStatusRequest, &request.encode_to_vec());
-    request.key_id = signature.key_id.as_str().to_string();
-    request.signature = signature.bytes;
-}
-
-/// Checks that a replica status request is signed by one of `trusted`, as
-/// it is.
-pub fn verify_replica_status_request(
-    request: &mut proto::ReplicaStatusRequest,
-    trusted: &TrustedKeys,
-) -> Result<(), SignatureError> {
-    let key_id = std::mem::take(&mut request.key_id);
-    let signature = std::mem::take(&mut request.signature);
-    let result = trusted.verify(
-        Purpose::ReplicaStatusRequest,
-        &request.encode_to_vec(),
-        &key_id,
-        &signature,
-    );
-    request.key_id = key_id;
-    request.signature = signature;
-    result
-}
-
-/// Signs a replica's answer to another's status request.
-pub fn sign_replica_status_response(response: &mut proto::ReplicaStatusResponse, key: &SigningKey) {
-    response.key_id.clear();
-    response.signature.clear();
-    let signature = key.sign(Purpose::ReplicaStatusResponse, &response.encode_to_vec());
-    response.key_id = signature.key_id.as_str().to_string();
-    response.signature = signature.bytes;
-}
-
-/// Checks that a replica's answer is signed by one of `trusted`, as it is.
-pub fn verify_replica_status_response(
-    response: &mut proto::ReplicaStatusResponse,
-    trusted: &TrustedKeys,
-) -> Result<(), SignatureError> {
-    let key_id = std::mem::take(&mut response.key_id);
-    let signature = std::mem::take(&mut response.signature);
-    let result = trusted.verify(
-        Purpose::ReplicaStatusResponse,
-        &response.encode_to_vec(),
-        &key_id,
-        &signature,
-    );
-    response.key_id = key_id;
-    response.signature = signature;
-    result
+    verify(snapshot, trusted)
 }
 
 /// What a heartbeat for `namespace`/`channel` in `epoch` says, as signed.
