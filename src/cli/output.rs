@@ -1887,6 +1887,9 @@ pub struct IncidentChanged {
     incident: Incident,
     revision: i64,
     pending: Option<Request>,
+    /// Actions the modes in force leave with no path on any channel, each
+    /// with what the runbook says of it.
+    dead_ends: Vec<String>,
 }
 
 impl IncidentChanged {
@@ -1896,6 +1899,7 @@ impl IncidentChanged {
             incident: change.incident.unwrap_or_default().into(),
             revision: change.revision,
             pending: change.pending.map(Request::from),
+            dead_ends: change.dead_ends,
         }
     }
 }
@@ -1922,6 +1926,12 @@ impl View for IncidentChanged {
             "  modes in force: {}",
             modes_text(&incident.activations)
         );
+        for dead_end in &self.dead_ends {
+            say!(
+                out,
+                "  DEAD ENDS (no customer can do these on any channel): {dead_end}"
+            );
+        }
         at_revision(out, &incident.namespace, self.revision);
     }
 }

@@ -569,3 +569,105 @@ async fn a_forged_fleet_record_shows_nothing_it_says() {
         );
     }
 }
+
+/// POSTs `body` to etcd's JSON gateway at `endpoint` (`http://HOST:PORT`)
+/// and answers the JSON it returns.
+fn etcd_gateway(endpoint: &str, path: &str, body: &Value) -> Value {
+    use std::io::{Read, Write};
+    let host = endpoint.strip_prefix("http://").expect("an http endpoint");
+    let body = body.to_string();
+    let mut stream = std::net::TcpStream::connect(host).expect("etcd listens");
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let (head, mut rest) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+    let mut json = String::new();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        while let Some((size, after)) = rest.split_once("\r\n") {
+            let size = usize::from_str_radix(size.trim(), 16).unwrap();
+            if size == 0 {
+                break;
+            }
+            json.push_str(&after[..size]);
+            rest = &after[size + 2..];
+        }
+    } else {
+        json.push_str(rest);
+    }
+    serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {answer}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_keeps_its_record_alive_past_its_lease() {
+    use base64::Engine as _;
+    let etcd = EtcdCluster::start(1).await;
+    let endpoint = etcd.endpoints()[0].clone();
+    let key = test_signing_key_file().display().to_string();
+    let _replica = ServeProcess::start(
+        &[
+            "--store",
+            "etcd",
+            "--etcd-endpoints",
+            &endpoint,
+            "--signing-key",
+            &key,
+            "--replica",
+            "r-renewing",
+            "--replica-ttl",
+            "6s",
+        ],
+        &[],
+    );
+    let record_key =
+        base64::engine::general_purpose::STANDARD.encode("/safemode/replicas/r-renewing");
+    let record = || {
+        etcd_gateway(
+            &endpoint,
+            "/v3/kv/range",
+            &serde_json::json!({"key": record_key}),
+        )
+    };
+    let first = wait_for("the replica's record", || async {
+        record()["kvs"]
+            .as_array()
+            .and_then(|kvs| kvs.first().cloned())
+    })
+    .await;
+    let lease = first["lease"]
+        .as_str()
+        .expect("the record has a lease")
+        .to_string();
+    // Alive after twice its time to live (as long as that takes): renewed.
+    // A replica that stopped renewing would lose it after 6 s.
+    let seen = std::time::Instant::now();
+    wait_until("the record's lease outlives two of its lifetimes", || {
+        let left = etcd_gateway(
+            &endpoint,
+            "/v3/lease/timetolive",
+            &serde_json::json!({"ID": lease}),
+        )["TTL"]
+            .as_str()
+            .and_then(|t| t.parse::<i64>().ok())
+            .unwrap_or(-1);
+        assert!(
+            left > 0,
+            "the record's lease lapsed after {:?}: the replica did not renew it",
+            seen.elapsed()
+        );
+        let done = seen.elapsed() > std::time::Duration::from_secs(12);
+        async move { done }
+    })
+    .await;
+    // The same record all along: never lapsed and written again.
+    let now = record()["kvs"][0].clone();
+    assert_eq!(now["create_revision"], first["create_revision"], "{now}");
+    assert_eq!(now["lease"], first["lease"], "{now}");
+}

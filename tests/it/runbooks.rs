@@ -1071,7 +1071,7 @@ fn lint_checks_a_directory_against_its_own_modes() {
     .unwrap();
     std::fs::write(
         dir.path().join("payout-fraud.yaml"),
-        "title: Payout fraud\nsummary: Mules.\nowners: [fraud@example.com]\nreview_interval: 1h\nexit_criteria: [Mules blocked]\nstages:\n  - severity: sev2\n    modes: [pause-payouts]\n    expect:\n      - {channel: web, action: payment.payout, effect: deny}\n      - {channel: web, action: payment.refund, effect: allow}\n",
+        "title: Payout fraud\nsummary: Mules.\nowners: [fraud@example.com]\nreview_interval: 1h\nexit_criteria: [Mules blocked]\nstages:\n  - severity: sev2\n    modes: [pause-payouts]\n    accepts_dead_ends: {actions: [payment.payout], reason: Payouts wait until the mules are blocked.}\n    expect:\n      - {channel: web, action: payment.payout, effect: deny}\n      - {channel: web, action: payment.refund, effect: allow}\n",
     )
     .unwrap();
     // A standard mode is not in this directory's catalogue.

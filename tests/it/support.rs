@@ -79,7 +79,12 @@ impl TestServer {
 
     /// A server on `data_dir` (reused across restarts).
     pub async fn start_in(data_dir: &Path) -> Self {
-        Self::start_with(ServeConfig {
+        Self::start_with(Self::config_in(data_dir)).await
+    }
+
+    /// How [`TestServer::start_in`] configures a server on `data_dir`.
+    pub fn config_in(data_dir: &Path) -> ServeConfig {
+        ServeConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             store: StoreConfig::Embedded {
                 data_dir: data_dir.to_path_buf(),
@@ -89,8 +94,7 @@ impl TestServer {
                 ..ControllerConfig::default()
             },
             ..ServeConfig::default()
-        })
-        .await
+        }
     }
 
     /// A replica on the etcd cluster at `endpoints`, listening on `listen`

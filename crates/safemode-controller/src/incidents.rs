@@ -20,10 +20,11 @@ use super::records::{
 use super::{Controller, Error, NamespaceView, Result, corrupt};
 use crate::audit::AuditAction;
 use crate::auth::Principal;
+use safemode_policy::paths::{DeadEnd, dead_ends};
 use safemode_policy::runbook::{Runbook, RunbookName, Severity, Stage};
 use safemode_policy::{
-    Activation, ActivationId, Change, ChannelSet, Effect, Mode, ModeCatalog, Namespace, Reason,
-    Revision,
+    Activation, ActivationId, Change, ChannelSet, Effect, EffectivePolicy, Mode, ModeCatalog,
+    Namespace, Reason, Revision,
 };
 
 /// Declare an incident.
@@ -999,6 +1000,52 @@ fn parse_incident(key: &str, value: &[u8], revision: Revision) -> Result<Inciden
         }
     }
     Ok(incident)
+}
+
+impl Controller {
+    /// The dead ends `in_force` (an active incident's activations) leaves,
+    /// the actions no customer can get done on any channel: those the
+    /// runbook's stage accepts in one line with its reason, any others in
+    /// another.
+    pub fn dead_end_warnings(
+        &self,
+        incident: &Incident,
+        in_force: &[Arc<Activation>],
+    ) -> Vec<String> {
+        if incident.status != IncidentStatus::Active || in_force.is_empty() {
+            return Vec::new();
+        }
+        let accepted = self
+            .runbooks()
+            .get(incident.runbook.as_str())
+            .and_then(|runbook| runbook.stage(incident.severity))
+            .and_then(|stage| stage.accepts_dead_ends.as_ref());
+        let policy = EffectivePolicy::compile(in_force.iter().map(|a| &**a));
+        let (kept, trapped): (Vec<DeadEnd>, Vec<DeadEnd>) = dead_ends(&policy)
+            .into_iter()
+            .partition(|dead| accepted.is_some_and(|a| a.accepts(dead.action)));
+        let said = |ends: &[DeadEnd]| {
+            ends.iter()
+                .map(DeadEnd::describe)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut lines = Vec::new();
+        if let Some(accepted) = accepted.filter(|_| !kept.is_empty()) {
+            lines.push(format!(
+                "{}; accepted by the runbook: {}",
+                said(&kept),
+                accepted.reason
+            ));
+        }
+        if !trapped.is_empty() {
+            lines.push(format!(
+                "{}; the runbook's stage does not accept it: genuine customers have no way through",
+                said(&trapped)
+            ));
+        }
+        lines
+    }
 }
 
 /// The runbook's stage for `severity`, or a refusal naming the stages it

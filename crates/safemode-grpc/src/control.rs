@@ -116,6 +116,14 @@ impl ControlApi {
             revision: outcome.revision,
             pending: outcome.pending.as_ref().map(recorded_request_to_wire),
             change_id: change_id.to_string(),
+            // Of what is (or, in a dry run, would be) in force; a request
+            // changed nothing yet.
+            dead_ends: match outcome.pending {
+                Some(_) => Vec::new(),
+                None => self
+                    .controller
+                    .dead_end_warnings(&outcome.incident, &outcome.in_force),
+            },
             preview: outcome.preview.as_ref().map(preview_to_wire),
         }
     }

@@ -321,7 +321,7 @@ pub fn check(config: &ServeConfig) -> anyhow::Result<Vec<String>> {
         .replica
         .clone()
         .unwrap_or_else(|| default_replica_name(config.listen.port()));
-    Ok(vec![
+    Ok([
         format!("would serve on {} as replica {replica}", config.listen),
         format!(
             "the other replicas reach it at {} (record renewed every {} of a {} lease){}",
@@ -355,8 +355,47 @@ pub fn check(config: &ServeConfig) -> anyhow::Result<Vec<String>> {
         },
         format!("gRPC: {}", if tls.is_some() { "TLS" } else { "plain text" }),
         format!("{key}; {} more trusted key(s)", trusted),
-        "check passed: nothing was bound, opened or written".to_string(),
-    ])
+    ]
+    .into_iter()
+    .chain(
+        unaccepted_dead_ends(&catalog)
+            .into_iter()
+            .map(|warning| format!("warning: {warning}")),
+    )
+    .chain(["check passed: nothing was bound, opened or written".to_string()])
+    .collect())
+}
+
+/// Each stage of `catalog`'s runbooks that leaves a dead end it does not
+/// accept, in one line: served all the same (a controller that refused to
+/// start would protect nothing), said at start, in `serve --check`, and when
+/// an incident reaches the stage.
+fn unaccepted_dead_ends(catalog: &Catalog) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for runbook in catalog.runbooks.iter() {
+        for stage in &runbook.stages {
+            let unaccepted: Vec<String> = runbook
+                .stage_dead_ends(stage, &catalog.modes)
+                .iter()
+                .filter(|d| {
+                    stage
+                        .accepts_dead_ends
+                        .as_ref()
+                        .is_none_or(|a| !a.accepts(d.action))
+                })
+                .map(|d| d.describe())
+                .collect();
+            if !unaccepted.is_empty() {
+                warnings.push(format!(
+                    "runbook {} stage {} leaves a dead end it does not accept: {}; `safemode runbook lint` says how to fix it",
+                    runbook.name,
+                    stage.severity,
+                    unaccepted.join(", ")
+                ));
+            }
+        }
+    }
+    warnings
 }
 
 /// A duration for people: `5s`, `6.7s`.
@@ -419,6 +458,9 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
         }
         None => (None, None),
     };
+    for warning in unaccepted_dead_ends(&catalog) {
+        warn!("{warning}");
+    }
     let modes = catalog.modes.len();
     let runbooks = catalog.runbooks.len();
     let controller = Controller::start(

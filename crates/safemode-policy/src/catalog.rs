@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 
 use crate::located::LocatedError;
 use crate::{
-    Expectations, Mode, ModeCatalog, Runbook, RunbookCatalog, parse_mode, parse_runbook,
-    parse_runbook_checking,
+    Expectations, Mode, ModeCatalog, Runbook, RunbookCatalog, lint_runbook, parse_mode,
+    parse_runbook, parse_runbook_checking,
 };
 
 include!(concat!(env!("OUT_DIR"), "/standard_modes.rs"));
@@ -388,7 +388,7 @@ impl Lint {
 
     fn runbook_file(&mut self, path: &Path, modes: &ModeCatalog) -> Option<Runbook> {
         let text = self.read(path)?;
-        parse_runbook(&path.display().to_string(), stem(path), &text, modes)
+        lint_runbook(&path.display().to_string(), stem(path), &text, modes)
             .map_err(|errors| self.errors.extend(errors.iter().map(ToString::to_string)))
             .ok()
     }

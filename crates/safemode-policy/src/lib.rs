@@ -15,6 +15,7 @@ pub mod located;
 pub mod mode;
 pub mod mode_file;
 pub mod names;
+pub mod paths;
 pub mod runbook;
 pub mod runbook_file;
 
@@ -28,7 +29,9 @@ pub use names::{
     Action, ActionSelector, Channel, ChannelSet, MethodSet, NameError, Namespace, validate_action,
 };
 pub use runbook::{
-    DuplicateRunbook, Expectation, ExpectationResult, Runbook, RunbookCatalog, RunbookName,
-    Severity, Stage, StageMode, Transition,
+    AcceptedDeadEnds, DuplicateRunbook, Expectation, ExpectationResult, Runbook, RunbookCatalog,
+    RunbookName, Severity, Stage, StageMode, Transition,
 };
-pub use runbook_file::{Expectations, RunbookFileError, parse_runbook, parse_runbook_checking};
+pub use runbook_file::{
+    Expectations, RunbookFileError, lint_runbook, parse_runbook, parse_runbook_checking,
+};

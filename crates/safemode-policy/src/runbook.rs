@@ -23,6 +23,7 @@ use super::effect::EffectKind;
 use super::mode::Context;
 use super::mode::{Mode, ModeCatalog, ModeName};
 use super::names::{Action, Channel, ChannelSet, NameError, did_you_mean, validate_slug};
+use super::paths::{DeadEnd, dead_ends};
 
 // === Severity ===
 
@@ -178,6 +179,26 @@ pub struct Stage {
     pub apply_within: Duration,
     /// Decisions that must hold while the stage is active.
     pub expectations: Vec<Expectation>,
+    /// The dead ends the stage means to leave (actions no customer can get
+    /// done on any channel while it is active), and why; any other dead end
+    /// is an error in the runbook.
+    pub accepts_dead_ends: Option<AcceptedDeadEnds>,
+}
+
+/// Dead ends a stage leaves on purpose: its `accepts_dead_ends`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AcceptedDeadEnds {
+    /// The actions.
+    pub actions: Vec<Action>,
+    /// Why genuine customers are not trapped, or why it is worth it.
+    pub reason: Arc<str>,
+}
+
+impl AcceptedDeadEnds {
+    /// Whether `action` is accepted.
+    pub fn accepts(&self, action: &str) -> bool {
+        self.actions.iter().any(|a| a.as_str() == action)
+    }
 }
 
 impl Stage {
@@ -323,6 +344,28 @@ impl Runbook {
                 )
             })
             .collect()
+    }
+
+    /// A runbook with only a name, to decide a stage with (only the name
+    /// shows, in the activations' reason).
+    pub fn named(name: RunbookName) -> Runbook {
+        Runbook {
+            name,
+            title: String::new(),
+            summary: String::new(),
+            owners: Vec::new(),
+            lift_requires_approval: false,
+            review_interval: Duration::ZERO,
+            exit_criteria: Vec::new(),
+            stages: Vec::new(),
+        }
+    }
+
+    /// The dead ends `stage` leaves by its own modes (whatever it accepts):
+    /// actions no customer can get done on any channel while it is active.
+    pub fn stage_dead_ends(&self, stage: &Stage, catalog: &ModeCatalog) -> Vec<DeadEnd> {
+        let activations = self.stage_activations(stage, catalog, Timestamp::UNIX_EPOCH);
+        dead_ends(&EffectivePolicy::compile(activations.iter()))
     }
 
     /// Decides every expectation of `stage` against the stage's own modes

@@ -26,7 +26,10 @@ use super::located::LocatedError;
 use super::mode::Context;
 use super::mode::{ModeCatalog, ModeName};
 use super::names::{Action, Channel, ChannelSet, MethodSet, validate_label};
-use super::runbook::{Expectation, Runbook, RunbookName, Severity, Stage, StageMode};
+use super::paths::DeadEnd;
+use super::runbook::{
+    AcceptedDeadEnds, Expectation, Runbook, RunbookName, Severity, Stage, StageMode,
+};
 
 /// How long every channel may take to apply a stage, unless the runbook's
 /// `drill.apply_within` or the stage's `apply_within` says otherwise.
@@ -67,6 +70,46 @@ pub fn parse_runbook_checking(
     modes: &ModeCatalog,
     expectations: Expectations,
 ) -> Result<Runbook, Vec<RunbookFileError>> {
+    read_runbook(file, name, text, modes, expectations, DeadEnds::Allowed)
+}
+
+/// [`parse_runbook`] for `safemode runbook lint`: also an error, at the
+/// stage, for each stage that leaves a dead end it does not accept (see
+/// [`crate::paths`]). A controller serves such a runbook, and says the dead
+/// end when an incident declares or escalates to the stage.
+pub fn lint_runbook(
+    file: &str,
+    name: &str,
+    text: &str,
+    modes: &ModeCatalog,
+) -> Result<Runbook, Vec<RunbookFileError>> {
+    read_runbook(
+        file,
+        name,
+        text,
+        modes,
+        Expectations::MustHold,
+        DeadEnds::Refused,
+    )
+}
+
+/// Whether a stage may leave a dead end it does not accept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DeadEnds {
+    /// Served: the incident says so when it declares or escalates.
+    Allowed,
+    /// Linted: an error at the stage.
+    Refused,
+}
+
+fn read_runbook(
+    file: &str,
+    name: &str,
+    text: &str,
+    modes: &ModeCatalog,
+    expectations: Expectations,
+    dead_ends: DeadEnds,
+) -> Result<Runbook, Vec<RunbookFileError>> {
     let blank = |line: &str| {
         let line = line.trim();
         line.is_empty() || line.starts_with('#')
@@ -88,6 +131,7 @@ pub fn parse_runbook_checking(
         errors: Vec::new(),
         modes,
         expectations,
+        dead_ends,
     };
     let name = match RunbookName::parse(name) {
         Ok(name) => Some(name),
@@ -244,7 +288,9 @@ const STAGE_FIELDS: &[&str] = &[
     "agent_script",
     "apply_within",
     "expect",
+    "accepts_dead_ends",
 ];
+const ACCEPTS_DEAD_ENDS_FIELDS: &[&str] = &["actions", "reason"];
 const STAGE_MODE_FIELDS: &[&str] = &["mode", "channels"];
 const EXPECTATION_FIELDS: &[&str] = &[
     "channel",
@@ -276,6 +322,7 @@ struct Checker<'a> {
     errors: Vec<(Option<Location>, String)>,
     modes: &'a ModeCatalog,
     expectations: Expectations,
+    dead_ends: DeadEnds,
 }
 
 /// The fields of a YAML map, after unknown fields were reported.
@@ -298,6 +345,10 @@ impl<'n> Fields<'n> {
 /// A stage read from the file, with what its later checks need.
 struct ParsedStage {
     stage: Stage,
+    /// Where the stage is.
+    at: Location,
+    /// Where its `accepts_dead_ends` is, if it has one.
+    accepts_at: Option<Location>,
     /// Where each expectation's `effect` is, in expectation order.
     effects_at: Vec<Location>,
     /// Whether the stage had no error of its own (its expectations can
@@ -556,6 +607,14 @@ impl Checker<'_> {
                 .unwrap_or_else(|| RunbookName::parse("unnamed").expect("a valid name"));
             self.check_expectations(&check_name, stages);
         }
+        if let Some((stages, _)) = &stages
+            && self.dead_ends == DeadEnds::Refused
+        {
+            let check_name = name
+                .clone()
+                .unwrap_or_else(|| RunbookName::parse("unnamed").expect("a valid name"));
+            self.check_dead_ends(&check_name, stages);
+        }
         let (stages, all_read) = stages?;
         if !all_read {
             return None;
@@ -667,6 +726,10 @@ impl Checker<'_> {
                 "say which decisions must hold while the stage is active",
             )
             .and_then(|n| self.expectations(n));
+        let accepts = match fields.get("accepts_dead_ends") {
+            Some(n) => Some((self.accepts_dead_ends(n)?, n.referenced)),
+            None => None,
+        };
         let (expectations, effects_at) = expect?;
         Some(ParsedStage {
             stage: Stage {
@@ -676,7 +739,10 @@ impl Checker<'_> {
                 agent_script,
                 apply_within: apply_within?,
                 expectations,
+                accepts_dead_ends: accepts.as_ref().map(|(a, _)| a.clone()),
             },
+            at: node.referenced,
+            accepts_at: accepts.map(|(_, at)| at),
             effects_at,
             clean: self.errors.len() == errors_before,
         })
@@ -858,6 +924,53 @@ impl Checker<'_> {
         Some(read.into_iter().unzip())
     }
 
+    /// `accepts_dead_ends: {actions: [...], reason: ...}`.
+    fn accepts_dead_ends(&mut self, node: &Node) -> Option<AcceptedDeadEnds> {
+        let fields = self.fields(node, "accepts_dead_ends", ACCEPTS_DEAD_ENDS_FIELDS)?;
+        let actions = self
+            .required(
+                &fields,
+                "actions",
+                "list the actions the stage leaves with no path on purpose, e.g. [account.password_reset]",
+            )
+            .and_then(|n| {
+                let names = self.text_list(n, "actions", "[account.password_reset]")?;
+                if names.is_empty() {
+                    self.error(
+                        n.referenced,
+                        "actions is empty; list the actions the stage leaves with no path, or drop accepts_dead_ends",
+                    );
+                    return None;
+                }
+                let mut actions = Vec::with_capacity(names.len());
+                for name in names {
+                    match Action::parse(&name) {
+                        Ok(action) if !actions.contains(&action) => actions.push(action),
+                        Ok(_) => {
+                            self.error(n.referenced, format!("{name} is listed twice"));
+                            return None;
+                        }
+                        Err(e) => {
+                            self.error(n.referenced, e.0);
+                            return None;
+                        }
+                    }
+                }
+                Some(actions)
+            });
+        let reason = self
+            .required(
+                &fields,
+                "reason",
+                "say why genuine customers are not trapped, or why it is worth it",
+            )
+            .and_then(|n| self.text(n, "reason"));
+        Some(AcceptedDeadEnds {
+            actions: actions?,
+            reason: Arc::from(reason?.trim()),
+        })
+    }
+
     fn expectation(&mut self, node: &Node) -> Option<(Expectation, Location)> {
         let fields = self.fields(node, "an expectation", EXPECTATION_FIELDS)?;
         let channel = self
@@ -1009,18 +1122,7 @@ impl Checker<'_> {
     /// Reports every expectation of a clean stage that the stage's own
     /// modes contradict.
     fn check_expectations(&mut self, name: &RunbookName, stages: &[ParsedStage]) {
-        // Only the name shows (in the activations' reason); the rest is not
-        // needed to decide.
-        let runbook = Runbook {
-            name: name.clone(),
-            title: String::new(),
-            summary: String::new(),
-            owners: Vec::new(),
-            lift_requires_approval: false,
-            review_interval: Duration::ZERO,
-            exit_criteria: Vec::new(),
-            stages: Vec::new(),
-        };
+        let runbook = Runbook::named(name.clone());
         for parsed in stages.iter().filter(|s| s.clean) {
             let results = runbook.check_expectations(&parsed.stage, self.modes);
             for (result, at) in results.iter().zip(&parsed.effects_at) {
@@ -1038,6 +1140,59 @@ impl Checker<'_> {
                         e.action
                     ),
                 );
+            }
+        }
+    }
+}
+
+impl Checker<'_> {
+    /// Reports every clean stage that leaves a dead end it does not accept
+    /// (at the stage), and every accepted action that is not a dead end (at
+    /// its `accepts_dead_ends`), so the declaration stays true.
+    fn check_dead_ends(&mut self, name: &RunbookName, stages: &[ParsedStage]) {
+        let runbook = Runbook::named(name.clone());
+        for parsed in stages.iter().filter(|s| s.clean) {
+            let stage = &parsed.stage;
+            let found = runbook.stage_dead_ends(stage, self.modes);
+            let unaccepted: Vec<&DeadEnd> = found
+                .iter()
+                .filter(|d| {
+                    stage
+                        .accepts_dead_ends
+                        .as_ref()
+                        .is_none_or(|a| !a.accepts(d.action))
+                })
+                .collect();
+            if !unaccepted.is_empty() {
+                let actions: Vec<&str> = unaccepted.iter().map(|d| d.action).collect();
+                let why: Vec<String> = unaccepted.iter().map(|d| d.describe()).collect();
+                self.error(
+                    parsed.at,
+                    format!(
+                        "stage {} leaves a dead end, an action no customer can get done on any channel: {}; change the stage's modes so that some channel offers a path, or say that it is meant: accepts_dead_ends: {{actions: [{}], reason: ...}}",
+                        stage.severity,
+                        why.join("; "),
+                        actions.join(", ")
+                    ),
+                );
+            }
+            if let (Some(accepted), Some(at)) = (&stage.accepts_dead_ends, parsed.accepts_at) {
+                let open: Vec<&str> = accepted
+                    .actions
+                    .iter()
+                    .map(Action::as_str)
+                    .filter(|a| !found.iter().any(|d| d.action == *a))
+                    .collect();
+                if !open.is_empty() {
+                    self.error(
+                        at,
+                        format!(
+                            "accepts_dead_ends names {}, which stage {} leaves a path through; list only the actions it leaves with none",
+                            open.join(", "),
+                            stage.severity
+                        ),
+                    );
+                }
             }
         }
     }

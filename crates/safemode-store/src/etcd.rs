@@ -732,15 +732,24 @@ impl Store for EtcdStore {
         let Lease::Etcd(id) = lease else {
             return Ok(true);
         };
-        let answer = self
+        // etcd-client's keep_alive sends one renewal and reads its answer
+        // (a lapsed lease answers with no time to live, which it reports as
+        // "lease not found"); the stream is then dropped.
+        let renewed = self
             .call(Repeat::Idempotent, |client| async move {
-                // Opening the keep-alive stream sends the first renewal.
-                let (_keeper, mut answers) = client.lease_client().keep_alive(id).await?;
-                answers.message().await
+                match client.lease_client().keep_alive(id).await {
+                    Ok(_) => Ok(true),
+                    Err(etcd_client::Error::LeaseKeepAliveError(why))
+                        if why.contains("lease not found") =>
+                    {
+                        Ok(false)
+                    }
+                    Err(e) => Err(e),
+                }
             })
             .await
             .map_err(|(e, _)| etcd_error(e))?;
-        Ok(answer.is_some_and(|answer| answer.ttl() > 0))
+        Ok(renewed)
     }
 
     async fn revoke_lease(&self, lease: Lease) -> Result<()> {
