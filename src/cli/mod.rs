@@ -34,6 +34,8 @@ use safemode_wire::proto::control_service_client::ControlServiceClient;
 use safemode_wire::{self as wire, proto};
 
 use crate::client_errors;
+use crate::telemetry;
+use safemode_grpc::telemetry::Otlp;
 
 /// Incident degradation-mode controller for customer-support flows.
 #[derive(Parser, Debug)]
@@ -761,6 +763,18 @@ fn usage_line(error: &clap::Error) -> String {
     format!("error: {} (see --help)", parts.join(" "))
 }
 
+/// The command's name as typed, without flags (`mode apply`): its root
+/// span's name.
+fn command_name(matches: &clap::ArgMatches) -> String {
+    let mut words = Vec::new();
+    let mut at = matches;
+    while let Some((name, sub)) = at.subcommand() {
+        words.push(name);
+        at = sub;
+    }
+    words.join(" ")
+}
+
 /// Exit code of bad usage: a flag or argument missing, unknown, or not of
 /// the accepted form.
 const USAGE: u8 = 2;
@@ -776,9 +790,9 @@ pub fn main() -> ExitCode {
                 matches,
             ))
         });
-    let cli = match parsed {
+    let (cli, command_name) = match parsed {
         Ok((cli, matches)) => match unused_flag_given(&grammar, &matches) {
-            None => cli,
+            None => (cli, command_name(&matches)),
             Some(message) => {
                 eprintln!("error: {message}");
                 return ExitCode::from(USAGE);
@@ -805,15 +819,8 @@ pub fn main() -> ExitCode {
     } else {
         "warn"
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log));
     // Colour only on a terminal: logs redirected to a file stay plain text.
     let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .init();
 
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
@@ -822,7 +829,43 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    // The OTLP exporter's channel lives on this runtime.
+    let entered = runtime.enter();
+    let (role, otlp) = match &cli.command {
+        Command::Serve(args) => match Otlp::from_env() {
+            Ok(otlp) => (
+                telemetry::Role::Serve {
+                    replica: args.replica.as_deref(),
+                },
+                otlp,
+            ),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        // A command still runs when its own export is misconfigured.
+        _ => match Otlp::from_env() {
+            Ok(otlp) => (telemetry::Role::Command, otlp),
+            Err(e) => {
+                eprintln!("warning: {e}; this command exports no spans");
+                (telemetry::Role::Command, Otlp::default())
+            }
+        },
+    };
+    let (telemetry, problem) = telemetry::init(default_log, ansi, role, otlp);
+    if let Some(problem) = problem {
+        tracing::warn!("{problem}");
+    }
+    let span = match &cli.command {
+        // A server's spans are its calls'; it has no root of its own.
+        Command::Serve(_) => tracing::Span::none(),
+        _ => telemetry::command_span(&command_name),
+    };
+    let result = runtime.block_on(tracing::Instrument::instrument(run(cli), span));
+    drop(entered);
+    telemetry.shutdown();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         // The reader went away (`safemode status | head -1`): not a failure.
         Err(e) if e.is::<OutputClosed>() => ExitCode::SUCCESS,
@@ -1156,6 +1199,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = ServeConfig {
         listen: args.listen,
         http_listen: args.http_listen,
+        otlp: Otlp::from_env().map_err(|e| anyhow!(e))?,
         store,
         replica: args.replica,
         advertise: args.advertise,
@@ -1312,8 +1356,15 @@ fn decide_context(args: &DecideArgs) -> anyhow::Result<Context> {
 /// An answer from a controller.
 type Answer = tonic::codegen::http::Response<tonic::body::Body>;
 
-/// A channel that notes which replica gave each answer.
-type Answered = tower::util::MapResponse<GrpcChannel, fn(Answer) -> Answer>;
+/// A call to a controller.
+type Call = tonic::codegen::http::Request<tonic::body::Body>;
+
+/// A channel that sends the command's trace context with every call and
+/// notes which replica gave each answer.
+type Answered = tower::util::MapResponse<
+    tower::util::MapRequest<GrpcChannel, fn(Call) -> Call>,
+    fn(Answer) -> Answer,
+>;
 
 type Control = ControlServiceClient<InterceptedService<Answered, Bearer>>;
 
@@ -1367,7 +1418,8 @@ async fn control(servers: &[String], caller: &Caller) -> anyhow::Result<Control>
     let (server, channel) =
         client::connect_first(servers, &options, Duration::from_secs(30)).await?;
     *caller.connected.lock().unwrap_or_else(|e| e.into_inner()) = Some(server);
-    let answered = tower::ServiceExt::map_response(channel, note_replica as fn(Answer) -> Answer);
+    let traced = tower::ServiceExt::map_request(channel, telemetry::traced as fn(Call) -> Call);
+    let answered = tower::ServiceExt::map_response(traced, note_replica as fn(Answer) -> Answer);
     Ok(ControlServiceClient::with_interceptor(answered, bearer))
 }
 

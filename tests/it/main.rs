@@ -26,6 +26,7 @@ mod sim;
 mod soak;
 mod store_contract;
 mod support;
+mod telemetry;
 mod text_output;
 mod tls;
 mod tokens;

@@ -95,6 +95,11 @@ impl FailClosedRule {
     /// Whether the rule overrides `outcome` for `action`, stale for
     /// `stale_for`: the action is listed, the limit passed, and the policy's
     /// own outcome is milder.
+    /// The effect the rule decides with.
+    pub fn effect(&self) -> EffectKind {
+        self.outcome.kind()
+    }
+
     pub fn overrides(&self, action: &str, stale_for: Duration, outcome: &Outcome) -> bool {
         stale_for > self.after
             && outcome.kind() < self.outcome.kind()

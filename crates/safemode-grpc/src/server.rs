@@ -84,6 +84,10 @@ pub struct ServeConfig {
     pub http_listen: Option<SocketAddr>,
     /// How often readiness is checked for the gRPC health service.
     pub readiness_interval: Duration,
+    /// Which OTLP exports run (metrics here; traces are the process's
+    /// `tracing` subscriber's): none unless the `OTEL_EXPORTER_OTLP_*`
+    /// variables ask (`telemetry::Otlp::from_env`).
+    pub otlp: crate::telemetry::Otlp,
     /// The store.
     pub store: StoreConfig,
     /// This replica's name in status, audit and logs; `None` names it
@@ -153,6 +157,7 @@ impl Default for ServeConfig {
             replica_ttl: Duration::from_secs(15),
             http_listen: None,
             readiness_interval: Duration::from_secs(2),
+            otlp: crate::telemetry::Otlp::default(),
             modes_dir: None,
             runbooks_dir: None,
             tokens: None,
@@ -423,9 +428,12 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
     )
     .await
     .context("cannot read the store")?;
+    let metrics =
+        crate::telemetry::ServerMetrics::new(&controller, &replica, config.otlp, &shutdown)?;
     let stream_config = StreamConfig {
         heartbeat: config.heartbeat,
         limits: config.stream_limits,
+        metrics: metrics.streams(),
         ..StreamConfig::default()
     };
     let authenticator = Authenticator::new(tokens);
@@ -454,6 +462,8 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         // Every answer names the replica that gave it.
         .layer(tower::util::MapResponseLayer::new(answered_by(&replica)))
+        // Every call is a span, in the caller's trace.
+        .layer(crate::telemetry::RpcTraceLayer)
         // Health needs no token (probes and load balancers call it); every
         // other service does.
         .add_service(health_service)
@@ -488,9 +498,9 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
         tracing::info_span!("readiness", %replica),
     ));
     if let Some(listener) = http_listener {
-        let app = http_surfaces(controller.clone());
+        let app = http_surfaces(controller.clone(), metrics.clone());
         let stop = shutdown.clone();
-        info!(addr = ?http_addr, "serving /healthz and /readyz over HTTP");
+        info!(addr = ?http_addr, "serving /healthz, /readyz and /metrics over HTTP");
         tokio::spawn(tracing::Instrument::instrument(
             async move {
                 let served = axum::serve(listener, app)
@@ -529,6 +539,8 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
                     warn!(?grace, "calls still running after the shutdown grace period; stopping anyway");
                 }
             }
+            // What the OTLP exporter still holds goes out before the end.
+            let _ = tokio::task::spawn_blocking(move || metrics.shutdown()).await;
             info!("stopped");
             Ok(())
         },
@@ -542,14 +554,33 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
     })
 }
 
-/// The plain-HTTP surfaces: `/healthz` (the process lives) and `/readyz`
+/// The plain-HTTP surfaces: `/healthz` (the process lives), `/readyz`
 /// (the replica has read `live`, and the store and its watch are healthy;
-/// 503 with the reason when not). Nothing there changes state.
-fn http_surfaces(controller: Arc<Controller>) -> axum::Router {
+/// 503 with the reason when not) and `/metrics` (the Prometheus text
+/// format). Nothing there changes state.
+fn http_surfaces(
+    controller: Arc<Controller>,
+    metrics: Arc<crate::telemetry::ServerMetrics>,
+) -> axum::Router {
     use axum::http::StatusCode;
     use axum::routing::get;
     axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
+                        metrics.render().await,
+                    )
+                }
+            }),
+        )
         .route(
             "/readyz",
             get(move || {
