@@ -639,8 +639,10 @@ impl Controller {
         .ok()
         .and_then(|r| r.ok())
         .unwrap_or_default();
-        let mut gauges = Vec::with_capacity(followed.len());
-        for handle in followed {
+        let pending = &pending;
+        // All namespaces at once: a dead store costs a scrape one probe
+        // timeout, not one per namespace.
+        let probes = followed.iter().map(|handle| async move {
             let view = handle.current();
             let meta_key = self.config.layout.meta_key(&view.namespace);
             let lag = match self
@@ -658,13 +660,13 @@ impl Controller {
                 }
                 Err(_) => None,
             };
-            gauges.push(counters::NamespaceStoreGauges {
+            counters::NamespaceStoreGauges {
                 pending_requests: pending.get(&view.namespace).copied().unwrap_or(0),
                 namespace: view.namespace.clone(),
                 lag_revisions: lag,
-            });
-        }
-        gauges
+            }
+        });
+        futures_util::future::join_all(probes).await
     }
 
     /// The followed namespace, started on first use, once it has been read.

@@ -541,7 +541,6 @@ fn rpc_span<B>(request: &http::Request<B>) -> tracing::Span {
     use tracing_opentelemetry::OpenTelemetrySpanExt;
     let path = request.uri().path();
     let name = path.strip_prefix('/').unwrap_or(path);
-    let (service, method) = name.split_once('/').unwrap_or((name, ""));
     // A root unless the caller sent its trace: never a child of whatever
     // long-lived span the connection's task happens to be in.
     let span = tracing::info_span!(
@@ -550,8 +549,6 @@ fn rpc_span<B>(request: &http::Request<B>) -> tracing::Span {
         otel.name = name,
         otel.kind = "server",
         rpc.system = "grpc",
-        rpc.service = service,
-        rpc.method = method,
     );
     if request.headers().contains_key("traceparent") {
         use opentelemetry::propagation::TextMapPropagator;
