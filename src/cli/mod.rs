@@ -831,11 +831,19 @@ pub fn main() -> ExitCode {
     };
     // The OTLP exporter's channel lives on this runtime.
     let entered = runtime.enter();
+    // The name the replica's spans carry: --replica, else the one `serve`
+    // gives it (known here unless the port is picked at start).
+    let replica = match &cli.command {
+        Command::Serve(args) => args.replica.clone().or_else(|| {
+            (args.listen.port() != 0).then(|| server::default_replica_name(args.listen.port()))
+        }),
+        _ => None,
+    };
     let (role, otlp) = match &cli.command {
-        Command::Serve(args) => match Otlp::from_env() {
+        Command::Serve(_) => match Otlp::from_env() {
             Ok(otlp) => (
                 telemetry::Role::Serve {
-                    replica: args.replica.as_deref(),
+                    replica: replica.as_deref(),
                 },
                 otlp,
             ),
@@ -853,9 +861,16 @@ pub fn main() -> ExitCode {
             }
         },
     };
+    let serving = matches!(role, telemetry::Role::Serve { .. });
     let (telemetry, problem) = telemetry::init(default_log, ansi, role, otlp);
-    if let Some(problem) = problem {
-        tracing::warn!("{problem}");
+    match problem {
+        // A replica does not start without the export it was asked for.
+        Some(problem) if serving => {
+            eprintln!("error: {problem}");
+            return ExitCode::FAILURE;
+        }
+        Some(problem) => eprintln!("warning: {problem}; this command exports no spans"),
+        None => {}
     }
     let span = match &cli.command {
         // A server's spans are its calls'; it has no root of its own.

@@ -847,3 +847,73 @@ async fn a_channel_service_counts_its_decisions_and_its_applied_revision() {
     assert_eq!(plain("safemode.client.decisions.stale"), Some(0));
     assert_eq!(plain("safemode.client.decisions.failed_closed"), Some(0));
 }
+
+// === Settings refused at the edge ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_settings_that_cannot_work_are_named_in_one_line() {
+    let server = TestServer::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().join("data").display().to_string();
+    let endpoint = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4317");
+    let protocol = |p: &'static str| ("OTEL_EXPORTER_OTLP_PROTOCOL", p);
+    // (args, environment, exit code, stderr's only line, or its start)
+    let serve = [
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        dir.as_str(),
+    ];
+    let list = ["--server", server.url.as_str(), "mode", "list"];
+    type Case<'a> = (&'a [&'a str], Vec<(&'a str, &'a str)>, i32, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            &serve,
+            vec![endpoint, protocol("http/protobuf")],
+            1,
+            "error: OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf is not supported: safemode exports OTLP over gRPC; set OTEL_EXPORTER_OTLP_PROTOCOL=grpc or unset it",
+        ),
+        (
+            &serve,
+            vec![("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "not a url")],
+            1,
+            "error: cannot export traces over OTLP: invalid exporter configuration: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: invalid endpoint",
+        ),
+        // A command still runs, and says it exports nothing.
+        (
+            &list,
+            vec![endpoint, protocol("http/json")],
+            0,
+            "warning: OTEL_EXPORTER_OTLP_PROTOCOL=http/json is not supported: safemode exports OTLP over gRPC; set OTEL_EXPORTER_OTLP_PROTOCOL=grpc or unset it; this command exports no spans",
+        ),
+    ];
+    for (args, env, code, line) in cases {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_safemode"));
+        command
+            .args(args)
+            .env_remove("RUST_LOG")
+            .env_remove("SAFEMODE_SERVER")
+            .env("SAFEMODE_TRUSTED_KEYS", server.trusted_keys_file());
+        for (name, _) in std::env::vars() {
+            if name.starts_with("OTEL_") {
+                command.env_remove(name);
+            }
+        }
+        command.envs(env.iter().copied());
+        let output = tokio::task::spawn_blocking(move || command.output().unwrap())
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(
+            output.status.code(),
+            Some(code),
+            "{args:?} {env:?}: {stderr}"
+        );
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{args:?} {env:?}: {stderr}");
+        assert!(lines[0].starts_with(line), "{args:?} {env:?}: {stderr}");
+    }
+    // A refused replica opened nothing.
+    assert!(!Path::new(&dir).exists(), "{dir} was created");
+}

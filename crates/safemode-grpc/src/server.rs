@@ -768,7 +768,7 @@ async fn open_store(config: &StoreConfig) -> anyhow::Result<(Arc<dyn Store>, Lay
 /// The host name (the pod name on Kubernetes), else a name from the pid,
 /// with the port the replica listens on: unique among the replicas of one
 /// host, and the address to look for.
-fn default_replica_name(port: u16) -> String {
+pub fn default_replica_name(port: u16) -> String {
     let host = std::env::var("HOSTNAME")
         .ok()
         .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
