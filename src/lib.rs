@@ -24,9 +24,12 @@
 //! - [`drill`]: runbook drills and their reports.
 //! - [`sim`]: simulated channel services, for `safemode sim`, drills and the
 //!   benchmarks.
+//! - `telemetry`: the process's logs and OpenTelemetry spans, and the W3C
+//!   trace context the command sends.
 #![forbid(unsafe_code)]
 
 pub mod cli;
 mod client_errors;
 pub mod drill;
 pub mod sim;
+mod telemetry;

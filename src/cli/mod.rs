@@ -34,6 +34,8 @@ use safemode_wire::proto::control_service_client::ControlServiceClient;
 use safemode_wire::{self as wire, proto};
 
 use crate::client_errors;
+use crate::telemetry;
+use safemode_grpc::telemetry::Otlp;
 
 /// Incident degradation-mode controller for customer-support flows.
 #[derive(Parser, Debug)]
@@ -794,6 +796,18 @@ fn usage_line(error: &clap::Error) -> String {
     format!("error: {} (see --help)", parts.join(" "))
 }
 
+/// The command's name as typed, without flags (`mode apply`): its root
+/// span's name.
+fn command_name(matches: &clap::ArgMatches) -> String {
+    let mut words = Vec::new();
+    let mut at = matches;
+    while let Some((name, sub)) = at.subcommand() {
+        words.push(name);
+        at = sub;
+    }
+    words.join(" ")
+}
+
 /// Exit code of bad usage: a flag or argument missing, unknown, or not of
 /// the accepted form.
 const USAGE: u8 = 2;
@@ -809,9 +823,9 @@ pub fn main() -> ExitCode {
                 matches,
             ))
         });
-    let cli = match parsed {
+    let (cli, command_name) = match parsed {
         Ok((cli, matches)) => match unused_flag_given(&grammar, &matches) {
-            None => cli,
+            None => (cli, command_name(&matches)),
             Some(message) => {
                 eprintln!("error: {message}");
                 return ExitCode::from(USAGE);
@@ -838,15 +852,8 @@ pub fn main() -> ExitCode {
     } else {
         "warn"
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log));
     // Colour only on a terminal: logs redirected to a file stay plain text.
     let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .init();
 
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
@@ -855,7 +862,58 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    // The OTLP exporter's channel lives on this runtime.
+    let entered = runtime.enter();
+    // The name the replica's spans carry: --replica, else the one `serve`
+    // gives it (known here unless the port is picked at start).
+    let replica = match &cli.command {
+        Command::Serve(args) => args.replica.clone().or_else(|| {
+            (args.listen.port() != 0).then(|| server::default_replica_name(args.listen.port()))
+        }),
+        _ => None,
+    };
+    let (role, otlp) = match &cli.command {
+        Command::Serve(_) => match Otlp::from_env() {
+            Ok(otlp) => (
+                telemetry::Role::Serve {
+                    replica: replica.as_deref(),
+                },
+                otlp,
+            ),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        // A command still runs when its own export is misconfigured.
+        _ => match Otlp::from_env() {
+            Ok(otlp) => (telemetry::Role::Command, otlp),
+            Err(e) => {
+                eprintln!("warning: {e}; this command exports no spans");
+                (telemetry::Role::Command, Otlp::default())
+            }
+        },
+    };
+    let serving = matches!(role, telemetry::Role::Serve { .. });
+    let (telemetry, problem) = telemetry::init(default_log, ansi, role, otlp);
+    match problem {
+        // A replica does not start without the export it was asked for.
+        Some(problem) if serving => {
+            eprintln!("error: {problem}");
+            return ExitCode::FAILURE;
+        }
+        Some(problem) => eprintln!("warning: {problem}; this command exports no spans"),
+        None => {}
+    }
+    let span = match &cli.command {
+        // A server's spans are its calls'; it has no root of its own.
+        Command::Serve(_) => tracing::Span::none(),
+        _ => telemetry::command_span(&command_name),
+    };
+    let result = runtime.block_on(tracing::Instrument::instrument(run(cli), span));
+    drop(entered);
+    telemetry.shutdown();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         // The reader went away (`safemode status | head -1`): not a failure.
         Err(e) if e.is::<OutputClosed>() => ExitCode::SUCCESS,
@@ -1039,7 +1097,8 @@ async fn dispatch(
                 ..proto::GetStatusRequest::default()
             };
             if args.wait_synced {
-                return wait_synced(&mut client, request, args.timeout, format).await;
+                return wait_synced(client, (&servers, caller), request, args.timeout, format)
+                    .await;
             }
             let response = safemode_wire::full_status_of(&mut client, request)
                 .await
@@ -1198,6 +1257,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = ServeConfig {
         listen: args.listen,
         http_listen: args.http_listen,
+        otlp: Otlp::from_env().map_err(|e| anyhow!(e))?,
         store,
         replica: args.replica,
         advertise: args.advertise,
@@ -1354,8 +1414,15 @@ fn decide_context(args: &DecideArgs) -> anyhow::Result<Context> {
 /// An answer from a controller.
 type Answer = tonic::codegen::http::Response<tonic::body::Body>;
 
-/// A channel that notes which replica gave each answer.
-type Answered = tower::util::MapResponse<GrpcChannel, fn(Answer) -> Answer>;
+/// A call to a controller.
+type Call = tonic::codegen::http::Request<tonic::body::Body>;
+
+/// A channel that sends the command's trace context with every call and
+/// notes which replica gave each answer.
+type Answered = tower::util::MapResponse<
+    tower::util::MapRequest<GrpcChannel, fn(Call) -> Call>,
+    fn(Answer) -> Answer,
+>;
 
 type Control = ControlServiceClient<InterceptedService<Answered, Bearer>>;
 
@@ -1409,7 +1476,8 @@ async fn control(servers: &[String], caller: &Caller) -> anyhow::Result<Control>
     let (server, channel) =
         client::connect_first(servers, &options, Duration::from_secs(30)).await?;
     *caller.connected.lock().unwrap_or_else(|e| e.into_inner()) = Some(server);
-    let answered = tower::ServiceExt::map_response(channel, note_replica as fn(Answer) -> Answer);
+    let traced = tower::ServiceExt::map_request(channel, telemetry::traced as fn(Call) -> Call);
+    let answered = tower::ServiceExt::map_response(traced, note_replica as fn(Answer) -> Answer);
     Ok(ControlServiceClient::with_interceptor(answered, bearer))
 }
 
@@ -1485,19 +1553,41 @@ const WAIT_SYNCED_EVERY: Duration = Duration::from_millis(500);
 /// showing progress on a terminal; then shows the status. When `timeout`
 /// passes first, it fails naming who is not synced.
 async fn wait_synced(
-    client: &mut Control,
+    mut client: Control,
+    (servers, caller): (&[String], &Caller),
     request: proto::GetStatusRequest,
     timeout: Duration,
     format: Format,
 ) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + timeout;
     let progress = std::io::stderr().is_terminal();
+    let waited = || {
+        jiff::SignedDuration::try_from(timeout)
+            .map(|d| format!("{d:#}"))
+            .unwrap_or_else(|_| format!("{timeout:?}"))
+    };
     loop {
-        let response = safemode_wire::full_status_of(client, request.clone())
-            .await
-            .map_err(refused)?;
-        let status = output::Status::from(response);
-        let waiting = status.not_synced();
+        let now = tokio::time::Instant::now();
+        let status = match safemode_wire::full_status_of(&mut client, request.clone()).await {
+            Ok(response) => output::Status::from(response),
+            // The replica asked went away: ask the first that answers (the
+            // next --server), until the time is up.
+            Err(failure) if now < deadline => {
+                if progress {
+                    eprint!(
+                        "\r\x1b[K{}",
+                        output::single_line(&format!("asking again: {}", failure.message()))
+                    );
+                }
+                tokio::time::sleep(WAIT_SYNCED_EVERY.min(deadline - now)).await;
+                if let Ok(next) = control(servers, caller).await {
+                    client = next;
+                }
+                continue;
+            }
+            Err(failure) => return Err(refused(failure)),
+        };
+        let waiting = status.not_synced(Some(request.channel.as_str()).filter(|c| !c.is_empty()));
         if waiting.is_none() {
             if progress {
                 eprint!("\r\x1b[K");
@@ -1515,9 +1605,7 @@ async fn wait_synced(
             emit(output::show(format, &status))?;
             bail!(
                 "not synced after {}: {}",
-                jiff::SignedDuration::try_from(timeout)
-                    .map(|d| format!("{d:#}"))
-                    .unwrap_or_else(|_| format!("{timeout:?}")),
+                waited(),
                 waiting.unwrap_or_default()
             );
         }

@@ -849,8 +849,21 @@ const NAMED_NOT_SYNCED: usize = 10;
 impl Status {
     /// Subscribers that are not SYNCED, and replicas that did not answer,
     /// in one line; `None` when every subscriber of a whole answer is
-    /// SYNCED.
-    pub fn not_synced(&self) -> Option<String> {
+    /// SYNCED and there is at least one (of `channel`, when the status was
+    /// asked for one).
+    pub fn not_synced(&self, channel: Option<&str>) -> Option<String> {
+        // Nobody to apply it is not "everyone applied it": a wrong
+        // namespace or channel, or every channel service down.
+        if self.subscriber_count == 0 && !self.partial {
+            return Some(format!(
+                "no subscriber{} is connected to any replica in namespace {}: nothing has applied revision {}",
+                channel
+                    .map(|c| format!(" of channel {c}"))
+                    .unwrap_or_default(),
+                self.namespace,
+                self.revision
+            ));
+        }
         let silent: Vec<String> = self
             .replicas
             .iter()

@@ -310,8 +310,15 @@ pub enum DrillError {
     Client(#[from] safemode_client::ClientError),
 }
 
+/// A call to the controller.
+type Call = tonic::codegen::http::Request<tonic::body::Body>;
+
+/// The drill's control client: its calls carry the command's trace context.
 type Control = ControlServiceClient<
-    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>,
+    tonic::service::interceptor::InterceptedService<
+        tower::util::MapRequest<tonic::transport::Channel, fn(Call) -> Call>,
+        Bearer,
+    >,
 >;
 
 /// The controller as the drill reaches it: as the commander and as the
@@ -439,7 +446,9 @@ impl Harness {
             connect_timeout: Duration::from_secs(5),
         };
         let channel = connect_any(&self.servers, &options, Duration::from_secs(30)).await?;
-        Ok(ControlServiceClient::with_interceptor(channel, bearer))
+        let traced =
+            tower::ServiceExt::map_request(channel, crate::telemetry::traced as fn(Call) -> Call);
+        Ok(ControlServiceClient::with_interceptor(traced, bearer))
     }
 
     /// The commander's control client.

@@ -36,6 +36,13 @@ const CLIENT_FORBIDDEN: &[&str] = &[
     "tonic-reflection",
     "tonic-health",
     "axum",
+    // Metrics through the OpenTelemetry API alone: the service picks the
+    // SDK and the exporter.
+    "opentelemetry_sdk",
+    "opentelemetry-otlp",
+    "opentelemetry-prometheus",
+    "prometheus",
+    "tracing-opentelemetry",
     "safemode-store",
     "safemode-controller",
     "safemode-grpc",

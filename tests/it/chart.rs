@@ -799,8 +799,14 @@ fn chart_objects_have_what_the_issue_asks() {
             vec!["2379/TCP"],
             vec!["53/UDP", "53/TCP"],
             vec!["7443/TCP"],
-            vec!["4317/TCP"]
+            vec!["4317/TCP"],
+            vec!["443/TCP"]
         ]
+    );
+    // The OTLP collector is reachable, where the values say it runs.
+    assert_eq!(
+        egress[3]["to"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+        "observability"
     );
     assert_eq!(
         egress[0]["to"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/name"],
@@ -1127,7 +1133,7 @@ fn chart_arguments_pass_serve_check() {
             vec![
                 format!("would serve on 0.0.0.0:7700 as replica {POD_NAME}"),
                 format!("the other replicas reach it at {POD_IP}:7700 ("),
-                "HTTP: /healthz and /readyz on 0.0.0.0:8080".into(),
+                "HTTP: /healthz, /readyz and /metrics on 0.0.0.0:8080".into(),
                 "store: etcd at http://etcd-0.etcd-headless:2379,http://etcd-1.etcd-headless:2379,http://etcd-2.etcd-headless:2379 (prefix /safemode/); not contacted".into(),
                 "modes: 12, runbooks: 6 ".into(),
                 "tokens: 1 from the tokens file".into(),
@@ -1139,9 +1145,9 @@ fn chart_arguments_pass_serve_check() {
         (
             "all-on",
             vec![
-                format!("would serve on 0.0.0.0:7443 as replica {POD_NAME}"),
+                format!("would serve on [::]:7443 as replica {POD_NAME}"),
                 format!("the other replicas reach it at [{POD_IPV6}]:7443 ("),
-                "HTTP: /healthz and /readyz on 0.0.0.0:9090".into(),
+                "HTTP: /healthz, /readyz and /metrics on [::]:9090".into(),
                 "store: etcd at https://etcd-0.etcd-headless.etcd.svc:2379,https://etcd-1.etcd-headless.etcd.svc:2379,https://etcd-2.etcd-headless.etcd.svc:2379 (prefix /safemode-prod/, TLS); not contacted".into(),
                 "modes: 2, runbooks: 1 ".into(),
                 "tokens: 1 from the tokens file".into(),

@@ -548,9 +548,33 @@ async fn a_forged_fleet_record_shows_nothing_it_says() {
             .await
             .unwrap();
     }
-    let status = status_json(&solo.url, &[]).await;
-    assert_eq!(subscribers(&status), rows(&[]), "{status}");
-    assert_eq!(status["subscriber_count"], 0, "{status}");
+    // A copy of the real replica's record under another key: its
+    // subscribers must not count twice.
+    let copied = store.range("/safemode/replicas/r-solo").await.unwrap();
+    store
+        .txn(safemode_store::Txn {
+            compares: vec![],
+            ops: vec![safemode_store::Op::Put {
+                key: "/safemode/replicas/r-copy".into(),
+                value: copied.kvs[0].value.clone(),
+            }],
+        })
+        .await
+        .unwrap();
+    let _subscriber = RawSubscriber::connect(channel(&solo.url).await, "live", "web", "w-1", 0)
+        .await
+        .unwrap();
+    let status = wait_for("the subscriber in the status", || async {
+        let status = status_json(&solo.url, &[]).await;
+        (status["subscriber_count"] != 0).then_some(status)
+    })
+    .await;
+    assert_eq!(
+        subscribers(&status),
+        rows(&[("w-1", "r-solo", "SYNCED")]),
+        "{status}"
+    );
+    assert_eq!(status["subscriber_count"], 1, "{status}");
     assert_eq!(status["partial"], true, "{status}");
     for (name, why) in [
         ("r-stranger", "its answer is not signed by this fleet's key"),
@@ -567,6 +591,64 @@ async fn a_forged_fleet_record_shows_nothing_it_says() {
             answer["error"].as_str().unwrap().starts_with(why),
             "{answer}"
         );
+    }
+
+    // More records than a status asks: the rest are named, and the answer
+    // is partial.
+    let ops = (0..70)
+        .map(|i| safemode_store::Op::Put {
+            key: format!("/safemode/replicas/a-flood-{i:02}"),
+            value: serde_json::to_vec(&serde_json::json!({
+                "replica": format!("a-flood-{i:02}"),
+                "address": format!("127.0.0.1:{}", 1 + i),
+                "tls": false,
+                "started_at": "2026-01-01T00:00:00Z",
+                "version": "0.1.0",
+            }))
+            .unwrap(),
+        })
+        .collect();
+    store
+        .txn(safemode_store::Txn {
+            compares: vec![],
+            ops,
+        })
+        .await
+        .unwrap();
+    let status = status_json(&solo.url, &[]).await;
+    assert_eq!(status["partial"], true, "{status}");
+    assert!(
+        status["problems"].as_array().unwrap().iter().any(|p| p
+            .as_str()
+            .unwrap()
+            .starts_with("the store holds 10 more replica records than the 64 a status asks")),
+        "{status}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_for_nobody_is_not_synced() {
+    let server = crate::support::TestServer::start().await;
+    for (args, says) in [
+        (
+            &["status", "--wait-synced", "--timeout", "1s"][..],
+            "error: not synced after 1s: no subscriber is connected to any replica in namespace live: nothing has applied revision 0\n",
+        ),
+        (
+            &[
+                "status",
+                "--channel",
+                "ivr",
+                "--wait-synced",
+                "--timeout",
+                "1s",
+            ][..],
+            "error: not synced after 1s: no subscriber of channel ivr is connected to any replica in namespace live: nothing has applied revision 0\n",
+        ),
+    ] {
+        let output = on(&server.url, args).await;
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {output:?}");
+        assert_eq!(String::from_utf8_lossy(&output.stderr), says, "{args:?}");
     }
 }
 

@@ -29,6 +29,7 @@ mod sim;
 mod soak;
 mod store_contract;
 mod support;
+mod telemetry;
 mod text_output;
 mod tls;
 mod tokens;

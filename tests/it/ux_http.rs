@@ -16,7 +16,7 @@ use crate::etcd::EtcdCluster;
 use crate::support::{TestServer, test_signing_key, wait_for, wait_until};
 
 /// `GET path` over HTTP/1.1: the status code and the body.
-async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+pub(crate) async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     stream
         .write_all(

@@ -92,6 +92,11 @@ impl FailClosedRule {
         }
     }
 
+    /// The effect the rule decides with.
+    pub fn effect(&self) -> EffectKind {
+        self.outcome.kind()
+    }
+
     /// Whether the rule overrides `outcome` for `action`, stale for
     /// `stale_for`: the action is listed, the limit passed, and the policy's
     /// own outcome is milder.

@@ -59,6 +59,7 @@
 mod connection;
 mod decision;
 mod lkg;
+mod metrics;
 mod snapshot;
 mod state;
 mod task;
@@ -446,7 +447,15 @@ impl Subscriber {
             .as_ref()
             .map(decision::FailClosedRule::new);
         let first_policy = loaded.as_ref().map(|(snapshot, _)| snapshot.clone());
-        let shared = Arc::new(state::Shared::new(loaded, config.stale_after, fail_closed));
+        let shared = Arc::new(state::Shared::new(
+            loaded,
+            config.stale_after,
+            fail_closed,
+            (
+                config.namespace.to_string(),
+                config.channel.as_str().to_string(),
+            ),
+        ));
         let (changes_tx, changes) = watch::channel(first_policy);
         let stop = CancellationToken::new();
         let span =
@@ -500,10 +509,15 @@ impl Subscriber {
     /// never stale: for testing a channel service against a known policy.
     pub fn fixed(snapshot: PolicySnapshot) -> Subscriber {
         let snapshot = Arc::new(snapshot);
+        let labels = (
+            snapshot.namespace.to_string(),
+            snapshot.channel.as_str().to_string(),
+        );
         let shared = Arc::new(state::Shared::new(
             Some((snapshot.clone(), Some(Duration::ZERO))),
             Duration::MAX,
             None,
+            labels,
         ));
         shared.freshness.observe(false);
         let (fixed, changes) = watch::channel(Some(snapshot));
@@ -514,6 +528,18 @@ impl Subscriber {
             ended: watch::channel(None).1,
             stop: CancellationToken::new(),
         }
+    }
+
+    /// Reports this subscriber's metrics through `meter` (the service's
+    /// own meter provider's, e.g. `opentelemetry::global::meter("chatbot")`):
+    /// decisions by action and effect, stale and failed-closed decisions,
+    /// the applied revision, applies and rejects, each labelled with the
+    /// subscriber's namespace and channel. They are counted whether or not
+    /// this is called; registering only makes the SDK read them when it
+    /// collects. Call it once per meter.
+    pub fn register_metrics(&self, meter: &opentelemetry::metrics::Meter) {
+        let (namespace, channel) = &self.shared.labels;
+        metrics::register(meter, &self.shared, namespace, channel);
     }
 
     /// The newest applied snapshot.
@@ -567,6 +593,17 @@ impl Subscriber {
         let fail_closed = self.shared.fail_closed.as_ref().filter(|rule| {
             staleness.stale && rule.overrides(action.as_str(), staleness.for_, &verdict.outcome)
         });
+        // Atomic additions only (see `metrics.rs` for the cost).
+        let effect = match fail_closed {
+            Some(rule) => rule.effect(),
+            None => verdict.outcome.kind(),
+        };
+        self.shared.counts.decided(
+            action.as_str(),
+            effect,
+            staleness.stale,
+            fail_closed.is_some(),
+        );
         Decision {
             snapshot,
             action: action.as_str(),

@@ -19,6 +19,10 @@ pub(super) struct Shared {
     /// this long.
     pub stale_after: Duration,
     pub fail_closed: Option<FailClosedRule>,
+    /// Decisions, applies and rejects, for metrics.
+    pub counts: super::metrics::Counts,
+    /// The subscriber's namespace and channel, the labels of its metrics.
+    pub labels: (String, String),
 }
 
 /// When the client last knew its policy was current: it heard from a
@@ -118,6 +122,7 @@ impl Shared {
         loaded: Option<(Arc<PolicySnapshot>, Option<Duration>)>,
         stale_after: Duration,
         fail_closed: Option<FailClosedRule>,
+        labels: (String, String),
     ) -> Self {
         let freshness = Freshness::new(loaded.is_some(), loaded.as_ref().and_then(|(_, ago)| *ago));
         Shared {
@@ -125,6 +130,8 @@ impl Shared {
             current: ArcSwapOption::new(loaded.map(|(snapshot, _)| snapshot)),
             stale_after,
             fail_closed,
+            counts: super::metrics::Counts::default(),
+            labels,
         }
     }
 }

@@ -253,6 +253,7 @@ impl Task {
                     reason,
                 };
                 warn!(revision, %error, "snapshot refused; keeping the previous policy and trying another replica");
+                self.shared.counts.rejected();
                 send(&out, reject(revision, error.to_string())).await;
                 // Leaving at once would cancel the stream before the reject
                 // is sent: close this side and give the controller a moment
@@ -276,6 +277,7 @@ impl Task {
                 }
                 Err(Refusal::Unusable(reason)) => {
                     warn!(revision, %reason, "snapshot rejected; keeping the previous one");
+                    self.shared.counts.rejected();
                     send(&out, reject(revision, reason.clone())).await;
                     if let Some(first) = self.first.take() {
                         let _ = first.send(Err(ClientError::Rejected(reason)));
@@ -283,6 +285,7 @@ impl Task {
                 }
                 Err(Refusal::Older(reason)) => {
                     warn!(%reason, "refusing to go backwards");
+                    self.shared.counts.rejected();
                     send(&out, reject(revision, reason)).await;
                 }
             }
@@ -383,6 +386,7 @@ impl Task {
             _ => {}
         }
         debug!(revision, "snapshot applied");
+        self.shared.counts.applied();
         let snapshot = Arc::new(snapshot);
         self.shared.current.store(Some(snapshot.clone()));
         self.changes.send_replace(Some(snapshot));

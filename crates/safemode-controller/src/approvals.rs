@@ -149,6 +149,49 @@ impl Controller {
         Ok(requests)
     }
 
+    /// How many change requests wait for an approver in each namespace this
+    /// replica follows (one read of the requests and one of the incidents,
+    /// for metrics).
+    pub(crate) async fn pending_requests_by_namespace(
+        &self,
+    ) -> Result<std::collections::HashMap<Namespace, usize>> {
+        let views: std::collections::HashMap<Namespace, std::sync::Arc<NamespaceView>> = self
+            .all_followed()
+            .into_iter()
+            .map(|handle| {
+                let view = handle.current();
+                (view.namespace.clone(), view)
+            })
+            .collect();
+        let mut pending = std::collections::HashMap::new();
+        let range =
+            safemode_store::read_all(&*self.store, &self.config.layout.requests_prefix()).await?;
+        if range.kvs.is_empty() {
+            return Ok(pending);
+        }
+        let incidents: BTreeMap<IncidentId, (Incident, Revision)> = self
+            .incidents()
+            .await?
+            .into_iter()
+            .map(|(i, r)| (i.id.clone(), (i, r)))
+            .collect();
+        let now = Timestamp::now();
+        for kv in range.kvs {
+            let Ok(request) = serde_json::from_slice::<ChangeRequest>(&kv.value) else {
+                continue;
+            };
+            let Some(view) = views.get(&request.namespace) else {
+                continue;
+            };
+            let incident = request.incident_id.as_ref().and_then(|i| incidents.get(i));
+            let state = request.state(now, overtaken(&request, kv.mod_revision, incident, view));
+            if state == RequestState::Pending {
+                *pending.entry(request.namespace.clone()).or_insert(0) += 1;
+            }
+        }
+        Ok(pending)
+    }
+
     /// One change request, as it is recorded.
     pub async fn request(&self, id: &RequestId) -> Result<ChangeRequest> {
         Ok(self.read_request(id).await?.0)

@@ -430,6 +430,15 @@ impl Replay for (Vec<Activation>, Vec<Arc<Activation>>) {
     }
 }
 
+/// What a commit loop prepared and did, for the commit counters.
+#[derive(Default)]
+struct Counted {
+    /// The audited action of the last plan with writes.
+    kind: Option<AuditAction>,
+    /// Whether this call's transaction committed it.
+    committed: bool,
+}
+
 /// Whose change id: a caller's (maybe retried already, so looked up first),
 /// or one made for this call.
 #[derive(Clone, Copy, Debug)]
@@ -587,10 +596,34 @@ impl Controller {
     ) -> Result<(T, Revision)> {
         let id = change.id.cloned().unwrap_or_else(ChangeId::random);
         let mut unresolved = false;
-        match self
-            .commit_attempts(change, &id, &mut unresolved, scope, prepare)
-            .await
-        {
+        let mut counted = Counted::default();
+        // Every commit is a span (exported as an OpenTelemetry span when
+        // traces are on), a child of the call that asked for it.
+        let span = tracing::info_span!(
+            "commit",
+            otel.name = %format_args!("commit {}", change.operation),
+            operation = change.operation,
+            change_id = %id,
+            kind = tracing::field::Empty,
+            revision = tracing::field::Empty,
+        );
+        let result = tracing::Instrument::instrument(
+            self.commit_attempts(change, &id, &mut unresolved, &mut counted, scope, prepare),
+            span.clone(),
+        )
+        .await;
+        if let Some(kind) = counted.kind {
+            span.record("kind", kind.as_str());
+            match &result {
+                Ok((_, revision)) if counted.committed => {
+                    span.record("revision", revision);
+                    self.counters().committed(kind);
+                }
+                Ok(_) => {}
+                Err(_) => self.counters().failed(kind),
+            }
+        }
+        match result {
             Err(Error::Store(safemode_store::Error::Unavailable(cause))) if unresolved => {
                 Err(Error::StoreUnreachable {
                     store: self.store.place(),
@@ -613,6 +646,7 @@ impl Controller {
         change: ChangeOf<'_>,
         id: &ChangeId,
         unresolved: &mut bool,
+        counted: &mut Counted,
         scope: S,
         mut prepare: impl FnMut(S::View) -> BoxFuture<'a, Result<Plan<T>>> + Send,
     ) -> Result<(T, Revision)> {
@@ -628,6 +662,7 @@ impl Controller {
         for attempt in 0..COMMIT_ATTEMPTS {
             let (prepared_from, view) = scope.views();
             let Plan { write, outcome } = prepare(prepared_from).await?;
+            counted.kind = write.as_ref().map(|w| w.audit.action);
             let (at, compares, ops, record, uses_catalog, audit) = match write {
                 Some(w) => (
                     w.at,
@@ -752,6 +787,7 @@ impl Controller {
                 TxnOutcome::Committed { revision } => {
                     // Logs shipped elsewhere keep a copy of the chain's hashes.
                     if let Some((seq, action, hash)) = appended {
+                        counted.committed = true;
                         self.saw_audit_head(seq);
                         info!(seq, action = action.as_str(), %hash, revision, change_id = %id, "audit entry appended");
                     }

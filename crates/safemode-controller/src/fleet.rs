@@ -211,8 +211,13 @@ impl Controller {
     /// Keeps `record` in the store, under a lease of `ttl` renewed every
     /// third of it, until the controller shuts down, when the lease is
     /// revoked and the record goes at once. A lapsed lease (the store was
-    /// away longer than `ttl`) is granted again.
-    pub fn join_fleet(self: &Arc<Self>, record: ReplicaRecord, ttl: Duration) {
+    /// away longer than `ttl`) is granted again. The task ends once the
+    /// record is removed: a stopping replica waits for it.
+    pub fn join_fleet(
+        self: &Arc<Self>,
+        record: ReplicaRecord,
+        ttl: Duration,
+    ) -> tokio::task::JoinHandle<()> {
         let controller = self.clone();
         let key = self.config.layout.replica_key(&record.replica);
         let value = serde_json::to_vec(&record).expect("a replica record serializes");
@@ -259,7 +264,7 @@ impl Controller {
             {
                 warn!(%key, error = %e, "cannot remove this replica's fleet record; it lapses by itself");
             }
-        });
+        })
     }
 }
 

@@ -16,6 +16,7 @@ pub mod audit;
 mod audit_log;
 pub mod auth;
 mod change;
+pub mod counters;
 pub mod fleet;
 pub mod health;
 mod incidents;
@@ -436,6 +437,8 @@ pub struct Controller {
     catalog_revision: Revision,
     namespaces: Mutex<HashMap<Namespace, Arc<NamespaceHandle>>>,
     refusals: refusals::RefusalBudget,
+    /// Commits, failed commits and refusals, for metrics.
+    counters: counters::Counters,
     /// The highest audit position this replica appended or saw at the
     /// head; the log's head never goes back through safemode.
     audit_seen: std::sync::atomic::AtomicU64,
@@ -465,6 +468,7 @@ impl Controller {
             catalog_revision: 0,
             namespaces: Mutex::new(HashMap::new()),
             refusals: refusals::RefusalBudget::default(),
+            counters: counters::Counters::default(),
             audit_seen: std::sync::atomic::AtomicU64::new(0),
             audit_problem: Mutex::new(None),
             shutdown,
@@ -576,6 +580,91 @@ impl Controller {
     /// A cancellation token that fires when the controller shuts down.
     pub fn shutdown_token(&self) -> &CancellationToken {
         &self.shutdown
+    }
+
+    /// The namespaces this replica follows now.
+    fn all_followed(&self) -> Vec<Arc<NamespaceHandle>> {
+        self.namespaces
+            .lock()
+            .expect("poisoned")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// What this replica counted since it started (metrics).
+    pub fn counters(&self) -> &counters::Counters {
+        &self.counters
+    }
+
+    /// Every followed namespace as this replica holds it now: revision,
+    /// activations, the follower's health, and its subscribers by channel
+    /// and state. No store read and no waiting: metrics call it at
+    /// collection time.
+    pub fn gauges(&self) -> Vec<counters::NamespaceGauges> {
+        let mut gauges: Vec<counters::NamespaceGauges> = self
+            .all_followed()
+            .iter()
+            .map(|handle| {
+                let view = handle.current();
+                counters::NamespaceGauges {
+                    namespace: view.namespace.clone(),
+                    revision: view.revision,
+                    activations: view.activations.len(),
+                    follower_healthy: handle.health.is_healthy(),
+                    subscribers: handle.subscribers.count_by_state(view.revision),
+                }
+            })
+            .collect();
+        gauges.sort_by(|a, b| a.namespace.cmp(&b.namespace));
+        gauges
+    }
+
+    /// Pending change requests and the lag behind the store of every
+    /// followed namespace: one read of the requests and one probe per
+    /// namespace, each bounded by `store_probe_timeout`. A store that does
+    /// not answer leaves the lag unknown and counts no requests.
+    pub async fn store_gauges(&self) -> Vec<counters::NamespaceStoreGauges> {
+        // Read without touching the handles: a scrape must not keep an idle
+        // drill namespace followed.
+        let mut followed = self.all_followed();
+        followed.sort_by(|a, b| a.current().namespace.cmp(&b.current().namespace));
+        let pending = tokio::time::timeout(
+            self.config.store_probe_timeout,
+            self.pending_requests_by_namespace(),
+        )
+        .await
+        .ok()
+        .and_then(|r| r.ok())
+        .unwrap_or_default();
+        let pending = &pending;
+        // All namespaces at once: a dead store costs a scrape one probe
+        // timeout, not one per namespace.
+        let probes = followed.iter().map(|handle| async move {
+            let view = handle.current();
+            let meta_key = self.config.layout.meta_key(&view.namespace);
+            let lag = match self
+                .store
+                .probe(&meta_key, self.config.store_probe_timeout)
+                .await
+            {
+                Ok(range) => {
+                    let stored = range
+                        .kvs
+                        .iter()
+                        .find(|kv| kv.key == meta_key)
+                        .map_or(0, |kv| kv.mod_revision);
+                    Some((stored - view.meta_revision).max(0))
+                }
+                Err(_) => None,
+            };
+            counters::NamespaceStoreGauges {
+                pending_requests: pending.get(&view.namespace).copied().unwrap_or(0),
+                namespace: view.namespace.clone(),
+                lag_revisions: lag,
+            }
+        });
+        futures_util::future::join_all(probes).await
     }
 
     /// The followed namespace, started on first use, once it has been read.

@@ -540,7 +540,9 @@ impl NamespaceHandle {
             state: State::new(namespace.clone()),
         };
         let stop = shutdown.clone();
-        let span = tracing::info_span!("namespace", %namespace);
+        // A root: the follower outlives the call that started it, and a
+        // child span would keep that call's span (and its trace) open.
+        let span = tracing::info_span!(parent: None, "namespace", %namespace);
         tokio::spawn(tracing::Instrument::instrument(
             async move {
                 tokio::select! {

@@ -262,6 +262,24 @@ impl Subscribers {
         records
     }
 
+    /// How many subscribers are in each state against `current`, by
+    /// channel (only the pairs that have any), in channel then state order.
+    pub fn count_by_state(&self, current: Revision) -> Vec<(Channel, SubscriberState, usize)> {
+        let mut counts: std::collections::BTreeMap<(usize, SubscriberState), (Channel, usize)> =
+            std::collections::BTreeMap::new();
+        for record in self.lock().values() {
+            let state = record.state(current);
+            counts
+                .entry((record.channel.index(), state))
+                .or_insert((record.channel, 0))
+                .1 += 1;
+        }
+        counts
+            .into_iter()
+            .map(|((_, state), (channel, n))| (channel, state, n))
+            .collect()
+    }
+
     /// Whether no subscriber is connected.
     pub fn is_empty(&self) -> bool {
         self.lock().is_empty()

@@ -294,11 +294,13 @@ impl Fleet {
     /// others' asked in parallel within [`PEER_DEADLINE`].
     pub async fn gather(&self, query: &FleetQuery) -> Gathered {
         let mut problems = Vec::new();
+        let mut partial = false;
         let mut members: Vec<ReplicaRecord> = match self.controller.fleet().await {
             Ok((records, more)) => {
                 if more > 0 {
+                    partial = true;
                     problems.push(format!(
-                        "the store holds {more} more replica records than the {MAX_FLEET} a status asks; those replicas were not asked"
+                        "the store holds {more} more replica records than the {MAX_FLEET} a status asks; those replicas were not asked, and their subscribers are missing from this status"
                     ));
                 }
                 *self.known.lock().expect("poisoned") = Some(records.clone());
@@ -326,6 +328,12 @@ impl Fleet {
             version: String::new(),
         });
         members.sort_by(|a, b| a.replica.cmp(&b.replica));
+        // One answer per replica and per address: a record copied under
+        // another key (by hand, or by someone with the store's
+        // credentials) must not count a replica's subscribers twice.
+        let mut addresses = std::collections::HashSet::from([self.address.clone()]);
+        members.dedup_by(|later, earlier| later.replica == earlier.replica);
+        members.retain(|m| m.replica == self.replica || addresses.insert(m.address.clone()));
 
         let asks = members.iter().map(|member| {
             // Before the page's replica only counts are needed; at it, the
@@ -349,7 +357,9 @@ impl Fleet {
             }
         });
         let answers = futures_util::future::join_all(asks).await;
-        merge(answers, query, problems)
+        let mut gathered = merge(answers, query, problems);
+        gathered.partial |= partial;
+        gathered
     }
 
     /// This replica's part, as it would answer another replica.

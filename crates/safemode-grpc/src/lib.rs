@@ -11,6 +11,7 @@ pub mod limits;
 pub(crate) mod outbound;
 pub mod server;
 mod subscribe;
+pub mod telemetry;
 
 /// The subscription server again, sending [`outbound::Outbound`] (see
 /// this crate's `build.rs`).
@@ -41,6 +42,8 @@ pub struct StreamConfig {
     /// How many streams the replica admits, per token, per connection and
     /// in all.
     pub limits: limits::StreamLimits,
+    /// What the streams count (metrics).
+    pub metrics: telemetry::StreamMetrics,
 }
 
 impl Default for StreamConfig {
@@ -49,6 +52,7 @@ impl Default for StreamConfig {
             heartbeat: Duration::from_secs(10),
             hello_timeout: Duration::from_secs(10),
             limits: limits::StreamLimits::default(),
+            metrics: telemetry::StreamMetrics::default(),
         }
     }
 }
@@ -217,6 +221,7 @@ async fn authorize_change(
         return Ok(());
     };
     warn!(principal = %actor.name, %what, dry_run, "refused: {denied}");
+    controller.counters().refused(operation);
     if operation.writes() && !dry_run {
         controller
             .record_refusal(actor, namespace, format!("refused {what}: {denied}"))

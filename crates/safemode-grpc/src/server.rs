@@ -86,6 +86,10 @@ pub struct ServeConfig {
     pub http_listen: Option<SocketAddr>,
     /// How often readiness is checked for the gRPC health service.
     pub readiness_interval: Duration,
+    /// Which OTLP exports run (metrics here; traces are the process's
+    /// `tracing` subscriber's): none unless the `OTEL_EXPORTER_OTLP_*`
+    /// variables ask (`telemetry::Otlp::from_env`).
+    pub otlp: crate::telemetry::Otlp,
     /// The store.
     pub store: StoreConfig,
     /// This replica's name in status, audit and logs; `None` names it
@@ -155,6 +159,7 @@ impl Default for ServeConfig {
             replica_ttl: Duration::from_secs(15),
             http_listen: None,
             readiness_interval: Duration::from_secs(2),
+            otlp: crate::telemetry::Otlp::default(),
             modes_dir: None,
             runbooks_dir: None,
             tokens: None,
@@ -338,7 +343,7 @@ pub fn check(config: &ServeConfig) -> anyhow::Result<Vec<String>> {
             }
         ),
         match config.http_listen {
-            Some(http) => format!("HTTP: /healthz and /readyz on {http}"),
+            Some(http) => format!("HTTP: /healthz, /readyz and /metrics on {http}"),
             None => "HTTP: none (no --http-listen)".to_string(),
         },
         format!("store: {store}"),
@@ -397,6 +402,9 @@ fn unaccepted_dead_ends(catalog: &Catalog) -> Vec<String> {
     }
     warnings
 }
+
+/// How long a stopping replica waits to remove its fleet record.
+const FLEET_GOODBYE: Duration = Duration::from_secs(3);
 
 /// A duration for people: `5s`, `6.7s`.
 fn seconds(d: Duration) -> String {
@@ -477,9 +485,12 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
     )
     .await
     .context("cannot read the store")?;
+    let metrics =
+        crate::telemetry::ServerMetrics::new(&controller, &replica, config.otlp, &shutdown)?;
     let stream_config = StreamConfig {
         heartbeat: config.heartbeat,
         limits: config.stream_limits,
+        metrics: metrics.streams(),
         ..StreamConfig::default()
     };
     let authenticator = Authenticator::new(tokens);
@@ -501,7 +512,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
     // listens (a single host: checked with the settings).
     let advertised = peers.advertise.clone().unwrap_or_else(|| addr.to_string());
     let serves_tls = tls.is_some();
-    controller.join_fleet(
+    let fleet_record = controller.join_fleet(
         ReplicaRecord {
             replica: replica.clone(),
             address: advertised.clone(),
@@ -527,6 +538,8 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         // Every answer names the replica that gave it.
         .layer(tower::util::MapResponseLayer::new(answered_by(&replica)))
+        // Every call is a span, in the caller's trace.
+        .layer(crate::telemetry::RpcTraceLayer)
         // Health needs no token (probes and load balancers call it); every
         // other service does.
         .add_service(health_service)
@@ -571,9 +584,9 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
         tracing::info_span!("readiness", %replica),
     ));
     if let Some(listener) = http_listener {
-        let app = http_surfaces(controller.clone());
+        let app = http_surfaces(controller.clone(), metrics.clone());
         let stop = shutdown.clone();
-        info!(addr = ?http_addr, "serving /healthz and /readyz over HTTP");
+        info!(addr = ?http_addr, "serving /healthz, /readyz and /metrics over HTTP");
         tokio::spawn(tracing::Instrument::instrument(
             async move {
                 let served = axum::serve(listener, app)
@@ -612,6 +625,15 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
                     warn!(?grace, "calls still running after the shutdown grace period; stopping anyway");
                 }
             }
+            // The fleet's record goes at once, not when its lease lapses.
+            if tokio::time::timeout(FLEET_GOODBYE, fleet_record)
+                .await
+                .is_err()
+            {
+                warn!("could not remove this replica's fleet record in time; it lapses by itself");
+            }
+            // What the OTLP exporter still holds goes out before the end.
+            let _ = tokio::task::spawn_blocking(move || metrics.shutdown()).await;
             info!("stopped");
             Ok(())
         },
@@ -625,14 +647,33 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
     })
 }
 
-/// The plain-HTTP surfaces: `/healthz` (the process lives) and `/readyz`
+/// The plain-HTTP surfaces: `/healthz` (the process lives), `/readyz`
 /// (the replica has read `live`, and the store and its watch are healthy;
-/// 503 with the reason when not). Nothing there changes state.
-fn http_surfaces(controller: Arc<Controller>) -> axum::Router {
+/// 503 with the reason when not) and `/metrics` (the Prometheus text
+/// format). Nothing there changes state.
+fn http_surfaces(
+    controller: Arc<Controller>,
+    metrics: Arc<crate::telemetry::ServerMetrics>,
+) -> axum::Router {
     use axum::http::StatusCode;
     use axum::routing::get;
     axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
+                        metrics.render().await,
+                    )
+                }
+            }),
+        )
         .route(
             "/readyz",
             get(move || {
@@ -820,7 +861,7 @@ async fn open_store(config: &StoreConfig) -> anyhow::Result<(Arc<dyn Store>, Lay
 /// The host name (the pod name on Kubernetes), else a name from the pid,
 /// with the port the replica listens on: unique among the replicas of one
 /// host, and the address to look for.
-fn default_replica_name(port: u16) -> String {
+pub fn default_replica_name(port: u16) -> String {
     let host = std::env::var("HOSTNAME")
         .ok()
         .or_else(|| std::fs::read_to_string("/etc/hostname").ok())

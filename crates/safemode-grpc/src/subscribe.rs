@@ -17,6 +17,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures_util::Stream;
+use jiff::Timestamp;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
@@ -25,6 +26,7 @@ use tracing::{debug, warn};
 use super::fanout::subscription_service_server::SubscriptionService;
 use super::limits::{StreamCounter, StreamSlot};
 use super::outbound::{HeartbeatCache, Outbound, SnapshotCache};
+use super::telemetry::{Committed, StreamMetrics};
 use super::{Credential, StreamConfig, authorize, invalid, invalid_name, principal, status};
 use safemode_controller::auth::Operation;
 use safemode_controller::{Controller, Subscription};
@@ -190,6 +192,13 @@ struct Session {
     credential: Option<(Credential, Namespace)>,
     /// The stream's place under the stream limits, freed when it ends.
     slot: Option<StreamSlot>,
+    /// What the stream counts, and its labels.
+    metrics: StreamMetrics,
+    labels: [opentelemetry::KeyValue; 2],
+    /// When the newest revision sent was committed, to time its ack.
+    committed: Option<Committed>,
+    /// When the stream opened.
+    connected_at: Timestamp,
 }
 
 impl Session {
@@ -203,7 +212,12 @@ impl Session {
         let mut heartbeat =
             tokio::time::interval_at(Instant::now() + config.heartbeat, config.heartbeat);
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let labels = StreamMetrics::labels(&signer.namespace, subscription.channel);
         Session {
+            metrics: config.metrics.clone(),
+            labels,
+            committed: None,
+            connected_at: Timestamp::now(),
             subscription,
             inbound,
             heartbeat,
@@ -326,6 +340,11 @@ impl Session {
         };
         self.sent = Some(view.revision);
         self.subscription.registration.sent(view.revision);
+        self.metrics.sent(&self.labels);
+        self.committed = view.last_change.as_ref().map(|change| Committed {
+            revision: view.revision,
+            at: change.at,
+        });
         self.heartbeat.reset();
         self.beat_now = true;
         Outbound::Encoded(encoded)
@@ -334,9 +353,21 @@ impl Session {
     fn receive(&mut self, message: proto::SubscribeRequest) -> Result<(), Status> {
         let registration = &self.subscription.registration;
         match message.message {
-            Some(Inbound::Ack(ack)) => registration
-                .acked(ack.revision)
-                .map_err(|e| invalid("ack.revision", e)),
+            Some(Inbound::Ack(ack)) => {
+                registration
+                    .acked(ack.revision)
+                    .map_err(|e| invalid("ack.revision", e))?;
+                let converged = self.committed.take().and_then(|c| {
+                    let took = c.convergence(ack.revision, self.connected_at, Timestamp::now());
+                    // Only the first ack of a revision counts.
+                    if took.is_none() {
+                        self.committed = Some(c);
+                    }
+                    took
+                });
+                self.metrics.acked(&self.labels, converged);
+                Ok(())
+            }
             Some(Inbound::Reject(reject)) => {
                 // Shown in status on a terminal: no control characters.
                 let mut reason: String = reject
@@ -355,7 +386,9 @@ impl Session {
                 warn!(revision = reject.revision, %reason, "subscriber rejected a snapshot");
                 registration
                     .rejected(reject.revision, reason)
-                    .map_err(|e| invalid("reject.revision", e))
+                    .map_err(|e| invalid("reject.revision", e))?;
+                self.metrics.rejected(&self.labels);
+                Ok(())
             }
             Some(Inbound::Hello(_)) => Err(invalid(
                 "message",

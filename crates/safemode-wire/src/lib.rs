@@ -59,6 +59,10 @@ pub fn check_subscriber_id(id: &str) -> Result<(), String> {
 /// most): far beyond any replica's stream limit.
 const MAX_STATUS_PAGES: usize = 100;
 
+/// The page [`full_status`] asks for: the most a server gives, so a fleet
+/// is asked as few times as can be.
+const MAX_STATUS_PAGE_SIZE: u32 = 5000;
+
 /// A namespace's whole status across the fleet: every page of its
 /// subscribers, read in turn and merged (activations, problems, the channel
 /// summary and the replicas come with every page; the first page's are
@@ -93,6 +97,13 @@ where
     T::ResponseBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
     <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
 {
+    let first = proto::GetStatusRequest {
+        page_size: match first.page_size {
+            0 => MAX_STATUS_PAGE_SIZE,
+            n => n,
+        },
+        ..first
+    };
     let request = |page_token: String| proto::GetStatusRequest {
         page_token,
         ..first.clone()
@@ -109,6 +120,19 @@ where
         let page = client.get_status(request(token)).await?.into_inner();
         status.subscribers.extend(page.subscribers);
         status.subscriber_count = page.subscriber_count;
+        // A replica that stopped answering between pages leaves the whole
+        // answer partial.
+        status.partial |= page.partial;
+        for answer in page.replicas.iter().filter(|r| !r.answered) {
+            match status
+                .replicas
+                .iter_mut()
+                .find(|r| r.replica == answer.replica)
+            {
+                Some(known) => *known = answer.clone(),
+                None => status.replicas.push(answer.clone()),
+            }
+        }
         token = page.next_page_token;
     }
     if token.is_empty() {

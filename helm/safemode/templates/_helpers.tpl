@@ -100,3 +100,11 @@ one-line reason and what to do.
 {{- fail "give runbooks.files or runbooks.existingConfigMap, not both" }}
 {{- end }}
 {{- end }}
+
+{{/*
+Every address of the pod, in its family: 0.0.0.0 for IPv4, [::] for IPv6
+(which Linux also opens to IPv4).
+*/}}
+{{- define "safemode.anyAddress" -}}
+{{- if eq .Values.podIPFamily "IPv6" -}}[::]{{- else -}}0.0.0.0{{- end -}}
+{{- end }}
