@@ -364,7 +364,8 @@ struct ServeArgs {
     #[arg(long, env = "SAFEMODE_ADVERTISE", value_name = "HOST:PORT")]
     advertise: Option<String>,
     /// CA certificates (PEM) that verify the other replicas' TLS
-    /// certificates [default: the --tls-cert chain].
+    /// certificates (required with --tls-cert and --store etcd; for a
+    /// self-signed certificate, the --tls-cert file).
     #[arg(long, env = "SAFEMODE_PEER_CA", value_name = "FILE")]
     peer_ca: Option<PathBuf>,
     /// The name the other replicas' certificates must carry, e.g. the

@@ -42,6 +42,20 @@ async fn serve_check_reads_everything_and_binds_nothing() {
     let tokens = tokens.to_str().unwrap().to_string();
     let key = test_signing_key_file().display().to_string();
     let serves = format!("would serve on {listen} as replica ");
+    // A self-signed certificate, elsewhere (the check must write nothing
+    // in `dir`).
+    let pki = tempfile::tempdir().unwrap();
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    std::fs::write(pki.path().join("tls.crt"), certified.cert.pem()).unwrap();
+    std::fs::write(
+        pki.path().join("tls.key"),
+        certified.signing_key.serialize_pem(),
+    )
+    .unwrap();
+    let (cert, cert_key) = (
+        pki.path().join("tls.crt").display().to_string(),
+        pki.path().join("tls.key").display().to_string(),
+    );
 
     // (arguments, exit code, what stdout or stderr must hold)
     let cases: Vec<(Vec<&str>, i32, Vec<&str>)> = vec![
@@ -85,6 +99,42 @@ async fn serve_check_reads_everything_and_binds_nothing() {
             ],
         ),
         (vec!["--tokens", "missing.yaml"], 1, vec!["missing.yaml"]),
+        (
+            vec![
+                "--store",
+                "etcd",
+                "--etcd-endpoints",
+                "http://127.0.0.1:1",
+                "--signing-key",
+                &key,
+                "--tls-cert",
+                &cert,
+                "--tls-key",
+                &cert_key,
+            ],
+            1,
+            vec!["with --tls-cert and --store etcd, give --peer-ca FILE"],
+        ),
+        (
+            vec![
+                "--store",
+                "etcd",
+                "--etcd-endpoints",
+                "http://127.0.0.1:1",
+                "--signing-key",
+                &key,
+                "--tls-cert",
+                &cert,
+                "--tls-key",
+                &cert_key,
+                "--peer-ca",
+                &cert,
+                "--peer-tls-name",
+                "localhost",
+            ],
+            0,
+            vec!["the other replicas reach it at 127.0.0.1:", "gRPC: TLS"],
+        ),
         (
             vec![
                 "--listen",

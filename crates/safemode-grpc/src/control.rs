@@ -417,6 +417,7 @@ impl ControlService for ControlApi {
             .view
             .revision
             .max(status.store.namespace_revision.unwrap_or_default());
+        let _turn = self.fleet.admit().await?;
         let gathered = self
             .fleet
             .gather(&FleetQuery {

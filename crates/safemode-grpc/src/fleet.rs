@@ -36,7 +36,8 @@ pub(crate) struct PeerSettings {
     /// The `host:port` the others dial; `None`: the bound listen address.
     pub advertise: Option<String>,
     /// CA certificates (PEM) that verify the others' certificates, when
-    /// gRPC is served over TLS.
+    /// gRPC is served over TLS (required with etcd; a single replica on the
+    /// embedded store has no others and uses its own chain).
     pub ca: Option<Vec<u8>>,
     /// The name the others' certificates must carry; `None`: the host of
     /// each one's address.
@@ -74,6 +75,12 @@ pub(crate) fn peer_settings(config: &ServeConfig) -> anyhow::Result<PeerSettings
         (Some(path), _) if serves_tls => Some(read_pem_certificates(path, "--peer-ca")?),
         (Some(_), _) => bail!(
             "--peer-ca is for replicas that serve TLS; give --tls-cert and --tls-key too, or drop --peer-ca"
+        ),
+        // Replicas that serve TLS on etcd ask each other over it: which CA
+        // vouches for them is said, never guessed (a leaf alone cannot
+        // verify itself unless it is self-signed).
+        (None, Some(_)) if matches!(config.store, StoreConfig::Etcd { .. }) => bail!(
+            "with --tls-cert and --store etcd, give --peer-ca FILE: the CA certificates that signed the replicas' certificates, which they check when they ask each other for the fleet's status (for a self-signed certificate, the --tls-cert file itself)"
         ),
         (None, Some(cert)) => Some(read_pem_certificates(cert, "--tls-cert")?),
         (None, None) => None,
@@ -271,7 +278,13 @@ pub(crate) struct Fleet {
     channels: Mutex<HashMap<(String, bool), Channel>>,
     /// The fleet's records as last read, asked while the store is away.
     known: Mutex<Option<Vec<ReplicaRecord>>>,
+    /// Gathers under way (each may hold a page from every replica).
+    gathers: tokio::sync::Semaphore,
 }
+
+/// How many fleet statuses one replica gathers at once; more wait, up to
+/// [`PEER_DEADLINE`], then are refused.
+pub const MAX_GATHERS: usize = 4;
 
 impl Fleet {
     pub fn new(
@@ -287,6 +300,18 @@ impl Fleet {
             peers,
             channels: Mutex::new(HashMap::new()),
             known: Mutex::new(None),
+            gathers: tokio::sync::Semaphore::new(MAX_GATHERS),
+        }
+    }
+
+    /// A turn to gather: at most [`MAX_GATHERS`] at once, since each holds a
+    /// page from every replica.
+    pub async fn admit(&self) -> Result<tokio::sync::SemaphorePermit<'_>, Status> {
+        match tokio::time::timeout(PEER_DEADLINE, self.gathers.acquire()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(Status::resource_exhausted(format!(
+                "this replica is gathering {MAX_GATHERS} fleet statuses already; retry in a moment"
+            ))),
         }
     }
 

@@ -101,8 +101,8 @@ pub struct ServeConfig {
     /// host (not `0.0.0.0`) when the store is etcd.
     pub advertise: Option<String>,
     /// CA certificates (PEM) that verify other replicas' TLS certificates
-    /// when they are asked for the fleet's status; `None`: the `tls_cert`
-    /// chain itself (replicas that share one certificate).
+    /// when they are asked for the fleet's status; required with TLS on
+    /// etcd (`None` is refused there: which CA vouches is never guessed).
     pub peer_ca: Option<PathBuf>,
     /// The name other replicas' certificates are checked against; `None`:
     /// the host of each one's advertised address.
