@@ -68,6 +68,7 @@ async fn serve_check_reads_everything_and_binds_nothing() {
                 "modes: 12, runbooks: 6 (catalogue fingerprint ",
                 "tokens: none",
                 "a new signing key, made at safemode-data/signing.key on first start",
+                "OTLP: none (no OTEL_EXPORTER_OTLP_* endpoint)",
                 "check passed: nothing was bound, opened or written",
             ],
         ),

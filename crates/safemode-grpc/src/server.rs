@@ -359,6 +359,12 @@ pub fn check(config: &ServeConfig) -> anyhow::Result<Vec<String>> {
                 .to_string(),
         },
         format!("gRPC: {}", if tls.is_some() { "TLS" } else { "plain text" }),
+        match (config.otlp.traces, config.otlp.metrics) {
+            (false, false) => "OTLP: none (no OTEL_EXPORTER_OTLP_* endpoint)".to_string(),
+            (true, true) => "OTLP: traces and metrics over gRPC".to_string(),
+            (true, false) => "OTLP: traces over gRPC".to_string(),
+            (false, true) => "OTLP: metrics over gRPC".to_string(),
+        },
         format!("{key}; {} more trusted key(s)", trusted),
     ]
     .into_iter()
