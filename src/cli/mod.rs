@@ -544,14 +544,24 @@ struct StatusArgs {
     /// has not when --timeout passes.
     #[arg(long)]
     wait_synced: bool,
-    /// How long --wait-synced waits, e.g. 30s or 2m.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration, requires = "wait_synced")]
+    /// How long --wait-synced waits, e.g. 30s or 2m (at most 24h).
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = wait_timeout_arg, requires = "wait_synced")]
     timeout: Duration,
 }
 
 /// A `--channel` value.
 fn channel_arg(text: &str) -> Result<Channel, String> {
     Channel::parse(text).map_err(|e| e.to_string())
+}
+
+/// A `--timeout` value of `status --wait-synced`: a duration of at most a
+/// day.
+fn wait_timeout_arg(text: &str) -> Result<Duration, String> {
+    let timeout = parse_duration(text)?;
+    if timeout > Duration::from_secs(24 * 3600) {
+        return Err(format!("'{text}' is longer than 24h; wait at most a day"));
+    }
+    Ok(timeout)
 }
 
 /// A `--state` value.
@@ -1347,14 +1357,13 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         .map_err(|_| format!("'{text}' is not a duration; write e.g. 500ms, 10s or 1m"))?;
     // Days and longer have no fixed length; nobody wants a heartbeat that
     // long anyway.
-    let duration = jiff::SignedDuration::try_from(span)
+    let signed = jiff::SignedDuration::try_from(span).map_err(|_| {
+        format!("'{text}' is not a usable duration; write hours or less, e.g. 500ms, 10s or 1m")
+    })?;
+    Duration::try_from(signed)
         .ok()
-        .and_then(|d| Duration::try_from(d).ok())
         .filter(|d| !d.is_zero())
-        .ok_or_else(|| {
-            format!("'{text}' is not a usable duration; write hours or less, e.g. 500ms, 10s or 1m")
-        })?;
-    Ok(duration)
+        .ok_or_else(|| format!("'{text}' is not longer than zero; write e.g. 500ms, 10s or 1m"))
 }
 
 fn subscriber_config(

@@ -905,16 +905,23 @@ impl Status {
         }
         named.extend(silent);
         let head = match counted {
-            1 => "1 subscriber is".to_string(),
-            n => format!("{n} subscribers are"),
+            0 => format!(
+                "the {} subscribers that answered are SYNCED at revision {} in namespace {}, but",
+                self.subscriber_count, self.revision, self.namespace
+            ),
+            n => format!(
+                "{} not SYNCED at revision {} in namespace {} ({} in all):",
+                if n == 1 {
+                    "1 subscriber is".to_string()
+                } else {
+                    format!("{n} subscribers are")
+                },
+                self.revision,
+                self.namespace,
+                self.subscriber_count
+            ),
         };
-        Some(format!(
-            "{head} not SYNCED at revision {} in namespace {} ({} in all): {}",
-            self.revision,
-            self.namespace,
-            self.subscriber_count,
-            named.join("; ")
-        ))
+        Some(format!("{head} {}", named.join("; ")))
     }
 
     /// `--wait-synced`'s progress line: how many are SYNCED, and the rest.
@@ -1108,18 +1115,24 @@ impl View for Status {
                 .subscribers
                 .iter()
                 .map(|x| {
+                    // An older rejection, answered since by an ack, is
+                    // history: the state says where it stands now.
                     let rejected = match &x.reject_reason {
-                        None => "-".to_string(),
-                        Some(reason) => {
+                        Some(reason) if x.state == "REJECTED" => {
                             format!("{}: {reason}", x.rejected_revision.unwrap_or_default())
                         }
+                        _ => "-".to_string(),
+                    };
+                    let acked = match x.acked_at {
+                        Time(None) => "-".to_string(),
+                        _ => x.acked_revision.to_string(),
                     };
                     [
                         x.subscriber_id.clone(),
                         x.channel.clone(),
                         x.state.clone(),
                         x.replica.clone(),
-                        x.acked_revision.to_string(),
+                        acked,
                         x.acked_at.to_string(),
                         x.peer.clone(),
                         rejected,

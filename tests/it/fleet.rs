@@ -550,7 +550,14 @@ async fn a_forged_fleet_record_shows_nothing_it_says() {
     }
     // A copy of the real replica's record under another key: its
     // subscribers must not count twice.
-    let copied = store.range("/safemode/replicas/r-solo").await.unwrap();
+    let copied = wait_for("r-solo's record", || async {
+        store
+            .range("/safemode/replicas/r-solo")
+            .await
+            .ok()
+            .filter(|r| !r.kvs.is_empty())
+    })
+    .await;
     store
         .txn(safemode_store::Txn {
             compares: vec![],

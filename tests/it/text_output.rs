@@ -74,7 +74,9 @@ async fn stored_text_cannot_forge_lines_in_status_or_audit() {
     )
     .await;
     let revision = server.status("live").await.revision;
-    let subscriber = RawSubscriber::connect(server.channel().await, "live", "web", "web-1", 0)
+    // It never acks: its rejection is its answer (status shows a rejection
+    // only while it stands).
+    let subscriber = RawSubscriber::connect_silent(server.channel().await, "live", "web", "web-1")
         .await
         .expect("the subscriber connects");
     wait_until("the subscriber has the policy", || async {
