@@ -330,7 +330,11 @@ async fn a_scrape_after_a_flip_counts_the_fleet_the_convergence_and_the_commits(
             .iter()
             .map(|(_, v)| v)
             .sum();
-            (counted == 3.0).then_some(families)
+            // The store-backed gauges are read in the background (a scrape
+            // never waits on the store): there once it has read them.
+            let store_read = families.contains_key("safemode_requests_pending")
+                && families.contains_key("safemode_store_lag_revisions");
+            (counted == 3.0 && store_read).then_some(families)
         },
     )
     .await;
@@ -518,7 +522,17 @@ async fn a_scrape_after_a_flip_counts_the_fleet_the_convergence_and_the_commits(
     )
     .await;
     assert_eq!(code, Some(3), "{out}");
-    let families = scrape(http).await;
+    let families = wait_for("the pending request in the gauge", || async {
+        let families = scrape(http).await;
+        (value(
+            &families,
+            "safemode_requests_pending",
+            "safemode_requests_pending",
+            "namespace=live",
+        ) == 1.0)
+            .then_some(families)
+    })
+    .await;
     for (family, sample, labels, want) in [
         (
             "safemode_requests_pending",

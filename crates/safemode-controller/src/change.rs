@@ -445,6 +445,9 @@ struct Counted {
 pub(crate) struct ChangeOf<'a> {
     /// The operation's name, kept with the change.
     pub operation: &'static str,
+    /// The audited action the change is, when known before it is planned:
+    /// a change the store failed before any plan still counts as failed.
+    pub kind: Option<AuditAction>,
     /// The caller's change id, if it gave one.
     pub id: Option<&'a ChangeId>,
 }
@@ -551,6 +554,7 @@ impl Controller {
     ) -> Result<(T, Revision)> {
         let change = ChangeOf {
             operation: "internal",
+            kind: None,
             id: None,
         };
         self.commit_in(change, NoNamespace, move |()| prepare())
@@ -570,9 +574,20 @@ impl Controller {
     ) -> Result<(T, Revision)> {
         let change = ChangeOf {
             operation: act.action.as_str(),
+            kind: Some(act.action),
             id: act.change_id,
         };
-        let handle = self.namespace(act.namespace).await?;
+        let handle = match self.namespace(act.namespace).await {
+            Ok(handle) => handle,
+            Err(e) => {
+                if act.dry_run.is_none()
+                    && matches!(e, Error::Store(_) | Error::StoreUnreachable { .. })
+                {
+                    self.counters().failed(act.action);
+                }
+                return Err(e);
+            }
+        };
         if let Some(dry_run) = act.dry_run {
             // No change id is looked up or kept: nothing commits.
             let (outcome, revision, preview) = self.preview_change(act, handle, prepare).await?;
@@ -622,6 +637,13 @@ impl Controller {
                 Ok(_) => {}
                 Err(_) => self.counters().failed(kind),
             }
+        } else if let (Some(kind), Err(Error::Store(_) | Error::StoreUnreachable { .. })) =
+            (change.kind, &result)
+        {
+            // The store failed before the change could be planned (its
+            // reads): failed all the same, and what an outage alert needs.
+            span.record("kind", kind.as_str());
+            self.counters().failed(kind);
         }
         match result {
             Err(Error::Store(safemode_store::Error::Unavailable(cause))) if unresolved => {

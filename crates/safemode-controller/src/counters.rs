@@ -132,13 +132,15 @@ pub struct NamespaceGauges {
 }
 
 /// What needs a store read: pending requests and the lag, per followed
-/// namespace. Read when metrics are collected, bounded by the store probe.
+/// namespace. Read in the background (never by a scrape), bounded by the
+/// store probe.
 #[derive(Clone, Debug, PartialEq)]
 pub struct NamespaceStoreGauges {
     /// The namespace.
     pub namespace: Namespace,
-    /// Change requests waiting for an approver.
-    pub pending_requests: usize,
+    /// Change requests waiting for an approver; `None` when the store did
+    /// not answer.
+    pub pending_requests: Option<usize>,
     /// The namespace's last change in the store minus this replica's;
     /// `None` when the store did not answer.
     pub lag_revisions: Option<i64>,

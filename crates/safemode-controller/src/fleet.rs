@@ -44,6 +44,24 @@ pub struct ReplicaRecord {
     pub version: String,
 }
 
+impl ReplicaRecord {
+    /// Whether the name is one `--replica` accepts (1 to 128 characters,
+    /// no spaces or controls) and the address a `host:port` of at most 300
+    /// characters without spaces or controls.
+    pub fn is_sound(&self) -> bool {
+        let printable = |s: &str, max: usize| {
+            !s.is_empty()
+                && s.len() <= max
+                && !s.chars().any(|c| c.is_control() || c.is_whitespace())
+        };
+        printable(&self.replica, 128)
+            && printable(&self.address, 300)
+            && self.address.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
+            })
+    }
+}
+
 /// Which subscribers a status shows.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SubscriberFilter {
@@ -191,11 +209,21 @@ impl Controller {
     pub async fn fleet(&self) -> Result<(Vec<ReplicaRecord>, usize)> {
         let prefix = self.config.layout.replicas_prefix();
         let range = self.store.range(&prefix).await?;
+        let layout = &self.config.layout;
         let mut records: Vec<ReplicaRecord> = range
             .kvs
             .iter()
-            .filter_map(|kv| match serde_json::from_slice(&kv.value) {
-                Ok(record) => Some(record),
+            .filter_map(|kv| match serde_json::from_slice::<ReplicaRecord>(&kv.value) {
+                // A record is where its name puts it, with a name and an
+                // address a replica could have: anything else was not
+                // written by a replica.
+                Ok(record) if layout.replica_key(&record.replica) == kv.key && record.is_sound() => {
+                    Some(record)
+                }
+                Ok(_) => {
+                    warn!(key = %kv.key, "a replica record not where its name puts it, or with a bad name or address; skipped");
+                    None
+                }
                 Err(e) => {
                     warn!(key = %kv.key, error = %e, "a replica record that cannot be read; skipped");
                     None

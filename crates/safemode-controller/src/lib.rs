@@ -623,7 +623,7 @@ impl Controller {
     /// Pending change requests and the lag behind the store of every
     /// followed namespace: one read of the requests and one probe per
     /// namespace, each bounded by `store_probe_timeout`. A store that does
-    /// not answer leaves the lag unknown and counts no requests.
+    /// not answer leaves both unknown (`None`).
     pub async fn store_gauges(&self) -> Vec<counters::NamespaceStoreGauges> {
         // Read without touching the handles: a scrape must not keep an idle
         // drill namespace followed.
@@ -635,8 +635,7 @@ impl Controller {
         )
         .await
         .ok()
-        .and_then(|r| r.ok())
-        .unwrap_or_default();
+        .and_then(|r| r.ok());
         let pending = &pending;
         // All namespaces at once: a dead store costs a scrape one probe
         // timeout, not one per namespace.
@@ -659,7 +658,9 @@ impl Controller {
                 Err(_) => None,
             };
             counters::NamespaceStoreGauges {
-                pending_requests: pending.get(&view.namespace).copied().unwrap_or(0),
+                pending_requests: pending
+                    .as_ref()
+                    .map(|p| p.get(&view.namespace).copied().unwrap_or(0)),
                 namespace: view.namespace.clone(),
                 lag_revisions: lag,
             }

@@ -7,8 +7,9 @@
 //! standard `OTEL_EXPORTER_OTLP_*` variables ask for it ([`Otlp::from_env`]).
 //! Gauges are read when metrics are collected, from the controller's followed
 //! namespaces ([`Controller::gauges`]) and, for what needs the store (pending
-//! requests, lag), from the last [`Controller::store_gauges`], which a scrape
-//! refreshes first. Counters of commits and refusals are the controller's
+//! requests, lag), from the last [`Controller::store_gauges`], which a
+//! background task reads every few seconds (a scrape never waits on the
+//! store). Counters of commits and refusals are the controller's
 //! own atomics ([`safemode_controller::counters::Counters`]), reported as
 //! observable counters; the stream's events are counted here
 //! ([`StreamMetrics`]).
@@ -52,8 +53,8 @@ const CONVERGENCE_BUCKETS: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];
 
-/// How often the store-backed gauges are read for OTLP when nobody scrapes.
-const STORE_GAUGES_EVERY: Duration = Duration::from_secs(15);
+/// How often the store-backed gauges (pending requests, lag) are read.
+const STORE_GAUGES_EVERY: Duration = Duration::from_secs(5);
 
 // === OTLP settings ===
 
@@ -184,8 +185,11 @@ impl ServerMetrics {
             scrape: tokio::sync::Mutex::new(()),
         });
         metrics.observe(&meter);
-        if otlp.metrics {
-            // Nobody may scrape: keep the store-backed gauges fresh.
+        {
+            // The store-backed gauges are read here, every
+            // STORE_GAUGES_EVERY, never by a scrape: /metrics answers at
+            // once even while the store does not, and scrapers cost the
+            // store nothing.
             let weak = Arc::downgrade(&metrics);
             let stop = shutdown.clone();
             tokio::spawn(tracing::Instrument::instrument(
@@ -216,8 +220,9 @@ impl ServerMetrics {
     /// Every metric in the Prometheus text format, the store-backed gauges
     /// read first.
     pub async fn render(&self) -> String {
+        // The store-backed gauges are as the background refresh last read
+        // them: a scrape never waits on the store.
         let _one_at_a_time = self.scrape.lock().await;
-        self.refresh_store_gauges().await;
         let families = self.registry.gather();
         let mut text = String::new();
         if let Err(e) = prometheus::TextEncoder::new().encode_utf8(&families, &mut text) {
@@ -237,8 +242,19 @@ impl ServerMetrics {
         let Some(controller) = self.controller.upgrade() else {
             return;
         };
-        let gauges = controller.store_gauges().await;
-        *self.store.lock().unwrap_or_else(|e| e.into_inner()) = gauges;
+        let mut gauges = controller.store_gauges().await;
+        let mut known = self.store.lock().unwrap_or_else(|e| e.into_inner());
+        // A store that does not answer now leaves what it last said: the
+        // requests still wait (the lag is unknown, and absent).
+        for gauge in &mut gauges {
+            if gauge.pending_requests.is_none() {
+                gauge.pending_requests = known
+                    .iter()
+                    .find(|k| k.namespace == gauge.namespace)
+                    .and_then(|k| k.pending_requests);
+            }
+        }
+        *known = gauges;
     }
 
     /// Registers the gauges and counters read at collection time.
@@ -330,10 +346,12 @@ impl ServerMetrics {
             .with_description("Change requests waiting for an approver, by namespace")
             .with_callback(move |observer| {
                 for namespace in store.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-                    observer.observe(
-                        namespace.pending_requests as u64,
-                        &[KeyValue::new("namespace", namespace.namespace.to_string())],
-                    );
+                    if let Some(pending) = namespace.pending_requests {
+                        observer.observe(
+                            pending as u64,
+                            &[KeyValue::new("namespace", namespace.namespace.to_string())],
+                        );
+                    }
                 }
             })
             .build();
