@@ -323,6 +323,12 @@ struct ServeArgs {
     /// healthy; 503 with the reason when not).
     #[arg(long, env = "SAFEMODE_HTTP_LISTEN", value_name = "ADDR")]
     http_listen: Option<SocketAddr>,
+    /// Serve the web console on a non-loopback --http-listen although that
+    /// listener speaks plain HTTP: say so only when a TLS-terminating proxy
+    /// (an ingress, a mesh) fronts it. Without it the console (not health)
+    /// is refused there.
+    #[arg(long, env = "SAFEMODE_CONSOLE_PLAIN_HTTP")]
+    console_plain_http: bool,
     /// Check every flag and read every file (tokens, certificates, keys,
     /// modes, runbooks), print what would be served, and exit without
     /// binding, opening the store or writing anything.
@@ -1198,6 +1204,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = ServeConfig {
         listen: args.listen,
         http_listen: args.http_listen,
+        console_plain_http: args.console_plain_http,
         store,
         replica: args.replica,
         advertise: args.advertise,

@@ -84,6 +84,9 @@ pub struct ServeConfig {
     /// Address of the plain-HTTP listener (`/healthz`, `/readyz`); `None`:
     /// no HTTP listener.
     pub http_listen: Option<SocketAddr>,
+    /// Serve the console on a non-loopback `http_listen` although it is
+    /// plain HTTP: a TLS-terminating proxy fronts it (README, "The console").
+    pub console_plain_http: bool,
     /// How often readiness is checked for the gRPC health service.
     pub readiness_interval: Duration,
     /// The store.
@@ -154,6 +157,7 @@ impl Default for ServeConfig {
             peer_tls_name: None,
             replica_ttl: Duration::from_secs(15),
             http_listen: None,
+            console_plain_http: false,
             readiness_interval: Duration::from_secs(2),
             modes_dir: None,
             runbooks_dir: None,
@@ -475,6 +479,16 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
         advertised.clone(),
         peers,
     ));
+    let console = crate::console::ConsoleSettings::new(
+        &controller,
+        &replica,
+        &fleet,
+        &authenticator,
+        authentication,
+        http_addr,
+        config.console_plain_http,
+        &shutdown,
+    );
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls {
         // Checked by `server_tls` already.
@@ -529,7 +543,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
         tracing::info_span!("readiness", %replica),
     ));
     if let Some(listener) = http_listener {
-        let app = http_surfaces(controller.clone());
+        let app = http_surfaces(controller.clone()).merge(crate::console::router(console));
         let stop = shutdown.clone();
         info!(addr = ?http_addr, "serving /healthz and /readyz over HTTP");
         tokio::spawn(tracing::Instrument::instrument(
