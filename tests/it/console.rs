@@ -2,7 +2,9 @@
 //! (`POST /api/v1/<Method>`, protobuf JSON), so its refusals are the gRPC
 //! ones; its page is served with a strict Content-Security-Policy and sets
 //! no HTML from data; its event stream says when the namespace changed.
-//! The browser test is `console_browser.rs`.
+//! The browser test drives `tests/console/console_browser.py` (Selenium,
+//! headless Chromium) against a real controller with tokens and simulated
+//! subscribers.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -743,4 +745,127 @@ async fn without_tokens_callers_name_themselves_on_loopback_names_only() {
     stream.read_to_string(&mut raw).await.unwrap();
     assert!(raw.starts_with("HTTP/1.1 403"), "{raw}");
     assert!(raw.contains("host_not_loopback"), "{raw}");
+}
+
+/// Fails, saying how to install it, when the browser test cannot run.
+fn browser_test_tools() -> String {
+    let python = std::env::var("SAFEMODE_PYTHON").unwrap_or_else(|_| "python3".into());
+    let missing: Vec<&str> = ["/usr/bin/chromium", "/usr/bin/chromedriver"]
+        .into_iter()
+        .filter(|path| !std::path::Path::new(path).exists())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "the browser test needs {missing:?}: apt-get install chromium chromium-driver (scripts/test installs them)"
+    );
+    let selenium = std::process::Command::new(&python)
+        .args(["-c", "import selenium"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(
+        selenium,
+        "the browser test needs Selenium for {python}: {python} -m pip install selenium (scripts/test installs it)"
+    );
+    python
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commanders_approvers_and_viewers_use_the_console_in_a_real_browser() {
+    let python = browser_test_tools();
+    let principals = Principals::new();
+    let (server, http) = console_server(&principals).await;
+    // Simulated channel services: real subscribers that apply and ack.
+    let subscribers = [
+        ("chatbot", 2),
+        ("ivr", 1),
+        ("agent-desk", 1),
+        ("web", 2),
+        ("mobile", 1),
+        ("email", 1),
+    ];
+    let mut connected = Vec::new();
+    for (channel, count) in subscribers {
+        for i in 0..count {
+            let mut config = server.subscriber_config(channel, &format!("{channel}-sim-{i}"));
+            config.token = Some(principals.token("subscriber").to_string());
+            connected.push(
+                safemode_client::Subscriber::connect(config)
+                    .await
+                    .expect("a simulated subscriber connects"),
+            );
+        }
+    }
+    let screenshots = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .unwrap()
+        .join("console-screenshots");
+    std::fs::create_dir_all(&screenshots).unwrap();
+    let cli_apply = json!([
+        env!("CARGO_BIN_EXE_safemode"),
+        "--server",
+        server.url,
+        "--token",
+        principals.token("commander"),
+        "mode",
+        "apply",
+        "incident-notice",
+        "--reason",
+        "status page says we are investigating",
+    ]);
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/console/console_browser.py"
+    );
+    let mut command = tokio::process::Command::new(&python);
+    command
+        .arg(script)
+        .env("CONSOLE_URL", format!("http://{http}/"))
+        .env("COMMANDER_TOKEN", principals.token("commander"))
+        .env("APPROVER_TOKEN", principals.token("approver"))
+        .env("VIEWER_TOKEN", principals.token("viewer"))
+        .env(
+            "SUBSCRIBERS",
+            subscribers
+                .iter()
+                .map(|(channel, count)| format!("{channel}={count}"))
+                .collect::<Vec<_>>()
+                .join(","),
+        )
+        .env("CLI_APPLY", cli_apply.to_string())
+        .env(
+            "SAFEMODE_TRUSTED_KEYS",
+            crate::support::key_file_for(&["--server", &server.url]),
+        )
+        .env_remove("SAFEMODE_SERVER")
+        .env("SCREENSHOTS", &screenshots)
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(Duration::from_secs(300), command.output())
+        .await
+        .expect("the browser test ends within 5 minutes")
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    println!("{stdout}");
+    println!("screenshots of the main views: {}", screenshots.display());
+    assert!(
+        output.status.success(),
+        "the browser test failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("every scenario held"), "{stdout}");
+    for view in [
+        "01-signed-in-nothing-active",
+        "02-declared-propagated",
+        "03-in-force",
+        "04-own-request",
+        "05-viewer-audit",
+        "06-decision-preview",
+        "07-approved-nothing-active",
+    ] {
+        assert!(
+            screenshots.join(format!("{view}.png")).exists(),
+            "no screenshot {view}"
+        );
+    }
+    drop(connected);
 }

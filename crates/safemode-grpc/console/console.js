@@ -147,6 +147,7 @@ async function signIn() {
 
 function showSignIn(error, tokens = true) {
   session.who = null;
+  drawn.clear();
   stopFollowing();
   show($("signin"), true);
   show($("main"), false);
@@ -267,6 +268,17 @@ function showStage() {
 
 // === What is in force ===
 
+const drawn = new Map();
+
+/// Runs `render` when `data` differs from what the section was last drawn
+/// from.
+function rerender(section, data, render) {
+  const key = JSON.stringify(data);
+  if (drawn.get(section) === key) return;
+  drawn.set(section, key);
+  render();
+}
+
 let refreshing = null;
 let refreshAgain = false;
 
@@ -310,12 +322,18 @@ async function readAndRender() {
   fail("");
   $("revision").textContent = `${status.namespace} at revision ${status.revision}`;
   const active = incidents.incidents.filter((i) => i.status === "active");
-  renderIncidents(active);
-  renderActivations(status.activations);
-  renderPropagation(status, rejected.subscribers);
-  renderTold(status.activations);
-  renderRequests(requests.requests.filter((r) => r.status === "pending"));
-  renderAuditChoices(incidents.incidents);
+  const pending = requests.requests.filter((r) => r.status === "pending");
+  // Only what changed is drawn again, so that focus and a half-made choice
+  // elsewhere on the page survive a live update.
+  const who = [session.who && session.who.principal, session.may];
+  rerender("incidents", [active, who, session.runbooks.length], () => renderIncidents(active));
+  rerender("activations", [status.activations, who], () => renderActivations(status.activations));
+  rerender("propagation", [status.channels, status.replicas, status.subscriberCount, status.revision, rejected.subscribers], () =>
+    renderPropagation(status, rejected.subscribers),
+  );
+  rerender("told", status.activations, () => renderTold(status.activations));
+  rerender("requests", [pending, who], () => renderRequests(pending));
+  rerender("audit-choices", incidents.incidents, () => renderAuditChoices(incidents.incidents));
   show($("nothing-active"), active.length === 0 && status.activations.length === 0);
   const problems = status.problems || [];
   const partial = $("partial");
@@ -465,22 +483,37 @@ function countsText(summary, total) {
   return `${summary.synced} of ${total} SYNCED — ${parts.join(", ")}`;
 }
 
+/// The distinct texts of `field` among `activations`, each with the modes
+/// that say it (a stage gives all its modes one text).
+function byText(activations, field) {
+  const texts = new Map();
+  for (const activation of activations) {
+    const text = activation[field];
+    if (!text) continue;
+    if (!texts.has(text)) texts.set(text, []);
+    texts.get(text).push(activation.mode);
+  }
+  return [...texts.entries()];
+}
+
 function renderTold(activations) {
   const cards = [];
   for (const channel of CHANNELS) {
     const covering = activations.filter((a) => !a.channels || a.channels.length === 0 || a.channels.includes(channel));
-    const notices = covering.filter((a) => a.customerNotice);
-    const scripts = covering.filter((a) => a.agentScript);
+    const notices = byText(covering, "customerNotice");
+    const scripts = byText(covering, "agentScript");
     if (notices.length === 0 && scripts.length === 0) continue;
+    const list = (texts) =>
+      el("ul", {}, ...texts.map(([text, modes]) => el("li", { class: "text", text: `${text} (${modes.join(", ")})` })));
     cards.push(
       el(
         "li",
         { class: "told", "data-channel": channel },
         el("h3", { text: channel }),
         el("h4", { text: "Customers are told" }),
-        el("ul", {}, ...notices.map((a) => el("li", { class: "text", text: `${a.customerNotice} (${a.mode})` }))),
+        notices.length > 0 ? list(notices) : el("p", { class: "empty", text: "nothing new" }),
         el("h4", { text: "Agents are told" }),
-        el("ul", {}, ...scripts.map((a) => el("li", { class: "text", text: `${a.agentScript} (${a.mode})` }))),
+        scripts.length > 0 ? list(scripts) : el("p", { class: "empty", text: "nothing new" }),
       ),
     );
   }
@@ -986,6 +1019,7 @@ function wireForms() {
       const who = await call("WhoAmI", { namespaces: [namespace] });
       session.namespace = namespace;
       session.may = who.permissions[0];
+      drawn.clear();
       applyPermissions();
       say("");
       await refresh();

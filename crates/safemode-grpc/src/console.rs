@@ -76,12 +76,14 @@ pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'
 const INDEX_HTML: &str = include_str!("../console/index.html");
 const CONSOLE_CSS: &str = include_str!("../console/console.css");
 const CONSOLE_JS: &str = include_str!("../console/console.js");
+const FAVICON: &str = include_str!("../console/favicon.svg");
 
 /// The page's assets, by path: what is served, and what the tests read.
-pub const ASSETS: [(&str, &str, &str); 3] = [
+pub const ASSETS: [(&str, &str, &str); 4] = [
     ("/", "text/html; charset=utf-8", INDEX_HTML),
     ("/console.css", "text/css; charset=utf-8", CONSOLE_CSS),
     ("/console.js", "text/javascript; charset=utf-8", CONSOLE_JS),
+    ("/favicon.svg", "image/svg+xml", FAVICON),
 ];
 
 /// What the console needs from the replica.
