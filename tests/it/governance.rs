@@ -165,10 +165,12 @@ enum Rpc {
     ResolveIncident,
     Approve,
     Withdraw,
+    Decide,
+    WhoAmI,
     Subscribe,
 }
 
-const RPCS: [Rpc; 15] = [
+const RPCS: [Rpc; 17] = [
     Rpc::ListModes,
     Rpc::ListRunbooks,
     Rpc::GetAudit,
@@ -183,6 +185,8 @@ const RPCS: [Rpc; 15] = [
     Rpc::ResolveIncident,
     Rpc::Approve,
     Rpc::Withdraw,
+    Rpc::Decide,
+    Rpc::WhoAmI,
     Rpc::Subscribe,
 ];
 
@@ -201,7 +205,14 @@ fn answer_when_allowed(rpc: Rpc) -> Code {
 fn allowed(role: &str, rpc: Rpc, drill: bool) -> bool {
     use Rpc::*;
     let read_catalog = matches!(rpc, ListModes | ListRunbooks);
-    let read = matches!(rpc, GetStatus | ListIncidents | GetIncident | ListRequests);
+    let read = matches!(
+        rpc,
+        GetStatus | ListIncidents | GetIncident | ListRequests | Decide
+    );
+    // Tells callers only about themselves: any token may ask.
+    if matches!(rpc, WhoAmI) {
+        return true;
+    }
     let change = matches!(
         rpc,
         ApplyModes
@@ -335,6 +346,21 @@ async fn call(
                 request_id: fixtures.withdrawable.clone(),
                 reason: format!("{role} withdraws"),
                 change_id: String::new(),
+            })
+            .await,
+        ),
+        Rpc::Decide => code(
+            c.decide(proto::DecideRequest {
+                namespace: ns,
+                channel: "web".into(),
+                action: "account.password_reset".into(),
+                ..Default::default()
+            })
+            .await,
+        ),
+        Rpc::WhoAmI => code(
+            c.who_am_i(proto::WhoAmIRequest {
+                namespaces: vec![ns],
             })
             .await,
         ),
@@ -1296,4 +1322,41 @@ async fn two_approvers_at_once_carry_a_request_out_once() {
         .count();
     assert_eq!(approvals, 1);
     assert!(live_status(&mut admin).await.activations.is_empty());
+}
+
+/// WhoAmI, which the console offers actions from, says what the table
+/// allows: the same answers the calls themselves get.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn who_am_i_says_what_the_table_allows() {
+    let principals = Principals::new();
+    let server = TestServer::with_tokens(&principals).await;
+    for role in [
+        "viewer",
+        "subscriber",
+        "commander",
+        "approver",
+        "drill",
+        "admin",
+    ] {
+        let mut c = control_as(&server, Some(principals.token(role))).await;
+        let who = c
+            .who_am_i(proto::WhoAmIRequest {
+                namespaces: vec!["live".into(), "drill-table".into()],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(who.principal, role);
+        assert!(who.tokens);
+        for (said, drill) in who.permissions.iter().zip([false, true]) {
+            let expected = proto::NamespacePermissions {
+                namespace: said.namespace.clone(),
+                read: allowed(role, Rpc::GetStatus, drill),
+                read_audit: allowed(role, Rpc::GetAudit, drill),
+                change: allowed(role, Rpc::ApplyModes, drill),
+                approve: allowed(role, Rpc::Approve, drill),
+            };
+            assert_eq!(said, &expected, "{role} in {}", said.namespace);
+        }
+    }
 }
