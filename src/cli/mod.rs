@@ -321,6 +321,8 @@ struct ServeArgs {
     /// Also serve plain HTTP here: `/healthz` (the process lives) and
     /// `/readyz` (namespace live is read and the store and its watch are
     /// healthy; 503 with the reason when not).
+    /// The web console is served here too, on a loopback address (see
+    /// --console-plain-http).
     #[arg(long, env = "SAFEMODE_HTTP_LISTEN", value_name = "ADDR")]
     http_listen: Option<SocketAddr>,
     /// Serve the web console on a non-loopback --http-listen although that
