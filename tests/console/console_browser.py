@@ -25,6 +25,7 @@ from selenium import webdriver
 from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 URL = os.environ["CONSOLE_URL"]
@@ -100,8 +101,9 @@ class Console:
     def sign_in(self, role):
         self.d.get(URL)
         self.wait("the token field", lambda: self.visible("#token"))
-        self.find("#token").send_keys(TOKENS[role])
-        self.find("#signin-button").click()
+        # By keyboard: the field has focus, Enter signs in.
+        self.wait("the token field has focus", lambda: self.d.switch_to.active_element.get_attribute("id") == "token")
+        self.d.switch_to.active_element.send_keys(TOKENS[role], Keys.ENTER)
         self.wait(f"{role} is signed in", lambda: self.visible("#main"))
         self.wait("WhoAmI named the principal", lambda: f"Signed in as {role}" in self.find("#whoami").text)
         self.wait("the event stream is live", lambda: self.find("#live").text == "Live")
@@ -254,8 +256,17 @@ def scenario(c):
     c.sign_in("approver")
     c.wait("the approve button", lambda: c.all(f'li.request[data-request-id="{request_id}"] button.approve'))
     assert not c.visible("#actions-section"), "an approver is offered commander actions"
-    c.click(f'li.request[data-request-id="{request_id}"] button.approve')
-    c.confirm("baseline for 24h, checked", preview=False)
+    # By keyboard: Enter on the button; the reason has focus; Tab reaches
+    # Confirm (the approval has no dry run: the request says what it does).
+    c.wait("the approve button is reached", lambda: c.find(f'li.request[data-request-id="{request_id}"] button.approve').send_keys(Keys.ENTER) or True)
+    c.wait("the dialog opens", lambda: c.visible("#confirm"))
+    assert "Approving it will:" in c.text("#confirm-context"), c.text("#confirm-context")
+    c.wait("the reason has focus", lambda: c.d.switch_to.active_element.get_attribute("id") == "confirm-reason")
+    c.d.switch_to.active_element.send_keys("baseline for 24h, checked", Keys.TAB)
+    assert c.d.switch_to.active_element.get_attribute("id") == "confirm-button", "Tab does not reach Confirm"
+    c.d.switch_to.active_element.send_keys(Keys.ENTER)
+    c.wait("the dialog closes", lambda: not c.visible("#confirm") or c.visible("#confirm-error"))
+    assert not c.visible("#confirm-error"), c.text("#confirm-error")
     c.wait("nothing is active again", lambda: c.visible("#nothing-active"))
     assert not c.all("li.request") and not c.all("li.incident") and not c.all("tr.activation")
     c.wait(f"every subscriber SYNCED at the end {SUBSCRIBERS}", c.bars_synced)

@@ -869,3 +869,16 @@ async fn commanders_approvers_and_viewers_use_the_console_in_a_real_browser() {
     }
     drop(connected);
 }
+
+#[test]
+fn the_json_transcoding_brings_no_second_prost() {
+    let lock = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.lock"))
+        .expect("Cargo.lock");
+    for name in ["prost", "prost-types", "prost-reflect"] {
+        let versions = lock
+            .split("[[package]]")
+            .filter(|p| p.contains(&format!("\nname = \"{name}\"\n")))
+            .count();
+        assert_eq!(versions, 1, "{name} is in Cargo.lock {versions} times");
+    }
+}
