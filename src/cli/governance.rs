@@ -278,6 +278,8 @@ pub(super) async fn approve(
         request_id,
         reason,
         change_id: String::new(),
+        // `safemode approve` has no --dry-run yet; the console previews.
+        dry_run: false,
     };
     let response = retry::write(servers, caller, "approve", |mut client, change_id| {
         let request = proto::ApproveRequest {

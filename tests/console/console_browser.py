@@ -257,20 +257,27 @@ def scenario(c):
     c.wait("the approve button", lambda: c.all(f'li.request[data-request-id="{request_id}"] button.approve'))
     assert not c.visible("#actions-section"), "an approver is offered commander actions"
     # By keyboard: Enter on the button; the reason has focus; Tab reaches
-    # Confirm (the approval has no dry run: the request says what it does).
+    # the preview of what approving will change; Enter; then Confirm.
     c.wait("the approve button is reached", lambda: c.find(f'li.request[data-request-id="{request_id}"] button.approve').send_keys(Keys.ENTER) or True)
     c.wait("the dialog opens", lambda: c.visible("#confirm"))
     assert "Approving it will:" in c.text("#confirm-context"), c.text("#confirm-context")
     c.wait("the reason has focus", lambda: c.d.switch_to.active_element.get_attribute("id") == "confirm-reason")
     c.d.switch_to.active_element.send_keys("baseline for 24h, checked", Keys.TAB)
-    assert c.d.switch_to.active_element.get_attribute("id") == "confirm-button", "Tab does not reach Confirm"
+    assert c.d.switch_to.active_element.get_attribute("id") == "confirm-preview-button", "Tab does not reach Preview"
+    c.d.switch_to.active_element.send_keys(Keys.ENTER)
+    c.wait("the approval's preview", lambda: c.all("#confirm-preview .preview-summary") or c.visible("#confirm-error"))
+    assert not c.visible("#confirm-error"), c.text("#confirm-error")
+    preview = c.text("#confirm-preview")
+    assert "lift" in preview and "Effects that change" in preview, preview
+    c.shot("07-approve-preview")
+    c.wait("Confirm has focus", lambda: c.d.switch_to.active_element.get_attribute("id") == "confirm-button")
     c.d.switch_to.active_element.send_keys(Keys.ENTER)
     c.wait("the dialog closes", lambda: not c.visible("#confirm") or c.visible("#confirm-error"))
     assert not c.visible("#confirm-error"), c.text("#confirm-error")
     c.wait("nothing is active again", lambda: c.visible("#nothing-active"))
     assert not c.all("li.request") and not c.all("li.incident") and not c.all("tr.activation")
     c.wait(f"every subscriber SYNCED at the end {SUBSCRIBERS}", c.bars_synced)
-    c.shot("07-approved-nothing-active")
+    c.shot("08-approved-nothing-active")
 
 
 def main():

@@ -860,7 +860,8 @@ async fn commanders_approvers_and_viewers_use_the_console_in_a_real_browser() {
         "04-own-request",
         "05-viewer-audit",
         "06-decision-preview",
-        "07-approved-nothing-active",
+        "07-approve-preview",
+        "08-approved-nothing-active",
     ] {
         assert!(
             screenshots.join(format!("{view}.png")).exists(),
@@ -881,4 +882,85 @@ fn the_json_transcoding_brings_no_second_prost() {
             .count();
         assert_eq!(versions, 1, "{name} is in Cargo.lock {versions} times");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_is_previewed_by_the_approver_and_refused_to_the_requester() {
+    let principals = Principals::new();
+    let (_server, http) = console_server(&principals).await;
+    let commander = principals.token("commander");
+    let approver = principals.token("approver");
+    let declared = api(
+        http,
+        "DeclareIncident",
+        Some(commander),
+        &json!({"type": "credential-stuffing", "severity": "sev3", "reason": "wave"}),
+    )
+    .await;
+    assert_eq!(declared.status, 200, "{}", declared.body);
+    let incident = declared.json()["incident"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let resolve = api(
+        http,
+        "ResolveIncident",
+        Some(commander),
+        &json!({"incidentId": incident, "reason": "over"}),
+    )
+    .await
+    .json();
+    let request = resolve["pending"]["id"].as_str().unwrap().to_string();
+    let before = observed(http, principals.token("admin")).await;
+
+    // The requester's dry run is refused as the approval would be, and,
+    // being a dry run, not audited.
+    let own = api(
+        http,
+        "Approve",
+        Some(commander),
+        &json!({"requestId": request, "reason": "mine", "dryRun": true}),
+    )
+    .await;
+    assert_eq!(own.status, 403, "{}", own.body);
+    assert!(
+        own.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("may not approve"),
+        "{}",
+        own.body
+    );
+    // The approver's dry run says what approving will change, per channel.
+    let preview = api(
+        http,
+        "Approve",
+        Some(approver),
+        &json!({"requestId": request, "reason": "checked", "dryRun": true}),
+    )
+    .await;
+    assert_eq!(preview.status, 200, "{}", preview.body);
+    let preview = preview.json()["preview"].clone();
+    assert!(
+        preview["summary"].as_str().unwrap().contains("lift"),
+        "{preview}"
+    );
+    assert!(
+        !preview["channels"].as_array().unwrap().is_empty(),
+        "{preview}"
+    );
+    assert_eq!(
+        observed(http, principals.token("admin")).await,
+        before,
+        "a dry run changes and audits nothing"
+    );
+    let approved = api(
+        http,
+        "Approve",
+        Some(approver),
+        &json!({"requestId": request, "reason": "checked"}),
+    )
+    .await;
+    assert_eq!(approved.status, 200, "{}", approved.body);
+    assert_eq!(approved.json()["request"]["status"], "approved");
 }

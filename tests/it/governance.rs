@@ -338,6 +338,7 @@ async fn call(
                 request_id: fixtures.request.clone(),
                 reason: format!("{role} approves"),
                 change_id: String::new(),
+                dry_run: false,
             })
             .await,
         ),
@@ -632,6 +633,7 @@ async fn declare_escalate_and_resolve_with_a_second_approver() {
             request_id: request.id.clone(),
             reason: "ok".into(),
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .unwrap_err();
@@ -656,6 +658,7 @@ async fn declare_escalate_and_resolve_with_a_second_approver() {
             request_id: own.id.clone(),
             reason: "I am sure".into(),
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .unwrap_err();
@@ -698,6 +701,7 @@ async fn declare_escalate_and_resolve_with_a_second_approver() {
             request_id: own.id.clone(),
             reason: "confirmed with fraud ops".into(),
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .unwrap_err();
@@ -746,6 +750,7 @@ async fn declare_escalate_and_resolve_with_a_second_approver() {
             request_id: request.id.clone(),
             reason: "confirmed with fraud ops".into(),
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .unwrap()
@@ -800,6 +805,7 @@ async fn declare_escalate_and_resolve_with_a_second_approver() {
             request_id: own.id,
             reason: String::new(),
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .unwrap_err();
@@ -875,6 +881,7 @@ async fn going_down_a_severity_waits_for_an_approver() {
         request_id: request.id,
         reason: String::new(),
         change_id: String::new(),
+        dry_run: false,
     })
     .await
     .unwrap();
@@ -1083,6 +1090,7 @@ async fn an_approval_never_carries_out_more_than_was_requested() {
             request_id: resolving.id.clone(),
             reason: "ok".into(),
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .unwrap_err();
@@ -1185,6 +1193,7 @@ stages:
         request_id: request.id.clone(),
         reason: "phones are safe now".into(),
         change_id: String::new(),
+        dry_run: false,
     })
     .await
     .unwrap();
@@ -1247,6 +1256,7 @@ async fn an_expired_request_cannot_be_approved() {
             request_id: request.id,
             reason: String::new(),
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .unwrap_err();
@@ -1300,6 +1310,7 @@ async fn two_approvers_at_once_carry_a_request_out_once() {
                 request_id: id,
                 reason: format!("{who} approves"),
                 change_id: String::new(),
+                dry_run: false,
             })
             .await
         }

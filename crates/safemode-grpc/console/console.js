@@ -770,7 +770,7 @@ function askApprove(request) {
       el("p", { class: "summary", text: `Approving it will: ${request.summary}` }),
       el("p", { text: `Asked by ${request.requestedBy}: ${request.reason}` }),
     ],
-    preview: null,
+    preview: (reason) => call("Approve", { requestId: request.id, reason, dryRun: true }),
     commit: async (reason) => {
       const answer = await call("Approve", { requestId: request.id, reason });
       return `Approved ${request.id}: done at revision ${answer.revision}.`;

@@ -57,6 +57,7 @@ impl ControlApi {
         given_reason: &str,
         operation: Operation,
         verb: &str,
+        dry_run: bool,
     ) -> Result<(RequestId, Option<Reason>, ChangeRequest, String), Status> {
         let id = RequestId::parse(request_id).map_err(invalid_name("request_id"))?;
         let reason = if given_reason.trim().is_empty() {
@@ -65,18 +66,19 @@ impl ControlApi {
             Some(reason(given_reason)?)
         };
         let what = format!("{verb} {id}");
-        authorize_anywhere(&self.controller, actor, operation, &what).await?;
+        authorize_change_anywhere(&self.controller, actor, operation, &what, dry_run).await?;
         let found = self
             .controller
             .request(&id)
             .await
             .map_err(|e| self.write_failed(e))?;
-        authorize(
+        authorize_change(
             &self.controller,
             actor,
             operation,
             Some(&found.namespace),
             &what,
+            dry_run,
         )
         .await?;
         Ok((id, reason, found, what))
@@ -722,14 +724,16 @@ impl ControlService for ControlApi {
                 &r.reason,
                 Operation::Approve,
                 "approve",
+                r.dry_run,
             )
             .await?;
         let outcome = match self
             .controller
-            .approve(&id, reason, &actor, Some(change.clone()))
+            .approve(&id, reason, &actor, Some(change.clone()), r.dry_run)
             .await
         {
-            Err(own @ safemode_controller::Error::OwnRequest { .. }) => {
+            // A dry run audits nothing, its refusals neither.
+            Err(own @ safemode_controller::Error::OwnRequest { .. }) if !r.dry_run => {
                 // Four-eyes: refused like a missing role, and audited.
                 self.controller
                     .record_refusal(
@@ -747,6 +751,7 @@ impl ControlService for ControlApi {
             request: Some(recorded_request_to_wire(&outcome.request)),
             revision: outcome.revision,
             change_id: change.to_string(),
+            preview: outcome.preview.as_ref().map(preview_to_wire),
         }))
     }
 
@@ -764,6 +769,7 @@ impl ControlService for ControlApi {
                 &r.reason,
                 Operation::Change,
                 "withdraw",
+                false,
             )
             .await?;
         let outcome = self
