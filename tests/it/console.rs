@@ -964,3 +964,74 @@ async fn an_approval_is_previewed_by_the_approver_and_refused_to_the_requester()
     assert_eq!(approved.status, 200, "{}", approved.body);
     assert_eq!(approved.json()["request"]["status"], "approved");
 }
+
+/// Opens `GET /api/v1/events` as `token` and reads up to its first event.
+async fn open_events(
+    http: SocketAddr,
+    token: &str,
+) -> (String, tokio::io::Lines<BufReader<tokio::net::TcpStream>>) {
+    let mut stream = tokio::net::TcpStream::connect(http).await.unwrap();
+    stream
+        .write_all(
+            format!(
+                "GET /api/v1/events?namespace=live HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer {token}\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut lines = BufReader::new(stream).lines();
+    let status = lines.next_line().await.unwrap().unwrap();
+    (status, lines)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_streams_are_bounded_and_end_when_the_token_is_revoked() {
+    let principals = Principals::new();
+    let server = TestServer::with_tokens_and(&principals, |config: &mut ServeConfig| {
+        config.http_listen = Some("127.0.0.1:0".parse().unwrap());
+        config.tokens_reload = Duration::from_millis(50);
+    })
+    .await;
+    let http = server.http_addr().unwrap();
+    let viewer = principals.token("viewer");
+
+    // At most MAX_EVENT_STREAMS at once on a replica.
+    let mut open = Vec::new();
+    for _ in 0..safemode_grpc::console::MAX_EVENT_STREAMS {
+        let (status, mut lines) = open_events(http, viewer).await;
+        assert!(status.contains(" 200 "), "{status}");
+        next_event(&mut lines, "hello").await;
+        open.push(lines);
+    }
+    let bearer = format!("Bearer {viewer}");
+    let refused = request(
+        http,
+        "GET",
+        "/api/v1/events?namespace=live",
+        &[("authorization", &bearer)],
+        b"",
+    )
+    .await;
+    assert_eq!(refused.status, 429, "{}", refused.body);
+    assert_eq!(refused.json()["code"], "resource_exhausted");
+
+    // The viewer's token is revoked: every stream it opened ends, saying so.
+    let admin =
+        safemode_controller::auth::create_token("other", &[safemode_controller::auth::Role::Admin])
+            .unwrap();
+    std::fs::write(principals.file.path(), format!("{}\n", admin.line)).unwrap();
+    for lines in &mut open {
+        let end = next_event(lines, "end").await;
+        assert!(end.contains(r#""code":"unauthenticated""#), "{end}");
+        assert!(
+            lines
+                .next_line()
+                .await
+                .unwrap()
+                .is_some_and(|l| l.is_empty()),
+            "the end event is complete"
+        );
+    }
+    drop(server);
+}
