@@ -24,6 +24,7 @@
 //! TLS-terminating proxy fronts the listener (see README, "The console").
 
 use std::hash::{DefaultHasher, Hash as _, Hasher as _};
+use std::net::SocketAddr;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
@@ -45,7 +46,6 @@ use crate::fleet::Fleet;
 use crate::{Authenticator, ControlApi, limits};
 use safemode_controller::Controller;
 use safemode_wire::proto;
-use std::net::SocketAddr;
 
 /// The control service as the gRPC listener serves it.
 pub(crate) type ControlStack = InterceptedService<
