@@ -8,6 +8,7 @@ simulated subscribers; it is told, in the environment:
   SUBSCRIBERS        channel=count,... of the connected subscribers
   CLI_APPLY          a JSON list: the `safemode mode apply` command to run
   SCREENSHOTS        the directory for screenshots of the main views
+  OPEN_CONSOLE_URL   the console of a server without a tokens file
 
 Every wait has a deadline (WebDriverWait polls); nothing sleeps for a fixed
 time. Exit 0 when every scenario held; otherwise the failure, the page's text
@@ -40,6 +41,7 @@ SUBSCRIBERS = {
 }
 CLI_APPLY = json.loads(os.environ["CLI_APPLY"])
 SHOTS = os.environ["SCREENSHOTS"]
+OPEN_URL = os.environ["OPEN_CONSOLE_URL"]
 XSS = '<img src=x onerror="window.__xss = true">'
 DEADLINE = 15
 
@@ -280,12 +282,33 @@ def scenario(c):
     c.shot("08-approved-nothing-active")
 
 
+def without_tokens(c):
+    """A server without a tokens file: the page asks for a name (the CLI's
+    --principal) and records changes under it."""
+    c.d.get(OPEN_URL)
+    c.wait("the name field", lambda: c.visible("#principal"))
+    assert not c.visible("#token"), "a token is asked for"
+    c.wait("the name field has focus", lambda: c.d.switch_to.active_element.get_attribute("id") == "principal")
+    c.d.switch_to.active_element.send_keys("alice", Keys.ENTER)
+    c.wait("alice is signed in", lambda: "Signed in as alice (admin)" in c.find("#whoami").text)
+    c.wait("the event stream is live", lambda: c.find("#live").text == "Live")
+    c.find('#apply-modes input[value="incident-notice"]').click()
+    c.click("#apply-button")
+    c.confirm("recorded under alice")
+    c.wait("alice's mode", lambda: c.all('tr.activation[data-mode="incident-notice"]'))
+    row = c.text('tr.activation[data-mode="incident-notice"]')
+    assert "alice" in row, row
+    c.find("#signout").click()
+    c.wait("signed out, asked for a name again", lambda: c.visible("#principal"))
+
+
 def main():
     os.makedirs(SHOTS, exist_ok=True)
     driver = browser()
     console = Console(driver)
     try:
         scenario(console)
+        without_tokens(console)
         errors = [
             entry
             for entry in driver.get_log("browser")

@@ -813,6 +813,17 @@ async fn commanders_approvers_and_viewers_use_the_console_in_a_real_browser() {
         "--reason",
         "status page says we are investigating",
     ]);
+    // And a server without a tokens file, where people give their name.
+    let open_data = tempfile::tempdir().unwrap();
+    let open_server = TestServer::start_with(ServeConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        http_listen: Some("127.0.0.1:0".parse().unwrap()),
+        store: safemode_grpc::server::StoreConfig::Embedded {
+            data_dir: open_data.path().to_path_buf(),
+        },
+        ..ServeConfig::default()
+    })
+    .await;
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/console/console_browser.py"
@@ -839,6 +850,10 @@ async fn commanders_approvers_and_viewers_use_the_console_in_a_real_browser() {
         )
         .env_remove("SAFEMODE_SERVER")
         .env("SCREENSHOTS", &screenshots)
+        .env(
+            "OPEN_CONSOLE_URL",
+            format!("http://{}/", open_server.http_addr().unwrap()),
+        )
         .kill_on_drop(true);
     let output = tokio::time::timeout(Duration::from_secs(300), command.output())
         .await
