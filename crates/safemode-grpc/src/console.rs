@@ -15,14 +15,18 @@
 //!
 //! `GET /api/v1/events?namespace=NS` is a server-sent-events stream that
 //! says when the namespace's revision, incidents, requests or the fleet's
-//! propagation summary changed (checked every 250 ms through the same stack,
-//! so a revoked token ends it), for the page to fetch again. Streams are
+//! propagation summary changed, for the page to fetch again. Every 250 ms
+//! each stream checks its caller's permission through the same stack
+//! (`WhoAmI`: a revoked token or a lost role ends it), and the namespace's
+//! fingerprint (status, incidents, requests) is read through the stack,
+//! once per interval for all the streams of a namespace. Streams are
 //! bounded per replica and in length.
 //!
 //! Nothing here changes state on GET. The console is served over plain
 //! HTTP only on a loopback address, or when `--console-plain-http` says a
 //! TLS-terminating proxy fronts the listener (see README, "The console").
 
+use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash as _, Hasher as _};
 use std::net::SocketAddr;
 use std::sync::{Arc, LazyLock};
@@ -141,6 +145,10 @@ struct Console {
     replica: HeaderValue,
     tokens: bool,
     streams: Arc<Semaphore>,
+    /// The newest fingerprint of each namespace streams follow, and when it
+    /// was taken: streams of one namespace share it within an interval, so
+    /// that their cost is one status per namespace, not one per stream.
+    fingerprints: std::sync::Mutex<HashMap<String, (tokio::time::Instant, Fingerprint)>>,
     shutdown: CancellationToken,
 }
 
@@ -164,6 +172,7 @@ pub(crate) fn router(settings: ConsoleSettings) -> axum::Router {
             .unwrap_or_else(|_| HeaderValue::from_static("unnamed")),
         tokens: settings.tokens,
         streams: Arc::new(Semaphore::new(MAX_EVENT_STREAMS)),
+        fingerprints: std::sync::Mutex::new(HashMap::new()),
         shutdown: settings.shutdown,
     });
     let mut router = axum::Router::new();
@@ -542,13 +551,60 @@ fn namespace_of(query: Option<&str>) -> String {
         .to_string()
 }
 
-/// What the page shows of a namespace, hashed: a change of any of it is an
-/// event.
+/// What the page shows of a namespace, hashed, and the namespace's
+/// revision: a change of any of it is an event.
+type Fingerprint = (u64, i64);
+
+/// The namespace's fingerprint for a stream's next check: the caller's own
+/// permission is checked every time, through the same stack (`WhoAmI`, no
+/// I/O); the fingerprint is taken through it too, or shared with another
+/// stream of the namespace that took it within the interval.
+async fn recheck(
+    console: &Console,
+    namespace: &str,
+    headers: &HeaderMap,
+) -> Result<Fingerprint, tonic::Status> {
+    let who: proto::WhoAmIResponse = console
+        .call_typed(
+            "WhoAmI",
+            &proto::WhoAmIRequest {
+                namespaces: vec![namespace.to_string()],
+            },
+            headers,
+        )
+        .await?;
+    if !who.permissions.first().is_some_and(|p| p.read) {
+        return Err(tonic::Status::permission_denied(format!(
+            "{} may no longer read status in namespace {namespace}",
+            who.principal
+        )));
+    }
+    let now = tokio::time::Instant::now();
+    let shared = console
+        .fingerprints
+        .lock()
+        .expect("poisoned")
+        .get(namespace)
+        .filter(|(at, _)| now.duration_since(*at) < EVENT_INTERVAL)
+        .map(|(_, fingerprint)| *fingerprint);
+    if let Some(fingerprint) = shared {
+        return Ok(fingerprint);
+    }
+    let taken = fingerprint(console, namespace, headers).await?;
+    let mut fingerprints = console.fingerprints.lock().expect("poisoned");
+    // Bounded: namespaces no stream asked about lately are dropped.
+    fingerprints.retain(|_, (at, _)| now.duration_since(*at) < EVENT_STREAM_LIFETIME);
+    fingerprints.insert(namespace.to_string(), (now, taken));
+    Ok(taken)
+}
+
+/// [`Fingerprint`] of a namespace, through the control service as the
+/// caller.
 async fn fingerprint(
     console: &Console,
     namespace: &str,
     headers: &HeaderMap,
-) -> Result<(u64, i64), tonic::Status> {
+) -> Result<Fingerprint, tonic::Status> {
     let mut status: proto::GetStatusResponse = console
         .call_typed(
             "GetStatus",
@@ -678,7 +734,7 @@ async fn events(
                 let data = serde_json::json!({ "reason": "the stream's time is up; open another" });
                 return Some((Ok(event("end", &data)), s));
             }
-            match fingerprint(&s.console, &s.namespace, &s.headers).await {
+            match recheck(&s.console, &s.namespace, &s.headers).await {
                 Ok((hash, revision)) if hash != s.last => {
                     s.last = hash;
                     s.said = tokio::time::Instant::now();
