@@ -186,7 +186,7 @@ def scenario(c):
     assert cli.returncode == 0, f"{CLI_APPLY}: {cli.stderr}"
     c.wait("the CLI's mode appears", lambda: c.all('tr.activation[data-mode="incident-notice"]'))
     assert c.d.execute_script("return window.__sameDocument === true;"), "the page was reloaded"
-    c.wait("what customers are told now", lambda: c.all('#told li.told[data-channel="web"]'))
+    c.wait("what customers are told now", lambda: "are working on it" in c.text('#told li.told[data-channels~="web"]'))
     c.wait(f"every subscriber SYNCED again {SUBSCRIBERS}", c.bars_synced)
 
     # --- A reason holding HTML shows as text and runs nothing.

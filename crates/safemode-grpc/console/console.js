@@ -497,26 +497,32 @@ function byText(activations, field) {
 }
 
 function renderTold(activations) {
-  const cards = [];
+  // Channels told the same are shown once, together.
+  const groups = new Map();
   for (const channel of CHANNELS) {
     const covering = activations.filter((a) => !a.channels || a.channels.length === 0 || a.channels.includes(channel));
     const notices = byText(covering, "customerNotice");
     const scripts = byText(covering, "agentScript");
     if (notices.length === 0 && scripts.length === 0) continue;
-    const list = (texts) =>
-      el("ul", {}, ...texts.map(([text, modes]) => el("li", { class: "text", text: `${text} (${modes.join(", ")})` })));
-    cards.push(
-      el(
-        "li",
-        { class: "told", "data-channel": channel },
-        el("h3", { text: channel }),
-        el("h4", { text: "Customers are told" }),
-        notices.length > 0 ? list(notices) : el("p", { class: "empty", text: "nothing new" }),
-        el("h4", { text: "Agents are told" }),
-        scripts.length > 0 ? list(scripts) : el("p", { class: "empty", text: "nothing new" }),
-      ),
-    );
+    const key = JSON.stringify([notices, scripts]);
+    if (!groups.has(key)) groups.set(key, { channels: [], notices, scripts });
+    groups.get(key).channels.push(channel);
   }
+  const list = (texts) =>
+    texts.length > 0
+      ? el("ul", {}, ...texts.map(([text, modes]) => el("li", { class: "text", text: `${text} (${modes.join(", ")})` })))
+      : el("p", { class: "empty", text: "nothing new" });
+  const cards = [...groups.values()].map((group) =>
+    el(
+      "li",
+      { class: "told", "data-channels": group.channels.join(" ") },
+      el("h3", { text: group.channels.length === CHANNELS.length ? "Every channel" : group.channels.join(", ") }),
+      el("h4", { text: "Customers are told" }),
+      list(group.notices),
+      el("h4", { text: "Agents are told" }),
+      list(group.scripts),
+    ),
+  );
   show($("told-empty"), cards.length === 0);
   $("told").replaceChildren(...cards);
 }
