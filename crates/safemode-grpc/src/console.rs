@@ -409,11 +409,27 @@ async fn call(
     State(console): State<Arc<Console>>,
     Path(name): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
     if let Some(refused) = console.host_refusal(&headers) {
         return refused;
     }
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return api_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                &format!(
+                    "the request is over {} KiB; send less (fewer names, a shorter reason)",
+                    limits::MAX_CONTROL_REQUEST_BYTES / 1024
+                ),
+            );
+        }
+        Err(rejection) => {
+            return api_error(rejection.status(), "bad_request", &rejection.body_text());
+        }
+    };
     // A cross-site form cannot send JSON, and a cross-site fetch of JSON
     // needs a preflight this server never grants.
     let json = headers
