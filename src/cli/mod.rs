@@ -131,6 +131,10 @@ enum Command {
         /// Why (default: the requester's reason).
         #[arg(long, value_parser = reason_arg)]
         reason: Option<String>,
+        /// Only show what approving would do, per channel: nothing is
+        /// changed, audited or approved.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Take back a pending request, so that nobody can approve it.
     Withdraw {
@@ -1101,9 +1105,11 @@ async fn dispatch(
         Command::Sim(args) => sim::run(&servers, caller, format, args).await,
         Command::Drill(DrillCommand::Run(args)) => drill::run(&servers, caller, format, args).await,
         Command::Incident(command) => governance::incident(&servers, caller, format, command).await,
-        Command::Approve { request_id, reason } => {
-            governance::approve(&servers, caller, format, &request_id, reason).await
-        }
+        Command::Approve {
+            request_id,
+            reason,
+            dry_run,
+        } => governance::approve(&servers, caller, format, &request_id, reason, dry_run).await,
         Command::Withdraw { request_id, reason } => {
             governance::withdraw(&servers, caller, format, &request_id, reason).await
         }
