@@ -5,7 +5,9 @@ simulated subscribers; it is told, in the environment:
 
   CONSOLE_URL        the console (http://127.0.0.1:PORT/)
   COMMANDER_TOKEN, APPROVER_TOKEN, VIEWER_TOKEN
-  SUBSCRIBERS        channel=count,... of the connected subscribers
+  SUBSCRIBERS        channel=count,... of the connected subscribers that ack
+  REJECTING          channel=count,... of those that reject every snapshot
+  REJECT_REASON      the reason they give (it holds HTML)
   CLI_APPLY          a JSON list: the `safemode mode apply` command to run
   SCREENSHOTS        the directory for screenshots of the main views
   OPEN_CONSOLE_URL   the console of a server without a tokens file
@@ -39,11 +41,17 @@ SUBSCRIBERS = {
     channel: int(count)
     for channel, count in (pair.split("=") for pair in os.environ["SUBSCRIBERS"].split(","))
 }
+REJECTING = {
+    channel: int(count)
+    for channel, count in (pair.split("=") for pair in os.environ["REJECTING"].split(","))
+}
+REJECT_REASON = os.environ["REJECT_REASON"]
 CLI_APPLY = json.loads(os.environ["CLI_APPLY"])
 SHOTS = os.environ["SCREENSHOTS"]
 OPEN_URL = os.environ["OPEN_CONSOLE_URL"]
 XSS = '<img src=x onerror="window.__xss = true">'
-DEADLINE = 15
+# Generous: CI runs this beside the rest of the suite on two cores.
+DEADLINE = 30
 
 
 def browser():
@@ -148,9 +156,15 @@ class Console:
         )
 
     def bars_synced(self):
+        """Every acking subscriber SYNCED, every rejecting one REJECTED, as
+        each channel's bar says in words."""
         for channel, count in SUBSCRIBERS.items():
+            rejecting = REJECTING.get(channel, 0)
             bars = self.all(f'#propagation li[data-channel="{channel}"] .counts')
-            if not bars or not bars[0].text.startswith(f"{count} of {count} SYNCED"):
+            expected = f"{count} of {count + rejecting} SYNCED"
+            if not bars or not bars[0].text.startswith(expected):
+                return False
+            if rejecting and f"{rejecting} REJECTED" not in bars[0].text:
                 return False
         return True
 
@@ -179,6 +193,11 @@ def scenario(c):
     incident = c.text("li.incident")
     assert "SEV3" in incident and "declared" in incident, incident
     c.wait(f"every subscriber SYNCED {SUBSCRIBERS}", c.bars_synced)
+    # The subscriber that rejects is named with its reason, as text.
+    c.wait("the rejecting subscriber is listed", lambda: "email-rejecting" in c.text("#rejected"))
+    rejected = c.text("#rejected li.state-rejected")
+    assert rejected.startswith("REJECTED: email-rejecting (email, on ") and rejected.endswith(REJECT_REASON), rejected
+    assert c.d.execute_script("return document.querySelectorAll('#rejected b').length;") == 0, "the reason was parsed as HTML"
     c.shot("02-declared-propagated")
 
     # --- A mode applied from the CLI appears without a reload.

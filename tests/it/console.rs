@@ -747,6 +747,57 @@ async fn without_tokens_callers_name_themselves_on_loopback_names_only() {
     assert!(raw.contains("host_not_loopback"), "{raw}");
 }
 
+/// What the rejecting subscriber of the browser test says, HTML and all.
+const REJECT_REASON: &str = "<b>snapshot schema v9 is not understood</b>";
+
+/// A subscriber (with `token`) that rejects every snapshot it receives, with
+/// [`REJECT_REASON`]; it stops when the handle is dropped or aborted.
+async fn rejecting_subscriber(
+    server: &TestServer,
+    token: &str,
+    channel: &str,
+    id: &str,
+) -> tokio::task::JoinHandle<()> {
+    use safemode_wire::proto::subscribe_request::Message as Outbound;
+    use safemode_wire::proto::subscribe_response::Message as Inbound;
+    use safemode_wire::proto::subscription_service_client::SubscriptionServiceClient;
+    let (out, out_rx) = tokio::sync::mpsc::channel(16);
+    out.send(proto::SubscribeRequest {
+        message: Some(Outbound::Hello(proto::Hello {
+            namespace: "live".into(),
+            channel: channel.into(),
+            subscriber_id: id.into(),
+            last_applied_revision: 0,
+            epoch: String::new(),
+        })),
+    })
+    .await
+    .unwrap();
+    let mut inbound = SubscriptionServiceClient::with_interceptor(
+        server.channel().await,
+        safemode_client::Bearer::new(Some(token)).unwrap(),
+    )
+    .subscribe(tokio_stream::wrappers::ReceiverStream::new(out_rx))
+    .await
+    .expect("the rejecting subscriber subscribes")
+    .into_inner();
+    tokio::spawn(async move {
+        while let Ok(Some(message)) = inbound.message().await {
+            if let Some(Inbound::Snapshot(snapshot)) = message.message {
+                let reject = proto::SubscribeRequest {
+                    message: Some(Outbound::Reject(proto::Reject {
+                        revision: snapshot.revision,
+                        reason: REJECT_REASON.into(),
+                    })),
+                };
+                if out.send(reject).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+}
+
 /// Fails, saying how to install it, when the browser test cannot run.
 fn browser_test_tools() -> String {
     let python = std::env::var("SAFEMODE_PYTHON").unwrap_or_else(|_| "python3".into());
@@ -796,6 +847,14 @@ async fn commanders_approvers_and_viewers_use_the_console_in_a_real_browser() {
             );
         }
     }
+    // And one that rejects every snapshot.
+    let rejecting = rejecting_subscriber(
+        &server,
+        principals.token("subscriber"),
+        "email",
+        "email-rejecting",
+    )
+    .await;
     let screenshots = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
         .parent()
         .unwrap()
@@ -844,6 +903,8 @@ async fn commanders_approvers_and_viewers_use_the_console_in_a_real_browser() {
                 .join(","),
         )
         .env("CLI_APPLY", cli_apply.to_string())
+        .env("REJECTING", "email=1")
+        .env("REJECT_REASON", REJECT_REASON)
         .env(
             "SAFEMODE_TRUSTED_KEYS",
             crate::support::key_file_for(&["--server", &server.url]),
@@ -883,6 +944,7 @@ async fn commanders_approvers_and_viewers_use_the_console_in_a_real_browser() {
             "no screenshot {view}"
         );
     }
+    rejecting.abort();
     drop(connected);
 }
 

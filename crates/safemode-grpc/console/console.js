@@ -313,7 +313,9 @@ async function refresh() {
 async function readAndRender() {
   const namespace = session.namespace;
   const [status, rejected, incidents, requests] = await Promise.all([
-    call("GetStatus", { namespace }),
+    // The summary per channel comes with every page: one subscriber is
+    // enough; the rejected ones are listed apart (the newest 100).
+    call("GetStatus", { namespace, pageSize: 1 }),
     call("GetStatus", { namespace, state: "REJECTED", pageSize: 100 }),
     call("ListIncidents", { namespace, includeResolved: true }),
     call("ListRequests", { namespace }),
@@ -328,8 +330,8 @@ async function readAndRender() {
   const who = [session.who && session.who.principal, session.may];
   rerender("incidents", [active, who, session.runbooks.length], () => renderIncidents(active));
   rerender("activations", [status.activations, who], () => renderActivations(status.activations));
-  rerender("propagation", [status.channels, status.replicas, status.subscriberCount, status.revision, rejected.subscribers], () =>
-    renderPropagation(status, rejected.subscribers),
+  rerender("propagation", [status.channels, status.replicas, status.subscriberCount, status.revision, rejected.subscribers, rejected.subscriberCount], () =>
+    renderPropagation(status, rejected),
   );
   rerender("told", status.activations, () => renderTold(status.activations));
   rerender("requests", [pending, who], () => renderRequests(pending));
@@ -423,7 +425,8 @@ function renderActivations(activations) {
   );
 }
 
-function renderPropagation(status, rejected) {
+function renderPropagation(status, rejectedPage) {
+  const rejected = rejectedPage.subscribers;
   const replicas = status.replicas || [];
   const answered = replicas.filter((r) => r.answered).length;
   $("propagation-summary").textContent =
@@ -451,6 +454,7 @@ function renderPropagation(status, rejected) {
     }),
   );
   show($("rejected-empty"), rejected.length === 0);
+  const more = Number(rejectedPage.subscriberCount || 0) - rejected.length;
   $("rejected").replaceChildren(
     ...rejected.map((s) =>
       el("li", {
@@ -458,6 +462,7 @@ function renderPropagation(status, rejected) {
         text: `REJECTED: ${s.subscriberId} (${s.channel}, on ${s.replica}) rejected revision ${s.rejectedRevision}: ${s.rejectReason}`,
       }),
     ),
+    ...(more > 0 ? [el("li", { text: `… and ${more} more: safemode status --state rejected lists them all` })] : []),
   );
   $("replicas").replaceChildren(
     ...replicas.map((r) =>
