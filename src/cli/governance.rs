@@ -272,12 +272,14 @@ pub(super) async fn approve(
     format: Format,
     request_id: &str,
     reason: Option<String>,
+    dry_run: bool,
 ) -> anyhow::Result<()> {
     let (request_id, reason) = named_request(request_id, reason)?;
     let request = proto::ApproveRequest {
         request_id,
         reason,
         change_id: String::new(),
+        dry_run,
     };
     let response = retry::write(servers, caller, "approve", |mut client, change_id| {
         let request = proto::ApproveRequest {
@@ -287,6 +289,17 @@ pub(super) async fn approve(
         Box::pin(async move { client.approve(request).await })
     })
     .await?;
+    if dry_run {
+        let namespace = response
+            .request
+            .as_ref()
+            .map(|r| r.namespace.clone())
+            .unwrap_or_default();
+        return emit(output::show(
+            format,
+            &output::Previewed::new(namespace, response.preview)?,
+        ));
+    }
     emit(output::show(format, &output::Approved::from(response)))
 }
 

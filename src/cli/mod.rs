@@ -133,6 +133,10 @@ enum Command {
         /// Why (default: the requester's reason).
         #[arg(long, value_parser = reason_arg)]
         reason: Option<String>,
+        /// Only show what approving would do, per channel: nothing is
+        /// changed, audited or approved.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Take back a pending request, so that nobody can approve it.
     Withdraw {
@@ -323,8 +327,16 @@ struct ServeArgs {
     /// Also serve plain HTTP here: `/healthz` (the process lives) and
     /// `/readyz` (namespace live is read and the store and its watch are
     /// healthy; 503 with the reason when not).
+    /// The web console is served here too, on a loopback address (see
+    /// --console-plain-http).
     #[arg(long, env = "SAFEMODE_HTTP_LISTEN", value_name = "ADDR")]
     http_listen: Option<SocketAddr>,
+    /// Serve the web console on a non-loopback --http-listen although that
+    /// listener speaks plain HTTP: say so only when a TLS-terminating proxy
+    /// (an ingress, a mesh) fronts it. Without it the console (not health)
+    /// is refused there.
+    #[arg(long, env = "SAFEMODE_CONSOLE_PLAIN_HTTP")]
+    console_plain_http: bool,
     /// Check every flag and read every file (tokens, certificates, keys,
     /// modes, runbooks), print what would be served, and exit without
     /// binding, opening the store or writing anything.
@@ -1163,9 +1175,11 @@ async fn dispatch(
         Command::Sim(args) => sim::run(&servers, caller, format, args).await,
         Command::Drill(DrillCommand::Run(args)) => drill::run(&servers, caller, format, args).await,
         Command::Incident(command) => governance::incident(&servers, caller, format, command).await,
-        Command::Approve { request_id, reason } => {
-            governance::approve(&servers, caller, format, &request_id, reason).await
-        }
+        Command::Approve {
+            request_id,
+            reason,
+            dry_run,
+        } => governance::approve(&servers, caller, format, &request_id, reason, dry_run).await,
         Command::Withdraw { request_id, reason } => {
             governance::withdraw(&servers, caller, format, &request_id, reason).await
         }
@@ -1269,6 +1283,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         listen: args.listen,
         http_listen: args.http_listen,
         otlp: Otlp::from_env().map_err(|e| anyhow!(e))?,
+        console_plain_http: args.console_plain_http,
         store,
         replica: args.replica,
         advertise: args.advertise,

@@ -640,6 +640,7 @@ impl Drill {
                 request_id: request.id.clone(),
                 reason: "drill".into(),
                 change_id: String::new(),
+                dry_run: false,
             })
             .await
             .map_err(|s| {

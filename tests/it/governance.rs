@@ -165,10 +165,12 @@ enum Rpc {
     ResolveIncident,
     Approve,
     Withdraw,
+    Decide,
+    WhoAmI,
     Subscribe,
 }
 
-const RPCS: [Rpc; 15] = [
+const RPCS: [Rpc; 17] = [
     Rpc::ListModes,
     Rpc::ListRunbooks,
     Rpc::GetAudit,
@@ -183,6 +185,8 @@ const RPCS: [Rpc; 15] = [
     Rpc::ResolveIncident,
     Rpc::Approve,
     Rpc::Withdraw,
+    Rpc::Decide,
+    Rpc::WhoAmI,
     Rpc::Subscribe,
 ];
 
@@ -201,7 +205,14 @@ fn answer_when_allowed(rpc: Rpc) -> Code {
 fn allowed(role: &str, rpc: Rpc, drill: bool) -> bool {
     use Rpc::*;
     let read_catalog = matches!(rpc, ListModes | ListRunbooks);
-    let read = matches!(rpc, GetStatus | ListIncidents | GetIncident | ListRequests);
+    let read = matches!(
+        rpc,
+        GetStatus | ListIncidents | GetIncident | ListRequests | Decide
+    );
+    // Tells callers only about themselves: any token may ask.
+    if matches!(rpc, WhoAmI) {
+        return true;
+    }
     let change = matches!(
         rpc,
         ApplyModes
@@ -327,6 +338,7 @@ async fn call(
                 request_id: fixtures.request.clone(),
                 reason: format!("{role} approves"),
                 change_id: String::new(),
+                dry_run: false,
             })
             .await,
         ),
@@ -335,6 +347,21 @@ async fn call(
                 request_id: fixtures.withdrawable.clone(),
                 reason: format!("{role} withdraws"),
                 change_id: String::new(),
+            })
+            .await,
+        ),
+        Rpc::Decide => code(
+            c.decide(proto::DecideRequest {
+                namespace: ns,
+                channel: "web".into(),
+                action: "account.password_reset".into(),
+                ..Default::default()
+            })
+            .await,
+        ),
+        Rpc::WhoAmI => code(
+            c.who_am_i(proto::WhoAmIRequest {
+                namespaces: vec![ns],
             })
             .await,
         ),
@@ -606,6 +633,7 @@ async fn declare_escalate_and_resolve_with_a_second_approver() {
             request_id: request.id.clone(),
             reason: "ok".into(),
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .unwrap_err();
@@ -630,6 +658,7 @@ async fn declare_escalate_and_resolve_with_a_second_approver() {
             request_id: own.id.clone(),
             reason: "I am sure".into(),
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .unwrap_err();
@@ -672,6 +701,7 @@ async fn declare_escalate_and_resolve_with_a_second_approver() {
             request_id: own.id.clone(),
             reason: "confirmed with fraud ops".into(),
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .unwrap_err();
@@ -720,6 +750,7 @@ async fn declare_escalate_and_resolve_with_a_second_approver() {
             request_id: request.id.clone(),
             reason: "confirmed with fraud ops".into(),
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .unwrap()
@@ -774,6 +805,7 @@ async fn declare_escalate_and_resolve_with_a_second_approver() {
             request_id: own.id,
             reason: String::new(),
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .unwrap_err();
@@ -849,6 +881,7 @@ async fn going_down_a_severity_waits_for_an_approver() {
         request_id: request.id,
         reason: String::new(),
         change_id: String::new(),
+        dry_run: false,
     })
     .await
     .unwrap();
@@ -1057,6 +1090,7 @@ async fn an_approval_never_carries_out_more_than_was_requested() {
             request_id: resolving.id.clone(),
             reason: "ok".into(),
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .unwrap_err();
@@ -1159,6 +1193,7 @@ stages:
         request_id: request.id.clone(),
         reason: "phones are safe now".into(),
         change_id: String::new(),
+        dry_run: false,
     })
     .await
     .unwrap();
@@ -1221,6 +1256,7 @@ async fn an_expired_request_cannot_be_approved() {
             request_id: request.id,
             reason: String::new(),
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .unwrap_err();
@@ -1274,6 +1310,7 @@ async fn two_approvers_at_once_carry_a_request_out_once() {
                 request_id: id,
                 reason: format!("{who} approves"),
                 change_id: String::new(),
+                dry_run: false,
             })
             .await
         }
@@ -1296,4 +1333,41 @@ async fn two_approvers_at_once_carry_a_request_out_once() {
         .count();
     assert_eq!(approvals, 1);
     assert!(live_status(&mut admin).await.activations.is_empty());
+}
+
+/// WhoAmI, which the console offers actions from, says what the table
+/// allows: the same answers the calls themselves get.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn who_am_i_says_what_the_table_allows() {
+    let principals = Principals::new();
+    let server = TestServer::with_tokens(&principals).await;
+    for role in [
+        "viewer",
+        "subscriber",
+        "commander",
+        "approver",
+        "drill",
+        "admin",
+    ] {
+        let mut c = control_as(&server, Some(principals.token(role))).await;
+        let who = c
+            .who_am_i(proto::WhoAmIRequest {
+                namespaces: vec!["live".into(), "drill-table".into()],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(who.principal, role);
+        assert!(who.tokens);
+        for (said, drill) in who.permissions.iter().zip([false, true]) {
+            let expected = proto::NamespacePermissions {
+                namespace: said.namespace.clone(),
+                read: allowed(role, Rpc::GetStatus, drill),
+                read_audit: allowed(role, Rpc::GetAudit, drill),
+                change: allowed(role, Rpc::ApplyModes, drill),
+                approve: allowed(role, Rpc::Approve, drill),
+            };
+            assert_eq!(said, &expected, "{role} in {}", said.namespace);
+        }
+    }
 }

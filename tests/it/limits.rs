@@ -565,6 +565,7 @@ async fn a_principal_is_one_person_whatever_the_case() {
             request_id: request.id.clone(),
             reason: "looks fine".into(),
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .expect_err("Cmd1 is cmd1: nobody approves their own request");

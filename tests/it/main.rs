@@ -7,6 +7,7 @@ mod changes;
 mod chart;
 mod cli;
 mod client;
+mod console;
 mod dead_ends;
 mod drill;
 mod e2e;

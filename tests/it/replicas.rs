@@ -688,6 +688,7 @@ async fn an_unreadable_activation_fails_closed() {
             request_id: request.id,
             reason: "confirmed with the team that wrote it".into(),
             change_id: String::new(),
+            dry_run: false,
         })
         .await
         .unwrap();

@@ -1,5 +1,5 @@
-//! `--dry-run` on `mode apply`, `mode lift`, `incident declare`, `escalate`
-//! and `resolve`: the change per channel as before -> after, whether it
+//! `--dry-run` on `mode apply`, `mode lift`, `incident declare`, `escalate`,
+//! `resolve` and `approve`: the change per channel as before -> after, whether it
 //! needs a second approver, and nothing written: after every case `status`,
 //! `audit` and `requests` read exactly as before. Every case runs the real
 //! `safemode` binary against a real in-process controller.
@@ -595,4 +595,90 @@ async fn a_dry_run_is_allowed_and_refused_by_the_same_roles_and_audits_neither()
         before,
         "a dry run changed something"
     );
+}
+
+/// The first `req_...` id anywhere in a JSON answer.
+fn request_id(value: &Value) -> Option<String> {
+    match value {
+        Value::String(s) if s.starts_with("req_") => Some(s.clone()),
+        Value::Array(items) => items.iter().find_map(request_id),
+        Value::Object(fields) => fields.values().find_map(request_id),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_is_previewed_by_the_approver_and_refused_to_others() {
+    let principals = Principals::new();
+    let server = TestServer::with_tokens(&principals).await;
+    let admin = Some(principals.token("admin"));
+    let commander = Some(principals.token("commander"));
+    let approver = Some(principals.token("approver"));
+    // The lift waits for a second approver: exit 3, a request.
+    let apply = [
+        "mode",
+        "apply",
+        "freeze-credential-changes",
+        "--reason",
+        "set-up",
+    ];
+    let lift = [
+        "mode",
+        "lift",
+        "freeze-credential-changes",
+        "--reason",
+        "over",
+    ];
+    for (args, code) in [(apply, 0), (lift, 3)] {
+        let output = run_as(&server, commander, &args).await;
+        assert_eq!(output.status.code(), Some(code), "{output:?}");
+    }
+    let requests = run_as(&server, admin, &["-o", "json", "requests"]).await;
+    let id = request_id(&serde_json::from_slice(&requests.stdout).unwrap())
+        .expect("the lift waits as a request");
+    let before = state_as(&server, admin).await;
+
+    // The requester may not approve, so may not preview approving either;
+    // the refusal of a dry run is not audited.
+    let refused = run_as(&server, commander, &["approve", &id, "--dry-run"]).await;
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert!(refused.stdout.is_empty());
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("error: commander (roles: commander) may not approve requests"),
+        "{stderr}"
+    );
+    assert_eq!(
+        state_as(&server, admin).await,
+        before,
+        "a refused dry run was audited"
+    );
+
+    // The approver sees per channel what approving will do; nothing changes.
+    let preview = run_as(&server, approver, &["approve", &id, "--dry-run"]).await;
+    let stdout = String::from_utf8_lossy(&preview.stdout);
+    assert_eq!(preview.status.code(), Some(0), "{preview:?}");
+    let lines: Vec<String> = stdout.lines().map(collapsed).collect();
+    assert!(
+        lines[0].starts_with("dry run in live: lift freeze-credential-changes"),
+        "{stdout}"
+    );
+    assert!(
+        lines.contains(&"web account.password_reset deny -> allow".to_string()),
+        "{stdout}"
+    );
+    assert_eq!(
+        lines[lines.len() - 2],
+        "dry run: nothing changed",
+        "{stdout}"
+    );
+    assert_eq!(
+        state_as(&server, admin).await,
+        before,
+        "a dry run changed something"
+    );
+
+    let approved = run_as(&server, approver, &["approve", &id]).await;
+    assert_eq!(approved.status.code(), Some(0), "{approved:?}");
 }

@@ -11,6 +11,7 @@ use super::change::{Act, ChangeId, Plan, Writes};
 use super::incidents::{StagePlan, incident_activations};
 use super::keys::NamespaceChange;
 use super::modes::{describe, shared_incident};
+use super::preview::{DryRun, Preview};
 use super::records::{
     ChangeRequest, Incident, IncidentId, RequestId, RequestKind, RequestState, RequestStatus,
     TimelineEvent,
@@ -27,6 +28,8 @@ pub struct ApproveOutcome {
     pub request: ChangeRequest,
     /// Revision of the change.
     pub revision: Revision,
+    /// For a dry run: what approving would do. Nothing was written.
+    pub preview: Option<Preview>,
 }
 
 /// What a withdrawal did.
@@ -343,23 +346,27 @@ impl Controller {
         Ok((request, kv.mod_revision))
     }
 
-    /// Carries out another principal's pending request, as `actor`.
+    /// Carries out another principal's pending request, as `actor`; with
+    /// `dry_run`, only says what that would do (the same refusals, nothing
+    /// written).
     pub async fn approve(
         &self,
         id: &RequestId,
         reason: Option<Reason>,
         actor: &Principal,
         change_id: Option<ChangeId>,
+        dry_run: bool,
     ) -> Result<ApproveOutcome> {
         let (found, _) = self.read_request(id).await?;
         let namespace = &found.namespace;
         let reason = &reason;
+        let dry_run = DryRun::when(dry_run);
         let act = &Act {
             action: AuditAction::Approve,
             actor,
             namespace,
             change_id: change_id.as_ref(),
-            dry_run: None,
+            dry_run: dry_run.as_ref(),
         };
         let (outcome, revision) = self
             .commit_change(act, |view| {
@@ -550,7 +557,14 @@ impl Controller {
             })
             .await?;
         let request = outcome?;
-        info!(request = %request.id, principal = %actor.name, revision, "request approved");
-        Ok(ApproveOutcome { request, revision })
+        let preview = DryRun::take(dry_run);
+        if preview.is_none() {
+            info!(request = %request.id, principal = %actor.name, revision, "request approved");
+        }
+        Ok(ApproveOutcome {
+            request,
+            revision,
+            preview,
+        })
     }
 }

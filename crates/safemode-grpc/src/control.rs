@@ -23,7 +23,9 @@ use safemode_controller::{
     ResolveRequest, StoreOutcome, in_force_in,
 };
 use safemode_policy::runbook::{RunbookName, Severity};
-use safemode_policy::{ChannelSet, Effect, ModeName, Namespace, Reason};
+use safemode_policy::{
+    Action, Channel, ChannelSet, Context, Effect, MethodSet, ModeName, Namespace, Outcome, Reason,
+};
 use safemode_wire::proto::control_service_server::ControlService;
 use safemode_wire::runbook_to_wire;
 use safemode_wire::{self as wire, proto};
@@ -55,6 +57,7 @@ impl ControlApi {
         given_reason: &str,
         operation: Operation,
         verb: &str,
+        dry_run: bool,
     ) -> Result<(RequestId, Option<Reason>, ChangeRequest, String), Status> {
         let id = RequestId::parse(request_id).map_err(invalid_name("request_id"))?;
         let reason = if given_reason.trim().is_empty() {
@@ -63,18 +66,19 @@ impl ControlApi {
             Some(reason(given_reason)?)
         };
         let what = format!("{verb} {id}");
-        authorize_anywhere(&self.controller, actor, operation, &what).await?;
+        authorize_change_anywhere(&self.controller, actor, operation, &what, dry_run).await?;
         let found = self
             .controller
             .request(&id)
             .await
             .map_err(|e| self.write_failed(e))?;
-        authorize(
+        authorize_change(
             &self.controller,
             actor,
             operation,
             Some(&found.namespace),
             &what,
+            dry_run,
         )
         .await?;
         Ok((id, reason, found, what))
@@ -729,14 +733,16 @@ impl ControlService for ControlApi {
                 &r.reason,
                 Operation::Approve,
                 "approve",
+                r.dry_run,
             )
             .await?;
         let outcome = match self
             .controller
-            .approve(&id, reason, &actor, Some(change.clone()))
+            .approve(&id, reason, &actor, Some(change.clone()), r.dry_run)
             .await
         {
-            Err(own @ safemode_controller::Error::OwnRequest { .. }) => {
+            // A dry run audits nothing, its refusals neither.
+            Err(own @ safemode_controller::Error::OwnRequest { .. }) if !r.dry_run => {
                 // Four-eyes: refused like a missing role, and audited.
                 self.controller
                     .record_refusal(
@@ -754,6 +760,7 @@ impl ControlService for ControlApi {
             request: Some(recorded_request_to_wire(&outcome.request)),
             revision: outcome.revision,
             change_id: change.to_string(),
+            preview: outcome.preview.as_ref().map(preview_to_wire),
         }))
     }
 
@@ -771,6 +778,7 @@ impl ControlService for ControlApi {
                 &r.reason,
                 Operation::Change,
                 "withdraw",
+                false,
             )
             .await?;
         let outcome = self
@@ -850,5 +858,169 @@ impl ControlService for ControlApi {
                 .map(ToString::to_string)
                 .collect(),
         }))
+    }
+
+    async fn who_am_i(
+        &self,
+        request: Request<proto::WhoAmIRequest>,
+    ) -> Result<Response<proto::WhoAmIResponse>, Status> {
+        let actor = principal(&request)?;
+        // Only a server with a tokens file attaches a credential.
+        let tokens = request.extensions().get::<crate::Credential>().is_some();
+        let r = request.into_inner();
+        if r.namespaces.len() > MAX_WHOAMI_NAMESPACES {
+            return Err(invalid(
+                "namespaces",
+                format!(
+                    "{} named; ask about at most {MAX_WHOAMI_NAMESPACES}",
+                    r.namespaces.len()
+                ),
+            ));
+        }
+        let mut asked = r
+            .namespaces
+            .iter()
+            .map(|n| namespace(n))
+            .collect::<Result<Vec<_>, _>>()?;
+        if asked.is_empty() {
+            asked.push(Namespace::live());
+        }
+        // No role is needed: the answer is the caller's own, from the same
+        // table every handler checks.
+        let may = |operation, namespace| actor.may(operation, Some(namespace)).is_ok();
+        Ok(Response::new(proto::WhoAmIResponse {
+            principal: actor.name.clone(),
+            roles: actor.role_names(),
+            tokens,
+            permissions: asked
+                .iter()
+                .map(|n| proto::NamespacePermissions {
+                    namespace: n.to_string(),
+                    read: may(Operation::Read, n),
+                    read_audit: may(Operation::ReadAudit, n),
+                    change: may(Operation::Change, n),
+                    approve: may(Operation::Approve, n),
+                })
+                .collect(),
+            replica: self.replica.clone(),
+        }))
+    }
+
+    async fn decide(
+        &self,
+        request: Request<proto::DecideRequest>,
+    ) -> Result<Response<proto::DecideResponse>, Status> {
+        let actor = principal(&request)?;
+        let r = request.into_inner();
+        let namespace = namespace(&r.namespace)?;
+        authorize(
+            &self.controller,
+            &actor,
+            Operation::Read,
+            Some(&namespace),
+            "preview a decision",
+        )
+        .await?;
+        let channel = Channel::parse(&r.channel).map_err(invalid_name("channel"))?;
+        let action = Action::parse(&r.action).map_err(invalid_name("action"))?;
+        let ctx = decide_context(&r)?;
+        let view = self
+            .controller
+            .view(&namespace)
+            .await
+            .map_err(|e| self.read_failed(e))?;
+        let snapshot = view.channel(channel);
+        let decision = snapshot.policy.decide(action.as_str(), &ctx);
+        Ok(Response::new(proto::DecideResponse {
+            namespace: namespace.to_string(),
+            channel: channel.to_string(),
+            action: action.to_string(),
+            revision: view.revision,
+            effect: decision.outcome.kind().as_str().to_string(),
+            detail: outcome_in_words(&decision.outcome),
+            reasons: decision.reasons().map(ToString::to_string).collect(),
+            customer_message: decision.customer_message().unwrap_or_default().to_string(),
+            agent_script: decision.agent_script().unwrap_or_default().to_string(),
+        }))
+    }
+}
+
+/// The most namespaces one WhoAmI asks about.
+const MAX_WHOAMI_NAMESPACES: usize = 16;
+
+/// The most bot flags one Decide names.
+const MAX_BOT_FLAGS: usize = 16;
+
+/// A Decide request's context, checked as `safemode decide` checks its flags.
+fn decide_context(r: &proto::DecideRequest) -> Result<Context, Status> {
+    if !(0.0..=1.0).contains(&r.confidence) {
+        return Err(invalid(
+            "confidence",
+            format!("{} is outside 0 to 1", r.confidence),
+        ));
+    }
+    if let Some(amount) = r.amount {
+        if !amount.is_finite() || amount < 0.0 {
+            return Err(invalid("amount", "give a number of 0 or more"));
+        }
+    }
+    if r.bot_flags.len() > MAX_BOT_FLAGS {
+        return Err(invalid(
+            "bot_flags",
+            format!("{} named; give at most {MAX_BOT_FLAGS}", r.bot_flags.len()),
+        ));
+    }
+    for flag in &r.bot_flags {
+        if flag.is_empty()
+            || flag.len() > 64
+            || flag.chars().any(|c| c.is_control() || c.is_whitespace())
+        {
+            return Err(invalid(
+                "bot_flags",
+                "each flag is 1 to 64 printable characters without spaces",
+            ));
+        }
+    }
+    Ok(Context {
+        confidence: r.confidence,
+        methods: MethodSet::parse(&r.methods).map_err(invalid_name("methods"))?,
+        failed_attempts: r.attempts,
+        amount: r.amount,
+        handoff_from_bot: r.handoff_from_bot,
+        bot_flags: r.bot_flags.clone(),
+    })
+}
+
+/// An outcome with its parameters, in words.
+fn outcome_in_words(outcome: &Outcome) -> String {
+    match outcome {
+        Outcome::Allow => "allow".to_string(),
+        Outcome::Throttle(t) => format!("throttle: at most {} per {}s", t.max, t.window_seconds),
+        Outcome::StepUp {
+            required,
+            attempts_left,
+        } => format!(
+            "step_up: confidence {} with {}; {attempts_left} attempt(s) left, then review queue {}",
+            required.min_confidence,
+            required.methods.names().collect::<Vec<_>>().join(" or "),
+            required.escalate_queue
+        ),
+        Outcome::Review { queue, escalated } => format!(
+            "review: queue {queue}{}",
+            if *escalated {
+                " (a step-up escalated here)"
+            } else {
+                ""
+            }
+        ),
+        Outcome::ReadOnly(r) => match r.as_of {
+            Some(at) => format!("read_only: data as of {at}"),
+            None => "read_only: data as of when the mode was applied".to_string(),
+        },
+        Outcome::Route(r) => format!("route: to {}", r.to),
+        Outcome::Deny(d) => match &d.alternative {
+            Some(alternative) => format!("deny: alternative {alternative}"),
+            None => "deny".to_string(),
+        },
     }
 }

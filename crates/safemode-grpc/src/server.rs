@@ -84,6 +84,9 @@ pub struct ServeConfig {
     /// Address of the plain-HTTP listener (`/healthz`, `/readyz`); `None`:
     /// no HTTP listener.
     pub http_listen: Option<SocketAddr>,
+    /// Serve the console on a non-loopback `http_listen` although it is
+    /// plain HTTP: a TLS-terminating proxy fronts it (README, "The console").
+    pub console_plain_http: bool,
     /// How often readiness is checked for the gRPC health service.
     pub readiness_interval: Duration,
     /// Which OTLP exports run (metrics here; traces are the process's
@@ -158,6 +161,7 @@ impl Default for ServeConfig {
             peer_tls_name: None,
             replica_ttl: Duration::from_secs(15),
             http_listen: None,
+            console_plain_http: false,
             readiness_interval: Duration::from_secs(2),
             otlp: crate::telemetry::Otlp::default(),
             modes_dir: None,
@@ -534,6 +538,16 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
         advertised.clone(),
         peers,
     ));
+    let console = crate::console::ConsoleSettings::new(
+        &controller,
+        &replica,
+        &fleet,
+        &authenticator,
+        authentication,
+        http_addr,
+        config.console_plain_http,
+        &shutdown,
+    );
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls {
         // Checked by `server_tls` already.
@@ -590,7 +604,8 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
         tracing::info_span!("readiness", %replica),
     ));
     if let Some(listener) = http_listener {
-        let app = http_surfaces(controller.clone(), metrics.clone());
+        let app = http_surfaces(controller.clone(), metrics.clone())
+            .merge(crate::console::router(console));
         let stop = shutdown.clone();
         info!(addr = ?http_addr, "serving /healthz, /readyz and /metrics over HTTP");
         tokio::spawn(tracing::Instrument::instrument(

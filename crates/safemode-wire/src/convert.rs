@@ -179,6 +179,8 @@ pub fn runbook_to_wire(r: &Runbook) -> proto::Runbook {
                     .collect(),
                 expectations: s.expectations.len() as u32,
                 apply_within_ms: s.apply_within.as_millis() as u64,
+                customer_message: opt_text(&s.customer_message),
+                agent_script: opt_text(&s.agent_script),
             })
             .collect(),
     }

@@ -1,0 +1,1063 @@
+// The safemode console: a plain JavaScript module, no framework, no build.
+//
+// It speaks the control service transcoded (POST /api/v1/<Method>, protobuf
+// JSON) with the signed-in caller's bearer token in the Authorization header
+// (kept in sessionStorage, never in a URL or a cookie), and follows
+// GET /api/v1/events with fetch() so that the header goes along. What a role
+// may not do is not offered (WhoAmI says, from the server's one permission
+// table); the server refuses it anyway. Every text from the server is set with
+// textContent: nothing it sends is ever parsed as HTML.
+
+const CHANNELS = ["chatbot", "ivr", "agent-desk", "web", "mobile", "email"];
+const METHODS = ["password", "sms_otp", "email_otp", "voice_otp", "totp", "push", "webauthn", "id_document", "kba", "callback"];
+const ACTIONS = ["account.password_reset", "account.email_change", "account.phone_change", "account.mfa_reset", "account.recovery", "payment.refund", "payment.payout", "order.view", "balance.view", "contact.intake", "handoff.ai_to_human"];
+const STATES = [
+  ["synced", "SYNCED"],
+  ["stale", "STALE"],
+  ["notAcked", "NOT_ACKED"],
+  ["rejected", "REJECTED"],
+];
+const TOKEN_KEY = "safemode.token";
+const PRINCIPAL_KEY = "safemode.principal";
+
+const $ = (id) => document.getElementById(id);
+
+// === Elements, text only ===
+
+/// An element with text set as text and attributes from `attrs`.
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs)) {
+    if (value === undefined || value === null || value === false) continue;
+    if (name === "text") node.textContent = String(value);
+    else if (name === "class") node.className = value;
+    else node.setAttribute(name, value === true ? "" : String(value));
+  }
+  for (const child of children) {
+    if (child === null || child === undefined) continue;
+    node.append(typeof child === "string" ? document.createTextNode(child) : child);
+  }
+  return node;
+}
+
+function show(node, visible) {
+  node.hidden = !visible;
+}
+
+function when(timestamp) {
+  if (!timestamp) return "";
+  const date = new Date(timestamp);
+  return Number.isNaN(date.getTime()) ? String(timestamp) : date.toISOString().replace(".000Z", "Z");
+}
+
+function say(text) {
+  const notice = $("notice");
+  notice.textContent = text;
+  show(notice, Boolean(text));
+}
+
+function fail(text) {
+  const error = $("error");
+  error.textContent = text;
+  show(error, Boolean(text));
+}
+
+// === The API ===
+
+const session = {
+  token: sessionStorage.getItem(TOKEN_KEY) || "",
+  principal: sessionStorage.getItem(PRINCIPAL_KEY) || "",
+  who: null,
+  may: { read: false, readAudit: false, change: false, approve: false },
+  namespace: "live",
+  runbooks: [],
+  modes: [],
+  stream: null,
+};
+
+function credentials() {
+  const headers = {};
+  if (session.token) headers["Authorization"] = `Bearer ${session.token}`;
+  else if (session.principal) headers["x-safemode-principal"] = session.principal;
+  return headers;
+}
+
+class ApiError extends Error {
+  constructor(status, code, message) {
+    super(message);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+async function call(method, request = {}) {
+  const answer = await fetch(`/api/v1/${method}`, {
+    method: "POST",
+    headers: { "Content-Type": "application/json", ...credentials() },
+    body: JSON.stringify(request),
+    credentials: "omit",
+    cache: "no-store",
+  });
+  let body = null;
+  try {
+    body = await answer.json();
+  } catch {
+    body = null;
+  }
+  if (!answer.ok) {
+    const message = body && body.message ? body.message : `HTTP ${answer.status}`;
+    throw new ApiError(answer.status, body && body.code ? body.code : "http", message);
+  }
+  return body;
+}
+
+// === Signing in ===
+
+async function start() {
+  wireForms();
+  fillStaticChoices();
+  try {
+    await signIn();
+  } catch (error) {
+    showSignIn(error);
+  }
+}
+
+async function signIn() {
+  const who = await call("WhoAmI", { namespaces: [session.namespace] });
+  if (!who.tokens && !session.principal && !session.token) {
+    // A server without tokens admits anyone on loopback: ask for a name,
+    // as the CLI's --principal.
+    showSignIn(null, false);
+    return;
+  }
+  session.who = who;
+  session.may = who.permissions[0];
+  fail("");
+  show($("signin"), false);
+  show($("main"), true);
+  show($("namespace-form"), true);
+  show($("signout"), true);
+  $("whoami").textContent = `Signed in as ${who.principal} (${who.roles.join(", ") || "no role"})`;
+  applyPermissions();
+  await loadCatalog();
+  await refresh();
+  follow();
+}
+
+function showSignIn(error, tokens = true) {
+  session.who = null;
+  drawn.clear();
+  stopFollowing();
+  show($("signin"), true);
+  show($("main"), false);
+  show($("namespace-form"), false);
+  show($("signout"), false);
+  $("whoami").textContent = "";
+  $("revision").textContent = "";
+  $("live").textContent = "";
+  const withTokens = tokens;
+  show($("token-row"), withTokens);
+  show($("principal-row"), !withTokens);
+  $("signin-hint").textContent = withTokens
+    ? "This server checks tokens: paste yours (an admin makes one with `safemode token create`). It is kept in this tab only."
+    : "This server has no tokens file: give the name your changes are recorded under (as the CLI's --principal).";
+  if (error) {
+    fail(error instanceof ApiError && error.status === 401 && !session.token ? "" : error.message);
+  }
+  (withTokens ? $("token") : $("principal")).focus();
+}
+
+function signOut(message = "") {
+  session.token = "";
+  session.principal = "";
+  sessionStorage.removeItem(TOKEN_KEY);
+  sessionStorage.removeItem(PRINCIPAL_KEY);
+  showSignIn(null, true);
+  fail(message);
+  say("");
+  // Find out again whether the server wants a token.
+  call("WhoAmI", {}).then(
+    (who) => showSignIn(null, who.tokens),
+    () => showSignIn(null, true),
+  );
+}
+
+function applyPermissions() {
+  show($("actions-section"), session.may.change);
+  show($("audit-section"), session.may.readAudit);
+}
+
+// === The catalogue and the fixed choices ===
+
+function fillStaticChoices() {
+  for (const channel of CHANNELS) {
+    $("decide-channel").append(el("option", { value: channel, text: channel }));
+    $("apply-channels").append(
+      el("label", {}, el("input", { type: "checkbox", name: "channel", value: channel }), ` ${channel}`),
+    );
+  }
+  for (const action of ACTIONS) $("actions-list").append(el("option", { value: action }));
+  for (const method of METHODS) {
+    $("decide-methods").append(
+      el("label", {}, el("input", { type: "checkbox", name: "method", value: method }), ` ${method}`),
+    );
+  }
+}
+
+async function loadCatalog() {
+  const [runbooks, modes] = await Promise.all([call("ListRunbooks"), call("ListModes")]);
+  session.runbooks = runbooks.runbooks;
+  session.modes = modes.modes;
+  const runbook = $("declare-runbook");
+  runbook.replaceChildren(
+    ...session.runbooks.map((r) => el("option", { value: r.name, text: `${r.name}: ${r.title}` })),
+  );
+  fillSeverities();
+  const boxes = $("apply-modes");
+  boxes.replaceChildren(boxes.firstElementChild);
+  for (const mode of session.modes) {
+    boxes.append(
+      el("label", { title: mode.summary }, el("input", { type: "checkbox", name: "mode", value: mode.name }), ` ${mode.name}`),
+    );
+  }
+}
+
+function selectedRunbook() {
+  return session.runbooks.find((r) => r.name === $("declare-runbook").value);
+}
+
+function fillSeverities() {
+  const runbook = selectedRunbook();
+  const severity = $("declare-severity");
+  severity.replaceChildren(
+    ...(runbook ? runbook.stages.map((s) => el("option", { value: s.severity, text: s.severity })) : []),
+  );
+  showStage();
+}
+
+/// What the chosen stage will do: its modes, customer message and agent script.
+function stageDetails(runbook, severity) {
+  const stage = runbook && runbook.stages.find((s) => s.severity === severity);
+  if (!stage) return el("p", { text: "Choose an incident type and a severity." });
+  const modeTexts = (field) =>
+    stage.modes
+      .map((name) => session.modes.find((m) => m.name === name.split(" on ")[0]))
+      .filter((m) => m && m[field])
+      .map((m) => `${m.name}: ${m[field]}`)
+      .join("\n");
+  return el(
+    "dl",
+    { class: "stage" },
+    el("dt", { text: "Summary" }),
+    el("dd", { text: runbook.summary }),
+    el("dt", { text: `Modes at ${stage.severity}` }),
+    el("dd", { text: stage.modes.join(", ") }),
+    el("dt", { text: "Customers are told" }),
+    el("dd", { class: "customer-message", text: stage.customerMessage || modeTexts("customerNotice") || "(nothing new)" }),
+    el("dt", { text: "Agents are told" }),
+    el("dd", { class: "agent-script", text: stage.agentScript || modeTexts("agentScript") || "(nothing new)" }),
+    el("dt", { text: "Lifting needs a second approver" }),
+    el("dd", { text: runbook.liftRequiresApproval ? "yes" : "no" }),
+  );
+}
+
+function showStage() {
+  $("declare-stage").replaceChildren(stageDetails(selectedRunbook(), $("declare-severity").value));
+}
+
+// === What is in force ===
+
+const drawn = new Map();
+
+/// Runs `render` when `data` differs from what the section was last drawn
+/// from.
+function rerender(section, data, render) {
+  const key = JSON.stringify(data);
+  if (drawn.get(section) === key) return;
+  drawn.set(section, key);
+  render();
+}
+
+let refreshing = null;
+let refreshAgain = false;
+
+/// Reads everything the page shows, once at a time (a change during a
+/// refresh refreshes again after it).
+async function refresh() {
+  if (refreshing) {
+    refreshAgain = true;
+    return refreshing;
+  }
+  refreshing = (async () => {
+    do {
+      refreshAgain = false;
+      try {
+        await readAndRender();
+      } catch (error) {
+        if (error instanceof ApiError && error.status === 401) {
+          signOut(error.message);
+          return;
+        }
+        fail(error.message);
+      }
+    } while (refreshAgain);
+  })();
+  try {
+    await refreshing;
+  } finally {
+    refreshing = null;
+  }
+}
+
+async function readAndRender() {
+  const namespace = session.namespace;
+  const [status, rejected, incidents, requests] = await Promise.all([
+    // The summary per channel comes with every page: one subscriber is
+    // enough; the rejected ones are listed apart (the newest 100).
+    call("GetStatus", { namespace, pageSize: 1 }),
+    call("GetStatus", { namespace, state: "REJECTED", pageSize: 100 }),
+    call("ListIncidents", { namespace, includeResolved: true }),
+    call("ListRequests", { namespace }),
+  ]);
+  if (namespace !== session.namespace) return;
+  fail("");
+  $("revision").textContent = `${status.namespace} at revision ${status.revision}`;
+  const active = incidents.incidents.filter((i) => i.status === "active");
+  const pending = requests.requests.filter((r) => r.status === "pending");
+  // Only what changed is drawn again, so that focus and a half-made choice
+  // elsewhere on the page survive a live update.
+  const who = [session.who && session.who.principal, session.may];
+  rerender("incidents", [active, who, session.runbooks.length], () => renderIncidents(active));
+  rerender("activations", [status.activations, who], () => renderActivations(status.activations));
+  rerender("propagation", [status.channels, status.replicas, status.subscriberCount, status.revision, rejected.subscribers, rejected.subscriberCount], () =>
+    renderPropagation(status, rejected),
+  );
+  rerender("told", status.activations, () => renderTold(status.activations));
+  rerender("requests", [pending, who], () => renderRequests(pending));
+  rerender("audit-choices", incidents.incidents, () => renderAuditChoices(incidents.incidents));
+  show($("nothing-active"), active.length === 0 && status.activations.length === 0);
+  const problems = status.problems || [];
+  const partial = $("partial");
+  partial.textContent = [
+    status.partial ? "Partial: some replicas did not answer, their subscribers are missing below." : "",
+    ...problems.map((p) => `Problem: ${p}`),
+  ]
+    .filter(Boolean)
+    .join(" ");
+  show(partial, Boolean(partial.textContent));
+}
+
+function renderIncidents(incidents) {
+  show($("incidents-empty"), incidents.length === 0);
+  $("incidents").replaceChildren(
+    ...incidents.map((incident) => {
+      const runbook = session.runbooks.find((r) => r.name === incident.type);
+      const card = el(
+        "li",
+        { class: "incident", "data-incident-id": incident.id },
+        el("h3", { text: `${incident.title || incident.type} — ${incident.severity.toUpperCase()}` }),
+        el(
+          "p",
+          {},
+          `Type ${incident.type}, severity ${incident.severity}, stage: `,
+          el("span", { class: "stage-modes", text: (incident.activations || []).map((a) => a.mode).join(", ") || "(none)" }),
+          `. Declared by ${incident.declaredBy} at ${when(incident.declaredAt)}. Id ${incident.id}.`,
+        ),
+        el(
+          "ol",
+          { class: "timeline", "aria-label": "Timeline" },
+          ...incident.timeline.map((event) =>
+            el("li", {
+              text: `${when(event.at)} ${event.event}${event.severity ? ` (${event.severity})` : ""} by ${event.principal}: ${event.reason}${event.detail ? ` — ${event.detail}` : ""}`,
+            }),
+          ),
+        ),
+      );
+      if (session.may.change) {
+        const severities = runbook ? runbook.stages.map((s) => s.severity).filter((s) => s !== incident.severity) : [];
+        if (severities.length > 0) {
+          const select = el(
+            "select",
+            { class: "escalate-severity", "aria-label": `New severity for ${incident.id}` },
+            ...severities.map((s) => el("option", { value: s, text: s })),
+          );
+          const escalate = el("button", { type: "button", class: "escalate", text: "Change severity…" });
+          escalate.addEventListener("click", () => askEscalate(incident, select.value));
+          card.append(el("p", {}, select, " ", escalate));
+        }
+        const resolve = el("button", { type: "button", class: "resolve danger", text: "Resolve…" });
+        resolve.addEventListener("click", () => askResolve(incident));
+        card.append(el("p", {}, resolve));
+      }
+      return card;
+    }),
+  );
+}
+
+function channelsText(channels) {
+  return channels && channels.length > 0 ? channels.join(", ") : "every channel";
+}
+
+function renderActivations(activations) {
+  show($("activations-empty"), activations.length === 0);
+  show($("activations-table"), activations.length > 0);
+  $("activations").replaceChildren(
+    ...activations.map((activation) => {
+      const actions = el("td");
+      if (session.may.change) {
+        const lift = el("button", { type: "button", class: "lift", text: "Lift…" });
+        lift.addEventListener("click", () => askLift(activation));
+        actions.append(lift);
+      }
+      return el(
+        "tr",
+        { class: "activation", "data-mode": activation.mode, "data-activation-id": activation.id },
+        el("td", { text: `${activation.mode} (${activation.id})` }),
+        el("td", { text: channelsText(activation.channels) }),
+        el("td", { text: activation.principal }),
+        el("td", { class: "text reason", text: activation.reason }),
+        el("td", { text: when(activation.appliedAt) }),
+        el("td", { text: activation.incidentId || "—" }),
+        actions,
+      );
+    }),
+  );
+}
+
+function renderPropagation(status, rejectedPage) {
+  const rejected = rejectedPage.subscribers;
+  const replicas = status.replicas || [];
+  const answered = replicas.filter((r) => r.answered).length;
+  $("propagation-summary").textContent =
+    `${status.subscriberCount} subscriber(s) on ${answered} of ${replicas.length} replica(s); the namespace is at revision ${status.revision}.` +
+    (status.channels.length === 0 ? " No subscriber is connected." : "");
+  $("propagation").replaceChildren(
+    ...status.channels.map((summary) => {
+      const total = STATES.reduce((n, [field]) => n + Number(summary[field] || 0), 0);
+      const bar = el("div", { class: "bar", role: "img", "aria-label": countsText(summary, total) });
+      for (const [field, name] of STATES) {
+        const count = Number(summary[field] || 0);
+        if (count === 0) continue;
+        const part = el("span", { class: cssState(name), title: `${count} ${name}` });
+        // CSSOM, not a style attribute: allowed by the page's policy.
+        part.style.flexGrow = String(count);
+        bar.append(part);
+      }
+      return el(
+        "li",
+        { class: "channel-bar", "data-channel": summary.channel },
+        el("strong", { text: summary.channel }),
+        bar,
+        el("span", { class: "counts", text: countsText(summary, total) }),
+      );
+    }),
+  );
+  show($("rejected-empty"), rejected.length === 0);
+  const more = Number(rejectedPage.subscriberCount || 0) - rejected.length;
+  $("rejected").replaceChildren(
+    ...rejected.map((s) =>
+      el("li", {
+        class: "state-rejected",
+        text: `REJECTED: ${s.subscriberId} (${s.channel}, on ${s.replica}) rejected revision ${s.rejectedRevision}: ${s.rejectReason}`,
+      }),
+    ),
+    ...(more > 0 ? [el("li", { text: `… and ${more} more: safemode status --state rejected lists them all` })] : []),
+  );
+  $("replicas").replaceChildren(
+    ...replicas.map((r) =>
+      r.answered
+        ? el("li", {
+            class: "replica",
+            text: `${r.replica} (${r.address}): answered; applied revision ${r.appliedRevision}; ${r.subscriberCount} subscriber(s)`,
+          })
+        : el("li", {
+            class: "replica state-rejected",
+            text: `${r.replica} (${r.address}): DID NOT ANSWER — ${r.error}`,
+          }),
+    ),
+  );
+}
+
+function cssState(name) {
+  return name.toLowerCase().replace("_", "-");
+}
+
+function countsText(summary, total) {
+  const parts = STATES.map(([field, name]) => `${Number(summary[field] || 0)} ${name}`);
+  return `${summary.synced} of ${total} SYNCED — ${parts.join(", ")}`;
+}
+
+/// The distinct texts of `field` among `activations`, each with the modes
+/// that say it (a stage gives all its modes one text).
+function byText(activations, field) {
+  const texts = new Map();
+  for (const activation of activations) {
+    const text = activation[field];
+    if (!text) continue;
+    if (!texts.has(text)) texts.set(text, []);
+    texts.get(text).push(activation.mode);
+  }
+  return [...texts.entries()];
+}
+
+function renderTold(activations) {
+  // Channels told the same are shown once, together.
+  const groups = new Map();
+  for (const channel of CHANNELS) {
+    const covering = activations.filter((a) => !a.channels || a.channels.length === 0 || a.channels.includes(channel));
+    const notices = byText(covering, "customerNotice");
+    const scripts = byText(covering, "agentScript");
+    if (notices.length === 0 && scripts.length === 0) continue;
+    const key = JSON.stringify([notices, scripts]);
+    if (!groups.has(key)) groups.set(key, { channels: [], notices, scripts });
+    groups.get(key).channels.push(channel);
+  }
+  const list = (texts) =>
+    texts.length > 0
+      ? el("ul", {}, ...texts.map(([text, modes]) => el("li", { class: "text", text: `${text} (${modes.join(", ")})` })))
+      : el("p", { class: "empty", text: "nothing new" });
+  const cards = [...groups.values()].map((group) =>
+    el(
+      "li",
+      { class: "told", "data-channels": group.channels.join(" ") },
+      el("h3", { text: group.channels.length === CHANNELS.length ? "Every channel" : group.channels.join(", ") }),
+      el("h4", { text: "Customers are told" }),
+      list(group.notices),
+      el("h4", { text: "Agents are told" }),
+      list(group.scripts),
+    ),
+  );
+  show($("told-empty"), cards.length === 0);
+  $("told").replaceChildren(...cards);
+}
+
+function renderRequests(requests) {
+  show($("requests-empty"), requests.length === 0);
+  $("requests").replaceChildren(
+    ...requests.map((request) => {
+      const own = session.who && request.requestedBy === session.who.principal;
+      const card = el(
+        "li",
+        { class: "request", "data-request-id": request.id },
+        el("h3", { text: `${request.kind} ${request.incidentId || ""} — waiting for a second approver` }),
+        el("p", { class: "summary", text: `Approving it will: ${request.summary}` }),
+        el("p", {
+          text: `Asked by ${request.requestedBy} at ${when(request.requestedAt)}: ${request.reason}. Expires ${when(request.expiresAt)}. Id ${request.id}.`,
+        }),
+      );
+      const buttons = el("p");
+      if (session.may.approve && !own) {
+        const approve = el("button", { type: "button", class: "approve", text: "Approve…" });
+        approve.addEventListener("click", () => askApprove(request));
+        buttons.append(approve, " ");
+      }
+      if (own) buttons.append(el("span", { class: "own", text: "Your request: another person must approve it. " }));
+      if (session.may.change) {
+        const withdraw = el("button", { type: "button", class: "withdraw", text: "Withdraw…" });
+        withdraw.addEventListener("click", () => askWithdraw(request));
+        buttons.append(withdraw);
+      }
+      card.append(buttons);
+      return card;
+    }),
+  );
+}
+
+// === Asking before acting ===
+
+/// Opens the confirmation dialog: a reason, then (where the call has a dry
+/// run) the preview of exactly what will change, then Confirm.
+function confirmAction({ title, context, preview, commit }) {
+  const dialog = $("confirm");
+  $("confirm-title").textContent = title;
+  $("confirm-context").replaceChildren(...context);
+  const reason = $("confirm-reason");
+  reason.value = "";
+  reason.readOnly = false;
+  $("confirm-preview").replaceChildren();
+  const error = $("confirm-error");
+  show(error, false);
+  const previewButton = $("confirm-preview-button");
+  const confirmButton = $("confirm-button");
+  show(previewButton, Boolean(preview));
+  confirmButton.disabled = Boolean(preview);
+  const problem = (text) => {
+    error.textContent = text;
+    show(error, Boolean(text));
+  };
+  const needReason = () => {
+    if (reason.value.trim() === "") {
+      problem("Give a reason: it is recorded with the change.");
+      reason.focus();
+      return false;
+    }
+    return true;
+  };
+  previewButton.onclick = async () => {
+    if (!needReason()) return;
+    problem("");
+    try {
+      const answer = await preview(reason.value);
+      $("confirm-preview").replaceChildren(previewView(answer.preview));
+      reason.readOnly = true;
+      confirmButton.disabled = false;
+      confirmButton.focus();
+    } catch (e) {
+      problem(e.message);
+    }
+  };
+  confirmButton.onclick = async () => {
+    if (!needReason()) return;
+    problem("");
+    confirmButton.disabled = true;
+    try {
+      const message = await commit(reason.value);
+      dialog.close();
+      say(message);
+      await refresh();
+    } catch (e) {
+      problem(e.message);
+      confirmButton.disabled = false;
+    }
+  };
+  $("confirm-cancel").onclick = () => dialog.close();
+  dialog.showModal();
+  reason.focus();
+}
+
+/// A dry run's preview: what changes, whether it waits for approval, and
+/// each channel's effects before and after.
+function previewView(preview) {
+  if (!preview) return el("p", { text: "The server said nothing about what would change." });
+  const box = el("div", { class: "preview" });
+  box.append(el("p", { class: "preview-summary", text: preview.summary ? `This will: ${preview.summary}` : "This changes nothing." }));
+  if (preview.needsApproval) {
+    box.append(
+      el("p", {
+        class: "warning",
+        text: `It will wait for a second approver (${(preview.approverRoles || []).join(" or ")}), not ${preview.notApprover}. Approving it will: ${preview.approvalSummary}`,
+      }),
+    );
+  }
+  if (preview.channels && preview.channels.length > 0) {
+    const rows = [];
+    for (const channel of preview.channels) {
+      for (const effect of channel.effects) {
+        rows.push(
+          el(
+            "tr",
+            {},
+            el("td", { text: channel.channel }),
+            el("td", { text: effect.action }),
+            el("td", { text: effect.before }),
+            el("td", { text: effect.after }),
+            el("td", { class: "text", text: effect.customerMessageAfter }),
+            el("td", { class: "text", text: effect.agentScriptAfter }),
+          ),
+        );
+      }
+    }
+    box.append(
+      el(
+        "table",
+        {},
+        el("caption", { text: "Effects that change, per channel" }),
+        el(
+          "thead",
+          {},
+          el(
+            "tr",
+            {},
+            ...["Channel", "Action", "Before", "After", "Customers are told", "Agents are told"].map((h) => el("th", { scope: "col", text: h })),
+          ),
+        ),
+        el("tbody", {}, ...rows),
+      ),
+    );
+  }
+  return box;
+}
+
+function outcome(answer, done) {
+  if (answer.pending) return `Waiting for a second approver: request ${answer.pending.id} (${answer.pending.summary}).`;
+  return done;
+}
+
+function askDeclare() {
+  const runbook = selectedRunbook();
+  const severity = $("declare-severity").value;
+  if (!runbook || !severity) return;
+  const request = (reason, dryRun) => ({
+    namespace: session.namespace,
+    type: runbook.name,
+    severity,
+    reason,
+    dryRun,
+  });
+  confirmAction({
+    title: `Declare ${runbook.name} at ${severity}`,
+    context: [stageDetails(runbook, severity)],
+    preview: (reason) => call("DeclareIncident", request(reason, true)),
+    commit: async (reason) => {
+      const answer = await call("DeclareIncident", request(reason, false));
+      return outcome(answer, `Declared ${answer.incident.id} at revision ${answer.revision}.`);
+    },
+  });
+}
+
+function askApply() {
+  const modes = [...document.querySelectorAll("#apply-modes input:checked")].map((i) => i.value);
+  const channels = [...document.querySelectorAll("#apply-channels input:checked")].map((i) => i.value);
+  if (modes.length === 0) {
+    fail("Tick at least one mode to apply.");
+    return;
+  }
+  fail("");
+  const request = (reason, dryRun) => ({ namespace: session.namespace, modes, channels, reason, dryRun });
+  confirmAction({
+    title: `Apply ${modes.join(", ")} on ${channelsText(channels)}`,
+    context: [],
+    preview: (reason) => call("ApplyModes", request(reason, true)),
+    commit: async (reason) => {
+      const answer = await call("ApplyModes", request(reason, false));
+      return `Applied at revision ${answer.revision}.`;
+    },
+  });
+}
+
+function askLift(activation) {
+  const request = (reason, dryRun) => ({
+    namespace: session.namespace,
+    targets: [activation.id],
+    reason,
+    dryRun,
+    incidentOk: Boolean(activation.incidentId),
+  });
+  confirmAction({
+    title: `Lift ${activation.mode} (${activation.id})`,
+    context: activation.incidentId
+      ? [el("p", { class: "warning", text: `It belongs to incident ${activation.incidentId}: lifting it outside the incident goes on the incident's timeline.` })]
+      : [],
+    preview: (reason) => call("LiftActivations", request(reason, true)),
+    commit: async (reason) => {
+      const answer = await call("LiftActivations", request(reason, false));
+      return outcome(answer, `Lifted at revision ${answer.revision}.`);
+    },
+  });
+}
+
+function askEscalate(incident, severity) {
+  const request = (reason, dryRun) => ({ incidentId: incident.id, severity, reason, dryRun });
+  const runbook = session.runbooks.find((r) => r.name === incident.type);
+  confirmAction({
+    title: `Move ${incident.id} from ${incident.severity} to ${severity}`,
+    context: [stageDetails(runbook, severity)],
+    preview: (reason) => call("EscalateIncident", request(reason, true)),
+    commit: async (reason) => {
+      const answer = await call("EscalateIncident", request(reason, false));
+      return outcome(answer, `${incident.id} is at ${severity} (revision ${answer.revision}).`);
+    },
+  });
+}
+
+function askResolve(incident) {
+  const request = (reason, dryRun) => ({ incidentId: incident.id, reason, dryRun });
+  confirmAction({
+    title: `Resolve ${incident.id} (${incident.type})`,
+    context: [el("p", { text: `Exit criteria: ${(incident.exitCriteria || []).join(" ") || "none written"}` })],
+    preview: (reason) => call("ResolveIncident", request(reason, true)),
+    commit: async (reason) => {
+      const answer = await call("ResolveIncident", request(reason, false));
+      return outcome(answer, `Resolved ${incident.id} at revision ${answer.revision}.`);
+    },
+  });
+}
+
+function askApprove(request) {
+  confirmAction({
+    title: `Approve ${request.id}`,
+    context: [
+      el("p", { class: "summary", text: `Approving it will: ${request.summary}` }),
+      el("p", { text: `Asked by ${request.requestedBy}: ${request.reason}` }),
+    ],
+    preview: (reason) => call("Approve", { requestId: request.id, reason, dryRun: true }),
+    commit: async (reason) => {
+      const answer = await call("Approve", { requestId: request.id, reason });
+      return `Approved ${request.id}: done at revision ${answer.revision}.`;
+    },
+  });
+}
+
+function askWithdraw(request) {
+  confirmAction({
+    title: `Withdraw ${request.id}`,
+    context: [el("p", { text: `Nobody will be able to approve it: ${request.summary}` })],
+    preview: null,
+    commit: async (reason) => {
+      await call("Withdraw", { requestId: request.id, reason });
+      return `Withdrew ${request.id}.`;
+    },
+  });
+}
+
+// === Decision preview ===
+
+async function decide() {
+  const amount = $("decide-amount").value;
+  const request = {
+    namespace: session.namespace,
+    channel: $("decide-channel").value,
+    action: $("decide-action").value.trim(),
+    confidence: Number($("decide-confidence").value || 0),
+    methods: [...document.querySelectorAll("#decide-methods input:checked")].map((i) => i.value),
+    attempts: Number($("decide-attempts").value || 0),
+    handoffFromBot: $("decide-handoff").checked,
+  };
+  if (amount !== "") request.amount = Number(amount);
+  const result = $("decide-result");
+  try {
+    const answer = await call("Decide", request);
+    result.replaceChildren(
+      el(
+        "dl",
+        { class: "stage" },
+        el("dt", { text: "Effect" }),
+        el("dd", { class: "decide-effect", text: answer.effect.toUpperCase() }),
+        el("dt", { text: "In detail" }),
+        el("dd", { text: answer.detail }),
+        el("dt", { text: "Because of" }),
+        el("dd", { text: answer.reasons.join(", ") || "no rule: allowed" }),
+        el("dt", { text: "The customer is told" }),
+        el("dd", { text: answer.customerMessage || "(nothing)" }),
+        el("dt", { text: "The agent is told" }),
+        el("dd", { text: answer.agentScript || "(nothing)" }),
+        el("dt", { text: "Rules of" }),
+        el("dd", { text: `${answer.namespace} at revision ${answer.revision}, channel ${answer.channel}` }),
+      ),
+    );
+  } catch (e) {
+    result.replaceChildren(el("p", { class: "warning", text: e.message }));
+  }
+}
+
+// === The audit log ===
+
+function renderAuditChoices(incidents) {
+  const select = $("audit-incident");
+  const chosen = select.value;
+  select.replaceChildren(
+    el("option", { value: "", text: "all" }),
+    ...incidents.map((i) => el("option", { value: i.id, text: `${i.id} (${i.type}, ${i.status})` })),
+  );
+  select.value = incidents.some((i) => i.id === chosen) ? chosen : "";
+}
+
+const AUDIT_SHOWN = 200;
+const AUDIT_PAGES = 20;
+
+async function readAudit() {
+  const incidentId = $("audit-incident").value;
+  const result = $("audit-result");
+  result.textContent = "Reading and verifying the whole log…";
+  try {
+    // The first page verifies the whole log; later pages only read.
+    let entries = [];
+    let first = null;
+    let after = "0";
+    for (let page = 0; page < AUDIT_PAGES; page++) {
+      const answer = await call("GetAudit", {
+        incidentId,
+        namespace: session.namespace,
+        verify: page === 0,
+        afterSeq: after,
+        limit: 500,
+      });
+      if (page === 0) first = answer;
+      entries = entries.concat(answer.entries).slice(-AUDIT_SHOWN);
+      after = answer.nextAfterSeq;
+      if (after === "0" || after === 0) break;
+    }
+    const problems = first.problems || [];
+    result.textContent =
+      problems.length === 0
+        ? "Verified: the log is intact (every entry chained, signed by a trusted key, and the state matches)."
+        : `Verification found ${first.problemsTotal} problem(s): ${problems.join("; ")}`;
+    result.className = problems.length === 0 ? "state-synced" : "state-rejected";
+    show($("audit-head-row"), first.headSeq !== "0");
+    $("audit-head").textContent = `${first.headSeq} ${first.headHash}`;
+    show($("audit-table"), true);
+    $("audit-entries").replaceChildren(
+      ...entries
+        .reverse()
+        .map((e) =>
+          el(
+            "tr",
+            { class: "audit-entry" },
+            el("td", { text: e.seq }),
+            el("td", { text: when(e.at) }),
+            el("td", { text: e.action }),
+            el("td", { text: e.principal }),
+            el("td", { class: "text", text: e.reason }),
+            el("td", { class: "text", text: [e.incidentId, e.requestId, e.detail].filter(Boolean).join(" ") }),
+          ),
+        ),
+    );
+  } catch (e) {
+    result.textContent = e.message;
+    result.className = "state-rejected";
+  }
+}
+
+async function copyHead() {
+  const text = $("audit-head").textContent;
+  try {
+    await navigator.clipboard.writeText(text);
+    say("The audit head is copied: keep it somewhere else to check later that the log was not rewritten.");
+  } catch {
+    // No clipboard (a plain-HTTP page off loopback): select it for the person.
+    const range = document.createRange();
+    range.selectNodeContents($("audit-head"));
+    const selection = window.getSelection();
+    selection.removeAllRanges();
+    selection.addRange(range);
+    say("Press Ctrl+C to copy the selected head.");
+  }
+}
+
+// === Live updates ===
+
+let streamGeneration = 0;
+
+function stopFollowing() {
+  streamGeneration++;
+  if (session.stream) session.stream.abort();
+  session.stream = null;
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/// Follows /api/v1/events: refreshes on every change; reconnects when the
+/// stream ends (each lasts ten minutes) or breaks.
+async function follow() {
+  stopFollowing();
+  const generation = streamGeneration;
+  const live = $("live");
+  while (generation === streamGeneration) {
+    const controller = new AbortController();
+    session.stream = controller;
+    try {
+      const answer = await fetch(`/api/v1/events?namespace=${encodeURIComponent(session.namespace)}`, {
+        headers: credentials(),
+        credentials: "omit",
+        cache: "no-store",
+        signal: controller.signal,
+      });
+      if (!answer.ok) {
+        const body = await answer.json().catch(() => ({}));
+        if (answer.status === 401) {
+          signOut(body.message || "signed out");
+          return;
+        }
+        live.textContent = `Not live: ${body.message || `HTTP ${answer.status}`}`;
+        await sleep(3000);
+        continue;
+      }
+      live.textContent = "Live";
+      const reader = answer.body.getReader();
+      const decoder = new TextDecoder();
+      let buffer = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += decoder.decode(value, { stream: true });
+        let end;
+        while ((end = buffer.indexOf("\n\n")) >= 0) {
+          const block = buffer.slice(0, end);
+          buffer = buffer.slice(end + 2);
+          const name = (block.match(/^event: (.*)$/m) || [])[1];
+          if (name === "change") refresh();
+          if (name === "end") {
+            const data = JSON.parse((block.match(/^data: (.*)$/m) || [, "{}"])[1]);
+            if (data.code === "unauthenticated") {
+              signOut(data.message);
+              return;
+            }
+          }
+        }
+      }
+    } catch (e) {
+      if (generation !== streamGeneration) return;
+    }
+    if (generation !== streamGeneration) return;
+    live.textContent = "Reconnecting…";
+    await sleep(1000);
+    // Whatever happened while the stream was down.
+    refresh();
+  }
+}
+
+// === Wiring ===
+
+function wireForms() {
+  $("signin-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const token = $("token").value.trim();
+    const principal = $("principal").value.trim();
+    session.token = $("token-row").hidden ? "" : token;
+    session.principal = $("principal-row").hidden ? "" : principal;
+    if (!session.token && !session.principal) {
+      fail($("token-row").hidden ? "Give your name." : "Paste your token.");
+      return;
+    }
+    if (session.token) sessionStorage.setItem(TOKEN_KEY, session.token);
+    if (session.principal) sessionStorage.setItem(PRINCIPAL_KEY, session.principal);
+    $("token").value = "";
+    try {
+      await signIn();
+    } catch (error) {
+      session.token = "";
+      sessionStorage.removeItem(TOKEN_KEY);
+      showSignIn(error, !$("token-row").hidden);
+      fail(error.message);
+    }
+  });
+  $("signout").addEventListener("click", () => signOut(""));
+  $("namespace-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const namespace = $("namespace").value.trim() || "live";
+    try {
+      const who = await call("WhoAmI", { namespaces: [namespace] });
+      session.namespace = namespace;
+      session.may = who.permissions[0];
+      drawn.clear();
+      applyPermissions();
+      say("");
+      await refresh();
+      follow();
+    } catch (e) {
+      fail(e.message);
+    }
+  });
+  $("declare-runbook").addEventListener("change", fillSeverities);
+  $("declare-severity").addEventListener("change", showStage);
+  $("declare-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    askDeclare();
+  });
+  $("apply-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    askApply();
+  });
+  $("decide-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    decide();
+  });
+  $("audit-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    readAudit();
+  });
+  $("audit-copy").addEventListener("click", copyHead);
+}
+
+start();

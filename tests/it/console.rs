@@ -1,0 +1,1114 @@
+//! Issue 14: the web console's API is the gRPC control service transcoded
+//! (`POST /api/v1/<Method>`, protobuf JSON), so its refusals are the gRPC
+//! ones; its page is served with a strict Content-Security-Policy and sets
+//! no HTML from data; its event stream says when the namespace changed.
+//! The browser test drives `tests/console/console_browser.py` (Selenium,
+//! headless Chromium) against a real controller with tokens and simulated
+//! subscribers.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use safemode_grpc::console::{ASSETS, CONTENT_SECURITY_POLICY};
+use safemode_grpc::limits::MAX_CONTROL_REQUEST_BYTES;
+use safemode_grpc::server::ServeConfig;
+use safemode_wire::proto;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+use crate::support::{Principals, TestServer};
+
+/// An HTTP answer: status, headers (lower-case names), body.
+pub struct Answer {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Answer {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+/// One HTTP/1.1 request (`connection: close`), its answer read whole.
+pub async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Answer {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1:{}\r\nconnection: close\r\ncontent-length: {}\r\n",
+        addr.port(),
+        body.len()
+    );
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    // The server may answer (413) before reading all of a large body.
+    let _ = stream.write_all(body).await;
+    let mut raw = Vec::new();
+    let _ = stream.read_to_end(&mut raw).await;
+    let raw = String::from_utf8_lossy(&raw).to_string();
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no answer head in {raw:?}"));
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {raw:?}"));
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Answer {
+        status,
+        headers,
+        body: body.to_string(),
+    }
+}
+
+/// `POST /api/v1/<method>` with a JSON body, as `token` (none: no header).
+pub async fn api(addr: SocketAddr, method: &str, token: Option<&str>, body: &Value) -> Answer {
+    let bearer = token.map(|t| format!("Bearer {t}"));
+    let mut headers = vec![("content-type", "application/json")];
+    if let Some(bearer) = &bearer {
+        headers.push(("authorization", bearer));
+    }
+    request(
+        addr,
+        "POST",
+        &format!("/api/v1/{method}"),
+        &headers,
+        body.to_string().as_bytes(),
+    )
+    .await
+}
+
+/// What a refused call must leave as it was: live's revision, the audit
+/// log's length, every request of live with its state.
+async fn observed(http: SocketAddr, admin: &str) -> (String, usize, Value) {
+    let status = api(http, "GetStatus", Some(admin), &json!({})).await.json();
+    let audit = api(http, "GetAudit", Some(admin), &json!({})).await.json();
+    let requests = api(
+        http,
+        "ListRequests",
+        Some(admin),
+        &json!({"includeDecided": true}),
+    )
+    .await
+    .json();
+    (
+        status["revision"].as_str().unwrap().to_string(),
+        audit["entries"].as_array().unwrap().len(),
+        requests["requests"].clone(),
+    )
+}
+
+async fn console_server(principals: &Principals) -> (TestServer, SocketAddr) {
+    let server = TestServer::with_tokens_and(principals, |config: &mut ServeConfig| {
+        config.http_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let http = server.http_addr().expect("an HTTP listener");
+    (server, http)
+}
+
+/// A refusal: the HTTP status, the code, and words its message holds.
+struct Refusal {
+    what: &'static str,
+    method: &'static str,
+    path: &'static str,
+    token: Option<&'static str>,
+    content_type: &'static str,
+    body: Vec<u8>,
+    status: u16,
+    code: &'static str,
+    says: &'static str,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_refuses_as_the_grpc_api_does() {
+    let principals = Principals::new();
+    let (server, http) = console_server(&principals).await;
+    let apply = json!({"modes": ["bots-faq-only"], "reason": "wave"})
+        .to_string()
+        .into_bytes();
+    let cases = [
+        Refusal {
+            what: "no token",
+            method: "POST",
+            path: "/api/v1/GetStatus",
+            token: None,
+            content_type: "application/json",
+            body: b"{}".to_vec(),
+            status: 401,
+            code: "unauthenticated",
+            says: "a bearer token is required",
+        },
+        Refusal {
+            what: "an unknown token",
+            method: "POST",
+            path: "/api/v1/GetStatus",
+            token: Some("not-a-token"),
+            content_type: "application/json",
+            body: b"{}".to_vec(),
+            status: 401,
+            code: "unauthenticated",
+            says: "unknown token",
+        },
+        Refusal {
+            what: "a viewer applies a mode",
+            method: "POST",
+            path: "/api/v1/ApplyModes",
+            token: Some("viewer"),
+            content_type: "application/json",
+            body: apply.clone(),
+            status: 403,
+            code: "permission_denied",
+            says: "viewer (roles: viewer) may not change modes or incidents in namespace live",
+        },
+        Refusal {
+            what: "an approver declares",
+            method: "POST",
+            path: "/api/v1/DeclareIncident",
+            token: Some("approver"),
+            content_type: "application/json",
+            body: json!({"type": "credential-stuffing", "severity": "sev3", "reason": "x"})
+                .to_string()
+                .into_bytes(),
+            status: 403,
+            code: "permission_denied",
+            says: "may not change modes or incidents",
+        },
+        Refusal {
+            what: "malformed JSON",
+            method: "POST",
+            path: "/api/v1/GetStatus",
+            token: Some("viewer"),
+            content_type: "application/json",
+            body: br#"{"namespace": "#.to_vec(),
+            status: 400,
+            code: "invalid_json",
+            says: "the body is not a GetStatusRequest: it is not JSON (EOF while parsing",
+        },
+        Refusal {
+            what: "a field of the wrong type",
+            method: "POST",
+            path: "/api/v1/GetStatus",
+            token: Some("viewer"),
+            content_type: "application/json",
+            body: br#"{"pageSize": "many"}"#.to_vec(),
+            status: 400,
+            code: "invalid_json",
+            says: "the body is not a GetStatusRequest: pageSize: ",
+        },
+        Refusal {
+            what: "an unknown field",
+            method: "POST",
+            path: "/api/v1/ApplyModes",
+            token: Some("commander"),
+            content_type: "application/json",
+            body: br#"{"modes": ["bots-faq-only"], "reason": "x", "force": true}"#.to_vec(),
+            status: 400,
+            code: "invalid_json",
+            says: "unknown field force; its fields are namespace, modes, channels, reason",
+        },
+        Refusal {
+            what: "a blank reason (the gRPC validation)",
+            method: "POST",
+            path: "/api/v1/ApplyModes",
+            token: Some("commander"),
+            content_type: "application/json",
+            body: br#"{"modes": ["bots-faq-only"], "reason": " "}"#.to_vec(),
+            status: 400,
+            code: "invalid_argument",
+            says: "reason",
+        },
+        Refusal {
+            what: "an unknown mode",
+            method: "POST",
+            path: "/api/v1/ApplyModes",
+            token: Some("commander"),
+            content_type: "application/json",
+            body: br#"{"modes": ["no-such-mode"], "reason": "x"}"#.to_vec(),
+            status: 404,
+            code: "not_found",
+            says: "no-such-mode",
+        },
+        Refusal {
+            what: "GET on a method",
+            method: "GET",
+            path: "/api/v1/ApplyModes",
+            token: Some("commander"),
+            content_type: "application/json",
+            body: Vec::new(),
+            status: 405,
+            code: "method_not_allowed",
+            says: "nothing changes state on GET",
+        },
+        Refusal {
+            what: "no such method",
+            method: "POST",
+            path: "/api/v1/DropEverything",
+            token: Some("admin"),
+            content_type: "application/json",
+            body: b"{}".to_vec(),
+            status: 404,
+            code: "not_found",
+            says: "no method DropEverything",
+        },
+        Refusal {
+            what: "not JSON (a cross-site form)",
+            method: "POST",
+            path: "/api/v1/ApplyModes",
+            token: Some("commander"),
+            content_type: "application/x-www-form-urlencoded",
+            body: b"modes=bots-faq-only&reason=x".to_vec(),
+            status: 415,
+            code: "unsupported_media_type",
+            says: "Content-Type: application/json",
+        },
+        Refusal {
+            what: "a body over the limit",
+            method: "POST",
+            path: "/api/v1/ApplyModes",
+            token: Some("commander"),
+            content_type: "application/json",
+            body: vec![b' '; MAX_CONTROL_REQUEST_BYTES + 1],
+            status: 413,
+            code: "too_large",
+            says: "the request is over 256 KiB",
+        },
+        Refusal {
+            what: "a decision for a channel that does not exist",
+            method: "POST",
+            path: "/api/v1/Decide",
+            token: Some("viewer"),
+            content_type: "application/json",
+            body: br#"{"channel": "fax", "action": "account.password_reset"}"#.to_vec(),
+            status: 400,
+            code: "invalid_argument",
+            says: "channel: ",
+        },
+        Refusal {
+            what: "a decision with a confidence over 1",
+            method: "POST",
+            path: "/api/v1/Decide",
+            token: Some("viewer"),
+            content_type: "application/json",
+            body: br#"{"channel": "web", "action": "account.password_reset", "confidence": 2}"#
+                .to_vec(),
+            status: 400,
+            code: "invalid_argument",
+            says: "confidence: 2 is outside 0 to 1",
+        },
+        Refusal {
+            what: "a subscriber previews a decision",
+            method: "POST",
+            path: "/api/v1/Decide",
+            token: Some("subscriber"),
+            content_type: "application/json",
+            body: br#"{"channel": "web", "action": "account.password_reset"}"#.to_vec(),
+            status: 403,
+            code: "permission_denied",
+            says: "may not read status",
+        },
+    ];
+    let admin = principals.token("admin");
+    let before = observed(http, admin).await;
+    for case in cases {
+        let bearer = case.token.map(|t| {
+            let token = if t == "not-a-token" {
+                t
+            } else {
+                principals.token(t)
+            };
+            format!("Bearer {token}")
+        });
+        let mut headers = vec![("content-type", case.content_type)];
+        if let Some(bearer) = &bearer {
+            headers.push(("authorization", bearer));
+        }
+        let answer = request(http, case.method, case.path, &headers, &case.body).await;
+        assert_eq!(answer.status, case.status, "{}: {}", case.what, answer.body);
+        {
+            let body = answer.json();
+            assert_eq!(body["code"], case.code, "{}: {}", case.what, answer.body);
+            let message = body["message"].as_str().unwrap();
+            assert!(
+                message.contains(case.says),
+                "{}: {message:?} does not say {:?}",
+                case.what,
+                case.says
+            );
+            assert!(
+                !message.contains('\n'),
+                "{}: one line: {message:?}",
+                case.what
+            );
+        }
+        assert!(
+            answer.header("content-security-policy").is_some(),
+            "{}: every console answer has the CSP",
+            case.what
+        );
+    }
+    // Nothing changed; the refused writes were audited as gRPC refusals
+    // are (the viewer's apply and the approver's declare).
+    let after = observed(http, admin).await;
+    drop(server);
+    assert_eq!(before.0, after.0, "the revision did not move");
+    assert_eq!(before.2, after.2, "no request changed");
+    assert_eq!(after.1, before.1 + 2, "the two refused writes were audited");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_answers_as_the_grpc_api_does() {
+    let principals = Principals::new();
+    let (server, http) = console_server(&principals).await;
+
+    // WhoAmI: the one permission table, per namespace.
+    let who = |name: &'static str| {
+        let token = principals.token(name).to_string();
+        async move {
+            let answer = api(
+                http,
+                "WhoAmI",
+                Some(&token),
+                &json!({"namespaces": ["live", "drill-x"]}),
+            )
+            .await;
+            assert_eq!(answer.status, 200, "{}", answer.body);
+            answer.json()
+        }
+    };
+    let viewer = who("viewer").await;
+    assert_eq!(viewer["principal"], "viewer");
+    assert_eq!(viewer["roles"], json!(["viewer"]));
+    assert_eq!(viewer["tokens"], true);
+    assert_eq!(
+        viewer["permissions"][0],
+        json!({"namespace": "live", "read": true, "readAudit": true, "change": false, "approve": false})
+    );
+    let commander = who("commander").await;
+    assert_eq!(commander["permissions"][0]["change"], true);
+    assert_eq!(commander["permissions"][0]["approve"], false);
+    let approver = who("approver").await;
+    assert_eq!(approver["permissions"][0]["approve"], true);
+    assert_eq!(approver["permissions"][0]["change"], false);
+    let drill = who("drill").await;
+    assert_eq!(
+        drill["permissions"],
+        json!([
+            {"namespace": "live", "read": false, "readAudit": false, "change": false, "approve": false},
+            {"namespace": "drill-x", "read": true, "readAudit": false, "change": true, "approve": true}
+        ])
+    );
+
+    // A dry run answers its preview and changes nothing.
+    let commander = principals.token("commander");
+    let preview = api(
+        http,
+        "ApplyModes",
+        Some(commander),
+        &json!({"modes": ["bots-faq-only"], "channels": ["chatbot"], "reason": "preview", "dryRun": true}),
+    )
+    .await;
+    assert_eq!(preview.status, 200, "{}", preview.body);
+    let preview = preview.json();
+    assert!(
+        preview["preview"]["summary"]
+            .as_str()
+            .unwrap()
+            .contains("bots-faq-only"),
+        "{preview}"
+    );
+    let status = api(http, "GetStatus", Some(commander), &json!({}))
+        .await
+        .json();
+    assert_eq!(
+        status["activations"],
+        json!([]),
+        "the dry run changed nothing"
+    );
+
+    // The change itself, then the status, as protobuf JSON.
+    let applied = api(
+        http,
+        "ApplyModes",
+        Some(commander),
+        &json!({"modes": ["bots-faq-only"], "channels": ["chatbot"], "reason": "<b>wave</b>"}),
+    )
+    .await;
+    assert_eq!(applied.status, 200, "{}", applied.body);
+    assert!(
+        applied.header("x-safemode-replica").is_some(),
+        "the answer names its replica"
+    );
+    let revision = applied.json()["revision"].as_str().unwrap().to_string();
+    let status = api(
+        http,
+        "GetStatus",
+        Some(principals.token("viewer")),
+        &json!({}),
+    )
+    .await
+    .json();
+    assert_eq!(
+        status["revision"], revision,
+        "int64 as protobuf JSON strings"
+    );
+    assert_eq!(status["activations"][0]["mode"], "bots-faq-only");
+    assert_eq!(status["activations"][0]["reason"], "<b>wave</b>");
+    assert_eq!(status["activations"][0]["principal"], "commander");
+
+    // Decide: the chatbot denies account changes now, the web allows them.
+    let viewer = principals.token("viewer").to_string();
+    let decide = |channel: &'static str| {
+        let viewer = viewer.clone();
+        async move {
+            api(
+                http,
+                "Decide",
+                Some(&viewer),
+                &json!({"channel": channel, "action": "account.password_reset"}),
+            )
+            .await
+            .json()
+        }
+    };
+    let chatbot = decide("chatbot").await;
+    assert_eq!(chatbot["effect"], "deny", "{chatbot}");
+    assert_eq!(chatbot["revision"], revision);
+    assert_eq!(chatbot["reasons"].as_array().unwrap().len(), 1, "{chatbot}");
+    assert_eq!(decide("web").await["effect"], "allow");
+    // The same answer as the gRPC call.
+    let mut control = crate::support::control_as(&server, Some(principals.token("viewer"))).await;
+    let grpc = control
+        .decide(proto::DecideRequest {
+            channel: "chatbot".into(),
+            action: "account.password_reset".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(grpc.effect, "deny");
+    assert_eq!(grpc.detail, chatbot["detail"].as_str().unwrap());
+    assert_eq!(
+        grpc.customer_message,
+        chatbot["customerMessage"].as_str().unwrap()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_is_served_with_a_strict_policy_and_sets_no_html_from_data() {
+    let principals = Principals::new();
+    let (_server, http) = console_server(&principals).await;
+    for (path, content_type, body) in ASSETS {
+        let answer = request(http, "GET", path, &[], b"").await;
+        assert_eq!(answer.status, 200, "{path}");
+        assert_eq!(answer.header("content-type"), Some(content_type), "{path}");
+        assert_eq!(
+            answer.header("content-security-policy"),
+            Some(CONTENT_SECURITY_POLICY),
+            "{path}"
+        );
+        assert_eq!(answer.header("x-content-type-options"), Some("nosniff"));
+        assert_eq!(answer.header("referrer-policy"), Some("no-referrer"));
+        assert_eq!(answer.header("x-frame-options"), Some("DENY"));
+        assert!(answer.header("cache-control").is_some(), "{path}");
+        assert_eq!(answer.body, body, "{path}: the embedded asset");
+    }
+    for needed in [
+        "default-src 'self'",
+        "script-src 'self'",
+        "style-src 'self'",
+        "frame-ancestors 'none'",
+    ] {
+        assert!(CONTENT_SECURITY_POLICY.contains(needed), "{needed}");
+    }
+    assert!(!CONTENT_SECURITY_POLICY.contains("unsafe"));
+
+    // No HTML from data: the script never parses strings as HTML or code.
+    let js = ASSETS[2].2;
+    for banned in [
+        "innerHTML",
+        "outerHTML",
+        "insertAdjacentHTML",
+        "document.write",
+        "eval(",
+        "new Function",
+        "setTimeout(\"",
+        "localStorage",
+        "document.cookie",
+    ] {
+        assert!(!js.contains(banned), "console.js uses {banned}");
+    }
+    assert!(js.contains("textContent"), "text is set as text");
+    // No inline script or style in the page (the CSP would block them).
+    let html = ASSETS[0].2;
+    assert!(!html.contains(" style="), "inline style in index.html");
+    assert!(!html.contains("<style"), "inline style in index.html");
+    let inline_handler = html.match_indices(" on").any(|(at, _)| {
+        let rest = &html[at + 3..];
+        let name_len = rest.bytes().take_while(u8::is_ascii_lowercase).count();
+        name_len > 0 && rest[name_len..].starts_with('=')
+    });
+    assert!(!inline_handler, "an inline event handler in index.html");
+    // The page's lists are the server's.
+    for name in safemode_policy::names::CHANNELS
+        .iter()
+        .chain(&safemode_policy::names::ACTIONS)
+        .chain(&safemode_policy::names::METHODS)
+    {
+        assert!(
+            js.contains(&format!("\"{name}\"")),
+            "console.js lacks {name}"
+        );
+    }
+    for script in html.split("<script").skip(1) {
+        assert!(
+            script.trim_start().starts_with("type=\"module\" src=")
+                || script.trim_start().starts_with("src="),
+            "inline script in index.html: <script{}",
+            &script[..script.len().min(40)]
+        );
+    }
+    // State never changes on GET: GET on the API answers 405.
+    let answer = request(http, "GET", "/api/v1/ResolveIncident", &[], b"").await;
+    assert_eq!(answer.status, 405);
+}
+
+/// Reads an event stream until `event: NAME`, with a deadline.
+async fn next_event(
+    lines: &mut tokio::io::Lines<BufReader<tokio::net::TcpStream>>,
+    name: &str,
+) -> String {
+    let wanted = format!("event: {name}");
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let line = lines
+                .next_line()
+                .await
+                .unwrap()
+                .unwrap_or_else(|| panic!("the stream ended before {wanted}"));
+            if line.trim_end() == wanted {
+                return lines.next_line().await.unwrap().unwrap();
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no {wanted} within 10s"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_stream_says_when_the_namespace_changes() {
+    let principals = Principals::new();
+    let (server, http) = console_server(&principals).await;
+
+    // Refused as a GetStatus would be.
+    let refused = request(http, "GET", "/api/v1/events?namespace=live", &[], b"").await;
+    assert_eq!(refused.status, 401, "{}", refused.body);
+    let bearer = format!("Bearer {}", principals.token("subscriber"));
+    let refused = request(
+        http,
+        "GET",
+        "/api/v1/events?namespace=live",
+        &[("authorization", &bearer)],
+        b"",
+    )
+    .await;
+    assert_eq!(refused.status, 403, "{}", refused.body);
+
+    let mut stream = tokio::net::TcpStream::connect(http).await.unwrap();
+    let bearer = format!("Bearer {}", principals.token("viewer"));
+    stream
+        .write_all(
+            format!(
+                "GET /api/v1/events?namespace=live HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: {bearer}\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut lines = BufReader::new(stream).lines();
+    let status = lines.next_line().await.unwrap().unwrap();
+    assert!(status.contains(" 200 "), "{status}");
+    let hello = next_event(&mut lines, "hello").await;
+    assert_eq!(hello, r#"data: {"revision":"0"}"#);
+    let mut control =
+        crate::support::control_as(&server, Some(principals.token("commander"))).await;
+    let revision = control
+        .apply_modes(proto::ApplyModesRequest {
+            modes: vec!["incident-notice".into()],
+            reason: "from the CLI's API".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .revision;
+    let change = next_event(&mut lines, "change").await;
+    assert_eq!(change, format!(r#"data: {{"revision":"{revision}"}}"#));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_is_refused_on_a_plain_http_listener_that_is_not_loopback() {
+    let principals = Principals::new();
+    let server = TestServer::with_tokens_and(&principals, |config: &mut ServeConfig| {
+        config.http_listen = Some("0.0.0.0:0".parse().unwrap());
+    })
+    .await;
+    let port = server.http_addr().unwrap().port();
+    let http = SocketAddr::from(([127, 0, 0, 1], port));
+    assert_eq!(request(http, "GET", "/healthz", &[], b"").await.status, 200);
+    for (method, path) in [("GET", "/"), ("POST", "/api/v1/GetStatus")] {
+        let answer = request(
+            http,
+            method,
+            path,
+            &[("content-type", "application/json")],
+            b"{}",
+        )
+        .await;
+        assert_eq!(answer.status, 403, "{path}");
+        assert_eq!(answer.json()["code"], "console_not_served");
+    }
+    drop(server);
+
+    // Said to sit behind a TLS proxy: served.
+    let server = TestServer::with_tokens_and(&principals, |config: &mut ServeConfig| {
+        config.http_listen = Some("0.0.0.0:0".parse().unwrap());
+        config.console_plain_http = true;
+    })
+    .await;
+    let port = server.http_addr().unwrap().port();
+    let http = SocketAddr::from(([127, 0, 0, 1], port));
+    assert_eq!(request(http, "GET", "/", &[], b"").await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_tokens_callers_name_themselves_on_loopback_names_only() {
+    let temp = tempfile::tempdir().unwrap();
+    let server = TestServer::start_with(ServeConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        http_listen: Some("127.0.0.1:0".parse().unwrap()),
+        store: safemode_grpc::server::StoreConfig::Embedded {
+            data_dir: temp.path().to_path_buf(),
+        },
+        ..ServeConfig::default()
+    })
+    .await;
+    let http = server.http_addr().unwrap();
+    let who = request(
+        http,
+        "POST",
+        "/api/v1/WhoAmI",
+        &[
+            ("content-type", "application/json"),
+            ("x-safemode-principal", "alice"),
+        ],
+        b"{}",
+    )
+    .await;
+    assert_eq!(who.status, 200, "{}", who.body);
+    let who = who.json();
+    assert_eq!(who["principal"], "alice");
+    assert_eq!(who["tokens"], false);
+    assert_eq!(who["permissions"][0]["change"], true);
+
+    // A page on another name (DNS rebinding to 127.0.0.1) is refused.
+    let mut stream = tokio::net::TcpStream::connect(http).await.unwrap();
+    stream
+        .write_all(
+            b"POST /api/v1/WhoAmI HTTP/1.1\r\nhost: evil.example:80\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}",
+        )
+        .await
+        .unwrap();
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw).await.unwrap();
+    assert!(raw.starts_with("HTTP/1.1 403"), "{raw}");
+    assert!(raw.contains("host_not_loopback"), "{raw}");
+}
+
+/// What the rejecting subscriber of the browser test says, HTML and all.
+const REJECT_REASON: &str = "<b>snapshot schema v9 is not understood</b>";
+
+/// A subscriber (with `token`) that rejects every snapshot it receives, with
+/// [`REJECT_REASON`]; it stops when the handle is dropped or aborted.
+async fn rejecting_subscriber(
+    server: &TestServer,
+    token: &str,
+    channel: &str,
+    id: &str,
+) -> tokio::task::JoinHandle<()> {
+    use safemode_wire::proto::subscribe_request::Message as Outbound;
+    use safemode_wire::proto::subscribe_response::Message as Inbound;
+    use safemode_wire::proto::subscription_service_client::SubscriptionServiceClient;
+    let (out, out_rx) = tokio::sync::mpsc::channel(16);
+    out.send(proto::SubscribeRequest {
+        message: Some(Outbound::Hello(proto::Hello {
+            namespace: "live".into(),
+            channel: channel.into(),
+            subscriber_id: id.into(),
+            last_applied_revision: 0,
+            epoch: String::new(),
+        })),
+    })
+    .await
+    .unwrap();
+    let mut inbound = SubscriptionServiceClient::with_interceptor(
+        server.channel().await,
+        safemode_client::Bearer::new(Some(token)).unwrap(),
+    )
+    .subscribe(tokio_stream::wrappers::ReceiverStream::new(out_rx))
+    .await
+    .expect("the rejecting subscriber subscribes")
+    .into_inner();
+    tokio::spawn(async move {
+        while let Ok(Some(message)) = inbound.message().await {
+            if let Some(Inbound::Snapshot(snapshot)) = message.message {
+                let reject = proto::SubscribeRequest {
+                    message: Some(Outbound::Reject(proto::Reject {
+                        revision: snapshot.revision,
+                        reason: REJECT_REASON.into(),
+                    })),
+                };
+                if out.send(reject).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+}
+
+/// Fails, saying how to install it, when the browser test cannot run.
+fn browser_test_tools() -> String {
+    let python = std::env::var("SAFEMODE_PYTHON").unwrap_or_else(|_| "python3".into());
+    let missing: Vec<&str> = ["/usr/bin/chromium", "/usr/bin/chromedriver"]
+        .into_iter()
+        .filter(|path| !std::path::Path::new(path).exists())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "the browser test needs {missing:?}: apt-get install chromium chromium-driver (scripts/test installs them)"
+    );
+    let selenium = std::process::Command::new(&python)
+        .args(["-c", "import selenium"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(
+        selenium,
+        "the browser test needs Selenium for {python}: {python} -m pip install selenium (scripts/test installs it)"
+    );
+    python
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commanders_approvers_and_viewers_use_the_console_in_a_real_browser() {
+    let python = browser_test_tools();
+    let principals = Principals::new();
+    let (server, http) = console_server(&principals).await;
+    // Simulated channel services: real subscribers that apply and ack.
+    let subscribers = [
+        ("chatbot", 2),
+        ("ivr", 1),
+        ("agent-desk", 1),
+        ("web", 2),
+        ("mobile", 1),
+        ("email", 1),
+    ];
+    let mut connected = Vec::new();
+    for (channel, count) in subscribers {
+        for i in 0..count {
+            let mut config = server.subscriber_config(channel, &format!("{channel}-sim-{i}"));
+            config.token = Some(principals.token("subscriber").to_string());
+            connected.push(
+                safemode_client::Subscriber::connect(config)
+                    .await
+                    .expect("a simulated subscriber connects"),
+            );
+        }
+    }
+    // And one that rejects every snapshot.
+    let rejecting = rejecting_subscriber(
+        &server,
+        principals.token("subscriber"),
+        "email",
+        "email-rejecting",
+    )
+    .await;
+    let screenshots = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .unwrap()
+        .join("console-screenshots");
+    std::fs::create_dir_all(&screenshots).unwrap();
+    let cli_apply = json!([
+        env!("CARGO_BIN_EXE_safemode"),
+        "--server",
+        server.url,
+        "--token",
+        principals.token("commander"),
+        "mode",
+        "apply",
+        "incident-notice",
+        "--reason",
+        "status page says we are investigating",
+    ]);
+    // And a server without a tokens file, where people give their name.
+    let open_data = tempfile::tempdir().unwrap();
+    let open_server = TestServer::start_with(ServeConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        http_listen: Some("127.0.0.1:0".parse().unwrap()),
+        store: safemode_grpc::server::StoreConfig::Embedded {
+            data_dir: open_data.path().to_path_buf(),
+        },
+        ..ServeConfig::default()
+    })
+    .await;
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/console/console_browser.py"
+    );
+    let mut command = tokio::process::Command::new(&python);
+    command
+        .arg(script)
+        .env("CONSOLE_URL", format!("http://{http}/"))
+        .env("COMMANDER_TOKEN", principals.token("commander"))
+        .env("APPROVER_TOKEN", principals.token("approver"))
+        .env("VIEWER_TOKEN", principals.token("viewer"))
+        .env(
+            "SUBSCRIBERS",
+            subscribers
+                .iter()
+                .map(|(channel, count)| format!("{channel}={count}"))
+                .collect::<Vec<_>>()
+                .join(","),
+        )
+        .env("CLI_APPLY", cli_apply.to_string())
+        .env("REJECTING", "email=1")
+        .env("REJECT_REASON", REJECT_REASON)
+        .env(
+            "SAFEMODE_TRUSTED_KEYS",
+            crate::support::key_file_for(&["--server", &server.url]),
+        )
+        .env_remove("SAFEMODE_SERVER")
+        .env("SCREENSHOTS", &screenshots)
+        .env(
+            "OPEN_CONSOLE_URL",
+            format!("http://{}/", open_server.http_addr().unwrap()),
+        )
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(Duration::from_secs(300), command.output())
+        .await
+        .expect("the browser test ends within 5 minutes")
+        .expect("python runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    println!("{stdout}");
+    println!("screenshots of the main views: {}", screenshots.display());
+    assert!(
+        output.status.success(),
+        "the browser test failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("every scenario held"), "{stdout}");
+    for view in [
+        "01-signed-in-nothing-active",
+        "02-declared-propagated",
+        "03-in-force",
+        "04-own-request",
+        "05-viewer-audit",
+        "06-decision-preview",
+        "07-approve-preview",
+        "08-approved-nothing-active",
+    ] {
+        assert!(
+            screenshots.join(format!("{view}.png")).exists(),
+            "no screenshot {view}"
+        );
+    }
+    rejecting.abort();
+    drop(connected);
+}
+
+#[test]
+fn the_json_transcoding_brings_no_second_prost() {
+    let lock = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.lock"))
+        .expect("Cargo.lock");
+    for name in ["prost", "prost-types", "prost-reflect"] {
+        let versions = lock
+            .split("[[package]]")
+            .filter(|p| p.contains(&format!("\nname = \"{name}\"\n")))
+            .count();
+        assert_eq!(versions, 1, "{name} is in Cargo.lock {versions} times");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_is_previewed_by_the_approver_and_refused_to_the_requester() {
+    let principals = Principals::new();
+    let (_server, http) = console_server(&principals).await;
+    let commander = principals.token("commander");
+    let approver = principals.token("approver");
+    let declared = api(
+        http,
+        "DeclareIncident",
+        Some(commander),
+        &json!({"type": "credential-stuffing", "severity": "sev3", "reason": "wave"}),
+    )
+    .await;
+    assert_eq!(declared.status, 200, "{}", declared.body);
+    let incident = declared.json()["incident"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let resolve = api(
+        http,
+        "ResolveIncident",
+        Some(commander),
+        &json!({"incidentId": incident, "reason": "over"}),
+    )
+    .await
+    .json();
+    let request = resolve["pending"]["id"].as_str().unwrap().to_string();
+    let before = observed(http, principals.token("admin")).await;
+
+    // The requester's dry run is refused as the approval would be, and,
+    // being a dry run, not audited.
+    let own = api(
+        http,
+        "Approve",
+        Some(commander),
+        &json!({"requestId": request, "reason": "mine", "dryRun": true}),
+    )
+    .await;
+    assert_eq!(own.status, 403, "{}", own.body);
+    assert!(
+        own.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("may not approve"),
+        "{}",
+        own.body
+    );
+    // The approver's dry run says what approving will change, per channel.
+    let preview = api(
+        http,
+        "Approve",
+        Some(approver),
+        &json!({"requestId": request, "reason": "checked", "dryRun": true}),
+    )
+    .await;
+    assert_eq!(preview.status, 200, "{}", preview.body);
+    let preview = preview.json()["preview"].clone();
+    assert!(
+        preview["summary"].as_str().unwrap().contains("lift"),
+        "{preview}"
+    );
+    assert!(
+        !preview["channels"].as_array().unwrap().is_empty(),
+        "{preview}"
+    );
+    assert_eq!(
+        observed(http, principals.token("admin")).await,
+        before,
+        "a dry run changes and audits nothing"
+    );
+    let approved = api(
+        http,
+        "Approve",
+        Some(approver),
+        &json!({"requestId": request, "reason": "checked"}),
+    )
+    .await;
+    assert_eq!(approved.status, 200, "{}", approved.body);
+    assert_eq!(approved.json()["request"]["status"], "approved");
+}
+
+/// Opens `GET /api/v1/events` as `token` and reads up to its first event.
+async fn open_events(
+    http: SocketAddr,
+    token: &str,
+) -> (String, tokio::io::Lines<BufReader<tokio::net::TcpStream>>) {
+    let mut stream = tokio::net::TcpStream::connect(http).await.unwrap();
+    stream
+        .write_all(
+            format!(
+                "GET /api/v1/events?namespace=live HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer {token}\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut lines = BufReader::new(stream).lines();
+    let status = lines.next_line().await.unwrap().unwrap();
+    (status, lines)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_streams_are_bounded_and_end_when_the_token_is_revoked() {
+    let principals = Principals::new();
+    let server = TestServer::with_tokens_and(&principals, |config: &mut ServeConfig| {
+        config.http_listen = Some("127.0.0.1:0".parse().unwrap());
+        config.tokens_reload = Duration::from_millis(50);
+    })
+    .await;
+    let http = server.http_addr().unwrap();
+    let viewer = principals.token("viewer");
+
+    // At most MAX_EVENT_STREAMS at once on a replica.
+    let mut open = Vec::new();
+    for _ in 0..safemode_grpc::console::MAX_EVENT_STREAMS {
+        let (status, mut lines) = open_events(http, viewer).await;
+        assert!(status.contains(" 200 "), "{status}");
+        next_event(&mut lines, "hello").await;
+        open.push(lines);
+    }
+    let bearer = format!("Bearer {viewer}");
+    let refused = request(
+        http,
+        "GET",
+        "/api/v1/events?namespace=live",
+        &[("authorization", &bearer)],
+        b"",
+    )
+    .await;
+    assert_eq!(refused.status, 429, "{}", refused.body);
+    assert_eq!(refused.json()["code"], "resource_exhausted");
+
+    // The viewer's token is revoked: every stream it opened ends, saying so.
+    let admin =
+        safemode_controller::auth::create_token("other", &[safemode_controller::auth::Role::Admin])
+            .unwrap();
+    std::fs::write(principals.file.path(), format!("{}\n", admin.line)).unwrap();
+    for lines in &mut open {
+        let end = next_event(lines, "end").await;
+        assert!(end.contains(r#""code":"unauthenticated""#), "{end}");
+        assert!(
+            lines
+                .next_line()
+                .await
+                .unwrap()
+                .is_some_and(|l| l.is_empty()),
+            "the end event is complete"
+        );
+    }
+    drop(server);
+}
