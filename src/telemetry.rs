@@ -32,7 +32,15 @@ use safemode_grpc::telemetry::{Otlp, resource};
 /// What the process traces with; flushed on [`Telemetry::shutdown`].
 pub(crate) struct Telemetry {
     provider: Option<SdkTracerProvider>,
+    /// How long the last spans may take to leave: a replica's shutdown
+    /// waits the exporter's own timeout, a command at most
+    /// [`COMMAND_FLUSH`] (a dead collector must not hold a commander's
+    /// prompt).
+    flush: Option<std::time::Duration>,
 }
+
+/// The longest a command waits, after its answer, for its spans to leave.
+const COMMAND_FLUSH: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Which process this is, for its spans.
 pub(crate) enum Role<'a> {
@@ -59,10 +67,10 @@ pub(crate) fn init(
         .with_writer(std::io::stderr)
         .with_ansi(ansi)
         .with_filter(filter);
-    let (replica, wanted) = match role {
-        Role::Serve { replica } => (replica, otlp.traces),
+    let (replica, wanted, flush) = match role {
+        Role::Serve { replica } => (replica, otlp.traces, None),
         // A command always has a trace id to send, exported or not.
-        Role::Command => (None, true),
+        Role::Command => (None, true, Some(COMMAND_FLUSH)),
     };
     let mut problem = None;
     let provider = wanted.then(|| {
@@ -94,7 +102,7 @@ pub(crate) fn init(
             .with_filter(targets)
     });
     tracing_subscriber::registry().with(logs).with(otel).init();
-    (Telemetry { provider }, problem)
+    (Telemetry { provider, flush }, problem)
 }
 
 impl Telemetry {
@@ -102,9 +110,14 @@ impl Telemetry {
     /// stops the exporter. Call it with the runtime still alive, outside
     /// any of its tasks.
     pub(crate) fn shutdown(self) {
-        if let Some(provider) = self.provider
-            && let Err(e) = provider.shutdown()
-        {
+        let Some(provider) = self.provider else {
+            return;
+        };
+        let done = match self.flush {
+            Some(limit) => provider.shutdown_with_timeout(limit),
+            None => provider.shutdown(),
+        };
+        if let Err(e) = done {
             tracing::warn!(error = %e, "spans were not all exported");
         }
     }
