@@ -850,6 +850,17 @@ fn chart_objects_have_what_the_issue_asks() {
             );
         }
     }
+
+    // The console is served on the plain-HTTP port only when the values say
+    // a TLS proxy is in front.
+    for (case, served) in [("default", false), ("all-on", true)] {
+        let args = Render::of(case).args();
+        assert_eq!(
+            args.iter().any(|a| a == "--console-plain-http"),
+            served,
+            "{case}: {args:?}"
+        );
+    }
 }
 
 fn is_subset(small: &Value, big: &Value) -> bool {
