@@ -317,6 +317,15 @@ async fn a_scrape_after_a_flip_counts_the_fleet_the_convergence_and_the_commits(
     )
     .await;
     assert_eq!(code, Some(1), "{out}");
+    // A guessed token and none at all: refused before any work, counted.
+    for token in [Some("smt_guessed0000000000000000000000000000"), None] {
+        let refused = control_as(&server, token)
+            .await
+            .get_status(safemode_wire::proto::GetStatusRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    }
 
     let families = wait_for(
         "the three acks of the flip in the convergence histogram",
@@ -458,6 +467,18 @@ async fn a_scrape_after_a_flip_counts_the_fleet_the_convergence_and_the_commits(
             "safemode_calls_refused_total",
             "operation=read",
             0.0,
+        ),
+        (
+            "safemode_calls_unauthenticated",
+            "safemode_calls_unauthenticated_total",
+            "reason=unknown",
+            1.0,
+        ),
+        (
+            "safemode_calls_unauthenticated",
+            "safemode_calls_unauthenticated_total",
+            "reason=missing",
+            1.0,
         ),
         (
             "safemode_namespace_revision",

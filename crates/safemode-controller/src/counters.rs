@@ -71,6 +71,29 @@ pub struct Counters {
     commits: [AtomicU64; KINDS.len()],
     failed: [AtomicU64; KINDS.len()],
     refused: [AtomicU64; OPERATIONS.len()],
+    unauthenticated: [AtomicU64; Unauthenticated::ALL.len()],
+}
+
+/// Why a call was refused before any permission check: its token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unauthenticated {
+    /// No bearer token.
+    Missing,
+    /// A token the tokens file does not hold (a guess, or one revoked).
+    Unknown,
+}
+
+impl Unauthenticated {
+    /// Every reason, in label order.
+    pub const ALL: [Unauthenticated; 2] = [Unauthenticated::Missing, Unauthenticated::Unknown];
+
+    /// The reason's label: `missing` or `unknown`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unauthenticated::Missing => "missing",
+            Unauthenticated::Unknown => "unknown",
+        }
+    }
 }
 
 impl Counters {
@@ -88,6 +111,24 @@ impl Counters {
     /// A call was refused for lack of permission to do `operation`.
     pub fn refused(&self, operation: Operation) {
         self.refused[operation_index(operation)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A call was refused for its token (missing or unknown), before any
+    /// work: counted, not audited (a guesser must not fill the log).
+    pub fn unauthenticated(&self, why: Unauthenticated) {
+        let slot = Unauthenticated::ALL
+            .iter()
+            .position(|w| *w == why)
+            .expect("ALL lists every reason");
+        self.unauthenticated[slot].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Calls refused for their token, by reason.
+    pub fn unauthenticated_calls(&self) -> impl Iterator<Item = (Unauthenticated, u64)> + '_ {
+        Unauthenticated::ALL
+            .iter()
+            .zip(&self.unauthenticated)
+            .map(|(w, n)| (*w, n.load(Ordering::Relaxed)))
     }
 
     /// Commits of each kind.

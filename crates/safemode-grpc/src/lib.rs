@@ -30,6 +30,7 @@ use tokio::sync::watch;
 use tracing::warn;
 
 use safemode_controller::auth::{Operation, Principal, Tokens, hash_token};
+use safemode_controller::counters::Unauthenticated;
 use safemode_controller::{self as controller, Controller};
 use safemode_policy::{NameError, Namespace};
 
@@ -67,13 +68,31 @@ impl Default for StreamConfig {
 #[derive(Clone)]
 pub struct Authenticator {
     tokens: Option<watch::Receiver<Arc<Tokens>>>,
+    /// Where refusals for a missing or unknown token are counted.
+    counters: Option<Arc<Controller>>,
 }
 
 impl Authenticator {
     /// Checks tokens against the newest of `tokens` (`None`: no
     /// authentication).
     pub fn new(tokens: Option<watch::Receiver<Arc<Tokens>>>) -> Self {
-        Authenticator { tokens }
+        Authenticator {
+            tokens,
+            counters: None,
+        }
+    }
+
+    /// Counts the calls it refuses for their token in `controller`'s
+    /// counters (`safemode_calls_unauthenticated_total`).
+    pub fn counting(mut self, controller: Arc<Controller>) -> Self {
+        self.counters = Some(controller);
+        self
+    }
+
+    fn count(&self, why: Unauthenticated) {
+        if let Some(controller) = &self.counters {
+            controller.counters().unauthenticated(why);
+        }
     }
 }
 
@@ -160,12 +179,14 @@ impl tonic::service::Interceptor for Authenticator {
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.strip_prefix("Bearer "))
                     .ok_or_else(|| {
+                        self.count(Unauthenticated::Missing);
                         tonic::Status::unauthenticated(
                             "a bearer token is required: pass --token or set SAFEMODE_TOKEN (an admin makes one with `safemode token create`)",
                         )
                     })?;
                 let sha256 = hash_token(token.trim());
                 let principal = tokens.borrow().principal_of(&sha256).ok_or_else(|| {
+                    self.count(Unauthenticated::Unknown);
                     warn!("request with an unknown token");
                     tonic::Status::unauthenticated(
                         "unknown token: it is not in this server's tokens file",

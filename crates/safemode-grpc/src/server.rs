@@ -503,7 +503,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
         metrics: metrics.streams(),
         ..StreamConfig::default()
     };
-    let authenticator = Authenticator::new(tokens);
+    let authenticator = Authenticator::new(tokens).counting(controller.clone());
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<ControlServer>().await;
     health.set_serving::<SubscriptionServer>().await;

@@ -396,6 +396,20 @@ impl ServerMetrics {
                 }
             })
             .build();
+        let controller = self.controller.clone();
+        meter
+            .u64_observable_counter("safemode.calls.unauthenticated")
+            .with_description(
+                "Calls refused for their token before any work, by reason: missing or unknown (a guess, or a revoked token still in use)",
+            )
+            .with_callback(move |observer| {
+                if let Some(c) = controller.upgrade() {
+                    for (reason, n) in c.counters().unauthenticated_calls() {
+                        observer.observe(n, &[KeyValue::new("reason", reason.as_str())]);
+                    }
+                }
+            })
+            .build();
     }
 }
 
