@@ -441,8 +441,10 @@ impl Fleet {
         let request_signature = request.signature.clone();
         let mut client = proto::fleet_service_client::FleetServiceClient::new(channel)
             .max_decoding_message_size(limits::MAX_STATUS_RESPONSE_BYTES);
+        let mut call = Request::new(request);
+        crate::telemetry::send_trace(call.metadata_mut());
         let mut answer =
-            match tokio::time::timeout(PEER_DEADLINE, client.replica_status(request)).await {
+            match tokio::time::timeout(PEER_DEADLINE, client.replica_status(call)).await {
                 Ok(Ok(answer)) => answer.into_inner(),
                 Ok(Err(status)) => return Err(in_words(&status)),
                 Err(_) => {
