@@ -952,3 +952,89 @@ async fn otlp_settings_that_cannot_work_are_named_in_one_line() {
     // A refused replica opened nothing.
     assert!(!Path::new(&dir).exists(), "{dir} was created");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_status_is_one_trace_across_replicas() {
+    require_python();
+    let receiver = Receiver::start();
+    let etcd = crate::etcd::EtcdCluster::start(1).await;
+    let endpoints = etcd.endpoints().join(",");
+    let key = crate::support::test_signing_key_file()
+        .display()
+        .to_string();
+    let endpoint = receiver.endpoint();
+    let otel: &[(&str, &str)] = &[
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    ];
+    let replica = |name: &str| {
+        let process = ServeProcess::start(
+            &[
+                "--store",
+                "etcd",
+                "--etcd-endpoints",
+                &endpoints,
+                "--signing-key",
+                &key,
+                "--replica",
+                name,
+            ],
+            otel,
+        );
+        crate::support::register_key(
+            &process.url,
+            &crate::support::test_signing_key().public_key().to_pem(),
+        );
+        process
+    };
+    let (asked, _other) = (replica("traced-a"), replica("traced-b"));
+    let args = ["--server", asked.url.as_str(), "-o", "json", "status"];
+    // Until both replicas' records are in the store, status asks one.
+    wait_until("both replicas in the status", || {
+        let args = args;
+        async move {
+            let output = crate::support::safemode(&args).await;
+            let status: Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+            status["replicas"].as_array().is_some_and(|r| r.len() == 2)
+        }
+    })
+    .await;
+    let keys = key_file_for(&args);
+    let mut command = Command::new(env!("CARGO_BIN_EXE_safemode"));
+    command
+        .args(args)
+        .env_remove("SAFEMODE_SERVER")
+        .env_remove("RUST_LOG")
+        .env_remove("TRACEPARENT")
+        .env("SAFEMODE_TRUSTED_KEYS", keys)
+        .envs(otel.iter().copied());
+    let output = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // The CLI's span, the asked replica's GetStatus under it, and the other
+    // replica's ReplicaStatus under that: one trace.
+    wait_until("the other replica's part in the CLI's trace", || {
+        let spans = receiver.spans();
+        async move {
+            let Some(cli_span) = spans
+                .iter()
+                .find(|s| s["name"] == "safemode status" && s["parent_span_id"] == "")
+            else {
+                return false;
+            };
+            spans.iter().any(|s| {
+                s["name"] == "safemode.v1.FleetService/ReplicaStatus"
+                    && s["instance"] == "traced-b"
+                    && s["trace_id"] == cli_span["trace_id"]
+                    && descends(&spans, s, cli_span["span_id"].as_str().unwrap())
+            })
+        }
+    })
+    .await;
+}
