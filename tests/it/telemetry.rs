@@ -991,13 +991,10 @@ async fn a_fleet_status_is_one_trace_across_replicas() {
     let (asked, _other) = (replica("traced-a"), replica("traced-b"));
     let args = ["--server", asked.url.as_str(), "-o", "json", "status"];
     // Until both replicas' records are in the store, status asks one.
-    wait_until("both replicas in the status", || {
-        let args = args;
-        async move {
-            let output = crate::support::safemode(&args).await;
-            let status: Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
-            status["replicas"].as_array().is_some_and(|r| r.len() == 2)
-        }
+    wait_until("both replicas in the status", || async move {
+        let output = crate::support::safemode(&args).await;
+        let status: Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+        status["replicas"].as_array().is_some_and(|r| r.len() == 2)
     })
     .await;
     let keys = key_file_for(&args);
