@@ -1071,27 +1071,54 @@ async fn event_streams_are_bounded_and_end_when_the_token_is_revoked() {
     })
     .await;
     let http = server.http_addr().unwrap();
-    let viewer = principals.token("viewer");
 
-    // At most MAX_EVENT_STREAMS at once on a replica.
+    use safemode_grpc::console::{MAX_EVENT_STREAMS, MAX_EVENT_STREAMS_PER_PRINCIPAL};
+    let refused_for = |who: &str| {
+        let bearer = format!("Bearer {}", principals.token(who));
+        async move {
+            request(
+                http,
+                "GET",
+                "/api/v1/events?namespace=live",
+                &[("authorization", &bearer)],
+                b"",
+            )
+            .await
+        }
+    };
+    // At most MAX_EVENT_STREAMS_PER_PRINCIPAL for one principal, and
+    // MAX_EVENT_STREAMS at once on a replica.
     let mut open = Vec::new();
-    for _ in 0..safemode_grpc::console::MAX_EVENT_STREAMS {
-        let (status, mut lines) = open_events(http, viewer).await;
+    for _ in 0..MAX_EVENT_STREAMS_PER_PRINCIPAL {
+        let (status, mut lines) = open_events(http, principals.token("viewer")).await;
         assert!(status.contains(" 200 "), "{status}");
         next_event(&mut lines, "hello").await;
         open.push(lines);
     }
-    let bearer = format!("Bearer {viewer}");
-    let refused = request(
-        http,
-        "GET",
-        "/api/v1/events?namespace=live",
-        &[("authorization", &bearer)],
-        b"",
-    )
-    .await;
+    // The viewer's next is refused, while others still get theirs.
+    let refused = refused_for("viewer").await;
+    assert_eq!(refused.status, 429, "{}", refused.body);
+    assert!(
+        refused.json()["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("viewer holds 4 console event streams"),
+        "{}",
+        refused.body
+    );
+    let mut others = Vec::new();
+    let people = ["commander", "commander2", "approver", "approver2", "admin"];
+    for who in people.iter().cycle().take(MAX_EVENT_STREAMS - open.len()) {
+        let (status, mut lines) = open_events(http, principals.token(who)).await;
+        assert!(status.contains(" 200 "), "{who}: {status}");
+        next_event(&mut lines, "hello").await;
+        others.push(lines);
+    }
+    assert_eq!(open.len() + others.len(), MAX_EVENT_STREAMS);
+    let refused = refused_for("drill").await;
     assert_eq!(refused.status, 429, "{}", refused.body);
     assert_eq!(refused.json()["code"], "resource_exhausted");
+    drop(others);
 
     // The viewer's token is revoked: every stream it opened ends, saying so.
     let admin =

@@ -73,6 +73,10 @@ const EVENT_KEEPALIVE: Duration = Duration::from_secs(15);
 /// Event streams one replica serves at once.
 pub const MAX_EVENT_STREAMS: usize = 16;
 
+/// The most console event streams one principal holds on a replica (a few
+/// tabs): one token cannot take every stream from the others.
+pub const MAX_EVENT_STREAMS_PER_PRINCIPAL: usize = 4;
+
 /// The page's Content-Security-Policy: everything from this origin, no
 /// inline script or style, no framing.
 pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
@@ -149,7 +153,47 @@ struct Console {
     /// was taken: streams of one namespace share it within an interval, so
     /// that their cost is one status per namespace, not one per stream.
     fingerprints: std::sync::Mutex<HashMap<String, (tokio::time::Instant, Fingerprint)>>,
+    /// Event streams open per principal.
+    holders: Arc<std::sync::Mutex<HashMap<String, usize>>>,
     shutdown: CancellationToken,
+}
+
+/// One principal's hold on an event stream; dropping it gives it back.
+struct Held {
+    holders: Arc<std::sync::Mutex<HashMap<String, usize>>>,
+    principal: String,
+}
+
+impl Held {
+    /// A stream for `principal`, unless it holds
+    /// [`MAX_EVENT_STREAMS_PER_PRINCIPAL`] already.
+    fn take(
+        holders: &Arc<std::sync::Mutex<HashMap<String, usize>>>,
+        principal: &str,
+    ) -> Option<Held> {
+        let mut held = holders.lock().expect("poisoned");
+        let count = held.entry(principal.to_string()).or_default();
+        if *count >= MAX_EVENT_STREAMS_PER_PRINCIPAL {
+            return None;
+        }
+        *count += 1;
+        Some(Held {
+            holders: holders.clone(),
+            principal: principal.to_string(),
+        })
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut held = self.holders.lock().expect("poisoned");
+        if let Some(count) = held.get_mut(&self.principal) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&self.principal);
+            }
+        }
+    }
 }
 
 /// The console's routes, to merge into the HTTP listener's router.
@@ -173,6 +217,7 @@ pub(crate) fn router(settings: ConsoleSettings) -> axum::Router {
         tokens: settings.tokens,
         streams: Arc::new(Semaphore::new(MAX_EVENT_STREAMS)),
         fingerprints: std::sync::Mutex::new(HashMap::new()),
+        holders: Arc::new(std::sync::Mutex::new(HashMap::new())),
         shutdown: settings.shutdown,
     });
     let mut router = axum::Router::new();
@@ -684,9 +729,13 @@ async fn events(
         return refused;
     }
     let namespace = namespace_of(query.as_deref());
-    // Authenticated and authorised as a GetStatus through the same stack.
-    let first = match fingerprint(&console, &namespace, &headers).await {
-        Ok(first) => first,
+    // Who asks, through the same stack (no I/O), and whether there is room
+    // for them, before anything that reads the store or the fleet.
+    let who: proto::WhoAmIResponse = match console
+        .call_typed("WhoAmI", &proto::WhoAmIRequest::default(), &headers)
+        .await
+    {
+        Ok(who) => who,
         Err(status) => return status_response(&status),
     };
     let Ok(permit) = console.streams.clone().try_acquire_owned() else {
@@ -697,6 +746,21 @@ async fn events(
                 "this replica already serves {MAX_EVENT_STREAMS} console event streams; close a console or try another replica"
             ),
         );
+    };
+    let Some(held) = Held::take(&console.holders, &who.principal) else {
+        return api_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "resource_exhausted",
+            &format!(
+                "{} holds {MAX_EVENT_STREAMS_PER_PRINCIPAL} console event streams on this replica already; close a console tab",
+                who.principal
+            ),
+        );
+    };
+    // Authorised as a GetStatus of the namespace through the same stack.
+    let first = match fingerprint(&console, &namespace, &headers).await {
+        Ok(first) => first,
+        Err(status) => return status_response(&status),
     };
     // Only the credentials are kept for the stream's checks.
     let mut credentials = HeaderMap::new();
@@ -715,6 +779,7 @@ async fn events(
         hello: Option<i64>,
         done: bool,
         _permit: tokio::sync::OwnedSemaphorePermit,
+        _held: Held,
     }
     let now = tokio::time::Instant::now();
     let state = Stream {
@@ -727,6 +792,7 @@ async fn events(
         hello: Some(first.1),
         done: false,
         _permit: permit,
+        _held: held,
     };
     let stream = futures_util::stream::unfold(state, |mut s| async move {
         if s.done {
