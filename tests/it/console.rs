@@ -1139,3 +1139,34 @@ async fn event_streams_are_bounded_and_end_when_the_token_is_revoked() {
     }
     drop(server);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_stream_says_when_the_store_is_away_and_when_it_is_back() {
+    let mut etcd = crate::etcd::EtcdCluster::start(1).await;
+    let server = TestServer::start_with(ServeConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        http_listen: Some("127.0.0.1:0".parse().unwrap()),
+        signing_key: safemode_grpc::server::SigningKeySource::Key(
+            crate::support::test_signing_key(),
+        ),
+        store: safemode_grpc::server::StoreConfig::Etcd {
+            endpoints: etcd.endpoints(),
+            prefix: "/safemode/".into(),
+            tls: Default::default(),
+        },
+        ..ServeConfig::default()
+    })
+    .await;
+    let http = server.http_addr().unwrap();
+    // No tokens file: the bearer header is not looked at.
+    let (status, mut lines) = open_events(http, "unused").await;
+    assert!(status.contains(" 200 "), "{status}");
+    next_event(&mut lines, "hello").await;
+    // The store goes away: the page is told once, with why.
+    etcd.kill(0);
+    let trouble = next_event(&mut lines, "trouble").await;
+    assert!(trouble.contains("unreachable"), "{trouble}");
+    // It comes back: a change, so the page reads again.
+    etcd.restart(0).await;
+    next_event(&mut lines, "change").await;
+}

@@ -67,6 +67,8 @@ function fail(text) {
 const session = {
   token: sessionStorage.getItem(TOKEN_KEY) || "",
   principal: sessionStorage.getItem(PRINCIPAL_KEY) || "",
+  // When the namespace was last read (null: not since it was chosen).
+  readAt: null,
   who: null,
   may: { read: false, readAudit: false, change: false, approve: false },
   namespace: "live",
@@ -147,6 +149,7 @@ async function signIn() {
 
 function showSignIn(error, tokens = true) {
   session.who = null;
+  session.readAt = null;
   drawn.clear();
   stopFollowing();
   show($("signin"), true);
@@ -299,7 +302,14 @@ async function refresh() {
           signOut(error.message);
           return;
         }
-        fail(error.message);
+        if (session.readAt) {
+          // What is shown is what was read last: say so, and when.
+          fail(`${error.message} (showing what was read at ${session.readAt.toLocaleTimeString()})`);
+        } else {
+          // Nothing was read: an empty page would say "nothing in force".
+          show($("main"), false);
+          fail(`Cannot read namespace ${session.namespace}: ${error.message}. Nothing is shown until it can be read.`);
+        }
       }
     } while (refreshAgain);
   })();
@@ -321,7 +331,12 @@ async function readAndRender() {
     call("ListRequests", { namespace }),
   ]);
   if (namespace !== session.namespace) return;
+  session.readAt = new Date();
+  show($("main"), true);
   fail("");
+  if (status.store && !status.store.reachable) {
+    fail(`The store (${status.store.kind}) is unreachable: ${status.store.error || "no answer"}. This shows what replica ${status.replica} last read, and no change can be made until the store is back.`);
+  }
   $("revision").textContent = `${status.namespace} at revision ${status.revision}`;
   const active = incidents.incidents.filter((i) => i.status === "active");
   const pending = requests.requests.filter((r) => r.status === "pending");
@@ -976,7 +991,13 @@ async function follow() {
           const block = buffer.slice(0, end);
           buffer = buffer.slice(end + 2);
           const name = (block.match(/^event: (.*)$/m) || [])[1];
+          if (name === "hello" || name === "change") live.textContent = "Live";
           if (name === "change") refresh();
+          if (name === "trouble") {
+            const data = JSON.parse((block.match(/^data: (.*)$/m) || [, "{}"])[1]);
+            live.textContent = `Not live: ${data.message || "the replica cannot read the namespace"}`;
+            refresh();
+          }
           if (name === "end") {
             const data = JSON.parse((block.match(/^data: (.*)$/m) || [, "{}"])[1]);
             if (data.code === "unauthenticated") {
@@ -996,6 +1017,21 @@ async function follow() {
     refresh();
   }
 }
+
+// A tab in the background gives its stream back: a browser holds only six
+// plain-HTTP connections to one host, and six open consoles would starve
+// the seventh (and their own calls). Back in front, it reads and follows
+// again.
+document.addEventListener("visibilitychange", () => {
+  if (!session.who) return;
+  if (document.hidden) {
+    stopFollowing();
+    $("live").textContent = "Paused while this tab is in the background";
+  } else {
+    refresh();
+    follow();
+  }
+});
 
 // === Wiring ===
 
@@ -1029,6 +1065,7 @@ function wireForms() {
     try {
       const who = await call("WhoAmI", { namespaces: [namespace] });
       session.namespace = namespace;
+      session.readAt = null;
       session.may = who.permissions[0];
       drawn.clear();
       applyPermissions();

@@ -718,8 +718,9 @@ fn event(name: &str, data: &serde_json::Value) -> Bytes {
 }
 
 /// `GET /api/v1/events?namespace=NS`: a `change` event whenever what the
-/// page shows of the namespace changed; `end` when the stream ends (the
-/// page reconnects).
+/// page shows of the namespace changed (and when the namespace can be read
+/// again), `trouble` once when it cannot be read (the store is away), `end`
+/// when the stream ends (the page reconnects).
 async fn events(
     State(console): State<Arc<Console>>,
     RawQuery(query): RawQuery,
@@ -777,6 +778,8 @@ async fn events(
         opened: tokio::time::Instant,
         said: tokio::time::Instant,
         hello: Option<i64>,
+        /// The last check failed (and the page was told).
+        troubled: bool,
         done: bool,
         _permit: tokio::sync::OwnedSemaphorePermit,
         _held: Held,
@@ -790,6 +793,7 @@ async fn events(
         opened: now,
         said: now,
         hello: Some(first.1),
+        troubled: false,
         done: false,
         _permit: permit,
         _held: held,
@@ -817,8 +821,9 @@ async fn events(
                 return Some((Ok(event("end", &data)), s));
             }
             match recheck(&s.console, &s.namespace, &s.headers).await {
-                Ok((hash, revision)) if hash != s.last => {
+                Ok((hash, revision)) if hash != s.last || s.troubled => {
                     s.last = hash;
+                    s.troubled = false;
                     s.said = tokio::time::Instant::now();
                     let data = serde_json::json!({ "revision": revision.to_string() });
                     return Some((Ok(event("change", &data)), s));
@@ -835,7 +840,14 @@ async fn events(
                     let data = serde_json::json!({ "code": code, "message": status.message() });
                     return Some((Ok(event("end", &data)), s));
                 }
-                // A replica that cannot read now may later: keep checking.
+                // A replica that cannot read now may later: say so once,
+                // and keep checking.
+                Err(status) if !s.troubled => {
+                    s.troubled = true;
+                    s.said = tokio::time::Instant::now();
+                    let data = serde_json::json!({ "message": status.message() });
+                    return Some((Ok(event("trouble", &data)), s));
+                }
                 Err(_) => {}
             }
             if s.said.elapsed() >= EVENT_KEEPALIVE {
