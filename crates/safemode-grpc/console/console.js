@@ -880,7 +880,12 @@ async function readAudit() {
     let entries = [];
     let first = null;
     let after = "0";
-    for (let page = 0; page < AUDIT_PAGES; page++) {
+    let unread = false;
+    for (let page = 0; ; page++) {
+      if (page === AUDIT_PAGES) {
+        unread = true;
+        break;
+      }
       const answer = await call("GetAudit", {
         incidentId,
         namespace: session.namespace,
@@ -888,16 +893,28 @@ async function readAudit() {
         afterSeq: after,
         limit: 500,
       });
-      if (page === 0) first = answer;
       entries = entries.concat(answer.entries).slice(-AUDIT_SHOWN);
-      after = answer.nextAfterSeq;
-      if (after === "0" || after === 0) break;
+      after = String(answer.nextAfterSeq || "0");
+      if (page === 0) {
+        first = answer;
+        // The newest are wanted: without an incident to pick out, go
+        // straight to the last entries before the head.
+        const head = BigInt(answer.headSeq || "0");
+        if (!incidentId && after !== "0" && head > BigInt(AUDIT_SHOWN)) {
+          entries = [];
+          after = String(head - BigInt(AUDIT_SHOWN));
+        }
+      }
+      if (after === "0") break;
     }
     const problems = first.problems || [];
     result.textContent =
-      problems.length === 0
+      (problems.length === 0
         ? "Verified: the log is intact (every entry chained, signed by a trusted key, and the state matches)."
-        : `Verification found ${first.problemsTotal} problem(s): ${problems.join("; ")}`;
+        : `Verification found ${first.problemsTotal} problem(s): ${problems.join("; ")}`) +
+      (unread
+        ? ` Only the log up to entry ${entries.length ? entries[entries.length - 1].seq : "?"} was read for this incident; newer entries may follow (safemode audit --incident reads them all).`
+        : "");
     result.className = problems.length === 0 ? "state-synced" : "state-rejected";
     show($("audit-head-row"), first.headSeq !== "0");
     $("audit-head").textContent = `${first.headSeq} ${first.headHash}`;
