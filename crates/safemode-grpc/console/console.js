@@ -583,8 +583,16 @@ function renderRequests(requests) {
 
 /// Opens the confirmation dialog: a reason, then (where the call has a dry
 /// run) the preview of exactly what will change, then Confirm.
+/// A new change id: a confirmation pressed again after a failed or lost
+/// answer sends the same one, so the change commits at most once.
+function newChangeId() {
+  const bytes = crypto.getRandomValues(new Uint8Array(12));
+  return `console-${[...bytes].map((b) => b.toString(16).padStart(2, "0")).join("")}`;
+}
+
 function confirmAction({ title, context, preview, commit }) {
   const dialog = $("confirm");
+  session.changeId = newChangeId();
   $("confirm-title").textContent = title;
   $("confirm-context").replaceChildren(...context);
   const reason = $("confirm-reason");
@@ -709,6 +717,7 @@ function askDeclare() {
     severity,
     reason,
     dryRun,
+    changeId: dryRun ? "" : session.changeId,
   });
   confirmAction({
     title: `Declare ${runbook.name} at ${severity}`,
@@ -729,7 +738,7 @@ function askApply() {
     return;
   }
   fail("");
-  const request = (reason, dryRun) => ({ namespace: session.namespace, modes, channels, reason, dryRun });
+  const request = (reason, dryRun) => ({ namespace: session.namespace, modes, channels, reason, dryRun, changeId: dryRun ? "" : session.changeId });
   confirmAction({
     title: `Apply ${modes.join(", ")} on ${channelsText(channels)}`,
     context: [],
@@ -747,6 +756,7 @@ function askLift(activation) {
     targets: [activation.id],
     reason,
     dryRun,
+    changeId: dryRun ? "" : session.changeId,
     incidentOk: Boolean(activation.incidentId),
   });
   confirmAction({
@@ -763,7 +773,7 @@ function askLift(activation) {
 }
 
 function askEscalate(incident, severity) {
-  const request = (reason, dryRun) => ({ incidentId: incident.id, severity, reason, dryRun });
+  const request = (reason, dryRun) => ({ incidentId: incident.id, severity, reason, dryRun, changeId: dryRun ? "" : session.changeId });
   const runbook = session.runbooks.find((r) => r.name === incident.type);
   confirmAction({
     title: `Move ${incident.id} from ${incident.severity} to ${severity}`,
@@ -777,7 +787,7 @@ function askEscalate(incident, severity) {
 }
 
 function askResolve(incident) {
-  const request = (reason, dryRun) => ({ incidentId: incident.id, reason, dryRun });
+  const request = (reason, dryRun) => ({ incidentId: incident.id, reason, dryRun, changeId: dryRun ? "" : session.changeId });
   confirmAction({
     title: `Resolve ${incident.id} (${incident.type})`,
     context: [el("p", { text: `Exit criteria: ${(incident.exitCriteria || []).join(" ") || "none written"}` })],
@@ -798,7 +808,7 @@ function askApprove(request) {
     ],
     preview: (reason) => call("Approve", { requestId: request.id, reason, dryRun: true }),
     commit: async (reason) => {
-      const answer = await call("Approve", { requestId: request.id, reason });
+      const answer = await call("Approve", { requestId: request.id, reason, changeId: session.changeId });
       return `Approved ${request.id}: done at revision ${answer.revision}.`;
     },
   });
@@ -810,7 +820,7 @@ function askWithdraw(request) {
     context: [el("p", { text: `Nobody will be able to approve it: ${request.summary}` })],
     preview: null,
     commit: async (reason) => {
-      await call("Withdraw", { requestId: request.id, reason });
+      await call("Withdraw", { requestId: request.id, reason, changeId: session.changeId });
       return `Withdrew ${request.id}.`;
     },
   });
