@@ -161,6 +161,17 @@ async fn the_api_refuses_as_the_grpc_api_does() {
             says: "a bearer token is required",
         },
         Refusal {
+            what: "no token, and a body that is not the request: the token first",
+            method: "POST",
+            path: "/api/v1/ApplyModes",
+            token: None,
+            content_type: "application/json",
+            body: br#"{"force": true}"#.to_vec(),
+            status: 401,
+            code: "unauthenticated",
+            says: "a bearer token is required",
+        },
+        Refusal {
             what: "an unknown token",
             method: "POST",
             path: "/api/v1/GetStatus",

@@ -502,6 +502,19 @@ async fn call(
             ),
         );
     };
+    // The caller first, then the body: without a good token nothing about
+    // the request is read (WhoAmI through the same stack: no I/O).
+    if console.tokens
+        && let Err(status) = console
+            .call_typed::<_, proto::WhoAmIResponse>(
+                "WhoAmI",
+                &proto::WhoAmIRequest::default(),
+                &headers,
+            )
+            .await
+    {
+        return status_response(&status);
+    }
     let request = match request_message(&method, &body) {
         Ok(request) => request,
         Err(why) => {
