@@ -1053,16 +1053,26 @@ async fn an_approval_is_previewed_by_the_approver_and_refused_to_the_requester()
     assert_eq!(approved.json()["request"]["status"], "approved");
 }
 
-/// Opens `GET /api/v1/events` as `token` and reads up to its first event.
+/// Opens `GET /api/v1/events` of `live` as `token` and reads its status
+/// line.
 async fn open_events(
     http: SocketAddr,
     token: &str,
+) -> (String, tokio::io::Lines<BufReader<tokio::net::TcpStream>>) {
+    open_events_in(http, token, "live").await
+}
+
+/// [`open_events`] of `namespace`.
+async fn open_events_in(
+    http: SocketAddr,
+    token: &str,
+    namespace: &str,
 ) -> (String, tokio::io::Lines<BufReader<tokio::net::TcpStream>>) {
     let mut stream = tokio::net::TcpStream::connect(http).await.unwrap();
     stream
         .write_all(
             format!(
-                "GET /api/v1/events?namespace=live HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer {token}\r\n\r\n"
+                "GET /api/v1/events?namespace={namespace} HTTP/1.1\r\nhost: 127.0.0.1\r\nauthorization: Bearer {token}\r\n\r\n"
             )
             .as_bytes(),
         )
@@ -1117,9 +1127,43 @@ async fn event_streams_are_bounded_and_end_when_the_token_is_revoked() {
         "{}",
         refused.body
     );
+    // At most MAX_EVENT_NAMESPACES namespaces followed at once: each costs
+    // a fleet status per interval (live is one already).
     let mut others = Vec::new();
-    let people = ["commander", "commander2", "approver", "approver2", "admin"];
-    for who in people.iter().cycle().take(MAX_EVENT_STREAMS - open.len()) {
+    for drill in ["drill-a", "drill-b"] {
+        let (status, mut lines) = open_events_in(http, principals.token("commander"), drill).await;
+        assert!(status.contains(" 200 "), "{drill}: {status}");
+        next_event(&mut lines, "hello").await;
+        others.push(lines);
+    }
+    let bearer = format!("Bearer {}", principals.token("commander"));
+    let refused = request(
+        http,
+        "GET",
+        "/api/v1/events?namespace=drill-c",
+        &[("authorization", &bearer)],
+        b"",
+    )
+    .await;
+    assert_eq!(refused.status, 429, "{}", refused.body);
+    assert!(
+        refused.json()["message"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!(
+                "this replica's console event streams follow {} namespaces already",
+                safemode_grpc::console::MAX_EVENT_NAMESPACES
+            )),
+        "{}",
+        refused.body
+    );
+    // The rest on live, up to the replica's bound.
+    let people = ["commander2", "approver", "approver2", "admin"];
+    for who in people
+        .iter()
+        .cycle()
+        .take(MAX_EVENT_STREAMS - open.len() - others.len())
+    {
         let (status, mut lines) = open_events(http, principals.token(who)).await;
         assert!(status.contains(" 200 "), "{who}: {status}");
         next_event(&mut lines, "hello").await;

@@ -77,6 +77,11 @@ pub const MAX_EVENT_STREAMS: usize = 16;
 /// tabs): one token cannot take every stream from the others.
 pub const MAX_EVENT_STREAMS_PER_PRINCIPAL: usize = 4;
 
+/// The most namespaces a replica's event streams follow at once (`live`
+/// and a drill or two): each one's check is a fleet status per interval, and
+/// they must leave the commanders' own `status` room (`fleet::MAX_GATHERS`).
+pub const MAX_EVENT_NAMESPACES: usize = 3;
+
 /// The page's Content-Security-Policy: everything from this origin, no
 /// inline script or style, no framing.
 pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
@@ -154,32 +159,38 @@ struct Console {
     /// that their cost is one status per namespace, not one per stream.
     fingerprints: std::sync::Mutex<HashMap<String, (tokio::time::Instant, Fingerprint)>>,
     /// Event streams open per principal.
-    holders: Arc<std::sync::Mutex<HashMap<String, usize>>>,
+    holders: Holders,
+    /// Event streams open per namespace.
+    namespaces: Holders,
     shutdown: CancellationToken,
 }
 
-/// One principal's hold on an event stream; dropping it gives it back.
+/// Streams held per key (a principal, a namespace); a [`Held`] gives its
+/// one back when dropped.
+type Holders = Arc<std::sync::Mutex<HashMap<String, usize>>>;
+
+/// One stream's hold under a key of [`Holders`].
 struct Held {
-    holders: Arc<std::sync::Mutex<HashMap<String, usize>>>,
-    principal: String,
+    holders: Holders,
+    key: String,
 }
 
 impl Held {
-    /// A stream for `principal`, unless it holds
-    /// [`MAX_EVENT_STREAMS_PER_PRINCIPAL`] already.
-    fn take(
-        holders: &Arc<std::sync::Mutex<HashMap<String, usize>>>,
-        principal: &str,
-    ) -> Option<Held> {
+    /// A stream under `key`, unless `key` holds `per_key` already, or it is
+    /// a new key and `keys` are held already.
+    fn take(holders: &Holders, key: &str, per_key: usize, keys: usize) -> Option<Held> {
         let mut held = holders.lock().expect("poisoned");
-        let count = held.entry(principal.to_string()).or_default();
-        if *count >= MAX_EVENT_STREAMS_PER_PRINCIPAL {
+        if !held.contains_key(key) && held.len() >= keys {
+            return None;
+        }
+        let count = held.entry(key.to_string()).or_default();
+        if *count >= per_key {
             return None;
         }
         *count += 1;
         Some(Held {
             holders: holders.clone(),
-            principal: principal.to_string(),
+            key: key.to_string(),
         })
     }
 }
@@ -187,10 +198,10 @@ impl Held {
 impl Drop for Held {
     fn drop(&mut self) {
         let mut held = self.holders.lock().expect("poisoned");
-        if let Some(count) = held.get_mut(&self.principal) {
+        if let Some(count) = held.get_mut(&self.key) {
             *count -= 1;
             if *count == 0 {
-                held.remove(&self.principal);
+                held.remove(&self.key);
             }
         }
     }
@@ -218,6 +229,7 @@ pub(crate) fn router(settings: ConsoleSettings) -> axum::Router {
         streams: Arc::new(Semaphore::new(MAX_EVENT_STREAMS)),
         fingerprints: std::sync::Mutex::new(HashMap::new()),
         holders: Arc::new(std::sync::Mutex::new(HashMap::new())),
+        namespaces: Arc::new(std::sync::Mutex::new(HashMap::new())),
         shutdown: settings.shutdown,
     });
     let mut router = axum::Router::new();
@@ -761,13 +773,32 @@ async fn events(
             ),
         );
     };
-    let Some(held) = Held::take(&console.holders, &who.principal) else {
+    let Some(held) = Held::take(
+        &console.holders,
+        &who.principal,
+        MAX_EVENT_STREAMS_PER_PRINCIPAL,
+        MAX_EVENT_STREAMS,
+    ) else {
         return api_error(
             StatusCode::TOO_MANY_REQUESTS,
             "resource_exhausted",
             &format!(
                 "{} holds {MAX_EVENT_STREAMS_PER_PRINCIPAL} console event streams on this replica already; close a console tab",
                 who.principal
+            ),
+        );
+    };
+    let Some(followed) = Held::take(
+        &console.namespaces,
+        &namespace,
+        MAX_EVENT_STREAMS,
+        MAX_EVENT_NAMESPACES,
+    ) else {
+        return api_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "resource_exhausted",
+            &format!(
+                "this replica's console event streams follow {MAX_EVENT_NAMESPACES} namespaces already; close a console on another namespace, or reload later"
             ),
         );
     };
@@ -796,6 +827,7 @@ async fn events(
         done: bool,
         _permit: tokio::sync::OwnedSemaphorePermit,
         _held: Held,
+        _followed: Held,
     }
     let now = tokio::time::Instant::now();
     let state = Stream {
@@ -810,6 +842,7 @@ async fn events(
         done: false,
         _permit: permit,
         _held: held,
+        _followed: followed,
     };
     let stream = futures_util::stream::unfold(state, |mut s| async move {
         if s.done {

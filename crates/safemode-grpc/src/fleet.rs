@@ -284,7 +284,7 @@ pub(crate) struct Fleet {
 
 /// How many fleet statuses one replica gathers at once; more wait, up to
 /// [`PEER_DEADLINE`], then are refused.
-pub const MAX_GATHERS: usize = 4;
+pub const MAX_GATHERS: usize = 8;
 
 impl Fleet {
     pub fn new(
