@@ -453,7 +453,20 @@ pub(super) fn lint(
     } else {
         paths
     };
-    let catalog = match modes {
+    // Runbook files given one by one are checked against the modes/
+    // directory beside them, as a directory's runbooks are.
+    let beside = match paths.as_slice() {
+        [first, ..] if paths.iter().all(|p| p.is_file()) => {
+            first.parent().map(|dir| dir.join("modes")).filter(|modes| {
+                modes.is_dir()
+                    && paths
+                        .iter()
+                        .all(|p| p.parent().map(|d| d.join("modes")).as_ref() == Some(modes))
+            })
+        }
+        _ => None,
+    };
+    let catalog = match modes.or(beside.as_deref()) {
         Some(dir) => safemode_policy::catalog::load_modes_dir(dir)?,
         None => safemode_policy::catalog::standard_modes(),
     };

@@ -156,6 +156,18 @@ async fn a_stage_that_leaves_a_dead_end_is_a_lint_error_unless_it_accepts_it() {
         std::fs::write(dir.path().join("lockout-wave.yaml"), runbook(modes, extra)).unwrap();
         let (got, stdout, stderr) = lint(dir.path()).await;
         assert_eq!(got, Some(code), "{case}: {stdout}{stderr}");
+        // The file alone is checked against the modes/ beside it too.
+        let alone = safemode(&[
+            "runbook",
+            "lint",
+            dir.path().join("lockout-wave.yaml").to_str().unwrap(),
+        ])
+        .await;
+        assert_eq!(
+            alone.status.code(),
+            Some(code),
+            "{case}, the file alone: {alone:?}"
+        );
         let output = format!("{stdout}{stderr}");
         for part in holds {
             assert!(output.contains(part), "{case}: {part:?} not in {output}");
