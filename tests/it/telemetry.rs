@@ -654,6 +654,31 @@ fn descends(spans: &[Value], span: &Value, ancestor: &str) -> bool {
     false
 }
 
+/// Runs the CLI with `args` and the OTLP settings `otel` (and `traceparent`
+/// as `TRACEPARENT`, when given), as a commander's shell would; it must
+/// succeed.
+async fn traced_cli(args: &[&str], otel: &[(&str, &str)], traceparent: Option<&str>) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_safemode"));
+    command
+        .args(args)
+        .env_remove("SAFEMODE_SERVER")
+        .env_remove("RUST_LOG")
+        .env_remove("TRACEPARENT")
+        .env("SAFEMODE_TRUSTED_KEYS", key_file_for(args))
+        .envs(otel.iter().copied());
+    if let Some(traceparent) = traceparent {
+        command.env("TRACEPARENT", traceparent);
+    }
+    let output = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mode_apply_and_the_commit_it_caused_are_one_trace() {
     require_python();
@@ -692,26 +717,7 @@ async fn a_mode_apply_and_the_commit_it_caused_are_one_trace() {
             "--reason",
             "traced",
         ];
-        let keys = key_file_for(&args);
-        let mut command = Command::new(env!("CARGO_BIN_EXE_safemode"));
-        command
-            .args(args)
-            .env_remove("SAFEMODE_SERVER")
-            .env_remove("RUST_LOG")
-            .env_remove("TRACEPARENT")
-            .env("SAFEMODE_TRUSTED_KEYS", keys)
-            .envs(otel.iter().copied());
-        if let Some(given) = given {
-            command.env("TRACEPARENT", given);
-        }
-        let output = tokio::task::spawn_blocking(move || command.output().unwrap())
-            .await
-            .unwrap();
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        traced_cli(&args, otel, *given).await;
 
         let (cli_span, commit) = wait_for("the CLI's span and the commit's, in one trace", || {
             let spans = receiver.spans();
@@ -997,23 +1003,7 @@ async fn a_fleet_status_is_one_trace_across_replicas() {
         status["replicas"].as_array().is_some_and(|r| r.len() == 2)
     })
     .await;
-    let keys = key_file_for(&args);
-    let mut command = Command::new(env!("CARGO_BIN_EXE_safemode"));
-    command
-        .args(args)
-        .env_remove("SAFEMODE_SERVER")
-        .env_remove("RUST_LOG")
-        .env_remove("TRACEPARENT")
-        .env("SAFEMODE_TRUSTED_KEYS", keys)
-        .envs(otel.iter().copied());
-    let output = tokio::task::spawn_blocking(move || command.output().unwrap())
-        .await
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    traced_cli(&args, otel, None).await;
     // The CLI's span, the asked replica's GetStatus under it, and the other
     // replica's ReplicaStatus under that: one trace.
     wait_until("the other replica's part in the CLI's trace", || {

@@ -46,20 +46,43 @@ pub struct ReplicaRecord {
 
 impl ReplicaRecord {
     /// Whether the name is one `--replica` accepts (1 to 128 characters,
-    /// no spaces or controls) and the address a `host:port` of at most 300
-    /// characters without spaces or controls.
+    /// no spaces or controls) and the address one `--advertise` accepts.
     pub fn is_sound(&self) -> bool {
-        let printable = |s: &str, max: usize| {
-            !s.is_empty()
-                && s.len() <= max
-                && !s.chars().any(|c| c.is_control() || c.is_whitespace())
-        };
-        printable(&self.replica, 128)
-            && printable(&self.address, 300)
-            && self.address.rsplit_once(':').is_some_and(|(host, port)| {
-                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
-            })
+        !self.replica.is_empty()
+            && self.replica.len() <= 128
+            && !self
+                .replica
+                .chars()
+                .any(|c| c.is_control() || c.is_whitespace())
+            && address_problem(&self.address).is_none()
     }
+}
+
+/// What is wrong with `address` as where replicas reach one another
+/// (`host:port`: a DNS name or an IP address, IPv6 in brackets, and a port
+/// from 1 to 65535); `None` when nothing is. `--advertise` and every record
+/// read from the store are checked with it.
+pub fn address_problem(address: &str) -> Option<&'static str> {
+    if address.contains("://") {
+        return Some("give no scheme");
+    }
+    let Some((host, port)) = address.rsplit_once(':') else {
+        return Some("no port");
+    };
+    if !port.parse::<u16>().is_ok_and(|p| p > 0) {
+        return Some("the port is not 1 to 65535");
+    }
+    let host_ok = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(v6) => v6.parse::<std::net::Ipv6Addr>().is_ok(),
+        None => {
+            !host.is_empty()
+                && host.len() <= 253
+                && host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-'))
+        }
+    };
+    (!host_ok).then_some("the host is not a DNS name or an IP address")
 }
 
 /// Which subscribers a status shows.

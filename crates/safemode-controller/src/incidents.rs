@@ -1015,15 +1015,15 @@ impl Controller {
         if incident.status != IncidentStatus::Active || in_force.is_empty() {
             return Vec::new();
         }
-        let accepted = self
+        let stage = self
             .runbooks()
             .get(incident.runbook.as_str())
-            .and_then(|runbook| runbook.stage(incident.severity))
-            .and_then(|stage| stage.accepts_dead_ends.as_ref());
+            .and_then(|runbook| runbook.stage(incident.severity));
+        let accepted = stage.and_then(|stage| stage.accepts_dead_ends.as_ref());
         let policy = EffectivePolicy::compile(in_force.iter().map(|a| &**a));
         let (kept, trapped): (Vec<DeadEnd>, Vec<DeadEnd>) = dead_ends(&policy)
             .into_iter()
-            .partition(|dead| accepted.is_some_and(|a| a.accepts(dead.action)));
+            .partition(|dead| stage.is_some_and(|stage| stage.accepts_dead_end(dead.action)));
         let said = |ends: &[DeadEnd]| {
             ends.iter()
                 .map(DeadEnd::describe)

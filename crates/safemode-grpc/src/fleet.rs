@@ -112,35 +112,15 @@ pub(crate) fn peer_settings(config: &ServeConfig) -> anyhow::Result<PeerSettings
     })
 }
 
-/// A `host:port` the other replicas can dial: a host name or an IP address
-/// (IPv6 in brackets) and a port from 1 to 65535.
+/// `--advertise`, checked as every replica record's address is
+/// ([`safemode_controller::fleet::address_problem`]).
 fn check_address(address: &str) -> anyhow::Result<String> {
-    let bad = |why: &str| {
-        anyhow::anyhow!(
+    match safemode_controller::fleet::address_problem(address) {
+        None => Ok(address.to_string()),
+        Some(why) => bail!(
             "bad --advertise {address:?}: {why}; give HOST:PORT, the address the other replicas reach this one at, e.g. 10.0.0.5:7700 or [fd00::5]:7700"
-        )
-    };
-    if address.contains("://") {
-        return Err(bad("give no scheme"));
+        ),
     }
-    let (host, port) = address.rsplit_once(':').ok_or_else(|| bad("no port"))?;
-    match port.parse::<u16>() {
-        Ok(port) if port > 0 => {}
-        _ => return Err(bad("the port is not 1 to 65535")),
-    }
-    let host_ok = if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
-        v6.parse::<std::net::Ipv6Addr>().is_ok()
-    } else {
-        !host.is_empty()
-            && host.len() <= 253
-            && host
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-'))
-    };
-    if !host_ok {
-        return Err(bad("the host is not a DNS name or an IP address"));
-    }
-    Ok(address.to_string())
 }
 
 /// The certificates in a PEM file, read to check there is at least one.

@@ -392,12 +392,7 @@ fn unaccepted_dead_ends(catalog: &Catalog) -> Vec<String> {
             let unaccepted: Vec<String> = runbook
                 .stage_dead_ends(stage, &catalog.modes)
                 .iter()
-                .filter(|d| {
-                    stage
-                        .accepts_dead_ends
-                        .as_ref()
-                        .is_none_or(|a| !a.accepts(d.action))
-                })
+                .filter(|d| !stage.accepts_dead_end(d.action))
                 .map(|d| d.describe())
                 .collect();
             if !unaccepted.is_empty() {

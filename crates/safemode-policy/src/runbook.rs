@@ -216,6 +216,13 @@ impl Stage {
         mode
     }
 
+    /// Whether the stage says it leaves `action` a dead end on purpose.
+    pub fn accepts_dead_end(&self, action: &str) -> bool {
+        self.accepts_dead_ends
+            .as_ref()
+            .is_some_and(|accepted| accepted.accepts(action))
+    }
+
     /// Whether the stage applies `mode` (on any channels).
     pub fn has_mode(&self, mode: &str) -> bool {
         self.modes.iter().any(|m| m.mode.as_str() == mode)

@@ -1156,12 +1156,7 @@ impl Checker<'_> {
             let found = runbook.stage_dead_ends(stage, self.modes);
             let unaccepted: Vec<&DeadEnd> = found
                 .iter()
-                .filter(|d| {
-                    stage
-                        .accepts_dead_ends
-                        .as_ref()
-                        .is_none_or(|a| !a.accepts(d.action))
-                })
+                .filter(|d| !stage.accepts_dead_end(d.action))
                 .collect();
             if !unaccepted.is_empty() {
                 let actions: Vec<&str> = unaccepted.iter().map(|d| d.action).collect();
