@@ -598,12 +598,9 @@ impl Subscriber {
             Some(rule) => rule.effect(),
             None => verdict.outcome.kind(),
         };
-        self.shared.counts.decided(
-            action.as_str(),
-            effect,
-            staleness.stale,
-            fail_closed.is_some(),
-        );
+        self.shared
+            .counts
+            .decided(action, effect, staleness.stale, fail_closed.is_some());
         Decision {
             snapshot,
             action: action.as_str(),

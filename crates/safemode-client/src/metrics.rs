@@ -5,9 +5,9 @@
 //!
 //! Decisions are counted in plain atomics on the decide path and reported
 //! by observable instruments when the service's SDK collects, so that
-//! `decide` stays lock-free and allocation-free: a decision costs one
-//! lookup of its action among the eleven known ones and one to three
-//! relaxed atomic additions (a few nanoseconds; under many threads deciding
+//! `decide` stays lock-free and allocation-free: a decision costs one to
+//! three relaxed atomic additions (the action's row was found when the
+//! `Action` was parsed) (a few nanoseconds; under many threads deciding
 //! at once, the counters' cache lines are shared between cores). No metric
 //! is labelled with more than a fixed set: actions are the known ones, with
 //! every `bot.intent.<name>` counted as `bot.intent`.
@@ -29,8 +29,8 @@ use std::sync::{Arc, Weak};
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::Meter;
 
-use safemode_policy::EffectKind;
 use safemode_policy::names::{ACTIONS, BOT_INTENT_FAMILY};
+use safemode_policy::{Action, EffectKind};
 
 use super::state::Shared;
 
@@ -48,11 +48,10 @@ const EFFECTS: [EffectKind; 7] = [
 /// The known actions, then every bot intent together.
 const ACTION_SLOTS: usize = ACTIONS.len() + 1;
 
-fn action_slot(action: &str) -> usize {
-    ACTIONS
-        .iter()
-        .position(|known| *known == action)
-        .unwrap_or(ACTIONS.len())
+/// The action's counter row: its place in [`ACTIONS`] (found when it was
+/// parsed), or the last row for every `bot.intent.*`.
+fn action_slot(action: &Action) -> usize {
+    action.known_index().unwrap_or(ACTIONS.len())
 }
 
 fn action_name(slot: usize) -> &'static str {
@@ -86,7 +85,7 @@ impl Counts {
     #[inline]
     pub(crate) fn decided(
         &self,
-        action: &str,
+        action: &Action,
         effect: EffectKind,
         stale: bool,
         failed_closed: bool,
@@ -195,16 +194,30 @@ mod tests {
     #[test]
     fn every_action_and_effect_has_its_own_counter() {
         let counts = Counts::default();
-        counts.decided("account.password_reset", EffectKind::Deny, false, false);
-        counts.decided("bot.intent.refund", EffectKind::Allow, true, false);
-        counts.decided("bot.intent.other", EffectKind::Allow, true, true);
-        let at = |action: &str, effect| {
-            counts.decisions[action_slot(action)][effect_slot(effect)].load(Ordering::Relaxed)
+        let action = |name: &str| Action::parse(name).unwrap();
+        counts.decided(
+            &action("account.password_reset"),
+            EffectKind::Deny,
+            false,
+            false,
+        );
+        counts.decided(&action("bot.intent.refund"), EffectKind::Allow, true, false);
+        counts.decided(&action("bot.intent.other"), EffectKind::Allow, true, true);
+        let at = |name: &str, effect| {
+            counts.decisions[action_slot(&action(name))][effect_slot(effect)]
+                .load(Ordering::Relaxed)
         };
         assert_eq!(at("account.password_reset", EffectKind::Deny), 1);
         assert_eq!(at("account.password_reset", EffectKind::Allow), 0);
         assert_eq!(at("bot.intent.x", EffectKind::Allow), 2);
-        assert_eq!(action_name(action_slot("bot.intent.x")), "bot.intent");
+        assert_eq!(
+            action_name(action_slot(&action("bot.intent.x"))),
+            "bot.intent"
+        );
+        // Each known action has its own row, named as it was parsed.
+        for name in ACTIONS {
+            assert_eq!(action_name(action_slot(&action(name))), name);
+        }
         assert_eq!(counts.stale.load(Ordering::Relaxed), 2);
         assert_eq!(counts.failed_closed.load(Ordering::Relaxed), 1);
         for (i, effect) in EFFECTS.iter().enumerate() {

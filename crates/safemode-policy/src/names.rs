@@ -214,24 +214,40 @@ pub fn validate_action(name: &str) -> Result<(), NameError> {
 /// the actions it asks about once, at start, so a misspelt action is an error
 /// there rather than a silent `allow` on every request.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Action(Box<str>);
+pub struct Action {
+    name: Box<str>,
+    /// Its position in [`ACTIONS`], found once when parsed (`None`: a bot
+    /// intent), so that a decision counted per action does not look again.
+    known: Option<u8>,
+}
 
 impl Action {
     /// Parses an action: one from [`ACTIONS`] or `bot.intent.<name>`.
     pub fn parse(name: &str) -> Result<Self, NameError> {
         validate_action(name)?;
-        Ok(Action(name.into()))
+        Ok(Action {
+            name: name.into(),
+            known: ACTIONS
+                .iter()
+                .position(|known| *known == name)
+                .and_then(|i| u8::try_from(i).ok()),
+        })
     }
 
     /// The name.
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.name
+    }
+
+    /// Its position in [`ACTIONS`]; `None` for a `bot.intent.*` action.
+    pub fn known_index(&self) -> Option<usize> {
+        self.known.map(usize::from)
     }
 }
 
 impl fmt::Display for Action {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.name)
     }
 }
 
