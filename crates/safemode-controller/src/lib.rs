@@ -26,6 +26,7 @@ mod namespace;
 mod preview;
 mod records;
 mod refusals;
+pub mod reports;
 mod subscribers;
 
 use std::collections::HashMap;
@@ -439,6 +440,8 @@ pub struct Controller {
     refusals: refusals::RefusalBudget,
     /// Commits, failed commits and refusals, for metrics.
     counters: counters::Counters,
+    /// What this replica's subscribers reported.
+    reports: reports::ReportBook,
     /// The highest audit position this replica appended or saw at the
     /// head; the log's head never goes back through safemode.
     audit_seen: std::sync::atomic::AtomicU64,
@@ -469,6 +472,7 @@ impl Controller {
             namespaces: Mutex::new(HashMap::new()),
             refusals: refusals::RefusalBudget::default(),
             counters: counters::Counters::default(),
+            reports: reports::ReportBook::default(),
             audit_seen: std::sync::atomic::AtomicU64::new(0),
             audit_problem: Mutex::new(None),
             shutdown,
@@ -590,6 +594,11 @@ impl Controller {
             .values()
             .cloned()
             .collect()
+    }
+
+    /// What this replica's subscribers reported, over sliding windows.
+    pub fn reports(&self) -> &reports::ReportBook {
+        &self.reports
     }
 
     /// What this replica counted since it started (metrics).

@@ -18,6 +18,7 @@ pub mod names;
 pub mod paths;
 pub mod runbook;
 pub mod runbook_file;
+pub mod telemetry;
 
 pub use activation::{Activation, ActivationId, Change, Reason, Revision};
 pub use compile::{ActionPolicy, ChannelPolicy, EffectivePolicy, Entry, StandingThrottle};
@@ -32,6 +33,7 @@ pub use runbook::{
     AcceptedDeadEnds, DuplicateRunbook, Expectation, ExpectationResult, Runbook, RunbookCatalog,
     RunbookName, Severity, Stage, StageMode, Transition,
 };
+pub use telemetry::{ConfidenceBand, ContextClass, MethodClass, SignalName};
 pub use runbook_file::{
     Expectations, RunbookFileError, lint_runbook, parse_runbook, parse_runbook_checking,
 };

@@ -53,6 +53,10 @@ pub enum Purpose {
     ReplicaStatusRequest,
     /// A replica's answer to [`Purpose::ReplicaStatusRequest`].
     ReplicaStatusResponse,
+    /// One replica asking another for its tallies of reports.
+    ReplicaReportsRequest,
+    /// A replica's answer to [`Purpose::ReplicaReportsRequest`].
+    ReplicaReportsResponse,
 }
 
 impl Purpose {
@@ -63,6 +67,8 @@ impl Purpose {
             Purpose::AuditEntry => b"safemode.v1 audit entry\0",
             Purpose::ReplicaStatusRequest => b"safemode.v1 replica status request\0",
             Purpose::ReplicaStatusResponse => b"safemode.v1 replica status response\0",
+            Purpose::ReplicaReportsRequest => b"safemode.v1 replica reports request\0",
+            Purpose::ReplicaReportsResponse => b"safemode.v1 replica reports response\0",
         }
     }
 }

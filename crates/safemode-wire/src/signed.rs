@@ -45,6 +45,8 @@ self_signed! {
     proto::Snapshot => Purpose::Snapshot,
     proto::ReplicaStatusRequest => Purpose::ReplicaStatusRequest,
     proto::ReplicaStatusResponse => Purpose::ReplicaStatusResponse,
+    proto::ReplicaReportsRequest => Purpose::ReplicaReportsRequest,
+    proto::ReplicaReportsResponse => Purpose::ReplicaReportsResponse,
 }
 
 /// Signs `message` with `key`: fills its `key_id` and `signature`.
