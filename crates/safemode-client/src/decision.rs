@@ -92,6 +92,11 @@ impl FailClosedRule {
         }
     }
 
+    /// The outcome the rule decides with.
+    pub fn outcome(&self) -> &Outcome {
+        &self.outcome
+    }
+
     /// The effect the rule decides with.
     pub fn effect(&self) -> EffectKind {
         self.outcome.kind()

@@ -60,6 +60,7 @@ mod connection;
 mod decision;
 mod lkg;
 mod metrics;
+pub mod reporting;
 mod snapshot;
 mod state;
 mod task;
@@ -68,7 +69,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, error, info, info_span};
 
@@ -77,13 +78,14 @@ pub use connection::{
 };
 pub use decision::{Decision, FailClosed, FailClosedEffect};
 pub use lkg::LastKnownGoodError;
+pub use reporting::ReportReceipt;
 pub use snapshot::{ActivationInfo, DecisionReport, PolicySnapshot};
 pub(crate) use task::first_failure;
 
 /// The policy core a service decides with (actions, channels, contexts,
 /// outcomes), so that a service needs this crate alone.
 pub use safemode_policy as policy;
-use safemode_policy::{Action, Channel, Context, Namespace};
+use safemode_policy::{Action, Channel, Context, ContextClass, EffectKind, Namespace, SignalName};
 /// The controller keys a service trusts ([`SubscriberConfig::trusted_keys`]).
 pub use safemode_signing::TrustedKeys;
 pub use safemode_support::errors::error_chain;
@@ -349,6 +351,8 @@ pub struct Subscriber {
     /// Why the subscription stopped for good, once it has.
     ended: watch::Receiver<Option<Arc<ClientError>>>,
     stop: CancellationToken,
+    /// Asks the task to report at once (`None`: a fixed subscriber).
+    report_asks: Option<mpsc::Sender<task::ReportAsk>>,
 }
 
 /// Reads the last-known-good file that `config` names, checked exactly as
@@ -432,6 +436,8 @@ impl Subscriber {
                 Ok(Some((snapshot, ago))) => {
                     info!(path = %path.display(), revision = snapshot.revision, confirmed_ago = ?ago,
                         "enforcing the last-known-good policy until a controller answers");
+                    let mut snapshot = snapshot;
+                    snapshot.tally = Some(Arc::default());
                     Some((Arc::new(snapshot), ago))
                 }
                 Ok(None) => None,
@@ -477,6 +483,7 @@ impl Subscriber {
         });
         let (first_tx, first_rx) = oneshot::channel();
         let (ended_tx, ended) = watch::channel(None);
+        let (report_tx, report_rx) = mpsc::channel(4);
         // Every endpoint gets one try before the first connect gives up.
         let first_deadline = config.connect_timeout * (endpoints.len() as u32 + 1);
         let task = task::Task {
@@ -493,6 +500,7 @@ impl Subscriber {
             first_errors: Vec::new(),
             refusals: 0,
             ended: ended_tx,
+            reporting: task::Reporting::new(report_rx),
         };
         tokio::spawn(task.run(stop.clone()).instrument(span));
         let subscriber = Subscriber {
@@ -501,6 +509,7 @@ impl Subscriber {
             _fixed: None,
             ended,
             stop,
+            report_asks: Some(report_tx),
         };
         Ok((subscriber, first_rx, first_deadline))
     }
@@ -527,6 +536,7 @@ impl Subscriber {
             _fixed: Some(fixed),
             ended: watch::channel(None).1,
             stop: CancellationToken::new(),
+            report_asks: None,
         }
     }
 
@@ -540,6 +550,45 @@ impl Subscriber {
     pub fn register_metrics(&self, meter: &opentelemetry::metrics::Meter) {
         let (namespace, channel) = &self.shared.labels;
         metrics::register(meter, &self.shared, namespace, channel);
+    }
+
+    /// Counts `n` of the signal `name` (`login.failed`,
+    /// `password_reset.requested`, ...), reported with the next report.
+    /// The client counts failed step-ups and exhausted attempts itself
+    /// (`safemode.step_up_failed`, `safemode.attempts_exhausted`). At most
+    /// [`reporting::MAX_SIGNAL_NAMES`] names per report interval; counts of
+    /// further names are dropped and logged.
+    pub fn signal(&self, name: &SignalName, n: u64) {
+        self.shared.signals.add(name, n);
+    }
+
+    /// Sends what was counted now instead of at the next interval, and
+    /// waits (up to `timeout`) for the controller's answer: for tools such
+    /// as `safemode signal`. The controller takes the first report of a
+    /// stream at any time, later ones at most every
+    /// [`reporting::REPORT_EVERY`]; counts of a report refused for coming
+    /// too soon are kept for the next.
+    pub async fn report_now(&self, timeout: Duration) -> Result<ReportReceipt, ClientError> {
+        let Some(asks) = &self.report_asks else {
+            return Err(ClientError::BadConfig(
+                "a fixed subscriber has no controller to report to".into(),
+            ));
+        };
+        let (tx, rx) = oneshot::channel();
+        let asked = async {
+            asks.send(tx)
+                .await
+                .map_err(|_| ClientError::Refused("the subscription stopped".into()))?;
+            rx.await.map_err(|_| {
+                ClientError::Refused(
+                    "the stream ended before the controller answered the report".into(),
+                )
+            })
+        };
+        match tokio::time::timeout(timeout, asked).await {
+            Ok(result) => result,
+            Err(_) => Err(ClientError::Timeout(timeout)),
+        }
     }
 
     /// The newest applied snapshot.
@@ -601,6 +650,25 @@ impl Subscriber {
         self.shared
             .counts
             .decided(action, effect, staleness.stale, fail_closed.is_some());
+        // One more for the report, into the tally of the snapshot used.
+        let outcome = fail_closed.map_or(&verdict.outcome, |rule| rule.outcome());
+        let class = ContextClass::of(ctx, outcome);
+        let tally = snapshot
+            .as_deref()
+            .and_then(|s| s.tally.as_deref())
+            .unwrap_or(&self.shared.unapplied);
+        tally.count(
+            metrics::action_slot(action),
+            class,
+            effect,
+            staleness.stale,
+            fail_closed.is_some(),
+        );
+        if class.attempts_exhausted {
+            self.shared.signals.attempts_exhausted();
+        } else if effect == EffectKind::StepUp && ctx.failed_attempts > 0 {
+            self.shared.signals.step_up_failed();
+        }
         Decision {
             snapshot,
             action: action.as_str(),

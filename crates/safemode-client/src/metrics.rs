@@ -35,7 +35,7 @@ use safemode_policy::{Action, EffectKind};
 use super::state::Shared;
 
 /// Every effect, in the order the counters keep them.
-const EFFECTS: [EffectKind; 7] = [
+pub(crate) const EFFECTS: [EffectKind; 7] = [
     EffectKind::Allow,
     EffectKind::Throttle,
     EffectKind::StepUp,
@@ -46,19 +46,19 @@ const EFFECTS: [EffectKind; 7] = [
 ];
 
 /// The known actions, then every bot intent together.
-const ACTION_SLOTS: usize = ACTIONS.len() + 1;
+pub(crate) const ACTION_SLOTS: usize = ACTIONS.len() + 1;
 
 /// The action's counter row: its place in [`ACTIONS`] (found when it was
 /// parsed), or the last row for every `bot.intent.*`.
-fn action_slot(action: &Action) -> usize {
+pub(crate) fn action_slot(action: &Action) -> usize {
     action.known_index().unwrap_or(ACTIONS.len())
 }
 
-fn action_name(slot: usize) -> &'static str {
+pub(crate) fn action_name(slot: usize) -> &'static str {
     ACTIONS.get(slot).copied().unwrap_or(BOT_INTENT_FAMILY)
 }
 
-fn effect_slot(effect: EffectKind) -> usize {
+pub(crate) fn effect_slot(effect: EffectKind) -> usize {
     match effect {
         EffectKind::Allow => 0,
         EffectKind::Throttle => 1,

@@ -1,6 +1,8 @@
 //! A snapshot as the client holds it: checked, converted into the policy core's
 //! compiled rules, ready for lookups; and the owned report of a decision.
 
+use std::sync::Arc;
+
 use jiff::Timestamp;
 use serde::Serialize;
 
@@ -47,6 +49,9 @@ pub struct PolicySnapshot {
     pub policy: ChannelPolicy,
     /// The store history the revision counts in.
     pub epoch: String,
+    /// The decisions made with it since the last report, once a subscriber
+    /// applied it (`None` otherwise: they count as made with none).
+    pub(crate) tally: Option<Arc<crate::reporting::Tally>>,
 }
 
 impl PolicySnapshot {
@@ -125,6 +130,7 @@ impl PolicySnapshot {
             activations,
             policy,
             epoch: snapshot.epoch,
+            tally: None,
         })
     }
 

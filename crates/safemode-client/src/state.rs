@@ -21,6 +21,10 @@ pub(super) struct Shared {
     pub fail_closed: Option<FailClosedRule>,
     /// Decisions, applies and rejects, for metrics.
     pub counts: super::metrics::Counts,
+    /// Decisions made with no snapshot applied, since the last report.
+    pub unapplied: super::reporting::Tally,
+    /// Named signal counters, since the last report.
+    pub signals: super::reporting::Signals,
     /// The subscriber's namespace and channel, the labels of its metrics.
     pub labels: (String, String),
 }
@@ -131,6 +135,8 @@ impl Shared {
             stale_after,
             fail_closed,
             counts: super::metrics::Counts::default(),
+            unapplied: super::reporting::Tally::default(),
+            signals: super::reporting::Signals::default(),
             labels,
         }
     }

@@ -10,6 +10,7 @@
 //! the last one taken makes the policy current, because a signed snapshot
 //! can be replayed by whoever captured it, a heartbeat's time cannot.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,6 +23,7 @@ use tonic::transport::Endpoint;
 use tracing::{debug, info, warn};
 
 use super::connection::{Bearer, connect_failed, explain, probe};
+use super::reporting::{REPORT_EVERY, ReportReceipt, Rows, Tally};
 use super::state::Shared;
 use super::{ClientError, PolicySnapshot, SubscriberConfig, lkg};
 use safemode_policy::Revision;
@@ -63,6 +65,60 @@ pub(super) struct Task {
     pub refusals: usize,
     /// Told why the task stopped for good (the token was refused).
     pub ended: watch::Sender<Option<Arc<ClientError>>>,
+    /// What the subscriber reports, and reports waiting for an answer.
+    pub reporting: Reporting,
+}
+
+/// Where [`Subscriber::report_now`](super::Subscriber::report_now) is told
+/// how its report was answered.
+pub(super) type ReportAsk = oneshot::Sender<ReportReceipt>;
+
+/// Reports sent and not answered yet, at most; a report due while this
+/// many wait is kept for the next.
+const MAX_UNANSWERED_REPORTS: usize = 4;
+
+/// Tallies of replaced snapshots kept apart, at most; older ones are
+/// folded into the next report's counts at once.
+const MAX_RETIRED_TALLIES: usize = 8;
+
+pub(super) struct Reporting {
+    asks: mpsc::Receiver<ReportAsk>,
+    /// Tallies of snapshots replaced since the last report, with their
+    /// revisions.
+    retired: Vec<(Revision, Arc<Tally>)>,
+    /// Counts for the next report: what did not fit in the last one, and
+    /// those of reports refused for coming too soon.
+    carry: Rows,
+    sequence: u64,
+    /// Reports sent and not answered yet, oldest first.
+    unanswered: VecDeque<Unanswered>,
+}
+
+struct Unanswered {
+    sequence: u64,
+    rows: Rows,
+    ask: Option<ReportAsk>,
+}
+
+impl Reporting {
+    pub fn new(asks: mpsc::Receiver<ReportAsk>) -> Self {
+        Reporting {
+            asks,
+            retired: Vec::new(),
+            carry: Rows::default(),
+            sequence: 0,
+            unanswered: VecDeque::new(),
+        }
+    }
+
+    /// Keeps the tally of a replaced snapshot for the next report.
+    fn retire(&mut self, revision: Revision, tally: Arc<Tally>) {
+        if self.retired.len() >= MAX_RETIRED_TALLIES {
+            let (revision, tally) = self.retired.remove(0);
+            tally.drain(revision, &mut self.carry);
+        }
+        self.retired.push((revision, tally));
+    }
 }
 
 impl Task {
@@ -164,8 +220,24 @@ impl Task {
         // A replica that stops talking (its follower is unhealthy, it hangs)
         // is left for another before decisions go stale.
         let silence = self.config.stale_after;
+        let mut heard_at = tokio::time::Instant::now();
+        let mut report_every =
+            tokio::time::interval_at(tokio::time::Instant::now() + REPORT_EVERY, REPORT_EVERY);
+        report_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let message = match tokio::time::timeout(silence, inbound.message()).await {
+            let message = tokio::select! {
+                message = tokio::time::timeout_at(heard_at + silence, inbound.message()) => message,
+                _ = report_every.tick() => {
+                    self.report(&out, None).await;
+                    continue;
+                }
+                Some(ask) = self.reporting.asks.recv() => {
+                    self.report(&out, Some(ask)).await;
+                    continue;
+                }
+            };
+            heard_at = tokio::time::Instant::now();
+            let message = match message {
                 Err(_) => {
                     return Err(ClientError::Unreachable {
                         server,
@@ -240,6 +312,10 @@ impl Task {
                     self.refusals = 0;
                     continue;
                 }
+                Some(Inbound::ReportAnswer(answer)) => {
+                    self.answered(answer);
+                    continue;
+                }
                 None => continue,
             };
             let revision = wire.revision;
@@ -289,6 +365,73 @@ impl Task {
                     send(&out, reject(revision, reason)).await;
                 }
             }
+        }
+    }
+
+    /// Sends what was counted since the last report, if anything (or if
+    /// `ask` waits for an answer).
+    async fn report(&mut self, out: &mpsc::Sender<SubscribeRequest>, ask: Option<ReportAsk>) {
+        let reporting = &mut self.reporting;
+        let mut rows = std::mem::take(&mut reporting.carry);
+        self.shared.unapplied.drain(0, &mut rows);
+        for (revision, tally) in reporting.retired.drain(..) {
+            tally.drain(revision, &mut rows);
+        }
+        if let Some(current) = self.shared.current.load_full()
+            && let Some(tally) = &current.tally
+        {
+            tally.drain(current.revision, &mut rows);
+        }
+        self.shared.signals.drain(&mut rows);
+        if rows.is_empty() && ask.is_none() {
+            return;
+        }
+        if reporting.unanswered.len() >= MAX_UNANSWERED_REPORTS {
+            reporting.carry = rows;
+            if let Some(ask) = ask {
+                let _ = ask.send(ReportReceipt::Refused(format!(
+                    "{MAX_UNANSWERED_REPORTS} reports are waiting for the controller's answer; the counts go with the next one"
+                )));
+            }
+            return;
+        }
+        reporting.sequence += 1;
+        let (report, sent) = rows.take_report(reporting.sequence);
+        reporting.carry = rows;
+        reporting.unanswered.push_back(Unanswered {
+            sequence: reporting.sequence,
+            rows: sent,
+            ask,
+        });
+        send(out, Outbound::Report(report)).await;
+    }
+
+    /// The controller's answer to a report: one refused for coming too soon
+    /// goes with the next.
+    fn answered(&mut self, answer: proto::ReportAnswer) {
+        let reporting = &mut self.reporting;
+        while let Some(sent) = reporting.unanswered.pop_front() {
+            if sent.sequence < answer.sequence {
+                // Answers come in order; an earlier one missing was lost.
+                continue;
+            }
+            if sent.sequence > answer.sequence {
+                reporting.unanswered.push_front(sent);
+                return;
+            }
+            let receipt = if answer.accepted {
+                ReportReceipt::Accepted
+            } else {
+                warn!(reason = %answer.reason, "the controller refused a report");
+                if answer.retry_after_seconds > 0 {
+                    reporting.carry.merge(sent.rows);
+                }
+                ReportReceipt::Refused(answer.reason.clone())
+            };
+            if let Some(ask) = sent.ask {
+                let _ = ask.send(receipt);
+            }
+            return;
         }
     }
 
@@ -387,6 +530,13 @@ impl Task {
         }
         debug!(revision, "snapshot applied");
         self.shared.counts.applied();
+        let mut snapshot = snapshot;
+        snapshot.tally = Some(Arc::default());
+        if let Some(replaced) = self.shared.current.load_full()
+            && let Some(tally) = &replaced.tally
+        {
+            self.reporting.retire(replaced.revision, tally.clone());
+        }
         let snapshot = Arc::new(snapshot);
         self.shared.current.store(Some(snapshot.clone()));
         self.changes.send_replace(Some(snapshot));

@@ -287,7 +287,10 @@ mod tests {
         let live = Namespace::live();
         let web = Channel::parse("web").unwrap();
         let t0 = Timestamp::from_second(1_000_000_000).unwrap();
-        let at = |secs: i64| t0.checked_add(jiff::SignedDuration::from_secs(secs)).unwrap();
+        let at = |secs: i64| {
+            t0.checked_add(jiff::SignedDuration::from_secs(secs))
+                .unwrap()
+        };
         let report = |n| Report {
             decisions: vec![(row("web", 5, EffectKind::StepUp), n)],
             signals: vec![(SignalName::parse("login.failed").unwrap(), n)],
@@ -296,7 +299,10 @@ mod tests {
         book.record(&live, web, "w2", 5, &report(4), at(5));
         book.record(&live, web, "w1", 5, &report(10), at(600));
         let minute = book.tallies(&live, Duration::from_secs(60), at(600));
-        assert_eq!(minute.decisions, vec![(row("web", 5, EffectKind::StepUp), 10)]);
+        assert_eq!(
+            minute.decisions,
+            vec![(row("web", 5, EffectKind::StepUp), 10)]
+        );
         let quarter = book.tallies(&live, LONGEST_WINDOW, at(600));
         assert_eq!(quarter.decisions[0].1, 17);
         assert_eq!(quarter.signals[0].1, 17);

@@ -10,6 +10,7 @@ pub(crate) mod convert;
 pub mod fleet;
 pub mod limits;
 pub(crate) mod outbound;
+mod reports;
 pub mod server;
 mod subscribe;
 pub mod telemetry;

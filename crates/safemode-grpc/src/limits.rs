@@ -29,8 +29,11 @@ pub const MAX_FLEET_REQUEST_BYTES: usize = 4 * 1024;
 /// before they are decoded). A real request is a few kilobytes.
 pub const MAX_CONTROL_REQUEST_BYTES: usize = 256 * 1024;
 
-/// The largest message a subscriber may send (hello, ack, reject).
-pub const MAX_SUBSCRIBER_MESSAGE_BYTES: usize = 16 * 1024;
+/// The largest message a subscriber may send (hello, ack, reject, and a
+/// report, which may hold 64 KiB: a larger one is refused and the stream
+/// goes on; one beyond this bound ends the stream, as any gRPC message
+/// over its limit does).
+pub const MAX_SUBSCRIBER_MESSAGE_BYTES: usize = 128 * 1024;
 
 /// The most modes one apply may name.
 pub const MAX_MODES_PER_REQUEST: usize = 32;

@@ -26,6 +26,7 @@ use tracing::{debug, warn};
 use super::fanout::subscription_service_server::SubscriptionService;
 use super::limits::{StreamCounter, StreamSlot};
 use super::outbound::{HeartbeatCache, Outbound, SnapshotCache};
+use super::reports::{self, Pace};
 use super::telemetry::{Committed, StreamMetrics};
 use super::{Credential, StreamConfig, authorize, invalid, invalid_name, principal, status};
 use safemode_controller::auth::Operation;
@@ -159,7 +160,12 @@ impl SubscriptionService for SubscriptionApi {
             },
         )
         .revoked_with(credential, namespace)
-        .holding(slot);
+        .holding(slot)
+        .reporting(Reporting {
+            pace: Pace::new(hello.last_applied_revision),
+            controller: self.controller.clone(),
+            subscriber: id.into(),
+        });
         Ok(Response::new(Box::pin(session.into_stream())))
     }
 }
@@ -172,6 +178,13 @@ struct Signer {
     key: SigningKey,
     snapshots: Arc<SnapshotCache>,
     heartbeats: Arc<HeartbeatCache>,
+}
+
+/// Where a stream's reports go.
+struct Reporting {
+    pace: Pace,
+    controller: Arc<Controller>,
+    subscriber: Arc<str>,
 }
 
 /// The server side of one stream.
@@ -199,6 +212,10 @@ struct Session {
     committed: Option<Committed>,
     /// When the stream opened.
     connected_at: Timestamp,
+    /// Where its reports go, and their pace.
+    reporting: Option<Reporting>,
+    /// An answer to a report, sent next.
+    answer: Option<proto::ReportAnswer>,
 }
 
 impl Session {
@@ -228,7 +245,15 @@ impl Session {
             ending: false,
             credential: None,
             slot: None,
+            reporting: None,
+            answer: None,
         }
+    }
+
+    /// Takes reports into `reporting`'s book.
+    fn reporting(mut self, reporting: Reporting) -> Self {
+        self.reporting = Some(reporting);
+        self
     }
 
     /// Ends the stream once `credential`'s token is revoked or may no
@@ -265,6 +290,11 @@ impl Session {
         {
             return Some(Ok(beat));
         }
+        if let Some(answer) = self.answer.take() {
+            return Some(Ok(Outbound::Message(proto::SubscribeResponse {
+                message: Some(proto::subscribe_response::Message::ReportAnswer(answer)),
+            })));
+        }
         loop {
             tokio::select! {
                 biased;
@@ -286,6 +316,11 @@ impl Session {
                     Ok(Some(message)) => {
                         if let Err(status) = self.receive(message) {
                             return Some(Err(status));
+                        }
+                        if let Some(answer) = self.answer.take() {
+                            return Some(Ok(Outbound::Message(proto::SubscribeResponse {
+                                message: Some(proto::subscribe_response::Message::ReportAnswer(answer)),
+                            })));
                         }
                     }
                     // The client closed its side, or the connection broke.
@@ -340,6 +375,9 @@ impl Session {
         };
         self.sent = Some(view.revision);
         self.subscription.registration.sent(view.revision);
+        if let Some(reporting) = &mut self.reporting {
+            reporting.pace.sent(view.revision);
+        }
         self.metrics.sent(&self.labels);
         self.committed = view.last_change.as_ref().map(|change| Committed {
             revision: view.revision,
@@ -390,12 +428,53 @@ impl Session {
                 self.metrics.rejected(&self.labels);
                 Ok(())
             }
+            Some(Inbound::Report(report)) => {
+                self.report(&report);
+                Ok(())
+            }
             Some(Inbound::Hello(_)) => Err(invalid(
                 "message",
                 "hello was already received on this stream",
             )),
             None => Err(invalid("message", "empty message")),
         }
+    }
+}
+
+impl Session {
+    /// Takes a report into the replica's book, or refuses it; either way
+    /// the answer is sent next, and the policy stream goes on.
+    fn report(&mut self, report: &proto::Report) {
+        let Some(Reporting {
+            pace,
+            controller,
+            subscriber,
+        }) = &mut self.reporting
+        else {
+            return;
+        };
+        let reports = controller.reports();
+        let now = Timestamp::now();
+        let answer = match pace.check(report, self.subscription.channel, Instant::now()) {
+            Ok(rows) => {
+                let current = self.subscription.views.borrow().revision;
+                reports.record(
+                    &self.signer.namespace,
+                    self.subscription.channel,
+                    subscriber,
+                    current,
+                    &rows,
+                    now,
+                );
+                reports::accepted(report)
+            }
+            Err(refusal) => {
+                debug!(reason = %refusal.reason, "report refused");
+                reports.refused(&self.signer.namespace, now);
+                refusal
+            }
+        };
+        self.answer = Some(answer);
     }
 }
 

@@ -35,6 +35,22 @@ pub enum EffectKind {
 }
 
 impl EffectKind {
+    /// Every kind, least restrictive first.
+    pub const ALL: [EffectKind; 7] = [
+        EffectKind::Allow,
+        EffectKind::Throttle,
+        EffectKind::StepUp,
+        EffectKind::Review,
+        EffectKind::ReadOnly,
+        EffectKind::Route,
+        EffectKind::Deny,
+    ];
+
+    /// The kind named `name` (as [`EffectKind::as_str`] writes it).
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+
     /// The effect's name as written in mode files and decisions.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -33,7 +33,7 @@ pub use runbook::{
     AcceptedDeadEnds, DuplicateRunbook, Expectation, ExpectationResult, Runbook, RunbookCatalog,
     RunbookName, Severity, Stage, StageMode, Transition,
 };
-pub use telemetry::{ConfidenceBand, ContextClass, MethodClass, SignalName};
 pub use runbook_file::{
     Expectations, RunbookFileError, lint_runbook, parse_runbook, parse_runbook_checking,
 };
+pub use telemetry::{ConfidenceBand, ContextClass, MethodClass, SignalName};

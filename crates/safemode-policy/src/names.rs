@@ -411,6 +411,11 @@ impl MethodSet {
         self.0 == 0
     }
 
+    /// The set as bits, bit `i` for `METHODS[i]`.
+    pub fn bits(self) -> u16 {
+        self.0
+    }
+
     /// Method names in [`METHODS`] order.
     pub fn names(self) -> impl Iterator<Item = &'static str> {
         METHODS

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::decide::Outcome;
 use super::mode::Context;
-use super::names::{MethodSet, NameError};
+use super::names::{METHODS, MethodSet, NameError};
 
 /// How sure a channel is of the customer's identity, in three bands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -69,21 +69,44 @@ impl MethodClass {
     pub const ALL: [MethodClass; 4] = [Self::None, Self::Knowledge, Self::Possession, Self::Strong];
 
     /// The class of one method of [`METHODS`].
-    fn of_method(method: &str) -> Self {
-        match method {
-            "password" | "kba" => MethodClass::Knowledge,
-            "webauthn" | "id_document" => MethodClass::Strong,
+    const fn of_method(method: &str) -> Self {
+        match method.as_bytes() {
+            b"password" | b"kba" => MethodClass::Knowledge,
+            b"webauthn" | b"id_document" => MethodClass::Strong,
             _ => MethodClass::Possession,
         }
     }
 
-    /// The strongest class among `methods`.
+    /// The bits of [`MethodSet`] whose methods are of `class`.
+    const fn mask(class: MethodClass) -> u16 {
+        let mut mask = 0;
+        let mut i = 0;
+        while i < METHODS.len() {
+            if MethodClass::of_method(METHODS[i]) as u8 == class as u8 {
+                mask |= 1 << i;
+            }
+            i += 1;
+        }
+        mask
+    }
+
+    /// The strongest class among `methods`, in a few bit tests (it is on
+    /// the decide path of every client).
+    #[inline]
     pub fn strongest(methods: MethodSet) -> Self {
-        methods
-            .names()
-            .map(Self::of_method)
-            .max()
-            .unwrap_or(MethodClass::None)
+        const STRONG: u16 = MethodClass::mask(MethodClass::Strong);
+        const POSSESSION: u16 = MethodClass::mask(MethodClass::Possession);
+        const KNOWLEDGE: u16 = MethodClass::mask(MethodClass::Knowledge);
+        let bits = methods.bits();
+        if bits & STRONG != 0 {
+            MethodClass::Strong
+        } else if bits & POSSESSION != 0 {
+            MethodClass::Possession
+        } else if bits & KNOWLEDGE != 0 {
+            MethodClass::Knowledge
+        } else {
+            MethodClass::None
+        }
     }
 
     /// Its name on the wire and on screen.
@@ -120,8 +143,13 @@ impl ContextClass {
             confidence: ConfidenceBand::of(ctx.confidence),
             method: MethodClass::strongest(ctx.methods),
             handoff: ctx.handoff_from_bot,
-            attempts_exhausted: matches!(outcome, Outcome::Review { escalated: true, .. })
-                && ctx.failed_attempts > 0,
+            attempts_exhausted: matches!(
+                outcome,
+                Outcome::Review {
+                    escalated: true,
+                    ..
+                }
+            ) && ctx.failed_attempts > 0,
         }
     }
 
@@ -252,7 +280,11 @@ impl SignalName {
         if name.is_empty() || name.len() > Self::MAX_LEN || !name.split('.').all(segment_ok) {
             return Err(NameError(format!(
                 "bad signal name '{}': use dot-separated words of a-z, 0-9 and _ (like login.failed), at most {} bytes",
-                name.escape_debug().to_string().chars().take(80).collect::<String>(),
+                name.escape_debug()
+                    .to_string()
+                    .chars()
+                    .take(80)
+                    .collect::<String>(),
                 Self::MAX_LEN
             )));
         }
@@ -300,7 +332,6 @@ pub mod limits {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::names::METHODS;
 
     #[test]
     fn every_class_has_its_own_index_and_comes_back_from_it() {
@@ -319,10 +350,30 @@ mod tests {
         let cases = [
             (0.0, &[][..], MethodClass::None, ConfidenceBand::Low),
             (0.49, &["kba"], MethodClass::Knowledge, ConfidenceBand::Low),
-            (0.5, &["password", "sms_otp"], MethodClass::Possession, ConfidenceBand::Medium),
-            (0.79, &["push"], MethodClass::Possession, ConfidenceBand::Medium),
-            (0.8, &["sms_otp", "webauthn"], MethodClass::Strong, ConfidenceBand::High),
-            (f64::NAN, &["id_document"], MethodClass::Strong, ConfidenceBand::Low),
+            (
+                0.5,
+                &["password", "sms_otp"],
+                MethodClass::Possession,
+                ConfidenceBand::Medium,
+            ),
+            (
+                0.79,
+                &["push"],
+                MethodClass::Possession,
+                ConfidenceBand::Medium,
+            ),
+            (
+                0.8,
+                &["sms_otp", "webauthn"],
+                MethodClass::Strong,
+                ConfidenceBand::High,
+            ),
+            (
+                f64::NAN,
+                &["id_document"],
+                MethodClass::Strong,
+                ConfidenceBand::Low,
+            ),
         ];
         for (confidence, m, method, band) in cases {
             let ctx = Context {
@@ -331,7 +382,11 @@ mod tests {
                 ..Context::default()
             };
             let class = ContextClass::of(&ctx, &Outcome::Allow);
-            assert_eq!((class.confidence, class.method), (band, method), "{confidence} {m:?}");
+            assert_eq!(
+                (class.confidence, class.method),
+                (band, method),
+                "{confidence} {m:?}"
+            );
             assert!(!class.handoff && !class.attempts_exhausted);
             // The example of a class is in the class.
             assert_eq!(ContextClass::of(&class.example(), &Outcome::Allow), class);
@@ -344,16 +399,31 @@ mod tests {
             SignalName::parse(good).unwrap();
         }
         let long = "a".repeat(65);
-        for bad in ["", "Login.failed", "login..failed", ".x", "x.", "a b", "ü", long.as_str()] {
+        for bad in [
+            "",
+            "Login.failed",
+            "login..failed",
+            ".x",
+            "x.",
+            "a b",
+            "ü",
+            long.as_str(),
+        ] {
             let e = SignalName::parse(bad).unwrap_err().to_string();
             assert!(e.contains("bad signal name"), "{bad}: {e}");
         }
     }
 
     #[test]
-    fn the_methods_all_have_a_class() {
+    fn each_method_is_in_its_class_by_name_and_by_bits() {
         for m in METHODS {
-            assert_ne!(MethodClass::of_method(m), MethodClass::None);
+            let by_name = MethodClass::of_method(m);
+            assert_ne!(by_name, MethodClass::None);
+            assert_eq!(
+                MethodClass::strongest(MethodSet::parse(&[m]).unwrap()),
+                by_name,
+                "{m}"
+            );
         }
     }
 }
