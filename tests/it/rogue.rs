@@ -69,7 +69,8 @@ impl SubscriptionService for Rogue {
                     Some(FromClient::Hello(hello)) => heard.hellos.push(hello),
                     Some(FromClient::Reject(reject)) => heard.rejects.push(reject),
                     Some(FromClient::Ack(ack)) => heard.acks.push(ack.revision),
-                    None => {}
+                    // A rogue ignores what channels report.
+                    Some(FromClient::Report(_)) | None => {}
                 }
             }
         });

@@ -85,13 +85,14 @@ impl Role {
         match self {
             Role::Admin => true,
             Role::Viewer => matches!(operation, Subscribe | Read | ReadAudit),
-            Role::Subscriber => matches!(operation, Subscribe),
+            Role::Subscriber => matches!(operation, Subscribe | Report),
             Role::Commander => matches!(operation, Subscribe | Read | ReadAudit | Change),
             Role::Approver => matches!(operation, Subscribe | Read | ReadAudit | Approve),
             // Reads of no namespace (the catalogue) are harmless; a write
             // always names its namespace, and it must be a drill's.
             Role::Drill => match operation {
                 Subscribe | Read => namespace.is_none_or(Namespace::is_drill),
+                Report => namespace.is_some_and(Namespace::is_drill),
                 Change | Approve => namespace.is_some_and(Namespace::is_drill),
                 ReadAudit => false,
             },
@@ -127,6 +128,10 @@ pub enum Operation {
     Change,
     /// Approve another principal's request.
     Approve,
+    /// Report what a channel decided and saw (counts and signals) over a
+    /// subscription: they feed insights and early-warning proposals, so
+    /// only channel services may (not a viewer watching the policy).
+    Report,
 }
 
 impl Operation {
@@ -142,6 +147,7 @@ impl Operation {
             Operation::ReadAudit => "read the audit log",
             Operation::Change => "change modes or incidents",
             Operation::Approve => "approve requests",
+            Operation::Report => "report decisions and signals",
         }
     }
 }

@@ -32,12 +32,13 @@ pub const KINDS: [AuditAction; 11] = [
 
 /// Every operation a call can be refused, in the order the counters keep
 /// them.
-pub const OPERATIONS: [Operation; 5] = [
+pub const OPERATIONS: [Operation; 6] = [
     Operation::Subscribe,
     Operation::Read,
     Operation::ReadAudit,
     Operation::Change,
     Operation::Approve,
+    Operation::Report,
 ];
 
 /// An operation's name in metrics.
@@ -48,6 +49,7 @@ pub fn operation_name(operation: Operation) -> &'static str {
         Operation::ReadAudit => "read_audit",
         Operation::Change => "change",
         Operation::Approve => "approve",
+        Operation::Report => "report",
     }
 }
 
