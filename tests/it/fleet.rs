@@ -23,7 +23,7 @@ use safemode_wire::proto::{self, fleet_service_client::FleetServiceClient};
 
 /// A replica named `name` on `endpoints`, whose record outlives a SIGKILL
 /// for the length of the test.
-fn replica(name: &str, endpoints: &str) -> ServeProcess {
+pub(crate) fn replica(name: &str, endpoints: &str) -> ServeProcess {
     let key = test_signing_key_file().display().to_string();
     let process = ServeProcess::start(
         &[

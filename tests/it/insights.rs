@@ -413,3 +413,88 @@ async fn bad_input_gets_one_line_and_changes_nothing() {
     assert_eq!(shown["signals"], serde_json::json!([]));
     assert_eq!(shown["decisions"], 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn insights_sum_the_reports_of_every_replica() {
+    let etcd = crate::etcd::EtcdCluster::start(1).await;
+    let endpoints = etcd.endpoints().join(",");
+    let a = crate::fleet::replica("r-a", &endpoints);
+    let b = crate::fleet::replica("r-b", &endpoints);
+    let keys = crate::support::key_file_of(&a.url).expect("the fleet's key");
+    let keys = keys.display().to_string();
+    for (url, channel, count) in [
+        (&a.url, "web", "120"),
+        (&b.url, "web", "90"),
+        (&b.url, "ivr", "5"),
+    ] {
+        let out = safemode(&[
+            "--server",
+            url,
+            "signal",
+            "login.failed",
+            "--count",
+            count,
+            "--channel",
+            channel,
+            "--trusted-keys",
+            &keys,
+        ])
+        .await;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for url in [&a.url, &b.url] {
+        let out = safemode(&[
+            "--server", url, "insights", "--output", "json", "--window", "1m",
+        ])
+        .await;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let shown: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(
+            shown["signals"],
+            serde_json::json!([
+                {"channel": "web", "name": "login.failed", "count": 210},
+                {"channel": "ivr", "name": "login.failed", "count": 5},
+            ]),
+            "from {url}: {shown}"
+        );
+        assert_eq!(shown["partial"], false, "{shown}");
+        let answered: Vec<(&str, bool)> = shown["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["replica"].as_str().unwrap(),
+                    r["answered"].as_bool().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(answered, vec![("r-a", true), ("r-b", true)], "{shown}");
+    }
+    // A replica that dies is named, and the sum says it is partial.
+    b.kill();
+    let out = safemode(&["--server", &a.url, "insights", "--output", "json"]).await;
+    let shown: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown["partial"], true, "{shown}");
+    assert_eq!(
+        shown["signals"],
+        serde_json::json!([{"channel": "web", "name": "login.failed", "count": 120}]),
+        "{shown}"
+    );
+    assert!(
+        shown["problems"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p.as_str().unwrap().starts_with("replica r-b (")),
+        "{shown}"
+    );
+}
