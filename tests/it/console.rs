@@ -46,7 +46,19 @@ pub async fn request(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> Answer {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    exchange(stream, addr, method, path, headers, body).await
+}
+
+/// [`request`] on a connection already open (TLS, say).
+async fn exchange<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut stream: S,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Answer {
     let mut head = format!(
         "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1:{}\r\nconnection: close\r\ncontent-length: {}\r\n",
         addr.port(),
@@ -712,6 +724,194 @@ async fn the_console_is_refused_on_a_plain_http_listener_that_is_not_loopback() 
     let port = server.http_addr().unwrap().port();
     let http = SocketAddr::from(([127, 0, 0, 1], port));
     assert_eq!(request(http, "GET", "/", &[], b"").await.status, 200);
+}
+
+/// The requests of [`every_answer_carries_the_security_headers`]: (method,
+/// path, status) of every kind of answer the listener gives.
+const EVERY_KIND_OF_ANSWER: [(&str, &str, u16); 14] = [
+    ("GET", "/", 200),
+    ("GET", "/console.js", 200),
+    ("GET", "/favicon.svg", 200),
+    ("POST", "/api/v1/WhoAmI", 200),
+    ("POST", "/api/v1/GetStatus", 200),
+    ("POST", "/api/v1/NoSuchMethod", 404),
+    ("GET", "/api/v1/GetStatus", 405),
+    ("GET", "/healthz", 200),
+    ("GET", "/readyz", 200),
+    ("GET", "/metrics", 200),
+    ("GET", "/nope", 404),
+    ("GET", "/console.js/", 404),
+    ("POST", "/api/v1/GetStatus/", 404),
+    ("GET", "/api/v1/events/", 404),
+];
+
+/// Checks the security headers of every kind of answer, each asked on a
+/// connection `connect` opens.
+async fn check_security_headers<S, F, Fut>(addr: SocketAddr, token: &str, connect: F)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = S>,
+{
+    let bearer = format!("Bearer {token}");
+    let mut problems = Vec::new();
+    for (method, path, status) in EVERY_KIND_OF_ANSWER {
+        let answer = exchange(
+            connect().await,
+            addr,
+            method,
+            path,
+            &[
+                ("content-type", "application/json"),
+                ("authorization", &bearer),
+            ],
+            if method == "POST" { b"{}" } else { b"" },
+        )
+        .await;
+        if answer.status != status {
+            problems.push(format!(
+                "{method} {path}: status {} where {status}",
+                answer.status
+            ));
+        }
+        let asset = ASSETS.iter().any(|(asset, _, _)| *asset == path);
+        for (header, value) in [
+            ("content-security-policy", Some(CONTENT_SECURITY_POLICY)),
+            ("x-content-type-options", Some("nosniff")),
+            ("x-frame-options", Some("DENY")),
+            ("referrer-policy", Some("no-referrer")),
+            // The page and its assets are revalidated; nothing else is kept.
+            (
+                "cache-control",
+                Some(if asset { "no-cache" } else { "no-store" }),
+            ),
+        ] {
+            if answer.header(header) != value {
+                problems.push(format!(
+                    "{method} {path}: {header} is {:?} where {value:?}",
+                    answer.header(header)
+                ));
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{problems:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_answer_carries_the_security_headers() {
+    let principals = Principals::new();
+    let (server, http) = console_server(&principals).await;
+    // Ready first: /readyz answers 200.
+    crate::support::wait_until("the replica is ready", || async {
+        request(http, "GET", "/readyz", &[], b"").await.status == 200
+    })
+    .await;
+    check_security_headers(http, principals.token("viewer"), || async {
+        tokio::net::TcpStream::connect(http).await.unwrap()
+    })
+    .await;
+    drop(server);
+}
+
+/// A TLS client that trusts `ca` and offers `alpn`.
+fn tls_client(ca: &std::path::Path, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_tls_the_http_listener_speaks_https_with_the_same_certificate() {
+    let pki = crate::tls::Pki::new();
+    let principals = Principals::new();
+    // Not loopback: over HTTPS the console is served anywhere.
+    let server = TestServer::with_tokens_and(&principals, |config: &mut ServeConfig| {
+        config.http_listen = Some("0.0.0.0:0".parse().unwrap());
+        config.tls_cert = Some(pki.path("server.pem"));
+        config.tls_key = Some(pki.path("server.key"));
+    })
+    .await;
+    let port = server.http_addr().unwrap().port();
+    let https = SocketAddr::from(([127, 0, 0, 1], port));
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+
+    // ALPN: a browser offering both gets HTTP/2; HTTP/1.1 alone is served.
+    for (offered, chosen) in [
+        (vec![&b"h2"[..], &b"http/1.1"[..]], &b"h2"[..]),
+        (vec![&b"http/1.1"[..]], &b"http/1.1"[..]),
+    ] {
+        let tcp = tokio::net::TcpStream::connect(https).await.unwrap();
+        let tls = tls_client(&pki.path("ca.pem"), &offered)
+            .connect(name.clone(), tcp)
+            .await
+            .expect("the certificate of --tls-cert, which the test CA signed");
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(chosen));
+    }
+    // A client that trusts another CA refuses the listener.
+    let tcp = tokio::net::TcpStream::connect(https).await.unwrap();
+    assert!(
+        tls_client(&pki.path("other-ca.pem"), &[b"http/1.1"])
+            .connect(name.clone(), tcp)
+            .await
+            .is_err()
+    );
+    // Plain HTTP gets no HTTP answer there.
+    let mut plain = tokio::net::TcpStream::connect(https).await.unwrap();
+    plain
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(15), plain.read_to_end(&mut raw)).await;
+    assert!(!raw.starts_with(b"HTTP/"), "plain HTTP answered: {raw:?}");
+
+    // Probes, metrics, the page and the API over HTTPS, each answer with
+    // the security headers.
+    let connect = || async {
+        let tcp = tokio::net::TcpStream::connect(https).await.unwrap();
+        tls_client(&pki.path("ca.pem"), &[b"http/1.1"])
+            .connect(name.clone(), tcp)
+            .await
+            .unwrap()
+    };
+    crate::support::wait_until("the replica is ready", || async {
+        exchange(connect().await, https, "GET", "/readyz", &[], b"")
+            .await
+            .status
+            == 200
+    })
+    .await;
+    check_security_headers(https, principals.token("viewer"), connect).await;
+    let who = exchange(
+        connect().await,
+        https,
+        "POST",
+        "/api/v1/WhoAmI",
+        &[
+            ("content-type", "application/json"),
+            (
+                "authorization",
+                &format!("Bearer {}", principals.token("commander")),
+            ),
+        ],
+        b"{}",
+    )
+    .await;
+    assert_eq!(who.status, 200, "{}", who.body);
+    assert_eq!(who.json()["principal"], "commander");
+    let metrics = exchange(connect().await, https, "GET", "/metrics", &[], b"").await;
+    assert!(metrics.body.contains("safemode_"), "{}", metrics.body);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

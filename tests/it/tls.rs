@@ -22,12 +22,12 @@ use crate::support::{Principals, ServeProcess, TestServer, safemode, wait_until}
 /// `127.0.0.1`, a client certificate it signed, plus a second CA that signed
 /// nothing here, as PEM files: `ca.pem`, `ca.key`, `server.pem`,
 /// `server.key`, `client.pem`, `client.key`, `other-ca.pem`.
-struct Pki {
+pub(crate) struct Pki {
     dir: tempfile::TempDir,
 }
 
 impl Pki {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let (ca_cert, ca_key, ca) = new_ca("safemode test CA");
         let mut params =
@@ -66,7 +66,7 @@ impl Pki {
         Pki { dir }
     }
 
-    fn path(&self, name: &str) -> PathBuf {
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
 

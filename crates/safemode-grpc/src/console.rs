@@ -22,9 +22,11 @@
 //! once per interval for all the streams of a namespace. Streams are
 //! bounded per replica and in length.
 //!
-//! Nothing here changes state on GET. The console is served over plain
-//! HTTP only on a loopback address, or when `--console-plain-http` says a
-//! TLS-terminating proxy fronts the listener (see README, "The console").
+//! Nothing here changes state on GET. When `serve` has TLS the listener
+//! speaks HTTPS with the same certificate (`crate::https`); over plain HTTP
+//! the console is served only on a loopback address, or when
+//! `--console-plain-http` says a TLS-terminating proxy fronts the listener
+//! (see README, "The console").
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash as _, Hasher as _};
@@ -110,7 +112,8 @@ pub(crate) struct ConsoleSettings {
     /// rebinding).
     pub tokens: bool,
     /// Whether the console is served at all: the listener is loopback, or
-    /// `--console-plain-http` says a TLS proxy fronts it.
+    /// speaks HTTPS (`serve` has TLS), or `--console-plain-http` says a TLS
+    /// proxy fronts it.
     pub served: bool,
     /// Ends the event streams.
     pub shutdown: CancellationToken,
@@ -119,6 +122,8 @@ pub(crate) struct ConsoleSettings {
 impl ConsoleSettings {
     /// The console of a replica: its own instance of the control service
     /// behind the same authenticator, as the gRPC listener builds it.
+    /// `off_loopback`: serve it on a listener that is not loopback too (it
+    /// speaks HTTPS, or a TLS proxy fronts it).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         controller: &Arc<Controller>,
@@ -127,7 +132,7 @@ impl ConsoleSettings {
         authenticator: &Authenticator,
         tokens: bool,
         http_addr: Option<SocketAddr>,
-        plain_http: bool,
+        off_loopback: bool,
         shutdown: &CancellationToken,
     ) -> Self {
         let control = ControlStack::new(
@@ -143,7 +148,7 @@ impl ConsoleSettings {
             control,
             replica: replica.to_string(),
             tokens,
-            served: plain_http || http_addr.is_some_and(|a| a.ip().is_loopback()),
+            served: off_loopback || http_addr.is_some_and(|a| a.ip().is_loopback()),
             shutdown: shutdown.clone(),
         }
     }
@@ -214,7 +219,7 @@ pub(crate) fn router(settings: ConsoleSettings) -> axum::Router {
             api_error(
                 StatusCode::FORBIDDEN,
                 "console_not_served",
-                "the console is not served over plain HTTP on a non-loopback address: put a TLS-terminating proxy in front of --http-listen and pass --console-plain-http, or reach a loopback listener through a tunnel",
+                "the console is not served over plain HTTP on a non-loopback address: serve TLS (--tls-cert/--tls-key, then this listener speaks HTTPS), or put a TLS-terminating proxy in front of --http-listen and pass --console-plain-http, or reach a loopback listener through a tunnel",
             )
         };
         return axum::Router::new()
@@ -253,7 +258,15 @@ pub(crate) fn router(settings: ConsoleSettings) -> axum::Router {
         .with_state(console)
 }
 
-/// The headers every console answer carries.
+/// `router` with [`secure`]'s headers on every answer, its fallback's
+/// bare 404s and 405s included.
+pub(crate) fn secured(router: axum::Router) -> axum::Router {
+    router.layer(tower::util::MapResponseLayer::new(secure))
+}
+
+/// The headers every answer of the HTTP listener carries: the page's
+/// policy, no sniffing, no framing, no referrer, and `no-store` unless the
+/// answer says how it may be cached.
 fn secure(mut response: Response) -> Response {
     let headers = response.headers_mut();
     headers.insert(

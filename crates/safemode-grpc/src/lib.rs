@@ -8,6 +8,7 @@ pub mod console;
 mod control;
 pub(crate) mod convert;
 pub mod fleet;
+pub mod https;
 pub mod limits;
 pub(crate) mod outbound;
 pub mod server;
