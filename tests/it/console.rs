@@ -688,7 +688,10 @@ async fn the_event_stream_says_when_the_namespace_changes() {
         .into_inner()
         .revision;
     let change = next_event(&mut lines, "change").await;
-    assert_eq!(change, format!(r#"data: {{"revision":"{revision}"}}"#));
+    assert_eq!(
+        change,
+        format!(r#"data: {{"revision":"{revision}","what":"namespace"}}"#)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -159,10 +159,9 @@ struct Console {
     replica: HeaderValue,
     tokens: bool,
     streams: Arc<Semaphore>,
-    /// The newest fingerprint of each namespace streams follow, and when it
-    /// was taken: streams of one namespace share it within an interval, so
-    /// that their cost is one status per namespace, not one per stream.
-    fingerprints: std::sync::Mutex<HashMap<String, (tokio::time::Instant, Fingerprint)>>,
+    /// What the streams of each namespace share: the namespace's newest
+    /// fingerprint, and the fleet's (see [`Followed`]).
+    followed: std::sync::Mutex<HashMap<String, Followed>>,
     /// Event streams open per principal.
     holders: Holders,
     /// Event streams open per namespace.
@@ -232,7 +231,7 @@ pub(crate) fn router(settings: ConsoleSettings) -> axum::Router {
             .unwrap_or_else(|_| HeaderValue::from_static("unnamed")),
         tokens: settings.tokens,
         streams: Arc::new(Semaphore::new(MAX_EVENT_STREAMS)),
-        fingerprints: std::sync::Mutex::new(HashMap::new()),
+        followed: std::sync::Mutex::new(HashMap::new()),
         holders: Arc::new(std::sync::Mutex::new(HashMap::new())),
         namespaces: Arc::new(std::sync::Mutex::new(HashMap::new())),
         shutdown: settings.shutdown,
@@ -650,14 +649,39 @@ fn namespace_of(query: Option<&str>) -> String {
         .to_string()
 }
 
-/// What the page shows of a namespace, hashed, and the namespace's
-/// revision: a change of any of it is an event.
+/// What the page shows of a namespace as this replica has it (revision,
+/// activations, incidents, requests), hashed, and the namespace's revision:
+/// a change of any of it is an event at once.
 type Fingerprint = (u64, i64);
+
+/// How often the fleet's propagation is gathered for a namespace streams
+/// follow (after the last gather ended), apart from the namespace itself.
+const FLEET_INTERVAL: Duration = Duration::from_secs(1);
+/// How long one such gather may take (the peers each have
+/// `fleet::PEER_DEADLINE` within it; one that does not answer is named,
+/// and the answer is partial).
+const FLEET_DEADLINE: Duration = Duration::from_secs(5);
+
+/// What the streams of one namespace share.
+#[derive(Default)]
+struct Followed {
+    /// The namespace's newest fingerprint, and when it was taken: streams
+    /// share it within an interval, so that their cost is one read per
+    /// namespace, not one per stream.
+    namespace: Option<(tokio::time::Instant, Fingerprint)>,
+    /// The fleet's propagation, hashed, as last gathered; gathered apart,
+    /// one at a time per namespace, every [`FLEET_INTERVAL`].
+    fleet: Option<u64>,
+    /// When the last gather ended, and whether one is under way.
+    gathered_at: Option<tokio::time::Instant>,
+    gathering: bool,
+}
 
 /// The namespace's fingerprint for a stream's next check: the caller's own
 /// permission is checked every time, through the same stack (`WhoAmI`, no
-/// I/O); the fingerprint is taken through it too, or shared with another
-/// stream of the namespace that took it within the interval.
+/// I/O); the fingerprint is taken through it too (this replica's part
+/// only: no other replica is asked), or shared with another stream of the
+/// namespace that took it within the interval.
 async fn recheck(
     console: &Console,
     namespace: &str,
@@ -680,25 +704,31 @@ async fn recheck(
     }
     let now = tokio::time::Instant::now();
     let shared = console
-        .fingerprints
+        .followed
         .lock()
         .expect("poisoned")
         .get(namespace)
+        .and_then(|f| f.namespace)
         .filter(|(at, _)| now.duration_since(*at) < EVENT_INTERVAL)
-        .map(|(_, fingerprint)| *fingerprint);
+        .map(|(_, fingerprint)| fingerprint);
     if let Some(fingerprint) = shared {
         return Ok(fingerprint);
     }
     let taken = fingerprint(console, namespace, headers).await?;
-    let mut fingerprints = console.fingerprints.lock().expect("poisoned");
+    let mut followed = console.followed.lock().expect("poisoned");
     // Bounded: namespaces no stream asked about lately are dropped.
-    fingerprints.retain(|_, (at, _)| now.duration_since(*at) < EVENT_STREAM_LIFETIME);
-    fingerprints.insert(namespace.to_string(), (now, taken));
+    followed.retain(|_, f| {
+        f.gathering
+            || f.namespace
+                .is_some_and(|(at, _)| now.duration_since(at) < EVENT_STREAM_LIFETIME)
+    });
+    followed.entry(namespace.to_string()).or_default().namespace = Some((now, taken));
     Ok(taken)
 }
 
 /// [`Fingerprint`] of a namespace, through the control service as the
-/// caller.
+/// caller: this replica's status (no other replica is asked), incidents
+/// and requests.
 async fn fingerprint(
     console: &Console,
     namespace: &str,
@@ -710,20 +740,36 @@ async fn fingerprint(
             &proto::GetStatusRequest {
                 namespace: namespace.to_string(),
                 page_size: 1,
+                this_replica_only: true,
                 ..Default::default()
             },
             headers,
         )
         .await?;
-    // What changes without anything happening: the clock, the store's
-    // probe, the page of subscribers (the summary counts them all).
+    // The store away: the page says so (and shows what was read last).
+    if let Some(store) = &status.store
+        && !store.reachable
+    {
+        return Err(tonic::Status::unavailable(format!(
+            "the store ({}) is unreachable: {}",
+            store.kind,
+            if store.error.is_empty() {
+                "no answer"
+            } else {
+                &store.error
+            }
+        )));
+    }
+    // What changes without anything happening (the clock, the store's
+    // probe), and the subscribers: the fleet's part, followed apart.
     status.server_time = None;
     status.store = None;
     status.subscribers.clear();
     status.next_page_token.clear();
-    for replica in &mut status.replicas {
-        replica.error.clear();
-    }
+    status.channels.clear();
+    status.replicas.clear();
+    status.subscriber_count = 0;
+    status.partial = false;
     let incidents: proto::ListIncidentsResponse = console
         .call_typed(
             "ListIncidents",
@@ -749,6 +795,75 @@ async fn fingerprint(
     incidents.encode_to_vec().hash(&mut hasher);
     requests.encode_to_vec().hash(&mut hasher);
     Ok((hasher.finish(), status.revision))
+}
+
+/// The fleet's propagation of `namespace` as last gathered (`None`: not
+/// yet); starts the next gather, as the caller, when one is due and none
+/// is under way. Never waits for one: the namespace's own changes go out
+/// whatever the other replicas do.
+fn fleet_now(console: &Arc<Console>, namespace: &str, headers: &HeaderMap) -> Option<u64> {
+    let mut followed = console.followed.lock().expect("poisoned");
+    let entry = followed.entry(namespace.to_string()).or_default();
+    let due = entry
+        .gathered_at
+        .is_none_or(|at| at.elapsed() >= FLEET_INTERVAL);
+    if due && !entry.gathering {
+        entry.gathering = true;
+        let console = console.clone();
+        let namespace = namespace.to_string();
+        let headers = headers.clone();
+        tokio::spawn(async move {
+            let gathered = tokio::time::timeout(
+                FLEET_DEADLINE,
+                fleet_fingerprint(&console, &namespace, &headers),
+            )
+            .await;
+            let mut followed = console.followed.lock().expect("poisoned");
+            let entry = followed.entry(namespace).or_default();
+            entry.gathering = false;
+            entry.gathered_at = Some(tokio::time::Instant::now());
+            if let Ok(Ok(hash)) = gathered {
+                entry.fleet = Some(hash);
+            }
+        });
+    }
+    entry.fleet
+}
+
+/// The fleet's propagation of a namespace, hashed: the summary per channel,
+/// who answered (a replica that does not is named, the answer partial),
+/// through the control service as the caller.
+async fn fleet_fingerprint(
+    console: &Console,
+    namespace: &str,
+    headers: &HeaderMap,
+) -> Result<u64, tonic::Status> {
+    let mut status: proto::GetStatusResponse = console
+        .call_typed(
+            "GetStatus",
+            &proto::GetStatusRequest {
+                namespace: namespace.to_string(),
+                page_size: 1,
+                ..Default::default()
+            },
+            headers,
+        )
+        .await?;
+    for replica in &mut status.replicas {
+        replica.error.clear();
+    }
+    let mut hasher = DefaultHasher::new();
+    (proto::GetStatusResponse {
+        channels: status.channels,
+        replicas: status.replicas,
+        subscriber_count: status.subscriber_count,
+        partial: status.partial,
+        revision: status.revision,
+        ..Default::default()
+    }
+    .encode_to_vec())
+    .hash(&mut hasher);
+    Ok(hasher.finish())
 }
 
 fn event(name: &str, data: &serde_json::Value) -> Bytes {
@@ -815,7 +930,8 @@ async fn events(
             ),
         );
     };
-    // Authorised as a GetStatus of the namespace through the same stack.
+    // Authorised as a GetStatus of the namespace through the same stack
+    // (this replica's part: no other replica is waited for).
     let first = match fingerprint(&console, &namespace, &headers).await {
         Ok(first) => first,
         Err(status) => return status_response(&status),
@@ -832,6 +948,8 @@ async fn events(
         namespace: String,
         headers: HeaderMap,
         last: u64,
+        /// The fleet's propagation as last said (`None`: not yet gathered).
+        fleet: Option<u64>,
         opened: tokio::time::Instant,
         said: tokio::time::Instant,
         hello: Option<i64>,
@@ -848,6 +966,7 @@ async fn events(
         namespace,
         headers: credentials,
         last: first.0,
+        fleet: None,
         opened: now,
         said: now,
         hello: Some(first.1),
@@ -879,12 +998,24 @@ async fn events(
                 let data = serde_json::json!({ "reason": "the stream's time is up; open another" });
                 return Some((Ok(event("end", &data)), s));
             }
+            let fleet = fleet_now(&s.console, &s.namespace, &s.headers);
+            // The first gather is what the page read when it opened.
+            if s.fleet.is_none() {
+                s.fleet = fleet;
+            }
             match recheck(&s.console, &s.namespace, &s.headers).await {
                 Ok((hash, revision)) if hash != s.last || s.troubled => {
                     s.last = hash;
                     s.troubled = false;
                     s.said = tokio::time::Instant::now();
-                    let data = serde_json::json!({ "revision": revision.to_string() });
+                    let data = serde_json::json!({ "revision": revision.to_string(), "what": "namespace" });
+                    return Some((Ok(event("change", &data)), s));
+                }
+                Ok((_, revision)) if fleet.is_some() && fleet != s.fleet => {
+                    s.fleet = fleet;
+                    s.said = tokio::time::Instant::now();
+                    let data =
+                        serde_json::json!({ "revision": revision.to_string(), "what": "fleet" });
                     return Some((Ok(event("change", &data)), s));
                 }
                 Ok(_) => {}
