@@ -1428,3 +1428,135 @@ async fn an_event_stream_says_when_the_store_is_away_and_when_it_is_back() {
     etcd.restart(0).await;
     next_event(&mut lines, "change").await;
 }
+
+/// Two replicas on one etcd, tokens required, each with its console: `r-b`
+/// is alive in the store but its advertised address is a socket that
+/// accepts and never answers, so every fleet status waits for it until the
+/// peer deadline.
+struct SilentFleet {
+    a: TestServer,
+    _b: TestServer,
+    _silent: tokio::task::JoinHandle<()>,
+    _etcd: crate::etcd::EtcdCluster,
+}
+
+impl SilentFleet {
+    async fn start(principals: &Principals) -> Self {
+        let etcd = crate::etcd::EtcdCluster::start(1).await;
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let silent_addr = silent.local_addr().unwrap();
+        let hold = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((connection, _)) = silent.accept().await {
+                held.push(connection);
+            }
+        });
+        let replica = |name: &str, advertise: Option<String>| ServeConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            http_listen: Some("127.0.0.1:0".parse().unwrap()),
+            replica: Some(name.to_string()),
+            advertise,
+            signing_key: safemode_grpc::server::SigningKeySource::Key(
+                crate::support::test_signing_key(),
+            ),
+            store: safemode_grpc::server::StoreConfig::Etcd {
+                endpoints: etcd.endpoints(),
+                prefix: "/safemode/".into(),
+                tls: Default::default(),
+            },
+            tokens: Some(principals.file.path().to_path_buf()),
+            ..ServeConfig::default()
+        };
+        let a = TestServer::start_with(replica("r-a", None)).await;
+        let b = TestServer::start_with(replica("r-b", Some(silent_addr.to_string()))).await;
+        SilentFleet {
+            a,
+            _b: b,
+            _silent: hold,
+            _etcd: etcd,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_reaches_the_event_stream_at_once_while_a_replica_is_silent() {
+    let principals = Principals::new();
+    let fleet = SilentFleet::start(&principals).await;
+    let http = fleet.a.http_addr().unwrap();
+    let viewer = principals.token("viewer");
+    // The fleet's status names r-b as not answering, and is partial.
+    crate::support::wait_until("r-a's status names r-b as silent", || async {
+        let status = api(http, "GetStatus", Some(viewer), &json!({}))
+            .await
+            .json();
+        status["partial"] == true
+            && status["replicas"].as_array().is_some_and(|r| {
+                r.iter()
+                    .any(|r| r["replica"] == "r-b" && r["answered"] == false)
+            })
+    })
+    .await;
+    let (status, mut lines) = open_events(http, viewer).await;
+    assert!(status.contains(" 200 "), "{status}");
+    next_event(&mut lines, "hello").await;
+
+    let applied = crate::support::safemode(&[
+        "--server",
+        &fleet.a.url,
+        "--token",
+        principals.token("commander"),
+        "-o",
+        "json",
+        "mode",
+        "apply",
+        "incident-notice",
+        "--reason",
+        "while r-b is silent",
+    ])
+    .await;
+    assert!(applied.status.success(), "{applied:?}");
+    let revision = serde_json::from_slice::<Value>(&applied.stdout).unwrap()["revision"].clone();
+    let revision = revision
+        .as_i64()
+        .or_else(|| revision.as_str().and_then(|r| r.parse().ok()))
+        .unwrap_or_else(|| {
+            panic!(
+                "no revision in {}",
+                String::from_utf8_lossy(&applied.stdout)
+            )
+        });
+    // Within 2 s of the CLI's answer, whatever r-b does: the namespace's
+    // change is said from r-a's own state (fleet changes may come between).
+    let said = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            let data = next_event(&mut lines, "change").await;
+            let data: Value = serde_json::from_str(data.trim_start_matches("data: ")).unwrap();
+            if data["what"] == "namespace" {
+                return data;
+            }
+        }
+    })
+    .await
+    .expect("the change is said within 2 s while r-b is silent");
+    assert_eq!(said["revision"], revision.to_string(), "{said}");
+    // And the page's read of the namespace answers at once too.
+    let read = tokio::time::timeout(
+        Duration::from_secs(2),
+        api(
+            http,
+            "GetStatus",
+            Some(viewer),
+            &json!({"thisReplicaOnly": true, "pageSize": 1}),
+        ),
+    )
+    .await
+    .expect("this replica's status answers within 2 s while r-b is silent")
+    .json();
+    assert_eq!(read["revision"], revision.to_string(), "{read}");
+    assert_eq!(read["activations"][0]["mode"], "incident-notice", "{read}");
+    // The propagation, gathered apart, still names r-b.
+    let gathered = api(http, "GetStatus", Some(viewer), &json!({}))
+        .await
+        .json();
+    assert_eq!(gathered["partial"], true, "{gathered}");
+}
