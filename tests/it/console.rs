@@ -1097,6 +1097,30 @@ async fn commanders_approvers_and_viewers_use_the_console_in_a_real_browser() {
         ..ServeConfig::default()
     })
     .await;
+    // And a server with TLS: its --http-listen speaks HTTPS (HTTP/2 by
+    // ALPN), off loopback. Chromium trusts its certificate's key alone
+    // (--ignore-certificate-errors-spki-list): every other certificate is
+    // still checked as usual.
+    let pki = crate::tls::Pki::new();
+    let tls_data = tempfile::tempdir().unwrap();
+    let tls_server = TestServer::start_with(ServeConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        http_listen: Some("0.0.0.0:0".parse().unwrap()),
+        store: safemode_grpc::server::StoreConfig::Embedded {
+            data_dir: tls_data.path().to_path_buf(),
+        },
+        tokens: Some(principals.file.path().to_path_buf()),
+        tls_cert: Some(pki.path("server.pem")),
+        tls_key: Some(pki.path("server.key")),
+        ..ServeConfig::default()
+    })
+    .await;
+    let spki = {
+        use base64::Engine as _;
+        use sha2::Digest as _;
+        let der = std::fs::read(pki.path("server.spki.der")).unwrap();
+        base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(der))
+    };
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/console/console_browser.py"
@@ -1129,6 +1153,14 @@ async fn commanders_approvers_and_viewers_use_the_console_in_a_real_browser() {
             "OPEN_CONSOLE_URL",
             format!("http://{}/", open_server.http_addr().unwrap()),
         )
+        .env(
+            "TLS_CONSOLE_URL",
+            format!(
+                "https://127.0.0.1:{}/",
+                tls_server.http_addr().unwrap().port()
+            ),
+        )
+        .env("TLS_SPKI", &spki)
         .kill_on_drop(true);
     let output = tokio::time::timeout(Duration::from_secs(300), command.output())
         .await
@@ -1152,6 +1184,8 @@ async fn commanders_approvers_and_viewers_use_the_console_in_a_real_browser() {
         "06-decision-preview",
         "07-approve-preview",
         "08-approved-nothing-active",
+        "09-seven-tabs",
+        "10-https",
     ] {
         assert!(
             screenshots.join(format!("{view}.png")).exists(),
