@@ -14,13 +14,17 @@
 //! gRPC error becomes an HTTP status with `{code, message}`.
 //!
 //! `GET /api/v1/events?namespace=NS` is a server-sent-events stream that
-//! says when the namespace's revision, incidents, requests or the fleet's
-//! propagation summary changed, for the page to fetch again. Every 250 ms
-//! each stream checks its caller's permission through the same stack
-//! (`WhoAmI`: a revoked token or a lost role ends it), and the namespace's
-//! fingerprint (status, incidents, requests) is read through the stack,
-//! once per interval for all the streams of a namespace. Streams are
-//! bounded per replica and in length.
+//! says when the namespace's revision, incidents or requests changed
+//! (`what: namespace`), or the fleet's propagation summary did (`what:
+//! fleet`), for the page to fetch again. Every 250 ms each stream checks
+//! its caller's permission through the same stack (`WhoAmI`: a revoked
+//! token or a lost role ends it), and the namespace's fingerprint (this
+//! replica's status, incidents, requests: no other replica is asked, so a
+//! silent one never holds a change back) is read through the stack, once
+//! per interval for all the streams of a namespace. The fleet's
+//! propagation is gathered apart, one gather per namespace at a time, on
+//! its own cadence and deadline. Streams are bounded per replica, per
+//! principal, in namespaces and in length.
 //!
 //! Nothing here changes state on GET. When `serve` has TLS the listener
 //! speaks HTTPS with the same certificate (`crate::https`); over plain HTTP
