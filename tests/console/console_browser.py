@@ -14,6 +14,8 @@ simulated subscribers; it is told, in the environment:
   TLS_CONSOLE_URL    the console of a server with TLS (https://127.0.0.1:PORT/)
   TLS_SPKI           base64 SHA-256 of that server's public key (SPKI), the
                      one key Chromium is told to accept without a known CA
+  STALL_CONSOLE_URL  the console of a server on etcd
+  ETCD_PID           that etcd's pid, paused (SIGSTOP) to stall the store
 
 Every wait has a deadline (WebDriverWait polls); nothing sleeps for a fixed
 time. Exit 0 when every scenario held; otherwise the failure, the page's text
@@ -23,6 +25,7 @@ and a screenshot (failure.png).
 import base64
 import json
 import os
+import signal
 import subprocess
 import sys
 import traceback
@@ -54,6 +57,8 @@ SHOTS = os.environ["SCREENSHOTS"]
 OPEN_URL = os.environ["OPEN_CONSOLE_URL"]
 TLS_URL = os.environ["TLS_CONSOLE_URL"]
 TLS_SPKI = os.environ["TLS_SPKI"]
+STALL_URL = os.environ["STALL_CONSOLE_URL"]
+ETCD_PID = int(os.environ["ETCD_PID"])
 # Windows of one browser on one console: more than the six connections a
 # browser holds to one host over HTTP/1.1, and than a principal's streams.
 TABS = 7
@@ -409,6 +414,26 @@ def over_https():
         driver.quit()
 
 
+def not_live_while_the_store_stalls(c):
+    """The store stops answering (etcd paused): the page says it is not
+    live, and keeps showing what it read (never "nothing in force"); when the
+    store answers again, it is live again."""
+    c.sign_in("commander", url=STALL_URL)
+    status, body = c.forged("ApplyModes", {"modes": ["incident-notice"], "reason": "before the store stalls"})
+    assert status == 200, (status, body)
+    c.wait("the mode is shown", lambda: c.all('tr.activation[data-mode="incident-notice"]'))
+    os.kill(ETCD_PID, signal.SIGSTOP)
+    try:
+        c.wait("the page says it is not live", lambda: c.find("#live").text.startswith("Not live"))
+        c.shot("11-not-live")
+        assert c.all('tr.activation[data-mode="incident-notice"]'), "what was read is no longer shown"
+        assert not c.visible("#nothing-active"), "nothing in force, says the page"
+    finally:
+        os.kill(ETCD_PID, signal.SIGCONT)
+    c.wait("the page is live again", lambda: c.find("#live").text == "Live", timeout=60)
+    c.sign_out()
+
+
 def without_tokens(c):
     """A server without a tokens file: the page asks for a name (the CLI's
     --principal) and records changes under it."""
@@ -436,6 +461,7 @@ def main():
     try:
         scenario(console)
         seven_tabs(console)
+        not_live_while_the_store_stalls(console)
         without_tokens(console)
         over_https()
         errors = [

@@ -1115,6 +1115,23 @@ async fn commanders_approvers_and_viewers_use_the_console_in_a_real_browser() {
         ..ServeConfig::default()
     })
     .await;
+    // And a server on etcd, whose store the test stalls (SIGSTOP).
+    let etcd = crate::etcd::EtcdCluster::start(1).await;
+    let stalled_server = TestServer::start_with(ServeConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        http_listen: Some("127.0.0.1:0".parse().unwrap()),
+        signing_key: safemode_grpc::server::SigningKeySource::Key(
+            crate::support::test_signing_key(),
+        ),
+        store: safemode_grpc::server::StoreConfig::Etcd {
+            endpoints: etcd.endpoints(),
+            prefix: "/safemode/".into(),
+            tls: Default::default(),
+        },
+        tokens: Some(principals.file.path().to_path_buf()),
+        ..ServeConfig::default()
+    })
+    .await;
     let spki = {
         use base64::Engine as _;
         use sha2::Digest as _;
@@ -1161,6 +1178,11 @@ async fn commanders_approvers_and_viewers_use_the_console_in_a_real_browser() {
             ),
         )
         .env("TLS_SPKI", &spki)
+        .env(
+            "STALL_CONSOLE_URL",
+            format!("http://{}/", stalled_server.http_addr().unwrap()),
+        )
+        .env("ETCD_PID", etcd.pid(0).unwrap().to_string())
         .kill_on_drop(true);
     let output = tokio::time::timeout(Duration::from_secs(300), command.output())
         .await
@@ -1186,6 +1208,7 @@ async fn commanders_approvers_and_viewers_use_the_console_in_a_real_browser() {
         "08-approved-nothing-active",
         "09-seven-tabs",
         "10-https",
+        "11-not-live",
     ] {
         assert!(
             screenshots.join(format!("{view}.png")).exists(),
