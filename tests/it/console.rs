@@ -959,6 +959,40 @@ async fn without_tokens_callers_name_themselves_on_loopback_names_only() {
     stream.read_to_string(&mut raw).await.unwrap();
     assert!(raw.starts_with("HTTP/1.1 403"), "{raw}");
     assert!(raw.contains("host_not_loopback"), "{raw}");
+
+    // A page of another site calling from the visitor's browser (its
+    // Sec-Fetch-Site, which pages cannot set) is refused the API; the
+    // page's own calls, and a link to the page from elsewhere, are not.
+    let principal = [("x-safemode-principal", "alice")];
+    for (method, path, site, status) in [
+        ("GET", "/api/v1/events?namespace=live", "cross-site", 403),
+        ("GET", "/api/v1/events?namespace=live", "same-site", 403),
+        ("POST", "/api/v1/WhoAmI", "cross-site", 403),
+        ("POST", "/api/v1/WhoAmI", "same-origin", 200),
+        ("POST", "/api/v1/WhoAmI", "none", 200),
+        ("GET", "/", "cross-site", 200),
+    ] {
+        let answer = request(
+            http,
+            method,
+            path,
+            &[
+                ("content-type", "application/json"),
+                ("sec-fetch-site", site),
+                principal[0],
+            ],
+            if method == "POST" { b"{}" } else { b"" },
+        )
+        .await;
+        assert_eq!(
+            answer.status, status,
+            "{method} {path} from {site}: {}",
+            answer.body
+        );
+        if status == 403 {
+            assert_eq!(answer.json()["code"], "cross_site", "{}", answer.body);
+        }
+    }
 }
 
 /// What the rejecting subscriber of the browser test says, HTML and all.

@@ -398,6 +398,28 @@ impl Console {
         }
     }
 
+    /// [`Console::host_refusal`] for the API: without tokens, also a call a
+    /// page of another site makes (`Sec-Fetch-Site`, which browsers set and
+    /// pages cannot): a `no-cors` fetch from elsewhere could otherwise hold
+    /// event streams open in the visitor's browser.
+    fn api_refusal(&self, headers: &HeaderMap) -> Option<Response> {
+        if let Some(refused) = self.host_refusal(headers) {
+            return Some(refused);
+        }
+        let site = headers
+            .get("sec-fetch-site")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if !self.tokens && matches!(site, "cross-site" | "same-site") {
+            return Some(api_error(
+                StatusCode::FORBIDDEN,
+                "cross_site",
+                "this server has no tokens file: only its own page may call its API; open the console at http://127.0.0.1:PORT/",
+            ));
+        }
+        None
+    }
+
     /// Calls the control service's `method` with `request` (its encoded
     /// request message) as the browser's `headers` authenticate it.
     async fn call(
@@ -484,7 +506,7 @@ async fn call(
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
-    if let Some(refused) = console.host_refusal(&headers) {
+    if let Some(refused) = console.api_refusal(&headers) {
         return refused;
     }
     let body = match body {
@@ -883,7 +905,7 @@ async fn events(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
-    if let Some(refused) = console.host_refusal(&headers) {
+    if let Some(refused) = console.api_refusal(&headers) {
         return refused;
     }
     let namespace = namespace_of(query.as_deref());
