@@ -14,6 +14,7 @@ simulated subscribers; it is told, in the environment:
   TLS_CONSOLE_URL    the console of a server with TLS (https://127.0.0.1:PORT/)
   TLS_SPKI           base64 SHA-256 of that server's public key (SPKI), the
                      one key Chromium is told to accept without a known CA
+  OPEN_TLS_CONSOLE_URL  the console of a server with TLS and no tokens file
   STALL_CONSOLE_URL  the console of a server on etcd
   ETCD_PID           that etcd's pid, paused (SIGSTOP) to stall the store
 
@@ -57,6 +58,7 @@ SHOTS = os.environ["SCREENSHOTS"]
 OPEN_URL = os.environ["OPEN_CONSOLE_URL"]
 TLS_URL = os.environ["TLS_CONSOLE_URL"]
 TLS_SPKI = os.environ["TLS_SPKI"]
+OPEN_TLS_URL = os.environ["OPEN_TLS_CONSOLE_URL"]
 STALL_URL = os.environ["STALL_CONSOLE_URL"]
 ETCD_PID = int(os.environ["ETCD_PID"])
 # Windows of one browser on one console: more than the six connections a
@@ -383,6 +385,13 @@ def seven_tabs(c):
         c.d.switch_to.window(handle)
         c.wait(f"window {i + 1} of {TABS} shows the CLI's mode", lambda: c.all('tr.activation[data-mode="incident-notice"]'))
         c.wait(f"window {i + 1} of {TABS} is live", lambda: c.find("#live").text == "Live")
+        # The propagation (gathered once, by the tab holding the stream) is
+        # of the new revision too.
+        revision = c.find("#revision").text.rsplit(" ", 1)[-1]
+        c.wait(
+            f"window {i + 1} of {TABS} shows the propagation at revision {revision}",
+            lambda: f"the namespace is at revision {revision}." in c.find("#propagation-summary").text,
+        )
     c.shot("09-seven-tabs")
     for handle in windows[1:]:
         c.d.switch_to.window(handle)
@@ -410,6 +419,17 @@ def over_https():
         )
         assert calls and all(p == "h2" for p in calls), calls
         c.shot("10-https")
+        c.sign_out()
+        # Without a tokens file (a loopback name over HTTP/2): the page asks
+        # for a name, and its calls pass the host check.
+        driver.get(OPEN_TLS_URL)
+        c.wait("the name field", lambda: c.visible("#principal"))
+        c.wait("the name field has focus", lambda: driver.switch_to.active_element.get_attribute("id") == "principal")
+        driver.switch_to.active_element.send_keys("alice", Keys.ENTER)
+        c.wait("alice is signed in over HTTPS", lambda: "Signed in as alice (admin)" in c.find("#whoami").text)
+        c.wait("the event stream is live over HTTPS", lambda: c.find("#live").text == "Live")
+        protocol = driver.execute_script("return performance.getEntriesByType('navigation')[0].nextHopProtocol;")
+        assert protocol == "h2", protocol
     finally:
         driver.quit()
 

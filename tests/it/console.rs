@@ -1149,6 +1149,20 @@ async fn commanders_approvers_and_viewers_use_the_console_in_a_real_browser() {
         ..ServeConfig::default()
     })
     .await;
+    // And one with TLS and no tokens file (on loopback): over HTTP/2 the
+    // page's host is the request's authority, not a Host header.
+    let open_tls_data = tempfile::tempdir().unwrap();
+    let open_tls_server = TestServer::start_with(ServeConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        http_listen: Some("127.0.0.1:0".parse().unwrap()),
+        store: safemode_grpc::server::StoreConfig::Embedded {
+            data_dir: open_tls_data.path().to_path_buf(),
+        },
+        tls_cert: Some(pki.path("server.pem")),
+        tls_key: Some(pki.path("server.key")),
+        ..ServeConfig::default()
+    })
+    .await;
     // And a server on etcd, whose store the test stalls (SIGSTOP).
     let etcd = crate::etcd::EtcdCluster::start(1).await;
     let stalled_server = TestServer::start_with(ServeConfig {
@@ -1212,6 +1226,13 @@ async fn commanders_approvers_and_viewers_use_the_console_in_a_real_browser() {
             ),
         )
         .env("TLS_SPKI", &spki)
+        .env(
+            "OPEN_TLS_CONSOLE_URL",
+            format!(
+                "https://127.0.0.1:{}/",
+                open_tls_server.http_addr().unwrap().port()
+            ),
+        )
         .env(
             "STALL_CONSOLE_URL",
             format!("http://{}/", stalled_server.http_addr().unwrap()),

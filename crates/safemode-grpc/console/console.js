@@ -461,7 +461,13 @@ let fleetAgain = false;
 /// The fleet's propagation: one gather (the summary counts every state; the
 /// page lists the rejected), on its own, drawn when it answers; a replica
 /// that does not answer within its deadline is named, the answer partial.
+/// Tabs sharing a stream share the gather too: the leading tab reads and
+/// passes the answer on, so seven tabs cost the fleet one gather, not seven.
 async function refreshFleet() {
+  if (session.channel && !session.leading) {
+    session.channel.postMessage({ kind: "fleet?" });
+    return;
+  }
   if (fleetReading) {
     fleetAgain = true;
     return fleetReading;
@@ -475,18 +481,11 @@ async function refreshFleet() {
       }, 1000);
       try {
         const status = await call("GetStatus", { namespace, state: "REJECTED", pageSize: 100 });
-        if (namespace !== session.namespace) continue;
-        $("propagation-state").textContent = "";
-        session.fleetPartial = status.partial;
-        session.fleetProblems = status.problems || [];
-        showProblems();
-        rerender("propagation", [status.channels, status.replicas, status.revision, status.subscribers, status.subscriberCount], () =>
-          renderPropagation(status),
-        );
+        if (session.channel && session.leading) session.channel.postMessage({ kind: "fleet", namespace, status });
+        drawFleet(namespace, status);
       } catch (error) {
-        if (namespace === session.namespace) {
-          $("propagation-state").textContent = `The fleet's propagation could not be gathered: ${error.message}. What is below was gathered before.`;
-        }
+        if (session.channel && session.leading) session.channel.postMessage({ kind: "fleet", namespace, error: error.message });
+        fleetFailed(namespace, error.message);
       } finally {
         clearTimeout(gathering);
       }
@@ -1141,6 +1140,24 @@ async function copyHead() {
   }
 }
 
+/// Draws the fleet's propagation of `namespace` as gathered (here, or by
+/// the leading tab).
+function drawFleet(namespace, status) {
+  if (namespace !== session.namespace) return;
+  $("propagation-state").textContent = "";
+  session.fleetPartial = status.partial;
+  session.fleetProblems = status.problems || [];
+  showProblems();
+  rerender("propagation", [status.channels, status.replicas, status.revision, status.subscribers, status.subscriberCount], () =>
+    renderPropagation(status),
+  );
+}
+
+function fleetFailed(namespace, message) {
+  if (namespace !== session.namespace) return;
+  $("propagation-state").textContent = `The fleet's propagation could not be gathered: ${message}. What is below was gathered before.`;
+}
+
 // === Live updates ===
 
 let streamGeneration = 0;
@@ -1206,8 +1223,11 @@ function follow() {
     if (generation !== streamGeneration) return;
     const { kind, name, data, text } = message.data || {};
     if (kind === "ask" && session.leading) channel.postMessage({ kind: "state", text: liveness.stream });
+    if (kind === "fleet?" && session.leading) refreshFleet();
     if (session.leading) return;
     if (kind === "state") setStream(text);
+    if (kind === "fleet" && message.data.status) drawFleet(message.data.namespace, message.data.status);
+    if (kind === "fleet" && message.data.error) fleetFailed(message.data.namespace, message.data.error);
     if (kind === "event") onEvent(name, data || {});
   };
   const abort = new AbortController();

@@ -258,7 +258,22 @@ pub(crate) fn router(settings: ConsoleSettings) -> axum::Router {
         .route("/api/v1/events", get(events).fallback(method_not_allowed))
         .route("/api/v1/{method}", post(call).fallback(method_not_allowed))
         .layer(DefaultBodyLimit::max(limits::MAX_CONTROL_REQUEST_BYTES))
+        .layer(tower::util::MapRequestLayer::new(authority_as_host))
         .with_state(console)
+}
+
+/// An HTTP/2 request names its host in the URI's authority, not in a
+/// `Host` header: the host checks read it there.
+fn authority_as_host(mut request: axum::extract::Request) -> axum::extract::Request {
+    if !request.headers().contains_key(header::HOST)
+        && let Some(host) = request
+            .uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        request.headers_mut().insert(header::HOST, host);
+    }
+    request
 }
 
 /// `router` with [`secure`]'s headers on every answer, its fallback's
