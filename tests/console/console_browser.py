@@ -264,6 +264,10 @@ def scenario(c):
 
     # --- Keyboard focus survives a live redraw: the Resolve button keeps
     # it while another incident, declared elsewhere, redraws the list.
+    # A half-made choice (the new severity picked, not yet asked) survives
+    # it too.
+    severity = f'li.incident[data-incident-id="{incident_id}"] select.escalate-severity'
+    Select(c.find(severity)).select_by_value("sev1")
     resolve = f'li.incident[data-incident-id="{incident_id}"] button.resolve'
     c.d.execute_script("document.querySelector(arguments[0]).focus();", resolve)
     assert c.focused_key() == f"resolve:{incident_id}", c.focused_key()
@@ -272,6 +276,7 @@ def scenario(c):
     other = json.loads(body)["incident"]["id"]
     c.wait("the other incident is drawn", lambda: c.all(f'li.incident[data-incident-id="{other}"]'))
     assert c.focused_key() == f"resolve:{incident_id}", f"focus went to {c.focused_key()!r}"
+    assert Select(c.find(severity)).first_selected_option.get_attribute("value") == "sev1", "the chosen severity was lost"
     status, body = c.forged("ResolveIncident", {"incidentId": other, "reason": "declared elsewhere, resolved elsewhere"})
     assert status == 200, (status, body)
     c.wait("the other incident is gone", lambda: not c.all(f'li.incident[data-incident-id="{other}"]'))
