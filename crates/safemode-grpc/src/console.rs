@@ -697,7 +697,7 @@ type Fingerprint = (u64, i64);
 
 /// How often the fleet's propagation is gathered for a namespace streams
 /// follow (after the last gather ended), apart from the namespace itself.
-const FLEET_INTERVAL: Duration = Duration::from_secs(1);
+const FLEET_INTERVAL: Duration = Duration::from_millis(500);
 /// How long one such gather may take (the peers each have
 /// `fleet::PEER_DEADLINE` within it; one that does not answer is named,
 /// and the answer is partial).
