@@ -716,6 +716,8 @@ struct Followed {
     /// When the last gather ended, and whether one is under way.
     gathered_at: Option<tokio::time::Instant>,
     gathering: bool,
+    /// When a stream last asked for the fleet's propagation.
+    asked_at: Option<tokio::time::Instant>,
 }
 
 /// The namespace's fingerprint for a stream's next check: the caller's own
@@ -758,10 +760,11 @@ async fn recheck(
     let taken = fingerprint(console, namespace, headers).await?;
     let mut followed = console.followed.lock().expect("poisoned");
     // Bounded: namespaces no stream asked about lately are dropped.
+    let lately = |at: tokio::time::Instant| now.duration_since(at) < EVENT_STREAM_LIFETIME;
     followed.retain(|_, f| {
         f.gathering
-            || f.namespace
-                .is_some_and(|(at, _)| now.duration_since(at) < EVENT_STREAM_LIFETIME)
+            || f.namespace.is_some_and(|(at, _)| lately(at))
+            || f.asked_at.is_some_and(lately)
     });
     followed.entry(namespace.to_string()).or_default().namespace = Some((now, taken));
     Ok(taken)
@@ -845,6 +848,7 @@ async fn fingerprint(
 fn fleet_now(console: &Arc<Console>, namespace: &str, headers: &HeaderMap) -> Option<u64> {
     let mut followed = console.followed.lock().expect("poisoned");
     let entry = followed.entry(namespace.to_string()).or_default();
+    entry.asked_at = Some(tokio::time::Instant::now());
     let due = entry
         .gathered_at
         .is_none_or(|at| at.elapsed() >= FLEET_INTERVAL);
@@ -1001,13 +1005,20 @@ async fn events(
         _held: Held,
         _followed: Held,
     }
+    // What the streams of the namespace gathered last, if any.
+    let fleet = console
+        .followed
+        .lock()
+        .expect("poisoned")
+        .get(&namespace)
+        .and_then(|f| f.fleet);
     let now = tokio::time::Instant::now();
     let state = Stream {
         console: console.clone(),
         namespace,
         headers: credentials,
         last: first.0,
-        fleet: None,
+        fleet,
         opened: now,
         said: now,
         hello: Some(first.1),
@@ -1039,11 +1050,9 @@ async fn events(
                 let data = serde_json::json!({ "reason": "the stream's time is up; open another" });
                 return Some((Ok(event("end", &data)), s));
             }
+            // A gather newer than the last said (the first one too: the
+            // page's own read may have come before a change) is a change.
             let fleet = fleet_now(&s.console, &s.namespace, &s.headers);
-            // The first gather is what the page read when it opened.
-            if s.fleet.is_none() {
-                s.fleet = fleet;
-            }
             match recheck(&s.console, &s.namespace, &s.headers).await {
                 Ok((hash, revision)) if hash != s.last || s.troubled => {
                     s.last = hash;
