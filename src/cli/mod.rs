@@ -332,17 +332,19 @@ struct ServeArgs {
     /// Address to listen on (loopback only without --tokens).
     #[arg(long, env = "SAFEMODE_LISTEN", default_value = "127.0.0.1:7700")]
     listen: SocketAddr,
-    /// Also serve plain HTTP here: `/healthz` (the process lives) and
-    /// `/readyz` (namespace live is read and the store and its watch are
-    /// healthy; 503 with the reason when not).
-    /// The web console is served here too, on a loopback address (see
-    /// --console-plain-http).
+    /// Also serve HTTP here: `/healthz` (the process lives), `/readyz`
+    /// (namespace live is read and the store and its watch are healthy; 503
+    /// with the reason when not) and `/metrics`. With --tls-cert it speaks
+    /// HTTPS with the same certificate (HTTP/2 and HTTP/1.1).
+    /// The web console is served here too: over HTTPS, or over plain HTTP
+    /// on a loopback address (see --console-plain-http).
     #[arg(long, env = "SAFEMODE_HTTP_LISTEN", value_name = "ADDR")]
     http_listen: Option<SocketAddr>,
     /// Serve the web console on a non-loopback --http-listen although that
     /// listener speaks plain HTTP: say so only when a TLS-terminating proxy
     /// (an ingress, a mesh) fronts it. Without it the console (not health)
-    /// is refused there.
+    /// is refused there. Refused with --tls-cert (the listener then speaks
+    /// HTTPS itself).
     #[arg(long, env = "SAFEMODE_CONSOLE_PLAIN_HTTP")]
     console_plain_http: bool,
     /// Check every flag and read every file (tokens, certificates, keys,

@@ -11,6 +11,12 @@ simulated subscribers; it is told, in the environment:
   CLI_APPLY          a JSON list: the `safemode mode apply` command to run
   SCREENSHOTS        the directory for screenshots of the main views
   OPEN_CONSOLE_URL   the console of a server without a tokens file
+  TLS_CONSOLE_URL    the console of a server with TLS (https://127.0.0.1:PORT/)
+  TLS_SPKI           base64 SHA-256 of that server's public key (SPKI), the
+                     one key Chromium is told to accept without a known CA
+  OPEN_TLS_CONSOLE_URL  the console of a server with TLS and no tokens file
+  STALL_CONSOLE_URL  the console of a server on etcd
+  ETCD_PID           that etcd's pid, paused (SIGSTOP) to stall the store
 
 Every wait has a deadline (WebDriverWait polls); nothing sleeps for a fixed
 time. Exit 0 when every scenario held; otherwise the failure, the page's text
@@ -20,6 +26,7 @@ and a screenshot (failure.png).
 import base64
 import json
 import os
+import signal
 import subprocess
 import sys
 import traceback
@@ -49,12 +56,20 @@ REJECT_REASON = os.environ["REJECT_REASON"]
 CLI_APPLY = json.loads(os.environ["CLI_APPLY"])
 SHOTS = os.environ["SCREENSHOTS"]
 OPEN_URL = os.environ["OPEN_CONSOLE_URL"]
+TLS_URL = os.environ["TLS_CONSOLE_URL"]
+TLS_SPKI = os.environ["TLS_SPKI"]
+OPEN_TLS_URL = os.environ["OPEN_TLS_CONSOLE_URL"]
+STALL_URL = os.environ["STALL_CONSOLE_URL"]
+ETCD_PID = int(os.environ["ETCD_PID"])
+# Windows of one browser on one console: more than the six connections a
+# browser holds to one host over HTTP/1.1, and than a principal's streams.
+TABS = 7
 XSS = '<img src=x onerror="window.__xss = true">'
 # Generous: CI runs this beside the rest of the suite on two cores.
 DEADLINE = 30
 
 
-def browser():
+def browser(extra=()):
     options = webdriver.ChromeOptions()
     options.binary_location = os.environ.get("CHROMIUM", "/usr/bin/chromium")
     for argument in [
@@ -64,6 +79,7 @@ def browser():
         "--disable-gpu",
         "--window-size=1400,1800",
         "--no-first-run",
+        *extra,
     ]:
         options.add_argument(argument)
     service = Service(executable_path=os.environ.get("CHROMEDRIVER", "/usr/bin/chromedriver"))
@@ -108,8 +124,8 @@ class Console:
             file.write(base64.b64decode(shot["data"]))
         print(f"screenshot {path}")
 
-    def sign_in(self, role):
-        self.d.get(URL)
+    def sign_in(self, role, url=URL):
+        self.d.get(url)
         self.wait("the token field", lambda: self.visible("#token"))
         # By keyboard: the field has focus, Enter signs in.
         self.wait("the token field has focus", lambda: self.d.switch_to.active_element.get_attribute("id") == "token")
@@ -139,12 +155,13 @@ class Console:
         assert not self.visible("#confirm-error"), self.find("#confirm-error").text
         return text
 
-    def forged(self, method, body):
-        """A call the page does not offer, made with the signed-in token."""
+    def forged(self, method, body, role=None):
+        """A call the page does not offer, made with the signed-in token (or
+        `role`'s), beside the page."""
         return self.d.execute_async_script(
             """
-            const [method, body, done] = arguments;
-            const token = sessionStorage.getItem("safemode.token");
+            const [method, body, given, done] = arguments;
+            const token = given || sessionStorage.getItem("safemode.token");
             fetch(`/api/v1/${method}`, {
               method: "POST",
               headers: {"Content-Type": "application/json", "Authorization": `Bearer ${token}`},
@@ -153,7 +170,11 @@ class Console:
             """,
             method,
             body,
+            TOKENS[role] if role else None,
         )
+
+    def focused_key(self):
+        return self.d.switch_to.active_element.get_attribute("data-key")
 
     def bars_synced(self):
         """Every acking subscriber SYNCED, every rejecting one REJECTED, as
@@ -180,6 +201,10 @@ def scenario(c):
     c.wait("nothing is active at first", lambda: c.visible("#nothing-active"))
     c.shot("01-signed-in-nothing-active")
     c.d.execute_script("window.__sameDocument = true;")
+    # A decision shown before the namespace moves is decided again after.
+    decide(c, "web", "account.password_reset")
+    assert c.find("#decide-result .decide-effect").text == "ALLOW", c.find("#decide-result").text
+    before = c.find("#decide-result .decide-revision").text
     Select(c.find("#declare-runbook")).select_by_value("credential-stuffing")
     Select(c.find("#declare-severity")).select_by_value("sev3")
     stage = c.find("#declare-stage").text
@@ -192,6 +217,9 @@ def scenario(c):
     incident_id = c.wait("the incident's id", lambda: c.find("li.incident").get_attribute("data-incident-id"))
     incident = c.text("li.incident")
     assert "SEV3" in incident and "declared" in incident, incident
+    c.wait("the decision is recomputed at the new revision", lambda: c.all("#decide-result .recomputed"))
+    c.wait("the decision now steps up", lambda: c.find("#decide-result .decide-effect").text == "STEP_UP")
+    assert c.find("#decide-result .decide-revision").text != before, before
     c.wait(f"every subscriber SYNCED {SUBSCRIBERS}", c.bars_synced)
     # The subscriber that rejects is named with its reason, as text.
     c.wait("the rejecting subscriber is listed", lambda: "email-rejecting" in c.text("#rejected"))
@@ -200,25 +228,59 @@ def scenario(c):
     assert c.d.execute_script("return document.querySelectorAll('#rejected b').length;") == 0, "the reason was parsed as HTML"
     c.shot("02-declared-propagated")
 
-    # --- A mode applied from the CLI appears without a reload.
+    # --- A change previewed in the dialog (its reason holds HTML); then a
+    # mode is applied from the CLI: it appears without a reload, and the
+    # preview is marked outdated, Confirm waiting for a new one.
+    c.find('#apply-modes input[value="bots-faq-only"]').click()
+    c.find('#apply-channels input[value="chatbot"]').click()
+    c.find("#apply-button").click()
+    c.wait("the dialog opens", lambda: c.visible("#confirm"))
+    c.find("#confirm-reason").send_keys(XSS)
+    c.find("#confirm-preview-button").click()
+    c.wait("the dry run's preview", lambda: c.all("#confirm-preview .preview-summary"))
+    assert c.find("#confirm-button").is_enabled(), "Confirm after a preview"
     cli = subprocess.run(CLI_APPLY, capture_output=True, text=True, timeout=60)
     assert cli.returncode == 0, f"{CLI_APPLY}: {cli.stderr}"
     c.wait("the CLI's mode appears", lambda: c.all('tr.activation[data-mode="incident-notice"]'))
     assert c.d.execute_script("return window.__sameDocument === true;"), "the page was reloaded"
+    c.wait("the preview is marked outdated", lambda: c.all("#confirm-preview .outdated"))
+    assert not c.find("#confirm-button").is_enabled(), "Confirm on an outdated preview"
+    assert "Outdated: the namespace moved from revision" in c.text("#confirm-preview .outdated")
+    c.find("#confirm-preview-button").click()
+    c.wait("a new preview", lambda: not c.all("#confirm-preview .outdated") and c.find("#confirm-button").is_enabled())
+    c.find("#confirm-button").click()
+    c.wait("the dialog closes", lambda: not c.visible("#confirm") or c.visible("#confirm-error"))
+    assert not c.visible("#confirm-error"), c.find("#confirm-error").text
     c.wait("what customers are told now", lambda: "are working on it" in c.text('#told li.told[data-channels~="web"]'))
     c.wait(f"every subscriber SYNCED again {SUBSCRIBERS}", c.bars_synced)
 
     # --- A reason holding HTML shows as text and runs nothing.
-    c.find('#apply-modes input[value="bots-faq-only"]').click()
-    c.find('#apply-channels input[value="chatbot"]').click()
-    c.find("#apply-button").click()
-    c.confirm(XSS)
     c.wait("the applied mode", lambda: c.all('tr.activation[data-mode="bots-faq-only"]'))
     cell = c.text('tr.activation[data-mode="bots-faq-only"] td.reason')
     assert cell == XSS, cell
     assert c.d.execute_script("return document.querySelectorAll('img').length;") == 0, "an <img> was made"
     assert c.d.execute_script("return window.__xss === undefined;"), "the onerror ran"
     c.shot("03-in-force")
+
+    # --- Keyboard focus survives a live redraw: the Resolve button keeps
+    # it while another incident, declared elsewhere, redraws the list.
+    # A half-made choice (the new severity picked, not yet asked) survives
+    # it too.
+    severity = f'li.incident[data-incident-id="{incident_id}"] select.escalate-severity'
+    Select(c.find(severity)).select_by_value("sev1")
+    resolve = f'li.incident[data-incident-id="{incident_id}"] button.resolve'
+    c.d.execute_script("document.querySelector(arguments[0]).focus();", resolve)
+    assert c.focused_key() == f"resolve:{incident_id}", c.focused_key()
+    status, body = c.forged("DeclareIncident", {"type": "fraud-spike", "severity": "sev3", "reason": "declared elsewhere"})
+    assert status == 200, (status, body)
+    other = json.loads(body)["incident"]["id"]
+    c.wait("the other incident is drawn", lambda: c.all(f'li.incident[data-incident-id="{other}"]'))
+    assert c.focused_key() == f"resolve:{incident_id}", f"focus went to {c.focused_key()!r}"
+    assert Select(c.find(severity)).first_selected_option.get_attribute("value") == "sev1", "the chosen severity was lost"
+    status, body = c.forged("ResolveIncident", {"incidentId": other, "reason": "declared elsewhere, resolved elsewhere"})
+    assert status == 200, (status, body)
+    c.wait("the other incident is gone", lambda: not c.all(f'li.incident[data-incident-id="{other}"]'))
+    assert c.focused_key() == f"resolve:{incident_id}", f"focus went to {c.focused_key()!r}"
 
     # --- The commander asks to resolve: no approval offered to them.
     c.click(f'li.incident[data-incident-id="{incident_id}"] button.resolve')
@@ -264,11 +326,7 @@ def scenario(c):
         status, answer = c.forged(method, body)
         assert status == 403, (method, status, answer)
     # The decision preview, from the same compiled rules.
-    Select(c.find("#decide-channel")).select_by_value("web")
-    c.find("#decide-action").clear()
-    c.find("#decide-action").send_keys("account.password_reset")
-    c.find("#decide-button").click()
-    c.wait("the decision", lambda: c.all("#decide-result .decide-effect"))
+    decide(c, "web", "account.password_reset")
     assert c.find("#decide-result .decide-effect").text == "STEP_UP", c.find("#decide-result").text
     c.shot("06-decision-preview")
     c.sign_out()
@@ -301,6 +359,106 @@ def scenario(c):
     c.shot("08-approved-nothing-active")
 
 
+def decide(c, channel, action):
+    """Asks the decision preview, and waits for its (new) answer."""
+    Select(c.find("#decide-channel")).select_by_value(channel)
+    c.find("#decide-action").clear()
+    c.find("#decide-action").send_keys(action)
+    c.d.execute_script("document.getElementById('decide-result').replaceChildren();")
+    c.find("#decide-button").click()
+    c.wait("the decision", lambda: c.all("#decide-result .decide-effect"))
+
+
+def seven_tabs(c):
+    """More console windows than a browser's connections to one host, all
+    visible and live: they share one event stream, and each sees a change."""
+    c.sign_out()
+    first = c.d.current_window_handle
+    windows = [first]
+    c.sign_in("viewer")
+    for _ in range(TABS - 1):
+        c.d.switch_to.new_window("window")
+        windows.append(c.d.current_window_handle)
+        c.sign_in("viewer")
+    for handle in windows:
+        c.d.switch_to.window(handle)
+        c.wait("every window is live", lambda: c.find("#live").text == "Live")
+        assert not c.all('tr.activation[data-mode="incident-notice"]'), "applied already"
+    cli = subprocess.run(CLI_APPLY, capture_output=True, text=True, timeout=60)
+    assert cli.returncode == 0, f"{CLI_APPLY}: {cli.stderr}"
+    for i, handle in enumerate(windows):
+        c.d.switch_to.window(handle)
+        c.wait(f"window {i + 1} of {TABS} shows the CLI's mode", lambda: c.all('tr.activation[data-mode="incident-notice"]'))
+        c.wait(f"window {i + 1} of {TABS} is live", lambda: c.find("#live").text == "Live")
+        # The propagation (gathered once, by the tab holding the stream) is
+        # of the new revision too.
+        revision = c.find("#revision").text.rsplit(" ", 1)[-1]
+        c.wait(
+            f"window {i + 1} of {TABS} shows the propagation at revision {revision}",
+            lambda: f"the namespace is at revision {revision}." in c.find("#propagation-summary").text,
+        )
+    c.shot("09-seven-tabs")
+    for handle in windows[1:]:
+        c.d.switch_to.window(handle)
+        c.d.close()
+    c.d.switch_to.window(first)
+    c.sign_out()
+
+
+def over_https():
+    """The console of a server with TLS: served over HTTPS with HTTP/2, in a
+    secure context, live."""
+    driver = browser(extra=[f"--ignore-certificate-errors-spki-list={TLS_SPKI}"])
+    c = Console(driver)
+    try:
+        c.sign_in("commander", url=TLS_URL)
+        protocol = driver.execute_script("return performance.getEntriesByType('navigation')[0].nextHopProtocol;")
+        assert protocol == "h2", protocol
+        assert driver.execute_script("return window.isSecureContext;"), "not a secure context"
+        assert driver.execute_script("return location.protocol;") == "https:"
+        status, body = c.forged("ApplyModes", {"modes": ["incident-notice"], "reason": "over HTTPS"})
+        assert status == 200, (status, body)
+        c.wait("the mode appears over HTTPS", lambda: c.all('tr.activation[data-mode="incident-notice"]'))
+        calls = driver.execute_script(
+            "return performance.getEntriesByType('resource').filter((e) => e.name.includes('/api/v1/')).map((e) => e.nextHopProtocol);"
+        )
+        assert calls and all(p == "h2" for p in calls), calls
+        c.shot("10-https")
+        c.sign_out()
+        # Without a tokens file (a loopback name over HTTP/2): the page asks
+        # for a name, and its calls pass the host check.
+        driver.get(OPEN_TLS_URL)
+        c.wait("the name field", lambda: c.visible("#principal"))
+        c.wait("the name field has focus", lambda: driver.switch_to.active_element.get_attribute("id") == "principal")
+        driver.switch_to.active_element.send_keys("alice", Keys.ENTER)
+        c.wait("alice is signed in over HTTPS", lambda: "Signed in as alice (admin)" in c.find("#whoami").text)
+        c.wait("the event stream is live over HTTPS", lambda: c.find("#live").text == "Live")
+        protocol = driver.execute_script("return performance.getEntriesByType('navigation')[0].nextHopProtocol;")
+        assert protocol == "h2", protocol
+    finally:
+        driver.quit()
+
+
+def not_live_while_the_store_stalls(c):
+    """The store stops answering (etcd paused): the page says it is not
+    live, and keeps showing what it read (never "nothing in force"); when the
+    store answers again, it is live again."""
+    c.sign_in("commander", url=STALL_URL)
+    status, body = c.forged("ApplyModes", {"modes": ["incident-notice"], "reason": "before the store stalls"})
+    assert status == 200, (status, body)
+    c.wait("the mode is shown", lambda: c.all('tr.activation[data-mode="incident-notice"]'))
+    os.kill(ETCD_PID, signal.SIGSTOP)
+    try:
+        c.wait("the page says it is not live", lambda: c.find("#live").text.startswith("Not live"))
+        c.shot("11-not-live")
+        assert c.all('tr.activation[data-mode="incident-notice"]'), "what was read is no longer shown"
+        assert not c.visible("#nothing-active"), "nothing in force, says the page"
+    finally:
+        os.kill(ETCD_PID, signal.SIGCONT)
+    c.wait("the page is live again", lambda: c.find("#live").text == "Live", timeout=60)
+    c.sign_out()
+
+
 def without_tokens(c):
     """A server without a tokens file: the page asks for a name (the CLI's
     --principal) and records changes under it."""
@@ -327,7 +485,10 @@ def main():
     console = Console(driver)
     try:
         scenario(console)
+        seven_tabs(console)
+        not_live_while_the_store_stalls(console)
         without_tokens(console)
+        over_https()
         errors = [
             entry
             for entry in driver.get_log("browser")

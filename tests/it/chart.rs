@@ -139,6 +139,12 @@ fn rejects() -> Vec<(&'static str, Value, &'static str, bool)> {
             "give modes.files or modes.existingConfigMap, not both",
             false,
         ),
+        (
+            "a TLS proxy said to front an http port that speaks HTTPS",
+            json!({"tls": {"enabled": true}, "console": {"behindTLSProxy": true}}),
+            "with tls.enabled that port speaks HTTPS with the same certificate and serves the console itself: unset console.behindTLSProxy",
+            false,
+        ),
     ]
 }
 
@@ -535,6 +541,22 @@ fn expected_fields() -> Vec<(&'static str, &'static str, String, Value)> {
                     Value::Null
                 },
             ),
+            // With TLS the http port speaks HTTPS, and the probes know it.
+            (
+                "Deployment",
+                format!("{c}/livenessProbe/httpGet/scheme"),
+                if all_on { json!("HTTPS") } else { Value::Null },
+            ),
+            (
+                "Deployment",
+                format!("{c}/readinessProbe/httpGet/scheme"),
+                if all_on { json!("HTTPS") } else { Value::Null },
+            ),
+            (
+                "Deployment",
+                format!("{c}/startupProbe/httpGet/scheme"),
+                if all_on { json!("HTTPS") } else { Value::Null },
+            ),
             ("Deployment", format!("{c}/ports/0/name"), json!("grpc")),
             (
                 "Deployment",
@@ -572,7 +594,7 @@ fn expected_fields() -> Vec<(&'static str, &'static str, String, Value)> {
         }
     }
     let anti = "/spec/template/spec/affinity/podAntiAffinity";
-    let fixed: [(&str, &str, String, Value); 10] = [
+    let fixed: [(&str, &str, String, Value); 14] = [
         // Preferred by default, so a small cluster still schedules both.
         (
             "default",
@@ -617,6 +639,32 @@ fn expected_fields() -> Vec<(&'static str, &'static str, String, Value)> {
             "ServiceMonitor",
             "/spec/endpoints/0/interval".into(),
             json!("15s"),
+        ),
+        // The http port speaks HTTPS with the gRPC certificate: scraped so,
+        // checked with the TLS Secret's CA for the replicas' name.
+        (
+            "all-on",
+            "ServiceMonitor",
+            "/spec/endpoints/0/scheme".into(),
+            json!("https"),
+        ),
+        (
+            "all-on",
+            "ServiceMonitor",
+            "/spec/endpoints/0/tlsConfig/ca/secret/name".into(),
+            json!("safemode-prod-tls"),
+        ),
+        (
+            "all-on",
+            "ServiceMonitor",
+            "/spec/endpoints/0/tlsConfig/ca/secret/key".into(),
+            json!("ca.crt"),
+        ),
+        (
+            "all-on",
+            "ServiceMonitor",
+            "/spec/endpoints/0/tlsConfig/serverName".into(),
+            json!("safemode-prod.incident.svc"),
         ),
         (
             "all-on",
@@ -852,8 +900,13 @@ fn chart_objects_have_what_the_issue_asks() {
     }
 
     // The console is served on the plain-HTTP port only when the values say
-    // a TLS proxy is in front.
-    for (case, served) in [("default", false), ("all-on", true)] {
+    // a TLS proxy is in front; with TLS (all-on) the port speaks HTTPS and
+    // serves it without the flag.
+    for (case, served) in [
+        ("default", false),
+        ("all-on", false),
+        ("existing-configmaps", true),
+    ] {
         let args = Render::of(case).args();
         assert_eq!(
             args.iter().any(|a| a == "--console-plain-http"),
@@ -1158,7 +1211,7 @@ fn chart_arguments_pass_serve_check() {
             vec![
                 format!("would serve on [::]:7443 as replica {POD_NAME}"),
                 format!("the other replicas reach it at [{POD_IPV6}]:7443 ("),
-                "HTTP: /healthz, /readyz and /metrics on [::]:9090".into(),
+                "HTTP: /healthz, /readyz, /metrics and the console on [::]:9090 over HTTPS with the gRPC certificate (ALPN h2, http/1.1)".into(),
                 "store: etcd at https://etcd-0.etcd-headless.etcd.svc:2379,https://etcd-1.etcd-headless.etcd.svc:2379,https://etcd-2.etcd-headless.etcd.svc:2379 (prefix /safemode-prod/, TLS); not contacted".into(),
                 "modes: 2, runbooks: 1 ".into(),
                 "tokens: 1 from the tokens file".into(),

@@ -46,7 +46,19 @@ pub async fn request(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> Answer {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    exchange(stream, addr, method, path, headers, body).await
+}
+
+/// [`request`] on a connection already open (TLS, say).
+async fn exchange<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    mut stream: S,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Answer {
     let mut head = format!(
         "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1:{}\r\nconnection: close\r\ncontent-length: {}\r\n",
         addr.port(),
@@ -675,8 +687,47 @@ async fn the_event_stream_says_when_the_namespace_changes() {
         .unwrap()
         .into_inner()
         .revision;
-    let change = next_event(&mut lines, "change").await;
-    assert_eq!(change, format!(r#"data: {{"revision":"{revision}"}}"#));
+    // (The fleet's first gather may be said before it.)
+    let mut gathers_said = 0;
+    let change = loop {
+        let change = next_event(&mut lines, "change").await;
+        if !change.contains(r#""what":"fleet""#) {
+            break change;
+        }
+        gathers_said += 1;
+    };
+    assert_eq!(
+        change,
+        format!(r#"data: {{"revision":"{revision}","what":"namespace"}}"#)
+    );
+    // The fleet's propagation, gathered apart: its first gather is said
+    // (the page may have read before a change), then a subscriber that
+    // connects and acks is a change of it.
+    let fleet_change = async |lines: &mut tokio::io::Lines<BufReader<tokio::net::TcpStream>>| {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let data = next_event(lines, "change").await;
+                if data.contains(r#""what":"fleet""#) {
+                    return data;
+                }
+            }
+        })
+        .await
+        .expect("the fleet's change is said")
+    };
+    if gathers_said == 0 {
+        fleet_change(&mut lines).await;
+    }
+    let mut config = server.subscriber_config("web", "web-sim");
+    config.token = Some(principals.token("subscriber").to_string());
+    let _subscriber = safemode_client::Subscriber::connect(config)
+        .await
+        .expect("a subscriber connects");
+    let fleet = fleet_change(&mut lines).await;
+    assert_eq!(
+        fleet,
+        format!(r#"data: {{"revision":"{revision}","what":"fleet"}}"#)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -712,6 +763,194 @@ async fn the_console_is_refused_on_a_plain_http_listener_that_is_not_loopback() 
     let port = server.http_addr().unwrap().port();
     let http = SocketAddr::from(([127, 0, 0, 1], port));
     assert_eq!(request(http, "GET", "/", &[], b"").await.status, 200);
+}
+
+/// The requests of [`every_answer_carries_the_security_headers`]: (method,
+/// path, status) of every kind of answer the listener gives.
+const EVERY_KIND_OF_ANSWER: [(&str, &str, u16); 14] = [
+    ("GET", "/", 200),
+    ("GET", "/console.js", 200),
+    ("GET", "/favicon.svg", 200),
+    ("POST", "/api/v1/WhoAmI", 200),
+    ("POST", "/api/v1/GetStatus", 200),
+    ("POST", "/api/v1/NoSuchMethod", 404),
+    ("GET", "/api/v1/GetStatus", 405),
+    ("GET", "/healthz", 200),
+    ("GET", "/readyz", 200),
+    ("GET", "/metrics", 200),
+    ("GET", "/nope", 404),
+    ("GET", "/console.js/", 404),
+    ("POST", "/api/v1/GetStatus/", 404),
+    ("GET", "/api/v1/events/", 404),
+];
+
+/// Checks the security headers of every kind of answer, each asked on a
+/// connection `connect` opens.
+async fn check_security_headers<S, F, Fut>(addr: SocketAddr, token: &str, connect: F)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = S>,
+{
+    let bearer = format!("Bearer {token}");
+    let mut problems = Vec::new();
+    for (method, path, status) in EVERY_KIND_OF_ANSWER {
+        let answer = exchange(
+            connect().await,
+            addr,
+            method,
+            path,
+            &[
+                ("content-type", "application/json"),
+                ("authorization", &bearer),
+            ],
+            if method == "POST" { b"{}" } else { b"" },
+        )
+        .await;
+        if answer.status != status {
+            problems.push(format!(
+                "{method} {path}: status {} where {status}",
+                answer.status
+            ));
+        }
+        let asset = ASSETS.iter().any(|(asset, _, _)| *asset == path);
+        for (header, value) in [
+            ("content-security-policy", Some(CONTENT_SECURITY_POLICY)),
+            ("x-content-type-options", Some("nosniff")),
+            ("x-frame-options", Some("DENY")),
+            ("referrer-policy", Some("no-referrer")),
+            // The page and its assets are revalidated; nothing else is kept.
+            (
+                "cache-control",
+                Some(if asset { "no-cache" } else { "no-store" }),
+            ),
+        ] {
+            if answer.header(header) != value {
+                problems.push(format!(
+                    "{method} {path}: {header} is {:?} where {value:?}",
+                    answer.header(header)
+                ));
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{problems:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_answer_carries_the_security_headers() {
+    let principals = Principals::new();
+    let (server, http) = console_server(&principals).await;
+    // Ready first: /readyz answers 200.
+    crate::support::wait_until("the replica is ready", || async {
+        request(http, "GET", "/readyz", &[], b"").await.status == 200
+    })
+    .await;
+    check_security_headers(http, principals.token("viewer"), || async {
+        tokio::net::TcpStream::connect(http).await.unwrap()
+    })
+    .await;
+    drop(server);
+}
+
+/// A TLS client that trusts `ca` and offers `alpn`.
+fn tls_client(ca: &std::path::Path, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_tls_the_http_listener_speaks_https_with_the_same_certificate() {
+    let pki = crate::tls::Pki::new();
+    let principals = Principals::new();
+    // Not loopback: over HTTPS the console is served anywhere.
+    let server = TestServer::with_tokens_and(&principals, |config: &mut ServeConfig| {
+        config.http_listen = Some("0.0.0.0:0".parse().unwrap());
+        config.tls_cert = Some(pki.path("server.pem"));
+        config.tls_key = Some(pki.path("server.key"));
+    })
+    .await;
+    let port = server.http_addr().unwrap().port();
+    let https = SocketAddr::from(([127, 0, 0, 1], port));
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+
+    // ALPN: a browser offering both gets HTTP/2; HTTP/1.1 alone is served.
+    for (offered, chosen) in [
+        (vec![&b"h2"[..], &b"http/1.1"[..]], &b"h2"[..]),
+        (vec![&b"http/1.1"[..]], &b"http/1.1"[..]),
+    ] {
+        let tcp = tokio::net::TcpStream::connect(https).await.unwrap();
+        let tls = tls_client(&pki.path("ca.pem"), &offered)
+            .connect(name.clone(), tcp)
+            .await
+            .expect("the certificate of --tls-cert, which the test CA signed");
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(chosen));
+    }
+    // A client that trusts another CA refuses the listener.
+    let tcp = tokio::net::TcpStream::connect(https).await.unwrap();
+    assert!(
+        tls_client(&pki.path("other-ca.pem"), &[b"http/1.1"])
+            .connect(name.clone(), tcp)
+            .await
+            .is_err()
+    );
+    // Plain HTTP gets no HTTP answer there.
+    let mut plain = tokio::net::TcpStream::connect(https).await.unwrap();
+    plain
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(15), plain.read_to_end(&mut raw)).await;
+    assert!(!raw.starts_with(b"HTTP/"), "plain HTTP answered: {raw:?}");
+
+    // Probes, metrics, the page and the API over HTTPS, each answer with
+    // the security headers.
+    let connect = || async {
+        let tcp = tokio::net::TcpStream::connect(https).await.unwrap();
+        tls_client(&pki.path("ca.pem"), &[b"http/1.1"])
+            .connect(name.clone(), tcp)
+            .await
+            .unwrap()
+    };
+    crate::support::wait_until("the replica is ready", || async {
+        exchange(connect().await, https, "GET", "/readyz", &[], b"")
+            .await
+            .status
+            == 200
+    })
+    .await;
+    check_security_headers(https, principals.token("viewer"), connect).await;
+    let who = exchange(
+        connect().await,
+        https,
+        "POST",
+        "/api/v1/WhoAmI",
+        &[
+            ("content-type", "application/json"),
+            (
+                "authorization",
+                &format!("Bearer {}", principals.token("commander")),
+            ),
+        ],
+        b"{}",
+    )
+    .await;
+    assert_eq!(who.status, 200, "{}", who.body);
+    assert_eq!(who.json()["principal"], "commander");
+    let metrics = exchange(connect().await, https, "GET", "/metrics", &[], b"").await;
+    assert!(metrics.body.contains("safemode_"), "{}", metrics.body);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -756,6 +995,40 @@ async fn without_tokens_callers_name_themselves_on_loopback_names_only() {
     stream.read_to_string(&mut raw).await.unwrap();
     assert!(raw.starts_with("HTTP/1.1 403"), "{raw}");
     assert!(raw.contains("host_not_loopback"), "{raw}");
+
+    // A page of another site calling from the visitor's browser (its
+    // Sec-Fetch-Site, which pages cannot set) is refused the API; the
+    // page's own calls, and a link to the page from elsewhere, are not.
+    let principal = [("x-safemode-principal", "alice")];
+    for (method, path, site, status) in [
+        ("GET", "/api/v1/events?namespace=live", "cross-site", 403),
+        ("GET", "/api/v1/events?namespace=live", "same-site", 403),
+        ("POST", "/api/v1/WhoAmI", "cross-site", 403),
+        ("POST", "/api/v1/WhoAmI", "same-origin", 200),
+        ("POST", "/api/v1/WhoAmI", "none", 200),
+        ("GET", "/", "cross-site", 200),
+    ] {
+        let answer = request(
+            http,
+            method,
+            path,
+            &[
+                ("content-type", "application/json"),
+                ("sec-fetch-site", site),
+                principal[0],
+            ],
+            if method == "POST" { b"{}" } else { b"" },
+        )
+        .await;
+        assert_eq!(
+            answer.status, status,
+            "{method} {path} from {site}: {}",
+            answer.body
+        );
+        if status == 403 {
+            assert_eq!(answer.json()["code"], "cross_site", "{}", answer.body);
+        }
+    }
 }
 
 /// What the rejecting subscriber of the browser test says, HTML and all.
@@ -894,6 +1167,61 @@ async fn commanders_approvers_and_viewers_use_the_console_in_a_real_browser() {
         ..ServeConfig::default()
     })
     .await;
+    // And a server with TLS: its --http-listen speaks HTTPS (HTTP/2 by
+    // ALPN), off loopback. Chromium trusts its certificate's key alone
+    // (--ignore-certificate-errors-spki-list): every other certificate is
+    // still checked as usual.
+    let pki = crate::tls::Pki::new();
+    let tls_data = tempfile::tempdir().unwrap();
+    let tls_server = TestServer::start_with(ServeConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        http_listen: Some("0.0.0.0:0".parse().unwrap()),
+        store: safemode_grpc::server::StoreConfig::Embedded {
+            data_dir: tls_data.path().to_path_buf(),
+        },
+        tokens: Some(principals.file.path().to_path_buf()),
+        tls_cert: Some(pki.path("server.pem")),
+        tls_key: Some(pki.path("server.key")),
+        ..ServeConfig::default()
+    })
+    .await;
+    // And one with TLS and no tokens file (on loopback): over HTTP/2 the
+    // page's host is the request's authority, not a Host header.
+    let open_tls_data = tempfile::tempdir().unwrap();
+    let open_tls_server = TestServer::start_with(ServeConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        http_listen: Some("127.0.0.1:0".parse().unwrap()),
+        store: safemode_grpc::server::StoreConfig::Embedded {
+            data_dir: open_tls_data.path().to_path_buf(),
+        },
+        tls_cert: Some(pki.path("server.pem")),
+        tls_key: Some(pki.path("server.key")),
+        ..ServeConfig::default()
+    })
+    .await;
+    // And a server on etcd, whose store the test stalls (SIGSTOP).
+    let etcd = crate::etcd::EtcdCluster::start(1).await;
+    let stalled_server = TestServer::start_with(ServeConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        http_listen: Some("127.0.0.1:0".parse().unwrap()),
+        signing_key: safemode_grpc::server::SigningKeySource::Key(
+            crate::support::test_signing_key(),
+        ),
+        store: safemode_grpc::server::StoreConfig::Etcd {
+            endpoints: etcd.endpoints(),
+            prefix: "/safemode/".into(),
+            tls: Default::default(),
+        },
+        tokens: Some(principals.file.path().to_path_buf()),
+        ..ServeConfig::default()
+    })
+    .await;
+    let spki = {
+        use base64::Engine as _;
+        use sha2::Digest as _;
+        let der = std::fs::read(pki.path("server.spki.der")).unwrap();
+        base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(der))
+    };
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/console/console_browser.py"
@@ -926,6 +1254,26 @@ async fn commanders_approvers_and_viewers_use_the_console_in_a_real_browser() {
             "OPEN_CONSOLE_URL",
             format!("http://{}/", open_server.http_addr().unwrap()),
         )
+        .env(
+            "TLS_CONSOLE_URL",
+            format!(
+                "https://127.0.0.1:{}/",
+                tls_server.http_addr().unwrap().port()
+            ),
+        )
+        .env("TLS_SPKI", &spki)
+        .env(
+            "OPEN_TLS_CONSOLE_URL",
+            format!(
+                "https://127.0.0.1:{}/",
+                open_tls_server.http_addr().unwrap().port()
+            ),
+        )
+        .env(
+            "STALL_CONSOLE_URL",
+            format!("http://{}/", stalled_server.http_addr().unwrap()),
+        )
+        .env("ETCD_PID", etcd.pid(0).unwrap().to_string())
         .kill_on_drop(true);
     let output = tokio::time::timeout(Duration::from_secs(300), command.output())
         .await
@@ -949,6 +1297,9 @@ async fn commanders_approvers_and_viewers_use_the_console_in_a_real_browser() {
         "06-decision-preview",
         "07-approve-preview",
         "08-approved-nothing-active",
+        "09-seven-tabs",
+        "10-https",
+        "11-not-live",
     ] {
         assert!(
             screenshots.join(format!("{view}.png")).exists(),
@@ -1224,4 +1575,136 @@ async fn an_event_stream_says_when_the_store_is_away_and_when_it_is_back() {
     // It comes back: a change, so the page reads again.
     etcd.restart(0).await;
     next_event(&mut lines, "change").await;
+}
+
+/// Two replicas on one etcd, tokens required, each with its console: `r-b`
+/// is alive in the store but its advertised address is a socket that
+/// accepts and never answers, so every fleet status waits for it until the
+/// peer deadline.
+struct SilentFleet {
+    a: TestServer,
+    _b: TestServer,
+    _silent: tokio::task::JoinHandle<()>,
+    _etcd: crate::etcd::EtcdCluster,
+}
+
+impl SilentFleet {
+    async fn start(principals: &Principals) -> Self {
+        let etcd = crate::etcd::EtcdCluster::start(1).await;
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let silent_addr = silent.local_addr().unwrap();
+        let hold = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((connection, _)) = silent.accept().await {
+                held.push(connection);
+            }
+        });
+        let replica = |name: &str, advertise: Option<String>| ServeConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            http_listen: Some("127.0.0.1:0".parse().unwrap()),
+            replica: Some(name.to_string()),
+            advertise,
+            signing_key: safemode_grpc::server::SigningKeySource::Key(
+                crate::support::test_signing_key(),
+            ),
+            store: safemode_grpc::server::StoreConfig::Etcd {
+                endpoints: etcd.endpoints(),
+                prefix: "/safemode/".into(),
+                tls: Default::default(),
+            },
+            tokens: Some(principals.file.path().to_path_buf()),
+            ..ServeConfig::default()
+        };
+        let a = TestServer::start_with(replica("r-a", None)).await;
+        let b = TestServer::start_with(replica("r-b", Some(silent_addr.to_string()))).await;
+        SilentFleet {
+            a,
+            _b: b,
+            _silent: hold,
+            _etcd: etcd,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_reaches_the_event_stream_at_once_while_a_replica_is_silent() {
+    let principals = Principals::new();
+    let fleet = SilentFleet::start(&principals).await;
+    let http = fleet.a.http_addr().unwrap();
+    let viewer = principals.token("viewer");
+    // The fleet's status names r-b as not answering, and is partial.
+    crate::support::wait_until("r-a's status names r-b as silent", || async {
+        let status = api(http, "GetStatus", Some(viewer), &json!({}))
+            .await
+            .json();
+        status["partial"] == true
+            && status["replicas"].as_array().is_some_and(|r| {
+                r.iter()
+                    .any(|r| r["replica"] == "r-b" && r["answered"] == false)
+            })
+    })
+    .await;
+    let (status, mut lines) = open_events(http, viewer).await;
+    assert!(status.contains(" 200 "), "{status}");
+    next_event(&mut lines, "hello").await;
+
+    let applied = crate::support::safemode(&[
+        "--server",
+        &fleet.a.url,
+        "--token",
+        principals.token("commander"),
+        "-o",
+        "json",
+        "mode",
+        "apply",
+        "incident-notice",
+        "--reason",
+        "while r-b is silent",
+    ])
+    .await;
+    assert!(applied.status.success(), "{applied:?}");
+    let revision = serde_json::from_slice::<Value>(&applied.stdout).unwrap()["revision"].clone();
+    let revision = revision
+        .as_i64()
+        .or_else(|| revision.as_str().and_then(|r| r.parse().ok()))
+        .unwrap_or_else(|| {
+            panic!(
+                "no revision in {}",
+                String::from_utf8_lossy(&applied.stdout)
+            )
+        });
+    // Within 2 s of the CLI's answer, whatever r-b does: the namespace's
+    // change is said from r-a's own state (fleet changes may come between).
+    let said = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            let data = next_event(&mut lines, "change").await;
+            let data: Value = serde_json::from_str(data.trim_start_matches("data: ")).unwrap();
+            if data["what"] == "namespace" {
+                return data;
+            }
+        }
+    })
+    .await
+    .expect("the change is said within 2 s while r-b is silent");
+    assert_eq!(said["revision"], revision.to_string(), "{said}");
+    // And the page's read of the namespace answers at once too.
+    let read = tokio::time::timeout(
+        Duration::from_secs(2),
+        api(
+            http,
+            "GetStatus",
+            Some(viewer),
+            &json!({"thisReplicaOnly": true, "pageSize": 1}),
+        ),
+    )
+    .await
+    .expect("this replica's status answers within 2 s while r-b is silent")
+    .json();
+    assert_eq!(read["revision"], revision.to_string(), "{read}");
+    assert_eq!(read["activations"][0]["mode"], "incident-notice", "{read}");
+    // The propagation, gathered apart, still names r-b.
+    let gathered = api(http, "GetStatus", Some(viewer), &json!({}))
+        .await
+        .json();
+    assert_eq!(gathered["partial"], true, "{gathered}");
 }

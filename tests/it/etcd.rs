@@ -206,6 +206,12 @@ impl EtcdCluster {
         None
     }
 
+    /// The pid of member `i`, while it runs (a test may pause it with
+    /// SIGSTOP to stall the store).
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.members[i].child.as_ref().map(|child| child.id())
+    }
+
     /// Kills member `i` with SIGKILL, by pid.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut child) = self.members[i].child.take() {

@@ -21,13 +21,14 @@ use crate::support::{Principals, ServeProcess, TestServer, safemode, wait_until}
 /// A private CA and a server certificate it signed for `localhost` and
 /// `127.0.0.1`, a client certificate it signed, plus a second CA that signed
 /// nothing here, as PEM files: `ca.pem`, `ca.key`, `server.pem`,
-/// `server.key`, `client.pem`, `client.key`, `other-ca.pem`.
-struct Pki {
+/// `server.key`, `client.pem`, `client.key`, `other-ca.pem`, and the server
+/// key's SubjectPublicKeyInfo in DER, `server.spki.der`.
+pub(crate) struct Pki {
     dir: tempfile::TempDir,
 }
 
 impl Pki {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let (ca_cert, ca_key, ca) = new_ca("safemode test CA");
         let mut params =
@@ -51,6 +52,13 @@ impl Pki {
         let client_key = rcgen::KeyPair::generate().unwrap();
         let client_cert = params.signed_by(&client_key, &ca).unwrap();
         let (other_ca, _, _) = new_ca("a CA nobody here asked for");
+        // The server key's SubjectPublicKeyInfo (DER), which a browser can
+        // be told to trust (the console's browser test).
+        std::fs::write(
+            dir.path().join("server.spki.der"),
+            rcgen::PublicKeyData::subject_public_key_info(&server_key),
+        )
+        .unwrap();
         let files = [
             ("ca.pem", ca_cert.pem()),
             ("ca.key", ca_key),
@@ -66,7 +74,7 @@ impl Pki {
         Pki { dir }
     }
 
-    fn path(&self, name: &str) -> PathBuf {
+    pub(crate) fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
 

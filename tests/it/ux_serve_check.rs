@@ -100,6 +100,67 @@ async fn serve_check_reads_everything_and_binds_nothing() {
             ],
         ),
         (vec!["--tokens", "missing.yaml"], 1, vec!["missing.yaml"]),
+        // The --http-listen listener says what it speaks.
+        (
+            vec!["--http-listen", "127.0.0.1:8080"],
+            0,
+            vec![
+                "HTTP: /healthz, /readyz, /metrics and the console on 127.0.0.1:8080 over plain HTTP (loopback)",
+            ],
+        ),
+        (
+            vec![
+                "--tls-cert",
+                &cert,
+                "--tls-key",
+                &cert_key,
+                "--http-listen",
+                "0.0.0.0:8080",
+                "--tokens",
+                &tokens,
+            ],
+            0,
+            vec![
+                "HTTP: /healthz, /readyz, /metrics and the console on 0.0.0.0:8080 over HTTPS with the gRPC certificate (ALPN h2, http/1.1)",
+            ],
+        ),
+        (
+            vec![
+                "--http-listen",
+                "0.0.0.0:8080",
+                "--tokens",
+                &tokens,
+                "--console-plain-http",
+            ],
+            0,
+            vec![
+                "HTTP: /healthz, /readyz, /metrics and the console on 0.0.0.0:8080 over plain HTTP, behind a TLS proxy (--console-plain-http)",
+            ],
+        ),
+        (
+            vec!["--http-listen", "0.0.0.0:8080", "--tokens", &tokens],
+            0,
+            vec![
+                "HTTP: /healthz, /readyz and /metrics on 0.0.0.0:8080 over plain HTTP; the console is refused there",
+            ],
+        ),
+        (
+            vec![
+                "--tls-cert",
+                &cert,
+                "--tls-key",
+                &cert_key,
+                "--http-listen",
+                "0.0.0.0:8080",
+                "--tokens",
+                &tokens,
+                "--console-plain-http",
+            ],
+            1,
+            vec![
+                "with --tls-cert that listener speaks HTTPS itself and serves the console: drop --console-plain-http",
+            ],
+        ),
         (
             vec![
                 "--store",

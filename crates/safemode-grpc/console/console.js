@@ -7,6 +7,12 @@
 // may not do is not offered (WhoAmI says, from the server's one permission
 // table); the server refuses it anyway. Every text from the server is set with
 // textContent: nothing it sends is ever parsed as HTML.
+//
+// One event stream per browser, not per tab: the tabs signed in alike on one
+// namespace elect a leader (navigator.locks) that holds the stream and passes
+// its events on (BroadcastChannel); when it closes, another takes over. Every
+// call has a deadline, and the page says "Not live" when a refresh has not
+// finished within a few seconds.
 
 const CHANNELS = ["chatbot", "ivr", "agent-desk", "web", "mobile", "email"];
 const METHODS = ["password", "sms_otp", "email_otp", "voice_otp", "totp", "push", "webauthn", "id_document", "kba", "callback"];
@@ -18,6 +24,12 @@ const STATES = [
   ["rejected", "REJECTED"],
 ];
 const TOKEN_KEY = "safemode.token";
+/// How long one API call may take before the page gives up on it.
+const CALL_DEADLINE_MS = 10000;
+/// How long a refresh may run before the page says it is not live.
+const NOT_LIVE_AFTER_MS = 4000;
+/// How long the event stream may say nothing (it says something every 15 s).
+const STREAM_SILENCE_MS = 40000;
 const PRINCIPAL_KEY = "safemode.principal";
 
 const $ = (id) => document.getElementById(id);
@@ -75,6 +87,13 @@ const session = {
   runbooks: [],
   modes: [],
   stream: null,
+  // The namespace's revision as last known (a string; null: not read yet),
+  // and what to do when it moves (outdated previews).
+  revision: null,
+  onRevision: new Set(),
+  problems: [],
+  fleetPartial: false,
+  fleetProblems: [],
 };
 
 function credentials() {
@@ -93,18 +112,31 @@ class ApiError extends Error {
 }
 
 async function call(method, request = {}) {
-  const answer = await fetch(`/api/v1/${method}`, {
-    method: "POST",
-    headers: { "Content-Type": "application/json", ...credentials() },
-    body: JSON.stringify(request),
-    credentials: "omit",
-    cache: "no-store",
-  });
+  const deadline = new AbortController();
+  const timer = setTimeout(() => deadline.abort(), CALL_DEADLINE_MS);
+  let answer;
   let body = null;
   try {
-    body = await answer.json();
-  } catch {
-    body = null;
+    answer = await fetch(`/api/v1/${method}`, {
+      method: "POST",
+      headers: { "Content-Type": "application/json", ...credentials() },
+      body: JSON.stringify(request),
+      credentials: "omit",
+      cache: "no-store",
+      signal: deadline.signal,
+    });
+    try {
+      body = await answer.json();
+    } catch {
+      body = null;
+    }
+  } catch (error) {
+    if (deadline.signal.aborted) {
+      throw new ApiError(0, "deadline_exceeded", `${method}: no answer within ${CALL_DEADLINE_MS / 1000} s`);
+    }
+    throw new ApiError(0, "network", `${method}: ${error.message}`);
+  } finally {
+    clearTimeout(timer);
   }
   if (!answer.ok) {
     const message = body && body.message ? body.message : `HTTP ${answer.status}`;
@@ -158,7 +190,8 @@ function showSignIn(error, tokens = true) {
   show($("signout"), false);
   $("whoami").textContent = "";
   $("revision").textContent = "";
-  $("live").textContent = "";
+  session.revision = null;
+  setStream("");
   const withTokens = tokens;
   show($("token-row"), withTokens);
   show($("principal-row"), !withTokens);
@@ -274,20 +307,62 @@ function showStage() {
 const drawn = new Map();
 
 /// Runs `render` when `data` differs from what the section was last drawn
-/// from.
+/// from. The focused element and every half-made choice (a select with a
+/// `data-key`) are found again by their key in what was drawn anew, so a
+/// keyboard user keeps their place through live updates.
 function rerender(section, data, render) {
   const key = JSON.stringify(data);
   if (drawn.get(section) === key) return;
   drawn.set(section, key);
+  const focused = document.activeElement;
+  const focusKey = focused && focused.dataset ? focused.dataset.key : undefined;
+  const chosen = new Map([...document.querySelectorAll("select[data-key]")].map((s) => [s.dataset.key, s.value]));
   render();
+  for (const [choice, value] of chosen) {
+    const select = document.querySelector(`select[data-key="${CSS.escape(choice)}"]`);
+    if (select && [...select.options].some((o) => o.value === value)) select.value = value;
+  }
+  if (focusKey && !document.contains(focused)) {
+    const again = document.querySelector(`[data-key="${CSS.escape(focusKey)}"]`);
+    if (again) again.focus();
+  }
 }
+
+// === Whether the page is live ===
+
+const liveness = {
+  // What the event stream says ("Live", "Reconnecting…", "Not live: …").
+  stream: "",
+  // When the refresh under way started (null: none is).
+  refreshSince: null,
+};
+
+function showLive() {
+  let text = liveness.stream;
+  if (liveness.refreshSince !== null) {
+    const waited = Date.now() - liveness.refreshSince;
+    if (waited >= NOT_LIVE_AFTER_MS) text = `Not live: the last refresh has not finished for ${Math.round(waited / 1000)} s`;
+  }
+  const live = $("live");
+  if (live.textContent !== text) live.textContent = text;
+}
+
+function setStream(text) {
+  liveness.stream = text;
+  showLive();
+}
+
+setInterval(showLive, 1000);
 
 let refreshing = null;
 let refreshAgain = false;
 
-/// Reads everything the page shows, once at a time (a change during a
-/// refresh refreshes again after it).
+/// Reads what the page shows of the namespace, once at a time (a change
+/// during a refresh refreshes again after it), and the fleet's propagation
+/// beside it (never waited for: a replica that does not answer must not
+/// hold the namespace back).
 async function refresh() {
+  refreshFleet();
   if (refreshing) {
     refreshAgain = true;
     return refreshing;
@@ -295,6 +370,7 @@ async function refresh() {
   refreshing = (async () => {
     do {
       refreshAgain = false;
+      if (liveness.refreshSince === null) liveness.refreshSince = Date.now();
       try {
         await readAndRender();
       } catch (error) {
@@ -317,16 +393,17 @@ async function refresh() {
     await refreshing;
   } finally {
     refreshing = null;
+    liveness.refreshSince = null;
+    showLive();
   }
 }
 
+/// The namespace as the replica answering has it: its revision, what is in
+/// force, incidents and requests (no other replica is asked: at once).
 async function readAndRender() {
   const namespace = session.namespace;
-  const [status, rejected, incidents, requests] = await Promise.all([
-    // The summary per channel comes with every page: one subscriber is
-    // enough; the rejected ones are listed apart (the newest 100).
-    call("GetStatus", { namespace, pageSize: 1 }),
-    call("GetStatus", { namespace, state: "REJECTED", pageSize: 100 }),
+  const [status, incidents, requests] = await Promise.all([
+    call("GetStatus", { namespace, pageSize: 1, thisReplicaOnly: true }),
     call("ListIncidents", { namespace, includeResolved: true }),
     call("ListRequests", { namespace }),
   ]);
@@ -338,6 +415,7 @@ async function readAndRender() {
     fail(`The store (${status.store.kind}) is unreachable: ${status.store.error || "no answer"}. This shows what replica ${status.replica} last read, and no change can be made until the store is back.`);
   }
   $("revision").textContent = `${status.namespace} at revision ${status.revision}`;
+  namespaceAt(status.revision);
   const active = incidents.incidents.filter((i) => i.status === "active");
   const pending = requests.requests.filter((r) => r.status === "pending");
   // Only what changed is drawn again, so that focus and a half-made choice
@@ -345,22 +423,79 @@ async function readAndRender() {
   const who = [session.who && session.who.principal, session.may];
   rerender("incidents", [active, who, session.runbooks.length], () => renderIncidents(active));
   rerender("activations", [status.activations, who], () => renderActivations(status.activations));
-  rerender("propagation", [status.channels, status.replicas, status.subscriberCount, status.revision, rejected.subscribers, rejected.subscriberCount], () =>
-    renderPropagation(status, rejected),
-  );
   rerender("told", status.activations, () => renderTold(status.activations));
   rerender("requests", [pending, who], () => renderRequests(pending));
   rerender("audit-choices", incidents.incidents, () => renderAuditChoices(incidents.incidents));
   show($("nothing-active"), active.length === 0 && status.activations.length === 0);
-  const problems = status.problems || [];
+  session.problems = status.problems || [];
+  showProblems();
+}
+
+/// The namespace's problems and the fleet's, in one line.
+function showProblems() {
   const partial = $("partial");
   partial.textContent = [
-    status.partial ? "Partial: some replicas did not answer, their subscribers are missing below." : "",
-    ...problems.map((p) => `Problem: ${p}`),
+    session.fleetPartial ? "Partial: some replicas did not answer, their subscribers are missing below." : "",
+    ...[...new Set([...(session.problems || []), ...(session.fleetProblems || [])])].map((p) => `Problem: ${p}`),
   ]
     .filter(Boolean)
     .join(" ");
   show(partial, Boolean(partial.textContent));
+}
+
+/// The namespace's revision as last read or said by the stream: a newer one
+/// makes what was previewed outdated.
+function namespaceAt(revision) {
+  const now = String(revision);
+  if (session.revision === now) return;
+  const before = session.revision;
+  session.revision = now;
+  if (before !== null) {
+    for (const moved of [...session.onRevision]) moved(before, now);
+  }
+}
+
+let fleetReading = null;
+let fleetAgain = false;
+
+/// The fleet's propagation: one gather (the summary counts every state; the
+/// page lists the rejected), on its own, drawn when it answers; a replica
+/// that does not answer within its deadline is named, the answer partial.
+/// Tabs sharing a stream share the gather too: the leading tab reads and
+/// passes the answer on, so seven tabs cost the fleet one gather, not seven.
+async function refreshFleet() {
+  if (session.channel && !session.leading) {
+    session.channel.postMessage({ kind: "fleet?" });
+    return;
+  }
+  if (fleetReading) {
+    fleetAgain = true;
+    return fleetReading;
+  }
+  fleetReading = (async () => {
+    do {
+      fleetAgain = false;
+      const namespace = session.namespace;
+      const gathering = setTimeout(() => {
+        $("propagation-state").textContent = "Gathering the fleet's propagation…";
+      }, 1000);
+      try {
+        const status = await call("GetStatus", { namespace, state: "REJECTED", pageSize: 100 });
+        if (session.channel && session.leading) session.channel.postMessage({ kind: "fleet", namespace, status });
+        drawFleet(namespace, status);
+      } catch (error) {
+        if (session.channel && session.leading) session.channel.postMessage({ kind: "fleet", namespace, error: error.message });
+        fleetFailed(namespace, error.message);
+      } finally {
+        clearTimeout(gathering);
+      }
+    } while (fleetAgain);
+  })();
+  try {
+    await fleetReading;
+  } finally {
+    fleetReading = null;
+  }
 }
 
 function renderIncidents(incidents) {
@@ -394,14 +529,14 @@ function renderIncidents(incidents) {
         if (severities.length > 0) {
           const select = el(
             "select",
-            { class: "escalate-severity", "aria-label": `New severity for ${incident.id}` },
+            { class: "escalate-severity", "data-key": `escalate-severity:${incident.id}`, "aria-label": `New severity for ${incident.id}` },
             ...severities.map((s) => el("option", { value: s, text: s })),
           );
-          const escalate = el("button", { type: "button", class: "escalate", text: "Change severity…" });
+          const escalate = el("button", { type: "button", class: "escalate", "data-key": `escalate:${incident.id}`, text: "Change severity…" });
           escalate.addEventListener("click", () => askEscalate(incident, select.value));
           card.append(el("p", {}, select, " ", escalate));
         }
-        const resolve = el("button", { type: "button", class: "resolve danger", text: "Resolve…" });
+        const resolve = el("button", { type: "button", class: "resolve danger", "data-key": `resolve:${incident.id}`, text: "Resolve…" });
         resolve.addEventListener("click", () => askResolve(incident));
         card.append(el("p", {}, resolve));
       }
@@ -421,7 +556,7 @@ function renderActivations(activations) {
     ...activations.map((activation) => {
       const actions = el("td");
       if (session.may.change) {
-        const lift = el("button", { type: "button", class: "lift", text: "Lift…" });
+        const lift = el("button", { type: "button", class: "lift", "data-key": `lift:${activation.id}`, text: "Lift…" });
         lift.addEventListener("click", () => askLift(activation));
         actions.append(lift);
       }
@@ -440,12 +575,16 @@ function renderActivations(activations) {
   );
 }
 
-function renderPropagation(status, rejectedPage) {
-  const rejected = rejectedPage.subscribers;
+function renderPropagation(status) {
+  // The page's subscribers are the rejected ones (the newest 100); the
+  // summary counts every state.
+  const rejected = status.subscribers;
+  const rejectedCount = Number(status.subscriberCount || 0);
   const replicas = status.replicas || [];
   const answered = replicas.filter((r) => r.answered).length;
+  const total = status.channels.reduce((n, summary) => n + STATES.reduce((m, [field]) => m + Number(summary[field] || 0), 0), 0);
   $("propagation-summary").textContent =
-    `${status.subscriberCount} subscriber(s) on ${answered} of ${replicas.length} replica(s); the namespace is at revision ${status.revision}.` +
+    `${total} subscriber(s) on ${answered} of ${replicas.length} replica(s); the namespace is at revision ${status.revision}.` +
     (status.channels.length === 0 ? " No subscriber is connected." : "");
   $("propagation").replaceChildren(
     ...status.channels.map((summary) => {
@@ -469,7 +608,7 @@ function renderPropagation(status, rejectedPage) {
     }),
   );
   show($("rejected-empty"), rejected.length === 0);
-  const more = Number(rejectedPage.subscriberCount || 0) - rejected.length;
+  const more = rejectedCount - rejected.length;
   $("rejected").replaceChildren(
     ...rejected.map((s) =>
       el("li", {
@@ -563,13 +702,13 @@ function renderRequests(requests) {
       );
       const buttons = el("p");
       if (session.may.approve && !own) {
-        const approve = el("button", { type: "button", class: "approve", text: "Approve…" });
+        const approve = el("button", { type: "button", class: "approve", "data-key": `approve:${request.id}`, text: "Approve…" });
         approve.addEventListener("click", () => askApprove(request));
         buttons.append(approve, " ");
       }
       if (own) buttons.append(el("span", { class: "own", text: "Your request: another person must approve it. " }));
       if (session.may.change) {
-        const withdraw = el("button", { type: "button", class: "withdraw", text: "Withdraw…" });
+        const withdraw = el("button", { type: "button", class: "withdraw", "data-key": `withdraw:${request.id}`, text: "Withdraw…" });
         withdraw.addEventListener("click", () => askWithdraw(request));
         buttons.append(withdraw);
       }
@@ -617,15 +756,37 @@ function confirmAction({ title, context, preview, commit }) {
     }
     return true;
   };
+  // A preview is of the namespace at one revision: when it moves, Confirm
+  // waits for a new preview.
+  let previewedAt = null;
+  const outdated = (before, now) => {
+    if (previewedAt === null || !dialog.open) return;
+    previewedAt = null;
+    confirmButton.disabled = true;
+    $("confirm-preview").prepend(
+      el("p", {
+        class: "warning outdated",
+        role: "alert",
+        text: `Outdated: the namespace moved from revision ${before} to ${now} since this preview. Preview again to see what Confirm will do now.`,
+      }),
+    );
+    previewButton.focus();
+  };
+  session.onRevision.add(outdated);
+  dialog.addEventListener("close", () => session.onRevision.delete(outdated), { once: true });
   previewButton.onclick = async () => {
     if (!needReason()) return;
     problem("");
     try {
+      const at = session.revision;
       const answer = await preview(reason.value);
       $("confirm-preview").replaceChildren(previewView(answer.preview));
       reason.readOnly = true;
+      previewedAt = at;
       confirmButton.disabled = false;
       confirmButton.focus();
+      // The namespace may have moved while the preview was made.
+      if (session.revision !== at) outdated(at, session.revision);
     } catch (e) {
       problem(e.message);
     }
@@ -828,9 +989,12 @@ function askWithdraw(request) {
 
 // === Decision preview ===
 
-async function decide() {
+/// The decision last shown, recomputed when the namespace moves.
+let decided = null;
+
+async function decide(again = null) {
   const amount = $("decide-amount").value;
-  const request = {
+  const request = again || {
     namespace: session.namespace,
     channel: $("decide-channel").value,
     action: $("decide-action").value.trim(),
@@ -839,10 +1003,12 @@ async function decide() {
     attempts: Number($("decide-attempts").value || 0),
     handoffFromBot: $("decide-handoff").checked,
   };
-  if (amount !== "") request.amount = Number(amount);
+  if (!again && amount !== "") request.amount = Number(amount);
+  decided = request;
   const result = $("decide-result");
   try {
     const answer = await call("Decide", request);
+    if (decided !== request) return;
     result.replaceChildren(
       el(
         "dl",
@@ -858,13 +1024,20 @@ async function decide() {
         el("dt", { text: "The agent is told" }),
         el("dd", { text: answer.agentScript || "(nothing)" }),
         el("dt", { text: "Rules of" }),
-        el("dd", { text: `${answer.namespace} at revision ${answer.revision}, channel ${answer.channel}` }),
+        el("dd", { class: "decide-revision", text: `${answer.namespace} at revision ${answer.revision}, channel ${answer.channel}` }),
       ),
+      ...(again ? [el("p", { class: "recomputed", text: `Recomputed: the namespace moved to revision ${answer.revision}.` })] : []),
     );
   } catch (e) {
     result.replaceChildren(el("p", { class: "warning", text: e.message }));
   }
 }
+
+// A decision shown is of the rules at one revision: when the namespace
+// moves, it is decided again.
+session.onRevision.add(() => {
+  if (decided && decided.namespace === session.namespace) decide(decided);
+});
 
 // === The audit log ===
 
@@ -967,6 +1140,24 @@ async function copyHead() {
   }
 }
 
+/// Draws the fleet's propagation of `namespace` as gathered (here, or by
+/// the leading tab).
+function drawFleet(namespace, status) {
+  if (namespace !== session.namespace) return;
+  $("propagation-state").textContent = "";
+  session.fleetPartial = status.partial;
+  session.fleetProblems = status.problems || [];
+  showProblems();
+  rerender("propagation", [status.channels, status.replicas, status.revision, status.subscribers, status.subscriberCount], () =>
+    renderPropagation(status),
+  );
+}
+
+function fleetFailed(namespace, message) {
+  if (namespace !== session.namespace) return;
+  $("propagation-state").textContent = `The fleet's propagation could not be gathered: ${message}. What is below was gathered before.`;
+}
+
 // === Live updates ===
 
 let streamGeneration = 0;
@@ -975,19 +1166,102 @@ function stopFollowing() {
   streamGeneration++;
   if (session.stream) session.stream.abort();
   session.stream = null;
+  if (session.lockRequest) session.lockRequest.abort();
+  session.lockRequest = null;
+  if (session.channel) session.channel.close();
+  session.channel = null;
+  session.leading = false;
 }
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
-/// Follows /api/v1/events: refreshes on every change; reconnects when the
-/// stream ends (each lasts ten minutes) or breaks.
-async function follow() {
+/// FNV-1a of `text`, in hex: a short name for a credential, so that the
+/// tabs signed in alike share a stream (not a secret: other tabs of this
+/// origin could read their own tokens anyway).
+function shortHash(text) {
+  let hash = 0x811c9dc5;
+  for (let i = 0; i < text.length; i++) {
+    hash ^= text.charCodeAt(i);
+    hash = Math.imul(hash, 0x01000193) >>> 0;
+  }
+  return hash.toString(16);
+}
+
+/// One event of the stream, in the tab that holds it or one it passed it to.
+function onEvent(name, data) {
+  if (name === "hello" || name === "change") setStream("Live");
+  if (name === "change") {
+    if (data.revision) namespaceAt(data.revision);
+    if (data.what === "fleet") refreshFleet();
+    else refresh();
+  }
+  if (name === "trouble") {
+    setStream(`Not live: ${data.message || "the replica cannot read the namespace"}`);
+    refresh();
+  }
+  if (name === "end" && data.code === "unauthenticated") {
+    signOut(data.message);
+  }
+}
+
+const sharing = typeof navigator.locks !== "undefined" && typeof BroadcastChannel !== "undefined";
+
+/// Follows /api/v1/events, once per browser for the tabs signed in alike on
+/// one namespace: one tab leads and holds the stream, the others hear its
+/// events; when the leader goes, the next tab waiting takes the lock.
+function follow() {
   stopFollowing();
   const generation = streamGeneration;
-  const live = $("live");
+  if (!sharing) {
+    lead(generation, null);
+    return;
+  }
+  const key = `safemode-events:${session.namespace}:${shortHash(JSON.stringify(credentials()))}`;
+  const channel = new BroadcastChannel(key);
+  session.channel = channel;
+  channel.onmessage = (message) => {
+    if (generation !== streamGeneration) return;
+    const { kind, name, data, text } = message.data || {};
+    if (kind === "ask" && session.leading) channel.postMessage({ kind: "state", text: liveness.stream });
+    if (kind === "fleet?" && session.leading) refreshFleet();
+    if (session.leading) return;
+    if (kind === "state") setStream(text);
+    if (kind === "fleet" && message.data.status) drawFleet(message.data.namespace, message.data.status);
+    if (kind === "fleet" && message.data.error) fleetFailed(message.data.namespace, message.data.error);
+    if (kind === "event") onEvent(name, data || {});
+  };
+  const abort = new AbortController();
+  session.lockRequest = abort;
+  setStream("Joining the live stream of another tab…");
+  navigator.locks
+    .request(key, { signal: abort.signal }, async () => {
+      if (generation !== streamGeneration) return;
+      session.leading = true;
+      // What happened while no tab led.
+      refresh();
+      await lead(generation, channel);
+    })
+    .catch(() => {});
+  channel.postMessage({ kind: "ask" });
+}
+
+/// Holds the event stream: handles each event and passes it on to the
+/// other tabs; reconnects when the stream ends (each lasts ten minutes),
+/// breaks, or says nothing for too long.
+async function lead(generation, channel) {
+  const tell = (text) => {
+    setStream(text);
+    if (channel && generation === streamGeneration) channel.postMessage({ kind: "state", text });
+  };
   while (generation === streamGeneration) {
     const controller = new AbortController();
     session.stream = controller;
+    // No answer, or silence on the stream: give up on it and reconnect.
+    let watchdog = setTimeout(() => controller.abort(), CALL_DEADLINE_MS);
+    const heard = () => {
+      clearTimeout(watchdog);
+      watchdog = setTimeout(() => controller.abort(), STREAM_SILENCE_MS);
+    };
     try {
       const answer = await fetch(`/api/v1/events?namespace=${encodeURIComponent(session.namespace)}`, {
         headers: credentials(),
@@ -995,65 +1269,64 @@ async function follow() {
         cache: "no-store",
         signal: controller.signal,
       });
+      heard();
       if (!answer.ok) {
         const body = await answer.json().catch(() => ({}));
         if (answer.status === 401) {
-          signOut(body.message || "signed out");
+          onEvent("end", { code: "unauthenticated", message: body.message || "signed out" });
+          if (channel) channel.postMessage({ kind: "event", name: "end", data: { code: "unauthenticated", message: body.message } });
           return;
         }
-        live.textContent = `Not live: ${body.message || `HTTP ${answer.status}`}`;
+        tell(`Not live: ${body.message || `HTTP ${answer.status}`}`);
+        clearTimeout(watchdog);
         await sleep(3000);
         continue;
       }
-      live.textContent = "Live";
+      tell("Live");
       const reader = answer.body.getReader();
       const decoder = new TextDecoder();
       let buffer = "";
       for (;;) {
         const { value, done } = await reader.read();
         if (done) break;
+        heard();
         buffer += decoder.decode(value, { stream: true });
         let end;
         while ((end = buffer.indexOf("\n\n")) >= 0) {
           const block = buffer.slice(0, end);
           buffer = buffer.slice(end + 2);
           const name = (block.match(/^event: (.*)$/m) || [])[1];
-          if (name === "hello" || name === "change") live.textContent = "Live";
-          if (name === "change") refresh();
-          if (name === "trouble") {
-            const data = JSON.parse((block.match(/^data: (.*)$/m) || [, "{}"])[1]);
-            live.textContent = `Not live: ${data.message || "the replica cannot read the namespace"}`;
-            refresh();
-          }
-          if (name === "end") {
-            const data = JSON.parse((block.match(/^data: (.*)$/m) || [, "{}"])[1]);
-            if (data.code === "unauthenticated") {
-              signOut(data.message);
-              return;
-            }
+          if (!name || generation !== streamGeneration) continue;
+          const data = JSON.parse((block.match(/^data: (.*)$/m) || [, "{}"])[1]);
+          if (channel) channel.postMessage({ kind: "event", name, data });
+          onEvent(name, data);
+          if (name === "end" && data.code === "unauthenticated") return;
+          if (channel && (name === "hello" || name === "change" || name === "trouble")) {
+            channel.postMessage({ kind: "state", text: liveness.stream });
           }
         }
       }
     } catch (e) {
       if (generation !== streamGeneration) return;
+    } finally {
+      clearTimeout(watchdog);
     }
     if (generation !== streamGeneration) return;
-    live.textContent = "Reconnecting…";
+    tell("Reconnecting…");
     await sleep(1000);
     // Whatever happened while the stream was down.
     refresh();
   }
 }
 
-// A tab in the background gives its stream back: a browser holds only six
-// plain-HTTP connections to one host, and six open consoles would starve
-// the seventh (and their own calls). Back in front, it reads and follows
-// again.
+// Without a shared stream (a browser without locks), a tab in the
+// background gives its stream back: a browser holds only six plain-HTTP
+// connections to one host. Back in front, it reads and follows again.
 document.addEventListener("visibilitychange", () => {
-  if (!session.who) return;
+  if (sharing || !session.who) return;
   if (document.hidden) {
     stopFollowing();
-    $("live").textContent = "Paused while this tab is in the background";
+    setStream("Paused while this tab is in the background");
   } else {
     refresh();
     follow();
@@ -1093,6 +1366,7 @@ function wireForms() {
       const who = await call("WhoAmI", { namespaces: [namespace] });
       session.namespace = namespace;
       session.readAt = null;
+      session.revision = null;
       session.may = who.permissions[0];
       drawn.clear();
       applyPermissions();

@@ -14,17 +14,23 @@
 //! gRPC error becomes an HTTP status with `{code, message}`.
 //!
 //! `GET /api/v1/events?namespace=NS` is a server-sent-events stream that
-//! says when the namespace's revision, incidents, requests or the fleet's
-//! propagation summary changed, for the page to fetch again. Every 250 ms
-//! each stream checks its caller's permission through the same stack
-//! (`WhoAmI`: a revoked token or a lost role ends it), and the namespace's
-//! fingerprint (status, incidents, requests) is read through the stack,
-//! once per interval for all the streams of a namespace. Streams are
-//! bounded per replica and in length.
+//! says when the namespace's revision, incidents or requests changed
+//! (`what: namespace`), or the fleet's propagation summary did (`what:
+//! fleet`), for the page to fetch again. Every 250 ms each stream checks
+//! its caller's permission through the same stack (`WhoAmI`: a revoked
+//! token or a lost role ends it), and the namespace's fingerprint (this
+//! replica's status, incidents, requests: no other replica is asked, so a
+//! silent one never holds a change back) is read through the stack, once
+//! per interval for all the streams of a namespace. The fleet's
+//! propagation is gathered apart, one gather per namespace at a time, on
+//! its own cadence and deadline. Streams are bounded per replica, per
+//! principal, in namespaces and in length.
 //!
-//! Nothing here changes state on GET. The console is served over plain
-//! HTTP only on a loopback address, or when `--console-plain-http` says a
-//! TLS-terminating proxy fronts the listener (see README, "The console").
+//! Nothing here changes state on GET. When `serve` has TLS the listener
+//! speaks HTTPS with the same certificate (`crate::https`); over plain HTTP
+//! the console is served only on a loopback address, or when
+//! `--console-plain-http` says a TLS-terminating proxy fronts the listener
+//! (see README, "The console").
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash as _, Hasher as _};
@@ -110,7 +116,8 @@ pub(crate) struct ConsoleSettings {
     /// rebinding).
     pub tokens: bool,
     /// Whether the console is served at all: the listener is loopback, or
-    /// `--console-plain-http` says a TLS proxy fronts it.
+    /// speaks HTTPS (`serve` has TLS), or `--console-plain-http` says a TLS
+    /// proxy fronts it.
     pub served: bool,
     /// Ends the event streams.
     pub shutdown: CancellationToken,
@@ -119,6 +126,8 @@ pub(crate) struct ConsoleSettings {
 impl ConsoleSettings {
     /// The console of a replica: its own instance of the control service
     /// behind the same authenticator, as the gRPC listener builds it.
+    /// `off_loopback`: serve it on a listener that is not loopback too (it
+    /// speaks HTTPS, or a TLS proxy fronts it).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         controller: &Arc<Controller>,
@@ -127,7 +136,7 @@ impl ConsoleSettings {
         authenticator: &Authenticator,
         tokens: bool,
         http_addr: Option<SocketAddr>,
-        plain_http: bool,
+        off_loopback: bool,
         shutdown: &CancellationToken,
     ) -> Self {
         let control = ControlStack::new(
@@ -143,7 +152,7 @@ impl ConsoleSettings {
             control,
             replica: replica.to_string(),
             tokens,
-            served: plain_http || http_addr.is_some_and(|a| a.ip().is_loopback()),
+            served: off_loopback || http_addr.is_some_and(|a| a.ip().is_loopback()),
             shutdown: shutdown.clone(),
         }
     }
@@ -154,10 +163,9 @@ struct Console {
     replica: HeaderValue,
     tokens: bool,
     streams: Arc<Semaphore>,
-    /// The newest fingerprint of each namespace streams follow, and when it
-    /// was taken: streams of one namespace share it within an interval, so
-    /// that their cost is one status per namespace, not one per stream.
-    fingerprints: std::sync::Mutex<HashMap<String, (tokio::time::Instant, Fingerprint)>>,
+    /// What the streams of each namespace share: the namespace's newest
+    /// fingerprint, and the fleet's (see [`Followed`]).
+    followed: std::sync::Mutex<HashMap<String, Followed>>,
     /// Event streams open per principal.
     holders: Holders,
     /// Event streams open per namespace.
@@ -214,7 +222,7 @@ pub(crate) fn router(settings: ConsoleSettings) -> axum::Router {
             api_error(
                 StatusCode::FORBIDDEN,
                 "console_not_served",
-                "the console is not served over plain HTTP on a non-loopback address: put a TLS-terminating proxy in front of --http-listen and pass --console-plain-http, or reach a loopback listener through a tunnel",
+                "the console is not served over plain HTTP on a non-loopback address: serve TLS (--tls-cert/--tls-key, then this listener speaks HTTPS), or put a TLS-terminating proxy in front of --http-listen and pass --console-plain-http, or reach a loopback listener through a tunnel",
             )
         };
         return axum::Router::new()
@@ -227,7 +235,7 @@ pub(crate) fn router(settings: ConsoleSettings) -> axum::Router {
             .unwrap_or_else(|_| HeaderValue::from_static("unnamed")),
         tokens: settings.tokens,
         streams: Arc::new(Semaphore::new(MAX_EVENT_STREAMS)),
-        fingerprints: std::sync::Mutex::new(HashMap::new()),
+        followed: std::sync::Mutex::new(HashMap::new()),
         holders: Arc::new(std::sync::Mutex::new(HashMap::new())),
         namespaces: Arc::new(std::sync::Mutex::new(HashMap::new())),
         shutdown: settings.shutdown,
@@ -250,10 +258,33 @@ pub(crate) fn router(settings: ConsoleSettings) -> axum::Router {
         .route("/api/v1/events", get(events).fallback(method_not_allowed))
         .route("/api/v1/{method}", post(call).fallback(method_not_allowed))
         .layer(DefaultBodyLimit::max(limits::MAX_CONTROL_REQUEST_BYTES))
+        .layer(tower::util::MapRequestLayer::new(authority_as_host))
         .with_state(console)
 }
 
-/// The headers every console answer carries.
+/// An HTTP/2 request names its host in the URI's authority, not in a
+/// `Host` header: the host checks read it there.
+fn authority_as_host(mut request: axum::extract::Request) -> axum::extract::Request {
+    if !request.headers().contains_key(header::HOST)
+        && let Some(host) = request
+            .uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        request.headers_mut().insert(header::HOST, host);
+    }
+    request
+}
+
+/// `router` with [`secure`]'s headers on every answer, its fallback's
+/// bare 404s and 405s included.
+pub(crate) fn secured(router: axum::Router) -> axum::Router {
+    router.layer(tower::util::MapResponseLayer::new(secure))
+}
+
+/// The headers every answer of the HTTP listener carries: the page's
+/// policy, no sniffing, no framing, no referrer, and `no-store` unless the
+/// answer says how it may be cached.
 fn secure(mut response: Response) -> Response {
     let headers = response.headers_mut();
     headers.insert(
@@ -382,6 +413,28 @@ impl Console {
         }
     }
 
+    /// [`Console::host_refusal`] for the API: without tokens, also a call a
+    /// page of another site makes (`Sec-Fetch-Site`, which browsers set and
+    /// pages cannot): a `no-cors` fetch from elsewhere could otherwise hold
+    /// event streams open in the visitor's browser.
+    fn api_refusal(&self, headers: &HeaderMap) -> Option<Response> {
+        if let Some(refused) = self.host_refusal(headers) {
+            return Some(refused);
+        }
+        let site = headers
+            .get("sec-fetch-site")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if !self.tokens && matches!(site, "cross-site" | "same-site") {
+            return Some(api_error(
+                StatusCode::FORBIDDEN,
+                "cross_site",
+                "this server has no tokens file: only its own page may call its API; open the console at http://127.0.0.1:PORT/",
+            ));
+        }
+        None
+    }
+
     /// Calls the control service's `method` with `request` (its encoded
     /// request message) as the browser's `headers` authenticate it.
     async fn call(
@@ -468,7 +521,7 @@ async fn call(
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
-    if let Some(refused) = console.host_refusal(&headers) {
+    if let Some(refused) = console.api_refusal(&headers) {
         return refused;
     }
     let body = match body {
@@ -637,14 +690,41 @@ fn namespace_of(query: Option<&str>) -> String {
         .to_string()
 }
 
-/// What the page shows of a namespace, hashed, and the namespace's
-/// revision: a change of any of it is an event.
+/// What the page shows of a namespace as this replica has it (revision,
+/// activations, incidents, requests), hashed, and the namespace's revision:
+/// a change of any of it is an event at once.
 type Fingerprint = (u64, i64);
+
+/// How often the fleet's propagation is gathered for a namespace streams
+/// follow (after the last gather ended), apart from the namespace itself.
+const FLEET_INTERVAL: Duration = Duration::from_millis(500);
+/// How long one such gather may take (the peers each have
+/// `fleet::PEER_DEADLINE` within it; one that does not answer is named,
+/// and the answer is partial).
+const FLEET_DEADLINE: Duration = Duration::from_secs(5);
+
+/// What the streams of one namespace share.
+#[derive(Default)]
+struct Followed {
+    /// The namespace's newest fingerprint, and when it was taken: streams
+    /// share it within an interval, so that their cost is one read per
+    /// namespace, not one per stream.
+    namespace: Option<(tokio::time::Instant, Fingerprint)>,
+    /// The fleet's propagation, hashed, as last gathered; gathered apart,
+    /// one at a time per namespace, every [`FLEET_INTERVAL`].
+    fleet: Option<u64>,
+    /// When the last gather ended, and whether one is under way.
+    gathered_at: Option<tokio::time::Instant>,
+    gathering: bool,
+    /// When a stream last asked for the fleet's propagation.
+    asked_at: Option<tokio::time::Instant>,
+}
 
 /// The namespace's fingerprint for a stream's next check: the caller's own
 /// permission is checked every time, through the same stack (`WhoAmI`, no
-/// I/O); the fingerprint is taken through it too, or shared with another
-/// stream of the namespace that took it within the interval.
+/// I/O); the fingerprint is taken through it too (this replica's part
+/// only: no other replica is asked), or shared with another stream of the
+/// namespace that took it within the interval.
 async fn recheck(
     console: &Console,
     namespace: &str,
@@ -667,25 +747,32 @@ async fn recheck(
     }
     let now = tokio::time::Instant::now();
     let shared = console
-        .fingerprints
+        .followed
         .lock()
         .expect("poisoned")
         .get(namespace)
+        .and_then(|f| f.namespace)
         .filter(|(at, _)| now.duration_since(*at) < EVENT_INTERVAL)
-        .map(|(_, fingerprint)| *fingerprint);
+        .map(|(_, fingerprint)| fingerprint);
     if let Some(fingerprint) = shared {
         return Ok(fingerprint);
     }
     let taken = fingerprint(console, namespace, headers).await?;
-    let mut fingerprints = console.fingerprints.lock().expect("poisoned");
+    let mut followed = console.followed.lock().expect("poisoned");
     // Bounded: namespaces no stream asked about lately are dropped.
-    fingerprints.retain(|_, (at, _)| now.duration_since(*at) < EVENT_STREAM_LIFETIME);
-    fingerprints.insert(namespace.to_string(), (now, taken));
+    let lately = |at: tokio::time::Instant| now.duration_since(at) < EVENT_STREAM_LIFETIME;
+    followed.retain(|_, f| {
+        f.gathering
+            || f.namespace.is_some_and(|(at, _)| lately(at))
+            || f.asked_at.is_some_and(lately)
+    });
+    followed.entry(namespace.to_string()).or_default().namespace = Some((now, taken));
     Ok(taken)
 }
 
 /// [`Fingerprint`] of a namespace, through the control service as the
-/// caller.
+/// caller: this replica's status (no other replica is asked), incidents
+/// and requests.
 async fn fingerprint(
     console: &Console,
     namespace: &str,
@@ -697,20 +784,36 @@ async fn fingerprint(
             &proto::GetStatusRequest {
                 namespace: namespace.to_string(),
                 page_size: 1,
+                this_replica_only: true,
                 ..Default::default()
             },
             headers,
         )
         .await?;
-    // What changes without anything happening: the clock, the store's
-    // probe, the page of subscribers (the summary counts them all).
+    // The store away: the page says so (and shows what was read last).
+    if let Some(store) = &status.store
+        && !store.reachable
+    {
+        return Err(tonic::Status::unavailable(format!(
+            "the store ({}) is unreachable: {}",
+            store.kind,
+            if store.error.is_empty() {
+                "no answer"
+            } else {
+                &store.error
+            }
+        )));
+    }
+    // What changes without anything happening (the clock, the store's
+    // probe), and the subscribers: the fleet's part, followed apart.
     status.server_time = None;
     status.store = None;
     status.subscribers.clear();
     status.next_page_token.clear();
-    for replica in &mut status.replicas {
-        replica.error.clear();
-    }
+    status.channels.clear();
+    status.replicas.clear();
+    status.subscriber_count = 0;
+    status.partial = false;
     let incidents: proto::ListIncidentsResponse = console
         .call_typed(
             "ListIncidents",
@@ -738,6 +841,76 @@ async fn fingerprint(
     Ok((hasher.finish(), status.revision))
 }
 
+/// The fleet's propagation of `namespace` as last gathered (`None`: not
+/// yet); starts the next gather, as the caller, when one is due and none
+/// is under way. Never waits for one: the namespace's own changes go out
+/// whatever the other replicas do.
+fn fleet_now(console: &Arc<Console>, namespace: &str, headers: &HeaderMap) -> Option<u64> {
+    let mut followed = console.followed.lock().expect("poisoned");
+    let entry = followed.entry(namespace.to_string()).or_default();
+    entry.asked_at = Some(tokio::time::Instant::now());
+    let due = entry
+        .gathered_at
+        .is_none_or(|at| at.elapsed() >= FLEET_INTERVAL);
+    if due && !entry.gathering {
+        entry.gathering = true;
+        let console = console.clone();
+        let namespace = namespace.to_string();
+        let headers = headers.clone();
+        tokio::spawn(async move {
+            let gathered = tokio::time::timeout(
+                FLEET_DEADLINE,
+                fleet_fingerprint(&console, &namespace, &headers),
+            )
+            .await;
+            let mut followed = console.followed.lock().expect("poisoned");
+            let entry = followed.entry(namespace).or_default();
+            entry.gathering = false;
+            entry.gathered_at = Some(tokio::time::Instant::now());
+            if let Ok(Ok(hash)) = gathered {
+                entry.fleet = Some(hash);
+            }
+        });
+    }
+    entry.fleet
+}
+
+/// The fleet's propagation of a namespace, hashed: the summary per channel,
+/// who answered (a replica that does not is named, the answer partial),
+/// through the control service as the caller.
+async fn fleet_fingerprint(
+    console: &Console,
+    namespace: &str,
+    headers: &HeaderMap,
+) -> Result<u64, tonic::Status> {
+    let mut status: proto::GetStatusResponse = console
+        .call_typed(
+            "GetStatus",
+            &proto::GetStatusRequest {
+                namespace: namespace.to_string(),
+                page_size: 1,
+                ..Default::default()
+            },
+            headers,
+        )
+        .await?;
+    for replica in &mut status.replicas {
+        replica.error.clear();
+    }
+    let mut hasher = DefaultHasher::new();
+    (proto::GetStatusResponse {
+        channels: status.channels,
+        replicas: status.replicas,
+        subscriber_count: status.subscriber_count,
+        partial: status.partial,
+        revision: status.revision,
+        ..Default::default()
+    }
+    .encode_to_vec())
+    .hash(&mut hasher);
+    Ok(hasher.finish())
+}
+
 fn event(name: &str, data: &serde_json::Value) -> Bytes {
     Bytes::from(format!("event: {name}\ndata: {data}\n\n"))
 }
@@ -751,7 +924,7 @@ async fn events(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
-    if let Some(refused) = console.host_refusal(&headers) {
+    if let Some(refused) = console.api_refusal(&headers) {
         return refused;
     }
     let namespace = namespace_of(query.as_deref());
@@ -802,7 +975,8 @@ async fn events(
             ),
         );
     };
-    // Authorised as a GetStatus of the namespace through the same stack.
+    // Authorised as a GetStatus of the namespace through the same stack
+    // (this replica's part: no other replica is waited for).
     let first = match fingerprint(&console, &namespace, &headers).await {
         Ok(first) => first,
         Err(status) => return status_response(&status),
@@ -819,6 +993,8 @@ async fn events(
         namespace: String,
         headers: HeaderMap,
         last: u64,
+        /// The fleet's propagation as last said (`None`: not yet gathered).
+        fleet: Option<u64>,
         opened: tokio::time::Instant,
         said: tokio::time::Instant,
         hello: Option<i64>,
@@ -829,12 +1005,20 @@ async fn events(
         _held: Held,
         _followed: Held,
     }
+    // What the streams of the namespace gathered last, if any.
+    let fleet = console
+        .followed
+        .lock()
+        .expect("poisoned")
+        .get(&namespace)
+        .and_then(|f| f.fleet);
     let now = tokio::time::Instant::now();
     let state = Stream {
         console: console.clone(),
         namespace,
         headers: credentials,
         last: first.0,
+        fleet,
         opened: now,
         said: now,
         hello: Some(first.1),
@@ -866,12 +1050,22 @@ async fn events(
                 let data = serde_json::json!({ "reason": "the stream's time is up; open another" });
                 return Some((Ok(event("end", &data)), s));
             }
+            // A gather newer than the last said (the first one too: the
+            // page's own read may have come before a change) is a change.
+            let fleet = fleet_now(&s.console, &s.namespace, &s.headers);
             match recheck(&s.console, &s.namespace, &s.headers).await {
                 Ok((hash, revision)) if hash != s.last || s.troubled => {
                     s.last = hash;
                     s.troubled = false;
                     s.said = tokio::time::Instant::now();
-                    let data = serde_json::json!({ "revision": revision.to_string() });
+                    let data = serde_json::json!({ "revision": revision.to_string(), "what": "namespace" });
+                    return Some((Ok(event("change", &data)), s));
+                }
+                Ok((_, revision)) if fleet.is_some() && fleet != s.fleet => {
+                    s.fleet = fleet;
+                    s.said = tokio::time::Instant::now();
+                    let data =
+                        serde_json::json!({ "revision": revision.to_string(), "what": "fleet" });
                     return Some((Ok(event("change", &data)), s));
                 }
                 Ok(_) => {}

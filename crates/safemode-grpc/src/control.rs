@@ -421,17 +421,19 @@ impl ControlService for ControlApi {
             .view
             .revision
             .max(status.store.namespace_revision.unwrap_or_default());
-        let _turn = self.fleet.admit().await?;
-        let gathered = self
-            .fleet
-            .gather(&FleetQuery {
-                namespace: namespace.clone(),
-                current,
-                filter,
-                limit,
-                after,
-            })
-            .await;
+        let query = FleetQuery {
+            namespace: namespace.clone(),
+            current,
+            filter,
+            limit,
+            after,
+        };
+        let gathered = if r.this_replica_only {
+            self.fleet.gather_here(&query)
+        } else {
+            let _turn = self.fleet.admit().await?;
+            self.fleet.gather(&query).await
+        };
         let mut problems = status.problems();
         problems.extend(
             gathered

@@ -398,6 +398,21 @@ impl Fleet {
         }
     }
 
+    /// [`Fleet::gather`] of this replica's part alone, asking no other.
+    pub fn gather_here(&self, query: &FleetQuery) -> Gathered {
+        let after = query
+            .after
+            .as_ref()
+            .filter(|at| at.replica == self.replica)
+            .map(|at| at.cursor.clone());
+        let answer = Answer {
+            replica: self.replica.clone(),
+            address: self.address.clone(),
+            part: Ok(self.local_part(query, after.as_ref(), query.limit)),
+        };
+        merge(vec![answer], query, Vec::new())
+    }
+
     /// This replica's part, as it would answer another replica.
     fn local_part(
         &self,

@@ -218,6 +218,8 @@ impl RunningServer {
 struct Settings {
     tokens: Option<(TokensFile, Tokens)>,
     tls: Option<ServerTlsConfig>,
+    /// The same certificate for the `--http-listen` listener (HTTPS).
+    https: Option<Arc<rustls::ServerConfig>>,
     catalog: Catalog,
     peers: PeerSettings,
 }
@@ -250,6 +252,15 @@ fn settings(config: &ServeConfig) -> anyhow::Result<Settings> {
         bail!("the tokens file check interval must be longer than zero");
     }
     let tls = server_tls(config.tls_cert.as_deref(), config.tls_key.as_deref())?;
+    let https = match (&tls, &config.tls_cert, &config.tls_key) {
+        (Some(_), Some(cert), Some(key)) => Some(crate::https::server_config(cert, key)?),
+        _ => None,
+    };
+    if https.is_some() && config.console_plain_http {
+        bail!(
+            "--console-plain-http is for a plain-HTTP --http-listen behind a TLS proxy, but with --tls-cert that listener speaks HTTPS itself and serves the console: drop --console-plain-http"
+        );
+    }
     let peers = peer_settings(config)?;
     let catalog = Catalog::load_checking(
         config.modes_dir.as_deref(),
@@ -260,6 +271,7 @@ fn settings(config: &ServeConfig) -> anyhow::Result<Settings> {
     Ok(Settings {
         tokens,
         tls,
+        https,
         catalog,
         peers,
     })
@@ -274,6 +286,7 @@ pub fn check(config: &ServeConfig) -> anyhow::Result<Vec<String>> {
     let Settings {
         tokens,
         tls,
+        https,
         catalog,
         peers,
     } = settings(config)?;
@@ -347,7 +360,18 @@ pub fn check(config: &ServeConfig) -> anyhow::Result<Vec<String>> {
             }
         ),
         match config.http_listen {
-            Some(http) => format!("HTTP: /healthz, /readyz and /metrics on {http}"),
+            Some(http) if https.is_some() => format!(
+                "HTTP: /healthz, /readyz, /metrics and the console on {http} over HTTPS with the gRPC certificate (ALPN h2, http/1.1)"
+            ),
+            Some(http) if http.ip().is_loopback() => format!(
+                "HTTP: /healthz, /readyz, /metrics and the console on {http} over plain HTTP (loopback)"
+            ),
+            Some(http) if config.console_plain_http => format!(
+                "HTTP: /healthz, /readyz, /metrics and the console on {http} over plain HTTP, behind a TLS proxy (--console-plain-http)"
+            ),
+            Some(http) => format!(
+                "HTTP: /healthz, /readyz and /metrics on {http} over plain HTTP; the console is refused there (serve TLS with --tls-cert, or put a TLS proxy in front and pass --console-plain-http)"
+            ),
             None => "HTTP: none (no --http-listen)".to_string(),
         },
         format!("store: {store}"),
@@ -427,6 +451,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
     let Settings {
         tokens,
         tls,
+        https,
         catalog,
         peers,
     } = settings(&config)?;
@@ -540,7 +565,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
         &authenticator,
         authentication,
         http_addr,
-        config.console_plain_http,
+        config.console_plain_http || https.is_some(),
         &shutdown,
     );
     let mut builder = tonic::transport::Server::builder();
@@ -599,15 +624,17 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
         tracing::info_span!("readiness", %replica),
     ));
     if let Some(listener) = http_listener {
-        let app = http_surfaces(controller.clone(), metrics.clone())
-            .merge(crate::console::router(console));
+        // Every answer of the listener carries the console's security
+        // headers, bare 404s, /metrics and the probes included.
+        let app = crate::console::secured(
+            http_surfaces(controller.clone(), metrics.clone())
+                .merge(crate::console::router(console)),
+        );
         let stop = shutdown.clone();
-        info!(addr = ?http_addr, "serving /healthz, /readyz and /metrics over HTTP");
+        info!(addr = ?http_addr, https = https.is_some(), "serving /healthz, /readyz, /metrics and the console");
         tokio::spawn(tracing::Instrument::instrument(
             async move {
-                let served = axum::serve(listener, app)
-                    .with_graceful_shutdown(async move { stop.cancelled().await })
-                    .await;
+                let served = crate::https::serve(listener, https, app, stop).await;
                 if let Err(e) = served {
                     warn!(error = %e, "the HTTP listener failed");
                 }

@@ -99,6 +99,9 @@ one-line reason and what to do.
 {{- if and .Values.runbooks.files .Values.runbooks.existingConfigMap }}
 {{- fail "give runbooks.files or runbooks.existingConfigMap, not both" }}
 {{- end }}
+{{- if and .Values.console.behindTLSProxy .Values.tls.enabled }}
+{{- fail "console.behindTLSProxy is for a plain-HTTP http port behind a TLS proxy, but with tls.enabled that port speaks HTTPS with the same certificate and serves the console itself: unset console.behindTLSProxy" }}
+{{- end }}
 {{- end }}
 
 {{/*
