@@ -313,7 +313,7 @@ enum TokenCommand {
         #[arg(long)]
         principal: String,
         /// A role (comma-separated, or repeated): viewer, subscriber, commander,
-        /// approver, drill, admin.
+        /// approver, drill, admin, detector (raises proposals only).
         #[arg(long = "role", required = true, value_delimiter = ',')]
         roles: Vec<String>,
     },

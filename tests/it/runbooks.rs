@@ -1056,7 +1056,9 @@ fn bad_triggers_are_refused_where_they_go_wrong() {
         (
             "above not a number",
             with_triggers(&["  - {signal: login.failed, above: many, within: 5m, severity: sev3}"]),
-            vec!["12:36: above must be a whole number from 1 to 4294967295, the count summed across the fleet that fires the trigger; found many"],
+            vec![
+                "12:36: above must be a whole number from 1 to 4294967295, the count summed across the fleet that fires the trigger; found many",
+            ],
         ),
         (
             "window too long",

@@ -16,7 +16,7 @@ use crate::auth::Operation;
 use crate::subscribers::SubscriberState;
 
 /// Every audited action, in the order the counters keep them.
-pub const KINDS: [AuditAction; 11] = [
+pub const KINDS: [AuditAction; 14] = [
     AuditAction::Apply,
     AuditAction::Lift,
     AuditAction::Declare,
@@ -28,16 +28,20 @@ pub const KINDS: [AuditAction; 11] = [
     AuditAction::Refused,
     AuditAction::AdoptCatalog,
     AuditAction::HeadRestored,
+    AuditAction::Propose,
+    AuditAction::Accept,
+    AuditAction::Dismiss,
 ];
 
 /// Every operation a call can be refused, in the order the counters keep
 /// them.
-pub const OPERATIONS: [Operation; 5] = [
+pub const OPERATIONS: [Operation; 6] = [
     Operation::Subscribe,
     Operation::Read,
     Operation::ReadAudit,
     Operation::Change,
     Operation::Approve,
+    Operation::Propose,
 ];
 
 /// An operation's name in metrics.
@@ -48,6 +52,7 @@ pub fn operation_name(operation: Operation) -> &'static str {
         Operation::ReadAudit => "read_audit",
         Operation::Change => "change",
         Operation::Approve => "approve",
+        Operation::Propose => "propose",
     }
 }
 

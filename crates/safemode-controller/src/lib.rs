@@ -24,6 +24,7 @@ mod keys;
 mod modes;
 mod namespace;
 mod preview;
+mod proposals;
 mod records;
 mod refusals;
 pub mod reports;
@@ -48,9 +49,13 @@ pub use keys::{CatalogRecord, Layout, NamespaceChange};
 pub use modes::{ApplyOutcome, ApplyRequest, LiftOutcome, LiftRequest, LiftTarget};
 pub use namespace::{ChannelSnapshot, FollowerHealth, NamespaceHandle, NamespaceView};
 pub use preview::{ApprovalPreview, ChannelChange, EffectChange, Preview};
+pub use proposals::{
+    AcceptOutcome, DismissOutcome, Evidence, MAX_LISTED as MAX_PROPOSALS_LISTED, MAX_SUMMARY_CHARS,
+    Proposal, ProposalState, RaiseOutcome, SignalCount, TRIGGER_PRINCIPAL,
+};
 pub use records::{
-    ChangeRequest, Incident, IncidentId, IncidentStatus, RequestId, RequestKind, RequestState,
-    RequestStatus, TimelineEvent,
+    ChangeRequest, Incident, IncidentId, IncidentStatus, ProposalId, RequestId, RequestKind,
+    RequestState, RequestStatus, TimelineEvent,
 };
 pub use subscribers::{
     Registration, Rejection, SubscriberCursor, SubscriberRecord, SubscriberState, Subscribers,
@@ -191,6 +196,17 @@ pub enum Error {
         id: String,
         /// approved or expired.
         status: String,
+    },
+    /// No proposal with this id in the namespace.
+    #[error("no proposal {0}; `safemode proposals` lists the open ones")]
+    UnknownProposal(String),
+    /// The proposal was already accepted or dismissed.
+    #[error("proposal {id} was {state}; only an open proposal can be accepted or dismissed")]
+    ProposalClosed {
+        /// The proposal.
+        id: String,
+        /// What became of it, in words ("accepted by bob at ...").
+        state: String,
     },
     /// The requester tried to approve their own request.
     #[error("{principal} requested {id} and cannot approve it too; another approver must")]

@@ -676,9 +676,10 @@ impl Checker<'_> {
                 all_read = false;
                 continue;
             };
-            if let Some((_, first)) = read.iter().find(|(t, _)| {
-                t.signal == trigger.signal && t.severity == trigger.severity
-            }) {
+            if let Some((_, first)) = read
+                .iter()
+                .find(|(t, _)| t.signal == trigger.signal && t.severity == trigger.severity)
+            {
                 let first = *first;
                 self.error(
                     item.referenced,
