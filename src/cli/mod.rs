@@ -117,6 +117,14 @@ enum Command {
     Watch(WatchArgs),
     /// Subscribe as a channel, evaluate one action locally, print the decision.
     Decide(DecideArgs),
+    /// Report a signal counter (login.failed, password_reset.requested, ...)
+    /// as a channel would, through a short-lived subscriber: for scripts,
+    /// tests and detectors.
+    Signal(SignalArgs),
+    /// What the policy in force and the channels' reports show: the
+    /// inconsistency map (the easiest path), soft downtime, dead ends and
+    /// signals, across the fleet.
+    Insights(InsightsArgs),
     /// Simulate channel services: many subscribers per channel that report
     /// how long each took to apply each revision, and answer decisions.
     Sim(SimArgs),
@@ -653,6 +661,37 @@ struct WatchArgs {
 }
 
 #[derive(Args, Debug)]
+struct SignalArgs {
+    /// The signal, e.g. login.failed: dot-separated words of a-z, 0-9 and _.
+    name: String,
+    /// How many to report (1 to 1000000).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    count: u64,
+    #[command(flatten)]
+    subscriber: SubscriberArgs,
+}
+
+#[derive(Args, Debug)]
+struct InsightsArgs {
+    #[command(flatten)]
+    namespace: NamespaceArg,
+    /// The window of reports: 1m or 15m.
+    #[arg(long, default_value = "15m", value_parser = insights_window)]
+    window: u32,
+}
+
+/// `--window`: 1m or 15m, in seconds.
+fn insights_window(text: &str) -> Result<u32, String> {
+    match text {
+        "1m" | "60s" => Ok(60),
+        "15m" | "900s" => Ok(900),
+        _ => Err(format!(
+            "{text:?} is not a window insights keeps: give 1m or 15m"
+        )),
+    }
+}
+
+#[derive(Args, Debug)]
 struct DecideArgs {
     #[command(flatten)]
     subscriber: SubscriberArgs,
@@ -1171,6 +1210,41 @@ async fn dispatch(
                 0 => Ok(()),
                 code => Err(ExitWith(code).into()),
             }
+        }
+        Command::Signal(args) => {
+            let name = safemode_policy::SignalName::parse(&args.name)?;
+            let config = subscriber_config(&servers, caller, &args.subscriber)?;
+            let subscriber = Subscriber::connect(config).await?;
+            subscriber.signal(&name, args.count);
+            match subscriber.report_now(Duration::from_secs(10)).await? {
+                client::ReportReceipt::Accepted => emit(output::show(
+                    format,
+                    &output::Signalled {
+                        signal: name.to_string(),
+                        count: args.count,
+                        channel: args.subscriber.channel.clone(),
+                        namespace: args.subscriber.namespace.namespace.clone(),
+                    },
+                )),
+                client::ReportReceipt::Refused(reason) => {
+                    bail!("the controller refused the report: {reason}")
+                }
+            }
+        }
+        Command::Insights(args) => {
+            let namespace = parse_namespace(&args.namespace)?;
+            let mut client = control(&servers, caller).await?;
+            let response = client
+                .get_insights(proto::GetInsightsRequest {
+                    namespace: namespace.to_string(),
+                    window_seconds: args.window,
+                })
+                .await
+                .map_err(refused)?;
+            emit(output::show(
+                format,
+                &output::Insights::from(response.into_inner()),
+            ))
         }
         Command::Sim(args) => sim::run(&servers, caller, format, args).await,
         Command::Drill(DrillCommand::Run(args)) => drill::run(&servers, caller, format, args).await,

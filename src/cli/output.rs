@@ -764,6 +764,19 @@ struct ReplicaAnswer {
     applied_revision: i64,
 }
 
+impl From<proto::ReplicaAnswer> for ReplicaAnswer {
+    fn from(r: proto::ReplicaAnswer) -> Self {
+        ReplicaAnswer {
+            replica: r.replica,
+            address: r.address,
+            answered: r.answered,
+            error: given(r.error),
+            subscriber_count: r.subscriber_count,
+            applied_revision: r.applied_revision,
+        }
+    }
+}
+
 /// The store behind the replica that answered, and its lag behind it.
 #[derive(Serialize)]
 pub struct StoreHealth {
@@ -996,18 +1009,7 @@ impl From<proto::GetStatusResponse> for Status {
                     rejected: c.rejected,
                 })
                 .collect(),
-            replicas: s
-                .replicas
-                .into_iter()
-                .map(|r| ReplicaAnswer {
-                    replica: r.replica,
-                    address: r.address,
-                    answered: r.answered,
-                    error: given(r.error),
-                    subscriber_count: r.subscriber_count,
-                    applied_revision: r.applied_revision,
-                })
-                .collect(),
+            replicas: s.replicas.into_iter().map(ReplicaAnswer::from).collect(),
             partial: s.partial,
             subscribers: s
                 .subscribers
@@ -2545,5 +2547,295 @@ mod tests {
             out.into_string(),
             "reason: ok\\nTAMPERED: nothing\\u{2028}\n"
         );
+    }
+}
+
+/// `safemode signal`.
+#[derive(Serialize)]
+pub struct Signalled {
+    pub signal: String,
+    pub count: u64,
+    pub channel: String,
+    pub namespace: String,
+}
+
+impl View for Signalled {
+    fn render(&self, out: &mut Text) {
+        say!(
+            out,
+            "reported {} {} on {} in {}",
+            self.signal,
+            self.count,
+            self.channel,
+            self.namespace
+        );
+    }
+}
+
+/// `safemode insights`.
+#[derive(Serialize)]
+pub struct Insights {
+    namespace: String,
+    revision: i64,
+    window_seconds: u32,
+    decisions: u64,
+    static_map: Vec<InsightActionMap>,
+    live: Vec<InsightLive>,
+    soft_downtime: Vec<InsightSoftDowntime>,
+    dead_ends: Vec<InsightDeadEnd>,
+    signals: Vec<InsightSignal>,
+    replicas: Vec<ReplicaAnswer>,
+    partial: bool,
+    problems: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct InsightActionMap {
+    action: String,
+    /// Weakest first.
+    channels: Vec<InsightChannelOutcome>,
+    differs: bool,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    easiest_channel: String,
+}
+
+#[derive(Serialize)]
+struct InsightChannelOutcome {
+    channel: String,
+    effect: String,
+    detail: String,
+}
+
+#[derive(Serialize)]
+struct InsightLive {
+    action: String,
+    context: String,
+    total: u64,
+    across_channels: bool,
+    outcomes: Vec<InsightOutcome>,
+}
+
+#[derive(Serialize)]
+struct InsightOutcome {
+    channel: String,
+    revision: i64,
+    effect: String,
+    count: u64,
+    stale: bool,
+    failed_closed: bool,
+    old_revision: bool,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    subscribers: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct InsightSoftDowntime {
+    channel: String,
+    kind: String,
+    detail: String,
+}
+
+#[derive(Serialize)]
+struct InsightDeadEnd {
+    action: String,
+    channels: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct InsightSignal {
+    channel: String,
+    name: String,
+    count: u64,
+}
+
+impl From<proto::GetInsightsResponse> for Insights {
+    fn from(r: proto::GetInsightsResponse) -> Self {
+        Insights {
+            namespace: r.namespace,
+            revision: r.revision,
+            window_seconds: r.window_seconds,
+            decisions: r.decisions,
+            static_map: r
+                .static_map
+                .into_iter()
+                .map(|m| InsightActionMap {
+                    action: m.action,
+                    channels: m
+                        .channels
+                        .into_iter()
+                        .map(|c| InsightChannelOutcome {
+                            channel: c.channel,
+                            effect: c.effect,
+                            detail: c.detail,
+                        })
+                        .collect(),
+                    differs: m.differs,
+                    easiest_channel: m.easiest_channel,
+                })
+                .collect(),
+            live: r
+                .live
+                .into_iter()
+                .map(|d| InsightLive {
+                    action: d.action,
+                    context: d.context_text,
+                    total: d.total,
+                    across_channels: d.across_channels,
+                    outcomes: d
+                        .outcomes
+                        .into_iter()
+                        .map(|o| InsightOutcome {
+                            channel: o.channel,
+                            revision: o.revision,
+                            effect: o.effect,
+                            count: o.count,
+                            stale: o.stale,
+                            failed_closed: o.failed_closed,
+                            old_revision: o.old_revision,
+                            subscribers: o
+                                .subscriber
+                                .split(", ")
+                                .filter(|s| !s.is_empty())
+                                .map(str::to_string)
+                                .collect(),
+                        })
+                        .collect(),
+                })
+                .collect(),
+            soft_downtime: r
+                .soft_downtime
+                .into_iter()
+                .map(|s| InsightSoftDowntime {
+                    channel: s.channel,
+                    kind: s.kind,
+                    detail: s.detail,
+                })
+                .collect(),
+            dead_ends: r
+                .dead_ends
+                .into_iter()
+                .map(|d| InsightDeadEnd {
+                    action: d.action,
+                    channels: d.channels,
+                })
+                .collect(),
+            signals: r
+                .signals
+                .into_iter()
+                .map(|s| InsightSignal {
+                    channel: s.channel,
+                    name: s.name,
+                    count: s.count,
+                })
+                .collect(),
+            replicas: r.replicas.into_iter().map(ReplicaAnswer::from).collect(),
+            partial: r.partial,
+            problems: r.problems,
+        }
+    }
+}
+
+impl View for Insights {
+    fn render(&self, out: &mut Text) {
+        let window = if self.window_seconds == 60 {
+            "1m"
+        } else {
+            "15m"
+        };
+        let partial = if self.partial { "PARTIAL: " } else { "" };
+        say!(
+            out,
+            "{partial}insights for {} at revision {}, last {window}: {} decisions reported",
+            self.namespace,
+            self.revision,
+            self.decisions
+        );
+        say!(out);
+        say!(
+            out,
+            "INCONSISTENCY MAP (an unverified customer, weakest channel first)"
+        );
+        for m in &self.static_map {
+            if !m.differs {
+                let effect = m.channels.first().map_or("", |c| c.effect.as_str());
+                say!(out, "  {}: {effect} on every channel", m.action);
+                continue;
+            }
+            let channels: Vec<String> = m
+                .channels
+                .iter()
+                .map(|c| {
+                    if c.channel == m.easiest_channel {
+                        format!("{} {} ← easiest path", c.channel, c.effect.to_uppercase())
+                    } else {
+                        format!("{} {}", c.channel, c.effect)
+                    }
+                })
+                .collect();
+            say!(out, "  {}: {}", m.action, channels.join(", "));
+        }
+        say!(out);
+        say!(
+            out,
+            "LIVE (the same action and context decided differently, most decided first)"
+        );
+        if self.live.is_empty() {
+            say!(out, "  none in the window");
+        }
+        for d in &self.live {
+            say!(out, "  {} ({}): {} decisions", d.action, d.context, d.total);
+            for o in &d.outcomes {
+                let mut notes = Vec::new();
+                if o.old_revision {
+                    notes.push(format!("OLD revision {}", o.revision));
+                }
+                if o.failed_closed {
+                    notes.push("FAILING CLOSED".to_string());
+                } else if o.stale {
+                    notes.push("STALE".to_string());
+                }
+                if !o.subscribers.is_empty() {
+                    notes.push(o.subscribers.join(", "));
+                }
+                let notes = if notes.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", notes.join("; "))
+                };
+                say!(out, "    {} {} ×{}{notes}", o.channel, o.effect, o.count);
+            }
+        }
+        say!(out);
+        say!(out, "SOFT DOWNTIME");
+        if self.soft_downtime.is_empty() {
+            say!(out, "  none seen");
+        }
+        for s in &self.soft_downtime {
+            say!(
+                out,
+                "  {} {}: {}",
+                s.channel,
+                s.kind.to_uppercase(),
+                s.detail
+            );
+        }
+        say!(out);
+        say!(out, "DEAD ENDS (no path on any channel)");
+        if self.dead_ends.is_empty() {
+            say!(out, "  none");
+        }
+        for d in &self.dead_ends {
+            say!(out, "  {}: {}", d.action, d.channels.join(", "));
+        }
+        if !self.signals.is_empty() {
+            say!(out);
+            say!(out, "SIGNALS");
+            for s in &self.signals {
+                say!(out, "  {} {} {}", s.channel, s.name, s.count);
+            }
+        }
+        for problem in &self.problems {
+            say!(out, "PROBLEM: {problem}");
+        }
     }
 }

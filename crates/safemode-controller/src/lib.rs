@@ -20,6 +20,7 @@ pub mod counters;
 pub mod fleet;
 pub mod health;
 mod incidents;
+pub mod insights;
 mod keys;
 mod modes;
 mod namespace;

@@ -906,6 +906,38 @@ impl ControlService for ControlApi {
         }))
     }
 
+    async fn get_insights(
+        &self,
+        request: Request<proto::GetInsightsRequest>,
+    ) -> Result<Response<proto::GetInsightsResponse>, Status> {
+        let actor = principal(&request)?;
+        let r = request.into_inner();
+        let namespace = namespace(&r.namespace)?;
+        authorize(
+            &self.controller,
+            &actor,
+            Operation::Read,
+            Some(&namespace),
+            "read insights",
+        )
+        .await?;
+        let window = match r.window_seconds {
+            0 => safemode_controller::reports::LONGEST_WINDOW,
+            60 | 900 => std::time::Duration::from_secs(u64::from(r.window_seconds)),
+            n => {
+                return Err(invalid(
+                    "window_seconds",
+                    format!("{n} is not a window insights keeps: give 60 (1m) or 900 (15m)"),
+                ));
+            }
+        };
+        let _turn = self.fleet.admit().await?;
+        let answer = crate::insights::gather(&self.controller, &self.fleet, &namespace, window)
+            .await
+            .map_err(|e| self.read_failed(e))?;
+        Ok(Response::new(answer))
+    }
+
     async fn decide(
         &self,
         request: Request<proto::DecideRequest>,
@@ -992,7 +1024,7 @@ fn decide_context(r: &proto::DecideRequest) -> Result<Context, Status> {
 }
 
 /// An outcome with its parameters, in words.
-fn outcome_in_words(outcome: &Outcome) -> String {
+pub(crate) fn outcome_in_words(outcome: &Outcome) -> String {
     match outcome {
         Outcome::Allow => "allow".to_string(),
         Outcome::Throttle(t) => format!("throttle: at most {} per {}s", t.max, t.window_seconds),

@@ -247,6 +247,14 @@ pub(crate) struct Gathered {
     pub problems: Vec<String>,
 }
 
+/// The replicas a fleet-wide question goes to.
+pub(crate) struct Members {
+    pub members: Vec<ReplicaRecord>,
+    pub problems: Vec<String>,
+    /// Some replicas were left out.
+    pub partial: bool,
+}
+
 /// Asks every replica of the fleet for its part of a status, and merges.
 pub(crate) struct Fleet {
     controller: Arc<Controller>,
@@ -284,6 +292,15 @@ impl Fleet {
         }
     }
 
+    /// This replica's name.
+    pub(crate) fn replica(&self) -> &str {
+        &self.replica
+    }
+
+    pub(crate) fn controller(&self) -> &Controller {
+        &self.controller
+    }
+
     /// A turn to gather: at most [`MAX_GATHERS`] at once, since each holds a
     /// page from every replica.
     pub async fn admit(&self) -> Result<tokio::sync::SemaphorePermit<'_>, Status> {
@@ -298,6 +315,41 @@ impl Fleet {
     /// The fleet's status for `query`: this replica's part from here, the
     /// others' asked in parallel within [`PEER_DEADLINE`].
     pub async fn gather(&self, query: &FleetQuery) -> Gathered {
+        let Members {
+            members,
+            problems,
+            partial,
+        } = self.members().await;
+        let asks = members.iter().map(|member| {
+            // Before the page's replica only counts are needed; at it, the
+            // page continues after its cursor; after it, from the start.
+            let (after, limit) = match &query.after {
+                Some(at) if member.replica < at.replica => (None, 0),
+                Some(at) if member.replica == at.replica => (Some(at.cursor.clone()), query.limit),
+                _ => (None, query.limit),
+            };
+            async move {
+                let part = if member.replica == self.replica {
+                    Ok(self.local_part(query, after.as_ref(), limit))
+                } else {
+                    self.ask(member, query, after, limit).await
+                };
+                Answer {
+                    replica: member.replica.clone(),
+                    address: member.address.clone(),
+                    part,
+                }
+            }
+        });
+        let answers = futures_util::future::join_all(asks).await;
+        let mut gathered = merge(answers, query, problems);
+        gathered.partial |= partial;
+        gathered
+    }
+
+    /// Every replica to ask, this one included, once each (by name and by
+    /// address), sorted by name; with what kept any from being found.
+    pub(crate) async fn members(&self) -> Members {
         let mut problems = Vec::new();
         let mut partial = false;
         let mut members: Vec<ReplicaRecord> = match self.controller.fleet().await {
@@ -339,32 +391,11 @@ impl Fleet {
         let mut addresses = std::collections::HashSet::from([self.address.clone()]);
         members.dedup_by(|later, earlier| later.replica == earlier.replica);
         members.retain(|m| m.replica == self.replica || addresses.insert(m.address.clone()));
-
-        let asks = members.iter().map(|member| {
-            // Before the page's replica only counts are needed; at it, the
-            // page continues after its cursor; after it, from the start.
-            let (after, limit) = match &query.after {
-                Some(at) if member.replica < at.replica => (None, 0),
-                Some(at) if member.replica == at.replica => (Some(at.cursor.clone()), query.limit),
-                _ => (None, query.limit),
-            };
-            async move {
-                let part = if member.replica == self.replica {
-                    Ok(self.local_part(query, after.as_ref(), limit))
-                } else {
-                    self.ask(member, query, after, limit).await
-                };
-                Answer {
-                    replica: member.replica.clone(),
-                    address: member.address.clone(),
-                    part,
-                }
-            }
-        });
-        let answers = futures_util::future::join_all(asks).await;
-        let mut gathered = merge(answers, query, problems);
-        gathered.partial |= partial;
-        gathered
+        Members {
+            members,
+            problems,
+            partial,
+        }
     }
 
     /// This replica's part, as it would answer another replica.
@@ -392,7 +423,7 @@ impl Fleet {
         after: Option<SubscriberCursor>,
         limit: usize,
     ) -> Result<proto::ReplicaStatusResponse, String> {
-        let channel = self.channel(member)?;
+        let channel = self.peer_channel(member)?;
         let mut request = proto::ReplicaStatusRequest {
             namespace: query.namespace.to_string(),
             current_revision: query.current,
@@ -453,7 +484,7 @@ impl Fleet {
     }
 
     /// A connection to `member`, made once and kept.
-    fn channel(&self, member: &ReplicaRecord) -> Result<Channel, String> {
+    pub(crate) fn peer_channel(&self, member: &ReplicaRecord) -> Result<Channel, String> {
         let key = (member.address.clone(), member.tls);
         let mut channels = self.channels.lock().expect("poisoned");
         if let Some(channel) = channels.get(&key) {
@@ -489,7 +520,7 @@ impl Fleet {
 
 /// A peer's failure in a few words: "connection refused", "the signature
 /// is not trusted …".
-fn in_words(status: &Status) -> String {
+pub(crate) fn in_words(status: &Status) -> String {
     let message = status.message();
     let source = std::error::Error::source(status)
         .map(|e| {
@@ -649,31 +680,27 @@ impl FleetApi {
     }
 }
 
-#[tonic::async_trait]
-impl proto::fleet_service_server::FleetService for FleetApi {
-    async fn replica_status(
+impl FleetApi {
+    /// Checks a peer's request before anything else is done: signed with
+    /// the fleet's key, for this replica, within [`REQUEST_FRESH_FOR`].
+    fn check_peer<M: safemode_wire::signed::SelfSigned>(
         &self,
-        request: Request<proto::ReplicaStatusRequest>,
-    ) -> Result<Response<proto::ReplicaStatusResponse>, Status> {
-        let mut request = request.into_inner();
-        safemode_wire::signed::verify(
-            &mut request,
-            self.controller.trusted_keys(),
-        )
-        .map_err(|e| {
+        request: &mut M,
+        fields: impl Fn(&M) -> (&String, Option<&safemode_wire::prost_types::Timestamp>),
+    ) -> Result<(), Status> {
+        safemode_wire::signed::verify(request, self.controller.trusted_keys()).map_err(|e| {
             Status::unauthenticated(format!(
                 "not a replica of this fleet: {e}; replicas sign these requests with the fleet's signing key (--signing-key)"
             ))
         })?;
-        if request.target != self.replica {
+        let (target, issued_at) = fields(request);
+        if *target != self.replica {
             return Err(Status::failed_precondition(format!(
                 "this is replica {}, not {:?}: the fleet's record of that replica is out of date",
-                self.replica, request.target
+                self.replica, target
             )));
         }
-        let issued = request
-            .issued_at
-            .as_ref()
+        let issued = issued_at
             .and_then(|t| safemode_wire::timestamp_from_wire(t).ok())
             .ok_or_else(|| invalid("issued_at", "missing or not a time"))?;
         let skew = jiff::Timestamp::now().duration_since(issued).unsigned_abs();
@@ -684,6 +711,36 @@ impl proto::fleet_service_server::FleetService for FleetApi {
                 REQUEST_FRESH_FOR.as_secs()
             )));
         }
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl proto::fleet_service_server::FleetService for FleetApi {
+    async fn replica_reports(
+        &self,
+        request: Request<proto::ReplicaReportsRequest>,
+    ) -> Result<Response<proto::ReplicaReportsResponse>, Status> {
+        let mut request = request.into_inner();
+        self.check_peer(&mut request, |r| (&r.target, r.issued_at.as_ref()))?;
+        let namespace = Namespace::parse(&request.namespace).map_err(invalid_name("namespace"))?;
+        let window = crate::insights::window(request.window_seconds, "window_seconds")?;
+        let tallies = self
+            .controller
+            .reports()
+            .tallies(&namespace, window, jiff::Timestamp::now());
+        let mut answer = crate::insights::tallies_to_wire(&self.replica, tallies);
+        answer.request_signature = request.signature;
+        safemode_wire::signed::sign(&mut answer, self.controller.signing_key());
+        Ok(Response::new(answer))
+    }
+
+    async fn replica_status(
+        &self,
+        request: Request<proto::ReplicaStatusRequest>,
+    ) -> Result<Response<proto::ReplicaStatusResponse>, Status> {
+        let mut request = request.into_inner();
+        self.check_peer(&mut request, |r| (&r.target, r.issued_at.as_ref()))?;
         let namespace = Namespace::parse(&request.namespace).map_err(invalid_name("namespace"))?;
         let filter = filter(&request.channel, &request.state)?;
         let limit = request.page_size as usize;

@@ -8,6 +8,7 @@ pub mod console;
 mod control;
 pub(crate) mod convert;
 pub mod fleet;
+mod insights;
 pub mod limits;
 pub(crate) mod outbound;
 mod reports;

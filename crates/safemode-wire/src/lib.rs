@@ -7,6 +7,9 @@
 mod convert;
 pub mod signed;
 
+/// The well-known types the messages use (timestamps).
+pub use prost_types;
+
 pub use convert::{
     WireError, activation_to_wire, channel_policy_from_wire, channel_policy_to_wire, mode_to_wire,
     opt_text, runbook_to_wire, timestamp_from_wire, timestamp_to_wire,
