@@ -187,6 +187,9 @@ pub struct NamespaceStoreGauges {
     /// Change requests waiting for an approver; `None` when the store did
     /// not answer.
     pub pending_requests: Option<usize>,
+    /// Proposals waiting for a commander; `None` when the store did not
+    /// answer.
+    pub open_proposals: Option<usize>,
     /// The namespace's last change in the store minus this replica's;
     /// `None` when the store did not answer.
     pub lag_revisions: Option<i64>,

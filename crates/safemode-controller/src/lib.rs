@@ -603,6 +603,21 @@ impl Controller {
         &self.shutdown
     }
 
+    /// The names of the namespaces this replica follows now (`live`
+    /// always), in order.
+    pub fn followed_namespaces(&self) -> Vec<Namespace> {
+        let mut names: Vec<Namespace> = self
+            .all_followed()
+            .iter()
+            .map(|handle| handle.current().namespace.clone())
+            .collect();
+        if !names.contains(&Namespace::live()) {
+            names.push(Namespace::live());
+        }
+        names.sort();
+        names
+    }
+
     /// The namespaces this replica follows now.
     fn all_followed(&self) -> Vec<Arc<NamespaceHandle>> {
         self.namespaces
@@ -683,7 +698,15 @@ impl Controller {
                 }
                 Err(_) => None,
             };
+            let open_proposals = tokio::time::timeout(
+                self.config.store_probe_timeout,
+                self.open_proposals(&view.namespace),
+            )
+            .await
+            .ok()
+            .and_then(|r| r.ok());
             counters::NamespaceStoreGauges {
+                open_proposals,
                 pending_requests: pending
                     .as_ref()
                     .map(|p| p.get(&view.namespace).copied().unwrap_or(0)),
