@@ -69,7 +69,8 @@ impl SubscriptionService for Rogue {
                     Some(FromClient::Hello(hello)) => heard.hellos.push(hello),
                     Some(FromClient::Reject(reject)) => heard.rejects.push(reject),
                     Some(FromClient::Ack(ack)) => heard.acks.push(ack.revision),
-                    None => {}
+                    // Reports are not what a rogue is about.
+                    Some(FromClient::Report(_)) | None => {}
                 }
             }
         });
