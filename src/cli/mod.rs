@@ -809,7 +809,8 @@ fn client_flags_used(path: &str) -> &'static [&'static str] {
     match path {
         // Changes: a change id names them across retries.
         "mode apply" | "mode lift" | "incident declare" | "incident escalate"
-        | "incident resolve" | "approve" | "withdraw" => &CLIENT_FLAGS,
+        | "incident resolve" | "approve" | "withdraw" | "proposals accept"
+        | "proposals dismiss" | "proposals raise" => &CLIENT_FLAGS,
         // No controller involved.
         "serve" | "completions" | "key public" => &[],
         "runbook lint" | "token create" => &["output"],

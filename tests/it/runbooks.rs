@@ -1046,39 +1046,39 @@ fn bad_triggers_are_refused_where_they_go_wrong() {
         (
             "bad signal name",
             with_triggers(&["  - {signal: Login-Failed, above: 200, within: 5m, severity: sev3}"]),
-            vec!["12:15: bad signal name 'Login-Failed'"],
+            vec!["12:14: bad signal name 'Login-Failed'"],
         ),
         (
             "above zero",
             with_triggers(&["  - {signal: login.failed, above: 0, within: 5m, severity: sev3}"]),
-            vec!["12:36: above must be a whole number from 1"],
+            vec!["12:35: above must be a whole number from 1"],
         ),
         (
             "above not a number",
             with_triggers(&["  - {signal: login.failed, above: many, within: 5m, severity: sev3}"]),
             vec![
-                "12:36: above must be a whole number from 1 to 4294967295, the count summed across the fleet that fires the trigger; found many",
+                "12:35: above must be a whole number from 1 to 4294967295, the count summed across the fleet that fires the trigger; found many",
             ],
         ),
         (
             "window too long",
             with_triggers(&["  - {signal: login.failed, above: 2, within: 1h, severity: sev3}"]),
-            vec!["12:47: within must be from 10s to 15m in whole steps of 10s"],
+            vec!["12:46: within must be from 10s to 15m in whole steps of 10s"],
         ),
         (
             "window not a step",
             with_triggers(&["  - {signal: login.failed, above: 2, within: 15s, severity: sev3}"]),
-            vec!["12:47: within must be from 10s to 15m in whole steps of 10s"],
+            vec!["12:46: within must be from 10s to 15m in whole steps of 10s"],
         ),
         (
             "window not a duration",
             with_triggers(&["  - {signal: login.failed, above: 2, within: soon, severity: sev3}"]),
-            vec!["12:47: bad duration 'soon' for within"],
+            vec!["12:46: bad duration 'soon' for within"],
         ),
         (
             "a stage the runbook lacks",
             with_triggers(&["  - {signal: login.failed, above: 2, within: 5m, severity: sev1}"]),
-            vec!["12:61: the runbook has no sev1 stage to propose; its stages are sev3"],
+            vec!["12:60: the runbook has no sev1 stage to propose; its stages are sev3"],
         ),
         (
             "missing fields",
@@ -1094,7 +1094,7 @@ fn bad_triggers_are_refused_where_they_go_wrong() {
             with_triggers(&[
                 "  - {signal: login.failed, above: 2, within: 5m, severity: sev3, below: 3}",
             ]),
-            vec!["12:67: unknown field `below`, expected one of signal, above, within, severity"],
+            vec!["12:66: unknown field `below`, expected one of signal, above, within, severity"],
         ),
         (
             "the same signal twice for one stage",
