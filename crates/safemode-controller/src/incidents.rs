@@ -108,17 +108,21 @@ pub struct IncidentOutcome {
 pub(crate) enum Declaring {
     /// It is refused; nothing is written.
     Refused(Error),
-    /// These writes declare it, recorded by `audit`.
-    Ready {
-        /// The writes.
-        writes: Writes,
-        /// The incident declared.
-        incident: Incident,
-        /// The activations its stage creates.
-        applied: Vec<Activation>,
-        /// The change's audit entry.
-        audit: crate::audit::AuditDraft,
-    },
+    /// These writes declare it, recorded by its audit entry.
+    Ready(Box<Declaration>),
+}
+
+/// A declaration prepared: its writes, the incident, the activations its
+/// stage creates, and the audit entry that records them.
+pub(crate) struct Declaration {
+    /// The writes.
+    pub writes: Writes,
+    /// The incident declared.
+    pub incident: Incident,
+    /// The activations its stage creates.
+    pub applied: Vec<Activation>,
+    /// The change's audit entry.
+    pub audit: crate::audit::AuditDraft,
 }
 
 /// How an incident's activations change to reach a stage.
@@ -380,12 +384,15 @@ impl Controller {
                             .await?
                         {
                             Declaring::Refused(refusal) => Plan::answer(Err(refusal)),
-                            Declaring::Ready {
-                                writes,
-                                incident,
-                                applied,
-                                audit,
-                            } => writes.audited(audit, Ok((incident, applied))),
+                            Declaring::Ready(ready) => {
+                                let Declaration {
+                                    writes,
+                                    incident,
+                                    applied,
+                                    audit,
+                                } = *ready;
+                                writes.audited(audit, Ok((incident, applied)))
+                            }
                         },
                     )
                 })
@@ -506,12 +513,12 @@ impl Controller {
             .iter()
             .map(ToString::to_string)
             .collect();
-        Ok(Declaring::Ready {
+        Ok(Declaring::Ready(Box::new(Declaration {
             writes,
             incident,
             applied: staged.apply,
             audit,
-        })
+        })))
     }
 
     /// Moves an incident to another severity's stage. Moving down removes

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use tracing::info;
 
 use super::change::{Act, ChangeId, Plan, Writes};
-use super::incidents::{DeclareRequest, Declaring, IncidentOutcome, stage, stored};
+use super::incidents::{Declaration, DeclareRequest, Declaring, IncidentOutcome, stage, stored};
 use super::records::{IncidentId, ProposalId};
 use super::{Controller, Error, Result, corrupt};
 use crate::audit::AuditAction;
@@ -579,12 +579,15 @@ impl Controller {
                         .await?
                     {
                         Declaring::Refused(refusal) => return Ok(Plan::answer(Err(refusal))),
-                        Declaring::Ready {
-                            writes,
-                            incident,
-                            applied,
-                            audit,
-                        } => (writes, incident, applied, audit),
+                        Declaring::Ready(ready) => {
+                            let Declaration {
+                                writes,
+                                incident,
+                                applied,
+                                audit,
+                            } = *ready;
+                            (writes, incident, applied, audit)
+                        }
                     };
                     proposal.state = ProposalState::Accepted {
                         by: actor.name.clone(),

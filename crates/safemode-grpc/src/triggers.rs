@@ -55,11 +55,13 @@ async fn evaluate_namespace(controller: &Controller, fleet: &Fleet, namespace: &
     let mut gathered: HashMap<Duration, FleetTallies> = HashMap::new();
     for runbook in controller.runbooks().iter() {
         for trigger in &runbook.triggers {
-            if !gathered.contains_key(&trigger.within) {
-                let tallies = fleet.tallies(namespace, trigger.within).await;
-                gathered.insert(trigger.within, tallies);
-            }
-            let tallies = &gathered[&trigger.within];
+            let tallies = match gathered.entry(trigger.within) {
+                std::collections::hash_map::Entry::Occupied(known) => known.into_mut(),
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(fleet.tallies(namespace, trigger.within).await)
+                }
+            };
+            let tallies = &*tallies;
             let mut channels: Vec<SignalCount> = tallies
                 .tallies
                 .signals
