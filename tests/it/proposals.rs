@@ -15,7 +15,7 @@ use serde_json::Value;
 use crate::etcd::EtcdCluster;
 use crate::support::{
     Principals, ServeProcess, TestServer, register_key, safemode, test_signing_key,
-    test_signing_key_file, wait_for,
+    test_signing_key_file, wait_for, wait_until,
 };
 
 /// A replica named `name` on `endpoints` that requires `principals`' tokens.
@@ -282,8 +282,16 @@ async fn observed(server: &TestServer, principals: &Principals) -> (Vec<Value>, 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn roles_decide_who_lists_raises_accepts_and_dismisses() {
     let principals = Principals::new();
-    let server = TestServer::with_tokens(&principals).await;
+    let server = TestServer::with_tokens_and(&principals, |config| {
+        config.http_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let http = server.http_addr().expect("an HTTP listener");
     let id = raise(&server, &principals).await;
+    wait_until("one open proposal on /metrics", || async {
+        open_on_metrics(http).await == Some(1.0)
+    })
+    .await;
     // (who, args, exit code, words on the one stderr line; none: it works).
     let list: &[&str] = &["proposals"];
     let accept: &[&str] = &["proposals", "accept", &id, "--reason", "real"];
@@ -456,8 +464,23 @@ async fn roles_decide_who_lists_raises_accepts_and_dismisses() {
             "{stderr}"
         );
     }
+    wait_until("no open proposal on /metrics", || async {
+        open_on_metrics(http).await == Some(0.0)
+    })
+    .await;
     // The detector may raise again once its proposal is closed.
     assert_ne!(raise(&server, &principals).await, id);
+}
+
+/// `safemode_proposals_open{namespace="live"}` on `/metrics`, once the
+/// background read of the store has set it.
+async fn open_on_metrics(http: std::net::SocketAddr) -> Option<f64> {
+    let (code, text) = crate::ux_http::get(http, "/metrics").await;
+    assert_eq!(code, 200, "{text}");
+    text.lines()
+        .find(|l| l.starts_with("safemode_proposals_open{") && l.contains("namespace=\"live\""))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
