@@ -8,7 +8,13 @@ when the client starts (``generate()``), so it can never drift from the protos.
 - ``Subscriber`` opens the one bidirectional ``Subscribe`` stream, says hello,
   keeps the newest snapshot for its channel, acks every snapshot it applies and
   rejects (with a reason) one it cannot use while keeping the previous one, and
-  counts heartbeats as contact with the controller.
+  counts heartbeats as contact with the controller. When the stream breaks it
+  opens another (the next server, after a jittered backoff) whose hello names
+  the revision and epoch it holds; it stops for good only when every server
+  refuses its token.
+- It counts its decisions (by action, effect, revision and context class) and
+  named signals (``signal("login.failed")``) and reports them on the stream
+  every 10 s, as the Rust client does; ``report_now()`` sends at once.
 - ``decide(rules, action, context)`` evaluates a snapshot's compiled
   ``ChannelRules`` by lookup, exactly as ``policy.proto`` describes.
 - Run as a script, it subscribes, waits for a revision, evaluates a file of
@@ -26,6 +32,8 @@ import ipaddress
 import json
 import os
 import queue
+import random
+import re
 import shutil
 import sys
 import tempfile
@@ -45,6 +53,19 @@ PROTO_FILES = (
 )
 # The snapshot format this client reads (Snapshot.schema_version).
 SCHEMA_VERSION = 1
+# The actions a report may name (a bot intent is reported as "bot.intent").
+KNOWN_ACTIONS = (
+    "account.password_reset", "account.email_change", "account.phone_change",
+    "account.mfa_reset", "account.recovery", "payment.refund", "payment.payout",
+    "order.view", "balance.view", "contact.intake", "handoff.ai_to_human",
+)
+# How often a report goes, and its bounds (see subscription.proto's Report).
+REPORT_EVERY = 10.0
+MAX_DECISION_ROWS = 1024
+MAX_SIGNALS = 64
+# The reconnect backoff, in seconds.
+BACKOFF_MIN = 0.1
+BACKOFF_MAX = 5.0
 INSTALL_HINT = "install them with: python3 -m pip install grpcio grpcio-tools"
 
 
@@ -385,14 +406,48 @@ def _is_loopback(target: str) -> bool:
         return False
 
 
+_KNOWLEDGE = {"password", "kba"}
+_STRONG = {"webauthn", "id_document"}
+_SIGNAL_NAME = re.compile(r"^[a-z0-9_]+(\.[a-z0-9_]+)*$")
+
+
+def context_class(ctx: dict, decision: dict) -> dict:
+    """The coarse class of a decision's context, as reports carry it."""
+    confidence = ctx["confidence"]
+    band = "high" if confidence >= 0.8 else "medium" if confidence >= 0.5 else "low"
+    methods = set(ctx["methods"])
+    if methods & _STRONG:
+        method = "strong"
+    elif methods - _KNOWLEDGE:
+        method = "possession"
+    elif methods:
+        method = "knowledge"
+    else:
+        method = "none"
+    exhausted = (decision["effect"] == "review" and decision.get("escalated", False)
+                 and ctx["failed_attempts"] > 0)
+    return {"confidence": band, "method": method, "handoff": bool(ctx["handoff_from_bot"]),
+            "attempts_exhausted": exhausted}
+
+
+def check_signal_name(name: str) -> None:
+    if not (0 < len(name) <= 64 and _SIGNAL_NAME.match(name)):
+        raise ValueError(f"bad signal name {name!r}: use dot-separated words of a-z, 0-9 and _ "
+                         "(like login.failed), at most 64 bytes")
+
+
 class Subscriber:
     """One subscription of a channel: the stream, the newest snapshot, acks.
 
     ``start()`` opens the stream in a background thread; ``wait_for(revision)``
     blocks until a snapshot at least that new is applied; ``decide()`` uses the
-    newest snapshot; ``close()`` ends the stream. The stream is not reopened
-    when it breaks (``error`` says why); a channel service would reconnect with
-    ``last_applied_revision`` and ``epoch`` from ``snapshot``.
+    newest snapshot; ``close()`` ends the stream. A stream that breaks is
+    reopened (``server`` may name several, comma-separated; the next one is
+    tried, after a jittered backoff from 0.1 s to 5 s), with a hello naming
+    ``last_applied_revision`` and ``epoch``; ``error`` says why the last one
+    ended and ``reconnects`` counts them. Once every server in turn refused
+    the token (UNAUTHENTICATED or PERMISSION_DENIED), ``stopped`` says why and
+    nothing is retried.
     """
 
     def __init__(self, server: str, channel: str, namespace: str = "live",
@@ -400,11 +455,16 @@ class Subscriber:
                  last_applied_revision: int = 0, epoch: str = "",
                  stale_after: float = 30.0, ca_cert: Optional[str] = None,
                  insecure: bool = False, wire: Optional[Wire] = None):
-        self.target, self.tls = _target(server)
-        if token and not self.tls and not _is_loopback(self.target) and not insecure:
-            raise SafemodeError(
-                f"refusing to send the token in plain text to {self.target}; "
-                "use https:// (or insecure=True / --insecure if you really mean it)")
+        self.targets = [_target(s.strip()) for s in server.split(",") if s.strip()]
+        if not self.targets:
+            raise SafemodeError("no server given")
+        for target, tls in self.targets:
+            if token and not tls and not _is_loopback(target) and not insecure:
+                raise SafemodeError(
+                    f"refusing to send the token in plain text to {target}; "
+                    "use https:// (or insecure=True / --insecure if you really mean it)")
+        self._next = 0
+        self.target, self.tls = self.targets[0]
         self.channel = channel
         self.namespace = namespace or "live"
         self.subscriber_id = subscriber_id or f"python-{uuid.uuid4().hex[:12]}"
@@ -431,49 +491,126 @@ class Subscriber:
         self._channel = None
         self._call = None
         self._reader: Optional[threading.Thread] = None
+        self._reporter: Optional[threading.Thread] = None
+        self._closing = threading.Event()
+        self.reconnects = 0
+        self.stopped: Optional[str] = None
+        # Counts since the last report: decisions by (action, effect,
+        # revision, context class, stale), and signals by name.
+        self._decisions: dict = {}
+        self._signals: dict = {}
+        self._counts_lock = threading.Lock()
+        self._sequence = 0
+        # Reports sent and not yet answered: (sequence, decisions, signals,
+        # the answer's holder for report_now or None).
+        self._unanswered: list = []
 
     # --- the stream ---
 
     def start(self) -> "Subscriber":
-        import grpc
-
-        if self.tls:
-            roots = Path(self.ca_cert).read_bytes() if self.ca_cert else None
-            self._channel = grpc.secure_channel(
-                self.target, grpc.ssl_channel_credentials(root_certificates=roots))
-        else:
-            self._channel = grpc.insecure_channel(self.target)
-        stub = self.wire.grpc.SubscriptionServiceStub(self._channel)
-        metadata = [("authorization", f"Bearer {self.token}")] if self.token else None
-        sub = self.wire.subscription
-        self._send(sub.SubscribeRequest(hello=sub.Hello(
-            namespace=self.namespace,
-            channel=self.channel,
-            subscriber_id=self.subscriber_id,
-            last_applied_revision=self.last_applied_revision,
-            epoch=self.epoch,
-        )))
-        self._call = stub.Subscribe(self._requests(), metadata=metadata)
-        self._reader = threading.Thread(target=self._read, name=f"safemode-{self.channel}",
+        self._open()
+        self._reader = threading.Thread(target=self._run, name=f"safemode-{self.channel}",
                                         daemon=True)
         self._reader.start()
+        self._reporter = threading.Thread(target=self._report_loop,
+                                          name=f"safemode-report-{self.channel}", daemon=True)
+        self._reporter.start()
         return self
+
+    def _open(self) -> None:
+        """Opens a stream to the current server and says hello."""
+        import grpc
+
+        self.target, self.tls = self.targets[self._next]
+        if self.tls:
+            roots = Path(self.ca_cert).read_bytes() if self.ca_cert else None
+            channel = grpc.secure_channel(
+                self.target, grpc.ssl_channel_credentials(root_certificates=roots))
+        else:
+            channel = grpc.insecure_channel(self.target)
+        stub = self.wire.grpc.SubscriptionServiceStub(channel)
+        metadata = [("authorization", f"Bearer {self.token}")] if self.token else None
+        sub = self.wire.subscription
+        outbox: queue.Queue = queue.Queue()
+        with self._changed:
+            old = self._channel
+            self._outbox = outbox
+            self._channel = channel
+            hello = sub.Hello(
+                namespace=self.namespace,
+                channel=self.channel,
+                subscriber_id=self.subscriber_id,
+                last_applied_revision=self.last_applied_revision,
+                epoch=self.epoch,
+            )
+        if old is not None:
+            old.close()
+        outbox.put(sub.SubscribeRequest(hello=hello))
+        self._call = stub.Subscribe(self._requests(outbox), metadata=metadata)
+
+    def _run(self) -> None:
+        """Reads stream after stream until closed or stopped for good."""
+        import grpc
+
+        backoff = BACKOFF_MIN
+        refusals = 0
+        while True:
+            code, heard = self._read()
+            if heard:
+                backoff = BACKOFF_MIN
+            with self._changed:
+                if self.closed:
+                    return
+                # Reports of a broken stream go unanswered.
+                for _, _, _, holder in self._unanswered:
+                    if holder is not None:
+                        holder.put(("lost", "the stream ended before the controller answered"))
+                self._unanswered = []
+            if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                refusals += 1
+            else:
+                refusals = 0
+            if refusals >= len(self.targets):
+                with self._changed:
+                    self.stopped = self.error
+                    self._changed.notify_all()
+                return
+            pause = backoff * (0.5 + random.random() / 2)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+            if self._closing.wait(pause):
+                return
+            self._next = (self._next + 1) % len(self.targets)
+            try:
+                self._open()
+            except Exception as e:  # noqa: BLE001 - any failure to open is retried
+                with self._changed:
+                    self.error = f"cannot open a stream to {self.target}: {e}"
+                continue
+            with self._changed:
+                self.reconnects += 1
+                self._changed.notify_all()
 
     def _send(self, request) -> None:
         self._outbox.put(request)
 
-    def _requests(self) -> Iterator:
+    @staticmethod
+    def _requests(outbox: queue.Queue) -> Iterator:
         while True:
-            request = self._outbox.get()
+            request = outbox.get()
             if request is None:
                 return
             yield request
 
-    def _read(self) -> None:
+    def _read(self):
+        """Reads the current stream to its end; returns its status code and
+        whether it said anything."""
         import grpc
 
+        code = None
+        heard = False
         try:
             for response in self._call:
+                heard = True
                 which = response.WhichOneof("message")
                 if which == "snapshot":
                     self._on_snapshot(response.snapshot)
@@ -482,13 +619,17 @@ class Subscriber:
                         self.last_contact = time.monotonic()
                         self.server_revision = response.heartbeat.revision
                         self._changed.notify_all()
+                elif which == "report_answer":
+                    self._on_answer(response.report_answer)
             error = "the controller ended the stream"
         except grpc.RpcError as e:
-            error = f"{e.code().name}: {e.details()}"
+            code = e.code()
+            error = f"{code.name}: {e.details()}"
         with self._changed:
             if not self.closed:
                 self.error = error
             self._changed.notify_all()
+        return code, heard
 
     def _problem(self, snapshot) -> Optional[str]:
         """Why ``snapshot`` cannot be used, or None."""
@@ -541,10 +682,107 @@ class Subscriber:
                 self._send(sub.SubscribeRequest(ack=sub.Ack(revision=snapshot.revision)))
             self._changed.notify_all()
 
+    # --- reports ---
+
+    def signal(self, name: str, count: int = 1) -> None:
+        """Counts ``count`` of the signal ``name`` (login.failed, ...) for the
+        next report. At most 62 names per report interval; counts of further
+        names are dropped."""
+        check_signal_name(name)
+        if count < 1:
+            raise ValueError("count must be at least 1")
+        with self._counts_lock:
+            if name in self._signals or len(self._signals) < MAX_SIGNALS - 2:
+                self._signals[name] = self._signals.get(name, 0) + count
+
+    def _count(self, action: str, ctx: dict, decision: dict) -> None:
+        if action.startswith("bot.intent."):
+            action = "bot.intent"
+        elif action not in KNOWN_ACTIONS:
+            return
+        c = context_class(ctx, decision)
+        key = (action, decision["effect"], decision["revision"] or 0, c["confidence"],
+               c["method"], c["handoff"], c["attempts_exhausted"], decision["stale"])
+        with self._counts_lock:
+            self._decisions[key] = self._decisions.get(key, 0) + 1
+            own = None
+            if c["attempts_exhausted"]:
+                own = "safemode.attempts_exhausted"
+            elif decision["effect"] == "step_up" and ctx["failed_attempts"] > 0:
+                own = "safemode.step_up_failed"
+            if own is not None:
+                self._signals[own] = self._signals.get(own, 0) + 1
+
+    def _report(self, holder: Optional[queue.Queue] = None) -> bool:
+        """Sends what was counted (if anything, or if ``holder`` waits)."""
+        sub = self.wire.subscription
+        with self._counts_lock:
+            decisions, self._decisions = self._decisions, {}
+            signals, self._signals = self._signals, {}
+            # The biggest rows go; the rest wait for the next report.
+            rows = sorted(decisions.items(), key=lambda kv: -kv[1])
+            for key, n in rows[MAX_DECISION_ROWS:]:
+                self._decisions[key] = n
+            decisions = dict(rows[:MAX_DECISION_ROWS])
+        if not decisions and not signals and holder is None:
+            return False
+        with self._changed:
+            self._sequence += 1
+            sequence = self._sequence
+            self._unanswered.append((sequence, decisions, signals, holder))
+        report = sub.Report(sequence=sequence)
+        for (action, effect, revision, band, method, handoff, exhausted, stale), n \
+                in decisions.items():
+            report.decisions.append(sub.DecisionCount(
+                action=action, effect=effect, revision=revision, stale=stale, count=n,
+                context=sub.ReportedClass(confidence=band, method=method, handoff=handoff,
+                                          attempts_exhausted=exhausted)))
+        for name, n in signals.items():
+            report.signals.append(sub.SignalCount(name=name, count=n))
+        self._send(sub.SubscribeRequest(report=report))
+        return True
+
+    def _on_answer(self, answer) -> None:
+        with self._changed:
+            found = next((u for u in self._unanswered if u[0] == answer.sequence), None)
+            if found is None:
+                return
+            self._unanswered = [u for u in self._unanswered if u[0] > answer.sequence]
+        _, decisions, signals, holder = found
+        if not answer.accepted and answer.retry_after_seconds > 0:
+            # Too soon: the counts go with the next report.
+            with self._counts_lock:
+                for key, n in decisions.items():
+                    self._decisions[key] = self._decisions.get(key, 0) + n
+                for name, n in signals.items():
+                    self._signals[name] = self._signals.get(name, 0) + n
+        if holder is not None:
+            holder.put(("accepted", "") if answer.accepted else ("refused", answer.reason))
+
+    def _report_loop(self) -> None:
+        while not self._closing.wait(REPORT_EVERY):
+            if self.snapshot is not None:
+                self._report()
+
+    def report_now(self, timeout: float = 10.0) -> tuple:
+        """Sends what was counted now and waits for the answer:
+        ``("accepted", "")`` or ``("refused", reason)``; raises SafemodeError
+        when none comes in time."""
+        holder: queue.Queue = queue.Queue()
+        self._report(holder)
+        try:
+            answer = holder.get(timeout=timeout)
+        except queue.Empty:
+            raise SafemodeError(f"the controller did not answer the report within {timeout}s")
+        if answer[0] == "lost":
+            raise SafemodeError(answer[1])
+        return answer
+
     def close(self) -> None:
         with self._changed:
             self.closed = True
             self._changed.notify_all()
+        self._closing.set()
         self._outbox.put(None)
         if self._call is not None:
             self._call.cancel()
@@ -567,14 +805,15 @@ class Subscriber:
                 s = self.snapshot
                 if s is not None and s.revision >= min_revision:
                     return s
-                if self.error is not None:
-                    raise SafemodeError(f"subscription of {self.channel} ended: {self.error}")
+                if self.stopped is not None:
+                    raise SafemodeError(f"subscription of {self.channel} stopped: {self.stopped}")
                 left = deadline - time.monotonic()
                 if left <= 0:
                     have = "no snapshot" if s is None else f"revision {s.revision}"
+                    last = f"; last error: {self.error}" if self.error else ""
                     raise SafemodeError(
                         f"no snapshot at revision {min_revision} or newer for {self.channel} "
-                        f"within {timeout}s (have {have}; rejected: {self.rejected or 'none'})")
+                        f"within {timeout}s (have {have}; rejected: {self.rejected or 'none'}{last})")
                 self._changed.wait(left)
 
     def stale(self) -> bool:
@@ -592,27 +831,44 @@ class Subscriber:
         """Decides with the newest snapshot (allow and stale without one), with
         the snapshot's ``revision`` and ``stale``."""
         s = self.snapshot
+        ctx = context(ctx)
         if s is None:
-            return {"effect": "allow", "reasons": [], "customer_message": None,
-                    "agent_script": None, "revision": None, "stale": True}
-        return {**decide(s.rules, action, context(ctx)), "revision": s.revision,
-                "stale": self.stale()}
+            decision = {"effect": "allow", "reasons": [], "customer_message": None,
+                        "agent_script": None, "revision": None, "stale": True}
+        else:
+            decision = {**decide(s.rules, action, ctx), "revision": s.revision,
+                        "stale": self.stale()}
+        self._count(action, ctx, decision)
+        return decision
 
 
 # === Command line ===
 
 
-def _answer(subscriber: Subscriber, cases: list, min_revision: int, timeout: float) -> dict:
+def _answer(subscriber: Subscriber, cases: list, min_revision: int, timeout: float,
+            report: bool = False) -> dict:
     snapshot = subscriber.wait_for(min_revision, timeout)
-    decisions = [decide(snapshot.rules, c["action"], context(c.get("context"))) for c in cases]
-    return {
+    decisions = []
+    for case in cases:
+        ctx = context(case.get("context"))
+        decision = decide(snapshot.rules, case["action"], ctx)
+        decisions.append(decision)
+        if report:
+            subscriber._count(case["action"], ctx, {**decision, "revision": snapshot.revision,
+                                                    "stale": subscriber.stale()})
+    result = {
         "namespace": subscriber.namespace,
         "channel": subscriber.channel,
         "subscriber_id": subscriber.subscriber_id,
         "revision": snapshot.revision,
         "epoch": snapshot.epoch,
         "decisions": decisions,
+        "reconnects": subscriber.reconnects,
     }
+    if report:
+        outcome, reason = subscriber.report_now(timeout)
+        result["report"] = outcome if outcome == "accepted" else f"refused: {reason}"
+    return result
 
 
 def _load_cases(path: str) -> list:
@@ -628,7 +884,8 @@ def main(argv: Optional[list] = None) -> int:
         description="Subscribe to a safemode controller for one channel, wait for a policy "
                     "revision, decide a file of cases with it and print one JSON object.")
     parser.add_argument("--server", default=os.environ.get("SAFEMODE_SERVER", "127.0.0.1:7700"),
-                        help="controller: host:port, http://host:port or https://host:port")
+                        help="controller: host:port, http://host:port or https://host:port; "
+                             "several, comma-separated, are tried in turn when a stream breaks")
     parser.add_argument("--channel", required=True, help="the channel to subscribe as, e.g. web")
     parser.add_argument("--namespace", default="live", help="live (default) or drill-<id>")
     parser.add_argument("--subscriber-id", help="id shown in `safemode status` (default: python-<random>)")
@@ -646,6 +903,9 @@ def main(argv: Optional[list] = None) -> int:
                         help="after answering, stay subscribed (acking new snapshots) and answer "
                              "each stdin line {\"min_revision\": N, \"cases\": [...]} the same way; "
                              "exit at end of input")
+    parser.add_argument("--report", action="store_true",
+                        help="count each answer's decisions and report them to the controller at "
+                             "once (the answer says whether it was accepted)")
     parser.add_argument("--gen-dir", help="generate the gRPC code here (default: a temporary directory)")
     parser.add_argument("--proto-dir", default=str(DEFAULT_PROTO_DIR), help="the proto/ directory")
     args = parser.parse_args(argv)
@@ -664,7 +924,8 @@ def main(argv: Optional[list] = None) -> int:
                                 wire=wire)
         with subscriber:
             if args.cases is not None:
-                result = _answer(subscriber, _load_cases(args.cases), args.min_revision, args.timeout)
+                result = _answer(subscriber, _load_cases(args.cases), args.min_revision,
+                                 args.timeout, args.report)
                 print(json.dumps(result), flush=True)
             if args.stay:
                 for line in sys.stdin:
@@ -672,7 +933,8 @@ def main(argv: Optional[list] = None) -> int:
                         continue
                     request = json.loads(line)
                     result = _answer(subscriber, request["cases"],
-                                     int(request.get("min_revision", 0)), args.timeout)
+                                     int(request.get("min_revision", 0)), args.timeout,
+                                     args.report)
                     print(json.dumps(result), flush=True)
     except SafemodeError as e:
         print(f"safemode_client: {e}", file=sys.stderr)

@@ -177,6 +177,64 @@ class SubscriberProtocolTest(unittest.TestCase):
         self.assertTrue(s.stale())
         self.assertTrue(s.decide("order.view")["stale"])
 
+    def test_a_broken_stream_is_reopened_with_the_revision_held(self):
+        s = self.subscriber()
+        self.service.received()  # hello
+        self.send(snapshot(4))
+        self.assertEqual(self.service.received().ack.revision, 4)
+        self.service.outbox.put(None)  # the controller ends the stream
+        hello = self.service.received().hello
+        self.assertEqual((hello.last_applied_revision, hello.epoch), (4, "e1"))
+        self.assertEqual(s.reconnects, 1)
+        self.assertEqual(s.error, "the controller ended the stream")
+        # The new stream goes on where the old one ended.
+        self.send(snapshot(5))
+        self.assertEqual(self.service.received().ack.revision, 5)
+        self.assertEqual(s.wait_for(5, timeout=10).revision, 5)
+
+    def test_decisions_and_signals_are_reported_and_answered(self):
+        s = self.subscriber()
+        self.service.received()
+        self.send(snapshot(3))
+        self.service.received()
+        s.wait_for(3, timeout=10)
+        for _ in range(3):
+            s.decide("account.email_change", {"confidence": 0.9, "methods": ["webauthn"]})
+        s.decide("bot.intent.reset_password", {"handoff_from_bot": True})
+        s.decide("not.an_action")  # not reported: the controller knows no such action
+        s.signal("login.failed", 5)
+        with self.assertRaises(ValueError):
+            s.signal("Login Failed")
+        answer = {}
+
+        def answer_it():
+            report = self.service.received().report
+            answer["report"] = report
+            self.service.outbox.put(SUB.SubscribeResponse(report_answer=SUB.ReportAnswer(
+                sequence=report.sequence, accepted=False, reason="too soon", retry_after_seconds=8)))
+
+        threading.Thread(target=answer_it, daemon=True).start()
+        self.assertEqual(s.report_now(timeout=10), ("refused", "too soon"))
+        report = answer["report"]
+        rows = sorted((d.action, d.effect, d.revision, d.context.confidence, d.context.method,
+                       d.context.handoff, d.stale, d.count) for d in report.decisions)
+        self.assertEqual(rows, [
+            ("account.email_change", "deny", 3, "high", "strong", False, False, 3),
+            ("bot.intent", "allow", 3, "low", "none", True, False, 1),
+        ])
+        self.assertEqual([(x.name, x.count) for x in report.signals], [("login.failed", 5)])
+        # Refused as too soon: the counts go with the next report.
+        threading.Thread(target=lambda: (answer.update(next=self.service.received().report),
+                                         self.service.outbox.put(SUB.SubscribeResponse(
+                                             report_answer=SUB.ReportAnswer(
+                                                 sequence=answer["next"].sequence,
+                                                 accepted=True)))),
+                         daemon=True).start()
+        self.assertEqual(s.report_now(timeout=10), ("accepted", ""))
+        self.assertEqual(sum(d.count for d in answer["next"].decisions), 4)
+        self.assertEqual([(x.name, x.count) for x in answer["next"].signals],
+                         [("login.failed", 5)])
+
     def test_a_token_never_goes_in_plain_text_off_the_machine(self):
         with self.assertRaises(sc.SafemodeError):
             sc.Subscriber("10.1.2.3:7700", "web", token="t", wire=WIRE)

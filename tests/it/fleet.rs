@@ -23,7 +23,7 @@ use safemode_wire::proto::{self, fleet_service_client::FleetServiceClient};
 
 /// A replica named `name` on `endpoints`, whose record outlives a SIGKILL
 /// for the length of the test.
-fn replica(name: &str, endpoints: &str) -> ServeProcess {
+pub(crate) fn replica(name: &str, endpoints: &str) -> ServeProcess {
     let key = test_signing_key_file().display().to_string();
     let process = ServeProcess::start(
         &[
@@ -509,6 +509,29 @@ impl proto::fleet_service_server::FleetService for RogueReplica {
         }
         Ok(tonic::Response::new(answer))
     }
+
+    /// Claims a flood of failed logins, to raise a proposal or skew the
+    /// insights.
+    async fn replica_reports(
+        &self,
+        request: tonic::Request<proto::ReplicaReportsRequest>,
+    ) -> Result<tonic::Response<proto::ReplicaReportsResponse>, tonic::Status> {
+        let request = request.into_inner();
+        let mut answer = proto::ReplicaReportsResponse {
+            replica: request.target,
+            signals: vec![proto::SignalTally {
+                channel: "web".into(),
+                name: "login.failed".into(),
+                count: 100_000,
+            }],
+            request_signature: request.signature,
+            ..Default::default()
+        };
+        if let Some(key) = &self.key {
+            safemode_wire::signed::sign(&mut answer, key);
+        }
+        Ok(tonic::Response::new(answer))
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -603,6 +626,33 @@ async fn a_forged_fleet_record_shows_nothing_it_says() {
         assert_eq!(answer["answered"], false, "{answer}");
         assert!(
             answer["error"].as_str().unwrap().starts_with(why),
+            "{answer}"
+        );
+    }
+
+    // Nor does a rogue's claim of a flood of failed logins count.
+    let insights = on(&solo.url, &["insights", "--output", "json"]).await;
+    assert!(
+        insights.status.success(),
+        "{}",
+        String::from_utf8_lossy(&insights.stderr)
+    );
+    let insights: Value = serde_json::from_slice(&insights.stdout).unwrap();
+    assert_eq!(insights["signals"], serde_json::json!([]), "{insights}");
+    assert_eq!(insights["partial"], true, "{insights}");
+    for name in ["r-stranger", "r-unsigned"] {
+        let answer = insights["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["replica"] == name)
+            .unwrap_or_else(|| panic!("{name} in {insights}"));
+        assert_eq!(answer["answered"], false, "{answer}");
+        assert!(
+            answer["error"]
+                .as_str()
+                .unwrap()
+                .starts_with("its answer is not signed by this fleet's key"),
             "{answer}"
         );
     }

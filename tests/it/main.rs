@@ -17,6 +17,7 @@ mod fleet;
 mod fuzz;
 mod governance;
 mod grpc_surface;
+mod insights;
 mod limits;
 mod mode_files;
 mod policy_decide;

@@ -440,10 +440,30 @@ impl PythonSubscriber {
         cases: &Path,
         min_revision: i64,
     ) -> Self {
+        Self::start_at(
+            &server.addr().to_string(),
+            channel,
+            id,
+            cases,
+            min_revision,
+            &[],
+        )
+    }
+
+    /// Like [`PythonSubscriber::start`], on `address`, with `extra` flags.
+    fn start_at(
+        address: &str,
+        channel: &str,
+        id: &str,
+        cases: &Path,
+        min_revision: i64,
+        extra: &[&str],
+    ) -> Self {
         let stderr = cases.with_file_name(format!("{id}.stderr"));
         let mut child = Command::new(python())
             .arg(client_dir().join("safemode_client.py"))
-            .args(["--server", &server.addr().to_string(), "--channel", channel])
+            .args(["--server", address, "--channel", channel])
+            .args(extra)
             .args(["--namespace", "live", "--subscriber-id", id])
             .arg("--cases")
             .arg(cases)
@@ -668,4 +688,64 @@ fn python_client_protocol_tests() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The Python client reports its decisions (insights count them) and, when
+/// its controller goes away, reconnects to the one restarted on the same
+/// address, naming the revision it holds.
+#[tokio::test(flavor = "multi_thread")]
+async fn python_subscriber_reports_and_reconnects() {
+    require_python();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data_arg = data.display().to_string();
+    let address = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().to_string()
+    };
+    let server = crate::support::ServeProcess::start_on(&address, &["--data-dir", &data_arg], &[]);
+    let cases = dir.path().join("cases.json");
+    let case = json!({"action": "account.email_change", "context": {"confidence": 0.3}});
+    std::fs::write(&cases, json!([case, case, case]).to_string()).unwrap();
+    let mut python =
+        PythonSubscriber::start_at(&address, "web", "py-report", &cases, 0, &["--report"]);
+    let first = python.answer();
+    assert_eq!(first["report"], "accepted", "{first}");
+    let insights = safemode(&["--server", &server.url, "--output", "json", "insights"]).await;
+    assert!(
+        insights.status.success(),
+        "{}",
+        String::from_utf8_lossy(&insights.stderr)
+    );
+    let insights: Value = serde_json::from_slice(&insights.stdout).unwrap();
+    assert_eq!(insights["decisions"], 3, "{insights}");
+
+    // The controller dies and comes back on the same address.
+    server.kill();
+    let server = crate::support::ServeProcess::start_on(&address, &["--data-dir", &data_arg], &[]);
+    let applied = safemode(&[
+        "--server",
+        &server.url,
+        "--output",
+        "json",
+        "mode",
+        "apply",
+        "bots-faq-only",
+        "--reason",
+        "python reconnect test",
+    ])
+    .await;
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+    let revision = serde_json::from_slice::<Value>(&applied.stdout).unwrap()["revision"]
+        .as_i64()
+        .expect("the change's revision");
+    let after = python.ask(&[case], revision);
+    assert_eq!(after["revision"], revision, "{after}");
+    assert!(after["reconnects"].as_u64().unwrap() >= 1, "{after}");
+    assert_eq!(after["report"], "accepted", "{after}");
+    python.finish();
 }

@@ -69,7 +69,7 @@ impl SubscriptionService for Rogue {
                     Some(FromClient::Hello(hello)) => heard.hellos.push(hello),
                     Some(FromClient::Reject(reject)) => heard.rejects.push(reject),
                     Some(FromClient::Ack(ack)) => heard.acks.push(ack.revision),
-                    // Reports are not what a rogue is about.
+                    // A rogue ignores what channels report.
                     Some(FromClient::Report(_)) | None => {}
                 }
             }

@@ -349,6 +349,8 @@ pub struct RawSubscriber {
     out: mpsc::Sender<SubscribeRequest>,
     /// The status the stream ended with, if it ended.
     pub ended: Arc<Mutex<Option<tonic::Status>>>,
+    /// The server's answers to the reports sent, in order.
+    pub answers: Arc<Mutex<Vec<proto::ReportAnswer>>>,
     task: JoinHandle<()>,
 }
 
@@ -414,11 +416,20 @@ impl RawSubscriber {
             .into_inner();
         let received = Arc::new(Mutex::new(Vec::new()));
         let ended = Arc::new(Mutex::new(None));
-        let (r, e, acks) = (received.clone(), ended.clone(), out.clone());
+        let answers = Arc::new(Mutex::new(Vec::new()));
+        let (r, e, acks, a) = (
+            received.clone(),
+            ended.clone(),
+            out.clone(),
+            answers.clone(),
+        );
         let task = tokio::spawn(async move {
             loop {
                 match inbound.message().await {
                     Ok(Some(message)) => {
+                        if let Some(Inbound::ReportAnswer(answer)) = &message.message {
+                            a.lock().unwrap().push(answer.clone());
+                        }
                         if let Some(Inbound::Snapshot(snapshot)) = message.message {
                             let revision = snapshot.revision;
                             r.lock().unwrap().push(snapshot);
@@ -445,8 +456,17 @@ impl RawSubscriber {
             received,
             out,
             ended,
+            answers,
             task,
         })
+    }
+
+    /// Sends `report` on the stream.
+    pub async fn report(&self, report: proto::Report) {
+        let message = SubscribeRequest {
+            message: Some(Outbound::Report(report)),
+        };
+        self.out.send(message).await.expect("stream open");
     }
 
     /// Tells the server this subscriber could not apply `revision`.

@@ -132,7 +132,7 @@ impl Rows {
         let mut sent = Rows::default();
         let mut biggest: Vec<(RowKey, u64)> =
             std::mem::take(&mut self.decisions).into_iter().collect();
-        biggest.sort_by(|a, b| b.1.cmp(&a.1));
+        biggest.sort_by_key(|row| std::cmp::Reverse(row.1));
         for (i, (k, n)) in biggest.into_iter().enumerate() {
             if i < MAX_DECISION_ROWS {
                 sent.decisions.insert(k, n);
@@ -142,7 +142,7 @@ impl Rows {
         }
         let mut signals: Vec<(SignalName, u64)> =
             std::mem::take(&mut self.signals).into_iter().collect();
-        signals.sort_by(|a, b| b.1.cmp(&a.1));
+        signals.sort_by_key(|row| std::cmp::Reverse(row.1));
         for (i, (k, n)) in signals.into_iter().enumerate() {
             if i < MAX_SIGNALS {
                 sent.signals.insert(k, n);

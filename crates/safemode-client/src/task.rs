@@ -422,7 +422,11 @@ impl Task {
             let receipt = if answer.accepted {
                 ReportReceipt::Accepted
             } else {
-                warn!(reason = %answer.reason, "the controller refused a report");
+                // Whoever asked for the report is told; a report of the
+                // background interval is logged.
+                if sent.ask.is_none() {
+                    warn!(reason = %answer.reason, "the controller refused a report");
+                }
                 if answer.retry_after_seconds > 0 {
                     reporting.carry.merge(sent.rows);
                 }

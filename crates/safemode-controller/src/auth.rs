@@ -91,7 +91,7 @@ impl Role {
         match self {
             Role::Admin => true,
             Role::Viewer => matches!(operation, Subscribe | Read | ReadAudit),
-            Role::Subscriber => matches!(operation, Subscribe),
+            Role::Subscriber => matches!(operation, Subscribe | Report),
             Role::Commander => {
                 matches!(operation, Subscribe | Read | ReadAudit | Change | Propose)
             }
@@ -100,6 +100,7 @@ impl Role {
             // always names its namespace, and it must be a drill's.
             Role::Drill => match operation {
                 Subscribe | Read => namespace.is_none_or(Namespace::is_drill),
+                Report => namespace.is_some_and(Namespace::is_drill),
                 Change | Approve | Propose => namespace.is_some_and(Namespace::is_drill),
                 ReadAudit => false,
             },
@@ -136,6 +137,10 @@ pub enum Operation {
     Change,
     /// Approve another principal's request.
     Approve,
+    /// Report what a channel decided and saw (counts and signals) over a
+    /// subscription: they feed insights and early-warning proposals, so
+    /// only channel services may (not a viewer watching the policy).
+    Report,
     /// Raise a proposal to declare an incident (an external detector).
     Propose,
 }
@@ -156,6 +161,7 @@ impl Operation {
             Operation::ReadAudit => "read the audit log",
             Operation::Change => "change modes or incidents",
             Operation::Approve => "approve requests",
+            Operation::Report => "report decisions and signals",
             Operation::Propose => "raise proposals",
         }
     }

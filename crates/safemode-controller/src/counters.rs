@@ -35,12 +35,13 @@ pub const KINDS: [AuditAction; 14] = [
 
 /// Every operation a call can be refused, in the order the counters keep
 /// them.
-pub const OPERATIONS: [Operation; 6] = [
+pub const OPERATIONS: [Operation; 7] = [
     Operation::Subscribe,
     Operation::Read,
     Operation::ReadAudit,
     Operation::Change,
     Operation::Approve,
+    Operation::Report,
     Operation::Propose,
 ];
 
@@ -52,6 +53,7 @@ pub fn operation_name(operation: Operation) -> &'static str {
         Operation::ReadAudit => "read_audit",
         Operation::Change => "change",
         Operation::Approve => "approve",
+        Operation::Report => "report",
         Operation::Propose => "propose",
     }
 }

@@ -20,17 +20,15 @@ use safemode_wire::proto;
 /// client's interval less some slack for timers and the network.
 pub const MIN_REPORT_GAP: Duration = Duration::from_secs(REPORT_EVERY.as_secs() - 2);
 
-/// Revisions a stream remembers having been sent, to check what its
-/// reports say they decided with.
-const REMEMBERED_REVISIONS: usize = 8;
-
-/// One stream's reporting: when it last reported, and the revisions it may
-/// report decisions for.
+/// One stream's reporting: when it last reported, and the newest revision
+/// its reports may name.
 #[derive(Debug)]
 pub struct Pace {
     last: Option<Instant>,
-    /// 0 (no policy), the revision its hello held, and the newest sent.
-    revisions: Vec<Revision>,
+    /// The newest revision the stream was sent, or its hello held: a
+    /// decision may have been made with any revision up to it (one applied
+    /// before a reconnect, too), never a later one.
+    newest: Revision,
 }
 
 impl Pace {
@@ -38,19 +36,13 @@ impl Pace {
     pub fn new(held: Revision) -> Self {
         Pace {
             last: None,
-            revisions: vec![0, held],
+            newest: held.max(0),
         }
     }
 
     /// The stream was sent `revision`.
     pub fn sent(&mut self, revision: Revision) {
-        if !self.revisions.contains(&revision) {
-            if self.revisions.len() >= REMEMBERED_REVISIONS {
-                // Keep 0 and the hello's; forget the oldest sent.
-                self.revisions.remove(2);
-            }
-            self.revisions.push(revision);
-        }
+        self.newest = self.newest.max(revision);
     }
 
     /// Checks `report` of a subscriber on `channel`, received `now`: the
@@ -67,19 +59,6 @@ impl Pace {
             reason,
             retry_after_seconds: retry_after,
         };
-        if let Some(last) = self.last {
-            let since = now.saturating_duration_since(last);
-            if since < MIN_REPORT_GAP {
-                let wait = (MIN_REPORT_GAP - since).as_secs_f64().ceil() as u32;
-                return Err(refuse(
-                    format!(
-                        "too soon: a subscriber reports at most every {}s; this report is dropped, send its counts with the next one in {wait}s",
-                        REPORT_EVERY.as_secs()
-                    ),
-                    wait.max(1),
-                ));
-            }
-        }
         let size = report.encoded_len();
         if size > MAX_REPORT_BYTES {
             return Err(refuse(
@@ -98,6 +77,19 @@ impl Pace {
                 ),
                 0,
             ));
+        }
+        if let Some(last) = self.last {
+            let since = now.saturating_duration_since(last);
+            if since < MIN_REPORT_GAP {
+                let wait = (MIN_REPORT_GAP - since).as_secs_f64().ceil() as u32;
+                return Err(refuse(
+                    format!(
+                        "too soon: a subscriber reports at most every {}s; this report is dropped, send its counts with the next one in {wait}s",
+                        REPORT_EVERY.as_secs()
+                    ),
+                    wait.max(1),
+                ));
+            }
         }
         let rows = self
             .rows(report, channel)
@@ -123,11 +115,12 @@ impl Pace {
             };
             let effect = EffectKind::parse(&d.effect)
                 .ok_or_else(|| format!("{}: unknown effect {:?}", at("effect"), cut(&d.effect)))?;
-            if !self.revisions.contains(&d.revision) {
+            if d.revision < 0 || d.revision > self.newest {
                 return Err(format!(
-                    "{}: this stream was never sent revision {}",
+                    "{}: this stream was never sent revision {} (the newest it was sent is {})",
                     at("revision"),
-                    d.revision
+                    d.revision,
+                    self.newest
                 ));
             }
             let context = d
@@ -177,6 +170,16 @@ impl Pace {
 /// At most 64 characters of a caller's string, for a message.
 fn cut(s: &str) -> String {
     s.chars().take(64).collect()
+}
+
+/// The answer that refuses `report` for `reason`.
+pub fn refused(report: &proto::Report, reason: String) -> proto::ReportAnswer {
+    proto::ReportAnswer {
+        sequence: report.sequence,
+        accepted: false,
+        reason,
+        retry_after_seconds: 0,
+    }
 }
 
 /// The answer to a report taken.

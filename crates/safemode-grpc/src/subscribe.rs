@@ -129,6 +129,12 @@ impl SubscriptionService for SubscriptionApi {
         // Only whoever may change a namespace makes this replica follow
         // it at will; a subscriber-only token can never squat the bound.
         let may_change = actor.may(Operation::Change, Some(&namespace)).is_ok();
+        // A viewer may watch the policy, but only channel services report
+        // (their counts feed insights and proposals).
+        let report_denied = actor
+            .may(Operation::Report, Some(&namespace))
+            .err()
+            .map(|denied| denied.to_string());
         self.controller
             .check_follow(&namespace, may_change)
             .await
@@ -165,6 +171,7 @@ impl SubscriptionService for SubscriptionApi {
             pace: Pace::new(hello.last_applied_revision),
             controller: self.controller.clone(),
             subscriber: id.into(),
+            denied: report_denied,
         });
         Ok(Response::new(Box::pin(session.into_stream())))
     }
@@ -185,6 +192,8 @@ struct Reporting {
     pace: Pace,
     controller: Arc<Controller>,
     subscriber: Arc<str>,
+    /// Why the stream's principal may not report, if it may not.
+    denied: Option<String>,
 }
 
 /// The server side of one stream.
@@ -449,13 +458,21 @@ impl Session {
             pace,
             controller,
             subscriber,
+            denied,
         }) = &mut self.reporting
         else {
             return;
         };
         let reports = controller.reports();
         let now = Timestamp::now();
-        let answer = match pace.check(report, self.subscription.channel, Instant::now()) {
+        let checked = match denied {
+            Some(denied) => Err(reports::refused(
+                report,
+                format!("{denied}; this report is dropped"),
+            )),
+            None => pace.check(report, self.subscription.channel, Instant::now()),
+        };
+        let answer = match checked {
             Ok(rows) => {
                 let current = self.subscription.views.borrow().revision;
                 reports.record(
