@@ -474,13 +474,6 @@ struct RogueReplica {
 
 #[tonic::async_trait]
 impl proto::fleet_service_server::FleetService for RogueReplica {
-    async fn replica_reports(
-        &self,
-        _request: tonic::Request<proto::ReplicaReportsRequest>,
-    ) -> Result<tonic::Response<proto::ReplicaReportsResponse>, tonic::Status> {
-        Err(tonic::Status::unimplemented("a rogue keeps no reports"))
-    }
-
     async fn replica_status(
         &self,
         request: tonic::Request<proto::ReplicaStatusRequest>,
