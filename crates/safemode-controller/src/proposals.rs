@@ -44,6 +44,14 @@ pub const TRIGGER_PRINCIPAL: &str = "trigger";
 /// The most proposals one list answers with (newest first).
 pub const MAX_LISTED: usize = 100;
 
+/// How many closed proposals a namespace keeps: raising one removes the
+/// oldest closed ones past this many (the audit log keeps every one).
+#[cfg(not(test))]
+pub(crate) const MAX_KEPT_CLOSED: usize = 200;
+/// A short bound, so a unit test can go past it.
+#[cfg(test)]
+pub(crate) const MAX_KEPT_CLOSED: usize = 3;
+
 /// The most characters of an external detector's summary.
 pub const MAX_SUMMARY_CHARS: usize = 500;
 
@@ -491,13 +499,20 @@ impl Controller {
                         serde_json::to_vec(&proposal).expect("proposals serialize"),
                     );
                     writes.uses_catalog();
+                    let removed = self.prune_closed(&mut writes, namespace).await?;
                     let audit = act.entry(
                         reason,
                         format!(
-                            "raised {}: {} because {}",
+                            "raised {}: {} because {}{}",
                             proposal.id,
                             proposal.question(),
-                            evidence.describe()
+                            evidence.describe(),
+                            match removed {
+                                0 => String::new(),
+                                n => format!(
+                                    "; removed the {n} oldest closed proposals past the newest {MAX_KEPT_CLOSED}"
+                                ),
+                            }
                         ),
                     );
                     Ok(writes.audited(
@@ -520,6 +535,32 @@ impl Controller {
                 namespace = %namespace, revision, principal = %actor.name, "proposal raised");
         }
         Ok(outcome)
+    }
+
+    /// Adds to `writes` the removal of the oldest closed proposals of
+    /// `namespace` past [`MAX_KEPT_CLOSED`], so the records stay bounded;
+    /// returns how many.
+    async fn prune_closed(&self, writes: &mut Writes, namespace: &Namespace) -> Result<usize> {
+        let prefix = self.config.layout.proposals_prefix(namespace);
+        let range = safemode_store::read_all(&*self.store, &prefix).await?;
+        let mut closed: Vec<(Timestamp, String, Revision)> = Vec::new();
+        for kv in range.kvs {
+            let proposal: Proposal =
+                serde_json::from_slice(&kv.value).map_err(|e| corrupt(&kv.key, e))?;
+            if let Some(at) = proposal.state.closed_at() {
+                closed.push((at, kv.key, kv.mod_revision));
+            }
+        }
+        if closed.len() <= MAX_KEPT_CLOSED {
+            return Ok(0);
+        }
+        closed.sort();
+        let excess = closed.len() - MAX_KEPT_CLOSED;
+        for (_, key, revision) in closed.into_iter().take(excess) {
+            writes.unchanged(key.clone(), revision);
+            writes.delete(key);
+        }
+        Ok(excess)
     }
 
     /// Accepts an open proposal, as `actor`: declares its incident at its
@@ -813,6 +854,72 @@ mod tests {
                 .unwrap(),
             None
         );
+        let (findings, _) = a.verify_audit().await.unwrap();
+        assert_eq!(findings.total, 0, "{:?}", findings.problems);
+    }
+
+    #[tokio::test]
+    async fn raising_removes_the_oldest_closed_proposals_past_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let [a, _] = replicas(&dir).await;
+        let live = Namespace::live();
+        let detector = Principal {
+            name: "alertmanager".into(),
+            roles: vec![Role::Detector],
+        };
+        let runbook = RunbookName::parse("fraud-spike").unwrap();
+        let mut ids = Vec::new();
+        for n in 0..=MAX_KEPT_CLOSED {
+            let raised = a
+                .raise_external(
+                    &live,
+                    &runbook,
+                    Severity::Sev3,
+                    &format!("spike {n}"),
+                    &Reason::parse("alert").unwrap(),
+                    &detector,
+                    None,
+                )
+                .await
+                .unwrap();
+            assert!(raised.created);
+            a.dismiss_proposal(
+                &live,
+                &raised.proposal.id,
+                Reason::parse("noise").unwrap(),
+                &commander(),
+                None,
+            )
+            .await
+            .unwrap();
+            ids.push(raised.proposal.id);
+        }
+        assert_eq!(
+            a.list_proposals(&live, true).await.unwrap().len(),
+            MAX_KEPT_CLOSED + 1
+        );
+        // The next raise keeps the newest closed ones only.
+        a.raise_external(
+            &live,
+            &runbook,
+            Severity::Sev3,
+            "spike again",
+            &Reason::parse("alert").unwrap(),
+            &detector,
+            None,
+        )
+        .await
+        .unwrap();
+        let kept: Vec<ProposalId> = a
+            .list_proposals(&live, true)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|p| p.id)
+            .collect();
+        assert_eq!(kept.len(), MAX_KEPT_CLOSED + 1, "{kept:?}");
+        assert!(!kept.contains(&ids[0]), "{kept:?}");
+        assert!(ids[1..].iter().all(|id| kept.contains(id)), "{kept:?}");
         let (findings, _) = a.verify_audit().await.unwrap();
         assert_eq!(findings.total, 0, "{:?}", findings.problems);
     }
