@@ -327,6 +327,141 @@ pub(super) async fn withdraw(
     emit(output::show(format, &output::Withdrawn::from(response)))
 }
 
+/// `safemode proposals`, and accepting, dismissing and raising one.
+pub(super) async fn proposals(
+    servers: &[String],
+    caller: &Caller,
+    format: Format,
+    args: super::ProposalsArgs,
+) -> anyhow::Result<()> {
+    use super::ProposalsCommand::*;
+    let proposal_id = |id: &str| {
+        safemode_controller::ProposalId::parse(id)
+            .map(|id| id.to_string())
+            .map_err(|e| anyhow!("{e}; `safemode proposals` lists the open ones"))
+    };
+    match args.command {
+        None => {
+            let namespace = parse_namespace(&args.namespace)?;
+            let mut client = control(servers, caller).await?;
+            let response = client
+                .list_proposals(proto::ListProposalsRequest {
+                    namespace: namespace.to_string(),
+                    include_closed: args.all,
+                })
+                .await
+                .map_err(refused)?;
+            emit(output::show(
+                format,
+                &output::Proposals::new(namespace.to_string(), response.into_inner(), args.all),
+            ))
+        }
+        Some(Accept {
+            proposal_id: id,
+            reason,
+            namespace,
+        }) => {
+            let namespace = parse_namespace(&namespace)?;
+            let request = proto::AcceptProposalRequest {
+                namespace: namespace.to_string(),
+                proposal_id: proposal_id(&id)?,
+                reason,
+                change_id: String::new(),
+            };
+            let response = retry::write(
+                servers,
+                caller,
+                "proposals accept",
+                |mut client, change_id| {
+                    let request = proto::AcceptProposalRequest {
+                        change_id,
+                        ..request.clone()
+                    };
+                    Box::pin(async move { client.accept_proposal(request).await })
+                },
+            )
+            .await?;
+            emit(output::show(
+                format,
+                &output::ProposalAccepted::new(request.proposal_id.clone(), response),
+            ))
+        }
+        Some(Dismiss {
+            proposal_id: id,
+            reason,
+            namespace,
+        }) => {
+            let namespace = parse_namespace(&namespace)?;
+            let request = proto::DismissProposalRequest {
+                namespace: namespace.to_string(),
+                proposal_id: proposal_id(&id)?,
+                reason,
+                change_id: String::new(),
+            };
+            let response = retry::write(
+                servers,
+                caller,
+                "proposals dismiss",
+                |mut client, change_id| {
+                    let request = proto::DismissProposalRequest {
+                        change_id,
+                        ..request.clone()
+                    };
+                    Box::pin(async move { client.dismiss_proposal(request).await })
+                },
+            )
+            .await?;
+            emit(output::show(
+                format,
+                &output::ProposalDismissed::from(response),
+            ))
+        }
+        Some(Raise {
+            runbook,
+            severity,
+            summary,
+            reason,
+            namespace,
+        }) => {
+            let namespace = parse_namespace(&namespace)?;
+            RunbookName::parse(&runbook).map_err(|e| anyhow!("--type: {e}"))?;
+            Severity::parse(&severity).map_err(|e| anyhow!("--severity: {e}"))?;
+            let chars = summary.trim().chars().count();
+            if chars == 0 || chars > safemode_controller::MAX_SUMMARY_CHARS {
+                bail!(
+                    "--summary: say what the detector saw in one line of 1 to {} characters",
+                    safemode_controller::MAX_SUMMARY_CHARS
+                );
+            }
+            let request = proto::RaiseProposalRequest {
+                namespace: namespace.to_string(),
+                r#type: runbook,
+                severity,
+                summary,
+                reason,
+                change_id: String::new(),
+            };
+            let response = retry::write(
+                servers,
+                caller,
+                "proposals raise",
+                |mut client, change_id| {
+                    let request = proto::RaiseProposalRequest {
+                        change_id,
+                        ..request.clone()
+                    };
+                    Box::pin(async move { client.raise_proposal(request).await })
+                },
+            )
+            .await?;
+            emit(output::show(
+                format,
+                &output::ProposalRaised::from(response),
+            ))
+        }
+    }
+}
+
 pub(super) async fn requests(
     servers: &[String],
     caller: &Caller,

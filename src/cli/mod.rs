@@ -154,6 +154,9 @@ enum Command {
         #[arg(long, value_parser = reason_arg)]
         reason: Option<String>,
     },
+    /// Early-warning proposals: list them (open ones), accept one (declares
+    /// its incident), dismiss one, or raise one as an external detector.
+    Proposals(ProposalsArgs),
     /// List requests waiting for a second approver.
     Requests {
         /// Also the approved, superseded, expired and withdrawn ones.
@@ -321,7 +324,7 @@ enum TokenCommand {
         #[arg(long)]
         principal: String,
         /// A role (comma-separated, or repeated): viewer, subscriber, commander,
-        /// approver, drill, admin.
+        /// approver, drill, admin, detector (raises proposals only).
         #[arg(long = "role", required = true, value_delimiter = ',')]
         roles: Vec<String>,
     },
@@ -674,6 +677,62 @@ struct SignalArgs {
 }
 
 #[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+struct ProposalsArgs {
+    #[command(subcommand)]
+    command: Option<ProposalsCommand>,
+    /// Also the accepted and dismissed ones.
+    #[arg(long)]
+    all: bool,
+    #[command(flatten)]
+    namespace: NamespaceArg,
+}
+
+#[derive(Subcommand, Debug)]
+enum ProposalsCommand {
+    /// Accept an open proposal: declares its incident at its severity (the
+    /// incident's timeline cites the evidence). Needs the commander role.
+    Accept {
+        /// The proposal (prp_...), from `safemode proposals`.
+        proposal_id: String,
+        /// Why.
+        #[arg(long, required = true, value_parser = reason_arg)]
+        reason: String,
+        #[command(flatten)]
+        namespace: NamespaceArg,
+    },
+    /// Dismiss an open proposal: nothing is declared. Needs the commander
+    /// role.
+    Dismiss {
+        /// The proposal (prp_...), from `safemode proposals`.
+        proposal_id: String,
+        /// Why it is not an incident (kept in the audit log).
+        #[arg(long, required = true, value_parser = reason_arg)]
+        reason: String,
+        #[command(flatten)]
+        namespace: NamespaceArg,
+    },
+    /// Raise a proposal as an external detector (a monitoring alert):
+    /// never declares anything. Needs the detector or commander role.
+    Raise {
+        /// The incident type (runbook) to propose, e.g. credential-stuffing.
+        #[arg(long = "type")]
+        runbook: String,
+        /// The stage to propose: sev4, sev3, sev2 or sev1.
+        #[arg(long)]
+        severity: String,
+        /// What the detector saw: one line, at most 500 characters.
+        #[arg(long)]
+        summary: String,
+        /// Why (the alert's name, say), as audited.
+        #[arg(long, required = true, value_parser = reason_arg)]
+        reason: String,
+        #[command(flatten)]
+        namespace: NamespaceArg,
+    },
+}
+
+#[derive(Args, Debug)]
 struct InsightsArgs {
     #[command(flatten)]
     namespace: NamespaceArg,
@@ -752,7 +811,8 @@ fn client_flags_used(path: &str) -> &'static [&'static str] {
     match path {
         // Changes: a change id names them across retries.
         "mode apply" | "mode lift" | "incident declare" | "incident escalate"
-        | "incident resolve" | "approve" | "withdraw" => &CLIENT_FLAGS,
+        | "incident resolve" | "approve" | "withdraw" | "proposals accept"
+        | "proposals dismiss" | "proposals raise" => &CLIENT_FLAGS,
         // No controller involved.
         "serve" | "completions" | "key public" => &[],
         "runbook lint" | "token create" => &["output"],
@@ -1167,7 +1227,17 @@ async fn dispatch(
             let response = safemode_wire::full_status_of(&mut client, request)
                 .await
                 .map_err(refused)?;
-            let status = output::Status::from(response);
+            // Open proposals: what a commander should decide next. A store
+            // that does not answer already shows in the status.
+            let proposals = client
+                .list_proposals(proto::ListProposalsRequest {
+                    namespace: namespace.to_string(),
+                    include_closed: false,
+                })
+                .await
+                .map(|r| r.into_inner())
+                .unwrap_or_default();
+            let status = output::Status::from(response).with_proposals(proposals);
             emit(output::show(format, &status))?;
             // Shown, and still a failure: nothing can be changed now, and
             // what is shown may be out of date.
@@ -1259,6 +1329,7 @@ async fn dispatch(
         Command::Withdraw { request_id, reason } => {
             governance::withdraw(&servers, caller, format, &request_id, reason).await
         }
+        Command::Proposals(args) => governance::proposals(&servers, caller, format, args).await,
         Command::Requests { all, namespace } => {
             let namespace = parse_namespace(&namespace)?;
             governance::requests(&servers, caller, format, &namespace, all).await

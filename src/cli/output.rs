@@ -733,6 +733,8 @@ pub struct Status {
     problems: Vec<String>,
     /// Absent from a server that does not say.
     store: Option<StoreHealth>,
+    /// Early-warning proposals waiting for a commander, newest first.
+    open_proposals: Vec<Proposal>,
 }
 
 /// How many subscribers of one channel are in each state.
@@ -860,6 +862,17 @@ impl StoreHealth {
 const NAMED_NOT_SYNCED: usize = 10;
 
 impl Status {
+    /// The status with the namespace's open proposals (`ListProposals`).
+    pub fn with_proposals(mut self, proposals: proto::ListProposalsResponse) -> Self {
+        self.open_proposals = proposals
+            .proposals
+            .into_iter()
+            .map(Proposal::from)
+            .filter(|p| p.state == "open")
+            .collect();
+        self
+    }
+
     /// Subscribers that are not SYNCED, and replicas that did not answer,
     /// in one line; `None` when every subscriber of a whole answer is
     /// SYNCED and there is at least one (of `channel`, when the status was
@@ -1032,6 +1045,7 @@ impl From<proto::GetStatusResponse> for Status {
                 .collect(),
             problems: s.problems,
             store: s.store.map(StoreHealth::from),
+            open_proposals: Vec::new(),
         }
     }
 }
@@ -1060,6 +1074,16 @@ impl View for Status {
         }
         for problem in &self.problems {
             say!(out, "PROBLEM: {problem}");
+        }
+        if !self.open_proposals.is_empty() {
+            say!(
+                out,
+                "OPEN PROPOSALS ({}): `safemode proposals accept ID --reason R` declares, `safemode proposals dismiss ID --reason R` does not",
+                self.open_proposals.len()
+            );
+            for p in &self.open_proposals {
+                say!(out, "  {} {}: {}", p.id, p.question, p.evidence);
+            }
         }
         if !self.channels.is_empty() {
             say!(out);
@@ -2837,5 +2861,247 @@ impl View for Insights {
         for problem in &self.problems {
             say!(out, "PROBLEM: {problem}");
         }
+    }
+}
+
+// === proposals ===
+
+/// One early-warning proposal.
+#[derive(Serialize)]
+struct Proposal {
+    id: String,
+    namespace: String,
+    #[serde(rename = "type")]
+    kind: String,
+    severity: String,
+    /// "declare credential-stuffing sev3?"
+    question: String,
+    /// trigger or external.
+    source: String,
+    /// The evidence in one line.
+    evidence: String,
+    signal: Option<String>,
+    count: Option<u64>,
+    above: Option<u64>,
+    within_seconds: Option<u32>,
+    channels: Vec<ProposalChannel>,
+    partial: bool,
+    summary: Option<String>,
+    raised_by: String,
+    raised_at: Time,
+    /// open, accepted or dismissed.
+    state: String,
+    closed_by: Option<String>,
+    closed_at: Time,
+    closed_reason: Option<String>,
+    incident_id: Option<String>,
+}
+
+#[derive(Serialize)]
+struct ProposalChannel {
+    channel: String,
+    count: u64,
+}
+
+impl From<proto::Proposal> for Proposal {
+    fn from(p: proto::Proposal) -> Self {
+        let trigger = p.source == "trigger";
+        Proposal {
+            id: p.id,
+            namespace: p.namespace,
+            kind: p.r#type,
+            severity: p.severity,
+            question: p.question,
+            source: p.source,
+            evidence: p.evidence,
+            signal: given(p.signal),
+            count: trigger.then_some(p.count),
+            above: trigger.then_some(p.above),
+            within_seconds: trigger.then_some(p.within_seconds),
+            channels: p
+                .channels
+                .into_iter()
+                .map(|c| ProposalChannel {
+                    channel: c.channel,
+                    count: c.count,
+                })
+                .collect(),
+            partial: p.partial,
+            summary: given(p.summary),
+            raised_by: p.raised_by,
+            raised_at: p.raised_at.into(),
+            state: p.state,
+            closed_by: given(p.closed_by),
+            closed_at: p.closed_at.into(),
+            closed_reason: given(p.closed_reason),
+            incident_id: given(p.incident_id),
+        }
+    }
+}
+
+impl Proposal {
+    /// "open", "accepted by bob (inc_x)", "dismissed by bob".
+    fn state_text(&self) -> String {
+        match (&self.closed_by, &self.incident_id) {
+            (Some(by), Some(incident)) => format!("{} by {by} ({incident})", self.state),
+            (Some(by), None) => format!("{} by {by}", self.state),
+            _ => self.state.clone(),
+        }
+    }
+}
+
+/// `safemode proposals`.
+#[derive(Serialize)]
+pub struct Proposals {
+    namespace: String,
+    proposals: Vec<Proposal>,
+    /// Whether closed ones were asked for too (`--all`).
+    #[serde(skip)]
+    all: bool,
+}
+
+impl Proposals {
+    /// The answer to `safemode proposals` in `namespace`.
+    pub fn new(namespace: String, response: proto::ListProposalsResponse, all: bool) -> Self {
+        Proposals {
+            namespace,
+            proposals: response.proposals.into_iter().map(Proposal::from).collect(),
+            all,
+        }
+    }
+}
+
+impl View for Proposals {
+    fn render(&self, out: &mut Text) {
+        if self.proposals.is_empty() {
+            if self.all {
+                say!(out, "no proposals in namespace {}", self.namespace);
+            } else {
+                say!(out, "no open proposals in namespace {}", self.namespace);
+            }
+            return;
+        }
+        let rows: Vec<[String; 6]> = self
+            .proposals
+            .iter()
+            .map(|p| {
+                [
+                    p.id.clone(),
+                    p.state_text(),
+                    p.question.clone(),
+                    p.raised_by.clone(),
+                    p.raised_at.to_string(),
+                    p.evidence.clone(),
+                ]
+            })
+            .collect();
+        out.table(
+            [
+                "PROPOSAL",
+                "STATE",
+                "PROPOSES",
+                "RAISED BY",
+                "RAISED AT",
+                "EVIDENCE",
+            ],
+            &rows,
+        );
+        if self.proposals.iter().any(|p| p.state == "open") {
+            say!(
+                out,
+                "accept (declares the incident): safemode proposals accept ID --reason R; dismiss: safemode proposals dismiss ID --reason R"
+            );
+        }
+    }
+}
+
+/// `safemode proposals accept`: the incident it declared.
+#[derive(Serialize)]
+pub struct ProposalAccepted {
+    proposal_id: String,
+    #[serde(flatten)]
+    change: IncidentChanged,
+}
+
+impl ProposalAccepted {
+    pub fn new(proposal_id: String, change: proto::IncidentChange) -> Self {
+        ProposalAccepted {
+            proposal_id,
+            change: IncidentChanged::new("declared", change),
+        }
+    }
+}
+
+impl View for ProposalAccepted {
+    fn render(&self, out: &mut Text) {
+        say!(out, "accepted proposal {}", self.proposal_id);
+        self.change.render(out);
+    }
+}
+
+/// `safemode proposals dismiss`.
+#[derive(Serialize)]
+pub struct ProposalDismissed {
+    proposal: Proposal,
+    revision: i64,
+}
+
+impl From<proto::DismissProposalResponse> for ProposalDismissed {
+    fn from(response: proto::DismissProposalResponse) -> Self {
+        ProposalDismissed {
+            proposal: response.proposal.unwrap_or_default().into(),
+            revision: response.revision,
+        }
+    }
+}
+
+impl View for ProposalDismissed {
+    fn render(&self, out: &mut Text) {
+        let p = &self.proposal;
+        say!(
+            out,
+            "dismissed {} ({}); nothing was declared: {}",
+            p.id,
+            p.question,
+            p.closed_reason.as_deref().unwrap_or_default()
+        );
+    }
+}
+
+/// `safemode proposals raise`.
+#[derive(Serialize)]
+pub struct ProposalRaised {
+    proposal: Proposal,
+    created: bool,
+}
+
+impl From<proto::RaiseProposalResponse> for ProposalRaised {
+    fn from(response: proto::RaiseProposalResponse) -> Self {
+        ProposalRaised {
+            proposal: response.proposal.unwrap_or_default().into(),
+            created: response.created,
+        }
+    }
+}
+
+impl View for ProposalRaised {
+    fn render(&self, out: &mut Text) {
+        let p = &self.proposal;
+        if self.created {
+            say!(out, "raised {}: {} {}", p.id, p.question, p.evidence);
+        } else {
+            say!(
+                out,
+                "{} is already open for this: {} {}",
+                p.id,
+                p.question,
+                p.evidence
+            );
+        }
+        say!(
+            out,
+            "nothing is declared until a commander accepts it (safemode proposals accept {} --reason R)",
+            p.id
+        );
     }
 }

@@ -22,6 +22,7 @@ mod limits;
 mod mode_files;
 mod policy_decide;
 mod policy_merge;
+mod proposals;
 mod python_client;
 mod replicas;
 mod restart;

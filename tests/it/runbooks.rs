@@ -520,7 +520,7 @@ fn bad_runbooks_are_refused_where_they_go_wrong() {
                 "      - {channel: web, action: account.password_reset, effect: deny}",
             ],
             &[
-                "4:1: unknown field `severity`, expected one of title, summary, owners, lift_requires_approval, review_interval, exit_criteria, customer_message, agent_script, drill, stages",
+                "4:1: unknown field `severity`, expected one of title, summary, owners, lift_requires_approval, review_interval, exit_criteria, customer_message, agent_script, drill, stages, triggers",
             ],
         ),
         bad(
@@ -991,6 +991,144 @@ fn the_file_name_must_be_the_incident_type() {
             "Fraud_Spike.yaml:1:1: the file name must be the incident type: bad runbook name 'Fraud_Spike': use 1 to 63 lowercase letters, digits and inner dashes"
         ]
     );
+}
+
+// === Triggers ===
+
+/// A runbook with two stages (sev3, sev2) and `triggers`, as lines.
+const TRIGGER_HEAD: &[&str] = &[
+    "title: Test",
+    "summary: A test runbook",
+    "owners: [team@example.com]",
+    "review_interval: 30m",
+    "exit_criteria: [Quiet for a day]",
+    "stages:",
+    "  - severity: sev3",
+    "    modes: [freeze-credential-changes]",
+    "    expect:",
+    "      - {channel: web, action: account.password_reset, effect: deny}",
+    "triggers:",
+];
+
+fn with_triggers(lines: &[&'static str]) -> &'static [&'static str] {
+    let all: Vec<&'static str> = TRIGGER_HEAD.iter().chain(lines).copied().collect();
+    Box::leak(all.into_boxed_slice())
+}
+
+#[test]
+fn a_trigger_is_read_with_its_window_and_stage() {
+    let text = with_triggers(&[
+        "  - {signal: login.failed, above: 200, within: 5m, severity: sev3}",
+        "  - {signal: password_reset.requested, above: 1, within: 10s, severity: sev3}",
+    ])
+    .join("\n");
+    let runbook = parse_runbook(FILE, "bad-runbook", &text, &standard_modes()).unwrap();
+    let shown: Vec<String> = runbook.triggers.iter().map(|t| t.describe()).collect();
+    assert_eq!(
+        shown,
+        [
+            "login.failed above 200 within 5m -> sev3",
+            "password_reset.requested above 1 within 10s -> sev3"
+        ]
+    );
+    assert!(!runbook.triggers[0].fires(200));
+    assert!(runbook.triggers[0].fires(201));
+}
+
+#[test]
+fn bad_triggers_are_refused_where_they_go_wrong() {
+    let cases = [
+        (
+            "not a list",
+            with_triggers(&["  signal: login.failed"]),
+            vec!["12:3: triggers must be a list"],
+        ),
+        (
+            "bad signal name",
+            with_triggers(&["  - {signal: Login-Failed, above: 200, within: 5m, severity: sev3}"]),
+            vec!["12:14: bad signal name 'Login-Failed'"],
+        ),
+        (
+            "above zero",
+            with_triggers(&["  - {signal: login.failed, above: 0, within: 5m, severity: sev3}"]),
+            vec!["12:35: above must be a whole number from 1"],
+        ),
+        (
+            "above not a number",
+            with_triggers(&["  - {signal: login.failed, above: many, within: 5m, severity: sev3}"]),
+            vec![
+                "12:35: above must be a whole number from 1 to 4294967295, the count summed across the fleet that fires the trigger; found many",
+            ],
+        ),
+        (
+            "window too long",
+            with_triggers(&["  - {signal: login.failed, above: 2, within: 1h, severity: sev3}"]),
+            vec!["12:46: within must be from 10s to 15m in whole steps of 10s"],
+        ),
+        (
+            "window not a step",
+            with_triggers(&["  - {signal: login.failed, above: 2, within: 15s, severity: sev3}"]),
+            vec!["12:46: within must be from 10s to 15m in whole steps of 10s"],
+        ),
+        (
+            "window not a duration",
+            with_triggers(&["  - {signal: login.failed, above: 2, within: soon, severity: sev3}"]),
+            vec!["12:46: bad duration 'soon' for within"],
+        ),
+        (
+            "a stage the runbook lacks",
+            with_triggers(&["  - {signal: login.failed, above: 2, within: 5m, severity: sev1}"]),
+            vec!["12:60: the runbook has no sev1 stage to propose; its stages are sev3"],
+        ),
+        (
+            "missing fields",
+            with_triggers(&["  - {signal: login.failed}"]),
+            vec![
+                "12:5: missing field `above`",
+                "12:5: missing field `within`",
+                "12:5: missing field `severity`",
+            ],
+        ),
+        (
+            "unknown field",
+            with_triggers(&[
+                "  - {signal: login.failed, above: 2, within: 5m, severity: sev3, below: 3}",
+            ]),
+            vec!["12:66: unknown field `below`, expected one of signal, above, within, severity"],
+        ),
+        (
+            "the same signal twice for one stage",
+            with_triggers(&[
+                "  - {signal: login.failed, above: 2, within: 5m, severity: sev3}",
+                "  - {signal: login.failed, above: 9, within: 1m, severity: sev3}",
+            ]),
+            vec!["13:5: a trigger on login.failed for sev3 is already at line 12"],
+        ),
+        (
+            "too many",
+            with_triggers(&[
+                "  - {signal: a1, above: 2, within: 5m, severity: sev3}",
+                "  - {signal: a2, above: 2, within: 5m, severity: sev3}",
+                "  - {signal: a3, above: 2, within: 5m, severity: sev3}",
+                "  - {signal: a4, above: 2, within: 5m, severity: sev3}",
+                "  - {signal: a5, above: 2, within: 5m, severity: sev3}",
+                "  - {signal: a6, above: 2, within: 5m, severity: sev3}",
+                "  - {signal: a7, above: 2, within: 5m, severity: sev3}",
+                "  - {signal: a8, above: 2, within: 5m, severity: sev3}",
+                "  - {signal: a9, above: 2, within: 5m, severity: sev3}",
+            ]),
+            vec!["12:3: 9 triggers, more than the 8 a runbook may carry"],
+        ),
+    ];
+    let failures: Vec<String> = cases
+        .iter()
+        .filter_map(|(case, lines, errors)| {
+            check(lines, errors)
+                .err()
+                .map(|e| format!("case '{case}':\n{e}"))
+        })
+        .collect();
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 
 // === Directories and lint ===

@@ -295,8 +295,8 @@ pub struct Principals {
 
 impl Principals {
     /// A principal named after each role (admin, approver, commander, drill,
-    /// subscriber, viewer), a second approver `approver2`, and a second
-    /// commander `commander2`.
+    /// subscriber, viewer, detector), a second approver `approver2`, and a
+    /// second commander `commander2`.
     pub fn new() -> Self {
         use safemode_controller::auth::{Role, create_token};
         let people: &[(&str, Role)] = &[
@@ -308,6 +308,7 @@ impl Principals {
             ("approver2", Role::Approver),
             ("drill", Role::Drill),
             ("admin", Role::Admin),
+            ("detector", Role::Detector),
         ];
         let mut lines = String::from("# tokens for the tests\n");
         let mut tokens = std::collections::HashMap::new();

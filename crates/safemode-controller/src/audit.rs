@@ -98,6 +98,13 @@ pub enum AuditAction {
     /// The log's head was found missing and the log continued after its
     /// last entry.
     HeadRestored,
+    /// A proposal to declare an incident was raised (by a runbook trigger
+    /// or an external detector): nothing was declared.
+    Propose,
+    /// A proposal was accepted: its incident was declared.
+    Accept,
+    /// A proposal was dismissed, with a reason.
+    Dismiss,
 }
 
 impl AuditAction {
@@ -115,6 +122,9 @@ impl AuditAction {
             AuditAction::Refused => "refused",
             AuditAction::AdoptCatalog => "adopt_catalog",
             AuditAction::HeadRestored => "head_restored",
+            AuditAction::Propose => "propose",
+            AuditAction::Accept => "accept",
+            AuditAction::Dismiss => "dismiss",
         }
     }
 }

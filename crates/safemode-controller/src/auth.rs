@@ -40,16 +40,21 @@ pub enum Role {
     Drill,
     /// Everything.
     Admin,
+    /// Raises proposals, and nothing else: the token an external detector
+    /// (a monitoring alert calling a webhook) holds. A proposal never
+    /// declares anything; a commander turns it into an incident.
+    Detector,
 }
 
 /// Every role, in order.
-pub const ROLES: [Role; 6] = [
+pub const ROLES: [Role; 7] = [
     Role::Viewer,
     Role::Subscriber,
     Role::Commander,
     Role::Approver,
     Role::Drill,
     Role::Admin,
+    Role::Detector,
 ];
 
 impl Role {
@@ -62,6 +67,7 @@ impl Role {
             Role::Approver => "approver",
             Role::Drill => "drill",
             Role::Admin => "admin",
+            Role::Detector => "detector",
         }
     }
 
@@ -86,16 +92,19 @@ impl Role {
             Role::Admin => true,
             Role::Viewer => matches!(operation, Subscribe | Read | ReadAudit),
             Role::Subscriber => matches!(operation, Subscribe | Report),
-            Role::Commander => matches!(operation, Subscribe | Read | ReadAudit | Change),
+            Role::Commander => {
+                matches!(operation, Subscribe | Read | ReadAudit | Change | Propose)
+            }
             Role::Approver => matches!(operation, Subscribe | Read | ReadAudit | Approve),
             // Reads of no namespace (the catalogue) are harmless; a write
             // always names its namespace, and it must be a drill's.
             Role::Drill => match operation {
                 Subscribe | Read => namespace.is_none_or(Namespace::is_drill),
                 Report => namespace.is_some_and(Namespace::is_drill),
-                Change | Approve => namespace.is_some_and(Namespace::is_drill),
+                Change | Approve | Propose => namespace.is_some_and(Namespace::is_drill),
                 ReadAudit => false,
             },
+            Role::Detector => matches!(operation, Propose),
         }
     }
 }
@@ -132,12 +141,17 @@ pub enum Operation {
     /// subscription: they feed insights and early-warning proposals, so
     /// only channel services may (not a viewer watching the policy).
     Report,
+    /// Raise a proposal to declare an incident (an external detector).
+    Propose,
 }
 
 impl Operation {
     /// Whether the operation changes state (its refusals are audited).
     pub fn writes(self) -> bool {
-        matches!(self, Operation::Change | Operation::Approve)
+        matches!(
+            self,
+            Operation::Change | Operation::Approve | Operation::Propose
+        )
     }
 
     fn describe(self) -> &'static str {
@@ -148,6 +162,7 @@ impl Operation {
             Operation::Change => "change modes or incidents",
             Operation::Approve => "approve requests",
             Operation::Report => "report decisions and signals",
+            Operation::Propose => "raise proposals",
         }
     }
 }
@@ -667,6 +682,17 @@ mod tests {
             (&[Role::Drill], ReadAudit, None, false),
             (&[Role::Admin], Approve, Some(&live), true),
             (&[Role::Viewer, Role::Commander], Change, Some(&live), true),
+            // Proposals: a detector raises them and does nothing else; a
+            // commander raises and decides them (Change).
+            (&[Role::Detector], Propose, Some(&live), true),
+            (&[Role::Detector], Change, Some(&live), false),
+            (&[Role::Detector], Read, Some(&live), false),
+            (&[Role::Detector], Subscribe, Some(&live), false),
+            (&[Role::Commander], Propose, Some(&live), true),
+            (&[Role::Viewer], Propose, Some(&live), false),
+            (&[Role::Approver], Propose, Some(&live), false),
+            (&[Role::Drill], Propose, Some(&drill), true),
+            (&[Role::Drill], Propose, Some(&live), false),
         ];
         for (roles, operation, namespace, allowed) in cases {
             let got = principal(roles).may(*operation, *namespace).is_ok();

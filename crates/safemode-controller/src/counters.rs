@@ -16,7 +16,7 @@ use crate::auth::Operation;
 use crate::subscribers::SubscriberState;
 
 /// Every audited action, in the order the counters keep them.
-pub const KINDS: [AuditAction; 11] = [
+pub const KINDS: [AuditAction; 14] = [
     AuditAction::Apply,
     AuditAction::Lift,
     AuditAction::Declare,
@@ -28,17 +28,21 @@ pub const KINDS: [AuditAction; 11] = [
     AuditAction::Refused,
     AuditAction::AdoptCatalog,
     AuditAction::HeadRestored,
+    AuditAction::Propose,
+    AuditAction::Accept,
+    AuditAction::Dismiss,
 ];
 
 /// Every operation a call can be refused, in the order the counters keep
 /// them.
-pub const OPERATIONS: [Operation; 6] = [
+pub const OPERATIONS: [Operation; 7] = [
     Operation::Subscribe,
     Operation::Read,
     Operation::ReadAudit,
     Operation::Change,
     Operation::Approve,
     Operation::Report,
+    Operation::Propose,
 ];
 
 /// An operation's name in metrics.
@@ -50,6 +54,7 @@ pub fn operation_name(operation: Operation) -> &'static str {
         Operation::Change => "change",
         Operation::Approve => "approve",
         Operation::Report => "report",
+        Operation::Propose => "propose",
     }
 }
 
@@ -184,6 +189,9 @@ pub struct NamespaceStoreGauges {
     /// Change requests waiting for an approver; `None` when the store did
     /// not answer.
     pub pending_requests: Option<usize>,
+    /// Proposals waiting for a commander; `None` when the store did not
+    /// answer.
+    pub open_proposals: Option<usize>,
     /// The namespace's last change in the store minus this replica's;
     /// `None` when the store did not answer.
     pub lag_revisions: Option<i64>,

@@ -104,6 +104,27 @@ pub struct IncidentOutcome {
     pub preview: Option<Preview>,
 }
 
+/// What preparing a declaration came to.
+pub(crate) enum Declaring {
+    /// It is refused; nothing is written.
+    Refused(Error),
+    /// These writes declare it, recorded by its audit entry.
+    Ready(Box<Declaration>),
+}
+
+/// A declaration prepared: its writes, the incident, the activations its
+/// stage creates, and the audit entry that records them.
+pub(crate) struct Declaration {
+    /// The writes.
+    pub writes: Writes,
+    /// The incident declared.
+    pub incident: Incident,
+    /// The activations its stage creates.
+    pub applied: Vec<Activation>,
+    /// The change's audit entry.
+    pub audit: crate::audit::AuditDraft,
+}
+
 /// How an incident's activations change to reach a stage.
 pub(crate) struct StagePlan {
     /// Activations that stay (same mode, channels and rules).
@@ -346,7 +367,6 @@ impl Controller {
         let stage = stage(&runbook, request.severity)?;
         let (request, runbook) = (&request, &runbook);
         let namespace = &request.namespace;
-        let reason = request.reason.as_str();
         let dry_run = DryRun::when(request.dry_run);
         let act = &Act {
             action: AuditAction::Declare,
@@ -358,84 +378,23 @@ impl Controller {
         let (outcome, revision) = self
             .commit_change(act, |_view| {
                 Box::pin(async move {
-                    let pointer = self
-                        .config
-                        .layout
-                        .active_incident_key(namespace, &request.runbook);
-                    let range = self.store.range(&pointer).await?;
-                    if let Some(kv) = range.kvs.iter().find(|kv| kv.key == pointer) {
-                        return Ok(Plan::answer(Err(Error::AlreadyDeclared {
-                            id: String::from_utf8_lossy(&kv.value).into_owned(),
-                            runbook: request.runbook.to_string(),
-                            namespace: namespace.clone(),
-                        })));
-                    }
-                    let at = Timestamp::now();
-                    let id = IncidentId::random();
-                    let change = Change {
-                        principal: request.actor.name.clone(),
-                        reason: request.reason.clone(),
-                        at,
-                        incident_id: Some(id.to_string()),
-                    };
-                    let staged =
-                        self.stage_plan(runbook, stage, request.channels, Vec::new(), &change);
-                    if staged.apply.is_empty() {
-                        return Ok(Plan::answer(Err(Error::NothingToApply(format!(
-                            "runbook {} applies nothing at {} on {}",
-                            runbook.name, request.severity, request.channels
-                        )))));
-                    }
-                    let incident = Incident {
-                        id: id.clone(),
-                        runbook: runbook.name.clone(),
-                        title: runbook.title.clone(),
-                        namespace: namespace.clone(),
-                        severity: request.severity,
-                        channels: request.channels,
-                        status: IncidentStatus::Active,
-                        activation_ids: staged.activation_ids(),
-                        lift_requires_approval: runbook.lift_requires_approval,
-                        review_interval_seconds: runbook.review_interval.as_secs(),
-                        exit_criteria: runbook.exit_criteria.clone(),
-                        declared_by: request.actor.name.clone(),
-                        declared_at: at,
-                        timeline: vec![
-                            TimelineEvent::new(
-                                at,
-                                "declared",
-                                &request.actor,
-                                request.severity,
-                                Some(reason),
-                                None,
-                            )
-                            .with_detail(staged.describe_modes()),
-                        ],
-                    };
-                    let mut writes = Writes::new(at);
-                    self.put_activations(&mut writes, namespace, &staged.apply);
-                    self.put_incident(&mut writes, &incident, 0);
-                    // One active incident per type and namespace.
-                    writes.unchanged(pointer.clone(), 0);
-                    writes.put(pointer.clone(), id.to_string().into_bytes());
-                    writes.uses_catalog();
-                    writes.record_namespace(incident.activation_ids.iter().cloned());
-                    let mut audit = act.entry(
-                        reason,
-                        format!(
-                            "declared {} ({id}) at {}: {}",
-                            runbook.name,
-                            request.severity,
-                            staged.describe()
-                        ),
-                    );
-                    audit.incident_id = Some(id.to_string());
-                    audit.activation_ids = incident
-                        .activation_ids
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect();
-                    Ok(writes.audited(audit, Ok((incident, staged.apply))))
+                    Ok(
+                        match self
+                            .prepare_declare(act, request, runbook, stage, None)
+                            .await?
+                        {
+                            Declaring::Refused(refusal) => Plan::answer(Err(refusal)),
+                            Declaring::Ready(ready) => {
+                                let Declaration {
+                                    writes,
+                                    incident,
+                                    applied,
+                                    audit,
+                                } = *ready;
+                                writes.audited(audit, Ok((incident, applied)))
+                            }
+                        },
+                    )
                 })
             })
             .await?;
@@ -455,6 +414,111 @@ impl Controller {
             pending: None,
             preview,
         })
+    }
+
+    /// What declaring `request`'s incident writes, prepared against the
+    /// store as it is: the refusal, or the writes (the stage's activations,
+    /// the incident, its active pointer) with their audit entry, not yet a
+    /// plan, so that accepting a proposal adds its own record to the same
+    /// transaction. `cited`, when set, is put before the declared event's
+    /// detail (a proposal's evidence).
+    pub(crate) async fn prepare_declare(
+        &self,
+        act: &Act<'_>,
+        request: &DeclareRequest,
+        runbook: &Runbook,
+        stage: &Stage,
+        cited: Option<&str>,
+    ) -> Result<Declaring> {
+        let namespace = &request.namespace;
+        let reason = request.reason.as_str();
+        let pointer = self
+            .config
+            .layout
+            .active_incident_key(namespace, &request.runbook);
+        let range = self.store.range(&pointer).await?;
+        if let Some(kv) = range.kvs.iter().find(|kv| kv.key == pointer) {
+            return Ok(Declaring::Refused(Error::AlreadyDeclared {
+                id: String::from_utf8_lossy(&kv.value).into_owned(),
+                runbook: request.runbook.to_string(),
+                namespace: namespace.clone(),
+            }));
+        }
+        let at = Timestamp::now();
+        let id = IncidentId::random();
+        let change = Change {
+            principal: request.actor.name.clone(),
+            reason: request.reason.clone(),
+            at,
+            incident_id: Some(id.to_string()),
+        };
+        let staged = self.stage_plan(runbook, stage, request.channels, Vec::new(), &change);
+        if staged.apply.is_empty() {
+            return Ok(Declaring::Refused(Error::NothingToApply(format!(
+                "runbook {} applies nothing at {} on {}",
+                runbook.name, request.severity, request.channels
+            ))));
+        }
+        let incident = Incident {
+            id: id.clone(),
+            runbook: runbook.name.clone(),
+            title: runbook.title.clone(),
+            namespace: namespace.clone(),
+            severity: request.severity,
+            channels: request.channels,
+            status: IncidentStatus::Active,
+            activation_ids: staged.activation_ids(),
+            lift_requires_approval: runbook.lift_requires_approval,
+            review_interval_seconds: runbook.review_interval.as_secs(),
+            exit_criteria: runbook.exit_criteria.clone(),
+            declared_by: request.actor.name.clone(),
+            declared_at: at,
+            timeline: vec![
+                TimelineEvent::new(
+                    at,
+                    "declared",
+                    &request.actor,
+                    request.severity,
+                    Some(reason),
+                    None,
+                )
+                .with_detail(match cited {
+                    Some(evidence) => {
+                        format!("{evidence}; {}", staged.describe_modes())
+                    }
+                    None => staged.describe_modes(),
+                }),
+            ],
+        };
+        let mut writes = Writes::new(at);
+        self.put_activations(&mut writes, namespace, &staged.apply);
+        self.put_incident(&mut writes, &incident, 0);
+        // One active incident per type and namespace.
+        writes.unchanged(pointer.clone(), 0);
+        writes.put(pointer.clone(), id.to_string().into_bytes());
+        writes.uses_catalog();
+        writes.record_namespace(incident.activation_ids.iter().cloned());
+        let mut audit = act.entry(
+            reason,
+            format!(
+                "declared {} ({id}) at {}: {}",
+                runbook.name,
+                request.severity,
+                staged.describe()
+            ),
+        );
+        audit.incident_id = Some(id.to_string());
+        audit.activation_ids = incident
+            .activation_ids
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        Ok(Declaring::Ready(Box::new(Declaration {
+            writes,
+            incident,
+            applied: staged.apply,
+            audit,
+        })))
     }
 
     /// Moves an incident to another severity's stage. Moving down removes
@@ -981,7 +1045,7 @@ pub(crate) fn incident_activations(
 }
 
 /// New activations as stored at `revision`.
-fn stored(activations: Vec<Activation>, revision: Revision) -> Vec<Arc<Activation>> {
+pub(crate) fn stored(activations: Vec<Activation>, revision: Revision) -> Vec<Arc<Activation>> {
     activations
         .into_iter()
         .map(|a| Arc::new(Activation { revision, ..a }))

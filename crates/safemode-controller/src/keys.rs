@@ -10,6 +10,9 @@
 //! {prefix}incidents/{incident id}                      Incident (JSON)
 //! {prefix}active/{namespace}/{incident type}           the id of the type's active incident there
 //! {prefix}requests/{request id}                        ChangeRequest (JSON)
+//! {prefix}proposals/{namespace}/{proposal id}           Proposal (JSON)
+//! {prefix}triggers/{namespace}/{type}/{severity}/{signal or -external}
+//!                                                       the id of the trigger's last proposal
 //! {prefix}changes/{change id}                          ChangeRecord (JSON): that the change committed, and its answer
 //! {prefix}audit/head                                   AuditHead (JSON): the last entry's position and hash
 //! {prefix}audit/log/{position, 20 digits}              AuditEntry (JSON)
@@ -33,7 +36,7 @@ use std::collections::BTreeMap;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
-use super::records::{IncidentId, RequestId};
+use super::records::{IncidentId, ProposalId, RequestId};
 use crate::audit::AuditAction;
 use safemode_policy::runbook::RunbookName;
 use safemode_policy::{ActivationId, Namespace};
@@ -120,6 +123,34 @@ impl Layout {
     /// The key of a change request.
     pub fn request_key(&self, id: &RequestId) -> String {
         format!("{}{id}", self.requests_prefix())
+    }
+
+    /// Every proposal of `namespace` starts with this.
+    pub fn proposals_prefix(&self, namespace: &Namespace) -> String {
+        format!("{}proposals/{namespace}/", self.prefix)
+    }
+
+    /// The key of a proposal.
+    pub fn proposal_key(&self, namespace: &Namespace, id: &ProposalId) -> String {
+        format!("{}{id}", self.proposals_prefix(namespace))
+    }
+
+    /// The key naming the last proposal one firing condition raised: a
+    /// runbook trigger on `source` (a signal name), or an external detector
+    /// (`source` is `-external`, which no signal name can be). Raising
+    /// compares it, so two replicas that see the same condition raise one
+    /// proposal.
+    pub fn trigger_key(
+        &self,
+        namespace: &Namespace,
+        runbook: &RunbookName,
+        severity: safemode_policy::runbook::Severity,
+        source: &str,
+    ) -> String {
+        format!(
+            "{}triggers/{namespace}/{runbook}/{severity}/{source}",
+            self.prefix
+        )
     }
 
     /// The key recording that a change id committed (a `ChangeRecord`).

@@ -25,6 +25,7 @@ mod keys;
 mod modes;
 mod namespace;
 mod preview;
+mod proposals;
 mod records;
 mod refusals;
 pub mod reports;
@@ -49,9 +50,13 @@ pub use keys::{CatalogRecord, Layout, NamespaceChange};
 pub use modes::{ApplyOutcome, ApplyRequest, LiftOutcome, LiftRequest, LiftTarget};
 pub use namespace::{ChannelSnapshot, FollowerHealth, NamespaceHandle, NamespaceView};
 pub use preview::{ApprovalPreview, ChannelChange, EffectChange, Preview};
+pub use proposals::{
+    AcceptOutcome, DismissOutcome, Evidence, MAX_LISTED as MAX_PROPOSALS_LISTED, MAX_SUMMARY_CHARS,
+    Proposal, ProposalState, RaiseOutcome, SignalCount, TRIGGER_PRINCIPAL,
+};
 pub use records::{
-    ChangeRequest, Incident, IncidentId, IncidentStatus, RequestId, RequestKind, RequestState,
-    RequestStatus, TimelineEvent,
+    ChangeRequest, Incident, IncidentId, IncidentStatus, ProposalId, RequestId, RequestKind,
+    RequestState, RequestStatus, TimelineEvent,
 };
 pub use subscribers::{
     Registration, Rejection, SubscriberCursor, SubscriberRecord, SubscriberState, Subscribers,
@@ -192,6 +197,17 @@ pub enum Error {
         id: String,
         /// approved or expired.
         status: String,
+    },
+    /// No proposal with this id in the namespace.
+    #[error("no proposal {0}; `safemode proposals` lists the open ones")]
+    UnknownProposal(String),
+    /// The proposal was already accepted or dismissed.
+    #[error("proposal {id} was {state}; only an open proposal can be accepted or dismissed")]
+    ProposalClosed {
+        /// The proposal.
+        id: String,
+        /// What became of it, in words ("accepted by bob at ...").
+        state: String,
     },
     /// The requester tried to approve their own request.
     #[error("{principal} requested {id} and cannot approve it too; another approver must")]
@@ -587,6 +603,21 @@ impl Controller {
         &self.shutdown
     }
 
+    /// The names of the namespaces this replica follows now (`live`
+    /// always), in order.
+    pub fn followed_namespaces(&self) -> Vec<Namespace> {
+        let mut names: Vec<Namespace> = self
+            .all_followed()
+            .iter()
+            .map(|handle| handle.current().namespace.clone())
+            .collect();
+        if !names.contains(&Namespace::live()) {
+            names.push(Namespace::live());
+        }
+        names.sort();
+        names
+    }
+
     /// The namespaces this replica follows now.
     fn all_followed(&self) -> Vec<Arc<NamespaceHandle>> {
         self.namespaces
@@ -667,7 +698,15 @@ impl Controller {
                 }
                 Err(_) => None,
             };
+            let open_proposals = tokio::time::timeout(
+                self.config.store_probe_timeout,
+                self.open_proposals(&view.namespace),
+            )
+            .await
+            .ok()
+            .and_then(|r| r.ok());
             counters::NamespaceStoreGauges {
+                open_proposals,
                 pending_requests: pending
                     .as_ref()
                     .map(|p| p.get(&view.namespace).copied().unwrap_or(0)),

@@ -83,6 +83,13 @@ record_id!(
     "request"
 );
 
+record_id!(
+    /// A proposal's id, `prp_...`.
+    ProposalId,
+    "prp_",
+    "proposal"
+);
+
 /// Whether an incident is still being handled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::convert::{
-    audit_entry_to_wire, incident_to_wire, preview_to_wire, recorded_request_to_wire,
-    request_to_wire,
+    audit_entry_to_wire, incident_to_wire, preview_to_wire, proposal_to_wire,
+    recorded_request_to_wire, request_to_wire,
 };
 use super::{
     authorize, authorize_anywhere, authorize_change, authorize_change_anywhere, invalid,
@@ -19,8 +19,8 @@ use crate::fleet::{self, Fleet, FleetCursor, FleetQuery};
 use safemode_controller::auth::{Operation, Principal};
 use safemode_controller::{
     ApplyRequest, AuditFilter, AuditPage, ChangeId, ChangeRequest, Controller, DeclareRequest,
-    EscalateRequest, IncidentId, IncidentOutcome, LiftRequest, LiftTarget, RequestId,
-    ResolveRequest, StoreOutcome, in_force_in,
+    EscalateRequest, IncidentId, IncidentOutcome, LiftRequest, LiftTarget, MAX_SUMMARY_CHARS,
+    ProposalId, RequestId, ResolveRequest, StoreOutcome, in_force_in,
 };
 use safemode_policy::runbook::{RunbookName, Severity};
 use safemode_policy::{
@@ -178,6 +178,36 @@ fn channels(names: &[String]) -> Result<ChannelSet, Status> {
 
 fn severity(text: &str) -> Result<Severity, Status> {
     Severity::parse(text).map_err(invalid_name("severity"))
+}
+
+fn proposal_id(text: &str) -> Result<ProposalId, Status> {
+    ProposalId::parse(text).map_err(invalid_name("proposal_id"))
+}
+
+/// An external detector's summary: one line of 1 to
+/// [`MAX_SUMMARY_CHARS`] characters, with no control characters.
+fn proposal_summary(text: &str) -> Result<String, Status> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Err(invalid(
+            "summary",
+            "say what the detector saw, e.g. \"login.failed 5x baseline for 10m\"",
+        ));
+    }
+    let chars = text.chars().count();
+    if chars > MAX_SUMMARY_CHARS {
+        return Err(invalid(
+            "summary",
+            format!("{chars} characters; keep it to one line of at most {MAX_SUMMARY_CHARS}"),
+        ));
+    }
+    if text.chars().any(char::is_control) {
+        return Err(invalid(
+            "summary",
+            "has control characters or line breaks; send one line of text",
+        ));
+    }
+    Ok(text.to_string())
 }
 
 fn incident_id(text: &str) -> Result<IncidentId, Status> {
@@ -905,6 +935,134 @@ impl ControlService for ControlApi {
                 })
                 .collect(),
             replica: self.replica.clone(),
+        }))
+    }
+
+    async fn list_proposals(
+        &self,
+        request: Request<proto::ListProposalsRequest>,
+    ) -> Result<Response<proto::ListProposalsResponse>, Status> {
+        let actor = principal(&request)?;
+        let r = request.into_inner();
+        let namespace = namespace(&r.namespace)?;
+        authorize(
+            &self.controller,
+            &actor,
+            Operation::Read,
+            Some(&namespace),
+            "list proposals",
+        )
+        .await?;
+        let proposals = self
+            .controller
+            .list_proposals(&namespace, r.include_closed)
+            .await
+            .map_err(|e| self.read_failed(e))?;
+        Ok(Response::new(proto::ListProposalsResponse {
+            proposals: proposals.iter().map(proposal_to_wire).collect(),
+        }))
+    }
+
+    async fn accept_proposal(
+        &self,
+        request: Request<proto::AcceptProposalRequest>,
+    ) -> Result<Response<proto::IncidentChange>, Status> {
+        let actor = principal(&request)?;
+        let r = request.into_inner();
+        let change = change_id(&r.change_id, &actor, &r)?;
+        let namespace = namespace(&r.namespace)?;
+        let id = proposal_id(&r.proposal_id)?;
+        authorize(
+            &self.controller,
+            &actor,
+            Operation::Change,
+            Some(&namespace),
+            &format!("accept proposal {id}"),
+        )
+        .await?;
+        let reason = reason(&r.reason)?;
+        let outcome = self
+            .controller
+            .accept_proposal(&namespace, &id, reason, &actor, Some(change.clone()))
+            .await
+            .map_err(|e| self.write_failed(e))?;
+        Ok(Response::new(
+            self.incident_change(outcome.declared, &change),
+        ))
+    }
+
+    async fn dismiss_proposal(
+        &self,
+        request: Request<proto::DismissProposalRequest>,
+    ) -> Result<Response<proto::DismissProposalResponse>, Status> {
+        let actor = principal(&request)?;
+        let r = request.into_inner();
+        let change = change_id(&r.change_id, &actor, &r)?;
+        let namespace = namespace(&r.namespace)?;
+        let id = proposal_id(&r.proposal_id)?;
+        authorize(
+            &self.controller,
+            &actor,
+            Operation::Change,
+            Some(&namespace),
+            &format!("dismiss proposal {id}"),
+        )
+        .await?;
+        if r.reason.trim().is_empty() {
+            return Err(invalid(
+                "reason",
+                "say why the proposal is dismissed: nothing is declared, and the audit log keeps the reason",
+            ));
+        }
+        let reason = reason(&r.reason)?;
+        let outcome = self
+            .controller
+            .dismiss_proposal(&namespace, &id, reason, &actor, Some(change.clone()))
+            .await
+            .map_err(|e| self.write_failed(e))?;
+        Ok(Response::new(proto::DismissProposalResponse {
+            proposal: Some(proposal_to_wire(&outcome.proposal)),
+            revision: outcome.revision,
+            change_id: change.to_string(),
+        }))
+    }
+
+    async fn raise_proposal(
+        &self,
+        request: Request<proto::RaiseProposalRequest>,
+    ) -> Result<Response<proto::RaiseProposalResponse>, Status> {
+        let actor = principal(&request)?;
+        let r = request.into_inner();
+        let change = change_id(&r.change_id, &actor, &r)?;
+        let namespace = namespace(&r.namespace)?;
+        let runbook = RunbookName::parse(&r.r#type).map_err(invalid_name("type"))?;
+        let severity = severity(&r.severity)?;
+        authorize(
+            &self.controller,
+            &actor,
+            Operation::Propose,
+            Some(&namespace),
+            &format!("raise a proposal to declare {runbook} at {severity}"),
+        )
+        .await?;
+        let summary = proposal_summary(&r.summary)?;
+        let reason = reason(&r.reason)?;
+        let outcome = self
+            .controller
+            .raise_external(
+                &namespace,
+                &runbook,
+                severity,
+                &summary,
+                &reason,
+                &actor,
+                Some(change),
+            )
+            .await
+            .map_err(|e| self.write_failed(e))?;
+        Ok(Response::new(proto::RaiseProposalResponse {
+            proposal: Some(proposal_to_wire(&outcome.proposal)),
+            created: outcome.created,
         }))
     }
 

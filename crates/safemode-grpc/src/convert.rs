@@ -230,3 +230,69 @@ pub fn audit_entry_to_wire(e: &AuditEntry) -> proto::AuditEntry {
         change_id: e.change_id.clone().unwrap_or_default(),
     }
 }
+
+/// A proposal as `ListProposals`, `DismissProposal` and `RaiseProposal`
+/// answer it.
+pub fn proposal_to_wire(p: &safemode_controller::Proposal) -> proto::Proposal {
+    use safemode_controller::{Evidence, ProposalState};
+    let mut wire = proto::Proposal {
+        id: p.id.to_string(),
+        namespace: p.namespace.to_string(),
+        r#type: p.runbook.to_string(),
+        severity: p.severity.to_string(),
+        question: p.question(),
+        evidence: p.evidence.describe(),
+        raised_by: p.raised_by.clone(),
+        raised_at: Some(timestamp_to_wire(p.raised_at)),
+        state: p.state.as_str().to_string(),
+        ..proto::Proposal::default()
+    };
+    match &p.evidence {
+        Evidence::Trigger {
+            signal,
+            count,
+            above,
+            within_seconds,
+            channels,
+            partial,
+        } => {
+            wire.source = "trigger".into();
+            wire.signal = signal.clone();
+            wire.count = *count;
+            wire.above = *above;
+            wire.within_seconds = u32::try_from(*within_seconds).unwrap_or(u32::MAX);
+            wire.channels = channels
+                .iter()
+                .map(|c| proto::ProposalChannelCount {
+                    channel: c.channel.clone(),
+                    count: c.count,
+                })
+                .collect();
+            wire.partial = *partial;
+        }
+        Evidence::External { summary } => {
+            wire.source = "external".into();
+            wire.summary = summary.clone();
+        }
+    }
+    match &p.state {
+        ProposalState::Open => {}
+        ProposalState::Accepted {
+            by,
+            at,
+            reason,
+            incident_id,
+        } => {
+            wire.closed_by = by.clone();
+            wire.closed_at = Some(timestamp_to_wire(*at));
+            wire.closed_reason = reason.clone();
+            wire.incident_id = incident_id.to_string();
+        }
+        ProposalState::Dismissed { by, at, reason } => {
+            wire.closed_by = by.clone();
+            wire.closed_at = Some(timestamp_to_wire(*at));
+            wire.closed_reason = reason.clone();
+        }
+    }
+    wire
+}

@@ -16,6 +16,7 @@ mod reports;
 pub mod server;
 mod subscribe;
 pub mod telemetry;
+mod triggers;
 
 /// The subscription server again, sending [`outbound::Outbound`] (see
 /// this crate's `build.rs`).
@@ -321,13 +322,15 @@ fn status(error: controller::Error) -> tonic::Status {
         | NotActive { .. }
         | UnknownRunbook(..)
         | UnknownIncident(_)
-        | UnknownRequest(_) => tonic::Status::not_found(message),
+        | UnknownRequest(_)
+        | UnknownProposal(_) => tonic::Status::not_found(message),
         Ambiguous { .. }
         | NoStage { .. }
         | SameSeverity { .. }
         | Resolved(_)
         | AlreadyDeclared { .. }
         | NotPending { .. }
+        | ProposalClosed { .. }
         | IncidentModes { .. }
         | Superseded { .. }
         | NothingToApply(_)

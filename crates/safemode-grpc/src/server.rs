@@ -623,6 +623,16 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
         ),
         tracing::info_span!("readiness", %replica),
     ));
+    // Runbook triggers over the fleet's signals raise proposals.
+    tokio::spawn(tracing::Instrument::instrument(
+        crate::triggers::evaluate_triggers(
+            controller.clone(),
+            fleet.clone(),
+            crate::triggers::TRIGGER_INTERVAL,
+            shutdown.clone(),
+        ),
+        tracing::info_span!("triggers", %replica),
+    ));
     if let Some(listener) = http_listener {
         // Every answer of the listener carries the console's security
         // headers, bare 404s, /metrics and the probes included.

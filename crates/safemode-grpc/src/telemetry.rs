@@ -253,6 +253,12 @@ impl ServerMetrics {
                     .find(|k| k.namespace == gauge.namespace)
                     .and_then(|k| k.pending_requests);
             }
+            if gauge.open_proposals.is_none() {
+                gauge.open_proposals = known
+                    .iter()
+                    .find(|k| k.namespace == gauge.namespace)
+                    .and_then(|k| k.open_proposals);
+            }
         }
         *known = gauges;
     }
@@ -349,6 +355,23 @@ impl ServerMetrics {
                     if let Some(pending) = namespace.pending_requests {
                         observer.observe(
                             pending as u64,
+                            &[KeyValue::new("namespace", namespace.namespace.to_string())],
+                        );
+                    }
+                }
+            })
+            .build();
+        let store = self.store.clone();
+        meter
+            .u64_observable_gauge("safemode.proposals.open")
+            .with_description(
+                "Early-warning proposals waiting for a commander to accept or dismiss them, by namespace",
+            )
+            .with_callback(move |observer| {
+                for namespace in store.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                    if let Some(open) = namespace.open_proposals {
+                        observer.observe(
+                            open as u64,
                             &[KeyValue::new("namespace", namespace.namespace.to_string())],
                         );
                     }

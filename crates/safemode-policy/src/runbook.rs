@@ -24,6 +24,7 @@ use super::mode::Context;
 use super::mode::{Mode, ModeCatalog, ModeName};
 use super::names::{Action, Channel, ChannelSet, NameError, did_you_mean, validate_slug};
 use super::paths::{DeadEnd, dead_ends};
+use super::telemetry::SignalName;
 
 // === Severity ===
 
@@ -285,6 +286,69 @@ pub struct Runbook {
     pub exit_criteria: Vec<String>,
     /// The stages, least severe first, one per severity at most.
     pub stages: Vec<Stage>,
+    /// When to propose declaring this incident: conditions over the signals
+    /// channels report; at most [`Trigger::MAX_PER_RUNBOOK`].
+    pub triggers: Vec<Trigger>,
+}
+
+// === Triggers ===
+
+/// A condition over a reported signal that proposes declaring the runbook's
+/// incident at a stage: `signal` counted more than `above` times across the
+/// fleet within the last `within`. A trigger only ever proposes; a commander
+/// declares.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Trigger {
+    /// The counter channels report, such as `login.failed`.
+    pub signal: SignalName,
+    /// The threshold: the trigger fires when the fleet-wide sum is greater.
+    pub above: u64,
+    /// The sliding window the sum is over: a whole multiple of
+    /// [`Trigger::WINDOW_STEP`], from [`Trigger::MIN_WITHIN`] to
+    /// [`Trigger::MAX_WITHIN`].
+    pub within: Duration,
+    /// The stage to propose: one the runbook has.
+    pub severity: Severity,
+}
+
+impl Trigger {
+    /// The most triggers one runbook may carry.
+    pub const MAX_PER_RUNBOOK: usize = 8;
+    /// The granularity of windows: the controller counts signals in buckets
+    /// this long.
+    pub const WINDOW_STEP: Duration = Duration::from_secs(10);
+    /// The shortest window.
+    pub const MIN_WITHIN: Duration = Duration::from_secs(10);
+    /// The longest window: what the controller keeps of reports.
+    pub const MAX_WITHIN: Duration = Duration::from_secs(15 * 60);
+
+    /// Whether `count` (summed across the fleet over [`Trigger::within`])
+    /// fires the trigger.
+    pub fn fires(&self, count: u64) -> bool {
+        count > self.above
+    }
+
+    /// The trigger in the runbook's words, such as
+    /// `login.failed above 200 within 5m -> sev3`.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} above {} within {} -> {}",
+            self.signal,
+            self.above,
+            describe_window(self.within),
+            self.severity
+        )
+    }
+}
+
+/// A window as a person writes it: `5m`, `90s`, `15m`.
+pub fn describe_window(window: Duration) -> String {
+    let secs = window.as_secs();
+    if secs >= 60 && secs % 60 == 0 {
+        format!("{}m", secs / 60)
+    } else {
+        format!("{secs}s")
+    }
 }
 
 /// The principal named on the activations a runbook check creates.
@@ -365,6 +429,7 @@ impl Runbook {
             review_interval: Duration::ZERO,
             exit_criteria: Vec::new(),
             stages: Vec::new(),
+            triggers: Vec::new(),
         }
     }
 

@@ -28,8 +28,9 @@ use super::mode::{ModeCatalog, ModeName};
 use super::names::{Action, Channel, ChannelSet, MethodSet, validate_label};
 use super::paths::DeadEnd;
 use super::runbook::{
-    AcceptedDeadEnds, Expectation, Runbook, RunbookName, Severity, Stage, StageMode,
+    AcceptedDeadEnds, Expectation, Runbook, RunbookName, Severity, Stage, StageMode, Trigger,
 };
+use super::telemetry::SignalName;
 
 /// How long every channel may take to apply a stage, unless the runbook's
 /// `drill.apply_within` or the stage's `apply_within` says otherwise.
@@ -279,6 +280,7 @@ const RUNBOOK_FIELDS: &[&str] = &[
     "agent_script",
     "drill",
     "stages",
+    "triggers",
 ];
 const DRILL_FIELDS: &[&str] = &["apply_within"];
 const STAGE_FIELDS: &[&str] = &[
@@ -290,6 +292,7 @@ const STAGE_FIELDS: &[&str] = &[
     "expect",
     "accepts_dead_ends",
 ];
+const TRIGGER_FIELDS: &[&str] = &["signal", "above", "within", "severity"];
 const ACCEPTS_DEAD_ENDS_FIELDS: &[&str] = &["actions", "reason"];
 const STAGE_MODE_FIELDS: &[&str] = &["mode", "channels"];
 const EXPECTATION_FIELDS: &[&str] = &[
@@ -597,6 +600,19 @@ impl Checker<'_> {
                 "give at least one stage: a severity, its modes and what must hold",
             )
             .map(|n| self.stages(n, &defaults));
+        // Checked against the severities the stages name, whether or not
+        // the rest of each stage reads.
+        let stage_severities: Vec<Severity> = match fields.get("stages").map(|n| &n.value) {
+            Some(Kind::Seq(items)) => items
+                .iter()
+                .filter_map(|s| peek_severity(s).map(|(s, _)| s))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let triggers = match fields.get("triggers") {
+            Some(n) => self.triggers(n, &stage_severities),
+            None => Some(Vec::new()),
+        };
         // Expectations are checked whatever else is wrong, so one run shows
         // every mistake.
         if let Some((stages, _)) = &stages
@@ -628,6 +644,153 @@ impl Checker<'_> {
             review_interval: review_interval?,
             exit_criteria: exit_criteria?,
             stages: stages.into_iter().map(|s| s.stage).collect(),
+            triggers: triggers?,
+        })
+    }
+
+    // === Triggers ===
+
+    /// `triggers: [{signal, above, within, severity}, ...]`, each severity
+    /// one of `stages`'.
+    fn triggers(&mut self, node: &Node, stages: &[Severity]) -> Option<Vec<Trigger>> {
+        let items = self.list(
+            node,
+            "triggers",
+            "[{signal: login.failed, above: 200, within: 5m, severity: sev3}]",
+        )?;
+        if items.len() > Trigger::MAX_PER_RUNBOOK {
+            self.error(
+                node.referenced,
+                format!(
+                    "{} triggers, more than the {} a runbook may carry; keep the ones a commander would act on",
+                    items.len(),
+                    Trigger::MAX_PER_RUNBOOK
+                ),
+            );
+            return None;
+        }
+        let mut read: Vec<(Trigger, Location)> = Vec::with_capacity(items.len());
+        let mut all_read = true;
+        for item in items {
+            let Some(trigger) = self.trigger(item, stages) else {
+                all_read = false;
+                continue;
+            };
+            if let Some((_, first)) = read
+                .iter()
+                .find(|(t, _)| t.signal == trigger.signal && t.severity == trigger.severity)
+            {
+                let first = *first;
+                self.error(
+                    item.referenced,
+                    format!(
+                        "a trigger on {} for {} is already at line {}; give each signal one trigger per stage",
+                        trigger.signal,
+                        trigger.severity,
+                        first.line()
+                    ),
+                );
+                all_read = false;
+                continue;
+            }
+            read.push((trigger, item.referenced));
+        }
+        all_read.then(|| read.into_iter().map(|(t, _)| t).collect())
+    }
+
+    fn trigger(&mut self, node: &Node, stages: &[Severity]) -> Option<Trigger> {
+        let fields = self.fields(node, "a trigger", TRIGGER_FIELDS)?;
+        let signal = self
+            .required(
+                &fields,
+                "signal",
+                "name the counter channels report, e.g. login.failed",
+            )
+            .and_then(|n| {
+                let written = n
+                    .value
+                    .scalar_text()
+                    .unwrap_or_else(|| n.value.describe().into());
+                SignalName::parse(&written)
+                    .map_err(|e| self.error(n.referenced, e.0))
+                    .ok()
+            });
+        let above = self
+            .required(
+                &fields,
+                "above",
+                "say how many, summed across the fleet, fire it, e.g. 200",
+            )
+            .and_then(|n| match n.value {
+                Kind::Int(i) if (1..=i128::from(u32::MAX)).contains(&i) => Some(i as u64),
+                ref other => {
+                    let found = other
+                        .scalar_text()
+                        .unwrap_or_else(|| other.describe().into());
+                    self.error(
+                        n.referenced,
+                        format!(
+                            "above must be a whole number from 1 to {}, the count summed across the fleet that fires the trigger; found {found}",
+                            u32::MAX
+                        ),
+                    );
+                    None
+                }
+            });
+        let within = self
+            .required(
+                &fields,
+                "within",
+                "say over how long the signal is summed, e.g. 5m",
+            )
+            .and_then(|n| {
+                let d = self.duration(n, "within")?;
+                let step = Trigger::WINDOW_STEP.as_secs();
+                if d < Trigger::MIN_WITHIN
+                    || d > Trigger::MAX_WITHIN
+                    || d.subsec_nanos() != 0
+                    || d.as_secs() % step != 0
+                {
+                    self.error(
+                        n.referenced,
+                        format!(
+                            "within must be from 10s to 15m in whole steps of {step}s (signals are counted in {step}-second buckets, kept for 15 minutes), e.g. 5m",
+                        ),
+                    );
+                    return None;
+                }
+                Some(d)
+            });
+        let severity = self
+            .required(
+                &fields,
+                "severity",
+                "say which stage to propose: sev4, sev3, sev2 or sev1",
+            )
+            .and_then(|n| {
+                let severity = self.severity(n)?;
+                if !stages.contains(&severity) {
+                    let have: Vec<&str> = stages.iter().map(|s| s.as_str()).collect();
+                    self.error(
+                        n.referenced,
+                        format!(
+                            "the runbook has no {severity} stage to propose; its stages are {}",
+                            if have.is_empty() {
+                                "none".to_string()
+                            } else {
+                                have.join(", ")
+                            }
+                        ),
+                    );
+                    return None;
+                }
+                Some(severity)
+            });
+        Some(Trigger {
+            signal: signal?,
+            above: above?,
+            within: within?,
+            severity: severity?,
         })
     }
 
