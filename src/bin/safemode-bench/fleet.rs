@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use prost::Message as _;
 use safemode_client::PolicySnapshot;
 use safemode_policy::{Channel, Namespace, Revision};
 use safemode_signing::TrustedKeys;
@@ -40,6 +41,18 @@ struct Ledger {
     by_revision: HashMap<Revision, Arrival>,
     /// Each subscriber's newest acked revision.
     acked: Vec<Revision>,
+    /// Encoded sizes of the snapshots received (the `Snapshot` message, as
+    /// sent): how many, their sum, the largest.
+    payloads: u64,
+    payload_bytes: u64,
+    payload_max: u64,
+}
+
+/// The sizes of the snapshots the fleet received.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Payloads {
+    pub mean_bytes: u64,
+    pub max_bytes: u64,
 }
 
 pub struct Fleet {
@@ -73,8 +86,8 @@ impl Fleet {
             );
         }
         let ledger = Arc::new(Mutex::new(Ledger {
-            by_revision: HashMap::new(),
             acked: vec![0; size],
+            ..Ledger::default()
         }));
         let fleet = Fleet {
             ledger,
@@ -148,7 +161,20 @@ impl Fleet {
 
     /// Forgets what arrived (before a run whose arrivals are counted).
     pub fn forget(&self) {
-        self.ledger.lock().unwrap().by_revision.clear();
+        let mut ledger = self.ledger.lock().unwrap();
+        ledger.by_revision.clear();
+        ledger.payloads = 0;
+        ledger.payload_bytes = 0;
+        ledger.payload_max = 0;
+    }
+
+    /// The sizes of the snapshots received since [`Fleet::forget`].
+    pub fn payloads(&self) -> Payloads {
+        let ledger = self.ledger.lock().unwrap();
+        Payloads {
+            mean_bytes: ledger.payload_bytes / ledger.payloads.max(1),
+            max_bytes: ledger.payload_max,
+        }
     }
 }
 
@@ -217,6 +243,7 @@ impl Raw {
                 continue;
             };
             let received = Instant::now();
+            let size = snapshot.encoded_len() as u64;
             delivered = true;
             let revision = snapshot.revision;
             let snapshot_epoch = snapshot.epoch.clone();
@@ -260,6 +287,9 @@ impl Raw {
             arrival.acked += 1;
             arrival.last_received = arrival.last_received.max(received);
             ledger.acked[self.index] = revision;
+            ledger.payloads += 1;
+            ledger.payload_bytes += size;
+            ledger.payload_max = ledger.payload_max.max(size);
         }
         delivered
     }

@@ -103,7 +103,18 @@ struct Run {
     store: String,
     subscribers: usize,
     connections: usize,
+    /// Controller replicas (over one store), subscribers spread evenly
+    /// over them.
+    replicas: usize,
+    /// Where the subscribers ran: "in-process" (the benchmark's own
+    /// process) or "separate-process".
+    fleet: &'static str,
     flips: usize,
+    /// Encoded size of the snapshots the subscribers received during the
+    /// flips (the `Snapshot` message): mean and largest. The etcd
+    /// baseline's value is as large as the mean.
+    payload_bytes_mean: u64,
+    payload_bytes_max: u64,
     /// From the commander's call to the last subscriber's receipt.
     received_ms: Summary,
     /// From the commander's call to the controller recording the last ack
@@ -362,6 +373,7 @@ async fn propagation(args: &Args, store: &str, size: usize, flips: usize) -> any
         acked.push(last_ack.duration_since(started_wall).as_secs_f64() * 1000.0);
     }
 
+    let payloads = fleet.payloads();
     // Acks are forgotten first: a subscriber back before the restart is
     // noticed must still count.
     fleet.reset_acks();
@@ -372,14 +384,25 @@ async fn propagation(args: &Args, store: &str, size: usize, flips: usize) -> any
     let storm = killed.elapsed().as_secs_f64() * 1000.0;
     drop(fleet);
 
-    let baseline = etcd::baseline(&etcd.endpoint, size, connections, flips).await?;
+    let baseline = etcd::baseline(
+        &etcd.endpoint,
+        size,
+        connections,
+        flips,
+        payloads.mean_bytes as usize,
+    )
+    .await?;
     let received = Summary::of(received);
     let baseline = Summary::of(baseline);
     Ok(Run {
         store: store.name().into(),
         subscribers: size,
         connections,
+        replicas: 1,
+        fleet: "in-process",
         flips,
+        payload_bytes_mean: payloads.mean_bytes,
+        payload_bytes_max: payloads.max_bytes,
         ratio_p50: received.p50 / baseline.p50.max(f64::MIN_POSITIVE),
         ratio_p99: received.p99 / baseline.p99.max(f64::MIN_POSITIVE),
         received_ms: received,
