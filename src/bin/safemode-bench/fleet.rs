@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use prost::Message as _;
@@ -31,8 +31,9 @@ use tonic::transport::{Channel as Connection, Endpoint};
 pub struct Arrival {
     /// Subscribers that received it, compiled it and sent their ack.
     pub acked: usize,
-    /// When the last of them received it.
-    pub last_received: Instant,
+    /// When the last of them received it (the wall clock: the fleet may
+    /// run in a process of its own, on the same machine).
+    pub last_received: SystemTime,
 }
 
 /// What every subscriber holds now.
@@ -49,7 +50,7 @@ struct Ledger {
 }
 
 /// The sizes of the snapshots the fleet received.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Payloads {
     pub mean_bytes: u64,
     pub max_bytes: u64,
@@ -63,20 +64,22 @@ pub struct Fleet {
 
 impl Fleet {
     /// `size` subscribers of the live namespace, spread over the channels
-    /// and over `connections` connections to `url`; returns once every one
-    /// has acked its first snapshot.
+    /// and over `connections` connections, the connections spread over the
+    /// replicas at `urls`; returns once every one has acked its first
+    /// snapshot.
     pub async fn connect(
-        url: &str,
+        urls: &[String],
         size: usize,
         connections: usize,
         trusted: TrustedKeys,
     ) -> anyhow::Result<Fleet> {
-        let endpoint = Endpoint::from_shared(url.to_string())?
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(10))
-            .http2_adaptive_window(true);
         let mut pool = Vec::with_capacity(connections);
-        for _ in 0..connections {
+        for n in 0..connections {
+            let url = &urls[n % urls.len()];
+            let endpoint = Endpoint::from_shared(url.to_string())?
+                .tcp_nodelay(true)
+                .connect_timeout(Duration::from_secs(10))
+                .http2_adaptive_window(true);
             // Each connect() is its own HTTP/2 connection.
             pool.push(
                 endpoint
@@ -242,7 +245,7 @@ impl Raw {
             let Some(Inbound::Snapshot(mut snapshot)) = message.message else {
                 continue;
             };
-            let received = Instant::now();
+            let received = SystemTime::now();
             let size = snapshot.encoded_len() as u64;
             delivered = true;
             let revision = snapshot.revision;
