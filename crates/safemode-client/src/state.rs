@@ -4,11 +4,12 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 
 use super::PolicySnapshot;
+use super::coarse::{self, CoarseClock};
 use super::decision::FailClosedRule;
 
 pub(super) struct Shared {
@@ -31,9 +32,9 @@ pub(super) struct Shared {
 
 /// When the client last knew its policy was current: it heard from a
 /// controller, in the same store history, at the revision it had applied.
-#[derive(Debug)]
 pub(super) struct Freshness {
-    start: Instant,
+    /// The process's coarse clock; `current_ms` counts from its start.
+    clock: &'static CoarseClock,
     /// Milliseconds after `start` of the last moment the client knew it was
     /// current; [`NEVER`] until it first does.
     current_ms: AtomicU64,
@@ -47,6 +48,23 @@ pub(super) struct Freshness {
 }
 
 const NEVER: u64 = u64::MAX;
+
+/// A decision reads the real clock only when its policy is within this of
+/// its staleness limit by the coarse clock (or past it, or behind, or never
+/// current). The coarse clock is behind the real one by less than
+/// [`TICK`](super::coarse::TICK) while its thread runs; this covers a thread
+/// kept from running for almost 100 ms.
+const CLOCK_MARGIN_MS: u64 = 100;
+
+impl std::fmt::Debug for Freshness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Freshness")
+            .field("current_ms", &self.current_ms)
+            .field("before_start_ms", &self.before_start_ms)
+            .field("behind", &self.behind)
+            .finish_non_exhaustive()
+    }
+}
 
 /// How stale the policy is at one moment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,7 +91,7 @@ impl Freshness {
             _ => NEVER,
         };
         Freshness {
-            start: Instant::now(),
+            clock: coarse::clock(),
             current_ms: AtomicU64::new(NEVER),
             before_start_ms,
             behind: AtomicBool::new(true),
@@ -81,7 +99,7 @@ impl Freshness {
     }
 
     fn now_ms(&self) -> u64 {
-        self.start.elapsed().as_millis() as u64
+        self.clock.now_ms()
     }
 
     /// A controller confirmed (with a signed, newer heartbeat) what it
@@ -98,6 +116,26 @@ impl Freshness {
     /// current; only a heartbeat does ([`Freshness::observe`]).
     pub fn note_behind(&self, behind: bool) {
         self.behind.store(behind, Ordering::Release);
+    }
+
+    /// [`Freshness::staleness`] for a decision: the same answer, without
+    /// reading the clock while the policy is current and, by the coarse
+    /// clock, more than [`CLOCK_MARGIN_MS`] from `limit`. The coarse time
+    /// is never ahead of the real one, so a policy it calls fresh is fresh;
+    /// `for_` is then approximate (a fresh policy's is used by nothing).
+    pub fn decision_staleness(&self, limit: Duration) -> Staleness {
+        let current = self.current_ms.load(Ordering::Acquire);
+        if current != NEVER && !self.behind.load(Ordering::Acquire) {
+            let coarse = self.clock.coarse_ms();
+            let limit_ms = u64::try_from(limit.as_millis()).unwrap_or(NEVER);
+            if coarse.saturating_add(CLOCK_MARGIN_MS) < current.saturating_add(limit_ms) {
+                return Staleness {
+                    stale: false,
+                    for_: Duration::from_millis(coarse.saturating_sub(current)),
+                };
+            }
+        }
+        self.staleness(limit)
     }
 
     /// Stale: the client has not known it was current for longer than
@@ -176,6 +214,25 @@ mod tests {
         assert!(freshness.staleness(HOUR).stale);
         freshness.observe(false);
         assert!(!freshness.staleness(HOUR).stale);
+    }
+
+    #[test]
+    fn a_decision_sees_what_staleness_sees() {
+        let freshness = Freshness::new(false, None);
+        assert!(freshness.decision_staleness(HOUR).stale, "no policy yet");
+        freshness.observe(false);
+        assert!(!freshness.decision_staleness(HOUR).stale);
+        freshness.observe(true);
+        assert!(freshness.decision_staleness(HOUR).stale, "behind");
+        freshness.observe(false);
+        // Past the limit (zero: as soon as a millisecond has passed, waited
+        // for with a deadline) the clock is read.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !freshness.staleness(Duration::ZERO).stale {
+            assert!(std::time::Instant::now() < deadline);
+            std::thread::yield_now();
+        }
+        assert!(freshness.decision_staleness(Duration::ZERO).stale);
     }
 
     #[test]
