@@ -390,7 +390,9 @@ async fn propagation(args: &Args, store: &str, size: usize, flips: usize) -> any
 
     let trusted = controllers[0].trusted.clone();
     let fleet = if args.fleet_process {
-        Subscribers::Child(ChildFleet::start(&urls, size, connections, &trusted).await?)
+        Subscribers::Child(Box::new(
+            ChildFleet::start(&urls, size, connections, &trusted).await?,
+        ))
     } else {
         Subscribers::InProcess(Fleet::connect(&urls, size, connections, trusted).await?)
     };

@@ -23,7 +23,7 @@ use crate::fleet::{Arrival, Fleet, Payloads};
 /// The subscribers, here or in a child process.
 pub enum Subscribers {
     InProcess(Fleet),
-    Child(ChildFleet),
+    Child(Box<ChildFleet>),
 }
 
 impl Subscribers {
@@ -73,14 +73,20 @@ impl Subscribers {
 
     pub async fn reset_acks(&self) -> anyhow::Result<()> {
         match self {
-            Subscribers::InProcess(fleet) => Ok(fleet.reset_acks()),
+            Subscribers::InProcess(fleet) => {
+                fleet.reset_acks();
+                Ok(())
+            }
             Subscribers::Child(child) => child.ask(&Question::ResetAcks).await,
         }
     }
 
     pub async fn forget(&self) -> anyhow::Result<()> {
         match self {
-            Subscribers::InProcess(fleet) => Ok(fleet.forget()),
+            Subscribers::InProcess(fleet) => {
+                fleet.forget();
+                Ok(())
+            }
             Subscribers::Child(child) => child.ask(&Question::Forget).await,
         }
     }
