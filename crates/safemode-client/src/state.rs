@@ -33,9 +33,12 @@ pub(super) struct Shared {
 /// When the client last knew its policy was current: it heard from a
 /// controller, in the same store history, at the revision it had applied.
 pub(super) struct Freshness {
-    /// The process's coarse clock; `current_ms` counts from its start.
+    /// The process's coarse clock (shared by every subscriber of the
+    /// process, so started before this one, perhaps long before).
     clock: &'static CoarseClock,
-    /// Milliseconds after `start` of the last moment the client knew it was
+    /// The clock's reading when this subscriber started: `start` below.
+    start_ms: u64,
+    /// The clock's reading at the last moment the client knew it was
     /// current; [`NEVER`] until it first does.
     current_ms: AtomicU64,
     /// Until then: how long before `start` the policy was last known
@@ -90,8 +93,10 @@ impl Freshness {
             }
             _ => NEVER,
         };
+        let clock = coarse::clock();
         Freshness {
-            clock: coarse::clock(),
+            clock,
+            start_ms: clock.now_ms(),
             current_ms: AtomicU64::new(NEVER),
             before_start_ms,
             behind: AtomicBool::new(true),
@@ -148,7 +153,10 @@ impl Freshness {
             NEVER if self.before_start_ms == NEVER => (true, Duration::MAX),
             NEVER => (
                 true,
-                Duration::from_millis(self.before_start_ms.saturating_add(now)),
+                Duration::from_millis(
+                    self.before_start_ms
+                        .saturating_add(now.saturating_sub(self.start_ms)),
+                ),
             ),
             current => (false, Duration::from_millis(now.saturating_sub(current))),
         };
@@ -244,6 +252,22 @@ mod tests {
         freshness.observe(false);
         assert!(!freshness.staleness(HOUR).stale);
         assert!(freshness.staleness(HOUR).for_ < Duration::from_secs(600));
+
+        // The process's clock may have started long before this
+        // subscriber (another one started it): the age counts from this
+        // one's start.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while coarse::clock().now_ms() < 50 {
+            assert!(std::time::Instant::now() < deadline);
+            std::thread::yield_now();
+        }
+        let made = std::time::Instant::now();
+        let late = Freshness::new(true, Some(Duration::from_secs(600)));
+        let age = late.staleness(HOUR).for_;
+        assert!(
+            age <= Duration::from_secs(600) + made.elapsed() + Duration::from_millis(2),
+            "{age:?}"
+        );
 
         let unknown = Freshness::new(true, None);
         assert_eq!(unknown.staleness(HOUR).for_, Duration::MAX);
