@@ -1,7 +1,8 @@
 //! Generates the subscription service's server once more, sending `Outbound`
 //! (a response encoded once per revision and channel, then shared by every
-//! subscriber of the channel) instead of `SubscribeResponse`; every other
-//! type is safemode-wire's. `protox` compiles the proto, so no `protoc` is
+//! subscriber of the channel) instead of `SubscribeResponse`, with
+//! `FanoutCodec` (small per-stream buffers); every other type is
+//! safemode-wire's. `protox` compiles the proto, so no `protoc` is
 //! needed.
 
 use std::path::PathBuf;
@@ -31,6 +32,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ".safemode.v1.SubscribeResponse",
             "crate::outbound::Outbound",
         )
+        // Small per-stream buffers: a stream sends a snapshot of a few
+        // hundred bytes now and then and receives acks.
+        .codec_path("crate::outbound::FanoutCodec")
         .compile_fds(subscription)?;
     Ok(())
 }

@@ -201,6 +201,17 @@ fn check_one(modes: &ModeCatalog, case: &Case) -> Result<(), String> {
     let policy = EffectivePolicy::compile(&activations);
     let channel = Channel::parse(case.channel).unwrap();
     let decision = policy.decide(channel, &case.action, &case.ctx);
+    // A parsed action (the client's path, through the table of known
+    // actions) decides exactly as its name does.
+    if let Ok(action) = safemode_policy::Action::parse(&case.action) {
+        let parsed = policy.channel(channel).decide_action(&action, &case.ctx);
+        if parsed.outcome != decision.outcome || !parsed.reasons().eq(decision.reasons()) {
+            return Err(format!(
+                "  decide_action({}) differs from decide: {:?} against {:?}",
+                case.action, parsed.outcome, decision.outcome
+            ));
+        }
+    }
     let mode_of = |id: &ActivationId| {
         let a = activations.iter().find(|a| &a.id == id).unwrap();
         a.mode.name.to_string()

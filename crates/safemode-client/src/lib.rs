@@ -56,6 +56,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod coarse;
 mod connection;
 mod decision;
 mod lkg;
@@ -634,9 +635,13 @@ impl Subscriber {
     /// allocates nothing.
     pub fn decide<'a>(&'a self, action: &'a Action, ctx: &Context) -> Decision<'a> {
         let snapshot = self.shared.current.load();
-        let staleness = self.shared.freshness.staleness(self.shared.stale_after);
+        // No clock read while the policy is current and far from its limit.
+        let staleness = self
+            .shared
+            .freshness
+            .decision_staleness(self.shared.stale_after);
         let verdict = match snapshot.as_deref() {
-            Some(s) => s.policy.decide(action.as_str(), ctx).detach(),
+            Some(s) => s.policy.decide_action(action, ctx).detach(),
             None => safemode_policy::Decision::allow().detach(),
         };
         let fail_closed = self.shared.fail_closed.as_ref().filter(|rule| {

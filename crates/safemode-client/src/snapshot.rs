@@ -137,7 +137,7 @@ impl PolicySnapshot {
     /// Decides `action` for `ctx`; borrows from the snapshot, allocates
     /// nothing.
     pub fn decide(&self, action: &Action, ctx: &Context) -> Decision<'_> {
-        self.policy.decide(action.as_str(), ctx)
+        self.policy.decide_action(action, ctx)
     }
 }
 

@@ -4,11 +4,12 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 
 use super::PolicySnapshot;
+use super::coarse::{self, CoarseClock};
 use super::decision::FailClosedRule;
 
 pub(super) struct Shared {
@@ -31,10 +32,13 @@ pub(super) struct Shared {
 
 /// When the client last knew its policy was current: it heard from a
 /// controller, in the same store history, at the revision it had applied.
-#[derive(Debug)]
 pub(super) struct Freshness {
-    start: Instant,
-    /// Milliseconds after `start` of the last moment the client knew it was
+    /// The process's coarse clock (shared by every subscriber of the
+    /// process, so started before this one, perhaps long before).
+    clock: &'static CoarseClock,
+    /// The clock's reading when this subscriber started: `start` below.
+    start_ms: u64,
+    /// The clock's reading at the last moment the client knew it was
     /// current; [`NEVER`] until it first does.
     current_ms: AtomicU64,
     /// Until then: how long before `start` the policy was last known
@@ -47,6 +51,23 @@ pub(super) struct Freshness {
 }
 
 const NEVER: u64 = u64::MAX;
+
+/// A decision reads the real clock only when its policy is within this of
+/// its staleness limit by the coarse clock (or past it, or behind, or never
+/// current). The coarse clock is behind the real one by less than
+/// [`TICK`](super::coarse::TICK) while its thread runs; this covers a thread
+/// kept from running for almost 100 ms.
+const CLOCK_MARGIN_MS: u64 = 100;
+
+impl std::fmt::Debug for Freshness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Freshness")
+            .field("current_ms", &self.current_ms)
+            .field("before_start_ms", &self.before_start_ms)
+            .field("behind", &self.behind)
+            .finish_non_exhaustive()
+    }
+}
 
 /// How stale the policy is at one moment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -72,8 +93,10 @@ impl Freshness {
             }
             _ => NEVER,
         };
+        let clock = coarse::clock();
         Freshness {
-            start: Instant::now(),
+            clock,
+            start_ms: clock.now_ms(),
             current_ms: AtomicU64::new(NEVER),
             before_start_ms,
             behind: AtomicBool::new(true),
@@ -81,7 +104,7 @@ impl Freshness {
     }
 
     fn now_ms(&self) -> u64 {
-        self.start.elapsed().as_millis() as u64
+        self.clock.now_ms()
     }
 
     /// A controller confirmed (with a signed, newer heartbeat) what it
@@ -100,6 +123,26 @@ impl Freshness {
         self.behind.store(behind, Ordering::Release);
     }
 
+    /// [`Freshness::staleness`] for a decision: the same answer, without
+    /// reading the clock while the policy is current and, by the coarse
+    /// clock, more than [`CLOCK_MARGIN_MS`] from `limit`. The coarse time
+    /// is never ahead of the real one, so a policy it calls fresh is fresh;
+    /// `for_` is then approximate (a fresh policy's is used by nothing).
+    pub fn decision_staleness(&self, limit: Duration) -> Staleness {
+        let current = self.current_ms.load(Ordering::Acquire);
+        if current != NEVER && !self.behind.load(Ordering::Acquire) {
+            let coarse = self.clock.coarse_ms();
+            let limit_ms = u64::try_from(limit.as_millis()).unwrap_or(NEVER);
+            if coarse.saturating_add(CLOCK_MARGIN_MS) < current.saturating_add(limit_ms) {
+                return Staleness {
+                    stale: false,
+                    for_: Duration::from_millis(coarse.saturating_sub(current)),
+                };
+            }
+        }
+        self.staleness(limit)
+    }
+
     /// Stale: the client has not known it was current for longer than
     /// `limit`, never has since it started, or is behind the controller.
     pub fn staleness(&self, limit: Duration) -> Staleness {
@@ -110,7 +153,10 @@ impl Freshness {
             NEVER if self.before_start_ms == NEVER => (true, Duration::MAX),
             NEVER => (
                 true,
-                Duration::from_millis(self.before_start_ms.saturating_add(now)),
+                Duration::from_millis(
+                    self.before_start_ms
+                        .saturating_add(now.saturating_sub(self.start_ms)),
+                ),
             ),
             current => (false, Duration::from_millis(now.saturating_sub(current))),
         };
@@ -179,6 +225,25 @@ mod tests {
     }
 
     #[test]
+    fn a_decision_sees_what_staleness_sees() {
+        let freshness = Freshness::new(false, None);
+        assert!(freshness.decision_staleness(HOUR).stale, "no policy yet");
+        freshness.observe(false);
+        assert!(!freshness.decision_staleness(HOUR).stale);
+        freshness.observe(true);
+        assert!(freshness.decision_staleness(HOUR).stale, "behind");
+        freshness.observe(false);
+        // Past the limit (zero: as soon as a millisecond has passed, waited
+        // for with a deadline) the clock is read.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !freshness.staleness(Duration::ZERO).stale {
+            assert!(std::time::Instant::now() < deadline);
+            std::thread::yield_now();
+        }
+        assert!(freshness.decision_staleness(Duration::ZERO).stale);
+    }
+
+    #[test]
     fn a_policy_from_disk_is_as_stale_as_when_it_was_saved() {
         let freshness = Freshness::new(true, Some(Duration::from_secs(600)));
         let loaded = freshness.staleness(HOUR);
@@ -187,6 +252,22 @@ mod tests {
         freshness.observe(false);
         assert!(!freshness.staleness(HOUR).stale);
         assert!(freshness.staleness(HOUR).for_ < Duration::from_secs(600));
+
+        // The process's clock may have started long before this
+        // subscriber (another one started it): the age counts from this
+        // one's start.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while coarse::clock().now_ms() < 50 {
+            assert!(std::time::Instant::now() < deadline);
+            std::thread::yield_now();
+        }
+        let made = std::time::Instant::now();
+        let late = Freshness::new(true, Some(Duration::from_secs(600)));
+        let age = late.staleness(HOUR).for_;
+        assert!(
+            age <= Duration::from_secs(600) + made.elapsed() + Duration::from_millis(2),
+            "{age:?}"
+        );
 
         let unknown = Freshness::new(true, None);
         assert_eq!(unknown.staleness(HOUR).for_, Duration::MAX);

@@ -14,12 +14,15 @@
 //! `fanout` module); on the wire it is exactly that message.
 
 use std::collections::HashMap;
+use std::marker::PhantomData;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes};
 use prost::Message;
 use prost::encoding::{DecodeContext, WireType};
+use tonic::codec::{BufferSettings, Codec};
+use tonic_prost::{ProstDecoder, ProstEncoder};
 
 use safemode_controller::NamespaceView;
 use safemode_policy::{Channel, Namespace, Revision};
@@ -78,12 +81,60 @@ impl Message for Outbound {
     }
 }
 
+/// The subscription server's codec: prost's, with per-stream buffers sized
+/// for what a stream carries rather than tonic's 8 KiB each way. Every
+/// stream keeps its buffers for as long as it lives, so with tens of
+/// thousands of idle subscribers they are most of the memory a stream
+/// costs. A larger message grows the buffer as it must.
+pub struct FanoutCodec<T, U>(PhantomData<(T, U)>);
+
+/// The send buffer: a snapshot and the heartbeat that follows it.
+const ENCODE_BUFFER_BYTES: usize = 1024;
+/// The receive buffer: acks of a few bytes (a reject reason, at most
+/// `MAX_SUBSCRIBER_MESSAGE_BYTES`, grows it).
+const DECODE_BUFFER_BYTES: usize = 128;
+/// tonic's default: how much is encoded before the stream yields.
+const YIELD_THRESHOLD_BYTES: usize = 32 * 1024;
+
+impl<T, U> Default for FanoutCodec<T, U> {
+    fn default() -> Self {
+        FanoutCodec(PhantomData)
+    }
+}
+
+impl<T, U> Codec for FanoutCodec<T, U>
+where
+    T: Message + Send + 'static,
+    U: Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = ProstEncoder<T>;
+    type Decoder = ProstDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        ProstEncoder::new(BufferSettings::new(
+            ENCODE_BUFFER_BYTES,
+            YIELD_THRESHOLD_BYTES,
+        ))
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        ProstDecoder::new(BufferSettings::new(
+            DECODE_BUFFER_BYTES,
+            YIELD_THRESHOLD_BYTES,
+        ))
+    }
+}
+
 /// The newest encoded snapshot of each channel of each namespace. An
 /// entry lives as long as the view it was encoded from is in use: a
 /// namespace nobody follows any more (a finished drill) leaves nothing.
+/// Looked up by borrowing the namespace: a stream's lookup allocates
+/// nothing.
 #[derive(Debug, Default)]
 pub struct SnapshotCache {
-    encoded: Mutex<HashMap<(Namespace, Channel), Cached>>,
+    encoded: Mutex<HashMap<Namespace, HashMap<Channel, Cached>>>,
 }
 
 #[derive(Debug)]
@@ -104,10 +155,14 @@ impl SnapshotCache {
         key: &SigningKey,
         make: impl FnOnce() -> proto::Snapshot,
     ) -> Bytes {
-        let slot = (view.namespace.clone(), channel);
         // The very view, not only its revision: a re-read after compaction
         // can publish new contents under the same revision.
-        if let Some(cached) = self.encoded.lock().expect("snapshot cache lock").get(&slot)
+        if let Some(cached) = self
+            .encoded
+            .lock()
+            .expect("snapshot cache lock")
+            .get(&view.namespace)
+            .and_then(|channels| channels.get(&channel))
             && cached.revision == view.revision
             && std::ptr::eq(cached.view.as_ptr(), Arc::as_ptr(view))
         {
@@ -119,12 +174,16 @@ impl SnapshotCache {
         let mut encoded = self.encoded.lock().expect("snapshot cache lock");
         // Entries of views nobody holds any more go (views are replaced on
         // every change, so this also drops what a new revision replaced).
-        encoded.retain(|_, cached| cached.view.strong_count() > 0);
-        match encoded.get(&slot) {
+        encoded.retain(|_, channels| {
+            channels.retain(|_, cached| cached.view.strong_count() > 0);
+            !channels.is_empty()
+        });
+        let channels = encoded.entry(view.namespace.clone()).or_default();
+        match channels.get(&channel) {
             Some(cached) if cached.revision > view.revision => {}
             _ => {
-                encoded.insert(
-                    slot,
+                channels.insert(
+                    channel,
                     Cached {
                         revision: view.revision,
                         view: Arc::downgrade(view),
@@ -157,7 +216,7 @@ pub struct HeartbeatCache {
     /// that one stream, which beats at most once an interval, never gets
     /// the same heartbeat twice (its client takes only newer ones).
     share_for: Duration,
-    signed: Mutex<HashMap<(Namespace, Channel), Beat>>,
+    signed: Mutex<HashMap<Namespace, HashMap<Channel, Beat>>>,
 }
 
 #[derive(Debug)]
@@ -187,9 +246,10 @@ impl HeartbeatCache {
         epoch: &str,
         key: &SigningKey,
     ) -> Bytes {
-        let key_of = (namespace.clone(), channel);
         let mut signed = self.signed.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(beat) = signed.get(&key_of)
+        if let Some(beat) = signed
+            .get(namespace)
+            .and_then(|channels| channels.get(&channel))
             && beat.revision == revision
             && beat.made.elapsed() < self.share_for
         {
@@ -214,9 +274,12 @@ impl HeartbeatCache {
         );
         // Channels of namespaces nobody beats for any more go.
         let keep = self.share_for * 4;
-        signed.retain(|_, beat| beat.made.elapsed() < keep);
-        signed.insert(
-            key_of,
+        signed.retain(|_, channels| {
+            channels.retain(|_, beat| beat.made.elapsed() < keep);
+            !channels.is_empty()
+        });
+        signed.entry(namespace.clone()).or_default().insert(
+            channel,
             Beat {
                 revision,
                 made,
@@ -293,11 +356,18 @@ mod tests {
             3,
         ));
         cache.get(&drill, web, &key, || snapshot(3));
-        assert_eq!(cache.encoded.lock().unwrap().len(), 2);
+        let entries = |cache: &SnapshotCache| -> Vec<(Namespace, Channel)> {
+            let encoded = cache.encoded.lock().unwrap();
+            encoded
+                .iter()
+                .flat_map(|(n, channels)| channels.keys().map(|c| (n.clone(), *c)))
+                .collect()
+        };
+        assert_eq!(entries(&cache).len(), 2);
         drop(drill);
         drop(five);
         cache.get(&six, Channel::parse("ivr").unwrap(), &key, || snapshot(6));
-        let left: Vec<_> = cache.encoded.lock().unwrap().keys().cloned().collect();
+        let left = entries(&cache);
         assert!(
             left.iter().all(|(n, _)| *n == Namespace::live()),
             "{left:?}"

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use futures_util::Stream;
 use jiff::Timestamp;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
@@ -201,7 +201,10 @@ struct Session {
     subscription: Subscription,
     inbound: Streaming<proto::SubscribeRequest>,
     heartbeat: Interval,
-    shutdown: CancellationToken,
+    /// Resolves at shutdown; made once, not on every wait, so that a wake-up
+    /// of ten thousand streams does not re-register each with the token
+    /// that all of them share.
+    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
     signer: Signer,
     /// Newest revision sent; `None` until the first snapshot.
     sent: Option<Revision>,
@@ -247,7 +250,7 @@ impl Session {
             subscription,
             inbound,
             heartbeat,
-            shutdown,
+            shutdown: Box::pin(shutdown.cancelled_owned()),
             signer,
             sent: None,
             beat_now: false,
@@ -307,7 +310,7 @@ impl Session {
         loop {
             tokio::select! {
                 biased;
-                () = self.shutdown.cancelled() => {
+                () = self.shutdown.as_mut() => {
                     return Some(Err(Status::unavailable("the controller is shutting down; reconnect")));
                 }
                 // Before anything else is sent: a revoked token gets nothing.

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use super::activation::{Activation, ActivationId};
 use super::effect::{Effect, Throttle};
 use super::mode::{Condition, Rule};
-use super::names::{ActionSelector, Channel, NameError};
+use super::names::{ACTIONS, ActionSelector, Channel, NameError};
 
 /// One merged rule set for an action key: the effect of every rule that shares
 /// a condition (or has none).
@@ -66,6 +66,10 @@ pub struct ChannelPolicy {
     exact: HashMap<Box<str>, ActionPolicy>,
     /// Keyed by the prefix without `.*`; `""` is `*`.
     prefix: HashMap<Box<str>, ActionPolicy>,
+    /// What [`ChannelPolicy::lookup`] finds for each of [`ACTIONS`], by its
+    /// position: a decision on a known action is one indexed read, not a
+    /// hash of its name and of its prefixes. Made whenever a key is added.
+    pub(crate) known: Box<[Option<ActionPolicy>]>,
 }
 
 /// A rule of an activation that covers the channel being compiled.
@@ -142,7 +146,13 @@ impl ChannelPolicy {
                 (Box::from(p), ActionPolicy::merge(&covering))
             })
             .collect();
-        ChannelPolicy { exact, prefix }
+        let mut policy = ChannelPolicy {
+            exact,
+            prefix,
+            known: Box::default(),
+        };
+        policy.index_known();
+        policy
     }
 
     /// The policy for `action`: its own key, else its longest prefix key,
@@ -184,7 +194,13 @@ impl ChannelPolicy {
         if map.insert(Box::from(name), policy).is_some() {
             return Err(NameError(format!("rule key '{key}' appears twice")));
         }
+        self.index_known();
         Ok(())
+    }
+
+    /// Looks up every known action once, for [`ChannelPolicy::known`].
+    fn index_known(&mut self) {
+        self.known = ACTIONS.iter().map(|a| self.lookup(a).cloned()).collect();
     }
 
     /// Every key as written on the wire, with its policy, in key order.

@@ -13,7 +13,7 @@ use serde::Serialize;
 use super::activation::ActivationId;
 use super::compile::{ActionPolicy, ChannelPolicy, EffectivePolicy, Entry};
 use super::effect::{Deny, Effect, EffectKind, ReadOnly, Route, StepUp, Throttle};
-use super::names::Channel;
+use super::names::{Action, Channel};
 
 use super::mode::Context;
 
@@ -366,6 +366,20 @@ impl ChannelPolicy {
     /// Decides `action` on this channel for `ctx`.
     pub fn decide(&self, action: &str, ctx: &Context) -> Decision<'_> {
         match self.lookup(action) {
+            Some(policy) => policy.decide(ctx),
+            None => Decision::allow(),
+        }
+    }
+
+    /// [`ChannelPolicy::decide`] for a parsed action: a known one's policy
+    /// is read from the table made when the policy was compiled, by the
+    /// position found when the action was parsed.
+    pub fn decide_action(&self, action: &Action, ctx: &Context) -> Decision<'_> {
+        let policy = match action.known_index().and_then(|i| self.known.get(i)) {
+            Some(found) => found.as_ref(),
+            None => self.lookup(action.as_str()),
+        };
+        match policy {
             Some(policy) => policy.decide(ctx),
             None => Decision::allow(),
         }

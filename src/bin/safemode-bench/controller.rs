@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use safemode_signing::{SigningKey, TrustedKeys};
@@ -39,6 +39,8 @@ pub struct Controller {
     child: Child,
     pub addr: SocketAddr,
     store: Store,
+    /// Its replica name.
+    name: String,
     /// The file of its signing key, kept for a restart.
     key_file: Arc<tempfile::TempDir>,
     /// The public half of its key, for subscribers to trust.
@@ -49,24 +51,41 @@ pub struct Controller {
 const KEY_FILE: &str = "signing.key";
 
 impl Controller {
-    /// Starts a controller with a new signing key on `listen` (port 0: any)
-    /// and waits until it serves.
-    pub async fn start(store: &Store, listen: SocketAddr) -> anyhow::Result<Controller> {
+    /// Starts `replicas` controllers over `store` with one new signing key
+    /// (replicas of one deployment share it), each on a free port, and
+    /// waits until every one serves.
+    pub async fn start(store: &Store, replicas: usize) -> anyhow::Result<Vec<Controller>> {
         let dir = tempfile::tempdir().context("cannot make a directory for the signing key")?;
         let (key, pem) = SigningKey::generate();
         std::fs::write(dir.path().join(KEY_FILE), pem).context("cannot write the signing key")?;
         let trusted = TrustedKeys::new([key.public_key().clone()])?;
-        Controller::spawn(store, listen, Arc::new(dir), trusted).await
+        let key_file = Arc::new(dir);
+        let mut started = Vec::with_capacity(replicas);
+        for n in 0..replicas {
+            started.push(
+                Controller::spawn(
+                    store,
+                    "127.0.0.1:0".parse()?,
+                    format!("bench-{n}"),
+                    key_file.clone(),
+                    trusted.clone(),
+                )
+                .await?,
+            );
+        }
+        Ok(started)
     }
 
     async fn spawn(
         store: &Store,
         listen: SocketAddr,
+        name: String,
         key_file: Arc<tempfile::TempDir>,
         trusted: TrustedKeys,
     ) -> anyhow::Result<Controller> {
         let mut command = Command::new(std::env::current_exe().context("where am I")?);
         command.arg("--controller").arg(listen.to_string());
+        command.arg("--replica").arg(&name);
         command
             .arg("--signing-key")
             .arg(key_file.path().join(KEY_FILE));
@@ -95,6 +114,7 @@ impl Controller {
             child,
             addr,
             store: store.clone(),
+            name,
             key_file,
             trusted,
         })
@@ -111,21 +131,24 @@ impl Controller {
         rss_of(pid)
     }
 
-    /// Kills the controller (SIGKILL: a crash, not a goodbye) and starts it
-    /// again on the same address and store; returns when it serves, and when
-    /// the kill happened.
-    pub async fn crash_and_restart(&mut self) -> anyhow::Result<Instant> {
-        let killed = Instant::now();
-        self.child.kill().await?;
+    /// Kills the controller (SIGKILL: a crash, not a goodbye).
+    pub async fn crash(&mut self) -> anyhow::Result<()> {
+        Ok(self.child.kill().await?)
+    }
+
+    /// Starts it again on the same address, store and key (after
+    /// [`Controller::crash`]); returns when it serves.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
         let again = Controller::spawn(
             &self.store,
             self.addr,
+            self.name.clone(),
             self.key_file.clone(),
             self.trusted.clone(),
         )
         .await?;
         *self = again;
-        Ok(killed)
+        Ok(())
     }
 }
 
@@ -145,6 +168,7 @@ pub fn rss_of(pid: u32) -> anyhow::Result<u64> {
 /// The child's side: serve until killed, saying where on stdout.
 pub async fn serve(
     listen: SocketAddr,
+    replica: &str,
     data_dir: Option<&Path>,
     etcd: Option<&str>,
     signing_key: &Path,
@@ -164,7 +188,14 @@ pub async fn serve(
     let running = safemode_grpc::server::start(ServeConfig {
         listen,
         store,
-        replica: Some("bench".into()),
+        replica: Some(replica.into()),
+        // The benchmark's subscribers have no tokens: as many streams as
+        // it asks for.
+        stream_limits: safemode_grpc::limits::StreamLimits {
+            per_token: 1_000_000,
+            per_connection: 1_000_000,
+            per_replica: 1_000_000,
+        },
         // The benchmark's key, which its subscribers trust.
         signing_key: safemode_grpc::server::SigningKeySource::File(signing_key.to_path_buf()),
         ..ServeConfig::default()

@@ -7,6 +7,7 @@ use std::sync::Barrier;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use jiff::Timestamp;
 use safemode::sim::percentile;
 use safemode_client::{PolicySnapshot, Subscriber};
@@ -53,6 +54,14 @@ unsafe impl GlobalAlloc for Counting {
 
 #[derive(Debug, Default, Serialize)]
 pub struct DecideResult {
+    /// The floor: an `ArcSwap` load plus one indexed read of a precompiled
+    /// table (each input's decision, made beforehand), in the same batches
+    /// and loop as `decide`, on one thread, in the same run: median and
+    /// 99th percentile, nanoseconds per read.
+    pub floor_ns_p50: f64,
+    pub floor_ns_p99: f64,
+    /// `single_thread.ns_p50` over `floor_ns_p50`.
+    pub ratio_to_floor_p50: f64,
     /// Active modes in the policy.
     pub active_modes: usize,
     /// Distinct (action, context) inputs cycled through.
@@ -173,6 +182,46 @@ fn run_batches(
     samples
 }
 
+/// The floor's loop: the same inputs, the same batches, but each decision
+/// is an `ArcSwap` load and a read of the table entry made for the input
+/// beforehand.
+fn floor_batches(
+    table: &ArcSwap<Vec<u32>>,
+    inputs: &[(Action, Context)],
+    duration: Duration,
+) -> Vec<f64> {
+    let mut samples = Vec::new();
+    let start = Instant::now();
+    let mut i = 0;
+    while start.elapsed() < duration {
+        let batch = Instant::now();
+        for _ in 0..BATCH {
+            let (_, ctx) = std::hint::black_box(&inputs[i % inputs.len()]);
+            std::hint::black_box(ctx);
+            let table = table.load();
+            let entry = table[i % table.len()];
+            std::hint::black_box(entry);
+            i += 1;
+        }
+        samples.push(batch.elapsed().as_nanos() as f64 / BATCH as f64);
+    }
+    samples
+}
+
+/// The floor's table: one entry per input, its decision's effect (as a
+/// number), decided once.
+fn floor_table(subscriber: &Subscriber, inputs: &[(Action, Context)]) -> ArcSwap<Vec<u32>> {
+    let table = inputs
+        .iter()
+        .map(|(action, ctx)| {
+            let decision = subscriber.decide(action, ctx);
+            let effect = format!("{:?}", decision.outcome());
+            effect.len() as u32
+        })
+        .collect();
+    ArcSwap::from_pointee(table)
+}
+
 fn timing(threads: usize, mut samples: Vec<f64>, wall: Duration, allocations: u64) -> Timing {
     samples.sort_by(f64::total_cmp);
     let decisions = (samples.len() * BATCH) as u64;
@@ -189,6 +238,11 @@ fn timing(threads: usize, mut samples: Vec<f64>, wall: Duration, allocations: u6
 pub fn run(duration: Duration) -> DecideResult {
     let (subscriber, active_modes) = subscriber();
     let inputs = inputs();
+    // The floor first, for as long as decide's single-threaded run.
+    let table = floor_table(&subscriber, &inputs);
+    floor_batches(&table, &inputs, Duration::from_millis(50));
+    let mut floor = floor_batches(&table, &inputs, duration);
+    floor.sort_by(f64::total_cmp);
     // Warm up (and let each thread claim its slot in the pointer swap).
     run_batches(&subscriber, &inputs, Duration::from_millis(50), false);
 
@@ -229,7 +283,11 @@ pub fn run(duration: Duration) -> DecideResult {
         last - first,
         ALLOCATIONS.swap(0, Ordering::Relaxed),
     );
+    let floor_ns_p50 = percentile(&floor, 0.50);
     DecideResult {
+        floor_ns_p50,
+        floor_ns_p99: percentile(&floor, 0.99),
+        ratio_to_floor_p50: single.ns_p50 / floor_ns_p50.max(f64::MIN_POSITIVE),
         active_modes,
         inputs: inputs.len(),
         single_thread: single,

@@ -74,13 +74,15 @@ fn options() -> ConnectOptions {
 type Seen = Arc<Mutex<HashMap<i64, (usize, Instant)>>>;
 
 /// `watchers` watchers over `connections` connections on one prefix; then
-/// `puts` puts, each timed from the call to the last watcher's event.
-/// Returns the latencies in milliseconds.
+/// `puts` puts of a `value_bytes`-byte value (as large as the snapshot a
+/// subscriber receives), each timed from the call to the last watcher's
+/// event. Returns the latencies in milliseconds.
 pub async fn baseline(
     endpoint: &str,
     watchers: usize,
     connections: usize,
     puts: usize,
+    value_bytes: usize,
 ) -> anyhow::Result<Vec<f64>> {
     let mut clients = Vec::with_capacity(connections);
     for _ in 0..connections {
@@ -125,7 +127,10 @@ pub async fn baseline(
     let mut latencies = Vec::with_capacity(puts);
     for n in 0..puts {
         let started = Instant::now();
-        let put = writer.put("/bench/flip", format!("{n}"), None).await?;
+        // Every put a different value, as every flip is a new snapshot.
+        let mut value = format!("{n} ").into_bytes();
+        value.resize(value_bytes.max(value.len()), b'x');
+        let put = writer.put("/bench/flip", value, None).await?;
         let revision = put.header().context("a put has a header")?.revision();
         let deadline = Instant::now() + Duration::from_secs(30);
         let last = loop {

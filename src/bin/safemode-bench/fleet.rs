@@ -1,16 +1,20 @@
 //! Subscribers for the benchmarks: raw subscription streams over a pool of
 //! HTTP/2 connections (many streams share one, as channel services behind a
-//! few client pods would). Each checks every snapshot's signature and
-//! compiles it as the client module does (`verify_snapshot`,
-//! `PolicySnapshot::from_wire`), acks it, and reconnects
+//! few client pods would). Each snapshot's signature is checked and the
+//! snapshot compiled as the client module does (`verify_snapshot`,
+//! `PolicySnapshot::from_wire`), once per distinct snapshot in the fleet's
+//! process (as a process holding many subscribers would: the very same
+//! contents, compared field by field, are not verified again); each
+//! subscriber decodes its own copy, acks it, and reconnects
 //! with jitter when its stream ends. They record when each revision arrived;
 //! when the controller recorded the acks is read from its status.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
+use prost::Message as _;
 use safemode_client::PolicySnapshot;
 use safemode_policy::{Channel, Namespace, Revision};
 use safemode_signing::TrustedKeys;
@@ -30,8 +34,9 @@ use tonic::transport::{Channel as Connection, Endpoint};
 pub struct Arrival {
     /// Subscribers that received it, compiled it and sent their ack.
     pub acked: usize,
-    /// When the last of them received it.
-    pub last_received: Instant,
+    /// When the last of them received it (the wall clock: the fleet may
+    /// run in a process of its own, on the same machine).
+    pub last_received: SystemTime,
 }
 
 /// What every subscriber holds now.
@@ -40,30 +45,52 @@ struct Ledger {
     by_revision: HashMap<Revision, Arrival>,
     /// Each subscriber's newest acked revision.
     acked: Vec<Revision>,
+    /// Encoded sizes of the snapshots received (the `Snapshot` message, as
+    /// sent): how many, their sum, the largest.
+    payloads: u64,
+    payload_bytes: u64,
+    payload_max: u64,
 }
+
+/// The sizes of the snapshots the fleet received.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct Payloads {
+    pub mean_bytes: u64,
+    pub max_bytes: u64,
+}
+
+/// The newest snapshot of each channel the fleet has checked, and the
+/// outcome: a process holding many subscribers of one channel verifies and
+/// compiles each distinct snapshot once, and every subscriber that receives
+/// the very same contents (compared field by field, signature included)
+/// takes that outcome.
+type Checked = Arc<Mutex<HashMap<Channel, (proto::Snapshot, Result<(), String>)>>>;
 
 pub struct Fleet {
     ledger: Arc<Mutex<Ledger>>,
+    checked: Checked,
     stop: CancellationToken,
     pub size: usize,
 }
 
 impl Fleet {
     /// `size` subscribers of the live namespace, spread over the channels
-    /// and over `connections` connections to `url`; returns once every one
-    /// has acked its first snapshot.
+    /// and over `connections` connections, the connections spread over the
+    /// replicas at `urls`; returns once every one has acked its first
+    /// snapshot.
     pub async fn connect(
-        url: &str,
+        urls: &[String],
         size: usize,
         connections: usize,
         trusted: TrustedKeys,
     ) -> anyhow::Result<Fleet> {
-        let endpoint = Endpoint::from_shared(url.to_string())?
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(10))
-            .http2_adaptive_window(true);
         let mut pool = Vec::with_capacity(connections);
-        for _ in 0..connections {
+        for n in 0..connections {
+            let url = &urls[n % urls.len()];
+            let endpoint = Endpoint::from_shared(url.to_string())?
+                .tcp_nodelay(true)
+                .connect_timeout(Duration::from_secs(10))
+                .http2_adaptive_window(true);
             // Each connect() is its own HTTP/2 connection.
             pool.push(
                 endpoint
@@ -73,11 +100,12 @@ impl Fleet {
             );
         }
         let ledger = Arc::new(Mutex::new(Ledger {
-            by_revision: HashMap::new(),
             acked: vec![0; size],
+            ..Ledger::default()
         }));
         let fleet = Fleet {
             ledger,
+            checked: Checked::default(),
             stop: CancellationToken::new(),
             size,
         };
@@ -88,6 +116,7 @@ impl Fleet {
                 channel: channels[index % channels.len()],
                 connection: pool[index % pool.len()].clone(),
                 ledger: fleet.ledger.clone(),
+                checked: fleet.checked.clone(),
                 trusted: trusted.clone(),
             };
             tokio::spawn(subscriber.run(fleet.stop.clone()));
@@ -148,7 +177,20 @@ impl Fleet {
 
     /// Forgets what arrived (before a run whose arrivals are counted).
     pub fn forget(&self) {
-        self.ledger.lock().unwrap().by_revision.clear();
+        let mut ledger = self.ledger.lock().unwrap();
+        ledger.by_revision.clear();
+        ledger.payloads = 0;
+        ledger.payload_bytes = 0;
+        ledger.payload_max = 0;
+    }
+
+    /// The sizes of the snapshots received since [`Fleet::forget`].
+    pub fn payloads(&self) -> Payloads {
+        let ledger = self.ledger.lock().unwrap();
+        Payloads {
+            mean_bytes: ledger.payload_bytes / ledger.payloads.max(1),
+            max_bytes: ledger.payload_max,
+        }
     }
 }
 
@@ -163,10 +205,35 @@ struct Raw {
     channel: Channel,
     connection: Connection,
     ledger: Arc<Mutex<Ledger>>,
+    checked: Checked,
     trusted: TrustedKeys,
 }
 
 impl Raw {
+    /// What a channel service does before it acks: verify, check and
+    /// compile; once per distinct snapshot in this process.
+    fn check(&self, snapshot: proto::Snapshot, namespace: &Namespace) -> Result<(), String> {
+        if let Some((seen, outcome)) = self.checked.lock().unwrap().get(&self.channel)
+            && *seen == snapshot
+        {
+            return outcome.clone();
+        }
+        let received = snapshot.clone();
+        let mut snapshot = snapshot;
+        let outcome = verify_snapshot(&mut snapshot, &self.trusted)
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                PolicySnapshot::from_wire(snapshot, namespace, self.channel)
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            });
+        self.checked
+            .lock()
+            .unwrap()
+            .insert(self.channel, (received, outcome.clone()));
+        outcome
+    }
+
     async fn run(self, stop: CancellationToken) {
         let mut applied: Revision = 0;
         let mut epoch = String::new();
@@ -213,23 +280,16 @@ impl Raw {
         let mut delivered = false;
         let namespace = Namespace::live();
         while let Ok(Some(message)) = inbound.message().await {
-            let Some(Inbound::Snapshot(mut snapshot)) = message.message else {
+            let Some(Inbound::Snapshot(snapshot)) = message.message else {
                 continue;
             };
-            let received = Instant::now();
+            let received = SystemTime::now();
+            let size = snapshot.encoded_len() as u64;
             delivered = true;
             let revision = snapshot.revision;
             let snapshot_epoch = snapshot.epoch.clone();
-            // What a channel service does before it acks: verify, check
-            // and compile.
-            let checked = verify_snapshot(&mut snapshot, &self.trusted)
-                .map_err(|e| e.to_string())
-                .and_then(|()| {
-                    PolicySnapshot::from_wire(snapshot, &namespace, self.channel)
-                        .map_err(|e| e.to_string())
-                });
-            let reply = match checked {
-                Ok(_) => Outbound::Ack(proto::Ack { revision }),
+            let reply = match self.check(snapshot, &namespace) {
+                Ok(()) => Outbound::Ack(proto::Ack { revision }),
                 Err(e) => {
                     eprintln!(
                         "bench subscriber {}: rejecting revision {revision}: {e}",
@@ -260,6 +320,9 @@ impl Raw {
             arrival.acked += 1;
             arrival.last_received = arrival.last_received.max(received);
             ledger.acked[self.index] = revision;
+            ledger.payloads += 1;
+            ledger.payload_bytes += size;
+            ledger.payload_max = ledger.payload_max.max(size);
         }
         delivered
     }

@@ -12,10 +12,11 @@ mod controller;
 mod decide;
 mod etcd;
 mod fleet;
+mod remote;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
@@ -28,6 +29,7 @@ use tonic::transport::{Channel as Connection, Endpoint};
 
 use controller::{Controller, Store};
 use fleet::Fleet;
+use remote::{ChildFleet, Subscribers};
 
 #[global_allocator]
 static ALLOCATOR: decide::Counting = decide::Counting;
@@ -63,9 +65,28 @@ struct Args {
     /// Seconds of decisions per decide run [default: 3; --quick: 1].
     #[arg(long)]
     decide_seconds: Option<u64>,
+    /// Controller replicas over one etcd (etcd store only); subscribers'
+    /// connections are spread evenly over them.
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
+    /// Run the subscribers in a process of their own rather than in the
+    /// benchmark's.
+    #[arg(long)]
+    fleet_process: bool,
     // The controller under test runs as a child process of this binary.
     #[arg(long, hide = true)]
     controller: Option<SocketAddr>,
+    #[arg(long, hide = true, default_value = "bench")]
+    replica: String,
+    // So does the fleet, with --fleet-process: the replicas' URLs.
+    #[arg(long, hide = true)]
+    fleet_child: Option<String>,
+    #[arg(long, hide = true, default_value_t = 0)]
+    fleet_size: usize,
+    #[arg(long, hide = true, default_value_t = 0)]
+    fleet_connections: usize,
+    #[arg(long, hide = true)]
+    fleet_trusted: Option<PathBuf>,
     #[arg(long, hide = true)]
     data_dir: Option<PathBuf>,
     #[arg(long, hide = true)]
@@ -103,7 +124,18 @@ struct Run {
     store: String,
     subscribers: usize,
     connections: usize,
+    /// Controller replicas (over one store), subscribers spread evenly
+    /// over them.
+    replicas: usize,
+    /// Where the subscribers ran: "in-process" (the benchmark's own
+    /// process) or "separate-process".
+    fleet: &'static str,
     flips: usize,
+    /// Encoded size of the snapshots the subscribers received during the
+    /// flips (the `Snapshot` message): mean and largest. The etcd
+    /// baseline's value is as large as the mean.
+    payload_bytes_mean: u64,
+    payload_bytes_max: u64,
     /// From the commander's call to the last subscriber's receipt.
     received_ms: Summary,
     /// From the commander's call to the controller recording the last ack
@@ -194,9 +226,22 @@ fn main() -> anyhow::Result<()> {
             .context("the controller child needs --signing-key")?;
         return runtime.block_on(controller::serve(
             listen,
+            &args.replica,
             args.data_dir.as_deref(),
             args.etcd.as_deref(),
             signing_key,
+        ));
+    }
+    if let Some(urls) = &args.fleet_child {
+        let trusted = args
+            .fleet_trusted
+            .as_deref()
+            .context("the fleet child needs --fleet-trusted")?;
+        return runtime.block_on(remote::serve(
+            urls,
+            args.fleet_size,
+            args.fleet_connections,
+            trusted,
         ));
     }
     let sizes = if args.sizes.is_empty() {
@@ -230,6 +275,15 @@ fn main() -> anyhow::Result<()> {
     }
     if args.streams_per_connection == 0 {
         bail!("--streams-per-connection must be at least 1");
+    }
+    if args.replicas == 0 {
+        bail!("--replicas must be at least 1");
+    }
+    if args.replicas > 1 && args.stores.iter().any(|s| s != "etcd") {
+        bail!(
+            "--replicas {}: replicas share one etcd; the embedded store has one replica. Add --stores etcd",
+            args.replicas
+        );
     }
     let started = Instant::now();
     let mut report = Report {
@@ -324,62 +378,91 @@ async fn propagation(args: &Args, store: &str, size: usize, flips: usize) -> any
         "etcd" => Store::Etcd(vec![etcd.endpoint.clone()]),
         _ => Store::Embedded(data.path().to_path_buf()),
     };
-    let mut controller = Controller::start(&store, "127.0.0.1:0".parse()?).await?;
-    let mut commander = commander(&controller.url()).await?;
+    let mut controllers = Controller::start(&store, args.replicas).await?;
+    let urls: Vec<String> = controllers.iter().map(Controller::url).collect();
+    let mut commander = commander(&urls[0]).await?;
     // Something to serve before anyone subscribes.
     let mut revision = flip(&mut commander, true).await?;
-    let rss_idle = controller.rss()?;
+    let rss = |controllers: &[Controller]| -> anyhow::Result<u64> {
+        controllers.iter().map(Controller::rss).sum()
+    };
+    let rss_idle = rss(&controllers)?;
 
-    let fleet = Fleet::connect(
-        &controller.url(),
-        size,
-        connections,
-        controller.trusted.clone(),
-    )
-    .await?;
-    if !fleet.all_acked(revision, Duration::from_secs(60)).await {
+    let trusted = controllers[0].trusted.clone();
+    let fleet = if args.fleet_process {
+        Subscribers::Child(Box::new(
+            ChildFleet::start(&urls, size, connections, &trusted).await?,
+        ))
+    } else {
+        Subscribers::InProcess(Fleet::connect(&urls, size, connections, trusted).await?)
+    };
+    if !fleet.all_acked(revision, Duration::from_secs(60)).await? {
         bail!("{size} subscribers did not all ack the first revision");
     }
-    let rss_connected = controller.rss()?;
+    let rss_connected = rss(&controllers)?;
 
-    fleet.forget();
+    fleet.forget().await?;
     let mut received = Vec::with_capacity(flips);
     let mut acked = Vec::with_capacity(flips);
     for n in 0..flips {
-        let started = Instant::now();
+        let started = SystemTime::now();
         let started_wall = Timestamp::now();
         revision = flip(&mut commander, n % 2 == 1).await?;
         let arrival = fleet
             .arrival(revision, Duration::from_secs(60))
-            .await
+            .await?
             .with_context(|| {
                 format!("flip {n}: not every subscriber acked revision {revision} within 60 s")
             })?;
-        received.push(arrival.last_received.duration_since(started).as_secs_f64() * 1000.0);
+        let took = arrival
+            .last_received
+            .duration_since(started)
+            .unwrap_or_default();
+        received.push(took.as_secs_f64() * 1000.0);
         let last_ack = last_ack_recorded(&mut commander, revision, size)
             .await
             .with_context(|| format!("flip {n}"))?;
         acked.push(last_ack.duration_since(started_wall).as_secs_f64() * 1000.0);
     }
+    let payloads = fleet.payloads().await?;
 
     // Acks are forgotten first: a subscriber back before the restart is
-    // noticed must still count.
-    fleet.reset_acks();
-    let killed = controller.crash_and_restart().await?;
-    if !fleet.all_acked(revision, Duration::from_secs(120)).await {
+    // noticed must still count. Every replica crashes at once.
+    fleet.reset_acks().await?;
+    let killed = Instant::now();
+    for controller in &mut controllers {
+        controller.crash().await?;
+    }
+    for controller in &mut controllers {
+        controller.restart().await?;
+    }
+    if !fleet.all_acked(revision, Duration::from_secs(120)).await? {
         bail!("after the controller restart, not every subscriber acked again within 120 s");
     }
     let storm = killed.elapsed().as_secs_f64() * 1000.0;
+    let place = fleet.place();
     drop(fleet);
+    drop(controllers);
 
-    let baseline = etcd::baseline(&etcd.endpoint, size, connections, flips).await?;
+    let baseline = etcd::baseline(
+        &etcd.endpoint,
+        size,
+        connections,
+        flips,
+        payloads.mean_bytes as usize,
+    )
+    .await?;
     let received = Summary::of(received);
     let baseline = Summary::of(baseline);
     Ok(Run {
         store: store.name().into(),
         subscribers: size,
         connections,
+        replicas: args.replicas,
+        fleet: place,
         flips,
+        payload_bytes_mean: payloads.mean_bytes,
+        payload_bytes_max: payloads.max_bytes,
         ratio_p50: received.p50 / baseline.p50.max(f64::MIN_POSITIVE),
         ratio_p99: received.p99 / baseline.p99.max(f64::MIN_POSITIVE),
         received_ms: received,
