@@ -196,16 +196,19 @@ impl ReportBook {
             .filter(|b| b.slot >= from)
         {
             for (row, n) in &bucket.decisions {
-                *decisions.entry(row).or_default() += n;
+                let count = decisions.entry(row).or_default();
+                *count = count.saturating_add(*n);
             }
             for (row, n) in &bucket.notable {
-                *notable.entry(row).or_default() += n;
+                let count = notable.entry(row).or_default();
+                *count = count.saturating_add(*n);
             }
             for (key, n) in &bucket.signals {
-                *signals.entry(key).or_default() += n;
+                let count = signals.entry(key).or_default();
+                *count = count.saturating_add(*n);
             }
             tallies.truncated |= bucket.truncated;
-            tallies.refused += bucket.refused;
+            tallies.refused = tallies.refused.saturating_add(bucket.refused);
         }
         tallies.decisions = biggest(decisions, &mut tallies.truncated);
         tallies.notable = biggest(notable, &mut tallies.truncated);

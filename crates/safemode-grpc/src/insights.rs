@@ -175,7 +175,7 @@ fn sum(parts: Vec<Tallies>) -> Tallies {
         add(&mut notable, part.notable);
         add(&mut signals, part.signals);
         total.truncated |= part.truncated;
-        total.refused += part.refused;
+        total.refused = total.refused.saturating_add(part.refused);
     }
     total.decisions = biggest(decisions, &mut total.truncated);
     total.notable = biggest(notable, &mut total.truncated);

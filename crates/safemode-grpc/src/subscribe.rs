@@ -152,6 +152,7 @@ impl SubscriptionService for SubscriptionApi {
             .await
             .map_err(status)?;
         debug!(%namespace, %channel, subscriber = id, "subscriber connected");
+        let reached = subscription.views.borrow().revision;
         let session = Session::new(
             subscription,
             inbound,
@@ -168,7 +169,9 @@ impl SubscriptionService for SubscriptionApi {
         .revoked_with(credential, namespace)
         .holding(slot)
         .reporting(Reporting {
-            pace: Pace::new(hello.last_applied_revision),
+            // A revision the hello claims beyond what the namespace reached was
+            // never sent: reports may not name it.
+            pace: Pace::new(hello.last_applied_revision.min(reached)),
             controller: self.controller.clone(),
             subscriber: id.into(),
             denied: report_denied,
