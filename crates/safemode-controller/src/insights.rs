@@ -108,7 +108,10 @@ pub fn insights(
         live: live(current, tallies),
         soft_downtime: soft_downtime(tallies, states),
         dead_ends: dead_ends(policy),
-        decisions: tallies.decisions.iter().map(|(_, n)| n).sum(),
+        decisions: tallies
+            .decisions
+            .iter()
+            .fold(0u64, |sum, (_, n)| sum.saturating_add(*n)),
     }
 }
 
@@ -152,11 +155,12 @@ fn live(current: Revision, tallies: &Tallies) -> Vec<LiveDifference> {
             row.stale,
             row.failed_closed,
         );
-        *groups
+        let count = groups
             .entry((&row.action, row.class))
             .or_default()
             .entry(key)
-            .or_default() += n;
+            .or_default();
+        *count = count.saturating_add(*n);
     }
     let mut differences: Vec<LiveDifference> = groups
         .into_iter()
@@ -171,7 +175,9 @@ fn live(current: Revision, tallies: &Tallies) -> Vec<LiveDifference> {
                     m
                 });
             let across_channels = by_channel.values().collect::<BTreeSet<_>>().len() > 1;
-            let total = outcomes.values().sum();
+            let total = outcomes
+                .values()
+                .fold(0u64, |sum, n| sum.saturating_add(*n));
             let mut outcomes: Vec<OutcomeTally> = outcomes
                 .into_iter()
                 .map(
@@ -230,7 +236,8 @@ fn soft_downtime(
     let mut found = Vec::new();
     let mut totals: BTreeMap<Channel, u32> = BTreeMap::new();
     for (channel, _, n) in states {
-        *totals.entry(*channel).or_default() += n;
+        let total = totals.entry(*channel).or_default();
+        *total = total.saturating_add(*n);
     }
     for (channel, state, n) in states {
         if *n == 0 {
@@ -258,14 +265,14 @@ fn soft_downtime(
     let mut by_action: BTreeMap<(Channel, &str), (u64, u64)> = BTreeMap::new();
     for (row, n) in &tallies.decisions {
         let d = decided.entry(row.channel).or_default();
-        d.0 += n;
+        d.0 = d.0.saturating_add(*n);
         if row.failed_closed {
-            d.1 += n;
+            d.1 = d.1.saturating_add(*n);
         }
         let a = by_action.entry((row.channel, &row.action)).or_default();
-        a.0 += n;
+        a.0 = a.0.saturating_add(*n);
         if row.effect == EffectKind::Deny {
-            a.1 += n;
+            a.1 = a.1.saturating_add(*n);
         }
     }
     for (channel, (all, failed)) in decided {
