@@ -76,6 +76,33 @@ pub struct Tallies {
     pub refused: u64,
 }
 
+impl Tallies {
+    /// The sums of several replicas' tallies (each counts its own
+    /// subscribers, so rows alike add up), cut like one replica's.
+    pub fn sum(parts: impl IntoIterator<Item = Tallies>) -> Tallies {
+        fn add<K: Eq + std::hash::Hash>(into: &mut HashMap<K, u64>, rows: Vec<(K, u64)>) {
+            for (k, n) in rows {
+                let count = into.entry(k).or_default();
+                *count = count.saturating_add(n);
+            }
+        }
+        let (mut decisions, mut notable, mut signals) =
+            (HashMap::new(), HashMap::new(), HashMap::new());
+        let mut total = Tallies::default();
+        for part in parts {
+            add(&mut decisions, part.decisions);
+            add(&mut notable, part.notable);
+            add(&mut signals, part.signals);
+            total.truncated |= part.truncated;
+            total.refused = total.refused.saturating_add(part.refused);
+        }
+        total.decisions = biggest(decisions, &mut total.truncated);
+        total.notable = biggest(notable, &mut total.truncated);
+        total.signals = biggest(signals, &mut total.truncated);
+        total
+    }
+}
+
 #[derive(Debug, Default)]
 struct Bucket {
     /// Seconds since the epoch divided by the bucket's width.
@@ -210,16 +237,28 @@ impl ReportBook {
             tallies.truncated |= bucket.truncated;
             tallies.refused = tallies.refused.saturating_add(bucket.refused);
         }
-        tallies.decisions = biggest(decisions, &mut tallies.truncated);
-        tallies.notable = biggest(notable, &mut tallies.truncated);
-        tallies.signals = biggest(signals, &mut tallies.truncated);
+        tallies.decisions = biggest(
+            decisions.into_iter().map(|(k, n)| (k.clone(), n)),
+            &mut tallies.truncated,
+        );
+        tallies.notable = biggest(
+            notable.into_iter().map(|(k, n)| (k.clone(), n)),
+            &mut tallies.truncated,
+        );
+        tallies.signals = biggest(
+            signals.into_iter().map(|(k, n)| (k.clone(), n)),
+            &mut tallies.truncated,
+        );
         tallies
     }
 }
 
 /// The most counted [`MAX_TALLY_ROWS`] rows, biggest first.
-fn biggest<K: Clone + Ord>(rows: HashMap<&K, u64>, truncated: &mut bool) -> Vec<(K, u64)> {
-    let mut rows: Vec<(K, u64)> = rows.into_iter().map(|(k, n)| (k.clone(), n)).collect();
+fn biggest<K: Ord>(
+    rows: impl IntoIterator<Item = (K, u64)>,
+    truncated: &mut bool,
+) -> Vec<(K, u64)> {
+    let mut rows: Vec<(K, u64)> = rows.into_iter().collect();
     rows.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     if rows.len() > MAX_TALLY_ROWS {
         rows.truncate(MAX_TALLY_ROWS);

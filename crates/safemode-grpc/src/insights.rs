@@ -2,8 +2,6 @@
 //! fleet (`FleetService.ReplicaReports`, signed like a fleet status),
 //! summed, and turned into `GetInsights` with the policy in force.
 
-use std::collections::HashMap;
-use std::hash::Hash;
 use std::time::Duration;
 
 use tonic::{Request, Status};
@@ -95,7 +93,7 @@ impl Fleet {
             }
             out.replicas.push(named);
         }
-        out.tallies = sum(parts);
+        out.tallies = Tallies::sum(parts);
         if out.tallies.truncated {
             out.partial = true;
             problems.push(format!(
@@ -146,41 +144,6 @@ impl Fleet {
         }
         tallies_from_wire(&answer)
     }
-}
-
-/// Sums tallies (each replica's rows are its own subscribers', so rows
-/// alike from several replicas add up).
-fn sum(parts: Vec<Tallies>) -> Tallies {
-    fn add<K: Eq + Hash>(into: &mut HashMap<K, u64>, rows: Vec<(K, u64)>) {
-        for (k, n) in rows {
-            let count = into.entry(k).or_default();
-            *count = count.saturating_add(n);
-        }
-    }
-    fn biggest<K: Ord>(rows: HashMap<K, u64>, truncated: &mut bool) -> Vec<(K, u64)> {
-        let mut rows: Vec<(K, u64)> = rows.into_iter().collect();
-        rows.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        if rows.len() > MAX_TALLY_ROWS {
-            rows.truncate(MAX_TALLY_ROWS);
-            *truncated = true;
-        }
-        rows
-    }
-    let mut decisions = HashMap::new();
-    let mut notable = HashMap::new();
-    let mut signals = HashMap::new();
-    let mut total = Tallies::default();
-    for part in parts {
-        add(&mut decisions, part.decisions);
-        add(&mut notable, part.notable);
-        add(&mut signals, part.signals);
-        total.truncated |= part.truncated;
-        total.refused = total.refused.saturating_add(part.refused);
-    }
-    total.decisions = biggest(decisions, &mut total.truncated);
-    total.notable = biggest(notable, &mut total.truncated);
-    total.signals = biggest(signals, &mut total.truncated);
-    total
 }
 
 fn class_to_wire(class: ContextClass) -> proto::ReportedClass {
