@@ -202,10 +202,15 @@ fn check_one(modes: &ModeCatalog, case: &Case) -> Result<(), String> {
     let channel = Channel::parse(case.channel).unwrap();
     let decision = policy.decide(channel, &case.action, &case.ctx);
     // A parsed action (the client's path, through the table of known
-    // actions) decides exactly as its name does.
+    // actions and the merges made beforehand) decides exactly as its name
+    // does, texts included.
     if let Ok(action) = safemode_policy::Action::parse(&case.action) {
         let parsed = policy.channel(channel).decide_action(&action, &case.ctx);
-        if parsed.outcome != decision.outcome || !parsed.reasons().eq(decision.reasons()) {
+        if parsed.outcome != decision.outcome
+            || !parsed.reasons().eq(decision.reasons())
+            || parsed.customer_message() != decision.customer_message()
+            || parsed.agent_script() != decision.agent_script()
+        {
             return Err(format!(
                 "  decide_action({}) differs from decide: {:?} against {:?}",
                 case.action, parsed.outcome, decision.outcome

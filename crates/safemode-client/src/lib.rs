@@ -431,6 +431,7 @@ impl Subscriber {
             lkg::check_writable(path)
                 .map_err(|e| ClientError::BadConfig(format!("last-known-good file: {e}")))?;
         }
+        let book = Arc::<reporting::Book>::default();
         let loaded = match &config.last_known_good {
             None => None,
             Some(path) => match lkg::load(path, &config.namespace, config.channel, &trusted) {
@@ -438,7 +439,8 @@ impl Subscriber {
                     info!(path = %path.display(), revision = snapshot.revision, confirmed_ago = ?ago,
                         "enforcing the last-known-good policy until a controller answers");
                     let mut snapshot = snapshot;
-                    snapshot.tally = Some(Arc::default());
+                    snapshot.tally =
+                        Some(Arc::new(reporting::Tally::new(&book, snapshot.revision)));
                     Some((Arc::new(snapshot), ago))
                 }
                 Ok(None) => None,
@@ -462,6 +464,7 @@ impl Subscriber {
                 config.namespace.to_string(),
                 config.channel.as_str().to_string(),
             ),
+            book,
         ));
         let (changes_tx, changes) = watch::channel(first_policy);
         let stop = CancellationToken::new();
@@ -528,6 +531,7 @@ impl Subscriber {
             Duration::MAX,
             None,
             labels,
+            Arc::default(),
         ));
         shared.freshness.observe(false);
         let (fixed, changes) = watch::channel(Some(snapshot));
@@ -647,15 +651,12 @@ impl Subscriber {
         let fail_closed = self.shared.fail_closed.as_ref().filter(|rule| {
             staleness.stale && rule.overrides(action.as_str(), staleness.for_, &verdict.outcome)
         });
-        // Atomic additions only (see `metrics.rs` for the cost).
         let effect = match fail_closed {
             Some(rule) => rule.effect(),
             None => verdict.outcome.kind(),
         };
-        self.shared
-            .counts
-            .decided(action, effect, staleness.stale, fail_closed.is_some());
-        // One more for the report, into the tally of the snapshot used.
+        // Counted once, for the report and the metrics, into the tally of
+        // the snapshot used: one atomic addition (`reporting.rs`).
         let outcome = fail_closed.map_or(&verdict.outcome, |rule| rule.outcome());
         let class = ContextClass::of(ctx, outcome);
         let tally = snapshot

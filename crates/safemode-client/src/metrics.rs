@@ -3,12 +3,13 @@
 //! picks its SDK, exporter and meter provider, and hands a [`Meter`] to
 //! [`Subscriber::register_metrics`](crate::Subscriber::register_metrics)).
 //!
-//! Decisions are counted in plain atomics on the decide path and reported
-//! by observable instruments when the service's SDK collects, so that
-//! `decide` stays lock-free and allocation-free: a decision costs one to
-//! three relaxed atomic additions (the action's row was found when the
-//! `Action` was parsed) (a few nanoseconds; under many threads deciding
-//! at once, the counters' cache lines are shared between cores). No metric
+//! Decisions are counted once, in the tally the report also reads
+//! (`reporting.rs`: one relaxed atomic addition on the decide path, the
+//! action's row found when the `Action` was parsed), and reported by
+//! observable instruments when the service's SDK collects: the counts that
+//! left the tallies plus those still in them, summed under the book's lock
+//! (never on the decide path), so a counter never goes backwards. `decide`
+//! stays lock-free and allocation-free. No metric
 //! is labelled with more than a fixed set: actions are the known ones, with
 //! every `bot.intent.<name>` counted as `bot.intent`.
 //!
@@ -70,35 +71,15 @@ pub(crate) fn effect_slot(effect: EffectKind) -> usize {
     }
 }
 
-/// The subscriber's counts since it started.
+/// The subscriber's applies and rejects since it started (its decisions
+/// are in its tallies: [`Totals`](crate::reporting::Totals)).
 #[derive(Debug, Default)]
 pub(crate) struct Counts {
-    decisions: [[AtomicU64; EFFECTS.len()]; ACTION_SLOTS],
-    stale: AtomicU64,
-    failed_closed: AtomicU64,
     applies: AtomicU64,
     rejects: AtomicU64,
 }
 
 impl Counts {
-    /// A decision of `action` with `effect`.
-    #[inline]
-    pub(crate) fn decided(
-        &self,
-        action: &Action,
-        effect: EffectKind,
-        stale: bool,
-        failed_closed: bool,
-    ) {
-        self.decisions[action_slot(action)][effect_slot(effect)].fetch_add(1, Ordering::Relaxed);
-        if stale {
-            self.stale.fetch_add(1, Ordering::Relaxed);
-        }
-        if failed_closed {
-            self.failed_closed.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
     /// A snapshot was applied.
     pub(crate) fn applied(&self) {
         self.applies.fetch_add(1, Ordering::Relaxed);
@@ -117,7 +98,7 @@ pub(crate) fn register(meter: &Meter, shared: &Arc<Shared>, namespace: &str, cha
         KeyValue::new("namespace", namespace.to_string()),
         KeyValue::new("channel", channel.to_string()),
     ];
-    let observe = |name: &'static str, description: &'static str, read: fn(&Counts) -> u64| {
+    let observe = |name: &'static str, description: &'static str, read: fn(&Shared) -> u64| {
         let weak: Weak<Shared> = Arc::downgrade(shared);
         let base = base.clone();
         meter
@@ -125,7 +106,7 @@ pub(crate) fn register(meter: &Meter, shared: &Arc<Shared>, namespace: &str, cha
             .with_description(description)
             .with_callback(move |observer| {
                 if let Some(shared) = weak.upgrade() {
-                    observer.observe(read(&shared.counts), &base);
+                    observer.observe(read(&shared), &base);
                 }
             })
             .build();
@@ -133,20 +114,20 @@ pub(crate) fn register(meter: &Meter, shared: &Arc<Shared>, namespace: &str, cha
     observe(
         "safemode.client.decisions.stale",
         "Decisions made while the policy may be out of date",
-        |c| c.stale.load(Ordering::Relaxed),
+        |s| s.book.totals().stale,
     );
     observe(
         "safemode.client.decisions.failed_closed",
         "Decisions a fail-closed rule turned into review or deny",
-        |c| c.failed_closed.load(Ordering::Relaxed),
+        |s| s.book.totals().failed_closed,
     );
-    observe("safemode.client.applies", "Snapshots applied", |c| {
-        c.applies.load(Ordering::Relaxed)
+    observe("safemode.client.applies", "Snapshots applied", |s| {
+        s.counts.applies.load(Ordering::Relaxed)
     });
     observe(
         "safemode.client.rejects",
         "Snapshots rejected (unusable, unsigned, or older than the one applied)",
-        |c| c.rejects.load(Ordering::Relaxed),
+        |s| s.counts.rejects.load(Ordering::Relaxed),
     );
     let weak = Arc::downgrade(shared);
     let labels = base.clone();
@@ -157,9 +138,9 @@ pub(crate) fn register(meter: &Meter, shared: &Arc<Shared>, namespace: &str, cha
             let Some(shared) = weak.upgrade() else {
                 return;
             };
-            for (slot, effects) in shared.counts.decisions.iter().enumerate() {
-                for (effect, n) in EFFECTS.iter().zip(effects) {
-                    let n = n.load(Ordering::Relaxed);
+            let totals = shared.book.totals();
+            for (slot, effects) in totals.decisions.iter().enumerate() {
+                for (effect, &n) in EFFECTS.iter().zip(effects) {
                     if n == 0 {
                         continue;
                     }
@@ -190,26 +171,50 @@ pub(crate) fn register(meter: &Meter, shared: &Arc<Shared>, namespace: &str, cha
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reporting::{Book, Rows, Tally, Totals};
+    use safemode_policy::ContextClass;
 
     #[test]
     fn every_action_and_effect_has_its_own_counter() {
-        let counts = Counts::default();
+        let book = Arc::new(Book::default());
+        let tally = Tally::new(&book, 3);
         let action = |name: &str| Action::parse(name).unwrap();
-        counts.decided(
-            &action("account.password_reset"),
+        let class = ContextClass::from_index(0).unwrap();
+        let decided = |tally: &Tally, name: &str, effect, stale, failed_closed| {
+            tally.count(
+                action_slot(&action(name)),
+                class,
+                effect,
+                stale,
+                failed_closed,
+            );
+        };
+        decided(
+            &tally,
+            "account.password_reset",
             EffectKind::Deny,
             false,
             false,
         );
-        counts.decided(&action("bot.intent.refund"), EffectKind::Allow, true, false);
-        counts.decided(&action("bot.intent.other"), EffectKind::Allow, true, true);
-        let at = |name: &str, effect| {
-            counts.decisions[action_slot(&action(name))][effect_slot(effect)]
-                .load(Ordering::Relaxed)
+        decided(&tally, "bot.intent.refund", EffectKind::Allow, true, false);
+        let at = |totals: &Totals, name: &str, effect| {
+            totals.decisions[action_slot(&action(name))][effect_slot(effect)]
         };
-        assert_eq!(at("account.password_reset", EffectKind::Deny), 1);
-        assert_eq!(at("account.password_reset", EffectKind::Allow), 0);
-        assert_eq!(at("bot.intent.x", EffectKind::Allow), 2);
+        let totals = book.totals();
+        assert_eq!(at(&totals, "account.password_reset", EffectKind::Deny), 1);
+        assert_eq!(at(&totals, "account.password_reset", EffectKind::Allow), 0);
+        assert_eq!(at(&totals, "bot.intent.x", EffectKind::Allow), 1);
+        // Drained for a report, the counts stay in the metrics; a dropped
+        // tally's too.
+        tally.drain(3, &mut Rows::default());
+        let other = Tally::new(&book, 4);
+        decided(&other, "bot.intent.other", EffectKind::Allow, true, true);
+        assert_eq!(book.totals().stale, 2);
+        drop(other);
+        let totals = book.totals();
+        assert_eq!(at(&totals, "bot.intent.x", EffectKind::Allow), 2);
+        assert_eq!(totals.stale, 2);
+        assert_eq!(totals.failed_closed, 1);
         assert_eq!(
             action_name(action_slot(&action("bot.intent.x"))),
             "bot.intent"
@@ -218,8 +223,6 @@ mod tests {
         for name in ACTIONS {
             assert_eq!(action_name(action_slot(&action(name))), name);
         }
-        assert_eq!(counts.stale.load(Ordering::Relaxed), 2);
-        assert_eq!(counts.failed_closed.load(Ordering::Relaxed), 1);
         for (i, effect) in EFFECTS.iter().enumerate() {
             assert_eq!(effect_slot(*effect), i);
         }

@@ -4,14 +4,20 @@
 //! a `Report` on the subscription stream every [`REPORT_EVERY`]. Only
 //! counts: the wire type has no field for a customer.
 //!
-//! Counting costs a decision one relaxed atomic addition (two when a
-//! step-up failed or ran out), into the tally of the snapshot it decided
-//! with, so every count carries its revision without a lock. The task
-//! drains the tallies when it reports.
+//! A decision is counted once: one relaxed atomic addition into a 64-bit
+//! cell of the tally of the snapshot it decided with (two when a step-up
+//! failed or ran out), so every count carries its revision without a lock.
+//! The same cells are the metrics' counts (`metrics.rs`): the [`Book`]
+//! keeps what was drained out of them, and a scrape adds what is still in
+//! them. The task drains the tallies when it reports. A snapshot can
+//! outlive its tally's last drain (a thread still deciding with it, a
+//! service holding it); what is counted in it after that is not lost: when
+//! the snapshot goes, its tally leaves those counts in the book, under its
+//! own revision, for the next report.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use tracing::warn;
 
@@ -27,23 +33,96 @@ pub use safemode_policy::telemetry::limits::REPORT_EVERY;
 const FLAGS: usize = 3;
 const CELLS: usize = ACTION_SLOTS * ContextClass::COUNT * EFFECTS.len() * FLAGS;
 
-/// The decisions made with one snapshot (or before the first), since the
-/// last report.
-pub(crate) struct Tally {
-    cells: Box<[AtomicU32]>,
+/// Every tally of one subscriber, for its metrics and reports: the counts
+/// that left them (drained for a report, or left by a tally that was
+/// dropped), and the tallies still alive.
+#[derive(Debug, Default)]
+pub(crate) struct Book {
+    inner: Mutex<BookInner>,
 }
 
-impl Default for Tally {
+#[derive(Debug, Default)]
+struct BookInner {
+    /// The cells of every tally alive.
+    live: Vec<Arc<[AtomicU64]>>,
+    /// Metric totals of the counts that left them.
+    gone: Totals,
+    /// Counts a tally still held when it was dropped, after its last
+    /// drain, for the next report.
+    late: BTreeMap<RowKey, u64>,
+}
+
+/// A subscriber's decisions since it started, as its metrics count them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Totals {
+    pub decisions: [[u64; EFFECTS.len()]; ACTION_SLOTS],
+    pub stale: u64,
+    pub failed_closed: u64,
+}
+
+impl Default for Totals {
     fn default() -> Self {
-        Tally {
-            cells: (0..CELLS).map(|_| AtomicU32::new(0)).collect(),
+        Totals {
+            decisions: [[0; EFFECTS.len()]; ACTION_SLOTS],
+            stale: 0,
+            failed_closed: 0,
         }
     }
 }
 
+impl Totals {
+    /// Adds `n` decisions of cell `i`.
+    fn add(&mut self, i: usize, n: u64) {
+        let at = At::of(i);
+        let row = &mut self.decisions[at.action][effect_slot(at.effect)];
+        *row = row.saturating_add(n);
+        if at.flag >= 1 {
+            self.stale = self.stale.saturating_add(n);
+        }
+        if at.flag == 2 {
+            self.failed_closed = self.failed_closed.saturating_add(n);
+        }
+    }
+}
+
+impl Book {
+    fn lock(&self) -> MutexGuard<'_, BookInner> {
+        // A panic elsewhere while it was held leaves whole counts behind:
+        // every change under the lock is one addition or one move.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The decisions counted so far: those that left the tallies and those
+    /// still in them. Never less than an earlier answer (a count moves out
+    /// of a tally and into the book under the one lock).
+    pub fn totals(&self) -> Totals {
+        let book = self.lock();
+        let mut totals = book.gone.clone();
+        for cells in &book.live {
+            for (i, cell) in cells.iter().enumerate() {
+                let n = cell.load(Ordering::Relaxed);
+                if n != 0 {
+                    totals.add(i, n);
+                }
+            }
+        }
+        totals
+    }
+}
+
+/// The decisions made with one snapshot (or before the first), since the
+/// last report.
+pub(crate) struct Tally {
+    cells: Arc<[AtomicU64]>,
+    revision: Revision,
+    book: Arc<Book>,
+}
+
 impl std::fmt::Debug for Tally {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Tally")
+        f.debug_struct("Tally")
+            .field("revision", &self.revision)
+            .finish_non_exhaustive()
     }
 }
 
@@ -52,8 +131,52 @@ fn cell(action: usize, class: ContextClass, effect: EffectKind, flag: usize) -> 
         + flag
 }
 
+/// What cell `i` counts.
+struct At {
+    action: usize,
+    class: ContextClass,
+    effect: EffectKind,
+    flag: usize,
+}
+
+impl At {
+    fn of(i: usize) -> At {
+        At {
+            flag: i % FLAGS,
+            effect: EFFECTS[(i / FLAGS) % EFFECTS.len()],
+            class: ContextClass::from_index((i / FLAGS / EFFECTS.len()) % ContextClass::COUNT)
+                .expect("an index below COUNT"),
+            action: i / FLAGS / EFFECTS.len() / ContextClass::COUNT,
+        }
+    }
+
+    fn key(&self, revision: Revision) -> RowKey {
+        RowKey {
+            action: action_name(self.action),
+            effect: self.effect,
+            revision,
+            class: self.class,
+            stale: self.flag >= 1,
+            failed_closed: self.flag == 2,
+        }
+    }
+}
+
 impl Tally {
-    /// One decision.
+    /// A tally for the decisions made with `revision` (0: with none),
+    /// kept in `book`.
+    pub fn new(book: &Arc<Book>, revision: Revision) -> Tally {
+        let cells: Arc<[AtomicU64]> = (0..CELLS).map(|_| AtomicU64::new(0)).collect();
+        book.lock().live.push(cells.clone());
+        Tally {
+            cells,
+            revision,
+            book: book.clone(),
+        }
+    }
+
+    /// One decision. A 64-bit count cannot wrap: a billion decisions a
+    /// second would take five centuries.
     #[inline]
     pub fn count(
         &self,
@@ -68,27 +191,36 @@ impl Tally {
     }
 
     /// Moves every count into `rows` as made with `revision`, and zeroes
-    /// them.
+    /// them; with them, the counts that tallies dropped since the last
+    /// drain left behind.
     pub fn drain(&self, revision: Revision, rows: &mut Rows) {
+        let mut book = self.book.lock();
+        for (key, n) in std::mem::take(&mut book.late) {
+            rows.add(key, n);
+        }
         for (i, cell) in self.cells.iter().enumerate() {
             if cell.load(Ordering::Relaxed) == 0 {
                 continue;
             }
             let n = cell.swap(0, Ordering::Relaxed);
-            let flag = i % FLAGS;
-            let effect = EFFECTS[(i / FLAGS) % EFFECTS.len()];
-            let class = ContextClass::from_index((i / FLAGS / EFFECTS.len()) % ContextClass::COUNT)
-                .expect("an index below COUNT");
-            let action = i / FLAGS / EFFECTS.len() / ContextClass::COUNT;
-            let key = RowKey {
-                action: action_name(action),
-                effect,
-                revision,
-                class,
-                stale: flag >= 1,
-                failed_closed: flag == 2,
-            };
-            *rows.decisions.entry(key).or_default() += u64::from(n);
+            book.gone.add(i, n);
+            rows.add(At::of(i).key(revision), n);
+        }
+    }
+}
+
+impl Drop for Tally {
+    fn drop(&mut self) {
+        let mut book = self.book.lock();
+        let book = &mut *book;
+        book.live.retain(|cells| !Arc::ptr_eq(cells, &self.cells));
+        for (i, cell) in self.cells.iter().enumerate() {
+            let n = cell.swap(0, Ordering::Relaxed);
+            if n != 0 {
+                book.gone.add(i, n);
+                let late = book.late.entry(At::of(i).key(self.revision)).or_default();
+                *late = late.saturating_add(n);
+            }
         }
     }
 }
@@ -116,13 +248,19 @@ impl Rows {
         self.decisions.is_empty() && self.signals.is_empty()
     }
 
+    fn add(&mut self, key: RowKey, n: u64) {
+        let count = self.decisions.entry(key).or_default();
+        *count = count.saturating_add(n);
+    }
+
     /// Adds `other`'s counts.
     pub fn merge(&mut self, other: Rows) {
         for (k, n) in other.decisions {
-            *self.decisions.entry(k).or_default() += n;
+            self.add(k, n);
         }
         for (k, n) in other.signals {
-            *self.signals.entry(k).or_default() += n;
+            let count = self.signals.entry(k).or_default();
+            *count = count.saturating_add(n);
         }
     }
 
@@ -263,7 +401,7 @@ mod tests {
 
     #[test]
     fn a_tally_drains_every_count_once_under_its_own_key() {
-        let tally = Tally::default();
+        let tally = Tally::new(&Arc::default(), 42);
         let class = ContextClass {
             confidence: ConfidenceBand::High,
             method: MethodClass::Strong,
@@ -314,7 +452,7 @@ mod tests {
 
     #[test]
     fn a_report_holds_at_most_its_bound_and_keeps_the_rest() {
-        let tally = Tally::default();
+        let tally = Tally::new(&Arc::default(), 1);
         for index in 0..ContextClass::COUNT {
             let class = ContextClass::from_index(index).unwrap();
             for action in 0..ACTION_SLOTS {
@@ -329,6 +467,44 @@ mod tests {
         let (report, _) = rows.take_report(1);
         assert_eq!(report.decisions.len(), MAX_DECISION_ROWS);
         assert_eq!(rows.decisions.len(), total - MAX_DECISION_ROWS);
+    }
+
+    #[test]
+    fn decisions_after_a_tally_was_drained_for_the_last_time_reach_the_next_report() {
+        let book = Arc::new(Book::default());
+        let unapplied = Tally::new(&book, 0);
+        let retired = Arc::new(Tally::new(&book, 7));
+        let class = ContextClass::from_index(5).unwrap();
+        retired.count(1, class, EffectKind::Deny, false, false);
+        // The task drains it and lets it go, while a thread still decides
+        // with its snapshot.
+        let held = retired.clone();
+        let mut first = Rows::default();
+        retired.drain(7, &mut first);
+        drop(retired);
+        held.count(1, class, EffectKind::Deny, false, false);
+        held.count(1, class, EffectKind::Deny, false, false);
+        drop(held);
+        let mut next = Rows::default();
+        unapplied.drain(0, &mut next);
+        let key = At::of(cell(1, class, EffectKind::Deny, 0)).key(7);
+        assert_eq!(first.decisions[&key], 1);
+        assert_eq!(next.decisions[&key], 2);
+        assert_eq!(next.decisions.len(), 1);
+        // Each counted once in the metrics too.
+        assert_eq!(book.totals().decisions[1][effect_slot(EffectKind::Deny)], 3);
+    }
+
+    #[test]
+    fn a_count_goes_past_what_32_bits_hold() {
+        let tally = Tally::new(&Arc::default(), 1);
+        let class = ContextClass::from_index(0).unwrap();
+        let i = cell(0, class, EffectKind::Allow, 0);
+        tally.cells[i].store(u64::from(u32::MAX), Ordering::Relaxed);
+        tally.count(0, class, EffectKind::Allow, false, false);
+        let mut rows = Rows::default();
+        tally.drain(1, &mut rows);
+        assert_eq!(rows.decisions[&At::of(i).key(1)], u64::from(u32::MAX) + 1);
     }
 
     #[test]

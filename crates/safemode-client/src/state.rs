@@ -20,8 +20,11 @@ pub(super) struct Shared {
     /// this long.
     pub stale_after: Duration,
     pub fail_closed: Option<FailClosedRule>,
-    /// Decisions, applies and rejects, for metrics.
+    /// Applies and rejects, for metrics.
     pub counts: super::metrics::Counts,
+    /// Every tally of this subscriber: the decisions, for metrics and
+    /// reports.
+    pub book: Arc<super::reporting::Book>,
     /// Decisions made with no snapshot applied, since the last report.
     pub unapplied: super::reporting::Tally,
     /// Named signal counters, since the last report.
@@ -173,6 +176,7 @@ impl Shared {
         stale_after: Duration,
         fail_closed: Option<FailClosedRule>,
         labels: (String, String),
+        book: Arc<super::reporting::Book>,
     ) -> Self {
         let freshness = Freshness::new(loaded.is_some(), loaded.as_ref().and_then(|(_, ago)| *ago));
         Shared {
@@ -181,10 +185,18 @@ impl Shared {
             stale_after,
             fail_closed,
             counts: super::metrics::Counts::default(),
-            unapplied: super::reporting::Tally::default(),
+            unapplied: super::reporting::Tally::new(&book, 0),
+            book,
             signals: super::reporting::Signals::default(),
             labels,
         }
+    }
+}
+
+impl Shared {
+    /// The tally of a snapshot about to be applied.
+    pub fn new_tally(&self, revision: safemode_policy::Revision) -> Arc<super::reporting::Tally> {
+        Arc::new(super::reporting::Tally::new(&self.book, revision))
     }
 }
 

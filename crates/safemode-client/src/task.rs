@@ -535,7 +535,7 @@ impl Task {
         debug!(revision, "snapshot applied");
         self.shared.counts.applied();
         let mut snapshot = snapshot;
-        snapshot.tally = Some(Arc::default());
+        snapshot.tally = Some(self.shared.new_tally(snapshot.revision));
         if let Some(replaced) = self.shared.current.load_full()
             && let Some(tally) = &replaced.tally
         {

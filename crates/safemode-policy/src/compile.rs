@@ -16,6 +16,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use super::activation::{Activation, ActivationId};
+use super::decide::Known;
 use super::effect::{Effect, Throttle};
 use super::mode::{Condition, Rule};
 use super::names::{ACTIONS, ActionSelector, Channel, NameError};
@@ -68,8 +69,9 @@ pub struct ChannelPolicy {
     prefix: HashMap<Box<str>, ActionPolicy>,
     /// What [`ChannelPolicy::lookup`] finds for each of [`ACTIONS`], by its
     /// position: a decision on a known action is one indexed read, not a
-    /// hash of its name and of its prefixes. Made whenever a key is added.
-    pub(crate) known: Box<[Option<ActionPolicy>]>,
+    /// hash of its name and of its prefixes, with its merges made
+    /// beforehand. Made whenever a key is added.
+    pub(crate) known: Box<[Option<Known>]>,
 }
 
 /// A rule of an activation that covers the channel being compiled.
@@ -200,7 +202,10 @@ impl ChannelPolicy {
 
     /// Looks up every known action once, for [`ChannelPolicy::known`].
     fn index_known(&mut self) {
-        self.known = ACTIONS.iter().map(|a| self.lookup(a).cloned()).collect();
+        self.known = ACTIONS
+            .iter()
+            .map(|a| self.lookup(a).cloned().map(Known::new))
+            .collect();
     }
 
     /// Every key as written on the wire, with its policy, in key order.

@@ -86,15 +86,17 @@ impl Outcome {
         }
     }
 
-    /// Resolves a merged effect against the context.
-    fn resolve(effect: Effect, throttle: Option<Throttle>, ctx: &Context) -> Outcome {
+    /// Resolves a merged effect against the context, cloning only what the
+    /// outcome keeps.
+    #[inline]
+    fn resolve(effect: &Effect, throttle: Option<Throttle>, ctx: &Context) -> Outcome {
         match effect {
             Effect::Allow => Outcome::Allow,
-            Effect::Throttle(t) => Outcome::Throttle(t),
+            Effect::Throttle(t) => Outcome::Throttle(*t),
             Effect::StepUp(s) => {
                 if s.methods.is_empty() || ctx.failed_attempts >= s.max_attempts {
                     Outcome::Review {
-                        queue: s.escalate_queue,
+                        queue: s.escalate_queue.clone(),
                         escalated: true,
                     }
                 } else if ctx.confidence >= s.min_confidence && ctx.methods.intersects(s.methods) {
@@ -102,18 +104,18 @@ impl Outcome {
                 } else {
                     Outcome::StepUp {
                         attempts_left: s.max_attempts - ctx.failed_attempts,
-                        required: s,
+                        required: s.clone(),
                     }
                 }
             }
             Effect::Review(r) => Outcome::Review {
-                queue: r.queue,
+                queue: r.queue.clone(),
                 escalated: false,
             },
-            Effect::ReadOnly(r) => Outcome::ReadOnly(r),
+            Effect::ReadOnly(r) => Outcome::ReadOnly(r.clone()),
             Effect::Route(r) if r.to.is_empty() => Outcome::Deny(Deny { alternative: None }),
-            Effect::Route(r) => Outcome::Route(r),
-            Effect::Deny(d) => Outcome::Deny(d),
+            Effect::Route(r) => Outcome::Route(r.clone()),
+            Effect::Deny(d) => Outcome::Deny(d.clone()),
         }
     }
 }
@@ -149,7 +151,7 @@ struct Trail {
     texts: Texts,
 }
 
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 enum Texts {
     #[default]
     None,
@@ -159,7 +161,7 @@ enum Texts {
     Standing(EntryAt),
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 enum EntryAt {
     Base,
     Conditional(usize),
@@ -279,15 +281,28 @@ impl ActionPolicy {
     /// (queues, the deny alternative, messages) come from the first entry
     /// with the winning kind.
     pub fn decide(&self, ctx: &Context) -> Decision<'_> {
-        // Each condition is evaluated once; past 64 entries (no real policy
-        // has that many distinct conditions for one action) they are
-        // evaluated again where needed rather than remembered.
+        let held = self.held(ctx);
+        self.finish(held, &self.merge_held(held, Some(ctx)), ctx)
+    }
+
+    /// Which conditional entries hold: bit `i` for entry `i`. Each
+    /// condition is evaluated once; past 64 entries (no real policy has
+    /// that many distinct conditions for one action) they are evaluated
+    /// again where needed rather than remembered.
+    #[inline]
+    fn held(&self, ctx: &Context) -> u64 {
         let mut held = 0u64;
         for (i, entry) in self.conditional.iter().enumerate().take(64) {
             if holds(entry, ctx) {
                 held |= 1 << i;
             }
         }
+        held
+    }
+
+    /// The merge of the entries that apply when those of `held` hold
+    /// (and, past the 64th, those that hold for `ctx`).
+    fn merge_held(&self, held: u64, ctx: Option<&Context>) -> Merged {
         let applied = || {
             self.conditional
                 .iter()
@@ -296,7 +311,7 @@ impl ActionPolicy {
                     if *i < 64 {
                         held & (1 << i) != 0
                     } else {
-                        holds(e, ctx)
+                        ctx.is_some_and(|ctx| holds(e, ctx))
                     }
                 })
                 .map(|(i, e)| (EntryAt::Conditional(i), e))
@@ -317,32 +332,99 @@ impl ActionPolicy {
                 });
             }
         }
-        let Some(effect) = effect else {
+        let first_of = |kind: EffectKind| {
+            applied()
+                .find(|(_, e)| e.effect.kind() == kind)
+                .map_or(Texts::None, |(at, _)| Texts::Entry(at))
+        };
+        let (of_kind, allow) = match &effect {
+            Some(effect) => (first_of(effect.kind()), first_of(EffectKind::Allow)),
+            None => (Texts::None, Texts::None),
+        };
+        Merged {
+            effect,
+            throttle,
+            of_kind,
+            allow,
+        }
+    }
+
+    /// The decision for `ctx`, from the merge of the entries that apply
+    /// (`held`: those that hold).
+    #[inline]
+    fn finish(&self, held: u64, merged: &Merged, ctx: &Context) -> Decision<'_> {
+        let Some(effect) = &merged.effect else {
             return Decision::allow();
         };
         let kind = effect.kind();
-        let outcome = Outcome::resolve(effect, throttle.map(|(limit, _)| limit), ctx);
-        let texts = match throttle {
+        let outcome = Outcome::resolve(effect, merged.throttle.map(|(limit, _)| limit), ctx);
+        let texts = match merged.throttle {
             // A step-up the customer passed: its texts ("confirm your
             // identity") are not for them; an entry that allows (a notice)
             // still speaks.
-            _ if kind != EffectKind::Allow && outcome.kind() == EffectKind::Allow => applied()
-                .find(|(_, e)| e.effect.kind() == EffectKind::Allow)
-                .map_or(Texts::None, |(at, _)| Texts::Entry(at)),
+            _ if kind != EffectKind::Allow && outcome.kind() == EffectKind::Allow => merged.allow,
             // A passed step-up leaves the throttle: its rule speaks.
             Some((_, leader))
                 if kind != EffectKind::Throttle && outcome.kind() == EffectKind::Throttle =>
             {
                 Texts::Standing(leader)
             }
-            _ => applied()
-                .find(|(_, e)| e.effect.kind() == kind)
-                .map_or(Texts::None, |(at, _)| Texts::Entry(at)),
+            _ => merged.of_kind,
         };
         Decision {
             outcome,
             policy: Some(self),
             trail: Trail { held, texts },
+        }
+    }
+}
+
+/// Conditional entries up to which an action's merges are made when its
+/// policy is compiled: one per set of them that may hold (2^n).
+const MERGED_UP_TO: usize = 4;
+
+/// A known action's policy, with the merge of its entries made beforehand
+/// for each set of its conditions that may hold: a decision evaluates the
+/// conditions, reads its merge and resolves it against the context,
+/// cloning nothing it does not return.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct Known {
+    pub(crate) policy: ActionPolicy,
+    /// Indexed by the set of conditional entries that hold; empty past
+    /// [`MERGED_UP_TO`] entries (merged at each decision).
+    merged: Box<[Merged]>,
+}
+
+/// The entries that apply, merged.
+#[derive(Clone, Debug, PartialEq)]
+struct Merged {
+    /// `None`: no entry applies.
+    effect: Option<Effect>,
+    throttle: Option<(Throttle, EntryAt)>,
+    /// The texts of the first entry of the merged kind, and of the first
+    /// that allows.
+    of_kind: Texts,
+    allow: Texts,
+}
+
+impl Known {
+    pub(crate) fn new(policy: ActionPolicy) -> Known {
+        let merged = if policy.conditional.len() <= MERGED_UP_TO {
+            (0..1u64 << policy.conditional.len())
+                .map(|held| policy.merge_held(held, None))
+                .collect()
+        } else {
+            Box::default()
+        };
+        Known { policy, merged }
+    }
+
+    #[inline]
+    fn decide(&self, ctx: &Context) -> Decision<'_> {
+        let held = self.policy.held(ctx);
+        match usize::try_from(held).ok().and_then(|i| self.merged.get(i)) {
+            Some(merged) => self.policy.finish(held, merged, ctx),
+            None => self.policy.decide(ctx),
         }
     }
 }
@@ -374,14 +456,12 @@ impl ChannelPolicy {
     /// [`ChannelPolicy::decide`] for a parsed action: a known one's policy
     /// is read from the table made when the policy was compiled, by the
     /// position found when the action was parsed.
+    #[inline]
     pub fn decide_action(&self, action: &Action, ctx: &Context) -> Decision<'_> {
-        let policy = match action.known_index().and_then(|i| self.known.get(i)) {
-            Some(found) => found.as_ref(),
-            None => self.lookup(action.as_str()),
-        };
-        match policy {
-            Some(policy) => policy.decide(ctx),
-            None => Decision::allow(),
+        match action.known_index().and_then(|i| self.known.get(i)) {
+            Some(Some(known)) => known.decide(ctx),
+            Some(None) => Decision::allow(),
+            None => self.decide(action.as_str(), ctx),
         }
     }
 }
@@ -390,5 +470,131 @@ impl EffectivePolicy {
     /// Decides `action` on `channel` for `ctx`.
     pub fn decide(&self, channel: Channel, action: &str, ctx: &Context) -> Decision<'_> {
         self.channel(channel).decide(action, ctx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compile::StandingThrottle;
+    use crate::effect::Review;
+    use crate::mode::Condition;
+    use crate::{ChannelSet, MethodSet};
+
+    fn entry(when: Option<Condition>, effect: Effect, text: &str, throttle: bool) -> Entry {
+        Entry {
+            when,
+            effect,
+            throttle: throttle.then(|| StandingThrottle {
+                limit: Throttle {
+                    max: 3,
+                    window_seconds: 60,
+                },
+                customer_message: Some(Arc::from(format!("{text} (throttle)"))),
+                agent_script: None,
+            }),
+            activation_ids: vec![ActivationId::from_random(text.len() as u64)],
+            customer_message: Some(Arc::from(text)),
+            agent_script: Some(Arc::from(format!("{text} (script)"))),
+        }
+    }
+
+    fn over(amount: f64) -> Option<Condition> {
+        Some(Condition {
+            amount_over: Some(amount),
+            ..Condition::default()
+        })
+    }
+
+    /// A policy of `n` conditional entries (amounts over 100, 200, ...) of
+    /// every kind of effect, over a throttled step-up.
+    fn policy(n: usize) -> ActionPolicy {
+        let step_up = StepUp {
+            min_confidence: 0.8,
+            methods: MethodSet::parse(&["totp", "webauthn"]).unwrap(),
+            max_attempts: 2,
+            escalate_queue: Arc::from("account-review"),
+        };
+        let effects = [
+            Effect::Throttle(Throttle {
+                max: 1,
+                window_seconds: 10,
+            }),
+            Effect::Review(Review {
+                queue: Arc::from("payments"),
+            }),
+            Effect::StepUp(StepUp {
+                min_confidence: 0.9,
+                ..step_up.clone()
+            }),
+            Effect::Allow,
+            Effect::Route(Route {
+                to: ChannelSet::parse_selector(&["web"]).unwrap(),
+            }),
+            Effect::Deny(Deny {
+                alternative: Some(Arc::from("use the app")),
+            }),
+        ];
+        ActionPolicy {
+            base: Some(entry(None, Effect::StepUp(step_up), "base", true)),
+            conditional: (0..n)
+                .map(|i| {
+                    entry(
+                        over(100.0 * (i + 1) as f64),
+                        effects[i % effects.len()].clone(),
+                        &format!("entry {i}"),
+                        i % 2 == 0,
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    fn contexts() -> Vec<Context> {
+        let mut contexts = Vec::new();
+        for amount in [
+            None,
+            Some(50.0),
+            Some(150.0),
+            Some(250.0),
+            Some(450.0),
+            Some(9e9),
+        ] {
+            for (confidence, methods) in [
+                (0.5, &[][..]),
+                (0.85, &["totp"][..]),
+                (0.95, &["webauthn"][..]),
+            ] {
+                for failed_attempts in [0, 1, 2] {
+                    contexts.push(Context {
+                        confidence,
+                        methods: MethodSet::parse(methods).unwrap(),
+                        failed_attempts,
+                        amount,
+                        ..Context::default()
+                    });
+                }
+            }
+        }
+        contexts
+    }
+
+    #[test]
+    fn merges_made_beforehand_decide_as_merging_at_each_decision() {
+        // Below, at and past the bound of merges made beforehand.
+        for n in [0, 1, 3, MERGED_UP_TO, MERGED_UP_TO + 1, 6] {
+            let policy = policy(n);
+            let known = Known::new(policy.clone());
+            assert_eq!(known.merged.is_empty(), n > MERGED_UP_TO, "{n} entries");
+            for ctx in contexts() {
+                let fast = known.decide(&ctx);
+                let slow = policy.decide(&ctx);
+                let why = format!("{n} entries, {ctx:?}");
+                assert_eq!(fast.outcome, slow.outcome, "{why}");
+                assert_eq!(fast.customer_message(), slow.customer_message(), "{why}");
+                assert_eq!(fast.agent_script(), slow.agent_script(), "{why}");
+                assert!(fast.reasons().eq(slow.reasons()), "{why}");
+            }
+        }
     }
 }
