@@ -7,6 +7,10 @@
 //! A decision is counted once: one relaxed atomic addition into a 64-bit
 //! cell of the tally of the snapshot it decided with (two when a step-up
 //! failed or ran out), so every count carries its revision without a lock.
+//! A tally has one set of cells per core (up to [`MAX_SHARDS`]), and a
+//! thread counts into the set its number picks, so that threads deciding
+//! the same action at once on different cores do not pass one cache line
+//! back and forth.
 //! The same cells are the metrics' counts (`metrics.rs`): the [`Book`]
 //! keeps what was drained out of them, and a scrape adds what is still in
 //! them. The task drains the tallies when it reports. A snapshot can
@@ -15,9 +19,10 @@
 //! the snapshot goes, its tally leaves those counts in the book, under its
 //! own revision, for the next report.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use tracing::warn;
 
@@ -32,6 +37,37 @@ pub use safemode_policy::telemetry::limits::REPORT_EVERY;
 /// Fresh, stale, failed closed.
 const FLAGS: usize = 3;
 const CELLS: usize = ACTION_SLOTS * ContextClass::COUNT * EFFECTS.len() * FLAGS;
+
+/// Sets of cells in a tally, at most: one per core. Each set is
+/// `CELLS` 64-bit counts (about 97 KB).
+pub const MAX_SHARDS: usize = 4;
+
+/// Sets of cells in every tally of the process: one per core, up to
+/// [`MAX_SHARDS`].
+fn shards() -> usize {
+    static SHARDS: OnceLock<usize> = OnceLock::new();
+    *SHARDS.get_or_init(|| {
+        std::thread::available_parallelism().map_or(1, |n| n.get().clamp(1, MAX_SHARDS))
+    })
+}
+
+/// Where the calling thread's set of cells starts in every tally: threads
+/// are numbered as they first count, and take the sets in turn.
+#[inline]
+fn shard_start() -> usize {
+    thread_local! {
+        static START: Cell<usize> = const { Cell::new(usize::MAX) };
+    }
+    static THREADS: AtomicUsize = AtomicUsize::new(0);
+    START.with(|start| {
+        let mut at = start.get();
+        if at == usize::MAX {
+            at = THREADS.fetch_add(1, Ordering::Relaxed) % shards() * CELLS;
+            start.set(at);
+        }
+        at
+    })
+}
 
 /// Every tally of one subscriber, for its metrics and reports: the counts
 /// that left them (drained for a report, or left by a tally that was
@@ -102,7 +138,7 @@ impl Book {
             for (i, cell) in cells.iter().enumerate() {
                 let n = cell.load(Ordering::Relaxed);
                 if n != 0 {
-                    totals.add(i, n);
+                    totals.add(i % CELLS, n);
                 }
             }
         }
@@ -166,7 +202,7 @@ impl Tally {
     /// A tally for the decisions made with `revision` (0: with none),
     /// kept in `book`.
     pub fn new(book: &Arc<Book>, revision: Revision) -> Tally {
-        let cells: Arc<[AtomicU64]> = (0..CELLS).map(|_| AtomicU64::new(0)).collect();
+        let cells: Arc<[AtomicU64]> = (0..CELLS * shards()).map(|_| AtomicU64::new(0)).collect();
         book.lock().live.push(cells.clone());
         Tally {
             cells,
@@ -187,7 +223,8 @@ impl Tally {
         failed_closed: bool,
     ) {
         let flag = if failed_closed { 2 } else { usize::from(stale) };
-        self.cells[cell(action, class, effect, flag)].fetch_add(1, Ordering::Relaxed);
+        self.cells[shard_start() + cell(action, class, effect, flag)]
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     /// Moves every count into `rows` as made with `revision`, and zeroes
@@ -203,8 +240,8 @@ impl Tally {
                 continue;
             }
             let n = cell.swap(0, Ordering::Relaxed);
-            book.gone.add(i, n);
-            rows.add(At::of(i).key(revision), n);
+            book.gone.add(i % CELLS, n);
+            rows.add(At::of(i % CELLS).key(revision), n);
         }
     }
 }
@@ -217,8 +254,11 @@ impl Drop for Tally {
         for (i, cell) in self.cells.iter().enumerate() {
             let n = cell.swap(0, Ordering::Relaxed);
             if n != 0 {
-                book.gone.add(i, n);
-                let late = book.late.entry(At::of(i).key(self.revision)).or_default();
+                book.gone.add(i % CELLS, n);
+                let late = book
+                    .late
+                    .entry(At::of(i % CELLS).key(self.revision))
+                    .or_default();
                 *late = late.saturating_add(n);
             }
         }
@@ -493,6 +533,34 @@ mod tests {
         assert_eq!(next.decisions.len(), 1);
         // Each counted once in the metrics too.
         assert_eq!(book.totals().decisions[1][effect_slot(EffectKind::Deny)], 3);
+    }
+
+    #[test]
+    fn threads_counting_at_once_are_summed_exactly() {
+        let book = Arc::new(Book::default());
+        let tally = Tally::new(&book, 9);
+        let class = ContextClass::from_index(3).unwrap();
+        std::thread::scope(|scope| {
+            for _ in 0..MAX_SHARDS + 1 {
+                scope.spawn(|| {
+                    for _ in 0..1000 {
+                        tally.count(2, class, EffectKind::StepUp, true, false);
+                    }
+                });
+            }
+        });
+        let want = 1000 * (MAX_SHARDS as u64 + 1);
+        assert_eq!(
+            book.totals().decisions[2][effect_slot(EffectKind::StepUp)],
+            want
+        );
+        assert_eq!(book.totals().stale, want);
+        let mut rows = Rows::default();
+        tally.drain(9, &mut rows);
+        let key = At::of(cell(2, class, EffectKind::StepUp, 1)).key(9);
+        assert_eq!(rows.decisions[&key], want);
+        assert_eq!(rows.decisions.len(), 1);
+        assert_eq!(book.totals().stale, want);
     }
 
     #[test]
