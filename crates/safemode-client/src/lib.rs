@@ -670,9 +670,8 @@ impl Subscriber {
             staleness.stale,
             fail_closed.is_some(),
         );
-        if class.attempts_exhausted {
-            self.shared.signals.attempts_exhausted();
-        } else if effect == EffectKind::StepUp && ctx.failed_attempts > 0 {
+        // A step-up whose attempts ran out is counted by its class, above.
+        if !class.attempts_exhausted && effect == EffectKind::StepUp && ctx.failed_attempts > 0 {
             self.shared.signals.step_up_failed();
         }
         Decision {

@@ -6,7 +6,7 @@
 //!
 //! A decision is counted once: one relaxed atomic addition into a 64-bit
 //! cell of the tally of the snapshot it decided with (two when a step-up
-//! failed or ran out), so every count carries its revision without a lock.
+//! is asked again after a failed attempt), so every count carries its revision without a lock.
 //! A tally has one set of cells per core (up to [`MAX_SHARDS`]), and a
 //! thread counts into the set its number picks, so that threads deciding
 //! the same action at once on different cores do not pass one cache line
@@ -233,7 +233,7 @@ impl Tally {
     pub fn drain(&self, revision: Revision, rows: &mut Rows) {
         let mut book = self.book.lock();
         for (key, n) in std::mem::take(&mut book.late) {
-            rows.add(key, n);
+            rows.add_drained(key, n);
         }
         for (i, cell) in self.cells.iter().enumerate() {
             if cell.load(Ordering::Relaxed) == 0 {
@@ -241,7 +241,7 @@ impl Tally {
             }
             let n = cell.swap(0, Ordering::Relaxed);
             book.gone.add(i % CELLS, n);
-            rows.add(At::of(i % CELLS).key(revision), n);
+            rows.add_drained(At::of(i % CELLS).key(revision), n);
         }
     }
 }
@@ -290,6 +290,23 @@ impl Rows {
 
     fn add(&mut self, key: RowKey, n: u64) {
         let count = self.decisions.entry(key).or_default();
+        *count = count.saturating_add(n);
+    }
+
+    /// Decisions drained from a tally: those whose step-up attempts ran
+    /// out are also the signal `safemode.attempts_exhausted` (counted
+    /// once, in the tally, not again at the decision).
+    fn add_drained(&mut self, key: RowKey, n: u64) {
+        if key.class.attempts_exhausted {
+            self.add_signal(SignalName::ATTEMPTS_EXHAUSTED, n);
+        }
+        self.add(key, n);
+    }
+
+    /// One of the client's own signals.
+    fn add_signal(&mut self, name: &str, n: u64) {
+        let name = SignalName::parse(name).expect("the client's own names are valid");
+        let count = self.signals.entry(name).or_default();
         *count = count.saturating_add(n);
     }
 
@@ -366,12 +383,13 @@ impl Rows {
 pub const MAX_SIGNAL_NAMES: usize = MAX_SIGNALS - 2;
 
 /// Named signal counters: the service's own, under a lock (a signal is
-/// not on the decide path), and the client's two, in atomics.
+/// not on the decide path), and the client's `safemode.step_up_failed`, in
+/// an atomic (`safemode.attempts_exhausted` is the tallies' decisions of
+/// that context class).
 #[derive(Debug, Default)]
 pub(crate) struct Signals {
     named: Mutex<BTreeMap<SignalName, u64>>,
     step_up_failed: AtomicU64,
-    attempts_exhausted: AtomicU64,
     warned: std::sync::atomic::AtomicBool,
 }
 
@@ -397,12 +415,6 @@ impl Signals {
         self.step_up_failed.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// A step-up's attempts ran out.
-    #[inline]
-    pub fn attempts_exhausted(&self) {
-        self.attempts_exhausted.fetch_add(1, Ordering::Relaxed);
-    }
-
     /// Moves every count into `rows`.
     pub fn drain(&self, rows: &mut Rows) {
         let named = std::mem::take(&mut *self.named.lock().expect("poisoned"));
@@ -410,15 +422,9 @@ impl Signals {
         for (name, n) in named {
             *rows.signals.entry(name).or_default() += n;
         }
-        for (name, counter) in [
-            (SignalName::STEP_UP_FAILED, &self.step_up_failed),
-            (SignalName::ATTEMPTS_EXHAUSTED, &self.attempts_exhausted),
-        ] {
-            let n = counter.swap(0, Ordering::Relaxed);
-            if n > 0 {
-                let name = SignalName::parse(name).expect("the client's own names are valid");
-                *rows.signals.entry(name).or_default() += n;
-            }
+        let n = self.step_up_failed.swap(0, Ordering::Relaxed);
+        if n > 0 {
+            rows.add_signal(SignalName::STEP_UP_FAILED, n);
         }
     }
 }
@@ -561,6 +567,32 @@ mod tests {
         assert_eq!(rows.decisions[&key], want);
         assert_eq!(rows.decisions.len(), 1);
         assert_eq!(book.totals().stale, want);
+    }
+
+    #[test]
+    fn decisions_whose_attempts_ran_out_are_the_signal_too() {
+        let book = Arc::new(Book::default());
+        let tally = Tally::new(&book, 2);
+        let exhausted = ContextClass {
+            confidence: ConfidenceBand::Low,
+            method: MethodClass::None,
+            handoff: false,
+            attempts_exhausted: true,
+        };
+        tally.count(0, exhausted, EffectKind::Review, false, false);
+        tally.count(0, exhausted, EffectKind::Review, false, false);
+        tally.count(
+            0,
+            ContextClass::from_index(0).unwrap(),
+            EffectKind::Allow,
+            false,
+            false,
+        );
+        let mut rows = Rows::default();
+        tally.drain(2, &mut rows);
+        let signal = SignalName::parse(SignalName::ATTEMPTS_EXHAUSTED).unwrap();
+        assert_eq!(rows.signals[&signal], 2);
+        assert_eq!(rows.signals.len(), 1);
     }
 
     #[test]

@@ -88,7 +88,7 @@ impl Outcome {
 
     /// Resolves a merged effect against the context, cloning only what the
     /// outcome keeps.
-    #[inline]
+    #[inline(always)]
     fn resolve(effect: &Effect, throttle: Option<Throttle>, ctx: &Context) -> Outcome {
         match effect {
             Effect::Allow => Outcome::Allow,
@@ -289,7 +289,7 @@ impl ActionPolicy {
     /// condition is evaluated once; past 64 entries (no real policy has
     /// that many distinct conditions for one action) they are evaluated
     /// again where needed rather than remembered.
-    #[inline]
+    #[inline(always)]
     fn held(&self, ctx: &Context) -> u64 {
         let mut held = 0u64;
         for (i, entry) in self.conditional.iter().enumerate().take(64) {
@@ -351,7 +351,7 @@ impl ActionPolicy {
 
     /// The decision for `ctx`, from the merge of the entries that apply
     /// (`held`: those that hold).
-    #[inline]
+    #[inline(always)]
     fn finish(&self, held: u64, merged: &Merged, ctx: &Context) -> Decision<'_> {
         let Some(effect) = &merged.effect else {
             return Decision::allow();
@@ -419,7 +419,7 @@ impl Known {
         Known { policy, merged }
     }
 
-    #[inline]
+    #[inline(always)]
     fn decide(&self, ctx: &Context) -> Decision<'_> {
         let held = self.policy.held(ctx);
         match usize::try_from(held).ok().and_then(|i| self.merged.get(i)) {
@@ -456,7 +456,7 @@ impl ChannelPolicy {
     /// [`ChannelPolicy::decide`] for a parsed action: a known one's policy
     /// is read from the table made when the policy was compiled, by the
     /// position found when the action was parsed.
-    #[inline]
+    #[inline(always)]
     pub fn decide_action(&self, action: &Action, ctx: &Context) -> Decision<'_> {
         match action.known_index().and_then(|i| self.known.get(i)) {
             Some(Some(known)) => known.decide(ctx),
