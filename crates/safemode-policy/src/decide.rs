@@ -112,9 +112,9 @@ impl Outcome {
                 queue: r.queue.clone(),
                 escalated: false,
             },
-            Effect::ReadOnly(r) => Outcome::ReadOnly(r.clone()),
+            Effect::ReadOnly(r) => Outcome::ReadOnly(*r),
             Effect::Route(r) if r.to.is_empty() => Outcome::Deny(Deny { alternative: None }),
-            Effect::Route(r) => Outcome::Route(r.clone()),
+            Effect::Route(r) => Outcome::Route(*r),
             Effect::Deny(d) => Outcome::Deny(d.clone()),
         }
     }
