@@ -697,3 +697,47 @@ async fn refused(server: &str, status: tonic::Status) -> ClientError {
         ClientError::Refused(status.message().to_string())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safemode_policy::SignalName;
+
+    fn rows(signal: &str, n: u64) -> Rows {
+        let signals = super::super::reporting::Signals::default();
+        signals.add(&SignalName::parse(signal).unwrap(), n);
+        let mut rows = Rows::default();
+        signals.drain(&mut rows);
+        rows
+    }
+
+    #[test]
+    fn reports_a_broken_stream_never_answered_go_with_the_next() {
+        let (_asks, asked) = mpsc::channel(1);
+        let mut reporting = Reporting::new(asked);
+        reporting.taken = true;
+        let (ask, told) = oneshot::channel();
+        for (sequence, ask) in [(1, Some(ask)), (2, None), (3, None), (4, None)] {
+            reporting.unanswered.push_back(Unanswered {
+                sequence,
+                rows: rows("login.failed", sequence),
+                ask,
+            });
+        }
+        reporting.stream_ended("connection reset");
+        // Nothing waits any more, so the next stream reports again; the
+        // counts are all kept for it, and whoever asked is told.
+        assert!(reporting.unanswered.is_empty());
+        assert!(!reporting.taken, "the next stream says again whether it takes reports");
+        let (report, _) = reporting.carry.take_report(5);
+        assert_eq!(report.signals.len(), 1);
+        assert_eq!(
+            (report.signals[0].name.as_str(), report.signals[0].count),
+            ("login.failed", 1 + 2 + 3 + 4)
+        );
+        match told.blocking_recv().unwrap() {
+            ReportReceipt::Lost(why) => assert!(why.contains("connection reset"), "{why}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}
