@@ -886,11 +886,13 @@ fn unused_flag_given(grammar: &clap::Command, matches: &clap::ArgMatches) -> Opt
         .get_arguments()
         .filter(|a| a.is_global_set() && !used.contains(&a.get_id().as_str()))
         // A command's own flag of the same name (`token create
-        // --principal`) is its own.
+        // --principal`) is its own. A command run without its subcommand
+        // (`safemode proposals`) has no hidden copies: its children share it.
         .filter(|a| {
-            command
-                .get_arguments()
-                .any(|own| own.get_id() == a.get_id() && own.is_hide_set())
+            command.has_subcommands()
+                || command
+                    .get_arguments()
+                    .any(|own| own.get_id() == a.get_id() && own.is_hide_set())
         })
         .find(|a| {
             let id = a.get_id().as_str();
