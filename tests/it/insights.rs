@@ -24,7 +24,12 @@ async fn insights(server: &TestServer, token: Option<&str>, args: &[&str]) -> Ou
 }
 
 async fn insights_json(server: &TestServer) -> Value {
-    let out = insights(server, None, &["insights", "--output", "json"]).await;
+    insights_json_as(server, None).await
+}
+
+/// `safemode insights --output json` with `token`, parsed.
+async fn insights_json_as(server: &TestServer, token: Option<&str>) -> Value {
+    let out = insights(server, token, &["insights", "--output", "json"]).await;
     assert!(
         out.status.success(),
         "{}",
@@ -421,18 +426,7 @@ async fn reconnecting_does_not_reset_the_pace() {
     );
     assert!(answer.retry_after_seconds > 0);
     // Only the first counted, and the refusals are shown with who sent them.
-    let shown = insights(
-        &server,
-        Some(principals.token("viewer")),
-        &["insights", "--output", "json"],
-    )
-    .await;
-    assert!(
-        shown.status.success(),
-        "{}",
-        String::from_utf8_lossy(&shown.stderr)
-    );
-    let shown: Value = serde_json::from_slice(&shown.stdout).unwrap();
+    let shown = insights_json_as(&server, Some(principals.token("viewer"))).await;
     assert_eq!(
         shown["signals"],
         serde_json::json!([{"channel": "web", "name": "login.failed", "count": 7}])
@@ -544,13 +538,7 @@ async fn a_flooding_token_fills_only_its_share_and_is_told() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let shown = insights(
-        &server,
-        Some(principals.token("viewer")),
-        &["insights", "--output", "json"],
-    )
-    .await;
-    let shown: Value = serde_json::from_slice(&shown.stdout).unwrap();
+    let shown = insights_json_as(&server, Some(principals.token("viewer"))).await;
     assert_eq!(
         shown["signals"],
         serde_json::json!([{"channel": "web", "name": "login.failed", "count": 500}])
