@@ -28,6 +28,8 @@ simulated subscribers; it is told, in the environment:
                      --output json` against that server
   INSIGHTS_TRUSTED_KEYS  the key file the CLI trusts for that server
   DETECTOR_TOKEN     an external detector's token (raises proposals)
+  SILENT_CONSOLE_URL the console of replica r-a of two, whose peer r-b never
+                     answers
 
 Every wait has a deadline (WebDriverWait polls); nothing sleeps for a fixed
 time. Exit 0 when every scenario held; otherwise the failure, the page's text
@@ -74,6 +76,7 @@ OPEN_TLS_URL = os.environ["OPEN_TLS_CONSOLE_URL"]
 STALL_URL = os.environ["STALL_CONSOLE_URL"]
 ETCD_PID = int(os.environ["ETCD_PID"])
 INSIGHTS_URL = os.environ["INSIGHTS_CONSOLE_URL"]
+SILENT_URL = os.environ["SILENT_CONSOLE_URL"]
 HOSTILE = os.environ["HOSTILE_SUBSCRIBER"]
 CLI_SIGNAL = json.loads(os.environ["CLI_SIGNAL"])
 CLI_INCIDENT = json.loads(os.environ["CLI_INCIDENT"])
@@ -635,6 +638,23 @@ def proposals_view(c):
     c.sign_out()
 
 
+def insights_partial(c):
+    """A replica that does not answer: the insights say they are partial and
+    name it, plainly."""
+    c.sign_in("viewer", url=SILENT_URL)
+    c.click("#view-insights")
+    c.wait("the partial insights", lambda: c.visible("#insights-partial"))
+    partial = c.text("#insights-partial")
+    assert partial.startswith("PARTIAL: some replica did not answer"), partial
+    assert "r-b (" in partial and "did not answer" in partial, partial
+    replicas = c.text("#insights-replicas")
+    assert "r-a (" in replicas and "answered" in replicas, replicas
+    assert "r-b (" in replicas and "DID NOT ANSWER" in replicas, replicas
+    assert "from 1 of 2 replica(s)" in c.text("#insights-state"), c.text("#insights-state")
+    c.shot("17-insights-partial")
+    c.sign_out()
+
+
 def over_https():
     """The console of a server with TLS: served over HTTPS with HTTP/2, in a
     secure context, live."""
@@ -718,6 +738,7 @@ def main():
         seven_tabs(console)
         insights_view(console)
         proposals_view(console)
+        insights_partial(console)
         not_live_while_the_store_stalls(console)
         without_tokens(console)
         over_https()

@@ -4,7 +4,9 @@
 //! no HTML from data; its event stream says when the namespace changed.
 //! The browser test drives `tests/console/console_browser.py` (Selenium,
 //! headless Chromium) against a real controller with tokens and simulated
-//! subscribers.
+//! subscribers; issue 15's Insights and Proposals views among it, against a
+//! server whose channels decided and reported and signals sent with the
+//! real CLI.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -1323,6 +1325,8 @@ async fn commanders_approvers_and_viewers_use_the_console_in_a_real_browser() {
         ..ServeConfig::default()
     })
     .await;
+    // And two replicas, one of which never answers: a partial insights.
+    let silent = SilentFleet::start(&principals).await;
     // And the server of the Insights and Proposals views.
     let (insights, insights_http, _reporting) = insights_server(&principals).await;
     let insights_cli = |token: &str, args: &[&str]| {
@@ -1427,6 +1431,10 @@ async fn commanders_approvers_and_viewers_use_the_console_in_a_real_browser() {
             crate::support::key_file_for(&["--server", &insights.url]),
         )
         .env("DETECTOR_TOKEN", principals.token("detector"))
+        .env(
+            "SILENT_CONSOLE_URL",
+            format!("http://{}/", silent.a.http_addr().unwrap()),
+        )
         .kill_on_drop(true);
     let output = tokio::time::timeout(Duration::from_secs(300), command.output())
         .await
@@ -1458,6 +1466,7 @@ async fn commanders_approvers_and_viewers_use_the_console_in_a_real_browser() {
         "14-proposals-viewer",
         "15-accept-preview",
         "16-proposals-closed",
+        "17-insights-partial",
     ] {
         assert!(
             screenshots.join(format!("{view}.png")).exists(),

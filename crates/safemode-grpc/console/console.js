@@ -1276,15 +1276,18 @@ function drawInsights(answer) {
     `${answer.namespace} at revision ${answer.revision}, last ${windowText(answer.windowSeconds)}: ` +
     `${answer.decisions || 0} decision(s) reported; read at ${new Date().toLocaleTimeString()} ` +
     `from ${answered.length} of ${replicas.length} replica(s).`;
-  const missing = replicas.filter((r) => !r.answered);
+  // A replica that did not answer is named (once: the server's problems
+  // may name it already), one line each.
+  const problems = answer.problems || [];
+  const missing = replicas.filter((r) => !r.answered && !problems.some((p) => p.includes(`replica ${r.replica} `)));
   const partial = $("insights-partial");
   partial.textContent = [
     answer.partial ? "PARTIAL: some replica did not answer or some counts were left out; the counts below may be low." : "",
     ...missing.map((r) => `${r.replica} (${r.address}) DID NOT ANSWER: ${r.error || "no answer"}.`),
-    ...(answer.problems || []).map((p) => `Problem: ${p}`),
+    ...problems.map((p) => `Problem: ${p}`),
   ]
     .filter(Boolean)
-    .join(" ");
+    .join("\n");
   show(partial, Boolean(partial.textContent));
   const maps = answer.staticMap || [];
   rerender("insights-map", maps, () => renderInsightsMap(maps));
@@ -1360,7 +1363,7 @@ function renderInsightsMap(maps) {
         el(
           "td",
           { class: map.differs ? "differs easiest-channel" : "alike" },
-          map.differs ? `${easiest}: the channels differ` : "every channel alike",
+          map.differs ? easiest : "every channel alike",
         ),
       );
     }),
@@ -1403,7 +1406,7 @@ function renderInsightsLive(live) {
                 "tr",
                 { class: notes ? "outcome noted" : "outcome", "data-channel": o.channel },
                 el("td", { text: o.channel }),
-                el("td", { class: "subscriber text", text: o.subscriber }),
+                el("td", { class: "subscriber text", text: o.subscriber || "—" }),
                 el("td", { text: String(o.revision) }),
                 el("td", { text: String(o.effect).toUpperCase() }),
                 el("td", { text: String(o.count) }),
