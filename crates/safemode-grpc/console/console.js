@@ -1249,12 +1249,26 @@ async function readInsights() {
     insights.reading = false;
     if (insightsOpen()) {
       clearTimeout(insights.timer);
-      insights.timer = setTimeout(readInsights, INSIGHTS_EVERY_MS);
+      insights.timer = setTimeout(readInsightsAgain, INSIGHTS_EVERY_MS);
     }
   }
 }
 
+/// The interval's read: skipped while the tab is in the background (it
+/// reads when it is in front again), so that forgotten tabs cost the fleet
+/// no gathers.
+function readInsightsAgain() {
+  if (document.hidden) {
+    insights.timer = setTimeout(readInsightsAgain, INSIGHTS_EVERY_MS);
+    return;
+  }
+  readInsights();
+}
+
 session.onRevision.add(() => readInsights());
+document.addEventListener("visibilitychange", () => {
+  if (!document.hidden) readInsights();
+});
 
 /// The fields of GetInsightsResponse the page draws; any other (a newer
 /// server's) is shown as it came, in "More in the answer".
