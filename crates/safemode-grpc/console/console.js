@@ -417,7 +417,8 @@ async function refresh() {
 }
 
 /// The namespace as the replica answering has it: its revision, what is in
-/// force, incidents and requests (no other replica is asked: at once).
+/// force, incidents, requests and proposals (no other replica is asked: at
+/// once).
 async function readAndRender() {
   const namespace = session.namespace;
   // The closed proposals only while their view is open.
@@ -453,7 +454,6 @@ async function readAndRender() {
   showProposalCount(session.proposals);
   if (all) {
     const closed = (all.proposals || []).filter((p) => p.state !== "open");
-    $("closed-proposals-state").textContent = "";
     rerender("closed-proposals", closed, () => renderClosedProposals(closed));
   }
   show($("nothing-active"), active.length === 0 && status.activations.length === 0);
