@@ -1285,6 +1285,11 @@ async fn dispatch(
         }
         Command::Signal(args) => {
             let name = safemode_policy::SignalName::parse(&args.name)?;
+            if name.is_reserved() {
+                bail!(
+                    "signal '{name}' is under safemode., which the client counts itself; give your own name, like login.failed"
+                );
+            }
             let config = subscriber_config(&servers, caller, &args.subscriber)?;
             let subscriber = Subscriber::connect(config).await?;
             subscriber.signal(&name, args.count);
@@ -1301,6 +1306,14 @@ async fn dispatch(
                 client::ReportReceipt::Refused(reason) => {
                     bail!("the controller refused the report: {reason}")
                 }
+                // A signal is one row: left out, it was not counted.
+                client::ReportReceipt::Partial { reason, .. } => {
+                    bail!("the controller did not count the signal: {reason}")
+                }
+                client::ReportReceipt::Lost(reason) => {
+                    bail!("the report's answer was lost: {reason}; it may or may not be counted")
+                }
+                other => bail!("the controller answered the report with {other:?}"),
             }
         }
         Command::Insights(args) => {

@@ -2608,9 +2608,20 @@ pub struct Insights {
     soft_downtime: Vec<InsightSoftDowntime>,
     dead_ends: Vec<InsightDeadEnd>,
     signals: Vec<InsightSignal>,
+    /// Reports refused or cut short in the window, and by whom.
+    refused_reports: u64,
+    refused: Vec<InsightRefused>,
     replicas: Vec<ReplicaAnswer>,
     partial: bool,
     problems: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct InsightRefused {
+    channel: String,
+    subscriber: String,
+    why: String,
+    count: u64,
 }
 
 #[derive(Serialize)]
@@ -2752,6 +2763,17 @@ impl From<proto::GetInsightsResponse> for Insights {
                     count: s.count,
                 })
                 .collect(),
+            refused_reports: r.refused_reports,
+            refused: r
+                .refused
+                .into_iter()
+                .map(|x| InsightRefused {
+                    channel: x.channel,
+                    subscriber: x.subscriber,
+                    why: x.why,
+                    count: x.count,
+                })
+                .collect(),
             replicas: r.replicas.into_iter().map(ReplicaAnswer::from).collect(),
             partial: r.partial,
             problems: r.problems,
@@ -2785,15 +2807,30 @@ impl View for Insights {
                 say!(out, "  {}: {effect} on every channel", m.action);
                 continue;
             }
+            // The easiest channel and those tied with it (they come first).
+            let easiest = m
+                .channels
+                .iter()
+                .find(|c| c.channel == m.easiest_channel)
+                .map(|c| c.effect.as_str());
+            let tied = m
+                .channels
+                .iter()
+                .take_while(|c| Some(c.effect.as_str()) == easiest)
+                .count();
             let channels: Vec<String> = m
                 .channels
                 .iter()
-                .map(|c| {
-                    if c.channel == m.easiest_channel {
+                .enumerate()
+                .map(|(i, c)| match i + 1 {
+                    n if n < tied => format!("{} {}", c.channel, c.effect.to_uppercase()),
+                    n if n == tied && tied == 1 => {
                         format!("{} {} ← easiest path", c.channel, c.effect.to_uppercase())
-                    } else {
-                        format!("{} {}", c.channel, c.effect)
                     }
+                    n if n == tied => {
+                        format!("{} {} ← easiest paths", c.channel, c.effect.to_uppercase())
+                    }
+                    _ => format!("{} {}", c.channel, c.effect),
                 })
                 .collect();
             say!(out, "  {}: {}", m.action, channels.join(", "));
@@ -2856,6 +2893,24 @@ impl View for Insights {
             say!(out, "SIGNALS");
             for s in &self.signals {
                 say!(out, "  {} {} {}", s.channel, s.name, s.count);
+            }
+        }
+        if self.refused_reports > 0 {
+            say!(out);
+            say!(
+                out,
+                "REFUSED REPORTS: {} in the window, by subscriber and why",
+                self.refused_reports
+            );
+            for r in &self.refused {
+                say!(
+                    out,
+                    "  {} {} {} ×{}",
+                    r.channel,
+                    r.subscriber,
+                    r.why.replace('_', " "),
+                    r.count
+                );
             }
         }
         for problem in &self.problems {

@@ -40,7 +40,8 @@ pub struct ActionMap {
     pub action: &'static str,
     /// Weakest first.
     pub channels: Vec<(Channel, Outcome)>,
-    /// The weakest channel, when the channels do not all decide alike.
+    /// The weakest channel that itself offers a path (not one that routes
+    /// or denies), when the channels do not all decide alike.
     pub easiest: Option<Channel>,
 }
 
@@ -135,9 +136,15 @@ fn static_map(policy: &EffectivePolicy) -> Vec<ActionMap> {
                 .collect();
             channels.sort_by_key(|(channel, outcome)| (outcome.kind(), channel.index()));
             let differs = channels.windows(2).any(|w| w[0].1.kind() != w[1].1.kind());
+            // A channel that routes the customer elsewhere, or denies, is
+            // no path by itself: the easiest is the weakest that is one.
+            let easiest = channels
+                .first()
+                .filter(|(_, outcome)| outcome.kind() < EffectKind::Route)
+                .map(|(channel, _)| *channel);
             ActionMap {
                 action,
-                easiest: differs.then(|| channels[0].0),
+                easiest: easiest.filter(|_| differs),
                 channels,
             }
         })

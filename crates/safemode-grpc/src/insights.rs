@@ -11,7 +11,7 @@ use crate::invalid;
 use safemode_controller::fleet::SubscriberFilter;
 use safemode_controller::insights::{self, Insights};
 use safemode_controller::reports::{
-    DecisionRow, LONGEST_WINDOW, MAX_TALLY_ROWS, NotableRow, Tallies,
+    DecisionRow, LONGEST_WINDOW, MAX_TALLY_ROWS, NotableRow, Refusal, RefusedRow, Tallies,
 };
 use safemode_controller::{Controller, SubscriberState};
 use safemode_policy::names::{ACTIONS, BOT_INTENT_FAMILY};
@@ -28,6 +28,11 @@ pub(crate) struct FleetTallies {
     pub partial: bool,
     pub problems: Vec<String>,
 }
+
+/// Signals one insights answer shows, most first (beyond, it is partial).
+const MAX_SIGNALS_SHOWN: usize = 200;
+/// Senders of refused reports one insights answer names, most first.
+const MAX_REFUSED_SHOWN: usize = 50;
 
 /// The largest tallies answer one replica takes from another.
 const MAX_REPORTS_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
@@ -194,9 +199,23 @@ pub(crate) fn tallies_to_wire(replica: &str, tallies: Tallies) -> proto::Replica
                 count,
             })
             .collect(),
+        refused: tallies
+            .refused_by
+            .into_iter()
+            .map(|(row, count)| refused_to_wire(&row, count))
+            .collect(),
         truncated: tallies.truncated,
         refused_reports: tallies.refused,
         ..proto::ReplicaReportsResponse::default()
+    }
+}
+
+fn refused_to_wire(row: &RefusedRow, count: u64) -> proto::RefusedTally {
+    proto::RefusedTally {
+        channel: row.channel.as_str().to_string(),
+        subscriber: row.subscriber.to_string(),
+        why: row.why.as_str().to_string(),
+        count,
     }
 }
 
@@ -205,7 +224,8 @@ pub(crate) fn tallies_to_wire(replica: &str, tallies: Tallies) -> proto::Replica
 fn tallies_from_wire(answer: &proto::ReplicaReportsResponse) -> Result<Tallies, String> {
     let too_many = answer.decisions.len() > MAX_TALLY_ROWS
         || answer.notable.len() > MAX_TALLY_ROWS
-        || answer.signals.len() > MAX_TALLY_ROWS;
+        || answer.signals.len() > MAX_TALLY_ROWS
+        || answer.refused.len() > MAX_TALLY_ROWS;
     if too_many {
         return Err(format!("it answered more than {MAX_TALLY_ROWS} rows"));
     }
@@ -265,6 +285,20 @@ fn tallies_from_wire(answer: &proto::ReplicaReportsResponse) -> Result<Tallies, 
             .signals
             .push(((channel(&s.channel)?, name), s.count));
     }
+    for r in &answer.refused {
+        safemode_wire::check_subscriber_id(&r.subscriber)
+            .map_err(|e| format!("a row's subscriber: {e}"))?;
+        let why = Refusal::parse(&r.why)
+            .ok_or_else(|| format!("a row's reason {:?} is not known", r.why))?;
+        tallies.refused_by.push((
+            RefusedRow {
+                channel: channel(&r.channel)?,
+                subscriber: r.subscriber.as_str().into(),
+                why,
+            },
+            r.count,
+        ));
+    }
     Ok(tallies)
 }
 
@@ -316,6 +350,12 @@ pub(crate) async fn gather(
         decisions,
     } = insights::insights(&policy, current, &gathered.tallies, &states);
     let mut problems = gathered.problems;
+    let signals = gathered.tallies.signals.len();
+    if signals > MAX_SIGNALS_SHOWN {
+        problems.push(format!(
+            "{signals} signals were reported in the window; the {MAX_SIGNALS_SHOWN} most counted are shown"
+        ));
+    }
     for problem in states_of.problems {
         if !problems.contains(&problem) {
             problems.push(problem);
@@ -388,11 +428,19 @@ pub(crate) async fn gather(
                     .collect(),
             })
             .collect(),
+        refused_reports: gathered.tallies.refused,
+        refused: gathered
+            .tallies
+            .refused_by
+            .iter()
+            .take(MAX_REFUSED_SHOWN)
+            .map(|(row, count)| refused_to_wire(row, *count))
+            .collect(),
         signals: gathered
             .tallies
             .signals
             .iter()
-            .take(200)
+            .take(MAX_SIGNALS_SHOWN)
             .map(|((channel, name), count)| proto::SignalTally {
                 channel: channel.as_str().to_string(),
                 name: name.to_string(),
@@ -400,7 +448,7 @@ pub(crate) async fn gather(
             })
             .collect(),
         replicas: gathered.replicas,
-        partial: gathered.partial || states_of.partial,
+        partial: gathered.partial || states_of.partial || signals > MAX_SIGNALS_SHOWN,
         problems,
         decisions,
     })
