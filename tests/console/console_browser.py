@@ -477,6 +477,15 @@ def insights_view(c):
     soft = c.text('#insights-soft li[data-channel="ivr"]')
     assert soft.startswith("ivr REJECTING: 1 of 1 subscribers rejected the policy in force"), soft
     c.wait("the CLI's signal", lambda: any(tr.text == "ivr login.failed 250" for tr in c.all("#insights-signals tr.signal")))
+    # The IVR's report that came too soon, named as text.
+    c.wait(
+        "the IVR's refused report",
+        lambda: any(
+            tr.find_element(By.CSS_SELECTOR, "td.subscriber").text == HOSTILE and "too soon" in tr.text
+            for tr in c.all("#insights-refused tr.refused")
+        ),
+    )
+    assert "1 report(s) refused or cut short" in c.text("#insights-refused-total"), c.text("#insights-refused-total")
     # One replica, which answered: nothing partial.
     assert not c.visible("#insights-partial"), c.find("#insights-partial").text
     assert "answered" in c.text("#insights-replicas li.replica")

@@ -1188,6 +1188,16 @@ async fn insights_server(
     decide_and_report(&web, "account.email_change", 40).await;
     decide_and_report(&desk, "account.email_change", 25).await;
     decide_and_report(&ivr, "account.email_change", 5).await;
+    // And a report of the IVR's that comes too soon: refused, and counted
+    // against its id.
+    ivr.decide(
+        &safemode_policy::Action::parse("account.email_change").unwrap(),
+        &safemode_policy::Context::default(),
+    );
+    match ivr.report_now(Duration::from_secs(10)).await {
+        Ok(safemode_client::ReportReceipt::Refused(why)) if why.starts_with("too soon") => {}
+        other => panic!("the IVR's second report is refused as too soon: {other:?}"),
+    }
     (server, http, vec![web, desk, ivr])
 }
 

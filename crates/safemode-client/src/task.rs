@@ -728,7 +728,10 @@ mod tests {
         // Nothing waits any more, so the next stream reports again; the
         // counts are all kept for it, and whoever asked is told.
         assert!(reporting.unanswered.is_empty());
-        assert!(!reporting.taken, "the next stream says again whether it takes reports");
+        assert!(
+            !reporting.taken,
+            "the next stream says again whether it takes reports"
+        );
         let (report, _) = reporting.carry.take_report(5);
         assert_eq!(report.signals.len(), 1);
         assert_eq!(

@@ -1274,6 +1274,7 @@ document.addEventListener("visibilitychange", () => {
 /// server's) is shown as it came, in "More in the answer".
 const INSIGHTS_FIELDS = new Set([
   "namespace", "revision", "windowSeconds", "staticMap", "live", "softDowntime", "deadEnds", "signals", "replicas", "partial", "problems", "decisions",
+  "refusedReports", "refused",
 ]);
 
 function isDefault(value) {
@@ -1333,6 +1334,29 @@ function drawInsights(answer) {
       ),
     );
   });
+  // Absent from an older server's answer: it does not say.
+  const refused = answer.refused || [];
+  rerender("insights-refused", ["refusedReports" in answer, answer.refusedReports, refused], () => {
+    const total = Number(answer.refusedReports || 0);
+    $("insights-refused-total").textContent = !("refusedReports" in answer)
+      ? "This replica does not say."
+      : total === 0
+        ? "None refused."
+        : `${total} report(s) refused or cut short: a flooding or misbehaving subscriber, or one whose token may not report. By subscriber and why, most first:`;
+    show($("insights-refused-table"), refused.length > 0);
+    $("insights-refused").replaceChildren(
+      ...refused.map((r) =>
+        el(
+          "tr",
+          { class: "refused", "data-channel": r.channel },
+          el("td", { text: r.channel }),
+          el("td", { class: "subscriber text", text: r.subscriber }),
+          el("td", { text: String(r.why).replaceAll("_", " ") }),
+          el("td", { text: String(r.count) }),
+        ),
+      ),
+    );
+  });
   rerender("insights-replicas", replicas, () =>
     $("insights-replicas").replaceChildren(
       ...replicas.map((r) =>
@@ -1353,7 +1377,9 @@ function renderInsightsMap(maps) {
   show($("insights-map-table"), maps.length > 0);
   $("insights-map").replaceChildren(
     ...maps.map((map) => {
-      const easiest = map.differs ? map.easiestChannel : "";
+      // Empty when no channel itself offers a path (each routes elsewhere
+      // or denies).
+      const easiest = map.differs ? map.easiestChannel || "" : "";
       return el(
         "tr",
         { class: map.differs ? "action-map differs-row" : "action-map", "data-action": map.action },
@@ -1377,7 +1403,7 @@ function renderInsightsMap(maps) {
         el(
           "td",
           { class: map.differs ? "differs easiest-channel" : "alike" },
-          map.differs ? easiest : "every channel alike",
+          map.differs ? easiest || "none: no channel offers a path itself" : "every channel alike",
         ),
       );
     }),
