@@ -767,11 +767,7 @@ class Subscriber:
             decisions = dict(rows[:MAX_DECISION_ROWS])
         if not decisions and not signals and holder is None:
             return False
-        with self._changed:
-            self._sequence += 1
-            sequence = self._sequence
-            self._unanswered.append((sequence, decisions, signals, holder))
-        report = sub.Report(sequence=sequence)
+        report = sub.Report()
         for (action, effect, revision, band, method, handoff, exhausted, stale), n \
                 in decisions.items():
             report.decisions.append(sub.DecisionCount(
@@ -780,7 +776,13 @@ class Subscriber:
                                           attempts_exhausted=exhausted)))
         for name, n in signals.items():
             report.signals.append(sub.SignalCount(name=name, count=n))
-        self._send(sub.SubscribeRequest(report=report))
+        # Numbered and queued together: reports go in the order of their
+        # sequence, which answers rely on.
+        with self._changed:
+            self._sequence += 1
+            report.sequence = self._sequence
+            self._unanswered.append((report.sequence, decisions, signals, holder))
+            self._send(sub.SubscribeRequest(report=report))
         return True
 
     def _on_answer(self, answer) -> None:
@@ -788,7 +790,15 @@ class Subscriber:
             found = next((u for u in self._unanswered if u[0] == answer.sequence), None)
             if found is None:
                 return
+            # Answers come in order: an earlier report still waiting lost its
+            # answer, and its counts go with the next report.
+            lost = [u for u in self._unanswered if u[0] < answer.sequence]
             self._unanswered = [u for u in self._unanswered if u[0] > answer.sequence]
+        for _, old_decisions, old_signals, old_holder in lost:
+            self._carry(old_decisions, old_signals)
+            if old_holder is not None:
+                old_holder.put(("lost", "the controller's answer to the report was lost; "
+                                        "the counts go with the next report"))
         _, decisions, signals, holder = found
         if not answer.accepted and answer.retry_after_seconds > 0:
             # Too soon: the counts go with the next report.

@@ -784,6 +784,9 @@ struct DecideArgs {
     exit_code: bool,
 }
 
+/// How long `safemode signal` waits for the controller to take its count.
+const SIGNAL_DEADLINE: Duration = Duration::from_secs(30);
+
 /// The global flags of the commands that talk to a controller, by clap id.
 const CLIENT_FLAGS: [&str; 8] = [
     "servers",
@@ -1295,27 +1298,48 @@ async fn dispatch(
             let config = subscriber_config(&servers, caller, &args.subscriber)?;
             let subscriber = Subscriber::connect(config).await?;
             subscriber.signal(&name, args.count);
-            match subscriber.report_now(Duration::from_secs(10)).await? {
-                client::ReportReceipt::Accepted => emit(output::show(
-                    format,
-                    &output::Signalled {
-                        signal: name.to_string(),
-                        count: args.count,
-                        channel: args.subscriber.channel.clone(),
-                        namespace: args.subscriber.namespace.namespace.clone(),
-                    },
-                )),
-                client::ReportReceipt::Refused(reason) => {
-                    bail!("the controller refused the report: {reason}")
+            // A controller busy with this token's other reports says when to
+            // come back: the count waits in the client until then.
+            let deadline = tokio::time::Instant::now() + SIGNAL_DEADLINE;
+            loop {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                match subscriber.report_now(left).await? {
+                    client::ReportReceipt::Accepted => {
+                        return emit(output::show(
+                            format,
+                            &output::Signalled {
+                                signal: name.to_string(),
+                                count: args.count,
+                                channel: args.subscriber.channel.clone(),
+                                namespace: args.subscriber.namespace.namespace.clone(),
+                            },
+                        ));
+                    }
+                    client::ReportReceipt::TooSoon {
+                        retry_after,
+                        reason,
+                    } => {
+                        if tokio::time::Instant::now() + retry_after >= deadline {
+                            bail!(
+                                "the signal was not counted: the controller is busy with this token's reports ({reason}); retry later, or add counts up with --count"
+                            );
+                        }
+                        tokio::time::sleep(retry_after).await;
+                    }
+                    client::ReportReceipt::Refused(reason) => {
+                        bail!("the controller refused the report: {reason}")
+                    }
+                    // A signal is one row: left out, it was not counted.
+                    client::ReportReceipt::Partial { reason, .. } => {
+                        bail!("the controller did not count the signal: {reason}")
+                    }
+                    client::ReportReceipt::Lost(reason) => {
+                        bail!(
+                            "the report's answer was lost: {reason}; it may or may not be counted"
+                        )
+                    }
+                    other => bail!("the controller answered the report with {other:?}"),
                 }
-                // A signal is one row: left out, it was not counted.
-                client::ReportReceipt::Partial { reason, .. } => {
-                    bail!("the controller did not count the signal: {reason}")
-                }
-                client::ReportReceipt::Lost(reason) => {
-                    bail!("the report's answer was lost: {reason}; it may or may not be counted")
-                }
-                other => bail!("the controller answered the report with {other:?}"),
             }
         }
         Command::Insights(args) => {

@@ -2618,7 +2618,9 @@ pub struct Insights {
 
 #[derive(Serialize)]
 struct InsightRefused {
+    principal: String,
     channel: String,
+    /// Empty: the principal's other subscribers, beyond those named.
     subscriber: String,
     why: String,
     count: u64,
@@ -2768,6 +2770,7 @@ impl From<proto::GetInsightsResponse> for Insights {
                 .refused
                 .into_iter()
                 .map(|x| InsightRefused {
+                    principal: x.principal,
                     channel: x.channel,
                     subscriber: x.subscriber,
                     why: x.why,
@@ -2807,30 +2810,21 @@ impl View for Insights {
                 say!(out, "  {}: {effect} on every channel", m.action);
                 continue;
             }
-            // The easiest channel and those tied with it (they come first).
+            // The easiest channel, and every channel tied with it.
             let easiest = m
                 .channels
                 .iter()
                 .find(|c| c.channel == m.easiest_channel)
                 .map(|c| c.effect.as_str());
-            let tied = m
-                .channels
-                .iter()
-                .take_while(|c| Some(c.effect.as_str()) == easiest)
-                .count();
             let channels: Vec<String> = m
                 .channels
                 .iter()
-                .enumerate()
-                .map(|(i, c)| match i + 1 {
-                    n if n < tied => format!("{} {}", c.channel, c.effect.to_uppercase()),
-                    n if n == tied && tied == 1 => {
+                .map(|c| {
+                    if Some(c.effect.as_str()) == easiest {
                         format!("{} {} ← easiest path", c.channel, c.effect.to_uppercase())
+                    } else {
+                        format!("{} {}", c.channel, c.effect)
                     }
-                    n if n == tied => {
-                        format!("{} {} ← easiest paths", c.channel, c.effect.to_uppercase())
-                    }
-                    _ => format!("{} {}", c.channel, c.effect),
                 })
                 .collect();
             say!(out, "  {}: {}", m.action, channels.join(", "));
@@ -2903,11 +2897,15 @@ impl View for Insights {
                 self.refused_reports
             );
             for r in &self.refused {
+                let who = if r.subscriber.is_empty() {
+                    format!("other subscribers of {}", r.principal)
+                } else {
+                    format!("{} ({})", r.subscriber, r.principal)
+                };
                 say!(
                     out,
-                    "  {} {} {} ×{}",
+                    "  {} {who} {} ×{}",
                     r.channel,
-                    r.subscriber,
                     r.why.replace('_', " "),
                     r.count
                 );

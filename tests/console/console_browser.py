@@ -481,7 +481,7 @@ def insights_view(c):
     c.wait(
         "the IVR's refused report",
         lambda: any(
-            tr.find_element(By.CSS_SELECTOR, "td.subscriber").text == HOSTILE and "too soon" in tr.text
+            tr.find_element(By.CSS_SELECTOR, "td.subscriber").text.startswith(HOSTILE + " (") and "too soon" in tr.text
             for tr in c.all("#insights-refused tr.refused")
         ),
     )

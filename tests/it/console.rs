@@ -1195,7 +1195,8 @@ async fn insights_server(
         &safemode_policy::Context::default(),
     );
     match ivr.report_now(Duration::from_secs(10)).await {
-        Ok(safemode_client::ReportReceipt::Refused(why)) if why.starts_with("too soon") => {}
+        Ok(safemode_client::ReportReceipt::TooSoon { reason, .. })
+            if reason.starts_with("too soon") => {}
         other => panic!("the IVR's second report is refused as too soon: {other:?}"),
     }
     (server, http, vec![web, desk, ivr])

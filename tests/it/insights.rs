@@ -418,9 +418,9 @@ async fn reconnecting_does_not_reset_the_pace() {
     let answer = report_once(&again, one_signal("login.failed", 7)).await;
     assert!(!answer.accepted);
     assert!(
-        answer
-            .reason
-            .starts_with("too soon: a subscriber reports at most every 10s, over all its streams"),
+        answer.reason.starts_with(
+            "too soon: a subscriber reports at most every 10s on a channel, over all its streams"
+        ),
         "{}",
         answer.reason
     );
@@ -435,9 +435,50 @@ async fn reconnecting_does_not_reset_the_pace() {
     assert_eq!(
         shown["refused"],
         serde_json::json!([
-            {"channel": "web", "subscriber": "loop-1", "why": "too_soon", "count": 1},
+            {"principal": "subscriber", "channel": "web", "subscriber": "loop-1", "why": "too_soon", "count": 1},
         ])
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_script_signalling_in_a_loop_loses_no_count() {
+    // More calls within a gap than a token's new streams may first report:
+    // each call waits for its turn, and every count arrives.
+    let principals = Principals::new();
+    let server = TestServer::with_tokens(&principals).await;
+    let keys = server.trusted_keys_file().display().to_string();
+    let calls = reports_token_burst() + 4;
+    for i in 0..calls {
+        let out = safemode(&[
+            "--server",
+            &server.url,
+            "--token",
+            principals.token("subscriber"),
+            "signal",
+            "password_reset.requested",
+            "--channel",
+            "ivr",
+            "--trusted-keys",
+            &keys,
+        ])
+        .await;
+        assert!(
+            out.status.success(),
+            "call {i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let shown = insights_json_as(&server, Some(principals.token("viewer"))).await;
+    assert_eq!(
+        shown["signals"],
+        serde_json::json!([{"channel": "ivr", "name": "password_reset.requested", "count": calls}])
+    );
+}
+
+/// First reports a token's new streams may make in a gap beyond one per
+/// stream it holds.
+fn reports_token_burst() -> usize {
+    safemode_grpc::REPORT_TOKEN_BURST
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -476,8 +517,9 @@ async fn a_flooding_token_fills_only_its_share_and_is_told() {
         newest = apply(mode).await;
     }
     assert!(newest >= 6);
-    // One report of 800 distinct rows on each of 32 streams: the token's
-    // share (25,000 rows) is full within the last ones.
+    // One report of 800 distinct rows on each of 32 streams, within a
+    // second or two: the token's share of each 10-second bucket (2,500 new
+    // rows) is full within the first few.
     let mut streams = Vec::new();
     for i in 0..32 {
         let id = format!("flood-{i}");
@@ -492,9 +534,9 @@ async fn a_flooding_token_fills_only_its_share_and_is_told() {
         assert!(answer.accepted, "{answer:?}");
         if answer.left_out > 0 {
             assert!(
-                answer
-                    .reason
-                    .contains("this token's share of the report book"),
+                answer.reason.contains(
+                    "this token added 2500 new rows to the report book in these 10 seconds"
+                ),
                 "{}",
                 answer.reason
             );
@@ -510,12 +552,10 @@ async fn a_flooding_token_fills_only_its_share_and_is_told() {
         counted += FLOOD_ROWS - answer.left_out as usize;
         left_out += answer.left_out as usize;
     }
-    // Each row makes a book row (and an old revision's a subscriber row).
+    // Each row makes a book row (and an old revision's a subscriber row, in
+    // the same share): at most three buckets' shares were taken.
     assert!(left_out > 0);
-    assert!(
-        (24_000..=25_000).contains(&counted),
-        "{counted} rows counted"
-    );
+    assert!((2_000..=7_500).contains(&counted), "{counted} rows counted");
     // Another channel's token still reports, and its count is whole.
     let keys = server.trusted_keys_file().display().to_string();
     let out = safemode(&[
@@ -553,7 +593,7 @@ async fn a_flooding_token_fills_only_its_share_and_is_told() {
             r["subscriber"].as_str().unwrap()
         })
         .collect();
-    assert!(named.contains(&"flood-31"), "{named:?}");
+    assert!(named.iter().any(|n| n.starts_with("flood-")), "{named:?}");
     assert!(!named.contains(&"flood-0"), "{named:?}");
     // Its policy streams go on.
     let revision = apply("handoff-guard").await;
@@ -601,58 +641,87 @@ async fn a_token_demoted_to_viewer_stops_reporting_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_channel_that_routes_elsewhere_is_never_the_easiest_path() {
-    let server = TestServer::start().await;
-    let mut control = server.control().await;
-    for (mode, channels) in [
-        (
-            "freeze-credential-changes",
-            &["chatbot", "mobile", "email", "web"][..],
-        ),
-        ("verified-channels-only", &["agent-desk", "ivr"][..]),
-    ] {
-        control
-            .apply_modes(proto::ApplyModesRequest {
-                namespace: "live".into(),
-                modes: vec![mode.into()],
-                channels: channels.iter().map(|c| c.to_string()).collect(),
-                reason: "takeover wave".into(),
-                ..Default::default()
-            })
-            .await
-            .expect("apply");
-    }
-    let shown = insights_json(&server).await;
-    for map in shown["static_map"].as_array().unwrap() {
-        let easiest = map["easiest_channel"].as_str().unwrap_or("");
-        if easiest.is_empty() {
-            continue;
+async fn a_channel_that_offers_no_path_is_never_the_easiest_path() {
+    // Credential changes frozen on four channels; the other two route
+    // customers to a frozen channel, or serve everything read-only: no
+    // channel offers a password reset, and the map says the channels differ.
+    for other in ["verified-channels-only", "read-only-last-known-good"] {
+        let server = TestServer::start().await;
+        let mut control = server.control().await;
+        for (mode, channels) in [
+            (
+                "freeze-credential-changes",
+                &["chatbot", "mobile", "email", "web"][..],
+            ),
+            (other, &["agent-desk", "ivr"][..]),
+        ] {
+            control
+                .apply_modes(proto::ApplyModesRequest {
+                    namespace: "live".into(),
+                    modes: vec![mode.into()],
+                    channels: channels.iter().map(|c| c.to_string()).collect(),
+                    reason: "takeover wave".into(),
+                    ..Default::default()
+                })
+                .await
+                .expect("apply");
         }
-        let outcome = map["channels"]
+        let shown = insights_json(&server).await;
+        let dead: Vec<&str> = shown["dead_ends"]
             .as_array()
             .unwrap()
             .iter()
-            .find(|c| c["channel"] == easiest)
-            .unwrap();
+            .map(|d| d["action"].as_str().unwrap())
+            .collect();
         assert!(
-            !["route", "deny"].contains(&outcome["effect"].as_str().unwrap()),
-            "{map}"
+            dead.contains(&"account.password_reset"),
+            "{other}: {dead:?}"
         );
+        for map in shown["static_map"].as_array().unwrap() {
+            let effects: std::collections::BTreeSet<&str> = map["channels"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["effect"].as_str().unwrap())
+                .collect();
+            assert_eq!(map["differs"], effects.len() > 1, "{other}: {map}");
+            let Some(easiest) = map.get("easiest_channel").and_then(Value::as_str) else {
+                continue;
+            };
+            let action = map["action"].as_str().unwrap();
+            assert!(
+                !dead.contains(&action),
+                "{other}: a dead end named easiest: {map}"
+            );
+            let outcome = map["channels"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["channel"] == easiest)
+                .unwrap();
+            assert!(
+                !["route", "deny"].contains(&outcome["effect"].as_str().unwrap()),
+                "{other}: {map}"
+            );
+        }
+        let reset = shown["static_map"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["action"] == "account.password_reset")
+            .unwrap();
+        assert!(reset.get("easiest_channel").is_none(), "{other}: {reset}");
+        assert_eq!(reset["differs"], true, "{other}: {reset}");
+        let text = insights(&server, None, &["insights"]).await;
+        let text = String::from_utf8_lossy(&text.stdout);
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("account.password_reset:"))
+            .unwrap();
+        assert!(!line.contains("easiest"), "{other}: {line}");
+        assert!(!line.contains("on every channel"), "{other}: {line}");
+        assert!(line.contains("chatbot deny"), "{other}: {line}");
     }
-    let reset = shown["static_map"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["action"] == "account.password_reset")
-        .unwrap();
-    assert!(reset.get("easiest_channel").is_none(), "{reset}");
-    let text = insights(&server, None, &["insights"]).await;
-    let text = String::from_utf8_lossy(&text.stdout);
-    let line = text
-        .lines()
-        .find(|l| l.trim_start().starts_with("account.password_reset:"))
-        .unwrap();
-    assert!(!line.contains("easiest"), "{line}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

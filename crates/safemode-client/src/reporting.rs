@@ -265,8 +265,16 @@ pub enum ReportReceipt {
         /// Which bound was full, and what to do.
         reason: String,
     },
-    /// Refused, and why (the counts are kept for the next report when it
-    /// came too soon, or when the controller takes no reports).
+    /// Refused for coming too soon: the counts go with the next report,
+    /// which the controller takes after `retry_after`.
+    TooSoon {
+        /// When to report again.
+        retry_after: std::time::Duration,
+        /// The controller's words.
+        reason: String,
+    },
+    /// Refused, and why (the counts are kept for the next report when the
+    /// controller takes no reports).
     Refused(String),
     /// The stream ended before the controller answered; the counts go with
     /// the next report (the controller may have counted them already).

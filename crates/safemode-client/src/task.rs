@@ -469,8 +469,13 @@ impl Task {
                 }
                 if answer.retry_after_seconds > 0 {
                     reporting.carry.merge(sent.rows);
+                    ReportReceipt::TooSoon {
+                        retry_after: Duration::from_secs(answer.retry_after_seconds.into()),
+                        reason: answer.reason.clone(),
+                    }
+                } else {
+                    ReportReceipt::Refused(answer.reason.clone())
                 }
-                ReportReceipt::Refused(answer.reason.clone())
             };
             if let Some(ask) = sent.ask {
                 let _ = ask.send(receipt);

@@ -1350,7 +1350,12 @@ function drawInsights(answer) {
           "tr",
           { class: "refused", "data-channel": r.channel },
           el("td", { text: r.channel }),
-          el("td", { class: "subscriber text", text: r.subscriber }),
+          el("td", {
+            class: "subscriber text",
+            text: r.subscriber
+              ? `${r.subscriber} (${r.principal || "?"})`
+              : `other subscribers of ${r.principal || "?"}`,
+          }),
           el("td", { text: String(r.why).replaceAll("_", " ") }),
           el("td", { text: String(r.count) }),
         ),

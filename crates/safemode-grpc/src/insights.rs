@@ -102,7 +102,7 @@ impl Fleet {
         if out.tallies.truncated {
             out.partial = true;
             problems.push(format!(
-                "some report rows were left out (a replica's book is full, or an answer holds more than {MAX_TALLY_ROWS} rows): counts are low"
+                "some report rows were left out (a sender's share of the report book was full, or an answer holds more than {MAX_TALLY_ROWS} rows; see the refused reports): counts are low"
             ));
         }
         out.problems = problems;
@@ -205,6 +205,7 @@ pub(crate) fn tallies_to_wire(replica: &str, tallies: Tallies) -> proto::Replica
             .map(|(row, count)| refused_to_wire(&row, count))
             .collect(),
         truncated: tallies.truncated,
+        refusals_cut: tallies.refusals_cut,
         refused_reports: tallies.refused,
         ..proto::ReplicaReportsResponse::default()
     }
@@ -212,6 +213,7 @@ pub(crate) fn tallies_to_wire(replica: &str, tallies: Tallies) -> proto::Replica
 
 fn refused_to_wire(row: &RefusedRow, count: u64) -> proto::RefusedTally {
     proto::RefusedTally {
+        principal: row.principal.to_string(),
         channel: row.channel.as_str().to_string(),
         subscriber: row.subscriber.to_string(),
         why: row.why.as_str().to_string(),
@@ -232,6 +234,7 @@ fn tallies_from_wire(answer: &proto::ReplicaReportsResponse) -> Result<Tallies, 
     let channel = |name: &str| Channel::parse(name).map_err(|e| format!("a row's channel: {e}"));
     let mut tallies = Tallies {
         truncated: answer.truncated,
+        refusals_cut: answer.refusals_cut,
         refused: answer.refused_reports,
         ..Tallies::default()
     };
@@ -286,12 +289,22 @@ fn tallies_from_wire(answer: &proto::ReplicaReportsResponse) -> Result<Tallies, 
             .push(((channel(&s.channel)?, name), s.count));
     }
     for r in &answer.refused {
-        safemode_wire::check_subscriber_id(&r.subscriber)
-            .map_err(|e| format!("a row's subscriber: {e}"))?;
+        if !r.subscriber.is_empty() {
+            safemode_wire::check_subscriber_id(&r.subscriber)
+                .map_err(|e| format!("a row's subscriber: {e}"))?;
+        }
+        let printable = |c: char| !c.is_control();
+        if r.principal.is_empty() || r.principal.len() > 128 || !r.principal.chars().all(printable)
+        {
+            return Err(
+                "a row's principal is empty, longer than 128 bytes, or not printable".into(),
+            );
+        }
         let why = Refusal::parse(&r.why)
             .ok_or_else(|| format!("a row's reason {:?} is not known", r.why))?;
         tallies.refused_by.push((
             RefusedRow {
+                principal: r.principal.as_str().into(),
                 channel: channel(&r.channel)?,
                 subscriber: r.subscriber.as_str().into(),
                 why,
@@ -350,6 +363,11 @@ pub(crate) async fn gather(
         decisions,
     } = insights::insights(&policy, current, &gathered.tallies, &states);
     let mut problems = gathered.problems;
+    if gathered.tallies.refusals_cut {
+        problems.push(
+            "more senders had reports refused than are named: the refusals are counted, some senders are not named".into(),
+        );
+    }
     let signals = gathered.tallies.signals.len();
     if signals > MAX_SIGNALS_SHOWN {
         problems.push(format!(
@@ -369,7 +387,7 @@ pub(crate) async fn gather(
             .into_iter()
             .map(|m| proto::ActionMap {
                 action: m.action.to_string(),
-                differs: m.easiest.is_some(),
+                differs: m.differs,
                 easiest_channel: m
                     .easiest
                     .map(|c| c.as_str().to_string())

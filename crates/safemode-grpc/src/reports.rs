@@ -26,17 +26,19 @@ use safemode_wire::proto;
 /// client's interval less some slack for timers and the network.
 pub const MIN_REPORT_GAP: Duration = Duration::from_secs(REPORT_EVERY.as_secs() - 2);
 
-/// Turns a token's subscribers may take in a gap beyond one per stream it
-/// holds: short-lived subscribers (a script's `safemode signal`, a client
-/// that reconnected) report once and are gone before their turn is.
+/// First reports a token's new streams may make in a gap beyond one per
+/// stream it holds: short-lived subscribers (a script's `safemode signal`,
+/// a client that reconnected) report once and are gone before their turn
+/// is.
 pub const TOKEN_BURST: usize = 16;
 
-/// Who takes a turn: a subscriber id of a namespace, under a token (its
-/// hash, or the principal's name without tokens).
+/// Who takes a turn: a subscriber id on a channel of a namespace, under a
+/// token (its hash, or the principal's name without tokens).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Turn {
     pub token: Arc<str>,
     pub namespace: Namespace,
+    pub channel: Channel,
     pub subscriber: Arc<str>,
 }
 
@@ -50,24 +52,26 @@ pub struct ReportPace {
 struct PaceState {
     /// When each turn was last taken, within the last gap.
     last: HashMap<Turn, Instant>,
-    /// The same, oldest first, to forget them in order.
-    order: VecDeque<(Instant, Turn)>,
-    /// Turns taken by each token within the last gap.
-    by_token: HashMap<Arc<str>, usize>,
+    /// The same, oldest first, to forget them in order; `true` for a
+    /// stream's first report.
+    order: VecDeque<(Instant, Turn, bool)>,
+    /// When each token's new streams made their first reports, within the
+    /// last gap, oldest first.
+    first_reports: HashMap<Arc<str>, VecDeque<Instant>>,
 }
 
 impl PaceState {
     /// Forgets the turns taken at or before `since`.
     fn forget_before(&mut self, since: Instant) {
-        while self.order.front().is_some_and(|(at, _)| *at <= since) {
-            let (at, turn) = self.order.pop_front().expect("a front turn");
+        while self.order.front().is_some_and(|(at, _, _)| *at <= since) {
+            let (at, turn, first) = self.order.pop_front().expect("a front turn");
             if self.last.get(&turn) == Some(&at) {
                 self.last.remove(&turn);
             }
-            if let Some(n) = self.by_token.get_mut(&turn.token) {
-                *n -= 1;
-                if *n == 0 {
-                    self.by_token.remove(&turn.token);
+            if first && let Some(times) = self.first_reports.get_mut(&turn.token) {
+                times.pop_front();
+                if times.is_empty() {
+                    self.first_reports.remove(&turn.token);
                 }
             }
         }
@@ -75,41 +79,60 @@ impl PaceState {
 }
 
 impl ReportPace {
-    /// Takes `turn` at `now`, if it has one: its subscriber reported no
-    /// sooner than [`MIN_REPORT_GAP`] ago on any stream, and its token's
-    /// subscribers took fewer turns in that time than the `streams` the
-    /// token holds plus [`TOKEN_BURST`]. Otherwise why not, and in how many
-    /// seconds to come back.
-    /// Remembers at most one turn per stream the replica holds.
-    pub fn take(&self, turn: &Turn, streams: usize, now: Instant) -> Result<(), (String, u32)> {
+    /// Takes `turn` at `now`, if it has one: its subscriber (on its channel)
+    /// reported no sooner than [`MIN_REPORT_GAP`] ago on any stream; and a
+    /// stream's `first` report only while its token's new streams made
+    /// fewer first reports in that time than the `streams` it holds plus
+    /// [`TOKEN_BURST`] (a stream that reported before has its own turn: a
+    /// client reconnecting in a loop cannot take the turns of the steady
+    /// ones). Otherwise why not, and in how many seconds to come back.
+    /// Remembers at most one turn per stream the replica holds, and the
+    /// bursts.
+    pub fn take(
+        &self,
+        turn: &Turn,
+        first: bool,
+        streams: usize,
+        now: Instant,
+    ) -> Result<(), (String, u32)> {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(since) = now.checked_sub(MIN_REPORT_GAP) {
             state.forget_before(since);
         }
         let every = REPORT_EVERY.as_secs();
+        let seconds = |wait: Duration| (wait.as_secs_f64().ceil() as u32).max(1);
         if let Some(last) = state.last.get(turn) {
-            let wait = MIN_REPORT_GAP.saturating_sub(now.saturating_duration_since(*last));
-            let wait = (wait.as_secs_f64().ceil() as u32).max(1);
+            let wait = seconds(MIN_REPORT_GAP.saturating_sub(now.saturating_duration_since(*last)));
             return Err((
                 format!(
-                    "too soon: a subscriber reports at most every {every}s, over all its streams; this report is dropped, send its counts with the next one in {wait}s"
+                    "too soon: a subscriber reports at most every {every}s on a channel, over all its streams; this report is dropped, send its counts with the next one in {wait}s"
                 ),
                 wait,
             ));
         }
-        let taken = state.by_token.get(&turn.token).copied().unwrap_or(0);
-        if taken >= streams + TOKEN_BURST {
-            return Err((
-                format!(
-                    "too soon: this token's subscribers reported {taken} times in the last {}s and it holds {streams} streams (one report per stream every {every}s, and {TOKEN_BURST} more); send the counts with the next report",
-                    MIN_REPORT_GAP.as_secs()
-                ),
-                every as u32,
-            ));
+        if first {
+            let times = state.first_reports.get(&turn.token);
+            let taken = times.map_or(0, VecDeque::len);
+            if taken >= streams + TOKEN_BURST {
+                let oldest = times.and_then(|t| t.front()).copied().unwrap_or(now);
+                let wait = seconds((oldest + MIN_REPORT_GAP).saturating_duration_since(now));
+                return Err((
+                    format!(
+                        "too soon: this token's new streams made {taken} first reports in the last {}s, and it holds {streams} {}: one first report per stream, and {TOKEN_BURST} more; this report is dropped, send its counts with the next one in {wait}s",
+                        MIN_REPORT_GAP.as_secs(),
+                        if streams == 1 { "stream" } else { "streams" }
+                    ),
+                    wait,
+                ));
+            }
+            state
+                .first_reports
+                .entry(turn.token.clone())
+                .or_default()
+                .push_back(now);
         }
         state.last.insert(turn.clone(), now);
-        state.order.push_back((now, turn.clone()));
-        *state.by_token.entry(turn.token.clone()).or_default() += 1;
+        state.order.push_back((now, turn.clone(), first));
         Ok(())
     }
 }
@@ -407,41 +430,51 @@ mod tests {
         Turn {
             token: token.into(),
             namespace: Namespace::live(),
+            channel: Channel::parse("web").unwrap(),
             subscriber: subscriber.into(),
         }
     }
 
     #[test]
-    fn the_pace_holds_across_streams_and_per_token() {
+    fn the_pace_holds_across_streams_and_first_reports_per_token() {
         let pace = ReportPace::default();
         let t0 = Instant::now();
         let at = |secs: u64| t0 + Duration::from_secs(secs);
         // A subscriber's turn is its own, whichever stream it comes on.
-        pace.take(&turn("a", "ivr-1"), 10, at(0)).unwrap();
-        let (reason, wait) = pace.take(&turn("a", "ivr-1"), 10, at(3)).unwrap_err();
+        pace.take(&turn("a", "ivr-1"), true, 10, at(0)).unwrap();
+        let (reason, wait) = pace.take(&turn("a", "ivr-1"), true, 10, at(3)).unwrap_err();
         assert!(reason.contains("over all its streams"), "{reason}");
         assert_eq!(wait, 5);
-        // A token's subscribers together take at most one turn per stream
-        // it holds and a few more: a new id on every reconnect does not
-        // make a new turn every time.
+        // A token's new streams make at most one first report per stream it
+        // holds and a few more: a new id on every reconnect does not make a
+        // new turn every time...
         for i in 0..=TOKEN_BURST {
-            pace.take(&turn("b", &format!("x{i}")), 1, at(0)).unwrap();
+            pace.take(&turn("b", &format!("x{i}")), true, 1, at(0))
+                .unwrap();
         }
-        let (reason, wait) = pace.take(&turn("b", "again"), 1, at(1)).unwrap_err();
-        assert!(reason.contains("reported 17 times"), "{reason}");
-        assert!(reason.contains("holds 1 streams"), "{reason}");
-        assert_eq!(wait, REPORT_EVERY.as_secs() as u32);
-        pace.take(&turn("b", "again"), 2, at(1)).unwrap();
+        let (reason, wait) = pace.take(&turn("b", "again"), true, 1, at(1)).unwrap_err();
+        assert!(reason.contains("made 17 first reports"), "{reason}");
+        assert!(reason.contains("holds 1 stream:"), "{reason}");
+        assert_eq!(wait, 7, "until the oldest first report is a gap old");
+        // ... while a stream that reported before keeps its own turn.
+        pace.take(&turn("b", "steady"), false, 1, at(1)).unwrap();
         // Another token is not held back by them.
-        pace.take(&turn("c", "x1"), 1, at(1)).unwrap();
-        // A gap later, every turn is back, and what was remembered is gone.
-        pace.take(&turn("a", "ivr-1"), 1, at(0) + MIN_REPORT_GAP)
+        pace.take(&turn("c", "x1"), true, 1, at(1)).unwrap();
+        // A subscriber's turn is on its channel: the same id on another
+        // channel has its own.
+        let mut mobile = turn("a", "ivr-1");
+        mobile.channel = Channel::parse("mobile").unwrap();
+        pace.take(&mobile, true, 10, at(3)).unwrap();
+        // A gap later every turn is back, and what was remembered is gone.
+        pace.take(&turn("a", "ivr-1"), false, 1, at(0) + MIN_REPORT_GAP)
             .unwrap();
-        pace.take(&turn("b", "x3"), 1, at(1) + MIN_REPORT_GAP)
+        pace.take(&turn("b", "x3"), true, 1, at(1) + MIN_REPORT_GAP)
             .unwrap();
         let state = pace.state.lock().unwrap();
-        assert_eq!(state.last.len(), 2, "{state:?}");
-        assert_eq!(state.order.len(), 2);
-        assert_eq!(state.by_token.len(), 2);
+        assert_eq!(state.last.len(), 3, "{state:?}");
+        assert_eq!(state.order.len(), 3);
+        assert_eq!(state.first_reports["a"].len(), 1);
+        assert_eq!(state.first_reports["b"].len(), 1);
+        assert_eq!(state.first_reports.len(), 2);
     }
 }

@@ -183,14 +183,18 @@ impl SubscriptionService for SubscriptionApi {
             turn: Turn {
                 token: token.clone(),
                 namespace: namespace.clone(),
+                channel,
                 subscriber: id.clone(),
             },
             sender: Sender {
                 token,
+                principal: actor.name.as_str().into(),
                 channel,
                 subscriber: id,
             },
             denied: report_denied,
+            reported: false,
+            refusals: Refusals::default(),
         });
         let mut response = Response::new(Box::pin(session.into_stream()) as ResponseStream);
         response.metadata_mut().insert(
@@ -224,6 +228,58 @@ struct Reporting {
     /// Why the stream's principal may not report, if it may not (as of
     /// the hello; asked again on each report while tokens can change).
     denied: Option<String>,
+    /// The stream took a turn before: its reports are its own turns, not
+    /// first reports.
+    reported: bool,
+    /// Refusals not yet counted in the book.
+    refusals: Refusals,
+}
+
+/// A stream's refused reports, counted in the book at most once per gap
+/// (a sender of refused reports cannot make the book's lock its own), and
+/// when the stream ends.
+#[derive(Debug, Default)]
+struct Refusals {
+    pending: [u64; Refusal::ALL.len()],
+    counted_at: Option<Instant>,
+}
+
+impl Reporting {
+    /// Counts a refusal for `why`; into the book now if none was counted
+    /// within the last gap.
+    fn refused(&mut self, why: Refusal, now: Instant) {
+        let at = Refusal::ALL.iter().position(|r| *r == why).expect("a kind");
+        self.refusals.pending[at] += 1;
+        let due = self
+            .refusals
+            .counted_at
+            .is_none_or(|at| now.saturating_duration_since(at) >= reports::MIN_REPORT_GAP);
+        if due {
+            self.refusals.counted_at = Some(now);
+            self.count_refusals();
+        }
+    }
+
+    fn count_refusals(&mut self) {
+        let book = self.controller.reports();
+        for (why, n) in Refusal::ALL.iter().zip(&mut self.refusals.pending) {
+            if *n > 0 {
+                book.refused(
+                    &self.turn.namespace,
+                    &self.sender,
+                    *why,
+                    std::mem::take(n),
+                    Timestamp::now(),
+                );
+            }
+        }
+    }
+}
+
+impl Drop for Reporting {
+    fn drop(&mut self) {
+        self.count_refusals();
+    }
 }
 
 /// The server side of one stream.
@@ -487,16 +543,7 @@ impl Session {
     /// Takes a report into the replica's book, or refuses it; either way
     /// the answer is sent next, and the policy stream goes on.
     fn report(&mut self, report: &proto::Report) {
-        let Some(Reporting {
-            pace,
-            turns,
-            streams,
-            controller,
-            turn,
-            sender,
-            denied,
-        }) = &self.reporting
-        else {
+        let Some(reporting) = &mut self.reporting else {
             return;
         };
         // The token's roles now: one demoted to viewer stops reporting at
@@ -509,28 +556,43 @@ impl Session {
                     .map(|denied| denied.to_string()),
                 Err(revoked) => Some(revoked.message().to_string()),
             },
-            None => denied.clone(),
+            None => reporting.denied.clone(),
         };
-        let reports = controller.reports();
-        let now = Timestamp::now();
         let checked = match denied {
             Some(denied) => Err((
                 reports::refused(report, format!("{denied}; this report is dropped")),
                 Refusal::NotPermitted,
             )),
-            None => pace.check(report, self.subscription.channel, || {
-                turns.take(turn, streams.held(&turn.token), Instant::now())
-            }),
+            None => {
+                let Reporting {
+                    pace,
+                    turns,
+                    streams,
+                    turn,
+                    reported,
+                    ..
+                } = &*reporting;
+                pace.check(report, self.subscription.channel, || {
+                    turns.take(turn, !reported, streams.held(&turn.token), Instant::now())
+                })
+            }
         };
         let answer = match checked {
             Ok(rows) => {
+                reporting.reported = true;
                 let current = self.subscription.views.borrow().revision;
-                let recorded = reports.record(&self.signer.namespace, sender, current, &rows, now);
+                let recorded = reporting.controller.reports().record(
+                    &self.signer.namespace,
+                    &reporting.sender,
+                    current,
+                    &rows,
+                    Timestamp::now(),
+                );
                 reports::accepted(report, recorded)
             }
             Err((refusal, why)) => {
                 debug!(reason = %refusal.reason, "report refused");
-                reports.refused(&self.signer.namespace, sender, why, now);
+                reporting.refused(why, Instant::now());
                 refusal
             }
         };
