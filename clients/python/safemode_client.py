@@ -63,6 +63,7 @@ KNOWN_ACTIONS = (
 REPORT_EVERY = 10.0
 MAX_DECISION_ROWS = 1024
 MAX_SIGNALS = 64
+REPORTS_HEADER = "x-safemode-reports"
 # The reconnect backoff, in seconds.
 BACKOFF_MIN = 0.1
 BACKOFF_MAX = 5.0
@@ -504,6 +505,8 @@ class Subscriber:
         # Reports sent and not yet answered: (sequence, decisions, signals,
         # the answer's holder for report_now or None).
         self._unanswered: list = []
+        # The stream's replica takes reports (it said so in its header).
+        self._reports_taken = False
 
     # --- the stream ---
 
@@ -533,7 +536,7 @@ class Subscriber:
         sub = self.wire.subscription
         outbox: queue.Queue = queue.Queue()
         with self._changed:
-            old = self._channel
+            old, old_outbox, old_call = self._channel, self._outbox, self._call
             self._outbox = outbox
             self._channel = channel
             hello = sub.Hello(
@@ -543,6 +546,11 @@ class Subscriber:
                 last_applied_revision=self.last_applied_revision,
                 epoch=self.epoch,
             )
+        # The old stream's request thread waits on its outbox: end it, or
+        # every reconnect leaves a thread behind.
+        old_outbox.put(None)
+        if old_call is not None:
+            old_call.cancel()
         if old is not None:
             old.close()
         outbox.put(sub.SubscribeRequest(hello=hello))
@@ -555,17 +563,25 @@ class Subscriber:
         backoff = BACKOFF_MIN
         refusals = 0
         while True:
+            opened = time.monotonic()
             code, heard = self._read()
-            if heard:
+            # A stream that said something and lasted is a good one: the
+            # next try is quick. One that ends at once keeps backing off.
+            if heard and time.monotonic() - opened >= BACKOFF_MAX:
                 backoff = BACKOFF_MIN
             with self._changed:
+                self._reports_taken = False
+                unanswered, self._unanswered = self._unanswered, []
                 if self.closed:
                     return
-                # Reports of a broken stream go unanswered.
-                for _, _, _, holder in self._unanswered:
-                    if holder is not None:
-                        holder.put(("lost", "the stream ended before the controller answered"))
-                self._unanswered = []
+            # Reports of a broken stream go unanswered: their counts go with
+            # the next report (the controller may have counted some: a count
+            # may be reported twice, never lost), and whoever waits is told.
+            for _, decisions, signals, holder in unanswered:
+                self._carry(decisions, signals)
+                if holder is not None:
+                    holder.put(("lost", "the stream ended before the controller answered; "
+                                        "the counts go with the next report"))
             if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                 refusals += 1
             else:
@@ -609,6 +625,12 @@ class Subscriber:
         code = None
         heard = False
         try:
+            # A replica says in its response header that it takes reports;
+            # none is sent to one that does not (an older version ends the
+            # stream on a message it does not know).
+            metadata = dict(self._call.initial_metadata() or ())
+            with self._changed:
+                self._reports_taken = REPORTS_HEADER in metadata
             for response in self._call:
                 heard = True
                 which = response.WhichOneof("message")
@@ -689,6 +711,9 @@ class Subscriber:
         next report. At most 62 names per report interval; counts of further
         names are dropped."""
         check_signal_name(name)
+        if name.startswith("safemode."):
+            raise ValueError(f"signal {name!r} is under safemode., which the client counts "
+                             "itself; give your own name, like login.failed")
         if count < 1:
             raise ValueError("count must be at least 1")
         with self._counts_lock:
@@ -713,9 +738,25 @@ class Subscriber:
             if own is not None:
                 self._signals[own] = self._signals.get(own, 0) + 1
 
+    def _carry(self, decisions: dict, signals: dict) -> None:
+        """Puts counts back for the next report."""
+        with self._counts_lock:
+            for key, n in decisions.items():
+                self._decisions[key] = self._decisions.get(key, 0) + n
+            for name, n in signals.items():
+                self._signals[name] = self._signals.get(name, 0) + n
+
     def _report(self, holder: Optional[queue.Queue] = None) -> bool:
-        """Sends what was counted (if anything, or if ``holder`` waits)."""
+        """Sends what was counted (if anything, or if ``holder`` waits), on a
+        stream whose replica takes reports; otherwise the counts wait."""
         sub = self.wire.subscription
+        with self._changed:
+            taken = self._reports_taken
+        if not taken:
+            if holder is not None:
+                holder.put(("refused", "no stream to a controller that takes reports now; "
+                                       "the counts are kept for the next report"))
+            return False
         with self._counts_lock:
             decisions, self._decisions = self._decisions, {}
             signals, self._signals = self._signals, {}
@@ -726,11 +767,7 @@ class Subscriber:
             decisions = dict(rows[:MAX_DECISION_ROWS])
         if not decisions and not signals and holder is None:
             return False
-        with self._changed:
-            self._sequence += 1
-            sequence = self._sequence
-            self._unanswered.append((sequence, decisions, signals, holder))
-        report = sub.Report(sequence=sequence)
+        report = sub.Report()
         for (action, effect, revision, band, method, handoff, exhausted, stale), n \
                 in decisions.items():
             report.decisions.append(sub.DecisionCount(
@@ -739,7 +776,13 @@ class Subscriber:
                                           attempts_exhausted=exhausted)))
         for name, n in signals.items():
             report.signals.append(sub.SignalCount(name=name, count=n))
-        self._send(sub.SubscribeRequest(report=report))
+        # Numbered and queued together: reports go in the order of their
+        # sequence, which answers rely on.
+        with self._changed:
+            self._sequence += 1
+            report.sequence = self._sequence
+            self._unanswered.append((report.sequence, decisions, signals, holder))
+            self._send(sub.SubscribeRequest(report=report))
         return True
 
     def _on_answer(self, answer) -> None:
@@ -747,27 +790,38 @@ class Subscriber:
             found = next((u for u in self._unanswered if u[0] == answer.sequence), None)
             if found is None:
                 return
+            # Answers come in order: an earlier report still waiting lost its
+            # answer, and its counts go with the next report.
+            lost = [u for u in self._unanswered if u[0] < answer.sequence]
             self._unanswered = [u for u in self._unanswered if u[0] > answer.sequence]
+        for _, old_decisions, old_signals, old_holder in lost:
+            self._carry(old_decisions, old_signals)
+            if old_holder is not None:
+                old_holder.put(("lost", "the controller's answer to the report was lost; "
+                                        "the counts go with the next report"))
         _, decisions, signals, holder = found
         if not answer.accepted and answer.retry_after_seconds > 0:
             # Too soon: the counts go with the next report.
-            with self._counts_lock:
-                for key, n in decisions.items():
-                    self._decisions[key] = self._decisions.get(key, 0) + n
-                for name, n in signals.items():
-                    self._signals[name] = self._signals.get(name, 0) + n
+            self._carry(decisions, signals)
+        if answer.accepted and answer.left_out > 0:
+            # Taken, but some rows did not fit the controller's book.
+            verdict = ("partial", answer.reason)
+        elif answer.accepted:
+            verdict = ("accepted", "")
+        else:
+            verdict = ("refused", answer.reason)
         if holder is not None:
-            holder.put(("accepted", "") if answer.accepted else ("refused", answer.reason))
+            holder.put(verdict)
 
     def _report_loop(self) -> None:
         while not self._closing.wait(REPORT_EVERY):
-            if self.snapshot is not None:
-                self._report()
+            self._report()
 
     def report_now(self, timeout: float = 10.0) -> tuple:
         """Sends what was counted now and waits for the answer:
-        ``("accepted", "")`` or ``("refused", reason)``; raises SafemodeError
-        when none comes in time."""
+        ``("accepted", "")``, ``("partial", reason)`` (taken, but rows were
+        left out) or ``("refused", reason)``; raises SafemodeError when none
+        comes in time or the stream ended first."""
         holder: queue.Queue = queue.Queue()
         self._report(holder)
         try:
@@ -867,7 +921,7 @@ def _answer(subscriber: Subscriber, cases: list, min_revision: int, timeout: flo
     }
     if report:
         outcome, reason = subscriber.report_now(timeout)
-        result["report"] = outcome if outcome == "accepted" else f"refused: {reason}"
+        result["report"] = outcome if outcome == "accepted" else f"{outcome}: {reason}"
     return result
 
 

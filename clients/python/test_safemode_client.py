@@ -9,6 +9,7 @@ tests/it/python_client.rs. Run: python3 -m unittest -v test_safemode_client
 import os
 import queue
 import threading
+import time
 import unittest
 from concurrent import futures
 
@@ -40,9 +41,13 @@ class ScriptedService(WIRE.grpc.SubscriptionServiceServicer):
         self.outbox = queue.Queue()
         self.inbox = queue.Queue()
         self.metadata = None
+        # Says it takes reports, as a replica of this version does.
+        self.takes_reports = True
 
     def Subscribe(self, request_iterator, context):
         self.metadata = dict(context.invocation_metadata())
+        if self.takes_reports:
+            context.send_initial_metadata(((sc.REPORTS_HEADER, "1"),))
 
         def read():
             try:
@@ -234,6 +239,106 @@ class SubscriberProtocolTest(unittest.TestCase):
         self.assertEqual(sum(d.count for d in answer["next"].decisions), 4)
         self.assertEqual([(x.name, x.count) for x in answer["next"].signals],
                          [("login.failed", 5)])
+
+    def start_at(self, revision, **kwargs):
+        """A subscriber that applied ``revision``; the hello and ack are read."""
+        s = self.subscriber(**kwargs)
+        self.service.received()
+        self.send(snapshot(revision))
+        self.assertEqual(self.service.received().ack.revision, revision)
+        s.wait_for(revision, timeout=10)
+        return s
+
+    @staticmethod
+    def report_soon(s):
+        """Asks for a report from another thread; its answer is not awaited
+        (the stream may close first)."""
+        def ask():
+            try:
+                s.report_now(timeout=10)
+            except sc.SafemodeError:
+                pass
+
+        threading.Thread(target=ask, daemon=True).start()
+
+    def reconnect(self, s, reconnects):
+        """Ends the stream; returns the new stream's hello once it came."""
+        self.service.outbox.put(None)
+        hello = self.service.received().hello
+        deadline = time.monotonic() + 10
+        while s.reconnects < reconnects:
+            self.assertLess(time.monotonic(), deadline, "the stream is reopened")
+            time.sleep(0.01)
+        return hello
+
+    def test_a_controller_that_takes_no_reports_is_sent_none_and_the_counts_wait(self):
+        self.service.takes_reports = False
+        s = self.start_at(3)
+        s.decide("account.email_change")
+        outcome, reason = s.report_now(timeout=10)
+        self.assertEqual(outcome, "refused")
+        self.assertIn("no stream to a controller that takes reports", reason)
+        # A replica that takes reports: the counts go to it. Nothing was sent
+        # before: the next message after the old stream's ack is the hello.
+        self.service.takes_reports = True
+        self.reconnect(s, 1)
+        self.send(snapshot(3))
+        self.assertEqual(self.service.received().ack.revision, 3)
+        self.report_soon(s)
+        report = self.service.received().report
+        self.assertEqual(sum(d.count for d in report.decisions), 1)
+
+    def test_counts_of_a_report_lost_with_its_stream_go_with_the_next(self):
+        s = self.start_at(3)
+        for _ in range(4):
+            s.decide("account.email_change")
+        s.signal("login.failed", 2)
+        lost = {}
+
+        def ask():
+            try:
+                s.report_now(timeout=10)
+            except sc.SafemodeError as e:
+                lost["why"] = str(e)
+
+        asking = threading.Thread(target=ask, daemon=True)
+        asking.start()
+        self.service.received()  # the report, never answered
+        self.reconnect(s, 1)
+        asking.join(timeout=10)
+        self.assertIn("the stream ended before the controller answered", lost["why"])
+        self.send(snapshot(3))
+        self.assertEqual(self.service.received().ack.revision, 3)
+        s.decide("account.email_change")
+        self.report_soon(s)
+        report = self.service.received().report
+        self.assertEqual(sum(d.count for d in report.decisions), 5)
+        self.assertEqual([(x.name, x.count) for x in report.signals], [("login.failed", 2)])
+
+    def test_a_report_with_rows_left_out_says_so(self):
+        s = self.start_at(3)
+        s.signal("login.failed", 1)
+        threading.Thread(target=lambda: (
+            self.service.outbox.put(SUB.SubscribeResponse(report_answer=SUB.ReportAnswer(
+                sequence=self.service.received().report.sequence, accepted=True, left_out=1,
+                reason="1 of its 1 rows were left out")))), daemon=True).start()
+        self.assertEqual(s.report_now(timeout=10), ("partial", "1 of its 1 rows were left out"))
+        with self.assertRaises(ValueError):
+            s.signal("safemode.step_up_failed")
+
+    def test_reconnects_leave_no_thread_behind(self):
+        s = self.start_at(1)
+        baseline = threading.active_count()
+        for n in range(1, 6):
+            self.reconnect(s, n)
+            self.send(snapshot(1))
+            self.assertEqual(self.service.received().ack.revision, 1)
+        deadline = time.monotonic() + 10
+        while threading.active_count() > baseline:
+            self.assertLess(time.monotonic(), deadline,
+                            f"{threading.active_count()} threads, {baseline} before: "
+                            f"{[t.name for t in threading.enumerate()]}")
+            time.sleep(0.05)
 
     def test_a_token_never_goes_in_plain_text_off_the_machine(self):
         with self.assertRaises(sc.SafemodeError):

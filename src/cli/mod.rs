@@ -784,6 +784,9 @@ struct DecideArgs {
     exit_code: bool,
 }
 
+/// How long `safemode signal` waits for the controller to take its count.
+const SIGNAL_DEADLINE: Duration = Duration::from_secs(30);
+
 /// The global flags of the commands that talk to a controller, by clap id.
 const CLIENT_FLAGS: [&str; 8] = [
     "servers",
@@ -886,11 +889,13 @@ fn unused_flag_given(grammar: &clap::Command, matches: &clap::ArgMatches) -> Opt
         .get_arguments()
         .filter(|a| a.is_global_set() && !used.contains(&a.get_id().as_str()))
         // A command's own flag of the same name (`token create
-        // --principal`) is its own.
+        // --principal`) is its own. A command run without its subcommand
+        // (`safemode proposals`) has no hidden copies: its children share it.
         .filter(|a| {
-            command
-                .get_arguments()
-                .any(|own| own.get_id() == a.get_id() && own.is_hide_set())
+            command.has_subcommands()
+                || command
+                    .get_arguments()
+                    .any(|own| own.get_id() == a.get_id() && own.is_hide_set())
         })
         .find(|a| {
             let id = a.get_id().as_str();
@@ -1285,21 +1290,55 @@ async fn dispatch(
         }
         Command::Signal(args) => {
             let name = safemode_policy::SignalName::parse(&args.name)?;
+            if name.is_reserved() {
+                bail!(
+                    "signal '{name}' is under safemode., which the client counts itself; give your own name, like login.failed"
+                );
+            }
             let config = subscriber_config(&servers, caller, &args.subscriber)?;
             let subscriber = Subscriber::connect(config).await?;
             subscriber.signal(&name, args.count);
-            match subscriber.report_now(Duration::from_secs(10)).await? {
-                client::ReportReceipt::Accepted => emit(output::show(
-                    format,
-                    &output::Signalled {
-                        signal: name.to_string(),
-                        count: args.count,
-                        channel: args.subscriber.channel.clone(),
-                        namespace: args.subscriber.namespace.namespace.clone(),
-                    },
-                )),
-                client::ReportReceipt::Refused(reason) => {
-                    bail!("the controller refused the report: {reason}")
+            // A controller busy with this token's other reports says when to
+            // come back: the count waits in the client until then.
+            let deadline = tokio::time::Instant::now() + SIGNAL_DEADLINE;
+            loop {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                match subscriber.report_now(left).await? {
+                    client::ReportReceipt::Accepted => {
+                        return emit(output::show(
+                            format,
+                            &output::Signalled {
+                                signal: name.to_string(),
+                                count: args.count,
+                                channel: args.subscriber.channel.clone(),
+                                namespace: args.subscriber.namespace.namespace.clone(),
+                            },
+                        ));
+                    }
+                    client::ReportReceipt::TooSoon {
+                        retry_after,
+                        reason,
+                    } => {
+                        if tokio::time::Instant::now() + retry_after >= deadline {
+                            bail!(
+                                "the signal was not counted: the controller is busy with this token's reports ({reason}); retry later, or add counts up with --count"
+                            );
+                        }
+                        tokio::time::sleep(retry_after).await;
+                    }
+                    client::ReportReceipt::Refused(reason) => {
+                        bail!("the controller refused the report: {reason}")
+                    }
+                    // A signal is one row: left out, it was not counted.
+                    client::ReportReceipt::Partial { reason, .. } => {
+                        bail!("the controller did not count the signal: {reason}")
+                    }
+                    client::ReportReceipt::Lost(reason) => {
+                        bail!(
+                            "the report's answer was lost: {reason}; it may or may not be counted"
+                        )
+                    }
+                    other => bail!("the controller answered the report with {other:?}"),
                 }
             }
         }

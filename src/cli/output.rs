@@ -2608,9 +2608,22 @@ pub struct Insights {
     soft_downtime: Vec<InsightSoftDowntime>,
     dead_ends: Vec<InsightDeadEnd>,
     signals: Vec<InsightSignal>,
+    /// Reports refused or cut short in the window, and by whom.
+    refused_reports: u64,
+    refused: Vec<InsightRefused>,
     replicas: Vec<ReplicaAnswer>,
     partial: bool,
     problems: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct InsightRefused {
+    principal: String,
+    channel: String,
+    /// Empty: the principal's other subscribers, beyond those named.
+    subscriber: String,
+    why: String,
+    count: u64,
 }
 
 #[derive(Serialize)]
@@ -2752,6 +2765,18 @@ impl From<proto::GetInsightsResponse> for Insights {
                     count: s.count,
                 })
                 .collect(),
+            refused_reports: r.refused_reports,
+            refused: r
+                .refused
+                .into_iter()
+                .map(|x| InsightRefused {
+                    principal: x.principal,
+                    channel: x.channel,
+                    subscriber: x.subscriber,
+                    why: x.why,
+                    count: x.count,
+                })
+                .collect(),
             replicas: r.replicas.into_iter().map(ReplicaAnswer::from).collect(),
             partial: r.partial,
             problems: r.problems,
@@ -2785,11 +2810,17 @@ impl View for Insights {
                 say!(out, "  {}: {effect} on every channel", m.action);
                 continue;
             }
+            // The easiest channel, and every channel tied with it.
+            let easiest = m
+                .channels
+                .iter()
+                .find(|c| c.channel == m.easiest_channel)
+                .map(|c| c.effect.as_str());
             let channels: Vec<String> = m
                 .channels
                 .iter()
                 .map(|c| {
-                    if c.channel == m.easiest_channel {
+                    if Some(c.effect.as_str()) == easiest {
                         format!("{} {} ← easiest path", c.channel, c.effect.to_uppercase())
                     } else {
                         format!("{} {}", c.channel, c.effect)
@@ -2856,6 +2887,28 @@ impl View for Insights {
             say!(out, "SIGNALS");
             for s in &self.signals {
                 say!(out, "  {} {} {}", s.channel, s.name, s.count);
+            }
+        }
+        if self.refused_reports > 0 {
+            say!(out);
+            say!(
+                out,
+                "REFUSED REPORTS: {} in the window, by subscriber and why",
+                self.refused_reports
+            );
+            for r in &self.refused {
+                let who = if r.subscriber.is_empty() {
+                    format!("other subscribers of {}", r.principal)
+                } else {
+                    format!("{} ({})", r.subscriber, r.principal)
+                };
+                say!(
+                    out,
+                    "  {} {who} {} ×{}",
+                    r.channel,
+                    r.why.replace('_', " "),
+                    r.count
+                );
             }
         }
         for problem in &self.problems {

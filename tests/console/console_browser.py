@@ -17,6 +17,19 @@ simulated subscribers; it is told, in the environment:
   OPEN_TLS_CONSOLE_URL  the console of a server with TLS and no tokens file
   STALL_CONSOLE_URL  the console of a server on etcd
   ETCD_PID           that etcd's pid, paused (SIGSTOP) to stall the store
+  INSIGHTS_CONSOLE_URL  the console of a server whose channels are scoped so
+                     that the agent desk is the easiest path for account
+                     changes, with channels that decided and reported
+  HOSTILE_SUBSCRIBER the id (markup) of that server's IVR, which rejects the
+                     policy in force and decides on an old revision
+  CLI_SIGNAL         a JSON list: `safemode signal login.failed --count 250
+                     --channel ivr` against that server
+  CLI_INCIDENT       a JSON list: `safemode incident show credential-stuffing
+                     --output json` against that server
+  INSIGHTS_TRUSTED_KEYS  the key file the CLI trusts for that server
+  DETECTOR_TOKEN     an external detector's token (raises proposals)
+  SILENT_CONSOLE_URL the console of replica r-a of two, whose peer r-b never
+                     answers
 
 Every wait has a deadline (WebDriverWait polls); nothing sleeps for a fixed
 time. Exit 0 when every scenario held; otherwise the failure, the page's text
@@ -43,6 +56,7 @@ TOKENS = {
     "commander": os.environ["COMMANDER_TOKEN"],
     "approver": os.environ["APPROVER_TOKEN"],
     "viewer": os.environ["VIEWER_TOKEN"],
+    "detector": os.environ["DETECTOR_TOKEN"],
 }
 SUBSCRIBERS = {
     channel: int(count)
@@ -61,12 +75,21 @@ TLS_SPKI = os.environ["TLS_SPKI"]
 OPEN_TLS_URL = os.environ["OPEN_TLS_CONSOLE_URL"]
 STALL_URL = os.environ["STALL_CONSOLE_URL"]
 ETCD_PID = int(os.environ["ETCD_PID"])
+INSIGHTS_URL = os.environ["INSIGHTS_CONSOLE_URL"]
+SILENT_URL = os.environ["SILENT_CONSOLE_URL"]
+HOSTILE = os.environ["HOSTILE_SUBSCRIBER"]
+CLI_SIGNAL = json.loads(os.environ["CLI_SIGNAL"])
+CLI_INCIDENT = json.loads(os.environ["CLI_INCIDENT"])
+INSIGHTS_ENV = {**os.environ, "SAFEMODE_TRUSTED_KEYS": os.environ["INSIGHTS_TRUSTED_KEYS"]}
 # Windows of one browser on one console: more than the six connections a
 # browser holds to one host over HTTP/1.1, and than a principal's streams.
 TABS = 7
 XSS = '<img src=x onerror="window.__xss = true">'
 # Generous: CI runs this beside the rest of the suite on two cores.
 DEADLINE = 30
+# Every replica evaluates the runbook triggers every 10 s over the fleet's
+# signals: a proposal is raised within a few passes.
+PROPOSAL_DEADLINE = 60
 
 
 def browser(extra=()):
@@ -405,6 +428,242 @@ def seven_tabs(c):
     c.sign_out()
 
 
+def insights_view(c):
+    """The Insights view: the static map names the agent desk as the easiest
+    path for account changes; the live map names the IVR deciding on an old
+    revision, its id (markup) shown as text; soft downtime names the IVR;
+    signals reported with the real CLI appear; the view reads again when the
+    namespace moves, and never has more than one read in flight."""
+    cli = subprocess.run(CLI_SIGNAL, capture_output=True, text=True, timeout=60, env=INSIGHTS_ENV)
+    assert cli.returncode == 0, f"{CLI_SIGNAL}: {cli.stderr}"
+    c.sign_in("viewer", url=INSIGHTS_URL)
+    # The page's reads of the insights, counted beside it.
+    c.d.execute_script(
+        """
+        window.__insights = { inFlight: 0, most: 0, calls: 0 };
+        const original = window.fetch;
+        window.fetch = async (...args) => {
+          const counted = String(args[0]).endsWith("/api/v1/GetInsights");
+          if (counted) {
+            window.__insights.calls++;
+            window.__insights.inFlight++;
+            window.__insights.most = Math.max(window.__insights.most, window.__insights.inFlight);
+          }
+          try {
+            return await original(...args);
+          } finally {
+            if (counted) window.__insights.inFlight--;
+          }
+        };
+        """
+    )
+    c.click("#view-insights")
+    c.wait("the insights view", lambda: c.visible("#insights-view") and not c.visible("#overview-view"))
+    assert c.find("#view-insights").get_attribute("aria-current") == "page"
+    email = 'tr.action-map[data-action="account.email_change"]'
+    c.wait("account.email_change in the map", lambda: c.all(email))
+    outcomes = [li.text for li in c.all(f"{email} li.channel-outcome")]
+    assert outcomes[0] == "agent-desk ALLOW ← easiest path", outcomes
+    assert "easiest" in c.find(f"{email} li.channel-outcome").get_attribute("class")
+    assert "web STEP_UP" in outcomes and "ivr STEP_UP" in outcomes, outcomes
+    assert c.find(f"{email} td.easiest-channel").text.startswith("agent-desk"), c.find(email).text
+    assert not c.all('tr.action-map[data-action="order.view"]'), "reading is in the map"
+    # Live: the IVR still decides on the revision it had, named as text.
+    c.wait("the IVR on an old revision", lambda: any(td.text == HOSTILE for td in c.all("#insights-live td.subscriber")))
+    row = next(tr for tr in c.all("#insights-live tr.outcome") if HOSTILE in tr.text)
+    assert "OLD revision" in row.find_element(By.CSS_SELECTOR, "td.notes").text, row.text
+    assert c.d.execute_script("return document.querySelectorAll('img').length;") == 0, "an <img> was made"
+    assert c.d.execute_script("return window.__xss === undefined;"), "the onerror ran"
+    soft = c.text('#insights-soft li[data-channel="ivr"]')
+    assert soft.startswith("ivr REJECTING: 1 of 1 subscribers rejected the policy in force"), soft
+    c.wait("the CLI's signal", lambda: any(tr.text == "ivr login.failed 250" for tr in c.all("#insights-signals tr.signal")))
+    # The IVR's report that came too soon, named as text.
+    c.wait(
+        "the IVR's refused report",
+        lambda: any(
+            tr.find_element(By.CSS_SELECTOR, "td.subscriber").text.startswith(HOSTILE + " (") and "too soon" in tr.text
+            for tr in c.all("#insights-refused tr.refused")
+        ),
+    )
+    assert "1 report(s) refused or cut short" in c.text("#insights-refused-total"), c.text("#insights-refused-total")
+    # One replica, which answered: nothing partial.
+    assert not c.visible("#insights-partial"), c.find("#insights-partial").text
+    assert "answered" in c.text("#insights-replicas li.replica")
+    assert "last 15m" in c.text("#insights-state"), c.text("#insights-state")
+    c.shot("12-insights")
+    # The 1-minute window; asked again and again while a read is under
+    # way: one read at a time, the last asked for drawn.
+    Select(c.find("#insights-window")).select_by_value("60")
+    for _ in range(5):
+        c.find("#insights-refresh").click()
+    c.wait("the 1m window", lambda: "last 1m" in c.find("#insights-state").text)
+    # The namespace moves: the view reads again, at the new revision.
+    status, body = c.forged("ApplyModes", {"modes": ["incident-notice"], "reason": "status page"}, role="commander")
+    assert status == 200, (status, body)
+    revision = json.loads(body)["revision"]
+    c.wait(f"the insights at revision {revision}", lambda: f"at revision {revision}," in c.find("#insights-state").text)
+    c.wait("no read in flight", lambda: c.d.execute_script("return window.__insights.inFlight;") == 0)
+    counted = c.d.execute_script("return window.__insights;")
+    assert counted["most"] == 1, counted
+    assert counted["calls"] >= 3, counted
+    status, body = c.forged("LiftActivations", {"targets": ["incident-notice"], "reason": "done"}, role="commander")
+    assert status == 200, (status, body)
+
+
+def proposals_view(c):
+    """Signals above the credential-stuffing trigger raise a proposal that
+    the console shows (a count on the overview); a viewer reads it and can
+    do nothing with it; a commander dismisses (a reason is needed) and
+    accepts, which declares the incident, its timeline citing the
+    evidence."""
+    c.click("#view-overview")
+    c.wait(
+        "the open proposal's count",
+        lambda: c.visible("#proposals-badge") and c.find("#proposals-badge").text == "1 open",
+        timeout=PROPOSAL_DEADLINE,
+    )
+    banner = c.text("#proposals-banner")
+    assert "1 open proposal: declare credential-stuffing sev3?" in banner, banner
+    assert "login.failed counted 250 in 5m across the fleet, above 200 (ivr 250)" in banner, banner
+    c.shot("13-proposal-badge")
+    c.click("#proposals-banner-go")
+    c.wait("the proposals view", lambda: c.visible("#proposals-view") and not c.visible("#overview-view"))
+    card = c.text("li.proposal")
+    proposal_id = c.find("li.proposal").get_attribute("data-proposal-id")
+    trig = f'li.proposal[data-proposal-id="{proposal_id}"]'
+    assert "declare credential-stuffing sev3?" in card, card
+    assert "Evidence: login.failed counted 250 in 5m across the fleet, above 200 (ivr 250)" in card, card
+    for words in ["Signal\nlogin.failed", "Window\n5m", "Channels\nivr 250", "250 across the fleet, above 200", "by trigger"]:
+        assert words in card, (words, card)
+    # Read only for a viewer; a forged call is refused.
+    assert not c.all("li.proposal button.accept") and not c.all("li.proposal button.dismiss"), "a viewer is offered a decision"
+    assert "A commander accepts or dismisses it." in card, card
+    for method in ["AcceptProposal", "DismissProposal"]:
+        status, body = c.forged(method, {"proposalId": proposal_id, "reason": "forged"})
+        assert status == 403 and "permission_denied" in body, (method, status, body)
+    c.shot("14-proposals-viewer")
+    c.sign_out()
+
+    c.sign_in("commander", url=INSIGHTS_URL)
+    c.wait("the count, to the commander", lambda: c.find("#proposals-badge").text == "1 open")
+    c.click("#view-proposals")
+    c.wait("the accept button", lambda: c.all(f"{trig} button.accept"))
+    # Keyboard focus survives a redraw: a detector raises another proposal
+    # (its summary holds markup) while Accept has focus.
+    c.d.execute_script("document.querySelector(arguments[0]).focus();", f"{trig} button.accept")
+    status, body = c.forged(
+        "RaiseProposal",
+        {"type": "fraud-spike", "severity": "sev3", "summary": XSS, "reason": "alert refunds-high"},
+        role="detector",
+    )
+    assert status == 200, (status, body)
+    external = json.loads(body)["proposal"]["id"]
+    ext = f'li.proposal[data-proposal-id="{external}"]'
+    c.wait("the detector's proposal", lambda: c.all(ext))
+    assert c.focused_key() == f"accept:{proposal_id}", f"focus went to {c.focused_key()!r}"
+    assert c.find("#proposals-badge").text == "2 open"
+    assert XSS in c.text(ext), c.text(ext)
+    assert c.d.execute_script("return document.querySelectorAll('img').length;") == 0, "an <img> was made"
+    # Dismissing without a reason is refused in the page: nothing is sent.
+    c.click(f"{ext} button.dismiss")
+    c.wait("the dialog opens", lambda: c.visible("#confirm"))
+    c.find("#confirm-button").click()
+    c.wait("the page asks for a reason", lambda: c.visible("#confirm-error"))
+    assert c.text("#confirm-error") == "Give a reason: it is recorded with the change.", c.text("#confirm-error")
+    assert c.d.switch_to.active_element.get_attribute("id") == "confirm-reason"
+    c.find("#confirm-cancel").click()
+    status, body = c.forged("ListProposals", {})
+    assert [p["id"] for p in json.loads(body)["proposals"]] == [external, proposal_id], body
+    # (The server refuses it too, in one line.)
+    status, body = c.forged("DismissProposal", {"proposalId": external, "reason": " "})
+    assert status == 400 and "say why the proposal is dismissed" in body, (status, body)
+    # With a reason, it is dismissed, and listed closed with who and why.
+    c.click(f"{ext} button.dismiss")
+    c.confirm("a refund batch, not fraud", preview=False)
+    c.wait("the dismissed proposal leaves the open list", lambda: not c.all(ext))
+    closed_ext = f'tr.closed-proposal[data-proposal-id="{external}"]'
+    c.wait("the dismissed proposal is listed closed", lambda: c.all(closed_ext))
+    row = c.text(closed_ext)
+    assert "dismissed at" in row and "commander" in row and "a refund batch, not fraud" in row, row
+    # A refusal shows the server's one line: a proposal dismissed elsewhere
+    # while the dialog is open.
+    status, body = c.forged(
+        "RaiseProposal",
+        {"type": "fraud-spike", "severity": "sev2", "summary": "refunds 9x baseline", "reason": "alert refunds-higher"},
+        role="detector",
+    )
+    assert status == 200, (status, body)
+    other = json.loads(body)["proposal"]["id"]
+    c.click(f'li.proposal[data-proposal-id="{other}"] button.dismiss')
+    c.wait("the dialog opens", lambda: c.visible("#confirm"))
+    c.find("#confirm-reason").send_keys("not fraud either")
+    status, body = c.forged("DismissProposal", {"proposalId": other, "reason": "dismissed elsewhere first"})
+    assert status == 200, (status, body)
+    c.find("#confirm-button").click()
+    c.wait("the server's refusal", lambda: c.visible("#confirm-error"))
+    refusal = c.text("#confirm-error")
+    assert "\n" not in refusal and f"proposal {other} was dismissed" in refusal, refusal
+    assert "only an open proposal can be accepted or dismissed" in refusal, refusal
+    c.find("#confirm-cancel").click()
+
+    # Accepting: the dialog shows what will be declared (the declaration's
+    # dry run) before Confirm.
+    c.click(f"{trig} button.accept")
+    c.wait("the dialog opens", lambda: c.visible("#confirm"))
+    context = c.text("#confirm-context")
+    assert "Evidence: login.failed counted 250" in context and "throttle-high-risk" in context, context
+    c.find("#confirm-reason").send_keys("the wave is real")
+    c.find("#confirm-preview-button").click()
+    c.wait("the declaration's preview", lambda: c.all("#confirm-preview .preview-summary") or c.visible("#confirm-error"))
+    assert not c.visible("#confirm-error"), c.text("#confirm-error")
+    assert "This will:" in c.text("#confirm-preview"), c.text("#confirm-preview")
+    c.shot("15-accept-preview")
+    c.find("#confirm-button").click()
+    c.wait("the dialog closes", lambda: not c.visible("#confirm") or c.visible("#confirm-error"))
+    assert not c.visible("#confirm-error"), c.text("#confirm-error")
+    c.wait("the accepted proposal leaves the open list", lambda: not c.all(trig))
+    # The incident is declared, says the CLI, its timeline citing the evidence.
+    cli = subprocess.run(CLI_INCIDENT, capture_output=True, text=True, timeout=60, env=INSIGHTS_ENV)
+    assert cli.returncode == 0, f"{CLI_INCIDENT}: {cli.stderr}"
+    shown = json.loads(cli.stdout)
+    declared = shown["timeline"][0]
+    assert declared["event"] == "declared" and declared["reason"] == "the wave is real", declared
+    cited = f"accepted proposal {proposal_id}: login.failed counted 250 in 5m across the fleet, above 200 (ivr 250); "
+    assert declared["detail"].startswith(cited), declared
+    assert shown["severity"] == "sev3", shown
+    incident_id = shown["id"]
+    closed = f'tr.closed-proposal[data-proposal-id="{proposal_id}"]'
+    c.wait("the accepted proposal is listed closed", lambda: c.all(closed))
+    row = c.text(closed)
+    assert "accepted at" in row and "commander" in row and "the wave is real" in row and incident_id in row, row
+    c.shot("16-proposals-closed")
+    # The overview: the incident, its timeline citing the evidence; no open
+    # proposal counted.
+    c.click("#view-overview")
+    incident = f'li.incident[data-incident-id="{incident_id}"]'
+    c.wait("the declared incident", lambda: c.all(incident))
+    assert cited.strip() in c.text(f"{incident} .timeline"), c.text(incident)
+    c.wait("no open proposal counted", lambda: not c.visible("#proposals-badge") and not c.visible("#proposals-banner"))
+    c.sign_out()
+
+
+def insights_partial(c):
+    """A replica that does not answer: the insights say they are partial and
+    name it, plainly."""
+    c.sign_in("viewer", url=SILENT_URL)
+    c.click("#view-insights")
+    c.wait("the partial insights", lambda: c.visible("#insights-partial"))
+    partial = c.text("#insights-partial")
+    assert partial.startswith("PARTIAL: some replica did not answer"), partial
+    assert "r-b (" in partial and "did not answer" in partial, partial
+    replicas = c.text("#insights-replicas")
+    assert "r-a (" in replicas and "answered" in replicas, replicas
+    assert "r-b (" in replicas and "DID NOT ANSWER" in replicas, replicas
+    assert "from 1 of 2 replica(s)" in c.text("#insights-state"), c.text("#insights-state")
+    c.shot("17-insights-partial")
+    c.sign_out()
+
+
 def over_https():
     """The console of a server with TLS: served over HTTPS with HTTP/2, in a
     secure context, live."""
@@ -486,6 +745,9 @@ def main():
     try:
         scenario(console)
         seven_tabs(console)
+        insights_view(console)
+        proposals_view(console)
+        insights_partial(console)
         not_live_while_the_store_stalls(console)
         without_tokens(console)
         over_https()

@@ -229,6 +229,14 @@ async fn bad_input_gets_one_clear_line_and_changes_nothing() {
         ),
         (&["serve"], "--server is not used by `safemode serve`"),
         (
+            &["proposals", "--change-id", "c1"],
+            "--change-id is not used by `safemode proposals`",
+        ),
+        (
+            &["--change-id", "c1", "insights"],
+            "--change-id is not used by `safemode insights`",
+        ),
+        (
             &["mode", "apply", "x", "--reasn", "y"],
             "unexpected argument '--reasn'",
         ),
@@ -238,6 +246,20 @@ async fn bad_input_gets_one_clear_line_and_changes_nothing() {
         full.extend_from_slice(args);
         check_fails(&full, 2, expected).await;
     }
+    // A signal name of the client's own, refused before any connection.
+    check_fails(
+        &[
+            "--server",
+            url,
+            "signal",
+            "safemode.step_up_failed",
+            "--channel",
+            "web",
+        ],
+        1,
+        "is under safemode., which the client counts itself",
+    )
+    .await;
     let after = server.status("live").await;
     assert_eq!(
         after.revision, before.revision,

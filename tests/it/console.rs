@@ -4,7 +4,9 @@
 //! no HTML from data; its event stream says when the namespace changed.
 //! The browser test drives `tests/console/console_browser.py` (Selenium,
 //! headless Chromium) against a real controller with tokens and simulated
-//! subscribers.
+//! subscribers; issue 15's Insights and Proposals views among it, against a
+//! server whose channels decided and reported and signals sent with the
+//! real CLI.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -728,6 +730,28 @@ async fn the_event_stream_says_when_the_namespace_changes() {
         fleet,
         format!(r#"data: {{"revision":"{revision}","what":"fleet"}}"#)
     );
+    // A proposal raised (by a detector here, by a trigger alike) is a
+    // change of the namespace: the page's count of open proposals follows.
+    let raised = crate::support::control_as(&server, Some(principals.token("detector")))
+        .await
+        .raise_proposal(proto::RaiseProposalRequest {
+            r#type: "fraud-spike".into(),
+            severity: "sev3".into(),
+            summary: "refunds 5x baseline for 10m".into(),
+            reason: "alert refunds-high".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("the detector raises a proposal")
+        .into_inner();
+    assert!(raised.created);
+    let change = loop {
+        let change = next_event(&mut lines, "change").await;
+        if !change.contains(r#""what":"fleet""#) {
+            break change;
+        }
+    };
+    assert!(change.contains(r#""what":"namespace""#), "{change}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1082,6 +1106,102 @@ async fn rejecting_subscriber(
     })
 }
 
+/// The subscriber id of the insights server's IVR: markup, which the edge
+/// takes (any printable id) and the page must show as text.
+const HOSTILE_SUBSCRIBER: &str = r#"ivr-<img src=x onerror="window.__xss = true">"#;
+
+/// Decides `action` `n` times for an unverified customer, then reports.
+async fn decide_and_report(subscriber: &safemode_client::Subscriber, action: &str, n: usize) {
+    let action = safemode_policy::Action::parse(action).unwrap();
+    for _ in 0..n {
+        subscriber.decide(&action, &safemode_policy::Context::default());
+    }
+    let receipt = subscriber
+        .report_now(Duration::from_secs(10))
+        .await
+        .expect("the report is answered");
+    assert_eq!(receipt, safemode_client::ReportReceipt::Accepted);
+}
+
+/// A server for the Insights and Proposals views: step-up for account
+/// changes on every channel but the agent desk (the easiest path), and
+/// channels deciding and reporting, among them an IVR (id
+/// [`HOSTILE_SUBSCRIBER`]) that rejects every policy with an activation and
+/// so keeps deciding on the revision it had.
+async fn insights_server(
+    principals: &Principals,
+) -> (TestServer, SocketAddr, Vec<safemode_client::Subscriber>) {
+    let (server, http) = console_server(principals).await;
+    let connect = async |channel: &str, id: &str, reject: bool| {
+        let mut config = server.subscriber_config(channel, id);
+        config.token = Some(principals.token("subscriber").to_string());
+        if reject {
+            config.check = Some(std::sync::Arc::new(|snapshot| {
+                if snapshot.activations.is_empty() {
+                    Ok(())
+                } else {
+                    Err("this IVR cannot ask for a step-up".into())
+                }
+            }));
+        }
+        safemode_client::Subscriber::connect(config)
+            .await
+            .expect("a reporting subscriber connects")
+    };
+    let web = connect("web", "web-1", false).await;
+    let desk = connect("agent-desk", "desk-1", false).await;
+    let ivr = connect("ivr", HOSTILE_SUBSCRIBER, true).await;
+    let held = ivr.current().expect("a first snapshot").revision;
+    let applied = api(
+        http,
+        "ApplyModes",
+        Some(principals.token("commander")),
+        &json!({
+            "modes": ["step-up-account-changes"],
+            "channels": ["chatbot", "ivr", "web", "mobile", "email"],
+            "reason": "account takeover wave",
+        }),
+    )
+    .await;
+    assert_eq!(applied.status, 200, "{}", applied.body);
+    let revision: i64 = applied.json()["revision"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    crate::support::wait_until("web applies the step-up", || async {
+        web.current().is_some_and(|s| s.revision == revision)
+    })
+    .await;
+    crate::support::wait_until("the IVR's rejection is in status", || async {
+        let mut control =
+            crate::support::control_as(&server, Some(principals.token("viewer"))).await;
+        safemode_wire::full_status(&mut control, "live")
+            .await
+            .expect("status")
+            .subscribers
+            .iter()
+            .any(|s| s.subscriber_id == HOSTILE_SUBSCRIBER && s.state == "REJECTED")
+    })
+    .await;
+    assert_eq!(ivr.current().unwrap().revision, held);
+    decide_and_report(&web, "account.email_change", 40).await;
+    decide_and_report(&desk, "account.email_change", 25).await;
+    decide_and_report(&ivr, "account.email_change", 5).await;
+    // And a report of the IVR's that comes too soon: refused, and counted
+    // against its id.
+    ivr.decide(
+        &safemode_policy::Action::parse("account.email_change").unwrap(),
+        &safemode_policy::Context::default(),
+    );
+    match ivr.report_now(Duration::from_secs(10)).await {
+        Ok(safemode_client::ReportReceipt::TooSoon { reason, .. })
+            if reason.starts_with("too soon") => {}
+        other => panic!("the IVR's second report is refused as too soon: {other:?}"),
+    }
+    (server, http, vec![web, desk, ivr])
+}
+
 /// Fails, saying how to install it, when the browser test cannot run.
 fn browser_test_tools() -> String {
     let python = std::env::var("SAFEMODE_PYTHON").unwrap_or_else(|_| "python3".into());
@@ -1216,6 +1336,45 @@ async fn commanders_approvers_and_viewers_use_the_console_in_a_real_browser() {
         ..ServeConfig::default()
     })
     .await;
+    // And two replicas, one of which never answers: a partial insights.
+    let silent = SilentFleet::start(&principals).await;
+    // And the server of the Insights and Proposals views.
+    let (insights, insights_http, _reporting) = insights_server(&principals).await;
+    let insights_cli = |token: &str, args: &[&str]| {
+        let mut all = vec![
+            env!("CARGO_BIN_EXE_safemode"),
+            "--server",
+            insights.url.as_str(),
+            "--token",
+        ];
+        all.push(token);
+        all.extend_from_slice(args);
+        json!(all)
+    };
+    // Signals through the real CLI's short-lived subscriber: above the
+    // shipped credential-stuffing runbook's trigger (login.failed above 200
+    // within 5m).
+    let cli_signal = insights_cli(
+        principals.token("subscriber"),
+        &[
+            "signal",
+            "login.failed",
+            "--count",
+            "250",
+            "--channel",
+            "ivr",
+        ],
+    );
+    let cli_incident = insights_cli(
+        principals.token("viewer"),
+        &[
+            "--output",
+            "json",
+            "incident",
+            "show",
+            "credential-stuffing",
+        ],
+    );
     let spki = {
         use base64::Engine as _;
         use sha2::Digest as _;
@@ -1274,6 +1433,19 @@ async fn commanders_approvers_and_viewers_use_the_console_in_a_real_browser() {
             format!("http://{}/", stalled_server.http_addr().unwrap()),
         )
         .env("ETCD_PID", etcd.pid(0).unwrap().to_string())
+        .env("INSIGHTS_CONSOLE_URL", format!("http://{insights_http}/"))
+        .env("HOSTILE_SUBSCRIBER", HOSTILE_SUBSCRIBER)
+        .env("CLI_SIGNAL", cli_signal.to_string())
+        .env("CLI_INCIDENT", cli_incident.to_string())
+        .env(
+            "INSIGHTS_TRUSTED_KEYS",
+            crate::support::key_file_for(&["--server", &insights.url]),
+        )
+        .env("DETECTOR_TOKEN", principals.token("detector"))
+        .env(
+            "SILENT_CONSOLE_URL",
+            format!("http://{}/", silent.a.http_addr().unwrap()),
+        )
         .kill_on_drop(true);
     let output = tokio::time::timeout(Duration::from_secs(300), command.output())
         .await
@@ -1300,6 +1472,12 @@ async fn commanders_approvers_and_viewers_use_the_console_in_a_real_browser() {
         "09-seven-tabs",
         "10-https",
         "11-not-live",
+        "12-insights",
+        "13-proposal-badge",
+        "14-proposals-viewer",
+        "15-accept-preview",
+        "16-proposals-closed",
+        "17-insights-partial",
     ] {
         assert!(
             screenshots.join(format!("{view}.png")).exists(),

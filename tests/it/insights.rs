@@ -24,7 +24,12 @@ async fn insights(server: &TestServer, token: Option<&str>, args: &[&str]) -> Ou
 }
 
 async fn insights_json(server: &TestServer) -> Value {
-    let out = insights(server, None, &["insights", "--output", "json"]).await;
+    insights_json_as(server, None).await
+}
+
+/// `safemode insights --output json` with `token`, parsed.
+async fn insights_json_as(server: &TestServer, token: Option<&str>) -> Value {
+    let out = insights(server, token, &["insights", "--output", "json"]).await;
     assert!(
         out.status.success(),
         "{}",
@@ -294,6 +299,429 @@ async fn a_flooding_subscriber_is_limited_and_keeps_its_policy() {
     })
     .await;
     assert!(raw.ended.lock().unwrap().is_none());
+}
+
+fn hello(channel: &str, id: &str) -> proto::Hello {
+    proto::Hello {
+        namespace: "live".into(),
+        channel: channel.into(),
+        subscriber_id: id.into(),
+        last_applied_revision: 0,
+        epoch: String::new(),
+    }
+}
+
+/// Waits for `raw`'s first snapshot, sends `report`, and waits for its
+/// answer.
+async fn report_once(raw: &RawSubscriber, report: proto::Report) -> proto::ReportAnswer {
+    wait_until("the first snapshot", || async {
+        !raw.received.lock().unwrap().is_empty()
+    })
+    .await;
+    let before = raw.answers.lock().unwrap().len();
+    raw.report(report).await;
+    wait_for("the report's answer", || async {
+        raw.answers.lock().unwrap().get(before).cloned()
+    })
+    .await
+}
+
+fn one_signal(name: &str, count: u64) -> proto::Report {
+    proto::Report {
+        sequence: 1,
+        decisions: vec![],
+        signals: vec![proto::SignalCount {
+            name: name.into(),
+            count,
+        }],
+    }
+}
+
+/// Rows a flooding report holds: about 56 KB, under the 64 KiB bound.
+const FLOOD_ROWS: usize = 800;
+
+/// A report of [`FLOOD_ROWS`] decision rows, all distinct, and distinct
+/// from those of every other `seed`, over revisions 0 to `newest`.
+fn distinct_rows(seed: usize, newest: i64) -> proto::Report {
+    let effects = [
+        "allow",
+        "throttle",
+        "step_up",
+        "review",
+        "read_only",
+        "route",
+        "deny",
+    ];
+    let confidences = ["low", "medium", "high"];
+    let methods = ["none", "knowledge", "possession", "strong"];
+    let mut all = Vec::new();
+    for revision in 0..=newest {
+        for action in safemode_policy::names::ACTIONS {
+            for effect in effects {
+                for confidence in confidences {
+                    for method in methods {
+                        for (handoff, attempts_exhausted) in
+                            [(false, false), (false, true), (true, false), (true, true)]
+                        {
+                            all.push(proto::DecisionCount {
+                                action: action.to_string(),
+                                effect: effect.into(),
+                                revision,
+                                context: Some(proto::ReportedClass {
+                                    confidence: confidence.into(),
+                                    method: method.into(),
+                                    handoff,
+                                    attempts_exhausted,
+                                }),
+                                stale: false,
+                                failed_closed: false,
+                                count: 1,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let decisions: Vec<_> = all
+        .into_iter()
+        .skip(seed * FLOOD_ROWS)
+        .take(FLOOD_ROWS)
+        .collect();
+    assert_eq!(
+        decisions.len(),
+        FLOOD_ROWS,
+        "enough distinct rows for seed {seed}"
+    );
+    proto::Report {
+        sequence: 1,
+        decisions,
+        signals: vec![],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnecting_does_not_reset_the_pace() {
+    let principals = Principals::new();
+    let server = TestServer::with_tokens(&principals).await;
+    let token = principals.token("subscriber");
+    let first = RawSubscriber::connect_as(server.channel().await, hello("web", "loop-1"), token)
+        .await
+        .expect("the stream opens");
+    let taken = report_once(&first, one_signal("login.failed", 7)).await;
+    assert!(taken.accepted, "{taken:?}");
+    drop(first);
+    // The same subscriber on a new stream: still too soon.
+    let again = RawSubscriber::connect_as(server.channel().await, hello("web", "loop-1"), token)
+        .await
+        .expect("the stream opens");
+    let answer = report_once(&again, one_signal("login.failed", 7)).await;
+    assert!(!answer.accepted);
+    assert!(
+        answer.reason.starts_with(
+            "too soon: a subscriber reports at most every 10s on a channel, over all its streams"
+        ),
+        "{}",
+        answer.reason
+    );
+    assert!(answer.retry_after_seconds > 0);
+    // Only the first counted, and the refusals are shown with who sent them.
+    let shown = insights_json_as(&server, Some(principals.token("viewer"))).await;
+    assert_eq!(
+        shown["signals"],
+        serde_json::json!([{"channel": "web", "name": "login.failed", "count": 7}])
+    );
+    assert_eq!(shown["refused_reports"], 1);
+    assert_eq!(
+        shown["refused"],
+        serde_json::json!([
+            {"principal": "subscriber", "channel": "web", "subscriber": "loop-1", "why": "too_soon", "count": 1},
+        ])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_script_signalling_in_a_loop_loses_no_count() {
+    // More calls within a gap than a token's new streams may first report:
+    // each call waits for its turn, and every count arrives.
+    let principals = Principals::new();
+    let server = TestServer::with_tokens(&principals).await;
+    let keys = server.trusted_keys_file().display().to_string();
+    let calls = reports_token_burst() + 4;
+    for i in 0..calls {
+        let out = safemode(&[
+            "--server",
+            &server.url,
+            "--token",
+            principals.token("subscriber"),
+            "signal",
+            "password_reset.requested",
+            "--channel",
+            "ivr",
+            "--trusted-keys",
+            &keys,
+        ])
+        .await;
+        assert!(
+            out.status.success(),
+            "call {i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let shown = insights_json_as(&server, Some(principals.token("viewer"))).await;
+    assert_eq!(
+        shown["signals"],
+        serde_json::json!([{"channel": "ivr", "name": "password_reset.requested", "count": calls}])
+    );
+}
+
+/// First reports a token's new streams may make in a gap beyond one per
+/// stream it holds.
+fn reports_token_burst() -> usize {
+    safemode_grpc::REPORT_TOKEN_BURST
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_token_fills_only_its_share_and_is_told() {
+    let principals = Principals::new();
+    let server = TestServer::with_tokens(&principals).await;
+    let flooder = principals.token("subscriber");
+    let commander = crate::support::control_as(&server, Some(principals.token("commander"))).await;
+    let apply = |mode: &'static str| {
+        let request = proto::ApplyModesRequest {
+            namespace: "live".into(),
+            modes: vec![mode.into()],
+            reason: "flood test".into(),
+            ..Default::default()
+        };
+        let mut commander = commander.clone();
+        async move {
+            commander
+                .apply_modes(request)
+                .await
+                .expect("apply")
+                .into_inner()
+                .revision
+        }
+    };
+    // Revisions to report on: enough distinct rows to fill a share.
+    let mut newest = 0;
+    for mode in [
+        "bots-faq-only",
+        "step-up-account-changes",
+        "freeze-credential-changes",
+        "review-refunds-payouts",
+        "verified-channels-only",
+        "throttle-high-risk",
+    ] {
+        newest = apply(mode).await;
+    }
+    assert!(newest >= 6);
+    // One report of 800 distinct rows on each of 32 streams, within a
+    // second or two: the token's share of each 10-second bucket (2,500 new
+    // rows) is full within the first few.
+    let mut streams = Vec::new();
+    for i in 0..32 {
+        let id = format!("flood-{i}");
+        let raw = RawSubscriber::connect_as(server.channel().await, hello("ivr", &id), flooder)
+            .await
+            .expect("the stream opens");
+        streams.push(raw);
+    }
+    let (mut counted, mut left_out) = (0, 0);
+    for (i, raw) in streams.iter().enumerate() {
+        let answer = report_once(raw, distinct_rows(i, newest)).await;
+        assert!(answer.accepted, "{answer:?}");
+        if answer.left_out > 0 {
+            assert!(
+                answer.reason.contains(
+                    "this token added 2500 new rows to the report book in these 10 seconds"
+                ),
+                "{}",
+                answer.reason
+            );
+            assert!(
+                answer.reason.starts_with(&format!(
+                    "{} of its 800 rows were left out",
+                    answer.left_out
+                )),
+                "{}",
+                answer.reason
+            );
+        }
+        counted += FLOOD_ROWS - answer.left_out as usize;
+        left_out += answer.left_out as usize;
+    }
+    // Each row makes a book row (and an old revision's a subscriber row, in
+    // the same share): at most three buckets' shares were taken.
+    assert!(left_out > 0);
+    assert!((2_000..=7_500).contains(&counted), "{counted} rows counted");
+    // Another channel's token still reports, and its count is whole.
+    let keys = server.trusted_keys_file().display().to_string();
+    let out = safemode(&[
+        "--server",
+        &server.url,
+        "--token",
+        principals.token("subscriber2"),
+        "signal",
+        "login.failed",
+        "--count",
+        "500",
+        "--channel",
+        "web",
+        "--trusted-keys",
+        &keys,
+    ])
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shown = insights_json_as(&server, Some(principals.token("viewer"))).await;
+    assert_eq!(
+        shown["signals"],
+        serde_json::json!([{"channel": "web", "name": "login.failed", "count": 500}])
+    );
+    assert_eq!(shown["partial"], true, "rows were left out: counts are low");
+    let named: Vec<&str> = shown["refused"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            assert_eq!(r["why"], "left_out");
+            r["subscriber"].as_str().unwrap()
+        })
+        .collect();
+    assert!(named.iter().any(|n| n.starts_with("flood-")), "{named:?}");
+    assert!(!named.contains(&"flood-0"), "{named:?}");
+    // Its policy streams go on.
+    let revision = apply("handoff-guard").await;
+    for raw in &streams {
+        wait_until("a flooding stream gets the change", || async {
+            raw.received
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|s| s.revision == revision)
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_demoted_to_viewer_stops_reporting_at_once() {
+    let principals = Principals::new();
+    let server = TestServer::with_tokens_and(&principals, |config| {
+        config.tokens_reload = Duration::from_millis(50);
+    })
+    .await;
+    let token = principals.token("subscriber");
+    let raw = RawSubscriber::connect_as(server.channel().await, hello("web", "demoted"), token)
+        .await
+        .expect("the stream opens");
+    let taken = report_once(&raw, one_signal("login.failed", 3)).await;
+    assert!(taken.accepted, "{taken:?}");
+    // The same token, now a viewer: it may still watch the policy.
+    let viewer_line = format!(
+        "- {{principal: subscriber, roles: [viewer], sha256: {}}}\n",
+        safemode_controller::auth::hash_token(token)
+    );
+    std::fs::write(principals.file.path(), viewer_line).unwrap();
+    // Its next report is refused for its role, whenever the file is read;
+    // the stream stays open.
+    let answer = wait_for("a report refused for the role", || async {
+        let answer = report_once(&raw, one_signal("login.failed", 3)).await;
+        answer.reason.contains("may not").then_some(answer)
+    })
+    .await;
+    assert!(!answer.accepted);
+    assert!(answer.reason.contains("report"), "{}", answer.reason);
+    assert!(raw.ended.lock().unwrap().is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_that_offers_no_path_is_never_the_easiest_path() {
+    // Credential changes frozen on four channels; the other two route
+    // customers to a frozen channel, or serve everything read-only: no
+    // channel offers a password reset, and the map says the channels differ.
+    for other in ["verified-channels-only", "read-only-last-known-good"] {
+        let server = TestServer::start().await;
+        let mut control = server.control().await;
+        for (mode, channels) in [
+            (
+                "freeze-credential-changes",
+                &["chatbot", "mobile", "email", "web"][..],
+            ),
+            (other, &["agent-desk", "ivr"][..]),
+        ] {
+            control
+                .apply_modes(proto::ApplyModesRequest {
+                    namespace: "live".into(),
+                    modes: vec![mode.into()],
+                    channels: channels.iter().map(|c| c.to_string()).collect(),
+                    reason: "takeover wave".into(),
+                    ..Default::default()
+                })
+                .await
+                .expect("apply");
+        }
+        let shown = insights_json(&server).await;
+        let dead: Vec<&str> = shown["dead_ends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["action"].as_str().unwrap())
+            .collect();
+        assert!(
+            dead.contains(&"account.password_reset"),
+            "{other}: {dead:?}"
+        );
+        for map in shown["static_map"].as_array().unwrap() {
+            let effects: std::collections::BTreeSet<&str> = map["channels"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["effect"].as_str().unwrap())
+                .collect();
+            assert_eq!(map["differs"], effects.len() > 1, "{other}: {map}");
+            let Some(easiest) = map.get("easiest_channel").and_then(Value::as_str) else {
+                continue;
+            };
+            let action = map["action"].as_str().unwrap();
+            assert!(
+                !dead.contains(&action),
+                "{other}: a dead end named easiest: {map}"
+            );
+            let outcome = map["channels"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["channel"] == easiest)
+                .unwrap();
+            assert!(
+                !["route", "deny"].contains(&outcome["effect"].as_str().unwrap()),
+                "{other}: {map}"
+            );
+        }
+        let reset = shown["static_map"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["action"] == "account.password_reset")
+            .unwrap();
+        assert!(reset.get("easiest_channel").is_none(), "{other}: {reset}");
+        assert_eq!(reset["differs"], true, "{other}: {reset}");
+        let text = insights(&server, None, &["insights"]).await;
+        let text = String::from_utf8_lossy(&text.stdout);
+        let line = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("account.password_reset:"))
+            .unwrap();
+        assert!(!line.contains("easiest"), "{other}: {line}");
+        assert!(!line.contains("on every channel"), "{other}: {line}");
+        assert!(line.contains("chatbot deny"), "{other}: {line}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -316,12 +316,22 @@ async fn roles_decide_who_lists_raises_accepts_and_dismisses() {
         (
             "subscriber",
             list,
-            Some(denied("subscriber", "subscriber", "read status", "viewer")),
+            Some(denied(
+                "subscriber",
+                "subscriber",
+                "read status, insights or proposals",
+                "viewer",
+            )),
         ),
         (
             "detector",
             list,
-            Some(denied("detector", "detector", "read status", "viewer")),
+            Some(denied(
+                "detector",
+                "detector",
+                "read status, insights or proposals",
+                "viewer",
+            )),
         ),
         (
             "viewer",

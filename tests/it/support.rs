@@ -302,6 +302,7 @@ impl Principals {
         let people: &[(&str, Role)] = &[
             ("viewer", Role::Viewer),
             ("subscriber", Role::Subscriber),
+            ("subscriber2", Role::Subscriber),
             ("commander", Role::Commander),
             ("commander2", Role::Commander),
             ("approver", Role::Approver),
@@ -399,10 +400,28 @@ impl RawSubscriber {
         Self::open(channel, hello, false).await
     }
 
+    /// Opens a stream with `hello`, authenticated with `token`.
+    pub async fn connect_as(
+        channel: Channel,
+        hello: proto::Hello,
+        token: &str,
+    ) -> Result<Self, tonic::Status> {
+        Self::open_as(channel, hello, true, Some(token)).await
+    }
+
     async fn open(
         channel: Channel,
         hello: proto::Hello,
         acking: bool,
+    ) -> Result<Self, tonic::Status> {
+        Self::open_as(channel, hello, acking, None).await
+    }
+
+    async fn open_as(
+        channel: Channel,
+        hello: proto::Hello,
+        acking: bool,
+        token: Option<&str>,
     ) -> Result<Self, tonic::Status> {
         let (out, out_rx) = mpsc::channel(16);
         out.send(SubscribeRequest {
@@ -410,10 +429,22 @@ impl RawSubscriber {
         })
         .await
         .unwrap();
-        let mut inbound = SubscriptionServiceClient::new(channel)
-            .subscribe(ReceiverStream::new(out_rx))
-            .await?
-            .into_inner();
+        let mut request = tonic::Request::new(ReceiverStream::new(out_rx));
+        if let Some(token) = token {
+            let bearer = format!("Bearer {token}").parse().expect("a header value");
+            request.metadata_mut().insert("authorization", bearer);
+        }
+        let response = SubscriptionServiceClient::new(channel)
+            .subscribe(request)
+            .await?;
+        assert!(
+            response
+                .metadata()
+                .get(safemode_wire::REPORTS_HEADER)
+                .is_some(),
+            "a replica says it takes reports"
+        );
+        let mut inbound = response.into_inner();
         let received = Arc::new(Mutex::new(Vec::new()));
         let ended = Arc::new(Mutex::new(None));
         let answers = Arc::new(Mutex::new(Vec::new()));

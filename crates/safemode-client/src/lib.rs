@@ -569,10 +569,11 @@ impl Subscriber {
 
     /// Sends what was counted now instead of at the next interval, and
     /// waits (up to `timeout`) for the controller's answer: for tools such
-    /// as `safemode signal`. The controller takes the first report of a
-    /// stream at any time, later ones at most every
-    /// [`reporting::REPORT_EVERY`]; counts of a report refused for coming
-    /// too soon are kept for the next.
+    /// as `safemode signal`. The controller takes one report per subscriber
+    /// id at most every [`reporting::REPORT_EVERY`], over all its streams
+    /// (the first at any time); counts of a report refused for coming too
+    /// soon, or lost with its stream, are kept for the next. A controller
+    /// that takes no reports (an older version) is sent none.
     pub async fn report_now(&self, timeout: Duration) -> Result<ReportReceipt, ClientError> {
         let Some(asks) = &self.report_asks else {
             return Err(ClientError::BadConfig(

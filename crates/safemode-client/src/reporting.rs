@@ -394,8 +394,13 @@ pub(crate) struct Signals {
 }
 
 impl Signals {
-    /// Counts `n` of `name`.
+    /// Counts `n` of `name`; a name under `safemode.` is the client's own
+    /// and is not counted from outside.
     pub fn add(&self, name: &SignalName, n: u64) {
+        if name.is_reserved() {
+            warn!(signal = %name, "signal names under safemode. are counted by the client itself; this count is dropped");
+            return;
+        }
         let mut named = self.named.lock().expect("poisoned");
         if let Some(count) = named.get_mut(name) {
             *count = count.saturating_add(n);
@@ -432,12 +437,32 @@ impl Signals {
 /// What the controller said of a report sent with
 /// [`Subscriber::report_now`](crate::Subscriber::report_now).
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ReportReceipt {
     /// Taken.
     Accepted,
-    /// Refused, and why (the counts are kept for the next report when it
-    /// came too soon).
+    /// Taken, but `left_out` of its rows were left out (their counts are
+    /// lost), and why: a bound of the controller's report book was full.
+    Partial {
+        /// Rows left out.
+        left_out: u32,
+        /// Which bound was full, and what to do.
+        reason: String,
+    },
+    /// Refused for coming too soon: the counts go with the next report,
+    /// which the controller takes after `retry_after`.
+    TooSoon {
+        /// When to report again.
+        retry_after: std::time::Duration,
+        /// The controller's words.
+        reason: String,
+    },
+    /// Refused, and why (the counts are kept for the next report when the
+    /// controller takes no reports).
     Refused(String),
+    /// The stream ended before the controller answered; the counts go with
+    /// the next report (the controller may have counted them already).
+    Lost(String),
 }
 
 #[cfg(test)]

@@ -92,6 +92,9 @@ pub(super) struct Reporting {
     sequence: u64,
     /// Reports sent and not answered yet, oldest first.
     unanswered: VecDeque<Unanswered>,
+    /// The controller of the stream takes reports (it said so in the
+    /// stream's response header); none is sent otherwise.
+    taken: bool,
 }
 
 struct Unanswered {
@@ -108,6 +111,22 @@ impl Reporting {
             carry: Rows::default(),
             sequence: 0,
             unanswered: VecDeque::new(),
+            taken: false,
+        }
+    }
+
+    /// The stream ended: reports it did not answer go with the next one
+    /// (the controller may have counted some already: a count may be
+    /// reported twice, never lost), and whoever waits on one is told.
+    fn stream_ended(&mut self, why: &str) {
+        self.taken = false;
+        for sent in self.unanswered.drain(..) {
+            self.carry.merge(sent.rows);
+            if let Some(ask) = sent.ask {
+                let _ = ask.send(ReportReceipt::Lost(format!(
+                    "the stream ended before the controller answered ({why}); the counts go with the next report"
+                )));
+            }
         }
     }
 
@@ -133,6 +152,7 @@ impl Task {
                 Ok(()) => ClientError::Refused("the controller ended the stream".into()),
                 Err(e) => e,
             };
+            self.reporting.stream_ended(&error.to_string());
             // Whatever went wrong, the next stream goes to the next replica.
             self.next = (self.next + 1) % self.endpoints.len();
             // A token refused is final once every replica has refused it in
@@ -211,7 +231,10 @@ impl Task {
         };
         send(&out, Outbound::Hello(hello)).await;
         let mut inbound = match client.subscribe(ReceiverStream::new(out_rx)).await {
-            Ok(response) => response.into_inner(),
+            Ok(response) => {
+                self.reporting.taken = response.metadata().get(wire::REPORTS_HEADER).is_some();
+                response.into_inner()
+            }
             Err(status) => return Err(refused(&server, status).await),
         };
         // What this controller holds: its store history (from its first
@@ -386,6 +409,15 @@ impl Task {
         if rows.is_empty() && ask.is_none() {
             return;
         }
+        if !reporting.taken {
+            reporting.carry = rows;
+            if let Some(ask) = ask {
+                let _ = ask.send(ReportReceipt::Refused(
+                    "this controller takes no reports (an older version); the counts are kept for one that does".into(),
+                ));
+            }
+            return;
+        }
         if reporting.unanswered.len() >= MAX_UNANSWERED_REPORTS {
             reporting.carry = rows;
             if let Some(ask) = ask {
@@ -419,7 +451,15 @@ impl Task {
                 reporting.unanswered.push_front(sent);
                 return;
             }
-            let receipt = if answer.accepted {
+            let receipt = if answer.accepted && answer.left_out > 0 {
+                if sent.ask.is_none() {
+                    warn!(reason = %answer.reason, "the controller left rows of a report out");
+                }
+                ReportReceipt::Partial {
+                    left_out: answer.left_out,
+                    reason: answer.reason.clone(),
+                }
+            } else if answer.accepted {
                 ReportReceipt::Accepted
             } else {
                 // Whoever asked for the report is told; a report of the
@@ -429,8 +469,13 @@ impl Task {
                 }
                 if answer.retry_after_seconds > 0 {
                     reporting.carry.merge(sent.rows);
+                    ReportReceipt::TooSoon {
+                        retry_after: Duration::from_secs(answer.retry_after_seconds.into()),
+                        reason: answer.reason.clone(),
+                    }
+                } else {
+                    ReportReceipt::Refused(answer.reason.clone())
                 }
-                ReportReceipt::Refused(answer.reason.clone())
             };
             if let Some(ask) = sent.ask {
                 let _ = ask.send(receipt);
@@ -655,5 +700,52 @@ async fn refused(server: &str, status: tonic::Status) -> ClientError {
         }
     } else {
         ClientError::Refused(status.message().to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safemode_policy::SignalName;
+
+    fn rows(signal: &str, n: u64) -> Rows {
+        let signals = super::super::reporting::Signals::default();
+        signals.add(&SignalName::parse(signal).unwrap(), n);
+        let mut rows = Rows::default();
+        signals.drain(&mut rows);
+        rows
+    }
+
+    #[test]
+    fn reports_a_broken_stream_never_answered_go_with_the_next() {
+        let (_asks, asked) = mpsc::channel(1);
+        let mut reporting = Reporting::new(asked);
+        reporting.taken = true;
+        let (ask, told) = oneshot::channel();
+        for (sequence, ask) in [(1, Some(ask)), (2, None), (3, None), (4, None)] {
+            reporting.unanswered.push_back(Unanswered {
+                sequence,
+                rows: rows("login.failed", sequence),
+                ask,
+            });
+        }
+        reporting.stream_ended("connection reset");
+        // Nothing waits any more, so the next stream reports again; the
+        // counts are all kept for it, and whoever asked is told.
+        assert!(reporting.unanswered.is_empty());
+        assert!(
+            !reporting.taken,
+            "the next stream says again whether it takes reports"
+        );
+        let (report, _) = reporting.carry.take_report(5);
+        assert_eq!(report.signals.len(), 1);
+        assert_eq!(
+            (report.signals[0].name.as_str(), report.signals[0].count),
+            ("login.failed", 1 + 2 + 3 + 4)
+        );
+        match told.blocking_recv().unwrap() {
+            ReportReceipt::Lost(why) => assert!(why.contains("connection reset"), "{why}"),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -157,7 +157,7 @@ impl Operation {
     fn describe(self) -> &'static str {
         match self {
             Operation::Subscribe => "subscribe",
-            Operation::Read => "read status",
+            Operation::Read => "read status, insights or proposals",
             Operation::ReadAudit => "read the audit log",
             Operation::Change => "change modes or incidents",
             Operation::Approve => "approve requests",

@@ -15,7 +15,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use safemode_policy::names::ACTIONS;
-use safemode_policy::paths::{DeadEnd, dead_ends};
+use safemode_policy::paths::{DeadEnd, dead_ends, path};
 use safemode_policy::{
     Channel, Context, ContextClass, EffectKind, EffectivePolicy, Outcome, Revision,
 };
@@ -40,7 +40,11 @@ pub struct ActionMap {
     pub action: &'static str,
     /// Weakest first.
     pub channels: Vec<(Channel, Outcome)>,
-    /// The weakest channel, when the channels do not all decide alike.
+    /// The channels do not all decide alike.
+    pub differs: bool,
+    /// When they differ: the weakest channel that itself offers the
+    /// customer a path through the action (not one that routes elsewhere,
+    /// denies, or serves a write read-only), if any does.
     pub easiest: Option<Channel>,
 }
 
@@ -135,9 +139,19 @@ fn static_map(policy: &EffectivePolicy) -> Vec<ActionMap> {
                 .collect();
             channels.sort_by_key(|(channel, outcome)| (outcome.kind(), channel.index()));
             let differs = channels.windows(2).any(|w| w[0].1.kind() != w[1].1.kind());
+            // A channel that routes the customer elsewhere is no path by
+            // itself, nor one that offers none (the dead-end test): the
+            // easiest is the weakest that is one.
+            let easiest = channels
+                .iter()
+                .find(|(channel, outcome)| {
+                    outcome.kind() < EffectKind::Route && path(policy, *channel, action).is_ok()
+                })
+                .map(|(channel, _)| *channel);
             ActionMap {
                 action,
-                easiest: differs.then(|| channels[0].0),
+                differs,
+                easiest: easiest.filter(|_| differs),
                 channels,
             }
         })

@@ -1,18 +1,24 @@
 //! What this replica's subscribers reported, over sliding windows: their
 //! decisions by channel, revision, action, context class and effect, the
 //! subscribers that decided on an old revision, stale or failing closed,
-//! and named signal counters. Kept in memory only, in 10-second buckets for
-//! the last 15 minutes; the fleet's view is every replica's tallies summed
-//! (asked like a fleet status).
+//! named signal counters, and the reports refused or cut short. Kept in
+//! memory only, in 10-second buckets for the last 15 minutes; the fleet's
+//! view is every replica's tallies summed (asked like a fleet status).
 //!
-//! Everything is bounded: a report by [`limits`], the book by
-//! [`MAX_ROWS`] rows in all (rows beyond it are left out and the tallies
-//! say so). A report names no customer: only counts.
+//! Everything is bounded: a report by [`limits`], the book by [`MAX_ROWS`]
+//! rows in all, and no one sender can take the book from the others: one
+//! token adds at most [`MAX_TOKEN_ROWS_PER_BUCKET`] new rows to each
+//! bucket (so a token over it loses the excess of that bucket only, never
+//! the next), and the drills together hold at most [`MAX_DRILL_ROWS`], so
+//! the live namespace always has room. Rows beyond a bound are left out:
+//! the sender is told how many, and the tallies say counts are low. A
+//! report names no customer: only counts.
 //!
 //! [`limits`]: safemode_policy::telemetry::limits
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use jiff::Timestamp;
@@ -24,12 +30,27 @@ pub const BUCKET: Duration = Duration::from_secs(10);
 /// The longest window kept.
 pub const LONGEST_WINDOW: Duration = Duration::from_secs(15 * 60);
 /// Rows the book holds in all, over every namespace and bucket (about a
-/// hundred bytes each); rows beyond are left out and the tallies say so.
-pub const MAX_ROWS: usize = 200_000;
+/// hundred bytes each).
+pub const MAX_ROWS: usize = 500_000;
+/// New rows one token (one principal, without tokens) adds to one bucket,
+/// at most: a busy channel's fleet reports a few hundred distinct rows per
+/// bucket; a flooding or looping sender fills its own part of each bucket
+/// only, and it takes three such tokens for 15 minutes to fill live's room.
+pub const MAX_TOKEN_ROWS_PER_BUCKET: usize = 2_500;
+/// Rows every drill namespace together holds, at most: live reports always
+/// have the rest.
+pub const MAX_DRILL_ROWS: usize = MAX_ROWS / 4;
 /// Rows one tally answer holds, at most, of each kind.
 pub const MAX_TALLY_ROWS: usize = 20_000;
-/// Namespaces the book keeps reports of (live and a few drills).
-pub const MAX_NAMESPACES: usize = 16;
+/// Drill namespaces the book keeps reports of, besides live (which is
+/// always kept); only a drill that changed something is kept at all.
+pub const MAX_DRILL_NAMESPACES: usize = 256;
+/// Subscribers of one principal whose refusals a bucket names, at most;
+/// the principal's other refusals are counted together, by channel and why.
+pub const MAX_REFUSED_NAMED_PER_PRINCIPAL: usize = 8;
+/// Refusal rows a bucket holds, at most (beyond, refusals are only counted,
+/// and the tallies say names were cut).
+pub const MAX_REFUSED_ROWS: usize = 256;
 
 const BUCKETS: usize = (LONGEST_WINDOW.as_secs() / BUCKET.as_secs()) as usize;
 
@@ -57,6 +78,126 @@ pub struct NotableRow {
     pub failed_closed: bool,
 }
 
+/// Why a report was refused, or cut short.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Refusal {
+    /// Sooner than its subscriber's (or its token's) pace allows.
+    TooSoon,
+    /// Larger than a report may be.
+    TooLarge,
+    /// A row that does not hold (an unknown name, a revision never sent).
+    Malformed,
+    /// The sender may not report in the namespace.
+    NotPermitted,
+    /// Taken, but rows were left out: the sender's share of the book (or
+    /// the book) was full.
+    LeftOut,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 5] = [
+        Refusal::TooSoon,
+        Refusal::TooLarge,
+        Refusal::Malformed,
+        Refusal::NotPermitted,
+        Refusal::LeftOut,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::TooSoon => "too_soon",
+            Refusal::TooLarge => "too_large",
+            Refusal::Malformed => "malformed",
+            Refusal::NotPermitted => "not_permitted",
+            Refusal::LeftOut => "left_out",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Refusal> {
+        Refusal::ALL.into_iter().find(|r| r.as_str() == name)
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Reports of one sender refused (or cut short) for one reason.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RefusedRow {
+    pub principal: Arc<str>,
+    pub channel: Channel,
+    /// Empty: several subscribers of the principal, beyond those named.
+    pub subscriber: Arc<str>,
+    pub why: Refusal,
+}
+
+/// Who sent a report: the token (its hash, or the principal's name
+/// without tokens), its principal, and the channel and subscriber id of
+/// its hello.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Sender {
+    pub token: Arc<str>,
+    pub principal: Arc<str>,
+    pub channel: Channel,
+    pub subscriber: Arc<str>,
+}
+
+/// Why rows of a report were left out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Full {
+    /// The sender's token added [`MAX_TOKEN_ROWS_PER_BUCKET`] rows to this
+    /// bucket.
+    TokenShare,
+    /// The drills together hold [`MAX_DRILL_ROWS`] rows.
+    DrillShare,
+    /// The book holds [`MAX_ROWS`] rows.
+    Book,
+    /// The book keeps [`MAX_DRILL_NAMESPACES`] other drills already.
+    DrillNamespaces,
+    /// A drill namespace that never changed anything: nothing to rehearse
+    /// yet.
+    DrillNotStarted,
+}
+
+impl fmt::Display for Full {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Full::TokenShare => write!(
+                f,
+                "this token added {MAX_TOKEN_ROWS_PER_BUCKET} new rows to the report book in these 10 seconds, its share; give each channel service its own token"
+            ),
+            Full::DrillShare => write!(
+                f,
+                "the drills' share of the report book ({MAX_DRILL_ROWS} rows) is full; live reports always have room"
+            ),
+            Full::Book => write!(
+                f,
+                "the report book is full ({MAX_ROWS} rows over 15 minutes)"
+            ),
+            Full::DrillNamespaces => write!(
+                f,
+                "the report book keeps {MAX_DRILL_NAMESPACES} other drills already; their reports age out within 15 minutes"
+            ),
+            Full::DrillNotStarted => write!(
+                f,
+                "this drill namespace has changed nothing yet; reports count once the drill applies a mode"
+            ),
+        }
+    }
+}
+
+/// What a report recorded: how many of its rows there were, how many were
+/// left out, and why.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Recorded {
+    pub rows: usize,
+    pub left_out: usize,
+    pub full: Option<Full>,
+}
+
 /// One report, checked and reduced to rows.
 #[derive(Clone, Debug, Default)]
 pub struct Report {
@@ -72,8 +213,13 @@ pub struct Tallies {
     pub signals: Vec<((Channel, SignalName), u64)>,
     /// Rows were left out (the book was full, or the answer was cut).
     pub truncated: bool,
-    /// Reports refused in the window.
+    /// Senders of refused reports were left unnamed (only counted).
+    pub refusals_cut: bool,
+    /// Reports refused or cut short in the window, in all.
     pub refused: u64,
+    /// The same by sender and why (the first [`MAX_REFUSED_ROWS`] senders
+    /// of each bucket).
+    pub refused_by: Vec<(RefusedRow, u64)>,
 }
 
 impl Tallies {
@@ -86,19 +232,26 @@ impl Tallies {
                 *count = count.saturating_add(n);
             }
         }
-        let (mut decisions, mut notable, mut signals) =
-            (HashMap::new(), HashMap::new(), HashMap::new());
+        let (mut decisions, mut notable, mut signals, mut refused_by) = (
+            HashMap::new(),
+            HashMap::new(),
+            HashMap::new(),
+            HashMap::new(),
+        );
         let mut total = Tallies::default();
         for part in parts {
             add(&mut decisions, part.decisions);
             add(&mut notable, part.notable);
             add(&mut signals, part.signals);
+            add(&mut refused_by, part.refused_by);
             total.truncated |= part.truncated;
+            total.refusals_cut |= part.refusals_cut;
             total.refused = total.refused.saturating_add(part.refused);
         }
         total.decisions = biggest(decisions, &mut total.truncated);
         total.notable = biggest(notable, &mut total.truncated);
         total.signals = biggest(signals, &mut total.truncated);
+        total.refused_by = biggest(refused_by, &mut total.refusals_cut);
         total
     }
 }
@@ -112,6 +265,12 @@ struct Bucket {
     signals: HashMap<(Channel, SignalName), u64>,
     truncated: bool,
     refused: u64,
+    refused_by: HashMap<RefusedRow, u64>,
+    refusals_cut: bool,
+    /// Subscribers named in `refused_by`, by principal.
+    refused_named: HashMap<Arc<str>, usize>,
+    /// New rows each token added to this bucket.
+    by_token: HashMap<Arc<str>, usize>,
 }
 
 impl Bucket {
@@ -123,7 +282,47 @@ impl Bucket {
 #[derive(Debug, Default)]
 struct Book {
     namespaces: BTreeMap<Namespace, VecDeque<Bucket>>,
+    /// Rows held in all, and by the drills, over every bucket kept.
     rows: usize,
+    drill_rows: usize,
+}
+
+/// Where a new row may go: the counts it must stay within.
+struct Room<'a> {
+    rows: &'a mut usize,
+    drill_rows: Option<&'a mut usize>,
+    bucket_token_rows: &'a mut usize,
+    /// The first bound a row was left out for.
+    full: Option<Full>,
+}
+
+impl Room<'_> {
+    /// Takes room for one new row, or says why there is none.
+    fn take(&mut self) -> bool {
+        let full = if *self.bucket_token_rows >= MAX_TOKEN_ROWS_PER_BUCKET {
+            Some(Full::TokenShare)
+        } else if self
+            .drill_rows
+            .as_deref()
+            .is_some_and(|rows| *rows >= MAX_DRILL_ROWS)
+        {
+            Some(Full::DrillShare)
+        } else if *self.rows >= MAX_ROWS {
+            Some(Full::Book)
+        } else {
+            None
+        };
+        if let Some(full) = full {
+            self.full.get_or_insert(full);
+            return false;
+        }
+        *self.rows += 1;
+        *self.bucket_token_rows += 1;
+        if let Some(drill_rows) = self.drill_rows.as_deref_mut() {
+            *drill_rows += 1;
+        }
+        true
+    }
 }
 
 /// This replica's reports, per namespace.
@@ -136,69 +335,140 @@ fn slot_of(at: Timestamp) -> i64 {
     at.as_second().div_euclid(BUCKET.as_secs() as i64)
 }
 
-/// Adds `n` to `key`'s count if the book has room for a new row.
+/// Adds `n` to `key`'s count, if the row is there or there is room for
+/// it; whether it was counted.
 fn add<K: Eq + std::hash::Hash>(
     map: &mut HashMap<K, u64>,
     key: K,
     n: u64,
-    rows: &mut usize,
+    room: &mut Room<'_>,
     truncated: &mut bool,
-) {
+) -> bool {
     if let Some(count) = map.get_mut(&key) {
         *count = count.saturating_add(n);
-    } else if *rows < MAX_ROWS {
+    } else if room.take() {
         map.insert(key, n);
-        *rows += 1;
     } else {
         *truncated = true;
+        return false;
     }
+    true
+}
+
+/// The book, even after a panic elsewhere while it was held: every change
+/// to it is a whole row, so what a panic left is still consistent, and a
+/// report must never end a policy stream.
+fn lock(book: &Mutex<Book>) -> MutexGuard<'_, Book> {
+    book.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl ReportBook {
-    /// Records `report` from a subscriber of `namespace` on `channel`, at
-    /// `now`; `current` is the namespace's revision, to tell an old one.
+    /// Records `report` from `sender` in `namespace`, at `now`; `current`
+    /// is the namespace's revision, to tell an old one. Rows beyond the
+    /// sender's share of the bucket, the drills' share or the book are left
+    /// out, and [`Recorded`] says how many and why (the refusals count them
+    /// too).
     pub fn record(
         &self,
         namespace: &Namespace,
-        channel: Channel,
-        subscriber: &str,
+        sender: &Sender,
         current: Revision,
         report: &Report,
         now: Timestamp,
-    ) {
-        let mut guard = self.book.lock().expect("poisoned");
-        let Book { namespaces, rows } = &mut *guard;
-        let Some(buckets) = buckets_for(namespaces, rows, namespace, now) else {
-            return;
+    ) -> Recorded {
+        let all = report.decisions.len() + report.signals.len();
+        let none = |full| Recorded {
+            rows: all,
+            left_out: all,
+            full: Some(full),
+        };
+        // A drill that changed nothing has nothing to rehearse: it takes no
+        // room (a drill token could otherwise make up namespaces).
+        if namespace.is_drill() && current == 0 {
+            return none(Full::DrillNotStarted);
+        }
+        let mut guard = lock(&self.book);
+        let Book {
+            namespaces,
+            rows,
+            drill_rows,
+        } = &mut *guard;
+        let Some(buckets) = buckets_for(namespaces, rows, drill_rows, namespace, now, true) else {
+            return none(Full::DrillNamespaces);
         };
         let bucket = buckets.back_mut().expect("a current bucket");
-        let subscriber: Arc<str> = subscriber.into();
+        let Bucket {
+            decisions,
+            notable,
+            signals,
+            truncated,
+            by_token,
+            ..
+        } = bucket;
+        let mut room = Room {
+            rows,
+            drill_rows: namespace.is_drill().then_some(drill_rows),
+            bucket_token_rows: by_token.entry(sender.token.clone()).or_default(),
+            full: None,
+        };
+        // A report row is left out when any of its book rows is.
+        let mut left_out = 0;
+        let channel = sender.channel;
         for (row, n) in &report.decisions {
             let (row, n) = (row.clone(), *n);
+            let mut counted = true;
             if row.stale || row.failed_closed || row.revision < current {
-                let notable = NotableRow {
+                let key = NotableRow {
                     channel,
-                    subscriber: subscriber.clone(),
+                    subscriber: sender.subscriber.clone(),
                     revision: row.revision,
                     stale: row.stale,
                     failed_closed: row.failed_closed,
                 };
-                add(&mut bucket.notable, notable, n, rows, &mut bucket.truncated);
+                counted &= add(notable, key, n, &mut room, truncated);
             }
-            add(&mut bucket.decisions, row, n, rows, &mut bucket.truncated);
+            counted &= add(decisions, row, n, &mut room, truncated);
+            left_out += usize::from(!counted);
         }
         for (name, n) in &report.signals {
             let key = (channel, name.clone());
-            add(&mut bucket.signals, key, *n, rows, &mut bucket.truncated);
+            left_out += usize::from(!add(signals, key, *n, &mut room, truncated));
         }
+        let recorded = Recorded {
+            rows: all,
+            left_out,
+            full: room.full,
+        };
+        if recorded.left_out > 0 {
+            refuse_in(bucket, sender, Refusal::LeftOut, 1);
+        }
+        recorded
     }
 
-    /// Counts a refused report of `namespace`.
-    pub fn refused(&self, namespace: &Namespace, now: Timestamp) {
-        let mut guard = self.book.lock().expect("poisoned");
-        let Book { namespaces, rows } = &mut *guard;
-        if let Some(buckets) = buckets_for(namespaces, rows, namespace, now) {
-            buckets.back_mut().expect("a current bucket").refused += 1;
+    /// Counts `n` reports of `sender` in `namespace` refused for `why`: in
+    /// live, or a drill the book already keeps (a refusal makes no room).
+    pub fn refused(
+        &self,
+        namespace: &Namespace,
+        sender: &Sender,
+        why: Refusal,
+        n: u64,
+        now: Timestamp,
+    ) {
+        let mut guard = lock(&self.book);
+        let Book {
+            namespaces,
+            rows,
+            drill_rows,
+        } = &mut *guard;
+        let live = namespace == &Namespace::live();
+        if let Some(buckets) = buckets_for(namespaces, rows, drill_rows, namespace, now, live) {
+            refuse_in(
+                buckets.back_mut().expect("a current bucket"),
+                sender,
+                why,
+                n,
+            );
         }
     }
 
@@ -210,8 +480,9 @@ impl ReportBook {
             .div_ceil(BUCKET.as_secs())
             .clamp(1, BUCKETS as u64) as i64;
         let from = slot_of(now) - buckets + 1;
-        let guard = self.book.lock().expect("poisoned");
+        let guard = lock(&self.book);
         let mut decisions: HashMap<&DecisionRow, u64> = HashMap::new();
+        let mut refused_by: HashMap<&RefusedRow, u64> = HashMap::new();
         let mut notable: HashMap<&NotableRow, u64> = HashMap::new();
         let mut signals: HashMap<&(Channel, SignalName), u64> = HashMap::new();
         let mut tallies = Tallies::default();
@@ -234,9 +505,18 @@ impl ReportBook {
                 let count = signals.entry(key).or_default();
                 *count = count.saturating_add(*n);
             }
+            for (key, n) in &bucket.refused_by {
+                let count = refused_by.entry(key).or_default();
+                *count = count.saturating_add(*n);
+            }
             tallies.truncated |= bucket.truncated;
+            tallies.refusals_cut |= bucket.refusals_cut;
             tallies.refused = tallies.refused.saturating_add(bucket.refused);
         }
+        tallies.refused_by = biggest(
+            refused_by.into_iter().map(|(k, n)| (k.clone(), n)),
+            &mut tallies.refusals_cut,
+        );
         tallies.decisions = biggest(
             decisions.into_iter().map(|(k, n)| (k.clone(), n)),
             &mut tallies.truncated,
@@ -267,28 +547,70 @@ fn biggest<K: Ord>(
     rows
 }
 
-/// The buckets of `namespace`, with the current one last and the expired
-/// ones dropped; `None` when the book already keeps as many namespaces as
-/// it may.
+/// Counts `n` refusals of `sender` for `why` in `bucket`: named by
+/// subscriber for the first few subscribers of its principal, together
+/// after them, and only counted once the bucket names as many as it may.
+fn refuse_in(bucket: &mut Bucket, sender: &Sender, why: Refusal, n: u64) {
+    bucket.refused = bucket.refused.saturating_add(n);
+    let mut key = RefusedRow {
+        principal: sender.principal.clone(),
+        channel: sender.channel,
+        subscriber: sender.subscriber.clone(),
+        why,
+    };
+    if !bucket.refused_by.contains_key(&key) {
+        let named = bucket
+            .refused_named
+            .entry(sender.principal.clone())
+            .or_default();
+        if *named < MAX_REFUSED_NAMED_PER_PRINCIPAL {
+            *named += 1;
+        } else {
+            key.subscriber = "".into();
+        }
+    }
+    let rows = bucket.refused_by.len();
+    match bucket.refused_by.get_mut(&key) {
+        Some(count) => *count = count.saturating_add(n),
+        None if rows < MAX_REFUSED_ROWS => {
+            bucket.refused_by.insert(key, n);
+        }
+        None => bucket.refusals_cut = true,
+    }
+}
+
+/// The buckets of `namespace`, with the current one last (made if `make`)
+/// and the expired ones dropped (their rows given back to the book and the
+/// drills); `None` for a drill when the book already keeps as many drills
+/// as it may. Live is always kept.
 fn buckets_for<'a>(
     namespaces: &'a mut BTreeMap<Namespace, VecDeque<Bucket>>,
     rows: &mut usize,
+    drill_rows: &mut usize,
     namespace: &Namespace,
     now: Timestamp,
+    make: bool,
 ) -> Option<&'a mut VecDeque<Bucket>> {
     let slot = slot_of(now);
-    // Expire every namespace's old buckets, so rows come back to the book.
-    namespaces.retain(|_, buckets| {
+    namespaces.retain(|name, buckets| {
         while buckets
             .front()
             .is_some_and(|b| b.slot <= slot - BUCKETS as i64)
         {
             let gone = buckets.pop_front().expect("a front bucket");
             *rows -= gone.rows();
+            if name.is_drill() {
+                *drill_rows -= gone.rows();
+            }
         }
         !buckets.is_empty()
     });
-    if !namespaces.contains_key(namespace) && namespaces.len() >= MAX_NAMESPACES {
+    if !make && !namespaces.contains_key(namespace) {
+        return None;
+    }
+    let drills = namespaces.keys().filter(|n| n.is_drill()).count();
+    if namespace.is_drill() && !namespaces.contains_key(namespace) && drills >= MAX_DRILL_NAMESPACES
+    {
         return None;
     }
     let buckets = namespaces.entry(namespace.clone()).or_default();
@@ -305,6 +627,15 @@ fn buckets_for<'a>(
 mod tests {
     use super::*;
     use safemode_policy::{ConfidenceBand, MethodClass};
+
+    fn sender(token: &str, channel: &str, subscriber: &str) -> Sender {
+        Sender {
+            token: token.into(),
+            principal: format!("p-{token}").into(),
+            channel: Channel::parse(channel).unwrap(),
+            subscriber: subscriber.into(),
+        }
+    }
 
     fn row(channel: &str, revision: Revision, effect: EffectKind) -> DecisionRow {
         DecisionRow {
@@ -327,7 +658,6 @@ mod tests {
     fn windows_sum_what_fell_in_them_and_forget_the_rest() {
         let book = ReportBook::default();
         let live = Namespace::live();
-        let web = Channel::parse("web").unwrap();
         let t0 = Timestamp::from_second(1_000_000_000).unwrap();
         let at = |secs: i64| {
             t0.checked_add(jiff::SignedDuration::from_secs(secs))
@@ -337,9 +667,9 @@ mod tests {
             decisions: vec![(row("web", 5, EffectKind::StepUp), n)],
             signals: vec![(SignalName::parse("login.failed").unwrap(), n)],
         };
-        book.record(&live, web, "w1", 5, &report(3), at(0));
-        book.record(&live, web, "w2", 5, &report(4), at(5));
-        book.record(&live, web, "w1", 5, &report(10), at(600));
+        book.record(&live, &sender("tok", "web", "w1"), 5, &report(3), at(0));
+        book.record(&live, &sender("tok", "web", "w2"), 5, &report(4), at(5));
+        book.record(&live, &sender("tok", "web", "w1"), 5, &report(10), at(600));
         let minute = book.tallies(&live, Duration::from_secs(60), at(600));
         assert_eq!(
             minute.decisions,
@@ -352,7 +682,7 @@ mod tests {
         // Past 15 minutes the first two are gone, and so are their rows.
         let later = book.tallies(&live, LONGEST_WINDOW, at(1000));
         assert_eq!(later.decisions[0].1, 10);
-        book.record(&live, web, "w1", 5, &report(1), at(1600));
+        book.record(&live, &sender("tok", "web", "w1"), 5, &report(1), at(1600));
         assert_eq!(book.book.lock().unwrap().rows, 2);
     }
 
@@ -360,7 +690,6 @@ mod tests {
     fn an_old_revision_stale_or_failing_closed_subscriber_is_named() {
         let book = ReportBook::default();
         let live = Namespace::live();
-        let ivr = Channel::parse("ivr").unwrap();
         let now = Timestamp::from_second(1_000_000_000).unwrap();
         let mut failing = row("ivr", 7, EffectKind::Deny);
         failing.failed_closed = true;
@@ -372,7 +701,7 @@ mod tests {
             ],
             signals: vec![],
         };
-        book.record(&live, ivr, "ivr-1", 7, &report, now);
+        book.record(&live, &sender("tok", "ivr", "ivr-1"), 7, &report, now);
         let t = book.tallies(&live, Duration::from_secs(60), now);
         let named: Vec<_> = t
             .notable
@@ -386,16 +715,200 @@ mod tests {
     fn a_full_book_leaves_rows_out_and_says_so() {
         let book = ReportBook::default();
         let live = Namespace::live();
-        let web = Channel::parse("web").unwrap();
         let now = Timestamp::from_second(1_000_000_000).unwrap();
         book.book.lock().unwrap().rows = MAX_ROWS;
         let report = Report {
             decisions: vec![(row("web", 1, EffectKind::Allow), 1)],
             signals: vec![],
         };
-        book.record(&live, web, "w", 1, &report, now);
+        let recorded = book.record(&live, &sender("tok", "web", "w"), 1, &report, now);
+        assert_eq!((recorded.left_out, recorded.full), (1, Some(Full::Book)));
         let t = book.tallies(&live, Duration::from_secs(60), now);
         assert!(t.decisions.is_empty());
         assert!(t.truncated);
+        assert_eq!(t.refused, 1);
+        assert_eq!(t.refused_by[0].0.why, Refusal::LeftOut);
+    }
+
+    /// A report of `n` distinct signal rows, named from `from` on.
+    fn distinct(from: usize, n: usize) -> Report {
+        Report {
+            decisions: vec![],
+            signals: (from..from + n)
+                .map(|i| (SignalName::parse(&format!("flood.s{i}")).unwrap(), 1))
+                .collect(),
+        }
+    }
+
+    fn at(secs: i64) -> Timestamp {
+        Timestamp::from_second(1_000_000_000 + secs).unwrap()
+    }
+
+    #[test]
+    fn one_token_fills_only_its_part_of_each_bucket() {
+        let book = ReportBook::default();
+        let live = Namespace::live();
+        let flooder = sender("flood", "ivr", "looping");
+        let recorded = book.record(
+            &live,
+            &flooder,
+            1,
+            &distinct(0, MAX_TOKEN_ROWS_PER_BUCKET),
+            at(0),
+        );
+        assert_eq!(recorded.left_out, 0);
+        // Its part of this bucket is full: the next new rows are left out,
+        // and it is told why; rows it already has still count.
+        let recorded = book.record(
+            &live,
+            &flooder,
+            1,
+            &distinct(MAX_TOKEN_ROWS_PER_BUCKET - 5, 10),
+            at(1),
+        );
+        assert_eq!(
+            (recorded.left_out, recorded.full),
+            (5, Some(Full::TokenShare))
+        );
+        // Another subscriber of the same token shares the part...
+        let same_token = sender("flood", "web", "other");
+        let recorded = book.record(&live, &same_token, 1, &distinct(0, 1), at(2));
+        assert_eq!(recorded.left_out, 1);
+        // ... another token's report is taken whole...
+        let honest = sender("ivr-token", "ivr", "ivr-1");
+        let login = Report {
+            decisions: vec![],
+            signals: vec![(SignalName::parse("login.failed").unwrap(), 500)],
+        };
+        assert_eq!(book.record(&live, &honest, 1, &login, at(3)).left_out, 0);
+        let t = book.tallies(&live, Duration::from_secs(60), at(3));
+        assert!(t.signals.iter().any(|((c, n), count)| {
+            c.as_str() == "ivr" && n.as_str() == "login.failed" && *count == 500
+        }));
+        let limited: Vec<_> = t
+            .refused_by
+            .iter()
+            .map(|(r, n)| (&*r.subscriber, r.why, *n))
+            .collect();
+        assert_eq!(
+            limited,
+            vec![
+                ("looping", Refusal::LeftOut, 1),
+                ("other", Refusal::LeftOut, 1)
+            ]
+        );
+        // ... and in the next bucket the flooder has its part again.
+        let recorded = book.record(&live, &flooder, 1, &distinct(10_000, 10), at(10));
+        assert_eq!(recorded.left_out, 0);
+    }
+
+    #[test]
+    fn a_busy_fleet_on_one_token_keeps_reporting_for_half_an_hour() {
+        // Two channels of 288 distinct rows each, every 10 s, from twenty
+        // subscribers of one token: nothing is ever left out, and the book
+        // holds 15 minutes of it.
+        let book = ReportBook::default();
+        let live = Namespace::live();
+        for bucket in 0..180 {
+            for pod in 0..20 {
+                let channel = if pod % 2 == 0 { "web" } else { "chatbot" };
+                let s = sender("fleet", channel, &format!("pod-{pod}"));
+                let recorded = book.record(&live, &s, 1, &distinct(0, 288), at(bucket * 10));
+                assert_eq!(recorded.left_out, 0, "bucket {bucket}, pod {pod}");
+            }
+        }
+        assert_eq!(book.book.lock().unwrap().rows, BUCKETS * 576);
+        let t = book.tallies(&live, LONGEST_WINDOW, at(1790));
+        assert!(!t.truncated && t.refused == 0);
+    }
+
+    #[test]
+    fn drills_never_take_the_room_of_live() {
+        let book = ReportBook::default();
+        let now = at(0);
+        let s = sender("d", "web", "w");
+        // A drill that changed nothing takes no room at all.
+        let idle = Namespace::parse("drill-idle").unwrap();
+        let recorded = book.record(&idle, &s, 0, &distinct(0, 3), now);
+        assert_eq!(
+            (recorded.left_out, recorded.full),
+            (3, Some(Full::DrillNotStarted))
+        );
+        book.refused(&idle, &s, Refusal::TooSoon, 1, now);
+        assert!(book.book.lock().unwrap().namespaces.is_empty());
+        // The drills' share filled by many tokens...
+        let drill = Namespace::parse("drill-a").unwrap();
+        let mut from = 0;
+        for token in 0.. {
+            if from >= MAX_DRILL_ROWS {
+                break;
+            }
+            let s = sender(&format!("d{token}"), "web", "w");
+            book.record(&drill, &s, 1, &distinct(from, 2000), now);
+            from += 2000;
+        }
+        let late = sender("late-drill", "web", "w");
+        let recorded = book.record(&drill, &late, 1, &distinct(from, 1), now);
+        assert_eq!(
+            (recorded.left_out, recorded.full),
+            (1, Some(Full::DrillShare))
+        );
+        // ... and every other drill namespace taken: live is still kept.
+        for i in 1..MAX_DRILL_NAMESPACES {
+            let other = Namespace::parse(&format!("drill-n{i}")).unwrap();
+            book.record(&other, &late, 1, &Report::default(), now);
+        }
+        let one_more = Namespace::parse("drill-one-more").unwrap();
+        let recorded = book.record(&one_more, &late, 1, &distinct(0, 1), now);
+        assert_eq!(recorded.full, Some(Full::DrillNamespaces));
+        let live = Namespace::live();
+        let recorded = book.record(&live, &sender("ivr", "ivr", "i"), 1, &distinct(0, 5), now);
+        assert_eq!(recorded.left_out, 0);
+        assert_eq!(book.tallies(&live, BUCKET, now).signals.len(), 5);
+    }
+
+    #[test]
+    fn refusals_are_named_a_few_per_principal_and_never_make_counts_low() {
+        let book = ReportBook::default();
+        let live = Namespace::live();
+        let now = at(0);
+        // A flooding principal: its first subscribers named, the rest
+        // counted together.
+        for i in 0..100 {
+            let s = sender("flood", "ivr", &format!("ivr-{i}"));
+            book.refused(&live, &s, Refusal::Malformed, 2, now);
+        }
+        // An honest one refused later is still named.
+        book.refused(
+            &live,
+            &sender("view", "web", "web-1"),
+            Refusal::NotPermitted,
+            1,
+            now,
+        );
+        let t = book.tallies(&live, BUCKET, now);
+        assert_eq!(t.refused, 201);
+        let named: Vec<_> = t
+            .refused_by
+            .iter()
+            .map(|(r, n)| (&*r.principal, &*r.subscriber, *n))
+            .collect();
+        assert_eq!(named[0], ("p-flood", "", 184));
+        assert_eq!(named.len(), 1 + MAX_REFUSED_NAMED_PER_PRINCIPAL + 1);
+        assert!(named.contains(&("p-view", "web-1", 1)));
+        assert!(!t.truncated && !t.refusals_cut);
+        // Past the bucket's bound, refusals are only counted, and the
+        // tallies say names were cut, not that counts are low.
+        for p in 0..MAX_REFUSED_ROWS {
+            book.refused(
+                &live,
+                &sender(&format!("t{p}"), "web", "w"),
+                Refusal::TooSoon,
+                1,
+                now,
+            );
+        }
+        let t = book.tallies(&live, BUCKET, now);
+        assert!(t.refusals_cut && !t.truncated);
     }
 }

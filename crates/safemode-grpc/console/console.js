@@ -13,6 +13,11 @@
 // its events on (BroadcastChannel); when it closes, another takes over. Every
 // call has a deadline, and the page says "Not live" when a refresh has not
 // finished within a few seconds.
+//
+// Three views: the overview (what is in force), insights (what the channels'
+// reports and the policy show an attacker: the inconsistency map, soft
+// downtime, dead ends, signals), and the early-warning proposals, whose open
+// count the navigation and the overview show.
 
 const CHANNELS = ["chatbot", "ivr", "agent-desk", "web", "mobile", "email"];
 const METHODS = ["password", "sms_otp", "email_otp", "voice_otp", "totp", "push", "webauthn", "id_document", "kba", "callback"];
@@ -31,6 +36,11 @@ const NOT_LIVE_AFTER_MS = 4000;
 /// How long the event stream may say nothing (it says something every 15 s).
 const STREAM_SILENCE_MS = 40000;
 const PRINCIPAL_KEY = "safemode.principal";
+/// How often the insights view reads again while it is open (a fleet
+/// gather: modest), besides whenever the namespace's revision moves.
+const INSIGHTS_EVERY_MS = 15000;
+/// The views, by name: the element that holds each.
+const VIEWS = { overview: "overview-view", insights: "insights-view", proposals: "proposals-view" };
 
 const $ = (id) => document.getElementById(id);
 
@@ -94,6 +104,10 @@ const session = {
   problems: [],
   fleetPartial: false,
   fleetProblems: [],
+  // The view shown: overview, insights or proposals.
+  view: "overview",
+  // The namespace's open proposals as last read.
+  proposals: [],
 };
 
 function credentials() {
@@ -172,6 +186,7 @@ async function signIn() {
   show($("main"), true);
   show($("namespace-form"), true);
   show($("signout"), true);
+  show($("views"), true);
   $("whoami").textContent = `Signed in as ${who.principal} (${who.roles.join(", ") || "no role"})`;
   applyPermissions();
   await loadCatalog();
@@ -188,6 +203,9 @@ function showSignIn(error, tokens = true) {
   show($("main"), false);
   show($("namespace-form"), false);
   show($("signout"), false);
+  show($("views"), false);
+  showView("overview", false);
+  clearInsights();
   $("whoami").textContent = "";
   $("revision").textContent = "";
   session.revision = null;
@@ -399,13 +417,18 @@ async function refresh() {
 }
 
 /// The namespace as the replica answering has it: its revision, what is in
-/// force, incidents and requests (no other replica is asked: at once).
+/// force, incidents, requests and proposals (no other replica is asked: at
+/// once).
 async function readAndRender() {
   const namespace = session.namespace;
-  const [status, incidents, requests] = await Promise.all([
+  // The closed proposals only while their view is open.
+  const closedWanted = session.view === "proposals";
+  const [status, incidents, requests, proposals, all] = await Promise.all([
     call("GetStatus", { namespace, pageSize: 1, thisReplicaOnly: true }),
     call("ListIncidents", { namespace, includeResolved: true }),
     call("ListRequests", { namespace }),
+    call("ListProposals", { namespace }),
+    closedWanted ? call("ListProposals", { namespace, includeClosed: true }) : null,
   ]);
   if (namespace !== session.namespace) return;
   session.readAt = new Date();
@@ -426,6 +449,13 @@ async function readAndRender() {
   rerender("told", status.activations, () => renderTold(status.activations));
   rerender("requests", [pending, who], () => renderRequests(pending));
   rerender("audit-choices", incidents.incidents, () => renderAuditChoices(incidents.incidents));
+  session.proposals = (proposals.proposals || []).filter((p) => p.state === "open");
+  rerender("proposals", [session.proposals, who, session.runbooks.length], () => renderProposals(session.proposals));
+  showProposalCount(session.proposals);
+  if (all) {
+    const closed = (all.proposals || []).filter((p) => p.state !== "open");
+    rerender("closed-proposals", closed, () => renderClosedProposals(closed));
+  }
   show($("nothing-active"), active.length === 0 && status.activations.length === 0);
   session.problems = status.problems || [];
   showProblems();
@@ -780,7 +810,7 @@ function confirmAction({ title, context, preview, commit }) {
     try {
       const at = session.revision;
       const answer = await preview(reason.value);
-      $("confirm-preview").replaceChildren(previewView(answer.preview));
+      $("confirm-preview").replaceChildren(previewView(answer.preview), ...deadEndsView(answer.deadEnds));
       reason.readOnly = true;
       previewedAt = at;
       confirmButton.disabled = false;
@@ -861,6 +891,15 @@ function previewView(preview) {
     );
   }
   return box;
+}
+
+/// The dead ends a change would leave (a declaration's), if any.
+function deadEndsView(deadEnds) {
+  if (!deadEnds || deadEnds.length === 0) return [];
+  return [
+    el("p", { class: "warning", text: "It leaves dead ends: actions no customer can get done on any channel:" }),
+    el("ul", { class: "dead-ends" }, ...deadEnds.map((line) => el("li", { class: "text", text: line }))),
+  ];
 }
 
 function outcome(answer, done) {
@@ -985,6 +1024,445 @@ function askWithdraw(request) {
       return `Withdrew ${request.id}.`;
     },
   });
+}
+
+// === Views ===
+
+/// Shows the view `name` (overview, insights or proposals). `read`: read
+/// what the view needs now (the insights; the closed proposals).
+function showView(name, read = true) {
+  session.view = name;
+  for (const [view, id] of Object.entries(VIEWS)) show($(id), view === name);
+  for (const button of document.querySelectorAll("#views button")) {
+    if (button.dataset.view === name) button.setAttribute("aria-current", "page");
+    else button.removeAttribute("aria-current");
+  }
+  if (name === "insights") {
+    if (read) readInsights();
+  } else {
+    stopInsights();
+  }
+  if (name === "proposals" && read) refresh();
+}
+
+// === Early-warning proposals ===
+
+/// The open proposals' count, in the navigation and on the overview.
+function showProposalCount(open) {
+  const badge = $("proposals-badge");
+  badge.textContent = `${open.length} open`;
+  show(badge, open.length > 0);
+  const banner = $("proposals-banner");
+  show(banner, open.length > 0);
+  if (open.length > 0) {
+    const newest = open[0];
+    $("proposals-banner-text").textContent =
+      open.length === 1
+        ? `1 open proposal: ${newest.question} (${newest.evidence})`
+        : `${open.length} open proposals; the newest: ${newest.question} (${newest.evidence})`;
+  }
+}
+
+/// A window of seconds as the runbooks write it (5m, 90s).
+function windowText(seconds) {
+  const n = Number(seconds || 0);
+  return n >= 60 && n % 60 === 0 ? `${n / 60}m` : `${n}s`;
+}
+
+/// What a proposal rests on, as terms and their descriptions.
+function proposalDetails(proposal) {
+  const runbook = session.runbooks.find((r) => r.name === proposal.type);
+  const items = [
+    ["Proposes", `declaring ${proposal.type}${runbook ? ` (${runbook.title})` : ""} at ${proposal.severity}`],
+  ];
+  if (proposal.source === "trigger") {
+    items.push(
+      ["Signal", proposal.signal],
+      ["Count", `${proposal.count} across the fleet, above ${proposal.above}`],
+      ["Window", windowText(proposal.withinSeconds)],
+      ["Channels", (proposal.channels || []).map((c) => `${c.channel} ${c.count}`).join(", ") || "(none named)"],
+    );
+  }
+  if (proposal.summary) items.push(["The detector saw", proposal.summary]);
+  items.push(["Raised", `by ${proposal.raisedBy} at ${when(proposal.raisedAt)}`]);
+  return el("dl", { class: "stage" }, ...items.flatMap(([term, text]) => [el("dt", { text: term }), el("dd", { text })]));
+}
+
+function renderProposals(open) {
+  show($("proposals-empty"), open.length === 0);
+  $("proposals").replaceChildren(
+    ...open.map((proposal) => {
+      const runbook = session.runbooks.find((r) => r.name === proposal.type);
+      const card = el(
+        "li",
+        { class: "proposal", "data-proposal-id": proposal.id },
+        el("h3", { text: `${proposal.question} (${proposal.id})` }),
+        el("p", { class: "evidence", text: `Evidence: ${proposal.evidence}` }),
+        proposal.partial
+          ? el("p", { class: "warning", text: "Some replica did not answer when it was raised: the count may be low." })
+          : null,
+        proposalDetails(proposal),
+        el(
+          "details",
+          { class: "proposed-stage" },
+          el("summary", { text: `What ${proposal.type} at ${proposal.severity} does` }),
+          stageDetails(runbook, proposal.severity),
+        ),
+      );
+      if (session.may.change) {
+        const accept = el("button", { type: "button", class: "accept", "data-key": `accept:${proposal.id}`, text: "Accept and declare…" });
+        accept.addEventListener("click", () => askAccept(proposal));
+        const dismiss = el("button", { type: "button", class: "dismiss danger", "data-key": `dismiss:${proposal.id}`, text: "Dismiss…" });
+        dismiss.addEventListener("click", () => askDismiss(proposal));
+        card.append(el("p", {}, accept, " ", dismiss));
+      } else {
+        card.append(el("p", { class: "read-only empty", text: "A commander accepts or dismisses it." }));
+      }
+      return card;
+    }),
+  );
+}
+
+function renderClosedProposals(closed) {
+  show($("closed-proposals-empty"), closed.length === 0);
+  show($("closed-proposals-table"), closed.length > 0);
+  $("closed-proposals").replaceChildren(
+    ...closed.map((proposal) =>
+      el(
+        "tr",
+        { class: "closed-proposal", "data-proposal-id": proposal.id },
+        el("td", { text: `${proposal.question} (${proposal.id})` }),
+        el("td", { class: "text", text: proposal.evidence }),
+        el("td", { class: "state", text: `${proposal.state} at ${when(proposal.closedAt)}` }),
+        el("td", { class: "by", text: proposal.closedBy }),
+        el("td", { class: "text reason", text: proposal.closedReason }),
+        el("td", { text: proposal.incidentId || "—" }),
+      ),
+    ),
+  );
+}
+
+function askAccept(proposal) {
+  const runbook = session.runbooks.find((r) => r.name === proposal.type);
+  const namespace = session.namespace;
+  confirmAction({
+    title: `Accept ${proposal.id}: declare ${proposal.type} at ${proposal.severity}`,
+    context: [
+      el("p", { class: "evidence", text: `Evidence: ${proposal.evidence}` }),
+      el("p", { text: "Accepting declares the incident below; its timeline cites the evidence. The preview is the declaration's dry run." }),
+      stageDetails(runbook, proposal.severity),
+    ],
+    preview: (reason) =>
+      call("DeclareIncident", { namespace, type: proposal.type, severity: proposal.severity, reason, dryRun: true }),
+    commit: async (reason) => {
+      const answer = await call("AcceptProposal", { namespace, proposalId: proposal.id, reason, changeId: session.changeId });
+      return outcome(answer, `Accepted ${proposal.id}: declared ${answer.incident.id} at revision ${answer.revision}.`);
+    },
+  });
+}
+
+function askDismiss(proposal) {
+  const namespace = session.namespace;
+  confirmAction({
+    title: `Dismiss ${proposal.id}: ${proposal.question}`,
+    context: [
+      el("p", { class: "evidence", text: `Evidence: ${proposal.evidence}` }),
+      el("p", { text: "Nothing is declared. The reason is recorded in the audit log." }),
+    ],
+    preview: null,
+    commit: async (reason) => {
+      await call("DismissProposal", { namespace, proposalId: proposal.id, reason, changeId: session.changeId });
+      return `Dismissed ${proposal.id}.`;
+    },
+  });
+}
+
+// === Insights ===
+
+const insights = {
+  // The next read while the view is open.
+  timer: null,
+  // A read is under way (never more than one), and another is wanted
+  // after it.
+  reading: false,
+  again: false,
+};
+
+function insightsOpen() {
+  return Boolean(session.who) && session.view === "insights";
+}
+
+function stopInsights() {
+  clearTimeout(insights.timer);
+  insights.timer = null;
+  insights.again = false;
+}
+
+/// Forgets what was shown (another namespace, signed out).
+function clearInsights() {
+  stopInsights();
+  for (const id of ["insights-map", "insights-live", "insights-soft", "insights-dead", "insights-signals", "insights-replicas"]) {
+    $(id).replaceChildren();
+  }
+  $("insights-state").textContent = "";
+  show($("insights-partial"), false);
+  show($("insights-more"), false);
+}
+
+/// Reads the insights (a fleet gather, with the call's deadline), once at a
+/// time: asked during a read, it reads again after it. While the view is
+/// open it reads again every INSIGHTS_EVERY_MS, and when the namespace's
+/// revision moves.
+async function readInsights() {
+  if (!insightsOpen()) return;
+  if (insights.reading) {
+    insights.again = true;
+    return;
+  }
+  insights.reading = true;
+  clearTimeout(insights.timer);
+  insights.timer = null;
+  try {
+    do {
+      insights.again = false;
+      const namespace = session.namespace;
+      const windowSeconds = Number($("insights-window").value);
+      const slow = setTimeout(() => {
+        $("insights-state").textContent = "Gathering the fleet's reports…";
+      }, 1000);
+      try {
+        const answer = await call("GetInsights", { namespace, windowSeconds });
+        if (namespace === session.namespace && insightsOpen()) drawInsights(answer);
+      } catch (error) {
+        if (error instanceof ApiError && error.status === 401) {
+          signOut(error.message);
+          return;
+        }
+        if (namespace === session.namespace && insightsOpen()) {
+          $("insights-state").textContent = `The insights could not be read: ${error.message}. What is below was read before.`;
+        }
+      } finally {
+        clearTimeout(slow);
+      }
+    } while (insights.again && insightsOpen());
+  } finally {
+    insights.reading = false;
+    if (insightsOpen()) {
+      clearTimeout(insights.timer);
+      insights.timer = setTimeout(readInsightsAgain, INSIGHTS_EVERY_MS);
+    }
+  }
+}
+
+/// The interval's read: skipped while the tab is in the background (it
+/// reads when it is in front again), so that forgotten tabs cost the fleet
+/// no gathers.
+function readInsightsAgain() {
+  if (document.hidden) {
+    insights.timer = setTimeout(readInsightsAgain, INSIGHTS_EVERY_MS);
+    return;
+  }
+  readInsights();
+}
+
+session.onRevision.add(() => readInsights());
+document.addEventListener("visibilitychange", () => {
+  if (!document.hidden) readInsights();
+});
+
+/// The fields of GetInsightsResponse the page draws; any other (a newer
+/// server's) is shown as it came, in "More in the answer".
+const INSIGHTS_FIELDS = new Set([
+  "namespace", "revision", "windowSeconds", "staticMap", "live", "softDowntime", "deadEnds", "signals", "replicas", "partial", "problems", "decisions",
+  "refusedReports", "refused",
+]);
+
+function isDefault(value) {
+  if (value === null || value === undefined || value === false || value === "" || value === 0 || value === "0") return true;
+  if (Array.isArray(value)) return value.length === 0;
+  if (typeof value === "object") return Object.values(value).every(isDefault);
+  return false;
+}
+
+function drawInsights(answer) {
+  const replicas = answer.replicas || [];
+  const answered = replicas.filter((r) => r.answered);
+  $("insights-state").textContent =
+    `${answer.namespace} at revision ${answer.revision}, last ${windowText(answer.windowSeconds)}: ` +
+    `${answer.decisions || 0} decision(s) reported; read at ${new Date().toLocaleTimeString()} ` +
+    `from ${answered.length} of ${replicas.length} replica(s).`;
+  // A replica that did not answer is named (once: the server's problems
+  // may name it already), one line each.
+  const problems = answer.problems || [];
+  const missing = replicas.filter((r) => !r.answered && !problems.some((p) => p.includes(`replica ${r.replica} `)));
+  const partial = $("insights-partial");
+  partial.textContent = [
+    answer.partial ? "PARTIAL: some replica did not answer or some counts were left out; the counts below may be low." : "",
+    ...missing.map((r) => `${r.replica} (${r.address}) DID NOT ANSWER: ${r.error || "no answer"}.`),
+    ...problems.map((p) => `Problem: ${p}`),
+  ]
+    .filter(Boolean)
+    .join("\n");
+  show(partial, Boolean(partial.textContent));
+  const maps = answer.staticMap || [];
+  rerender("insights-map", maps, () => renderInsightsMap(maps));
+  const live = answer.live || [];
+  rerender("insights-live", live, () => renderInsightsLive(live));
+  const soft = answer.softDowntime || [];
+  rerender("insights-soft", soft, () => {
+    show($("insights-soft-empty"), soft.length === 0);
+    $("insights-soft").replaceChildren(
+      ...soft.map((s) =>
+        el("li", { class: "soft-downtime state-rejected", "data-channel": s.channel, text: `${s.channel} ${String(s.kind).toUpperCase()}: ${s.detail}` }),
+      ),
+    );
+  });
+  const dead = answer.deadEnds || [];
+  rerender("insights-dead", dead, () => {
+    show($("insights-dead-empty"), dead.length === 0);
+    $("insights-dead").replaceChildren(
+      ...dead.map((d) => el("li", { class: "dead-end", text: `${d.action}: ${(d.channels || []).join("; ")}` })),
+    );
+  });
+  const signals = answer.signals || [];
+  rerender("insights-signals", signals, () => {
+    show($("insights-signals-empty"), signals.length === 0);
+    show($("insights-signals-table"), signals.length > 0);
+    $("insights-signals").replaceChildren(
+      ...signals.map((s) =>
+        el("tr", { class: "signal" }, el("td", { text: s.channel }), el("td", { text: s.name }), el("td", { text: String(s.count) })),
+      ),
+    );
+  });
+  // Absent from an older server's answer: it does not say.
+  const refused = answer.refused || [];
+  rerender("insights-refused", ["refusedReports" in answer, answer.refusedReports, refused], () => {
+    const total = Number(answer.refusedReports || 0);
+    $("insights-refused-total").textContent = !("refusedReports" in answer)
+      ? "This replica does not say."
+      : total === 0
+        ? "None refused."
+        : `${total} report(s) refused or cut short: a flooding or misbehaving subscriber, or one whose token may not report. By subscriber and why, most first:`;
+    show($("insights-refused-table"), refused.length > 0);
+    $("insights-refused").replaceChildren(
+      ...refused.map((r) =>
+        el(
+          "tr",
+          { class: "refused", "data-channel": r.channel },
+          el("td", { text: r.channel }),
+          el("td", {
+            class: "subscriber text",
+            text: r.subscriber
+              ? `${r.subscriber} (${r.principal || "?"})`
+              : `other subscribers of ${r.principal || "?"}`,
+          }),
+          el("td", { text: String(r.why).replaceAll("_", " ") }),
+          el("td", { text: String(r.count) }),
+        ),
+      ),
+    );
+  });
+  rerender("insights-replicas", replicas, () =>
+    $("insights-replicas").replaceChildren(
+      ...replicas.map((r) =>
+        r.answered
+          ? el("li", { class: "replica", text: `${r.replica} (${r.address}): answered` })
+          : el("li", { class: "replica state-rejected", text: `${r.replica} (${r.address}): DID NOT ANSWER — ${r.error}` }),
+      ),
+    ),
+  );
+  const more = Object.fromEntries(Object.entries(answer).filter(([key, value]) => !INSIGHTS_FIELDS.has(key) && !isDefault(value)));
+  show($("insights-more"), Object.keys(more).length > 0);
+  const text = JSON.stringify(more, null, 2);
+  if ($("insights-more-text").textContent !== text) $("insights-more-text").textContent = text;
+}
+
+function renderInsightsMap(maps) {
+  show($("insights-map-empty"), maps.length === 0);
+  show($("insights-map-table"), maps.length > 0);
+  $("insights-map").replaceChildren(
+    ...maps.map((map) => {
+      // Empty when no channel itself offers a path (each routes elsewhere
+      // or denies).
+      const easiest = map.differs ? map.easiestChannel || "" : "";
+      return el(
+        "tr",
+        { class: map.differs ? "action-map differs-row" : "action-map", "data-action": map.action },
+        el("th", { scope: "row", text: map.action }),
+        el(
+          "td",
+          {},
+          el(
+            "ol",
+            { class: "outcomes inline" },
+            ...(map.channels || []).map((c) =>
+              el("li", {
+                class: c.channel === easiest ? "channel-outcome easiest" : "channel-outcome",
+                "data-channel": c.channel,
+                title: c.detail || undefined,
+                text: `${c.channel} ${String(c.effect).toUpperCase()}${c.channel === easiest ? " ← easiest path" : ""}`,
+              }),
+            ),
+          ),
+        ),
+        el(
+          "td",
+          { class: map.differs ? "differs easiest-channel" : "alike" },
+          map.differs ? easiest || "none: no channel offers a path itself" : "every channel alike",
+        ),
+      );
+    }),
+  );
+}
+
+function outcomeNotes(o) {
+  const notes = [];
+  if (o.oldRevision) notes.push(`OLD revision ${o.revision}`);
+  if (o.failedClosed) notes.push("FAILING CLOSED");
+  else if (o.stale) notes.push("STALE");
+  return notes.join("; ");
+}
+
+function renderInsightsLive(live) {
+  show($("insights-live-empty"), live.length === 0);
+  $("insights-live").replaceChildren(
+    ...live.map((d) =>
+      el(
+        "li",
+        { class: "live-difference", "data-action": d.action },
+        el("h4", {
+          text: `${d.action} (${d.contextText || "context not said"}): ${d.total} decision(s), ${d.acrossChannels ? "different across channels" : "different across subscribers or revisions of one channel"}`,
+        }),
+        el(
+          "table",
+          {},
+          el("caption", { class: "visually-hidden", text: `Who decided what for ${d.action}` }),
+          el(
+            "thead",
+            {},
+            el("tr", {}, ...["Channel", "Subscriber", "Revision", "Effect", "Decisions", "Notes"].map((h) => el("th", { scope: "col", text: h }))),
+          ),
+          el(
+            "tbody",
+            {},
+            ...(d.outcomes || []).map((o) => {
+              const notes = outcomeNotes(o);
+              return el(
+                "tr",
+                { class: notes ? "outcome noted" : "outcome", "data-channel": o.channel },
+                el("td", { text: o.channel }),
+                el("td", { class: "subscriber text", text: o.subscriber || "—" }),
+                el("td", { text: String(o.revision) }),
+                el("td", { text: String(o.effect).toUpperCase() }),
+                el("td", { text: String(o.count) }),
+                el("td", { class: "notes", text: notes }),
+              );
+            }),
+          ),
+        ),
+      ),
+    ),
+  );
 }
 
 // === Decision preview ===
@@ -1369,10 +1847,12 @@ function wireForms() {
       session.revision = null;
       session.may = who.permissions[0];
       drawn.clear();
+      clearInsights();
       applyPermissions();
       say("");
       await refresh();
       follow();
+      readInsights();
     } catch (e) {
       fail(e.message);
     }
@@ -1396,6 +1876,18 @@ function wireForms() {
     readAudit();
   });
   $("audit-copy").addEventListener("click", copyHead);
+  for (const button of document.querySelectorAll("#views button")) {
+    button.addEventListener("click", () => showView(button.dataset.view));
+  }
+  $("proposals-banner-go").addEventListener("click", () => {
+    showView("proposals");
+    $("view-proposals").focus();
+  });
+  $("insights-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    readInsights();
+  });
+  $("insights-window").addEventListener("change", () => readInsights());
 }
 
 start();

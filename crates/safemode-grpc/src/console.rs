@@ -14,13 +14,14 @@
 //! gRPC error becomes an HTTP status with `{code, message}`.
 //!
 //! `GET /api/v1/events?namespace=NS` is a server-sent-events stream that
-//! says when the namespace's revision, incidents or requests changed
-//! (`what: namespace`), or the fleet's propagation summary did (`what:
+//! says when the namespace's revision, incidents, requests or open
+//! proposals changed (`what: namespace`), or the fleet's propagation summary did (`what:
 //! fleet`), for the page to fetch again. Every 250 ms each stream checks
 //! its caller's permission through the same stack (`WhoAmI`: a revoked
 //! token or a lost role ends it), and the namespace's fingerprint (this
 //! replica's status, incidents, requests: no other replica is asked, so a
-//! silent one never holds a change back) is read through the stack, once
+//! silent one never holds a change back; open proposals among it, since
+//! raising one moves no revision) is read through the stack, once
 //! per interval for all the streams of a namespace. The fleet's
 //! propagation is gathered apart, one gather per namespace at a time, on
 //! its own cadence and deadline. Streams are bounded per replica, per
@@ -691,7 +692,7 @@ fn namespace_of(query: Option<&str>) -> String {
 }
 
 /// What the page shows of a namespace as this replica has it (revision,
-/// activations, incidents, requests), hashed, and the namespace's revision:
+/// activations, incidents, requests, open proposals), hashed, and the namespace's revision:
 /// a change of any of it is an event at once.
 type Fingerprint = (u64, i64);
 
@@ -771,8 +772,9 @@ async fn recheck(
 }
 
 /// [`Fingerprint`] of a namespace, through the control service as the
-/// caller: this replica's status (no other replica is asked), incidents
-/// and requests.
+/// caller: this replica's status (no other replica is asked), incidents,
+/// requests and open proposals (a trigger raising one changes nothing
+/// else the page would see).
 async fn fingerprint(
     console: &Console,
     namespace: &str,
@@ -834,10 +836,21 @@ async fn fingerprint(
             headers,
         )
         .await?;
+    let proposals: proto::ListProposalsResponse = console
+        .call_typed(
+            "ListProposals",
+            &proto::ListProposalsRequest {
+                namespace: namespace.to_string(),
+                include_closed: false,
+            },
+            headers,
+        )
+        .await?;
     let mut hasher = DefaultHasher::new();
     status.encode_to_vec().hash(&mut hasher);
     incidents.encode_to_vec().hash(&mut hasher);
     requests.encode_to_vec().hash(&mut hasher);
+    proposals.encode_to_vec().hash(&mut hasher);
     Ok((hasher.finish(), status.revision))
 }
 

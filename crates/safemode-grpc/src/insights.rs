@@ -11,7 +11,7 @@ use crate::invalid;
 use safemode_controller::fleet::SubscriberFilter;
 use safemode_controller::insights::{self, Insights};
 use safemode_controller::reports::{
-    DecisionRow, LONGEST_WINDOW, MAX_TALLY_ROWS, NotableRow, Tallies,
+    DecisionRow, LONGEST_WINDOW, MAX_TALLY_ROWS, NotableRow, Refusal, RefusedRow, Tallies,
 };
 use safemode_controller::{Controller, SubscriberState};
 use safemode_policy::names::{ACTIONS, BOT_INTENT_FAMILY};
@@ -28,6 +28,11 @@ pub(crate) struct FleetTallies {
     pub partial: bool,
     pub problems: Vec<String>,
 }
+
+/// Signals one insights answer shows, most first (beyond, it is partial).
+const MAX_SIGNALS_SHOWN: usize = 200;
+/// Senders of refused reports one insights answer names, most first.
+const MAX_REFUSED_SHOWN: usize = 50;
 
 /// The largest tallies answer one replica takes from another.
 const MAX_REPORTS_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
@@ -97,7 +102,7 @@ impl Fleet {
         if out.tallies.truncated {
             out.partial = true;
             problems.push(format!(
-                "some report rows were left out (a replica's book is full, or an answer holds more than {MAX_TALLY_ROWS} rows): counts are low"
+                "some report rows were left out (a sender's share of the report book was full, or an answer holds more than {MAX_TALLY_ROWS} rows; see the refused reports): counts are low"
             ));
         }
         out.problems = problems;
@@ -194,9 +199,25 @@ pub(crate) fn tallies_to_wire(replica: &str, tallies: Tallies) -> proto::Replica
                 count,
             })
             .collect(),
+        refused: tallies
+            .refused_by
+            .into_iter()
+            .map(|(row, count)| refused_to_wire(&row, count))
+            .collect(),
         truncated: tallies.truncated,
+        refusals_cut: tallies.refusals_cut,
         refused_reports: tallies.refused,
         ..proto::ReplicaReportsResponse::default()
+    }
+}
+
+fn refused_to_wire(row: &RefusedRow, count: u64) -> proto::RefusedTally {
+    proto::RefusedTally {
+        principal: row.principal.to_string(),
+        channel: row.channel.as_str().to_string(),
+        subscriber: row.subscriber.to_string(),
+        why: row.why.as_str().to_string(),
+        count,
     }
 }
 
@@ -205,13 +226,15 @@ pub(crate) fn tallies_to_wire(replica: &str, tallies: Tallies) -> proto::Replica
 fn tallies_from_wire(answer: &proto::ReplicaReportsResponse) -> Result<Tallies, String> {
     let too_many = answer.decisions.len() > MAX_TALLY_ROWS
         || answer.notable.len() > MAX_TALLY_ROWS
-        || answer.signals.len() > MAX_TALLY_ROWS;
+        || answer.signals.len() > MAX_TALLY_ROWS
+        || answer.refused.len() > MAX_TALLY_ROWS;
     if too_many {
         return Err(format!("it answered more than {MAX_TALLY_ROWS} rows"));
     }
     let channel = |name: &str| Channel::parse(name).map_err(|e| format!("a row's channel: {e}"));
     let mut tallies = Tallies {
         truncated: answer.truncated,
+        refusals_cut: answer.refusals_cut,
         refused: answer.refused_reports,
         ..Tallies::default()
     };
@@ -265,6 +288,30 @@ fn tallies_from_wire(answer: &proto::ReplicaReportsResponse) -> Result<Tallies, 
             .signals
             .push(((channel(&s.channel)?, name), s.count));
     }
+    for r in &answer.refused {
+        if !r.subscriber.is_empty() {
+            safemode_wire::check_subscriber_id(&r.subscriber)
+                .map_err(|e| format!("a row's subscriber: {e}"))?;
+        }
+        let printable = |c: char| !c.is_control();
+        if r.principal.is_empty() || r.principal.len() > 128 || !r.principal.chars().all(printable)
+        {
+            return Err(
+                "a row's principal is empty, longer than 128 bytes, or not printable".into(),
+            );
+        }
+        let why = Refusal::parse(&r.why)
+            .ok_or_else(|| format!("a row's reason {:?} is not known", r.why))?;
+        tallies.refused_by.push((
+            RefusedRow {
+                principal: r.principal.as_str().into(),
+                channel: channel(&r.channel)?,
+                subscriber: r.subscriber.as_str().into(),
+                why,
+            },
+            r.count,
+        ));
+    }
     Ok(tallies)
 }
 
@@ -316,6 +363,17 @@ pub(crate) async fn gather(
         decisions,
     } = insights::insights(&policy, current, &gathered.tallies, &states);
     let mut problems = gathered.problems;
+    if gathered.tallies.refusals_cut {
+        problems.push(
+            "more senders had reports refused than are named: the refusals are counted, some senders are not named".into(),
+        );
+    }
+    let signals = gathered.tallies.signals.len();
+    if signals > MAX_SIGNALS_SHOWN {
+        problems.push(format!(
+            "{signals} signals were reported in the window; the {MAX_SIGNALS_SHOWN} most counted are shown"
+        ));
+    }
     for problem in states_of.problems {
         if !problems.contains(&problem) {
             problems.push(problem);
@@ -329,7 +387,7 @@ pub(crate) async fn gather(
             .into_iter()
             .map(|m| proto::ActionMap {
                 action: m.action.to_string(),
-                differs: m.easiest.is_some(),
+                differs: m.differs,
                 easiest_channel: m
                     .easiest
                     .map(|c| c.as_str().to_string())
@@ -388,11 +446,19 @@ pub(crate) async fn gather(
                     .collect(),
             })
             .collect(),
+        refused_reports: gathered.tallies.refused,
+        refused: gathered
+            .tallies
+            .refused_by
+            .iter()
+            .take(MAX_REFUSED_SHOWN)
+            .map(|(row, count)| refused_to_wire(row, *count))
+            .collect(),
         signals: gathered
             .tallies
             .signals
             .iter()
-            .take(200)
+            .take(MAX_SIGNALS_SHOWN)
             .map(|((channel, name), count)| proto::SignalTally {
                 channel: channel.as_str().to_string(),
                 name: name.to_string(),
@@ -400,7 +466,7 @@ pub(crate) async fn gather(
             })
             .collect(),
         replicas: gathered.replicas,
-        partial: gathered.partial || states_of.partial,
+        partial: gathered.partial || states_of.partial || signals > MAX_SIGNALS_SHOWN,
         problems,
         decisions,
     })

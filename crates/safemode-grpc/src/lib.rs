@@ -13,6 +13,7 @@ mod insights;
 pub mod limits;
 pub(crate) mod outbound;
 mod reports;
+pub use reports::TOKEN_BURST as REPORT_TOKEN_BURST;
 pub mod server;
 mod subscribe;
 pub mod telemetry;

@@ -167,6 +167,12 @@ impl StreamCounter {
         })
     }
 
+    /// Streams `token` holds now.
+    pub fn held(&self, token: &str) -> usize {
+        let counts = self.counts.lock().expect("poisoned");
+        counts.by_token.get(token).copied().unwrap_or(0)
+    }
+
     /// Streams open now.
     pub fn open(&self) -> usize {
         self.counts.lock().expect("poisoned").total

@@ -2,29 +2,144 @@
 //! (bounds, names, revisions the stream was sent) and paced before the
 //! replica's report book takes it, and answered either way. A refused
 //! report changes nothing else: the stream's policy goes on.
+//!
+//! The pace is the replica's, not the stream's: one report per subscriber
+//! id per gap across all its streams (a reconnect does not reset it), and a
+//! token's subscribers together at most one per stream the token holds.
 
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use prost::Message as _;
 use tokio::time::Instant;
 
-use safemode_controller::reports::{DecisionRow, Report};
+use safemode_controller::reports::{DecisionRow, Recorded, Refusal, Report};
 use safemode_policy::names::{ACTIONS, BOT_INTENT_FAMILY};
 use safemode_policy::telemetry::limits::{
     MAX_DECISION_ROWS, MAX_REPORT_BYTES, MAX_SIGNALS, REPORT_EVERY,
 };
-use safemode_policy::{Channel, ContextClass, EffectKind, Revision, SignalName};
+use safemode_policy::{Channel, ContextClass, EffectKind, Namespace, Revision, SignalName};
 use safemode_wire::proto;
 
 /// The shortest gap between two reports of one stream that is taken: the
 /// client's interval less some slack for timers and the network.
 pub const MIN_REPORT_GAP: Duration = Duration::from_secs(REPORT_EVERY.as_secs() - 2);
 
-/// One stream's reporting: when it last reported, and the newest revision
-/// its reports may name.
+/// First reports a token's new streams may make in a gap beyond one per
+/// stream it holds: short-lived subscribers (a script's `safemode signal`,
+/// a client that reconnected) report once and are gone before their turn
+/// is.
+pub const TOKEN_BURST: usize = 16;
+
+/// Who takes a turn: a subscriber id on a channel of a namespace, under a
+/// token (its hash, or the principal's name without tokens).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Turn {
+    pub token: Arc<str>,
+    pub namespace: Namespace,
+    pub channel: Channel,
+    pub subscriber: Arc<str>,
+}
+
+/// The replica's pace of reports, over every stream.
+#[derive(Debug, Default)]
+pub struct ReportPace {
+    state: Mutex<PaceState>,
+}
+
+#[derive(Debug, Default)]
+struct PaceState {
+    /// When each turn was last taken, within the last gap.
+    last: HashMap<Turn, Instant>,
+    /// The same, oldest first, to forget them in order; `true` for a
+    /// stream's first report.
+    order: VecDeque<(Instant, Turn, bool)>,
+    /// When each token's new streams made their first reports, within the
+    /// last gap, oldest first.
+    first_reports: HashMap<Arc<str>, VecDeque<Instant>>,
+}
+
+impl PaceState {
+    /// Forgets the turns taken at or before `since`.
+    fn forget_before(&mut self, since: Instant) {
+        while self.order.front().is_some_and(|(at, _, _)| *at <= since) {
+            let (at, turn, first) = self.order.pop_front().expect("a front turn");
+            if self.last.get(&turn) == Some(&at) {
+                self.last.remove(&turn);
+            }
+            if first && let Some(times) = self.first_reports.get_mut(&turn.token) {
+                times.pop_front();
+                if times.is_empty() {
+                    self.first_reports.remove(&turn.token);
+                }
+            }
+        }
+    }
+}
+
+impl ReportPace {
+    /// Takes `turn` at `now`, if it has one: its subscriber (on its channel)
+    /// reported no sooner than [`MIN_REPORT_GAP`] ago on any stream; and a
+    /// stream's `first` report only while its token's new streams made
+    /// fewer first reports in that time than the `streams` it holds plus
+    /// [`TOKEN_BURST`] (a stream that reported before has its own turn: a
+    /// client reconnecting in a loop cannot take the turns of the steady
+    /// ones). Otherwise why not, and in how many seconds to come back.
+    /// Remembers at most one turn per stream the replica holds, and the
+    /// bursts.
+    pub fn take(
+        &self,
+        turn: &Turn,
+        first: bool,
+        streams: usize,
+        now: Instant,
+    ) -> Result<(), (String, u32)> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(since) = now.checked_sub(MIN_REPORT_GAP) {
+            state.forget_before(since);
+        }
+        let every = REPORT_EVERY.as_secs();
+        let seconds = |wait: Duration| (wait.as_secs_f64().ceil() as u32).max(1);
+        if let Some(last) = state.last.get(turn) {
+            let wait = seconds(MIN_REPORT_GAP.saturating_sub(now.saturating_duration_since(*last)));
+            return Err((
+                format!(
+                    "too soon: a subscriber reports at most every {every}s on a channel, over all its streams; this report is dropped, send its counts with the next one in {wait}s"
+                ),
+                wait,
+            ));
+        }
+        if first {
+            let times = state.first_reports.get(&turn.token);
+            let taken = times.map_or(0, VecDeque::len);
+            if taken >= streams + TOKEN_BURST {
+                let oldest = times.and_then(|t| t.front()).copied().unwrap_or(now);
+                let wait = seconds((oldest + MIN_REPORT_GAP).saturating_duration_since(now));
+                return Err((
+                    format!(
+                        "too soon: this token's new streams made {taken} first reports in the last {}s, and it holds {streams} {}: one first report per stream, and {TOKEN_BURST} more; this report is dropped, send its counts with the next one in {wait}s",
+                        MIN_REPORT_GAP.as_secs(),
+                        if streams == 1 { "stream" } else { "streams" }
+                    ),
+                    wait,
+                ));
+            }
+            state
+                .first_reports
+                .entry(turn.token.clone())
+                .or_default()
+                .push_back(now);
+        }
+        state.last.insert(turn.clone(), now);
+        state.order.push_back((now, turn.clone(), first));
+        Ok(())
+    }
+}
+
+/// One stream's reports: the newest revision they may name.
 #[derive(Debug)]
 pub struct Pace {
-    last: Option<Instant>,
     /// The newest revision the stream was sent, or its hello held: a
     /// decision may have been made with any revision up to it (one applied
     /// before a reconnect, too), never a later one.
@@ -35,7 +150,6 @@ impl Pace {
     /// A stream whose hello said it held `held` (0: nothing).
     pub fn new(held: Revision) -> Self {
         Pace {
-            last: None,
             newest: held.max(0),
         }
     }
@@ -45,56 +159,54 @@ impl Pace {
         self.newest = self.newest.max(revision);
     }
 
-    /// Checks `report` of a subscriber on `channel`, received `now`: the
-    /// report as rows, or the answer that refuses it.
+    /// Checks `report` of a subscriber on `channel`, then takes its turn
+    /// with `take_turn`: the report as rows, or the answer that refuses it
+    /// and why. A report refused for what it holds does not use up a turn.
     pub fn check(
-        &mut self,
+        &self,
         report: &proto::Report,
         channel: Channel,
-        now: Instant,
-    ) -> Result<Report, proto::ReportAnswer> {
+        take_turn: impl FnOnce() -> Result<(), (String, u32)>,
+    ) -> Result<Report, (proto::ReportAnswer, Refusal)> {
         let refuse = |reason: String, retry_after: u32| proto::ReportAnswer {
             sequence: report.sequence,
             accepted: false,
             reason,
             retry_after_seconds: retry_after,
+            left_out: 0,
         };
         let size = report.encoded_len();
         if size > MAX_REPORT_BYTES {
-            return Err(refuse(
-                format!(
-                    "too large: {size} bytes, at most {MAX_REPORT_BYTES}; this report is dropped"
+            return Err((
+                refuse(
+                    format!(
+                        "too large: {size} bytes, at most {MAX_REPORT_BYTES}; this report is dropped"
+                    ),
+                    0,
                 ),
-                0,
+                Refusal::TooLarge,
             ));
         }
         if report.decisions.len() > MAX_DECISION_ROWS || report.signals.len() > MAX_SIGNALS {
-            return Err(refuse(
-                format!(
-                    "too many rows: {} decision rows and {} signals, at most {MAX_DECISION_ROWS} and {MAX_SIGNALS}; this report is dropped",
-                    report.decisions.len(),
-                    report.signals.len()
+            return Err((
+                refuse(
+                    format!(
+                        "too many rows: {} decision rows and {} signals, at most {MAX_DECISION_ROWS} and {MAX_SIGNALS}; this report is dropped",
+                        report.decisions.len(),
+                        report.signals.len()
+                    ),
+                    0,
                 ),
-                0,
+                Refusal::TooLarge,
             ));
         }
-        if let Some(last) = self.last {
-            let since = now.saturating_duration_since(last);
-            if since < MIN_REPORT_GAP {
-                let wait = (MIN_REPORT_GAP - since).as_secs_f64().ceil() as u32;
-                return Err(refuse(
-                    format!(
-                        "too soon: a subscriber reports at most every {}s; this report is dropped, send its counts with the next one in {wait}s",
-                        REPORT_EVERY.as_secs()
-                    ),
-                    wait.max(1),
-                ));
-            }
-        }
-        let rows = self
-            .rows(report, channel)
-            .map_err(|e| refuse(format!("{e}; this report is dropped"), 0))?;
-        self.last = Some(now);
+        let rows = self.rows(report, channel).map_err(|e| {
+            (
+                refuse(format!("{e}; this report is dropped"), 0),
+                Refusal::Malformed,
+            )
+        })?;
+        take_turn().map_err(|(reason, wait)| (refuse(reason, wait), Refusal::TooSoon))?;
         Ok(rows)
     }
 
@@ -179,16 +291,25 @@ pub fn refused(report: &proto::Report, reason: String) -> proto::ReportAnswer {
         accepted: false,
         reason,
         retry_after_seconds: 0,
+        left_out: 0,
     }
 }
 
-/// The answer to a report taken.
-pub fn accepted(report: &proto::Report) -> proto::ReportAnswer {
+/// The answer to a report taken, saying which rows were left out.
+pub fn accepted(report: &proto::Report, recorded: Recorded) -> proto::ReportAnswer {
+    let reason = match recorded.full {
+        Some(full) if recorded.left_out > 0 => format!(
+            "{} of its {} rows were left out and their counts are lost: {full}",
+            recorded.left_out, recorded.rows
+        ),
+        _ => String::new(),
+    };
     proto::ReportAnswer {
         sequence: report.sequence,
         accepted: true,
-        reason: String::new(),
+        reason,
         retry_after_seconds: 0,
+        left_out: recorded.left_out.try_into().unwrap_or(u32::MAX),
     }
 }
 
@@ -214,9 +335,8 @@ mod tests {
     }
 
     #[test]
-    fn a_report_is_refused_with_its_reason_and_the_pace_is_kept() {
+    fn a_report_is_refused_with_its_reason_and_keeps_its_turn() {
         let web = Channel::parse("web").unwrap();
-        let t0 = Instant::now();
         let good = proto::Report {
             decisions: vec![decision(5)],
             signals: vec![proto::SignalCount {
@@ -230,65 +350,131 @@ mod tests {
             edit(&mut r);
             r
         };
-        let cases: Vec<(proto::Report, &str)> = vec![
+        let cases: Vec<(proto::Report, &str, Refusal)> = vec![
             (
                 with(|r| r.decisions[0].action = "account.nope".into()),
                 "unknown action",
+                Refusal::Malformed,
             ),
             (
                 with(|r| r.decisions[0].effect = "maybe".into()),
                 "unknown effect",
+                Refusal::Malformed,
             ),
             (
                 with(|r| r.decisions[0].revision = 6),
                 "never sent revision 6",
+                Refusal::Malformed,
             ),
-            (with(|r| r.decisions[0].context = None), "context: missing"),
+            (
+                with(|r| r.decisions[0].context = None),
+                "context: missing",
+                Refusal::Malformed,
+            ),
             (
                 with(|r| r.decisions[0].context.as_mut().unwrap().method = "x".into()),
                 "unknown method class",
+                Refusal::Malformed,
             ),
-            (with(|r| r.decisions[0].count = 0), "at least 1"),
+            (
+                with(|r| r.decisions[0].count = 0),
+                "at least 1",
+                Refusal::Malformed,
+            ),
             (
                 with(|r| r.decisions[0].failed_closed = true),
                 "only when stale",
+                Refusal::Malformed,
             ),
             (
                 with(|r| r.signals[0].name = "Bad Name".into()),
                 "bad signal name",
+                Refusal::Malformed,
             ),
             (
                 with(|r| r.signals = vec![r.signals[0].clone(); MAX_SIGNALS + 1]),
                 "too many rows",
+                Refusal::TooLarge,
             ),
             (
                 with(|r| r.signals[0].name = "a".repeat(70_000)),
                 "too large",
+                Refusal::TooLarge,
             ),
         ];
-        for (report, expected) in cases {
+        for (report, expected, kind) in cases {
             let mut pace = Pace::new(0);
             pace.sent(5);
-            let answer = pace.check(&report, web, t0).unwrap_err();
+            let (answer, why) = pace
+                .check(&report, web, || panic!("a bad report takes no turn"))
+                .unwrap_err();
             assert!(!answer.accepted);
             assert!(
                 answer.reason.contains(expected),
                 "{expected}: {}",
                 answer.reason
             );
-            assert_eq!(answer.retry_after_seconds, 0);
-            // A refused report does not use up the stream's turn.
-            pace.check(&good, web, t0).unwrap();
+            assert_eq!((answer.retry_after_seconds, why), (0, kind));
         }
         let mut pace = Pace::new(0);
         pace.sent(5);
-        let rows = pace.check(&good, web, t0).unwrap();
+        let rows = pace.check(&good, web, || Ok(())).unwrap();
         assert_eq!(rows.decisions.len(), 1);
-        let soon = pace
-            .check(&good, web, t0 + Duration::from_secs(3))
+        let (soon, why) = pace
+            .check(&good, web, || Err(("too soon: wait".into(), 4)))
             .unwrap_err();
-        assert!(soon.reason.contains("too soon"), "{}", soon.reason);
-        assert_eq!(soon.retry_after_seconds, 5);
-        pace.check(&good, web, t0 + MIN_REPORT_GAP).unwrap();
+        assert_eq!((soon.retry_after_seconds, why), (4, Refusal::TooSoon));
+    }
+
+    fn turn(token: &str, subscriber: &str) -> Turn {
+        Turn {
+            token: token.into(),
+            namespace: Namespace::live(),
+            channel: Channel::parse("web").unwrap(),
+            subscriber: subscriber.into(),
+        }
+    }
+
+    #[test]
+    fn the_pace_holds_across_streams_and_first_reports_per_token() {
+        let pace = ReportPace::default();
+        let t0 = Instant::now();
+        let at = |secs: u64| t0 + Duration::from_secs(secs);
+        // A subscriber's turn is its own, whichever stream it comes on.
+        pace.take(&turn("a", "ivr-1"), true, 10, at(0)).unwrap();
+        let (reason, wait) = pace.take(&turn("a", "ivr-1"), true, 10, at(3)).unwrap_err();
+        assert!(reason.contains("over all its streams"), "{reason}");
+        assert_eq!(wait, 5);
+        // A token's new streams make at most one first report per stream it
+        // holds and a few more: a new id on every reconnect does not make a
+        // new turn every time...
+        for i in 0..=TOKEN_BURST {
+            pace.take(&turn("b", &format!("x{i}")), true, 1, at(0))
+                .unwrap();
+        }
+        let (reason, wait) = pace.take(&turn("b", "again"), true, 1, at(1)).unwrap_err();
+        assert!(reason.contains("made 17 first reports"), "{reason}");
+        assert!(reason.contains("holds 1 stream:"), "{reason}");
+        assert_eq!(wait, 7, "until the oldest first report is a gap old");
+        // ... while a stream that reported before keeps its own turn.
+        pace.take(&turn("b", "steady"), false, 1, at(1)).unwrap();
+        // Another token is not held back by them.
+        pace.take(&turn("c", "x1"), true, 1, at(1)).unwrap();
+        // A subscriber's turn is on its channel: the same id on another
+        // channel has its own.
+        let mut mobile = turn("a", "ivr-1");
+        mobile.channel = Channel::parse("mobile").unwrap();
+        pace.take(&mobile, true, 10, at(3)).unwrap();
+        // A gap later every turn is back, and what was remembered is gone.
+        pace.take(&turn("a", "ivr-1"), false, 1, at(0) + MIN_REPORT_GAP)
+            .unwrap();
+        pace.take(&turn("b", "x3"), true, 1, at(1) + MIN_REPORT_GAP)
+            .unwrap();
+        let state = pace.state.lock().unwrap();
+        assert_eq!(state.last.len(), 3, "{state:?}");
+        assert_eq!(state.order.len(), 3);
+        assert_eq!(state.first_reports["a"].len(), 1);
+        assert_eq!(state.first_reports["b"].len(), 1);
+        assert_eq!(state.first_reports.len(), 2);
     }
 }

@@ -26,10 +26,11 @@ use tracing::{debug, warn};
 use super::fanout::subscription_service_server::SubscriptionService;
 use super::limits::{StreamCounter, StreamSlot};
 use super::outbound::{HeartbeatCache, Outbound, SnapshotCache};
-use super::reports::{self, Pace};
+use super::reports::{self, Pace, ReportPace, Turn};
 use super::telemetry::{Committed, StreamMetrics};
 use super::{Credential, StreamConfig, authorize, invalid, invalid_name, principal, status};
 use safemode_controller::auth::Operation;
+use safemode_controller::reports::{Refusal, Sender};
 use safemode_controller::{Controller, Subscription};
 use safemode_policy::{Channel, Namespace, Revision};
 use safemode_signing::SigningKey;
@@ -46,6 +47,8 @@ pub struct SubscriptionApi {
     streams: Arc<StreamCounter>,
     /// Heartbeats signed once per channel and revision per tick.
     heartbeats: Arc<HeartbeatCache>,
+    /// The pace of reports over every stream.
+    report_pace: Arc<ReportPace>,
 }
 
 impl SubscriptionApi {
@@ -55,6 +58,7 @@ impl SubscriptionApi {
             heartbeats: Arc::new(HeartbeatCache::new(config.heartbeat)),
             controller,
             streams: StreamCounter::new(config.limits),
+            report_pace: Arc::default(),
             config,
             snapshots: Arc::default(),
         }
@@ -84,12 +88,11 @@ impl SubscriptionService for SubscriptionApi {
         // A stream holds a place from the start (its hello may take a
         // while): one token, one connection, or everyone together can hold
         // only so many.
-        let slot = self.streams.admit(
-            credential
-                .as_ref()
-                .map_or(actor.name.as_str(), |c| c.sha256.as_str()),
-            &peer,
-        )?;
+        let token: Arc<str> = credential
+            .as_ref()
+            .map_or(actor.name.as_str(), |c| c.sha256.as_str())
+            .into();
+        let slot = self.streams.admit(&token, &peer)?;
         let mut inbound = request.into_inner();
         let hello = match tokio::time::timeout(self.config.hello_timeout, inbound.message()).await {
             Err(_) => {
@@ -130,11 +133,13 @@ impl SubscriptionService for SubscriptionApi {
         // it at will; a subscriber-only token can never squat the bound.
         let may_change = actor.may(Operation::Change, Some(&namespace)).is_ok();
         // A viewer may watch the policy, but only channel services report
-        // (their counts feed insights and proposals).
+        // (their counts feed insights and proposals); asked again on each
+        // report while tokens can change.
         let report_denied = actor
             .may(Operation::Report, Some(&namespace))
             .err()
             .map(|denied| denied.to_string());
+        let id: Arc<str> = id.into();
         self.controller
             .check_follow(&namespace, may_change)
             .await
@@ -151,7 +156,7 @@ impl SubscriptionService for SubscriptionApi {
             )
             .await
             .map_err(status)?;
-        debug!(%namespace, %channel, subscriber = id, "subscriber connected");
+        debug!(%namespace, %channel, subscriber = &*id, "subscriber connected");
         let reached = subscription.views.borrow().revision;
         let session = Session::new(
             subscription,
@@ -166,17 +171,37 @@ impl SubscriptionService for SubscriptionApi {
                 heartbeats: self.heartbeats.clone(),
             },
         )
-        .revoked_with(credential, namespace)
+        .revoked_with(credential, namespace.clone())
         .holding(slot)
         .reporting(Reporting {
             // A revision the hello claims beyond what the namespace reached was
             // never sent: reports may not name it.
             pace: Pace::new(hello.last_applied_revision.min(reached)),
+            turns: self.report_pace.clone(),
+            streams: self.streams.clone(),
             controller: self.controller.clone(),
-            subscriber: id.into(),
+            turn: Turn {
+                token: token.clone(),
+                namespace: namespace.clone(),
+                channel,
+                subscriber: id.clone(),
+            },
+            sender: Sender {
+                token,
+                principal: actor.name.as_str().into(),
+                channel,
+                subscriber: id,
+            },
             denied: report_denied,
+            reported: false,
+            refusals: Refusals::default(),
         });
-        Ok(Response::new(Box::pin(session.into_stream())))
+        let mut response = Response::new(Box::pin(session.into_stream()) as ResponseStream);
+        response.metadata_mut().insert(
+            wire::REPORTS_HEADER,
+            tonic::metadata::MetadataValue::from_static("1"),
+        );
+        Ok(response)
     }
 }
 
@@ -192,11 +217,69 @@ struct Signer {
 
 /// Where a stream's reports go.
 struct Reporting {
+    /// The revisions its reports may name.
     pace: Pace,
+    /// The replica's pace, and the streams each token holds.
+    turns: Arc<ReportPace>,
+    streams: Arc<StreamCounter>,
     controller: Arc<Controller>,
-    subscriber: Arc<str>,
-    /// Why the stream's principal may not report, if it may not.
+    turn: Turn,
+    sender: Sender,
+    /// Why the stream's principal may not report, if it may not (as of
+    /// the hello; asked again on each report while tokens can change).
     denied: Option<String>,
+    /// The stream took a turn before: its reports are its own turns, not
+    /// first reports.
+    reported: bool,
+    /// Refusals not yet counted in the book.
+    refusals: Refusals,
+}
+
+/// A stream's refused reports, counted in the book at most once per gap
+/// (a sender of refused reports cannot make the book's lock its own), and
+/// when the stream ends.
+#[derive(Debug, Default)]
+struct Refusals {
+    pending: [u64; Refusal::ALL.len()],
+    counted_at: Option<Instant>,
+}
+
+impl Reporting {
+    /// Counts a refusal for `why`; into the book now if none was counted
+    /// within the last gap.
+    fn refused(&mut self, why: Refusal, now: Instant) {
+        let at = Refusal::ALL.iter().position(|r| *r == why).expect("a kind");
+        self.refusals.pending[at] += 1;
+        let due = self
+            .refusals
+            .counted_at
+            .is_none_or(|at| now.saturating_duration_since(at) >= reports::MIN_REPORT_GAP);
+        if due {
+            self.refusals.counted_at = Some(now);
+            self.count_refusals();
+        }
+    }
+
+    fn count_refusals(&mut self) {
+        let book = self.controller.reports();
+        for (why, n) in Refusal::ALL.iter().zip(&mut self.refusals.pending) {
+            if *n > 0 {
+                book.refused(
+                    &self.turn.namespace,
+                    &self.sender,
+                    *why,
+                    std::mem::take(n),
+                    Timestamp::now(),
+                );
+            }
+        }
+    }
+}
+
+impl Drop for Reporting {
+    fn drop(&mut self) {
+        self.count_refusals();
+    }
 }
 
 /// The server side of one stream.
@@ -460,40 +543,56 @@ impl Session {
     /// Takes a report into the replica's book, or refuses it; either way
     /// the answer is sent next, and the policy stream goes on.
     fn report(&mut self, report: &proto::Report) {
-        let Some(Reporting {
-            pace,
-            controller,
-            subscriber,
-            denied,
-        }) = &mut self.reporting
-        else {
+        let Some(reporting) = &mut self.reporting else {
             return;
         };
-        let reports = controller.reports();
-        let now = Timestamp::now();
+        // The token's roles now: one demoted to viewer stops reporting at
+        // once (a revoked one ends the stream on its own).
+        let denied = match &self.credential {
+            Some((credential, namespace)) => match credential.current() {
+                Ok(principal) => principal
+                    .may(Operation::Report, Some(namespace))
+                    .err()
+                    .map(|denied| denied.to_string()),
+                Err(revoked) => Some(revoked.message().to_string()),
+            },
+            None => reporting.denied.clone(),
+        };
         let checked = match denied {
-            Some(denied) => Err(reports::refused(
-                report,
-                format!("{denied}; this report is dropped"),
+            Some(denied) => Err((
+                reports::refused(report, format!("{denied}; this report is dropped")),
+                Refusal::NotPermitted,
             )),
-            None => pace.check(report, self.subscription.channel, Instant::now()),
+            None => {
+                let Reporting {
+                    pace,
+                    turns,
+                    streams,
+                    turn,
+                    reported,
+                    ..
+                } = &*reporting;
+                pace.check(report, self.subscription.channel, || {
+                    turns.take(turn, !reported, streams.held(&turn.token), Instant::now())
+                })
+            }
         };
         let answer = match checked {
             Ok(rows) => {
+                reporting.reported = true;
                 let current = self.subscription.views.borrow().revision;
-                reports.record(
+                let recorded = reporting.controller.reports().record(
                     &self.signer.namespace,
-                    self.subscription.channel,
-                    subscriber,
+                    &reporting.sender,
                     current,
                     &rows,
-                    now,
+                    Timestamp::now(),
                 );
-                reports::accepted(report)
+                reports::accepted(report, recorded)
             }
-            Err(refusal) => {
+            Err((refusal, why)) => {
                 debug!(reason = %refusal.reason, "report refused");
-                reports.refused(&self.signer.namespace, now);
+                reporting.refused(why, Instant::now());
                 refusal
             }
         };

@@ -294,6 +294,12 @@ impl SignalName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// Whether the name is under `safemode.`, the client's own counters: a
+    /// service's or a script's signal may not use it.
+    pub fn is_reserved(&self) -> bool {
+        self.0.starts_with("safemode.")
+    }
 }
 
 impl TryFrom<String> for SignalName {

@@ -40,6 +40,11 @@ pub const STORE_UNREACHABLE_HEADER: &str = "x-safemode-store-unreachable";
 /// answer (refusals included), so that a command can say who answered.
 pub const REPLICA_HEADER: &str = "x-safemode-replica";
 
+/// The response header of a subscription stream by which a replica says it
+/// takes reports on it; a client sends none to a replica without it (an
+/// older version ends the stream on a message it does not know).
+pub const REPORTS_HEADER: &str = "x-safemode-reports";
+
 /// The snapshot format version this build writes and reads.
 pub const SCHEMA_VERSION: u32 = 1;
 
