@@ -288,6 +288,20 @@ async fn a_flooding_subscriber_is_limited_and_keeps_its_policy() {
         shown["signals"],
         serde_json::json!([{"channel": "web", "name": "login.failed", "count": 10}])
     );
+    // Every refusal is counted while the stream is still open (at most a
+    // gap after it came): 19 too soon, 1 too large.
+    wait_until("the stream's 20 refusals counted", || async {
+        insights_json(&server).await["refused_reports"] == 20
+    })
+    .await;
+    let shown = insights_json(&server).await;
+    let whys: Vec<(&str, u64)> = shown["refused"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["why"].as_str().unwrap(), r["count"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(whys, vec![("too_soon", 19), ("too_large", 1)]);
     // Its policy stream goes on: a change reaches it.
     let revision = server.apply(&["bots-faq-only"]).await;
     wait_until("the flooding subscriber gets the change", || async {
@@ -438,6 +452,80 @@ async fn reconnecting_does_not_reset_the_pace() {
             {"principal": "subscriber", "channel": "web", "subscriber": "loop-1", "why": "too_soon", "count": 1},
         ])
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_reconnecting_in_a_loop_does_not_starve_a_steady_stream() {
+    let principals = Principals::new();
+    let server = TestServer::with_tokens(&principals).await;
+    let token = principals.token("subscriber").to_string();
+    // A pod reports, and its stream breaks; its new stream's first report
+    // comes too soon for the pod.
+    let first = RawSubscriber::connect_as(server.channel().await, hello("web", "pod-1"), &token)
+        .await
+        .expect("the stream opens");
+    assert!(
+        report_once(&first, one_signal("login.failed", 1))
+            .await
+            .accepted
+    );
+    drop(first);
+    let pod = RawSubscriber::connect_as(server.channel().await, hello("web", "pod-1"), &token)
+        .await
+        .expect("the stream opens");
+    let soon = report_once(&pod, one_signal("login.failed", 1)).await;
+    assert!(
+        soon.reason.starts_with("too soon: a subscriber"),
+        "{}",
+        soon.reason
+    );
+    // A client of the same token reconnects in a loop with new ids, until
+    // the token's first reports are used up, and goes on.
+    let looping = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let full = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let looper = {
+        let (looping, full, url) = (looping.clone(), full.clone(), server.url.clone());
+        let token = token.clone();
+        tokio::spawn(async move {
+            let mut i = 0;
+            while looping.load(std::sync::atomic::Ordering::Relaxed) {
+                let channel = tonic::transport::Channel::from_shared(url.clone())
+                    .unwrap()
+                    .connect()
+                    .await
+                    .unwrap();
+                let id = format!("loop-{i}");
+                let raw = RawSubscriber::connect_as(channel, hello("web", &id), &token)
+                    .await
+                    .expect("the stream opens");
+                let answer = report_once(&raw, one_signal("login.failed", 1)).await;
+                if answer.reason.contains("first reports") {
+                    full.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                i += 1;
+            }
+        })
+    };
+    wait_until(
+        "the looping client used up the token's first reports",
+        || async { full.load(std::sync::atomic::Ordering::Relaxed) },
+    )
+    .await;
+    // The pod's stream asked before: its next report is its own turn, once
+    // the pod's gap has passed, however busy the loop keeps the token.
+    let taken = wait_for("the pod's report taken", || async {
+        let answer = report_once(&pod, one_signal("login.failed", 1)).await;
+        assert!(
+            !answer.reason.contains("first reports"),
+            "a steady stream drew on the token's first reports: {}",
+            answer.reason
+        );
+        answer.accepted.then_some(answer)
+    })
+    .await;
+    assert_eq!(taken.left_out, 0);
+    looping.store(false, std::sync::atomic::Ordering::Relaxed);
+    looper.await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

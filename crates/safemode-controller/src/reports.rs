@@ -29,17 +29,26 @@ use safemode_policy::{Channel, ContextClass, EffectKind, Namespace, Revision, Si
 pub const BUCKET: Duration = Duration::from_secs(10);
 /// The longest window kept.
 pub const LONGEST_WINDOW: Duration = Duration::from_secs(15 * 60);
-/// Rows the book holds in all, over every namespace and bucket (about a
-/// hundred bytes each).
+/// Rows the book holds in all, over every namespace and bucket (about 280
+/// bytes each, measured: about 140 MB when full).
 pub const MAX_ROWS: usize = 500_000;
-/// New rows one token (one principal, without tokens) adds to one bucket,
-/// at most: a busy channel's fleet reports a few hundred distinct rows per
-/// bucket; a flooding or looping sender fills its own part of each bucket
-/// only, and it takes three such tokens for 15 minutes to fill live's room.
+/// Rows any sender may fill the book to; the rest, up to [`MAX_ROWS`], is
+/// kept for tokens that hold fewer than [`RESERVE_FLOOR`] rows, so that
+/// flooding tokens (or one huge fleet) leave room for everyone else.
+pub const MAX_SHARED_ROWS: usize = 400_000;
+/// Rows a token may hold and still add to the reserve.
+pub const RESERVE_FLOOR: usize = 20_000;
+/// New rows one token (one principal, without tokens) adds to the book in
+/// one 10-second bucket, over every namespace, at most: a busy channel's
+/// fleet reports a few hundred distinct rows per bucket; a flooding or
+/// looping sender fills its own part of each bucket only.
 pub const MAX_TOKEN_ROWS_PER_BUCKET: usize = 2_500;
 /// Rows every drill namespace together holds, at most: live reports always
 /// have the rest.
 pub const MAX_DRILL_ROWS: usize = MAX_ROWS / 4;
+/// Rows one drill namespace holds, at most: one drill's flood cannot take
+/// the room of the others.
+pub const MAX_ROWS_PER_DRILL: usize = MAX_DRILL_ROWS / 4;
 /// Rows one tally answer holds, at most, of each kind.
 pub const MAX_TALLY_ROWS: usize = 20_000;
 /// Drill namespaces the book keeps reports of, besides live (which is
@@ -256,7 +265,11 @@ impl Tallies {
     }
 }
 
-#[derive(Debug, Default)]
+/// One 10-second bucket of a namespace. Shared (`Arc`) so that a tally
+/// takes the buckets it sums under the lock and sums them after: only the
+/// current bucket is ever written, and a write while a tally holds it
+/// copies it first.
+#[derive(Clone, Debug, Default)]
 struct Bucket {
     /// Seconds since the epoch divided by the bucket's width.
     slot: i64,
@@ -279,18 +292,34 @@ impl Bucket {
     }
 }
 
+/// A namespace's buckets, oldest first, and the rows they hold.
+#[derive(Debug, Default)]
+struct Kept {
+    buckets: VecDeque<Arc<Bucket>>,
+    rows: usize,
+}
+
 #[derive(Debug, Default)]
 struct Book {
-    namespaces: BTreeMap<Namespace, VecDeque<Bucket>>,
+    namespaces: BTreeMap<Namespace, Kept>,
     /// Rows held in all, and by the drills, over every bucket kept.
     rows: usize,
     drill_rows: usize,
+    /// Rows each token holds over every bucket kept.
+    held: HashMap<Arc<str>, usize>,
+    /// New rows each token added in the current slot, over every namespace.
+    slot: i64,
+    added: HashMap<Arc<str>, usize>,
 }
 
 /// Where a new row may go: the counts it must stay within.
 struct Room<'a> {
     rows: &'a mut usize,
+    /// The drills' rows, for a drill.
     drill_rows: Option<&'a mut usize>,
+    namespace_rows: &'a mut usize,
+    token_added: &'a mut usize,
+    token_held: &'a mut usize,
     bucket_token_rows: &'a mut usize,
     /// The first bound a row was left out for.
     full: Option<Full>,
@@ -299,15 +328,16 @@ struct Room<'a> {
 impl Room<'_> {
     /// Takes room for one new row, or says why there is none.
     fn take(&mut self) -> bool {
-        let full = if *self.bucket_token_rows >= MAX_TOKEN_ROWS_PER_BUCKET {
+        let drill_full = self.drill_rows.as_deref().is_some_and(|all| {
+            *all >= MAX_DRILL_ROWS || *self.namespace_rows >= MAX_ROWS_PER_DRILL
+        });
+        let full = if *self.token_added >= MAX_TOKEN_ROWS_PER_BUCKET {
             Some(Full::TokenShare)
-        } else if self
-            .drill_rows
-            .as_deref()
-            .is_some_and(|rows| *rows >= MAX_DRILL_ROWS)
-        {
+        } else if drill_full {
             Some(Full::DrillShare)
-        } else if *self.rows >= MAX_ROWS {
+        } else if *self.rows >= MAX_ROWS
+            || (*self.rows >= MAX_SHARED_ROWS && *self.token_held >= RESERVE_FLOOR)
+        {
             Some(Full::Book)
         } else {
             None
@@ -317,9 +347,12 @@ impl Room<'_> {
             return false;
         }
         *self.rows += 1;
+        *self.namespace_rows += 1;
+        *self.token_added += 1;
+        *self.token_held += 1;
         *self.bucket_token_rows += 1;
-        if let Some(drill_rows) = self.drill_rows.as_deref_mut() {
-            *drill_rows += 1;
+        if let Some(all) = self.drill_rows.as_deref_mut() {
+            *all += 1;
         }
         true
     }
@@ -388,15 +421,24 @@ impl ReportBook {
             return none(Full::DrillNotStarted);
         }
         let mut guard = lock(&self.book);
+        let book = &mut *guard;
+        book.expire(now);
         let Book {
             namespaces,
             rows,
             drill_rows,
-        } = &mut *guard;
-        let Some(buckets) = buckets_for(namespaces, rows, drill_rows, namespace, now, true) else {
+            held,
+            added,
+            ..
+        } = book;
+        let Some(Kept {
+            buckets,
+            rows: namespace_rows,
+        }) = kept(namespaces, namespace, now, true)
+        else {
             return none(Full::DrillNamespaces);
         };
-        let bucket = buckets.back_mut().expect("a current bucket");
+        let bucket = Arc::make_mut(buckets.back_mut().expect("a current bucket"));
         let Bucket {
             decisions,
             notable,
@@ -408,6 +450,9 @@ impl ReportBook {
         let mut room = Room {
             rows,
             drill_rows: namespace.is_drill().then_some(drill_rows),
+            namespace_rows,
+            token_added: added.entry(sender.token.clone()).or_default(),
+            token_held: held.entry(sender.token.clone()).or_default(),
             bucket_token_rows: by_token.entry(sender.token.clone()).or_default(),
             full: None,
         };
@@ -456,15 +501,11 @@ impl ReportBook {
         now: Timestamp,
     ) {
         let mut guard = lock(&self.book);
-        let Book {
-            namespaces,
-            rows,
-            drill_rows,
-        } = &mut *guard;
+        guard.expire(now);
         let live = namespace == &Namespace::live();
-        if let Some(buckets) = buckets_for(namespaces, rows, drill_rows, namespace, now, live) {
+        if let Some(kept) = kept(&mut guard.namespaces, namespace, now, live) {
             refuse_in(
-                buckets.back_mut().expect("a current bucket"),
+                Arc::make_mut(kept.buckets.back_mut().expect("a current bucket")),
                 sender,
                 why,
                 n,
@@ -480,19 +521,22 @@ impl ReportBook {
             .div_ceil(BUCKET.as_secs())
             .clamp(1, BUCKETS as u64) as i64;
         let from = slot_of(now) - buckets + 1;
-        let guard = lock(&self.book);
+        // The buckets are taken under the lock and summed after it: a
+        // report waits for a few pointer copies, not for the sum.
+        let taken: Vec<Arc<Bucket>> = lock(&self.book)
+            .namespaces
+            .get(namespace)
+            .into_iter()
+            .flat_map(|kept| &kept.buckets)
+            .filter(|b| b.slot >= from)
+            .cloned()
+            .collect();
         let mut decisions: HashMap<&DecisionRow, u64> = HashMap::new();
         let mut refused_by: HashMap<&RefusedRow, u64> = HashMap::new();
         let mut notable: HashMap<&NotableRow, u64> = HashMap::new();
         let mut signals: HashMap<&(Channel, SignalName), u64> = HashMap::new();
         let mut tallies = Tallies::default();
-        for bucket in guard
-            .namespaces
-            .get(namespace)
-            .into_iter()
-            .flatten()
-            .filter(|b| b.slot >= from)
-        {
+        for bucket in &taken {
             for (row, n) in &bucket.decisions {
                 let count = decisions.entry(row).or_default();
                 *count = count.saturating_add(*n);
@@ -579,32 +623,59 @@ fn refuse_in(bucket: &mut Bucket, sender: &Sender, why: Refusal, n: u64) {
     }
 }
 
-/// The buckets of `namespace`, with the current one last (made if `make`)
-/// and the expired ones dropped (their rows given back to the book and the
-/// drills); `None` for a drill when the book already keeps as many drills
-/// as it may. Live is always kept.
-fn buckets_for<'a>(
-    namespaces: &'a mut BTreeMap<Namespace, VecDeque<Bucket>>,
-    rows: &mut usize,
-    drill_rows: &mut usize,
+impl Book {
+    /// Drops the buckets older than the longest window as of `now`, and
+    /// gives their rows back to the book, the drills and the tokens that
+    /// added them; starts the count of the tokens' new rows of a new slot.
+    fn expire(&mut self, now: Timestamp) {
+        let slot = slot_of(now);
+        if slot != self.slot {
+            self.slot = slot;
+            self.added.clear();
+        }
+        let Book {
+            namespaces,
+            rows,
+            drill_rows,
+            held,
+            ..
+        } = self;
+        namespaces.retain(|name, kept| {
+            while kept
+                .buckets
+                .front()
+                .is_some_and(|b| b.slot <= slot - BUCKETS as i64)
+            {
+                let gone = kept.buckets.pop_front().expect("a front bucket");
+                *rows -= gone.rows();
+                kept.rows -= gone.rows();
+                if name.is_drill() {
+                    *drill_rows -= gone.rows();
+                }
+                for (token, n) in &gone.by_token {
+                    if let Some(h) = held.get_mut(token) {
+                        *h -= n;
+                        if *h == 0 {
+                            held.remove(token);
+                        }
+                    }
+                }
+            }
+            !kept.buckets.is_empty()
+        });
+    }
+}
+
+/// The buckets of `namespace`, with the current one last (made if `make`);
+/// `None` for a drill when the book already keeps as many drills as it
+/// may. Live is always kept.
+fn kept<'a>(
+    namespaces: &'a mut BTreeMap<Namespace, Kept>,
     namespace: &Namespace,
     now: Timestamp,
     make: bool,
-) -> Option<&'a mut VecDeque<Bucket>> {
+) -> Option<&'a mut Kept> {
     let slot = slot_of(now);
-    namespaces.retain(|name, buckets| {
-        while buckets
-            .front()
-            .is_some_and(|b| b.slot <= slot - BUCKETS as i64)
-        {
-            let gone = buckets.pop_front().expect("a front bucket");
-            *rows -= gone.rows();
-            if name.is_drill() {
-                *drill_rows -= gone.rows();
-            }
-        }
-        !buckets.is_empty()
-    });
     if !make && !namespaces.contains_key(namespace) {
         return None;
     }
@@ -613,14 +684,14 @@ fn buckets_for<'a>(
     {
         return None;
     }
-    let buckets = namespaces.entry(namespace.clone()).or_default();
-    if buckets.back().is_none_or(|b| b.slot < slot) {
-        buckets.push_back(Bucket {
+    let kept = namespaces.entry(namespace.clone()).or_default();
+    if kept.buckets.back().is_none_or(|b| b.slot < slot) {
+        kept.buckets.push_back(Arc::new(Bucket {
             slot,
             ..Bucket::default()
-        });
+        }));
     }
-    Some(buckets)
+    Some(kept)
 }
 
 #[cfg(test)]
@@ -836,19 +907,47 @@ mod tests {
         );
         book.refused(&idle, &s, Refusal::TooSoon, 1, now);
         assert!(book.book.lock().unwrap().namespaces.is_empty());
-        // The drills' share filled by many tokens...
+        // One drill's own part filled by many tokens: another drill still
+        // has room...
         let drill = Namespace::parse("drill-a").unwrap();
-        let mut from = 0;
-        for token in 0.. {
-            if from >= MAX_DRILL_ROWS {
-                break;
+        let fill = |drill: &Namespace, rows: usize, tag: &str| {
+            let mut from = 0;
+            let mut token = 0;
+            while from < rows {
+                let s = sender(&format!("{tag}{token}"), "web", "w");
+                let n = (rows - from).min(MAX_TOKEN_ROWS_PER_BUCKET);
+                assert_eq!(
+                    book.record(drill, &s, 1, &distinct(from, n), now).left_out,
+                    0
+                );
+                from += n;
+                token += 1;
             }
-            let s = sender(&format!("d{token}"), "web", "w");
-            book.record(&drill, &s, 1, &distinct(from, 2000), now);
-            from += 2000;
-        }
+        };
+        fill(&drill, MAX_ROWS_PER_DRILL, "a");
         let late = sender("late-drill", "web", "w");
-        let recorded = book.record(&drill, &late, 1, &distinct(from, 1), now);
+        let recorded = book.record(&drill, &late, 1, &distinct(1_000_000, 1), now);
+        assert_eq!(
+            (recorded.left_out, recorded.full),
+            (1, Some(Full::DrillShare))
+        );
+        let drill_b = Namespace::parse("drill-b").unwrap();
+        assert_eq!(
+            book.record(&drill_b, &late, 1, &distinct(0, 1), now)
+                .left_out,
+            0
+        );
+        // ... until the drills together hold their share.
+        for (i, tag) in ["c", "d", "e"].iter().enumerate() {
+            let other = Namespace::parse(&format!("drill-{tag}")).unwrap();
+            let rows = if i == 0 {
+                MAX_ROWS_PER_DRILL - 1
+            } else {
+                MAX_ROWS_PER_DRILL
+            };
+            fill(&other, rows, tag);
+        }
+        let recorded = book.record(&drill_b, &late, 1, &distinct(7, 1), now);
         assert_eq!(
             (recorded.left_out, recorded.full),
             (1, Some(Full::DrillShare))
@@ -865,6 +964,81 @@ mod tests {
         let recorded = book.record(&live, &sender("ivr", "ivr", "i"), 1, &distinct(0, 5), now);
         assert_eq!(recorded.left_out, 0);
         assert_eq!(book.tallies(&live, BUCKET, now).signals.len(), 5);
+    }
+
+    #[test]
+    fn a_token_share_counts_every_namespace_and_the_reserve_keeps_room_for_others() {
+        let book = ReportBook::default();
+        let now = at(0);
+        // One token reporting in several drills has one share in all.
+        let flooder = sender("flood", "web", "w");
+        for tag in ["x", "y", "z"] {
+            let drill = Namespace::parse(&format!("drill-{tag}")).unwrap();
+            book.record(&drill, &flooder, 1, &distinct(0, 1000), now);
+        }
+        let guard = book.book.lock().unwrap();
+        assert_eq!(guard.rows, MAX_TOKEN_ROWS_PER_BUCKET);
+        assert_eq!(guard.added["flood"], MAX_TOKEN_ROWS_PER_BUCKET);
+        drop(guard);
+        // Big senders fill the shared room over the window...
+        let live = Namespace::live();
+        let mut from = 0;
+        let mut bucket = 0;
+        while book.book.lock().unwrap().rows < MAX_SHARED_ROWS {
+            for big in ["big-1", "big-2"] {
+                let n = MAX_TOKEN_ROWS_PER_BUCKET;
+                book.record(
+                    &live,
+                    &sender(big, "ivr", big),
+                    1,
+                    &distinct(from, n),
+                    at(bucket * 10),
+                );
+                from += n;
+            }
+            bucket += 1;
+        }
+        let later = at(bucket * 10);
+        // ... and past it, a sender holding that much is left out...
+        let recorded = book.record(
+            &live,
+            &sender("big-1", "ivr", "big-1"),
+            1,
+            &distinct(from, 1),
+            later,
+        );
+        assert_eq!((recorded.left_out, recorded.full), (1, Some(Full::Book)));
+        // ... while a sender holding little still has the reserve.
+        let small = sender("small", "web", "web-1");
+        assert_eq!(
+            book.record(&live, &small, 1, &distinct(0, 100), later)
+                .left_out,
+            0
+        );
+        // Rows go back with their buckets, for every token.
+        let gone = at(bucket * 10 + LONGEST_WINDOW.as_secs() as i64 + 10);
+        book.record(&live, &small, 1, &Report::default(), gone);
+        let guard = book.book.lock().unwrap();
+        assert_eq!((guard.rows, guard.drill_rows), (0, 0));
+        assert!(guard.held.values().all(|h| *h == 0), "{:?}", guard.held);
+    }
+
+    #[test]
+    fn a_tally_sums_what_it_took_while_reports_go_on() {
+        let book = ReportBook::default();
+        let live = Namespace::live();
+        let s = sender("t", "web", "w");
+        book.record(&live, &s, 1, &distinct(0, 3), at(0));
+        let taken: Vec<Arc<Bucket>> = book.book.lock().unwrap().namespaces[&live]
+            .buckets
+            .iter()
+            .cloned()
+            .collect();
+        // A report into the bucket a tally holds copies it: the tally's
+        // bucket is unchanged, the book's has the new rows.
+        book.record(&live, &s, 1, &distinct(3, 2), at(1));
+        assert_eq!(taken[0].signals.len(), 3);
+        assert_eq!(book.tallies(&live, BUCKET, at(1)).signals.len(), 5);
     }
 
     #[test]

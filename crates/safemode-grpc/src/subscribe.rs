@@ -228,8 +228,8 @@ struct Reporting {
     /// Why the stream's principal may not report, if it may not (as of
     /// the hello; asked again on each report while tokens can change).
     denied: Option<String>,
-    /// The stream took a turn before: its reports are its own turns, not
-    /// first reports.
+    /// The stream asked for a turn before (whether it got one or not): its
+    /// reports are its own turns, not first reports.
     reported: bool,
     /// Refusals not yet counted in the book.
     refusals: Refusals,
@@ -250,11 +250,19 @@ impl Reporting {
     fn refused(&mut self, why: Refusal, now: Instant) {
         let at = Refusal::ALL.iter().position(|r| *r == why).expect("a kind");
         self.refusals.pending[at] += 1;
+        self.count_refusals_due(now);
+    }
+
+    /// Counts the refusals waiting in the book, if any wait and none were
+    /// counted within the last gap (called on each refusal and on each
+    /// heartbeat tick, so none waits much longer than a gap).
+    fn count_refusals_due(&mut self, now: Instant) {
+        let waiting = self.refusals.pending.iter().any(|n| *n > 0);
         let due = self
             .refusals
             .counted_at
             .is_none_or(|at| now.saturating_duration_since(at) >= reports::MIN_REPORT_GAP);
-        if due {
+        if waiting && due {
             self.refusals.counted_at = Some(now);
             self.count_refusals();
         }
@@ -425,6 +433,9 @@ impl Session {
                     Ok(None) | Err(_) => return None,
                 },
                 _ = self.heartbeat.tick() => {
+                    if let Some(reporting) = &mut self.reporting {
+                        reporting.count_refusals_due(Instant::now());
+                    }
                     if let Some(beat) = self.beat() {
                         return Some(Ok(beat));
                     }
@@ -577,9 +588,14 @@ impl Session {
                 })
             }
         };
+        // Once a stream asked for a turn, its next reports are its own
+        // turns: losing the race for its token's first reports once does
+        // not make it lose them for ever.
+        if matches!(&checked, Ok(_) | Err((_, Refusal::TooSoon))) {
+            reporting.reported = true;
+        }
         let answer = match checked {
             Ok(rows) => {
-                reporting.reported = true;
                 let current = self.subscription.views.borrow().revision;
                 let recorded = reporting.controller.reports().record(
                     &self.signer.namespace,
