@@ -480,7 +480,8 @@ async fn a_client_reconnecting_in_a_loop_does_not_starve_a_steady_stream() {
         soon.reason
     );
     // A client of the same token reconnects in a loop with new ids, until
-    // the token's first reports are used up, and goes on.
+    // the token's first reports are used up, and goes on; refused, it asks
+    // again at once on the same stream.
     let looping = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
     let full = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let looper = {
@@ -501,6 +502,13 @@ async fn a_client_reconnecting_in_a_loop_does_not_starve_a_steady_stream() {
                 let answer = report_once(&raw, one_signal("login.failed", 1)).await;
                 if answer.reason.contains("first reports") {
                     full.store(true, std::sync::atomic::Ordering::Relaxed);
+                    // Asking again does not skip the token's first reports:
+                    // the stream waits its own gap from when it asked.
+                    let again = report_once(&raw, one_signal("login.failed", 1)).await;
+                    assert!(
+                        !again.accepted && again.reason.starts_with("too soon: a subscriber"),
+                        "a stream refused its first report was taken at once: {again:?}"
+                    );
                 }
                 i += 1;
             }

@@ -80,18 +80,20 @@ impl PaceState {
 
 impl ReportPace {
     /// Takes `turn` at `now`, if it has one: its subscriber (on its channel)
-    /// reported no sooner than [`MIN_REPORT_GAP`] ago on any stream; and a
-    /// stream's `first` report only while its token's new streams made
-    /// fewer first reports in that time than the `streams` it holds plus
-    /// [`TOKEN_BURST`] (a stream that reported before has its own turn: a
-    /// client reconnecting in a loop cannot take the turns of the steady
-    /// ones). Otherwise why not, and in how many seconds to come back.
-    /// Remembers at most one turn per stream the replica holds, and the
-    /// bursts.
+    /// reported no sooner than [`MIN_REPORT_GAP`] ago on any stream, and
+    /// its stream first `asked` for a turn no sooner than that either (a
+    /// stream refused once waits its own gap, and may not retry at once);
+    /// and a stream's first report (`asked` is `None`) only while its
+    /// token's new streams made fewer first reports in that time than the
+    /// `streams` it holds plus [`TOKEN_BURST`] (a stream that asked before
+    /// has its own turn: a client reconnecting in a loop cannot take the
+    /// turns of the steady ones). Otherwise why not, and in how many
+    /// seconds to come back. Remembers at most one turn per stream the
+    /// replica holds, and the bursts.
     pub fn take(
         &self,
         turn: &Turn,
-        first: bool,
+        asked: Option<Instant>,
         streams: usize,
         now: Instant,
     ) -> Result<(), (String, u32)> {
@@ -101,8 +103,11 @@ impl ReportPace {
         }
         let every = REPORT_EVERY.as_secs();
         let seconds = |wait: Duration| (wait.as_secs_f64().ceil() as u32).max(1);
-        if let Some(last) = state.last.get(turn) {
-            let wait = seconds(MIN_REPORT_GAP.saturating_sub(now.saturating_duration_since(*last)));
+        let last = state.last.get(turn).copied().into_iter().chain(asked).max();
+        if let Some(last) =
+            last.filter(|last| now.saturating_duration_since(*last) < MIN_REPORT_GAP)
+        {
+            let wait = seconds(MIN_REPORT_GAP.saturating_sub(now.saturating_duration_since(last)));
             return Err((
                 format!(
                     "too soon: a subscriber reports at most every {every}s on a channel, over all its streams; this report is dropped, send its counts with the next one in {wait}s"
@@ -110,6 +115,7 @@ impl ReportPace {
                 wait,
             ));
         }
+        let first = asked.is_none();
         if first {
             let times = state.first_reports.get(&turn.token);
             let taken = times.map_or(0, VecDeque::len);
@@ -438,37 +444,48 @@ mod tests {
     #[test]
     fn the_pace_holds_across_streams_and_first_reports_per_token() {
         let pace = ReportPace::default();
-        let t0 = Instant::now();
+        let t0 = Instant::now() + Duration::from_secs(60);
         let at = |secs: u64| t0 + Duration::from_secs(secs);
         // A subscriber's turn is its own, whichever stream it comes on.
-        pace.take(&turn("a", "ivr-1"), true, 10, at(0)).unwrap();
-        let (reason, wait) = pace.take(&turn("a", "ivr-1"), true, 10, at(3)).unwrap_err();
+        pace.take(&turn("a", "ivr-1"), None, 10, at(0)).unwrap();
+        let (reason, wait) = pace.take(&turn("a", "ivr-1"), None, 10, at(3)).unwrap_err();
         assert!(reason.contains("over all its streams"), "{reason}");
         assert_eq!(wait, 5);
         // A token's new streams make at most one first report per stream it
         // holds and a few more: a new id on every reconnect does not make a
         // new turn every time...
         for i in 0..=TOKEN_BURST {
-            pace.take(&turn("b", &format!("x{i}")), true, 1, at(0))
+            pace.take(&turn("b", &format!("x{i}")), None, 1, at(0))
                 .unwrap();
         }
-        let (reason, wait) = pace.take(&turn("b", "again"), true, 1, at(1)).unwrap_err();
+        let (reason, wait) = pace.take(&turn("b", "again"), None, 1, at(1)).unwrap_err();
         assert!(reason.contains("made 17 first reports"), "{reason}");
         assert!(reason.contains("holds 1 stream:"), "{reason}");
         assert_eq!(wait, 7, "until the oldest first report is a gap old");
-        // ... while a stream that reported before keeps its own turn.
-        pace.take(&turn("b", "steady"), false, 1, at(1)).unwrap();
+        // ... a stream refused once waits its own gap, and retrying at once
+        // is too soon, however often it asks...
+        for now in [1, 1, 4] {
+            let (reason, wait) = pace
+                .take(&turn("b", "again"), Some(at(1)), 1, at(now))
+                .unwrap_err();
+            assert!(reason.contains("over all its streams"), "{reason}");
+            assert_eq!(wait, 9 - now as u32);
+        }
+        // ... while a stream that asked a gap ago has its own turn, though
+        // the token's new streams hold every first report.
+        pace.take(&turn("b", "steady"), Some(t0 - MIN_REPORT_GAP), 1, at(1))
+            .unwrap();
         // Another token is not held back by them.
-        pace.take(&turn("c", "x1"), true, 1, at(1)).unwrap();
+        pace.take(&turn("c", "x1"), None, 1, at(1)).unwrap();
         // A subscriber's turn is on its channel: the same id on another
         // channel has its own.
         let mut mobile = turn("a", "ivr-1");
         mobile.channel = Channel::parse("mobile").unwrap();
-        pace.take(&mobile, true, 10, at(3)).unwrap();
+        pace.take(&mobile, None, 10, at(3)).unwrap();
         // A gap later every turn is back, and what was remembered is gone.
-        pace.take(&turn("a", "ivr-1"), false, 1, at(0) + MIN_REPORT_GAP)
+        pace.take(&turn("a", "ivr-1"), Some(at(0)), 1, at(0) + MIN_REPORT_GAP)
             .unwrap();
-        pace.take(&turn("b", "x3"), true, 1, at(1) + MIN_REPORT_GAP)
+        pace.take(&turn("b", "x3"), None, 1, at(1) + MIN_REPORT_GAP)
             .unwrap();
         let state = pace.state.lock().unwrap();
         assert_eq!(state.last.len(), 3, "{state:?}");

@@ -193,7 +193,7 @@ impl SubscriptionService for SubscriptionApi {
                 subscriber: id,
             },
             denied: report_denied,
-            reported: false,
+            asked: None,
             refusals: Refusals::default(),
         });
         let mut response = Response::new(Box::pin(session.into_stream()) as ResponseStream);
@@ -228,9 +228,10 @@ struct Reporting {
     /// Why the stream's principal may not report, if it may not (as of
     /// the hello; asked again on each report while tokens can change).
     denied: Option<String>,
-    /// The stream asked for a turn before (whether it got one or not): its
-    /// reports are its own turns, not first reports.
-    reported: bool,
+    /// When the stream first asked for a turn (whether it got one or not):
+    /// its reports are its own turns, not first reports, and its next turn
+    /// is a gap after that at the soonest.
+    asked: Option<Instant>,
     /// Refusals not yet counted in the book.
     refusals: Refusals,
 }
@@ -569,6 +570,7 @@ impl Session {
             },
             None => reporting.denied.clone(),
         };
+        let now = Instant::now();
         let checked = match denied {
             Some(denied) => Err((
                 reports::refused(report, format!("{denied}; this report is dropped")),
@@ -580,19 +582,20 @@ impl Session {
                     turns,
                     streams,
                     turn,
-                    reported,
+                    asked,
                     ..
                 } = &*reporting;
                 pace.check(report, self.subscription.channel, || {
-                    turns.take(turn, !reported, streams.held(&turn.token), Instant::now())
+                    turns.take(turn, *asked, streams.held(&turn.token), now)
                 })
             }
         };
         // Once a stream asked for a turn, its next reports are its own
-        // turns: losing the race for its token's first reports once does
-        // not make it lose them for ever.
+        // turns, a gap after it asked: losing the race for its token's first
+        // reports once does not make it lose them for ever, and asking again
+        // at once does not skip them.
         if matches!(&checked, Ok(_) | Err((_, Refusal::TooSoon))) {
-            reporting.reported = true;
+            reporting.asked.get_or_insert(now);
         }
         let answer = match checked {
             Ok(rows) => {
@@ -608,7 +611,7 @@ impl Session {
             }
             Err((refusal, why)) => {
                 debug!(reason = %refusal.reason, "report refused");
-                reporting.refused(why, Instant::now());
+                reporting.refused(why, now);
                 refusal
             }
         };
