@@ -9,8 +9,12 @@
 //! rows in all, and no one sender can take the book from the others: one
 //! token adds at most [`MAX_TOKEN_ROWS_PER_BUCKET`] new rows to each
 //! bucket (so a token over it loses the excess of that bucket only, never
-//! the next), and the drills together hold at most [`MAX_DRILL_ROWS`], so
-//! the live namespace always has room. Rows beyond a bound are left out:
+//! the next) and holds at most [`MAX_TOKEN_ROWS`] (so it takes four
+//! flooding tokens to fill the room all may share, and the
+//! [reserve](RESERVE_FLOOR) past it is for the tokens that hold little);
+//! the drills together hold at most [`MAX_DRILL_ROWS`], so the live
+//! namespace always has room, and one token at most
+//! [`MAX_TOKEN_DRILL_ROWS`] of it, so a real drill does too. Rows beyond a bound are left out:
 //! the sender is told how many, and the tallies say counts are low. A
 //! report names no customer: only counts.
 //!
@@ -34,21 +38,33 @@ pub const LONGEST_WINDOW: Duration = Duration::from_secs(15 * 60);
 pub const MAX_ROWS: usize = 500_000;
 /// Rows any sender may fill the book to; the rest, up to [`MAX_ROWS`], is
 /// kept for tokens that hold fewer than [`RESERVE_FLOOR`] rows, so that
-/// flooding tokens (or one huge fleet) leave room for everyone else.
+/// flooding tokens (or a few huge fleets) leave room for everyone else.
 pub const MAX_SHARED_ROWS: usize = 400_000;
-/// Rows a token may hold and still add to the reserve.
-pub const RESERVE_FLOOR: usize = 20_000;
 /// New rows one token (one principal, without tokens) adds to the book in
 /// one 10-second bucket, over every namespace, at most: a busy channel's
 /// fleet reports a few hundred distinct rows per bucket; a flooding or
 /// looping sender fills its own part of each bucket only.
 pub const MAX_TOKEN_ROWS_PER_BUCKET: usize = 2_500;
+/// Rows one token holds over every bucket kept, at most: a quarter of the
+/// shared room, so fewer than four flooding tokens never fill it (a token
+/// adding its whole part of every bucket reaches this in under 7 minutes,
+/// and adds as its oldest rows age out after).
+pub const MAX_TOKEN_ROWS: usize = MAX_SHARED_ROWS / 4;
+/// Rows a token may hold and still add past [`MAX_SHARED_ROWS`]: what a
+/// token adding a quarter of its part of every bucket holds over the
+/// longest window (a busy channel's fleet stays under it; a flooding one
+/// does not).
+pub const RESERVE_FLOOR: usize = BUCKETS * MAX_TOKEN_ROWS_PER_BUCKET / 4;
 /// Rows every drill namespace together holds, at most: live reports always
 /// have the rest.
 pub const MAX_DRILL_ROWS: usize = MAX_ROWS / 4;
 /// Rows one drill namespace holds, at most: one drill's flood cannot take
 /// the room of the others.
 pub const MAX_ROWS_PER_DRILL: usize = MAX_DRILL_ROWS / 4;
+/// Rows one token holds in drills, over every drill namespace, at most: it
+/// takes eight tokens to fill the drills' share, whichever drills they
+/// report into, so a real drill has room.
+pub const MAX_TOKEN_DRILL_ROWS: usize = MAX_DRILL_ROWS / 8;
 /// Rows one tally answer holds, at most, of each kind.
 pub const MAX_TALLY_ROWS: usize = 20_000;
 /// Drill namespaces the book keeps reports of, besides live (which is
@@ -160,8 +176,16 @@ pub enum Full {
     /// The sender's token added [`MAX_TOKEN_ROWS_PER_BUCKET`] rows to this
     /// bucket.
     TokenShare,
-    /// The drills together hold [`MAX_DRILL_ROWS`] rows.
+    /// The sender's token holds [`MAX_TOKEN_ROWS`] rows.
+    TokenHolding,
+    /// The sender's token holds [`MAX_TOKEN_DRILL_ROWS`] rows in drills.
+    TokenDrillHolding,
+    /// The drills together hold [`MAX_DRILL_ROWS`] rows, or this drill
+    /// [`MAX_ROWS_PER_DRILL`].
     DrillShare,
+    /// The book holds [`MAX_SHARED_ROWS`] rows, and the sender's token
+    /// holds `held`, at least [`RESERVE_FLOOR`].
+    Reserve { held: usize },
     /// The book holds [`MAX_ROWS`] rows.
     Book,
     /// The book keeps [`MAX_DRILL_NAMESPACES`] other drills already.
@@ -178,9 +202,21 @@ impl fmt::Display for Full {
                 f,
                 "this token added {MAX_TOKEN_ROWS_PER_BUCKET} new rows to the report book in these 10 seconds, its share; give each channel service its own token"
             ),
+            Full::TokenHolding => write!(
+                f,
+                "this token holds {MAX_TOKEN_ROWS} rows of the report book over 15 minutes, the most one token may; it adds again as its oldest rows age out; give each channel service its own token"
+            ),
+            Full::TokenDrillHolding => write!(
+                f,
+                "this token holds {MAX_TOKEN_DRILL_ROWS} rows of the drills' reports over 15 minutes, the most one token may in drills; live reports are not affected"
+            ),
             Full::DrillShare => write!(
                 f,
-                "the drills' share of the report book ({MAX_DRILL_ROWS} rows) is full; live reports always have room"
+                "the drills' share of the report book ({MAX_DRILL_ROWS} rows, {MAX_ROWS_PER_DRILL} for one drill) is full; live reports always have room"
+            ),
+            Full::Reserve { held } => write!(
+                f,
+                "the report book's shared room ({MAX_SHARED_ROWS} rows over 15 minutes) is full; past it only tokens holding fewer than {RESERVE_FLOOR} rows may add, and this token holds {held}; it adds again as the oldest rows age out"
             ),
             Full::Book => write!(
                 f,
@@ -305,8 +341,9 @@ struct Book {
     /// Rows held in all, and by the drills, over every bucket kept.
     rows: usize,
     drill_rows: usize,
-    /// Rows each token holds over every bucket kept.
+    /// Rows each token holds over every bucket kept, and in drills.
     held: HashMap<Arc<str>, usize>,
+    drill_held: HashMap<Arc<str>, usize>,
     /// New rows each token added in the current slot, over every namespace.
     slot: i64,
     added: HashMap<Arc<str>, usize>,
@@ -315,8 +352,8 @@ struct Book {
 /// Where a new row may go: the counts it must stay within.
 struct Room<'a> {
     rows: &'a mut usize,
-    /// The drills' rows, for a drill.
-    drill_rows: Option<&'a mut usize>,
+    /// The drills' rows, and the token's in drills, for a drill.
+    drill_rows: Option<(&'a mut usize, &'a mut usize)>,
     namespace_rows: &'a mut usize,
     token_added: &'a mut usize,
     token_held: &'a mut usize,
@@ -328,17 +365,23 @@ struct Room<'a> {
 impl Room<'_> {
     /// Takes room for one new row, or says why there is none.
     fn take(&mut self) -> bool {
-        let drill_full = self.drill_rows.as_deref().is_some_and(|all| {
-            *all >= MAX_DRILL_ROWS || *self.namespace_rows >= MAX_ROWS_PER_DRILL
-        });
+        let held = *self.token_held;
         let full = if *self.token_added >= MAX_TOKEN_ROWS_PER_BUCKET {
             Some(Full::TokenShare)
-        } else if drill_full {
-            Some(Full::DrillShare)
-        } else if *self.rows >= MAX_ROWS
-            || (*self.rows >= MAX_SHARED_ROWS && *self.token_held >= RESERVE_FLOOR)
+        } else if held >= MAX_TOKEN_ROWS {
+            Some(Full::TokenHolding)
+        } else if let Some((_, token)) = &self.drill_rows
+            && **token >= MAX_TOKEN_DRILL_ROWS
         {
+            Some(Full::TokenDrillHolding)
+        } else if let Some((all, _)) = &self.drill_rows
+            && (**all >= MAX_DRILL_ROWS || *self.namespace_rows >= MAX_ROWS_PER_DRILL)
+        {
+            Some(Full::DrillShare)
+        } else if *self.rows >= MAX_ROWS {
             Some(Full::Book)
+        } else if *self.rows >= MAX_SHARED_ROWS && held >= RESERVE_FLOOR {
+            Some(Full::Reserve { held })
         } else {
             None
         };
@@ -351,8 +394,9 @@ impl Room<'_> {
         *self.token_added += 1;
         *self.token_held += 1;
         *self.bucket_token_rows += 1;
-        if let Some(all) = self.drill_rows.as_deref_mut() {
-            *all += 1;
+        if let Some((all, token)) = &mut self.drill_rows {
+            **all += 1;
+            **token += 1;
         }
         true
     }
@@ -428,6 +472,7 @@ impl ReportBook {
             rows,
             drill_rows,
             held,
+            drill_held,
             added,
             ..
         } = book;
@@ -449,7 +494,10 @@ impl ReportBook {
         } = bucket;
         let mut room = Room {
             rows,
-            drill_rows: namespace.is_drill().then_some(drill_rows),
+            drill_rows: namespace.is_drill().then(|| {
+                let token = drill_held.entry(sender.token.clone()).or_default();
+                (drill_rows, token)
+            }),
             namespace_rows,
             token_added: added.entry(sender.token.clone()).or_default(),
             token_held: held.entry(sender.token.clone()).or_default(),
@@ -629,7 +677,9 @@ impl Book {
     /// added them; starts the count of the tokens' new rows of a new slot.
     fn expire(&mut self, now: Timestamp) {
         let slot = slot_of(now);
-        if slot != self.slot {
+        // Later only: two reports that straddle a bucket's end may take the
+        // lock out of order, and must not start the slot's count twice.
+        if slot > self.slot {
             self.slot = slot;
             self.added.clear();
         }
@@ -638,6 +688,7 @@ impl Book {
             rows,
             drill_rows,
             held,
+            drill_held,
             ..
         } = self;
         namespaces.retain(|name, kept| {
@@ -651,18 +702,24 @@ impl Book {
                 kept.rows -= gone.rows();
                 if name.is_drill() {
                     *drill_rows -= gone.rows();
+                    give_back(drill_held, &gone.by_token);
                 }
-                for (token, n) in &gone.by_token {
-                    if let Some(h) = held.get_mut(token) {
-                        *h -= n;
-                        if *h == 0 {
-                            held.remove(token);
-                        }
-                    }
-                }
+                give_back(held, &gone.by_token);
             }
             !kept.buckets.is_empty()
         });
+    }
+}
+
+/// Gives the rows an expired bucket's tokens added back to what they hold.
+fn give_back(held: &mut HashMap<Arc<str>, usize>, added: &HashMap<Arc<str>, usize>) {
+    for (token, n) in added {
+        if let Some(h) = held.get_mut(token) {
+            *h -= n;
+            if *h == 0 {
+                held.remove(token);
+            }
+        }
     }
 }
 
@@ -967,7 +1024,53 @@ mod tests {
     }
 
     #[test]
-    fn a_token_share_counts_every_namespace_and_the_reserve_keeps_room_for_others() {
+    fn one_token_holds_an_eighth_of_the_drills_share_at_most() {
+        // A subscriber token spreads its part of every bucket over junk
+        // drills: it stops at its holding in drills, and a real drill, and
+        // the token's own live reports, still have room.
+        let book = ReportBook::default();
+        let junk = sender("junk", "web", "j");
+        let part = distinct(0, 500);
+        let drills: Vec<Namespace> = (0..5)
+            .map(|i| Namespace::parse(&format!("drill-junk{i}")).unwrap())
+            .collect();
+        let mut held_at = None;
+        for bucket in 0..20 {
+            for drill in &drills {
+                let recorded = book.record(drill, &junk, 1, &part, at(bucket * 10));
+                if recorded.full == Some(Full::TokenDrillHolding) {
+                    held_at.get_or_insert(bucket);
+                }
+            }
+        }
+        assert_eq!(held_at, Some(6));
+        assert_eq!(
+            book.book.lock().unwrap().drill_held["junk"],
+            MAX_TOKEN_DRILL_ROWS
+        );
+        let now = at(200);
+        let real = Namespace::parse("drill-real").unwrap();
+        let drill_fleet = sender("drill-fleet", "ivr", "i");
+        assert_eq!(
+            book.record(&real, &drill_fleet, 1, &distinct(0, 100), now)
+                .left_out,
+            0
+        );
+        let live = Namespace::live();
+        assert_eq!(
+            book.record(&live, &junk, 1, &distinct(0, 100), now)
+                .left_out,
+            0
+        );
+        // What it held in drills goes back with their buckets.
+        book.record(&live, &junk, 1, &Report::default(), at(200 + 900));
+        let guard = book.book.lock().unwrap();
+        assert_eq!(guard.drill_rows, 0);
+        assert!(guard.drill_held.values().all(|h| *h == 0));
+    }
+
+    #[test]
+    fn a_token_share_counts_every_namespace() {
         let book = ReportBook::default();
         let now = at(0);
         // One token reporting in several drills has one share in all.
@@ -979,45 +1082,85 @@ mod tests {
         let guard = book.book.lock().unwrap();
         assert_eq!(guard.rows, MAX_TOKEN_ROWS_PER_BUCKET);
         assert_eq!(guard.added["flood"], MAX_TOKEN_ROWS_PER_BUCKET);
+        // A report that took the lock late, with a time of the bucket
+        // before, does not start the token's count again.
         drop(guard);
-        // Big senders fill the shared room over the window...
+        book.record(&Namespace::live(), &flooder, 1, &distinct(0, 1), at(10));
+        book.record(&Namespace::live(), &flooder, 1, &distinct(5, 1), at(9));
+        assert_eq!(book.book.lock().unwrap().added["flood"], 2);
+    }
+
+    #[test]
+    fn one_token_holds_a_quarter_of_the_shared_room_at_most() {
+        let book = ReportBook::default();
         let live = Namespace::live();
-        let mut from = 0;
-        let mut bucket = 0;
-        while book.book.lock().unwrap().rows < MAX_SHARED_ROWS {
-            for big in ["big-1", "big-2"] {
-                let n = MAX_TOKEN_ROWS_PER_BUCKET;
-                book.record(
-                    &live,
-                    &sender(big, "ivr", big),
-                    1,
-                    &distinct(from, n),
-                    at(bucket * 10),
-                );
-                from += n;
-            }
-            bucket += 1;
+        let flooder = sender("flood", "web", "w");
+        let part = distinct(0, MAX_TOKEN_ROWS_PER_BUCKET);
+        let buckets = (MAX_TOKEN_ROWS / MAX_TOKEN_ROWS_PER_BUCKET) as i64;
+        for bucket in 0..buckets {
+            let recorded = book.record(&live, &flooder, 1, &part, at(bucket * 10));
+            assert_eq!(recorded.left_out, 0, "bucket {bucket}");
         }
-        let later = at(bucket * 10);
-        // ... and past it, a sender holding that much is left out...
-        let recorded = book.record(
-            &live,
-            &sender("big-1", "ivr", "big-1"),
-            1,
-            &distinct(from, 1),
-            later,
-        );
-        assert_eq!((recorded.left_out, recorded.full), (1, Some(Full::Book)));
-        // ... while a sender holding little still has the reserve.
-        let small = sender("small", "web", "web-1");
+        let recorded = book.record(&live, &flooder, 1, &part, at(buckets * 10));
         assert_eq!(
-            book.record(&live, &small, 1, &distinct(0, 100), later)
-                .left_out,
-            0
+            (recorded.left_out, recorded.full),
+            (MAX_TOKEN_ROWS_PER_BUCKET, Some(Full::TokenHolding))
         );
+        let reason = Full::TokenHolding.to_string();
+        assert!(reason.contains("holds 100000 rows"), "{reason}");
+        // Once its oldest rows age out, it adds as many again.
+        let first_gone = BUCKETS as i64 * 10;
+        let recorded = book.record(&live, &flooder, 1, &part, at(first_gone));
+        assert_eq!(recorded.left_out, 0);
+    }
+
+    #[test]
+    fn flooding_tokens_never_blind_a_busy_fleet() {
+        // Five tokens add their whole part of every bucket for 20 minutes,
+        // and the last of each bucket is a busy channel's fleet (576
+        // distinct rows every 10 s): four flooders fill the shared room,
+        // the fifth stops at the reserve's floor, and the fleet, holding
+        // less, never loses a row.
+        let book = ReportBook::default();
+        let live = Namespace::live();
+        let flooders: Vec<(Sender, Report)> = (0..5)
+            .map(|i| {
+                let name = format!("flood-{i}");
+                let part = distinct(i * 10_000, MAX_TOKEN_ROWS_PER_BUCKET);
+                (sender(&name, "web", &name), part)
+            })
+            .collect();
+        let fleet = sender("fleet", "ivr", "ivr-1");
+        let busy = distinct(100_000, 576);
+        let mut reserve = None;
+        for bucket in 0..120 {
+            let now = at(bucket * 10);
+            for (flooder, part) in &flooders {
+                let recorded = book.record(&live, flooder, 1, part, now);
+                if let Some(Full::Reserve { held }) = recorded.full {
+                    reserve.get_or_insert(held);
+                }
+            }
+            let recorded = book.record(&live, &fleet, 1, &busy, now);
+            assert_eq!(recorded.left_out, 0, "bucket {bucket}: {recorded:?}");
+        }
+        let held = reserve.expect("a flooder was held to the reserve's floor");
+        assert!(held >= RESERVE_FLOOR, "{held}");
+        let reason = Full::Reserve { held }.to_string();
+        assert!(
+            reason.contains("(400000 rows over 15 minutes) is full")
+                && reason.contains("fewer than 56250 rows may add")
+                && reason.contains(&format!("this token holds {held}")),
+            "{reason}"
+        );
+        let guard = book.book.lock().unwrap();
+        assert!(guard.rows <= MAX_ROWS, "{}", guard.rows);
+        assert!(guard.held.values().all(|h| *h <= MAX_TOKEN_ROWS));
+        assert_eq!(guard.held["fleet"], BUCKETS * 576);
+        drop(guard);
         // Rows go back with their buckets, for every token.
-        let gone = at(bucket * 10 + LONGEST_WINDOW.as_secs() as i64 + 10);
-        book.record(&live, &small, 1, &Report::default(), gone);
+        let gone = at(120 * 10 + LONGEST_WINDOW.as_secs() as i64);
+        book.record(&live, &fleet, 1, &Report::default(), gone);
         let guard = book.book.lock().unwrap();
         assert_eq!((guard.rows, guard.drill_rows), (0, 0));
         assert!(guard.held.values().all(|h| *h == 0), "{:?}", guard.held);
