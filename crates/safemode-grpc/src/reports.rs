@@ -120,8 +120,9 @@ impl ReportPace {
             let times = state.first_reports.get(&turn.token);
             let taken = times.map_or(0, VecDeque::len);
             if taken >= streams + TOKEN_BURST {
-                let oldest = times.and_then(|t| t.front()).copied().unwrap_or(now);
-                let wait = seconds((oldest + MIN_REPORT_GAP).saturating_duration_since(now));
+                // The stream's next report is its own turn, a gap from now
+                // (its `asked`), whatever the token's new streams do.
+                let wait = seconds(MIN_REPORT_GAP);
                 return Err((
                     format!(
                         "too soon: this token's new streams made {taken} first reports in the last {}s, and it holds {streams} {}: one first report per stream, and {TOKEN_BURST} more; this report is dropped, send its counts with the next one in {wait}s",
@@ -461,7 +462,7 @@ mod tests {
         let (reason, wait) = pace.take(&turn("b", "again"), None, 1, at(1)).unwrap_err();
         assert!(reason.contains("made 17 first reports"), "{reason}");
         assert!(reason.contains("holds 1 stream:"), "{reason}");
-        assert_eq!(wait, 7, "until the oldest first report is a gap old");
+        assert_eq!(wait, 8, "the stream's own turn, a gap after it asked");
         // ... a stream refused once waits its own gap, and retrying at once
         // is too soon, however often it asks...
         for now in [1, 1, 4] {
