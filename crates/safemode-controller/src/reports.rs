@@ -9,14 +9,14 @@
 //! rows in all, and no one sender can take the book from the others: one
 //! token adds at most [`MAX_TOKEN_ROWS_PER_BUCKET`] new rows to each
 //! bucket (so a token over it loses the excess of that bucket only, never
-//! the next) and holds at most [`MAX_TOKEN_ROWS`] (so it takes four
-//! flooding tokens to fill the room all may share, and the
-//! [reserve](RESERVE_FLOOR) past it is for the tokens that hold little);
-//! the drills together hold at most [`MAX_DRILL_ROWS`], so the live
-//! namespace always has room, and one token at most
-//! [`MAX_TOKEN_DRILL_ROWS`] of it, so a real drill does too. Rows beyond a bound are left out:
-//! the sender is told how many, and the tallies say counts are low. A
-//! report names no customer: only counts.
+//! the next) and, once the book holds [`HOLDING_BOUND_FROM`], holds at
+//! most [`MAX_TOKEN_ROWS`] (so it takes four flooding tokens to fill the
+//! room all may share, and the [reserve](RESERVE_FLOOR) past it is for the
+//! tokens that hold little); the drills together hold at most
+//! [`MAX_DRILL_ROWS`], so the live namespace always has room, and one
+//! token at most [`MAX_TOKEN_DRILL_ROWS`] of it, so a real drill does too.
+//! Rows beyond a bound are left out: the sender is told how many, and the
+//! tallies say counts are low. A report names no customer: only counts.
 //!
 //! [`limits`]: safemode_policy::telemetry::limits
 
@@ -45,11 +45,15 @@ pub const MAX_SHARED_ROWS: usize = 400_000;
 /// fleet reports a few hundred distinct rows per bucket; a flooding or
 /// looping sender fills its own part of each bucket only.
 pub const MAX_TOKEN_ROWS_PER_BUCKET: usize = 2_500;
-/// Rows one token holds over every bucket kept, at most: a quarter of the
-/// shared room, so fewer than four flooding tokens never fill it (a token
-/// adding its whole part of every bucket reaches this in under 7 minutes,
-/// and adds as its oldest rows age out after).
+/// Rows one token holds over every bucket kept, at most, once the book
+/// holds [`HOLDING_BOUND_FROM`]: a quarter of the shared room, so fewer
+/// than four flooding tokens never fill it (a token adding its whole part
+/// of every bucket reaches this in under 7 minutes, and adds as its oldest
+/// rows age out after). A lone busy token in a book that holds little adds
+/// its whole part of every bucket.
 pub const MAX_TOKEN_ROWS: usize = MAX_SHARED_ROWS / 4;
+/// Rows the book holds before [`MAX_TOKEN_ROWS`] applies.
+pub const HOLDING_BOUND_FROM: usize = MAX_SHARED_ROWS / 2;
 /// Rows a token may hold and still add past [`MAX_SHARED_ROWS`]: what a
 /// token adding a quarter of its part of every bucket holds over the
 /// longest window (a busy channel's fleet stays under it; a flooding one
@@ -204,7 +208,7 @@ impl fmt::Display for Full {
             ),
             Full::TokenHolding => write!(
                 f,
-                "this token holds {MAX_TOKEN_ROWS} rows of the report book over 15 minutes, the most one token may; it adds again as its oldest rows age out; give each channel service its own token"
+                "this token holds {MAX_TOKEN_ROWS} rows of the report book over 15 minutes, the most one token may once the book holds {HOLDING_BOUND_FROM}; it adds again as its oldest rows age out; give each channel service its own token"
             ),
             Full::TokenDrillHolding => write!(
                 f,
@@ -368,7 +372,7 @@ impl Room<'_> {
         let held = *self.token_held;
         let full = if *self.token_added >= MAX_TOKEN_ROWS_PER_BUCKET {
             Some(Full::TokenShare)
-        } else if held >= MAX_TOKEN_ROWS {
+        } else if held >= MAX_TOKEN_ROWS && *self.rows >= HOLDING_BOUND_FROM {
             Some(Full::TokenHolding)
         } else if let Some((_, token)) = &self.drill_rows
             && **token >= MAX_TOKEN_DRILL_ROWS
@@ -678,8 +682,9 @@ impl Book {
     fn expire(&mut self, now: Timestamp) {
         let slot = slot_of(now);
         // Later only: two reports that straddle a bucket's end may take the
-        // lock out of order, and must not start the slot's count twice.
-        if slot > self.slot {
+        // lock out of order, and must not start the slot's count twice (a
+        // clock stepped back more than that starts it too).
+        if slot > self.slot || slot + 1 < self.slot {
             self.slot = slot;
             self.added.clear();
         }
@@ -1088,6 +1093,9 @@ mod tests {
         book.record(&Namespace::live(), &flooder, 1, &distinct(0, 1), at(10));
         book.record(&Namespace::live(), &flooder, 1, &distinct(5, 1), at(9));
         assert_eq!(book.book.lock().unwrap().added["flood"], 2);
+        // A clock stepped back further starts the slot's count again.
+        book.record(&Namespace::live(), &flooder, 1, &distinct(9, 1), at(-120));
+        assert_eq!(book.book.lock().unwrap().added["flood"], 1);
     }
 
     #[test]
@@ -1096,7 +1104,9 @@ mod tests {
         let live = Namespace::live();
         let flooder = sender("flood", "web", "w");
         let part = distinct(0, MAX_TOKEN_ROWS_PER_BUCKET);
-        let buckets = (MAX_TOKEN_ROWS / MAX_TOKEN_ROWS_PER_BUCKET) as i64;
+        // Alone, it adds its whole part of every bucket until the book
+        // holds enough for a holding to matter.
+        let buckets = (HOLDING_BOUND_FROM / MAX_TOKEN_ROWS_PER_BUCKET) as i64;
         for bucket in 0..buckets {
             let recorded = book.record(&live, &flooder, 1, &part, at(bucket * 10));
             assert_eq!(recorded.left_out, 0, "bucket {bucket}");
@@ -1107,7 +1117,10 @@ mod tests {
             (MAX_TOKEN_ROWS_PER_BUCKET, Some(Full::TokenHolding))
         );
         let reason = Full::TokenHolding.to_string();
-        assert!(reason.contains("holds 100000 rows"), "{reason}");
+        assert!(
+            reason.contains("holds 100000 rows") && reason.contains("once the book holds 200000"),
+            "{reason}"
+        );
         // Once its oldest rows age out, it adds as many again.
         let first_gone = BUCKETS as i64 * 10;
         let recorded = book.record(&live, &flooder, 1, &part, at(first_gone));

@@ -107,7 +107,10 @@ impl ReportPace {
         if let Some(last) =
             last.filter(|last| now.saturating_duration_since(*last) < MIN_REPORT_GAP)
         {
-            let wait = seconds(MIN_REPORT_GAP.saturating_sub(now.saturating_duration_since(last)));
+            // A stream asking for the first time asks now: its own next
+            // turn is a gap away, whenever its subscriber's is.
+            let since = if asked.is_none() { now } else { last };
+            let wait = seconds(MIN_REPORT_GAP.saturating_sub(now.saturating_duration_since(since)));
             return Err((
                 format!(
                     "too soon: a subscriber reports at most every {every}s on a channel, over all its streams; this report is dropped, send its counts with the next one in {wait}s"
@@ -451,7 +454,11 @@ mod tests {
         pace.take(&turn("a", "ivr-1"), None, 10, at(0)).unwrap();
         let (reason, wait) = pace.take(&turn("a", "ivr-1"), None, 10, at(3)).unwrap_err();
         assert!(reason.contains("over all its streams"), "{reason}");
-        assert_eq!(wait, 5);
+        assert_eq!(wait, 8, "a new stream's own turn is a gap after it asked");
+        let (_, wait) = pace
+            .take(&turn("a", "ivr-1"), Some(at(3)), 10, at(5))
+            .unwrap_err();
+        assert_eq!(wait, 6);
         // A token's new streams make at most one first report per stream it
         // holds and a few more: a new id on every reconnect does not make a
         // new turn every time...
