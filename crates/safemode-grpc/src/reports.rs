@@ -109,7 +109,7 @@ impl ReportPace {
         {
             // A stream asking for the first time asks now: its own next
             // turn is a gap away, whenever its subscriber's is.
-            let since = if asked.is_none() { now } else { last };
+            let since = last.max(asked.unwrap_or(now));
             let wait = seconds(MIN_REPORT_GAP.saturating_sub(now.saturating_duration_since(since)));
             return Err((
                 format!(
