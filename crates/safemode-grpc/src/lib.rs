@@ -4,6 +4,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod coalesce;
 pub mod console;
 mod control;
 pub(crate) mod convert;

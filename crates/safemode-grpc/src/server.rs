@@ -21,6 +21,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Identity, ServerTlsConfig};
 use tracing::{info, warn};
 
+use crate::coalesce::Coalesced;
 use crate::fleet::{Fleet, FleetApi, PeerSettings, peer_settings};
 use crate::limits::{self, StreamLimits};
 use crate::{Authenticator, ControlApi, StreamConfig, SubscriptionApi};
@@ -658,7 +659,17 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<RunningServer> {
             tracing::info_span!("tokens", %replica),
         ));
     }
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    // Small frames of many streams share a write (see `coalesce`); over
+    // TLS, rustls decides how h2 writes.
+    let coalesced = if serves_tls {
+        Coalesced::beneath_tls
+    } else {
+        Coalesced::new
+    };
+    let incoming = futures_util::StreamExt::map(
+        TcpIncoming::from(listener).with_nodelay(Some(true)),
+        move |accepted| accepted.map(coalesced),
+    );
     let token = shutdown.clone();
     let grace = config.shutdown_grace;
     let span = tracing::info_span!("server", %addr, %replica);

@@ -14,8 +14,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
+use hyper_util::rt::TokioIo;
 use prost::Message as _;
 use safemode_client::PolicySnapshot;
+use safemode_grpc::coalesce::Coalesced;
 use safemode_policy::{Channel, Namespace, Revision};
 use safemode_signing::TrustedKeys;
 use safemode_support::backoff::Backoff;
@@ -24,9 +26,11 @@ use safemode_wire::proto::subscribe_response::Message as Inbound;
 use safemode_wire::proto::subscription_service_client::SubscriptionServiceClient;
 use safemode_wire::proto::{self, SubscribeRequest};
 use safemode_wire::signed::verify_snapshot;
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tonic::codegen::http::Uri;
 use tonic::transport::{Channel as Connection, Endpoint};
 
 /// How one revision reached the fleet.
@@ -88,13 +92,13 @@ impl Fleet {
         for n in 0..connections {
             let url = &urls[n % urls.len()];
             let endpoint = Endpoint::from_shared(url.to_string())?
-                .tcp_nodelay(true)
                 .connect_timeout(Duration::from_secs(10))
                 .http2_adaptive_window(true);
-            // Each connect() is its own HTTP/2 connection.
+            // Each connect is its own HTTP/2 connection, its acks coalesced
+            // as the controller's snapshots are.
             pool.push(
                 endpoint
-                    .connect()
+                    .connect_with_connector(tower::service_fn(coalesced))
                     .await
                     .with_context(|| format!("cannot connect to the controller at {url}"))?,
             );
@@ -198,6 +202,21 @@ impl Drop for Fleet {
     fn drop(&mut self) {
         self.stop.cancel();
     }
+}
+
+/// A TCP connection to `uri` whose small frames share writes (the
+/// controller's [`Coalesced`]): a hundred subscribers acking one flip on a
+/// connection write their acks together, as a gRPC client in Go does.
+async fn coalesced(uri: Uri) -> std::io::Result<TokioIo<Coalesced<TcpStream>>> {
+    let (Some(host), Some(port)) = (uri.host(), uri.port_u16()) else {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{uri} has no host and port"),
+        ));
+    };
+    let stream = TcpStream::connect((host, port)).await?;
+    stream.set_nodelay(true)?;
+    Ok(TokioIo::new(Coalesced::new(stream)))
 }
 
 struct Raw {
