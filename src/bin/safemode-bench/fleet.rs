@@ -214,6 +214,8 @@ async fn coalesced(uri: Uri) -> std::io::Result<TokioIo<Coalesced<TcpStream>>> {
             format!("{uri} has no host and port"),
         ));
     };
+    // An IPv6 address comes bracketed, as in the URI.
+    let host = host.trim_start_matches('[').trim_end_matches(']');
     let stream = TcpStream::connect((host, port)).await?;
     stream.set_nodelay(true)?;
     Ok(TokioIo::new(Coalesced::new(stream)))
