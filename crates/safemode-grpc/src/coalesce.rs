@@ -1,10 +1,10 @@
 //! A connection whose streams' small frames share one write.
 //!
-//! A flip wakes every stream at once, and each puts a snapshot of a few
-//! hundred bytes on its connection. Left to themselves, hyper and h2 wrote
-//! nearly every one with a system call of its own (measured: 0.83 `send`
-//! calls per snapshot at 10,000 subscribers on 100 connections), for two
-//! reasons:
+//! A flip wakes every stream at once, and each puts a snapshot on its
+//! connection: a few hundred bytes while only notices are active, 3 to 5
+//! KB with protective modes. Left to themselves, hyper and h2 wrote nearly
+//! every one with a system call of its own (measured: 0.83 `send` calls
+//! per snapshot at 10,000 subscribers on 100 connections), for two reasons:
 //!
 //! - h2 writes a DATA frame of 256 bytes or more on its own when the
 //!   connection takes vectored writes, as a TCP stream does;
@@ -12,15 +12,16 @@
 //!   (its LIFO slot), before any other stream had its turn: each write finds
 //!   one frame to send.
 //!
-//! [`Coalesced`] answers both.
+//! [`Coalesced`] answers both, for frames under 1 KiB.
 //!
-//! - **Copying.** It tells h2, when h2 builds its writer, that it takes no
-//!   vectored writes, so h2 copies frames under 1 KiB into its 16 KiB write
-//!   buffer instead of writing each one alone. From the first write on it
-//!   gives the socket's own answer, so that a larger frame still goes out in
-//!   one `writev` with the buffer before it. This leans on h2 0.4 asking
-//!   once, when it builds its writer, and `tokio_util`'s `poll_write_buf`
-//!   asking on every write; the `h2_*` tests below fail if either changes.
+//! - **Copying.** The first time h2 asks whether the connection takes
+//!   vectored writes, when it builds its writer, the answer is no, so h2
+//!   copies frames under 1 KiB into its 16 KiB write buffer instead of
+//!   writing each one alone. Every later answer is the socket's, so that a
+//!   larger frame still goes out in one `writev` with the buffer before
+//!   it. This leans on h2 0.4 asking once, when it builds its writer, and
+//!   `tokio_util`'s `poll_write_buf` asking on every write; the `h2_*`
+//!   tests below, a server's and a client's, fail if either changes.
 //! - **Waiting for the others.** When every worker of the runtime is
 //!   busy, the first write after a flush returns `Pending` and wakes its
 //!   own task, which tokio then runs after the tasks already queued (a
@@ -30,19 +31,30 @@
 //!   them all at once. grpc-go's writer does the same (it yields the
 //!   processor before flushing a small batch).
 //!
+//! A frame of 1 KiB or more is not coalesced: h2 chains it to its buffer
+//! and writes it before it takes another frame, so such a write goes out
+//! at once (waiting would gain nothing), one write per frame, as without
+//! the wrapper. Snapshots with protective modes active are that large;
+//! coalescing them would take a buffer of the wrapper's own.
+//!
 //! When a worker is parked, the write goes out at once: a task that wakes
 //! itself is, to tokio's multi-thread scheduler, a yield, and a yield wakes
 //! a parked worker (a futex call each way) to come and steal the task,
 //! which on an idle controller cost a unary call more than the write it
 //! saved (measured, p50 of a health check over plain TCP: 241 µs when
-//! every write waited, 165 µs without). In a flip every worker is busy,
-//! and no one is woken. A write of half h2's buffer or more is a batch
-//! already and goes out at once too. No timer and nothing held back: every
-//! byte is written, in order, when h2 flushes. Beneath TLS the connection
-//! is passed through untouched (see [`Coalesced::beneath_tls`]).
+//! every write waited, 165 µs without). When every worker is busy, as
+//! during a large flip on a machine it saturates, no one is woken; but a
+//! connection with a single frame to send (a unary answer, a subscriber
+//! alone on its connection) then waits a pass of the run queue for
+//! nothing, which the wrapper cannot tell apart. A write of half h2's
+//! buffer or more is a batch already and goes out at once too. No timer
+//! and nothing held back: every byte is written, in order, when h2
+//! flushes. Beneath TLS the connection is passed through untouched (see
+//! [`Coalesced::beneath_tls`]).
 
 use std::io::{self, IoSlice};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -65,9 +77,11 @@ pub struct Coalesced<T> {
 #[derive(Debug)]
 struct Bursts {
     phase: Phase,
-    /// h2 has built its writer (it writes its preface first): from now on
-    /// the connection takes vectored writes if the socket does.
-    wrote: bool,
+    /// h2 has asked once, when it built its writer: from now on the
+    /// connection takes vectored writes if the socket does. (A client
+    /// writes its preface before it builds its writer, a server after, so
+    /// the first write would not do.)
+    asked: AtomicBool,
     /// Whether waiting costs nothing now: [`every_worker_busy`], but for
     /// tests.
     busy: fn() -> bool,
@@ -96,7 +110,7 @@ impl<T> Coalesced<T> {
             inner,
             bursts: Some(Bursts {
                 phase: Phase::Flushed,
-                wrote: false,
+                asked: AtomicBool::new(false),
                 busy,
             }),
         }
@@ -117,15 +131,17 @@ impl<T> Coalesced<T> {
 impl Bursts {
     /// Whether a write of `len` bytes may go out now; if not, `cx` is woken
     /// when it may.
-    fn ready_to_write(&mut self, cx: &mut Context<'_>, len: usize) -> bool {
-        self.wrote = true;
+    /// `joinable`: the write is h2's buffer alone, which frames of other
+    /// streams could join; not a frame chained to it, which h2 writes
+    /// before it takes another.
+    fn ready_to_write(&mut self, cx: &mut Context<'_>, len: usize, joinable: bool) -> bool {
         match self.phase {
             Phase::Writing => true,
             Phase::Requeued => {
                 self.phase = Phase::Writing;
                 true
             }
-            Phase::Flushed if len < BATCH_ALREADY && (self.busy)() => {
+            Phase::Flushed if joinable && len < BATCH_ALREADY && (self.busy)() => {
                 // Polled again once the tasks already queued have run; the
                 // streams among them wake this task in vain, since it is
                 // already woken.
@@ -178,7 +194,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesced<T> {
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
         if let Some(bursts) = &mut this.bursts
-            && !bursts.ready_to_write(cx, buf.len())
+            && !bursts.ready_to_write(cx, buf.len(), true)
         {
             return Poll::Pending;
         }
@@ -193,7 +209,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesced<T> {
         let this = &mut *self;
         if let Some(bursts) = &mut this.bursts {
             let len = bufs.iter().map(|buf| buf.len()).sum();
-            if !bursts.ready_to_write(cx, len) {
+            let chained = bufs.iter().filter(|buf| !buf.is_empty()).count() > 1;
+            if !bursts.ready_to_write(cx, len, !chained) {
                 return Poll::Pending;
             }
         }
@@ -216,11 +233,13 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesced<T> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 
-    /// False until the first write (h2 then copies frames under 1 KiB into
-    /// its write buffer), the inner stream's answer from then on.
+    /// False the first time it is asked (h2 then copies frames under 1 KiB
+    /// into its write buffer), the inner stream's answer from then on.
     fn is_write_vectored(&self) -> bool {
         match &self.bursts {
-            Some(bursts) => bursts.wrote && self.inner.is_write_vectored(),
+            Some(bursts) => {
+                bursts.asked.swap(true, Ordering::Relaxed) && self.inner.is_write_vectored()
+            }
             None => self.inner.is_write_vectored(),
         }
     }
@@ -369,7 +388,7 @@ mod tests {
     }
 
     #[test]
-    fn vectored_writes_are_declined_until_the_first_write_and_taken_whole_after() {
+    fn vectored_writes_are_declined_the_first_time_h2_asks_and_taken_whole_after() {
         let mut io = Coalesced::waiting_when(Kept::default(), || true);
         let waker = Waker::noop();
         let mut cx = Context::from_waker(waker);
@@ -377,12 +396,31 @@ mod tests {
             !io.is_write_vectored(),
             "h2 must build its writer to copy small frames"
         );
+        assert!(io.is_write_vectored(), "then a chained frame goes whole");
         let large = vec![1; BATCH_ALREADY];
         let bufs = [IoSlice::new(b"head "), IoSlice::new(&large)];
         let written = Pin::new(&mut io).poll_write_vectored(&mut cx, &bufs);
         assert!(matches!(written, Poll::Ready(Ok(n)) if n == 5 + BATCH_ALREADY));
-        assert!(io.is_write_vectored());
         assert_eq!(io.inner.writes, 1, "a vectored write is one call beneath");
+    }
+
+    #[test]
+    fn a_frame_chained_to_the_buffer_goes_out_at_once() {
+        // h2 takes no other frame until a chained one is written: waiting
+        // would gain nothing.
+        let mut io = Coalesced::waiting_when(Kept::default(), || true);
+        let (wakes, waker) = counting_waker();
+        let mut cx = Context::from_waker(&waker);
+        let bufs = [IoSlice::new(b"buffer "), IoSlice::new(b"frame")];
+        let written = Pin::new(&mut io).poll_write_vectored(&mut cx, &bufs);
+        assert!(matches!(written, Poll::Ready(Ok(12))));
+        assert_eq!(wakes.count(), 0);
+        // The buffer alone, in a vectored write of one slice, still waits.
+        flush(&mut io, &mut cx);
+        let bufs = [IoSlice::new(b" buffer"), IoSlice::new(b"")];
+        let written = Pin::new(&mut io).poll_write_vectored(&mut cx, &bufs);
+        assert!(written.is_pending());
+        assert_eq!(wakes.count(), 1);
     }
 
     #[test]
@@ -559,5 +597,82 @@ mod tests {
         // write, not the buffer and then the payload.
         let writes = writes_for_a_burst(20, 2048).await;
         assert!(writes <= 22, "20 frames of 2 KiB took {writes} writes");
+    }
+
+    /// How many writes an h2 client over a coalesced loopback connection
+    /// makes to send a body of one DATA frame of `payload` bytes on each of
+    /// `streams` streams, every stream's task woken at once, as the fleet's
+    /// subscribers ack one flip.
+    async fn client_writes_for_a_burst(streams: usize, payload: usize) -> usize {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        // Every request's head has reached the server before the burst.
+        let heads = Arc::new(Barrier::new(streams + 1));
+        let server = tokio::spawn({
+            let heads = heads.clone();
+            async move {
+                let (stream, _) = listener.accept().await.unwrap();
+                let mut connection = h2::server::handshake(stream).await.unwrap();
+                while let Some(accepted) = connection.accept().await {
+                    let (request, mut respond) = accepted.unwrap();
+                    let heads = heads.clone();
+                    tokio::spawn(async move {
+                        heads.wait().await;
+                        let mut body = request.into_body();
+                        let mut received = 0;
+                        while let Some(data) = body.data().await {
+                            let data = data.unwrap();
+                            received += data.len();
+                            let _ = body.flow_control().release_capacity(data.len());
+                        }
+                        assert_eq!(received, payload);
+                        respond
+                            .send_response(http::Response::new(()), true)
+                            .unwrap();
+                    });
+                }
+            }
+        });
+
+        let writes = Arc::new(AtomicUsize::new(0));
+        let stream = TcpStream::connect(address).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        let io = Coalesced::new(Counted {
+            stream,
+            writes: writes.clone(),
+        });
+        let (client, connection) = h2::client::handshake(io).await.unwrap();
+        tokio::spawn(connection);
+        let (flip, flipped) = watch::channel(false);
+        let mut responses = Vec::new();
+        for _ in 0..streams {
+            let mut client = client.clone().ready().await.unwrap();
+            let request = http::Request::post("http://safemode/").body(()).unwrap();
+            let (response, mut body) = client.send_request(request, false).unwrap();
+            let mut flipped = flipped.clone();
+            tokio::spawn(async move {
+                flipped.wait_for(|flipped| *flipped).await.unwrap();
+                body.send_data(Bytes::from(vec![b'a'; payload]), true)
+                    .unwrap();
+            });
+            responses.push(response);
+        }
+        heads.wait().await;
+        let before = writes.load(Ordering::SeqCst);
+        flip.send(true).unwrap();
+        for response in responses {
+            response.await.unwrap();
+        }
+        let during = writes.load(Ordering::SeqCst) - before;
+        server.abort();
+        during
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn h2_as_a_client_writes_a_burst_of_small_frames_in_a_few_writes() {
+        // A client writes its preface before it builds its writer: the
+        // first answer to "vectored?" must still be h2's writer's.
+        let writes = client_writes_for_a_burst(100, 300).await;
+        assert!(writes <= 20, "100 frames of 300 bytes took {writes} writes");
     }
 }
