@@ -76,7 +76,10 @@ pub struct Coalesced<T> {
 /// Where a connection's writes stand between two flushes.
 #[derive(Debug)]
 struct Bursts {
-    phase: Phase,
+    /// Nothing written since the last flush, and no wait begun: the next
+    /// write is the first of a batch. A write that waited clears it, so
+    /// that the poll after the wait writes.
+    flushed: bool,
     /// h2 has asked once, when it built its writer: from now on the
     /// connection takes vectored writes if the socket does. (A client
     /// writes its preface before it builds its writer, a server after, so
@@ -85,16 +88,6 @@ struct Bursts {
     /// Whether waiting costs nothing now: [`every_worker_busy`], but for
     /// tests.
     busy: fn() -> bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    /// Nothing written since the last flush.
-    Flushed,
-    /// Waiting for the connection's turn at the back of the run queue.
-    Requeued,
-    /// Writing until h2 flushes.
-    Writing,
 }
 
 impl<T> Coalesced<T> {
@@ -109,7 +102,7 @@ impl<T> Coalesced<T> {
         Coalesced {
             inner,
             bursts: Some(Bursts {
-                phase: Phase::Flushed,
+                flushed: true,
                 asked: AtomicBool::new(false),
                 busy,
             }),
@@ -131,35 +124,26 @@ impl<T> Coalesced<T> {
 impl Bursts {
     /// Whether a write of `len` bytes may go out now; if not, `cx` is woken
     /// when it may.
+    ///
     /// `joinable`: the write is h2's buffer alone, which frames of other
     /// streams could join; not a frame chained to it, which h2 writes
     /// before it takes another.
     fn ready_to_write(&mut self, cx: &mut Context<'_>, len: usize, joinable: bool) -> bool {
-        match self.phase {
-            Phase::Writing => true,
-            Phase::Requeued => {
-                self.phase = Phase::Writing;
-                true
-            }
-            Phase::Flushed if joinable && len < BATCH_ALREADY && (self.busy)() => {
-                // Polled again once the tasks already queued have run; the
-                // streams among them wake this task in vain, since it is
-                // already woken.
-                cx.waker().wake_by_ref();
-                self.phase = Phase::Requeued;
-                false
-            }
-            Phase::Flushed => {
-                self.phase = Phase::Writing;
-                true
-            }
+        let first = std::mem::replace(&mut self.flushed, false);
+        if first && joinable && len < BATCH_ALREADY && (self.busy)() {
+            // Polled again once the tasks already queued have run; the
+            // streams among them wake this task in vain, since it is
+            // already woken. That poll writes.
+            cx.waker().wake_by_ref();
+            return false;
         }
+        true
     }
 }
 
 /// Whether every worker of the runtime polling the caller is busy, so that
 /// a task that yields wakes no one. Outside a runtime, no.
-pub fn every_worker_busy() -> bool {
+fn every_worker_busy() -> bool {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return false;
     };
@@ -224,7 +208,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesced<T> {
             && flushed.is_ready()
         {
             // The next write starts a new batch.
-            bursts.phase = Phase::Flushed;
+            bursts.flushed = true;
         }
         flushed
     }
