@@ -12,7 +12,9 @@ use std::time::Duration;
 use safemode_client::{FailClosed, FailClosedEffect, Subscriber, SubscriberConfig};
 use safemode_grpc::server::{ServeConfig, StoreConfig};
 use safemode_policy::names::ACTIONS;
-use safemode_policy::{Action, ActionSelector, Channel, Context, MethodSet, Namespace};
+use safemode_policy::{
+    Action, ActionSelector, Channel, Context, MethodSet, Namespace, Outcome, Text,
+};
 use safemode_signing::TrustedKeys;
 use safemode_wire::proto;
 
@@ -86,6 +88,23 @@ fn count(subscriber: &Subscriber, actions: &[Action], contexts: &[Context], roun
         }
     };
     std::hint::black_box(subscriber.decide(&actions[0], &contexts[0]).effect());
+    // The names a decision carries are interned texts: copying one into the
+    // decision copies a pointer, with no reference count to add to (an
+    // atomic addition, and a subtraction when the decision is dropped).
+    let mut named = 0;
+    decide_all(&mut |d| {
+        let names: Vec<&Text> = match d.outcome() {
+            Outcome::StepUp { required, .. } => vec![&required.escalate_queue],
+            Outcome::Review { queue, .. } => vec![queue],
+            Outcome::Deny(deny) => deny.alternative.iter().collect(),
+            _ => vec![],
+        };
+        for name in names {
+            assert!(name.is_interned(), "{name} is not interned");
+            named += 1;
+        }
+    });
+    assert!(named > 0, "some decisions name a queue or an alternative");
     let before = allocations();
     for _ in 0..rounds {
         decide_all(&mut |d| {

@@ -24,7 +24,7 @@ use safemode_policy::names::{ACTIONS, METHODS};
 use safemode_policy::{
     ActionSelector, Activation, ActivationId, Change, Channel, ChannelPolicy, ChannelSet,
     Condition, Context, Deny, Effect, EffectKind, EffectivePolicy, MethodSet, Mode, ModeName,
-    Outcome, ReadOnly, Reason, Review, Route, Rule, StepUp, Throttle,
+    Outcome, ReadOnly, Reason, Review, Route, Rule, StepUp, Text, Throttle,
 };
 
 // === Generators ===
@@ -128,18 +128,20 @@ fn effect(empty_methods: bool) -> impl Strategy<Value = Effect> {
                     min_confidence,
                     methods: methods(bits),
                     max_attempts,
-                    escalate_queue: Arc::from(queue),
+                    escalate_queue: Text::new(queue),
                 })
             }),
         prop::sample::select(QUEUES).prop_map(|q| Effect::Review(Review {
-            queue: Arc::from(q)
+            queue: Text::new(q)
         })),
         prop::option::of(timestamp()).prop_map(|as_of| Effect::ReadOnly(ReadOnly { as_of })),
         // Never every channel: a route must leave somewhere to go.
         (1u8..63).prop_map(|bits| Effect::Route(Route {
             to: channel_set(bits)
         })),
-        text().prop_map(|alternative| Effect::Deny(Deny { alternative })),
+        text().prop_map(|alternative| Effect::Deny(Deny {
+            alternative: alternative.as_deref().map(Text::new)
+        })),
     ]
 }
 
@@ -342,11 +344,11 @@ fn merged_effect(
 fn numeric(effect: &Effect) -> Effect {
     match effect {
         Effect::StepUp(s) => Effect::StepUp(StepUp {
-            escalate_queue: Arc::from(""),
+            escalate_queue: Text::new(""),
             ..s.clone()
         }),
         Effect::Review(_) => Effect::Review(Review {
-            queue: Arc::from(""),
+            queue: Text::new(""),
         }),
         Effect::Deny(_) => Effect::Deny(Deny { alternative: None }),
         other => other.clone(),
@@ -361,13 +363,13 @@ fn numeric_outcome(outcome: &Outcome) -> Outcome {
             attempts_left,
         } => Outcome::StepUp {
             required: StepUp {
-                escalate_queue: Arc::from(""),
+                escalate_queue: Text::new(""),
                 ..required.clone()
             },
             attempts_left: *attempts_left,
         },
         Outcome::Review { escalated, .. } => Outcome::Review {
-            queue: Arc::from(""),
+            queue: Text::new(""),
             escalated: *escalated,
         },
         Outcome::Deny(_) => Outcome::Deny(Deny { alternative: None }),

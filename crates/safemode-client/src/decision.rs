@@ -12,7 +12,7 @@ use jiff::Timestamp;
 use super::PolicySnapshot;
 use super::snapshot::DecisionReport;
 use safemode_policy::{
-    ActionPolicy, ActionSelector, ActivationId, Deny, EffectKind, Outcome, Revision, Verdict,
+    ActionPolicy, ActionSelector, ActivationId, Deny, EffectKind, Outcome, Revision, Text, Verdict,
 };
 
 /// What a subscriber does for chosen actions once its policy has been stale
@@ -78,7 +78,7 @@ impl FailClosedRule {
     pub fn new(config: &FailClosed) -> Self {
         let outcome = match &config.effect {
             FailClosedEffect::Review { queue } => Outcome::Review {
-                queue: Arc::from(queue.as_str()),
+                queue: Text::new(queue),
                 escalated: false,
             },
             FailClosedEffect::Deny => Outcome::Deny(Deny { alternative: None }),

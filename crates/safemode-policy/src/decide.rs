@@ -6,14 +6,13 @@
 //! lock and allocates nothing: the decision borrows its messages and reasons
 //! from the policy.
 
-use std::sync::Arc;
-
 use serde::Serialize;
 
 use super::activation::ActivationId;
 use super::compile::{ActionPolicy, ChannelPolicy, EffectivePolicy, Entry};
 use super::effect::{Deny, Effect, EffectKind, ReadOnly, Route, StepUp, Throttle};
 use super::names::{Action, Channel};
+use super::text::Text;
 
 use super::mode::Context;
 
@@ -36,7 +35,7 @@ pub enum Outcome {
     /// Send to a human review queue.
     Review {
         /// The queue.
-        queue: Arc<str>,
+        queue: Text,
         /// Whether a step-up escalated here (exhausted or unsatisfiable).
         escalated: bool,
     },
@@ -475,6 +474,8 @@ impl EffectivePolicy {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
     use crate::compile::StandingThrottle;
     use crate::effect::Review;
@@ -513,7 +514,7 @@ mod tests {
             min_confidence: 0.8,
             methods: MethodSet::parse(&["totp", "webauthn"]).unwrap(),
             max_attempts: 2,
-            escalate_queue: Arc::from("account-review"),
+            escalate_queue: Text::new("account-review"),
         };
         let effects = [
             Effect::Throttle(Throttle {
@@ -521,7 +522,7 @@ mod tests {
                 window_seconds: 10,
             }),
             Effect::Review(Review {
-                queue: Arc::from("payments"),
+                queue: Text::new("payments"),
             }),
             Effect::StepUp(StepUp {
                 min_confidence: 0.9,
@@ -532,7 +533,7 @@ mod tests {
                 to: ChannelSet::parse_selector(&["web"]).unwrap(),
             }),
             Effect::Deny(Deny {
-                alternative: Some(Arc::from("use the app")),
+                alternative: Some(Text::new("use the app")),
             }),
         ];
         ActionPolicy {

@@ -7,12 +7,11 @@
 //! still let a write through; `route` refuses to act on this channel at all and
 //! sends the customer to a verified one; `deny` refuses everywhere.
 
-use std::sync::Arc;
-
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
 use super::names::{ChannelSet, MethodSet};
+use super::text::Text;
 
 /// The kind of an effect, ordered from least to most restrictive.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -103,14 +102,14 @@ pub struct StepUp {
     /// Failed attempts allowed, at least 1.
     pub max_attempts: u32,
     /// Review queue the action escalates to.
-    pub escalate_queue: Arc<str>,
+    pub escalate_queue: Text,
 }
 
 /// Send the action to a named human review queue.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Review {
     /// The queue.
-    pub queue: Arc<str>,
+    pub queue: Text,
 }
 
 /// Serve data as of a time; refuse writes.
@@ -145,7 +144,7 @@ pub struct Route {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Deny {
     /// What the customer can do instead.
-    pub alternative: Option<Arc<str>>,
+    pub alternative: Option<Text>,
 }
 
 /// What a channel must do for an action.

@@ -19,6 +19,7 @@ pub mod paths;
 pub mod runbook;
 pub mod runbook_file;
 pub mod telemetry;
+pub mod text;
 
 pub use activation::{Activation, ActivationId, Change, Reason, Revision};
 pub use compile::{ActionPolicy, ChannelPolicy, EffectivePolicy, Entry, StandingThrottle};
@@ -37,3 +38,4 @@ pub use runbook_file::{
     Expectations, RunbookFileError, lint_runbook, parse_runbook, parse_runbook_checking,
 };
 pub use telemetry::{ConfidenceBand, ContextClass, MethodClass, SignalName};
+pub use text::Text;

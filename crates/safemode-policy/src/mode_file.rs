@@ -17,6 +17,7 @@ use super::effect::{Deny, Effect, ReadOnly, Review, Route, StepUp, Throttle};
 use super::located::LocatedError;
 use super::mode::{Condition, Mode, ModeName, Rule};
 use super::names::{ActionSelector, ChannelSet, MethodSet, NameError, validate_label};
+use super::text::Text;
 
 /// A mode file that could not be read, with where and why.
 pub type ModeFileError = LocatedError;
@@ -440,13 +441,13 @@ impl EffectSpec {
                     min_confidence: c,
                     methods,
                     max_attempts: s.max_attempts.value,
-                    escalate_queue: Arc::from(s.escalate_to.value.as_str()),
+                    escalate_queue: Text::new(&s.escalate_to.value),
                 })
             }
             EffectSpec::Review(r) => {
                 check(&r.queue, validate_label("review queue", &r.queue.value))?;
                 Effect::Review(Review {
-                    queue: Arc::from(r.queue.value.as_str()),
+                    queue: Text::new(&r.queue.value),
                 })
             }
             EffectSpec::ReadOnly => Effect::ReadOnly(ReadOnly { as_of: None }),
@@ -462,7 +463,7 @@ impl EffectSpec {
                 Effect::Route(Route { to })
             }
             EffectSpec::Deny(d) => Effect::Deny(Deny {
-                alternative: text(d.alternative),
+                alternative: d.alternative.map(|a| Text::new(a.trim_end())),
             }),
         })
     }

@@ -11,7 +11,7 @@ use super::proto;
 use safemode_policy::runbook::Runbook;
 use safemode_policy::{
     ActionPolicy, Activation, ActivationId, ChannelPolicy, ChannelSet, Condition, Deny, Effect,
-    Entry, MethodSet, Mode, ReadOnly, Review, Route, StandingThrottle, StepUp, Throttle,
+    Entry, MethodSet, Mode, ReadOnly, Review, Route, StandingThrottle, StepUp, Text, Throttle,
 };
 
 /// A message that does not hold what the format promises.
@@ -98,7 +98,7 @@ fn effect_to_wire(e: &Effect) -> proto::Effect {
             to_channels: r.to.iter().map(|c| c.as_str().to_string()).collect(),
         }),
         Effect::Deny(d) => Kind::Deny(proto::Deny {
-            alternative: opt_text(&d.alternative),
+            alternative: d.alternative.as_deref().unwrap_or_default().to_string(),
         }),
     };
     proto::Effect { kind: Some(kind) }
@@ -239,11 +239,11 @@ fn effect_from_wire(field: &str, e: Option<&proto::Effect>) -> Result<Effect, Wi
                 min_confidence: s.min_confidence,
                 methods: MethodSet::parse(&s.methods).map_err(|e| WireError::new(field, e))?,
                 max_attempts: s.max_attempts,
-                escalate_queue: Arc::from(s.escalate_queue.as_str()),
+                escalate_queue: Text::new(&s.escalate_queue),
             })
         }
         Kind::Review(r) => Effect::Review(Review {
-            queue: Arc::from(r.queue.as_str()),
+            queue: Text::new(&r.queue),
         }),
         Kind::ReadOnly(r) => Effect::ReadOnly(ReadOnly {
             as_of: r
@@ -264,7 +264,7 @@ fn effect_from_wire(field: &str, e: Option<&proto::Effect>) -> Result<Effect, Wi
             Effect::Route(Route { to })
         }
         Kind::Deny(d) => Effect::Deny(Deny {
-            alternative: non_empty(&d.alternative),
+            alternative: (!d.alternative.is_empty()).then(|| Text::new(&d.alternative)),
         }),
     })
 }
