@@ -7,12 +7,17 @@ use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::time::Duration;
 
 use safemode_store::Store;
 use safemode_store::etcd::{EtcdOptions, EtcdStore};
 
 use crate::store_contract::StoreHarness;
 use crate::support::{wait_for, wait_until};
+
+/// How long the harness waits for one answer from etcd before it asks
+/// again.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A free loopback port (the listener is dropped; etcd binds it next).
 fn free_port() -> u16 {
@@ -105,7 +110,11 @@ impl EtcdCluster {
         for i in 0..size {
             cluster.spawn(i, "new");
         }
-        cluster.wait_healthy().await;
+        for i in 0..size {
+            cluster
+                .wait_member(i, "every etcd member has joined the cluster")
+                .await;
+        }
         cluster
     }
 
@@ -156,28 +165,18 @@ impl EtcdCluster {
         )
     }
 
-    /// How the harness connects (with TLS when the cluster wants it).
+    /// How the harness connects (with TLS when the cluster wants it). Every
+    /// call is bounded by [`PROBE_TIMEOUT`]: a member that listens but has
+    /// not rejoined may never answer, and a probe that waited for it would
+    /// hang the test instead of failing it at the wait's deadline.
     fn connect_options(&self) -> Option<etcd_client::ConnectOptions> {
-        self.tls
-            .as_ref()
-            .map(|tls| etcd_client::ConnectOptions::new().with_tls(tls.client.clone()))
-    }
-
-    async fn wait_healthy(&self) {
-        let endpoints = self.endpoints();
-        wait_until("the etcd cluster answers", || {
-            let endpoints = endpoints.clone();
-            let options = self.connect_options();
-            async move {
-                let Ok(mut client) = etcd_client::Client::connect(&endpoints, options).await else {
-                    return false;
-                };
-                // A linearizable read needs a leader and a quorum, and
-                // writes nothing the tests could see.
-                client.get("/", None).await.is_ok()
-            }
+        let options = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(PROBE_TIMEOUT)
+            .with_timeout(PROBE_TIMEOUT);
+        Some(match &self.tls {
+            Some(tls) => options.with_tls(tls.client.clone()),
+            None => options,
         })
-        .await;
     }
 
     /// The index of the current leader.
@@ -220,22 +219,31 @@ impl EtcdCluster {
         }
     }
 
-    /// Starts member `i` again on its data and waits until that member
-    /// itself serves a linearizable read: it has rejoined the cluster and
-    /// follows a leader. The cluster answering is not enough, since the two
-    /// other members answer on their own; a test that kills another member
-    /// next would then take the quorum down with it (two faults at once).
+    /// Starts member `i` again on its data and waits until it has rejoined
+    /// the cluster ([`EtcdCluster::wait_member`]).
     pub async fn restart(&mut self, i: usize) {
         self.kill(i);
         self.spawn(i, "existing");
+        self.wait_member(i, "the restarted etcd member rejoins the cluster")
+            .await;
+    }
+
+    /// Waits until member `i` itself serves a linearizable read: it is in
+    /// the cluster and follows a leader. The cluster answering is not
+    /// enough, since two other members answer on their own; a test that
+    /// kills one of them next would take the quorum down with it (two
+    /// faults at once, where it meant one).
+    async fn wait_member(&self, i: usize, what: &str) {
         let endpoint = self.members[i].client_url.clone();
-        wait_until("the restarted etcd member rejoins the cluster", || {
+        wait_until(what, || {
             let endpoint = endpoint.clone();
             let options = self.connect_options();
             async move {
                 let Ok(mut client) = etcd_client::Client::connect([endpoint], options).await else {
                     return false;
                 };
+                // A linearizable read needs a leader and a quorum, and
+                // writes nothing the tests could see.
                 client.get("/", None).await.is_ok()
             }
         })

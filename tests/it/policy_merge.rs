@@ -128,11 +128,11 @@ fn effect(empty_methods: bool) -> impl Strategy<Value = Effect> {
                     min_confidence,
                     methods: methods(bits),
                     max_attempts,
-                    escalate_queue: Text::new(queue),
+                    escalate_queue: Text::intern(queue),
                 })
             }),
         prop::sample::select(QUEUES).prop_map(|q| Effect::Review(Review {
-            queue: Text::new(q)
+            queue: Text::intern(q)
         })),
         prop::option::of(timestamp()).prop_map(|as_of| Effect::ReadOnly(ReadOnly { as_of })),
         // Never every channel: a route must leave somewhere to go.
@@ -140,7 +140,7 @@ fn effect(empty_methods: bool) -> impl Strategy<Value = Effect> {
             to: channel_set(bits)
         })),
         text().prop_map(|alternative| Effect::Deny(Deny {
-            alternative: alternative.as_deref().map(Text::new)
+            alternative: alternative.as_deref().map(Text::intern)
         })),
     ]
 }
@@ -344,11 +344,11 @@ fn merged_effect(
 fn numeric(effect: &Effect) -> Effect {
     match effect {
         Effect::StepUp(s) => Effect::StepUp(StepUp {
-            escalate_queue: Text::new(""),
+            escalate_queue: Text::intern(""),
             ..s.clone()
         }),
         Effect::Review(_) => Effect::Review(Review {
-            queue: Text::new(""),
+            queue: Text::intern(""),
         }),
         Effect::Deny(_) => Effect::Deny(Deny { alternative: None }),
         other => other.clone(),
@@ -363,13 +363,13 @@ fn numeric_outcome(outcome: &Outcome) -> Outcome {
             attempts_left,
         } => Outcome::StepUp {
             required: StepUp {
-                escalate_queue: Text::new(""),
+                escalate_queue: Text::intern(""),
                 ..required.clone()
             },
             attempts_left: *attempts_left,
         },
         Outcome::Review { escalated, .. } => Outcome::Review {
-            queue: Text::new(""),
+            queue: Text::intern(""),
             escalated: *escalated,
         },
         Outcome::Deny(_) => Outcome::Deny(Deny { alternative: None }),

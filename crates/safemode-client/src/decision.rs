@@ -78,7 +78,7 @@ impl FailClosedRule {
     pub fn new(config: &FailClosed) -> Self {
         let outcome = match &config.effect {
             FailClosedEffect::Review { queue } => Outcome::Review {
-                queue: Text::new(queue),
+                queue: Text::intern(queue),
                 escalated: false,
             },
             FailClosedEffect::Deny => Outcome::Deny(Deny { alternative: None }),

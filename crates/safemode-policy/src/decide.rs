@@ -514,7 +514,7 @@ mod tests {
             min_confidence: 0.8,
             methods: MethodSet::parse(&["totp", "webauthn"]).unwrap(),
             max_attempts: 2,
-            escalate_queue: Text::new("account-review"),
+            escalate_queue: Text::intern("account-review"),
         };
         let effects = [
             Effect::Throttle(Throttle {
@@ -522,7 +522,7 @@ mod tests {
                 window_seconds: 10,
             }),
             Effect::Review(Review {
-                queue: Text::new("payments"),
+                queue: Text::intern("payments"),
             }),
             Effect::StepUp(StepUp {
                 min_confidence: 0.9,
@@ -533,7 +533,7 @@ mod tests {
                 to: ChannelSet::parse_selector(&["web"]).unwrap(),
             }),
             Effect::Deny(Deny {
-                alternative: Some(Text::new("use the app")),
+                alternative: Some(Text::intern("use the app")),
             }),
         ];
         ActionPolicy {

@@ -441,13 +441,13 @@ impl EffectSpec {
                     min_confidence: c,
                     methods,
                     max_attempts: s.max_attempts.value,
-                    escalate_queue: Text::new(&s.escalate_to.value),
+                    escalate_queue: Text::intern(&s.escalate_to.value),
                 })
             }
             EffectSpec::Review(r) => {
                 check(&r.queue, validate_label("review queue", &r.queue.value))?;
                 Effect::Review(Review {
-                    queue: Text::new(&r.queue.value),
+                    queue: Text::intern(&r.queue.value),
                 })
             }
             EffectSpec::ReadOnly => Effect::ReadOnly(ReadOnly { as_of: None }),
@@ -463,7 +463,7 @@ impl EffectSpec {
                 Effect::Route(Route { to })
             }
             EffectSpec::Deny(d) => Effect::Deny(Deny {
-                alternative: d.alternative.map(|a| Text::new(a.trim_end())),
+                alternative: d.alternative.map(|a| Text::intern(a.trim_end())),
             }),
         })
     }

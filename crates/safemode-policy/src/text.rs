@@ -5,18 +5,26 @@
 //! every refusal that offers an alternative names it, so these texts are
 //! copied into decisions on the decide path. As `Arc<str>`, each copy was an
 //! atomic increment of a reference count and the decision's drop an atomic
-//! decrement: the largest cost of `decide` above reading the policy. A
-//! `Text` is interned instead. The first time a process meets a text, it
-//! is stored once for the life of the process; every `Text` of it is then a
-//! pointer, and copying one touches no shared memory.
+//! decrement, and two threads deciding the same review passed the count's
+//! cache line between their cores. A `Text` is interned instead: the first
+//! time a process meets a text, it is stored once for the life of the
+//! process; every `Text` of it is then a pointer, and copying one touches
+//! no shared memory.
 //!
 //! Interned texts are never freed, so the store is bounded:
-//! [`INTERNED_BYTES`] in all, and texts met after it is full are
-//! reference-counted as before (still correct, only slower to copy). The
-//! texts come from mode files and from the snapshots the controller signs,
-//! which operators write, so a process meets tens of them, not thousands.
-//! The store is touched only when a text is made (a mode file parsed, a
-//! snapshot decoded), never while deciding.
+//! [`INTERNED_BYTES`] of texts and table entries (the allocator's own
+//! rounding comes on top, up to about twice that), and texts met after it
+//! is full are reference-counted as before: still correct, only slower to
+//! copy. Texts are made from mode files (after they are validated), from
+//! snapshots a subscriber has verified, and in the controller from the
+//! activations and proposals it reads back from its store, which only the
+//! controller writes. Operators write all of them, so a process meets tens,
+//! not thousands; a store written to by someone else can fill a
+//! controller's table, which costs it at most the bound and copies that
+//! count references again, nothing else. [`Text::intern`] is the one way to
+//! make a `Text` (serde's `Deserialize` calls it), so that interning stays
+//! a visible, deliberate step; the store is touched only then, never while
+//! deciding.
 
 use std::borrow::Borrow;
 use std::collections::HashSet;
@@ -88,16 +96,20 @@ fn store() -> &'static Mutex<Store> {
 }
 
 impl Text {
-    /// The text `text`, interned unless the store is full.
-    pub fn new(text: &str) -> Text {
+    /// The text `text`, interned for the life of the process unless the
+    /// store is full (then reference-counted).
+    pub fn intern(text: &str) -> Text {
         // A panic while holding the lock cannot leave the table half
         // written (an insert either happened or not), so a poisoned lock is
         // still sound to use.
-        let interned = store()
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .intern(text);
-        match interned {
+        Text::in_store(
+            &mut store().lock().unwrap_or_else(PoisonError::into_inner),
+            text,
+        )
+    }
+
+    fn in_store(store: &mut Store, text: &str) -> Text {
+        match store.intern(text) {
             Some(interned) => Text(Repr::Interned(interned)),
             None => Text(Repr::Shared(Arc::from(text))),
         }
@@ -134,18 +146,6 @@ impl AsRef<str> for Text {
 impl Borrow<str> for Text {
     fn borrow(&self) -> &str {
         self.as_str()
-    }
-}
-
-impl From<&str> for Text {
-    fn from(text: &str) -> Text {
-        Text::new(text)
-    }
-}
-
-impl From<String> for Text {
-    fn from(text: String) -> Text {
-        Text::new(&text)
     }
 }
 
@@ -195,7 +195,7 @@ impl fmt::Debug for Text {
 
 impl fmt::Display for Text {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        f.pad(self.as_str())
     }
 }
 
@@ -208,7 +208,7 @@ impl Serialize for Text {
 impl<'de> Deserialize<'de> for Text {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Text, D::Error> {
         let text = std::borrow::Cow::<'de, str>::deserialize(deserializer)?;
-        Ok(Text::new(&text))
+        Ok(Text::intern(&text))
     }
 }
 
@@ -218,8 +218,8 @@ mod tests {
 
     #[test]
     fn the_same_text_is_stored_once() {
-        let a = Text::new("text-test-account-review");
-        let b = Text::from(String::from("text-test-account-review"));
+        let a = Text::intern("text-test-account-review");
+        let b = Text::intern(&String::from("text-test-account-review"));
         assert!(a.is_interned() && b.is_interned());
         assert!(
             std::ptr::eq(a.as_str(), b.as_str()),
@@ -231,14 +231,14 @@ mod tests {
 
     #[test]
     fn it_reads_as_the_string_it_holds() {
-        let text = Text::new("Use the app.");
+        let text = Text::intern("Use the app.");
         assert_eq!(text.to_string(), "Use the app.");
         assert_eq!(format!("{text:?}"), "\"Use the app.\"");
         assert_eq!(serde_json::to_string(&text).unwrap(), "\"Use the app.\"");
         let back: Text = serde_json::from_str("\"Use the app.\"").unwrap();
         assert_eq!(back, text);
         assert_eq!(text.len(), 12, "derefs to str");
-        assert!(Text::new("a") < Text::new("b"));
+        assert!(Text::intern("a") < Text::intern("b"));
     }
 
     #[test]
@@ -258,12 +258,14 @@ mod tests {
     }
 
     #[test]
-    fn a_shared_text_compares_hashes_and_prints_as_its_string() {
-        let shared = Text(Repr::Shared(Arc::from("fraud-review")));
-        let interned = Text::new("fraud-review");
+    fn a_text_past_a_full_store_is_shared_and_reads_as_its_string() {
+        let mut full = Store::new(0);
+        let shared = Text::in_store(&mut full, "fraud-review");
+        let interned = Text::intern("fraud-review");
         assert!(!shared.is_interned() && interned.is_interned());
         assert_eq!(shared, interned);
         assert_eq!(shared.to_string(), "fraud-review");
+        assert_eq!(format!("[{shared:>14}]"), "[  fraud-review]", "pads");
         let mut texts = HashSet::new();
         texts.insert(interned);
         assert!(texts.contains(&shared), "hashes as its string");

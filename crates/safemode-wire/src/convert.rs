@@ -239,11 +239,11 @@ fn effect_from_wire(field: &str, e: Option<&proto::Effect>) -> Result<Effect, Wi
                 min_confidence: s.min_confidence,
                 methods: MethodSet::parse(&s.methods).map_err(|e| WireError::new(field, e))?,
                 max_attempts: s.max_attempts,
-                escalate_queue: Text::new(&s.escalate_queue),
+                escalate_queue: Text::intern(&s.escalate_queue),
             })
         }
         Kind::Review(r) => Effect::Review(Review {
-            queue: Text::new(&r.queue),
+            queue: Text::intern(&r.queue),
         }),
         Kind::ReadOnly(r) => Effect::ReadOnly(ReadOnly {
             as_of: r
@@ -264,7 +264,7 @@ fn effect_from_wire(field: &str, e: Option<&proto::Effect>) -> Result<Effect, Wi
             Effect::Route(Route { to })
         }
         Kind::Deny(d) => Effect::Deny(Deny {
-            alternative: (!d.alternative.is_empty()).then(|| Text::new(&d.alternative)),
+            alternative: (!d.alternative.is_empty()).then(|| Text::intern(&d.alternative)),
         }),
     })
 }
