@@ -55,9 +55,10 @@ unsafe impl GlobalAlloc for Counting {
 #[derive(Debug, Default, Serialize)]
 pub struct DecideResult {
     /// The floor: an `ArcSwap` load plus one indexed read of a precompiled
-    /// table (each input's decision, made beforehand), in the same batches
-    /// and loop as `decide`, on one thread, in the same run: median and
-    /// 99th percentile, nanoseconds per read.
+    /// table (each input's decision, made beforehand), in batches like
+    /// `decide`'s, on one thread, a batch of each in turn (so that both see
+    /// the machine at the same moments): median and 99th percentile,
+    /// nanoseconds per read.
     pub floor_ns_p50: f64,
     pub floor_ns_p99: f64,
     /// `single_thread.ns_p50` over `floor_ns_p50`.
@@ -79,7 +80,8 @@ pub struct Timing {
     pub ns_p50: f64,
     pub ns_p99: f64,
     /// Every thread together, from the first thread's start to the last
-    /// one's end (thread start and warm-up excluded).
+    /// one's end (thread start and warm-up excluded); on one thread, over
+    /// the time its batches took (the floor's, between them, excluded).
     pub decisions_per_second: f64,
     /// Allocations made while deciding, per decision (counted by the global
     /// allocator on the deciding threads, inside the timed batches).
@@ -153,8 +155,31 @@ fn inputs() -> Vec<(Action, Context)> {
         .collect()
 }
 
+/// One batch of [`BATCH`] decisions from input `*next` on; returns ns per
+/// decision. With `count`, allocations inside the batch go to
+/// [`ALLOCATIONS`].
+fn decide_batch(
+    subscriber: &Subscriber,
+    inputs: &[(Action, Context)],
+    next: &mut usize,
+    count: bool,
+) -> f64 {
+    // Allocations are counted inside the batch only: the samples vector
+    // growing is the benchmark's, not the decision's.
+    COUNTING.with(|c| c.set(count));
+    let batch = Instant::now();
+    for _ in 0..BATCH {
+        let (action, ctx) = std::hint::black_box(&inputs[*next % inputs.len()]);
+        let decision = subscriber.decide(action, ctx);
+        std::hint::black_box(&decision);
+        *next += 1;
+    }
+    let elapsed = batch.elapsed();
+    COUNTING.with(|c| c.set(false));
+    elapsed.as_nanos() as f64 / BATCH as f64
+}
+
 /// Decides in batches for `duration`; returns ns per decision of each batch.
-/// With `count`, allocations inside the batches go to [`ALLOCATIONS`].
 fn run_batches(
     subscriber: &Subscriber,
     inputs: &[(Action, Context)],
@@ -163,49 +188,50 @@ fn run_batches(
 ) -> Vec<f64> {
     let mut samples = Vec::new();
     let start = Instant::now();
-    let mut i = 0;
+    let mut next = 0;
     while start.elapsed() < duration {
-        // Allocations are counted inside the batch only: the samples vector
-        // growing is the benchmark's, not the decision's.
-        COUNTING.with(|c| c.set(count));
-        let batch = Instant::now();
-        for _ in 0..BATCH {
-            let (action, ctx) = std::hint::black_box(&inputs[i % inputs.len()]);
-            let decision = subscriber.decide(action, ctx);
-            std::hint::black_box(&decision);
-            i += 1;
-        }
-        let elapsed = batch.elapsed();
-        COUNTING.with(|c| c.set(false));
-        samples.push(elapsed.as_nanos() as f64 / BATCH as f64);
+        samples.push(decide_batch(subscriber, inputs, &mut next, count));
     }
     samples
 }
 
-/// The floor's loop: the same inputs, the same batches, but each decision
-/// is an `ArcSwap` load and a read of the table entry made for the input
-/// beforehand.
-fn floor_batches(
+/// One batch of the floor: the same inputs and batch as [`decide_batch`],
+/// but each decision is an `ArcSwap` load and a read of the table entry
+/// made for the input beforehand.
+fn floor_batch(table: &ArcSwap<Vec<u32>>, inputs: &[(Action, Context)], next: &mut usize) -> f64 {
+    let batch = Instant::now();
+    for _ in 0..BATCH {
+        let (_, ctx) = std::hint::black_box(&inputs[*next % inputs.len()]);
+        std::hint::black_box(ctx);
+        let table = table.load();
+        let entry = table[*next % table.len()];
+        std::hint::black_box(entry);
+        *next += 1;
+    }
+    batch.elapsed().as_nanos() as f64 / BATCH as f64
+}
+
+/// The floor and single-threaded `decide`, a batch of each in turn for
+/// `duration` each, so that both see the same moments of a machine whose
+/// speed drifts: the floor's samples, `decide`'s, and the time `decide`'s
+/// batches took in all.
+fn floor_and_decide(
+    subscriber: &Subscriber,
     table: &ArcSwap<Vec<u32>>,
     inputs: &[(Action, Context)],
     duration: Duration,
-) -> Vec<f64> {
-    let mut samples = Vec::new();
+) -> (Vec<f64>, Vec<f64>, Duration) {
+    let (mut floor, mut decide) = (Vec::new(), Vec::new());
+    let (mut floor_next, mut decide_next) = (0, 0);
+    let mut deciding = Duration::ZERO;
     let start = Instant::now();
-    let mut i = 0;
-    while start.elapsed() < duration {
+    while start.elapsed() < duration * 2 {
+        floor.push(floor_batch(table, inputs, &mut floor_next));
         let batch = Instant::now();
-        for _ in 0..BATCH {
-            let (_, ctx) = std::hint::black_box(&inputs[i % inputs.len()]);
-            std::hint::black_box(ctx);
-            let table = table.load();
-            let entry = table[i % table.len()];
-            std::hint::black_box(entry);
-            i += 1;
-        }
-        samples.push(batch.elapsed().as_nanos() as f64 / BATCH as f64);
+        decide.push(decide_batch(subscriber, inputs, &mut decide_next, true));
+        deciding += batch.elapsed();
     }
-    samples
+    (floor, decide, deciding)
 }
 
 /// The floor's table: one entry per input, its decision's effect (as a
@@ -238,18 +264,13 @@ fn timing(threads: usize, mut samples: Vec<f64>, wall: Duration, allocations: u6
 pub fn run(duration: Duration) -> DecideResult {
     let (subscriber, active_modes) = subscriber();
     let inputs = inputs();
-    // The floor first, for as long as decide's single-threaded run.
     let table = floor_table(&subscriber, &inputs);
-    floor_batches(&table, &inputs, Duration::from_millis(50));
-    let mut floor = floor_batches(&table, &inputs, duration);
-    floor.sort_by(f64::total_cmp);
-    // Warm up (and let each thread claim its slot in the pointer swap).
-    run_batches(&subscriber, &inputs, Duration::from_millis(50), false);
+    // Warm up both (and let the thread claim its slot in the pointer swap).
+    floor_and_decide(&subscriber, &table, &inputs, Duration::from_millis(50));
 
     ALLOCATIONS.store(0, Ordering::Relaxed);
-    let wall = Instant::now();
-    let single = run_batches(&subscriber, &inputs, duration, true);
-    let wall = wall.elapsed();
+    let (mut floor, single, wall) = floor_and_decide(&subscriber, &table, &inputs, duration);
+    floor.sort_by(f64::total_cmp);
     let single = timing(1, single, wall, ALLOCATIONS.swap(0, Ordering::Relaxed));
 
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
