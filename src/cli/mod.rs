@@ -1603,10 +1603,10 @@ fn decide_context(args: &DecideArgs) -> anyhow::Result<Context> {
     if !(0.0..=1.0).contains(&args.confidence) {
         bail!("--confidence {} is outside 0 to 1", args.confidence);
     }
-    if let Some(amount) = args.amount {
-        if !amount.is_finite() || amount < 0.0 {
-            bail!("--amount must be a number of 0 or more");
-        }
+    if let Some(amount) = args.amount
+        && (!amount.is_finite() || amount < 0.0)
+    {
+        bail!("--amount must be a number of 0 or more");
     }
     for flag in &args.bot_flags {
         validate_label("bot flag", flag)?;

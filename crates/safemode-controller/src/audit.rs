@@ -876,14 +876,13 @@ impl<'a> Verifier<'a> {
                         head: head.seq,
                         last: last_position,
                     });
-                } else if let Some((hash, created)) = &self.last {
-                    if hash.as_ref().is_some_and(|h| *h != head.hash)
-                        || *created != stored.mod_revision
-                    {
-                        self.findings.push(Problem::HeadMismatch {
-                            last: last_position,
-                        });
-                    }
+                } else if let Some((hash, created)) = &self.last
+                    && (hash.as_ref().is_some_and(|h| *h != head.hash)
+                        || *created != stored.mod_revision)
+                {
+                    self.findings.push(Problem::HeadMismatch {
+                        last: last_position,
+                    });
                 }
             }
         }

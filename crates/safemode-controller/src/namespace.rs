@@ -315,13 +315,13 @@ impl State {
                 self.namespace
             ));
         }
-        if let Some((revision, Err(why))) = &self.seal {
-            if *revision == self.meta_revision {
-                problems.push(format!(
-                    "{}: the namespace's last-change record is not the one safemode signed: {why}",
-                    self.namespace
-                ));
-            }
+        if let Some((revision, Err(why))) = &self.seal
+            && *revision == self.meta_revision
+        {
+            problems.push(format!(
+                "{}: the namespace's last-change record is not the one safemode signed: {why}",
+                self.namespace
+            ));
         }
         let Some(listed) = self.listed() else {
             return (activations, problems);

@@ -475,10 +475,10 @@ impl Console {
             .map_err(|e| tonic::Status::internal(format!("the control service failed: {e}")))?;
         // A refusal comes in the headers (trailers-only); an answer in the
         // body and its status in the trailers.
-        if let Some(status) = tonic::Status::from_header_map(answer.headers()) {
-            if status.code() != tonic::Code::Ok {
-                return Err(status);
-            }
+        if let Some(status) = tonic::Status::from_header_map(answer.headers())
+            && status.code() != tonic::Code::Ok
+        {
+            return Err(status);
         }
         let collected = answer
             .into_body()
@@ -488,10 +488,9 @@ impl Console {
         if let Some(status) = collected
             .trailers()
             .and_then(tonic::Status::from_header_map)
+            && status.code() != tonic::Code::Ok
         {
-            if status.code() != tonic::Code::Ok {
-                return Err(status);
-            }
+            return Err(status);
         }
         let body = collected.to_bytes();
         if body.len() < 5 || body[0] != 0 {

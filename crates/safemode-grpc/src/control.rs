@@ -1151,10 +1151,10 @@ fn decide_context(r: &proto::DecideRequest) -> Result<Context, Status> {
             format!("{} is outside 0 to 1", r.confidence),
         ));
     }
-    if let Some(amount) = r.amount {
-        if !amount.is_finite() || amount < 0.0 {
-            return Err(invalid("amount", "give a number of 0 or more"));
-        }
+    if let Some(amount) = r.amount
+        && (!amount.is_finite() || amount < 0.0)
+    {
+        return Err(invalid("amount", "give a number of 0 or more"));
     }
     if r.bot_flags.len() > MAX_BOT_FLAGS {
         return Err(invalid(

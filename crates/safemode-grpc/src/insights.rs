@@ -40,7 +40,7 @@ const MAX_REPORTS_RESPONSE_BYTES: usize = 16 * 1024 * 1024;
 /// A window a caller may ask for: whole multiples of 10 s up to 15 min.
 pub(crate) fn window(seconds: u32, field: &str) -> Result<Duration, Status> {
     let longest = LONGEST_WINDOW.as_secs() as u32;
-    if seconds == 0 || seconds > longest || seconds % 10 != 0 {
+    if seconds == 0 || seconds > longest || !seconds.is_multiple_of(10) {
         return Err(invalid(
             field,
             format!("{seconds}s is not a window: give a multiple of 10 seconds, at most {longest}"),

@@ -336,16 +336,16 @@ impl RuleSpec {
         };
         let effect_at = self.effect.referenced;
         let effect = self.effect.value.into_effect()?;
-        if let Effect::Route(route) = &effect {
-            if !route.to.intersection(channels).is_empty() {
-                return Err((
-                    effect_at,
-                    format!(
-                        "route sends customers from {channels} to {}; a route's targets must not be among the rule's own channels",
-                        route.to
-                    ),
-                ));
-            }
+        if let Effect::Route(route) = &effect
+            && !route.to.intersection(channels).is_empty()
+        {
+            return Err((
+                effect_at,
+                format!(
+                    "route sends customers from {channels} to {}; a route's targets must not be among the rule's own channels",
+                    route.to
+                ),
+            ));
         }
         Ok(Rule {
             channels,
@@ -361,13 +361,13 @@ impl RuleSpec {
 
 impl ConditionSpec {
     fn into_condition(self, at: Location) -> Result<Condition, Invalid> {
-        if let Some(amount) = &self.amount_over {
-            if !amount.value.is_finite() || amount.value < 0.0 {
-                return Err((
-                    amount.referenced,
-                    "amount_over must be a number >= 0".into(),
-                ));
-            }
+        if let Some(amount) = &self.amount_over
+            && (!amount.value.is_finite() || amount.value < 0.0)
+        {
+            return Err((
+                amount.referenced,
+                "amount_over must be a number >= 0".into(),
+            ));
         }
         let mut flags = Vec::with_capacity(self.bot_flags_any.len());
         for flag in &self.bot_flags_any {

@@ -344,7 +344,7 @@ impl Trigger {
 /// A window as a person writes it: `5m`, `90s`, `15m`.
 pub fn describe_window(window: Duration) -> String {
     let secs = window.as_secs();
-    if secs >= 60 && secs % 60 == 0 {
+    if secs >= 60 && secs.is_multiple_of(60) {
         format!("{}m", secs / 60)
     } else {
         format!("{secs}s")

@@ -292,16 +292,16 @@ fn validate(txn: &Txn) -> Result<()> {
                 .into(),
             ));
         }
-        if let Op::Put { value, .. } = op {
-            if u32::try_from(value.len()).is_err() {
-                return Err(Error::InvalidRequest(
-                    format!(
-                        "the value of key {key:?} is {} bytes; values must be under 4 GiB",
-                        value.len()
-                    )
-                    .into(),
-                ));
-            }
+        if let Op::Put { value, .. } = op
+            && u32::try_from(value.len()).is_err()
+        {
+            return Err(Error::InvalidRequest(
+                format!(
+                    "the value of key {key:?} is {} bytes; values must be under 4 GiB",
+                    value.len()
+                )
+                .into(),
+            ));
         }
     }
     if u32::try_from(txn.ops.len()).is_err() {

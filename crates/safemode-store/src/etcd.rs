@@ -562,15 +562,15 @@ fn prefix_end(prefix: &str) -> Option<Vec<u8>> {
 /// A range read at a revision etcd no longer has is answered with
 /// OUT_OF_RANGE and "required revision has been compacted".
 fn range_error(error: etcd_client::Error, revision: Revision) -> Error {
-    if let etcd_client::Error::GRpcStatus(status) = &error {
-        if status.message().contains("compacted") {
-            // etcd does not say up to where; the requested revision is the
-            // newest one known to be gone.
-            return Error::Compacted {
-                requested: revision,
-                compacted: revision,
-            };
-        }
+    if let etcd_client::Error::GRpcStatus(status) = &error
+        && status.message().contains("compacted")
+    {
+        // etcd does not say up to where; the requested revision is the
+        // newest one known to be gone.
+        return Error::Compacted {
+            requested: revision,
+            compacted: revision,
+        };
     }
     etcd_error(error)
 }
