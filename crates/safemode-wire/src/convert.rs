@@ -51,8 +51,9 @@ pub fn timestamp_from_wire(t: &prost_types::Timestamp) -> Result<Timestamp, Stri
 
 // === Outbound ===
 
-/// An optional text as protobuf has it: empty for none.
-pub fn opt_text(s: &Option<Arc<str>>) -> String {
+/// An optional text (an `Arc<str>` message, a [`Text`] alternative) as
+/// protobuf has it: empty for none.
+pub fn opt_text<S: std::ops::Deref<Target = str>>(s: &Option<S>) -> String {
     s.as_deref().unwrap_or_default().to_string()
 }
 
@@ -98,7 +99,7 @@ fn effect_to_wire(e: &Effect) -> proto::Effect {
             to_channels: r.to.iter().map(|c| c.as_str().to_string()).collect(),
         }),
         Effect::Deny(d) => Kind::Deny(proto::Deny {
-            alternative: d.alternative.as_deref().unwrap_or_default().to_string(),
+            alternative: opt_text(&d.alternative),
         }),
     };
     proto::Effect { kind: Some(kind) }
