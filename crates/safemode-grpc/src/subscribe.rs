@@ -2,9 +2,11 @@
 //!
 //! The client says hello; the server sends the current snapshot at once,
 //! every newer one, and heartbeats; the client acks or rejects each snapshot.
-//! The server side of a stream is one future that selects over the namespace
-//! watch, the client's messages, the heartbeat timer and shutdown, so a
-//! stream costs no task of its own.
+//! The server side of a stream is one [`Stream`], polled by hand over the
+//! namespace watch, the client's messages, the heartbeat timer, revocation
+//! and shutdown, each a wait made once for the stream's life, so a stream
+//! costs no task of its own and a flip that wakes every stream makes no
+//! wait anew.
 //!
 //! Everything sent is signed with the replica's key: snapshots once per
 //! revision and channel ([`SnapshotCache`]), heartbeats once per channel and
@@ -13,13 +15,16 @@
 //! only a signed, newer heartbeat as proof that their policy is current: a
 //! snapshot can be replayed, a heartbeat's time cannot be moved.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 
 use futures_util::Stream;
 use jiff::Timestamp;
+use tokio::sync::watch;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::sync::{CancellationToken, ReusableBoxFuture, WaitForCancellationFutureOwned};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
@@ -31,7 +36,7 @@ use super::telemetry::{Committed, StreamMetrics};
 use super::{Credential, StreamConfig, authorize, invalid, invalid_name, principal, status};
 use safemode_controller::auth::Operation;
 use safemode_controller::reports::{Refusal, Sender};
-use safemode_controller::{Controller, Subscription};
+use safemode_controller::{Controller, NamespaceView, Subscription};
 use safemode_policy::{Channel, Namespace, Revision};
 use safemode_signing::SigningKey;
 use safemode_wire::proto::subscribe_request::Message as Inbound;
@@ -196,7 +201,7 @@ impl SubscriptionService for SubscriptionApi {
             asked: None,
             refusals: Refusals::default(),
         });
-        let mut response = Response::new(Box::pin(session.into_stream()) as ResponseStream);
+        let mut response = Response::new(Box::pin(session) as ResponseStream);
         response.metadata_mut().insert(
             wire::REPORTS_HEADER,
             tonic::metadata::MetadataValue::from_static("1"),
@@ -307,9 +312,13 @@ struct Session {
     beat_now: bool,
     /// The stream ends after the next item.
     ending: bool,
-    /// The caller's token and namespace: the stream ends when the token is
-    /// revoked (`None`: a server without tokens).
+    /// The caller's token and namespace, for its reports' roles (`None`: a
+    /// server without tokens).
     credential: Option<(Credential, Namespace)>,
+    /// Resolves when that token is revoked: the stream then ends.
+    revoked: Option<Pin<Box<dyn Future<Output = Status> + Send>>>,
+    /// Resolves when the namespace has a newer view.
+    view_changed: ReusableBoxFuture<'static, ViewChanged>,
     /// The stream's place under the stream limits, freed when it ends.
     slot: Option<StreamSlot>,
     /// What the stream counts, and its labels.
@@ -337,6 +346,7 @@ impl Session {
             tokio::time::interval_at(Instant::now() + config.heartbeat, config.heartbeat);
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let labels = StreamMetrics::labels(&signer.namespace, subscription.channel);
+        let view_changed = ReusableBoxFuture::new(view_changed(subscription.views.clone()));
         Session {
             metrics: config.metrics.clone(),
             labels,
@@ -351,6 +361,8 @@ impl Session {
             beat_now: false,
             ending: false,
             credential: None,
+            revoked: None,
+            view_changed,
             slot: None,
             reporting: None,
             answer: None,
@@ -366,6 +378,9 @@ impl Session {
     /// Ends the stream once `credential`'s token is revoked or may no
     /// longer subscribe to `namespace`.
     fn revoked_with(mut self, credential: Option<Credential>, namespace: Namespace) -> Self {
+        self.revoked = credential
+            .clone()
+            .map(|credential| revoked(credential, namespace.clone()));
         self.credential = credential.map(|c| (c, namespace));
         self
     }
@@ -376,72 +391,77 @@ impl Session {
         self
     }
 
-    fn into_stream(self) -> impl Stream<Item = Result<Outbound, Status>> {
-        futures_util::stream::unfold(self, |mut session| async move {
-            if session.ending {
-                return None;
-            }
-            let item = session.next().await?;
-            session.ending = item.is_err();
-            Some((item, session))
-        })
-    }
-
-    /// The next message to send; `None` ends the stream quietly.
-    async fn next(&mut self) -> Option<Result<Outbound, Status>> {
+    /// The next message to send, `None` ending the stream quietly. Polled
+    /// by hand rather than by an `async` loop over `select!`: a flip wakes
+    /// every stream, and each poll would otherwise make its waits anew
+    /// (registering with the namespace's watch and the tokens' again, and
+    /// taking them off when another wait won) and move the whole session
+    /// in and out of the loop's future. Here every wait lives as long as
+    /// the stream and is only polled. The order is the same as it was:
+    /// shutdown, then revocation, then a newer view, then the client's
+    /// messages, then the heartbeat.
+    fn poll_item(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Outbound, Status>>> {
         if self.sent.is_none() {
-            return Some(Ok(self.snapshot()));
+            return Poll::Ready(Some(Ok(self.snapshot())));
         }
         if std::mem::take(&mut self.beat_now)
             && let Some(beat) = self.beat()
         {
-            return Some(Ok(beat));
+            return Poll::Ready(Some(Ok(beat)));
         }
         if let Some(answer) = self.answer.take() {
-            return Some(Ok(Outbound::Message(proto::SubscribeResponse {
-                message: Some(proto::subscribe_response::Message::ReportAnswer(answer)),
-            })));
+            return Poll::Ready(Some(Ok(report_answer(answer))));
         }
         loop {
-            tokio::select! {
-                biased;
-                () = self.shutdown.as_mut() => {
-                    return Some(Err(Status::unavailable("the controller is shutting down; reconnect")));
+            if self.shutdown.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Some(Err(Status::unavailable(
+                    "the controller is shutting down; reconnect",
+                ))));
+            }
+            // Before anything else is sent: a revoked token gets nothing.
+            if let Some(revoked) = &mut self.revoked
+                && let Poll::Ready(status) = revoked.as_mut().poll(cx)
+            {
+                return Poll::Ready(Some(Err(status)));
+            }
+            if let Poll::Ready((views, changed)) = self.view_changed.poll(cx) {
+                if changed.is_err() {
+                    return Poll::Ready(Some(Err(Status::unavailable(
+                        "namespace follower stopped; reconnect",
+                    ))));
                 }
-                // Before anything else is sent: a revoked token gets nothing.
-                status = revoked(&mut self.credential) => return Some(Err(status)),
-                changed = self.subscription.views.changed() => {
-                    if changed.is_err() {
-                        return Some(Err(Status::unavailable("namespace follower stopped; reconnect")));
-                    }
-                    let revision = self.subscription.views.borrow().revision;
-                    if Some(revision) > self.sent {
-                        return Some(Ok(self.snapshot()));
-                    }
+                self.view_changed.set(view_changed(views));
+                let revision = self.subscription.views.borrow().revision;
+                if Some(revision) > self.sent {
+                    return Poll::Ready(Some(Ok(self.snapshot())));
                 }
-                message = self.inbound.message() => match message {
-                    Ok(Some(message)) => {
+                continue;
+            }
+            if let Poll::Ready(message) = Pin::new(&mut self.inbound).poll_next(cx) {
+                match message {
+                    Some(Ok(message)) => {
                         if let Err(status) = self.receive(message) {
-                            return Some(Err(status));
+                            return Poll::Ready(Some(Err(status)));
                         }
                         if let Some(answer) = self.answer.take() {
-                            return Some(Ok(Outbound::Message(proto::SubscribeResponse {
-                                message: Some(proto::subscribe_response::Message::ReportAnswer(answer)),
-                            })));
+                            return Poll::Ready(Some(Ok(report_answer(answer))));
                         }
                     }
                     // The client closed its side, or the connection broke.
-                    Ok(None) | Err(_) => return None,
-                },
-                _ = self.heartbeat.tick() => {
-                    if let Some(reporting) = &mut self.reporting {
-                        reporting.count_refusals_due(Instant::now());
-                    }
-                    if let Some(beat) = self.beat() {
-                        return Some(Ok(beat));
-                    }
+                    None | Some(Err(_)) => return Poll::Ready(None),
                 }
+                continue;
             }
+            if self.heartbeat.poll_tick(cx).is_ready() {
+                if let Some(reporting) = &mut self.reporting {
+                    reporting.count_refusals_due(Instant::now());
+                }
+                if let Some(beat) = self.beat() {
+                    return Poll::Ready(Some(Ok(beat)));
+                }
+                continue;
+            }
+            return Poll::Pending;
         }
     }
 
@@ -621,9 +641,43 @@ impl Session {
 
 /// Resolves, with the status to end the stream with, when the stream's
 /// token is revoked or may no longer subscribe; never without tokens.
-async fn revoked(credential: &mut Option<(Credential, Namespace)>) -> Status {
-    match credential {
-        Some((credential, namespace)) => credential.revoked(Operation::Subscribe, namespace).await,
-        None => std::future::pending().await,
+impl Stream for Session {
+    type Item = Result<Outbound, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let session = self.get_mut();
+        if session.ending {
+            return Poll::Ready(None);
+        }
+        let item = ready!(session.poll_item(cx));
+        session.ending = !matches!(item, Some(Ok(_)));
+        Poll::Ready(item)
     }
+}
+
+/// The wait for a newer namespace view, on a receiver of its own (the
+/// session's marks what it sent); it hands the receiver back to wait again.
+type ViewChanged = (
+    watch::Receiver<Arc<NamespaceView>>,
+    Result<(), watch::error::RecvError>,
+);
+
+async fn view_changed(mut views: watch::Receiver<Arc<NamespaceView>>) -> ViewChanged {
+    let changed = views.changed().await;
+    (views, changed)
+}
+
+/// Resolves once `credential`'s token is revoked or may no longer subscribe
+/// to `namespace`.
+fn revoked(
+    mut credential: Credential,
+    namespace: Namespace,
+) -> Pin<Box<dyn Future<Output = Status> + Send>> {
+    Box::pin(async move { credential.revoked(Operation::Subscribe, &namespace).await })
+}
+
+fn report_answer(answer: proto::ReportAnswer) -> Outbound {
+    Outbound::Message(proto::SubscribeResponse {
+        message: Some(proto::subscribe_response::Message::ReportAnswer(answer)),
+    })
 }
