@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use jiff::Timestamp;
 
@@ -182,7 +182,12 @@ pub struct UnknownRevision {
 #[derive(Debug, Default)]
 pub struct Subscribers {
     next: AtomicU64,
-    records: Mutex<HashMap<u64, SubscriberRecord>>,
+    /// Every stream's record, each behind a lock of its own: a stream
+    /// updates its record on every snapshot sent and every ack, and ten
+    /// thousand streams woken by one flip would otherwise queue on one lock
+    /// (on as many cores as the controller has). The map's lock is taken
+    /// to add, remove and read records, never to update one.
+    records: Mutex<HashMap<u64, Arc<Mutex<SubscriberRecord>>>>,
 }
 
 impl Subscribers {
@@ -227,16 +232,22 @@ impl Subscribers {
             rejected: None,
             claimed_unissued,
         };
-        self.lock().insert(connection, record);
+        let record = Arc::new(Mutex::new(record));
+        self.lock().insert(connection, record.clone());
         Registration {
             connection,
+            record,
             subscribers: self.clone(),
         }
     }
 
     /// Every connected subscriber, by subscriber id.
     pub fn list(&self) -> Vec<SubscriberRecord> {
-        let mut records: Vec<SubscriberRecord> = self.lock().values().cloned().collect();
+        let mut records: Vec<SubscriberRecord> = self
+            .lock()
+            .values()
+            .map(|record| read(record).clone())
+            .collect();
         records.sort_by(|a, b| {
             a.subscriber_id
                 .cmp(&b.subscriber_id)
@@ -251,11 +262,12 @@ impl Subscribers {
             .lock()
             .iter()
             .map(|(stream, record)| {
+                let record = read(record).clone();
                 let cursor = SubscriberCursor {
                     subscriber_id: record.subscriber_id.clone(),
                     stream: *stream,
                 };
-                (cursor, record.clone())
+                (cursor, record)
             })
             .collect();
         records.sort_by(|a, b| a.0.cmp(&b.0));
@@ -268,6 +280,7 @@ impl Subscribers {
         let mut counts: std::collections::BTreeMap<(usize, SubscriberState), (Channel, usize)> =
             std::collections::BTreeMap::new();
         for record in self.lock().values() {
+            let record = read(record);
             let state = record.state(current);
             counts
                 .entry((record.channel.index(), state))
@@ -285,27 +298,32 @@ impl Subscribers {
         self.lock().is_empty()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, SubscriberRecord>> {
-        // A panic while holding this lock cannot leave a record half-written
-        // (every update is one assignment), so a poisoned map is still good.
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Arc<Mutex<SubscriberRecord>>>> {
+        // A panic while holding this lock cannot leave the map half-written,
+        // so a poisoned map is still good.
         self.records.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// A record, locked. A panic while holding its lock cannot leave it
+/// half-written (every update is one assignment), so a poisoned record is
+/// still good.
+fn read(record: &Mutex<SubscriberRecord>) -> MutexGuard<'_, SubscriberRecord> {
+    record.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// One stream's entry in [`Subscribers`].
 #[derive(Debug)]
 pub struct Registration {
     connection: u64,
+    /// The record, shared with the map, which status reads.
+    record: Arc<Mutex<SubscriberRecord>>,
     subscribers: Arc<Subscribers>,
 }
 
 impl Registration {
     fn update<T>(&self, f: impl FnOnce(&mut SubscriberRecord) -> T) -> T {
-        let mut records = self.subscribers.lock();
-        let record = records
-            .get_mut(&self.connection)
-            .expect("a registration's record lives until the registration drops");
-        f(record)
+        f(&mut read(&self.record))
     }
 
     /// Notes that `revision` was sent.
