@@ -17,8 +17,9 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll, Waker, ready};
 
 use futures_util::Stream;
 use jiff::Timestamp;
@@ -32,7 +33,7 @@ use super::fanout::subscription_service_server::SubscriptionService;
 use super::limits::{StreamCounter, StreamSlot};
 use super::outbound::{HeartbeatCache, Outbound, SnapshotCache};
 use super::reports::{self, Pace, ReportPace, Turn};
-use super::telemetry::{Committed, StreamMetrics};
+use super::telemetry::{Committed, StreamLabels, StreamMetrics};
 use super::{Credential, StreamConfig, authorize, invalid, invalid_name, principal, status};
 use safemode_controller::auth::Operation;
 use safemode_controller::reports::{Refusal, Sender};
@@ -54,6 +55,9 @@ pub struct SubscriptionApi {
     heartbeats: Arc<HeartbeatCache>,
     /// The pace of reports over every stream.
     report_pace: Arc<ReportPace>,
+    /// The controller's shutdown as streams wait for it; set up by the
+    /// first stream (inside the runtime, which it needs).
+    shutdown: OnceLock<Shutdown>,
 }
 
 impl SubscriptionApi {
@@ -66,9 +70,86 @@ impl SubscriptionApi {
             report_pace: Arc::default(),
             config,
             snapshots: Arc::default(),
+            shutdown: OnceLock::new(),
         }
     }
 }
+
+/// The controller's shutdown as a stream waits for it. A cancellation
+/// token's own wait reads the token under its lock on every poll, and a
+/// stream polls its wait whenever it is woken: a flip that wakes ten
+/// thousand streams would take that one lock ten thousand times over, from
+/// every core. Here a task of its own waits for the token, raises `down`
+/// and only then cancels `wake`, the token streams register with; a stream
+/// reads `down` (an atomic) and polls its registration again only when a
+/// different task polls it ([`ShutdownWait`]).
+#[derive(Clone)]
+struct Shutdown {
+    down: Arc<AtomicBool>,
+    wake: CancellationToken,
+}
+
+impl Shutdown {
+    /// Follows `token`; in a Tokio runtime.
+    fn follow(token: &CancellationToken) -> Self {
+        let shutdown = Shutdown {
+            down: Arc::new(AtomicBool::new(false)),
+            wake: CancellationToken::new(),
+        };
+        let (token, follower) = (token.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            token.cancelled().await;
+            follower.down.store(true, Ordering::Release);
+            follower.wake.cancel();
+        });
+        shutdown
+    }
+
+    /// A stream's wait.
+    fn wait(&self) -> ShutdownWait {
+        ShutdownWait {
+            down: self.down.clone(),
+            registration: Box::pin(self.wake.clone().cancelled_owned()),
+            registered: None,
+        }
+    }
+}
+
+/// One stream's wait for [`Shutdown`].
+struct ShutdownWait {
+    down: Arc<AtomicBool>,
+    /// Wakes the stream's task at shutdown, `down` already raised.
+    registration: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// The waker `registration` was last polled with.
+    registered: Option<Waker>,
+}
+
+impl ShutdownWait {
+    /// Whether the controller is shutting down; if not, `cx` is woken when
+    /// it does.
+    fn poll(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.down.load(Ordering::Acquire) {
+            return true;
+        }
+        if self
+            .registered
+            .as_ref()
+            .is_some_and(|waker| waker.will_wake(cx.waker()))
+        {
+            return false;
+        }
+        if self.registration.as_mut().poll(cx).is_ready() {
+            return true;
+        }
+        self.registered = Some(cx.waker().clone());
+        false
+    }
+}
+
+/// The most client messages a stream takes in one poll before it lets its
+/// worker run other tasks (and is polled again after them): a client that
+/// queues acks by the thousand delays its own stream, not the others.
+const MESSAGES_PER_POLL: usize = 32;
 
 /// The longest reject reason kept, in bytes (longer ones are cut at a
 /// character boundary): status pages hold up to thousands of subscribers,
@@ -167,7 +248,9 @@ impl SubscriptionService for SubscriptionApi {
             subscription,
             inbound,
             &self.config,
-            self.controller.shutdown_token().clone(),
+            self.shutdown
+                .get_or_init(|| Shutdown::follow(self.controller.shutdown_token()))
+                .wait(),
             Signer {
                 namespace: namespace.clone(),
                 epoch: self.controller.epoch().to_string(),
@@ -301,10 +384,10 @@ struct Session {
     subscription: Subscription,
     inbound: Streaming<proto::SubscribeRequest>,
     heartbeat: Interval,
-    /// Resolves at shutdown; made once, not on every wait, so that a wake-up
-    /// of ten thousand streams does not re-register each with the token
-    /// that all of them share.
-    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// The wait for shutdown; made once, so that a wake-up of ten thousand
+    /// streams neither re-registers each with the token all of them share
+    /// nor takes its lock.
+    shutdown: ShutdownWait,
     signer: Signer,
     /// Newest revision sent; `None` until the first snapshot.
     sent: Option<Revision>,
@@ -323,7 +406,7 @@ struct Session {
     slot: Option<StreamSlot>,
     /// What the stream counts, and its labels.
     metrics: StreamMetrics,
-    labels: [opentelemetry::KeyValue; 2],
+    labels: StreamLabels,
     /// When the newest revision sent was committed, to time its ack.
     committed: Option<Committed>,
     /// When the stream opened.
@@ -339,14 +422,18 @@ impl Session {
         subscription: Subscription,
         inbound: Streaming<proto::SubscribeRequest>,
         config: &StreamConfig,
-        shutdown: CancellationToken,
+        shutdown: ShutdownWait,
         signer: Signer,
     ) -> Self {
         let mut heartbeat =
             tokio::time::interval_at(Instant::now() + config.heartbeat, config.heartbeat);
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let labels = StreamMetrics::labels(&signer.namespace, subscription.channel);
-        let view_changed = ReusableBoxFuture::new(view_changed(subscription.views.clone()));
+        // The first snapshot reads the newest view anyway: only newer ones
+        // wake the stream.
+        let mut views = subscription.views.clone();
+        views.mark_unchanged();
+        let view_changed = ReusableBoxFuture::new(view_changed(views));
         Session {
             metrics: config.metrics.clone(),
             labels,
@@ -355,7 +442,7 @@ impl Session {
             subscription,
             inbound,
             heartbeat,
-            shutdown: Box::pin(shutdown.cancelled_owned()),
+            shutdown,
             signer,
             sent: None,
             beat_now: false,
@@ -412,13 +499,15 @@ impl Session {
         if let Some(answer) = self.answer.take() {
             return Poll::Ready(Some(Ok(report_answer(answer))));
         }
+        let mut taken = 0;
         loop {
-            if self.shutdown.as_mut().poll(cx).is_ready() {
+            if self.shutdown.poll(cx) {
                 return Poll::Ready(Some(Err(Status::unavailable(
                     "the controller is shutting down; reconnect",
                 ))));
             }
-            // Before anything else is sent: a revoked token gets nothing.
+            // Before a view or a heartbeat: a token found revoked gets
+            // nothing more.
             if let Some(revoked) = &mut self.revoked
                 && let Poll::Ready(status) = revoked.as_mut().poll(cx)
             {
@@ -437,7 +526,13 @@ impl Session {
                 }
                 continue;
             }
+            if taken == MESSAGES_PER_POLL {
+                // Polled again after the tasks already queued.
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
             if let Poll::Ready(message) = Pin::new(&mut self.inbound).poll_next(cx) {
+                taken += 1;
                 match message {
                     Some(Ok(message)) => {
                         if let Err(status) = self.receive(message) {
@@ -639,8 +734,6 @@ impl Session {
     }
 }
 
-/// Resolves, with the status to end the stream with, when the stream's
-/// token is revoked or may no longer subscribe; never without tokens.
 impl Stream for Session {
     type Item = Result<Outbound, Status>;
 
