@@ -26,13 +26,14 @@
 //! installed (the binary does it when OTLP is configured) a commander's
 //! `mode apply` and the commit it caused are one trace.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use jiff::Timestamp;
 use opentelemetry::KeyValue;
-use opentelemetry::metrics::{Counter, Histogram, Meter, MeterProvider};
+use opentelemetry::metrics::{Histogram, Meter, MeterProvider};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use tokio_util::sync::CancellationToken;
@@ -41,6 +42,7 @@ use tracing::warn;
 
 use safemode_controller::Controller;
 use safemode_controller::counters::{NamespaceStoreGauges, operation_name};
+use safemode_policy::names::CHANNELS;
 use safemode_policy::{Channel, Namespace, Revision};
 
 /// The instrumentation scope of a replica's metrics.
@@ -440,12 +442,42 @@ impl ServerMetrics {
 
 /// What subscription streams count: snapshots sent, acks, rejects, and how
 /// long a change took from its commit to each subscriber's ack.
+///
+/// The three counts are plain atomics, one set per namespace kind and
+/// channel, which the meter reads when it collects: a flip makes every
+/// stream count a snapshot and an ack, and a counter's `add` with labels
+/// hashes them and looks them up under the meter's lock each time. The
+/// histogram, which a plain atomic cannot be, is recorded as before.
 #[derive(Clone, Debug)]
 pub struct StreamMetrics {
-    snapshots: Counter<u64>,
-    acks: Counter<u64>,
-    rejects: Counter<u64>,
+    counts: Arc<StreamCounts>,
     convergence: Histogram<f64>,
+}
+
+/// [`StreamMetrics`]' counts, a cell per namespace kind and channel.
+#[derive(Debug, Default)]
+struct StreamCounts {
+    cells: [StreamCell; NAMESPACE_KINDS.len() * CHANNELS.len()],
+}
+
+/// Which of a cell's counts an instrument reads.
+type CountOf = fn(&StreamCell) -> &AtomicU64;
+
+#[derive(Debug, Default)]
+struct StreamCell {
+    snapshots: AtomicU64,
+    acks: AtomicU64,
+    rejects: AtomicU64,
+}
+
+/// The `namespace_kind` label's values, in cell order.
+const NAMESPACE_KINDS: [&str; 2] = ["live", "drill"];
+
+/// A stream's labels: its cell among the counts, and the same as
+/// attributes for the histogram.
+pub(crate) struct StreamLabels {
+    cell: usize,
+    attributes: [KeyValue; 2],
 }
 
 impl Default for StreamMetrics {
@@ -457,19 +489,51 @@ impl Default for StreamMetrics {
 
 impl StreamMetrics {
     fn new(meter: &Meter) -> Self {
+        let counts = Arc::new(StreamCounts::default());
+        let observable: [(&str, &str, CountOf); 3] = [
+            (
+                "safemode.snapshots.sent",
+                "Snapshots sent to subscribers, by namespace kind and channel",
+                |cell| &cell.snapshots,
+            ),
+            (
+                "safemode.acks",
+                "Snapshots subscribers acknowledged, by namespace kind and channel",
+                |cell| &cell.acks,
+            ),
+            (
+                "safemode.rejects",
+                "Snapshots subscribers rejected, by namespace kind and channel",
+                |cell| &cell.rejects,
+            ),
+        ];
+        for (name, description, count) in observable {
+            let counts = counts.clone();
+            meter
+                .u64_observable_counter(name)
+                .with_description(description)
+                .with_callback(move |observer| {
+                    for (at, cell) in counts.cells.iter().enumerate() {
+                        // A label set appears once something was counted
+                        // in it, as with a counter's first `add`.
+                        let n = count(cell).load(Ordering::Relaxed);
+                        if n > 0 {
+                            let kind = NAMESPACE_KINDS[at / CHANNELS.len()];
+                            let channel = CHANNELS[at % CHANNELS.len()];
+                            observer.observe(
+                                n,
+                                &[
+                                    KeyValue::new("namespace_kind", kind),
+                                    KeyValue::new("channel", channel),
+                                ],
+                            );
+                        }
+                    }
+                })
+                .build();
+        }
         StreamMetrics {
-            snapshots: meter
-                .u64_counter("safemode.snapshots.sent")
-                .with_description("Snapshots sent to subscribers, by namespace kind and channel")
-                .build(),
-            acks: meter
-                .u64_counter("safemode.acks")
-                .with_description("Snapshots subscribers acknowledged, by namespace kind and channel")
-                .build(),
-            rejects: meter
-                .u64_counter("safemode.rejects")
-                .with_description("Snapshots subscribers rejected, by namespace kind and channel")
-                .build(),
+            counts,
             convergence: meter
                 .f64_histogram("safemode.convergence")
                 .with_unit("s")
@@ -482,37 +546,39 @@ impl StreamMetrics {
     }
 
     /// The labels of a stream's counts.
-    pub(crate) fn labels(namespace: &Namespace, channel: Channel) -> [KeyValue; 2] {
-        [
-            KeyValue::new(
-                "namespace_kind",
-                if namespace.is_drill() {
-                    "drill"
-                } else {
-                    "live"
-                },
-            ),
-            KeyValue::new("channel", channel.as_str()),
-        ]
+    pub(crate) fn labels(namespace: &Namespace, channel: Channel) -> StreamLabels {
+        let kind = usize::from(namespace.is_drill());
+        StreamLabels {
+            cell: kind * CHANNELS.len() + channel.index(),
+            attributes: [
+                KeyValue::new("namespace_kind", NAMESPACE_KINDS[kind]),
+                KeyValue::new("channel", channel.as_str()),
+            ],
+        }
+    }
+
+    fn cell(&self, labels: &StreamLabels) -> &StreamCell {
+        &self.counts.cells[labels.cell]
     }
 
     /// A snapshot was sent.
-    pub(crate) fn sent(&self, labels: &[KeyValue]) {
-        self.snapshots.add(1, labels);
+    pub(crate) fn sent(&self, labels: &StreamLabels) {
+        self.cell(labels).snapshots.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A revision was acknowledged; `converged` is how long after its
     /// commit, when it counts for the histogram.
-    pub(crate) fn acked(&self, labels: &[KeyValue], converged: Option<Duration>) {
-        self.acks.add(1, labels);
+    pub(crate) fn acked(&self, labels: &StreamLabels, converged: Option<Duration>) {
+        self.cell(labels).acks.fetch_add(1, Ordering::Relaxed);
         if let Some(took) = converged {
-            self.convergence.record(took.as_secs_f64(), labels);
+            self.convergence
+                .record(took.as_secs_f64(), &labels.attributes);
         }
     }
 
     /// A revision was rejected.
-    pub(crate) fn rejected(&self, labels: &[KeyValue]) {
-        self.rejects.add(1, labels);
+    pub(crate) fn rejected(&self, labels: &StreamLabels) {
+        self.cell(labels).rejects.fetch_add(1, Ordering::Relaxed);
     }
 }
 
