@@ -17,22 +17,23 @@ fn git(args: &[&str]) -> Option<String> {
 fn main() {
     let commit = git(&["describe", "--always", "--dirty"]).unwrap_or_else(|| "unknown".into());
     println!("cargo:rustc-env=SAFEMODE_BUILD_COMMIT={commit}");
-    // Again when the commit or the tree changes: a new commit moves HEAD's
-    // branch (or HEAD itself), staging moves the index, and an edit anywhere
-    // in the sources makes the tree dirty.
-    let mut watched = vec![
-        "src".to_string(),
-        "crates".to_string(),
-        "Cargo.toml".to_string(),
-        "Cargo.lock".to_string(),
-    ];
-    if let Some(dir) = git(&["rev-parse", "--git-dir"]) {
-        watched.push(format!("{dir}/HEAD"));
-        watched.push(format!("{dir}/index"));
-    }
-    if let Some(reference) = git(&["symbolic-ref", "-q", "HEAD"]) {
-        watched.extend(git(&["rev-parse", "--git-path", &reference]));
-        watched.extend(git(&["rev-parse", "--git-path", "packed-refs"]));
+    // Again when the commit or the tree changes: every move of HEAD (a
+    // commit, an amend, a reset, a checkout) adds a line to HEAD's reflog,
+    // and an edit to anything built into the binaries makes the tree dirty.
+    // Not the index, which `git status` (and this script's own `git
+    // describe`) rewrite without changing either.
+    let mut watched: Vec<String> = [
+        "src",
+        "crates",
+        "proto",
+        "runbooks",
+        "Cargo.toml",
+        "Cargo.lock",
+    ]
+    .map(String::from)
+    .to_vec();
+    for file in ["HEAD", "logs/HEAD"] {
+        watched.extend(git(&["rev-parse", "--git-path", file]));
     }
     for path in watched {
         if std::path::Path::new(&path).exists() {
