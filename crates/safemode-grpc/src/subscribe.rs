@@ -774,3 +774,7 @@ fn report_answer(answer: proto::ReportAnswer) -> Outbound {
         message: Some(proto::subscribe_response::Message::ReportAnswer(answer)),
     })
 }
+
+#[cfg(test)]
+#[path = "subscribe_tests.rs"]
+mod tests;
