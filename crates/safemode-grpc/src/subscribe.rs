@@ -85,6 +85,8 @@ impl SubscriptionApi {
 /// different task polls it ([`ShutdownWait`]).
 #[derive(Clone)]
 struct Shutdown {
+    /// The token followed.
+    followed: CancellationToken,
     down: Arc<AtomicBool>,
     wake: CancellationToken,
 }
@@ -93,6 +95,7 @@ impl Shutdown {
     /// Follows `token`; in a Tokio runtime.
     fn follow(token: &CancellationToken) -> Self {
         let shutdown = Shutdown {
+            followed: token.clone(),
             down: Arc::new(AtomicBool::new(false)),
             wake: CancellationToken::new(),
         };
@@ -108,6 +111,7 @@ impl Shutdown {
     /// A stream's wait.
     fn wait(&self) -> ShutdownWait {
         ShutdownWait {
+            followed: self.followed.clone(),
             down: self.down.clone(),
             registration: Box::pin(self.wake.clone().cancelled_owned()),
             registered: None,
@@ -117,6 +121,7 @@ impl Shutdown {
 
 /// One stream's wait for [`Shutdown`].
 struct ShutdownWait {
+    followed: CancellationToken,
     down: Arc<AtomicBool>,
     /// Wakes the stream's task at shutdown, `down` already raised.
     registration: Pin<Box<WaitForCancellationFutureOwned>>,
@@ -143,6 +148,14 @@ impl ShutdownWait {
         }
         self.registered = Some(cx.waker().clone());
         false
+    }
+
+    /// Whether the controller is shutting down, asked of the token itself
+    /// (under its lock): for a stream about to end for another reason that
+    /// shutdown may have caused before `down` was raised, such as its
+    /// namespace's follower stopping.
+    fn is_down(&self) -> bool {
+        self.down.load(Ordering::Acquire) || self.followed.is_cancelled()
     }
 }
 
@@ -502,9 +515,7 @@ impl Session {
         let mut taken = 0;
         loop {
             if self.shutdown.poll(cx) {
-                return Poll::Ready(Some(Err(Status::unavailable(
-                    "the controller is shutting down; reconnect",
-                ))));
+                return Poll::Ready(Some(Err(shutting_down())));
             }
             // Before a view or a heartbeat: a token found revoked gets
             // nothing more.
@@ -515,9 +526,12 @@ impl Session {
             }
             if let Poll::Ready((views, changed)) = self.view_changed.poll(cx) {
                 if changed.is_err() {
-                    return Poll::Ready(Some(Err(Status::unavailable(
-                        "namespace follower stopped; reconnect",
-                    ))));
+                    // The follower stops at shutdown too.
+                    return Poll::Ready(Some(Err(if self.shutdown.is_down() {
+                        shutting_down()
+                    } else {
+                        Status::unavailable("namespace follower stopped; reconnect")
+                    })));
                 }
                 self.view_changed.set(view_changed(views));
                 let revision = self.subscription.views.borrow().revision;
@@ -767,6 +781,10 @@ fn revoked(
     namespace: Namespace,
 ) -> Pin<Box<dyn Future<Output = Status> + Send>> {
     Box::pin(async move { credential.revoked(Operation::Subscribe, &namespace).await })
+}
+
+fn shutting_down() -> Status {
+    Status::unavailable("the controller is shutting down; reconnect")
 }
 
 fn report_answer(answer: proto::ReportAnswer) -> Outbound {

@@ -496,3 +496,18 @@ async fn an_idle_stream_is_woken_for_every_heartbeat() {
         assert_eq!(rig.drain(), [Polled::Heartbeat(first)]);
     }
 }
+
+/// A stream that ends for another reason at shutdown (its namespace's
+/// follower stops too) says it is shutting down, even before the follower
+/// task has raised `down`: the token itself is asked.
+#[tokio::test]
+async fn shutdown_is_known_before_the_follower_task_has_run() {
+    let token = CancellationToken::new();
+    let wait = Shutdown::follow(&token).wait();
+    assert!(!wait.is_down());
+    token.cancel();
+    // Nothing awaited since: on this single-threaded runtime the follower
+    // task has not run.
+    assert!(!wait.down.load(Ordering::Acquire));
+    assert!(wait.is_down());
+}
