@@ -17,8 +17,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, Waker, ready};
 
 use futures_util::Stream;
@@ -55,22 +55,22 @@ pub struct SubscriptionApi {
     heartbeats: Arc<HeartbeatCache>,
     /// The pace of reports over every stream.
     report_pace: Arc<ReportPace>,
-    /// The controller's shutdown as streams wait for it; set up by the
-    /// first stream (inside the runtime, which it needs).
-    shutdown: OnceLock<Shutdown>,
+    /// The controller's shutdown as streams wait for it.
+    shutdown: Shutdown,
 }
 
 impl SubscriptionApi {
-    /// The service over `controller`.
+    /// The service over `controller`. In a Tokio runtime: it starts the
+    /// task that follows the controller's shutdown for the streams.
     pub fn new(controller: Arc<Controller>, config: StreamConfig) -> Self {
         SubscriptionApi {
+            shutdown: Shutdown::follow(controller.shutdown_token()),
             heartbeats: Arc::new(HeartbeatCache::new(config.heartbeat)),
             controller,
             streams: StreamCounter::new(config.limits),
             report_pace: Arc::default(),
             config,
             snapshots: Arc::default(),
-            shutdown: OnceLock::new(),
         }
     }
 }
@@ -159,9 +159,12 @@ impl ShutdownWait {
     }
 }
 
-/// The most client messages a stream takes in one poll before it lets its
-/// worker run other tasks (and is polled again after them): a client that
-/// queues acks by the thousand delays its own stream, not the others.
+/// The most client messages a stream takes before it lets its worker run
+/// other tasks (it returns `Pending` and is polled again after them),
+/// counted since it last returned `Pending`, across the items it sends
+/// meanwhile (a report's answer): a client that queues acks by the
+/// thousand, reports among them or not, delays its own stream, not the
+/// others.
 const MESSAGES_PER_POLL: usize = 32;
 
 /// The longest reject reason kept, in bytes (longer ones are cut at a
@@ -261,9 +264,7 @@ impl SubscriptionService for SubscriptionApi {
             subscription,
             inbound,
             &self.config,
-            self.shutdown
-                .get_or_init(|| Shutdown::follow(self.controller.shutdown_token()))
-                .wait(),
+            self.shutdown.wait(),
             Signer {
                 namespace: namespace.clone(),
                 epoch: self.controller.epoch().to_string(),
@@ -408,6 +409,8 @@ struct Session {
     beat_now: bool,
     /// The stream ends after the next item.
     ending: bool,
+    /// Client messages taken since the stream last returned `Pending`.
+    taken: usize,
     /// The caller's token and namespace, for its reports' roles (`None`: a
     /// server without tokens).
     credential: Option<(Credential, Namespace)>,
@@ -460,6 +463,7 @@ impl Session {
             sent: None,
             beat_now: false,
             ending: false,
+            taken: 0,
             credential: None,
             revoked: None,
             view_changed,
@@ -512,7 +516,6 @@ impl Session {
         if let Some(answer) = self.answer.take() {
             return Poll::Ready(Some(Ok(report_answer(answer))));
         }
-        let mut taken = 0;
         loop {
             if self.shutdown.poll(cx) {
                 return Poll::Ready(Some(Err(shutting_down())));
@@ -540,13 +543,14 @@ impl Session {
                 }
                 continue;
             }
-            if taken == MESSAGES_PER_POLL {
+            if self.taken == MESSAGES_PER_POLL {
                 // Polled again after the tasks already queued.
+                self.taken = 0;
                 cx.waker().wake_by_ref();
                 return Poll::Pending;
             }
             if let Poll::Ready(message) = Pin::new(&mut self.inbound).poll_next(cx) {
-                taken += 1;
+                self.taken += 1;
                 match message {
                     Some(Ok(message)) => {
                         if let Err(status) = self.receive(message) {
@@ -570,6 +574,7 @@ impl Session {
                 }
                 continue;
             }
+            self.taken = 0;
             return Poll::Pending;
         }
     }
