@@ -305,9 +305,10 @@ impl Subscribers {
     }
 }
 
-/// A record, locked. A panic while holding its lock cannot leave it
-/// half-written (every update is one assignment), so a poisoned record is
-/// still good.
+/// A record, locked. A panic while holding its lock (an update sets a
+/// field or two, a revision and the time it was acked) leaves at worst a
+/// revision without its time, which status shows as it is, so a poisoned
+/// record is still used.
 fn read(record: &Mutex<SubscriberRecord>) -> MutexGuard<'_, SubscriberRecord> {
     record.lock().unwrap_or_else(|e| e.into_inner())
 }
