@@ -11,8 +11,8 @@
 //! background task reads every few seconds (a scrape never waits on the
 //! store). Counters of commits and refusals are the controller's
 //! own atomics ([`safemode_controller::counters::Counters`]), reported as
-//! observable counters; the stream's events are counted here
-//! ([`StreamMetrics`]).
+//! observable counters; the stream's events are counted here, in atomics
+//! per namespace kind and channel read the same way ([`StreamMetrics`]).
 //!
 //! Label cardinality is bounded: gauges are labelled by the namespaces
 //! followed now (at most `--max-namespaces`), counters and the convergence
