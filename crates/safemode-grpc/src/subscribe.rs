@@ -111,18 +111,16 @@ impl Shutdown {
     /// A stream's wait.
     fn wait(&self) -> ShutdownWait {
         ShutdownWait {
-            followed: self.followed.clone(),
-            down: self.down.clone(),
             registration: Box::pin(self.wake.clone().cancelled_owned()),
             registered: None,
+            shutdown: self.clone(),
         }
     }
 }
 
 /// One stream's wait for [`Shutdown`].
 struct ShutdownWait {
-    followed: CancellationToken,
-    down: Arc<AtomicBool>,
+    shutdown: Shutdown,
     /// Wakes the stream's task at shutdown, `down` already raised.
     registration: Pin<Box<WaitForCancellationFutureOwned>>,
     /// The waker `registration` was last polled with.
@@ -133,7 +131,7 @@ impl ShutdownWait {
     /// Whether the controller is shutting down; if not, `cx` is woken when
     /// it does.
     fn poll(&mut self, cx: &mut Context<'_>) -> bool {
-        if self.down.load(Ordering::Acquire) {
+        if self.shutdown.down.load(Ordering::Acquire) {
             return true;
         }
         if self
@@ -155,7 +153,7 @@ impl ShutdownWait {
     /// shutdown may have caused before `down` was raised, such as its
     /// namespace's follower stopping.
     fn is_down(&self) -> bool {
-        self.down.load(Ordering::Acquire) || self.followed.is_cancelled()
+        self.shutdown.down.load(Ordering::Acquire) || self.shutdown.followed.is_cancelled()
     }
 }
 

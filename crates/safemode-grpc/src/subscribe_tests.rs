@@ -508,6 +508,6 @@ async fn shutdown_is_known_before_the_follower_task_has_run() {
     token.cancel();
     // Nothing awaited since: on this single-threaded runtime the follower
     // task has not run.
-    assert!(!wait.down.load(Ordering::Acquire));
+    assert!(!wait.shutdown.down.load(Ordering::Acquire));
     assert!(wait.is_down());
 }

@@ -473,6 +473,14 @@ struct StreamCell {
 /// The `namespace_kind` label's values, in cell order.
 const NAMESPACE_KINDS: [&str; 2] = ["live", "drill"];
 
+/// The labels of a stream's counts and convergence, as attributes.
+fn stream_attributes(kind: &'static str, channel: &'static str) -> [KeyValue; 2] {
+    [
+        KeyValue::new("namespace_kind", kind),
+        KeyValue::new("channel", channel),
+    ]
+}
+
 /// A stream's labels: its cell among the counts, and the same as
 /// attributes for the histogram.
 pub(crate) struct StreamLabels {
@@ -520,13 +528,7 @@ impl StreamMetrics {
                         if n > 0 {
                             let kind = NAMESPACE_KINDS[at / CHANNELS.len()];
                             let channel = CHANNELS[at % CHANNELS.len()];
-                            observer.observe(
-                                n,
-                                &[
-                                    KeyValue::new("namespace_kind", kind),
-                                    KeyValue::new("channel", channel),
-                                ],
-                            );
+                            observer.observe(n, &stream_attributes(kind, channel));
                         }
                     }
                 })
@@ -550,10 +552,7 @@ impl StreamMetrics {
         let kind = usize::from(namespace.is_drill());
         StreamLabels {
             cell: kind * CHANNELS.len() + channel.index(),
-            attributes: [
-                KeyValue::new("namespace_kind", NAMESPACE_KINDS[kind]),
-                KeyValue::new("channel", channel.as_str()),
-            ],
+            attributes: stream_attributes(NAMESPACE_KINDS[kind], channel.as_str()),
         }
     }
 
