@@ -12,7 +12,8 @@ use jiff::Timestamp;
 use super::PolicySnapshot;
 use super::snapshot::DecisionReport;
 use safemode_policy::{
-    ActionPolicy, ActionSelector, ActivationId, Deny, EffectKind, Outcome, Revision, Text, Verdict,
+    Action, ActionSelector, ActivationId, ChannelPolicy, Deny, EffectKind, Outcome, Revision, Text,
+    Verdict,
 };
 
 /// What a subscriber does for chosen actions once its policy has been stale
@@ -92,22 +93,17 @@ impl FailClosedRule {
         }
     }
 
-    /// The outcome the rule decides with.
-    pub fn outcome(&self) -> &Outcome {
-        &self.outcome
-    }
-
     /// The effect the rule decides with.
     pub fn effect(&self) -> EffectKind {
         self.outcome.kind()
     }
 
-    /// Whether the rule overrides `outcome` for `action`, stale for
-    /// `stale_for`: the action is listed, the limit passed, and the policy's
-    /// own outcome is milder.
-    pub fn overrides(&self, action: &str, stale_for: Duration, outcome: &Outcome) -> bool {
+    /// Whether the rule overrides an outcome of kind `effect` for
+    /// `action`, stale for `stale_for`: the action is listed, the limit
+    /// passed, and the policy's own outcome is milder.
+    pub fn overrides(&self, action: &str, stale_for: Duration, effect: EffectKind) -> bool {
         stale_for > self.after
-            && outcome.kind() < self.outcome.kind()
+            && effect < self.outcome.kind()
             && self.actions.iter().any(|s| s.matches(action))
     }
 }
@@ -118,7 +114,7 @@ impl FailClosedRule {
 /// request it answers.
 pub struct Decision<'a> {
     pub(super) snapshot: Guard<Option<Arc<PolicySnapshot>>>,
-    pub(super) action: &'a str,
+    pub(super) action: &'a Action,
     pub(super) verdict: Verdict,
     /// The rule that overrode the policy, when the decision failed closed.
     pub(super) fail_closed: Option<&'a FailClosedRule>,
@@ -130,7 +126,7 @@ impl Decision<'_> {
     pub fn outcome(&self) -> &Outcome {
         match self.fail_closed {
             Some(rule) => &rule.outcome,
-            None => &self.verdict.outcome,
+            None => self.verdict.outcome(self.policy(), self.action),
         }
     }
 
@@ -144,14 +140,14 @@ impl Decision<'_> {
         self.snapshot.as_deref()
     }
 
-    fn action_policy(&self) -> Option<&ActionPolicy> {
-        self.snapshot()?.policy.lookup(self.action)
+    fn policy(&self) -> Option<&ChannelPolicy> {
+        self.snapshot().map(|s| &s.policy)
     }
 
     /// The activations whose rules decided, each once, in the policy's
     /// order. Empty when the decision failed closed and no rule applied.
     pub fn reasons(&self) -> impl Iterator<Item = &ActivationId> {
-        let all = self.verdict.reasons(self.action_policy());
+        let all = self.verdict.reasons(self.policy(), self.action);
         let earlier = all.clone();
         all.enumerate()
             .filter(move |(i, id)| !earlier.clone().take(*i).any(|e| e == *id))
@@ -162,7 +158,7 @@ impl Decision<'_> {
     pub fn customer_message(&self) -> Option<&str> {
         match self.fail_closed {
             Some(rule) => Some(&rule.customer_message),
-            None => self.verdict.customer_message(self.action_policy()),
+            None => self.verdict.customer_message(self.policy(), self.action),
         }
     }
 
@@ -170,7 +166,7 @@ impl Decision<'_> {
     pub fn agent_script(&self) -> Option<&str> {
         match self.fail_closed {
             Some(rule) => Some(&rule.agent_script),
-            None => self.verdict.agent_script(self.action_policy()),
+            None => self.verdict.agent_script(self.policy(), self.action),
         }
     }
 
@@ -240,14 +236,13 @@ mod tests {
             },
         ));
         let long = Duration::from_secs(61);
-        assert!(rule.overrides("account.password_reset", long, &Outcome::Allow));
+        assert!(rule.overrides("account.password_reset", long, EffectKind::Allow));
         assert!(!rule.overrides(
             "account.password_reset",
             Duration::from_secs(60),
-            &Outcome::Allow
+            EffectKind::Allow
         ));
-        assert!(!rule.overrides("order.view", long, &Outcome::Allow));
-        let deny = Outcome::Deny(Deny { alternative: None });
-        assert!(!rule.overrides("account.password_reset", long, &deny));
+        assert!(!rule.overrides("order.view", long, EffectKind::Allow));
+        assert!(!rule.overrides("account.password_reset", long, EffectKind::Deny));
     }
 }

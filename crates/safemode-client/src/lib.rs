@@ -86,7 +86,9 @@ pub(crate) use task::first_failure;
 /// The policy core a service decides with (actions, channels, contexts,
 /// outcomes), so that a service needs this crate alone.
 pub use safemode_policy as policy;
-use safemode_policy::{Action, Channel, Context, ContextClass, EffectKind, Namespace, SignalName};
+use safemode_policy::{
+    Action, Channel, Context, ContextClass, EffectKind, Namespace, SignalName, Verdict,
+};
 /// The controller keys a service trusts ([`SubscriberConfig::trusted_keys`]).
 pub use safemode_signing::TrustedKeys;
 pub use safemode_support::errors::error_chain;
@@ -645,21 +647,22 @@ impl Subscriber {
             .shared
             .freshness
             .decision_staleness(self.shared.stale_after);
-        let verdict = match snapshot.as_deref() {
-            Some(s) => s.policy.decide_action(action, ctx).detach(),
-            None => safemode_policy::Decision::allow().detach(),
+        let policy = snapshot.as_deref().map(|s| &s.policy);
+        let verdict = match policy {
+            Some(policy) => policy.verdict(action, ctx),
+            None => Verdict::allow(),
         };
+        // What is counted is read from the verdict, not from its outcome.
         let fail_closed = self.shared.fail_closed.as_ref().filter(|rule| {
-            staleness.stale && rule.overrides(action.as_str(), staleness.for_, &verdict.outcome)
+            staleness.stale && rule.overrides(action.as_str(), staleness.for_, verdict.kind())
         });
-        let effect = match fail_closed {
-            Some(rule) => rule.effect(),
-            None => verdict.outcome.kind(),
+        let (effect, escalated) = match fail_closed {
+            Some(rule) => (rule.effect(), false),
+            None => (verdict.kind(), verdict.is_escalated()),
         };
         // Counted once, for the report and the metrics, into the tally of
         // the snapshot used: one atomic addition (`reporting.rs`).
-        let outcome = fail_closed.map_or(&verdict.outcome, |rule| rule.outcome());
-        let class = ContextClass::of(ctx, outcome);
+        let class = ContextClass::of_decision(ctx, escalated);
         let tally = snapshot
             .as_deref()
             .and_then(|s| s.tally.as_deref())
@@ -677,7 +680,7 @@ impl Subscriber {
         }
         Decision {
             snapshot,
-            action: action.as_str(),
+            action,
             verdict,
             fail_closed,
             stale: staleness.stale,

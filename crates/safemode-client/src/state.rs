@@ -130,16 +130,21 @@ impl Freshness {
     /// reading the clock while the policy is current and, by the coarse
     /// clock, more than [`CLOCK_MARGIN_MS`] from `limit`. The coarse time
     /// is never ahead of the real one, so a policy it calls fresh is fresh;
-    /// `for_` is then approximate (a fresh policy's is used by nothing).
+    /// `for_` is then zero: a fresh policy's is used by nothing, and is not
+    /// worth its arithmetic on every decision.
+    #[inline]
     pub fn decision_staleness(&self, limit: Duration) -> Staleness {
         let current = self.current_ms.load(Ordering::Acquire);
         if current != NEVER && !self.behind.load(Ordering::Acquire) {
             let coarse = self.clock.coarse_ms();
-            let limit_ms = u64::try_from(limit.as_millis()).unwrap_or(NEVER);
+            let limit_ms = limit
+                .as_secs()
+                .saturating_mul(1000)
+                .saturating_add(u64::from(limit.subsec_millis()));
             if coarse.saturating_add(CLOCK_MARGIN_MS) < current.saturating_add(limit_ms) {
                 return Staleness {
                     stale: false,
-                    for_: Duration::from_millis(coarse.saturating_sub(current)),
+                    for_: Duration::ZERO,
                 };
             }
         }

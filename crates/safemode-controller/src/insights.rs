@@ -129,11 +129,7 @@ fn static_map(policy: &EffectivePolicy) -> Vec<ActionMap> {
         .map(|action| {
             let mut channels: Vec<(Channel, Outcome)> = Channel::all()
                 .map(|channel| {
-                    let outcome = policy
-                        .channel(channel)
-                        .decide(action, &unverified)
-                        .detach()
-                        .outcome;
+                    let outcome = policy.channel(channel).decide(action, &unverified).outcome;
                     (channel, outcome)
                 })
                 .collect();

@@ -92,21 +92,17 @@ impl Outcome {
         match effect {
             Effect::Allow => Outcome::Allow,
             Effect::Throttle(t) => Outcome::Throttle(*t),
-            Effect::StepUp(s) => {
-                if s.methods.is_empty() || ctx.failed_attempts >= s.max_attempts {
-                    Outcome::Review {
-                        queue: s.escalate_queue.clone(),
-                        escalated: true,
-                    }
-                } else if ctx.confidence >= s.min_confidence && ctx.methods.intersects(s.methods) {
-                    throttle.map_or(Outcome::Allow, Outcome::Throttle)
-                } else {
-                    Outcome::StepUp {
-                        attempts_left: s.max_attempts - ctx.failed_attempts,
-                        required: s.clone(),
-                    }
-                }
-            }
+            Effect::StepUp(s) => match StepUpState::of(s, ctx) {
+                StepUpState::Escalated => Outcome::Review {
+                    queue: s.escalate_queue.clone(),
+                    escalated: true,
+                },
+                StepUpState::Satisfied => throttle.map_or(Outcome::Allow, Outcome::Throttle),
+                StepUpState::Pending { attempts_left } => Outcome::StepUp {
+                    attempts_left,
+                    required: s.clone(),
+                },
+            },
             Effect::Review(r) => Outcome::Review {
                 queue: r.queue.clone(),
                 escalated: false,
@@ -115,6 +111,33 @@ impl Outcome {
             Effect::Route(r) if r.to.is_empty() => Outcome::Deny(Deny { alternative: None }),
             Effect::Route(r) => Outcome::Route(*r),
             Effect::Deny(d) => Outcome::Deny(d.clone()),
+        }
+    }
+}
+
+/// Where a step-up stands for a context: the one place that says so, for
+/// the outcomes resolved at a decision and those made beforehand alike.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum StepUpState {
+    /// Nothing can satisfy it, or the attempts ran out: review.
+    Escalated,
+    /// The customer passed it.
+    Satisfied,
+    /// The customer must verify, with this many attempts left.
+    Pending { attempts_left: u32 },
+}
+
+impl StepUpState {
+    #[inline(always)]
+    fn of(s: &StepUp, ctx: &Context) -> StepUpState {
+        if s.methods.is_empty() || ctx.failed_attempts >= s.max_attempts {
+            StepUpState::Escalated
+        } else if ctx.confidence >= s.min_confidence && ctx.methods.intersects(s.methods) {
+            StepUpState::Satisfied
+        } else {
+            StepUpState::Pending {
+                attempts_left: s.max_attempts - ctx.failed_attempts,
+            }
         }
     }
 }
@@ -128,16 +151,49 @@ pub struct Decision<'p> {
     trail: Trail,
 }
 
-/// A decision that borrows nothing: what the channel must do, and which
-/// entries of the action's policy it came from, so that its reasons and
-/// texts can be read back from that policy ([`Verdict::attach`]) without
-/// copying them. This is what lets a client hold a decision without holding
-/// a lock or allocating.
+/// A decision that borrows nothing: where its outcome is (in the action's
+/// outcomes made when the policy was compiled, or in itself when it had to
+/// be made at the decision) and which entries it came from, so that the
+/// outcome, reasons and texts can be read back from the channel's policy
+/// without copying them. This is what lets a client hold a decision without
+/// holding a lock, allocating, or moving an outcome about.
+///
+/// A verdict is read with the policy and action it was made for
+/// ([`ChannelPolicy::verdict`]).
+///
+/// # Panics
+///
+/// Its methods panic when a verdict that points at an outcome made
+/// beforehand is read without the policy it was made with, or with another
+/// that has no such outcome.
 #[derive(Clone, Debug)]
 pub struct Verdict {
-    /// What the channel must do.
-    pub outcome: Outcome,
-    trail: Trail,
+    /// Bit `i` set: conditional entry `i` held.
+    held: u64,
+    source: Source,
+}
+
+#[derive(Clone, Debug)]
+enum Source {
+    /// No rule applies.
+    Allow,
+    /// The action's outcome made beforehand.
+    Made(Pick),
+    /// Made at the decision.
+    Here { outcome: Outcome, texts: Texts },
+}
+
+/// The outcome of every decision no rule covers.
+static ALLOW: Outcome = Outcome::Allow;
+
+/// An outcome made beforehand: where it is, and what a decision counts of
+/// it (its kind, and whether a step-up escalated to review), so that
+/// counting a decision does not read the outcome itself.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Pick {
+    at: u32,
+    kind: EffectKind,
+    escalated: bool,
 }
 
 /// Which entries a decision came from.
@@ -233,41 +289,127 @@ impl<'p> Decision<'p> {
     /// The decision without its borrow of the policy.
     pub fn detach(self) -> Verdict {
         Verdict {
-            outcome: self.outcome,
-            trail: self.trail,
+            held: self.trail.held,
+            source: Source::Here {
+                outcome: self.outcome,
+                texts: self.trail.texts,
+            },
         }
     }
 }
 
 impl Verdict {
-    /// The decision again, reading its reasons and texts from `policy`,
-    /// which must be the action policy it was made from (the one
-    /// [`ChannelPolicy::lookup`] gives for the action; `None` if none).
-    pub fn attach(self, policy: Option<&ActionPolicy>) -> Decision<'_> {
-        Decision {
-            outcome: self.outcome,
-            policy,
-            trail: self.trail,
+    /// Allow, for an action no rule covers (or with no policy at all).
+    pub fn allow() -> Verdict {
+        Verdict {
+            held: 0,
+            source: Source::Allow,
         }
     }
 
-    /// Message for the customer; `policy` as for [`Verdict::attach`].
-    pub fn customer_message<'p>(&self, policy: Option<&'p ActionPolicy>) -> Option<&'p str> {
-        self.trail.customer_message(policy)
+    /// The outcome made beforehand that this verdict points at.
+    #[inline]
+    fn made<'p>(index: u32, policy: Option<&'p ChannelPolicy>, action: &Action) -> &'p Made {
+        policy
+            .and_then(|policy| policy.known_action(action))
+            .and_then(|known| known.made.get(index as usize))
+            .expect("a verdict is read with the policy and action it was made for")
     }
 
-    /// Script for the agent; `policy` as for [`Verdict::attach`].
-    pub fn agent_script<'p>(&self, policy: Option<&'p ActionPolicy>) -> Option<&'p str> {
-        self.trail.agent_script(policy)
+    /// The effect of the outcome, without reading it.
+    #[inline]
+    pub fn kind(&self) -> EffectKind {
+        match &self.source {
+            Source::Allow => EffectKind::Allow,
+            Source::Made(pick) => pick.kind,
+            Source::Here { outcome, .. } => outcome.kind(),
+        }
     }
 
-    /// The activations behind the decision; `policy` as for
-    /// [`Verdict::attach`].
+    /// Whether the outcome is a review that a step-up escalated to
+    /// (exhausted or unsatisfiable), without reading it.
+    #[inline]
+    pub fn is_escalated(&self) -> bool {
+        match &self.source {
+            Source::Allow => false,
+            Source::Made(pick) => pick.escalated,
+            Source::Here { outcome, .. } => {
+                matches!(
+                    outcome,
+                    Outcome::Review {
+                        escalated: true,
+                        ..
+                    }
+                )
+            }
+        }
+    }
+
+    /// What the channel must do.
+    #[inline]
+    pub fn outcome<'s>(
+        &'s self,
+        policy: Option<&'s ChannelPolicy>,
+        action: &Action,
+    ) -> &'s Outcome {
+        match &self.source {
+            Source::Allow => &ALLOW,
+            Source::Made(pick) => &Verdict::made(pick.at, policy, action).outcome,
+            Source::Here { outcome, .. } => outcome,
+        }
+    }
+
+    fn trail(&self, policy: Option<&ChannelPolicy>, action: &Action) -> Trail {
+        let texts = match &self.source {
+            Source::Allow => Texts::None,
+            Source::Made(pick) => Verdict::made(pick.at, policy, action).texts,
+            Source::Here { texts, .. } => *texts,
+        };
+        Trail {
+            held: self.held,
+            texts,
+        }
+    }
+
+    /// The decision again, borrowing from `policy` (this one copies the
+    /// outcome). `policy` is the channel's policy the verdict was made with
+    /// (`None` only for [`Verdict::allow`]), here and in every method.
+    pub fn attach<'p>(&self, policy: Option<&'p ChannelPolicy>, action: &Action) -> Decision<'p> {
+        Decision {
+            outcome: self.outcome(policy, action).clone(),
+            policy: policy.and_then(|p| p.action_policy(action)),
+            trail: self.trail(policy, action),
+        }
+    }
+
+    /// Message for the customer.
+    pub fn customer_message<'p>(
+        &self,
+        policy: Option<&'p ChannelPolicy>,
+        action: &Action,
+    ) -> Option<&'p str> {
+        self.trail(policy, action)
+            .customer_message(policy.and_then(|p| p.action_policy(action)))
+    }
+
+    /// Script for the agent.
+    pub fn agent_script<'p>(
+        &self,
+        policy: Option<&'p ChannelPolicy>,
+        action: &Action,
+    ) -> Option<&'p str> {
+        self.trail(policy, action)
+            .agent_script(policy.and_then(|p| p.action_policy(action)))
+    }
+
+    /// The activations behind the decision.
     pub fn reasons<'p>(
         &self,
-        policy: Option<&'p ActionPolicy>,
+        policy: Option<&'p ChannelPolicy>,
+        action: &Action,
     ) -> impl Iterator<Item = &'p ActivationId> + Clone + use<'p> {
-        self.trail.reasons(policy)
+        self.trail(policy, action)
+            .reasons(policy.and_then(|p| p.action_policy(action)))
     }
 }
 
@@ -382,16 +524,81 @@ impl ActionPolicy {
 /// policy is compiled: one per set of them that may hold (2^n).
 const MERGED_UP_TO: usize = 4;
 
+/// Failed attempts of a pending step-up for which its outcome is made
+/// beforehand (one each: the attempts left differ); past them, the outcome
+/// is made at the decision.
+const ATTEMPTS_MADE_UP_TO: u32 = 8;
+
 /// A known action's policy, with the merge of its entries made beforehand
-/// for each set of its conditions that may hold: a decision evaluates the
-/// conditions, reads its merge and resolves it against the context,
-/// cloning nothing it does not return.
+/// for each set of its conditions that may hold, and the outcomes those
+/// merges resolve to: a decision evaluates the conditions, reads its plan
+/// and picks an outcome made beforehand, copying nothing.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) struct Known {
     pub(crate) policy: ActionPolicy,
     /// Indexed by the set of conditional entries that hold; empty past
     /// [`MERGED_UP_TO`] entries (merged at each decision).
     merged: Box<[Merged]>,
+    /// How each merge resolves, indexed as `merged`.
+    plans: Box<[Plan]>,
+    /// The outcomes the plans pick from.
+    made: Box<[Made]>,
+}
+
+/// An outcome made beforehand, and where its texts come from.
+#[derive(Clone, Debug, PartialEq)]
+struct Made {
+    outcome: Outcome,
+    texts: Texts,
+}
+
+/// How the merge of one set of held entries resolves against a context:
+/// which outcome made beforehand it comes to.
+#[derive(Clone, Debug, PartialEq)]
+enum Plan {
+    /// No entry applies: allow.
+    Allow,
+    /// The same outcome whatever the context.
+    Fixed(Pick),
+    /// A step-up: escalated, satisfied, or pending with one outcome per
+    /// failed attempt up to `pending_made`, the first at `pending`.
+    StepUp {
+        step_up: StepUp,
+        escalated: Pick,
+        satisfied: Pick,
+        pending: u32,
+        pending_made: u32,
+    },
+}
+
+impl Plan {
+    /// The outcome made beforehand for `ctx`; `None` when it has to be made
+    /// at the decision (a pending step-up past [`ATTEMPTS_MADE_UP_TO`]).
+    #[inline(always)]
+    fn pick(&self, ctx: &Context) -> Option<Source> {
+        match self {
+            Plan::Allow => Some(Source::Allow),
+            Plan::Fixed(pick) => Some(Source::Made(*pick)),
+            Plan::StepUp {
+                step_up,
+                escalated,
+                satisfied,
+                pending,
+                pending_made,
+            } => match StepUpState::of(step_up, ctx) {
+                StepUpState::Escalated => Some(Source::Made(*escalated)),
+                StepUpState::Satisfied => Some(Source::Made(*satisfied)),
+                StepUpState::Pending { .. } if ctx.failed_attempts < *pending_made => {
+                    Some(Source::Made(Pick {
+                        at: pending + ctx.failed_attempts,
+                        kind: EffectKind::StepUp,
+                        escalated: false,
+                    }))
+                }
+                StepUpState::Pending { .. } => None,
+            },
+        }
+    }
 }
 
 /// The entries that apply, merged.
@@ -408,14 +615,80 @@ struct Merged {
 
 impl Known {
     pub(crate) fn new(policy: ActionPolicy) -> Known {
-        let merged = if policy.conditional.len() <= MERGED_UP_TO {
+        let merged: Box<[Merged]> = if policy.conditional.len() <= MERGED_UP_TO {
             (0..1u64 << policy.conditional.len())
                 .map(|held| policy.merge_held(held, None))
                 .collect()
         } else {
             Box::default()
         };
-        Known { policy, merged }
+        let mut made = Vec::new();
+        let plans = merged
+            .iter()
+            .enumerate()
+            .map(|(held, merged)| {
+                // The outcome for a context that resolves the merge one way:
+                // made by the same code a decision past the tables runs.
+                let mut make = |ctx: Context| {
+                    let decision = policy.finish(held as u64, merged, &ctx);
+                    let pick = Pick {
+                        at: made.len() as u32,
+                        kind: decision.outcome.kind(),
+                        escalated: matches!(
+                            decision.outcome,
+                            Outcome::Review {
+                                escalated: true,
+                                ..
+                            }
+                        ),
+                    };
+                    made.push(Made {
+                        outcome: decision.outcome,
+                        texts: decision.trail.texts,
+                    });
+                    pick
+                };
+                match &merged.effect {
+                    None => Plan::Allow,
+                    Some(Effect::StepUp(step_up)) if !step_up.methods.is_empty() => {
+                        let escalated = make(Context {
+                            failed_attempts: step_up.max_attempts,
+                            ..Context::default()
+                        });
+                        let satisfied = make(Context {
+                            confidence: step_up.min_confidence,
+                            methods: step_up.methods,
+                            ..Context::default()
+                        });
+                        let pending_made = step_up.max_attempts.min(ATTEMPTS_MADE_UP_TO);
+                        // Made next, one per failed attempt.
+                        let pending = satisfied.at + 1;
+                        for failed_attempts in 0..pending_made {
+                            make(Context {
+                                failed_attempts,
+                                ..Context::default()
+                            });
+                        }
+                        Plan::StepUp {
+                            step_up: step_up.clone(),
+                            escalated,
+                            satisfied,
+                            pending,
+                            pending_made,
+                        }
+                    }
+                    // Whatever the context, the same outcome (a step-up
+                    // nothing can satisfy always escalates).
+                    Some(_) => Plan::Fixed(make(Context::default())),
+                }
+            })
+            .collect();
+        Known {
+            policy,
+            merged,
+            plans,
+            made: made.into(),
+        }
     }
 
     #[inline(always)]
@@ -424,6 +697,18 @@ impl Known {
         match usize::try_from(held).ok().and_then(|i| self.merged.get(i)) {
             Some(merged) => self.policy.finish(held, merged, ctx),
             None => self.policy.decide(ctx),
+        }
+    }
+
+    /// [`Known::decide`] as a verdict that points at an outcome made
+    /// beforehand where there is one.
+    #[inline(always)]
+    fn verdict(&self, ctx: &Context) -> Verdict {
+        let held = self.policy.held(ctx);
+        let plan = usize::try_from(held).ok().and_then(|i| self.plans.get(i));
+        match plan.and_then(|plan| plan.pick(ctx)) {
+            Some(source) => Verdict { held, source },
+            None => self.decide(ctx).detach(),
         }
     }
 }
@@ -461,6 +746,33 @@ impl ChannelPolicy {
             Some(Some(known)) => known.decide(ctx),
             Some(None) => Decision::allow(),
             None => self.decide(action.as_str(), ctx),
+        }
+    }
+
+    /// [`ChannelPolicy::decide_action`] as a verdict: for a known action, it
+    /// points at an outcome made when the policy was compiled, so nothing
+    /// is copied; read it back with this policy and `action`.
+    #[inline(always)]
+    pub fn verdict(&self, action: &Action, ctx: &Context) -> Verdict {
+        match action.known_index().and_then(|i| self.known.get(i)) {
+            Some(Some(known)) => known.verdict(ctx),
+            Some(None) => Verdict::allow(),
+            None => self.decide(action.as_str(), ctx).detach(),
+        }
+    }
+
+    /// The tables of a known action that has rules.
+    #[inline]
+    fn known_action(&self, action: &Action) -> Option<&Known> {
+        self.known.get(action.known_index()?)?.as_ref()
+    }
+
+    /// The policy of `action` ([`ChannelPolicy::lookup`], by the position of
+    /// a known action rather than by its name).
+    pub fn action_policy(&self, action: &Action) -> Option<&ActionPolicy> {
+        match action.known_index().and_then(|i| self.known.get(i)) {
+            Some(known) => known.as_ref().map(|k| &k.policy),
+            None => self.lookup(action.as_str()),
         }
     }
 }
@@ -597,5 +909,139 @@ mod tests {
                 assert!(fast.reasons().eq(slow.reasons()), "{why}");
             }
         }
+    }
+
+    /// A channel policy whose `account.password_reset` is `policy`.
+    fn channel_policy(policy: &ActionPolicy) -> (ChannelPolicy, Action) {
+        let mut channel = ChannelPolicy::default();
+        channel
+            .insert("account.password_reset", policy.clone())
+            .unwrap();
+        (channel, Action::parse("account.password_reset").unwrap())
+    }
+
+    /// What a verdict says, read back from the policy it was made with,
+    /// against a decision made by merging at the decision.
+    fn assert_verdict_says(
+        verdict: &Verdict,
+        slow: &Decision<'_>,
+        channel: &ChannelPolicy,
+        action: &Action,
+        why: &str,
+    ) {
+        let policy = Some(channel);
+        assert_eq!(verdict.outcome(policy, action), &slow.outcome, "{why}");
+        // What a client counts, read without the outcome.
+        assert_eq!(verdict.kind(), slow.outcome.kind(), "{why}");
+        let escalated = matches!(
+            slow.outcome,
+            Outcome::Review {
+                escalated: true,
+                ..
+            }
+        );
+        assert_eq!(verdict.is_escalated(), escalated, "{why}");
+        assert_eq!(
+            verdict.customer_message(policy, action),
+            slow.customer_message(),
+            "{why}"
+        );
+        assert_eq!(
+            verdict.agent_script(policy, action),
+            slow.agent_script(),
+            "{why}"
+        );
+        assert!(verdict.reasons(policy, action).eq(slow.reasons()), "{why}");
+        let attached = verdict.attach(policy, action);
+        assert_eq!(attached.outcome, slow.outcome, "{why}");
+        assert!(attached.reasons().eq(slow.reasons()), "{why}");
+    }
+
+    #[test]
+    fn verdicts_read_from_outcomes_made_beforehand_say_what_merging_says() {
+        for n in [0, 1, 3, MERGED_UP_TO, MERGED_UP_TO + 1, 6] {
+            let policy = policy(n);
+            let (channel, action) = channel_policy(&policy);
+            for ctx in contexts() {
+                let verdict = channel.verdict(&action, &ctx);
+                let slow = policy.decide(&ctx);
+                assert_verdict_says(
+                    &verdict,
+                    &slow,
+                    &channel,
+                    &action,
+                    &format!("{n} entries, {ctx:?}"),
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_step_up_with_more_attempts_than_are_made_beforehand_still_counts_them_down() {
+        // The base step-up alone.
+        let mut policy = policy(0);
+        let Some(Entry {
+            effect: Effect::StepUp(step_up),
+            ..
+        }) = &mut policy.base
+        else {
+            panic!("the base is a step-up");
+        };
+        step_up.max_attempts = ATTEMPTS_MADE_UP_TO + 5;
+        let (channel, action) = channel_policy(&policy);
+        let mut seen = Vec::new();
+        for failed_attempts in 0..ATTEMPTS_MADE_UP_TO + 7 {
+            let ctx = Context {
+                failed_attempts,
+                ..Context::default()
+            };
+            let verdict = channel.verdict(&action, &ctx);
+            let slow = policy.decide(&ctx);
+            assert_verdict_says(
+                &verdict,
+                &slow,
+                &channel,
+                &action,
+                &format!("{failed_attempts} failed"),
+            );
+            seen.push(verdict.outcome(Some(&channel), &action).clone());
+        }
+        // Counted down past the outcomes made beforehand, then escalated.
+        let last_pending = &seen[(ATTEMPTS_MADE_UP_TO + 4) as usize];
+        assert!(
+            matches!(
+                last_pending,
+                Outcome::StepUp {
+                    attempts_left: 1,
+                    ..
+                }
+            ),
+            "{last_pending:?}"
+        );
+        let past = &seen[(ATTEMPTS_MADE_UP_TO + 5) as usize];
+        assert!(
+            matches!(
+                past,
+                Outcome::Review {
+                    escalated: true,
+                    ..
+                }
+            ),
+            "{past:?}"
+        );
+    }
+
+    #[test]
+    fn a_verdict_with_no_rule_allows_without_a_policy() {
+        let action = Action::parse("account.password_reset").unwrap();
+        let verdict = Verdict::allow();
+        assert_eq!(verdict.outcome(None, &action), &Outcome::Allow);
+        assert_eq!(verdict.customer_message(None, &action), None);
+        assert_eq!(verdict.reasons(None, &action).count(), 0);
+        // An action the policy has no rule for.
+        let (channel, _) = channel_policy(&policy(1));
+        let other = Action::parse("payment.refund").unwrap();
+        let verdict = channel.verdict(&other, &Context::default());
+        assert_eq!(verdict.outcome(Some(&channel), &other), &Outcome::Allow);
     }
 }

@@ -139,17 +139,27 @@ impl ContextClass {
 
     /// The class of a decision made for `ctx` with `outcome`.
     pub fn of(ctx: &Context, outcome: &Outcome) -> Self {
-        ContextClass {
-            confidence: ConfidenceBand::of(ctx.confidence),
-            method: MethodClass::strongest(ctx.methods),
-            handoff: ctx.handoff_from_bot,
-            attempts_exhausted: matches!(
+        ContextClass::of_decision(
+            ctx,
+            matches!(
                 outcome,
                 Outcome::Review {
                     escalated: true,
                     ..
                 }
-            ) && ctx.failed_attempts > 0,
+            ),
+        )
+    }
+
+    /// [`ContextClass::of`] for a decision whose outcome is, or is not, a
+    /// review that a step-up escalated to.
+    #[inline]
+    pub fn of_decision(ctx: &Context, escalated: bool) -> Self {
+        ContextClass {
+            confidence: ConfidenceBand::of(ctx.confidence),
+            method: MethodClass::strongest(ctx.methods),
+            handoff: ctx.handoff_from_bot,
+            attempts_exhausted: escalated && ctx.failed_attempts > 0,
         }
     }
 
