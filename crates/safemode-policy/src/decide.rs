@@ -4,7 +4,9 @@
 //! every conditional entry whose condition holds, and resolves the result
 //! against the context (a satisfied step-up, an exhausted one). It takes no
 //! lock and allocates nothing: the decision borrows its messages and reasons
-//! from the policy.
+//! from the policy. [`ChannelPolicy::verdict`] is the same decision for a
+//! parsed action as a [`Verdict`]: for a known action, the index of an
+//! outcome made when the policy was compiled, so nothing is copied.
 
 use serde::Serialize;
 
