@@ -79,7 +79,8 @@ pub(super) struct Staleness {
     pub stale: bool,
     /// How long since the policy was last known current: since this process
     /// confirmed it, or since it was saved if never confirmed since start;
-    /// the longest duration with no policy at all.
+    /// the longest duration with no policy at all. Zero when
+    /// [`Freshness::decision_staleness`] found the policy fresh.
     pub for_: Duration,
 }
 
@@ -126,12 +127,13 @@ impl Freshness {
         self.behind.store(behind, Ordering::Release);
     }
 
-    /// [`Freshness::staleness`] for a decision: the same answer, without
+    /// [`Freshness::staleness`] for a decision: the same `stale`, without
     /// reading the clock while the policy is current and, by the coarse
     /// clock, more than [`CLOCK_MARGIN_MS`] from `limit`. The coarse time
-    /// is never ahead of the real one, so a policy it calls fresh is fresh;
-    /// `for_` is then zero: a fresh policy's is used by nothing, and is not
-    /// worth its arithmetic on every decision.
+    /// is never ahead of the real one, so a policy it calls fresh is fresh.
+    /// A fresh answer's `for_` is zero: it is used by nothing (only a stale
+    /// policy fails closed), and is not worth its arithmetic on every
+    /// decision; a stale answer's is exact.
     #[inline]
     pub fn decision_staleness(&self, limit: Duration) -> Staleness {
         let current = self.current_ms.load(Ordering::Acquire);

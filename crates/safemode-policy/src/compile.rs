@@ -16,7 +16,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use super::activation::{Activation, ActivationId};
-use super::decide::Known;
+use super::decide::{Known, Stamp};
 use super::effect::{Effect, Throttle};
 use super::mode::{Condition, Rule};
 use super::names::{ACTIONS, ActionSelector, Channel, NameError};
@@ -193,18 +193,26 @@ impl ChannelPolicy {
         if !name.is_empty() && !name.split('.').all(segment_ok) {
             return Err(bad());
         }
-        if map.insert(Box::from(name), policy).is_some() {
+        // Refused before anything changes: the tables stay those of the keys.
+        if map.contains_key(name) {
             return Err(NameError(format!("rule key '{key}' appears twice")));
         }
+        map.insert(Box::from(name), policy);
         self.index_known();
         Ok(())
     }
 
     /// Looks up every known action once, for [`ChannelPolicy::known`].
     fn index_known(&mut self) {
+        let stamp = Stamp::next();
         self.known = ACTIONS
             .iter()
-            .map(|a| self.lookup(a).cloned().map(Known::new))
+            .enumerate()
+            .map(|(index, a)| {
+                self.lookup(a)
+                    .cloned()
+                    .map(|policy| Known::new(policy, stamp, index))
+            })
             .collect();
     }
 

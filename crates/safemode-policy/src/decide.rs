@@ -8,6 +8,8 @@
 //! parsed action as a [`Verdict`]: for a known action, the index of an
 //! outcome made when the policy was compiled, so nothing is copied.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use serde::Serialize;
 
 use super::activation::ActivationId;
@@ -166,8 +168,8 @@ pub struct Decision<'p> {
 /// # Panics
 ///
 /// Its methods panic when a verdict that points at an outcome made
-/// beforehand is read without the policy it was made with, or with another
-/// that has no such outcome.
+/// beforehand is read without the policy it was made with (or a copy of
+/// it), or for another action: they never answer from another table.
 #[derive(Clone, Debug)]
 pub struct Verdict {
     /// Bit `i` set: conditional entry `i` held.
@@ -196,6 +198,33 @@ struct Pick {
     at: u32,
     kind: EffectKind,
     escalated: bool,
+    /// The action's position in [`ACTIONS`](crate::names::ACTIONS), and the
+    /// tables' stamp: a verdict read with another action or policy is
+    /// caught rather than answered from the wrong table.
+    action: u8,
+    stamp: Stamp,
+}
+
+/// Which compile of a channel policy made an action's tables: a number no
+/// other compile in the process has. A copy of the policy keeps it (its
+/// tables are the same), and two policies compare equal whatever their
+/// stamps.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Stamp(u64);
+
+impl Stamp {
+    pub(crate) fn next() -> Stamp {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Stamp(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+impl PartialEq for Stamp {
+    /// Equal always: a stamp says where tables came from, not what they
+    /// hold ([`Pick`] compares the numbers).
+    fn eq(&self, _: &Stamp) -> bool {
+        true
+    }
 }
 
 /// Which entries a decision came from.
@@ -311,11 +340,19 @@ impl Verdict {
 
     /// The outcome made beforehand that this verdict points at.
     #[inline]
-    fn made<'p>(index: u32, policy: Option<&'p ChannelPolicy>, action: &Action) -> &'p Made {
-        policy
+    fn made<'p>(pick: &Pick, policy: Option<&'p ChannelPolicy>, action: &Action) -> &'p Made {
+        let known = policy
             .and_then(|policy| policy.known_action(action))
-            .and_then(|known| known.made.get(index as usize))
-            .expect("a verdict is read with the policy and action it was made for")
+            .filter(|known| {
+                known.stamp.0 == pick.stamp.0 && action.known_index() == Some(pick.action.into())
+            });
+        match known.and_then(|known| known.made.get(pick.at as usize)) {
+            Some(made) => made,
+            None => panic!(
+                "a verdict was read with a policy or an action other than those it was made \
+                 for ({action})"
+            ),
+        }
     }
 
     /// The effect of the outcome, without reading it.
@@ -356,7 +393,7 @@ impl Verdict {
     ) -> &'s Outcome {
         match &self.source {
             Source::Allow => &ALLOW,
-            Source::Made(pick) => &Verdict::made(pick.at, policy, action).outcome,
+            Source::Made(pick) => &Verdict::made(pick, policy, action).outcome,
             Source::Here { outcome, .. } => outcome,
         }
     }
@@ -364,7 +401,7 @@ impl Verdict {
     fn trail(&self, policy: Option<&ChannelPolicy>, action: &Action) -> Trail {
         let texts = match &self.source {
             Source::Allow => Texts::None,
-            Source::Made(pick) => Verdict::made(pick.at, policy, action).texts,
+            Source::Made(pick) => Verdict::made(pick, policy, action).texts,
             Source::Here { texts, .. } => *texts,
         };
         Trail {
@@ -545,6 +582,8 @@ pub(crate) struct Known {
     plans: Box<[Plan]>,
     /// The outcomes the plans pick from.
     made: Box<[Made]>,
+    /// Which compile made these tables.
+    stamp: Stamp,
 }
 
 /// An outcome made beforehand, and where its texts come from.
@@ -595,6 +634,7 @@ impl Plan {
                         at: pending + ctx.failed_attempts,
                         kind: EffectKind::StepUp,
                         escalated: false,
+                        ..*satisfied
                     }))
                 }
                 StepUpState::Pending { .. } => None,
@@ -616,7 +656,10 @@ struct Merged {
 }
 
 impl Known {
-    pub(crate) fn new(policy: ActionPolicy) -> Known {
+    /// The tables of the known action at `action` in
+    /// [`ACTIONS`](crate::names::ACTIONS), made by the compile `stamp`.
+    pub(crate) fn new(policy: ActionPolicy, stamp: Stamp, action: usize) -> Known {
+        let action = u8::try_from(action).expect("fewer than 256 known actions");
         let merged: Box<[Merged]> = if policy.conditional.len() <= MERGED_UP_TO {
             (0..1u64 << policy.conditional.len())
                 .map(|held| policy.merge_held(held, None))
@@ -634,6 +677,8 @@ impl Known {
                 let mut make = |ctx: Context| {
                     let decision = policy.finish(held as u64, merged, &ctx);
                     let pick = Pick {
+                        action,
+                        stamp,
                         at: made.len() as u32,
                         kind: decision.outcome.kind(),
                         escalated: matches!(
@@ -690,6 +735,7 @@ impl Known {
             merged,
             plans,
             made: made.into(),
+            stamp,
         }
     }
 
@@ -752,8 +798,9 @@ impl ChannelPolicy {
     }
 
     /// [`ChannelPolicy::decide_action`] as a verdict: for a known action, it
-    /// points at an outcome made when the policy was compiled, so nothing
-    /// is copied; read it back with this policy and `action`.
+    /// points at an outcome made when the policy was compiled, so no
+    /// outcome is copied (past those tables, the verdict holds one made at
+    /// the decision); read it back with this policy and `action`.
     #[inline(always)]
     pub fn verdict(&self, action: &Action, ctx: &Context) -> Verdict {
         match action.known_index().and_then(|i| self.known.get(i)) {
@@ -899,7 +946,7 @@ mod tests {
         // Below, at and past the bound of merges made beforehand.
         for n in [0, 1, 3, MERGED_UP_TO, MERGED_UP_TO + 1, 6] {
             let policy = policy(n);
-            let known = Known::new(policy.clone());
+            let known = Known::new(policy.clone(), Stamp::next(), 0);
             assert_eq!(known.merged.is_empty(), n > MERGED_UP_TO, "{n} entries");
             for ctx in contexts() {
                 let fast = known.decide(&ctx);
@@ -1031,6 +1078,53 @@ mod tests {
             ),
             "{past:?}"
         );
+    }
+
+    #[test]
+    fn a_verdict_reads_the_same_from_a_copy_of_its_policy() {
+        let policy = policy(2);
+        let (channel, action) = channel_policy(&policy);
+        let copy = channel.clone();
+        for ctx in contexts() {
+            let verdict = channel.verdict(&action, &ctx);
+            let slow = policy.decide(&ctx);
+            assert_verdict_says(&verdict, &slow, &copy, &action, &format!("{ctx:?}"));
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "other than those it was made for")]
+    fn a_verdict_read_with_another_policy_is_caught() {
+        let (channel, action) = channel_policy(&policy(1));
+        // The same rules compiled again: equal, but other tables.
+        let (other, _) = channel_policy(&policy(1));
+        assert_eq!(channel, other);
+        let verdict = channel.verdict(&action, &Context::default());
+        verdict.outcome(Some(&other), &action);
+    }
+
+    #[test]
+    #[should_panic(expected = "other than those it was made for")]
+    fn a_verdict_read_for_another_action_is_caught() {
+        let mut channel = ChannelPolicy::default();
+        channel.insert("*", policy(1)).unwrap();
+        let action = Action::parse("account.password_reset").unwrap();
+        let other = Action::parse("payment.refund").unwrap();
+        let verdict = channel.verdict(&action, &Context::default());
+        verdict.outcome(Some(&channel), &other);
+    }
+
+    #[test]
+    fn a_key_given_twice_is_refused_and_changes_nothing() {
+        let (mut channel, action) = channel_policy(&policy(1));
+        let before = channel.decide_action(&action, &Context::default()).outcome;
+        let error = channel
+            .insert("account.password_reset", ActionPolicy::default())
+            .unwrap_err();
+        assert!(error.0.contains("appears twice"), "{error}");
+        let ctx = Context::default();
+        assert_eq!(channel.decide_action(&action, &ctx).outcome, before);
+        assert_eq!(channel.decide(action.as_str(), &ctx).outcome, before);
     }
 
     #[test]
