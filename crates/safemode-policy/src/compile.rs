@@ -177,6 +177,27 @@ impl ChannelPolicy {
     /// `account.*` or `*`. Only the key's shape is checked: a client must be
     /// able to use rules for actions newer than itself.
     pub fn insert(&mut self, key: &str, policy: ActionPolicy) -> Result<(), NameError> {
+        self.insert_key(key, policy)?;
+        self.index_known();
+        Ok(())
+    }
+
+    /// A channel policy of the compiled keys as written on the wire, each
+    /// added as [`ChannelPolicy::insert`] does, with the known actions'
+    /// tables made once, after the last key.
+    pub fn from_keys<'k>(
+        keys: impl IntoIterator<Item = (&'k str, ActionPolicy)>,
+    ) -> Result<ChannelPolicy, NameError> {
+        let mut policy = ChannelPolicy::default();
+        for (key, action) in keys {
+            policy.insert_key(key, action)?;
+        }
+        policy.index_known();
+        Ok(policy)
+    }
+
+    /// [`ChannelPolicy::insert`] without making the tables again.
+    fn insert_key(&mut self, key: &str, policy: ActionPolicy) -> Result<(), NameError> {
         let bad = || NameError(format!("bad rule key '{key}'"));
         let segment_ok = |s: &str| {
             !s.is_empty()
@@ -198,7 +219,6 @@ impl ChannelPolicy {
             return Err(NameError(format!("rule key '{key}' appears twice")));
         }
         map.insert(Box::from(name), policy);
-        self.index_known();
         Ok(())
     }
 

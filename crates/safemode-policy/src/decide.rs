@@ -1115,6 +1115,28 @@ mod tests {
     }
 
     #[test]
+    fn keys_added_together_make_the_tables_that_keys_added_one_by_one_make() {
+        let (one_by_one, action) = channel_policy(&policy(3));
+        let mut more = one_by_one.clone();
+        more.insert("payment.*", policy(1)).unwrap();
+        let together = ChannelPolicy::from_keys([
+            ("account.password_reset", policy(3)),
+            ("payment.*", policy(1)),
+        ])
+        .unwrap();
+        assert_eq!(together, more);
+        let rules = policy(3);
+        for ctx in contexts() {
+            let verdict = together.verdict(&action, &ctx);
+            let slow = rules.decide(&ctx);
+            assert_verdict_says(&verdict, &slow, &together, &action, &format!("{ctx:?}"));
+        }
+        let refused = ChannelPolicy::from_keys([("payment.*", policy(1)), ("Bad Key", policy(1))])
+            .unwrap_err();
+        assert!(refused.0.contains("'Bad Key'"), "{refused}");
+    }
+
+    #[test]
     fn a_key_given_twice_is_refused_and_changes_nothing() {
         let (mut channel, action) = channel_policy(&policy(1));
         let before = channel.decide_action(&action, &Context::default()).outcome;

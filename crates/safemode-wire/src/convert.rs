@@ -342,7 +342,7 @@ fn entry_from_wire(
 
 /// A channel's compiled rules, checked.
 pub fn channel_policy_from_wire(rules: &proto::ChannelRules) -> Result<ChannelPolicy, WireError> {
-    let mut policy = ChannelPolicy::default();
+    let mut keys = Vec::with_capacity(rules.actions.len());
     for (key, action) in &rules.actions {
         let field = format!("rules[{key}]");
         let base = action
@@ -356,9 +356,8 @@ pub fn channel_policy_from_wire(rules: &proto::ChannelRules) -> Result<ChannelPo
             .enumerate()
             .map(|(i, e)| entry_from_wire(&format!("{field}.conditional[{i}]"), e, true))
             .collect::<Result<Vec<_>, _>>()?;
-        policy
-            .insert(key, ActionPolicy { base, conditional })
-            .map_err(|e| WireError::new(&field, e))?;
+        keys.push((key.as_str(), ActionPolicy { base, conditional }));
     }
-    Ok(policy)
+    // The error names the key.
+    ChannelPolicy::from_keys(keys).map_err(|e| WireError::new("rules", e))
 }
