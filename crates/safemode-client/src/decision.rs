@@ -98,6 +98,11 @@ impl FailClosedRule {
         self.outcome.kind()
     }
 
+    /// Whether the rule decides with a review a step-up escalated to.
+    pub fn is_escalated(&self) -> bool {
+        self.outcome.is_escalated()
+    }
+
     /// Whether the rule overrides an outcome of kind `effect` for
     /// `action`, stale for `stale_for`: the action is listed, the limit
     /// passed, and the policy's own outcome is milder.

@@ -657,7 +657,7 @@ impl Subscriber {
             staleness.stale && rule.overrides(action.as_str(), staleness.for_, verdict.kind())
         });
         let (effect, escalated) = match fail_closed {
-            Some(rule) => (rule.effect(), false),
+            Some(rule) => (rule.effect(), rule.is_escalated()),
             None => (verdict.kind(), verdict.is_escalated()),
         };
         // Counted once, for the report and the metrics, into the tally of

@@ -65,6 +65,18 @@ impl Outcome {
         }
     }
 
+    /// Whether the outcome is a review that a step-up escalated to
+    /// (exhausted or unsatisfiable).
+    pub fn is_escalated(&self) -> bool {
+        matches!(
+            self,
+            Outcome::Review {
+                escalated: true,
+                ..
+            }
+        )
+    }
+
     /// Whether `self` restricts the customer at least as much as `other`.
     pub fn is_at_least_as_strict_as(&self, other: &Outcome) -> bool {
         use Outcome::*;
@@ -372,15 +384,7 @@ impl Verdict {
         match &self.source {
             Source::Allow => false,
             Source::Made(pick) => pick.escalated,
-            Source::Here { outcome, .. } => {
-                matches!(
-                    outcome,
-                    Outcome::Review {
-                        escalated: true,
-                        ..
-                    }
-                )
-            }
+            Source::Here { outcome, .. } => outcome.is_escalated(),
         }
     }
 
@@ -398,26 +402,34 @@ impl Verdict {
         }
     }
 
-    fn trail(&self, policy: Option<&ChannelPolicy>, action: &Action) -> Trail {
+    /// Where the verdict's texts and reasons are read from: its trail, and
+    /// the action's policy in `policy`.
+    fn parts<'p>(
+        &self,
+        policy: Option<&'p ChannelPolicy>,
+        action: &Action,
+    ) -> (Trail, Option<&'p ActionPolicy>) {
         let texts = match &self.source {
             Source::Allow => Texts::None,
             Source::Made(pick) => Verdict::made(pick, policy, action).texts,
             Source::Here { texts, .. } => *texts,
         };
-        Trail {
+        let trail = Trail {
             held: self.held,
             texts,
-        }
+        };
+        (trail, policy.and_then(|p| p.action_policy(action)))
     }
 
     /// The decision again, borrowing from `policy` (this one copies the
     /// outcome). `policy` is the channel's policy the verdict was made with
     /// (`None` only for [`Verdict::allow`]), here and in every method.
     pub fn attach<'p>(&self, policy: Option<&'p ChannelPolicy>, action: &Action) -> Decision<'p> {
+        let (trail, rules) = self.parts(policy, action);
         Decision {
             outcome: self.outcome(policy, action).clone(),
-            policy: policy.and_then(|p| p.action_policy(action)),
-            trail: self.trail(policy, action),
+            policy: rules,
+            trail,
         }
     }
 
@@ -427,8 +439,8 @@ impl Verdict {
         policy: Option<&'p ChannelPolicy>,
         action: &Action,
     ) -> Option<&'p str> {
-        self.trail(policy, action)
-            .customer_message(policy.and_then(|p| p.action_policy(action)))
+        let (trail, rules) = self.parts(policy, action);
+        trail.customer_message(rules)
     }
 
     /// Script for the agent.
@@ -437,8 +449,8 @@ impl Verdict {
         policy: Option<&'p ChannelPolicy>,
         action: &Action,
     ) -> Option<&'p str> {
-        self.trail(policy, action)
-            .agent_script(policy.and_then(|p| p.action_policy(action)))
+        let (trail, rules) = self.parts(policy, action);
+        trail.agent_script(rules)
     }
 
     /// The activations behind the decision.
@@ -447,8 +459,8 @@ impl Verdict {
         policy: Option<&'p ChannelPolicy>,
         action: &Action,
     ) -> impl Iterator<Item = &'p ActivationId> + Clone + use<'p> {
-        self.trail(policy, action)
-            .reasons(policy.and_then(|p| p.action_policy(action)))
+        let (trail, rules) = self.parts(policy, action);
+        trail.reasons(rules)
     }
 }
 
@@ -681,13 +693,7 @@ impl Known {
                         stamp,
                         at: made.len() as u32,
                         kind: decision.outcome.kind(),
-                        escalated: matches!(
-                            decision.outcome,
-                            Outcome::Review {
-                                escalated: true,
-                                ..
-                            }
-                        ),
+                        escalated: decision.outcome.is_escalated(),
                     };
                     made.push(Made {
                         outcome: decision.outcome,
@@ -753,10 +759,21 @@ impl Known {
     #[inline(always)]
     fn verdict(&self, ctx: &Context) -> Verdict {
         let held = self.policy.held(ctx);
-        let plan = usize::try_from(held).ok().and_then(|i| self.plans.get(i));
-        match plan.and_then(|plan| plan.pick(ctx)) {
-            Some(source) => Verdict { held, source },
-            None => self.decide(ctx).detach(),
+        let at = usize::try_from(held).ok();
+        let plan = at.and_then(|i| Some((self.plans.get(i)?, self.merged.get(i)?)));
+        match plan {
+            Some((plan, merged)) => match plan.pick(ctx) {
+                Some(source) => Verdict { held, source },
+                // Past the outcomes made beforehand: resolved here, from
+                // the merge made beforehand.
+                None => self.policy.finish(held, merged, ctx).detach(),
+            },
+            // Past the merges made beforehand: merged here, with the
+            // conditions already evaluated.
+            None => {
+                let merged = self.policy.merge_held(held, Some(ctx));
+                self.policy.finish(held, &merged, ctx).detach()
+            }
         }
     }
 }
@@ -982,14 +999,7 @@ mod tests {
         assert_eq!(verdict.outcome(policy, action), &slow.outcome, "{why}");
         // What a client counts, read without the outcome.
         assert_eq!(verdict.kind(), slow.outcome.kind(), "{why}");
-        let escalated = matches!(
-            slow.outcome,
-            Outcome::Review {
-                escalated: true,
-                ..
-            }
-        );
-        assert_eq!(verdict.is_escalated(), escalated, "{why}");
+        assert_eq!(verdict.is_escalated(), slow.outcome.is_escalated(), "{why}");
         assert_eq!(
             verdict.customer_message(policy, action),
             slow.customer_message(),
@@ -1027,8 +1037,9 @@ mod tests {
 
     #[test]
     fn a_step_up_with_more_attempts_than_are_made_beforehand_still_counts_them_down() {
-        // The base step-up alone.
-        let mut policy = policy(0);
+        // The base step-up, with a throttle whose condition holds (so that
+        // the entries behind the decision are more than the base).
+        let mut policy = policy(1);
         let Some(Entry {
             effect: Effect::StepUp(step_up),
             ..

@@ -139,16 +139,7 @@ impl ContextClass {
 
     /// The class of a decision made for `ctx` with `outcome`.
     pub fn of(ctx: &Context, outcome: &Outcome) -> Self {
-        ContextClass::of_decision(
-            ctx,
-            matches!(
-                outcome,
-                Outcome::Review {
-                    escalated: true,
-                    ..
-                }
-            ),
-        )
+        ContextClass::of_decision(ctx, outcome.is_escalated())
     }
 
     /// [`ContextClass::of`] for a decision whose outcome is, or is not, a
