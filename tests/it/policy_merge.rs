@@ -585,8 +585,9 @@ proptest! {
     }
 
     /// A channel's tables rebuilt from their wire form (`entries`, then
-    /// `insert` key by key, as a client does with a snapshot) are the same
-    /// tables.
+    /// `insert` key by key, or `from_keys`, as a client does with a
+    /// snapshot) are the same tables, with the outcomes that a compiled
+    /// policy makes only when asked.
     #[test]
     fn tables_survive_their_wire_form(activations in activations()) {
         let policy = EffectivePolicy::compile(&activations);
@@ -596,7 +597,15 @@ proptest! {
             for (key, action_policy) in compiled.entries() {
                 rebuilt.insert(&key, action_policy.clone()).map_err(|e| TestCaseError::fail(e.to_string()))?;
             }
-            prop_assert_eq!(&rebuilt, compiled);
+            let entries = compiled.entries();
+            let together = ChannelPolicy::from_keys(
+                entries.iter().map(|(key, action_policy)| (key.as_str(), (*action_policy).clone())),
+            ).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert!(rebuilt.has_outcomes() && together.has_outcomes());
+            let mut made = compiled.clone();
+            made.make_outcomes();
+            prop_assert_eq!(&rebuilt, &made);
+            prop_assert_eq!(&together, &made);
         }
     }
 

@@ -153,7 +153,12 @@ impl ChannelPolicy {
             prefix,
             known: Box::default(),
         };
-        policy.index_known();
+        // The controller compiles a policy for every channel of every
+        // namespace and decides with few of them: the outcomes that
+        // verdicts point at are made where verdicts are read
+        // ([`ChannelPolicy::make_outcomes`]; a subscriber's policy, read from
+        // the wire, has them).
+        policy.index_known(false);
         policy
     }
 
@@ -178,13 +183,14 @@ impl ChannelPolicy {
     /// able to use rules for actions newer than itself.
     pub fn insert(&mut self, key: &str, policy: ActionPolicy) -> Result<(), NameError> {
         self.insert_key(key, policy)?;
-        self.index_known();
+        self.index_known(true);
         Ok(())
     }
 
     /// A channel policy of the compiled keys as written on the wire, each
     /// added as [`ChannelPolicy::insert`] does, with the known actions'
-    /// tables made once, after the last key.
+    /// tables made once, after the last key (their outcomes included: this
+    /// is how a subscriber reads its policy).
     pub fn from_keys<'k>(
         keys: impl IntoIterator<Item = (&'k str, ActionPolicy)>,
     ) -> Result<ChannelPolicy, NameError> {
@@ -192,7 +198,7 @@ impl ChannelPolicy {
         for (key, action) in keys {
             policy.insert_key(key, action)?;
         }
-        policy.index_known();
+        policy.index_known(true);
         Ok(policy)
     }
 
@@ -222,8 +228,9 @@ impl ChannelPolicy {
         Ok(())
     }
 
-    /// Looks up every known action once, for [`ChannelPolicy::known`].
-    fn index_known(&mut self) {
+    /// Looks up every known action once, for [`ChannelPolicy::known`], and
+    /// makes its merges; with `outcomes`, the outcomes they resolve to too.
+    pub(crate) fn index_known(&mut self, outcomes: bool) {
         let stamp = Stamp::next();
         self.known = ACTIONS
             .iter()
@@ -231,9 +238,31 @@ impl ChannelPolicy {
             .map(|(index, a)| {
                 self.lookup(a)
                     .cloned()
-                    .map(|policy| Known::new(policy, stamp, index))
+                    .map(|policy| Known::new(policy, stamp, index, outcomes))
             })
             .collect();
+    }
+
+    /// Makes, for every known action, the outcomes its merges resolve to,
+    /// which [`ChannelPolicy::verdict`] points at rather than resolving the
+    /// merge at each decision. A policy read from the wire
+    /// ([`ChannelPolicy::from_keys`], [`ChannelPolicy::insert`]) has them; a
+    /// compiled one ([`EffectivePolicy::compile`]) has them only once asked,
+    /// as they are larger than the merges. A verdict made before this call
+    /// reads the same; one made after it is caught if read with a copy of
+    /// the policy from before it. Does nothing a second time.
+    pub fn make_outcomes(&mut self) {
+        for known in self.known.iter_mut().flatten() {
+            if !known.has_outcomes() {
+                known.make_outcomes();
+            }
+        }
+    }
+
+    /// Whether every known action's outcomes are made
+    /// ([`ChannelPolicy::make_outcomes`]).
+    pub fn has_outcomes(&self) -> bool {
+        self.known.iter().flatten().all(Known::has_outcomes)
     }
 
     /// Every key as written on the wire, with its policy, in key order.

@@ -594,6 +594,8 @@ pub(crate) struct Known {
     plans: Box<[Plan]>,
     /// The outcomes the plans pick from.
     made: Box<[Made]>,
+    /// The action's position in [`ACTIONS`](crate::names::ACTIONS).
+    action: u8,
     /// Which compile made these tables.
     stamp: Stamp,
 }
@@ -668,9 +670,11 @@ struct Merged {
 }
 
 impl Known {
-    /// The tables of the known action at `action` in
-    /// [`ACTIONS`](crate::names::ACTIONS), made by the compile `stamp`.
-    pub(crate) fn new(policy: ActionPolicy, stamp: Stamp, action: usize) -> Known {
+    /// The merges of the known action at `action` in
+    /// [`ACTIONS`](crate::names::ACTIONS), made by the compile `stamp`;
+    /// with `outcomes`, the outcomes they resolve to too
+    /// ([`Known::make_outcomes`]).
+    pub(crate) fn new(policy: ActionPolicy, stamp: Stamp, action: usize, outcomes: bool) -> Known {
         let action = u8::try_from(action).expect("fewer than 256 known actions");
         let merged: Box<[Merged]> = if policy.conditional.len() <= MERGED_UP_TO {
             (0..1u64 << policy.conditional.len())
@@ -679,8 +683,30 @@ impl Known {
         } else {
             Box::default()
         };
+        let mut known = Known {
+            policy,
+            merged,
+            plans: Box::default(),
+            made: Box::default(),
+            action,
+            stamp,
+        };
+        if outcomes {
+            known.make_outcomes();
+        }
+        known
+    }
+
+    /// Makes the outcomes the merges resolve to, which verdicts point at
+    /// (until then, a verdict resolves its merge at the decision). Under a
+    /// stamp of their own: a verdict of these tables is caught if read with
+    /// a copy made before them.
+    pub(crate) fn make_outcomes(&mut self) {
+        let (action, stamp) = (self.action, Stamp::next());
+        let policy = &self.policy;
         let mut made = Vec::new();
-        let plans = merged
+        let plans = self
+            .merged
             .iter()
             .enumerate()
             .map(|(held, merged)| {
@@ -736,13 +762,15 @@ impl Known {
                 }
             })
             .collect();
-        Known {
-            policy,
-            merged,
-            plans,
-            made: made.into(),
-            stamp,
-        }
+        self.plans = plans;
+        self.made = made.into();
+        self.stamp = stamp;
+    }
+
+    /// Whether the outcomes are made ([`Known::make_outcomes`]): there are
+    /// as many plans as merges.
+    pub(crate) fn has_outcomes(&self) -> bool {
+        self.plans.len() == self.merged.len()
     }
 
     #[inline(always)]
@@ -760,12 +788,11 @@ impl Known {
     fn verdict(&self, ctx: &Context) -> Verdict {
         let held = self.policy.held(ctx);
         let at = usize::try_from(held).ok();
-        let plan = at.and_then(|i| Some((self.plans.get(i)?, self.merged.get(i)?)));
-        match plan {
-            Some((plan, merged)) => match plan.pick(ctx) {
+        match at.and_then(|i| self.merged.get(i)) {
+            Some(merged) => match at.and_then(|i| self.plans.get(i)?.pick(ctx)) {
                 Some(source) => Verdict { held, source },
-                // Past the outcomes made beforehand: resolved here, from
-                // the merge made beforehand.
+                // Past the outcomes made beforehand (or with none made):
+                // resolved here, from the merge made beforehand.
                 None => self.policy.finish(held, merged, ctx).detach(),
             },
             // Past the merges made beforehand: merged here, with the
@@ -963,7 +990,7 @@ mod tests {
         // Below, at and past the bound of merges made beforehand.
         for n in [0, 1, 3, MERGED_UP_TO, MERGED_UP_TO + 1, 6] {
             let policy = policy(n);
-            let known = Known::new(policy.clone(), Stamp::next(), 0);
+            let known = Known::new(policy.clone(), Stamp::next(), 0, true);
             assert_eq!(known.merged.is_empty(), n > MERGED_UP_TO, "{n} entries");
             for ctx in contexts() {
                 let fast = known.decide(&ctx);
@@ -1032,6 +1059,89 @@ mod tests {
                     &format!("{n} entries, {ctx:?}"),
                 );
             }
+        }
+    }
+
+    #[test]
+    fn a_policy_whose_outcomes_are_not_made_says_the_same_and_makes_them_when_asked() {
+        for n in [0, 1, 3, MERGED_UP_TO, MERGED_UP_TO + 1, 6] {
+            let policy = policy(n);
+            let (with, action) = channel_policy(&policy);
+            // As the controller compiles it: merges only.
+            let mut without = with.clone();
+            without.index_known(false);
+            assert_eq!(without.has_outcomes(), n > MERGED_UP_TO, "{n} entries");
+            let known = without.known_action(&action).unwrap();
+            assert!(
+                known.plans.is_empty() && known.made.is_empty(),
+                "{n} entries"
+            );
+            assert_eq!(known.merged.is_empty(), n > MERGED_UP_TO, "{n} entries");
+            assert!(with.has_outcomes(), "{n} entries");
+            for ctx in contexts() {
+                let verdict = without.verdict(&action, &ctx);
+                let why = format!("{n} entries, {ctx:?}");
+                assert!(
+                    matches!(verdict.source, Source::Here { .. } | Source::Allow),
+                    "{why}"
+                );
+                assert_verdict_says(&verdict, &policy.decide(&ctx), &without, &action, &why);
+            }
+            // Made when asked: the same tables as a policy read from the
+            // wire, pointed at by the verdicts.
+            let mut made = without.clone();
+            made.make_outcomes();
+            assert!(made.has_outcomes(), "{n} entries");
+            assert_eq!(made, with, "{n} entries");
+            for ctx in contexts() {
+                let verdict = made.verdict(&action, &ctx);
+                let why = format!("{n} entries, {ctx:?}");
+                if n <= MERGED_UP_TO && ctx.failed_attempts < ATTEMPTS_MADE_UP_TO {
+                    assert!(
+                        matches!(verdict.source, Source::Made(_) | Source::Allow),
+                        "{why}"
+                    );
+                }
+                assert_verdict_says(&verdict, &policy.decide(&ctx), &made, &action, &why);
+            }
+        }
+    }
+
+    #[test]
+    fn compiling_makes_the_merges_and_not_the_outcomes() {
+        let catalog = crate::catalog::Catalog::standard();
+        let change = crate::activation::Change {
+            principal: "test".into(),
+            reason: crate::Reason::parse("test").unwrap(),
+            at: jiff::Timestamp::UNIX_EPOCH,
+            incident_id: None,
+        };
+        let activations: Vec<crate::Activation> = catalog
+            .modes
+            .iter()
+            .enumerate()
+            .map(|(i, mode)| {
+                let id = ActivationId::from_random(i as u64);
+                crate::Activation::new(id, mode, crate::ChannelSet::ALL, change.at, &change)
+            })
+            .collect();
+        let compiled = EffectivePolicy::compile(&activations);
+        for channel in Channel::all() {
+            let mut policy = compiled.channel(channel).clone();
+            let knowns = || policy.known.iter().flatten();
+            assert!(knowns().any(|k| !k.merged.is_empty()), "{channel}");
+            assert!(
+                knowns().all(|k| k.plans.is_empty() && k.made.is_empty()),
+                "{channel}"
+            );
+            assert!(!policy.has_outcomes(), "{channel}");
+            policy.make_outcomes();
+            let knowns = || policy.known.iter().flatten();
+            assert!(
+                knowns().all(|k| k.plans.len() == k.merged.len()),
+                "{channel}"
+            );
+            assert!(policy.has_outcomes(), "{channel}");
         }
     }
 
