@@ -788,19 +788,25 @@ impl Known {
     fn verdict(&self, ctx: &Context) -> Verdict {
         let held = self.policy.held(ctx);
         let at = usize::try_from(held).ok();
-        match at.and_then(|i| self.merged.get(i)) {
-            Some(merged) => match at.and_then(|i| self.plans.get(i)?.pick(ctx)) {
+        let plan = at.and_then(|i| Some((self.plans.get(i)?, self.merged.get(i)?)));
+        match plan {
+            Some((plan, merged)) => match plan.pick(ctx) {
                 Some(source) => Verdict { held, source },
-                // Past the outcomes made beforehand (or with none made):
-                // resolved here, from the merge made beforehand.
+                // Past the outcomes made beforehand: resolved here, from
+                // the merge made beforehand.
                 None => self.policy.finish(held, merged, ctx).detach(),
             },
-            // Past the merges made beforehand: merged here, with the
-            // conditions already evaluated.
-            None => {
-                let merged = self.policy.merge_held(held, Some(ctx));
-                self.policy.finish(held, &merged, ctx).detach()
-            }
+            None => match at.and_then(|i| self.merged.get(i)) {
+                // No outcomes made (a compiled policy): resolved here, from
+                // the merge made beforehand.
+                Some(merged) => self.policy.finish(held, merged, ctx).detach(),
+                // Past the merges made beforehand: merged here, with the
+                // conditions already evaluated.
+                None => {
+                    let merged = self.policy.merge_held(held, Some(ctx));
+                    self.policy.finish(held, &merged, ctx).detach()
+                }
+            },
         }
     }
 }
