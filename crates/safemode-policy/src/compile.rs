@@ -72,6 +72,9 @@ pub struct ChannelPolicy {
     /// hash of its name and of its prefixes, with its merges made
     /// beforehand. Made whenever a key is added.
     pub(crate) known: Box<[Option<Known>]>,
+    /// Which compile made `known`: what a verdict is checked against when
+    /// read.
+    pub(crate) stamp: Stamp,
 }
 
 /// A rule of an activation that covers the channel being compiled.
@@ -152,6 +155,7 @@ impl ChannelPolicy {
             exact,
             prefix,
             known: Box::default(),
+            stamp: Stamp::default(),
         };
         // The controller compiles a policy for every channel of every
         // namespace and decides with few of them: the outcomes that
@@ -232,6 +236,7 @@ impl ChannelPolicy {
     /// makes its merges; with `outcomes`, the outcomes they resolve to too.
     pub(crate) fn index_known(&mut self, outcomes: bool) {
         let stamp = Stamp::next();
+        self.stamp = stamp;
         self.known = ACTIONS
             .iter()
             .enumerate()

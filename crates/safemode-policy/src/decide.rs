@@ -6,7 +6,8 @@
 //! lock and allocates nothing: the decision borrows its messages and reasons
 //! from the policy. [`ChannelPolicy::verdict`] is the same decision for a
 //! parsed action as a [`Verdict`]: for a known action, the index of an
-//! outcome made when the policy was compiled, so nothing is copied.
+//! outcome made beforehand (when a subscriber read the policy from the
+//! wire), so nothing is copied.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -168,8 +169,8 @@ pub struct Decision<'p> {
 }
 
 /// A decision that borrows nothing: where its outcome is (in the action's
-/// outcomes made when the policy was compiled, or in itself when it had to
-/// be made at the decision) and which entries it came from, so that the
+/// outcomes made beforehand, or in itself when it had to be made at the
+/// decision) and which entries it came from, so that the
 /// outcome, reasons and texts can be read back from the channel's policy
 /// without copying them. This is what lets a client hold a decision without
 /// holding a lock, allocating, or moving an outcome about.
@@ -179,9 +180,9 @@ pub struct Decision<'p> {
 ///
 /// # Panics
 ///
-/// Its methods panic when a verdict that points at an outcome made
-/// beforehand is read without the policy it was made with (or a copy of
-/// it), or for another action: they never answer from another table.
+/// Its methods panic when a verdict is read without the policy it was made
+/// with (or a copy of it), or for another action: they never answer from
+/// another table. ([`Verdict::allow`] is read with any policy, or none.)
 #[derive(Clone, Debug)]
 pub struct Verdict {
     /// Bit `i` set: conditional entry `i` held.
@@ -196,7 +197,46 @@ enum Source {
     /// The action's outcome made beforehand.
     Made(Pick),
     /// Made at the decision.
-    Here { outcome: Outcome, texts: Texts },
+    Here {
+        outcome: Outcome,
+        texts: Texts,
+        origin: Origin,
+    },
+}
+
+/// Which policy and action a verdict made at the decision came from, so
+/// that it too is caught when read with another.
+#[derive(Clone, Copy, Debug)]
+struct Origin {
+    stamp: Stamp,
+    /// [`Origin::key`] of the action.
+    action: u64,
+}
+
+impl Origin {
+    fn of(policy: &ChannelPolicy, action: &Action) -> Origin {
+        Origin {
+            stamp: policy.stamp,
+            action: Origin::key(action),
+        }
+    }
+
+    /// The action, as a number: its name hashed (FNV-1a). Made and read
+    /// only off the tables' way, so its cost is not a decision's.
+    fn key(action: &Action) -> u64 {
+        action
+            .as_str()
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+                (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+            })
+    }
+
+    /// Whether `policy` and `action` are those this came from.
+    fn is(&self, policy: Option<&ChannelPolicy>, action: &Action) -> bool {
+        policy.is_some_and(|policy| policy.stamp.0 == self.stamp.0)
+            && Origin::key(action) == self.action
+    }
 }
 
 /// The outcome of every decision no rule covers.
@@ -221,7 +261,7 @@ struct Pick {
 /// other compile in the process has. A copy of the policy keeps it (its
 /// tables are the same), and two policies compare equal whatever their
 /// stamps.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Stamp(u64);
 
 impl Stamp {
@@ -329,13 +369,15 @@ impl<'p> Decision<'p> {
         self.trail.reasons(self.policy)
     }
 
-    /// The decision without its borrow of the policy.
-    pub fn detach(self) -> Verdict {
+    /// The decision without its borrow of the policy, as a verdict of
+    /// `policy` for `action`.
+    fn detach(self, policy: &ChannelPolicy, action: &Action) -> Verdict {
         Verdict {
             held: self.trail.held,
             source: Source::Here {
                 outcome: self.outcome,
                 texts: self.trail.texts,
+                origin: Origin::of(policy, action),
             },
         }
     }
@@ -360,11 +402,25 @@ impl Verdict {
             });
         match known.and_then(|known| known.made.get(pick.at as usize)) {
             Some(made) => made,
-            None => panic!(
-                "a verdict was read with a policy or an action other than those it was made \
-                 for ({action})"
-            ),
+            None => Verdict::read_elsewhere(action),
         }
+    }
+
+    /// A verdict made at the decision, checked to be read with the policy
+    /// and action it was made for.
+    #[inline]
+    fn here(origin: &Origin, policy: Option<&ChannelPolicy>, action: &Action) {
+        if !origin.is(policy, action) {
+            Verdict::read_elsewhere(action);
+        }
+    }
+
+    #[cold]
+    fn read_elsewhere(action: &Action) -> ! {
+        panic!(
+            "a verdict was read with a policy or an action other than those it was made for \
+             ({action})"
+        )
     }
 
     /// The effect of the outcome, without reading it.
@@ -398,7 +454,12 @@ impl Verdict {
         match &self.source {
             Source::Allow => &ALLOW,
             Source::Made(pick) => &Verdict::made(pick, policy, action).outcome,
-            Source::Here { outcome, .. } => outcome,
+            Source::Here {
+                outcome, origin, ..
+            } => {
+                Verdict::here(origin, policy, action);
+                outcome
+            }
         }
     }
 
@@ -412,7 +473,10 @@ impl Verdict {
         let texts = match &self.source {
             Source::Allow => Texts::None,
             Source::Made(pick) => Verdict::made(pick, policy, action).texts,
-            Source::Here { texts, .. } => *texts,
+            Source::Here { texts, origin, .. } => {
+                Verdict::here(origin, policy, action);
+                *texts
+            }
         };
         let trail = Trail {
             held: self.held,
@@ -698,11 +762,12 @@ impl Known {
     }
 
     /// Makes the outcomes the merges resolve to, which verdicts point at
-    /// (until then, a verdict resolves its merge at the decision). Under a
-    /// stamp of their own: a verdict of these tables is caught if read with
-    /// a copy made before them.
+    /// (until then, a verdict resolves its merge at the decision). Under the
+    /// compile's stamp: every copy that makes them makes the same ones, and
+    /// a verdict that points at one is caught if read with a copy that has
+    /// none.
     pub(crate) fn make_outcomes(&mut self) {
-        let (action, stamp) = (self.action, Stamp::next());
+        let (action, stamp) = (self.action, self.stamp);
         let policy = &self.policy;
         let mut made = Vec::new();
         let plans = self
@@ -764,7 +829,6 @@ impl Known {
             .collect();
         self.plans = plans;
         self.made = made.into();
-        self.stamp = stamp;
     }
 
     /// Whether the outcomes are made ([`Known::make_outcomes`]): there are
@@ -785,7 +849,7 @@ impl Known {
     /// [`Known::decide`] as a verdict that points at an outcome made
     /// beforehand where there is one.
     #[inline(always)]
-    fn verdict(&self, ctx: &Context) -> Verdict {
+    fn verdict(&self, channel: &ChannelPolicy, action: &Action, ctx: &Context) -> Verdict {
         let held = self.policy.held(ctx);
         let at = usize::try_from(held).ok();
         let plan = at.and_then(|i| Some((self.plans.get(i)?, self.merged.get(i)?)));
@@ -794,17 +858,25 @@ impl Known {
                 Some(source) => Verdict { held, source },
                 // Past the outcomes made beforehand: resolved here, from
                 // the merge made beforehand.
-                None => self.policy.finish(held, merged, ctx).detach(),
+                None => self
+                    .policy
+                    .finish(held, merged, ctx)
+                    .detach(channel, action),
             },
             None => match at.and_then(|i| self.merged.get(i)) {
                 // No outcomes made (a compiled policy): resolved here, from
                 // the merge made beforehand.
-                Some(merged) => self.policy.finish(held, merged, ctx).detach(),
+                Some(merged) => self
+                    .policy
+                    .finish(held, merged, ctx)
+                    .detach(channel, action),
                 // Past the merges made beforehand: merged here, with the
                 // conditions already evaluated.
                 None => {
                     let merged = self.policy.merge_held(held, Some(ctx));
-                    self.policy.finish(held, &merged, ctx).detach()
+                    self.policy
+                        .finish(held, &merged, ctx)
+                        .detach(channel, action)
                 }
             },
         }
@@ -848,15 +920,16 @@ impl ChannelPolicy {
     }
 
     /// [`ChannelPolicy::decide_action`] as a verdict: for a known action, it
-    /// points at an outcome made when the policy was compiled, so no
-    /// outcome is copied (past those tables, the verdict holds one made at
-    /// the decision); read it back with this policy and `action`.
+    /// points at an outcome made beforehand, so no outcome is copied (past
+    /// those tables, or in a policy that has not made them, the verdict
+    /// holds one made at the decision); read it back with this policy and
+    /// `action`.
     #[inline(always)]
     pub fn verdict(&self, action: &Action, ctx: &Context) -> Verdict {
         match action.known_index().and_then(|i| self.known.get(i)) {
-            Some(Some(known)) => known.verdict(ctx),
+            Some(Some(known)) => known.verdict(self, action, ctx),
             Some(None) => Verdict::allow(),
-            None => self.decide(action.as_str(), ctx).detach(),
+            None => self.decide(action.as_str(), ctx).detach(self, action),
         }
     }
 
@@ -1239,6 +1312,76 @@ mod tests {
         let other = Action::parse("payment.refund").unwrap();
         let verdict = channel.verdict(&action, &Context::default());
         verdict.outcome(Some(&channel), &other);
+    }
+
+    /// Verdicts made at the decision: a compiled policy's (no outcomes
+    /// made), one past the merges made beforehand, and an action not in
+    /// the known list's.
+    fn verdicts_made_here() -> Vec<(ChannelPolicy, Action, Verdict)> {
+        let mut made = Vec::new();
+        let (mut compiled, action) = channel_policy(&policy(1));
+        compiled.index_known(false);
+        made.push((compiled, action));
+        made.push(channel_policy(&policy(MERGED_UP_TO + 1)));
+        let mut unknown = ChannelPolicy::default();
+        unknown.insert("*", policy(1)).unwrap();
+        made.push((unknown, Action::parse("bot.intent.cancel_order").unwrap()));
+        made.into_iter()
+            .map(|(channel, action)| {
+                let verdict = channel.verdict(&action, &Context::default());
+                assert!(matches!(verdict.source, Source::Here { .. }), "{action}");
+                (channel, action, verdict)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_verdict_made_at_the_decision_reads_the_same_from_a_copy_of_its_policy() {
+        for (channel, action, verdict) in verdicts_made_here() {
+            let copy = channel.clone();
+            assert_eq!(
+                verdict.outcome(Some(&copy), &action),
+                verdict.outcome(Some(&channel), &action),
+                "{action}"
+            );
+            assert_eq!(
+                verdict.customer_message(Some(&copy), &action),
+                verdict.customer_message(Some(&channel), &action),
+                "{action}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_verdict_made_at_the_decision_read_with_another_policy_or_action_is_caught() {
+        let elsewhere = |read: &dyn Fn()| {
+            let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(read))
+                .expect_err("read elsewhere, it must panic");
+            let message = caught.downcast_ref::<String>().cloned().unwrap_or_default();
+            assert!(
+                message.contains("other than those it was made for"),
+                "{message}"
+            );
+        };
+        let other_action = Action::parse("payment.refund").unwrap();
+        for (channel, action, verdict) in verdicts_made_here() {
+            // The same tables again: equal, but another compile.
+            let mut other = channel.clone();
+            other.index_known(channel.has_outcomes());
+            assert_eq!(channel, other, "{action}");
+            elsewhere(&|| {
+                verdict.outcome(Some(&other), &action);
+            });
+            elsewhere(&|| {
+                verdict.customer_message(Some(&other), &action);
+            });
+            elsewhere(&|| {
+                verdict.outcome(None, &action);
+            });
+            elsewhere(&|| {
+                verdict.reasons(Some(&channel), &other_action).count();
+            });
+        }
     }
 
     #[test]
