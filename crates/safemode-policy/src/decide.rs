@@ -210,7 +210,7 @@ enum Source {
 struct Origin {
     stamp: Stamp,
     /// [`Origin::key`] of the action.
-    action: u64,
+    action: u32,
 }
 
 impl Origin {
@@ -221,15 +221,13 @@ impl Origin {
         }
     }
 
-    /// The action, as a number: its name hashed (FNV-1a). Made and read
-    /// only off the tables' way, so its cost is not a decision's.
-    fn key(action: &Action) -> u64 {
-        action
-            .as_str()
-            .bytes()
-            .fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
-                (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
-            })
+    /// The action, as a number: its name hashed (32-bit FNV-1a; a check
+    /// against mistakes, not against an adversary). Made and read only off
+    /// the tables' way, so its cost is not a decision's.
+    fn key(action: &Action) -> u32 {
+        action.as_str().bytes().fold(0x811c_9dc5, |hash, byte| {
+            (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193)
+        })
     }
 
     /// Whether `policy` and `action` are those this came from.
@@ -302,14 +300,16 @@ enum Texts {
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum EntryAt {
     Base,
-    Conditional(usize),
+    /// A conditional entry's position (32 bits keep a verdict's texts, and
+    /// so a client's `Decision`, small).
+    Conditional(u32),
 }
 
 impl EntryAt {
     fn of(self, policy: &ActionPolicy) -> Option<&Entry> {
         match self {
             EntryAt::Base => policy.base.as_ref(),
-            EntryAt::Conditional(i) => policy.conditional.get(i),
+            EntryAt::Conditional(i) => policy.conditional.get(usize::try_from(i).ok()?),
         }
     }
 }
@@ -570,7 +570,14 @@ impl ActionPolicy {
                         ctx.is_some_and(|ctx| holds(e, ctx))
                     }
                 })
-                .map(|(i, e)| (EntryAt::Conditional(i), e))
+                // A policy of 2^32 entries would take hundreds of GB (and
+                // a snapshot is bounded by its message's size, 4 MB).
+                .map(|(i, e)| {
+                    (
+                        EntryAt::Conditional(u32::try_from(i).expect("fewer than 2^32 entries")),
+                        e,
+                    )
+                })
                 .chain(self.base.iter().map(|e| (EntryAt::Base, e)))
         };
         let mut effect: Option<Effect> = None;
