@@ -936,7 +936,11 @@ impl ChannelPolicy {
         match action.known_index().and_then(|i| self.known.get(i)) {
             Some(Some(known)) => known.verdict(self, action, ctx),
             Some(None) => Verdict::allow(),
-            None => self.decide(action.as_str(), ctx).detach(self, action),
+            None => match self.lookup(action.as_str()) {
+                Some(rules) => rules.decide(ctx).detach(self, action),
+                // No rule covers it: the verdict every policy reads alike.
+                None => Verdict::allow(),
+            },
         }
     }
 
@@ -1438,5 +1442,17 @@ mod tests {
         let other = Action::parse("payment.refund").unwrap();
         let verdict = channel.verdict(&other, &Context::default());
         assert_eq!(verdict.outcome(Some(&channel), &other), &Outcome::Allow);
+        // With no rule at all, known or not, and read with no policy: an
+        // allow every policy reads alike.
+        let intent = Action::parse("bot.intent.cancel_order").unwrap();
+        for (policy, action) in [
+            (ChannelPolicy::default(), &action),
+            (ChannelPolicy::default(), &intent),
+            (channel, &intent),
+        ] {
+            let verdict = policy.verdict(action, &Context::default());
+            assert!(matches!(verdict.source, Source::Allow), "{action}");
+            assert_eq!(verdict.outcome(None, action), &Outcome::Allow, "{action}");
+        }
     }
 }
