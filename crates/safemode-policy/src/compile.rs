@@ -162,7 +162,7 @@ impl ChannelPolicy {
         // verdicts point at are made where verdicts are read
         // ([`ChannelPolicy::make_outcomes`]; a subscriber's policy, read from
         // the wire, has them).
-        policy.index_known(false);
+        policy.index_known();
         policy
     }
 
@@ -187,7 +187,8 @@ impl ChannelPolicy {
     /// able to use rules for actions newer than itself.
     pub fn insert(&mut self, key: &str, policy: ActionPolicy) -> Result<(), NameError> {
         self.insert_key(key, policy)?;
-        self.index_known(true);
+        self.index_known();
+        self.make_outcomes();
         Ok(())
     }
 
@@ -202,7 +203,8 @@ impl ChannelPolicy {
         for (key, action) in keys {
             policy.insert_key(key, action)?;
         }
-        policy.index_known(true);
+        policy.index_known();
+        policy.make_outcomes();
         Ok(policy)
     }
 
@@ -233,17 +235,17 @@ impl ChannelPolicy {
     }
 
     /// Looks up every known action once, for [`ChannelPolicy::known`], and
-    /// makes its merges; with `outcomes`, the outcomes they resolve to too.
-    pub(crate) fn index_known(&mut self, outcomes: bool) {
-        let stamp = Stamp::next();
-        self.stamp = stamp;
+    /// makes its merges (not their outcomes: [`ChannelPolicy::make_outcomes`]),
+    /// under a new stamp.
+    pub(crate) fn index_known(&mut self) {
+        self.stamp = Stamp::next();
         self.known = ACTIONS
             .iter()
             .enumerate()
             .map(|(index, a)| {
                 self.lookup(a)
                     .cloned()
-                    .map(|policy| Known::new(policy, stamp, index, outcomes))
+                    .map(|policy| Known::new(policy, index))
             })
             .collect();
     }
@@ -259,7 +261,7 @@ impl ChannelPolicy {
     pub fn make_outcomes(&mut self) {
         for known in self.known.iter_mut().flatten() {
             if !known.has_outcomes() {
-                known.make_outcomes();
+                known.make_outcomes(self.stamp);
             }
         }
     }

@@ -396,10 +396,10 @@ impl Verdict {
     #[inline]
     fn made<'p>(pick: &Pick, policy: Option<&'p ChannelPolicy>, action: &Action) -> &'p Made {
         let known = policy
-            .and_then(|policy| policy.known_action(action))
-            .filter(|known| {
-                known.stamp.0 == pick.stamp.0 && action.known_index() == Some(pick.action.into())
-            });
+            .filter(|policy| {
+                policy.stamp.0 == pick.stamp.0 && action.known_index() == Some(pick.action.into())
+            })
+            .and_then(|policy| policy.known_action(action));
         match known.and_then(|known| known.made.get(pick.at as usize)) {
             Some(made) => made,
             None => Verdict::read_elsewhere(action),
@@ -667,8 +667,6 @@ pub(crate) struct Known {
     made: Box<[Made]>,
     /// The action's position in [`ACTIONS`](crate::names::ACTIONS).
     action: u8,
-    /// Which compile made these tables.
-    stamp: Stamp,
 }
 
 /// An outcome made beforehand, and where its texts come from.
@@ -742,10 +740,9 @@ struct Merged {
 
 impl Known {
     /// The merges of the known action at `action` in
-    /// [`ACTIONS`](crate::names::ACTIONS), made by the compile `stamp`;
-    /// with `outcomes`, the outcomes they resolve to too
-    /// ([`Known::make_outcomes`]).
-    pub(crate) fn new(policy: ActionPolicy, stamp: Stamp, action: usize, outcomes: bool) -> Known {
+    /// [`ACTIONS`](crate::names::ACTIONS); the outcomes they resolve to
+    /// are made apart ([`Known::make_outcomes`]).
+    pub(crate) fn new(policy: ActionPolicy, action: usize) -> Known {
         let action = u8::try_from(action).expect("fewer than 256 known actions");
         let merged: Box<[Merged]> = if policy.conditional.len() <= MERGED_UP_TO {
             (0..1u64 << policy.conditional.len())
@@ -754,27 +751,22 @@ impl Known {
         } else {
             Box::default()
         };
-        let mut known = Known {
+        Known {
             policy,
             merged,
             plans: Box::default(),
             made: Box::default(),
             action,
-            stamp,
-        };
-        if outcomes {
-            known.make_outcomes();
         }
-        known
     }
 
     /// Makes the outcomes the merges resolve to, which verdicts point at
-    /// (until then, a verdict resolves its merge at the decision). Under the
-    /// compile's stamp: every copy that makes them makes the same ones, and
-    /// a verdict that points at one is caught if read with a copy that has
-    /// none.
-    pub(crate) fn make_outcomes(&mut self) {
-        let (action, stamp) = (self.action, self.stamp);
+    /// (until then, a verdict resolves its merge at the decision), each
+    /// pick under the channel policy's `stamp`: every copy that makes them
+    /// makes the same ones, and a verdict that points at one is caught if
+    /// read with a copy that has none.
+    pub(crate) fn make_outcomes(&mut self, stamp: Stamp) {
+        let action = self.action;
         let policy = &self.policy;
         let mut made = Vec::new();
         let plans = self
@@ -1080,7 +1072,8 @@ mod tests {
         // Below, at and past the bound of merges made beforehand.
         for n in [0, 1, 3, MERGED_UP_TO, MERGED_UP_TO + 1, 6] {
             let policy = policy(n);
-            let known = Known::new(policy.clone(), Stamp::next(), 0, true);
+            let mut known = Known::new(policy.clone(), 0);
+            known.make_outcomes(Stamp::next());
             assert_eq!(known.merged.is_empty(), n > MERGED_UP_TO, "{n} entries");
             for ctx in contexts() {
                 let fast = known.decide(&ctx);
@@ -1159,7 +1152,7 @@ mod tests {
             let (with, action) = channel_policy(&policy);
             // As the controller compiles it: merges only.
             let mut without = with.clone();
-            without.index_known(false);
+            without.index_known();
             assert_eq!(without.has_outcomes(), n > MERGED_UP_TO, "{n} entries");
             let known = without.known_action(&action).unwrap();
             assert!(
@@ -1331,7 +1324,7 @@ mod tests {
     fn verdicts_made_here() -> Vec<(ChannelPolicy, Action, Verdict)> {
         let mut made = Vec::new();
         let (mut compiled, action) = channel_policy(&policy(1));
-        compiled.index_known(false);
+        compiled.index_known();
         made.push((compiled, action));
         made.push(channel_policy(&policy(MERGED_UP_TO + 1)));
         let mut unknown = ChannelPolicy::default();
@@ -1378,7 +1371,10 @@ mod tests {
         for (channel, action, verdict) in verdicts_made_here() {
             // The same tables again: equal, but another compile.
             let mut other = channel.clone();
-            other.index_known(channel.has_outcomes());
+            other.index_known();
+            if channel.has_outcomes() {
+                other.make_outcomes();
+            }
             assert_eq!(channel, other, "{action}");
             elsewhere(&|| {
                 verdict.outcome(Some(&other), &action);
