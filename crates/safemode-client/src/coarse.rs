@@ -60,6 +60,7 @@ impl CoarseClock {
 
     /// Milliseconds since the start as of the last reading: never ahead of
     /// the real time, normally behind it by less than [`TICK`].
+    #[inline]
     pub(super) fn coarse_ms(&self) -> u64 {
         self.ms.load(Ordering::Relaxed)
     }

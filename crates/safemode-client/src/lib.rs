@@ -632,21 +632,18 @@ impl Subscriber {
     /// it started), or the controller holds a revision it has not applied
     /// (for example one this client rejected).
     pub fn is_stale(&self) -> bool {
-        self.shared
-            .freshness
-            .staleness(self.shared.stale_after)
-            .stale
+        self.shared.freshness.staleness().stale
     }
 
     /// Decides `action` for `ctx` with the newest snapshot. Takes no lock and
-    /// allocates nothing.
+    /// allocates nothing. Inlined into the caller (its rare paths are calls
+    /// of their own), so that the decision is built where it is used: 3% of
+    /// a decision's time in `safemode-bench`.
+    #[inline(always)]
     pub fn decide<'a>(&'a self, action: &'a Action, ctx: &Context) -> Decision<'a> {
         let snapshot = self.shared.current.load();
         // No clock read while the policy is current and far from its limit.
-        let staleness = self
-            .shared
-            .freshness
-            .decision_staleness(self.shared.stale_after);
+        let staleness = self.shared.freshness.decision_staleness();
         let policy = snapshot.as_deref().map(|s| &s.policy);
         let verdict = match policy {
             Some(policy) => policy.verdict(action, ctx),

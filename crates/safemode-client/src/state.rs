@@ -16,9 +16,6 @@ pub(super) struct Shared {
     /// The applied snapshot (from a controller, or the last-known-good file).
     pub current: ArcSwapOption<PolicySnapshot>,
     pub freshness: Freshness,
-    /// Decisions say stale when the client has not known it was current for
-    /// this long.
-    pub stale_after: Duration,
     pub fail_closed: Option<FailClosedRule>,
     /// Applies and rejects, for metrics.
     pub counts: super::metrics::Counts,
@@ -51,6 +48,15 @@ pub(super) struct Freshness {
     /// The controller holds something this client has not applied: a newer
     /// revision, or another store history.
     behind: AtomicBool,
+    /// The policy is stale when the client has not known it was current for
+    /// this long.
+    limit: Duration,
+    /// A decision whose coarse clock reads less than this is fresh without
+    /// another look: the moment last known current, plus `limit`, less
+    /// [`CLOCK_MARGIN_MS`]; zero (every decision looks further) while behind
+    /// or never current. Written with `current_ms` and `behind`, by the one
+    /// task that writes them.
+    fresh_until_ms: AtomicU64,
 }
 
 const NEVER: u64 = u64::MAX;
@@ -68,6 +74,7 @@ impl std::fmt::Debug for Freshness {
             .field("current_ms", &self.current_ms)
             .field("before_start_ms", &self.before_start_ms)
             .field("behind", &self.behind)
+            .field("limit", &self.limit)
             .finish_non_exhaustive()
     }
 }
@@ -85,9 +92,10 @@ pub(super) struct Staleness {
 }
 
 impl Freshness {
-    /// Freshness at start: with no policy, or with one loaded from disk that
-    /// was last known current `confirmed_ago` ago (`None`: unknown).
-    pub fn new(loaded: bool, confirmed_ago: Option<Duration>) -> Self {
+    /// Freshness at start, stale after `limit`: with no policy, or with one
+    /// loaded from disk that was last known current `confirmed_ago` ago
+    /// (`None`: unknown).
+    pub fn new(loaded: bool, confirmed_ago: Option<Duration>, limit: Duration) -> Self {
         let before_start_ms = match (loaded, confirmed_ago) {
             // Rounded up: in doubt, the policy is older (a limit it has
             // just passed counts as passed, as it does for a running
@@ -104,6 +112,8 @@ impl Freshness {
             current_ms: AtomicU64::new(NEVER),
             before_start_ms,
             behind: AtomicBool::new(true),
+            limit,
+            fresh_until_ms: AtomicU64::new(0),
         }
     }
 
@@ -118,6 +128,7 @@ impl Freshness {
         if !behind {
             self.current_ms.store(self.now_ms(), Ordering::Release);
         }
+        self.set_fresh_until();
     }
 
     /// A controller's signed snapshot said what it holds: is the client
@@ -125,37 +136,46 @@ impl Freshness {
     /// current; only a heartbeat does ([`Freshness::observe`]).
     pub fn note_behind(&self, behind: bool) {
         self.behind.store(behind, Ordering::Release);
+        self.set_fresh_until();
+    }
+
+    /// `fresh_until_ms` for what `current_ms` and `behind` now say.
+    fn set_fresh_until(&self) {
+        let current = self.current_ms.load(Ordering::Acquire);
+        let until = if current == NEVER || self.behind.load(Ordering::Acquire) {
+            0
+        } else {
+            let limit_ms = u64::try_from(self.limit.as_millis()).unwrap_or(u64::MAX);
+            current
+                .saturating_add(limit_ms)
+                .saturating_sub(CLOCK_MARGIN_MS)
+        };
+        self.fresh_until_ms.store(until, Ordering::Release);
     }
 
     /// [`Freshness::staleness`] for a decision: the same `stale`, without
     /// reading the clock while the policy is current and, by the coarse
-    /// clock, more than [`CLOCK_MARGIN_MS`] from `limit`. The coarse time
-    /// is never ahead of the real one, so a policy it calls fresh is fresh.
-    /// A fresh answer's `for_` is zero: it is used by nothing (only a stale
-    /// policy fails closed), and is not worth its arithmetic on every
-    /// decision; a stale answer's is exact.
+    /// clock, more than [`CLOCK_MARGIN_MS`] from the limit (one comparison
+    /// with `fresh_until_ms`). The coarse time is never ahead of the real
+    /// one, so a policy it calls fresh is fresh. A fresh answer's `for_` is
+    /// zero: it is used by nothing (only a stale policy fails closed), and
+    /// is not worth its arithmetic on every decision; a stale answer's is
+    /// exact.
     #[inline]
-    pub fn decision_staleness(&self, limit: Duration) -> Staleness {
-        let current = self.current_ms.load(Ordering::Acquire);
-        if current != NEVER && !self.behind.load(Ordering::Acquire) {
-            let coarse = self.clock.coarse_ms();
-            let limit_ms = limit
-                .as_secs()
-                .saturating_mul(1000)
-                .saturating_add(u64::from(limit.subsec_millis()));
-            if coarse.saturating_add(CLOCK_MARGIN_MS) < current.saturating_add(limit_ms) {
-                return Staleness {
-                    stale: false,
-                    for_: Duration::ZERO,
-                };
-            }
+    pub fn decision_staleness(&self) -> Staleness {
+        if self.clock.coarse_ms() < self.fresh_until_ms.load(Ordering::Acquire) {
+            return Staleness {
+                stale: false,
+                for_: Duration::ZERO,
+            };
         }
-        self.staleness(limit)
+        self.staleness()
     }
 
-    /// Stale: the client has not known it was current for longer than
-    /// `limit`, never has since it started, or is behind the controller.
-    pub fn staleness(&self, limit: Duration) -> Staleness {
+    /// Stale: the client has not known it was current for longer than its
+    /// limit, never has since it started, or is behind the controller.
+    pub fn staleness(&self) -> Staleness {
+        let limit = self.limit;
         let now = self.now_ms();
         let current = self.current_ms.load(Ordering::Acquire);
         let behind = self.behind.load(Ordering::Acquire);
@@ -185,11 +205,14 @@ impl Shared {
         labels: (String, String),
         book: Arc<super::reporting::Book>,
     ) -> Self {
-        let freshness = Freshness::new(loaded.is_some(), loaded.as_ref().and_then(|(_, ago)| *ago));
+        let freshness = Freshness::new(
+            loaded.is_some(),
+            loaded.as_ref().and_then(|(_, ago)| *ago),
+            stale_after,
+        );
         Shared {
             freshness,
             current: ArcSwapOption::new(loaded.map(|(snapshot, _)| snapshot)),
-            stale_after,
             fail_closed,
             counts: super::metrics::Counts::default(),
             unapplied: super::reporting::Tally::new(&book, 0),
@@ -216,15 +239,15 @@ mod tests {
     #[test]
     fn a_loaded_policy_just_past_a_limit_counts_as_past_it() {
         let limit = Duration::from_secs(3);
-        let loaded = Freshness::new(true, Some(limit + Duration::from_micros(100)));
-        let staleness = loaded.staleness(HOUR);
+        let loaded = Freshness::new(true, Some(limit + Duration::from_micros(100)), HOUR);
+        let staleness = loaded.staleness();
         assert!(staleness.for_ > limit, "{:?}", staleness.for_);
     }
 
     #[test]
     fn stale_until_current_and_again_once_behind() {
-        let freshness = Freshness::new(false, None);
-        let at_start = freshness.staleness(HOUR);
+        let freshness = Freshness::new(false, None, HOUR);
+        let at_start = freshness.staleness();
         assert!(at_start.stale, "no policy yet");
         assert_eq!(
             at_start.for_,
@@ -232,45 +255,81 @@ mod tests {
             "no policy is as stale as can be"
         );
         freshness.observe(true);
-        assert!(freshness.staleness(HOUR).stale, "heard, but behind");
+        assert!(freshness.staleness().stale, "heard, but behind");
         freshness.observe(false);
-        assert!(!freshness.staleness(HOUR).stale);
+        assert!(!freshness.staleness().stale);
         // A newer revision or another history was announced (and, say,
         // rejected): stale at once, whatever the limit.
         freshness.observe(true);
-        assert!(freshness.staleness(HOUR).stale);
+        assert!(freshness.staleness().stale);
         freshness.observe(false);
-        assert!(!freshness.staleness(HOUR).stale);
+        assert!(!freshness.staleness().stale);
     }
 
     #[test]
     fn a_decision_sees_what_staleness_sees() {
-        let freshness = Freshness::new(false, None);
-        assert!(freshness.decision_staleness(HOUR).stale, "no policy yet");
+        let freshness = Freshness::new(false, None, HOUR);
+        assert!(freshness.decision_staleness().stale, "no policy yet");
         freshness.observe(false);
-        assert!(!freshness.decision_staleness(HOUR).stale);
+        assert!(!freshness.decision_staleness().stale);
         freshness.observe(true);
-        assert!(freshness.decision_staleness(HOUR).stale, "behind");
+        assert!(freshness.decision_staleness().stale, "behind");
         freshness.observe(false);
-        // Past the limit (zero: as soon as a millisecond has passed, waited
-        // for with a deadline) the clock is read.
+        freshness.note_behind(true);
+        assert!(
+            freshness.decision_staleness().stale,
+            "a snapshot said the controller holds more"
+        );
+        freshness.note_behind(false);
+        assert!(!freshness.decision_staleness().stale);
+
+        // Past the limit (a millisecond, waited for with a deadline) the
+        // clock is read.
+        let short = Freshness::new(false, None, Duration::from_millis(1));
+        short.observe(false);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while !freshness.staleness(Duration::ZERO).stale {
+        while !short.staleness().stale {
             assert!(std::time::Instant::now() < deadline);
             std::thread::yield_now();
         }
-        assert!(freshness.decision_staleness(Duration::ZERO).stale);
+        assert!(short.decision_staleness().stale);
+    }
+
+    #[test]
+    fn a_decision_far_from_the_limit_is_fresh_and_one_near_it_reads_the_clock() {
+        let freshness = Freshness::new(false, None, HOUR);
+        freshness.observe(false);
+        let until = freshness.fresh_until_ms.load(Ordering::Acquire);
+        let current = freshness.current_ms.load(Ordering::Acquire);
+        assert_eq!(until, current + 3_600_000 - CLOCK_MARGIN_MS);
+        assert!(!freshness.decision_staleness().stale);
+
+        // A limit within the margin: no decision is fresh by the coarse
+        // clock alone, each asks the real one (and it is still fresh).
+        let near = Freshness::new(false, None, Duration::from_millis(CLOCK_MARGIN_MS));
+        near.observe(false);
+        assert!(
+            near.fresh_until_ms.load(Ordering::Acquire) <= near.current_ms.load(Ordering::Acquire)
+        );
+
+        // Behind, or never current: every decision looks further.
+        freshness.observe(true);
+        assert_eq!(freshness.fresh_until_ms.load(Ordering::Acquire), 0);
+        let never = Freshness::new(true, Some(Duration::ZERO), HOUR);
+        never.note_behind(false);
+        assert_eq!(never.fresh_until_ms.load(Ordering::Acquire), 0);
+        assert!(never.decision_staleness().stale, "loaded, never confirmed");
     }
 
     #[test]
     fn a_policy_from_disk_is_as_stale_as_when_it_was_saved() {
-        let freshness = Freshness::new(true, Some(Duration::from_secs(600)));
-        let loaded = freshness.staleness(HOUR);
+        let freshness = Freshness::new(true, Some(Duration::from_secs(600)), HOUR);
+        let loaded = freshness.staleness();
         assert!(loaded.stale, "nobody confirmed it since the start");
         assert!(loaded.for_ >= Duration::from_secs(600), "{loaded:?}");
         freshness.observe(false);
-        assert!(!freshness.staleness(HOUR).stale);
-        assert!(freshness.staleness(HOUR).for_ < Duration::from_secs(600));
+        assert!(!freshness.staleness().stale);
+        assert!(freshness.staleness().for_ < Duration::from_secs(600));
 
         // The process's clock may have started long before this
         // subscriber (another one started it): the age counts from this
@@ -281,14 +340,14 @@ mod tests {
             std::thread::yield_now();
         }
         let made = std::time::Instant::now();
-        let late = Freshness::new(true, Some(Duration::from_secs(600)));
-        let age = late.staleness(HOUR).for_;
+        let late = Freshness::new(true, Some(Duration::from_secs(600)), HOUR);
+        let age = late.staleness().for_;
         assert!(
             age <= Duration::from_secs(600) + made.elapsed() + Duration::from_millis(2),
             "{age:?}"
         );
 
-        let unknown = Freshness::new(true, None);
-        assert_eq!(unknown.staleness(HOUR).for_, Duration::MAX);
+        let unknown = Freshness::new(true, None, HOUR);
+        assert_eq!(unknown.staleness().for_, Duration::MAX);
     }
 }

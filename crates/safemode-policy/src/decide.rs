@@ -548,7 +548,8 @@ impl ActionPolicy {
     #[inline(always)]
     fn held(&self, ctx: &Context) -> u64 {
         let mut held = 0u64;
-        for (i, entry) in self.conditional.iter().enumerate().take(64) {
+        let first = &self.conditional[..self.conditional.len().min(64)];
+        for (i, entry) in first.iter().enumerate() {
             if holds(entry, ctx) {
                 held |= 1 << i;
             }
@@ -850,34 +851,40 @@ impl Known {
     #[inline(always)]
     fn verdict(&self, channel: &ChannelPolicy, action: &Action, ctx: &Context) -> Verdict {
         let held = self.policy.held(ctx);
-        let at = usize::try_from(held).ok();
-        let plan = at.and_then(|i| Some((self.plans.get(i)?, self.merged.get(i)?)));
-        match plan {
-            Some((plan, merged)) => match plan.pick(ctx) {
-                Some(source) => Verdict { held, source },
-                // Past the outcomes made beforehand: resolved here, from
-                // the merge made beforehand.
-                None => self
-                    .policy
-                    .finish(held, merged, ctx)
-                    .detach(channel, action),
-            },
-            None => match at.and_then(|i| self.merged.get(i)) {
-                // No outcomes made (a compiled policy): resolved here, from
-                // the merge made beforehand.
-                Some(merged) => self
-                    .policy
-                    .finish(held, merged, ctx)
-                    .detach(channel, action),
-                // Past the merges made beforehand: merged here, with the
-                // conditions already evaluated.
-                None => {
-                    let merged = self.policy.merge_held(held, Some(ctx));
-                    self.policy
-                        .finish(held, &merged, ctx)
-                        .detach(channel, action)
-                }
-            },
+        let plan = usize::try_from(held).ok().and_then(|i| self.plans.get(i));
+        match plan.and_then(|plan| plan.pick(ctx)) {
+            Some(source) => Verdict { held, source },
+            None => self.verdict_here(channel, action, ctx, held),
+        }
+    }
+
+    /// [`Known::verdict`] past the outcomes made beforehand (a pending
+    /// step-up past [`ATTEMPTS_MADE_UP_TO`] failed attempts, or a policy
+    /// whose outcomes are not made): resolved at the decision. Out of the
+    /// way of the decisions that read a table.
+    #[cold]
+    #[inline(never)]
+    fn verdict_here(
+        &self,
+        channel: &ChannelPolicy,
+        action: &Action,
+        ctx: &Context,
+        held: u64,
+    ) -> Verdict {
+        match usize::try_from(held).ok().and_then(|i| self.merged.get(i)) {
+            // From the merge made beforehand.
+            Some(merged) => self
+                .policy
+                .finish(held, merged, ctx)
+                .detach(channel, action),
+            // Past the merges made beforehand: merged here, with the
+            // conditions already evaluated.
+            None => {
+                let merged = self.policy.merge_held(held, Some(ctx));
+                self.policy
+                    .finish(held, &merged, ctx)
+                    .detach(channel, action)
+            }
         }
     }
 }

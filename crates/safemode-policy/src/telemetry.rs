@@ -30,13 +30,14 @@ impl ConfidenceBand {
     pub const ALL: [ConfidenceBand; 3] = [Self::Low, Self::Medium, Self::High];
 
     /// The band of `confidence` (a value that is not a number is low).
+    /// Two comparisons added rather than branched on: it is on the decide
+    /// path of every client.
+    #[inline]
     pub fn of(confidence: f64) -> Self {
-        if confidence >= 0.8 {
-            ConfidenceBand::High
-        } else if confidence >= 0.5 {
-            ConfidenceBand::Medium
-        } else {
-            ConfidenceBand::Low
+        match u8::from(confidence >= 0.5) + u8::from(confidence >= 0.8) {
+            0 => ConfidenceBand::Low,
+            1 => ConfidenceBand::Medium,
+            _ => ConfidenceBand::High,
         }
     }
 
@@ -98,14 +99,14 @@ impl MethodClass {
         const POSSESSION: u16 = MethodClass::mask(MethodClass::Possession);
         const KNOWLEDGE: u16 = MethodClass::mask(MethodClass::Knowledge);
         let bits = methods.bits();
-        if bits & STRONG != 0 {
-            MethodClass::Strong
-        } else if bits & POSSESSION != 0 {
-            MethodClass::Possession
-        } else if bits & KNOWLEDGE != 0 {
-            MethodClass::Knowledge
-        } else {
-            MethodClass::None
+        let strongest = (3 * u8::from(bits & STRONG != 0))
+            .max(2 * u8::from(bits & POSSESSION != 0))
+            .max(u8::from(bits & KNOWLEDGE != 0));
+        match strongest {
+            0 => MethodClass::None,
+            1 => MethodClass::Knowledge,
+            2 => MethodClass::Possession,
+            _ => MethodClass::Strong,
         }
     }
 
@@ -418,6 +419,43 @@ mod tests {
         ] {
             let e = SignalName::parse(bad).unwrap_err().to_string();
             assert!(e.contains("bad signal name"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn every_set_of_methods_is_in_the_class_of_its_strongest() {
+        for subset in 0u32..(1 << METHODS.len()) {
+            let names: Vec<&str> = METHODS
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| subset & (1 << i) != 0)
+                .map(|(_, m)| *m)
+                .collect();
+            let strongest = names
+                .iter()
+                .map(|m| MethodClass::of_method(m))
+                .max()
+                .unwrap_or(MethodClass::None);
+            let set = MethodSet::parse(&names).unwrap();
+            assert_eq!(MethodClass::strongest(set), strongest, "{names:?}");
+        }
+    }
+
+    #[test]
+    fn confidence_falls_in_its_band_at_every_edge() {
+        let cases = [
+            (f64::NEG_INFINITY, ConfidenceBand::Low),
+            (-0.0, ConfidenceBand::Low),
+            (0.5_f64.next_down(), ConfidenceBand::Low),
+            (0.5, ConfidenceBand::Medium),
+            (0.8_f64.next_down(), ConfidenceBand::Medium),
+            (0.8, ConfidenceBand::High),
+            (1.0, ConfidenceBand::High),
+            (f64::INFINITY, ConfidenceBand::High),
+            (f64::NAN, ConfidenceBand::Low),
+        ];
+        for (confidence, band) in cases {
+            assert_eq!(ConfidenceBand::of(confidence), band, "{confidence}");
         }
     }
 
