@@ -672,7 +672,7 @@ impl Subscriber {
             fail_closed.is_some(),
         );
         // A step-up whose attempts ran out is counted by its class, above.
-        if !class.attempts_exhausted && effect == EffectKind::StepUp && ctx.failed_attempts > 0 {
+        if ctx.failed_attempts > 0 && effect == EffectKind::StepUp && !class.attempts_exhausted {
             self.shared.signals.step_up_failed();
         }
         Decision {

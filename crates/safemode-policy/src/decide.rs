@@ -9,6 +9,7 @@
 //! outcome made beforehand (when a subscriber read the policy from the
 //! wire), so nothing is copied.
 
+use std::mem::ManuallyDrop;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
@@ -196,12 +197,33 @@ enum Source {
     Allow,
     /// The action's outcome made beforehand.
     Made(Pick),
-    /// Made at the decision.
+    /// Made at the decision. The outcome is dropped by [`Verdict`]'s
+    /// `Drop`, off the way of the verdicts that point at a table.
     Here {
-        outcome: Outcome,
+        outcome: ManuallyDrop<Outcome>,
         texts: Texts,
         origin: Origin,
     },
+}
+
+/// A verdict owns something to drop only when it was made at the decision:
+/// checked here, in line, and dropped in a call of its own, so that
+/// dropping a verdict (and a client's decision) that points at a table is a
+/// comparison, not a call into the whole outcome's drop.
+impl Drop for Verdict {
+    #[inline]
+    fn drop(&mut self) {
+        if let Source::Here { outcome, .. } = &mut self.source {
+            drop_made_here(outcome);
+        }
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn drop_made_here(outcome: &mut ManuallyDrop<Outcome>) {
+    // What is left in its place owns nothing.
+    drop(std::mem::replace(&mut **outcome, Outcome::Allow));
 }
 
 /// Which policy and action a verdict made at the decision came from, so
@@ -375,7 +397,7 @@ impl<'p> Decision<'p> {
         Verdict {
             held: self.trail.held,
             source: Source::Here {
-                outcome: self.outcome,
+                outcome: ManuallyDrop::new(self.outcome),
                 texts: self.trail.texts,
                 origin: Origin::of(policy, action),
             },
@@ -1457,5 +1479,31 @@ mod tests {
             assert!(matches!(verdict.source, Source::Allow), "{action}");
             assert_eq!(verdict.outcome(None, action), &Outcome::Allow, "{action}");
         }
+    }
+
+    #[test]
+    fn a_verdict_made_at_the_decision_drops_its_outcome_and_its_copies_theirs() {
+        let (queue, holders) = Text::shared("fraud-review");
+        let verdict = Verdict {
+            held: 0,
+            source: Source::Here {
+                outcome: ManuallyDrop::new(Outcome::Review {
+                    queue,
+                    escalated: false,
+                }),
+                texts: Texts::None,
+                origin: Origin {
+                    stamp: Stamp(0),
+                    action: 0,
+                },
+            },
+        };
+        assert_eq!(holders(), 1);
+        let copy = verdict.clone();
+        assert_eq!(holders(), 2, "a copy holds its own outcome");
+        drop(verdict);
+        assert_eq!(holders(), 1, "dropping a verdict drops its outcome");
+        drop(copy);
+        assert_eq!(holders(), 0, "and its copy's");
     }
 }

@@ -99,14 +99,14 @@ impl MethodClass {
         const POSSESSION: u16 = MethodClass::mask(MethodClass::Possession);
         const KNOWLEDGE: u16 = MethodClass::mask(MethodClass::Knowledge);
         let bits = methods.bits();
-        let strongest = (3 * u8::from(bits & STRONG != 0))
-            .max(2 * u8::from(bits & POSSESSION != 0))
-            .max(u8::from(bits & KNOWLEDGE != 0));
-        match strongest {
-            0 => MethodClass::None,
-            1 => MethodClass::Knowledge,
-            2 => MethodClass::Possession,
-            _ => MethodClass::Strong,
+        if bits & STRONG != 0 {
+            MethodClass::Strong
+        } else if bits & POSSESSION != 0 {
+            MethodClass::Possession
+        } else if bits & KNOWLEDGE != 0 {
+            MethodClass::Knowledge
+        } else {
+            MethodClass::None
         }
     }
 

@@ -108,6 +108,15 @@ impl Text {
         )
     }
 
+    /// A text as it is made once the store is full (reference-counted),
+    /// and how many hold it: for tests of what owns texts.
+    #[cfg(test)]
+    pub(crate) fn shared(text: &str) -> (Text, impl Fn() -> usize) {
+        let held = Arc::<str>::from(text);
+        let weak = Arc::downgrade(&held);
+        (Text(Repr::Shared(held)), move || weak.strong_count())
+    }
+
     fn in_store(store: &mut Store, text: &str) -> Text {
         match store.intern(text) {
             Some(interned) => Text(Repr::Interned(interned)),
