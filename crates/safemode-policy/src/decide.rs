@@ -265,7 +265,11 @@ static ALLOW: Outcome = Outcome::Allow;
 /// An outcome made beforehand: where it is, and what a decision counts of
 /// it (its kind, and whether a step-up escalated to review), so that
 /// counting a decision does not read the outcome itself.
+/// Aligned to its size, so that it is copied into a verdict in one store
+/// that a later copy of the whole verdict can read back at once (in
+/// smaller stores, that read waited for them to reach memory).
 #[derive(Clone, Copy, Debug, PartialEq)]
+#[repr(align(16))]
 struct Pick {
     at: u32,
     kind: EffectKind,
