@@ -264,21 +264,81 @@ static ALLOW: Outcome = Outcome::Allow;
 
 /// An outcome made beforehand: where it is, and what a decision counts of
 /// it (its kind, and whether a step-up escalated to review), so that
-/// counting a decision does not read the outcome itself.
-/// Aligned to its size, so that it is copied into a verdict in one store
-/// that a later copy of the whole verdict can read back at once (in
-/// smaller stores, that read waited for them to reach memory).
-#[derive(Clone, Copy, Debug, PartialEq)]
+/// counting a decision does not read the outcome itself; with the action's
+/// position in [`ACTIONS`](crate::names::ACTIONS) and the tables' stamp, so
+/// that a verdict read with another action or policy is caught rather than
+/// answered from the wrong table.
+///
+/// Two whole words, aligned to their 16 bytes: a pick is copied into a
+/// verdict in one store, which the copy of the whole verdict into a
+/// client's decision reads back at once. Copied field by field, that read
+/// waited for three stores to reach memory, a sixth of a decision's time.
+#[derive(Clone, Copy)]
 #[repr(align(16))]
 struct Pick {
-    at: u32,
-    kind: EffectKind,
-    escalated: bool,
-    /// The action's position in [`ACTIONS`](crate::names::ACTIONS), and the
-    /// tables' stamp: a verdict read with another action or policy is
-    /// caught rather than answered from the wrong table.
-    action: u8,
+    /// Bits 0-31 where the outcome is in `made`, 32-39 its kind's position
+    /// in [`EffectKind::ALL`], bit 40 whether a step-up escalated to it,
+    /// 48-55 the action's position.
+    word: u64,
     stamp: Stamp,
+}
+
+impl Pick {
+    #[inline(always)]
+    fn new(at: u32, kind: EffectKind, escalated: bool, action: u8, stamp: Stamp) -> Pick {
+        // A kind's number is its position in `ALL` (declared in that order).
+        let kind = kind as u64;
+        Pick {
+            word: u64::from(at) | kind << 32 | u64::from(escalated) << 40 | u64::from(action) << 48,
+            stamp,
+        }
+    }
+
+    #[inline(always)]
+    fn at(self) -> u32 {
+        self.word as u32
+    }
+
+    #[inline(always)]
+    fn kind(self) -> EffectKind {
+        EffectKind::ALL[usize::from((self.word >> 32) as u8)]
+    }
+
+    #[inline(always)]
+    fn escalated(self) -> bool {
+        self.word & 1 << 40 != 0
+    }
+
+    #[inline(always)]
+    fn action(self) -> u8 {
+        (self.word >> 48) as u8
+    }
+
+    /// The same outcome's place, kind and escalation for `at` instead.
+    #[inline(always)]
+    fn moved_to(self, at: u32, kind: EffectKind, escalated: bool) -> Pick {
+        Pick::new(at, kind, escalated, self.action(), self.stamp)
+    }
+}
+
+impl PartialEq for Pick {
+    /// As [`Stamp`]s compare: the tables' contents, not where they came
+    /// from.
+    fn eq(&self, other: &Pick) -> bool {
+        self.word == other.word
+    }
+}
+
+impl std::fmt::Debug for Pick {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pick")
+            .field("at", &self.at())
+            .field("kind", &self.kind())
+            .field("escalated", &self.escalated())
+            .field("action", &self.action())
+            .field("stamp", &self.stamp)
+            .finish()
+    }
 }
 
 /// Which compile of a channel policy made an action's tables: a number no
@@ -423,10 +483,10 @@ impl Verdict {
     fn made<'p>(pick: &Pick, policy: Option<&'p ChannelPolicy>, action: &Action) -> &'p Made {
         let known = policy
             .filter(|policy| {
-                policy.stamp.0 == pick.stamp.0 && action.known_index() == Some(pick.action.into())
+                policy.stamp.0 == pick.stamp.0 && action.known_index() == Some(pick.action().into())
             })
             .and_then(|policy| policy.known_action(action));
-        match known.and_then(|known| known.made.get(pick.at as usize)) {
+        match known.and_then(|known| known.made.get(pick.at() as usize)) {
             Some(made) => made,
             None => Verdict::read_elsewhere(action),
         }
@@ -454,7 +514,7 @@ impl Verdict {
     pub fn kind(&self) -> EffectKind {
         match &self.source {
             Source::Allow => EffectKind::Allow,
-            Source::Made(pick) => pick.kind,
+            Source::Made(pick) => pick.kind(),
             Source::Here { outcome, .. } => outcome.kind(),
         }
     }
@@ -465,7 +525,7 @@ impl Verdict {
     pub fn is_escalated(&self) -> bool {
         match &self.source {
             Source::Allow => false,
-            Source::Made(pick) => pick.escalated,
+            Source::Made(pick) => pick.escalated(),
             Source::Here { outcome, .. } => outcome.is_escalated(),
         }
     }
@@ -740,12 +800,11 @@ impl Plan {
                 StepUpState::Escalated => Some(Source::Made(*escalated)),
                 StepUpState::Satisfied => Some(Source::Made(*satisfied)),
                 StepUpState::Pending { .. } if ctx.failed_attempts < *pending_made => {
-                    Some(Source::Made(Pick {
-                        at: pending + ctx.failed_attempts,
-                        kind: EffectKind::StepUp,
-                        escalated: false,
-                        ..*satisfied
-                    }))
+                    Some(Source::Made(satisfied.moved_to(
+                        pending + ctx.failed_attempts,
+                        EffectKind::StepUp,
+                        false,
+                    )))
                 }
                 StepUpState::Pending { .. } => None,
             },
@@ -805,13 +864,13 @@ impl Known {
                 // made by the same code a decision past the tables runs.
                 let mut make = |ctx: Context| {
                     let decision = policy.finish(held as u64, merged, &ctx);
-                    let pick = Pick {
+                    let pick = Pick::new(
+                        made.len() as u32,
+                        decision.outcome.kind(),
+                        decision.outcome.is_escalated(),
                         action,
                         stamp,
-                        at: made.len() as u32,
-                        kind: decision.outcome.kind(),
-                        escalated: decision.outcome.is_escalated(),
-                    };
+                    );
                     made.push(Made {
                         outcome: decision.outcome,
                         texts: decision.trail.texts,
@@ -832,7 +891,7 @@ impl Known {
                         });
                         let pending_made = step_up.max_attempts.min(ATTEMPTS_MADE_UP_TO);
                         // Made next, one per failed attempt.
-                        let pending = satisfied.at + 1;
+                        let pending = satisfied.at() + 1;
                         for failed_attempts in 0..pending_made {
                             make(Context {
                                 failed_attempts,
@@ -1509,5 +1568,32 @@ mod tests {
         assert_eq!(holders(), 1, "dropping a verdict drops its outcome");
         drop(copy);
         assert_eq!(holders(), 0, "and its copy's");
+    }
+
+    #[test]
+    fn a_pick_reads_back_what_it_was_made_with() {
+        for kind in EffectKind::ALL {
+            for escalated in [false, true] {
+                for (at, action) in [(0, 0), (7, 3), (u32::MAX, u8::MAX)] {
+                    let pick = Pick::new(at, kind, escalated, action, Stamp(9));
+                    assert_eq!(
+                        (pick.at(), pick.kind(), pick.escalated(), pick.action()),
+                        (at, kind, escalated, action)
+                    );
+                    assert_eq!(pick.stamp.0, 9);
+                    let moved = pick.moved_to(at / 2, EffectKind::StepUp, !escalated);
+                    assert_eq!(
+                        (moved.at(), moved.kind(), moved.escalated(), moved.action()),
+                        (at / 2, EffectKind::StepUp, !escalated, action)
+                    );
+                    assert_eq!(moved.stamp.0, 9, "a moved pick keeps its tables' stamp");
+                    assert_eq!(
+                        pick,
+                        Pick::new(at, kind, escalated, action, Stamp(10)),
+                        "picks compare what they point at, not where the tables came from"
+                    );
+                }
+            }
+        }
     }
 }
