@@ -22,11 +22,8 @@ static CLOCK: OnceLock<CoarseClock> = OnceLock::new();
 /// The clock, started (with its thread) by the first caller.
 pub(super) fn clock() -> &'static CoarseClock {
     CLOCK.get_or_init(|| {
-        // The thread waits for the clock to be in place; if it cannot be
-        // started, the coarse time stays behind and every decision near or
-        // past its limit reads the real clock (see `Freshness`), and every
-        // real reading pushes the coarse time forward.
-        let _ = std::thread::Builder::new()
+        // The thread waits for the clock to be in place.
+        let ticking = std::thread::Builder::new()
             .name("safemode-clock".into())
             .spawn(|| {
                 loop {
@@ -35,12 +32,30 @@ pub(super) fn clock() -> &'static CoarseClock {
                         clock.now_ms();
                     }
                 }
-            });
+            })
+            .is_ok();
+        CoarseClock::new(ticking)
+    })
+}
+
+impl CoarseClock {
+    /// A clock whose thread runs, or not. Without it nothing would move
+    /// the coarse time while decisions only read it, and a policy past its
+    /// limit would read fresh for good: so the coarse time of a clock with
+    /// no thread is as late as can be, and every decision reads the real
+    /// clock (`state::Freshness::decision_staleness`).
+    fn new(ticking: bool) -> CoarseClock {
         CoarseClock {
             start: Instant::now(),
-            ms: AtomicU64::new(0),
+            ms: AtomicU64::new(if ticking { 0 } else { u64::MAX }),
         }
-    })
+    }
+
+    /// A clock whose thread could not be started.
+    #[cfg(test)]
+    pub(super) fn unticked() -> &'static CoarseClock {
+        Box::leak(Box::new(CoarseClock::new(false)))
+    }
 }
 
 impl CoarseClock {
@@ -59,7 +74,8 @@ impl CoarseClock {
     }
 
     /// Milliseconds since the start as of the last reading: never ahead of
-    /// the real time, normally behind it by less than [`TICK`].
+    /// the real time, normally behind it by less than [`TICK`]; `u64::MAX`
+    /// when the clock has no thread (see [`CoarseClock::new`]).
     #[inline]
     pub(super) fn coarse_ms(&self) -> u64 {
         self.ms.load(Ordering::Relaxed)

@@ -54,8 +54,10 @@ pub(super) struct Freshness {
     /// A decision whose coarse clock reads less than this is fresh without
     /// another look: the moment last known current, plus `limit`, less
     /// [`CLOCK_MARGIN_MS`]; zero (every decision looks further) while behind
-    /// or never current. Written with `current_ms` and `behind`, by the one
-    /// task that writes them.
+    /// or never current. Written by the one task that writes `current_ms`
+    /// and `behind`: zeroed before either changes and set anew after both
+    /// have, so that a reader who sees the client behind never finds a
+    /// deadline still in force.
     fresh_until_ms: AtomicU64,
 }
 
@@ -96,6 +98,16 @@ impl Freshness {
     /// loaded from disk that was last known current `confirmed_ago` ago
     /// (`None`: unknown).
     pub fn new(loaded: bool, confirmed_ago: Option<Duration>, limit: Duration) -> Self {
+        Freshness::on(coarse::clock(), loaded, confirmed_ago, limit)
+    }
+
+    /// [`Freshness::new`] on `clock`.
+    fn on(
+        clock: &'static CoarseClock,
+        loaded: bool,
+        confirmed_ago: Option<Duration>,
+        limit: Duration,
+    ) -> Self {
         let before_start_ms = match (loaded, confirmed_ago) {
             // Rounded up: in doubt, the policy is older (a limit it has
             // just passed counts as passed, as it does for a running
@@ -105,7 +117,6 @@ impl Freshness {
             }
             _ => NEVER,
         };
-        let clock = coarse::clock();
         Freshness {
             clock,
             start_ms: clock.now_ms(),
@@ -124,6 +135,7 @@ impl Freshness {
     /// A controller confirmed (with a signed, newer heartbeat) what it
     /// holds: is the client behind it? If not, it is current now.
     pub fn observe(&self, behind: bool) {
+        self.fresh_until_ms.store(0, Ordering::Release);
         self.behind.store(behind, Ordering::Release);
         if !behind {
             self.current_ms.store(self.now_ms(), Ordering::Release);
@@ -135,6 +147,7 @@ impl Freshness {
     /// behind it? A snapshot can be replayed, so it never makes the client
     /// current; only a heartbeat does ([`Freshness::observe`]).
     pub fn note_behind(&self, behind: bool) {
+        self.fresh_until_ms.store(0, Ordering::Release);
         self.behind.store(behind, Ordering::Release);
         self.set_fresh_until();
     }
@@ -319,6 +332,61 @@ mod tests {
         never.note_behind(false);
         assert_eq!(never.fresh_until_ms.load(Ordering::Acquire), 0);
         assert!(never.decision_staleness().stale, "loaded, never confirmed");
+    }
+
+    #[test]
+    fn a_reader_who_sees_the_client_behind_never_finds_it_fresh() {
+        use std::sync::atomic::AtomicUsize;
+        let freshness = Arc::new(Freshness::new(false, None, HOUR));
+        freshness.observe(false);
+        // Odd while the writer goes from fresh to behind, even while it
+        // goes back: a reader who started and ended in the same odd-free
+        // interval, and saw the client behind, must not then decide fresh.
+        let phase = Arc::new(AtomicUsize::new(0));
+        let done = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (freshness, phase, done) = (freshness.clone(), phase.clone(), done.clone());
+            std::thread::spawn(move || {
+                let (mut checked, mut wrong) = (0u64, 0u64);
+                while !done.load(Ordering::SeqCst) {
+                    let before = phase.load(Ordering::SeqCst);
+                    let full = freshness.staleness();
+                    let fast = freshness.decision_staleness();
+                    if before % 2 == 0 && phase.load(Ordering::SeqCst) == before {
+                        checked += 1;
+                        wrong += u64::from(full.stale && !fast.stale);
+                    }
+                }
+                (checked, wrong)
+            })
+        };
+        for _ in 0..300_000 {
+            freshness.note_behind(true);
+            phase.fetch_add(1, Ordering::SeqCst);
+            freshness.note_behind(false);
+            phase.fetch_add(1, Ordering::SeqCst);
+        }
+        done.store(true, Ordering::SeqCst);
+        let (checked, wrong) = reader.join().unwrap();
+        assert!(checked > 0, "the reader read while the writer wrote");
+        assert_eq!(wrong, 0, "stale by its state, fresh by its deadline");
+    }
+
+    #[test]
+    fn without_the_clock_thread_every_decision_reads_the_real_clock() {
+        let clock = CoarseClock::unticked();
+        assert_eq!(clock.coarse_ms(), u64::MAX);
+        let freshness = Freshness::on(clock, false, None, Duration::from_millis(200));
+        freshness.observe(false);
+        assert!(!freshness.decision_staleness().stale);
+        // Nothing reads the real clock meanwhile (it would move a coarse
+        // time that is moved only by readings): once the limit is past by
+        // the real clock, a decision says stale.
+        let confirmed = std::time::Instant::now();
+        while confirmed.elapsed() < Duration::from_millis(300) {
+            std::thread::yield_now();
+        }
+        assert!(freshness.decision_staleness().stale);
     }
 
     #[test]
