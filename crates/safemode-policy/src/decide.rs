@@ -750,6 +750,11 @@ pub(crate) struct Known {
     merged: Box<[Merged]>,
     /// How each merge resolves, indexed as `merged`.
     plans: Box<[Plan]>,
+    /// The first plan (no conditional entry holds: always so for most
+    /// actions, which have none) kept in line, so that a decision reads it
+    /// from the action's entry rather than through one more pointer.
+    /// `None` while `plans` is empty.
+    first: Option<Plan>,
     /// The outcomes the plans pick from.
     made: Box<[Made]>,
     /// The action's position in [`ACTIONS`](crate::names::ACTIONS).
@@ -841,6 +846,7 @@ impl Known {
             policy,
             merged,
             plans: Box::default(),
+            first: None,
             made: Box::default(),
             action,
         }
@@ -855,7 +861,7 @@ impl Known {
         let action = self.action;
         let policy = &self.policy;
         let mut made = Vec::new();
-        let plans = self
+        let plans: Box<[Plan]> = self
             .merged
             .iter()
             .enumerate()
@@ -912,6 +918,7 @@ impl Known {
                 }
             })
             .collect();
+        self.first = plans.first().cloned();
         self.plans = plans;
         self.made = made.into();
     }
@@ -936,7 +943,10 @@ impl Known {
     #[inline(always)]
     fn verdict(&self, channel: &ChannelPolicy, action: &Action, ctx: &Context) -> Verdict {
         let held = self.policy.held(ctx);
-        let plan = usize::try_from(held).ok().and_then(|i| self.plans.get(i));
+        let plan = match held {
+            0 => self.first.as_ref(),
+            _ => usize::try_from(held).ok().and_then(|i| self.plans.get(i)),
+        };
         match plan.and_then(|plan| plan.pick(ctx)) {
             Some(source) => Verdict { held, source },
             None => self.verdict_here(channel, action, ctx, held),
@@ -1248,7 +1258,7 @@ mod tests {
             assert_eq!(without.has_outcomes(), n > MERGED_UP_TO, "{n} entries");
             let known = without.known_action(&action).unwrap();
             assert!(
-                known.plans.is_empty() && known.made.is_empty(),
+                known.plans.is_empty() && known.first.is_none() && known.made.is_empty(),
                 "{n} entries"
             );
             assert_eq!(known.merged.is_empty(), n > MERGED_UP_TO, "{n} entries");
@@ -1306,14 +1316,15 @@ mod tests {
             let knowns = || policy.known.iter().flatten();
             assert!(knowns().any(|k| !k.merged.is_empty()), "{channel}");
             assert!(
-                knowns().all(|k| k.plans.is_empty() && k.made.is_empty()),
+                knowns().all(|k| k.plans.is_empty() && k.first.is_none() && k.made.is_empty()),
                 "{channel}"
             );
             assert!(!policy.has_outcomes(), "{channel}");
             policy.make_outcomes();
             let knowns = || policy.known.iter().flatten();
             assert!(
-                knowns().all(|k| k.plans.len() == k.merged.len()),
+                knowns().all(|k| k.plans.len() == k.merged.len()
+                    && k.first.as_ref() == k.plans.first()),
                 "{channel}"
             );
             assert!(policy.has_outcomes(), "{channel}");
