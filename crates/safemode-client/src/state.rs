@@ -339,9 +339,10 @@ mod tests {
         use std::sync::atomic::AtomicUsize;
         let freshness = Arc::new(Freshness::new(false, None, HOUR));
         freshness.observe(false);
-        // Odd while the writer goes from fresh to behind, even while it
-        // goes back: a reader who started and ended in the same odd-free
-        // interval, and saw the client behind, must not then decide fresh.
+        // The phase counts the writer's toggles: even while it goes from
+        // fresh to behind, odd while it goes back. A reader who read within
+        // one even phase and saw the client behind must not then decide
+        // fresh.
         let phase = Arc::new(AtomicUsize::new(0));
         let done = Arc::new(AtomicBool::new(false));
         let reader = {
@@ -376,14 +377,14 @@ mod tests {
     fn without_the_clock_thread_every_decision_reads_the_real_clock() {
         let clock = CoarseClock::unticked();
         assert_eq!(clock.coarse_ms(), u64::MAX);
-        let freshness = Freshness::on(clock, false, None, Duration::from_millis(200));
+        let freshness = Freshness::on(clock, false, None, Duration::from_secs(1));
         freshness.observe(false);
         assert!(!freshness.decision_staleness().stale);
         // Nothing reads the real clock meanwhile (it would move a coarse
         // time that is moved only by readings): once the limit is past by
         // the real clock, a decision says stale.
         let confirmed = std::time::Instant::now();
-        while confirmed.elapsed() < Duration::from_millis(300) {
+        while confirmed.elapsed() < Duration::from_millis(1100) {
             std::thread::yield_now();
         }
         assert!(freshness.decision_staleness().stale);

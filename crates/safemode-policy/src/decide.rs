@@ -871,7 +871,9 @@ impl Known {
                 let mut make = |ctx: Context| {
                     let decision = policy.finish(held as u64, merged, &ctx);
                     let pick = Pick::new(
-                        made.len() as u32,
+                        // At most 2^MERGED_UP_TO merges of at most
+                        // 2 + ATTEMPTS_MADE_UP_TO outcomes each.
+                        u32::try_from(made.len()).expect("a few hundred outcomes at most"),
                         decision.outcome.kind(),
                         decision.outcome.is_escalated(),
                         action,
