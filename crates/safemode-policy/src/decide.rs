@@ -283,6 +283,16 @@ struct Pick {
     stamp: Stamp,
 }
 
+// A pick stores its kind as `kind as u64` and reads it back from
+// `EffectKind::ALL`: the two orders must be one.
+const _: () = {
+    let mut i = 0;
+    while i < EffectKind::ALL.len() {
+        assert!(EffectKind::ALL[i] as usize == i);
+        i += 1;
+    }
+};
+
 impl Pick {
     #[inline(always)]
     fn new(at: u32, kind: EffectKind, escalated: bool, action: u8, stamp: Stamp) -> Pick {
