@@ -336,7 +336,13 @@ mod tests {
 
     #[test]
     fn a_reader_who_sees_the_client_behind_never_finds_it_fresh() {
-        use std::sync::atomic::AtomicUsize;
+        use std::sync::atomic::{AtomicU64, AtomicUsize};
+        // The writer toggles until the reader has checked this many reads
+        // made within one phase (and at least `TOGGLES` times): on a busy
+        // machine the reader may not run at all until the writer is done,
+        // so a fixed count of toggles proves nothing about overlap.
+        const CHECKS: u64 = 20_000;
+        const TOGGLES: usize = 300_000;
         let freshness = Arc::new(Freshness::new(false, None, HOUR));
         freshness.observe(false);
         // The phase counts the writer's toggles: even while it goes from
@@ -344,32 +350,47 @@ mod tests {
         // one even phase and saw the client behind must not then decide
         // fresh.
         let phase = Arc::new(AtomicUsize::new(0));
+        let checked = Arc::new(AtomicU64::new(0));
         let done = Arc::new(AtomicBool::new(false));
         let reader = {
-            let (freshness, phase, done) = (freshness.clone(), phase.clone(), done.clone());
+            let (freshness, phase, checked, done) = (
+                freshness.clone(),
+                phase.clone(),
+                checked.clone(),
+                done.clone(),
+            );
             std::thread::spawn(move || {
-                let (mut checked, mut wrong) = (0u64, 0u64);
+                let mut wrong = 0u64;
                 while !done.load(Ordering::SeqCst) {
                     let before = phase.load(Ordering::SeqCst);
                     let full = freshness.staleness();
                     let fast = freshness.decision_staleness();
                     if before % 2 == 0 && phase.load(Ordering::SeqCst) == before {
-                        checked += 1;
+                        checked.fetch_add(1, Ordering::Relaxed);
                         wrong += u64::from(full.stale && !fast.stale);
                     }
                 }
-                (checked, wrong)
+                wrong
             })
         };
-        for _ in 0..300_000 {
-            freshness.note_behind(true);
-            phase.fetch_add(1, Ordering::SeqCst);
-            freshness.note_behind(false);
-            phase.fetch_add(1, Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        let mut toggles = 0;
+        while toggles < TOGGLES || checked.load(Ordering::Relaxed) < CHECKS {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the reader checked {} reads in two minutes, wanted {CHECKS}",
+                checked.load(Ordering::Relaxed)
+            );
+            for _ in 0..1_000 {
+                freshness.note_behind(true);
+                phase.fetch_add(1, Ordering::SeqCst);
+                freshness.note_behind(false);
+                phase.fetch_add(1, Ordering::SeqCst);
+            }
+            toggles += 1_000;
         }
         done.store(true, Ordering::SeqCst);
-        let (checked, wrong) = reader.join().unwrap();
-        assert!(checked > 0, "the reader read while the writer wrote");
+        let wrong = reader.join().unwrap();
         assert_eq!(wrong, 0, "stale by its state, fresh by its deadline");
     }
 
@@ -377,17 +398,32 @@ mod tests {
     fn without_the_clock_thread_every_decision_reads_the_real_clock() {
         let clock = CoarseClock::unticked();
         assert_eq!(clock.coarse_ms(), u64::MAX);
-        let freshness = Freshness::on(clock, false, None, Duration::from_secs(1));
+        let limit = Duration::from_secs(1);
+        let freshness = Freshness::on(clock, false, None, limit);
+        let confirmed = std::time::Instant::now();
         freshness.observe(false);
-        assert!(!freshness.decision_staleness().stale);
+        let first = freshness.decision_staleness();
+        // A machine that stalled this thread for most of the limit between
+        // the two lines above may already be past it.
+        if confirmed.elapsed() < limit / 2 {
+            assert!(!first.stale, "confirmed just now");
+        }
         // Nothing reads the real clock meanwhile (it would move a coarse
         // time that is moved only by readings): once the limit is past by
-        // the real clock, a decision says stale.
-        let confirmed = std::time::Instant::now();
-        while confirmed.elapsed() < Duration::from_millis(1100) {
+        // the real clock, a decision says stale, and not before.
+        let deadline = confirmed + Duration::from_secs(30);
+        loop {
+            let stale = freshness.decision_staleness().stale;
+            let checked = std::time::Instant::now();
+            if stale {
+                // The clock counts whole milliseconds: a millisecond's slack.
+                let age = checked.duration_since(confirmed) + Duration::from_millis(1);
+                assert!(age >= limit, "stale after {age:?} of a {limit:?} limit");
+                break;
+            }
+            assert!(checked < deadline, "fresh 30 s after a 1 s limit");
             std::thread::yield_now();
         }
-        assert!(freshness.decision_staleness().stale);
     }
 
     #[test]
