@@ -127,8 +127,12 @@ impl Controller {
 
     /// Resident memory of the controller process, in bytes.
     pub fn rss(&self) -> anyhow::Result<u64> {
-        let pid = self.child.id().context("the controller has exited")?;
-        rss_of(pid)
+        rss_of(self.pid()?)
+    }
+
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> anyhow::Result<u32> {
+        self.child.id().context("the controller has exited")
     }
 
     /// Kills the controller (SIGKILL: a crash, not a goodbye).

@@ -12,10 +12,19 @@ use anyhow::{Context as _, bail};
 use etcd_client::{Client, ConnectOptions, WatchOptions};
 use tokio::process::{Child, Command};
 
+use crate::cpu::{Processes, Spent};
+
 pub struct Etcd {
-    _child: Child,
+    child: Child,
     pub endpoint: String,
     _dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> anyhow::Result<u32> {
+        self.child.id().context("etcd has exited")
+    }
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -56,7 +65,7 @@ impl Etcd {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Ok(Etcd {
-            _child: child,
+            child,
             endpoint: client,
             _dir: dir,
         })
@@ -76,14 +85,16 @@ type Seen = Arc<Mutex<HashMap<i64, (usize, Instant)>>>;
 /// `watchers` watchers over `connections` connections on one prefix; then
 /// `puts` puts of a `value_bytes`-byte value (as large as the snapshot a
 /// subscriber receives), each timed from the call to the last watcher's
-/// event. Returns the latencies in milliseconds.
+/// event. Returns the latencies in milliseconds, and the CPU time the
+/// `processes` (and this one, the watchers') spent on the puts.
 pub async fn baseline(
     endpoint: &str,
+    processes: &Processes,
     watchers: usize,
     connections: usize,
     puts: usize,
     value_bytes: usize,
-) -> anyhow::Result<Vec<f64>> {
+) -> anyhow::Result<(Vec<f64>, Spent)> {
     let mut clients = Vec::with_capacity(connections);
     for _ in 0..connections {
         clients.push(Client::connect([endpoint], Some(options())).await?);
@@ -125,7 +136,9 @@ pub async fn baseline(
     }
     let mut writer = clients[0].clone();
     let mut latencies = Vec::with_capacity(puts);
+    let mut spent = Spent::default();
     for n in 0..puts {
+        let before = processes.read()?;
         let started = Instant::now();
         // Every put a different value, as every flip is a new snapshot.
         let mut value = format!("{n} ").into_bytes();
@@ -144,10 +157,11 @@ pub async fn baseline(
             }
             tokio::time::sleep(Duration::from_micros(200)).await;
         };
+        spent.add(before, processes.read()?);
         latencies.push(last.duration_since(started).as_secs_f64() * 1000.0);
     }
     for task in tasks {
         task.abort();
     }
-    Ok(latencies)
+    Ok((latencies, spent))
 }

@@ -9,6 +9,7 @@
 //! ```
 
 mod controller;
+mod cpu;
 mod decide;
 mod etcd;
 mod fleet;
@@ -155,6 +156,13 @@ struct Run {
     /// Controller killed and restarted: until every subscriber had
     /// reconnected and acked the latest revision again.
     reconnect_storm_ms: f64,
+    /// CPU time per flip by process, from the commander's call until every
+    /// subscriber has acked (the controller's cost and the fleet's, told
+    /// apart when the fleet runs in its own process).
+    cpu_ms_per_flip: cpu::CpuPerFlip,
+    /// The same for the etcd baseline, per put until every watcher has its
+    /// event.
+    etcd_baseline_cpu_ms_per_put: cpu::CpuPerPut,
 }
 
 #[derive(Debug, Serialize)]
@@ -354,6 +362,18 @@ async fn propagation_runs(
                 run.rss_per_subscriber_bytes,
                 run.reconnect_storm_ms
             );
+            let cpu = &run.cpu_ms_per_flip;
+            let etcd_cpu = &run.etcd_baseline_cpu_ms_per_put;
+            eprintln!(
+                "  CPU ms per flip: controller {:.1}, fleet {}, etcd {:.1}, benchmark {:.1}; per put of the baseline: etcd {:.1}, watchers {:.1}",
+                cpu.controller,
+                cpu.fleet
+                    .map_or_else(|| "(in the benchmark)".to_string(), |f| format!("{f:.1}")),
+                cpu.etcd,
+                cpu.benchmark,
+                etcd_cpu.etcd,
+                etcd_cpu.watchers
+            );
             runs.push(run);
         }
     }
@@ -394,9 +414,19 @@ async fn propagation(args: &Args, store: &str, size: usize, flips: usize) -> any
     let rss_connected = rss(&controllers)?;
 
     fleet.forget().await?;
+    let processes = cpu::Processes::new(
+        controllers
+            .iter()
+            .map(Controller::pid)
+            .collect::<anyhow::Result<_>>()?,
+        fleet.pid()?,
+        etcd.pid()?,
+    );
+    let mut spent = cpu::Spent::default();
     let mut received = Vec::with_capacity(flips);
     let mut acked = Vec::with_capacity(flips);
     for n in 0..flips {
+        let before = processes.read()?;
         let started = SystemTime::now();
         let started_wall = Timestamp::now();
         revision = flip(&mut commander, n % 2 == 1).await?;
@@ -406,6 +436,9 @@ async fn propagation(args: &Args, store: &str, size: usize, flips: usize) -> any
             .with_context(|| {
                 format!("flip {n}: not every subscriber acked revision {revision} within 60 s")
             })?;
+        // Before the wait for the controller's record of the acks, whose
+        // status calls are the benchmark's, not the flip's.
+        spent.add(before, processes.read()?);
         let took = arrival
             .last_received
             .duration_since(started)
@@ -436,8 +469,9 @@ async fn propagation(args: &Args, store: &str, size: usize, flips: usize) -> any
     drop(fleet);
     drop(controllers);
 
-    let baseline = etcd::baseline(
+    let (baseline, baseline_spent) = etcd::baseline(
         &etcd.endpoint,
+        &cpu::Processes::new(Vec::new(), None, etcd.pid()?),
         size,
         connections,
         flips,
@@ -464,6 +498,8 @@ async fn propagation(args: &Args, store: &str, size: usize, flips: usize) -> any
         rss_connected_bytes: rss_connected,
         rss_per_subscriber_bytes: rss_connected.saturating_sub(rss_idle) as f64 / size as f64,
         reconnect_storm_ms: storm,
+        cpu_ms_per_flip: spent.per_span(processes.fleet_apart()),
+        etcd_baseline_cpu_ms_per_put: baseline_spent.per_span(false).into(),
     })
 }
 

@@ -35,6 +35,18 @@ impl Subscribers {
         }
     }
 
+    /// The process they run in, when it is not the benchmark's.
+    pub fn pid(&self) -> anyhow::Result<Option<u32>> {
+        match self {
+            Subscribers::InProcess(_) => Ok(None),
+            Subscribers::Child(child) => child
+                .child
+                .id()
+                .map(Some)
+                .context("the fleet process has exited"),
+        }
+    }
+
     pub async fn all_acked(&self, revision: Revision, within: Duration) -> anyhow::Result<bool> {
         match self {
             Subscribers::InProcess(fleet) => Ok(fleet.all_acked(revision, within).await),
@@ -117,7 +129,7 @@ struct WireArrival {
 
 /// The child fleet, seen from the benchmark.
 pub struct ChildFleet {
-    _child: Child,
+    child: Child,
     io: Mutex<(ChildStdin, Lines<BufReader<ChildStdout>>)>,
     _keys: tempfile::TempDir,
 }
@@ -161,7 +173,7 @@ impl ChildFleet {
             bail!("the fleet process said: {line}");
         }
         Ok(ChildFleet {
-            _child: child,
+            child,
             io: Mutex::new((stdin, lines)),
             _keys: keys,
         })
