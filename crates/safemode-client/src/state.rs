@@ -135,20 +135,26 @@ impl Freshness {
     /// A controller confirmed (with a signed, newer heartbeat) what it
     /// holds: is the client behind it? If not, it is current now.
     pub fn observe(&self, behind: bool) {
-        self.fresh_until_ms.store(0, Ordering::Release);
-        self.behind.store(behind, Ordering::Release);
-        if !behind {
-            self.current_ms.store(self.now_ms(), Ordering::Release);
-        }
-        self.set_fresh_until();
+        self.change(behind, !behind);
     }
 
     /// A controller's signed snapshot said what it holds: is the client
     /// behind it? A snapshot can be replayed, so it never makes the client
     /// current; only a heartbeat does ([`Freshness::observe`]).
     pub fn note_behind(&self, behind: bool) {
+        self.change(behind, false);
+    }
+
+    /// Every change of the state goes through here, in this order: the
+    /// deadline zeroed first, so that a reader who sees the new state (or
+    /// a state between two changes) never finds it fresh by an old
+    /// deadline; then the state; then the deadline anew.
+    fn change(&self, behind: bool, current_now: bool) {
         self.fresh_until_ms.store(0, Ordering::Release);
         self.behind.store(behind, Ordering::Release);
+        if current_now {
+            self.current_ms.store(self.now_ms(), Ordering::Release);
+        }
         self.set_fresh_until();
     }
 
@@ -337,60 +343,77 @@ mod tests {
     #[test]
     fn a_reader_who_sees_the_client_behind_never_finds_it_fresh() {
         use std::sync::atomic::{AtomicU64, AtomicUsize};
-        // The writer toggles until the reader has checked this many reads
-        // made within one phase (and at least `TOGGLES` times): on a busy
-        // machine the reader may not run at all until the writer is done,
-        // so a fixed count of toggles proves nothing about overlap.
-        const CHECKS: u64 = 20_000;
-        const TOGGLES: usize = 300_000;
+        // What proves the order is a read that lands after the writer set
+        // `behind` and before it moved on: the writer goes on until the
+        // reader has made such reads in this many distinct phases. (Reads
+        // counted by number prove nothing: one preemption of the writer
+        // at the wrong moment gives tens of thousands in one phase, and a
+        // fixed count of toggles proves nothing about overlap, as the
+        // reader may run only once the writer is done.)
+        const STRADDLED: u64 = 200;
         let freshness = Arc::new(Freshness::new(false, None, HOUR));
         freshness.observe(false);
-        // The phase counts the writer's toggles: even while it goes from
+        // The phase counts the writer's changes: even while it goes from
         // fresh to behind, odd while it goes back. A reader who read within
         // one even phase and saw the client behind must not then decide
         // fresh.
         let phase = Arc::new(AtomicUsize::new(0));
-        let checked = Arc::new(AtomicU64::new(0));
+        let straddled = Arc::new(AtomicU64::new(0));
         let done = Arc::new(AtomicBool::new(false));
         let reader = {
-            let (freshness, phase, checked, done) = (
+            let (freshness, phase, straddled, done) = (
                 freshness.clone(),
                 phase.clone(),
-                checked.clone(),
+                straddled.clone(),
                 done.clone(),
             );
             std::thread::spawn(move || {
-                let mut wrong = 0u64;
+                let (mut wrong, mut last) = (0u64, usize::MAX);
                 while !done.load(Ordering::SeqCst) {
                     let before = phase.load(Ordering::SeqCst);
                     let full = freshness.staleness();
                     let fast = freshness.decision_staleness();
-                    if before % 2 == 0 && phase.load(Ordering::SeqCst) == before {
-                        checked.fetch_add(1, Ordering::Relaxed);
-                        wrong += u64::from(full.stale && !fast.stale);
+                    if before.is_multiple_of(2)
+                        && phase.load(Ordering::SeqCst) == before
+                        && full.stale
+                    {
+                        if before != last {
+                            last = before;
+                            straddled.fetch_add(1, Ordering::Relaxed);
+                        }
+                        wrong += u64::from(!fast.stale);
                     }
                 }
                 wrong
             })
         };
+        // Both ways of changing the state, in turn: a heartbeat's
+        // (`observe`) and a snapshot's (`note_behind`).
         let deadline = std::time::Instant::now() + Duration::from_secs(120);
-        let mut toggles = 0;
-        while toggles < TOGGLES || checked.load(Ordering::Relaxed) < CHECKS {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the reader checked {} reads in two minutes, wanted {CHECKS}",
-                checked.load(Ordering::Relaxed)
-            );
+        let mut rounds = 0u64;
+        while straddled.load(Ordering::Relaxed) < STRADDLED && std::time::Instant::now() < deadline
+        {
             for _ in 0..1_000 {
-                freshness.note_behind(true);
+                let set = |behind| match rounds.is_multiple_of(2) {
+                    true => freshness.observe(behind),
+                    false => freshness.note_behind(behind),
+                };
+                set(true);
                 phase.fetch_add(1, Ordering::SeqCst);
-                freshness.note_behind(false);
+                set(false);
                 phase.fetch_add(1, Ordering::SeqCst);
+                rounds += 1;
             }
-            toggles += 1_000;
         }
+        // The reader stops before anything is asserted, so that a failure
+        // leaves no thread spinning on a core the other tests need.
         done.store(true, Ordering::SeqCst);
         let wrong = reader.join().unwrap();
+        let straddled = straddled.load(Ordering::Relaxed);
+        assert!(
+            straddled >= STRADDLED,
+            "in two minutes the reader caught the writer between its stores in {straddled} phases, wanted {STRADDLED}"
+        );
         assert_eq!(wrong, 0, "stale by its state, fresh by its deadline");
     }
 
