@@ -157,7 +157,7 @@ struct Run {
     /// reconnected and acked the latest revision again.
     reconnect_storm_ms: f64,
     /// CPU time per flip by process, from the commander's call until every
-    /// subscriber has acked (the controller's cost and the fleet's, told
+    /// subscriber has sent its ack (the controller's cost and the fleet's, told
     /// apart when the fleet runs in its own process).
     cpu_ms_per_flip: cpu::CpuPerFlip,
     /// The same for the etcd baseline, per put until every watcher has its
