@@ -137,7 +137,8 @@ impl From<CpuPerFlip> for CpuPerPut {
     }
 }
 
-#[cfg(test)]
+// The clocks are read on Linux only.
+#[cfg(all(test, target_os = "linux"))]
 mod tests {
     use super::*;
 
