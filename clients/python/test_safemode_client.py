@@ -187,8 +187,10 @@ class SubscriberProtocolTest(unittest.TestCase):
         self.service.received()  # hello
         self.send(snapshot(4))
         self.assertEqual(self.service.received().ack.revision, 4)
-        self.service.outbox.put(None)  # the controller ends the stream
-        hello = self.service.received().hello
+        # The controller ends the stream. The client counts the reconnect
+        # once its new stream is open, which may be just after the
+        # controller has its hello: `reconnect` waits for the count.
+        hello = self.reconnect(s, 1)
         self.assertEqual((hello.last_applied_revision, hello.epoch), (4, "e1"))
         self.assertEqual(s.reconnects, 1)
         self.assertEqual(s.error, "the controller ended the stream")
