@@ -555,13 +555,28 @@ mod tests {
         }
         heads.wait().await;
         let before = writes.load(Ordering::SeqCst);
-        flip.send(true).unwrap();
+        let _flip = flip_on_the_worker(flip).await;
         for body in bodies {
             assert_eq!(body.await.unwrap(), payload);
         }
         let during = writes.load(Ordering::SeqCst) - before;
         server.abort();
         during
+    }
+
+    /// Wakes every stream from a task on the worker, as the store's watch
+    /// does in the controller. From the test's own thread (`block_on` runs
+    /// it outside the pool), the worker could run out of woken streams and
+    /// park while that thread was descheduled, and each stream after it
+    /// would write alone: a count that depended on the machine's load.
+    /// The sender is handed back, to be kept while the streams run.
+    async fn flip_on_the_worker(flip: watch::Sender<bool>) -> watch::Sender<bool> {
+        tokio::spawn(async move {
+            flip.send(true).unwrap();
+            flip
+        })
+        .await
+        .unwrap()
     }
 
     // One worker, busy with the burst, and its LIFO slot: the connection's
@@ -643,7 +658,7 @@ mod tests {
         }
         heads.wait().await;
         let before = writes.load(Ordering::SeqCst);
-        flip.send(true).unwrap();
+        let _flip = flip_on_the_worker(flip).await;
         for response in responses {
             response.await.unwrap();
         }
