@@ -9,7 +9,7 @@
 //! with jitter when its stream ends. They record when each revision arrived;
 //! when the controller recorded the acks is read from its status.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -63,16 +63,56 @@ pub struct Payloads {
     pub max_bytes: u64,
 }
 
-/// The newest snapshot of each channel the fleet has checked, and the
-/// outcome: a process holding many subscribers of one channel verifies and
+/// The newest snapshots of each channel the fleet has checked, and their
+/// outcomes: a process holding many subscribers of one channel verifies and
 /// compiles each distinct snapshot once, and every subscriber that receives
 /// the very same contents (compared field by field, signature included)
-/// takes that outcome.
-type Checked = Arc<Mutex<HashMap<Channel, (proto::Snapshot, Result<(), String>)>>>;
+/// takes that outcome. Several per channel: replicas each issue their own
+/// snapshot of a revision (issued at their own time), and their streams
+/// deliver them interleaved.
+#[derive(Default)]
+struct Checked {
+    by_channel: Mutex<HashMap<Channel, VecDeque<(proto::Snapshot, Outcome)>>>,
+}
+
+/// What checking a snapshot found: `Err` says why it is refused.
+type Outcome = Result<(), String>;
+
+/// How many snapshots of one channel [`Checked`] keeps: the newest, a few
+/// replicas' worth of them over a couple of revisions.
+const CHECKED_PER_CHANNEL: usize = 8;
+
+impl Checked {
+    /// The outcome of checking the very same `snapshot` of `channel`, if it
+    /// was checked.
+    fn outcome(&self, channel: Channel, snapshot: &proto::Snapshot) -> Option<Outcome> {
+        let by_channel = self.by_channel.lock().unwrap();
+        let (_, outcome) = by_channel
+            .get(&channel)?
+            .iter()
+            .find(|(seen, _)| seen == snapshot)?;
+        Some(outcome.clone())
+    }
+
+    /// Keeps `outcome` for `snapshot` of `channel`, in place of the oldest
+    /// kept once the channel has [`CHECKED_PER_CHANNEL`].
+    fn keep(&self, channel: Channel, snapshot: proto::Snapshot, outcome: Outcome) {
+        let mut by_channel = self.by_channel.lock().unwrap();
+        let kept = by_channel.entry(channel).or_default();
+        // Another subscriber may have checked the same one meanwhile.
+        if kept.iter().any(|(seen, _)| *seen == snapshot) {
+            return;
+        }
+        if kept.len() == CHECKED_PER_CHANNEL {
+            kept.pop_front();
+        }
+        kept.push_back((snapshot, outcome));
+    }
+}
 
 pub struct Fleet {
     ledger: Arc<Mutex<Ledger>>,
-    checked: Checked,
+    checked: Arc<Checked>,
     stop: CancellationToken,
     pub size: usize,
 }
@@ -109,7 +149,7 @@ impl Fleet {
         }));
         let fleet = Fleet {
             ledger,
-            checked: Checked::default(),
+            checked: Arc::default(),
             stop: CancellationToken::new(),
             size,
         };
@@ -226,18 +266,16 @@ struct Raw {
     channel: Channel,
     connection: Connection,
     ledger: Arc<Mutex<Ledger>>,
-    checked: Checked,
+    checked: Arc<Checked>,
     trusted: TrustedKeys,
 }
 
 impl Raw {
     /// What a channel service does before it acks: verify, check and
     /// compile; once per distinct snapshot in this process.
-    fn check(&self, snapshot: proto::Snapshot, namespace: &Namespace) -> Result<(), String> {
-        if let Some((seen, outcome)) = self.checked.lock().unwrap().get(&self.channel)
-            && *seen == snapshot
-        {
-            return outcome.clone();
+    fn check(&self, snapshot: proto::Snapshot, namespace: &Namespace) -> Outcome {
+        if let Some(outcome) = self.checked.outcome(self.channel, &snapshot) {
+            return outcome;
         }
         let received = snapshot.clone();
         let mut snapshot = snapshot;
@@ -248,10 +286,7 @@ impl Raw {
                     .map(drop)
                     .map_err(|e| e.to_string())
             });
-        self.checked
-            .lock()
-            .unwrap()
-            .insert(self.channel, (received, outcome.clone()));
+        self.checked.keep(self.channel, received, outcome.clone());
         outcome
     }
 
@@ -346,5 +381,60 @@ impl Raw {
             ledger.payload_max = ledger.payload_max.max(size);
         }
         delivered
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn issued(revision: Revision, replica: i64) -> proto::Snapshot {
+        proto::Snapshot {
+            revision,
+            issued_at: Some(prost_types::Timestamp {
+                seconds: 1_800_000_000 + revision,
+                nanos: replica as i32,
+            }),
+            ..proto::Snapshot::default()
+        }
+    }
+
+    #[test]
+    fn the_snapshots_of_three_replicas_are_each_checked_once() {
+        let checked = Checked::default();
+        let web = Channel::parse("web").unwrap();
+        for replica in 0..3 {
+            checked.keep(web, issued(7, replica), Err(format!("replica {replica}")));
+        }
+        // Delivered interleaved, every one is known, each with its own
+        // outcome.
+        for replica in [2, 0, 1, 0, 2] {
+            assert_eq!(
+                checked.outcome(web, &issued(7, replica)),
+                Some(Err(format!("replica {replica}")))
+            );
+        }
+        assert_eq!(checked.outcome(web, &issued(8, 0)), None);
+        assert_eq!(
+            checked.outcome(Channel::parse("ivr").unwrap(), &issued(7, 0)),
+            None
+        );
+    }
+
+    #[test]
+    fn a_channel_keeps_its_newest_snapshots_and_each_once() {
+        let checked = Checked::default();
+        let web = Channel::parse("web").unwrap();
+        checked.keep(web, issued(1, 0), Ok(()));
+        checked.keep(web, issued(1, 0), Err("checked again".into()));
+        assert_eq!(checked.outcome(web, &issued(1, 0)), Some(Ok(())));
+        for revision in 2..=CHECKED_PER_CHANNEL as Revision {
+            checked.keep(web, issued(revision, 0), Ok(()));
+        }
+        assert_eq!(checked.outcome(web, &issued(1, 0)), Some(Ok(())));
+        checked.keep(web, issued(9, 0), Ok(()));
+        assert_eq!(checked.outcome(web, &issued(1, 0)), None);
+        assert_eq!(checked.outcome(web, &issued(2, 0)), Some(Ok(())));
+        assert_eq!(checked.outcome(web, &issued(9, 0)), Some(Ok(())));
     }
 }
