@@ -340,19 +340,19 @@ class SubscriberProtocolTest(unittest.TestCase):
         # The scripted controller's pool starts a thread when a stream
         # arrives while its others are busy, and keeps it: those are not
         # the client's.
-        def client_side():
+        def outside_the_pool():
             return [t.name for t in threading.enumerate()
                     if not t.name.startswith(SERVER_THREADS)]
         s = self.start_at(1)
-        baseline = client_side()
+        baseline = outside_the_pool()
         for n in range(1, 6):
             self.reconnect(s, n)
             self.send(snapshot(1))
             self.assertEqual(self.service.received().ack.revision, 1)
         deadline = time.monotonic() + 10
-        while len(client_side()) > len(baseline):
+        while len(outside_the_pool()) > len(baseline):
             self.assertLess(time.monotonic(), deadline,
-                            f"threads {client_side()}, before the reconnects {baseline}")
+                            f"threads {outside_the_pool()}, before the reconnects {baseline}")
             time.sleep(0.05)
 
     def test_a_token_never_goes_in_plain_text_off_the_machine(self):

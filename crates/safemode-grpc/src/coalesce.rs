@@ -569,7 +569,8 @@ mod tests {
     /// it outside the pool), the worker could run out of woken streams and
     /// park while that thread was descheduled, and each stream after it
     /// would write alone: a count that depended on the machine's load.
-    /// The sender is handed back, to be kept while the streams run.
+    /// The sender is handed back and kept while the streams run, so that
+    /// none of them could find the channel closed.
     async fn flip_on_the_worker(flip: watch::Sender<bool>) -> watch::Sender<bool> {
         tokio::spawn(async move {
             flip.send(true).unwrap();

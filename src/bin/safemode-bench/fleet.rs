@@ -63,39 +63,48 @@ pub struct Payloads {
     pub max_bytes: u64,
 }
 
-/// The newest snapshots of each channel the fleet has checked, and their
-/// outcomes: a process holding many subscribers of one channel verifies and
-/// compiles each distinct snapshot once, and every subscriber that receives
-/// the very same contents (compared field by field, signature included)
-/// takes that outcome. Several per channel: replicas each issue their own
-/// snapshot of a revision (issued at their own time), and their streams
-/// deliver them interleaved.
-#[derive(Default)]
+/// The snapshots of each channel the fleet checked most recently, and
+/// their outcomes: a process holding many subscribers of one channel
+/// verifies and compiles each distinct snapshot once, and every subscriber
+/// that receives the very same contents (compared field by field, signature
+/// included) takes that outcome. Several per channel: replicas each issue
+/// their own snapshot of a revision (issued at their own time), and their
+/// streams deliver them interleaved.
 struct Checked {
     by_channel: Mutex<HashMap<Channel, VecDeque<(proto::Snapshot, Outcome)>>>,
+    /// How many one channel keeps: two for each replica (a revision's and
+    /// the one before it), so that interleaved deliveries of every
+    /// replica's snapshot never push out one still being delivered.
+    per_channel: usize,
 }
 
 /// What checking a snapshot found: `Err` says why it is refused.
 type Outcome = Result<(), String>;
 
-/// How many snapshots of one channel [`Checked`] keeps: the newest, a few
-/// replicas' worth of them over a couple of revisions.
-const CHECKED_PER_CHANNEL: usize = 8;
-
 impl Checked {
+    /// Room for the snapshots of `replicas` replicas.
+    fn new(replicas: usize) -> Self {
+        Checked {
+            by_channel: Mutex::default(),
+            per_channel: 2 * replicas.max(1),
+        }
+    }
+
     /// The outcome of checking the very same `snapshot` of `channel`, if it
     /// was checked.
     fn outcome(&self, channel: Channel, snapshot: &proto::Snapshot) -> Option<Outcome> {
         let by_channel = self.by_channel.lock().unwrap();
+        // The newest first: the one most subscribers are receiving.
         let (_, outcome) = by_channel
             .get(&channel)?
             .iter()
+            .rev()
             .find(|(seen, _)| seen == snapshot)?;
         Some(outcome.clone())
     }
 
-    /// Keeps `outcome` for `snapshot` of `channel`, in place of the oldest
-    /// kept once the channel has [`CHECKED_PER_CHANNEL`].
+    /// Keeps `outcome` for `snapshot` of `channel`, in place of the one
+    /// checked longest ago once the channel has its `per_channel`.
     fn keep(&self, channel: Channel, snapshot: proto::Snapshot, outcome: Outcome) {
         let mut by_channel = self.by_channel.lock().unwrap();
         let kept = by_channel.entry(channel).or_default();
@@ -103,7 +112,7 @@ impl Checked {
         if kept.iter().any(|(seen, _)| *seen == snapshot) {
             return;
         }
-        if kept.len() == CHECKED_PER_CHANNEL {
+        if kept.len() == self.per_channel {
             kept.pop_front();
         }
         kept.push_back((snapshot, outcome));
@@ -149,7 +158,7 @@ impl Fleet {
         }));
         let fleet = Fleet {
             ledger,
-            checked: Arc::default(),
+            checked: Arc::new(Checked::new(urls.len())),
             stop: CancellationToken::new(),
             size,
         };
@@ -395,46 +404,70 @@ mod tests {
                 seconds: 1_800_000_000 + revision,
                 nanos: replica as i32,
             }),
+            signature: vec![1; 64],
             ..proto::Snapshot::default()
         }
     }
 
-    #[test]
-    fn the_snapshots_of_three_replicas_are_each_checked_once() {
-        let checked = Checked::default();
-        let web = Channel::parse("web").unwrap();
-        for replica in 0..3 {
-            checked.keep(web, issued(7, replica), Err(format!("replica {replica}")));
-        }
-        // Delivered interleaved, every one is known, each with its own
-        // outcome.
-        for replica in [2, 0, 1, 0, 2] {
-            assert_eq!(
-                checked.outcome(web, &issued(7, replica)),
-                Some(Err(format!("replica {replica}")))
-            );
-        }
-        assert_eq!(checked.outcome(web, &issued(8, 0)), None);
-        assert_eq!(
-            checked.outcome(Channel::parse("ivr").unwrap(), &issued(7, 0)),
-            None
-        );
+    fn web() -> Channel {
+        Channel::parse("web").unwrap()
     }
 
     #[test]
-    fn a_channel_keeps_its_newest_snapshots_and_each_once() {
-        let checked = Checked::default();
-        let web = Channel::parse("web").unwrap();
-        checked.keep(web, issued(1, 0), Ok(()));
-        checked.keep(web, issued(1, 0), Err("checked again".into()));
-        assert_eq!(checked.outcome(web, &issued(1, 0)), Some(Ok(())));
-        for revision in 2..=CHECKED_PER_CHANNEL as Revision {
-            checked.keep(web, issued(revision, 0), Ok(()));
+    fn the_snapshots_of_every_replica_are_remembered_each_with_its_outcome() {
+        for replicas in [1, 3, 9] {
+            let checked = Checked::new(replicas);
+            for replica in 0..replicas as i64 {
+                checked.keep(web(), issued(7, replica), Err(format!("replica {replica}")));
+            }
+            // Delivered interleaved, every one is known, each with its own
+            // outcome.
+            for replica in (0..replicas as i64).rev().chain(0..replicas as i64) {
+                assert_eq!(
+                    checked.outcome(web(), &issued(7, replica)),
+                    Some(Err(format!("replica {replica}"))),
+                    "{replicas} replicas"
+                );
+            }
+            assert_eq!(checked.outcome(web(), &issued(8, 0)), None);
+            assert_eq!(
+                checked.outcome(Channel::parse("ivr").unwrap(), &issued(7, 0)),
+                None
+            );
         }
-        assert_eq!(checked.outcome(web, &issued(1, 0)), Some(Ok(())));
-        checked.keep(web, issued(9, 0), Ok(()));
-        assert_eq!(checked.outcome(web, &issued(1, 0)), None);
-        assert_eq!(checked.outcome(web, &issued(2, 0)), Some(Ok(())));
-        assert_eq!(checked.outcome(web, &issued(9, 0)), Some(Ok(())));
+    }
+
+    #[test]
+    fn only_the_very_same_snapshot_takes_an_outcome() {
+        let checked = Checked::new(1);
+        checked.keep(web(), issued(7, 0), Ok(()));
+        assert_eq!(checked.outcome(web(), &issued(7, 0)), Some(Ok(())));
+        // One byte of the signature, or the rules, changed: checked anew.
+        let mut forged = issued(7, 0);
+        forged.signature[63] ^= 1;
+        assert_eq!(checked.outcome(web(), &forged), None);
+        let mut other_rules = issued(7, 0);
+        other_rules.rules = Some(proto::ChannelRules::default());
+        assert_eq!(checked.outcome(web(), &other_rules), None);
+        let mut unsigned = issued(7, 0);
+        unsigned.signature.clear();
+        assert_eq!(checked.outcome(web(), &unsigned), None);
+    }
+
+    #[test]
+    fn a_channel_keeps_two_snapshots_a_replica_and_each_once() {
+        let checked = Checked::new(3);
+        checked.keep(web(), issued(1, 0), Ok(()));
+        checked.keep(web(), issued(1, 0), Err("checked again".into()));
+        assert_eq!(checked.outcome(web(), &issued(1, 0)), Some(Ok(())));
+        for revision in 2..=6 {
+            checked.keep(web(), issued(revision, 0), Ok(()));
+        }
+        assert_eq!(checked.outcome(web(), &issued(1, 0)), Some(Ok(())));
+        // The seventh pushes out the one checked longest ago.
+        checked.keep(web(), issued(7, 0), Ok(()));
+        assert_eq!(checked.outcome(web(), &issued(1, 0)), None);
+        assert_eq!(checked.outcome(web(), &issued(2, 0)), Some(Ok(())));
+        assert_eq!(checked.outcome(web(), &issued(7, 0)), Some(Ok(())));
     }
 }
