@@ -12,6 +12,7 @@ import threading
 import time
 import unittest
 from concurrent import futures
+from unittest import mock
 
 # Quiet grpc core's notes about streams cancelled at the end of each test.
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
@@ -354,6 +355,34 @@ class SubscriberProtocolTest(unittest.TestCase):
             self.assertLess(time.monotonic(), deadline,
                             f"threads {outside_the_pool()}, before the reconnects {baseline}")
             time.sleep(0.05)
+
+    def test_every_channel_a_reconnect_replaces_is_closed(self):
+        # A channel left open leaves no thread once its call has ended
+        # (grpc shares the socket too), so the channels are counted.
+        made = []
+        real = grpc.insecure_channel
+
+        def recorded(*args, **kwargs):
+            channel = real(*args, **kwargs)
+            kept = {"closed": False}
+            close = channel.close
+
+            def closing():
+                kept["closed"] = True
+                close()
+            channel.close = closing
+            made.append(kept)
+            return channel
+        with mock.patch.object(grpc, "insecure_channel", recorded):
+            s = self.start_at(1)
+            for n in range(1, 4):
+                self.reconnect(s, n)
+                self.send(snapshot(1))
+                self.assertEqual(self.service.received().ack.revision, 1)
+        self.assertEqual(len(made), s.reconnects + 1)
+        self.assertEqual([m["closed"] for m in made], [True] * s.reconnects + [False])
+        s.close()
+        self.assertTrue(made[-1]["closed"], "close() closes the channel in use")
 
     def test_a_token_never_goes_in_plain_text_off_the_machine(self):
         with self.assertRaises(sc.SafemodeError):
