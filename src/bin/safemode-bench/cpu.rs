@@ -39,7 +39,8 @@ pub struct Processes {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Reading {
     controllers: Duration,
-    fleet: Duration,
+    /// `None` when the subscribers run in the benchmark's process.
+    fleet: Option<Duration>,
     etcd: Duration,
     benchmark: Duration,
 }
@@ -55,11 +56,6 @@ impl Processes {
         }
     }
 
-    /// Whether the subscribers have a process of their own.
-    pub fn fleet_apart(&self) -> bool {
-        self.fleet.is_some()
-    }
-
     pub fn read(&self) -> anyhow::Result<Reading> {
         let mut controllers = Duration::ZERO;
         for pid in &self.controllers {
@@ -67,7 +63,7 @@ impl Processes {
         }
         Ok(Reading {
             controllers,
-            fleet: self.fleet.map(time_of).transpose()?.unwrap_or_default(),
+            fleet: self.fleet.map(time_of).transpose()?,
             etcd: time_of(self.etcd)?,
             benchmark: time_of(std::process::id())?,
         })
@@ -84,18 +80,21 @@ pub struct Spent {
 impl Spent {
     pub fn add(&mut self, before: Reading, after: Reading) {
         self.sum.controllers += after.controllers.saturating_sub(before.controllers);
-        self.sum.fleet += after.fleet.saturating_sub(before.fleet);
+        if let (Some(before), Some(after)) = (before.fleet, after.fleet) {
+            let sum = self.sum.fleet.get_or_insert_default();
+            *sum += after.saturating_sub(before);
+        }
         self.sum.etcd += after.etcd.saturating_sub(before.etcd);
         self.sum.benchmark += after.benchmark.saturating_sub(before.benchmark);
         self.spans += 1;
     }
 
     /// Milliseconds per span, by process.
-    pub fn per_span(&self, fleet_apart: bool) -> CpuPerFlip {
+    pub fn per_span(&self) -> CpuPerFlip {
         let ms = |d: Duration| d.as_secs_f64() * 1000.0 / f64::from(self.spans.max(1));
         CpuPerFlip {
             controller: ms(self.sum.controllers),
-            fleet: fleet_apart.then(|| ms(self.sum.fleet)),
+            fleet: self.sum.fleet.map(ms),
             etcd: ms(self.sum.etcd),
             benchmark: ms(self.sum.benchmark),
         }

@@ -498,8 +498,8 @@ async fn propagation(args: &Args, store: &str, size: usize, flips: usize) -> any
         rss_connected_bytes: rss_connected,
         rss_per_subscriber_bytes: rss_connected.saturating_sub(rss_idle) as f64 / size as f64,
         reconnect_storm_ms: storm,
-        cpu_ms_per_flip: spent.per_span(processes.fleet_apart()),
-        etcd_baseline_cpu_ms_per_put: baseline_spent.per_span(false).into(),
+        cpu_ms_per_flip: spent.per_span(),
+        etcd_baseline_cpu_ms_per_put: baseline_spent.per_span().into(),
     })
 }
 
